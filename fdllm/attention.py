@@ -1,0 +1,59 @@
+"""Attention of a query block over a paged KV cache: the torch reference backend.
+
+The KV pool holds pages of `page_size` tokens (one page = one diffusion block) for one layer;
+a sequence's tokens live in the pages listed by its block table, in order. The current
+(uncommitted) block occupies the sequence's last page, so "committed prefix + current block" is
+simply the first `kv_lens[b]` tokens of its pages. Every query sees all of them (bidirectional
+inside the block, which is all block diffusion needs); `causal=True` is for AR prefill, where query
+t of sequence b sits at position kv_lens[b] - q_lens[b] + t and sees keys up to it.
+
+This is the semantic contract every backend (Triton, flash-attn) is tested against.
+
+Shape legend: B sequences, T query tokens (padded to the longest), N query heads, K kv heads,
+H head dim, P pages in the pool, S page size, M max pages per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def paged_attention_torch(
+    q_BTNH: Tensor,
+    k_pool_PSKH: Tensor,
+    v_pool_PSKH: Tensor,
+    block_tables_BM: Tensor,
+    kv_lens_B: Tensor,
+    q_lens_B: Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Output [B, T, N, H]; rows t >= q_lens[b] are padding and come back as zeros.
+
+    block_tables [B, M] int32 (entries past a sequence's last page are ignored, may be -1);
+    kv_lens [B] int32 tokens visible to every query of b; q_lens [B] int32 real queries of b.
+    """
+    B, T, N, H = q_BTNH.shape
+    S, K = k_pool_PSKH.shape[1], k_pool_PSKH.shape[2]
+    M = block_tables_BM.shape[1]
+    pages_BM = block_tables_BM.clamp(min=0).long()
+    k_BMSKH = k_pool_PSKH[pages_BM]  # gather every listed page: [B, M, S, K, H]
+    v_BMSKH = v_pool_PSKH[pages_BM]
+    k_BKXH = k_BMSKH.reshape(B, M * S, K, H).transpose(1, 2)  # X = M*S key slots
+    v_BKXH = v_BMSKH.reshape(B, M * S, K, H).transpose(1, 2)
+    key_pos_X = torch.arange(M * S, device=q_BTNH.device)
+    allowed_BTX = key_pos_X[None, None, :] < kv_lens_B.long()[:, None, None]  # [B, 1, X]
+    if causal:
+        q_pos_BT = (kv_lens_B - q_lens_B).long()[:, None] + torch.arange(T, device=q_BTNH.device)[None]
+        allowed_BTX = allowed_BTX & (key_pos_X[None, None, :] <= q_pos_BT[:, :, None])
+    else:
+        allowed_BTX = allowed_BTX.expand(B, T, M * S)
+    real_BT = torch.arange(T, device=q_BTNH.device)[None] < q_lens_B.long()[:, None]
+    # Padding query rows would have no visible key under causal; let them see slot 0 and zero them after.
+    allowed_BTX = allowed_BTX | (~real_BT[:, :, None] & (key_pos_X == 0)[None, None])
+    o_BNTH = F.scaled_dot_product_attention(
+        q_BTNH.transpose(1, 2), k_BKXH, v_BKXH, attn_mask=allowed_BTX[:, None], scale=scale, enable_gqa=N != K
+    )
+    return o_BNTH.transpose(1, 2) * real_BT[:, :, None, None]

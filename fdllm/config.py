@@ -1,0 +1,153 @@
+"""Configurations: the decoder's architecture (`ModelConfig`, read from / written to HF `config.json`)
+and the block-diffusion settings (`BlockDiffusionConfig`, saved beside it as `fdllm_config.json`).
+
+Both are keyword-only dataclasses that validate in `__post_init__` and never rewrite a field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BLOCK_CONFIG_NAME = "fdllm_config.json"
+
+# HF `model_type` -> the architecture name written back into config.json.
+SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a Qwen2/Llama-family decoder, field names as in HF `config.json`."""
+
+    model_type: str = "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # None: multi-head attention (= num_attention_heads)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool | None = None  # None: the architecture's default (Qwen2: q/k/v bias, Llama: none)
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}: fdllm implements "
+                f"{sorted(SUPPORTED_ARCHITECTURES)} (Qwen2 and Llama families)"
+            )
+        kv = self.n_kv_heads
+        if self.num_attention_heads % kv:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({kv})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is unset")
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        if self.attention_bias is not None:
+            return self.attention_bias
+        return self.model_type == "qwen2"
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """Build from a parsed HF config.json; unknown keys are ignored, unsupported features refused."""
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            archs = raw.get("architectures")
+            raise ValueError(
+                f"unsupported architecture (model_type={model_type!r}, architectures={archs}): "
+                f"fdllm loads {sorted(SUPPORTED_ARCHITECTURES)} checkpoints"
+            )
+        rope_scaling = raw.get("rope_scaling") or (raw.get("rope_parameters") or {})
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise ValueError(f"rope scaling {rope_type!r} is not supported yet (only plain RoPE)")
+        rope_theta = raw.get("rope_theta", rope_scaling.get("rope_theta", 10000.0))
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        kwargs["rope_theta"] = float(rope_theta)
+        dtype = raw.get("torch_dtype", raw.get("dtype"))  # transformers 5 writes "dtype"
+        kwargs["torch_dtype"] = dtype if isinstance(dtype, str) else "float32"
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["num_key_value_heads"] = self.n_kv_heads
+        out["head_dim"] = self.dim_per_head
+        out["attention_bias"] = self.qkv_bias
+        out["architectures"] = [SUPPORTED_ARCHITECTURES[self.model_type]]
+        out["hidden_act"] = "silu"
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}  # transformers >= 5
+        if self.model_type == "llama":
+            out["pretraining_tp"] = 1
+        else:
+            out["use_sliding_window"] = False
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"no config.json in {path}: not an HF checkpoint directory")
+        return cls.from_hf_dict(json.loads(file.read_text()))
+
+
+@dataclass(kw_only=True)
+class BlockDiffusionConfig:
+    """Block-diffusion settings (METHOD.md §2-3); saved beside the HF config as fdllm_config.json."""
+
+    block_size: int = 32  # tokens per diffusion block (attention is bidirectional inside one)
+    sub_block_size: int = 8  # tokens decoded together inside a block, left to right
+    threshold: float = 0.9  # unmask every position whose confidence exceeds this
+    use_sub_block_cache: bool = True  # DualCache approximation of METHOD.md §3.3
+    mask_token_id: int | None = None  # None: taken from the checkpoint's fdllm_config/tokenizer
+    eps: float = 1e-3  # minimum masking probability per block in training
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.sub_block_size < 1:
+            raise ValueError(f"block_size ({self.block_size}) and sub_block_size ({self.sub_block_size}) must be >= 1")
+        if self.block_size % self.sub_block_size:
+            raise ValueError(
+                f"block_size ({self.block_size}) must be divisible by sub_block_size ({self.sub_block_size})"
+            )
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must be in [0, 1), got {self.eps}")
+
+    def replace(self, **changes: Any) -> "BlockDiffusionConfig":
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | Path) -> None:
+        (Path(path) / BLOCK_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BlockDiffusionConfig | None":
+        """The config saved in a checkpoint dir, or None when the checkpoint is a plain AR one."""
+        file = Path(path) / BLOCK_CONFIG_NAME
+        if not file.is_file():
+            return None
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(file.read_text()).items() if k in names})

@@ -1,0 +1,119 @@
+"""HF checkpoint I/O: config.json + safetensors (single file or sharded with an index).
+
+Kept apart from the model so the model reads as architecture only. Parameter names are HF's, so
+there is no name map; tied LM heads are not written (as HF does) and are re-tied on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fdllm.config import ModelConfig
+
+if TYPE_CHECKING:
+    from fdllm.model import Transformer
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / INDEX_FILE).is_file():
+        index = json.loads((path / INDEX_FILE).read_text())
+        return [path / name for name in sorted(set(index["weight_map"].values()))]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+
+
+def load_checkpoint(
+    cls: type["Transformer"], path: str | Path, dtype: torch.dtype | str | None, device: str | torch.device
+) -> "Transformer":
+    """Build `cls` on the meta device (no wasted init) and fill it from the checkpoint's tensors."""
+    path = Path(path)
+    cfg = ModelConfig.load(path)
+    target = parse_dtype(dtype if dtype is not None else cfg.torch_dtype)
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name in expected:
+                    tensors[name] = f.get_tensor(name).to(target)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # some exporters write the tied copy; ours is the embedding
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise KeyError(f"checkpoint {path} lacks tensors the {cfg.model_type} model needs: {shown}")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    cfg.torch_dtype = str(target).removeprefix("torch.")
+    log.info("loaded %s (%s, %.1fM params) from %s", cfg.model_type, cfg.torch_dtype, num_params(model) / 1e6, path)
+    return model.eval()
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(model: "Transformer", path: str | Path, max_shard_size: int = 4 << 30) -> None:
+    """Write config.json and safetensors shards of at most `max_shard_size` bytes (one file if it fits)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    cfg.torch_dtype = str(model.dtype).removeprefix("torch.")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # a re-save with other sharding must not leave old shards behind
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE_FILE), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / name), metadata=meta)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf = cfg.to_hf_dict()
+    hf["dtype"] = hf["torch_dtype"]
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    log.info("saved %s checkpoint (%d shard(s)) to %s", cfg.model_type, len(shards), path)

@@ -1,0 +1,248 @@
+"""A Qwen2/Llama-family decoder with pluggable attention, weight-compatible with HF transformers.
+
+One forward serves training (dense boolean mask or flex_attention BlockMask over the two-stream
+input) and inference (a `CachedAttention` backend that reads and writes the paged KV cache).
+Module and parameter names mirror HF's (`model.layers.N.self_attn.q_proj.weight`, ...), so
+checkpoints load and save without a name map (see `fdllm.loader`).
+
+Shape legend: B batch, T tokens, D model dim, N query heads, K kv heads, H head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fdllm.config import ModelConfig
+
+try:  # flex_attention is the sparse GPU training path; the dense mask works everywhere
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - torch builds without flex_attention
+    BlockMask, flex_attention = None, None
+
+
+class CachedAttention(Protocol):
+    """Attention over a KV cache, supplied by the inference engine.
+
+    Called once per layer with the current tokens' projected (and rotated) q/k/v; it stores k/v
+    where the cache keeps them and returns the attention output for the queries.
+    """
+
+    def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:  # o_BTNH
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 as HF does, so bf16 checkpoints match to the last bit.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [B, T, H] for explicit positions (the two-stream input repeats positions)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BT.device).float() / head_dim))
+    freqs_BTh = position_ids_BT.float()[..., None] * inv_freq  # [B, T, H/2]
+    emb_BTH = torch.cat((freqs_BTh, freqs_BTh), dim=-1)
+    return emb_BTH.cos().to(dtype), emb_BTH.sin().to(dtype)
+
+
+def apply_rope(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor:
+    half = x_BTnH.shape[-1] // 2
+    rotated = torch.cat((-x_BTnH[..., half:], x_BTnH[..., :half]), dim=-1)
+    return x_BTnH * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Unfused flex_attention materialises the full score matrix; compiling fuses it. Compiled once
+    # per process, lazily, so importing fdllm never triggers a compile.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def masked_attention(q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor, mask: Tensor | "BlockMask" | None) -> Tensor:
+    """Attention of a whole sequence: causal (mask None), dense bool [B|1, 1, T, T], or a BlockMask."""
+    q, k, v = (t.transpose(1, 2) for t in (q_BTNH, k_BTKH, v_BTKH))  # [B, n, T, H]
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif BlockMask is not None and isinstance(mask, BlockMask):
+        flex = flex_attention if q.device.type == "cpu" else _compiled_flex_attention()
+        o = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    else:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"dense attention masks must be boolean (True = may attend), got {mask.dtype}")
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return o.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.n_kv_heads, cfg.dim_per_head
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
+        o_bias = cfg.qkv_bias and cfg.model_type == "llama"
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q_BTNH = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k_BTKH = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim), cos, sin)
+        v_BTKH = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)
+        if cache is not None:
+            o_BTNH = cache(self.layer, q_BTNH, k_BTKH, v_BTKH)
+        else:
+            o_BTNH = masked_attention(q_BTNH, k_BTKH, v_BTKH, mask)
+        return self.o_proj(o_BTNH.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embedding, layers and final norm: HF's `model.*` submodule."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """The decoder with its LM head. `forward` -> logits; `hidden` -> final normed hidden states."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # HF's initializer_range (0.02), so a model pretrained from scratch here trains like theirs.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        mask: Tensor | "BlockMask" | None = None,
+        cache: CachedAttention | None = None,
+    ) -> Tensor:
+        """Final hidden states [B, T, D] of tokens [B, T].
+
+        position_ids [B|1, T] default to 0..T-1. Attention: `cache` (inference backend) if given,
+        else `mask`: None = causal, dense bool [B|1, 1, T, T] (True = may attend), or a BlockMask.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None]
+        position_ids = position_ids.expand(B, T)
+        x_BTD = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x_BTD.dtype)
+        for layer in self.model.layers:
+            x_BTD = layer(x_BTD, cos, sin, mask, cache)
+        return self.model.norm(x_BTD)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        mask: Tensor | "BlockMask" | None = None,
+        cache: CachedAttention | None = None,
+        logit_positions: slice | Tensor | None = None,
+    ) -> Tensor:
+        """Logits [B, T', V] for the positions selected by `logit_positions` (all by default: T' = T);
+        other arguments as in `hidden`. Selecting skips the LM head where no logit is needed."""
+        h_BTD = self.hidden(input_ids, position_ids, mask, cache)
+        if logit_positions is not None:
+            h_BTD = h_BTD[:, logit_positions]
+        return self.lm_head(h_BTD)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def resize_token_embeddings(self, vocab_size: int, init_rows: Tensor | None = None) -> None:
+        """Grow (never shrink) the vocabulary; new rows start at `init_rows` [n, D] or the mean row."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        if vocab_size == old:
+            return
+        emb = self.model.embed_tokens.weight.data
+        fill = init_rows if init_rows is not None else emb.mean(0, keepdim=True).expand(vocab_size - old, -1)
+        new_emb = nn.Embedding(vocab_size, emb.shape[1], device=emb.device, dtype=emb.dtype)
+        new_emb.weight.data = torch.cat([emb, fill.to(emb)], 0)
+        self.model.embed_tokens = new_emb
+        if self.config.tie_word_embeddings:
+            self.lm_head = nn.Linear(emb.shape[1], vocab_size, bias=False, device=emb.device, dtype=emb.dtype)
+            self.lm_head.weight = new_emb.weight
+        else:
+            head = self.lm_head.weight.data
+            new_head = nn.Linear(head.shape[1], vocab_size, bias=False, device=head.device, dtype=head.dtype)
+            new_head.weight.data = torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - old, -1)], 0)
+            self.lm_head = new_head
+        self.config.vocab_size = vocab_size
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int = 4 << 30) -> None:
+        """Write an HF checkpoint dir (config.json + safetensors, sharded above max_shard_size bytes)."""
+        from fdllm.loader import save_checkpoint
+
+        save_checkpoint(self, path, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> "Transformer":
+        """Load an HF Qwen2/Llama checkpoint dir; dtype None keeps the checkpoint's."""
+        from fdllm.loader import load_checkpoint
+
+        return load_checkpoint(cls, path, dtype=dtype, device=device)

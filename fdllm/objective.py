@@ -1,0 +1,153 @@
+"""The block-diffusion training objective of METHOD.md §2, plus the plain AR loss it is compared to.
+
+Pipeline for a batch of packed sequences (input_ids, labels) [B, L], L a multiple of block_size:
+  1. `sample_noise_masks`: per-block p_b = (1-eps) t_b + eps, each loss-carrying token masked with
+     prob p_b in copy 1 and exactly the complement in copy 2;
+  2. `two_stream_batch`: rows [x_t ; x_0] of length 2L with positions [pos ; pos], copies stacked
+     along the batch ([2B, 2L]);
+  3. `block_diffusion_loss`: forward under the two-stream mask, logits of the noisy half, token
+     shift (position j-1 predicts token j), cross-entropy over masked tokens of both copies.
+
+Shape legend: B batch, L sequence length, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fdllm.masks import block_causal_mask, two_stream_block_mask, two_stream_mask
+
+IGNORE_INDEX = -100
+MaskImpl = Literal["auto", "dense", "flex"]
+
+
+@dataclass(frozen=True)
+class TwoStreamBatch:
+    input_ids: Tensor  # [2B, 2L] rows [x_t ; x_0], complementary copies stacked along the batch
+    position_ids: Tensor  # [2B, 2L] both halves share positions
+    targets: Tensor  # [2B, L] token j where it is masked in x_t, IGNORE_INDEX elsewhere
+    doc_ids: Tensor | None  # [2B, L] or None
+
+
+def check_block_multiple(seq_len: int, block_size: int) -> None:
+    if seq_len % block_size:
+        raise ValueError(
+            f"sequence length {seq_len} is not a multiple of block_size {block_size}: "
+            f"pack or pad sequences to a block multiple (e.g. {-(-seq_len // block_size) * block_size})"
+        )
+
+
+def loss_carrying(labels_BL: Tensor, doc_ids_BL: Tensor | None = None) -> Tensor:
+    """Tokens that may be masked and trained: labelled, not the first token of a row or document
+    (nothing before it in the same document could predict it after the token shift)."""
+    keep = labels_BL != IGNORE_INDEX
+    keep[:, 0] = False
+    if doc_ids_BL is not None:
+        keep[:, 1:] &= doc_ids_BL[:, 1:] == doc_ids_BL[:, :-1]
+    return keep
+
+
+def sample_noise_masks(
+    labels_BL: Tensor,
+    block_size: int,
+    eps: float = 1e-3,
+    doc_ids_BL: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Complementary bool masks (copy 1, copy 2) [B, L]: True = replaced by the mask token."""
+    B, L = labels_BL.shape
+    check_block_multiple(L, block_size)
+    t_Bn = torch.rand(B, L // block_size, generator=generator, device=labels_BL.device)
+    p_BL = ((1 - eps) * t_Bn + eps).repeat_interleave(block_size, dim=1)
+    draw_BL = torch.rand(B, L, generator=generator, device=labels_BL.device)
+    trainable = loss_carrying(labels_BL, doc_ids_BL)
+    first = trainable & (draw_BL < p_BL)
+    return first, trainable & ~first
+
+
+def two_stream_batch(
+    input_ids_BL: Tensor,
+    labels_BL: Tensor,
+    mask_token_id: int,
+    block_size: int,
+    eps: float = 1e-3,
+    position_ids_BL: Tensor | None = None,
+    doc_ids_BL: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> TwoStreamBatch:
+    """Noise a batch twice (complementary masks) and lay it out as the two-stream input."""
+    B, L = input_ids_BL.shape
+    if labels_BL.shape != input_ids_BL.shape:
+        raise ValueError(f"labels {tuple(labels_BL.shape)} must match input_ids {tuple(input_ids_BL.shape)}")
+    if position_ids_BL is None:
+        position_ids_BL = torch.arange(L, device=input_ids_BL.device).expand(B, L)
+    masks = sample_noise_masks(labels_BL, block_size, eps, doc_ids_BL, generator)
+    rows, targets = [], []
+    for masked_BL in masks:
+        x_t = torch.where(masked_BL, torch.full_like(input_ids_BL, mask_token_id), input_ids_BL)
+        rows.append(torch.cat([x_t, input_ids_BL], dim=1))  # [B, 2L]
+        targets.append(torch.where(masked_BL, input_ids_BL, torch.full_like(input_ids_BL, IGNORE_INDEX)))
+    positions = torch.cat([position_ids_BL, position_ids_BL], dim=1).repeat(2, 1)
+    docs = None if doc_ids_BL is None else doc_ids_BL.repeat(2, 1)
+    return TwoStreamBatch(torch.cat(rows), positions, torch.cat(targets), docs)
+
+
+def resolve_mask_impl(mask_impl: MaskImpl, device: torch.device) -> Literal["dense", "flex"]:
+    # flex_attention has no CPU backward (ENVIRONMENT.md): training on CPU must use the dense mask.
+    if mask_impl == "auto":
+        return "flex" if device.type == "cuda" else "dense"
+    return mask_impl
+
+
+def shifted_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean CE of logits[:, j-1] against targets[:, j] over non-ignored targets; also their count."""
+    logits = logits_BLV[:, :-1].flatten(0, 1).float()
+    targets = targets_BL[:, 1:].flatten()
+    count = (targets != IGNORE_INDEX).sum()
+    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum / count.clamp(min=1), count
+
+
+def block_diffusion_loss(
+    model: torch.nn.Module,
+    input_ids_BL: Tensor,
+    labels_BL: Tensor,
+    mask_token_id: int,
+    block_size: int,
+    eps: float = 1e-3,
+    position_ids_BL: Tensor | None = None,
+    doc_ids_BL: Tensor | None = None,
+    mask_impl: MaskImpl = "auto",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Block-diffusion loss of a batch (scalar, mean over masked tokens) and the masked-token count."""
+    L = input_ids_BL.shape[1]
+    batch = two_stream_batch(
+        input_ids_BL, labels_BL, mask_token_id, block_size, eps, position_ids_BL, doc_ids_BL, generator
+    )
+    if resolve_mask_impl(mask_impl, input_ids_BL.device) == "flex":
+        mask = two_stream_block_mask(L, block_size, batch.doc_ids, device=input_ids_BL.device)
+    else:
+        mask = two_stream_mask(L, block_size, batch.doc_ids, device=input_ids_BL.device)
+    logits = model(batch.input_ids, batch.position_ids, mask, logit_positions=slice(0, L))  # noisy half
+    return shifted_cross_entropy(logits, batch.targets)
+
+
+def ar_loss(
+    model: torch.nn.Module,
+    input_ids_BL: Tensor,
+    labels_BL: Tensor,
+    position_ids_BL: Tensor | None = None,
+    doc_ids_BL: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Plain next-token loss (the AR baseline and pretraining objective) and the target count."""
+    mask = None
+    if doc_ids_BL is not None:  # causal within each packed document
+        mask = block_causal_mask(input_ids_BL.shape[1], 1, doc_ids_BL)
+    targets = torch.where(loss_carrying(labels_BL, doc_ids_BL), labels_BL, IGNORE_INDEX)
+    return shifted_cross_entropy(model(input_ids_BL, position_ids_BL, mask), targets)

@@ -1,0 +1,72 @@
+"""Tokenizer helpers: the `|<MASK>|` token, chat rendering, stop tokens.
+
+Tokenizers are HF fast tokenizers loaded from the checkpoint dir, as users ship them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from fdllm.model import Transformer
+
+log = logging.getLogger(__name__)
+
+MASK_TOKEN = "|<MASK>|"
+# End-of-turn markers of the chat templates we meet (Qwen/ChatML, Llama 3); all stop generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
+
+
+def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def add_mask_token(tokenizer: "PreTrainedTokenizerBase", model: "Transformer") -> int:
+    """Make sure `|<MASK>|` exists in the tokenizer and has an embedding row; return its id.
+
+    A tokenizer smaller than the (padded) embedding, as Qwen2.5's, gets the mask on its first unused
+    row; otherwise the embedding grows. Either way a new row starts at the mean embedding, which
+    fine-tunes faster than a random row.
+    """
+    vocab_before = len(tokenizer)
+    if MASK_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
+    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    rows = model.config.vocab_size
+    if mask_id >= rows:
+        model.resize_token_embeddings(mask_id + 1)
+        log.info("grew the vocabulary %d -> %d for %s", rows, mask_id + 1, MASK_TOKEN)
+    elif mask_id >= vocab_before:  # a padded, never-trained row: give it a sensible start
+        with torch.no_grad():
+            emb = model.model.embed_tokens.weight
+            emb[mask_id] = emb[:vocab_before].mean(0)
+        log.info("placed %s on unused embedding row %d", MASK_TOKEN, mask_id)
+    return mask_id
+
+
+def stop_token_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+    """EOS plus every end-of-turn marker the tokenizer knows."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The prompt text of a chat conversation under the tokenizer's own template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; send a plain prompt to /v1/completions instead")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random HF models and a local byte-level tokenizer, built in the test, no downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.helpers import make_tokenizer, tiny_hf_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 checkpoint saved by transformers (with a tokenizer)."""
+    path = tmp_path_factory.mktemp("qwen2")
+    tiny_hf_model("qwen2").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path

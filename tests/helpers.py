@@ -1,0 +1,63 @@
+"""Builders for tiny random models and a local tokenizer used across the test suite."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 96
+
+
+def tiny_hf_config(arch: str = "qwen2", **overrides):
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    raise ValueError(arch)
+
+
+def tiny_hf_model(arch: str = "qwen2", **overrides):
+    """A random HF CausalLM in fp32 with non-zero biases (so bias handling is actually checked)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = tiny_hf_config(arch, **overrides)
+    cls = transformers.Qwen2ForCausalLM if arch == "qwen2" else transformers.LlamaForCausalLM
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def make_tokenizer():
+    """A small byte-level BPE tokenizer wrapped as an HF fast tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60]
+    )
+    tok.train_from_iterator(["hello world, the quick brown fox 0123456789"] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast

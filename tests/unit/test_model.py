@@ -1,0 +1,114 @@
+"""The fdllm decoder against HF transformers: logits parity and checkpoint round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fdllm
+from fdllm.model import Transformer
+from tests.helpers import VOCAB, tiny_hf_model
+
+
+def _random_batch(batch: int = 3, length: int = 40) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("qwen2", {}),
+        ("qwen2", {"tie_word_embeddings": True}),
+        ("llama", {}),
+        ("llama", {"attention_bias": True, "rope_theta": 500000.0}),
+        ("llama", {"num_key_value_heads": 4, "head_dim": 32}),
+    ],
+)
+def test_logits_match_transformers(tmp_path, arch, overrides):
+    hf = tiny_hf_model(arch, **overrides)
+    hf.save_pretrained(tmp_path)
+    ours = fdllm.load_model(tmp_path)
+    ids = _random_batch()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_explicit_positions_and_dense_causal_mask_match_default(qwen2_dir):
+    model = fdllm.load_model(qwen2_dir)
+    ids = _random_batch(2, 16)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        a = model(ids)
+        b = model(ids, position_ids=torch.arange(16)[None], mask=causal)
+    assert (a - b).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_then_transformers_load_gives_identical_logits(tmp_path, tie):
+    import transformers
+
+    hf = tiny_hf_model("qwen2", tie_word_embeddings=tie)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = fdllm.load_model(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    ids = _random_batch()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+        assert torch.equal(fdllm.load_model(tmp_path / "ours")(ids), ours(ids))
+
+
+def test_sharded_save_round_trips(tmp_path, qwen2_dir):
+    import transformers
+
+    model = fdllm.load_model(qwen2_dir)
+    model.save_pretrained(tmp_path, max_shard_size=64 << 10)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    ids = _random_batch()
+    with torch.no_grad():
+        expect = model(ids)
+        assert torch.equal(fdllm.load_model(tmp_path)(ids), expect)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        assert (hf(ids).logits - expect).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_load_and_save(tmp_path, qwen2_dir, dtype):
+    model = fdllm.load_model(qwen2_dir, dtype=dtype)
+    assert model.dtype == dtype
+    model.save_pretrained(tmp_path)
+    again = fdllm.load_model(tmp_path, dtype=None)  # None keeps the checkpoint's dtype
+    assert again.dtype == dtype
+    ids = _random_batch(1, 8)
+    with torch.no_grad():
+        assert torch.isfinite(again(ids).float()).all()
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path, qwen2_dir):
+    cfg = json.loads((qwen2_dir / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported architecture.*mamba"):
+        fdllm.load_model(tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path, qwen2_dir):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(qwen2_dir / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((qwen2_dir / "config.json").read_text())
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        fdllm.load_model(tmp_path)
+
+
+def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path / "nope")
