@@ -1,0 +1,314 @@
+"""The Ray Serve application: an OpenAI-compatible HTTP API over the fdllm engine.
+
+Run it:
+    fdllm-serve --model assets/tiny-ar-base --port 8000               # local Ray, one replica
+    serve run serve/config.yaml                                       # the same, from a config
+    serve run serve.app:build_app model=/path/to/checkpoint num_replicas=2
+
+Then:
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+         -d '{"model": "tiny-ar-base", "prompt": "Hello", "max_tokens": 16, "temperature": 0}'
+
+Each replica loads the checkpoint once and drives one engine from a background thread, so all of
+its in-flight requests are continuously batched together; Serve spreads requests over replicas
+and autoscales them on ongoing requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from serve.detokenize import IncrementalDetokenizer
+from serve.metrics import RequestCounters, make_registry, render
+from serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    new_id,
+    usage,
+)
+
+log = logging.getLogger("fdllm.serve")
+
+API_KEY_ENV = "FDLLM_API_KEY"
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """What a replica serves and how; the keys of `build_app`'s args and `serve/config.yaml`."""
+
+    model: str  # HF checkpoint dir (with tokenizer), or s3:// / gs:// URI copied to local disk first
+    model_name: str | None = None  # name clients send as "model"; default: the checkpoint dir's name
+    api_key: str | None = None  # bearer token required on /v1/*; default: $FDLLM_API_KEY, else open
+    device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    threshold: float | None = None  # engine default threshold (None: the checkpoint's fdllm_config)
+    use_sub_block_cache: bool | None = None
+    default_max_tokens: int = 256
+    max_waiting: int = 256  # requests queued inside a replica before it answers 503
+    # Serve deployment options
+    num_replicas: int | None = None  # fixed replica count (default 1); leave unset with autoscaling_config
+    autoscaling_config: dict[str, Any] | None = None  # min_replicas, max_replicas, target_ongoing_requests, ...
+    num_gpus_per_replica: float = 0.0
+    num_cpus_per_replica: float = 1.0
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 128
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens < 1 or self.max_waiting < 1:
+            raise ValueError("default_max_tokens and max_waiting must be >= 1")
+        if self.autoscaling_config is not None and self.num_replicas is not None:
+            raise ValueError("give either num_replicas or autoscaling_config, not both")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "ServerConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - names)
+        if unknown:
+            raise ValueError(f"unknown serve options {unknown}; known: {sorted(names)}")
+        return cls(**{k: v for k, v in args.items() if v is not None})
+
+
+def resolve_model_path(uri: str, cache_dir: str | None = None) -> Path:
+    """A local checkpoint dir for `uri`: local paths as they are, cloud URIs copied once."""
+    if "://" not in uri:
+        path = Path(uri).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+        return path
+    import pyarrow.fs as pafs
+
+    local = Path(cache_dir or os.path.expanduser("~/.cache/fdllm/checkpoints")) / uri.replace("://", "/")
+    if not (local / "config.json").is_file():
+        local.mkdir(parents=True, exist_ok=True)
+        log.info("copying checkpoint %s -> %s", uri, local)
+        pafs.copy_files(uri, str(local))
+    return local
+
+
+def _json_error(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+api = FastAPI(title="fdllm", description="OpenAI-compatible block-diffusion LLM server")
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, err: APIError) -> JSONResponse:
+    return _json_error(err)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message = "request body is not valid JSON"
+    return _json_error(APIError(400, f"{message} ({param})" if param else message, param=param))
+
+
+@serve.deployment(name="FdllmServer", health_check_period_s=10)
+@serve.ingress(api)
+class FdllmServer:
+    """One replica: checkpoint -> engine -> OpenAI routes."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import torch
+
+        import fdllm
+
+        self.cfg = ServerConfig.from_args(config)
+        path = resolve_model_path(self.cfg.model)
+        device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.dtype]
+        block_cfg = fdllm.BlockDiffusionConfig.load(path) or fdllm.BlockDiffusionConfig()
+        overrides = {k: v for k, v in (("threshold", self.cfg.threshold),
+                                       ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
+        engine = fdllm.Engine.from_pretrained(path, config=block_cfg.replace(**overrides), device=device, dtype=dtype)
+        if engine.tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer; the HTTP API needs one to read prompts")
+        self.tokenizer = engine.tokenizer
+        self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
+        self.model_name = self.cfg.model_name or path.name
+        self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.counters = RequestCounters()
+        self.registry = make_registry(self.counters, self.engine)
+        log.info("serving %s as %r on %s (%s)", path, self.model_name, device, dtype)
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose engine loop died."""
+        self.engine.check_alive()
+
+    # ---- routes ---------------------------------------------------------------------------------
+    @api.get("/health")
+    def health(self) -> dict[str, Any]:
+        try:
+            self.engine.check_alive()
+        except EngineDead as exc:
+            raise APIError(503, str(exc), type="server_error") from exc
+        return {"status": "ok", "model": self.model_name, **self.engine.stats()}
+
+    @api.get("/metrics")
+    def metrics(self) -> Response:
+        return Response(render(self.registry), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request, "models")
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "fdllm", "created": 0}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._authorize(request, "completions")
+        return await self._serve(body, body.prompt, "completions", request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        from fdllm.tokenizer import render_chat
+
+        self._authorize(request, "chat")
+        try:
+            text = render_chat(self.tokenizer, body.message_dicts())
+        except ValueError as exc:
+            raise self._reject("chat", APIError(400, str(exc), param="messages")) from exc
+        prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return await self._serve(body, prompt_ids, "chat", request)
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _authorize(self, request: Request, endpoint: str) -> None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise self._reject(endpoint, APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
+                                                  type="authentication_error", code="invalid_api_key"))
+
+    def _reject(self, endpoint: str, err: APIError) -> APIError:
+        self.counters.by_status[(endpoint, err.status)] += 1
+        return err
+
+    async def _serve(self, body: CompletionRequest | ChatCompletionRequest, prompt, endpoint: str, request: Request) -> Response:
+        if body.model != self.model_name:
+            raise self._reject(endpoint, APIError(404, f"model {body.model!r} does not exist; this server serves "
+                                                       f"{self.model_name!r}", param="model", code="model_not_found"))
+        try:
+            params = body.sampling_params(self.cfg.default_max_tokens)
+        except (APIError, ValueError) as exc:
+            raise self._reject(endpoint, exc if isinstance(exc, APIError) else APIError(400, str(exc))) from exc
+        rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
+        stream = self.engine.generate(prompt, params, rid)
+        try:
+            first = await anext(stream)  # admission errors surface here, before any byte is sent
+        except ValueError as exc:
+            raise self._reject(endpoint, APIError(400, str(exc))) from exc
+        except EngineOverloaded as exc:
+            raise self._reject(endpoint, APIError(503, str(exc), type="server_error", code="overloaded")) from exc
+        except EngineDead as exc:
+            raise self._reject(endpoint, APIError(503, str(exc), type="server_error")) from exc
+        self.counters.by_status[(endpoint, 200)] += 1
+        if body.stream:
+            return StreamingResponse(self._sse(first, stream, rid, endpoint, tuple(params.stop)),
+                                     media_type="text/event-stream")
+        result = first
+        async for event in stream:
+            result = event
+        self.counters.record(result)
+        if endpoint == "chat":
+            return JSONResponse(chat_response(rid, self.model_name, result))
+        return JSONResponse(completion_response(rid, self.model_name, result.text, result))
+
+    async def _sse(self, first, stream, rid: str, endpoint: str, stop: tuple[str, ...]):
+        """Server-sent events; the generator's cancellation (client gone) aborts the request."""
+        from fdllm.engine import GenerationResult
+
+        detok = IncrementalDetokenizer(self.tokenizer, stop)
+        chat = endpoint == "chat"
+
+        def chunk(text: str, finish: str | None, **extra: Any) -> str:
+            payload = (chat_chunk(rid, self.model_name, {"content": text} if text or not finish else {}, finish)
+                       if chat else completion_chunk(rid, self.model_name, text, finish))
+            payload.update(extra)
+            return f"data: {json.dumps(payload)}\n\n"
+
+        if chat:
+            yield f"data: {json.dumps(chat_chunk(rid, self.model_name, {'role': 'assistant', 'content': ''}, None))}\n\n"
+        event = first
+        while True:
+            if isinstance(event, GenerationResult):
+                self.counters.record(event)
+                rest = detok.finish(event.text)
+                if rest:
+                    yield chunk(rest, None)
+                yield chunk("", event.finish_reason, usage=usage(event))
+                yield "data: [DONE]\n\n"
+                return
+            text = detok.push(event.token_ids)
+            if text:
+                yield chunk(text, None)
+            event = await anext(stream)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run serve.app:build_app key=value ...` and serve/config.yaml."""
+    cfg = ServerConfig.from_args(dict(args))
+    options: dict[str, Any] = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
+    }
+    if cfg.autoscaling_config is not None:
+        options["autoscaling_config"] = cfg.autoscaling_config
+    else:
+        options["num_replicas"] = int(cfg.num_replicas or 1)
+    return FdllmServer.options(**options).bind(asdict(cfg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`fdllm-serve --model DIR`: start local Ray + Serve and block until Ctrl-C."""
+    import ray
+
+    parser = argparse.ArgumentParser(prog="fdllm-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint dir (HF format with tokenizer) or s3:// / gs:// URI")
+    parser.add_argument("--model-name", help="name clients use as 'model' (default: the dir name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help=f"require this bearer token (default: ${API_KEY_ENV})")
+    parser.add_argument("--num-replicas", type=int, default=1)
+    parser.add_argument("--num-gpus-per-replica", type=float, default=None, help="default: 1 when a GPU is visible")
+    parser.add_argument("--threshold", type=float, help="default confidence threshold (checkpoint's by default)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    gpus = args.num_gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    ray.init(ignore_reinit_error=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app({"model": args.model, "model_name": args.model_name, "api_key": args.api_key,
+                     "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
+                     "threshold": args.threshold, "device": args.device, "dtype": args.dtype})
+    log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
+    serve.run(app, name="fdllm", route_prefix="/", blocking=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Drive an `fdllm.Engine` from asyncio: one background thread steps the engine (continuous
+batching), request handlers await per-request queues.
+
+The engine is not thread-safe, so every call into it (add, abort, step) happens on the stepping
+thread; handlers talk to it through a command queue and get answers through futures. Tokens flow
+back through `loop.call_soon_threadsafe`. Ray-free, so it runs under Serve and in plain tests alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fdllm.engine import Engine, GenerationResult, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(Exception):
+    """Too many requests waiting for admission: the caller should answer 503 and the client retry."""
+
+
+class EngineDead(Exception):
+    """The stepping thread crashed; the replica must be restarted (health checks report it)."""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    token_ids: list[int]
+
+
+@dataclass
+class EngineMetrics:
+    steps: int = 0
+    step_seconds_total: float = 0.0
+    last_step_seconds: float = 0.0
+
+
+class AsyncEngine:
+    """`generate()` yields `TokenDelta`s as tokens become final, then the `GenerationResult`."""
+
+    def __init__(self, engine: Engine, max_waiting: int = 256, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = EngineMetrics()
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fdllm-engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop -------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenDelta | GenerationResult]:
+        """Stream one request. Cancelling the consumer (client gone) aborts it and frees its pages."""
+        self.check_alive()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_tokens(_rid: str, token_ids: list[int], _finished: bool) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, TokenDelta(list(token_ids)))
+
+        def on_done(result: GenerationResult | BaseException) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, result)
+
+        await self._call("add", prompt, params, request_id, on_tokens, on_done)  # ValueError -> caller
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, GenerationResult):
+                    finished = True
+                    yield event
+                    return
+                yield event
+        finally:
+            if not finished:
+                self._send("abort", request_id)
+
+    def check_alive(self) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDead(f"engine loop stopped: {self._error!r}")
+
+    def stats(self) -> dict[str, int | float]:
+        e = self.engine
+        return {"running": e.num_running, "waiting": e.num_waiting, "free_pages": e.num_free_pages,
+                "total_pages": e.num_pages, "steps": self.metrics.steps,
+                "last_step_seconds": self.metrics.last_step_seconds}
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    async def _call(self, *command) -> object:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(*command, future=fut)
+        return await asyncio.wrap_future(fut)
+
+    def _send(self, *command, future: concurrent.futures.Future | None = None) -> None:
+        self._commands.put((command, future))
+        self._wakeup.set()
+
+    # ---- the stepping thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        done_callbacks: dict[str, object] = {}
+        try:
+            while not self._stopped.is_set():
+                self._drain_commands(done_callbacks)
+                if not self.engine.has_unfinished():
+                    self._wakeup.wait(self._idle_wait_s)
+                    self._wakeup.clear()
+                    continue
+                start = time.perf_counter()
+                finished = self.engine.step()
+                self._record_step(time.perf_counter() - start)
+                for result in finished:
+                    callback = done_callbacks.pop(result.request_id, None)
+                    if callback is not None:
+                        callback(result)
+        except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
+            log.exception("engine loop crashed; failing %d in-flight request(s)", len(done_callbacks))
+            self._error = exc
+            for callback in done_callbacks.values():
+                callback(EngineDead(f"engine loop crashed: {exc!r}"))
+
+    def _drain_commands(self, done_callbacks: dict[str, object]) -> None:
+        while True:
+            try:
+                (kind, *args), future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                prompt, params, rid, on_tokens, on_done = args
+                try:
+                    if self.engine.num_waiting >= self.max_waiting:
+                        raise EngineOverloaded(f"{self.engine.num_waiting} requests already waiting; retry later")
+                    self.engine.add_request(prompt, params, request_id=rid, on_tokens=on_tokens)
+                except Exception as exc:  # noqa: BLE001 - handed to the awaiting handler
+                    future.set_exception(exc)
+                    continue
+                done_callbacks[rid] = on_done
+                future.set_result(rid)
+            elif kind == "abort":
+                (rid,) = args
+                if done_callbacks.pop(rid, None) is not None:
+                    self.engine.abort(rid)
+
+    def _record_step(self, seconds: float) -> None:
+        m = self.metrics
+        m.steps += 1
+        m.step_seconds_total += seconds
+        m.last_step_seconds = seconds
