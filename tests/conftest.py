@@ -32,3 +32,11 @@ def qwen2_dir(tmp_path_factory) -> Path:
     tiny_hf_model("qwen2").save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def dllm_dir(tmp_path_factory) -> Path:
+    """A tiny random block-diffusion checkpoint (block 8 / sub-block 4) with tokenizer and mask token."""
+    from tests.helpers import make_dllm_checkpoint
+
+    return make_dllm_checkpoint(tmp_path_factory.mktemp("dllm"))

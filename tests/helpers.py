@@ -61,3 +61,18 @@ def make_tokenizer():
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     return fast
+
+
+def make_dllm_checkpoint(path, block_size: int = 8, sub_block_size: int = 4, **overrides):
+    """A servable tiny random block-diffusion checkpoint: model + tokenizer (with |<MASK>|) + fdllm config."""
+    import fdllm
+    from fdllm.tokenizer import add_mask_token
+
+    tiny_hf_model("qwen2", **overrides).save_pretrained(path)
+    model = fdllm.load_model(path)
+    tok = make_tokenizer()
+    mask_id = add_mask_token(tok, model)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    fdllm.BlockDiffusionConfig(block_size=block_size, sub_block_size=sub_block_size, mask_token_id=mask_id).save(path)
+    return path
