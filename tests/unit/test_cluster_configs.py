@@ -1,0 +1,603 @@
+"""Offline checks of cluster/: the Ray cluster launcher YAMLs, the KubeRay manifests, their image
+and the README that drives them. No cloud calls and no Ray cluster; a few seconds in all.
+
+    python -m pytest tests/unit/test_cluster_configs.py -q
+
+What is checked:
+- launcher YAMLs against the cluster schema the installed Ray ships
+  (ray/autoscaler/ray-schema.json), then `validate_config(prepare_config(cfg))` as `ray up` does,
+  plus what the schema cannot see (defaults merged in silently, node types, install commands,
+  token auth, fields that must agree within one file);
+- KubeRay manifests for the fields KubeRay requires and rejects (ray.io/v1, RayJob/RayService,
+  headGroupSpec/workerGroupSpecs, rayStartParams, autoscaling, containers with resources), and
+  their serveConfigV2 against Ray Serve's own schema;
+- every repository path and import path any of these files names exists, and the fine-tune
+  command lines use only the flags pipelines/finetune.py defines.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+DOCKERFILE = KUBERAY / "Dockerfile"
+README = CLUSTER / "README.md"
+
+# file -> (provider type, GPU worker machine type, GPUs per GPU node)
+LAUNCHER = {
+    "aws-a100.yaml": ("aws", "p4d.24xlarge", 8),
+    "aws-h100.yaml": ("aws", "p5.48xlarge", 8),
+    "gcp-h100.yaml": ("gcp", "a3-highgpu-8g", 8),
+}
+KUBERAY_MANIFESTS = {"rayjob-finetune.yaml": "RayJob", "rayservice-serve.yaml": "RayService"}
+
+# The command-line contract of pipelines/finetune.py (DESIGN.md, "Public interfaces").
+FINETUNE = "pipelines/finetune.py"
+FINETUNE_FLAGS = {
+    "--config", "--model", "--data", "--output", "--storage-path",
+    "--num-workers", "--use-gpu", "--max-steps", "--resume",
+}
+SERVE_IMPORT_PATH = "serve.app:build_app"
+GPU_SERVE_CONFIG = "serve/config.gpu.yaml"
+SHARED_STORAGE = ("s3://", "gs://")
+
+# Fields of the KubeRay v1 types these manifests may use (KubeRay 1.6 CRDs); a typo in a field
+# name is otherwise dropped silently by a lenient apply, or rejected only on the cluster.
+KUBERAY_CLUSTER_KEYS = {
+    "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+    "headGroupSpec", "headServiceAnnotations", "managedBy", "rayVersion", "suspend",
+    "upgradeStrategy", "workerGroupSpecs",
+}
+KUBERAY_HEAD_KEYS = {
+    "enableIngress", "headService", "labels", "rayStartParams", "resources", "serviceType",
+    "template",
+}
+KUBERAY_WORKER_KEYS = {
+    "groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
+    "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template",
+}
+KUBERAY_AUTOSCALER_KEYS = {
+    "env", "envFrom", "idleTimeoutSeconds", "image", "imagePullPolicy", "resources",
+    "securityContext", "upscalingMode", "version", "volumeMounts",
+}
+KUBERAY_SPEC_KEYS = {
+    "RayJob": {
+        "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy",
+        "entrypoint", "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId",
+        "managedBy", "metadata", "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML",
+        "shutdownAfterJobFinishes", "submissionMode", "submitterConfig", "submitterPodTemplate",
+        "suspend", "ttlSecondsAfterFinished",
+    },
+    "RayService": {
+        "deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "managedBy",
+        "rayClusterConfig", "rayClusterDeletionDelaySeconds", "serveConfigV2", "serveService",
+        "serviceUnhealthySecondThreshold", "upgradeStrategy",
+    },
+}
+CLUSTER_SPEC_FIELD = {"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}
+MAX_KUBERAY_NAME = 47  # RayJob/RayService names: 53 (RayCluster) - 6, DNS-1035 labels
+
+# A repository path named in a config or doc: a top-level folder of this repo, then a file with
+# a known extension (or a Dockerfile). Not preceded by "/", "~" or a word character, so remote
+# paths (s3://bucket/serve/x.yaml, /home/ray/fdllm/serve/x.yaml, ~/fdllm/...) never match.
+REPO_PATH_RE = re.compile(
+    r"(?<![\w.~/-])(?:\./)?"
+    r"((?:pipelines|serve|cluster|fdllm|tests)/[\w./-]*"
+    r"(?:\.(?:py|ya?ml|json|toml|md|txt|sh)|Dockerfile))\b"
+)
+PY_COMMAND_RE = re.compile(r"\bpython3?\s+(?:\./)?(pipelines/\w+\.py)([^\n;&|#]*)")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def _launcher(name: str) -> dict:
+    return _load(CLUSTER / name)
+
+
+def _manifest(name: str) -> dict:
+    docs = [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d]
+    assert len(docs) == 1, f"{name}: expected one document, got {len(docs)}"
+    return docs[0]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _scanned_files() -> list[Path]:
+    """Every file of cluster/ whose text may name repository paths or commands."""
+    files = sorted(CLUSTER.glob("*.yaml")) + sorted(KUBERAY.glob("*.yaml"))
+    return files + [p for p in (README, DOCKERFILE) if p.exists()]
+
+
+def _command_text(path: Path) -> str:
+    """The text of a file where commands live, with shell line continuations joined.
+
+    YAML: its parsed string values (a `>-` block is one line; nested YAML strings such as
+    serveConfigV2 stay line by line). Markdown: its fenced code blocks, not the prose.
+    """
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        text = "\n".join(_string_leaves(list(yaml.safe_load_all(text))))
+    elif path.suffix == ".md":
+        text = "\n".join(re.findall(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S))
+    return re.sub(r"\\\n\s*", " ", text)
+
+
+def _string_leaves(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _string_leaves(key)
+            yield from _string_leaves(value)
+    elif isinstance(obj, list):
+        for item in obj:
+            yield from _string_leaves(item)
+
+
+def _referenced_paths() -> dict[str, list[str]]:
+    """Repository path -> the cluster/ files that name it."""
+    found: dict[str, set[str]] = {}
+    for path in _scanned_files():
+        for match in REPO_PATH_RE.finditer(path.read_text()):
+            found.setdefault(match.group(1), set()).add(str(path.relative_to(REPO)))
+    return {p: sorted(files) for p, files in sorted(found.items())}
+
+
+def _serve_configs() -> list[tuple[str, dict]]:
+    """(origin, parsed Serve config) for every serveConfigV2 in the KubeRay manifests."""
+    out = []
+    for name, kind in KUBERAY_MANIFESTS.items():
+        if kind == "RayService":
+            out.append((name, yaml.safe_load(_manifest(name)["spec"]["serveConfigV2"])))
+    return out
+
+
+def _import_paths() -> list[str]:
+    paths = {app["import_path"] for _, cfg in _serve_configs() for app in cfg["applications"]}
+    return sorted(paths)
+
+
+def _finetune_commands() -> list[tuple[str, list[str]]]:
+    """(origin, [script, *arguments]) of every `python pipelines/...py` command in cluster/."""
+    out = []
+    for path in _scanned_files():
+        for match in PY_COMMAND_RE.finditer(_command_text(path)):
+            script, rest = match.group(1), match.group(2)
+            out.append((f"{path.relative_to(REPO)}: {script}", [script, *shlex.split(rest)]))
+    return out
+
+
+def _flags(argv: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _ray_schema() -> dict:
+    autoscaler = pytest.importorskip("ray.autoscaler")
+    return json.loads((Path(autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def _gpu_node_types(cfg: dict) -> dict[str, dict]:
+    return {
+        name: nt for name, nt in cfg["available_node_types"].items()
+        if nt.get("resources", {}).get("GPU", 0) > 0
+    }
+
+
+def _commands(cfg: dict, key: str) -> str:
+    return "\n".join(cfg.get(key, []))
+
+
+def _boot_image(node_config: dict) -> str:
+    """The image a launcher node type boots: an AWS ImageId or a GCP boot disk's sourceImage."""
+    if "ImageId" in node_config:
+        return node_config["ImageId"]
+    (boot,) = [d for d in node_config["disks"] if d.get("boot")]
+    return boot["initializeParams"]["sourceImage"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the set of files
+
+
+def test_cluster_folder_has_the_expected_files():
+    assert sorted(p.name for p in CLUSTER.glob("*.yaml")) == sorted(LAUNCHER)
+    assert sorted(p.name for p in KUBERAY.glob("*.yaml")) == sorted(KUBERAY_MANIFESTS)
+    assert DOCKERFILE.is_file() and README.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray cluster launcher YAMLs
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_yaml_matches_ray_schema(name):
+    jsonschema = pytest.importorskip("jsonschema")
+    # The raw file first: the schema forbids unknown top-level keys, so typos fail here.
+    jsonschema.validate(_launcher(name), _ray_schema())
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_yaml_passes_ray_up_validation(name):
+    pytest.importorskip("jsonschema")
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    # What `ray up` does: merge the provider's defaults, then validate. validate_config on the raw
+    # file would fail on a missing `cluster_synced_files` with a misleading "Ray version" message.
+    # prepare_config is not idempotent (it prepends setup_commands again), hence the copy.
+    prepared = util.prepare_config(copy.deepcopy(_launcher(name)))
+    util.validate_config(prepared)
+    assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_yaml_sets_every_default_list(name):
+    providers = pytest.importorskip("ray.autoscaler._private.providers")
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    cfg = _launcher(name)
+    # prepare_config merges the provider's defaults.yaml key by key: any list left out (setup
+    # commands, start commands, rsync filters) is inherited silently, e.g. a nightly Ray wheel.
+    defaults = providers._get_default_config(cfg["provider"])
+    missing = sorted(k for k, v in defaults.items() if isinstance(v, list) and k not in cfg)
+    assert not missing, f"{name} inherits Ray's default {missing}"
+    prepared = util.prepare_config(copy.deepcopy(cfg))
+    everything = json.dumps(prepared)
+    assert "ray-wheels" not in everything and "dev0" not in everything
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_node_types(name):
+    provider, machine_type, gpus = LAUNCHER[name]
+    cfg = _launcher(name)
+    assert cfg["provider"]["type"] == provider
+    assert cfg["idle_timeout_minutes"] > 0
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+    assert head["resources"].get("CPU") == 0, "nothing but Ray's own processes on the head"
+
+    gpu_types = _gpu_node_types(cfg)
+    assert gpu_types, f"{name} has no GPU worker node type"
+    machine_key = "InstanceType" if provider == "aws" else "machineType"
+    for type_name, nt in gpu_types.items():
+        assert nt["node_config"][machine_key] == machine_type, type_name
+        assert nt["resources"]["GPU"] == gpus, type_name
+        assert 0 <= nt["min_workers"] <= nt["max_workers"] <= cfg["max_workers"], type_name
+    assert sum(nt.get("min_workers", 0) for nt in types.values()) <= cfg["max_workers"]
+
+    # Ray refuses a node whose Python differs from the head's, to the patch level: one image.
+    images = {_boot_image(nt["node_config"]) for nt in types.values()}
+    assert len(images) == 1, f"{name}: head and workers must boot the same image, got {images}"
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_installs_this_package(name):
+    cfg = _launcher(name)
+    extras = set(_pyproject()["project"]["optional-dependencies"])
+    # The checkout is file-mounted from the directory `ray up` runs in, and installed from there.
+    mounts = cfg["file_mounts"]
+    checkout = next(remote for remote, local in mounts.items() if local == ".")
+    for key, wanted in (("head_setup_commands", {"train", "serve"}),
+                        ("worker_setup_commands", {"train", "serve", "gpu"})):
+        commands = _commands(cfg, key)
+        install_re = r"cd (\S+) && .*?pip install .*?-e \"\.\[([\w,]+)\]\""
+        installs = re.findall(install_re, commands, re.S)
+        assert installs, f"{name}: {key} does not `pip install -e .[...]` the checkout"
+        for where, extra_list in installs:
+            assert where == checkout, f"{name}: {key} installs from {where}, mounted at {checkout}"
+            used = set(extra_list.split(","))
+            assert used == wanted, f"{name}: {key} installs extras {used}, want {wanted}"
+            assert used <= extras, f"{name}: extras {used - extras} are not in pyproject.toml"
+    assert "torch==" in _commands(cfg, "worker_setup_commands"), "GPU nodes pin torch"
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_uses_token_auth(name):
+    cfg = _launcher(name)
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "RAY_AUTH_MODE=token ray start" in _commands(cfg, key), f"{name}: {key}"
+    assert "export RAY_AUTH_MODE=token" in _commands(cfg, "setup_commands")
+
+
+def test_gcp_fields_agree():
+    cfg = _launcher("gcp-h100.yaml")
+    project, zone = cfg["provider"]["project_id"], cfg["provider"]["availability_zone"]
+    assert zone.startswith(cfg["provider"]["region"] + "-")
+    for name, nt in cfg["available_node_types"].items():
+        for disk in nt["node_config"]["disks"]:
+            disk_type = disk["initializeParams"]["diskType"]
+            assert disk_type.startswith(f"zones/{zone}/"), f"{name}: {disk_type} is not in {zone}"
+    for name, nt in _gpu_node_types(cfg).items():
+        assert nt["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE", name
+        for account in nt["node_config"]["serviceAccounts"]:
+            assert account["email"].endswith(f"@{project}.iam.gserviceaccount.com"), name
+
+
+@pytest.mark.parametrize("name", sorted(n for n, v in LAUNCHER.items() if v[0] == "aws"))
+def test_aws_gpu_workers_can_write_the_bucket(name):
+    for type_name, nt in _gpu_node_types(_launcher(name)).items():
+        arn = nt["node_config"]["IamInstanceProfile"]["Arn"]
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn), type_name
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_launcher_metadata_names_the_cluster_commands(name):
+    cfg = _launcher(name)
+    argv = shlex.split(cfg["metadata"]["finetune_entrypoint"])
+    assert argv[:2] == ["python", FINETUNE]
+    assert "--use-gpu" in argv
+    assert _flag_value(argv, "--storage-path").startswith(SHARED_STORAGE)
+    gpu_types = _gpu_node_types(cfg).values()
+    max_gpus = sum(nt["max_workers"] * nt["resources"]["GPU"] for nt in gpu_types)
+    assert 0 < int(_flag_value(argv, "--num-workers")) <= max_gpus
+    assert cfg["metadata"]["serve_config"] == GPU_SERVE_CONFIG
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay manifests
+
+
+def _cluster_spec(doc: dict) -> dict:
+    return doc["spec"][CLUSTER_SPEC_FIELD[doc["kind"]]]
+
+
+def _containers(spec: dict):
+    yield "head", spec["headGroupSpec"]["template"]["spec"]["containers"]
+    for group in spec["workerGroupSpecs"]:
+        yield group["groupName"], group["template"]["spec"]["containers"]
+
+
+def _gpus(container: dict) -> int:
+    return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+def _group_gpus(group: dict) -> int:
+    """GPUs of one pod of a worker group (its Ray container is the first one)."""
+    return _gpus(group["template"]["spec"]["containers"][0])
+
+
+def _max_gpus(spec: dict) -> int:
+    """GPUs of a KubeRay cluster scaled to every group's maxReplicas."""
+    return sum(g["maxReplicas"] * _group_gpus(g) for g in spec["workerGroupSpecs"])
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_kuberay_manifest_kind_and_fields(name):
+    doc = _manifest(name)
+    kind = KUBERAY_MANIFESTS[name]
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == kind
+    meta_name = doc["metadata"]["name"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", meta_name), meta_name
+    assert len(meta_name) <= MAX_KUBERAY_NAME, meta_name
+    assert set(doc["spec"]) <= KUBERAY_SPEC_KEYS[kind], set(doc["spec"]) - KUBERAY_SPEC_KEYS[kind]
+    spec = _cluster_spec(doc)
+    assert set(spec) <= KUBERAY_CLUSTER_KEYS, set(spec) - KUBERAY_CLUSTER_KEYS
+    assert set(spec["headGroupSpec"]) <= KUBERAY_HEAD_KEYS
+    assert set(spec["autoscalerOptions"]) <= KUBERAY_AUTOSCALER_KEYS
+    for group in spec["workerGroupSpecs"]:
+        assert set(group) <= KUBERAY_WORKER_KEYS, set(group) - KUBERAY_WORKER_KEYS
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_kuberay_cluster_autoscales_gpu_workers(name):
+    spec = _cluster_spec(_manifest(name))
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] >= 0
+    groups = spec["workerGroupSpecs"]
+    assert groups and len({g["groupName"] for g in groups}) == len(groups)
+    for group in groups:
+        replicas = group.get("replicas", group["minReplicas"])
+        assert 0 <= group["minReplicas"] <= replicas <= group["maxReplicas"], group["groupName"]
+        assert group["maxReplicas"] > group["minReplicas"], f"{group['groupName']} cannot scale"
+    assert any(_group_gpus(g) > 0 for g in groups)
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_kuberay_ray_start_params_and_resources(name):
+    spec = _cluster_spec(_manifest(name))
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        params = group["rayStartParams"]  # KubeRay's map[string]string: every value a string
+        assert isinstance(params, dict)
+        assert all(isinstance(v, str) for v in params.values()), params
+        # KubeRay rejects resources given both as ray start flags and as group `resources`.
+        resource_params = {"num-cpus", "num-gpus", "memory", "resources"} & set(params)
+        assert not (group.get("resources") and resource_params), resource_params
+    for group_name, containers in _containers(spec):
+        assert containers, group_name
+        ray_container = containers[0]  # KubeRay's Ray container is the first one
+        assert ray_container["name"] and ray_container["image"], group_name
+        resources = ray_container["resources"]
+        for side in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources[side]), f"{group_name}: {side}"
+        # Kubernetes requires extended resources (GPUs) to have requests equal to limits.
+        gpus = {side: resources[side].get("nvidia.com/gpu") for side in ("requests", "limits")}
+        assert gpus["requests"] == gpus["limits"], group_name
+    images = {c[0]["image"] for _, c in _containers(spec)}
+    assert len(images) == 1, f"{name}: head and workers must run one image (one Ray, one Python)"
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_kuberay_token_auth_and_ray_version(name):
+    spec = _cluster_spec(_manifest(name))
+    assert spec["authOptions"]["mode"] == "token"
+    assert spec["authOptions"]["secretName"]
+    # KubeRay needs rayVersion >= 2.52 for token auth; it must be the image's Ray.
+    base_image = re.search(r"^FROM rayproject/ray:(\d+\.\d+\.\d+)-", DOCKERFILE.read_text(), re.M)
+    assert base_image and spec["rayVersion"] == base_image.group(1)
+
+
+def test_kuberay_image_runs_from_the_job_working_dir():
+    job = _manifest("rayjob-finetune.yaml")
+    workdir = re.search(r"^WORKDIR (\S+)", DOCKERFILE.read_text(), re.M).group(1)
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == workdir
+    assert re.search(r'pip install .*-e "\.\[train,serve,gpu\]"', DOCKERFILE.read_text())
+
+
+def test_rayjob_entrypoint():
+    job = _manifest("rayjob-finetune.yaml")
+    entrypoint = job["spec"]["entrypoint"]
+    # KubeRay pastes the entrypoint into its submitter's shell line (`... -- ENTRYPOINT ; fi`):
+    # a `&&`, `;` or `|` would run outside the Ray job.
+    assert not re.search(r"&&|;|\|", entrypoint), entrypoint
+    argv = shlex.split(entrypoint)
+    assert argv[:2] == ["python", FINETUNE]
+    assert "--use-gpu" in argv
+    assert _flag_value(argv, "--storage-path").startswith(SHARED_STORAGE)
+    assert 0 < int(_flag_value(argv, "--num-workers")) <= _max_gpus(_cluster_spec(job))
+
+
+SERVE_CONFIGS = _serve_configs()
+
+
+@pytest.mark.parametrize("origin,config", SERVE_CONFIGS, ids=[o for o, _ in SERVE_CONFIGS])
+def test_serve_config_v2_is_a_valid_serve_config(origin, config):
+    schema = pytest.importorskip("ray.serve.schema")
+    serve_config = pytest.importorskip("ray.serve.config")
+    option_utils = pytest.importorskip("ray._common.ray_option_utils")
+    model = schema.ServeDeploySchema
+    validate = getattr(model, "model_validate", None) or model.parse_obj
+    validate(config)
+    # Serve's schema ignores unknown keys (a misspelt `num_replica` passes): check names too.
+    fields = lambda m: set(getattr(m, "model_fields", None) or m.__fields__)  # noqa: E731
+    assert set(config) <= fields(schema.ServeDeploySchema)
+    for app in config["applications"]:
+        assert set(app) <= fields(schema.ServeApplicationSchema), app["name"]
+        for deployment in app.get("deployments", []):
+            assert set(deployment) <= fields(schema.DeploymentSchema), deployment["name"]
+            autoscaling = deployment.get("autoscaling_config", {})
+            assert set(autoscaling) <= fields(serve_config.AutoscalingConfig), deployment["name"]
+            actor_options = deployment.get("ray_actor_options", {})
+            option_utils.validate_actor_options(actor_options, in_options=True)
+    service = _manifest(origin)
+    spec = _cluster_spec(service)
+    gpus_per_pod = max(_group_gpus(g) for g in spec["workerGroupSpecs"])
+    max_gpus = _max_gpus(spec)
+    job_argv = shlex.split(_manifest("rayjob-finetune.yaml")["spec"]["entrypoint"])
+    storage = _flag_value(job_argv, "--storage-path")
+    for app in config["applications"]:
+        assert app["import_path"] == SERVE_IMPORT_PATH
+        # The replicas read the checkpoint the RayJob wrote: under its --storage-path.
+        assert app["args"]["model"].startswith(storage.rstrip("/") + "/"), app["args"]["model"]
+        for deployment in app.get("deployments", []):
+            gpus = deployment.get("ray_actor_options", {}).get("num_gpus", 0)
+            assert gpus <= gpus_per_pod, deployment["name"]
+            max_replicas = deployment.get("autoscaling_config", {}).get("max_replicas", 1)
+            assert max_replicas * gpus <= max_gpus, f"{deployment['name']}: more GPUs than pods"
+
+
+@pytest.mark.parametrize("origin,config", SERVE_CONFIGS, ids=[o for o, _ in SERVE_CONFIGS])
+def test_serve_config_v2_is_the_repo_gpu_serve_config(origin, config):
+    path = REPO / GPU_SERVE_CONFIG
+    if not path.exists():
+        pytest.skip(f"no {GPU_SERVE_CONFIG} in this checkout (test_referenced_path_exists fails)")
+
+    def without_model(cfg):
+        cfg = copy.deepcopy(cfg)
+        for app in cfg.get("applications", []):
+            app.get("args", {}).pop("model", None)
+        return cfg
+
+    assert without_model(config) == without_model(_load(path)), (
+        f"serveConfigV2 in {origin} differs from {GPU_SERVE_CONFIG} beyond args.model: copy the "
+        "file's content into serveConfigV2 and keep the shared-storage model URI"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# versions
+
+
+def test_ray_and_torch_pins_agree():
+    texts = {p: p.read_text() for p in _scanned_files()}
+    ray_pins = set()
+    for text in texts.values():
+        ray_pins |= set(re.findall(r"\bray(?:\[[\w,]+\])?==(\d+\.\d+\.\d+)", text))
+        ray_pins |= set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", text))
+        ray_pins |= set(re.findall(r'rayVersion: "(\d+\.\d+\.\d+)"', text))
+    assert len(ray_pins) == 1, f"Ray versions disagree across cluster/: {ray_pins}"
+    ray = pytest.importorskip("ray")
+    assert ray_pins == {ray.__version__}, "cluster/ pins another Ray than the one tested here"
+
+    torch_pins = {v for text in texts.values() for v in re.findall(r"\btorch==([\d.]+)", text)}
+    assert len(torch_pins) == 1, torch_pins
+    (floor,) = re.findall(r"torch>=([\d.]+)", " ".join(_pyproject()["project"]["dependencies"]))
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert as_tuple(next(iter(torch_pins))) >= as_tuple(floor)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths, import paths and flags named anywhere in cluster/
+
+REFERENCED = _referenced_paths()
+
+
+def test_paths_are_found():
+    # Guards the scanner itself: these names must be seen, or the next test checks nothing.
+    assert {FINETUNE, GPU_SERVE_CONFIG} <= set(REFERENCED)
+
+
+@pytest.mark.parametrize("path", sorted(REFERENCED))
+def test_referenced_path_exists(path):
+    assert (REPO / path).is_file(), f"{path} is named in {REFERENCED[path]} but does not exist"
+
+
+@pytest.mark.parametrize("import_path", _import_paths())
+def test_serve_import_path_resolves(import_path):
+    module, attr = import_path.split(":")
+    stem = module.replace(".", "/")
+    candidates = [f"{stem}.py", f"{stem}/__init__.py"]
+    source = next((REPO / c for c in candidates if (REPO / c).is_file()), None)
+    assert source, f"{import_path}: none of {candidates} exists"
+    # Read, not imported: importing the app would pull in torch and Ray Serve.
+    defined = re.search(rf"^(?:def|class)\s+{attr}\b|^{attr}\s*=", source.read_text(), re.M)
+    assert defined, f"{import_path}: {source.relative_to(REPO)} defines no {attr}"
+
+
+COMMANDS = _finetune_commands()
+
+
+@pytest.mark.parametrize("origin,argv", COMMANDS, ids=[o for o, _ in COMMANDS])
+def test_command_flags_exist(origin, argv):
+    script, flags = argv[0], _flags(argv[1:])
+    if script == FINETUNE:
+        unknown = set(flags) - FINETUNE_FLAGS
+        assert not unknown, f"{origin}: {sorted(unknown)} are not flags of {FINETUNE}"
+    source = REPO / script
+    if not source.is_file():
+        pytest.skip(f"{script} is not in this checkout (test_referenced_path_exists fails)")
+    # Read, not run (`--help` would import torch and Ray): a flag counts as defined when its
+    # literal ("--num-workers") or its attribute name (num_workers) appears in the script.
+    text = source.read_text()
+    missing = [
+        f for f in flags
+        if not re.search(rf"""["']{re.escape(f)}["']|\b{f[2:].replace("-", "_")}\b""", text)
+    ]
+    assert not missing, f"{origin}: {script} defines no {missing}"
