@@ -103,16 +103,17 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
     contiguous along D. The logit of `mask_token_id` is -inf (None: no token excluded). Ties go to
     the lowest token id. Never materialises [T, V].
     """
-    if hidden_TD.dim() != 2 or weight_VD.dim() != 2 or hidden_TD.shape[1] != weight_VD.shape[1]:
-        raise ValueError(f"expected hidden [T, D] and weight [V, D], got {tuple(hidden_TD.shape)} and {tuple(weight_VD.shape)}")
-    if hidden_TD.dtype not in _DTYPES or weight_VD.dtype != hidden_TD.dtype:
-        raise TypeError(f"hidden and weight must share a dtype in {_DTYPES}, got {hidden_TD.dtype} and {weight_VD.dtype}")
-    if hidden_TD.stride(1) != 1 or weight_VD.stride(1) != 1:
-        raise ValueError(f"hidden and weight must be contiguous along D, got strides {hidden_TD.stride()} and {weight_VD.stride()}")
-    if hidden_TD.device != weight_VD.device:
-        raise ValueError(f"hidden on {hidden_TD.device} but weight on {weight_VD.device}")
-    if hidden_TD.device.type != "cuda" and not interpreter_enabled():
-        raise RuntimeError(f"the Triton confidence kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {hidden_TD.device}")
+    h, w = hidden_TD, weight_VD
+    if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
+        raise ValueError(f"expected hidden [T, D] and weight [V, D], got {tuple(h.shape)} and {tuple(w.shape)}")
+    if h.dtype not in _DTYPES or w.dtype != h.dtype:
+        raise TypeError(f"hidden and weight must share a dtype in {_DTYPES}, got {h.dtype} and {w.dtype}")
+    if h.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"hidden and weight must be contiguous along D, got strides {h.stride()} and {w.stride()}")
+    if h.device != w.device:
+        raise ValueError(f"hidden on {h.device} but weight on {w.device}")
+    if h.device.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(f"the Triton confidence kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {h.device}")
     T, D = hidden_TD.shape
     V = weight_VD.shape[0]
     if V == 0 or (V == 1 and mask_token_id == 0):

@@ -34,8 +34,7 @@ def paged_attention_flash_attn(
     """Output [B, T, N, H]; rows t >= q_lens[b] are zeros. See paged_attention_torch for the arguments."""
     from flash_attn import flash_attn_with_kvcache
 
-    B, T, N, H = q_BTNH.shape
-    S = k_pool_PSKH.shape[1]
+    T, S = q_BTNH.shape[1], k_pool_PSKH.shape[1]
     if S % FLASH_ATTN_PAGE_MULTIPLE != 0:
         raise ValueError(
             f"flash-attn paged KV needs pages of a multiple of {FLASH_ATTN_PAGE_MULTIPLE} tokens, got {S}; "
@@ -44,7 +43,8 @@ def paged_attention_flash_attn(
     if q_BTNH.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"flash-attn runs fp16/bf16 only, got {q_BTNH.dtype}")
     if causal:
-        torch._assert_async((q_lens_B == T).all(), "flash_attn backend: causal attention needs q_lens == T (no padding)")
+        # checked on the device: no host sync
+        torch._assert_async((q_lens_B == T).all(), "flash_attn backend: causal needs q_lens == T (no padding)")
     o_BTNH = flash_attn_with_kvcache(
         q_BTNH, k_pool_PSKH, v_pool_PSKH,
         cache_seqlens=kv_lens_B.to(torch.int32),

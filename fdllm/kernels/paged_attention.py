@@ -14,6 +14,12 @@ block_tables[b, j // S] at slot j % S, so a key tile may span several pages (S =
 tile of at least 16 keys) or part of one. Softmax is online (running max / sum in fp32, base-2
 exponentials with log2(e) folded into the scale); the output is normalised once at the end.
 
+Split-KV (flash-decoding). Few sequences x few kv heads x a few row tiles can be far fewer
+programs than the GPU has SMs (batch 1 of Qwen2-1.5B: 2 kv heads x 3 tiles = 6), so the key range
+can also be cut into `num_splits` chunks, one program each; those write unnormalised partial
+outputs with their running max and sum (fp32), and a second small kernel merges them. With one
+split the first kernel writes the normalised output directly.
+
 Masking. Keys j >= kv_len are never loaded, so -1 block-table entries and stale slots of the last
 page are never dereferenced. With causal, query t of b sits at kv_len - q_len + t and sees keys up
 to it; the key loop stops at the last position any row of the tile can see. Rows t >= q_len are
@@ -30,6 +36,7 @@ H head dim, P pages in the pool, S page size (tokens per page), M max pages per 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,13 +54,14 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, block_tables_ptr, kv_lens_ptr, q_lens_ptr,
+    part_acc_ptr, part_m_ptr, part_l_ptr,  # split-KV partials, fp32: [B, T, N, splits, BLOCK_H], [B, T, N, splits] x2
     stride_qb, stride_qt, stride_qn,
     stride_kp, stride_ks, stride_kk,
     stride_vp, stride_vs, stride_vk,
     stride_ob, stride_ot, stride_on,
     stride_btb, stride_btm,
     stride_kvl, stride_ql,
-    T, H, qk_scale_log2,
+    T, N, H, qk_scale_log2, num_splits, keys_per_split,
     G: tl.constexpr,  # query heads per kv head
     PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -62,8 +70,10 @@ def _paged_attention_kernel(
     BLOCK_H: tl.constexpr,  # head dim padded to a power of two
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter: bf16 dots are wrong there)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs; ignored by 16-bit dots
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials instead of the output
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
     b = tl.program_id(1)
     kv_head = tl.program_id(2)
     kv_len = tl.load(kv_lens_ptr + b * stride_kvl).to(tl.int32)
@@ -90,13 +100,15 @@ def _paged_attention_kernel(
     if CAUSAL:
         kv_end = tl.minimum(kv_len, kv_len - q_len + last_t + 1)
     kv_end = tl.where(first_t < q_len, kv_end, 0)
+    kv_begin = split * keys_per_split  # this program's chunk of the key range
+    kv_end = tl.minimum(kv_end, kv_begin + keys_per_split)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     bt_row = block_tables_ptr + b * stride_btb
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(kv_begin, kv_end, BLOCK_N):
         keys = start + offs_n  # [BLOCK_N] key positions in the sequence
         key_ok = keys < kv_end
         page = tl.load(bt_row + (keys // PAGE_SIZE) * stride_btm, mask=key_ok, other=0).to(tl.int64)
@@ -124,19 +136,78 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = tl.where(real_row[:, None], acc / l_safe[:, None], 0.0)
-    o_ptrs = o_ptr + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_on + offs_h[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(t < T)[:, None] & h_ok[None, :])
+    row_ok = t < T
+    if SPLIT:
+        # partial rows of padding queries are zero with l = 0, so the merge returns zeros for them
+        part = ((b * T + t).to(tl.int64) * N + head) * num_splits + split  # [BLOCK_M] index into [B, T, N, splits]
+        acc = tl.where(real_row[:, None], acc, 0.0)
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_H + offs_h[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, tl.where(real_row, l_i, 0.0), mask=row_ok)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = tl.where(real_row[:, None], acc / l_safe[:, None], 0.0)
+        o_ptrs = o_ptr + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_on + offs_h[None, :]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & h_ok[None, :])
 
 
-def _check_inputs(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, kv_lens: Tensor, q_lens: Tensor) -> None:
+@triton.jit
+def _merge_splits_kernel(
+    o_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    stride_ob, stride_ot, stride_on,
+    T, N, H, num_splits,
+    BLOCK_S: tl.constexpr,  # splits padded to a power of two
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0)  # flattened (b, t, n)
+    n = row % N
+    t = (row // N) % T
+    b = row // (N * T)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_h = tl.arange(0, BLOCK_H)
+    s_ok = offs_s < num_splits
+    part = row.to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
+    m = tl.load(part_m_ptr + part, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + part, mask=s_ok, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_H + offs_h[None, :], mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # splits that saw no key weigh 0
+    l_sum = tl.sum(l_s * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum == 0.0, 1.0, l_sum)  # padding rows: 0 / 1
+    tl.store(o_ptr + b * stride_ob + t * stride_ot + n * stride_on + offs_h, out.to(o_ptr.dtype.element_ty),
+             mask=offs_h < H)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _default_num_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
+    """Split the key range only when the grid would leave SMs idle, keeping >= 8 key tiles per split.
+
+    A starting point to tune on a GPU (pipelines/bench_kernels.py), not a measured optimum.
+    """
+    if device.type != "cuda":
+        return 1
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), max_keys // (8 * block_n), 16))
+
+
+def _check_inputs(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, kv_lens: Tensor, q_lens: Tensor
+) -> None:
     if q.dim() != 4 or k_pool.dim() != 4:
-        raise ValueError(f"expected q [B, T, N, H] and k_pool [P, S, K, H], got {tuple(q.shape)} and {tuple(k_pool.shape)}")
+        raise ValueError(
+            f"expected q [B, T, N, H] and k_pool [P, S, K, H], got {tuple(q.shape)} and {tuple(k_pool.shape)}"
+        )
     if v_pool.shape != k_pool.shape:
         raise ValueError(f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} must have the same shape")
-    B, T, N, H = q.shape
-    P, S, K, Hk = k_pool.shape
+    B, _, N, H = q.shape
+    K, Hk = k_pool.shape[2:]
     if Hk != H:
         raise ValueError(f"head dim of q ({H}) and of the KV pool ({Hk}) differ")
     if K == 0 or N % K != 0:
@@ -160,7 +231,9 @@ def _check_inputs(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tenso
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if q.device.type != "cuda" and not interpreter_enabled():
-        raise RuntimeError(f"the Triton paged-attention kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+        raise RuntimeError(
+            f"the Triton paged-attention kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}"
+        )
 
 
 def paged_attention(
@@ -172,6 +245,8 @@ def paged_attention(
     q_lens_B: Tensor,
     causal: bool = False,
     scale: float | None = None,
+    *,
+    num_splits: int | None = None,
 ) -> Tensor:
     """Output [B, T, N, H] in q's dtype; rows t >= q_lens[b] are zeros. Same contract as paged_attention_torch.
 
@@ -180,6 +255,8 @@ def paged_attention(
     entries past a sequence's last page are ignored (may be -1); kv_lens [B] tokens visible to b's
     queries; q_lens [B] real queries of b (q_lens <= T, and q_lens <= kv_lens when causal).
     Values of kv_lens/q_lens/block_tables are not checked (that would sync with the device).
+    num_splits: chunks of the key range run in parallel (None: enough to fill the GPU). Splits are
+    sized from the block-table width M * S, so pass tables trimmed to the batch's longest sequence.
     """
     _check_inputs(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B)
     B, T, N, H = q_BTNH.shape
@@ -194,20 +271,44 @@ def paged_attention(
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     block_h = max(16, triton.next_power_of_2(H))
     block_n = 64 if block_h <= 64 else 32  # keeps the K/V tiles within registers for H = 128
-    grid = (triton.cdiv(rows, block_m), B, K)
-    _paged_attention_kernel[grid](
+    m_tiles = triton.cdiv(rows, block_m)
+    max_keys = block_tables_BM.shape[1] * S  # >= every kv_len
+    if num_splits is None:
+        num_splits = _default_num_splits(m_tiles * B * K, max_keys, block_n, q_BTNH.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    keys_per_split = max(block_n, triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n)
+    num_splits = max(1, triton.cdiv(max_keys, keys_per_split))
+    split = num_splits > 1
+    if split:
+        part_acc = torch.empty((B, T, N, num_splits, block_h), dtype=torch.float32, device=q_BTNH.device)
+        part_m = torch.empty((B, T, N, num_splits), dtype=torch.float32, device=q_BTNH.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = o_BTNH  # unused
+    _paged_attention_kernel[(m_tiles * num_splits, B, K)](
         q_BTNH, k_pool_PSKH, v_pool_PSKH, o_BTNH, block_tables_BM, kv_lens_B, q_lens_B,
+        part_acc, part_m, part_l,
         q_BTNH.stride(0), q_BTNH.stride(1), q_BTNH.stride(2),
         k_pool_PSKH.stride(0), k_pool_PSKH.stride(1), k_pool_PSKH.stride(2),
         v_pool_PSKH.stride(0), v_pool_PSKH.stride(1), v_pool_PSKH.stride(2),
         o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2),
         block_tables_BM.stride(0), block_tables_BM.stride(1),
         kv_lens_B.stride(0), q_lens_B.stride(0),
-        T, H, scale * _LOG2E,
+        T, N, H, scale * _LOG2E, num_splits, keys_per_split,
         G=G, PAGE_SIZE=S, CAUSAL=bool(causal),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
         UPCAST=interpreter_enabled(),
         DOT_PRECISION="ieee" if q_BTNH.dtype == torch.float32 else "tf32",
+        SPLIT=split,
         num_warps=4,
     )
+    if split:
+        _merge_splits_kernel[(B * T * N,)](
+            o_BTNH, part_acc, part_m, part_l,
+            o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2),
+            T, N, H, num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_H=block_h,
+            num_warps=2,
+        )
     return o_BTNH

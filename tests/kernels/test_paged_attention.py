@@ -45,10 +45,11 @@ def make_case(
     q_BTNH = torch.randn(B, T, K * G, H, generator=gen)
     k_pool_PSKH = torch.randn(P, S, K, H, generator=gen)
     v_pool_PSKH = torch.randn(P, S, K, H, generator=gen)
-    to = dict(device=device)
     return Case(
-        q_BTNH.to(dtype=dtype, **to), k_pool_PSKH.to(dtype=dtype, **to), v_pool_PSKH.to(dtype=dtype, **to),
-        block_tables_BM.to(**to), torch.tensor(kv_lens, dtype=torch.int32, **to), torch.tensor(q_lens, dtype=torch.int32, **to),
+        q_BTNH.to(device, dtype), k_pool_PSKH.to(device, dtype), v_pool_PSKH.to(device, dtype),
+        block_tables_BM.to(device),
+        torch.tensor(kv_lens, dtype=torch.int32, device=device),
+        torch.tensor(q_lens, dtype=torch.int32, device=device),
     )
 
 
@@ -65,7 +66,10 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 # A ragged batch: a full-block step, a sub-block step, a sequence whose kv_len ends exactly on a
 # page boundary, and a padding-only sequence (q_len 0).
 RAGGED_Q = [8, 3, 8, 0]
-RAGGED_KV = lambda S: [2 * S + 5, S + 3, 3 * S, 9]  # noqa: E731
+
+
+def ragged_kv(S: int) -> list[int]:
+    return [2 * S + 5, S + 3, 3 * S, 9]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -74,7 +78,7 @@ RAGGED_KV = lambda S: [2 * S + 5, S + 3, 3 * S, 9]  # noqa: E731
 def test_matches_reference_fp32(device, S, G, causal):
     from fdllm.kernels.paged_attention import paged_attention
 
-    case = make_case(q_lens=RAGGED_Q, kv_lens=RAGGED_KV(S), T=8, K=2, G=G, H=16, S=S, device=device, seed=S + G)
+    case = make_case(q_lens=RAGGED_Q, kv_lens=ragged_kv(S), T=8, K=2, G=G, H=16, S=S, device=device, seed=S + G)
     out = paged_attention(*case.args(), causal=causal)
     assert out.shape == case.q_BTNH.shape and out.dtype == torch.float32
     assert_close(out, reference(case, causal), torch.float32)
@@ -85,10 +89,20 @@ def test_matches_reference_fp32(device, S, G, causal):
 def test_matches_reference_half(device, dtype, causal):
     from fdllm.kernels.paged_attention import paged_attention
 
-    case = make_case(q_lens=RAGGED_Q, kv_lens=RAGGED_KV(16), T=8, K=2, G=7, H=32, S=16, dtype=dtype, device=device)
+    case = make_case(q_lens=RAGGED_Q, kv_lens=ragged_kv(16), T=8, K=2, G=7, H=32, S=16, dtype=dtype, device=device)
     out = paged_attention(*case.args(), causal=causal)
     assert out.dtype == dtype
     assert_close(out, reference(case, causal), dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_split_kv_matches_reference(device, causal):
+    """Key range cut into 4 chunks merged by the second kernel; some chunks are empty for short sequences."""
+    from fdllm.kernels.paged_attention import paged_attention
+
+    case = make_case(q_lens=[8, 3, 1, 0], kv_lens=[200, 70, 3, 130], T=8, K=2, G=7, H=16, S=8, device=device)
+    out = paged_attention(*case.args(), causal=causal, num_splits=4)
+    assert_close(out, reference(case, causal), torch.float32)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -115,13 +129,14 @@ def test_head_dim_not_power_of_two_and_strided_q(device):
     assert_close(paged_attention(*case.args()), reference(case, False), torch.float32)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_stale_slots_never_read_and_padding_rows_zero(device, causal):
+def test_stale_slots_never_read_and_padding_rows_zero(device, causal, num_splits):
     """NaN in every slot a sequence doesn't own (holes, slots past kv_len, padding query rows) must not leak."""
     from fdllm.kernels.paged_attention import paged_attention
 
     S = 8
-    case = make_case(q_lens=[6, 2, 0], kv_lens=[19, 6, 5], T=8, K=2, G=4, H=16, S=S, device=device)
+    case = make_case(q_lens=[6, 2, 0], kv_lens=[150, 6, 5], T=8, K=2, G=4, H=16, S=S, device=device)
     owned = torch.zeros(case.k_pool_PSKH.shape[:2], dtype=torch.bool, device=device)  # [P, S]
     for b in range(3):
         for j in range(int(case.kv_lens_B[b])):
@@ -131,7 +146,7 @@ def test_stale_slots_never_read_and_padding_rows_zero(device, causal):
     for pool in (case.k_pool_PSKH, case.v_pool_PSKH):
         pool[~owned] = float("nan")
     case.q_BTNH[~real_BT] = float("nan")
-    out = paged_attention(*case.args(), causal=causal)
+    out = paged_attention(*case.args(), causal=causal, num_splits=num_splits)
     assert torch.isfinite(out).all()
     assert (out[~real_BT] == 0).all()
     assert_close(out, ref, torch.float32)
@@ -165,16 +180,21 @@ def test_rejects_bad_inputs(device):
         paged_attention(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, bt, kv, ql)
     with pytest.raises(ValueError, match="same shape"):
         paged_attention(q, k, v[:-1], bt, kv, ql)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_attention(q, k, v, bt, kv, ql, num_splits=0)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["auto-splits", "one-split"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_qwen2_shape_on_gpu(cuda_device, dtype, causal):
-    """Qwen2-1.5B attention (N=12, K=2, H=128), 32-token pages, contexts up to ~2k, a ragged batch."""
+def test_qwen2_shape_on_gpu(cuda_device, dtype, causal, num_splits):
+    """Qwen2-1.5B attention (N=12, K=2, H=128), 32-token pages, contexts up to ~2k, a ragged batch
+    (6 sequences x 2 kv heads x 3 row tiles is too few programs for a GPU, so auto picks split-KV)."""
     from fdllm.kernels.paged_attention import paged_attention
 
     kv_lens = [2048, 1000, 37, 513, 32, 1500]
     q_lens = [32, 8, 32, 1, 0, 17]
     case = make_case(q_lens=q_lens, kv_lens=kv_lens, T=32, K=2, G=6, H=128, S=32, dtype=dtype, device=cuda_device)
-    assert_close(paged_attention(*case.args(), causal=causal), reference(case, causal), dtype)
+    out = paged_attention(*case.args(), causal=causal, num_splits=num_splits)
+    assert_close(out, reference(case, causal), dtype)
