@@ -1,0 +1,314 @@
+"""Triton attention of a block of queries per sequence over the paged KV cache.
+
+A drop-in for `fdllm.attention.paged_attention_torch` (same signature and semantics; that function
+is the reference the tests compare against). One launch serves a ragged batch: every sequence has
+its own kv_len (committed prefix + current block) and q_len (real queries; the rest are padding).
+
+Tiling. One program owns (sequence b, kv head k, a tile of BLOCK_M query rows). Its rows are the
+flattened (query token t, head-in-group g) pairs, row = t * G + g with G = N // K query heads per kv
+head, so every row of the tile reads the same K/V stream and each K/V tile fetched from memory is
+used by G query heads at once (the point of GQA). Flattening handles any G, including 7, without
+padding the head group to a power of two: only the last tile of a sequence has idle rows.
+The program walks the sequence's keys BLOCK_N at a time; key j lives in page
+block_tables[b, j // S] at slot j % S, so a key tile may span several pages (S = 8 gives tl.dot a
+tile of at least 16 keys) or part of one. Softmax is online (running max / sum in fp32, base-2
+exponentials with log2(e) folded into the scale); the output is normalised once at the end.
+
+Split-KV (flash-decoding). Few sequences x few kv heads x a few row tiles can be far fewer
+programs than the GPU has SMs (batch 1 of Qwen2-1.5B: 2 kv heads x 3 tiles = 6), so the key range
+can also be cut into `num_splits` chunks, one program each; those write unnormalised partial
+outputs with their running max and sum (fp32), and a second small kernel merges them. With one
+split the first kernel writes the normalised output directly.
+
+Masking. Keys j >= kv_len are never loaded, so -1 block-table entries and stale slots of the last
+page are never dereferenced. With causal, query t of b sits at kv_len - q_len + t and sees keys up
+to it; the key loop stops at the last position any row of the tile can see. Rows t >= q_len are
+written as zeros (tiles made only of padding skip the key loop).
+
+Precision. Inputs fp16/bf16/fp32; scores, softmax and the output accumulator are fp32; P is cast
+to the value dtype for the second matmul (as flash-attention does). fp32 inputs use IEEE fp32
+dots (not TF32) so fp32 results match the reference to ~1e-5. Under the Triton interpreter,
+bf16 tl.dot is wrong, so interpreted runs upcast tiles to fp32 before every tl.dot.
+
+Shape legend: B sequences, T query tokens (padded), N query heads, K kv heads, G = N // K,
+H head dim, P pages in the pool, S page size (tokens per page), M max pages per sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fdllm.kernels import interpreter_enabled
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, block_tables_ptr, kv_lens_ptr, q_lens_ptr,
+    part_acc_ptr, part_m_ptr, part_l_ptr,  # split-KV partials, fp32: [B, T, N, splits, BLOCK_H], [B, T, N, splits] x2
+    stride_qb, stride_qt, stride_qn,
+    stride_kp, stride_ks, stride_kk,
+    stride_vp, stride_vs, stride_vk,
+    stride_ob, stride_ot, stride_on,
+    stride_btb, stride_btm,
+    stride_kvl, stride_ql,
+    T, N, H, qk_scale_log2, num_splits, keys_per_split,
+    G: tl.constexpr,  # query heads per kv head
+    PAGE_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # flattened (t, g) query rows per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    BLOCK_H: tl.constexpr,  # head dim padded to a power of two
+    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter: bf16 dots are wrong there)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs; ignored by 16-bit dots
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials instead of the output
+):
+    pid_m = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
+    b = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    kv_len = tl.load(kv_lens_ptr + b * stride_kvl).to(tl.int32)
+    q_len = tl.load(q_lens_ptr + b * stride_ql).to(tl.int32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    t = rows // G
+    head = kv_head * G + rows % G  # query head of each row
+    real_row = t < q_len  # padded query rows come back as zeros
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+
+    q_ptrs = q_ptr + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qn + offs_h[None, :]
+    q = tl.load(q_ptrs, mask=real_row[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_H]
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    q_pos = kv_len - q_len + t  # absolute position of each query row (used by causal)
+    # Keys this tile needs: all kv_len, or up to the last real row's position under causal;
+    # none for a tile made only of padding rows.
+    first_t = (pid_m * BLOCK_M) // G
+    last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1)
+    kv_end = kv_len
+    if CAUSAL:
+        kv_end = tl.minimum(kv_len, kv_len - q_len + last_t + 1)
+    kv_end = tl.where(first_t < q_len, kv_end, 0)
+    kv_begin = split * keys_per_split  # this program's chunk of the key range
+    kv_end = tl.minimum(kv_end, kv_begin + keys_per_split)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    bt_row = block_tables_ptr + b * stride_btb
+    for start in range(kv_begin, kv_end, BLOCK_N):
+        keys = start + offs_n  # [BLOCK_N] key positions in the sequence
+        key_ok = keys < kv_end
+        page = tl.load(bt_row + (keys // PAGE_SIZE) * stride_btm, mask=key_ok, other=0).to(tl.int64)
+        slot = keys % PAGE_SIZE
+        k_ptrs = k_ptr + page[None, :] * stride_kp + slot[None, :] * stride_ks + kv_head * stride_kk + offs_h[:, None]
+        k = tl.load(k_ptrs, mask=key_ok[None, :] & h_ok[:, None], other=0.0)  # [BLOCK_H, BLOCK_N]
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v_ptrs = v_ptr + page[:, None] * stride_vp + slot[:, None] * stride_vs + kv_head * stride_vk + offs_h[None, :]
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    row_ok = t < T
+    if SPLIT:
+        # partial rows of padding queries are zero with l = 0, so the merge returns zeros for them
+        part = ((b * T + t).to(tl.int64) * N + head) * num_splits + split  # [BLOCK_M] index into [B, T, N, splits]
+        acc = tl.where(real_row[:, None], acc, 0.0)
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_H + offs_h[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, tl.where(real_row, l_i, 0.0), mask=row_ok)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = tl.where(real_row[:, None], acc / l_safe[:, None], 0.0)
+        o_ptrs = o_ptr + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_on + offs_h[None, :]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    o_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    stride_ob, stride_ot, stride_on,
+    T, N, H, num_splits,
+    BLOCK_S: tl.constexpr,  # splits padded to a power of two
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0)  # flattened (b, t, n)
+    n = row % N
+    t = (row // N) % T
+    b = row // (N * T)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_h = tl.arange(0, BLOCK_H)
+    s_ok = offs_s < num_splits
+    part = row.to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
+    m = tl.load(part_m_ptr + part, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + part, mask=s_ok, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_H + offs_h[None, :], mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # splits that saw no key weigh 0
+    l_sum = tl.sum(l_s * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum == 0.0, 1.0, l_sum)  # padding rows: 0 / 1
+    tl.store(o_ptr + b * stride_ob + t * stride_ot + n * stride_on + offs_h, out.to(o_ptr.dtype.element_ty),
+             mask=offs_h < H)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _default_num_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
+    """Split the key range only when the grid would leave SMs idle, keeping >= 8 key tiles per split.
+
+    A starting point to tune on a GPU (pipelines/bench_kernels.py), not a measured optimum.
+    """
+    if device.type != "cuda":
+        return 1
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), max_keys // (8 * block_n), 16))
+
+
+def _check_inputs(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, kv_lens: Tensor, q_lens: Tensor
+) -> None:
+    if q.dim() != 4 or k_pool.dim() != 4:
+        raise ValueError(
+            f"expected q [B, T, N, H] and k_pool [P, S, K, H], got {tuple(q.shape)} and {tuple(k_pool.shape)}"
+        )
+    if v_pool.shape != k_pool.shape:
+        raise ValueError(f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} must have the same shape")
+    B, _, N, H = q.shape
+    K, Hk = k_pool.shape[2:]
+    if Hk != H:
+        raise ValueError(f"head dim of q ({H}) and of the KV pool ({Hk}) differ")
+    if K == 0 or N % K != 0:
+        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be one of {_DTYPES}, got {q.dtype}")
+    if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise TypeError(f"q, k_pool and v_pool must share a dtype, got {q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"block_tables must be [B={B}, M], got {tuple(block_tables.shape)}")
+    for name, lens in (("kv_lens", kv_lens), ("q_lens", q_lens)):
+        if lens.shape != (B,):
+            raise ValueError(f"{name} must be [B={B}], got {tuple(lens.shape)}")
+    for name, x in (("block_tables", block_tables), ("kv_lens", kv_lens), ("q_lens", q_lens)):
+        if x.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
+    for name, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in the head dim (stride(-1) == 1), got strides {x.stride()}")
+    devices = {x.device for x in (q, k_pool, v_pool, block_tables, kv_lens, q_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if q.device.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(
+            f"the Triton paged-attention kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}"
+        )
+
+
+def paged_attention(
+    q_BTNH: Tensor,
+    k_pool_PSKH: Tensor,
+    v_pool_PSKH: Tensor,
+    block_tables_BM: Tensor,
+    kv_lens_B: Tensor,
+    q_lens_B: Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Output [B, T, N, H] in q's dtype; rows t >= q_lens[b] are zeros. Same contract as paged_attention_torch.
+
+    q [B, T, N, H], k_pool/v_pool [P, S, K, H] (fp16/bf16/fp32, one dtype, head dim contiguous,
+    N a multiple of K; query head n reads kv head n // (N // K)); block_tables [B, M] int32/int64,
+    entries past a sequence's last page are ignored (may be -1); kv_lens [B] tokens visible to b's
+    queries; q_lens [B] real queries of b (q_lens <= T, and q_lens <= kv_lens when causal).
+    Values of kv_lens/q_lens/block_tables are not checked (that would sync with the device).
+    num_splits: chunks of the key range run in parallel (None: enough to fill the GPU). Splits are
+    sized from the block-table width M * S, so pass tables trimmed to the batch's longest sequence.
+    """
+    _check_inputs(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B)
+    B, T, N, H = q_BTNH.shape
+    S, K = k_pool_PSKH.shape[1], k_pool_PSKH.shape[2]
+    G = N // K
+    o_BTNH = torch.empty((B, T, N, H), dtype=q_BTNH.dtype, device=q_BTNH.device)
+    if o_BTNH.numel() == 0:
+        return o_BTNH
+    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+
+    rows = T * G
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_h = max(16, triton.next_power_of_2(H))
+    block_n = 64 if block_h <= 64 else 32  # keeps the K/V tiles within registers for H = 128
+    m_tiles = triton.cdiv(rows, block_m)
+    max_keys = block_tables_BM.shape[1] * S  # >= every kv_len
+    if num_splits is None:
+        num_splits = _default_num_splits(m_tiles * B * K, max_keys, block_n, q_BTNH.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    keys_per_split = max(block_n, triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n)
+    num_splits = max(1, triton.cdiv(max_keys, keys_per_split))
+    split = num_splits > 1
+    if split:
+        part_acc = torch.empty((B, T, N, num_splits, block_h), dtype=torch.float32, device=q_BTNH.device)
+        part_m = torch.empty((B, T, N, num_splits), dtype=torch.float32, device=q_BTNH.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = o_BTNH  # unused
+    _paged_attention_kernel[(m_tiles * num_splits, B, K)](
+        q_BTNH, k_pool_PSKH, v_pool_PSKH, o_BTNH, block_tables_BM, kv_lens_B, q_lens_B,
+        part_acc, part_m, part_l,
+        q_BTNH.stride(0), q_BTNH.stride(1), q_BTNH.stride(2),
+        k_pool_PSKH.stride(0), k_pool_PSKH.stride(1), k_pool_PSKH.stride(2),
+        v_pool_PSKH.stride(0), v_pool_PSKH.stride(1), v_pool_PSKH.stride(2),
+        o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2),
+        block_tables_BM.stride(0), block_tables_BM.stride(1),
+        kv_lens_B.stride(0), q_lens_B.stride(0),
+        T, N, H, scale * _LOG2E, num_splits, keys_per_split,
+        G=G, PAGE_SIZE=S, CAUSAL=bool(causal),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
+        UPCAST=interpreter_enabled(),
+        DOT_PRECISION="ieee" if q_BTNH.dtype == torch.float32 else "tf32",
+        SPLIT=split,
+        num_warps=4,
+    )
+    if split:
+        _merge_splits_kernel[(B * T * N,)](
+            o_BTNH, part_acc, part_m, part_l,
+            o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2),
+            T, N, H, num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_H=block_h,
+            num_warps=2,
+        )
+    return o_BTNH

@@ -1,0 +1,239 @@
+"""Benchmark fdllm's Triton kernels against the torch reference (and flash-attn when installed).
+
+On a GPU (defaults: Qwen2-1.5B attention, N=12 query heads, K=2 kv heads, H=128, bf16, one
+32-token diffusion block of queries per sequence over 32-token pages):
+
+    python pipelines/bench_kernels.py
+    python pipelines/bench_kernels.py --batches 1,8,32 --contexts 1024,2048,4096 --peak-gbps 3350 --json kernels.json
+    python pipelines/bench_kernels.py --q-len 8 --confidence      # sub-block steps; also the fused confidence
+
+On a CPU it refuses, unless --smoke runs a tiny shape under the Triton interpreter (a correctness
+smoke test; its timings mean nothing):
+
+    python pipelines/bench_kernels.py --smoke
+
+Attention rows: per-call latency (median of triton.testing.do_bench, L2 flushed between calls) of
+"triton" (fdllm.kernels.paged_attention), "torch" (fdllm.attention.paged_attention_torch: gather
+the pages, then SDPA) and "flash_attn" (flash_attn_with_kvcache; it needs 256-token pages, so it
+runs on its own pool of 256-token pages holding the same number of tokens), with the achieved
+bandwidth = bytes of K and V read / time, as a fraction of --peak-gbps (H100 SXM ~3350 GB/s).
+Confidence rows: fused_confidence vs logits matmul + softmax + max in torch; bytes = the LM head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FLASH_ATTN_PAGE = 256
+
+
+@dataclass(frozen=True)
+class Row:
+    kernel: str
+    backend: str
+    batch: int
+    context: int
+    q_len: int
+    ms: float
+    gbps: float
+    peak_fraction: float
+    max_abs_err: float | None  # vs the torch reference on the same inputs (None for the reference)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batches", type=_ints, default=[1, 8, 32], help="sequences per call (comma list)")
+    p.add_argument("--contexts", type=_ints, default=[1024, 2048, 4096], help="kv tokens per sequence (comma list)")
+    p.add_argument("--q-len", type=int, default=32, help="queries per sequence: the block (32) or a sub-block (8)")
+    p.add_argument("--page-size", type=int, default=32, help="tokens per page = diffusion block size")
+    p.add_argument("--heads", type=int, default=12, help="query heads N")
+    p.add_argument("--kv-heads", type=int, default=2, help="kv heads K")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim H")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--causal", action="store_true", help="causal attention (AR prefill) instead of bidirectional")
+    p.add_argument("--backends", default="triton,torch,flash_attn",
+                   help="comma list of triton, torch, flash_attn (skipped when not installed)")
+    p.add_argument("--confidence", action="store_true", help="also benchmark the fused confidence kernel")
+    p.add_argument("--vocab", type=int, default=151936, help="confidence: vocab size V (Qwen2)")
+    p.add_argument("--hidden", type=int, default=1536, help="confidence: model dim D (Qwen2-1.5B)")
+    p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes under the Triton interpreter")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `kernels` subcommand on an argparse subparsers object (pipelines/benchmark.py)."""
+    p = subparsers.add_parser("kernels", help="Triton kernel latency and bandwidth vs torch / flash-attn",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()  # interpreter smoke: one warm call, one timed call
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _paged_case(batch: int, context: int, q_len: int, page: int, N: int, K: int, H: int,
+                dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch of `batch` sequences with `context` kv tokens each, pages shuffled over the pool."""
+    pages = -(-context // page)
+    P = batch * pages
+    q_BTNH = torch.randn(batch, q_len, N, H, dtype=dtype, device=device)
+    k_pool_PSKH = torch.randn(P, page, K, H, dtype=dtype, device=device)
+    v_pool_PSKH = torch.randn(P, page, K, H, dtype=dtype, device=device)
+    block_tables_BM = torch.randperm(P, device=device).to(torch.int32).view(batch, pages)
+    kv_lens_B = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q_lens_B = torch.full((batch,), q_len, dtype=torch.int32, device=device)
+    return q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B
+
+
+def bench_attention(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    from fdllm.attention import paged_attention_torch
+    from fdllm.kernels import flash_attn_available
+    from fdllm.kernels.paged_attention import paged_attention
+
+    dtype = DTYPES[args.dtype]
+    wanted = [b for b in args.backends.split(",") if b]
+    if "flash_attn" in wanted and not (flash_attn_available() and device.type == "cuda" and dtype != torch.float32):
+        print("flash_attn: skipped (not installed, not on CUDA, or fp32)", file=sys.stderr)
+        wanted.remove("flash_attn")
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            case = _paged_case(batch, context, args.q_len, args.page_size, args.heads, args.kv_heads,
+                               args.head_dim, dtype, device)
+            kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * case[1].element_size()
+            ref = paged_attention_torch(*case, causal=args.causal).float()
+            fns = {"torch": lambda c=case: paged_attention_torch(*c, causal=args.causal),
+                   "triton": lambda c=case: paged_attention(*c, causal=args.causal)}
+            if "flash_attn" in wanted:
+                from fdllm.kernels.flash_attn_paged import paged_attention_flash_attn
+
+                fa_case = _paged_case(batch, context, args.q_len, FLASH_ATTN_PAGE, args.heads, args.kv_heads,
+                                      args.head_dim, dtype, device)
+                fns["flash_attn"] = lambda c=fa_case: paged_attention_flash_attn(*c, causal=args.causal)
+            for backend in wanted:
+                fn = fns[backend]
+                err = None
+                if backend == "triton":
+                    err = (fn().float() - ref).abs().max().item()
+                ms = _time_ms(fn, device)
+                gbps = kv_bytes / (ms * 1e-3) / 1e9
+                rows.append(Row("paged_attention", backend, batch, context, args.q_len, ms, gbps,
+                                gbps / args.peak_gbps, err))
+                _print_row(rows[-1])
+            del case
+    return rows
+
+
+def bench_confidence(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    from fdllm.kernels import fused_confidence, fused_confidence_ref
+
+    dtype = DTYPES[args.dtype]
+    weight_VD = torch.randn(args.vocab, args.hidden, dtype=dtype, device=device) / args.hidden**0.5
+    mask_token_id = args.vocab - 1
+    rows = []
+    for batch in args.batches:
+        T = batch * args.q_len
+        hidden_TD = torch.randn(T, args.hidden, dtype=dtype, device=device)
+        ref_tok, ref_prob = fused_confidence_ref(hidden_TD, weight_VD, mask_token_id)
+        w_bytes = weight_VD.numel() * weight_VD.element_size()
+        fns = {"triton": lambda h=hidden_TD: fused_confidence(h, weight_VD, mask_token_id),
+               "torch": lambda h=hidden_TD: fused_confidence_ref(h, weight_VD, mask_token_id)}
+        for backend, fn in fns.items():
+            err = None
+            if backend == "triton":
+                tok, prob = fn()
+                err = (prob - ref_prob).abs().max().item()
+                agree = (tok == ref_tok).float().mean().item()
+                if agree < 0.99:
+                    print(f"warning: fused_confidence argmax agrees on only {agree:.1%} of rows", file=sys.stderr)
+            ms = _time_ms(fn, device)
+            gbps = w_bytes / (ms * 1e-3) / 1e9
+            rows.append(Row("confidence", backend, batch, 0, args.q_len, ms, gbps, gbps / args.peak_gbps, err))
+            _print_row(rows[-1])
+    return rows
+
+
+def _print_row(r: Row) -> None:
+    err = "" if r.max_abs_err is None else f"{r.max_abs_err:.2e}"
+    print(f"{r.kernel:<16} {r.backend:<10} {r.batch:>5} {r.context:>7} {r.q_len:>5} {r.ms:>10.4f} "
+          f"{r.gbps:>9.1f} {r.peak_fraction:>7.1%} {err:>10}", flush=True)
+
+
+def _smoke_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Interpreter-sized shapes: G = 6 heads per kv head like Qwen2-1.5B, everything else tiny."""
+    return argparse.Namespace(**{**vars(args), "batches": [2], "contexts": [72], "q_len": 8, "page_size": 16,
+                                 "heads": 12, "kv_heads": 2, "head_dim": 16, "dtype": "fp32",
+                                 "backends": "triton,torch", "vocab": 300, "hidden": 32})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; returns a process exit code (2: no GPU and no --smoke)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.smoke:
+        if "fdllm.kernels.paged_attention" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke needs TRITON_INTERPRET=1 before the kernels are imported", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+        device = torch.device("cpu")
+        args = _smoke_args(args)
+    else:
+        print("bench_kernels: no CUDA device here. Kernel timings need a GPU; on a CPU run "
+              "`--smoke` for a tiny interpreter run (correctness only, timings meaningless).", file=sys.stderr)
+        return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("bench_kernels: triton is not installed (pip install 'fdllm[kernels]')", file=sys.stderr)
+        return 2
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    print(f"# {name}; dtype {args.dtype}; N={args.heads} K={args.kv_heads} H={args.head_dim}; "
+          f"page {args.page_size}; causal={args.causal}; peak {args.peak_gbps:g} GB/s")
+    print(f"{'kernel':<16} {'backend':<10} {'batch':>5} {'context':>7} {'q_len':>5} {'ms':>10} "
+          f"{'GB/s':>9} {'of peak':>7} {'max err':>10}")
+    rows = bench_attention(args, device)
+    if args.confidence or args.smoke:
+        rows += bench_confidence(args, device)
+    tolerance = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}[args.dtype]
+    bad = [r for r in rows if r.max_abs_err is not None and not r.max_abs_err <= tolerance]
+    for r in bad:
+        print(f"bench_kernels: {r.kernel} differs from the torch reference by {r.max_abs_err:.3g} "
+              f"(batch {r.batch}, context {r.context})", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "args": {k: v for k, v in vars(args).items() if k != "func"},
+                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
