@@ -34,7 +34,7 @@ class ModelRunner:
             slots += [w.seq.slot(p) for p in pos]
             rows += w.rows
         readers = [(i, w) for i, w in enumerate(works) if w.logit_rows]
-        out: list[tuple[list[int], list[bool]]] = [([], [])] * len(works)
+        out: list[tuple[list[int], list[bool]]] = [([], []) for _ in works]
         W = max((len(w.logit_rows) for _, w in readers), default=0)
         # Logit rows of work b, padded to W by repeating its last row (padding is never a candidate).
         index, candidates, offset = [], [], 0

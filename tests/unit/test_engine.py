@@ -218,10 +218,11 @@ def test_admission_waits_for_free_pages(model):
     assert engine.num_free_pages == 8
 
 
-def test_chunked_prefill_matches_single_chunk(model):
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_chunked_prefill_matches_single_chunk(model, mode):
     prompt = random_prompts(1, [45], seed=23)[0]
-    small = make_engine(model, max_prefill_tokens=8).generate([prompt], params())[0]
-    large = make_engine(model, max_prefill_tokens=64).generate([prompt], params())[0]
+    small = make_engine(model, max_prefill_tokens=8).generate([prompt], params(mode=mode))[0]
+    large = make_engine(model, max_prefill_tokens=64).generate([prompt], params(mode=mode))[0]
     assert small.token_ids == large.token_ids
     assert small.num_forwards > large.num_forwards
 
