@@ -60,10 +60,12 @@ class Engine:
         self.model, self.tokenizer, self.config, self.engine_config = model, tokenizer, config, engine_config
         mc = model.config
         self.max_model_len = min(mc.max_position_embeddings, engine_config.max_model_len or mc.max_position_embeddings)
-        num_pages = engine_config.num_pages or max(
-            1, int(engine_config.kv_cache_gib * 2**30)
-            // KVCache.page_bytes(mc.num_hidden_layers, L, mc.n_kv_heads, mc.dim_per_head, model.dtype)
-        )
+        # Default: what kv_cache_gib holds, but never more than max_num_seqs full-length sequences use.
+        num_pages = engine_config.num_pages or max(1, min(
+            int(engine_config.kv_cache_gib * 2**30)
+            // KVCache.page_bytes(mc.num_hidden_layers, L, mc.n_kv_heads, mc.dim_per_head, model.dtype),
+            engine_config.max_num_seqs * -(-self.max_model_len // L),
+        ))
         cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(
@@ -77,7 +79,8 @@ class Engine:
         elif mc.eos_token_id:
             self._tokenizer_stop_ids |= set(mc.eos_token_id)
         self._ids = itertools.count()
-        self._aborted: list[Sequence] = []
+        self._aborted: list[Sequence] = []  # reported by the next step()
+        self._undelivered: list[GenerationResult] = []  # finished while generate() drove the engine
         log.info("engine: %d KV pages of %d tokens, max_model_len %d, %s", num_pages, L, self.max_model_len, config)
 
     @classmethod
@@ -114,7 +117,7 @@ class Engine:
         return len(self.scheduler.waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting or self._aborted)
+        return bool(self.scheduler.running or self.scheduler.waiting or self._aborted or self._undelivered)
 
     # -- step API -----------------------------------------------------------------------------------
     def add_request(
@@ -167,8 +170,8 @@ class Engine:
 
     def step(self) -> list[GenerationResult]:
         """One forward over every running sequence; returns the requests that finished in it."""
-        finished = [self._finish(seq) for seq in self._aborted]
-        self._aborted = []
+        finished = self._undelivered + [self._finish(seq) for seq in self._aborted]
+        self._undelivered, self._aborted = [], []
         works = self.scheduler.schedule()
         if not works:
             return finished
@@ -190,13 +193,16 @@ class Engine:
         self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
         progress: bool = False,
     ) -> list[GenerationResult]:
-        """Generate for every prompt (one params for all, or one per prompt); results in prompt order."""
+        """Generate for every prompt (one params for all, or one per prompt); results in prompt order.
+
+        Other requests (step API) keep running meanwhile; their results come from the next step().
+        """
         params = params or SamplingParams()
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} SamplingParams")
         rids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
-        pending, done = set(rids), {}
+        pending, done, others = set(rids), {}, []
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -204,13 +210,16 @@ class Engine:
             bar = tqdm(total=len(rids), desc="generate", unit="req")
         while pending:
             for result in self.step():
-                if result.request_id in pending:
-                    pending.discard(result.request_id)
-                    done[result.request_id] = result
-                    if bar is not None:
-                        bar.update()
+                if result.request_id not in pending:
+                    others.append(result)
+                    continue
+                pending.discard(result.request_id)
+                done[result.request_id] = result
+                if bar is not None:
+                    bar.update()
         if bar is not None:
             bar.close()
+        self._undelivered += others
         return [done[r] for r in rids]
 
     # -- helpers ------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ class Sequence:
     def result(self, now: float, text: str) -> GenerationResult:
         return GenerationResult(
             request_id=self.request_id, prompt_token_ids=list(self.prompt), token_ids=list(self.output), text=text,
-            finish_reason=self.finish_reason or "abort", num_forwards=self.num_forwards,
+            finish_reason=self.finish_reason, num_forwards=self.num_forwards,
             time_to_first_token_s=None if self.first_token_time is None else self.first_token_time - self.arrival,
             latency_s=now - self.arrival,
         )

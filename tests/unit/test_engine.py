@@ -256,6 +256,7 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
 def test_text_prompts_stop_strings_and_eos(model_dir):
     engine = fdllm.Engine.from_pretrained(model_dir, config=fdllm.BlockDiffusionConfig(
         block_size=8, sub_block_size=4, threshold=0.4, mask_token_id=MASK))
+    assert engine.num_pages == 64 * 512 // 8  # capped at max_num_seqs full-length sequences
     free = engine.generate(["hello world"], params(max_new_tokens=24))[0]
     assert free.text == engine.tokenizer.decode(free.token_ids, skip_special_tokens=True)
     stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 2]
@@ -304,3 +305,13 @@ def test_request_larger_than_the_cache_is_rejected(model):
     engine = make_engine(model, num_pages=2)
     with pytest.raises(ValueError, match="KV pages"):
         engine.add_request([1] * 10, params(max_new_tokens=10))
+
+
+def test_generate_alongside_step_api_keeps_other_results(model):
+    engine = make_engine(model)
+    rid = engine.add_request([1, 2, 3], params(max_new_tokens=4))
+    (res,) = engine.generate([[4, 5, 6, 7, 8]], params(max_new_tokens=30))
+    assert res.request_id != rid and len(res.token_ids) == 30
+    assert engine.has_unfinished()
+    assert [r.request_id for r in engine.step()] == [rid]
+    assert not engine.has_unfinished()
