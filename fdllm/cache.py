@@ -148,7 +148,7 @@ class PagedAttention:
     @classmethod
     def build(
         cls, cache: KVCache, slots: Sequence[int], rows: Sequence[AttentionRow], backend: AttentionFn
-    ) -> "PagedAttention":
+    ) -> PagedAttention:
         """`slots[t]`: flat cache slot of packed token t; `rows` cover the packed tokens in order."""
         if sum(r.q_len for r in rows) != len(slots):
             raise ValueError(f"attention rows cover {sum(r.q_len for r in rows)} tokens, the step packs {len(slots)}")
@@ -173,7 +173,7 @@ class PagedAttention:
         real = [i * Q + t for i, r in enumerate(rows) for t in range(r.q_len)]
         tokens = [s + t for r, s in zip(rows, starts) for t in range(r.q_len)]
         tables = [list(r.pages) + [-1] * (M - len(r.pages)) for r in rows]
-        to = dict(device=device, non_blocking=True)
+        to = {"device": device, "non_blocking": True}
         return _RowGroup(
             causal=causal,
             gather_RQ=torch.tensor(gather, dtype=torch.long).to(**to),

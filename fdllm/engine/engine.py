@@ -42,7 +42,7 @@ class Engine:
     """
 
     def __init__(
-        self, model: Transformer, tokenizer: "PreTrainedTokenizerBase | None" = None,
+        self, model: Transformer, tokenizer: PreTrainedTokenizerBase | None = None,
         config: BlockDiffusionConfig | None = None, engine_config: EngineConfig | None = None,
     ) -> None:
         config = config or BlockDiffusionConfig()
@@ -87,7 +87,7 @@ class Engine:
     def from_pretrained(
         cls, path: str | Path, config: BlockDiffusionConfig | None = None, device: str | torch.device = "cpu",
         dtype: torch.dtype | None = torch.float32, engine_config: EngineConfig | None = None,
-    ) -> "Engine":
+    ) -> Engine:
         """Load model (+ tokenizer if present) from an HF checkpoint dir. `config` None: the checkpoint's
         fdllm_config.json or defaults; a None mask_token_id is taken from the checkpoint, then the tokenizer."""
         saved = BlockDiffusionConfig.load(path)

@@ -10,12 +10,28 @@ Shape legend: T packed tokens, B works with logit rows, W logit rows per work (p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 
 from fdllm.cache import AttentionFn, KVCache, PagedAttention
 from fdllm.decoding import greedy_confidence, sample_confidence, select_unmask
 from fdllm.engine.sequence import Work
 from fdllm.model import Transformer
+
+
+@dataclass
+class StepInputs:
+    """A step's device inputs, built on the host in one place and copied once."""
+
+    input_ids_1T: Tensor
+    positions_1T: Tensor
+    attention: PagedAttention
+    logit_index_R: Tensor  # packed token index of each logit row, R = B * W
+    candidate_BW: Tensor  # bool: the row may be accepted (padding rows never)
+    threshold_B: Tensor  # fp32
+    readers: list[int]  # index (into the step's works) of each of the B works that read logits
 
 
 class ModelRunner:
@@ -25,46 +41,56 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[tuple[list[int], list[bool]]]:
-        """Per work: (token, selected) for each of its logit rows."""
-        ids, positions, slots, rows = [], [], [], []
-        for w in works:
-            pos = range(w.start, w.start + len(w.token_ids))
-            ids += w.token_ids
-            positions += pos
-            slots += [w.seq.slot(p) for p in pos]
-            rows += w.rows
-        readers = [(i, w) for i, w in enumerate(works) if w.logit_rows]
-        out: list[tuple[list[int], list[bool]]] = [([], []) for _ in works]
-        W = max((len(w.logit_rows) for _, w in readers), default=0)
-        # Logit rows of work b, padded to W by repeating its last row (padding is never a candidate).
-        index, candidates, offset = [], [], 0
-        for w in works:
-            if w.logit_rows:
-                index += [offset + r for r in w.logit_rows] + [offset + w.logit_rows[-1]] * (W - len(w.logit_rows))
-                candidates.append(w.candidates + [False] * (W - len(w.candidates)))
-            offset += len(w.token_ids)
-        to = dict(device=self.device, non_blocking=True)
-        attention = PagedAttention.build(self.cache, slots, rows, self.backend)
+        """Per work: (token, selected) for each of its logit rows (none for pure prefill chunks)."""
+        inputs = self.prepare(works)
         logits_RV = self.model(
-            torch.tensor([ids]).to(**to), torch.tensor([positions]).to(**to), cache=attention,
-            logit_positions=torch.tensor(index, dtype=torch.long).to(**to) if readers else slice(0, 0),
+            inputs.input_ids_1T, inputs.positions_1T, cache=inputs.attention, logit_positions=inputs.logit_index_R
         )[0]
-        if not readers:  # prefill chunks only
+        out: list[tuple[list[int], list[bool]]] = [([], []) for _ in works]
+        if not inputs.readers:
             return out
-        B = len(readers)
+        B, W = inputs.candidate_BW.shape
         token_BW, prob_BW = (t.view(B, W) for t in greedy_confidence(logits_RV, self.mask_token_id))
         logits_BWV = logits_RV.view(B, W, -1)
-        for b, (_, w) in enumerate(readers):
-            p = w.seq.params
+        for b, i in enumerate(inputs.readers):
+            w, p = works[i], works[i].seq.params
             if p.temperature > 0:  # only the work's real rows: padding must not consume its generator
                 n = len(w.logit_rows)
                 token_BW[b, :n], prob_BW[b, :n] = sample_confidence(
                     logits_BWV[b, :n], self.mask_token_id, p.temperature, p.top_p, p.top_k, w.seq.generator
                 )
-        threshold_B = torch.tensor([w.seq.threshold for _, w in readers], dtype=torch.float32).to(**to)
-        select_BW = select_unmask(prob_BW, torch.tensor(candidates).to(**to), threshold_B)
+        select_BW = select_unmask(prob_BW, inputs.candidate_BW, inputs.threshold_B)
         tokens, selected = torch.stack([token_BW, select_BW.long()]).tolist()  # the step's one host sync
-        for b, (i, w) in enumerate(readers):
-            n = len(w.logit_rows)
+        for b, i in enumerate(inputs.readers):
+            n = len(works[i].logit_rows)
             out[i] = (tokens[b][:n], [bool(s) for s in selected[b][:n]])
         return out
+
+    def prepare(self, works: list[Work]) -> StepInputs:
+        """Pack the works' tokens back to back; pad each reader's logit rows to W by repeating its last."""
+        ids, positions, slots, rows = [], [], [], []
+        index, candidates, thresholds, readers = [], [], [], []
+        W = max(len(w.logit_rows) for w in works)
+        for i, w in enumerate(works):
+            offset = len(ids)
+            pos = range(w.start, w.start + len(w.token_ids))
+            ids += w.token_ids
+            positions += pos
+            slots += [w.seq.slot(p) for p in pos]
+            rows += w.rows
+            if w.logit_rows:
+                pad = W - len(w.logit_rows)
+                index += [offset + r for r in w.logit_rows] + [offset + w.logit_rows[-1]] * pad
+                candidates.append(w.candidates + [False] * pad)
+                thresholds.append(w.seq.threshold)
+                readers.append(i)
+        to = {"device": self.device, "non_blocking": True}
+        return StepInputs(
+            input_ids_1T=torch.tensor([ids]).to(**to),
+            positions_1T=torch.tensor([positions]).to(**to),
+            attention=PagedAttention.build(self.cache, slots, rows, self.backend),
+            logit_index_R=torch.tensor(index, dtype=torch.long).to(**to),
+            candidate_BW=torch.tensor(candidates, dtype=torch.bool).reshape(len(readers), W).to(**to),
+            threshold_B=torch.tensor(thresholds, dtype=torch.float32).to(**to),
+            readers=readers,
+        )

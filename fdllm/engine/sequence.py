@@ -34,7 +34,7 @@ TokenCallback = Callable[[str, list[int], bool], None]  # (request_id, new_token
 class Work:
     """What one sequence contributes to a step's packed forward."""
 
-    seq: "Sequence"
+    seq: Sequence
     token_ids: list[int]  # fed tokens, at consecutive positions from `start`
     start: int
     rows: list[AttentionRow]  # cover token_ids in order

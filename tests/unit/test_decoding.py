@@ -37,7 +37,7 @@ def test_greedy_confidence_is_max_softmax_without_the_mask(dtype):
 def test_sampling_respects_filters_and_seed():
     logits = torch.randn(64, 50)
     logits[:, M % 50] = 30.0
-    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    gen = lambda s: torch.Generator().manual_seed(s)
     greedy, _ = greedy_confidence(logits, M % 50)
     top1, p1 = sample_confidence(logits, M % 50, temperature=1.0, top_k=1, generator=gen(0))
     assert torch.equal(top1, greedy) and torch.allclose(p1, torch.ones(64))
