@@ -185,8 +185,8 @@ class Engine:
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 finished.append(self._finish(seq, new))
-            elif new and seq.on_tokens is not None:
-                seq.on_tokens(seq.request_id, new, False)
+            elif new:
+                self._notify(seq, new, finished=False)
         return finished
 
     def generate(
@@ -223,9 +223,17 @@ class Engine:
         return [done[r] for r in rids]
 
     # -- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _notify(seq: Sequence, new: list[int], finished: bool) -> None:
+        if seq.on_tokens is None:
+            return
+        try:
+            seq.on_tokens(seq.request_id, new, finished)
+        except Exception:  # a failing consumer must not stop the other requests' step
+            log.exception("on_tokens callback of request %s failed", seq.request_id)
+
     def _finish(self, seq: Sequence, new: list[int] | None = None) -> GenerationResult:
-        if seq.on_tokens is not None:
-            seq.on_tokens(seq.request_id, new or [], True)
+        self._notify(seq, new or [], finished=True)
         text = self._decode(seq.output)
         if seq.finish_reason == "stop" and seq.params.stop:
             text = seq.criteria.cut_text(text)

@@ -243,6 +243,17 @@ def test_streaming_and_stats(model):
     assert res.tokens_per_forward == 17 / res.num_forwards
 
 
+def test_failing_callback_does_not_stop_other_requests(model):
+    def broken(rid, tokens, finished):
+        raise RuntimeError("client went away")
+
+    engine = make_engine(model)
+    engine.add_request([1, 2, 3], params(max_new_tokens=9), on_tokens=broken)
+    engine.add_request([4, 5], params(max_new_tokens=9))
+    done = [r for _ in range(40) for r in engine.step()]
+    assert sorted(len(r.token_ids) for r in done) == [9, 9]
+
+
 def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
     prompts = random_prompts(3, [4, 9], seed=29)
     p = params(temperature=0.8, top_p=0.9, top_k=20, seed=1234)
