@@ -38,6 +38,7 @@ class Scheduler:
             if work is None:
                 continue
             budget -= work.num_prefill
+            # Pages the work reaches are taken from the reservation now; its rows hold seq.pages itself.
             while len(seq.pages) < math.ceil(work.kv_len / self.block_size):
                 seq.pages.append(self.allocator.allocate())
             works.append(work)
