@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from fdllm.config import BlockDiffusionConfig, ModelConfig
+from fdllm.engine import Engine, EngineConfig, GenerationResult, SamplingParams
 from fdllm.model import Transformer
 
 
@@ -15,4 +16,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, devi
     return Transformer.from_pretrained(path, dtype=dtype, device=device)
 
 
-__all__ = ["BlockDiffusionConfig", "ModelConfig", "Transformer", "load_model"]
+__all__ = [
+    "BlockDiffusionConfig", "Engine", "EngineConfig", "GenerationResult", "ModelConfig", "SamplingParams",
+    "Transformer", "load_model",
+]

@@ -1,0 +1,11 @@
+"""The inference engine: continuous batching over a paged block KV cache (nano-vllm style split).
+
+engine.py (Engine: add_request/abort/step/generate), scheduler.py (queues, admission, chunked
+prefill), sequence.py (per-request decoding state), runner.py (tensors and the forward),
+params.py (SamplingParams, EngineConfig, GenerationResult).
+"""
+
+from fdllm.engine.engine import Engine
+from fdllm.engine.params import EngineConfig, GenerationResult, SamplingParams
+
+__all__ = ["Engine", "EngineConfig", "GenerationResult", "SamplingParams"]

@@ -1,0 +1,275 @@
+"""`Engine`: block-diffusion (and AR baseline) generation with continuous batching.
+
+`step()` = schedule -> run -> postprocess. Requests join (`add_request`) and leave (`abort`, or on
+finishing) between steps; `generate` is the batch convenience on top of the step API.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from fdllm.cache import KVCache, PageAllocator, attention_backend
+from fdllm.config import BlockDiffusionConfig
+from fdllm.decoding import StopCriteria
+from fdllm.engine.params import EngineConfig, GenerationResult, SamplingParams
+from fdllm.engine.runner import ModelRunner
+from fdllm.engine.scheduler import Scheduler
+from fdllm.engine.sequence import Sequence, TokenCallback
+from fdllm.model import Transformer
+from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_tokenizer, stop_token_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class Engine:
+    """Serves one model: `generate` for batches, `add_request`/`abort`/`step` for streaming servers.
+
+    `config` holds the block-diffusion settings (block/sub-block size, sub-block cache, default
+    threshold, mask token id); `engine_config` the cache and batch sizing. Not thread-safe: drive
+    it from one thread.
+    """
+
+    def __init__(
+        self, model: Transformer, tokenizer: PreTrainedTokenizerBase | None = None,
+        config: BlockDiffusionConfig | None = None, engine_config: EngineConfig | None = None,
+    ) -> None:
+        config = config or BlockDiffusionConfig()
+        engine_config = engine_config or EngineConfig()
+        if config.mask_token_id is None and tokenizer is not None and MASK_TOKEN in tokenizer.get_vocab():
+            config = config.replace(mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN))
+        vocab = model.config.vocab_size
+        if config.mask_token_id is not None and not 0 <= config.mask_token_id < vocab:
+            raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary ({vocab})")
+        if config.mask_token_id is None:
+            log.warning("no mask token (config or tokenizer %s): only mode='ar' requests are served", MASK_TOKEN)
+        L = config.block_size
+        if engine_config.max_prefill_tokens < L:
+            raise ValueError(f"max_prefill_tokens ({engine_config.max_prefill_tokens}) must be >= block_size ({L})")
+        self.model, self.tokenizer, self.config, self.engine_config = model, tokenizer, config, engine_config
+        mc = model.config
+        self.max_model_len = min(mc.max_position_embeddings, engine_config.max_model_len or mc.max_position_embeddings)
+        # Default: what kv_cache_gib holds, but never more than max_num_seqs full-length sequences use.
+        num_pages = engine_config.num_pages or max(1, min(
+            int(engine_config.kv_cache_gib * 2**30)
+            // KVCache.page_bytes(mc.num_hidden_layers, L, mc.n_kv_heads, mc.dim_per_head, model.dtype),
+            engine_config.max_num_seqs * -(-self.max_model_len // L),
+        ))
+        cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device)
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(
+            self.allocator, max_num_seqs=engine_config.max_num_seqs,
+            max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L,
+        )
+        self.runner = ModelRunner(model, cache, config.mask_token_id, attention_backend(engine_config.attention_backend))
+        self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
+        if isinstance(mc.eos_token_id, int):
+            self._tokenizer_stop_ids |= {mc.eos_token_id}
+        elif mc.eos_token_id:
+            self._tokenizer_stop_ids |= set(mc.eos_token_id)
+        self._ids = itertools.count()
+        self._aborted: list[Sequence] = []  # reported by the next step()
+        self._undelivered: list[GenerationResult] = []  # finished while generate() drove the engine
+        log.info("engine: %d KV pages of %d tokens, max_model_len %d, %s", num_pages, L, self.max_model_len, config)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, config: BlockDiffusionConfig | None = None, device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = torch.float32, engine_config: EngineConfig | None = None,
+    ) -> Engine:
+        """Load model (+ tokenizer if present) from an HF checkpoint dir. `config` None: the checkpoint's
+        fdllm_config.json or defaults; a None mask_token_id is taken from the checkpoint, then the tokenizer."""
+        saved = BlockDiffusionConfig.load(path)
+        if config is None:
+            config = saved or BlockDiffusionConfig()
+        elif config.mask_token_id is None and saved is not None and saved.mask_token_id is not None:
+            config = config.replace(mask_token_id=saved.mask_token_id)
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
+        return cls(model, tokenizer, config, engine_config)
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_pages(self) -> int:
+        return self.allocator.num_pages
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting or self._aborted or self._undelivered)
+
+    # -- step API -----------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+        on_tokens: TokenCallback | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ValueError (engine unaffected) on bad input.
+
+        `on_tokens(request_id, new_token_ids, finished)` is called from `step()` whenever tokens
+        become final, in order; the last call has finished=True.
+        """
+        params = params or SamplingParams()
+        ids = self._encode(prompt)
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if self.scheduler.find(request_id) is not None:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._validate(ids, params)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._tokenizer_stop_ids)
+        criteria = StopCriteria(
+            max_new_tokens=params.max_new_tokens, stop_token_ids=frozenset(stop_ids), stop=tuple(params.stop),
+            decode=self._decode,
+        )
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.model.device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        cfg = self.config
+        seq = Sequence(
+            request_id=request_id, prompt=ids, params=params, criteria=criteria,
+            block_size=cfg.block_size, sub_block_size=cfg.sub_block_size,
+            use_sub_block_cache=cfg.use_sub_block_cache,
+            threshold=cfg.threshold if params.threshold is None else params.threshold,
+            mask_token_id=cfg.mask_token_id, arrival=time.perf_counter(), on_tokens=on_tokens, generator=generator,
+        )
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request now (its pages are freed at once); its result comes from the next step()."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            log.debug("abort of unknown or finished request %s ignored", request_id)
+            return
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        self._aborted.append(seq)
+
+    def step(self) -> list[GenerationResult]:
+        """One forward over every running sequence; returns the requests that finished in it."""
+        finished = self._undelivered + [self._finish(seq) for seq in self._aborted]
+        self._undelivered, self._aborted = [], []
+        works = self.scheduler.schedule()
+        if not works:
+            return finished
+        outputs = self.runner.run(works)
+        now = time.perf_counter()
+        for work, (tokens, selected) in zip(works, outputs):
+            seq = work.seq
+            new = seq.apply(work, tokens, selected)
+            if new and seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                finished.append(self._finish(seq, new))
+            elif new:
+                self._notify(seq, new, finished=False)
+        return finished
+
+    def generate(
+        self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+        progress: bool = False,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt (one params for all, or one per prompt); results in prompt order.
+
+        Other requests (step API) keep running meanwhile; their results come from the next step().
+        """
+        params = params or SamplingParams()
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} SamplingParams")
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        pending, done, others = set(rids), {}, []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(rids), desc="generate", unit="req")
+        while pending:
+            for result in self.step():
+                if result.request_id not in pending:
+                    others.append(result)
+                    continue
+                pending.discard(result.request_id)
+                done[result.request_id] = result
+                if bar is not None:
+                    bar.update()
+        if bar is not None:
+            bar.close()
+        self._undelivered += others
+        return [done[r] for r in rids]
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _notify(seq: Sequence, new: list[int], finished: bool) -> None:
+        if seq.on_tokens is None:
+            return
+        try:
+            seq.on_tokens(seq.request_id, new, finished)
+        except Exception:  # a failing consumer must not stop the other requests' step
+            log.exception("on_tokens callback of request %s failed", seq.request_id)
+
+    def _finish(self, seq: Sequence, new: list[int] | None = None) -> GenerationResult:
+        self._notify(seq, new or [], finished=True)
+        text = self._decode(seq.output)
+        if seq.finish_reason == "stop" and seq.params.stop:
+            text = seq.criteria.cut_text(text)
+        return seq.result(time.perf_counter(), text)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids (list[int]) instead")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        return list(prompt)
+
+    def _decode(self, ids: Seq[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
+        if params.mode == "diffusion" and self.config.mask_token_id is None:
+            raise ValueError("diffusion mode needs a mask token id (BlockDiffusionConfig.mask_token_id); use mode='ar'")
+        total = len(ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"exceeds the context length max_model_len={self.max_model_len}"
+            )
+        pages = -(-total // self.config.block_size)
+        if pages > self.num_pages:
+            raise ValueError(
+                f"the request needs {pages} KV pages but the cache has {self.num_pages}; "
+                "shorten it or give the engine more pages"
+            )

@@ -1,0 +1,85 @@
+"""Plain dataclasses the engine takes and returns: per-request sampling, engine sizing, results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("diffusion", "ar")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one request is decoded. Validated on construction (ValueError with the reason)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy (max-probability confidence); > 0: sampling
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None  # per-request generator seed for sampling; None: nondeterministic
+    stop_token_ids: tuple[int, ...] = ()  # added to the tokenizer's stop tokens (unless ignore_eos)
+    stop: tuple[str, ...] = ()  # stop strings; the output text ends before the first one
+    threshold: float | None = None  # None: the engine's BlockDiffusionConfig.threshold
+    mode: str = "diffusion"  # "ar": the autoregressive baseline on the same engine and cache
+    ignore_eos: bool = False  # True: only stop_token_ids/stop/max_new_tokens end the request
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(
+                f"stop must be a tuple of non-empty strings (wrap a single one as (s,)), got {self.stop!r}"
+            )
+        if not isinstance(self.stop_token_ids, (tuple, list)) or not all(
+            isinstance(t, int) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be a tuple of token ids, got {self.stop_token_ids!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Sizing of the engine: KV pages, batch and per-step prefill budget, attention backend."""
+
+    num_pages: int | None = None  # KV pages (one block each); None: as many as kv_cache_gib holds
+    kv_cache_gib: float = 1.0
+    max_num_seqs: int = 64  # running sequences per step
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (chunked by block)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    attention_backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
+            raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(kw_only=True)
+class GenerationResult:
+    """A finished request: generated tokens only (cut after a stop), text, and per-request stats."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "stop" | "length" | "abort"
+    num_forwards: int = 0  # forward passes this request took part in
+    time_to_first_token_s: float | None = None  # None: no token was produced
+    latency_s: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.token_ids) / self.num_forwards if self.num_forwards else 0.0

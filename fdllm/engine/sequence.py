@@ -1,0 +1,194 @@
+"""Per-request state and its step-by-step decoding (plain Python, no tensors).
+
+A diffusion sequence goes: prefill its complete prompt blocks (chunked, block-causal), then decode
+the current block sub-block by sub-block, commit it (exact K/V + the next block's first token),
+and so on until a stop. An AR sequence prefills its prompt causally and then feeds one token per
+step. Each step a sequence hands the scheduler one `Work` (what to feed, how it attends, which
+logits to read) and gets back the predicted tokens and the threshold selection for its logit rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fdllm.cache import AttentionRow
+from fdllm.decoding import (
+    BlockStep,
+    StopCriteria,
+    apply_unmask,
+    current_sub_block,
+    decoded_prefix,
+    new_block,
+    plan_block_step,
+)
+from fdllm.engine.params import GenerationResult, SamplingParams
+
+TokenCallback = Callable[[str, list[int], bool], None]  # (request_id, new_token_ids, finished)
+
+
+@dataclass(kw_only=True)
+class Work:
+    """What one sequence contributes to a step's packed forward."""
+
+    seq: Sequence
+    token_ids: list[int]  # fed tokens, at consecutive positions from `start`
+    start: int
+    rows: list[AttentionRow]  # cover token_ids in order
+    num_prefill: int = 0  # prompt tokens whose K/V this work writes for good
+    logit_rows: list[int] = field(default_factory=list)  # indices into token_ids
+    candidates: list[bool] = field(default_factory=list)  # per logit row: may be accepted
+    step: BlockStep | None = None  # a denoising step of the current block
+    commit: bool = False  # the forward of a clean block: exact K/V, next block's first token
+
+    @property
+    def kv_len(self) -> int:
+        """Tokens of the sequence this work's attention reaches (pages needed: ceil(kv_len / S))."""
+        return max(r.kv_len for r in self.rows)
+
+
+class Sequence:
+    """One request: prompt, pages, the current block and the settled output."""
+
+    def __init__(
+        self, *, request_id: str, prompt: list[int], params: SamplingParams, criteria: StopCriteria,
+        block_size: int, sub_block_size: int, use_sub_block_cache: bool, threshold: float,
+        mask_token_id: int | None, arrival: float, on_tokens: TokenCallback | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.request_id, self.prompt, self.params, self.criteria = request_id, prompt, params, criteria
+        self.block_size, self.sub_block_size, self.use_sub_block_cache = block_size, sub_block_size, use_sub_block_cache
+        self.threshold, self.mask_token_id = threshold, mask_token_id
+        self.arrival, self.on_tokens, self.generator = arrival, on_tokens, generator
+        self.is_ar = params.mode == "ar"
+        P, L = len(prompt), block_size
+        # Worst case: every position up to prompt + max_new_tokens, in whole pages.
+        self.max_pages = math.ceil((P + params.max_new_tokens) / L)
+        self.pages: list[int] = []
+        self.num_cached = 0  # tokens whose exact K/V are in the pages
+        if self.is_ar:
+            self.tokens = list(prompt)  # every known token: prompt + output
+            self.block: list[int] | None = None
+        else:
+            full = P - P % L
+            self.tokens = prompt[:full]  # tokens before the current block (prompt blocks + committed)
+            # Leftover prompt tokens open the first block; an exact multiple waits for the last logit.
+            self.block = new_block(prompt[full:], L, mask_token_id) if P % L else None
+        self.sub_start: int | None = None  # sub-block of the last denoising step
+        self.output: list[int] = []  # settled generated tokens (final, streamed)
+        self.finish_reason: str | None = None
+        self.num_forwards = 0
+        self.first_token_time: float | None = None
+
+    @property
+    def block_start(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_prefill_left(self) -> int:
+        target = len(self.prompt) if self.is_ar else len(self.prompt) - len(self.prompt) % self.block_size
+        return max(target - self.num_cached, 0)
+
+    def slot(self, pos: int) -> int:
+        """Flat cache slot of the token at `pos`."""
+        return self.pages[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def next_work(self, prefill_budget: int) -> Work | None:
+        """This step's work; None if it is still prefilling and the step's prefill budget is spent."""
+        return self._ar_work(prefill_budget) if self.is_ar else self._diffusion_work(prefill_budget)
+
+    def _ar_work(self, prefill_budget: int) -> Work | None:
+        left = self.num_prefill_left
+        if left:
+            n = min(left, prefill_budget)
+            if n < 1:
+                return None
+            start = self.num_cached
+            done = n == left
+            return Work(
+                seq=self, token_ids=self.prompt[start : start + n], start=start, num_prefill=n,
+                rows=[AttentionRow(n, start + n, self.pages, causal=True)],
+                logit_rows=[n - 1] if done else [], candidates=[True] if done else [],
+            )
+        pos = len(self.tokens) - 1  # the last token is the only one without K/V
+        return Work(
+            seq=self, token_ids=[self.tokens[pos]], start=pos, rows=[AttentionRow(1, pos + 1, self.pages)],
+            logit_rows=[0], candidates=[True],
+        )
+
+    def _diffusion_work(self, prefill_budget: int) -> Work | None:
+        L, start = self.block_size, self.num_cached
+        token_ids: list[int] = []
+        rows: list[AttentionRow] = []
+        left = self.num_prefill_left
+        if left:
+            n = min(left, prefill_budget - prefill_budget % L)
+            if n < 1:
+                return None
+            token_ids = self.tokens[start : start + n]
+            # Block-causal prefill: one row per block, each seeing the prefix and itself.
+            rows = [AttentionRow(L, j + L, self.pages) for j in range(start, start + n, L)]
+            if n < left:
+                return Work(seq=self, token_ids=token_ids, start=start, rows=rows, num_prefill=n)
+            if self.block is None:  # exact block multiple: the last prompt logit opens the block
+                return Work(seq=self, token_ids=token_ids, start=start, rows=rows, num_prefill=n,
+                            logit_rows=[n - 1], candidates=[True])
+        # The current block rides along with the prefill's tail (saves a forward) or runs alone.
+        offset, kv_len = len(token_ids), self.block_start + L
+        limit = len(self.prompt) + self.params.max_new_tokens - self.block_start
+        sub = current_sub_block(self.block, self.sub_block_size, self.mask_token_id, limit)
+        if sub is None:
+            rows.append(AttentionRow(L, kv_len, self.pages))
+            return Work(seq=self, token_ids=token_ids + self.block, start=start if left else self.block_start,
+                        rows=rows, num_prefill=left, logit_rows=[offset + L - 1], candidates=[True], commit=True)
+        step = plan_block_step(self.block, sub, self.sub_block_size, sub != self.sub_start,
+                               self.use_sub_block_cache, self.mask_token_id, limit)
+        rows.append(AttentionRow(step.feed_stop - step.feed_start, kv_len, self.pages))
+        return Work(
+            seq=self, token_ids=token_ids + self.block[step.feed_start : step.feed_stop],
+            start=start if left else self.block_start + step.feed_start, rows=rows, num_prefill=left,
+            logit_rows=[offset + r for r in step.logit_rows], candidates=list(step.candidates), step=step,
+        )
+
+    def apply(self, work: Work, tokens: list[int], selected: list[bool]) -> list[int]:
+        """Take a step's predictions for the work's logit rows; returns the newly settled tokens."""
+        self.num_forwards += 1
+        self.num_cached += work.num_prefill
+        if self.is_ar:
+            if tokens:
+                self.tokens.append(tokens[0])
+        elif work.step is not None:
+            apply_unmask(self.block, work.step, tokens, selected)
+            self.sub_start = work.step.sub_start
+        elif work.commit:
+            self.tokens.extend(self.block)
+            self.num_cached = len(self.tokens)
+            self.block, self.sub_start = new_block(tokens, self.block_size, self.mask_token_id), None
+        elif tokens:  # the exact-multiple prompt's last logit
+            self.block = new_block(tokens, self.block_size, self.mask_token_id)
+        return self._settle()
+
+    def _settle(self) -> list[int]:
+        """Extend the output with the newly final tokens and apply the stop criteria."""
+        before = len(self.output)
+        pos = len(self.prompt) + before
+        if self.is_ar:
+            self.output.extend(self.tokens[pos:])
+        elif self.block is not None:
+            self.output.extend(decoded_prefix(self.block, pos - self.block_start, self.mask_token_id))
+        verdict = self.criteria.check(self.output, before)
+        if verdict is not None:
+            cut, self.finish_reason = verdict
+            del self.output[cut:]
+        return self.output[before:]
+
+    def result(self, now: float, text: str) -> GenerationResult:
+        return GenerationResult(
+            request_id=self.request_id, prompt_token_ids=list(self.prompt), token_ids=list(self.output), text=text,
+            finish_reason=self.finish_reason, num_forwards=self.num_forwards,
+            time_to_first_token_s=None if self.first_token_time is None else self.first_token_time - self.arrival,
+            latency_s=now - self.arrival,
+        )

@@ -1,0 +1,245 @@
+"""Benchmarks of the fdllm engine (run from the repository root after `pip install -e .`).
+
+    python pipelines/benchmark.py decode                    # random Qwen2 config on CPU, ~1-2 min
+    python pipelines/benchmark.py decode --model DIR --device cuda --dtype bfloat16 --batch-sizes 1,16,64
+    python pipelines/benchmark.py decode --hidden-size 1536 --layers 28 --heads 12 --kv-heads 2 \
+        --intermediate-size 8960 --vocab-size 151936 --device cuda --dtype bfloat16   # Qwen2.5-1.5B shape
+    python pipelines/benchmark.py decode --help
+
+`decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
+(yardstick), the engine's AR mode, and block diffusion with the sub-block cache off and on. It
+prints forwards (model forward passes of the run), tokens per forward (per request, mean), tokens/s
+(generated tokens / wall time), ms per forward and peak memory (CUDA: peak allocated; CPU: peak RSS
+growth during the run, sampled), then the per-step cost of diffusion vs AR at the smallest batch and
+the tokens/s scaling of each mode from the smallest to the largest batch.
+
+Random weights are never confident, so the default threshold is 1e-9 (every masked position of a
+sub-block is decoded in one step): it measures the pure per-step cost at maximal parallelism. Pass
+`--threshold` (or a `--model` checkpoint, whose own threshold applies) for realistic parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Self
+
+import torch
+
+import fdllm
+from fdllm.config import ModelConfig
+from fdllm.loader import parse_dtype
+
+log = logging.getLogger("benchmark")
+
+
+@dataclass
+class Row:
+    mode: str
+    batch: int
+    tokens: int
+    forwards: int
+    tokens_per_forward: float
+    seconds: float
+    peak_mib: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def ms_per_forward(self) -> float:
+        return 1000 * self.seconds / self.forwards
+
+
+class PeakMemory:
+    """Peak memory of a code region in MiB: CUDA peak allocated, or CPU peak RSS growth (sampled)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mib = device, 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> Self:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._base, self._peak, self._done = self._rss(), 0, threading.Event()
+
+        def poll() -> None:
+            while not self._done.wait(0.002):
+                self._peak = max(self._peak, self._rss())
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return
+        self._done.set()
+        self._thread.join()
+        self.peak_mib = max(self._peak, self._rss()) - self._base
+        self.peak_mib /= 2**20
+
+
+def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The fdllm model and a transformers model with the same weights (random unless --model)."""
+    import transformers
+
+    if args.model:
+        model = fdllm.load_model(args.model, dtype=dtype, device=device)
+        return model, transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    cfg = ModelConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.prompt_len + args.max_new_tokens + args.block_size,
+    )
+    torch.manual_seed(args.seed)
+    model = fdllm.Transformer(cfg).to(device=device, dtype=dtype).eval()
+    with tempfile.TemporaryDirectory(prefix="fdllm-bench-") as path:
+        model.save_pretrained(path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, hf
+
+
+def run_engine(make_engine: Callable[[], fdllm.Engine], prompts, params: fdllm.SamplingParams, mode: str,
+               device: torch.device) -> Row:
+    with PeakMemory(device) as mem:
+        engine = make_engine()
+        start = time.perf_counter()
+        for p in prompts:
+            engine.add_request(p, params)
+        forwards, results = 0, []
+        while engine.has_unfinished():
+            results += engine.step()
+            forwards += 1
+        seconds = time.perf_counter() - start
+    tokens = sum(len(r.token_ids) for r in results)
+    tpf = sum(r.tokens_per_forward for r in results) / len(results)
+    return Row(mode, len(prompts), tokens, forwards, tpf, seconds, mem.peak_mib)
+
+
+def run_hf(hf_model, prompts, max_new_tokens: int, mask_token_id: int, device: torch.device) -> Row:
+    ids = torch.tensor(prompts, device=device)
+    with PeakMemory(device) as mem, torch.inference_mode():
+        start = time.perf_counter()
+        out = hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            do_sample=False, suppress_tokens=[mask_token_id], pad_token_id=0,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return Row("hf generate", len(prompts), tokens, max_new_tokens, 1.0, seconds, mem.peak_mib)
+
+
+def decode(args: argparse.Namespace) -> list[Row]:
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    model, hf = load_models(args, device, dtype)
+    saved = fdllm.BlockDiffusionConfig.load(args.model) if args.model else None
+    mask_id = (saved.mask_token_id if saved and saved.mask_token_id is not None else model.config.vocab_size - 1)
+    threshold = args.threshold if args.threshold is not None else (saved.threshold if saved else 1e-9)
+    base = fdllm.BlockDiffusionConfig(block_size=args.block_size, sub_block_size=args.sub_block_size,
+                                      threshold=threshold, mask_token_id=mask_id)
+    gen = torch.Generator().manual_seed(args.seed)
+    modes = [("ar", False, "ar"), ("diffusion, sub-block cache off", False, "diffusion"),
+             ("diffusion, sub-block cache on", True, "diffusion")]
+
+    def engine_for(batch: int, cache_on: bool) -> Callable[[], fdllm.Engine]:
+        pages = batch * math.ceil((args.prompt_len + args.max_new_tokens) / args.block_size)
+        ecfg = fdllm.EngineConfig(num_pages=pages, max_num_seqs=batch,
+                                  max_prefill_tokens=max(batch * args.prompt_len, args.block_size))
+        return lambda: fdllm.Engine(model, None, base.replace(use_sub_block_cache=cache_on), ecfg)
+
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = torch.randint(0, mask_id, (batch, args.prompt_len), generator=gen).tolist()
+        for name, cache_on, mode in modes:
+            params = fdllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, mode=mode)
+            run_engine(engine_for(batch, cache_on), prompts[:1], params, name, device)  # warm-up
+            make = engine_for(batch, cache_on)
+            rows.append(best_of(args.repeats, run_engine, make, prompts, params, name, device))
+            log.info("%s batch %d: %.1f tokens/s", name, batch, rows[-1].tokens_per_s)
+        run_hf(hf, prompts[:1], 2, mask_id, device)  # warm-up
+        rows.append(best_of(args.repeats, run_hf, hf, prompts, args.max_new_tokens, mask_id, device))
+    return rows
+
+
+def best_of(repeats: int, run: Callable[..., Row], *run_args) -> Row:
+    """The fastest of `repeats` runs: shared machines add noise, never speed."""
+    return min((run(*run_args) for _ in range(repeats)), key=lambda r: r.seconds)
+
+
+def print_table(rows: list[Row], args: argparse.Namespace) -> None:
+    mem = "peak MiB (CUDA alloc)" if args.device.startswith("cuda") else "peak MiB (RSS growth)"
+    header = f"{'mode':<32}{'batch':>6}{'forwards':>10}{'tok/fwd':>9}{'tokens/s':>11}{'ms/fwd':>9}{mem:>24}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.mode:<32}{r.batch:>6}{r.forwards:>10}{r.tokens_per_forward:>9.2f}{r.tokens_per_s:>11.1f}"
+              f"{r.ms_per_forward:>9.2f}{r.peak_mib:>24.1f}")
+    small, large = min(args.batch_sizes), max(args.batch_sizes)
+    by = {(r.mode, r.batch): r for r in rows}
+    ar = by[("ar", small)]
+    print()
+    for mode in ("diffusion, sub-block cache off", "diffusion, sub-block cache on"):
+        step = by[(mode, small)]
+        print(f"{mode}: one step costs {step.ms_per_forward / ar.ms_per_forward:.2f}x an AR step at batch {small} "
+              f"(target <= 1.3x); {step.tokens_per_s / ar.tokens_per_s:.2f}x AR tokens/s")
+    if large != small:
+        for mode in dict.fromkeys(r.mode for r in rows):
+            ratio = by[(mode, large)].tokens_per_s / by[(mode, small)].tokens_per_s
+            print(f"{mode}: batch {large} gives {ratio:.2f}x the tokens/s of batch {small}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dec = sub.add_parser("decode", help="AR vs block diffusion (sub-block cache on/off) vs HF generate")
+    dec.add_argument("--model", help="HF checkpoint dir; default: random weights of the config below")
+    dec.add_argument("--hidden-size", type=int, default=256)
+    dec.add_argument("--layers", type=int, default=4)
+    dec.add_argument("--heads", type=int, default=4)
+    dec.add_argument("--kv-heads", type=int, default=2)
+    dec.add_argument("--intermediate-size", type=int, default=768)
+    dec.add_argument("--vocab-size", type=int, default=4096)
+    dec.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    dec.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    dec.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
+                     help="comma-separated, e.g. 1,16,64")
+    dec.add_argument("--prompt-len", type=int, default=64)
+    dec.add_argument("--max-new-tokens", type=int, default=64)
+    dec.add_argument("--block-size", type=int, default=32)
+    dec.add_argument("--sub-block-size", type=int, default=8)
+    dec.add_argument("--threshold", type=float, default=None,
+                     help="default: the checkpoint's, or 1e-9 with random weights (maximal parallelism)")
+    dec.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is reported")
+    dec.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("fdllm").setLevel(logging.WARNING)  # one engine per run: skip their banners
+    args = parse_args(argv)
+    if args.command == "decode":
+        print_table(decode(args), args)
+
+
+if __name__ == "__main__":
+    main()

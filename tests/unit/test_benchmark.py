@@ -1,0 +1,17 @@
+"""`pipelines/benchmark.py decode` runs end to end on a tiny random model and prints every mode."""
+
+from __future__ import annotations
+
+from pipelines import benchmark
+
+
+def test_decode_benchmark_smoke(capsys):
+    benchmark.main([
+        "decode", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+        "--intermediate-size", "64", "--vocab-size", "64", "--batch-sizes", "1,2", "--prompt-len", "6",
+        "--max-new-tokens", "8", "--block-size", "4", "--sub-block-size", "2", "--device", "cpu",
+    ])
+    out = capsys.readouterr().out
+    for mode in ("ar", "diffusion, sub-block cache off", "diffusion, sub-block cache on", "hf generate"):
+        assert f"{mode}: batch 2 gives" in out
+    assert "costs" in out and "tokens/s" in out

@@ -1,0 +1,118 @@
+"""The pure decoding functions of METHOD.md §3: confidence, selection, sub-block stepping, stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fdllm.decoding import (
+    StopCriteria,
+    apply_unmask,
+    current_sub_block,
+    decoded_prefix,
+    greedy_confidence,
+    new_block,
+    plan_block_step,
+    sample_confidence,
+    select_unmask,
+)
+
+M = 99  # mask token id in these tests
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_confidence_is_max_softmax_without_the_mask(dtype):
+    logits = torch.randn(7, 120).to(dtype)
+    logits[2, M] = 50.0  # the mask would win; it must never be predicted
+    token, prob = greedy_confidence(logits, M)
+    ref = logits.float().clone()
+    ref[:, M] = float("-inf")
+    ref_prob = ref.softmax(-1)
+    assert token.dtype == torch.int64 and prob.dtype == torch.float32
+    assert torch.equal(token, ref_prob.argmax(-1))
+    torch.testing.assert_close(prob, ref_prob.max(-1).values)
+    assert logits[2, M] == 50.0, "the caller's logits are left untouched"
+
+
+def test_sampling_respects_filters_and_seed():
+    logits = torch.randn(64, 50)
+    logits[:, M % 50] = 30.0
+    gen = lambda s: torch.Generator().manual_seed(s)
+    greedy, _ = greedy_confidence(logits, M % 50)
+    top1, p1 = sample_confidence(logits, M % 50, temperature=1.0, top_k=1, generator=gen(0))
+    assert torch.equal(top1, greedy) and torch.allclose(p1, torch.ones(64))
+    tiny_p, _ = sample_confidence(logits, M % 50, temperature=1.0, top_p=1e-6, generator=gen(0))
+    assert torch.equal(tiny_p, greedy)
+    a, pa = sample_confidence(logits, M % 50, temperature=0.7, top_p=0.9, top_k=10, generator=gen(3))
+    b, pb = sample_confidence(logits, M % 50, temperature=0.7, top_p=0.9, top_k=10, generator=gen(3))
+    assert torch.equal(a, b) and torch.equal(pa, pb)
+    assert not (a == M % 50).any()
+    top10 = logits.topk(10, -1).indices
+    assert (top10 == a[:, None]).any(-1).all()
+    with pytest.raises(ValueError, match="temperature"):
+        sample_confidence(logits, None, temperature=0.0)
+
+
+def test_select_unmask_threshold_and_always_one():
+    prob = torch.tensor([[0.5, 0.95, 0.97, 0.2], [0.1, 0.3, 0.2, 0.05], [0.99, 0.99, 0.99, 0.99]])
+    cand = torch.tensor([[True, True, False, True], [True, False, True, True], [False] * 4])
+    sel = select_unmask(prob, cand, torch.tensor([0.9, 0.9, 0.5]))
+    assert sel.tolist() == [
+        [False, True, False, False],  # above threshold; the non-candidate 0.97 is ignored
+        [False, False, True, False],  # nothing above: the most confident candidate
+        [False] * 4,  # no candidates: nothing
+    ]
+    assert select_unmask(prob[:1], cand[:1], torch.tensor([1.0])).sum() == 1  # threshold 1.0: one per step
+
+
+def test_current_sub_block_skips_decoded_and_out_of_limit_positions():
+    block = [5, 6, 7, 8, M, 1, M, M]
+    assert current_sub_block(block, 4, M, limit=8) == 4
+    assert current_sub_block(block, 2, M, limit=8) == 4
+    assert current_sub_block(block, 4, M, limit=4) is None  # max_new_tokens ends before the masks
+    assert current_sub_block([1, 2, 3, 4], 2, M, limit=4) is None
+
+
+def test_plan_block_step_refresh_rules_and_token_shift():
+    block = [5, M, M, M, 6, M, M, M]
+    # First step of a sub-block: whole block, offsets 4..7 read rows 3..6 (the row before each).
+    first = plan_block_step(block, 4, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M, limit=8)
+    assert (first.feed_start, first.feed_stop) == (0, 8)
+    assert first.logit_rows == (3, 4, 5, 6) and first.candidates == (False, True, True, True)
+    # Later step with the sub-block's first offset decoded: only the sub-block, shift inside it.
+    cached = plan_block_step(block, 4, 4, first_step=False, use_sub_block_cache=True, mask_token_id=M, limit=8)
+    assert (cached.feed_start, cached.feed_stop) == (4, 8)
+    assert cached.logit_rows == (0, 0, 1, 2)
+    # Later step with the first offset still masked: refresh (its logit comes from offset 3).
+    masked_first = [5, 1, 2, 3, M, 9, M, M]
+    step = plan_block_step(masked_first, 4, 4, first_step=False, use_sub_block_cache=True, mask_token_id=M, limit=8)
+    assert (step.feed_start, step.feed_stop) == (0, 8) and step.candidates == (True, False, True, True)
+    # No sub-block cache: always the whole block.
+    off = plan_block_step(block, 4, 4, first_step=False, use_sub_block_cache=False, mask_token_id=M, limit=8)
+    assert (off.feed_start, off.feed_stop) == (0, 8)
+    # Offset 0 is known and never a candidate; positions past the limit are no candidates.
+    sub0 = plan_block_step(block, 0, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M, limit=3)
+    assert sub0.logit_rows == (0, 0, 1, 2) and sub0.candidates == (False, True, True, False)
+
+
+def test_apply_unmask_only_writes_selected_candidates():
+    block = new_block([5, 6], 8, M)
+    assert block == [5, 6, M, M, M, M, M, M]
+    step = plan_block_step(block, 0, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M, limit=8)
+    n = apply_unmask(block, step, [11, 12, 13, 14], [True, True, False, True])
+    assert n == 1 and block == [5, 6, M, 14, M, M, M, M]  # offsets 0/1 are no candidates
+    assert decoded_prefix(block, 1, M) == [6]
+    assert decoded_prefix([1, 2, 3], 0, M) == [1, 2, 3]
+
+
+def test_stop_criteria():
+    crit = StopCriteria(max_new_tokens=6, stop_token_ids={7})
+    assert crit.check([1, 2], 0) is None
+    assert crit.check([1, 2, 7, 9], 2) == (3, "stop")
+    assert crit.check([1, 2, 3, 4, 5, 6], 4) == (6, "length")
+    assert crit.check([1, 2, 3, 4, 5, 7], 4) == (6, "stop")  # the stop on the last allowed token wins
+    text = StopCriteria(max_new_tokens=9, stop=("cd",), decode=lambda ids: "".join(chr(96 + t) for t in ids))
+    assert text.check([1, 2], 0) is None
+    assert text.check([1, 2, 3, 4, 5], 2) == (4, "stop")  # "abcd": cut after the token completing it
+    assert text.cut_text("abcde") == "ab"
+    assert text.cut_text("xyz") == "xyz"

@@ -1,0 +1,328 @@
+"""The engine against independent references: a no-cache block-causal recompute and HF generate."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import fdllm
+from fdllm.masks import block_causal_mask
+from tests.helpers import VOCAB, make_tokenizer, tiny_hf_model
+
+MASK = VOCAB - 1
+HEAD_SCALE = 20.0  # sharpens the random model's predictions so thresholds select several tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharp")
+    hf = tiny_hf_model("qwen2")
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(HEAD_SCALE)
+    hf.generation_config.eos_token_id = None
+    hf.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return fdllm.load_model(model_dir)
+
+
+def make_engine(model, num_pages=256, max_prefill_tokens=64, tokenizer=None, **cfg):
+    cfg = {"block_size": 8, "sub_block_size": 4, "threshold": 0.4, "use_sub_block_cache": False, "mask_token_id": MASK} | cfg
+    return fdllm.Engine(
+        model, tokenizer, fdllm.BlockDiffusionConfig(**cfg),
+        fdllm.EngineConfig(num_pages=num_pages, max_prefill_tokens=max_prefill_tokens),
+    )
+
+
+def random_prompts(n, lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(MASK) for _ in range(rng.choice(lengths))] for _ in range(n)]
+
+
+def params(**kw):
+    return fdllm.SamplingParams(**({"max_new_tokens": 20, "ignore_eos": True} | kw))
+
+
+@torch.no_grad()
+def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size, threshold, stop_ids=()):
+    """Block diffusion with no cache: every step recomputes the whole sequence under the block-causal mask."""
+    L, S, P = block_size, sub_block_size, len(prompt)
+
+    def logits(seq):
+        return model(torch.tensor([seq]), mask=block_causal_mask(len(seq), L))[0].float()
+
+    def confident(row):
+        row = row.clone()
+        row[MASK] = float("-inf")
+        prob = row.softmax(-1)
+        return int(prob.argmax()), float(prob.max())
+
+    full = P - P % L
+    committed = list(prompt[:full])
+    block = list(prompt[full:]) if P % L else [confident(logits(committed)[-1])[0]]
+    block += [MASK] * (L - len(block))
+    out = []
+    while True:
+        start = len(committed)
+        for token in block[P + len(out) - start :]:  # settle the decoded prefix
+            if token == MASK:
+                break
+            out.append(token)
+            if token in stop_ids:
+                return out
+            if len(out) == max_new_tokens:
+                return out
+        limit = P + max_new_tokens - start
+        masked = [p for p in range(min(limit, L)) if block[p] == MASK]
+        if not masked:  # commit: the clean block's last logit opens the next block
+            committed += block
+            block = [confident(logits(committed)[-1])[0]] + [MASK] * (L - 1)
+            continue
+        sub = masked[0] - masked[0] % S
+        rows = logits(committed + block)
+        cands = [p for p in range(sub, sub + S) if p in masked]
+        preds = {p: confident(rows[start + p - 1]) for p in cands}  # token shift: p reads p-1
+        best = max(cands, key=lambda p: preds[p][1])
+        for p in cands:
+            if p == best or preds[p][1] > threshold:
+                block[p] = preds[p][0]
+
+
+def test_cache_off_equals_no_cache_reference(model):
+    lengths = [1, 2, 5, 7, 8, 9, 13, 16, 17, 24, 31]
+    prompts = random_prompts(14, lengths) + [[3] * 8, [5] * 16, [7] * 24]  # exact block multiples
+    engine = make_engine(model)
+    results = engine.generate(prompts, params(max_new_tokens=21))
+    parallel = 0
+    for prompt, res in zip(prompts, results):
+        ref = reference_generate(model, prompt, 21, 8, 4, 0.4)
+        assert res.token_ids == ref, f"prompt length {len(prompt)}"
+        assert res.finish_reason == "length"
+        parallel += res.tokens_per_forward > 1
+    assert parallel, "the threshold should unmask several tokens per forward somewhere"
+
+
+@pytest.mark.parametrize("block_size,sub_block_size,threshold", [(4, 2, 0.3), (8, 8, 1.0), (16, 4, 0.25)])
+def test_cache_off_equals_reference_other_shapes(model, block_size, sub_block_size, threshold):
+    prompts = random_prompts(5, [1, 4, block_size, block_size + 3, 2 * block_size], seed=block_size)
+    engine = make_engine(model, block_size=block_size, sub_block_size=sub_block_size, threshold=threshold)
+    for prompt, res in zip(prompts, engine.generate(prompts, params(max_new_tokens=13))):
+        assert res.token_ids == reference_generate(model, prompt, 13, block_size, sub_block_size, threshold)
+
+
+def test_stop_token_cuts_output_after_it(model):
+    prompt = random_prompts(1, [6], seed=3)[0]
+    full = reference_generate(model, prompt, 24, 8, 4, 0.4)
+    stop = full[len(full) // 2]
+    first = full.index(stop)
+    engine = make_engine(model)
+    res = engine.generate([prompt], params(max_new_tokens=24, stop_token_ids=(stop,)))[0]
+    assert res.token_ids == full[: first + 1] == reference_generate(model, prompt, 24, 8, 4, 0.4, {stop})
+    assert res.finish_reason == "stop"
+
+
+def test_block_size_one_threshold_one_equals_hf_generate(model_dir, model):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = random_prompts(4, [1, 3, 6, 11], seed=5)
+    diffusion = make_engine(model, block_size=1, sub_block_size=1, threshold=1.0)
+    ar = make_engine(model)
+    got_diffusion = diffusion.generate(prompts, params(max_new_tokens=12))
+    got_ar = ar.generate(prompts, params(max_new_tokens=12, mode="ar"))
+    for prompt, d, a in zip(prompts, got_diffusion, got_ar):
+        ref = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=12, do_sample=False, suppress_tokens=[MASK], pad_token_id=0,
+        )[0, len(prompt):].tolist()
+        assert d.token_ids == ref
+        assert a.token_ids == ref
+        assert a.num_forwards == 12 and a.tokens_per_forward == 1.0
+
+
+@pytest.mark.parametrize("use_sub_block_cache", [False, True])
+def test_batch_equals_each_prompt_alone(model, use_sub_block_cache):
+    prompts = random_prompts(6, [1, 3, 8, 11, 16, 21], seed=7)
+    engine = make_engine(model, use_sub_block_cache=use_sub_block_cache)
+    batched = engine.generate(prompts, params())
+    for prompt, res in zip(prompts, batched):
+        alone = make_engine(model, use_sub_block_cache=use_sub_block_cache).generate([prompt], params())[0]
+        assert res.token_ids == alone.token_ids
+        assert res.num_forwards == alone.num_forwards
+
+
+def test_requests_joining_mid_flight_match_alone(model):
+    prompts = random_prompts(4, [2, 8, 13], seed=11)
+    mixed = [params(), params(mode="ar"), params(threshold=0.9), params(max_new_tokens=9)]
+    engine = make_engine(model, use_sub_block_cache=True)
+    results = {}
+    for i, (prompt, p) in enumerate(zip(prompts, mixed)):  # a new request every two steps
+        engine.add_request(prompt, p, request_id=str(i))
+        for _ in range(2):
+            results |= {r.request_id: r for r in engine.step()}
+    while engine.has_unfinished():
+        results |= {r.request_id: r for r in engine.step()}
+    for i, (prompt, p) in enumerate(zip(prompts, mixed)):
+        alone = make_engine(model, use_sub_block_cache=True).generate([prompt], p)[0]
+        assert results[str(i)].token_ids == alone.token_ids
+
+
+def test_sub_block_cache_with_whole_block_sub_blocks_is_exact(model):
+    # With sub_block_size == block_size a cached step feeds the whole block: identical to a refresh.
+    prompts = random_prompts(4, [3, 8, 12], seed=13)
+    off = make_engine(model, sub_block_size=8).generate(prompts, params())
+    on = make_engine(model, sub_block_size=8, use_sub_block_cache=True).generate(prompts, params())
+    assert [r.token_ids for r in on] == [r.token_ids for r in off]
+
+
+def test_abort_frees_pages_and_reports(model):
+    engine = make_engine(model, num_pages=40)
+    start = engine.num_free_pages
+    seen = {}
+    rids = [
+        engine.add_request(p, params(max_new_tokens=30), on_tokens=lambda r, t, f: seen.setdefault(r, []).append(f))
+        for p in random_prompts(5, [4, 9, 17], seed=17)
+    ]
+    for _ in range(3):
+        engine.step()
+    assert engine.num_free_pages < start
+    engine.abort(rids[0])
+    engine.abort(rids[3])
+    engine.abort("no-such-request")  # ignored
+    aborted = engine.step()
+    assert sorted(r.request_id for r in aborted if r.finish_reason == "abort") == sorted([rids[0], rids[3]])
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.num_free_pages == start
+    assert all(calls[-1] is True and calls.count(True) == 1 for calls in seen.values())
+
+
+def test_admission_waits_for_free_pages(model):
+    prompts = random_prompts(5, [6, 12], seed=19)
+    engine = make_engine(model, num_pages=8)  # each request reserves 3-4 pages: two run at a time
+    for p in prompts:
+        engine.add_request(p, params())
+    engine.step()
+    assert engine.num_running == 2 and engine.num_waiting == 3
+    done = []
+    while engine.has_unfinished():
+        done += engine.step()
+    ref = make_engine(model).generate(prompts, params())
+    assert [r.token_ids for r in sorted(done, key=lambda r: int(r.request_id))] == [r.token_ids for r in ref]
+    assert engine.num_free_pages == 8
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_chunked_prefill_matches_single_chunk(model, mode):
+    prompt = random_prompts(1, [45], seed=23)[0]
+    small = make_engine(model, max_prefill_tokens=8).generate([prompt], params(mode=mode))[0]
+    large = make_engine(model, max_prefill_tokens=64).generate([prompt], params(mode=mode))[0]
+    assert small.token_ids == large.token_ids
+    assert small.num_forwards > large.num_forwards
+
+
+def test_streaming_and_stats(model):
+    chunks, flags = [], []
+
+    def on_tokens(rid, tokens, finished):
+        chunks.extend(tokens)
+        flags.append(finished)
+
+    engine = make_engine(model, use_sub_block_cache=True)
+    engine.add_request(random_prompts(1, [5])[0], params(max_new_tokens=17), on_tokens=on_tokens)
+    (res,) = [r for _ in range(100) for r in engine.step()]
+    assert chunks == res.token_ids and len(res.token_ids) == 17
+    assert flags[-1] and not any(flags[:-1])
+    assert res.time_to_first_token_s is not None and 0 < res.time_to_first_token_s <= res.latency_s
+    assert res.tokens_per_forward == 17 / res.num_forwards
+
+
+def test_failing_callback_does_not_stop_other_requests(model):
+    def broken(rid, tokens, finished):
+        raise RuntimeError("client went away")
+
+    engine = make_engine(model)
+    engine.add_request([1, 2, 3], params(max_new_tokens=9), on_tokens=broken)
+    engine.add_request([4, 5], params(max_new_tokens=9))
+    done = [r for _ in range(40) for r in engine.step()]
+    assert sorted(len(r.token_ids) for r in done) == [9, 9]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
+    prompts = random_prompts(3, [4, 9], seed=29)
+    p = params(temperature=0.8, top_p=0.9, top_k=20, seed=1234)
+    a = make_engine(model).generate(prompts, p)
+    b = make_engine(model).generate(prompts[:1], p)
+    assert a[0].token_ids == b[0].token_ids
+    c = make_engine(model).generate(prompts[:1], params(temperature=0.8, top_p=0.9, top_k=20, seed=99))
+    assert c[0].token_ids != a[0].token_ids
+
+
+def test_text_prompts_stop_strings_and_eos(model_dir):
+    engine = fdllm.Engine.from_pretrained(model_dir, config=fdllm.BlockDiffusionConfig(
+        block_size=8, sub_block_size=4, threshold=0.4, mask_token_id=MASK))
+    assert engine.num_pages == 64 * 512 // 8  # capped at max_num_seqs full-length sequences
+    free = engine.generate(["hello world"], params(max_new_tokens=24))[0]
+    assert free.text == engine.tokenizer.decode(free.token_ids, skip_special_tokens=True)
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 2]
+    assert stop.strip(), "pick a visible stop string"
+    res = engine.generate(["hello world"], params(max_new_tokens=24, stop=(stop,)))[0]
+    assert res.finish_reason == "stop"
+    assert res.text == free.text[: free.text.index(stop)]
+    assert stop in engine.tokenizer.decode(res.token_ids) and stop not in engine.tokenizer.decode(res.token_ids[:-1])
+    eos = engine.tokenizer.eos_token_id  # stop tokens of the tokenizer apply unless ignore_eos
+    assert eos in engine._tokenizer_stop_ids
+
+
+@pytest.mark.parametrize(
+    "prompt,kwargs,match",
+    [
+        ([], {}, "empty prompt"),
+        ([1] * 500, {"max_new_tokens": 20}, "exceeds the context"),
+        ([1, 2], {"stop": "x"}, "stop must be"),
+        ([1, 2], {"stop": (3,)}, "stop must be"),
+        ([1, 2], {"threshold": 0.0}, "threshold"),
+        ([1, 2], {"threshold": 1.5}, "threshold"),
+        ([1, VOCAB + 3], {}, "token ids"),
+        ([1, 2], {"mode": "beam"}, "mode"),
+    ],
+)
+def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
+    engine = make_engine(model)
+    good = engine.add_request([1, 2, 3], params(max_new_tokens=8))
+    engine.step()
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(prompt, params(**kwargs))
+    done = [r for _ in range(50) for r in engine.step()]
+    assert [r.request_id for r in done] == [good] and done[0].finish_reason == "length"
+
+
+def test_bad_engine_config_is_rejected(model):
+    with pytest.raises(ValueError, match="divisible"):
+        make_engine(model, block_size=8, sub_block_size=3)
+    with pytest.raises(ValueError, match="threshold"):
+        make_engine(model, threshold=0.0)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        make_engine(model, mask_token_id=VOCAB)
+
+
+def test_request_larger_than_the_cache_is_rejected(model):
+    engine = make_engine(model, num_pages=2)
+    with pytest.raises(ValueError, match="KV pages"):
+        engine.add_request([1] * 10, params(max_new_tokens=10))
+
+
+def test_generate_alongside_step_api_keeps_other_results(model):
+    engine = make_engine(model)
+    rid = engine.add_request([1, 2, 3], params(max_new_tokens=4))
+    (res,) = engine.generate([[4, 5, 6, 7, 8]], params(max_new_tokens=30))
+    assert res.request_id != rid and len(res.token_ids) == 30
+    assert engine.has_unfinished()
+    assert [r.request_id for r in engine.step()] == [rid]
+    assert not engine.has_unfinished()
