@@ -14,8 +14,8 @@ its in-flight requests are continuously batched together; Serve spreads requests
 and autoscales them on ongoing requests.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve's class-based FastAPI view needs the
+# route annotations as real types to find the request body and the Request parameter.
 import argparse
 import json
 import logging
@@ -117,10 +117,11 @@ async def _api_error(_: Request, err: APIError) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
     first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
-        message = "request body is not valid JSON"
+        return _json_error(APIError(400, "request body is not valid JSON"))
+    # loc is ("body", field, ...): name the field as OpenAI's `param` does
+    param = ".".join(str(p) for p in first.get("loc", ())[1:2]) or None
+    message = first.get("msg", "invalid request")
     return _json_error(APIError(400, f"{message} ({param})" if param else message, param=param))
 
 
