@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fdllm.kernels.confidence import fused_confidence, fused_confidence_ref, threshold_select
+    from fdllm.kernels.confidence import fused_confidence, fused_confidence_ref
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
@@ -33,7 +33,6 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 _LAZY = {
     "fused_confidence": "fdllm.kernels.confidence",
     "fused_confidence_ref": "fdllm.kernels.confidence",
-    "threshold_select": "fdllm.kernels.confidence",
 }
 
 
@@ -120,7 +119,6 @@ __all__ = [
     "fused_confidence_ref",
     "interpreter_enabled",
     "select_attention_backend",
-    "threshold_select",
     "triton_available",
     "triton_importable",
 ]

@@ -16,7 +16,7 @@ and prob = exp(max - lse) = 1 / sum_j sum_j' exp(max_j - max).
 Precision: logits accumulate in fp32 (IEEE dots for fp32 inputs); under the Triton interpreter
 tiles are upcast to fp32 before tl.dot (its bf16 dot is wrong).
 
-Shape legend: T positions to decode, D model dim, V vocab, B sequences, L positions per sequence.
+Shape legend: T positions to decode, D model dim, V vocab, S vocab splits.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fdllm.decoding import greedy_confidence
 from fdllm.kernels import interpreter_enabled
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -149,23 +150,5 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
 
 
 def fused_confidence_ref(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | None) -> tuple[Tensor, Tensor]:
-    """Plain torch reference of `fused_confidence`: fp32 logits, mask token at -inf, softmax max / argmax."""
-    logits_TV = hidden_TD.float() @ weight_VD.float().T
-    if mask_token_id is not None:
-        logits_TV[:, mask_token_id] = float("-inf")
-    prob_T, token_T = logits_TV.softmax(dim=-1).max(dim=-1)
-    return token_T, prob_T
-
-
-def threshold_select(prob_BL: Tensor, masked_BL: Tensor, threshold: float) -> Tensor:
-    """Which masked positions to unmask this step: bool [B, L].
-
-    Every masked position with prob > threshold, and in each row that still has a masked position
-    at least its most confident one (so every step makes progress; METHOD.md §3.2).
-    prob [B, L] float, masked [B, L] bool (positions of the current sub-block still [MASK]).
-    """
-    conf_BL = prob_BL.masked_fill(~masked_BL, float("-inf"))
-    select_BL = masked_BL & (conf_BL > threshold)
-    best_B = conf_BL.argmax(dim=1)
-    force_BL = torch.zeros_like(masked_BL).scatter_(1, best_B[:, None], True) & masked_BL
-    return select_BL | force_BL
+    """Plain torch reference of `fused_confidence`: the engine's own greedy confidence of fp32 logits."""
+    return greedy_confidence(hidden_TD.float() @ weight_VD.float().T, mask_token_id)

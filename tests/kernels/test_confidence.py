@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fdllm.kernels import fused_confidence_ref, threshold_select
+from fdllm.kernels import fused_confidence_ref
 
 
 def make_inputs(T: int, V: int, D: int, dtype: torch.dtype, device, seed: int = 0, scale: float = 1.0):
@@ -81,19 +81,6 @@ def test_empty_and_bad_inputs(device):
         fused_confidence(hidden_TD.half(), weight_VD, 1)
     with pytest.raises(ValueError, match="contiguous along D"):
         fused_confidence(hidden_TD, weight_VD.T.contiguous().T, 1)
-
-
-def test_threshold_select_always_one_per_row():
-    prob_BL = torch.tensor([[0.95, 0.2, 0.97, 0.5], [0.3, 0.6, 0.1, 0.99], [0.99, 0.99, 0.99, 0.99]])
-    masked_BL = torch.tensor([[True, True, True, False], [True, True, True, False], [False] * 4])
-    select_BL = threshold_select(prob_BL, masked_BL, threshold=0.9)
-    expected_BL = torch.tensor([
-        [True, False, True, False],  # both above the threshold
-        [False, True, False, False],  # none above: the most confident masked one (0.99 is not masked)
-        [False] * 4,  # nothing masked, nothing selected
-    ])
-    assert torch.equal(select_BL, expected_BL)
-    assert torch.equal(threshold_select(prob_BL, masked_BL, threshold=1.0).sum(1), torch.tensor([1, 1, 0]))
 
 
 @pytest.mark.gpu
