@@ -26,17 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fdllm.attention import paged_attention_torch
-
-AttentionFn = Callable[..., Tensor]  # paged_attention_torch's signature
-
-
-def attention_backend(name: str) -> AttentionFn:
-    """The paged-attention implementation called by `PagedAttention` (same contract for all)."""
-    backends = {"torch": paged_attention_torch}
-    if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(backends)}")
-    return backends[name]
+AttentionFn = Callable[..., Tensor]  # fdllm.attention.paged_attention_torch's signature (fdllm.kernels picks one)
 
 
 class PageAllocator:

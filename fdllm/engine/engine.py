@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fdllm.cache import KVCache, PageAllocator, attention_backend
+from fdllm.cache import KVCache, PageAllocator
 from fdllm.config import BlockDiffusionConfig
 from fdllm.decoding import StopCriteria
 from fdllm.engine.params import EngineConfig, GenerationResult, SamplingParams
 from fdllm.engine.runner import ModelRunner
 from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.sequence import Sequence, TokenCallback
+from fdllm.kernels import resolve_attention_backend
 from fdllm.model import Transformer
 from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_tokenizer, stop_token_ids
 
@@ -72,7 +73,8 @@ class Engine:
             self.allocator, max_num_seqs=engine_config.max_num_seqs,
             max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L,
         )
-        self.runner = ModelRunner(model, cache, config.mask_token_id, attention_backend(engine_config.attention_backend))
+        self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
+        self.runner = ModelRunner(model, cache, config.mask_token_id, self.attention_backend)
         self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
         if isinstance(mc.eos_token_id, int):
             self._tokenizer_stop_ids |= {mc.eos_token_id}
@@ -81,7 +83,10 @@ class Engine:
         self._ids = itertools.count()
         self._aborted: list[Sequence] = []  # reported by the next step()
         self._undelivered: list[GenerationResult] = []  # finished while generate() drove the engine
-        log.info("engine: %d KV pages of %d tokens, max_model_len %d, %s", num_pages, L, self.max_model_len, config)
+        log.info(
+            "engine: %d KV pages of %d tokens, max_model_len %d, attention backend %s (asked %r), %s",
+            num_pages, L, self.max_model_len, self.attention_backend, engine_config.attention_backend, config,
+        )
 
     @classmethod
     def from_pretrained(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fdllm.kernels import ATTENTION_BACKENDS
+
 MODES = ("diffusion", "ar")
 
 
@@ -54,7 +56,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # running sequences per step
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (chunked by block)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # "auto" (triton on CUDA, else torch) | "torch" | "triton" | "flash_attn"
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -65,6 +67,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
 
 @dataclass(kw_only=True)

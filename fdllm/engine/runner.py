@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fdllm.cache import AttentionFn, KVCache, PagedAttention
+from fdllm.cache import KVCache, PagedAttention
 from fdllm.decoding import greedy_confidence, sample_confidence, select_unmask
 from fdllm.engine.sequence import Work
+from fdllm.kernels import select_attention_backend
 from fdllm.model import Transformer
 
 
@@ -35,9 +36,11 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, mask_token_id: int | None, backend: AttentionFn) -> None:
-        self.model, self.cache, self.mask_token_id, self.backend = model, cache, mask_token_id, backend
+    def __init__(self, model: Transformer, cache: KVCache, mask_token_id: int | None, attention_backend: str) -> None:
+        """`attention_backend`: a name `fdllm.kernels.select_attention_backend` takes (the engine resolves "auto")."""
+        self.model, self.cache, self.mask_token_id = model, cache, mask_token_id
         self.device = model.device
+        self.attention_fn = select_attention_backend(attention_backend, self.device)
 
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[tuple[list[int], list[bool]]]:
@@ -88,7 +91,7 @@ class ModelRunner:
         return StepInputs(
             input_ids_1T=torch.tensor([ids]).to(**to),
             positions_1T=torch.tensor([positions]).to(**to),
-            attention=PagedAttention.build(self.cache, slots, rows, self.backend),
+            attention=PagedAttention.build(self.cache, slots, rows, self.attention_fn),
             logit_index_R=torch.tensor(index, dtype=torch.long).to(**to),
             candidate_BW=torch.tensor(candidates, dtype=torch.bool).reshape(len(readers), W).to(**to),
             threshold_B=torch.tensor(thresholds, dtype=torch.float32).to(**to),

@@ -62,6 +62,17 @@ def flash_attn_available() -> bool:
     return _importable("flash_attn")
 
 
+def resolve_attention_backend(name: str, device: torch.device | str) -> str:
+    """The concrete backend `name` stands for on `device`: "auto" is the fastest that runs there,
+    triton on CUDA when triton is importable, else torch (never the interpreter: it is for tests).
+    Raises ValueError for an unknown name."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+    if name == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_importable() else "torch"
+    return name
+
+
 def select_attention_backend(name: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
     """The paged-attention function for backend `name` on `device`.
 
@@ -69,14 +80,11 @@ def select_attention_backend(name: str, device: torch.device | str) -> Callable[
     "triton": the Triton kernel; needs CUDA, or CPU tensors with TRITON_INTERPRET=1 (slow, for tests).
     "flash_attn": flash-attn's paged KV kernel; needs CUDA, flash_attn installed, and pages of a
         multiple of 256 tokens (so not fdllm's usual block sizes 8..32).
-    "auto": triton on CUDA when triton is importable, else torch. Never the interpreter.
+    "auto": see `resolve_attention_backend`.
     Raises ValueError for an unknown name and RuntimeError when the backend cannot run on `device`.
     """
     device = torch.device(device)
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_importable() else "torch"
+    name = resolve_attention_backend(name, device)
     if name == "torch":
         from fdllm.attention import paged_attention_torch
 
@@ -118,6 +126,7 @@ __all__ = [
     "fused_confidence",
     "fused_confidence_ref",
     "interpreter_enabled",
+    "resolve_attention_backend",
     "select_attention_backend",
     "triton_available",
     "triton_importable",

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fdllm
-from fdllm.cache import AttentionRow, KVCache, PageAllocator, PagedAttention, attention_backend
+from fdllm.attention import paged_attention_torch
+from fdllm.cache import AttentionRow, KVCache, PageAllocator, PagedAttention
 from fdllm.masks import block_causal_mask
 from fdllm.model import masked_attention
 from tests.helpers import VOCAB
@@ -25,8 +26,6 @@ def test_allocator_reservations():
         alloc.allocate()
     with pytest.raises(ValueError):
         PageAllocator(0)
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        attention_backend("cuda-magic")
 
 
 def _dense_reference(q_TNH, k_TKH, v_TKH, allowed_TT):
@@ -44,7 +43,7 @@ def test_packed_rows_match_dense_attention():
     slots = [pages_a[p // L] * L + p % L for p in range(12)] + [pages_b[p // L] * L + p % L for p in range(6)]
     rows = [AttentionRow(4, 4, pages_a), AttentionRow(4, 8, pages_a), AttentionRow(4, 12, pages_a),
             AttentionRow(4, 4, pages_b, causal=True), AttentionRow(2, 6, pages_b)]
-    attn = PagedAttention.build(cache, slots, rows, attention_backend("torch"))
+    attn = PagedAttention.build(cache, slots, rows, paged_attention_torch)
     T = len(slots)
     q, k, v = torch.randn(1, T, N, H), torch.randn(1, T, K, H), torch.randn(1, T, K, H)
     out = attn(0, q, k, v)[0]

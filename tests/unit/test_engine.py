@@ -32,11 +32,13 @@ def model(model_dir):
     return fdllm.load_model(model_dir)
 
 
-def make_engine(model, num_pages=256, max_prefill_tokens=64, tokenizer=None, **cfg):
+def make_engine(model, num_pages=256, max_prefill_tokens=64, tokenizer=None, attention_backend="auto", **cfg):
     cfg = {"block_size": 8, "sub_block_size": 4, "threshold": 0.4, "use_sub_block_cache": False, "mask_token_id": MASK} | cfg
     return fdllm.Engine(
         model, tokenizer, fdllm.BlockDiffusionConfig(**cfg),
-        fdllm.EngineConfig(num_pages=num_pages, max_prefill_tokens=max_prefill_tokens),
+        fdllm.EngineConfig(
+            num_pages=num_pages, max_prefill_tokens=max_prefill_tokens, attention_backend=attention_backend
+        ),
     )
 
 
@@ -92,6 +94,15 @@ def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size
         for p in cands:
             if p == best or preds[p][1] > threshold:
                 block[p] = preds[p][0]
+
+
+def test_auto_attention_backend_is_torch_on_cpu(model):
+    assert make_engine(model).attention_backend == "torch"  # never the (test-only) Triton interpreter
+
+
+def test_unknown_attention_backend_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="attention_backend must be one of .*'sdpa'"):
+        make_engine(model, attention_backend="sdpa")
 
 
 def test_cache_off_equals_no_cache_reference(model):
