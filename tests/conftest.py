@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import make_tokenizer, tiny_hf_model  # noqa: E402
+from tests.helpers import make_sharp_checkpoint, make_tokenizer, tiny_hf_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +40,9 @@ def dllm_dir(tmp_path_factory) -> Path:
     from tests.helpers import make_dllm_checkpoint
 
     return make_dllm_checkpoint(tmp_path_factory.mktemp("dllm"))
+
+
+@pytest.fixture(scope="session")
+def sharp_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 checkpoint with confident predictions (several tokens unmasked per step), no EOS."""
+    return make_sharp_checkpoint(tmp_path_factory.mktemp("sharp"))

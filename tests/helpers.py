@@ -76,3 +76,15 @@ def make_dllm_checkpoint(path, block_size: int = 8, sub_block_size: int = 4, **o
     tok.save_pretrained(path)
     fdllm.BlockDiffusionConfig(block_size=block_size, sub_block_size=sub_block_size, mask_token_id=mask_id).save(path)
     return path
+
+
+def make_sharp_checkpoint(path, head_scale: float = 20.0):
+    """A tiny random Qwen2 checkpoint (with tokenizer, no EOS) whose LM head is scaled up: its
+    predictions are confident enough that thresholds unmask several tokens per step."""
+    model = tiny_hf_model("qwen2")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path

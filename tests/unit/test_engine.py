@@ -9,27 +9,14 @@ import torch
 
 import fdllm
 from fdllm.masks import block_causal_mask
-from tests.helpers import VOCAB, make_tokenizer, tiny_hf_model
+from tests.helpers import VOCAB
 
 MASK = VOCAB - 1
-HEAD_SCALE = 20.0  # sharpens the random model's predictions so thresholds select several tokens
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sharp")
-    hf = tiny_hf_model("qwen2")
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(HEAD_SCALE)
-    hf.generation_config.eos_token_id = None
-    hf.save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return fdllm.load_model(model_dir)
+def model(sharp_dir):
+    return fdllm.load_model(sharp_dir)
 
 
 def make_engine(model, num_pages=256, max_prefill_tokens=64, tokenizer=None, attention_backend="auto", **cfg):
@@ -57,7 +44,8 @@ def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size
     L, S, P = block_size, sub_block_size, len(prompt)
 
     def logits(seq):
-        return model(torch.tensor([seq]), mask=block_causal_mask(len(seq), L))[0].float()
+        ids = torch.tensor([seq], device=model.device)
+        return model(ids, mask=block_causal_mask(len(seq), L, device=model.device))[0].float()
 
     def confident(row):
         row = row.clone()
@@ -138,10 +126,10 @@ def test_stop_token_cuts_output_after_it(model):
     assert res.finish_reason == "stop"
 
 
-def test_block_size_one_threshold_one_equals_hf_generate(model_dir, model):
+def test_block_size_one_threshold_one_equals_hf_generate(sharp_dir, model):
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
     prompts = random_prompts(4, [1, 3, 6, 11], seed=5)
     diffusion = make_engine(model, block_size=1, sub_block_size=1, threshold=1.0)
     ar = make_engine(model)
@@ -275,8 +263,8 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
     assert c[0].token_ids != a[0].token_ids
 
 
-def test_text_prompts_stop_strings_and_eos(model_dir):
-    engine = fdllm.Engine.from_pretrained(model_dir, config=fdllm.BlockDiffusionConfig(
+def test_text_prompts_stop_strings_and_eos(sharp_dir):
+    engine = fdllm.Engine.from_pretrained(sharp_dir, config=fdllm.BlockDiffusionConfig(
         block_size=8, sub_block_size=4, threshold=0.4, mask_token_id=MASK))
     assert engine.num_pages == 64 * 512 // 8  # capped at max_num_seqs full-length sequences
     free = engine.generate(["hello world"], params(max_new_tokens=24))[0]
