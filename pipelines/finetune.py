@@ -210,6 +210,7 @@ def _run_exists(storage_path: str, run_name: str) -> bool:
 
 def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     """Validate inputs (before any worker starts), build the dataset and the TorchTrainer."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -236,8 +237,8 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     # it to the model's embedding with fdllm.tokenizer.add_mask_token.
     tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
     dataset = build_dataset(sources, tokenizer, cfg.data_config(), num_cpus=cfg.data_cpus)
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # a deterministic stream, so a resumed single-worker run skips exactly what it saw
+    # A deterministic stream, so a resumed single-worker run skips exactly the sequences it saw.
+    ingest = ray.data.ExecutionOptions(preserve_order=True)
 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(

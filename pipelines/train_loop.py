@@ -63,7 +63,7 @@ class TrainState:
     epoch: int = 0  # passes over the data started
     consumed: int = 0  # sequences this worker's shard consumed in the current epoch
     tokens: int = 0  # non-padding tokens trained on, all workers
-    bad_rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))  # all workers
+    bad_rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))  # all workers, epoch 0
 
 
 def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -266,6 +266,16 @@ def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> l
     return t.tolist()  # host sync: the values are logged and branched on
 
 
+def _collect_bad_rows(reader: ShardReader, state: TrainState) -> None:
+    """Add the rows all workers skipped since the last call (a collective). Only the first pass over
+    the data counts: later epochs re-read the same rows."""
+    local = reader.take_counts()
+    counts = _all_reduce([float(local[r]) for r in BAD_REASONS])
+    if state.epoch == 0:
+        for reason, n in zip(BAD_REASONS, counts):
+            state.bad_rows[reason] += int(n)
+
+
 def _save_checkpoint(
     directory: Path, parallel: Parallel, tokenizer: Any, block_cfg: BlockDiffusionConfig, state: TrainState
 ) -> None:
@@ -318,18 +328,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reader = ShardReader(ray.train.get_dataset_shard("train"), cfg.batch_size, skip=state.consumed)
     progress = _progress_bar(rank, total_steps, state.step)
     restored_step = state.step
-    window_start, window_tokens, steps_in_epoch = time.perf_counter(), 0, 0
+    window_start, window_tokens = time.perf_counter(), 0
+    epoch_trained = state.consumed > 0  # a restored run may resume at the very end of an epoch
     while state.step < total_steps:
         batch = reader.next_batch()
         have, _ = _all_reduce([float(batch is not None), 0.0], op=dist.ReduceOp.MIN)
         if not have:  # some shard ran dry: the epoch ends for every worker together
-            if steps_in_epoch == 0:
+            if not epoch_trained:
                 raise RuntimeError(
                     f"an epoch produced no training batch: the data has fewer than num_workers x batch_size "
                     f"good sequences (bad rows so far: {dict(reader.bad_rows)})"
                 )
+            _collect_bad_rows(reader, state)
             reader.new_epoch()
-            state.epoch, state.consumed, steps_in_epoch = state.epoch + 1, 0, 0
+            state.epoch, state.consumed, epoch_trained = state.epoch + 1, 0, False
             continue
 
         lr = lr_at(state.step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -341,7 +353,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         global_loss_sum, global_count, global_tokens = _all_reduce([loss_sum.item(), count.item(), step_tokens])
         # Normalise by the global count: DDP averages gradients over workers, hence the `world` factor.
         parallel.step(loss_sum * world / max(global_count, 1.0), lr)
-        state.step, state.consumed, steps_in_epoch = state.step + 1, reader.consumed, steps_in_epoch + 1
+        state.step, state.consumed, epoch_trained = state.step + 1, reader.consumed, True
         state.tokens += int(global_tokens)
         window_tokens += int(global_tokens)
         progress.update(1)
@@ -349,10 +361,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save = state.step % cfg.save_every == 0 or state.step == total_steps
         if state.step % cfg.log_every and not save:
             continue
-        local_bad = reader.take_counts()
-        bad = _all_reduce([float(local_bad[r]) for r in BAD_REASONS])
-        for reason, n in zip(BAD_REASONS, bad):
-            state.bad_rows[reason] += int(n)
+        _collect_bad_rows(reader, state)
         elapsed = time.perf_counter() - window_start
         metrics = {
             "step": state.step,
