@@ -129,3 +129,16 @@ def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
     assert whole[1] == parts[0][1] + parts[1][1]
     assert whole[0].item() == pytest.approx((parts[0][0] + parts[1][0]).item(), rel=1e-5)
     assert other_step[0].item() != pytest.approx(whole[0].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "ar"])
+def test_bench_train_measures_both_objectives(objective):
+    import argparse
+
+    from pipelines import bench_train
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    args = bench_train.add_parser(sub).parse_args(["--seq-len", "32", "--batch-size", "2", "--block-size", "8",
+                                                   "--steps", "1", "--warmup", "1"])
+    result = bench_train._measure(objective, args)  # in-process: `run` would spawn a fresh process
+    assert result["tokens_per_s"] > 0 and result["peak_mem_mib"] > 0
