@@ -76,10 +76,10 @@ PARQUET_SUFFIXES = (".parquet",)
 _LLAMA3_MARKER = "<|start_header_id|>"
 _LLAMA3_TURN = re.compile(
     r"<\|start_header_id\|>(?P<role>.*?)<\|end_header_id\|>\n\n(?P<content>.*?)(?=<\|eot_id\|>|<\|start_header_id\|>|\Z)",
-    re.S,
+    re.DOTALL,
 )
 _LLAMA3_TRAILERS = ("<|eot_id|>", "<|end_of_text|>")
-_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
+_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 class DataError(RuntimeError):

@@ -175,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fdllm-finetune",
         description="Fine-tune an AR checkpoint into a block-diffusion LLM with Ray Train.",
         epilog="Example: python pipelines/finetune.py --config pipelines/configs/tiny.yaml --output /tmp/fdllm-tiny",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     hints = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(FinetuneConfig):
         flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.default not in (dataclasses.MISSING, None) and f.name != "strip_reasoning":
+            help_text += f" (default: {f.default})"
         kind = str(f.type)
         if f.name == "strip_reasoning":
             group = parser.add_mutually_exclusive_group()

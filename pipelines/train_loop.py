@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import tempfile
 import time
 from collections import Counter
@@ -272,7 +271,7 @@ def _collect_bad_rows(reader: ShardReader, state: TrainState) -> None:
     local = reader.take_counts()
     counts = _all_reduce([float(local[r]) for r in BAD_REASONS])
     if state.epoch == 0:
-        for reason, n in zip(BAD_REASONS, counts):
+        for reason, n in zip(BAD_REASONS, counts, strict=True):
             state.bad_rows[reason] += int(n)
 
 
@@ -297,46 +296,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg: FinetuneConfig = config["cfg"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    state, saved = TrainState(), None
     checkpoint = ray.train.get_checkpoint()
-    source = cfg.model
-    restore_dir = None
-    if checkpoint is not None:
-        restore_dir = checkpoint.to_directory()  # a local copy (the storage may be remote)
-        source = restore_dir
-        saved = torch.load(Path(restore_dir) / TRAIN_STATE, map_location="cpu", weights_only=False)
-        state = TrainState(**saved["state"])
-    model = fdllm.load_model(source, dtype=torch.float32, device="cpu")
-    tokenizer = load_tokenizer(source)
-    mask_id = add_mask_token(tokenizer, model)  # a no-op on our own checkpoints
+    with tempfile.TemporaryDirectory(prefix="fdllm-restore-") as restore_dir:
+        state, saved, source = TrainState(), None, cfg.model
+        if checkpoint is not None:  # a restart (FailureConfig) or --resume: continue from the latest
+            source = checkpoint.to_directory(restore_dir)  # a local copy: the storage may be remote
+            saved = torch.load(Path(source) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            state = TrainState(**saved["state"])
+        model = fdllm.load_model(source, dtype=torch.float32, device="cpu")
+        tokenizer = load_tokenizer(source)
+        mask_id = add_mask_token(tokenizer, model)  # a no-op on our own checkpoints
+        parallel = Parallel(model.train(), cfg, device)
+        if saved is not None:
+            parallel.load_optimizer(Path(source), saved)
+            if rank == 0:
+                log.info("resumed from step %d (epoch %d, %d sequences into it)", state.step, state.epoch, state.consumed)
     block_cfg = BlockDiffusionConfig(
         block_size=cfg.block_size, sub_block_size=cfg.sub_block_size, mask_token_id=mask_id, eps=cfg.eps
     )
-    model.train()
-    parallel = Parallel(model, cfg, device)
-    if saved is not None:
-        parallel.load_optimizer(Path(restore_dir), saved)
-        if rank == 0:
-            log.info("resumed from step %d (epoch %d, %d sequences into it)", state.step, state.epoch, state.consumed)
 
     total_steps = cfg.total_steps()
     reader = ShardReader(ray.train.get_dataset_shard("train"), cfg.batch_size, skip=state.consumed)
     progress = _progress_bar(rank, total_steps, state.step)
-    restored_step = state.step
-    window_start, window_tokens = time.perf_counter(), 0
+    meter = _Meter(restored_step=state.step)
     epoch_trained = state.consumed > 0  # a restored run may resume at the very end of an epoch
     while state.step < total_steps:
         batch = reader.next_batch()
-        have, _ = _all_reduce([float(batch is not None), 0.0], op=dist.ReduceOp.MIN)
-        if not have:  # some shard ran dry: the epoch ends for every worker together
+        if not _all_reduce([float(batch is not None)], op=dist.ReduceOp.MIN)[0]:
+            # Some shard ran dry: the epoch ends for every worker together (DDP needs equal steps).
             if not epoch_trained:
                 raise RuntimeError(
-                    f"an epoch produced no training batch: the data has fewer than num_workers x batch_size "
+                    "an epoch produced no training batch: the data has fewer than num_workers x batch_size "
                     f"good sequences (bad rows so far: {dict(reader.bad_rows)})"
                 )
             _collect_bad_rows(reader, state)
@@ -345,56 +339,85 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
 
         lr = lr_at(state.step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        with parallel.autocast:
-            loss_sum, count = diffusion_loss_sum(
-                parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, state.step, device
-            )
-        step_tokens = float(batch["num_tokens"].sum())
-        global_loss_sum, global_count, global_tokens = _all_reduce([loss_sum.item(), count.item(), step_tokens])
-        # Normalise by the global count: DDP averages gradients over workers, hence the `world` factor.
-        parallel.step(loss_sum * world / max(global_count, 1.0), lr)
+        loss, tokens = _train_step(parallel, batch, mask_id, cfg, state.step, lr, device)
         state.step, state.consumed, epoch_trained = state.step + 1, reader.consumed, True
-        state.tokens += int(global_tokens)
-        window_tokens += int(global_tokens)
+        state.tokens += tokens
+        meter.add(loss, tokens)
         progress.update(1)
 
         save = state.step % cfg.save_every == 0 or state.step == total_steps
-        if state.step % cfg.log_every and not save:
-            continue
-        _collect_bad_rows(reader, state)
-        elapsed = time.perf_counter() - window_start
-        metrics = {
+        if save or state.step % cfg.log_every == 0:
+            _collect_bad_rows(reader, state)
+            metrics = meter.metrics(state, lr)
+            if rank == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s, rows skipped %d", state.step, total_steps,
+                         metrics["loss"], lr, metrics["tokens_per_s"], sum(state.bad_rows.values()))
+            _report(metrics, (parallel, tokenizer, block_cfg, state) if save else None)
+    progress.close()
+
+
+def _train_step(
+    parallel: Parallel, batch: dict[str, np.ndarray], mask_id: int, cfg: "FinetuneConfig", step: int, lr: float,
+    device: torch.device,
+) -> tuple[float, int]:
+    """One optimizer step on this worker's batch; returns the global mean loss and token count."""
+    with parallel.autocast:
+        loss_sum, count = diffusion_loss_sum(
+            parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, step, device
+        )
+    # Host sync, once per step: the global masked-token count normalises the loss on every worker.
+    totals = _all_reduce([loss_sum.item(), count.item(), float(batch["num_tokens"].sum())])
+    global_loss_sum, global_count, global_tokens = totals
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # DDP averages gradients over workers; scaling by `world` makes that the gradient of the global mean.
+    parallel.step(loss_sum * world / max(global_count, 1.0), lr)
+    return global_loss_sum / max(global_count, 1.0), int(global_tokens)
+
+
+class _Meter:
+    """Loss and throughput over the steps since the last report."""
+
+    def __init__(self, restored_step: int) -> None:
+        self.restored_step = restored_step
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.tokens, self.loss, self.steps = time.perf_counter(), 0, 0.0, 0
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.tokens, self.steps = self.loss + loss, self.tokens + tokens, self.steps + 1
+
+    def metrics(self, state: TrainState, lr: float) -> dict[str, Any]:
+        out = {
             "step": state.step,
             "epoch": state.epoch,
-            "loss": global_loss_sum / max(global_count, 1.0),
+            "loss": self.loss / self.steps,  # mean over the window's steps
             "lr": lr,
             "tokens": state.tokens,
-            "tokens_per_s": window_tokens / elapsed,
-            "restored_step": restored_step,
+            "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
+            "restored_step": self.restored_step,
             **{f"bad_{r}": n for r, n in state.bad_rows.items()},
         }
-        window_start, window_tokens = time.perf_counter(), 0
-        if rank == 0:
-            log.info(
-                "step %d/%d loss %.4f lr %.2e %.0f tok/s bad rows %d",
-                state.step, total_steps, metrics["loss"], lr, metrics["tokens_per_s"], sum(state.bad_rows.values()),
-            )
-        if not save:
-            ray.train.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory(prefix="fdllm-ckpt-") as tmp:
-            _save_checkpoint(Path(tmp), parallel, tokenizer, block_cfg, state)
-            has_files = any(Path(tmp).iterdir())
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
-                checkpoint_dir_name=f"step_{state.step:08d}",
-            )
-    progress.close()
-    if restore_dir is not None and os.path.isdir(restore_dir):
-        import shutil
+        self._reset()
+        return out
 
-        shutil.rmtree(restore_dir, ignore_errors=True)
+
+def _report(metrics: dict[str, Any], to_save: tuple | None) -> None:
+    """`ray.train.report` from every worker, with a checkpoint when `to_save` is given."""
+    import ray.train
+
+    if to_save is None:
+        ray.train.report(metrics)
+        return
+    parallel, tokenizer, block_cfg, state = to_save
+    with tempfile.TemporaryDirectory(prefix="fdllm-ckpt-") as tmp:
+        _save_checkpoint(Path(tmp), parallel, tokenizer, block_cfg, state)
+        has_files = any(Path(tmp).iterdir())  # only rank 0 writes, except DeepSpeed's optimizer shards
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
+            checkpoint_dir_name=f"step_{state.step:08d}",
+        )
 
 
 class _NoProgress:

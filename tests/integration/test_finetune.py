@@ -19,7 +19,7 @@ import fdllm  # noqa: E402
 from fdllm.config import BlockDiffusionConfig  # noqa: E402
 from fdllm.tokenizer import MASK_TOKEN, load_tokenizer  # noqa: E402
 from pipelines.data import BAD_REASONS  # noqa: E402
-from pipelines.finetune import build_parser, FinetuneConfig, run  # noqa: E402
+from pipelines.finetune import FinetuneConfig, build_parser, run  # noqa: E402
 from tests.sft_data import BROKEN_ROWS, expected_bad_counts, good_records, write_jsonl  # noqa: E402
 
 
