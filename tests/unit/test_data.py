@@ -97,8 +97,9 @@ def test_labels_cover_exactly_the_assistant_answers(tok):
     # Trained: answer 1 + its <|im_end|>, answer 2 + its <|im_end|>, then the block fill (all <|im_end|>).
     assert tok.decode(ids[start:end][trained]) == A + "<|im_end|>" + A2 + "<|im_end|>" * (1 + n_fill)
     # Not trained: exactly the rest of the rendered conversation.
-    full = tok.decode(tok.encode(tok.apply_chat_template(chat, tokenize=False)))
-    expected_prompt = full.replace(A + "<|im_end|>", "").replace(A2 + "<|im_end|>", "")
+    rendered = tok.apply_chat_template(chat, tokenize=False)
+    rendered = rendered[: rendered.rindex("<|im_end|>")]  # the document ends at the last end-of-turn
+    expected_prompt = tok.decode(tok.encode(rendered)).replace(A + "<|im_end|>", "").removesuffix(A2)
     assert tok.decode(ids[start:end][~trained]) == expected_prompt
     assert ids[end - 1] == eot and (end - start) % cfg.block_size == 0
     assert (labels[end:] == IGNORE_INDEX).all()  # the padding tail of the row carries no loss
