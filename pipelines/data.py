@@ -1,0 +1,552 @@
+"""SFT data for block-diffusion fine-tuning: LLaMA-Nemotron post-training records -> packed sequences.
+
+Records (one per jsonl line or parquet row) follow the LLaMA-Nemotron post-training schema:
+  `input`          list of `{"role", "content"}` messages, or a string: a plain user turn, or (the
+                   dataset's first release) a whole Llama-3-rendered prompt
+                   (`<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n...<|eot_id|>`),
+                   which is parsed back into messages so it is re-rendered with the target template;
+  `output`         the assistant answer (may hold `<think>...</think>` reasoning, kept or stripped);
+  `system_prompt`  optional system turn; `reasoning` ("on"/"off") and `category`: optional, validated;
+or plain chat records `{"messages": [...]}` ending with an assistant turn.
+
+Per document the pipeline renders the tokenizer's own chat template, tokenizes it in segments (the
+prompt exactly as inference will tokenize it, then each assistant answer) and labels only assistant
+tokens: `labels = -100` on system/user turns and template glue, the token id on every assistant
+answer up to and including its end-of-turn token.
+
+Packing (the layout the objective and masks expect):
+  - each document is padded to a multiple of `block_size` *inside* the packed sequence, so block
+    boundaries line up with document starts, as at inference where the prompt starts at block 0;
+  - positions after the final end-of-turn token up to the block end are filled with that same
+    end-of-turn token and **trained as targets**: at inference the decoder fills a whole block, and
+    the model must learn that the tail of a block after the answer is end-of-turn (calibration runs
+    showed this matters);
+  - `position_ids` restart at 0 for every document; `doc_ids` give each document (and the padding at
+    the end of a sequence) its own id, and `fdllm.masks` never lets attention cross ids;
+  - documents are packed first-fit-decreasing within each `map_batches` batch of records.
+
+Bad rows never stop a run: they are skipped and counted by reason (`BAD_REASONS`). The counts travel
+with the data (columns `bad_<reason>` on the first sequence of each batch; a batch with no good
+document yields one all-padding row with `num_docs == 0` that carries them), so the training loop
+reports exactly the counts of the rows it consumed. A file that cannot be read at all is a
+`DataError` from `check_data_files`, raised by the driver before any worker starts.
+
+Everything above is plain Python/numpy, tested without Ray; `build_dataset` only maps it with Ray Data.
+Shape legend: N packed sequences in a batch, L sequence length (a multiple of block_size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from fdllm.objective import IGNORE_INDEX
+from fdllm.tokenizer import MASK_TOKEN, stop_token_ids
+
+if TYPE_CHECKING:
+    import pyarrow
+    import ray.data
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# Why a row was skipped. Order is the order of the `bad_<reason>` columns and of log lines.
+BAD_REASONS = (
+    "invalid_json",  # a jsonl line that is not a JSON object
+    "missing_field",  # neither `messages` nor `input` + `output`
+    "wrong_type",  # a field of the wrong type (e.g. `output` a number, a message without `content`)
+    "empty_field",  # an empty `output`, `input`, `messages` or message content
+    "bad_chat",  # unknown role, no final assistant turn, an unparseable Llama-3 prompt string
+    "unclosed_think",  # `<think>` without `</think>` while stripping reasoning
+    "mask_token",  # the text contains the diffusion mask token itself
+    "too_long",  # longer than seq_len after the overlong policy
+)
+ROLES = ("system", "user", "assistant")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+
+_LLAMA3_MARKER = "<|start_header_id|>"
+_LLAMA3_TURN = re.compile(
+    r"<\|start_header_id\|>(?P<role>.*?)<\|end_header_id\|>\n\n(?P<content>.*?)(?=<\|eot_id\|>|<\|start_header_id\|>|\Z)",
+    re.DOTALL,
+)
+_LLAMA3_TRAILERS = ("<|eot_id|>", "<|end_of_text|>")
+_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+class DataError(RuntimeError):
+    """A data source that cannot be used at all (missing, unreadable, wrong format)."""
+
+
+class BadRow(ValueError):
+    """A record to skip; `reason` is one of BAD_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in BAD_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """How records become packed training sequences."""
+
+    block_size: int  # diffusion block; documents are padded to a multiple of it
+    seq_len: int  # packed sequence length, a multiple of block_size
+    strip_reasoning: bool = False  # drop `<think>...</think>` from answers
+    overlong: Literal["skip", "truncate"] = "skip"  # a document longer than seq_len: skip it, or cut it
+    docs_per_batch: int = 256  # records tokenized and packed together by one map_batches call
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.seq_len < self.block_size or self.seq_len % self.block_size:
+            raise ValueError(f"seq_len ({self.seq_len}) must be a positive multiple of block_size ({self.block_size})")
+        if self.overlong not in ("skip", "truncate"):
+            raise ValueError(f"overlong must be 'skip' or 'truncate', got {self.overlong!r}")
+        if self.docs_per_batch < 1:
+            raise ValueError(f"docs_per_batch must be >= 1, got {self.docs_per_batch}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> chat messages
+
+
+def parse_jsonl_line(line: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRow("invalid_json", str(e)) from None
+    if not isinstance(record, dict):
+        raise BadRow("invalid_json", f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def parse_llama3_prompt(text: str) -> list[dict[str, str]]:
+    """Messages of a prompt rendered with the Llama-3 chat template (the trailing empty assistant
+    header, i.e. the generation prompt, is dropped)."""
+    messages = [{"role": m["role"].strip(), "content": m["content"]} for m in _LLAMA3_TURN.finditer(text)]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+        messages.pop()
+    if not messages:
+        raise BadRow("bad_chat", "input looks like a Llama-3 prompt but no turn could be parsed")
+    return messages
+
+
+def strip_reasoning_text(text: str) -> str:
+    """Remove `<think>...</think>` spans (and the whitespace after them)."""
+    if text.count("<think>") != text.count("</think>"):
+        raise BadRow("unclosed_think", "unbalanced <think> ... </think>")
+    return _THINK.sub("", text)
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list):
+        raise BadRow("wrong_type", f"{where} must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise BadRow("empty_field", f"{where} is empty")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRow("wrong_type", f"each message in {where} needs string 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise BadRow("bad_chat", f"unknown role {m['role']!r}")
+        if not m["content"].strip():
+            raise BadRow("empty_field", f"empty {m['role']} message in {where}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def record_to_messages(record: dict[str, Any], strip_reasoning: bool = False) -> list[dict[str, str]]:
+    """Chat messages of one record (either schema), ending with the assistant answer; BadRow if unusable."""
+    for key in ("system_prompt", "reasoning", "category"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise BadRow("wrong_type", f"{key} must be a string")
+    if record.get("reasoning") not in (None, "on", "off"):
+        raise BadRow("wrong_type", f"reasoning must be 'on' or 'off', got {record['reasoning']!r}")
+
+    if record.get("messages") is not None:
+        messages = _check_messages(record["messages"], "messages")
+    elif record.get("input") is not None or record.get("output") is not None:
+        prompt, answer = record.get("input"), record.get("output")
+        if prompt is None or answer is None:
+            raise BadRow("missing_field", "a record with `input` needs `output` and vice versa")
+        if not isinstance(answer, str):
+            raise BadRow("wrong_type", f"output must be a string, got {type(answer).__name__}")
+        for trailer in _LLAMA3_TRAILERS:  # the first release ends answers with Llama-3 specials
+            answer = answer.removesuffix(trailer)
+        if not answer.strip():
+            raise BadRow("empty_field", "empty output")
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise BadRow("empty_field", "empty input")
+            turns = parse_llama3_prompt(prompt) if _LLAMA3_MARKER in prompt else [{"role": "user", "content": prompt}]
+            messages = _check_messages(turns, "input")
+        else:
+            messages = _check_messages(prompt, "input")
+        if messages[-1]["role"] == "assistant":
+            raise BadRow("bad_chat", "input already ends with an assistant turn")
+        messages.append({"role": "assistant", "content": answer})
+    else:
+        raise BadRow("missing_field", "a record needs `messages`, or `input` and `output`")
+
+    system = record.get("system_prompt")
+    if system and system.strip() and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise BadRow("bad_chat", "a system message after the first turn")
+    if messages[-1]["role"] != "assistant":
+        raise BadRow("bad_chat", "the conversation does not end with an assistant turn")
+    if strip_reasoning:
+        for m in messages:
+            if m["role"] == "assistant":
+                m["content"] = strip_reasoning_text(m["content"])
+                if not m["content"].strip():
+                    raise BadRow("empty_field", "assistant answer is empty once reasoning is stripped")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages -> labelled token ids
+
+
+def render_segments(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_assistant_answer) pieces that concatenate to it.
+
+    Each assistant answer starts where the template's generation prompt ends, so tokenizing the
+    pieces separately reproduces inference's prompt tokens exactly. Templates that rewrite history
+    (e.g. dropping earlier reasoning) are not prefix-stable: then only the last answer is trained.
+    """
+
+    def render(msgs: list[dict[str, str]], prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    full = render(messages, False)
+    segments, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, upto = render(messages[:i], True), render(messages[: i + 1], False)
+        if len(prompt) < cursor or not (upto.startswith(prompt) and full.startswith(upto)):
+            break  # not prefix-stable: fall back below
+        segments += [(full[cursor : len(prompt)], False), (full[len(prompt) : len(upto)], True)]
+        cursor = len(upto)
+    else:
+        segments.append((full[cursor:], False))
+        return [s for s in segments if s[0]]
+    prompt = render(messages[:-1], True)
+    if not full.startswith(prompt):
+        raise BadRow("bad_chat", "the chat template renders the prompt differently inside the conversation")
+    return [(prompt, False), (full[len(prompt) :], True)]
+
+
+@dataclass
+class Document:
+    """One tokenized conversation, padded to a block multiple (see the module docstring)."""
+
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX outside assistant answers (and their block fill)
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Token ids the encoder needs from the tokenizer."""
+
+    stop_ids: frozenset[int]  # end-of-turn / EOS ids: an answer's labels end at the first of them
+    eos_id: int  # appended when a template gives an answer no end-of-turn token
+    pad_id: int  # the unused tail of a packed sequence
+    mask_id: int | None  # the diffusion mask token; must not occur in the data
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: "PreTrainedTokenizerBase") -> "TokenSpec":
+        stops = stop_token_ids(tokenizer)
+        if not stops:
+            raise ValueError("the tokenizer has no EOS or end-of-turn token to end answers with")
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else stops[0]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        mask = tokenizer.get_vocab().get(MASK_TOKEN)
+        return cls(frozenset(stops), eos, pad, mask)
+
+
+def build_document(
+    pieces: Sequence[tuple[list[int], bool]], spec: TokenSpec, cfg: DataConfig
+) -> Document:
+    """Labelled, block-padded document from tokenized (ids, is_answer) pieces; BadRow if unusable.
+
+    Each answer is labelled up to and including its first stop token; the template glue after it is
+    not. The document ends at the last answer's stop token, then is filled with it to the block end.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    last_answer = max(i for i, (_, is_answer) in enumerate(pieces) if is_answer)
+    for i, (toks, is_answer) in enumerate(pieces[: last_answer + 1]):
+        if not is_answer:
+            ids += toks
+            labels += [IGNORE_INDEX] * len(toks)
+            continue
+        stop = next((j for j, t in enumerate(toks) if t in spec.stop_ids), None)
+        if i == last_answer:
+            toks = toks[: stop + 1] if stop is not None else toks + [spec.eos_id]
+            stop = len(toks) - 1
+        ids += toks
+        n_labelled = len(toks) if stop is None else stop + 1
+        labels += toks[:n_labelled] + [IGNORE_INDEX] * (len(toks) - n_labelled)
+    if spec.mask_id is not None and spec.mask_id in ids:
+        raise BadRow("mask_token", f"the text contains {MASK_TOKEN}")
+
+    bs = cfg.block_size
+    padded = math.ceil(len(ids) / bs) * bs
+    if padded <= cfg.seq_len:
+        fill = ids[-1]  # the end-of-turn token
+        ids += [fill] * (padded - len(ids))
+        labels += [fill] * (padded - len(labels))
+    elif cfg.overlong == "truncate" and any(t != IGNORE_INDEX for t in labels[1 : cfg.seq_len]):
+        ids, labels = ids[: cfg.seq_len], labels[: cfg.seq_len]
+    else:
+        raise BadRow("too_long", f"{len(ids)} tokens > seq_len {cfg.seq_len} (overlong={cfg.overlong})")
+    return Document(ids, labels)
+
+
+def encode_conversations(
+    tokenizer: "PreTrainedTokenizerBase",
+    conversations: Sequence[list[dict[str, str]]],
+    spec: TokenSpec,
+    cfg: DataConfig,
+) -> list[Document | BadRow]:
+    """Render and tokenize a batch of conversations (one tokenizer call for all pieces)."""
+    rendered: list[list[tuple[str, bool]] | BadRow] = []
+    for messages in conversations:
+        try:
+            rendered.append(render_segments(tokenizer, messages))
+        except BadRow as e:
+            rendered.append(e)
+    texts = [text for r in rendered if not isinstance(r, BadRow) for text, _ in r]
+    token_lists = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out: list[Document | BadRow] = []
+    for r in rendered:
+        if isinstance(r, BadRow):
+            out.append(r)
+            continue
+        pieces = [(next(token_lists), is_answer) for _, is_answer in r]
+        try:
+            out.append(build_document(pieces, spec, cfg))
+        except BadRow as e:
+            out.append(e)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents -> packed sequences
+
+
+def pack_documents(docs: Sequence[Document], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """First-fit-decreasing packing of block-padded documents into rows of `seq_len` tokens.
+
+    Returns int32 arrays `input_ids`, `labels`, `position_ids`, `doc_ids` [N, L] and `num_docs`,
+    `num_tokens` [N]. Each document keeps its own positions (from 0) and doc id; the unused tail of
+    a row is padding (`pad_id`, label -100) with an id of its own.
+    """
+    bins: list[list[Document]] = []
+    room: list[int] = []
+    for doc in sorted(docs, key=lambda d: len(d.input_ids), reverse=True):
+        n = len(doc.input_ids)
+        j = next((j for j, r in enumerate(room) if r >= n), None)
+        if j is None:
+            bins.append([])
+            room.append(seq_len)
+            j = len(bins) - 1
+        bins[j].append(doc)
+        room[j] -= n
+    N = len(bins)
+    ids_NL = np.full((N, seq_len), pad_id, dtype=np.int32)
+    labels_NL = np.full((N, seq_len), IGNORE_INDEX, dtype=np.int32)
+    pos_NL = np.zeros((N, seq_len), dtype=np.int32)
+    docs_NL = np.zeros((N, seq_len), dtype=np.int32)
+    for row, members in enumerate(bins):
+        start = 0
+        for d, doc in enumerate(members):
+            end = start + len(doc.input_ids)
+            ids_NL[row, start:end] = doc.input_ids
+            labels_NL[row, start:end] = doc.labels
+            pos_NL[row, start:end] = np.arange(end - start)
+            docs_NL[row, start:end] = d
+            start = end
+        pos_NL[row, start:] = np.arange(seq_len - start)
+        docs_NL[row, start:] = len(members)
+    return {
+        "input_ids": ids_NL,
+        "labels": labels_NL,
+        "position_ids": pos_NL,
+        "doc_ids": docs_NL,
+        "num_docs": np.array([len(m) for m in bins], dtype=np.int32),
+        "num_tokens": np.array([seq_len - r for r in room], dtype=np.int32),
+    }
+
+
+def process_records(
+    rows: Iterable[str | dict[str, Any]],
+    tokenizer: "PreTrainedTokenizerBase",
+    cfg: DataConfig,
+    spec: TokenSpec | None = None,
+) -> dict[str, np.ndarray]:
+    """Raw rows (jsonl lines or parsed records) -> packed sequences plus `bad_<reason>` count columns.
+
+    The counts sit on the first row; when no row is good, one padding row with `num_docs == 0`
+    carries them, so counts are never lost when the output is streamed.
+    """
+    spec = spec or TokenSpec.from_tokenizer(tokenizer)
+    bad: Counter[str] = Counter()
+    conversations = []
+    for row in rows:
+        try:
+            record = parse_jsonl_line(row) if isinstance(row, str) else row
+            conversations.append(record_to_messages(record, cfg.strip_reasoning))
+        except BadRow as e:
+            bad[e.reason] += 1
+    docs = []
+    for result in encode_conversations(tokenizer, conversations, spec, cfg):
+        if isinstance(result, BadRow):
+            bad[result.reason] += 1
+        else:
+            docs.append(result)
+    out = pack_documents(docs, cfg.seq_len, spec.pad_id)
+    if not docs:
+        out = pack_documents([Document([], [])], cfg.seq_len, spec.pad_id)  # one padding row
+        out["num_docs"][:] = 0
+    N = len(out["num_docs"])
+    for reason in BAD_REASONS:
+        column = np.zeros(N, dtype=np.int64)
+        column[0] = bad[reason]
+        out[f"bad_{reason}"] = column
+    return out
+
+
+def bad_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
+    """Sum of the `bad_<reason>` columns of a batch of packed rows."""
+    return {reason: int(batch[f"bad_{reason}"].sum()) for reason in BAD_REASONS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and Ray Data
+
+
+@dataclass(frozen=True)
+class DataFile:
+    uri: str  # what Ray Data reads: an absolute local path or a filesystem URI
+    format: Literal["jsonl", "parquet"]
+
+
+@dataclass
+class DataSources:
+    jsonl: list[str] = field(default_factory=list)
+    parquet: list[str] = field(default_factory=list)
+
+
+def _file_format(path: str) -> Literal["jsonl", "parquet"] | None:
+    lower = path.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def _resolve(path: str) -> tuple["pyarrow.fs.FileSystem", str, str]:
+    """(filesystem, path inside it, URI prefix to rebuild a readable address)."""
+    import os
+
+    import pyarrow.fs as pafs
+
+    if "://" not in path:
+        return pafs.LocalFileSystem(), os.path.abspath(path), ""
+    try:
+        fs, inner = pafs.FileSystem.from_uri(path)
+    except Exception as e:
+        raise DataError(f"cannot open data path {path}: {e}") from e
+    return fs, inner, path[: path.index("://") + 3]
+
+
+def check_data_files(paths: Sequence[str]) -> DataSources:
+    """Expand files/dirs (local or any pyarrow URI) into readable jsonl/parquet files, or raise
+    DataError naming the first unusable one. Cheap: reads only file heads and parquet footers."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    if not paths:
+        raise DataError("no data paths given")
+    sources = DataSources()
+    for path in paths:
+        fs, inner, prefix = _resolve(path)
+        try:
+            info = fs.get_file_info(inner)
+            if info.type == pafs.FileType.NotFound:
+                raise DataError(f"data path not found: {path}")
+            if info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+                files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _file_format(i.path))
+                if not files:
+                    raise DataError(f"no .jsonl/.json/.parquet files under {path}")
+            else:
+                files = [inner]
+            for file in files:
+                fmt = _file_format(file)
+                if fmt is None:
+                    raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
+                if fmt == "jsonl":
+                    with fs.open_input_stream(file) as f:
+                        head = f.read(1 << 16)
+                    try:
+                        head.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        if e.start < len(head) - 4:  # not just a character cut at the 64 KiB boundary
+                            raise DataError(f"{prefix}{file} is not UTF-8 text (is it really JSON lines?)") from e
+                    sources.jsonl.append(prefix + file)
+                else:
+                    with fs.open_input_file(file) as f:
+                        names = set(pq.read_schema(f).names)
+                    if "messages" not in names and not {"input", "output"} <= names:
+                        raise DataError(f"{prefix}{file}: parquet columns {sorted(names)} lack `messages` or `input`+`output`")
+                    sources.parquet.append(prefix + file)
+        except DataError:
+            raise
+        except Exception as e:  # permission denied, corrupt parquet footer, network errors...
+            raise DataError(f"cannot read data path {path}: {type(e).__name__}: {e}") from e
+    log.info("data: %d jsonl and %d parquet file(s)", len(sources.jsonl), len(sources.parquet))
+    return sources
+
+
+def _pack_jsonl_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
+    return process_records(batch.column("text").to_pylist(), **kwargs)
+
+
+def _pack_parquet_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
+    return process_records(batch.to_pylist(), **kwargs)
+
+
+def build_dataset(
+    sources: DataSources, tokenizer: "PreTrainedTokenizerBase", cfg: DataConfig, num_cpus: float = 1.0
+) -> "ray.data.Dataset":
+    """A lazy Ray Dataset of packed sequences (see `pack_documents` for the columns)."""
+    import ray.data
+
+    kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
+    parts = []
+    if sources.jsonl:
+        raw = ray.data.read_text(sources.jsonl, num_cpus=num_cpus)
+        parts.append(raw.map_batches(
+            _pack_jsonl_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
+            fn_kwargs=kwargs, num_cpus=num_cpus,
+        ))
+    if sources.parquet:
+        raw = ray.data.read_parquet(sources.parquet, num_cpus=num_cpus)
+        parts.append(raw.map_batches(
+            _pack_parquet_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
+            fn_kwargs=kwargs, num_cpus=num_cpus,
+        ))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

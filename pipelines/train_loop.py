@@ -1,0 +1,439 @@
+"""The Ray Train worker loop of `pipelines/finetune.py`: block-diffusion fine-tuning, one process per worker.
+
+Per step every worker takes `batch_size` packed sequences from its streamed dataset shard, builds the
+two-stream noisy/clean input (METHOD.md §2), and adds up the masked-token cross-entropy. The loss is
+normalised by the *global* number of masked tokens, so DDP's gradient averaging yields exactly the
+gradient of one big batch: N workers train like 1 worker with N times the batch.
+
+Noise is drawn from a generator seeded by (seed, step, sequence content), so it depends neither on
+the worker count nor on which worker gets a sequence, and a resumed run draws what the original
+would have drawn.
+
+Checkpoints are HF directories (weights, tokenizer, fdllm_config.json) plus `train_state.pt`
+(optimizer, step, data position, bad-row counts), reported through `ray.train.report`. On restart
+(FailureConfig retries, or `--resume`) the loop restores all of it and skips the sequences its shard
+already consumed in the current epoch.
+
+Shape legend: B sequences per worker, L sequence length, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import fdllm
+from fdllm.config import BlockDiffusionConfig
+from fdllm.masks import two_stream_block_mask, two_stream_mask
+from fdllm.objective import resolve_mask_impl, shifted_cross_entropy, two_stream_batch
+from fdllm.tokenizer import add_mask_token, load_tokenizer
+from pipelines.data import BAD_REASONS
+
+if TYPE_CHECKING:
+    from pipelines.finetune import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.pt"
+DEEPSPEED_DIR = "deepspeed"
+BATCH_COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides weights and optimizer."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # passes over the data started
+    consumed: int = 0  # sequences this worker's shard consumed in the current epoch
+    tokens: int = 0  # non-padding tokens trained on, all workers
+    bad_rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))  # all workers, epoch 0
+
+
+def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at `total_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _row_seed(seed: int, step: int, ids_L: np.ndarray) -> int:
+    digest = hashlib.blake2b(ids_L.tobytes(), digest_size=8, key=f"{seed}:{step}".encode()).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def diffusion_loss_sum(
+    model: torch.nn.Module,
+    batch: dict[str, np.ndarray],
+    mask_token_id: int,
+    block_size: int,
+    eps: float,
+    seed: int,
+    step: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Summed block-diffusion cross-entropy of a packed batch and the number of masked tokens.
+
+    As `fdllm.objective.block_diffusion_loss`, but each row is noised by its own generator seeded
+    from (seed, step, row content): the noise of a sequence is the same on any worker layout.
+    """
+    ids_BL, labels_BL, pos_BL, docs_BL = (torch.from_numpy(batch[c]).long() for c in BATCH_COLUMNS)
+    L = ids_BL.shape[1]
+    rows = []
+    for i in range(ids_BL.shape[0]):  # noise on the host: a per-row CPU generator, no device sync
+        gen = torch.Generator().manual_seed(_row_seed(seed, step, batch["input_ids"][i]))
+        row = slice(i, i + 1)
+        rows.append(two_stream_batch(
+            ids_BL[row], labels_BL[row], mask_token_id, block_size, eps, pos_BL[row], docs_BL[row], gen
+        ))
+    input_ids = torch.cat([r.input_ids for r in rows]).to(device)  # [2B, 2L]
+    positions = torch.cat([r.position_ids for r in rows]).to(device)  # [2B, 2L]
+    targets = torch.cat([r.targets for r in rows]).to(device)  # [2B, L]
+    doc_ids = torch.cat([r.doc_ids for r in rows]).to(device)  # [2B, L]
+    if resolve_mask_impl("auto", device) == "flex":
+        mask = two_stream_block_mask(L, block_size, doc_ids, device=device)
+    else:
+        mask = two_stream_mask(L, block_size, doc_ids)  # [2B, 1, 2L, 2L]
+    logits = model(input_ids, positions, mask, logit_positions=slice(0, L))  # noisy half [2B, L, V]
+    loss, count = shifted_cross_entropy(logits, targets)
+    return loss * count, count
+
+
+class ShardReader:
+    """Batches of `batch_size` packed sequences from a worker's dataset shard, epoch after epoch.
+
+    Bad-row counts are taken when the rows carrying them are consumed, so a checkpoint's counts and
+    data position agree; `skip` drops sequences an interrupted run already trained on.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, skip: int = 0) -> None:
+        self.shard, self.batch_size, self.skip = shard, batch_size, skip
+        self.bad_rows: Counter[str] = Counter()  # consumed by this worker since the last `take_counts`
+        self.consumed = skip
+        self._rows: Iterator[dict[str, Any]] | None = None
+
+    def take_counts(self) -> Counter[str]:
+        counts, self.bad_rows = self.bad_rows, Counter()
+        return counts
+
+    def new_epoch(self) -> None:
+        self._rows, self.consumed = None, 0
+
+    def next_batch(self) -> dict[str, np.ndarray] | None:
+        """The next batch, or None when this shard's epoch has no full batch left."""
+        if self._rows is None:
+            self._rows = iter(self.shard.iter_rows())
+        picked: list[dict[str, Any]] = []
+        pending: Counter[str] = Counter()
+        for row in self._rows:
+            if self.skip:
+                self.skip -= int(row["num_docs"] > 0)
+                continue
+            pending.update({r: int(row[f"bad_{r}"]) for r in BAD_REASONS})
+            if row["num_docs"] == 0:  # a carrier of counts only
+                continue
+            picked.append(row)
+            if len(picked) == self.batch_size:
+                self.bad_rows.update(pending)
+                self.consumed += len(picked)
+                return {c: np.stack([r[c] for r in picked]) for c in (*BATCH_COLUMNS, "num_tokens")}
+        self.bad_rows.update(pending)  # the partial batch at the end of an epoch is dropped
+        return None
+
+
+class Parallel:
+    """The model as trained: DDP (CPU/GPU) or a DeepSpeed ZeRO engine, behind one small interface."""
+
+    def __init__(self, model: torch.nn.Module, cfg: "FinetuneConfig", device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.deepspeed = cfg.use_gpu and cfg.strategy in ("auto", "deepspeed") and _has_deepspeed()
+        if cfg.strategy == "deepspeed" and not self.deepspeed:
+            raise RuntimeError("strategy 'deepspeed' needs --use-gpu and the deepspeed package (pip install 'fdllm[gpu]')")
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda" and not self.deepspeed,
+        )
+        if self.deepspeed:
+            import deepspeed
+
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=self._deepspeed_config()
+            )
+            self.module, self.forward = self.engine.module, self.engine
+        else:
+            import ray.train.torch
+
+            self.module = model.to(device)
+            self.forward = ray.train.torch.prepare_model(self.module, move_to_device=False)  # DDP if world > 1
+            self.optimizer = optimizer
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.precision == "bf16" and device.type == "cuda" and not self.deepspeed
+            else nullcontext()
+        )
+
+    def _deepspeed_config(self) -> dict[str, Any]:
+        cfg = self.cfg
+        zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+        if cfg.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        return {
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            "bf16": {"enabled": cfg.precision == "bf16"},
+            "zero_optimization": zero,
+            "steps_per_print": 1 << 30,  # we log ourselves
+        }
+
+    def step(self, loss: Tensor, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.deepspeed:
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def hf_module(self) -> torch.nn.Module | None:
+        """The full model to export in HF format, on rank 0 (a collective under ZeRO-3); None elsewhere."""
+        if not (self.deepspeed and self.cfg.zero_stage == 3):
+            return self.module if _rank() == 0 else None
+        weights = self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0 only
+        if _rank() != 0:
+            return None
+        with torch.device("meta"):
+            module = type(self.module)(dataclasses.replace(self.module.config))
+        module.load_state_dict({k: v.cpu() for k, v in weights.items()}, strict=False, assign=True)
+        if module.config.tie_word_embeddings:
+            module.lm_head.weight = module.model.embed_tokens.weight
+        return module
+
+    def save_optimizer(self, path: Path) -> dict[str, Any]:
+        """Save optimizer state (all ranks under DeepSpeed); returns what goes into train_state.pt."""
+        if self.deepspeed:
+            self.engine.save_checkpoint(str(path / DEEPSPEED_DIR), tag="latest", save_latest=False)
+            return {}
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_optimizer(self, path: Path, saved: dict[str, Any]) -> None:
+        if self.deepspeed:
+            self.engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag="latest", load_module_strict=True)
+        else:
+            self.optimizer.load_state_dict(saved["optimizer"])
+
+
+def _has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+    """One small collective for several host scalars (float64 keeps token counts exact)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=op)
+    return t.tolist()  # host sync: the values are logged and branched on
+
+
+def _collect_bad_rows(reader: ShardReader, state: TrainState) -> None:
+    """Add the rows all workers skipped since the last call (a collective). Only the first pass over
+    the data counts: later epochs re-read the same rows."""
+    local = reader.take_counts()
+    counts = _all_reduce([float(local[r]) for r in BAD_REASONS])
+    if state.epoch == 0:
+        for reason, n in zip(BAD_REASONS, counts, strict=True):
+            state.bad_rows[reason] += int(n)
+
+
+def _save_checkpoint(
+    directory: Path, parallel: Parallel, tokenizer: Any, block_cfg: BlockDiffusionConfig, state: TrainState
+) -> None:
+    """An HF checkpoint directory plus the training state; rank 0 writes all but DeepSpeed shards."""
+    optimizer_state = parallel.save_optimizer(directory)
+    module = parallel.hf_module()
+    if module is None:
+        return
+    module.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    block_cfg.save(directory)
+    torch.save({"state": dataclasses.asdict(state), **optimizer_state}, directory / TRAIN_STATE)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry: `config["cfg"]` is the run's FinetuneConfig."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: FinetuneConfig = config["cfg"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+
+    checkpoint = ray.train.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="fdllm-restore-") as restore_dir:
+        state, saved, source = TrainState(), None, cfg.model
+        if checkpoint is not None:  # a restart (FailureConfig) or --resume: continue from the latest
+            source = checkpoint.to_directory(restore_dir)  # a local copy: the storage may be remote
+            saved = torch.load(Path(source) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            state = TrainState(**saved["state"])
+        model = fdllm.load_model(source, dtype=torch.float32, device="cpu")
+        tokenizer = load_tokenizer(source)
+        mask_id = add_mask_token(tokenizer, model)  # a no-op on our own checkpoints
+        parallel = Parallel(model.train(), cfg, device)
+        if saved is not None:
+            parallel.load_optimizer(Path(source), saved)
+            if rank == 0:
+                log.info("resumed from step %d (epoch %d, %d sequences into it)", state.step, state.epoch, state.consumed)
+    block_cfg = BlockDiffusionConfig(
+        block_size=cfg.block_size, sub_block_size=cfg.sub_block_size, mask_token_id=mask_id, eps=cfg.eps
+    )
+
+    total_steps = cfg.total_steps()
+    reader = ShardReader(ray.train.get_dataset_shard("train"), cfg.batch_size, skip=state.consumed)
+    progress = _progress_bar(rank, total_steps, state.step)
+    meter = _Meter(restored_step=state.step)
+    epoch_trained = state.consumed > 0  # a restored run may resume at the very end of an epoch
+    while state.step < total_steps:
+        batch = reader.next_batch()
+        if not _all_reduce([float(batch is not None)], op=dist.ReduceOp.MIN)[0]:
+            # Some shard ran dry: the epoch ends for every worker together (DDP needs equal steps).
+            if not epoch_trained:
+                raise RuntimeError(
+                    "an epoch produced no training batch: the data has fewer than num_workers x batch_size "
+                    f"good sequences (bad rows so far: {dict(reader.bad_rows)})"
+                )
+            _collect_bad_rows(reader, state)
+            reader.new_epoch()
+            state.epoch, state.consumed, epoch_trained = state.epoch + 1, 0, False
+            continue
+
+        lr = lr_at(state.step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        loss, tokens = _train_step(parallel, batch, mask_id, cfg, state.step, lr, device)
+        state.step, state.consumed, epoch_trained = state.step + 1, reader.consumed, True
+        state.tokens += tokens
+        meter.add(loss, tokens)
+        progress.update(1)
+
+        save = state.step % cfg.save_every == 0 or state.step == total_steps
+        if save or state.step % cfg.log_every == 0:
+            _collect_bad_rows(reader, state)
+            metrics = meter.metrics(state, lr)
+            if rank == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s, rows skipped %d", state.step, total_steps,
+                         metrics["loss"], lr, metrics["tokens_per_s"], sum(state.bad_rows.values()))
+            _report(metrics, (parallel, tokenizer, block_cfg, state) if save else None)
+    progress.close()
+
+
+def _train_step(
+    parallel: Parallel, batch: dict[str, np.ndarray], mask_id: int, cfg: "FinetuneConfig", step: int, lr: float,
+    device: torch.device,
+) -> tuple[float, int]:
+    """One optimizer step on this worker's batch; returns the global mean loss and token count."""
+    with parallel.autocast:
+        loss_sum, count = diffusion_loss_sum(
+            parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, step, device
+        )
+    # Host sync, once per step: the global masked-token count normalises the loss on every worker.
+    totals = _all_reduce([loss_sum.item(), count.item(), float(batch["num_tokens"].sum())])
+    global_loss_sum, global_count, global_tokens = totals
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # DDP averages gradients over workers; scaling by `world` makes that the gradient of the global mean.
+    parallel.step(loss_sum * world / max(global_count, 1.0), lr)
+    return global_loss_sum / max(global_count, 1.0), int(global_tokens)
+
+
+class _Meter:
+    """Loss and throughput over the steps since the last report."""
+
+    def __init__(self, restored_step: int) -> None:
+        self.restored_step = restored_step
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.tokens, self.loss, self.steps = time.perf_counter(), 0, 0.0, 0
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.tokens, self.steps = self.loss + loss, self.tokens + tokens, self.steps + 1
+
+    def metrics(self, state: TrainState, lr: float) -> dict[str, Any]:
+        out = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": self.loss / self.steps,  # mean over the window's steps
+            "lr": lr,
+            "tokens": state.tokens,
+            "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
+            "restored_step": self.restored_step,
+            **{f"bad_{r}": n for r, n in state.bad_rows.items()},
+        }
+        self._reset()
+        return out
+
+
+def _report(metrics: dict[str, Any], to_save: tuple | None) -> None:
+    """`ray.train.report` from every worker, with a checkpoint when `to_save` is given."""
+    import ray.train
+
+    if to_save is None:
+        ray.train.report(metrics)
+        return
+    parallel, tokenizer, block_cfg, state = to_save
+    with tempfile.TemporaryDirectory(prefix="fdllm-ckpt-") as tmp:
+        _save_checkpoint(Path(tmp), parallel, tokenizer, block_cfg, state)
+        has_files = any(Path(tmp).iterdir())  # only rank 0 writes, except DeepSpeed's optimizer shards
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
+            checkpoint_dir_name=f"step_{state.step:08d}",
+        )
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(rank: int, total: int, initial: int) -> Any:
+    """A progress bar the driver renders (Ray's tqdm), shown by rank 0 only."""
+    if rank != 0:
+        return _NoProgress()
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc="fine-tune steps")
+    bar.update(initial)
+    return bar

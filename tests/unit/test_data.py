@@ -1,0 +1,176 @@
+"""pipelines.data without Ray: schema parsing, label masking, packing, bad-row counting, file checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fdllm.masks import two_stream_mask
+from fdllm.objective import IGNORE_INDEX
+from fdllm.tokenizer import MASK_TOKEN
+from pipelines.data import (
+    BAD_REASONS,
+    BadRow,
+    DataConfig,
+    DataError,
+    TokenSpec,
+    bad_counts,
+    check_data_files,
+    process_records,
+    record_to_messages,
+)
+from tests.helpers import make_tokenizer
+from tests.sft_data import BROKEN_ROWS, LLAMA3_PROMPT, expected_bad_counts, good_records, write_jsonl
+
+# Words the test tokenizer round-trips exactly (its byte alphabet is deliberately small).
+Q, A, Q2, A2 = "the fox 12 hello 7", "world 19", "hi there", "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_list_input_with_system_prompt_and_reasoning():
+    rec = {"input": [{"role": "user", "content": Q}], "output": "<think>7 12</think>\n" + A,
+           "system_prompt": "detailed thinking on", "reasoning": "on", "category": "math"}
+    assert record_to_messages(rec) == [
+        {"role": "system", "content": "detailed thinking on"},
+        {"role": "user", "content": Q},
+        {"role": "assistant", "content": "<think>7 12</think>\n" + A},
+    ]
+    assert record_to_messages(rec, strip_reasoning=True)[-1] == {"role": "assistant", "content": A}
+
+
+def test_first_release_llama3_string_is_parsed_back_into_messages():
+    rec = {"input": LLAMA3_PROMPT.format(system="detailed thinking off", user=Q + "\nline two"),
+           "output": A + "<|eot_id|>", "reasoning": "off"}
+    assert record_to_messages(rec) == [
+        {"role": "system", "content": "detailed thinking off"},
+        {"role": "user", "content": Q + "\nline two"},
+        {"role": "assistant", "content": A},
+    ]
+
+
+def test_plain_string_input_and_messages_records():
+    assert record_to_messages({"input": Q, "output": A}) == [
+        {"role": "user", "content": Q}, {"role": "assistant", "content": A}]
+    chat = [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]
+    assert record_to_messages({"messages": chat, "system_prompt": "be brief"})[0] == {"role": "system", "content": "be brief"}
+
+
+@pytest.mark.parametrize("rec,reason", [
+    ({"input": Q, "output": "<think>open " + A}, "unclosed_think"),
+    ({"input": Q, "output": "<think>only thoughts</think>"}, "empty_field"),
+    ({"input": Q, "output": A, "reasoning": "maybe"}, "wrong_type"),
+    ({"input": Q, "output": A, "system_prompt": 3}, "wrong_type"),
+    ({"input": "<|start_header_id|>garbage", "output": A}, "bad_chat"),
+])
+def test_rejects_with_reason(rec, reason):
+    with pytest.raises(BadRow) as e:
+        record_to_messages(rec, strip_reasoning=True)
+    assert e.value.reason == reason
+
+
+def _docs(out, row):
+    """(start, end) of each document of a packed row (the last span is the padding)."""
+    ids = out["doc_ids"][row]
+    starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+    return list(zip(starts, starts[1:] + [len(ids)]))
+
+
+def test_labels_cover_exactly_the_assistant_answers(tok):
+    chat = [{"role": "user", "content": Q}, {"role": "assistant", "content": A},
+            {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}]
+    cfg = DataConfig(block_size=8, seq_len=128)
+    out = process_records([{"messages": chat}], tok, cfg)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    (start, end), _pad = _docs(out, 0)
+    trained = labels[start:end] != IGNORE_INDEX
+    assert (labels[start:end][trained] == ids[start:end][trained]).all()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    n_fill = (end - start) - len(tok.encode(tok.apply_chat_template(chat, tokenize=False).rstrip("\n")))
+    # Trained: answer 1 + its <|im_end|>, answer 2 + its <|im_end|>, then the block fill (all <|im_end|>).
+    assert tok.decode(ids[start:end][trained]) == A + "<|im_end|>" + A2 + "<|im_end|>" * (1 + n_fill)
+    # Not trained: exactly the rest of the rendered conversation.
+    rendered = tok.apply_chat_template(chat, tokenize=False)
+    rendered = rendered[: rendered.rindex("<|im_end|>")]  # the document ends at the last end-of-turn
+    expected_prompt = tok.decode(tok.encode(rendered)).replace(A + "<|im_end|>", "").removesuffix(A2)
+    assert tok.decode(ids[start:end][~trained]) == expected_prompt
+    assert ids[end - 1] == eot and (end - start) % cfg.block_size == 0
+    assert (labels[end:] == IGNORE_INDEX).all()  # the padding tail of the row carries no loss
+
+
+def test_packing_aligns_documents_to_blocks_and_mask_never_crosses_them(tok):
+    cfg = DataConfig(block_size=8, seq_len=128)
+    out = process_records(good_records(24), tok, cfg)
+    assert out["input_ids"].shape[1] == 128 and out["num_docs"].sum() == 24
+    for row in range(len(out["num_docs"])):
+        spans = _docs(out, row)
+        for start, end in spans:
+            assert start % cfg.block_size == 0 and end % cfg.block_size == 0
+            assert (out["position_ids"][row, start:end] == np.arange(end - start)).all()
+        doc_ids = out["doc_ids"][row]
+        assert len(spans) == len(set(doc_ids.tolist()))  # every document (and the padding) its own id
+        import torch
+
+        allowed = two_stream_mask(128, cfg.block_size, torch.from_numpy(doc_ids)[None].long())[0, 0]  # [2L, 2L]
+        q, k = allowed.nonzero().T
+        assert (doc_ids[q % 128] == doc_ids[k % 128]).all()
+        assert allowed.any(-1).all()  # no query row left without a key (SDPA would give NaN)
+
+
+def test_broken_rows_are_counted_by_reason(tok):
+    rows = [json.dumps(r) for r in good_records(12)]
+    rows[3:3] = [raw for raw, _ in BROKEN_ROWS]
+    out = process_records(rows, tok, DataConfig(block_size=8, seq_len=128))
+    counts = bad_counts(out)
+    assert counts == {r: expected_bad_counts().get(r, 0) for r in BAD_REASONS}
+    assert out["num_docs"].sum() == 12
+    assert out["bad_too_long"][1:].sum() == 0  # counts ride on the first row only
+
+
+def test_all_bad_batch_yields_a_count_carrier_row(tok):
+    out = process_records(["nope", "{}"], tok, DataConfig(block_size=8, seq_len=32))
+    assert out["num_docs"].tolist() == [0]
+    assert bad_counts(out)["invalid_json"] == 1 and bad_counts(out)["missing_field"] == 1
+
+
+def test_overlong_policy_and_mask_token(tok):
+    long = {"input": Q, "output": " ".join([A] * 30)}
+    assert bad_counts(process_records([long], tok, DataConfig(block_size=8, seq_len=64)))["too_long"] == 1
+    out = process_records([long], tok, DataConfig(block_size=8, seq_len=64, overlong="truncate"))
+    assert out["num_docs"].tolist() == [1] and out["num_tokens"].tolist() == [64]
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
+    out = process_records([{"input": Q, "output": A + MASK_TOKEN}], tok, DataConfig(block_size=8, seq_len=64),
+                          TokenSpec.from_tokenizer(tok))
+    assert bad_counts(out)["mask_token"] == 1
+
+
+def test_parquet_rows_parse_like_jsonl(tok, tmp_path):
+    recs = [r for r in good_records(8) if "input" in r and isinstance(r["input"], list)]
+    path = tmp_path / "sft.parquet"
+    pq.write_table(pa.Table.from_pylist(recs), path)
+    out = process_records(pq.read_table(path).to_pylist(), tok, DataConfig(block_size=8, seq_len=128))
+    assert out["num_docs"].sum() == len(recs) and sum(bad_counts(out).values()) == 0
+
+
+def test_check_data_files(tmp_path):
+    good = write_jsonl(tmp_path / "d" / "a.jsonl", good_records(2))
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": Q}]}]), tmp_path / "d" / "b.parquet")
+    (tmp_path / "d" / "notes.txt").write_text("ignored in a directory")
+    sources = check_data_files([str(tmp_path / "d")])
+    assert sources.jsonl == [str(good)] and sources.parquet == [str(tmp_path / "d" / "b.parquet")]
+
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage" * 100)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "cols.parquet")
+    for path, needle in [("missing.jsonl", "not found"), ("bin.jsonl", "UTF-8"), ("bad.parquet", "cannot read"),
+                         ("cols.parquet", "lack"), ("d/notes.txt", "unsupported")]:
+        with pytest.raises(DataError, match=needle):
+            check_data_files([str(tmp_path / path)])

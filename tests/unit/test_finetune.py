@@ -1,0 +1,144 @@
+"""pipelines.finetune config/CLI and the pieces of the worker loop that need no Ray."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fdllm
+from fdllm.tokenizer import add_mask_token, load_tokenizer
+from pipelines.data import BAD_REASONS, DataConfig, process_records
+from pipelines.finetune import FinetuneConfig, build_parser, main
+from pipelines.train_loop import ShardReader, diffusion_loss_sum, lr_at
+from tests.sft_data import good_records
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+
+
+def _parse(argv):
+    args = vars(build_parser().parse_args(argv))
+    return FinetuneConfig.from_sources(args.pop("config"), **args)
+
+
+def test_yaml_then_flags(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: m\ndata: d.jsonl\nlr: 0.001\nmax_steps: 5\nuse_gpu: false\nstrip_reasoning: true\n")
+    cfg = _parse(["--config", str(yaml_file), "--lr", "0.01", "--data", "a", "b", "--keep-reasoning", "--use-gpu"])
+    assert (cfg.model, cfg.data, cfg.lr, cfg.max_steps) == ("m", ["a", "b"], 0.01, 5)
+    assert cfg.use_gpu is True and cfg.strip_reasoning is False
+    assert _parse(["--config", str(yaml_file)]).strip_reasoning is True  # unset flags keep YAML values
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "qwen2.5-1.5b.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg = FinetuneConfig.from_sources(str(CONFIGS / name))
+    assert cfg.seq_len % cfg.block_size == 0 and cfg.total_steps() > 0
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"seq_len": 100}, "multiple of block_size"),
+    ({"sub_block_size": 5}, "multiple of sub_block_size"),
+    ({"max_steps": None}, "max_steps or max_tokens"),
+    ({"precision": "fp8"}, "precision must be one of"),
+    ({"resume": True}, "needs run_name"),
+    ({"strategy": "deepspeed"}, "needs use_gpu"),
+])
+def test_config_validation(change, match):
+    base = dict(model="m", data=["d"], max_steps=3, block_size=32, sub_block_size=8, seq_len=64)
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig(**{**base, **change})
+
+
+def test_unknown_yaml_key_and_token_budget(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ndata: [d]\nmax_steps: 1\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        FinetuneConfig.from_sources(str(bad))
+    cfg = FinetuneConfig(model="m", data=["d"], num_workers=2, batch_size=4, seq_len=64, block_size=32,
+                         max_tokens=10_000, max_steps=100)
+    assert cfg.total_steps() == math.ceil(10_000 / (2 * 4 * 64))
+
+
+def test_cli_help_and_clear_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--strip-reasoning" in capsys.readouterr().out
+    # A missing data file fails before Ray is started.
+    assert main(["--model", str(tmp_path), "--data", str(tmp_path / "none.jsonl"), "--max-steps", "1"]) == 2
+
+
+def test_lr_schedule():
+    lrs = [lr_at(s, 100, 1e-3, 10, 0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[100] == pytest.approx(1e-4) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+class _Shard:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def iter_rows(self):
+        return iter(self.rows)
+
+
+def _rows(tok, n_batches=3):
+    """Rows as Ray would stream them from three map_batches outputs (one with only bad records)."""
+    batches = [[*good_records(6, seed=1), "broken"], ["{}"], [*good_records(6, seed=2)]][:n_batches]
+    rows = []
+    for records in batches:
+        out = process_records(records, tok, DataConfig(block_size=8, seq_len=64))
+        rows += [{k: v[i] for k, v in out.items()} for i in range(len(out["num_docs"]))]
+    return rows
+
+
+def test_shard_reader_counts_on_consumption_and_skips_on_resume(qwen2_dir):
+    tok = load_tokenizer(qwen2_dir)
+    rows = _rows(tok)
+    n_good = sum(int(r["num_docs"] > 0) for r in rows)
+    reader = ShardReader(_Shard(rows), batch_size=2)
+    batches = []
+    while (b := reader.next_batch()) is not None:
+        batches.append(b)
+    assert len(batches) == n_good // 2 and batches[0]["input_ids"].shape == (2, 64)
+    counts = reader.take_counts()
+    assert counts["invalid_json"] == 1 and counts["missing_field"] == 1
+
+    resumed = ShardReader(_Shard(rows), batch_size=2, skip=2)
+    first = resumed.next_batch()
+    assert np.array_equal(first["input_ids"], batches[1]["input_ids"]) and resumed.consumed == 4
+    assert set(resumed.take_counts()) <= set(BAD_REASONS)
+
+
+def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
+    """The property behind 'N workers train like one': per-row seeded noise, summed losses add up."""
+    tok = load_tokenizer(qwen2_dir)
+    model = fdllm.load_model(qwen2_dir)
+    mask_id = add_mask_token(tok, model)
+    out = process_records(good_records(12), tok, DataConfig(block_size=8, seq_len=64))
+    batch = {k: v[:4] for k, v in out.items()}
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        whole = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, seed=0, step=3, device=cpu)
+        parts = [diffusion_loss_sum(model, h, mask_id, 8, 1e-3, seed=0, step=3, device=cpu) for h in halves]
+        other_step = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, seed=0, step=4, device=cpu)
+    assert whole[1] == parts[0][1] + parts[1][1]
+    assert whole[0].item() == pytest.approx((parts[0][0] + parts[1][0]).item(), rel=1e-5)
+    assert other_step[0].item() != pytest.approx(whole[0].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "ar"])
+def test_bench_train_measures_both_objectives(objective):
+    import argparse
+
+    from pipelines import bench_train
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    args = bench_train.add_parser(sub).parse_args(["--seq-len", "32", "--batch-size", "2", "--block-size", "8",
+                                                   "--steps", "1", "--warmup", "1"])
+    result = bench_train._measure(objective, args)  # in-process: `run` would spawn a fresh process
+    assert result["tokens_per_s"] > 0 and result["peak_mem_mib"] > 0
