@@ -1,10 +1,13 @@
-"""Benchmarks of the fdllm engine (run from the repository root after `pip install -e .`).
+r"""Benchmarks of the fdllm engine (run from the repository root after `pip install -e .`).
 
     python pipelines/benchmark.py decode                    # random Qwen2 config on CPU, ~1-2 min
     python pipelines/benchmark.py decode --model DIR --device cuda --dtype bfloat16 --batch-sizes 1,16,64
     python pipelines/benchmark.py decode --hidden-size 1536 --layers 28 --heads 12 --kv-heads 2 \
         --intermediate-size 8960 --vocab-size 151936 --device cuda --dtype bfloat16   # Qwen2.5-1.5B shape
     python pipelines/benchmark.py decode --help
+    python pipelines/benchmark.py train                     # two-stream objective vs AR loss (pipelines/bench_train.py)
+    python pipelines/benchmark.py serve                     # HTTP load test (pipelines/bench_serve.py)
+    python pipelines/benchmark.py kernels                   # Triton vs torch on a GPU (pipelines/bench_kernels.py)
 
 `decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
 (yardstick), the engine's AR mode, and block diffusion with the sub-block cache off and on. It
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 from typing import Self
 
 import torch
+
+from pipelines import bench_kernels, bench_serve, bench_train
 
 import fdllm
 from fdllm.config import ModelConfig
@@ -230,6 +235,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="default: the checkpoint's, or 1e-9 with random weights (maximal parallelism)")
     dec.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is reported")
     dec.add_argument("--seed", type=int, default=0)
+    dec.set_defaults(func=lambda args: print_table(decode(args), args))
+    bench_train.add_parser(sub).set_defaults(func=bench_train.run)
+    bench_kernels.add_parser(sub)
+    bench_serve.add_parser(sub)
     return parser.parse_args(argv)
 
 
@@ -237,8 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("fdllm").setLevel(logging.WARNING)  # one engine per run: skip their banners
     args = parse_args(argv)
-    if args.command == "decode":
-        print_table(decode(args), args)
+    args.func(args)
 
 
 if __name__ == "__main__":
