@@ -1,4 +1,4 @@
-"""Exact-match accuracy and decoding speed of AR vs block-diffusion decoding on held-out records.
+r"""Exact-match accuracy and decoding speed of AR vs block-diffusion decoding on held-out records.
 
     python pipelines/evaluate.py --model runs/tiny-dllm --base assets/tiny-ar-base \
         --data assets/world/test.jsonl --thresholds 1.0,0.9,0.7,0.5 --output results.json

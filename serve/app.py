@@ -1,4 +1,4 @@
-"""The Ray Serve application: an OpenAI-compatible HTTP API over the fdllm engine.
+r"""The Ray Serve application: an OpenAI-compatible HTTP API over the fdllm engine.
 
 Run it:
     fdllm-serve --model assets/tiny-ar-base --port 8000               # local Ray, one replica
