@@ -245,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("fdllm").setLevel(logging.WARNING)  # one engine per run: skip their banners
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the serve load test: no line per request
     args = parse_args(argv)
     args.func(args)
 
