@@ -3,8 +3,8 @@ r"""Exact-match accuracy and decoding speed of AR vs block-diffusion decoding on
     python pipelines/evaluate.py --model runs/tiny-dllm --base assets/tiny-ar-base \
         --data assets/world/test.jsonl --thresholds 1.0,0.9,0.7,0.5 --output results.json
 
-Records are jsonl `{"prompt": ..., "answer": ...}`; the prompt is sent as a user message through
-the checkpoint's chat template (raw when it has none) and the answer must match the generated text
+Records are jsonl `{"prompt": ..., "answer": ...}` (optionally `"messages"`, the full chat to send);
+the prompt is sent as a user message through the checkpoint's chat template (raw when it has none) and the answer must match the generated text
 exactly (surrounding whitespace ignored). Rows: the AR base decoded AR (when --base is given), then
 the model under test in each mode of --modes (diffusion once per threshold). tokens/s counts
 generated tokens over wall time of the whole batched run on one engine, so rows compare like for like.
@@ -59,16 +59,18 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, s
     return records
 
 
-def prompt_ids(engine: fdllm.Engine, prompt: str) -> list[int]:
+def prompt_ids(engine: fdllm.Engine, record: dict) -> list[int]:
+    """The record's chat (its `messages` if given, else `prompt` as one user turn) under the chat template."""
     tok = engine.tokenizer
-    if getattr(tok, "chat_template", None):
-        return tok(render_chat(tok, [{"role": "user", "content": prompt}]), add_special_tokens=False).input_ids
-    return tok(prompt).input_ids
+    if not getattr(tok, "chat_template", None):
+        return tok(record["prompt"]).input_ids
+    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+    return tok(render_chat(tok, messages), add_special_tokens=False).input_ids
 
 
 def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str) -> EvalRow:
     """Decode every record in one batched `generate` and score exact matches."""
-    prompts = [prompt_ids(engine, r["prompt"]) for r in records]
+    prompts = [prompt_ids(engine, r) for r in records]
     start = time.perf_counter()
     results = engine.generate(prompts, params, progress=True)
     seconds = time.perf_counter() - start
