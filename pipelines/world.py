@@ -38,18 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import fdllm
 from fdllm.config import ModelConfig
 from fdllm.loader import num_params
 from fdllm.model import Transformer
 from fdllm.objective import IGNORE_INDEX, ar_loss
-from fdllm.tokenizer import MASK_TOKEN
+from fdllm.tokenizer import MASK_TOKEN, load_tokenizer
+from pipelines.evaluate import evaluate
 
 log = logging.getLogger("world")
 
@@ -403,10 +404,9 @@ def init_mask_row(model: Transformer, mask_id: int, num_special: int) -> None:
         emb[mask_id] = emb[num_special:].mean(0)
 
 
-def check_progress(model: Transformer, tokenizer, test: Sequence[dict[str, Any]], step: int, loss: float) -> dict[str, float]:
-    """Held-out exact match in the middle of training (leaves the model in train mode)."""
-    acc = exact_match(model, tokenizer, test)
-    model.train()
+def check_progress(engine: fdllm.Engine, test: Sequence[dict[str, Any]], step: int, loss: float) -> dict[str, float]:
+    """Held-out exact match in the middle of training (the model has no dropout: train mode decodes as eval)."""
+    acc, _ = exact_match(engine, test)
     log.info("step %d: loss %.4f, held-out exact match %.1f%% (%d records)", step, loss, 100 * acc, len(test))
     return {"step": step, "loss": loss, "accuracy": acc}
 
@@ -421,6 +421,7 @@ def pretrain(
     """Train in place; returns a summary (steps done, minutes, final loss, evaluation history)."""
     examples = [encode_example(tokenizer, r) for r in tqdm(train, desc="tokenize", unit="rec", mininterval=2)]
     optimizer = build_optimizer(model, cfg)
+    engine = eval_engine(model, tokenizer)
     rng = random.Random(cfg.seed)
     history: list[dict[str, float]] = []
     start, loss_ema, step = time.monotonic(), None, 0
@@ -433,7 +434,7 @@ def pretrain(
         loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
         bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{cfg.lr_at(step):.2e}", refresh=False)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            history.append(check_progress(model, tokenizer, test[: cfg.eval_samples], step + 1, loss_ema))
+            history.append(check_progress(engine, test[: cfg.eval_samples], step + 1, loss_ema))
         if cfg.minutes is not None and time.monotonic() - start > 60 * cfg.minutes:
             log.warning("stopping at step %d of %d: the %.1f-minute cap was reached", step + 1, cfg.steps, cfg.minutes)
             break
@@ -442,91 +443,31 @@ def pretrain(
 
 
 # ----------------------------------------------------------------------------------------------
-# Greedy AR decoding, for validation only (fdllm.Engine is the real, cached and batched engine)
+# Held-out exact match: greedy AR decoding on fdllm.Engine, scored by pipelines/evaluate.py
 # ----------------------------------------------------------------------------------------------
 
+EVAL_PARAMS = fdllm.SamplingParams(max_new_tokens=48, temperature=0.0, mode="ar")  # answers take <= 31 tokens
+EVAL_BATCH = 100  # sequences decoded together
 
-class _ContiguousKV:
-    """The minimal `CachedAttention`: per-layer K/V of a left-padded batch, grown by concatenation.
 
-    `allowed` [B, 1, T, S] (True = may attend) is set by the caller before each forward.
+def eval_engine(model: Transformer, tokenizer) -> fdllm.Engine:
+    """A small engine over `model` itself, so one engine scores the current weights on every call.
+
+    Finished requests give their KV pages back and keep nothing, so nothing carries over between
+    calls while the weights change. 4 pages (128 tokens) per sequence fit this world's chats
+    (<= 52 prompt tokens + EVAL_PARAMS.max_new_tokens): ~25 MiB of cache for the default spec.
     """
-
-    def __init__(self, num_layers: int) -> None:
-        self.k: list[Tensor | None] = [None] * num_layers  # [B, S, K, H]
-        self.v: list[Tensor | None] = [None] * num_layers
-        self.allowed: Tensor | None = None
-
-    def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:
-        if self.k[layer] is not None:
-            k_BTKH = torch.cat([self.k[layer], k_BTKH], dim=1)
-            v_BTKH = torch.cat([self.v[layer], v_BTKH], dim=1)
-        self.k[layer], self.v[layer] = k_BTKH, v_BTKH
-        q, k, v = (t.transpose(1, 2) for t in (q_BTNH, k_BTKH, v_BTKH))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, enable_gqa=q.shape[1] != k.shape[1])
-        return o.transpose(1, 2)
+    engine_config = fdllm.EngineConfig(num_pages=4 * EVAL_BATCH, max_num_seqs=EVAL_BATCH)
+    return fdllm.Engine(model, tokenizer, fdllm.BlockDiffusionConfig(), engine_config)
 
 
-@torch.inference_mode()
-def greedy_generate(model: Transformer, prompts: Sequence[Sequence[int]], eos_id: int, pad_id: int, max_new_tokens: int = 48) -> list[list[int]]:
-    """Greedy continuations of token-id prompts (each cut after its first `eos_id`, which is kept)."""
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids_BT = torch.full((B, T), pad_id, dtype=torch.long, device=model.device)
-    valid_BT = torch.zeros(B, T, dtype=torch.bool, device=model.device)
-    for row, p in enumerate(prompts):  # left padding: every row's next token is at column T
-        ids_BT[row, T - len(p) :] = torch.tensor(p)
-        valid_BT[row, T - len(p) :] = True
-    pos_BT = (valid_BT.long().cumsum(1) - 1).clamp(min=0)
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=model.device).tril()
-    cache = _ContiguousKV(model.config.num_hidden_layers)
-    # Padding queries see only themselves (an all-False row would give NaN); real ones never see padding.
-    cache.allowed = ((causal_TT & valid_BT[:, None, :]) | torch.eye(T, dtype=torch.bool))[:, None]
-    logits_BV = model(ids_BT, pos_BT, cache=cache, logit_positions=slice(-1, None))[:, -1]
-    next_pos_B = pos_BT[:, -1] + 1
-    out_BN = torch.empty(B, 0, dtype=torch.long, device=model.device)
-    done_B = torch.zeros(B, dtype=torch.bool, device=model.device)
-    for _ in range(max_new_tokens):
-        token_B = torch.where(done_B, pad_id, logits_BV.argmax(-1))
-        out_BN = torch.cat([out_BN, token_B[:, None]], dim=1)
-        done_B |= token_B == eos_id
-        if done_B.all():  # host sync, once per token
-            break
-        valid_BT = torch.cat([valid_BT, torch.ones(B, 1, dtype=torch.bool, device=model.device)], dim=1)
-        cache.allowed = valid_BT[:, None, None, :]
-        logits_BV = model(token_B[:, None], next_pos_B[:, None], cache=cache)[:, -1]
-        next_pos_B = next_pos_B + 1
-    return [_cut_after(row, eos_id) for row in out_BN.tolist()]
-
-
-def _cut_after(tokens: list[int], stop: int) -> list[int]:
-    return tokens[: tokens.index(stop) + 1] if stop in tokens else tokens
-
-
-def predict(model: Transformer, tokenizer, rows: Sequence[dict[str, Any]], batch_size: int = 100) -> list[str]:
-    """Greedy answers (text before the end token) to test rows ({messages, ...})."""
-    answers = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        prompts = [
-            tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in chunk
-        ]
-        prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        outputs = greedy_generate(model, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        answers += [tokenizer.decode(_cut_before(o, tokenizer.eos_token_id)) for o in outputs]
-    return answers
-
-
-def _cut_before(tokens: list[int], stop: int) -> list[int]:
-    return tokens[: tokens.index(stop)] if stop in tokens else tokens
-
-
-def exact_match(model: Transformer, tokenizer, records: Sequence[dict[str, Any]]) -> float:
-    """Share of records whose greedy answer equals the expected output exactly.
-
-    Accepts Nemotron records or test rows (`messages` + `answer`)."""
-    rows = [r if "messages" in r else test_row(r) for r in records]
-    answers = predict(model, tokenizer, rows)
-    return sum(a == r["answer"] for a, r in zip(answers, rows)) / max(1, len(rows))
+def exact_match(engine: fdllm.Engine, rows: Sequence[dict[str, Any]]) -> tuple[float, dict[str, float]]:
+    """Share of test rows (`messages`, `answer`, `category`) whose greedy answer equals `answer`
+    (surrounding whitespace ignored), overall and per category; each row is decoded once."""
+    categories = sorted({r["category"] for r in rows})
+    scores = {c: evaluate(engine, [r for r in rows if r["category"] == c], EVAL_PARAMS, c) for c in categories}
+    overall = sum(s.correct for s in scores.values()) / max(1, len(rows))
+    return overall, {c: s.accuracy for c, s in scores.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,11 +498,9 @@ def cmd_tokenizer(data_dir: Path, out: Path, vocab_size: int) -> None:
 
 
 def cmd_pretrain(data_dir: Path, out: Path, tokenizer_dir: Path, spec: ModelSpec, cfg: PretrainConfig) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
     world_cfg = dataclasses.replace(load_world_config(data_dir), num_train=cfg.num_examples)
     world = generate_world(world_cfg)
     test = read_jsonl(data_dir / TEST_FILE)
@@ -569,8 +508,7 @@ def cmd_pretrain(data_dir: Path, out: Path, tokenizer_dir: Path, spec: ModelSpec
     log.info("pretraining a %.2fM-parameter model on %d examples", num_params(model) / 1e6, len(world.train))
     summary = pretrain(model, tokenizer, world.train, test, cfg)
     init_mask_row(model, tokenizer.convert_tokens_to_ids(MASK_TOKEN), len(SPECIAL_TOKENS))
-    summary["test_accuracy"] = exact_match(model, tokenizer, test)
-    summary["test_accuracy_by_category"] = accuracy_by_category(model, tokenizer, test)
+    summary["test_accuracy"], summary["test_accuracy_by_category"] = exact_match(eval_engine(model, tokenizer), test)
     summary["num_test"] = len(test)
     summary["num_params"] = num_params(model)
     summary["vocab_size"] = len(tokenizer)
@@ -583,21 +521,11 @@ def cmd_pretrain(data_dir: Path, out: Path, tokenizer_dir: Path, spec: ModelSpec
     return summary
 
 
-def accuracy_by_category(model: Transformer, tokenizer, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    categories = sorted({r["category"] for r in rows})
-    return {c: exact_match(model, tokenizer, [r for r in rows if r["category"] == c]) for c in categories}
-
-
 def cmd_evaluate(model_dir: Path, data_dir: Path, limit: int | None, threads: int) -> float:
-    from transformers import AutoTokenizer
-
-    import fdllm
-
     torch.set_num_threads(threads)
-    model = fdllm.load_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    engine = eval_engine(fdllm.load_model(model_dir), load_tokenizer(model_dir))
     rows = read_jsonl(data_dir / TEST_FILE)[:limit]
-    acc = exact_match(model, tokenizer, rows)
+    acc, _ = exact_match(engine, rows)
     log.info("greedy AR exact match: %.2f%% on %d held-out records", 100 * acc, len(rows))
     return acc
 

@@ -12,6 +12,7 @@ import torch
 
 from fdllm.tokenizer import load_tokenizer
 from pipelines import world
+from pipelines.evaluate import prompt_ids
 from pipelines.world import ModelSpec, PretrainConfig, WorldConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,20 +154,23 @@ def test_the_list_starts_at_the_same_token_in_every_prompt(tokenizer, small_worl
 # --- model and decoding -------------------------------------------------------------------------
 
 
-def test_cached_greedy_decode_matches_full_recompute(tokenizer):
+def test_one_eval_engine_follows_the_training_weights(tokenizer, small_world):
+    # pretrain() builds its evaluation engine once: later calls must decode the weights as they are
+    # then, from a fresh cache, exactly as an engine built at that point does.
     torch.manual_seed(0)
-    spec = ModelSpec(hidden_size=32, num_hidden_layers=2, intermediate_size=64)
-    model = world.Transformer(spec.model_config(tokenizer)).eval()
-    prompts = [[5, 9, 11, 40, 7], [12, 30], [8, 8, 8, 8, 8, 8, 8, 8, 1]]  # unequal: exercises left padding
-    eos = 40  # a frequent token of this random model's output, so some rows stop early
-    got = world.greedy_generate(model, prompts, eos_id=eos, pad_id=0, max_new_tokens=12)
-    for prompt, out in zip(prompts, got):
-        ids = list(prompt)
-        want = []
-        with torch.no_grad():
-            while len(want) < 12 and eos not in want:
-                want.append(model(torch.tensor([ids + want]))[0, -1].argmax().item())
-        assert out == want
+    spec = ModelSpec(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    model = world.Transformer(spec.model_config(tokenizer))
+    rows = [world.test_row(r) for r in small_world.test[:6]]
+    engine = world.eval_engine(model, tokenizer)
+    prompts = [prompt_ids(engine, r) for r in rows]
+    before = [r.token_ids for r in engine.generate(prompts, world.EVAL_PARAMS)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    after = [r.token_ids for r in engine.generate(prompts, world.EVAL_PARAMS)]
+    assert after != before
+    assert after == [r.token_ids for r in world.eval_engine(model, tokenizer).generate(prompts, world.EVAL_PARAMS)]
+    assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished()
 
 
 def test_scaled_down_chain_runs_end_to_end(tmp_path):
@@ -213,10 +217,10 @@ def test_shipped_base_solves_held_out_problems():
     import fdllm
 
     torch.set_num_threads(2)
-    model = fdllm.load_model(SHIPPED_MODEL)
-    tokenizer = load_tokenizer(SHIPPED_MODEL)
+    engine = world.eval_engine(fdllm.load_model(SHIPPED_MODEL), load_tokenizer(SHIPPED_MODEL))
     rows = world.read_jsonl(SHIPPED_DATA / "test.jsonl")[:50]
-    assert world.exact_match(model, tokenizer, rows) > 0.9
+    accuracy, by_category = world.exact_match(engine, rows)
+    assert accuracy > 0.9 and by_category["reverse"] == accuracy
 
 
 @pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="assets/tiny-ar-base not built")
