@@ -68,11 +68,12 @@ def prompt_ids(engine: fdllm.Engine, record: dict) -> list[int]:
     return tok(render_chat(tok, messages), add_special_tokens=False).input_ids
 
 
-def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str) -> EvalRow:
+def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str,
+             progress: bool = True) -> EvalRow:
     """Decode every record in one batched `generate` and score exact matches."""
     prompts = [prompt_ids(engine, r) for r in records]
     start = time.perf_counter()
-    results = engine.generate(prompts, params, progress=True)
+    results = engine.generate(prompts, params, progress=progress)
     seconds = time.perf_counter() - start
     correct = sum(res.text.strip() == rec["answer"].strip() for res, rec in zip(results, records))
     tokens = sum(len(res.token_ids) for res in results)

@@ -465,7 +465,8 @@ def exact_match(engine: fdllm.Engine, rows: Sequence[dict[str, Any]]) -> tuple[f
     """Share of test rows (`messages`, `answer`, `category`) whose greedy answer equals `answer`
     (surrounding whitespace ignored), overall and per category; each row is decoded once."""
     categories = sorted({r["category"] for r in rows})
-    scores = {c: evaluate(engine, [r for r in rows if r["category"] == c], EVAL_PARAMS, c) for c in categories}
+    scores = {c: evaluate(engine, [r for r in rows if r["category"] == c], EVAL_PARAMS, c, progress=False)
+              for c in categories}
     overall = sum(s.correct for s in scores.values()) / max(1, len(rows))
     return overall, {c: s.accuracy for c, s in scores.items()}
 
