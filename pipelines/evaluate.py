@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import fdllm
 from fdllm.tokenizer import render_chat
@@ -33,6 +34,7 @@ class EvalRow:
     model: str
     mode: str
     threshold: float | None
+    batch_size: int  # requests decoded together (the whole set when 0 was asked)
     accuracy: float
     correct: int
     total: int
@@ -69,49 +71,59 @@ def prompt_ids(engine: fdllm.Engine, record: dict) -> list[int]:
 
 
 def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str,
-             progress: bool = True) -> EvalRow:
-    """Decode every record in one batched `generate` and score exact matches."""
+             progress: bool = True, batch_size: int = 0) -> EvalRow:
+    """Decode the records `batch_size` at a time (0: all in one continuous batch) and score exact matches.
+
+    Batch 1 is the latency regime of the paper's headline numbers; a large batch measures throughput,
+    where each diffusion step computes more tokens than an AR step and the speed-up shrinks."""
     prompts = [prompt_ids(engine, r) for r in records]
+    step = batch_size or len(prompts)
     start = time.perf_counter()
-    results = engine.generate(prompts, params, progress=progress)
+    results = []
+    for i in tqdm(range(0, len(prompts), step), desc=f"{name} {params.mode}", disable=not progress or step == len(prompts)):
+        results += engine.generate(prompts[i : i + step], params, progress=progress and step == len(prompts))
     seconds = time.perf_counter() - start
     correct = sum(res.text.strip() == rec["answer"].strip() for res, rec in zip(results, records))
     tokens = sum(len(res.token_ids) for res in results)
     forwards = sum(res.num_forwards for res in results)
     return EvalRow(model=name, mode=params.mode, threshold=params.threshold if params.mode == "diffusion" else None,
-                   accuracy=correct / len(records), correct=correct, total=len(records),
+                   batch_size=step, accuracy=correct / len(records), correct=correct, total=len(records),
                    tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
                    generated_tokens=tokens, seconds=seconds)
 
 
 def format_table(rows: list[EvalRow]) -> str:
-    ar_speed = next((r.tokens_per_s for r in rows if r.mode == "ar"), None)
-    head = f"{'model':<16} {'mode':<10} {'thr':>5} {'accuracy':>9} {'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6}"
+    ar_speed: dict[int, float] = {}  # the AR reference of each batch size: speed-ups compare like with like
+    for r in rows:
+        if r.mode == "ar":
+            ar_speed.setdefault(r.batch_size, r.tokens_per_s)
+    head = f"{'model':<16} {'mode':<10} {'thr':>5} {'batch':>5} {'accuracy':>9} {'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         thr = f"{r.threshold:.2f}" if r.threshold is not None else "-"
-        ratio = f"{r.tokens_per_s / ar_speed:.2f}x" if ar_speed else "-"
-        lines.append(f"{r.model:<16} {r.mode:<10} {thr:>5} {100 * r.accuracy:>8.1f}% {r.tokens_per_forward:>8.2f} "
+        ratio = f"{r.tokens_per_s / ar_speed[r.batch_size]:.2f}x" if r.batch_size in ar_speed else "-"
+        lines.append(f"{r.model:<16} {r.mode:<10} {thr:>5} {r.batch_size:>5} {100 * r.accuracy:>8.1f}% {r.tokens_per_forward:>8.2f} "
                      f"{r.tokens_per_s:>8.1f} {ratio:>6}")
     return "\n".join(lines)
 
 
 def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[str, ...] = ("diffusion",),
                    thresholds: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5), max_new_tokens: int = 64,
-                   limit: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[EvalRow]:
+                   limit: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   batch_size: int = 0) -> list[EvalRow]:
     records = load_records(data, limit)
     rows = []
     if base:
         base_engine = fdllm.Engine.from_pretrained(base, device=device, dtype=dtype)
         rows.append(evaluate(base_engine, records, fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode="ar"),
-                             Path(base).name))
+                             Path(base).name, batch_size=batch_size))
         del base_engine
     engine = fdllm.Engine.from_pretrained(model, device=device, dtype=dtype)
     name = Path(model).name
     for mode in modes:
         for thr in thresholds if mode == "diffusion" else (None,):
             params = fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode=mode, threshold=thr)
-            rows.append(evaluate(engine, records, params, name))
+            rows.append(evaluate(engine, records, params, name, batch_size=batch_size))
             log.info("%s %s thr=%s: %.1f%%", name, mode, thr, 100 * rows[-1].accuracy)
     return rows
 
@@ -129,6 +141,8 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=_floats)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="evaluate the first N records only")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="requests decoded together; 1 = latency regime (the paper's batch-1 numbers), 0 = all at once")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--output", help="write the rows as JSON here")
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     if unknown := set(modes) - {"ar", "diffusion"}:
         parser.error(f"unknown modes {sorted(unknown)}")
     rows = run_evaluation(args.model, args.data, args.base, modes, args.thresholds, args.max_new_tokens, args.limit,
-                          args.device, getattr(torch, args.dtype))
+                          args.device, getattr(torch, args.dtype), args.batch_size)
     print(format_table(rows))
     if args.output:
         Path(args.output).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")

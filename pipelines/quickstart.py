@@ -40,17 +40,22 @@ TARGET_SPEEDUP = 1.5
 
 
 def check_targets(rows: list[EvalRow], threshold: float = 0.9) -> list[tuple[str, bool, str]]:
-    """(target, met, measured) for the report; AR row = the base decoded AR on the same engine."""
-    ar = next(r for r in rows if r.mode == "ar")
-    dllm = next(r for r in rows if r.mode == "diffusion" and r.threshold == threshold)
+    """(target, met, measured) for the report, from the batch-1 rows (the paper's regime); the AR
+    row is the base decoded AR on the same engine. The batched throughput is reported beside them."""
+    ar = next(r for r in rows if r.mode == "ar" and r.batch_size == 1)
+    dllm = next(r for r in rows if r.mode == "diffusion" and r.threshold == threshold and r.batch_size == 1)
+    batched_ar, batched = (next(r for r in rows if r.batch_size > 1 and r.mode == mode) for mode in ("ar", "diffusion"))
     return [
         (f"AR base accuracy >= {TARGET_BASE_ACCURACY:.0%}", ar.accuracy >= TARGET_BASE_ACCURACY, f"{ar.accuracy:.1%}"),
         (f"accuracy at threshold {threshold} within {TARGET_ACCURACY_GAP:.0%} of AR",
          ar.accuracy - dllm.accuracy <= TARGET_ACCURACY_GAP, f"{dllm.accuracy:.1%} vs {ar.accuracy:.1%}"),
         (f"tokens per forward >= {TARGET_TOKENS_PER_FORWARD}", dllm.tokens_per_forward >= TARGET_TOKENS_PER_FORWARD,
          f"{dllm.tokens_per_forward:.2f}"),
-        (f"tokens/s >= {TARGET_SPEEDUP}x AR", dllm.tokens_per_s >= TARGET_SPEEDUP * ar.tokens_per_s,
+        (f"tokens/s >= {TARGET_SPEEDUP}x AR at batch 1", dllm.tokens_per_s >= TARGET_SPEEDUP * ar.tokens_per_s,
          f"{dllm.tokens_per_s / ar.tokens_per_s:.2f}x"),
+        (f"tokens/s >= {TARGET_SPEEDUP}x AR with all {batched.total} requests batched",
+         batched.tokens_per_s >= TARGET_SPEEDUP * batched_ar.tokens_per_s,
+         f"{batched.tokens_per_s / batched_ar.tokens_per_s:.2f}x"),
     ]
 
 
@@ -76,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("1/2 fine-tuning %s with the block-diffusion objective (Ray Train, %d workers)", BASE.name, cfg.num_workers)
     run(cfg)
     finetune_s = time.perf_counter() - start
-    log.info("2/2 evaluating AR base vs block diffusion on %d held-out problems", args.limit)
-    rows = run_evaluation(str(out / "tiny-dllm"), str(WORLD / "test.jsonl"), base=str(BASE), modes=("diffusion",),
-                          thresholds=tuple(float(t) for t in args.thresholds.split(",")), limit=args.limit)
+    log.info("2/2 evaluating AR base vs block diffusion on %d held-out problems, one at a time and batched", args.limit)
+    model, data = str(out / "tiny-dllm"), str(WORLD / "test.jsonl")
+    thresholds = tuple(float(t) for t in args.thresholds.split(","))
+    rows = run_evaluation(model, data, base=str(BASE), thresholds=thresholds, limit=args.limit, batch_size=1)
+    rows += run_evaluation(model, data, base=str(BASE), thresholds=(0.9,), limit=args.limit, batch_size=0)
     targets = check_targets(rows)
     print("\n" + format_table(rows) + "\n")
     for name, met, measured in targets:
