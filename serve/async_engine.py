@@ -64,17 +64,29 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
+        def deliver(event: TokenDelta | GenerationResult | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
+
         def on_tokens(_rid: str, token_ids: list[int], _finished: bool) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, TokenDelta(list(token_ids)))
+            deliver(TokenDelta(list(token_ids)))
 
-        def on_done(result: GenerationResult | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, result)
-
-        await self._call("add", prompt, params, request_id, on_tokens, on_done)  # ValueError -> caller
+        await self._call("add", prompt, params, request_id, on_tokens, deliver)  # ValueError -> caller
         finished = False
         try:
             while True:
                 event = await events.get()
+                while isinstance(event, TokenDelta) and not events.empty():
+                    # Under load several deltas queue up between two reads: send them as one chunk,
+                    # since each chunk costs a trip through the HTTP proxy.
+                    following = events.get_nowait()
+                    if not isinstance(following, TokenDelta):
+                        yield event
+                        event = following
+                        break
+                    event = TokenDelta(event.token_ids + following.token_ids)
                 if isinstance(event, BaseException):
                     raise event
                 if isinstance(event, GenerationResult):

@@ -1,0 +1,97 @@
+"""The asyncio driver of the engine used by Serve replicas, without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+import fdllm
+from serve.async_engine import AsyncEngine, EngineOverloaded, TokenDelta
+
+
+@pytest.fixture
+def driver(dllm_dir):
+    drv = AsyncEngine(fdllm.Engine.from_pretrained(dllm_dir))
+    yield drv
+    drv.shutdown()
+
+
+async def _collect(drv: AsyncEngine, prompt, params, rid: str):
+    deltas, result = [], None
+    async for event in drv.generate(prompt, params, rid):
+        if isinstance(event, TokenDelta):
+            deltas += event.token_ids
+        else:
+            result = event
+    return deltas, result
+
+
+def test_concurrent_streams_deliver_every_token_and_equal_generate(driver, dllm_dir):
+    params = fdllm.SamplingParams(max_new_tokens=24, temperature=0.0)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20]]
+
+    async def main():
+        return await asyncio.gather(*(_collect(driver, p, params, f"r{i}") for i, p in enumerate(prompts)))
+
+    outs = asyncio.run(main())
+    alone = fdllm.Engine.from_pretrained(dllm_dir).generate(prompts, params)
+    for (deltas, result), expect in zip(outs, alone):
+        assert result.token_ids == expect.token_ids
+        assert deltas == result.token_ids  # streamed deltas add up to the answer, in order, none lost
+    assert driver.stats()["free_pages"] == driver.stats()["total_pages"]
+
+
+def test_cancelled_consumer_aborts_and_frees_pages(driver):
+    params = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar")
+
+    async def main():
+        stream = driver.generate([5, 6, 7], params, "long")
+        first = await anext(stream)
+        await stream.aclose()  # the client went away
+        return first
+
+    assert isinstance(asyncio.run(main()), TokenDelta)
+    for _ in range(100):
+        stats = driver.stats()
+        if stats["running"] == 0 and stats["free_pages"] == stats["total_pages"]:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert stats["running"] == 0 and stats["free_pages"] == stats["total_pages"], stats
+
+
+def test_bad_request_is_raised_to_the_caller(driver):
+    async def first_event():
+        return await anext(driver.generate([], fdllm.SamplingParams(), "empty"))
+
+    with pytest.raises(ValueError, match="empty"):
+        asyncio.run(first_event())
+
+
+def test_full_waiting_queue_is_overload_not_a_hang(dllm_dir):
+    engine = fdllm.Engine.from_pretrained(dllm_dir, engine_config=fdllm.EngineConfig(max_num_seqs=1))
+    drv = AsyncEngine(engine, max_waiting=1)
+    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar")
+
+    async def main():
+        running = drv.generate([5, 6], long, "running")
+        await anext(running)  # admitted: the only running slot is taken
+        queued = drv.generate([7, 8], long, "queued")
+        pending = asyncio.ensure_future(anext(queued))
+        while drv.stats()["waiting"] < 1:
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineOverloaded):
+            await anext(drv.generate([9], long, "rejected"))
+        pending.cancel()  # the queued client hangs up too: its generator aborts the request
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        await running.aclose()
+        while drv.stats()["running"] or drv.stats()["waiting"]:
+            await asyncio.sleep(0.01)
+        assert drv.stats()["free_pages"] == drv.stats()["total_pages"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        drv.shutdown()
