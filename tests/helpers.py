@@ -41,21 +41,25 @@ def tiny_hf_model(arch: str = "qwen2", **overrides):
 
 
 def make_tokenizer():
-    """A small byte-level BPE tokenizer wrapped as an HF fast tokenizer with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A small byte-level BPE tokenizer (an HF fast tokenizer with a ChatML template), built from a
+    fixed vocabulary rather than trained, so every process tokenizes identically. Covers lowercase,
+    digits and common punctuation (other characters are dropped); smaller than VOCAB, so the model's
+    embedding is "padded" as Qwen2.5's is."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    symbols = [byte_level.pre_tokenize_str(c)[0][0] for c in string.ascii_lowercase + string.digits + " \n,.!?:-'"]
+    merges = [("h", "e"), ("l", "l"), ("Ġ", "t"), ("Ġ", "w")]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB - 8, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60]
-    )
-    tok.train_from_iterator(["hello world, the quick brown fox 0123456789"] * 4, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-    )
+    vocab = {t: i for i, t in enumerate(specials + symbols + [a + b for a, b in merges])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": specials[1:]})
     fast.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
