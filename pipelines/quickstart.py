@@ -24,13 +24,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from pipelines.evaluate import EvalRow, format_table, run_evaluation  # noqa: E402
 from pipelines.finetune import FinetuneConfig, run  # noqa: E402
+from pipelines.world import DEFAULT_DATA_DIR as WORLD  # noqa: E402
+from pipelines.world import DEFAULT_MODEL_DIR as BASE  # noqa: E402
+from pipelines.world import REPO_ROOT, TEST_FILE, TRAIN_FILE  # noqa: E402
 
 log = logging.getLogger("fdllm.quickstart")
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "assets" / "tiny-ar-base"
-WORLD = REPO / "assets" / "world"
-CONFIG = REPO / "pipelines" / "configs" / "tiny.yaml"
+CONFIG = REPO_ROOT / "pipelines" / "configs" / "tiny.yaml"
 
 # The embedded default's targets (issue: embedded default); printed, never used to tune anything.
 TARGET_BASE_ACCURACY = 0.95
@@ -68,21 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not (BASE / "config.json").is_file() or not (WORLD / "train.jsonl").is_file():
+    if not (BASE / "config.json").is_file() or not (WORLD / TRAIN_FILE).is_file():
         log.error("the embedded assets are missing (%s, %s): run `python pipelines/world.py --rebuild`", BASE, WORLD)
         return 2
     out = Path(args.output).resolve()
     start = time.perf_counter()
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("num_workers", args.num_workers)) if v is not None}
     cfg = FinetuneConfig.from_sources(
-        str(CONFIG), model=str(BASE), data=[str(WORLD / "train.jsonl")], output=str(out / "tiny-dllm"),
+        str(CONFIG), model=str(BASE), data=[str(WORLD / TRAIN_FILE)], output=str(out / "tiny-dllm"),
         storage_path=str(out / "ray"), run_name=time.strftime("quickstart-%Y%m%d-%H%M%S"), **overrides,
     )
     log.info("1/2 fine-tuning %s with the block-diffusion objective (Ray Train, %d workers)", BASE.name, cfg.num_workers)
     run(cfg)
     finetune_s = time.perf_counter() - start
     log.info("2/2 evaluating AR base vs block diffusion on %d held-out problems, one at a time and batched", args.limit)
-    model, data = str(out / "tiny-dllm"), str(WORLD / "test.jsonl")
+    model, data = str(out / "tiny-dllm"), str(WORLD / TEST_FILE)
     thresholds = tuple(float(t) for t in args.thresholds.split(","))
     rows = run_evaluation(model, data, base=str(BASE), thresholds=thresholds, limit=args.limit, batch_size=1)
     rows += run_evaluation(model, data, base=str(BASE), thresholds=(0.9,), limit=args.limit, batch_size=0)
