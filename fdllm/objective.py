@@ -126,14 +126,21 @@ def block_diffusion_loss(
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Block-diffusion loss of a batch (scalar, mean over masked tokens) and the masked-token count."""
-    L = input_ids_BL.shape[1]
     batch = two_stream_batch(
         input_ids_BL, labels_BL, mask_token_id, block_size, eps, position_ids_BL, doc_ids_BL, generator
     )
-    if resolve_mask_impl(mask_impl, input_ids_BL.device) == "flex":
-        mask = two_stream_block_mask(L, block_size, batch.doc_ids, device=input_ids_BL.device)
+    return two_stream_loss(model, batch, block_size, mask_impl)
+
+
+def two_stream_loss(
+    model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Forward an already noised two-stream batch under its mask; mean CE over masked tokens, and their count."""
+    L, device = batch.targets.shape[1], batch.input_ids.device
+    if resolve_mask_impl(mask_impl, device) == "flex":
+        mask = two_stream_block_mask(L, block_size, batch.doc_ids, device=device)
     else:
-        mask = two_stream_mask(L, block_size, batch.doc_ids, device=input_ids_BL.device)
+        mask = two_stream_mask(L, block_size, batch.doc_ids, device=device)
     logits = model(batch.input_ids, batch.position_ids, mask, logit_positions=slice(0, L))  # noisy half
     return shifted_cross_entropy(logits, batch.targets)
 

@@ -39,8 +39,7 @@ from torch import Tensor
 
 import fdllm
 from fdllm.config import BlockDiffusionConfig
-from fdllm.masks import two_stream_block_mask, two_stream_mask
-from fdllm.objective import resolve_mask_impl, shifted_cross_entropy, two_stream_batch
+from fdllm.objective import TwoStreamBatch, two_stream_batch, two_stream_loss
 from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.data import BAD_REASONS
 
@@ -94,7 +93,6 @@ def diffusion_loss_sum(
     from (seed, step, row content): the noise of a sequence is the same on any worker layout.
     """
     ids_BL, labels_BL, pos_BL, docs_BL = (torch.from_numpy(batch[c]).long() for c in BATCH_COLUMNS)
-    L = ids_BL.shape[1]
     rows = []
     for i in range(ids_BL.shape[0]):  # noise on the host: a per-row CPU generator, no device sync
         gen = torch.Generator().manual_seed(_row_seed(seed, step, batch["input_ids"][i]))
@@ -102,16 +100,14 @@ def diffusion_loss_sum(
         rows.append(two_stream_batch(
             ids_BL[row], labels_BL[row], mask_token_id, block_size, eps, pos_BL[row], docs_BL[row], gen
         ))
-    input_ids = torch.cat([r.input_ids for r in rows]).to(device)  # [2B, 2L]
-    positions = torch.cat([r.position_ids for r in rows]).to(device)  # [2B, 2L]
-    targets = torch.cat([r.targets for r in rows]).to(device)  # [2B, L]
-    doc_ids = torch.cat([r.doc_ids for r in rows]).to(device)  # [2B, L]
-    if resolve_mask_impl("auto", device) == "flex":
-        mask = two_stream_block_mask(L, block_size, doc_ids, device=device)
-    else:
-        mask = two_stream_mask(L, block_size, doc_ids)  # [2B, 1, 2L, 2L]
-    logits = model(input_ids, positions, mask, logit_positions=slice(0, L))  # noisy half [2B, L, V]
-    loss, count = shifted_cross_entropy(logits, targets)
+    def stacked(name: str) -> Tensor:
+        return torch.cat([getattr(r, name) for r in rows]).to(device)
+
+    noised = TwoStreamBatch(  # ids/positions [2B, 2L], targets/doc ids [2B, L]
+        input_ids=stacked("input_ids"), position_ids=stacked("position_ids"),
+        targets=stacked("targets"), doc_ids=stacked("doc_ids"),
+    )
+    loss, count = two_stream_loss(model, noised, block_size)
     return loss * count, count
 
 
