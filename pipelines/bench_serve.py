@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -107,37 +106,19 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, args:
                        sum(r[2] for r in results), seconds)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_local_server(model: str, model_name: str) -> str:
-    import httpx
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
-
-    ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": model, "model_name": model_name, "max_waiting": 1024, "max_ongoing_requests": 256,
-                         "max_queued_requests": 1024}), name="fdllm", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/health", timeout=10).status_code != 200:
-        if time.time() > deadline:
-            raise TimeoutError("the Serve app did not become healthy")
-        time.sleep(0.5)
-    return url
-
-
 def run(args: argparse.Namespace) -> list[LevelResult]:
     levels = [int(c) for c in args.concurrency.split(",") if c]
     name = args.model_name or Path(args.model).name
-    url = args.url or _start_local_server(args.model, name)
+    if args.url:
+        url = args.url
+    else:
+        import ray
+
+        from serve.app import run_local
+
+        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        url = run_local({"model": args.model, "model_name": name, "max_waiting": 1024, "max_ongoing_requests": 256,
+                         "max_queued_requests": 1024})
     try:
         asyncio.run(run_level(url, name, 1, 2, args))  # warm-up: first-request costs out of the table
         rows = [asyncio.run(run_level(url, name, c, args.requests, args)) for c in levels]

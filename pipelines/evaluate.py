@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import fdllm
+from fdllm.loader import parse_dtype
 from fdllm.tokenizer import render_chat
 
 log = logging.getLogger("fdllm.evaluate")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     if unknown := set(modes) - {"ar", "diffusion"}:
         parser.error(f"unknown modes {sorted(unknown)}")
     rows = run_evaluation(args.model, args.data, args.base, modes, args.thresholds, args.max_new_tokens, args.limit,
-                          args.device, getattr(torch, args.dtype), args.batch_size)
+                          args.device, parse_dtype(args.dtype), args.batch_size)
     print(format_table(rows))
     if args.output:
         Path(args.output).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -134,12 +135,15 @@ class FdllmServer:
         import torch
 
         import fdllm
+        from fdllm.loader import parse_dtype
 
         self.cfg = ServerConfig.from_args(config)
         path = resolve_model_path(self.cfg.model)
         device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.dtype]
+        if self.cfg.dtype == "auto":
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        else:
+            dtype = parse_dtype(self.cfg.dtype)
         block_cfg = fdllm.BlockDiffusionConfig.load(path) or fdllm.BlockDiffusionConfig()
         overrides = {k: v for k, v in (("threshold", self.cfg.threshold),
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
@@ -277,6 +281,35 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     else:
         options["num_replicas"] = int(cfg.num_replicas or 1)
     return FdllmServer.options(**options).bind(asdict(cfg))
+
+
+def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 120.0) -> str:
+    """Deploy the app on the local Ray instance (started if none is) with Serve on host:port (a free
+    port when None); returns the base URL once /health answers. For load tests and integration tests."""
+    import socket
+    import urllib.request
+
+    import ray
+
+    ray.init(ignore_reinit_error=True)
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name="fdllm", route_prefix="/")
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:  # serve.run returns when the replica is up; the proxy may learn the route a moment later
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become healthy in {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
@@ -20,36 +19,13 @@ MODEL = "tiny-dllm"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not become healthy in {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def server(dllm_dir):
-    from serve.app import build_app
+    from serve.app import run_local
 
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": str(dllm_dir), "model_name": MODEL, "api_key": API_KEY,
-                         "default_max_tokens": 16, "max_waiting": 4}), name="fdllm", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(url)
-    yield url
+    yield run_local({"model": str(dllm_dir), "model_name": MODEL, "api_key": API_KEY,
+                     "default_max_tokens": 16, "max_waiting": 4}, timeout_s=60)
     serve.shutdown()
     ray.shutdown()
 
