@@ -50,6 +50,7 @@ from fdllm.loader import num_params
 from fdllm.model import Transformer
 from fdllm.objective import IGNORE_INDEX, ar_loss
 from fdllm.tokenizer import MASK_TOKEN, load_tokenizer
+from pipelines.data import record_to_messages
 from pipelines.evaluate import evaluate
 
 log = logging.getLogger("world")
@@ -157,12 +158,8 @@ def draw_record(rng: random.Random, cfg: WorldConfig) -> dict[str, Any]:
 
 
 def chat_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    """The conversation before the answer; `system_prompt` applies when `input` has no system turn."""
-    messages = list(record["input"])
-    system = record.get("system_prompt")
-    if system and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
+    """The conversation before the answer, read exactly as the fine-tuning data pipeline reads it."""
+    return record_to_messages(record)[:-1]
 
 
 def user_prompt(record: dict[str, Any]) -> str:
@@ -259,7 +256,7 @@ def render_example(tokenizer, record: dict[str, Any]) -> tuple[str, str]:
 def tokenizer_texts(records: Iterable[dict[str, Any]]) -> Iterator[str]:
     """BPE training text: whole conversations as CHAT_TEMPLATE renders them (by hand: no tokenizer yet)."""
     for record in records:
-        turns = chat_messages(record) + [{"role": "assistant", "content": record["output"]}]
+        turns = record_to_messages(record)
         yield "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in turns)
 
 
