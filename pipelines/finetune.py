@@ -11,7 +11,10 @@ because Ray 2.60 clusters require token authentication by default):
     ray stop
 
 Flags override the YAML config, whose keys are the flags' names with underscores
-(`python pipelines/finetune.py --help` lists them). A run is named `--run-name` under
+(`python pipelines/finetune.py --help` lists them). Relative local paths (model, data, output,
+storage) mean the driver's working directory: where you run the script, or the job's copy of
+`--working-dir` under `ray job submit` (so keep `--output` and `--storage-path` absolute or URIs there:
+Ray deletes that copy). A run is named `--run-name` under
 `--storage-path` (local, s3://, gs://, or any pyarrow filesystem URI; shared storage on a multi-node
 cluster); rerunning an existing run needs `--resume`, which continues from its latest checkpoint with
 optimizer state and data position. Workers that die are restarted from the latest checkpoint up to
@@ -41,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import yaml  # noqa: E402
 
+from fdllm.paths import is_uri, resolve_local  # noqa: E402
 from pipelines.data import BAD_REASONS, DataConfig, DataError, build_dataset, check_data_files  # noqa: E402
 
 if TYPE_CHECKING:
@@ -102,6 +106,12 @@ class FinetuneConfig:
             raise ValueError("model is required (an HF checkpoint dir)")
         if not self.data or not all(isinstance(d, str) and d for d in self.data):
             raise ValueError("data must be a non-empty list of paths")
+        # Workers run elsewhere (fdllm.paths): relative paths mean the driver's working directory.
+        self.model = resolve_local(self.model)
+        self.data = [resolve_local(d) for d in self.data]
+        self.storage_path = resolve_local(self.storage_path)
+        if self.output:
+            self.output = resolve_local(self.output)
         for name in ("num_workers", "block_size", "sub_block_size", "seq_len", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -204,7 +214,7 @@ def _run_exists(storage_path: str, run_name: str) -> bool:
 
     from pipelines.data import _resolve
 
-    filesystem, root, _ = _resolve(os.path.expanduser(storage_path))
+    filesystem, root, _ = _resolve(storage_path)
     snapshot = f"{root.rstrip('/')}/{run_name}/checkpoint_manager_snapshot.json"
     return filesystem.get_file_info(snapshot).type == pafs.FileType.File
 
@@ -250,7 +260,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=os.path.expanduser(cfg.storage_path),
+            storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
@@ -270,6 +280,20 @@ def export_checkpoint(checkpoint: "ray.train.Checkpoint", output: str | Path) ->
     return output
 
 
+def _warn_if_in_job_copy(cfg: FinetuneConfig) -> None:
+    """Under `ray job submit --working-dir`, the driver runs in a copy of that directory which Ray
+    deletes with the session: results written below it would be lost."""
+    import ray
+
+    if not ray.get_runtime_context().runtime_env.get("working_dir"):
+        return
+    for name in ("output", "storage_path"):
+        value = getattr(cfg, name)
+        if value and not is_uri(value) and Path(value).is_relative_to(os.getcwd()):
+            log.warning("--%s %s is inside this job's temporary copy of --working-dir, which Ray deletes; "
+                        "give an absolute path or a storage URI (s3://, gs://) to keep it", name.replace("_", "-"), value)
+
+
 def run(cfg: FinetuneConfig) -> "ray.train.Result":
     """Fine-tune (connecting to the cluster, or starting a local Ray) and export the final checkpoint."""
     import ray
@@ -277,6 +301,7 @@ def run(cfg: FinetuneConfig) -> "ray.train.Result":
     trainer = build_trainer(cfg)
     if not ray.is_initialized():
         ray.init()
+    _warn_if_in_job_copy(cfg)
     log.info("fine-tuning %s: %d steps, %d worker(s) x %d sequences x %d tokens", cfg.model, cfg.total_steps(),
              cfg.num_workers, cfg.batch_size, cfg.seq_len)
     result = trainer.fit()
