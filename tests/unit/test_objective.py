@@ -55,6 +55,43 @@ def test_two_stream_layout():
     assert torch.equal(batch.position_ids, torch.arange(8).repeat(2)[None].expand(4, 16))
 
 
+def _loss_carrying_by_hand(labels, doc_ids=None):
+    """METHOD.md §2.1 with the token shift: labelled, and something before it in its row and document."""
+    B, L = labels.shape
+    return torch.tensor([[labels[b, j] != IGNORE_INDEX and j > 0 and (doc_ids is None or doc_ids[b, j] == doc_ids[b, j - 1])
+                          for j in range(L)] for b in range(B)])
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_two_stream_copies_carry_complementary_masks(with_docs):
+    """The batch the loss trains on: copy 2's noisy half masks exactly what copy 1's leaves clean."""
+    B, L = 6, 32
+    ids, labels = _batch(B=B, L=L, prompt=5, seed=2)
+    doc_ids = torch.tensor([[0] * 12 + [1] * 20] * B) if with_docs else None
+    batch = two_stream_batch(ids, labels, MASK_ID, 8, doc_ids_BL=doc_ids, generator=torch.Generator().manual_seed(4))
+    first, second = batch.input_ids[:B, :L] == MASK_ID, batch.input_ids[B:, :L] == MASK_ID
+    carrying = _loss_carrying_by_hand(labels, doc_ids)
+    assert torch.equal(first ^ second, carrying) and not (first & second).any()
+    assert 0 < int(first.sum()) < int(carrying.sum())  # both copies really are noised
+    for copy, masked in ((batch.targets[:B], first), (batch.targets[B:], second)):
+        assert torch.equal(copy != IGNORE_INDEX, masked)
+        assert torch.equal(copy[masked], ids[masked])
+    assert torch.equal(batch.input_ids[:B, :L][~first], ids[~first])  # unmasked tokens are the clean ones
+    assert torch.equal(batch.input_ids[B:, :L][~second], ids[~second])
+
+
+def test_loss_trains_every_response_token_exactly_once_per_step(qwen2_dir):
+    """block_diffusion_loss counts each loss-carrying token once (one of the two copies), whatever the noise."""
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=3, L=16, prompt=4, seed=7)
+    carrying = int(_loss_carrying_by_hand(labels).sum())
+    with torch.no_grad():
+        for seed in range(4):
+            loss, count = block_diffusion_loss(model, ids, labels, MASK_ID, 4, mask_impl="dense",
+                                               generator=torch.Generator().manual_seed(seed))
+            assert int(count) == carrying and torch.isfinite(loss)
+
+
 def test_wrong_length_is_a_clear_error(qwen2_dir):
     model = fdllm.load_model(qwen2_dir)
     ids, labels = _batch(L=12)
