@@ -67,12 +67,12 @@ def test_wrong_lengths_are_rejected():
 
 
 def _flex_or_skip():
+    """flex_attention, skipping only on a torch build without it. Once importable it must run on CPU
+    (eager forward, ENVIRONMENT.md): a failure there is a failure of the mask path, not a skip."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
-
-        flex_attention(*(torch.randn(1, 1, 128, 16) for _ in range(3)))
-    except Exception as exc:  # pragma: no cover - depends on the torch build
-        pytest.skip(f"flex_attention does not run on this CPU build ({exc}); the GPU check remains")
+    except ImportError:  # pragma: no cover - the pinned torch has it
+        pytest.skip("this torch build has no flex_attention")
     return flex_attention
 
 
