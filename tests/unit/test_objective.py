@@ -9,7 +9,7 @@ import torch
 
 import fdllm
 from fdllm.masks import two_stream_mask
-from fdllm.objective import IGNORE_INDEX, block_diffusion_loss, sample_noise_masks, two_stream_batch
+from fdllm.objective import IGNORE_INDEX, ar_loss, block_diffusion_loss, sample_noise_masks, two_stream_batch
 from tests.unit.test_masks import allowed_by_method
 
 MASK_ID = 90
@@ -90,6 +90,30 @@ def test_loss_trains_every_response_token_exactly_once_per_step(qwen2_dir):
             loss, count = block_diffusion_loss(model, ids, labels, MASK_ID, 4, mask_impl="dense",
                                                generator=torch.Generator().manual_seed(seed))
             assert int(count) == carrying and torch.isfinite(loss)
+
+
+def test_ar_loss_is_next_token_cross_entropy_within_documents(qwen2_dir):
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=2, L=12, prompt=3, seed=9)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    loss, count = ar_loss(model, ids, labels, doc_ids_BL=doc_ids)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for row in range(2):  # each document alone, plain causal attention, its own positions from 0
+            for doc in doc_ids[row].unique():
+                cols = (doc_ids[row] == doc).nonzero()[:, 0]
+                logits = model(ids[row : row + 1, cols])[0]
+                for j in range(1, len(cols)):
+                    if labels[row, cols[j]] != IGNORE_INDEX:
+                        total += -torch.log_softmax(logits[j - 1], -1)[ids[row, cols[j]]].item()
+                        n += 1
+    assert int(count) == n
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(2, 12).clone()
+    positions[1] = torch.arange(12)
+    loss, count = ar_loss(model, ids, labels, position_ids_BL=positions, doc_ids_BL=doc_ids)
+    assert int(count) == n and math.isclose(loss.item(), total / n, rel_tol=1e-5)
+    plain, plain_count = ar_loss(model, ids, labels)  # no documents: one causal sequence per row
+    assert int(plain_count) == int((labels[:, 1:] != IGNORE_INDEX).sum()) and math.isfinite(plain.item())
 
 
 def test_wrong_length_is_a_clear_error(qwen2_dir):
