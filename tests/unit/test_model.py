@@ -78,16 +78,24 @@ def test_sharded_save_round_trips(tmp_path, qwen2_dir):
         assert (hf(ids).logits - expect).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_load_and_save(tmp_path, qwen2_dir, dtype):
+@pytest.mark.parametrize("dtype,rel_tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_low_precision_load_and_save(tmp_path, qwen2_dir, dtype, rel_tol):
+    """Every tensor is the fp32 checkpoint's value rounded to `dtype`, and the logits stay within the
+    dtype's rounding of the fp32 oracle (measured: bf16 ~0.6%, fp16 ~0.08% relative error)."""
+    fp32 = fdllm.load_model(qwen2_dir)
     model = fdllm.load_model(qwen2_dir, dtype=dtype)
     assert model.dtype == dtype
     model.save_pretrained(tmp_path)
     again = fdllm.load_model(tmp_path, dtype=None)  # None keeps the checkpoint's dtype
     assert again.dtype == dtype
-    ids = _random_batch(1, 8)
+    exact = fp32.state_dict()
+    for name, tensor in again.state_dict().items():
+        assert tensor.dtype == dtype and torch.equal(tensor, exact[name].to(dtype)), name
+    ids = _random_batch(2, 24)
     with torch.no_grad():
-        assert torch.isfinite(again(ids).float()).all()
+        ref, got = fp32(ids), again(ids).float()
+    assert ((got - ref).norm() / ref.norm()).item() < rel_tol
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
 
 
 def test_unknown_architecture_is_a_clear_error(tmp_path, qwen2_dir):

@@ -9,7 +9,7 @@ import torch
 
 import fdllm
 from fdllm.masks import two_stream_mask
-from fdllm.objective import IGNORE_INDEX, block_diffusion_loss, sample_noise_masks, two_stream_batch
+from fdllm.objective import IGNORE_INDEX, ar_loss, block_diffusion_loss, sample_noise_masks, two_stream_batch
 from tests.unit.test_masks import allowed_by_method
 
 MASK_ID = 90
@@ -53,6 +53,67 @@ def test_two_stream_layout():
     noisy = batch.input_ids[:, :8]
     assert torch.equal(noisy == MASK_ID, batch.targets != IGNORE_INDEX)
     assert torch.equal(batch.position_ids, torch.arange(8).repeat(2)[None].expand(4, 16))
+
+
+def _loss_carrying_by_hand(labels, doc_ids=None):
+    """METHOD.md §2.1 with the token shift: labelled, and something before it in its row and document."""
+    B, L = labels.shape
+    return torch.tensor([[labels[b, j] != IGNORE_INDEX and j > 0 and (doc_ids is None or doc_ids[b, j] == doc_ids[b, j - 1])
+                          for j in range(L)] for b in range(B)])
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_two_stream_copies_carry_complementary_masks(with_docs):
+    """The batch the loss trains on: copy 2's noisy half masks exactly what copy 1's leaves clean."""
+    B, L = 6, 32
+    ids, labels = _batch(B=B, L=L, prompt=5, seed=2)
+    doc_ids = torch.tensor([[0] * 12 + [1] * 20] * B) if with_docs else None
+    batch = two_stream_batch(ids, labels, MASK_ID, 8, doc_ids_BL=doc_ids, generator=torch.Generator().manual_seed(4))
+    first, second = batch.input_ids[:B, :L] == MASK_ID, batch.input_ids[B:, :L] == MASK_ID
+    carrying = _loss_carrying_by_hand(labels, doc_ids)
+    assert torch.equal(first ^ second, carrying) and not (first & second).any()
+    assert 0 < int(first.sum()) < int(carrying.sum())  # both copies really are noised
+    for copy, masked in ((batch.targets[:B], first), (batch.targets[B:], second)):
+        assert torch.equal(copy != IGNORE_INDEX, masked)
+        assert torch.equal(copy[masked], ids[masked])
+    assert torch.equal(batch.input_ids[:B, :L][~first], ids[~first])  # unmasked tokens are the clean ones
+    assert torch.equal(batch.input_ids[B:, :L][~second], ids[~second])
+
+
+def test_loss_trains_every_response_token_exactly_once_per_step(qwen2_dir):
+    """block_diffusion_loss counts each loss-carrying token once (one of the two copies), whatever the noise."""
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=3, L=16, prompt=4, seed=7)
+    carrying = int(_loss_carrying_by_hand(labels).sum())
+    with torch.no_grad():
+        for seed in range(4):
+            loss, count = block_diffusion_loss(model, ids, labels, MASK_ID, 4, mask_impl="dense",
+                                               generator=torch.Generator().manual_seed(seed))
+            assert int(count) == carrying and torch.isfinite(loss)
+
+
+def test_ar_loss_is_next_token_cross_entropy_within_documents(qwen2_dir):
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=2, L=12, prompt=3, seed=9)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    loss, count = ar_loss(model, ids, labels, doc_ids_BL=doc_ids)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for row in range(2):  # each document alone, plain causal attention, its own positions from 0
+            for doc in doc_ids[row].unique():
+                cols = (doc_ids[row] == doc).nonzero()[:, 0]
+                logits = model(ids[row : row + 1, cols])[0]
+                for j in range(1, len(cols)):
+                    if labels[row, cols[j]] != IGNORE_INDEX:
+                        total += -torch.log_softmax(logits[j - 1], -1)[ids[row, cols[j]]].item()
+                        n += 1
+    assert int(count) == n
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(2, 12).clone()
+    positions[1] = torch.arange(12)
+    loss, count = ar_loss(model, ids, labels, position_ids_BL=positions, doc_ids_BL=doc_ids)
+    assert int(count) == n and math.isclose(loss.item(), total / n, rel_tol=1e-5)
+    plain, plain_count = ar_loss(model, ids, labels)  # no documents: one causal sequence per row
+    assert int(plain_count) == int((labels[:, 1:] != IGNORE_INDEX).sum()) and math.isfinite(plain.item())
 
 
 def test_wrong_length_is_a_clear_error(qwen2_dir):

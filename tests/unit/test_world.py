@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 
@@ -182,13 +183,21 @@ def test_scaled_down_chain_runs_end_to_end(tmp_path):
         "--num-examples", "64", "--hidden-size", "32", "--layers", "1", "--eval-every", "0",
     ])
     summary = json.loads((out / world.SUMMARY_FILE).read_text())
-    assert summary["steps"] == 3 and summary["final_loss"] == pytest.approx(summary["final_loss"])  # finite
-    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["num_test"] == 4
+    assert summary["steps"] == 3 and summary["num_test"] == 4
+    # Three small steps from a 0.02-std init: the loss is still about that of a uniform guess, ln(V).
+    assert math.isfinite(summary["final_loss"])
+    assert 0.7 * math.log(summary["vocab_size"]) < summary["final_loss"] < 1.3 * math.log(summary["vocab_size"])
     assert (out / "README.md").is_file()
     import fdllm
 
     model = fdllm.load_model(out)
-    assert model.config.vocab_size == len(load_tokenizer(out))
+    tokenizer = load_tokenizer(out)
+    assert model.config.vocab_size == len(tokenizer) == summary["vocab_size"]
+    assert summary["num_params"] == sum(p.numel() for p in model.parameters())
+    # The reported accuracy is that of the saved checkpoint on the saved test records.
+    test = world.read_jsonl(data / "test.jsonl")
+    accuracy, by_category = world.exact_match(world.eval_engine(model, tokenizer), test)
+    assert summary["test_accuracy"] == accuracy and summary["test_accuracy_by_category"] == by_category
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

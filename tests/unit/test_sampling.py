@@ -1,0 +1,151 @@
+"""Sampling and the threshold rule through the public engine API, against analytic references.
+
+- Temperature / top-p: many seeded one-token requests must follow the distribution computed here
+  from the model's own logits (softmax(z / T), then the smallest top-p nucleus, renormalised).
+- Threshold: a probability of exactly the threshold is *not* above it (METHOD.md §3.2 "exceeds");
+  fp32 gives exactly 1.0 when the top logit leads by ~17 or more, so threshold 1.0 must still
+  unmask one position per step.
+- Seeded sampling with the sub-block cache on is the same whatever the batch around the request
+  (position in the batch, other requests greedy or sampling, joining mid-flight).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import fdllm
+from tests.helpers import VOCAB, make_sharp_checkpoint
+
+MASK = VOCAB - 1
+PROMPT = [5, 17, 33, 2, 9]
+
+
+def _engine(model, **cfg) -> fdllm.Engine:
+    cfg = {"block_size": 8, "sub_block_size": 4, "threshold": 0.9, "use_sub_block_cache": True, "mask_token_id": MASK} | cfg
+    return fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(**cfg),
+                        fdllm.EngineConfig(num_pages=4096, max_prefill_tokens=16384))
+
+
+@pytest.fixture(scope="module")
+def spread_model(tmp_path_factory):
+    """Logits with a few clearly distinct leading tokens (scaled LM head), neither flat nor one-hot."""
+    return fdllm.load_model(make_sharp_checkpoint(tmp_path_factory.mktemp("spread"), head_scale=12.0))
+
+
+def analytic_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> dict[int, float]:
+    """softmax(z / T) without the mask token, cut to the smallest set of most likely tokens whose
+    mass reaches top_p, renormalised. Plain Python over the sorted probabilities."""
+    z = logits.double().tolist()
+    z[MASK] = float("-inf")
+    top = max(z)
+    weights = [pow(2.718281828459045, (v - top) / temperature) if v != float("-inf") else 0.0 for v in z]
+    total = sum(weights)
+    probs = sorted(((w / total, t) for t, w in enumerate(weights)), reverse=True)
+    kept, mass = [], 0.0
+    for p, t in probs:
+        if mass >= top_p:
+            break
+        kept.append((t, p))
+        mass += p
+    return {t: p / mass for t, p in kept}
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.6, 1.0), (1.5, 1.0), (0.8, 0.7)])
+def test_seeded_draws_follow_the_temperature_and_top_p_distribution(spread_model, temperature, top_p):
+    n = 2000
+    with torch.no_grad():
+        logits = spread_model(torch.tensor([PROMPT]))[0, -1]
+    expected = analytic_distribution(logits, temperature, top_p)
+    engine = _engine(spread_model)
+    results = engine.generate(
+        [PROMPT] * n,
+        [fdllm.SamplingParams(max_new_tokens=1, temperature=temperature, top_p=top_p, seed=s, mode="ar",
+                              ignore_eos=True) for s in range(n)],
+    )
+    counts: dict[int, int] = {}
+    for r in results:
+        counts[r.token_ids[0]] = counts.get(r.token_ids[0], 0) + 1
+    assert set(counts) <= set(expected), "a token outside the top-p nucleus was sampled"
+    # Pearson chi-square over the nucleus (cells with expected count >= 5, the rest pooled): for
+    # k cells its mean is k - 1 and its sd sqrt(2(k - 1)); allow mean + 6 sd.
+    cells, pooled_obs, pooled_exp = [], 0, 0.0
+    for t, p in expected.items():
+        if n * p >= 5:
+            cells.append((counts.get(t, 0), n * p))
+        else:
+            pooled_obs, pooled_exp = pooled_obs + counts.get(t, 0), pooled_exp + n * p
+    if pooled_exp > 0:
+        cells.append((pooled_obs, pooled_exp))
+    chi2 = sum((o - e) ** 2 / e for o, e in cells)
+    dof = len(cells) - 1
+    assert dof >= 3, "the distribution should have several likely tokens"
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+def test_a_probability_equal_to_the_threshold_is_not_above_it():
+    from fdllm.decoding import select_unmask
+
+    prob = torch.tensor([[0.75, 0.5, 0.5, 0.25], [1.0, 1.0, 1.0, 0.5]])
+    cand = torch.ones(2, 4, dtype=torch.bool)
+    # row 0: 0.5 == threshold is not above it, only the most confident (0.75) goes;
+    # row 1: threshold 1.0 with three probabilities of exactly 1.0: only the first of them
+    sel = select_unmask(prob, cand, torch.tensor([0.5, 1.0]))
+    assert sel.tolist() == [[True, False, False, False], [True, False, False, False]]
+    sel = select_unmask(prob, cand, torch.tensor([0.4999, 0.9999]))
+    assert sel.tolist() == [[True, True, True, False], [True, True, True, False]]
+
+
+def test_threshold_one_unmasks_one_position_per_step_even_at_probability_one(tmp_path_factory):
+    model = fdllm.load_model(make_sharp_checkpoint(tmp_path_factory.mktemp("onehot"), head_scale=1000.0))
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3, 5, 8]]  # + max_new_tokens: whole blocks (13 + 3, 15 + 9)
+    with torch.no_grad():  # the premise: fp32 rounds the top probability to exactly 1.0 here
+        logits = model(torch.tensor([prompts[1]]))[0].float()
+    logits[:, MASK] = float("-inf")
+    assert (logits.softmax(-1).max(-1).values == 1.0).any()
+    results = _engine(model, threshold=1.0).generate(
+        prompts, [fdllm.SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (13, 15)]
+    )
+    # One masked position per denoising step; each block commit yields the next block's first
+    # token: exactly one token per forward (more would mean several unmasked in one step).
+    assert [len(r.token_ids) for r in results] == [13, 15]
+    assert [r.num_forwards for r in results] == [13, 15]
+
+
+def _sharp_prompts(n, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(MASK) for _ in range(rng.choice([2, 5, 8, 11, 17]))] for _ in range(n)]
+
+
+def test_seeded_sampling_with_the_cache_on_is_independent_of_the_batch(sharp_dir):
+    model = fdllm.load_model(sharp_dir)
+    target = [7, 3, 11, 19, 2, 40]
+    seeded = fdllm.SamplingParams(max_new_tokens=21, temperature=0.9, top_p=0.95, seed=4321, ignore_eos=True)
+    others = _sharp_prompts(4, seed=1)
+    other_params = [
+        fdllm.SamplingParams(max_new_tokens=17, ignore_eos=True),
+        fdllm.SamplingParams(max_new_tokens=25, temperature=1.0, seed=7, ignore_eos=True),
+        fdllm.SamplingParams(max_new_tokens=9, mode="ar", ignore_eos=True),
+        fdllm.SamplingParams(max_new_tokens=30, temperature=0.7, ignore_eos=True),  # unseeded
+    ]
+    alone = _engine(model).generate([target], seeded)[0].token_ids
+    assert len(alone) == 21
+    first = _engine(model).generate([target] + others, [seeded] + other_params)[0].token_ids
+    middle = _engine(model).generate(others[:2] + [target] + others[2:],
+                                     other_params[:2] + [seeded] + other_params[2:])[2].token_ids
+    assert first == alone and middle == alone
+    engine = _engine(model)  # the seeded request joins a batch that is already decoding
+    for p, sp in zip(others, other_params):
+        engine.add_request(p, sp)
+    for _ in range(3):
+        engine.step()
+    rid = engine.add_request(target, seeded)
+    late = {}
+    while engine.has_unfinished():
+        late |= {r.request_id: r for r in engine.step()}
+    assert late[rid].token_ids == alone
+    reseeded = _engine(model).generate([target], fdllm.SamplingParams(
+        max_new_tokens=21, temperature=0.9, top_p=0.95, seed=4322, ignore_eos=True))[0].token_ids
+    assert reseeded != alone, "the seed should matter (else the checks above are vacuous)"

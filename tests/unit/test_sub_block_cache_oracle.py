@@ -1,0 +1,194 @@
+"""The engine's sub-block (DualCache) path against an independent reference of METHOD.md §3.3.
+
+The reference shares nothing with `fdllm.decoding`, `fdllm.cache` or `fdllm.engine`: it keeps one
+sequence's K/V in dense tensors of its own, walks its own block / sub-block schedule and does its
+own confidence, threshold and commit. Only the model's layers (`Transformer.hidden` with a
+`CachedAttention` written here) are shared, for the arithmetic.
+
+Schedule (METHOD.md §3.2-3.4), per block of L positions cut into sub-blocks of S:
+- a step *refreshes* (feeds the whole block, rewrites its K/V) on the first step of every
+  sub-block and while the sub-block's first position is masked;
+- otherwise it feeds only the sub-block's S tokens, overwrites their K/V, and attends to the prefix
+  plus the whole block's partly stale K/V;
+- position p takes the logits of p - 1; the mask token is never predicted; every masked position
+  of the sub-block whose probability exceeds the threshold is unmasked, and always the most
+  confident one;
+- a finished block is forwarded once more clean (exact K/V); its last logit opens the next block.
+
+The requests use `P + max_new_tokens` = a block multiple, so the last block is decoded whole and
+the comparison does not depend on how truncation treats positions past max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fdllm
+from tests.helpers import VOCAB
+
+MASK = VOCAB - 1
+
+
+class DenseKV:
+    """One sequence's K/V in dense [layers, positions, K, H] tensors; a `CachedAttention` for the model.
+
+    `forward(tokens, start, kv_len)` writes the K/V of `tokens` at positions start.. and lets every
+    fed query attend to positions [0, kv_len) (whatever K/V they hold now, stale or not).
+    """
+
+    def __init__(self, model, max_len: int) -> None:
+        cfg = model.config
+        shape = (cfg.num_hidden_layers, max_len, cfg.n_kv_heads, cfg.dim_per_head)
+        self.model = model
+        self.k = torch.zeros(shape, dtype=model.dtype)
+        self.v = torch.zeros(shape, dtype=model.dtype)
+        self.start = self.kv_len = 0
+
+    @torch.no_grad()
+    def forward(self, tokens: list[int], start: int, kv_len: int) -> torch.Tensor:
+        """fp32 logits [len(tokens), V]."""
+        assert start + len(tokens) <= kv_len
+        self.start, self.kv_len = start, kv_len
+        ids = torch.tensor([tokens])
+        positions = torch.arange(start, start + len(tokens))[None]
+        return self.model.lm_head(self.model.hidden(ids, positions, cache=self))[0].float()
+
+    def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
+        n = q_BTNH.shape[1]
+        self.k[layer, self.start : self.start + n] = k_BTKH[0]
+        self.v[layer, self.start : self.start + n] = v_BTKH[0]
+        keys = self.k[layer, : self.kv_len].transpose(0, 1)[None]  # [1, K, X, H]
+        values = self.v[layer, : self.kv_len].transpose(0, 1)[None]
+        q = q_BTNH.transpose(1, 2)  # [1, N, n, H]
+        out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=q.shape[1] != keys.shape[1])
+        return out.transpose(1, 2)
+
+
+def most_likely(logits_row: torch.Tensor) -> tuple[int, float]:
+    """(token, probability) of the most likely token other than the mask token."""
+    probs = logits_row.clone().index_fill_(0, torch.tensor([MASK]), float("-inf")).softmax(-1)
+    prob, token = probs.max(-1)
+    return int(token), float(prob)
+
+
+def reference_generate(model, prompt, max_new_tokens, L, S, threshold, use_sub_block_cache=True):
+    """Generated tokens of greedy block diffusion with a block-level cache and (optionally) the sub-block cache."""
+    P = len(prompt)
+    assert (P + max_new_tokens) % L == 0, "keep the last block whole (see the module docstring)"
+    kv = DenseKV(model, P + max_new_tokens + L)
+    full = P - P % L
+    for b in range(0, full, L):  # prefill: block-causal, one block at a time
+        logits = kv.forward(prompt[b : b + L], b, b + L)
+    sequence = list(prompt[:full])  # committed tokens; the current block starts at len(sequence)
+    if P % L:
+        block = list(prompt[full:]) + [MASK] * (L - P % L)
+    else:
+        block = [most_likely(logits[-1])[0]] + [MASK] * (L - 1)
+    while len(sequence) < P + max_new_tokens:
+        start = len(sequence)
+        for s in range(0, L, S):
+            first_step = True
+            while MASK in block[s : s + S]:
+                if not use_sub_block_cache or first_step or block[s] == MASK:  # refresh the whole block
+                    logits, first_row = kv.forward(block, start, start + L), 0
+                else:  # only the sub-block, over prefix + the block's partly stale K/V
+                    logits, first_row = kv.forward(block[s : s + S], start + s, start + L), s
+                first_step = False
+                masked = [p for p in range(s, s + S) if block[p] == MASK]
+                guess = {p: most_likely(logits[p - 1 - first_row]) for p in masked}  # p reads p - 1
+                best = max(masked, key=lambda p: guess[p][1])  # the first of equals, as argmax
+                for p in masked:
+                    if p == best or guess[p][1] > threshold:
+                        block[p] = guess[p][0]
+        logits = kv.forward(block, start, start + L)  # commit: exact K/V of the clean block
+        sequence += block
+        block = [most_likely(logits[-1])[0]] + [MASK] * (L - 1)
+    return sequence[P:]
+
+
+def random_prompts(n: int, lengths: list[int], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(MASK) for _ in range(rng.choice(lengths))] for _ in range(n)]
+
+
+def whole_blocks(prompt: list[int], L: int, blocks: int = 2) -> int:
+    """max_new_tokens that ends the request on a block boundary, at least `blocks` blocks on."""
+    return (-len(prompt)) % L + blocks * L
+
+
+@pytest.fixture(scope="module")
+def model(sharp_dir):
+    return fdllm.load_model(sharp_dir)
+
+
+def make_engine(model, L, S, threshold, use_sub_block_cache=True, max_prefill_tokens=64):
+    cfg = fdllm.BlockDiffusionConfig(
+        block_size=L, sub_block_size=S, threshold=threshold, use_sub_block_cache=use_sub_block_cache, mask_token_id=MASK
+    )
+    return fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=512, max_prefill_tokens=max_prefill_tokens))
+
+
+def params(max_new_tokens: int, **kw) -> fdllm.SamplingParams:
+    return fdllm.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "L,S,threshold", [(8, 4, 0.4), (8, 2, 0.3), (16, 4, 0.25), (16, 8, 0.5), (8, 4, 1.0)]
+)
+def test_sub_block_cache_equals_independent_reference(model, L, S, threshold):
+    lengths = [1, 2, 3, L - 1, L, L + 1, L + S + 1, 2 * L, 2 * L + 3]
+    prompts = random_prompts(9, lengths, seed=L * 100 + S)
+    budgets = [whole_blocks(p, L) for p in prompts]
+    engine = make_engine(model, L, S, threshold, max_prefill_tokens=2 * L)  # long prompts prefill in chunks
+    results = engine.generate(prompts, [params(n) for n in budgets])
+    parallel = 0
+    for prompt, n, res in zip(prompts, budgets, results):
+        assert res.token_ids == reference_generate(model, prompt, n, L, S, threshold), f"prompt length {len(prompt)}"
+        parallel += res.tokens_per_forward > 1
+    if threshold < 1.0:
+        assert parallel, "the threshold should unmask several tokens per forward somewhere"
+
+
+def test_stale_kv_of_cached_steps_changes_some_outputs(model):
+    """The comparisons above have power: with this model the sub-block cache's stale K/V change the
+    output of some prompts, so an engine that always refreshed (or never cached) would be caught."""
+    L, S, threshold = 16, 4, 0.25
+    prompts = random_prompts(9, [1, 2, 3, 15, 16, 17, 21, 32, 35], seed=L * 100 + S)
+    changed = [
+        reference_generate(model, p, whole_blocks(p, L), L, S, threshold)
+        != reference_generate(model, p, whole_blocks(p, L), L, S, threshold, use_sub_block_cache=False)
+        for p in prompts
+    ]
+    assert any(changed)
+
+
+def test_cache_off_equals_the_reference_without_sub_block_cache(model):
+    L, S, threshold = 8, 4, 0.4
+    prompts = random_prompts(6, [1, 5, 8, 13, 16], seed=3)
+    budgets = [whole_blocks(p, L) for p in prompts]
+    results = make_engine(model, L, S, threshold, use_sub_block_cache=False).generate(
+        prompts, [params(n) for n in budgets]
+    )
+    for prompt, n, res in zip(prompts, budgets, results):
+        assert res.token_ids == reference_generate(model, prompt, n, L, S, threshold, use_sub_block_cache=False)
+
+
+def test_sub_block_cache_matches_reference_with_mid_flight_joins(model):
+    """Requests join a running batch at different steps; each still equals the single-sequence reference."""
+    L, S, threshold = 8, 4, 0.4
+    prompts = random_prompts(5, [2, 7, 8, 12, 19], seed=5)
+    budgets = [whole_blocks(p, L, blocks=3) for p in prompts]
+    engine = make_engine(model, L, S, threshold)
+    results = {}
+    for i, (prompt, n) in enumerate(zip(prompts, budgets)):
+        engine.add_request(prompt, params(n), request_id=str(i))
+        for _ in range(i + 1):  # join after 1, 2, 3, ... steps of the others
+            results |= {r.request_id: r for r in engine.step()}
+    while engine.has_unfinished():
+        results |= {r.request_id: r for r in engine.step()}
+    for i, (prompt, n) in enumerate(zip(prompts, budgets)):
+        assert results[str(i)].token_ids == reference_generate(model, prompt, n, L, S, threshold)
