@@ -187,7 +187,7 @@ def _sm_count(device_index: int) -> int:
 def _default_num_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
     """Split the key range only when the grid would leave SMs idle, keeping >= 8 key tiles per split.
 
-    A starting point to tune on a GPU (pipelines/bench_kernels.py), not a measured optimum.
+    A starting point to tune on a GPU (benchmarks/bench_kernels.py), not a measured optimum.
     """
     if device.type != "cuda":
         return 1

@@ -5,8 +5,8 @@ fresh process so peak memory is its own. Reports data tokens per second (B*L per
 diffusion step forwards 2B rows of 2L tokens for them) and peak memory (CUDA: max allocated;
 CPU: peak RSS above the loaded model).
 
-    python pipelines/bench_train.py --preset tiny --seq-len 256 --batch-size 8 --steps 10
-    python pipelines/bench_train.py --model /path/to/Qwen2.5-1.5B-Instruct --device cuda --dtype bf16 \\
+    python -m benchmarks.bench_train --preset tiny --seq-len 256 --batch-size 8 --steps 10
+    python -m benchmarks.bench_train --model /path/to/Qwen2.5-1.5B-Instruct --device cuda --dtype bf16 \\
         --seq-len 2048 --batch-size 2 --output bench_train.json
 
 `add_parser(subparsers)` / `run(args)` let a `benchmark.py` expose it as its `train` subcommand.
