@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fdllm.kernels.confidence import fused_confidence, fused_confidence_ref
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn's paged KV takes pages of a multiple of this many tokens
 
 # public name -> module that defines it; loaded on first attribute access (PEP 562)
 _LAZY = {
@@ -122,6 +123,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "FLASH_ATTN_PAGE_MULTIPLE",
     "flash_attn_available",
     "fused_confidence",
     "fused_confidence_ref",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-FLASH_ATTN_PAGE_MULTIPLE = 256
+from fdllm.kernels import FLASH_ATTN_PAGE_MULTIPLE
 
 
 def paged_attention_flash_attn(
