@@ -48,7 +48,7 @@ def test_sampling_respects_filters_and_draws():
     b, pb = sample_confidence(logits, M % 50, temperature=0.7, top_p=0.9, top_k=10, uniform_T=draw(3))
     assert torch.equal(a, b) and torch.equal(pa, pb)
     assert not (a == M % 50).any()
-    top10 = logits.topk(10, -1).indices
+    top10 = logits.index_fill(1, torch.tensor([M % 50]), float("-inf")).topk(10, -1).indices  # mask excluded
     assert (top10 == a[:, None]).any(-1).all()
     # per-row parameters: row 0 greedy-like (top_k=1), row 1 unfiltered; each row as if alone
     mixed, _ = sample_confidence(logits[:2], M % 50, temperature=torch.tensor([1.0, 0.7]),
