@@ -13,7 +13,7 @@ smoke test; its timings mean nothing):
     python -m benchmarks.bench_kernels --smoke
 
 Attention rows: per-call latency (median of triton.testing.do_bench, L2 flushed between calls) of
-"triton" (fdllm.kernels.paged_attention), "torch" (fdllm.attention.paged_attention_torch: gather
+"triton" (fdllm.kernels.paged_attention), "torch" (fdllm.kernels.reference.paged_attention_torch: gather
 the pages, then SDPA) and "flash_attn" (flash_attn_with_kvcache; it needs 256-token pages, so it
 runs on its own pool of 256-token pages holding the same number of tokens), with the achieved
 bandwidth = bytes of K and V read / time, as a fraction of --peak-gbps (H100 SXM ~3350 GB/s).
@@ -108,7 +108,7 @@ def _paged_case(batch: int, context: int, q_len: int, page: int, N: int, K: int,
 
 
 def bench_attention(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    from fdllm.attention import paged_attention_torch
+    from fdllm.kernels.reference import paged_attention_torch
     from fdllm.kernels import flash_attn_available
     from fdllm.kernels.paged_attention import paged_attention
 

@@ -6,7 +6,7 @@ K/V. The current, uncommitted block lives in the sequence's last page, which dou
 sub-block (DualCache) scratch of METHOD.md §3.3: a refresh step writes the whole block's K/V there,
 a cached step overwrites only its sub-block's slots, and the commit forward rewrites the whole page
 with exact K/V. So "committed prefix + current block" is always one paged range and every backend
-only needs `fdllm.attention.paged_attention_torch`'s contract.
+only needs `fdllm.kernels.reference.paged_attention_torch`'s contract.
 
 A step's forward packs every scheduled sequence's tokens into one varlen row [1, T]. The tokens are
 grouped into attention rows (a run of queries that see the first `kv_len` tokens of one block
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-AttentionFn = Callable[..., Tensor]  # fdllm.attention.paged_attention_torch's signature (fdllm.kernels picks one)
+AttentionFn = Callable[..., Tensor]  # fdllm.kernels.reference.paged_attention_torch's signature (fdllm.kernels picks one)
 
 
 class PageAllocator:

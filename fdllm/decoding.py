@@ -19,21 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
-def _suppress_mask(logits_TV: Tensor, mask_token_id: int | None) -> Tensor:
-    """fp32 copy of the logits with the mask token's logit at -inf: it is never a prediction."""
-    logits_TV = logits_TV.to(torch.float32, copy=True)
-    if mask_token_id is not None:
-        logits_TV[:, mask_token_id] = float("-inf")
-    return logits_TV
-
-
-def greedy_confidence(logits_TV: Tensor, mask_token_id: int | None) -> tuple[Tensor, Tensor]:
-    """Argmax token [T] (int64) and its softmax probability [T] (fp32), mask token excluded."""
-    logits_TV = _suppress_mask(logits_TV, mask_token_id)
-    top_T, token_T = logits_TV.max(-1)
-    prob_T = torch.exp(top_T - torch.logsumexp(logits_TV, -1))  # max softmax prob, no [T, V] softmax
-    return token_T, prob_T
+from fdllm.kernels.reference import greedy_confidence, suppress_mask
 
 
 _U32 = 0xFFFFFFFF
@@ -81,7 +67,7 @@ def sample_confidence(
         top_k, torch.int64)
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}")
-    logits_TV = _suppress_mask(logits_TV, mask_token_id) / temperature_T[:, None]
+    logits_TV = suppress_mask(logits_TV, mask_token_id) / temperature_T[:, None]
     if isinstance(top_p, Tensor) or isinstance(top_k, Tensor) or top_p < 1.0 or 0 < top_k < V:
         sorted_TV, order_TV = logits_TV.sort(-1, descending=True)
         probs_TV = sorted_TV.softmax(-1)

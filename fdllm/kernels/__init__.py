@@ -10,7 +10,7 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (`TR
 which must be set before a kernel module is imported: triton picks compiled or interpreted mode
 when `@triton.jit` runs).
 
-Attention backends all share `fdllm.attention.paged_attention_torch`'s signature:
+Attention backends all share `fdllm.kernels.reference.paged_attention_torch`'s signature:
     fn(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B, causal=False, scale=None) -> o_BTNH
 """
 
@@ -87,7 +87,7 @@ def select_attention_backend(name: str, device: torch.device | str) -> Callable[
     device = torch.device(device)
     name = resolve_attention_backend(name, device)
     if name == "torch":
-        from fdllm.attention import paged_attention_torch
+        from fdllm.kernels.reference import paged_attention_torch
 
         return paged_attention_torch
     if name == "triton":
