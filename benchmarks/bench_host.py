@@ -5,6 +5,9 @@ the step's inputs, the LM head on the read rows, confidence/sampling, the one de
 transfer and the per-sequence bookkeeping. On CPU the model's forward is itself slow (eager
 per-op overhead), which is why this benchmark subtracts it instead of timing whole steps.
 
+Clock: on CPU, this thread's CPU time (`time.thread_time`, torch at one thread), so time the
+process spends descheduled on a shared machine does not count; on CUDA, wall time with syncs.
+
     python -m benchmarks.bench_host                                   # tiny world model, batch 1 and 64
     python -m benchmarks.bench_host --batch-sizes 1,8,64 --mode ar --threads 1
     python -m benchmarks.bench_host --model DIR --device cuda         # on a GPU: forward timed with a sync
@@ -37,21 +40,28 @@ class HostRow:
     host_ms: float  # median of (step - model), per step
 
 
+def clock(device: torch.device):
+    """(now, sync): wall time with CUDA syncs on a GPU, this thread's CPU time elsewhere."""
+    if device.type == "cuda":
+        return time.perf_counter, torch.cuda.synchronize
+    return time.thread_time, (lambda: None)
+
+
 class ForwardTimer:
-    """Wraps `model.hidden` (on the instance) and records the wall time of each call (synced on CUDA)."""
+    """Wraps `model.hidden` (on the instance) and records the time of each call (see `clock`)."""
 
     def __init__(self, model: fdllm.Transformer) -> None:
         self.model, self.inner, self.times = model, model.hidden, []
 
     def __enter__(self) -> ForwardTimer:
-        sync = torch.cuda.synchronize if self.model.device.type == "cuda" else (lambda: None)
+        now, sync = clock(self.model.device)
 
         def timed(*args, **kwargs):
             sync()
-            start = time.perf_counter()
+            start = now()
             out = self.inner(*args, **kwargs)
             sync()
-            self.times.append(time.perf_counter() - start)
+            self.times.append(now() - start)
             return out
 
         self.model.hidden = timed
@@ -67,16 +77,16 @@ def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sampli
         engine.add_request(p, params)
     engine.step()  # prefill (+ the first block step): not a decode step
     steps, model, host = [], [], []
-    sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
+    now, sync = clock(engine.model.device)
     with ForwardTimer(engine.model) as timer:
         while engine.has_unfinished():
             n = len(timer.times)
             running = engine.num_running
             sync()
-            start = time.perf_counter()
+            start = now()
             engine.step()
             sync()
-            wall = time.perf_counter() - start
+            wall = now() - start
             if running == len(prompts) and len(timer.times) == n + 1:  # a full-batch step with one forward
                 steps.append(wall)
                 model.append(timer.times[-1])

@@ -1,6 +1,6 @@
 """The per-sequence decoding algorithm of METHOD.md §3 as small pure functions.
 
-Tensor functions (confidence, threshold selection) run on the device over a whole step's logits;
+Tensor functions (confidence, sampling) run on the device over a whole step's candidate rows;
 block functions (which sub-block, what to feed, which logit predicts which position) work on a
 sequence's current block as a host list of token ids, `mask_token_id` where still masked.
 
@@ -86,15 +86,14 @@ def sample_confidence(
     return token_T, probs_TV.gather(-1, token_T[:, None])[:, 0]
 
 
-def select_unmask(prob_BW: Tensor, candidate_BW: Tensor, threshold_B: Tensor) -> Tensor:
-    """Positions to unmask [B, W] bool: candidates with prob > threshold, and always the most
-    confident candidate of each sequence that has one (so every step makes progress)."""
-    select_BW = candidate_BW & (prob_BW > threshold_B[:, None])
-    best_B = prob_BW.masked_fill(~candidate_BW, -1.0).argmax(-1)
-    has_candidate_B = candidate_BW.any(-1)
-    rows_B = torch.arange(prob_BW.shape[0], device=prob_BW.device)
-    select_BW[rows_B, best_B] |= has_candidate_B
-    return select_BW
+def select_unmask(probs: Sequence[float], threshold: float) -> list[bool]:
+    """Which candidates of one work to unmask (host side, after the step's one transfer): every one
+    whose probability exceeds `threshold`, and always the most confident (the first on ties), so
+    every step makes progress."""
+    if not probs:
+        return []
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return [p > threshold or i == best for i, p in enumerate(probs)]
 
 
 def is_candidate(block: Sequence[int], offset: int, mask_token_id: int, limit: int) -> bool:

@@ -15,12 +15,12 @@ Either way the host packs everything the step needs (body inputs, which hidden r
 masked candidates, per-row sampling parameters) into ONE int64 buffer (pinned on CUDA) and copies
 it to the device once, non-blocking; the LM head and confidence run only on candidate rows
 (never on decoded, padding or prompt rows); sampling is vectorised over requests with
-counter-based per-request draws (`fdllm.decoding.counter_uniform`); and the step's decisions come
-back in one device-to-host transfer.
+counter-based per-request draws (`fdllm.decoding.counter_uniform`); the candidates' tokens and
+probabilities come back in one device-to-host transfer, and the threshold rule runs on the host
+(a few comparisons per sequence, cheaper than the kernels it would take on the device).
 
 Shape legend: T packed tokens, Bb bucketed works, Q query tokens per work (static layout),
-M pages per block table, B works that read logits, W logit rows per reading work (padded),
-C candidate rows, S sampled rows (C ⊇ S), D model dim, V vocab.
+M pages per block table, B works that read logits, C candidate rows, S sampled rows (C ⊇ S), D model dim, V vocab.
 """
 
 from __future__ import annotations
@@ -111,10 +111,9 @@ class StaticShape:
 
 @dataclass
 class HeadPlan:
-    """Which hidden rows go through the LM head, and how their decisions map back (host side)."""
+    """Which hidden rows go through the LM head (host side)."""
 
     readers: list[int]  # index into the step's works of each work that reads logits (B)
-    width: int  # W
     num_candidates: int  # C
     num_sampled: int  # S
 
@@ -171,9 +170,10 @@ class ModelRunner:
         out: list[tuple[list[int], list[bool]]] = [([], []) for _ in works]
         if plan.num_candidates == 0:
             return out
-        token_C, select_C = self._head(h_TD, plan)
-        tokens, selected = torch.stack([token_C, select_C.long()]).tolist()  # the step's one device-to-host sync
-        self._scatter_back(works, plan, tokens, selected, out)
+        token_C, prob_C = self._head(h_TD, plan)
+        # the step's one device-to-host sync (fp64 holds token ids and fp32 probabilities exactly)
+        tokens, probs = torch.stack([token_C.to(torch.float64), prob_C.to(torch.float64)]).tolist()
+        self._scatter_back(works, plan, tokens, probs, out)
         return out
 
     def static_shape(self, works: list[Work]) -> StaticShape | None:
@@ -205,9 +205,9 @@ class ModelRunner:
     @staticmethod
     def _body_sizes(shape: StaticShape | None, num_tokens: int) -> dict[str, int]:
         sizes = {"ids": num_tokens, "positions": num_tokens}
-        if shape:
-            sizes |= {"slots": num_tokens, "kv_lens": shape.batch, "q_lens": shape.batch,
-                      "tables": shape.batch * shape.pages}
+        if shape:  # this order is also a captured graph's input buffer layout (fdllm.engine.graphs)
+            sizes |= {"slots": num_tokens, "tables": shape.batch * shape.pages, "kv_lens": shape.batch,
+                      "q_lens": shape.batch}
         return sizes
 
     def _put_static_body(self, works: list[Work], shape: StaticShape) -> None:
@@ -240,25 +240,24 @@ class ModelRunner:
 
     def _plan_head(self, works: list[Work]) -> HeadPlan:
         readers = [i for i, w in enumerate(works) if w.logit_rows]
-        width = max((len(works[i].logit_rows) for i in readers), default=0)
-        cands = sum(sum(works[i].candidates) for i in readers)
-        sampled = sum(sum(works[i].candidates) for i in readers if works[i].seq.params.temperature > 0)
-        return HeadPlan(readers, width, cands, sampled)
+        cands = sampled = 0
+        for i in readers:
+            n = works[i].candidates.count(True)
+            cands += n
+            sampled += n if works[i].seq.params.temperature > 0 else 0
+        return HeadPlan(readers, cands, sampled)
 
     @staticmethod
     def _head_sizes(plan: HeadPlan) -> dict[str, int]:
         C, S = plan.num_candidates, plan.num_sampled
-        return {"cand_rows": C, "cand_flat": C, "thresholds": len(plan.readers), "sampled": S,
-                "temperature": S, "top_p": S, "top_k": S, "seed": S, "counter": S}
+        return {"cand_rows": C, "sampled": S, "temperature": S, "top_p": S, "top_k": S, "seed": S, "counter": S}
 
     def _put_head(self, works: list[Work], plan: HeadPlan, offsets: list[int]) -> None:
-        rows, flat, thresholds = [], [], []
+        rows = []
         sampled, temperature, top_p, top_k, seed, counter = [], [], [], [], [], []
-        W = plan.width
-        for b, i in enumerate(plan.readers):
+        for i in plan.readers:
             w = works[i]
             p = w.seq.params
-            thresholds.append(w.seq.threshold)
             for r, (row, cand) in enumerate(zip(w.logit_rows, w.candidates)):
                 if not cand:
                     continue
@@ -270,11 +269,8 @@ class ModelRunner:
                     seed.append(p.seed & 0x7FFFFFFFFFFFFFFF)
                     counter.append(w.seq.num_forwards * _ROW_STREAM + r)
                 rows.append(offsets[i] + row)
-                flat.append(b * W + r)
         put = self.stage.put
         put("cand_rows", rows)
-        put("cand_flat", flat)
-        put("thresholds", thresholds, np.float64)
         put("sampled", sampled)
         put("temperature", temperature, np.float64)
         put("top_p", top_p, np.float64)
@@ -292,13 +288,12 @@ class ModelRunner:
                 [r for w in works for r in w.rows], self.attention_fn,
             )
             return self.model.hidden(get("ids")[None], get("positions")[None], cache=attention)[0]
-        inputs = StaticInputs.view(self.stage, shape)
         if self.graphs is not None:
-            return self.graphs.run(shape, inputs)
-        return forward_static(self.model, self.cache, self.attention_fn, inputs)
+            return self.graphs.run(shape, self.stage.dev[: StaticInputs.numel(shape)])
+        return forward_static(self.model, self.cache, self.attention_fn, StaticInputs.view(self.stage.dev, shape))
 
     def _head(self, h_TD: Tensor, plan: HeadPlan) -> tuple[Tensor, Tensor]:
-        """Token [C] and selection [C] of the candidate rows (greedy or sampled, then the threshold rule)."""
+        """Token [C] (int64) and its probability [C] (fp32) of each candidate row, greedy or sampled."""
         get = self.stage.get
         h_CD = h_TD[get("cand_rows")]
         lm_head = self.model.lm_head
@@ -317,24 +312,22 @@ class ModelRunner:
             )
             sampled = get("sampled")
             token_C, prob_C = token_C.index_put((sampled,), token_S), prob_C.index_put((sampled,), prob_S)
-        B, W = len(plan.readers), plan.width
-        flat = get("cand_flat")
-        prob_BW = torch.full((B * W,), -1.0, device=h_TD.device).index_put_((flat,), prob_C)
-        candidate_BW = torch.zeros(B * W, dtype=torch.bool, device=h_TD.device).index_fill_(0, flat, True)
-        select_BW = select_unmask(prob_BW.view(B, W), candidate_BW.view(B, W), get("thresholds", torch.float32))
-        return token_C, select_BW.view(-1)[flat]
+        return token_C, prob_C
 
-    def _scatter_back(self, works: list[Work], plan: HeadPlan, tokens: list[int], selected: list[int],
+    def _scatter_back(self, works: list[Work], plan: HeadPlan, tokens: list[float], probs: list[float],
                       out: list[tuple[list[int], list[bool]]]) -> None:
-        """Per reading work: its logit rows' (token, selected); non-candidate rows are never accepted."""
+        """Per reading work: its logit rows' (token, selected) under the threshold rule; rows that are
+        no candidate are never selected."""
         filler = self.mask_token_id if self.mask_token_id is not None else 0
         c = 0
         for i in plan.readers:
             w = works[i]
+            n = w.candidates.count(True)
+            chosen = iter(select_unmask(probs[c : c + n], w.seq.threshold))
             toks, sels = [filler] * len(w.logit_rows), [False] * len(w.logit_rows)
             for r, cand in enumerate(w.candidates):
                 if cand:
-                    toks[r], sels[r] = tokens[c], bool(selected[c])
+                    toks[r], sels[r] = int(tokens[c]), next(chosen)
                     c += 1
             out[i] = (toks, sels)
 
@@ -350,12 +343,18 @@ class StaticInputs:
     kv_lens_B: Tensor
     q_lens_B: Tensor
 
+    @staticmethod
+    def numel(shape: StaticShape) -> int:
+        Bb, T = shape.batch, shape.batch * shape.q_len
+        return 3 * T + Bb * shape.pages + 2 * Bb
+
     @classmethod
-    def view(cls, stage: HostStage, shape: StaticShape) -> StaticInputs:
-        return cls(
-            stage.get("ids")[None], stage.get("positions")[None], stage.get("slots"),
-            stage.get("tables").view(shape.batch, shape.pages), stage.get("kv_lens"), stage.get("q_lens"),
-        )
+    def view(cls, buf: Tensor, shape: StaticShape) -> StaticInputs:
+        """Views of a flat int64 buffer laid out ids | positions | slots | tables | kv_lens | q_lens."""
+        Bb, M, T = shape.batch, shape.pages, shape.batch * shape.q_len
+        ends = [T, 2 * T, 3 * T, 3 * T + Bb * M, 3 * T + Bb * M + Bb, 3 * T + Bb * M + 2 * Bb]
+        ids, positions, slots, tables, kv_lens, q_lens = (buf[a:b] for a, b in zip([0, *ends[:-1]], ends))
+        return cls(ids[None], positions[None], slots, tables.view(Bb, M), kv_lens, q_lens)
 
 
 def forward_static(model: Transformer, cache: KVCache, attention_fn, inputs: StaticInputs) -> Tensor:

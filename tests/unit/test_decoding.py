@@ -60,15 +60,13 @@ def test_sampling_respects_filters_and_draws():
 
 
 def test_select_unmask_threshold_and_always_one():
-    prob = torch.tensor([[0.5, 0.95, 0.97, 0.2], [0.1, 0.3, 0.2, 0.05], [0.99, 0.99, 0.99, 0.99]])
-    cand = torch.tensor([[True, True, False, True], [True, False, True, True], [False] * 4])
-    sel = select_unmask(prob, cand, torch.tensor([0.9, 0.9, 0.5]))
-    assert sel.tolist() == [
-        [False, True, False, False],  # above threshold; the non-candidate 0.97 is ignored
-        [False, False, True, False],  # nothing above: the most confident candidate
-        [False] * 4,  # no candidates: nothing
-    ]
-    assert select_unmask(prob[:1], cand[:1], torch.tensor([1.0])).sum() == 1  # threshold 1.0: one per step
+    # one work's candidates (non-candidate rows never reach the rule)
+    assert select_unmask([0.5, 0.95, 0.2], 0.9) == [False, True, False]  # above the threshold
+    assert select_unmask([0.1, 0.2, 0.05], 0.9) == [False, True, False]  # nothing above: the most confident
+    assert select_unmask([0.4, 0.7, 0.7], 0.9) == [False, True, False]  # ties: the first
+    assert select_unmask([0.99, 0.99], 0.5) == [True, True]
+    assert select_unmask([], 0.5) == []  # no candidates: nothing
+    assert sum(select_unmask([0.99, 0.999, 1.0], 1.0)) == 1  # threshold 1.0: one per step
 
 
 def test_current_sub_block_skips_decoded_and_out_of_limit_positions():
