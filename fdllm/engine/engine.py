@@ -72,7 +72,9 @@ class Engine:
             max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L,
         )
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
-        use_graphs = model.device.type == "cuda" and not engine_config.enforce_eager
+        # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while
+        # the torch reference gathers them all, so it stays eager.
+        use_graphs = model.device.type == "cuda" and not engine_config.enforce_eager and self.attention_backend != "torch"
         self.runner = ModelRunner(
             model, cache, config.mask_token_id, self.attention_backend, max_num_seqs=engine_config.max_num_seqs,
             max_pages_per_seq=-(-self.max_model_len // L), use_cuda_graphs=use_graphs,

@@ -58,7 +58,7 @@ class EngineConfig:
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (chunked by block)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"  # "auto" (triton on CUDA, else torch) | "torch" | "triton" | "flash_attn"
-    enforce_eager: bool = False  # True: never capture CUDA graphs (they are on by default on CUDA)
+    enforce_eager: bool = False  # True: never capture CUDA graphs (on by default on CUDA with triton/flash_attn)
     # True: every decode step runs at batch max_num_seqs, so no GEMM ever changes shape and a request's
     # logits are bitwise the same whatever else runs (the kernels are batch-invariant either way).
     # Costs speed at small batches. Prefill steps keep their own shapes.
