@@ -6,7 +6,7 @@ K/V. The current, uncommitted block lives in the sequence's last page, which dou
 sub-block (DualCache) scratch of METHOD.md §3.3: a refresh step writes the whole block's K/V there,
 a cached step overwrites only its sub-block's slots, and the commit forward rewrites the whole page
 with exact K/V. So "committed prefix + current block" is always one paged range and every backend
-only needs `fdllm.attention.paged_attention_torch`'s contract.
+only needs `fdllm.kernels.reference.paged_attention_torch`'s contract.
 
 A step's forward packs every scheduled sequence's tokens into one varlen row [1, T]. The tokens are
 grouped into attention rows (a run of queries that see the first `kv_len` tokens of one block
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-AttentionFn = Callable[..., Tensor]  # fdllm.attention.paged_attention_torch's signature (fdllm.kernels picks one)
+AttentionFn = Callable[..., Tensor]  # fdllm.kernels.reference.paged_attention_torch's signature (fdllm.kernels picks one)
 
 
 class PageAllocator:
@@ -75,13 +75,17 @@ class PageAllocator:
 
 
 class KVCache:
-    """Preallocated K/V pools [L, P, S, K, H], one page per block of every layer."""
+    """Preallocated K/V pools [L, P + 1, S, K, H], one page per block of every layer.
+
+    The extra last page is scratch that no sequence owns: padded tokens of a static (bucketed or
+    graph-captured) step write their K/V there, and nothing ever reads it.
+    """
 
     def __init__(
         self, num_layers: int, num_pages: int, page_size: int, n_kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device | str,
     ) -> None:
-        shape = (num_layers, num_pages, page_size, n_kv_heads, head_dim)
+        shape = (num_layers, num_pages + 1, page_size, n_kv_heads, head_dim)
         self.k_LPSKH = torch.zeros(shape, dtype=dtype, device=device)
         self.v_LPSKH = torch.zeros(shape, dtype=dtype, device=device)
         self.page_size = page_size
@@ -93,7 +97,13 @@ class KVCache:
 
     @property
     def num_pages(self) -> int:
-        return self.k_LPSKH.shape[1]
+        """Pages sequences may own (the scratch page not included)."""
+        return self.k_LPSKH.shape[1] - 1
+
+    @property
+    def scratch_slot(self) -> int:
+        """A flat slot of the scratch page: where padded tokens write their K/V."""
+        return self.num_pages * self.page_size
 
     def write(self, layer: int, slots_T: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
         """Store K/V of T tokens at flat slots (page * S + offset)."""
@@ -186,3 +196,46 @@ class PagedAttention:
             )
             o_TNH[g.tokens_G] = o_RQNH.flatten(0, 1)[g.real_G]  # index, not a bool mask: no host sync
         return o_TNH[None]
+
+
+class StaticPagedAttention:
+    """`CachedAttention` of a static step: Bb works of Q padded query tokens each, one row per work.
+
+    Every tensor is a fixed-shape device view, so a CUDA graph can capture this call and later
+    steps refill the same buffers. q/k/v arrive packed as [1, Bb * Q, n, H]; padded tokens write to
+    the scratch slot and come back as zeros (q_lens), padded works have kv_len = q_len = 0.
+    """
+
+    def __init__(self, cache: KVCache, slots_T: Tensor, block_tables_BM: Tensor, kv_lens_B: Tensor,
+                 q_lens_B: Tensor, backend: AttentionFn) -> None:
+        self.cache, self.slots_T, self.backend = cache, slots_T, backend
+        self.block_tables_BM, self.kv_lens_B, self.q_lens_B = block_tables_BM, kv_lens_B, q_lens_B
+
+    def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:
+        """Packed q/k/v [1, Bb * Q, n, H] -> o [1, Bb * Q, N, H]."""
+        self.cache.write(layer, self.slots_T, k_BTKH[0], v_BTKH[0])
+        _, T, N, H = q_BTNH.shape
+        Bb = self.kv_lens_B.shape[0]
+        o_BQNH = self.backend(
+            q_BTNH.view(Bb, T // Bb, N, H), self.cache.k_LPSKH[layer], self.cache.v_LPSKH[layer],
+            self.block_tables_BM, self.kv_lens_B, self.q_lens_B,
+        )
+        return o_BQNH.view(1, T, N, H)
+
+
+def kv_budget_pages(page_bytes: int, memory_fraction: float, device: torch.device, peak_bytes: int) -> int:
+    """KV pages that fit in `memory_fraction` of the CUDA device's memory (vLLM's gpu_memory_utilization).
+
+    `peak_bytes`: torch's peak allocation after the weights are loaded and one profiling forward of
+    the largest step ran (activations). Memory other processes hold on the device is subtracted too.
+    """
+    free, total = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)  # other processes, CUDA context
+    budget = memory_fraction * total - peak_bytes - max(others, 0)
+    if budget < page_bytes:
+        raise ValueError(
+            f"no room for the KV cache: {memory_fraction:.0%} of {total / 2**30:.1f} GiB minus {peak_bytes / 2**30:.2f} "
+            f"GiB for weights and activations and {max(others, 0) / 2**30:.2f} GiB held elsewhere leaves "
+            f"{budget / 2**30:.2f} GiB; raise gpu_memory_utilization or set num_pages / kv_cache_gib"
+        )
+    return int(budget // page_bytes)

@@ -1,6 +1,6 @@
 """The per-sequence decoding algorithm of METHOD.md §3 as small pure functions.
 
-Tensor functions (confidence, threshold selection) run on the device over a whole step's logits;
+Tensor functions (confidence, sampling) run on the device over a whole step's candidate rows;
 block functions (which sub-block, what to feed, which logit predicts which position) work on a
 sequence's current block as a host list of token ids, `mask_token_id` where still masked.
 
@@ -19,53 +19,81 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
-def _suppress_mask(logits_TV: Tensor, mask_token_id: int | None) -> Tensor:
-    """fp32 copy of the logits with the mask token's logit at -inf: it is never a prediction."""
-    logits_TV = logits_TV.to(torch.float32, copy=True)
-    if mask_token_id is not None:
-        logits_TV[:, mask_token_id] = float("-inf")
-    return logits_TV
+from fdllm.kernels.reference import greedy_confidence, suppress_mask
 
 
-def greedy_confidence(logits_TV: Tensor, mask_token_id: int | None) -> tuple[Tensor, Tensor]:
-    """Argmax token [T] (int64) and its softmax probability [T] (fp32), mask token excluded."""
-    logits_TV = _suppress_mask(logits_TV, mask_token_id)
-    top_T, token_T = logits_TV.max(-1)
-    prob_T = torch.exp(top_T - torch.logsumexp(logits_TV, -1))  # max softmax prob, no [T, V] softmax
-    return token_T, prob_T
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding uint32 values (products wrap, the low bits are exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _U32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _U32
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed_R: Tensor, counter_R: Tensor) -> Tensor:
+    """One uniform draw in (0, 1) per row [R] (fp32), a pure function of (seed, counter) int64 [R].
+
+    A counter-based generator (the idea of Philox, a simpler hash): a request's draw depends on
+    its own seed and on where it is in its own stream, never on which other requests share the
+    step, how they are ordered, or which code path (bucketed or not) ran it.
+    """
+    key = _mix32((counter_R >> 32) & _U32)
+    key = _mix32((counter_R & _U32) ^ key)
+    key = _mix32(((seed_R >> 32) & _U32) ^ key)
+    key = _mix32((seed_R & _U32) ^ key)
+    return ((key >> 8).to(torch.float32) + 0.5) * 2.0**-24  # 24 bits: exact in fp32, never 0 or 1
 
 
 def sample_confidence(
-    logits_TV: Tensor, mask_token_id: int | None, temperature: float, top_p: float = 1.0, top_k: int = 0,
-    generator: torch.Generator | None = None,
+    logits_TV: Tensor, mask_token_id: int | None, temperature: float | Tensor, top_p: float | Tensor = 1.0,
+    top_k: int | Tensor = 0, uniform_T: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sampled token [T] and its probability [T] under the temperature/top-k/top-p filtered distribution."""
-    if temperature <= 0:
+    """Sampled token [T] and its probability [T] under the temperature/top-k/top-p filtered distribution.
+
+    Vectorised over rows: temperature/top_p/top_k are scalars or per-row tensors [T]; `uniform_T`
+    holds one draw in (0, 1) per row (`counter_uniform`; None: torch.rand). The token is read off
+    the filtered distribution's CDF in vocabulary order (inverse transform), so a row's token is a
+    function of its own logits and draw only. No multinomial, no host sync; one sort of the rows,
+    and only when a row filters by top-k or top-p.
+    """
+    T, V = logits_TV.shape
+    device = logits_TV.device
+    as_row = lambda x, dtype: torch.as_tensor(x, dtype=dtype, device=device).expand(T)  # noqa: E731
+    temperature_T, top_p_T, top_k_T = as_row(temperature, torch.float32), as_row(top_p, torch.float32), as_row(
+        top_k, torch.int64)
+    if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}")
-    logits_TV = _suppress_mask(logits_TV, mask_token_id) / temperature
-    if 0 < top_k < logits_TV.shape[-1]:
-        kth_T1 = logits_TV.topk(top_k, dim=-1).values[:, -1:]
-        logits_TV = logits_TV.masked_fill(logits_TV < kth_T1, float("-inf"))
-    if top_p < 1.0:
+    logits_TV = suppress_mask(logits_TV, mask_token_id) / temperature_T[:, None]
+    if isinstance(top_p, Tensor) or isinstance(top_k, Tensor) or top_p < 1.0 or 0 < top_k < V:
         sorted_TV, order_TV = logits_TV.sort(-1, descending=True)
         probs_TV = sorted_TV.softmax(-1)
-        drop_TV = probs_TV.cumsum(-1) - probs_TV > top_p  # keep the smallest prefix with mass >= top_p
+        rank_V = torch.arange(V, device=device)
+        drop_TV = ((top_k_T[:, None] > 0) & (rank_V[None] >= top_k_T[:, None])) | (
+            (top_p_T[:, None] < 1.0) & (probs_TV.cumsum(-1) - probs_TV > top_p_T[:, None])  # keep mass >= top_p
+        )
+        drop_TV[:, 0] = False  # the most likely token always stays
         logits_TV = logits_TV.scatter(-1, order_TV, sorted_TV.masked_fill(drop_TV, float("-inf")))
     probs_TV = logits_TV.softmax(-1)
-    token_T = torch.multinomial(probs_TV, 1, generator=generator)[:, 0]
+    cdf_TV = probs_TV.cumsum(-1)
+    if uniform_T is None:
+        uniform_T = torch.rand(T, device=device)
+    target_T1 = uniform_T[:, None].to(torch.float32) * cdf_TV[:, -1:]
+    token_T = torch.searchsorted(cdf_TV, target_T1).clamp_(max=V - 1)[:, 0]  # first token whose CDF reaches it
     return token_T, probs_TV.gather(-1, token_T[:, None])[:, 0]
 
 
-def select_unmask(prob_BW: Tensor, candidate_BW: Tensor, threshold_B: Tensor) -> Tensor:
-    """Positions to unmask [B, W] bool: candidates with prob > threshold, and always the most
-    confident candidate of each sequence that has one (so every step makes progress)."""
-    select_BW = candidate_BW & (prob_BW > threshold_B[:, None])
-    best_B = prob_BW.masked_fill(~candidate_BW, -1.0).argmax(-1)
-    has_candidate_B = candidate_BW.any(-1)
-    rows_B = torch.arange(prob_BW.shape[0], device=prob_BW.device)
-    select_BW[rows_B, best_B] |= has_candidate_B
-    return select_BW
+def select_unmask(probs: Sequence[float], threshold: float) -> list[bool]:
+    """Which candidates of one work to unmask (host side, after the step's one transfer): every one
+    whose probability exceeds `threshold`, and always the most confident (the first on ties), so
+    every step makes progress."""
+    if not probs:
+        return []
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return [p > threshold or i == best for i, p in enumerate(probs)]
 
 
 def is_candidate(block: Sequence[int], offset: int, mask_token_id: int, limit: int) -> bool:

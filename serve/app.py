@@ -64,6 +64,9 @@ class ServerConfig:
     use_sub_block_cache: bool | None = None
     default_max_tokens: int = 256
     max_waiting: int = 256  # requests queued inside a replica before it answers 503
+    # fdllm.EngineConfig fields, passed through: gpu_memory_utilization, kv_cache_gib, max_num_seqs,
+    # max_model_len, enforce_eager, attention_backend, deterministic, ...
+    engine: dict[str, Any] | None = None
     # Serve deployment options
     num_replicas: int | None = None  # fixed replica count (default 1); leave unset with autoscaling_config
     autoscaling_config: dict[str, Any] | None = None  # min_replicas, max_replicas, target_ongoing_requests, ...
@@ -80,6 +83,16 @@ class ServerConfig:
             raise ValueError("default_max_tokens and max_waiting must be >= 1")
         if self.autoscaling_config is not None and self.num_replicas is not None:
             raise ValueError("give either num_replicas or autoscaling_config, not both")
+        self.engine_config()  # unknown or invalid engine fields fail here, before any replica starts
+
+    def engine_config(self):
+        """The replica's fdllm.EngineConfig (ValueError on unknown or invalid fields)."""
+        import fdllm
+
+        try:
+            return fdllm.EngineConfig(**(self.engine or {}))
+        except TypeError as exc:  # an unknown keyword
+            raise ValueError(f"engine: {exc}") from None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "ServerConfig":
@@ -151,7 +164,8 @@ class FdllmServer:
         block_cfg = fdllm.BlockDiffusionConfig.load(path) or fdllm.BlockDiffusionConfig()
         overrides = {k: v for k, v in (("threshold", self.cfg.threshold),
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
-        engine = fdllm.Engine.from_pretrained(path, config=block_cfg.replace(**overrides), device=device, dtype=dtype)
+        engine = fdllm.Engine.from_pretrained(path, config=block_cfg.replace(**overrides), device=device, dtype=dtype,
+                                              engine_config=self.cfg.engine_config())
         if engine.tokenizer is None:
             raise ValueError(f"{path} has no tokenizer; the HTTP API needs one to read prompts")
         self.tokenizer = engine.tokenizer

@@ -2,7 +2,7 @@
 
 engine.py (Engine: add_request/abort/step/generate), scheduler.py (queues, admission, chunked
 prefill), sequence.py (per-request decoding state), runner.py (tensors and the forward),
-params.py (SamplingParams, EngineConfig, GenerationResult).
+graphs.py (CUDA graphs of static decode steps), params.py (SamplingParams, EngineConfig, GenerationResult).
 """
 
 from fdllm.engine.engine import Engine

@@ -6,8 +6,10 @@ finishing) between steps; `generate` is the batch convenience on top of the step
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -15,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fdllm.cache import KVCache, PageAllocator
+from fdllm.cache import KVCache, PageAllocator, kv_budget_pages
 from fdllm.config import BlockDiffusionConfig
 from fdllm.decoding import StopCriteria
 from fdllm.engine.params import EngineConfig, GenerationResult, SamplingParams
-from fdllm.engine.runner import ModelRunner
+from fdllm.engine.runner import ModelRunner, profile_peak_memory
 from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.sequence import Sequence, TokenCallback
 from fdllm.kernels import resolve_attention_backend
@@ -56,17 +58,13 @@ class Engine:
         if config.mask_token_id is None:
             log.warning("no mask token (config or tokenizer %s): only mode='ar' requests are served", MASK_TOKEN)
         L = config.block_size
+        engine_config.check_page_size(L)
         if engine_config.max_prefill_tokens < L:
             raise ValueError(f"max_prefill_tokens ({engine_config.max_prefill_tokens}) must be >= block_size ({L})")
         self.model, self.tokenizer, self.config, self.engine_config = model, tokenizer, config, engine_config
         mc = model.config
         self.max_model_len = min(mc.max_position_embeddings, engine_config.max_model_len or mc.max_position_embeddings)
-        # Default: what kv_cache_gib holds, but never more than max_num_seqs full-length sequences use.
-        num_pages = engine_config.num_pages or max(1, min(
-            int(engine_config.kv_cache_gib * 2**30)
-            // KVCache.page_bytes(mc.num_hidden_layers, L, mc.n_kv_heads, mc.dim_per_head, model.dtype),
-            engine_config.max_num_seqs * -(-self.max_model_len // L),
-        ))
+        num_pages = engine_config.num_pages or self._default_num_pages(L)
         cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(
@@ -74,7 +72,14 @@ class Engine:
             max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L,
         )
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
-        self.runner = ModelRunner(model, cache, config.mask_token_id, self.attention_backend)
+        # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while
+        # the torch reference gathers them all, so it stays eager.
+        use_graphs = model.device.type == "cuda" and not engine_config.enforce_eager and self.attention_backend != "torch"
+        self.runner = ModelRunner(
+            model, cache, config.mask_token_id, self.attention_backend, max_num_seqs=engine_config.max_num_seqs,
+            max_pages_per_seq=-(-self.max_model_len // L), use_cuda_graphs=use_graphs,
+            pad_to_max_batch=engine_config.deterministic,
+        )
         self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
         if isinstance(mc.eos_token_id, int):
             self._tokenizer_stop_ids |= {mc.eos_token_id}
@@ -84,8 +89,9 @@ class Engine:
         self._aborted: list[Sequence] = []  # reported by the next step()
         self._undelivered: list[GenerationResult] = []  # finished while generate() drove the engine
         log.info(
-            "engine: %d KV pages of %d tokens, max_model_len %d, attention backend %s (asked %r), %s",
-            num_pages, L, self.max_model_len, self.attention_backend, engine_config.attention_backend, config,
+            "engine: %d KV pages of %d tokens, max_model_len %d, attention backend %s (asked %r), CUDA graphs %s, %s",
+            num_pages, L, self.max_model_len, self.attention_backend, engine_config.attention_backend,
+            "on" if use_graphs else "off", config,
         )
 
     @classmethod
@@ -145,20 +151,15 @@ class Engine:
             max_new_tokens=params.max_new_tokens, stop_token_ids=frozenset(stop_ids), stop=tuple(params.stop),
             decode=self._decode,
         )
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.model.device)
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed)
+        if params.temperature > 0 and params.seed is None:  # a fresh stream; a given seed is reproducible
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
         cfg = self.config
         seq = Sequence(
             request_id=request_id, prompt=ids, params=params, criteria=criteria,
             block_size=cfg.block_size, sub_block_size=cfg.sub_block_size,
             use_sub_block_cache=cfg.use_sub_block_cache,
             threshold=cfg.threshold if params.threshold is None else params.threshold,
-            mask_token_id=cfg.mask_token_id, arrival=time.perf_counter(), on_tokens=on_tokens, generator=generator,
+            mask_token_id=cfg.mask_token_id, arrival=time.perf_counter(), on_tokens=on_tokens,
         )
         self.scheduler.add(seq)
         return request_id
@@ -228,6 +229,17 @@ class Engine:
         return [done[r] for r in rids]
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _default_num_pages(self, block_size: int) -> int:
+        """KV pages when EngineConfig.num_pages is unset: kv_cache_gib, or on CUDA gpu_memory_utilization of
+        the device after weights and a profiling forward; never more than max_num_seqs full-length sequences use."""
+        mc, ecfg = self.model.config, self.engine_config
+        page_bytes = KVCache.page_bytes(mc.num_hidden_layers, block_size, mc.n_kv_heads, mc.dim_per_head, self.model.dtype)
+        needed = ecfg.max_num_seqs * -(-self.max_model_len // block_size)
+        if ecfg.kv_cache_gib is not None or self.model.device.type != "cuda":
+            return max(1, min(int((ecfg.kv_cache_gib or 1.0) * 2**30) // page_bytes, needed))
+        peak = profile_peak_memory(self.model, min(ecfg.max_prefill_tokens, self.max_model_len))
+        return max(1, min(kv_budget_pages(page_bytes, ecfg.gpu_memory_utilization, self.model.device, peak), needed))
+
     @staticmethod
     def _notify(seq: Sequence, new: list[int], finished: bool) -> None:
         if seq.on_tokens is None:

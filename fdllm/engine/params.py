@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fdllm.kernels import ATTENTION_BACKENDS
+from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE
 
 MODES = ("diffusion", "ar")
 
@@ -49,26 +49,42 @@ class SamplingParams:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """Sizing of the engine: KV pages, batch and per-step prefill budget, attention backend."""
+    """Sizing and execution of the engine: KV pages, batch, prefill budget, attention backend, graphs."""
 
-    num_pages: int | None = None  # KV pages (one block each); None: as many as kv_cache_gib holds
-    kv_cache_gib: float = 1.0
-    max_num_seqs: int = 64  # running sequences per step
+    num_pages: int | None = None  # KV pages (one block each); None: sized by kv_cache_gib / gpu_memory_utilization
+    kv_cache_gib: float | None = None  # None: gpu_memory_utilization on CUDA, 1 GiB elsewhere
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV cache
+    max_num_seqs: int = 64  # running sequences per step (also the largest CUDA-graph batch)
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (chunked by block)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"  # "auto" (triton on CUDA, else torch) | "torch" | "triton" | "flash_attn"
+    enforce_eager: bool = False  # True: never capture CUDA graphs (on by default on CUDA with triton/flash_attn)
+    # True: every decode step runs at batch max_num_seqs, so no GEMM ever changes shape and a request's
+    # logits are bitwise the same whatever else runs (the kernels are batch-invariant either way).
+    # Costs speed at small batches. Prefill steps keep their own shapes.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
-        if self.kv_cache_gib <= 0:
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+
+    def check_page_size(self, page_size: int) -> None:
+        """Refuse a backend that cannot run on pages of `page_size` tokens (= the diffusion block)."""
+        if self.attention_backend == "flash_attn" and page_size % FLASH_ATTN_PAGE_MULTIPLE:
+            raise ValueError(
+                f"attention_backend='flash_attn' needs KV pages of a multiple of {FLASH_ATTN_PAGE_MULTIPLE} tokens, "
+                f"but a page holds one diffusion block ({page_size} tokens); use 'triton' (the CUDA default)"
+            )
 
 
 @dataclass(kw_only=True)

@@ -1,48 +1,134 @@
 """The model runner: the only part of the engine that touches tensors.
 
-`run` turns a step's works into one packed varlen forward [1, T] (every sequence's tokens back to
-back, per-token positions, attention rows over the paged cache), reads each work's logit rows,
-turns them into tokens and confidences (greedy batched; sampling per request with its generator),
-applies the threshold rule, and brings the decisions to the host in one transfer. With the Triton
-backend greedy rows never materialise logits: the fused confidence kernel reduces the vocab
-straight from the final hidden states, and only sampling works get an LM-head matmul.
+A step runs in one of two layouts:
+- static (every work is a decode work: one non-causal attention row, no prompt tokens): works are
+  padded to a batch bucket Bb and every work to Q query tokens (Q = the step's longest work: 1 for
+  AR tokens, the sub-block for cached steps, the block for refresh and commit steps). Padded
+  tokens write their K/V to the cache's scratch slot, padded rows see nothing. On CUDA this body
+  (embedding -> layers -> norm) replays a CUDA graph captured per (Bb, Q) (`fdllm.engine.graphs`);
+  elsewhere, or with `EngineConfig(enforce_eager=True)`, the same layout runs eagerly, which is
+  what the CPU tests hold against the dynamic layout token for token.
+- dynamic (prefill chunks, AR prompts): one packed varlen forward [1, T] with per-row attention
+  over the paged cache (`fdllm.cache.PagedAttention`).
 
-Shape legend: T packed tokens, B works with logit rows, W logit rows per work (padded), R = B * W,
-S works that sample, D model dim, V vocab.
+Either way the host packs everything the step needs (body inputs, which hidden rows are still
+masked candidates, per-row sampling parameters) into ONE int64 buffer (pinned on CUDA) and copies
+it to the device once, non-blocking; the LM head and confidence run only on candidate rows
+(never on decoded, padding or prompt rows); sampling is vectorised over requests with
+counter-based per-request draws (`fdllm.decoding.counter_uniform`); the candidates' tokens and
+probabilities come back in one device-to-host transfer, and the threshold rule runs on the host
+(a few comparisons per sequence, cheaper than the kernels it would take on the device).
+
+Shape legend: T packed tokens, Bb bucketed works, Q query tokens per work (static layout),
+M pages per block table, B works that read logits, C candidate rows, S sampled rows (C ⊇ S), D model dim, V vocab.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from fdllm.cache import KVCache, PagedAttention
-from fdllm.decoding import greedy_confidence, sample_confidence, select_unmask
+from fdllm.cache import KVCache, PagedAttention, StaticPagedAttention
+from fdllm.decoding import counter_uniform, greedy_confidence, sample_confidence, select_unmask
 from fdllm.engine.sequence import Work
 from fdllm.kernels import select_attention_backend
 from fdllm.model import Transformer
 
+_ROW_STREAM = 1 << 12  # counter = forwards * _ROW_STREAM + logit row: one draw per row per forward
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Padded batch sizes of static steps: 1, 2, 4, 8, then multiples of 16, and max_num_seqs itself."""
+    buckets = {b for b in (1, 2, 4, 8) if b < max_num_seqs} | set(range(16, max_num_seqs, 16)) | {max_num_seqs}
+    return sorted(buckets)
+
+
+class HostStage:
+    """One int64 staging buffer per step: filled on the host in named sections, copied once.
+
+    On CUDA the host side is pinned and the copy non-blocking; an event guards the host buffer
+    against being rewritten while the previous step's copy may still be in flight.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 1 << 14) -> None:
+        self.device, self.sections, self.size = device, {}, 0
+        self._pin = device.type == "cuda"
+        self._copied: torch.cuda.Event | None = None
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=self._pin)
+        self.host_np = self.host.numpy()
+        self.dev = self.host if self.device.type == "cpu" else torch.empty(capacity, dtype=torch.int64,
+                                                                            device=self.device)
+
+    def begin(self, sizes: dict[str, int]) -> None:
+        """Lay out the named sections (in order) for this step; grows the buffers when needed."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy out of `host` has finished
+        self.sections, offset = {}, 0
+        for name, n in sizes.items():
+            self.sections[name] = (offset, n)
+            offset += n
+        self.size = offset
+        if offset > self.host.numel():
+            self._alloc(max(offset, 2 * self.host.numel()))
+
+    def put(self, name: str, values, dtype=np.int64) -> None:
+        start, n = self.sections[name]
+        target = self.host_np[start : start + n]
+        if dtype is np.float64:
+            target = target.view(np.float64)
+        target[:] = values
+
+    def copy(self) -> None:
+        """The step's one host-to-device transfer."""
+        if self.device.type == "cpu":
+            return
+        self.dev[: self.size].copy_(self.host[: self.size], non_blocking=True)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def get(self, name: str, dtype: torch.dtype = torch.int64) -> Tensor:
+        start, n = self.sections[name]
+        t = self.dev[start : start + n]
+        return t.view(torch.float64).to(dtype) if dtype.is_floating_point else t
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """The padded layout of a static step: Bb works of Q tokens, block tables of width M."""
+
+    batch: int
+    q_len: int
+    pages: int
+
 
 @dataclass
-class StepInputs:
-    """A step's device inputs, built on the host in one place and copied once."""
+class HeadPlan:
+    """Which hidden rows go through the LM head (host side)."""
 
-    input_ids_1T: Tensor
-    positions_1T: Tensor
-    attention: PagedAttention
-    logit_index_R: Tensor  # packed token index of each logit row, R = B * W
-    candidate_BW: Tensor  # bool: the row may be accepted (padding rows never)
-    threshold_B: Tensor  # fp32
-    readers: list[int]  # index (into the step's works) of each of the B works that read logits
-    samplers: list[int]  # index (into readers, 0..B-1) of each of the S works that sample (temperature > 0)
-    sampler_index_S: Tensor  # the same, on the device
+    readers: list[int]  # index into the step's works of each work that reads logits (B)
+    num_candidates: int  # C
+    num_sampled: int  # S
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, mask_token_id: int | None, attention_backend: str) -> None:
-        """`attention_backend`: a name `fdllm.kernels.select_attention_backend` takes (the engine resolves "auto")."""
+    def __init__(
+        self, model: Transformer, cache: KVCache, mask_token_id: int | None, attention_backend: str, *,
+        max_num_seqs: int = 64, max_pages_per_seq: int | None = None, use_cuda_graphs: bool = False,
+        pad_to_max_batch: bool = False,
+    ) -> None:
+        """`attention_backend`: a name `fdllm.kernels.select_attention_backend` takes (the engine resolves "auto").
+
+        `max_pages_per_seq`: block-table width of captured graphs. `pad_to_max_batch`: every static
+        step runs at batch max_num_seqs (EngineConfig.deterministic: GEMM shapes never change).
+        """
         self.model, self.cache, self.mask_token_id = model, cache, mask_token_id
         self.device = model.device
         self.attention_fn = select_attention_backend(attention_backend, self.device)
@@ -51,78 +137,241 @@ class ModelRunner:
             from fdllm.kernels.confidence import fused_confidence
 
             self.fused_confidence = fused_confidence
+        self.buckets = [max_num_seqs] if pad_to_max_batch else batch_buckets(max_num_seqs)
+        self.max_pages_per_seq = max_pages_per_seq
+        self.stage = HostStage(self.device)
+        self.graphs = None
+        if use_cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
+            if max_pages_per_seq is None:
+                raise ValueError("CUDA graphs need max_pages_per_seq (the captured block-table width)")
+            from fdllm.engine.graphs import GraphPool
 
+            self.graphs = GraphPool(model, cache, self.attention_fn)
+
+    # -- the step -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[tuple[list[int], list[bool]]]:
         """Per work: (token, selected) for each of its logit rows (none for pure prefill chunks)."""
-        inputs = self.prepare(works)
-        h_1TD = self.model.hidden(inputs.input_ids_1T, inputs.positions_1T, cache=inputs.attention)
-        h_RD = h_1TD[0, inputs.logit_index_R]  # only the rows that are read go on to the vocab
+        shape = self.static_shape(works)
+        offsets = [b * shape.q_len for b in range(len(works))] if shape else self._packed_offsets(works)
+        num_tokens = shape.batch * shape.q_len if shape else offsets[-1] + len(works[-1].token_ids)
+        plan = self._plan_head(works)
+        sizes = self._body_sizes(shape, num_tokens) | self._head_sizes(plan)
+        self.stage.begin(sizes)
+        if shape:
+            self._put_static_body(works, shape)
+        else:
+            self._put_dynamic_body(works, offsets)
+        self._put_head(works, plan, offsets)
+        self.stage.copy()
+        h_TD = self._body(works, shape)
         out: list[tuple[list[int], list[bool]]] = [([], []) for _ in works]
-        if not inputs.readers:
+        if plan.num_candidates == 0:
             return out
-        B, W = inputs.candidate_BW.shape
-        token_BW, prob_BW, logits_SWV = self.confidence(h_RD.view(B, W, -1), inputs.sampler_index_S)
-        for j, b in enumerate(inputs.samplers):
-            w = works[inputs.readers[b]]
-            p, n = w.seq.params, len(w.logit_rows)
-            token_BW[b, :n], prob_BW[b, :n] = sample_confidence(  # real rows only: padding must not use the generator
-                logits_SWV[j, :n], self.mask_token_id, p.temperature, p.top_p, p.top_k, w.seq.generator
-            )
-        select_BW = select_unmask(prob_BW, inputs.candidate_BW, inputs.threshold_B)
-        tokens, selected = torch.stack([token_BW, select_BW.long()]).tolist()  # the step's one host sync
-        for b, i in enumerate(inputs.readers):
-            n = len(works[i].logit_rows)
-            out[i] = (tokens[b][:n], [bool(s) for s in selected[b][:n]])
+        token_C, prob_C = self._head(h_TD, plan)
+        # the step's one device-to-host sync (fp64 holds token ids and fp32 probabilities exactly)
+        tokens, probs = torch.stack([token_C.to(torch.float64), prob_C.to(torch.float64)]).tolist()
+        self._scatter_back(works, plan, tokens, probs, out)
         return out
 
-    def confidence(self, h_BWD: Tensor, sampler_index_S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Greedy token [B, W] (int64) and prob [B, W] (fp32) of every row, and logits [S, W, V] of the
-        sampling works' rows (the caller overwrites their greedy values).
+    def static_shape(self, works: list[Work]) -> StaticShape | None:
+        """The padded layout when every work is a decode work and the batch fits a bucket, else None."""
+        if len(works) > self.buckets[-1]:
+            return None
+        q_len, pages = 0, 0
+        for w in works:
+            if w.num_prefill or len(w.rows) != 1 or w.rows[0].causal:
+                return None
+            q_len = max(q_len, len(w.token_ids))
+            pages = max(pages, len(w.rows[0].pages))
+        batch = self.buckets[bisect.bisect_left(self.buckets, len(works))]
+        if self.graphs is not None:
+            if pages > self.max_pages_per_seq:
+                return None
+            pages = self.max_pages_per_seq  # one captured table width
+        return StaticShape(batch, q_len, pages)
 
-        Fused or not, the logits are fp32 with the mask token excluded and an exact tie goes to the
-        lowest token id, so the fused kernel decodes like the torch path (and the no-cache reference).
-        """
-        B, W, _ = h_BWD.shape
-        lm_head = self.model.lm_head
-        if self.fused_confidence is None:
-            logits_BWV = lm_head(h_BWD)
-            token_R, prob_R = greedy_confidence(logits_BWV.flatten(0, 1), self.mask_token_id)
-            logits_SWV = logits_BWV[sampler_index_S]
-        else:
-            token_R, prob_R = self.fused_confidence(h_BWD.flatten(0, 1), lm_head.weight, self.mask_token_id)
-            logits_SWV = lm_head(h_BWD[sampler_index_S])
-        return token_R.view(B, W), prob_R.view(B, W), logits_SWV
+    # -- host packing -------------------------------------------------------------------------------
+    @staticmethod
+    def _packed_offsets(works: list[Work]) -> list[int]:
+        offsets, n = [], 0
+        for w in works:
+            offsets.append(n)
+            n += len(w.token_ids)
+        return offsets
 
-    def prepare(self, works: list[Work]) -> StepInputs:
-        """Pack the works' tokens back to back; pad each reader's logit rows to W by repeating its last."""
-        ids, positions, slots, rows = [], [], [], []
-        index, candidates, thresholds, readers, samplers = [], [], [], [], []
-        W = max(len(w.logit_rows) for w in works)
-        for i, w in enumerate(works):
-            offset = len(ids)
-            pos = range(w.start, w.start + len(w.token_ids))
+    @staticmethod
+    def _body_sizes(shape: StaticShape | None, num_tokens: int) -> dict[str, int]:
+        sizes = {"ids": num_tokens, "positions": num_tokens}
+        if shape:  # this order is also a captured graph's input buffer layout (fdllm.engine.graphs)
+            sizes |= {"slots": num_tokens, "tables": shape.batch * shape.pages, "kv_lens": shape.batch,
+                      "q_lens": shape.batch}
+        return sizes
+
+    def _put_static_body(self, works: list[Work], shape: StaticShape) -> None:
+        Bb, Q, M = shape.batch, shape.q_len, shape.pages
+        ids = np.zeros((Bb, Q), dtype=np.int64)
+        positions = np.zeros((Bb, Q), dtype=np.int64)
+        slots = np.full((Bb, Q), self.cache.scratch_slot, dtype=np.int64)  # padding writes go to scratch
+        tables = np.full((Bb, M), -1, dtype=np.int64)
+        kv_lens = np.zeros(Bb, dtype=np.int64)
+        q_lens = np.zeros(Bb, dtype=np.int64)
+        for b, w in enumerate(works):
+            n, row = len(w.token_ids), w.rows[0]
+            ids[b, :n] = w.token_ids
+            positions[b, :n] = np.arange(w.start, w.start + n)
+            first = w.seq.slot(w.start)  # a decode work never leaves its block's page
+            slots[b, :n] = np.arange(first, first + n)
+            tables[b, : len(row.pages)] = row.pages
+            kv_lens[b], q_lens[b] = row.kv_len, n
+        for name, values in (("ids", ids), ("positions", positions), ("slots", slots), ("tables", tables),
+                             ("kv_lens", kv_lens), ("q_lens", q_lens)):
+            self.stage.put(name, values.reshape(-1))
+
+    def _put_dynamic_body(self, works: list[Work], offsets: list[int]) -> None:
+        ids, positions = [], []
+        for w in works:
             ids += w.token_ids
-            positions += pos
-            slots += [w.seq.slot(p) for p in pos]
-            rows += w.rows
-            if w.logit_rows:
-                pad = W - len(w.logit_rows)
-                index += [offset + r for r in w.logit_rows] + [offset + w.logit_rows[-1]] * pad
-                candidates.append(w.candidates + [False] * pad)
-                thresholds.append(w.seq.threshold)
-                if w.seq.params.temperature > 0:
-                    samplers.append(len(readers))
-                readers.append(i)
-        to = {"device": self.device, "non_blocking": True}
-        return StepInputs(
-            input_ids_1T=torch.tensor([ids]).to(**to),
-            positions_1T=torch.tensor([positions]).to(**to),
-            attention=PagedAttention.build(self.cache, slots, rows, self.attention_fn),
-            logit_index_R=torch.tensor(index, dtype=torch.long).to(**to),
-            candidate_BW=torch.tensor(candidates, dtype=torch.bool).reshape(len(readers), W).to(**to),
-            threshold_B=torch.tensor(thresholds, dtype=torch.float32).to(**to),
-            readers=readers,
-            samplers=samplers,
-            sampler_index_S=torch.tensor(samplers, dtype=torch.long).to(**to),
-        )
+            positions += range(w.start, w.start + len(w.token_ids))
+        self.stage.put("ids", ids)
+        self.stage.put("positions", positions)
+
+    def _plan_head(self, works: list[Work]) -> HeadPlan:
+        readers = [i for i, w in enumerate(works) if w.logit_rows]
+        cands = sampled = 0
+        for i in readers:
+            n = works[i].candidates.count(True)
+            cands += n
+            sampled += n if works[i].seq.params.temperature > 0 else 0
+        return HeadPlan(readers, cands, sampled)
+
+    @staticmethod
+    def _head_sizes(plan: HeadPlan) -> dict[str, int]:
+        C, S = plan.num_candidates, plan.num_sampled
+        return {"cand_rows": C, "sampled": S, "temperature": S, "top_p": S, "top_k": S, "seed": S, "counter": S}
+
+    def _put_head(self, works: list[Work], plan: HeadPlan, offsets: list[int]) -> None:
+        rows = []
+        sampled, temperature, top_p, top_k, seed, counter = [], [], [], [], [], []
+        for i in plan.readers:
+            w = works[i]
+            p = w.seq.params
+            for r, (row, cand) in enumerate(zip(w.logit_rows, w.candidates)):
+                if not cand:
+                    continue
+                if p.temperature > 0:
+                    sampled.append(len(rows))
+                    temperature.append(p.temperature)
+                    top_p.append(p.top_p)
+                    top_k.append(p.top_k)
+                    seed.append(p.seed & 0x7FFFFFFFFFFFFFFF)
+                    counter.append(w.seq.num_forwards * _ROW_STREAM + r)
+                rows.append(offsets[i] + row)
+        put = self.stage.put
+        put("cand_rows", rows)
+        put("sampled", sampled)
+        put("temperature", temperature, np.float64)
+        put("top_p", top_p, np.float64)
+        put("top_k", top_k)
+        put("seed", seed)
+        put("counter", counter)
+
+    # -- device work --------------------------------------------------------------------------------
+    def _body(self, works: list[Work], shape: StaticShape | None) -> Tensor:
+        """Final hidden states [T, D] of the packed (or padded) tokens."""
+        get = self.stage.get
+        if shape is None:
+            attention = PagedAttention.build(
+                self.cache, [w.seq.slot(p) for w in works for p in range(w.start, w.start + len(w.token_ids))],
+                [r for w in works for r in w.rows], self.attention_fn,
+            )
+            return self.model.hidden(get("ids")[None], get("positions")[None], cache=attention)[0]
+        if self.graphs is not None:
+            return self.graphs.run(shape, self.stage.dev[: StaticInputs.numel(shape)])
+        return forward_static(self.model, self.cache, self.attention_fn, StaticInputs.view(self.stage.dev, shape))
+
+    def _head(self, h_TD: Tensor, plan: HeadPlan) -> tuple[Tensor, Tensor]:
+        """Token [C] (int64) and its probability [C] (fp32) of each candidate row, greedy or sampled."""
+        get = self.stage.get
+        h_CD = h_TD[get("cand_rows")]
+        lm_head = self.model.lm_head
+        if self.fused_confidence is not None:
+            token_C, prob_C = self.fused_confidence(h_CD, lm_head.weight, self.mask_token_id)
+            logits_SV = lm_head(h_CD[get("sampled")]) if plan.num_sampled else None
+        else:
+            logits_CV = lm_head(h_CD)
+            token_C, prob_C = greedy_confidence(logits_CV, self.mask_token_id)
+            logits_SV = logits_CV[get("sampled")] if plan.num_sampled else None
+        if logits_SV is not None:
+            uniform_S = counter_uniform(get("seed"), get("counter"))
+            token_S, prob_S = sample_confidence(
+                logits_SV, self.mask_token_id, get("temperature", torch.float32), get("top_p", torch.float32),
+                get("top_k"), uniform_S,
+            )
+            sampled = get("sampled")
+            token_C, prob_C = token_C.index_put((sampled,), token_S), prob_C.index_put((sampled,), prob_S)
+        return token_C, prob_C
+
+    def _scatter_back(self, works: list[Work], plan: HeadPlan, tokens: list[float], probs: list[float],
+                      out: list[tuple[list[int], list[bool]]]) -> None:
+        """Per reading work: its logit rows' (token, selected) under the threshold rule; rows that are
+        no candidate are never selected."""
+        filler = self.mask_token_id if self.mask_token_id is not None else 0
+        c = 0
+        for i in plan.readers:
+            w = works[i]
+            n = w.candidates.count(True)
+            chosen = iter(select_unmask(probs[c : c + n], w.seq.threshold))
+            toks, sels = [filler] * len(w.logit_rows), [False] * len(w.logit_rows)
+            for r, cand in enumerate(w.candidates):
+                if cand:
+                    toks[r], sels[r] = int(tokens[c]), next(chosen)
+                    c += 1
+            out[i] = (toks, sels)
+
+
+@dataclass(frozen=True)
+class StaticInputs:
+    """Device views of a static step's body inputs (slices of the step's staged buffer)."""
+
+    ids_1T: Tensor
+    positions_1T: Tensor
+    slots_T: Tensor
+    tables_BM: Tensor
+    kv_lens_B: Tensor
+    q_lens_B: Tensor
+
+    @staticmethod
+    def numel(shape: StaticShape) -> int:
+        Bb, T = shape.batch, shape.batch * shape.q_len
+        return 3 * T + Bb * shape.pages + 2 * Bb
+
+    @classmethod
+    def view(cls, buf: Tensor, shape: StaticShape) -> StaticInputs:
+        """Views of a flat int64 buffer laid out ids | positions | slots | tables | kv_lens | q_lens."""
+        Bb, M, T = shape.batch, shape.pages, shape.batch * shape.q_len
+        ends = [T, 2 * T, 3 * T, 3 * T + Bb * M, 3 * T + Bb * M + Bb, 3 * T + Bb * M + 2 * Bb]
+        ids, positions, slots, tables, kv_lens, q_lens = (buf[a:b] for a, b in zip([0, *ends[:-1]], ends))
+        return cls(ids[None], positions[None], slots, tables.view(Bb, M), kv_lens, q_lens)
+
+
+def forward_static(model: Transformer, cache: KVCache, attention_fn, inputs: StaticInputs) -> Tensor:
+    """The body of a static step [Bb * Q, D]: what a CUDA graph captures, and the eager path runs."""
+    attention = StaticPagedAttention(cache, inputs.slots_T, inputs.tables_BM, inputs.kv_lens_B, inputs.q_lens_B,
+                                     attention_fn)
+    return model.hidden(inputs.ids_1T, inputs.positions_1T, cache=attention)[0]
+
+
+@torch.inference_mode()
+def profile_peak_memory(model: Transformer, num_tokens: int) -> int:
+    """Peak CUDA bytes torch allocates with the weights loaded and one no-cache forward of `num_tokens`
+    tokens (the largest prefill step's activations); what the KV cache must leave room for."""
+    device = model.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids_1T = torch.zeros((1, num_tokens), dtype=torch.long, device=device)
+    model(ids_1T, logit_positions=slice(-1, None))
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)

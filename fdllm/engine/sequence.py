@@ -13,8 +13,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from fdllm.cache import AttentionRow
 from fdllm.decoding import (
     BlockStep,
@@ -57,12 +55,11 @@ class Sequence:
         self, *, request_id: str, prompt: list[int], params: SamplingParams, criteria: StopCriteria,
         block_size: int, sub_block_size: int, use_sub_block_cache: bool, threshold: float,
         mask_token_id: int | None, arrival: float, on_tokens: TokenCallback | None = None,
-        generator: torch.Generator | None = None,
     ) -> None:
         self.request_id, self.prompt, self.params, self.criteria = request_id, prompt, params, criteria
         self.block_size, self.sub_block_size, self.use_sub_block_cache = block_size, sub_block_size, use_sub_block_cache
         self.threshold, self.mask_token_id = threshold, mask_token_id
-        self.arrival, self.on_tokens, self.generator = arrival, on_tokens, generator
+        self.arrival, self.on_tokens = arrival, on_tokens
         self.is_ar = params.mode == "ar"
         P, L = len(prompt), block_size
         # Worst case: every position up to prompt + max_new_tokens, in whole pages.

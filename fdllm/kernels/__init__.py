@@ -10,7 +10,7 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (`TR
 which must be set before a kernel module is imported: triton picks compiled or interpreted mode
 when `@triton.jit` runs).
 
-Attention backends all share `fdllm.attention.paged_attention_torch`'s signature:
+Attention backends all share `fdllm.kernels.reference.paged_attention_torch`'s signature:
     fn(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B, causal=False, scale=None) -> o_BTNH
 """
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fdllm.kernels.confidence import fused_confidence, fused_confidence_ref
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn's paged KV takes pages of a multiple of this many tokens
 
 # public name -> module that defines it; loaded on first attribute access (PEP 562)
 _LAZY = {
@@ -86,7 +87,7 @@ def select_attention_backend(name: str, device: torch.device | str) -> Callable[
     device = torch.device(device)
     name = resolve_attention_backend(name, device)
     if name == "torch":
-        from fdllm.attention import paged_attention_torch
+        from fdllm.kernels.reference import paged_attention_torch
 
         return paged_attention_torch
     if name == "triton":
@@ -122,6 +123,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "FLASH_ATTN_PAGE_MULTIPLE",
     "flash_attn_available",
     "fused_confidence",
     "fused_confidence_ref",

@@ -6,12 +6,15 @@ unfused path builds logits [T, V] in fp32, then a softmax [T, V], then reduces t
 vocabulary that is tens of MB of traffic per step on top of reading the LM head. Here the logits
 exist only as [BLOCK_T, BLOCK_V] tiles in registers.
 
-Tiling. The vocab is cut into SPLITS contiguous chunks (split-K style, so a handful of query rows
-still fills the GPU); program (i, j) computes logit tiles h[rows_i] @ W[chunk_j]^T over the hidden
+Tiling. The vocab is cut into contiguous chunks of V_PER_SPLIT (split-K style, so a handful of
+query rows still fills the GPU); program (i, j) computes logit tiles h[rows_i] @ W[chunk_j]^T over the hidden
 dim and keeps, per row, a running max, its first argmax and a running sum of exp(logit - max)
-(online log-sum-exp). Partials [T, SPLITS] are merged in torch (tiny): the global max, the argmax
-of the first chunk attaining it (so ties resolve to the lowest token id, as torch.argmax does),
-and prob = exp(max - lse) = 1 / sum_j sum_j' exp(max_j - max).
+(online log-sum-exp). A second tiny kernel merges a row's partials [SPLITS] in chunk order: the
+global max, the argmax of the first chunk attaining it (so ties resolve to the lowest token id, as
+torch.argmax does), and prob = exp(max - lse) = 1 / sum_j sum_j exp(max_j - max).
+
+Batch invariance: the row tile (BLOCK_T) and the vocab chunks (V_PER_SPLIT) are constants and the
+merge runs in a fixed order, so a row's token and probability are bitwise the same for any T.
 
 Precision: logits accumulate in fp32 (IEEE dots for fp32 inputs); under the Triton interpreter
 tiles are upcast to fp32 before tl.dot (its bf16 dot is wrong).
@@ -26,8 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fdllm.decoding import greedy_confidence
 from fdllm.kernels import interpreter_enabled
+from fdllm.kernels.reference import greedy_confidence
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E: tl.constexpr = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
@@ -88,13 +91,31 @@ def _confidence_partials_kernel(
     tl.store(sum_ptr + out, s_i, mask=t_ok)
 
 
-def _num_splits(V: int, block_v: int, t_tiles: int, device: torch.device) -> int:
-    """Vocab chunks per row tile: enough programs to fill the GPU a few times over."""
-    v_tiles = triton.cdiv(V, block_v)
-    if device.type != "cuda":  # the interpreter runs programs one after another
-        return min(v_tiles, 4)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(v_tiles, triton.cdiv(4 * sms, t_tiles)))
+@triton.jit
+def _confidence_merge_kernel(
+    max_ptr, arg_ptr, sum_ptr, token_ptr, prob_ptr, splits, stride_pt,
+):
+    """Per row: merge the vocab chunks one after another (same order for any T: batch-invariant)."""
+    t = tl.program_id(0)
+    base = t * stride_pt
+    m_run = tl.load(max_ptr + base)
+    arg = tl.load(arg_ptr + base)
+    s_run = tl.load(sum_ptr + base)
+    for j in range(1, splits):
+        m_j = tl.load(max_ptr + base + j)
+        s_j = tl.load(sum_ptr + base + j)
+        a_j = tl.load(arg_ptr + base + j)
+        arg = tl.where(m_j > m_run, a_j, arg)  # strict: the earlier chunk (lower token id) wins ties
+        m_new = tl.maximum(m_run, m_j)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_run = s_run * tl.exp2((m_run - m_safe) * LOG2E) + s_j * tl.exp2((m_j - m_safe) * LOG2E)
+        m_run = m_new
+    tl.store(token_ptr + t, arg.to(tl.int64))
+    tl.store(prob_ptr + t, 1.0 / s_run)  # exp(max - lse) = 1 / sum exp(logit - max)
+
+
+BLOCK_T = 16  # rows per program: a constant, so a row's tiles never depend on how many rows there are
+V_PER_SPLIT = 1024  # vocab entries per program: from the vocab alone, never from the batch
 
 
 def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | None) -> tuple[Tensor, Tensor]:
@@ -123,29 +144,25 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
     if T == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
 
-    block_t = min(64, max(16, triton.next_power_of_2(T)))
-    block_v = 64
+    block_t, block_v = BLOCK_T, 64
     block_d = min(64, max(16, triton.next_power_of_2(D)))
     t_tiles = triton.cdiv(T, block_t)
-    splits = _num_splits(V, block_v, t_tiles, device)
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-    splits = triton.cdiv(V, v_per_split)
+    splits = triton.cdiv(V, V_PER_SPLIT)
     max_TS = torch.empty((T, splits), dtype=torch.float32, device=device)
     arg_TS = torch.empty((T, splits), dtype=torch.int32, device=device)
     sum_TS = torch.empty((T, splits), dtype=torch.float32, device=device)
     _confidence_partials_kernel[(t_tiles, splits)](
         hidden_TD, weight_VD, max_TS, arg_TS, sum_TS,
-        T, V, D, -1 if mask_token_id is None else int(mask_token_id), v_per_split,
+        T, V, D, -1 if mask_token_id is None else int(mask_token_id), V_PER_SPLIT,
         hidden_TD.stride(0), weight_VD.stride(0), max_TS.stride(0),
         BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d,
         UPCAST=interpreter_enabled(),
         DOT_PRECISION="ieee" if hidden_TD.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
-    max_T, best_split_T = max_TS.max(dim=1)  # first split attaining the max: lowest token id on ties
-    token_T = arg_TS.gather(1, best_split_T[:, None]).squeeze(1).long()
-    # prob = exp(max - lse) = 1 / sum over splits j of sum_j * exp(max_j - max); all -inf splits add 0
-    prob_T = 1.0 / (sum_TS * torch.exp(max_TS - max_T[:, None])).sum(dim=1)
+    token_T = torch.empty(T, dtype=torch.int64, device=device)
+    prob_T = torch.empty(T, dtype=torch.float32, device=device)
+    _confidence_merge_kernel[(T,)](max_TS, arg_TS, sum_TS, token_T, prob_T, splits, max_TS.stride(0), num_warps=1)
     return token_T, prob_T
 
 

@@ -1,6 +1,6 @@
 """Paged attention through flash-attn's `flash_attn_with_kvcache` (optional, CUDA only).
 
-Same signature and semantics as `fdllm.attention.paged_attention_torch`, with flash-attn's limits:
+Same signature and semantics as `fdllm.kernels.reference.paged_attention_torch`, with flash-attn's limits:
 - pages (`page_block_size`, our S) must hold a multiple of 256 tokens, so fdllm's usual diffusion
   block sizes (8..32) cannot use it: the page size equals the block size by design (DESIGN.md);
 - fp16/bf16 only;
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-FLASH_ATTN_PAGE_MULTIPLE = 256
+from fdllm.kernels import FLASH_ATTN_PAGE_MULTIPLE
 
 
 def paged_attention_flash_attn(

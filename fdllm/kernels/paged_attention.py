@@ -1,6 +1,6 @@
 """Triton attention of a block of queries per sequence over the paged KV cache.
 
-A drop-in for `fdllm.attention.paged_attention_torch` (same signature and semantics; that function
+A drop-in for `fdllm.kernels.reference.paged_attention_torch` (same signature and semantics; that function
 is the reference the tests compare against). One launch serves a ragged batch: every sequence has
 its own kv_len (committed prefix + current block) and q_len (real queries; the rest are padding).
 
@@ -16,9 +16,15 @@ exponentials with log2(e) folded into the scale); the output is normalised once 
 
 Split-KV (flash-decoding). Few sequences x few kv heads x a few row tiles can be far fewer
 programs than the GPU has SMs (batch 1 of Qwen2-1.5B: 2 kv heads x 3 tiles = 6), so the key range
-can also be cut into `num_splits` chunks, one program each; those write unnormalised partial
-outputs with their running max and sum (fp32), and a second small kernel merges them. With one
-split the first kernel writes the normalised output directly.
+can also be cut into chunks, one program each; those write unnormalised partial outputs with
+their running max and sum (fp32), and a second small kernel merges them, one split after another.
+With one split the first kernel writes the normalised output directly (bitwise what the merge of
+one split gives).
+
+Batch invariance. How a sequence's keys are chunked depends only on its own kv_len (MAX_SPLITS,
+MIN_KEYS_PER_SPLIT), the query tile is a constant BLOCK_M, and the merge adds a sequence's splits
+in order: a request's attention output is bitwise the same alone or in any batch, padded or not.
+Launch parameters come from shapes only (no host sync), so CUDA graphs can capture the launch.
 
 Masking. Keys j >= kv_len are never loaded, so -1 block-table entries and stale slots of the last
 page are never dereferenced. With causal, query t of b sits at kv_len - q_len + t and sees keys up
@@ -36,7 +42,6 @@ H head dim, P pages in the pool, S page size (tokens per page), M max pages per 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -61,7 +66,7 @@ def _paged_attention_kernel(
     stride_ob, stride_ot, stride_on,
     stride_btb, stride_btm,
     stride_kvl, stride_ql,
-    T, N, H, qk_scale_log2, num_splits, keys_per_split,
+    T, N, H, qk_scale_log2, num_splits, keys_per_split, min_keys_per_split,
     G: tl.constexpr,  # query heads per kv head
     PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -78,6 +83,9 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(2)
     kv_len = tl.load(kv_lens_ptr + b * stride_kvl).to(tl.int32)
     q_len = tl.load(q_lens_ptr + b * stride_ql).to(tl.int32)
+    kps = _keys_per_split(kv_len, keys_per_split, min_keys_per_split, num_splits, BLOCK_N)
+    if split * kps >= tl.maximum(kv_len, 1):  # past this sequence's own splits: the merge never reads it
+        return
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     t = rows // G
@@ -100,8 +108,8 @@ def _paged_attention_kernel(
     if CAUSAL:
         kv_end = tl.minimum(kv_len, kv_len - q_len + last_t + 1)
     kv_end = tl.where(first_t < q_len, kv_end, 0)
-    kv_begin = split * keys_per_split  # this program's chunk of the key range
-    kv_end = tl.minimum(kv_end, kv_begin + keys_per_split)
+    kv_begin = split * kps  # this program's chunk of the key range
+    kv_end = tl.minimum(kv_end, kv_begin + kps)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -152,49 +160,56 @@ def _paged_attention_kernel(
 
 
 @triton.jit
+def _keys_per_split(kv_len, keys_per_split, min_keys_per_split, max_splits, BLOCK_N: tl.constexpr):
+    """Keys per split of one sequence: the caller's fixed chunk, or (keys_per_split == 0) a chunk
+    chosen from this sequence's own kv_len, never from the batch: at most max_splits chunks of at
+    least min_keys_per_split keys, in whole key tiles. So a sequence's partials, and the order the
+    merge adds them in, are the same whatever else is in the launch (batch invariance)."""
+    if keys_per_split > 0:
+        return keys_per_split
+    per = tl.cdiv(tl.cdiv(kv_len, max_splits), BLOCK_N) * BLOCK_N
+    return tl.maximum(per, min_keys_per_split)
+
+
+@triton.jit
 def _merge_splits_kernel(
-    o_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    stride_ob, stride_ot, stride_on,
-    T, N, H, num_splits,
-    BLOCK_S: tl.constexpr,  # splits padded to a power of two
+    o_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, kv_lens_ptr,
+    stride_ob, stride_ot, stride_on, stride_kvl,
+    T, N, H, num_splits, keys_per_split, min_keys_per_split,
+    BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0)  # flattened (b, t, n)
     n = row % N
     t = (row // N) % T
     b = row // (N * T)
-    offs_s = tl.arange(0, BLOCK_S)
+    kv_len = tl.load(kv_lens_ptr + b * stride_kvl).to(tl.int32)
+    kps = _keys_per_split(kv_len, keys_per_split, min_keys_per_split, num_splits, BLOCK_N)
+    own_splits = tl.maximum(tl.cdiv(kv_len, kps), 1)
     offs_h = tl.arange(0, BLOCK_H)
-    s_ok = offs_s < num_splits
-    part = row.to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
-    m = tl.load(part_m_ptr + part, mask=s_ok, other=float("-inf"))
-    l_s = tl.load(part_l_ptr + part, mask=s_ok, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_H + offs_h[None, :], mask=s_ok[:, None], other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_max)  # splits that saw no key weigh 0
-    l_sum = tl.sum(l_s * w, axis=0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum == 0.0, 1.0, l_sum)  # padding rows: 0 / 1
+    m_run = float("-inf")
+    l_run = 0.0
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for s in range(0, own_splits):  # in split order, one at a time: the same sum for any batch
+        part = row.to(tl.int64) * num_splits + s
+        m_s = tl.load(part_m_ptr + part)
+        l_s = tl.load(part_l_ptr + part)
+        acc_s = tl.load(part_acc_ptr + part * BLOCK_H + offs_h)
+        m_new = tl.maximum(m_run, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet (padding rows)
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.exp2(m_s - m_safe)
+        l_run = l_run * alpha + l_s * w
+        acc = acc * alpha + acc_s * w
+        m_run = m_new
+    out = acc / tl.where(l_run == 0.0, 1.0, l_run)  # padding rows: 0 / 1
     tl.store(o_ptr + b * stride_ob + t * stride_ot + n * stride_on + offs_h, out.to(o_ptr.dtype.element_ty),
              mask=offs_h < H)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _default_num_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Split the key range only when the grid would leave SMs idle, keeping >= 8 key tiles per split.
-
-    A starting point to tune on a GPU (pipelines/bench_kernels.py), not a measured optimum.
-    """
-    if device.type != "cuda":
-        return 1
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= target:
-        return 1
-    return max(1, min(triton.cdiv(target, programs), max_keys // (8 * block_n), 16))
+MAX_SPLITS = 16  # key-range chunks per sequence at most
+MIN_KEYS_PER_SPLIT = 256  # a chunk is worth a program only above this many keys (tune on a GPU)
+BLOCK_M = 32  # flattened query rows per program: a constant, so a row's tile never depends on the batch
 
 
 def _check_inputs(
@@ -247,6 +262,7 @@ def paged_attention(
     scale: float | None = None,
     *,
     num_splits: int | None = None,
+    min_keys_per_split: int = MIN_KEYS_PER_SPLIT,
 ) -> Tensor:
     """Output [B, T, N, H] in q's dtype; rows t >= q_lens[b] are zeros. Same contract as paged_attention_torch.
 
@@ -255,8 +271,10 @@ def paged_attention(
     entries past a sequence's last page are ignored (may be -1); kv_lens [B] tokens visible to b's
     queries; q_lens [B] real queries of b (q_lens <= T, and q_lens <= kv_lens when causal).
     Values of kv_lens/q_lens/block_tables are not checked (that would sync with the device).
-    num_splits: chunks of the key range run in parallel (None: enough to fill the GPU). Splits are
-    sized from the block-table width M * S, so pass tables trimmed to the batch's longest sequence.
+    num_splits: None (default) cuts each sequence's key range by its own kv_len (at most MAX_SPLITS
+    chunks of at least `min_keys_per_split` keys): the result for a sequence is bitwise the same
+    whatever else is in the batch and whatever the table width. An int fixes the chunk size from
+    the table width M * S instead (for tests and benchmarks; batch-dependent).
     """
     _check_inputs(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B)
     B, T, N, H = q_BTNH.shape
@@ -268,17 +286,21 @@ def paged_attention(
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
 
     rows = T * G
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = BLOCK_M
     block_h = max(16, triton.next_power_of_2(H))
     block_n = 64 if block_h <= 64 else 32  # keeps the K/V tiles within registers for H = 128
     m_tiles = triton.cdiv(rows, block_m)
     max_keys = block_tables_BM.shape[1] * S  # >= every kv_len
-    if num_splits is None:
-        num_splits = _default_num_splits(m_tiles * B * K, max_keys, block_n, q_BTNH.device)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    keys_per_split = max(block_n, triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n)
-    num_splits = max(1, triton.cdiv(max_keys, keys_per_split))
+    if num_splits is None:  # per-sequence chunks (computed in the kernel); the grid covers the longest
+        keys_per_split = 0
+        min_keys = max(block_n, triton.cdiv(min_keys_per_split, block_n) * block_n)
+        num_splits = max(1, min(MAX_SPLITS, triton.cdiv(max_keys, min_keys)))
+    else:
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        keys_per_split = max(block_n, triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n)
+        num_splits = max(1, triton.cdiv(max_keys, keys_per_split))
+        min_keys = keys_per_split
     split = num_splits > 1
     if split:
         part_acc = torch.empty((B, T, N, num_splits, block_h), dtype=torch.float32, device=q_BTNH.device)
@@ -295,7 +317,7 @@ def paged_attention(
         o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2),
         block_tables_BM.stride(0), block_tables_BM.stride(1),
         kv_lens_B.stride(0), q_lens_B.stride(0),
-        T, N, H, scale * _LOG2E, num_splits, keys_per_split,
+        T, N, H, scale * _LOG2E, num_splits, keys_per_split, min_keys,
         G=G, PAGE_SIZE=S, CAUSAL=bool(causal),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
         UPCAST=interpreter_enabled(),
@@ -305,10 +327,10 @@ def paged_attention(
     )
     if split:
         _merge_splits_kernel[(B * T * N,)](
-            o_BTNH, part_acc, part_m, part_l,
-            o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2),
-            T, N, H, num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_H=block_h,
+            o_BTNH, part_acc, part_m, part_l, kv_lens_B,
+            o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2), kv_lens_B.stride(0),
+            T, N, H, num_splits, keys_per_split, min_keys,
+            BLOCK_N=block_n, BLOCK_H=block_h,
             num_warps=2,
         )
     return o_BTNH

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdllm.attention import paged_attention_torch
+from fdllm.kernels.reference import paged_attention_torch
 from fdllm.kernels import flash_attn_available, select_attention_backend, triton_importable
 
 
@@ -51,7 +51,7 @@ def test_fdllm_imports_without_triton():
 
         sys.meta_path.insert(0, NoTriton())
         import fdllm, fdllm.kernels
-        from fdllm.attention import paged_attention_torch
+        from fdllm.kernels.reference import paged_attention_torch
         from fdllm.kernels import select_attention_backend, triton_available
         assert not triton_available()
         assert select_attention_backend("auto", "cpu") is paged_attention_torch

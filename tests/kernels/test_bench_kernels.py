@@ -1,4 +1,4 @@
-"""pipelines/bench_kernels.py: refuses without a GPU, and its --smoke run checks the kernels end to end."""
+"""benchmarks/bench_kernels.py: refuses without a GPU, and its --smoke run checks the kernels end to end."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from pipelines import bench_kernels
+from benchmarks import bench_kernels
 
 
 def test_refuses_without_gpu(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Triton paged attention vs the torch reference `fdllm.attention.paged_attention_torch`."""
+"""Triton paged attention vs the torch reference `fdllm.kernels.reference.paged_attention_torch`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fdllm.attention import paged_attention_torch
+from fdllm.kernels.reference import paged_attention_torch
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 

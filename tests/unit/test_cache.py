@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fdllm
-from fdllm.attention import paged_attention_torch
+from fdllm.kernels.reference import paged_attention_torch
 from fdllm.cache import AttentionRow, KVCache, PageAllocator, PagedAttention
 from fdllm.masks import block_causal_mask
 from fdllm.model import masked_attention

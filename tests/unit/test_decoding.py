@@ -8,6 +8,7 @@ import torch
 from fdllm.decoding import (
     StopCriteria,
     apply_unmask,
+    counter_uniform,
     current_sub_block,
     decoded_prefix,
     greedy_confidence,
@@ -34,35 +35,38 @@ def test_greedy_confidence_is_max_softmax_without_the_mask(dtype):
     assert logits[2, M] == 50.0, "the caller's logits are left untouched"
 
 
-def test_sampling_respects_filters_and_seed():
+def test_sampling_respects_filters_and_draws():
     logits = torch.randn(64, 50)
     logits[:, M % 50] = 30.0
-    gen = lambda s: torch.Generator().manual_seed(s)
+    draw = lambda s: counter_uniform(torch.full((64,), s), torch.arange(64))  # noqa: E731
     greedy, _ = greedy_confidence(logits, M % 50)
-    top1, p1 = sample_confidence(logits, M % 50, temperature=1.0, top_k=1, generator=gen(0))
+    top1, p1 = sample_confidence(logits, M % 50, temperature=1.0, top_k=1, uniform_T=draw(0))
     assert torch.equal(top1, greedy) and torch.allclose(p1, torch.ones(64))
-    tiny_p, _ = sample_confidence(logits, M % 50, temperature=1.0, top_p=1e-6, generator=gen(0))
+    tiny_p, _ = sample_confidence(logits, M % 50, temperature=1.0, top_p=1e-6, uniform_T=draw(0))
     assert torch.equal(tiny_p, greedy)
-    a, pa = sample_confidence(logits, M % 50, temperature=0.7, top_p=0.9, top_k=10, generator=gen(3))
-    b, pb = sample_confidence(logits, M % 50, temperature=0.7, top_p=0.9, top_k=10, generator=gen(3))
+    a, pa = sample_confidence(logits, M % 50, temperature=0.7, top_p=0.9, top_k=10, uniform_T=draw(3))
+    b, pb = sample_confidence(logits, M % 50, temperature=0.7, top_p=0.9, top_k=10, uniform_T=draw(3))
     assert torch.equal(a, b) and torch.equal(pa, pb)
     assert not (a == M % 50).any()
-    top10 = logits.topk(10, -1).indices
+    top10 = logits.index_fill(1, torch.tensor([M % 50]), float("-inf")).topk(10, -1).indices  # mask excluded
     assert (top10 == a[:, None]).any(-1).all()
+    # per-row parameters: row 0 greedy-like (top_k=1), row 1 unfiltered; each row as if alone
+    mixed, _ = sample_confidence(logits[:2], M % 50, temperature=torch.tensor([1.0, 0.7]),
+                                 top_p=torch.tensor([1.0, 1.0]), top_k=torch.tensor([1, 0]), uniform_T=draw(3)[:2])
+    alone, _ = sample_confidence(logits[1:2], M % 50, temperature=0.7, uniform_T=draw(3)[1:2])
+    assert mixed[0] == greedy[0] and mixed[1] == alone[0]
     with pytest.raises(ValueError, match="temperature"):
         sample_confidence(logits, None, temperature=0.0)
 
 
 def test_select_unmask_threshold_and_always_one():
-    prob = torch.tensor([[0.5, 0.95, 0.97, 0.2], [0.1, 0.3, 0.2, 0.05], [0.99, 0.99, 0.99, 0.99]])
-    cand = torch.tensor([[True, True, False, True], [True, False, True, True], [False] * 4])
-    sel = select_unmask(prob, cand, torch.tensor([0.9, 0.9, 0.5]))
-    assert sel.tolist() == [
-        [False, True, False, False],  # above threshold; the non-candidate 0.97 is ignored
-        [False, False, True, False],  # nothing above: the most confident candidate
-        [False] * 4,  # no candidates: nothing
-    ]
-    assert select_unmask(prob[:1], cand[:1], torch.tensor([1.0])).sum() == 1  # threshold 1.0: one per step
+    # one work's candidates (non-candidate rows never reach the rule)
+    assert select_unmask([0.5, 0.95, 0.2], 0.9) == [False, True, False]  # above the threshold
+    assert select_unmask([0.1, 0.2, 0.05], 0.9) == [False, True, False]  # nothing above: the most confident
+    assert select_unmask([0.4, 0.7, 0.7], 0.9) == [False, True, False]  # ties: the first
+    assert select_unmask([0.99, 0.99], 0.5) == [True, True]
+    assert select_unmask([], 0.5) == []  # no candidates: nothing
+    assert sum(select_unmask([0.99, 0.999, 1.0], 1.0)) == 1  # threshold 1.0: one per step
 
 
 def test_current_sub_block_skips_decoded_and_out_of_limit_positions():

@@ -150,7 +150,7 @@ def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
 def test_bench_train_measures_both_objectives(objective):
     import argparse
 
-    from pipelines import bench_train
+    from benchmarks import bench_train
 
     sub = argparse.ArgumentParser().add_subparsers()
     args = bench_train.add_parser(sub).parse_args(["--seq-len", "32", "--batch-size", "2", "--block-size", "8",

@@ -49,7 +49,7 @@ def test_stop_tokens_and_chat():
 def test_engine_package_never_imports_ray():
     code = (
         "import sys; sys.modules['ray'] = None; sys.modules['fastapi'] = None\n"
-        "import fdllm, fdllm.objective, fdllm.masks, fdllm.tokenizer, fdllm.attention\n"
+        "import fdllm, fdllm.objective, fdllm.masks, fdllm.tokenizer, fdllm.kernels.reference\n"
         "import pkgutil, importlib\n"
         "for m in pkgutil.walk_packages(fdllm.__path__, 'fdllm.'): importlib.import_module(m.name)\n"
         "assert 'ray' not in sys.modules or sys.modules['ray'] is None\n"

@@ -5,8 +5,8 @@ fresh process so peak memory is its own. Reports data tokens per second (B*L per
 diffusion step forwards 2B rows of 2L tokens for them) and peak memory (CUDA: max allocated;
 CPU: peak RSS above the loaded model).
 
-    python pipelines/bench_train.py --preset tiny --seq-len 256 --batch-size 8 --steps 10
-    python pipelines/bench_train.py --model /path/to/Qwen2.5-1.5B-Instruct --device cuda --dtype bf16 \\
+    python -m benchmarks.bench_train --preset tiny --seq-len 256 --batch-size 8 --steps 10
+    python -m benchmarks.bench_train --model /path/to/Qwen2.5-1.5B-Instruct --device cuda --dtype bf16 \\
         --seq-len 2048 --batch-size 2 --output bench_train.json
 
 `add_parser(subparsers)` / `run(args)` let a `benchmark.py` expose it as its `train` subcommand.
@@ -34,9 +34,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the tiny-world model of ENVIRONMENT.md's calibration (3.4M parameters)
     "tiny": dict(vocab_size=512, hidden_size=192, intermediate_size=768, num_hidden_layers=6,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    # Qwen2.5-0.5B's shape
+    # Qwen2.5-0.5B, 1.5B and 7B shapes
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, rope_theta=1e6),
 }
 OBJECTIVES = ("diffusion", "ar")
 

@@ -1,13 +1,13 @@
 r"""Benchmarks of the fdllm engine (run from the repository root after `pip install -e .`).
 
-    python pipelines/benchmark.py decode                    # random Qwen2 config on CPU, ~1-2 min
-    python pipelines/benchmark.py decode --model DIR --device cuda --dtype bfloat16 --batch-sizes 1,16,64
-    python pipelines/benchmark.py decode --hidden-size 1536 --layers 28 --heads 12 --kv-heads 2 \
+    python -m benchmarks.benchmark decode                    # random Qwen2 config on CPU, ~1-2 min
+    python -m benchmarks.benchmark decode --model DIR --device cuda --dtype bfloat16 --batch-sizes 1,16,64
+    python -m benchmarks.benchmark decode --hidden-size 1536 --layers 28 --heads 12 --kv-heads 2 \
         --intermediate-size 8960 --vocab-size 151936 --device cuda --dtype bfloat16   # Qwen2.5-1.5B shape
-    python pipelines/benchmark.py decode --help
-    python pipelines/benchmark.py train                     # two-stream objective vs AR loss (pipelines/bench_train.py)
-    python pipelines/benchmark.py serve                     # HTTP load test (pipelines/bench_serve.py)
-    python pipelines/benchmark.py kernels                   # Triton vs torch on a GPU (pipelines/bench_kernels.py)
+    python -m benchmarks.benchmark decode --help
+    python -m benchmarks.benchmark train                     # two-stream objective vs AR loss (benchmarks/bench_train.py)
+    python -m benchmarks.benchmark serve                     # HTTP load test (benchmarks/bench_serve.py)
+    python -m benchmarks.benchmark kernels                   # Triton vs torch on a GPU (benchmarks/bench_kernels.py)
 
 `decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
 (yardstick), the engine's AR mode, and block diffusion with the sub-block cache off and on. It
@@ -36,7 +36,7 @@ from typing import Self
 
 import torch
 
-from pipelines import bench_kernels, bench_serve, bench_train
+from benchmarks import bench_kernels, bench_serve, bench_train
 
 import fdllm
 from fdllm.config import ModelConfig

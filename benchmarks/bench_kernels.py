@@ -3,17 +3,17 @@
 On a GPU (defaults: Qwen2-1.5B attention, N=12 query heads, K=2 kv heads, H=128, bf16, one
 32-token diffusion block of queries per sequence over 32-token pages):
 
-    python pipelines/bench_kernels.py
-    python pipelines/bench_kernels.py --batches 1,8,32 --contexts 1024,2048,4096 --peak-gbps 3350 --json kernels.json
-    python pipelines/bench_kernels.py --q-len 8 --confidence      # sub-block steps; also the fused confidence
+    python -m benchmarks.bench_kernels
+    python -m benchmarks.bench_kernels --batches 1,8,32 --contexts 1024,2048,4096 --peak-gbps 3350 --json kernels.json
+    python -m benchmarks.bench_kernels --q-len 8 --confidence      # sub-block steps; also the fused confidence
 
 On a CPU it refuses, unless --smoke runs a tiny shape under the Triton interpreter (a correctness
 smoke test; its timings mean nothing):
 
-    python pipelines/bench_kernels.py --smoke
+    python -m benchmarks.bench_kernels --smoke
 
 Attention rows: per-call latency (median of triton.testing.do_bench, L2 flushed between calls) of
-"triton" (fdllm.kernels.paged_attention), "torch" (fdllm.attention.paged_attention_torch: gather
+"triton" (fdllm.kernels.paged_attention), "torch" (fdllm.kernels.reference.paged_attention_torch: gather
 the pages, then SDPA) and "flash_attn" (flash_attn_with_kvcache; it needs 256-token pages, so it
 runs on its own pool of 256-token pages holding the same number of tokens), with the achieved
 bandwidth = bytes of K and V read / time, as a fraction of --peak-gbps (H100 SXM ~3350 GB/s).
@@ -74,7 +74,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the `kernels` subcommand on an argparse subparsers object (pipelines/benchmark.py)."""
+    """Register the `kernels` subcommand on an argparse subparsers object (benchmarks/benchmark.py)."""
     p = subparsers.add_parser("kernels", help="Triton kernel latency and bandwidth vs torch / flash-attn",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
@@ -108,7 +108,7 @@ def _paged_case(batch: int, context: int, q_len: int, page: int, N: int, K: int,
 
 
 def bench_attention(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    from fdllm.attention import paged_attention_torch
+    from fdllm.kernels.reference import paged_attention_torch
     from fdllm.kernels import flash_attn_available
     from fdllm.kernels.paged_attention import paged_attention
 

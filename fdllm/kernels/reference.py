@@ -1,4 +1,6 @@
-"""Attention of a query block over a paged KV cache: the torch reference backend.
+"""Plain torch references: paged attention (the "torch" backend) and greedy confidence.
+
+Attention of a query block over a paged KV cache.
 
 The KV pool holds pages of `page_size` tokens (one page = one diffusion block) for one layer;
 a sequence's tokens live in the pages listed by its block table, in order. The current
@@ -57,3 +59,20 @@ def paged_attention_torch(
         q_BTNH.transpose(1, 2), k_BKXH, v_BKXH, attn_mask=allowed_BTX[:, None], scale=scale, enable_gqa=N != K
     )
     return o_BNTH.transpose(1, 2) * real_BT[:, :, None, None]
+
+
+def suppress_mask(logits_TV: Tensor, mask_token_id: int | None) -> Tensor:
+    """fp32 copy of the logits with the mask token's logit at -inf: it is never a prediction."""
+    logits_TV = logits_TV.to(torch.float32, copy=True)
+    if mask_token_id is not None:
+        logits_TV[:, mask_token_id] = float("-inf")
+    return logits_TV
+
+
+def greedy_confidence(logits_TV: Tensor, mask_token_id: int | None) -> tuple[Tensor, Tensor]:
+    """Argmax token [T] (int64) and its softmax probability [T] (fp32), mask token excluded
+    (ties: the lowest token id). The contract of the fused confidence kernel."""
+    logits_TV = suppress_mask(logits_TV, mask_token_id)
+    top_T, token_T = logits_TV.max(-1)
+    prob_T = torch.exp(top_T - torch.logsumexp(logits_TV, -1))  # max softmax prob, no [T, V] softmax
+    return token_T, prob_T

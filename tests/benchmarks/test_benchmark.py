@@ -1,8 +1,8 @@
-"""`pipelines/benchmark.py decode` runs end to end on a tiny random model and prints every mode."""
+"""`python -m benchmarks.benchmark decode` runs end to end on a tiny random model and prints every mode."""
 
 from __future__ import annotations
 
-from pipelines import benchmark
+from benchmarks import benchmark
 
 
 def test_decode_benchmark_smoke(capsys):

@@ -1,0 +1,163 @@
+r"""Host overhead of an engine step: step wall time minus the time spent in the model's forward.
+
+Everything outside `Transformer.hidden` counts as host overhead: scheduling, building and copying
+the step's inputs, the LM head on the read rows, confidence/sampling, the one device-to-host
+transfer and the per-sequence bookkeeping. On CPU the model's forward is itself slow (eager
+per-op overhead), which is why this benchmark subtracts it instead of timing whole steps.
+
+Clock: on CPU, this thread's CPU time (`time.thread_time`, torch at one thread), so time the
+process spends descheduled on a shared machine does not count; on CUDA, wall time with syncs.
+
+    python -m benchmarks.bench_host                                   # tiny world model, batch 1 and 64
+    python -m benchmarks.bench_host --batch-sizes 1,8,64 --mode ar --threads 1
+    python -m benchmarks.bench_host --model DIR --device cuda         # on a GPU: forward timed with a sync
+
+Targets (issue 12): at most 0.2 ms per step at batch 1 and 1 ms at batch 64 for the tiny world model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import fdllm
+
+DEFAULT_MODEL = "assets/tiny-ar-base"
+
+
+@dataclass(frozen=True)
+class HostRow:
+    mode: str
+    batch: int
+    steps: int
+    step_ms: float  # median wall time of a decode step
+    model_ms: float  # median time inside Transformer.hidden
+    host_ms: float  # median of (step - model), per step
+
+
+def clock(device: torch.device):
+    """(now, sync): wall time with CUDA syncs on a GPU, this thread's CPU time elsewhere."""
+    if device.type == "cuda":
+        return time.perf_counter, torch.cuda.synchronize
+    return time.thread_time, (lambda: None)
+
+
+class ForwardTimer:
+    """Wraps `model.hidden` (on the instance) and records the time of each call (see `clock`)."""
+
+    def __init__(self, model: fdllm.Transformer) -> None:
+        self.model, self.inner, self.times = model, model.hidden, []
+
+    def __enter__(self) -> ForwardTimer:
+        now, sync = clock(self.model.device)
+
+        def timed(*args, **kwargs):
+            sync()
+            start = now()
+            out = self.inner(*args, **kwargs)
+            sync()
+            self.times.append(now() - start)
+            return out
+
+        self.model.hidden = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.hidden  # back to the class method
+
+
+def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams, mode: str) -> HostRow:
+    """Run the prompts to completion; per-step figures over decode steps (every request running, no prefill)."""
+    for p in prompts:
+        engine.add_request(p, params)
+    engine.step()  # prefill (+ the first block step): not a decode step
+    steps, model, host = [], [], []
+    now, sync = clock(engine.model.device)
+    with ForwardTimer(engine.model) as timer:
+        while engine.has_unfinished():
+            n = len(timer.times)
+            running = engine.num_running
+            sync()
+            start = now()
+            engine.step()
+            sync()
+            wall = now() - start
+            if running == len(prompts) and len(timer.times) == n + 1:  # a full-batch step with one forward
+                steps.append(wall)
+                model.append(timer.times[-1])
+                host.append(wall - timer.times[-1])
+    if not steps:
+        raise RuntimeError("no full-batch decode step was measured; raise --max-new-tokens")
+    ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
+    return HostRow(mode, len(prompts), len(steps), ms(steps), ms(model), ms(host))
+
+
+def run(args: argparse.Namespace) -> list[HostRow]:
+    torch.set_num_threads(args.threads)
+    engine_kwargs = {}
+    if args.eager:
+        engine_kwargs["enforce_eager"] = True
+    rows = []
+    model = fdllm.load_model(args.model, device=args.device)
+    tokenizer_engine = fdllm.Engine.from_pretrained(args.model, device=args.device)  # mask token + config
+    cfg = tokenizer_engine.config
+    gen = torch.Generator().manual_seed(0)
+    for batch in args.batch_sizes:
+        low = (cfg.mask_token_id or 0) + 1  # ordinary tokens only (the tiny world's specials come first)
+        prompts = torch.randint(low, model.config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
+        ecfg = fdllm.EngineConfig(max_num_seqs=batch, max_prefill_tokens=max(batch * args.prompt_len, 64),
+                                  **engine_kwargs)
+        params = fdllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, mode=args.mode,
+                                      threshold=args.threshold, temperature=args.temperature, seed=0)
+        for _ in range(args.repeats):
+            engine = fdllm.Engine(model, None, cfg, ecfg)
+            rows.append(measure(engine, prompts, params, args.mode))
+    return rows
+
+
+def best(rows: list[HostRow]) -> list[HostRow]:
+    """Per (mode, batch): the repeat with the least host time (a shared machine adds noise, never speed)."""
+    out: dict[tuple[str, int], HostRow] = {}
+    for r in rows:
+        key = (r.mode, r.batch)
+        if key not in out or r.host_ms < out[key].host_ms:
+            out[key] = r
+    return list(out.values())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
+    p.add_argument("--mode", default="diffusion", choices=["diffusion", "ar"])
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--prompt-len", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    p.add_argument("--eager", action="store_true", help="EngineConfig(enforce_eager=True)")
+    p.add_argument("--json", help="also write the rows here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = best(run(args))
+    print(f"{'mode':<10}{'batch':>6}{'steps':>7}{'step ms':>10}{'model ms':>10}{'host ms':>10}")
+    for r in rows:
+        print(f"{r.mode:<10}{r.batch:>6}{r.steps:>7}{r.step_ms:>10.3f}{r.model_ms:>10.3f}{r.host_ms:>10.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,326 @@
+r"""Every GPU figure of the project in one command (random weights, no network), on one H100/H200.
+
+    python -m benchmarks.gpu_suite --out runs/gpu-suite            # the real suite (target: <= 8 minutes)
+    python -m benchmarks.gpu_suite --out /tmp/suite --smoke        # CPU: tiny shapes, Triton interpreter
+
+Sections (each appends to report.json and report.md as soon as it ends, so a stopped run keeps
+what it measured; a failing section is recorded and the next one runs):
+1. `pytest -m gpu` (compiled Triton kernels vs their references);
+2. engine exactness on the device: Triton backend with CUDA graphs == torch backend eager ==
+   the no-cache block-causal reference (tests/unit/test_engine.py), greedy;
+3. decode at Qwen2.5-1.5B and 7B shapes (bf16), batch 1/8/32/64: AR vs diffusion (sub-block cache
+   on/off), graphs on/off: ms per step, per-step cost vs AR, tokens/s, and the projected end-to-end
+   speed-up at 2.4 and 4 tokens per forward (= tokens per forward x AR step / diffusion step);
+   plus the same workload through a plain HF-transformers `generate` loop (the yardstick), and AR
+   batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth);
+4. syncs per decode step, counted with `torch.cuda.set_sync_debug_mode("warn")`;
+5. kernel latency and achieved HBM bandwidth vs peak (benchmarks/bench_kernels.py);
+6. training step cost of the two-stream objective vs AR at the 1.5B shape (benchmarks/bench_train.py).
+Targets checked: a diffusion step at batch 1 <= 1.3x an AR step; AR batch-1 decode within 1.5x of
+the weight-read roofline; one sync per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "smoke": (32, 64, 1, 4, 2, 96, True),
+}
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+TARGET_STEP_RATIO, TARGET_ROOFLINE, TARGET_SYNCS = 1.3, 1.5, 1
+
+
+class Report:
+    """Sections in order; rewritten to OUT/report.json and OUT/report.md after each one."""
+
+    def __init__(self, out: Path, meta: dict[str, Any]) -> None:
+        self.out, self.meta, self.sections = out, meta, []
+        out.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        print(f"[gpu_suite] {name} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            result, status = fn(), "ok"
+        except Exception as exc:  # one broken section must not hide the others
+            result, status = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, "error"
+        seconds = time.perf_counter() - start
+        self.sections.append({"name": name, "status": status, "seconds": round(seconds, 1), **result})
+        print(f"[gpu_suite] {name}: {status} in {seconds:.1f} s", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        (self.out / "report.json").write_text(json.dumps({"meta": self.meta, "sections": self.sections}, indent=2))
+        lines = [f"# fdllm GPU suite\n", *(f"- {k}: {v}" for k, v in self.meta.items()), ""]
+        for s in self.sections:
+            lines.append(f"## {s['name']} ({s['status']}, {s['seconds']} s)\n")
+            if "error" in s:
+                lines.append(f"```\n{s['error']}\n```\n")
+            for check in s.get("checks", []):
+                lines.append(f"- {'PASS' if check['pass'] else 'FAIL'}: {check['what']} ({check['value']})")
+            if s.get("table"):
+                cols = list(s["table"][0])
+                lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in s["table"]]
+            lines.append("")
+        (self.out / "report.md").write_text("\n".join(lines))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _check(what: str, value: Any, ok: bool) -> dict[str, Any]:
+    return {"what": what, "value": value, "pass": bool(ok)}
+
+
+# -- sections -----------------------------------------------------------------------------------------
+def pytest_gpu(smoke: bool) -> dict[str, Any]:
+    target = ["tests/kernels/test_paged_attention.py"] if smoke else ["tests"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *target],
+                          capture_output=True, text=True, timeout=300)
+    tail = proc.stdout.strip().splitlines()[-1:] or [""]
+    ok = proc.returncode in (0, 5) if smoke else proc.returncode == 0  # smoke: no CUDA, all skip
+    return {"checks": [_check("pytest -m gpu", tail[0], ok)], "returncode": proc.returncode}
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype):
+    import fdllm
+    from fdllm.config import ModelConfig
+
+    D, F, layers, N, K, V, tied = SHAPES[shape]
+    cfg = ModelConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=layers,
+                      num_attention_heads=N, num_key_value_heads=K, tie_word_embeddings=tied,
+                      max_position_embeddings=4096, rope_theta=1e6)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = fdllm.Transformer(cfg).to(dtype).eval()
+    return model
+
+
+def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batch: int, threshold: float,
+            block: int = 32, sub: int = 8):
+    import fdllm
+
+    cfg = fdllm.BlockDiffusionConfig(block_size=block, sub_block_size=sub, threshold=threshold,
+                                     use_sub_block_cache=cache, mask_token_id=mask_id)
+    ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=batch * 16 + 8,
+                              attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096)
+    return fdllm.Engine(model, None, cfg, ecfg)
+
+
+def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
+    import fdllm
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.unit.test_engine import reference_generate
+
+    model = random_model("smoke", device, torch.float32)
+    mask = model.config.vocab_size - 1
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, mask, (n,), generator=gen).tolist() for n in (3, 8, 13)]
+    p = fdllm.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    backend = "triton" if device.type == "cuda" else "torch"
+    fast = _engine(model, mask, backend=backend, eager=False, cache=False, batch=4, threshold=0.05, block=8, sub=4)
+    slow = _engine(model, mask, backend="torch", eager=True, cache=False, batch=4, threshold=0.05, block=8, sub=4)
+    got = [r.token_ids for r in fast.generate(prompts, p)]
+    eager = [r.token_ids for r in slow.generate(prompts, p)]
+    ref = [reference_generate(model, pr, 12, 8, 4, 0.05) for pr in prompts]
+    return {"checks": [
+        _check(f"{backend} backend, graphs {'on' if fast.runner.graphs else 'off'} == torch eager", got == eager,
+               got == eager),
+        _check("== no-cache block-causal reference", got == ref, got == ref),
+    ]}
+
+
+def _decode_run(engine, prompts, params) -> tuple[float, int, int]:
+    """(seconds, generated tokens, decode steps) of one batch run to completion."""
+    sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
+    for pr in prompts:
+        engine.add_request(pr, params)
+    sync()
+    start, steps, tokens = time.perf_counter(), 0, 0
+    while engine.has_unfinished():
+        tokens += sum(len(r.token_ids) for r in engine.step())
+        steps += 1
+    sync()
+    return time.perf_counter() - start, tokens, steps
+
+
+def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any]:
+    import fdllm
+
+    shapes = ["smoke"] if smoke else ["qwen2.5-1.5b", "qwen2.5-7b"]
+    batches = [2] if smoke else [1, 8, 32, 64]
+    dtype = torch.float32 if smoke else torch.bfloat16
+    prompt_len, new = (6, 8) if smoke else (128, 128)
+    backend = "triton" if device.type == "cuda" else "torch"
+    table, checks = [], []
+    for shape in shapes:
+        model = random_model(shape, device, dtype)
+        mask = model.config.vocab_size - 1
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+        gen = torch.Generator().manual_seed(0)
+        for batch in batches:
+            prompts = torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist()
+            ar_step = None
+            modes = [("ar", "ar", True, False), ("ar", "ar", True, True),
+                     ("diffusion cache off", "diffusion", False, False), ("diffusion cache on", "diffusion", True, False),
+                     ("diffusion cache on", "diffusion", True, True)]
+            for name, mode, cache, eager in modes:
+                if eager and device.type != "cuda":
+                    continue  # graphs are CUDA-only: elsewhere every run is eager already
+                engine = _engine(model, mask, backend=backend, eager=eager, cache=cache, batch=batch, threshold=1e-9)
+                params = fdllm.SamplingParams(max_new_tokens=new, ignore_eos=True, mode=mode)
+                _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
+                seconds, tokens, steps = _decode_run(engine, prompts, params)
+                step_ms = 1000 * seconds / steps
+                graphs = engine.runner.graphs is not None
+                row = {"shape": shape, "batch": batch, "mode": name, "graphs": graphs, "ms/step": step_ms,
+                       "tokens/s": tokens / seconds, "tokens/forward": tokens / steps / batch}
+                if mode == "ar" and (graphs or device.type != "cuda"):
+                    ar_step = step_ms
+                if mode == "diffusion" and ar_step:
+                    ratio = step_ms / ar_step
+                    row |= {"step/AR step": ratio, "speed-up @2.4": 2.4 / ratio, "speed-up @4": 4 / ratio}
+                    if batch == 1 and graphs and cache:
+                        checks.append(_check(f"{shape}: diffusion step <= {TARGET_STEP_RATIO}x AR step at batch 1",
+                                             round(ratio, 2), ratio <= TARGET_STEP_RATIO))
+                if mode == "ar" and batch == 1 and graphs and peak_gbps:
+                    roofline_ms = 1000 * weight_bytes / (peak_gbps * 1e9)
+                    row["roofline ms"] = roofline_ms
+                    checks.append(_check(f"{shape}: AR batch-1 step within {TARGET_ROOFLINE}x of the weight-read "
+                                         f"roofline ({roofline_ms:.2f} ms)", round(step_ms / roofline_ms, 2),
+                                         step_ms / roofline_ms <= TARGET_ROOFLINE))
+                table.append(row)
+                print(f"  {row}", flush=True)
+            table.append(hf_yardstick(model, prompts, new, shape, batch, device, dtype))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"table": table, "checks": checks}
+
+
+def hf_yardstick(model, prompts, new: int, shape: str, batch: int, device: torch.device, dtype) -> dict[str, Any]:
+    """The same prompts through transformers' `generate` on a model of the same config (random weights)."""
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in model.config.to_hf_dict().items()
+                                                  if k not in ("architectures", "torch_dtype", "dtype")})
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).to(device).eval()
+    ids = torch.tensor(prompts, device=device)
+    with torch.inference_mode():
+        hf.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del hf
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"shape": shape, "batch": batch, "mode": "hf generate", "graphs": False, "ms/step": 1000 * seconds / new,
+            "tokens/s": tokens / seconds, "tokens/forward": 1.0}
+
+
+def syncs_per_step(device: torch.device, smoke: bool) -> dict[str, Any]:
+    import fdllm
+
+    if device.type != "cuda":
+        return {"checks": [], "note": "needs CUDA (torch.cuda.set_sync_debug_mode); not counted on CPU"}
+    model = random_model("smoke" if smoke else "qwen2.5-1.5b", device, torch.bfloat16)
+    mask = model.config.vocab_size - 1
+    checks = []
+    for mode, cache in (("ar", True), ("diffusion", True), ("diffusion", False)):
+        engine = _engine(model, mask, backend="triton", eager=False, cache=cache, batch=8, threshold=0.5)
+        params = fdllm.SamplingParams(max_new_tokens=64, ignore_eos=True, mode=mode, temperature=0.7, seed=1)
+        for i in range(8):
+            engine.add_request([i + 1] * 40, params)
+        for _ in range(3):  # prefill and graph capture happen here, outside the count
+            engine.step()
+        counts = []
+        while engine.num_running == 8:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    engine.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        worst = max(counts) if counts else None
+        checks.append(_check(f"{mode} (sub-block cache {'on' if cache else 'off'}): syncs per decode step, worst of "
+                             f"{len(counts)}", worst, worst is not None and worst <= TARGET_SYNCS))
+    return {"checks": checks}
+
+
+def kernels(smoke: bool, peak_gbps: float, out: Path) -> dict[str, Any]:
+    from benchmarks import bench_kernels
+
+    argv = ["--smoke"] if smoke else ["--confidence", "--q-len", "8", "--peak-gbps", str(peak_gbps)]
+    code = bench_kernels.main([*argv, "--json", str(out / "kernels.json")])
+    rows = json.loads((out / "kernels.json").read_text())["rows"] if code == 0 else []
+    table = [{k: r[k] for k in ("kernel", "backend", "batch", "context", "q_len", "ms", "gbps", "peak_fraction")}
+             for r in rows]
+    return {"table": table, "checks": [_check("bench_kernels exit code", code, code == 0)]}
+
+
+def training(device: torch.device, smoke: bool) -> dict[str, Any]:
+    from benchmarks import bench_train
+
+    parser = argparse.ArgumentParser()
+    bench_train._add_arguments(parser)
+    argv = (["--preset", "tiny", "--seq-len", "16", "--batch-size", "1", "--block-size", "8", "--steps", "1",
+             "--warmup", "0"] if smoke else
+            ["--preset", "qwen2.5-1.5b", "--seq-len", "2048", "--batch-size", "1", "--steps", "5", "--dtype", "bf16"])
+    args = parser.parse_args([*argv, "--device", device.type])
+    results = [bench_train._measure(objective, args) for objective in ("diffusion", "ar")]
+    d, a = results
+    table = [{k: r[k] for k in ("objective", "tokens_per_s", "step_s", "peak_mem_mib")} for r in results]
+    return {"table": table, "step cost diffusion/AR": d["step_s"] / a["step_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for report.md, report.json (and kernels.json)")
+    p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, Triton interpreter (checks the suite runs)")
+    p.add_argument("--peak-gbps", type=float, default=None, help="HBM peak (default: from the device name)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), 0.0)
+    report = Report(Path(args.out), {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__})
+    report.run("pytest -m gpu", lambda: pytest_gpu(args.smoke))
+    report.run("engine exactness", lambda: exactness(device, args.smoke))
+    report.run("decode", lambda: decode(device, args.smoke, peak))
+    report.run("syncs per step", lambda: syncs_per_step(device, args.smoke))
+    report.run("kernels", lambda: kernels(args.smoke, peak or 3350.0, Path(args.out)))
+    report.run("training step", lambda: training(device, args.smoke))
+    failed = [s["name"] for s in report.sections if s["status"] == "error"]
+    print(f"[gpu_suite] wrote {args.out}/report.md" + (f"; sections with errors: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""CUDA graphs of static decode steps: one graph per (batch bucket, query tokens per work, table width).
+
+A decode step's body (embedding -> layers -> final norm) launches a few hundred kernels; on a GPU
+their launch cost, not the weight read, bounds a small batch. A graph replays them with one launch.
+What a graph needs and this module provides:
+- static input buffers: each graph owns one int64 device buffer whose slices are the step's token
+  ids, positions, cache slots, block tables, kv lengths and query lengths, in the layout the
+  runner stages them in; a replay first copies the staged region (already on the device: the
+  step's one host-to-device transfer) into it with one device-to-device copy, on the stream;
+- a static output: the hidden states the capture produced, read (sliced) by the LM head after replay;
+- capture safety: the capture runs with every slot pointing at the cache's scratch page and every
+  kv length 0, so neither the warm-up nor the capture touches a real sequence's K/V; kernels that
+  pick their launch configuration from shapes only (no `.item()`, no data-dependent splits: see
+  `fdllm.kernels.paged_attention`) so the captured launch serves every later step of that shape.
+Graphs share one memory pool and are captured lazily, the first time a shape is used (a few tens
+of ms each); prefill steps never use them.
+
+Only runs on CUDA: `ModelRunner(use_cuda_graphs=True)` (the default on CUDA unless
+`EngineConfig(enforce_eager=True)`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from fdllm.cache import KVCache
+
+if TYPE_CHECKING:
+    from fdllm.engine.runner import StaticInputs, StaticShape
+    from fdllm.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+class CapturedStep:
+    """One captured body: its input buffer (sliced like StaticInputs) and its output hidden states."""
+
+    def __init__(self, model: Transformer, cache: KVCache, attention_fn, shape: StaticShape,
+                 pool, stream: torch.cuda.Stream) -> None:
+        from fdllm.engine.runner import StaticInputs, forward_static
+
+        device = cache.k_LPSKH.device
+        self.buf = torch.zeros(StaticInputs.numel(shape), dtype=torch.int64, device=device)
+        self.inputs = StaticInputs.view(self.buf, shape)
+        self.inputs.slots_T.fill_(cache.scratch_slot)  # capture writes only to scratch; kv_lens 0: reads nothing
+        self.inputs.tables_BM.fill_(-1)
+        run = lambda: forward_static(model, cache, attention_fn, self.inputs)  # noqa: E731
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: triton autotune/compile and allocator state, outside the capture
+                run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
+            self.out_TD = run()
+
+    def replay(self, staged: Tensor) -> Tensor:
+        """`staged`: the step's body inputs, already on the device in this buffer's layout."""
+        self.buf.copy_(staged, non_blocking=True)  # device to device, ordered on the stream before the replay
+        self.graph.replay()
+        return self.out_TD
+
+
+class GraphPool:
+    """Captured steps by shape, sharing one CUDA graph memory pool."""
+
+    def __init__(self, model: Transformer, cache: KVCache, attention_fn) -> None:
+        self.model, self.cache, self.attention_fn = model, cache, attention_fn
+        self.steps: dict[StaticShape, CapturedStep] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device=cache.k_LPSKH.device)
+
+    def run(self, shape: StaticShape, staged: Tensor) -> Tensor:
+        """Hidden states [Bb * Q, D] of the step: replays (capturing first if this shape is new)."""
+        step = self.steps.get(shape)
+        if step is None:
+            log.info("capturing a CUDA graph for decode steps of batch %d x %d tokens (table width %d)",
+                     shape.batch, shape.q_len, shape.pages)
+            step = CapturedStep(self.model, self.cache, self.attention_fn, shape, self.pool, self.stream)
+            self.steps[shape] = step
+        return step.replay(staged)

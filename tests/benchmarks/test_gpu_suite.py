@@ -1,0 +1,24 @@
+"""`python -m benchmarks.gpu_suite --smoke` runs every section end to end on CPU, so the GPU suite cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import gpu_suite
+
+
+def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    sections = {s["name"]: s for s in report["sections"]}
+    assert list(sections) == ["pytest -m gpu", "engine exactness", "decode", "syncs per step", "kernels",
+                              "training step"]
+    assert all(s["status"] == "ok" for s in sections.values()), [s.get("error") for s in sections.values()]
+    assert all(c["pass"] for c in sections["engine exactness"]["checks"])
+    modes = {row["mode"] for row in sections["decode"]["table"]}
+    assert modes == {"ar", "diffusion cache off", "diffusion cache on", "hf generate"}
+    assert any("speed-up @2.4" in row for row in sections["decode"]["table"])
+    assert {row["objective"] for row in sections["training step"]["table"]} == {"diffusion", "ar"}
+    md = (tmp_path / "report.md").read_text()
+    assert "## decode (ok" in md and "| shape | batch | mode |" in md
+    assert "[gpu_suite] engine exactness: ok" in capsys.readouterr().out  # progress is printed as it goes

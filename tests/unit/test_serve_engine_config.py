@@ -1,0 +1,22 @@
+"""The Serve config passes fdllm.EngineConfig fields through to each replica's engine."""
+
+from __future__ import annotations
+
+import pytest
+
+import fdllm
+
+pytest.importorskip("ray.serve")
+from serve.app import ServerConfig  # noqa: E402
+
+
+def test_engine_fields_pass_through_and_bad_ones_fail_early():
+    cfg = ServerConfig.from_args({"model": "m", "engine": {"max_num_seqs": 8, "enforce_eager": True,
+                                                           "gpu_memory_utilization": 0.5, "max_model_len": 512}})
+    assert cfg.engine_config() == fdllm.EngineConfig(max_num_seqs=8, enforce_eager=True, gpu_memory_utilization=0.5,
+                                                      max_model_len=512)
+    assert ServerConfig.from_args({"model": "m"}).engine_config() == fdllm.EngineConfig()
+    with pytest.raises(ValueError, match="engine: .*kv_fraction"):
+        ServerConfig.from_args({"model": "m", "engine": {"kv_fraction": 0.5}})
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        ServerConfig.from_args({"model": "m", "engine": {"gpu_memory_utilization": 1.5}})

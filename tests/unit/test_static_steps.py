@@ -1,0 +1,145 @@
+"""The static-bucket decode path (what CUDA graphs capture) against the dynamic packed path, token for token.
+
+The dynamic path (one varlen forward per step, no padding) is the oracle here: it is itself held
+against the no-cache block-causal recompute and HF generate in test_engine.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fdllm
+from fdllm.decoding import counter_uniform, sample_confidence
+from fdllm.engine.runner import batch_buckets
+from tests.unit.test_engine import MASK, make_engine, params, random_prompts
+
+
+@pytest.fixture(scope="module")
+def model(sharp_dir):
+    return fdllm.load_model(sharp_dir)
+
+
+def count_static_steps(engine) -> list:
+    """Record the static shape of every step (None: dynamic)."""
+    shapes, inner = [], engine.runner.static_shape
+
+    def spy(works):
+        shapes.append(inner(works))
+        return shapes[-1]
+
+    engine.runner.static_shape = spy
+    return shapes
+
+
+def dynamic_only(engine):
+    engine.runner.static_shape = lambda works: None
+    return engine
+
+
+def run_mixed(engine, requests, join_at: int = 3):
+    """Half the requests at once, the rest after `join_at` steps (so batches change size mid-flight)."""
+    first, later = requests[: len(requests) // 2], requests[len(requests) // 2 :]
+    ids = [engine.add_request(p, sp) for p, sp in first]
+    done = {}
+    for step in range(10_000):
+        if step == join_at:
+            ids += [engine.add_request(p, sp) for p, sp in later]
+        for r in engine.step():
+            done[r.request_id] = r
+        if len(done) == len(requests):
+            break
+    return [done[i].token_ids for i in ids]
+
+
+def mixed_requests(temperature: float):
+    prompts = random_prompts(7, [1, 3, 8, 9, 13, 17], seed=11)
+    modes = ["diffusion", "ar", "diffusion", "diffusion", "ar", "diffusion", "diffusion"]
+    return [(p, params(max_new_tokens=19, mode=m, temperature=temperature if i % 3 else 0.0, top_p=0.95, top_k=12,
+                       seed=100 + i, threshold=0.3 + 0.1 * (i % 3)))
+            for i, (p, m) in enumerate(zip(prompts, modes))]
+
+
+@pytest.mark.parametrize("use_sub_block_cache", [False, True], ids=["cache-off", "sub-block-cache"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "seeded-sampling"])
+def test_static_buckets_equal_dynamic_path(model, use_sub_block_cache, temperature):
+    requests = mixed_requests(temperature)
+    static = make_engine(model, use_sub_block_cache=use_sub_block_cache)
+    shapes = count_static_steps(static)
+    got = run_mixed(static, requests)
+    want = run_mixed(dynamic_only(make_engine(model, use_sub_block_cache=use_sub_block_cache)), requests)
+    assert got == want
+    used = [s for s in shapes if s is not None]
+    assert len(used) > len(shapes) // 2, "most steps should be static decode steps"
+    # whole-block steps (8) and, with the sub-block cache, cached sub-block steps (4) ran static
+    assert {s.q_len for s in used} >= ({8, 4} if use_sub_block_cache else {8})
+    assert any(s.batch > 1 for s in used) and any(s.batch in (2, 4, 8) for s in used)
+
+
+def test_deterministic_mode_pads_every_step_to_max_num_seqs(model):
+    requests = mixed_requests(0.9)
+    cfg = fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4, mask_token_id=MASK)
+    engine = fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=256, max_num_seqs=16, deterministic=True))
+    shapes = count_static_steps(engine)
+    got = run_mixed(engine, requests)
+    assert {s.batch for s in shapes if s is not None} == {16}
+    want = run_mixed(dynamic_only(fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=256))), requests)
+    assert got == want
+
+
+def test_seeded_request_is_independent_of_its_batch(model):
+    """The same seeded request alone, among greedy requests, among other sampled ones, first or last."""
+    target = ([5, 9, 2, 7, 1], params(max_new_tokens=23, temperature=1.0, top_p=0.9, seed=7))
+    others = [(p, params(max_new_tokens=n, temperature=t, seed=s))
+              for p, n, t, s in zip(random_prompts(6, [2, 8, 11], seed=3), [5, 30, 9, 17, 12, 20],
+                                    [0.0, 1.3, 0.0, 0.7, 2.0, 0.0], [1, 2, 3, 4, 5, 6])]
+    alone = make_engine(model).generate([target[0]], target[1])[0].token_ids
+    for batch in ([target] + others[:2], others[:5] + [target], others[2:4] + [target] + others[4:]):
+        engine = make_engine(model)
+        results = engine.generate([p for p, _ in batch], [sp for _, sp in batch])
+        assert results[batch.index(target)].token_ids == alone
+    reseeded = make_engine(model).generate([target[0]], params(max_new_tokens=23, temperature=1.0, top_p=0.9, seed=8))
+    assert reseeded[0].token_ids != alone
+
+
+def test_counter_uniform_is_uniform_and_a_function_of_seed_and_counter():
+    seed = torch.tensor([3, 3, 4, 2**40 + 3], dtype=torch.int64)
+    counter = torch.tensor([0, 1, 0, 0], dtype=torch.int64)
+    u = counter_uniform(seed, counter)
+    assert len(set(u.tolist())) == 4, "seed and counter (all 64 bits) both matter"
+    assert torch.equal(u[1:2], counter_uniform(seed[1:2], counter[1:2]))  # a row alone draws the same
+    many = counter_uniform(torch.full((200_000,), 12345), torch.arange(200_000))
+    assert 0.0 < many.min() and many.max() < 1.0
+    hist = torch.histc(many, bins=10, min=0.0, max=1.0) / many.numel()
+    assert (hist - 0.1).abs().max() < 0.005
+
+
+def test_vectorised_sampling_follows_the_filtered_distribution():
+    """Frequencies of the inverse-CDF draw match softmax(logits / T) restricted by top-k (an independent oracle)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    n = 40_000
+    draws = counter_uniform(torch.full((n,), 5), torch.arange(n))
+    token, prob = sample_confidence(logits.expand(n, -1), 5, temperature=0.7, top_k=3, uniform_T=draws)
+    expect = torch.zeros(6)
+    kept = torch.tensor([0, 1, 2])  # top-3 once token 5 (the mask) is excluded
+    expect[kept] = (logits[0, kept] / 0.7).softmax(-1)
+    freq = torch.bincount(token, minlength=6).float() / n
+    assert (freq - expect).abs().max() < 0.01
+    torch.testing.assert_close(prob, expect[token])
+
+
+def test_batch_buckets():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(1) == [1]
+
+
+def test_flash_attn_refused_for_block_pages_and_graphs_need_cuda(model):
+    with pytest.raises(ValueError, match="multiple of 256 tokens.*8 tokens"):
+        make_engine(model, attention_backend="flash_attn")
+    engine = make_engine(model)
+    assert engine.runner.graphs is None  # CPU: the static path runs eagerly
+    from fdllm.engine.runner import ModelRunner
+
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        ModelRunner(model, engine.runner.cache, MASK, "torch", max_pages_per_seq=4, use_cuda_graphs=True)
