@@ -36,7 +36,7 @@ class StepInputs:
     candidate_BW: Tensor  # bool: the row may be accepted (padding rows never)
     threshold_B: Tensor  # fp32
     readers: list[int]  # index (into the step's works) of each of the B works that read logits
-    samplers: list[int]  # index (into readers, 0..B-1) of each of the S works that sample (temperature > 0)
+    samplers: list[int]  # index (into readers, 0..B-1) of each of the S works that sample (Work.samples)
     sampler_index_S: Tensor  # the same, on the device
 
 
@@ -111,7 +111,7 @@ class ModelRunner:
                 index += [offset + r for r in w.logit_rows] + [offset + w.logit_rows[-1]] * pad
                 candidates.append(w.candidates + [False] * pad)
                 thresholds.append(w.seq.threshold)
-                if w.seq.params.temperature > 0:
+                if w.samples:
                     samplers.append(len(readers))
                 readers.append(i)
         to = {"device": self.device, "non_blocking": True}
