@@ -81,8 +81,11 @@ class _Shard:
     def __init__(self, rows):
         self.rows = rows
 
-    def iter_rows(self):
-        return iter(self.rows)
+    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+        assert batch_format == "numpy" and prefetch_batches >= 1  # workers prefetch
+        for i in range(0, len(self.rows), batch_size):
+            rows = self.rows[i : i + batch_size]
+            yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def _rows(tok, n_batches=3):
@@ -106,11 +109,12 @@ def test_shard_reader_counts_on_consumption_and_skips_on_resume(qwen2_dir):
     assert len(batches) == n_good // 2 and batches[0]["input_ids"].shape == (2, 64)
     counts = reader.take_counts()
     assert counts["invalid_json"] == 1 and counts["missing_field"] == 1
+    assert counts["good_docs"] == 12
 
     resumed = ShardReader(_Shard(rows), batch_size=2, skip=2)
     first = resumed.next_batch()
     assert np.array_equal(first["input_ids"], batches[1]["input_ids"]) and resumed.consumed == 4
-    assert set(resumed.take_counts()) <= set(BAD_REASONS)
+    assert set(resumed.take_counts()) <= {*BAD_REASONS, "good_docs"}
 
 
 def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
