@@ -244,6 +244,9 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     # The data only needs to recognise the mask token (to reject rows containing it); the workers add
     # it to the model's embedding with fdllm.tokenizer.add_mask_token.
     tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
+    # One progress bar on the console: the fine-tune's steps (Ray Data's per-operator bars, redrawn as
+    # new lines wherever the output is not a terminal, would bury it).
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = build_dataset(sources, tokenizer, cfg.data_config(), num_cpus=cfg.data_cpus)
     # Ray Train's ingest defaults (resource limits that leave the trainers' CPUs/GPUs alone, ...), plus a
     # deterministic stream, so a resumed single-worker run skips exactly the sequences it saw.

@@ -306,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg: FinetuneConfig = config["cfg"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_ray_train_reports()
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
@@ -364,6 +365,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          metrics["loss"], lr, metrics["tokens_per_s"], sum(state.bad_rows.values()))
             _report(metrics, (parallel, tokenizer, block_cfg, state) if save else None)
     progress.close()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every `report` of every rank at INFO, with the whole metrics dict, and every
+    checkpoint it persists; rank 0's one line per report (and the progress bar) say what matters."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # another Ray layout: its lines stay, nothing breaks
+        return
+    for name in (context.__file__, storage.__name__):  # Ray names the first logger by its file
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _train_step(
