@@ -315,6 +315,8 @@ def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
         engine.add_request(prompt, params(**kwargs))
     done = [r for _ in range(50) for r in engine.step()]
     assert [r.request_id for r in done] == [good] and done[0].finish_reason == "length"
+    alone = make_engine(model).generate([[1, 2, 3]], params(max_new_tokens=8))[0]
+    assert done[0].token_ids == alone.token_ids  # the good request's answer is the one it gets alone
 
 
 def test_bad_engine_config_is_rejected(model):
