@@ -1,13 +1,21 @@
 """Load benchmark of the Serve app over loopback HTTP: latency, time to first token and tokens/s
 at several concurrency levels, in one run against one replica.
 
-    python pipelines/benchmark.py serve --model assets/tiny-ar-base --concurrency 1,4,16 --requests 48
-    python pipelines/benchmark.py serve --url http://127.0.0.1:8000 --model-name tiny-dllm   # a running server
+    python -m benchmarks.benchmark serve --model assets/tiny-ar-base --concurrency 1,4,16 --requests 48
+    python -m benchmarks.benchmark serve --url http://127.0.0.1:8000 --model-name tiny-dllm   # a running server
+    python -m benchmarks.benchmark serve --chaos --concurrency 8 --requests 96   # robustness under abuse
 
 Without --url it starts a local Ray instance and the app on 127.0.0.1 and shuts both down at the
 end. Each level sends `--requests` streaming chat requests from `concurrency` concurrent clients
 (bounded in count and time, loopback only); continuous batching inside the replica is what turns
 concurrency into throughput.
+
+`--chaos` (first concurrency level = clients) mixes well-formed streaming requests with clients that
+hang up mid-stream, malformed requests, pathological sampling values and requests that make their
+own engine step raise (the server must run with `fault_injection=True`, as the local one does). It
+prints requests sent, outcomes by kind, failures (a kind answered otherwise than it must be),
+pages leaked once the server is idle, and the p99 latency of the well-formed requests, every one of
+which must equal its solo answer (sent alone before the chaos).
 """
 
 from __future__ import annotations
@@ -15,9 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +61,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--mode", default="diffusion", choices=["diffusion", "ar"])
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
+    p.add_argument("--api-key", help="bearer token of the server (default: none)")
+    p.add_argument("--chaos", action="store_true", help="robustness run: disconnects, malformed and "
+                   "pathological requests, injected step failures (see the module docstring)")
+    p.add_argument("--seed", type=int, default=0, help="--chaos: the random mix of request kinds")
     p.set_defaults(func=run)
     return p
 
@@ -106,7 +120,178 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, args:
                        sum(r[2] for r in results), seconds)
 
 
-def run(args: argparse.Namespace) -> list[LevelResult]:
+# ---- chaos ------------------------------------------------------------------------------------------
+FAULT_HEADER = "x-fdllm-inject-fault"  # serve.app.FAULT_HEADER (kept apart: the client needs no serve import)
+CHAOS_KINDS = ("good", "disconnect", "malformed", "pathological", "step_fault")
+
+
+def malformed_requests(model: str) -> list[tuple[str, bytes | str | dict[str, Any]]]:
+    """(path, body) pairs every OpenAI server must answer with a 4xx error body."""
+    return [
+        ("/v1/completions", "{not json"),
+        ("/v1/completions", b'{"model": "%s", "prompt": "\xff\xfe"}' % model.encode()),  # not UTF-8
+        ("/v1/completions", '{"model": "%s", "prompt": "\\ud800"}' % model),  # a lone surrogate (JSON escape)
+        ("/v1/chat/completions", {"model": model, "messages": []}),
+        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        ("/v1/completions", {"model": model, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
+        ("/v1/completions", {"model": model, "prompt": "x", "stop": "s" * 1000}),
+        ("/v1/completions", {"model": model, "prompt": [10**12]}),
+        ("/v1/nothing-here", {"model": model}),
+    ]
+
+
+def pathological_requests(model: str) -> list[dict[str, Any]]:
+    """In-range JSON whose sampling values no engine can decode meaningfully: each must be a 400."""
+    base = {"model": model, "prompt": "hello", "max_tokens": 4}
+    return [base | {"temperature": 1e-300}, base | {"seed": 2**70}, base | {"temperature": 1e-30, "top_p": 1e-300},
+            base | {"max_tokens": 10**12}, base | {"temperature": float("inf")}, base | {"top_p": float("nan")}]
+
+
+@dataclass
+class ChaosReport:
+    sent: Counter = field(default_factory=Counter)  # requests by kind
+    failures: Counter = field(default_factory=Counter)  # requests by kind answered otherwise than they must be
+    failure_examples: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # well-formed requests (s)
+    pages_leaked: int = -1
+    serving_after: bool = False
+
+    @property
+    def p99_s(self) -> float:
+        lat = sorted(self.latencies) or [float("nan")]
+        return lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+
+    def fail(self, kind: str, why: str) -> None:
+        self.failures[kind] += 1
+        if len(self.failure_examples) < 10:
+            self.failure_examples.append(f"{kind}: {why}")
+
+    def summary(self) -> str:
+        lines = [f"requests sent: {sum(self.sent.values())} ({', '.join(f'{k} {self.sent[k]}' for k in CHAOS_KINDS)})",
+                 f"failures by kind: {dict(self.failures) or 'none'}",
+                 f"pages leaked: {self.pages_leaked}; serving afterwards: {self.serving_after}",
+                 f"well-formed p99 latency: {self.p99_s:.3f} s over {len(self.latencies)} requests"]
+        return "\n".join(lines + [f"  e.g. {e}" for e in self.failure_examples])
+
+
+def _good_body(model: str, i: int, max_tokens: int) -> dict[str, Any]:
+    """Well-formed streaming requests, greedy and seeded sampling, chat and completions."""
+    prompt = PROMPTS[i % len(PROMPTS)]
+    sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "top_p": 0.9, "seed": 1000 + i}
+    if i % 3 == 0:
+        return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, **sampling}
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "stream": True, **sampling}
+
+
+async def _stream_text(client, url: str, body: dict[str, Any], headers: dict[str, str], hang_up: bool = False):
+    """(status, text, finish_reason, error) of a streaming request; hang_up: leave after the first chunk."""
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    pieces, finish, error = [], None, None
+    async with client.stream("POST", f"{url}{path}", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            return r.status_code, None, None, json.loads(await r.aread()).get("error")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if hang_up:
+                return 200, None, None, None
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+                continue
+            choice = event["choices"][0]
+            pieces.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+            finish = choice["finish_reason"] or finish
+    return 200, "".join(pieces), finish, error
+
+
+async def _good_with_retry(client, url: str, body: dict[str, Any], headers: dict[str, str]):
+    while True:  # an overloaded replica answers 503 at once: a client retries
+        out = await _stream_text(client, url, body, headers)
+        if out[0] != 503:
+            return out
+        await asyncio.sleep(0.05)
+
+
+async def _wait_idle(client, url: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = (await client.get(f"{url}/health")).json()
+        if (health["running"] == 0 and health["waiting"] == 0) or time.monotonic() > deadline:
+            return health
+        await asyncio.sleep(0.1)
+
+
+async def run_chaos(url: str, model: str, clients: int, requests: int, max_tokens: int = 16, seed: int = 0,
+                    api_key: str | None = None, timeout_s: float = 120.0) -> ChaosReport:
+    """Concurrent clients sending a random mix of CHAOS_KINDS; see the module docstring."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    report = ChaosReport()
+    rng = random.Random(seed)
+    kinds = [rng.choice(CHAOS_KINDS) for _ in range(requests)]
+    malformed, pathological = malformed_requests(model), pathological_requests(model)
+    num_good = 2 * len(PROMPTS)
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        solo = [await _good_with_retry(client, url, _good_body(model, i, max_tokens), headers) for i in range(num_good)]
+        if any(s[0] != 200 or s[3] for s in solo):
+            raise RuntimeError(f"the server fails well-formed requests sent alone: {solo}")
+        queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        for item in enumerate(kinds):
+            queue.put_nowait(item)
+
+        async def one(i: int, kind: str) -> None:
+            report.sent[kind] += 1
+            if kind == "good":
+                body = _good_body(model, i % num_good, max_tokens)
+                start = time.perf_counter()
+                out = await _good_with_retry(client, url, body, headers)
+                report.latencies.append(time.perf_counter() - start)
+                if out[1:] != solo[i % num_good][1:]:
+                    report.fail(kind, f"answer {out} differs from its solo answer {solo[i % num_good]}")
+            elif kind == "disconnect":
+                body = _good_body(model, i % num_good, 4 * max_tokens) | {"mode": "ar"}
+                status, *_ = await _stream_text(client, url, body, headers, hang_up=True)
+                if status not in (200, 503):
+                    report.fail(kind, f"HTTP {status}")
+            elif kind in ("malformed", "pathological"):
+                if kind == "malformed":
+                    path, body = malformed[i % len(malformed)]
+                else:
+                    path, body = "/v1/completions", pathological[i % len(pathological)]
+                content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+                r = await client.post(f"{url}{path}", content=content,
+                                      headers={**headers, "Content-Type": "application/json"})
+                error = r.json().get("error") if r.headers.get("content-type", "").startswith("application/json") else None
+                if not 400 <= r.status_code < 500 or not error or not error.get("message"):
+                    report.fail(kind, f"{path} {content[:60]!r} -> HTTP {r.status_code} {r.text[:100]!r}")
+            else:  # step_fault: the request fails (500 or an error event), nobody else does
+                body = _good_body(model, i % num_good, max_tokens)
+                status, _, finish, error = await _stream_text(client, url, body, {**headers, FAULT_HEADER: "step"})
+                if status == 503 or (status == 200 and finish == "stop" and not error):
+                    return  # shed, or a stop token ended it before the fault (armed after the first tokens)
+                if not error or error.get("code") != "engine_error":
+                    report.fail(kind, f"HTTP {status} with error {error}")
+
+        async def client_loop() -> None:
+            while not queue.empty():
+                i, kind = queue.get_nowait()
+                try:
+                    await one(i, kind)
+                except Exception as exc:  # noqa: BLE001 - transport errors are failures of their kind
+                    report.fail(kind, f"{type(exc).__name__}: {exc}")
+
+        await asyncio.gather(*(client_loop() for _ in range(clients)))
+        health = await _wait_idle(client, url)
+        report.pages_leaked = health["total_pages"] - health["free_pages"]
+        again = await _good_with_retry(client, url, _good_body(model, 0, max_tokens), headers)
+        report.serving_after = health["status"] == "ok" and again[1:] == solo[0][1:]
+    return report
+
+
+def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
     levels = [int(c) for c in args.concurrency.split(",") if c]
     name = args.model_name or Path(args.model).name
     if args.url:
@@ -117,9 +302,14 @@ def run(args: argparse.Namespace) -> list[LevelResult]:
         from serve.app import run_local
 
         ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-        url = run_local({"model": args.model, "model_name": name, "max_waiting": 1024, "max_ongoing_requests": 256,
-                         "max_queued_requests": 1024})
+        url = run_local({"model": args.model, "model_name": name, "max_waiting": 1024, "max_ongoing_requests": 2048,
+                         "max_queued_requests": 1024, "fault_injection": args.chaos, "api_key": args.api_key})
     try:
+        if args.chaos:
+            report = asyncio.run(run_chaos(url, name, levels[0], args.requests, args.max_tokens, args.seed,
+                                           args.api_key, args.timeout))
+            print(report.summary())
+            return report
         asyncio.run(run_level(url, name, 1, 2, args))  # warm-up: first-request costs out of the table
         rows = [asyncio.run(run_level(url, name, c, args.requests, args)) for c in levels]
     finally:

@@ -96,15 +96,14 @@ def select_unmask(probs: Sequence[float], threshold: float) -> list[bool]:
     return [p > threshold or i == best for i, p in enumerate(probs)]
 
 
-def is_candidate(block: Sequence[int], offset: int, mask_token_id: int, limit: int) -> bool:
-    """A masked offset below `limit` (offsets past max_new_tokens are never decoded)."""
-    return offset < limit and block[offset] == mask_token_id
+def current_sub_block(block: Sequence[int], sub_block_size: int, mask_token_id: int) -> int | None:
+    """Start offset of the leftmost sub-block with a masked offset; None when the block is done.
 
-
-def current_sub_block(block: Sequence[int], sub_block_size: int, mask_token_id: int, limit: int) -> int | None:
-    """Start offset of the leftmost sub-block with a candidate; None when the block is done."""
-    for offset in range(min(limit, len(block))):
-        if block[offset] == mask_token_id:
+    Every masked offset is decoded, also past max_new_tokens: the limit cuts the output afterwards
+    and never changes which positions compete for the threshold (METHOD.md §5, truncation).
+    """
+    for offset, token in enumerate(block):
+        if token == mask_token_id:
             return offset - offset % sub_block_size
     return None
 
@@ -123,7 +122,7 @@ class BlockStep:
 
 def plan_block_step(
     block: Sequence[int], sub_start: int, sub_block_size: int, first_step: bool, use_sub_block_cache: bool,
-    mask_token_id: int, limit: int,
+    mask_token_id: int,
 ) -> BlockStep:
     """What a step of the sub-block at `sub_start` feeds and reads (METHOD.md §3.2-3.3).
 
@@ -138,7 +137,7 @@ def plan_block_step(
     # Token shift: offset p reads the logit of p-1. Offset feed_start has no predecessor in the feed
     # but is known (offset 0, or a cached step's decoded first offset): any row will do, it is no candidate.
     rows = tuple(max(p - 1, feed_start) - feed_start for p in range(sub_start, sub_stop))
-    candidates = tuple(is_candidate(block, p, mask_token_id, limit) for p in range(sub_start, sub_stop))
+    candidates = tuple(block[p] == mask_token_id for p in range(sub_start, sub_stop))
     return BlockStep(feed_start, feed_stop, sub_start, rows, candidates)
 
 

@@ -25,7 +25,10 @@ Packing (the layout the objective and masks expect):
     the end of a sequence) its own id, and `fdllm.masks` never lets attention cross ids;
   - documents are packed first-fit-decreasing within each `map_batches` batch of records.
 
-Bad rows never stop a run: they are skipped and counted by reason (`BAD_REASONS`). The counts travel
+Bad rows never stop a run: any per-record failure (broken JSON or UTF-8 anywhere in a file, a chat
+template that raises, a record that renders to no answer) is skipped and counted by reason
+(`BAD_REASONS`); jsonl files are read as byte lines and decoded per record, so one invalid byte
+costs one row. The counts travel
 with the data (columns `bad_<reason>` on the first sequence of each batch; a batch with no good
 document yields one all-padding row with `num_docs == 0` that carries them), so the training loop
 reports exactly the counts of the rows it consumed. A file that cannot be read at all is a
@@ -61,14 +64,18 @@ log = logging.getLogger(__name__)
 # Why a row was skipped. Order is the order of the `bad_<reason>` columns and of log lines.
 BAD_REASONS = (
     "invalid_json",  # a jsonl line that is not a JSON object
+    "bad_unicode",  # a jsonl line that is not UTF-8, or text with lone surrogates (e.g. a "\ud800" escape)
     "missing_field",  # neither `messages` nor `input` + `output`
     "wrong_type",  # a field of the wrong type (e.g. `output` a number, a message without `content`)
     "empty_field",  # an empty `output`, `input`, `messages` or message content
     "bad_chat",  # unknown role, no final assistant turn, an unparseable Llama-3 prompt string
     "unclosed_think",  # `<think>` without `</think>` while stripping reasoning
+    "template_error",  # the tokenizer's chat template raised on the conversation
+    "empty_render",  # the rendered conversation holds no answer tokens (template or tokenizer dropped it)
     "mask_token",  # the text contains the diffusion mask token itself
     "too_long",  # longer than seq_len after the overlong policy
 )
+BAD_ROW_WARN_FRACTION = 0.01  # a reason that skips more than this share of the rows is warned about
 ROLES = ("system", "user", "assistant")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -118,7 +125,13 @@ class DataConfig:
 # Records -> chat messages
 
 
-def parse_jsonl_line(line: str) -> dict[str, Any]:
+def parse_jsonl_line(line: str | bytes) -> dict[str, Any]:
+    """One jsonl record; bytes are decoded here so that invalid UTF-8 fails only its own line."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRow("bad_unicode", f"not UTF-8 at byte {e.start}") from None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -146,6 +159,14 @@ def strip_reasoning_text(text: str) -> str:
     return _THINK.sub("", text)
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """Lone surrogates (JSON escapes such as \\ud800 decode to them) cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow("bad_unicode", f"{where} holds a lone surrogate") from None
+
+
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list):
         raise BadRow("wrong_type", f"{where} must be a list of messages, got {type(messages).__name__}")
@@ -159,6 +180,7 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise BadRow("bad_chat", f"unknown role {m['role']!r}")
         if not m["content"].strip():
             raise BadRow("empty_field", f"empty {m['role']} message in {where}")
+        _check_unicode(m["content"], where)
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -179,6 +201,7 @@ def record_to_messages(record: dict[str, Any], strip_reasoning: bool = False) ->
             raise BadRow("missing_field", "a record with `input` needs `output` and vice versa")
         if not isinstance(answer, str):
             raise BadRow("wrong_type", f"output must be a string, got {type(answer).__name__}")
+        _check_unicode(answer, "output")
         for trailer in _LLAMA3_TRAILERS:  # the first release ends answers with Llama-3 specials
             answer = answer.removesuffix(trailer)
         if not answer.strip():
@@ -198,6 +221,7 @@ def record_to_messages(record: dict[str, Any], strip_reasoning: bool = False) ->
 
     system = record.get("system_prompt")
     if system and system.strip() and messages[0]["role"] != "system":
+        _check_unicode(system, "system_prompt")
         messages.insert(0, {"role": "system", "content": system})
     if any(m["role"] == "system" for m in messages[1:]):
         raise BadRow("bad_chat", "a system message after the first turn")
@@ -284,7 +308,10 @@ def build_document(
     """
     ids: list[int] = []
     labels: list[int] = []
-    last_answer = max(i for i, (_, is_answer) in enumerate(pieces) if is_answer)
+    answers = [i for i, (_, is_answer) in enumerate(pieces) if is_answer]
+    if not answers:
+        raise BadRow("empty_render", "the chat template rendered no assistant answer")
+    last_answer = answers[-1]
     for i, (toks, is_answer) in enumerate(pieces[: last_answer + 1]):
         if not is_answer:
             ids += toks
@@ -292,6 +319,8 @@ def build_document(
             continue
         stop = next((j for j, t in enumerate(toks) if t in spec.stop_ids), None)
         if i == last_answer:
+            if not (toks[:stop] if stop is not None else toks):
+                raise BadRow("empty_render", "the answer tokenizes to no token before its end of turn")
             toks = toks[: stop + 1] if stop is not None else toks + [spec.eos_id]
             stop = len(toks) - 1
         ids += toks
@@ -326,6 +355,8 @@ def encode_conversations(
             rendered.append(render_segments(tokenizer, messages))
         except BadRow as e:
             rendered.append(e)
+        except Exception as e:  # noqa: BLE001 - templates reject conversations with any error (raise_exception)
+            rendered.append(BadRow("template_error", f"{type(e).__name__}: {e}"))
     texts = [text for r in rendered if not isinstance(r, BadRow) for text, _ in r]
     token_lists = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     out: list[Document | BadRow] = []
@@ -390,12 +421,12 @@ def pack_documents(docs: Sequence[Document], seq_len: int, pad_id: int) -> dict[
 
 
 def process_records(
-    rows: Iterable[str | dict[str, Any]],
+    rows: Iterable[str | bytes | dict[str, Any]],
     tokenizer: "PreTrainedTokenizerBase",
     cfg: DataConfig,
     spec: TokenSpec | None = None,
 ) -> dict[str, np.ndarray]:
-    """Raw rows (jsonl lines or parsed records) -> packed sequences plus `bad_<reason>` count columns.
+    """Raw rows (jsonl lines, as text or bytes, or parsed records) -> packed sequences plus `bad_<reason>` count columns.
 
     The counts sit on the first row; when no row is good, one padding row with `num_docs == 0`
     carries them, so counts are never lost when the output is streamed.
@@ -405,7 +436,7 @@ def process_records(
     conversations = []
     for row in rows:
         try:
-            record = parse_jsonl_line(row) if isinstance(row, str) else row
+            record = parse_jsonl_line(row) if isinstance(row, (str, bytes)) else row
             conversations.append(record_to_messages(record, cfg.strip_reasoning))
         except BadRow as e:
             bad[e.reason] += 1
@@ -430,6 +461,19 @@ def process_records(
 def bad_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
     """Sum of the `bad_<reason>` columns of a batch of packed rows."""
     return {reason: int(batch[f"bad_{reason}"].sum()) for reason in BAD_REASONS}
+
+
+def summarize_bad_rows(bad: dict[str, int], good_docs: int) -> tuple[str, list[str]]:
+    """A one-line summary of skipped rows, and one warning per reason above BAD_ROW_WARN_FRACTION
+    of all rows read (`good_docs` + every skipped row)."""
+    total = good_docs + sum(bad.values())
+    line = f"rows skipped: {sum(bad.values())} of {total} (" + (
+        ", ".join(f"{r}={n}" for r, n in bad.items() if n) or "none") + ")"
+    warnings = [
+        f"{n} of {total} rows ({n / total:.1%}) were skipped as {reason}: check the data (see BAD_REASONS)"
+        for reason, n in bad.items() if total and n / total > BAD_ROW_WARN_FRACTION
+    ]
+    return line, warnings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,14 +542,7 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
                 fmt = _file_format(file)
                 if fmt is None:
                     raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
-                if fmt == "jsonl":
-                    with fs.open_input_stream(file) as f:
-                        head = f.read(1 << 16)
-                    try:
-                        head.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        if e.start < len(head) - 4:  # not just a character cut at the 64 KiB boundary
-                            raise DataError(f"{prefix}{file} is not UTF-8 text (is it really JSON lines?)") from e
+                if fmt == "jsonl":  # contents are checked per line when read (bad lines are counted)
                     sources.jsonl.append(prefix + file)
                 else:
                     with fs.open_input_file(file) as f:
@@ -521,8 +558,37 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
     return sources
 
 
+def _jsonl_lines_datasource(paths: list[str]) -> Any:
+    """Ray Data source of jsonl files as raw byte lines (column `line`), read in chunks.
+
+    `ray.data.read_text` decodes whole files strictly, so one invalid byte anywhere failed the run;
+    here each line is decoded with its record and a bad one is counted (`bad_unicode`).
+    """
+    import pyarrow as pa
+    from ray.data.datasource import FileBasedDatasource
+
+    class JsonlLines(FileBasedDatasource):
+        chunk_bytes = 1 << 22
+        lines_per_block = 8192
+
+        def _read_stream(self, f: "pyarrow.NativeFile", path: str) -> Iterable["pyarrow.Table"]:
+            rest, lines = b"", []
+            while chunk := f.read(self.chunk_bytes):
+                *complete, rest = (rest + chunk).split(b"\n")
+                lines += [line for line in complete if line.strip()]
+                if len(lines) >= self.lines_per_block:
+                    yield pa.table({"line": pa.array(lines, pa.binary())})
+                    lines = []
+            if rest.strip():
+                lines.append(rest)
+            if lines:
+                yield pa.table({"line": pa.array(lines, pa.binary())})
+
+    return JsonlLines(paths)
+
+
 def _pack_jsonl_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
-    return process_records(batch.column("text").to_pylist(), **kwargs)
+    return process_records(batch.column("line").to_pylist(), **kwargs)
 
 
 def _pack_parquet_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
@@ -536,17 +602,20 @@ def build_dataset(
     import ray.data
 
     kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
+    # Each tokenizing task gets `num_cpus` from Ray: the tokenizer must not fan out over every core
+    # on its own (its Rust thread pool would oversubscribe them, one pool per task).
+    single_threaded = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     parts = []
     if sources.jsonl:
-        raw = ray.data.read_text(sources.jsonl, num_cpus=num_cpus)
+        raw = ray.data.read_datasource(_jsonl_lines_datasource(sources.jsonl), num_cpus=num_cpus)
         parts.append(raw.map_batches(
             _pack_jsonl_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
-            fn_kwargs=kwargs, num_cpus=num_cpus,
+            fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
         ))
     if sources.parquet:
         raw = ray.data.read_parquet(sources.parquet, num_cpus=num_cpus)
         parts.append(raw.map_batches(
             _pack_parquet_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
-            fn_kwargs=kwargs, num_cpus=num_cpus,
+            fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
         ))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

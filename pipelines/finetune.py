@@ -45,7 +45,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import yaml  # noqa: E402
 
 from fdllm.paths import is_uri, resolve_local  # noqa: E402
-from pipelines.data import BAD_REASONS, DataConfig, DataError, build_dataset, check_data_files  # noqa: E402
+from pipelines.data import (  # noqa: E402
+    BAD_REASONS,
+    DataConfig,
+    DataError,
+    build_dataset,
+    check_data_files,
+    summarize_bad_rows,
+)
 
 if TYPE_CHECKING:
     import ray.train
@@ -247,9 +254,14 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     # The data only needs to recognise the mask token (to reject rows containing it); the workers add
     # it to the model's embedding with fdllm.tokenizer.add_mask_token.
     tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
+    # One progress bar on the console: the fine-tune's steps (Ray Data's per-operator bars, redrawn as
+    # new lines wherever the output is not a terminal, would bury it).
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = build_dataset(sources, tokenizer, cfg.data_config(), num_cpus=cfg.data_cpus)
-    # A deterministic stream, so a resumed single-worker run skips exactly the sequences it saw.
-    ingest = ray.data.ExecutionOptions(preserve_order=True)
+    # Ray Train's ingest defaults (resource limits that leave the trainers' CPUs/GPUs alone, ...), plus a
+    # deterministic stream, so a resumed single-worker run skips exactly the sequences it saw.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
@@ -308,8 +320,10 @@ def run(cfg: FinetuneConfig) -> "ray.train.Result":
     metrics = result.metrics or {}
     log.info("finished: step %s loss %.4f tokens %s (%.0f tok/s in the last window)", metrics.get("step"),
              metrics.get("loss", float("nan")), metrics.get("tokens"), metrics.get("tokens_per_s", 0.0))
-    bad = {r: metrics.get(f"bad_{r}", 0) for r in BAD_REASONS}
-    log.info("rows skipped: %d (%s)", sum(bad.values()), ", ".join(f"{r}={n}" for r, n in bad.items() if n) or "none")
+    line, warnings = summarize_bad_rows({r: metrics.get(f"bad_{r}", 0) for r in BAD_REASONS}, metrics.get("good_docs", 0))
+    log.info("%s", line)
+    for warning in warnings:
+        log.warning("%s", warning)
     if cfg.output and result.checkpoint is not None:
         log.info("final checkpoint -> %s", export_checkpoint(result.checkpoint, cfg.output))
     return result

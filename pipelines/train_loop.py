@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
 DEEPSPEED_DIR = "deepspeed"
 BATCH_COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids")
+GOOD_DOCS = "good_docs"  # counted next to BAD_REASONS: the rows that became training documents
+PREFETCH_BATCHES = 2  # batches a worker's shard iterator fetches ahead of the one that trains
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrainState:
     consumed: int = 0  # sequences this worker's shard consumed in the current epoch
     tokens: int = 0  # non-padding tokens trained on, all workers
     bad_rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))  # all workers, epoch 0
+    good_docs: int = 0  # rows that became documents, all workers, epoch 0 (the base of the skipped share)
 
 
 def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -131,10 +134,18 @@ class ShardReader:
     def new_epoch(self) -> None:
         self._rows, self.consumed = None, 0
 
+    def _iter_rows(self) -> Iterator[dict[str, Any]]:
+        """The shard's rows, fetched as numpy batches with prefetch (the next batches are already on
+        their way while this one trains); rows are kept in order so counts and skips stay exact."""
+        for chunk in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
+                                             prefetch_batches=PREFETCH_BATCHES):
+            for i in range(len(chunk["num_docs"])):
+                yield {column: values[i] for column, values in chunk.items()}
+
     def next_batch(self) -> dict[str, np.ndarray] | None:
         """The next batch, or None when this shard's epoch has no full batch left."""
         if self._rows is None:
-            self._rows = iter(self.shard.iter_rows())
+            self._rows = self._iter_rows()
         picked: list[dict[str, Any]] = []
         pending: Counter[str] = Counter()
         for row in self._rows:
@@ -142,6 +153,7 @@ class ShardReader:
                 self.skip -= int(row["num_docs"] > 0)
                 continue
             pending.update({r: int(row[f"bad_{r}"]) for r in BAD_REASONS})
+            pending[GOOD_DOCS] += int(row["num_docs"])
             if row["num_docs"] == 0:  # a carrier of counts only
                 continue
             picked.append(row)
@@ -262,13 +274,15 @@ def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> l
 
 
 def _collect_bad_rows(reader: ShardReader, state: TrainState) -> None:
-    """Add the rows all workers skipped since the last call (a collective). Only the first pass over
-    the data counts: later epochs re-read the same rows."""
+    """Add the rows all workers skipped (and the good ones) since the last call (a collective). Only
+    the first pass over the data counts: later epochs re-read the same rows."""
     local = reader.take_counts()
-    counts = _all_reduce([float(local[r]) for r in BAD_REASONS])
+    keys = (*BAD_REASONS, GOOD_DOCS)
+    counts = _all_reduce([float(local[k]) for k in keys])
     if state.epoch == 0:
-        for reason, n in zip(BAD_REASONS, counts, strict=True):
+        for reason, n in zip(BAD_REASONS, counts, strict=False):
             state.bad_rows[reason] += int(n)
+        state.good_docs += int(counts[-1])
 
 
 def _save_checkpoint(
@@ -292,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg: FinetuneConfig = config["cfg"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_ray_train_reports()
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
@@ -352,6 +367,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress.close()
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every `report` of every rank at INFO, with the whole metrics dict, and every
+    checkpoint it persists; rank 0's one line per report (and the progress bar) say what matters."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # another Ray layout: its lines stay, nothing breaks
+        return
+    for name in (context.__file__, storage.__name__):  # Ray names the first logger by its file
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _train_step(
     parallel: Parallel, batch: dict[str, np.ndarray], mask_id: int, cfg: "FinetuneConfig", step: int, lr: float,
     device: torch.device,
@@ -393,6 +419,7 @@ class _Meter:
             "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
             "restored_step": self.restored_step,
             **{f"bad_{r}": n for r, n in state.bad_rows.items()},
+            GOOD_DOCS: state.good_docs,
         }
         self._reset()
         return out

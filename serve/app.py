@@ -12,11 +12,19 @@ Then:
 Each replica loads the checkpoint once and drives one engine from a background thread, so all of
 its in-flight requests are continuously batched together; Serve spreads requests over replicas
 and autoscales them on ongoing requests.
+
+Nothing a client sends takes a replica down: every error is an OpenAI-shaped JSON body (framework
+404/405/422 included), the API key is checked (in constant time) before the body is read, bodies,
+prompts and stop strings have size limits, tokenization and chat templating run on worker threads
+(never on the event loop or the engine thread), and a request that fails inside the engine fails
+alone; a stream that fails midway ends with an error event and `[DONE]`.
 """
 
 # No `from __future__ import annotations` here: Ray Serve's class-based FastAPI view needs the
 # route annotations as real types to find the request body and the Request parameter.
 import argparse
+import asyncio
+import hmac
 import json
 import logging
 import os
@@ -27,11 +35,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fdllm.paths import resolve_local
-from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed
 from serve.detokenize import IncrementalDetokenizer
 from serve.metrics import RequestCounters, make_registry, render
 from serve.protocol import (
@@ -42,13 +52,19 @@ from serve.protocol import (
     chat_response,
     completion_chunk,
     completion_response,
+    error_event,
     new_id,
+    openapi_body,
+    parse_request,
+    prompt_chars,
     usage,
 )
 
 log = logging.getLogger("fdllm.serve")
 
 API_KEY_ENV = "FDLLM_API_KEY"
+FAULT_HEADER = "x-fdllm-inject-fault"  # with ServerConfig.fault_injection: "step" fails the request inside a step
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 @dataclass(kw_only=True)
@@ -64,6 +80,9 @@ class ServerConfig:
     use_sub_block_cache: bool | None = None
     default_max_tokens: int = 256
     max_waiting: int = 256  # requests queued inside a replica before it answers 503
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 before they are parsed
+    max_prompt_chars: int = 1_000_000  # longer prompts (all chat messages together) get 400 before tokenizing
+    fault_injection: bool = False  # chaos tests only: honour the x-fdllm-inject-fault header
     # fdllm.EngineConfig fields, passed through: gpu_memory_utilization, kv_cache_gib, max_num_seqs,
     # max_model_len, enforce_eager, attention_backend, deterministic, ...
     engine: dict[str, Any] | None = None
@@ -72,15 +91,17 @@ class ServerConfig:
     autoscaling_config: dict[str, Any] | None = None  # min_replicas, max_replicas, target_ongoing_requests, ...
     num_gpus_per_replica: float = 0.0
     num_cpus_per_replica: float = 1.0
-    max_ongoing_requests: int = 64
+    # Above what a replica runs plus max_waiting, so the replica sheds load itself with an OpenAI-shaped
+    # 503; Serve's own backpressure answers (past max_queued_requests) are plain text.
+    max_ongoing_requests: int = 512
     max_queued_requests: int = 128
 
     def __post_init__(self) -> None:
         # Built where `serve run`/`serve deploy` runs the app builder (its cwd is the app's working_dir
         # copy, or the directory Ray started in); replicas may start elsewhere (fdllm.paths).
         self.model = resolve_local(self.model)
-        if self.default_max_tokens < 1 or self.max_waiting < 1:
-            raise ValueError("default_max_tokens and max_waiting must be >= 1")
+        if min(self.default_max_tokens, self.max_waiting, self.max_body_bytes, self.max_prompt_chars) < 1:
+            raise ValueError("default_max_tokens, max_waiting, max_body_bytes and max_prompt_chars must be >= 1")
         if self.autoscaling_config is not None and self.num_replicas is not None:
             raise ValueError("give either num_replicas or autoscaling_config, not both")
         self.engine_config()  # unknown or invalid engine fields fail here, before any replica starts
@@ -120,11 +141,13 @@ def resolve_model_path(uri: str, cache_dir: str | None = None) -> Path:
     return local
 
 
-def _json_error(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+def _json_error(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-api = FastAPI(title="fdllm", description="OpenAI-compatible block-diffusion LLM server")
+# Docs are routes of the deployment below, so they follow the API key like /v1/*.
+api = FastAPI(title="fdllm", description="OpenAI-compatible block-diffusion LLM server",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(APIError)
@@ -134,13 +157,31 @@ async def _api_error(_: Request, err: APIError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
-    if first.get("type") == "json_invalid":
-        return _json_error(APIError(400, "request body is not valid JSON"))
-    # loc is ("body", field, ...): name the field as OpenAI's `param` does
-    param = ".".join(str(p) for p in first.get("loc", ())[1:2]) or None
-    message = first.get("msg", "invalid request")
-    return _json_error(APIError(400, f"{message} ({param})" if param else message, param=param))
+    return _json_error(APIError.from_validation(list(err.errors())))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Framework errors (unknown path, wrong method) in the same shape as ours."""
+    error_type = "invalid_request_error" if err.status_code < 500 else "server_error"
+    return _json_error(APIError(err.status_code, str(err.detail), type=error_type, code=_HTTP_CODES.get(err.status_code)),
+                       headers=getattr(err, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)
+    return _json_error(APIError(500, f"internal server error ({type(err).__name__})", type="server_error"))
+
+
+def _engine_error(exc: Exception) -> APIError:
+    """The HTTP error for an engine-side failure of a request that was admitted."""
+    if isinstance(exc, RequestFailed):
+        return APIError(500, str(exc), type="server_error", code="engine_error")
+    if isinstance(exc, EngineDead):
+        return APIError(503, str(exc), type="server_error", code="engine_dead")
+    log.error("request failed unexpectedly", exc_info=exc)
+    return APIError(500, f"internal server error ({type(exc).__name__})", type="server_error")
 
 
 @serve.deployment(name="FdllmServer", health_check_period_s=10)
@@ -166,8 +207,9 @@ class FdllmServer:
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
         engine = fdllm.Engine.from_pretrained(path, config=block_cfg.replace(**overrides), device=device, dtype=dtype,
                                               engine_config=self.cfg.engine_config())
-        if engine.tokenizer is None:
-            raise ValueError(f"{path} has no tokenizer; the HTTP API needs one to read prompts")
+        if engine.tokenizer is None or not engine.tokenizer.is_fast:
+            raise ValueError(f"{path} has no fast (tokenizer.json) tokenizer; the HTTP API needs one to read "
+                             "prompts and stream text")
         self.tokenizer = engine.tokenizer
         self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
         self.model_name = self.cfg.model_name or path.name
@@ -193,70 +235,130 @@ class FdllmServer:
     def metrics(self) -> Response:
         return Response(render(self.registry), media_type="text/plain; version=0.0.4")
 
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(request.app.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> HTMLResponse:
+        self._authorize(request)
+        return get_swagger_ui_html(openapi_url="openapi.json", title="fdllm API")
+
     @api.get("/v1/models")
     def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request, "models")
+        try:
+            self._authorize(request)
+        except APIError as err:
+            raise self._reject("models", err) from None
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "fdllm", "created": 0}]}
 
-    @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self._authorize(request, "completions")
-        return await self._serve(body, body.prompt, "completions", request)
+    @api.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, CompletionRequest, "completions")
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        from fdllm.tokenizer import render_chat
-
-        self._authorize(request, "chat")
-        try:
-            text = render_chat(self.tokenizer, body.message_dicts())
-        except ValueError as exc:
-            raise self._reject("chat", APIError(400, str(exc), param="messages")) from exc
-        prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        return await self._serve(body, prompt_ids, "chat", request)
+    @api.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, ChatCompletionRequest, "chat")
 
     # ---- helpers --------------------------------------------------------------------------------
-    def _authorize(self, request: Request, endpoint: str) -> None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise self._reject(endpoint, APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                                  type="authentication_error", code="invalid_api_key"))
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
+                           type="authentication_error", code="invalid_api_key")
 
     def _reject(self, endpoint: str, err: APIError) -> APIError:
         self.counters.by_status[(endpoint, err.status)] += 1
         return err
 
-    async def _serve(self, body: CompletionRequest | ChatCompletionRequest, prompt, endpoint: str, request: Request) -> Response:
-        if body.model != self.model_name:
-            raise self._reject(endpoint, APIError(404, f"model {body.model!r} does not exist; this server serves "
-                                                       f"{self.model_name!r}", param="model", code="model_not_found"))
+    async def _read_body(self, request: Request) -> bytes:
+        """The raw body, refused (413) once it passes max_body_bytes: never buffered past the limit."""
+        limit = self.cfg.max_body_bytes
+        too_large = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _handle(self, request: Request, model: type, endpoint: str) -> Response:
+        """Key, then body, then the request: each failure an OpenAI error counted under its status."""
         try:
-            params = body.sampling_params(self.cfg.default_max_tokens)
-        except (APIError, ValueError) as exc:
-            raise self._reject(endpoint, exc if isinstance(exc, APIError) else APIError(400, str(exc))) from exc
+            self._authorize(request)
+            body = parse_request(model, await self._read_body(request))
+            return await self._serve(body, endpoint, request)
+        except APIError as err:
+            raise self._reject(endpoint, err) from None
+
+    def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+        """Render (chat) and tokenize the prompt. Runs on a worker thread: a huge prompt must stall
+        neither the event loop nor the engine thread."""
+        from fdllm.tokenizer import render_chat
+
+        if isinstance(body, ChatCompletionRequest):
+            param, add_special_tokens = "messages", False
+            messages = body.message_dicts()
+            try:
+                text = render_chat(self.tokenizer, messages)
+            except Exception as exc:  # noqa: BLE001 - templates reject structures with any error (raise_exception)
+                raise APIError(400, f"the chat template rejected these messages: {exc}", param=param) from None
+        elif isinstance(body.prompt, str):
+            param, add_special_tokens, text = "prompt", True, body.prompt
+        else:
+            return list(body.prompt)
+        try:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        except Exception as exc:  # noqa: BLE001 - e.g. text the tokenizer cannot encode
+            raise APIError(400, f"the prompt could not be tokenized: {exc}", param=param) from None
+
+    async def _serve(self, body: CompletionRequest | ChatCompletionRequest, endpoint: str, request: Request) -> Response:
+        if body.model != self.model_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        params = body.sampling_params(self.cfg.default_max_tokens)
+        chars = prompt_chars(body)
+        if chars > self.cfg.max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars} characters; this server takes at most {self.cfg.max_prompt_chars}",
+                           param="messages" if endpoint == "chat" else "prompt", code="prompt_too_long")
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
         rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
-        stream = self.engine.generate(prompt, params, rid)
+        fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
+        stream = self.engine.generate(prompt_ids, params, rid, inject_fault=fault)
         try:
             first = await anext(stream)  # admission errors surface here, before any byte is sent
         except ValueError as exc:
-            raise self._reject(endpoint, APIError(400, str(exc))) from exc
+            raise APIError(400, str(exc)) from None
         except EngineOverloaded as exc:
-            raise self._reject(endpoint, APIError(503, str(exc), type="server_error", code="overloaded")) from exc
-        except EngineDead as exc:
-            raise self._reject(endpoint, APIError(503, str(exc), type="server_error")) from exc
-        self.counters.by_status[(endpoint, 200)] += 1
+            raise APIError(503, str(exc), type="server_error", code="overloaded") from None
+        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
+            raise _engine_error(exc) from None
         if body.stream:
+            self.counters.by_status[(endpoint, 200)] += 1
             return StreamingResponse(self._sse(first, stream, rid, endpoint, tuple(params.stop)),
                                      media_type="text/event-stream")
         result = first
-        async for event in stream:
-            result = event
+        try:
+            async for event in stream:
+                result = event
+        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
+            raise _engine_error(exc) from None
+        self.counters.by_status[(endpoint, 200)] += 1
         self.counters.record(result)
         if endpoint == "chat":
             return JSONResponse(chat_response(rid, self.model_name, result))
         return JSONResponse(completion_response(rid, self.model_name, result.text, result))
 
     async def _sse(self, first, stream, rid: str, endpoint: str, stop: tuple[str, ...]):
-        """Server-sent events; the generator's cancellation (client gone) aborts the request."""
+        """Server-sent events; the generator's cancellation (client gone) aborts the request. A
+        failure after the first event ends the stream with an error event and `[DONE]`."""
         from fdllm.engine import GenerationResult
 
         detok = IncrementalDetokenizer(self.tokenizer, stop)
@@ -271,19 +373,24 @@ class FdllmServer:
         if chat:
             yield f"data: {json.dumps(chat_chunk(rid, self.model_name, {'role': 'assistant', 'content': ''}, None))}\n\n"
         event = first
-        while True:
-            if isinstance(event, GenerationResult):
-                self.counters.record(event)
-                rest = detok.finish(event.text)
-                if rest:
-                    yield chunk(rest, None)
-                yield chunk("", event.finish_reason, usage=usage(event))
-                yield "data: [DONE]\n\n"
-                return
-            text = detok.push(event.token_ids)
-            if text:
-                yield chunk(text, None)
-            event = await anext(stream)
+        try:
+            while True:
+                if isinstance(event, GenerationResult):
+                    self.counters.record(event)
+                    rest = detok.finish(event.text)
+                    if rest:
+                        yield chunk(rest, None)
+                    yield chunk("", event.finish_reason, usage=usage(event))
+                    break
+                text = detok.push(event.token_ids)
+                if text:
+                    yield chunk(text, None)
+                event = await anext(stream)
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
+            err = _engine_error(exc)
+            self.counters.stream_errors += 1
+            yield error_event(err)
+        yield "data: [DONE]\n\n"
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

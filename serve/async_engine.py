@@ -30,6 +30,14 @@ class EngineDead(Exception):
     """The stepping thread crashed; the replica must be restarted (health checks report it)."""
 
 
+class RequestFailed(Exception):
+    """A step could not serve this request (the engine logged why and keeps serving the others)."""
+
+
+class InjectedFault(RuntimeError):
+    """The failure `generate(..., inject_fault=True)` plants inside a step (chaos tests)."""
+
+
 @dataclass(frozen=True)
 class TokenDelta:
     token_ids: list[int]
@@ -58,8 +66,15 @@ class AsyncEngine:
         self._thread.start()
 
     # ---- called from the event loop -------------------------------------------------------------
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenDelta | GenerationResult]:
-        """Stream one request. Cancelling the consumer (client gone) aborts it and frees its pages."""
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, inject_fault: bool = False,
+    ) -> AsyncIterator[TokenDelta | GenerationResult]:
+        """Stream one request. Cancelling the consumer (client gone) aborts it and frees its pages.
+
+        Raises ValueError (bad request), EngineOverloaded or EngineDead before the first event, and
+        RequestFailed when a step fails the request. `inject_fault` makes the request's first step
+        raise inside the engine (for chaos tests; the engine must fail it alone and go on).
+        """
         self.check_alive()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -73,7 +88,7 @@ class AsyncEngine:
         def on_tokens(_rid: str, token_ids: list[int], _finished: bool) -> None:
             deliver(TokenDelta(list(token_ids)))
 
-        await self._call("add", prompt, params, request_id, on_tokens, deliver)  # ValueError -> caller
+        await self._call("add", prompt, params, request_id, on_tokens, deliver, inject_fault)  # ValueError -> caller
         finished = False
         try:
             while True:
@@ -91,6 +106,8 @@ class AsyncEngine:
                     raise event
                 if isinstance(event, GenerationResult):
                     finished = True
+                    if event.finish_reason == "error":
+                        raise RequestFailed(f"request {request_id} failed inside the engine ({event.error})")
                     yield event
                     return
                 yield event
@@ -152,11 +169,13 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                prompt, params, rid, on_tokens, on_done = args
+                prompt, params, rid, on_tokens, on_done, inject_fault = args
                 try:
                     if self.engine.num_waiting >= self.max_waiting:
                         raise EngineOverloaded(f"{self.engine.num_waiting} requests already waiting; retry later")
                     self.engine.add_request(prompt, params, request_id=rid, on_tokens=on_tokens)
+                    if inject_fault:
+                        self._plant_fault(rid)
                 except Exception as exc:  # noqa: BLE001 - handed to the awaiting handler
                     future.set_exception(exc)
                     continue
@@ -166,6 +185,19 @@ class AsyncEngine:
                 (rid,) = args
                 if done_callbacks.pop(rid, None) is not None:
                     self.engine.abort(rid)
+
+    def _plant_fault(self, request_id: str) -> None:
+        """Make the request raise inside a step once it has streamed its first tokens (so a stream
+        fails midway), as a bug in applying a step would."""
+        seq = self.engine.scheduler.find(request_id)
+        apply = seq.apply
+
+        def apply_then_fail(*args: object, **kwargs: object) -> list[int]:
+            if seq.output:
+                raise InjectedFault(f"fault injected into request {request_id}")
+            return apply(*args, **kwargs)
+
+        seq.apply = apply_then_fail
 
     def _record_step(self, seconds: float) -> None:
         m = self.metrics

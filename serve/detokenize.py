@@ -1,40 +1,50 @@
 """Incremental detokenization for streaming: emit text as tokens arrive, never text the final
-answer will not contain.
+answer will not contain, at O(1) work per token.
 
-Two things can make a prefix of the streamed text wrong: a token that ends inside a multi-byte
-character (decodes to U+FFFD until the next token completes it), and a stop string that the
-engine cuts only once it is complete. So the streamer holds back a partial character and the last
-`len(longest stop) - 1` characters until the request finishes.
+Tokens go through the `tokenizers` library's streaming decoder (`DecodeStream`), which looks at a
+few trailing tokens only, so a long answer costs no more per token than a short one (decoding the
+whole output at every step, as before, was quadratic). Two things can make a prefix of the streamed
+text wrong: a token that ends inside a multi-byte character (the streaming decoder holds it until a
+later token completes the character), and a stop string that the engine cuts only once it is
+complete. So the streamer also holds back the last `len(longest stop) - 1` characters until the
+request finishes.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from tokenizers.decoders import DecodeStream
+
+log = logging.getLogger(__name__)
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] | list[str] = ()) -> None:
-        self._tokenizer = tokenizer
+        """`tokenizer`: an HF fast tokenizer (its `backend_tokenizer` does the decoding)."""
+        self._backend = tokenizer.backend_tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
         self._holdback = max((len(s) for s in stop), default=1) - 1
-        self._ids: list[int] = []
-        self._emitted = ""
+        self._text = ""  # everything decoded so far
+        self._num_emitted = 0  # characters of _text already sent
 
     def push(self, token_ids: list[int]) -> str:
         """Add tokens; return the new text that is safe to send now (may be empty)."""
-        self._ids.extend(token_ids)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        safe = text.rstrip("\ufffd")
-        if self._holdback:
-            safe = safe[: max(len(safe) - self._holdback, 0)]
-        return self._advance(safe)
+        for token_id in token_ids:
+            piece = self._stream.step(self._backend, token_id)
+            if piece:
+                self._text += piece
+        safe_end = max(len(self._text) - self._holdback, self._num_emitted)
+        delta = self._text[self._num_emitted : safe_end]
+        self._num_emitted = safe_end
+        return delta
 
     def finish(self, final_text: str) -> str:
         """The rest of the answer, given the engine's final (stop-cut) text."""
-        return self._advance(final_text)
-
-    def _advance(self, text: str) -> str:
-        if len(text) <= len(self._emitted) or not text.startswith(self._emitted):
+        emitted = self._text[: self._num_emitted]
+        if not final_text.startswith(emitted):  # cannot happen for byte-level BPE; say so if it does
+            log.warning("streamed text %r is not a prefix of the final text %r", emitted[-40:], final_text[-40:])
             return ""
-        delta = text[len(self._emitted):]
-        self._emitted = text
-        return delta
+        self._num_emitted = len(final_text)
+        return final_text[len(emitted) :]

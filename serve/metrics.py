@@ -24,6 +24,7 @@ class RequestCounters:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     forwards: int = 0
+    stream_errors: int = 0  # streams that started (200) and ended with an error event
 
     def record(self, result: "GenerationResult") -> None:
         self.prompt_tokens += len(result.prompt_token_ids)
@@ -41,6 +42,7 @@ class _Collector:
         for (endpoint, status), n in sorted(c.by_status.items()):
             requests.add_metric([endpoint, str(status)], n)
         yield requests
+        yield CounterMetricFamily("fdllm_stream_errors", "Streams that failed after they started", value=c.stream_errors)
         yield CounterMetricFamily("fdllm_prompt_tokens", "Prompt tokens of finished requests", value=c.prompt_tokens)
         yield CounterMetricFamily("fdllm_generation_tokens", "Generated tokens of finished requests", value=c.completion_tokens)
         yield CounterMetricFamily("fdllm_forwards", "Model forwards spent on finished requests", value=c.forwards)

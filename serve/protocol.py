@@ -2,20 +2,25 @@
 
 Requests are pydantic models so malformed input fails before it reaches the engine; every error
 leaves the server as `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status, as
-OpenAI's API does.
+OpenAI's API does. Size limits that do not depend on the deployment (stop strings) live here; the
+per-deployment ones (body bytes, prompt characters) in `serve.app.ServerConfig`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fdllm.engine import GenerationResult, SamplingParams
 
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # a stop string is held back from the stream until it cannot match: keep it short
+# SamplingParams names whose OpenAI request field is called differently
+_PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
 class APIError(Exception):
@@ -29,11 +34,32 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    @classmethod
+    def from_validation(cls, errors: list[dict[str, Any]], body_loc: bool = True) -> APIError:
+        """A 400 naming the first invalid field, from pydantic/FastAPI error dicts (loc starts with
+        "body" when FastAPI parsed the body, with the field when the model was validated directly)."""
+        first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+        if first.get("type") == "json_invalid":
+            return cls(400, f"request body is not valid JSON: {first.get('msg', '')}".rstrip(": "))
+        loc = tuple(first.get("loc", ()))[1 if body_loc else 0 :]
+        param = str(loc[0]) if loc else None
+        message = first.get("msg", "invalid request")
+        return cls(400, f"{message} ({param})" if param else message, param=param)
+
+
+def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
+    """Validate a raw JSON body as `model`; APIError 400 on any failure (bad JSON or UTF-8, lone
+    surrogates, wrong fields)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise APIError.from_validation(exc.errors(include_url=False), body_loc=False) from None
+
 
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions (OpenAI names, plus fdllm's `threshold`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -57,11 +83,21 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's SamplingParams; APIError 400 naming the field when a value is out of range."""
         if self.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        try:
+            return self._sampling_params(default_max_tokens)
+        except ValueError as exc:  # SamplingParams' messages start with the field's name
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), param=_PARAM_NAMES.get(field, field)) from None
+
+    def _sampling_params(self, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             temperature=self.temperature,
@@ -112,6 +148,34 @@ class ChatCompletionRequest(_SamplingFields):
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON body the route parses itself (definitions inlined)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def prompt_chars(body: CompletionRequest | ChatCompletionRequest) -> int:
+    """Characters of text the request asks to tokenize (token-id prompts count nothing)."""
+    if isinstance(body, ChatCompletionRequest):
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(p.get("text", ""))) for p in m.content)
+                   for m in body.messages)
+    return len(body.prompt) if isinstance(body.prompt, str) else 0
+
+
+def error_event(err: APIError) -> str:
+    """The server-sent event that ends a stream which failed after it started (then `[DONE]`)."""
+    return f"data: {json.dumps(err.body())}\n\n"
 
 
 def new_id(prefix: str) -> str:

@@ -36,8 +36,8 @@ def good_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-# Broken rows, each with the reason it must be counted under.
-BROKEN_ROWS: list[tuple[str, str]] = [
+# Broken rows (jsonl lines, text or raw bytes), each with the reason it must be counted under.
+BROKEN_ROWS: list[tuple[str | bytes, str]] = [
     ('{"input": "hello", "output": ', "invalid_json"),
     ("[1, 2, 3]", "invalid_json"),
     (json.dumps({"input": "hello"}), "missing_field"),
@@ -49,21 +49,25 @@ BROKEN_ROWS: list[tuple[str, str]] = [
     (json.dumps({"messages": [{"role": "user", "content": "hello"}]}), "bad_chat"),
     (json.dumps({"input": [{"role": "robot", "content": "hello"}], "output": "world"}), "bad_chat"),
     (json.dumps({"input": "hello", "output": "world " * 400}), "too_long"),
+    (b'{"input": "hello", "output": "w\xffrld"}', "bad_unicode"),  # not UTF-8
+    ('{"input": "hello", "output": "w\\ud800rld"}', "bad_unicode"),  # a lone surrogate escape
+    (json.dumps({"input": "hello", "output": "WORLD"}), "empty_render"),  # the test tokenizer drops capitals
 ]
 
 
-def expected_bad_counts(rows: list[tuple[str, str]] = BROKEN_ROWS) -> dict[str, int]:
+def expected_bad_counts(rows: list[tuple[str | bytes, str]] = BROKEN_ROWS) -> dict[str, int]:
     counts: dict[str, int] = {}
     for _, reason in rows:
         counts[reason] = counts.get(reason, 0) + 1
     return counts
 
 
-def write_jsonl(path: Path, records: list[dict[str, Any]], raw_lines: list[str] = ()) -> Path:
-    """Records as JSON lines, with `raw_lines` (e.g. broken rows) interleaved every few lines."""
-    lines = [json.dumps(r) for r in records]
+def write_jsonl(path: Path, records: list[dict[str, Any]], raw_lines: list[str | bytes] = ()) -> Path:
+    """Records as JSON lines, with `raw_lines` (e.g. broken rows, bytes written as they are)
+    interleaved every few lines."""
+    lines = [json.dumps(r).encode() for r in records]
     for i, raw in enumerate(raw_lines):
-        lines.insert(min(len(lines), 3 * i + 1), raw)
+        lines.insert(min(len(lines), 3 * i + 1), raw if isinstance(raw, bytes) else raw.encode())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(b"\n".join(lines) + b"\n")
     return path

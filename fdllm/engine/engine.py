@@ -175,24 +175,44 @@ class Engine:
         self._aborted.append(seq)
 
     def step(self) -> list[GenerationResult]:
-        """One forward over every running sequence; returns the requests that finished in it."""
+        """One forward over every running sequence; returns the requests that finished in it.
+
+        Never raises for a request's sake: an error while planning or applying one sequence's work
+        fails that request alone, an error in the batched forward fails that step's batch (it cannot
+        be attributed); either way the request ends with finish_reason "error", the error is logged
+        with the request ids, and every other request keeps decoding.
+        """
         finished = self._undelivered + [self._finish(seq) for seq in self._aborted]
         self._undelivered, self._aborted = [], []
-        works = self.scheduler.schedule()
+        works, broken = self.scheduler.schedule()
+        for seq, exc in broken:
+            log.error("request %s failed while planning its step: %r", seq.request_id, exc, exc_info=exc)
+            finished.append(self._fail(seq, exc))
         if not works:
             return finished
-        outputs = self.runner.run(works)
+        try:
+            outputs = self.runner.run(works)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            ids = [w.seq.request_id for w in works]
+            log.exception("the forward of a step failed; failing its batch of %d request(s) %s", len(ids), ids)
+            return finished + [self._fail(w.seq, exc) for w in works]
         now = time.perf_counter()
         for work, (tokens, selected) in zip(works, outputs):
             seq = work.seq
-            new = seq.apply(work, tokens, selected)
-            if new and seq.first_token_time is None:
-                seq.first_token_time = now
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-                finished.append(self._finish(seq, new))
-            elif new:
-                self._notify(seq, new, finished=False)
+            if seq.finish_reason is not None:  # aborted by a callback earlier in this loop
+                continue
+            try:
+                new = seq.apply(work, tokens, selected)
+                if new and seq.first_token_time is None:
+                    seq.first_token_time = now
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                    finished.append(self._finish(seq, new))
+                elif new:
+                    self._notify(seq, new, finished=False)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                log.exception("request %s failed while applying its step", seq.request_id)
+                finished.append(self._fail(seq, exc))
         return finished
 
     def generate(
@@ -255,6 +275,15 @@ class Engine:
         if seq.finish_reason == "stop" and seq.params.stop:
             text = seq.criteria.cut_text(text)
         return seq.result(time.perf_counter(), text)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> GenerationResult:
+        """End a request that a step could not serve: pages back, consumer told, result with the error."""
+        self.scheduler.finish(seq)
+        seq.finish_reason = "error"
+        self._notify(seq, [], finished=True)
+        result = seq.result(time.perf_counter(), text="")
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

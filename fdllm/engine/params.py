@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE
 
 MODES = ("diffusion", "ar")
+# Sampling divides logits by the temperature: below this the division overflows fp32 on ordinary
+# logit gaps (1e-30 turns a row into inf/nan), and above it the distribution is uniform for all uses.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+MAX_STOP_TOKEN_IDS = 64
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,26 +39,39 @@ class SamplingParams:
     ignore_eos: bool = False  # True: only stop_token_ids/stop/max_new_tokens end the request
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        """Reject values that could not be decoded meaningfully, before they reach a step: one bad
+        request must fail alone at the boundary, never inside a batch other requests share."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_finite(self.temperature) or not (
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
+        ):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                f"got {self.temperature!r}"
+            )
+        if not _is_finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
+        if self.threshold is not None and (not _is_finite(self.threshold) or not 0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(
                 f"stop must be a tuple of non-empty strings (wrap a single one as (s,)), got {self.stop!r}"
             )
-        if not isinstance(self.stop_token_ids, (tuple, list)) or not all(
-            isinstance(t, int) and t >= 0 for t in self.stop_token_ids
+        if (
+            not isinstance(self.stop_token_ids, (tuple, list))
+            or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS
+            or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
         ):
-            raise ValueError(f"stop_token_ids must be a tuple of token ids, got {self.stop_token_ids!r}")
+            raise ValueError(
+                f"stop_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, got {self.stop_token_ids!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +122,8 @@ class GenerationResult:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" | "length" | "abort"
+    finish_reason: str = "length"  # "stop" | "length" | "abort" | "error" (a failure inside a step)
+    error: str | None = None  # with finish_reason "error": what failed (the details are in the engine log)
     num_forwards: int = 0  # forward passes this request took part in
     time_to_first_token_s: float | None = None  # None: no token was produced
     latency_s: float = 0.0

@@ -244,7 +244,7 @@ class ModelRunner:
         for i in readers:
             n = works[i].candidates.count(True)
             cands += n
-            sampled += n if works[i].seq.params.temperature > 0 else 0
+            sampled += n if works[i].samples else 0
         return HeadPlan(readers, cands, sampled)
 
     @staticmethod
@@ -261,7 +261,7 @@ class ModelRunner:
             for r, (row, cand) in enumerate(zip(w.logit_rows, w.candidates)):
                 if not cand:
                     continue
-                if p.temperature > 0:
+                if w.samples:
                     sampled.append(len(rows))
                     temperature.append(p.temperature)
                     top_p.append(p.top_p)

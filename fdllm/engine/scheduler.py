@@ -25,16 +25,24 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> list[Work]:
-        """Admit what fits, then one work per running sequence (prefill within the step's budget)."""
+    def schedule(self) -> tuple[list[Work], list[tuple[Sequence, Exception]]]:
+        """Admit what fits, then one work per running sequence (prefill within the step's budget).
+
+        Returns the works and the sequences whose planning raised (with the error): the caller fails
+        those alone, the others still run this step.
+        """
         while self.waiting and len(self.running) < self.max_num_seqs:
             if not self.allocator.reserve(self.waiting[0].max_pages):
                 break  # FIFO: a large request is not overtaken by smaller ones behind it
             self.running.append(self.waiting.popleft())
         budget = self.max_prefill_tokens
-        works = []
+        works, failed = [], []
         for seq in self.running:
-            work = seq.next_work(budget)
+            try:
+                work = seq.next_work(budget)
+            except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
+                failed.append((seq, exc))
+                continue
             if work is None:
                 continue
             budget -= work.num_prefill
@@ -42,14 +50,15 @@ class Scheduler:
             while len(seq.pages) < math.ceil(work.kv_len / self.block_size):
                 seq.pages.append(self.allocator.allocate())
             works.append(work)
-        return works
+        return works, failed
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and give its pages and reservation back."""
+        """Remove a finished, aborted or failed sequence and give its pages and reservation back
+        (a no-op for one already removed)."""
         if seq in self.running:
             self.running.remove(seq)
             self.allocator.release(seq.pages, seq.max_pages - len(seq.pages))
-        else:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.pages = []
 

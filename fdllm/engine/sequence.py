@@ -43,6 +43,13 @@ class Work:
     commit: bool = False  # the forward of a clean block: exact K/V, next block's first token
 
     @property
+    def samples(self) -> bool:
+        """Whether this work's logit rows are sampled. A diffusion request samples only while
+        denoising: the token that opens a block (block commit, or the last logit of a prompt that
+        fills whole blocks) is the argmax for every request (METHOD.md §3.4)."""
+        return self.seq.params.temperature > 0 and (self.seq.is_ar or self.step is not None)
+
+    @property
     def kv_len(self) -> int:
         """Tokens of the sequence this work's attention reaches (pages needed: ceil(kv_len / S))."""
         return max(r.kv_len for r in self.rows)
@@ -135,14 +142,13 @@ class Sequence:
                             logit_rows=[n - 1], candidates=[True])
         # The current block rides along with the prefill's tail (saves a forward) or runs alone.
         offset, kv_len = len(token_ids), self.block_start + L
-        limit = len(self.prompt) + self.params.max_new_tokens - self.block_start
-        sub = current_sub_block(self.block, self.sub_block_size, self.mask_token_id, limit)
+        sub = current_sub_block(self.block, self.sub_block_size, self.mask_token_id)
         if sub is None:
             rows.append(AttentionRow(L, kv_len, self.pages))
             return Work(seq=self, token_ids=token_ids + self.block, start=start if left else self.block_start,
                         rows=rows, num_prefill=left, logit_rows=[offset + L - 1], candidates=[True], commit=True)
         step = plan_block_step(self.block, sub, self.sub_block_size, sub != self.sub_start,
-                               self.use_sub_block_cache, self.mask_token_id, limit)
+                               self.use_sub_block_cache, self.mask_token_id)
         rows.append(AttentionRow(step.feed_stop - step.feed_start, kv_len, self.pages))
         return Work(
             seq=self, token_ids=token_ids + self.block[step.feed_start : step.feed_stop],

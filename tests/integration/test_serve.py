@@ -19,13 +19,38 @@ MODEL = "tiny-dllm"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+MAX_BODY_BYTES, MAX_PROMPT_CHARS = 65536, 5000
+# The test tokenizer's ChatML template, plus a rule as real templates have (raise_exception)
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('conversations must not start with the assistant') }}"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
-def server(dllm_dir):
+def served_dir(dllm_dir, tmp_path_factory):
+    """The tiny checkpoint with a chat template that rejects some conversations."""
+    import shutil
+
+    from fdllm.tokenizer import load_tokenizer
+
+    path = tmp_path_factory.mktemp("served") / "ckpt"
+    shutil.copytree(dllm_dir, path)
+    tok = load_tokenizer(path)
+    tok.chat_template = STRICT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(served_dir):
     from serve.app import run_local
 
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield run_local({"model": str(dllm_dir), "model_name": MODEL, "api_key": API_KEY,
-                     "default_max_tokens": 16, "max_waiting": 4}, timeout_s=60)
+    yield run_local({"model": str(served_dir), "model_name": MODEL, "api_key": API_KEY,
+                     "default_max_tokens": 16, "max_waiting": 4, "fault_injection": True,
+                     "max_body_bytes": MAX_BODY_BYTES, "max_prompt_chars": MAX_PROMPT_CHARS}, timeout_s=60)
     serve.shutdown()
     ray.shutdown()
 
@@ -96,38 +121,108 @@ def test_openai_client(server):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
 
 
-@pytest.mark.parametrize(
-    "path,body,status,param",
-    [
-        ("/v1/completions", "{not json", 400, None),
-        ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
-        ("/v1/completions", {"model": MODEL}, 400, "prompt"),
-        ("/v1/completions", {"model": MODEL, "prompt": 7}, 400, "prompt"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**7}, 400, None),
-        ("/v1/completions", {"model": MODEL, "prompt": "x " * 600, "max_tokens": 4}, 400, None),
-        ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "threshold": 1.5}, 400, "threshold"),
-    ],
-)
-def test_bad_input_is_an_openai_error(server, path, body, status, param):
+GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 6, "temperature": 0}
+GOOD_SAMPLED = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                "temperature": 0.9, "top_p": 0.9, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def good_answers(server):
+    """What the good requests answer on an untouched server: every bad request must leave them so."""
+    return [post(server, p, b).json()["choices"][0] for p, b in (("/v1/completions", GOOD), ("/v1/chat/completions", GOOD_SAMPLED))]
+
+
+def assert_unharmed(server, good_answers) -> None:
+    again = [post(server, p, b).json()["choices"][0] for p, b in (("/v1/completions", GOOD), ("/v1/chat/completions", GOOD_SAMPLED))]
+    assert again == good_answers
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["running"] == 0 and health["free_pages"] == health["total_pages"]
+
+
+def _user(content) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+# The bad-input catalogue: (path, body, status, param). Each one is followed by the good requests.
+BAD_INPUTS = [
+    # malformed bodies
+    ("/v1/completions", "{not json", 400, None),
+    ("/v1/completions", b'{"model": "tiny-dllm", "prompt": "\xff\xfe"}', 400, None),  # not UTF-8
+    ("/v1/completions", '{"model": "tiny-dllm", "prompt": "\\ud800"}', 400, None),  # lone surrogate escape
+    ("/v1/chat/completions", '{"model": "tiny-dllm", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),
+    ("/v1/completions", "[1, 2]", 400, None),
+    # missing or wrong fields
+    ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": 7}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, "a"]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [10**12]}, 400, None),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+    # chat structures
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user([{"type": "image_url", "image_url": "x"}])}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    # lengths and limits
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**7}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "x " * 600, "max_tokens": 4}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("y" * (MAX_PROMPT_CHARS + 1))}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "pad": "z" * MAX_BODY_BYTES}, 413, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": "s" * 300}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
+    # pathological sampling values
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 1e-300}, 400, "temperature"),
+    ("/v1/completions", '{"model": "tiny-dllm", "prompt": "x", "temperature": Infinity}', 400, None),
+    ("/v1/completions", '{"model": "tiny-dllm", "prompt": "x", "top_p": NaN}', 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": -3}, 400, "top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "threshold": 1.5}, 400, "threshold"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "mode": "beam"}, 400, "mode"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD_INPUTS)
+def test_bad_input_is_an_openai_error(server, good_answers, path, body, status, param):
     r = post(server, path, body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert err["message"] and err["type"]
+    assert err["message"] and err["type"] == "invalid_request_error"
     if param:
         assert err["param"] == param
-    # the server is unharmed
-    ok = post(server, "/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 2, "temperature": 0})
-    assert ok.status_code == 200
+    assert_unharmed(server, good_answers)
 
 
-def test_api_key_is_required(server):
-    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "x"}, headers={})
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert post(server, "/v1/models", {}, headers={"Authorization": "Bearer wrong"}).status_code in (401, 405)
+def test_framework_errors_are_openai_shaped(server, good_answers):
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405), ("DELETE", "/v1/models", 405)):
+        r = httpx.request(method, f"{server}{path}", headers=AUTH)
+        assert r.status_code == status, (method, path, r.text)
+        assert r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+    assert_unharmed(server, good_answers)
+
+
+def test_step_failure_fails_that_request_alone(server, good_answers):
+    from serve.app import FAULT_HEADER
+
+    fault = {**AUTH, FAULT_HEADER: "step"}
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 16, "temperature": 0}
+    r = post(server, "/v1/completions", body, headers=fault)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error", r.text
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=chat, headers=fault, timeout=60) as r:
+        assert r.status_code == 200  # the fault fires once the first tokens are out: the stream fails midway
+        lines = [line for line in r.iter_lines() if line]
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert lines[-1] == "data: [DONE]"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["error"]["code"] == "engine_error" and events[-1]["error"]["type"] == "server_error"
+    assert all("choices" in e for e in events[:-1])
+    assert_unharmed(server, good_answers)
 
 
 def test_client_disconnect_mid_stream_frees_pages(server):
@@ -158,6 +253,18 @@ def test_overload_answers_503_and_loses_nothing(server):
     assert codes.count(200) >= 4 and (503 in codes or 429 in codes), codes
     health = httpx.get(f"{server}/health").json()
     assert health["running"] == 0 and health["waiting"] == 0
+
+
+def test_chaos_leaves_the_server_serving_and_answers_unchanged(server):
+    """Concurrent streaming clients while others hang up, send malformed and pathological requests and
+    make their own step raise: afterwards no page is leaked, the engine serves, and every well-formed
+    answer equals its solo answer (the benchmark's --chaos run, small)."""
+    from benchmarks.bench_serve import CHAOS_KINDS, run_chaos
+
+    report = asyncio.run(run_chaos(server, MODEL, clients=6, requests=36, max_tokens=8, seed=1, api_key=API_KEY))
+    assert set(report.sent) == set(CHAOS_KINDS), report.summary()
+    assert not report.failures, report.summary()
+    assert report.pages_leaked == 0 and report.serving_after, report.summary()
 
 
 def test_replica_restarts_after_being_killed(server):

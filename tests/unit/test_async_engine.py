@@ -8,7 +8,7 @@ import contextlib
 import pytest
 
 import fdllm
-from serve.async_engine import AsyncEngine, EngineOverloaded, TokenDelta
+from serve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed, TokenDelta
 
 
 @pytest.fixture
@@ -18,9 +18,9 @@ def driver(dllm_dir):
     drv.shutdown()
 
 
-async def _collect(drv: AsyncEngine, prompt, params, rid: str):
+async def _collect(drv: AsyncEngine, prompt, params, rid: str, inject_fault: bool = False):
     deltas, result = [], None
-    async for event in drv.generate(prompt, params, rid):
+    async for event in drv.generate(prompt, params, rid, inject_fault=inject_fault):
         if isinstance(event, TokenDelta):
             deltas += event.token_ids
         else:
@@ -95,3 +95,29 @@ def test_full_waiting_queue_is_overload_not_a_hang(dllm_dir):
         asyncio.run(main())
     finally:
         drv.shutdown()
+
+
+def test_a_request_failing_inside_a_step_fails_alone(driver, dllm_dir):
+    params = fdllm.SamplingParams(max_new_tokens=24, temperature=0.0)
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [20]]
+
+    async def main():
+        async def faulty():
+            deltas = []
+            with pytest.raises(RequestFailed, match="fault injected"):
+                async for event in driver.generate(prompts[1], params, "faulty", inject_fault=True):
+                    deltas += event.token_ids
+            return deltas
+
+        return await asyncio.gather(_collect(driver, prompts[0], params, "a"), faulty(),
+                                    _collect(driver, prompts[2], params, "b"))
+
+    first, streamed_before_failing, last = asyncio.run(main())
+    alone = fdllm.Engine.from_pretrained(dllm_dir).generate(prompts, params)
+    assert streamed_before_failing, "the fault is armed after the first tokens: the stream fails midway"
+    assert streamed_before_failing == alone[1].token_ids[: len(streamed_before_failing)]
+    assert first[1].token_ids == alone[0].token_ids and last[1].token_ids == alone[2].token_ids
+    assert driver.stats()["free_pages"] == driver.stats()["total_pages"]
+    driver.check_alive()
+    _, again = asyncio.run(_collect(driver, prompts[1], params, "again"))
+    assert again.token_ids == alone[1].token_ids

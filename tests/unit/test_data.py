@@ -134,6 +134,44 @@ def test_broken_rows_are_counted_by_reason(tok):
     assert out["bad_too_long"][1:].sum() == 0  # counts ride on the first row only
 
 
+def test_raw_byte_lines_decode_per_record(tok, tmp_path):
+    """jsonl files are read as byte lines: invalid UTF-8 past any file head costs only its own row."""
+    from pipelines.data import _pack_jsonl_batch
+
+    good = [json.dumps(r).encode() for r in good_records(6)]
+    table = pa.table({"line": pa.array(good[:3] + [b'{"input": "a", "output": "\xc3("}'] + good[3:], pa.binary())})
+    out = _pack_jsonl_batch(table, tokenizer=tok, cfg=DataConfig(block_size=8, seq_len=128),
+                            spec=TokenSpec.from_tokenizer(tok))
+    assert out["num_docs"].sum() == 6 and bad_counts(out)["bad_unicode"] == 1
+
+
+def test_a_template_that_raises_is_counted_not_fatal(tok):
+    strict = make_tokenizer()
+    strict.chat_template = ("{% for m in messages %}{% if 'fox' in m['content'] %}{{ raise_exception('no foxes') }}"
+                            "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    records = [{"input": "the fox", "output": "world"}, {"input": Q2, "output": "world 19"}, {"input": "hello", "output": "fox"}]
+    out = process_records(records, strict, DataConfig(block_size=8, seq_len=128))
+    assert out["num_docs"].sum() == 1 and bad_counts(out)["template_error"] == 2
+
+
+def test_a_template_that_renders_no_answer_is_counted(tok):
+    silent = make_tokenizer()
+    silent.chat_template = "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    out = process_records([{"input": Q, "output": A}], silent, DataConfig(block_size=8, seq_len=128))
+    assert out["num_docs"].tolist() == [0] and bad_counts(out)["empty_render"] == 1
+
+
+def test_skipped_rows_summary_warns_above_one_percent():
+    from pipelines.data import summarize_bad_rows
+
+    bad = dict.fromkeys(BAD_REASONS, 0) | {"bad_unicode": 1, "template_error": 30}
+    line, warnings = summarize_bad_rows(bad, good_docs=969)
+    assert line == "rows skipped: 31 of 1000 (bad_unicode=1, template_error=30)"
+    assert len(warnings) == 1 and "template_error" in warnings[0] and "3.0%" in warnings[0]
+    assert summarize_bad_rows(dict.fromkeys(BAD_REASONS, 0), good_docs=10) == ("rows skipped: 0 of 10 (none)", [])
+
+
 def test_all_bad_batch_yields_a_count_carrier_row(tok):
     out = process_records(["nope", "{}"], tok, DataConfig(block_size=8, seq_len=32))
     assert out["num_docs"].tolist() == [0]
@@ -167,10 +205,11 @@ def test_check_data_files(tmp_path):
     sources = check_data_files([str(tmp_path / "d")])
     assert sources.jsonl == [str(good)] and sources.parquet == [str(tmp_path / "d" / "b.parquet")]
 
-    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage" * 100)
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage" * 100)  # read; its lines count as bad_unicode
+    assert check_data_files([str(tmp_path / "bin.jsonl")]).jsonl == [str(tmp_path / "bin.jsonl")]
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "cols.parquet")
-    for path, needle in [("missing.jsonl", "not found"), ("bin.jsonl", "UTF-8"), ("bad.parquet", "cannot read"),
+    for path, needle in [("missing.jsonl", "not found"), ("bad.parquet", "cannot read"),
                          ("cols.parquet", "lack"), ("d/notes.txt", "unsupported")]:
         with pytest.raises(DataError, match=needle):
             check_data_files([str(tmp_path / path)])

@@ -69,40 +69,40 @@ def test_select_unmask_threshold_and_always_one():
     assert sum(select_unmask([0.99, 0.999, 1.0], 1.0)) == 1  # threshold 1.0: one per step
 
 
-def test_current_sub_block_skips_decoded_and_out_of_limit_positions():
+def test_current_sub_block_skips_decoded_positions():
     block = [5, 6, 7, 8, M, 1, M, M]
-    assert current_sub_block(block, 4, M, limit=8) == 4
-    assert current_sub_block(block, 2, M, limit=8) == 4
-    assert current_sub_block(block, 4, M, limit=4) is None  # max_new_tokens ends before the masks
-    assert current_sub_block([1, 2, 3, 4], 2, M, limit=4) is None
+    assert current_sub_block(block, 4, M) == 4
+    assert current_sub_block(block, 2, M) == 4
+    assert current_sub_block([1, 2, 3, M, 5, 6, 7, 8], 2, M) == 2
+    assert current_sub_block([1, 2, 3, 4], 2, M) is None
 
 
 def test_plan_block_step_refresh_rules_and_token_shift():
     block = [5, M, M, M, 6, M, M, M]
     # First step of a sub-block: whole block, offsets 4..7 read rows 3..6 (the row before each).
-    first = plan_block_step(block, 4, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M, limit=8)
+    first = plan_block_step(block, 4, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M)
     assert (first.feed_start, first.feed_stop) == (0, 8)
     assert first.logit_rows == (3, 4, 5, 6) and first.candidates == (False, True, True, True)
     # Later step with the sub-block's first offset decoded: only the sub-block, shift inside it.
-    cached = plan_block_step(block, 4, 4, first_step=False, use_sub_block_cache=True, mask_token_id=M, limit=8)
+    cached = plan_block_step(block, 4, 4, first_step=False, use_sub_block_cache=True, mask_token_id=M)
     assert (cached.feed_start, cached.feed_stop) == (4, 8)
     assert cached.logit_rows == (0, 0, 1, 2)
     # Later step with the first offset still masked: refresh (its logit comes from offset 3).
     masked_first = [5, 1, 2, 3, M, 9, M, M]
-    step = plan_block_step(masked_first, 4, 4, first_step=False, use_sub_block_cache=True, mask_token_id=M, limit=8)
+    step = plan_block_step(masked_first, 4, 4, first_step=False, use_sub_block_cache=True, mask_token_id=M)
     assert (step.feed_start, step.feed_stop) == (0, 8) and step.candidates == (True, False, True, True)
     # No sub-block cache: always the whole block.
-    off = plan_block_step(block, 4, 4, first_step=False, use_sub_block_cache=False, mask_token_id=M, limit=8)
+    off = plan_block_step(block, 4, 4, first_step=False, use_sub_block_cache=False, mask_token_id=M)
     assert (off.feed_start, off.feed_stop) == (0, 8)
-    # Offset 0 is known and never a candidate; positions past the limit are no candidates.
-    sub0 = plan_block_step(block, 0, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M, limit=3)
-    assert sub0.logit_rows == (0, 0, 1, 2) and sub0.candidates == (False, True, True, False)
+    # Offset 0 is known and never a candidate; every masked offset is one (max_new_tokens cuts later).
+    sub0 = plan_block_step(block, 0, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M)
+    assert sub0.logit_rows == (0, 0, 1, 2) and sub0.candidates == (False, True, True, True)
 
 
 def test_apply_unmask_only_writes_selected_candidates():
     block = new_block([5, 6], 8, M)
     assert block == [5, 6, M, M, M, M, M, M]
-    step = plan_block_step(block, 0, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M, limit=8)
+    step = plan_block_step(block, 0, 4, first_step=True, use_sub_block_cache=True, mask_token_id=M)
     n = apply_unmask(block, step, [11, 12, 13, 14], [True, True, False, True])
     assert n == 1 and block == [5, 6, M, 14, M, M, M, M]  # offsets 0/1 are no candidates
     assert decoded_prefix(block, 1, M) == [6]

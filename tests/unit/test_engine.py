@@ -68,8 +68,7 @@ def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size
                 return out
             if len(out) == max_new_tokens:
                 return out
-        limit = P + max_new_tokens - start
-        masked = [p for p in range(min(limit, L)) if block[p] == MASK]
+        masked = [p for p in range(L) if block[p] == MASK]  # max_new_tokens only cuts the output
         if not masked:  # commit: the clean block's last logit opens the next block
             committed += block
             block = [confident(logits(committed)[-1])[0]] + [MASK] * (L - 1)
@@ -290,6 +289,22 @@ def test_text_prompts_stop_strings_and_eos(sharp_dir):
         ([1, 2], {"threshold": 1.5}, "threshold"),
         ([1, VOCAB + 3], {}, "token ids"),
         ([1, 2], {"mode": "beam"}, "mode"),
+        # pathological sampling values: each would otherwise reach a step other requests share
+        ([1, 2], {"temperature": float("nan")}, "temperature"),
+        ([1, 2], {"temperature": float("inf")}, "temperature"),
+        ([1, 2], {"temperature": 1e-300}, "temperature"),  # logits / 1e-300 overflow to inf/nan
+        ([1, 2], {"temperature": 1e6}, "temperature"),
+        ([1, 2], {"temperature": True}, "temperature"),
+        ([1, 2], {"top_p": float("nan")}, "top_p"),
+        ([1, 2], {"top_p": 0.0}, "top_p"),
+        ([1, 2], {"top_k": 2.5}, "top_k"),
+        ([1, 2], {"top_k": -1}, "top_k"),
+        ([1, 2], {"seed": 2**64}, "seed"),  # torch.Generator.manual_seed overflows
+        ([1, 2], {"seed": 1.5}, "seed"),
+        ([1, 2], {"threshold": float("nan")}, "threshold"),
+        ([1, 2], {"max_new_tokens": 0}, "max_new_tokens"),
+        ([1, 2], {"max_new_tokens": True}, "max_new_tokens"),
+        ([1, 2], {"stop_token_ids": tuple(range(65))}, "stop_token_ids"),
     ],
 )
 def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
@@ -300,6 +315,8 @@ def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
         engine.add_request(prompt, params(**kwargs))
     done = [r for _ in range(50) for r in engine.step()]
     assert [r.request_id for r in done] == [good] and done[0].finish_reason == "length"
+    alone = make_engine(model).generate([[1, 2, 3]], params(max_new_tokens=8))[0]
+    assert done[0].token_ids == alone.token_ids  # the good request's answer is the one it gets alone
 
 
 def test_bad_engine_config_is_rejected(model):
@@ -325,3 +342,120 @@ def test_generate_alongside_step_api_keeps_other_results(model):
     assert engine.has_unfinished()
     assert [r.request_id for r in engine.step()] == [rid]
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.95, "seed": 7}])
+def test_max_new_tokens_cuts_the_output_and_never_changes_it(model, sampling):
+    """Truncation invariance (METHOD.md §5): every masked position of a sub-block competes, whatever
+    the limit; the limit only cuts. Checked against the longest run at every limit across two blocks."""
+    prompts = random_prompts(4, [3, 8, 13], seed=41)
+    engine = make_engine(model, use_sub_block_cache=True)
+    full = engine.generate(prompts, params(max_new_tokens=20, **sampling))
+    for k in range(1, 20):
+        cut = engine.generate(prompts, params(max_new_tokens=k, **sampling))
+        for prompt, whole, short in zip(prompts, full, cut):
+            assert short.token_ids == whole.token_ids[:k], f"prompt length {len(prompt)}, max_new_tokens {k}"
+            assert short.finish_reason == "length"
+    assert engine.num_free_pages == engine.num_pages
+
+
+@torch.no_grad()
+def test_block_opening_token_is_the_argmax_for_sampling_requests(model):
+    """The token that opens a block (commit, or a prompt of whole blocks) comes from the clean prefix's
+    last logit as an argmax (METHOD.md §3.4), also when the request samples inside blocks."""
+    prompts = random_prompts(3, [5, 8, 16], seed=43)
+    results = make_engine(model).generate(prompts, params(max_new_tokens=30, temperature=2.0, seed=3))
+    checked = 0
+    for prompt, res in zip(prompts, results):
+        seq = prompt + res.token_ids
+        for pos in range(len(prompt), len(seq)):
+            if pos % 8:
+                continue  # not the first position of a block
+            prefix = torch.tensor([seq[:pos]])
+            logits = model(prefix, mask=block_causal_mask(pos, 8))[0, -1].float()
+            logits[MASK] = float("-inf")
+            assert seq[pos] == int(logits.argmax()), f"prompt length {len(prompt)}, position {pos}"
+            checked += 1
+    assert checked >= 8
+
+
+def _finish_all(engine, limit=400):
+    done = {}
+    for _ in range(limit):
+        done |= {r.request_id: r for r in engine.step()}
+        if not engine.has_unfinished():
+            return done
+    raise AssertionError("the engine did not finish its requests")
+
+
+def test_error_applying_one_request_fails_it_alone(model, caplog):
+    prompts = random_prompts(3, [4, 9, 12], seed=47)
+    alone = make_engine(model).generate(prompts, params())
+    engine = make_engine(model)
+    rids = [engine.add_request(p, params()) for p in prompts]
+    engine.step()
+    victim = engine.scheduler.find(rids[1])
+
+    def broken_apply(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    victim.apply = broken_apply
+    with caplog.at_level("ERROR", logger="fdllm.engine.engine"):
+        done = _finish_all(engine)
+    assert done[rids[1]].finish_reason == "error" and "injected failure" in done[rids[1]].error
+    assert rids[1] in caplog.text
+    assert [done[r].token_ids for r in (rids[0], rids[2])] == [alone[0].token_ids, alone[2].token_ids]
+    assert engine.num_free_pages == engine.num_pages
+    assert engine.generate(prompts[:1], params())[0].token_ids == alone[0].token_ids  # still serving
+
+
+def test_error_in_the_forward_fails_that_batch_and_the_engine_keeps_serving(model, caplog):
+    prompts = random_prompts(2, [4, 9], seed=53)
+    alone = make_engine(model).generate(prompts, params())
+    engine = make_engine(model)
+    rids = [engine.add_request(p, params()) for p in prompts]
+    engine.step()
+    run = engine.runner.run
+
+    def failing_once(works):
+        engine.runner.run = run
+        raise RuntimeError("injected CUDA-like failure")
+
+    engine.runner.run = failing_once
+    late = engine.add_request(prompts[0], params())  # joins the failing step's batch
+    with caplog.at_level("ERROR", logger="fdllm.engine.engine"):
+        done = _finish_all(engine)
+    assert {r: done[r].finish_reason for r in [*rids, late]} == {r: "error" for r in [*rids, late]}
+    assert all(r in caplog.text for r in [*rids, late])
+    assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished()
+    again = engine.generate(prompts, params())
+    assert [r.token_ids for r in again] == [r.token_ids for r in alone]
+
+
+def test_error_planning_one_request_fails_it_alone(model):
+    engine = make_engine(model)
+    good = engine.add_request([1, 2, 3], params(max_new_tokens=8))
+    bad = engine.add_request([4, 5, 6], params(max_new_tokens=8))
+    engine.scheduler.find(bad).next_work = lambda budget: 1 / 0
+    done = _finish_all(engine)
+    assert done[bad].finish_reason == "error" and "ZeroDivisionError" in done[bad].error
+    assert done[good].finish_reason == "length" and len(done[good].token_ids) == 8
+    assert engine.num_free_pages == engine.num_pages
+
+
+def test_callback_aborting_another_request_mid_step_is_safe(model):
+    prompts = random_prompts(3, [4, 9, 12], seed=59)
+    alone = make_engine(model).generate(prompts, params())
+    engine = make_engine(model)
+    rids = []
+
+    def abort_the_others(rid, tokens, finished):
+        for other in rids[1:]:
+            engine.abort(other)  # requests later in the same step's loop
+
+    rids.append(engine.add_request(prompts[0], params(), on_tokens=abort_the_others))
+    rids += [engine.add_request(p, params()) for p in prompts[1:]]
+    done = _finish_all(engine)
+    assert [done[r].finish_reason for r in rids] == ["length", "abort", "abort"]
+    assert done[rids[0]].token_ids == alone[0].token_ids
+    assert engine.num_free_pages == engine.num_pages

@@ -94,8 +94,11 @@ class _Shard:
     def __init__(self, rows):
         self.rows = rows
 
-    def iter_rows(self):
-        return iter(self.rows)
+    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+        assert batch_format == "numpy" and prefetch_batches >= 1  # workers prefetch
+        for i in range(0, len(self.rows), batch_size):
+            rows = self.rows[i : i + batch_size]
+            yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def _rows(tok, n_batches=3):
@@ -119,11 +122,12 @@ def test_shard_reader_counts_on_consumption_and_skips_on_resume(qwen2_dir):
     assert len(batches) == n_good // 2 and batches[0]["input_ids"].shape == (2, 64)
     counts = reader.take_counts()
     assert counts["invalid_json"] == 1 and counts["missing_field"] == 1
+    assert counts["good_docs"] == sum(int(r["num_docs"]) for r in rows)  # the partial last batch included
 
     resumed = ShardReader(_Shard(rows), batch_size=2, skip=2)
     first = resumed.next_batch()
     assert np.array_equal(first["input_ids"], batches[1]["input_ids"]) and resumed.consumed == 4
-    assert set(resumed.take_counts()) <= set(BAD_REASONS)
+    assert set(resumed.take_counts()) <= {*BAD_REASONS, "good_docs"}
 
 
 def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
@@ -157,3 +161,19 @@ def test_bench_train_measures_both_objectives(objective):
                                                    "--steps", "1", "--warmup", "1"])
     result = bench_train._measure(objective, args)  # in-process: `run` would spawn a fresh process
     assert result["tokens_per_s"] > 0 and result["peak_mem_mib"] > 0
+
+
+def test_ray_train_per_report_lines_are_silenced(caplog):
+    """The console keeps rank 0's one line per report; Ray Train's own report/checkpoint lines go."""
+    import logging
+
+    from ray.train.v2._internal.execution import context, storage
+
+    from pipelines.train_loop import _quiet_ray_train_reports
+
+    _quiet_ray_train_reports()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger(context.__file__).info("Reporting training result 1: TrainingReport(metrics={...})")
+        logging.getLogger(storage.__name__).info("Checkpoint successfully created at: ...")
+        logging.getLogger("pipelines.train_loop").info("step 5/20 loss 1.0")
+    assert [r.getMessage() for r in caplog.records] == ["step 5/20 loss 1.0"]
