@@ -88,14 +88,12 @@ def test_seeded_draws_follow_the_temperature_and_top_p_distribution(spread_model
 def test_a_probability_equal_to_the_threshold_is_not_above_it():
     from fdllm.decoding import select_unmask
 
-    prob = torch.tensor([[0.75, 0.5, 0.5, 0.25], [1.0, 1.0, 1.0, 0.5]])
-    cand = torch.ones(2, 4, dtype=torch.bool)
-    # row 0: 0.5 == threshold is not above it, only the most confident (0.75) goes;
-    # row 1: threshold 1.0 with three probabilities of exactly 1.0: only the first of them
-    sel = select_unmask(prob, cand, torch.tensor([0.5, 1.0]))
-    assert sel.tolist() == [[True, False, False, False], [True, False, False, False]]
-    sel = select_unmask(prob, cand, torch.tensor([0.4999, 0.9999]))
-    assert sel.tolist() == [[True, True, True, False], [True, True, True, False]]
+    # 0.5 == threshold is not above it, only the most confident (0.75) goes; threshold 1.0 with
+    # three probabilities of exactly 1.0: only the first of them
+    assert select_unmask([0.75, 0.5, 0.5, 0.25], 0.5) == [True, False, False, False]
+    assert select_unmask([1.0, 1.0, 1.0, 0.5], 1.0) == [True, False, False, False]
+    assert select_unmask([0.75, 0.5, 0.5, 0.25], 0.4999) == [True, True, True, False]
+    assert select_unmask([1.0, 1.0, 1.0, 0.5], 0.9999) == [True, True, True, False]
 
 
 def test_threshold_one_unmasks_one_position_per_step_even_at_probability_one(tmp_path_factory):
