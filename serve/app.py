@@ -22,7 +22,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,7 +31,8 @@ from ray import serve
 
 from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from serve.detokenize import IncrementalDetokenizer
-from serve.metrics import RequestCounters, make_registry, render
+from fdllm.storage import local_checkpoint
+from serve.metrics import RayMetricsExporter, RequestCounters, make_registry, render
 from serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -54,7 +54,7 @@ API_KEY_ENV = "FDLLM_API_KEY"
 class ServerConfig:
     """What a replica serves and how; the keys of `build_app`'s args and `serve/config.yaml`."""
 
-    model: str  # HF checkpoint dir (with tokenizer), or s3:// / gs:// URI copied to local disk first
+    model: str  # HF checkpoint dir (with tokenizer) or s3:// / gs:// URI, downloaded once per node (fdllm.storage)
     model_name: str | None = None  # name clients send as "model"; default: the checkpoint dir's name
     api_key: str | None = None  # bearer token required on /v1/*; default: $FDLLM_API_KEY, else open
     device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
@@ -63,6 +63,9 @@ class ServerConfig:
     use_sub_block_cache: bool | None = None
     default_max_tokens: int = 256
     max_waiting: int = 256  # requests queued inside a replica before it answers 503
+    engine: dict[str, Any] | None = None  # fdllm.EngineConfig sizing: num_pages, kv_cache_gib, max_num_seqs, ...
+    cache_dir: str | None = None  # where a URI model is downloaded on each node (default $FDLLM_CACHE_DIR, ~/.cache/fdllm)
+    metrics_interval_s: float = 2.0  # how often replica metrics are pushed to ray.serve.metrics
     # Serve deployment options
     num_replicas: int | None = None  # fixed replica count (default 1); leave unset with autoscaling_config
     autoscaling_config: dict[str, Any] | None = None  # min_replicas, max_replicas, target_ongoing_requests, ...
@@ -70,6 +73,7 @@ class ServerConfig:
     num_cpus_per_replica: float = 1.0
     max_ongoing_requests: int = 64
     max_queued_requests: int = 128
+    max_replicas_per_node: int | None = None  # e.g. 1 spreads replicas over nodes
 
     def __post_init__(self) -> None:
         if self.default_max_tokens < 1 or self.max_waiting < 1:
@@ -86,21 +90,11 @@ class ServerConfig:
         return cls(**{k: v for k, v in args.items() if v is not None})
 
 
-def resolve_model_path(uri: str, cache_dir: str | None = None) -> Path:
-    """A local checkpoint dir for `uri`: local paths as they are, cloud URIs copied once."""
-    if "://" not in uri:
-        path = Path(uri).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-        return path
-    import pyarrow.fs as pafs
-
-    local = Path(cache_dir or os.path.expanduser("~/.cache/fdllm/checkpoints")) / uri.replace("://", "/")
-    if not (local / "config.json").is_file():
-        local.mkdir(parents=True, exist_ok=True)
-        log.info("copying checkpoint %s -> %s", uri, local)
-        pafs.copy_files(uri, str(local))
-    return local
+def default_model_name(model: str) -> str:
+    """The name clients send: the checkpoint's directory name, or its run's for a fine-tune's
+    `RUN/servable` export."""
+    parts = [p for p in model.rstrip("/").split("/") if p]
+    return parts[-2] if parts[-1] == "servable" and len(parts) > 1 else parts[-1]
 
 
 def _json_error(err: APIError) -> JSONResponse:
@@ -138,7 +132,7 @@ class FdllmServer:
         from fdllm.loader import parse_dtype
 
         self.cfg = ServerConfig.from_args(config)
-        path = resolve_model_path(self.cfg.model)
+        path = local_checkpoint(self.cfg.model, self.cfg.cache_dir)
         device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if self.cfg.dtype == "auto":
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -147,15 +141,17 @@ class FdllmServer:
         block_cfg = fdllm.BlockDiffusionConfig.load(path) or fdllm.BlockDiffusionConfig()
         overrides = {k: v for k, v in (("threshold", self.cfg.threshold),
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
-        engine = fdllm.Engine.from_pretrained(path, config=block_cfg.replace(**overrides), device=device, dtype=dtype)
+        engine = fdllm.Engine.from_pretrained(path, config=block_cfg.replace(**overrides), device=device, dtype=dtype,
+                                              engine_config=fdllm.EngineConfig(**(self.cfg.engine or {})))
         if engine.tokenizer is None:
             raise ValueError(f"{path} has no tokenizer; the HTTP API needs one to read prompts")
         self.tokenizer = engine.tokenizer
         self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
-        self.model_name = self.cfg.model_name or path.name
+        self.model_name = self.cfg.model_name or default_model_name(self.cfg.model)
         self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
         self.counters = RequestCounters()
         self.registry = make_registry(self.counters, self.engine)
+        self.exporter = RayMetricsExporter(self.counters, self.engine, self.cfg.metrics_interval_s)
         log.info("serving %s as %r on %s (%s)", path, self.model_name, device, dtype)
 
     def check_health(self) -> None:
@@ -276,6 +272,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "max_queued_requests": cfg.max_queued_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
     }
+    if cfg.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = cfg.max_replicas_per_node
     if cfg.autoscaling_config is not None:
         options["autoscaling_config"] = cfg.autoscaling_config
     else:
