@@ -239,9 +239,9 @@ def publish_dir(local_dir: str | os.PathLike, dest: str, skip: tuple[str, ...] =
         f.write(export_id.encode())
     # On failure the marker stays: readers then wait and time out instead of loading a partial export.
     old = _list(fs, inner).files
-    for name in [MANIFEST, *(n for n in old if n not in files and n != WRITING_MARKER)]:
-        if name in old:
-            fs.delete_file(f"{inner}/{name}")
+    stale = sorted(n for n in old if n not in files and n not in (MANIFEST, WRITING_MARKER))
+    for name in ([MANIFEST] if MANIFEST in old else []) + stale:  # the manifest first: the old export is gone
+        fs.delete_file(f"{inner}/{name}")
     for name in files:
         parent = f"{inner}/{name}".rsplit("/", 1)[0]
         if parent != inner:

@@ -281,9 +281,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return FdllmServer.options(**options).bind(asdict(cfg))
 
 
-def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 120.0) -> str:
+def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 120.0,
+              proxy_location: str = "EveryNode") -> str:
     """Deploy the app on the local Ray instance (started if none is) with Serve on host:port (a free
-    port when None); returns the base URL once /health answers. For load tests and integration tests."""
+    port when None); returns the base URL once /health answers. For load tests and integration tests
+    (`proxy_location="HeadOnly"` when several nodes share one machine, hence one port space)."""
     import socket
     import urllib.request
 
@@ -294,7 +296,7 @@ def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = 
         with socket.socket() as sock:
             sock.bind((host, 0))
             port = sock.getsockname()[1]
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     serve.run(build_app(args), name="fdllm", route_prefix="/")
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout_s
