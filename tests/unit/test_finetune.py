@@ -144,3 +144,43 @@ def test_bench_train_measures_both_objectives(objective):
                                                    "--steps", "1", "--warmup", "1"])
     result = bench_train._measure(objective, args)  # in-process: `run` would spawn a fresh process
     assert result["tokens_per_s"] > 0 and result["peak_mem_mib"] > 0
+
+
+def test_driver_and_worker_modules_do_not_import_each_other():
+    """finetune.py (driver) and train_loop.py (workers) share finetune_config.py and checkpoints.py;
+    neither imports the other's module, so a worker never loads the driver's CLI."""
+    import ast
+    from pathlib import Path
+
+    pipelines = Path(__file__).resolve().parents[2] / "pipelines"
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((pipelines / f"{name}.py").read_text())
+        mods = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods.add(node.module)
+            elif isinstance(node, ast.Import):
+                mods.update(a.name for a in node.names)
+        return mods
+
+    assert "pipelines.finetune" not in imported("train_loop")
+    for shared in ("finetune_config", "checkpoints"):
+        assert not {"pipelines.finetune", "pipelines.train_loop"} & imported(shared), shared
+    assert "pipelines.finetune_config" in imported("train_loop") and "pipelines.finetune_config" in imported("finetune")
+
+
+def test_resolve_run_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeypatch):
+    from pipelines.finetune import resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_run(FinetuneConfig(model="base", data=["s3://b/data/", "train.jsonl"], storage_path="runs",
+                                     run_name="r", max_steps=1))
+    assert (cfg.model, cfg.data, cfg.storage_path) == (
+        str(tmp_path / "base"), ["s3://b/data/", str(tmp_path / "train.jsonl")], str(tmp_path / "runs"))
+    assert cfg.output == str(tmp_path / "runs" / "r" / "servable")
+    remote = resolve_run(FinetuneConfig(model="s3://b/m", data=["d"], storage_path="gs://b/runs/", run_name="r",
+                                        max_steps=1))
+    assert remote.model == "s3://b/m" and remote.output == "gs://b/runs/r/servable"
+    named = resolve_run(FinetuneConfig(model="m", data=["d"], output="out", max_steps=1))
+    assert named.output == str(tmp_path / "out") and named.run_name.startswith("fdllm-")
