@@ -136,10 +136,7 @@ def local_checkpoint(
     validate a model it will not run. `wait_s` bounds the wait for an export being rewritten.
     """
     if not is_uri(path):
-        local = Path(absolute(path))
-        if not local.is_dir():
-            raise FileNotFoundError(f"{local}: no such checkpoint directory")
-        return local
+        return Path(absolute(path))  # used in place; its readers name what is missing
     uri = str(path).rstrip("/")
     fs, inner = filesystem(uri)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
