@@ -11,7 +11,8 @@ Two jobs, both needed wherever a checkpoint path is taken (the engine, the fine-
   same time. A marker says "being written"; the manifest `fdllm_export.json` (file list, sizes,
   a fresh export id) is written last. Readers wait while the marker is there and check after
   downloading that the manifest did not change under them, so they never cache a mix of two
-  exports. The export id keys the cache: a new export at the same URI is a new download.
+  exports. The export id keys the cache: a new export at the same URI is a new download. Older
+  versions stay in the cache (a process may still be reading one) until the cache is cleared.
 
 S3 endpoint and credentials come from the standard AWS environment variables (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which pyarrow reads, so any
