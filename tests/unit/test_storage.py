@@ -75,12 +75,15 @@ def test_engine_and_model_take_uris(remote_dllm, dllm_dir, tmp_path, monkeypatch
 
 def test_concurrent_processes_download_once(remote_dllm, tmp_path):
     """Three processes of one node ask at once: one downloads, all get the same complete copy."""
+    # The module is loaded from its file (it imports nothing of fdllm): no torch import per process.
     script = (
-        "import logging, sys; from fdllm import storage\n"
+        "import importlib.util, logging, sys\n"
+        f"spec = importlib.util.spec_from_file_location('storage', {str(REPO / 'fdllm' / 'storage.py')!r})\n"
+        "storage = sys.modules['storage'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(storage)\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
         f"print(storage.local_checkpoint({remote_dllm!r}, sys.argv[1]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
