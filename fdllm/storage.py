@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fdllm.paths import is_uri, resolve_local
+
 if TYPE_CHECKING:
     import pyarrow.fs
 
@@ -46,21 +48,6 @@ MANIFEST = "fdllm_export.json"  # written last by `publish_dir`: the export is c
 WRITING_MARKER = ".fdllm-writing"  # present while `publish_dir` rewrites a directory
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 _WAIT_POLL_S = 2.0
-
-
-def is_uri(path: str | os.PathLike) -> bool:
-    """True for `scheme://...` addresses other than `file://` (those are plain local paths)."""
-    text = str(path)
-    return "://" in text and not text.startswith("file://")
-
-
-def absolute(path: str | os.PathLike) -> str:
-    """A URI untouched; a local path with `~` expanded and made absolute (against the current
-    directory), so it means the same in every process it is sent to."""
-    text = str(path)
-    if is_uri(text):
-        return text
-    return os.path.abspath(os.path.expanduser(text.removeprefix("file://")))
 
 
 def join(base: str, *parts: str) -> str:
@@ -76,7 +63,7 @@ def filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     except ImportError as e:
         raise ImportError("object-store paths need pyarrow: pip install 'fdllm[cloud]'") from e
     if not is_uri(uri):
-        return pafs.LocalFileSystem(), absolute(uri)
+        return pafs.LocalFileSystem(), resolve_local(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
     except ValueError as arrow_error:  # pyarrow.ArrowInvalid: a scheme pyarrow has no filesystem for
@@ -136,8 +123,8 @@ def local_checkpoint(
     `weights=False` fetches everything but weight files (config, tokenizer): what a driver needs to
     validate a model it will not run. `wait_s` bounds the wait for an export being rewritten.
     """
-    if not is_uri(path):
-        return Path(absolute(path))  # used in place; its readers name what is missing
+    if not is_uri(str(path)):
+        return Path(resolve_local(str(path)))  # used in place; its readers name what is missing
     uri = str(path).rstrip("/")
     fs, inner = filesystem(uri)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fdllm.storage import is_uri, local_checkpoint
+from fdllm.paths import is_uri
+from fdllm.storage import local_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,7 +34,7 @@ def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
 
 
 def has_tokenizer(path: str | Path) -> bool:
-    local = local_checkpoint(path, weights=False) if is_uri(path) else Path(path)
+    local = local_checkpoint(path, weights=False) if is_uri(str(path)) else Path(path)
     return any((local / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 

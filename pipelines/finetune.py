@@ -11,7 +11,10 @@ because Ray 2.60 clusters require token authentication by default):
     ray stop
 
 Flags override the YAML config, whose keys are the flags' names with underscores
-(`python pipelines/finetune.py --help` lists them). A run is named `--run-name` under
+(`python pipelines/finetune.py --help` lists them). Relative local paths (model, data, output,
+storage) mean the driver's working directory: where you run the script, or the job's copy of
+`--working-dir` under `ray job submit` (so keep `--output` and `--storage-path` absolute or URIs there:
+Ray deletes that copy). A run is named `--run-name` under
 `--storage-path` (local, s3://, gs://, or any pyarrow filesystem URI; shared storage on a multi-node
 cluster); rerunning an existing run needs `--resume`, which continues from its latest checkpoint with
 optimizer state and data position. Workers that die are restarted from the latest checkpoint up to
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +45,8 @@ from typing import TYPE_CHECKING
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fdllm.storage import absolute, filesystem, join, local_checkpoint  # noqa: E402
+from fdllm.paths import is_uri  # noqa: E402
+from fdllm.storage import filesystem, join, local_checkpoint  # noqa: E402
 from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files  # noqa: E402
 from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
@@ -90,14 +95,10 @@ def _run_exists(storage_path: str, run_name: str) -> bool:
 
 
 def resolve_run(cfg: FinetuneConfig) -> FinetuneConfig:
-    """The run as every process sees it: a run name chosen, local paths absolute (workers run
-    elsewhere), URIs untouched, and the servable output defaulting to STORAGE_PATH/RUN_NAME/servable."""
+    """The run as every process sees it: a run name chosen, and the servable output defaulting to
+    STORAGE_PATH/RUN_NAME/servable (local paths are already absolute: FinetuneConfig)."""
     run_name = cfg.run_name or time.strftime("fdllm-%Y%m%d-%H%M%S")
-    storage = absolute(cfg.storage_path)
-    return dataclasses.replace(
-        cfg, model=absolute(cfg.model), data=[absolute(d) for d in cfg.data], storage_path=storage,
-        run_name=run_name, output=absolute(cfg.output) if cfg.output else join(storage, run_name, "servable"),
-    )
+    return dataclasses.replace(cfg, run_name=run_name, output=cfg.output or join(cfg.storage_path, run_name, "servable"))
 
 
 def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
@@ -153,6 +154,20 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     )
 
 
+def _warn_if_in_job_copy(cfg: FinetuneConfig) -> None:
+    """Under `ray job submit --working-dir`, the driver runs in a copy of that directory which Ray
+    deletes with the session: results written below it would be lost."""
+    import ray
+
+    if not ray.get_runtime_context().runtime_env.get("working_dir"):
+        return
+    for name in ("output", "storage_path"):
+        value = getattr(cfg, name)
+        if value and not is_uri(value) and Path(value).is_relative_to(os.getcwd()):
+            log.warning("--%s %s is inside this job's temporary copy of --working-dir, which Ray deletes; "
+                        "give an absolute path or a storage URI (s3://, gs://) to keep it", name.replace("_", "-"), value)
+
+
 def run(cfg: FinetuneConfig) -> "ray.train.Result":
     """Fine-tune (connecting to the cluster, or starting a local Ray); the workers publish the
     servable checkpoint at `cfg.output` (resolved: see `resolve_run`)."""
@@ -162,6 +177,7 @@ def run(cfg: FinetuneConfig) -> "ray.train.Result":
     trainer = build_trainer(cfg)
     if not ray.is_initialized():
         ray.init()
+    _warn_if_in_job_copy(cfg)
     log.info("fine-tuning %s: %d steps, %d worker(s) x %d sequences x %d tokens", cfg.model, cfg.total_steps(),
              cfg.num_workers, cfg.batch_size, cfg.seq_len)
     result = trainer.fit()

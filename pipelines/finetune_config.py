@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from fdllm.paths import resolve_local
 from pipelines.data import DataConfig
 
 
@@ -74,6 +75,12 @@ class FinetuneConfig:
             raise ValueError("model is required (an HF checkpoint dir)")
         if not self.data or not all(isinstance(d, str) and d for d in self.data):
             raise ValueError("data must be a non-empty list of paths")
+        # Workers run elsewhere (fdllm.paths): relative paths mean the driver's working directory.
+        self.model = resolve_local(self.model)
+        self.data = [resolve_local(d) for d in self.data]
+        self.storage_path = resolve_local(self.storage_path)
+        if self.output:
+            self.output = resolve_local(self.output)
         for name in ("num_workers", "block_size", "sub_block_size", "seq_len", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from fdllm.paths import resolve_local
 from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from serve.detokenize import IncrementalDetokenizer
 from fdllm.storage import local_checkpoint
@@ -76,6 +77,9 @@ class ServerConfig:
     max_replicas_per_node: int | None = None  # e.g. 1 spreads replicas over nodes
 
     def __post_init__(self) -> None:
+        # Built where `serve run`/`serve deploy` runs the app builder (its cwd is the app's working_dir
+        # copy, or the directory Ray started in); replicas may start elsewhere (fdllm.paths).
+        self.model = resolve_local(self.model)
         if self.default_max_tokens < 1 or self.max_waiting < 1:
             raise ValueError("default_max_tokens and max_waiting must be >= 1")
         if self.autoscaling_config is not None and self.num_replicas is not None:

@@ -177,3 +177,14 @@ def test_replica_restarts_after_being_killed(server):
             pass
         time.sleep(1)
     pytest.fail("Serve did not bring the replica back within 90 s")
+
+
+def test_relative_model_path_means_the_builder_directory(tmp_path, monkeypatch, dllm_dir):
+    """`serve run`/`serve deploy` build the app where the app's working_dir is; replicas may start in
+    another directory, so the builder hands them an absolute path."""
+    from serve.app import ServerConfig
+
+    monkeypatch.chdir(dllm_dir.parent)
+    cfg = ServerConfig.from_args({"model": dllm_dir.name})
+    assert cfg.model == str(dllm_dir)
+    assert ServerConfig.from_args({"model": "s3://bucket/ckpt"}).model == "s3://bucket/ckpt"

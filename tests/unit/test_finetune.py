@@ -24,13 +24,26 @@ def _parse(argv):
     return FinetuneConfig.from_sources(args.pop("config"), **args)
 
 
-def test_yaml_then_flags(tmp_path):
+def test_yaml_then_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: m\ndata: d.jsonl\nlr: 0.001\nmax_steps: 5\nuse_gpu: false\nstrip_reasoning: true\n")
     cfg = _parse(["--config", str(yaml_file), "--lr", "0.01", "--data", "a", "b", "--keep-reasoning", "--use-gpu"])
-    assert (cfg.model, cfg.data, cfg.lr, cfg.max_steps) == ("m", ["a", "b"], 0.01, 5)
+    assert (cfg.model, cfg.data, cfg.lr, cfg.max_steps) == (str(tmp_path / "m"), [str(tmp_path / "a"), str(tmp_path / "b")], 0.01, 5)
     assert cfg.use_gpu is True and cfg.strip_reasoning is False
     assert _parse(["--config", str(yaml_file)]).strip_reasoning is True  # unset flags keep YAML values
+
+
+def test_relative_paths_mean_the_driver_directory(tmp_path, monkeypatch):
+    """Ray Train workers run in a directory of their own: the driver must hand them absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/u")
+    cfg = FinetuneConfig(model="assets/base", data=["d/../train.jsonl", "s3://bucket/sft/", "/abs/x.parquet"],
+                         output="out", storage_path="~/runs", max_steps=1)
+    assert cfg.model == str(tmp_path / "assets" / "base")
+    assert cfg.data == [str(tmp_path / "train.jsonl"), "s3://bucket/sft/", "/abs/x.parquet"]
+    assert (cfg.output, cfg.storage_path) == (str(tmp_path / "out"), "/home/u/runs")
+    assert FinetuneConfig(model="gs://b/m", data=["x"], storage_path="s3://b/runs", max_steps=1).storage_path == "s3://b/runs"
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "qwen2.5-1.5b.yaml"])
@@ -170,7 +183,7 @@ def test_driver_and_worker_modules_do_not_import_each_other():
     assert "pipelines.finetune_config" in imported("train_loop") and "pipelines.finetune_config" in imported("finetune")
 
 
-def test_resolve_run_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeypatch):
+def test_resolve_run_names_the_run_and_puts_the_export_under_it(tmp_path, monkeypatch):
     from pipelines.finetune import resolve_run
 
     monkeypatch.chdir(tmp_path)

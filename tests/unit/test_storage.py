@@ -36,13 +36,9 @@ def remote_dllm(bucket, dllm_dir) -> str:
     return upload_dir(dllm_dir, f"{bucket}/models/tiny-dllm")
 
 
-def test_paths():
-    assert storage.is_uri("s3://b/k") and storage.is_uri("gs://b/k") and not storage.is_uri("a/b")
-    assert not storage.is_uri("file:///tmp/x")
-    assert storage.absolute("s3://b/rel/../k") == "s3://b/rel/../k"  # URIs pass through untouched
-    assert storage.absolute("runs/x") == os.path.join(os.getcwd(), "runs/x")
-    assert storage.absolute("~/x") == os.path.expanduser("~/x")
+def test_join_keeps_the_scheme():
     assert storage.join("s3://b/", "runs", "/x/") == "s3://b/runs/x"
+    assert storage.join("/tmp/runs", "r", "servable") == "/tmp/runs/r/servable"
 
 
 def test_local_paths_are_not_copied(dllm_dir, tmp_path):

@@ -1,0 +1,241 @@
+"""The READMEs' commands, run as written, so a documented command cannot rot.
+
+Every shell command in a fenced block of README.md and cluster/README.md is either run here or
+matched by a rule of NOT_HERE that says why it cannot run on a CPU machine without cloud credentials;
+a new command that is neither fails `test_every_documented_command_is_accounted_for`.
+
+The runnable ones run in a copy of the checkout (so nothing lands in the developer's tree), in
+README order, with only these adaptations, each a limit, not a change of meaning:
+- `--max-steps 2` on fine-tunes, `--max-steps 2 --limit 4` on the quickstart, `--limit 4` on evaluate;
+- `/tmp/fdllm` (the README's example output root) is a fresh temporary directory;
+- the install half of `pip install ... && python ...` is skipped (CI's own install did it);
+- Ray's session files go to a temporary RAY_TMPDIR; blocking servers are stopped after the curl.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("ray.serve")
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = ("README.md", "cluster/README.md")
+
+# What cannot run here, per document, by pattern, and why (matched against each documented command).
+NOT_HERE: dict[str, list[tuple[str, str]]] = {
+    "README.md": [
+        (r"&& python -m pytest", "the test suite itself (`.ci/run` runs it)"),
+        (r"benchmark", "benchmarks take minutes; their smoke tests are in tests/unit and tests/kernels"),
+    ],
+    "cluster/README.md": [
+        (r"^(aws|gcloud|kubectl|helm|docker) ", "needs cloud credentials or a Kubernetes cluster"),
+        (r"kubectl apply", "needs a Kubernetes cluster"),
+        (r"^ray (up|down|dashboard|exec|attach) ", "starts or drives cloud machines"),
+        (r"^ray get-auth-token", "writes the user's cluster token (cloud setup)"),
+        (r"YOUR_BUCKET|\$CKPT|\$REGISTRY", "names the user's bucket, checkpoint or registry"),
+        (r"--address http://127\.0\.0\.1:8265", "talks to the cloud head through the forwarded dashboard"),
+        (r"127\.0\.0\.1:8000", "calls the cloud head's Serve proxy through `ray attach -p 8000`"),
+        (r"^(export |ACCOUNT=|CKPT=)", "shell setup for the cloud commands that follow it"),
+        (r"^pip install \"ray\[default", "the laptop client of a cloud cluster"),
+    ],
+}
+
+
+def documented_commands(doc: str) -> list[str]:
+    """The shell commands of a markdown file's bash/sh blocks: continuations joined, comments and
+    blank lines dropped, a heredoc kept with the command that opens it."""
+    text = (REPO / doc).read_text()
+    commands: list[str] = []
+    for block in re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", text, flags=re.S | re.M):
+        lines = iter(_quoted_lines_joined(block.replace("\\\n", " ").splitlines()))
+        for line in lines:
+            heredoc = re.search(r"<<'?(\w+)'?", line)
+            if heredoc:
+                body = []
+                for more in lines:
+                    body.append(more)
+                    if more.strip() == heredoc.group(1):
+                        break
+                line = "\n".join([line, *body])
+            command = re.sub(r"\s+#.*$", "", line) if not heredoc else line
+            command = re.sub(r"\s+", " ", command).strip() if not heredoc else command.strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def _quoted_lines_joined(lines: list[str]) -> list[str]:
+    """A quoted argument may span lines (the README's curl -d '{...}'): join until quotes close."""
+    joined: list[str] = []
+    pending = ""
+    for line in lines:
+        pending = f"{pending} {line.strip()}" if pending else line
+        try:
+            shlex.split(pending, comments=True)
+        except ValueError:  # an open quote: the command goes on
+            continue
+        joined.append(pending)
+        pending = ""
+    return joined + ([pending] if pending else [])
+
+
+def python_snippets(doc: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (REPO / doc).read_text(), flags=re.S | re.M)
+
+
+def split_install(command: str) -> str:
+    """`pip install A && pip install B && python X` -> `python X` (CI's install already ran)."""
+    return " && ".join(part for part in command.split(" && ") if not part.startswith("pip install"))
+
+
+# The commands the chain below runs, exactly as documented (before the adaptations above).
+README = documented_commands("README.md")
+QUICKSTART = next(c for c in README if c.endswith("python pipelines/quickstart.py"))
+FINETUNE = next(c for c in README if c.startswith("python pipelines/finetune.py"))
+RAY_START = next(c for c in README if c.startswith("ray start"))
+JOB_SUBMIT = next(c for c in README if c.startswith("RAY_AUTH_MODE=token ray job submit"))
+RAY_STOP = next(c for c in README if c == "ray stop")
+FDLLM_SERVE = next(c for c in README if c.startswith("fdllm-serve"))
+SERVE_RUN = "serve run serve/config.yaml"  # the README's alternative to fdllm-serve (in its comment)
+CURL = next(c for c in README if c.startswith("curl "))
+EVALUATE = next(c for c in README if c.startswith("python pipelines/evaluate.py"))
+RUN_HERE = {QUICKSTART, FINETUNE, RAY_START, JOB_SUBMIT, RAY_STOP, FDLLM_SERVE, SERVE_RUN, CURL, EVALUATE}
+
+
+def test_every_documented_command_is_accounted_for():
+    assert "# or: serve run serve/config.yaml" in (REPO / "README.md").read_text()
+    unknown = []
+    for doc in DOCS:
+        for command in documented_commands(doc):
+            if command not in RUN_HERE and not any(re.search(p, command) for p, _ in NOT_HERE[doc]):
+                unknown.append(f"{doc}: {command}")
+    assert not unknown, ("documented commands neither run by tests/integration/test_docs.py nor listed in "
+                         "its NOT_HERE with a reason:\n" + "\n".join(unknown))
+
+
+def test_documented_commands_parse():
+    """Cheap: the extraction finds the README's commands (a broken fence would hide them all)."""
+    assert len(README) >= 8 and all("\n" not in c or "<<" in c for c in README)
+    assert "--working-dir . -- python pipelines/finetune.py" in JOB_SUBMIT
+
+
+class Shell:
+    """Runs documented commands in a copy of the checkout, with the adaptations of the module doc."""
+
+    def __init__(self, root: Path, out: Path, ray_tmp: Path) -> None:
+        self.root, self.out = root, out
+        self.env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "TOKENIZERS_PARALLELISM": "false",
+                    "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+        self.env.pop("RAY_ADDRESS", None)
+
+    def adapt(self, command: str, extra: str = "") -> str:
+        return split_install(command).replace("/tmp/fdllm", str(self.out)) + extra
+
+    def run(self, command: str, extra: str = "", timeout: float = 600) -> str:
+        command = self.adapt(command, extra)
+        proc = subprocess.run(command, shell=True, cwd=self.root, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"`{command}` exited {proc.returncode}:\n{log[-6000:]}"
+        return log
+
+    def start(self, command: str) -> subprocess.Popen:
+        return subprocess.Popen(self.adapt(command), shell=True, cwd=self.root, env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited {server.returncode}:\n{server.stdout.read()[-6000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"{url} not healthy after {timeout_s:.0f} s")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it; then make sure nothing is left."""
+    os.killpg(server.pid, signal.SIGINT)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The files a fresh clone would have, with this working tree's edits (tracked and new files)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def served_answer(shell: Shell) -> str:
+    answer = shell.run(CURL)
+    body = answer[answer.index("{"):]
+    assert '"chat.completion"' in body and '"content"' in body, body
+    return body
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="the README's request uses curl")
+def test_readme_commands_run_as_written(tmp_path):
+    root = copy_checkout(tmp_path / "clone")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fdr", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    shell = Shell(root, tmp_path / "out", ray_tmp)
+    try:
+        # The main job (step-limited): writes runs/quickstart/tiny-dllm, which the later commands use.
+        shell.run(QUICKSTART, " --max-steps 2 --limit 4")
+        checkpoint = root / "runs" / "quickstart" / "tiny-dllm"
+        assert (checkpoint / "config.json").is_file() and (checkpoint / "fdllm_config.json").is_file()
+
+        # Fine-tune, run directly: relative config/model/data paths reach the Ray Train workers.
+        shell.run(FINETUNE, " --max-steps 2")
+        assert (tmp_path / "out" / "tiny-dllm" / "model.safetensors").is_file()
+        shutil.rmtree(tmp_path / "out" / "tiny-dllm")
+
+        # The same entry point submitted as a Ray job to a `ray start` cluster.
+        shell.run(RAY_START)
+        try:
+            log = shell.run(JOB_SUBMIT, " --max-steps 2")
+            assert "succeeded" in log, log[-3000:]
+        finally:
+            shell.run(RAY_STOP)
+        assert (tmp_path / "out" / "tiny-dllm" / "model.safetensors").is_file()
+
+        # Serve the quickstart's checkpoint both documented ways and send the README's request.
+        for command in (FDLLM_SERVE, SERVE_RUN):
+            server = shell.start(command)
+            try:
+                wait_healthy(server, "http://127.0.0.1:8000")
+                served_answer(shell)
+            finally:
+                stop(server)
+
+        shell.run(EVALUATE, " --limit 4")
+        for snippet in python_snippets("README.md"):  # "Use it from Python", on the quickstart's checkpoint
+            shell.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(snippet)}", timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
