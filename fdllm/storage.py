@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -86,14 +87,14 @@ class _Listing:
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def _list(fs: "pyarrow.fs.FileSystem", inner: str) -> _Listing:
+def _list(fs: "pyarrow.fs.FileSystem", inner: str, label: str | None = None) -> _Listing:
     import pyarrow.fs as pafs
 
     info = fs.get_file_info(inner)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{inner}: no such checkpoint directory")
+        raise FileNotFoundError(f"{label or inner}: no such checkpoint directory")
     if info.type != pafs.FileType.Directory:
-        raise NotADirectoryError(f"{inner} is a file; a checkpoint is a directory")
+        raise NotADirectoryError(f"{label or inner} is a file; a checkpoint is a directory")
     root = inner.rstrip("/") + "/"
     files = {}
     for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
@@ -108,6 +109,14 @@ def _read_manifest(fs: "pyarrow.fs.FileSystem", inner: str) -> dict | None:
             return json.loads(f.read())
     except FileNotFoundError:
         return None
+
+
+def _cache_parts(uri: str) -> list[str]:
+    """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b"]: readable, and never outside the cache root
+    (no `..`, no query strings or odd characters in names)."""
+    scheme, rest = uri.split("://", 1)
+    parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
+    return [re.sub(r"[^\w.=-]", "_", p) for p in (scheme, *parts)]
 
 
 def default_cache_dir() -> Path:
@@ -128,11 +137,10 @@ def local_checkpoint(
     uri = str(path).rstrip("/")
     fs, inner = filesystem(uri)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    scheme, rest = uri.split("://", 1)
-    slot = root / scheme / rest  # one directory per URI; one sub-directory per version of it
+    slot = root.joinpath(*_cache_parts(uri))  # one directory per URI; one sub-directory per version of it
     deadline = time.monotonic() + wait_s
     while True:
-        listing = _list(fs, inner)
+        listing = _list(fs, inner, uri)
         manifest = _read_manifest(fs, inner) if MANIFEST in listing.files else None
         if WRITING_MARKER in listing.files or (MANIFEST in listing.files and manifest is None):
             if time.monotonic() > deadline:

@@ -197,3 +197,9 @@ def test_files_for_rank_keeps_only_own_deepspeed_shards():
     one = files_for_rank(names, 1)
     assert one == names[:5] + [names[6], names[7]]
     assert files_for_rank(names, 10) == names[:5] + [names[8]]
+
+
+def test_cache_slot_stays_under_the_cache_root_and_missing_uris_are_named(bucket, tmp_path):
+    assert storage._cache_parts("s3://b/x/../../etc/./p?q=1") == ["s3", "b", "x", "etc", "p_q=1"]
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/nothing-here"):
+        storage.local_checkpoint(f"{bucket}/nothing-here", tmp_path)
