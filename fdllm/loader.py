@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fdllm.config import ModelConfig
+from fdllm.storage import local_checkpoint
 
 if TYPE_CHECKING:
     from fdllm.model import Transformer
@@ -47,8 +48,9 @@ def _weight_files(path: Path) -> list[Path]:
 def load_checkpoint(
     cls: type["Transformer"], path: str | Path, dtype: torch.dtype | str | None, device: str | torch.device
 ) -> "Transformer":
-    """Build `cls` on the meta device (no wasted init) and fill it from the checkpoint's tensors."""
-    path = Path(path)
+    """Build `cls` on the meta device (no wasted init) and fill it from the checkpoint's tensors.
+    `path` may be an object-store URI: it is read through this node's cache (fdllm.storage)."""
+    path = local_checkpoint(path)
     cfg = ModelConfig.load(path)
     target = parse_dtype(dtype if dtype is not None else cfg.torch_dtype)
     with torch.device("meta"):

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fdllm.paths import is_uri
+from fdllm.storage import local_checkpoint
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -24,13 +27,15 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_tex
 
 
 def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
+    """The checkpoint's tokenizer; `path` may be an object-store URI (its weights are not fetched)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(local_checkpoint(path, weights=False)))
 
 
 def has_tokenizer(path: str | Path) -> bool:
-    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    local = local_checkpoint(path, weights=False) if is_uri(str(path)) else Path(path)
+    return any((local / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def add_mask_token(tokenizer: "PreTrainedTokenizerBase", model: "Transformer") -> int:

@@ -18,8 +18,14 @@ Ray deletes that copy). A run is named `--run-name` under
 `--storage-path` (local, s3://, gs://, or any pyarrow filesystem URI; shared storage on a multi-node
 cluster); rerunning an existing run needs `--resume`, which continues from its latest checkpoint with
 optimizer state and data position. Workers that die are restarted from the latest checkpoint up to
-`--max-failures` times. The final checkpoint is copied to `--output` as an HF directory (config.json,
-safetensors, tokenizer, fdllm_config.json), servable as is.
+`--max-failures` times. At every checkpoint and at the end, the servable part (config.json,
+safetensors, tokenizer, fdllm_config.json; no optimizer state) is published at `--output` (default
+STORAGE_PATH/RUN_NAME/servable): one stable path for Serve, `fdllm.load_model` and evaluate.
+
+`--model`, `--data`, `--output` and `--storage-path` take local paths or object-store URIs
+(`s3://`, `gs://`, any pyarrow/fsspec filesystem). S3 endpoint and credentials come from the
+standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), so any S3-compatible store works.
+Each node downloads an object-store model once into its cache ($FDLLM_CACHE_DIR, ~/.cache/fdllm).
 
 Parallelism: DDP over gloo on CPU; with --use-gpu, DeepSpeed ZeRO-2/3 when deepspeed is installed
 (`--strategy auto|deepspeed`), else DDP over NCCL (with bf16 autocast under `--precision bf16`).
@@ -30,160 +36,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
-from fdllm.paths import is_uri, resolve_local  # noqa: E402
-from pipelines.data import (  # noqa: E402
-    BAD_REASONS,
-    DataConfig,
-    DataError,
-    build_dataset,
-    check_data_files,
-    summarize_bad_rows,
-)
+from fdllm.paths import is_uri  # noqa: E402
+from fdllm.storage import filesystem, join, local_checkpoint  # noqa: E402
+from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files, summarize_bad_rows  # noqa: E402
+from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
 if TYPE_CHECKING:
     import ray.train
 
 log = logging.getLogger("fdllm.finetune")
-
-
-def _opt(help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> Any:
-    return field(metadata={"help": help, "choices": choices}, **kwargs)
-
-
-@dataclass(kw_only=True)
-class FinetuneConfig:
-    """One fine-tuning run. Every field is a CLI flag (`--field-name`) and a YAML key (`field_name`)."""
-
-    # what to train on, where results go
-    model: str = _opt("AR base checkpoint dir (HF format, with tokenizer)")
-    data: list[str] = _opt("jsonl/parquet files or dirs, local or filesystem URIs")
-    output: str | None = _opt("local dir for the final HF checkpoint", default=None)
-    storage_path: str = _opt("Ray Train storage for checkpoints (local dir, s3://, gs://)", default="~/ray_results")
-    run_name: str | None = _opt("run name under storage_path (default: fdllm-<timestamp>)", default=None)
-    resume: bool = _opt("continue the run --run-name from its latest checkpoint", default=False)
-    # cluster
-    num_workers: int = _opt("training workers (one GPU each with --use-gpu)", default=1)
-    use_gpu: bool = _opt("train on GPUs", default=False)
-    cpus_per_worker: float = _opt("CPUs reserved per training worker", default=1.0)
-    data_cpus: float = _opt("CPUs per Ray Data read/tokenize task", default=1.0)
-    strategy: str = _opt("auto: DeepSpeed on GPU when installed, else DDP", ("auto", "ddp", "deepspeed"), default="auto")
-    zero_stage: int = _opt("DeepSpeed ZeRO stage (2 or 3)", default=2)
-    precision: str = _opt("bf16: mixed precision on GPU (fp32 master weights)", ("fp32", "bf16"), default="fp32")
-    max_failures: int = _opt("worker-group restarts from the latest checkpoint (-1: unlimited)", default=0)
-    # method (METHOD.md §2)
-    block_size: int = _opt("diffusion block size", default=32)
-    sub_block_size: int = _opt("decoding sub-block size, stored in fdllm_config.json", default=8)
-    seq_len: int = _opt("packed sequence length (a multiple of block_size)", default=2048)
-    eps: float = _opt("minimum per-block masking probability", default=1e-3)
-    # optimisation
-    batch_size: int = _opt("sequences per worker per step", default=1)
-    lr: float = _opt("peak learning rate", default=1e-5)
-    warmup_steps: int = _opt("linear warmup steps", default=0)
-    min_lr_ratio: float = _opt("cosine decay floor, as a fraction of lr", default=0.1)
-    weight_decay: float = _opt("AdamW weight decay", default=0.0)
-    grad_clip: float = _opt("gradient-norm clip (0: off)", default=1.0)
-    max_steps: int | None = _opt("stop after this many steps", default=None)
-    max_tokens: int | None = _opt("stop after this many sequence tokens (steps x workers x batch x seq_len)", default=None)
-    seed: int = _opt("seed for noise and initialisation", default=0)
-    # checkpoints and logs
-    save_every: int = _opt("checkpoint every N steps (and at the end)", default=500)
-    keep_checkpoints: int | None = _opt("checkpoints kept in storage (None: all)", default=2)
-    log_every: int = _opt("report metrics every N steps", default=10)
-    # data
-    strip_reasoning: bool = _opt("drop <think>...</think> from answers (--keep-reasoning keeps it)", default=False)
-    overlong: str = _opt("a document longer than seq_len: skip it or truncate it", ("skip", "truncate"), default="skip")
-    docs_per_batch: int = _opt("records tokenized and packed per Ray Data batch", default=256)
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model is required (an HF checkpoint dir)")
-        if not self.data or not all(isinstance(d, str) and d for d in self.data):
-            raise ValueError("data must be a non-empty list of paths")
-        # Workers run elsewhere (fdllm.paths): relative paths mean the driver's working directory.
-        self.model = resolve_local(self.model)
-        self.data = [resolve_local(d) for d in self.data]
-        self.storage_path = resolve_local(self.storage_path)
-        if self.output:
-            self.output = resolve_local(self.output)
-        for name in ("num_workers", "block_size", "sub_block_size", "seq_len", "batch_size", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len % self.block_size:
-            raise ValueError(f"seq_len ({self.seq_len}) must be a multiple of block_size ({self.block_size})")
-        if self.block_size % self.sub_block_size:
-            raise ValueError(f"block_size ({self.block_size}) must be a multiple of sub_block_size ({self.sub_block_size})")
-        if self.max_steps is None and self.max_tokens is None:
-            raise ValueError("set max_steps or max_tokens (the cosine schedule needs a length)")
-        for name in ("max_steps", "max_tokens", "keep_checkpoints"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.warmup_steps < 0:
-            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0")
-        if not 0.0 <= self.eps < 1.0:
-            raise ValueError(f"eps must be in [0, 1), got {self.eps}")
-        if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
-            raise ValueError("cpus_per_worker and data_cpus must be > 0")
-        for f in dataclasses.fields(self):
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
-        if self.resume and not self.run_name:
-            raise ValueError("resume needs run_name: the run to continue")
-        if self.zero_stage not in (2, 3):
-            raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
-        if self.strategy == "deepspeed" and not self.use_gpu:
-            raise ValueError("strategy 'deepspeed' needs use_gpu (the CPU path is DDP over gloo)")
-
-    @property
-    def global_batch(self) -> int:
-        return self.num_workers * self.batch_size
-
-    def total_steps(self) -> int:
-        """Steps of the run (and of the cosine schedule): the tighter of max_steps and max_tokens."""
-        limits = [self.max_steps] if self.max_steps is not None else []
-        if self.max_tokens is not None:
-            limits.append(math.ceil(self.max_tokens / (self.global_batch * self.seq_len)))
-        return min(limits)
-
-    def data_config(self) -> DataConfig:
-        return DataConfig(
-            block_size=self.block_size, seq_len=self.seq_len, strip_reasoning=self.strip_reasoning,
-            overlong=self.overlong, docs_per_batch=self.docs_per_batch,
-        )
-
-    @classmethod
-    def from_sources(cls, config_file: str | None = None, **overrides: Any) -> "FinetuneConfig":
-        """Dataclass defaults < YAML file < overrides (None overrides are ignored)."""
-        values: dict[str, Any] = {}
-        if config_file:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{config_file}: expected a mapping of options")
-            unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)})
-            if unknown:
-                raise ValueError(f"{config_file}: unknown keys {unknown}; see --help for the options")
-            values.update(loaded)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if isinstance(values.get("data"), str):
-            values["data"] = [values["data"]]
-        missing = [n for n in ("model", "data") if n not in values]
-        if missing:
-            raise ValueError(f"missing required option(s): {', '.join('--' + n for n in missing)}")
-        return cls(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,15 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_exists(storage_path: str, run_name: str) -> bool:
     from pyarrow import fs as pafs
 
-    from pipelines.data import _resolve
-
-    filesystem, root, _ = _resolve(storage_path)
+    fs, root = filesystem(storage_path)
     snapshot = f"{root.rstrip('/')}/{run_name}/checkpoint_manager_snapshot.json"
-    return filesystem.get_file_info(snapshot).type == pafs.FileType.File
+    return fs.get_file_info(snapshot).type == pafs.FileType.File
+
+
+def resolve_run(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The run as every process sees it: a run name chosen, and the servable output defaulting to
+    STORAGE_PATH/RUN_NAME/servable (local paths are already absolute: FinetuneConfig)."""
+    run_name = cfg.run_name or time.strftime("fdllm-%Y%m%d-%H%M%S")
+    return dataclasses.replace(cfg, run_name=run_name, output=cfg.output or join(cfg.storage_path, run_name, "servable"))
 
 
 def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
-    """Validate inputs (before any worker starts), build the dataset and the TorchTrainer."""
+    """Validate inputs (before any worker starts), build the dataset and the TorchTrainer.
+    `cfg` is a resolved run (`resolve_run`)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -236,21 +112,21 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_tokenizer
     from pipelines.train_loop import train_loop_per_worker
 
-    ModelConfig.load(cfg.model)  # a clear error now rather than in every worker
-    if not has_tokenizer(cfg.model):
+    base = local_checkpoint(cfg.model, weights=False)  # config and tokenizer: the workers fetch weights
+    ModelConfig.load(base)  # a clear error now rather than in every worker
+    if not has_tokenizer(base):
         raise FileNotFoundError(f"{cfg.model} has no tokenizer files; the data pipeline needs the model's tokenizer")
     sources = check_data_files(cfg.data)
-    run_name = cfg.run_name or time.strftime("fdllm-%Y%m%d-%H%M%S")
-    exists = _run_exists(cfg.storage_path, run_name)
+    exists = _run_exists(cfg.storage_path, cfg.run_name)
     if exists and not cfg.resume:
         raise FileExistsError(
-            f"run {run_name!r} already has checkpoints in {cfg.storage_path}: pass --resume to continue it, "
+            f"run {cfg.run_name!r} already has checkpoints in {cfg.storage_path}: pass --resume to continue it, "
             "or choose another --run-name"
         )
     if cfg.resume and not exists:
-        log.warning("no checkpoint of run %r in %s: starting it from the base model", run_name, cfg.storage_path)
+        log.warning("no checkpoint of run %r in %s: starting it from the base model", cfg.run_name, cfg.storage_path)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(base)
     # The data only needs to recognise the mask token (to reject rows containing it); the workers add
     # it to the model's embedding with fdllm.tokenizer.add_mask_token.
     tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
@@ -268,10 +144,11 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=run_name,
+            name=cfg.run_name,
             storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -280,16 +157,6 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
-
-
-def export_checkpoint(checkpoint: "ray.train.Checkpoint", output: str | Path) -> Path:
-    """Copy a training checkpoint to `output` as a plain HF directory (no optimizer state)."""
-    from pipelines.train_loop import DEEPSPEED_DIR, TRAIN_STATE
-
-    output = Path(output)
-    with checkpoint.as_directory() as src:
-        shutil.copytree(src, output, ignore=shutil.ignore_patterns(TRAIN_STATE, DEEPSPEED_DIR), dirs_exist_ok=True)
-    return output
 
 
 def _warn_if_in_job_copy(cfg: FinetuneConfig) -> None:
@@ -307,9 +174,11 @@ def _warn_if_in_job_copy(cfg: FinetuneConfig) -> None:
 
 
 def run(cfg: FinetuneConfig) -> "ray.train.Result":
-    """Fine-tune (connecting to the cluster, or starting a local Ray) and export the final checkpoint."""
+    """Fine-tune (connecting to the cluster, or starting a local Ray); the workers publish the
+    servable checkpoint at `cfg.output` (resolved: see `resolve_run`)."""
     import ray
 
+    cfg = resolve_run(cfg)
     trainer = build_trainer(cfg)
     if not ray.is_initialized():
         ray.init()
@@ -324,8 +193,8 @@ def run(cfg: FinetuneConfig) -> "ray.train.Result":
     log.info("%s", line)
     for warning in warnings:
         log.warning("%s", warning)
-    if cfg.output and result.checkpoint is not None:
-        log.info("final checkpoint -> %s", export_checkpoint(result.checkpoint, cfg.output))
+    if result.checkpoint is not None:
+        log.info("servable checkpoint: %s (training checkpoint: %s)", cfg.output, result.checkpoint.path)
     return result
 
 

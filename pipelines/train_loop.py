@@ -10,9 +10,10 @@ the worker count nor on which worker gets a sequence, and a resumed run draws wh
 would have drawn.
 
 Checkpoints are HF directories (weights, tokenizer, fdllm_config.json) plus `train_state.pt`
-(optimizer, step, data position, bad-row counts), reported through `ray.train.report`. On restart
-(FailureConfig retries, or `--resume`) the loop restores all of it and skips the sequences its shard
-already consumed in the current epoch.
+(optimizer, step, data position, bad-row counts), reported through `ray.train.report`; after each,
+rank 0 publishes the servable part at `cfg.output` (pipelines/checkpoints.py). On restart
+(FailureConfig retries, or `--resume`) each worker downloads what it needs, restores it and skips the
+sequences its shard already consumed in the current epoch.
 
 Shape legend: B sequences per worker, L sequence length, V vocab.
 """
@@ -30,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,16 +41,14 @@ from torch import Tensor
 import fdllm
 from fdllm.config import BlockDiffusionConfig
 from fdllm.objective import TwoStreamBatch, two_stream_batch, two_stream_loss
+from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import add_mask_token, load_tokenizer
+from pipelines.checkpoints import DEEPSPEED_DIR, TRAIN_STATE, export_servable, restore_for_rank
 from pipelines.data import BAD_REASONS
-
-if TYPE_CHECKING:
-    from pipelines.finetune import FinetuneConfig
+from pipelines.finetune_config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
-TRAIN_STATE = "train_state.pt"
-DEEPSPEED_DIR = "deepspeed"
 BATCH_COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids")
 GOOD_DOCS = "good_docs"  # counted next to BAD_REASONS: the rows that became training documents
 PREFETCH_BATCHES = 2  # batches a worker's shard iterator fetches ahead of the one that trains
@@ -168,7 +167,7 @@ class ShardReader:
 class Parallel:
     """The model as trained: DDP (CPU/GPU) or a DeepSpeed ZeRO engine, behind one small interface."""
 
-    def __init__(self, model: torch.nn.Module, cfg: "FinetuneConfig", device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.deepspeed = cfg.use_gpu and cfg.strategy in ("auto", "deepspeed") and _has_deepspeed()
         if cfg.strategy == "deepspeed" and not self.deepspeed:
@@ -313,11 +312,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="fdllm-restore-") as restore_dir:
-        state, saved, source = TrainState(), None, cfg.model
+        state, saved, source = TrainState(), None, None
         if checkpoint is not None:  # a restart (FailureConfig) or --resume: continue from the latest
-            source = checkpoint.to_directory(restore_dir)  # a local copy: the storage may be remote
+            source = restore_for_rank(checkpoint, Path(restore_dir), rank)  # the storage may be remote
             saved = torch.load(Path(source) / TRAIN_STATE, map_location="cpu", weights_only=False)
             state = TrainState(**saved["state"])
+        else:
+            source = local_checkpoint(cfg.model)  # an object-store base: downloaded once per node
         model = fdllm.load_model(source, dtype=torch.float32, device="cpu")
         tokenizer = load_tokenizer(source)
         mask_id = add_mask_token(tokenizer, model)  # a no-op on our own checkpoints
@@ -363,7 +364,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s, rows skipped %d", state.step, total_steps,
                          metrics["loss"], lr, metrics["tokens_per_s"], sum(state.bad_rows.values()))
-            _report(metrics, (parallel, tokenizer, block_cfg, state) if save else None)
+            _report(metrics, (parallel, tokenizer, block_cfg, state) if save else None, cfg.output)
     progress.close()
 
 
@@ -379,7 +380,7 @@ def _quiet_ray_train_reports() -> None:
 
 
 def _train_step(
-    parallel: Parallel, batch: dict[str, np.ndarray], mask_id: int, cfg: "FinetuneConfig", step: int, lr: float,
+    parallel: Parallel, batch: dict[str, np.ndarray], mask_id: int, cfg: FinetuneConfig, step: int, lr: float,
     device: torch.device,
 ) -> tuple[float, int]:
     """One optimizer step on this worker's batch; returns the global mean loss and token count."""
@@ -425,8 +426,9 @@ class _Meter:
         return out
 
 
-def _report(metrics: dict[str, Any], to_save: tuple | None) -> None:
-    """`ray.train.report` from every worker, with a checkpoint when `to_save` is given."""
+def _report(metrics: dict[str, Any], to_save: tuple | None, output: str | None) -> None:
+    """`ray.train.report` from every worker, with a checkpoint when `to_save` is given; rank 0 then
+    publishes its servable part at `output` (after the report: never ahead of a stored checkpoint)."""
     import ray.train
 
     if to_save is None:
@@ -441,6 +443,9 @@ def _report(metrics: dict[str, Any], to_save: tuple | None) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
             checkpoint_dir_name=f"step_{state.step:08d}",
         )
+        if output and _rank() == 0:
+            export_servable(tmp, output)
+            log.info("servable checkpoint of step %d -> %s", state.step, output)
 
 
 class _NoProgress:

@@ -30,7 +30,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,9 +40,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fdllm.paths import resolve_local
+from fdllm.storage import local_checkpoint
 from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed
 from serve.detokenize import IncrementalDetokenizer
-from serve.metrics import RequestCounters, make_registry, render
+from serve.metrics import RayMetricsExporter, RequestCounters, make_registry, render
 from serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -71,7 +71,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_la
 class ServerConfig:
     """What a replica serves and how; the keys of `build_app`'s args and `serve/config.yaml`."""
 
-    model: str  # HF checkpoint dir (with tokenizer), or s3:// / gs:// URI copied to local disk first
+    model: str  # HF checkpoint dir (with tokenizer) or s3:// / gs:// URI, downloaded once per node (fdllm.storage)
     model_name: str | None = None  # name clients send as "model"; default: the checkpoint dir's name
     api_key: str | None = None  # bearer token required on /v1/*; default: $FDLLM_API_KEY, else open
     device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
@@ -86,6 +86,8 @@ class ServerConfig:
     # fdllm.EngineConfig fields, passed through: gpu_memory_utilization, kv_cache_gib, max_num_seqs,
     # max_model_len, enforce_eager, attention_backend, deterministic, ...
     engine: dict[str, Any] | None = None
+    cache_dir: str | None = None  # where a URI model is downloaded on each node (default $FDLLM_CACHE_DIR, ~/.cache/fdllm)
+    metrics_interval_s: float = 2.0  # how often replica metrics are pushed to ray.serve.metrics
     # Serve deployment options
     num_replicas: int | None = None  # fixed replica count (default 1); leave unset with autoscaling_config
     autoscaling_config: dict[str, Any] | None = None  # min_replicas, max_replicas, target_ongoing_requests, ...
@@ -95,6 +97,7 @@ class ServerConfig:
     # 503; Serve's own backpressure answers (past max_queued_requests) are plain text.
     max_ongoing_requests: int = 512
     max_queued_requests: int = 128
+    max_replicas_per_node: int | None = None  # e.g. 1 spreads replicas over nodes
 
     def __post_init__(self) -> None:
         # Built where `serve run`/`serve deploy` runs the app builder (its cwd is the app's working_dir
@@ -124,21 +127,11 @@ class ServerConfig:
         return cls(**{k: v for k, v in args.items() if v is not None})
 
 
-def resolve_model_path(uri: str, cache_dir: str | None = None) -> Path:
-    """A local checkpoint dir for `uri`: local paths as they are, cloud URIs copied once."""
-    if "://" not in uri:
-        path = Path(uri).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-        return path
-    import pyarrow.fs as pafs
-
-    local = Path(cache_dir or os.path.expanduser("~/.cache/fdllm/checkpoints")) / uri.replace("://", "/")
-    if not (local / "config.json").is_file():
-        local.mkdir(parents=True, exist_ok=True)
-        log.info("copying checkpoint %s -> %s", uri, local)
-        pafs.copy_files(uri, str(local))
-    return local
+def default_model_name(model: str) -> str:
+    """The name clients send: the checkpoint's directory name, or its run's for a fine-tune's
+    `RUN/servable` export."""
+    parts = [p for p in model.rstrip("/").split("/") if p]
+    return parts[-2] if parts[-1] == "servable" and len(parts) > 1 else parts[-1]
 
 
 def _json_error(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -196,7 +189,7 @@ class FdllmServer:
         from fdllm.loader import parse_dtype
 
         self.cfg = ServerConfig.from_args(config)
-        path = resolve_model_path(self.cfg.model)
+        path = local_checkpoint(self.cfg.model, self.cfg.cache_dir)
         device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if self.cfg.dtype == "auto":
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -212,10 +205,11 @@ class FdllmServer:
                              "prompts and stream text")
         self.tokenizer = engine.tokenizer
         self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
-        self.model_name = self.cfg.model_name or path.name
+        self.model_name = self.cfg.model_name or default_model_name(self.cfg.model)
         self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
         self.counters = RequestCounters()
         self.registry = make_registry(self.counters, self.engine)
+        self.exporter = RayMetricsExporter(self.counters, self.engine, self.cfg.metrics_interval_s)
         log.info("serving %s as %r on %s (%s)", path, self.model_name, device, dtype)
 
     def check_health(self) -> None:
@@ -401,6 +395,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "max_queued_requests": cfg.max_queued_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
     }
+    if cfg.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = cfg.max_replicas_per_node
     if cfg.autoscaling_config is not None:
         options["autoscaling_config"] = cfg.autoscaling_config
     else:
@@ -408,9 +404,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return FdllmServer.options(**options).bind(asdict(cfg))
 
 
-def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 120.0) -> str:
+def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 120.0,
+              proxy_location: str = "EveryNode") -> str:
     """Deploy the app on the local Ray instance (started if none is) with Serve on host:port (a free
-    port when None); returns the base URL once /health answers. For load tests and integration tests."""
+    port when None); returns the base URL once /health answers. For load tests and integration tests
+    (`proxy_location="HeadOnly"` when several nodes share one machine, hence one port space)."""
     import socket
     import urllib.request
 
@@ -421,7 +419,7 @@ def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = 
         with socket.socket() as sock:
             sock.bind((host, 0))
             port = sock.getsockname()[1]
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     serve.run(build_app(args), name="fdllm", route_prefix="/")
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout_s

@@ -1,14 +1,22 @@
-"""Prometheus metrics of one replica, rendered at scrape time from plain counters and engine stats.
+"""Prometheus metrics of the Serve app: request counters the routes bump, gauges read from the engine.
 
-A custom collector over a per-replica registry (no global state): counters are plain ints the
-serving code bumps, gauges are read from the engine when scraped, so nothing is kept twice.
+One list of samples (`samples`), exported two ways:
+
+- through `ray.serve.metrics` (`RayMetricsExporter`): Ray's metrics agent on every node serves
+  them with Ray's `ray_` prefix and the deployment/replica/application tags Serve adds, so one
+  Prometheus scrape of the cluster (Ray's service discovery file) sees every replica, the way a
+  deployment behind Serve's load balancer must be watched. Counters become `ray_fdllm_..._total`.
+- on each replica's `/metrics` page (`make_registry` / `render`), under the same names without the
+  prefix: that replica's own view, for a single-replica run or debugging.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,6 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 if TYPE_CHECKING:
     from fdllm.engine import GenerationResult
     from serve.async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,30 +42,59 @@ class RequestCounters:
         self.forwards += result.num_forwards
 
 
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    kind: Literal["counter", "gauge"]
+    help: str
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+# name -> label names, for metrics with labels (Ray needs the tag keys when the metric is made)
+LABELS = {"fdllm_requests": ("endpoint", "status")}
+
+
+def samples(counters: RequestCounters, engine: "AsyncEngine") -> list[Sample]:
+    """Every metric of a replica, now."""
+    c, stats, m = counters, engine.stats(), engine.metrics
+    out = [
+        Sample("fdllm_requests", "counter", "HTTP requests by endpoint and status", n,
+               (("endpoint", endpoint), ("status", str(status))))
+        for (endpoint, status), n in sorted(c.by_status.items())
+    ]
+    out += [
+        Sample("fdllm_stream_errors", "counter", "Streams that failed after they started", c.stream_errors),
+        Sample("fdllm_prompt_tokens", "counter", "Prompt tokens of finished requests", c.prompt_tokens),
+        Sample("fdllm_generation_tokens", "counter", "Generated tokens of finished requests", c.completion_tokens),
+        Sample("fdllm_forwards", "counter", "Model forwards spent on finished requests", c.forwards),
+        Sample("fdllm_tokens_per_forward", "gauge", "Generated tokens per forward so far (parallelism of decoding)",
+               c.completion_tokens / c.forwards if c.forwards else 0.0),
+        Sample("fdllm_running_requests", "gauge", "Requests being decoded", stats["running"]),
+        Sample("fdllm_waiting_requests", "gauge", "Requests queued for admission (queue depth)", stats["waiting"]),
+        Sample("fdllm_free_kv_pages", "gauge", "Free KV-cache pages", stats["free_pages"]),
+        Sample("fdllm_engine_steps", "counter", "Engine steps", m.steps),
+        Sample("fdllm_engine_step_seconds", "counter", "Total seconds spent in engine steps", m.step_seconds_total),
+        Sample("fdllm_engine_last_step_seconds", "gauge", "Latency of the latest engine step", m.last_step_seconds),
+    ]
+    return out
+
+
 class _Collector:
     def __init__(self, counters: RequestCounters, engine: "AsyncEngine") -> None:
         self._counters, self._engine = counters, engine
 
     def collect(self):
-        c = self._counters
-        requests = CounterMetricFamily("fdllm_requests", "HTTP requests by endpoint and status", labels=["endpoint", "status"])
-        for (endpoint, status), n in sorted(c.by_status.items()):
-            requests.add_metric([endpoint, str(status)], n)
-        yield requests
-        yield CounterMetricFamily("fdllm_stream_errors", "Streams that failed after they started", value=c.stream_errors)
-        yield CounterMetricFamily("fdllm_prompt_tokens", "Prompt tokens of finished requests", value=c.prompt_tokens)
-        yield CounterMetricFamily("fdllm_generation_tokens", "Generated tokens of finished requests", value=c.completion_tokens)
-        yield CounterMetricFamily("fdllm_forwards", "Model forwards spent on finished requests", value=c.forwards)
-        yield GaugeMetricFamily("fdllm_tokens_per_forward", "Generated tokens per forward so far (parallelism of decoding)",
-                                value=c.completion_tokens / c.forwards if c.forwards else 0.0)
-        stats = self._engine.stats()
-        yield GaugeMetricFamily("fdllm_running_requests", "Requests being decoded", value=stats["running"])
-        yield GaugeMetricFamily("fdllm_waiting_requests", "Requests queued for admission (queue depth)", value=stats["waiting"])
-        yield GaugeMetricFamily("fdllm_free_kv_pages", "Free KV-cache pages", value=stats["free_pages"])
-        m = self._engine.metrics
-        yield CounterMetricFamily("fdllm_engine_steps", "Engine steps", value=m.steps)
-        yield CounterMetricFamily("fdllm_engine_step_seconds", "Total seconds spent in engine steps", value=m.step_seconds_total)
-        yield GaugeMetricFamily("fdllm_engine_last_step_seconds", "Latency of the latest engine step", value=m.last_step_seconds)
+        families: dict[str, Any] = {}
+        for s in samples(self._counters, self._engine):
+            if s.name not in families:
+                kind = CounterMetricFamily if s.kind == "counter" else GaugeMetricFamily
+                families[s.name] = kind(s.name, s.help, labels=list(LABELS.get(s.name, ())))
+            families[s.name].add_metric([v for _, v in s.labels], s.value)
+        if "fdllm_requests" not in families:  # no request yet: still list the family
+            families["fdllm_requests"] = CounterMetricFamily("fdllm_requests", "HTTP requests by endpoint and status",
+                                                             labels=list(LABELS["fdllm_requests"]))
+        yield from families.values()
 
 
 def make_registry(counters: RequestCounters, engine: "AsyncEngine") -> CollectorRegistry:
@@ -66,3 +105,49 @@ def make_registry(counters: RequestCounters, engine: "AsyncEngine") -> Collector
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+class RayMetricsExporter:
+    """Copies `samples` into `ray.serve.metrics` every `interval_s` (and on `push`), from a daemon
+    thread of the replica: counters by their increase since the last push, gauges by value."""
+
+    def __init__(self, counters: RequestCounters, engine: "AsyncEngine", interval_s: float = 2.0) -> None:
+        from ray.serve import metrics
+
+        self._counters, self._engine, self._interval_s = counters, engine, interval_s
+        self._metrics: dict[str, Any] = {}
+        for s in samples(counters, engine):
+            kind = metrics.Counter if s.kind == "counter" else metrics.Gauge
+            self._metrics[s.name] = kind(s.name, description=s.help, tag_keys=LABELS.get(s.name, ()))
+        if "fdllm_requests" not in self._metrics:
+            self._metrics["fdllm_requests"] = metrics.Counter(
+                "fdllm_requests", description="HTTP requests by endpoint and status", tag_keys=LABELS["fdllm_requests"])
+        self._pushed: dict[tuple[str, tuple], float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fdllm-metrics", daemon=True)
+        self._thread.start()
+
+    def push(self) -> None:
+        with self._lock:  # the loop thread and a caller may push at once
+            for s in samples(self._counters, self._engine):
+                tags = dict(s.labels) or None
+                metric = self._metrics[s.name]
+                if s.kind == "gauge":
+                    metric.set(s.value, tags=tags)
+                    continue
+                key = (s.name, s.labels)
+                increase = s.value - self._pushed.get(key, 0.0)
+                if increase > 0:
+                    metric.inc(increase, tags=tags)
+                    self._pushed[key] = s.value
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.push()
+            except Exception:  # a metrics hiccup must not take the replica down
+                log.exception("pushing Serve metrics failed")
+
+    def stop(self) -> None:
+        self._stop.set()

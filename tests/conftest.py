@@ -46,3 +46,16 @@ def dllm_dir(tmp_path_factory) -> Path:
 def sharp_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 checkpoint with confident predictions (several tokens unmasked per step), no EOS."""
     return make_sharp_checkpoint(tmp_path_factory.mktemp("sharp"))
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A local S3-compatible server (moto, loopback) with the AWS variables pointing at it, set for
+    this process and the processes it starts (Ray workers) for the rest of the session."""
+    pytest.importorskip("moto.server")
+    from tests.s3_server import local_s3
+
+    with local_s3() as env, pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env

@@ -26,6 +26,7 @@ from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.sequence import Sequence, TokenCallback
 from fdllm.kernels import resolve_attention_backend
 from fdllm.model import Transformer
+from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_tokenizer, stop_token_ids
 
 if TYPE_CHECKING:
@@ -100,7 +101,9 @@ class Engine:
         dtype: torch.dtype | None = torch.float32, engine_config: EngineConfig | None = None,
     ) -> Engine:
         """Load model (+ tokenizer if present) from an HF checkpoint dir. `config` None: the checkpoint's
-        fdllm_config.json or defaults; a None mask_token_id is taken from the checkpoint, then the tokenizer."""
+        fdllm_config.json or defaults; a None mask_token_id is taken from the checkpoint, then the tokenizer.
+        `path` may be an object-store URI, read through this node's cache (fdllm.storage)."""
+        path = local_checkpoint(path)
         saved = BlockDiffusionConfig.load(path)
         if config is None:
             config = saved or BlockDiffusionConfig()

@@ -601,3 +601,73 @@ def test_command_flags_exist(origin, argv):
         if not re.search(rf"""["']{re.escape(f)}["']|\b{f[2:].replace("-", "_")}\b""", text)
     ]
     assert not missing, f"{origin}: {script} defines no {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# object storage: the cluster reads the model from the bucket and serves what the fine-tune exports
+
+CLUSTER_FINETUNE_CONFIG = "pipelines/configs/qwen2.5-1.5b.yaml"
+
+
+def _dataclass_fields(source: str, cls: str) -> set[str]:
+    """Annotated field names of a dataclass, read from the source (not imported: no torch/Ray)."""
+    import ast
+
+    tree = ast.parse((REPO / source).read_text())
+    (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+    return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+
+
+def _servable_export(argv: list[str]) -> str:
+    """Where a cluster fine-tune command publishes its servable model (pipelines/finetune.py's
+    default output: STORAGE_PATH/RUN_NAME/servable)."""
+    config = _load(REPO / _flag_value(argv, "--config"))
+    storage = _flag_value(argv, "--storage-path") or config["storage_path"]
+    assert "output" not in config and _flag_value(argv, "--output") is None, "the default export path is used"
+    run_name = _flag_value(argv, "--run-name") or config["run_name"]
+    return f"{storage.rstrip('/')}/{run_name}/servable"
+
+
+def test_cluster_finetune_reads_model_and_data_from_object_storage():
+    config = _load(REPO / CLUSTER_FINETUNE_CONFIG)
+    assert config["model"].startswith(SHARED_STORAGE), "a local model path exists on no autoscaled node"
+    assert all(d.startswith(SHARED_STORAGE) for d in config["data"])
+    assert config["storage_path"].startswith(SHARED_STORAGE) and config["run_name"]
+
+
+def _serving_pairs() -> list[tuple[str, list[str], dict]]:
+    """(origin, fine-tune argv, Serve config that serves its result) for the launcher and KubeRay."""
+    pairs = []
+    for name in sorted(LAUNCHER):
+        meta = _launcher(name)["metadata"]
+        pairs.append((name, shlex.split(meta["finetune_entrypoint"]), _load(REPO / meta["serve_config"])))
+    job_argv = shlex.split(_manifest("rayjob-finetune.yaml")["spec"]["entrypoint"])
+    pairs += [(origin, job_argv, cfg) for origin, cfg in SERVE_CONFIGS]
+    return pairs
+
+
+@pytest.mark.parametrize("origin,argv,config", _serving_pairs(), ids=[p[0] for p in _serving_pairs()])
+def test_serve_loads_the_servable_export_of_the_finetune(origin, argv, config):
+    export = _servable_export(argv)
+    for flag in ("--model", "--data"):  # one cloud: the command reads from its own object store
+        value = _flag_value(argv, flag)
+        assert value is None or value.split("://")[0] == export.split("://")[0], f"{origin}: {flag} {value}"
+    server_fields = _dataclass_fields("serve/app.py", "ServerConfig")
+    engine_fields = _dataclass_fields("fdllm/engine/params.py", "EngineConfig")
+    for app in config["applications"]:
+        args = app["args"]
+        # The repository's Serve config is written for S3; README step 3 points it at the gs:// export
+        # on Google Cloud: the path after the scheme must agree.
+        served = args["model"].split("://", 1)[1]
+        assert served == export.split("://", 1)[1], f"{origin}: serves {args['model']}, the fine-tune exports {export}"
+        assert set(args) <= server_fields, set(args) - server_fields
+        assert args.get("engine"), f"{origin}: engine sizing belongs in the Serve config"
+        assert set(args["engine"]) <= engine_fields, set(args["engine"]) - engine_fields
+        assert "api_key" not in args, f"{origin}: the API key comes from a secret or the environment"
+
+
+def test_rayservice_api_key_comes_from_a_secret():
+    spec = _cluster_spec(_manifest("rayservice-serve.yaml"))
+    for group in spec["workerGroupSpecs"]:  # the replicas run on the workers (the head has 0 CPUs)
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0].get("env", [])}
+        assert env["FDLLM_API_KEY"]["valueFrom"]["secretKeyRef"]["name"], group["groupName"]

@@ -177,3 +177,43 @@ def test_ray_train_per_report_lines_are_silenced(caplog):
         logging.getLogger(storage.__name__).info("Checkpoint successfully created at: ...")
         logging.getLogger("pipelines.train_loop").info("step 5/20 loss 1.0")
     assert [r.getMessage() for r in caplog.records] == ["step 5/20 loss 1.0"]
+
+
+def test_driver_and_worker_modules_do_not_import_each_other():
+    """finetune.py (driver) and train_loop.py (workers) share finetune_config.py and checkpoints.py;
+    neither imports the other's module, so a worker never loads the driver's CLI."""
+    import ast
+    from pathlib import Path
+
+    pipelines = Path(__file__).resolve().parents[2] / "pipelines"
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((pipelines / f"{name}.py").read_text())
+        mods = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods.add(node.module)
+            elif isinstance(node, ast.Import):
+                mods.update(a.name for a in node.names)
+        return mods
+
+    assert "pipelines.finetune" not in imported("train_loop")
+    for shared in ("finetune_config", "checkpoints"):
+        assert not {"pipelines.finetune", "pipelines.train_loop"} & imported(shared), shared
+    assert "pipelines.finetune_config" in imported("train_loop") and "pipelines.finetune_config" in imported("finetune")
+
+
+def test_resolve_run_names_the_run_and_puts_the_export_under_it(tmp_path, monkeypatch):
+    from pipelines.finetune import resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_run(FinetuneConfig(model="base", data=["s3://b/data/", "train.jsonl"], storage_path="runs",
+                                     run_name="r", max_steps=1))
+    assert (cfg.model, cfg.data, cfg.storage_path) == (
+        str(tmp_path / "base"), ["s3://b/data/", str(tmp_path / "train.jsonl")], str(tmp_path / "runs"))
+    assert cfg.output == str(tmp_path / "runs" / "r" / "servable")
+    remote = resolve_run(FinetuneConfig(model="s3://b/m", data=["d"], storage_path="gs://b/runs/", run_name="r",
+                                        max_steps=1))
+    assert remote.model == "s3://b/m" and remote.output == "gs://b/runs/r/servable"
+    named = resolve_run(FinetuneConfig(model="m", data=["d"], output="out", max_steps=1))
+    assert named.output == str(tmp_path / "out") and named.run_name.startswith("fdllm-")

@@ -1,0 +1,248 @@
+"""Checkpoints on object storage: `s3://`, `gs://` or any pyarrow / fsspec filesystem URI.
+
+Two jobs, both needed wherever a checkpoint path is taken (the engine, the fine-tune, Serve):
+
+- `local_checkpoint(uri)`: a local directory holding the checkpoint. A local path is returned as
+  is; a URI is downloaded once per node into a cache (`$FDLLM_CACHE_DIR`, default
+  `~/.cache/fdllm`). Processes of one node share the copy: a file lock serialises the download, the
+  files land in a temporary directory and are renamed into place only when complete, so a partial
+  copy is never used and a failed one leaves nothing behind.
+- `publish_dir(local, uri)`: write a checkpoint to a stable path that readers may be reading at the
+  same time. A marker says "being written"; the manifest `fdllm_export.json` (file list, sizes,
+  a fresh export id) is written last. Readers wait while the marker is there and check after
+  downloading that the manifest did not change under them, so they never cache a mix of two
+  exports. The export id keys the cache: a new export at the same URI is a new download. Older
+  versions stay in the cache (a process may still be reading one) until the cache is cleared.
+
+S3 endpoint and credentials come from the standard AWS environment variables (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which pyarrow reads, so any
+S3-compatible store works; GCS uses Google's application-default credentials.
+
+pyarrow, filelock and (for schemes pyarrow lacks) fsspec are imported lazily: the engine on local
+checkpoints needs none of them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fdllm.paths import is_uri, resolve_local
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FDLLM_CACHE_DIR"
+MANIFEST = "fdllm_export.json"  # written last by `publish_dir`: the export is complete
+WRITING_MARKER = ".fdllm-writing"  # present while `publish_dir` rewrites a directory
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+_WAIT_POLL_S = 2.0
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for local paths and URIs alike (a URI keeps its `scheme://`)."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """(filesystem, path inside it) for a local path or URI: pyarrow's own filesystems first
+    (local, s3, gs, hdfs), else any fsspec filesystem wrapped for pyarrow."""
+    try:
+        import pyarrow.fs as pafs
+    except ImportError as e:
+        raise ImportError("object-store paths need pyarrow: pip install 'fdllm[cloud]'") from e
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), resolve_local(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except ValueError as arrow_error:  # pyarrow.ArrowInvalid: a scheme pyarrow has no filesystem for
+        try:
+            import fsspec
+        except ImportError:
+            raise ValueError(f"pyarrow cannot open {uri} ({arrow_error}) and fsspec is not installed") from arrow_error
+        fs, inner = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """Files under a directory URI: relative path -> (size, mtime in ns or None)."""
+
+    files: dict[str, tuple[int, int | None]]
+
+    def fingerprint(self) -> str:
+        items = sorted((name, size, mtime) for name, (size, mtime) in self.files.items())
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def _list(fs: "pyarrow.fs.FileSystem", inner: str, label: str | None = None) -> _Listing:
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{label or inner}: no such checkpoint directory")
+    if info.type != pafs.FileType.Directory:
+        raise NotADirectoryError(f"{label or inner} is a file; a checkpoint is a directory")
+    root = inner.rstrip("/") + "/"
+    files = {}
+    for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+        if entry.type == pafs.FileType.File:
+            files[entry.path[len(root):]] = (entry.size, entry.mtime_ns)
+    return _Listing(files)
+
+
+def _read_manifest(fs: "pyarrow.fs.FileSystem", inner: str) -> dict | None:
+    try:
+        with fs.open_input_stream(f"{inner.rstrip('/')}/{MANIFEST}") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _cache_parts(uri: str) -> list[str]:
+    """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b"]: readable, and never outside the cache root
+    (no `..`, no query strings or odd characters in names)."""
+    scheme, rest = uri.split("://", 1)
+    parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
+    return [re.sub(r"[^\w.=-]", "_", p) for p in (scheme, *parts)]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/fdllm").expanduser()
+
+
+def local_checkpoint(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, weights: bool = True,
+    wait_s: float = 600.0,
+) -> Path:
+    """A local directory with the checkpoint at `path` (see the module docstring).
+
+    `weights=False` fetches everything but weight files (config, tokenizer): what a driver needs to
+    validate a model it will not run. `wait_s` bounds the wait for an export being rewritten.
+    """
+    if not is_uri(str(path)):
+        return Path(resolve_local(str(path)))  # used in place; its readers name what is missing
+    uri = str(path).rstrip("/")
+    fs, inner = filesystem(uri)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    slot = root.joinpath(*_cache_parts(uri))  # one directory per URI; one sub-directory per version of it
+    deadline = time.monotonic() + wait_s
+    while True:
+        listing = _list(fs, inner, uri)
+        manifest = _read_manifest(fs, inner) if MANIFEST in listing.files else None
+        if WRITING_MARKER in listing.files or (MANIFEST in listing.files and manifest is None):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{uri} is still being written after {wait_s:.0f} s (if its writer died, "
+                                   f"delete {WRITING_MARKER} there or export again)")
+            log.info("%s is being written; waiting", uri)
+            time.sleep(_WAIT_POLL_S)
+            continue
+        version = manifest["export_id"] if manifest else listing.fingerprint()
+        if manifest:
+            wanted = {name: size for name, size in manifest["files"].items()}
+        else:
+            wanted = {name: size for name, (size, _) in listing.files.items()}
+        if not weights:
+            wanted = {n: s for n, s in wanted.items() if not any(fnmatch.fnmatch(n, p) for p in WEIGHT_PATTERNS)}
+            version += "-noweights"
+        target = slot / version
+        if _fetch_once(fs, inner, uri, wanted, target, version=manifest and manifest["export_id"]):
+            return target
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{uri} kept changing while being downloaded for {wait_s:.0f} s")
+
+
+def _fetch_once(
+    fs: "pyarrow.fs.FileSystem", inner: str, uri: str, wanted: dict[str, int], target: Path, version: str | None
+) -> bool:
+    """Download `wanted` files into `target` under the node's lock; False when the source changed
+    meanwhile (nothing is kept then: the caller lists again)."""
+    try:
+        from filelock import FileLock
+    except ImportError as e:
+        raise ImportError("object-store paths need filelock: pip install 'fdllm[cloud]'") from e
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.is_dir():
+            log.debug("cache hit: %s -> %s", uri, target)
+            return True
+        for stale in target.parent.glob(target.name + ".tmp-*"):  # left by a process that died mid-copy
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = target.parent / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            start = time.perf_counter()
+            total = 0
+            for name, size in sorted(wanted.items()):
+                dest = tmp / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(f"{inner.rstrip('/')}/{name}") as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, length=16 << 20)
+                if dest.stat().st_size != size:
+                    raise OSError(f"{uri}/{name}: got {dest.stat().st_size} bytes, expected {size}")
+                total += size
+            after = _list(fs, inner)
+            manifest_after = _read_manifest(fs, inner) if MANIFEST in after.files else None
+            changed = WRITING_MARKER in after.files or (manifest_after or {}).get("export_id") != version
+            if version is None:  # a directory without manifest: compare what was downloaded
+                changed = changed or any(after.files.get(n, (None,))[0] != s for n, s in wanted.items())
+            if changed:
+                log.warning("%s changed while it was downloaded; fetching it again", uri)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            os.rename(tmp, target)  # atomic on one filesystem: the copy appears whole or not at all
+            log.info("downloaded %s (%d files, %.1f MB, %.1f s) -> %s", uri, len(wanted), total / 1e6,
+                     time.perf_counter() - start, target)
+            return True
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def publish_dir(local_dir: str | os.PathLike, dest: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy `local_dir` to `dest` (local path or URI) so that readers of `dest` see either the old
+    or the new content, never a mix (see the module docstring). Files matching `skip` (glob
+    patterns on relative paths) are left out, and files of an older export not in the new one are
+    deleted."""
+    local_dir = Path(local_dir)
+    files = {
+        str(p.relative_to(local_dir)): p.stat().st_size
+        for p in sorted(local_dir.rglob("*"))
+        if p.is_file() and not any(fnmatch.fnmatch(str(p.relative_to(local_dir)), pat) for pat in skip)
+    }
+    if not files:
+        raise ValueError(f"nothing to publish in {local_dir}")
+    fs, inner = filesystem(dest)
+    inner = inner.rstrip("/")
+    fs.create_dir(inner, recursive=True)
+    export_id = uuid.uuid4().hex
+    with fs.open_output_stream(f"{inner}/{WRITING_MARKER}") as f:
+        f.write(export_id.encode())
+    # On failure the marker stays: readers then wait and time out instead of loading a partial export.
+    old = _list(fs, inner).files
+    stale = sorted(n for n in old if n not in files and n not in (MANIFEST, WRITING_MARKER))
+    for name in ([MANIFEST] if MANIFEST in old else []) + stale:  # the manifest first: the old export is gone
+        fs.delete_file(f"{inner}/{name}")
+    for name in files:
+        parent = f"{inner}/{name}".rsplit("/", 1)[0]
+        if parent != inner:
+            fs.create_dir(parent, recursive=True)
+        with open(local_dir / name, "rb") as src, fs.open_output_stream(f"{inner}/{name}") as out:
+            shutil.copyfileobj(src, out, length=16 << 20)
+    manifest = {"export_id": export_id, "files": files, "created": time.time()}
+    with fs.open_output_stream(f"{inner}/{MANIFEST}") as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+    fs.delete_file(f"{inner}/{WRITING_MARKER}")
+    log.info("published %d files (%.1f MB) to %s", len(files), sum(files.values()) / 1e6, dest)

@@ -1,0 +1,148 @@
+"""The fine-tune's configuration: one dataclass whose fields are the CLI flags and YAML keys.
+
+Its own module so the driver (`pipelines/finetune.py`) and the Ray Train workers
+(`pipelines/train_loop.py`) both import it without importing each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fdllm.paths import resolve_local
+from pipelines.data import DataConfig
+
+
+def _opt(help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> Any:
+    return field(metadata={"help": help, "choices": choices}, **kwargs)
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """One fine-tuning run. Every field is a CLI flag (`--field-name`) and a YAML key (`field_name`)."""
+
+    # what to train on, where results go
+    model: str = _opt("AR base checkpoint (HF format, with tokenizer): a dir or an s3:// / gs:// URI")
+    data: list[str] = _opt("jsonl/parquet files or dirs, local or filesystem URIs")
+    output: str | None = _opt(
+        "servable checkpoint (dir or URI), rewritten at every checkpoint and at the end "
+        "(default: STORAGE_PATH/RUN_NAME/servable)", default=None)
+    storage_path: str = _opt("Ray Train storage for checkpoints (local dir, s3://, gs://)", default="~/ray_results")
+    run_name: str | None = _opt("run name under storage_path (default: fdllm-<timestamp>)", default=None)
+    resume: bool = _opt("continue the run --run-name from its latest checkpoint", default=False)
+    # cluster
+    num_workers: int = _opt("training workers (one GPU each with --use-gpu)", default=1)
+    use_gpu: bool = _opt("train on GPUs", default=False)
+    placement_strategy: str = _opt("how workers go on nodes: PACK fills a node first, SPREAD uses all",
+                                   ("PACK", "SPREAD"), default="PACK")
+    cpus_per_worker: float = _opt("CPUs reserved per training worker", default=1.0)
+    data_cpus: float = _opt("CPUs per Ray Data read/tokenize task", default=1.0)
+    strategy: str = _opt("auto: DeepSpeed on GPU when installed, else DDP", ("auto", "ddp", "deepspeed"), default="auto")
+    zero_stage: int = _opt("DeepSpeed ZeRO stage (2 or 3)", default=2)
+    precision: str = _opt("bf16: mixed precision on GPU (fp32 master weights)", ("fp32", "bf16"), default="fp32")
+    max_failures: int = _opt("worker-group restarts from the latest checkpoint (-1: unlimited)", default=0)
+    # method (METHOD.md §2)
+    block_size: int = _opt("diffusion block size", default=32)
+    sub_block_size: int = _opt("decoding sub-block size, stored in fdllm_config.json", default=8)
+    seq_len: int = _opt("packed sequence length (a multiple of block_size)", default=2048)
+    eps: float = _opt("minimum per-block masking probability", default=1e-3)
+    # optimisation
+    batch_size: int = _opt("sequences per worker per step", default=1)
+    lr: float = _opt("peak learning rate", default=1e-5)
+    warmup_steps: int = _opt("linear warmup steps", default=0)
+    min_lr_ratio: float = _opt("cosine decay floor, as a fraction of lr", default=0.1)
+    weight_decay: float = _opt("AdamW weight decay", default=0.0)
+    grad_clip: float = _opt("gradient-norm clip (0: off)", default=1.0)
+    max_steps: int | None = _opt("stop after this many steps", default=None)
+    max_tokens: int | None = _opt("stop after this many sequence tokens (steps x workers x batch x seq_len)", default=None)
+    seed: int = _opt("seed for noise and initialisation", default=0)
+    # checkpoints and logs
+    save_every: int = _opt("checkpoint every N steps (and at the end)", default=500)
+    keep_checkpoints: int | None = _opt("checkpoints kept in storage (None: all)", default=2)
+    log_every: int = _opt("report metrics every N steps", default=10)
+    # data
+    strip_reasoning: bool = _opt("drop <think>...</think> from answers (--keep-reasoning keeps it)", default=False)
+    overlong: str = _opt("a document longer than seq_len: skip it or truncate it", ("skip", "truncate"), default="skip")
+    docs_per_batch: int = _opt("records tokenized and packed per Ray Data batch", default=256)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model is required (an HF checkpoint dir)")
+        if not self.data or not all(isinstance(d, str) and d for d in self.data):
+            raise ValueError("data must be a non-empty list of paths")
+        # Workers run elsewhere (fdllm.paths): relative paths mean the driver's working directory.
+        self.model = resolve_local(self.model)
+        self.data = [resolve_local(d) for d in self.data]
+        self.storage_path = resolve_local(self.storage_path)
+        if self.output:
+            self.output = resolve_local(self.output)
+        for name in ("num_workers", "block_size", "sub_block_size", "seq_len", "batch_size", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len % self.block_size:
+            raise ValueError(f"seq_len ({self.seq_len}) must be a multiple of block_size ({self.block_size})")
+        if self.block_size % self.sub_block_size:
+            raise ValueError(f"block_size ({self.block_size}) must be a multiple of sub_block_size ({self.sub_block_size})")
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set max_steps or max_tokens (the cosine schedule needs a length)")
+        for name in ("max_steps", "max_tokens", "keep_checkpoints"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.warmup_steps < 0:
+            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0")
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must be in [0, 1), got {self.eps}")
+        if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
+            raise ValueError("cpus_per_worker and data_cpus must be > 0")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+        if self.resume and not self.run_name:
+            raise ValueError("resume needs run_name: the run to continue")
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
+        if self.strategy == "deepspeed" and not self.use_gpu:
+            raise ValueError("strategy 'deepspeed' needs use_gpu (the CPU path is DDP over gloo)")
+
+    @property
+    def global_batch(self) -> int:
+        return self.num_workers * self.batch_size
+
+    def total_steps(self) -> int:
+        """Steps of the run (and of the cosine schedule): the tighter of max_steps and max_tokens."""
+        limits = [self.max_steps] if self.max_steps is not None else []
+        if self.max_tokens is not None:
+            limits.append(math.ceil(self.max_tokens / (self.global_batch * self.seq_len)))
+        return min(limits)
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(
+            block_size=self.block_size, seq_len=self.seq_len, strip_reasoning=self.strip_reasoning,
+            overlong=self.overlong, docs_per_batch=self.docs_per_batch,
+        )
+
+    @classmethod
+    def from_sources(cls, config_file: str | None = None, **overrides: Any) -> "FinetuneConfig":
+        """Dataclass defaults < YAML file < overrides (None overrides are ignored)."""
+        values: dict[str, Any] = {}
+        if config_file:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{config_file}: expected a mapping of options")
+            unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"{config_file}: unknown keys {unknown}; see --help for the options")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("data"), str):
+            values["data"] = [values["data"]]
+        missing = [n for n in ("model", "data") if n not in values]
+        if missing:
+            raise ValueError(f"missing required option(s): {', '.join('--' + n for n in missing)}")
+        return cls(**values)

@@ -1,0 +1,88 @@
+"""serve/metrics.py: one list of samples behind both the replica's /metrics page and the
+ray.serve.metrics export (counters pushed as increases, so Ray's sum over pushes is the count)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+serve_metrics = pytest.importorskip("ray.serve.metrics")
+
+from serve import metrics  # noqa: E402
+
+# The names dashboards and alerts already use (counters are exposed with `_total`).
+PAGE_NAMES = {
+    "fdllm_requests_total", "fdllm_prompt_tokens_total", "fdllm_generation_tokens_total", "fdllm_forwards_total",
+    "fdllm_tokens_per_forward", "fdllm_running_requests", "fdllm_waiting_requests", "fdllm_free_kv_pages",
+    "fdllm_engine_steps_total", "fdllm_engine_step_seconds_total", "fdllm_engine_last_step_seconds",
+}
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.metrics = SimpleNamespace(steps=0, step_seconds_total=0.0, last_step_seconds=0.0)
+        self.waiting = 0
+
+    def stats(self):
+        return {"running": 1, "waiting": self.waiting, "free_pages": 7}
+
+
+class FakeMetric:
+    log: list = []
+
+    def __init__(self, name, description="", tag_keys=None):
+        self.name, self.tag_keys = name, tuple(tag_keys or ())
+
+    def inc(self, value=1.0, tags=None):
+        assert value > 0 and set(tags or {}) == set(self.tag_keys)
+        FakeMetric.log.append(("inc", self.name, value, tags))
+
+    def set(self, value, tags=None):
+        FakeMetric.log.append(("set", self.name, value, tags))
+
+
+def _result(prompt: int, generated: int, forwards: int):
+    return SimpleNamespace(prompt_token_ids=[0] * prompt, token_ids=[0] * generated, num_forwards=forwards)
+
+
+def test_page_keeps_the_prometheus_names():
+    counters, engine = metrics.RequestCounters(), FakeEngine()
+    counters.by_status[("chat", 200)] += 2
+    text = metrics.render(metrics.make_registry(counters, engine)).decode()
+    assert {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")} == PAGE_NAMES
+    assert 'fdllm_requests_total{endpoint="chat",status="200"} 2.0' in text
+
+
+def test_ray_export_pushes_increases_and_gauges(monkeypatch):
+    monkeypatch.setattr(serve_metrics, "Counter", FakeMetric)
+    monkeypatch.setattr(serve_metrics, "Gauge", FakeMetric)
+    FakeMetric.log = []
+    counters, engine = metrics.RequestCounters(), FakeEngine()
+    exporter = metrics.RayMetricsExporter(counters, engine, interval_s=3600)  # pushes only when told
+    try:
+        counters.by_status[("completions", 200)] += 3
+        counters.record(_result(5, 8, 4))
+        engine.metrics.steps = 4
+        exporter.push()
+        counters.by_status[("completions", 200)] += 1
+        counters.by_status[("chat", 401)] += 1
+        counters.record(_result(2, 2, 2))
+        engine.waiting = 3
+        exporter.push()
+        exporter.push()  # nothing changed: no counter increase is pushed again
+    finally:
+        exporter.stop()
+    incs = {}
+    for kind, name, value, tags in FakeMetric.log:
+        if kind == "inc":
+            key = (name, tuple(sorted((tags or {}).items())))
+            incs[key] = incs.get(key, 0) + value
+    assert incs[("fdllm_requests", (("endpoint", "completions"), ("status", "200")))] == 4
+    assert incs[("fdllm_requests", (("endpoint", "chat"), ("status", "401")))] == 1
+    assert incs[("fdllm_generation_tokens", ())] == 10 and incs[("fdllm_forwards", ())] == 6
+    assert incs[("fdllm_engine_steps", ())] == 4
+    gauges = [(name, value) for kind, name, value, _ in FakeMetric.log if kind == "set"]
+    assert ("fdllm_waiting_requests", 3) == [g for g in gauges if g[0] == "fdllm_waiting_requests"][-1]
+    assert [g for g in gauges if g[0] == "fdllm_tokens_per_forward"][-1] == ("fdllm_tokens_per_forward", 10 / 6)

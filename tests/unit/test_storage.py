@@ -1,0 +1,205 @@
+"""fdllm.storage against a local S3-compatible server (moto, loopback): the node cache (one download
+per node, atomic, never poisoned), the publish protocol readers rely on, and URIs where the engine
+takes checkpoint paths. A few seconds plus the server's start."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import fdllm
+from fdllm import storage
+from pipelines.checkpoints import files_for_rank
+from tests.s3_server import make_bucket, upload_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_env) -> str:
+    return make_bucket("fdllm-storage-test")
+
+
+@pytest.fixture(scope="module")
+def remote_dllm(bucket, dllm_dir) -> str:
+    return upload_dir(dllm_dir, f"{bucket}/models/tiny-dllm")
+
+
+def test_join_keeps_the_scheme():
+    assert storage.join("s3://b/", "runs", "/x/") == "s3://b/runs/x"
+    assert storage.join("/tmp/runs", "r", "servable") == "/tmp/runs/r/servable"
+
+
+def test_local_paths_are_not_copied(dllm_dir, tmp_path):
+    assert storage.local_checkpoint(dllm_dir, tmp_path) == Path(dllm_dir)
+    assert not any(tmp_path.iterdir())
+
+
+def test_download_once_and_reuse(remote_dllm, dllm_dir, tmp_path):
+    local = storage.local_checkpoint(remote_dllm, tmp_path)
+    assert _tree(local) == _tree(Path(dllm_dir))
+    assert local.is_relative_to(tmp_path)
+    stamp = (local / "model.safetensors").stat().st_mtime_ns
+    assert storage.local_checkpoint(remote_dllm, tmp_path) == local
+    assert (local / "model.safetensors").stat().st_mtime_ns == stamp  # a cache hit copies nothing
+    meta = storage.local_checkpoint(remote_dllm, tmp_path, weights=False)
+    assert "config.json" in _tree(meta) and not list(meta.glob("*.safetensors"))
+
+
+def test_engine_and_model_take_uris(remote_dllm, dllm_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path))
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(fdllm.load_model(remote_dllm)(ids), fdllm.load_model(dllm_dir)(ids))
+    params = fdllm.SamplingParams(max_new_tokens=8, temperature=0.0)
+    remote = fdllm.Engine.from_pretrained(remote_dllm).generate(["hello"], params)[0]
+    local = fdllm.Engine.from_pretrained(dllm_dir).generate(["hello"], params)[0]
+    assert remote.token_ids == local.token_ids and remote.text == local.text
+    assert (tmp_path / "s3").is_dir()  # read through the cache named by $FDLLM_CACHE_DIR
+
+
+def test_concurrent_processes_download_once(remote_dllm, tmp_path):
+    """Three processes of one node ask at once: one downloads, all get the same complete copy."""
+    # The module is loaded from its file (it imports nothing of fdllm): no torch import per process.
+    script = (
+        "import importlib.util, logging, sys\n"
+        f"spec = importlib.util.spec_from_file_location('storage', {str(REPO / 'fdllm' / 'storage.py')!r})\n"
+        "storage = sys.modules['storage'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(storage)\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        f"print(storage.local_checkpoint({remote_dllm!r}, sys.argv[1]))\n"
+    )
+    env = dict(os.environ)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    paths = {out.strip() for out, _ in outs}
+    assert len(paths) == 1
+    assert sum(err.count("downloaded s3://") for _, err in outs) == 1
+    assert json.loads((Path(paths.pop()) / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_failed_download_leaves_nothing(remote_dllm, dllm_dir, tmp_path, monkeypatch):
+    real_copy = storage.shutil.copyfileobj
+    calls = []
+
+    def failing_copy(src, dst, length=0):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ConnectionError("network dropped mid-copy")
+        return real_copy(src, dst, length)
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", failing_copy)
+    with pytest.raises(ConnectionError):
+        storage.local_checkpoint(remote_dllm, tmp_path)
+    slot = tmp_path / "s3" / remote_dllm.removeprefix("s3://")
+    assert [p.name for p in slot.iterdir() if not p.name.endswith(".lock")] == []  # no partial copy kept
+    monkeypatch.setattr(storage.shutil, "copyfileobj", real_copy)
+    assert _tree(storage.local_checkpoint(remote_dllm, tmp_path)) == _tree(Path(dllm_dir))
+
+
+def test_stale_partial_copy_of_a_dead_process_is_ignored(remote_dllm, dllm_dir, tmp_path):
+    version = storage.local_checkpoint(remote_dllm, tmp_path / "probe").name
+    slot = tmp_path / "cache" / "s3" / remote_dllm.removeprefix("s3://")
+    stale = slot / f"{version}.tmp-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{half")
+    local = storage.local_checkpoint(remote_dllm, tmp_path / "cache")
+    assert _tree(local) == _tree(Path(dllm_dir)) and not stale.exists()
+
+
+def test_publish_replaces_an_export_as_a_whole(bucket, dllm_dir, tmp_path):
+    dest = f"{bucket}/exports/a"
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "config.json").write_text('{"v": 1}')
+    (first / "old-only.txt").write_text("gone after the next export")
+    (first / "train_state.pt").write_text("optimizer")
+    storage.publish_dir(first, dest, skip=("train_state.pt",))
+    cache = tmp_path / "cache"
+    one = storage.local_checkpoint(dest, cache)
+    assert _tree(one) == {"config.json": b'{"v": 1}', "old-only.txt": b"gone after the next export"}
+
+    second = tmp_path / "second"
+    (second / "sub").mkdir(parents=True)
+    (second / "config.json").write_text('{"v": 2}')
+    (second / "sub" / "w.bin").write_bytes(b"\0" * 10)
+    storage.publish_dir(second, dest)
+    two = storage.local_checkpoint(dest, cache)
+    assert two != one and _tree(two) == {"config.json": b'{"v": 2}', "sub/w.bin": b"\0" * 10}
+    fs, inner = storage.filesystem(dest)
+    manifest = json.loads(fs.open_input_stream(f"{inner}/{storage.MANIFEST}").read())
+    assert manifest["files"] == {"config.json": 8, "sub/w.bin": 10}
+
+
+def test_reader_waits_for_a_writer_and_retries_a_changed_export(bucket, tmp_path, monkeypatch):
+    dest = f"{bucket}/exports/b"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"v": 1}')
+    storage.publish_dir(src, dest)
+    fs, inner = storage.filesystem(dest)
+    with fs.open_output_stream(f"{inner}/{storage.WRITING_MARKER}") as f:  # a writer that is mid-export
+        f.write(b"x")
+    monkeypatch.setattr(storage, "_WAIT_POLL_S", 0.1)
+    with pytest.raises(TimeoutError, match="being written"):
+        storage.local_checkpoint(dest, tmp_path / "cache", wait_s=0.5)
+    fs.delete_file(f"{inner}/{storage.WRITING_MARKER}")
+
+    # A new export lands while a reader downloads the old one: the reader must not cache the old
+    # files under the old version, and returns the new export.
+    real_copy = storage.shutil.copyfileobj
+    republished = threading.Event()
+
+    def copy_then_republish(source, target, length=0):
+        real_copy(source, target, length)
+        if not republished.is_set() and getattr(target, "name", "").find(".tmp-") >= 0:
+            republished.set()
+            (src / "config.json").write_text('{"v": 2}')
+            monkeypatch.setattr(storage.shutil, "copyfileobj", real_copy)
+            storage.publish_dir(src, dest)
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", copy_then_republish)
+    local = storage.local_checkpoint(dest, tmp_path / "cache")
+    assert republished.is_set()
+    assert _tree(local) == {"config.json": b'{"v": 2}'}
+    assert len([p for p in local.parent.iterdir() if p.is_dir()]) == 1  # the stale version was never kept
+
+
+def test_fsspec_only_filesystems(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/fdllm-test/ckpt/config.json", b'{"m": 1}')
+    local = storage.local_checkpoint("memory://fdllm-test/ckpt", tmp_path)
+    assert _tree(local) == {"config.json": b'{"m": 1}'}
+
+
+def test_files_for_rank_keeps_only_own_deepspeed_shards():
+    names = [
+        "config.json", "model.safetensors", "tokenizer.json", "train_state.pt",
+        "deepspeed/latest/mp_rank_00_model_states.pt",
+        "deepspeed/latest/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "deepspeed/latest/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "deepspeed/latest/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "deepspeed/latest/zero_pp_rank_10_mp_rank_00_model_states.pt",
+    ]
+    one = files_for_rank(names, 1)
+    assert one == names[:5] + [names[6], names[7]]
+    assert files_for_rank(names, 10) == names[:5] + [names[8]]
+
+
+def test_cache_slot_stays_under_the_cache_root_and_missing_uris_are_named(bucket, tmp_path):
+    assert storage._cache_parts("s3://b/x/../../etc/./p?q=1") == ["s3", "b", "x", "etc", "p_q=1"]
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/nothing-here"):
+        storage.local_checkpoint(f"{bucket}/nothing-here", tmp_path)
