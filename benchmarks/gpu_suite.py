@@ -67,7 +67,7 @@ class Report:
 
     def write(self) -> None:
         (self.out / "report.json").write_text(json.dumps({"meta": self.meta, "sections": self.sections}, indent=2))
-        lines = [f"# fdllm GPU suite\n", *(f"- {k}: {v}" for k, v in self.meta.items()), ""]
+        lines = ["# fdllm GPU suite\n", *(f"- {k}: {v}" for k, v in self.meta.items()), ""]
         for s in self.sections:
             lines.append(f"## {s['name']} ({s['status']}, {s['seconds']} s)\n")
             if "error" in s:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fdllm.kernels.reference import greedy_confidence, suppress_mask
+from fdllm.kernels.reference import suppress_mask
 
 
 _U32 = 0xFFFFFFFF

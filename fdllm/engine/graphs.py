@@ -30,7 +30,7 @@ from torch import Tensor
 from fdllm.cache import KVCache
 
 if TYPE_CHECKING:
-    from fdllm.engine.runner import StaticInputs, StaticShape
+    from fdllm.engine.runner import StaticShape
     from fdllm.model import Transformer
 
 log = logging.getLogger(__name__)
