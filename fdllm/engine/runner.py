@@ -33,9 +33,10 @@ import torch
 from torch import Tensor
 
 from fdllm.cache import KVCache, PagedAttention, StaticPagedAttention
-from fdllm.decoding import counter_uniform, greedy_confidence, sample_confidence, select_unmask
+from fdllm.decoding import counter_uniform, sample_confidence, select_unmask
 from fdllm.engine.sequence import Work
 from fdllm.kernels import select_attention_backend
+from fdllm.kernels.reference import greedy_confidence
 from fdllm.model import Transformer
 
 _ROW_STREAM = 1 << 12  # counter = forwards * _ROW_STREAM + logit row: one draw per row per forward
