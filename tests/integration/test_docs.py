@@ -193,6 +193,19 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
+def submit_when_the_job_agent_is_up(shell: Shell, timeout_s: float = 120) -> str:
+    """`ray start` returns before the head's job agent serves; a submit that early is refused with
+    "No available agent" (nothing runs), and the user resubmits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return shell.run(JOB_SUBMIT, " --max-steps 2")
+        except AssertionError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
 def served_answer(shell: Shell) -> str:
     answer = shell.run(CURL)
     body = answer[answer.index("{"):]
@@ -219,7 +232,7 @@ def test_readme_commands_run_as_written(tmp_path):
         # The same entry point submitted as a Ray job to a `ray start` cluster.
         shell.run(RAY_START)
         try:
-            log = shell.run(JOB_SUBMIT, " --max-steps 2")
+            log = submit_when_the_job_agent_is_up(shell)
             assert "succeeded" in log, log[-3000:]
         finally:
             shell.run(RAY_STOP)

@@ -11,12 +11,12 @@ from fdllm.decoding import (
     counter_uniform,
     current_sub_block,
     decoded_prefix,
-    greedy_confidence,
     new_block,
     plan_block_step,
     sample_confidence,
     select_unmask,
 )
+from fdllm.kernels.reference import greedy_confidence
 
 M = 99  # mask token id in these tests
 
