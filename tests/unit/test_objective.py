@@ -9,7 +9,14 @@ import torch
 
 import fdllm
 from fdllm.masks import two_stream_mask
-from fdllm.objective import IGNORE_INDEX, ar_loss, block_diffusion_loss, sample_noise_masks, two_stream_batch
+from fdllm.objective import (
+    IGNORE_INDEX,
+    ar_loss,
+    block_diffusion_loss,
+    resolve_mask_impl,
+    sample_noise_masks,
+    two_stream_batch,
+)
 from tests.unit.test_masks import allowed_by_method
 
 MASK_ID = 90
@@ -114,6 +121,23 @@ def test_ar_loss_is_next_token_cross_entropy_within_documents(qwen2_dir):
     assert int(count) == n and math.isclose(loss.item(), total / n, rel_tol=1e-5)
     plain, plain_count = ar_loss(model, ids, labels)  # no documents: one causal sequence per row
     assert int(plain_count) == int((labels[:, 1:] != IGNORE_INDEX).sum()) and math.isfinite(plain.item())
+    # Explicit positions are used (RoPE sees only differences, so spread them rather than shift them).
+    spread = 3 * torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        logits = model(ids, spread)
+    targets = torch.where(labels[:, 1:] != IGNORE_INDEX, ids[:, 1:], IGNORE_INDEX)
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    assert math.isclose(ar_loss(model, ids, labels, position_ids_BL=spread)[0].item(), by_hand.item(), rel_tol=1e-5)
+    assert not math.isclose(by_hand.item(), plain.item(), rel_tol=1e-5)
+
+
+def test_mask_implementation_choice():
+    # flex_attention has no CPU backward: "auto" trains with the dense mask on CPU, flex on CUDA.
+    assert resolve_mask_impl("auto", torch.device("cpu")) == "dense"
+    assert resolve_mask_impl("auto", torch.device("cuda")) == "flex"
+    for impl in ("dense", "flex"):
+        for device in ("cpu", "cuda"):
+            assert resolve_mask_impl(impl, torch.device(device)) == impl
 
 
 def test_wrong_length_is_a_clear_error(qwen2_dir):
