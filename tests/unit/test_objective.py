@@ -65,8 +65,9 @@ def test_two_stream_layout():
 def _loss_carrying_by_hand(labels, doc_ids=None):
     """METHOD.md §2.1 with the token shift: labelled, and something before it in its row and document."""
     B, L = labels.shape
-    return torch.tensor([[labels[b, j] != IGNORE_INDEX and j > 0 and (doc_ids is None or doc_ids[b, j] == doc_ids[b, j - 1])
-                          for j in range(L)] for b in range(B)])
+    same_doc = (lambda b, j: True) if doc_ids is None else (lambda b, j: bool(doc_ids[b, j] == doc_ids[b, j - 1]))
+    return torch.tensor([[bool(labels[b, j] != IGNORE_INDEX) and j > 0 and same_doc(b, j) for j in range(L)]
+                         for b in range(B)])
 
 
 @pytest.mark.parametrize("with_docs", [False, True])
@@ -126,7 +127,9 @@ def test_ar_loss_is_next_token_cross_entropy_within_documents(qwen2_dir):
     with torch.no_grad():
         logits = model(ids, spread)
     targets = torch.where(labels[:, 1:] != IGNORE_INDEX, ids[:, 1:], IGNORE_INDEX)
-    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    by_hand = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
     assert math.isclose(ar_loss(model, ids, labels, position_ids_BL=spread)[0].item(), by_hand.item(), rel_tol=1e-5)
     assert not math.isclose(by_hand.item(), plain.item(), rel_tol=1e-5)
 
