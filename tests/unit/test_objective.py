@@ -16,6 +16,7 @@ from fdllm.objective import (
     resolve_mask_impl,
     sample_noise_masks,
     two_stream_batch,
+    two_stream_loss,
 )
 from tests.unit.test_masks import allowed_by_method
 
@@ -141,6 +142,36 @@ def test_mask_implementation_choice():
     for impl in ("dense", "flex"):
         for device in ("cpu", "cuda"):
             assert resolve_mask_impl(impl, torch.device(device)) == impl
+
+
+class _MaskRecorder(torch.nn.Module):
+    """Stands in for the model: records what the loss feeds it and returns flat logits."""
+
+    def forward(self, input_ids, position_ids, mask, logit_positions):
+        self.input_ids, self.position_ids, self.mask = input_ids, position_ids, mask
+        return torch.zeros(input_ids.shape[0], logit_positions.stop - logit_positions.start, 100)
+
+
+@pytest.mark.parametrize("mask_impl", [None, "auto", "dense", "flex"])
+def test_two_stream_loss_feeds_the_chosen_mask(mask_impl):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    ids, labels = _batch(B=2, L=128, prompt=5)
+    doc_ids = torch.tensor([[0] * 48 + [1] * 80] * 2)
+    batch = two_stream_batch(ids, labels, MASK_ID, 32, doc_ids_BL=doc_ids, generator=torch.Generator().manual_seed(0))
+    model = _MaskRecorder()
+    kwargs = {} if mask_impl is None else {"mask_impl": mask_impl}
+    loss, count = two_stream_loss(model, batch, 32, **kwargs)
+    assert model.input_ids is batch.input_ids and model.position_ids is batch.position_ids
+    assert math.isclose(loss.item(), math.log(100), rel_tol=1e-6) and int(count) == int((batch.targets != -100).sum())
+    if mask_impl == "flex":  # evaluated eagerly: the same rule as the dense mask
+        assert isinstance(model.mask, BlockMask)
+        q, k = torch.arange(256)[:, None], torch.arange(256)[None, :]
+        for b in range(4):  # both complementary copies of both rows
+            dense = two_stream_mask(128, 32, batch.doc_ids)[b, 0]
+            assert torch.equal(model.mask.mask_mod(torch.tensor(b), torch.tensor(0), q, k), dense)
+    else:  # CPU: "auto" and the default mean the dense mask (flex has no CPU backward)
+        assert torch.equal(model.mask, two_stream_mask(128, 32, batch.doc_ids))
 
 
 def test_wrong_length_is_a_clear_error(qwen2_dir):
