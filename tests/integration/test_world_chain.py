@@ -4,10 +4,13 @@ block-diffusion fine-tune steps on local Ray -> decode -> evaluate, checking eac
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 import fdllm
+from fdllm.tokenizer import load_tokenizer
 from pipelines import world
 from pipelines.evaluate import format_table, run_evaluation
 
@@ -28,7 +31,7 @@ def test_scaled_down_chain(tmp_path):
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
-        run(FinetuneConfig(model=str(base), data=[str(data / "train.jsonl")], output=str(dllm),
+        result = run(FinetuneConfig(model=str(base), data=[str(data / "train.jsonl")], output=str(dllm),
                            storage_path=str(tmp_path / "ray"), run_name="chain", num_workers=1, cpus_per_worker=1,
                            data_cpus=0.5, block_size=8, sub_block_size=4, seq_len=128, batch_size=4, lr=1e-3,
                            max_steps=3, save_every=3))
@@ -36,6 +39,15 @@ def test_scaled_down_chain(tmp_path):
         ray.shutdown()
     block_cfg = fdllm.BlockDiffusionConfig.load(dllm)
     assert block_cfg.block_size == 8 and block_cfg.sub_block_size == 4 and block_cfg.mask_token_id is not None
+    # Three steps of the block-diffusion loss on a barely trained base: finite, about ln(V), and the
+    # weights moved (the mask row aside, every tensor of the base is still there, same shape).
+    vocab = len(load_tokenizer(dllm))
+    assert result.metrics["step"] == 3 and math.isfinite(result.metrics["loss"])
+    assert 0.5 * math.log(vocab) < result.metrics["loss"] < 1.5 * math.log(vocab)
+    before, after = fdllm.load_model(base).state_dict(), fdllm.load_model(dllm).state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if before[k].shape == after[k].shape and not torch.equal(before[k], after[k])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
 
     engine = fdllm.Engine.from_pretrained(dllm)
     out = engine.generate([[1, 2, 3]], fdllm.SamplingParams(max_new_tokens=8))[0]
@@ -43,5 +55,10 @@ def test_scaled_down_chain(tmp_path):
 
     rows = run_evaluation(str(dllm), str(data / "test.jsonl"), base=str(base), thresholds=(1.0, 0.5), max_new_tokens=40)
     assert [(r.mode, r.threshold) for r in rows] == [("ar", None), ("diffusion", 1.0), ("diffusion", 0.5)]
-    assert all(r.total == 6 and 0 <= r.accuracy <= 1 and r.tokens_per_forward > 0 for r in rows)
+    for r in rows:
+        assert r.total == 6 and r.accuracy == r.correct / r.total
+        assert r.tokens_per_s == pytest.approx(r.generated_tokens / r.seconds, rel=1e-6)
+    ar, thr1, _ = rows
+    assert ar.tokens_per_forward == 1.0  # AR: exactly one token per forward
+    assert 0 < thr1.tokens_per_forward <= 1.0  # threshold 1.0: one position per step, plus block commits
     assert len(format_table(rows).splitlines()) == 2 + len(rows)  # header, rule, one line per row

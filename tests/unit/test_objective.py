@@ -9,7 +9,15 @@ import torch
 
 import fdllm
 from fdllm.masks import two_stream_mask
-from fdllm.objective import IGNORE_INDEX, ar_loss, block_diffusion_loss, sample_noise_masks, two_stream_batch
+from fdllm.objective import (
+    IGNORE_INDEX,
+    ar_loss,
+    block_diffusion_loss,
+    resolve_mask_impl,
+    sample_noise_masks,
+    two_stream_batch,
+    two_stream_loss,
+)
 from tests.unit.test_masks import allowed_by_method
 
 MASK_ID = 90
@@ -58,8 +66,9 @@ def test_two_stream_layout():
 def _loss_carrying_by_hand(labels, doc_ids=None):
     """METHOD.md §2.1 with the token shift: labelled, and something before it in its row and document."""
     B, L = labels.shape
-    return torch.tensor([[labels[b, j] != IGNORE_INDEX and j > 0 and (doc_ids is None or doc_ids[b, j] == doc_ids[b, j - 1])
-                          for j in range(L)] for b in range(B)])
+    same_doc = (lambda b, j: True) if doc_ids is None else (lambda b, j: bool(doc_ids[b, j] == doc_ids[b, j - 1]))
+    return torch.tensor([[bool(labels[b, j] != IGNORE_INDEX) and j > 0 and same_doc(b, j) for j in range(L)]
+                         for b in range(B)])
 
 
 @pytest.mark.parametrize("with_docs", [False, True])
@@ -114,6 +123,55 @@ def test_ar_loss_is_next_token_cross_entropy_within_documents(qwen2_dir):
     assert int(count) == n and math.isclose(loss.item(), total / n, rel_tol=1e-5)
     plain, plain_count = ar_loss(model, ids, labels)  # no documents: one causal sequence per row
     assert int(plain_count) == int((labels[:, 1:] != IGNORE_INDEX).sum()) and math.isfinite(plain.item())
+    # Explicit positions are used (RoPE sees only differences, so spread them rather than shift them).
+    spread = 3 * torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        logits = model(ids, spread)
+    targets = torch.where(labels[:, 1:] != IGNORE_INDEX, ids[:, 1:], IGNORE_INDEX)
+    by_hand = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+    assert math.isclose(ar_loss(model, ids, labels, position_ids_BL=spread)[0].item(), by_hand.item(), rel_tol=1e-5)
+    assert not math.isclose(by_hand.item(), plain.item(), rel_tol=1e-5)
+
+
+def test_mask_implementation_choice():
+    # flex_attention has no CPU backward: "auto" trains with the dense mask on CPU, flex on CUDA.
+    assert resolve_mask_impl("auto", torch.device("cpu")) == "dense"
+    assert resolve_mask_impl("auto", torch.device("cuda")) == "flex"
+    for impl in ("dense", "flex"):
+        for device in ("cpu", "cuda"):
+            assert resolve_mask_impl(impl, torch.device(device)) == impl
+
+
+class _MaskRecorder(torch.nn.Module):
+    """Stands in for the model: records what the loss feeds it and returns flat logits."""
+
+    def forward(self, input_ids, position_ids, mask, logit_positions):
+        self.input_ids, self.position_ids, self.mask = input_ids, position_ids, mask
+        return torch.zeros(input_ids.shape[0], logit_positions.stop - logit_positions.start, 100)
+
+
+@pytest.mark.parametrize("mask_impl", [None, "auto", "dense", "flex"])
+def test_two_stream_loss_feeds_the_chosen_mask(mask_impl):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    ids, labels = _batch(B=2, L=128, prompt=5)
+    doc_ids = torch.tensor([[0] * 48 + [1] * 80] * 2)
+    batch = two_stream_batch(ids, labels, MASK_ID, 32, doc_ids_BL=doc_ids, generator=torch.Generator().manual_seed(0))
+    model = _MaskRecorder()
+    kwargs = {} if mask_impl is None else {"mask_impl": mask_impl}
+    loss, count = two_stream_loss(model, batch, 32, **kwargs)
+    assert model.input_ids is batch.input_ids and model.position_ids is batch.position_ids
+    assert math.isclose(loss.item(), math.log(100), rel_tol=1e-6) and int(count) == int((batch.targets != -100).sum())
+    if mask_impl == "flex":  # evaluated eagerly: the same rule as the dense mask
+        assert isinstance(model.mask, BlockMask)
+        q, k = torch.arange(256)[:, None], torch.arange(256)[None, :]
+        for b in range(4):  # both complementary copies of both rows
+            dense = two_stream_mask(128, 32, batch.doc_ids)[b, 0]
+            assert torch.equal(model.mask.mask_mod(torch.tensor(b), torch.tensor(0), q, k), dense)
+    else:  # CPU: "auto" and the default mean the dense mask (flex has no CPU backward)
+        assert torch.equal(model.mask, two_stream_mask(128, 32, batch.doc_ids))
 
 
 def test_wrong_length_is_a_clear_error(qwen2_dir):

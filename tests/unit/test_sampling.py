@@ -24,7 +24,8 @@ PROMPT = [5, 17, 33, 2, 9]
 
 
 def _engine(model, **cfg) -> fdllm.Engine:
-    cfg = {"block_size": 8, "sub_block_size": 4, "threshold": 0.9, "use_sub_block_cache": True, "mask_token_id": MASK} | cfg
+    defaults = {"block_size": 8, "sub_block_size": 4, "threshold": 0.9, "use_sub_block_cache": True}
+    cfg = defaults | {"mask_token_id": MASK} | cfg
     return fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(**cfg),
                         fdllm.EngineConfig(num_pages=4096, max_prefill_tokens=16384))
 
