@@ -38,7 +38,8 @@ DOCS = ("README.md", "cluster/README.md")
 NOT_HERE: dict[str, list[tuple[str, str]]] = {
     "README.md": [
         (r"&& python -m pytest", "the test suite itself (`.ci/run` runs it)"),
-        (r"benchmark", "benchmarks take minutes; their smoke tests are in tests/unit and tests/kernels"),
+        (r"benchmark", "benchmarks take minutes; their smoke tests are in tests/benchmarks and tests/kernels"),
+        (r"mutmut run", "mutation testing takes hours on 2 cores: run by hand (tests/MUTATION.md), not in CI"),
     ],
     "cluster/README.md": [
         (r"^(aws|gcloud|kubectl|helm|docker) ", "needs cloud credentials or a Kubernetes cluster"),

@@ -110,7 +110,7 @@ def _registered(run_dir: Path, checkpoint: str) -> bool:
         return False
 
 
-def _kill_a_worker_after(run_dir: Path, checkpoint: str, earlier: set[int], killed: list[int], timeout: float = 120) -> None:
+def _kill_a_worker_after(run_dir: Path, checkpoint: str, earlier: set[int], killed: list[int], timeout: float = 600) -> None:
     """SIGKILL one training worker of the run once Ray Train has registered `checkpoint`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not _registered(run_dir, checkpoint):

@@ -14,7 +14,7 @@ from serve import metrics  # noqa: E402
 
 # The names dashboards and alerts already use (counters are exposed with `_total`).
 PAGE_NAMES = {
-    "fdllm_requests_total", "fdllm_prompt_tokens_total", "fdllm_generation_tokens_total", "fdllm_forwards_total",
+    "fdllm_requests_total", "fdllm_stream_errors_total", "fdllm_prompt_tokens_total", "fdllm_generation_tokens_total", "fdllm_forwards_total",
     "fdllm_tokens_per_forward", "fdllm_running_requests", "fdllm_waiting_requests", "fdllm_free_kv_pages",
     "fdllm_engine_steps_total", "fdllm_engine_step_seconds_total", "fdllm_engine_last_step_seconds",
 }
