@@ -219,6 +219,15 @@ def _run_exists(storage_path: str, run_name: str) -> bool:
     return filesystem.get_file_info(snapshot).type == pafs.FileType.File
 
 
+def scaling_config(cfg: FinetuneConfig) -> "ray.train.ScalingConfig":
+    """What the fine-tune asks the cluster for: one bundle per worker (CPUs, and a GPU with
+    --use-gpu), which is what the autoscaler launches nodes for."""
+    import ray.train
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+
+
 def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     """Validate inputs (before any worker starts), build the dataset and the TorchTrainer."""
     import ray.data
@@ -251,13 +260,10 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     # A deterministic stream, so a resumed single-worker run skips exactly the sequences it saw.
     ingest = ray.data.ExecutionOptions(preserve_order=True)
 
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=cfg.storage_path,
