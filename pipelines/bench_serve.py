@@ -159,8 +159,7 @@ def _autoscaling(max_replicas: int) -> dict[str, Any]:
     if max_replicas == 1:
         return {}
     return {"autoscaling_config": {"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": 4,
-                                   "upscale_delay_s": 2, "downscale_delay_s": 10, "look_back_period_s": 5,
-                                   "metrics_interval_s": 1}}
+                                   "upscale_delay_s": 2, "downscale_delay_s": 10, "look_back_period_s": 12}}
 
 
 def _sampled_level(url: str, model: str, concurrency: int, args: argparse.Namespace) -> LevelResult:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
+import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -166,6 +167,7 @@ class LocalAutoscalingCluster:
 
     def leftover_processes(self) -> list[int]:
         """Pids of live processes whose command line names this cluster's GCS address (Linux /proc)."""
+        names_us = re.compile(re.escape(self.address) + r"(?!\d)")  # not a longer port that starts alike
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -175,7 +177,7 @@ class LocalAutoscalingCluster:
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:  # exited while we looked
                 continue
-            if self.address in cmdline and state != "Z":
+            if names_us.search(cmdline) and state != "Z":
                 found.append(int(entry.name))
         return found
 

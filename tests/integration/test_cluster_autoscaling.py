@@ -180,6 +180,7 @@ def test_config_launches_its_gpu_type_and_removes_it_when_idle(cluster, case):
     time.sleep(SETTLE_S)  # a node launched beyond the need would register within this
     launched = dict(worker_counts())
     release()
+    print(f"\n{case.config}: {case.request.count} x {case.request.shape} ({case.request.what}) launched {launched}")
     assert launched == {node_type: count}, (
         f"{case.config}: {case.request.count} x {case.request.shape} launched {launched}, "
         f"want {count} x {node_type}")
