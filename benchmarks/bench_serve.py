@@ -4,11 +4,14 @@ at several concurrency levels, in one run against one replica.
     python -m benchmarks.benchmark serve --model assets/tiny-ar-base --concurrency 1,4,16 --requests 48
     python -m benchmarks.benchmark serve --url http://127.0.0.1:8000 --model-name tiny-dllm   # a running server
     python -m benchmarks.benchmark serve --chaos --concurrency 8 --requests 96   # robustness under abuse
+    python -m benchmarks.benchmark serve --concurrency 1,8 --max-replicas 2        # autoscaled
 
 Without --url it starts a local Ray instance and the app on 127.0.0.1 and shuts both down at the
 end. Each level sends `--requests` streaming chat requests from `concurrency` concurrent clients
 (bounded in count and time, loopback only); continuous batching inside the replica is what turns
-concurrency into throughput.
+concurrency into throughput. With `--max-replicas N` the started app autoscales between 1 and N
+replicas (delays of seconds, not the GPU config's minutes), and each level reports the replica
+count over time (sampled from `serve.status()`) next to its latencies.
 
 `--chaos` (first concurrency level = clients) mixes well-formed streaming requests with clients that
 hang up mid-stream, malformed requests, pathological sampling values and requests that make their
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
 import random
 import statistics
 import time
@@ -44,6 +49,7 @@ class LevelResult:
     ttft_p50_s: float
     tokens: int
     seconds: float
+    replicas: str = ""  # replica count over time during the level ("SECONDSs:COUNT ..."), when known
 
     @property
     def tokens_per_s(self) -> float:
@@ -62,6 +68,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mode", default="diffusion", choices=["diffusion", "ar"])
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     p.add_argument("--api-key", help="bearer token of the server (default: none)")
+    p.add_argument("--max-replicas", type=int, default=1,
+                   help="autoscale the started app between 1 and this many replicas (ignored with --url)")
     p.add_argument("--chaos", action="store_true", help="robustness run: disconnects, malformed and "
                    "pathological requests, injected step failures (see the module docstring)")
     p.add_argument("--seed", type=int, default=0, help="--chaos: the random mix of request kinds")
@@ -301,9 +309,14 @@ def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
 
         from serve.app import run_local
 
+        if args.max_replicas > 1:  # Serve's processes inherit it: set before Ray starts
+            from serve.replicas import FAST_AUTOSCALING_METRICS_ENV
+
+            os.environ.update(FAST_AUTOSCALING_METRICS_ENV)
         ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
         url = run_local({"model": args.model, "model_name": name, "max_waiting": 1024, "max_ongoing_requests": 2048,
-                         "max_queued_requests": 1024, "fault_injection": args.chaos, "api_key": args.api_key})
+                         "max_queued_requests": 1024, "fault_injection": args.chaos, "api_key": args.api_key,
+                         **_autoscaling(args.max_replicas)})
     try:
         if args.chaos:
             report = asyncio.run(run_chaos(url, name, levels[0], args.requests, args.max_tokens, args.seed,
@@ -311,7 +324,7 @@ def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
             print(report.summary())
             return report
         asyncio.run(run_level(url, name, 1, 2, args))  # warm-up: first-request costs out of the table
-        rows = [asyncio.run(run_level(url, name, c, args.requests, args)) for c in levels]
+        rows = [_sampled_level(url, name, c, args) for c in levels]
     finally:
         if not args.url:
             import ray
@@ -319,11 +332,33 @@ def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
 
             serve.shutdown()
             ray.shutdown()
-    print(f"{'clients':>7} {'requests':>8} {'failed':>6} {'p50 s':>7} {'p99 s':>7} {'TTFT p50':>9} {'tokens/s':>9}")
+    print(f"{'clients':>7} {'requests':>8} {'failed':>6} {'p50 s':>7} {'p99 s':>7} {'TTFT p50':>9} {'tokens/s':>9}  replicas")
     for r in rows:
         print(f"{r.concurrency:>7} {r.requests:>8} {r.failed:>6} {r.p50_s:>7.3f} {r.p99_s:>7.3f} {r.ttft_p50_s:>9.3f} "
-              f"{r.tokens_per_s:>9.1f}")
+              f"{r.tokens_per_s:>9.1f}  {r.replicas or 'n/a (--url)'}")
     if len(rows) > 1:
         print(f"concurrency {rows[-1].concurrency} gives {rows[-1].tokens_per_s / rows[0].tokens_per_s:.2f}x the tokens/s "
               f"of concurrency {rows[0].concurrency}; failed requests: {sum(r.failed for r in rows)}")
     return rows
+
+
+def _autoscaling(max_replicas: int) -> dict[str, Any]:
+    """Deployment args: a fixed single replica, or autoscaling with delays short enough to see
+    within one benchmark level."""
+    if max_replicas < 1:
+        raise ValueError(f"--max-replicas must be >= 1, got {max_replicas}")
+    if max_replicas == 1:
+        return {}
+    return {"autoscaling_config": {"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": 4,
+                                   "upscale_delay_s": 2, "downscale_delay_s": 10, "look_back_period_s": 12}}
+
+
+def _sampled_level(url: str, model: str, concurrency: int, args: argparse.Namespace) -> LevelResult:
+    """One level; with the app started here, the replica count sampled while it ran."""
+    if args.url:
+        return asyncio.run(run_level(url, model, concurrency, args.requests, args))
+    from serve.replicas import ReplicaSampler
+
+    with ReplicaSampler() as sampler:
+        row = asyncio.run(run_level(url, model, concurrency, args.requests, args))
+    return dataclasses.replace(row, replicas=sampler.timeline())

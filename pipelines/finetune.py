@@ -101,6 +101,16 @@ def resolve_run(cfg: FinetuneConfig) -> FinetuneConfig:
     return dataclasses.replace(cfg, run_name=run_name, output=cfg.output or join(cfg.storage_path, run_name, "servable"))
 
 
+def scaling_config(cfg: FinetuneConfig) -> "ray.train.ScalingConfig":
+    """What the fine-tune asks the cluster for: one bundle per worker (CPUs, and a GPU with
+    --use-gpu), which is what the autoscaler launches nodes for."""
+    import ray.train
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                                   placement_strategy=cfg.placement_strategy)
+
+
 def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     """Validate inputs (before any worker starts), build the dataset and the TorchTrainer.
     `cfg` is a resolved run (`resolve_run`)."""
@@ -139,14 +149,10 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
 
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
-            placement_strategy=cfg.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=cfg.storage_path,
