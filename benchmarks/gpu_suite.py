@@ -241,6 +241,24 @@ def hf_yardstick(model, prompts, new: int, shape: str, batch: int, device: torch
             "tokens/s": tokens / seconds, "tokens/forward": 1.0}
 
 
+def syncs_of_full_decode_steps(engine, running: int) -> list[int]:
+    """Device syncs of each decode step while `running` requests are in flight, counted by torch's
+    sync debug mode; the first 3 steps (prefill, graph captures) are left out of the count."""
+    for _ in range(3):
+        engine.step()
+    counts = []
+    while engine.num_running == running:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    return counts
+
+
 def syncs_per_step(device: torch.device, smoke: bool) -> dict[str, Any]:
     import fdllm
 
@@ -254,18 +272,7 @@ def syncs_per_step(device: torch.device, smoke: bool) -> dict[str, Any]:
         params = fdllm.SamplingParams(max_new_tokens=64, ignore_eos=True, mode=mode, temperature=0.7, seed=1)
         for i in range(8):
             engine.add_request([i + 1] * 40, params)
-        for _ in range(3):  # prefill and graph capture happen here, outside the count
-            engine.step()
-        counts = []
-        while engine.num_running == 8:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    engine.step()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        counts = syncs_of_full_decode_steps(engine, 8)
         worst = max(counts) if counts else None
         checks.append(_check(f"{mode} (sub-block cache {'on' if cache else 'off'}): syncs per decode step, worst of "
                              f"{len(counts)}", worst, worst is not None and worst <= TARGET_SYNCS))

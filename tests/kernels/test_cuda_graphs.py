@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
-import torch
 
 import fdllm
+from benchmarks.gpu_suite import syncs_of_full_decode_steps
 from tests.unit.test_engine import MASK, params, random_prompts
 
 pytestmark = pytest.mark.gpu
@@ -37,16 +35,5 @@ def test_one_sync_per_decode_step(sharp_dir, cuda_device):
     engine = _engine(model, eager=False, cache=True)
     for i, p in enumerate(random_prompts(4, [8], seed=2)):
         engine.add_request(p, params(max_new_tokens=40, temperature=0.7, seed=i))
-    for _ in range(3):  # prefill and captures
-        engine.step()
-    counts = []
-    while engine.num_running == 4:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                engine.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    counts = syncs_of_full_decode_steps(engine, 4)
     assert counts and max(counts) <= 1, counts
