@@ -13,9 +13,12 @@ what it measured; a failing section is recorded and the next one runs):
    speed-up at 2.4 and 4 tokens per forward (= tokens per forward x AR step / diffusion step);
    plus the same workload through a plain HF-transformers `generate` loop (the yardstick), and AR
    batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth);
-4. syncs per decode step, counted with `torch.cuda.set_sync_debug_mode("warn")`;
-5. kernel latency and achieved HBM bandwidth vs peak (benchmarks/bench_kernels.py);
-6. training step cost of the two-stream objective vs AR at the 1.5B shape (benchmarks/bench_train.py).
+4. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
+   shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
+   with the unquantized model;
+5. syncs per decode step, counted with `torch.cuda.set_sync_debug_mode("warn")`;
+6. kernel latency and achieved HBM bandwidth vs peak (benchmarks/bench_kernels.py);
+7. training step cost of the two-stream objective vs AR at the 1.5B shape (benchmarks/bench_train.py).
 Targets checked: a diffusion step at batch 1 <= 1.3x an AR step; AR batch-1 decode within 1.5x of
 the weight-read roofline; one sync per step.
 """
@@ -115,13 +118,14 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batch: int, threshold: float,
-            block: int = 32, sub: int = 8):
+            block: int = 32, sub: int = 8, quantization: str | None = None):
     import fdllm
 
     cfg = fdllm.BlockDiffusionConfig(block_size=block, sub_block_size=sub, threshold=threshold,
                                      use_sub_block_cache=cache, mask_token_id=mask_id)
     ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=batch * 16 + 8,
-                              attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096)
+                              attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096,
+                              quantization=quantization)
     return fdllm.Engine(model, None, cfg, ecfg)
 
 
@@ -165,6 +169,7 @@ def _decode_run(engine, prompts, params) -> tuple[float, int, int]:
 
 def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any]:
     import fdllm
+    from fdllm.quantization import weight_bytes
 
     shapes = ["smoke"] if smoke else ["qwen2.5-1.5b", "qwen2.5-7b"]
     batches = [2] if smoke else [1, 8, 32, 64]
@@ -175,7 +180,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
     for shape in shapes:
         model = random_model(shape, device, dtype)
         mask = model.config.vocab_size - 1
-        weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+        weights = weight_bytes(model)
         gen = torch.Generator().manual_seed(0)
         for batch in batches:
             prompts = torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist()
@@ -203,7 +208,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
                         checks.append(_check(f"{shape}: diffusion step <= {TARGET_STEP_RATIO}x AR step at batch 1",
                                              round(ratio, 2), ratio <= TARGET_STEP_RATIO))
                 if mode == "ar" and batch == 1 and graphs and peak_gbps:
-                    roofline_ms = 1000 * weight_bytes / (peak_gbps * 1e9)
+                    roofline_ms = 1000 * weights / (peak_gbps * 1e9)
                     row["roofline ms"] = roofline_ms
                     checks.append(_check(f"{shape}: AR batch-1 step within {TARGET_ROOFLINE}x of the weight-read "
                                          f"roofline ({roofline_ms:.2f} ms)", round(step_ms / roofline_ms, 2),
@@ -215,6 +220,49 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"table": table, "checks": checks}
+
+
+def quantized(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Decode with each weight format the device runs: weight bytes, step time, tokens/s, and greedy
+    agreement with the unquantized model's tokens on the same prompts (random weights: a sanity
+    check of the kernels, not an accuracy figure; accuracy is pipelines/evaluate.py --quantization)."""
+    import fdllm
+    from fdllm.quantization import QUANTIZATIONS, check_quantization, weight_bytes
+
+    shape, batches = ("smoke", [2]) if smoke else ("qwen2.5-1.5b", [1, 32])
+    dtype = torch.float32 if smoke else torch.bfloat16
+    prompt_len, new = (6, 8) if smoke else (128, 128)
+    backend = "triton" if device.type == "cuda" else "torch"
+    table, baseline = [], {}
+    for fmt in (None, *QUANTIZATIONS):
+        try:
+            check_quantization(fmt, device, dtype)
+        except ValueError as exc:
+            table.append({"format": fmt, "skipped": str(exc)})
+            continue
+        model = random_model(shape, device, dtype)
+        mask = model.config.vocab_size - 1
+        gen = torch.Generator().manual_seed(0)
+        for batch in batches:
+            prompts = torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist()
+            for mode in ("ar", "diffusion"):
+                engine = _engine(model, mask, backend=backend, eager=False, cache=True, batch=batch, threshold=0.9,
+                                 quantization=fmt)
+                params = fdllm.SamplingParams(max_new_tokens=new, ignore_eos=True, mode=mode)
+                _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
+                seconds, tokens, steps = _decode_run(engine, prompts, params)
+                out = [r.token_ids for r in engine.generate(prompts, params)]
+                base = baseline.setdefault((batch, mode), out)
+                agree = sum(a == b for x, y in zip(out, base) for a, b in zip(x, y)) / sum(len(x) for x in base)
+                row = {"format": fmt or str(dtype).removeprefix("torch."), "batch": batch, "mode": mode,
+                       "weight MB": weight_bytes(model) / 1e6, "ms/step": 1000 * seconds / steps,
+                       "tokens/s": tokens / seconds, "token agreement": agree}
+                table.append(row)
+                print(f"  {row}", flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"table": table}
 
 
 def hf_yardstick(model, prompts, new: int, shape: str, batch: int, device: torch.device, dtype) -> dict[str, Any]:
@@ -321,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     report.run("pytest -m gpu", lambda: pytest_gpu(args.smoke))
     report.run("engine exactness", lambda: exactness(device, args.smoke))
     report.run("decode", lambda: decode(device, args.smoke, peak))
+    report.run("quantized decode", lambda: quantized(device, args.smoke))
     report.run("syncs per step", lambda: syncs_per_step(device, args.smoke))
     report.run("kernels", lambda: kernels(args.smoke, peak or 3350.0, Path(args.out)))
     report.run("training step", lambda: training(device, args.smoke))

@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import fdllm
 from fdllm.loader import parse_dtype
+from fdllm.quantization import QUANTIZATIONS, weight_bytes
 from fdllm.tokenizer import render_chat
 
 log = logging.getLogger("fdllm.evaluate")
@@ -43,6 +44,13 @@ class EvalRow:
     tokens_per_s: float
     generated_tokens: int
     seconds: float
+    quantization: str | None = None  # the weights' format (None: the checkpoint's dtype)
+    weight_bytes: int = 0  # the model's weights as held in memory
+    agreement: float | None = None  # quantized rows: share of records decoded to the unquantized row's text
+    outputs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # generated texts (not in the JSON)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "outputs"}
 
 
 def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
@@ -90,7 +98,8 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
     return EvalRow(model=name, mode=params.mode, threshold=params.threshold if params.mode == "diffusion" else None,
                    batch_size=step, accuracy=correct / len(records), correct=correct, total=len(records),
                    tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
-                   generated_tokens=tokens, seconds=seconds)
+                   generated_tokens=tokens, seconds=seconds, quantization=engine.engine_config.quantization,
+                   weight_bytes=weight_bytes(engine.model), outputs=tuple(res.text for res in results))
 
 
 def format_table(rows: list[EvalRow]) -> str:
@@ -98,12 +107,15 @@ def format_table(rows: list[EvalRow]) -> str:
     for r in rows:
         if r.mode == "ar":
             ar_speed.setdefault(r.batch_size, r.tokens_per_s)
-    head = f"{'model':<16} {'mode':<10} {'thr':>5} {'batch':>5} {'accuracy':>9} {'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6}"
+    head = (f"{'model':<16} {'quant':<5} {'weights':>8} {'mode':<10} {'thr':>5} {'batch':>5} {'accuracy':>9} {'agree':>6} "
+            f"{'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         thr = f"{r.threshold:.2f}" if r.threshold is not None else "-"
         ratio = f"{r.tokens_per_s / ar_speed[r.batch_size]:.2f}x" if r.batch_size in ar_speed else "-"
-        lines.append(f"{r.model:<16} {r.mode:<10} {thr:>5} {r.batch_size:>5} {100 * r.accuracy:>8.1f}% {r.tokens_per_forward:>8.2f} "
+        agree = f"{100 * r.agreement:.0f}%" if r.agreement is not None else "-"
+        lines.append(f"{r.model:<16} {r.quantization or '-':<5} {r.weight_bytes / 1e6:>6.1f}MB {r.mode:<10} {thr:>5} "
+                     f"{r.batch_size:>5} {100 * r.accuracy:>8.1f}% {agree:>6} {r.tokens_per_forward:>8.2f} "
                      f"{r.tokens_per_s:>8.1f} {ratio:>6}")
     return "\n".join(lines)
 
@@ -111,7 +123,10 @@ def format_table(rows: list[EvalRow]) -> str:
 def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[str, ...] = ("diffusion",),
                    thresholds: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5), max_new_tokens: int = 64,
                    limit: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   batch_size: int = 0) -> list[EvalRow]:
+                   batch_size: int = 0, quantizations: tuple[str | None, ...] = (None,)) -> list[EvalRow]:
+    """The AR base (when given), then the model in each mode, once per weight format in `quantizations`
+    (None: unquantized). Quantized rows report their greedy agreement with the unquantized model's
+    row of the same mode and threshold, when that row was run first."""
     records = load_records(data, limit)
     rows = []
     if base:
@@ -119,14 +134,31 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
         rows.append(evaluate(base_engine, records, fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode="ar"),
                              Path(base).name, batch_size=batch_size))
         del base_engine
-    engine = fdllm.Engine.from_pretrained(model, device=device, dtype=dtype)
     name = Path(model).name
-    for mode in modes:
-        for thr in thresholds if mode == "diffusion" else (None,):
-            params = fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode=mode, threshold=thr)
-            rows.append(evaluate(engine, records, params, name, batch_size=batch_size))
-            log.info("%s %s thr=%s: %.1f%%", name, mode, thr, 100 * rows[-1].accuracy)
+    unquantized: dict[tuple[str, float | None], EvalRow] = {}
+    for quantization in quantizations:
+        engine = fdllm.Engine.from_pretrained(model, device=device, dtype=dtype,
+                                              engine_config=fdllm.EngineConfig(quantization=quantization))
+        for mode in modes:
+            for thr in thresholds if mode == "diffusion" else (None,):
+                params = fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode=mode, threshold=thr)
+                row = evaluate(engine, records, params, name, batch_size=batch_size)
+                if quantization is None:
+                    unquantized[mode, thr] = row
+                elif (mode, thr) in unquantized:
+                    same = sum(a == b for a, b in zip(row.outputs, unquantized[mode, thr].outputs))
+                    row = replace(row, agreement=same / len(records))
+                rows.append(row)
+                log.info("%s %s %s thr=%s: %.1f%%", name, quantization or "", mode, thr, 100 * row.accuracy)
+        del engine
     return rows
+
+
+def _quantizations(text: str) -> tuple[str | None, ...]:
+    names = tuple(None if q == "none" else q for q in text.split(",") if q)
+    if unknown := set(names) - {None, *QUANTIZATIONS}:
+        raise argparse.ArgumentTypeError(f"unknown formats {sorted(unknown)}: choose from none,{','.join(QUANTIZATIONS)}")
+    return names
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -146,6 +178,9 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
                         help="requests decoded together; 1 = latency regime (the paper's batch-1 numbers), 0 = all at once")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", type=_quantizations, default=(None,),
+                        help="comma list of weight formats for the model under test: none," + ",".join(QUANTIZATIONS)
+                        + " (e.g. none,int8,int4: each quantized row reports its agreement with the none row)")
     parser.add_argument("--output", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -153,10 +188,10 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     if unknown := set(modes) - {"ar", "diffusion"}:
         parser.error(f"unknown modes {sorted(unknown)}")
     rows = run_evaluation(args.model, args.data, args.base, modes, args.thresholds, args.max_new_tokens, args.limit,
-                          args.device, parse_dtype(args.dtype), args.batch_size)
+                          args.device, parse_dtype(args.dtype), args.batch_size, args.quantization)
     print(format_table(rows))
     if args.output:
-        Path(args.output).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        Path(args.output).write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
         log.info("wrote %s", args.output)
     return rows
 

@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{'met' if met else 'MISSED'}] {name}: {measured}")
     total_s = time.perf_counter() - start
     print(f"\nfine-tune {finetune_s / 60:.1f} min, total {total_s / 60:.1f} min; checkpoint: {out / 'tiny-dllm'}")
-    report = {"rows": [asdict(r) for r in rows], "targets": [{"target": n, "met": m, "measured": v} for n, m, v in targets],
+    report = {"rows": [r.to_json() for r in rows], "targets": [{"target": n, "met": m, "measured": v} for n, m, v in targets],
               "finetune_seconds": finetune_s, "total_seconds": total_s, "checkpoint": str(out / "tiny-dllm")}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

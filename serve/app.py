@@ -40,6 +40,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fdllm.paths import resolve_local
+from fdllm.quantization import QUANTIZATIONS
 from fdllm.storage import local_checkpoint
 from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed
 from serve.detokenize import IncrementalDetokenizer
@@ -450,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, help="default confidence threshold (checkpoint's by default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", choices=QUANTIZATIONS,
+                        help="quantize the weights at load (int8/int4 weight-only; fp8 on Ada/Hopper GPUs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -462,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "model_name": args.model_name, "api_key": args.api_key,
                      "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
-                     "threshold": args.threshold, "device": args.device, "dtype": args.dtype})
+                     "threshold": args.threshold, "device": args.device, "dtype": args.dtype,
+                     "engine": {"quantization": args.quantization} if args.quantization else None})
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)
 

@@ -26,6 +26,7 @@ from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.sequence import Sequence, TokenCallback
 from fdllm.kernels import resolve_attention_backend
 from fdllm.model import Transformer
+from fdllm.quantization import quantize
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_tokenizer, stop_token_ids
 
@@ -60,6 +61,8 @@ class Engine:
             log.warning("no mask token (config or tokenizer %s): only mode='ar' requests are served", MASK_TOKEN)
         L = config.block_size
         engine_config.check_page_size(L)
+        if engine_config.quantization is not None:  # before the KV cache is sized from the memory left
+            quantize(model, engine_config.quantization)
         if engine_config.max_prefill_tokens < L:
             raise ValueError(f"max_prefill_tokens ({engine_config.max_prefill_tokens}) must be >= block_size ({L})")
         self.model, self.tokenizer, self.config, self.engine_config = model, tokenizer, config, engine_config

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE
+from fdllm.quantization import QUANTIZATIONS
 
 MODES = ("diffusion", "ar")
 # Sampling divides logits by the temperature: below this the division overflows fp32 on ordinary
@@ -90,6 +91,9 @@ class EngineConfig:
     # logits are bitwise the same whatever else runs (the kernels are batch-invariant either way).
     # Costs speed at small batches. Prefill steps keep their own shapes.
     deterministic: bool = False
+    # Weights quantized when the engine is built (fdllm.quantization: "int8" | "int4" | "fp8"), in place:
+    # the model passed to Engine is changed. None: the model's own dtype.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -104,6 +108,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
 
     def check_page_size(self, page_size: int) -> None:
         """Refuse a backend that cannot run on pages of `page_size` tokens (= the diffusion block)."""

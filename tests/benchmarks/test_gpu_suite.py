@@ -11,13 +11,16 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     sections = {s["name"]: s for s in report["sections"]}
-    assert list(sections) == ["pytest -m gpu", "engine exactness", "decode", "syncs per step", "kernels",
-                              "training step"]
+    assert list(sections) == ["pytest -m gpu", "engine exactness", "decode", "quantized decode", "syncs per step",
+                              "kernels", "training step"]
     assert all(s["status"] == "ok" for s in sections.values()), [s.get("error") for s in sections.values()]
     assert all(c["pass"] for c in sections["engine exactness"]["checks"])
     modes = {row["mode"] for row in sections["decode"]["table"]}
     assert modes == {"ar", "diffusion cache off", "diffusion cache on", "hf generate"}
     assert any("speed-up @2.4" in row for row in sections["decode"]["table"])
+    quantized = {row["format"]: row for row in sections["quantized decode"]["table"]}
+    assert set(quantized) == {"float32", "int8", "int4", "fp8"} and "skipped" in quantized["fp8"]  # fp8: CUDA only
+    assert quantized["int8"]["weight MB"] < quantized["float32"]["weight MB"]
     assert {row["objective"] for row in sections["training step"]["table"]} == {"diffusion", "ar"}
     md = (tmp_path / "report.md").read_text()
     assert "## decode (ok" in md and "| shape | batch | mode |" in md

@@ -88,6 +88,32 @@ def test_greedy_completion_equals_engine_generate(server, engine):
     assert body["fdllm"]["num_forwards"] == expect.num_forwards
 
 
+def test_quantized_deployments_serve_what_a_quantized_engine_decodes(server, served_dir):
+    """`engine: {quantization: ...}` reaches the replicas: each format's app answers as an in-process
+    engine with the same quantization does (two apps beside the main one, on their own routes)."""
+    pytest.importorskip("torchao")
+    from serve.app import build_app
+
+    prompt = "hello world, the quick"
+    for fmt in ("int8", "int4"):
+        serve.run(build_app({"model": str(served_dir), "model_name": MODEL, "api_key": API_KEY,
+                             "num_cpus_per_replica": 0.5, "engine": {"quantization": fmt}}),
+                  name=f"fdllm-{fmt}", route_prefix=f"/{fmt}")
+    try:
+        for fmt in ("int8", "int4"):
+            engine = fdllm.Engine.from_pretrained(served_dir, engine_config=fdllm.EngineConfig(quantization=fmt))
+            expect = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=12, temperature=0.0))[0]
+            deadline = time.monotonic() + 120
+            while (r := post(server, f"/{fmt}/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12,
+                                                                "temperature": 0})).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(1)
+            assert r.json()["choices"][0]["text"] == expect.text, fmt
+    finally:
+        for fmt in ("int8", "int4"):
+            serve.delete(f"fdllm-{fmt}")
+
+
 def test_chat_and_streaming_agree(server):
     msg = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "temperature": 0}
     whole = post(server, "/v1/chat/completions", msg).json()
