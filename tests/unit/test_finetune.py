@@ -58,7 +58,7 @@ def test_shipped_configs_are_valid(name):
     ({"max_steps": None}, "max_steps or max_tokens"),
     ({"precision": "fp8"}, "precision must be one of"),
     ({"resume": True}, "needs run_name"),
-    ({"strategy": "deepspeed"}, "needs use_gpu"),
+    ({"strategy": "deepspeed", "zero_stage": 1}, "zero_stage must be 2 or 3"),
 ])
 def test_config_validation(change, match):
     base = dict(model="m", data=["d"], max_steps=3, block_size=32, sub_block_size=8, seq_len=64)
