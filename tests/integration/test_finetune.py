@@ -190,7 +190,11 @@ def test_deepspeed_matches_ddp_resumes_and_exports_strictly(lockstep, stage, kil
 
     ld, lz = _losses(ddp), _losses(zero)
     assert sorted(lz) == [2, 4]
-    for step in ld:  # fp32 on both sides; only the order of the reductions differs
+    # fp32 on both sides: only the order of the reductions differs (ZeRO's bucketed reduce-scatter and
+    # partitioned grad norm vs one worker's sums), ~1e-7 relative per step, amplified by Adam to ~5e-7
+    # after 4 steps (measured), while a step of training moves it by ~1e-2: a resume that lost
+    # weights, optimizer moments or the step would not stay within rel 1e-4.
+    for step in ld:
         assert lz[step] == pytest.approx(ld[step], rel=1e-4, abs=1e-5), (step, ld, lz)
     assert zero.metrics["epoch"] == ddp.metrics["epoch"]  # the data position survived the restart
 
