@@ -27,8 +27,10 @@ STORAGE_PATH/RUN_NAME/servable): one stable path for Serve, `fdllm.load_model` a
 standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), so any S3-compatible store works.
 Each node downloads an object-store model once into its cache ($FDLLM_CACHE_DIR, ~/.cache/fdllm).
 
-Parallelism: DDP over gloo on CPU; with --use-gpu, DeepSpeed ZeRO-2/3 when deepspeed is installed
-(`--strategy auto|deepspeed`), else DDP over NCCL (with bf16 autocast under `--precision bf16`).
+Parallelism (`--strategy`): `ddp` is DDP (gloo on CPU, NCCL with --use-gpu, bf16 autocast under
+`--precision bf16`); `deepspeed` is DeepSpeed ZeRO stage `--zero-stage` 2 or 3, on GPUs or, with the
+same code, on CPUs over gloo (DS_ACCELERATOR=cpu; `pip install 'fdllm[deepspeed]'`); `auto` (the
+default) is DeepSpeed with --use-gpu when it is installed, else DDP.
 """
 
 from __future__ import annotations
@@ -111,6 +113,15 @@ def scaling_config(cfg: FinetuneConfig) -> "ray.train.ScalingConfig":
                                    placement_strategy=cfg.placement_strategy)
 
 
+def worker_env(cfg: FinetuneConfig) -> dict[str, str]:
+    """Environment of the training workers. Without GPUs DeepSpeed must be told its accelerator is
+    the CPU (it would otherwise probe for CUDA, warn and may pick a wrong one); it then talks gloo."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not cfg.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
 def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     """Validate inputs (before any worker starts), build the dataset and the TorchTrainer.
     `cfg` is a resolved run (`resolve_run`)."""
@@ -120,8 +131,10 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
 
     from fdllm.config import ModelConfig
     from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_tokenizer
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.train_loop import has_deepspeed, train_loop_per_worker
 
+    if cfg.strategy == "deepspeed" and not has_deepspeed():
+        raise ValueError("--strategy deepspeed needs the deepspeed package: pip install 'fdllm[deepspeed]'")
     base = local_checkpoint(cfg.model, weights=False)  # config and tokenizer: the workers fetch weights
     ModelConfig.load(base)  # a clear error now rather than in every worker
     if not has_tokenizer(base):
@@ -158,7 +171,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
             storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest),

@@ -42,9 +42,11 @@ class FinetuneConfig:
                                    ("PACK", "SPREAD"), default="PACK")
     cpus_per_worker: float = _opt("CPUs reserved per training worker", default=1.0)
     data_cpus: float = _opt("CPUs per Ray Data read/tokenize task", default=1.0)
-    strategy: str = _opt("auto: DeepSpeed on GPU when installed, else DDP", ("auto", "ddp", "deepspeed"), default="auto")
+    strategy: str = _opt("auto: DeepSpeed on GPU when installed, else DDP; deepspeed also runs on CPU (gloo)",
+                         ("auto", "ddp", "deepspeed"), default="auto")
     zero_stage: int = _opt("DeepSpeed ZeRO stage (2 or 3)", default=2)
-    precision: str = _opt("bf16: mixed precision on GPU (fp32 master weights)", ("fp32", "bf16"), default="fp32")
+    precision: str = _opt("bf16: mixed precision on GPU (fp32 master weights); CPU trains in fp32",
+                          ("fp32", "bf16"), default="fp32")
     max_failures: int = _opt("worker-group restarts from the latest checkpoint (-1: unlimited)", default=0)
     # method (METHOD.md §2)
     block_size: int = _opt("diffusion block size", default=32)
@@ -107,8 +109,6 @@ class FinetuneConfig:
             raise ValueError("resume needs run_name: the run to continue")
         if self.zero_stage not in (2, 3):
             raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
-        if self.strategy == "deepspeed" and not self.use_gpu:
-            raise ValueError("strategy 'deepspeed' needs use_gpu (the CPU path is DDP over gloo)")
 
     @property
     def global_batch(self) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import logging
 import math
 import tempfile
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 BATCH_COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids")
 GOOD_DOCS = "good_docs"  # counted next to BAD_REASONS: the rows that became training documents
 PREFETCH_BATCHES = 2  # batches a worker's shard iterator fetches ahead of the one that trains
+CONSOLIDATED_WEIGHTS = "consolidated.pt"  # DeepSpeed's full state dict, in a temporary dir of rank 0
 
 
 @dataclass
@@ -165,17 +167,20 @@ class ShardReader:
 
 
 class Parallel:
-    """The model as trained: DDP (CPU/GPU) or a DeepSpeed ZeRO engine, behind one small interface."""
+    """The model as trained: DDP or a DeepSpeed ZeRO engine, behind one small interface.
+
+    DeepSpeed runs the same code on GPUs and on CPUs (its accelerator is the worker's: CUDA, or the
+    CPU with DS_ACCELERATOR=cpu, which `pipelines.finetune.worker_env` sets for CPU runs, over gloo).
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.deepspeed = cfg.use_gpu and cfg.strategy in ("auto", "deepspeed") and _has_deepspeed()
-        if cfg.strategy == "deepspeed" and not self.deepspeed:
-            raise RuntimeError("strategy 'deepspeed' needs --use-gpu and the deepspeed package (pip install 'fdllm[gpu]')")
+        self.deepspeed = cfg.strategy == "deepspeed" or (cfg.strategy == "auto" and cfg.use_gpu and has_deepspeed())
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
             fused=device.type == "cuda" and not self.deepspeed,
         )
+        self.bf16 = cfg.precision == "bf16" and device.type == "cuda"
         if self.deepspeed:
             import deepspeed
 
@@ -189,22 +194,18 @@ class Parallel:
             self.module = model.to(device)
             self.forward = ray.train.torch.prepare_model(self.module, move_to_device=False)  # DDP if world > 1
             self.optimizer = optimizer
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if cfg.precision == "bf16" and device.type == "cuda" and not self.deepspeed
-            else nullcontext()
-        )
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and not self.deepspeed else nullcontext()
 
     def _deepspeed_config(self) -> dict[str, Any]:
         cfg = self.cfg
         zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
         if cfg.zero_stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True
+            zero["stage3_gather_16bit_weights_on_model_save"] = True  # what `save_16bit_model` exports
         return {
             "train_micro_batch_size_per_gpu": cfg.batch_size,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.grad_clip,
-            "bf16": {"enabled": cfg.precision == "bf16"},
+            "bf16": {"enabled": self.bf16},
             "zero_optimization": zero,
             "steps_per_print": 1 << 30,  # we log ourselves
         }
@@ -223,16 +224,25 @@ class Parallel:
         self.optimizer.zero_grad(set_to_none=True)
 
     def hf_module(self) -> torch.nn.Module | None:
-        """The full model to export in HF format, on rank 0 (a collective under ZeRO-3); None elsewhere."""
-        if not (self.deepspeed and self.cfg.zero_stage == 3):
+        """The full model to export in HF format, on rank 0; None elsewhere (every rank must call it).
+
+        Under DeepSpeed the weights come from its public consolidation, `save_16bit_model` (under
+        ZeRO-3 a layer-by-layer gather to rank 0, a collective; the weights keep the training dtype:
+        fp32 here, bf16 with --precision bf16), and load strictly into a fresh module: a missing or
+        unexpected tensor is an error, not a silently random weight.
+        """
+        if not self.deepspeed:
             return self.module if _rank() == 0 else None
-        weights = self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0 only
-        if _rank() != 0:
-            return None
+        with tempfile.TemporaryDirectory(prefix="fdllm-consolidated-") as tmp:
+            if not self.engine.save_16bit_model(tmp, CONSOLIDATED_WEIGHTS):
+                raise RuntimeError("DeepSpeed did not consolidate the weights (stage3_gather_16bit_weights_on_model_save off?)")
+            if _rank() != 0:
+                return None
+            weights = torch.load(Path(tmp) / CONSOLIDATED_WEIGHTS, map_location="cpu", weights_only=True)
         with torch.device("meta"):
             module = type(self.module)(dataclasses.replace(self.module.config))
-        module.load_state_dict({k: v.cpu() for k, v in weights.items()}, strict=False, assign=True)
-        if module.config.tie_word_embeddings:
+        module.load_state_dict(weights, strict=True, assign=True)
+        if module.config.tie_word_embeddings:  # `assign` gave the two names separate parameters
             module.lm_head.weight = module.model.embed_tokens.weight
         return module
 
@@ -244,18 +254,19 @@ class Parallel:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_optimizer(self, path: Path, saved: dict[str, Any]) -> None:
+        """Restore optimizer state (and, under DeepSpeed, its weights: ZeRO-3's fp32 partitions);
+        each rank reads the shared files and its own shards only (`restore_for_rank`)."""
         if self.deepspeed:
-            self.engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag="latest", load_module_strict=True)
+            loaded, _ = self.engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag="latest", load_module_strict=True)
+            if loaded is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint in {path / DEEPSPEED_DIR}")
         else:
             self.optimizer.load_state_dict(saved["optimizer"])
 
 
-def _has_deepspeed() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def has_deepspeed() -> bool:
+    """Whether deepspeed is importable (without importing it: its import takes seconds)."""
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def _rank() -> int:

@@ -125,31 +125,89 @@ def _losses(result) -> dict[int, float]:
     return {m["step"]: m["loss"] for _, m in result.best_checkpoints}
 
 
-def test_worker_failure_resumes_and_two_workers_match_one(local_ray, qwen2_dir, tmp_path):
-    # Four records that pack one per sequence: an epoch is exactly one global batch of 4, so both
-    # layouts see the same sequences every step, and noise is seeded per sequence.
+@pytest.fixture(scope="module")
+def lockstep(local_ray, qwen2_dir, tmp_path_factory):
+    """Flags of runs that train on the same sequences every step in any worker layout, and the
+    uninterrupted single-worker DDP run of them: the reference the other layouts must match.
+
+    Four records that pack one per sequence: an epoch is exactly one global batch of 4, so 1 x 4 and
+    2 x 2 workers see the same sequences every step, and noise is seeded per sequence."""
+    tmp = tmp_path_factory.mktemp("lockstep")
     records = [r for r in good_records(16) if "messages" in r][:4]
-    data = write_jsonl(tmp_path / "sft.jsonl", records)
-    common = [*_common(qwen2_dir, data, tmp_path / "runs"), "--max-steps", "4", "--save-every", "2",
+    data = write_jsonl(tmp / "sft.jsonl", records)
+    common = [*_common(qwen2_dir, data, tmp / "runs"), "--max-steps", "4", "--save-every", "2",
               "--keep-checkpoints", "10", "--seq-len", "48"]
+    reference = run(_config(*common, "--num-workers", "1", "--batch-size", "4", "--run-name", "one"))
+    return common, tmp / "runs", reference
 
-    one = run(_config(*common, "--num-workers", "1", "--batch-size", "4", "--run-name", "one"))
 
+def _run_killing_a_worker(common: list[str], runs: Path, run_name: str, *flags: str):
+    """Run on 2 workers, SIGKILLing one once the step-2 checkpoint is registered (one restart allowed)."""
     killed: list[int] = []
     killer = threading.Thread(
-        target=_kill_a_worker_after, args=(tmp_path / "runs" / "two", "step_00000002", _train_workers(), killed),
-        daemon=True,
+        target=_kill_a_worker_after, args=(runs / run_name, "step_00000002", _train_workers(), killed), daemon=True,
     )
     killer.start()
-    two = run(_config(*common, "--num-workers", "2", "--batch-size", "2", "--run-name", "two", "--max-failures", "1"))
+    result = run(_config(*common, *flags, "--num-workers", "2", "--batch-size", "2", "--run-name", run_name,
+                         "--max-failures", "1"))
     killer.join()
-
     assert killed, "no training worker was found to kill"
-    assert two.metrics["step"] == 4 and two.metrics["restored_step"] == 2  # resumed, not restarted
+    assert result.metrics["step"] == 4 and result.metrics["restored_step"] == 2  # resumed, not restarted
+    return result
+
+
+def test_worker_failure_resumes_and_two_workers_match_one(lockstep):
+    common, runs, one = lockstep
+    two = _run_killing_a_worker(common, runs, "two")
+
     l1, l2 = _losses(one), _losses(two)
     assert sorted(l1) == sorted(l2) == [2, 4]
     for step in l1:  # the curve continues exactly where it was: weights, optimizer and step restored
         assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-5), (step, l1, l2)
     assert l1[4] < l1[2]
-    snapshot = json.loads((tmp_path / "runs" / "two" / "checkpoint_manager_snapshot.json").read_text())
+    snapshot = json.loads((runs / "two" / "checkpoint_manager_snapshot.json").read_text())
     assert snapshot  # the run can be continued later with --resume
+
+
+def _zero_fp32_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint, consolidated offline from every rank's optimizer
+    shards by DeepSpeed's own tool: an oracle independent of the export's live gather."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(Path(checkpoint_dir) / "deepspeed"), tag="latest")
+
+
+@pytest.mark.parametrize("stage,kill", [(2, False), (3, True)], ids=["zero2", "zero3-killed"])
+def test_deepspeed_matches_ddp_resumes_and_exports_strictly(lockstep, stage, kill, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # for the oracle's deepspeed import in this process
+    common, runs, ddp = lockstep
+    name, out = f"zero{stage}", runs.parent / f"zero{stage}-servable"
+    flags = ["--strategy", "deepspeed", "--zero-stage", str(stage), "--output", str(out)]
+    if kill:  # the resume check rides on this run: killed after step 2, it must still match DDP
+        zero = _run_killing_a_worker(common, runs, name, *flags)
+    else:
+        zero = run(_config(*common, *flags, "--num-workers", "2", "--batch-size", "2", "--run-name", name))
+
+    ld, lz = _losses(ddp), _losses(zero)
+    assert sorted(lz) == [2, 4]
+    # fp32 on both sides: only the order of the reductions differs (ZeRO's bucketed reduce-scatter and
+    # partitioned grad norm vs one worker's sums), ~1e-7 relative per step, amplified by Adam to ~5e-7
+    # after 4 steps (measured), while a step of training moves it by ~1e-2: a resume that lost
+    # weights, optimizer moments or the step would not stay within rel 1e-4.
+    for step in ld:
+        assert lz[step] == pytest.approx(ld[step], rel=1e-4, abs=1e-5), (step, ld, lz)
+    assert zero.metrics["epoch"] == ddp.metrics["epoch"]  # the data position survived the restart
+
+    # The export opens strictly in transformers and fdllm, with the trained weights' logits.
+    import transformers
+
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
+    ours = fdllm.load_model(out)
+    trained = fdllm.load_model(out)
+    trained.load_state_dict(_zero_fp32_weights(zero.checkpoint.path), strict=True)
+    ids = torch.tensor([load_tokenizer(out).encode("the fox 12 hello 7")])
+    with torch.no_grad():
+        expected = trained(ids)
+        assert torch.allclose(ours(ids), expected, rtol=0, atol=1e-5)
+        assert torch.allclose(hf.eval()(ids).logits, expected, rtol=0, atol=1e-5)

@@ -58,7 +58,7 @@ def test_shipped_configs_are_valid(name):
     ({"max_steps": None}, "max_steps or max_tokens"),
     ({"precision": "fp8"}, "precision must be one of"),
     ({"resume": True}, "needs run_name"),
-    ({"strategy": "deepspeed"}, "needs use_gpu"),
+    ({"strategy": "deepspeed", "zero_stage": 1}, "zero_stage must be 2 or 3"),
 ])
 def test_config_validation(change, match):
     base = dict(model="m", data=["d"], max_steps=3, block_size=32, sub_block_size=8, seq_len=64)
@@ -217,3 +217,15 @@ def test_resolve_run_names_the_run_and_puts_the_export_under_it(tmp_path, monkey
     assert remote.model == "s3://b/m" and remote.output == "gs://b/runs/r/servable"
     named = resolve_run(FinetuneConfig(model="m", data=["d"], output="out", max_steps=1))
     assert named.output == str(tmp_path / "out") and named.run_name.startswith("fdllm-")
+
+
+def test_deepspeed_workers_get_the_cpu_accelerator_and_a_missing_package_is_a_clear_error(monkeypatch):
+    from pipelines import finetune, train_loop
+
+    cpu = FinetuneConfig(model="m", data=["d"], max_steps=1, strategy="deepspeed")
+    assert finetune.worker_env(cpu)["DS_ACCELERATOR"] == "cpu"  # else DeepSpeed probes for CUDA
+    gpu = FinetuneConfig(model="m", data=["d"], max_steps=1, strategy="deepspeed", use_gpu=True)
+    assert "DS_ACCELERATOR" not in finetune.worker_env(gpu)  # DeepSpeed detects CUDA itself
+    monkeypatch.setattr(train_loop, "has_deepspeed", lambda: False)
+    with pytest.raises(ValueError, match="needs the deepspeed package"):
+        finetune.build_trainer(cpu)  # before any worker starts
