@@ -20,6 +20,7 @@ unless --keep-corpus.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -61,10 +62,10 @@ class CorpusWriter:
         syllables = ["ka", "ro", "mi", "ten", "sol", "u", "ve", "xi", "an", "dor", "pre", "li", "qu", "es", "th"]
         words = ["".join(self.rng.choices(syllables, k=self.rng.randint(1, 4))) for _ in range(3000)]
         words += ["=", "+", "x", "(", ")", "2", "17", "0.5", "def", "return", "the", "is", "of", "so", "we"]
-        weights = [1 / (rank + 1) for rank in range(len(words))]  # Zipf-like word frequencies
+        zipf = list(itertools.accumulate(1 / (rank + 1) for rank in range(len(words))))  # cumulative weights
         self.sentences = []
         for _ in range(4000):
-            text = " ".join(self.rng.choices(words, weights, k=self.rng.randint(6, 24)))
+            text = " ".join(self.rng.choices(words, cum_weights=zipf, k=self.rng.randint(6, 24)))
             self.sentences.append(text[0].upper() + text[1:] + self.rng.choice([".", ".", "?", ":"]))
 
     def _text(self, median_chars: float, sigma: float, cap: int) -> str:
@@ -110,8 +111,10 @@ def corpus(workdir: Path, size_gb: float, seed: int) -> tuple[Path, dict[str, An
     stats_path = path.with_suffix(".stats.json")
     if path.exists() and stats_path.exists():
         return path, json.loads(stats_path.read_text())
-    stats = CorpusWriter(seed).write(path, int(size_gb * 1e9))
+    partial = path.with_suffix(".partial")  # renamed into place when complete: never reuse a cut corpus
+    stats = CorpusWriter(seed).write(partial, int(size_gb * 1e9))
     stats_path.write_text(json.dumps(stats))
+    partial.rename(path)
     return path, stats
 
 
@@ -156,6 +159,7 @@ class PeakRss:
         self.me, self.interval_s = psutil.Process(), interval_s
         self.peak: dict[int, tuple[str, int]] = {}  # pid -> (name, peak rss bytes)
         self.peak_total = 0  # the largest sum over all processes at one sample
+        self.cpu_s: dict[int, float] = {}  # pid -> user + system CPU seconds, as last sampled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -174,6 +178,8 @@ class PeakRss:
         for proc in [self.me, *self.me.children(recursive=True)]:
             try:
                 rss = proc.memory_info().rss
+                times = proc.cpu_times()
+                self.cpu_s[proc.pid] = times.user + times.system
                 name = "driver" if proc.pid == self.me.pid else proc.name()
                 if name.startswith("ray::") or name in ("python", "python3"):  # a worker names its task
                     cmd = proc.cmdline()
@@ -189,6 +195,11 @@ class PeakRss:
         while not self._stop.is_set():
             self._sample()
             self._stop.wait(self.interval_s)
+
+    def cpu_seconds_since(self, mark: dict[int, float]) -> float:
+        """CPU seconds all sampled processes spent since `mark` (a copy of `cpu_s` taken then)."""
+        self._sample()
+        return sum(cpu - mark.get(pid, 0.0) for pid, cpu in self.cpu_s.items())
 
     def summary(self) -> dict[str, Any]:
         workers = {pid: v for pid, v in self.peak.items() if v[0] != "driver" and v[0].startswith("ray::")}
@@ -223,8 +234,9 @@ class IngestResult:
     rows_per_s: float
     tokens_per_s: float
     mb_per_s: float  # corpus bytes per second (rows/s x mean row size)
-    cpus: float
-    tokens_per_s_per_cpu: float
+    cpus: float  # CPUs of the Ray instance
+    cpu_s: float  # CPU seconds the driver and every Ray process spent in the ingest
+    tokens_per_cpu_s: float  # tokens / cpu_s: per-CPU speed, whatever else shares the machine
     memory: dict[str, Any]
 
 
@@ -242,14 +254,23 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with PeakRss() as memory:
         start = time.perf_counter()
-        ray.init(num_cpus=args["cpus"], include_dashboard=False, log_to_driver=False)
+        for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s startup deadline
+            try:
+                ray.init(num_cpus=args["cpus"], include_dashboard=False, log_to_driver=False)
+                break
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it
+                log.warning("ray.init failed (%s); attempt %d of 3", e, attempt + 1)
+                ray.shutdown()
+        else:
+            raise RuntimeError("could not start a local Ray instance")
         ray_init_s = time.perf_counter() - start
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             tokenizer = load_tokenizer(tokenizer_dir)
             tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
             cfg = DataConfig(block_size=args["block_size"], seq_len=args["seq_len"], overlong=args["overlong"])
-            start = time.perf_counter()
+            memory._sample()
+            cpu_mark, start = dict(memory.cpu_s), time.perf_counter()
             dataset = build_dataset(check_data_files([path]), tokenizer, cfg, num_cpus=args["data_cpus"])
             # what finetune.build_trainer asks of Ray Train: its ingest defaults, in order, one shard per worker
             dataset.context.execution_options = ray.train.DataConfig.default_ingest_options()
@@ -269,6 +290,7 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
                 if args["max_seconds"] and now > args["max_seconds"]:
                     break
             elapsed = time.perf_counter() - start
+            cpu_s = memory.cpu_seconds_since(cpu_mark)
             counts = reader.take_counts()
         finally:
             ray.shutdown()
@@ -278,15 +300,17 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
         size_gb=args["size_gb"], corpus_rows=stats["rows"], complete=complete, ray_init_s=ray_init_s,
         first_batch_s=first_batch_s or float("nan"), elapsed_s=elapsed, rows=rows, rows_skipped=skipped,
         sequences=sequences, tokens=tokens, rows_per_s=rows / elapsed, tokens_per_s=tokens / elapsed,
-        mb_per_s=rows * stats["mean_row_bytes"] / elapsed / 1e6, cpus=args["cpus"],
-        tokens_per_s_per_cpu=tokens / elapsed / args["cpus"], memory=memory.summary(),
+        mb_per_s=rows * stats["mean_row_bytes"] / elapsed / 1e6, cpus=args["cpus"], cpu_s=cpu_s,
+        tokens_per_cpu_s=tokens / cpu_s, memory=memory.summary(),
     ))
 
 
 def _in_fresh_process(fn: Any, *fn_args: Any) -> Any:
     """`fn(*fn_args)` in a spawned process, so each size has its own Ray instance and memory peaks."""
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, fn_args)
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # a dead child raises here
+        return pool.submit(fn, *fn_args).result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    head = ("| corpus | rows read | first batch | rows/s | tokens/s | tokens/s/CPU | MB/s | driver RSS | "
+    head = ("| corpus | rows read | first batch | rows/s | tokens/s | tokens per CPU-s | MB/s | driver RSS | "
             "largest worker RSS | all processes |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in results:
@@ -322,7 +346,7 @@ def _table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['size_gb']:g} GB | {r['rows']:,} of {r['corpus_rows']:,}{'' if r['complete'] else ' (timed)'} | "
             f"{r['first_batch_s']:.1f} s | {r['rows_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['tokens_per_s_per_cpu']:,.0f} | {r['mb_per_s']:.2f} | {m['driver_peak_rss_mb']:,.0f} MB | "
+            f"{r['tokens_per_cpu_s']:,.0f} | {r['mb_per_s']:.2f} | {m['driver_peak_rss_mb']:,.0f} MB | "
             f"{m['worker_peak_rss_mb']:,.0f} MB | {m['all_processes_peak_rss_sum_mb']:,.0f} MB |")
     return "\n".join(lines)
 

@@ -124,7 +124,7 @@ class DataConfig:
     # together (in groups of docs_per_batch); a read task owns `read_split_bytes` of a file, a whole
     # number of windows, so the packing never depends on how a file is split across tasks.
     pack_window_bytes: int = 1 << 20
-    read_split_bytes: int = 16 << 20
+    read_split_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.seq_len < self.block_size or self.seq_len % self.block_size:
@@ -710,13 +710,13 @@ def build_dataset(
 ) -> "ray.data.Dataset":
     """A lazy Ray Dataset of packed sequences (see `pack_documents` for the columns).
 
-    jsonl: read tasks stream byte-range splits of the files as pack windows (`read_jsonl_split`);
-    tokenize-and-pack tasks of `num_cpus` each take windows as they come, so as many of them run
-    as the cluster has free CPUs for (Ray Train keeps the trainers' CPUs and GPUs out of the data's
-    budget), and one large file keeps them all busy. The tokenize stage's runtime_env keeps it a
-    separate operator from the read. Memory is bounded whatever the corpus size: a task holds a
-    window or a small block at a time (`OUTPUT_BLOCK_BYTES`), and Ray Data's streaming executor
-    launches no more tasks while their unconsumed output exceeds its object-store budget.
+    jsonl: one task of `num_cpus` per byte-range split (`plan_jsonl_splits`) reads it window by
+    window (`read_jsonl_split`) and tokenizes and packs each window as it goes; as many run at once as
+    the cluster has free CPUs for (Ray Train keeps the trainers' CPUs and GPUs out of the data's
+    budget), and a large file is many splits, so it keeps them all busy. Memory is bounded whatever
+    the corpus size: a task holds one window and a small output block (`OUTPUT_BLOCK_BYTES`) at a
+    time, pauses while its unconsumed output blocks wait, and Ray Data's streaming executor starts
+    no more tasks while the output queued in the object store exceeds its budget.
     Read in order (`preserve_order`), the rows follow file order, then line order, for any split size.
     """
     import ray.data
@@ -727,7 +727,10 @@ def build_dataset(
     single_threaded = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     parts = []
     if sources.jsonl:
-        raw = ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus)
+        # The same resources and runtime_env as the tokenize stage: Ray fuses the two, so raw text
+        # is never queued in the object store, and a split's task reads only as fast as it tokenizes.
+        raw = ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus,
+                                       runtime_env=single_threaded)
         parts.append(raw.map_batches(
             _pack_jsonl_batch, batch_size=1, batch_format="pyarrow",  # one pack window per call
             fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
