@@ -305,6 +305,53 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
     ))
 
 
+def ingest_local(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir: str) -> dict[str, Any]:
+    """Run in a fresh process, without Ray: the functions each Ray Data task runs
+    (`read_jsonl_split`, `pack_jsonl_windows`), split after split in this one process, on one CPU.
+    It measures the per-CPU cost and the memory of one task's streaming where Ray cannot start (a
+    machine too busy for its startup deadlines); returns IngestResult as a dict."""
+    from fdllm.tokenizer import MASK_TOKEN, load_tokenizer
+    from pipelines.data import (
+        BAD_REASONS, DataConfig, TokenSpec, check_data_files, pack_jsonl_windows, plan_jsonl_splits, read_jsonl_split,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with PeakRss() as memory:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
+        cfg = DataConfig(block_size=args["block_size"], seq_len=args["seq_len"], overlong=args["overlong"])
+        memory._sample()
+        cpu_mark, start = dict(memory.cpu_s), time.perf_counter()
+        sources = check_data_files([path])
+        kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
+        first_batch_s, sequences, tokens, good, skipped, complete = None, 0, 0, 0, 0, True
+        for split in plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg):
+            for window in read_jsonl_split(split, cfg):
+                out = pack_jsonl_windows([window["lines"]], **kwargs)
+                real = out["num_docs"] > 0
+                sequences, tokens = sequences + int(real.sum()), tokens + int(out["num_tokens"][real].sum())
+                good += int(out["num_docs"].sum())
+                skipped += sum(int(out[f"bad_{r}"].sum()) for r in BAD_REASONS)
+                now = time.perf_counter() - start
+                if first_batch_s is None and sequences >= args["batch_size"]:
+                    first_batch_s = now
+                if args["max_seconds"] and now > args["max_seconds"]:
+                    complete = False
+                    break
+            if not complete:
+                break
+        elapsed = time.perf_counter() - start
+        cpu_s = memory.cpu_seconds_since(cpu_mark)
+    rows = good + skipped
+    return asdict(IngestResult(
+        size_gb=args["size_gb"], corpus_rows=stats["rows"], complete=complete, ray_init_s=0.0,
+        first_batch_s=first_batch_s or float("nan"), elapsed_s=elapsed, rows=rows, rows_skipped=skipped,
+        sequences=sequences, tokens=tokens, rows_per_s=rows / elapsed, tokens_per_s=tokens / elapsed,
+        mb_per_s=rows * stats["mean_row_bytes"] / elapsed / 1e6, cpus=1.0, cpu_s=cpu_s,
+        tokens_per_cpu_s=tokens / cpu_s, memory=memory.summary(),
+    ))
+
+
 def _in_fresh_process(fn: Any, *fn_args: Any) -> Any:
     """`fn(*fn_args)` in a spawned process, so each size has its own Ray instance and memory peaks."""
     from concurrent.futures import ProcessPoolExecutor
@@ -330,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=2, help="packed sequences per training batch")
     parser.add_argument("--overlong", choices=("skip", "truncate"), default="truncate",
                         help="rows longer than seq_len (truncate: long traces still yield tokens)")
+    parser.add_argument("--engine", choices=("ray", "local"), default="ray",
+                        help="ray: the fine-tune's Ray Data ingest; local: the same per-task functions in one process")
     parser.add_argument("--max-seconds", type=float, default=0.0, help="stop reading after this long (0: whole corpus)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-corpus", action="store_true", help="keep the generated corpora for a rerun")
@@ -362,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             paths.append(path)
             tokenizer_dir = args.tokenizer or str(train_tokenizer(path, workdir / "bpe-8k"))
             run_args = {**vars(args), "size_gb": size_gb}
-            result = _in_fresh_process(ingest, run_args, str(path), stats, tokenizer_dir)
+            run = ingest if args.engine == "ray" else ingest_local
+            result = _in_fresh_process(run, run_args, str(path), stats, tokenizer_dir)
             log.info("%g GB: %s", size_gb, json.dumps(result))
             results.append(result)
     finally:
@@ -373,11 +423,16 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(results))
     if len(results) > 1:
         base, big = results[0], results[-1]
-        print(f"\n{big['size_gb']:g} GB vs {base['size_gb']:g} GB: time to first batch x"
-              f"{big['first_batch_s'] / base['first_batch_s']:.2f}, largest worker RSS x"
-              f"{big['memory']['worker_peak_rss_mb'] / base['memory']['worker_peak_rss_mb']:.2f}, driver RSS x"
-              f"{big['memory']['driver_peak_rss_mb'] / base['memory']['driver_peak_rss_mb']:.2f}, all processes x"
-              f"{big['memory']['all_processes_peak_rss_sum_mb'] / base['memory']['all_processes_peak_rss_sum_mb']:.2f}")
+
+        def ratio(a: float, b: float) -> str:
+            return f"x{a / b:.2f}" if b else "n/a"
+
+        bm, gm = base["memory"], big["memory"]
+        print(f"\n{big['size_gb']:g} GB vs {base['size_gb']:g} GB: time to first batch "
+              f"{ratio(big['first_batch_s'], base['first_batch_s'])}, driver RSS "
+              f"{ratio(gm['driver_peak_rss_mb'], bm['driver_peak_rss_mb'])}, largest worker RSS "
+              f"{ratio(gm['worker_peak_rss_mb'], bm['worker_peak_rss_mb'])}, all processes "
+              f"{ratio(gm['all_processes_peak_rss_sum_mb'], bm['all_processes_peak_rss_sum_mb'])}")
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0

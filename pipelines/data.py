@@ -736,7 +736,7 @@ def build_dataset(
             fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
         ))
     if sources.parquet:
-        raw = ray.data.read_parquet(sources.parquet, num_cpus=num_cpus)
+        raw = ray.data.read_parquet(sources.parquet, num_cpus=num_cpus, runtime_env=single_threaded)  # fused too
         parts.append(raw.map_batches(
             _pack_parquet_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
             fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
