@@ -23,7 +23,15 @@ Packing (the layout the objective and masks expect):
     showed this matters);
   - `position_ids` restart at 0 for every document; `doc_ids` give each document (and the padding at
     the end of a sequence) its own id, and `fdllm.masks` never lets attention cross ids;
-  - documents are packed first-fit-decreasing within each `map_batches` batch of records.
+  - documents are packed first-fit-decreasing within groups of at most `docs_per_batch`
+    consecutive records; in a jsonl file a group never crosses a pack window (the lines starting in
+    one `pack_window_bytes` range of the file), so the packing is a function of the file alone, not
+    of how it is split across read tasks (`read_split_bytes`, a whole number of windows).
+
+Streaming (`build_dataset`): a jsonl file is read in byte-range splits by many tasks, local or on
+an object store through the same pyarrow filesystem (`fdllm.storage.filesystem`). A split starts
+at the first line boundary at or after its start offset and owns every line that starts before its
+end, so each line, a broken one included, is read and counted exactly once.
 
 Bad rows never stop a run: any per-record failure (broken JSON or UTF-8 anywhere in a file, a chat
 template that raises, a record that renders to no answer) is skipped and counted by reason
@@ -45,7 +53,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -75,7 +83,8 @@ BAD_REASONS = (
     "mask_token",  # the text contains the diffusion mask token itself
     "too_long",  # longer than seq_len after the overlong policy
 )
-BAD_ROW_WARN_FRACTION = 0.01  # a reason that skips more than this share of the rows is warned about
+BAD_ROW_WARN_FRACTION = 0.01
+OUTPUT_BLOCK_BYTES = 1 << 20  # bytes per Ray Data block (read windows, packed rows): small, so the first batch leaves early
 ROLES = ("system", "user", "assistant")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -110,7 +119,12 @@ class DataConfig:
     seq_len: int  # packed sequence length, a multiple of block_size
     strip_reasoning: bool = False  # drop `<think>...</think>` from answers
     overlong: Literal["skip", "truncate"] = "skip"  # a document longer than seq_len: skip it, or cut it
-    docs_per_batch: int = 256  # records tokenized and packed together by one map_batches call
+    docs_per_batch: int = 256  # at most this many consecutive records are tokenized and packed together
+    # jsonl: the records whose lines start in one `pack_window_bytes` window of a file are packed
+    # together (in groups of docs_per_batch); a read task owns `read_split_bytes` of a file, a whole
+    # number of windows, so the packing never depends on how a file is split across tasks.
+    pack_window_bytes: int = 1 << 20
+    read_split_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.seq_len < self.block_size or self.seq_len % self.block_size:
@@ -119,6 +133,9 @@ class DataConfig:
             raise ValueError(f"overlong must be 'skip' or 'truncate', got {self.overlong!r}")
         if self.docs_per_batch < 1:
             raise ValueError(f"docs_per_batch must be >= 1, got {self.docs_per_batch}")
+        if self.pack_window_bytes < 1 or self.read_split_bytes < 1 or self.read_split_bytes % self.pack_window_bytes:
+            raise ValueError(f"read_split_bytes ({self.read_split_bytes}) must be a positive multiple of "
+                             f"pack_window_bytes ({self.pack_window_bytes})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +507,7 @@ class DataFile:
 class DataSources:
     jsonl: list[str] = field(default_factory=list)
     parquet: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes of each file, as listed
 
 
 def _file_format(path: str) -> Literal["jsonl", "parquet"] | None:
@@ -533,15 +551,16 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
                 raise DataError(f"data path not found: {path}")
             if info.type == pafs.FileType.Directory:
                 infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-                files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _file_format(i.path))
-                if not files:
+                sizes = {i.path: i.size for i in infos if i.type == pafs.FileType.File and _file_format(i.path)}
+                if not sizes:
                     raise DataError(f"no .jsonl/.json/.parquet files under {path}")
             else:
-                files = [inner]
-            for file in files:
+                sizes = {inner: info.size}
+            for file, size in sorted(sizes.items()):
                 fmt = _file_format(file)
                 if fmt is None:
                     raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
+                sources.sizes[prefix + file] = size
                 if fmt == "jsonl":  # contents are checked per line when read (bad lines are counted)
                     sources.jsonl.append(prefix + file)
                 else:
@@ -558,37 +577,128 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
     return sources
 
 
-def _jsonl_lines_datasource(paths: list[str]) -> Any:
-    """Ray Data source of jsonl files as raw byte lines (column `line`), read in chunks.
+@dataclass(frozen=True)
+class JsonlSplit:
+    """Bytes [start, end) of jsonl file number `file_index`: the split owns every line that starts
+    in that range, from the first line boundary at or after `start` (a line that straddles `end` is
+    read to its end here, and skipped by the next split)."""
 
-    `ray.data.read_text` decodes whole files strictly, so one invalid byte anywhere failed the run;
-    here each line is decoded with its record and a bad one is counted (`bad_unicode`).
+    file_index: int
+    uri: str
+    start: int
+    end: int
+
+
+def plan_jsonl_splits(files: Sequence[tuple[str, int]], cfg: DataConfig) -> list[JsonlSplit]:
+    """Splits of `cfg.read_split_bytes` of (uri, size) files, in file order."""
+    return [JsonlSplit(i, uri, start, min(start + cfg.read_split_bytes, size))
+            for i, (uri, size) in enumerate(files) for start in range(0, size, cfg.read_split_bytes)]
+
+
+def _owned_lines(f: Any, start: int, end: int, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(file offset, line without its newline) of every line starting in [start, end) of an open
+    binary file with `seek`/`read`."""
+    pos = 0
+    if start > 0:  # skip the line that straddles `start` unless byte start-1 is its newline
+        f.seek(start - 1)
+        pos = start - 1
+        while True:
+            chunk = f.read(chunk_bytes)
+            if not chunk:
+                return
+            newline = chunk.find(b"\n")
+            if newline >= 0:
+                buf, pos = chunk[newline + 1:], pos + newline + 1
+                break
+            pos += len(chunk)
+    else:
+        f.seek(0)
+        buf = b""
+    cursor = 0  # buf[cursor:] starts at file offset `pos`, a line start
+    while pos < end:
+        newline = buf.find(b"\n", cursor)
+        if newline < 0:
+            chunk = f.read(chunk_bytes)
+            if not chunk:  # the last line of a file without a final newline
+                if cursor < len(buf):
+                    yield pos, buf[cursor:]
+                return
+            buf, cursor = buf[cursor:] + chunk, 0
+            continue
+        yield pos, buf[cursor:newline]
+        pos += newline + 1 - cursor
+        cursor = newline + 1
+
+
+def read_jsonl_split(split: JsonlSplit, cfg: DataConfig, chunk_bytes: int = 1 << 22) -> Iterator[dict[str, Any]]:
+    """The split's non-blank lines grouped by pack window, in line order: one dict per window with
+    `file_index`, `offset` (its first line's byte offset) and `lines` (those lines joined by b"\\n")."""
+    from fdllm.storage import filesystem
+
+    fs, inner = filesystem(split.uri)
+    window, lines, first = -1, [], 0
+    with fs.open_input_file(inner) as f:
+        for offset, line in _owned_lines(f, split.start, split.end, chunk_bytes):
+            if not line.strip():
+                continue
+            if offset // cfg.pack_window_bytes != window and lines:
+                yield {"file_index": split.file_index, "offset": first, "lines": b"\n".join(lines)}
+                lines = []
+            if not lines:
+                window, first = offset // cfg.pack_window_bytes, offset
+            lines.append(line)
+    if lines:
+        yield {"file_index": split.file_index, "offset": first, "lines": b"\n".join(lines)}
+
+
+def pack_jsonl_windows(windows: Iterable[bytes], **kwargs: Any) -> dict[str, np.ndarray]:
+    """Packed sequences of pack windows (see `read_jsonl_split`): each window's lines in groups of
+    `docs_per_batch`, each group packed on its own, outputs in window then group order."""
+    cfg: DataConfig = kwargs["cfg"]
+    outs = []
+    for blob in windows:
+        lines = blob.split(b"\n")
+        for i in range(0, len(lines), cfg.docs_per_batch):
+            outs.append(process_records(lines[i : i + cfg.docs_per_batch], **kwargs))
+    return {column: np.concatenate([o[column] for o in outs]) for column in outs[0]}
+
+
+def _jsonl_split_datasource(sources: DataSources, cfg: DataConfig) -> Any:
+    """Ray Data source with one read task per split, yielding one row per pack window.
+
+    A window is one row (its lines in one binary value), so however Ray Data groups rows into
+    blocks and batches, a window is never cut in two. Lines are decoded with their record, so one
+    invalid byte costs one row (`bad_unicode`).
     """
     import pyarrow as pa
-    from ray.data.datasource import FileBasedDatasource
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
 
-    class JsonlLines(FileBasedDatasource):
-        chunk_bytes = 1 << 22
-        lines_per_block = 8192
+    schema = pa.schema([("file_index", pa.int32()), ("offset", pa.int64()), ("lines", pa.large_binary())])
 
-        def _read_stream(self, f: "pyarrow.NativeFile", path: str) -> Iterable["pyarrow.Table"]:
-            rest, lines = b"", []
-            while chunk := f.read(self.chunk_bytes):
-                *complete, rest = (rest + chunk).split(b"\n")
-                lines += [line for line in complete if line.strip()]
-                if len(lines) >= self.lines_per_block:
-                    yield pa.table({"line": pa.array(lines, pa.binary())})
-                    lines = []
-            if rest.strip():
-                lines.append(rest)
-            if lines:
-                yield pa.table({"line": pa.array(lines, pa.binary())})
+    def read(split: JsonlSplit) -> Iterator["pyarrow.Table"]:
+        for window in read_jsonl_split(split, cfg):
+            yield pa.Table.from_pylist([window], schema=schema)
 
-    return JsonlLines(paths)
+    class JsonlSplits(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(sources.sizes[uri] for uri in sources.jsonl)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            # The splits, not Ray's parallelism hint (which grows with the data), define the tasks.
+            splits = plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg)
+            log.info("data: %d jsonl file(s), %.1f MB, in %d read split(s)", len(sources.jsonl),
+                     self.estimate_inmemory_data_size() / 1e6, len(splits))
+            return [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=s.end - s.start,
+                                                                 input_files=[s.uri], exec_stats=None))
+                    for s in splits]
+
+    return JsonlSplits()
 
 
 def _pack_jsonl_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
-    return process_records(batch.column("line").to_pylist(), **kwargs)
+    return pack_jsonl_windows(batch.column("lines").to_pylist(), **kwargs)
 
 
 def _pack_parquet_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
@@ -598,7 +708,17 @@ def _pack_parquet_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.n
 def build_dataset(
     sources: DataSources, tokenizer: "PreTrainedTokenizerBase", cfg: DataConfig, num_cpus: float = 1.0
 ) -> "ray.data.Dataset":
-    """A lazy Ray Dataset of packed sequences (see `pack_documents` for the columns)."""
+    """A lazy Ray Dataset of packed sequences (see `pack_documents` for the columns).
+
+    jsonl: one task of `num_cpus` per byte-range split (`plan_jsonl_splits`) reads it window by
+    window (`read_jsonl_split`) and tokenizes and packs each window as it goes; as many run at once as
+    the cluster has free CPUs for (Ray Train keeps the trainers' CPUs and GPUs out of the data's
+    budget), and a large file is many splits, so it keeps them all busy. Memory is bounded whatever
+    the corpus size: a task holds one window and a small output block (`OUTPUT_BLOCK_BYTES`) at a
+    time, pauses while its unconsumed output blocks wait, and Ray Data's streaming executor starts
+    no more tasks while the output queued in the object store exceeds its budget.
+    Read in order (`preserve_order`), the rows follow file order, then line order, for any split size.
+    """
     import ray.data
 
     kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
@@ -607,15 +727,22 @@ def build_dataset(
     single_threaded = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     parts = []
     if sources.jsonl:
-        raw = ray.data.read_datasource(_jsonl_lines_datasource(sources.jsonl), num_cpus=num_cpus)
+        # The same resources and runtime_env as the tokenize stage: Ray fuses the two, so raw text
+        # is never queued in the object store, and a split's task reads only as fast as it tokenizes.
+        raw = ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus,
+                                       runtime_env=single_threaded)
         parts.append(raw.map_batches(
-            _pack_jsonl_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
+            _pack_jsonl_batch, batch_size=1, batch_format="pyarrow",  # one pack window per call
             fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
         ))
     if sources.parquet:
-        raw = ray.data.read_parquet(sources.parquet, num_cpus=num_cpus)
+        raw = ray.data.read_parquet(sources.parquet, num_cpus=num_cpus, runtime_env=single_threaded)  # fused too
         parts.append(raw.map_batches(
             _pack_parquet_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
             fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
         ))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    # Ray Data's default block (128 MiB) would hold back a task's first packed rows until that much
+    # was tokenized: small blocks let the first training batch leave after one window.
+    dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    return dataset

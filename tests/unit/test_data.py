@@ -20,7 +20,10 @@ from pipelines.data import (
     TokenSpec,
     bad_counts,
     check_data_files,
+    pack_jsonl_windows,
+    plan_jsonl_splits,
     process_records,
+    read_jsonl_split,
     record_to_messages,
 )
 from tests.helpers import make_tokenizer
@@ -136,13 +139,77 @@ def test_broken_rows_are_counted_by_reason(tok):
 
 def test_raw_byte_lines_decode_per_record(tok, tmp_path):
     """jsonl files are read as byte lines: invalid UTF-8 past any file head costs only its own row."""
-    from pipelines.data import _pack_jsonl_batch
-
     good = [json.dumps(r).encode() for r in good_records(6)]
-    table = pa.table({"line": pa.array(good[:3] + [b'{"input": "a", "output": "\xc3("}'] + good[3:], pa.binary())})
-    out = _pack_jsonl_batch(table, tokenizer=tok, cfg=DataConfig(block_size=8, seq_len=128),
-                            spec=TokenSpec.from_tokenizer(tok))
+    window = b"\n".join(good[:3] + [b'{"input": "a", "output": "\xc3("}'] + good[3:])
+    out = pack_jsonl_windows([window], tokenizer=tok, cfg=DataConfig(block_size=8, seq_len=128),
+                             spec=TokenSpec.from_tokenizer(tok))
     assert out["num_docs"].sum() == 6 and bad_counts(out)["bad_unicode"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# jsonl files read in byte-range splits (small windows and splits forced by DataConfig)
+
+
+def _read_all(path, cfg, chunk_bytes=1 << 22):
+    """Every window of every split of one file, in split order (what the Ray tasks read)."""
+    splits = plan_jsonl_splits([(str(path), path.stat().st_size)], cfg)
+    return splits, [w for s in splits for w in read_jsonl_split(s, cfg, chunk_bytes)]
+
+
+@pytest.mark.parametrize("window,per_split,chunk", [(1, 1, 1), (3, 2, 5), (7, 5, 4096), (64, 1, 3), (10**6, 1, 64)])
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_splits_own_each_line_exactly_once(tmp_path, window, per_split, chunk, final_newline):
+    """Oracle: bytes.split. Lines of 0-40 bytes (blank ones skipped), windows and read chunks far
+    smaller than lines, so lines straddle splits, windows and chunks everywhere."""
+    import random
+
+    rng = random.Random(window * 31 + per_split)
+    lines = [bytes(rng.choice(b"ab {}") for _ in range(rng.randint(0, 40))) for _ in range(300)]
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b"\n".join(lines) + (b"\n" if final_newline else b""))
+    cfg = DataConfig(block_size=8, seq_len=64, pack_window_bytes=window, read_split_bytes=window * per_split)
+    splits, windows = _read_all(path, cfg, chunk)
+    assert [w_line for w in windows for w_line in w["lines"].split(b"\n")] == [x for x in lines if x.strip()]
+    assert len(splits) == -(-path.stat().st_size // cfg.read_split_bytes)
+    offsets = [w["offset"] for w in windows]
+    assert offsets == sorted(offsets) and len({o // window for o in offsets}) == len(offsets)  # one row per window
+
+
+def test_a_file_larger_than_a_split_is_read_completely_and_bad_rows_counted_once(tok, tmp_path):
+    records = good_records(40)
+    path = write_jsonl(tmp_path / "sft.jsonl", records, [raw for raw, _ in BROKEN_ROWS])
+    cfg = DataConfig(block_size=8, seq_len=128, docs_per_batch=4, pack_window_bytes=128, read_split_bytes=256)
+    splits, windows = _read_all(path, cfg)
+    # the premise: many splits, and broken rows that straddle a split boundary
+    data = path.read_bytes()
+    starts = [0] + [i + 1 for i, b in enumerate(data) if b == ord("\n")][:-1]
+    broken = {raw if isinstance(raw, bytes) else raw.encode() for raw, _ in BROKEN_ROWS}
+    straddling = [s for s in starts if data[s:].split(b"\n", 1)[0] in broken
+                  and any(s < sp.start < s + len(data[s:].split(b"\n", 1)[0]) for sp in splits)]
+    assert len(splits) > 10 and len(straddling) >= 3
+    out = pack_jsonl_windows([w["lines"] for w in windows], tokenizer=tok, cfg=cfg, spec=TokenSpec.from_tokenizer(tok))
+    assert out["num_docs"].sum() == len(records)
+    assert bad_counts(out) == {r: expected_bad_counts().get(r, 0) for r in BAD_REASONS}
+
+
+def test_packing_does_not_depend_on_the_split_size(tok, tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", good_records(60), [raw for raw, _ in BROKEN_ROWS])
+    packed = []
+    for per_split in (1, 3, 1000):
+        cfg = DataConfig(block_size=8, seq_len=64, docs_per_batch=5, pack_window_bytes=256,
+                         read_split_bytes=256 * per_split)
+        splits, windows = _read_all(path, cfg)
+        packed.append((len(splits), pack_jsonl_windows([w["lines"] for w in windows], tokenizer=tok, cfg=cfg,
+                                                        spec=TokenSpec.from_tokenizer(tok))))
+    (n_small, first), *others = packed
+    assert n_small > packed[-1][0] == 1
+    for _, out in others:
+        assert out.keys() == first.keys() and all((out[c] == first[c]).all() for c in first)
+
+
+def test_split_must_hold_whole_windows():
+    with pytest.raises(ValueError, match="multiple of pack_window_bytes"):
+        DataConfig(block_size=8, seq_len=64, pack_window_bytes=100, read_split_bytes=150)
 
 
 def test_a_template_that_raises_is_counted_not_fatal(tok):
