@@ -10,8 +10,10 @@ r"""Benchmarks of the fdllm engine (run from the repository root after `pip inst
     python -m benchmarks.benchmark kernels                   # Triton vs torch on a GPU (benchmarks/bench_kernels.py)
 
 `decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
-(yardstick), the engine's AR mode, and block diffusion with the sub-block cache off and on. It
-prints forwards (model forward passes of the run), tokens per forward (per request, mean), tokens/s
+(yardstick), the engine's AR mode, block diffusion with the sub-block cache off and on, and
+self-speculative decoding (diffusion drafts, causal verify: the AR output). It
+prints forwards (model forward passes of the run), tokens per forward (per request, mean; a
+speculative request counts its draft and verify forwards), the fraction of draft tokens accepted, tokens/s
 (generated tokens / wall time), ms per forward and peak memory (CUDA: peak allocated; CPU: peak RSS
 growth during the run, sampled), then the per-step cost of diffusion vs AR at the smallest batch and
 the tokens/s scaling of each mode from the smallest to the largest batch.
@@ -54,6 +56,7 @@ class Row:
     tokens_per_forward: float
     seconds: float
     peak_mib: float
+    acceptance: float | None = None  # speculative: accepted / drafted tokens over the run
 
     @property
     def tokens_per_s(self) -> float:
@@ -135,7 +138,9 @@ def run_engine(make_engine: Callable[[], fdllm.Engine], prompts, params: fdllm.S
         seconds = time.perf_counter() - start
     tokens = sum(len(r.token_ids) for r in results)
     tpf = sum(r.tokens_per_forward for r in results) / len(results)
-    return Row(mode, len(prompts), tokens, forwards, tpf, seconds, mem.peak_mib)
+    drafted = sum(r.num_drafted for r in results)
+    acceptance = sum(r.num_accepted for r in results) / drafted if drafted else None
+    return Row(mode, len(prompts), tokens, forwards, tpf, seconds, mem.peak_mib, acceptance)
 
 
 def run_hf(hf_model, prompts, max_new_tokens: int, mask_token_id: int, device: torch.device) -> Row:
@@ -160,10 +165,11 @@ def decode(args: argparse.Namespace) -> list[Row]:
     mask_id = (saved.mask_token_id if saved and saved.mask_token_id is not None else model.config.vocab_size - 1)
     threshold = args.threshold if args.threshold is not None else (saved.threshold if saved else 1e-9)
     base = fdllm.BlockDiffusionConfig(block_size=args.block_size, sub_block_size=args.sub_block_size,
-                                      threshold=threshold, mask_token_id=mask_id)
+                                      threshold=threshold, mask_token_id=mask_id,
+                                      prefix_attention=saved.prefix_attention if saved else "block_causal")
     gen = torch.Generator().manual_seed(args.seed)
     modes = [("ar", False, "ar"), ("diffusion, sub-block cache off", False, "diffusion"),
-             ("diffusion, sub-block cache on", True, "diffusion")]
+             ("diffusion, sub-block cache on", True, "diffusion"), ("speculative", False, "speculative")]
 
     def engine_for(batch: int, cache_on: bool) -> Callable[[], fdllm.Engine]:
         pages = batch * math.ceil((args.prompt_len + args.max_new_tokens) / args.block_size)
@@ -192,17 +198,18 @@ def best_of(repeats: int, run: Callable[..., Row], *run_args) -> Row:
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     mem = "peak MiB (CUDA alloc)" if args.device.startswith("cuda") else "peak MiB (RSS growth)"
-    header = f"{'mode':<32}{'batch':>6}{'forwards':>10}{'tok/fwd':>9}{'tokens/s':>11}{'ms/fwd':>9}{mem:>24}"
+    header = f"{'mode':<32}{'batch':>6}{'forwards':>10}{'tok/fwd':>9}{'accept':>8}{'tokens/s':>11}{'ms/fwd':>9}{mem:>24}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.mode:<32}{r.batch:>6}{r.forwards:>10}{r.tokens_per_forward:>9.2f}{r.tokens_per_s:>11.1f}"
+        accept = "-" if r.acceptance is None else f"{r.acceptance:.2f}"
+        print(f"{r.mode:<32}{r.batch:>6}{r.forwards:>10}{r.tokens_per_forward:>9.2f}{accept:>8}{r.tokens_per_s:>11.1f}"
               f"{r.ms_per_forward:>9.2f}{r.peak_mib:>24.1f}")
     small, large = min(args.batch_sizes), max(args.batch_sizes)
     by = {(r.mode, r.batch): r for r in rows}
     ar = by[("ar", small)]
     print()
-    for mode in ("diffusion, sub-block cache off", "diffusion, sub-block cache on"):
+    for mode in ("diffusion, sub-block cache off", "diffusion, sub-block cache on", "speculative"):
         step = by[(mode, small)]
         print(f"{mode}: one step costs {step.ms_per_forward / ar.ms_per_forward:.2f}x an AR step at batch {small} "
               f"(target <= 1.3x); {step.tokens_per_s / ar.tokens_per_s:.2f}x AR tokens/s")
@@ -215,7 +222,7 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    dec = sub.add_parser("decode", help="AR vs block diffusion (sub-block cache on/off) vs HF generate")
+    dec = sub.add_parser("decode", help="AR vs block diffusion (sub-block cache on/off) vs speculative vs HF generate")
     dec.add_argument("--model", help="HF checkpoint dir; default: random weights of the config below")
     dec.add_argument("--hidden-size", type=int, default=256)
     dec.add_argument("--layers", type=int, default=4)

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 BLOCK_CONFIG_NAME = "fdllm_config.json"
+# How the clean stream (prompt and committed blocks) attends: "block_causal" (METHOD.md §2.4,
+# bidirectional inside a block) or "causal" (the joint AR + diffusion objective, §5: prefix K/V are
+# then the same in diffusion and AR mode).
+PREFIX_ATTENTIONS = ("block_causal", "causal")
 
 # HF `model_type` -> the architecture name written back into config.json.
 SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -124,6 +128,9 @@ class BlockDiffusionConfig:
     use_sub_block_cache: bool = True  # DualCache approximation of METHOD.md §3.3
     mask_token_id: int | None = None  # None: taken from the checkpoint's fdllm_config/tokenizer
     eps: float = 1e-3  # minimum masking probability per block in training
+    # How the checkpoint was trained to attend over its clean prefix (PREFIX_ATTENTIONS); the engine's
+    # prefill and block commit follow it. Checkpoints saved before this field existed are block-causal.
+    prefix_attention: str = "block_causal"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.sub_block_size < 1:
@@ -136,6 +143,12 @@ class BlockDiffusionConfig:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {self.eps}")
+        if self.prefix_attention not in PREFIX_ATTENTIONS:
+            raise ValueError(f"prefix_attention must be one of {PREFIX_ATTENTIONS}, got {self.prefix_attention!r}")
+
+    @property
+    def causal_prefix(self) -> bool:
+        return self.prefix_attention == "causal"
 
     def replace(self, **changes: Any) -> "BlockDiffusionConfig":
         return dataclasses.replace(self, **changes)

@@ -21,13 +21,18 @@ except ImportError:  # pragma: no cover
     BlockMask, create_block_mask = None, None
 
 
-def two_stream_rule(q: Tensor, k: Tensor, seq_len: int, block_size: int) -> Tensor:
-    """Allowed[q, k] for the two-stream training input (index tensors broadcast together)."""
+def two_stream_rule(q: Tensor, k: Tensor, seq_len: int, block_size: int, causal_prefix: bool = False) -> Tensor:
+    """Allowed[q, k] for the two-stream training input (index tensors broadcast together).
+
+    `causal_prefix`: the clean stream attends causally instead of block-causally (the joint AR +
+    diffusion objective of METHOD.md §5), so its K/V are the AR model's and its logits AR logits.
+    """
     q_noisy, k_noisy = q < seq_len, k < seq_len
     q_blk, k_blk = (q % seq_len) // block_size, (k % seq_len) // block_size
     noisy_noisy = q_noisy & k_noisy & (q_blk == k_blk)  # bidirectional inside the block
     noisy_clean = q_noisy & ~k_noisy & (k_blk < q_blk)  # clean context of earlier blocks
-    clean_clean = ~q_noisy & ~k_noisy & (k_blk <= q_blk)  # block-causal
+    clean_order = (k <= q) if causal_prefix else (k_blk <= q_blk)  # both clean: indices in [L, 2L)
+    clean_clean = ~q_noisy & ~k_noisy & clean_order  # causal or block-causal
     return noisy_noisy | noisy_clean | clean_clean  # clean -> noisy: never
 
 
@@ -47,12 +52,14 @@ def _check(seq_len: int, block_size: int, doc_ids: Tensor | None) -> None:
         raise ValueError(f"doc_ids must be [B, {seq_len}], got {tuple(doc_ids.shape)}")
 
 
-def two_stream_mask(seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None) -> Tensor:
+def two_stream_mask(
+    seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None, causal_prefix: bool = False
+) -> Tensor:
     """Dense bool mask [B|1, 1, 2L, 2L] for `[x_t ; x_0]` of length 2L (L = seq_len)."""
     _check(seq_len, block_size, doc_ids)
     device = doc_ids.device if doc_ids is not None else device
     idx = torch.arange(2 * seq_len, device=device)
-    allowed = two_stream_rule(idx[:, None], idx[None, :], seq_len, block_size)[None]  # [1, 2L, 2L]
+    allowed = two_stream_rule(idx[:, None], idx[None, :], seq_len, block_size, causal_prefix)[None]  # [1, 2L, 2L]
     if doc_ids is not None:
         b = torch.arange(doc_ids.shape[0], device=device)[:, None, None]
         allowed = allowed & _same_doc(doc_ids, b, idx[None, :, None], idx[None, None, :], seq_len)
@@ -72,15 +79,16 @@ def block_causal_mask(seq_len: int, block_size: int, doc_ids: Tensor | None = No
 
 
 def two_stream_block_mask(
-    seq_len: int, block_size: int, doc_ids: Tensor | None = None, device: str | torch.device = "cpu"
+    seq_len: int, block_size: int, doc_ids: Tensor | None = None, device: str | torch.device = "cpu",
+    causal_prefix: bool = False,
 ) -> "BlockMask":
     """The same mask as `two_stream_mask`, as a sparse flex_attention BlockMask."""
     _check(seq_len, block_size, doc_ids)
     if doc_ids is None:
-        return _cached_two_stream_block_mask(seq_len, block_size, str(device))
+        return _cached_two_stream_block_mask(seq_len, block_size, str(device), causal_prefix)
 
     def mask_mod(b, h, q, k):
-        return two_stream_rule(q, k, seq_len, block_size) & _same_doc(doc_ids, b, q, k, seq_len)
+        return two_stream_rule(q, k, seq_len, block_size, causal_prefix) & _same_doc(doc_ids, b, q, k, seq_len)
 
     n = 2 * seq_len
     return create_block_mask(mask_mod, doc_ids.shape[0], None, n, n, device=doc_ids.device)
@@ -101,10 +109,10 @@ def block_causal_block_mask(
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_two_stream_block_mask(seq_len: int, block_size: int, device: str) -> "BlockMask":
+def _cached_two_stream_block_mask(seq_len: int, block_size: int, device: str, causal_prefix: bool) -> "BlockMask":
     # Building a BlockMask costs ~1 s on CPU for a few hundred tokens; training reuses one shape.
     def mask_mod(b, h, q, k):
-        return two_stream_rule(q, k, seq_len, block_size)
+        return two_stream_rule(q, k, seq_len, block_size, causal_prefix)
 
     n = 2 * seq_len
     return create_block_mask(mask_mod, None, None, n, n, device=device)

@@ -7,6 +7,9 @@ Pipeline for a batch of packed sequences (input_ids, labels) [B, L], L a multipl
      along the batch ([2B, 2L]);
   3. `block_diffusion_loss`: forward under the two-stream mask, logits of the noisy half, token
      shift (position j-1 predicts token j), cross-entropy over masked tokens of both copies.
+`joint_loss` (METHOD.md §5, self-speculative decoding) adds, in the same forward, the AR next-token
+loss of the clean half under a causal clean stream: one checkpoint with a good causal mode and a
+good diffusion mode, whose prefix K/V are the same in both.
 
 Shape legend: B batch, L sequence length, V vocab.
 """
@@ -32,6 +35,7 @@ class TwoStreamBatch:
     position_ids: Tensor  # [2B, 2L] both halves share positions
     targets: Tensor  # [2B, L] token j where it is masked in x_t, IGNORE_INDEX elsewhere
     doc_ids: Tensor | None  # [2B, L] or None
+    ar_targets: Tensor | None = None  # [2B, L] token j where it carries loss (both copies): the clean half's AR loss
 
 
 def check_block_multiple(seq_len: int, block_size: int) -> None:
@@ -88,13 +92,14 @@ def two_stream_batch(
         position_ids_BL = torch.arange(L, device=input_ids_BL.device).expand(B, L)
     masks = sample_noise_masks(labels_BL, block_size, eps, doc_ids_BL, generator)
     rows, targets = [], []
+    ar_targets = torch.where(loss_carrying(labels_BL, doc_ids_BL), input_ids_BL, IGNORE_INDEX).repeat(2, 1)
     for masked_BL in masks:
         x_t = torch.where(masked_BL, torch.full_like(input_ids_BL, mask_token_id), input_ids_BL)
         rows.append(torch.cat([x_t, input_ids_BL], dim=1))  # [B, 2L]
         targets.append(torch.where(masked_BL, input_ids_BL, torch.full_like(input_ids_BL, IGNORE_INDEX)))
     positions = torch.cat([position_ids_BL, position_ids_BL], dim=1).repeat(2, 1)
     docs = None if doc_ids_BL is None else doc_ids_BL.repeat(2, 1)
-    return TwoStreamBatch(torch.cat(rows), positions, torch.cat(targets), docs)
+    return TwoStreamBatch(torch.cat(rows), positions, torch.cat(targets), docs, ar_targets)
 
 
 def resolve_mask_impl(mask_impl: MaskImpl, device: torch.device) -> Literal["dense", "flex"]:
@@ -132,17 +137,43 @@ def block_diffusion_loss(
     return two_stream_loss(model, batch, block_size, mask_impl)
 
 
-def two_stream_loss(
-    model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl = "auto"
-) -> tuple[Tensor, Tensor]:
-    """Forward an already noised two-stream batch under its mask; mean CE over masked tokens, and their count."""
+def _two_stream_attention(batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl, causal_prefix: bool):
     L, device = batch.targets.shape[1], batch.input_ids.device
     if resolve_mask_impl(mask_impl, device) == "flex":
-        mask = two_stream_block_mask(L, block_size, batch.doc_ids, device=device)
-    else:
-        mask = two_stream_mask(L, block_size, batch.doc_ids, device=device)
+        return two_stream_block_mask(L, block_size, batch.doc_ids, device=device, causal_prefix=causal_prefix)
+    return two_stream_mask(L, block_size, batch.doc_ids, device=device, causal_prefix=causal_prefix)
+
+
+def two_stream_loss(
+    model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl = "auto",
+    causal_prefix: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Forward an already noised two-stream batch under its mask; mean CE over masked tokens, and their count.
+
+    `causal_prefix`: the clean stream attends causally (the joint objective's mask; its diffusion part alone).
+    """
+    mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix)
+    L = batch.targets.shape[1]
     logits = model(batch.input_ids, batch.position_ids, mask, logit_positions=slice(0, L))  # noisy half
     return shifted_cross_entropy(logits, batch.targets)
+
+
+def joint_loss(
+    model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, ar_weight: float = 0.5,
+    diffusion_weight: float = 0.5, mask_impl: MaskImpl = "auto",
+) -> tuple[Tensor, Tensor]:
+    """`ar_weight` * AR next-token loss of the clean half + `diffusion_weight` * block-diffusion loss of
+    the noisy half, from one forward under the two-stream mask with a causal clean stream (the clean
+    half's logits are then exactly a causal LM's). Returns the weighted loss and the masked-token count
+    (the diffusion part's, which the train loop normalises by across workers)."""
+    if batch.ar_targets is None:
+        raise ValueError("the joint loss needs TwoStreamBatch.ar_targets (built by two_stream_batch)")
+    mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix=True)
+    L = batch.targets.shape[1]
+    logits = model(batch.input_ids, batch.position_ids, mask)  # both halves
+    diffusion, count = shifted_cross_entropy(logits[:, :L], batch.targets)
+    ar, _ = shifted_cross_entropy(logits[:, L:], batch.ar_targets)
+    return ar_weight * ar + diffusion_weight * diffusion, count
 
 
 def ar_loss(

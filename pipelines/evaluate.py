@@ -6,7 +6,9 @@ r"""Exact-match accuracy and decoding speed of AR vs block-diffusion decoding on
 Records are jsonl `{"prompt": ..., "answer": ...}` (optionally `"messages"`, the full chat to send);
 the prompt is sent as a user message through the checkpoint's chat template (raw when it has none) and the answer must match the generated text
 exactly (surrounding whitespace ignored). Rows: the AR base decoded AR (when --base is given), then
-the model under test in each mode of --modes (diffusion once per threshold). tokens/s counts
+the model under test in each mode of --modes (diffusion and speculative once per threshold; a
+speculative row must score exactly the model's own AR row: its output is the AR output, so the
+rows differ in forwards only; `accept` is the fraction of draft tokens the causal verify kept). tokens/s counts
 generated tokens over wall time of the whole batched run on one engine, so rows compare like for like.
 Works on any HF checkpoint, e.g. a GSM8K-style set on a real model on a GPU.
 """
@@ -48,6 +50,9 @@ class EvalRow:
     weight_bytes: int = 0  # the model's weights as held in memory
     agreement: float | None = None  # quantized rows: share of records decoded to the unquantized row's text
     outputs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # generated texts (not in the JSON)
+
+    drafted: int = 0  # speculative: draft tokens proposed to a verify forward
+    accepted: int = 0  # speculative: draft tokens the verify confirmed
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "outputs"}
@@ -95,11 +100,12 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
     correct = sum(res.text.strip() == rec["answer"].strip() for res, rec in zip(results, records))
     tokens = sum(len(res.token_ids) for res in results)
     forwards = sum(res.num_forwards for res in results)
-    return EvalRow(model=name, mode=params.mode, threshold=params.threshold if params.mode == "diffusion" else None,
+    return EvalRow(model=name, mode=params.mode, threshold=params.threshold if params.mode != "ar" else None,
                    batch_size=step, accuracy=correct / len(records), correct=correct, total=len(records),
                    tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
                    generated_tokens=tokens, seconds=seconds, quantization=engine.engine_config.quantization,
-                   weight_bytes=weight_bytes(engine.model), outputs=tuple(res.text for res in results))
+                   weight_bytes=weight_bytes(engine.model), outputs=tuple(res.text for res in results),
+                   drafted=sum(res.num_drafted for res in results), accepted=sum(res.num_accepted for res in results))
 
 
 def format_table(rows: list[EvalRow]) -> str:
@@ -107,16 +113,17 @@ def format_table(rows: list[EvalRow]) -> str:
     for r in rows:
         if r.mode == "ar":
             ar_speed.setdefault(r.batch_size, r.tokens_per_s)
-    head = (f"{'model':<16} {'quant':<5} {'weights':>8} {'mode':<10} {'thr':>5} {'batch':>5} {'accuracy':>9} {'agree':>6} "
-            f"{'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6}")
+    head = (f"{'model':<16} {'quant':<5} {'weights':>8} {'mode':<11} {'thr':>5} {'batch':>5} {'accuracy':>9} {'agree':>6} "
+            f"{'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6} {'accept':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         thr = f"{r.threshold:.2f}" if r.threshold is not None else "-"
         ratio = f"{r.tokens_per_s / ar_speed[r.batch_size]:.2f}x" if r.batch_size in ar_speed else "-"
         agree = f"{100 * r.agreement:.0f}%" if r.agreement is not None else "-"
-        lines.append(f"{r.model:<16} {r.quantization or '-':<5} {r.weight_bytes / 1e6:>6.1f}MB {r.mode:<10} {thr:>5} "
+        accept = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
+        lines.append(f"{r.model:<16} {r.quantization or '-':<5} {r.weight_bytes / 1e6:>6.1f}MB {r.mode:<11} {thr:>5} "
                      f"{r.batch_size:>5} {100 * r.accuracy:>8.1f}% {agree:>6} {r.tokens_per_forward:>8.2f} "
-                     f"{r.tokens_per_s:>8.1f} {ratio:>6}")
+                     f"{r.tokens_per_s:>8.1f} {ratio:>6} {accept:>6}")
     return "\n".join(lines)
 
 
@@ -140,7 +147,7 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
         engine = fdllm.Engine.from_pretrained(model, device=device, dtype=dtype,
                                               engine_config=fdllm.EngineConfig(quantization=quantization))
         for mode in modes:
-            for thr in thresholds if mode == "diffusion" else (None,):
+            for thr in thresholds if mode != "ar" else (None,):
                 params = fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode=mode, threshold=thr)
                 row = evaluate(engine, records, params, name, batch_size=batch_size)
                 if quantization is None:
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--model", required=True, help="checkpoint dir to evaluate (fdllm/HF format)")
     parser.add_argument("--data", required=True, help="jsonl of {prompt, answer}")
     parser.add_argument("--base", help="AR base checkpoint, evaluated with AR decoding as the reference row")
-    parser.add_argument("--modes", default="ar,diffusion", help="comma list of ar, diffusion")
+    parser.add_argument("--modes", default="ar,diffusion", help="comma list of ar, diffusion, speculative")
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=_floats)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="evaluate the first N records only")
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modes = tuple(m for m in args.modes.split(",") if m)
-    if unknown := set(modes) - {"ar", "diffusion"}:
+    if unknown := set(modes) - set(fdllm.engine.params.MODES):
         parser.error(f"unknown modes {sorted(unknown)}")
     rows = run_evaluation(args.model, args.data, args.base, modes, args.thresholds, args.max_new_tokens, args.limit,
                           args.device, parse_dtype(args.dtype), args.batch_size, args.quantization)

@@ -53,6 +53,12 @@ class FinetuneConfig:
     sub_block_size: int = _opt("decoding sub-block size, stored in fdllm_config.json", default=8)
     seq_len: int = _opt("packed sequence length (a multiple of block_size)", default=2048)
     eps: float = _opt("minimum per-block masking probability", default=1e-3)
+    objective: str = _opt(
+        "diffusion: the block-diffusion loss (§2); joint: + the AR next-token loss of a causal clean stream "
+        "(§5), for mode='speculative' (the checkpoint records prefix_attention='causal')",
+        ("diffusion", "joint"), default="diffusion")
+    ar_loss_weight: float = _opt("joint objective: weight of the AR next-token loss", default=0.5)
+    diffusion_loss_weight: float = _opt("joint objective: weight of the block-diffusion loss", default=0.5)
     # optimisation
     batch_size: int = _opt("sequences per worker per step", default=1)
     lr: float = _opt("peak learning rate", default=1e-5)
@@ -99,6 +105,11 @@ class FinetuneConfig:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0")
         if not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {self.eps}")
+        if min(self.ar_loss_weight, self.diffusion_loss_weight) < 0 or self.ar_loss_weight + self.diffusion_loss_weight <= 0:
+            raise ValueError(
+                f"loss weights must be >= 0 and not both 0, got ar {self.ar_loss_weight}, "
+                f"diffusion {self.diffusion_loss_weight}"
+            )
         if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
             raise ValueError("cpus_per_worker and data_cpus must be > 0")
         for f in dataclasses.fields(self):

@@ -41,7 +41,7 @@ from torch import Tensor
 
 import fdllm
 from fdllm.config import BlockDiffusionConfig
-from fdllm.objective import TwoStreamBatch, two_stream_batch, two_stream_loss
+from fdllm.objective import TwoStreamBatch, joint_loss, two_stream_batch, two_stream_loss
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.checkpoints import DEEPSPEED_DIR, TRAIN_STATE, export_servable, restore_for_rank
@@ -90,11 +90,13 @@ def diffusion_loss_sum(
     seed: int,
     step: int,
     device: torch.device,
+    joint_weights: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed block-diffusion cross-entropy of a packed batch and the number of masked tokens.
 
     As `fdllm.objective.block_diffusion_loss`, but each row is noised by its own generator seeded
     from (seed, step, row content): the noise of a sequence is the same on any worker layout.
+    `joint_weights` (ar, diffusion): the joint objective (`fdllm.objective.joint_loss`) instead.
     """
     ids_BL, labels_BL, pos_BL, docs_BL = (torch.from_numpy(batch[c]).long() for c in BATCH_COLUMNS)
     rows = []
@@ -109,9 +111,12 @@ def diffusion_loss_sum(
 
     noised = TwoStreamBatch(  # ids/positions [2B, 2L], targets/doc ids [2B, L]
         input_ids=stacked("input_ids"), position_ids=stacked("position_ids"),
-        targets=stacked("targets"), doc_ids=stacked("doc_ids"),
+        targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"),
     )
-    loss, count = two_stream_loss(model, noised, block_size)
+    if joint_weights is None:
+        loss, count = two_stream_loss(model, noised, block_size)
+    else:
+        loss, count = joint_loss(model, noised, block_size, *joint_weights)
     return loss * count, count
 
 
@@ -339,7 +344,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("resumed from step %d (epoch %d, %d sequences into it)", state.step, state.epoch, state.consumed)
     block_cfg = BlockDiffusionConfig(
-        block_size=cfg.block_size, sub_block_size=cfg.sub_block_size, mask_token_id=mask_id, eps=cfg.eps
+        block_size=cfg.block_size, sub_block_size=cfg.sub_block_size, mask_token_id=mask_id, eps=cfg.eps,
+        prefix_attention="causal" if cfg.objective == "joint" else "block_causal",
     )
 
     total_steps = cfg.total_steps()
@@ -397,7 +403,8 @@ def _train_step(
     """One optimizer step on this worker's batch; returns the global mean loss and token count."""
     with parallel.autocast:
         loss_sum, count = diffusion_loss_sum(
-            parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, step, device
+            parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, step, device,
+            (cfg.ar_loss_weight, cfg.diffusion_loss_weight) if cfg.objective == "joint" else None,
         )
     # Host sync, once per step: the global masked-token count normalises the loss on every worker.
     totals = _all_reduce([loss_sum.item(), count.item(), float(batch["num_tokens"].sum())])

@@ -73,7 +73,8 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     user: str | None = None
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)  # fdllm: per-request confidence threshold
-    mode: Literal["diffusion", "ar"] = "diffusion"  # fdllm: "ar" decodes one token per forward
+    # fdllm: "ar" decodes one token per forward; "speculative" drafts by diffusion, verifies causally (= AR output)
+    mode: Literal["diffusion", "ar", "speculative"] = "diffusion"
 
     @field_validator("stop")
     @classmethod
@@ -193,6 +194,8 @@ def fdllm_stats(result: GenerationResult) -> dict[str, float | int | None]:
         "num_forwards": result.num_forwards,
         "tokens_per_forward": round(result.tokens_per_forward, 4),
         "time_to_first_token_s": result.time_to_first_token_s,
+        "num_drafted": result.num_drafted,  # speculative mode; 0 otherwise
+        "num_accepted": result.num_accepted,
     }
 
 

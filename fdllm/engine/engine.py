@@ -1,4 +1,4 @@
-"""`Engine`: block-diffusion (and AR baseline) generation with continuous batching.
+"""`Engine`: block-diffusion (plus AR baseline and lossless speculative) generation with continuous batching.
 
 `step()` = schedule -> run -> postprocess. Requests join (`add_request`) and leave (`abort`, or on
 finishing) between steps; `generate` is the batch convenience on top of the step API.
@@ -166,6 +166,7 @@ class Engine:
             use_sub_block_cache=cfg.use_sub_block_cache,
             threshold=cfg.threshold if params.threshold is None else params.threshold,
             mask_token_id=cfg.mask_token_id, arrival=time.perf_counter(), on_tokens=on_tokens,
+            causal_prefix=cfg.causal_prefix,
         )
         self.scheduler.add(seq)
         return request_id
@@ -311,8 +312,10 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
-        if params.mode == "diffusion" and self.config.mask_token_id is None:
-            raise ValueError("diffusion mode needs a mask token id (BlockDiffusionConfig.mask_token_id); use mode='ar'")
+        if params.mode != "ar" and self.config.mask_token_id is None:
+            raise ValueError(
+                f"{params.mode} mode needs a mask token id (BlockDiffusionConfig.mask_token_id); use mode='ar'"
+            )
         total = len(ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise ValueError(

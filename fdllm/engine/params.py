@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE
 from fdllm.quantization import QUANTIZATIONS
 
-MODES = ("diffusion", "ar")
+MODES = ("diffusion", "ar", "speculative")
 # Sampling divides logits by the temperature: below this the division overflows fp32 on ordinary
 # logit gaps (1e-30 turns a row into inf/nan), and above it the distribution is uniform for all uses.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
@@ -36,7 +36,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # added to the tokenizer's stop tokens (unless ignore_eos)
     stop: tuple[str, ...] = ()  # stop strings; the output text ends before the first one
     threshold: float | None = None  # None: the engine's BlockDiffusionConfig.threshold
-    mode: str = "diffusion"  # "ar": the autoregressive baseline on the same engine and cache
+    # "ar": the autoregressive baseline on the same engine and cache; "speculative": drafts each block
+    # in diffusion mode and verifies it with one causal forward, so the output is the model's own AR
+    # output (greedy: token for token; sampling: the same distribution) in fewer forwards.
+    mode: str = "diffusion"
     ignore_eos: bool = False  # True: only stop_token_ids/stop/max_new_tokens end the request
 
     def __post_init__(self) -> None:
@@ -130,10 +133,21 @@ class GenerationResult:
     text: str = ""
     finish_reason: str = "length"  # "stop" | "length" | "abort" | "error" (a failure inside a step)
     error: str | None = None  # with finish_reason "error": what failed (the details are in the engine log)
-    num_forwards: int = 0  # forward passes this request took part in
+    num_forwards: int = 0  # forward passes this request took part in (speculative: drafts and verifies)
+    num_drafted: int = 0  # speculative mode: draft tokens proposed to a verify forward
+    num_accepted: int = 0  # speculative mode: draft tokens the verify forward confirmed
     time_to_first_token_s: float | None = None  # None: no token was produced
     latency_s: float = 0.0
 
     @property
     def tokens_per_forward(self) -> float:
         return len(self.token_ids) / self.num_forwards if self.num_forwards else 0.0
+
+    @property
+    def forwards_per_token(self) -> float:
+        return self.num_forwards / len(self.token_ids) if self.token_ids else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Speculative mode: the fraction of draft tokens the causal verify confirmed (0 without drafts)."""
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0

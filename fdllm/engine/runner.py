@@ -3,7 +3,8 @@
 A step runs in one of two layouts:
 - static (every work is a decode work: one non-causal attention row, no prompt tokens): works are
   padded to a batch bucket Bb and every work to Q query tokens (Q = the step's longest work: 1 for
-  AR tokens, the sub-block for cached steps, the block for refresh and commit steps). Padded
+  AR tokens, the sub-block for cached steps, the block for refresh and commit steps, up to the
+  block + 1 for speculative drafts; a speculative verify is causal, so its step is dynamic). Padded
   tokens write their K/V to the cache's scratch slot, padded rows see nothing. On CUDA this body
   (embedding -> layers -> norm) replays a CUDA graph captured per (Bb, Q) (`fdllm.engine.graphs`);
   elsewhere, or with `EngineConfig(enforce_eager=True)`, the same layout runs eagerly, which is
@@ -223,8 +224,8 @@ class ModelRunner:
             n, row = len(w.token_ids), w.rows[0]
             ids[b, :n] = w.token_ids
             positions[b, :n] = np.arange(w.start, w.start + n)
-            first = w.seq.slot(w.start)  # a decode work never leaves its block's page
-            slots[b, :n] = np.arange(first, first + n)
+            # Per token: a speculative draft starts at the last known token, which may sit in the previous page.
+            slots[b, :n] = [w.seq.slot(p) for p in range(w.start, w.start + n)]
             tables[b, : len(row.pages)] = row.pages
             kv_lens[b], q_lens[b] = row.kv_len, n
         for name, values in (("ids", ids), ("positions", positions), ("slots", slots), ("tables", tables),

@@ -3,7 +3,9 @@
 A diffusion sequence goes: prefill its complete prompt blocks (chunked, block-causal), then decode
 the current block sub-block by sub-block, commit it (exact K/V + the next block's first token),
 and so on until a stop. An AR sequence prefills its prompt causally and then feeds one token per
-step. Each step a sequence hands the scheduler one `Work` (what to feed, how it attends, which
+step. A speculative sequence prefills as AR does, then decodes in rounds (METHOD.md §5): draft
+steps fill the rest of the current block in diffusion mode, one causal verify forward checks the
+draft, and the longest agreeing prefix plus the verify's own next token are committed. Each step a sequence hands the scheduler one `Work` (what to feed, how it attends, which
 logits to read) and gets back the predicted tokens and the threshold selection for its logit rows.
 """
 
@@ -41,13 +43,16 @@ class Work:
     candidates: list[bool] = field(default_factory=list)  # per logit row: may be accepted
     step: BlockStep | None = None  # a denoising step of the current block
     commit: bool = False  # the forward of a clean block: exact K/V, next block's first token
+    draft: bool = False  # speculative: a diffusion step over the rest of the block
+    verify: bool = False  # speculative: the causal forward over [last known token, draft]
 
     @property
     def samples(self) -> bool:
         """Whether this work's logit rows are sampled. A diffusion request samples only while
         denoising: the token that opens a block (block commit, or the last logit of a prompt that
-        fills whole blocks) is the argmax for every request (METHOD.md §3.4)."""
-        return self.seq.params.temperature > 0 and (self.seq.is_ar or self.step is not None)
+        fills whole blocks) is the argmax for every request (METHOD.md §3.4). A speculative request
+        samples where AR would (prefill's last logit, verify rows); its drafts are greedy proposals."""
+        return self.seq.params.temperature > 0 and (self.seq.is_ar or self.step is not None or self.verify)
 
     @property
     def kv_len(self) -> int:
@@ -62,19 +67,24 @@ class Sequence:
         self, *, request_id: str, prompt: list[int], params: SamplingParams, criteria: StopCriteria,
         block_size: int, sub_block_size: int, use_sub_block_cache: bool, threshold: float,
         mask_token_id: int | None, arrival: float, on_tokens: TokenCallback | None = None,
+        causal_prefix: bool = False,
     ) -> None:
+        """`causal_prefix`: the checkpoint's clean stream attends causally (BlockDiffusionConfig.prefix_attention),
+        so diffusion prefill and block commit run causal rows."""
         self.request_id, self.prompt, self.params, self.criteria = request_id, prompt, params, criteria
         self.block_size, self.sub_block_size, self.use_sub_block_cache = block_size, sub_block_size, use_sub_block_cache
-        self.threshold, self.mask_token_id = threshold, mask_token_id
+        self.threshold, self.mask_token_id, self.causal_prefix = threshold, mask_token_id, causal_prefix
         self.arrival, self.on_tokens = arrival, on_tokens
+        self.is_speculative = params.mode == "speculative"
         self.is_ar = params.mode == "ar"
+        self.is_causal = self.is_ar or self.is_speculative  # prompt prefilled causally, output in self.tokens
         P, L = len(prompt), block_size
         # Worst case: every position up to prompt + max_new_tokens, in whole pages.
         self.max_pages = math.ceil((P + params.max_new_tokens) / L)
         self.pages: list[int] = []
         self.num_cached = 0  # tokens whose exact K/V are in the pages
-        if self.is_ar:
-            self.tokens = list(prompt)  # every known token: prompt + output
+        if self.is_causal:
+            self.tokens = list(prompt)  # every known token: prompt + output; all but the last have K/V
             self.block: list[int] | None = None
         else:
             full = P - P % L
@@ -86,6 +96,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_forwards = 0
         self.first_token_time: float | None = None
+        # Speculative: the current round's draft of positions [len(tokens), block end), masks where undrafted.
+        self.draft: list[int] | None = None
+        self.num_drafted = self.num_accepted = 0
 
     @property
     def block_start(self) -> int:
@@ -93,7 +106,7 @@ class Sequence:
 
     @property
     def num_prefill_left(self) -> int:
-        target = len(self.prompt) if self.is_ar else len(self.prompt) - len(self.prompt) % self.block_size
+        target = len(self.prompt) if self.is_causal else len(self.prompt) - len(self.prompt) % self.block_size
         return max(target - self.num_cached, 0)
 
     def slot(self, pos: int) -> int:
@@ -102,7 +115,9 @@ class Sequence:
 
     def next_work(self, prefill_budget: int) -> Work | None:
         """This step's work; None if it is still prefilling and the step's prefill budget is spent."""
-        return self._ar_work(prefill_budget) if self.is_ar else self._diffusion_work(prefill_budget)
+        if self.is_speculative and not self.num_prefill_left:
+            return self._speculative_work()
+        return self._ar_work(prefill_budget) if self.is_causal else self._diffusion_work(prefill_budget)
 
     def _ar_work(self, prefill_budget: int) -> Work | None:
         left = self.num_prefill_left
@@ -123,6 +138,31 @@ class Sequence:
             logit_rows=[0], candidates=[True],
         )
 
+    def _speculative_work(self) -> Work:
+        """A draft step while the draft has masks, else the verify forward (METHOD.md §5).
+
+        Known tokens end at c - 1 = e and positions < e have exact causal K/V (e, the last known
+        token, has none yet, as in AR mode). Both kinds feed [e, block end): a draft step attends
+        the cached prefix and bidirectionally among the fed rows (like a diffusion refresh step),
+        the verify forward attends causally, so its rows are the AR logits and its K/V exact.
+        Fed row r predicts position e + r + 1 (the token shift).
+        """
+        e = len(self.tokens) - 1
+        end = (e + 1) // self.block_size * self.block_size + self.block_size  # the block holding c = e + 1
+        if self.draft is None:
+            self.draft = [self.mask_token_id] * (end - e - 1)
+        fed = [self.tokens[e], *self.draft]
+        if self.mask_token_id in self.draft:
+            return Work(
+                seq=self, token_ids=fed, start=e, rows=[AttentionRow(len(fed), end, self.pages)],
+                logit_rows=list(range(len(self.draft))), candidates=[t == self.mask_token_id for t in self.draft],
+                draft=True,
+            )
+        return Work(
+            seq=self, token_ids=fed, start=e, rows=[AttentionRow(len(fed), end, self.pages, causal=True)],
+            logit_rows=list(range(len(fed))), candidates=[True] * len(fed), verify=True,
+        )
+
     def _diffusion_work(self, prefill_budget: int) -> Work | None:
         L, start = self.block_size, self.num_cached
         token_ids: list[int] = []
@@ -133,8 +173,10 @@ class Sequence:
             if n < 1:
                 return None
             token_ids = self.tokens[start : start + n]
-            # Block-causal prefill: one row per block, each seeing the prefix and itself.
-            rows = [AttentionRow(L, j + L, self.pages) for j in range(start, start + n, L)]
+            if self.causal_prefix:  # the checkpoint's clean stream attends causally
+                rows = [AttentionRow(n, start + n, self.pages, causal=True)]
+            else:  # block-causal prefill: one row per block, each seeing the prefix and itself
+                rows = [AttentionRow(L, j + L, self.pages) for j in range(start, start + n, L)]
             if n < left:
                 return Work(seq=self, token_ids=token_ids, start=start, rows=rows, num_prefill=n)
             if self.block is None:  # exact block multiple: the last prompt logit opens the block
@@ -144,7 +186,7 @@ class Sequence:
         offset, kv_len = len(token_ids), self.block_start + L
         sub = current_sub_block(self.block, self.sub_block_size, self.mask_token_id)
         if sub is None:
-            rows.append(AttentionRow(L, kv_len, self.pages))
+            rows.append(AttentionRow(L, kv_len, self.pages, causal=self.causal_prefix))
             return Work(seq=self, token_ids=token_ids + self.block, start=start if left else self.block_start,
                         rows=rows, num_prefill=left, logit_rows=[offset + L - 1], candidates=[True], commit=True)
         step = plan_block_step(self.block, sub, self.sub_block_size, sub != self.sub_start,
@@ -160,7 +202,13 @@ class Sequence:
         """Take a step's predictions for the work's logit rows; returns the newly settled tokens."""
         self.num_forwards += 1
         self.num_cached += work.num_prefill
-        if self.is_ar:
+        if work.draft:
+            for i, (token, sel, cand) in enumerate(zip(tokens, selected, work.candidates)):
+                if sel and cand:
+                    self.draft[i] = token
+        elif work.verify:
+            self._accept(tokens)
+        elif self.is_causal:
             if tokens:
                 self.tokens.append(tokens[0])
         elif work.step is not None:
@@ -174,11 +222,24 @@ class Sequence:
             self.block = new_block(tokens, self.block_size, self.mask_token_id)
         return self._settle()
 
+    def _accept(self, verified: list[int]) -> None:
+        """Commit the longest draft prefix equal to the verify's predictions, then the verify's own
+        next token (the AR correction, or after a fully accepted draft the token past the block).
+        Every committed token is the verify's causal prediction, so the output is AR's; the K/V the
+        verify wrote for the last known token and the accepted drafts are exact causal K/V."""
+        draft, k = self.draft, 0
+        while k < len(draft) and draft[k] == verified[k]:
+            k += 1
+        self.num_drafted += len(draft)
+        self.num_accepted += k
+        self.tokens.extend(verified[: k + 1])
+        self.draft = None
+
     def _settle(self) -> list[int]:
         """Extend the output with the newly final tokens and apply the stop criteria."""
         before = len(self.output)
         pos = len(self.prompt) + before
-        if self.is_ar:
+        if self.is_causal:
             self.output.extend(self.tokens[pos:])
         elif self.block is not None:
             self.output.extend(decoded_prefix(self.block, pos - self.block_start, self.mask_token_id))
@@ -191,7 +252,8 @@ class Sequence:
     def result(self, now: float, text: str) -> GenerationResult:
         return GenerationResult(
             request_id=self.request_id, prompt_token_ids=list(self.prompt), token_ids=list(self.output), text=text,
-            finish_reason=self.finish_reason, num_forwards=self.num_forwards,
+            finish_reason=self.finish_reason, num_forwards=self.num_forwards, num_drafted=self.num_drafted,
+            num_accepted=self.num_accepted,
             time_to_first_token_s=None if self.first_token_time is None else self.first_token_time - self.arrival,
             latency_s=now - self.arrival,
         )

@@ -59,6 +59,8 @@ def test_shipped_configs_are_valid(name):
     ({"precision": "fp8"}, "precision must be one of"),
     ({"resume": True}, "needs run_name"),
     ({"strategy": "deepspeed", "zero_stage": 1}, "zero_stage must be 2 or 3"),
+    ({"objective": "ar"}, "objective must be one of"),
+    ({"objective": "joint", "ar_loss_weight": -0.1}, "loss weights"),
 ])
 def test_config_validation(change, match):
     base = dict(model="m", data=["d"], max_steps=3, block_size=32, sub_block_size=8, seq_len=64)
@@ -229,3 +231,24 @@ def test_deepspeed_workers_get_the_cpu_accelerator_and_a_missing_package_is_a_cl
     monkeypatch.setattr(train_loop, "has_deepspeed", lambda: False)
     with pytest.raises(ValueError, match="needs the deepspeed package"):
         finetune.build_trainer(cpu)  # before any worker starts
+
+
+def test_joint_objective_in_the_train_loop_weights_the_packed_ar_loss(qwen2_dir):
+    """--objective joint with weights (1, 0) trains exactly `fdllm.objective.ar_loss` of the packed
+    batch (documents kept apart); (0, 1) the diffusion loss under a causal clean stream."""
+    from fdllm.objective import ar_loss
+
+    tok = load_tokenizer(qwen2_dir)
+    model = fdllm.load_model(qwen2_dir)
+    mask_id = add_mask_token(tok, model)
+    batch = {k: v[:2] for k, v in process_records(good_records(8), tok, DataConfig(block_size=8, seq_len=64)).items()}
+    ids, labels, pos, docs = (torch.from_numpy(batch[c]).long() for c in ("input_ids", "labels", "position_ids", "doc_ids"))
+    assert len(set(docs[0].tolist())) > 1  # packed: the AR part must keep documents apart
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        ar_sum, count = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu, joint_weights=(1.0, 0.0))
+        expected, _ = ar_loss(model, ids, labels, pos, docs)
+        diff_only, _ = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu, joint_weights=(0.0, 1.0))
+        block_causal, _ = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu)
+    assert (ar_sum / count).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert diff_only.item() != pytest.approx(block_causal.item(), rel=1e-6)  # the clean stream attends causally

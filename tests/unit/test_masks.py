@@ -14,8 +14,9 @@ from fdllm.masks import (
 )
 
 
-def allowed_by_method(q: int, k: int, L: int, bs: int) -> bool:
-    """METHOD.md §2.4 spelt out case by case, with no shared code with fdllm.masks."""
+def allowed_by_method(q: int, k: int, L: int, bs: int, causal_prefix: bool = False) -> bool:
+    """METHOD.md §2.4 spelt out case by case, with no shared code with fdllm.masks (`causal_prefix`:
+    §5's joint objective, where the clean stream attends causally)."""
     q_noisy, k_noisy = q < L, k < L
     qb, kb = (q - (0 if q_noisy else L)) // bs, (k - (0 if k_noisy else L)) // bs
     if q_noisy and k_noisy:
@@ -23,18 +24,19 @@ def allowed_by_method(q: int, k: int, L: int, bs: int) -> bool:
     if q_noisy and not k_noisy:
         return kb < qb
     if not q_noisy and not k_noisy:
-        return kb <= qb
+        return k <= q if causal_prefix else kb <= qb
     return False  # clean query, noisy key
 
 
-@pytest.mark.parametrize("L,bs", [(8, 4), (12, 3), (16, 16), (6, 1)])
-def test_two_stream_mask_matches_the_rule_elementwise(L, bs):
-    mask = two_stream_mask(L, bs)[0, 0]
+@pytest.mark.parametrize("L,bs,causal_prefix", [(8, 4, False), (12, 3, False), (16, 16, False), (6, 1, False),
+                                                 (8, 4, True), (16, 16, True)])
+def test_two_stream_mask_matches_the_rule_elementwise(L, bs, causal_prefix):
+    mask = two_stream_mask(L, bs, causal_prefix=causal_prefix)[0, 0]
     assert mask.shape == (2 * L, 2 * L) and mask.dtype == torch.bool
     cases = {"nn": 0, "nc": 0, "cc": 0, "cn": 0}
     for q in range(2 * L):
         for k in range(2 * L):
-            assert bool(mask[q, k]) == allowed_by_method(q, k, L, bs), (q, k)
+            assert bool(mask[q, k]) == allowed_by_method(q, k, L, bs, causal_prefix), (q, k)
             cases[("n" if q < L else "c") + ("n" if k < L else "c")] += int(mask[q, k])
     assert cases["cn"] == 0  # the clean stream never sees the noisy one
     assert cases["nn"] > 0 and cases["cc"] > 0 and (cases["nc"] > 0 or L == bs)
@@ -100,14 +102,15 @@ def _flex_or_skip():
     return flex_attention
 
 
-@pytest.mark.parametrize("with_docs", [False, True])
-def test_flex_block_mask_gives_the_dense_mask_attention(with_docs):
+@pytest.mark.parametrize("with_docs,causal_prefix", [(False, False), (True, False), (True, True)])
+def test_flex_block_mask_gives_the_dense_mask_attention(with_docs, causal_prefix):
     flex_attention = _flex_or_skip()
     L, bs, heads, dim = 64, 16, 2, 16
     doc_ids = torch.tensor([[0] * 32 + [1] * 32]) if with_docs else None
     q, k, v = (torch.randn(1, heads, 2 * L, dim) for _ in range(3))
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=two_stream_mask(L, bs, doc_ids))
-    flex = flex_attention(q, k, v, block_mask=two_stream_block_mask(L, bs, doc_ids))
+    dense = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=two_stream_mask(L, bs, doc_ids, causal_prefix=causal_prefix))
+    flex = flex_attention(q, k, v, block_mask=two_stream_block_mask(L, bs, doc_ids, causal_prefix=causal_prefix))
     assert (dense - flex).abs().max().item() < 1e-5
 
 

@@ -241,3 +241,37 @@ def test_short_training_lowers_the_loss():
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.25 * first, (first, last)
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (0.3, 1.2)])
+def test_joint_loss_is_hf_causal_lm_loss_plus_the_causal_prefix_diffusion_loss(qwen2_dir, weights):
+    """METHOD.md §5: w_ar * (the plain causal LM loss, computed by HF transformers on the clean tokens)
+    + w_diff * (the block-diffusion loss of the same noised batch with a causal clean stream)."""
+    import transformers
+
+    from fdllm.objective import joint_loss
+
+    model = fdllm.load_model(qwen2_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32).eval()
+    ids, labels = _batch(B=2, L=16, prompt=5, seed=3)
+    batch = two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        loss, count = joint_loss(model, batch, 4, *weights, mask_impl="dense")
+        hf_labels = labels.clone()
+        hf_labels[:, 0] = IGNORE_INDEX  # never a target (HF shifts it away anyway)
+        hf_ar = hf(input_ids=ids, labels=hf_labels).loss
+        diffusion, diffusion_count = two_stream_loss(model, batch, 4, mask_impl="dense", causal_prefix=True)
+        block_causal, _ = two_stream_loss(model, batch, 4, mask_impl="dense")
+    assert int(count) == int(diffusion_count)
+    assert math.isclose(loss.item(), weights[0] * hf_ar.item() + weights[1] * diffusion.item(), rel_tol=1e-5)
+    # the clean stream's attention reaches the noisy half's loss: causal and block-causal prefixes differ
+    assert not math.isclose(diffusion.item(), block_causal.item(), rel_tol=1e-4)
+
+
+def test_joint_loss_needs_ar_targets(qwen2_dir):
+    from fdllm.objective import TwoStreamBatch, joint_loss
+
+    ids, labels = _batch(B=1, L=8)
+    b = two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="ar_targets"):
+        joint_loss(fdllm.load_model(qwen2_dir), TwoStreamBatch(b.input_ids, b.position_ids, b.targets, None), 4)
