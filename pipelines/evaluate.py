@@ -3,17 +3,21 @@ r"""Exact-match accuracy and decoding speed of AR vs block-diffusion decoding on
     python pipelines/evaluate.py --model runs/tiny-dllm --base assets/tiny-ar-base \
         --data assets/world/test.jsonl --thresholds 1.0,0.9,0.7,0.5 --output results.json
 
-Records are jsonl `{"prompt": ..., "answer": ...}` (optionally `"messages"`, the full chat to send);
+Records are jsonl `{"prompt": ..., "answer": ...}` (optionally `"messages"`, the full chat to send,
+and `"category"`, the task: each task is decoded and reported on its own, then all together);
 the prompt is sent as a user message through the checkpoint's chat template (raw when it has none) and the answer must match the generated text
 exactly (surrounding whitespace ignored). Rows: the AR base decoded AR (when --base is given), then
 the model under test in each mode of --modes (diffusion once per threshold). tokens/s counts
 generated tokens over wall time of the whole batched run on one engine, so rows compare like for like.
+`--output` writes the rows as JSON and `--plot` a PNG of accuracy against tokens per forward (one
+curve per task and model over the thresholds, the AR base as a point).
 Works on any HF checkpoint, e.g. a GSM8K-style set on a real model on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -29,10 +33,13 @@ from fdllm.tokenizer import render_chat
 
 log = logging.getLogger("fdllm.evaluate")
 
+ALL_TASKS = "all"
+
 
 @dataclass(frozen=True)
 class EvalRow:
     model: str
+    task: str  # the records' `category`, or ALL_TASKS for the whole set
     mode: str
     threshold: float | None
     batch_size: int  # requests decoded together (the whole set when 0 was asked)
@@ -72,7 +79,7 @@ def prompt_ids(engine: fdllm.Engine, record: dict) -> list[int]:
 
 
 def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str,
-             progress: bool = True, batch_size: int = 0) -> EvalRow:
+             progress: bool = True, batch_size: int = 0, task: str = ALL_TASKS) -> EvalRow:
     """Decode the records `batch_size` at a time (0: all in one continuous batch) and score exact matches.
 
     Batch 1 is the latency regime of the paper's headline numbers; a large batch measures throughput,
@@ -87,25 +94,88 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
     correct = sum(res.text.strip() == rec["answer"].strip() for res, rec in zip(results, records))
     tokens = sum(len(res.token_ids) for res in results)
     forwards = sum(res.num_forwards for res in results)
-    return EvalRow(model=name, mode=params.mode, threshold=params.threshold if params.mode == "diffusion" else None,
+    return EvalRow(model=name, task=task, mode=params.mode, threshold=params.threshold if params.mode == "diffusion" else None,
                    batch_size=step, accuracy=correct / len(records), correct=correct, total=len(records),
                    tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
                    generated_tokens=tokens, seconds=seconds)
 
 
+def evaluate_by_task(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str,
+                     batch_size: int = 0) -> list[EvalRow]:
+    """One row per task (records grouped by `category`, each group decoded on its own, so its
+    tokens/s is its own), then the whole set's row summed from them; one row when there is one task."""
+    tasks: dict[str, list[dict[str, str]]] = {}
+    for rec in records:
+        tasks.setdefault(rec.get("category") or ALL_TASKS, []).append(rec)
+    rows = [evaluate(engine, recs, params, name, batch_size=batch_size, task=task) for task, recs in tasks.items()]
+    if len(rows) == 1:
+        return [dataclasses.replace(rows[0], task=ALL_TASKS)]
+    correct, total = sum(r.correct for r in rows), sum(r.total for r in rows)
+    tokens, seconds = sum(r.generated_tokens for r in rows), sum(r.seconds for r in rows)
+    forwards = sum(r.generated_tokens / r.tokens_per_forward for r in rows if r.tokens_per_forward)
+    whole = dataclasses.replace(rows[0], task=ALL_TASKS, accuracy=correct / total, correct=correct, total=total,
+                                tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
+                                generated_tokens=tokens, seconds=seconds)
+    return rows + [whole]
+
+
 def format_table(rows: list[EvalRow]) -> str:
-    ar_speed: dict[int, float] = {}  # the AR reference of each batch size: speed-ups compare like with like
+    ar_speed: dict[tuple[str, int], float] = {}  # the AR reference per task and batch size: like with like
     for r in rows:
         if r.mode == "ar":
-            ar_speed.setdefault(r.batch_size, r.tokens_per_s)
-    head = f"{'model':<16} {'mode':<10} {'thr':>5} {'batch':>5} {'accuracy':>9} {'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6}"
+            ar_speed.setdefault((r.task, r.batch_size), r.tokens_per_s)
+    head = (f"{'task':<8} {'model':<16} {'mode':<10} {'thr':>5} {'batch':>5} {'accuracy':>9} {'tok/fwd':>8} "
+            f"{'tok/s':>8} {'vs AR':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         thr = f"{r.threshold:.2f}" if r.threshold is not None else "-"
-        ratio = f"{r.tokens_per_s / ar_speed[r.batch_size]:.2f}x" if r.batch_size in ar_speed else "-"
-        lines.append(f"{r.model:<16} {r.mode:<10} {thr:>5} {r.batch_size:>5} {100 * r.accuracy:>8.1f}% {r.tokens_per_forward:>8.2f} "
-                     f"{r.tokens_per_s:>8.1f} {ratio:>6}")
+        ar = ar_speed.get((r.task, r.batch_size))
+        ratio = f"{r.tokens_per_s / ar:.2f}x" if ar else "-"
+        lines.append(f"{r.task:<8} {r.model:<16} {r.mode:<10} {thr:>5} {r.batch_size:>5} {100 * r.accuracy:>8.1f}% "
+                     f"{r.tokens_per_forward:>8.2f} {r.tokens_per_s:>8.1f} {ratio:>6}")
     return "\n".join(lines)
+
+
+def accuracy_figure(rows: list[EvalRow], batch_size: int = 1):
+    """Accuracy (%) against tokens per forward at `batch_size`: per task (the whole set when there
+    is one task) a line through the model's diffusion thresholds, labelled with them, and the AR
+    rows as single points at one token per forward. A matplotlib Figure (Agg: no display needed)."""
+    from matplotlib.figure import Figure
+
+    picked = [r for r in rows if r.batch_size == batch_size]
+    tasks = sorted({r.task for r in picked} - {ALL_TASKS}) or [ALL_TASKS]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    colors = [f"C{i}" for i in range(10)]
+    for i, task in enumerate(tasks):
+        color = colors[i % len(colors)]
+        for model in dict.fromkeys(r.model for r in picked if r.task == task):
+            ours = [r for r in picked if r.task == task and r.model == model]
+            for r in (r for r in ours if r.mode == "ar"):
+                ax.scatter([r.tokens_per_forward], [100 * r.accuracy], color=color, marker="s", zorder=3,
+                           label=f"{task}: {model} (AR)")
+            curve = sorted((r for r in ours if r.mode == "diffusion"), key=lambda r: -(r.threshold or 0))
+            if curve:
+                ax.plot([r.tokens_per_forward for r in curve], [100 * r.accuracy for r in curve], "o-", color=color,
+                        label=f"{task}: {model} (diffusion)")
+                for r in curve:
+                    ax.annotate(f"{r.threshold:g}", (r.tokens_per_forward, 100 * r.accuracy), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title(f"accuracy vs tokens per forward (batch {batch_size}; labels: thresholds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rows(rows: list[EvalRow], path: str | Path, batch_size: int = 1) -> Path:
+    """Save `accuracy_figure(rows, batch_size)` as a PNG at `path`."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    accuracy_figure(rows, batch_size).savefig(out, dpi=110)
+    return out
 
 
 def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[str, ...] = ("diffusion",),
@@ -116,15 +186,15 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
     rows = []
     if base:
         base_engine = fdllm.Engine.from_pretrained(base, device=device, dtype=dtype)
-        rows.append(evaluate(base_engine, records, fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode="ar"),
-                             Path(base).name, batch_size=batch_size))
+        rows += evaluate_by_task(base_engine, records, fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode="ar"),
+                                 Path(base).name, batch_size=batch_size)
         del base_engine
     engine = fdllm.Engine.from_pretrained(model, device=device, dtype=dtype)
     name = Path(model).name
     for mode in modes:
         for thr in thresholds if mode == "diffusion" else (None,):
             params = fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode=mode, threshold=thr)
-            rows.append(evaluate(engine, records, params, name, batch_size=batch_size))
+            rows += evaluate_by_task(engine, records, params, name, batch_size=batch_size)
             log.info("%s %s thr=%s: %.1f%%", name, mode, thr, 100 * rows[-1].accuracy)
     return rows
 
@@ -147,6 +217,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("--plot", help="write a PNG of accuracy vs tokens per forward (batch --batch-size) here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modes = tuple(m for m in args.modes.split(",") if m)
@@ -158,6 +229,8 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     if args.output:
         Path(args.output).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         log.info("wrote %s", args.output)
+    if args.plot:
+        log.info("wrote %s", plot_rows(rows, args.plot, rows[0].batch_size))
     return rows
 
 
