@@ -136,13 +136,13 @@ def format_table(rows: list[EvalRow]) -> str:
     return "\n".join(lines)
 
 
-def accuracy_figure(rows: list[EvalRow], batch_size: int = 1):
-    """Accuracy (%) against tokens per forward at `batch_size`: per task (the whole set when there
+def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
+    """Accuracy (%) against tokens per forward of the rows at `batch_size` (None: all): per task (the whole set when there
     is one task) a line through the model's diffusion thresholds, labelled with them, and the AR
     rows as single points at one token per forward. A matplotlib Figure (Agg: no display needed)."""
     from matplotlib.figure import Figure
 
-    picked = [r for r in rows if r.batch_size == batch_size]
+    picked = [r for r in rows if batch_size is None or r.batch_size == batch_size]
     tasks = sorted({r.task for r in picked} - {ALL_TASKS}) or [ALL_TASKS]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
@@ -163,14 +163,15 @@ def accuracy_figure(rows: list[EvalRow], batch_size: int = 1):
                                 textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("tokens per forward")
     ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title(f"accuracy vs tokens per forward (batch {batch_size}; labels: thresholds)")
+    regime = f"batch {batch_size}" if batch_size is not None else "batch " + ", ".join(sorted({str(r.batch_size) for r in picked}))
+    ax.set_title(f"accuracy vs tokens per forward ({regime}; labels: thresholds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
 
-def plot_rows(rows: list[EvalRow], path: str | Path, batch_size: int = 1) -> Path:
+def plot_rows(rows: list[EvalRow], path: str | Path, batch_size: int | None = None) -> Path:
     """Save `accuracy_figure(rows, batch_size)` as a PNG at `path`."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--output", help="write the rows as JSON here")
-    parser.add_argument("--plot", help="write a PNG of accuracy vs tokens per forward (batch --batch-size) here")
+    parser.add_argument("--plot", help="write a PNG of accuracy vs tokens per forward here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modes = tuple(m for m in args.modes.split(",") if m)
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
         Path(args.output).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         log.info("wrote %s", args.output)
     if args.plot:
-        log.info("wrote %s", plot_rows(rows, args.plot, rows[0].batch_size))
+        log.info("wrote %s", plot_rows(rows, args.plot))
     return rows
 
 

@@ -40,33 +40,32 @@ TARGET_TOKENS_PER_FORWARD = 2.0
 TARGET_SPEEDUP = 1.5
 
 
-def check_targets(rows: list[EvalRow], threshold: float = 0.9) -> list[tuple[str, bool, str]]:
-    """(target, met, measured) for the report, from the batch-1 rows (the paper's regime); the AR
-    rows are the base decoded AR on the same engine. Accuracy targets hold per task; speed targets
-    on the whole set, with the batched throughput beside them."""
-    def row(mode: str, task: str, batched: bool = False) -> EvalRow:
-        return next(r for r in rows if r.mode == mode and r.task == task and (r.batch_size > 1) == batched
-                    and (mode == "ar" or r.threshold == threshold))
+def check_targets(latency: list[EvalRow], batched: list[EvalRow], threshold: float = 0.9) -> list[tuple[str, bool, str]]:
+    """(target, met, measured) for the report, from the batch-1 rows (`latency`, the paper's regime);
+    the AR rows are the base decoded AR on the same engine. Accuracy targets hold per task; speed
+    targets on the whole set, with the throughput of each task's requests batched beside them."""
+    def row(rows: list[EvalRow], mode: str, task: str) -> EvalRow:
+        return next(r for r in rows if r.mode == mode and r.task == task and (mode == "ar" or r.threshold == threshold))
 
-    tasks = sorted({r.task for r in rows} - {ALL_TASKS}) or [ALL_TASKS]
+    tasks = sorted({r.task for r in latency} - {ALL_TASKS}) or [ALL_TASKS]
     targets = []
     for task in tasks:
-        ar, dllm = row("ar", task), row("diffusion", task)
+        ar, dllm = row(latency, "ar", task), row(latency, "diffusion", task)
         targets += [
             (f"{task}: AR base accuracy >= {TARGET_BASE_ACCURACY:.0%}", ar.accuracy >= TARGET_BASE_ACCURACY, f"{ar.accuracy:.1%}"),
             (f"{task}: accuracy at threshold {threshold} within {TARGET_ACCURACY_GAP:.0%} of AR",
              ar.accuracy - dllm.accuracy <= TARGET_ACCURACY_GAP + 1e-9, f"{dllm.accuracy:.1%} vs {ar.accuracy:.1%}"),
         ]
-    ar, dllm = row("ar", ALL_TASKS), row("diffusion", ALL_TASKS)
-    batched_ar, batched = row("ar", ALL_TASKS, batched=True), row("diffusion", ALL_TASKS, batched=True)
+    ar, dllm = row(latency, "ar", ALL_TASKS), row(latency, "diffusion", ALL_TASKS)
+    batched_ar, batched_dllm = row(batched, "ar", ALL_TASKS), row(batched, "diffusion", ALL_TASKS)
     return targets + [
         (f"tokens per forward >= {TARGET_TOKENS_PER_FORWARD}", dllm.tokens_per_forward >= TARGET_TOKENS_PER_FORWARD,
          f"{dllm.tokens_per_forward:.2f}"),
         (f"tokens/s >= {TARGET_SPEEDUP}x AR at batch 1", dllm.tokens_per_s >= TARGET_SPEEDUP * ar.tokens_per_s,
          f"{dllm.tokens_per_s / ar.tokens_per_s:.2f}x"),
         (f"tokens/s >= {TARGET_SPEEDUP}x AR with each task's requests batched",
-         batched.tokens_per_s >= TARGET_SPEEDUP * batched_ar.tokens_per_s,
-         f"{batched.tokens_per_s / batched_ar.tokens_per_s:.2f}x"),
+         batched_dllm.tokens_per_s >= TARGET_SPEEDUP * batched_ar.tokens_per_s,
+         f"{batched_dllm.tokens_per_s / batched_ar.tokens_per_s:.2f}x"),
     ]
 
 
@@ -95,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("2/2 evaluating AR base vs block diffusion on %d held-out problems, one at a time and batched", args.limit)
     model, data = str(out / "tiny-dllm"), str(WORLD / TEST_FILE)
     thresholds = tuple(float(t) for t in args.thresholds.split(","))
-    rows = run_evaluation(model, data, base=str(BASE), thresholds=thresholds, limit=args.limit, batch_size=1)
-    rows += run_evaluation(model, data, base=str(BASE), thresholds=(0.9,), limit=args.limit, batch_size=0)
-    targets = check_targets(rows)
+    latency = run_evaluation(model, data, base=str(BASE), thresholds=thresholds, limit=args.limit, batch_size=1)
+    batched = run_evaluation(model, data, base=str(BASE), thresholds=thresholds, limit=args.limit, batch_size=0)
+    rows = latency + batched
+    targets = check_targets(latency, batched)
     print("\n" + format_table(rows) + "\n")
     for name, met, measured in targets:
         print(f"  [{'met' if met else 'MISSED'}] {name}: {measured}")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"rows": [asdict(r) for r in rows], "targets": [{"target": n, "met": m, "measured": v} for n, m, v in targets],
               "finetune_seconds": finetune_s, "total_seconds": total_s, "checkpoint": str(out / "tiny-dllm")}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info("wrote %s and %s", out / "report.json", plot_rows(rows, out / "report.png", batch_size=1))
+    log.info("wrote %s and %s", out / "report.json", plot_rows(latency, out / "report.png"))
     return 0
 
 

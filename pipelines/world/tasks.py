@@ -1,9 +1,12 @@
 """The world's task families: each draws a problem of a given size and solves it exactly.
 
 Every task works on digit strings (each digit is its own token), so sizes count tokens and one
-model can learn them all: lists of digits to reverse or sort, multi-digit addition whose carries
-make the leading answer digits depend on every digit to their right, and a two-step expression
-whose answer depends on a `<think>` trace holding the intermediate result (the reasoning-on form).
+model can learn them all: lists of digits to reverse or sort, and multi-digit addition with
+carries in the reasoning-on form: a `<think>` trace writes the sum least significant digit first
+(a carry chain: each digit depends on the one before it), and the answer, the sum, is that trace
+read backwards. A two-step expression (`arith`, its trace the intermediate result) is available
+but not in the default world: a 1M-parameter model did not learn it (nor addition written most
+significant digit first, without a trace) to 95% within a CPU pretraining budget.
 """
 
 from __future__ import annotations
@@ -71,12 +74,15 @@ def _draw_sort(rng: random.Random, size: int) -> Problem:
     return Problem(prompt, _solve_sort(prompt), size)
 
 
-# --- addition with carries --------------------------------------------------------------------------
+# --- addition with carries, reasoning on -----------------------------------------------------------
 
 
 def _solve_add(prompt: str) -> str:
+    """The sum written least significant digit first in the trace (each digit then needs only its
+    column and the carry from the digit before it), then the answer: the trace read backwards."""
     a, b = _operand_text(prompt).split("+")
-    return str(int(a) + int(b))
+    total = str(int(a) + int(b))
+    return f"{THINK_OPEN}{total[::-1]}{THINK_CLOSE}{total}"
 
 
 def _draw_add(rng: random.Random, size: int) -> Problem:
@@ -123,7 +129,7 @@ TASKS: dict[str, Task] = {
     for task in (
         Task("reverse", (2, 12), False, _draw_reverse, _solve_reverse),
         Task("sort", (2, 12), False, _draw_sort, _solve_sort),
-        Task("add", (1, 5), False, _draw_add, _solve_add),
+        Task("add", (1, 5), True, _draw_add, _solve_add),
         Task("arith", (1, 2), True, _draw_arith, _solve_arith),
     )
 }

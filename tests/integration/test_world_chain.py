@@ -14,7 +14,7 @@ import fdllm
 from fdllm.tokenizer import load_tokenizer
 from pipelines import world
 from pipelines.evaluate import ALL_TASKS, accuracy_figure, format_table, plot_rows, run_evaluation
-from pipelines.world.tasks import TASKS
+from pipelines.world.corpus import WorldConfig
 
 ray = pytest.importorskip("ray")
 
@@ -56,7 +56,7 @@ def test_scaled_down_chain(tmp_path):
     assert 1 <= len(out.token_ids) <= 8 and out.num_forwards >= 1
 
     rows = run_evaluation(str(dllm), str(data / "test.jsonl"), base=str(base), thresholds=(1.0, 0.5), max_new_tokens=40)
-    tasks = sorted(TASKS)
+    tasks = sorted(WorldConfig().task_weights)
     runs = [("ar", None), ("diffusion", 1.0), ("diffusion", 0.5)]
     # per run: one row per task (decoded on its own), then the whole set summed from them
     assert [(r.mode, r.threshold, r.task) for r in rows] == [(*run, t) for run in runs for t in [*sorted(tasks), ALL_TASKS]]
@@ -74,7 +74,7 @@ def test_scaled_down_chain(tmp_path):
 
     # The picture: accuracy (y) against tokens per forward (x); per task an AR point and a
     # diffusion line through the thresholds, at the rows' own coordinates; a non-empty PNG on disk.
-    fig = accuracy_figure(rows, batch_size=rows[0].batch_size)  # 2: each task decoded as one batch
+    fig = accuracy_figure(rows)
     (ax,) = fig.axes
     assert ax.get_xlabel() == "tokens per forward" and "accuracy" in ax.get_ylabel()
     assert len(ax.lines) == len(tasks) and len(ax.collections) == len(tasks)  # lines: diffusion, points: AR
@@ -82,5 +82,5 @@ def test_scaled_down_chain(tmp_path):
     curve = [r for r in rows if r.mode == "diffusion" and r.task == tasks[0]]
     assert list(first.get_xdata()) == [r.tokens_per_forward for r in curve]
     assert list(first.get_ydata()) == [100 * r.accuracy for r in curve]
-    png = plot_rows(rows, tmp_path / "report" / "acc.png", batch_size=rows[0].batch_size)
+    png = plot_rows(rows, tmp_path / "report" / "acc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000

@@ -29,7 +29,9 @@ SHIPPED_MODEL, SHIPPED_DATA = REPO / "assets" / "tiny-ar-base", REPO / "assets" 
 
 @pytest.fixture(scope="module")
 def small_world() -> corpus.World:
-    return corpus.generate_world(WorldConfig(seed=7, num_train=400, num_test=10, num_beyond=3))
+    """Every task family, the optional `arith` included."""
+    weights = {name: 1.0 for name in tasks.TASKS}
+    return corpus.generate_world(WorldConfig(seed=7, num_train=400, num_test=10, num_beyond=3, task_weights=weights))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,8 @@ def _oracle(category: str, prompt: str) -> str:
     if category == "sort":
         return "".join(sorted(body))
     if category == "add":
-        return str(sum(int(x) for x in body.split("+")))
+        total = str(sum(int(x) for x in body.split("+")))
+        return f"<think>{total[::-1]}</think>{total}"
     if category == "arith":
         a, op1, b, op2, c = re.fullmatch(r"(\d+)([+-])(\d+)([+-])(\d+)", body).groups()
         first = eval(f"{a}{op1}{b}")  # noqa: S307 - digits and one operator, matched above
@@ -76,7 +79,7 @@ def test_every_task_answers_exactly_at_every_size(small_world):
 
 
 @pytest.mark.parametrize(("prompt", "answer"), [
-    ("Add: 999+1", "1000"), ("Add: 0+0", "0"), ("Add: 58+67", "125"),
+    ("Add: 999+1", "<think>0001</think>1000"), ("Add: 0+0", "<think>0</think>0"), ("Add: 58+67", "<think>521</think>125"),
     ("Compute: 10-10+7", "<think>10-10=0</think>7"), ("Compute: 9+99-108", "<think>9+99=108</think>0"),
     ("Reverse: 1200", "0021"), ("Sort: 3130", "0133"),
 ])
@@ -91,9 +94,9 @@ def test_addition_carries_across_many_digits():
 
     rng = random.Random(0)
     problems = [tasks.TASKS["add"].draw(rng, 6) for _ in range(200)]
-    # uniform digits: most 6-digit sums carry somewhere, some through three or more digits
-    assert sum(len(p.answer) > 6 for p in problems) > 20
-    assert all(int(p.answer) == sum(map(int, p.prompt[5:].split("+"))) for p in problems)
+    sums = [tasks.final_answer(p.answer) for p in problems]
+    assert sum(len(total) > 6 for total in sums) > 20  # uniform digits: many sums carry out of the top digit
+    assert all(int(total) == sum(map(int, p.prompt[5:].split("+"))) for total, p in zip(sums, problems, strict=True))
 
 
 # --- corpus ------------------------------------------------------------------------------------------
@@ -138,7 +141,9 @@ def test_data_command_writes_train_and_held_out_files(tmp_path):
     world.main(["data", "--out", str(tmp_path), "--num-train", "12", "--num-test", "2", "--num-beyond", "1", "--seed", "1"])
     train = corpus.read_jsonl(tmp_path / "train.jsonl")
     test, beyond = corpus.read_jsonl(tmp_path / "test.jsonl"), corpus.read_jsonl(tmp_path / "test_beyond.jsonl")
-    assert len(train) == 12 and len(test) == 2 * len(tasks.TASKS) and len(beyond) == len(tasks.TASKS)
+    default_tasks = WorldConfig().task_weights
+    assert len(train) == 12 and len(test) == 2 * len(default_tasks) and len(beyond) == len(default_tasks)
+    assert [r["category"] for r in test[: len(default_tasks)]] == sorted(default_tasks)  # interleaved by task
     for row in test + beyond:
         assert set(row) == {"prompt", "answer", "messages", "category", "size"}
         assert row["messages"][-1] == {"role": "user", "content": row["prompt"]}
@@ -222,19 +227,20 @@ def test_reasoning_on_path_data_train_decode(tokenizer, small_world):
     engine = scoring.eval_engine(model, tokenizer)
     text = engine.generate([prompt_ids(engine, row)], scoring.EVAL_PARAMS)[0].text
     assert text.startswith("<think>") and tasks.final_answer(text) == tasks.final_answer(record["output"])
-    assert scoring.exact_match(engine, [row]) == (1.0, {"arith": 1.0})
+    assert scoring.exact_match(engine, [row]) == (1.0, {record["category"]: 1.0})
 
 
-def test_scaled_down_chain_runs_end_to_end(tmp_path):
-    data, out = tmp_path / "world", tmp_path / "model"
+def test_scaled_down_chain_runs_end_to_end_and_rebuilds_byte_for_byte(tmp_path):
+    data, out, again = tmp_path / "world", tmp_path / "model", tmp_path / "again"
     world.main(["data", "--out", str(data), "--num-train", "64", "--num-test", "1", "--num-beyond", "1"])
     world.main(["tokenizer", "--data", str(data), "--out", str(out), "--vocab-size", "300"])
-    world.main([
-        "pretrain", "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "8",
-        "--num-examples", "64", "--hidden-size", "32", "--layers", "1", "--eval-every", "0",
-    ])
+    pretrain_args = ["--data", str(data), "--tokenizer", str(out), "--steps", "3", "--batch-size", "8",
+                     "--num-examples", "64", "--hidden-size", "32", "--layers", "1", "--eval-every", "0"]
+    world.main(["pretrain", "--out", str(out), *pretrain_args])
+    world.main(["pretrain", "--out", str(again), *pretrain_args])
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
     summary = json.loads((out / cli.SUMMARY_FILE).read_text())
-    assert summary["steps"] == 3 and summary["num_test"] == summary["num_beyond"] == len(tasks.TASKS)
+    assert summary["steps"] == 3 and summary["num_test"] == summary["num_beyond"] == len(WorldConfig().task_weights)
     # Three small steps from a 0.02-std init: the loss is still about that of a uniform guess, ln(V).
     assert math.isfinite(summary["final_loss"])
     assert 0.7 * math.log(summary["vocab_size"]) < summary["final_loss"] < 1.3 * math.log(summary["vocab_size"])
@@ -263,7 +269,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_shipped_base_solves_held_out_problems_of_every_task():
     torch.set_num_threads(2)
     engine = scoring.eval_engine(fdllm.load_model(SHIPPED_MODEL), load_tokenizer(SHIPPED_MODEL))
-    rows = corpus.read_jsonl(SHIPPED_DATA / "test.jsonl")[:80]  # tasks interleave: 20 of each
+    rows = corpus.read_jsonl(SHIPPED_DATA / "test.jsonl")[:90]  # tasks interleave: 30 of each
     accuracy, by_task = scoring.exact_match(engine, rows)
     assert set(by_task) == set(json.loads((SHIPPED_DATA / "world_config.json").read_text())["task_weights"])
     assert min(by_task.values()) >= 0.9, by_task
