@@ -19,7 +19,7 @@ def model_card(record: dict[str, Any]) -> str:
     return f"""# tiny-ar-base
 
 A {record['num_params'] / 1e6:.2f}M-parameter Qwen2-architecture autoregressive model: the AR base of
-fdllm's embedded world (`pipelines/world/`). It solves the corpus in `assets/world/`: {tasks}.
+fdllm's embedded world (`pipelines/world/`), trained on the corpus in `assets/world/`: {tasks}.
 Sizes count list digits or operand digits; every digit is one token. It exists so that converting
 an AR model to block diffusion (`pipelines/finetune.py`) runs end to end on a CPU with no download.
 
