@@ -3,13 +3,16 @@ r"""Exact-match accuracy and decoding speed of AR vs block-diffusion decoding on
     python pipelines/evaluate.py --model runs/tiny-dllm --base assets/tiny-ar-base \
         --data assets/world/test.jsonl --thresholds 1.0,0.9,0.7,0.5 --output results.json
 
-Records are jsonl `{"prompt": ..., "answer": ...}` (optionally `"messages"`, the full chat to send);
+Records are jsonl `{"prompt": ..., "answer": ...}` (optionally `"messages"`, the full chat to send,
+and `"category"`, the task: each task is decoded and reported on its own, then all together);
 the prompt is sent as a user message through the checkpoint's chat template (raw when it has none) and the answer must match the generated text
 exactly (surrounding whitespace ignored). Rows: the AR base decoded AR (when --base is given), then
 the model under test in each mode of --modes (diffusion and speculative once per threshold; a
 speculative row must score exactly the model's own AR row: its output is the AR output, so the
 rows differ in forwards only; `accept` is the fraction of draft tokens the causal verify kept). tokens/s counts
 generated tokens over wall time of the whole batched run on one engine, so rows compare like for like.
+`--output` writes the rows as JSON and `--plot` a PNG of accuracy against tokens per forward (one
+curve per task and model over the thresholds, the AR base as a point).
 Works on any HF checkpoint, e.g. a GSM8K-style set on a real model on a GPU.
 """
 
@@ -32,10 +35,13 @@ from fdllm.tokenizer import render_chat
 
 log = logging.getLogger("fdllm.evaluate")
 
+ALL_TASKS = "all"
+
 
 @dataclass(frozen=True)
 class EvalRow:
     model: str
+    task: str  # the records' `category`, or ALL_TASKS for the whole set
     mode: str
     threshold: float | None
     batch_size: int  # requests decoded together (the whole set when 0 was asked)
@@ -53,6 +59,11 @@ class EvalRow:
 
     drafted: int = 0  # speculative: draft tokens proposed to a verify forward
     accepted: int = 0  # speculative: draft tokens the verify confirmed
+
+    @property
+    def label(self) -> str:
+        """The model as figures name it: with its weight format when quantized."""
+        return f"{self.model} {self.quantization}" if self.quantization else self.model
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "outputs"}
@@ -85,7 +96,7 @@ def prompt_ids(engine: fdllm.Engine, record: dict) -> list[int]:
 
 
 def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str,
-             progress: bool = True, batch_size: int = 0) -> EvalRow:
+             progress: bool = True, batch_size: int = 0, task: str = ALL_TASKS) -> EvalRow:
     """Decode the records `batch_size` at a time (0: all in one continuous batch) and score exact matches.
 
     Batch 1 is the latency regime of the paper's headline numbers; a large batch measures throughput,
@@ -100,7 +111,7 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
     correct = sum(res.text.strip() == rec["answer"].strip() for res, rec in zip(results, records))
     tokens = sum(len(res.token_ids) for res in results)
     forwards = sum(res.num_forwards for res in results)
-    return EvalRow(model=name, mode=params.mode, threshold=params.threshold if params.mode != "ar" else None,
+    return EvalRow(model=name, task=task, mode=params.mode, threshold=params.threshold if params.mode != "ar" else None,
                    batch_size=step, accuracy=correct / len(records), correct=correct, total=len(records),
                    tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
                    generated_tokens=tokens, seconds=seconds, quantization=engine.engine_config.quantization,
@@ -108,23 +119,87 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
                    drafted=sum(res.num_drafted for res in results), accepted=sum(res.num_accepted for res in results))
 
 
+def evaluate_by_task(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str,
+                     batch_size: int = 0) -> list[EvalRow]:
+    """One row per task (records grouped by `category`, each group decoded on its own, so its
+    tokens/s is its own), then the whole set's row summed from them; one row when there is one task."""
+    tasks: dict[str, list[dict[str, str]]] = {}
+    for rec in records:
+        tasks.setdefault(rec.get("category") or ALL_TASKS, []).append(rec)
+    rows = [evaluate(engine, recs, params, name, batch_size=batch_size, task=task) for task, recs in tasks.items()]
+    if len(rows) == 1:
+        return [replace(rows[0], task=ALL_TASKS)]
+    correct, total = sum(r.correct for r in rows), sum(r.total for r in rows)
+    tokens, seconds = sum(r.generated_tokens for r in rows), sum(r.seconds for r in rows)
+    forwards = sum(r.generated_tokens / r.tokens_per_forward for r in rows if r.tokens_per_forward)
+    whole = replace(rows[0], task=ALL_TASKS, accuracy=correct / total, correct=correct, total=total,
+                                tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
+                                generated_tokens=tokens, seconds=seconds, outputs=sum((r.outputs for r in rows), ()),
+                                drafted=sum(r.drafted for r in rows), accepted=sum(r.accepted for r in rows))
+    return rows + [whole]
+
+
 def format_table(rows: list[EvalRow]) -> str:
-    ar_speed: dict[int, float] = {}  # the AR reference of each batch size: speed-ups compare like with like
+    ar_speed: dict[tuple[str, int], float] = {}  # the AR reference per task and batch size: like with like
     for r in rows:
         if r.mode == "ar":
-            ar_speed.setdefault(r.batch_size, r.tokens_per_s)
-    head = (f"{'model':<16} {'quant':<5} {'weights':>8} {'mode':<11} {'thr':>5} {'batch':>5} {'accuracy':>9} {'agree':>6} "
-            f"{'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6} {'accept':>6}")
+            ar_speed.setdefault((r.task, r.batch_size), r.tokens_per_s)
+    head = (f"{'task':<8} {'model':<16} {'quant':<5} {'weights':>8} {'mode':<11} {'thr':>5} {'batch':>5} {'accuracy':>9} "
+            f"{'agree':>6} {'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6} {'accept':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         thr = f"{r.threshold:.2f}" if r.threshold is not None else "-"
-        ratio = f"{r.tokens_per_s / ar_speed[r.batch_size]:.2f}x" if r.batch_size in ar_speed else "-"
+        ar = ar_speed.get((r.task, r.batch_size))
+        ratio = f"{r.tokens_per_s / ar:.2f}x" if ar else "-"
         agree = f"{100 * r.agreement:.0f}%" if r.agreement is not None else "-"
         accept = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
-        lines.append(f"{r.model:<16} {r.quantization or '-':<5} {r.weight_bytes / 1e6:>6.1f}MB {r.mode:<11} {thr:>5} "
-                     f"{r.batch_size:>5} {100 * r.accuracy:>8.1f}% {agree:>6} {r.tokens_per_forward:>8.2f} "
+        lines.append(f"{r.task:<8} {r.model:<16} {r.quantization or '-':<5} {r.weight_bytes / 1e6:>6.1f}MB {r.mode:<11} "
+                     f"{thr:>5} {r.batch_size:>5} {100 * r.accuracy:>8.1f}% {agree:>6} {r.tokens_per_forward:>8.2f} "
                      f"{r.tokens_per_s:>8.1f} {ratio:>6} {accept:>6}")
     return "\n".join(lines)
+
+
+def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
+    """Accuracy (%) against tokens per forward of the rows at `batch_size` (None: all): per task (the whole set when there
+    is one task) a line through the model's diffusion thresholds, labelled with them, and the AR
+    rows as single points at one token per forward. A matplotlib Figure (Agg: no display needed)."""
+    from matplotlib.figure import Figure
+
+    picked = [r for r in rows if batch_size is None or r.batch_size == batch_size]
+    tasks = sorted({r.task for r in picked} - {ALL_TASKS}) or [ALL_TASKS]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    colors = [f"C{i}" for i in range(10)]
+    for i, task in enumerate(tasks):
+        color = colors[i % len(colors)]
+        for model in dict.fromkeys(r.label for r in picked if r.task == task):
+            ours = [r for r in picked if r.task == task and r.label == model]
+            for r in (r for r in ours if r.mode == "ar"):
+                ax.scatter([r.tokens_per_forward], [100 * r.accuracy], color=color, marker="s", zorder=3,
+                           label=f"{task}: {model} (AR)")
+            curve = sorted((r for r in ours if r.mode == "diffusion"), key=lambda r: -(r.threshold or 0))
+            if curve:
+                ax.plot([r.tokens_per_forward for r in curve], [100 * r.accuracy for r in curve], "o-", color=color,
+                        label=f"{task}: {model} (diffusion)")
+                for r in curve:
+                    ax.annotate(f"{r.threshold:g}", (r.tokens_per_forward, 100 * r.accuracy), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("exact-match accuracy (%)")
+    regime = f"batch {batch_size}" if batch_size is not None else "batch " + ", ".join(sorted({str(r.batch_size) for r in picked}))
+    ax.set_title(f"accuracy vs tokens per forward ({regime}; labels: thresholds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rows(rows: list[EvalRow], path: str | Path, batch_size: int | None = None) -> Path:
+    """Save `accuracy_figure(rows, batch_size)` as a PNG at `path`."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    accuracy_figure(rows, batch_size).savefig(out, dpi=110)
+    return out
 
 
 def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[str, ...] = ("diffusion",),
@@ -138,25 +213,26 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
     rows = []
     if base:
         base_engine = fdllm.Engine.from_pretrained(base, device=device, dtype=dtype)
-        rows.append(evaluate(base_engine, records, fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode="ar"),
-                             Path(base).name, batch_size=batch_size))
+        rows += evaluate_by_task(base_engine, records, fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode="ar"),
+                                 Path(base).name, batch_size=batch_size)
         del base_engine
     name = Path(model).name
-    unquantized: dict[tuple[str, float | None], EvalRow] = {}
+    unquantized: dict[tuple[str, str, float | None], EvalRow] = {}
     for quantization in quantizations:
         engine = fdllm.Engine.from_pretrained(model, device=device, dtype=dtype,
                                               engine_config=fdllm.EngineConfig(quantization=quantization))
         for mode in modes:
             for thr in thresholds if mode != "ar" else (None,):
                 params = fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode=mode, threshold=thr)
-                row = evaluate(engine, records, params, name, batch_size=batch_size)
-                if quantization is None:
-                    unquantized[mode, thr] = row
-                elif (mode, thr) in unquantized:
-                    same = sum(a == b for a, b in zip(row.outputs, unquantized[mode, thr].outputs))
-                    row = replace(row, agreement=same / len(records))
-                rows.append(row)
-                log.info("%s %s %s thr=%s: %.1f%%", name, quantization or "", mode, thr, 100 * row.accuracy)
+                for row in evaluate_by_task(engine, records, params, name, batch_size=batch_size):
+                    key = (row.task, mode, thr)
+                    if quantization is None:
+                        unquantized[key] = row
+                    elif key in unquantized:
+                        same = sum(a == b for a, b in zip(row.outputs, unquantized[key].outputs))
+                        row = replace(row, agreement=same / row.total)
+                    rows.append(row)
+                log.info("%s %s %s thr=%s: %.1f%%", name, quantization or "", mode, thr, 100 * rows[-1].accuracy)
         del engine
     return rows
 
@@ -189,6 +265,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
                         help="comma list of weight formats for the model under test: none," + ",".join(QUANTIZATIONS)
                         + " (e.g. none,int8,int4: each quantized row reports its agreement with the none row)")
     parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("--plot", help="write a PNG of accuracy vs tokens per forward here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modes = tuple(m for m in args.modes.split(",") if m)
@@ -200,6 +277,8 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     if args.output:
         Path(args.output).write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
         log.info("wrote %s", args.output)
+    if args.plot:
+        log.info("wrote %s", plot_rows(rows, args.plot))
     return rows
 
 

@@ -5,8 +5,9 @@ Ray, then AR vs block-diffusion evaluation on held-out problems, printed as a re
     python pipelines/quickstart.py --max-steps 40 --limit 50     # a quick smoke run
 
 Nothing is downloaded: the AR base (`assets/tiny-ar-base`) and its corpus (`assets/world`) were made
-by `python pipelines/world.py --rebuild`. The fine-tuned checkpoint lands in `<output>/tiny-dllm`,
-servable as is (`fdllm-serve --model <output>/tiny-dllm`); the report in `<output>/report.json`.
+by `python -m pipelines.world --rebuild`. The fine-tuned checkpoint lands in `<output>/tiny-dllm`,
+servable as is (`fdllm-serve --model <output>/tiny-dllm`); the report in `<output>/report.json`
+and its picture (accuracy vs tokens per forward per task, batch 1) in `<output>/report.png`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.evaluate import EvalRow, format_table, run_evaluation  # noqa: E402
+from pipelines.evaluate import ALL_TASKS, EvalRow, format_table, plot_rows, run_evaluation  # noqa: E402
 from pipelines.finetune import FinetuneConfig, run  # noqa: E402
 from pipelines.world import DEFAULT_DATA_DIR as WORLD  # noqa: E402
 from pipelines.world import DEFAULT_MODEL_DIR as BASE  # noqa: E402
@@ -38,23 +39,32 @@ TARGET_TOKENS_PER_FORWARD = 2.0
 TARGET_SPEEDUP = 1.5
 
 
-def check_targets(rows: list[EvalRow], threshold: float = 0.9) -> list[tuple[str, bool, str]]:
-    """(target, met, measured) for the report, from the batch-1 rows (the paper's regime); the AR
-    row is the base decoded AR on the same engine. The batched throughput is reported beside them."""
-    ar = next(r for r in rows if r.mode == "ar" and r.batch_size == 1)
-    dllm = next(r for r in rows if r.mode == "diffusion" and r.threshold == threshold and r.batch_size == 1)
-    batched_ar, batched = (next(r for r in rows if r.batch_size > 1 and r.mode == mode) for mode in ("ar", "diffusion"))
-    return [
-        (f"AR base accuracy >= {TARGET_BASE_ACCURACY:.0%}", ar.accuracy >= TARGET_BASE_ACCURACY, f"{ar.accuracy:.1%}"),
-        (f"accuracy at threshold {threshold} within {TARGET_ACCURACY_GAP:.0%} of AR",
-         ar.accuracy - dllm.accuracy <= TARGET_ACCURACY_GAP, f"{dllm.accuracy:.1%} vs {ar.accuracy:.1%}"),
+def check_targets(latency: list[EvalRow], batched: list[EvalRow], threshold: float = 0.9) -> list[tuple[str, bool, str]]:
+    """(target, met, measured) for the report, from the batch-1 rows (`latency`, the paper's regime);
+    the AR rows are the base decoded AR on the same engine. Accuracy targets hold per task; speed
+    targets on the whole set, with the throughput of each task's requests batched beside them."""
+    def row(rows: list[EvalRow], mode: str, task: str) -> EvalRow:
+        return next(r for r in rows if r.mode == mode and r.task == task and (mode == "ar" or r.threshold == threshold))
+
+    tasks = sorted({r.task for r in latency} - {ALL_TASKS}) or [ALL_TASKS]
+    targets = []
+    for task in tasks:
+        ar, dllm = row(latency, "ar", task), row(latency, "diffusion", task)
+        targets += [
+            (f"{task}: AR base accuracy >= {TARGET_BASE_ACCURACY:.0%}", ar.accuracy >= TARGET_BASE_ACCURACY, f"{ar.accuracy:.1%}"),
+            (f"{task}: accuracy at threshold {threshold} within {TARGET_ACCURACY_GAP:.0%} of AR",
+             ar.accuracy - dllm.accuracy <= TARGET_ACCURACY_GAP + 1e-9, f"{dllm.accuracy:.1%} vs {ar.accuracy:.1%}"),
+        ]
+    ar, dllm = row(latency, "ar", ALL_TASKS), row(latency, "diffusion", ALL_TASKS)
+    batched_ar, batched_dllm = row(batched, "ar", ALL_TASKS), row(batched, "diffusion", ALL_TASKS)
+    return targets + [
         (f"tokens per forward >= {TARGET_TOKENS_PER_FORWARD}", dllm.tokens_per_forward >= TARGET_TOKENS_PER_FORWARD,
          f"{dllm.tokens_per_forward:.2f}"),
         (f"tokens/s >= {TARGET_SPEEDUP}x AR at batch 1", dllm.tokens_per_s >= TARGET_SPEEDUP * ar.tokens_per_s,
          f"{dllm.tokens_per_s / ar.tokens_per_s:.2f}x"),
-        (f"tokens/s >= {TARGET_SPEEDUP}x AR with all {batched.total} requests batched",
-         batched.tokens_per_s >= TARGET_SPEEDUP * batched_ar.tokens_per_s,
-         f"{batched.tokens_per_s / batched_ar.tokens_per_s:.2f}x"),
+        (f"tokens/s >= {TARGET_SPEEDUP}x AR with each task's requests batched",
+         batched_dllm.tokens_per_s >= TARGET_SPEEDUP * batched_ar.tokens_per_s,
+         f"{batched_dllm.tokens_per_s / batched_ar.tokens_per_s:.2f}x"),
     ]
 
 
@@ -63,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/quickstart", help="where the checkpoint and report go")
     parser.add_argument("--max-steps", type=int, help="fine-tuning steps (default: the tiny config's)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (default: the tiny config's)")
-    parser.add_argument("--limit", type=int, default=200, help="held-out problems to evaluate")
+    parser.add_argument("--limit", type=int, default=200, help="held-out problems to evaluate (the first N: tasks interleave)")
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (BASE / "config.json").is_file() or not (WORLD / TRAIN_FILE).is_file():
-        log.error("the embedded assets are missing (%s, %s): run `python pipelines/world.py --rebuild`", BASE, WORLD)
+        log.error("the embedded assets are missing (%s, %s): run `python -m pipelines.world --rebuild`", BASE, WORLD)
         return 2
     out = Path(args.output).resolve()
     start = time.perf_counter()
@@ -83,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("2/2 evaluating AR base vs block diffusion on %d held-out problems, one at a time and batched", args.limit)
     model, data = str(out / "tiny-dllm"), str(WORLD / TEST_FILE)
     thresholds = tuple(float(t) for t in args.thresholds.split(","))
-    rows = run_evaluation(model, data, base=str(BASE), thresholds=thresholds, limit=args.limit, batch_size=1)
-    rows += run_evaluation(model, data, base=str(BASE), thresholds=(0.9,), limit=args.limit, batch_size=0)
-    targets = check_targets(rows)
+    latency = run_evaluation(model, data, base=str(BASE), thresholds=thresholds, limit=args.limit, batch_size=1)
+    batched = run_evaluation(model, data, base=str(BASE), thresholds=thresholds, limit=args.limit, batch_size=0)
+    rows = latency + batched
+    targets = check_targets(latency, batched)
     print("\n" + format_table(rows) + "\n")
     for name, met, measured in targets:
         print(f"  [{'met' if met else 'MISSED'}] {name}: {measured}")
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"rows": [r.to_json() for r in rows], "targets": [{"target": n, "met": m, "measured": v} for n, m, v in targets],
               "finetune_seconds": finetune_s, "total_seconds": total_s, "checkpoint": str(out / "tiny-dllm")}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s and %s", out / "report.json", plot_rows(latency, out / "report.png"))
     return 0
 
 

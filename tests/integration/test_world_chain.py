@@ -1,5 +1,6 @@
 """The embedded default, scaled down: world corpus -> tokenizer -> a few AR steps -> a few
-block-diffusion fine-tune steps on local Ray -> decode -> evaluate, checking each artifact."""
+block-diffusion fine-tune steps on local Ray -> decode -> evaluate per task, table, JSON-able rows
+and the accuracy-vs-tokens-per-forward picture, checking each artifact."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 import fdllm
 from fdllm.tokenizer import load_tokenizer
 from pipelines import world
-from pipelines.evaluate import format_table, run_evaluation
+from pipelines.evaluate import ALL_TASKS, accuracy_figure, format_table, plot_rows, run_evaluation
+from pipelines.world.corpus import WorldConfig
 
 ray = pytest.importorskip("ray")
 
@@ -21,7 +23,7 @@ def test_scaled_down_chain(tmp_path):
     from pipelines.finetune import FinetuneConfig, run
 
     data, base, dllm = tmp_path / "world", tmp_path / "base", tmp_path / "dllm"
-    world.main(["data", "--out", str(data), "--num-train", "96", "--num-test", "6"])
+    world.main(["data", "--out", str(data), "--num-train", "96", "--num-test", "2", "--num-beyond", "0"])
     train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     assert len(train) == 96 and {"input", "output"} <= set(train[0])
     world.main(["tokenizer", "--data", str(data), "--out", str(base), "--vocab-size", "300"])
@@ -54,11 +56,31 @@ def test_scaled_down_chain(tmp_path):
     assert 1 <= len(out.token_ids) <= 8 and out.num_forwards >= 1
 
     rows = run_evaluation(str(dllm), str(data / "test.jsonl"), base=str(base), thresholds=(1.0, 0.5), max_new_tokens=40)
-    assert [(r.mode, r.threshold) for r in rows] == [("ar", None), ("diffusion", 1.0), ("diffusion", 0.5)]
+    tasks = sorted(WorldConfig().task_weights)
+    runs = [("ar", None), ("diffusion", 1.0), ("diffusion", 0.5)]
+    # per run: one row per task (decoded on its own), then the whole set summed from them
+    assert [(r.mode, r.threshold, r.task) for r in rows] == [(*run, t) for run in runs for t in [*sorted(tasks), ALL_TASKS]]
     for r in rows:
-        assert r.total == 6 and r.accuracy == r.correct / r.total
+        assert r.total == (2 if r.task != ALL_TASKS else 2 * len(tasks)) and r.accuracy == r.correct / r.total
         assert r.tokens_per_s == pytest.approx(r.generated_tokens / r.seconds, rel=1e-6)
-    ar, thr1, _ = rows
-    assert ar.tokens_per_forward == 1.0  # AR: exactly one token per forward
-    assert 0 < thr1.tokens_per_forward <= 1.0  # threshold 1.0: one position per step, plus block commits
+    for whole in (r for r in rows if r.task == ALL_TASKS):
+        parts = [r for r in rows if (r.mode, r.threshold) == (whole.mode, whole.threshold) and r.task != ALL_TASKS]
+        assert whole.correct == sum(r.correct for r in parts) and whole.generated_tokens == sum(r.generated_tokens for r in parts)
+    ar = [r for r in rows if r.mode == "ar"]
+    thr1 = [r for r in rows if r.threshold == 1.0]
+    assert all(r.tokens_per_forward == 1.0 for r in ar)  # AR: exactly one token per forward
+    assert all(0 < r.tokens_per_forward <= 1.0 for r in thr1)  # threshold 1.0: one position per step, plus block commits
     assert len(format_table(rows).splitlines()) == 2 + len(rows)  # header, rule, one line per row
+
+    # The picture: accuracy (y) against tokens per forward (x); per task an AR point and a
+    # diffusion line through the thresholds, at the rows' own coordinates; a non-empty PNG on disk.
+    fig = accuracy_figure(rows)
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "tokens per forward" and "accuracy" in ax.get_ylabel()
+    assert len(ax.lines) == len(tasks) and len(ax.collections) == len(tasks)  # lines: diffusion, points: AR
+    first = ax.lines[0]
+    curve = [r for r in rows if r.mode == "diffusion" and r.task == tasks[0]]
+    assert list(first.get_xdata()) == [r.tokens_per_forward for r in curve]
+    assert list(first.get_ydata()) == [100 * r.accuracy for r in curve]
+    png = plot_rows(rows, tmp_path / "report" / "acc.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000

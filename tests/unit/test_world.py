@@ -1,4 +1,5 @@
-"""The embedded world (pipelines/world.py): corpus, tokenizer, AR pretraining, and the shipped base."""
+"""The embedded world (pipelines/world/): task checkers, corpus, tokenizer, AR pretraining, the
+reasoning-on path through data -> train -> decode, and the shipped base."""
 
 from __future__ import annotations
 
@@ -11,109 +12,158 @@ from pathlib import Path
 import pytest
 import torch
 
+import fdllm
+from fdllm.model import Transformer
+from fdllm.objective import IGNORE_INDEX
 from fdllm.tokenizer import load_tokenizer
 from pipelines import world
 from pipelines.evaluate import prompt_ids
-from pipelines.world import ModelSpec, PretrainConfig, WorldConfig
+from pipelines.world import cli, corpus, pretrain, scoring, tasks
+from pipelines.world import tokenizer as world_tokenizer
+from pipelines.world.corpus import WorldConfig
+from pipelines.world.pretrain import ModelSpec, PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL, SHIPPED_DATA = REPO / "assets" / "tiny-ar-base", REPO / "assets" / "world"
 
 
 @pytest.fixture(scope="module")
-def small_world() -> world.World:
-    return world.generate_world(WorldConfig(seed=7, num_train=400, num_test=50))
-
-
-@pytest.fixture(scope="module")
-def mixed_world() -> world.World:
-    """Both tasks (the default corpus is reverse only)."""
-    return world.generate_world(WorldConfig(seed=8, num_train=200, num_test=20, task_weights={"reverse": 1, "commas": 1}))
+def small_world() -> corpus.World:
+    """Every task family, the optional `arith` included."""
+    weights = {name: 1.0 for name in tasks.TASKS}
+    return corpus.generate_world(WorldConfig(seed=7, num_train=400, num_test=10, num_beyond=3, task_weights=weights))
 
 
 @pytest.fixture(scope="module")
 def tokenizer(small_world):
-    return world.train_tokenizer(world.tokenizer_texts(small_world.train), vocab_size=384)
+    return world_tokenizer.train_tokenizer(world_tokenizer.tokenizer_texts(small_world.train), vocab_size=384)
 
 
-# --- corpus -------------------------------------------------------------------------------------
+# --- tasks: each record's answer against an independent solver of its prompt text -------------------
+
+
+def _oracle(category: str, prompt: str) -> str:
+    """Solve a prompt from its text alone with Python's own arithmetic, not the task table."""
+    body = prompt.split(": ", 1)[1]
+    if category == "reverse":
+        return body[::-1]
+    if category == "sort":
+        return "".join(sorted(body))
+    if category == "add":
+        total = str(sum(int(x) for x in body.split("+")))
+        return f"<think>{total[::-1]}</think>{total}"
+    if category == "arith":
+        a, op1, b, op2, c = re.fullmatch(r"(\d+)([+-])(\d+)([+-])(\d+)", body).groups()
+        first = eval(f"{a}{op1}{b}")  # noqa: S307 - digits and one operator, matched above
+        return f"<think>{a}{op1}{b}={first}</think>{eval(f'{first}{op2}{c}')}"  # noqa: S307
+    raise AssertionError(f"unknown category {category}")
+
+
+def _size(category: str, prompt: str) -> int:
+    body = prompt.split(": ", 1)[1]
+    return len(body) if category in ("reverse", "sort") else max(len(x) for x in re.findall(r"\d+", body))
+
+
+def test_every_task_answers_exactly_at_every_size(small_world):
+    records = small_world.train + small_world.test + small_world.beyond
+    assert {r["category"] for r in records} == set(tasks.TASKS)
+    for record in records:
+        prompt = corpus.user_prompt(record)
+        assert record["output"] == _oracle(record["category"], prompt), prompt
+        assert record["size"] == _size(record["category"], prompt)
+        assert tasks.TASKS[record["category"]].solve(prompt) == record["output"]
+    lo_hi = {name: {r["size"] for r in small_world.train if r["category"] == name} for name in tasks.TASKS}
+    for name, task in tasks.TASKS.items():
+        assert lo_hi[name] <= set(range(task.sizes[0], task.sizes[1] + 1))
+        assert {r["size"] for r in small_world.beyond if r["category"] == name} == {task.sizes[1] + 1}
+
+
+@pytest.mark.parametrize(("prompt", "answer"), [
+    ("Add: 999+1", "<think>0001</think>1000"), ("Add: 0+0", "<think>0</think>0"), ("Add: 58+67", "<think>521</think>125"),
+    ("Compute: 10-10+7", "<think>10-10=0</think>7"), ("Compute: 9+99-108", "<think>9+99=108</think>0"),
+    ("Reverse: 1200", "0021"), ("Sort: 3130", "0133"),
+])
+def test_checkers_on_hand_worked_cases(prompt, answer):
+    name = {"Add": "add", "Compute": "arith", "Reverse": "reverse", "Sort": "sort"}[prompt.split(":")[0]]
+    assert tasks.TASKS[name].solve(prompt) == answer
+    assert tasks.final_answer(answer) == answer.rsplit("</think>", 1)[-1]
+
+
+def test_addition_carries_across_many_digits():
+    import random
+
+    rng = random.Random(0)
+    problems = [tasks.TASKS["add"].draw(rng, 6) for _ in range(200)]
+    sums = [tasks.final_answer(p.answer) for p in problems]
+    assert sum(len(total) > 6 for total in sums) > 20  # uniform digits: many sums carry out of the top digit
+    assert all(int(total) == sum(map(int, p.prompt[5:].split("+"))) for total, p in zip(sums, problems, strict=True))
+
+
+# --- corpus ------------------------------------------------------------------------------------------
 
 
 def test_generator_is_deterministic_and_seeded():
-    cfg = WorldConfig(seed=3, num_train=30, num_test=10)
-    assert world.generate_world(cfg) == world.generate_world(cfg)
-    assert world.generate_world(cfg).train != world.generate_world(WorldConfig(seed=4, num_train=30, num_test=10)).train
+    cfg = WorldConfig(seed=3, num_train=30, num_test=2, num_beyond=1)
+    assert corpus.generate_world(cfg) == corpus.generate_world(cfg)
+    assert corpus.generate_world(cfg).train != corpus.generate_world(WorldConfig(seed=4, num_train=30, num_test=2)).train
 
 
 def test_more_train_records_extend_the_same_stream():
-    small = world.generate_world(WorldConfig(num_train=20, num_test=10))
-    large = world.generate_world(WorldConfig(num_train=60, num_test=10))
-    assert large.test == small.test
+    small = corpus.generate_world(WorldConfig(num_train=20, num_test=2))
+    large = corpus.generate_world(WorldConfig(num_train=60, num_test=2))
+    assert large.test == small.test and large.beyond == small.beyond
     assert large.train[:20] == small.train
 
 
-def _expected_answer(record: dict) -> str:
-    """Solve a record from its prompt text alone, independently of the generator's task table."""
-    user = world.user_prompt(record)
-    numbers = re.findall(r"\b\d+\b", user)
-    if record["category"] == "reverse":
-        return " ".join(numbers[::-1])
-    if record["category"] == "commas":
-        return ",".join(numbers)
-    raise AssertionError(f"unknown category {record['category']}")
-
-
-def test_answers_are_correct_and_numbers_zero_padded(small_world, mixed_world):
-    cfg = WorldConfig()
-    records = small_world.train + small_world.test + mixed_world.train + mixed_world.test
-    assert {r["category"] for r in records} == {"reverse", "commas"}
-    for record in records:
-        assert record["output"] == _expected_answer(record)
-        numbers = re.findall(r"\b\d+\b", world.user_prompt(record))
-        assert cfg.min_items <= len(numbers) <= cfg.max_items
-        assert all(len(n) == cfg.digits for n in numbers)
-
-
-def test_records_follow_the_nemotron_schema(small_world):
-    seen_system_field = seen_system_turn = False
+def test_records_follow_the_nemotron_schema_and_the_think_switch(small_world):
+    seen_field = seen_turn = False
     for record in small_world.train:
-        assert set(record) <= {"input", "output", "category", "reasoning", "system_prompt"}
-        assert record["reasoning"] == "off" and isinstance(record["output"], str)
+        assert set(record) <= {"input", "output", "category", "reasoning", "system_prompt", "size"}
         roles = [m["role"] for m in record["input"]]
         assert roles in (["user"], ["system", "user"])
         assert not ("system_prompt" in record and "system" in roles)  # one place per record
-        seen_system_field |= "system_prompt" in record
-        seen_system_turn |= "system" in roles
-    assert seen_system_field and seen_system_turn
-    assert {r["category"] for r in small_world.train} == {"reverse"}
+        seen_field |= "system_prompt" in record
+        seen_turn |= "system" in roles
+        system = corpus.chat_messages(record)[0]["content"]
+        reasons = tasks.TASKS[record["category"]].reasoning
+        assert record["reasoning"] == ("on" if reasons else "off")
+        assert system == ("detailed thinking on" if reasons else "detailed thinking off")
+        assert record["output"].startswith("<think>") == reasons
+    assert seen_field and seen_turn
 
 
 def test_held_out_prompts_never_occur_in_train(small_world):
-    train_prompts = {world.user_prompt(r) for r in small_world.train}
-    assert not train_prompts & {world.user_prompt(r) for r in small_world.test}
+    train_prompts = {corpus.user_prompt(r) for r in small_world.train}
+    assert not train_prompts & {corpus.user_prompt(r) for r in small_world.test + small_world.beyond}
 
 
-def test_data_command_writes_train_and_test_files(tmp_path):
-    world.main(["data", "--out", str(tmp_path), "--num-train", "12", "--num-test", "5", "--seed", "1"])
-    train = world.read_jsonl(tmp_path / "train.jsonl")
-    test = world.read_jsonl(tmp_path / "test.jsonl")
-    assert len(train) == 12 and len(test) == 5
-    for row in test:
-        assert set(row) == {"prompt", "answer", "messages", "category"}
+def test_data_command_writes_train_and_held_out_files(tmp_path):
+    world.main(["data", "--out", str(tmp_path), "--num-train", "12", "--num-test", "2", "--num-beyond", "1", "--seed", "1"])
+    train = corpus.read_jsonl(tmp_path / "train.jsonl")
+    test, beyond = corpus.read_jsonl(tmp_path / "test.jsonl"), corpus.read_jsonl(tmp_path / "test_beyond.jsonl")
+    default_tasks = WorldConfig().task_weights
+    assert len(train) == 12 and len(test) == 2 * len(default_tasks) and len(beyond) == len(default_tasks)
+    assert [r["category"] for r in test[: len(default_tasks)]] == sorted(default_tasks)  # interleaved by task
+    for row in test + beyond:
+        assert set(row) == {"prompt", "answer", "messages", "category", "size"}
         assert row["messages"][-1] == {"role": "user", "content": row["prompt"]}
     assert json.loads((tmp_path / "world_config.json").read_text())["seed"] == 1
 
 
-def test_system_prompt_field_becomes_the_first_turn():
-    record = {"input": [{"role": "user", "content": "Reverse: 001 002"}], "system_prompt": "be brief", "output": "002 001"}
-    assert world.chat_messages(record)[0] == {"role": "system", "content": "be brief"}
+def test_configs_reject_bad_values():
+    with pytest.raises(ValueError):
+        WorldConfig(task_weights={"multiply": 1.0})
+    with pytest.raises(ValueError):
+        WorldConfig(task_weights={"sort": 0.0})
+    with pytest.raises(ValueError):
+        PretrainConfig(minutes=0)
 
 
-# --- tokenizer ----------------------------------------------------------------------------------
+# --- tokenizer ---------------------------------------------------------------------------------------
 
 
 def test_tokenizer_splits_digits_and_round_trips(tokenizer):
-    text = "Reverse: 042 917 1234567890 ünïcödé \t<|im_end|>"
+    text = "Add: 042+917 <think>1234567890</think> ünïcödé \t<|im_end|>"
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert tokenizer.decode(ids) == text
     pieces = [tokenizer.decode([i]) for i in ids]
@@ -126,7 +176,7 @@ def test_tokenizer_specials_and_chat_template(tokenizer, tmp_path):
 
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert [loaded.convert_tokens_to_ids(t) for t in world.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert [loaded.convert_tokens_to_ids(t) for t in world_tokenizer.SPECIAL_TOKENS] == [0, 1, 2, 3]
     assert loaded.eos_token == "<|im_end|>" and loaded.pad_token == "<|endoftext|>"
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     rendered = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -135,69 +185,72 @@ def test_tokenizer_specials_and_chat_template(tokenizer, tmp_path):
 
 
 def test_examples_carry_loss_on_the_answer_and_end_token_only(tokenizer, small_world):
-    record = small_world.train[0]
-    example = world.encode_example(tokenizer, record)
-    answer_ids = [t for t in example.labels if t != world.IGNORE_INDEX]
-    assert tokenizer.decode(answer_ids) == record["output"] + "<|im_end|>"
+    record = next(r for r in small_world.train if r["reasoning"] == "on")
+    example = pretrain.encode_example(tokenizer, record)
+    answer_ids = [t for t in example.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(answer_ids) == record["output"] + "<|im_end|>"  # the think trace carries loss too
     assert example.input_ids[-len(answer_ids) :] == answer_ids
 
 
-def test_the_list_starts_at_the_same_token_in_every_prompt(tokenizer, small_world):
-    # The tiny model learns positional copying fast only when prefixes do not shift the list.
-    starts = set()
-    for record in small_world.train[:100]:
-        ids = world.encode_example(tokenizer, record).input_ids
-        tokens = [tokenizer.decode([i]) for i in ids]
-        starts.add(next(i for i, t in enumerate(tokens) if t.isdigit()))
-    assert len(starts) == 1
-
-
-# --- model and decoding -------------------------------------------------------------------------
+# --- pretraining and decoding ------------------------------------------------------------------------
 
 
 def test_one_eval_engine_follows_the_training_weights(tokenizer, small_world):
     # pretrain() builds its evaluation engine once: later calls must decode the weights as they are
     # then, from a fresh cache, exactly as an engine built at that point does.
     torch.manual_seed(0)
-    spec = ModelSpec(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
-    model = world.Transformer(spec.model_config(tokenizer))
-    rows = [world.test_row(r) for r in small_world.test[:6]]
-    engine = world.eval_engine(model, tokenizer)
+    model = Transformer(ModelSpec(hidden_size=32, num_hidden_layers=1, intermediate_size=64).model_config(tokenizer))
+    rows = [corpus.test_row(r) for r in small_world.test[:6]]
+    engine = scoring.eval_engine(model, tokenizer)
     prompts = [prompt_ids(engine, r) for r in rows]
-    before = [r.token_ids for r in engine.generate(prompts, world.EVAL_PARAMS)]
+    before = [r.token_ids for r in engine.generate(prompts, scoring.EVAL_PARAMS)]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    after = [r.token_ids for r in engine.generate(prompts, world.EVAL_PARAMS)]
+    after = [r.token_ids for r in engine.generate(prompts, scoring.EVAL_PARAMS)]
     assert after != before
-    assert after == [r.token_ids for r in world.eval_engine(model, tokenizer).generate(prompts, world.EVAL_PARAMS)]
+    assert after == [r.token_ids for r in scoring.eval_engine(model, tokenizer).generate(prompts, scoring.EVAL_PARAMS)]
     assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished()
 
 
-def test_scaled_down_chain_runs_end_to_end(tmp_path):
-    data, out = tmp_path / "world", tmp_path / "model"
-    world.main(["data", "--out", str(data), "--num-train", "64", "--num-test", "4"])
+def test_reasoning_on_path_data_train_decode(tokenizer, small_world):
+    """A reasoning-on record goes through the chat rendering, is learnt by the AR loss, and greedy
+    decoding then writes its `<think>` trace and the answer after it, scored as an exact match."""
+    record = next(r for r in small_world.train if r["reasoning"] == "on")
+    row = corpus.test_row(record)
+    assert row["messages"][0] == {"role": "system", "content": "detailed thinking on"}
+    torch.manual_seed(0)
+    model = Transformer(ModelSpec(hidden_size=32, num_hidden_layers=1, intermediate_size=64).model_config(tokenizer))
+    cfg = PretrainConfig(steps=60, batch_size=1, lr=1e-2, warmup_steps=1, eval_every=0, weight_decay=0.0)
+    summary = pretrain.pretrain(model, tokenizer, [record], [row], cfg)  # memorize the one record
+    assert summary["steps"] == cfg.steps
+    engine = scoring.eval_engine(model, tokenizer)
+    text = engine.generate([prompt_ids(engine, row)], scoring.EVAL_PARAMS)[0].text
+    assert text.startswith("<think>") and tasks.final_answer(text) == tasks.final_answer(record["output"])
+    assert scoring.exact_match(engine, [row]) == (1.0, {record["category"]: 1.0})
+
+
+def test_scaled_down_chain_runs_end_to_end_and_rebuilds_byte_for_byte(tmp_path):
+    data, out, again = tmp_path / "world", tmp_path / "model", tmp_path / "again"
+    world.main(["data", "--out", str(data), "--num-train", "64", "--num-test", "1", "--num-beyond", "1"])
     world.main(["tokenizer", "--data", str(data), "--out", str(out), "--vocab-size", "300"])
-    world.main([
-        "pretrain", "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "8",
-        "--num-examples", "64", "--hidden-size", "32", "--layers", "1", "--eval-every", "0",
-    ])
-    summary = json.loads((out / world.SUMMARY_FILE).read_text())
-    assert summary["steps"] == 3 and summary["num_test"] == 4
+    pretrain_args = ["--data", str(data), "--tokenizer", str(out), "--steps", "3", "--batch-size", "8",
+                     "--num-examples", "64", "--hidden-size", "32", "--layers", "1", "--eval-every", "0"]
+    world.main(["pretrain", "--out", str(out), *pretrain_args])
+    world.main(["pretrain", "--out", str(again), *pretrain_args])
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    summary = json.loads((out / cli.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 3 and summary["num_test"] == summary["num_beyond"] == len(WorldConfig().task_weights)
     # Three small steps from a 0.02-std init: the loss is still about that of a uniform guess, ln(V).
     assert math.isfinite(summary["final_loss"])
     assert 0.7 * math.log(summary["vocab_size"]) < summary["final_loss"] < 1.3 * math.log(summary["vocab_size"])
     assert (out / "README.md").is_file()
-    import fdllm
-
-    model = fdllm.load_model(out)
-    tokenizer = load_tokenizer(out)
+    model, tokenizer = fdllm.load_model(out), load_tokenizer(out)
     assert model.config.vocab_size == len(tokenizer) == summary["vocab_size"]
     assert summary["num_params"] == sum(p.numel() for p in model.parameters())
     # The reported accuracy is that of the saved checkpoint on the saved test records.
-    test = world.read_jsonl(data / "test.jsonl")
-    accuracy, by_category = world.exact_match(world.eval_engine(model, tokenizer), test)
-    assert summary["test_accuracy"] == accuracy and summary["test_accuracy_by_category"] == by_category
+    accuracy, by_task = scoring.exact_match(scoring.eval_engine(model, tokenizer), corpus.read_jsonl(data / "test.jsonl"))
+    assert summary["test_accuracy"] == accuracy and summary["test_accuracy_by_task"] == by_task
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -209,34 +262,25 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
-def test_configs_reject_bad_values():
-    with pytest.raises(ValueError):
-        WorldConfig(min_items=6, max_items=5)
-    with pytest.raises(ValueError):
-        WorldConfig(task_weights={"sort": 1.0})
-    with pytest.raises(ValueError):
-        PretrainConfig(minutes=0)
-
-
-# --- the shipped base ---------------------------------------------------------------------------
+# --- the shipped base --------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="assets/tiny-ar-base not built")
-def test_shipped_base_solves_held_out_problems():
-    import fdllm
-
+def test_shipped_base_scores_what_its_model_card_says():
+    # The committed summary is the committed weights' own score on the committed held-out files;
+    # the list tasks are solved (addition is not yet: see the README's world section).
     torch.set_num_threads(2)
-    engine = world.eval_engine(fdllm.load_model(SHIPPED_MODEL), load_tokenizer(SHIPPED_MODEL))
-    rows = world.read_jsonl(SHIPPED_DATA / "test.jsonl")[:50]
-    accuracy, by_category = world.exact_match(engine, rows)
-    assert accuracy > 0.9 and by_category["reverse"] == accuracy
+    engine = scoring.eval_engine(fdllm.load_model(SHIPPED_MODEL), load_tokenizer(SHIPPED_MODEL))
+    summary = json.loads((SHIPPED_MODEL / cli.SUMMARY_FILE).read_text())
+    accuracy, by_task = scoring.exact_match(engine, corpus.read_jsonl(SHIPPED_DATA / "test.jsonl"))
+    assert (accuracy, by_task) == (summary["test_accuracy"], summary["test_accuracy_by_task"])
+    assert set(by_task) == set(json.loads((SHIPPED_DATA / "world_config.json").read_text())["task_weights"])
+    assert by_task["reverse"] >= 0.95 and by_task["sort"] >= 0.95, by_task
 
 
 @pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="assets/tiny-ar-base not built")
 def test_shipped_base_opens_in_transformers_with_equal_logits():
     from transformers import AutoModelForCausalLM
-
-    import fdllm
 
     ours = fdllm.load_model(SHIPPED_MODEL)
     theirs = AutoModelForCausalLM.from_pretrained(str(SHIPPED_MODEL), dtype=torch.float32).eval()
