@@ -20,6 +20,7 @@ unless --keep-corpus.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import logging
@@ -292,6 +293,10 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
             elapsed = time.perf_counter() - start
             cpu_s = memory.cpu_seconds_since(cpu_mark)
             counts = reader.take_counts()
+            # close the open batch iterator while Ray is up: collected after ray.shutdown, it makes
+            # Ray Data start a new local instance to report its stats
+            del reader, shard, dataset
+            gc.collect()
         finally:
             ray.shutdown()
     skipped = sum(counts[r] for r in BAD_REASONS)

@@ -721,6 +721,22 @@ def build_dataset(
     """
     import ray.data
 
+    # Ray Data's default block (128 MiB) would hold back a task's first packed rows until that much
+    # was tokenized: small blocks let the first training batch leave after one window. A dataset
+    # keeps the context current at its creation, so the setting is made for that moment only.
+    context = ray.data.DataContext.get_current()
+    default_block_bytes, context.target_max_block_size = context.target_max_block_size, OUTPUT_BLOCK_BYTES
+    try:
+        return _build_dataset(sources, tokenizer, cfg, num_cpus)
+    finally:
+        context.target_max_block_size = default_block_bytes
+
+
+def _build_dataset(
+    sources: DataSources, tokenizer: "PreTrainedTokenizerBase", cfg: DataConfig, num_cpus: float
+) -> "ray.data.Dataset":
+    import ray.data
+
     kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
     # Each tokenizing task gets `num_cpus` from Ray: the tokenizer must not fan out over every core
     # on its own (its Rust thread pool would oversubscribe them, one pool per task).
@@ -732,7 +748,8 @@ def build_dataset(
         raw = ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus,
                                        runtime_env=single_threaded)
         parts.append(raw.map_batches(
-            _pack_jsonl_batch, batch_size=1, batch_format="pyarrow",  # one pack window per call
+            # batch_size=None (whole blocks): a batch size would stop Ray fusing the map into the read
+            _pack_jsonl_batch, batch_size=None, batch_format="pyarrow",
             fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
         ))
     if sources.parquet:
@@ -741,8 +758,4 @@ def build_dataset(
             _pack_parquet_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
             fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
         ))
-    dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    # Ray Data's default block (128 MiB) would hold back a task's first packed rows until that much
-    # was tokenized: small blocks let the first training batch leave after one window.
-    dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
-    return dataset
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
