@@ -182,8 +182,20 @@ def test_joint_checkpoint_diffusion_mode_prefills_and_commits_causally(joint_dir
     for prompt, res in zip(prompts, got):
         causal = reference_generate(model, prompt, 14, 8, 4, 0.5, causal_prefix=True, mask_token_id=31)
         assert res.token_ids == causal
-    block_causal = [reference_generate(model, p, 14, 8, 4, 0.5, mask_token_id=31) for p in prompts]
-    assert block_causal != [r.token_ids for r in got]  # the prefix attention decides the output here
+
+
+@pytest.mark.parametrize("causal_prefix", [False, True])
+def test_diffusion_prefill_and_commit_rows_follow_the_prefix_attention(causal_prefix):
+    seq = Sequence(request_id="r", prompt=list(range(19)), params=params(), criteria=StopCriteria(max_new_tokens=20),
+                   block_size=8, sub_block_size=4, use_sub_block_cache=False, threshold=0.9, mask_token_id=MASK,
+                   arrival=0.0, causal_prefix=causal_prefix)
+    prefill = seq.next_work(prefill_budget=64)  # 16 prompt tokens, then the first block's denoising step
+    rows = [(r.q_len, r.kv_len, r.causal) for r in prefill.rows]
+    expected = [(16, 16, True)] if causal_prefix else [(8, 8, False), (8, 16, False)]
+    assert rows == expected + [(8, 24, False)]  # the noisy block always attends bidirectionally
+    seq.num_cached, seq.block = 16, list(range(16, 24))  # a fully decoded block: next is its commit
+    commit = seq.next_work(prefill_budget=64)
+    assert commit.commit and [r.causal for r in commit.rows] == [causal_prefix]
 
 
 def test_checkpoints_without_prefix_attention_stay_block_causal(tmp_path):
