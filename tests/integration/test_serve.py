@@ -344,3 +344,14 @@ def test_relative_model_path_means_the_builder_directory(tmp_path, monkeypatch, 
     cfg = ServerConfig.from_args({"model": dllm_dir.name})
     assert cfg.model == str(dllm_dir)
     assert ServerConfig.from_args({"model": "s3://bucket/ckpt"}).model == "s3://bucket/ckpt"
+
+
+def test_speculative_mode_over_http_is_the_ar_output(server, engine):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 24, "temperature": 0, "mode": "speculative"}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    expect = engine.generate(["hello"], fdllm.SamplingParams(max_new_tokens=24, mode="ar"))[0]
+    assert r.json()["choices"][0]["text"] == expect.text
+    stats = r.json()["fdllm"]
+    assert stats["num_drafted"] >= stats["num_accepted"] >= 0
+    assert (stats["num_drafted"] > 0) == (len(expect.token_ids) > 1)  # the first token comes from prefill

@@ -39,39 +39,46 @@ def params(**kw):
 
 
 @torch.no_grad()
-def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size, threshold, stop_ids=()):
-    """Block diffusion with no cache: every step recomputes the whole sequence under the block-causal mask."""
+def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size, threshold, stop_ids=(),
+                       causal_prefix=False, mask_token_id=MASK):
+    """Block diffusion with no cache: every step recomputes the whole sequence under the block-causal
+    mask (`causal_prefix`: causal over the committed tokens, the current block sees itself and them)."""
     L, S, P = block_size, sub_block_size, len(prompt)
 
     def logits(seq):
         ids = torch.tensor([seq], device=model.device)
-        return model(ids, mask=block_causal_mask(len(seq), L, device=model.device))[0].float()
+        if causal_prefix:
+            q, k = torch.arange(len(seq))[:, None], torch.arange(len(seq))[None, :]
+            mask = ((k <= q) | (q >= len(committed)))[None, None].to(model.device)
+        else:
+            mask = block_causal_mask(len(seq), L, device=model.device)
+        return model(ids, mask=mask)[0].float()
 
     def confident(row):
         row = row.clone()
-        row[MASK] = float("-inf")
+        row[mask_token_id] = float("-inf")
         prob = row.softmax(-1)
         return int(prob.argmax()), float(prob.max())
 
     full = P - P % L
     committed = list(prompt[:full])
     block = list(prompt[full:]) if P % L else [confident(logits(committed)[-1])[0]]
-    block += [MASK] * (L - len(block))
+    block += [mask_token_id] * (L - len(block))
     out = []
     while True:
         start = len(committed)
         for token in block[P + len(out) - start :]:  # settle the decoded prefix
-            if token == MASK:
+            if token == mask_token_id:
                 break
             out.append(token)
             if token in stop_ids:
                 return out
             if len(out) == max_new_tokens:
                 return out
-        masked = [p for p in range(L) if block[p] == MASK]  # max_new_tokens only cuts the output
+        masked = [p for p in range(L) if block[p] == mask_token_id]  # max_new_tokens only cuts the output
         if not masked:  # commit: the clean block's last logit opens the next block
             committed += block
-            block = [confident(logits(committed)[-1])[0]] + [MASK] * (L - 1)
+            block = [confident(logits(committed)[-1])[0]] + [mask_token_id] * (L - 1)
             continue
         sub = masked[0] - masked[0] % S
         rows = logits(committed + block)
