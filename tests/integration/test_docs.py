@@ -40,6 +40,8 @@ NOT_HERE: dict[str, list[tuple[str, str]]] = {
         (r"&& python -m pytest", "the test suite itself (`.ci/run` runs it)"),
         (r"benchmark", "benchmarks take minutes; their smoke tests are in tests/benchmarks and tests/kernels"),
         (r"mutmut run", "mutation testing takes hours on 2 cores: run by hand (tests/MUTATION.md), not in CI"),
+        (r"evaluate\.py --model DIR --modes ar,diffusion,speculative", "needs a checkpoint fine-tuned with "
+         "--objective joint (DIR); tests/unit/test_speculative.py holds speculative == AR on such a model"),
         (r"evaluate\.py .*--quantization", "the evaluate command above plus one flag; tests/unit/test_quantization.py "
                                             "runs evaluate with --quantization"),
     ],
