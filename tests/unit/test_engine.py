@@ -162,17 +162,22 @@ def test_batch_equals_each_prompt_alone(model, use_sub_block_cache):
         assert res.num_forwards == alone.num_forwards
 
 
-def test_requests_joining_mid_flight_match_alone(model):
-    prompts = random_prompts(4, [2, 8, 13], seed=11)
-    mixed = [params(), params(mode="ar"), params(threshold=0.9), params(max_new_tokens=9)]
-    engine = make_engine(model, use_sub_block_cache=True)
+def run_joining_mid_flight(engine, prompts, param_list) -> dict:
+    """Request i (id "i") joins after 2i steps; returns every result by request id."""
     results = {}
-    for i, (prompt, p) in enumerate(zip(prompts, mixed)):  # a new request every two steps
+    for i, (prompt, p) in enumerate(zip(prompts, param_list)):
         engine.add_request(prompt, p, request_id=str(i))
         for _ in range(2):
             results |= {r.request_id: r for r in engine.step()}
     while engine.has_unfinished():
         results |= {r.request_id: r for r in engine.step()}
+    return results
+
+
+def test_requests_joining_mid_flight_match_alone(model):
+    prompts = random_prompts(4, [2, 8, 13], seed=11)
+    mixed = [params(), params(mode="ar"), params(threshold=0.9), params(max_new_tokens=9)]
+    results = run_joining_mid_flight(make_engine(model, use_sub_block_cache=True), prompts, mixed)
     for i, (prompt, p) in enumerate(zip(prompts, mixed)):
         alone = make_engine(model, use_sub_block_cache=True).generate([prompt], p)[0]
         assert results[str(i)].token_ids == alone.token_ids

@@ -14,7 +14,7 @@ import fdllm
 from fdllm.engine.sequence import Sequence
 from fdllm.decoding import StopCriteria
 from fdllm.objective import IGNORE_INDEX, two_stream_batch, joint_loss
-from tests.unit.test_engine import MASK, make_engine, params, random_prompts, reference_generate
+from tests.unit.test_engine import MASK, make_engine, params, random_prompts, reference_generate, run_joining_mid_flight
 
 LENGTHS = [1, 3, 7, 8, 9, 13, 16]  # block 8: prompts that are and are not block multiples
 
@@ -57,14 +57,7 @@ def test_mid_flight_joins_mixed_with_ar_and_diffusion(model):
     """Speculative rounds share steps with AR tokens and diffusion sub-blocks (one packed forward)."""
     prompts = random_prompts(4, [2, 8, 11, 16], seed=23)
     mixed = [params(mode="speculative"), params(), params(mode="ar"), params(mode="speculative", max_new_tokens=7)]
-    engine = make_engine(model, use_sub_block_cache=True)
-    results = {}
-    for i, (prompt, p) in enumerate(zip(prompts, mixed)):  # a new request every two steps
-        engine.add_request(prompt, p, request_id=str(i))
-        for _ in range(2):
-            results |= {r.request_id: r for r in engine.step()}
-    while engine.has_unfinished():
-        results |= {r.request_id: r for r in engine.step()}
+    results = run_joining_mid_flight(make_engine(model, use_sub_block_cache=True), prompts, mixed)
     for i, (prompt, p) in enumerate(zip(prompts, mixed)):
         alone = make_engine(model, use_sub_block_cache=True).generate([prompt], p)[0]
         assert results[str(i)].token_ids == alone.token_ids
