@@ -224,8 +224,11 @@ class ModelRunner:
             n, row = len(w.token_ids), w.rows[0]
             ids[b, :n] = w.token_ids
             positions[b, :n] = np.arange(w.start, w.start + n)
-            # Per token: a speculative draft starts at the last known token, which may sit in the previous page.
-            slots[b, :n] = [w.seq.slot(p) for p in range(w.start, w.start + n)]
+            first = w.seq.slot(w.start)
+            if w.seq.slot(w.start + n - 1) == first + n - 1:  # one page (or consecutive pages): the hot path
+                slots[b, :n] = np.arange(first, first + n)
+            else:  # a speculative draft starts at the last known token, which may sit in the previous page
+                slots[b, :n] = [w.seq.slot(p) for p in range(w.start, w.start + n)]
             tables[b, : len(row.pages)] = row.pages
             kv_lens[b], q_lens[b] = row.kv_len, n
         for name, values in (("ids", ids), ("positions", positions), ("slots", slots), ("tables", tables),
