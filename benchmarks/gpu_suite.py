@@ -153,18 +153,17 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
     ]}
 
 
-def _decode_run(engine, prompts, params) -> tuple[float, int, int]:
-    """(seconds, generated tokens, decode steps) of one batch run to completion."""
+def _decode_run(engine, prompts, params) -> tuple[float, int, int, list[list[int]]]:
+    """(seconds, generated tokens, decode steps, each prompt's tokens) of one batch run to completion."""
     sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
-    for pr in prompts:
-        engine.add_request(pr, params)
+    ids = [engine.add_request(pr, params) for pr in prompts]
     sync()
-    start, steps, tokens = time.perf_counter(), 0, 0
+    start, steps, outputs = time.perf_counter(), 0, {}
     while engine.has_unfinished():
-        tokens += sum(len(r.token_ids) for r in engine.step())
+        outputs |= {r.request_id: r.token_ids for r in engine.step()}
         steps += 1
     sync()
-    return time.perf_counter() - start, tokens, steps
+    return time.perf_counter() - start, sum(map(len, outputs.values())), steps, [outputs[i] for i in ids]
 
 
 def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any]:
@@ -194,7 +193,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
                 engine = _engine(model, mask, backend=backend, eager=eager, cache=cache, batch=batch, threshold=1e-9)
                 params = fdllm.SamplingParams(max_new_tokens=new, ignore_eos=True, mode=mode)
                 _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
-                seconds, tokens, steps = _decode_run(engine, prompts, params)
+                seconds, tokens, steps, _ = _decode_run(engine, prompts, params)
                 step_ms = 1000 * seconds / steps
                 graphs = engine.runner.graphs is not None
                 row = {"shape": shape, "batch": batch, "mode": name, "graphs": graphs, "ms/step": step_ms,
@@ -250,8 +249,7 @@ def quantized(device: torch.device, smoke: bool) -> dict[str, Any]:
                                  quantization=fmt)
                 params = fdllm.SamplingParams(max_new_tokens=new, ignore_eos=True, mode=mode)
                 _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
-                seconds, tokens, steps = _decode_run(engine, prompts, params)
-                out = [r.token_ids for r in engine.generate(prompts, params)]
+                seconds, tokens, steps, out = _decode_run(engine, prompts, params)
                 base = baseline.setdefault((batch, mode), out)
                 agree = sum(a == b for x, y in zip(out, base) for a, b in zip(x, y)) / sum(len(x) for x in base)
                 row = {"format": fmt or str(dtype).removeprefix("torch."), "batch": batch, "mode": mode,
