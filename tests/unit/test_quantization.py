@@ -79,9 +79,7 @@ def test_int8_weight_bytes_are_about_a_quarter_of_fp32(sharp_dir):
 @pytest.mark.parametrize("fmt", CPU_FORMATS)
 def test_cached_decoding_equals_recompute_on_quantized_weights(sharp_dir, fmt):
     model = fdllm.load_model(sharp_dir)
-    engine = make_engine(model)
-    engine = fdllm.Engine(model, None, engine.config, fdllm.EngineConfig(num_pages=256, max_prefill_tokens=64,
-                                                                            quantization=fmt))
+    engine = make_engine(model, quantization=fmt)
     prompts = random_prompts(3, [5, 8, 13])
     for prompt, res in zip(prompts, engine.generate(prompts, params(max_new_tokens=12))):
         assert res.token_ids == reference_generate(model, prompt, 12, 8, 4, 0.4), f"prompt length {len(prompt)}"
