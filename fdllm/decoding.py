@@ -23,6 +23,7 @@ from fdllm.kernels.reference import suppress_mask
 
 
 _U32 = 0xFFFFFFFF
+_STOP_WINDOW_MARGIN = 8  # extra tokens decoded before a stop string's earliest possible start
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -192,15 +193,24 @@ class StopCriteria:
         return None
 
     def _stop_string_cut(self, output: Sequence[int], num_checked: int) -> int | None:
+        """The length after the first new token that completes a stop string, decoding only a tail.
+
+        A stop string not found before must end in a new token, and its c characters are at most
+        4c bytes, so the tokens that hold it start at most 4c + 1 tokens before `num_checked`
+        (every token is at least one byte). Decoding from a little further back (margin for
+        tokenizers that drop a leading space of the first token) finds the same first stop as
+        decoding the whole output, at O(new tokens) per step instead of O(output).
+        """
         if not self.stop or len(output) == num_checked:
             return None
-        if not any(s in self.decode(output) for s in self.stop):
+        start = max(0, num_checked - 4 * max(map(len, self.stop)) - _STOP_WINDOW_MARGIN)
+        if not any(s in self.decode(output[start:]) for s in self.stop):
             return None
-        for n in range(max(num_checked, 1), len(output) + 1):  # the first token that completes one
-            text = self.decode(output[:n])
+        for n in range(max(num_checked, start + 1), len(output) + 1):  # the first token that completes one
+            text = self.decode(output[start:n])
             if any(s in text for s in self.stop):
                 return n
-        raise AssertionError("unreachable: the full output contains a stop string")
+        raise AssertionError("unreachable: the decoded tail contains a stop string")
 
     def cut_text(self, text: str) -> str:
         """The output text, ending before the first stop string (OpenAI semantics)."""

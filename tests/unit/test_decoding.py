@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -120,3 +122,32 @@ def test_stop_criteria():
     assert text.check([1, 2, 3, 4, 5], 2) == (4, "stop")  # "abcd": cut after the token completing it
     assert text.cut_text("abcde") == "ab"
     assert text.cut_text("xyz") == "xyz"
+
+
+def _first_stop_by_full_decode(decode, output, stops):
+    """The oracle: the shortest prefix whose whole decode contains a stop string."""
+    return next((n for n in range(1, len(output) + 1) if any(s in decode(output[:n]) for s in stops)), None)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stop_strings_found_from_a_decoded_tail_match_full_decodes(seed):
+    """Stop strings are checked on a tail of the output each step; the cut must be the one a full
+    decode of every prefix gives, for multi-byte characters split over byte-level tokens and for
+    long outputs fed a few tokens at a time."""
+    from fdllm.tokenizer import load_tokenizer
+    from pipelines.world import DEFAULT_MODEL_DIR
+
+    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    rng = random.Random(seed)
+    words = ["Café", "naïve", "漢字", "🙂", "Sort", "0123", " ", "\n", "->", "ok."]
+    text = "".join(rng.choice(words) for _ in range(120))
+    ids = tok.encode(text, add_special_tokens=False)
+    for stop in ("漢字🙂", "ok.Sort", "ïve ", "🙂🙂", "zzz"):
+        crit = StopCriteria(max_new_tokens=10_000, stop=(stop,), decode=decode)
+        found, checked = None, 0
+        while found is None and checked < len(ids):
+            grown = min(len(ids), checked + rng.randint(1, 5))
+            verdict = crit.check(ids[:grown], checked)
+            found, checked = (verdict[0] if verdict else None), grown
+        assert found == _first_stop_by_full_decode(decode, ids, (stop,)), stop
