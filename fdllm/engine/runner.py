@@ -4,7 +4,8 @@ A step runs in one of two layouts:
 - static (every work is a decode work: one non-causal attention row, no prompt tokens): works are
   padded to a batch bucket Bb and every work to Q query tokens (Q = the step's longest work: 1 for
   AR tokens, the sub-block for cached steps, the block for refresh and commit steps, up to the
-  block + 1 for speculative drafts; a speculative verify is causal, so its step is dynamic). Padded
+  block + 1 for speculative drafts, rounded up to a power of two when graphs are captured; a
+  speculative verify is causal, so its step is dynamic). Padded
   tokens write their K/V to the cache's scratch slot, padded rows see nothing. On CUDA this body
   (embedding -> layers -> norm) replays a CUDA graph captured per (Bb, Q) (`fdllm.engine.graphs`);
   elsewhere, or with `EngineConfig(enforce_eager=True)`, the same layout runs eagerly, which is
@@ -41,6 +42,14 @@ from fdllm.kernels.reference import greedy_confidence
 from fdllm.model import Transformer
 
 _ROW_STREAM = 1 << 12  # counter = forwards * _ROW_STREAM + logit row: one draw per row per forward
+
+
+def query_bucket(q_len: int) -> int:
+    """Padded query tokens per work of a captured step: the next power of two, so speculative
+    drafts (any length up to the block + 1) and AR/sub-block/block steps share a handful of graphs
+    per batch bucket instead of one per draft length. Lengths already a power of two (AR 1,
+    sub-blocks, blocks) pad nothing."""
+    return 1 << (q_len - 1).bit_length()
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -143,6 +152,7 @@ class ModelRunner:
         self.max_pages_per_seq = max_pages_per_seq
         self.stage = HostStage(self.device)
         self.graphs = None
+        self.bucket_query_len = use_cuda_graphs  # eager steps pad only to their longest work
         if use_cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
@@ -189,6 +199,8 @@ class ModelRunner:
             q_len = max(q_len, len(w.token_ids))
             pages = max(pages, len(w.rows[0].pages))
         batch = self.buckets[bisect.bisect_left(self.buckets, len(works))]
+        if self.bucket_query_len:
+            q_len = query_bucket(q_len)
         if self.graphs is not None:
             if pages > self.max_pages_per_seq:
                 return None

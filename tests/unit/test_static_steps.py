@@ -11,7 +11,7 @@ import torch
 
 import fdllm
 from fdllm.decoding import counter_uniform, sample_confidence
-from fdllm.engine.runner import batch_buckets
+from fdllm.engine.runner import batch_buckets, query_bucket
 from tests.unit.test_engine import MASK, make_engine, params, random_prompts
 
 
@@ -74,6 +74,24 @@ def test_static_buckets_equal_dynamic_path(model, use_sub_block_cache, temperatu
     # whole-block steps (8) and, with the sub-block cache, cached sub-block steps (4) ran static
     assert {s.q_len for s in used} >= ({8, 4} if use_sub_block_cache else {8})
     assert any(s.batch > 1 for s in used) and any(s.batch in (2, 4, 8) for s in used)
+
+
+def test_query_buckets_of_captured_steps_change_no_token(model):
+    """With graphs, static steps pad each work's queries to a power of two (so speculative drafts of
+    every length share a few graphs); on CPU the same padding runs eagerly and must equal the
+    unpadded steps token for token, for diffusion, AR and speculative requests together."""
+    assert [query_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 17, 33)] == [1, 2, 4, 4, 8, 8, 16, 32, 64]
+    requests = [(p, params(max_new_tokens=21, mode=m, temperature=t, seed=i))
+                for i, (p, m, t) in enumerate(zip(random_prompts(6, [2, 7, 12], seed=5),
+                                                  ["speculative", "diffusion", "ar", "speculative", "diffusion", "ar"],
+                                                  [0.0, 0.8, 0.0, 0.0, 0.0, 0.9]))]
+    padded, exact = make_engine(model), make_engine(model)
+    padded.runner.bucket_query_len = True
+    padded_shapes, exact_shapes = count_static_steps(padded), count_static_steps(exact)
+    assert run_mixed(padded, requests) == run_mixed(exact, requests)
+    q_lens = {s.q_len for s in padded_shapes if s is not None}
+    assert q_lens and all(q & (q - 1) == 0 for q in q_lens), q_lens
+    assert any(s.q_len & (s.q_len - 1) for s in exact_shapes if s is not None), "some steps must have needed padding"
 
 
 def test_deterministic_mode_pads_every_step_to_max_num_seqs(model):
