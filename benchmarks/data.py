@@ -242,8 +242,9 @@ class IngestResult:
 
 
 def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir: str) -> dict[str, Any]:
-    """Run in a fresh process: a local Ray instance, the fine-tune's dataset and ingest options,
-    the trainer's batch reader; returns IngestResult as a dict."""
+    """Run in a fresh process (`_in_fresh_process`, which shuts Ray down after the result is sent):
+    a local Ray instance, the fine-tune's dataset and ingest options, the trainer's batch reader;
+    returns IngestResult as a dict."""
     import ray
     import ray.data
     import ray.train
@@ -266,39 +267,36 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
             raise RuntimeError("could not start a local Ray instance")
         ray_init_s = time.perf_counter() - start
         ray.data.DataContext.get_current().enable_progress_bars = False
-        try:
-            tokenizer = load_tokenizer(tokenizer_dir)
-            tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
-            cfg = DataConfig(block_size=args["block_size"], seq_len=args["seq_len"], overlong=args["overlong"])
-            memory._sample()
-            cpu_mark, start = dict(memory.cpu_s), time.perf_counter()
-            dataset = build_dataset(check_data_files([path]), tokenizer, cfg, num_cpus=args["data_cpus"])
-            # what finetune.build_trainer asks of Ray Train: its ingest defaults, in order, one shard per worker
-            dataset.context.execution_options = ray.train.DataConfig.default_ingest_options()
-            dataset.context.execution_options.preserve_order = True
-            shard = dataset.streaming_split(1, equal=False)[0]
-            reader = ShardReader(shard, args["batch_size"])
-            first_batch_s, sequences, tokens, complete = None, 0, 0, False
-            while True:
-                batch = reader.next_batch()
-                now = time.perf_counter() - start
-                if batch is None:
-                    complete = True
-                    break
-                first_batch_s = first_batch_s if first_batch_s is not None else now
-                sequences += len(batch["num_tokens"])
-                tokens += int(batch["num_tokens"].sum())
-                if args["max_seconds"] and now > args["max_seconds"]:
-                    break
-            elapsed = time.perf_counter() - start
-            cpu_s = memory.cpu_seconds_since(cpu_mark)
-            counts = reader.take_counts()
-            # close the open batch iterator while Ray is up: collected after ray.shutdown, it makes
-            # Ray Data start a new local instance to report its stats
-            del reader, shard, dataset
-            gc.collect()
-        finally:
-            ray.shutdown()
+        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)
+        cfg = DataConfig(block_size=args["block_size"], seq_len=args["seq_len"], overlong=args["overlong"])
+        memory._sample()
+        cpu_mark, start = dict(memory.cpu_s), time.perf_counter()
+        dataset = build_dataset(check_data_files([path]), tokenizer, cfg, num_cpus=args["data_cpus"])
+        # what finetune.build_trainer asks of Ray Train: its ingest defaults, in order, one shard per worker
+        dataset.context.execution_options = ray.train.DataConfig.default_ingest_options()
+        dataset.context.execution_options.preserve_order = True
+        shard = dataset.streaming_split(1, equal=False)[0]
+        reader = ShardReader(shard, args["batch_size"])
+        first_batch_s, sequences, tokens, complete = None, 0, 0, False
+        while True:
+            batch = reader.next_batch()
+            now = time.perf_counter() - start
+            if batch is None:
+                complete = True
+                break
+            first_batch_s = first_batch_s if first_batch_s is not None else now
+            sequences += len(batch["num_tokens"])
+            tokens += int(batch["num_tokens"].sum())
+            if args["max_seconds"] and now > args["max_seconds"]:
+                break
+        elapsed = time.perf_counter() - start
+        cpu_s = memory.cpu_seconds_since(cpu_mark)
+        counts = reader.take_counts()
+        # close the open batch iterator while Ray is up: collected after ray.shutdown, it makes
+        # Ray Data start a new local instance to report its stats
+        del reader, shard, dataset
+        gc.collect()
     skipped = sum(counts[r] for r in BAD_REASONS)
     rows = counts[GOOD_DOCS] + skipped
     return asdict(IngestResult(
@@ -357,12 +355,43 @@ def ingest_local(args: dict[str, Any], path: str, stats: dict[str, Any], tokeniz
     ))
 
 
+def _report_then_stop_ray(conn: Any, fn: Any, fn_args: tuple[Any, ...]) -> None:
+    """The child's body: send `fn`'s result (or its error) first, then shut Ray down. Ray's
+    shutdown can end the process abruptly (a Ray Data prefetch thread touching the core worker
+    after it stopped), which must not cost the measurement."""
+    try:
+        conn.send(("ok", fn(*fn_args)))
+    except BaseException as e:  # noqa: BLE001 - anything the run raises goes back to the parent
+        import traceback
+
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _in_fresh_process(fn: Any, *fn_args: Any) -> Any:
     """`fn(*fn_args)` in a spawned process, so each size has its own Ray instance and memory peaks."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # a dead child raises here
-        return pool.submit(fn, *fn_args).result()
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_report_then_stop_ray, args=(send, fn, fn_args))
+    child.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"the benchmark process died before reporting (exit code {child.exitcode})") from None
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+    if child.exitcode:
+        log.warning("the benchmark process exited with code %s while shutting Ray down, after reporting", child.exitcode)
+    if status == "error":
+        raise RuntimeError(f"the benchmark process failed: {value}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
