@@ -34,8 +34,9 @@ class WorldConfig:
     num_train: int = 20_000  # records written to train.jsonl (pretraining may draw more)
     num_test: int = 100  # held-out records per task inside the trained sizes (test.jsonl)
     num_beyond: int = 50  # held-out records per task one size beyond them (test_beyond.jsonl)
-    # Sorting and addition learn slower than reversal: they get 1.5x its share.
-    task_weights: dict[str, float] = field(default_factory=lambda: {"reverse": 1.0, "sort": 1.5, "add": 1.5})
+    # Sorting learns slower than reversal (1.5x its share), addition slowest (2.5x): with these
+    # weights and the aligned-column trace the 10000-step base reaches 100% on all three tasks.
+    task_weights: dict[str, float] = field(default_factory=lambda: {"reverse": 1.0, "sort": 1.5, "add": 2.5})
     system_in_input_rate: float = 0.5  # the system prompt as a turn in `input`, else as `system_prompt`
 
     def __post_init__(self) -> None:

@@ -63,11 +63,10 @@ class ModelSpec:
 class PretrainConfig:
     """AdamW with linear warmup and cosine decay over `steps`.
 
-    The defaults: 5000 steps of 32 (160k examples) at peak lr 2e-3; validation runs of the
-    four-task world at lr 2e-3 reached 37% on reverse and sort, 7% on addition, 0% on the two-step
-    expression after 1000 steps, so the hard tasks get more weight in the corpus and the run lasts."""
+    The defaults: 10000 steps of 32 (320k examples) at peak lr 2e-3, 51 min on one busy CPU thread:
+    the held-out accuracy reached 95% on every task by step 6000-7000 and 100% by step 8000."""
 
-    steps: int = 7000
+    steps: int = 10_000
     batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # the cosine ends at lr * min_lr_ratio
@@ -75,7 +74,7 @@ class PretrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    num_examples: int = 224_000  # examples drawn from the world's stream (train.jsonl is their prefix)
+    num_examples: int = 320_000  # examples drawn from the world's stream (train.jsonl is their prefix)
     eval_every: int = 1000  # steps between held-out checks (0: only at the end)
     eval_samples: int = 200  # held-out records per intermediate check
     minutes: float | None = None  # wall-clock cap; stops early (and says so) when reached

@@ -10,7 +10,7 @@ import fdllm
 from fdllm.model import Transformer
 from pipelines.evaluate import evaluate
 
-EVAL_PARAMS = fdllm.SamplingParams(max_new_tokens=32, temperature=0.0, mode="ar")  # answers: <= 22 tokens + end
+EVAL_PARAMS = fdllm.SamplingParams(max_new_tokens=48, temperature=0.0, mode="ar")  # answers: <= 36 tokens + end
 EVAL_BATCH = 100  # sequences decoded together
 
 

@@ -2,9 +2,9 @@
 
 Every task works on digit strings (each digit is its own token), so sizes count tokens and one
 model can learn them all: lists of digits to reverse or sort, and multi-digit addition with
-carries in the reasoning-on form: a `<think>` trace writes the sum least significant digit first
-(a carry chain: each digit depends on the one before it), and the answer, the sum, is that trace
-read backwards. A two-step expression (`arith`, its trace the intermediate result) is available
+carries in the reasoning-on form: a `<think>` trace writes the operands and the sum in aligned
+columns least significant digit first (a carry chain: each sum digit depends on the one before
+it), and the answer, the sum, is the trace's last row read backwards. A two-step expression (`arith`, its trace the intermediate result) is available
 but not in the default world: a 1M-parameter model did not learn it (nor addition written most
 significant digit first, without a trace) to 95% within a CPU pretraining budget.
 """
@@ -77,12 +77,20 @@ def _draw_sort(rng: random.Random, size: int) -> Problem:
 # --- addition with carries, reasoning on -----------------------------------------------------------
 
 
+ADD_WIDTH = 6  # columns of the addition trace: 5-digit operands and the carry out of the top digit
+
+
 def _solve_add(prompt: str) -> str:
-    """The sum written least significant digit first in the trace (each digit then needs only its
-    column and the carry from the digit before it), then the answer: the trace read backwards."""
+    """Column addition written out, least significant digit first: both operands reversed and
+    zero-padded to ADD_WIDTH columns (two reversal copies, the skill the reverse task teaches),
+    then the sum in the same columns, so each sum digit reads its two operand digits and the carry
+    at fixed distances behind it; the answer is the sum read back without its leading zeros. The
+    width grows with operands beyond the trained range, so the solver holds at every size."""
     a, b = _operand_text(prompt).split("+")
-    total = str(int(a) + int(b))
-    return f"{THINK_OPEN}{total[::-1]}{THINK_CLOSE}{total}"
+    width = max(ADD_WIDTH, len(a) + 1, len(b) + 1)
+    total = int(a) + int(b)
+    columns = "+".join(str(x).zfill(width)[::-1] for x in (int(a), int(b)))
+    return f"{THINK_OPEN}{columns}={str(total).zfill(width)[::-1]}{THINK_CLOSE}{total}"
 
 
 def _draw_add(rng: random.Random, size: int) -> Problem:

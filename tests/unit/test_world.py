@@ -50,8 +50,11 @@ def _oracle(category: str, prompt: str) -> str:
     if category == "sort":
         return "".join(sorted(body))
     if category == "add":
-        total = str(sum(int(x) for x in body.split("+")))
-        return f"<think>{total[::-1]}</think>{total}"
+        operands = [int(x) for x in body.split("+")]
+        width = max(6, *(len(str(x)) + 1 for x in operands))
+        column = "{:0%dd}" % width  # right-aligned, zero-filled: the written-out column sum
+        rows = [column.format(x)[::-1] for x in [*operands, sum(operands)]]
+        return f"<think>{rows[0]}+{rows[1]}={rows[2]}</think>{sum(operands)}"
     if category == "arith":
         a, op1, b, op2, c = re.fullmatch(r"(\d+)([+-])(\d+)([+-])(\d+)", body).groups()
         first = eval(f"{a}{op1}{b}")  # noqa: S307 - digits and one operator, matched above
@@ -79,7 +82,8 @@ def test_every_task_answers_exactly_at_every_size(small_world):
 
 
 @pytest.mark.parametrize(("prompt", "answer"), [
-    ("Add: 999+1", "<think>0001</think>1000"), ("Add: 0+0", "<think>0</think>0"), ("Add: 58+67", "<think>521</think>125"),
+    ("Add: 999+1", "<think>999000+100000=000100</think>1000"), ("Add: 0+0", "<think>000000+000000=000000</think>0"),
+    ("Add: 58+67", "<think>850000+760000=521000</think>125"), ("Add: 123456+1", "<think>6543210+1000000=7543210</think>123457"),
     ("Compute: 10-10+7", "<think>10-10=0</think>7"), ("Compute: 9+99-108", "<think>9+99=108</think>0"),
     ("Reverse: 1200", "0021"), ("Sort: 3130", "0133"),
 ])
@@ -275,7 +279,7 @@ def test_shipped_base_scores_what_its_model_card_says():
     accuracy, by_task = scoring.exact_match(engine, corpus.read_jsonl(SHIPPED_DATA / "test.jsonl"))
     assert (accuracy, by_task) == (summary["test_accuracy"], summary["test_accuracy_by_task"])
     assert set(by_task) == set(json.loads((SHIPPED_DATA / "world_config.json").read_text())["task_weights"])
-    assert by_task["reverse"] >= 0.95 and by_task["sort"] >= 0.95, by_task
+    assert min(by_task.values()) >= 0.95 and set(by_task) == {"add", "reverse", "sort"}, by_task
 
 
 @pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="assets/tiny-ar-base not built")
