@@ -82,3 +82,12 @@ def test_trajectory_statuses_and_records(dllm_dir, wrong):
     assert records[1]["messages"][-1]["content"] == answers[1]  # the trajectory, not the reference with reasoning
     assert records[2] == ({"messages": rows[2]["messages"]} if wrong == "reference" else None)
     assert records[3] is None and records[4] is None
+
+
+def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch):
+    from pipelines import distill
+
+    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps({"counts": {"correct": 3, "wrong_dropped": 1}}))
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
+    cfg = DistillConfig(model="m", data=["d"], max_steps=1)
+    assert distill.generate_trajectories(cfg, str(tmp_path)) == {"correct": 3, "wrong_dropped": 1}
