@@ -126,6 +126,14 @@ def diffusion_loss_sum(
     return loss * count, count
 
 
+def objective_kwargs(cfg: FinetuneConfig) -> dict[str, tuple[float, float] | None]:
+    """`diffusion_loss_sum`'s objective arguments for the run's `objective`."""
+    return {
+        "joint_weights": (cfg.ar_loss_weight, cfg.diffusion_loss_weight) if cfg.objective == "joint" else None,
+        "certainty": (cfg.certainty_weight, cfg.certainty_temperature) if cfg.objective == "certainty" else None,
+    }
+
+
 class ShardReader:
     """Batches of `batch_size` packed sequences from a worker's dataset shard, epoch after epoch.
 
@@ -408,11 +416,8 @@ def _train_step(
 ) -> tuple[float, int]:
     """One optimizer step on this worker's batch; returns the global mean loss and token count."""
     with parallel.autocast:
-        loss_sum, count = diffusion_loss_sum(
-            parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, step, device,
-            (cfg.ar_loss_weight, cfg.diffusion_loss_weight) if cfg.objective == "joint" else None,
-            (cfg.certainty_weight, cfg.certainty_temperature) if cfg.objective == "certainty" else None,
-        )
+        loss_sum, count = diffusion_loss_sum(parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, step,
+                                             device, **objective_kwargs(cfg))
     # Host sync, once per step: the global masked-token count normalises the loss on every worker.
     totals = _all_reduce([loss_sum.item(), count.item(), float(batch["num_tokens"].sum())])
     global_loss_sum, global_count, global_tokens = totals

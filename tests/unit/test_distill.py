@@ -91,3 +91,51 @@ def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch)
     monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
     cfg = DistillConfig(model="m", data=["d"], max_steps=1)
     assert distill.generate_trajectories(cfg, str(tmp_path)) == {"correct": 3, "wrong_dropped": 1}
+
+
+def test_certainty_objective_in_the_train_loop_is_the_distill_loss(qwen2_dir):
+    """The train loop's `certainty` objective is `fdllm.objective.certainty_forcing_loss` of the batch
+    noised as every objective noises it; lambda 0 is the plain block-diffusion loss."""
+    import numpy as np
+    import torch
+
+    from fdllm.objective import certainty_forcing_loss, two_stream_batch
+    from fdllm.tokenizer import add_mask_token, load_tokenizer
+    from pipelines.data import DataConfig, process_records
+    from pipelines.train_loop import _row_seed, diffusion_loss_sum
+    from tests.sft_data import good_records
+
+    tok = load_tokenizer(qwen2_dir)
+    model = fdllm.load_model(qwen2_dir)
+    mask_id = add_mask_token(tok, model)
+    batch = {k: v[:1] for k, v in process_records(good_records(8), tok, DataConfig(block_size=8, seq_len=64)).items()}
+    cpu = torch.device("cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(15):  # a few steps: the frequent tokens (block tails of end-of-turn) get predicted right
+        loss, n = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, step, cpu)
+        opt.zero_grad()
+        (loss / n).backward()
+        opt.step()
+    with torch.no_grad():
+        got_sum, count = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu, certainty=(2.0, 0.5))
+        plain_sum, _ = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu)
+        zero_sum, _ = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu, certainty=(0.0, 0.5))
+        ids, labels, pos, docs = (torch.from_numpy(batch[c]).long() for c in ("input_ids", "labels", "position_ids", "doc_ids"))
+        gen = torch.Generator().manual_seed(_row_seed(0, 3, np.asarray(batch["input_ids"][0])))
+        noised = two_stream_batch(ids, labels, mask_id, 8, 1e-3, pos, docs, gen)
+        want, want_count = certainty_forcing_loss(model, noised, 8, 2.0, 0.5)
+    assert int(count) == int(want_count)
+    assert (got_sum / count).item() == pytest.approx(want.item(), rel=1e-5)
+    assert zero_sum.item() == pytest.approx(plain_sum.item(), rel=1e-6)
+    assert got_sum.item() != pytest.approx(plain_sum.item(), rel=1e-6)  # some masked position is predicted right
+
+
+def test_each_objective_reaches_its_loss():
+    from pipelines.train_loop import objective_kwargs
+
+    cfg = DistillConfig(model="m", data=["d"], max_steps=1, certainty_weight=1.5, certainty_temperature=0.25)
+    assert objective_kwargs(cfg) == {"joint_weights": None, "certainty": (1.5, 0.25)}
+    joint = DistillConfig(model="m", data=["d"], max_steps=1, objective="joint", ar_loss_weight=0.3)
+    assert objective_kwargs(joint) == {"joint_weights": (0.3, 0.5), "certainty": None}
+    assert objective_kwargs(DistillConfig(model="m", data=["d"], max_steps=1, objective="diffusion")) == {
+        "joint_weights": None, "certainty": None}
