@@ -154,6 +154,8 @@ class SelectionPolicy:
       (it spans sub_block_size positions from there, clipped to the block). A sub-block only shrinks;
       positions past its new end are not committed by this step and wait for the next sub-block.
     With sampling, the "predicted" token is the sampled one and c_i its probability (as §3.2).
+    Speculative drafts (mode="speculative") use the selection rule only: a draft spans the rest of
+    the block in one piece, so there is no sub-block boundary to move.
     """
 
     selection: str = "threshold"
@@ -213,6 +215,8 @@ def next_sub_block(
     fixed sub-blocks is the next multiple of sub_block_size) and spans sub_block_size offsets,
     clipped to the block. A block's first sub-block is the one of the sub_block_size grid holding its
     first masked offset (the leading offsets are known). Sub-blocks with nothing masked are skipped.
+    Every masked offset is decoded, also past max_new_tokens: the limit cuts the output afterwards
+    and never changes which positions compete for selection (METHOD.md §5, truncation).
     """
     if mask_token_id not in block:
         return None
@@ -230,18 +234,6 @@ def next_sub_block(
             return start, stop
         start = stop
     raise AssertionError("unreachable: every offset before the current sub-block is decoded")
-
-
-def current_sub_block(block: Sequence[int], sub_block_size: int, mask_token_id: int) -> int | None:
-    """Start offset of the leftmost sub-block with a masked offset; None when the block is done.
-
-    Every masked offset is decoded, also past max_new_tokens: the limit cuts the output afterwards
-    and never changes which positions compete for the threshold (METHOD.md §5, truncation).
-    """
-    for offset, token in enumerate(block):
-        if token == mask_token_id:
-            return offset - offset % sub_block_size
-    return None
 
 
 @dataclass(frozen=True)

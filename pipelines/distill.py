@@ -41,7 +41,7 @@ from fdllm.storage import filesystem, join, local_checkpoint  # noqa: E402
 from pipelines.data import check_data_files, read_raw_records  # noqa: E402
 from pipelines.finetune import build_parser, build_trainer, cli_main, fit, resolve_run  # noqa: E402
 from pipelines.finetune_config import DistillConfig  # noqa: E402
-from pipelines.trajectories import CORRECT, DROPPED, REPLACED, TrajectoryGenerator  # noqa: E402
+from pipelines.trajectories import CORRECT, DROPPED, REPLACED, TrajectoryGenerator, split_windows  # noqa: E402
 
 if TYPE_CHECKING:
     import ray.train
@@ -86,20 +86,24 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
     generator = {
         "fn_constructor_kwargs": {"model": cfg.model, "max_new_tokens": cfg.trajectory_max_new_tokens,
                                   "threshold": cfg.trajectory_threshold, "wrong": cfg.wrong_trajectories,
-                                  "device": "cuda" if cfg.engine_gpus > 0 else "cpu"},
+                                  "device": "cuda" if cfg.engine_gpus > 0 else "cpu",
+                                  "max_num_seqs": cfg.trajectory_batch_size},
         "batch_size": cfg.trajectory_batch_size, "batch_format": "pyarrow", "concurrency": cfg.engine_actors,
         "num_cpus": cfg.engine_cpus, "num_gpus": cfg.engine_gpus,
     }
     counts: Counter[str] = Counter()
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{TRAJECTORIES_FILE}") as out:
-        for _, raw in read_raw_records(sources, cfg.data_config(), cfg.data_cpus):
+        for kind, raw in read_raw_records(sources, cfg.data_config(), cfg.data_cpus):
+            if kind == "jsonl":  # a row is a pack window of many lines: one row per record instead
+                raw = raw.map_batches(split_windows, batch_size=None, batch_format="pyarrow", num_cpus=cfg.data_cpus)
             decoded = raw.map_batches(TrajectoryGenerator, **generator)
             for batch in decoded.iter_batches(batch_size=None, batch_format="numpy"):
                 for record, status in zip(batch["record"], batch["status"]):
                     counts[status] += 1
                     if record:
                         out.write(record.encode() + b"\n")
+                log.info("trajectories: %d records so far, %d correct", sum(counts.values()), counts[CORRECT])
     with fs.open_output_stream(summary_path) as f:
         f.write(json.dumps({"counts": dict(counts), "model": cfg.model, "data": cfg.data}, indent=2).encode())
     return dict(counts)

@@ -59,17 +59,25 @@ def prompt_token_ids(engine: "fdllm.Engine", messages: list[dict[str, str]]) -> 
     return prompt_ids(engine, {"prompt": messages[-2]["content"], "messages": messages[:-1]})
 
 
+def split_windows(batch: "pyarrow.Table") -> dict[str, np.ndarray]:
+    """jsonl pack windows (`pipelines.data.read_raw_records`) -> one row per line, so actors get
+    batches of `trajectory_batch_size` records, not of whole windows."""
+    return {"lines": np.array(raw_rows(batch), dtype=object)}
+
+
 class TrajectoryGenerator:
     """A Ray Data actor: loads the model once, then turns batches of raw SFT rows into distillation
     records (`record`, JSON text, empty when dropped) and their `status`."""
 
-    def __init__(self, model: str, max_new_tokens: int, threshold: float | None, wrong: str, device: str = "cpu") -> None:
+    def __init__(self, model: str, max_new_tokens: int, threshold: float | None, wrong: str, device: str = "cpu",
+                 max_num_seqs: int = 64) -> None:
         import fdllm
         from fdllm.storage import local_checkpoint
 
         if wrong not in ("drop", "reference"):
             raise ValueError(f"wrong must be 'drop' or 'reference', got {wrong!r}")
-        self.engine = fdllm.Engine.from_pretrained(local_checkpoint(model), device=device)
+        self.engine = fdllm.Engine.from_pretrained(local_checkpoint(model), device=device,
+                                                   engine_config=fdllm.EngineConfig(max_num_seqs=max_num_seqs))
         self.params = fdllm.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, threshold=threshold,
                                            mode="diffusion")
         self.wrong = wrong

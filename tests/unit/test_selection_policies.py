@@ -331,3 +331,66 @@ def test_speculative_drafts_under_the_entropy_budget_still_equal_ar(model):
     spec = engine.generate(prompts, params(mode="speculative", selection="entropy_budget", entropy_budget=0.5,
                                            max_new_tokens=16))
     assert [r.token_ids for r in spec] == ar
+
+
+# -- adaptive sub-blocks with the sub-block cache, against the DualCache oracle's own K/V ---------
+
+
+def reference_adaptive_dualcache(model, prompt, max_new_tokens, L, S, threshold, delimiter_ids, delimiter_threshold):
+    """METHOD.md §3.2-3.3 with adaptive sub-blocks (§5), on tests/unit/test_sub_block_cache_oracle.py's
+    dense K/V: a sub-block refreshes on its first step and while its first offset is masked, else feeds
+    just its own offsets [lo, hi) (hi shrunk by a delimiter) against the block's partly stale K/V."""
+    from tests.unit.test_sub_block_cache_oracle import DenseKV, most_likely
+
+    P = len(prompt)
+    assert (P + max_new_tokens) % L == 0
+    kv = DenseKV(model, P + max_new_tokens + L)
+    full = P - P % L
+    for b in range(0, full, L):
+        logits = kv.forward(prompt[b : b + L], b, b + L)
+    sequence = list(prompt[:full])
+    block = list(prompt[full:]) + [MASK] * (L - P % L) if P % L else [most_likely(logits[-1])[0]] + [MASK] * (L - 1)
+    while len(sequence) < P + max_new_tokens:
+        start = len(sequence)
+        first = block.index(MASK)
+        lo = first - first % S
+        while MASK in block:
+            hi = min(lo + S, L)
+            first_step = True
+            while MASK in block[lo:hi]:
+                if first_step or block[lo] == MASK:
+                    logits, first_row = kv.forward(block, start, start + L), 0
+                else:
+                    logits, first_row = kv.forward(block[lo:hi], start + lo, start + L), lo
+                first_step = False
+                masked = [p for p in range(lo, hi) if block[p] == MASK]
+                guess = {p: most_likely(logits[p - 1 - first_row]) for p in masked}
+                hits = [p for p in masked if guess[p][0] in delimiter_ids and guess[p][1] > delimiter_threshold]
+                if hits:
+                    hi = hits[0] + 1
+                masked = [p for p in masked if p < hi]
+                best = max(masked, key=lambda p: guess[p][1])
+                for p in masked:
+                    if p == best or guess[p][1] > threshold:
+                        block[p] = guess[p][0]
+            lo = hi
+        logits = kv.forward(block, start, start + L)
+        sequence += block
+        block = [most_likely(logits[-1])[0]] + [MASK] * (L - 1)
+    return sequence[P:]
+
+
+def test_adaptive_sub_blocks_with_the_sub_block_cache_equal_the_dualcache_reference(model, delimiters):
+    from tests.unit.test_sub_block_cache_oracle import whole_blocks
+
+    L, S, threshold, dthr = 8, 4, 0.4, 0.3
+    prompts = random_prompts(8, [1, 3, 7, 8, 9, 13, 16, 21], seed=21)
+    budgets = [whole_blocks(p, L) for p in prompts]
+    engine = make_engine(model, use_sub_block_cache=True, max_prefill_tokens=2 * L)
+    results = engine.generate(prompts, [params(max_new_tokens=n, delimiter_threshold=dthr, delimiter_token_ids=delimiters)
+                                        for n in budgets])
+    changed = 0
+    for prompt, n, res in zip(prompts, budgets, results):
+        assert res.token_ids == reference_adaptive_dualcache(model, prompt, n, L, S, threshold, delimiters, dthr)
+        changed += res.token_ids != reference_adaptive_dualcache(model, prompt, n, L, S, threshold, (), dthr)
+    assert changed, "the delimiters should move some sub-block boundary and change some output"
