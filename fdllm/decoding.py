@@ -97,16 +97,144 @@ def select_unmask(probs: Sequence[float], threshold: float) -> list[bool]:
     return [p > threshold or i == best for i, p in enumerate(probs)]
 
 
-def current_sub_block(block: Sequence[int], sub_block_size: int, mask_token_id: int) -> int | None:
-    """Start offset of the leftmost sub-block with a masked offset; None when the block is done.
+def token_entropy(logits_TV: Tensor, mask_token_id: int | None) -> Tensor:
+    """Entropy H_i (nats, fp32) [T] of the model's distribution softmax(z_i) of each row, the mask
+    token excluded (METHOD.md §5 notation), at temperature 1 whatever the request samples with."""
+    probs_TV = suppress_mask(logits_TV, mask_token_id).softmax(-1)
+    return torch.special.entr(probs_TV).sum(-1)  # entr(0) = 0: the suppressed mask adds nothing
 
-    Every masked offset is decoded, also past max_new_tokens: the limit cuts the output afterwards
-    and never changes which positions compete for the threshold (METHOD.md §5, truncation).
+
+def select_entropy_budget(entropies: Sequence[float], budget: float) -> list[bool]:
+    """Entropy-budget selection (EB-sampler style, METHOD.md §5), one work's candidates M: sort them
+    by entropy H_i ascending (ties: the lower offset first) and commit the longest prefix whose summed
+    entropy is at most `budget` (gamma); always at least the first, so every step makes progress."""
+    chosen = [False] * len(entropies)
+    total = 0.0
+    for rank, i in enumerate(sorted(range(len(entropies)), key=lambda i: (entropies[i], i))):
+        total += entropies[i]
+        if rank and total > budget:
+            break
+        chosen[i] = True
+    return chosen
+
+
+def delimiter_stop(
+    tokens: Sequence[int], probs: Sequence[float], candidates: Sequence[bool], sub_start: int, sub_stop: int,
+    delimiter_ids: Collection[int], delimiter_threshold: float,
+) -> int:
+    """Adaptive sub-block boundary (AdaBlock's idea inside a block, METHOD.md §5): the end offset of
+    the sub-block [sub_start, sub_stop) after this step's predictions.
+
+    `tokens`/`probs`/`candidates` are per sub-block offset (row i predicts offset sub_start + i). When
+    a still-masked offset is predicted as a delimiter with confidence c_i strictly above
+    `delimiter_threshold`, the sub-block ends right after the first such offset (the next sub-block
+    starts there); otherwise its end is unchanged.
     """
-    for offset, token in enumerate(block):
-        if token == mask_token_id:
-            return offset - offset % sub_block_size
-    return None
+    for i, (token, prob, cand) in enumerate(zip(tokens, probs, candidates)):
+        if cand and token in delimiter_ids and prob > delimiter_threshold and sub_start + i < sub_stop:
+            return sub_start + i + 1
+    return sub_stop
+
+
+SELECTIONS = ("threshold", "entropy_budget")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionPolicy:
+    """Which masked positions a denoising step commits, and where the current sub-block ends.
+
+    In METHOD.md terms (M = the masked positions of the current sub-block, c_i = max p_i, H_i the
+    entropy of p_i):
+    - `selection="threshold"` (the paper's rule, §3.2, the default): commit every i in M with
+      c_i > `threshold`, and always the most confident one;
+    - `selection="entropy_budget"` (§5): sort M by H_i ascending and commit the longest prefix whose
+      summed entropy is at most `entropy_budget` (gamma), always at least one; gamma replaces the threshold;
+    - `delimiter_threshold` not None (§5, adaptive sub-block boundary, with either selection): when
+      a token of `delimiter_ids` is predicted at a masked position of the current sub-block with
+      c_i > `delimiter_threshold`, the sub-block ends after it and the next sub-block starts there
+      (it spans sub_block_size positions from there, clipped to the block). A sub-block only shrinks;
+      positions past its new end are not committed by this step and wait for the next sub-block.
+    With sampling, the "predicted" token is the sampled one and c_i its probability (as §3.2).
+    Speculative drafts (mode="speculative") use the selection rule only: a draft spans the rest of
+    the block in one piece, so there is no sub-block boundary to move.
+    """
+
+    selection: str = "threshold"
+    threshold: float = 0.9
+    entropy_budget: float = 1.0
+    delimiter_threshold: float | None = None  # None: fixed sub-blocks of sub_block_size
+    delimiter_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether a step must compute H_i of this policy's candidates."""
+        return self.selection == "entropy_budget"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.delimiter_threshold is not None and bool(self.delimiter_ids)
+
+    def select(self, probs: Sequence[float], entropies: Sequence[float] | None) -> list[bool]:
+        """Which of one work's candidates (their c_i, and H_i when `needs_entropy`) to commit."""
+        if self.selection == "entropy_budget":
+            return select_entropy_budget(entropies, self.entropy_budget)
+        return select_unmask(probs, self.threshold)
+
+
+def select_block_step(
+    policy: SelectionPolicy, step: BlockStep, tokens: Sequence[int], probs: Sequence[float],
+    entropies: Sequence[float] | None,
+) -> tuple[list[bool], int]:
+    """One denoising step's decision under `policy`: (selected per logit row, the sub-block's stop).
+
+    The boundary comes first (it may shrink the sub-block), then the selection runs over the
+    candidates that are still inside it.
+    """
+    stop = step.sub_stop
+    if policy.adaptive:
+        stop = delimiter_stop(tokens, probs, step.candidates, step.sub_start, stop, policy.delimiter_ids,
+                              policy.delimiter_threshold)
+    inside = [i for i, cand in enumerate(step.candidates) if cand and step.sub_start + i < stop]
+    chosen = policy.select([probs[i] for i in inside], None if entropies is None else [entropies[i] for i in inside])
+    selected = [False] * len(step.candidates)
+    for i, sel in zip(inside, chosen):
+        selected[i] = sel
+    return selected, stop
+
+
+def next_sub_block(
+    block: Sequence[int], current: tuple[int, int] | None, sub_block_size: int, mask_token_id: int,
+) -> tuple[int, int] | None:
+    """The sub-block [start, stop) the next step decodes; None when the block has no mask left.
+
+    `current`: the sub-block of the sequence's last step in this block (None: the block just opened).
+    It continues while it has a masked offset; the next one starts where it stopped (which with
+    fixed sub-blocks is the next multiple of sub_block_size) and spans sub_block_size offsets,
+    clipped to the block. A block's first sub-block is the one of the sub_block_size grid holding its
+    first masked offset (the leading offsets are known). Sub-blocks with nothing masked are skipped.
+    Every masked offset is decoded, also past max_new_tokens: the limit cuts the output afterwards
+    and never changes which positions compete for selection (METHOD.md §5, truncation).
+    """
+    if mask_token_id not in block:
+        return None
+    if current is None:
+        first = block.index(mask_token_id)
+        start = first - first % sub_block_size
+    else:
+        start, stop = current
+        if mask_token_id in block[start:stop]:
+            return current
+        start = stop
+    while start < len(block):
+        stop = min(start + sub_block_size, len(block))
+        if mask_token_id in block[start:stop]:
+            return start, stop
+        start = stop
+    raise AssertionError("unreachable: every offset before the current sub-block is decoded")
 
 
 @dataclass(frozen=True)
@@ -120,19 +248,27 @@ class BlockStep:
     logit_rows: tuple[int, ...]
     candidates: tuple[bool, ...]
 
+    @property
+    def sub_stop(self) -> int:
+        """One past the sub-block's last offset (one logit row per sub-block offset)."""
+        return self.sub_start + len(self.logit_rows)
+
 
 def plan_block_step(
     block: Sequence[int], sub_start: int, sub_block_size: int, first_step: bool, use_sub_block_cache: bool,
-    mask_token_id: int,
+    mask_token_id: int, sub_stop: int | None = None,
 ) -> BlockStep:
-    """What a step of the sub-block at `sub_start` feeds and reads (METHOD.md §3.2-3.3).
+    """What a step of the sub-block [sub_start, sub_stop) feeds and reads (METHOD.md §3.2-3.3).
 
+    `sub_stop` None: sub_start + sub_block_size (fixed sub-blocks); an adaptive boundary
+    (`SelectionPolicy.delimiter_threshold`) may end a sub-block earlier or start one off the grid.
     Refresh (feed the whole block, rewrite its K/V) without the sub-block cache, on the first step
     of every sub-block, and whenever the sub-block's first offset is still masked (its logit comes
     from the offset before it). Otherwise feed only the sub-block: its first offset is known, so its
     token shift stays inside it.
     """
-    sub_stop = sub_start + sub_block_size
+    if sub_stop is None:
+        sub_stop = sub_start + sub_block_size
     refresh = not use_sub_block_cache or first_step or block[sub_start] == mask_token_id
     feed_start, feed_stop = (0, len(block)) if refresh else (sub_start, sub_stop)
     # Token shift: offset p reads the logit of p-1. Offset feed_start has no predecessor in the feed

@@ -10,6 +10,8 @@ Pipeline for a batch of packed sequences (input_ids, labels) [B, L], L a multipl
 `joint_loss` (METHOD.md §5, self-speculative decoding) adds, in the same forward, the AR next-token
 loss of the clean half under a causal clean stream: one checkpoint with a good causal mode and a
 good diffusion mode, whose prefix K/V are the same in both.
+`certainty_forcing_loss` (METHOD.md §5, dParallel's self-distillation) adds to the block-diffusion
+loss the entropy of the positions the model already predicts correctly (`certainty_forcing_entropy`).
 
 Shape legend: B batch, L sequence length, V vocab.
 """
@@ -152,10 +154,47 @@ def two_stream_loss(
 
     `causal_prefix`: the clean stream attends causally (the joint objective's mask; its diffusion part alone).
     """
+    return shifted_cross_entropy(_noisy_logits(model, batch, block_size, mask_impl, causal_prefix), batch.targets)
+
+
+def _noisy_logits(model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl,
+                  causal_prefix: bool) -> Tensor:
+    """Logits [2B, L, V] of the noisy half of a two-stream batch."""
     mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix)
     L = batch.targets.shape[1]
-    logits = model(batch.input_ids, batch.position_ids, mask, logit_positions=slice(0, L))  # noisy half
-    return shifted_cross_entropy(logits, batch.targets)
+    return model(batch.input_ids, batch.position_ids, mask, logit_positions=slice(0, L))
+
+
+def certainty_forcing_entropy(logits_BLV: Tensor, targets_BL: Tensor, temperature: float = 0.5) -> tuple[Tensor, Tensor]:
+    """dParallel's certainty-forcing term (METHOD.md §5): the mean, over masked positions that the model
+    already predicts correctly, of the entropy of softmax(z / T); also the number of those positions.
+
+    With the token shift: logits[:, j-1] predict targets[:, j] (non-ignored targets are the masked
+    positions). "Correct" means argmax z = target (a selection, no gradient through it); the softmax
+    is over the whole vocabulary, at temperature `temperature` (T = 0.5 sharpens it, so the gradient
+    pushes already-right predictions toward certainty). Rows of both complementary copies count alike.
+    Returns (mean entropy in nats, 0 when no position is correct; count).
+    """
+    logits_NV = logits_BLV[:, :-1].flatten(0, 1)
+    targets_N = targets_BL[:, 1:].flatten()
+    correct_N = (targets_N != IGNORE_INDEX) & (logits_NV.argmax(-1) == targets_N)
+    logp_CV = (logits_NV[correct_N].float() / temperature).log_softmax(-1)  # C correct positions
+    entropy_C = -(logp_CV.exp() * logp_CV).sum(-1)
+    count = correct_N.sum()
+    return entropy_C.sum() / count.clamp(min=1), count
+
+
+def certainty_forcing_loss(
+    model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, weight: float = 2.0, temperature: float = 0.5,
+    mask_impl: MaskImpl = "auto", causal_prefix: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Self-distillation loss (METHOD.md §5): the block-diffusion loss of both complementary views (§2)
+    + `weight` (lambda) * `certainty_forcing_entropy` at `temperature`, from one forward. Returns the
+    loss and the masked-token count (the train loop normalises by it across workers)."""
+    logits = _noisy_logits(model, batch, block_size, mask_impl, causal_prefix)
+    ce, count = shifted_cross_entropy(logits, batch.targets)
+    entropy, _ = certainty_forcing_entropy(logits, batch.targets, temperature)
+    return ce + weight * entropy, count
 
 
 def joint_loss(

@@ -735,27 +735,46 @@ def build_dataset(
 def _build_dataset(
     sources: DataSources, tokenizer: "PreTrainedTokenizerBase", cfg: DataConfig, num_cpus: float
 ) -> "ray.data.Dataset":
+    kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
+    parts = []
+    for kind, raw in read_raw_records(sources, cfg, num_cpus):
+        if kind == "jsonl":
+            # The same resources and runtime_env as the read: Ray fuses the two, so raw text is never
+            # queued in the object store, and a split's task reads only as fast as it tokenizes.
+            # batch_size=None (whole blocks): a batch size would stop Ray fusing the map into the read
+            parts.append(raw.map_batches(_pack_jsonl_batch, batch_size=None, batch_format="pyarrow", fn_kwargs=kwargs,
+                                         num_cpus=num_cpus, runtime_env=SINGLE_THREADED))
+        else:
+            parts.append(raw.map_batches(_pack_parquet_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
+                                         fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=SINGLE_THREADED))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+# Each tokenizing task gets `num_cpus` from Ray: the tokenizer must not fan out over every core
+# on its own (its Rust thread pool would oversubscribe them, one pool per task).
+SINGLE_THREADED = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+
+
+def read_raw_records(
+    sources: DataSources, cfg: DataConfig, num_cpus: float = 1.0
+) -> list[tuple[Literal["jsonl", "parquet"], "ray.data.Dataset"]]:
+    """The sources' records, unparsed, as lazy Ray Datasets by format: jsonl as pack windows (a
+    `lines` column, `read_jsonl_split`), parquet as rows; `raw_rows` turns a batch of either into
+    records for `process_records`-style consumers (the fine-tune's packing, distillation's decoding)."""
     import ray.data
 
-    kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
-    # Each tokenizing task gets `num_cpus` from Ray: the tokenizer must not fan out over every core
-    # on its own (its Rust thread pool would oversubscribe them, one pool per task).
-    single_threaded = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    parts = []
+    parts: list[tuple[Literal["jsonl", "parquet"], ray.data.Dataset]] = []
     if sources.jsonl:
-        # The same resources and runtime_env as the tokenize stage: Ray fuses the two, so raw text
-        # is never queued in the object store, and a split's task reads only as fast as it tokenizes.
-        raw = ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus,
-                                       runtime_env=single_threaded)
-        parts.append(raw.map_batches(
-            # batch_size=None (whole blocks): a batch size would stop Ray fusing the map into the read
-            _pack_jsonl_batch, batch_size=None, batch_format="pyarrow",
-            fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
-        ))
+        parts.append(("jsonl", ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus,
+                                                        runtime_env=SINGLE_THREADED)))
     if sources.parquet:
-        raw = ray.data.read_parquet(sources.parquet, num_cpus=num_cpus, runtime_env=single_threaded)  # fused too
-        parts.append(raw.map_batches(
-            _pack_parquet_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
-            fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=single_threaded,
-        ))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+        parts.append(("parquet", ray.data.read_parquet(sources.parquet, num_cpus=num_cpus, runtime_env=SINGLE_THREADED)))
+    return parts
+
+
+def raw_rows(batch: "pyarrow.Table") -> list[bytes | dict[str, Any]]:
+    """The records of a `read_raw_records` batch: jsonl lines (bytes, parsed by the consumer, so a bad
+    line is one bad row) or parquet rows (dicts)."""
+    if "lines" in batch.column_names:
+        return [line for blob in batch.column("lines").to_pylist() for line in blob.split(b"\n")]
+    return batch.to_pylist()

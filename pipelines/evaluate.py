@@ -11,8 +11,13 @@ the model under test in each mode of --modes (diffusion and speculative once per
 speculative row must score exactly the model's own AR row: its output is the AR output, so the
 rows differ in forwards only; `accept` is the fraction of draft tokens the causal verify kept). tokens/s counts
 generated tokens over wall time of the whole batched run on one engine, so rows compare like for like.
+`--policies` sweeps selection policies (METHOD.md §5) beside or instead of the thresholds, e.g.
+    --policies thr=0.9,thr=0.7,eb=0.5,eb=2,thr=0.9+delim=0.3,eb=1+delim=0.3
+(`thr=T`: the threshold rule at T; `eb=G`: the entropy budget gamma G; `+delim=D`: adaptive sub-block
+boundaries at newline/end-token delimiters predicted with confidence above D). With --policies the
+--thresholds are not run unless listed as thr=... entries.
 `--output` writes the rows as JSON and `--plot` a PNG of accuracy against tokens per forward (one
-curve per task and model over the thresholds, the AR base as a point).
+curve per task, model and policy family over its parameter, the AR base as a point).
 Works on any HF checkpoint, e.g. a GSM8K-style set on a real model on a GPU.
 """
 
@@ -36,6 +41,43 @@ from fdllm.tokenizer import render_chat
 log = logging.getLogger("fdllm.evaluate")
 
 ALL_TASKS = "all"
+_POLICY_KEYS = {"thr": "threshold", "eb": "entropy_budget"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One point of a policy sweep: a selection rule with its parameter, optionally adaptive sub-blocks."""
+
+    selection: str = "threshold"  # fdllm.decoding.SELECTIONS
+    value: float | None = None  # the threshold, or the entropy budget gamma (None: the engine's default)
+    delimiter_threshold: float | None = None
+
+    def sampling_params(self, max_new_tokens: int, mode: str) -> fdllm.SamplingParams:
+        if mode == "ar":
+            return fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode="ar")
+        budget = self.selection == "entropy_budget"
+        return fdllm.SamplingParams(
+            max_new_tokens=max_new_tokens, mode=mode, selection=self.selection,
+            threshold=None if budget else self.value, entropy_budget=self.value if budget else None,
+            delimiter_threshold=self.delimiter_threshold,
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> "Policy":
+        """`thr=0.9`, `eb=0.5`, either with `+delim=0.3`."""
+        head, _, delim = text.partition("+")
+        key, _, value = head.partition("=")
+        if key not in _POLICY_KEYS or not value:
+            raise ValueError(f"policy {text!r}: expected thr=T or eb=G, optionally +delim=D")
+        delimiter = None
+        if delim:
+            name, _, d = delim.partition("=")
+            if name != "delim" or not d:
+                raise ValueError(f"policy {text!r}: the suffix is +delim=D")
+            delimiter = float(d)
+        policy = cls(_POLICY_KEYS[key], float(value), delimiter)
+        policy.sampling_params(1, "diffusion")  # SamplingParams' own range checks, now
+        return policy
 
 
 @dataclass(frozen=True)
@@ -59,11 +101,42 @@ class EvalRow:
 
     drafted: int = 0  # speculative: draft tokens proposed to a verify forward
     accepted: int = 0  # speculative: draft tokens the verify confirmed
+    selection: str = "threshold"  # the selection policy (METHOD.md §5) of diffusion/speculative rows
+    entropy_budget: float | None = None  # selection "entropy_budget": gamma
+    delimiter_threshold: float | None = None  # adaptive sub-block boundaries (None: fixed sub-blocks)
 
     @property
     def label(self) -> str:
         """The model as figures name it: with its weight format when quantized."""
         return f"{self.model} {self.quantization}" if self.quantization else self.model
+
+    @property
+    def family(self) -> str:
+        """The policy family a frontier curve runs through (its points differ in threshold or gamma)."""
+        name = "entropy budget" if self.selection == "entropy_budget" else "threshold"
+        return name + (f" + delimiter {self.delimiter_threshold:g}" if self.delimiter_threshold is not None else "")
+
+    @property
+    def policy(self) -> str:
+        """Short policy label of a row: `thr 0.9`, `eb 0.5`, `eb 0.5 +d0.3`; `-` for AR rows."""
+        if self.mode == "ar":
+            return "-"
+        if self.selection == "entropy_budget":
+            text = f"eb {self.entropy_budget:g}" if self.entropy_budget is not None else "eb"
+        else:
+            text = f"thr {self.threshold:g}" if self.threshold is not None else "thr"
+        return text + (f" +d{self.delimiter_threshold:g}" if self.delimiter_threshold is not None else "")
+
+    @property
+    def parameter_order(self) -> float:
+        """Along a curve, from the most to the least conservative: thresholds descending, budgets ascending."""
+        value = self.parameter if self.parameter is not None else 0.0
+        return value if self.selection == "entropy_budget" else -value
+
+    @property
+    def parameter(self) -> float | None:
+        """The swept value of its curve: the threshold or gamma."""
+        return self.entropy_budget if self.selection == "entropy_budget" else self.threshold
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "outputs"}
@@ -111,12 +184,15 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
     correct = sum(res.text.strip() == rec["answer"].strip() for res, rec in zip(results, records))
     tokens = sum(len(res.token_ids) for res in results)
     forwards = sum(res.num_forwards for res in results)
+    policy = {} if params.mode == "ar" else {"selection": params.selection, "entropy_budget": params.entropy_budget,
+                                              "delimiter_threshold": params.delimiter_threshold}
     return EvalRow(model=name, task=task, mode=params.mode, threshold=params.threshold if params.mode != "ar" else None,
                    batch_size=step, accuracy=correct / len(records), correct=correct, total=len(records),
                    tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
                    generated_tokens=tokens, seconds=seconds, quantization=engine.engine_config.quantization,
                    weight_bytes=weight_bytes(engine.model), outputs=tuple(res.text for res in results),
-                   drafted=sum(res.num_drafted for res in results), accepted=sum(res.num_accepted for res in results))
+                   drafted=sum(res.num_drafted for res in results), accepted=sum(res.num_accepted for res in results),
+                   **policy)
 
 
 def evaluate_by_task(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.SamplingParams, name: str,
@@ -144,25 +220,25 @@ def format_table(rows: list[EvalRow]) -> str:
     for r in rows:
         if r.mode == "ar":
             ar_speed.setdefault((r.task, r.batch_size), r.tokens_per_s)
-    head = (f"{'task':<8} {'model':<16} {'quant':<5} {'weights':>8} {'mode':<11} {'thr':>5} {'batch':>5} {'accuracy':>9} "
+    head = (f"{'task':<8} {'model':<16} {'quant':<5} {'weights':>8} {'mode':<11} {'policy':<13} {'batch':>5} {'accuracy':>9} "
             f"{'agree':>6} {'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6} {'accept':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        thr = f"{r.threshold:.2f}" if r.threshold is not None else "-"
         ar = ar_speed.get((r.task, r.batch_size))
         ratio = f"{r.tokens_per_s / ar:.2f}x" if ar else "-"
         agree = f"{100 * r.agreement:.0f}%" if r.agreement is not None else "-"
         accept = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
         lines.append(f"{r.task:<8} {r.model:<16} {r.quantization or '-':<5} {r.weight_bytes / 1e6:>6.1f}MB {r.mode:<11} "
-                     f"{thr:>5} {r.batch_size:>5} {100 * r.accuracy:>8.1f}% {agree:>6} {r.tokens_per_forward:>8.2f} "
+                     f"{r.policy:<13} {r.batch_size:>5} {100 * r.accuracy:>8.1f}% {agree:>6} {r.tokens_per_forward:>8.2f} "
                      f"{r.tokens_per_s:>8.1f} {ratio:>6} {accept:>6}")
     return "\n".join(lines)
 
 
 def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
     """Accuracy (%) against tokens per forward of the rows at `batch_size` (None: all): per task (the whole set when there
-    is one task) a line through the model's diffusion thresholds, labelled with them, and the AR
-    rows as single points at one token per forward. A matplotlib Figure (Agg: no display needed)."""
+    is one task), model and policy family (`EvalRow.family`) a line through its diffusion rows, each
+    point labelled with its threshold or entropy budget; the AR rows as single points at one token per
+    forward. The frontier of each policy shows as its own curve. A matplotlib Figure (Agg: no display needed)."""
     from matplotlib.figure import Figure
 
     picked = [r for r in rows if batch_size is None or r.batch_size == batch_size]
@@ -170,6 +246,8 @@ def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     colors = [f"C{i}" for i in range(10)]
+    styles = ["o-", "^--", "s:", "v-.", "D-", "P--"]
+    families = list(dict.fromkeys(r.family for r in picked if r.mode == "diffusion"))
     for i, task in enumerate(tasks):
         color = colors[i % len(colors)]
         for model in dict.fromkeys(r.label for r in picked if r.task == task):
@@ -177,17 +255,22 @@ def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
             for r in (r for r in ours if r.mode == "ar"):
                 ax.scatter([r.tokens_per_forward], [100 * r.accuracy], color=color, marker="s", zorder=3,
                            label=f"{task}: {model} (AR)")
-            curve = sorted((r for r in ours if r.mode == "diffusion"), key=lambda r: -(r.threshold or 0))
-            if curve:
-                ax.plot([r.tokens_per_forward for r in curve], [100 * r.accuracy for r in curve], "o-", color=color,
-                        label=f"{task}: {model} (diffusion)")
+            for j, family in enumerate(families):
+                curve = sorted((r for r in ours if r.mode == "diffusion" and r.family == family),
+                               key=lambda r: r.parameter_order)
+                if not curve:
+                    continue
+                name = "diffusion" if len(families) == 1 else family
+                ax.plot([r.tokens_per_forward for r in curve], [100 * r.accuracy for r in curve],
+                        styles[j % len(styles)], color=color, label=f"{task}: {model} ({name})")
                 for r in curve:
-                    ax.annotate(f"{r.threshold:g}", (r.tokens_per_forward, 100 * r.accuracy), fontsize=7,
-                                textcoords="offset points", xytext=(3, 3))
+                    if r.parameter is not None:
+                        ax.annotate(f"{r.parameter:g}", (r.tokens_per_forward, 100 * r.accuracy), fontsize=7,
+                                    textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("tokens per forward")
     ax.set_ylabel("exact-match accuracy (%)")
     regime = f"batch {batch_size}" if batch_size is not None else "batch " + ", ".join(sorted({str(r.batch_size) for r in picked}))
-    ax.set_title(f"accuracy vs tokens per forward ({regime}; labels: thresholds)")
+    ax.set_title(f"accuracy vs tokens per forward ({regime}; labels: threshold or entropy budget)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -205,10 +288,14 @@ def plot_rows(rows: list[EvalRow], path: str | Path, batch_size: int | None = No
 def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[str, ...] = ("diffusion",),
                    thresholds: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5), max_new_tokens: int = 64,
                    limit: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   batch_size: int = 0, quantizations: tuple[str | None, ...] = (None,)) -> list[EvalRow]:
+                   batch_size: int = 0, quantizations: tuple[str | None, ...] = (None,),
+                   policies: tuple[Policy, ...] | None = None) -> list[EvalRow]:
     """The AR base (when given), then the model in each mode, once per weight format in `quantizations`
-    (None: unquantized). Quantized rows report their greedy agreement with the unquantized model's
-    row of the same mode and threshold, when that row was run first."""
+    (None: unquantized), once per selection policy (None: the threshold rule at each of `thresholds`).
+    Quantized rows report their greedy agreement with the unquantized model's row of the same mode
+    and policy, when that row was run first."""
+    if policies is None:
+        policies = tuple(Policy("threshold", thr) for thr in thresholds)
     records = load_records(data, limit)
     rows = []
     if base:
@@ -217,22 +304,22 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
                                  Path(base).name, batch_size=batch_size)
         del base_engine
     name = Path(model).name
-    unquantized: dict[tuple[str, str, float | None], EvalRow] = {}
+    unquantized: dict[tuple[str, str, Policy | None], EvalRow] = {}
     for quantization in quantizations:
         engine = fdllm.Engine.from_pretrained(model, device=device, dtype=dtype,
                                               engine_config=fdllm.EngineConfig(quantization=quantization))
         for mode in modes:
-            for thr in thresholds if mode != "ar" else (None,):
-                params = fdllm.SamplingParams(max_new_tokens=max_new_tokens, mode=mode, threshold=thr)
+            for policy in policies if mode != "ar" else (None,):
+                params = (policy or Policy()).sampling_params(max_new_tokens, mode)
                 for row in evaluate_by_task(engine, records, params, name, batch_size=batch_size):
-                    key = (row.task, mode, thr)
+                    key = (row.task, mode, policy)
                     if quantization is None:
                         unquantized[key] = row
                     elif key in unquantized:
                         same = sum(a == b for a, b in zip(row.outputs, unquantized[key].outputs))
                         row = replace(row, agreement=same / row.total)
                     rows.append(row)
-                log.info("%s %s %s thr=%s: %.1f%%", name, quantization or "", mode, thr, 100 * rows[-1].accuracy)
+                log.info("%s %s %s %s: %.1f%%", name, quantization or "", mode, rows[-1].policy, 100 * rows[-1].accuracy)
         del engine
     return rows
 
@@ -248,6 +335,13 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x)
 
 
+def _policies(text: str) -> tuple[Policy, ...]:
+    try:
+        return tuple(Policy.parse(p) for p in text.split(",") if p)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint dir to evaluate (fdllm/HF format)")
@@ -255,6 +349,9 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--base", help="AR base checkpoint, evaluated with AR decoding as the reference row")
     parser.add_argument("--modes", default="ar,diffusion", help="comma list of ar, diffusion, speculative")
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=_floats)
+    parser.add_argument("--policies", type=_policies,
+                        help="comma list of selection policies to sweep instead of --thresholds: thr=T, eb=G "
+                        "(entropy budget), either with +delim=D (adaptive sub-blocks), e.g. thr=0.9,eb=0.5,eb=1+delim=0.3")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="evaluate the first N records only")
     parser.add_argument("--batch-size", type=int, default=0,
@@ -272,7 +369,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     if unknown := set(modes) - set(fdllm.engine.params.MODES):
         parser.error(f"unknown modes {sorted(unknown)}")
     rows = run_evaluation(args.model, args.data, args.base, modes, args.thresholds, args.max_new_tokens, args.limit,
-                          args.device, parse_dtype(args.dtype), args.batch_size, args.quantization)
+                          args.device, parse_dtype(args.dtype), args.batch_size, args.quantization, args.policies)
     print(format_table(rows))
     if args.output:
         Path(args.output).write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")

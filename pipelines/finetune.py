@@ -58,16 +58,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("fdllm.finetune")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """CLI flags generated from FinetuneConfig's fields (defaults None: unset flags keep YAML values)."""
-    parser = argparse.ArgumentParser(
-        prog="fdllm-finetune",
-        description="Fine-tune an AR checkpoint into a block-diffusion LLM with Ray Train.",
-        epilog="Example: python pipelines/finetune.py --config pipelines/configs/tiny.yaml --output /tmp/fdllm-tiny",
-    )
+def build_parser(
+    config_cls: type[FinetuneConfig] = FinetuneConfig, prog: str = "fdllm-finetune",
+    description: str = "Fine-tune an AR checkpoint into a block-diffusion LLM with Ray Train.",
+    epilog: str = "Example: python pipelines/finetune.py --config pipelines/configs/tiny.yaml --output /tmp/fdllm-tiny",
+) -> argparse.ArgumentParser:
+    """CLI flags generated from the config class's fields (defaults None: unset flags keep YAML values)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     hints = {"int": int, "float": float, "str": str}
-    for f in dataclasses.fields(FinetuneConfig):
+    for f in dataclasses.fields(config_cls):
         flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.default not in (dataclasses.MISSING, None) and f.name != "strip_reasoning":
             help_text += f" (default: {f.default})"
@@ -195,14 +195,19 @@ def _warn_if_in_job_copy(cfg: FinetuneConfig) -> None:
 def run(cfg: FinetuneConfig) -> "ray.train.Result":
     """Fine-tune (connecting to the cluster, or starting a local Ray); the workers publish the
     servable checkpoint at `cfg.output` (resolved: see `resolve_run`)."""
+    cfg = resolve_run(cfg)
+    return fit(build_trainer(cfg), cfg, "fine-tuning")
+
+
+def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str) -> "ray.train.Result":
+    """Run a built trainer of the resolved run `cfg` (starting a local Ray when none is connected) and
+    log its outcome: last metrics, skipped rows, where the servable checkpoint is."""
     import ray
 
-    cfg = resolve_run(cfg)
-    trainer = build_trainer(cfg)
     if not ray.is_initialized():
         ray.init()
     _warn_if_in_job_copy(cfg)
-    log.info("fine-tuning %s: %d steps, %d worker(s) x %d sequences x %d tokens", cfg.model, cfg.total_steps(),
+    log.info("%s %s: %d steps, %d worker(s) x %d sequences x %d tokens", what, cfg.model, cfg.total_steps(),
              cfg.num_workers, cfg.batch_size, cfg.seq_len)
     result = trainer.fit()
     metrics = result.metrics or {}
@@ -217,17 +222,23 @@ def run(cfg: FinetuneConfig) -> "ray.train.Result":
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+def cli_main(argv: list[str] | None, parser: argparse.ArgumentParser, config_cls: type[FinetuneConfig],
+             run_fn) -> int:
+    """Parse flags (over the YAML config) into `config_cls` and `run_fn` it; exit code 2 on a clear error."""
+    args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_file = args.pop("config")
     try:
-        cfg = FinetuneConfig.from_sources(config_file, **args)
-        run(cfg)
+        cfg = config_cls.from_sources(config_file, **args)
+        run_fn(cfg)
     except (ValueError, DataError, FileNotFoundError, FileExistsError) as e:
         log.error("%s", e)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(argv, build_parser(), FinetuneConfig, run)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import yaml
 from fdllm.paths import resolve_local
 from pipelines.data import DataConfig
 
+OBJECTIVES = ("diffusion", "joint", "certainty")
+WRONG_TRAJECTORIES = ("drop", "reference")
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> Any:
     return field(metadata={"help": help, "choices": choices}, **kwargs)
@@ -55,10 +57,13 @@ class FinetuneConfig:
     eps: float = _opt("minimum per-block masking probability", default=1e-3)
     objective: str = _opt(
         "diffusion: the block-diffusion loss (§2); joint: + the AR next-token loss of a causal clean stream "
-        "(§5), for mode='speculative' (the checkpoint records prefix_attention='causal')",
-        ("diffusion", "joint"), default="diffusion")
+        "(§5), for mode='speculative' (the checkpoint records prefix_attention='causal'); certainty: + the "
+        "certainty-forcing entropy term of self-distillation (§5, pipelines/distill.py)",
+        OBJECTIVES, default="diffusion")
     ar_loss_weight: float = _opt("joint objective: weight of the AR next-token loss", default=0.5)
     diffusion_loss_weight: float = _opt("joint objective: weight of the block-diffusion loss", default=0.5)
+    certainty_weight: float = _opt("certainty objective: lambda, the weight of the entropy term", default=2.0)
+    certainty_temperature: float = _opt("certainty objective: softmax temperature T of the entropy term", default=0.5)
     # optimisation
     batch_size: int = _opt("sequences per worker per step", default=1)
     lr: float = _opt("peak learning rate", default=1e-5)
@@ -110,6 +115,9 @@ class FinetuneConfig:
                 f"loss weights must be >= 0 and not both 0, got ar {self.ar_loss_weight}, "
                 f"diffusion {self.diffusion_loss_weight}"
             )
+        if self.certainty_weight < 0 or self.certainty_temperature <= 0:
+            raise ValueError(f"need certainty_weight >= 0 and certainty_temperature > 0, got {self.certainty_weight}, "
+                             f"{self.certainty_temperature}")
         if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
             raise ValueError("cpus_per_worker and data_cpus must be > 0")
         for f in dataclasses.fields(self):
@@ -157,3 +165,40 @@ class FinetuneConfig:
         if missing:
             raise ValueError(f"missing required option(s): {', '.join('--' + n for n in missing)}")
         return cls(**values)
+
+
+@dataclass(kw_only=True)
+class DistillConfig(FinetuneConfig):
+    """A self-distillation run (pipelines/distill.py, METHOD.md §5): the fine-tune's options, where
+    `model` is the block-diffusion checkpoint to distil and `data` the SFT records whose prompts it
+    decodes, plus how its trajectories are made. Trains with `objective` "certainty" by default."""
+
+    objective: str = _opt("training loss (see the fine-tune): certainty = §2 loss + lambda x certainty-forcing "
+                          "entropy", OBJECTIVES, default="certainty")
+    lr: float = _opt("peak learning rate", default=2e-4)
+    trajectories: str | None = _opt(
+        "where the trajectories (trajectories.jsonl + summary.json) are written, local or URI; an existing "
+        "summary.json is reused, so --resume does not decode again (default: STORAGE_PATH/RUN_NAME/trajectories)",
+        default=None)
+    wrong_trajectories: str = _opt(
+        "a trajectory whose answer differs from the record's reference answer: drop the record, or train "
+        "on the reference answer instead", WRONG_TRAJECTORIES, default="drop")
+    trajectory_max_new_tokens: int = _opt("tokens a trajectory may decode", default=256)
+    trajectory_threshold: float | None = _opt("decoding threshold of the trajectories (default: the checkpoint's)",
+                                              default=None)
+    trajectory_batch_size: int = _opt("records one engine actor decodes together", default=64)
+    engine_actors: int = _opt("Ray Data actors running fdllm.Engine over the prompts", default=1)
+    engine_cpus: float = _opt("CPUs per engine actor", default=1.0)
+    engine_gpus: float = _opt("GPUs per engine actor (0: decode on CPU)", default=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.trajectories:
+            self.trajectories = resolve_local(self.trajectories)
+        for name in ("trajectory_max_new_tokens", "trajectory_batch_size", "engine_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.engine_cpus <= 0 or self.engine_gpus < 0:
+            raise ValueError("engine_cpus must be > 0 and engine_gpus >= 0")
+        if self.trajectory_threshold is not None and not 0.0 < self.trajectory_threshold <= 1.0:
+            raise ValueError(f"trajectory_threshold must be in (0, 1], got {self.trajectory_threshold}")

@@ -41,7 +41,7 @@ from torch import Tensor
 
 import fdllm
 from fdllm.config import BlockDiffusionConfig
-from fdllm.objective import TwoStreamBatch, joint_loss, two_stream_batch, two_stream_loss
+from fdllm.objective import TwoStreamBatch, certainty_forcing_loss, joint_loss, two_stream_batch, two_stream_loss
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.checkpoints import DEEPSPEED_DIR, TRAIN_STATE, export_servable, restore_for_rank
@@ -91,12 +91,16 @@ def diffusion_loss_sum(
     step: int,
     device: torch.device,
     joint_weights: tuple[float, float] | None = None,
+    certainty: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed block-diffusion cross-entropy of a packed batch and the number of masked tokens.
 
     As `fdllm.objective.block_diffusion_loss`, but each row is noised by its own generator seeded
     from (seed, step, row content): the noise of a sequence is the same on any worker layout.
     `joint_weights` (ar, diffusion): the joint objective (`fdllm.objective.joint_loss`) instead.
+    `certainty` (lambda, T): the self-distillation loss (`fdllm.objective.certainty_forcing_loss`)
+    instead; its entropy term is a mean over this worker's correct positions, weighted across
+    workers like the cross-entropy (by masked-token share).
     """
     ids_BL, labels_BL, pos_BL, docs_BL = (torch.from_numpy(batch[c]).long() for c in BATCH_COLUMNS)
     rows = []
@@ -113,11 +117,21 @@ def diffusion_loss_sum(
         input_ids=stacked("input_ids"), position_ids=stacked("position_ids"),
         targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"),
     )
-    if joint_weights is None:
-        loss, count = two_stream_loss(model, noised, block_size)
-    else:
+    if joint_weights is not None:
         loss, count = joint_loss(model, noised, block_size, *joint_weights)
+    elif certainty is not None:
+        loss, count = certainty_forcing_loss(model, noised, block_size, *certainty)
+    else:
+        loss, count = two_stream_loss(model, noised, block_size)
     return loss * count, count
+
+
+def objective_kwargs(cfg: FinetuneConfig) -> dict[str, tuple[float, float] | None]:
+    """`diffusion_loss_sum`'s objective arguments for the run's `objective`."""
+    return {
+        "joint_weights": (cfg.ar_loss_weight, cfg.diffusion_loss_weight) if cfg.objective == "joint" else None,
+        "certainty": (cfg.certainty_weight, cfg.certainty_temperature) if cfg.objective == "certainty" else None,
+    }
 
 
 class ShardReader:
@@ -402,10 +416,8 @@ def _train_step(
 ) -> tuple[float, int]:
     """One optimizer step on this worker's batch; returns the global mean loss and token count."""
     with parallel.autocast:
-        loss_sum, count = diffusion_loss_sum(
-            parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, step, device,
-            (cfg.ar_loss_weight, cfg.diffusion_loss_weight) if cfg.objective == "joint" else None,
-        )
+        loss_sum, count = diffusion_loss_sum(parallel.forward, batch, mask_id, cfg.block_size, cfg.eps, cfg.seed, step,
+                                             device, **objective_kwargs(cfg))
     # Host sync, once per step: the global masked-token count normalises the loss on every worker.
     totals = _all_reduce([loss_sum.item(), count.item(), float(batch["num_tokens"].sum())])
     global_loss_sum, global_count, global_tokens = totals

@@ -57,7 +57,8 @@ def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
 
 
 class _SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions (OpenAI names, plus fdllm's `threshold`)."""
+    """Fields shared by completions and chat completions (OpenAI names, plus fdllm's `threshold`, `mode`
+    and selection policy fields)."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -75,6 +76,15 @@ class _SamplingFields(BaseModel):
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)  # fdllm: per-request confidence threshold
     # fdllm: "ar" decodes one token per forward; "speculative" drafts by diffusion, verifies causally (= AR output)
     mode: Literal["diffusion", "ar", "speculative"] = "diffusion"
+    # fdllm selection policy (fdllm.SamplingParams, METHOD.md §5): "threshold" (with `threshold`) or
+    # "entropy_budget" (with `entropy_budget`, gamma in nats); an adaptive sub-block boundary at a
+    # delimiter predicted with confidence above `delimiter_threshold` (`delimiters` as text: default
+    # newline, plus the end tokens; `delimiter_token_ids` as ids)
+    selection: Literal["threshold", "entropy_budget"] = "threshold"
+    entropy_budget: float | None = Field(default=None, ge=0.0)
+    delimiter_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    delimiters: list[str] | None = None
+    delimiter_token_ids: list[int] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -108,6 +118,11 @@ class _SamplingFields(BaseModel):
             stop=tuple(self.stop or ()),
             threshold=self.threshold,
             mode=self.mode,
+            selection=self.selection,
+            entropy_budget=self.entropy_budget,
+            delimiter_threshold=self.delimiter_threshold,
+            delimiters=None if self.delimiters is None else tuple(self.delimiters),
+            delimiter_token_ids=tuple(self.delimiter_token_ids or ()),
         )
 
 

@@ -19,8 +19,8 @@ import torch
 
 from fdllm.cache import KVCache, PageAllocator, kv_budget_pages
 from fdllm.config import BlockDiffusionConfig
-from fdllm.decoding import StopCriteria
-from fdllm.engine.params import EngineConfig, GenerationResult, SamplingParams
+from fdllm.decoding import SelectionPolicy, StopCriteria
+from fdllm.engine.params import DEFAULT_DELIMITERS, DEFAULT_ENTROPY_BUDGET, EngineConfig, GenerationResult, SamplingParams
 from fdllm.engine.runner import ModelRunner, profile_peak_memory
 from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.sequence import Sequence, TokenCallback
@@ -90,6 +90,8 @@ class Engine:
         elif mc.eos_token_id:
             self._tokenizer_stop_ids |= set(mc.eos_token_id)
         self._ids = itertools.count()
+        self._vocab_text: list[str] | None = None  # each token's text, decoded once for delimiter strings
+        self._delimiter_cache: dict[str, frozenset[int]] = {}
         self._aborted: list[Sequence] = []  # reported by the next step()
         self._undelivered: list[GenerationResult] = []  # finished while generate() drove the engine
         log.info(
@@ -166,7 +168,7 @@ class Engine:
             use_sub_block_cache=cfg.use_sub_block_cache,
             threshold=cfg.threshold if params.threshold is None else params.threshold,
             mask_token_id=cfg.mask_token_id, arrival=time.perf_counter(), on_tokens=on_tokens,
-            causal_prefix=cfg.causal_prefix,
+            causal_prefix=cfg.causal_prefix, policy=self.selection_policy(params),
         )
         self.scheduler.add(seq)
         return request_id
@@ -204,12 +206,12 @@ class Engine:
             log.exception("the forward of a step failed; failing its batch of %d request(s) %s", len(ids), ids)
             return finished + [self._fail(w.seq, exc) for w in works]
         now = time.perf_counter()
-        for work, (tokens, selected) in zip(works, outputs):
+        for work, predictions in zip(works, outputs):
             seq = work.seq
             if seq.finish_reason is not None:  # aborted by a callback earlier in this loop
                 continue
             try:
-                new = seq.apply(work, tokens, selected)
+                new = seq.apply(work, predictions)
                 if new and seq.first_token_time is None:
                     seq.first_token_time = now
                 if seq.finish_reason is not None:
@@ -254,6 +256,44 @@ class Engine:
             bar.close()
         self._undelivered += others
         return [done[r] for r in rids]
+
+    def selection_policy(self, params: SamplingParams) -> SelectionPolicy:
+        """The request's selection policy: its fields, the engine's defaults, delimiters resolved to
+        token ids (ValueError when they cannot be: text delimiters without a tokenizer)."""
+        return SelectionPolicy(
+            selection=params.selection,
+            threshold=self.config.threshold if params.threshold is None else params.threshold,
+            entropy_budget=DEFAULT_ENTROPY_BUDGET if params.entropy_budget is None else params.entropy_budget,
+            delimiter_threshold=params.delimiter_threshold,
+            delimiter_ids=self.delimiter_ids(params) if params.delimiter_threshold is not None else frozenset(),
+        )
+
+    def delimiter_ids(self, params: SamplingParams) -> frozenset[int]:
+        """Token ids that end an adaptive sub-block: `delimiter_token_ids`, the end tokens (the tokenizer's
+        stop tokens, the model's EOS, `stop_token_ids`) and every token whose text contains one of
+        `delimiters` (None: DEFAULT_DELIMITERS when there is a tokenizer)."""
+        ids = set(params.delimiter_token_ids) | set(params.stop_token_ids) | self._tokenizer_stop_ids
+        texts = params.delimiters
+        if texts is None:
+            texts = DEFAULT_DELIMITERS if self.tokenizer is not None else ()
+        if texts and self.tokenizer is None:
+            raise ValueError("delimiters as text need a tokenizer; use delimiter_token_ids instead")
+        for text in texts:
+            ids |= self._tokens_containing(text)
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in ids):
+            raise ValueError(f"delimiter_token_ids must be in [0, {vocab})")
+        return frozenset(ids)
+
+    def _tokens_containing(self, text: str) -> frozenset[int]:
+        if text not in self._delimiter_cache:
+            if self._vocab_text is None:  # once per engine: a batch decode of the vocabulary
+                self._vocab_text = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            found = frozenset(i for i, t in enumerate(self._vocab_text) if text in t)
+            if not found:
+                raise ValueError(f"delimiters: no token of the tokenizer contains {text!r}")
+            self._delimiter_cache[text] = found
+        return self._delimiter_cache[text]
 
     # -- helpers ------------------------------------------------------------------------------------
     def _default_num_pages(self, block_size: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fdllm.decoding import SELECTIONS
 from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE
 from fdllm.quantization import QUANTIZATIONS
 
@@ -14,6 +15,9 @@ MODES = ("diffusion", "ar", "speculative")
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 MAX_STOP_TOKEN_IDS = 64
+DEFAULT_ENTROPY_BUDGET = 1.0  # gamma (nats) of selection="entropy_budget" when the request gives none
+DEFAULT_DELIMITERS = ("\n",)  # adaptive sub-block boundaries: newline tokens (with a tokenizer) and the end tokens
+MAX_DELIMITERS, MAX_DELIMITER_CHARS = 16, 32
 
 
 def _is_int(value: object) -> bool:
@@ -41,6 +45,19 @@ class SamplingParams:
     # output (greedy: token for token; sampling: the same distribution) in fewer forwards.
     mode: str = "diffusion"
     ignore_eos: bool = False  # True: only stop_token_ids/stop/max_new_tokens end the request
+    # Selection policy of diffusion steps and speculative drafts (fdllm.decoding.SelectionPolicy, METHOD.md §5):
+    # "threshold" (the paper's, with `threshold`) or "entropy_budget" (commit the lowest-entropy masked
+    # positions while their summed entropy stays <= entropy_budget; always at least one).
+    selection: str = "threshold"
+    entropy_budget: float | None = None  # gamma in nats, >= 0; None: DEFAULT_ENTROPY_BUDGET. Only with "entropy_budget"
+    # Adaptive sub-block boundary: a delimiter predicted in the current sub-block with confidence above
+    # this ends the sub-block after it. None: fixed sub-blocks.
+    delimiter_threshold: float | None = None
+    # Delimiters as text, resolved by the engine's tokenizer to every token whose text contains one;
+    # None: DEFAULT_DELIMITERS when the engine has a tokenizer. The end tokens (the tokenizer's stop
+    # tokens, the model's EOS and stop_token_ids) are always delimiters.
+    delimiters: tuple[str, ...] | None = None
+    delimiter_token_ids: tuple[int, ...] = ()  # more delimiters, as token ids
 
     def __post_init__(self) -> None:
         """Reject values that could not be decoded meaningfully, before they reach a step: one bad
@@ -64,6 +81,7 @@ class SamplingParams:
             raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self._check_selection()
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(
                 f"stop must be a tuple of non-empty strings (wrap a single one as (s,)), got {self.stop!r}"
@@ -76,6 +94,36 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, got {self.stop_token_ids!r}"
             )
+
+    def _check_selection(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.entropy_budget is not None:
+            if not _is_finite(self.entropy_budget) or self.entropy_budget < 0:
+                raise ValueError(f"entropy_budget must be a number >= 0 (nats), got {self.entropy_budget!r}")
+            if self.selection != "entropy_budget":
+                raise ValueError("entropy_budget applies to selection='entropy_budget' only; set selection too")
+        if self.threshold is not None and self.selection == "entropy_budget":
+            raise ValueError("threshold does not apply to selection='entropy_budget' (entropy_budget replaces it)")
+        if self.delimiter_threshold is not None and (
+            not _is_finite(self.delimiter_threshold) or not 0.0 <= self.delimiter_threshold <= 1.0
+        ):
+            raise ValueError(f"delimiter_threshold must be a number in [0, 1], got {self.delimiter_threshold!r}")
+        if self.delimiters is not None and (
+            not isinstance(self.delimiters, (tuple, list)) or len(self.delimiters) > MAX_DELIMITERS
+            or not all(isinstance(d, str) and 0 < len(d) <= MAX_DELIMITER_CHARS for d in self.delimiters)
+        ):
+            raise ValueError(
+                f"delimiters must be a tuple of at most {MAX_DELIMITERS} non-empty strings of at most "
+                f"{MAX_DELIMITER_CHARS} characters, got {self.delimiters!r}"
+            )
+        if not isinstance(self.delimiter_token_ids, (tuple, list)) or len(self.delimiter_token_ids) > MAX_STOP_TOKEN_IDS or not all(
+            _is_int(t) and t >= 0 for t in self.delimiter_token_ids
+        ):
+            raise ValueError(f"delimiter_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, "
+                             f"got {self.delimiter_token_ids!r}")
+        if (self.delimiters is not None or self.delimiter_token_ids) and self.delimiter_threshold is None:
+            raise ValueError("delimiters and delimiter_token_ids need delimiter_threshold (the adaptive sub-block boundary)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,12 +17,15 @@ Either way the host packs everything the step needs (body inputs, which hidden r
 masked candidates, per-row sampling parameters) into ONE int64 buffer (pinned on CUDA) and copies
 it to the device once, non-blocking; the LM head and confidence run only on candidate rows
 (never on decoded, padding or prompt rows); sampling is vectorised over requests with
-counter-based per-request draws (`fdllm.decoding.counter_uniform`); the candidates' tokens and
-probabilities come back in one device-to-host transfer, and the threshold rule runs on the host
-(a few comparisons per sequence, cheaper than the kernels it would take on the device).
+counter-based per-request draws (`fdllm.decoding.counter_uniform`); the entropy H_i is computed
+only for the candidate rows of requests whose selection policy needs it (entropy budget); the
+candidates' tokens, probabilities (and entropies) come back in one device-to-host transfer, and the
+selection policy runs on the host, in the sequence (a few comparisons per sequence, cheaper than the
+kernels it would take on the device).
 
 Shape legend: T packed tokens, Bb bucketed works, Q query tokens per work (static layout),
-M pages per block table, B works that read logits, C candidate rows, S sampled rows (C ⊇ S), D model dim, V vocab.
+M pages per block table, B works that read logits, C candidate rows, S sampled rows (C ⊇ S), E entropy rows
+(C ⊇ E), D model dim, V vocab.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import torch
 from torch import Tensor
 
 from fdllm.cache import KVCache, PagedAttention, StaticPagedAttention
-from fdllm.decoding import counter_uniform, sample_confidence, select_unmask
-from fdllm.engine.sequence import Work
+from fdllm.decoding import counter_uniform, sample_confidence, token_entropy
+from fdllm.engine.sequence import Predictions, Work
 from fdllm.kernels import select_attention_backend
 from fdllm.kernels.reference import greedy_confidence
 from fdllm.model import Transformer
@@ -127,6 +130,7 @@ class HeadPlan:
     readers: list[int]  # index into the step's works of each work that reads logits (B)
     num_candidates: int  # C
     num_sampled: int  # S
+    num_entropy: int = 0  # E
 
 
 class ModelRunner:
@@ -164,8 +168,8 @@ class ModelRunner:
 
     # -- the step -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, works: list[Work]) -> list[tuple[list[int], list[bool]]]:
-        """Per work: (token, selected) for each of its logit rows (none for pure prefill chunks)."""
+    def run(self, works: list[Work]) -> list[Predictions]:
+        """Per work: the predictions of its logit rows (none for pure prefill chunks)."""
         shape = self.static_shape(works)
         offsets = [b * shape.q_len for b in range(len(works))] if shape else self._packed_offsets(works)
         num_tokens = shape.batch * shape.q_len if shape else offsets[-1] + len(works[-1].token_ids)
@@ -179,13 +183,14 @@ class ModelRunner:
         self._put_head(works, plan, offsets)
         self.stage.copy()
         h_TD = self._body(works, shape)
-        out: list[tuple[list[int], list[bool]]] = [([], []) for _ in works]
+        out = [Predictions() for _ in works]
         if plan.num_candidates == 0:
             return out
-        token_C, prob_C = self._head(h_TD, plan)
+        token_C, prob_C, entropy_C = self._head(h_TD, plan)
         # the step's one device-to-host sync (fp64 holds token ids and fp32 probabilities exactly)
-        tokens, probs = torch.stack([token_C.to(torch.float64), prob_C.to(torch.float64)]).tolist()
-        self._scatter_back(works, plan, tokens, probs, out)
+        rows = [token_C, prob_C] if entropy_C is None else [token_C, prob_C, entropy_C]
+        host = torch.stack([r.to(torch.float64) for r in rows]).tolist()
+        self._scatter_back(works, plan, host[0], host[1], host[2] if entropy_C is not None else None, out)
         return out
 
     def static_shape(self, works: list[Work]) -> StaticShape | None:
@@ -257,20 +262,22 @@ class ModelRunner:
 
     def _plan_head(self, works: list[Work]) -> HeadPlan:
         readers = [i for i, w in enumerate(works) if w.logit_rows]
-        cands = sampled = 0
+        cands = sampled = entropy = 0
         for i in readers:
             n = works[i].candidates.count(True)
             cands += n
             sampled += n if works[i].samples else 0
-        return HeadPlan(readers, cands, sampled)
+            entropy += n if works[i].needs_entropy else 0
+        return HeadPlan(readers, cands, sampled, entropy)
 
     @staticmethod
     def _head_sizes(plan: HeadPlan) -> dict[str, int]:
         C, S = plan.num_candidates, plan.num_sampled
-        return {"cand_rows": C, "sampled": S, "temperature": S, "top_p": S, "top_k": S, "seed": S, "counter": S}
+        return {"cand_rows": C, "sampled": S, "temperature": S, "top_p": S, "top_k": S, "seed": S, "counter": S,
+                "entropy": plan.num_entropy}
 
     def _put_head(self, works: list[Work], plan: HeadPlan, offsets: list[int]) -> None:
-        rows = []
+        rows, entropy = [], []
         sampled, temperature, top_p, top_k, seed, counter = [], [], [], [], [], []
         for i in plan.readers:
             w = works[i]
@@ -278,6 +285,8 @@ class ModelRunner:
             for r, (row, cand) in enumerate(zip(w.logit_rows, w.candidates)):
                 if not cand:
                     continue
+                if w.needs_entropy:
+                    entropy.append(len(rows))
                 if w.samples:
                     sampled.append(len(rows))
                     temperature.append(p.temperature)
@@ -294,6 +303,7 @@ class ModelRunner:
         put("top_k", top_k)
         put("seed", seed)
         put("counter", counter)
+        put("entropy", entropy)
 
     # -- device work --------------------------------------------------------------------------------
     def _body(self, works: list[Work], shape: StaticShape | None) -> Tensor:
@@ -309,18 +319,24 @@ class ModelRunner:
             return self.graphs.run(shape, self.stage.dev[: StaticInputs.numel(shape)])
         return forward_static(self.model, self.cache, self.attention_fn, StaticInputs.view(self.stage.dev, shape))
 
-    def _head(self, h_TD: Tensor, plan: HeadPlan) -> tuple[Tensor, Tensor]:
-        """Token [C] (int64) and its probability [C] (fp32) of each candidate row, greedy or sampled."""
+    def _head(self, h_TD: Tensor, plan: HeadPlan) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Token [C] (int64) and its probability [C] (fp32) of each candidate row, greedy or sampled;
+        the entropy [C] (fp32, 0 outside the E entropy rows) when some row needs it, else None."""
         get = self.stage.get
         h_CD = h_TD[get("cand_rows")]
         lm_head = self.model.lm_head
         if self.fused_confidence is not None:
             token_C, prob_C = self.fused_confidence(h_CD, lm_head.weight, self.mask_token_id)
             logits_SV = lm_head(h_CD[get("sampled")]) if plan.num_sampled else None
+            logits_EV = lm_head(h_CD[get("entropy")]) if plan.num_entropy else None
         else:
             logits_CV = lm_head(h_CD)
             token_C, prob_C = greedy_confidence(logits_CV, self.mask_token_id)
             logits_SV = logits_CV[get("sampled")] if plan.num_sampled else None
+            logits_EV = logits_CV[get("entropy")] if plan.num_entropy else None
+        entropy_C = None
+        if logits_EV is not None:
+            entropy_C = torch.zeros_like(prob_C).index_put((get("entropy"),), token_entropy(logits_EV, self.mask_token_id))
         if logits_SV is not None:
             uniform_S = counter_uniform(get("seed"), get("counter"))
             token_S, prob_S = sample_confidence(
@@ -329,24 +345,25 @@ class ModelRunner:
             )
             sampled = get("sampled")
             token_C, prob_C = token_C.index_put((sampled,), token_S), prob_C.index_put((sampled,), prob_S)
-        return token_C, prob_C
+        return token_C, prob_C, entropy_C
 
     def _scatter_back(self, works: list[Work], plan: HeadPlan, tokens: list[float], probs: list[float],
-                      out: list[tuple[list[int], list[bool]]]) -> None:
-        """Per reading work: its logit rows' (token, selected) under the threshold rule; rows that are
-        no candidate are never selected."""
+                      entropies: list[float] | None, out: list[Predictions]) -> None:
+        """Per reading work: its logit rows' predictions; rows that are no candidate get a filler token
+        and probability 0 (the sequence never commits them)."""
         filler = self.mask_token_id if self.mask_token_id is not None else 0
         c = 0
         for i in plan.readers:
             w = works[i]
-            n = w.candidates.count(True)
-            chosen = iter(select_unmask(probs[c : c + n], w.seq.threshold))
-            toks, sels = [filler] * len(w.logit_rows), [False] * len(w.logit_rows)
+            n = len(w.logit_rows)
+            pred = Predictions([filler] * n, [0.0] * n, [0.0] * n if w.needs_entropy else None)
             for r, cand in enumerate(w.candidates):
                 if cand:
-                    toks[r], sels[r] = int(tokens[c]), next(chosen)
+                    pred.tokens[r], pred.probs[r] = int(tokens[c]), probs[c]
+                    if pred.entropies is not None:
+                        pred.entropies[r] = entropies[c]
                     c += 1
-            out[i] = (toks, sels)
+            out[i] = pred
 
 
 @dataclass(frozen=True)

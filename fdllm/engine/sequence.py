@@ -6,7 +6,9 @@ and so on until a stop. An AR sequence prefills its prompt causally and then fee
 step. A speculative sequence prefills as AR does, then decodes in rounds (METHOD.md §5): draft
 steps fill the rest of the current block in diffusion mode, one causal verify forward checks the
 draft, and the longest agreeing prefix plus the verify's own next token are committed. Each step a sequence hands the scheduler one `Work` (what to feed, how it attends, which
-logits to read) and gets back the predicted tokens and the threshold selection for its logit rows.
+logits to read) and gets back its logit rows' predictions (token, confidence c_i and, when its
+selection policy needs it, entropy H_i); the sequence's `SelectionPolicy` (fdllm.decoding) decides
+what they commit and where an adaptive sub-block ends.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from dataclasses import dataclass, field
 from fdllm.cache import AttentionRow
 from fdllm.decoding import (
     BlockStep,
+    SelectionPolicy,
     StopCriteria,
     apply_unmask,
-    current_sub_block,
     decoded_prefix,
     new_block,
+    next_sub_block,
     plan_block_step,
+    select_block_step,
 )
 from fdllm.engine.params import GenerationResult, SamplingParams
 
@@ -59,6 +63,22 @@ class Work:
         """Tokens of the sequence this work's attention reaches (pages needed: ceil(kv_len / S))."""
         return max(r.kv_len for r in self.rows)
 
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the step must compute H_i of this work's candidates (its policy selects by entropy)."""
+        return (self.step is not None or self.draft) and self.seq.policy.needs_entropy
+
+
+@dataclass
+class Predictions:
+    """A work's predictions, one entry per logit row: the token, its probability c_i (greedy: max p_i;
+    sampled: the sampled token's), and the entropy H_i when the work `needs_entropy` (else None).
+    Rows that are no candidate hold a filler token and probability 0."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    entropies: list[float] | None = None
+
 
 class Sequence:
     """One request: prompt, pages, the current block and the settled output."""
@@ -67,13 +87,15 @@ class Sequence:
         self, *, request_id: str, prompt: list[int], params: SamplingParams, criteria: StopCriteria,
         block_size: int, sub_block_size: int, use_sub_block_cache: bool, threshold: float,
         mask_token_id: int | None, arrival: float, on_tokens: TokenCallback | None = None,
-        causal_prefix: bool = False,
+        causal_prefix: bool = False, policy: SelectionPolicy | None = None,
     ) -> None:
         """`causal_prefix`: the checkpoint's clean stream attends causally (BlockDiffusionConfig.prefix_attention),
-        so diffusion prefill and block commit run causal rows."""
+        so diffusion prefill and block commit run causal rows. `policy`: how denoising steps select
+        (None: the threshold rule at `threshold`)."""
         self.request_id, self.prompt, self.params, self.criteria = request_id, prompt, params, criteria
         self.block_size, self.sub_block_size, self.use_sub_block_cache = block_size, sub_block_size, use_sub_block_cache
         self.threshold, self.mask_token_id, self.causal_prefix = threshold, mask_token_id, causal_prefix
+        self.policy = policy or SelectionPolicy(threshold=threshold)
         self.arrival, self.on_tokens = arrival, on_tokens
         self.is_speculative = params.mode == "speculative"
         self.is_ar = params.mode == "ar"
@@ -91,7 +113,7 @@ class Sequence:
             self.tokens = prompt[:full]  # tokens before the current block (prompt blocks + committed)
             # Leftover prompt tokens open the first block; an exact multiple waits for the last logit.
             self.block = new_block(prompt[full:], L, mask_token_id) if P % L else None
-        self.sub_start: int | None = None  # sub-block of the last denoising step
+        self.sub: tuple[int, int] | None = None  # sub-block [start, stop) of the last denoising step in this block
         self.output: list[int] = []  # settled generated tokens (final, streamed)
         self.finish_reason: str | None = None
         self.num_forwards = 0
@@ -184,13 +206,13 @@ class Sequence:
                             logit_rows=[n - 1], candidates=[True])
         # The current block rides along with the prefill's tail (saves a forward) or runs alone.
         offset, kv_len = len(token_ids), self.block_start + L
-        sub = current_sub_block(self.block, self.sub_block_size, self.mask_token_id)
+        sub = next_sub_block(self.block, self.sub, self.sub_block_size, self.mask_token_id)
         if sub is None:
             rows.append(AttentionRow(L, kv_len, self.pages, causal=self.causal_prefix))
             return Work(seq=self, token_ids=token_ids + self.block, start=start if left else self.block_start,
                         rows=rows, num_prefill=left, logit_rows=[offset + L - 1], candidates=[True], commit=True)
-        step = plan_block_step(self.block, sub, self.sub_block_size, sub != self.sub_start,
-                               self.use_sub_block_cache, self.mask_token_id)
+        step = plan_block_step(self.block, sub[0], self.sub_block_size, sub != self.sub, self.use_sub_block_cache,
+                               self.mask_token_id, sub_stop=sub[1])
         rows.append(AttentionRow(step.feed_stop - step.feed_start, kv_len, self.pages))
         return Work(
             seq=self, token_ids=token_ids + self.block[step.feed_start : step.feed_stop],
@@ -198,26 +220,32 @@ class Sequence:
             logit_rows=[offset + r for r in step.logit_rows], candidates=list(step.candidates), step=step,
         )
 
-    def apply(self, work: Work, tokens: list[int], selected: list[bool]) -> list[int]:
+    def apply(self, work: Work, predictions: Predictions) -> list[int]:
         """Take a step's predictions for the work's logit rows; returns the newly settled tokens."""
         self.num_forwards += 1
         self.num_cached += work.num_prefill
+        tokens = predictions.tokens
         if work.draft:
-            for i, (token, sel, cand) in enumerate(zip(tokens, selected, work.candidates)):
-                if sel and cand:
-                    self.draft[i] = token
+            cands = [i for i, cand in enumerate(work.candidates) if cand]
+            ents = predictions.entropies
+            chosen = self.policy.select([predictions.probs[i] for i in cands],
+                                        None if ents is None else [ents[i] for i in cands])
+            for i, sel in zip(cands, chosen):
+                if sel:
+                    self.draft[i] = tokens[i]
         elif work.verify:
             self._accept(tokens)
         elif self.is_causal:
             if tokens:
                 self.tokens.append(tokens[0])
         elif work.step is not None:
+            selected, stop = select_block_step(self.policy, work.step, tokens, predictions.probs, predictions.entropies)
             apply_unmask(self.block, work.step, tokens, selected)
-            self.sub_start = work.step.sub_start
+            self.sub = (work.step.sub_start, stop)
         elif work.commit:
             self.tokens.extend(self.block)
             self.num_cached = len(self.tokens)
-            self.block, self.sub_start = new_block(tokens, self.block_size, self.mask_token_id), None
+            self.block, self.sub = new_block(tokens, self.block_size, self.mask_token_id), None
         elif tokens:  # the exact-multiple prompt's last logit
             self.block = new_block(tokens, self.block_size, self.mask_token_id)
         return self._settle()

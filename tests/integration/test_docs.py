@@ -44,6 +44,10 @@ NOT_HERE: dict[str, list[tuple[str, str]]] = {
          "--objective joint (DIR); tests/unit/test_speculative.py holds speculative == AR on such a model"),
         (r"evaluate\.py .*--quantization", "the evaluate command above plus one flag; tests/unit/test_quantization.py "
                                             "runs evaluate with --quantization"),
+        (r"^python pipelines/distill\.py", "needs the fine-tune's output and decodes 20,000 prompts before training; "
+         "tests/integration/test_distill.py runs distill end to end on a tiny model"),
+        (r"evaluate\.py .*--policies", "needs the distilled model; tests/unit/test_evaluate_policies.py runs evaluate "
+                                       "with --policies"),
     ],
     "cluster/README.md": [
         (r"^(aws|gcloud|kubectl|helm|docker) ", "needs cloud credentials or a Kubernetes cluster"),

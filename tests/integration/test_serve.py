@@ -88,6 +88,17 @@ def test_greedy_completion_equals_engine_generate(server, engine):
     assert body["fdllm"]["num_forwards"] == expect.num_forwards
 
 
+def test_selection_policies_over_http_equal_engine_generate(server, engine):
+    prompt = "hello world, the quick"
+    fields = {"selection": "entropy_budget", "entropy_budget": 2.0, "delimiter_threshold": 0.1, "delimiters": [" ", ","]}
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    sp = fdllm.SamplingParams(max_new_tokens=12, **{**fields, "delimiters": tuple(fields["delimiters"])})
+    expect = engine.generate([prompt], sp)[0]
+    assert r.json()["choices"][0]["text"] == expect.text
+    assert r.json()["fdllm"]["num_forwards"] == expect.num_forwards
+
+
 def test_quantized_deployments_serve_what_a_quantized_engine_decodes(server, served_dir):
     """`engine: {quantization: ...}` reaches the replicas: each format's app answers as an in-process
     engine with the same quantization does (two apps beside the main one, on their own routes)."""
@@ -210,6 +221,13 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "threshold": 1.5}, 400, "threshold"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "mode": "beam"}, 400, "mode"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "selection": "beam"}, 400, "selection"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "selection": "entropy_budget", "entropy_budget": -1}, 400,
+     "entropy_budget"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "entropy_budget": 0.5}, 400, "entropy_budget"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "delimiter_threshold": 2}, 400, "delimiter_threshold"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "delimiters": ["\n"]}, 400, "delimiters"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "delimiter_threshold": 0.5, "delimiters": ["@"]}, 400, None),
 ]
 
 

@@ -11,7 +11,7 @@ from fdllm.decoding import (
     StopCriteria,
     apply_unmask,
     counter_uniform,
-    current_sub_block,
+    next_sub_block,
     decoded_prefix,
     new_block,
     plan_block_step,
@@ -71,12 +71,12 @@ def test_select_unmask_threshold_and_always_one():
     assert sum(select_unmask([0.99, 0.999, 1.0], 1.0)) == 1  # threshold 1.0: one per step
 
 
-def test_current_sub_block_skips_decoded_positions():
+def test_a_blocks_first_sub_block_skips_decoded_positions():
     block = [5, 6, 7, 8, M, 1, M, M]
-    assert current_sub_block(block, 4, M) == 4
-    assert current_sub_block(block, 2, M) == 4
-    assert current_sub_block([1, 2, 3, M, 5, 6, 7, 8], 2, M) == 2
-    assert current_sub_block([1, 2, 3, 4], 2, M) is None
+    assert next_sub_block(block, None, 4, M) == (4, 8)
+    assert next_sub_block(block, None, 2, M) == (4, 6)
+    assert next_sub_block([1, 2, 3, M, 5, 6, 7, 8], None, 2, M) == (2, 4)
+    assert next_sub_block([1, 2, 3, 4], None, 2, M) is None
 
 
 def test_plan_block_step_refresh_rules_and_token_shift():

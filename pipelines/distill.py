@@ -1,0 +1,149 @@
+"""Certainty-forcing self-distillation of a block-diffusion checkpoint (METHOD.md §5, dParallel) with Ray.
+
+Locally (starts a Ray instance in the process; the tiny world's fine-tuned model, a few minutes):
+    python pipelines/distill.py --config pipelines/configs/tiny-distill.yaml --output /tmp/fdllm/tiny-distilled
+
+On a Ray cluster, as the fine-tune (`ray job submit ... -- python pipelines/distill.py ...`), with
+`--engine-gpus 1 --engine-actors N` for GPU decoding actors and `--use-gpu --num-workers M` for training.
+
+Two stages, one run:
+1. Trajectories: Ray Data reads the SFT records (`--data`, the fine-tune's formats and bad-row rules);
+   `--engine-actors` actors each load `--model` into an `fdllm.Engine` and decode every prompt greedily
+   in block-diffusion mode (`pipelines/trajectories.py`). A trajectory whose final answer differs from
+   the record's reference answer is dropped, or replaced by the reference (`--wrong-trajectories`);
+   correct, dropped, replaced and bad rows are counted and logged. The records go to
+   `--trajectories` (default STORAGE_PATH/RUN_NAME/trajectories): trajectories.jsonl and summary.json.
+   A run that finds summary.json there (e.g. `--resume`) reuses them instead of decoding again.
+2. Training: Ray Train continues training `--model` on those records with the fine-tune's machinery
+   (`pipelines/finetune.py`: same flags, checkpoints, `--resume`, failure retries, servable export at
+   `--output`), the objective being the §2 loss on both complementary views plus
+   `--certainty-weight` (lambda, 2.0) x the mean entropy of softmax(logits / `--certainty-temperature`
+   (0.5)) over the masked positions the model already predicts correctly (`fdllm.objective`).
+
+`--block-size` and `--sub-block-size` must be the checkpoint's (its fdllm_config.json).
+`python pipelines/distill.py --help` lists every option; a YAML config holds them as in the fine-tune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fdllm.storage import filesystem, join, local_checkpoint  # noqa: E402
+from pipelines.data import check_data_files, read_raw_records  # noqa: E402
+from pipelines.finetune import build_parser, build_trainer, cli_main, fit, resolve_run  # noqa: E402
+from pipelines.finetune_config import DistillConfig  # noqa: E402
+from pipelines.trajectories import CORRECT, DROPPED, REPLACED, TrajectoryGenerator, split_windows  # noqa: E402
+
+if TYPE_CHECKING:
+    import ray.train
+
+log = logging.getLogger("fdllm.distill")
+
+TRAJECTORIES_FILE, SUMMARY_FILE = "trajectories.jsonl", "summary.json"
+
+
+def check_checkpoint(cfg: DistillConfig) -> None:
+    """The model must be a block-diffusion checkpoint of this run's block layout (before any work starts)."""
+    from fdllm.config import BlockDiffusionConfig
+
+    saved = BlockDiffusionConfig.load(local_checkpoint(cfg.model, weights=False))
+    if saved is None or saved.mask_token_id is None:
+        raise ValueError(f"{cfg.model} is no block-diffusion checkpoint (no fdllm_config.json with a mask token): "
+                         "distil a fine-tuned model (pipelines/finetune.py)")
+    if (saved.block_size, saved.sub_block_size) != (cfg.block_size, cfg.sub_block_size):
+        raise ValueError(f"--block-size/--sub-block-size ({cfg.block_size}/{cfg.sub_block_size}) must be the "
+                         f"checkpoint's ({saved.block_size}/{saved.sub_block_size})")
+    if saved.causal_prefix:
+        raise ValueError("distilling a causal-prefix (joint objective) checkpoint is not supported")
+
+
+def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
+    """Decode the SFT prompts with Ray Data engine actors and write the distillation records to
+    `directory` (local or URI); returns the count per status. Reuses a finished earlier write."""
+    import ray.data
+
+    fs, root = filesystem(directory)
+    root = root.rstrip("/")
+    summary_path = f"{root}/{SUMMARY_FILE}"
+    from pyarrow import fs as pafs
+
+    if fs.get_file_info(summary_path).type == pafs.FileType.File:
+        with fs.open_input_stream(summary_path) as f:
+            counts = json.loads(f.read())["counts"]
+        log.info("reusing the trajectories in %s: %s", directory, counts)
+        return counts
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    sources = check_data_files(cfg.data)
+    generator = {
+        "fn_constructor_kwargs": {"model": cfg.model, "max_new_tokens": cfg.trajectory_max_new_tokens,
+                                  "threshold": cfg.trajectory_threshold, "wrong": cfg.wrong_trajectories,
+                                  "device": "cuda" if cfg.engine_gpus > 0 else "cpu",
+                                  "max_num_seqs": cfg.trajectory_batch_size},
+        "batch_size": cfg.trajectory_batch_size, "batch_format": "pyarrow", "concurrency": cfg.engine_actors,
+        "num_cpus": cfg.engine_cpus, "num_gpus": cfg.engine_gpus,
+    }
+    counts: Counter[str] = Counter()
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{TRAJECTORIES_FILE}") as out:
+        for kind, raw in read_raw_records(sources, cfg.data_config(), cfg.data_cpus):
+            if kind == "jsonl":  # a row is a pack window of many lines: one row per record instead
+                raw = raw.map_batches(split_windows, batch_size=None, batch_format="pyarrow", num_cpus=cfg.data_cpus)
+            decoded = raw.map_batches(TrajectoryGenerator, **generator)
+            for batch in decoded.iter_batches(batch_size=None, batch_format="numpy"):
+                for record, status in zip(batch["record"], batch["status"]):
+                    counts[status] += 1
+                    if record:
+                        out.write(record.encode() + b"\n")
+                log.info("trajectories: %d records so far, %d correct", sum(counts.values()), counts[CORRECT])
+    with fs.open_output_stream(summary_path) as f:
+        f.write(json.dumps({"counts": dict(counts), "model": cfg.model, "data": cfg.data}, indent=2).encode())
+    return dict(counts)
+
+
+def log_counts(counts: dict[str, int], wrong: str) -> None:
+    decoded = counts.get(CORRECT, 0) + counts.get(DROPPED, 0) + counts.get(REPLACED, 0)
+    bad = {k: v for k, v in counts.items() if k.startswith("bad_") and v}
+    log.info("trajectories: %d decoded, %d correct (%.1f%%), %d wrong -> %s%s", decoded, counts.get(CORRECT, 0),
+             100 * counts.get(CORRECT, 0) / max(decoded, 1), counts.get(DROPPED, 0) + counts.get(REPLACED, 0),
+             "replaced by the reference" if wrong == "reference" else "dropped",
+             f"; bad rows skipped {bad}" if bad else "")
+
+
+def run(cfg: DistillConfig) -> "ray.train.Result":
+    """Trajectories, then training on them; the workers publish the servable checkpoint at `cfg.output`."""
+    import ray
+
+    cfg = resolve_run(cfg)
+    check_checkpoint(cfg)
+    if not cfg.trajectories:
+        cfg = dataclasses.replace(cfg, trajectories=join(cfg.storage_path, cfg.run_name, "trajectories"))
+    if not ray.is_initialized():
+        ray.init()
+    counts = generate_trajectories(cfg, cfg.trajectories)
+    log_counts(counts, cfg.wrong_trajectories)
+    if not counts.get(CORRECT, 0) + counts.get(REPLACED, 0):
+        raise ValueError("no trajectory to train on: every one was wrong (try --wrong-trajectories reference)")
+    train_cfg = dataclasses.replace(cfg, data=[join(cfg.trajectories, TRAJECTORIES_FILE)])
+    return fit(build_trainer(train_cfg), train_cfg, "distilling")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(
+        DistillConfig, prog="fdllm-distill",
+        description="Certainty-forcing self-distillation of a block-diffusion checkpoint with Ray Data + Ray Train.",
+        epilog="Example: python pipelines/distill.py --config pipelines/configs/tiny-distill.yaml",
+    )
+    return cli_main(argv, parser, DistillConfig, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""pipelines/distill.py without Ray: config and CLI, and the trajectory stage's per-record logic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import fdllm
+from pipelines.distill import check_checkpoint, main
+from pipelines.finetune_config import DistillConfig
+from pipelines.trajectories import CORRECT, DROPPED, REPLACED, TrajectoryGenerator, final_answer, is_correct
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+
+
+def test_shipped_config_and_help(capsys):
+    cfg = DistillConfig.from_sources(str(CONFIGS / "tiny-distill.yaml"))
+    assert (cfg.objective, cfg.certainty_weight, cfg.certainty_temperature) == ("certainty", 2.0, 0.5)
+    assert cfg.seq_len % cfg.block_size == 0 and cfg.total_steps() > 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "--wrong-trajectories" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"wrong_trajectories": "keep"}, "wrong_trajectories must be one of"),
+    ({"engine_actors": 0}, "engine_actors must be >= 1"),
+    ({"engine_gpus": -1}, "engine_gpus"),
+    ({"trajectory_threshold": 1.5}, "trajectory_threshold"),
+    ({"certainty_temperature": 0}, "certainty_temperature"),
+])
+def test_config_validation(change, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(model="m", data=["d"], max_steps=1, **change)
+
+
+def test_answers_compare_without_reasoning():
+    assert final_answer("<think>1+2</think> 3 ") == "3"
+    assert final_answer("<think>unfinished") is None
+    assert is_correct("<think>x</think>42", "42") and is_correct(" 42\n", "<think>y</think>42")
+    assert not is_correct("<think>42", "42") and not is_correct("41", "42")
+
+
+def test_checkpoint_must_be_a_dllm_of_the_same_block_layout(dllm_dir, qwen2_dir):
+    check_checkpoint(DistillConfig(model=str(dllm_dir), data=["d"], max_steps=1, block_size=8, sub_block_size=4,
+                                   seq_len=64))
+    with pytest.raises(ValueError, match="must be the checkpoint's"):
+        check_checkpoint(DistillConfig(model=str(dllm_dir), data=["d"], max_steps=1, block_size=16, sub_block_size=4,
+                                       seq_len=64))
+    with pytest.raises(ValueError, match="no block-diffusion checkpoint"):
+        check_checkpoint(DistillConfig(model=str(qwen2_dir), data=["d"], max_steps=1, block_size=8, seq_len=64))
+
+
+def own_answers(path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """What the checkpoint decodes for each prompt (a user turn), as the trajectory stage decodes it."""
+    engine = fdllm.Engine.from_pretrained(path)
+    from pipelines.trajectories import prompt_token_ids
+
+    ids = [prompt_token_ids(engine, [{"role": "user", "content": p}, {"role": "assistant", "content": ""}])
+           for p in prompts]
+    return [r.text for r in engine.generate(ids, fdllm.SamplingParams(max_new_tokens=max_new_tokens))]
+
+
+@pytest.mark.parametrize("wrong", ["drop", "reference"])
+def test_trajectory_statuses_and_records(dllm_dir, wrong):
+    prompts = ["hello world", "one two", "a b c", "hi there"]  # the random model answers each with some text
+    answers = own_answers(dllm_dir, prompts, 12)
+    assert all(a.strip() for a in answers)
+    rows = [json.dumps({"input": [{"role": "user", "content": prompts[0]}], "output": answers[0]}).encode(),
+            json.dumps({"input": prompts[1], "output": "<think>hm</think>" + answers[1]}),  # reasoning aside: right
+            {"messages": [{"role": "user", "content": prompts[2]}, {"role": "assistant", "content": "zzz 1"}]},  # wrong
+            b"{not json",
+            {"input": prompts[3], "output": ""}]
+    out = TrajectoryGenerator(str(dllm_dir), 12, None, wrong).process(rows)
+    statuses = list(out["status"])
+    assert statuses == [CORRECT, CORRECT, REPLACED if wrong == "reference" else DROPPED, "bad_invalid_json",
+                        "bad_empty_field"]
+    records = [json.loads(r) if r else None for r in out["record"]]
+    assert records[0] == {"messages": [{"role": "user", "content": prompts[0]}, {"role": "assistant", "content": answers[0]}]}
+    assert records[1]["messages"][-1]["content"] == answers[1]  # the trajectory, not the reference with reasoning
+    assert records[2] == ({"messages": rows[2]["messages"]} if wrong == "reference" else None)
+    assert records[3] is None and records[4] is None
+
+
+def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch):
+    from pipelines import distill
+
+    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps({"counts": {"correct": 3, "wrong_dropped": 1}}))
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
+    cfg = DistillConfig(model="m", data=["d"], max_steps=1)
+    assert distill.generate_trajectories(cfg, str(tmp_path)) == {"correct": 3, "wrong_dropped": 1}
+
+
+def test_certainty_objective_in_the_train_loop_is_the_distill_loss(qwen2_dir):
+    """The train loop's `certainty` objective is `fdllm.objective.certainty_forcing_loss` of the batch
+    noised as every objective noises it; lambda 0 is the plain block-diffusion loss."""
+    import numpy as np
+    import torch
+
+    from fdllm.objective import certainty_forcing_loss, two_stream_batch
+    from fdllm.tokenizer import add_mask_token, load_tokenizer
+    from pipelines.data import DataConfig, process_records
+    from pipelines.train_loop import _row_seed, diffusion_loss_sum
+    from tests.sft_data import good_records
+
+    tok = load_tokenizer(qwen2_dir)
+    model = fdllm.load_model(qwen2_dir)
+    mask_id = add_mask_token(tok, model)
+    batch = {k: v[:1] for k, v in process_records(good_records(8), tok, DataConfig(block_size=8, seq_len=64)).items()}
+    cpu = torch.device("cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(15):  # a few steps: the frequent tokens (block tails of end-of-turn) get predicted right
+        loss, n = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, step, cpu)
+        opt.zero_grad()
+        (loss / n).backward()
+        opt.step()
+    with torch.no_grad():
+        got_sum, count = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu, certainty=(2.0, 0.5))
+        plain_sum, _ = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu)
+        zero_sum, _ = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu, certainty=(0.0, 0.5))
+        ids, labels, pos, docs = (torch.from_numpy(batch[c]).long() for c in ("input_ids", "labels", "position_ids", "doc_ids"))
+        gen = torch.Generator().manual_seed(_row_seed(0, 3, np.asarray(batch["input_ids"][0])))
+        noised = two_stream_batch(ids, labels, mask_id, 8, 1e-3, pos, docs, gen)
+        want, want_count = certainty_forcing_loss(model, noised, 8, 2.0, 0.5)
+    assert int(count) == int(want_count)
+    assert (got_sum / count).item() == pytest.approx(want.item(), rel=1e-5)
+    assert zero_sum.item() == pytest.approx(plain_sum.item(), rel=1e-6)
+    assert got_sum.item() != pytest.approx(plain_sum.item(), rel=1e-6)  # some masked position is predicted right
+
+
+def test_each_objective_reaches_its_loss():
+    from pipelines.train_loop import objective_kwargs
+
+    cfg = DistillConfig(model="m", data=["d"], max_steps=1, certainty_weight=1.5, certainty_temperature=0.25)
+    assert objective_kwargs(cfg) == {"joint_weights": None, "certainty": (1.5, 0.25)}
+    joint = DistillConfig(model="m", data=["d"], max_steps=1, objective="joint", ar_loss_weight=0.3)
+    assert objective_kwargs(joint) == {"joint_weights": (0.3, 0.5), "certainty": None}
+    assert objective_kwargs(DistillConfig(model="m", data=["d"], max_steps=1, objective="diffusion")) == {
+        "joint_weights": None, "certainty": None}
