@@ -4,9 +4,10 @@ Every task works on digit strings (each digit is its own token), so sizes count 
 model can learn them all: lists of digits to reverse or sort, and multi-digit addition with
 carries in the reasoning-on form: a `<think>` trace writes the operands and the sum in aligned
 columns least significant digit first (a carry chain: each sum digit depends on the one before
-it), and the answer, the sum, is the trace's last row read backwards. A two-step expression (`arith`, its trace the intermediate result) is available
-but not in the default world: a 1M-parameter model did not learn it (nor addition written most
-significant digit first, without a trace) to 95% within a CPU pretraining budget.
+it), and the answer, the sum, is the trace's last row read backwards. A two-step expression
+(`arith`, its trace the intermediate result) is available but not in the default world: a
+1M-parameter model did not learn it (nor addition written most significant digit first, without a
+trace) to 95% within a CPU pretraining budget.
 """
 
 from __future__ import annotations
@@ -77,17 +78,18 @@ def _draw_sort(rng: random.Random, size: int) -> Problem:
 # --- addition with carries, reasoning on -----------------------------------------------------------
 
 
-ADD_WIDTH = 6  # columns of the addition trace: 5-digit operands and the carry out of the top digit
+ADD_SIZES = (1, 5)  # operand digits of the trained range
 
 
 def _solve_add(prompt: str) -> str:
     """Column addition written out, least significant digit first: both operands reversed and
-    zero-padded to ADD_WIDTH columns (two reversal copies, the skill the reverse task teaches),
-    then the sum in the same columns, so each sum digit reads its two operand digits and the carry
-    at fixed distances behind it; the answer is the sum read back without its leading zeros. The
-    width grows with operands beyond the trained range, so the solver holds at every size."""
+    zero-padded to one column more than the range's longest operand (two reversal copies, the
+    skill the reverse task teaches), then the sum in the same columns, so each sum digit reads its
+    two operand digits and the carry at fixed distances behind it; the answer is the sum read back
+    without its leading zeros. The width grows with operands beyond the trained range, so the
+    solver holds at every size."""
     a, b = _operand_text(prompt).split("+")
-    width = max(ADD_WIDTH, len(a) + 1, len(b) + 1)
+    width = max(ADD_SIZES[1], len(a), len(b)) + 1  # room for the carry out of the top digit
     total = int(a) + int(b)
     columns = "+".join(str(x).zfill(width)[::-1] for x in (int(a), int(b)))
     return f"{THINK_OPEN}{columns}={str(total).zfill(width)[::-1]}{THINK_CLOSE}{total}"
@@ -137,7 +139,7 @@ TASKS: dict[str, Task] = {
     for task in (
         Task("reverse", (2, 12), False, _draw_reverse, _solve_reverse),
         Task("sort", (2, 12), False, _draw_sort, _solve_sort),
-        Task("add", (1, 5), True, _draw_add, _solve_add),
+        Task("add", ADD_SIZES, True, _draw_add, _solve_add),
         Task("arith", (1, 2), True, _draw_arith, _solve_arith),
     )
 }
