@@ -2,7 +2,7 @@
 
 Same model, same packed batch (B sequences of L tokens), same optimizer; each objective runs in a
 fresh process so peak memory is its own. Reports data tokens per second (B*L per step: the
-diffusion step forwards 2B rows of 2L tokens for them) and peak memory (CUDA: max allocated;
+diffusion step forwards B rows of 3L tokens for them, `[x_t ; x_t' ; x_0]`) and peak memory (CUDA: max allocated;
 CPU: peak RSS above the loaded model).
 
     python -m benchmarks.bench_train --preset tiny --seq-len 256 --batch-size 8 --steps 10

@@ -5,6 +5,10 @@ dense boolean matrix (CPU training, tests) and as the flex_attention `mask_mod` 
 the two cannot drift apart. True = the query may attend to the key.
 
 Two-stream layout (length 2L): indices [0, L) are the noisy copy x_t, [L, 2L) the clean copy x_0.
+With `noisy_streams=2` the two complementary noisy copies share one clean copy: `[x_t ; x_t' ; x_0]`
+(length 3L). Every query then sees exactly the keys it sees in METHOD's layout (a noisy stream never
+sees the other one), so the outputs are the same, and the identical clean stream is computed once:
+a quarter fewer tokens per sequence in training.
 Optional `doc_ids` [B, L] (packed sequences) forbid attention across documents.
 """
 
@@ -21,17 +25,21 @@ except ImportError:  # pragma: no cover
     BlockMask, create_block_mask = None, None
 
 
-def two_stream_rule(q: Tensor, k: Tensor, seq_len: int, block_size: int, causal_prefix: bool = False) -> Tensor:
+def two_stream_rule(
+    q: Tensor, k: Tensor, seq_len: int, block_size: int, causal_prefix: bool = False, noisy_streams: int = 1
+) -> Tensor:
     """Allowed[q, k] for the two-stream training input (index tensors broadcast together).
 
     `causal_prefix`: the clean stream attends causally instead of block-causally (the joint AR +
     diffusion objective of METHOD.md §5), so its K/V are the AR model's and its logits AR logits.
+    `noisy_streams`: noisy copies before the clean one (streams `[0, noisy_streams)` noisy, the last clean).
     """
-    q_noisy, k_noisy = q < seq_len, k < seq_len
+    q_stream, k_stream = q // seq_len, k // seq_len
+    q_noisy, k_noisy = q_stream < noisy_streams, k_stream < noisy_streams
     q_blk, k_blk = (q % seq_len) // block_size, (k % seq_len) // block_size
-    noisy_noisy = q_noisy & k_noisy & (q_blk == k_blk)  # bidirectional inside the block
+    noisy_noisy = q_noisy & (k_stream == q_stream) & (q_blk == k_blk)  # bidirectional inside the block
     noisy_clean = q_noisy & ~k_noisy & (k_blk < q_blk)  # clean context of earlier blocks
-    clean_order = (k <= q) if causal_prefix else (k_blk <= q_blk)  # both clean: indices in [L, 2L)
+    clean_order = (k <= q) if causal_prefix else (k_blk <= q_blk)  # both in the clean stream
     clean_clean = ~q_noisy & ~k_noisy & clean_order  # causal or block-causal
     return noisy_noisy | noisy_clean | clean_clean  # clean -> noisy: never
 
@@ -53,13 +61,15 @@ def _check(seq_len: int, block_size: int, doc_ids: Tensor | None) -> None:
 
 
 def two_stream_mask(
-    seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None, causal_prefix: bool = False
+    seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None, causal_prefix: bool = False,
+    noisy_streams: int = 1,
 ) -> Tensor:
-    """Dense bool mask [B|1, 1, 2L, 2L] for `[x_t ; x_0]` of length 2L (L = seq_len)."""
+    """Dense bool mask [B|1, 1, N, N] for `[x_t ; x_0]` (N = 2L, L = seq_len), or for
+    `[x_t ; x_t' ; x_0]` (N = 3L) with `noisy_streams=2`."""
     _check(seq_len, block_size, doc_ids)
     device = doc_ids.device if doc_ids is not None else device
-    idx = torch.arange(2 * seq_len, device=device)
-    allowed = two_stream_rule(idx[:, None], idx[None, :], seq_len, block_size, causal_prefix)[None]  # [1, 2L, 2L]
+    idx = torch.arange((noisy_streams + 1) * seq_len, device=device)
+    allowed = two_stream_rule(idx[:, None], idx[None, :], seq_len, block_size, causal_prefix, noisy_streams)[None]
     if doc_ids is not None:
         b = torch.arange(doc_ids.shape[0], device=device)[:, None, None]
         allowed = allowed & _same_doc(doc_ids, b, idx[None, :, None], idx[None, None, :], seq_len)
@@ -80,17 +90,18 @@ def block_causal_mask(seq_len: int, block_size: int, doc_ids: Tensor | None = No
 
 def two_stream_block_mask(
     seq_len: int, block_size: int, doc_ids: Tensor | None = None, device: str | torch.device = "cpu",
-    causal_prefix: bool = False,
+    causal_prefix: bool = False, noisy_streams: int = 1,
 ) -> "BlockMask":
     """The same mask as `two_stream_mask`, as a sparse flex_attention BlockMask."""
     _check(seq_len, block_size, doc_ids)
     if doc_ids is None:
-        return _cached_two_stream_block_mask(seq_len, block_size, str(device), causal_prefix)
+        return _cached_two_stream_block_mask(seq_len, block_size, str(device), causal_prefix, noisy_streams)
 
     def mask_mod(b, h, q, k):
-        return two_stream_rule(q, k, seq_len, block_size, causal_prefix) & _same_doc(doc_ids, b, q, k, seq_len)
+        allowed = two_stream_rule(q, k, seq_len, block_size, causal_prefix, noisy_streams)
+        return allowed & _same_doc(doc_ids, b, q, k, seq_len)
 
-    n = 2 * seq_len
+    n = (noisy_streams + 1) * seq_len
     return create_block_mask(mask_mod, doc_ids.shape[0], None, n, n, device=doc_ids.device)
 
 
@@ -109,10 +120,12 @@ def block_causal_block_mask(
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_two_stream_block_mask(seq_len: int, block_size: int, device: str, causal_prefix: bool) -> "BlockMask":
+def _cached_two_stream_block_mask(
+    seq_len: int, block_size: int, device: str, causal_prefix: bool, noisy_streams: int
+) -> "BlockMask":
     # Building a BlockMask costs ~1 s on CPU for a few hundred tokens; training reuses one shape.
     def mask_mod(b, h, q, k):
-        return two_stream_rule(q, k, seq_len, block_size, causal_prefix)
+        return two_stream_rule(q, k, seq_len, block_size, causal_prefix, noisy_streams)
 
-    n = 2 * seq_len
+    n = (noisy_streams + 1) * seq_len
     return create_block_mask(mask_mod, None, None, n, n, device=device)

@@ -4,7 +4,9 @@ Pipeline for a batch of packed sequences (input_ids, labels) [B, L], L a multipl
   1. `sample_noise_masks`: per-block p_b = (1-eps) t_b + eps, each loss-carrying token masked with
      prob p_b in copy 1 and exactly the complement in copy 2;
   2. `two_stream_batch`: rows [x_t ; x_0] of length 2L with positions [pos ; pos], copies stacked
-     along the batch ([2B, 2L]);
+     along the batch ([2B, 2L]); or, `share_clean=True`, rows [x_t ; x_t' ; x_0] of length 3L ([B, 3L]):
+     the same attention for every query (`fdllm.masks`), the same loss and gradients, one clean
+     stream instead of two identical ones (a quarter fewer tokens through the model);
   3. `block_diffusion_loss`: forward under the two-stream mask, logits of the noisy half, token
      shift (position j-1 predicts token j), cross-entropy over masked tokens of both copies.
 `joint_loss` (METHOD.md §5, self-speculative decoding) adds, in the same forward, the AR next-token
@@ -33,11 +35,16 @@ MaskImpl = Literal["auto", "dense", "flex"]
 
 @dataclass(frozen=True)
 class TwoStreamBatch:
-    input_ids: Tensor  # [2B, 2L] rows [x_t ; x_0], complementary copies stacked along the batch
-    position_ids: Tensor  # [2B, 2L] both halves share positions
-    targets: Tensor  # [2B, L] token j where it is masked in x_t, IGNORE_INDEX elsewhere
-    doc_ids: Tensor | None  # [2B, L] or None
-    ar_targets: Tensor | None = None  # [2B, L] token j where it carries loss (both copies): the clean half's AR loss
+    """S = `noisy_streams` noisy copies per row before the clean one: S = 1 is METHOD's layout
+    (R = 2B rows [x_t ; x_0], the complementary copies stacked along the batch), S = 2 the shared
+    clean stream (R = B rows [x_t ; x_t' ; x_0]). Either way `targets` has one row per noisy copy."""
+
+    input_ids: Tensor  # [R, (S+1)L]
+    position_ids: Tensor  # [R, (S+1)L] every stream has the sequence's positions
+    targets: Tensor  # [2B, L] token j where it is masked in that copy's x_t, IGNORE_INDEX elsewhere
+    doc_ids: Tensor | None  # [R, L] or None
+    ar_targets: Tensor | None = None  # [R, L] token j where it carries loss: the clean stream's AR loss
+    noisy_streams: int = 1
 
 
 def check_block_multiple(seq_len: int, block_size: int) -> None:
@@ -85,23 +92,28 @@ def two_stream_batch(
     position_ids_BL: Tensor | None = None,
     doc_ids_BL: Tensor | None = None,
     generator: torch.Generator | None = None,
+    share_clean: bool = False,
 ) -> TwoStreamBatch:
-    """Noise a batch twice (complementary masks) and lay it out as the two-stream input."""
+    """Noise a batch twice (complementary masks) and lay it out as the two-stream input: METHOD's
+    `[x_t ; x_0]` per copy, or with `share_clean` both copies beside one clean stream."""
     B, L = input_ids_BL.shape
     if labels_BL.shape != input_ids_BL.shape:
         raise ValueError(f"labels {tuple(labels_BL.shape)} must match input_ids {tuple(input_ids_BL.shape)}")
     if position_ids_BL is None:
         position_ids_BL = torch.arange(L, device=input_ids_BL.device).expand(B, L)
     masks = sample_noise_masks(labels_BL, block_size, eps, doc_ids_BL, generator)
-    rows, targets = [], []
-    ar_targets = torch.where(loss_carrying(labels_BL, doc_ids_BL), input_ids_BL, IGNORE_INDEX).repeat(2, 1)
-    for masked_BL in masks:
-        x_t = torch.where(masked_BL, torch.full_like(input_ids_BL, mask_token_id), input_ids_BL)
-        rows.append(torch.cat([x_t, input_ids_BL], dim=1))  # [B, 2L]
-        targets.append(torch.where(masked_BL, input_ids_BL, torch.full_like(input_ids_BL, IGNORE_INDEX)))
-    positions = torch.cat([position_ids_BL, position_ids_BL], dim=1).repeat(2, 1)
+    noisy = [torch.where(m, torch.full_like(input_ids_BL, mask_token_id), input_ids_BL) for m in masks]
+    targets = [torch.where(m, input_ids_BL, torch.full_like(input_ids_BL, IGNORE_INDEX)) for m in masks]
+    ar_targets = torch.where(loss_carrying(labels_BL, doc_ids_BL), input_ids_BL, IGNORE_INDEX)
+    if share_clean:  # rows [x_t ; x_t' ; x_0]; targets row-major over (row, copy), as the logits come out
+        return TwoStreamBatch(
+            torch.cat([*noisy, input_ids_BL], dim=1), position_ids_BL.repeat(1, 3),
+            torch.stack(targets, dim=1).flatten(0, 1), doc_ids_BL, ar_targets, noisy_streams=2,
+        )
+    rows = [torch.cat([x_t, input_ids_BL], dim=1) for x_t in noisy]  # [B, 2L] per copy
+    positions = position_ids_BL.repeat(2, 2)
     docs = None if doc_ids_BL is None else doc_ids_BL.repeat(2, 1)
-    return TwoStreamBatch(torch.cat(rows), positions, torch.cat(targets), docs, ar_targets)
+    return TwoStreamBatch(torch.cat(rows), positions, torch.cat(targets), docs, ar_targets.repeat(2, 1))
 
 
 def resolve_mask_impl(mask_impl: MaskImpl, device: torch.device) -> Literal["dense", "flex"]:
@@ -131,19 +143,25 @@ def block_diffusion_loss(
     doc_ids_BL: Tensor | None = None,
     mask_impl: MaskImpl = "auto",
     generator: torch.Generator | None = None,
+    share_clean: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Block-diffusion loss of a batch (scalar, mean over masked tokens) and the masked-token count."""
     batch = two_stream_batch(
-        input_ids_BL, labels_BL, mask_token_id, block_size, eps, position_ids_BL, doc_ids_BL, generator
+        input_ids_BL, labels_BL, mask_token_id, block_size, eps, position_ids_BL, doc_ids_BL, generator, share_clean
     )
     return two_stream_loss(model, batch, block_size, mask_impl)
 
 
 def _two_stream_attention(batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl, causal_prefix: bool):
     L, device = batch.targets.shape[1], batch.input_ids.device
-    if resolve_mask_impl(mask_impl, device) == "flex":
-        return two_stream_block_mask(L, block_size, batch.doc_ids, device=device, causal_prefix=causal_prefix)
-    return two_stream_mask(L, block_size, batch.doc_ids, device=device, causal_prefix=causal_prefix)
+    build = two_stream_block_mask if resolve_mask_impl(mask_impl, device) == "flex" else two_stream_mask
+    return build(L, block_size, batch.doc_ids, device=device, causal_prefix=causal_prefix,
+                 noisy_streams=batch.noisy_streams)
+
+
+def _per_copy(logits_RNV: Tensor, batch: TwoStreamBatch) -> Tensor:
+    """Logits of the noisy streams [R, S*L, V] as one row per noisy copy [2B, L, V] (`targets`' rows)."""
+    return logits_RNV.flatten(0, 1).unflatten(0, (-1, batch.targets.shape[1]))
 
 
 def two_stream_loss(
@@ -159,10 +177,10 @@ def two_stream_loss(
 
 def _noisy_logits(model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl,
                   causal_prefix: bool) -> Tensor:
-    """Logits [2B, L, V] of the noisy half of a two-stream batch."""
+    """Logits [2B, L, V] of the noisy copies of a two-stream batch."""
     mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix)
-    L = batch.targets.shape[1]
-    return model(batch.input_ids, batch.position_ids, mask, logit_positions=slice(0, L))
+    noisy = slice(0, batch.noisy_streams * batch.targets.shape[1])
+    return _per_copy(model(batch.input_ids, batch.position_ids, mask, logit_positions=noisy), batch)
 
 
 def certainty_forcing_entropy(logits_BLV: Tensor, targets_BL: Tensor, temperature: float = 0.5) -> tuple[Tensor, Tensor]:
@@ -208,10 +226,10 @@ def joint_loss(
     if batch.ar_targets is None:
         raise ValueError("the joint loss needs TwoStreamBatch.ar_targets (built by two_stream_batch)")
     mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix=True)
-    L = batch.targets.shape[1]
-    logits = model(batch.input_ids, batch.position_ids, mask)  # both halves
-    diffusion, count = shifted_cross_entropy(logits[:, :L], batch.targets)
-    ar, _ = shifted_cross_entropy(logits[:, L:], batch.ar_targets)
+    n_noisy = batch.noisy_streams * batch.targets.shape[1]
+    logits = model(batch.input_ids, batch.position_ids, mask)  # every stream
+    diffusion, count = shifted_cross_entropy(_per_copy(logits[:, :n_noisy], batch), batch.targets)
+    ar, _ = shifted_cross_entropy(logits[:, n_noisy:], batch.ar_targets)
     return ar_weight * ar + diffusion_weight * diffusion, count
 
 

@@ -1,7 +1,9 @@
 """The Ray Train worker loop of `pipelines/finetune.py`: block-diffusion fine-tuning, one process per worker.
 
 Per step every worker takes `batch_size` packed sequences from its streamed dataset shard, builds the
-two-stream noisy/clean input (METHOD.md §2), and adds up the masked-token cross-entropy. The loss is
+two-stream noisy/clean input (METHOD.md §2; both complementary copies beside one shared clean stream,
+`[x_t ; x_t' ; x_0]`, the same loss and gradients as two `[x_t ; x_0]` rows for 3/4 of the tokens), and
+adds up the masked-token cross-entropy. The loss is
 normalised by the *global* number of masked tokens, so DDP's gradient averaging yields exactly the
 gradient of one big batch: N workers train like 1 worker with N times the batch.
 
@@ -108,14 +110,15 @@ def diffusion_loss_sum(
         gen = torch.Generator().manual_seed(_row_seed(seed, step, batch["input_ids"][i]))
         row = slice(i, i + 1)
         rows.append(two_stream_batch(
-            ids_BL[row], labels_BL[row], mask_token_id, block_size, eps, pos_BL[row], docs_BL[row], gen
+            ids_BL[row], labels_BL[row], mask_token_id, block_size, eps, pos_BL[row], docs_BL[row], gen,
+            share_clean=True,
         ))
     def stacked(name: str) -> Tensor:
         return torch.cat([getattr(r, name) for r in rows]).to(device)
 
-    noised = TwoStreamBatch(  # ids/positions [2B, 2L], targets/doc ids [2B, L]
+    noised = TwoStreamBatch(  # ids/positions [B, 3L] ([x_t ; x_t' ; x_0]), targets [2B, L], doc ids [B, L]
         input_ids=stacked("input_ids"), position_ids=stacked("position_ids"),
-        targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"),
+        targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"), noisy_streams=2,
     )
     if joint_weights is not None:
         loss, count = joint_loss(model, noised, block_size, *joint_weights)

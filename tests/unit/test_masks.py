@@ -42,6 +42,30 @@ def test_two_stream_mask_matches_the_rule_elementwise(L, bs, causal_prefix):
     assert cases["nn"] > 0 and cases["cc"] > 0 and (cases["nc"] > 0 or L == bs)
 
 
+def allowed_with_shared_clean(q: int, k: int, L: int, bs: int, causal_prefix: bool = False) -> bool:
+    """`[x_t ; x_t' ; x_0]` (3L): each noisy copy sees what it sees in METHOD's `[x_t ; x_0]` and
+    nothing of the other copy; the clean stream is METHOD's clean half."""
+    q_stream, k_stream = q // L, k // L
+    if k_stream < 2 and k_stream != q_stream:  # a noisy key of another stream (or any, for a clean query)
+        return False
+    as_method = {0: 0, 1: 0, 2: L}  # the stream's offset in METHOD's layout of that copy
+    return allowed_by_method(q % L + as_method[q_stream], k % L + as_method[k_stream], L, bs, causal_prefix)
+
+
+@pytest.mark.parametrize("L,bs,causal_prefix", [(8, 4, False), (12, 3, False), (8, 8, False), (8, 4, True)])
+def test_shared_clean_mask_is_each_copy_s_method_mask(L, bs, causal_prefix):
+    doc_ids = torch.tensor([[0] * (L // 2) + [1] * (L - L // 2)])
+    mask = two_stream_mask(L, bs, doc_ids, causal_prefix=causal_prefix, noisy_streams=2)[0, 0]
+    assert mask.shape == (3 * L, 3 * L)
+    for q in range(3 * L):
+        for k in range(3 * L):
+            same_doc = doc_ids[0, q % L] == doc_ids[0, k % L]
+            assert bool(mask[q, k]) == (allowed_with_shared_clean(q, k, L, bs, causal_prefix) and bool(same_doc)), (q, k)
+    rule = two_stream_block_mask(L, bs, doc_ids, causal_prefix=causal_prefix, noisy_streams=2).mask_mod
+    q, k = torch.arange(3 * L)[:, None], torch.arange(3 * L)[None, :]
+    assert torch.equal(rule(torch.tensor(0), torch.tensor(0), q, k), mask)
+
+
 def test_block_causal_mask_is_bidirectional_inside_blocks():
     mask = block_causal_mask(8, 4)[0, 0]
     for q in range(8):
@@ -102,15 +126,16 @@ def _flex_or_skip():
     return flex_attention
 
 
-@pytest.mark.parametrize("with_docs,causal_prefix", [(False, False), (True, False), (True, True)])
-def test_flex_block_mask_gives_the_dense_mask_attention(with_docs, causal_prefix):
+@pytest.mark.parametrize("with_docs,causal_prefix,streams", [(False, False, 1), (True, False, 1), (True, True, 1),
+                                                             (False, False, 2), (True, True, 2)])
+def test_flex_block_mask_gives_the_dense_mask_attention(with_docs, causal_prefix, streams):
     flex_attention = _flex_or_skip()
     L, bs, heads, dim = 64, 16, 2, 16
     doc_ids = torch.tensor([[0] * 32 + [1] * 32]) if with_docs else None
-    q, k, v = (torch.randn(1, heads, 2 * L, dim) for _ in range(3))
-    dense = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=two_stream_mask(L, bs, doc_ids, causal_prefix=causal_prefix))
-    flex = flex_attention(q, k, v, block_mask=two_stream_block_mask(L, bs, doc_ids, causal_prefix=causal_prefix))
+    q, k, v = (torch.randn(1, heads, (streams + 1) * L, dim) for _ in range(3))
+    kw = dict(causal_prefix=causal_prefix, noisy_streams=streams)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=two_stream_mask(L, bs, doc_ids, **kw))
+    flex = flex_attention(q, k, v, block_mask=two_stream_block_mask(L, bs, doc_ids, **kw))
     assert (dense - flex).abs().max().item() < 1e-5
 
 

@@ -275,3 +275,41 @@ def test_joint_loss_needs_ar_targets(qwen2_dir):
     b = two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="ar_targets"):
         joint_loss(fdllm.load_model(qwen2_dir), TwoStreamBatch(b.input_ids, b.position_ids, b.targets, None), 4)
+
+
+def _loss_and_grads(model, batch, objective: str):
+    from fdllm.objective import certainty_forcing_loss, joint_loss
+
+    model.zero_grad()
+    if objective == "joint":
+        loss, count = joint_loss(model, batch, 4, 0.4, 0.6, mask_impl="dense")
+    elif objective == "certainty":
+        loss, count = certainty_forcing_loss(model, batch, 4, 2.0, 0.5, mask_impl="dense")
+    else:
+        loss, count = two_stream_loss(model, batch, 4, mask_impl="dense")
+    loss.backward()
+    return loss.item(), int(count), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "joint", "certainty"])
+def test_shared_clean_stream_gives_method_s_loss_and_gradients(qwen2_dir, objective):
+    """`[x_t ; x_t' ; x_0]` (the train loop's layout) against METHOD's two rows `[x_t ; x_0]` of the
+    same noise: the same loss, count and gradient of every weight (packed documents, own positions)."""
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=3, L=16, prompt=3, seed=11)
+    docs = torch.tensor([[0] * 8 + [1] * 8, [0] * 16, [0] * 4 + [1] * 12])
+    pos = torch.cat([torch.arange(8), torch.arange(8)]).expand(3, 16).clone()
+    pos[1], pos[2] = torch.arange(16), torch.cat([torch.arange(4), torch.arange(12)])
+    built = {share: two_stream_batch(ids, labels, MASK_ID, 4, 1e-3, pos, docs, torch.Generator().manual_seed(2),
+                                     share_clean=share) for share in (False, True)}
+    shared, method = built[True], built[False]
+    assert shared.input_ids.shape == (3, 48) and method.input_ids.shape == (6, 32)
+    # the same noisy copies: METHOD's copy c of row b is the shared layout's row b, stream c
+    assert torch.equal(shared.input_ids[:, :32].reshape(3, 2, 16).transpose(0, 1).flatten(0, 1), method.input_ids[:, :16])
+    assert torch.equal(shared.targets.unflatten(0, (3, 2)).transpose(0, 1).flatten(0, 1), method.targets)
+    loss_s, count_s, grads_s = _loss_and_grads(model, shared, objective)
+    loss_m, count_m, grads_m = _loss_and_grads(model, method, objective)
+    assert count_s == count_m > 0
+    assert math.isclose(loss_s, loss_m, rel_tol=1e-5), (loss_s, loss_m)
+    for name, g in grads_m.items():
+        assert torch.allclose(grads_s[name], g, rtol=1e-4, atol=1e-6), name
