@@ -15,6 +15,7 @@ Optional `doc_ids` [B, L] (packed sequences) forbid attention across documents.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -74,6 +75,30 @@ def two_stream_mask(
         b = torch.arange(doc_ids.shape[0], device=device)[:, None, None]
         allowed = allowed & _same_doc(doc_ids, b, idx[None, :, None], idx[None, None, :], seq_len)
     return allowed[:, None]
+
+
+@dataclass(frozen=True)
+class StreamMasks:
+    """The dense two-stream mask cut by stream, for attention that skips the key ranges a stream never
+    sees: each noisy stream attends `[itself ; the clean stream]` under `noisy` [B|1, 1, L, 2L] (the
+    same for every noisy stream), the clean stream attends itself under `clean` [B|1, 1, L, L].
+    Dense attention over all (S+1)L keys scores (S+1)^2 L^2 pairs; by stream, (2S+1) L^2: the CPU
+    training path's saving (flex_attention's BlockMask skips the empty tiles by itself)."""
+
+    noisy: Tensor
+    clean: Tensor
+    noisy_streams: int
+
+
+def two_stream_masks_by_stream(
+    seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None, causal_prefix: bool = False,
+    noisy_streams: int = 1,
+) -> StreamMasks:
+    """`two_stream_mask`'s entries, cut by stream (`StreamMasks`): one rule, so they cannot differ."""
+    full = two_stream_mask(seq_len, block_size, doc_ids, device, causal_prefix, noisy_streams)
+    clean = slice(noisy_streams * seq_len, None)
+    own = full[..., :seq_len, :seq_len]  # stream 0 to itself; every noisy stream sees itself alike
+    return StreamMasks(torch.cat([own, full[..., :seq_len, clean]], dim=-1), full[..., clean, clean], noisy_streams)
 
 
 def block_causal_mask(seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None) -> Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fdllm.config import ModelConfig
+from fdllm.masks import StreamMasks
 
 try:  # flex_attention is the sparse GPU training path; the dense mask works everywhere
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -71,8 +72,11 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def masked_attention(q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor, mask: Tensor | "BlockMask" | None) -> Tensor:
-    """Attention of a whole sequence: causal (mask None), dense bool [B|1, 1, T, T], or a BlockMask."""
+def masked_attention(
+    q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor, mask: Tensor | "BlockMask" | StreamMasks | None
+) -> Tensor:
+    """Attention of a whole sequence: causal (mask None), dense bool [B|1, 1, T, T], a BlockMask, or a
+    two-stream mask cut by stream (`fdllm.masks.StreamMasks`)."""
     q, k, v = (t.transpose(1, 2) for t in (q_BTNH, k_BTKH, v_BTKH))  # [B, n, T, H]
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
@@ -80,11 +84,22 @@ def masked_attention(q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor, mask: Tenso
     elif BlockMask is not None and isinstance(mask, BlockMask):
         flex = flex_attention if q.device.type == "cpu" else _compiled_flex_attention()
         o = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    elif isinstance(mask, StreamMasks):
+        o = _attention_by_stream(q, k, v, mask, gqa)
     else:
         if mask.dtype != torch.bool:
             raise TypeError(f"dense attention masks must be boolean (True = may attend), got {mask.dtype}")
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return o.transpose(1, 2)
+
+
+def _attention_by_stream(q: Tensor, k: Tensor, v: Tensor, masks: StreamMasks, gqa: bool) -> Tensor:
+    """[B, n, (S+1)L, H] attention where each noisy stream sees only itself and the clean stream."""
+    qs, ks, vs = (t.chunk(masks.noisy_streams + 1, dim=2) for t in (q, k, v))
+    outs = [F.scaled_dot_product_attention(qs[s], torch.cat([ks[s], ks[-1]], 2), torch.cat([vs[s], vs[-1]], 2),
+                                           attn_mask=masks.noisy, enable_gqa=gqa) for s in range(masks.noisy_streams)]
+    outs.append(F.scaled_dot_product_attention(qs[-1], ks[-1], vs[-1], attn_mask=masks.clean, enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
 
 
 class Attention(nn.Module):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fdllm.masks import block_causal_mask, two_stream_block_mask, two_stream_mask
+from fdllm.masks import block_causal_mask, two_stream_block_mask, two_stream_masks_by_stream
 
 IGNORE_INDEX = -100
 MaskImpl = Literal["auto", "dense", "flex"]
@@ -153,8 +153,9 @@ def block_diffusion_loss(
 
 
 def _two_stream_attention(batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl, causal_prefix: bool):
+    """The flex BlockMask, or the dense mask cut by stream (no scores for keys a stream never sees)."""
     L, device = batch.targets.shape[1], batch.input_ids.device
-    build = two_stream_block_mask if resolve_mask_impl(mask_impl, device) == "flex" else two_stream_mask
+    build = two_stream_block_mask if resolve_mask_impl(mask_impl, device) == "flex" else two_stream_masks_by_stream
     return build(L, block_size, batch.doc_ids, device=device, causal_prefix=causal_prefix,
                  noisy_streams=batch.noisy_streams)
 

@@ -41,38 +41,6 @@ def _common(model: Path, data: Path, storage: Path) -> list[str]:
             "--seq-len", "128", "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "1"]
 
 
-def test_end_to_end_counts_bad_rows_and_checkpoint_is_servable(local_ray, qwen2_dir, tmp_path):
-    data = write_jsonl(tmp_path / "sft.jsonl", good_records(24), [raw for raw, _ in BROKEN_ROWS])
-    out = tmp_path / "out"
-    cfg = _config(*_common(qwen2_dir, data, tmp_path / "runs"), "--output", str(out), "--num-workers", "2",
-                  "--batch-size", "2", "--max-steps", "6", "--save-every", "3", "--run-name", "e2e")
-    result = run(cfg)
-
-    m = result.metrics
-    assert m["step"] == 6 and m["epoch"] >= 1  # more than one pass: bad rows are still counted once
-    assert {r: m[f"bad_{r}"] for r in BAD_REASONS} == {r: expected_bad_counts().get(r, 0) for r in BAD_REASONS}
-    assert torch.isfinite(torch.tensor(m["loss"])) and m["tokens"] > 0 and m["tokens_per_s"] > 0
-
-    files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "fdllm_config.json"} <= files
-    assert "train_state.pt" not in files
-    block = BlockDiffusionConfig.load(out)
-    tok = load_tokenizer(out)
-    assert (block.block_size, block.sub_block_size) == (8, 4)
-    assert block.mask_token_id == tok.convert_tokens_to_ids(MASK_TOKEN)
-
-    import transformers
-
-    ours = fdllm.load_model(out)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert ours.config.vocab_size > block.mask_token_id
-    ids = torch.tensor([tok.encode("the fox 12 hello 7")])
-    with torch.no_grad():
-        assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-4)
-    base = fdllm.load_model(qwen2_dir)
-    assert not torch.equal(base.lm_head.weight, ours.lm_head.weight[: base.config.vocab_size])  # it trained
-
-
 def _descendants(pid: int) -> list[int]:
     """Processes started (transitively) by `pid`, from /proc: only our own Ray's workers."""
     parents = {}
@@ -134,11 +102,42 @@ def lockstep(local_ray, qwen2_dir, tmp_path_factory):
     2 x 2 workers see the same sequences every step, and noise is seeded per sequence."""
     tmp = tmp_path_factory.mktemp("lockstep")
     records = [r for r in good_records(16) if "messages" in r][:4]
-    data = write_jsonl(tmp / "sft.jsonl", records)
+    data = write_jsonl(tmp / "sft.jsonl", records, [raw for raw, _ in BROKEN_ROWS])  # counted, never packed
     common = [*_common(qwen2_dir, data, tmp / "runs"), "--max-steps", "4", "--save-every", "2",
               "--keep-checkpoints", "10", "--seq-len", "48"]
-    reference = run(_config(*common, "--num-workers", "1", "--batch-size", "4", "--run-name", "one"))
+    reference = run(_config(*common, "--num-workers", "1", "--batch-size", "4", "--run-name", "one",
+                            "--output", str(tmp / "one-servable")))
     return common, tmp / "runs", reference
+
+
+def test_bad_rows_are_counted_once_and_the_export_is_servable(lockstep, qwen2_dir):
+    """The reference run end to end: four epochs of four sequences, each broken row counted once by
+    its reason, and an export that opens in transformers with fdllm's logits."""
+    common, runs, result = lockstep
+    m = result.metrics
+    assert m["step"] == 4 and m["epoch"] >= 1  # more than one pass: bad rows are still counted once
+    assert {r: m[f"bad_{r}"] for r in BAD_REASONS} == {r: expected_bad_counts().get(r, 0) for r in BAD_REASONS}
+    assert torch.isfinite(torch.tensor(m["loss"])) and m["tokens"] > 0 and m["tokens_per_s"] > 0
+
+    out = runs.parent / "one-servable"
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "fdllm_config.json"} <= files
+    assert "train_state.pt" not in files
+    block = BlockDiffusionConfig.load(out)
+    tok = load_tokenizer(out)
+    assert (block.block_size, block.sub_block_size) == (8, 4)
+    assert block.mask_token_id == tok.convert_tokens_to_ids(MASK_TOKEN)
+
+    import transformers
+
+    ours = fdllm.load_model(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert ours.config.vocab_size > block.mask_token_id
+    ids = torch.tensor([tok.encode("the fox 12 hello 7")])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-4)
+    base = fdllm.load_model(qwen2_dir)
+    assert not torch.equal(base.lm_head.weight, ours.lm_head.weight[: base.config.vocab_size])  # it trained
 
 
 def _run_killing_a_worker(common: list[str], runs: Path, run_name: str, *flags: str):
@@ -153,6 +152,8 @@ def _run_killing_a_worker(common: list[str], runs: Path, run_name: str, *flags: 
     killer.join()
     assert killed, "no training worker was found to kill"
     assert result.metrics["step"] == 4 and result.metrics["restored_step"] == 2  # resumed, not restarted
+    counted = {r: result.metrics[f"bad_{r}"] for r in BAD_REASONS}  # summed over workers, kept across the restart
+    assert counted == {r: expected_bad_counts().get(r, 0) for r in BAD_REASONS}
     return result
 
 

@@ -139,6 +139,25 @@ def test_flex_block_mask_gives_the_dense_mask_attention(with_docs, causal_prefix
     assert (dense - flex).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("streams,causal_prefix", [(1, False), (2, False), (2, True)])
+def test_attention_by_stream_is_the_dense_mask_s_attention(qwen2_dir, streams, causal_prefix):
+    """`StreamMasks` (each noisy stream scored against itself and the clean stream only) gives the
+    forward of the whole dense mask: no key a query may see is dropped."""
+    import fdllm
+    from fdllm.masks import two_stream_masks_by_stream
+
+    model = fdllm.load_model(qwen2_dir)
+    L, bs = 32, 8
+    doc_ids = torch.tensor([[0] * 12 + [1] * 20, [0] * 32])
+    ids = torch.randint(0, 80, (2, (streams + 1) * L))
+    pos = torch.cat([torch.arange(12), torch.arange(20)]).repeat(streams + 1)[None]
+    kw = dict(causal_prefix=causal_prefix, noisy_streams=streams)
+    with torch.no_grad():
+        dense = model(ids, pos, two_stream_mask(L, bs, doc_ids, **kw))
+        by_stream = model(ids, pos, two_stream_masks_by_stream(L, bs, doc_ids, **kw))
+    assert (dense - by_stream).abs().max().item() < 1e-5
+
+
 def test_model_forward_is_the_same_under_dense_and_flex_masks(qwen2_dir):
     import fdllm
 

@@ -170,8 +170,10 @@ def test_two_stream_loss_feeds_the_chosen_mask(mask_impl):
         for b in range(4):  # both complementary copies of both rows
             dense = two_stream_mask(128, 32, batch.doc_ids)[b, 0]
             assert torch.equal(model.mask.mask_mod(torch.tensor(b), torch.tensor(0), q, k), dense)
-    else:  # CPU: "auto" and the default mean the dense mask (flex has no CPU backward)
-        assert torch.equal(model.mask, two_stream_mask(128, 32, batch.doc_ids))
+    else:  # CPU: "auto" and the default mean the dense mask (flex has no CPU backward), cut by stream
+        dense = two_stream_mask(128, 32, batch.doc_ids)
+        assert torch.equal(model.mask.noisy, torch.cat([dense[..., :128, :128], dense[..., :128, 128:]], -1))
+        assert torch.equal(model.mask.clean, dense[..., 128:, 128:]) and model.mask.noisy_streams == 1
 
 
 def test_wrong_length_is_a_clear_error(qwen2_dir):
