@@ -201,3 +201,22 @@ def test_checkpoints_without_prefix_attention_stay_block_causal(tmp_path):
     assert fdllm.BlockDiffusionConfig.load(tmp_path).prefix_attention == "block_causal"
     with pytest.raises(ValueError, match="prefix_attention must be one of"):
         fdllm.BlockDiffusionConfig(prefix_attention="bidirectional")
+
+
+def test_speculative_equals_ar_on_every_held_out_world_record():
+    """The lossless claim on the embedded world: the shipped base's speculative output is its AR output
+    on every held-out record, all decoded together, and on a sample decoded alone."""
+    from pipelines.evaluate import load_records, prompt_ids
+    from pipelines.world import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR, TEST_FILE
+
+    engine = fdllm.Engine.from_pretrained(DEFAULT_MODEL_DIR)
+    prompts = [prompt_ids(engine, r) for r in load_records(DEFAULT_DATA_DIR / TEST_FILE)]
+    assert len(prompts) == 300
+
+    def greedy(mode: str):
+        return fdllm.SamplingParams(max_new_tokens=48, mode=mode, temperature=0.0)
+
+    ar = _run(engine, prompts, greedy("ar"))
+    assert _run(engine, prompts, greedy("speculative")) == ar
+    for i in range(0, 300, 15):  # alone: no batch neighbour to lean on
+        assert _run(engine, [prompts[i]], greedy("speculative")) == [ar[i]], i
