@@ -3,9 +3,9 @@ with its own model cache) and a local S3-compatible server (moto, loopback) as t
 
 The commands are the ones a user runs on a real cluster, with s3:// URIs for base model, data,
 Ray Train storage and the servable export:
-  fine-tune (2 workers, one per node) -> checkpoints + servable export in S3 -> resume from S3 ->
-  Serve (2 replicas, one per node) loads the export from S3 -> metrics of both replicas through
-  Ray's metrics export.
+  fine-tune (2 workers, one per node, the joint AR + diffusion objective) -> checkpoints + servable
+  export in S3 -> resume from S3 -> Serve (2 replicas, one per node) loads the export from S3 and
+  answers diffusion and speculative requests -> metrics of both replicas through Ray's metrics export.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def _finetune(bucket: str, *extra: str) -> "ray.train.Result":
     argv = ["--model", f"{bucket}/models/base", "--data", f"{bucket}/data/", "--storage-path", f"{bucket}/runs",
             "--run-name", RUN, "--num-workers", "2", "--placement-strategy", "SPREAD",
             "--cpus-per-worker", "1", "--data-cpus", "0.25", "--block-size", "8", "--sub-block-size", "4",
-            "--seq-len", "128", "--batch-size", "2", "--lr", "1e-3", "--save-every", "2", "--log-every", "2", *extra]
+            "--seq-len", "128", "--batch-size", "2", "--lr", "1e-3", "--save-every", "2", "--log-every", "2",
+            "--objective", "joint", *extra]
     args = vars(build_parser().parse_args(argv))
     return run(FinetuneConfig.from_sources(args.pop("config"), **args))
 
@@ -101,6 +102,9 @@ def test_finetune_from_s3_on_two_nodes_and_resume(cluster, bucket, caches):
     assert {"config.json", "model.safetensors", "tokenizer.json", "fdllm_config.json", storage.MANIFEST} <= set(exported)
     assert not any(n.startswith(("train_state", "deepspeed")) for n in exported)  # no optimizer state
     first_export = _manifest(servable)["export_id"]
+    fs, inner = storage.filesystem(servable)
+    with fs.open_input_stream(f"{inner}/fdllm_config.json") as f:  # the engine follows the objective's prefix
+        assert json.loads(f.read())["prefix_attention"] == "causal"
     # One train worker per node, each read the base through its node's own cache; the driver
     # fetched only config and tokenizer.
     base = f"{bucket}/models/base"
@@ -136,8 +140,14 @@ def test_serve_two_replicas_from_s3_with_cluster_metrics(cluster, bucket, caches
                                                         "temperature": 0}, timeout=120)
         assert r.status_code == 200, r.text
     local = fdllm.Engine.from_pretrained(_cached_versions(caches["head"], servable)[0])
+    assert local.config.causal_prefix
     expect = local.generate([prompt], fdllm.SamplingParams(max_new_tokens=8, temperature=0.0))[0]
     assert r.json()["choices"][0]["text"] == expect.text
+    ar = local.generate([prompt], fdllm.SamplingParams(max_new_tokens=8, temperature=0.0, mode="ar"))[0]
+    spec = httpx.post(f"{url}/v1/completions", json={"model": RUN, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                      "mode": "speculative"}, timeout=120)
+    assert spec.status_code == 200 and spec.json()["choices"][0]["text"] == ar.text, spec.text  # lossless over HTTP
+    sent += 1
 
     # Ray's metrics export: every node's agent serves its replicas' samples; scraping all of them
     # (what Prometheus does through Ray's service discovery) sees every request exactly once.

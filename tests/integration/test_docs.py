@@ -40,8 +40,10 @@ NOT_HERE: dict[str, list[tuple[str, str]]] = {
         (r"&& python -m pytest", "the test suite itself (`.ci/run` runs it)"),
         (r"benchmark", "benchmarks take minutes; their smoke tests are in tests/benchmarks and tests/kernels"),
         (r"mutmut run", "mutation testing takes hours on 2 cores: run by hand (tests/MUTATION.md), not in CI"),
-        (r"evaluate\.py --model DIR --modes ar,diffusion,speculative", "needs a checkpoint fine-tuned with "
-         "--objective joint (DIR); tests/unit/test_speculative.py holds speculative == AR on such a model"),
+        (r"evaluate\.py --model (DIR|/tmp/fdllm/tiny-joint) --", "needs a checkpoint fine-tuned with "
+         "--objective joint; tests/unit/test_speculative.py holds speculative == AR on such a model"),
+        (r"^python pipelines/finetune\.py .*--objective joint", "the fine-tune run above plus one flag, 1000 steps; "
+         "tests/integration/test_cloud_path.py fine-tunes with --objective joint through Ray Train and serves it"),
         (r"evaluate\.py .*--quantization", "the evaluate command above plus one flag; tests/unit/test_quantization.py "
                                             "runs evaluate with --quantization"),
         (r"^python pipelines/distill\.py", "needs the fine-tune's output and decodes 20,000 prompts before training; "
@@ -120,7 +122,7 @@ RAY_STOP = next(c for c in README if c == "ray stop")
 FDLLM_SERVE = next(c for c in README if c.startswith("fdllm-serve"))
 SERVE_RUN = "serve run serve/config.yaml"  # the README's alternative to fdllm-serve (in its comment)
 CURL = next(c for c in README if c.startswith("curl "))
-EVALUATE = next(c for c in README if c.startswith("python pipelines/evaluate.py"))
+EVALUATE = next(c for c in README if c.startswith("python pipelines/evaluate.py --model runs/quickstart/"))
 RUN_HERE = {QUICKSTART, FINETUNE, RAY_START, JOB_SUBMIT, RAY_STOP, FDLLM_SERVE, SERVE_RUN, CURL, EVALUATE}
 
 
