@@ -85,11 +85,37 @@ def test_documents_never_attend_across_boundaries():
             assert bool(mask[1, 0, q, k]) == allowed_by_method(q, k, 8, 2)
 
 
-def test_wrong_lengths_are_rejected():
+@pytest.mark.parametrize("build", [two_stream_mask, two_stream_block_mask, block_causal_mask, block_causal_block_mask])
+def test_wrong_lengths_are_rejected(build):
     with pytest.raises(ValueError, match="multiple of block_size"):
-        two_stream_mask(10, 4)
+        build(10, 4)
     with pytest.raises(ValueError, match="doc_ids"):
-        two_stream_mask(8, 4, torch.zeros(1, 6, dtype=torch.long))
+        build(8, 4, torch.zeros(1, 6, dtype=torch.long))
+
+
+def test_masks_by_stream_default_to_method_s_layout():
+    from fdllm.masks import two_stream_masks_by_stream
+
+    dense, cut = two_stream_mask(8, 4), two_stream_masks_by_stream(8, 4)
+    assert cut.noisy_streams == 1 and torch.equal(cut.clean, dense[..., 8:, 8:])
+    assert torch.equal(cut.noisy, torch.cat([dense[..., :8, :8], dense[..., :8, 8:]], -1))
+
+
+def test_block_masks_carry_each_row_s_documents_and_the_causal_prefix():
+    """Per batch row, a BlockMask's tiles are those its own documents leave non-empty (rows with
+    different documents get different sparsity); the cached document-free mask keeps `causal_prefix`."""
+    L, bs = 256, 32  # two 128-token tiles per stream
+    doc_ids = torch.tensor([[0] * 256, [0] * 128 + [1] * 128])
+    for block_mask, dense in ((two_stream_block_mask(L, bs, doc_ids), two_stream_mask(L, bs, doc_ids)),
+                              (block_causal_block_mask(L, bs, doc_ids), block_causal_mask(L, bs, doc_ids))):
+        n = dense.shape[-1] // 128
+        tiles = dense[:, 0].reshape(2, n, 128, n, 128).any(4).any(2)
+        assert torch.equal(block_mask.to_dense()[:, 0].bool(), tiles)
+        assert not torch.equal(tiles[0], tiles[1])  # the second row's documents empty some tiles
+    causal = two_stream_block_mask(64, 16, causal_prefix=True)
+    q, k = torch.arange(128)[:, None], torch.arange(128)[None, :]
+    assert torch.equal(causal.mask_mod(torch.tensor(0), torch.tensor(0), q, k),
+                       two_stream_mask(64, 16, causal_prefix=True)[0, 0])
 
 
 @pytest.mark.parametrize("with_docs", [False, True])
@@ -179,3 +205,25 @@ def test_flex_block_causal_mask_matches_dense():
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(L, bs))
     flex = flex_attention(q, k, v, block_mask=block_causal_block_mask(L, bs))
     assert (dense - flex).abs().max().item() < 1e-5
+
+
+def test_masks_are_built_on_the_device_asked_for():
+    """On the documents' device, else on `device` (the meta device stands in for a GPU: a mask left
+    on the CPU would be a host-to-device copy, or an error, on every training step)."""
+    from fdllm.masks import two_stream_masks_by_stream
+
+    docs = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    for build in (two_stream_mask, block_causal_mask):
+        assert build(8, 4, docs).device.type == "meta" and build(8, 4, device="meta").device.type == "meta"
+    by_stream = two_stream_masks_by_stream(8, 4, device="meta", noisy_streams=2)
+    assert by_stream.noisy.device.type == by_stream.clean.device.type == "meta"
+    for build in (two_stream_block_mask, block_causal_block_mask):
+        assert build(8, 4, docs).kv_num_blocks.device.type == "meta"
+        assert build(8, 4, device="meta").kv_num_blocks.device.type == "meta"
+
+
+def test_the_rule_s_defaults_are_method_s_layout():
+    from fdllm.masks import two_stream_rule
+
+    idx = torch.arange(16)
+    assert torch.equal(two_stream_rule(idx[:, None], idx[None, :], 8, 4), two_stream_mask(8, 4)[0, 0])
