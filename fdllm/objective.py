@@ -118,6 +118,8 @@ def two_stream_batch(
 
 def resolve_mask_impl(mask_impl: MaskImpl, device: torch.device) -> Literal["dense", "flex"]:
     # flex_attention has no CPU backward (ENVIRONMENT.md): training on CPU must use the dense mask.
+    if mask_impl not in ("auto", "dense", "flex"):
+        raise ValueError(f"mask_impl must be 'auto', 'dense' or 'flex', got {mask_impl!r}")
     if mask_impl == "auto":
         return "flex" if device.type == "cuda" else "dense"
     return mask_impl

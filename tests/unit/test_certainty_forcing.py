@@ -88,3 +88,20 @@ def test_distill_loss_equals_an_independent_computation(qwen2_dir, weight, tempe
                     correct += 1
     assert 0 < correct < n and int(count) == n
     assert math.isclose(loss.item(), ce / n + weight * ent / correct, rel_tol=1e-5)
+
+
+def test_distill_loss_defaults_are_dparallel_s(qwen2_dir):
+    """lambda 2 and T 0.5 (METHOD.md §5) when not given."""
+    from fdllm.objective import _noisy_logits
+
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=2, L=8, prompt=2, seed=3)
+    batch = two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # every masked target the model's own argmax: the entropy term is all there
+        logits = _noisy_logits(model, batch, 4, "dense", False)
+        masked = batch.targets[:, 1:] != IGNORE_INDEX
+        batch.targets[:, 1:][masked] = logits[:, :-1].argmax(-1)[masked]
+        default, _ = certainty_forcing_loss(model, batch, 4)
+        losses = {(w, T): certainty_forcing_loss(model, batch, 4, w, T)[0].item() for w in (2.0, 3.0) for T in (0.5, 1.5)}
+    assert default.item() == losses[(2.0, 0.5)]
+    assert len(set(losses.values())) == 4  # each default matters

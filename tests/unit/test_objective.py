@@ -315,3 +315,25 @@ def test_shared_clean_stream_gives_method_s_loss_and_gradients(qwen2_dir, object
     assert math.isclose(loss_s, loss_m, rel_tol=1e-5), (loss_s, loss_m)
     for name, g in grads_m.items():
         assert torch.allclose(grads_s[name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_unknown_mask_impl_is_a_clear_error():
+    for bad in ("AUTO", "sparse", None):
+        with pytest.raises(ValueError, match="mask_impl"):
+            resolve_mask_impl(bad, torch.device("cpu"))
+
+
+def test_block_diffusion_loss_feeds_the_shared_clean_layout_with_positions_and_documents():
+    """What `block_diffusion_loss` hands the model: one `[x_t ; x_t' ; x_0]` row per sequence, every
+    stream with the sequence's own positions, under the by-stream mask of its documents."""
+    ids, labels = _batch(B=2, L=16, prompt=3)
+    pos = torch.cat([torch.arange(6), torch.arange(10)]).expand(2, 16)
+    docs = torch.tensor([[0] * 6 + [1] * 10] * 2)
+    model = _MaskRecorder()
+    block_diffusion_loss(model, ids, labels, MASK_ID, 4, position_ids_BL=pos, doc_ids_BL=docs,
+                         generator=torch.Generator().manual_seed(0))
+    assert model.input_ids.shape == (2, 48) and torch.equal(model.input_ids[:, 32:], ids)
+    assert torch.equal(model.position_ids, pos.repeat(1, 3))
+    expected = two_stream_mask(16, 4, docs, noisy_streams=2)
+    assert model.mask.noisy_streams == 2 and torch.equal(model.mask.clean, expected[..., 32:, 32:])
+    assert torch.equal(model.mask.noisy, torch.cat([expected[..., :16, :16], expected[..., :16, 32:]], -1))
