@@ -43,6 +43,10 @@ def test_entropy_term_by_hand():
     t1, _ = certainty_forcing_entropy(logits, targets, temperature=1.0)
     assert math.isclose(t1.item(), (_entropy_at([3.0, 1.0, 0.0, 0.0], 1) + _entropy_at([0.0, 0.0, 0.0, 4.0], 1)) / 2,
                         rel_tol=1e-6)
+    # one correct position: the mean is that position's entropy
+    targets[0, 1] = 1
+    one, count = certainty_forcing_entropy(logits, targets, temperature=0.5)
+    assert int(count) == 1 and math.isclose(one.item(), _entropy_at([0.0, 0.0, 0.0, 4.0], 0.5), rel_tol=1e-4)
     # nothing correct: 0 and a count of 0 (no division by zero)
     none, n = certainty_forcing_entropy(logits, torch.tensor([[1, 1, 0, 0, IGNORE_INDEX]]), temperature=0.5)
     assert none.item() == 0.0 and int(n) == 0

@@ -275,7 +275,7 @@ def test_joint_loss_needs_ar_targets(qwen2_dir):
 
     ids, labels = _batch(B=1, L=8)
     b = two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="ar_targets"):
+    with pytest.raises(ValueError, match=r"^the joint loss needs TwoStreamBatch\.ar_targets"):
         joint_loss(fdllm.load_model(qwen2_dir), TwoStreamBatch(b.input_ids, b.position_ids, b.targets, None), 4)
 
 
@@ -337,3 +337,16 @@ def test_block_diffusion_loss_feeds_the_shared_clean_layout_with_positions_and_d
     expected = two_stream_mask(16, 4, docs, noisy_streams=2)
     assert model.mask.noisy_streams == 2 and torch.equal(model.mask.clean, expected[..., 32:, 32:])
     assert torch.equal(model.mask.noisy, torch.cat([expected[..., :16, :16], expected[..., :16, 32:]], -1))
+
+
+def test_joint_loss_weights_default_to_half_and_half(qwen2_dir):
+    from fdllm.objective import joint_loss
+
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=2, L=16, prompt=5, seed=3)
+    batch = two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ar_only, _ = joint_loss(model, batch, 4, 1.0, 0.0)
+        diffusion_only, _ = joint_loss(model, batch, 4, 0.0, 1.0)
+        default, _ = joint_loss(model, batch, 4)
+    assert math.isclose(default.item(), 0.5 * ar_only.item() + 0.5 * diffusion_only.item(), rel_tol=1e-6)
