@@ -350,3 +350,17 @@ def test_joint_loss_weights_default_to_half_and_half(qwen2_dir):
         diffusion_only, _ = joint_loss(model, batch, 4, 0.0, 1.0)
         default, _ = joint_loss(model, batch, 4)
     assert math.isclose(default.item(), 0.5 * ar_only.item() + 0.5 * diffusion_only.item(), rel_tol=1e-6)
+
+
+def test_first_token_of_a_row_and_of_a_document_never_carries_loss():
+    """Nothing before it in its document predicts it after the token shift: not masked, no AR target."""
+    ids = torch.arange(10, 26)[None]
+    labels = ids.clone()  # every token labelled, position 0 included
+    docs = torch.tensor([[0] * 6 + [1] * 10])
+    batch = two_stream_batch(ids, labels, MASK_ID, 4, doc_ids_BL=docs, generator=torch.Generator().manual_seed(0))
+    assert (batch.ar_targets[:, [0, 6]] == IGNORE_INDEX).all()
+    assert (batch.ar_targets[:, [1, 5, 7, 15]] != IGNORE_INDEX).all()
+    assert (batch.targets[:, [0, 6]] == IGNORE_INDEX).all()  # never masked in either copy
+    a, b = sample_noise_masks(labels, 4, generator=torch.Generator().manual_seed(1))  # default eps
+    assert torch.equal(a ^ b, torch.ones_like(a).index_fill_(1, torch.tensor([0]), False))
+    assert 0 < int(a.sum()) < 15  # p = (1 - eps) t + eps: not everything in one copy
