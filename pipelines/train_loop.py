@@ -118,7 +118,8 @@ def diffusion_loss_sum(
 
     noised = TwoStreamBatch(  # ids/positions [B, 3L] ([x_t ; x_t' ; x_0]), targets [2B, L], doc ids [B, L]
         input_ids=stacked("input_ids"), position_ids=stacked("position_ids"),
-        targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"), noisy_streams=2,
+        targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"),
+        noisy_streams=rows[0].noisy_streams,
     )
     if joint_weights is not None:
         loss, count = joint_loss(model, noised, block_size, *joint_weights)
