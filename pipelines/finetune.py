@@ -210,6 +210,7 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
     log.info("%s %s: %d steps, %d worker(s) x %d sequences x %d tokens", what, cfg.model, cfg.total_steps(),
              cfg.num_workers, cfg.batch_size, cfg.seq_len)
     result = trainer.fit()
+    _drop_worker_progress_bars()
     metrics = result.metrics or {}
     log.info("finished: step %s loss %.4f tokens %s (%.0f tok/s in the last window)", metrics.get("step"),
              metrics.get("loss", float("nan")), metrics.get("tokens"), metrics.get("tokens_per_s", 0.0))
@@ -220,6 +221,29 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
     if result.checkpoint is not None:
         log.info("servable checkpoint: %s (training checkpoint: %s)", cfg.output, result.checkpoint.path)
     return result
+
+
+def _drop_worker_progress_bars() -> None:
+    """Forget the workers' progress bars once training has returned.
+
+    Ray (2.60) renders a worker's `tqdm_ray` bar on the driver; its closing state can reach the driver
+    a second time after the bar was removed, which re-creates it, never to be closed again: a stale
+    "fine-tune steps: 100%" line then redraws under every later print of the driver (the quickstart's
+    whole report). Nothing of the run is shown by them any more, so they are all dropped here.
+    """
+    try:
+        from ray.experimental import tqdm_ray
+
+        manager = tqdm_ray._manager  # None: no bar was ever shown here
+        if manager is None:
+            return
+        with manager.lock:
+            for group in manager.bar_groups.values():
+                for bar in group.bars_by_uuid.values():
+                    bar.close()
+            manager.bar_groups.clear()
+    except (ImportError, AttributeError) as e:  # another Ray layout: a cosmetic loss, not a failure
+        log.debug("could not drop the workers' progress bars: %s", e)
 
 
 def cli_main(argv: list[str] | None, parser: argparse.ArgumentParser, config_cls: type[FinetuneConfig],
