@@ -7,7 +7,7 @@ import torch
 
 import fdllm
 from fdllm.kernels.reference import paged_attention_torch
-from fdllm.cache import AttentionRow, KVCache, PageAllocator, PagedAttention
+from fdllm.cache import AttentionRow, KVCache, PageAllocator, PagedAttention, kv_budget_pages
 from fdllm.masks import block_causal_mask
 from fdllm.model import masked_attention
 from tests.helpers import VOCAB
@@ -31,6 +31,33 @@ def test_allocator_reservations():
 def _dense_reference(q_TNH, k_TKH, v_TKH, allowed_TT):
     """Attention of packed tokens with an explicit [T, T] allowed matrix (over the same tokens)."""
     return masked_attention(q_TNH[None], k_TKH[None], v_TKH[None], allowed_TT[None, None])[0]
+
+
+GiB, MiB = 2**30, 2**20
+
+
+def _fake_cuda_memory(monkeypatch, free: int, total: int, reserved: int) -> None:
+    """torch.cuda's memory queries as a device with `total` bytes, `free` of them free, `reserved` held by torch."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+
+
+def test_kv_budget_is_the_memory_fraction_minus_peak_and_other_processes(monkeypatch):
+    """vLLM's gpu_memory_utilization, by hand: 0.9 x 80 GiB - 10 GiB peak - 5 GiB held by others = 57 GiB."""
+    _fake_cuda_memory(monkeypatch, free=60 * GiB, total=80 * GiB, reserved=15 * GiB)  # 20 used, 15 of them ours
+    assert kv_budget_pages(MiB, 0.9, torch.device("cuda"), 10 * GiB) == 57 * 1024
+    assert kv_budget_pages(3 * MiB, 0.9, torch.device("cuda"), 10 * GiB) == 57 * 1024 // 3  # whole pages only
+    # torch reserving more than the device shows used (nothing held elsewhere) never adds memory
+    _fake_cuda_memory(monkeypatch, free=60 * GiB, total=80 * GiB, reserved=30 * GiB)
+    assert kv_budget_pages(MiB, 0.5, torch.device("cuda"), 10 * GiB) == 30 * 1024
+
+
+def test_kv_budget_of_exactly_one_page_fits_and_less_is_a_clear_error(monkeypatch):
+    _fake_cuda_memory(monkeypatch, free=8 * GiB, total=8 * GiB, reserved=0)
+    assert kv_budget_pages(GiB, 0.5, torch.device("cuda"), 3 * GiB) == 1  # 4 GiB - 3 GiB = one 1-GiB page
+    with pytest.raises(ValueError, match=r"no room for the KV cache: 50% of 8\.0 GiB minus 3\.50 GiB .* leaves "
+                                         r"0\.50 GiB; raise gpu_memory_utilization"):
+        kv_budget_pages(GiB, 0.5, torch.device("cuda"), 3 * GiB + GiB // 2)
 
 
 def test_packed_rows_match_dense_attention():

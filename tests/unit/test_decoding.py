@@ -122,6 +122,8 @@ def test_stop_criteria():
     assert text.check([1, 2, 3, 4, 5], 2) == (4, "stop")  # "abcd": cut after the token completing it
     assert text.cut_text("abcde") == "ab"
     assert text.cut_text("xyz") == "xyz"
+    assert text.cut_text("cdab") == ""  # a stop string at the very start leaves nothing
+    assert text.cut_text("abcdecd") == "ab"  # the first occurrence cuts, not the last
 
 
 def _first_stop_by_full_decode(decode, output, stops):

@@ -15,6 +15,7 @@ from fdllm.objective import (
     block_diffusion_loss,
     resolve_mask_impl,
     sample_noise_masks,
+    shifted_cross_entropy,
     two_stream_batch,
     two_stream_loss,
 )
@@ -179,8 +180,21 @@ def test_two_stream_loss_feeds_the_chosen_mask(mask_impl):
 def test_wrong_length_is_a_clear_error(qwen2_dir):
     model = fdllm.load_model(qwen2_dir)
     ids, labels = _batch(L=12)
-    with pytest.raises(ValueError, match="not a multiple of block_size 8"):
-        block_diffusion_loss(model, ids, labels, MASK_ID, block_size=8)
+    with pytest.raises(ValueError, match=r"not a multiple of block_size 8: .* \(e\.g\. 16\)"):
+        block_diffusion_loss(model, ids, labels, MASK_ID, block_size=8)  # 12 tokens: pad to 16
+
+
+def test_shifted_cross_entropy_of_one_target_and_of_none():
+    """The mean over exactly one target is that target's CE (not halved by a clamp); no target: 0, counted 0."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    targets = torch.full((2, 5), IGNORE_INDEX)
+    loss, count = shifted_cross_entropy(logits, targets)
+    assert int(count) == 0 and loss.item() == 0.0
+    targets[1, 3] = 4  # predicted by logits[1, 2]
+    loss, count = shifted_cross_entropy(logits, targets)
+    assert int(count) == 1
+    assert loss.item() == pytest.approx(-torch.log_softmax(logits[1, 2], -1)[4].item(), rel=1e-6)
 
 
 def test_loss_equals_a_hand_computed_reference(qwen2_dir):

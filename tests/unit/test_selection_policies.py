@@ -79,6 +79,8 @@ def test_delimiter_stop_ends_the_sub_block_after_the_first_confident_delimiter()
     # a delimiter at a decoded offset (no candidate) is no prediction
     assert delimiter_stop(tokens, [0.9] * 4, [False, True, True, True], 4, 8, D, 0.5) == 7
     assert delimiter_stop([7], [0.9], [True], 0, 1, D, 0.5) == 1
+    # rows past an already shortened sub-block [4, 6) never move its end, not even one past it
+    assert delimiter_stop([3, 3, 7, 7], [0.9] * 4, cands, 4, 6, D, 0.5) == 6
 
 
 def test_select_block_step_bounds_first_then_selects_inside():
