@@ -36,6 +36,7 @@ from tqdm import tqdm
 import fdllm
 from fdllm.loader import parse_dtype
 from fdllm.quantization import QUANTIZATIONS, weight_bytes
+from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import render_chat
 
 log = logging.getLogger("fdllm.evaluate")
@@ -104,6 +105,7 @@ class EvalRow:
     selection: str = "threshold"  # the selection policy (METHOD.md §5) of diffusion/speculative rows
     entropy_budget: float | None = None  # selection "entropy_budget": gamma
     delimiter_threshold: float | None = None  # adaptive sub-block boundaries (None: fixed sub-blocks)
+    sub_block_size: int | None = None  # diffusion/speculative rows: the sub-block size they decoded with
 
     @property
     def label(self) -> str:
@@ -185,7 +187,8 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
     tokens = sum(len(res.token_ids) for res in results)
     forwards = sum(res.num_forwards for res in results)
     policy = {} if params.mode == "ar" else {"selection": params.selection, "entropy_budget": params.entropy_budget,
-                                              "delimiter_threshold": params.delimiter_threshold}
+                                              "delimiter_threshold": params.delimiter_threshold,
+                                              "sub_block_size": engine.config.sub_block_size}
     return EvalRow(model=name, task=task, mode=params.mode, threshold=params.threshold if params.mode != "ar" else None,
                    batch_size=step, accuracy=correct / len(records), correct=correct, total=len(records),
                    tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
@@ -289,11 +292,12 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
                    thresholds: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5), max_new_tokens: int = 64,
                    limit: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
                    batch_size: int = 0, quantizations: tuple[str | None, ...] = (None,),
-                   policies: tuple[Policy, ...] | None = None) -> list[EvalRow]:
+                   policies: tuple[Policy, ...] | None = None, sub_block_size: int | None = None) -> list[EvalRow]:
     """The AR base (when given), then the model in each mode, once per weight format in `quantizations`
     (None: unquantized), once per selection policy (None: the threshold rule at each of `thresholds`).
     Quantized rows report their greedy agreement with the unquantized model's row of the same mode
-    and policy, when that row was run first."""
+    and policy, when that row was run first. `sub_block_size` replaces the checkpoint's at decode time
+    (a step can commit at most a sub-block; the model is then named `<dir> sb<N>` in tables and figures)."""
     if policies is None:
         policies = tuple(Policy("threshold", thr) for thr in thresholds)
     records = load_records(data, limit)
@@ -304,9 +308,14 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
                                  Path(base).name, batch_size=batch_size)
         del base_engine
     name = Path(model).name
+    config = None
+    if sub_block_size is not None:
+        config = (fdllm.BlockDiffusionConfig.load(local_checkpoint(model)) or fdllm.BlockDiffusionConfig()).replace(
+            sub_block_size=sub_block_size)
+        name += f" sb{sub_block_size}"
     unquantized: dict[tuple[str, str, Policy | None], EvalRow] = {}
     for quantization in quantizations:
-        engine = fdllm.Engine.from_pretrained(model, device=device, dtype=dtype,
+        engine = fdllm.Engine.from_pretrained(model, config=config, device=device, dtype=dtype,
                                               engine_config=fdllm.EngineConfig(quantization=quantization))
         for mode in modes:
             for policy in policies if mode != "ar" else (None,):
@@ -352,6 +361,9 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--policies", type=_policies,
                         help="comma list of selection policies to sweep instead of --thresholds: thr=T, eb=G "
                         "(entropy budget), either with +delim=D (adaptive sub-blocks), e.g. thr=0.9,eb=0.5,eb=1+delim=0.3")
+    parser.add_argument("--sub-block-size", type=int,
+                        help="decode with sub-blocks of N tokens instead of the checkpoint's (N must divide its block "
+                        "size): a step commits at most a sub-block, so a larger one allows more tokens per forward")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="evaluate the first N records only")
     parser.add_argument("--batch-size", type=int, default=0,
@@ -368,8 +380,12 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     modes = tuple(m for m in args.modes.split(",") if m)
     if unknown := set(modes) - set(fdllm.engine.params.MODES):
         parser.error(f"unknown modes {sorted(unknown)}")
-    rows = run_evaluation(args.model, args.data, args.base, modes, args.thresholds, args.max_new_tokens, args.limit,
-                          args.device, parse_dtype(args.dtype), args.batch_size, args.quantization, args.policies)
+    try:
+        rows = run_evaluation(args.model, args.data, args.base, modes, args.thresholds, args.max_new_tokens, args.limit,
+                              args.device, parse_dtype(args.dtype), args.batch_size, args.quantization, args.policies,
+                              args.sub_block_size)
+    except ValueError as e:  # bad data or a sub-block that does not divide the block: say so, no traceback
+        parser.error(str(e))
     print(format_table(rows))
     if args.output:
         Path(args.output).write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")

@@ -56,3 +56,22 @@ def test_run_evaluation_sweeps_policies_and_plots_one_curve_per_family(dllm_dir,
     written = json.loads(out.read_text())
     assert [(r["selection"], r["threshold"], r["entropy_budget"], r["delimiter_threshold"]) for r in written
             if r["task"] == "all"] == [("threshold", 0.9, None, None), ("entropy_budget", None, 1.0, 0.5)]
+
+
+def test_sub_block_size_replaces_the_checkpoints_at_decode_time(dllm_dir, records, tmp_path, capsys):
+    """A threshold near 0 commits a whole sub-block per step: with the checkpoint's sub-block 4 steps commit up to
+    4 tokens, with `--sub-block-size 2` never more than 2 (the cap the flag exists to move)."""
+    as_saved = [r for r in run_evaluation(str(dllm_dir), str(records), thresholds=(1e-6,), max_new_tokens=16)
+                if r.task == "all"]
+    assert [(r.model, r.sub_block_size) for r in as_saved] == [(dllm_dir.name, 4)]
+    assert as_saved[0].tokens_per_forward > 2
+    out = tmp_path / "rows.json"
+    main(["--model", str(dllm_dir), "--data", str(records), "--modes", "diffusion", "--thresholds", "1e-6",
+          "--max-new-tokens", "16", "--sub-block-size", "2", "--output", str(out)])
+    (row,) = [r for r in json.loads(out.read_text()) if r["task"] == "all"]
+    assert (row["model"], row["sub_block_size"]) == (f"{dllm_dir.name} sb2", 2)
+    assert 1 < row["tokens_per_forward"] <= 2
+    with pytest.raises(SystemExit) as exit_:  # the CLI: a usage error, not a traceback
+        main(["--model", str(dllm_dir), "--data", str(records), "--sub-block-size", "3"])
+    assert exit_.value.code == 2
+    assert "divisible by sub_block_size (3)" in capsys.readouterr().err
