@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/quickstart", help="where the checkpoint and report go")
     parser.add_argument("--max-steps", type=int, help="fine-tuning steps (default: the tiny config's)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (default: the tiny config's)")
-    parser.add_argument("--limit", type=int, default=200, help="held-out problems to evaluate (the first N: tasks interleave)")
+    parser.add_argument("--limit", type=int, default=300,
+                        help="held-out problems to evaluate (the first N, tasks interleaved; 300: all, 100 per task)")
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
