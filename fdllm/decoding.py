@@ -74,7 +74,8 @@ def sample_confidence(
         probs_TV = sorted_TV.softmax(-1)
         rank_V = torch.arange(V, device=device)
         drop_TV = ((top_k_T[:, None] > 0) & (rank_V[None] >= top_k_T[:, None])) | (
-            (top_p_T[:, None] < 1.0) & (probs_TV.cumsum(-1) - probs_TV > top_p_T[:, None])  # keep mass >= top_p
+            # the smallest set of most likely tokens whose mass reaches top_p (HF's and vLLM's nucleus)
+            (top_p_T[:, None] < 1.0) & (probs_TV.cumsum(-1) - probs_TV >= top_p_T[:, None])
         )
         drop_TV[:, 0] = False  # the most likely token always stays
         logits_TV = logits_TV.scatter(-1, order_TV, sorted_TV.masked_fill(drop_TV, float("-inf")))

@@ -86,6 +86,33 @@ def test_seeded_draws_follow_the_temperature_and_top_p_distribution(spread_model
     assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
 
 
+def test_the_nucleus_is_the_smallest_set_reaching_top_p_exactly():
+    """probs (1/2, 1/4, 1/4) are exact in fp32: top_p = 1/2 keeps the first token alone (the mass before the
+    second is exactly top_p), top_p just above keeps two; per-row top_p tensors beside a plain top_k."""
+    from fdllm.decoding import sample_confidence
+
+    logits = torch.tensor([0.5, 0.25, 0.25, 0.0]).log().expand(64, 4)  # token 3: the mask, never a prediction
+    draws = torch.linspace(0.005, 0.995, 64)
+    tokens, probs = sample_confidence(logits, 3, 1.0, 0.5, 0, draws)
+    assert tokens.tolist() == [0] * 64 and probs.tolist() == [1.0] * 64
+    tokens, _ = sample_confidence(logits, 3, 1.0, 0.5001, 0, draws)
+    kept = set(tokens.tolist())  # token 0 and one of the two equal others (either may sort first)
+    assert len(kept) == 2 and 0 in kept and kept <= {0, 1, 2}
+    top_p = torch.tensor([0.5, 1.0]).repeat(32)  # per row, with top_k an int
+    tokens, _ = sample_confidence(logits, 3, 1.0, top_p, 0, draws)
+    assert set(tokens[0::2].tolist()) == {0} and set(tokens[1::2].tolist()) == {0, 1, 2}
+
+
+def test_sampling_keeps_every_tensor_on_the_logits_device():
+    """The `meta` device stands in for a GPU: a helper tensor made on the CPU would not mix with it."""
+    from fdllm.decoding import sample_confidence
+
+    logits = torch.randn(3, 10, device="meta")
+    for temperature, top_p, top_k in [(0.7, 0.9, 3), (torch.full((3,), 0.7, device="meta"), 1.0, 0)]:
+        tokens, probs = sample_confidence(logits, 9, temperature, top_p, top_k, torch.rand(3, device="meta"))
+        assert tokens.device.type == probs.device.type == "meta" and tokens.shape == probs.shape == (3,)
+
+
 def test_a_probability_equal_to_the_threshold_is_not_above_it():
     from fdllm.decoding import select_unmask
 
