@@ -36,28 +36,34 @@ def _dense_reference(q_TNH, k_TKH, v_TKH, allowed_TT):
 GiB, MiB = 2**30, 2**20
 
 
+GPU1 = torch.device("cuda", 1)
+
+
 def _fake_cuda_memory(monkeypatch, free: int, total: int, reserved: int) -> None:
-    """torch.cuda's memory queries as a device with `total` bytes, `free` of them free, `reserved` held by torch."""
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    """torch.cuda's memory queries as GPU 1 with `total` bytes, `free` of them free, `reserved` held by torch;
+    a query about another device (the current one, say) finds nothing."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total) if device == GPU1 else (0, 0))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved if device == GPU1 else 0)
 
 
 def test_kv_budget_is_the_memory_fraction_minus_peak_and_other_processes(monkeypatch):
     """vLLM's gpu_memory_utilization, by hand: 0.9 x 80 GiB - 10 GiB peak - 5 GiB held by others = 57 GiB."""
     _fake_cuda_memory(monkeypatch, free=60 * GiB, total=80 * GiB, reserved=15 * GiB)  # 20 used, 15 of them ours
-    assert kv_budget_pages(MiB, 0.9, torch.device("cuda"), 10 * GiB) == 57 * 1024
-    assert kv_budget_pages(3 * MiB, 0.9, torch.device("cuda"), 10 * GiB) == 57 * 1024 // 3  # whole pages only
+    assert kv_budget_pages(MiB, 0.9, GPU1, 10 * GiB) == 57 * 1024
+    assert kv_budget_pages(3 * MiB, 0.9, GPU1, 10 * GiB) == 57 * 1024 // 3  # whole pages only
     # torch reserving more than the device shows used (nothing held elsewhere) never adds memory
     _fake_cuda_memory(monkeypatch, free=60 * GiB, total=80 * GiB, reserved=30 * GiB)
-    assert kv_budget_pages(MiB, 0.5, torch.device("cuda"), 10 * GiB) == 30 * 1024
+    assert kv_budget_pages(MiB, 0.5, GPU1, 10 * GiB) == 30 * 1024
 
 
 def test_kv_budget_of_exactly_one_page_fits_and_less_is_a_clear_error(monkeypatch):
-    _fake_cuda_memory(monkeypatch, free=8 * GiB, total=8 * GiB, reserved=0)
-    assert kv_budget_pages(GiB, 0.5, torch.device("cuda"), 3 * GiB) == 1  # 4 GiB - 3 GiB = one 1-GiB page
-    with pytest.raises(ValueError, match=r"no room for the KV cache: 50% of 8\.0 GiB minus 3\.50 GiB .* leaves "
-                                         r"0\.50 GiB; raise gpu_memory_utilization"):
-        kv_budget_pages(GiB, 0.5, torch.device("cuda"), 3 * GiB + GiB // 2)
+    _fake_cuda_memory(monkeypatch, free=7 * GiB, total=8 * GiB, reserved=GiB // 2)  # others hold 0.5 GiB
+    assert kv_budget_pages(GiB, 0.5, GPU1, 2 * GiB + GiB // 2) == 1  # 4 - 2.5 - 0.5 GiB = one 1-GiB page
+    with pytest.raises(ValueError) as error:
+        kv_budget_pages(GiB, 0.5, GPU1, 3 * GiB)
+    assert str(error.value) == (
+        "no room for the KV cache: 50% of 8.0 GiB minus 3.00 GiB for weights and activations and 0.50 GiB held "
+        "elsewhere leaves 0.50 GiB; raise gpu_memory_utilization or set num_pages / kv_cache_gib")
 
 
 def test_packed_rows_match_dense_attention():
