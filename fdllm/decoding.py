@@ -46,7 +46,9 @@ def counter_uniform(seed_R: Tensor, counter_R: Tensor) -> Tensor:
     key = _mix32((counter_R & _U32) ^ key)
     key = _mix32(((seed_R >> 32) & _U32) ^ key)
     key = _mix32((seed_R & _U32) ^ key)
-    return ((key >> 8).to(torch.float32) + 0.5) * 2.0**-24  # 24 bits: exact in fp32, never 0 or 1
+    # 23 bits plus the half need 24 significant bits: exact in fp32, so never 0 nor 1 (with 24 bits,
+    # (2**24 - 1 + 0.5) rounds to 2**24 and the draw to exactly 1.0)
+    return ((key >> 9).to(torch.float32) + 0.5) * 2.0**-23
 
 
 def sample_confidence(

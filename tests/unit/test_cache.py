@@ -66,6 +66,13 @@ def test_kv_budget_of_exactly_one_page_fits_and_less_is_a_clear_error(monkeypatc
         "elsewhere leaves 0.50 GiB; raise gpu_memory_utilization or set num_pages / kv_cache_gib")
 
 
+def test_page_bytes_are_the_bytes_a_page_of_the_pools_takes():
+    cache = KVCache(num_layers=3, num_pages=5, page_size=4, n_kv_heads=2, head_dim=8, dtype=torch.float16, device="cpu")
+    per_page = (cache.k_LPSKH.nbytes + cache.v_LPSKH.nbytes) // (cache.num_pages + 1)  # + the scratch page
+    assert KVCache.page_bytes(3, 4, 2, 8, torch.float16) == per_page == 2 * 3 * 4 * 2 * 8 * 2
+    assert KVCache.page_bytes(28, 32, 4, 128, torch.float32) == 2 * 28 * 32 * 4 * 128 * 4
+
+
 def test_packed_rows_match_dense_attention():
     """Two sequences in one packed forward: a 3-block block-causal prefill (one row per block), an
     AR-style causal chunk and a partial block, against dense attention with the equivalent mask."""
