@@ -46,6 +46,8 @@ NOT_HERE: dict[str, list[tuple[str, str]]] = {
          "tests/integration/test_cloud_path.py fine-tunes with --objective joint through Ray Train and serves it"),
         (r"evaluate\.py .*--quantization", "the evaluate command above plus one flag; tests/unit/test_quantization.py "
                                             "runs evaluate with --quantization"),
+        (r"evaluate\.py .*--sub-block-size", "the evaluate command above plus one flag; "
+         "tests/unit/test_evaluate_policies.py runs evaluate with --sub-block-size"),
         (r"^python pipelines/distill\.py", "needs the fine-tune's output and decodes 20,000 prompts before training; "
          "tests/integration/test_distill.py runs distill end to end on a tiny model"),
         (r"evaluate\.py .*--policies", "needs the distilled model; tests/unit/test_evaluate_policies.py runs evaluate "
