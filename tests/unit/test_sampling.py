@@ -109,8 +109,22 @@ def test_sampling_keeps_every_tensor_on_the_logits_device():
 
     logits = torch.randn(3, 10, device="meta")
     for temperature, top_p, top_k in [(0.7, 0.9, 3), (torch.full((3,), 0.7, device="meta"), 1.0, 0)]:
-        tokens, probs = sample_confidence(logits, 9, temperature, top_p, top_k, torch.rand(3, device="meta"))
-        assert tokens.device.type == probs.device.type == "meta" and tokens.shape == probs.shape == (3,)
+        for uniform in (torch.rand(3, device="meta"), None):  # None: the function draws its own
+            tokens, probs = sample_confidence(logits, 9, temperature, top_p, top_k, uniform)
+            assert tokens.device.type == probs.device.type == "meta" and tokens.shape == probs.shape == (3,)
+
+
+def test_the_last_vocabulary_token_is_sampled_like_any_other():
+    """Nothing is cut off the top of the CDF: with the last token holding all but 1e-4 of the mass (and no
+    mask token), draws across (0.01, 0.99) all pick it; without draws given, nearly all do."""
+    from fdllm.decoding import sample_confidence
+
+    logits = torch.tensor([0.0, 0.0, 10.0]).expand(100, 3)
+    tokens, probs = sample_confidence(logits, None, 1.0, uniform_T=torch.linspace(0.01, 0.99, 100))
+    assert tokens.tolist() == [2] * 100
+    torch.testing.assert_close(probs, logits.softmax(-1)[:, 2])
+    tokens, _ = sample_confidence(logits, None, 1.0)
+    assert tokens.shape == (100,) and (tokens == 2).sum() > 90
 
 
 def _fmix32(h: int) -> int:
