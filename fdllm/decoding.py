@@ -281,14 +281,11 @@ def plan_block_step(
     return BlockStep(feed_start, feed_stop, sub_start, rows, candidates)
 
 
-def apply_unmask(block: list[int], step: BlockStep, tokens: Sequence[int], selected: Sequence[bool]) -> int:
-    """Write the selected predictions into the block (in place); returns how many were unmasked."""
-    n = 0
+def apply_unmask(block: list[int], step: BlockStep, tokens: Sequence[int], selected: Sequence[bool]) -> None:
+    """Write the selected predictions into the block (in place); never over a known offset."""
     for i, (token, sel, cand) in enumerate(zip(tokens, selected, step.candidates)):
         if sel and cand:
             block[step.sub_start + i] = token
-            n += 1
-    return n
 
 
 def new_block(known: Sequence[int], block_size: int, mask_token_id: int) -> list[int]:

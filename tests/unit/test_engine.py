@@ -230,6 +230,28 @@ def test_admission_waits_for_free_pages(model):
     assert engine.num_free_pages == 8
 
 
+def test_block_size_one_decodes_as_ar(model):
+    """Blocks of one token leave nothing to decode in parallel: diffusion is AR, whatever the threshold
+    (every prompt is a whole number of blocks, prefilled one token at a time when the budget says so)."""
+    prompts = random_prompts(4, [1, 3, 6, 11], seed=5)
+    engine = make_engine(model, block_size=1, sub_block_size=1, threshold=0.9)
+    diffusion = engine.generate(prompts, params(max_new_tokens=8))
+    ar = make_engine(model).generate(prompts, params(max_new_tokens=8, mode="ar"))
+    assert [d.token_ids for d in diffusion] == [a.token_ids for a in ar]
+
+
+def test_a_prefill_chunk_is_whole_blocks_within_the_step_budget():
+    from fdllm.decoding import StopCriteria
+    from fdllm.engine.sequence import Sequence
+
+    seq = Sequence(request_id="r", prompt=random_prompts(1, [45])[0], params=params(),
+                   criteria=StopCriteria(max_new_tokens=8), block_size=8, sub_block_size=4,
+                   use_sub_block_cache=False, threshold=0.9, mask_token_id=MASK, arrival=0.0)
+    work = seq.next_work(prefill_budget=12)  # 40 prompt tokens in whole blocks; room for one block of 8
+    assert work.num_prefill == len(work.token_ids) == 8 and not work.logit_rows
+    assert seq.next_work(prefill_budget=7) is None  # less than a block: it waits for a step with room
+
+
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])
 def test_chunked_prefill_matches_single_chunk(model, mode):
     prompt = random_prompts(1, [45], seed=23)[0]

@@ -113,6 +113,9 @@ def test_accept_commits_the_agreeing_prefix_and_the_verify_token(verified, accep
     seq._accept(verified)
     assert seq.tokens == [1, 2, 3, 10, 11, *committed] and seq.draft is None
     assert (seq.num_drafted, seq.num_accepted) == (3, accepted)
+    seq.draft = [7, 8]  # a second round: the counts add up over the request
+    seq._accept([7, 1, 1])
+    assert (seq.num_drafted, seq.num_accepted) == (5, accepted + 1)
 
 
 def test_rounds_feed_from_the_last_known_token_to_the_block_end(model):
