@@ -232,7 +232,7 @@ def test_admission_waits_for_free_pages(model):
 
 def test_block_size_one_decodes_as_ar(model):
     """Blocks of one token leave nothing to decode in parallel: diffusion is AR, whatever the threshold
-    (every prompt is a whole number of blocks, prefilled one token at a time when the budget says so)."""
+    (every prompt is a whole number of one-token blocks: its prefill opens the first block)."""
     prompts = random_prompts(4, [1, 3, 6, 11], seed=5)
     engine = make_engine(model, block_size=1, sub_block_size=1, threshold=0.9)
     diffusion = engine.generate(prompts, params(max_new_tokens=8))
