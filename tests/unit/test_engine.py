@@ -240,16 +240,34 @@ def test_block_size_one_decodes_as_ar(model):
     assert [d.token_ids for d in diffusion] == [a.token_ids for a in ar]
 
 
-def test_a_prefill_chunk_is_whole_blocks_within_the_step_budget():
+def _diffusion_sequence(prompt_len: int):
     from fdllm.decoding import StopCriteria
     from fdllm.engine.sequence import Sequence
 
-    seq = Sequence(request_id="r", prompt=random_prompts(1, [45])[0], params=params(),
-                   criteria=StopCriteria(max_new_tokens=8), block_size=8, sub_block_size=4,
-                   use_sub_block_cache=False, threshold=0.9, mask_token_id=MASK, arrival=0.0)
+    return Sequence(request_id="r", prompt=random_prompts(1, [prompt_len])[0], params=params(),
+                    criteria=StopCriteria(max_new_tokens=8), block_size=8, sub_block_size=4,
+                    use_sub_block_cache=False, threshold=0.9, mask_token_id=MASK, arrival=0.0)
+
+
+def test_a_prefill_chunk_is_whole_blocks_within_the_step_budget():
+    seq = _diffusion_sequence(45)
     work = seq.next_work(prefill_budget=12)  # 40 prompt tokens in whole blocks; room for one block of 8
     assert work.num_prefill == len(work.token_ids) == 8 and not work.logit_rows
     assert seq.next_work(prefill_budget=7) is None  # less than a block: it waits for a step with room
+
+
+def test_a_prompt_of_whole_blocks_is_prefilled_once():
+    """Its last logit opens the first block; the prompt's K/V are then cached for good (the next step
+    decodes that block alone instead of prefilling the prompt again)."""
+    from fdllm.engine.sequence import Predictions
+
+    seq = _diffusion_sequence(16)
+    work = seq.next_work(prefill_budget=64)
+    assert (work.num_prefill, work.logit_rows) == (16, [15])
+    seq.apply(work, Predictions(tokens=[7], probs=[1.0]))
+    assert seq.num_cached == 16 and seq.num_prefill_left == 0
+    after = seq.next_work(prefill_budget=64)
+    assert after.num_prefill == 0 and after.start == 16 and after.step is not None
 
 
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])
