@@ -238,6 +238,7 @@ def test_block_size_one_decodes_as_ar(model):
     diffusion = engine.generate(prompts, params(max_new_tokens=8))
     ar = make_engine(model).generate(prompts, params(max_new_tokens=8, mode="ar"))
     assert [d.token_ids for d in diffusion] == [a.token_ids for a in ar]
+    assert [a.num_forwards for a in ar] == [8] * 4  # AR: the prefill's last logit is the first token
 
 
 def _diffusion_sequence(prompt_len: int):
