@@ -73,6 +73,18 @@ def test_page_bytes_are_the_bytes_a_page_of_the_pools_takes():
     assert KVCache.page_bytes(28, 32, 4, 128, torch.float32) == 2 * 28 * 32 * 4 * 128 * 4
 
 
+def test_paged_attention_builds_its_index_tensors_on_the_cache_device():
+    """`meta` stands in for a GPU: an index tensor left on the CPU would be a host-device copy per layer."""
+    cache = KVCache(num_layers=2, num_pages=4, page_size=L, n_kv_heads=K, head_dim=H, dtype=torch.float32, device="meta")
+    rows = [AttentionRow(3, 7, [0, 1]), AttentionRow(2, 2, [2], causal=True)]
+    attention = PagedAttention.build(cache, list(range(5)), rows, paged_attention_torch)
+    tensors = [attention.slots_T] + [t for g in attention.groups for t in (
+        g.gather_RQ, g.tokens_G, g.real_G, g.block_tables_RM, g.kv_lens_R, g.q_lens_R)]
+    assert len(tensors) == 13 and all(t.device.type == "meta" for t in tensors)
+    with pytest.raises(ValueError, match="^attention rows cover 5 tokens, the step packs 4$"):
+        PagedAttention.build(cache, list(range(4)), rows, paged_attention_torch)
+
+
 def test_packed_rows_match_dense_attention():
     """Two sequences in one packed forward: a 3-block block-causal prefill (one row per block), an
     AR-style causal chunk and a partial block, against dense attention with the equivalent mask."""
