@@ -81,6 +81,8 @@ def test_paged_attention_builds_its_index_tensors_on_the_cache_device():
     tensors = [attention.slots_T] + [t for g in attention.groups for t in (
         g.gather_RQ, g.tokens_G, g.real_G, g.block_tables_RM, g.kv_lens_R, g.q_lens_R)]
     assert len(tensors) == 13 and all(t.device.type == "meta" for t in tensors)
+    # the Triton kernels read block tables and lengths as int32
+    assert {t.dtype for g in attention.groups for t in (g.block_tables_RM, g.kv_lens_R, g.q_lens_R)} == {torch.int32}
     with pytest.raises(ValueError, match="^attention rows cover 5 tokens, the step packs 4$"):
         PagedAttention.build(cache, list(range(4)), rows, paged_attention_torch)
 

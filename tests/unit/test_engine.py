@@ -239,6 +239,7 @@ def test_block_size_one_decodes_as_ar(model):
     ar = make_engine(model).generate(prompts, params(max_new_tokens=8, mode="ar"))
     assert [d.token_ids for d in diffusion] == [a.token_ids for a in ar]
     assert [a.num_forwards for a in ar] == [8] * 4  # AR: the prefill's last logit is the first token
+    assert [d.prompt_token_ids for d in diffusion] == [a.prompt_token_ids for a in ar] == prompts
 
 
 def _diffusion_sequence(prompt_len: int):
