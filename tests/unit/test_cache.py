@@ -22,8 +22,10 @@ def test_allocator_reservations():
     assert alloc.num_free == 3 and alloc.num_unreserved == 2
     alloc.release(pages, unused_reservation=1)
     assert alloc.num_free == 5 and alloc.num_unreserved == 5
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^page allocation without a reservation$"):
         alloc.allocate()
+    with pytest.raises(RuntimeError, match="^releasing more reservation than was made$"):
+        alloc.release([], unused_reservation=1)
     with pytest.raises(ValueError):
         PageAllocator(0)
 

@@ -240,6 +240,7 @@ def test_block_size_one_decodes_as_ar(model):
     assert [d.token_ids for d in diffusion] == [a.token_ids for a in ar]
     assert [a.num_forwards for a in ar] == [8] * 4  # AR: the prefill's last logit is the first token
     assert [d.prompt_token_ids for d in diffusion] == [a.prompt_token_ids for a in ar] == prompts
+    assert all(0 < r.latency_s < 60 for r in diffusion + ar)  # seconds since the request arrived
 
 
 def _diffusion_sequence(prompt_len: int):
