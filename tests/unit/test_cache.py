@@ -26,8 +26,9 @@ def test_allocator_reservations():
         alloc.allocate()
     with pytest.raises(RuntimeError, match="^releasing more reservation than was made$"):
         alloc.release([], unused_reservation=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^the KV cache needs at least one page, got 0$"):
         PageAllocator(0)
+    assert PageAllocator(1).num_free == 1
 
 
 def _dense_reference(q_TNH, k_TKH, v_TKH, allowed_TT):

@@ -256,6 +256,7 @@ def test_a_prefill_chunk_is_whole_blocks_within_the_step_budget():
     seq = _diffusion_sequence(45)
     work = seq.next_work(prefill_budget=12)  # 40 prompt tokens in whole blocks; room for one block of 8
     assert work.num_prefill == len(work.token_ids) == 8 and not work.logit_rows
+    assert [(r.q_len, r.kv_len, r.causal) for r in work.rows] == [(8, 8, False)]  # block-causal by default
     assert seq.next_work(prefill_budget=7) is None  # less than a block: it waits for a step with room
 
 
@@ -271,6 +272,9 @@ def test_a_prompt_of_whole_blocks_is_prefilled_once():
     assert seq.num_cached == 16 and seq.num_prefill_left == 0
     after = seq.next_work(prefill_budget=64)
     assert after.num_prefill == 0 and after.start == 16 and after.step is not None
+    # a denoising step of sub-block [0, 4): offset 0 is known; the default threshold 0.9 commits 1 and 3
+    seq.apply(after, Predictions(tokens=[0, 11, 12, 13], probs=[0.0, 0.95, 0.5, 0.92]))
+    assert seq.block == [7, 11, MASK, 13] + [MASK] * 4
 
 
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])

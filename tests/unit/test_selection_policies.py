@@ -396,3 +396,8 @@ def test_adaptive_sub_blocks_with_the_sub_block_cache_equal_the_dualcache_refere
         assert res.token_ids == reference_adaptive_dualcache(model, prompt, n, L, S, threshold, delimiters, dthr)
         changed += res.token_ids != reference_adaptive_dualcache(model, prompt, n, L, S, threshold, (), dthr)
     assert changed, "the delimiters should move some sub-block boundary and change some output"
+
+
+def test_an_unknown_selection_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"^selection must be one of \('threshold', 'entropy_budget'\), got 'top'$"):
+        SelectionPolicy(selection="top")
