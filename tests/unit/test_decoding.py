@@ -120,6 +120,8 @@ def test_stop_criteria():
     text = StopCriteria(max_new_tokens=9, stop=("cd",), decode=lambda ids: "".join(chr(96 + t) for t in ids))
     assert text.check([1, 2], 0) is None
     assert text.check([1, 2, 3, 4, 5], 2) == (4, "stop")  # "abcd": cut after the token completing it
+    assert text.check([3, 4, 5], 0) == (2, "stop")  # a stop string from the very first token
+    assert StopCriteria(max_new_tokens=9, stop=("c",), decode=text.decode).check([3, 4], 0) == (1, "stop")
     assert text.cut_text("abcde") == "ab"
     assert text.cut_text("xyz") == "xyz"
     assert text.cut_text("cdab") == ""  # a stop string at the very start leaves nothing
