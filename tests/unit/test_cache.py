@@ -71,6 +71,7 @@ def test_kv_budget_of_exactly_one_page_fits_and_less_is_a_clear_error(monkeypatc
 
 def test_page_bytes_are_the_bytes_a_page_of_the_pools_takes():
     cache = KVCache(num_layers=3, num_pages=5, page_size=4, n_kv_heads=2, head_dim=8, dtype=torch.float16, device="cpu")
+    assert cache.num_pages == 5 and cache.scratch_slot == 5 * 4  # the one scratch page comes after them
     per_page = (cache.k_LPSKH.nbytes + cache.v_LPSKH.nbytes) // (cache.num_pages + 1)  # + the scratch page
     assert KVCache.page_bytes(3, 4, 2, 8, torch.float16) == per_page == 2 * 3 * 4 * 2 * 8 * 2
     assert KVCache.page_bytes(28, 32, 4, 128, torch.float32) == 2 * 28 * 32 * 4 * 128 * 4
@@ -80,6 +81,7 @@ def test_paged_attention_builds_its_index_tensors_on_the_cache_device():
     """`meta` stands in for a GPU: an index tensor left on the CPU would be a host-device copy per layer."""
     cache = KVCache(num_layers=2, num_pages=4, page_size=L, n_kv_heads=K, head_dim=H, dtype=torch.float32, device="meta")
     rows = [AttentionRow(3, 7, [0, 1]), AttentionRow(2, 2, [2], causal=True)]
+    assert cache.k_LPSKH.device.type == cache.v_LPSKH.device.type == "meta"
     attention = PagedAttention.build(cache, list(range(5)), rows, paged_attention_torch)
     tensors = [attention.slots_T] + [t for g in attention.groups for t in (
         g.gather_RQ, g.tokens_G, g.real_G, g.block_tables_RM, g.kv_lens_R, g.q_lens_R)]
