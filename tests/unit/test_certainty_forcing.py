@@ -109,3 +109,12 @@ def test_distill_loss_defaults_are_dparallel_s(qwen2_dir):
         losses = {(w, T): certainty_forcing_loss(model, batch, 4, w, T)[0].item() for w in (2.0, 3.0) for T in (0.5, 1.5)}
     assert default.item() == losses[(2.0, 0.5)]
     assert len(set(losses.values())) == 4  # each default matters
+
+
+def test_certainty_entropy_defaults_to_temperature_one_half():
+    g = torch.Generator().manual_seed(3)
+    logits, targets = torch.randn(2, 6, 9, generator=g), torch.randint(0, 9, (2, 6), generator=g)
+    targets[:, 1:] = logits[:, :-1].argmax(-1)  # every position predicted right: all count
+    assert torch.equal(certainty_forcing_entropy(logits, targets)[0], certainty_forcing_entropy(logits, targets, 0.5)[0])
+    assert not torch.equal(certainty_forcing_entropy(logits, targets)[0], certainty_forcing_entropy(logits, targets, 1.5)[0])
+

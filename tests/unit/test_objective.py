@@ -378,3 +378,10 @@ def test_first_token_of_a_row_and_of_a_document_never_carries_loss():
     a, b = sample_noise_masks(labels, 4, generator=torch.Generator().manual_seed(1))  # default eps
     assert torch.equal(a ^ b, torch.ones_like(a).index_fill_(1, torch.tensor([0]), False))
     assert 0 < int(a.sum()) < 15  # p = (1 - eps) t + eps: not everything in one copy
+
+
+def test_two_stream_batch_names_both_shapes_when_labels_do_not_match():
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^labels \(2, 4\) must match input_ids \(2, 8\)$"):
+        two_stream_batch(ids, ids[:, :4], MASK_ID, 4)
+
