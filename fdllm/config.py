@@ -164,3 +164,9 @@ class BlockDiffusionConfig:
             return None
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in json.loads(file.read_text()).items() if k in names})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **changes: Any) -> "BlockDiffusionConfig":
+        """The checkpoint's config (the defaults for a plain AR one) with `changes` applied: what a
+        deployment or an evaluation decodes with when it overrides a field or two."""
+        return (cls.load(path) or cls()).replace(**changes)

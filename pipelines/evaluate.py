@@ -310,8 +310,7 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
     name = Path(model).name
     config = None
     if sub_block_size is not None:
-        config = (fdllm.BlockDiffusionConfig.load(local_checkpoint(model)) or fdllm.BlockDiffusionConfig()).replace(
-            sub_block_size=sub_block_size)
+        config = fdllm.BlockDiffusionConfig.from_checkpoint(local_checkpoint(model), sub_block_size=sub_block_size)
         name += f" sb{sub_block_size}"
     unquantized: dict[tuple[str, str, Policy | None], EvalRow] = {}
     for quantization in quantizations:

@@ -196,11 +196,10 @@ class FdllmServer:
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
         else:
             dtype = parse_dtype(self.cfg.dtype)
-        block_cfg = fdllm.BlockDiffusionConfig.load(path) or fdllm.BlockDiffusionConfig()
         overrides = {k: v for k, v in (("threshold", self.cfg.threshold),
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
-        engine = fdllm.Engine.from_pretrained(path, config=block_cfg.replace(**overrides), device=device, dtype=dtype,
-                                              engine_config=self.cfg.engine_config())
+        engine = fdllm.Engine.from_pretrained(path, config=fdllm.BlockDiffusionConfig.from_checkpoint(path, **overrides),
+                                              device=device, dtype=dtype, engine_config=self.cfg.engine_config())
         if engine.tokenizer is None or not engine.tokenizer.is_fast:
             raise ValueError(f"{path} has no fast (tokenizer.json) tokenizer; the HTTP API needs one to read "
                              "prompts and stream text")
