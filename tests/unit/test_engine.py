@@ -243,17 +243,19 @@ def test_block_size_one_decodes_as_ar(model):
     assert all(0 < r.latency_s < 60 for r in diffusion + ar)  # seconds since the request arrived
 
 
-def _diffusion_sequence(prompt_len: int):
+def make_sequence(prompt: list[int], sampling: fdllm.SamplingParams | None = None, **sequence_kw):
+    """One request's state alone (block 8 / sub-block 4, threshold 0.9; `sequence_kw` adds to or replaces
+    those), to drive its steps by hand. Arguments not given keep `Sequence`'s own defaults."""
     from fdllm.decoding import StopCriteria
     from fdllm.engine.sequence import Sequence
 
-    return Sequence(request_id="r", prompt=random_prompts(1, [prompt_len])[0], params=params(),
-                    criteria=StopCriteria(max_new_tokens=8), block_size=8, sub_block_size=4,
-                    use_sub_block_cache=False, threshold=0.9, mask_token_id=MASK, arrival=0.0)
+    settings = {"block_size": 8, "sub_block_size": 4, "use_sub_block_cache": False, "threshold": 0.9} | sequence_kw
+    return Sequence(request_id="r", prompt=prompt, params=sampling or params(), criteria=StopCriteria(max_new_tokens=20),
+                    mask_token_id=MASK, arrival=0.0, **settings)
 
 
 def test_a_prefill_chunk_is_whole_blocks_within_the_step_budget():
-    seq = _diffusion_sequence(45)
+    seq = make_sequence(random_prompts(1, [45])[0])
     work = seq.next_work(prefill_budget=12)  # 40 prompt tokens in whole blocks; room for one block of 8
     assert work.num_prefill == len(work.token_ids) == 8 and not work.logit_rows
     assert [(r.q_len, r.kv_len, r.causal) for r in work.rows] == [(8, 8, False)]  # block-causal by default
@@ -265,7 +267,7 @@ def test_a_prompt_of_whole_blocks_is_prefilled_once():
     decodes that block alone instead of prefilling the prompt again)."""
     from fdllm.engine.sequence import Predictions
 
-    seq = _diffusion_sequence(16)
+    seq = make_sequence(random_prompts(1, [16])[0])
     work = seq.next_work(prefill_budget=64)
     assert (work.num_prefill, work.logit_rows) == (16, [15])
     seq.apply(work, Predictions(tokens=[7], probs=[1.0]))

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fdllm
+from fdllm.decoding import counter_uniform, sample_confidence, select_unmask
 from tests.helpers import VOCAB, make_sharp_checkpoint
 
 MASK = VOCAB - 1
@@ -89,8 +90,6 @@ def test_seeded_draws_follow_the_temperature_and_top_p_distribution(spread_model
 def test_the_nucleus_is_the_smallest_set_reaching_top_p_exactly():
     """probs (1/2, 1/4, 1/4) are exact in fp32: top_p = 1/2 keeps the first token alone (the mass before the
     second is exactly top_p), top_p just above keeps two; per-row top_p tensors beside a plain top_k."""
-    from fdllm.decoding import sample_confidence
-
     logits = torch.tensor([0.5, 0.25, 0.25, 0.0]).log().expand(64, 4)  # token 3: the mask, never a prediction
     draws = torch.linspace(0.005, 0.995, 64)
     tokens, probs = sample_confidence(logits, 3, 1.0, 0.5, 0, draws)
@@ -105,8 +104,6 @@ def test_the_nucleus_is_the_smallest_set_reaching_top_p_exactly():
 
 def test_sampling_keeps_every_tensor_on_the_logits_device():
     """The `meta` device stands in for a GPU: a helper tensor made on the CPU would not mix with it."""
-    from fdllm.decoding import sample_confidence
-
     logits = torch.randn(3, 10, device="meta")
     for temperature, top_p, top_k in [(0.7, 0.9, 3), (torch.full((3,), 0.7, device="meta"), 1.0, 0)]:
         for uniform in (torch.rand(3, device="meta"), None):  # None: the function draws its own
@@ -117,8 +114,6 @@ def test_sampling_keeps_every_tensor_on_the_logits_device():
 def test_the_last_vocabulary_token_is_sampled_like_any_other():
     """Nothing is cut off the top of the CDF: with the last token holding all but 1e-4 of the mass (and no
     mask token), draws across (0.01, 0.99) all pick it; without draws given, nearly all do."""
-    from fdllm.decoding import sample_confidence
-
     logits = torch.tensor([0.0, 0.0, 10.0]).expand(100, 3)
     tokens, probs = sample_confidence(logits, None, 1.0, uniform_T=torch.linspace(0.01, 0.99, 100))
     assert tokens.tolist() == [2] * 100
@@ -150,8 +145,6 @@ def test_counter_uniform_is_the_documented_hash_of_seed_and_counter():
     """Pinned against an independent reference, so a seeded request's draws never change silently (a
     different hash would still look uniform). Extremes of both int64 inputs included; the fp32 draws equal
     the exact values (the 24-bit version rounded, and its largest draw was exactly 1.0)."""
-    from fdllm.decoding import counter_uniform
-
     seeds = [0, 1, -1, 2**63 - 1, -(2**63), 123456789, -987654321987, 2**40 + 7]
     counters = [0, 1, 2**32 - 1, 2**32, 2**40 + 3, 2**63 - 1, 17, 99]
     got = counter_uniform(torch.tensor(seeds), torch.tensor(counters))
@@ -161,8 +154,6 @@ def test_counter_uniform_is_the_documented_hash_of_seed_and_counter():
 
 
 def test_a_probability_equal_to_the_threshold_is_not_above_it():
-    from fdllm.decoding import select_unmask
-
     # 0.5 == threshold is not above it, only the most confident (0.75) goes; threshold 1.0 with
     # three probabilities of exactly 1.0: only the first of them
     assert select_unmask([0.75, 0.5, 0.5, 0.25], 0.5) == [True, False, False, False]

@@ -11,10 +11,8 @@ import pytest
 import torch
 
 import fdllm
-from fdllm.engine.sequence import Sequence
-from fdllm.decoding import StopCriteria
 from fdllm.objective import IGNORE_INDEX, two_stream_batch, joint_loss
-from tests.unit.test_engine import MASK, make_engine, params, random_prompts, reference_generate, run_joining_mid_flight
+from tests.unit.test_engine import MASK, make_engine, make_sequence, params, random_prompts, reference_generate, run_joining_mid_flight
 
 LENGTHS = [1, 3, 7, 8, 9, 13, 16]  # block 8: prompts that are and are not block multiples
 
@@ -96,9 +94,7 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
 
 
 def _sequence(block, draft):
-    seq = Sequence(request_id="r", prompt=[1, 2, 3], params=params(mode="speculative"),
-                   criteria=StopCriteria(max_new_tokens=20), block_size=8, sub_block_size=4,
-                   use_sub_block_cache=False, threshold=0.9, mask_token_id=MASK, arrival=0.0)
+    seq = make_sequence([1, 2, 3], params(mode="speculative"))
     seq.tokens, seq.draft, seq.num_cached = list(block), list(draft), 3  # the prompt is prefilled
     return seq
 
@@ -182,9 +178,7 @@ def test_joint_checkpoint_diffusion_mode_prefills_and_commits_causally(joint_dir
 
 @pytest.mark.parametrize("causal_prefix", [False, True])
 def test_diffusion_prefill_and_commit_rows_follow_the_prefix_attention(causal_prefix):
-    seq = Sequence(request_id="r", prompt=list(range(19)), params=params(), criteria=StopCriteria(max_new_tokens=20),
-                   block_size=8, sub_block_size=4, use_sub_block_cache=False, threshold=0.9, mask_token_id=MASK,
-                   arrival=0.0, causal_prefix=causal_prefix)
+    seq = make_sequence(list(range(19)), causal_prefix=causal_prefix)
     prefill = seq.next_work(prefill_budget=64)  # 16 prompt tokens, then the first block's denoising step
     rows = [(r.q_len, r.kv_len, r.causal) for r in prefill.rows]
     expected = [(16, 16, True)] if causal_prefix else [(8, 8, False), (8, 16, False)]
