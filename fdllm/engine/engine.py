@@ -169,6 +169,7 @@ class Engine:
             threshold=cfg.threshold if params.threshold is None else params.threshold,
             mask_token_id=cfg.mask_token_id, arrival=time.perf_counter(), on_tokens=on_tokens,
             causal_prefix=cfg.causal_prefix, policy=self.selection_policy(params),
+            lookahead=self.engine_config.speculative_lookahead,
         )
         self.scheduler.add(seq)
         return request_id

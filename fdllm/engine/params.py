@@ -145,6 +145,9 @@ class EngineConfig:
     # Weights quantized when the engine is built (fdllm.quantization: "int8" | "int4" | "fp8"), in place:
     # the model passed to Engine is changed. None: the model's own dtype.
     quantization: str | None = None
+    # Speculative mode: a verify forward (and the prompt's last prefill chunk) also drafts the next
+    # round, so a fully accepted round costs one forward, not a draft plus a verify. Same tokens either way.
+    speculative_lookahead: bool = True
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:

@@ -5,7 +5,9 @@ the current block sub-block by sub-block, commit it (exact K/V + the next block'
 and so on until a stop. An AR sequence prefills its prompt causally and then feeds one token per
 step. A speculative sequence prefills as AR does, then decodes in rounds (METHOD.md §5): draft
 steps fill the rest of the current block in diffusion mode, one causal verify forward checks the
-draft, and the longest agreeing prefix plus the verify's own next token are committed. Each step a sequence hands the scheduler one `Work` (what to feed, how it attends, which
+draft, and the longest agreeing prefix plus the verify's own next token are committed; the verify
+(and the last prefill chunk) also drafts the next round from trailing masks (`lookahead`), used when
+the draft it checks is accepted whole. Each step a sequence hands the scheduler one `Work` (what to feed, how it attends, which
 logits to read) and gets back its logit rows' predictions (token, confidence c_i and, when its
 selection policy needs it, entropy H_i); the sequence's `SelectionPolicy` (fdllm.decoding) decides
 what they commit and where an adaptive sub-block ends.
@@ -49,14 +51,23 @@ class Work:
     commit: bool = False  # the forward of a clean block: exact K/V, next block's first token
     draft: bool = False  # speculative: a diffusion step over the rest of the block
     verify: bool = False  # speculative: the causal forward over [last known token, draft]
+    # Speculative prefill's last chunk or verify: the trailing logit rows that draft the next round
+    # (masks fed after the known/verified tokens, read only if those turn out to be what was assumed).
+    lookahead: int = 0
 
     @property
     def samples(self) -> bool:
         """Whether this work's logit rows are sampled. A diffusion request samples only while
         denoising: the token that opens a block (block commit, or the last logit of a prompt that
         fills whole blocks) is the argmax for every request (METHOD.md §3.4). A speculative request
-        samples where AR would (prefill's last logit, verify rows); its drafts are greedy proposals."""
-        return self.seq.params.temperature > 0 and (self.seq.is_ar or self.step is not None or self.verify)
+        samples where AR would (prefill's last logit, verify rows); its drafts, lookahead rows
+        included (`sampled_rows`), are greedy proposals."""
+        return self.seq.params.temperature > 0 and (self.step is not None or (self.seq.is_causal and not self.draft))
+
+    @property
+    def sampled_rows(self) -> int:
+        """How many leading logit rows `samples` applies to (the lookahead's draft rows stay greedy)."""
+        return len(self.logit_rows) - self.lookahead
 
     @property
     def kv_len(self) -> int:
@@ -66,7 +77,7 @@ class Work:
     @property
     def needs_entropy(self) -> bool:
         """Whether the step must compute H_i of this work's candidates (its policy selects by entropy)."""
-        return (self.step is not None or self.draft) and self.seq.policy.needs_entropy
+        return (self.step is not None or self.draft or self.lookahead > 0) and self.seq.policy.needs_entropy
 
 
 @dataclass
@@ -87,11 +98,12 @@ class Sequence:
         self, *, request_id: str, prompt: list[int], params: SamplingParams, criteria: StopCriteria,
         block_size: int, sub_block_size: int, use_sub_block_cache: bool, threshold: float,
         mask_token_id: int | None, arrival: float, on_tokens: TokenCallback | None = None,
-        causal_prefix: bool = False, policy: SelectionPolicy | None = None,
+        causal_prefix: bool = False, policy: SelectionPolicy | None = None, lookahead: bool = True,
     ) -> None:
         """`causal_prefix`: the checkpoint's clean stream attends causally (BlockDiffusionConfig.prefix_attention),
         so diffusion prefill and block commit run causal rows. `policy`: how denoising steps select
-        (None: the threshold rule at `threshold`)."""
+        (None: the threshold rule at `threshold`). `lookahead`: speculative rounds draft the next
+        round in the same forward (EngineConfig.speculative_lookahead)."""
         self.request_id, self.prompt, self.params, self.criteria = request_id, prompt, params, criteria
         self.block_size, self.sub_block_size, self.use_sub_block_cache = block_size, sub_block_size, use_sub_block_cache
         self.threshold, self.mask_token_id, self.causal_prefix = threshold, mask_token_id, causal_prefix
@@ -100,6 +112,7 @@ class Sequence:
         self.is_speculative = params.mode == "speculative"
         self.is_ar = params.mode == "ar"
         self.is_causal = self.is_ar or self.is_speculative  # prompt prefilled causally, output in self.tokens
+        self.lookahead = lookahead and self.is_speculative
         P, L = len(prompt), block_size
         # Worst case: every position up to prompt + max_new_tokens, in whole pages.
         self.max_pages = math.ceil((P + params.max_new_tokens) / L)
@@ -149,11 +162,14 @@ class Sequence:
                 return None
             start = self.num_cached
             done = n == left
-            return Work(
+            work = Work(
                 seq=self, token_ids=self.prompt[start : start + n], start=start, num_prefill=n,
                 rows=[AttentionRow(n, start + n, self.pages, causal=True)],
                 logit_rows=[n - 1] if done else [], candidates=[True] if done else [],
             )
+            if done and self.lookahead:
+                self._add_lookahead(work, next_known=start + n)
+            return work
         pos = len(self.tokens) - 1  # the last token is the only one without K/V
         return Work(
             seq=self, token_ids=[self.tokens[pos]], start=pos, rows=[AttentionRow(1, pos + 1, self.pages)],
@@ -180,10 +196,32 @@ class Sequence:
                 logit_rows=list(range(len(self.draft))), candidates=[t == self.mask_token_id for t in self.draft],
                 draft=True,
             )
-        return Work(
+        work = Work(
             seq=self, token_ids=fed, start=e, rows=[AttentionRow(len(fed), end, self.pages, causal=True)],
             logit_rows=list(range(len(fed))), candidates=[True] * len(fed), verify=True,
         )
+        if self.lookahead:
+            self._add_lookahead(work, next_known=end)
+        return work
+
+    def _add_lookahead(self, work: Work, next_known: int) -> None:
+        """Let a causal forward that settles every token before `next_known` (the final prefill chunk;
+        a verify, if it accepts the whole draft) also draft the round after it: masks fed at
+        [next_known, end) attend the forward's causal K/V and bidirectionally each other, as a draft
+        step does, except that the token at `next_known` (the forward's own prediction) is a mask
+        too. Their rows predict [next_known + 1, end), the next draft, so a fully accepted round
+        costs one forward instead of a draft plus a verify. Skipped past the request's reserved pages."""
+        L = self.block_size
+        end = (next_known + 1) // L * L + L  # the block holding next_known + 1, as `_speculative_work`
+        if end > self.max_pages * L:
+            return
+        n = end - next_known
+        first = len(work.token_ids)
+        work.token_ids += [self.mask_token_id] * n
+        work.rows.append(AttentionRow(n, end, self.pages))
+        work.logit_rows += range(first, first + n - 1)
+        work.candidates += [True] * (n - 1)
+        work.lookahead = n - 1
 
     def _diffusion_work(self, prefill_budget: int) -> Work | None:
         L, start = self.block_size, self.num_cached
@@ -225,19 +263,17 @@ class Sequence:
         self.num_forwards += 1
         self.num_cached += work.num_prefill
         tokens = predictions.tokens
+        settling = len(tokens) - work.lookahead  # rows before the lookahead's
         if work.draft:
-            cands = [i for i, cand in enumerate(work.candidates) if cand]
-            ents = predictions.entropies
-            chosen = self.policy.select([predictions.probs[i] for i in cands],
-                                        None if ents is None else [ents[i] for i in cands])
-            for i, sel in zip(cands, chosen):
-                if sel:
-                    self.draft[i] = tokens[i]
+            self._update_draft(work, predictions, first=0)
         elif work.verify:
-            self._accept(tokens)
+            if self._accept(tokens[:settling]) and work.lookahead:
+                self._start_draft_from_lookahead(work, predictions, settling)
         elif self.is_causal:
             if tokens:
                 self.tokens.append(tokens[0])
+                if work.lookahead:
+                    self._start_draft_from_lookahead(work, predictions, settling)
         elif work.step is not None:
             selected, stop = select_block_step(self.policy, work.step, tokens, predictions.probs, predictions.entropies)
             apply_unmask(self.block, work.step, tokens, selected)
@@ -250,11 +286,25 @@ class Sequence:
             self.block = new_block(tokens, self.block_size, self.mask_token_id)
         return self._settle()
 
-    def _accept(self, verified: list[int]) -> None:
+    def _update_draft(self, work: Work, predictions: Predictions, first: int) -> None:
+        """Fill the draft's masks that the selection policy picks; logit row `first + i` predicts draft[i]."""
+        rows = [r for r in range(first, len(work.candidates)) if work.candidates[r]]
+        ents = predictions.entropies
+        chosen = self.policy.select([predictions.probs[r] for r in rows], None if ents is None else [ents[r] for r in rows])
+        for r, sel in zip(rows, chosen):
+            if sel:
+                self.draft[r - first] = predictions.tokens[r]
+
+    def _start_draft_from_lookahead(self, work: Work, predictions: Predictions, first: int) -> None:
+        self.draft = [self.mask_token_id] * work.lookahead
+        self._update_draft(work, predictions, first)
+
+    def _accept(self, verified: list[int]) -> bool:
         """Commit the longest draft prefix equal to the verify's predictions, then the verify's own
         next token (the AR correction, or after a fully accepted draft the token past the block).
         Every committed token is the verify's causal prediction, so the output is AR's; the K/V the
-        verify wrote for the last known token and the accepted drafts are exact causal K/V."""
+        verify wrote for the last known token and the accepted drafts are exact causal K/V.
+        Returns whether the whole draft was accepted (the round's lookahead, if any, then holds)."""
         draft, k = self.draft, 0
         while k < len(draft) and draft[k] == verified[k]:
             k += 1
@@ -262,6 +312,7 @@ class Sequence:
         self.num_accepted += k
         self.tokens.extend(verified[: k + 1])
         self.draft = None
+        return k == len(draft)
 
     def _settle(self) -> list[int]:
         """Extend the output with the newly final tokens and apply the stop criteria."""

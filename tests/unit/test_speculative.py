@@ -122,7 +122,71 @@ def test_rounds_feed_from_the_last_known_token_to_the_block_end(model):
     assert work.rows[0].kv_len == 16 and not work.rows[0].causal and work.logit_rows == list(range(8))
     seq.draft = list(range(20, 28))
     verify = seq.next_work(prefill_budget=0)
-    assert verify.verify and verify.rows[0].causal and verify.logit_rows == list(range(9))
+    assert verify.verify and verify.rows[0].causal and verify.logit_rows[:9] == list(range(9))
+    # The lookahead: the next block's masks (positions 16..23) ride along; rows 9..15 predict 17..23.
+    assert [(r.q_len, r.kv_len, r.causal) for r in verify.rows] == [(9, 16, True), (8, 24, False)]
+    assert verify.token_ids[9:] == [MASK] * 8 and verify.logit_rows[9:] == list(range(9, 16))
+    assert verify.lookahead == 7 and verify.sampled_rows == 9
+    seq.lookahead = False  # EngineConfig(speculative_lookahead=False): the verify alone
+    plain = seq.next_work(prefill_budget=0)
+    assert len(plain.rows) == 1 and plain.logit_rows == list(range(9)) and plain.lookahead == 0
+
+
+def _predictions(tokens, probs):
+    from fdllm.engine.sequence import Predictions
+
+    return Predictions(tokens=list(tokens), probs=list(probs))
+
+
+@pytest.mark.parametrize("verified,draft_after", [
+    ([20, 21, 22, 23, 24, 25, 26, 27, 28], [40, MASK, 42, 43, 44, MASK, 46]),  # all accepted: lookahead drafts
+    ([20, 21, 9, 9, 9, 9, 9, 9, 9], None),  # a correction at position 10: the lookahead assumed otherwise
+])
+def test_a_verify_drafts_the_next_round_only_when_it_accepts_the_whole_draft(verified, draft_after):
+    seq = _sequence([1, 2, 3, 10, 11, 12, 13, 14], list(range(20, 28)))
+    verify = seq.next_work(prefill_budget=0)
+    ahead = [40 + i for i in range(7)]
+    probs = [1.0] * 9 + [0.95, 0.5, 0.95, 0.95, 0.95, 0.2, 0.95]  # the threshold (0.9) picks the draft
+    seq.apply(verify, _predictions(verified + ahead, probs))
+    assert seq.draft == draft_after
+    expected = verified if draft_after else verified[:3]
+    assert seq.tokens == [1, 2, 3, 10, 11, 12, 13, 14, *expected]
+
+
+def test_the_last_prefill_chunk_drafts_the_first_round_within_the_reservation():
+    seq = make_sequence([1, 2, 3, 4, 5], params(mode="speculative"))  # 20 new tokens: pages up to 32 reserved
+    work = seq.next_work(prefill_budget=64)  # the prompt, then masks at [5, 8) for the block holding 6
+    assert [(r.q_len, r.kv_len, r.causal) for r in work.rows] == [(5, 5, True), (3, 8, False)]
+    assert work.logit_rows == [4, 5, 6] and work.lookahead == 2 and work.num_prefill == 5
+    seq.apply(work, _predictions([7, 8, 9], [1.0, 0.95, 0.95]))
+    assert seq.tokens == [1, 2, 3, 4, 5, 7] and seq.draft == [8, 9]
+    near_end = make_sequence(list(range(23)), params(mode="speculative", max_new_tokens=1))  # 3 pages: 24
+    assert near_end.next_work(prefill_budget=64).lookahead == 0  # the next block lies past the reservation
+
+
+def test_lookahead_saves_forwards_and_changes_no_token(joint_dir):
+    prompts = [[(s + i) % 30 for i in range(n)] for s, n in [(3, 5), (11, 8), (20, 13), (1, 16)]]
+    runs = {}
+    for lookahead in (False, True):
+        config = fdllm.EngineConfig(num_pages=64, speculative_lookahead=lookahead)
+        runs[lookahead] = fdllm.Engine.from_pretrained(joint_dir, engine_config=config).generate(
+            prompts, params(mode="speculative", max_new_tokens=24))
+    assert [r.token_ids for r in runs[True]] == [r.token_ids for r in runs[False]]
+    assert sum(r.num_forwards for r in runs[True]) < sum(r.num_forwards for r in runs[False])
+
+
+def test_sampled_speculative_first_token_is_sampled_as_in_ar(model):
+    """The prefill's last logit is AR's first token: sampled with the request's seed (the same draw
+    as mode="ar", both the first forward's row 0), not its argmax."""
+    prompt = random_prompts(1, [6], seed=33)[0]
+    engine = make_engine(model)
+    firsts = set()
+    for seed in range(12):
+        p = {"temperature": 2.0, "seed": seed, "max_new_tokens": 1}
+        spec = engine.generate([prompt], params(mode="speculative", **p))[0].token_ids
+        assert spec == engine.generate([prompt], params(mode="ar", **p))[0].token_ids
+        firsts.add(spec[0])
+    assert len(firsts) > 1  # sampled, not the argmax every time
 
 
 # -- a jointly trained model (METHOD.md §5): causal prefix in the checkpoint, the engine follows it ------------
