@@ -220,18 +220,25 @@ def certainty_forcing_loss(
 
 def joint_loss(
     model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, ar_weight: float = 0.5,
-    diffusion_weight: float = 0.5, mask_impl: MaskImpl = "auto",
+    diffusion_weight: float = 0.5, mask_impl: MaskImpl = "auto", certainty: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`ar_weight` * AR next-token loss of the clean half + `diffusion_weight` * block-diffusion loss of
     the noisy half, from one forward under the two-stream mask with a causal clean stream (the clean
     half's logits are then exactly a causal LM's). Returns the weighted loss and the masked-token count
-    (the diffusion part's, which the train loop normalises by across workers)."""
+    (the diffusion part's, which the train loop normalises by across workers).
+
+    `certainty` (lambda, T): the diffusion part becomes `certainty_forcing_loss`'s (CE + lambda x the
+    certainty-forcing entropy): self-distillation of a joint checkpoint that keeps its causal mode."""
     if batch.ar_targets is None:
         raise ValueError("the joint loss needs TwoStreamBatch.ar_targets (built by two_stream_batch)")
     mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix=True)
     n_noisy = batch.noisy_streams * batch.targets.shape[1]
     logits = model(batch.input_ids, batch.position_ids, mask)  # every stream
-    diffusion, count = shifted_cross_entropy(_per_copy(logits[:, :n_noisy], batch), batch.targets)
+    noisy = _per_copy(logits[:, :n_noisy], batch)
+    diffusion, count = shifted_cross_entropy(noisy, batch.targets)
+    if certainty is not None:
+        weight, temperature = certainty
+        diffusion = diffusion + weight * certainty_forcing_entropy(noisy, batch.targets, temperature)[0]
     ar, _ = shifted_cross_entropy(logits[:, n_noisy:], batch.ar_targets)
     return ar_weight * ar + diffusion_weight * diffusion, count
 

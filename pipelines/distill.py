@@ -18,7 +18,10 @@ Two stages, one run:
    (`pipelines/finetune.py`: same flags, checkpoints, `--resume`, failure retries, servable export at
    `--output`), the objective being the §2 loss on both complementary views plus
    `--certainty-weight` (lambda, 2.0) x the mean entropy of softmax(logits / `--certainty-temperature`
-   (0.5)) over the masked positions the model already predicts correctly (`fdllm.objective`).
+   (0.5)) over the masked positions the model already predicts correctly (`fdllm.objective`). A
+   checkpoint fine-tuned with `--objective joint` is distilled with the joint objective whose
+   block-diffusion part carries that term ("joint-certainty"): it keeps its AR mode and so its
+   lossless `mode="speculative"`.
 
 `--block-size` and `--sub-block-size` must be the checkpoint's (its fdllm_config.json).
 `python pipelines/distill.py --help` lists every option; a YAML config holds them as in the fine-tune.
@@ -51,8 +54,10 @@ log = logging.getLogger("fdllm.distill")
 TRAJECTORIES_FILE, SUMMARY_FILE = "trajectories.jsonl", "summary.json"
 
 
-def check_checkpoint(cfg: DistillConfig) -> None:
-    """The model must be a block-diffusion checkpoint of this run's block layout (before any work starts)."""
+def check_checkpoint(cfg: DistillConfig) -> DistillConfig:
+    """The model must be a block-diffusion checkpoint of this run's block layout (before any work starts).
+    Returns the run's config: a causal-prefix (joint) checkpoint is distilled with the joint objective
+    carrying the certainty term ("joint-certainty"), so it keeps its AR and speculative modes."""
     from fdllm.config import BlockDiffusionConfig
 
     saved = BlockDiffusionConfig.load(local_checkpoint(cfg.model, weights=False))
@@ -62,8 +67,11 @@ def check_checkpoint(cfg: DistillConfig) -> None:
     if (saved.block_size, saved.sub_block_size) != (cfg.block_size, cfg.sub_block_size):
         raise ValueError(f"--block-size/--sub-block-size ({cfg.block_size}/{cfg.sub_block_size}) must be the "
                          f"checkpoint's ({saved.block_size}/{saved.sub_block_size})")
-    if saved.causal_prefix:
-        raise ValueError("distilling a causal-prefix (joint objective) checkpoint is not supported")
+    if saved.causal_prefix and cfg.objective == "certainty":
+        log.info("%s was fine-tuned with the joint objective (causal clean stream): distilling with "
+                 "joint-certainty, which keeps its AR loss and causal prefix", cfg.model)
+        return dataclasses.replace(cfg, objective="joint-certainty")
+    return cfg
 
 
 def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
@@ -123,7 +131,7 @@ def run(cfg: DistillConfig) -> "ray.train.Result":
     import ray
 
     cfg = resolve_run(cfg)
-    check_checkpoint(cfg)
+    cfg = check_checkpoint(cfg)
     if not cfg.trajectories:
         cfg = dataclasses.replace(cfg, trajectories=join(cfg.storage_path, cfg.run_name, "trajectories"))
     if not ray.is_initialized():

@@ -239,9 +239,10 @@ def format_table(rows: list[EvalRow]) -> str:
 
 def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
     """Accuracy (%) against tokens per forward of the rows at `batch_size` (None: all): per task (the whole set when there
-    is one task), model and policy family (`EvalRow.family`) a line through its diffusion rows, each
-    point labelled with its threshold or entropy budget; the AR rows as single points at one token per
-    forward. The frontier of each policy shows as its own curve. A matplotlib Figure (Agg: no display needed)."""
+    is one task), model, mode (diffusion, speculative) and policy family (`EvalRow.family`) a line through
+    its rows, each point labelled with its threshold or entropy budget; the AR rows as single points at
+    one token per forward. The frontier of each policy shows as its own curve. A matplotlib Figure (Agg:
+    no display needed)."""
     from matplotlib.figure import Figure
 
     picked = [r for r in rows if batch_size is None or r.batch_size == batch_size]
@@ -250,7 +251,8 @@ def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
     ax = fig.subplots()
     colors = [f"C{i}" for i in range(10)]
     styles = ["o-", "^--", "s:", "v-.", "D-", "P--"]
-    families = list(dict.fromkeys(r.family for r in picked if r.mode == "diffusion"))
+    curves = list(dict.fromkeys((r.mode, r.family) for r in picked if r.mode != "ar"))
+    one_mode, one_family = len({mode for mode, _ in curves}) == 1, len({family for _, family in curves}) == 1
     for i, task in enumerate(tasks):
         color = colors[i % len(colors)]
         for model in dict.fromkeys(r.label for r in picked if r.task == task):
@@ -258,12 +260,11 @@ def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
             for r in (r for r in ours if r.mode == "ar"):
                 ax.scatter([r.tokens_per_forward], [100 * r.accuracy], color=color, marker="s", zorder=3,
                            label=f"{task}: {model} (AR)")
-            for j, family in enumerate(families):
-                curve = sorted((r for r in ours if r.mode == "diffusion" and r.family == family),
-                               key=lambda r: r.parameter_order)
+            for j, (mode, family) in enumerate(curves):
+                curve = sorted((r for r in ours if r.mode == mode and r.family == family), key=lambda r: r.parameter_order)
                 if not curve:
                     continue
-                name = "diffusion" if len(families) == 1 else family
+                name = mode if one_family else family if one_mode else f"{mode}, {family}"
                 ax.plot([r.tokens_per_forward for r in curve], [100 * r.accuracy for r in curve],
                         styles[j % len(styles)], color=color, label=f"{task}: {model} ({name})")
                 for r in curve:

@@ -17,7 +17,7 @@ import yaml
 from fdllm.paths import resolve_local
 from pipelines.data import DataConfig
 
-OBJECTIVES = ("diffusion", "joint", "certainty")
+OBJECTIVES = ("diffusion", "joint", "certainty", "joint-certainty")
 WRONG_TRAJECTORIES = ("drop", "reference")
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> Any:
@@ -58,7 +58,8 @@ class FinetuneConfig:
     objective: str = _opt(
         "diffusion: the block-diffusion loss (§2); joint: + the AR next-token loss of a causal clean stream "
         "(§5), for mode='speculative' (the checkpoint records prefix_attention='causal'); certainty: + the "
-        "certainty-forcing entropy term of self-distillation (§5, pipelines/distill.py)",
+        "certainty-forcing entropy term of self-distillation (§5, pipelines/distill.py); joint-certainty: "
+        "joint whose block-diffusion part carries that term (distilling a joint checkpoint)",
         OBJECTIVES, default="diffusion")
     ar_loss_weight: float = _opt("joint objective: weight of the AR next-token loss", default=0.5)
     diffusion_loss_weight: float = _opt("joint objective: weight of the block-diffusion loss", default=0.5)
@@ -132,6 +133,12 @@ class FinetuneConfig:
     @property
     def global_batch(self) -> int:
         return self.num_workers * self.batch_size
+
+    @property
+    def causal_prefix(self) -> bool:
+        """Whether the objective trains a causal clean stream with the AR loss (the joint ones): the
+        checkpoint then records prefix_attention='causal' and serves mode='speculative'."""
+        return self.objective.startswith("joint")
 
     def total_steps(self) -> int:
         """Steps of the run (and of the cosine schedule): the tighter of max_steps and max_tokens."""

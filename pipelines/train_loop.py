@@ -101,8 +101,8 @@ def diffusion_loss_sum(
     from (seed, step, row content): the noise of a sequence is the same on any worker layout.
     `joint_weights` (ar, diffusion): the joint objective (`fdllm.objective.joint_loss`) instead.
     `certainty` (lambda, T): the self-distillation loss (`fdllm.objective.certainty_forcing_loss`)
-    instead; its entropy term is a mean over this worker's correct positions, weighted across
-    workers like the cross-entropy (by masked-token share).
+    instead, or with `joint_weights` the joint loss's diffusion part; its entropy term is a mean over
+    this worker's correct positions, weighted across workers like the cross-entropy (by masked-token share).
     """
     ids_BL, labels_BL, pos_BL, docs_BL = (torch.from_numpy(batch[c]).long() for c in BATCH_COLUMNS)
     rows = []
@@ -122,7 +122,7 @@ def diffusion_loss_sum(
         noisy_streams=rows[0].noisy_streams,
     )
     if joint_weights is not None:
-        loss, count = joint_loss(model, noised, block_size, *joint_weights)
+        loss, count = joint_loss(model, noised, block_size, *joint_weights, certainty=certainty)
     elif certainty is not None:
         loss, count = certainty_forcing_loss(model, noised, block_size, *certainty)
     else:
@@ -133,8 +133,8 @@ def diffusion_loss_sum(
 def objective_kwargs(cfg: FinetuneConfig) -> dict[str, tuple[float, float] | None]:
     """`diffusion_loss_sum`'s objective arguments for the run's `objective`."""
     return {
-        "joint_weights": (cfg.ar_loss_weight, cfg.diffusion_loss_weight) if cfg.objective == "joint" else None,
-        "certainty": (cfg.certainty_weight, cfg.certainty_temperature) if cfg.objective == "certainty" else None,
+        "joint_weights": (cfg.ar_loss_weight, cfg.diffusion_loss_weight) if cfg.causal_prefix else None,
+        "certainty": (cfg.certainty_weight, cfg.certainty_temperature) if "certainty" in cfg.objective else None,
     }
 
 
@@ -363,7 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.info("resumed from step %d (epoch %d, %d sequences into it)", state.step, state.epoch, state.consumed)
     block_cfg = BlockDiffusionConfig(
         block_size=cfg.block_size, sub_block_size=cfg.sub_block_size, mask_token_id=mask_id, eps=cfg.eps,
-        prefix_attention="causal" if cfg.objective == "joint" else "block_causal",
+        prefix_attention="causal" if cfg.causal_prefix else "block_causal",
     )
 
     total_steps = cfg.total_steps()

@@ -139,3 +139,20 @@ def test_each_objective_reaches_its_loss():
     assert objective_kwargs(joint) == {"joint_weights": (0.3, 0.5), "certainty": None}
     assert objective_kwargs(DistillConfig(model="m", data=["d"], max_steps=1, objective="diffusion")) == {
         "joint_weights": None, "certainty": None}
+    both = DistillConfig(model="m", data=["d"], max_steps=1, objective="joint-certainty", certainty_weight=1.5)
+    assert objective_kwargs(both) == {"joint_weights": (0.5, 0.5), "certainty": (1.5, 0.5)}
+    assert both.causal_prefix and joint.causal_prefix and not cfg.causal_prefix
+
+
+def test_a_joint_checkpoint_is_distilled_keeping_its_causal_mode(dllm_dir, tmp_path):
+    """A causal-prefix checkpoint asked for the certainty objective trains joint-certainty (its AR loss
+    and causal clean stream stay); other objectives are left as asked."""
+    import shutil
+
+    shutil.copytree(dllm_dir, tmp_path / "joint")
+    fdllm.BlockDiffusionConfig.from_checkpoint(tmp_path / "joint", prefix_attention="causal").save(tmp_path / "joint")
+    kw = {"model": str(tmp_path / "joint"), "data": ["d"], "max_steps": 1, "block_size": 8, "sub_block_size": 4,
+          "seq_len": 64}
+    assert check_checkpoint(DistillConfig(**kw)).objective == "joint-certainty"
+    assert check_checkpoint(DistillConfig(**kw, objective="diffusion")).objective == "diffusion"
+    assert check_checkpoint(DistillConfig(**(kw | {"model": str(dllm_dir)}))).objective == "certainty"

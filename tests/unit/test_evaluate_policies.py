@@ -3,6 +3,7 @@ frontier curve per policy family, the CLI parses `--policies`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -49,6 +50,10 @@ def test_run_evaluation_sweeps_policies_and_plots_one_curve_per_family(dllm_dir,
     eb = [r for r in rows if r.task == "x" and r.family == "entropy budget"]
     line = ax.lines[labels.index("x: " + dllm_dir.name + " (entropy budget)")]
     assert list(line.get_xdata()) == [r.tokens_per_forward for r in eb]  # gamma ascending
+    speculative = [dataclasses.replace(r, mode="speculative") for r in rows if r.mode == "diffusion"]
+    (ax,) = accuracy_figure(rows + speculative).axes  # a curve per mode and family, both named
+    assert len(ax.lines) == 2 * 2 * 3 and "y: " + dllm_dir.name + " (speculative, threshold)" in [
+        line.get_label() for line in ax.lines]
     # the CLI: --policies replaces --thresholds
     out = tmp_path / "rows.json"
     main(["--model", str(dllm_dir), "--data", str(records), "--modes", "diffusion", "--policies", "thr=0.9,eb=1+delim=0.5",

@@ -284,6 +284,29 @@ def test_joint_loss_is_hf_causal_lm_loss_plus_the_causal_prefix_diffusion_loss(q
     assert not math.isclose(diffusion.item(), block_causal.item(), rel_tol=1e-4)
 
 
+def test_joint_loss_with_certainty_adds_the_entropy_term_to_its_diffusion_part(qwen2_dir):
+    """joint-certainty = w_ar * AR + w_diff * (diffusion CE + lambda * the certainty-forcing entropy of the
+    same noisy logits), those logits taken under the causal clean stream."""
+    import dataclasses
+
+    from fdllm.objective import _noisy_logits, certainty_forcing_entropy, joint_loss
+
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=2, L=16, prompt=5, seed=3)
+    batch = two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = _noisy_logits(model, batch, 4, "dense", causal_prefix=True)
+        targets = batch.targets.clone()  # every masked target what the model predicts: all "correct"
+        masked = targets[:, 1:] != IGNORE_INDEX
+        targets[:, 1:][masked] = logits[:, :-1].argmax(-1)[masked]
+        batch = dataclasses.replace(batch, targets=targets)
+        plain, _ = joint_loss(model, batch, 4, 0.3, 1.2, mask_impl="dense")
+        both, _ = joint_loss(model, batch, 4, 0.3, 1.2, mask_impl="dense", certainty=(2.0, 0.5))
+        entropy, correct = certainty_forcing_entropy(logits, targets, 0.5)
+    assert int(correct) == int(masked.sum()) > 0 and entropy.item() > 0
+    assert math.isclose(both.item(), plain.item() + 1.2 * 2.0 * entropy.item(), rel_tol=1e-5)
+
+
 def test_joint_loss_needs_ar_targets(qwen2_dir):
     from fdllm.objective import TwoStreamBatch, joint_loss
 
