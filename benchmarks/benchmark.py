@@ -11,7 +11,8 @@ r"""Benchmarks of the fdllm engine (run from the repository root after `pip inst
 
 `decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
 (yardstick), the engine's AR mode, block diffusion with the sub-block cache off and on, and
-self-speculative decoding (diffusion drafts, causal verify: the AR output). It
+self-speculative decoding (diffusion drafts, causal verify: the AR output) with and without the
+lookahead (a verify that also drafts the next round). It
 prints forwards (model forward passes of the run), tokens per forward (per request, mean; a
 speculative request counts its draft and verify forwards), the fraction of draft tokens accepted, tokens/s
 (generated tokens / wall time), ms per forward and peak memory (CUDA: peak allocated; CPU: peak RSS
@@ -168,22 +169,24 @@ def decode(args: argparse.Namespace) -> list[Row]:
                                       threshold=threshold, mask_token_id=mask_id,
                                       prefix_attention=saved.prefix_attention if saved else "block_causal")
     gen = torch.Generator().manual_seed(args.seed)
-    modes = [("ar", False, "ar"), ("diffusion, sub-block cache off", False, "diffusion"),
-             ("diffusion, sub-block cache on", True, "diffusion"), ("speculative", False, "speculative")]
+    # (row name, sub-block cache, mode, speculative lookahead)
+    modes = [("ar", False, "ar", True), ("diffusion, sub-block cache off", False, "diffusion", True),
+             ("diffusion, sub-block cache on", True, "diffusion", True), ("speculative", False, "speculative", True),
+             ("speculative, no lookahead", False, "speculative", False)]
 
-    def engine_for(batch: int, cache_on: bool) -> Callable[[], fdllm.Engine]:
+    def engine_for(batch: int, cache_on: bool, lookahead: bool) -> Callable[[], fdllm.Engine]:
         pages = batch * math.ceil((args.prompt_len + args.max_new_tokens) / args.block_size)
-        ecfg = fdllm.EngineConfig(num_pages=pages, max_num_seqs=batch,
+        ecfg = fdllm.EngineConfig(num_pages=pages, max_num_seqs=batch, speculative_lookahead=lookahead,
                                   max_prefill_tokens=max(batch * args.prompt_len, args.block_size))
         return lambda: fdllm.Engine(model, None, base.replace(use_sub_block_cache=cache_on), ecfg)
 
     rows = []
     for batch in args.batch_sizes:
         prompts = torch.randint(0, mask_id, (batch, args.prompt_len), generator=gen).tolist()
-        for name, cache_on, mode in modes:
+        for name, cache_on, mode, lookahead in modes:
             params = fdllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, mode=mode)
-            run_engine(engine_for(batch, cache_on), prompts[:1], params, name, device)  # warm-up
-            make = engine_for(batch, cache_on)
+            run_engine(engine_for(batch, cache_on, lookahead), prompts[:1], params, name, device)  # warm-up
+            make = engine_for(batch, cache_on, lookahead)
             rows.append(best_of(args.repeats, run_engine, make, prompts, params, name, device))
             log.info("%s batch %d: %.1f tokens/s", name, batch, rows[-1].tokens_per_s)
         run_hf(hf, prompts[:1], 2, mask_id, device)  # warm-up
@@ -209,7 +212,8 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     by = {(r.mode, r.batch): r for r in rows}
     ar = by[("ar", small)]
     print()
-    for mode in ("diffusion, sub-block cache off", "diffusion, sub-block cache on", "speculative"):
+    for mode in ("diffusion, sub-block cache off", "diffusion, sub-block cache on", "speculative",
+                 "speculative, no lookahead"):
         step = by[(mode, small)]
         print(f"{mode}: one step costs {step.ms_per_forward / ar.ms_per_forward:.2f}x an AR step at batch {small} "
               f"(target <= 1.3x); {step.tokens_per_s / ar.tokens_per_s:.2f}x AR tokens/s")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -238,46 +239,59 @@ def format_table(rows: list[EvalRow]) -> str:
 
 
 def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
-    """Accuracy (%) against tokens per forward of the rows at `batch_size` (None: all): per task (the whole set when there
-    is one task), model, mode (diffusion, speculative) and policy family (`EvalRow.family`) a line through
-    its rows, each point labelled with its threshold or entropy budget; the AR rows as single points at
-    one token per forward. The frontier of each policy shows as its own curve. A matplotlib Figure (Agg:
-    no display needed)."""
+    """Accuracy (%) against tokens per forward of the rows at `batch_size` (None: all), one panel per task
+    (the whole set when there is one task) on a shared y axis. In each panel the AR rows are points at one
+    token per forward and every model x mode (diffusion, speculative) x policy family (`EvalRow.family`)
+    is a line through its rows, each point labelled with its threshold or entropy budget: the frontier of
+    each policy is its own curve. A colour per model and mode, a line style per family, one legend below
+    the panels. A matplotlib Figure (Agg: no display needed)."""
     from matplotlib.figure import Figure
 
     picked = [r for r in rows if batch_size is None or r.batch_size == batch_size]
     tasks = sorted({r.task for r in picked} - {ALL_TASKS}) or [ALL_TASKS]
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    colors = [f"C{i}" for i in range(10)]
+    series = list(dict.fromkeys((r.label, r.mode, r.family) for r in picked if r.mode != "ar"))
+    colors = {key: f"C{i % 10}" for i, key in enumerate(dict.fromkeys((label, mode) for label, mode, _ in series))}
+    families = list(dict.fromkeys(family for _, _, family in series))
     styles = ["o-", "^--", "s:", "v-.", "D-", "P--"]
-    curves = list(dict.fromkeys((r.mode, r.family) for r in picked if r.mode != "ar"))
-    one_mode, one_family = len({mode for mode, _ in curves}) == 1, len({family for _, family in curves}) == 1
-    for i, task in enumerate(tasks):
-        color = colors[i % len(colors)]
-        for model in dict.fromkeys(r.label for r in picked if r.task == task):
-            ours = [r for r in picked if r.task == task and r.label == model]
-            for r in (r for r in ours if r.mode == "ar"):
-                ax.scatter([r.tokens_per_forward], [100 * r.accuracy], color=color, marker="s", zorder=3,
-                           label=f"{task}: {model} (AR)")
-            for j, (mode, family) in enumerate(curves):
-                curve = sorted((r for r in ours if r.mode == mode and r.family == family), key=lambda r: r.parameter_order)
-                if not curve:
-                    continue
-                name = mode if one_family else family if one_mode else f"{mode}, {family}"
-                ax.plot([r.tokens_per_forward for r in curve], [100 * r.accuracy for r in curve],
-                        styles[j % len(styles)], color=color, label=f"{task}: {model} ({name})")
-                for r in curve:
-                    if r.parameter is not None:
-                        ax.annotate(f"{r.parameter:g}", (r.tokens_per_forward, 100 * r.accuracy), fontsize=7,
-                                    textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("tokens per forward")
-    ax.set_ylabel("exact-match accuracy (%)")
+    one_mode, one_family = len({mode for _, mode, _ in series}) <= 1, len(families) <= 1
+
+    def name(label: str, mode: str, family: str) -> str:
+        detail = mode if one_family else family if one_mode else f"{mode}, {family}"
+        return f"{label} ({detail})"
+
+    ar_labels = list(dict.fromkeys(r.label for r in picked if r.mode == "ar"))
+    legend_rows = math.ceil((len(series) + len(ar_labels)) / 2)
+    fig = Figure(figsize=(max(7.0, 3.4 * len(tasks)), 3.8 + 0.2 * legend_rows))
+    axes = fig.subplots(1, len(tasks), sharey=True, squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        ours = [r for r in picked if r.task == task]
+        for r in (r for r in ours if r.mode == "ar"):
+            ax.scatter([r.tokens_per_forward], [100 * r.accuracy], color="black", marker="s", zorder=3,
+                       label=f"{r.label} (AR)")
+        for label, mode, family in series:
+            curve = sorted((r for r in ours if (r.label, r.mode, r.family) == (label, mode, family)),
+                           key=lambda r: r.parameter_order)
+            if not curve:
+                continue
+            ax.plot([r.tokens_per_forward for r in curve], [100 * r.accuracy for r in curve],
+                    styles[families.index(family) % len(styles)], color=colors[(label, mode)],
+                    label=name(label, mode, family))
+            for r in curve:
+                if r.parameter is not None:
+                    ax.annotate(f"{r.parameter:g}", (r.tokens_per_forward, 100 * r.accuracy), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("tokens per forward")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact-match accuracy (%)")
+    handles = {}
+    for ax in axes:  # a curve missing from one panel still gets its legend entry
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=2, fontsize=7, frameon=False)
     regime = f"batch {batch_size}" if batch_size is not None else "batch " + ", ".join(sorted({str(r.batch_size) for r in picked}))
-    ax.set_title(f"accuracy vs tokens per forward ({regime}; labels: threshold or entropy budget)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    fig.suptitle(f"accuracy vs tokens per forward ({regime}; labels: threshold or entropy budget)", fontsize=10)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.15) / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -353,7 +367,9 @@ def _policies(text: str) -> tuple[Policy, ...]:
 
 def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint dir to evaluate (fdllm/HF format)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint dir to evaluate (fdllm/HF format); a comma list evaluates each in turn "
+                        "into one table and figure (e.g. a fine-tuned model and its distilled version)")
     parser.add_argument("--data", required=True, help="jsonl of {prompt, answer}")
     parser.add_argument("--base", help="AR base checkpoint, evaluated with AR decoding as the reference row")
     parser.add_argument("--modes", default="ar,diffusion", help="comma list of ar, diffusion, speculative")
@@ -380,10 +396,12 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     modes = tuple(m for m in args.modes.split(",") if m)
     if unknown := set(modes) - set(fdllm.engine.params.MODES):
         parser.error(f"unknown modes {sorted(unknown)}")
+    rows = []
     try:
-        rows = run_evaluation(args.model, args.data, args.base, modes, args.thresholds, args.max_new_tokens, args.limit,
-                              args.device, parse_dtype(args.dtype), args.batch_size, args.quantization, args.policies,
-                              args.sub_block_size)
+        for i, model in enumerate(m for m in args.model.split(",") if m):
+            rows += run_evaluation(model, args.data, args.base if i == 0 else None, modes, args.thresholds,
+                                   args.max_new_tokens, args.limit, args.device, parse_dtype(args.dtype),
+                                   args.batch_size, args.quantization, args.policies, args.sub_block_size)
     except ValueError as e:  # bad data or a sub-block that does not divide the block: say so, no traceback
         parser.error(str(e))
     print(format_table(rows))

@@ -12,6 +12,7 @@ def test_decode_benchmark_smoke(capsys):
         "--max-new-tokens", "8", "--block-size", "4", "--sub-block-size", "2", "--device", "cpu",
     ])
     out = capsys.readouterr().out
-    for mode in ("ar", "diffusion, sub-block cache off", "diffusion, sub-block cache on", "speculative", "hf generate"):
+    for mode in ("ar", "diffusion, sub-block cache off", "diffusion, sub-block cache on", "speculative",
+                 "speculative, no lookahead", "hf generate"):
         assert f"{mode}: batch 2 gives" in out
     assert "costs" in out and "tokens/s" in out

@@ -72,13 +72,13 @@ def test_scaled_down_chain(tmp_path):
     assert all(0 < r.tokens_per_forward <= 1.0 for r in thr1)  # threshold 1.0: one position per step, plus block commits
     assert len(format_table(rows).splitlines()) == 2 + len(rows)  # header, rule, one line per row
 
-    # The picture: accuracy (y) against tokens per forward (x); per task an AR point and a
+    # The picture: accuracy (y) against tokens per forward (x); a panel per task with an AR point and a
     # diffusion line through the thresholds, at the rows' own coordinates; a non-empty PNG on disk.
     fig = accuracy_figure(rows)
-    (ax,) = fig.axes
-    assert ax.get_xlabel() == "tokens per forward" and "accuracy" in ax.get_ylabel()
-    assert len(ax.lines) == len(tasks) and len(ax.collections) == len(tasks)  # lines: diffusion, points: AR
-    first = ax.lines[0]
+    assert [ax.get_title() for ax in fig.axes] == tasks
+    assert all(ax.get_xlabel() == "tokens per forward" for ax in fig.axes) and "accuracy" in fig.axes[0].get_ylabel()
+    assert all(len(ax.lines) == 1 and len(ax.collections) == 1 for ax in fig.axes)  # lines: diffusion, points: AR
+    first = fig.axes[0].lines[0]
     curve = [r for r in rows if r.mode == "diffusion" and r.task == tasks[0]]
     assert list(first.get_xdata()) == [r.tokens_per_forward for r in curve]
     assert list(first.get_ydata()) == [100 * r.accuracy for r in curve]

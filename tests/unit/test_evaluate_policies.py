@@ -43,17 +43,17 @@ def test_run_evaluation_sweeps_policies_and_plots_one_curve_per_family(dllm_dir,
     assert {r.family for r in diffusion} == {"threshold", "entropy budget", "entropy budget + delimiter 0.2"}
     assert all(isinstance(EvalRow(**r.to_json()), EvalRow) for r in rows)  # the JSON keeps the policy fields
     assert "eb 4 +d0.2" in format_table(rows)
-    (ax,) = accuracy_figure(rows).axes
-    assert len(ax.lines) == 2 * 3  # tasks x and y, three families each
-    labels = [line.get_label() for line in ax.lines]
-    assert "x: " + dllm_dir.name + " (entropy budget)" in labels
+    x, y = accuracy_figure(rows).axes  # a panel per task
+    assert [ax.get_title() for ax in (x, y)] == ["x", "y"] and len(x.lines) == len(y.lines) == 3  # three families
+    labels = [line.get_label() for line in x.lines]
     eb = [r for r in rows if r.task == "x" and r.family == "entropy budget"]
-    line = ax.lines[labels.index("x: " + dllm_dir.name + " (entropy budget)")]
+    line = x.lines[labels.index(dllm_dir.name + " (entropy budget)")]
     assert list(line.get_xdata()) == [r.tokens_per_forward for r in eb]  # gamma ascending
     speculative = [dataclasses.replace(r, mode="speculative") for r in rows if r.mode == "diffusion"]
-    (ax,) = accuracy_figure(rows + speculative).axes  # a curve per mode and family, both named
-    assert len(ax.lines) == 2 * 2 * 3 and "y: " + dllm_dir.name + " (speculative, threshold)" in [
-        line.get_label() for line in ax.lines]
+    fig = accuracy_figure(rows + speculative)  # a curve per mode and family, both named; one legend
+    assert [len(ax.lines) for ax in fig.axes] == [2 * 3, 2 * 3]
+    (legend,) = fig.legends
+    assert dllm_dir.name + " (speculative, threshold)" in [t.get_text() for t in legend.get_texts()]
     # the CLI: --policies replaces --thresholds
     out = tmp_path / "rows.json"
     main(["--model", str(dllm_dir), "--data", str(records), "--modes", "diffusion", "--policies", "thr=0.9,eb=1+delim=0.5",
@@ -80,3 +80,20 @@ def test_sub_block_size_replaces_the_checkpoints_at_decode_time(dllm_dir, record
         main(["--model", str(dllm_dir), "--data", str(records), "--sub-block-size", "3"])
     assert exit_.value.code == 2
     assert "divisible by sub_block_size (3)" in capsys.readouterr().err
+
+
+def test_a_comma_list_of_models_is_one_table_with_the_base_once(dllm_dir, qwen2_dir, records, tmp_path):
+    """`--model A,B` (a fine-tuned model and its distilled version, say): each model's rows in turn, the
+    AR base's once, one figure with a curve per model."""
+    import shutil
+
+    other = shutil.copytree(dllm_dir, tmp_path / "distilled")
+    plot = tmp_path / "frontier.png"
+    rows = main(["--model", f"{dllm_dir},{other}", "--base", str(qwen2_dir), "--data", str(records), "--modes",
+                 "diffusion", "--thresholds", "0.9,0.5", "--max-new-tokens", "4", "--plot", str(plot)])
+    whole = [(r.model, r.mode, r.policy) for r in rows if r.task == "all"]
+    assert whole == [(qwen2_dir.name, "ar", "-"), (dllm_dir.name, "diffusion", "thr 0.9"),
+                     (dllm_dir.name, "diffusion", "thr 0.5"), ("distilled", "diffusion", "thr 0.9"),
+                     ("distilled", "diffusion", "thr 0.5")]
+    assert [len(ax.lines) for ax in accuracy_figure(rows).axes] == [2, 2]  # tasks x, y: one curve per model
+    assert plot.stat().st_size > 0
