@@ -40,14 +40,8 @@ NOT_HERE: dict[str, list[tuple[str, str]]] = {
         (r"&& python -m pytest", "the test suite itself (`.ci/run` runs it)"),
         (r"benchmark", "benchmarks take minutes; their smoke tests are in tests/benchmarks and tests/kernels"),
         (r"mutmut run", "mutation testing takes hours on 2 cores: run by hand (tests/MUTATION.md), not in CI"),
-        (r"evaluate\.py --model (DIR|/tmp/fdllm/tiny-joint) --", "needs a checkpoint fine-tuned with "
-         "--objective joint; tests/unit/test_speculative.py holds speculative == AR on such a model"),
-        (r"^python pipelines/finetune\.py .*--objective joint", "the fine-tune run above plus one flag, 1000 steps; "
-         "tests/integration/test_cloud_path.py fine-tunes with --objective joint through Ray Train and serves it"),
         (r"evaluate\.py .*--quantization", "the evaluate command above plus one flag; tests/unit/test_quantization.py "
                                             "runs evaluate with --quantization"),
-        (r"evaluate\.py .*--sub-block-size", "the evaluate command above plus one flag; "
-         "tests/unit/test_evaluate_policies.py runs evaluate with --sub-block-size"),
         (r"^python pipelines/distill\.py", "needs the fine-tune's output and decodes 20,000 prompts before training; "
          "tests/integration/test_distill.py runs distill end to end on a tiny model"),
         (r"evaluate\.py .*--policies", "needs the distilled model; tests/unit/test_evaluate_policies.py runs evaluate "
@@ -124,8 +118,8 @@ RAY_STOP = next(c for c in README if c == "ray stop")
 FDLLM_SERVE = next(c for c in README if c.startswith("fdllm-serve"))
 SERVE_RUN = "serve run serve/config.yaml"  # the README's alternative to fdllm-serve (in its comment)
 CURL = next(c for c in README if c.startswith("curl "))
-EVALUATE = next(c for c in README if c.startswith("python pipelines/evaluate.py --model runs/quickstart/"))
-RUN_HERE = {QUICKSTART, FINETUNE, RAY_START, JOB_SUBMIT, RAY_STOP, FDLLM_SERVE, SERVE_RUN, CURL, EVALUATE}
+EVALUATES = [c for c in README if c.startswith("python pipelines/evaluate.py --model runs/quickstart/")]
+RUN_HERE = {QUICKSTART, FINETUNE, RAY_START, JOB_SUBMIT, RAY_STOP, FDLLM_SERVE, SERVE_RUN, CURL, *EVALUATES}
 
 
 def test_every_documented_command_is_accounted_for():
@@ -143,6 +137,7 @@ def test_documented_commands_parse():
     """Cheap: the extraction finds the README's commands (a broken fence would hide them all)."""
     assert len(README) >= 8 and all("\n" not in c or "<<" in c for c in README)
     assert "--working-dir . -- python pipelines/finetune.py" in JOB_SUBMIT
+    assert len(EVALUATES) == 3 and any("speculative" in c for c in EVALUATES)
 
 
 class Shell:
@@ -264,7 +259,8 @@ def test_readme_commands_run_as_written(tmp_path):
             finally:
                 stop(server)
 
-        shell.run(EVALUATE, " --limit 4")
+        for evaluate in EVALUATES:  # on the quickstart's (joint) checkpoint: every mode, larger sub-blocks
+            shell.run(evaluate, " --limit 4")
         for snippet in python_snippets("README.md"):  # "Use it from Python", on the quickstart's checkpoint
             shell.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(snippet)}", timeout=300)
     finally:
