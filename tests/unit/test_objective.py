@@ -301,8 +301,8 @@ def test_joint_loss_with_certainty_adds_the_entropy_term_to_its_diffusion_part(q
         targets[:, 1:][masked] = logits[:, :-1].argmax(-1)[masked]
         batch = dataclasses.replace(batch, targets=targets)
         plain, _ = joint_loss(model, batch, 4, 0.3, 1.2, mask_impl="dense")
-        both, _ = joint_loss(model, batch, 4, 0.3, 1.2, mask_impl="dense", certainty=(2.0, 0.5))
-        entropy, correct = certainty_forcing_entropy(logits, targets, 0.5)
+        both, _ = joint_loss(model, batch, 4, 0.3, 1.2, mask_impl="dense", certainty=(2.0, 0.25))
+        entropy, correct = certainty_forcing_entropy(logits, targets, 0.25)  # not the default T
     assert int(correct) == int(masked.sum()) > 0 and entropy.item() > 0
     assert math.isclose(both.item(), plain.item() + 1.2 * 2.0 * entropy.item(), rel_tol=1e-5)
 
