@@ -74,6 +74,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.allocator, max_num_seqs=engine_config.max_num_seqs,
             max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L,
+            lookahead_max_batch=engine_config.speculative_lookahead_max_batch,
         )
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
         # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while

@@ -148,6 +148,10 @@ class EngineConfig:
     # Speculative mode: a verify forward (and the prompt's last prefill chunk) also drafts the next
     # round, so a fully accepted round costs one forward, not a draft plus a verify. Same tokens either way.
     speculative_lookahead: bool = True
+    # ... but only in steps with at most this many running requests (None: every step). The lookahead adds a
+    # block of query rows to each verify: a latency win that can cost throughput where forwards are
+    # compute-bound (large batches; vLLM's speculative_disable_by_batch_size plays the same role).
+    speculative_lookahead_max_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -158,6 +162,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
+        if self.speculative_lookahead_max_batch is not None and self.speculative_lookahead_max_batch < 1:
+            raise ValueError(f"speculative_lookahead_max_batch must be >= 1 or None, got {self.speculative_lookahead_max_batch}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.attention_backend not in ATTENTION_BACKENDS:

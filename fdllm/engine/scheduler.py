@@ -16,9 +16,13 @@ from fdllm.engine.sequence import Sequence, Work
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, *, max_num_seqs: int, max_prefill_tokens: int, block_size: int) -> None:
+    def __init__(self, allocator: PageAllocator, *, max_num_seqs: int, max_prefill_tokens: int, block_size: int,
+                 lookahead_max_batch: int | None = None) -> None:
+        """`lookahead_max_batch`: speculative lookahead only in steps with at most this many running
+        sequences (EngineConfig.speculative_lookahead_max_batch; None: in every step)."""
         self.allocator = allocator
         self.max_num_seqs, self.max_prefill_tokens, self.block_size = max_num_seqs, max_prefill_tokens, block_size
+        self.lookahead_max_batch = lookahead_max_batch
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -36,10 +40,11 @@ class Scheduler:
                 break  # FIFO: a large request is not overtaken by smaller ones behind it
             self.running.append(self.waiting.popleft())
         budget = self.max_prefill_tokens
+        lookahead = self.lookahead_max_batch is None or len(self.running) <= self.lookahead_max_batch
         works, failed = [], []
         for seq in self.running:
             try:
-                work = seq.next_work(budget)
+                work = seq.next_work(budget, lookahead)
             except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
                 failed.append((seq, exc))
                 continue

@@ -148,13 +148,15 @@ class Sequence:
         """Flat cache slot of the token at `pos`."""
         return self.pages[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def next_work(self, prefill_budget: int) -> Work | None:
-        """This step's work; None if it is still prefilling and the step's prefill budget is spent."""
+    def next_work(self, prefill_budget: int, lookahead: bool = True) -> Work | None:
+        """This step's work; None if it is still prefilling and the step's prefill budget is spent.
+        `lookahead`: the scheduler allows this step's speculative lookahead (a small enough batch)."""
+        lookahead = lookahead and self.lookahead
         if self.is_speculative and not self.num_prefill_left:
-            return self._speculative_work()
-        return self._ar_work(prefill_budget) if self.is_causal else self._diffusion_work(prefill_budget)
+            return self._speculative_work(lookahead)
+        return self._ar_work(prefill_budget, lookahead) if self.is_causal else self._diffusion_work(prefill_budget)
 
-    def _ar_work(self, prefill_budget: int) -> Work | None:
+    def _ar_work(self, prefill_budget: int, lookahead: bool) -> Work | None:
         left = self.num_prefill_left
         if left:
             n = min(left, prefill_budget)
@@ -167,7 +169,7 @@ class Sequence:
                 rows=[AttentionRow(n, start + n, self.pages, causal=True)],
                 logit_rows=[n - 1] if done else [], candidates=[True] if done else [],
             )
-            if done and self.lookahead:
+            if done and lookahead:
                 self._add_lookahead(work, next_known=start + n)
             return work
         pos = len(self.tokens) - 1  # the last token is the only one without K/V
@@ -176,7 +178,7 @@ class Sequence:
             logit_rows=[0], candidates=[True],
         )
 
-    def _speculative_work(self) -> Work:
+    def _speculative_work(self, lookahead: bool) -> Work:
         """A draft step while the draft has masks, else the verify forward (METHOD.md §5).
 
         Known tokens end at c - 1 = e and positions < e have exact causal K/V (e, the last known
@@ -200,7 +202,7 @@ class Sequence:
             seq=self, token_ids=fed, start=e, rows=[AttentionRow(len(fed), end, self.pages, causal=True)],
             logit_rows=list(range(len(fed))), candidates=[True] * len(fed), verify=True,
         )
-        if self.lookahead:
+        if lookahead:
             self._add_lookahead(work, next_known=end)
         return work
 

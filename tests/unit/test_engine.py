@@ -499,7 +499,7 @@ def test_error_planning_one_request_fails_it_alone(model):
     engine = make_engine(model)
     good = engine.add_request([1, 2, 3], params(max_new_tokens=8))
     bad = engine.add_request([4, 5, 6], params(max_new_tokens=8))
-    engine.scheduler.find(bad).next_work = lambda budget: 1 / 0
+    engine.scheduler.find(bad).next_work = lambda budget, lookahead=True: 1 / 0
     done = _finish_all(engine)
     assert done[bad].finish_reason == "error" and "ZeroDivisionError" in done[bad].error
     assert done[good].finish_reason == "length" and len(done[good].token_ids) == 8

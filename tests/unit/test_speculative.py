@@ -127,9 +127,10 @@ def test_rounds_feed_from_the_last_known_token_to_the_block_end(model):
     assert [(r.q_len, r.kv_len, r.causal) for r in verify.rows] == [(9, 16, True), (8, 24, False)]
     assert verify.token_ids[9:] == [MASK] * 8 and verify.logit_rows[9:] == list(range(9, 16))
     assert verify.lookahead == 7 and verify.sampled_rows == 9
-    seq.lookahead = False  # EngineConfig(speculative_lookahead=False): the verify alone
-    plain = seq.next_work(prefill_budget=0)
+    plain = seq.next_work(prefill_budget=0, lookahead=False)  # a step with too many running: the verify alone
     assert len(plain.rows) == 1 and plain.logit_rows == list(range(9)) and plain.lookahead == 0
+    seq.lookahead = False  # EngineConfig(speculative_lookahead=False): never
+    assert seq.next_work(prefill_budget=0).lookahead == 0
 
 
 def _predictions(tokens, probs):
@@ -173,6 +174,31 @@ def test_lookahead_saves_forwards_and_changes_no_token(joint_dir):
             prompts, params(mode="speculative", max_new_tokens=24))
     assert [r.token_ids for r in runs[True]] == [r.token_ids for r in runs[False]]
     assert sum(r.num_forwards for r in runs[True]) < sum(r.num_forwards for r in runs[False])
+
+
+def test_lookahead_only_in_steps_with_at_most_max_batch_running(joint_dir):
+    """EngineConfig.speculative_lookahead_max_batch: four requests running together decode as without
+    the lookahead, one alone as with it; the tokens never change."""
+    prompts = [[(s + i) % 30 for i in range(n)] for s, n in [(3, 5), (11, 8), (20, 13), (1, 16)]]
+
+    def run(batch, **engine_kw):
+        config = fdllm.EngineConfig(num_pages=64, **engine_kw)
+        engine = fdllm.Engine.from_pretrained(joint_dir, engine_config=config)
+        return engine.generate(batch, params(mode="speculative", max_new_tokens=24))
+
+    def forwards(results):
+        return [r.num_forwards for r in results]
+
+    on, off, capped = run(prompts), run(prompts, speculative_lookahead=False), run(prompts, speculative_lookahead_max_batch=3)
+    assert [r.token_ids for r in capped] == [r.token_ids for r in on] == [r.token_ids for r in off]
+    # requests 1 and 3 finish while all four run, so they never look ahead; request 2, left alone, does
+    assert [forwards(capped)[i] for i in (1, 3)] == [forwards(off)[i] for i in (1, 3)]
+    assert [forwards(on)[i] for i in (1, 3)] != [forwards(off)[i] for i in (1, 3)]
+    assert sum(forwards(on)) <= sum(forwards(capped)) < sum(forwards(off))
+    alone = run(prompts[:1], speculative_lookahead_max_batch=3)
+    assert forwards(alone) == forwards(run(prompts[:1])) < forwards(off[:1])
+    with pytest.raises(ValueError, match="speculative_lookahead_max_batch must be >= 1"):
+        fdllm.EngineConfig(speculative_lookahead_max_batch=0)
 
 
 def test_sampled_speculative_first_token_is_sampled_as_in_ar(model):
