@@ -21,6 +21,7 @@ import copy
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -224,6 +225,37 @@ def _boot_image(node_config: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # the set of files
+
+
+class _NoRepeatedKeys(yaml.SafeLoader):
+    """PyYAML, Ray and Serve keep the last of two equal keys without a word; here a repeat is an error."""
+
+
+def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"repeated key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_NoRepeatedKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
+def test_no_yaml_repeats_a_key():
+    """Every YAML file of the repository and the Serve configs embedded in the KubeRay manifests: a
+    merge once left two `engine:` blocks in the GPU Serve config, and the second silently won."""
+    listed = subprocess.run(["git", "ls-files", "*.yaml", "*.yml"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert GPU_SERVE_CONFIG in listed
+    for name in listed:
+        list(yaml.load_all((REPO / name).read_text(), Loader=_NoRepeatedKeys))
+    for name in KUBERAY_MANIFESTS:
+        for doc in yaml.load_all((KUBERAY / name).read_text(), Loader=_NoRepeatedKeys):
+            if "serveConfigV2" in (doc or {}).get("spec", {}):
+                yaml.load(doc["spec"]["serveConfigV2"], Loader=_NoRepeatedKeys)
 
 
 def test_cluster_folder_has_the_expected_files():
