@@ -213,9 +213,18 @@ def certainty_forcing_loss(
     + `weight` (lambda) * `certainty_forcing_entropy` at `temperature`, from one forward. Returns the
     loss and the masked-token count (the train loop normalises by it across workers)."""
     logits = _noisy_logits(model, batch, block_size, mask_impl, causal_prefix)
-    ce, count = shifted_cross_entropy(logits, batch.targets)
-    entropy, _ = certainty_forcing_entropy(logits, batch.targets, temperature)
-    return ce + weight * entropy, count
+    return _diffusion_cross_entropy(logits, batch.targets, (weight, temperature))
+
+
+def _diffusion_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor,
+                             certainty: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
+    """The noisy copies' loss and masked-token count: `shifted_cross_entropy`, plus lambda x
+    `certainty_forcing_entropy` at T when `certainty` = (lambda, T) (self-distillation)."""
+    ce, count = shifted_cross_entropy(logits_BLV, targets_BL)
+    if certainty is None:
+        return ce, count
+    weight, temperature = certainty
+    return ce + weight * certainty_forcing_entropy(logits_BLV, targets_BL, temperature)[0], count
 
 
 def joint_loss(
@@ -234,11 +243,7 @@ def joint_loss(
     mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix=True)
     n_noisy = batch.noisy_streams * batch.targets.shape[1]
     logits = model(batch.input_ids, batch.position_ids, mask)  # every stream
-    noisy = _per_copy(logits[:, :n_noisy], batch)
-    diffusion, count = shifted_cross_entropy(noisy, batch.targets)
-    if certainty is not None:
-        weight, temperature = certainty
-        diffusion = diffusion + weight * certainty_forcing_entropy(noisy, batch.targets, temperature)[0]
+    diffusion, count = _diffusion_cross_entropy(_per_copy(logits[:, :n_noisy], batch), batch.targets, certainty)
     ar, _ = shifted_cross_entropy(logits[:, n_noisy:], batch.ar_targets)
     return ar_weight * ar + diffusion_weight * diffusion, count
 

@@ -266,7 +266,7 @@ class ModelRunner:
         for i in readers:
             n = works[i].candidates.count(True)
             cands += n
-            sampled += works[i].candidates[: works[i].sampled_rows].count(True) if works[i].samples else 0
+            sampled += works[i].candidates[: works[i].settling_rows].count(True) if works[i].samples else 0
             entropy += n if works[i].needs_entropy else 0
         return HeadPlan(readers, cands, sampled, entropy)
 
@@ -287,7 +287,7 @@ class ModelRunner:
                     continue
                 if w.needs_entropy:
                     entropy.append(len(rows))
-                if w.samples and r < w.sampled_rows:
+                if w.samples and r < w.settling_rows:
                     sampled.append(len(rows))
                     temperature.append(p.temperature)
                     top_p.append(p.top_p)

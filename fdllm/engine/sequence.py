@@ -61,12 +61,13 @@ class Work:
         denoising: the token that opens a block (block commit, or the last logit of a prompt that
         fills whole blocks) is the argmax for every request (METHOD.md §3.4). A speculative request
         samples where AR would (prefill's last logit, verify rows); its drafts, lookahead rows
-        included (`sampled_rows`), are greedy proposals."""
+        included (past `settling_rows`), are greedy proposals."""
         return self.seq.params.temperature > 0 and (self.step is not None or (self.seq.is_causal and not self.draft))
 
     @property
-    def sampled_rows(self) -> int:
-        """How many leading logit rows `samples` applies to (the lookahead's draft rows stay greedy)."""
+    def settling_rows(self) -> int:
+        """Leading logit rows that are this forward's own predictions (what it settles, sampled where
+        the work `samples`); the lookahead's rows after them only draft, greedily."""
         return len(self.logit_rows) - self.lookahead
 
     @property
@@ -265,7 +266,7 @@ class Sequence:
         self.num_forwards += 1
         self.num_cached += work.num_prefill
         tokens = predictions.tokens
-        settling = len(tokens) - work.lookahead  # rows before the lookahead's
+        settling = work.settling_rows
         if work.draft:
             self._update_draft(work, predictions, first=0)
         elif work.verify:

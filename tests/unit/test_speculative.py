@@ -126,7 +126,7 @@ def test_rounds_feed_from_the_last_known_token_to_the_block_end(model):
     # The lookahead: the next block's masks (positions 16..23) ride along; rows 9..15 predict 17..23.
     assert [(r.q_len, r.kv_len, r.causal) for r in verify.rows] == [(9, 16, True), (8, 24, False)]
     assert verify.token_ids[9:] == [MASK] * 8 and verify.logit_rows[9:] == list(range(9, 16))
-    assert verify.lookahead == 7 and verify.sampled_rows == 9
+    assert verify.lookahead == 7 and verify.settling_rows == 9
     plain = seq.next_work(prefill_budget=0, lookahead=False)  # a step with too many running: the verify alone
     assert len(plain.rows) == 1 and plain.logit_rows == list(range(9)) and plain.lookahead == 0
     seq.lookahead = False  # EngineConfig(speculative_lookahead=False): never
