@@ -11,6 +11,10 @@ what it measured; a failing section is recorded and the next one runs):
 3. decode at Qwen2.5-1.5B and 7B shapes (bf16), batch 1/8/32/64: AR vs diffusion (sub-block cache
    on/off), graphs on/off: ms per step, per-step cost vs AR, tokens/s, and the projected end-to-end
    speed-up at 2.4 and 4 tokens per forward (= tokens per forward x AR step / diffusion step);
+   speculative decoding with and without its lookahead (random weights reject most drafts, so
+   these rows time the steps, and "lookahead step cost" says what the lookahead's extra query
+   rows cost per step at each batch: the figure `EngineConfig.speculative_lookahead_max_batch`
+   is chosen by);
    plus the same workload through a plain HF-transformers `generate` loop (the yardstick), and AR
    batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth);
 4. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
@@ -78,7 +82,7 @@ class Report:
             for check in s.get("checks", []):
                 lines.append(f"- {'PASS' if check['pass'] else 'FAIL'}: {check['what']} ({check['value']})")
             if s.get("table"):
-                cols = list(s["table"][0])
+                cols = list(dict.fromkeys(k for row in s["table"] for k in row))  # every row's columns, in order
                 lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                 lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in s["table"]]
             lines.append("")
@@ -86,7 +90,7 @@ class Report:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return f"{v:.3g}" if isinstance(v, float) else "" if v is None else str(v)
 
 
 def _check(what: str, value: Any, ok: bool) -> dict[str, Any]:
@@ -118,14 +122,14 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batch: int, threshold: float,
-            block: int = 32, sub: int = 8, quantization: str | None = None):
+            block: int = 32, sub: int = 8, quantization: str | None = None, lookahead: bool = True):
     import fdllm
 
     cfg = fdllm.BlockDiffusionConfig(block_size=block, sub_block_size=sub, threshold=threshold,
                                      use_sub_block_cache=cache, mask_token_id=mask_id)
     ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=batch * 16 + 8,
                               attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096,
-                              quantization=quantization)
+                              quantization=quantization, speculative_lookahead=lookahead)
     return fdllm.Engine(model, None, cfg, ecfg)
 
 
@@ -184,13 +188,19 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
         for batch in batches:
             prompts = torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist()
             ar_step = None
-            modes = [("ar", "ar", True, False), ("ar", "ar", True, True),
-                     ("diffusion cache off", "diffusion", False, False), ("diffusion cache on", "diffusion", True, False),
-                     ("diffusion cache on", "diffusion", True, True)]
-            for name, mode, cache, eager in modes:
+            spec_step = None
+            # (row name, mode, sub-block cache, eager, speculative lookahead)
+            modes = [("ar", "ar", True, False, True), ("ar", "ar", True, True, True),
+                     ("diffusion cache off", "diffusion", False, False, True),
+                     ("diffusion cache on", "diffusion", True, False, True),
+                     ("diffusion cache on", "diffusion", True, True, True),
+                     ("speculative, no lookahead", "speculative", True, False, False),
+                     ("speculative", "speculative", True, False, True)]
+            for name, mode, cache, eager, lookahead in modes:
                 if eager and device.type != "cuda":
                     continue  # graphs are CUDA-only: elsewhere every run is eager already
-                engine = _engine(model, mask, backend=backend, eager=eager, cache=cache, batch=batch, threshold=1e-9)
+                engine = _engine(model, mask, backend=backend, eager=eager, cache=cache, batch=batch, threshold=1e-9,
+                                 lookahead=lookahead)
                 params = fdllm.SamplingParams(max_new_tokens=new, ignore_eos=True, mode=mode)
                 _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
                 seconds, tokens, steps, _ = _decode_run(engine, prompts, params)
@@ -200,9 +210,13 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
                        "tokens/s": tokens / seconds, "tokens/forward": tokens / steps / batch}
                 if mode == "ar" and (graphs or device.type != "cuda"):
                     ar_step = step_ms
-                if mode == "diffusion" and ar_step:
+                if mode != "ar" and ar_step:
                     ratio = step_ms / ar_step
                     row |= {"step/AR step": ratio, "speed-up @2.4": 2.4 / ratio, "speed-up @4": 4 / ratio}
+                if mode == "speculative":  # random weights reject most drafts: per step, what the lookahead costs
+                    if lookahead and spec_step:
+                        row["lookahead step cost"] = step_ms / spec_step
+                    spec_step = step_ms
                     if batch == 1 and graphs and cache:
                         checks.append(_check(f"{shape}: diffusion step <= {TARGET_STEP_RATIO}x AR step at batch 1",
                                              round(ratio, 2), ratio <= TARGET_STEP_RATIO))
