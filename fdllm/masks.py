@@ -9,6 +9,9 @@ With `noisy_streams=2` the two complementary noisy copies share one clean copy: 
 (length 3L). Every query then sees exactly the keys it sees in METHOD's layout (a noisy stream never
 sees the other one), so the outputs are the same, and the identical clean stream is computed once:
 a quarter fewer tokens per sequence in training.
+Compacted noisy streams (`slots`, made by `fdllm.objective.compact_noisy_blocks`) keep only the
+blocks that carry a target: each kept block still sees itself and the clean blocks before its source
+block, so the rule is the same one, read through a per-row table of which block each slot holds.
 Optional `doc_ids` [B, L] (packed sequences) forbid attention across documents.
 """
 
@@ -27,22 +30,47 @@ except ImportError:  # pragma: no cover
 
 
 def two_stream_rule(
-    q: Tensor, k: Tensor, seq_len: int, block_size: int, causal_prefix: bool = False, noisy_streams: int = 1
+    q: Tensor, k: Tensor, seq_len: int, block_size: int, causal_prefix: bool = False, noisy_streams: int = 1,
+    slots: Tensor | None = None, b: Tensor | None = None,
 ) -> Tensor:
     """Allowed[q, k] for the two-stream training input (index tensors broadcast together).
 
     `causal_prefix`: the clean stream attends causally instead of block-causally (the joint AR +
     diffusion objective of METHOD.md §5), so its K/V are the AR model's and its logits AR logits.
     `noisy_streams`: noisy copies before the clean one (streams `[0, noisy_streams)` noisy, the last clean).
+    `slots` [R, S*K] (with the row index `b`): compacted noisy streams of K blocks each, slot j holding
+    source block `slots[b, j]` (-1: padding, which sees only itself), as `fdllm.objective.
+    compact_noisy_blocks` lays them out; None: every block of every stream in order.
     """
-    q_stream, k_stream = q // seq_len, k // seq_len
-    q_noisy, k_noisy = q_stream < noisy_streams, k_stream < noisy_streams
-    q_blk, k_blk = (q % seq_len) // block_size, (k % seq_len) // block_size
-    noisy_noisy = q_noisy & (k_stream == q_stream) & (q_blk == k_blk)  # bidirectional inside the block
-    noisy_clean = q_noisy & ~k_noisy & (k_blk < q_blk)  # clean context of earlier blocks
+    noisy_len = seq_len if slots is None else slots.shape[1] // noisy_streams * block_size
+    n_noisy = noisy_streams * noisy_len
+    q_noisy, k_noisy = q < n_noisy, k < n_noisy
+    q_slot, k_slot = q // block_size, k // block_size  # a noisy block's slot: unique across streams
+    q_src = _source_block(q_slot, seq_len // block_size, slots, b)
+    q_blk, k_blk = (q - n_noisy) // block_size, (k - n_noisy) // block_size  # clean stream blocks
+    noisy_noisy = q_noisy & k_noisy & (q_slot == k_slot)  # bidirectional inside the block
+    noisy_clean = q_noisy & ~k_noisy & (k_blk < q_src)  # clean context of earlier blocks
     clean_order = (k <= q) if causal_prefix else (k_blk <= q_blk)  # both in the clean stream
     clean_clean = ~q_noisy & ~k_noisy & clean_order  # causal or block-causal
     return noisy_noisy | noisy_clean | clean_clean  # clean -> noisy: never
+
+
+def _source_block(slot: Tensor, num_blocks: int, slots: Tensor | None, b: Tensor | None) -> Tensor:
+    """The sequence block a noisy slot holds (meaningless for clean indices, which no caller reads)."""
+    if slots is None:
+        return slot % num_blocks
+    return slots[b, slot.clamp(max=slots.shape[1] - 1)]
+
+
+def _source_position(idx: Tensor, seq_len: int, block_size: int, slots: Tensor | None, b: Tensor | None) -> Tensor:
+    """The sequence position of each index of the layout (padding slots: 0, so a padding block is one
+    document and attends itself)."""
+    if slots is None:
+        return idx % seq_len
+    n_noisy = slots.shape[1] * block_size
+    src = _source_block(idx // block_size, seq_len // block_size, slots, b)
+    noisy = torch.where(src < 0, 0, src * block_size + idx % block_size)
+    return torch.where(idx < n_noisy, noisy, idx - n_noisy)
 
 
 def block_causal_rule(q: Tensor, k: Tensor, block_size: int) -> Tensor:
@@ -50,55 +78,76 @@ def block_causal_rule(q: Tensor, k: Tensor, block_size: int) -> Tensor:
     return k // block_size <= q // block_size
 
 
-def _same_doc(doc_ids_BL: Tensor, b: Tensor, q: Tensor, k: Tensor, seq_len: int) -> Tensor:
-    return doc_ids_BL[b, q % seq_len] == doc_ids_BL[b, k % seq_len]
+def _same_doc(doc_ids_BL: Tensor, b: Tensor, q: Tensor, k: Tensor, seq_len: int, block_size: int = 1,
+              slots: Tensor | None = None) -> Tensor:
+    def source(idx: Tensor) -> Tensor:
+        return _source_position(idx, seq_len, block_size, slots, b)
+
+    return doc_ids_BL[b, source(q)] == doc_ids_BL[b, source(k)]
 
 
-def _check(seq_len: int, block_size: int, doc_ids: Tensor | None) -> None:
+def _check(seq_len: int, block_size: int, doc_ids: Tensor | None, slots: Tensor | None = None,
+           noisy_streams: int = 1) -> None:
     if block_size < 1 or seq_len % block_size:
         raise ValueError(f"sequence length {seq_len} must be a positive multiple of block_size {block_size}")
     if doc_ids is not None and (doc_ids.dim() != 2 or doc_ids.shape[1] != seq_len):
         raise ValueError(f"doc_ids must be [B, {seq_len}], got {tuple(doc_ids.shape)}")
+    if slots is not None and (slots.dim() != 2 or slots.shape[1] % noisy_streams
+                              or (doc_ids is not None and doc_ids.shape[0] != slots.shape[0])):
+        raise ValueError(f"slots must be [R, {noisy_streams} x K] with doc_ids' rows, got {tuple(slots.shape)}")
+
+
+def _layout_len(seq_len: int, block_size: int, noisy_streams: int, slots: Tensor | None) -> int:
+    """Tokens per row: the noisy streams (whole, or their kept slots) and the clean stream."""
+    return (noisy_streams * seq_len if slots is None else slots.shape[1] * block_size) + seq_len
 
 
 def two_stream_mask(
     seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None, causal_prefix: bool = False,
-    noisy_streams: int = 1,
+    noisy_streams: int = 1, slots: Tensor | None = None,
 ) -> Tensor:
     """Dense bool mask [B|1, 1, N, N] for `[x_t ; x_0]` (N = 2L, L = seq_len), or for
-    `[x_t ; x_t' ; x_0]` (N = 3L) with `noisy_streams=2`."""
-    _check(seq_len, block_size, doc_ids)
-    device = doc_ids.device if doc_ids is not None else device
-    idx = torch.arange((noisy_streams + 1) * seq_len, device=device)
-    allowed = two_stream_rule(idx[:, None], idx[None, :], seq_len, block_size, causal_prefix, noisy_streams)[None]
+    `[x_t ; x_t' ; x_0]` (N = 3L) with `noisy_streams=2`; with `slots` [R, S*K] (compacted noisy
+    streams, `two_stream_rule`) [R, 1, N, N], N = S*K*block_size + L."""
+    _check(seq_len, block_size, doc_ids, slots, noisy_streams)
+    rows = doc_ids if doc_ids is not None else slots
+    device = rows.device if rows is not None else device
+    idx = torch.arange(_layout_len(seq_len, block_size, noisy_streams, slots), device=device)
+    q, k = idx[None, :, None], idx[None, None, :]
+    b = None if rows is None else torch.arange(rows.shape[0], device=device)[:, None, None]
+    allowed = two_stream_rule(q, k, seq_len, block_size, causal_prefix, noisy_streams, slots, b)
     if doc_ids is not None:
-        b = torch.arange(doc_ids.shape[0], device=device)[:, None, None]
-        allowed = allowed & _same_doc(doc_ids, b, idx[None, :, None], idx[None, None, :], seq_len)
+        allowed = allowed & _same_doc(doc_ids, b, q, k, seq_len, block_size, slots)
     return allowed[:, None]
 
 
 @dataclass(frozen=True)
 class StreamMasks:
     """The dense two-stream mask cut by stream, for attention that skips the key ranges a stream never
-    sees: each noisy stream attends `[itself ; the clean stream]` under `noisy` [B|1, 1, L, 2L] (the
-    same for every noisy stream), the clean stream attends itself under `clean` [B|1, 1, L, L].
+    sees: noisy stream s attends `[itself ; the clean stream]` under `noisy[s]` [B|1, 1, n, n + L]
+    (n = L, or the compacted stream's length), the clean stream attends itself under `clean` [B|1, 1, L, L].
     Dense attention over all (S+1)L keys scores (S+1)^2 L^2 pairs; by stream, (2S+1) L^2: the CPU
     training path's saving (flex_attention's BlockMask skips the empty tiles by itself)."""
 
-    noisy: Tensor
+    noisy: tuple[Tensor, ...]
     clean: Tensor
-    noisy_streams: int
+
+    @property
+    def noisy_streams(self) -> int:
+        return len(self.noisy)
 
 
 def two_stream_masks_by_stream(
     seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None, causal_prefix: bool = False,
-    noisy_streams: int = 1,
+    noisy_streams: int = 1, slots: Tensor | None = None,
 ) -> StreamMasks:
     """`two_stream_mask`'s entries, cut by stream (`StreamMasks`): one rule, so they cannot differ."""
-    full = two_stream_mask(seq_len, block_size, doc_ids, device, causal_prefix, noisy_streams)
-    clean = slice(noisy_streams * seq_len, None)
-    own = full[..., :seq_len, :seq_len]  # stream 0 to itself; every noisy stream sees itself alike
-    return StreamMasks(torch.cat([own, full[..., :seq_len, clean]], dim=-1), full[..., clean, clean], noisy_streams)
+    full = two_stream_mask(seq_len, block_size, doc_ids, device, causal_prefix, noisy_streams, slots)
+    n = (full.shape[-1] - seq_len) // noisy_streams
+    clean = slice(noisy_streams * n, None)
+    noisy = tuple(torch.cat([full[..., s * n:(s + 1) * n, s * n:(s + 1) * n], full[..., s * n:(s + 1) * n, clean]], -1)
+                  for s in range(noisy_streams))
+    return StreamMasks(noisy, full[..., clean, clean])
 
 
 def block_causal_mask(seq_len: int, block_size: int, doc_ids: Tensor | None = None, device=None) -> Tensor:
@@ -115,19 +164,20 @@ def block_causal_mask(seq_len: int, block_size: int, doc_ids: Tensor | None = No
 
 def two_stream_block_mask(
     seq_len: int, block_size: int, doc_ids: Tensor | None = None, device: str | torch.device = "cpu",
-    causal_prefix: bool = False, noisy_streams: int = 1,
+    causal_prefix: bool = False, noisy_streams: int = 1, slots: Tensor | None = None,
 ) -> "BlockMask":
     """The same mask as `two_stream_mask`, as a sparse flex_attention BlockMask."""
-    _check(seq_len, block_size, doc_ids)
-    if doc_ids is None:
+    _check(seq_len, block_size, doc_ids, slots, noisy_streams)
+    if doc_ids is None and slots is None:
         return _cached_two_stream_block_mask(seq_len, block_size, str(device), causal_prefix, noisy_streams)
 
     def mask_mod(b, h, q, k):
-        allowed = two_stream_rule(q, k, seq_len, block_size, causal_prefix, noisy_streams)
-        return allowed & _same_doc(doc_ids, b, q, k, seq_len)
+        allowed = two_stream_rule(q, k, seq_len, block_size, causal_prefix, noisy_streams, slots, b)
+        return allowed if doc_ids is None else allowed & _same_doc(doc_ids, b, q, k, seq_len, block_size, slots)
 
-    n = (noisy_streams + 1) * seq_len
-    return create_block_mask(mask_mod, doc_ids.shape[0], None, n, n, device=doc_ids.device)
+    rows = doc_ids if doc_ids is not None else slots
+    n = _layout_len(seq_len, block_size, noisy_streams, slots)
+    return create_block_mask(mask_mod, rows.shape[0], None, n, n, device=rows.device)
 
 
 def block_causal_block_mask(

@@ -94,10 +94,13 @@ def masked_attention(
 
 
 def _attention_by_stream(q: Tensor, k: Tensor, v: Tensor, masks: StreamMasks, gqa: bool) -> Tensor:
-    """[B, n, (S+1)L, H] attention where each noisy stream sees only itself and the clean stream."""
-    qs, ks, vs = (t.chunk(masks.noisy_streams + 1, dim=2) for t in (q, k, v))
+    """[B, heads, S*M + L, H] attention where each noisy stream (M tokens: L, or fewer once compacted)
+    sees only itself and the clean stream."""
+    n = masks.noisy[0].shape[-2]
+    sizes = [n] * masks.noisy_streams + [q.shape[2] - n * masks.noisy_streams]
+    qs, ks, vs = (t.split(sizes, dim=2) for t in (q, k, v))
     outs = [F.scaled_dot_product_attention(qs[s], torch.cat([ks[s], ks[-1]], 2), torch.cat([vs[s], vs[-1]], 2),
-                                           attn_mask=masks.noisy, enable_gqa=gqa) for s in range(masks.noisy_streams)]
+                                           attn_mask=mask, enable_gqa=gqa) for s, mask in enumerate(masks.noisy)]
     outs.append(F.scaled_dot_product_attention(qs[-1], ks[-1], vs[-1], attn_mask=masks.clean, enable_gqa=gqa))
     return torch.cat(outs, dim=2)
 

@@ -7,8 +7,11 @@ Pipeline for a batch of packed sequences (input_ids, labels) [B, L], L a multipl
      along the batch ([2B, 2L]); or, `share_clean=True`, rows [x_t ; x_t' ; x_0] of length 3L ([B, 3L]):
      the same attention for every query (`fdllm.masks`), the same loss and gradients, one clean
      stream instead of two identical ones (a quarter fewer tokens through the model);
-  3. `block_diffusion_loss`: forward under the two-stream mask, logits of the noisy half, token
-     shift (position j-1 predicts token j), cross-entropy over masked tokens of both copies.
+  3. `compact_noisy_blocks` (the train loop's step): drop the noisy blocks whose logits predict no
+     target (prompt-only blocks, padding): the same loss and gradients from ~20% fewer tokens;
+  4. `block_diffusion_loss`: forward under the two-stream mask, logits of the noisy half, token
+     shift (position j-1 predicts token j: `TwoStreamBatch.logit_targets`), cross-entropy over
+     masked tokens of both copies.
 `joint_loss` (METHOD.md §5, self-speculative decoding) adds, in the same forward, the AR next-token
 loss of the clean half under a causal clean stream: one checkpoint with a good causal mode and a
 good diffusion mode, whose prefix K/V are the same in both.
@@ -20,6 +23,7 @@ Shape legend: B batch, L sequence length, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +34,7 @@ from torch import Tensor
 from fdllm.masks import block_causal_mask, two_stream_block_mask, two_stream_masks_by_stream
 
 IGNORE_INDEX = -100
+_LENGTH_BUCKETS = 8  # compact_noisy_blocks: distinct row lengths at most
 MaskImpl = Literal["auto", "dense", "flex"]
 
 
@@ -45,6 +50,26 @@ class TwoStreamBatch:
     doc_ids: Tensor | None  # [R, L] or None
     ar_targets: Tensor | None = None  # [R, L] token j where it carries loss: the clean stream's AR loss
     noisy_streams: int = 1
+    # [R, S*K] compacted noisy streams (`compact_noisy_blocks`): K blocks each, slot j of row r holds
+    # source block slots[r, j] (-1: padding); None: every block in order, each noisy stream L long.
+    slots: Tensor | None = None
+
+    @property
+    def noisy_len(self) -> int:
+        """Tokens of one noisy stream: L, or K blocks once compacted."""
+        return (self.input_ids.shape[1] - self.targets.shape[1]) // self.noisy_streams
+
+    @property
+    def logit_targets(self) -> Tensor:
+        """[2B, noisy_len] the target each noisy logit predicts (the token shift: position j predicts
+        token j + 1), IGNORE_INDEX where none; rows as `targets`'."""
+        shifted = F.pad(self.targets[:, 1:], (0, 1), value=IGNORE_INDEX)
+        if self.slots is None:
+            return shifted
+        slots = self.slots.view(shifted.shape[0], -1)  # [2B, K]: row r's copies in order, as `targets`
+        block = self.noisy_len // slots.shape[1]
+        blocks = shifted.unflatten(1, (-1, block)).gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, block))
+        return torch.where(slots[..., None] >= 0, blocks, IGNORE_INDEX).flatten(1)
 
 
 def check_block_multiple(seq_len: int, block_size: int) -> None:
@@ -116,6 +141,34 @@ def two_stream_batch(
     return TwoStreamBatch(torch.cat(rows), positions, torch.cat(targets), docs, ar_targets.repeat(2, 1))
 
 
+def compact_noisy_blocks(batch: TwoStreamBatch, block_size: int) -> TwoStreamBatch:
+    """Drop the noisy blocks whose logits predict no target (prompt-only blocks, padding, blocks whose
+    loss tokens all landed in the other copy): each noisy stream keeps its K target-carrying blocks
+    (K the most of any stream in the batch; shorter streams padded with blocks that see only
+    themselves). Loss and gradients are the uncut batch's: nothing attends a noisy block but the block
+    itself, so its rows only matter through its own logits. The world corpus's batches lose ~30% of
+    their noisy blocks this way; SFT data with long prompts more.
+
+    K is rounded up to a multiple of an eighth of the blocks, so a compiled attention (flex on a GPU)
+    sees at most 8 sequence lengths instead of recompiling for every batch."""
+    if batch.slots is not None:
+        return batch
+    S, L = batch.noisy_streams, batch.targets.shape[1]
+    carries = (batch.logit_targets != IGNORE_INDEX).unflatten(1, (-1, block_size)).any(-1)  # [2B, L/bs]
+    step = max(1, carries.shape[1] // _LENGTH_BUCKETS)
+    K = min(-(-max(int(carries.sum(1).max()), 1) // step) * step, carries.shape[1])
+    order = torch.sort((~carries).int(), dim=1, stable=True).indices[:, :K]  # kept blocks first, in order
+    slots = torch.where(carries.gather(1, order), order, -1)  # [2B, K]
+
+    def kept(t_RN: Tensor) -> Tensor:  # the noisy streams' kept blocks, then the clean stream
+        blocks = t_RN[:, :S * L].reshape(len(order), -1, block_size)
+        noisy = blocks.gather(1, order[..., None].expand(-1, -1, block_size)).reshape(t_RN.shape[0], -1)
+        return torch.cat([noisy, t_RN[:, S * L:]], dim=1)
+
+    return dataclasses.replace(batch, input_ids=kept(batch.input_ids), position_ids=kept(batch.position_ids),
+                               slots=slots.view(batch.input_ids.shape[0], -1))
+
+
 def resolve_mask_impl(mask_impl: MaskImpl, device: torch.device) -> Literal["dense", "flex"]:
     # flex_attention has no CPU backward (ENVIRONMENT.md): training on CPU must use the dense mask.
     if mask_impl not in ("auto", "dense", "flex"):
@@ -127,10 +180,14 @@ def resolve_mask_impl(mask_impl: MaskImpl, device: torch.device) -> Literal["den
 
 def shifted_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor) -> tuple[Tensor, Tensor]:
     """Mean CE of logits[:, j-1] against targets[:, j] over non-ignored targets; also their count."""
-    logits = logits_BLV[:, :-1].flatten(0, 1).float()
-    targets = targets_BL[:, 1:].flatten()
+    return _cross_entropy(logits_BLV[:, :-1], targets_BL[:, 1:])
+
+
+def _cross_entropy(logits_BLV: Tensor, targets_BL: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean CE of logits[:, j] against targets[:, j] over non-ignored targets; also their count."""
+    targets = targets_BL.flatten()
     count = (targets != IGNORE_INDEX).sum()
-    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = F.cross_entropy(logits_BLV.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum / count.clamp(min=1), count
 
 
@@ -159,12 +216,12 @@ def _two_stream_attention(batch: TwoStreamBatch, block_size: int, mask_impl: Mas
     L, device = batch.targets.shape[1], batch.input_ids.device
     build = two_stream_block_mask if resolve_mask_impl(mask_impl, device) == "flex" else two_stream_masks_by_stream
     return build(L, block_size, batch.doc_ids, device=device, causal_prefix=causal_prefix,
-                 noisy_streams=batch.noisy_streams)
+                 noisy_streams=batch.noisy_streams, slots=batch.slots)
 
 
 def _per_copy(logits_RNV: Tensor, batch: TwoStreamBatch) -> Tensor:
-    """Logits of the noisy streams [R, S*L, V] as one row per noisy copy [2B, L, V] (`targets`' rows)."""
-    return logits_RNV.flatten(0, 1).unflatten(0, (-1, batch.targets.shape[1]))
+    """Logits of the noisy streams [R, S*n, V] as one row per noisy copy [2B, n, V] (`targets`' rows)."""
+    return logits_RNV.flatten(0, 1).unflatten(0, (-1, batch.noisy_len))
 
 
 def two_stream_loss(
@@ -175,14 +232,14 @@ def two_stream_loss(
 
     `causal_prefix`: the clean stream attends causally (the joint objective's mask; its diffusion part alone).
     """
-    return shifted_cross_entropy(_noisy_logits(model, batch, block_size, mask_impl, causal_prefix), batch.targets)
+    return _cross_entropy(_noisy_logits(model, batch, block_size, mask_impl, causal_prefix), batch.logit_targets)
 
 
 def _noisy_logits(model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl,
                   causal_prefix: bool) -> Tensor:
-    """Logits [2B, L, V] of the noisy copies of a two-stream batch."""
+    """Logits [2B, n, V] of the noisy copies of a two-stream batch (n = `noisy_len`)."""
     mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix)
-    noisy = slice(0, batch.noisy_streams * batch.targets.shape[1])
+    noisy = slice(0, batch.noisy_streams * batch.noisy_len)
     return _per_copy(model(batch.input_ids, batch.position_ids, mask, logit_positions=noisy), batch)
 
 
@@ -196,8 +253,13 @@ def certainty_forcing_entropy(logits_BLV: Tensor, targets_BL: Tensor, temperatur
     pushes already-right predictions toward certainty). Rows of both complementary copies count alike.
     Returns (mean entropy in nats, 0 when no position is correct; count).
     """
-    logits_NV = logits_BLV[:, :-1].flatten(0, 1)
-    targets_N = targets_BL[:, 1:].flatten()
+    return _certainty_entropy(logits_BLV[:, :-1], targets_BL[:, 1:], temperature)
+
+
+def _certainty_entropy(logits_BLV: Tensor, targets_BL: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """`certainty_forcing_entropy` of logits[:, j] against targets[:, j] (the shift already applied)."""
+    logits_NV = logits_BLV.flatten(0, 1)
+    targets_N = targets_BL.flatten()
     correct_N = (targets_N != IGNORE_INDEX) & (logits_NV.argmax(-1) == targets_N)
     logp_CV = (logits_NV[correct_N].float() / temperature).log_softmax(-1)  # C correct positions
     entropy_C = -(logp_CV.exp() * logp_CV).sum(-1)
@@ -213,18 +275,18 @@ def certainty_forcing_loss(
     + `weight` (lambda) * `certainty_forcing_entropy` at `temperature`, from one forward. Returns the
     loss and the masked-token count (the train loop normalises by it across workers)."""
     logits = _noisy_logits(model, batch, block_size, mask_impl, causal_prefix)
-    return _diffusion_cross_entropy(logits, batch.targets, (weight, temperature))
+    return _diffusion_cross_entropy(logits, batch.logit_targets, (weight, temperature))
 
 
-def _diffusion_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor,
+def _diffusion_cross_entropy(logits_BLV: Tensor, logit_targets_BL: Tensor,
                              certainty: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
-    """The noisy copies' loss and masked-token count: `shifted_cross_entropy`, plus lambda x
-    `certainty_forcing_entropy` at T when `certainty` = (lambda, T) (self-distillation)."""
-    ce, count = shifted_cross_entropy(logits_BLV, targets_BL)
+    """The noisy copies' loss and masked-token count against `TwoStreamBatch.logit_targets`: the
+    cross-entropy, plus lambda x the certainty-forcing entropy at T when `certainty` = (lambda, T)."""
+    ce, count = _cross_entropy(logits_BLV, logit_targets_BL)
     if certainty is None:
         return ce, count
     weight, temperature = certainty
-    return ce + weight * certainty_forcing_entropy(logits_BLV, targets_BL, temperature)[0], count
+    return ce + weight * _certainty_entropy(logits_BLV, logit_targets_BL, temperature)[0], count
 
 
 def joint_loss(
@@ -241,9 +303,9 @@ def joint_loss(
     if batch.ar_targets is None:
         raise ValueError("the joint loss needs TwoStreamBatch.ar_targets (built by two_stream_batch)")
     mask = _two_stream_attention(batch, block_size, mask_impl, causal_prefix=True)
-    n_noisy = batch.noisy_streams * batch.targets.shape[1]
+    n_noisy = batch.noisy_streams * batch.noisy_len
     logits = model(batch.input_ids, batch.position_ids, mask)  # every stream
-    diffusion, count = _diffusion_cross_entropy(_per_copy(logits[:, :n_noisy], batch), batch.targets, certainty)
+    diffusion, count = _diffusion_cross_entropy(_per_copy(logits[:, :n_noisy], batch), batch.logit_targets, certainty)
     ar, _ = shifted_cross_entropy(logits[:, n_noisy:], batch.ar_targets)
     return ar_weight * ar + diffusion_weight * diffusion, count
 

@@ -43,7 +43,14 @@ from torch import Tensor
 
 import fdllm
 from fdllm.config import BlockDiffusionConfig
-from fdllm.objective import TwoStreamBatch, certainty_forcing_loss, joint_loss, two_stream_batch, two_stream_loss
+from fdllm.objective import (
+    TwoStreamBatch,
+    certainty_forcing_loss,
+    compact_noisy_blocks,
+    joint_loss,
+    two_stream_batch,
+    two_stream_loss,
+)
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.checkpoints import DEEPSPEED_DIR, TRAIN_STATE, export_servable, restore_for_rank
@@ -94,6 +101,7 @@ def diffusion_loss_sum(
     device: torch.device,
     joint_weights: tuple[float, float] | None = None,
     certainty: tuple[float, float] | None = None,
+    compact: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Summed block-diffusion cross-entropy of a packed batch and the number of masked tokens.
 
@@ -103,6 +111,8 @@ def diffusion_loss_sum(
     `certainty` (lambda, T): the self-distillation loss (`fdllm.objective.certainty_forcing_loss`)
     instead, or with `joint_weights` the joint loss's diffusion part; its entropy term is a mean over
     this worker's correct positions, weighted across workers like the cross-entropy (by masked-token share).
+    `compact`: drop the noisy blocks that carry no target (`fdllm.objective.compact_noisy_blocks`: the
+    same loss and gradients from fewer tokens; False only to measure what it saves).
     """
     ids_BL, labels_BL, pos_BL, docs_BL = (torch.from_numpy(batch[c]).long() for c in BATCH_COLUMNS)
     rows = []
@@ -121,6 +131,8 @@ def diffusion_loss_sum(
         targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"),
         noisy_streams=rows[0].noisy_streams,
     )
+    if compact:
+        noised = compact_noisy_blocks(noised, block_size)
     if joint_weights is not None:
         loss, count = joint_loss(model, noised, block_size, *joint_weights, certainty=certainty)
     elif certainty is not None:

@@ -66,6 +66,44 @@ def test_shared_clean_mask_is_each_copy_s_method_mask(L, bs, causal_prefix):
     assert torch.equal(rule(torch.tensor(0), torch.tensor(0), q, k), mask)
 
 
+def _uncut_index(i: int, slots: list[int], L: int, bs: int, streams: int) -> int | None:
+    """Where index i of a compacted layout (`streams` noisy streams of len(slots)/streams kept blocks,
+    then the clean stream) sits in the uncut layout; None for a padding slot."""
+    n_noisy = len(slots) * bs
+    if i >= n_noisy:
+        return streams * L + i - n_noisy
+    slot, per_stream = i // bs, len(slots) // streams
+    return None if slots[slot] < 0 else (slot // per_stream) * L + slots[slot] * bs + i % bs
+
+
+@pytest.mark.parametrize("streams,causal_prefix", [(1, False), (2, False), (2, True)])
+def test_compacted_streams_keep_each_kept_block_s_uncut_mask(streams, causal_prefix):
+    """A compacted layout (`slots`: the noisy blocks kept, -1 = padding) allows exactly what the uncut
+    layout allows between the same tokens (per row, with documents), and a padding block sees only itself."""
+    L, bs = 12, 3
+    doc_ids = torch.tensor([[0] * 5 + [1] * 6 + [2], [0] * 12])  # a document starts in the last block
+    per_stream = [[1, 3, -1], [0, 2, 3]] if streams == 1 else [[3, -1, 2, 0, 1, -1], [1, 2, 3, -1, -1, -1]]
+    slots = torch.tensor(per_stream)
+    mask = two_stream_mask(L, bs, doc_ids, causal_prefix=causal_prefix, noisy_streams=streams, slots=slots)[:, 0]
+    n = slots.shape[1] * bs + L
+    assert mask.shape == (2, n, n)
+    oracle = allowed_by_method if streams == 1 else allowed_with_shared_clean
+    for b in range(2):
+        for q in range(n):
+            for k in range(n):
+                uq, uk = (_uncut_index(i, per_stream[b], L, bs, streams) for i in (q, k))
+                if uq is None or uk is None:
+                    expected = uq is None and uk is None and q // bs == k // bs
+                else:
+                    same_doc = doc_ids[b, uq % L] == doc_ids[b, uk % L]
+                    expected = oracle(uq, uk, L, bs, causal_prefix) and bool(same_doc)
+                assert bool(mask[b, q, k]) == expected, (b, q, k)
+    block_mask = two_stream_block_mask(L, bs, doc_ids, causal_prefix=causal_prefix, noisy_streams=streams, slots=slots)
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    for b in range(2):
+        assert torch.equal(block_mask.mask_mod(torch.tensor(b), torch.tensor(0), q, k), mask[b])
+
+
 def test_block_causal_mask_is_bidirectional_inside_blocks():
     mask = block_causal_mask(8, 4)[0, 0]
     for q in range(8):
@@ -98,7 +136,7 @@ def test_masks_by_stream_default_to_method_s_layout():
 
     dense, cut = two_stream_mask(8, 4), two_stream_masks_by_stream(8, 4)
     assert cut.noisy_streams == 1 and torch.equal(cut.clean, dense[..., 8:, 8:])
-    assert torch.equal(cut.noisy, torch.cat([dense[..., :8, :8], dense[..., :8, 8:]], -1))
+    assert torch.equal(cut.noisy[0], torch.cat([dense[..., :8, :8], dense[..., :8, 8:]], -1))
 
 
 def test_block_masks_carry_each_row_s_documents_and_the_causal_prefix():
@@ -216,7 +254,7 @@ def test_masks_are_built_on_the_device_asked_for():
     for build in (two_stream_mask, block_causal_mask):
         assert build(8, 4, docs).device.type == "meta" and build(8, 4, device="meta").device.type == "meta"
     by_stream = two_stream_masks_by_stream(8, 4, device="meta", noisy_streams=2)
-    assert by_stream.noisy.device.type == by_stream.clean.device.type == "meta"
+    assert by_stream.noisy[1].device.type == by_stream.clean.device.type == "meta"
     for build in (two_stream_block_mask, block_causal_block_mask):
         assert build(8, 4, docs).kv_num_blocks.device.type == "meta"
         assert build(8, 4, device="meta").kv_num_blocks.device.type == "meta"

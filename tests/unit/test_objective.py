@@ -11,8 +11,10 @@ import fdllm
 from fdllm.masks import two_stream_mask
 from fdllm.objective import (
     IGNORE_INDEX,
+    TwoStreamBatch,
     ar_loss,
     block_diffusion_loss,
+    compact_noisy_blocks,
     resolve_mask_impl,
     sample_noise_masks,
     shifted_cross_entropy,
@@ -173,7 +175,7 @@ def test_two_stream_loss_feeds_the_chosen_mask(mask_impl):
             assert torch.equal(model.mask.mask_mod(torch.tensor(b), torch.tensor(0), q, k), dense)
     else:  # CPU: "auto" and the default mean the dense mask (flex has no CPU backward), cut by stream
         dense = two_stream_mask(128, 32, batch.doc_ids)
-        assert torch.equal(model.mask.noisy, torch.cat([dense[..., :128, :128], dense[..., :128, 128:]], -1))
+        assert torch.equal(model.mask.noisy[0], torch.cat([dense[..., :128, :128], dense[..., :128, 128:]], -1))
         assert torch.equal(model.mask.clean, dense[..., 128:, 128:]) and model.mask.noisy_streams == 1
 
 
@@ -308,7 +310,7 @@ def test_joint_loss_with_certainty_adds_the_entropy_term_to_its_diffusion_part(q
 
 
 def test_joint_loss_needs_ar_targets(qwen2_dir):
-    from fdllm.objective import TwoStreamBatch, joint_loss
+    from fdllm.objective import joint_loss
 
     ids, labels = _batch(B=1, L=8)
     b = two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(0))
@@ -354,6 +356,76 @@ def test_shared_clean_stream_gives_method_s_loss_and_gradients(qwen2_dir, object
         assert torch.allclose(grads_s[name], g, rtol=1e-4, atol=1e-6), name
 
 
+def _prompted_batch(share: bool, L: int = 32) -> TwoStreamBatch:
+    """Rows whose first blocks are prompt only, and one with no prompt and a padded tail (so padding
+    slots sit beside a first block that carries targets): noisy blocks with no target."""
+    ids, labels = _batch(B=3, L=L, prompt=13, seed=5)
+    labels[1] = torch.where(torch.arange(L) < 12, ids[1], IGNORE_INDEX)
+    docs = torch.tensor([[0] * 16 + [1] * (L - 16), [0] * L, [0] * 6 + [1] * (L - 6)])
+    pos = torch.stack([torch.cat([torch.arange(16), torch.arange(L - 16)]), torch.arange(L),
+                       torch.cat([torch.arange(6), torch.arange(L - 6)])])
+    return two_stream_batch(ids, labels, MASK_ID, 4, 1e-3, pos, docs, torch.Generator().manual_seed(3), share_clean=share)
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("objective", ["diffusion", "joint", "certainty"])
+def test_compacted_noisy_blocks_give_the_uncut_loss_and_gradients(qwen2_dir, objective, share):
+    """Dropping the noisy blocks whose logits predict nothing changes no loss and no gradient: the uncut
+    batch is the oracle (both layouts, every objective, packed documents, rows padded to the longest)."""
+    model = fdllm.load_model(qwen2_dir)
+    uncut = _prompted_batch(share)
+    cut = compact_noisy_blocks(uncut, 4)
+    assert cut.input_ids.shape[1] < uncut.input_ids.shape[1] and (cut.slots == -1).any()
+    assert cut.input_ids.shape[1] == cut.noisy_streams * cut.noisy_len + 32
+    loss_c, count_c, grads_c = _loss_and_grads(model, cut, objective)
+    loss_u, count_u, grads_u = _loss_and_grads(model, uncut, objective)
+    assert count_c == count_u > 0
+    assert math.isclose(loss_c, loss_u, rel_tol=1e-5), (loss_c, loss_u)
+    for name, g in grads_u.items():
+        assert torch.allclose(grads_c[name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_compacted_logit_targets_are_the_uncut_ones_in_order():
+    """Each noisy logit predicts the next token (`logit_targets`), and compaction keeps every predicted
+    target, in order, with its position: only blocks predicting nothing go."""
+    uncut = _prompted_batch(share=True)
+    assert torch.equal(uncut.logit_targets[:, :-1], uncut.targets[:, 1:])
+    assert (uncut.logit_targets[:, -1] == IGNORE_INDEX).all()
+    cut = compact_noisy_blocks(uncut, 4)
+    noisy = cut.noisy_streams * cut.noisy_len
+    positions = cut.position_ids[:, :noisy].reshape(cut.logit_targets.shape)  # [2B, K*bs]: rows as the targets'
+    for got, want, pos, want_pos in zip(cut.logit_targets, uncut.logit_targets, positions,
+                                        uncut.position_ids[:, :64].reshape(6, 32)):
+        assert got[got != IGNORE_INDEX].tolist() == want[want != IGNORE_INDEX].tolist()
+        assert pos[got != IGNORE_INDEX].tolist() == want_pos[want != IGNORE_INDEX].tolist()
+    assert compact_noisy_blocks(cut, 4) is cut  # already compacted
+
+
+def test_compacted_lengths_come_in_at_most_eight_sizes():
+    """K (kept blocks per stream) rounds up to an eighth of the blocks: a compiled attention sees few shapes."""
+    ids, labels = _batch(B=1, L=256, prompt=230, seed=1)  # 64 blocks of 4, targets in the last 7
+    cut = compact_noisy_blocks(two_stream_batch(ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(0)), 4)
+    assert cut.noisy_len == 8 * 4 and int((cut.slots >= 0).sum(1).max()) <= 7
+
+
+def test_a_batch_with_no_target_compacts_to_padding_and_a_finite_loss(qwen2_dir):
+    ids, labels = _batch(B=2, L=16, prompt=16)
+    cut = compact_noisy_blocks(two_stream_batch(ids, labels, MASK_ID, 4, share_clean=True), 4)
+    assert cut.noisy_len == 4 and (cut.slots == -1).all()
+    loss, count = two_stream_loss(fdllm.load_model(qwen2_dir), cut, 4, mask_impl="dense")
+    assert int(count) == 0 and loss.item() == 0.0
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_compacted_loss_is_the_same_under_flex_and_dense_masks(qwen2_dir, share):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    model = fdllm.load_model(qwen2_dir)
+    cut = compact_noisy_blocks(_prompted_batch(share), 4)
+    with torch.no_grad():
+        dense, flex = (two_stream_loss(model, cut, 4, mask_impl=impl)[0].item() for impl in ("dense", "flex"))
+    assert math.isclose(dense, flex, rel_tol=1e-5), (dense, flex)
+
+
 def test_unknown_mask_impl_is_a_clear_error():
     for bad in ("AUTO", "sparse", None):
         with pytest.raises(ValueError, match="mask_impl"):
@@ -373,7 +445,7 @@ def test_block_diffusion_loss_feeds_the_shared_clean_layout_with_positions_and_d
     assert torch.equal(model.position_ids, pos.repeat(1, 3))
     expected = two_stream_mask(16, 4, docs, noisy_streams=2)
     assert model.mask.noisy_streams == 2 and torch.equal(model.mask.clean, expected[..., 32:, 32:])
-    assert torch.equal(model.mask.noisy, torch.cat([expected[..., :16, :16], expected[..., :16, 32:]], -1))
+    assert torch.equal(model.mask.noisy[0], torch.cat([expected[..., :16, :16], expected[..., :16, 32:]], -1))
 
 
 def test_joint_loss_weights_default_to_half_and_half(qwen2_dir):
