@@ -2,8 +2,9 @@
 
 Same model, same packed batch (B sequences of L tokens), same optimizer; each objective runs in a
 fresh process so peak memory is its own. Reports data tokens per second (B*L per step: the
-diffusion step forwards B rows of 3L tokens for them, `[x_t ; x_t' ; x_0]`) and peak memory (CUDA: max allocated;
-CPU: peak RSS above the loaded model).
+diffusion step forwards B rows of at most 3L tokens for them, `[x_t ; x_t' ; x_0]` less the noisy
+blocks that carry no target; "diffusion-uncut" keeps them) and peak memory (CUDA: max allocated;
+CPU: peak RSS above the loaded model). A quarter of each document is prompt (no loss).
 
     python -m benchmarks.bench_train --preset tiny --seq-len 256 --batch-size 8 --steps 10
     python -m benchmarks.bench_train --model /path/to/Qwen2.5-1.5B-Instruct --device cuda --dtype bf16 \\
@@ -42,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, rope_theta=1e6),
 }
-OBJECTIVES = ("diffusion", "ar")
+OBJECTIVES = ("diffusion", "diffusion-uncut", "ar")  # uncut: every noisy block in the forward
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -64,7 +65,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA")
-    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated subset of diffusion,ar")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated subset of diffusion,diffusion-uncut,ar (uncut: without "
+                        "compact_noisy_blocks, to measure what it saves)")
     parser.add_argument("--output", help="write the results as JSON here")
 
 
@@ -112,9 +114,9 @@ def _measure(objective: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def step() -> None:
         with autocast:
-            if objective == "diffusion":
+            if objective.startswith("diffusion"):
                 loss, _ = block_diffusion_loss(model, ids, labels, mask_id, args.block_size, position_ids_BL=pos,
-                                               doc_ids_BL=docs, generator=generator)
+                                               doc_ids_BL=docs, generator=generator, compact=objective == "diffusion")
             else:
                 loss, _ = ar_loss(model, ids, labels, position_ids_BL=pos, doc_ids_BL=docs)
         loss.backward()
@@ -168,13 +170,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = args.model or f"random {args.preset}"
     print(f"\n{model}: {results[0]['params_m']:.1f}M params, batch {args.batch_size} x {args.seq_len} tokens, "
           f"block {args.block_size}, {args.device} {args.dtype}")
-    print(f"{'objective':<10} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9}")
+    print(f"{'objective':<16} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9}")
     for r in results:
-        print(f"{r['objective']:<10} {r['tokens_per_s']:>10.0f} {r['step_s']:>8.3f} {r['peak_mem_mib']:>9.0f}")
-    if len(results) == 2:
-        d, a = results
-        print(f"diffusion / AR: {d['tokens_per_s'] / a['tokens_per_s']:.2f}x throughput, "
-              f"{d['peak_mem_mib'] / a['peak_mem_mib']:.2f}x peak memory")
+        print(f"{r['objective']:<16} {r['tokens_per_s']:>10.0f} {r['step_s']:>8.3f} {r['peak_mem_mib']:>9.0f}")
+    by_name = {r["objective"]: r for r in results}
+    for name in ("diffusion", "diffusion-uncut"):
+        if name in by_name and "ar" in by_name:
+            d, a = by_name[name], by_name["ar"]
+            print(f"{name} / AR: {d['tokens_per_s'] / a['tokens_per_s']:.2f}x throughput, "
+                  f"{d['peak_mem_mib'] / a['peak_mem_mib']:.2f}x peak memory")
     if args.output:
         Path(args.output).write_text(json.dumps({"config": vars(args), "results": results}, indent=2) + "\n")
     return results

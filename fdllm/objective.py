@@ -203,12 +203,14 @@ def block_diffusion_loss(
     mask_impl: MaskImpl = "auto",
     generator: torch.Generator | None = None,
     share_clean: bool = True,
+    compact: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Block-diffusion loss of a batch (scalar, mean over masked tokens) and the masked-token count."""
+    """Block-diffusion loss of a batch (scalar, mean over masked tokens) and the masked-token count.
+    `compact`: leave the noisy blocks that carry no target out of the forward (`compact_noisy_blocks`)."""
     batch = two_stream_batch(
         input_ids_BL, labels_BL, mask_token_id, block_size, eps, position_ids_BL, doc_ids_BL, generator, share_clean
     )
-    return two_stream_loss(model, batch, block_size, mask_impl)
+    return two_stream_loss(model, compact_noisy_blocks(batch, block_size) if compact else batch, block_size, mask_impl)
 
 
 def _two_stream_attention(batch: TwoStreamBatch, block_size: int, mask_impl: MaskImpl, causal_prefix: bool):

@@ -23,7 +23,7 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     quantized = {row["format"]: row for row in sections["quantized decode"]["table"]}
     assert set(quantized) == {"float32", "int8", "int4", "fp8"} and "skipped" in quantized["fp8"]  # fp8: CUDA only
     assert quantized["int8"]["weight MB"] < quantized["float32"]["weight MB"]
-    assert {row["objective"] for row in sections["training step"]["table"]} == {"diffusion", "ar"}
+    assert {row["objective"] for row in sections["training step"]["table"]} == {"diffusion", "diffusion-uncut", "ar"}
     md = (tmp_path / "report.md").read_text()
     assert "## decode (ok" in md and "| shape | batch | mode |" in md
     assert "| speed-up @4 |" in md and "| lookahead step cost |" in md  # columns the first row lacks are shown

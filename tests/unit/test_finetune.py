@@ -152,8 +152,8 @@ def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
     assert other_step[0].item() != whole[0].item()
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "ar"])
-def test_bench_train_measures_both_objectives(objective):
+@pytest.mark.parametrize("objective", ["diffusion", "diffusion-uncut", "ar"])
+def test_bench_train_measures_every_objective(objective):
     import argparse
 
     from benchmarks import bench_train

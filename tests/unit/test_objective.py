@@ -385,6 +385,19 @@ def test_compacted_noisy_blocks_give_the_uncut_loss_and_gradients(qwen2_dir, obj
         assert torch.allclose(grads_c[name], g, rtol=1e-4, atol=1e-6), name
 
 
+def test_block_diffusion_loss_compacts_by_default(qwen2_dir):
+    model = fdllm.load_model(qwen2_dir)
+    ids, labels = _batch(B=2, L=32, prompt=20, seed=2)
+    recorder, losses = _MaskRecorder(), {}
+    for compact in (True, False):
+        block_diffusion_loss(recorder, ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(1),
+                             compact=compact)
+        losses[compact] = block_diffusion_loss(model, ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(1),
+                                               compact=compact)[0].item()
+        assert recorder.input_ids.shape[1] < 96 if compact else recorder.input_ids.shape[1] == 96
+    assert math.isclose(losses[True], losses[False], rel_tol=1e-5)
+
+
 def test_compacted_logit_targets_are_the_uncut_ones_in_order():
     """Each noisy logit predicts the next token (`logit_targets`), and compaction keeps every predicted
     target, in order, with its position: only blocks predicting nothing go."""
@@ -440,7 +453,7 @@ def test_block_diffusion_loss_feeds_the_shared_clean_layout_with_positions_and_d
     docs = torch.tensor([[0] * 6 + [1] * 10] * 2)
     model = _MaskRecorder()
     block_diffusion_loss(model, ids, labels, MASK_ID, 4, position_ids_BL=pos, doc_ids_BL=docs,
-                         generator=torch.Generator().manual_seed(0))
+                         generator=torch.Generator().manual_seed(0), compact=False)
     assert model.input_ids.shape == (2, 48) and torch.equal(model.input_ids[:, 32:], ids)
     assert torch.equal(model.position_ids, pos.repeat(1, 3))
     expected = two_stream_mask(16, 4, docs, noisy_streams=2)
