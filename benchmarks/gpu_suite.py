@@ -341,10 +341,12 @@ def syncs_per_step(device: torch.device, smoke: bool) -> dict[str, Any]:
 
 
 def kernels(smoke: bool, peak_gbps: float, out: Path) -> dict[str, Any]:
-    from benchmarks import bench_kernels
-
+    """benchmarks/bench_kernels.py in its own process: whether triton interprets is fixed when it is first
+    imported, and anything before (transformers imports triton) may have imported it without the interpreter."""
     argv = ["--smoke"] if smoke else ["--confidence", "--q-len", "8", "--peak-gbps", str(peak_gbps)]
-    code = bench_kernels.main([*argv, "--json", str(out / "kernels.json")])
+    env = os.environ | ({"TRITON_INTERPRET": "1"} if smoke else {})
+    code = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", *argv, "--json", str(out / "kernels.json")],
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=300).returncode
     rows = json.loads((out / "kernels.json").read_text())["rows"] if code == 0 else []
     table = [{k: r[k] for k in ("kernel", "backend", "batch", "context", "q_len", "ms", "gbps", "peak_fraction")}
              for r in rows]
