@@ -430,7 +430,7 @@ def test_a_batch_with_no_target_compacts_to_padding_and_a_finite_loss(qwen2_dir)
 
 
 @pytest.mark.parametrize("share", [False, True])
-def test_compacted_loss_is_the_same_under_flex_and_dense_masks(qwen2_dir, share):
+def test_compacted_loss_is_the_same_under_dense_and_flex_masks(qwen2_dir, share):
     pytest.importorskip("torch.nn.attention.flex_attention")
     model = fdllm.load_model(qwen2_dir)
     cut = compact_noisy_blocks(_prompted_batch(share), 4)
