@@ -46,7 +46,7 @@ def two_stream_rule(
     n_noisy = noisy_streams * noisy_len
     q_noisy, k_noisy = q < n_noisy, k < n_noisy
     q_slot, k_slot = q // block_size, k // block_size  # a noisy block's slot: unique across streams
-    q_src = _source_block(q_slot, seq_len // block_size, slots, b)
+    q_src = q_slot % (seq_len // block_size) if slots is None else _slot_block(slots, b, q_slot)
     q_blk, k_blk = (q - n_noisy) // block_size, (k - n_noisy) // block_size  # clean stream blocks
     noisy_noisy = q_noisy & k_noisy & (q_slot == k_slot)  # bidirectional inside the block
     noisy_clean = q_noisy & ~k_noisy & (k_blk < q_src)  # clean context of earlier blocks
@@ -55,10 +55,8 @@ def two_stream_rule(
     return noisy_noisy | noisy_clean | clean_clean  # clean -> noisy: never
 
 
-def _source_block(slot: Tensor, num_blocks: int, slots: Tensor | None, b: Tensor | None) -> Tensor:
-    """The sequence block a noisy slot holds (meaningless for clean indices, which no caller reads)."""
-    if slots is None:
-        return slot % num_blocks
+def _slot_block(slots: Tensor, b: Tensor, slot: Tensor) -> Tensor:
+    """The sequence block a noisy slot holds (clamped: clean indices read the last slot, which no caller uses)."""
     return slots[b, slot.clamp(max=slots.shape[1] - 1)]
 
 
@@ -68,7 +66,7 @@ def _source_position(idx: Tensor, seq_len: int, block_size: int, slots: Tensor |
     if slots is None:
         return idx % seq_len
     n_noisy = slots.shape[1] * block_size
-    src = _source_block(idx // block_size, seq_len // block_size, slots, b)
+    src = _slot_block(slots, b, idx // block_size)
     noisy = torch.where(src < 0, 0, src * block_size + idx % block_size)
     return torch.where(idx < n_noisy, noisy, idx - n_noisy)
 
@@ -78,23 +76,31 @@ def block_causal_rule(q: Tensor, k: Tensor, block_size: int) -> Tensor:
     return k // block_size <= q // block_size
 
 
-def _same_doc(doc_ids_BL: Tensor, b: Tensor, q: Tensor, k: Tensor, seq_len: int, block_size: int = 1,
-              slots: Tensor | None = None) -> Tensor:
+def _same_doc(doc_ids_BL: Tensor, b: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    return doc_ids_BL[b, q_pos] == doc_ids_BL[b, k_pos]
+
+
+def _two_stream_same_doc(doc_ids_BL: Tensor, b: Tensor, q: Tensor, k: Tensor, seq_len: int, block_size: int,
+                         slots: Tensor | None) -> Tensor:
+    """`_same_doc` of two layout indices, read at their sequence positions."""
     def source(idx: Tensor) -> Tensor:
         return _source_position(idx, seq_len, block_size, slots, b)
 
-    return doc_ids_BL[b, source(q)] == doc_ids_BL[b, source(k)]
+    return _same_doc(doc_ids_BL, b, source(q), source(k))
 
 
-def _check(seq_len: int, block_size: int, doc_ids: Tensor | None, slots: Tensor | None = None,
-           noisy_streams: int = 1) -> None:
+def _check(seq_len: int, block_size: int, doc_ids: Tensor | None) -> None:
     if block_size < 1 or seq_len % block_size:
         raise ValueError(f"sequence length {seq_len} must be a positive multiple of block_size {block_size}")
     if doc_ids is not None and (doc_ids.dim() != 2 or doc_ids.shape[1] != seq_len):
         raise ValueError(f"doc_ids must be [B, {seq_len}], got {tuple(doc_ids.shape)}")
-    if slots is not None and (slots.dim() != 2 or slots.shape[1] % noisy_streams
-                              or (doc_ids is not None and doc_ids.shape[0] != slots.shape[0])):
-        raise ValueError(f"slots must be [R, {noisy_streams} x K] with doc_ids' rows, got {tuple(slots.shape)}")
+
+
+def _check_slots(slots: Tensor | None, noisy_streams: int, doc_ids: Tensor | None) -> None:
+    if slots is None:
+        return
+    if slots.dim() != 2 or slots.shape[1] % noisy_streams or (doc_ids is not None and doc_ids.shape[0] != slots.shape[0]):
+        raise ValueError(f"slots must be [R, {noisy_streams} x K] with doc_ids' R rows, got {tuple(slots.shape)}")
 
 
 def _layout_len(seq_len: int, block_size: int, noisy_streams: int, slots: Tensor | None) -> int:
@@ -109,7 +115,8 @@ def two_stream_mask(
     """Dense bool mask [B|1, 1, N, N] for `[x_t ; x_0]` (N = 2L, L = seq_len), or for
     `[x_t ; x_t' ; x_0]` (N = 3L) with `noisy_streams=2`; with `slots` [R, S*K] (compacted noisy
     streams, `two_stream_rule`) [R, 1, N, N], N = S*K*block_size + L."""
-    _check(seq_len, block_size, doc_ids, slots, noisy_streams)
+    _check(seq_len, block_size, doc_ids)
+    _check_slots(slots, noisy_streams, doc_ids)
     rows = doc_ids if doc_ids is not None else slots
     device = rows.device if rows is not None else device
     idx = torch.arange(_layout_len(seq_len, block_size, noisy_streams, slots), device=device)
@@ -117,7 +124,7 @@ def two_stream_mask(
     b = None if rows is None else torch.arange(rows.shape[0], device=device)[:, None, None]
     allowed = two_stream_rule(q, k, seq_len, block_size, causal_prefix, noisy_streams, slots, b)
     if doc_ids is not None:
-        allowed = allowed & _same_doc(doc_ids, b, q, k, seq_len, block_size, slots)
+        allowed = allowed & _two_stream_same_doc(doc_ids, b, q, k, seq_len, block_size, slots)
     return allowed[:, None]
 
 
@@ -158,7 +165,7 @@ def block_causal_mask(seq_len: int, block_size: int, doc_ids: Tensor | None = No
     allowed = block_causal_rule(idx[:, None], idx[None, :], block_size)[None]
     if doc_ids is not None:
         b = torch.arange(doc_ids.shape[0], device=device)[:, None, None]
-        allowed = allowed & _same_doc(doc_ids, b, idx[None, :, None], idx[None, None, :], seq_len)
+        allowed = allowed & _same_doc(doc_ids, b, idx[None, :, None], idx[None, None, :])
     return allowed[:, None]
 
 
@@ -167,13 +174,14 @@ def two_stream_block_mask(
     causal_prefix: bool = False, noisy_streams: int = 1, slots: Tensor | None = None,
 ) -> "BlockMask":
     """The same mask as `two_stream_mask`, as a sparse flex_attention BlockMask."""
-    _check(seq_len, block_size, doc_ids, slots, noisy_streams)
+    _check(seq_len, block_size, doc_ids)
+    _check_slots(slots, noisy_streams, doc_ids)
     if doc_ids is None and slots is None:
         return _cached_two_stream_block_mask(seq_len, block_size, str(device), causal_prefix, noisy_streams)
 
     def mask_mod(b, h, q, k):
         allowed = two_stream_rule(q, k, seq_len, block_size, causal_prefix, noisy_streams, slots, b)
-        return allowed if doc_ids is None else allowed & _same_doc(doc_ids, b, q, k, seq_len, block_size, slots)
+        return allowed if doc_ids is None else allowed & _two_stream_same_doc(doc_ids, b, q, k, seq_len, block_size, slots)
 
     rows = doc_ids if doc_ids is not None else slots
     n = _layout_len(seq_len, block_size, noisy_streams, slots)
@@ -188,7 +196,7 @@ def block_causal_block_mask(
 
     def mask_mod(b, h, q, k):
         allowed = block_causal_rule(q, k, block_size)
-        return allowed if doc_ids is None else allowed & _same_doc(doc_ids, b, q, k, seq_len)
+        return allowed if doc_ids is None else allowed & _same_doc(doc_ids, b, q, k)
 
     batch = None if doc_ids is None else doc_ids.shape[0]
     return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device if doc_ids is None else doc_ids.device)

@@ -81,27 +81,38 @@ def test_compacted_streams_keep_each_kept_block_s_uncut_mask(streams, causal_pre
     """A compacted layout (`slots`: the noisy blocks kept, -1 = padding) allows exactly what the uncut
     layout allows between the same tokens (per row, with documents), and a padding block sees only itself."""
     L, bs = 12, 3
-    doc_ids = torch.tensor([[0] * 5 + [1] * 6 + [2], [0] * 12])  # a document starts in the last block
-    per_stream = [[1, 3, -1], [0, 2, 3]] if streams == 1 else [[3, -1, 2, 0, 1, -1], [1, 2, 3, -1, -1, -1]]
+    per_stream = [[0, 3, -1], [1, 2, 3]] if streams == 1 else [[3, -1, 2, 0, 1, -1], [1, 2, 3, -1, -1, -1]]
     slots = torch.tensor(per_stream)
-    mask = two_stream_mask(L, bs, doc_ids, causal_prefix=causal_prefix, noisy_streams=streams, slots=slots)[:, 0]
     n = slots.shape[1] * bs + L
-    assert mask.shape == (2, n, n)
     oracle = allowed_by_method if streams == 1 else allowed_with_shared_clean
-    for b in range(2):
-        for q in range(n):
-            for k in range(n):
-                uq, uk = (_uncut_index(i, per_stream[b], L, bs, streams) for i in (q, k))
-                if uq is None or uk is None:
-                    expected = uq is None and uk is None and q // bs == k // bs
-                else:
-                    same_doc = doc_ids[b, uq % L] == doc_ids[b, uk % L]
-                    expected = oracle(uq, uk, L, bs, causal_prefix) and bool(same_doc)
-                assert bool(mask[b, q, k]) == expected, (b, q, k)
-    block_mask = two_stream_block_mask(L, bs, doc_ids, causal_prefix=causal_prefix, noisy_streams=streams, slots=slots)
     q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    for b in range(2):
-        assert torch.equal(block_mask.mask_mod(torch.tensor(b), torch.tensor(0), q, k), mask[b])
+    # documents start inside block 0 and inside the last block; or no documents at all
+    for doc_ids in (torch.tensor([[0] * 2 + [1] * 9 + [2], [0] * 12]), None):
+        kw = dict(causal_prefix=causal_prefix, noisy_streams=streams, slots=slots)
+        mask = two_stream_mask(L, bs, doc_ids, **kw)[:, 0]
+        assert mask.shape == (2, n, n)
+        for b in range(2):
+            for qi in range(n):
+                for ki in range(n):
+                    uq, uk = (_uncut_index(i, per_stream[b], L, bs, streams) for i in (qi, ki))
+                    if uq is None or uk is None:
+                        expected = uq is None and uk is None and qi // bs == ki // bs
+                    else:
+                        same_doc = doc_ids is None or doc_ids[b, uq % L] == doc_ids[b, uk % L]
+                        expected = oracle(uq, uk, L, bs, causal_prefix) and bool(same_doc)
+                    assert bool(mask[b, qi, ki]) == expected, (b, qi, ki)
+        block_mask = two_stream_block_mask(L, bs, doc_ids, **kw)
+        for b in range(2):
+            assert torch.equal(block_mask.mask_mod(torch.tensor(b), torch.tensor(0), q, k), mask[b])
+
+
+@pytest.mark.parametrize("build", [two_stream_mask, two_stream_block_mask])
+def test_malformed_slots_are_rejected(build):
+    docs = torch.zeros(2, 8, dtype=torch.long)
+    for slots, docs_ in ((torch.zeros(2, 3, dtype=torch.long), None), (torch.zeros(6, dtype=torch.long), None),
+                         (torch.zeros(3, 4, dtype=torch.long), docs)):
+        with pytest.raises(ValueError, match=r"^slots must be \[R, 2 x K\] with doc_ids' R rows, got \("):
+            build(8, 4, docs_, noisy_streams=2, slots=slots)
 
 
 def test_block_causal_mask_is_bidirectional_inside_blocks():
