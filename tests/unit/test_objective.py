@@ -332,6 +332,15 @@ def _loss_and_grads(model, batch, objective: str):
     return loss.item(), int(count), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _assert_same_loss_and_gradients(model, batch: TwoStreamBatch, oracle: TwoStreamBatch, objective: str) -> None:
+    loss, count, grads = _loss_and_grads(model, batch, objective)
+    loss_o, count_o, grads_o = _loss_and_grads(model, oracle, objective)
+    assert count == count_o > 0
+    assert math.isclose(loss, loss_o, rel_tol=1e-5), (loss, loss_o)
+    for name, g in grads_o.items():
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("objective", ["diffusion", "joint", "certainty"])
 def test_shared_clean_stream_gives_method_s_loss_and_gradients(qwen2_dir, objective):
     """`[x_t ; x_t' ; x_0]` (the train loop's layout) against METHOD's two rows `[x_t ; x_0]` of the
@@ -348,12 +357,7 @@ def test_shared_clean_stream_gives_method_s_loss_and_gradients(qwen2_dir, object
     # the same noisy copies: METHOD's copy c of row b is the shared layout's row b, stream c
     assert torch.equal(shared.input_ids[:, :32].reshape(3, 2, 16).transpose(0, 1).flatten(0, 1), method.input_ids[:, :16])
     assert torch.equal(shared.targets.unflatten(0, (3, 2)).transpose(0, 1).flatten(0, 1), method.targets)
-    loss_s, count_s, grads_s = _loss_and_grads(model, shared, objective)
-    loss_m, count_m, grads_m = _loss_and_grads(model, method, objective)
-    assert count_s == count_m > 0
-    assert math.isclose(loss_s, loss_m, rel_tol=1e-5), (loss_s, loss_m)
-    for name, g in grads_m.items():
-        assert torch.allclose(grads_s[name], g, rtol=1e-4, atol=1e-6), name
+    _assert_same_loss_and_gradients(model, shared, method, objective)
 
 
 def _prompted_batch(share: bool, L: int = 32) -> TwoStreamBatch:
@@ -377,12 +381,7 @@ def test_compacted_noisy_blocks_give_the_uncut_loss_and_gradients(qwen2_dir, obj
     cut = compact_noisy_blocks(uncut, 4)
     assert cut.input_ids.shape[1] < uncut.input_ids.shape[1] and (cut.slots == -1).any()
     assert cut.input_ids.shape[1] == cut.noisy_streams * cut.noisy_len + 32
-    loss_c, count_c, grads_c = _loss_and_grads(model, cut, objective)
-    loss_u, count_u, grads_u = _loss_and_grads(model, uncut, objective)
-    assert count_c == count_u > 0
-    assert math.isclose(loss_c, loss_u, rel_tol=1e-5), (loss_c, loss_u)
-    for name, g in grads_u.items():
-        assert torch.allclose(grads_c[name], g, rtol=1e-4, atol=1e-6), name
+    _assert_same_loss_and_gradients(model, cut, uncut, objective)
 
 
 def test_block_diffusion_loss_compacts_by_default(qwen2_dir):
