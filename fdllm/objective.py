@@ -155,9 +155,11 @@ def compact_noisy_blocks(batch: TwoStreamBatch, block_size: int) -> TwoStreamBat
         return batch
     S, L = batch.noisy_streams, batch.targets.shape[1]
     carries = (batch.logit_targets != IGNORE_INDEX).unflatten(1, (-1, block_size)).any(-1)  # [2B, L/bs]
-    step = max(1, carries.shape[1] // _LENGTH_BUCKETS)
-    K = min(-(-max(int(carries.sum(1).max()), 1) // step) * step, carries.shape[1])
-    order = torch.sort((~carries).int(), dim=1, stable=True).indices[:, :K]  # kept blocks first, in order
+    n = carries.shape[1]
+    step = max(1, n // _LENGTH_BUCKETS)
+    K = min(-(-max(int(carries.sum(1).max()), 1) // step) * step, n)
+    rank = torch.where(carries, 0, n) + torch.arange(n, device=carries.device)  # kept blocks first, in order
+    order = rank.argsort(dim=1)[:, :K]
     slots = torch.where(carries.gather(1, order), order, -1)  # [2B, K]
 
     def kept(t_RN: Tensor) -> Tensor:  # the noisy streams' kept blocks, then the clean stream

@@ -389,10 +389,10 @@ def test_block_diffusion_loss_compacts_by_default(qwen2_dir):
     ids, labels = _batch(B=2, L=32, prompt=20, seed=2)
     recorder, losses = _MaskRecorder(), {}
     for compact in (True, False):
-        block_diffusion_loss(recorder, ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(1),
-                             compact=compact)
+        kw = {} if compact else {"compact": False}  # the default compacts
+        block_diffusion_loss(recorder, ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(1), **kw)
         losses[compact] = block_diffusion_loss(model, ids, labels, MASK_ID, 4, generator=torch.Generator().manual_seed(1),
-                                               compact=compact)[0].item()
+                                               **kw)[0].item()
         assert recorder.input_ids.shape[1] < 96 if compact else recorder.input_ids.shape[1] == 96
     assert math.isclose(losses[True], losses[False], rel_tol=1e-5)
 
