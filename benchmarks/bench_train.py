@@ -179,6 +179,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             d, a = by_name[name], by_name["ar"]
             print(f"{name} / AR: {d['tokens_per_s'] / a['tokens_per_s']:.2f}x throughput, "
                   f"{d['peak_mem_mib'] / a['peak_mem_mib']:.2f}x peak memory")
+    if {"diffusion", "diffusion-uncut"} <= by_name.keys():
+        d, u = by_name["diffusion"], by_name["diffusion-uncut"]
+        print(f"compacted / uncut noisy blocks: {d['tokens_per_s'] / u['tokens_per_s']:.2f}x throughput, "
+              f"{d['peak_mem_mib'] / u['peak_mem_mib']:.2f}x peak memory")
     if args.output:
         Path(args.output).write_text(json.dumps({"config": vars(args), "results": results}, indent=2) + "\n")
     return results
