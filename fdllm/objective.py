@@ -54,6 +54,12 @@ class TwoStreamBatch:
     # source block slots[r, j] (-1: padding); None: every block in order, each noisy stream L long.
     slots: Tensor | None = None
 
+    def to(self, device: torch.device | str) -> TwoStreamBatch:
+        """The same batch with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), Tensor)}
+        return dataclasses.replace(self, **moved)
+
     @property
     def noisy_len(self) -> int:
         """Tokens of one noisy stream: L, or K blocks once compacted."""

@@ -124,15 +124,16 @@ def diffusion_loss_sum(
             share_clean=True,
         ))
     def stacked(name: str) -> Tensor:
-        return torch.cat([getattr(r, name) for r in rows]).to(device)
+        return torch.cat([getattr(r, name) for r in rows])
 
     noised = TwoStreamBatch(  # ids/positions [B, 3L] ([x_t ; x_t' ; x_0]), targets [2B, L], doc ids [B, L]
         input_ids=stacked("input_ids"), position_ids=stacked("position_ids"),
         targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"),
         noisy_streams=rows[0].noisy_streams,
     )
-    if compact:
+    if compact:  # on the host, like the noise: the kept lengths are known without a device sync
         noised = compact_noisy_blocks(noised, block_size)
+    noised = noised.to(device)
     if joint_weights is not None:
         loss, count = joint_loss(model, noised, block_size, *joint_weights, certainty=certainty)
     elif certainty is not None:

@@ -413,6 +413,13 @@ def test_compacted_logit_targets_are_the_uncut_ones_in_order():
     assert compact_noisy_blocks(cut, 4) is cut  # already compacted
 
 
+def test_a_two_stream_batch_moves_whole():
+    """The train loop compacts on the host and then moves the batch: every tensor, the slots included."""
+    cut = compact_noisy_blocks(_prompted_batch(share=True), 4).to("meta")
+    tensors = (cut.input_ids, cut.position_ids, cut.targets, cut.doc_ids, cut.ar_targets, cut.slots)
+    assert all(t.device.type == "meta" for t in tensors) and cut.noisy_streams == 2
+
+
 def test_compacted_lengths_come_in_at_most_eight_sizes():
     """K (kept blocks per stream) rounds up to an eighth of the blocks: a compiled attention sees few shapes."""
     ids, labels = _batch(B=1, L=256, prompt=230, seed=1)  # 64 blocks of 4, targets in the last 7
