@@ -364,11 +364,11 @@ def training(device: torch.device, smoke: bool) -> dict[str, Any]:
              "--warmup", "0"] if smoke else
             ["--preset", "qwen2.5-1.5b", "--seq-len", "2048", "--batch-size", "1", "--steps", "5", "--dtype", "bf16"])
     args = parser.parse_args([*argv, "--device", device.type])
-    results = [bench_train._measure(objective, args) for objective in bench_train.OBJECTIVES]
-    d, uncut, a = results
-    table = [{k: r[k] for k in ("objective", "tokens_per_s", "step_s", "peak_mem_mib")} for r in results]
-    return {"table": table, "step cost diffusion/AR": d["step_s"] / a["step_s"],
-            "step cost diffusion/uncut": d["step_s"] / uncut["step_s"]}
+    results = {objective: bench_train._measure(objective, args) for objective in bench_train.OBJECTIVES}
+    step = {objective: r["step_s"] for objective, r in results.items()}
+    table = [{k: r[k] for k in ("objective", "tokens_per_s", "step_s", "peak_mem_mib")} for r in results.values()]
+    return {"table": table, "step cost diffusion/AR": step["diffusion"] / step["ar"],
+            "step cost diffusion/uncut": step["diffusion"] / step["diffusion-uncut"]}
 
 
 def main(argv: list[str] | None = None) -> int:

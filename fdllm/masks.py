@@ -42,8 +42,7 @@ def two_stream_rule(
     source block `slots[b, j]` (-1: padding, which sees only itself), as `fdllm.objective.
     compact_noisy_blocks` lays them out; None: every block of every stream in order.
     """
-    noisy_len = seq_len if slots is None else slots.shape[1] // noisy_streams * block_size
-    n_noisy = noisy_streams * noisy_len
+    n_noisy = _noisy_tokens(seq_len, block_size, noisy_streams, slots)
     q_noisy, k_noisy = q < n_noisy, k < n_noisy
     q_slot, k_slot = q // block_size, k // block_size  # a noisy block's slot: unique across streams
     q_src = q_slot % (seq_len // block_size) if slots is None else _slot_block(slots, b, q_slot)
@@ -103,9 +102,9 @@ def _check_slots(slots: Tensor | None, noisy_streams: int, doc_ids: Tensor | Non
         raise ValueError(f"slots must be [R, {noisy_streams} x K] with doc_ids' R rows, got {tuple(slots.shape)}")
 
 
-def _layout_len(seq_len: int, block_size: int, noisy_streams: int, slots: Tensor | None) -> int:
-    """Tokens per row: the noisy streams (whole, or their kept slots) and the clean stream."""
-    return (noisy_streams * seq_len if slots is None else slots.shape[1] * block_size) + seq_len
+def _noisy_tokens(seq_len: int, block_size: int, noisy_streams: int, slots: Tensor | None) -> int:
+    """Tokens of a row's noisy streams (whole, or their kept slots); the clean stream's L follow them."""
+    return noisy_streams * seq_len if slots is None else slots.shape[1] * block_size
 
 
 def two_stream_mask(
@@ -119,7 +118,7 @@ def two_stream_mask(
     _check_slots(slots, noisy_streams, doc_ids)
     rows = doc_ids if doc_ids is not None else slots
     device = rows.device if rows is not None else device
-    idx = torch.arange(_layout_len(seq_len, block_size, noisy_streams, slots), device=device)
+    idx = torch.arange(_noisy_tokens(seq_len, block_size, noisy_streams, slots) + seq_len, device=device)
     q, k = idx[None, :, None], idx[None, None, :]
     b = None if rows is None else torch.arange(rows.shape[0], device=device)[:, None, None]
     allowed = two_stream_rule(q, k, seq_len, block_size, causal_prefix, noisy_streams, slots, b)
@@ -184,7 +183,7 @@ def two_stream_block_mask(
         return allowed if doc_ids is None else allowed & _two_stream_same_doc(doc_ids, b, q, k, seq_len, block_size, slots)
 
     rows = doc_ids if doc_ids is not None else slots
-    n = _layout_len(seq_len, block_size, noisy_streams, slots)
+    n = _noisy_tokens(seq_len, block_size, noisy_streams, slots) + seq_len
     return create_block_mask(mask_mod, rows.shape[0], None, n, n, device=rows.device)
 
 
