@@ -90,13 +90,13 @@ def sample_confidence(
     return token_T, probs_TV.gather(-1, token_T[:, None])[:, 0]
 
 
-def select_unmask(probs: Sequence[float], threshold: float) -> list[bool]:
+def select_unmask(probs: Sequence[float], threshold: float, force: bool = True) -> list[bool]:
     """Which candidates of one work to unmask (host side, after the step's one transfer): every one
-    whose probability exceeds `threshold`, and always the most confident (the first on ties), so
-    every step makes progress."""
+    whose probability exceeds `threshold`, and (`force`) always the most confident (the first on
+    ties), so every step makes progress."""
     if not probs:
         return []
-    best = max(range(len(probs)), key=probs.__getitem__)
+    best = max(range(len(probs)), key=probs.__getitem__) if force else -1
     return [p > threshold or i == best for i, p in enumerate(probs)]
 
 
@@ -107,15 +107,15 @@ def token_entropy(logits_TV: Tensor, mask_token_id: int | None) -> Tensor:
     return torch.special.entr(probs_TV).sum(-1)  # entr(0) = 0: the suppressed mask adds nothing
 
 
-def select_entropy_budget(entropies: Sequence[float], budget: float) -> list[bool]:
+def select_entropy_budget(entropies: Sequence[float], budget: float, force: bool = True) -> list[bool]:
     """Entropy-budget selection (EB-sampler style, METHOD.md §5), one work's candidates M: sort them
     by entropy H_i ascending (ties: the lower offset first) and commit the longest prefix whose summed
-    entropy is at most `budget` (gamma); always at least the first, so every step makes progress."""
+    entropy is at most `budget` (gamma); (`force`) always at least the first, so every step makes progress."""
     chosen = [False] * len(entropies)
     total = 0.0
     for rank, i in enumerate(sorted(range(len(entropies)), key=lambda i: (entropies[i], i))):
         total += entropies[i]
-        if rank and total > budget:
+        if (rank or not force) and total > budget:
             break
         chosen[i] = True
     return chosen
@@ -181,28 +181,31 @@ class SelectionPolicy:
     def adaptive(self) -> bool:
         return self.delimiter_threshold is not None and bool(self.delimiter_ids)
 
-    def select(self, probs: Sequence[float], entropies: Sequence[float] | None) -> list[bool]:
-        """Which of one work's candidates (their c_i, and H_i when `needs_entropy`) to commit."""
+    def select(self, probs: Sequence[float], entropies: Sequence[float] | None, force: bool = True) -> list[bool]:
+        """Which of one work's candidates (their c_i, and H_i when `needs_entropy`) to commit; `force`:
+        at least one (every step must make progress, except a block lookahead's, whose forward
+        already settled the block's first token)."""
         if self.selection == "entropy_budget":
-            return select_entropy_budget(entropies, self.entropy_budget)
-        return select_unmask(probs, self.threshold)
+            return select_entropy_budget(entropies, self.entropy_budget, force)
+        return select_unmask(probs, self.threshold, force)
 
 
 def select_block_step(
     policy: SelectionPolicy, step: BlockStep, tokens: Sequence[int], probs: Sequence[float],
-    entropies: Sequence[float] | None,
+    entropies: Sequence[float] | None, force: bool = True,
 ) -> tuple[list[bool], int]:
     """One denoising step's decision under `policy`: (selected per logit row, the sub-block's stop).
 
     The boundary comes first (it may shrink the sub-block), then the selection runs over the
-    candidates that are still inside it.
+    candidates that are still inside it (`force`: `SelectionPolicy.select`'s).
     """
     stop = step.sub_stop
     if policy.adaptive:
         stop = delimiter_stop(tokens, probs, step.candidates, step.sub_start, stop, policy.delimiter_ids,
                               policy.delimiter_threshold)
     inside = [i for i, cand in enumerate(step.candidates) if cand and step.sub_start + i < stop]
-    chosen = policy.select([probs[i] for i in inside], None if entropies is None else [entropies[i] for i in inside])
+    chosen = policy.select([probs[i] for i in inside], None if entropies is None else [entropies[i] for i in inside],
+                           force)
     selected = [False] * len(step.candidates)
     for i, sel in zip(inside, chosen):
         selected[i] = sel
@@ -279,6 +282,13 @@ def plan_block_step(
     rows = tuple(max(p - 1, feed_start) - feed_start for p in range(sub_start, sub_stop))
     candidates = tuple(block[p] == mask_token_id for p in range(sub_start, sub_stop))
     return BlockStep(feed_start, feed_stop, sub_start, rows, candidates)
+
+
+def opening_step(block_size: int, sub_block_size: int) -> BlockStep:
+    """The first step of a block that its opening forward runs (SamplingParams.block_lookahead): the
+    whole block is fed (every offset still masked, offset 0 too), the first sub-block's offsets are
+    read, and offset 0, which the same forward settles, is no candidate."""
+    return BlockStep(0, block_size, 0, (0, *range(sub_block_size - 1)), (False,) + (True,) * (sub_block_size - 1))
 
 
 def apply_unmask(block: list[int], step: BlockStep, tokens: Sequence[int], selected: Sequence[bool]) -> None:

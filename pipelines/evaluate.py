@@ -12,9 +12,10 @@ speculative row must score exactly the model's own AR row: its output is the AR 
 rows differ in forwards only; `accept` is the fraction of draft tokens the causal verify kept). tokens/s counts
 generated tokens over wall time of the whole batched run on one engine, so rows compare like for like.
 `--policies` sweeps selection policies (METHOD.md §5) beside or instead of the thresholds, e.g.
-    --policies thr=0.9,thr=0.7,eb=0.5,eb=2,thr=0.9+delim=0.3,eb=1+delim=0.3
+    --policies thr=0.9,thr=0.7,eb=0.5,eb=2,thr=0.9+delim=0.3,eb=1+delim=0.3,thr=0.9+look
 (`thr=T`: the threshold rule at T; `eb=G`: the entropy budget gamma G; `+delim=D`: adaptive sub-block
-boundaries at newline/end-token delimiters predicted with confidence above D). With --policies the
+boundaries at newline/end-token delimiters predicted with confidence above D; `+look`: the block
+lookahead, a block's first step run by the forward that opens it). With --policies the
 --thresholds are not run unless listed as thr=... entries.
 `--output` writes the rows as JSON and `--plot` a PNG of accuracy against tokens per forward (one
 curve per task, model and policy family over its parameter, the AR base as a point).
@@ -48,11 +49,13 @@ _POLICY_KEYS = {"thr": "threshold", "eb": "entropy_budget"}
 
 @dataclass(frozen=True)
 class Policy:
-    """One point of a policy sweep: a selection rule with its parameter, optionally adaptive sub-blocks."""
+    """One point of a policy sweep: a selection rule with its parameter, optionally adaptive sub-blocks
+    and the block lookahead."""
 
     selection: str = "threshold"  # fdllm.decoding.SELECTIONS
     value: float | None = None  # the threshold, or the entropy budget gamma (None: the engine's default)
     delimiter_threshold: float | None = None
+    block_lookahead: bool = False  # diffusion rows only (SamplingParams.block_lookahead)
 
     def sampling_params(self, max_new_tokens: int, mode: str) -> fdllm.SamplingParams:
         if mode == "ar":
@@ -61,23 +64,26 @@ class Policy:
         return fdllm.SamplingParams(
             max_new_tokens=max_new_tokens, mode=mode, selection=self.selection,
             threshold=None if budget else self.value, entropy_budget=self.value if budget else None,
-            delimiter_threshold=self.delimiter_threshold,
+            delimiter_threshold=self.delimiter_threshold, block_lookahead=self.block_lookahead and mode == "diffusion",
         )
 
     @classmethod
     def parse(cls, text: str) -> "Policy":
-        """`thr=0.9`, `eb=0.5`, either with `+delim=0.3`."""
-        head, _, delim = text.partition("+")
+        """`thr=0.9`, `eb=0.5`, either with `+delim=0.3` and/or `+look`."""
+        head, *suffixes = text.split("+")
         key, _, value = head.partition("=")
         if key not in _POLICY_KEYS or not value:
-            raise ValueError(f"policy {text!r}: expected thr=T or eb=G, optionally +delim=D")
-        delimiter = None
-        if delim:
-            name, _, d = delim.partition("=")
-            if name != "delim" or not d:
-                raise ValueError(f"policy {text!r}: the suffix is +delim=D")
-            delimiter = float(d)
-        policy = cls(_POLICY_KEYS[key], float(value), delimiter)
+            raise ValueError(f"policy {text!r}: expected thr=T or eb=G, optionally +delim=D and +look")
+        delimiter, lookahead = None, False
+        for suffix in suffixes:
+            name, _, d = suffix.partition("=")
+            if suffix == "look" and not lookahead:
+                lookahead = True
+            elif name == "delim" and d and delimiter is None:
+                delimiter = float(d)
+            else:
+                raise ValueError(f"policy {text!r}: the suffixes are +delim=D and +look, each at most once")
+        policy = cls(_POLICY_KEYS[key], float(value), delimiter, lookahead)
         policy.sampling_params(1, "diffusion")  # SamplingParams' own range checks, now
         return policy
 
@@ -107,6 +113,7 @@ class EvalRow:
     entropy_budget: float | None = None  # selection "entropy_budget": gamma
     delimiter_threshold: float | None = None  # adaptive sub-block boundaries (None: fixed sub-blocks)
     sub_block_size: int | None = None  # diffusion/speculative rows: the sub-block size they decoded with
+    block_lookahead: bool = False  # diffusion rows: a block's first step ran in the forward that opened it
 
     @property
     def label(self) -> str:
@@ -117,7 +124,8 @@ class EvalRow:
     def family(self) -> str:
         """The policy family a frontier curve runs through (its points differ in threshold or gamma)."""
         name = "entropy budget" if self.selection == "entropy_budget" else "threshold"
-        return name + (f" + delimiter {self.delimiter_threshold:g}" if self.delimiter_threshold is not None else "")
+        name += f" + delimiter {self.delimiter_threshold:g}" if self.delimiter_threshold is not None else ""
+        return name + (" + lookahead" if self.block_lookahead else "")
 
     @property
     def policy(self) -> str:
@@ -128,7 +136,8 @@ class EvalRow:
             text = f"eb {self.entropy_budget:g}" if self.entropy_budget is not None else "eb"
         else:
             text = f"thr {self.threshold:g}" if self.threshold is not None else "thr"
-        return text + (f" +d{self.delimiter_threshold:g}" if self.delimiter_threshold is not None else "")
+        text += f" +d{self.delimiter_threshold:g}" if self.delimiter_threshold is not None else ""
+        return text + (" +look" if self.block_lookahead else "")
 
     @property
     def parameter_order(self) -> float:
@@ -189,7 +198,8 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
     forwards = sum(res.num_forwards for res in results)
     policy = {} if params.mode == "ar" else {"selection": params.selection, "entropy_budget": params.entropy_budget,
                                               "delimiter_threshold": params.delimiter_threshold,
-                                              "sub_block_size": engine.config.sub_block_size}
+                                              "sub_block_size": engine.config.sub_block_size,
+                                              "block_lookahead": params.block_lookahead}
     return EvalRow(model=name, task=task, mode=params.mode, threshold=params.threshold if params.mode != "ar" else None,
                    batch_size=step, accuracy=correct / len(records), correct=correct, total=len(records),
                    tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=tokens / seconds,
@@ -376,7 +386,8 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=_floats)
     parser.add_argument("--policies", type=_policies,
                         help="comma list of selection policies to sweep instead of --thresholds: thr=T, eb=G "
-                        "(entropy budget), either with +delim=D (adaptive sub-blocks), e.g. thr=0.9,eb=0.5,eb=1+delim=0.3")
+                        "(entropy budget), either with +delim=D (adaptive sub-blocks) and/or +look (block lookahead), "
+                        "e.g. thr=0.9,eb=0.5,eb=1+delim=0.3,thr=0.9+look")
     parser.add_argument("--sub-block-size", type=int,
                         help="decode with sub-blocks of N tokens instead of the checkpoint's (N must divide its block "
                         "size): a step commits at most a sub-block, so a larger one allows more tokens per forward")

@@ -85,6 +85,9 @@ class _SamplingFields(BaseModel):
     delimiter_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     delimiters: list[str] | None = None
     delimiter_token_ids: list[int] | None = None
+    # fdllm: diffusion mode runs each block's first step in the forward that opens it (one forward fewer
+    # per block; outputs may differ from the plain schedule: fdllm.SamplingParams.block_lookahead)
+    block_lookahead: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -123,6 +126,7 @@ class _SamplingFields(BaseModel):
             delimiter_threshold=self.delimiter_threshold,
             delimiters=None if self.delimiters is None else tuple(self.delimiters),
             delimiter_token_ids=tuple(self.delimiter_token_ids or ()),
+            block_lookahead=self.block_lookahead,
         )
 
 

@@ -58,6 +58,11 @@ class SamplingParams:
     # tokens, the model's EOS and stop_token_ids) are always delimiters.
     delimiters: tuple[str, ...] | None = None
     delimiter_token_ids: tuple[int, ...] = ()  # more delimiters, as token ids
+    # Diffusion mode: the forward that opens a block (the previous block's commit, or the prompt's last
+    # chunk) also runs the block's first denoising step, with the block's first token still masked,
+    # and commits only what passes the selection rule: one forward fewer per block. An approximation
+    # beyond the paper (METHOD.md §5): outputs may differ from the plain schedule.
+    block_lookahead: bool = False
 
     def __post_init__(self) -> None:
         """Reject values that could not be decoded meaningfully, before they reach a step: one bad
@@ -81,6 +86,11 @@ class SamplingParams:
             raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.block_lookahead, bool):
+            raise ValueError(f"block_lookahead must be a bool, got {self.block_lookahead!r}")
+        if self.block_lookahead and self.mode != "diffusion":
+            raise ValueError(f"block_lookahead applies to mode='diffusion' only, got mode={self.mode!r} "
+                             "(speculative mode's own lookahead is EngineConfig.speculative_lookahead)")
         self._check_selection()
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(

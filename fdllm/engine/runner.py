@@ -1,11 +1,12 @@
 """The model runner: the only part of the engine that touches tensors.
 
 A step runs in one of two layouts:
-- static (every work is a decode work: one non-causal attention row, no prompt tokens): works are
-  padded to a batch bucket Bb and every work to Q query tokens (Q = the step's longest work: 1 for
-  AR tokens, the sub-block for cached steps, the block for refresh and commit steps, up to the
-  block + 1 for speculative drafts, rounded up to a power of two when graphs are captured; a
-  speculative verify is causal, so its step is dynamic). Padded
+- static (every work is a decode work: non-causal attention rows, no prompt tokens): each
+  attention row is one entry of the padded batch, so a work with a block lookahead (a commit and
+  the next block's masks) takes two; entries are padded to a batch bucket Bb and every entry to Q
+  query tokens (Q = the step's longest row: 1 for AR tokens, the sub-block for cached steps, the
+  block for refresh and commit steps, up to the block + 1 for speculative drafts, rounded up to a
+  power of two when graphs are captured; a speculative verify is causal, so its step is dynamic). Padded
   tokens write their K/V to the cache's scratch slot, padded rows see nothing. On CUDA this body
   (embedding -> layers -> norm) replays a CUDA graph captured per (Bb, Q) (`fdllm.engine.graphs`);
   elsewhere, or with `EngineConfig(enforce_eager=True)`, the same layout runs eagerly, which is
@@ -23,7 +24,7 @@ candidates' tokens, probabilities (and entropies) come back in one device-to-hos
 selection policy runs on the host, in the sequence (a few comparisons per sequence, cheaper than the
 kernels it would take on the device).
 
-Shape legend: T packed tokens, Bb bucketed works, Q query tokens per work (static layout),
+Shape legend: T packed tokens, Bb bucketed entries (rows), Q query tokens per entry (static layout),
 M pages per block table, B works that read logits, C candidate rows, S sampled rows (C ⊇ S), E entropy rows
 (C ⊇ E), D model dim, V vocab.
 """
@@ -116,7 +117,7 @@ class HostStage:
 
 @dataclass(frozen=True)
 class StaticShape:
-    """The padded layout of a static step: Bb works of Q tokens, block tables of width M."""
+    """The padded layout of a static step: Bb entries (attention rows) of Q tokens, block tables of width M."""
 
     batch: int
     q_len: int
@@ -171,16 +172,16 @@ class ModelRunner:
     def run(self, works: list[Work]) -> list[Predictions]:
         """Per work: the predictions of its logit rows (none for pure prefill chunks)."""
         shape = self.static_shape(works)
-        offsets = [b * shape.q_len for b in range(len(works))] if shape else self._packed_offsets(works)
-        num_tokens = shape.batch * shape.q_len if shape else offsets[-1] + len(works[-1].token_ids)
+        segments = self._static_segments(works, shape.q_len) if shape else self._packed_segments(works)
+        num_tokens = shape.batch * shape.q_len if shape else sum(len(w.token_ids) for w in works)
         plan = self._plan_head(works)
         sizes = self._body_sizes(shape, num_tokens) | self._head_sizes(plan)
         self.stage.begin(sizes)
         if shape:
             self._put_static_body(works, shape)
         else:
-            self._put_dynamic_body(works, offsets)
-        self._put_head(works, plan, offsets)
+            self._put_dynamic_body(works)
+        self._put_head(works, plan, segments)
         self.stage.copy()
         h_TD = self._body(works, shape)
         out = [Predictions() for _ in works]
@@ -194,16 +195,19 @@ class ModelRunner:
         return out
 
     def static_shape(self, works: list[Work]) -> StaticShape | None:
-        """The padded layout when every work is a decode work and the batch fits a bucket, else None."""
-        if len(works) > self.buckets[-1]:
-            return None
-        q_len, pages = 0, 0
+        """The padded layout when every work is a decode work and its rows fit a bucket, else None."""
+        q_len = pages = entries = 0
         for w in works:
-            if w.num_prefill or len(w.rows) != 1 or w.rows[0].causal:
+            if w.num_prefill:
                 return None
-            q_len = max(q_len, len(w.token_ids))
-            pages = max(pages, len(w.rows[0].pages))
-        batch = self.buckets[bisect.bisect_left(self.buckets, len(works))]
+            for row in w.rows:
+                if row.causal:
+                    return None
+                q_len, pages = max(q_len, row.q_len), max(pages, len(row.pages))
+            entries += len(w.rows)
+        if entries > self.buckets[-1]:
+            return None
+        batch = self.buckets[bisect.bisect_left(self.buckets, entries)]
         if self.bucket_query_len:
             q_len = query_bucket(q_len)
         if self.graphs is not None:
@@ -213,13 +217,27 @@ class ModelRunner:
         return StaticShape(batch, q_len, pages)
 
     # -- host packing -------------------------------------------------------------------------------
+    # Where a work's fed tokens land in the step's flat token layout: per work, (first token, flat
+    # index) of each run of its tokens that lies contiguously there (`flat_index`).
     @staticmethod
-    def _packed_offsets(works: list[Work]) -> list[int]:
-        offsets, n = [], 0
+    def _packed_segments(works: list[Work]) -> list[list[tuple[int, int]]]:
+        segments, n = [], 0
         for w in works:
-            offsets.append(n)
+            segments.append([(0, n)])
             n += len(w.token_ids)
-        return offsets
+        return segments
+
+    @staticmethod
+    def _static_segments(works: list[Work], q_len: int) -> list[list[tuple[int, int]]]:
+        """One segment per row: row e of the step (across works, in order) starts at flat e * Q."""
+        segments, e = [], 0
+        for w in works:
+            segs, t = [], 0
+            for row in w.rows:
+                segs.append((t, e * q_len))
+                t, e = t + row.q_len, e + 1
+            segments.append(segs)
+        return segments
 
     @staticmethod
     def _body_sizes(shape: StaticShape | None, num_tokens: int) -> dict[str, int]:
@@ -237,22 +255,26 @@ class ModelRunner:
         tables = np.full((Bb, M), -1, dtype=np.int64)
         kv_lens = np.zeros(Bb, dtype=np.int64)
         q_lens = np.zeros(Bb, dtype=np.int64)
-        for b, w in enumerate(works):
-            n, row = len(w.token_ids), w.rows[0]
-            ids[b, :n] = w.token_ids
-            positions[b, :n] = np.arange(w.start, w.start + n)
-            first = w.seq.slot(w.start)
-            if w.seq.slot(w.start + n - 1) == first + n - 1:  # one page (or consecutive pages): the hot path
-                slots[b, :n] = np.arange(first, first + n)
-            else:  # a speculative draft starts at the last known token, which may sit in the previous page
-                slots[b, :n] = [w.seq.slot(p) for p in range(w.start, w.start + n)]
-            tables[b, : len(row.pages)] = row.pages
-            kv_lens[b], q_lens[b] = row.kv_len, n
+        b = 0
+        for w in works:
+            t = 0
+            for row in w.rows:
+                n, start = row.q_len, w.start + t
+                ids[b, :n] = w.token_ids[t : t + n]
+                positions[b, :n] = np.arange(start, start + n)
+                first = w.seq.slot(start)
+                if w.seq.slot(start + n - 1) == first + n - 1:  # one page (or consecutive pages): the hot path
+                    slots[b, :n] = np.arange(first, first + n)
+                else:  # a speculative draft starts at the last known token, which may sit in the previous page
+                    slots[b, :n] = [w.seq.slot(p) for p in range(start, start + n)]
+                tables[b, : len(row.pages)] = row.pages
+                kv_lens[b], q_lens[b] = row.kv_len, n
+                b, t = b + 1, t + n
         for name, values in (("ids", ids), ("positions", positions), ("slots", slots), ("tables", tables),
                              ("kv_lens", kv_lens), ("q_lens", q_lens)):
             self.stage.put(name, values.reshape(-1))
 
-    def _put_dynamic_body(self, works: list[Work], offsets: list[int]) -> None:
+    def _put_dynamic_body(self, works: list[Work]) -> None:
         ids, positions = [], []
         for w in works:
             ids += w.token_ids
@@ -264,10 +286,11 @@ class ModelRunner:
         readers = [i for i, w in enumerate(works) if w.logit_rows]
         cands = sampled = entropy = 0
         for i in readers:
-            n = works[i].candidates.count(True)
+            w = works[i]
+            n = w.candidates.count(True)
             cands += n
-            sampled += works[i].candidates[: works[i].settling_rows].count(True) if works[i].samples else 0
-            entropy += n if works[i].needs_entropy else 0
+            sampled += sum(w.candidates[r] for r in w.sampled_rows)
+            entropy += n if w.needs_entropy else 0
         return HeadPlan(readers, cands, sampled, entropy)
 
     @staticmethod
@@ -276,25 +299,26 @@ class ModelRunner:
         return {"cand_rows": C, "sampled": S, "temperature": S, "top_p": S, "top_k": S, "seed": S, "counter": S,
                 "entropy": plan.num_entropy}
 
-    def _put_head(self, works: list[Work], plan: HeadPlan, offsets: list[int]) -> None:
+    def _put_head(self, works: list[Work], plan: HeadPlan, segments: list[list[tuple[int, int]]]) -> None:
         rows, entropy = [], []
         sampled, temperature, top_p, top_k, seed, counter = [], [], [], [], [], []
         for i in plan.readers:
             w = works[i]
             p = w.seq.params
+            sampled_rows, segs = w.sampled_rows, segments[i]
             for r, (row, cand) in enumerate(zip(w.logit_rows, w.candidates)):
                 if not cand:
                     continue
                 if w.needs_entropy:
                     entropy.append(len(rows))
-                if w.samples and r < w.settling_rows:
+                if r in sampled_rows:
                     sampled.append(len(rows))
                     temperature.append(p.temperature)
                     top_p.append(p.top_p)
                     top_k.append(p.top_k)
                     seed.append(p.seed & 0x7FFFFFFFFFFFFFFF)
                     counter.append(w.seq.num_forwards * _ROW_STREAM + r)
-                rows.append(offsets[i] + row)
+                rows.append(segs[0][1] + row if len(segs) == 1 else flat_index(segs, row))
         put = self.stage.put
         put("cand_rows", rows)
         put("sampled", sampled)
@@ -364,6 +388,16 @@ class ModelRunner:
                         pred.entropies[r] = entropies[c]
                     c += 1
             out[i] = pred
+
+
+def flat_index(segments: list[tuple[int, int]], token: int) -> int:
+    """Flat index of a work's fed token `token`, given its (first token, flat index) segments."""
+    first, flat = segments[0]
+    for seg_first, seg_flat in segments[1:]:
+        if seg_first > token:
+            break
+        first, flat = seg_first, seg_flat
+    return flat + token - first
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from fdllm.decoding import (
     decoded_prefix,
     new_block,
     next_sub_block,
+    opening_step,
     plan_block_step,
     select_block_step,
 )
@@ -51,23 +52,32 @@ class Work:
     commit: bool = False  # the forward of a clean block: exact K/V, next block's first token
     draft: bool = False  # speculative: a diffusion step over the rest of the block
     verify: bool = False  # speculative: the causal forward over [last known token, draft]
-    # Speculative prefill's last chunk or verify: the trailing logit rows that draft the next round
-    # (masks fed after the known/verified tokens, read only if those turn out to be what was assumed).
+    # The trailing logit rows of a lookahead, read after the `settling_rows`: speculative prefill's
+    # last chunk or verify drafts the next round (masks fed after the known/verified tokens, read only
+    # if those turn out to be what was assumed); a diffusion block's opening forward runs the next
+    # block's first denoising step (`opening`).
     lookahead: int = 0
+    opening: BlockStep | None = None  # diffusion block lookahead: the step its lookahead rows make
 
     @property
-    def samples(self) -> bool:
-        """Whether this work's logit rows are sampled. A diffusion request samples only while
-        denoising: the token that opens a block (block commit, or the last logit of a prompt that
-        fills whole blocks) is the argmax for every request (METHOD.md §3.4). A speculative request
-        samples where AR would (prefill's last logit, verify rows); its drafts, lookahead rows
-        included (past `settling_rows`), are greedy proposals."""
-        return self.seq.params.temperature > 0 and (self.step is not None or (self.seq.is_causal and not self.draft))
+    def sampled_rows(self) -> range:
+        """The logit rows whose token is sampled (temperature > 0), not the argmax. A diffusion
+        request samples only while denoising: the token that opens a block (block commit, or the
+        last logit of a prompt that fills whole blocks) is the argmax for every request (METHOD.md
+        §3.4), its block lookahead's rows denoise. A speculative request samples where AR would
+        (prefill's last logit, verify rows); its drafts, lookahead rows included, are greedy proposals."""
+        if self.seq.params.temperature <= 0:
+            return range(0)
+        if self.opening is not None:
+            return range(self.settling_rows, len(self.logit_rows))
+        if self.step is not None or (self.seq.is_causal and not self.draft):
+            return range(self.settling_rows)
+        return range(0)
 
     @property
     def settling_rows(self) -> int:
-        """Leading logit rows that are this forward's own predictions (what it settles, sampled where
-        the work `samples`); the lookahead's rows after them only draft, greedily."""
+        """Leading logit rows that are this forward's own predictions (what it settles); the
+        lookahead's rows come after them."""
         return len(self.logit_rows) - self.lookahead
 
     @property
@@ -104,7 +114,8 @@ class Sequence:
         """`causal_prefix`: the checkpoint's clean stream attends causally (BlockDiffusionConfig.prefix_attention),
         so diffusion prefill and block commit run causal rows. `policy`: how denoising steps select
         (None: the threshold rule at `threshold`). `lookahead`: speculative rounds draft the next
-        round in the same forward (EngineConfig.speculative_lookahead)."""
+        round in the same forward (EngineConfig.speculative_lookahead); diffusion requests follow
+        their own `params.block_lookahead` instead (it changes what they decode, so never the batch)."""
         self.request_id, self.prompt, self.params, self.criteria = request_id, prompt, params, criteria
         self.block_size, self.sub_block_size, self.use_sub_block_cache = block_size, sub_block_size, use_sub_block_cache
         self.threshold, self.mask_token_id, self.causal_prefix = threshold, mask_token_id, causal_prefix
@@ -114,6 +125,8 @@ class Sequence:
         self.is_ar = params.mode == "ar"
         self.is_causal = self.is_ar or self.is_speculative  # prompt prefilled causally, output in self.tokens
         self.lookahead = lookahead and self.is_speculative
+        # Diffusion: a block's opening forward also runs its first step (with a sub-block to read).
+        self.block_lookahead = params.block_lookahead and not self.is_causal and sub_block_size > 1
         P, L = len(prompt), block_size
         # Worst case: every position up to prompt + max_new_tokens, in whole pages.
         self.max_pages = math.ceil((P + params.max_new_tokens) / L)
@@ -243,15 +256,17 @@ class Sequence:
             if n < left:
                 return Work(seq=self, token_ids=token_ids, start=start, rows=rows, num_prefill=n)
             if self.block is None:  # exact block multiple: the last prompt logit opens the block
-                return Work(seq=self, token_ids=token_ids, start=start, rows=rows, num_prefill=n,
-                            logit_rows=[n - 1], candidates=[True])
+                return self._open_next_block(Work(seq=self, token_ids=token_ids, start=start, rows=rows,
+                                                  num_prefill=n, logit_rows=[n - 1], candidates=[True]))
         # The current block rides along with the prefill's tail (saves a forward) or runs alone.
         offset, kv_len = len(token_ids), self.block_start + L
         sub = next_sub_block(self.block, self.sub, self.sub_block_size, self.mask_token_id)
         if sub is None:
             rows.append(AttentionRow(L, kv_len, self.pages, causal=self.causal_prefix))
-            return Work(seq=self, token_ids=token_ids + self.block, start=start if left else self.block_start,
-                        rows=rows, num_prefill=left, logit_rows=[offset + L - 1], candidates=[True], commit=True)
+            return self._open_next_block(Work(
+                seq=self, token_ids=token_ids + self.block, start=start if left else self.block_start, rows=rows,
+                num_prefill=left, logit_rows=[offset + L - 1], candidates=[True], commit=True,
+            ))
         step = plan_block_step(self.block, sub[0], self.sub_block_size, sub != self.sub, self.use_sub_block_cache,
                                self.mask_token_id, sub_stop=sub[1])
         rows.append(AttentionRow(step.feed_stop - step.feed_start, kv_len, self.pages))
@@ -260,6 +275,28 @@ class Sequence:
             start=start if left else self.block_start + step.feed_start, rows=rows, num_prefill=left,
             logit_rows=[offset + r for r in step.logit_rows], candidates=list(step.candidates), step=step,
         )
+
+    def _open_next_block(self, work: Work) -> Work:
+        """A forward whose last logit opens the next block (a commit, or the last chunk of a prompt
+        that fills whole blocks) also runs that block's first denoising step when the request asks
+        for it (SamplingParams.block_lookahead, METHOD.md §5): L masks fed at the block's positions
+        attend the cache, the K/V this forward writes, and each other, as a refresh step does, except
+        that offset 0 (this forward's own prediction) is a mask too. What passes the selection rule
+        among its first sub-block is committed with no forced progress, and the step counts as the
+        sub-block's first (a refresh), so a block costs one forward fewer. The next block's page is
+        always reserved: a block is opened only while the output is short of max_new_tokens."""
+        if not self.block_lookahead:
+            return work
+        L = self.block_size
+        start = work.start + len(work.token_ids)  # the next block's first position
+        step = opening_step(L, self.sub_block_size)
+        first = len(work.token_ids)
+        work.token_ids += [self.mask_token_id] * L
+        work.rows.append(AttentionRow(L, start + L, self.pages))
+        work.logit_rows += [first + r for r in step.logit_rows]
+        work.candidates += step.candidates
+        work.lookahead, work.opening = len(step.logit_rows), step
+        return work
 
     def apply(self, work: Work, predictions: Predictions) -> list[int]:
         """Take a step's predictions for the work's logit rows; returns the newly settled tokens."""
@@ -284,10 +321,21 @@ class Sequence:
         elif work.commit:
             self.tokens.extend(self.block)
             self.num_cached = len(self.tokens)
-            self.block, self.sub = new_block(tokens, self.block_size, self.mask_token_id), None
+            self.block, self.sub = new_block(tokens[:settling], self.block_size, self.mask_token_id), None
         elif tokens:  # the exact-multiple prompt's last logit
-            self.block = new_block(tokens, self.block_size, self.mask_token_id)
+            self.block = new_block(tokens[:settling], self.block_size, self.mask_token_id)
+        if work.opening is not None:
+            self._take_opening_step(work.opening, predictions, settling)
         return self._settle()
+
+    def _take_opening_step(self, step: BlockStep, predictions: Predictions, first: int) -> None:
+        """Commit what a block lookahead's rows (from logit row `first`) select in the new block."""
+        ents = predictions.entropies
+        tokens = predictions.tokens[first:]
+        selected, stop = select_block_step(self.policy, step, tokens, predictions.probs[first:],
+                                           None if ents is None else ents[first:], force=False)
+        apply_unmask(self.block, step, tokens, selected)
+        self.sub = (step.sub_start, stop)
 
     def _update_draft(self, work: Work, predictions: Predictions, first: int) -> None:
         """Fill the draft's masks that the selection policy picks; logit row `first + i` predicts draft[i]."""

@@ -178,6 +178,22 @@ def test_threshold_one_unmasks_one_position_per_step_even_at_probability_one(tmp
     assert [r.num_forwards for r in results] == [13, 15]
 
 
+def test_block_lookahead_opens_blocks_greedily_and_samples_its_step(spread_model):
+    """Under sampling, the token that opens a block stays the argmax (METHOD.md §3.4) while the block
+    lookahead's step samples, like any denoising step. A prompt of one whole block: its prefill
+    forward opens the next block and looks ahead; at a tiny threshold every sampled candidate of the
+    first sub-block passes, so two tokens come out of that single forward."""
+    prompt = [5, 17, 33, 2, 9, 40, 11, 23]  # one block of 8
+    n = 64
+    results = _engine(spread_model).generate([prompt] * n, [fdllm.SamplingParams(
+        max_new_tokens=2, temperature=1.5, seed=s, threshold=1e-6, block_lookahead=True, ignore_eos=True)
+        for s in range(n)])
+    greedy = _engine(spread_model).generate([prompt], fdllm.SamplingParams(max_new_tokens=1, ignore_eos=True))[0]
+    assert all(r.num_forwards == 1 and len(r.token_ids) == 2 for r in results)
+    assert {r.token_ids[0] for r in results} == {greedy.token_ids[0]}, "the opening token must be the argmax"
+    assert len({r.token_ids[1] for r in results}) > 3, "the lookahead's step must sample"
+
+
 def _sharp_prompts(n, seed):
     rng = random.Random(seed)
     return [[rng.randrange(MASK) for _ in range(rng.choice([2, 5, 8, 11, 17]))] for _ in range(n)]

@@ -145,6 +145,9 @@ def test_sampling_params_validation():
         ({"delimiter_threshold": 0.5, "delimiter_token_ids": (-1,)}, "delimiter_token_ids"),
         ({"delimiters": ("\n",)}, "delimiters"),  # without delimiter_threshold
         ({"delimiter_token_ids": (3,)}, "delimiters"),
+        ({"block_lookahead": 1}, "block_lookahead"),
+        ({"block_lookahead": True, "mode": "ar"}, "block_lookahead"),
+        ({"block_lookahead": True, "mode": "speculative"}, "block_lookahead"),
     ]:
         with pytest.raises(ValueError, match=f"^{field} "):
             sp(**kwargs)

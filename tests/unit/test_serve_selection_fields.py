@@ -26,8 +26,12 @@ def test_policy_fields_reach_sampling_params(model):
     assert (sp.selection, sp.entropy_budget, sp.delimiter_threshold) == ("entropy_budget", 0.75, 0.4)
     assert sp.delimiters == ("\n", ";") and sp.delimiter_token_ids == (3,)
     default = params_of({}, model)
+    sp = params_of({"block_lookahead": True}, model)
+    assert sp.block_lookahead and sp.mode == "diffusion"
+    default = params_of({}, model)
     assert (default.selection, default.entropy_budget, default.delimiter_threshold, default.delimiters) == (
         "threshold", None, None, None)
+    assert default.block_lookahead is False
 
 
 @pytest.mark.parametrize("body,param", [
@@ -43,6 +47,9 @@ def test_policy_fields_reach_sampling_params(model):
     ({"delimiter_threshold": 0.5, "delimiters": ["a"] * 17}, "delimiters"),
     ({"delimiter_threshold": 0.5, "delimiter_token_ids": [-4]}, "delimiter_token_ids"),
     ({"delimiters": ["\n"]}, "delimiters"),  # needs delimiter_threshold
+    ({"block_lookahead": True, "mode": "ar"}, "block_lookahead"),  # diffusion mode only
+    ({"block_lookahead": True, "mode": "speculative"}, "block_lookahead"),
+    ({"block_lookahead": "sometimes"}, "block_lookahead"),
 ])
 def test_bad_policy_values_are_400s_naming_the_field(body, param):
     with pytest.raises(APIError) as err:

@@ -20,12 +20,15 @@ def model(sharp_dir):
     return fdllm.load_model(sharp_dir)
 
 
-def count_static_steps(engine) -> list:
-    """Record the static shape of every step (None: dynamic)."""
+def count_static_steps(engine, entries: list | None = None) -> list:
+    """Record the static shape of every step (None: dynamic), and into `entries` the (works, attention
+    rows) of every static step."""
     shapes, inner = [], engine.runner.static_shape
 
     def spy(works):
         shapes.append(inner(works))
+        if entries is not None and shapes[-1] is not None:
+            entries.append((len(works), sum(len(w.rows) for w in works)))
         return shapes[-1]
 
     engine.runner.static_shape = spy
@@ -53,10 +56,12 @@ def run_mixed(engine, requests, join_at: int = 3):
 
 
 def mixed_requests(temperature: float):
+    """AR and diffusion requests, greedy and sampled, some diffusion ones with the block lookahead
+    (whose commit steps run two attention rows: two entries of a static batch)."""
     prompts = random_prompts(7, [1, 3, 8, 9, 13, 17], seed=11)
     modes = ["diffusion", "ar", "diffusion", "diffusion", "ar", "diffusion", "diffusion"]
     return [(p, params(max_new_tokens=19, mode=m, temperature=temperature if i % 3 else 0.0, top_p=0.95, top_k=12,
-                       seed=100 + i, threshold=0.3 + 0.1 * (i % 3)))
+                       seed=100 + i, threshold=0.3 + 0.1 * (i % 3), block_lookahead=i in (2, 3, 6)))
             for i, (p, m) in enumerate(zip(prompts, modes))]
 
 
@@ -65,7 +70,8 @@ def mixed_requests(temperature: float):
 def test_static_buckets_equal_dynamic_path(model, use_sub_block_cache, temperature):
     requests = mixed_requests(temperature)
     static = make_engine(model, use_sub_block_cache=use_sub_block_cache)
-    shapes = count_static_steps(static)
+    entries = []
+    shapes = count_static_steps(static, entries)
     got = run_mixed(static, requests)
     want = run_mixed(dynamic_only(make_engine(model, use_sub_block_cache=use_sub_block_cache)), requests)
     assert got == want
@@ -74,24 +80,45 @@ def test_static_buckets_equal_dynamic_path(model, use_sub_block_cache, temperatu
     # whole-block steps (8) and, with the sub-block cache, cached sub-block steps (4) ran static
     assert {s.q_len for s in used} >= ({8, 4} if use_sub_block_cache else {8})
     assert any(s.batch > 1 for s in used) and any(s.batch in (2, 4, 8) for s in used)
+    assert any(rows > works for works, rows in entries), "some static steps should carry a block lookahead"
 
 
 def test_query_buckets_of_captured_steps_change_no_token(model):
     """With graphs, static steps pad each work's queries to a power of two (so speculative drafts of
     every length share a few graphs); on CPU the same padding runs eagerly and must equal the
-    unpadded steps token for token, for diffusion, AR and speculative requests together."""
+    unpadded steps and the dynamic path token for token, for diffusion (one with the block lookahead,
+    whose two rows then sit in entries longer than themselves), AR and speculative requests together."""
     assert [query_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 17, 33)] == [1, 2, 4, 4, 8, 8, 16, 32, 64]
-    requests = [(p, params(max_new_tokens=21, mode=m, temperature=t, seed=i))
+    requests = [(p, params(max_new_tokens=21, mode=m, temperature=t, seed=i, block_lookahead=i == 4))
                 for i, (p, m, t) in enumerate(zip(random_prompts(6, [2, 7, 12], seed=5),
                                                   ["speculative", "diffusion", "ar", "speculative", "diffusion", "ar"],
                                                   [0.0, 0.8, 0.0, 0.0, 0.0, 0.9]))]
     padded, exact = make_engine(model), make_engine(model)
     padded.runner.bucket_query_len = True
     padded_shapes, exact_shapes = count_static_steps(padded), count_static_steps(exact)
-    assert run_mixed(padded, requests) == run_mixed(exact, requests)
+    got = run_mixed(padded, requests)
+    assert got == run_mixed(exact, requests) == run_mixed(dynamic_only(make_engine(model)), requests)
     q_lens = {s.q_len for s in padded_shapes if s is not None}
     assert q_lens and all(q & (q - 1) == 0 for q in q_lens), q_lens
     assert any(s.q_len & (s.q_len - 1) for s in exact_shapes if s is not None), "some steps must have needed padding"
+
+
+@pytest.mark.parametrize("use_sub_block_cache", [False, True], ids=["cache-off", "sub-block-cache"])
+def test_block_lookahead_rows_in_padded_entries_equal_dynamic_path(model, use_sub_block_cache):
+    """A commit with the block lookahead takes two entries of a static step; with blocks of 6 and
+    captured-graph padding (Q = 8), each of its rows is padded on its own, so the lookahead's logit
+    rows sit past a gap in the flat layout. Token for token equal to the dynamic path."""
+    requests = [(p, params(max_new_tokens=17, temperature=0.8 if i % 2 else 0.0, seed=i, block_lookahead=i != 3,
+                           threshold=0.3)) for i, p in enumerate(random_prompts(6, [1, 4, 6, 9, 12], seed=21))]
+    padded = make_engine(model, block_size=6, sub_block_size=3, use_sub_block_cache=use_sub_block_cache)
+    padded.runner.bucket_query_len = True
+    entries = []
+    shapes = count_static_steps(padded, entries)
+    got = run_mixed(padded, requests)
+    dynamic = dynamic_only(make_engine(model, block_size=6, sub_block_size=3, use_sub_block_cache=use_sub_block_cache))
+    assert got == run_mixed(dynamic, requests)
+    assert 8 in {s.q_len for s in shapes if s is not None}
+    assert any(rows > works for works, rows in entries), "some static steps should carry a block lookahead"
 
 
 def test_deterministic_mode_pads_every_step_to_max_num_seqs(model):
@@ -105,10 +132,12 @@ def test_deterministic_mode_pads_every_step_to_max_num_seqs(model):
     assert got == want
 
 
-def test_seeded_request_is_independent_of_its_batch(model):
+@pytest.mark.parametrize("block_lookahead", [False, True], ids=["plain", "block-lookahead"])
+def test_seeded_request_is_independent_of_its_batch(model, block_lookahead):
     """The same seeded request alone, among greedy requests, among other sampled ones, first or last."""
-    target = ([5, 9, 2, 7, 1], params(max_new_tokens=23, temperature=1.0, top_p=0.9, seed=7))
-    others = [(p, params(max_new_tokens=n, temperature=t, seed=s))
+    target = ([5, 9, 2, 7, 1], params(max_new_tokens=23, temperature=1.0, top_p=0.9, seed=7,
+                                      block_lookahead=block_lookahead))
+    others = [(p, params(max_new_tokens=n, temperature=t, seed=s, block_lookahead=s % 2 == 0))
               for p, n, t, s in zip(random_prompts(6, [2, 8, 11], seed=3), [5, 30, 9, 17, 12, 20],
                                     [0.0, 1.3, 0.0, 0.7, 2.0, 0.0], [1, 2, 3, 4, 5, 6])]
     alone = make_engine(model).generate([target[0]], target[1])[0].token_ids
@@ -116,7 +145,8 @@ def test_seeded_request_is_independent_of_its_batch(model):
         engine = make_engine(model)
         results = engine.generate([p for p, _ in batch], [sp for _, sp in batch])
         assert results[batch.index(target)].token_ids == alone
-    reseeded = make_engine(model).generate([target[0]], params(max_new_tokens=23, temperature=1.0, top_p=0.9, seed=8))
+    reseeded = make_engine(model).generate([target[0]], params(max_new_tokens=23, temperature=1.0, top_p=0.9, seed=8,
+                                                               block_lookahead=block_lookahead))
     assert reseeded[0].token_ids != alone
 
 

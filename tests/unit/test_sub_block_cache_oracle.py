@@ -13,7 +13,11 @@ Schedule (METHOD.md §3.2-3.4), per block of L positions cut into sub-blocks of 
 - position p takes the logits of p - 1; the mask token is never predicted; every masked position
   of the sub-block whose probability exceeds the threshold is unmasked, and always the most
   confident one;
-- a finished block is forwarded once more clean (exact K/V); its last logit opens the next block.
+- a finished block is forwarded once more clean (exact K/V); its last logit opens the next block;
+- with the block lookahead (METHOD.md §5), every block opened by a logit (not by prompt tokens) first
+  gets a forward of L masks over the prefix (its first position masked too): it writes the block's
+  K/V, and the masked positions 1..S-1 it predicts above the threshold are unmasked (none forced);
+  the first sub-block then continues as after its first step.
 
 The requests use `P + max_new_tokens` = a block multiple, so the last block is decoded whole and
 the comparison does not depend on how truncation treats positions past max_new_tokens.
@@ -75,8 +79,9 @@ def most_likely(logits_row: torch.Tensor) -> tuple[int, float]:
     return int(token), float(prob)
 
 
-def reference_generate(model, prompt, max_new_tokens, L, S, threshold, use_sub_block_cache=True):
-    """Generated tokens of greedy block diffusion with a block-level cache and (optionally) the sub-block cache."""
+def reference_generate(model, prompt, max_new_tokens, L, S, threshold, use_sub_block_cache=True, block_lookahead=False):
+    """Generated tokens of greedy block diffusion with a block-level cache and (optionally) the sub-block
+    cache and the block lookahead."""
     P = len(prompt)
     assert (P + max_new_tokens) % L == 0, "keep the last block whole (see the module docstring)"
     kv = DenseKV(model, P + max_new_tokens + L)
@@ -84,14 +89,22 @@ def reference_generate(model, prompt, max_new_tokens, L, S, threshold, use_sub_b
     for b in range(0, full, L):  # prefill: block-causal, one block at a time
         logits = kv.forward(prompt[b : b + L], b, b + L)
     sequence = list(prompt[:full])  # committed tokens; the current block starts at len(sequence)
+    opened = not P % L  # the block was opened by a logit
     if P % L:
         block = list(prompt[full:]) + [MASK] * (L - P % L)
     else:
         block = [most_likely(logits[-1])[0]] + [MASK] * (L - 1)
     while len(sequence) < P + max_new_tokens:
         start = len(sequence)
+        looked_ahead = block_lookahead and opened and S > 1
+        if looked_ahead:
+            logits = kv.forward([MASK] * L, start, start + L)
+            for p in range(1, S):
+                token, prob = most_likely(logits[p - 1])
+                if prob > threshold:
+                    block[p] = token
         for s in range(0, L, S):
-            first_step = True
+            first_step = not (looked_ahead and s == 0)
             while MASK in block[s : s + S]:
                 if not use_sub_block_cache or first_step or block[s] == MASK:  # refresh the whole block
                     logits, first_row = kv.forward(block, start, start + L), 0
@@ -106,7 +119,7 @@ def reference_generate(model, prompt, max_new_tokens, L, S, threshold, use_sub_b
                         block[p] = guess[p][0]
         logits = kv.forward(block, start, start + L)  # commit: exact K/V of the clean block
         sequence += block
-        block = [most_likely(logits[-1])[0]] + [MASK] * (L - 1)
+        block, opened = [most_likely(logits[-1])[0]] + [MASK] * (L - 1), True
     return sequence[P:]
 
 
@@ -192,3 +205,55 @@ def test_sub_block_cache_matches_reference_with_mid_flight_joins(model):
         results |= {r.request_id: r for r in engine.step()}
     for i, (prompt, n) in enumerate(zip(prompts, budgets)):
         assert results[str(i)].token_ids == reference_generate(model, prompt, n, L, S, threshold)
+
+
+@pytest.mark.parametrize("use_sub_block_cache", [True, False], ids=["sub-block-cache", "cache-off"])
+@pytest.mark.parametrize("L,S,threshold", [(8, 4, 0.4), (16, 4, 0.25), (16, 8, 0.5), (8, 2, 1.0)])
+def test_block_lookahead_equals_independent_reference(model, L, S, threshold, use_sub_block_cache):
+    """SamplingParams(block_lookahead=True) against the reference's lookahead schedule (module
+    docstring), with prompts ending inside a block and on a block boundary (whose prefill's last chunk
+    carries the lookahead), beside plain requests in the same batches."""
+    prompts = random_prompts(8, [1, 3, L - 1, L, L + 1, 2 * L, 2 * L + 3], seed=L * 10 + S)
+    budgets = [whole_blocks(p, L, blocks=3) for p in prompts]
+    engine = make_engine(model, L, S, threshold, use_sub_block_cache, max_prefill_tokens=2 * L)
+    results = engine.generate(prompts, [params(n, block_lookahead=i % 4 != 3) for i, n in enumerate(budgets)])
+    for i, (prompt, n, res) in enumerate(zip(prompts, budgets, results)):
+        want = reference_generate(model, prompt, n, L, S, threshold, use_sub_block_cache, block_lookahead=i % 4 != 3)
+        assert res.token_ids == want, f"prompt length {len(prompt)}, lookahead {i % 4 != 3}"
+
+
+@pytest.mark.parametrize("use_sub_block_cache", [True, False], ids=["sub-block-cache", "cache-off"])
+def test_block_lookahead_saves_forwards_and_changes_some_outputs(model, use_sub_block_cache):
+    """The comparisons above have power: the lookahead's masked first token changes some outputs
+    (an engine ignoring block_lookahead would be caught), and its committed tokens save forwards.
+    At threshold 1.0 nothing passes (c_i > 1 never holds; no progress is forced), so it changes nothing."""
+    L, S = 8, 4
+    prompts = random_prompts(8, [1, 3, 7, 8, 9, 16, 19], seed=84)
+    budgets = [whole_blocks(p, L, blocks=3) for p in prompts]
+    for threshold in (0.4, 1.0):
+        runs = [make_engine(model, L, S, threshold, use_sub_block_cache).generate(
+            prompts, [params(n, block_lookahead=look) for n in budgets]) for look in (True, False)]
+        looked, plain = ([r.token_ids for r in rs] for rs in runs)
+        forwards, plain_forwards = (sum(r.num_forwards for r in rs) for rs in runs)
+        if threshold < 1.0:
+            assert looked != plain and forwards < plain_forwards
+        else:
+            assert looked == plain and forwards == plain_forwards
+
+
+def test_block_lookahead_with_mid_flight_joins(model):
+    """Requests with and without the lookahead join a running batch at different steps."""
+    L, S, threshold = 8, 4, 0.4
+    prompts = random_prompts(6, [2, 7, 8, 12, 16, 19], seed=9)
+    budgets = [whole_blocks(p, L, blocks=3) for p in prompts]
+    engine = make_engine(model, L, S, threshold)
+    results = {}
+    for i, (prompt, n) in enumerate(zip(prompts, budgets)):
+        engine.add_request(prompt, params(n, block_lookahead=i % 3 != 1), request_id=str(i))
+        for _ in range(i + 1):
+            results |= {r.request_id: r for r in engine.step()}
+    while engine.has_unfinished():
+        results |= {r.request_id: r for r in engine.step()}
+    for i, (prompt, n) in enumerate(zip(prompts, budgets)):
+        want = reference_generate(model, prompt, n, L, S, threshold, block_lookahead=i % 3 != 1)
+        assert results[str(i)].token_ids == want
