@@ -69,6 +69,8 @@ def test_select_unmask_threshold_and_always_one():
     assert select_unmask([0.99, 0.99], 0.5) == [True, True]
     assert select_unmask([], 0.5) == []  # no candidates: nothing
     assert sum(select_unmask([0.99, 0.999, 1.0], 1.0)) == 1  # threshold 1.0: one per step
+    assert select_unmask([0.1, 0.2, 0.05], 0.9, force=False) == [False, False, False]  # a lookahead's step
+    assert select_unmask([0.5, 0.95, 0.99], 0.9, force=False) == [False, True, True]
 
 
 def test_a_blocks_first_sub_block_skips_decoded_positions():

@@ -48,6 +48,10 @@ def test_entropy_budget_commits_the_longest_prefix_at_most_gamma():
     assert select_entropy_budget([0.0, 0.0, 0.0, 5.0], 0.0) == [True, True, True, False]  # zero entropy is free
     assert select_entropy_budget([0.5, 0.25, 0.25], 0.25) == [False, True, False]  # ties: the lower offset first
     assert select_entropy_budget([], 1.0) == []
+    # without forced progress (a block lookahead's step): nothing when the most certain alone exceeds gamma
+    assert select_entropy_budget([2.0, 3.0], 1.0, force=False) == [False, False]
+    assert select_entropy_budget([0.5, 0.25, 0.25], 0.25, force=False) == [False, True, False]
+    assert select_entropy_budget([0.0, 5.0], 0.0, force=False) == [True, False]
 
 
 def test_entropy_budget_does_not_skip_ahead_to_a_cheaper_position():
@@ -194,12 +198,16 @@ def delimiters(model):
     return tuple(t for t, _ in counts.most_common(2))
 
 
-def reference_policy_generate(model, prompt, max_new_tokens, L, S, rule, delimiter_ids=(), delimiter_threshold=None):
+def reference_policy_generate(model, prompt, max_new_tokens, L, S, rule, delimiter_ids=(), delimiter_threshold=None,
+                              block_lookahead=False):
     """Greedy block diffusion recomputing the whole sequence under the block-causal mask every step.
 
     `rule`: ("threshold", tau) or ("entropy_budget", gamma). With `delimiter_threshold`, a sub-block
     ends after the first masked offset whose prediction is a delimiter with probability above it,
-    and the next one starts there, S offsets long (clipped to the block).
+    and the next one starts there, S offsets long (clipped to the block). With `block_lookahead`,
+    a block opened by a logit first gets a step over the sequence with the block wholly masked (its
+    first offset too) that decodes offsets 1..S-1 like a step of the first sub-block, but commits
+    nothing the rule does not pick on its own (no forced progress).
     """
     P = len(prompt)
 
@@ -214,11 +222,41 @@ def reference_policy_generate(model, prompt, max_new_tokens, L, S, rule, delimit
         h = -sum(float(x) * math.log(float(x)) for x in p if x > 0)
         return int(p.argmax()), float(p.max()), h
 
+    def denoise(rows, start, block, lo, hi, force=True):
+        """One step over the sub-block [lo, hi) from the logit rows of the sequence; returns its end."""
+        masked = [p for p in range(lo, hi) if block[p] == MASK]
+        pred = {p: predict(rows[start + p - 1]) for p in masked}
+        if delimiter_threshold is not None:
+            hit = [p for p in masked if pred[p][0] in delimiter_ids and pred[p][1] > delimiter_threshold]
+            if hit:
+                hi = hit[0] + 1
+        masked = [p for p in masked if p < hi]
+        if rule[0] == "threshold":
+            best = max(masked, key=lambda p: pred[p][1]) if force else None
+            chosen = [p for p in masked if p == best or pred[p][1] > rule[1]]
+        else:
+            chosen, total = [], 0.0
+            for p in sorted(masked, key=lambda p: (pred[p][2], p)):
+                total += pred[p][2]
+                if (chosen or not force) and total > rule[1]:
+                    break
+                chosen.append(p)
+        for p in chosen:
+            block[p] = pred[p][0]
+        return hi
+
+    def look_ahead(block):
+        """The opened block's lookahead step, when asked; the first sub-block afterwards (None: none ran)."""
+        if not block_lookahead or S == 1:
+            return None
+        start = len(committed)
+        return 0, denoise(rows_of(committed + [MASK] * L), start, block, 0, S, force=False)
+
     full = P - P % L
     committed = list(prompt[:full])
     block = list(prompt[full:]) if P % L else [predict(rows_of(committed)[-1])[0]]
     block += [MASK] * (L - len(block))
-    out, sub = [], None
+    out, sub = [], None if P % L else look_ahead(block)
     while True:
         start = len(committed)
         for token in block[P + len(out) - start :]:
@@ -230,7 +268,7 @@ def reference_policy_generate(model, prompt, max_new_tokens, L, S, rule, delimit
         if MASK not in block:
             committed += block
             block = [predict(rows_of(committed)[-1])[0]] + [MASK] * (L - 1)
-            sub = None
+            sub = look_ahead(block)
             continue
         if sub is None:
             first = block.index(MASK)
@@ -239,27 +277,7 @@ def reference_policy_generate(model, prompt, max_new_tokens, L, S, rule, delimit
         while MASK not in block[sub[0] : sub[1]]:
             sub = (sub[1], min(sub[1] + S, L))
         lo, hi = sub
-        rows = rows_of(committed + block)
-        masked = [p for p in range(lo, hi) if block[p] == MASK]
-        pred = {p: predict(rows[start + p - 1]) for p in masked}
-        if delimiter_threshold is not None:
-            hit = [p for p in masked if pred[p][0] in delimiter_ids and pred[p][1] > delimiter_threshold]
-            if hit:
-                hi = hit[0] + 1
-        masked = [p for p in masked if p < hi]
-        sub = (lo, hi)
-        if rule[0] == "threshold":
-            best = max(masked, key=lambda p: pred[p][1])
-            chosen = [p for p in masked if p == best or pred[p][1] > rule[1]]
-        else:
-            chosen, total = [], 0.0
-            for p in sorted(masked, key=lambda p: (pred[p][2], p)):
-                total += pred[p][2]
-                if chosen and total > rule[1]:
-                    break
-                chosen.append(p)
-        for p in chosen:
-            block[p] = pred[p][0]
+        sub = (lo, denoise(rows_of(committed + block), start, block, lo, hi))
 
 
 POLICIES = {
@@ -290,6 +308,21 @@ def test_cache_off_equals_the_no_cache_policy_reference(model, delimiters, seed,
         want = reference_policy_generate(model, prompt, 22, 8, 4, rule, delimiters, thr)
         assert res.token_ids == want, f"prompt length {len(prompt)}"
     assert any(r.tokens_per_forward > 1 for r in results), "some step should commit several positions"
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_block_lookahead_equals_the_no_cache_policy_reference(model, delimiters, name):
+    """Every selection policy with the block lookahead (cache off: the engine's steps recompute what
+    the reference recomputes), beside requests without it."""
+    rule, fields = POLICIES[name]
+    prompts = random_prompts(8, [1, 3, 7, 8, 9, 13, 16, 21], seed=40)
+    looks = [i % 3 != 2 for i in range(len(prompts))]
+    results = make_engine(model).generate(prompts, [policy_params(name, delimiters, max_new_tokens=22, block_lookahead=look)
+                                                    for look in looks])
+    for prompt, res, look in zip(prompts, results, looks):
+        want = reference_policy_generate(model, prompt, 22, 8, 4, rule, delimiters, fields.get("delimiter_threshold"),
+                                         block_lookahead=look)
+        assert res.token_ids == want, f"prompt length {len(prompt)}, lookahead {look}"
 
 
 def test_the_policies_change_decoding(model, delimiters):
