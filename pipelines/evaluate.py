@@ -64,7 +64,7 @@ class Policy:
         return fdllm.SamplingParams(
             max_new_tokens=max_new_tokens, mode=mode, selection=self.selection,
             threshold=None if budget else self.value, entropy_budget=self.value if budget else None,
-            delimiter_threshold=self.delimiter_threshold, block_lookahead=self.block_lookahead and mode == "diffusion",
+            delimiter_threshold=self.delimiter_threshold, block_lookahead=self.block_lookahead,
         )
 
     @classmethod
@@ -342,7 +342,8 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
         engine = fdllm.Engine.from_pretrained(model, config=config, device=device, dtype=dtype,
                                               engine_config=fdllm.EngineConfig(quantization=quantization))
         for mode in modes:
-            for policy in policies if mode != "ar" else (None,):
+            # the block lookahead is a diffusion-mode schedule: its policies have no other mode's row
+            for policy in [p for p in policies if mode == "diffusion" or not p.block_lookahead] if mode != "ar" else (None,):
                 params = (policy or Policy()).sampling_params(max_new_tokens, mode)
                 for row in evaluate_by_task(engine, records, params, name, batch_size=batch_size):
                     key = (row.task, mode, policy)

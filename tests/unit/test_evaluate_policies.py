@@ -19,7 +19,11 @@ def test_policy_parse():
     assert (sp.selection, sp.threshold, sp.entropy_budget, sp.delimiter_threshold) == ("threshold", 0.7, None, 0.4)
     sp = Policy.parse("eb=1").sampling_params(8, "speculative")
     assert (sp.selection, sp.threshold, sp.entropy_budget, sp.mode) == ("entropy_budget", None, 1.0, "speculative")
-    for bad in ("top=3", "thr", "eb=-1", "thr=0.9+d=0.3", "thr=2"):
+    assert Policy.parse("thr=0.9+look") == Policy("threshold", 0.9, None, True)
+    assert Policy.parse("eb=1+look+delim=0.2") == Policy.parse("eb=1+delim=0.2+look") == Policy("entropy_budget", 1.0, 0.2, True)
+    assert Policy.parse("thr=0.9+look").sampling_params(8, "diffusion").block_lookahead
+    for bad in ("top=3", "thr", "eb=-1", "thr=0.9+d=0.3", "thr=2", "thr=0.9+look+look", "thr=0.9+delim=0.1+delim=0.2",
+                "thr=0.9+look=1", "thr=0.9+"):
         with pytest.raises(ValueError):
             Policy.parse(bad)
 
@@ -61,6 +65,17 @@ def test_run_evaluation_sweeps_policies_and_plots_one_curve_per_family(dllm_dir,
     written = json.loads(out.read_text())
     assert [(r["selection"], r["threshold"], r["entropy_budget"], r["delimiter_threshold"]) for r in written
             if r["task"] == "all"] == [("threshold", 0.9, None, None), ("entropy_budget", None, 1.0, 0.5)]
+
+
+def test_block_lookahead_rows_are_diffusion_rows_of_their_own_family(dllm_dir, records):
+    """A `+look` policy gives a diffusion row (its own curve, labelled) and no speculative row: the
+    lookahead is a diffusion-mode schedule (speculative mode has its own, engine-wide)."""
+    policies = (Policy("threshold", 0.9), Policy("threshold", 0.9, block_lookahead=True))
+    rows = [r for r in run_evaluation(str(dllm_dir), str(records), modes=("diffusion", "speculative"), policies=policies,
+                                      max_new_tokens=8) if r.task == "all"]
+    assert [(r.mode, r.policy, r.block_lookahead) for r in rows] == [
+        ("diffusion", "thr 0.9", False), ("diffusion", "thr 0.9 +look", True), ("speculative", "thr 0.9", False)]
+    assert rows[1].family == "threshold + lookahead" and EvalRow(**rows[1].to_json()).block_lookahead
 
 
 def test_sub_block_size_replaces_the_checkpoints_at_decode_time(dllm_dir, records, tmp_path, capsys):
