@@ -7,7 +7,9 @@ Sections (each appends to report.json and report.md as soon as it ends, so a sto
 what it measured; a failing section is recorded and the next one runs):
 1. `pytest -m gpu` (compiled Triton kernels vs their references);
 2. engine exactness on the device: Triton backend with CUDA graphs == torch backend eager ==
-   the no-cache block-causal reference (tests/unit/test_engine.py), greedy;
+   the no-cache block-causal reference (tests/unit/test_engine.py), greedy; and with a causal-prefix
+   model (causal rows in captured graphs: commits with and without the block lookahead, speculative
+   verifies), graphs == eager and speculative == AR;
 3. decode at Qwen2.5-1.5B and 7B shapes (bf16), batch 1/8/32/64: AR vs diffusion (sub-block cache
    on/off), graphs on/off: ms per step, per-step cost vs AR, tokens/s, and the projected end-to-end
    speed-up at 2.4 and 4 tokens per forward (= tokens per forward x AR step / diffusion step);
@@ -125,11 +127,12 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batch: int, threshold: float,
-            block: int = 32, sub: int = 8, quantization: str | None = None, lookahead: bool = True):
+            block: int = 32, sub: int = 8, quantization: str | None = None, lookahead: bool = True,
+            prefix: str = "block_causal"):
     import fdllm
 
     cfg = fdllm.BlockDiffusionConfig(block_size=block, sub_block_size=sub, threshold=threshold,
-                                     use_sub_block_cache=cache, mask_token_id=mask_id)
+                                     use_sub_block_cache=cache, mask_token_id=mask_id, prefix_attention=prefix)
     ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=batch * 16 + 8,
                               attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096,
                               quantization=quantization, speculative_lookahead=lookahead)
@@ -153,10 +156,22 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
     got = [r.token_ids for r in fast.generate(prompts, p)]
     eager = [r.token_ids for r in slow.generate(prompts, p)]
     ref = [reference_generate(model, pr, 12, 8, 4, 0.05) for pr in prompts]
+    # Causal rows in static steps (per-entry flags, captured graphs): a causal-prefix model's commits,
+    # with and without the block lookahead, and speculative verifies, whose output is the AR output.
+    mixed = [fdllm.SamplingParams(max_new_tokens=12, ignore_eos=True, **kw)
+             for kw in ({"mode": "speculative"}, {"block_lookahead": True}, {})]
+    fast_c, slow_c = (_engine(model, mask, backend=b, eager=e, cache=True, batch=4, threshold=0.05, block=8, sub=4,
+                              prefix="causal") for b, e in ((backend, False), ("torch", True)))
+    got_c = [r.token_ids for r in fast_c.generate(prompts, mixed)]
+    eager_c = [r.token_ids for r in slow_c.generate(prompts, mixed)]
+    ar = slow_c.generate(prompts[:1], fdllm.SamplingParams(max_new_tokens=12, ignore_eos=True, mode="ar"))[0].token_ids
     return {"checks": [
         _check(f"{backend} backend, graphs {'on' if fast.runner.graphs else 'off'} == torch eager", got == eager,
                got == eager),
         _check("== no-cache block-causal reference", got == ref, got == ref),
+        _check("causal prefix (speculative, block lookahead, plain): graphs == torch eager", got_c == eager_c,
+               got_c == eager_c),
+        _check("speculative == AR", got_c[0] == ar, got_c[0] == ar),
     ]}
 
 

@@ -199,17 +199,19 @@ class PagedAttention:
 
 
 class StaticPagedAttention:
-    """`CachedAttention` of a static step: Bb works of Q padded query tokens each, one row per work.
+    """`CachedAttention` of a static step: Bb entries (attention rows) of Q padded query tokens each.
 
     Every tensor is a fixed-shape device view, so a CUDA graph can capture this call and later
     steps refill the same buffers. q/k/v arrive packed as [1, Bb * Q, n, H]; padded tokens write to
-    the scratch slot and come back as zeros (q_lens), padded works have kv_len = q_len = 0.
+    the scratch slot and come back as zeros (q_lens), padded entries have kv_len = q_len = 0.
+    `causal_B`: per-entry causal flags (None: every entry bidirectional).
     """
 
     def __init__(self, cache: KVCache, slots_T: Tensor, block_tables_BM: Tensor, kv_lens_B: Tensor,
-                 q_lens_B: Tensor, backend: AttentionFn) -> None:
+                 q_lens_B: Tensor, backend: AttentionFn, causal_B: Tensor | None = None) -> None:
         self.cache, self.slots_T, self.backend = cache, slots_T, backend
         self.block_tables_BM, self.kv_lens_B, self.q_lens_B = block_tables_BM, kv_lens_B, q_lens_B
+        self.causal = False if causal_B is None else causal_B
 
     def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:
         """Packed q/k/v [1, Bb * Q, n, H] -> o [1, Bb * Q, N, H]."""
@@ -218,7 +220,7 @@ class StaticPagedAttention:
         Bb = self.kv_lens_B.shape[0]
         o_BQNH = self.backend(
             q_BTNH.view(Bb, T // Bb, N, H), self.cache.k_LPSKH[layer], self.cache.v_LPSKH[layer],
-            self.block_tables_BM, self.kv_lens_B, self.q_lens_B,
+            self.block_tables_BM, self.kv_lens_B, self.q_lens_B, causal=self.causal,
         )
         return o_BQNH.view(1, T, N, H)
 

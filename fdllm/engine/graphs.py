@@ -1,10 +1,11 @@
-"""CUDA graphs of static decode steps: one graph per (batch bucket, query tokens per work, table width).
+"""CUDA graphs of static decode steps: one graph per `StaticShape` (batch bucket, query tokens per
+entry, table width, and whether its entries carry causal flags).
 
 A decode step's body (embedding -> layers -> final norm) launches a few hundred kernels; on a GPU
 their launch cost, not the weight read, bounds a small batch. A graph replays them with one launch.
 What a graph needs and this module provides:
 - static input buffers: each graph owns one int64 device buffer whose slices are the step's token
-  ids, positions, cache slots, block tables, kv lengths and query lengths, in the layout the
+  ids, positions, cache slots, block tables, kv lengths, query lengths (and causal flags), in the layout the
   runner stages them in; a replay first copies the staged region (already on the device: the
   step's one host-to-device transfer) into it with one device-to-device copy, on the stream;
 - a static output: the hidden states the capture produced, read (sliced) by the LM head after replay;
@@ -78,8 +79,8 @@ class GraphPool:
         """Hidden states [Bb * Q, D] of the step: replays (capturing first if this shape is new)."""
         step = self.steps.get(shape)
         if step is None:
-            log.info("capturing a CUDA graph for decode steps of batch %d x %d tokens (table width %d)",
-                     shape.batch, shape.q_len, shape.pages)
+            log.info("capturing a CUDA graph for decode steps of batch %d x %d tokens (table width %d%s)",
+                     shape.batch, shape.q_len, shape.pages, ", causal flags" if shape.causal else "")
             step = CapturedStep(self.model, self.cache, self.attention_fn, shape, self.pool, self.stream)
             self.steps[shape] = step
         return step.replay(staged)

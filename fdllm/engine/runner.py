@@ -1,12 +1,14 @@
 """The model runner: the only part of the engine that touches tensors.
 
 A step runs in one of two layouts:
-- static (every work is a decode work: non-causal attention rows, no prompt tokens): each
-  attention row is one entry of the padded batch, so a work with a block lookahead (a commit and
-  the next block's masks) takes two; entries are padded to a batch bucket Bb and every entry to Q
-  query tokens (Q = the step's longest row: 1 for AR tokens, the sub-block for cached steps, the
-  block for refresh and commit steps, up to the block + 1 for speculative drafts, rounded up to a
-  power of two when graphs are captured; a speculative verify is causal, so its step is dynamic). Padded
+- static (every work is a decode work: no prompt tokens): each attention row is one entry of the
+  padded batch, so a work with a lookahead (a commit or verify and the next block's masks) takes
+  two; entries are padded to a batch bucket Bb and every entry to Q query tokens (Q = the step's
+  longest row: 1 for AR tokens, the sub-block for cached steps, the block for refresh and commit
+  steps, up to the block + 1 for speculative drafts and verifies, rounded up to a power of two when
+  graphs are captured). Causal rows (a speculative verify, a causal-prefix checkpoint's commit)
+  carry a per-entry flag, so they run in the same layout and graphs (a step without any keeps the
+  flag-free attention; the flash_attn backend, which has no per-entry flag, runs them dynamic). Padded
   tokens write their K/V to the cache's scratch slot, padded rows see nothing. On CUDA this body
   (embedding -> layers -> norm) replays a CUDA graph captured per (Bb, Q) (`fdllm.engine.graphs`);
   elsewhere, or with `EngineConfig(enforce_eager=True)`, the same layout runs eagerly, which is
@@ -117,11 +119,13 @@ class HostStage:
 
 @dataclass(frozen=True)
 class StaticShape:
-    """The padded layout of a static step: Bb entries (attention rows) of Q tokens, block tables of width M."""
+    """The padded layout of a static step: Bb entries (attention rows) of Q tokens, block tables of
+    width M, and whether some entry is causal (then a flag per entry)."""
 
     batch: int
     q_len: int
     pages: int
+    causal: bool = False
 
 
 @dataclass
@@ -154,6 +158,7 @@ class ModelRunner:
 
             self.fused_confidence = fused_confidence
         self.buckets = [max_num_seqs] if pad_to_max_batch else batch_buckets(max_num_seqs)
+        self.causal_entries = attention_backend != "flash_attn"  # per-entry causal flags (see the module doc)
         self.max_pages_per_seq = max_pages_per_seq
         self.stage = HostStage(self.device)
         self.graphs = None
@@ -197,13 +202,14 @@ class ModelRunner:
     def static_shape(self, works: list[Work]) -> StaticShape | None:
         """The padded layout when every work is a decode work and its rows fit a bucket, else None."""
         q_len = pages = entries = 0
+        causal = False
         for w in works:
             if w.num_prefill:
                 return None
             for row in w.rows:
-                if row.causal:
+                if row.causal and not self.causal_entries:
                     return None
-                q_len, pages = max(q_len, row.q_len), max(pages, len(row.pages))
+                q_len, pages, causal = max(q_len, row.q_len), max(pages, len(row.pages)), causal or row.causal
             entries += len(w.rows)
         if entries > self.buckets[-1]:
             return None
@@ -214,7 +220,7 @@ class ModelRunner:
             if pages > self.max_pages_per_seq:
                 return None
             pages = self.max_pages_per_seq  # one captured table width
-        return StaticShape(batch, q_len, pages)
+        return StaticShape(batch, q_len, pages, causal)
 
     # -- host packing -------------------------------------------------------------------------------
     # Where a work's fed tokens land in the step's flat token layout: per work, (first token, flat
@@ -242,9 +248,9 @@ class ModelRunner:
     @staticmethod
     def _body_sizes(shape: StaticShape | None, num_tokens: int) -> dict[str, int]:
         sizes = {"ids": num_tokens, "positions": num_tokens}
-        if shape:  # this order is also a captured graph's input buffer layout (fdllm.engine.graphs)
+        if shape:  # this order is also a captured graph's input buffer layout (StaticInputs.view)
             sizes |= {"slots": num_tokens, "tables": shape.batch * shape.pages, "kv_lens": shape.batch,
-                      "q_lens": shape.batch}
+                      "q_lens": shape.batch} | ({"causal": shape.batch} if shape.causal else {})
         return sizes
 
     def _put_static_body(self, works: list[Work], shape: StaticShape) -> None:
@@ -255,6 +261,7 @@ class ModelRunner:
         tables = np.full((Bb, M), -1, dtype=np.int64)
         kv_lens = np.zeros(Bb, dtype=np.int64)
         q_lens = np.zeros(Bb, dtype=np.int64)
+        causal = np.zeros(Bb, dtype=np.int64)
         b = 0
         for w in works:
             t = 0
@@ -268,10 +275,11 @@ class ModelRunner:
                 else:  # a speculative draft starts at the last known token, which may sit in the previous page
                     slots[b, :n] = [w.seq.slot(p) for p in range(start, start + n)]
                 tables[b, : len(row.pages)] = row.pages
-                kv_lens[b], q_lens[b] = row.kv_len, n
+                kv_lens[b], q_lens[b], causal[b] = row.kv_len, n, row.causal
                 b, t = b + 1, t + n
-        for name, values in (("ids", ids), ("positions", positions), ("slots", slots), ("tables", tables),
-                             ("kv_lens", kv_lens), ("q_lens", q_lens)):
+        sections = {"ids": ids, "positions": positions, "slots": slots, "tables": tables, "kv_lens": kv_lens,
+                    "q_lens": q_lens} | ({"causal": causal} if shape.causal else {})
+        for name, values in sections.items():
             self.stage.put(name, values.reshape(-1))
 
     def _put_dynamic_body(self, works: list[Work]) -> None:
@@ -410,25 +418,28 @@ class StaticInputs:
     tables_BM: Tensor
     kv_lens_B: Tensor
     q_lens_B: Tensor
+    causal_B: Tensor | None  # per-entry causal flags; None: no entry is causal
 
     @staticmethod
     def numel(shape: StaticShape) -> int:
         Bb, T = shape.batch, shape.batch * shape.q_len
-        return 3 * T + Bb * shape.pages + 2 * Bb
+        return 3 * T + Bb * shape.pages + (3 if shape.causal else 2) * Bb
 
     @classmethod
     def view(cls, buf: Tensor, shape: StaticShape) -> StaticInputs:
-        """Views of a flat int64 buffer laid out ids | positions | slots | tables | kv_lens | q_lens."""
+        """Views of a flat int64 buffer laid out ids | positions | slots | tables | kv_lens | q_lens [| causal]."""
         Bb, M, T = shape.batch, shape.pages, shape.batch * shape.q_len
-        ends = [T, 2 * T, 3 * T, 3 * T + Bb * M, 3 * T + Bb * M + Bb, 3 * T + Bb * M + 2 * Bb]
-        ids, positions, slots, tables, kv_lens, q_lens = (buf[a:b] for a, b in zip([0, *ends[:-1]], ends))
-        return cls(ids[None], positions[None], slots, tables.view(Bb, M), kv_lens, q_lens)
+        sizes = [T, T, T, Bb * M, Bb, Bb, Bb if shape.causal else 0]
+        ends = np.cumsum(sizes).tolist()
+        ids, positions, slots, tables, kv_lens, q_lens, causal = (buf[a:b] for a, b in zip([0, *ends[:-1]], ends))
+        return cls(ids[None], positions[None], slots, tables.view(Bb, M), kv_lens, q_lens,
+                   causal if shape.causal else None)
 
 
 def forward_static(model: Transformer, cache: KVCache, attention_fn, inputs: StaticInputs) -> Tensor:
     """The body of a static step [Bb * Q, D]: what a CUDA graph captures, and the eager path runs."""
     attention = StaticPagedAttention(cache, inputs.slots_T, inputs.tables_BM, inputs.kv_lens_B, inputs.q_lens_B,
-                                     attention_fn)
+                                     attention_fn, inputs.causal_B)
     return model.hidden(inputs.ids_1T, inputs.positions_1T, cache=attention)[0]
 
 

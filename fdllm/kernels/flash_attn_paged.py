@@ -28,10 +28,11 @@ def paged_attention_flash_attn(
     block_tables_BM: Tensor,
     kv_lens_B: Tensor,
     q_lens_B: Tensor,
-    causal: bool = False,
+    causal: bool | Tensor = False,
     scale: float | None = None,
 ) -> Tensor:
-    """Output [B, T, N, H]; rows t >= q_lens[b] are zeros. See paged_attention_torch for the arguments."""
+    """Output [B, T, N, H]; rows t >= q_lens[b] are zeros. See paged_attention_torch for the arguments
+    (`causal` a bool only: flash-attn has no per-sequence flag)."""
     from flash_attn import flash_attn_with_kvcache
 
     T, S = q_BTNH.shape[1], k_pool_PSKH.shape[1]
@@ -42,6 +43,8 @@ def paged_attention_flash_attn(
         )
     if q_BTNH.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"flash-attn runs fp16/bf16 only, got {q_BTNH.dtype}")
+    if isinstance(causal, Tensor):
+        raise ValueError("the flash_attn backend takes one causal flag for the whole call, not one per sequence")
     if causal:
         # checked on the device: no host sync
         torch._assert_async((q_lens_B == T).all(), "flash_attn backend: causal needs q_lens == T (no padding)")

@@ -28,7 +28,9 @@ Launch parameters come from shapes only (no host sync), so CUDA graphs can captu
 
 Masking. Keys j >= kv_len are never loaded, so -1 block-table entries and stale slots of the last
 page are never dereferenced. With causal, query t of b sits at kv_len - q_len + t and sees keys up
-to it; the key loop stops at the last position any row of the tile can see. Rows t >= q_len are
+to it; the key loop stops at the last position any row of the tile can see. Causality is a
+compile-time mode: none, every sequence, or per sequence from a flag tensor (one launch, one
+captured graph, for a batch mixing causal rows with bidirectional ones). Rows t >= q_len are
 written as zeros (tiles made only of padding skip the key loop).
 
 Precision. Inputs fp16/bf16/fp32; scores, softmax and the output accumulator are fp32; P is cast
@@ -58,18 +60,18 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, block_tables_ptr, kv_lens_ptr, q_lens_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, block_tables_ptr, kv_lens_ptr, q_lens_ptr, causal_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,  # split-KV partials, fp32: [B, T, N, splits, BLOCK_H], [B, T, N, splits] x2
     stride_qb, stride_qt, stride_qn,
     stride_kp, stride_ks, stride_kk,
     stride_vp, stride_vs, stride_vk,
     stride_ob, stride_ot, stride_on,
     stride_btb, stride_btm,
-    stride_kvl, stride_ql,
+    stride_kvl, stride_ql, stride_c,
     T, N, H, qk_scale_log2, num_splits, keys_per_split, min_keys_per_split,
     G: tl.constexpr,  # query heads per kv head
     PAGE_SIZE: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr,  # 0: none, 1: every sequence, 2: sequence b iff causal_ptr[b] != 0
     BLOCK_M: tl.constexpr,  # flattened (t, g) query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
     BLOCK_H: tl.constexpr,  # head dim padded to a power of two
@@ -105,8 +107,11 @@ def _paged_attention_kernel(
     first_t = (pid_m * BLOCK_M) // G
     last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1)
     kv_end = kv_len
-    if CAUSAL:
+    if CAUSAL == 1:
         kv_end = tl.minimum(kv_len, kv_len - q_len + last_t + 1)
+    if CAUSAL == 2:
+        causal_flag = tl.load(causal_ptr + b * stride_c)
+        kv_end = tl.where(causal_flag != 0, tl.minimum(kv_len, kv_len - q_len + last_t + 1), kv_len)
     kv_end = tl.where(first_t < q_len, kv_end, 0)
     kv_begin = split * kps  # this program's chunk of the key range
     kv_end = tl.minimum(kv_end, kv_begin + kps)
@@ -127,8 +132,10 @@ def _paged_attention_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
         visible = key_ok[None, :]
-        if CAUSAL:
+        if CAUSAL == 1:
             visible = visible & (keys[None, :] <= q_pos[:, None])
+        if CAUSAL == 2:
+            visible = visible & ((keys[None, :] <= q_pos[:, None]) | (causal_flag == 0))
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -213,7 +220,8 @@ BLOCK_M = 32  # flattened query rows per program: a constant, so a row's tile ne
 
 
 def _check_inputs(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, kv_lens: Tensor, q_lens: Tensor
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, kv_lens: Tensor, q_lens: Tensor,
+    causal: bool | Tensor,
 ) -> None:
     if q.dim() != 4 or k_pool.dim() != 4:
         raise ValueError(
@@ -233,16 +241,17 @@ def _check_inputs(
         raise TypeError(f"q, k_pool and v_pool must share a dtype, got {q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
     if block_tables.dim() != 2 or block_tables.shape[0] != B:
         raise ValueError(f"block_tables must be [B={B}, M], got {tuple(block_tables.shape)}")
-    for name, lens in (("kv_lens", kv_lens), ("q_lens", q_lens)):
+    flags = {"causal": causal} if isinstance(causal, Tensor) else {}
+    for name, lens in {"kv_lens": kv_lens, "q_lens": q_lens, **flags}.items():
         if lens.shape != (B,):
             raise ValueError(f"{name} must be [B={B}], got {tuple(lens.shape)}")
-    for name, x in (("block_tables", block_tables), ("kv_lens", kv_lens), ("q_lens", q_lens)):
+    for name, x in {"block_tables": block_tables, "kv_lens": kv_lens, "q_lens": q_lens, **flags}.items():
         if x.dtype not in _INDEX_DTYPES:
             raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
     for name, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in the head dim (stride(-1) == 1), got strides {x.stride()}")
-    devices = {x.device for x in (q, k_pool, v_pool, block_tables, kv_lens, q_lens)}
+    devices = {x.device for x in (q, k_pool, v_pool, block_tables, kv_lens, q_lens, *flags.values())}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if q.device.type != "cuda" and not interpreter_enabled():
@@ -258,7 +267,7 @@ def paged_attention(
     block_tables_BM: Tensor,
     kv_lens_B: Tensor,
     q_lens_B: Tensor,
-    causal: bool = False,
+    causal: bool | Tensor = False,
     scale: float | None = None,
     *,
     num_splits: int | None = None,
@@ -269,14 +278,16 @@ def paged_attention(
     q [B, T, N, H], k_pool/v_pool [P, S, K, H] (fp16/bf16/fp32, one dtype, head dim contiguous,
     N a multiple of K; query head n reads kv head n // (N // K)); block_tables [B, M] int32/int64,
     entries past a sequence's last page are ignored (may be -1); kv_lens [B] tokens visible to b's
-    queries; q_lens [B] real queries of b (q_lens <= T, and q_lens <= kv_lens when causal).
+    queries; q_lens [B] real queries of b (q_lens <= T, and q_lens <= kv_lens when causal);
+    causal: a bool for every sequence, or per sequence an int32/int64 tensor [B] (nonzero: causal).
     Values of kv_lens/q_lens/block_tables are not checked (that would sync with the device).
     num_splits: None (default) cuts each sequence's key range by its own kv_len (at most MAX_SPLITS
     chunks of at least `min_keys_per_split` keys): the result for a sequence is bitwise the same
     whatever else is in the batch and whatever the table width. An int fixes the chunk size from
     the table width M * S instead (for tests and benchmarks; batch-dependent).
     """
-    _check_inputs(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B)
+    _check_inputs(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B, causal)
+    flags = isinstance(causal, Tensor)
     B, T, N, H = q_BTNH.shape
     S, K = k_pool_PSKH.shape[1], k_pool_PSKH.shape[2]
     G = N // K
@@ -310,15 +321,16 @@ def paged_attention(
         part_acc = part_m = part_l = o_BTNH  # unused
     _paged_attention_kernel[(m_tiles * num_splits, B, K)](
         q_BTNH, k_pool_PSKH, v_pool_PSKH, o_BTNH, block_tables_BM, kv_lens_B, q_lens_B,
+        causal if flags else kv_lens_B,  # the flags (unread without them)
         part_acc, part_m, part_l,
         q_BTNH.stride(0), q_BTNH.stride(1), q_BTNH.stride(2),
         k_pool_PSKH.stride(0), k_pool_PSKH.stride(1), k_pool_PSKH.stride(2),
         v_pool_PSKH.stride(0), v_pool_PSKH.stride(1), v_pool_PSKH.stride(2),
         o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2),
         block_tables_BM.stride(0), block_tables_BM.stride(1),
-        kv_lens_B.stride(0), q_lens_B.stride(0),
+        kv_lens_B.stride(0), q_lens_B.stride(0), causal.stride(0) if flags else 0,
         T, N, H, scale * _LOG2E, num_splits, keys_per_split, min_keys,
-        G=G, PAGE_SIZE=S, CAUSAL=bool(causal),
+        G=G, PAGE_SIZE=S, CAUSAL=2 if flags else int(bool(causal)),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
         UPCAST=interpreter_enabled(),
         DOT_PRECISION="ieee" if q_BTNH.dtype == torch.float32 else "tf32",

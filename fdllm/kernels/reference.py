@@ -7,7 +7,9 @@ a sequence's tokens live in the pages listed by its block table, in order. The c
 (uncommitted) block occupies the sequence's last page, so "committed prefix + current block" is
 simply the first `kv_lens[b]` tokens of its pages. Every query sees all of them (bidirectional
 inside the block, which is all block diffusion needs); `causal=True` is for AR prefill, where query
-t of sequence b sits at position kv_lens[b] - q_lens[b] + t and sees keys up to it.
+t of sequence b sits at position kv_lens[b] - q_lens[b] + t and sees keys up to it. `causal` may
+also be a per-sequence flag tensor [B] (nonzero: causal), so one call (one captured CUDA graph)
+serves a batch mixing causal rows (a speculative verify, a causal-prefix commit) with the others.
 
 This is the semantic contract every backend (Triton, flash-attn) is tested against.
 
@@ -29,13 +31,14 @@ def paged_attention_torch(
     block_tables_BM: Tensor,
     kv_lens_B: Tensor,
     q_lens_B: Tensor,
-    causal: bool = False,
+    causal: bool | Tensor = False,
     scale: float | None = None,
 ) -> Tensor:
     """Output [B, T, N, H]; rows t >= q_lens[b] are padding and come back as zeros.
 
     block_tables [B, M] int32 (entries past a sequence's last page are ignored, may be -1);
-    kv_lens [B] int32 tokens visible to every query of b; q_lens [B] int32 real queries of b.
+    kv_lens [B] int32 tokens visible to every query of b; q_lens [B] int32 real queries of b;
+    causal: for every sequence, or per sequence (an integer or bool tensor [B]).
     """
     B, T, N, H = q_BTNH.shape
     S, K = k_pool_PSKH.shape[1], k_pool_PSKH.shape[2]
@@ -47,9 +50,12 @@ def paged_attention_torch(
     v_BKXH = v_BMSKH.reshape(B, M * S, K, H).transpose(1, 2)
     key_pos_X = torch.arange(M * S, device=q_BTNH.device)
     allowed_BTX = key_pos_X[None, None, :] < kv_lens_B.long()[:, None, None]  # [B, 1, X]
-    if causal:
+    if isinstance(causal, Tensor) or causal:
         q_pos_BT = (kv_lens_B - q_lens_B).long()[:, None] + torch.arange(T, device=q_BTNH.device)[None]
-        allowed_BTX = allowed_BTX & (key_pos_X[None, None, :] <= q_pos_BT[:, :, None])
+        seen_BTX = key_pos_X[None, None, :] <= q_pos_BT[:, :, None]
+        if isinstance(causal, Tensor):  # non-causal sequences see every key
+            seen_BTX = seen_BTX | (causal == 0)[:, None, None]
+        allowed_BTX = allowed_BTX & seen_BTX
     else:
         allowed_BTX = allowed_BTX.expand(B, T, M * S)
     real_BT = torch.arange(T, device=q_BTNH.device)[None] < q_lens_B.long()[:, None]

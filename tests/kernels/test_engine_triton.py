@@ -40,3 +40,18 @@ def test_triton_backend_decodes_like_torch_and_reference(model, use_sub_block_ca
     if not use_sub_block_cache:  # the sub-block cache approximates, the reference does not
         for prompt, res in zip(GREEDY, got["triton"]):
             assert res.token_ids == reference_generate(model, prompt, N, 8, 4, 0.4)
+
+
+def test_causal_entries_and_block_lookahead_on_triton_decode_like_torch(model):
+    """Per-entry causal flags through the Triton kernel: a causal-prefix checkpoint's commits (with
+    and without the block lookahead's second row) and speculative verifies share static steps with
+    bidirectional rows."""
+    causal_params = [params(max_new_tokens=N, block_lookahead=True), params(max_new_tokens=N, mode="speculative"),
+                     params(max_new_tokens=N), params(max_new_tokens=N, mode="speculative", temperature=0.7, seed=3)]
+    prompts = PROMPTS[: len(causal_params)]
+    engines = {name: make_engine(model, attention_backend=name, prefix_attention="causal") for name in ("triton", "torch")}
+    shapes, inner = [], engines["triton"].runner.static_shape
+    engines["triton"].runner.static_shape = lambda works: shapes.append(inner(works)) or shapes[-1]
+    got = {name: [r.token_ids for r in engine.generate(prompts, causal_params)] for name, engine in engines.items()}
+    assert got["triton"] == got["torch"]
+    assert any(s is not None and s.causal for s in shapes)

@@ -105,6 +105,33 @@ def test_split_kv_matches_reference(device, causal):
     assert_close(out, reference(case, causal), torch.float32)
 
 
+def one_by_one(case: Case, flags: list[int]) -> torch.Tensor:
+    """The reference run on each sequence alone with its own bool flag: what per-sequence flags mean."""
+    q, k, v, bt, kv, ql = case.args()
+    return torch.cat([paged_attention_torch(q[i : i + 1], k, v, bt[i : i + 1], kv[i : i + 1], ql[i : i + 1],
+                                            causal=bool(f)) for i, f in enumerate(flags)])
+
+
+@pytest.mark.parametrize("num_splits", [None, 4])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_per_sequence_causal_flags(device, num_splits, index_dtype):
+    """`causal` as a tensor [B]: each sequence is causal or not on its own, in one call (a static
+    decode step mixing speculative verifies and causal-prefix commits with bidirectional rows)."""
+    from fdllm.kernels.paged_attention import paged_attention
+
+    flags = [1, 0, 1, 0, 1]
+    case = make_case(q_lens=[8, 8, 3, 0, 1], kv_lens=[200, 70, 11, 9, 40], T=8, K=2, G=3, H=16, S=8, device=device)
+    causal = torch.tensor(flags, dtype=index_dtype, device=device)
+    want = one_by_one(case, flags)
+    assert not torch.allclose(want, one_by_one(case, [0] * 5)), "the flags must matter here"
+    assert_close(paged_attention_torch(*case.args(), causal=causal), want, torch.float32)
+    assert_close(paged_attention(*case.args(), causal=causal, num_splits=num_splits), want, torch.float32)
+    with pytest.raises(ValueError, match="causal must be"):
+        paged_attention(*case.args(), causal=causal[:3])
+    with pytest.raises(TypeError, match="causal must be int32 or int64"):
+        paged_attention(*case.args(), causal=causal.float())
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_single_query_decode_and_custom_scale(device, causal):
     """T = 1 (AR decode / threshold 1.0 with block size 1), 64-bit index tensors, an explicit scale."""
@@ -186,7 +213,7 @@ def test_rejects_bad_inputs(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [None, 1], ids=["auto-splits", "one-split"])
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("causal", [False, True, "flags"], ids=["bidir", "causal", "per-sequence"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_qwen2_shape_on_gpu(cuda_device, dtype, causal, num_splits):
     """Qwen2-1.5B attention (N=12, K=2, H=128), 32-token pages, contexts up to ~2k, a ragged batch
@@ -196,5 +223,7 @@ def test_qwen2_shape_on_gpu(cuda_device, dtype, causal, num_splits):
     kv_lens = [2048, 1000, 37, 513, 32, 1500]
     q_lens = [32, 8, 32, 1, 0, 17]
     case = make_case(q_lens=q_lens, kv_lens=kv_lens, T=32, K=2, G=6, H=128, S=32, dtype=dtype, device=cuda_device)
+    if causal == "flags":
+        causal = torch.tensor([1, 0, 0, 1, 1, 1], dtype=torch.int64, device=cuda_device)
     out = paged_attention(*case.args(), causal=causal, num_splits=num_splits)
     assert_close(out, reference(case, causal), dtype)

@@ -98,6 +98,7 @@ def test_query_buckets_of_captured_steps_change_no_token(model):
     padded_shapes, exact_shapes = count_static_steps(padded), count_static_steps(exact)
     got = run_mixed(padded, requests)
     assert got == run_mixed(exact, requests) == run_mixed(dynamic_only(make_engine(model)), requests)
+    assert any(s.causal for s in padded_shapes if s is not None), "speculative verifies should run static"
     q_lens = {s.q_len for s in padded_shapes if s is not None}
     assert q_lens and all(q & (q - 1) == 0 for q in q_lens), q_lens
     assert any(s.q_len & (s.q_len - 1) for s in exact_shapes if s is not None), "some steps must have needed padding"
@@ -119,6 +120,27 @@ def test_block_lookahead_rows_in_padded_entries_equal_dynamic_path(model, use_su
     assert got == run_mixed(dynamic, requests)
     assert 8 in {s.q_len for s in shapes if s is not None}
     assert any(rows > works for works, rows in entries), "some static steps should carry a block lookahead"
+
+
+@pytest.mark.parametrize("bucket_query_len", [False, True], ids=["eager-padding", "graph-padding"])
+def test_causal_prefix_commits_and_verifies_run_static_with_per_entry_flags(model, bucket_query_len):
+    """A causal-prefix checkpoint (the joint objective's) commits blocks with causal rows, and
+    speculative verifies are causal: both run in static steps beside bidirectional rows, each entry
+    with its own causal flag, token for token as the dynamic path."""
+    requests = [(p, params(max_new_tokens=19, mode=m, temperature=0.8 if i % 3 == 1 else 0.0, seed=i,
+                           block_lookahead=m == "diffusion" and i % 2 == 0))
+                for i, (p, m) in enumerate(zip(random_prompts(7, [2, 7, 8, 12, 16], seed=13),
+                                               ["diffusion", "speculative", "diffusion", "ar", "diffusion", "speculative",
+                                                "diffusion"]))]
+    static = make_engine(model, prefix_attention="causal")
+    static.runner.bucket_query_len = bucket_query_len
+    entries = []
+    shapes = count_static_steps(static, entries)
+    got = run_mixed(static, requests)
+    assert got == run_mixed(dynamic_only(make_engine(model, prefix_attention="causal")), requests)
+    causal = [s for s in shapes if s is not None and s.causal]
+    assert causal and any(s.batch > 1 for s in causal), "causal rows should share static steps with others"
+    assert any(rows > works for works, rows in entries)
 
 
 def test_deterministic_mode_pads_every_step_to_max_num_seqs(model):
