@@ -79,6 +79,8 @@ class ServerConfig:
     dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
     threshold: float | None = None  # engine default threshold (None: the checkpoint's fdllm_config)
     use_sub_block_cache: bool | None = None
+    # diffusion-mode requests that do not set `block_lookahead` get this (fdllm.SamplingParams.block_lookahead)
+    block_lookahead: bool = False
     default_max_tokens: int = 256
     max_waiting: int = 256  # requests queued inside a replica before it answers 503
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 before they are parsed
@@ -317,7 +319,7 @@ class FdllmServer:
         if body.model != self.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
-        params = body.sampling_params(self.cfg.default_max_tokens)
+        params = body.sampling_params(self.cfg.default_max_tokens, self.cfg.block_lookahead)
         chars = prompt_chars(body)
         if chars > self.cfg.max_prompt_chars:
             raise APIError(400, f"the prompt has {chars} characters; this server takes at most {self.cfg.max_prompt_chars}",
@@ -448,6 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-replicas", type=int, default=1)
     parser.add_argument("--num-gpus-per-replica", type=float, default=None, help="default: 1 when a GPU is visible")
     parser.add_argument("--threshold", type=float, help="default confidence threshold (checkpoint's by default)")
+    parser.add_argument("--block-lookahead", action="store_true",
+                        help="diffusion requests run each block's first step in the forward that opens it unless they "
+                        "set block_lookahead themselves (fewer forwards; an approximation beyond the paper)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quantization", choices=QUANTIZATIONS,
@@ -464,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "model_name": args.model_name, "api_key": args.api_key,
                      "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
-                     "threshold": args.threshold, "device": args.device, "dtype": args.dtype,
+                     "threshold": args.threshold, "block_lookahead": args.block_lookahead or None,
+                     "device": args.device, "dtype": args.dtype,
                      "engine": {"quantization": args.quantization} if args.quantization else None})
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)

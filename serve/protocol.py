@@ -86,8 +86,9 @@ class _SamplingFields(BaseModel):
     delimiters: list[str] | None = None
     delimiter_token_ids: list[int] | None = None
     # fdllm: diffusion mode runs each block's first step in the forward that opens it (one forward fewer
-    # per block; outputs may differ from the plain schedule: fdllm.SamplingParams.block_lookahead)
-    block_lookahead: bool = False
+    # per block; outputs may differ from the plain schedule: fdllm.SamplingParams.block_lookahead).
+    # None: the server's default (ServerConfig.block_lookahead, for diffusion-mode requests)
+    block_lookahead: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -101,17 +102,21 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stops
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """The engine's SamplingParams; APIError 400 naming the field when a value is out of range."""
+    def sampling_params(self, default_max_tokens: int, default_block_lookahead: bool = False) -> SamplingParams:
+        """The engine's SamplingParams; APIError 400 naming the field when a value is out of range.
+        `default_block_lookahead`: for diffusion-mode requests that do not set `block_lookahead`."""
         if self.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
         try:
-            return self._sampling_params(default_max_tokens)
+            return self._sampling_params(default_max_tokens, default_block_lookahead)
         except ValueError as exc:  # SamplingParams' messages start with the field's name
             field = str(exc).split(" ", 1)[0]
             raise APIError(400, str(exc), param=_PARAM_NAMES.get(field, field)) from None
 
-    def _sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def _sampling_params(self, default_max_tokens: int, default_block_lookahead: bool) -> SamplingParams:
+        lookahead = self.block_lookahead
+        if lookahead is None:
+            lookahead = default_block_lookahead and self.mode == "diffusion"
         return SamplingParams(
             max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             temperature=self.temperature,
@@ -126,7 +131,7 @@ class _SamplingFields(BaseModel):
             delimiter_threshold=self.delimiter_threshold,
             delimiters=None if self.delimiters is None else tuple(self.delimiters),
             delimiter_token_ids=tuple(self.delimiter_token_ids or ()),
-            block_lookahead=self.block_lookahead,
+            block_lookahead=lookahead,
         )
 
 

@@ -34,6 +34,7 @@ M pages per block table, B works that read logits, C candidate rows, S sampled r
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -429,8 +430,7 @@ class StaticInputs:
     def view(cls, buf: Tensor, shape: StaticShape) -> StaticInputs:
         """Views of a flat int64 buffer laid out ids | positions | slots | tables | kv_lens | q_lens [| causal]."""
         Bb, M, T = shape.batch, shape.pages, shape.batch * shape.q_len
-        sizes = [T, T, T, Bb * M, Bb, Bb, Bb if shape.causal else 0]
-        ends = np.cumsum(sizes).tolist()
+        ends = list(itertools.accumulate([T, T, T, Bb * M, Bb, Bb, Bb if shape.causal else 0]))
         ids, positions, slots, tables, kv_lens, q_lens, causal = (buf[a:b] for a, b in zip([0, *ends[:-1]], ends))
         return cls(ids[None], positions[None], slots, tables.view(Bb, M), kv_lens, q_lens,
                    causal if shape.causal else None)

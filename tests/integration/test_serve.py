@@ -99,6 +99,18 @@ def test_selection_policies_over_http_equal_engine_generate(server, engine):
     assert r.json()["fdllm"]["num_forwards"] == expect.num_forwards
 
 
+def test_block_lookahead_over_http_equals_engine_generate(server, engine):
+    prompt = "hello world, the quick"
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                         "threshold": 0.3, "block_lookahead": True})
+    assert r.status_code == 200, r.text
+    expect = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=24, threshold=0.3, block_lookahead=True))[0]
+    assert r.json()["choices"][0]["text"] == expect.text
+    assert r.json()["fdllm"]["num_forwards"] == expect.num_forwards
+    bad = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "mode": "ar", "block_lookahead": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "block_lookahead"
+
+
 def test_quantized_deployments_serve_what_a_quantized_engine_decodes(server, served_dir):
     """`engine: {quantization: ...}` reaches the replicas: each format's app answers as an in-process
     engine with the same quantization does (two apps beside the main one, on their own routes)."""

@@ -25,13 +25,22 @@ def test_policy_fields_reach_sampling_params(model):
                     "delimiters": ["\n", ";"], "delimiter_token_ids": [3]}, model)
     assert (sp.selection, sp.entropy_budget, sp.delimiter_threshold) == ("entropy_budget", 0.75, 0.4)
     assert sp.delimiters == ("\n", ";") and sp.delimiter_token_ids == (3,)
-    default = params_of({}, model)
     sp = params_of({"block_lookahead": True}, model)
     assert sp.block_lookahead and sp.mode == "diffusion"
     default = params_of({}, model)
     assert (default.selection, default.entropy_budget, default.delimiter_threshold, default.delimiters) == (
         "threshold", None, None, None)
     assert default.block_lookahead is False
+
+
+def test_the_servers_block_lookahead_default_applies_to_diffusion_requests_that_do_not_set_it():
+    def lookahead(body, default):
+        request = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x"} | body).encode())
+        return request.sampling_params(16, default).block_lookahead
+
+    assert lookahead({}, True) and not lookahead({}, False)
+    assert not lookahead({"block_lookahead": False}, True) and lookahead({"block_lookahead": True}, False)
+    assert not lookahead({"mode": "ar"}, True) and not lookahead({"mode": "speculative"}, True)
 
 
 @pytest.mark.parametrize("body,param", [
