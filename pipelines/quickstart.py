@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("2/2 evaluating AR base vs %s on %d held-out problems, one at a time and batched", " and ".join(modes),
              args.limit)
     model, data = str(out / "tiny-dllm"), str(WORLD / TEST_FILE)
-    # Each threshold, and the block lookahead (METHOD.md §5) at the targets' threshold beside them.
+    # Each threshold, and the block lookahead (README "Beyond the paper") at the targets' threshold beside them.
     policies = tuple(Policy("threshold", float(t)) for t in args.thresholds.split(",")) + (
         Policy("threshold", TARGET_THRESHOLD, block_lookahead=True),)
     evaluate = functools.partial(run_evaluation, model, data, base=str(BASE), modes=modes, policies=policies,

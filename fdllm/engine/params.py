@@ -61,7 +61,7 @@ class SamplingParams:
     # Diffusion mode: the forward that opens a block (the previous block's commit, or the prompt's last
     # chunk) also runs the block's first denoising step, with the block's first token still masked,
     # and commits only what passes the selection rule: one forward fewer per block. An approximation
-    # beyond the paper (METHOD.md §5): outputs may differ from the plain schedule.
+    # beyond the paper and METHOD.md (README "Beyond the paper"): outputs may differ from the plain schedule.
     block_lookahead: bool = False
 
     def __post_init__(self) -> None:

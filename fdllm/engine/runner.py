@@ -8,9 +8,11 @@ A step runs in one of two layouts:
   steps, up to the block + 1 for speculative drafts and verifies, rounded up to a power of two when
   graphs are captured). Causal rows (a speculative verify, a causal-prefix checkpoint's commit)
   carry a per-entry flag, so they run in the same layout and graphs (a step without any keeps the
-  flag-free attention; the flash_attn backend, which has no per-entry flag, runs them dynamic). Padded
+  flag-free attention; the flash_attn backend, which has no per-entry flag, runs them dynamic). A
+  step with more rows than the largest bucket (max_num_seqs: lookaheads of a nearly full batch)
+  runs dynamic too, so no static step outgrows the activations the KV cache sizing profiled. Padded
   tokens write their K/V to the cache's scratch slot, padded rows see nothing. On CUDA this body
-  (embedding -> layers -> norm) replays a CUDA graph captured per (Bb, Q) (`fdllm.engine.graphs`);
+  (embedding -> layers -> norm) replays a CUDA graph captured per `StaticShape` (`fdllm.engine.graphs`);
   elsewhere, or with `EngineConfig(enforce_eager=True)`, the same layout runs eagerly, which is
   what the CPU tests hold against the dynamic layout token for token.
 - dynamic (prefill chunks, AR prompts): one packed varlen forward [1, T] with per-row attention

@@ -279,7 +279,7 @@ class Sequence:
     def _open_next_block(self, work: Work) -> Work:
         """A forward whose last logit opens the next block (a commit, or the last chunk of a prompt
         that fills whole blocks) also runs that block's first denoising step when the request asks
-        for it (SamplingParams.block_lookahead, METHOD.md §5): L masks fed at the block's positions
+        for it (SamplingParams.block_lookahead, beyond METHOD.md): L masks fed at the block's positions
         attend the cache, the K/V this forward writes, and each other, as a refresh step does, except
         that offset 0 (this forward's own prediction) is a mask too. What passes the selection rule
         among its first sub-block is committed with no forced progress, and the step counts as the

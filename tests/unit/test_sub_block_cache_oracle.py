@@ -14,10 +14,10 @@ Schedule (METHOD.md §3.2-3.4), per block of L positions cut into sub-blocks of 
   of the sub-block whose probability exceeds the threshold is unmasked, and always the most
   confident one;
 - a finished block is forwarded once more clean (exact K/V); its last logit opens the next block;
-- with the block lookahead (METHOD.md §5), every block opened by a logit (not by prompt tokens) first
-  gets a forward of L masks over the prefix (its first position masked too): it writes the block's
-  K/V, and the masked positions 1..S-1 it predicts above the threshold are unmasked (none forced);
-  the first sub-block then continues as after its first step.
+- with the block lookahead (SamplingParams.block_lookahead, beyond METHOD.md), every block opened by
+  a logit (not by prompt tokens) first gets a forward of L masks over the prefix (its first position
+  masked too): it writes the block's K/V, and the masked positions 1..S-1 it predicts above the
+  threshold are unmasked (none forced); the first sub-block then continues as after its first step.
 
 The requests use `P + max_new_tokens` = a block multiple, so the last block is decoded whole and
 the comparison does not depend on how truncation treats positions past max_new_tokens.
