@@ -11,6 +11,7 @@ r"""Benchmarks of the fdllm engine (run from the repository root after `pip inst
 
 `decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
 (yardstick), the engine's AR mode, block diffusion with the sub-block cache off and on, and
+block diffusion with the block lookahead (a block's first step in the forward that opens it), and
 self-speculative decoding (diffusion drafts, causal verify: the AR output) with and without the
 lookahead (a verify that also drafts the next round). It
 prints forwards (model forward passes of the run), tokens per forward (per request, mean; a
@@ -159,6 +160,9 @@ def run_hf(hf_model, prompts, max_new_tokens: int, mask_token_id: int, device: t
     return Row("hf generate", len(prompts), tokens, max_new_tokens, 1.0, seconds, mem.peak_mib)
 
 
+BLOCK_LOOKAHEAD_ROW = "diffusion, block lookahead"  # sub-block cache on, SamplingParams(block_lookahead=True)
+
+
 def decode(args: argparse.Namespace) -> list[Row]:
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     model, hf = load_models(args, device, dtype)
@@ -169,10 +173,12 @@ def decode(args: argparse.Namespace) -> list[Row]:
                                       threshold=threshold, mask_token_id=mask_id,
                                       prefix_attention=saved.prefix_attention if saved else "block_causal")
     gen = torch.Generator().manual_seed(args.seed)
-    # (row name, sub-block cache, mode, speculative lookahead)
-    modes = [("ar", False, "ar", True), ("diffusion, sub-block cache off", False, "diffusion", True),
-             ("diffusion, sub-block cache on", True, "diffusion", True), ("speculative", False, "speculative", True),
-             ("speculative, no lookahead", False, "speculative", False)]
+    # (row name, sub-block cache, mode, speculative lookahead, block lookahead)
+    modes = [("ar", False, "ar", True, False), ("diffusion, sub-block cache off", False, "diffusion", True, False),
+             ("diffusion, sub-block cache on", True, "diffusion", True, False),
+             (BLOCK_LOOKAHEAD_ROW, True, "diffusion", True, True),
+             ("speculative", False, "speculative", True, False),
+             ("speculative, no lookahead", False, "speculative", False, False)]
 
     def engine_for(batch: int, cache_on: bool, lookahead: bool) -> Callable[[], fdllm.Engine]:
         pages = batch * math.ceil((args.prompt_len + args.max_new_tokens) / args.block_size)
@@ -183,8 +189,9 @@ def decode(args: argparse.Namespace) -> list[Row]:
     rows = []
     for batch in args.batch_sizes:
         prompts = torch.randint(0, mask_id, (batch, args.prompt_len), generator=gen).tolist()
-        for name, cache_on, mode, lookahead in modes:
-            params = fdllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, mode=mode)
+        for name, cache_on, mode, lookahead, block_lookahead in modes:
+            params = fdllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, mode=mode,
+                                          block_lookahead=block_lookahead)
             run_engine(engine_for(batch, cache_on, lookahead), prompts[:1], params, name, device)  # warm-up
             make = engine_for(batch, cache_on, lookahead)
             rows.append(best_of(args.repeats, run_engine, make, prompts, params, name, device))
@@ -212,7 +219,7 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     by = {(r.mode, r.batch): r for r in rows}
     ar = by[("ar", small)]
     print()
-    for mode in ("diffusion, sub-block cache off", "diffusion, sub-block cache on", "speculative",
+    for mode in ("diffusion, sub-block cache off", "diffusion, sub-block cache on", BLOCK_LOOKAHEAD_ROW, "speculative",
                  "speculative, no lookahead"):
         step = by[(mode, small)]
         print(f"{mode}: one step costs {step.ms_per_forward / ar.ms_per_forward:.2f}x an AR step at batch {small} "
@@ -226,7 +233,8 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    dec = sub.add_parser("decode", help="AR vs block diffusion (sub-block cache on/off) vs speculative vs HF generate")
+    dec = sub.add_parser("decode", help="AR vs block diffusion (sub-block cache on/off, block lookahead) vs speculative "
+                         "vs HF generate")
     dec.add_argument("--model", help="HF checkpoint dir; default: random weights of the config below")
     dec.add_argument("--hidden-size", type=int, default=256)
     dec.add_argument("--layers", type=int, default=4)

@@ -12,7 +12,10 @@ def test_decode_benchmark_smoke(capsys):
         "--max-new-tokens", "8", "--block-size", "4", "--sub-block-size", "2", "--device", "cpu",
     ])
     out = capsys.readouterr().out
-    for mode in ("ar", "diffusion, sub-block cache off", "diffusion, sub-block cache on", "speculative",
-                 "speculative, no lookahead", "hf generate"):
+    for mode in ("ar", "diffusion, sub-block cache off", "diffusion, sub-block cache on", "diffusion, block lookahead",
+                 "speculative", "speculative, no lookahead", "hf generate"):
         assert f"{mode}: batch 2 gives" in out
     assert "costs" in out and "tokens/s" in out
+    # threshold ~0: the lookahead decodes each block's first sub-block in the forward that opens it
+    rows = {line[:32].strip(): line.split() for line in out.splitlines() if line[32:38].strip() == "1"}
+    assert float(rows["diffusion, block lookahead"][-5]) > float(rows["diffusion, sub-block cache on"][-5])  # tok/fwd
