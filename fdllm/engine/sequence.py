@@ -290,9 +290,9 @@ class Sequence:
         L = self.block_size
         start = work.start + len(work.token_ids)  # the next block's first position
         step = opening_step(L, self.sub_block_size)
-        first = len(work.token_ids)
-        work.token_ids += [self.mask_token_id] * L
-        work.rows.append(AttentionRow(L, start + L, self.pages))
+        first, n = len(work.token_ids), step.feed_stop - step.feed_start  # n = L: the whole block, masked
+        work.token_ids += [self.mask_token_id] * n
+        work.rows.append(AttentionRow(n, start + L, self.pages))
         work.logit_rows += [first + r for r in step.logit_rows]
         work.candidates += step.candidates
         work.lookahead, work.opening = len(step.logit_rows), step

@@ -103,6 +103,14 @@ def test_select_block_step_bounds_first_then_selects_inside():
     assert select_block_step(budget, step, tokens, probs, ents) == ([False, True, True] + [False] * 5, 3)
     budget_fixed = SelectionPolicy(selection="entropy_budget", entropy_budget=0.1875)
     assert select_block_step(budget_fixed, step, tokens, probs, ents)[0] == [False, False, True, True] + [False] * 4
+    # without forced progress (a block lookahead's step), under either rule: nothing when nothing qualifies
+    tiny = SelectionPolicy(selection="entropy_budget", entropy_budget=0.01)
+    assert select_block_step(tiny, step, tokens, probs, ents)[0] == [False] * 3 + [True] + [False] * 4
+    assert select_block_step(tiny, step, tokens, probs, ents, force=False)[0] == [False] * 8
+    strict = SelectionPolicy(threshold=0.999)
+    assert select_block_step(strict, step, tokens, probs, None, force=False)[0] == [False] * 8
+    assert select_block_step(fixed, step, tokens, probs, None, force=False)[0] == [False, False, False, True, True,
+                                                                                 True, False, True]
 
 
 def test_next_sub_block_layout():
