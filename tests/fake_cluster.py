@@ -195,15 +195,17 @@ class LocalAutoscalingCluster:
         self._saved_env = {}
 
 
-def worker_counts() -> Counter:
-    """Alive worker nodes of the connected cluster by node type (the head is not counted)."""
+def worker_types() -> dict[str, str]:
+    """Node type of every alive worker node of the connected cluster, by node id (the head left out)."""
     import ray
 
-    counts: Counter = Counter()
-    for node in ray.nodes():
-        if node["Alive"] and "node:__internal_head__" not in node["Resources"]:
-            counts[node.get("Labels", {}).get(NODE_TYPE_LABEL, "?")] += 1
-    return counts
+    return {node["NodeID"]: node.get("Labels", {}).get(NODE_TYPE_LABEL, "?") for node in ray.nodes()
+            if node["Alive"] and "node:__internal_head__" not in node["Resources"]}
+
+
+def worker_counts() -> Counter:
+    """Alive worker nodes of the connected cluster by node type (the head is not counted)."""
+    return Counter(worker_types().values())
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import shlex
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tests.fake_cluster import (
     launcher_worker_types,
     wait_for,
     worker_counts,
+    worker_types,
 )
 
 ray = pytest.importorskip("ray")
@@ -150,17 +152,19 @@ class Placeholder:
 
 
 def _hold(request: Request):
-    """Submit the request and wait until Ray placed all of it; returns what releases it."""
-    from ray.util.placement_group import placement_group, remove_placement_group
+    """Submit the request and wait until Ray placed all of it; returns what releases it and the ids
+    of the nodes that hold it."""
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
     if request.strategy is not None:
         group = placement_group([request.shape] * request.count, strategy=request.strategy)
         ray.get(group.ready(), timeout=LAUNCH_TIMEOUT_S)
-        return lambda: remove_placement_group(group)
+        hosts = set(placement_group_table(group)["bundles_to_node_id"].values())
+        return (lambda: remove_placement_group(group)), hosts
     options = {"num_cpus": request.shape.get("CPU", 0), "num_gpus": request.shape.get("GPU", 0)}
     actors = [Placeholder.options(**options).remote() for _ in range(request.count)]
-    ray.get([a.node_id.remote() for a in actors], timeout=LAUNCH_TIMEOUT_S)
-    return lambda: [ray.kill(a) for a in actors]
+    hosts = set(ray.get([a.node_id.remote() for a in actors], timeout=LAUNCH_TIMEOUT_S))
+    return (lambda: [ray.kill(a) for a in actors]), hosts
 
 
 def _idle_counts(case: Case) -> dict[str, int]:
@@ -176,14 +180,20 @@ def test_config_launches_its_gpu_type_and_removes_it_when_idle(cluster, case):
     # Start from the config's idle state (min_workers of each type): nothing left from the last case.
     wait_for(lambda: dict(worker_counts()) == _idle_counts(case), REMOVE_TIMEOUT_S, f"{case.config} idle state")
 
-    release = _hold(case.request)
+    release, hosts = _hold(case.request)
     time.sleep(SETTLE_S)  # a node launched beyond the need would register within this
-    launched = dict(worker_counts())
+    types = worker_types()
+    launched, used = dict(Counter(types.values())), dict(Counter(types[n] for n in hosts))
     release()
-    print(f"\n{case.config}: {case.request.count} x {case.request.shape} ({case.request.what}) launched {launched}")
-    assert launched == {node_type: count}, (
-        f"{case.config}: {case.request.count} x {case.request.shape} launched {launched}, "
-        f"want {count} x {node_type}")
+    print(f"\n{case.config}: {case.request.count} x {case.request.shape} ({case.request.what}) launched {launched}, "
+          f"held by {used}")
+    # The request fits the config's GPU type as the oracle packs it: exactly `count` nodes of that type
+    # hold it, and no other type was launched. Ray's autoscaler may add a node of the same type
+    # beyond the need when a launch is slow to register (seen once on a loaded 2-core machine: 2 x
+    # gpu_h100 for 8 one-GPU bundles); that idle node goes with the others below.
+    assert used == {node_type: count}, f"{case.config}: {case.request} held by {used}, want {count} x {node_type}"
+    assert set(launched) == {node_type} and launched[node_type] <= count + 1, (
+        f"{case.config}: {case.request.count} x {case.request.shape} launched {launched}, want {count} x {node_type}")
     # Released: the nodes above min_workers go after the (shortened) idle timeout.
     wait_for(lambda: dict(worker_counts()) == _idle_counts(case), REMOVE_TIMEOUT_S,
              f"{case.config}: removal of idle {node_type} nodes")
