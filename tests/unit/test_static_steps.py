@@ -213,3 +213,24 @@ def test_flash_attn_refused_for_block_pages_and_graphs_need_cuda(model):
 
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         ModelRunner(model, engine.runner.cache, MASK, "torch", max_pages_per_seq=4, use_cuda_graphs=True)
+
+
+@pytest.mark.parametrize("prefix_attention", ["block_causal", "causal"])
+def test_block_lookahead_with_stops_and_unaligned_budgets(model, prefix_attention):
+    """Random budgets (1-30 tokens, mostly ending inside a block), a stop token each, greedy and
+    sampled, thresholds 0.2-0.9, all with the block lookahead: static == dynamic, and every request
+    ends within its budget, on its stop token when it stops."""
+    import random
+
+    rng = random.Random(7)
+    for trial in range(3):
+        prompts = random_prompts(6, [1, 3, 8, 9, 16, 17], seed=trial)
+        ps = [params(max_new_tokens=rng.randint(1, 30), block_lookahead=True, stop_token_ids=(rng.randrange(MASK),),
+                     temperature=rng.choice([0.0, 0.9]), seed=i, threshold=rng.choice([0.2, 0.5, 0.9]))
+              for i in range(6)]
+        got = make_engine(model, prefix_attention=prefix_attention).generate(prompts, ps)
+        want = dynamic_only(make_engine(model, prefix_attention=prefix_attention)).generate(prompts, ps)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        for r, p in zip(got, ps):
+            assert 1 <= len(r.token_ids) <= p.max_new_tokens and r.finish_reason in ("stop", "length")
+            assert (r.finish_reason == "stop") == (r.token_ids[-1] in p.stop_token_ids)
