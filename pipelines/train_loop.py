@@ -101,7 +101,6 @@ def diffusion_loss_sum(
     device: torch.device,
     joint_weights: tuple[float, float] | None = None,
     certainty: tuple[float, float] | None = None,
-    compact: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Summed block-diffusion cross-entropy of a packed batch and the number of masked tokens.
 
@@ -111,8 +110,8 @@ def diffusion_loss_sum(
     `certainty` (lambda, T): the self-distillation loss (`fdllm.objective.certainty_forcing_loss`)
     instead, or with `joint_weights` the joint loss's diffusion part; its entropy term is a mean over
     this worker's correct positions, weighted across workers like the cross-entropy (by masked-token share).
-    `compact`: drop the noisy blocks that carry no target (`fdllm.objective.compact_noisy_blocks`: the
-    same loss and gradients from fewer tokens; False only to measure what it saves).
+    The noisy blocks that carry no target leave the batch (`fdllm.objective.compact_noisy_blocks`: the
+    same loss and gradients from fewer tokens; `benchmarks.bench_train`'s "diffusion-uncut" measures it).
     """
     ids_BL, labels_BL, pos_BL, docs_BL = (torch.from_numpy(batch[c]).long() for c in BATCH_COLUMNS)
     rows = []
@@ -131,9 +130,8 @@ def diffusion_loss_sum(
         targets=stacked("targets"), doc_ids=stacked("doc_ids"), ar_targets=stacked("ar_targets"),
         noisy_streams=rows[0].noisy_streams,
     )
-    if compact:  # on the host, like the noise: the kept lengths are known without a device sync
-        noised = compact_noisy_blocks(noised, block_size)
-    noised = noised.to(device)
+    # compacted on the host, like the noise: the kept lengths are known without a device sync
+    noised = compact_noisy_blocks(noised, block_size).to(device)
     if joint_weights is not None:
         loss, count = joint_loss(model, noised, block_size, *joint_weights, certainty=certainty)
     elif certainty is not None:
