@@ -36,7 +36,6 @@ M pages per block table, B works that read logits, C candidate rows, S sampled r
 from __future__ import annotations
 
 import bisect
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,11 +249,7 @@ class ModelRunner:
 
     @staticmethod
     def _body_sizes(shape: StaticShape | None, num_tokens: int) -> dict[str, int]:
-        sizes = {"ids": num_tokens, "positions": num_tokens}
-        if shape:  # this order is also a captured graph's input buffer layout (StaticInputs.view)
-            sizes |= {"slots": num_tokens, "tables": shape.batch * shape.pages, "kv_lens": shape.batch,
-                      "q_lens": shape.batch} | ({"causal": shape.batch} if shape.causal else {})
-        return sizes
+        return StaticInputs.sizes(shape) if shape else {"ids": num_tokens, "positions": num_tokens}
 
     def _put_static_body(self, works: list[Work], shape: StaticShape) -> None:
         Bb, Q, M = shape.batch, shape.q_len, shape.pages
@@ -280,10 +275,10 @@ class ModelRunner:
                 tables[b, : len(row.pages)] = row.pages
                 kv_lens[b], q_lens[b], causal[b] = row.kv_len, n, row.causal
                 b, t = b + 1, t + n
-        sections = {"ids": ids, "positions": positions, "slots": slots, "tables": tables, "kv_lens": kv_lens,
-                    "q_lens": q_lens} | ({"causal": causal} if shape.causal else {})
-        for name, values in sections.items():
-            self.stage.put(name, values.reshape(-1))
+        arrays = {"ids": ids, "positions": positions, "slots": slots, "tables": tables, "kv_lens": kv_lens,
+                  "q_lens": q_lens, "causal": causal}
+        for name in StaticInputs.sizes(shape):
+            self.stage.put(name, arrays[name].reshape(-1))
 
     def _put_dynamic_body(self, works: list[Work]) -> None:
         ids, positions = [], []
@@ -424,18 +419,24 @@ class StaticInputs:
     causal_B: Tensor | None  # per-entry causal flags; None: no entry is causal
 
     @staticmethod
-    def numel(shape: StaticShape) -> int:
+    def sizes(shape: StaticShape) -> dict[str, int]:
+        """The flat int64 buffer's sections, in order: the layout the runner stages a static step's
+        body inputs in, and a captured graph's input buffer (fdllm.engine.graphs) holds."""
         Bb, T = shape.batch, shape.batch * shape.q_len
-        return 3 * T + Bb * shape.pages + (3 if shape.causal else 2) * Bb
+        sizes = {"ids": T, "positions": T, "slots": T, "tables": Bb * shape.pages, "kv_lens": Bb, "q_lens": Bb}
+        return sizes | ({"causal": Bb} if shape.causal else {})
+
+    @staticmethod
+    def numel(shape: StaticShape) -> int:
+        return sum(StaticInputs.sizes(shape).values())
 
     @classmethod
     def view(cls, buf: Tensor, shape: StaticShape) -> StaticInputs:
-        """Views of a flat int64 buffer laid out ids | positions | slots | tables | kv_lens | q_lens [| causal]."""
-        Bb, M, T = shape.batch, shape.pages, shape.batch * shape.q_len
-        ends = list(itertools.accumulate([T, T, T, Bb * M, Bb, Bb, Bb if shape.causal else 0]))
-        ids, positions, slots, tables, kv_lens, q_lens, causal = (buf[a:b] for a, b in zip([0, *ends[:-1]], ends))
-        return cls(ids[None], positions[None], slots, tables.view(Bb, M), kv_lens, q_lens,
-                   causal if shape.causal else None)
+        """Views of a flat int64 buffer laid out as `sizes` says."""
+        sizes = cls.sizes(shape)
+        part = dict(zip(sizes, buf[: sum(sizes.values())].split(list(sizes.values()))))
+        return cls(part["ids"][None], part["positions"][None], part["slots"], part["tables"].view(shape.batch, shape.pages),
+                   part["kv_lens"], part["q_lens"], part.get("causal"))
 
 
 def forward_static(model: Transformer, cache: KVCache, attention_fn, inputs: StaticInputs) -> Tensor:
