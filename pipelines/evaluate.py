@@ -343,7 +343,8 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
                                               engine_config=fdllm.EngineConfig(quantization=quantization))
         for mode in modes:
             # the block lookahead is a diffusion-mode schedule: its policies have no other mode's row
-            for policy in [p for p in policies if mode == "diffusion" or not p.block_lookahead] if mode != "ar" else (None,):
+            mode_policies = [p for p in policies if mode == "diffusion" or not p.block_lookahead]
+            for policy in mode_policies if mode != "ar" else (None,):
                 params = (policy or Policy()).sampling_params(max_new_tokens, mode)
                 for row in evaluate_by_task(engine, records, params, name, batch_size=batch_size):
                     key = (row.task, mode, policy)
