@@ -1,7 +1,7 @@
 """The embedded default, end to end: block-diffusion fine-tuning of the shipped tiny AR base on local
 Ray, then AR vs block-diffusion evaluation on held-out problems, printed as a report.
 
-    python pipelines/quickstart.py                      # about 9 min on 2 CPU cores (machines differ)
+    python pipelines/quickstart.py                      # about 10 min on 2 CPU cores (machines differ)
     python pipelines/quickstart.py --max-steps 40 --limit 50     # a quick smoke run
 
 Nothing is downloaded: the AR base (`assets/tiny-ar-base`) and its corpus (`assets/world`) were made
