@@ -213,6 +213,7 @@ DECODE_RUNS = (
     # threshold ~0 commits the lookahead's whole first sub-block: one forward fewer per block, at the
     # price of the commit step's extra block of query rows (what "step/AR step" shows)
     DecodeRun("diffusion cache on, block lookahead", "diffusion", block_lookahead=True),
+    # without its lookahead first: the run after it reads that step time ("lookahead step cost")
     DecodeRun("speculative, no lookahead", "speculative", spec_lookahead=False),
     DecodeRun("speculative", "speculative"),
 )
