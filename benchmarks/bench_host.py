@@ -1,16 +1,18 @@
-r"""Host overhead of an engine step: step wall time minus the time spent in the model's forward.
+r"""Host overhead of an engine step: step wall time minus the time spent in the model.
 
-Everything outside `Transformer.hidden` counts as host overhead: scheduling, building and copying
-the step's inputs, the LM head on the read rows, confidence/sampling, the one device-to-host
-transfer and the per-sequence bookkeeping. On CPU the model's forward is itself slow (eager
-per-op overhead), which is why this benchmark subtracts it instead of timing whole steps.
+The model is the body's forward (`Transformer.hidden`) and the LM head's GEMM on the step's
+candidate rows (`ModelRunner.logits`): what a stub model of the same output shapes would replace,
+device work on a GPU. Everything else counts as host overhead: scheduling, building and copying
+the step's inputs, confidence/sampling on the logits, the one device-to-host transfer and the
+per-sequence bookkeeping. On CPU the model's forward is itself slow (eager per-op overhead), which
+is why this benchmark subtracts it instead of timing whole steps.
 
 Clock: on CPU, this thread's CPU time (`time.thread_time`, torch at one thread), so time the
 process spends descheduled on a shared machine does not count; on CUDA, wall time with syncs.
 
     python -m benchmarks.bench_host                                   # tiny world model, batch 1 and 64
     python -m benchmarks.bench_host --batch-sizes 1,8,64 --mode ar --threads 1
-    python -m benchmarks.bench_host --model DIR --device cuda         # on a GPU: forward timed with a sync
+    python -m benchmarks.bench_host --model DIR --device cuda         # on a GPU: model timed with syncs
 
 Targets (issue 12): at most 0.2 ms per step at batch 1 and 1 ms at batch 64 for the tiny world model.
 """
@@ -36,8 +38,9 @@ class HostRow:
     batch: int
     steps: int
     step_ms: float  # median wall time of a decode step
-    model_ms: float  # median time inside Transformer.hidden
-    host_ms: float  # median of (step - model), per step
+    body_ms: float  # median time inside Transformer.hidden
+    head_ms: float  # median time inside the LM head's GEMM (ModelRunner.logits)
+    host_ms: float  # median of (step - body - head), per step
 
 
 def clock(device: torch.device):
@@ -47,28 +50,29 @@ def clock(device: torch.device):
     return time.thread_time, (lambda: None)
 
 
-class ForwardTimer:
-    """Wraps `model.hidden` (on the instance) and records the time of each call (see `clock`)."""
+class CallTimer:
+    """Wraps `obj.name` (on the instance) and records the time of each call (see `clock`)."""
 
-    def __init__(self, model: fdllm.Transformer) -> None:
-        self.model, self.inner, self.times = model, model.hidden, []
+    def __init__(self, obj, name: str, device: torch.device) -> None:
+        self.obj, self.name, self.device, self.times = obj, name, device, []
 
-    def __enter__(self) -> ForwardTimer:
-        now, sync = clock(self.model.device)
+    def __enter__(self) -> CallTimer:
+        now, sync = clock(self.device)
+        inner = getattr(self.obj, self.name)
 
         def timed(*args, **kwargs):
             sync()
             start = now()
-            out = self.inner(*args, **kwargs)
+            out = inner(*args, **kwargs)
             sync()
             self.times.append(now() - start)
             return out
 
-        self.model.hidden = timed
+        setattr(self.obj, self.name, timed)
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.model.hidden  # back to the class method
+        delattr(self.obj, self.name)  # back to the class method
 
 
 def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams, mode: str) -> HostRow:
@@ -76,25 +80,27 @@ def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sampli
     for p in prompts:
         engine.add_request(p, params)
     engine.step()  # prefill (+ the first block step): not a decode step
-    steps, model, host = [], [], []
-    now, sync = clock(engine.model.device)
-    with ForwardTimer(engine.model) as timer:
+    steps, body, head, host = [], [], [], []
+    device = engine.model.device
+    now, sync = clock(device)
+    with CallTimer(engine.model, "hidden", device) as forward, CallTimer(engine.runner, "logits", device) as lm_head:
         while engine.has_unfinished():
-            n = len(timer.times)
+            n, m = len(forward.times), len(lm_head.times)
             running = engine.num_running
             sync()
             start = now()
             engine.step()
             sync()
             wall = now() - start
-            if running == len(prompts) and len(timer.times) == n + 1:  # a full-batch step with one forward
+            if running == len(prompts) and len(forward.times) == n + 1:  # a full-batch step with one forward
                 steps.append(wall)
-                model.append(timer.times[-1])
-                host.append(wall - timer.times[-1])
+                body.append(forward.times[-1])
+                head.append(sum(lm_head.times[m:]))
+                host.append(wall - body[-1] - head[-1])
     if not steps:
         raise RuntimeError("no full-batch decode step was measured; raise --max-new-tokens")
     ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
-    return HostRow(mode, len(prompts), len(steps), ms(steps), ms(model), ms(host))
+    return HostRow(mode, len(prompts), len(steps), ms(steps), ms(body), ms(head), ms(host))
 
 
 def run(args: argparse.Namespace) -> list[HostRow]:
@@ -150,9 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = best(run(args))
-    print(f"{'mode':<10}{'batch':>6}{'steps':>7}{'step ms':>10}{'model ms':>10}{'host ms':>10}")
+    print(f"{'mode':<10}{'batch':>6}{'steps':>7}{'step ms':>10}{'body ms':>10}{'lm head ms':>12}{'host ms':>10}")
     for r in rows:
-        print(f"{r.mode:<10}{r.batch:>6}{r.steps:>7}{r.step_ms:>10.3f}{r.model_ms:>10.3f}{r.host_ms:>10.3f}")
+        print(f"{r.mode:<10}{r.batch:>6}{r.steps:>7}{r.step_ms:>10.3f}{r.body_ms:>10.3f}{r.head_ms:>12.3f}"
+              f"{r.host_ms:>10.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=2)

@@ -97,12 +97,14 @@ class HostStage:
         if offset > self.host.numel():
             self._alloc(max(offset, 2 * self.host.numel()))
 
-    def put(self, name: str, values, dtype=np.int64) -> None:
+    def section(self, name: str, dtype=np.int64) -> np.ndarray:
+        """The host side of a section, to write in place (int64, or the same bytes as float64)."""
         start, n = self.sections[name]
         target = self.host_np[start : start + n]
-        if dtype is np.float64:
-            target = target.view(np.float64)
-        target[:] = values
+        return target.view(np.float64) if dtype is np.float64 else target
+
+    def put(self, name: str, values, dtype=np.int64) -> None:
+        self.section(name, dtype)[:] = values
 
     def copy(self) -> None:
         """The step's one host-to-device transfer."""
@@ -155,6 +157,13 @@ class ModelRunner:
         self.device = model.device
         self.attention_fn = select_attention_backend(attention_backend, self.device)
         self.fused_confidence = None
+        # The mask token is never a prediction: its logit is held at -inf by a bias folded into the LM
+        # head's GEMM (Qwen2/Llama heads have none), instead of a copy and a fill of every logit row.
+        self.mask_bias_V = None
+        if mask_token_id is not None:
+            weight = model.lm_head.weight
+            self.mask_bias_V = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            self.mask_bias_V[mask_token_id] = float("-inf")
         if attention_backend == "triton":
             from fdllm.kernels.confidence import fused_confidence
 
@@ -163,6 +172,7 @@ class ModelRunner:
         self.causal_entries = attention_backend != "flash_attn"  # per-entry causal flags (see the module doc)
         self.max_pages_per_seq = max_pages_per_seq
         self.stage = HostStage(self.device)
+        self._static_views: dict[StaticShape, tuple[Tensor, StaticInputs]] = {}
         self.graphs = None
         self.bucket_query_len = use_cuda_graphs  # eager steps pad only to their longest work
         if use_cuda_graphs:
@@ -196,8 +206,8 @@ class ModelRunner:
             return out
         token_C, prob_C, entropy_C = self._head(h_TD, plan)
         # the step's one device-to-host sync (fp64 holds token ids and fp32 probabilities exactly)
-        rows = [token_C, prob_C] if entropy_C is None else [token_C, prob_C, entropy_C]
-        host = torch.stack([r.to(torch.float64) for r in rows]).tolist()
+        rows = [token_C.to(torch.float64), prob_C] + ([] if entropy_C is None else [entropy_C])
+        host = torch.stack(rows).tolist()  # promoted to fp64
         self._scatter_back(works, plan, host[0], host[1], host[2] if entropy_C is not None else None, out)
         return out
 
@@ -252,34 +262,31 @@ class ModelRunner:
         return StaticInputs.sizes(shape) if shape else {"ids": num_tokens, "positions": num_tokens}
 
     def _put_static_body(self, works: list[Work], shape: StaticShape) -> None:
-        Bb, Q, M = shape.batch, shape.q_len, shape.pages
-        ids = np.zeros((Bb, Q), dtype=np.int64)
-        positions = np.zeros((Bb, Q), dtype=np.int64)
-        slots = np.full((Bb, Q), self.cache.scratch_slot, dtype=np.int64)  # padding writes go to scratch
-        tables = np.full((Bb, M), -1, dtype=np.int64)
-        kv_lens = np.zeros(Bb, dtype=np.int64)
-        q_lens = np.zeros(Bb, dtype=np.int64)
-        causal = np.zeros(Bb, dtype=np.int64)
+        """Written in place into the staged sections: per entry, its row's tokens, positions, cache
+        slots and block table; padding tokens write to the scratch slot, padding entries see nothing."""
+        Bb = shape.batch
+        section = {name: self.stage.section(name) for name in StaticInputs.sizes(shape)}
+        ids, positions, slots, tables = (section[k].reshape(Bb, -1) for k in ("ids", "positions", "slots", "tables"))
+        for name, values in section.items():
+            values.fill(self.cache.scratch_slot if name == "slots" else -1 if name == "tables" else 0)
+        kv_lens, q_lens, causal = section["kv_lens"], section["q_lens"], section.get("causal")
         b = 0
         for w in works:
-            t = 0
+            seq, t = w.seq, 0
             for row in w.rows:
                 n, start = row.q_len, w.start + t
                 ids[b, :n] = w.token_ids[t : t + n]
                 positions[b, :n] = np.arange(start, start + n)
-                first = w.seq.slot(start)
-                if w.seq.slot(start + n - 1) == first + n - 1:  # one page (or consecutive pages): the hot path
+                first = seq.slot(start)
+                if seq.slot(start + n - 1) == first + n - 1:  # one page (or consecutive pages): the hot path
                     slots[b, :n] = np.arange(first, first + n)
                 else:  # a speculative draft starts at the last known token, which may sit in the previous page
-                    slots[b, :n] = [w.seq.slot(p) for p in range(start, start + n)]
+                    slots[b, :n] = [seq.slot(p) for p in range(start, start + n)]
                 tables[b, : len(row.pages)] = row.pages
-                kv_lens[b], q_lens[b], causal[b] = row.kv_len, n, row.causal
+                kv_lens[b], q_lens[b] = row.kv_len, n
+                if causal is not None:
+                    causal[b] = row.causal
                 b, t = b + 1, t + n
-        arrays = {"ids": ids, "positions": positions, "slots": slots, "tables": tables, "kv_lens": kv_lens,
-                  "q_lens": q_lens, "causal": causal}
-        for name in StaticInputs.sizes(shape):
-            self.stage.put(name, arrays[name].reshape(-1))
-
     def _put_dynamic_body(self, works: list[Work]) -> None:
         ids, positions = [], []
         for w in works:
@@ -347,35 +354,47 @@ class ModelRunner:
             return self.model.hidden(get("ids")[None], get("positions")[None], cache=attention)[0]
         if self.graphs is not None:
             return self.graphs.run(shape, self.stage.dev[: StaticInputs.numel(shape)])
-        return forward_static(self.model, self.cache, self.attention_fn, StaticInputs.view(self.stage.dev, shape))
+        return forward_static(self.model, self.cache, self.attention_fn, self._static_inputs(shape))
+
+    def _static_inputs(self, shape: StaticShape) -> StaticInputs:
+        """The step's views of the staged buffer, made once per shape (while the buffer stays)."""
+        buf, inputs = self._static_views.get(shape, (None, None))
+        if buf is not self.stage.dev:
+            inputs = StaticInputs.view(self.stage.dev, shape)
+            self._static_views[shape] = (self.stage.dev, inputs)
+        return inputs
 
     def _head(self, h_TD: Tensor, plan: HeadPlan) -> tuple[Tensor, Tensor, Tensor | None]:
         """Token [C] (int64) and its probability [C] (fp32) of each candidate row, greedy or sampled;
         the entropy [C] (fp32, 0 outside the E entropy rows) when some row needs it, else None."""
         get = self.stage.get
         h_CD = h_TD[get("cand_rows")]
-        lm_head = self.model.lm_head
         if self.fused_confidence is not None:
-            token_C, prob_C = self.fused_confidence(h_CD, lm_head.weight, self.mask_token_id)
-            logits_SV = lm_head(h_CD[get("sampled")]) if plan.num_sampled else None
-            logits_EV = lm_head(h_CD[get("entropy")]) if plan.num_entropy else None
+            token_C, prob_C = self.fused_confidence(h_CD, self.model.lm_head.weight, self.mask_token_id)
+            logits_SV = self.logits(h_CD[get("sampled")]) if plan.num_sampled else None
+            logits_EV = self.logits(h_CD[get("entropy")]) if plan.num_entropy else None
         else:
-            logits_CV = lm_head(h_CD)
-            token_C, prob_C = greedy_confidence(logits_CV, self.mask_token_id)
+            logits_CV = self.logits(h_CD)
+            token_C, prob_C = greedy_confidence(logits_CV, None)
             logits_SV = logits_CV[get("sampled")] if plan.num_sampled else None
             logits_EV = logits_CV[get("entropy")] if plan.num_entropy else None
+        # the logits below already hold the mask token at -inf (mask_token_id=None: nothing to suppress)
         entropy_C = None
         if logits_EV is not None:
-            entropy_C = torch.zeros_like(prob_C).index_put((get("entropy"),), token_entropy(logits_EV, self.mask_token_id))
+            entropy_C = torch.zeros_like(prob_C).index_put((get("entropy"),), token_entropy(logits_EV, None))
         if logits_SV is not None:
             uniform_S = counter_uniform(get("seed"), get("counter"))
             token_S, prob_S = sample_confidence(
-                logits_SV, self.mask_token_id, get("temperature", torch.float32), get("top_p", torch.float32),
+                logits_SV, None, get("temperature", torch.float32), get("top_p", torch.float32),
                 get("top_k"), uniform_S,
             )
             sampled = get("sampled")
             token_C, prob_C = token_C.index_put((sampled,), token_S), prob_C.index_put((sampled,), prob_S)
         return token_C, prob_C, entropy_C
+
+    def logits(self, h_RD: Tensor) -> Tensor:
+        """fp32 logits [R, V] of hidden rows, the mask token's at -inf."""
+        return torch.nn.functional.linear(h_RD, self.model.lm_head.weight, self.mask_bias_V).float()
 
     def _scatter_back(self, works: list[Work], plan: HeadPlan, tokens: list[float], probs: list[float],
                       entropies: list[float] | None, out: list[Predictions]) -> None:
