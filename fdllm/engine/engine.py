@@ -83,7 +83,7 @@ class Engine:
         self.runner = ModelRunner(
             model, cache, config.mask_token_id, self.attention_backend, max_num_seqs=engine_config.max_num_seqs,
             max_pages_per_seq=-(-self.max_model_len // L), use_cuda_graphs=use_graphs,
-            pad_to_max_batch=engine_config.deterministic,
+            fixed_query_len=L if engine_config.deterministic else None,
         )
         self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
         if isinstance(mc.eos_token_id, int):

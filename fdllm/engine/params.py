@@ -148,10 +148,11 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"  # "auto" (triton on CUDA, else torch) | "torch" | "triton" | "flash_attn"
     enforce_eager: bool = False  # True: never capture CUDA graphs (on by default on CUDA with triton/flash_attn)
-    # True: every decode step runs at batch max_num_seqs, so no GEMM ever changes shape and a request's
-    # logits are bitwise the same whatever else runs (the kernels are batch-invariant either way).
-    # Costs speed at small batches. Prefill steps keep their own shapes, as do steps with more attention
-    # rows than max_num_seqs (lookaheads, two rows per request, of a nearly full batch).
+    # True: every decode step runs as max_num_seqs entries of one block each (longer rows cut in two),
+    # so no GEMM ever changes shape and a request's logits are bitwise the same whatever else runs (the
+    # kernels are batch-invariant either way). Costs speed. Prefill steps keep their own shapes, as do
+    # steps that need more than max_num_seqs entries (lookaheads, two rows per request, of a nearly
+    # full batch).
     deterministic: bool = False
     # Weights quantized when the engine is built (fdllm.quantization: "int8" | "int4" | "fp8"), in place:
     # the model passed to Engine is changed. None: the model's own dtype.

@@ -1,17 +1,21 @@
 """The model runner: the only part of the engine that touches tensors.
 
 A step runs in one of two layouts:
-- static (every work is a decode work: no prompt tokens): each attention row is one entry of the
-  padded batch, so a work with a lookahead (a commit or verify and the next block's masks) takes
-  two; entries are padded to a batch bucket Bb and every entry to Q query tokens (Q = the step's
-  longest row: 1 for AR tokens, the sub-block for cached steps, the block for refresh and commit
-  steps, up to the block + 1 for speculative drafts and verifies, rounded up to a power of two when
-  graphs are captured). Causal rows (a speculative verify, a causal-prefix checkpoint's commit)
-  carry a per-entry flag, so they run in the same layout and graphs (a step without any keeps the
-  flag-free attention; the flash_attn backend, which has no per-entry flag, runs them dynamic). A
-  step with more rows than the largest bucket (max_num_seqs: lookaheads of a nearly full batch)
-  runs dynamic too, so no static step outgrows the activations the KV cache sizing profiled. Padded
-  tokens write their K/V to the cache's scratch slot, padded rows see nothing. On CUDA this body
+- static (every work is a decode work: no prompt tokens): entries of Q query tokens, padded to a
+  batch bucket Bb. Each attention row (1 token for AR, the sub-block for cached steps, the block
+  for refresh and commit steps, up to the block + 1 for speculative drafts and verifies; a work
+  with a lookahead has two rows) fills ceil(len / Q) entries: a row cut into chunks attends exactly
+  as it did whole, since every token's K/V is written before any entry attends and a chunk of a
+  causal row ends its kv where its last query sits (`chunk_rows`). Q is chosen per step to pad the
+  fewest tokens (`chunk_len`): a commit beside sub-block steps no longer pads every entry to the
+  block. Q is a row length of the step, a power of two when graphs are captured (so speculative
+  drafts of any length share a few graphs); `EngineConfig(deterministic=True)` fixes it instead.
+  Causal rows (a speculative verify, a causal-prefix checkpoint's commit) carry a per-entry flag,
+  so they run in the same layout and graphs (a step without any keeps the flag-free attention; the
+  flash_attn backend, which has no per-entry flag, runs them dynamic). A step holds at most
+  ENTRIES_PER_SEQ x max_num_seqs entries and max_num_seqs x (its longest row) tokens, so no static
+  step outgrows what a full batch of unsplit rows would pad to; one that fits no Q runs dynamic. Padded tokens write their K/V to the
+  cache's scratch slot, padded entries see nothing. On CUDA this body
   (embedding -> layers -> norm) replays a CUDA graph captured per `StaticShape` (`fdllm.engine.graphs`);
   elsewhere, or with `EngineConfig(enforce_eager=True)`, the same layout runs eagerly, which is
   what the CPU tests hold against the dynamic layout token for token.
@@ -28,7 +32,7 @@ candidates' tokens, probabilities (and entropies) come back in one device-to-hos
 selection policy runs on the host, in the sequence (a few comparisons per sequence, cheaper than the
 kernels it would take on the device).
 
-Shape legend: T packed tokens, Bb bucketed entries (rows), Q query tokens per entry (static layout),
+Shape legend: T packed tokens, Bb bucketed entries (row chunks), Q query tokens per entry (static layout),
 M pages per block table, B works that read logits, C candidate rows, S sampled rows (C ⊇ S), E entropy rows
 (C ⊇ E), D model dim, V vocab.
 """
@@ -42,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fdllm.cache import KVCache, PagedAttention, StaticPagedAttention
+from fdllm.cache import AttentionRow, KVCache, PagedAttention, StaticPagedAttention
 from fdllm.decoding import counter_uniform, sample_confidence, token_entropy
 from fdllm.engine.sequence import Predictions, Work
 from fdllm.kernels import select_attention_backend
@@ -58,6 +62,43 @@ def query_bucket(q_len: int) -> int:
     per batch bucket instead of one per draft length. Lengths already a power of two (AR 1,
     sub-blocks, blocks) pad nothing."""
     return 1 << (q_len - 1).bit_length()
+
+
+def chunk_len(lengths: list[int], buckets: list[int], bucket_len, max_tokens: int) -> int | None:
+    """Entry length Q of a static step whose attention rows have `lengths`: of the candidates, the
+    one that pads the fewest tokens, bucket(entries) x Q, with entries = sum(ceil(len / Q)) at most
+    the largest bucket and at most `max_tokens` tokens; ties go to the longer Q. None: no Q fits.
+
+    Candidates are the lengths (through `bucket_len`) of the step's multi-token rows, never shorter:
+    each entry reads its row's whole cache, so a chunk should not be shorter than the denoising
+    steps the step already runs (an AR row of 1 pads to Q rather than cut a block into 1-token entries)."""
+    best, best_tokens = None, None
+    for q in sorted({bucket_len(n) for n in lengths if n > 1} or {1}):
+        entries = sum(-(-n // q) for n in lengths)
+        if entries > buckets[-1]:
+            continue
+        tokens = buckets[bisect.bisect_left(buckets, entries)] * q
+        if tokens <= max_tokens and (best_tokens is None or tokens <= best_tokens):
+            best, best_tokens = q, tokens
+    return best
+
+
+def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, AttentionRow]]:
+    """A row cut into entries of at most `q_len` queries: (first query in the row, the chunk's row).
+    Every chunk keeps the row's pages; a bidirectional chunk sees the row's whole kv, a causal chunk
+    ends its kv at its own last query (query t still sees up to kv_len - q_len + t)."""
+    chunks = []
+    for first in range(0, row.q_len, q_len):
+        n = min(q_len, row.q_len - first)
+        kv_len = row.kv_len - (row.q_len - first - n) if row.causal else row.kv_len
+        chunks.append((first, AttentionRow(n, kv_len, row.pages, row.causal)))
+    return chunks
+
+
+# Entries a static step may hold per sequence (max_num_seqs of them): a block of 32 cut into its
+# 4 sub-blocks of 8 (the recipe's geometry) for every sequence of a full batch. Each entry reads its
+# row's whole cache, so cutting trades GEMM tokens for cache reads; 4 bounds that trade.
+ENTRIES_PER_SEQ = 4
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -123,8 +164,8 @@ class HostStage:
 
 @dataclass(frozen=True)
 class StaticShape:
-    """The padded layout of a static step: Bb entries (attention rows) of Q tokens, block tables of
-    width M, and whether some entry is causal (then a flag per entry)."""
+    """The padded layout of a static step: Bb entries (attention row chunks) of Q tokens, block
+    tables of width M, and whether some entry is causal (then a flag per entry)."""
 
     batch: int
     q_len: int
@@ -146,12 +187,13 @@ class ModelRunner:
     def __init__(
         self, model: Transformer, cache: KVCache, mask_token_id: int | None, attention_backend: str, *,
         max_num_seqs: int = 64, max_pages_per_seq: int | None = None, use_cuda_graphs: bool = False,
-        pad_to_max_batch: bool = False,
+        fixed_query_len: int | None = None,
     ) -> None:
         """`attention_backend`: a name `fdllm.kernels.select_attention_backend` takes (the engine resolves "auto").
 
-        `max_pages_per_seq`: block-table width of captured graphs. `pad_to_max_batch`: every static
-        step runs at batch max_num_seqs (EngineConfig.deterministic: GEMM shapes never change).
+        `max_pages_per_seq`: block-table width of captured graphs. `fixed_query_len`: every static
+        step runs at batch max_num_seqs with entries of this many tokens (EngineConfig.deterministic:
+        GEMM shapes never change).
         """
         self.model, self.cache, self.mask_token_id = model, cache, mask_token_id
         self.device = model.device
@@ -168,7 +210,8 @@ class ModelRunner:
             from fdllm.kernels.confidence import fused_confidence
 
             self.fused_confidence = fused_confidence
-        self.buckets = [max_num_seqs] if pad_to_max_batch else batch_buckets(max_num_seqs)
+        self.max_num_seqs, self.fixed_query_len = max_num_seqs, fixed_query_len
+        self.buckets = [max_num_seqs] if fixed_query_len else batch_buckets(ENTRIES_PER_SEQ * max_num_seqs)
         self.causal_entries = attention_backend != "flash_attn"  # per-entry causal flags (see the module doc)
         self.max_pages_per_seq = max_pages_per_seq
         self.stage = HostStage(self.device)
@@ -213,25 +256,31 @@ class ModelRunner:
 
     def static_shape(self, works: list[Work]) -> StaticShape | None:
         """The padded layout when every work is a decode work and its rows fit a bucket, else None."""
-        q_len = pages = entries = 0
-        causal = False
+        lengths, pages, causal = [], 0, False
         for w in works:
             if w.num_prefill:
                 return None
             for row in w.rows:
                 if row.causal and not self.causal_entries:
                     return None
-                q_len, pages, causal = max(q_len, row.q_len), max(pages, len(row.pages)), causal or row.causal
-            entries += len(w.rows)
-        if entries > self.buckets[-1]:
-            return None
-        batch = self.buckets[bisect.bisect_left(self.buckets, entries)]
-        if self.bucket_query_len:
-            q_len = query_bucket(q_len)
+                lengths.append(row.q_len)
+                pages, causal = max(pages, len(row.pages)), causal or row.causal
+        bucket_len = query_bucket if self.bucket_query_len else (lambda n: n)
+        if self.fixed_query_len:
+            q_len = bucket_len(self.fixed_query_len)
+            if sum(-(-n // q_len) for n in lengths) > self.buckets[-1]:
+                return None
+        else:
+            # never more tokens than max_num_seqs rows of the step's longest: what the step's
+            # activations were sized for before rows were cut (and what a full batch pads to)
+            q_len = chunk_len(lengths, self.buckets, bucket_len, self.max_num_seqs * bucket_len(max(lengths)))
+            if q_len is None:
+                return None
         if self.graphs is not None:
             if pages > self.max_pages_per_seq:
                 return None
             pages = self.max_pages_per_seq  # one captured table width
+        batch = self.buckets[bisect.bisect_left(self.buckets, sum(-(-n // q_len) for n in lengths))]
         return StaticShape(batch, q_len, pages, causal)
 
     # -- host packing -------------------------------------------------------------------------------
@@ -247,13 +296,15 @@ class ModelRunner:
 
     @staticmethod
     def _static_segments(works: list[Work], q_len: int) -> list[list[tuple[int, int]]]:
-        """One segment per row: row e of the step (across works, in order) starts at flat e * Q."""
+        """One segment per entry: entry e of the step (row chunks across works, in order) starts at flat e * Q."""
         segments, e = [], 0
         for w in works:
             segs, t = [], 0
             for row in w.rows:
-                segs.append((t, e * q_len))
-                t, e = t + row.q_len, e + 1
+                for first in range(0, row.q_len, q_len):
+                    segs.append((t + first, e * q_len))
+                    e += 1
+                t += row.q_len
             segments.append(segs)
         return segments
 
@@ -273,20 +324,22 @@ class ModelRunner:
         b = 0
         for w in works:
             seq, t = w.seq, 0
-            for row in w.rows:
-                n, start = row.q_len, w.start + t
-                ids[b, :n] = w.token_ids[t : t + n]
-                positions[b, :n] = np.arange(start, start + n)
-                first = seq.slot(start)
-                if seq.slot(start + n - 1) == first + n - 1:  # one page (or consecutive pages): the hot path
-                    slots[b, :n] = np.arange(first, first + n)
-                else:  # a speculative draft starts at the last known token, which may sit in the previous page
-                    slots[b, :n] = [seq.slot(p) for p in range(start, start + n)]
-                tables[b, : len(row.pages)] = row.pages
-                kv_lens[b], q_lens[b] = row.kv_len, n
-                if causal is not None:
-                    causal[b] = row.causal
-                b, t = b + 1, t + n
+            for whole in w.rows:
+                for first, row in (((0, whole),) if whole.q_len <= shape.q_len else chunk_rows(whole, shape.q_len)):
+                    n, start = row.q_len, w.start + t + first
+                    ids[b, :n] = w.token_ids[t + first : t + first + n]
+                    positions[b, :n] = np.arange(start, start + n)
+                    slot = seq.slot(start)
+                    if seq.slot(start + n - 1) == slot + n - 1:  # one page (or consecutive pages): the hot path
+                        slots[b, :n] = np.arange(slot, slot + n)
+                    else:  # a speculative draft starts at the last known token, which may sit in the previous page
+                        slots[b, :n] = [seq.slot(p) for p in range(start, start + n)]
+                    tables[b, : len(row.pages)] = row.pages
+                    kv_lens[b], q_lens[b] = row.kv_len, n
+                    if causal is not None:
+                        causal[b] = row.causal
+                    b += 1
+                t += whole.q_len
     def _put_dynamic_body(self, works: list[Work]) -> None:
         ids, positions = [], []
         for w in works:

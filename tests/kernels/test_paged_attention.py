@@ -132,6 +132,34 @@ def test_per_sequence_causal_flags(device, num_splits, index_dtype):
         paged_attention(*case.args(), causal=causal.float())
 
 
+@pytest.mark.parametrize("num_splits", [None, 4])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_chunked_rows_attend_as_the_whole_row(device, causal, num_splits):
+    """A static step cuts long attention rows into entries of Q queries (`fdllm.engine.runner.chunk_rows`):
+    the chunks, side by side in one call (with their per-entry flags), give each query exactly the
+    output the whole row gave it, for chunks of 4 of a 13-query row (the last one short) and of 8."""
+    from fdllm.engine.runner import chunk_rows
+    from fdllm.kernels.paged_attention import paged_attention
+    from fdllm.cache import AttentionRow
+
+    case = make_case(q_lens=[13], kv_lens=[77], T=13, K=2, G=2, H=16, S=8, device=device)
+    whole = paged_attention_torch(*case.args(), causal=causal)
+    pages = case.block_tables_BM[0].tolist()
+    for q_len in (4, 8):
+        chunks = chunk_rows(AttentionRow(13, 77, pages, causal), q_len)
+        assert [first for first, _ in chunks] == list(range(0, 13, q_len))
+        q = torch.zeros(len(chunks), q_len, *case.q_BTNH.shape[2:], device=device)
+        for e, (first, row) in enumerate(chunks):
+            q[e, : row.q_len] = case.q_BTNH[0, first : first + row.q_len]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+        args = (q, case.k_pool_PSKH, case.v_pool_PSKH, case.block_tables_BM.expand(len(chunks), -1).contiguous(),
+                as_tensor([r.kv_len for _, r in chunks]), as_tensor([r.q_len for _, r in chunks]))
+        flags = as_tensor([r.causal for _, r in chunks])
+        for out in (paged_attention_torch(*args, causal=flags), paged_attention(*args, causal=flags, num_splits=num_splits)):
+            rejoined = torch.cat([out[e, : r.q_len] for e, (_, r) in enumerate(chunks)])
+            assert_close(rejoined, whole[0], torch.float32)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_single_query_decode_and_custom_scale(device, causal):
     """T = 1 (AR decode / threshold 1.0 with block size 1), 64-bit index tensors, an explicit scale."""

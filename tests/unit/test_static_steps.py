@@ -21,14 +21,14 @@ def model(sharp_dir):
 
 
 def count_static_steps(engine, entries: list | None = None) -> list:
-    """Record the static shape of every step (None: dynamic), and into `entries` the (works, attention
-    rows) of every static step."""
+    """Record the static shape of every step (None: dynamic), and into `entries` the (works, lengths
+    of the attention rows) of every static step."""
     shapes, inner = [], engine.runner.static_shape
 
     def spy(works):
         shapes.append(inner(works))
         if entries is not None and shapes[-1] is not None:
-            entries.append((len(works), sum(len(w.rows) for w in works)))
+            entries.append((len(works), [row.q_len for w in works for row in w.rows]))
         return shapes[-1]
 
     engine.runner.static_shape = spy
@@ -77,10 +77,14 @@ def test_static_buckets_equal_dynamic_path(model, use_sub_block_cache, temperatu
     assert got == want
     used = [s for s in shapes if s is not None]
     assert len(used) > len(shapes) // 2, "most steps should be static decode steps"
-    # whole-block steps (8) and, with the sub-block cache, cached sub-block steps (4) ran static
-    assert {s.q_len for s in used} >= ({8, 4} if use_sub_block_cache else {8})
+    # whole-block rows (8) ran static and, with the sub-block cache, cached sub-block steps (4), in
+    # entries of 4 when they share a step, the whole-block rows then cut in two
+    assert any(8 in rows for _, rows in entries)
+    assert {s.q_len for s in used} >= ({4} if use_sub_block_cache else {8})
+    if use_sub_block_cache:
+        assert any(max(rows) > s.q_len for s, (_, rows) in zip(used, entries)), "some rows should run in chunks"
     assert any(s.batch > 1 for s in used) and any(s.batch in (2, 4, 8) for s in used)
-    assert any(rows > works for works, rows in entries), "some static steps should carry a block lookahead"
+    assert any(len(rows) > works for works, rows in entries), "some static steps should carry a block lookahead"
 
 
 def test_query_buckets_of_captured_steps_change_no_token(model):
@@ -119,7 +123,7 @@ def test_block_lookahead_rows_in_padded_entries_equal_dynamic_path(model, use_su
     dynamic = dynamic_only(make_engine(model, block_size=6, sub_block_size=3, use_sub_block_cache=use_sub_block_cache))
     assert got == run_mixed(dynamic, requests)
     assert 8 in {s.q_len for s in shapes if s is not None}
-    assert any(rows > works for works, rows in entries), "some static steps should carry a block lookahead"
+    assert any(len(rows) > works for works, rows in entries), "some static steps should carry a block lookahead"
 
 
 @pytest.mark.parametrize("bucket_query_len", [False, True], ids=["eager-padding", "graph-padding"])
@@ -140,16 +144,38 @@ def test_causal_prefix_commits_and_verifies_run_static_with_per_entry_flags(mode
     assert got == run_mixed(dynamic_only(make_engine(model, prefix_attention="causal")), requests)
     causal = [s for s in shapes if s is not None and s.causal]
     assert causal and any(s.batch > 1 for s in causal), "causal rows should share static steps with others"
-    assert any(rows > works for works, rows in entries)
+    assert any(len(rows) > works for works, rows in entries)
+
+
+def test_causal_rows_cut_into_entries_keep_speculative_exactly_ar(model):
+    """Speculative verifies are causal rows of up to the block + 1; beside cached sub-block steps (4)
+    a static step cuts them into entries of 4, each ending its kv at its own last query. Every
+    verify logit is read, so a chunk that saw past its queries would change what is accepted: the
+    speculative outputs stay the AR outputs of the same prompts, token for token."""
+    prompts = random_prompts(8, [2, 5, 9, 14], seed=17)
+    modes = ["speculative", "diffusion"] * 4
+    requests = [(p, params(max_new_tokens=21, mode=m, threshold=0.3)) for p, m in zip(prompts, modes)]
+    engine = make_engine(model, use_sub_block_cache=True)
+    entries = []
+    shapes = count_static_steps(engine, entries)
+    got = run_mixed(engine, requests)
+    ar = make_engine(model).generate(prompts[::2], params(max_new_tokens=21, mode="ar"))
+    assert got[::2] == [r.token_ids for r in ar]
+    assert got == run_mixed(dynamic_only(make_engine(model, use_sub_block_cache=True)), requests)
+    causal_cut = [s for s, (_, rows) in zip([s for s in shapes if s is not None], entries) if s.causal and max(rows) > s.q_len]
+    assert causal_cut, "some verify should have run cut into entries"
 
 
 def test_deterministic_mode_pads_every_step_to_max_num_seqs(model):
-    requests = mixed_requests(0.9)
+    requests = mixed_requests(0.9) + [(p, params(max_new_tokens=17, mode="speculative", seed=i))
+                                      for i, p in enumerate(random_prompts(2, [3, 10], seed=2))]
     cfg = fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4, mask_token_id=MASK)
     engine = fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=256, max_num_seqs=16, deterministic=True))
     shapes = count_static_steps(engine)
     got = run_mixed(engine, requests)
-    assert {s.batch for s in shapes if s is not None} == {16}
+    # one shape for every static step: GEMMs never change shape (rows longer than the block, the
+    # speculative ones, would be cut into entries of the block)
+    assert {(s.batch, s.q_len) for s in shapes if s is not None} == {(16, 8)}
     want = run_mixed(dynamic_only(fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=256))), requests)
     assert got == want
 
@@ -196,6 +222,47 @@ def test_vectorised_sampling_follows_the_filtered_distribution():
     freq = torch.bincount(token, minlength=6).float() / n
     assert (freq - expect).abs().max() < 0.01
     torch.testing.assert_close(prob, expect[token])
+
+
+def test_chunk_len_pads_the_fewest_tokens():
+    from fdllm.engine.runner import chunk_len
+
+    b64 = batch_buckets(64)
+    same = lambda n: n  # noqa: E731 - eager steps: any row length is a candidate
+    big = 10**6
+    assert chunk_len([8, 4, 4], b64, same, big) == 4  # 4 entries of 4 (16 tokens), not 4 x 8 (3 rows in bucket 4)
+    assert chunk_len([32] + [8] * 63, b64, same, big) == 32  # entries of 8 would be 67 > 64
+    assert chunk_len([32] * 2 + [8] * 40, b64, same, big) == 8  # 48 entries of 8 (384 tokens), not 48 x 32
+    assert chunk_len([1, 1, 8], b64, same, big) == 8  # AR rows pad; a block is never cut into 1-token entries
+    assert chunk_len([1, 1], b64, same, big) == 1
+    assert chunk_len([6, 3], b64, query_bucket, big) == 8  # 4 x 4 or 2 x 8 tokens: the tie goes to the longer
+    assert chunk_len([9, 4, 4], b64, same, big) == 4  # 3 + 1 + 1 entries of 4 (a short last chunk)
+    assert chunk_len([8] * 65, b64, same, big) is None
+    assert chunk_len([8] * 40, b64, same, 40 * 8) is None  # bucket 48 x 8 tokens is over the limit
+    assert chunk_len([8] * 40 + [4] * 8, b64, same, 48 * 8) == 8  # 88 entries of 4 would fit no bucket
+
+
+def test_full_batch_cuts_rows_into_up_to_four_entries_per_sequence(model):
+    """A full batch (max_num_seqs) of sub-block steps and whole-block rows: the step holds more
+    entries than sequences (rows cut into sub-blocks), never more tokens than its unsplit layout,
+    token for token as the dynamic path."""
+    prompts = random_prompts(8, [3, 9, 12], seed=4)
+    requests = [(p, params(max_new_tokens=19, threshold=0.5, block_lookahead=i % 2 == 0)) for i, p in enumerate(prompts)]
+    cfg = {"use_sub_block_cache": True, "block_size": 8, "sub_block_size": 2}
+    engine = fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(threshold=0.4, mask_token_id=MASK, **cfg),
+                          fdllm.EngineConfig(num_pages=256, max_num_seqs=8))
+    entries = []
+    shapes = count_static_steps(engine, entries)
+    got = engine.generate([p for p, _ in requests], [sp for _, sp in requests])
+    dynamic = dynamic_only(fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(threshold=0.4, mask_token_id=MASK, **cfg),
+                                        fdllm.EngineConfig(num_pages=256, max_num_seqs=8)))
+    assert [r.token_ids for r in got] == [r.token_ids for r in dynamic.generate([p for p, _ in requests],
+                                                                                 [sp for _, sp in requests])]
+    used = [(s, rows) for s, (_, rows) in zip([s for s in shapes if s is not None], entries)]
+    assert engine.runner.buckets[-1] == 32
+    assert any(s.batch > 8 for s, _ in used), "a full batch should have run with rows cut beyond 8 entries"
+    for s, rows in used:
+        assert s.batch * s.q_len <= 8 * max(rows)
 
 
 def test_batch_buckets():
