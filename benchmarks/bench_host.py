@@ -7,12 +7,17 @@ the step's inputs, confidence/sampling on the logits, the one device-to-host tra
 per-sequence bookkeeping. On CPU the model's forward is itself slow (eager per-op overhead), which
 is why this benchmark subtracts it instead of timing whole steps.
 
+`--stub-model` replaces the body by a stub of the same output shapes (a fixed random hidden state per
+token count, so the step's decisions follow random logits): what is left is host work alone, also
+free of the cache pollution a real CPU forward leaves behind (which a GPU's forward does not).
+
 Clock: on CPU, this thread's CPU time (`time.thread_time`, torch at one thread), so time the
 process spends descheduled on a shared machine does not count; on CUDA, wall time with syncs.
 
     python -m benchmarks.bench_host                                   # tiny world model, batch 1 and 64
     python -m benchmarks.bench_host --batch-sizes 1,8,64 --mode ar --threads 1
     python -m benchmarks.bench_host --model DIR --device cuda         # on a GPU: model timed with syncs
+    python -m benchmarks.bench_host --stub-model                      # host work only
 
 Targets (issue 12): at most 0.2 ms per step at batch 1 and 1 ms at batch 64 for the tiny world model.
 """
@@ -35,6 +40,7 @@ DEFAULT_MODEL = "assets/tiny-ar-base"
 @dataclass(frozen=True)
 class HostRow:
     mode: str
+    model: str  # "real", or "stub" (--stub-model)
     batch: int
     steps: int
     step_ms: float  # median wall time of a decode step
@@ -75,11 +81,28 @@ class CallTimer:
         delattr(self.obj, self.name)  # back to the class method
 
 
-def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams, mode: str) -> HostRow:
+class StubBody:
+    """`Transformer.hidden` stand-in: a fixed random hidden state [1, T, D] per token count T."""
+
+    def __init__(self, model: fdllm.Transformer) -> None:
+        self.model, self.outputs = model, {}
+
+    def __call__(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        T = input_ids.shape[1]
+        if T not in self.outputs:
+            self.outputs[T] = torch.randn(1, T, self.model.config.hidden_size, dtype=self.model.dtype,
+                                          device=self.model.device)
+        return self.outputs[T]
+
+
+def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams, mode: str,
+            stub: bool = False) -> HostRow:
     """Run the prompts to completion; per-step figures over decode steps (every request running, no prefill)."""
     for p in prompts:
         engine.add_request(p, params)
     engine.step()  # prefill (+ the first block step): not a decode step
+    if stub:
+        engine.model.hidden = StubBody(engine.model)  # on the instance; CallTimer wraps it, then removes both
     steps, body, head, host = [], [], [], []
     device = engine.model.device
     now, sync = clock(device)
@@ -100,7 +123,7 @@ def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sampli
     if not steps:
         raise RuntimeError("no full-batch decode step was measured; raise --max-new-tokens")
     ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
-    return HostRow(mode, len(prompts), len(steps), ms(steps), ms(body), ms(head), ms(host))
+    return HostRow(mode, "stub" if stub else "real", len(prompts), len(steps), ms(steps), ms(body), ms(head), ms(host))
 
 
 def run(args: argparse.Namespace) -> list[HostRow]:
@@ -122,7 +145,7 @@ def run(args: argparse.Namespace) -> list[HostRow]:
                                       threshold=args.threshold, temperature=args.temperature, seed=0)
         for _ in range(args.repeats):
             engine = fdllm.Engine(model, None, cfg, ecfg)
-            rows.append(measure(engine, prompts, params, args.mode))
+            rows.append(measure(engine, prompts, params, args.mode, args.stub_model))
     return rows
 
 
@@ -149,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
     p.add_argument("--eager", action="store_true", help="EngineConfig(enforce_eager=True)")
+    p.add_argument("--stub-model", action="store_true", help="a stub body of the same output shapes: host work only")
     p.add_argument("--json", help="also write the rows here")
     return p.parse_args(argv)
 
@@ -156,9 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = best(run(args))
-    print(f"{'mode':<10}{'batch':>6}{'steps':>7}{'step ms':>10}{'body ms':>10}{'lm head ms':>12}{'host ms':>10}")
+    print(f"{'mode':<10}{'model':>6}{'batch':>6}{'steps':>7}{'step ms':>10}{'body ms':>10}{'lm head ms':>12}"
+          f"{'host ms':>10}")
     for r in rows:
-        print(f"{r.mode:<10}{r.batch:>6}{r.steps:>7}{r.step_ms:>10.3f}{r.body_ms:>10.3f}{r.head_ms:>12.3f}"
+        print(f"{r.mode:<10}{r.model:>6}{r.batch:>6}{r.steps:>7}{r.step_ms:>10.3f}{r.body_ms:>10.3f}{r.head_ms:>12.3f}"
               f"{r.host_ms:>10.3f}")
     if args.json:
         with open(args.json, "w") as f:

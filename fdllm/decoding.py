@@ -279,8 +279,8 @@ def plan_block_step(
     feed_start, feed_stop = (0, len(block)) if refresh else (sub_start, sub_stop)
     # Token shift: offset p reads the logit of p-1. Offset feed_start has no predecessor in the feed
     # but is known (offset 0, or a cached step's decoded first offset): any row will do, it is no candidate.
-    rows = tuple(max(p - 1, feed_start) - feed_start for p in range(sub_start, sub_stop))
-    candidates = tuple(block[p] == mask_token_id for p in range(sub_start, sub_stop))
+    rows = (max(sub_start - 1, feed_start) - feed_start, *range(sub_start - feed_start, sub_stop - 1 - feed_start))
+    candidates = tuple(token == mask_token_id for token in block[sub_start:sub_stop])
     return BlockStep(feed_start, feed_stop, sub_start, rows, candidates)
 
 

@@ -83,15 +83,17 @@ def chunk_len(lengths: list[int], buckets: list[int], bucket_len, max_tokens: in
     return best
 
 
-def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, AttentionRow]]:
-    """A row cut into entries of at most `q_len` queries: (first query in the row, the chunk's row).
-    Every chunk keeps the row's pages; a bidirectional chunk sees the row's whole kv, a causal chunk
-    ends its kv at its own last query (query t still sees up to kv_len - q_len + t)."""
+def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, int, int]]:
+    """A row cut into entries of at most `q_len` queries: per chunk (first query in the row, queries,
+    kv_len). Every chunk keeps the row's pages and causality; a bidirectional chunk sees the row's
+    whole kv, a causal chunk ends its kv at its own last query (query t still sees up to
+    kv_len - q_len + t). Plain tuples: a full batch cuts hundreds of rows per step."""
+    if row.q_len <= q_len:
+        return [(0, row.q_len, row.kv_len)]
     chunks = []
     for first in range(0, row.q_len, q_len):
         n = min(q_len, row.q_len - first)
-        kv_len = row.kv_len - (row.q_len - first - n) if row.causal else row.kv_len
-        chunks.append((first, AttentionRow(n, kv_len, row.pages, row.causal)))
+        chunks.append((first, n, row.kv_len - (row.q_len - first - n) if row.causal else row.kv_len))
     return chunks
 
 
@@ -313,33 +315,51 @@ class ModelRunner:
         return StaticInputs.sizes(shape) if shape else {"ids": num_tokens, "positions": num_tokens}
 
     def _put_static_body(self, works: list[Work], shape: StaticShape) -> None:
-        """Written in place into the staged sections: per entry, its row's tokens, positions, cache
-        slots and block table; padding tokens write to the scratch slot, padding entries see nothing."""
-        Bb = shape.batch
-        section = {name: self.stage.section(name) for name in StaticInputs.sizes(shape)}
-        ids, positions, slots, tables = (section[k].reshape(Bb, -1) for k in ("ids", "positions", "slots", "tables"))
-        for name, values in section.items():
-            values.fill(self.cache.scratch_slot if name == "slots" else -1 if name == "tables" else 0)
-        kv_lens, q_lens, causal = section["kv_lens"], section["q_lens"], section.get("causal")
-        b = 0
+        """Written in place into the staged sections by a fixed handful of numpy ops (a full batch
+        has hundreds of entries): per entry, its row's tokens, positions and cache slots (padding
+        tokens: token 0 at the scratch slot), block table (padding -1), kv/q lengths and causal flag;
+        entries past the step's rows are all padding (they see nothing)."""
+        Bb, Q = shape.batch, shape.q_len
+        ids, tables, starts, firsts, q_lens, kv_lens, causal, scattered = [], [], [], [], [], [], [], []
+        pad_pages = [-1] * shape.pages
         for w in works:
             seq, t = w.seq, 0
-            for whole in w.rows:
-                for first, row in (((0, whole),) if whole.q_len <= shape.q_len else chunk_rows(whole, shape.q_len)):
-                    n, start = row.q_len, w.start + t + first
-                    ids[b, :n] = w.token_ids[t + first : t + first + n]
-                    positions[b, :n] = np.arange(start, start + n)
+            for row in w.rows:
+                for first, n, kv_len in chunk_rows(row, Q):
+                    start = w.start + t + first
                     slot = seq.slot(start)
-                    if seq.slot(start + n - 1) == slot + n - 1:  # one page (or consecutive pages): the hot path
-                        slots[b, :n] = np.arange(slot, slot + n)
-                    else:  # a speculative draft starts at the last known token, which may sit in the previous page
-                        slots[b, :n] = [seq.slot(p) for p in range(start, start + n)]
-                    tables[b, : len(row.pages)] = row.pages
-                    kv_lens[b], q_lens[b] = row.kv_len, n
-                    if causal is not None:
-                        causal[b] = row.causal
-                    b += 1
-                t += whole.q_len
+                    if seq.slot(start + n - 1) != slot + n - 1:  # a speculative draft starting in the previous page
+                        scattered.append((len(starts), [seq.slot(p) for p in range(start, start + n)]))
+                    ids += w.token_ids[t + first : t + first + n]
+                    tables += row.pages
+                    tables += pad_pages[len(row.pages) :]
+                    starts.append(start)
+                    firsts.append(slot)
+                    q_lens.append(n)
+                    kv_lens.append(kv_len)
+                    causal.append(row.causal)
+                t += row.q_len
+        E, offsets = len(starts), np.arange(Q)
+        section = self.stage.section
+        real = offsets < np.array(q_lens)[:, None]  # [E, Q]
+        ids_BQ = section("ids").reshape(Bb, Q)
+        ids_BQ.fill(0)
+        ids_BQ[:E][real] = ids
+        positions_BQ = section("positions").reshape(Bb, Q)
+        positions_BQ[:E] = np.array(starts)[:, None] + offsets  # a padding token's position is never read
+        positions_BQ[E:] = 0
+        slots_BQ = section("slots").reshape(Bb, Q)
+        slots_BQ[:E] = np.array(firsts)[:, None] + offsets
+        slots_BQ[:E][~real] = self.cache.scratch_slot
+        slots_BQ[E:] = self.cache.scratch_slot
+        for e, slots in scattered:
+            slots_BQ[e, : len(slots)] = slots
+        for name, values, fill in (("tables", tables, -1), ("kv_lens", kv_lens, 0), ("q_lens", q_lens, 0),
+                                   ("causal", causal, 0)):
+            if name != "causal" or shape.causal:
+                out = section(name)
+                out[: len(values)] = values
+                out[len(values) :] = fill
     def _put_dynamic_body(self, works: list[Work]) -> None:
         ids, positions = [], []
         for w in works:
@@ -369,22 +389,27 @@ class ModelRunner:
         rows, entropy = [], []
         sampled, temperature, top_p, top_k, seed, counter = [], [], [], [], [], []
         for i in plan.readers:
-            w = works[i]
-            p = w.seq.params
-            sampled_rows, segs = w.sampled_rows, segments[i]
-            for r, (row, cand) in enumerate(zip(w.logit_rows, w.candidates)):
-                if not cand:
-                    continue
-                if w.needs_entropy:
-                    entropy.append(len(rows))
-                if r in sampled_rows:
-                    sampled.append(len(rows))
-                    temperature.append(p.temperature)
-                    top_p.append(p.top_p)
-                    top_k.append(p.top_k)
-                    seed.append(p.seed & 0x7FFFFFFFFFFFFFFF)
-                    counter.append(w.seq.num_forwards * _ROW_STREAM + r)
-                rows.append(segs[0][1] + row if len(segs) == 1 else flat_index(segs, row))
+            w, segs = works[i], segments[i]
+            cands = [r for r, cand in enumerate(w.candidates) if cand]  # logit rows that are candidates
+            first = len(rows)
+            if len(segs) == 1:
+                base = segs[0][1]
+                rows += [base + w.logit_rows[r] for r in cands]
+            else:
+                rows += [flat_index(segs, w.logit_rows[r]) for r in cands]
+            if w.needs_entropy:
+                entropy += range(first, len(rows))
+            sampled_rows = w.sampled_rows
+            if sampled_rows:
+                p = w.seq.params
+                for c, r in enumerate(cands, first):
+                    if r in sampled_rows:
+                        sampled.append(c)
+                        temperature.append(p.temperature)
+                        top_p.append(p.top_p)
+                        top_k.append(p.top_k)
+                        seed.append(p.seed & 0x7FFFFFFFFFFFFFFF)
+                        counter.append(w.seq.num_forwards * _ROW_STREAM + r)
         put = self.stage.put
         put("cand_rows", rows)
         put("sampled", sampled)

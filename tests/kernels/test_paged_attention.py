@@ -147,16 +147,16 @@ def test_chunked_rows_attend_as_the_whole_row(device, causal, num_splits):
     pages = case.block_tables_BM[0].tolist()
     for q_len in (4, 8):
         chunks = chunk_rows(AttentionRow(13, 77, pages, causal), q_len)
-        assert [first for first, _ in chunks] == list(range(0, 13, q_len))
+        assert [(first, n) for first, n, _ in chunks] == [(f, min(q_len, 13 - f)) for f in range(0, 13, q_len)]
         q = torch.zeros(len(chunks), q_len, *case.q_BTNH.shape[2:], device=device)
-        for e, (first, row) in enumerate(chunks):
-            q[e, : row.q_len] = case.q_BTNH[0, first : first + row.q_len]
+        for e, (first, n, _) in enumerate(chunks):
+            q[e, :n] = case.q_BTNH[0, first : first + n]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
         args = (q, case.k_pool_PSKH, case.v_pool_PSKH, case.block_tables_BM.expand(len(chunks), -1).contiguous(),
-                as_tensor([r.kv_len for _, r in chunks]), as_tensor([r.q_len for _, r in chunks]))
-        flags = as_tensor([r.causal for _, r in chunks])
+                as_tensor([kv for _, _, kv in chunks]), as_tensor([n for _, n, _ in chunks]))
+        flags = as_tensor([causal] * len(chunks))
         for out in (paged_attention_torch(*args, causal=flags), paged_attention(*args, causal=flags, num_splits=num_splits)):
-            rejoined = torch.cat([out[e, : r.q_len] for e, (_, r) in enumerate(chunks)])
+            rejoined = torch.cat([out[e, :n] for e, (_, n, _) in enumerate(chunks)])
             assert_close(rejoined, whole[0], torch.float32)
 
 
