@@ -21,7 +21,7 @@ from fdllm.cache import KVCache, PageAllocator, kv_budget_pages
 from fdllm.config import BlockDiffusionConfig
 from fdllm.decoding import SelectionPolicy, StopCriteria
 from fdllm.engine.params import DEFAULT_DELIMITERS, DEFAULT_ENTROPY_BUDGET, EngineConfig, GenerationResult, SamplingParams
-from fdllm.engine.runner import ModelRunner, profile_peak_memory
+from fdllm.engine.runner import ModelRunner, profile_peak_memory, query_bucket
 from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.sequence import Sequence, TokenCallback
 from fdllm.kernels import resolve_attention_backend
@@ -306,7 +306,10 @@ class Engine:
         needed = ecfg.max_num_seqs * -(-self.max_model_len // block_size)
         if ecfg.kv_cache_gib is not None or self.model.device.type != "cuda":
             return max(1, min(int((ecfg.kv_cache_gib or 1.0) * 2**30) // page_bytes, needed))
-        peak = profile_peak_memory(self.model, min(ecfg.max_prefill_tokens, self.max_model_len))
+        # the largest step: a prefill chunk, or a static decode step of max_num_seqs rows of up to the
+        # block + 1 tokens (speculative verifies), padded to a power of two when graphs are captured
+        static_tokens = ecfg.max_num_seqs * query_bucket(block_size + 1)
+        peak = profile_peak_memory(self.model, max(min(ecfg.max_prefill_tokens, self.max_model_len), static_tokens))
         return max(1, min(kv_budget_pages(page_bytes, ecfg.gpu_memory_utilization, self.model.device, peak), needed))
 
     @staticmethod

@@ -203,6 +203,7 @@ class ModelRunner:
         self.fused_confidence = None
         # The mask token is never a prediction: its logit is held at -inf by a bias folded into the LM
         # head's GEMM (Qwen2/Llama heads have none), instead of a copy and a fill of every logit row.
+        self.max_head_rows = head_chunk_rows(model.lm_head.weight.shape[0])
         self.mask_bias_V = None
         if mask_token_id is not None:
             weight = model.lm_head.weight
@@ -444,30 +445,41 @@ class ModelRunner:
 
     def _head(self, h_TD: Tensor, plan: HeadPlan) -> tuple[Tensor, Tensor, Tensor | None]:
         """Token [C] (int64) and its probability [C] (fp32) of each candidate row, greedy or sampled;
-        the entropy [C] (fp32, 0 outside the E entropy rows) when some row needs it, else None."""
+        the entropy [C] (fp32, 0 outside the E entropy rows) when some row needs it, else None.
+
+        Logits [R, V] in fp32 are made at most `max_head_rows` rows at a time (a full batch of
+        speculative verifies has thousands of candidate rows: at a 152k vocabulary, gigabytes once
+        sampling sorts them), so the head's memory is bounded whatever the batch; every row's result
+        depends on its own logits and draw only, so the chunks change nothing."""
         get = self.stage.get
         h_CD = h_TD[get("cand_rows")]
+        C, k = plan.num_candidates, self.max_head_rows
+        logits_CV = None  # kept for the sampled and entropy rows when every candidate fits one chunk
         if self.fused_confidence is not None:
             token_C, prob_C = self.fused_confidence(h_CD, self.model.lm_head.weight, self.mask_token_id)
-            logits_SV = self.logits(h_CD[get("sampled")]) if plan.num_sampled else None
-            logits_EV = self.logits(h_CD[get("entropy")]) if plan.num_entropy else None
-        else:
+        elif C <= k:
             logits_CV = self.logits(h_CD)
             token_C, prob_C = greedy_confidence(logits_CV, None)
-            logits_SV = logits_CV[get("sampled")] if plan.num_sampled else None
-            logits_EV = logits_CV[get("entropy")] if plan.num_entropy else None
-        # the logits below already hold the mask token at -inf (mask_token_id=None: nothing to suppress)
+        else:
+            token_C, prob_C = _cat2([greedy_confidence(self.logits(h_CD[a : a + k]), None) for a in range(0, C, k)])
+
+        def logits(rows: Tensor) -> Tensor:  # the mask token already at -inf: mask_token_id=None below
+            return logits_CV[rows] if logits_CV is not None else self.logits(h_CD[rows])
+
         entropy_C = None
-        if logits_EV is not None:
-            entropy_C = torch.zeros_like(prob_C).index_put((get("entropy"),), token_entropy(logits_EV, None))
-        if logits_SV is not None:
-            uniform_S = counter_uniform(get("seed"), get("counter"))
-            token_S, prob_S = sample_confidence(
-                logits_SV, None, get("temperature", torch.float32), get("top_p", torch.float32),
-                get("top_k"), uniform_S,
-            )
-            sampled = get("sampled")
-            token_C, prob_C = token_C.index_put((sampled,), token_S), prob_C.index_put((sampled,), prob_S)
+        if plan.num_entropy:
+            rows = get("entropy")
+            parts = [token_entropy(logits(rows[a : a + k]), None) for a in range(0, plan.num_entropy, k)]
+            entropy_C = torch.zeros_like(prob_C).index_put((rows,), parts[0] if len(parts) == 1 else torch.cat(parts))
+        if plan.num_sampled:
+            rows, temperature, top_p = get("sampled"), get("temperature", torch.float32), get("top_p", torch.float32)
+            top_k, uniform_S = get("top_k"), counter_uniform(get("seed"), get("counter"))
+            token_S, prob_S = _cat2([
+                sample_confidence(logits(rows[a : a + k]), None, temperature[a : a + k], top_p[a : a + k],
+                                  top_k[a : a + k], uniform_S[a : a + k])
+                for a in range(0, plan.num_sampled, k)
+            ])
+            token_C, prob_C = token_C.index_put((rows,), token_S), prob_C.index_put((rows,), prob_S)
         return token_C, prob_C, entropy_C
 
     def logits(self, h_RD: Tensor) -> Tensor:
@@ -491,6 +503,22 @@ class ModelRunner:
                         pred.entropies[r] = entropies[c]
                     c += 1
             out[i] = pred
+
+
+def _cat2(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Concatenate chunked (tokens, probs) pairs (one chunk: as they are, no copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+
+
+HEAD_CHUNK_BYTES = 128 << 20
+
+
+def head_chunk_rows(vocab_size: int) -> int:
+    """Rows of fp32 logits the head makes at a time: HEAD_CHUNK_BYTES of them (220 rows at Qwen2's
+    152k vocabulary, hundreds of thousands at a tiny test vocabulary)."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
 
 
 def flat_index(segments: list[tuple[int, int]], token: int) -> int:
@@ -545,12 +573,16 @@ def forward_static(model: Transformer, cache: KVCache, attention_fn, inputs: Sta
 
 @torch.inference_mode()
 def profile_peak_memory(model: Transformer, num_tokens: int) -> int:
-    """Peak CUDA bytes torch allocates with the weights loaded and one no-cache forward of `num_tokens`
-    tokens (the largest prefill step's activations); what the KV cache must leave room for."""
+    """Peak CUDA bytes torch allocates with the weights loaded, one no-cache forward of `num_tokens`
+    tokens (the largest step's activations) and the head's largest chunk sampled with top-p (logits,
+    sorted logits and their int64 order: `ModelRunner._head`); what the KV cache must leave room for."""
     device = model.device
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     ids_1T = torch.zeros((1, num_tokens), dtype=torch.long, device=device)
-    model(ids_1T, logit_positions=slice(-1, None))
+    rows = min(num_tokens, head_chunk_rows(model.config.vocab_size))
+    logits_RV = model(ids_1T, logit_positions=slice(-rows, None))[0].float()
+    ones = torch.ones(rows, device=device)
+    sample_confidence(logits_RV, None, ones, ones * 0.9, torch.zeros(rows, dtype=torch.long, device=device), ones * 0.5)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)

@@ -198,6 +198,25 @@ def test_seeded_request_is_independent_of_its_batch(model, block_lookahead):
     assert reseeded[0].token_ids != alone
 
 
+def test_head_in_row_chunks_changes_no_token(model):
+    """The head makes logits a bounded number of rows at a time (a 152k vocabulary would otherwise
+    take gigabytes for a full batch of verifies): with chunks of 3 rows, greedy, sampled (top-k,
+    top-p), entropy-budget, lookahead and speculative requests decode exactly as with one chunk."""
+    prompts = random_prompts(7, [2, 6, 11, 16], seed=23)
+    kinds = [dict(), dict(temperature=0.9, top_p=0.8, seed=1), dict(selection="entropy_budget", entropy_budget=0.6),
+             dict(temperature=1.2, top_k=5, seed=2, block_lookahead=True), dict(mode="speculative"),
+             dict(mode="speculative", temperature=0.7, seed=3), dict(selection="entropy_budget", temperature=0.8, seed=4)]
+    ps = [params(max_new_tokens=18, threshold=0.5, **k) if "selection" not in k else params(max_new_tokens=18, **k)
+          for k in kinds]
+    chunked = make_engine(model, use_sub_block_cache=True)
+    chunked.runner.max_head_rows = 3
+    sizes, inner = [], chunked.runner.logits
+    chunked.runner.logits = lambda h: sizes.append(h.shape[0]) or inner(h)
+    got = [r.token_ids for r in chunked.generate(prompts, ps)]
+    assert got == [r.token_ids for r in make_engine(model, use_sub_block_cache=True).generate(prompts, ps)]
+    assert max(sizes) == 3 and sizes.count(3) > 10, "candidate, sampled and entropy rows should have run in chunks"
+
+
 def test_counter_uniform_is_uniform_and_a_function_of_seed_and_counter():
     seed = torch.tensor([3, 3, 4, 2**40 + 3], dtype=torch.int64)
     counter = torch.tensor([0, 1, 0, 0], dtype=torch.int64)
