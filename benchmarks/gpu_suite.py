@@ -18,8 +18,9 @@ what it measured; a failing section is recorded and the next one runs):
    weights reject most drafts, so these rows time the steps, and "lookahead step cost" says what
    the lookahead's extra query rows cost per step at each batch: the figure
    `EngineConfig.speculative_lookahead_max_batch` is chosen by);
-   plus the same workload through a plain HF-transformers `generate` loop (the yardstick), and AR
-   batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth);
+   plus the same workload through a plain HF-transformers `generate` loop (the yardstick), AR
+   batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth), and each
+   run's peak allocated memory (weights, KV pages, the largest step's activations and head chunk);
 4. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
    shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
    with the unquantized model;
@@ -245,11 +246,15 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
                 params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True, mode=run.mode,
                                               block_lookahead=run.block_lookahead)
                 _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 seconds, tokens, steps, _ = _decode_run(engine, prompts, params)
                 step_ms = 1000 * seconds / steps
                 graphs = engine.runner.graphs is not None
                 row = {"shape": shape, "batch": batch, "mode": run.name, "graphs": graphs, "ms/step": step_ms,
                        "tokens/s": tokens / seconds, "tokens/forward": tokens / steps / batch}
+                if device.type == "cuda":  # weights + KV pages + the steps' activations and head chunks
+                    row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if run.mode == "ar" and (graphs or device.type != "cuda"):
                     ar_step = step_ms
                 if run.mode != "ar" and ar_step:
