@@ -14,8 +14,8 @@ A step runs in one of two layouts:
   so they run in the same layout and graphs (a step without any keeps the flag-free attention; the
   flash_attn backend, which has no per-entry flag, runs them dynamic). A step holds at most
   ENTRIES_PER_SEQ x max_num_seqs entries and max_num_seqs x (its longest row) tokens, so no static
-  step outgrows what a full batch of unsplit rows would pad to; one that fits no Q runs dynamic. Padded tokens write their K/V to the
-  cache's scratch slot, padded entries see nothing. On CUDA this body
+  step outgrows what a full batch of unsplit rows would pad to; one that fits no Q runs dynamic.
+  Padded tokens write their K/V to the cache's scratch slot, padded entries see nothing. On CUDA this body
   (embedding -> layers -> norm) replays a CUDA graph captured per `StaticShape` (`fdllm.engine.graphs`);
   elsewhere, or with `EngineConfig(enforce_eager=True)`, the same layout runs eagerly, which is
   what the CPU tests hold against the dynamic layout token for token.
@@ -201,9 +201,9 @@ class ModelRunner:
         self.device = model.device
         self.attention_fn = select_attention_backend(attention_backend, self.device)
         self.fused_confidence = None
+        self.max_head_rows = head_chunk_rows(model.lm_head.weight.shape[0])
         # The mask token is never a prediction: its logit is held at -inf by a bias folded into the LM
         # head's GEMM (Qwen2/Llama heads have none), instead of a copy and a fill of every logit row.
-        self.max_head_rows = head_chunk_rows(model.lm_head.weight.shape[0])
         self.mask_bias_V = None
         if mask_token_id is not None:
             weight = model.lm_head.weight
@@ -271,20 +271,18 @@ class ModelRunner:
         bucket_len = query_bucket if self.bucket_query_len else (lambda n: n)
         if self.fixed_query_len:
             q_len = bucket_len(self.fixed_query_len)
-            if sum(-(-n // q_len) for n in lengths) > self.buckets[-1]:
-                return None
         else:
             # never more tokens than max_num_seqs rows of the step's longest: what the step's
             # activations were sized for before rows were cut (and what a full batch pads to)
             q_len = chunk_len(lengths, self.buckets, bucket_len, self.max_num_seqs * bucket_len(max(lengths)))
-            if q_len is None:
-                return None
+        entries = 0 if q_len is None else sum(-(-n // q_len) for n in lengths)
+        if q_len is None or entries > self.buckets[-1]:
+            return None
         if self.graphs is not None:
             if pages > self.max_pages_per_seq:
                 return None
             pages = self.max_pages_per_seq  # one captured table width
-        batch = self.buckets[bisect.bisect_left(self.buckets, sum(-(-n // q_len) for n in lengths))]
-        return StaticShape(batch, q_len, pages, causal)
+        return StaticShape(self.buckets[bisect.bisect_left(self.buckets, entries)], q_len, pages, causal)
 
     # -- host packing -------------------------------------------------------------------------------
     # Where a work's fed tokens land in the step's flat token layout: per work, (first token, flat
@@ -361,6 +359,7 @@ class ModelRunner:
                 out = section(name)
                 out[: len(values)] = values
                 out[len(values) :] = fill
+
     def _put_dynamic_body(self, works: list[Work]) -> None:
         ids, positions = [], []
         for w in works:
