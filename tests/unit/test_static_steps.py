@@ -217,6 +217,47 @@ def test_head_in_row_chunks_changes_no_token(model):
     assert max(sizes) == 3 and sizes.count(3) > 10, "candidate, sampled and entropy rows should have run in chunks"
 
 
+def test_staging_buffer_growth_renews_the_static_views(model):
+    """The views of a static step's inputs are made once per shape; when the staging buffer grows
+    (a larger step), they must follow it, not keep reading the old buffer."""
+    from fdllm.engine.runner import HostStage
+
+    from fdllm.engine.runner import StaticShape
+
+    requests = mixed_requests(0.0)
+    engine = make_engine(model, use_sub_block_cache=True)
+    runner = engine.runner
+    runner.stage = HostStage(runner.device, capacity=8)  # grows several times
+    got = run_mixed(engine, requests)
+    assert runner.stage.host.numel() > 8
+    assert got == run_mixed(dynamic_only(make_engine(model, use_sub_block_cache=True)), requests)
+    shape = StaticShape(4, 8, 2)
+    before = runner._static_inputs(shape)
+    runner.stage.begin({"big": 4 * runner.stage.host.numel()})  # the next step needs a larger buffer
+    after = runner._static_inputs(shape)
+    assert after.ids_1T.data_ptr() == runner.stage.dev.data_ptr() != before.ids_1T.data_ptr()
+
+
+def test_the_mask_token_is_never_predicted_even_when_it_has_the_top_logit(model):
+    """Hidden states that point along the mask token's LM-head row give it the largest logit at every
+    row; the head holds it at -inf, so requests still decode ordinary tokens and finish."""
+    engine = make_engine(model, use_sub_block_cache=True)
+    weight = model.lm_head.weight.detach()
+    along_mask = (weight[MASK] / weight[MASK].norm() * 4 * weight.norm(dim=1).max()).clone()
+    engine.model.hidden = lambda ids, *a, **k: along_mask.expand(*ids.shape, -1)
+    try:
+        assert (weight @ along_mask).argmax() == MASK
+        ids = [engine.add_request(p, params(max_new_tokens=10, mode=m))
+               for p, m in zip(random_prompts(3, [3, 8], seed=5), ["diffusion", "ar", "speculative"])]
+        done = {}
+        for _ in range(100):
+            done |= {r.request_id: r for r in engine.step()}
+        assert sorted(done) == sorted(ids)
+        assert all(len(r.token_ids) == 10 and MASK not in r.token_ids for r in done.values())
+    finally:
+        del engine.model.hidden
+
+
 def test_counter_uniform_is_uniform_and_a_function_of_seed_and_counter():
     seed = torch.tensor([3, 3, 4, 2**40 + 3], dtype=torch.int64)
     counter = torch.tensor([0, 1, 0, 0], dtype=torch.int64)
