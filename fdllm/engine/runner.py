@@ -5,8 +5,8 @@ A step runs in one of two layouts:
   batch bucket Bb. Each attention row (1 token for AR, the sub-block for cached steps, the block
   for refresh and commit steps, up to the block + 1 for speculative drafts and verifies; a work
   with a lookahead has two rows) fills ceil(len / Q) entries: a row cut into chunks attends exactly
-  as it did whole, since every token's K/V is written before any entry attends and a chunk of a
-  causal row ends its kv where its last query sits (`chunk_rows`). Q is chosen per step to pad the
+  as it did whole, since every token's K/V is written before any entry attends and a chunk keeps
+  the row's kv_len and query positions (`chunk_rows`). Q is chosen per step to pad the
   fewest tokens (`chunk_len`): a commit beside sub-block steps no longer pads every entry to the
   block. Q is a row length of the step, a power of two when graphs are captured (so speculative
   drafts of any length share a few graphs); `EngineConfig(deterministic=True)` fixes it instead.
@@ -83,17 +83,19 @@ def chunk_len(lengths: list[int], buckets: list[int], bucket_len, max_tokens: in
     return best
 
 
-def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, int, int]]:
-    """A row cut into entries of at most `q_len` queries: per chunk (first query in the row, queries,
-    kv_len). Every chunk keeps the row's pages and causality; a bidirectional chunk sees the row's
-    whole kv, a causal chunk ends its kv at its own last query (query t still sees up to
-    kv_len - q_len + t). Plain tuples: a full batch cuts hundreds of rows per step."""
+def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, int, int, int]]:
+    """A row cut into entries of at most `q_len` queries: per chunk (first query in the row, its
+    queries n, the entry's kv_len and q_len). Every chunk keeps the row's pages, causality and
+    kv_len, so it sees the keys the whole row saw, split the same way (batch invariance). A causal
+    chunk's entry q_len is the row's queries from the chunk on (more than the entry holds but the
+    last): the backends place its query t at kv_len - q_len + t, where it sat in the whole row.
+    Plain tuples: a full batch cuts hundreds of rows per step."""
     if row.q_len <= q_len:
-        return [(0, row.q_len, row.kv_len)]
+        return [(0, row.q_len, row.kv_len, row.q_len)]
     chunks = []
     for first in range(0, row.q_len, q_len):
         n = min(q_len, row.q_len - first)
-        chunks.append((first, n, row.kv_len - (row.q_len - first - n) if row.causal else row.kv_len))
+        chunks.append((first, n, row.kv_len, row.q_len - first if row.causal else n))
     return chunks
 
 
@@ -319,12 +321,13 @@ class ModelRunner:
         tokens: token 0 at the scratch slot), block table (padding -1), kv/q lengths and causal flag;
         entries past the step's rows are all padding (they see nothing)."""
         Bb, Q = shape.batch, shape.q_len
-        ids, tables, starts, firsts, q_lens, kv_lens, causal, scattered = [], [], [], [], [], [], [], []
+        ids, tables, starts, firsts, real_lens, kv_lens, q_lens, causal = [], [], [], [], [], [], [], []
+        scattered = []
         pad_pages = [-1] * shape.pages
         for w in works:
             seq, t = w.seq, 0
             for row in w.rows:
-                for first, n, kv_len in chunk_rows(row, Q):
+                for first, n, kv_len, q_len in chunk_rows(row, Q):
                     start = w.start + t + first
                     slot = seq.slot(start)
                     if seq.slot(start + n - 1) != slot + n - 1:  # a speculative draft starting in the previous page
@@ -334,13 +337,14 @@ class ModelRunner:
                     tables += pad_pages[len(row.pages) :]
                     starts.append(start)
                     firsts.append(slot)
-                    q_lens.append(n)
+                    real_lens.append(n)
                     kv_lens.append(kv_len)
+                    q_lens.append(q_len)
                     causal.append(row.causal)
                 t += row.q_len
         E, offsets = len(starts), np.arange(Q)
         section = self.stage.section
-        real = offsets < np.array(q_lens)[:, None]  # [E, Q]
+        real = offsets < np.array(real_lens)[:, None]  # [E, Q]
         ids_BQ = section("ids").reshape(Bb, Q)
         ids_BQ.fill(0)
         ids_BQ[:E][real] = ids

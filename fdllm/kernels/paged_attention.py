@@ -31,7 +31,9 @@ page are never dereferenced. With causal, query t of b sits at kv_len - q_len + 
 to it; the key loop stops at the last position any row of the tile can see. Causality is a
 compile-time mode: none, every sequence, or per sequence from a flag tensor (one launch, one
 captured graph, for a batch mixing causal rows with bidirectional ones). Rows t >= q_len are
-written as zeros (tiles made only of padding skip the key loop).
+written as zeros (tiles made only of padding skip the key loop). q_len may exceed T: the entry
+holds the first T queries of a longer causal row (a static decode step cuts long rows into
+entries), whose positions and kv_len, hence key splits, stay those of the whole row.
 
 Precision. Inputs fp16/bf16/fp32; scores, softmax and the output accumulator are fp32; P is cast
 to the value dtype for the second matmul (as flash-attention does). fp32 inputs use IEEE fp32
@@ -92,7 +94,7 @@ def _paged_attention_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     t = rows // G
     head = kv_head * G + rows % G  # query head of each row
-    real_row = t < q_len  # padded query rows come back as zeros
+    real_row = (t < q_len) & (t < T)  # padded query rows come back as zeros
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
 
@@ -105,7 +107,7 @@ def _paged_attention_kernel(
     # Keys this tile needs: all kv_len, or up to the last real row's position under causal;
     # none for a tile made only of padding rows.
     first_t = (pid_m * BLOCK_M) // G
-    last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1)
+    last_t = tl.minimum(tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1), T - 1)
     kv_end = kv_len
     if CAUSAL == 1:
         kv_end = tl.minimum(kv_len, kv_len - q_len + last_t + 1)
@@ -278,7 +280,8 @@ def paged_attention(
     q [B, T, N, H], k_pool/v_pool [P, S, K, H] (fp16/bf16/fp32, one dtype, head dim contiguous,
     N a multiple of K; query head n reads kv head n // (N // K)); block_tables [B, M] int32/int64,
     entries past a sequence's last page are ignored (may be -1); kv_lens [B] tokens visible to b's
-    queries; q_lens [B] real queries of b (q_lens <= T, and q_lens <= kv_lens when causal);
+    queries; q_lens [B] real queries of b (q_lens <= kv_lens when causal; q_lens > T: b holds the
+    first T queries of a longer causal row, at positions kv_len - q_len + t);
     causal: a bool for every sequence, or per sequence an int32/int64 tensor [B] (nonzero: causal).
     Values of kv_lens/q_lens/block_tables are not checked (that would sync with the device).
     num_splits: None (default) cuts each sequence's key range by its own kv_len (at most MAX_SPLITS

@@ -10,6 +10,8 @@ inside the block, which is all block diffusion needs); `causal=True` is for AR p
 t of sequence b sits at position kv_lens[b] - q_lens[b] + t and sees keys up to it. `causal` may
 also be a per-sequence flag tensor [B] (nonzero: causal), so one call (one captured CUDA graph)
 serves a batch mixing causal rows (a speculative verify, a causal-prefix commit) with the others.
+q_lens[b] may exceed T: sequence b then holds the first T queries of a longer causal row (a static
+decode step cuts long rows into entries of T; each keeps the whole row's kv_len and positions).
 
 This is the semantic contract every backend (Triton, flash-attn) is tested against.
 
