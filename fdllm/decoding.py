@@ -280,7 +280,7 @@ def plan_block_step(
     # Token shift: offset p reads the logit of p-1. Offset feed_start has no predecessor in the feed
     # but is known (offset 0, or a cached step's decoded first offset): any row will do, it is no candidate.
     rows = (max(sub_start - 1, feed_start) - feed_start, *range(sub_start - feed_start, sub_stop - 1 - feed_start))
-    candidates = tuple(token == mask_token_id for token in block[sub_start:sub_stop])
+    candidates = tuple(map(mask_token_id.__eq__, block[sub_start:sub_stop]))
     return BlockStep(feed_start, feed_stop, sub_start, rows, candidates)
 
 
