@@ -5,7 +5,8 @@ candidate rows (`ModelRunner.logits`): what a stub model of the same output shap
 device work on a GPU. Everything else counts as host overhead: scheduling, building and copying
 the step's inputs, confidence/sampling on the logits, the one device-to-host transfer and the
 per-sequence bookkeeping. On CPU the model's forward is itself slow (eager per-op overhead), which
-is why this benchmark subtracts it instead of timing whole steps.
+is why this benchmark subtracts it instead of timing whole steps. (With the Triton backend the LM
+head of greedy rows runs inside the fused confidence kernel, whose time then counts as host.)
 
 `--stub-model` replaces the body by a stub of the same output shapes (a fixed random hidden state per
 token count, so the step's decisions follow random logits): what is left is host work alone, also
