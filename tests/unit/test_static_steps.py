@@ -149,8 +149,8 @@ def test_causal_prefix_commits_and_verifies_run_static_with_per_entry_flags(mode
 
 def test_causal_rows_cut_into_entries_keep_speculative_exactly_ar(model):
     """Speculative verifies are causal rows of up to the block + 1; beside cached sub-block steps (4)
-    a static step cuts them into entries of 4, each ending its kv at its own last query. Every
-    verify logit is read, so a chunk that saw past its queries would change what is accepted: the
+    a static step cuts them into entries of 4, each keeping the row's kv_len and its queries'
+    positions. Every verify logit is read, so a chunk that saw past its queries would change what is accepted: the
     speculative outputs stay the AR outputs of the same prompts, token for token."""
     prompts = random_prompts(8, [2, 5, 9, 14], seed=17)
     modes = ["speculative", "diffusion"] * 4
@@ -162,8 +162,8 @@ def test_causal_rows_cut_into_entries_keep_speculative_exactly_ar(model):
     ar = make_engine(model).generate(prompts[::2], params(max_new_tokens=21, mode="ar"))
     assert got[::2] == [r.token_ids for r in ar]
     assert got == run_mixed(dynamic_only(make_engine(model, use_sub_block_cache=True)), requests)
-    causal_cut = [s for s, (_, rows) in zip([s for s in shapes if s is not None], entries) if s.causal and max(rows) > s.q_len]
-    assert causal_cut, "some verify should have run cut into entries"
+    used = [s for s in shapes if s is not None]
+    assert any(s.causal and max(rows) > s.q_len for s, (_, rows) in zip(used, entries)), "a verify should have been cut"
 
 
 def test_deterministic_mode_pads_every_step_to_max_num_seqs(model):
@@ -220,9 +220,7 @@ def test_head_in_row_chunks_changes_no_token(model):
 def test_staging_buffer_growth_renews_the_static_views(model):
     """The views of a static step's inputs are made once per shape; when the staging buffer grows
     (a larger step), they must follow it, not keep reading the old buffer."""
-    from fdllm.engine.runner import HostStage
-
-    from fdllm.engine.runner import StaticShape
+    from fdllm.engine.runner import HostStage, StaticShape
 
     requests = mixed_requests(0.0)
     engine = make_engine(model, use_sub_block_cache=True)
