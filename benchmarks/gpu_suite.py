@@ -177,8 +177,11 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
 
 
 def _decode_run(engine, prompts, params) -> tuple[float, int, int, list[list[int]]]:
-    """(seconds, generated tokens, decode steps, each prompt's tokens) of one batch run to completion."""
+    """(seconds, generated tokens, decode steps, each prompt's tokens) of one batch run to completion.
+    Seconds leave out CUDA graph captures (lazy: the first step of each new static shape captures)."""
     sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
+    graphs = engine.runner.graphs
+    captured = graphs.capture_seconds if graphs is not None else 0.0
     ids = [engine.add_request(pr, params) for pr in prompts]
     sync()
     start, steps, outputs = time.perf_counter(), 0, {}
@@ -186,7 +189,8 @@ def _decode_run(engine, prompts, params) -> tuple[float, int, int, list[list[int
         outputs |= {r.request_id: r.token_ids for r in engine.step()}
         steps += 1
     sync()
-    return time.perf_counter() - start, sum(map(len, outputs.values())), steps, [outputs[i] for i in ids]
+    seconds = time.perf_counter() - start - ((graphs.capture_seconds - captured) if graphs is not None else 0.0)
+    return seconds, sum(map(len, outputs.values())), steps, [outputs[i] for i in ids]
 
 
 @dataclass(frozen=True)
@@ -361,11 +365,14 @@ def hf_yardstick(model, prompts, new: int, shape: str, batch: int, device: torch
 
 def syncs_of_full_decode_steps(engine, running: int) -> list[int]:
     """Device syncs of each decode step while `running` requests are in flight, counted by torch's
-    sync debug mode; the first 3 steps (prefill, graph captures) are left out of the count."""
+    sync debug mode; the first 3 steps (prefill) and any step that captured a CUDA graph (a new
+    static shape: capturing synchronizes) are left out of the count."""
     for _ in range(3):
         engine.step()
+    graphs = engine.runner.graphs
     counts = []
     while engine.num_running == running:
+        captured = len(graphs.steps) if graphs is not None else 0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -373,7 +380,8 @@ def syncs_of_full_decode_steps(engine, running: int) -> list[int]:
                 engine.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        if graphs is None or len(graphs.steps) == captured:
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
     return counts
 
 

@@ -23,6 +23,7 @@ Only runs on CUDA: `ModelRunner(use_cuda_graphs=True)` (the default on CUDA unle
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -72,6 +73,7 @@ class GraphPool:
     def __init__(self, model: Transformer, cache: KVCache, attention_fn) -> None:
         self.model, self.cache, self.attention_fn = model, cache, attention_fn
         self.steps: dict[StaticShape, CapturedStep] = {}
+        self.capture_seconds = 0.0  # spent capturing so far (benchmarks leave it out of step times)
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device=cache.k_LPSKH.device)
 
@@ -81,6 +83,10 @@ class GraphPool:
         if step is None:
             log.info("capturing a CUDA graph for decode steps of batch %d x %d tokens (table width %d%s)",
                      shape.batch, shape.q_len, shape.pages, ", causal flags" if shape.causal else "")
+            torch.cuda.synchronize(self.cache.k_LPSKH.device)
+            start = time.perf_counter()
             step = CapturedStep(self.model, self.cache, self.attention_fn, shape, self.pool, self.stream)
+            torch.cuda.synchronize(self.cache.k_LPSKH.device)
+            self.capture_seconds += time.perf_counter() - start
             self.steps[shape] = step
         return step.replay(staged)
