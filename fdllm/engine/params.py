@@ -143,7 +143,7 @@ class EngineConfig:
     num_pages: int | None = None  # KV pages (one block each); None: sized by kv_cache_gib / gpu_memory_utilization
     kv_cache_gib: float | None = None  # None: gpu_memory_utilization on CUDA, 1 GiB elsewhere
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV cache
-    max_num_seqs: int = 64  # running sequences per step (also the largest CUDA-graph batch)
+    max_num_seqs: int = 64  # running sequences per step (CUDA-graph batches: up to 4x as many entries, rows cut)
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (chunked by block)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"  # "auto" (triton on CUDA, else torch) | "torch" | "triton" | "flash_attn"
