@@ -74,13 +74,18 @@ def chunk_len(lengths: list[int], buckets: list[int], bucket_len, max_tokens: in
     steps the step already runs (an AR row of 1 pads to Q rather than cut a block into 1-token entries)."""
     best, best_tokens = None, None
     for q in sorted({bucket_len(n) for n in lengths if n > 1} or {1}):
-        entries = sum(-(-n // q) for n in lengths)
+        entries = num_entries(lengths, q)
         if entries > buckets[-1]:
             continue
         tokens = buckets[bisect.bisect_left(buckets, entries)] * q
         if tokens <= max_tokens and (best_tokens is None or tokens <= best_tokens):
             best, best_tokens = q, tokens
     return best
+
+
+def num_entries(lengths: list[int], q_len: int) -> int:
+    """Entries of `q_len` tokens that rows of `lengths` fill when cut (`chunk_rows`)."""
+    return sum(-(-n // q_len) for n in lengths)
 
 
 def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, int, int, int]]:
@@ -277,7 +282,7 @@ class ModelRunner:
             # never more tokens than max_num_seqs rows of the step's longest: what the step's
             # activations were sized for before rows were cut (and what a full batch pads to)
             q_len = chunk_len(lengths, self.buckets, bucket_len, self.max_num_seqs * bucket_len(max(lengths)))
-        entries = 0 if q_len is None else sum(-(-n // q_len) for n in lengths)
+        entries = 0 if q_len is None else num_entries(lengths, q_len)
         if q_len is None or entries > self.buckets[-1]:
             return None
         if self.graphs is not None:
@@ -304,7 +309,7 @@ class ModelRunner:
         for w in works:
             segs, t = [], 0
             for row in w.rows:
-                for first in range(0, row.q_len, q_len):
+                for first, *_ in chunk_rows(row, q_len):
                     segs.append((t + first, e * q_len))
                     e += 1
                 t += row.q_len
@@ -464,7 +469,7 @@ class ModelRunner:
             logits_CV = self.logits(h_CD)
             token_C, prob_C = greedy_confidence(logits_CV, None)
         else:
-            token_C, prob_C = _cat2([greedy_confidence(self.logits(h_CD[a : a + k]), None) for a in range(0, C, k)])
+            token_C, prob_C = _join_pairs([greedy_confidence(self.logits(h_CD[a : a + k]), None) for a in range(0, C, k)])
 
         def logits(rows: Tensor) -> Tensor:  # the mask token already at -inf: mask_token_id=None below
             return logits_CV[rows] if logits_CV is not None else self.logits(h_CD[rows])
@@ -473,11 +478,11 @@ class ModelRunner:
         if plan.num_entropy:
             rows = get("entropy")
             parts = [token_entropy(logits(rows[a : a + k]), None) for a in range(0, plan.num_entropy, k)]
-            entropy_C = torch.zeros_like(prob_C).index_put((rows,), parts[0] if len(parts) == 1 else torch.cat(parts))
+            entropy_C = torch.zeros_like(prob_C).index_put((rows,), _join(parts))
         if plan.num_sampled:
             rows, temperature, top_p = get("sampled"), get("temperature", torch.float32), get("top_p", torch.float32)
             top_k, uniform_S = get("top_k"), counter_uniform(get("seed"), get("counter"))
-            token_S, prob_S = _cat2([
+            token_S, prob_S = _join_pairs([
                 sample_confidence(logits(rows[a : a + k]), None, temperature[a : a + k], top_p[a : a + k],
                                   top_k[a : a + k], uniform_S[a : a + k])
                 for a in range(0, plan.num_sampled, k)
@@ -508,11 +513,15 @@ class ModelRunner:
             out[i] = pred
 
 
-def _cat2(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Concatenate chunked (tokens, probs) pairs (one chunk: as they are, no copy)."""
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+def _join(parts: list[Tensor]) -> Tensor:
+    """The head's row chunks joined again (one chunk: as it is, no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _join_pairs(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Chunked (tokens, probs) pairs joined again."""
+    tokens, probs = zip(*parts)
+    return _join(list(tokens)), _join(list(probs))
 
 
 HEAD_CHUNK_BYTES = 128 << 20
