@@ -88,6 +88,11 @@ def num_entries(lengths: list[int], q_len: int) -> int:
     return sum(-(-n // q_len) for n in lengths)
 
 
+def chunk_starts(row_len: int, q_len: int) -> range:
+    """Where a row of `row_len` queries is cut into entries of at most `q_len` (the first query of each)."""
+    return range(0, row_len, q_len)
+
+
 def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, int, int, int]]:
     """A row cut into entries of at most `q_len` queries: per chunk (first query in the row, its
     queries n, the entry's kv_len and q_len). Every chunk keeps the row's pages, causality and
@@ -98,7 +103,7 @@ def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, int, int, int]]
     if row.q_len <= q_len:
         return [(0, row.q_len, row.kv_len, row.q_len)]
     chunks = []
-    for first in range(0, row.q_len, q_len):
+    for first in chunk_starts(row.q_len, q_len):
         n = min(q_len, row.q_len - first)
         chunks.append((first, n, row.kv_len, row.q_len - first if row.causal else n))
     return chunks
@@ -309,7 +314,7 @@ class ModelRunner:
         for w in works:
             segs, t = [], 0
             for row in w.rows:
-                for first, *_ in chunk_rows(row, q_len):
+                for first in chunk_starts(row.q_len, q_len):  # chunk_rows' cut, without building its rows
                     segs.append((t + first, e * q_len))
                     e += 1
                 t += row.q_len
