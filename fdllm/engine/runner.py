@@ -476,19 +476,19 @@ class ModelRunner:
         else:
             token_C, prob_C = _join_pairs([greedy_confidence(self.logits(h_CD[a : a + k]), None) for a in range(0, C, k)])
 
-        def logits(rows: Tensor) -> Tensor:  # the mask token already at -inf: mask_token_id=None below
+        def row_logits(rows: Tensor) -> Tensor:  # the mask token already at -inf: mask_token_id=None below
             return logits_CV[rows] if logits_CV is not None else self.logits(h_CD[rows])
 
         entropy_C = None
         if plan.num_entropy:
             rows = get("entropy")
-            parts = [token_entropy(logits(rows[a : a + k]), None) for a in range(0, plan.num_entropy, k)]
+            parts = [token_entropy(row_logits(rows[a : a + k]), None) for a in range(0, plan.num_entropy, k)]
             entropy_C = torch.zeros_like(prob_C).index_put((rows,), _join(parts))
         if plan.num_sampled:
             rows, temperature, top_p = get("sampled"), get("temperature", torch.float32), get("top_p", torch.float32)
             top_k, uniform_S = get("top_k"), counter_uniform(get("seed"), get("counter"))
             token_S, prob_S = _join_pairs([
-                sample_confidence(logits(rows[a : a + k]), None, temperature[a : a + k], top_p[a : a + k],
+                sample_confidence(row_logits(rows[a : a + k]), None, temperature[a : a + k], top_p[a : a + k],
                                   top_k[a : a + k], uniform_S[a : a + k])
                 for a in range(0, plan.num_sampled, k)
             ])
