@@ -6,7 +6,9 @@ finishing) between steps; `generate` is the batch convenience on top of the step
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import itertools
 import logging
 import secrets
@@ -36,6 +38,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+
+
+def freeze_gc_heap() -> None:
+    """Move every object alive now out of the garbage collector's reach (EngineConfig.freeze_gc).
+
+    Collect first: `gc.freeze` keeps what it finds, so garbage cycles left from start-up would never
+    be freed. Objects made later (requests, steps) are collected as usual; after the first engine of
+    a process, this only scans what was made since the previous freeze.
+    """
+    start = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    # Given back at exit, so the interpreter's last collection still frees them (nanobind, which
+    # triton uses, reports what is left as leaks); one registration however many engines freeze.
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
+    log.info("gc: %d start-up objects frozen in %.0f ms (EngineConfig.freeze_gc)", gc.get_freeze_count(),
+             1000 * (time.perf_counter() - start))
 
 
 class Engine:
@@ -100,6 +120,8 @@ class Engine:
             num_pages, L, self.max_model_len, self.attention_backend, engine_config.attention_backend,
             "on" if use_graphs else "off", config,
         )
+        if engine_config.freeze_gc:
+            freeze_gc_heap()
 
     @classmethod
     def from_pretrained(

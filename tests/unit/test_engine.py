@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -389,6 +390,21 @@ def test_bad_engine_config_is_rejected(model):
         make_engine(model, threshold=0.0)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         make_engine(model, mask_token_id=VOCAB)
+
+
+def test_a_built_engine_freezes_the_start_up_heap_unless_told_not_to(model):
+    """The collector's full passes must not re-scan the start-up heap mid-serving (EngineConfig.freeze_gc)."""
+    def tracked(obj):  # frozen objects are in no generation
+        return any(o is obj for o in gc.get_objects())
+
+    gc.unfreeze()
+    kept = fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(mask_token_id=MASK),
+                        fdllm.EngineConfig(num_pages=8, freeze_gc=False))
+    assert gc.get_freeze_count() == 0 and tracked(kept.scheduler)
+    frozen = make_engine(model)
+    assert gc.get_freeze_count() > 0 and not tracked(kept.scheduler) and not tracked(frozen.scheduler)
+    [out] = frozen.generate([[1, 2, 3]], params(max_new_tokens=8))  # decodes as usual
+    assert len(out.token_ids) == 8
 
 
 def test_request_larger_than_the_cache_is_rejected(model):
