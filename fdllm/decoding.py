@@ -14,6 +14,8 @@ Shape legend: T logit rows, V vocab, B sequences, W logit rows per sequence (a s
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from collections.abc import Set as AbstractSet
+from itertools import compress
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +98,10 @@ def select_unmask(probs: Sequence[float], threshold: float, force: bool = True) 
     ties), so every step makes progress."""
     if not probs:
         return []
-    best = max(range(len(probs)), key=probs.__getitem__) if force else -1
-    return [p > threshold or i == best for i, p in enumerate(probs)]
+    chosen = [p > threshold for p in probs]
+    if force:
+        chosen[probs.index(max(probs))] = True  # index: the first of equal maxima
+    return chosen
 
 
 def token_entropy(logits_TV: Tensor, mask_token_id: int | None) -> Tensor:
@@ -203,12 +207,12 @@ def select_block_step(
     if policy.adaptive:
         stop = delimiter_stop(tokens, probs, step.candidates, step.sub_start, stop, policy.delimiter_ids,
                               policy.delimiter_threshold)
-    inside = [i for i, cand in enumerate(step.candidates) if cand and step.sub_start + i < stop]
+    inside = list(compress(range(min(stop - step.sub_start, len(step.candidates))), step.candidates))
     chosen = policy.select([probs[i] for i in inside], None if entropies is None else [entropies[i] for i in inside],
                            force)
     selected = [False] * len(step.candidates)
-    for i, sel in zip(inside, chosen):
-        selected[i] = sel
+    for i in compress(inside, chosen):
+        selected[i] = True
     return selected, stop
 
 
@@ -293,9 +297,9 @@ def opening_step(block_size: int, sub_block_size: int) -> BlockStep:
 
 def apply_unmask(block: list[int], step: BlockStep, tokens: Sequence[int], selected: Sequence[bool]) -> None:
     """Write the selected predictions into the block (in place); never over a known offset."""
-    for i, (token, sel, cand) in enumerate(zip(tokens, selected, step.candidates)):
-        if sel and cand:
-            block[step.sub_start + i] = token
+    for i in compress(range(len(selected)), selected):
+        if step.candidates[i]:
+            block[step.sub_start + i] = tokens[i]
 
 
 def new_block(known: Sequence[int], block_size: int, mask_token_id: int) -> list[int]:
@@ -305,12 +309,10 @@ def new_block(known: Sequence[int], block_size: int, mask_token_id: int) -> list
 
 def decoded_prefix(block: Sequence[int], start: int, mask_token_id: int) -> list[int]:
     """The contiguous decoded tokens of `block` from offset `start` (they are final)."""
-    out = []
-    for token in block[start:]:
-        if token == mask_token_id:
-            break
-        out.append(token)
-    return out
+    try:
+        return block[start : block.index(mask_token_id, start)]
+    except ValueError:  # no mask from `start` on
+        return block[start:]
 
 
 @dataclass(frozen=True)
@@ -318,7 +320,7 @@ class StopCriteria:
     """When a request ends (METHOD.md §3.5): a stop token, a stop string, or max_new_tokens."""
 
     max_new_tokens: int
-    stop_token_ids: Collection[int] = frozenset()
+    stop_token_ids: AbstractSet[int] = frozenset()
     stop: Sequence[str] = ()
     decode: Callable[[Sequence[int]], str] | None = None  # token ids -> text, for stop strings
 
@@ -328,9 +330,10 @@ class StopCriteria:
         `output[:num_checked]` were checked before; the output is cut after the stop token, or after
         the token that completes a stop string.
         """
-        for i in range(num_checked, len(output)):
-            if output[i] in self.stop_token_ids:
-                return i + 1, "stop"
+        if not self.stop_token_ids.isdisjoint(output[num_checked:]):
+            for i in range(num_checked, len(output)):
+                if output[i] in self.stop_token_ids:
+                    return i + 1, "stop"
         cut = self._stop_string_cut(output, num_checked)
         if cut is not None:
             return cut, "stop"

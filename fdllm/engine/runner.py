@@ -48,13 +48,11 @@ from torch import Tensor
 
 from fdllm.cache import AttentionRow, KVCache, PagedAttention, StaticPagedAttention
 from fdllm.decoding import counter_uniform, sample_confidence, token_entropy
+from fdllm.engine.inputs import StepInputs, cache_slots
 from fdllm.engine.sequence import Predictions, Work
 from fdllm.kernels import select_attention_backend
 from fdllm.kernels.reference import greedy_confidence
 from fdllm.model import Transformer
-
-_ROW_STREAM = 1 << 12  # counter = forwards * _ROW_STREAM + logit row: one draw per row per forward
-
 
 def query_bucket(q_len: int) -> int:
     """Padded query tokens per work of a captured step: the next power of two, so speculative
@@ -187,16 +185,6 @@ class StaticShape:
     causal: bool = False
 
 
-@dataclass
-class HeadPlan:
-    """Which hidden rows go through the LM head (host side)."""
-
-    readers: list[int]  # index into the step's works of each work that reads logits (B)
-    num_candidates: int  # C
-    num_sampled: int  # S
-    num_entropy: int = 0  # E
-
-
 class ModelRunner:
     def __init__(
         self, model: Transformer, cache: KVCache, mask_token_id: int | None, attention_backend: str, *,
@@ -246,40 +234,35 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, works: list[Work]) -> list[Predictions]:
         """Per work: the predictions of its logit rows (none for pure prefill chunks)."""
-        shape = self.static_shape(works)
-        segments = self._static_segments(works, shape.q_len) if shape else self._packed_segments(works)
-        num_tokens = shape.batch * shape.q_len if shape else sum(len(w.token_ids) for w in works)
-        plan = self._plan_head(works)
-        sizes = self._body_sizes(shape, num_tokens) | self._head_sizes(plan)
-        self.stage.begin(sizes)
-        if shape:
-            self._put_static_body(works, shape)
-        else:
-            self._put_dynamic_body(works)
-        self._put_head(works, plan, segments)
+        inputs, candidate_rows = StepInputs.from_works(works)
+        results = self.forward(inputs)
+        return self._scatter_back(works, candidate_rows, *results)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> tuple[list[float], list[float], list[float] | None]:
+        """The step's forward: per candidate row, its token and probability (and entropy where
+        `inputs.entropy` asks for it, else None), back on the host as lists."""
+        shape = self.static_shape(inputs)
+        N, C = len(inputs.ids), len(inputs.candidates)
+        body = StaticInputs.sizes(shape) if shape else {"ids": N, "positions": N}
+        self.stage.begin(body | self._head_sizes(inputs))
+        flat_N = self._put_static_body(inputs, shape) if shape else self._put_dynamic_body(inputs)
+        self._put_head(inputs, flat_N)
         self.stage.copy()
-        h_TD = self._body(works, shape)
-        out = [Predictions() for _ in works]
-        if plan.num_candidates == 0:
-            return out
-        token_C, prob_C, entropy_C = self._head(h_TD, plan)
+        h_TD = self._body(inputs, shape)
+        if C == 0:
+            return [], [], None
+        token_C, prob_C, entropy_C = self._head(h_TD, inputs)
         # the step's one device-to-host sync (fp64 holds token ids and fp32 probabilities exactly)
         rows = [token_C.to(torch.float64), prob_C] + ([] if entropy_C is None else [entropy_C])
         host = torch.stack(rows).tolist()  # promoted to fp64
-        self._scatter_back(works, plan, host[0], host[1], host[2] if entropy_C is not None else None, out)
-        return out
+        return host[0], host[1], host[2] if entropy_C is not None else None
 
-    def static_shape(self, works: list[Work]) -> StaticShape | None:
-        """The padded layout when every work is a decode work and its rows fit a bucket, else None."""
-        lengths, pages, causal = [], 0, False
-        for w in works:
-            if w.num_prefill:
-                return None
-            for row in w.rows:
-                if row.causal and not self.causal_entries:
-                    return None
-                lengths.append(row.q_len)
-                pages, causal = max(pages, len(row.pages)), causal or row.causal
+    def static_shape(self, inputs: StepInputs) -> StaticShape | None:
+        """The padded layout when no row writes prompt K/V and the rows fit a bucket, else None."""
+        if inputs.prefill or (not self.causal_entries and inputs.causal.any()):
+            return None
+        lengths = inputs.q_lens.tolist()
         bucket_len = query_bucket if self.bucket_query_len else (lambda n: n)
         if self.fixed_query_len:
             q_len = bucket_len(self.fixed_query_len)
@@ -290,158 +273,94 @@ class ModelRunner:
         entries = 0 if q_len is None else num_entries(lengths, q_len)
         if q_len is None or entries > self.buckets[-1]:
             return None
+        pages = max(map(len, inputs.pages))
         if self.graphs is not None:
             if pages > self.max_pages_per_seq:
                 return None
             pages = self.max_pages_per_seq  # one captured table width
-        return StaticShape(self.buckets[bisect.bisect_left(self.buckets, entries)], q_len, pages, causal)
+        return StaticShape(self.buckets[bisect.bisect_left(self.buckets, entries)], q_len, pages,
+                           bool(inputs.causal.any()))
 
     # -- host packing -------------------------------------------------------------------------------
-    # Where a work's fed tokens land in the step's flat token layout: per work, (first token, flat
-    # index) of each run of its tokens that lies contiguously there (`flat_index`).
-    @staticmethod
-    def _packed_segments(works: list[Work]) -> list[list[tuple[int, int]]]:
-        segments, n = [], 0
-        for w in works:
-            segments.append([(0, n)])
-            n += len(w.token_ids)
-        return segments
-
-    @staticmethod
-    def _static_segments(works: list[Work], q_len: int) -> list[list[tuple[int, int]]]:
-        """One segment per entry: entry e of the step (row chunks across works, in order) starts at flat e * Q."""
-        segments, e = [], 0
-        for w in works:
-            segs, t = [], 0
-            for row in w.rows:
-                for first in chunk_starts(row.q_len, q_len):  # chunk_rows' cut, without building its rows
-                    segs.append((t + first, e * q_len))
-                    e += 1
-                t += row.q_len
-            segments.append(segs)
-        return segments
-
-    @staticmethod
-    def _body_sizes(shape: StaticShape | None, num_tokens: int) -> dict[str, int]:
-        return StaticInputs.sizes(shape) if shape else {"ids": num_tokens, "positions": num_tokens}
-
-    def _put_static_body(self, works: list[Work], shape: StaticShape) -> None:
-        """Written in place into the staged sections by a fixed handful of numpy ops (a full batch
-        has hundreds of entries): per entry, its row's tokens, positions and cache slots (padding
-        tokens: token 0 at the scratch slot), block table (padding -1), kv/q lengths and causal flag;
-        entries past the step's rows are all padding (they see nothing)."""
+    def _put_static_body(self, inputs: StepInputs, shape: StaticShape) -> np.ndarray:
+        """Written in place into the staged sections by a fixed handful of numpy ops: each row cut into
+        ceil(q_len / Q) entries (`chunk_rows`), per entry its row's tokens, positions and cache slots
+        (padding tokens: token 0 at the scratch slot), block table (padding -1), kv/q lengths and causal
+        flag; entries past the step's rows are all padding (they see nothing). Returns the flat index
+        [N] of every fed token in the [Bb * Q] layout."""
         Bb, Q = shape.batch, shape.q_len
-        ids, tables, starts, firsts, real_lens, kv_lens, q_lens, causal = [], [], [], [], [], [], [], []
-        scattered = []
-        pad_pages = [-1] * shape.pages
-        for w in works:
-            seq, t = w.seq, 0
-            for row in w.rows:
-                for first, n, kv_len, q_len in chunk_rows(row, Q):
-                    start = w.start + t + first
-                    slot = seq.slot(start)
-                    if seq.slot(start + n - 1) != slot + n - 1:  # a speculative draft starting in the previous page
-                        scattered.append((len(starts), [seq.slot(p) for p in range(start, start + n)]))
-                    ids += w.token_ids[t + first : t + first + n]
-                    tables += row.pages
-                    tables += pad_pages[len(row.pages) :]
-                    starts.append(start)
-                    firsts.append(slot)
-                    real_lens.append(n)
-                    kv_lens.append(kv_len)
-                    q_lens.append(q_len)
-                    causal.append(row.causal)
-                t += row.q_len
-        E, offsets = len(starts), np.arange(Q)
+        q_lens, causal = inputs.q_lens, inputs.causal
+        n_R = -(-q_lens // Q)  # entries per row
+        entry_R = np.cumsum(n_R) - n_R  # each row's first entry
+        E = int(n_R.sum())
+        row_E = np.repeat(np.arange(len(q_lens)), n_R)
+        first_E = (np.arange(E) - entry_R[row_E]) * Q  # the chunk's first query in its row (chunk_starts)
+        left_E = q_lens[row_E] - first_E
+        real_lens_E = np.minimum(left_E, Q)
+        offsets = np.arange(Q)
         section = self.stage.section
-        real = offsets < np.array(real_lens)[:, None]  # [E, Q]
-        ids_BQ = section("ids").reshape(Bb, Q)
-        ids_BQ.fill(0)
-        ids_BQ[:E][real] = ids
+        flat_N = np.repeat(entry_R * Q - inputs.row_tokens, q_lens) + np.arange(len(inputs.ids))
+        ids = section("ids")
+        ids.fill(0)
+        ids[flat_N] = inputs.ids
         positions_BQ = section("positions").reshape(Bb, Q)
-        positions_BQ[:E] = np.array(starts)[:, None] + offsets  # a padding token's position is never read
+        positions_BQ[:E] = (inputs.starts[row_E] + first_E)[:, None] + offsets  # a padding token's is never read
         positions_BQ[E:] = 0
+        table_EM = inputs.page_table(shape.pages)[row_E]
         slots_BQ = section("slots").reshape(Bb, Q)
-        slots_BQ[:E] = np.array(firsts)[:, None] + offsets
-        slots_BQ[:E][~real] = self.cache.scratch_slot
+        slots_BQ[:E] = cache_slots(table_EM, positions_BQ[:E], self.cache.page_size)
+        slots_BQ[:E][offsets >= real_lens_E[:, None]] = self.cache.scratch_slot
         slots_BQ[E:] = self.cache.scratch_slot
-        for e, slots in scattered:
-            slots_BQ[e, : len(slots)] = slots
-        for name, values, fill in (("tables", tables, -1), ("kv_lens", kv_lens, 0), ("q_lens", q_lens, 0),
-                                   ("causal", causal, 0)):
+        tables_BM = section("tables").reshape(Bb, shape.pages)
+        tables_BM[:E] = table_EM
+        tables_BM[E:] = -1
+        # a causal chunk's q_len is its row's queries from the chunk on (chunk_rows)
+        for name, values in (("kv_lens", inputs.kv_lens[row_E]), ("q_lens", np.where(causal[row_E], left_E, real_lens_E)),
+                             ("causal", causal[row_E])):
             if name != "causal" or shape.causal:
                 out = section(name)
-                out[: len(values)] = values
-                out[len(values) :] = fill
+                out[:E] = values
+                out[E:] = 0
+        return flat_N
 
-    def _put_dynamic_body(self, works: list[Work]) -> None:
-        ids, positions = [], []
-        for w in works:
-            ids += w.token_ids
-            positions += range(w.start, w.start + len(w.token_ids))
-        self.stage.put("ids", ids)
-        self.stage.put("positions", positions)
-
-    def _plan_head(self, works: list[Work]) -> HeadPlan:
-        readers = [i for i, w in enumerate(works) if w.logit_rows]
-        cands = sampled = entropy = 0
-        for i in readers:
-            w = works[i]
-            n = w.candidates.count(True)
-            cands += n
-            sampled += sum(w.candidates[r] for r in w.sampled_rows)
-            entropy += n if w.needs_entropy else 0
-        return HeadPlan(readers, cands, sampled, entropy)
+    def _put_dynamic_body(self, inputs: StepInputs) -> np.ndarray:
+        """Packed tokens in order (their flat index is their index)."""
+        N = len(inputs.ids)
+        self.stage.put("ids", inputs.ids)
+        self.stage.put("positions", np.repeat(inputs.starts - inputs.row_tokens, inputs.q_lens) + np.arange(N))
+        return np.arange(N)
 
     @staticmethod
-    def _head_sizes(plan: HeadPlan) -> dict[str, int]:
-        C, S = plan.num_candidates, plan.num_sampled
+    def _head_sizes(inputs: StepInputs) -> dict[str, int]:
+        C, S = len(inputs.candidates), len(inputs.sampled)
         return {"cand_rows": C, "sampled": S, "temperature": S, "top_p": S, "top_k": S, "seed": S, "counter": S,
-                "entropy": plan.num_entropy}
+                "entropy": len(inputs.entropy)}
 
-    def _put_head(self, works: list[Work], plan: HeadPlan, segments: list[list[tuple[int, int]]]) -> None:
-        rows, entropy = [], []
-        sampled, temperature, top_p, top_k, seed, counter = [], [], [], [], [], []
-        for i in plan.readers:
-            w, segs = works[i], segments[i]
-            cands = [r for r, cand in enumerate(w.candidates) if cand]  # logit rows that are candidates
-            first = len(rows)
-            if len(segs) == 1:
-                base = segs[0][1]
-                rows += [base + w.logit_rows[r] for r in cands]
-            else:
-                rows += [flat_index(segs, w.logit_rows[r]) for r in cands]
-            if w.needs_entropy:
-                entropy += range(first, len(rows))
-            sampled_rows = w.sampled_rows
-            if sampled_rows:
-                p = w.seq.params
-                for c, r in enumerate(cands, first):
-                    if r in sampled_rows:
-                        sampled.append(c)
-                        temperature.append(p.temperature)
-                        top_p.append(p.top_p)
-                        top_k.append(p.top_k)
-                        seed.append(p.seed & 0x7FFFFFFFFFFFFFFF)
-                        counter.append(w.seq.num_forwards * _ROW_STREAM + r)
+    def _put_head(self, inputs: StepInputs, flat_N: np.ndarray) -> None:
         put = self.stage.put
-        put("cand_rows", rows)
-        put("sampled", sampled)
-        put("temperature", temperature, np.float64)
-        put("top_p", top_p, np.float64)
-        put("top_k", top_k)
-        put("seed", seed)
-        put("counter", counter)
-        put("entropy", entropy)
+        put("cand_rows", flat_N[inputs.candidates])
+        put("sampled", inputs.sampled)
+        put("temperature", inputs.temperature, np.float64)
+        put("top_p", inputs.top_p, np.float64)
+        put("top_k", inputs.top_k)
+        put("seed", inputs.seed)
+        put("counter", inputs.counter)
+        put("entropy", inputs.entropy)
 
     # -- device work --------------------------------------------------------------------------------
-    def _body(self, works: list[Work], shape: StaticShape | None) -> Tensor:
+    def _body(self, inputs: StepInputs, shape: StaticShape | None) -> Tensor:
         """Final hidden states [T, D] of the packed (or padded) tokens."""
         get = self.stage.get
         if shape is None:
+            positions = self.stage.section("positions")
+            table_RM = inputs.page_table(max(map(len, inputs.pages)))
+            rows = np.repeat(np.arange(len(inputs.q_lens)), inputs.q_lens)
+            slots = cache_slots(table_RM[rows], positions[:, None], self.cache.page_size)[:, 0]
             attention = PagedAttention.build(
-                self.cache, [w.seq.slot(p) for w in works for p in range(w.start, w.start + len(w.token_ids))],
-                [r for w in works for r in w.rows], self.attention_fn,
+                self.cache, slots,
+                [AttentionRow(*row) for row in zip(inputs.q_lens.tolist(), inputs.kv_lens.tolist(), inputs.pages,
+                                                   inputs.causal.tolist())],
+                self.attention_fn,
             )
             return self.model.hidden(get("ids")[None], get("positions")[None], cache=attention)[0]
         if self.graphs is not None:
@@ -456,7 +375,7 @@ class ModelRunner:
             self._static_views[shape] = (self.stage.dev, inputs)
         return inputs
 
-    def _head(self, h_TD: Tensor, plan: HeadPlan) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _head(self, h_TD: Tensor, inputs: StepInputs) -> tuple[Tensor, Tensor, Tensor | None]:
         """Token [C] (int64) and its probability [C] (fp32) of each candidate row, greedy or sampled;
         the entropy [C] (fp32, 0 outside the E entropy rows) when some row needs it, else None.
 
@@ -466,7 +385,8 @@ class ModelRunner:
         depends on its own logits and draw only, so the chunks change nothing."""
         get = self.stage.get
         h_CD = h_TD[get("cand_rows")]
-        C, k = plan.num_candidates, self.max_head_rows
+        C, k = len(inputs.candidates), self.max_head_rows
+        E, S = len(inputs.entropy), len(inputs.sampled)
         logits_CV = None  # kept for the sampled and entropy rows when every candidate fits one chunk
         if self.fused_confidence is not None:
             token_C, prob_C = self.fused_confidence(h_CD, self.model.lm_head.weight, self.mask_token_id)
@@ -480,17 +400,17 @@ class ModelRunner:
             return logits_CV[rows] if logits_CV is not None else self.logits(h_CD[rows])
 
         entropy_C = None
-        if plan.num_entropy:
+        if E:
             rows = get("entropy")
-            parts = [token_entropy(row_logits(rows[a : a + k]), None) for a in range(0, plan.num_entropy, k)]
+            parts = [token_entropy(row_logits(rows[a : a + k]), None) for a in range(0, E, k)]
             entropy_C = torch.zeros_like(prob_C).index_put((rows,), _join(parts))
-        if plan.num_sampled:
+        if S:
             rows, temperature, top_p = get("sampled"), get("temperature", torch.float32), get("top_p", torch.float32)
             top_k, uniform_S = get("top_k"), counter_uniform(get("seed"), get("counter"))
             token_S, prob_S = _join_pairs([
                 sample_confidence(row_logits(rows[a : a + k]), None, temperature[a : a + k], top_p[a : a + k],
                                   top_k[a : a + k], uniform_S[a : a + k])
-                for a in range(0, plan.num_sampled, k)
+                for a in range(0, S, k)
             ])
             token_C, prob_C = token_C.index_put((rows,), token_S), prob_C.index_put((rows,), prob_S)
         return token_C, prob_C, entropy_C
@@ -499,23 +419,28 @@ class ModelRunner:
         """fp32 logits [R, V] of hidden rows, the mask token's at -inf."""
         return torch.nn.functional.linear(h_RD, self.model.lm_head.weight, self.mask_bias_V).float()
 
-    def _scatter_back(self, works: list[Work], plan: HeadPlan, tokens: list[float], probs: list[float],
-                      entropies: list[float] | None, out: list[Predictions]) -> None:
-        """Per reading work: its logit rows' predictions; rows that are no candidate get a filler token
-        and probability 0 (the sequence never commits them)."""
+    def _scatter_back(self, works: list[Work], candidate_rows: list[list[int]], tokens: list[float],
+                      probs: list[float], entropies: list[float] | None) -> list[Predictions]:
+        """Per work: its logit rows' predictions (none for a pure prefill chunk); rows that are no
+        candidate get a filler token and probability 0 (the sequence never commits them)."""
         filler = self.mask_token_id if self.mask_token_id is not None else 0
-        c = 0
-        for i in plan.readers:
-            w = works[i]
-            n = len(w.logit_rows)
-            pred = Predictions([filler] * n, [0.0] * n, [0.0] * n if w.needs_entropy else None)
-            for r, cand in enumerate(w.candidates):
-                if cand:
-                    pred.tokens[r], pred.probs[r] = int(tokens[c]), probs[c]
-                    if pred.entropies is not None:
-                        pred.entropies[r] = entropies[c]
-                    c += 1
-            out[i] = pred
+        out, c = [], 0
+        for w, cands in zip(works, candidate_rows):
+            n, m = len(w.logit_rows), len(cands)
+            needs_entropy = m and w.needs_entropy
+            if m == n:  # every row a candidate (or none): the step's results in order
+                pred = Predictions([int(t) for t in tokens[c : c + n]], probs[c : c + n],
+                                   entropies[c : c + n] if needs_entropy else None)
+            else:
+                pred = Predictions([filler] * n, [0.0] * n, [0.0] * n if needs_entropy else None)
+                for j, r in enumerate(cands, c):
+                    pred.tokens[r], pred.probs[r] = int(tokens[j]), probs[j]
+                if needs_entropy:
+                    for j, r in enumerate(cands, c):
+                        pred.entropies[r] = entropies[j]
+            c += m
+            out.append(pred)
+        return out
 
 
 def _join(parts: list[Tensor]) -> Tensor:
@@ -536,16 +461,6 @@ def head_chunk_rows(vocab_size: int) -> int:
     """Rows of fp32 logits the head makes at a time: HEAD_CHUNK_BYTES of them (220 rows at Qwen2's
     152k vocabulary, hundreds of thousands at a tiny test vocabulary)."""
     return max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
-
-
-def flat_index(segments: list[tuple[int, int]], token: int) -> int:
-    """Flat index of a work's fed token `token`, given its (first token, flat index) segments."""
-    first, flat = segments[0]
-    for seg_first, seg_flat in segments[1:]:
-        if seg_first > token:
-            break
-        first, flat = seg_first, seg_flat
-    return flat + token - first
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def test_causal_entries_and_block_lookahead_on_triton_decode_like_torch(model):
     prompts = PROMPTS[: len(causal_params)]
     engines = {name: make_engine(model, attention_backend=name, prefix_attention="causal") for name in ("triton", "torch")}
     shapes, inner = [], engines["triton"].runner.static_shape
-    engines["triton"].runner.static_shape = lambda works: shapes.append(inner(works)) or shapes[-1]
+    engines["triton"].runner.static_shape = lambda inputs: shapes.append(inner(inputs)) or shapes[-1]
     got = {name: [r.token_ids for r in engine.generate(prompts, causal_params)] for name, engine in engines.items()}
     assert got["triton"] == got["torch"]
     assert any(s is not None and s.causal for s in shapes)

@@ -23,20 +23,25 @@ def model(sharp_dir):
 def count_static_steps(engine, entries: list | None = None) -> list:
     """Record the static shape of every step (None: dynamic), and into `entries` the (works, lengths
     of the attention rows) of every static step."""
-    shapes, inner = [], engine.runner.static_shape
+    shapes, inner, run = [], engine.runner.static_shape, engine.runner.run
+    works_per_step = []
 
-    def spy(works):
-        shapes.append(inner(works))
+    def run_spy(works):
+        works_per_step.append(len(works))
+        return run(works)
+
+    def spy(inputs):
+        shapes.append(inner(inputs))
         if entries is not None and shapes[-1] is not None:
-            entries.append((len(works), [row.q_len for w in works for row in w.rows]))
+            entries.append((works_per_step[-1], inputs.q_lens.tolist()))
         return shapes[-1]
 
-    engine.runner.static_shape = spy
+    engine.runner.run, engine.runner.static_shape = run_spy, spy
     return shapes
 
 
 def dynamic_only(engine):
-    engine.runner.static_shape = lambda works: None
+    engine.runner.static_shape = lambda inputs: None
     return engine
 
 
