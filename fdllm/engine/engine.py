@@ -13,6 +13,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -217,36 +218,51 @@ class Engine:
         """
         finished = self._undelivered + [self._finish(seq) for seq in self._aborted]
         self._undelivered, self._aborted = [], []
-        works, broken = self.scheduler.schedule()
+        works, batch, broken = self.scheduler.schedule()
         for seq, exc in broken:
             log.error("request %s failed while planning its step: %r", seq.request_id, exc, exc_info=exc)
             finished.append(self._fail(seq, exc))
-        if not works:
+        batched = batch.seqs if batch is not None else []
+        if not works and not batched:
             return finished
         try:
-            outputs = self.runner.run(works)
+            outputs = self.runner.run(works, batch)
         except Exception as exc:  # noqa: BLE001 - see the docstring
-            ids = [w.seq.request_id for w in works]
-            log.exception("the forward of a step failed; failing its batch of %d request(s) %s", len(ids), ids)
-            return finished + [self._fail(w.seq, exc) for w in works]
+            seqs = [w.seq for w in works] + batched
+            log.exception("the forward of a step failed; failing its batch of %d request(s) %s", len(seqs),
+                          [seq.request_id for seq in seqs])
+            return finished + [self._fail(seq, exc) for seq in seqs]
         now = time.perf_counter()
         for work, predictions in zip(works, outputs):
-            seq = work.seq
-            if seq.finish_reason is not None:  # aborted by a callback earlier in this loop
-                continue
+            self._take(work.seq, work.seq.apply, (work, predictions), now, finished)
+        if batched:
             try:
-                new = seq.apply(work, predictions)
-                if new and seq.first_token_time is None:
-                    seq.first_token_time = now
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                    finished.append(self._finish(seq, new))
-                elif new:
-                    self._notify(seq, new, finished=False)
-            except Exception as exc:  # noqa: BLE001 - see the docstring
-                log.exception("request %s failed while applying its step", seq.request_id)
-                finished.append(self._fail(seq, exc))
+                batch.apply()
+            except Exception as exc:  # noqa: BLE001 - array code over every batched request: not attributable
+                log.exception("applying the sub-block steps of %d request(s) failed", len(batched))
+                return finished + [self._fail(seq, exc) for seq in batched if seq.finish_reason is None]
+            for seq in batch.settling:
+                self._take(seq, seq.settle, (), now, finished)
         return finished
+
+    def _take(self, seq: Sequence, apply: Callable[..., list[int]], args: tuple, now: float,
+              finished: list[GenerationResult]) -> None:
+        """`apply(*args)`: the step's result taken by one request, returning the tokens it settles;
+        then stream them, or finish the request. An error fails that request alone (see `step`)."""
+        if seq.finish_reason is not None:  # aborted by a callback earlier in this step
+            return
+        try:
+            new = apply(*args)
+            if new and seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                finished.append(self._finish(seq, new))
+            elif new:
+                self._notify(seq, new, finished=False)
+        except Exception as exc:  # noqa: BLE001 - see `step`
+            log.exception("request %s failed while applying its step", seq.request_id)
+            finished.append(self._fail(seq, exc))
 
     def generate(
         self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,

@@ -17,9 +17,48 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fdllm.engine.params import SamplingParams
 from fdllm.engine.sequence import Work
 
-_ROW_STREAM = 1 << 12  # counter = forwards * _ROW_STREAM + logit row: one draw per row per forward
+ROW_STREAM = 1 << 12  # counter = forwards * ROW_STREAM + logit row: one draw per row per forward
+
+
+def stream_seed(params: SamplingParams) -> int:
+    """A sampling request's seed as the int64 its counter-based draws take (`decoding.counter_uniform`)."""
+    return params.seed & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    """The candidates that are sampled (temperature > 0), with their requests' parameters."""
+
+    rows: np.ndarray  # [S] index into the step's candidates
+    temperature: np.ndarray  # [S] float64
+    top_p: np.ndarray  # [S] float64
+    top_k: np.ndarray  # [S] int64
+    seed: np.ndarray  # [S] int64, the request's seed as int64
+    counter: np.ndarray  # [S] int64, where the row's draw sits in its request's stream
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def shifted(self, candidates: int) -> SampledRows:
+        """The same rows, `candidates` places further in the step."""
+        return SampledRows(self.rows + candidates, self.temperature, self.top_p, self.top_k, self.seed, self.counter)
+
+    def join(self, other: SampledRows) -> SampledRows:
+        """These rows, then `other`'s (already shifted)."""
+        if not len(other):
+            return self
+        if not len(self):
+            return other
+        return SampledRows(*(np.concatenate([a, b]) for a, b in zip(
+            (self.rows, self.temperature, self.top_p, self.top_k, self.seed, self.counter),
+            (other.rows, other.temperature, other.top_p, other.top_k, other.seed, other.counter))))
+
+
+NO_ROWS = np.zeros(0, dtype=np.int64)  # shared: never written to
+NO_SAMPLED = SampledRows(NO_ROWS, np.zeros(0), np.zeros(0), NO_ROWS, NO_ROWS, NO_ROWS)
 
 
 @dataclass
@@ -36,19 +75,14 @@ class StepInputs:
     prefill: bool  # some row writes prompt K/V for good (the step runs the packed layout)
     candidates: np.ndarray  # [C] index into `ids` of each token whose logits the head reads
     entropy: np.ndarray  # [E] index into the candidates of those whose entropy H_i is needed
-    sampled: np.ndarray  # [S] index into the candidates of those sampled (temperature > 0)
-    temperature: np.ndarray  # [S] float64
-    top_p: np.ndarray  # [S] float64
-    top_k: np.ndarray  # [S] int64
-    seed: np.ndarray  # [S] int64, the request's seed as int64
-    counter: np.ndarray  # [S] int64, where the row's draw sits in its request's stream
+    sampled: SampledRows  # [S]
 
     @classmethod
     def from_works(cls, works: list[Work]) -> tuple[StepInputs, list[list[int]]]:
         """The step's inputs, and per work the logit rows that are candidates (in the order their
         results come back)."""
         ids: list[int] = []
-        starts, q_lens, kv_lens, causal, pages = [], [], [], [], []
+        rows_R4, pages = [], []  # per row: start, q_len, kv_len, causal (flat, one conversion)
         cands, entropy, sampled = [], [], []
         temperature, top_p, top_k, seed, counter = [], [], [], [], []
         candidate_rows, prefill = [], False
@@ -57,10 +91,7 @@ class StepInputs:
             ids += w.token_ids
             pos = w.start
             for q_len, kv_len, row_pages, row_causal in w.rows:
-                starts.append(pos)
-                q_lens.append(q_len)
-                kv_lens.append(kv_len)
-                causal.append(row_causal)
+                rows_R4 += (pos, q_len, kv_len, row_causal)
                 pages.append(row_pages)
                 pos += q_len
             prefill = prefill or w.num_prefill > 0
@@ -81,14 +112,30 @@ class StepInputs:
                         temperature.append(p.temperature)
                         top_p.append(p.top_p)
                         top_k.append(p.top_k)
-                        seed.append(p.seed & 0x7FFFFFFFFFFFFFFF)
-                        counter.append(forwards * _ROW_STREAM + r)
+                        seed.append(stream_seed(p))
+                        counter.append(forwards * ROW_STREAM + r)
         i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
-        f64 = lambda xs: np.array(xs, dtype=np.float64)  # noqa: E731
-        inputs = cls(i64(ids), i64(starts), i64(q_lens), i64(kv_lens), np.array(causal, dtype=bool), pages, prefill,
-                     i64(cands), i64(entropy), i64(sampled), f64(temperature), f64(top_p), i64(top_k), i64(seed),
-                     i64(counter))
+        rows = NO_SAMPLED
+        if sampled:
+            rows = SampledRows(i64(sampled), np.array(temperature), np.array(top_p), i64(top_k), i64(seed), i64(counter))
+        starts, q_lens, kv_lens, causal = i64(rows_R4).reshape(-1, 4).T
+        inputs = cls(i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill, i64(cands),
+                     i64(entropy) if entropy else NO_ROWS, rows)
         return inputs, candidate_rows
+
+    def join(self, other: StepInputs) -> StepInputs:
+        """One step's inputs: these, then `other`'s (its indices moved past ours)."""
+        N, C = len(self.ids), len(self.candidates)
+
+        def cat(name: str, shift: int = 0) -> np.ndarray:
+            theirs = getattr(other, name)
+            return np.concatenate([getattr(self, name), theirs + shift if shift else theirs])
+
+        return StepInputs(
+            cat("ids"), cat("starts"), cat("q_lens"), cat("kv_lens"), cat("causal"), self.pages + other.pages,
+            self.prefill or other.prefill, cat("candidates", N), cat("entropy", C),
+            self.sampled.join(other.sampled.shifted(C)) if len(other.sampled) else self.sampled,
+        )
 
     @property
     def row_tokens(self) -> np.ndarray:
@@ -97,12 +144,10 @@ class StepInputs:
 
     def page_table(self, width: int) -> np.ndarray:
         """[R, width] each row's pages, -1 past its last."""
-        lens = np.fromiter(map(len, self.pages), np.int64, len(self.pages))
+        columns = list(itertools.zip_longest(*self.pages, fillvalue=-1))  # [pages of the longest row][R]
         table = np.full((len(self.pages), width), -1, dtype=np.int64)
-        total = int(lens.sum())
-        cols = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-        table[np.repeat(np.arange(len(lens)), lens), cols] = np.fromiter(itertools.chain.from_iterable(self.pages),
-                                                                        np.int64, total)
+        if columns:
+            table[:, : len(columns)] = np.array(columns, dtype=np.int64).T
         return table
 
 
@@ -110,5 +155,6 @@ def cache_slots(table_XM: np.ndarray, positions_XQ: np.ndarray, page_size: int) 
     """Flat cache slots (page * page_size + offset) of tokens at `positions`, each row of `table`
     the pages of the tokens in the same row of `positions`. Positions past the table read its last
     column (padding: the caller overwrites their slots)."""
-    page_XQ = np.minimum(positions_XQ // page_size, table_XM.shape[1] - 1)
-    return np.take_along_axis(table_XM, page_XQ, axis=1) * page_size + positions_XQ % page_size
+    page_XQ, offset_XQ = np.divmod(positions_XQ, page_size)
+    np.minimum(page_XQ, table_XM.shape[1] - 1, out=page_XQ)
+    return table_XM[np.arange(len(table_XM))[:, None], page_XQ] * page_size + offset_XQ

@@ -22,19 +22,20 @@ A step runs in one of two layouts:
 - dynamic (prefill chunks, AR prompts): one packed varlen forward [1, T] with per-row attention
   over the paged cache (`fdllm.cache.PagedAttention`).
 
-Either way the host packs everything the step needs (body inputs, which hidden rows are still
-masked candidates, per-row sampling parameters) into ONE int64 buffer (pinned on CUDA) and copies
-it to the device once, non-blocking; the LM head and confidence run only on candidate rows
-(never on decoded, padding or prompt rows); sampling is vectorised over requests with
-counter-based per-request draws (`fdllm.decoding.counter_uniform`); the entropy H_i is computed
-only for the candidate rows of requests whose selection policy needs it (entropy budget); the
-candidates' tokens, probabilities (and entropies) come back in one device-to-host transfer, and the
-selection policy runs on the host, in the sequence (a few comparisons per sequence, cheaper than the
-kernels it would take on the device).
+Either way the step's works (and its `DenoiseBatch`, the plain sub-block steps planned as arrays)
+arrive as flat host arrays (`fdllm.engine.inputs.StepInputs`), and the host lays them out with a
+fixed handful of numpy operations into ONE int64 buffer (pinned on CUDA: body inputs, which hidden
+rows are still masked candidates, per-row sampling parameters), copied to the device once,
+non-blocking; the LM head and confidence run only on candidate rows (never on decoded, padding or
+prompt rows); sampling is vectorised over requests with counter-based per-request draws
+(`fdllm.decoding.counter_uniform`); the entropy H_i is computed only for the candidate rows of
+requests whose selection policy needs it (entropy budget); the candidates' tokens, probabilities (and
+entropies) come back in one device-to-host transfer, and the selection policy runs on the host (a
+few comparisons per sequence, cheaper than the kernels it would take on the device).
 
-Shape legend: T packed tokens, Bb bucketed entries (row chunks), Q query tokens per entry (static layout),
-M pages per block table, B works that read logits, C candidate rows, S sampled rows (C ⊇ S), E entropy rows
-(C ⊇ E), D model dim, V vocab.
+Shape legend: T packed tokens, N fed tokens, R attention rows, Bb bucketed entries (row chunks) of
+which E in use (the static layout; in the head E counts entropy rows, C ⊇ E), Q query tokens per
+entry, M pages per block table, C candidate rows, S sampled rows (C ⊇ S), D model dim, V vocab.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from torch import Tensor
 
 from fdllm.cache import AttentionRow, KVCache, PagedAttention, StaticPagedAttention
 from fdllm.decoding import counter_uniform, sample_confidence, token_entropy
+from fdllm.engine.denoise import DenoiseBatch
 from fdllm.engine.inputs import StepInputs, cache_slots
 from fdllm.engine.sequence import Predictions, Work
 from fdllm.kernels import select_attention_backend
@@ -231,12 +233,18 @@ class ModelRunner:
             self.graphs = GraphPool(model, cache, self.attention_fn)
 
     # -- the step -----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run(self, works: list[Work]) -> list[Predictions]:
-        """Per work: the predictions of its logit rows (none for pure prefill chunks)."""
+    def run(self, works: list[Work], batch: DenoiseBatch | None = None) -> list[Predictions]:
+        """Per work: the predictions of its logit rows (none for pure prefill chunks). `batch`'s
+        sub-block steps run in the same forward; its candidates' tokens and probabilities are left
+        in `batch.tokens` / `batch.probs` (for `DenoiseBatch.apply`)."""
         inputs, candidate_rows = StepInputs.from_works(works)
-        results = self.forward(inputs)
-        return self._scatter_back(works, candidate_rows, *results)
+        C = len(inputs.candidates)
+        if batch is not None:
+            inputs = inputs.join(batch.inputs)
+        tokens, probs, entropies = self.forward(inputs)
+        if batch is not None:
+            batch.tokens, batch.probs = tokens[C:], probs[C:]
+        return self._scatter_back(works, candidate_rows, tokens[:C], probs[:C], entropies and entropies[:C])
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> tuple[list[float], list[float], list[float] | None]:
@@ -289,34 +297,37 @@ class ModelRunner:
         flag; entries past the step's rows are all padding (they see nothing). Returns the flat index
         [N] of every fed token in the [Bb * Q] layout."""
         Bb, Q = shape.batch, shape.q_len
-        q_lens, causal = inputs.q_lens, inputs.causal
-        n_R = -(-q_lens // Q)  # entries per row
-        entry_R = np.cumsum(n_R) - n_R  # each row's first entry
-        E = int(n_R.sum())
-        row_E = np.repeat(np.arange(len(q_lens)), n_R)
-        first_E = (np.arange(E) - entry_R[row_E]) * Q  # the chunk's first query in its row (chunk_starts)
-        left_E = q_lens[row_E] - first_E
-        real_lens_E = np.minimum(left_E, Q)
+        q_lens, starts, kv_lens, causal = inputs.q_lens, inputs.starts, inputs.kv_lens, inputs.causal
+        table_EM = inputs.page_table(shape.pages)
+        if q_lens.max() <= Q:  # no row is cut: entry e is row e (most steps: the cheap way)
+            E, q_lens_E, real_E = len(q_lens), q_lens, q_lens
+        else:
+            n_R = (q_lens + Q - 1) // Q  # entries per row
+            E = int(n_R.sum())
+            row_E = np.repeat(np.arange(len(q_lens)), n_R)
+            first_E = (np.arange(E) - (np.cumsum(n_R) - n_R)[row_E]) * Q  # the chunk's first query in its row (chunk_starts)
+            # a causal chunk's q_len is its row's queries from the chunk on, others their own (chunk_rows)
+            left_E = q_lens[row_E] - first_E
+            real_E = np.minimum(left_E, Q)
+            q_lens_E = np.where(causal[row_E], left_E, real_E)
+            starts, kv_lens, causal, table_EM = starts[row_E] + first_E, kv_lens[row_E], causal[row_E], table_EM[row_E]
         offsets = np.arange(Q)
+        real_EQ = offsets < real_E[:, None]
+        positions_EQ = starts[:, None] + offsets  # a padding token's position is never read
+        flat_N = np.flatnonzero(real_EQ)  # the fed tokens fill their entries from the front, in order
         section = self.stage.section
-        flat_N = np.repeat(entry_R * Q - inputs.row_tokens, q_lens) + np.arange(len(inputs.ids))
         ids = section("ids")
         ids.fill(0)
         ids[flat_N] = inputs.ids
-        positions_BQ = section("positions").reshape(Bb, Q)
-        positions_BQ[:E] = (inputs.starts[row_E] + first_E)[:, None] + offsets  # a padding token's is never read
+        positions_BQ, slots_BQ = section("positions").reshape(Bb, Q), section("slots").reshape(Bb, Q)
+        positions_BQ[:E] = positions_EQ
         positions_BQ[E:] = 0
-        table_EM = inputs.page_table(shape.pages)[row_E]
-        slots_BQ = section("slots").reshape(Bb, Q)
-        slots_BQ[:E] = cache_slots(table_EM, positions_BQ[:E], self.cache.page_size)
-        slots_BQ[:E][offsets >= real_lens_E[:, None]] = self.cache.scratch_slot
+        slots_BQ[:E] = np.where(real_EQ, cache_slots(table_EM, positions_EQ, self.cache.page_size), self.cache.scratch_slot)
         slots_BQ[E:] = self.cache.scratch_slot
         tables_BM = section("tables").reshape(Bb, shape.pages)
         tables_BM[:E] = table_EM
         tables_BM[E:] = -1
-        # a causal chunk's q_len is its row's queries from the chunk on (chunk_rows)
-        for name, values in (("kv_lens", inputs.kv_lens[row_E]), ("q_lens", np.where(causal[row_E], left_E, real_lens_E)),
-                             ("causal", causal[row_E])):
+        for name, values in (("kv_lens", kv_lens), ("q_lens", q_lens_E), ("causal", causal)):
             if name != "causal" or shape.causal:
                 out = section(name)
                 out[:E] = values
@@ -332,20 +343,18 @@ class ModelRunner:
 
     @staticmethod
     def _head_sizes(inputs: StepInputs) -> dict[str, int]:
-        C, S = len(inputs.candidates), len(inputs.sampled)
-        return {"cand_rows": C, "sampled": S, "temperature": S, "top_p": S, "top_k": S, "seed": S, "counter": S,
-                "entropy": len(inputs.entropy)}
+        sizes = {"cand_rows": len(inputs.candidates), "entropy": len(inputs.entropy)}
+        S = len(inputs.sampled)
+        return sizes | {name: S for name in _SAMPLED_SECTIONS} if S else sizes
 
     def _put_head(self, inputs: StepInputs, flat_N: np.ndarray) -> None:
         put = self.stage.put
         put("cand_rows", flat_N[inputs.candidates])
-        put("sampled", inputs.sampled)
-        put("temperature", inputs.temperature, np.float64)
-        put("top_p", inputs.top_p, np.float64)
-        put("top_k", inputs.top_k)
-        put("seed", inputs.seed)
-        put("counter", inputs.counter)
-        put("entropy", inputs.entropy)
+        if len(inputs.entropy):
+            put("entropy", inputs.entropy)
+        if len(inputs.sampled):
+            for name in _SAMPLED_SECTIONS:
+                put(name, getattr(inputs.sampled, name), np.float64 if name in ("temperature", "top_p") else np.int64)
 
     # -- device work --------------------------------------------------------------------------------
     def _body(self, inputs: StepInputs, shape: StaticShape | None) -> Tensor:
@@ -384,7 +393,7 @@ class ModelRunner:
         sampling sorts them), so the head's memory is bounded whatever the batch; every row's result
         depends on its own logits and draw only, so the chunks change nothing."""
         get = self.stage.get
-        h_CD = h_TD[get("cand_rows")]
+        h_CD = h_TD.index_select(0, get("cand_rows"))  # not h_TD[rows]: 4x faster on CPU
         C, k = len(inputs.candidates), self.max_head_rows
         E, S = len(inputs.entropy), len(inputs.sampled)
         logits_CV = None  # kept for the sampled and entropy rows when every candidate fits one chunk
@@ -405,7 +414,7 @@ class ModelRunner:
             parts = [token_entropy(row_logits(rows[a : a + k]), None) for a in range(0, E, k)]
             entropy_C = torch.zeros_like(prob_C).index_put((rows,), _join(parts))
         if S:
-            rows, temperature, top_p = get("sampled"), get("temperature", torch.float32), get("top_p", torch.float32)
+            rows, temperature, top_p = get("rows"), get("temperature", torch.float32), get("top_p", torch.float32)
             top_k, uniform_S = get("top_k"), counter_uniform(get("seed"), get("counter"))
             token_S, prob_S = _join_pairs([
                 sample_confidence(row_logits(rows[a : a + k]), None, temperature[a : a + k], top_p[a : a + k],
@@ -441,6 +450,9 @@ class ModelRunner:
             c += m
             out.append(pred)
         return out
+
+
+_SAMPLED_SECTIONS = ("rows", "temperature", "top_p", "top_k", "seed", "counter")  # SampledRows' fields, staged
 
 
 def _join(parts: list[Tensor]) -> Tensor:

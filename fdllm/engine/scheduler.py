@@ -1,18 +1,22 @@
 """Continuous-batching scheduler: waiting/running queues, admission by free pages, chunked prefill.
 
 Plain Python over `Sequence` objects. Every step each running sequence contributes one `Work`
-(its current sub-block step, block commit or AR token); sequences still prefilling share a per-step
+(its current sub-block step, block commit or AR token), or joins the step's `DenoiseBatch` (plain
+sub-block steps, planned for all at once); sequences still prefilling share a per-step
 budget of prompt tokens, taken in whole blocks. Admission is FIFO and reserves a request's
 worst-case page count up front, so running sequences never run out of pages (no preemption).
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 from fdllm.cache import PageAllocator
+from fdllm.engine.denoise import DenoiseBatch
 from fdllm.engine.sequence import Sequence, Work
+
+
+MIN_DENOISE_BATCH = 8
 
 
 class Scheduler:
@@ -25,15 +29,21 @@ class Scheduler:
         self.lookahead_max_batch = lookahead_max_batch
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.batch_denoising = True  # False: every step a Work (the tests' reference for DenoiseBatch)
+        # Fewer plain sub-block steps than this run as Works: a batch's array set-up costs about as
+        # much as 8 Works' Python (CPU, `python -m benchmarks.bench_host --stub-model`).
+        self.min_denoise_batch = MIN_DENOISE_BATCH
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Work], list[tuple[Sequence, Exception]]]:
-        """Admit what fits, then one work per running sequence (prefill within the step's budget).
+    def schedule(self) -> tuple[list[Work], DenoiseBatch | None, list[tuple[Sequence, Exception]]]:
+        """Admit what fits, then one step per running sequence (prefill within the step's budget):
+        a `Work` each, except the plain sub-block steps, which run together in one `DenoiseBatch`
+        (None: no such step, or `batch_denoising` off).
 
-        Returns the works and the sequences whose planning raised (with the error): the caller fails
-        those alone, the others still run this step.
+        Also returns the sequences whose planning raised (with the error): the caller fails those
+        alone, the others still run this step.
         """
         while self.waiting and len(self.running) < self.max_num_seqs:
             if not self.allocator.reserve(self.waiting[0].max_pages):
@@ -41,21 +51,47 @@ class Scheduler:
             self.running.append(self.waiting.popleft())
         budget = self.max_prefill_tokens
         lookahead = self.lookahead_max_batch is None or len(self.running) <= self.lookahead_max_batch
-        works, failed = [], []
+        works, batched, failed = [], [], []
         for seq in self.running:
             try:
-                work = seq.next_work(budget, lookahead)
+                if self.batch_denoising and seq.batch_denoising:
+                    batched.append(seq)
+                    continue
             except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
                 failed.append((seq, exc))
                 continue
-            if work is None:
-                continue
-            budget -= work.num_prefill
-            # Pages the work reaches are taken from the reservation now; its rows hold seq.pages itself.
-            while len(seq.pages) < math.ceil(work.kv_len / self.block_size):
-                seq.pages.append(self.allocator.allocate())
-            works.append(work)
-        return works, failed
+            budget = self._plan(seq, budget, lookahead, works, failed)
+        if len(batched) < self.min_denoise_batch:  # too few to pay for the batch's array set-up
+            for seq in batched:
+                budget = self._plan(seq, budget, lookahead, works, failed)
+            batched = []
+        batch = None
+        if batched:
+            try:
+                for seq in batched:
+                    self._reach(seq, seq.block_start + self.block_size)
+                batch = DenoiseBatch(batched)
+            except Exception as exc:  # noqa: BLE001 - it cannot be attributed: those requests fail, the others run
+                failed += [(seq, exc) for seq in batched]
+        return works, batch, failed
+
+    def _plan(self, seq: Sequence, budget: int, lookahead: bool, works: list[Work],
+              failed: list[tuple[Sequence, Exception]]) -> int:
+        """Add the sequence's work (if it has one within the prefill budget); returns the budget left."""
+        try:
+            work = seq.next_work(budget, lookahead)
+            if work is not None:
+                self._reach(seq, work.kv_len)
+                works.append(work)
+                budget -= work.num_prefill
+        except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
+            failed.append((seq, exc))
+        return budget
+
+    def _reach(self, seq: Sequence, kv_len: int) -> None:
+        """Pages up to `kv_len` tokens, taken from the sequence's reservation now (its rows hold seq.pages itself)."""
+        while len(seq.pages) * self.block_size < kv_len:
+            seq.pages.append(self.allocator.allocate())
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished, aborted or failed sequence and give its pages and reservation back

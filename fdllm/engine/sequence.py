@@ -125,6 +125,8 @@ class Sequence:
         self.is_ar = params.mode == "ar"
         self.is_causal = self.is_ar or self.is_speculative  # prompt prefilled causally, output in self.tokens
         self.lookahead = lookahead and self.is_speculative
+        # Its plain sub-block steps can run in a `DenoiseBatch` (fdllm.engine.denoise): threshold selection, fixed sub-blocks.
+        self._batchable = not self.is_causal and self.policy.selection == "threshold" and not self.policy.adaptive
         # Diffusion: a block's opening forward also runs its first step (with a sub-block to read).
         self.block_lookahead = params.block_lookahead and not self.is_causal and sub_block_size > 1
         P, L = len(prompt), block_size
@@ -157,6 +159,12 @@ class Sequence:
     def num_prefill_left(self) -> int:
         target = len(self.prompt) if self.is_causal else len(self.prompt) - len(self.prompt) % self.block_size
         return max(target - self.num_cached, 0)
+
+    @property
+    def batch_denoising(self) -> bool:
+        """This step is a plain sub-block step that a `DenoiseBatch` runs with others (nothing left
+        to prefill, a mask left in the block, the threshold rule over fixed sub-blocks)."""
+        return self._batchable and not self.num_prefill_left and self.block is not None and self.mask_token_id in self.block
 
     def slot(self, pos: int) -> int:
         """Flat cache slot of the token at `pos`."""
@@ -326,7 +334,7 @@ class Sequence:
             self.block = new_block(tokens[:settling], self.block_size, self.mask_token_id)
         if work.opening is not None:
             self._take_opening_step(work.opening, predictions, settling)
-        return self._settle()
+        return self.settle()
 
     def _take_opening_step(self, step: BlockStep, predictions: Predictions, first: int) -> None:
         """Commit what a block lookahead's rows (from logit row `first`) select in the new block."""
@@ -365,7 +373,7 @@ class Sequence:
         self.draft = None
         return k == len(draft)
 
-    def _settle(self) -> list[int]:
+    def settle(self) -> list[int]:
         """Extend the output with the newly final tokens and apply the stop criteria."""
         before = len(self.output)
         pos = len(self.prompt) + before

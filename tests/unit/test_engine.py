@@ -496,7 +496,7 @@ def test_error_in_the_forward_fails_that_batch_and_the_engine_keeps_serving(mode
     engine.step()
     run = engine.runner.run
 
-    def failing_once(works):
+    def failing_once(works, batch=None):
         engine.runner.run = run
         raise RuntimeError("injected CUDA-like failure")
 

@@ -138,25 +138,33 @@ def model(sharp_dir):
     return fdllm.load_model(sharp_dir)
 
 
-def make_engine(model, L, S, threshold, use_sub_block_cache=True, max_prefill_tokens=64):
+def make_engine(model, L, S, threshold, use_sub_block_cache=True, max_prefill_tokens=64, denoise="default"):
+    """`denoise`: "batched" runs every plain sub-block step in a DenoiseBatch (even of one sequence),
+    "per-work" none, "default" as the engine decides (batches of at least MIN_DENOISE_BATCH)."""
     cfg = fdllm.BlockDiffusionConfig(
         block_size=L, sub_block_size=S, threshold=threshold, use_sub_block_cache=use_sub_block_cache, mask_token_id=MASK
     )
-    return fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=512, max_prefill_tokens=max_prefill_tokens))
+    engine = fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=512, max_prefill_tokens=max_prefill_tokens))
+    if denoise == "batched":
+        engine.scheduler.min_denoise_batch = 1
+    elif denoise == "per-work":
+        engine.scheduler.batch_denoising = False
+    return engine
 
 
 def params(max_new_tokens: int, **kw) -> fdllm.SamplingParams:
     return fdllm.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **kw)
 
 
+@pytest.mark.parametrize("denoise", ["batched", "per-work"])
 @pytest.mark.parametrize(
     "L,S,threshold", [(8, 4, 0.4), (8, 2, 0.3), (16, 4, 0.25), (16, 8, 0.5), (8, 4, 1.0)]
 )
-def test_sub_block_cache_equals_independent_reference(model, L, S, threshold):
+def test_sub_block_cache_equals_independent_reference(model, L, S, threshold, denoise):
     lengths = [1, 2, 3, L - 1, L, L + 1, L + S + 1, 2 * L, 2 * L + 3]
     prompts = random_prompts(9, lengths, seed=L * 100 + S)
     budgets = [whole_blocks(p, L) for p in prompts]
-    engine = make_engine(model, L, S, threshold, max_prefill_tokens=2 * L)  # long prompts prefill in chunks
+    engine = make_engine(model, L, S, threshold, max_prefill_tokens=2 * L, denoise=denoise)  # long prompts prefill in chunks
     results = engine.generate(prompts, [params(n) for n in budgets])
     parallel = 0
     for prompt, n, res in zip(prompts, budgets, results):
@@ -179,23 +187,25 @@ def test_stale_kv_of_cached_steps_changes_some_outputs(model):
     assert any(changed)
 
 
-def test_cache_off_equals_the_reference_without_sub_block_cache(model):
+@pytest.mark.parametrize("denoise", ["batched", "per-work"])
+def test_cache_off_equals_the_reference_without_sub_block_cache(model, denoise):
     L, S, threshold = 8, 4, 0.4
     prompts = random_prompts(6, [1, 5, 8, 13, 16], seed=3)
     budgets = [whole_blocks(p, L) for p in prompts]
-    results = make_engine(model, L, S, threshold, use_sub_block_cache=False).generate(
+    results = make_engine(model, L, S, threshold, use_sub_block_cache=False, denoise=denoise).generate(
         prompts, [params(n) for n in budgets]
     )
     for prompt, n, res in zip(prompts, budgets, results):
         assert res.token_ids == reference_generate(model, prompt, n, L, S, threshold, use_sub_block_cache=False)
 
 
-def test_sub_block_cache_matches_reference_with_mid_flight_joins(model):
+@pytest.mark.parametrize("denoise", ["batched", "per-work"])
+def test_sub_block_cache_matches_reference_with_mid_flight_joins(model, denoise):
     """Requests join a running batch at different steps; each still equals the single-sequence reference."""
     L, S, threshold = 8, 4, 0.4
     prompts = random_prompts(5, [2, 7, 8, 12, 19], seed=5)
     budgets = [whole_blocks(p, L, blocks=3) for p in prompts]
-    engine = make_engine(model, L, S, threshold)
+    engine = make_engine(model, L, S, threshold, denoise=denoise)
     results = {}
     for i, (prompt, n) in enumerate(zip(prompts, budgets)):
         engine.add_request(prompt, params(n), request_id=str(i))
