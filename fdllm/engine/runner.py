@@ -268,7 +268,8 @@ class ModelRunner:
 
     def static_shape(self, inputs: StepInputs) -> StaticShape | None:
         """The padded layout when no row writes prompt K/V and the rows fit a bucket, else None."""
-        if inputs.prefill or (not self.causal_entries and inputs.causal.any()):
+        causal = bool(inputs.causal.any())
+        if inputs.prefill or (causal and not self.causal_entries):
             return None
         lengths = inputs.q_lens.tolist()
         bucket_len = query_bucket if self.bucket_query_len else (lambda n: n)
@@ -286,8 +287,7 @@ class ModelRunner:
             if pages > self.max_pages_per_seq:
                 return None
             pages = self.max_pages_per_seq  # one captured table width
-        return StaticShape(self.buckets[bisect.bisect_left(self.buckets, entries)], q_len, pages,
-                           bool(inputs.causal.any()))
+        return StaticShape(self.buckets[bisect.bisect_left(self.buckets, entries)], q_len, pages, causal)
 
     # -- host packing -------------------------------------------------------------------------------
     def _put_static_body(self, inputs: StepInputs, shape: StaticShape) -> np.ndarray:
@@ -320,18 +320,19 @@ class ModelRunner:
         ids.fill(0)
         ids[flat_N] = inputs.ids
         positions_BQ, slots_BQ = section("positions").reshape(Bb, Q), section("slots").reshape(Bb, Q)
-        positions_BQ[:E] = positions_EQ
-        positions_BQ[E:] = 0
-        slots_BQ[:E] = np.where(real_EQ, cache_slots(table_EM, positions_EQ, self.cache.page_size), self.cache.scratch_slot)
-        slots_BQ[E:] = self.cache.scratch_slot
         tables_BM = section("tables").reshape(Bb, shape.pages)
+        positions_BQ[:E] = positions_EQ
+        slots_BQ[:E] = np.where(real_EQ, cache_slots(table_EM, positions_EQ, self.cache.page_size), self.cache.scratch_slot)
         tables_BM[:E] = table_EM
-        tables_BM[E:] = -1
-        for name, values in (("kv_lens", kv_lens), ("q_lens", q_lens_E), ("causal", causal)):
-            if name != "causal" or shape.causal:
-                out = section(name)
-                out[:E] = values
-                out[E:] = 0
+        lengths = (("kv_lens", kv_lens), ("q_lens", q_lens_E)) + ((("causal", causal),) if shape.causal else ())
+        for name, values in lengths:
+            section(name)[:E] = values
+        if E < Bb:  # padding entries: position 0 into the scratch slot, no pages, no queries, no keys
+            positions_BQ[E:] = 0
+            slots_BQ[E:] = self.cache.scratch_slot
+            tables_BM[E:] = -1
+            for name, _ in lengths:
+                section(name)[E:] = 0
         return flat_N
 
     def _put_dynamic_body(self, inputs: StepInputs) -> np.ndarray:
