@@ -40,9 +40,9 @@ class DenoiseBatch:
         self.probs: list[float] = []
         self.settling: list[Sequence] = []  # after `apply`: the sequences whose decoded prefix grew
         self.block_NL = np.array([s.block for s in seqs], dtype=np.int64)
-        # per sequence: where its block starts, the sub-block its last step decoded (-1: none in this block)
-        state_N2 = np.array([(s.block_start, -1 if s.sub is None else s.sub[0]) for s in seqs], dtype=np.int64)
-        block_start_N, previous_N = state_N2[:, 0], state_N2[:, 1]
+        block_start_N = np.array([s.block_start for s in seqs], dtype=np.int64)
+        # the sub-block each one's last step decoded (-1: none yet in this block)
+        previous_N = np.array([-1 if s.sub is None else s.sub[0] for s in seqs], dtype=np.int64)
         self.threshold_N = np.array([s.policy.threshold for s in seqs], dtype=np.float64)
         masked_NL = self.block_NL == mask
         n_N = np.arange(N)
