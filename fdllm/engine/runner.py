@@ -6,7 +6,7 @@ A step runs in one of two layouts:
   for refresh and commit steps, up to the block + 1 for speculative drafts and verifies; a work
   with a lookahead has two rows) fills ceil(len / Q) entries: a row cut into chunks attends exactly
   as it did whole, since every token's K/V is written before any entry attends and a chunk keeps
-  the row's kv_len and query positions (`chunk_rows`). Q is chosen per step to pad the
+  the row's kv_len and query positions (`cut_rows`). Q is chosen per step to pad the
   fewest tokens (`chunk_len`): a commit beside sub-block steps no longer pads every entry to the
   block. Q is a row length of the step, a power of two when graphs are captured (so speculative
   drafts of any length share a few graphs); `EngineConfig(deterministic=True)` fixes it instead.
@@ -84,29 +84,25 @@ def chunk_len(lengths: list[int], buckets: list[int], bucket_len, max_tokens: in
 
 
 def num_entries(lengths: list[int], q_len: int) -> int:
-    """Entries of `q_len` tokens that rows of `lengths` fill when cut (`chunk_rows`)."""
+    """Entries of `q_len` tokens that rows of `lengths` fill when cut (`cut_rows`)."""
     return sum(-(-n // q_len) for n in lengths)
 
 
-def chunk_starts(row_len: int, q_len: int) -> range:
-    """Where a row of `row_len` queries is cut into entries of at most `q_len` (the first query of each)."""
-    return range(0, row_len, q_len)
+def cut_rows(q_lens_R: np.ndarray, causal_R: np.ndarray, q_len: int) -> tuple[np.ndarray, ...]:
+    """Rows of `q_lens_R` queries cut into entries of at most `q_len`, in order: per entry E, its row,
+    its first query in the row, the queries it holds, and its q_len for the attention backends.
 
-
-def chunk_rows(row: AttentionRow, q_len: int) -> list[tuple[int, int, int, int]]:
-    """A row cut into entries of at most `q_len` queries: per chunk (first query in the row, its
-    queries n, the entry's kv_len and q_len). Every chunk keeps the row's pages, causality and
-    kv_len, so it sees the keys the whole row saw, split the same way (batch invariance). A causal
-    chunk's entry q_len is the row's queries from the chunk on (more than the entry holds but the
-    last): the backends place its query t at kv_len - q_len + t, where it sat in the whole row.
-    Plain tuples: a full batch cuts hundreds of rows per step."""
-    if row.q_len <= q_len:
-        return [(0, row.q_len, row.kv_len, row.q_len)]
-    chunks = []
-    for first in chunk_starts(row.q_len, q_len):
-        n = min(q_len, row.q_len - first)
-        chunks.append((first, n, row.kv_len, row.q_len - first if row.causal else n))
-    return chunks
+    Every chunk keeps its row's pages, causality and kv_len, so it sees the keys the whole row saw,
+    split the same way (batch invariance). A causal chunk's backend q_len is the row's queries from
+    the chunk on (more than the entry holds but the last): the backends place its query t at
+    kv_len - q_len + t, where it sat in the whole row."""
+    n_R = (q_lens_R + q_len - 1) // q_len  # entries per row
+    E = int(n_R.sum())
+    row_E = np.repeat(np.arange(len(q_lens_R)), n_R)
+    first_E = (np.arange(E) - (np.cumsum(n_R) - n_R)[row_E]) * q_len
+    left_E = q_lens_R[row_E] - first_E
+    held_E = np.minimum(left_E, q_len)
+    return row_E, first_E, held_E, np.where(causal_R[row_E], left_E, held_E)
 
 
 # Entries a static step may hold per sequence (max_num_seqs of them): a block of 32 cut into its
@@ -292,7 +288,7 @@ class ModelRunner:
     # -- host packing -------------------------------------------------------------------------------
     def _put_static_body(self, inputs: StepInputs, shape: StaticShape) -> np.ndarray:
         """Written in place into the staged sections by a fixed handful of numpy ops: each row cut into
-        ceil(q_len / Q) entries (`chunk_rows`), per entry its row's tokens, positions and cache slots
+        ceil(q_len / Q) entries (`cut_rows`), per entry its row's tokens, positions and cache slots
         (padding tokens: token 0 at the scratch slot), block table (padding -1), kv/q lengths and causal
         flag; entries past the step's rows are all padding (they see nothing). Returns the flat index
         [N] of every fed token in the [Bb * Q] layout."""
@@ -302,14 +298,8 @@ class ModelRunner:
         if q_lens.max() <= Q:  # no row is cut: entry e is row e (most steps: the cheap way)
             E, q_lens_E, real_E = len(q_lens), q_lens, q_lens
         else:
-            n_R = (q_lens + Q - 1) // Q  # entries per row
-            E = int(n_R.sum())
-            row_E = np.repeat(np.arange(len(q_lens)), n_R)
-            first_E = (np.arange(E) - (np.cumsum(n_R) - n_R)[row_E]) * Q  # the chunk's first query in its row (chunk_starts)
-            # a causal chunk's q_len is its row's queries from the chunk on, others their own (chunk_rows)
-            left_E = q_lens[row_E] - first_E
-            real_E = np.minimum(left_E, Q)
-            q_lens_E = np.where(causal[row_E], left_E, real_E)
+            row_E, first_E, real_E, q_lens_E = cut_rows(q_lens, causal, Q)
+            E = len(row_E)
             starts, kv_lens, causal, table_EM = starts[row_E] + first_E, kv_lens[row_E], causal[row_E], table_EM[row_E]
         offsets = np.arange(Q)
         real_EQ = offsets < real_E[:, None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,32 +136,30 @@ def test_per_sequence_causal_flags(device, num_splits, index_dtype):
 @pytest.mark.parametrize("num_splits", [None, 4])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_chunked_rows_attend_as_the_whole_row(device, causal, num_splits):
-    """A static step cuts long attention rows into entries of Q queries (`fdllm.engine.runner.chunk_rows`):
+    """A static step cuts long attention rows into entries of Q queries (`fdllm.engine.runner.cut_rows`):
     the chunks, side by side in one call (with their per-entry flags), give each query the output
     the whole row gave it, for chunks of 4 of a 13-query row (the last one short) and of 8. A causal
     chunk's q_len runs to the row's end (more than the entry holds): on a GPU the Triton kernel's
     result is then bitwise the whole row's (same kv_len, same key splits); the interpreter's tl.dot
     rounds a row by its place in the tile, so there it is compared with a tolerance."""
-    from fdllm.cache import AttentionRow
-    from fdllm.engine.runner import chunk_rows
+    from fdllm.engine.runner import cut_rows
     from fdllm.kernels.paged_attention import paged_attention
 
     case = make_case(q_lens=[13], kv_lens=[300], T=13, K=2, G=2, H=16, S=8, device=device)
     whole = paged_attention_torch(*case.args(), causal=causal)
     whole_kernel = paged_attention(*case.args(), causal=causal, num_splits=num_splits, min_keys_per_split=64)
-    pages = case.block_tables_BM[0].tolist()
     for q_len in (4, 8):
-        chunks = chunk_rows(AttentionRow(13, 300, pages, causal), q_len)
-        assert [(first, n) for first, n, _, _ in chunks] == [(f, min(q_len, 13 - f)) for f in range(0, 13, q_len)]
-        assert all(kv == 300 and q == (13 - first if causal else n) for first, n, kv, q in chunks)
-        q = torch.zeros(len(chunks), q_len, *case.q_BTNH.shape[2:], device=device)
-        for e, (first, n, _, _) in enumerate(chunks):
+        rows, firsts, held, q_lens = (x.tolist() for x in cut_rows(np.array([13]), np.array([causal]), q_len))
+        assert rows == [0] * len(firsts) and firsts == list(range(0, 13, q_len))
+        assert held == [min(q_len, 13 - f) for f in firsts] and q_lens == [13 - f if causal else n for f, n in zip(firsts, held)]
+        q = torch.zeros(len(firsts), q_len, *case.q_BTNH.shape[2:], device=device)
+        for e, (first, n) in enumerate(zip(firsts, held)):
             q[e, :n] = case.q_BTNH[0, first : first + n]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-        args = (q, case.k_pool_PSKH, case.v_pool_PSKH, case.block_tables_BM.expand(len(chunks), -1).contiguous(),
-                as_tensor([kv for _, _, kv, _ in chunks]), as_tensor([ql for _, _, _, ql in chunks]))
-        flags = as_tensor([causal] * len(chunks))
-        rejoin = lambda out: torch.cat([out[e, :n] for e, (_, n, _, _) in enumerate(chunks)])  # noqa: E731
+        args = (q, case.k_pool_PSKH, case.v_pool_PSKH, case.block_tables_BM.expand(len(firsts), -1).contiguous(),
+                as_tensor([300] * len(firsts)), as_tensor(q_lens))
+        flags = as_tensor([causal] * len(firsts))
+        rejoin = lambda out: torch.cat([out[e, :n] for e, n in enumerate(held)])  # noqa: E731
         assert_close(rejoin(paged_attention_torch(*args, causal=flags)), whole[0], torch.float32)
         kernel = rejoin(paged_attention(*args, causal=flags, num_splits=num_splits, min_keys_per_split=64))
         assert_close(kernel, whole[0], torch.float32)
