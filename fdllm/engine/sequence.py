@@ -10,7 +10,9 @@ draft, and the longest agreeing prefix plus the verify's own next token are comm
 the draft it checks is accepted whole. Each step a sequence hands the scheduler one `Work` (what to feed, how it attends, which
 logits to read) and gets back its logit rows' predictions (token, confidence c_i and, when its
 selection policy needs it, entropy H_i); the sequence's `SelectionPolicy` (fdllm.decoding) decides
-what they commit and where an adaptive sub-block ends.
+what they commit and where an adaptive sub-block ends. When many sequences are on a plain sub-block
+step at once, a `DenoiseBatch` (fdllm.engine.denoise) runs those steps for them as array operations
+(`batch_denoising`), with the same rules, and the sequences only `settle` what it decoded.
 """
 
 from __future__ import annotations
