@@ -60,10 +60,11 @@ class DenoiseBatch:
         row_NS = np.maximum(self.offset_NS - 1, feed_start_N[:, None]) - feed_start_N[:, None]
         self.cand_NS = masked_NL[n_N[:, None], self.offset_NS]
         candidates = ((np.cumsum(feed_len_N) - feed_len_N)[:, None] + row_NS)[self.cand_NS]
+        pages = [s.pages for s in seqs]
         self.inputs = StepInputs(
             ids=self.block_NL[fed_NL], starts=block_start_N + feed_start_N, q_lens=feed_len_N,
-            kv_lens=block_start_N + L, causal=np.zeros(N, dtype=bool), pages=[s.pages for s in seqs], prefill=False,
-            candidates=candidates, entropy=NO_ROWS, sampled=self._sampling(),
+            kv_lens=block_start_N + L, causal=np.zeros(N, dtype=bool), pages=pages, prefill=False,
+            max_q_len=int(feed_len_N.max()), max_pages=max(map(len, pages)), any_causal=False, candidates=candidates, entropy=NO_ROWS, sampled=self._sampling(),
         )
 
     def _sampling(self) -> SampledRows:

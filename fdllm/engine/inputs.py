@@ -73,6 +73,11 @@ class StepInputs:
     causal: np.ndarray  # [R] bool
     pages: list[Sequence[int]]  # [R] the pages of each row's sequence
     prefill: bool  # some row writes prompt K/V for good (the step runs the packed layout)
+    # What the layout decides on, as Python values (a numpy reduction costs more than the loop that
+    # gathers them, at small batches): the longest row, the most pages, whether some row is causal.
+    max_q_len: int
+    max_pages: int
+    any_causal: bool
     candidates: np.ndarray  # [C] index into `ids` of each token whose logits the head reads
     entropy: np.ndarray  # [E] index into the candidates of those whose entropy H_i is needed
     sampled: SampledRows  # [S]
@@ -119,7 +124,8 @@ class StepInputs:
         if sampled:
             rows = SampledRows(i64(sampled), np.array(temperature), np.array(top_p), i64(top_k), i64(seed), i64(counter))
         starts, q_lens, kv_lens, causal = i64(rows_R4).reshape(-1, 4).T
-        inputs = cls(i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill, i64(cands),
+        inputs = cls(i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill,
+                     max(rows_R4[1::4], default=0), max(map(len, pages), default=0), any(rows_R4[3::4]), i64(cands),
                      i64(entropy) if entropy else NO_ROWS, rows)
         return inputs, candidate_rows
 
@@ -133,7 +139,8 @@ class StepInputs:
 
         return StepInputs(
             cat("ids"), cat("starts"), cat("q_lens"), cat("kv_lens"), cat("causal"), self.pages + other.pages,
-            self.prefill or other.prefill, cat("candidates", N), cat("entropy", C),
+            self.prefill or other.prefill, max(self.max_q_len, other.max_q_len), max(self.max_pages, other.max_pages),
+            self.any_causal or other.any_causal, cat("candidates", N), cat("entropy", C),
             self.sampled.join(other.sampled.shifted(C)) if len(other.sampled) else self.sampled,
         )
 

@@ -264,7 +264,7 @@ class ModelRunner:
 
     def static_shape(self, inputs: StepInputs) -> StaticShape | None:
         """The padded layout when no row writes prompt K/V and the rows fit a bucket, else None."""
-        causal = bool(inputs.causal.any())
+        causal = inputs.any_causal
         if inputs.prefill or (causal and not self.causal_entries):
             return None
         lengths = inputs.q_lens.tolist()
@@ -274,11 +274,11 @@ class ModelRunner:
         else:
             # never more tokens than max_num_seqs rows of the step's longest: what the step's
             # activations were sized for before rows were cut (and what a full batch pads to)
-            q_len = chunk_len(lengths, self.buckets, bucket_len, self.max_num_seqs * bucket_len(max(lengths)))
+            q_len = chunk_len(lengths, self.buckets, bucket_len, self.max_num_seqs * bucket_len(inputs.max_q_len))
         entries = 0 if q_len is None else num_entries(lengths, q_len)
         if q_len is None or entries > self.buckets[-1]:
             return None
-        pages = max(map(len, inputs.pages))
+        pages = inputs.max_pages
         if self.graphs is not None:
             if pages > self.max_pages_per_seq:
                 return None
@@ -295,7 +295,7 @@ class ModelRunner:
         Bb, Q = shape.batch, shape.q_len
         q_lens, starts, kv_lens, causal = inputs.q_lens, inputs.starts, inputs.kv_lens, inputs.causal
         table_EM = inputs.page_table(shape.pages)
-        if q_lens.max() <= Q:  # no row is cut: entry e is row e (most steps: the cheap way)
+        if inputs.max_q_len <= Q:  # no row is cut: entry e is row e (most steps: the cheap way)
             E, q_lens_E, real_E = len(q_lens), q_lens, q_lens
         else:
             row_E, first_E, real_E, q_lens_E = cut_rows(q_lens, causal, Q)
@@ -353,7 +353,7 @@ class ModelRunner:
         get = self.stage.get
         if shape is None:
             positions = self.stage.section("positions")
-            table_RM = inputs.page_table(max(map(len, inputs.pages)))
+            table_RM = inputs.page_table(inputs.max_pages)
             rows = np.repeat(np.arange(len(inputs.q_lens)), inputs.q_lens)
             slots = cache_slots(table_RM[rows], positions[:, None], self.cache.page_size)[:, 0]
             attention = PagedAttention.build(
