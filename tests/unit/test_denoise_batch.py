@@ -195,3 +195,32 @@ def test_mask_token_is_never_committed_by_a_batch(model):
     prompts = random_prompts(MIN_DENOISE_BATCH + 4, [2, 7, 15], seed=41)
     for res in make_engine(model, threshold=0.05).generate(prompts, params(max_new_tokens=24)):
         assert len(res.token_ids) == 24 and MASK not in res.token_ids
+
+
+def test_callback_aborting_batched_requests_mid_step_is_safe(model):
+    """A Work's streaming callback aborts every batched request in the middle of a step: they end as
+    "abort" (their pages back at once), the batch's results for them are dropped, the caller's own
+    request decodes as it does alone."""
+    prompts = random_prompts(MIN_DENOISE_BATCH + 2, [4, 9, 12], seed=53)
+    ar = params(mode="ar", max_new_tokens=12)
+    alone = make_engine(model).generate(prompts[:1], ar)[0]
+    engine = make_engine(model)
+    batches = []
+    count_batches(engine, batches)
+    rids = []
+
+    def abort_the_others(rid, tokens, finished):
+        if any(b is not None for b in batches):  # once the others run batched
+            for other in rids[1:]:
+                engine.abort(other)
+
+    rids.append(engine.add_request(prompts[0], ar, on_tokens=abort_the_others))
+    rids += [engine.add_request(p, params()) for p in prompts[1:]]
+    results = []
+    while engine.has_unfinished():
+        results += engine.step()
+    done = {r.request_id: r for r in results}
+    assert sorted(r.request_id for r in results) == sorted(rids)  # each reported once
+    assert [done[r].finish_reason for r in rids] == ["length"] + ["abort"] * (len(rids) - 1)
+    assert done[rids[0]].token_ids == alone.token_ids
+    assert engine.num_free_pages == engine.num_pages
