@@ -212,9 +212,10 @@ class Engine:
         """One forward over every running sequence; returns the requests that finished in it.
 
         Never raises for a request's sake: an error while planning or applying one sequence's work
-        fails that request alone, an error in the batched forward fails that step's batch (it cannot
-        be attributed); either way the request ends with finish_reason "error", the error is logged
-        with the request ids, and every other request keeps decoding.
+        fails that request alone, an error in the batched forward fails that step's batch, and one in
+        a `DenoiseBatch`'s array code the requests in it (neither can be attributed); either way the
+        request ends with finish_reason "error", the error is logged with the request ids, and every
+        other request keeps decoding.
         """
         finished = self._undelivered + [self._finish(seq) for seq in self._aborted]
         self._undelivered, self._aborted = [], []
@@ -239,7 +240,8 @@ class Engine:
             try:
                 batch.apply()
             except Exception as exc:  # noqa: BLE001 - array code over every batched request: not attributable
-                log.exception("applying the sub-block steps of %d request(s) failed", len(batched))
+                log.exception("applying the sub-block steps of %d request(s) failed; failing them %s", len(batched),
+                              [seq.request_id for seq in batched])
                 return finished + [self._fail(seq, exc) for seq in batched if seq.finish_reason is None]
             for seq in batch.settling:
                 self._take(seq, seq.settle, (), now, finished)
