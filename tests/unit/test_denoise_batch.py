@@ -143,6 +143,7 @@ def test_a_failing_batch_fails_its_requests_alone_and_the_engine_keeps_serving(m
         while engine.has_unfinished():
             done |= {r.request_id: r for r in engine.step()}
     assert {done[r].finish_reason for r in rids} == {"error"} and "injected batch failure" in done[rids[0]].error
+    assert all(repr(r) in caplog.text for r in rids)  # the log names the requests it failed
     assert done[ar_id].token_ids == alone_ar.token_ids  # a Work beside the batch: unaffected
     assert engine.num_free_pages == engine.num_pages
     again = engine.generate(prompts[1:], params())
