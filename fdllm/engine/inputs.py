@@ -152,6 +152,8 @@ class StepInputs:
     def page_table(self, width: int) -> np.ndarray:
         """[R, width] each row's pages, -1 past its last."""
         columns = list(itertools.zip_longest(*self.pages, fillvalue=-1))  # [pages of the longest row][R]
+        if columns and len(columns) == width:  # eager steps: as wide as the longest row
+            return np.array(columns, dtype=np.int64).T
         table = np.full((len(self.pages), width), -1, dtype=np.int64)
         if columns:
             table[:, : len(columns)] = np.array(columns, dtype=np.int64).T
