@@ -120,13 +120,13 @@ class StepInputs:
                         seed.append(stream_seed(p))
                         counter.append(forwards * ROW_STREAM + r)
         i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
-        rows = NO_SAMPLED
+        draws = NO_SAMPLED
         if sampled:
-            rows = SampledRows(i64(sampled), np.array(temperature), np.array(top_p), i64(top_k), i64(seed), i64(counter))
+            draws = SampledRows(i64(sampled), np.array(temperature), np.array(top_p), i64(top_k), i64(seed), i64(counter))
         starts, q_lens, kv_lens, causal = i64(rows_R4).reshape(-1, 4).T
         inputs = cls(i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill,
                      max(rows_R4[1::4], default=0), max(map(len, pages), default=0), any(rows_R4[3::4]), i64(cands),
-                     i64(entropy) if entropy else NO_ROWS, rows)
+                     i64(entropy) if entropy else NO_ROWS, draws)
         return inputs, candidate_rows
 
     def join(self, other: StepInputs) -> StepInputs:
