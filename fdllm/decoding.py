@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from collections.abc import Set as AbstractSet
-from itertools import compress
 from dataclasses import dataclass
+from itertools import compress
 
 import torch
 from torch import Tensor

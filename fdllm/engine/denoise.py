@@ -106,8 +106,8 @@ class DenoiseBatch:
         prob_NS[self.cand_NS] = self.probs
         best_N = prob_NS.argmax(1)
         selected_NS = self.cand_NS & ((prob_NS > self.threshold_N[:, None]) | (np.arange(S) == best_N[:, None]))
-        n_NS = np.broadcast_to(np.arange(N)[:, None], selected_NS.shape)
-        self.block_NL[n_NS[selected_NS], self.offset_NS[selected_NS]] = token_NS[selected_NS]
+        n, i = np.nonzero(selected_NS)
+        self.block_NL[n, self.offset_NS[n, i]] = token_NS[n, i]
         for seq, block, start in zip(self.seqs, self.block_NL.tolist(), self.sub_start_N.tolist()):
             seq.block, seq.sub = block, (start, start + S)
             seq.num_forwards += 1

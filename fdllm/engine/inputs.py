@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -42,19 +42,16 @@ class SampledRows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def shifted(self, candidates: int) -> SampledRows:
-        """The same rows, `candidates` places further in the step."""
-        return SampledRows(self.rows + candidates, self.temperature, self.top_p, self.top_k, self.seed, self.counter)
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every field by name (the sections the runner stages, in this order)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def join(self, other: SampledRows) -> SampledRows:
-        """These rows, then `other`'s (already shifted)."""
+    def join(self, other: SampledRows, shift: int) -> SampledRows:
+        """These rows, then `other`'s moved `shift` candidates further (the candidates before them)."""
         if not len(other):
             return self
-        if not len(self):
-            return other
-        return SampledRows(*(np.concatenate([a, b]) for a, b in zip(
-            (self.rows, self.temperature, self.top_p, self.top_k, self.seed, self.counter),
-            (other.rows, other.temperature, other.top_p, other.top_k, other.seed, other.counter))))
+        theirs = other.arrays() | {"rows": other.rows + shift}
+        return SampledRows(**{name: np.concatenate([mine, theirs[name]]) for name, mine in self.arrays().items()})
 
 
 NO_ROWS = np.zeros(0, dtype=np.int64)  # shared: never written to
@@ -141,7 +138,7 @@ class StepInputs:
             cat("ids"), cat("starts"), cat("q_lens"), cat("kv_lens"), cat("causal"), self.pages + other.pages,
             self.prefill or other.prefill, max(self.max_q_len, other.max_q_len), max(self.max_pages, other.max_pages),
             self.any_causal or other.any_causal, cat("candidates", N), cat("entropy", C),
-            self.sampled.join(other.sampled.shifted(C)) if len(other.sampled) else self.sampled,
+            self.sampled.join(other.sampled, shift=C),
         )
 
     @property

@@ -240,7 +240,7 @@ class ModelRunner:
         tokens, probs, entropies = self.forward(inputs)
         if batch is not None:
             batch.tokens, batch.probs = tokens[C:], probs[C:]
-        return self._scatter_back(works, candidate_rows, tokens[:C], probs[:C], entropies and entropies[:C])
+        return self._scatter_back(works, candidate_rows, tokens[:C], probs[:C], None if entropies is None else entropies[:C])
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> tuple[list[float], list[float], list[float] | None]:
@@ -336,7 +336,7 @@ class ModelRunner:
     def _head_sizes(inputs: StepInputs) -> dict[str, int]:
         sizes = {"cand_rows": len(inputs.candidates), "entropy": len(inputs.entropy)}
         S = len(inputs.sampled)
-        return sizes | {name: S for name in _SAMPLED_SECTIONS} if S else sizes
+        return sizes | {name: S for name in inputs.sampled.arrays()} if S else sizes
 
     def _put_head(self, inputs: StepInputs, flat_N: np.ndarray) -> None:
         put = self.stage.put
@@ -344,8 +344,8 @@ class ModelRunner:
         if len(inputs.entropy):
             put("entropy", inputs.entropy)
         if len(inputs.sampled):
-            for name in _SAMPLED_SECTIONS:
-                put(name, getattr(inputs.sampled, name), np.float64 if name in ("temperature", "top_p") else np.int64)
+            for name, values in inputs.sampled.arrays().items():
+                put(name, values, values.dtype.type)  # int64, or float64 staged as its bytes
 
     # -- device work --------------------------------------------------------------------------------
     def _body(self, inputs: StepInputs, shape: StaticShape | None) -> Tensor:
@@ -441,9 +441,6 @@ class ModelRunner:
             c += m
             out.append(pred)
         return out
-
-
-_SAMPLED_SECTIONS = ("rows", "temperature", "top_p", "top_k", "seed", "counter")  # SampledRows' fields, staged
 
 
 def _join(parts: list[Tensor]) -> Tensor:

@@ -168,10 +168,6 @@ class Sequence:
         to prefill, a mask left in the block, the threshold rule over fixed sub-blocks)."""
         return self._batchable and not self.num_prefill_left and self.block is not None and self.mask_token_id in self.block
 
-    def slot(self, pos: int) -> int:
-        """Flat cache slot of the token at `pos`."""
-        return self.pages[pos // self.block_size] * self.block_size + pos % self.block_size
-
     def next_work(self, prefill_budget: int, lookahead: bool = True) -> Work | None:
         """This step's work; None if it is still prefilling and the step's prefill budget is spent.
         `lookahead`: the scheduler allows this step's speculative lookahead (a small enough batch)."""
