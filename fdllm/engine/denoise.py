@@ -21,6 +21,8 @@ Shape legend: N sequences, L block size, S sub-block size, C candidates (masked 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from fdllm.engine.inputs import NO_ROWS, NO_SAMPLED, ROW_STREAM, SampledRows, StepInputs, stream_seed
@@ -36,14 +38,17 @@ class DenoiseBatch:
         L, S, mask = first.block_size, first.sub_block_size, first.mask_token_id
         N = len(seqs)
         self.seqs, self.sub_block_size = seqs, S
-        self.tokens: list[float] = []  # the forward's results per candidate (ModelRunner.run)
-        self.probs: list[float] = []
+        # the forward's results per candidate, in the order of `inputs.candidates` (ModelRunner.run)
+        self.tokens: np.ndarray | list[float] = NO_ROWS
+        self.probs: np.ndarray | list[float] = NO_ROWS
         self.settling: list[Sequence] = []  # after `apply`: the sequences whose decoded prefix grew
-        self.block_NL = np.array([s.block for s in seqs], dtype=np.int64)
-        block_start_N = np.array([s.block_start for s in seqs], dtype=np.int64)
-        # the sub-block each one's last step decoded (-1: none yet in this block)
-        previous_N = np.array([-1 if s.sub is None else s.sub[0] for s in seqs], dtype=np.int64)
-        self.threshold_N = np.array([s.policy.threshold for s in seqs], dtype=np.float64)
+        # one pass over the sequences; the previous sub-block is the one its last step decoded (-1: none yet in this block)
+        blocks, block_starts, previous, thresholds, pages = zip(*[
+            (s.block, s.block_start, -1 if s.sub is None else s.sub[0], s.policy.threshold, s.pages) for s in seqs
+        ])
+        self.block_NL = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=N * L).reshape(N, L)
+        block_start_N, previous_N = np.array(block_starts, dtype=np.int64), np.array(previous, dtype=np.int64)
+        self.threshold_N = np.array(thresholds, dtype=np.float64)
         masked_NL = self.block_NL == mask
         n_N = np.arange(N)
         self.first_mask_N = masked_NL.argmax(1)  # every block here has one; the offsets before it are settled
@@ -60,11 +65,11 @@ class DenoiseBatch:
         row_NS = np.maximum(self.offset_NS - 1, feed_start_N[:, None]) - feed_start_N[:, None]
         self.cand_NS = masked_NL[n_N[:, None], self.offset_NS]
         candidates = ((np.cumsum(feed_len_N) - feed_len_N)[:, None] + row_NS)[self.cand_NS]
-        pages = [s.pages for s in seqs]
         self.inputs = StepInputs(
             ids=self.block_NL[fed_NL], starts=block_start_N + feed_start_N, q_lens=feed_len_N,
-            kv_lens=block_start_N + L, causal=np.zeros(N, dtype=bool), pages=pages, prefill=False,
-            max_q_len=int(feed_len_N.max()), max_pages=max(map(len, pages)), any_causal=False, candidates=candidates, entropy=NO_ROWS, sampled=self._sampling(),
+            kv_lens=block_start_N + L, causal=np.zeros(N, dtype=bool), pages=list(pages), prefill=False,
+            max_q_len=int(feed_len_N.max()), max_pages=max(map(len, pages)), any_causal=False,
+            candidates=candidates, entropy=NO_ROWS, sampled=self._sampling(),
         )
 
     def _sampling(self) -> SampledRows:

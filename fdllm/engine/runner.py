@@ -237,15 +237,16 @@ class ModelRunner:
         C = len(inputs.candidates)
         if batch is not None:
             inputs = inputs.join(batch.inputs)
-        tokens, probs, entropies = self.forward(inputs)
-        if batch is not None:
-            batch.tokens, batch.probs = tokens[C:], probs[C:]
-        return self._scatter_back(works, candidate_rows, tokens[:C], probs[:C], None if entropies is None else entropies[:C])
+        host_KC = self.forward(inputs)
+        if batch is not None:  # left as arrays: the batch's selection is array code
+            batch.tokens, batch.probs = host_KC[0, C:], host_KC[1, C:]
+        tokens, probs, *entropies = host_KC[:, :C].tolist()
+        return self._scatter_back(works, candidate_rows, tokens, probs, entropies[0] if entropies else None)
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> tuple[list[float], list[float], list[float] | None]:
-        """The step's forward: per candidate row, its token and probability (and entropy where
-        `inputs.entropy` asks for it, else None), back on the host as lists."""
+    def forward(self, inputs: StepInputs) -> np.ndarray:
+        """The step's forward: [K, C] fp64 on the host, per candidate row its token and probability
+        (K = 2), and its entropy (K = 3) when some row asks for it (`inputs.entropy`)."""
         shape = self.static_shape(inputs)
         N, C = len(inputs.ids), len(inputs.candidates)
         body = StaticInputs.sizes(shape) if shape else {"ids": N, "positions": N}
@@ -255,12 +256,11 @@ class ModelRunner:
         self.stage.copy()
         h_TD = self._body(inputs, shape)
         if C == 0:
-            return [], [], None
+            return np.zeros((2, 0))
         token_C, prob_C, entropy_C = self._head(h_TD, inputs)
         # the step's one device-to-host sync (fp64 holds token ids and fp32 probabilities exactly)
         rows = [token_C.to(torch.float64), prob_C] + ([] if entropy_C is None else [entropy_C])
-        host = torch.stack(rows).tolist()  # promoted to fp64
-        return host[0], host[1], host[2] if entropy_C is not None else None
+        return torch.stack(rows).cpu().numpy()  # promoted to fp64
 
     def static_shape(self, inputs: StepInputs) -> StaticShape | None:
         """The padded layout when no row writes prompt K/V and the rows fit a bucket, else None."""

@@ -132,6 +132,8 @@ class Sequence:
         # Diffusion: a block's opening forward also runs its first step (with a sub-block to read).
         self.block_lookahead = params.block_lookahead and not self.is_causal and sub_block_size > 1
         P, L = len(prompt), block_size
+        # Prompt tokens whose K/V prefill writes: AR all of them, diffusion its whole blocks (the rest opens a block).
+        self.prefill_target = P if self.is_causal else P - P % L
         # Worst case: every position up to prompt + max_new_tokens, in whole pages.
         self.max_pages = math.ceil((P + params.max_new_tokens) / L)
         self.pages: list[int] = []
@@ -140,7 +142,7 @@ class Sequence:
             self.tokens = list(prompt)  # every known token: prompt + output; all but the last have K/V
             self.block: list[int] | None = None
         else:
-            full = P - P % L
+            full = self.prefill_target
             self.tokens = prompt[:full]  # tokens before the current block (prompt blocks + committed)
             # Leftover prompt tokens open the first block; an exact multiple waits for the last logit.
             self.block = new_block(prompt[full:], L, mask_token_id) if P % L else None
@@ -159,8 +161,7 @@ class Sequence:
 
     @property
     def num_prefill_left(self) -> int:
-        target = len(self.prompt) if self.is_causal else len(self.prompt) - len(self.prompt) % self.block_size
-        return max(target - self.num_cached, 0)
+        return max(self.prefill_target - self.num_cached, 0)
 
     @property
     def batch_denoising(self) -> bool:
