@@ -87,18 +87,21 @@ def _torchao():
 
 def _config(name: str, model: nn.Module, device: torch.device):
     ao = _torchao()
+    # set_inductor_config=False: torchao's default turns on coordinate-descent tuning for every
+    # torch.compile of the process (a serving replica's or a benchmark's other compiles too)
     if name == "int8":
-        return ao.Int8WeightOnlyConfig()
+        return ao.Int8WeightOnlyConfig(set_inductor_config=False)
     if name == "int4":
         group = _int4_group_size(model)
         if device.type == "cuda":
-            return ao.Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
+            return ao.Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d",
+                                           set_inductor_config=False)
         from torchao.quantization.granularity import PerGroup
 
         return ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group))
     from torchao.quantization.granularity import PerRow
 
-    return ao.Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return ao.Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
 
 def quantize(model: nn.Module, name: str) -> nn.Module:

@@ -42,6 +42,17 @@ def test_only_decoder_linears_are_quantized_and_logits_stay_close(sharp_dir, fmt
     assert weight_bytes(model) < weight_bytes(ref)
 
 
+@pytest.mark.parametrize("fmt", CPU_FORMATS)
+def test_quantizing_leaves_the_process_compiler_settings_alone(sharp_dir, fmt):
+    """torchao's configs default to switching on coordinate-descent tuning for every later torch.compile
+    of the process (a replica's, or the GPU suite's training section after its quantized decode)."""
+    inductor = pytest.importorskip("torch._inductor.config")
+    names = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul")
+    before = {name: getattr(inductor, name) for name in names}
+    quantize(fdllm.load_model(sharp_dir), fmt)
+    assert {name: getattr(inductor, name) for name in names} == before
+
+
 def test_int8_matches_a_from_scratch_per_channel_int8_model(sharp_dir):
     """Independent oracle: symmetric per-output-channel int8 over all 255 levels (scale = max|w| / 127.5,
     codes clamped to [-128, 127]). Every layer's weight as torchao computes with it (its public
