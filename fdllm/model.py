@@ -60,9 +60,12 @@ def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor:
+    """Rotated in the tables' precision, returned in x's: under bf16 autocast the tables are fp32 (the
+    residual stream is) and q/k bf16, so q/k/v reach attention in one dtype (what autocast's attention
+    would cast them to), not q/k promoted to fp32 beside a bf16 v."""
     half = x_BTnH.shape[-1] // 2
     rotated = torch.cat((-x_BTnH[..., half:], x_BTnH[..., :half]), dim=-1)
-    return x_BTnH * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
+    return (x_BTnH * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]).to(x_BTnH.dtype)
 
 
 @functools.cache

@@ -120,3 +120,25 @@ def test_missing_tensor_is_named(tmp_path, qwen2_dir):
 def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         Transformer.from_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("mask", ["causal", "block"])
+def test_bf16_autocast_training_feeds_attention_one_dtype(qwen2_dir, monkeypatch, mask):
+    """Mixed-precision training (fp32 weights, bf16 autocast): the residual stream and RoPE tables stay
+    fp32 while the projections are bf16; q and k must not come out of RoPE promoted to fp32 beside a
+    bf16 v (compiled flex attention on a GPU would then rely on autocast's forward-only shim)."""
+    import fdllm.model as model_module
+
+    seen, inner = [], model_module.masked_attention
+    monkeypatch.setattr(model_module, "masked_attention",
+                        lambda q, k, v, m: seen.append((q.dtype, k.dtype, v.dtype)) or inner(q, k, v, m))
+    model = fdllm.load_model(qwen2_dir)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    attn_mask = None if mask == "causal" else torch.ones(16, 16, dtype=torch.bool).tril()[None, None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids, mask=attn_mask)
+    logits.float().sum().backward()
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+    with torch.no_grad():
+        reference = model(ids, mask=attn_mask)  # fp32: the mixed-precision logits stay close
+    assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
