@@ -147,7 +147,10 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> list[Row]
 
 
 def bench_confidence(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    import torch.nn.functional as F
+
     from fdllm.kernels import fused_confidence, fused_confidence_ref
+    from fdllm.kernels.reference import greedy_confidence
 
     dtype = DTYPES[args.dtype]
     weight_VD = torch.randn(args.vocab, args.hidden, dtype=dtype, device=device) / args.hidden**0.5
@@ -158,8 +161,10 @@ def bench_confidence(args: argparse.Namespace, device: torch.device) -> list[Row
         hidden_TD = torch.randn(T, args.hidden, dtype=dtype, device=device)
         ref_tok, ref_prob = fused_confidence_ref(hidden_TD, weight_VD, mask_token_id)
         w_bytes = weight_VD.numel() * weight_VD.element_size()
+        # torch: the engine's unfused path (ModelRunner.logits, then greedy_confidence): the logits GEMM in
+        # the weights' dtype, fp32 logits (the reference upcasts the whole weight: exact, not a fair timing)
         fns = {"triton": lambda h=hidden_TD: fused_confidence(h, weight_VD, mask_token_id),
-               "torch": lambda h=hidden_TD: fused_confidence_ref(h, weight_VD, mask_token_id)}
+               "torch": lambda h=hidden_TD: greedy_confidence(F.linear(h, weight_VD).float(), mask_token_id)}
         for backend, fn in fns.items():
             err = None
             if backend == "triton":

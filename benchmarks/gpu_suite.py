@@ -1,10 +1,13 @@
 r"""Every GPU figure of the project in one command (random weights, no network), on one H100/H200.
 
     python -m benchmarks.gpu_suite --out runs/gpu-suite            # the real suite (target: <= 8 minutes)
+    python -m benchmarks.gpu_suite --out runs/gpu-suite --sections decode,kernels   # some sections only
     python -m benchmarks.gpu_suite --out /tmp/suite --smoke        # CPU: tiny shapes, Triton interpreter
 
-Sections (each appends to report.json and report.md as soon as it ends, so a stopped run keeps
-what it measured; a failing section is recorded and the next one runs):
+Each section runs in a process of its own, under a time limit (`SECTION_TIMEOUT_S`), and appends to
+report.json and report.md as soon as it ends: a stopped run keeps what it measured, and a failing,
+crashing or hanging section (a CUDA error leaves its process's context unusable) is recorded while the
+next one runs in a fresh process. `--sections` runs some of them (a rerun of the ones that failed):
 1. `pytest -m gpu` (compiled Triton kernels vs their references);
 2. engine exactness on the device: Triton backend with CUDA graphs == torch backend eager ==
    the no-cache block-causal reference (tests/unit/test_engine.py), greedy; and with a causal-prefix
@@ -35,10 +38,14 @@ the weight-read roofline; one sync per step.
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -57,25 +64,55 @@ SHAPES = {
 }
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 TARGET_STEP_RATIO, TARGET_ROOFLINE, TARGET_SYNCS = 1.3, 1.5, 1
+REPO = Path(__file__).resolve().parents[1]
+# The sections in report order, each with the most seconds its process may take (a hang must not
+# spend a device session: what is left of the suite still runs).
+SECTION_TIMEOUT_S = {"pytest -m gpu": 300, "engine exactness": 180, "decode": 480, "quantized decode": 240,
+                     "syncs per step": 180, "kernels": 300, "training step": 300}
 
 
 class Report:
-    """Sections in order; rewritten to OUT/report.json and OUT/report.md after each one."""
+    """Sections in order; rewritten to OUT/report.json and OUT/report.md after each one. With `keep`,
+    the sections of the report already in OUT stay, those run again replaced (a rerun of some)."""
 
-    def __init__(self, out: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, out: Path, meta: dict[str, Any], keep: bool = False) -> None:
         self.out, self.meta, self.sections = out, meta, []
         out.mkdir(parents=True, exist_ok=True)
+        if keep and (out / "report.json").is_file():
+            self.sections = [s for s in json.loads((out / "report.json").read_text())["sections"]
+                             if s["name"] in SECTION_TIMEOUT_S]
 
-    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+    def run(self, name: str, child_argv: list[str]) -> None:
+        """Section `name` in a process of its own (`python -m benchmarks.gpu_suite ... --section name`),
+        its output echoed as it goes, killed after SECTION_TIMEOUT_S[name]."""
         print(f"[gpu_suite] {name} ...", flush=True)
-        start = time.perf_counter()
+        start, timeout_s = time.perf_counter(), SECTION_TIMEOUT_S[name]
+        result_file = section_file(self.out, name)
+        result_file.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", *child_argv, "--section", name],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its own group: a timeout kills what it started too
+        tail: collections.deque[str] = collections.deque(maxlen=30)
+        echo = threading.Thread(target=_echo, args=(proc.stdout, tail), daemon=True)
+        echo.start()
         try:
-            result, status = fn(), "ok"
-        except Exception as exc:  # one broken section must not hide the others
-            result, status = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, "error"
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
+            section = _failed(f"timed out after {timeout_s} s (SECTION_TIMEOUT_S)", tail)
+        else:
+            if result_file.is_file():
+                section = json.loads(result_file.read_text())
+            else:  # died without writing (a crash of the process itself: segfault, CUDA abort)
+                section = _failed(f"its process exited {code} without a result", tail)
+        echo.join(timeout=5)
         seconds = time.perf_counter() - start
-        self.sections.append({"name": name, "status": status, "seconds": round(seconds, 1), **result})
-        print(f"[gpu_suite] {name}: {status} in {seconds:.1f} s", flush=True)
+        section = {"name": name, "status": section.pop("status"), "seconds": round(seconds, 1), **section}
+        order = list(SECTION_TIMEOUT_S)
+        self.sections = sorted([s for s in self.sections if s["name"] != name] + [section],
+                               key=lambda s: order.index(s["name"]))
+        print(f"[gpu_suite] {name}: {section['status']} in {seconds:.1f} s", flush=True)
         self.write()
 
     def write(self) -> None:
@@ -84,7 +121,9 @@ class Report:
         for s in self.sections:
             lines.append(f"## {s['name']} ({s['status']}, {s['seconds']} s)\n")
             if "error" in s:
-                lines.append(f"```\n{s['error']}\n```\n")
+                lines.append(f"```\n{s['error']}\n{s.get('output tail', '')}```\n")
+            if s.get("note"):
+                lines.append(f"{s['note']}\n")
             for check in s.get("checks", []):
                 lines.append(f"- {'PASS' if check['pass'] else 'FAIL'}: {check['what']} ({check['value']})")
             if s.get("table"):
@@ -93,6 +132,35 @@ class Report:
                 lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in s["table"]]
             lines.append("")
         (self.out / "report.md").write_text("\n".join(lines))
+
+
+def section_file(out: Path, name: str) -> Path:
+    """Where a section's process leaves its result for the report."""
+    return out / "sections" / (name.replace(" ", "_").replace("-", "") + ".json")
+
+
+def run_section(name: str, fn: Callable[[], dict[str, Any]], out: Path) -> int:
+    """In a section's own process: run it, write its result (or the error it raised) for the report."""
+    try:
+        section = {"status": "ok", **fn()}
+    except Exception as exc:  # noqa: BLE001 - recorded in the report; the next section still runs
+        traceback.print_exc()  # as it happens, in the suite's output; and in the report
+        section = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    path = section_file(out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(section))
+    return 0
+
+
+def _echo(stream, tail: collections.deque[str]) -> None:
+    """A section's output, printed as it comes (progress) and its last lines kept (the report of a crash)."""
+    for line in stream:
+        print(line, end="", flush=True)
+        tail.append(line)
+
+
+def _failed(error: str, tail: collections.deque[str]) -> dict[str, Any]:
+    return {"status": "error", "error": error, "output tail": "".join(tail)}
 
 
 def _fmt(v: Any) -> str:
@@ -105,7 +173,8 @@ def _check(what: str, value: Any, ok: bool) -> dict[str, Any]:
 
 # -- sections -----------------------------------------------------------------------------------------
 def pytest_gpu(smoke: bool) -> dict[str, Any]:
-    target = ["tests/kernels/test_paged_attention.py"] if smoke else ["tests"]
+    # every gpu-marked test is a kernel test (collecting the whole tree would need every extra installed)
+    target = ["tests/kernels/test_paged_attention.py"] if smoke else ["tests/kernels"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *target],
                           capture_output=True, text=True, timeout=300)
     tail = proc.stdout.strip().splitlines()[-1:] or [""]
@@ -154,8 +223,8 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
     backend = "triton" if device.type == "cuda" else "torch"
     fast = _engine(model, mask, backend=backend, eager=False, cache=False, batch=4, threshold=0.05, block=8, sub=4)
     slow = _engine(model, mask, backend="torch", eager=True, cache=False, batch=4, threshold=0.05, block=8, sub=4)
-    got = [r.token_ids for r in fast.generate(prompts, p)]
-    eager = [r.token_ids for r in slow.generate(prompts, p)]
+    got = _tokens(fast.generate(prompts, p))
+    eager = _tokens(slow.generate(prompts, p))
     ref = [reference_generate(model, pr, 12, 8, 4, 0.05) for pr in prompts]
     # Causal rows in static steps (per-entry flags, captured graphs): a causal-prefix model's commits,
     # with and without the block lookahead, and speculative verifies, whose output is the AR output.
@@ -163,9 +232,9 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
              for kw in ({"mode": "speculative"}, {"block_lookahead": True}, {})]
     fast_c, slow_c = (_engine(model, mask, backend=b, eager=e, cache=True, batch=4, threshold=0.05, block=8, sub=4,
                               prefix="causal") for b, e in ((backend, False), ("torch", True)))
-    got_c = [r.token_ids for r in fast_c.generate(prompts, mixed)]
-    eager_c = [r.token_ids for r in slow_c.generate(prompts, mixed)]
-    ar = slow_c.generate(prompts[:1], fdllm.SamplingParams(max_new_tokens=12, ignore_eos=True, mode="ar"))[0].token_ids
+    got_c = _tokens(fast_c.generate(prompts, mixed))
+    eager_c = _tokens(slow_c.generate(prompts, mixed))
+    ar = _tokens(slow_c.generate(prompts[:1], fdllm.SamplingParams(max_new_tokens=12, ignore_eos=True, mode="ar")))[0]
     return {"checks": [
         _check(f"{backend} backend, graphs {'on' if fast.runner.graphs else 'off'} == torch eager", got == eager,
                got == eager),
@@ -176,6 +245,15 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
     ]}
 
 
+def _tokens(results) -> list[list[int]]:
+    """Each result's tokens; raises if the engine failed a request (it fails a step's requests rather
+    than raise: a CUDA-only error would otherwise pass for a very fast, empty run)."""
+    failed = [r for r in results if r.finish_reason == "error"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(results)} request(s) failed in the engine: {failed[0].error}")
+    return [r.token_ids for r in results]
+
+
 def _decode_run(engine, prompts, params) -> tuple[float, int, int, list[list[int]]]:
     """(seconds, generated tokens, decode steps, each prompt's tokens) of one batch run to completion.
     Seconds leave out CUDA graph captures (lazy: the first step of each new static shape captures)."""
@@ -184,13 +262,14 @@ def _decode_run(engine, prompts, params) -> tuple[float, int, int, list[list[int
     captured = graphs.capture_seconds if graphs is not None else 0.0
     ids = [engine.add_request(pr, params) for pr in prompts]
     sync()
-    start, steps, outputs = time.perf_counter(), 0, {}
+    start, steps, results = time.perf_counter(), 0, {}
     while engine.has_unfinished():
-        outputs |= {r.request_id: r.token_ids for r in engine.step()}
+        results |= {r.request_id: r for r in engine.step()}
         steps += 1
     sync()
     seconds = time.perf_counter() - start - ((graphs.capture_seconds - captured) if graphs is not None else 0.0)
-    return seconds, sum(map(len, outputs.values())), steps, [outputs[i] for i in ids]
+    outputs = _tokens([results[i] for i in ids])
+    return seconds, sum(map(len, outputs)), steps, outputs
 
 
 @dataclass(frozen=True)
@@ -218,10 +297,14 @@ DECODE_RUNS = (
     # threshold ~0 commits the lookahead's whole first sub-block: one forward fewer per block, at the
     # price of the commit step's extra block of query rows (what "step/AR step" shows)
     DecodeRun("diffusion cache on, block lookahead", "diffusion", block_lookahead=True),
-    # without its lookahead first: the run after it reads that step time ("lookahead step cost")
     DecodeRun("speculative, no lookahead", "speculative", spec_lookahead=False),
     DecodeRun("speculative", "speculative"),
 )
+
+
+def engine_key(run: DecodeRun) -> tuple[bool, bool, bool]:
+    """What a run's engine is configured by: runs alike share one engine (and its captured graphs)."""
+    return run.eager, run.cache, run.spec_lookahead
 
 
 def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any]:
@@ -233,50 +316,63 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
     dtype = torch.float32 if smoke else torch.bfloat16
     prompt_len, new = (6, 58) if smoke else (128, 128)  # smoke: past two block commits
     backend = "triton" if device.type == "cuda" else "torch"
+    runs = [run for run in DECODE_RUNS if device.type == "cuda" or not run.eager]  # off CUDA every run is eager
     table = []
     for shape in shapes:
         model = random_model(shape, device, dtype)
+        hf = hf_model(model, device, dtype)
         mask = model.config.vocab_size - 1
-        weights = weight_bytes(model)
+        # what an AR step reads: every weight but the input embedding's (a gather of the step's rows)
+        read_bytes = weight_bytes(model) - (0 if model.config.tie_word_embeddings else
+                                            weight_bytes(model.model.embed_tokens))
         gen = torch.Generator().manual_seed(0)
         for batch in batches:
             prompts = torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist()
-            ar_step = spec_step = None
-            for run in DECODE_RUNS:
-                if run.eager and device.type != "cuda":
-                    continue
-                engine = _engine(model, mask, backend=backend, eager=run.eager, cache=run.cache, batch=batch,
-                                 threshold=1e-9, lookahead=run.spec_lookahead)
-                params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True, mode=run.mode,
-                                              block_lookahead=run.block_lookahead)
-                _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                seconds, tokens, steps, _ = _decode_run(engine, prompts, params)
-                step_ms = 1000 * seconds / steps
-                graphs = engine.runner.graphs is not None
-                row = {"shape": shape, "batch": batch, "mode": run.name, "graphs": graphs, "ms/step": step_ms,
-                       "tokens/s": tokens / seconds, "tokens/forward": tokens / steps / batch}
-                if device.type == "cuda":  # weights + KV pages + the steps' activations and head chunks
-                    row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if run.mode == "ar" and (graphs or device.type != "cuda"):
-                    ar_step = step_ms
-                if run.mode != "ar" and ar_step:
-                    ratio = step_ms / ar_step
-                    row |= {"step/AR step": ratio, "speed-up @2.4": 2.4 / ratio, "speed-up @4": 4 / ratio}
-                if run.mode == "speculative":  # random weights reject most drafts: per step, what the lookahead costs
-                    if run.spec_lookahead and spec_step:
-                        row["lookahead step cost"] = step_ms / spec_step
-                    spec_step = step_ms
-                if run.mode == "ar" and batch == 1 and graphs and peak_gbps:
-                    row |= {"roofline ms": 1000 * weights / (peak_gbps * 1e9)}
-                table.append(row)
-                print(f"  {row}", flush=True)
-            table.append(hf_yardstick(model, prompts, new, shape, batch, device, dtype))
-        del model
+            rows = {}
+            # one engine at a time (the peak memory column is one engine's), shared by the runs it serves
+            for _, alike in itertools.groupby(sorted(runs, key=engine_key), engine_key):
+                alike = list(alike)
+                engine = _engine(model, mask, backend=backend, eager=alike[0].eager, cache=alike[0].cache,
+                                 batch=batch, threshold=1e-9, lookahead=alike[0].spec_lookahead)
+                for run in alike:
+                    params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True,
+                                                  mode=run.mode, block_lookahead=run.block_lookahead)
+                    _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    seconds, tokens, steps, _ = _decode_run(engine, prompts, params)
+                    rows[run] = {"shape": shape, "batch": batch, "mode": run.name,
+                                 "graphs": engine.runner.graphs is not None, "ms/step": 1000 * seconds / steps,
+                                 "tokens/s": tokens / seconds, "tokens/forward": tokens / steps / batch}
+                    if device.type == "cuda":  # weights + KV pages + the steps' activations and head chunks
+                        rows[run]["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    print(f"  {rows[run]}", flush=True)
+                del engine
+            ordered = [rows[run] for run in runs]
+            add_step_ratios(ordered)
+            for row in ordered:
+                if row["mode"] == "ar" and row["batch"] == 1 and row["graphs"] and peak_gbps:
+                    row["roofline ms"] = 1000 * read_bytes / (peak_gbps * 1e9)
+            table += [*ordered, hf_yardstick(hf, prompts, new, shape, batch, device)]
+        del model, hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"table": table, "checks": decode_checks(table)}
+
+
+def add_step_ratios(rows: list[dict[str, Any]]) -> None:
+    """Per row of one (shape, batch): its step cost against the AR step run the same way (graphs on or
+    off) and the projected speed-ups at 2.4 and 4 tokens per forward; the speculative row also its
+    step cost against the speculative row without the lookahead ("lookahead step cost": random
+    weights reject most drafts, so this is what the lookahead's extra query rows cost per step)."""
+    ar = {row["graphs"]: row["ms/step"] for row in rows if row["mode"] == "ar"}
+    plain = next((row["ms/step"] for row in rows if row["mode"] == "speculative, no lookahead"), None)
+    for row in rows:
+        if row["mode"] != "ar" and row["graphs"] in ar:
+            ratio = row["ms/step"] / ar[row["graphs"]]
+            row |= {"step/AR step": ratio, "speed-up @2.4": 2.4 / ratio, "speed-up @4": 4 / ratio}
+        if row["mode"] == "speculative" and plain:
+            row["lookahead step cost"] = row["ms/step"] / plain
 
 
 def decode_checks(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -339,13 +435,19 @@ def quantized(device: torch.device, smoke: bool) -> dict[str, Any]:
     return {"table": table}
 
 
-def hf_yardstick(model, prompts, new: int, shape: str, batch: int, device: torch.device, dtype) -> dict[str, Any]:
-    """The same prompts through transformers' `generate` on a model of the same config (random weights)."""
+def hf_model(model, device: torch.device, dtype):
+    """A transformers model of the same config (random weights), initialised on the device (a 7B init
+    on one CPU thread takes about a minute)."""
     import transformers
 
     hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in model.config.to_hf_dict().items()
                                                   if k not in ("architectures", "torch_dtype", "dtype")})
-    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).to(device).eval()
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+
+
+def hf_yardstick(hf, prompts, new: int, shape: str, batch: int, device: torch.device) -> dict[str, Any]:
+    """The same prompts through transformers' `generate` (`hf_model`)."""
     ids = torch.tensor(prompts, device=device)
     with torch.inference_mode():
         hf.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=2, do_sample=False, pad_token_id=0)
@@ -357,7 +459,6 @@ def hf_yardstick(model, prompts, new: int, shape: str, batch: int, device: torch
         if device.type == "cuda":
             torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    del hf
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return {"shape": shape, "batch": batch, "mode": "hf generate", "graphs": False, "ms/step": 1000 * seconds / new,
             "tokens/s": tokens / seconds, "tokens/forward": 1.0}
@@ -434,28 +535,50 @@ def training(device: torch.device, smoke: bool) -> dict[str, Any]:
             "step cost diffusion/uncut": step["diffusion"] / step["diffusion-uncut"]}
 
 
+def section_functions(device: torch.device, smoke: bool, peak: float, out: Path) -> dict[str, Callable[[], dict]]:
+    functions = {
+        "pytest -m gpu": lambda: pytest_gpu(smoke),
+        "engine exactness": lambda: exactness(device, smoke),
+        "decode": lambda: decode(device, smoke, peak),
+        "quantized decode": lambda: quantized(device, smoke),
+        "syncs per step": lambda: syncs_per_step(device, smoke),
+        "kernels": lambda: kernels(smoke, peak or 3350.0, out),
+        "training step": lambda: training(device, smoke),
+    }
+    assert list(functions) == list(SECTION_TIMEOUT_S)
+    return functions
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for report.md, report.json (and kernels.json)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, Triton interpreter (checks the suite runs)")
     p.add_argument("--peak-gbps", type=float, default=None, help="HBM peak (default: from the device name)")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated subset, in report order (the report in --out keeps the others): "
+                        + ", ".join(SECTION_TIMEOUT_S))
+    p.add_argument("--section", help=argparse.SUPPRESS)  # internal: the process of one section
     args = p.parse_args(argv)
+    selected = list(SECTION_TIMEOUT_S) if args.sections is None else [s.strip() for s in args.sections.split(",")]
+    unknown = [s for s in [*selected, *([args.section] if args.section else [])] if s not in SECTION_TIMEOUT_S]
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; the sections are: {', '.join(SECTION_TIMEOUT_S)}")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    out = Path(args.out)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), 0.0)
-    report = Report(Path(args.out), {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__})
-    report.run("pytest -m gpu", lambda: pytest_gpu(args.smoke))
-    report.run("engine exactness", lambda: exactness(device, args.smoke))
-    report.run("decode", lambda: decode(device, args.smoke, peak))
-    report.run("quantized decode", lambda: quantized(device, args.smoke))
-    report.run("syncs per step", lambda: syncs_per_step(device, args.smoke))
-    report.run("kernels", lambda: kernels(args.smoke, peak or 3350.0, Path(args.out)))
-    report.run("training step", lambda: training(device, args.smoke))
+    if args.section:
+        return run_section(args.section, section_functions(device, args.smoke, peak, out)[args.section], out)
+    report = Report(out, {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__},
+                    keep=args.sections is not None)
+    child_argv = ["--out", str(out.resolve()), "--peak-gbps", str(peak), *(["--smoke"] if args.smoke else [])]
+    for section in sorted(selected, key=list(SECTION_TIMEOUT_S).index):
+        report.run(section, child_argv)
     failed = [s["name"] for s in report.sections if s["status"] == "error"]
-    print(f"[gpu_suite] wrote {args.out}/report.md" + (f"; sections with errors: {failed}" if failed else ""))
+    print(f"[gpu_suite] wrote {out}/report.md" + (f"; sections with errors: {failed}" if failed else ""))
     return 1 if failed else 0
 
 

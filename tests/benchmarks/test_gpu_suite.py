@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
+
+import pytest
 
 from benchmarks import gpu_suite
 
@@ -47,3 +50,54 @@ def test_decode_targets_read_their_own_rows():
     checks = gpu_suite.decode_checks(table)
     assert [(c["value"], c["pass"]) for c in checks] == [(2.0, False), (1.2, True)]
     assert "roofline (1.00 ms)" in checks[0]["what"] and "diffusion step <= 1.3x AR step" in checks[1]["what"]
+
+
+def test_a_hanging_section_is_recorded_and_a_rerun_of_it_keeps_the_others(tmp_path, monkeypatch):
+    """Each section runs in its own process under a time limit; `--sections` reruns some and keeps the
+    rest of the report."""
+    earlier = {"name": "decode", "status": "ok", "seconds": 1.0, "table": [{"shape": "s", "ms/step": 2.0}]}
+    (tmp_path / "report.json").write_text(json.dumps({"meta": {}, "sections": [earlier]}))
+    monkeypatch.setitem(gpu_suite.SECTION_TIMEOUT_S, "syncs per step", 0.01)
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--sections", "syncs per step"]) == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["name"] for s in report["sections"]] == ["decode", "syncs per step"]  # report order
+    assert report["sections"][0] == earlier
+    assert report["sections"][1]["status"] == "error" and "timed out after 0.01 s" in report["sections"][1]["error"]
+    assert "timed out" in (tmp_path / "report.md").read_text()
+
+    monkeypatch.setitem(gpu_suite.SECTION_TIMEOUT_S, "syncs per step", 120)
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--sections", "syncs per step"]) == 0
+    sections = json.loads((tmp_path / "report.json").read_text())["sections"]
+    assert [(s["name"], s["status"]) for s in sections] == [("decode", "ok"), ("syncs per step", "ok")]
+    assert "needs CUDA" in sections[1]["note"]  # the section's own result, written by its process
+
+
+def test_unknown_sections_are_refused_with_the_valid_names(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gpu_suite.main(["--out", str(tmp_path), "--sections", "decode,decoding"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown section(s) ['decoding']" in err and "training step" in err
+
+
+def test_failed_requests_fail_the_run_rather_than_time_it():
+    """The engine fails a step's requests instead of raising: a CUDA-only error must not pass for a fast run."""
+    ok = SimpleNamespace(finish_reason="length", token_ids=[1, 2], error=None)
+    failed = SimpleNamespace(finish_reason="error", token_ids=[], error="RuntimeError: CUDA error: illegal address")
+    assert gpu_suite._tokens([ok, ok]) == [[1, 2], [1, 2]]
+    with pytest.raises(RuntimeError, match="1 of 2 request.*illegal address"):
+        gpu_suite._tokens([ok, failed])
+
+
+def test_step_ratios_compare_runs_made_the_same_way():
+    """A row's step cost is against the AR step with graphs on or off like itself; the lookahead step
+    cost is the speculative row against the one without its lookahead."""
+    def row(mode, ms, graphs=True):
+        return {"mode": mode, "graphs": graphs, "ms/step": ms}
+
+    rows = [row("ar", 2.0), row("ar", 8.0, graphs=False), row("diffusion cache on", 3.0),
+            row("diffusion cache on", 12.0, graphs=False), row("speculative, no lookahead", 4.0), row("speculative", 5.0)]
+    gpu_suite.add_step_ratios(rows)
+    assert [r.get("step/AR step") for r in rows] == [None, None, 1.5, 1.5, 2.0, 2.5]
+    assert rows[2]["speed-up @2.4"] == pytest.approx(1.6) and rows[2]["speed-up @4"] == pytest.approx(4 / 1.5)
+    assert [r.get("lookahead step cost") for r in rows] == [None] * 5 + [1.25]
