@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fdllm.masks import block_causal_mask, two_stream_block_mask, two_stream_masks_by_stream
+from fdllm.masks import block_causal_block_mask, block_causal_mask, two_stream_block_mask, two_stream_masks_by_stream
 
 IGNORE_INDEX = -100
 _LENGTH_BUCKETS = 8  # compact_noisy_blocks: distinct row lengths at most
@@ -326,10 +326,16 @@ def ar_loss(
     labels_BL: Tensor,
     position_ids_BL: Tensor | None = None,
     doc_ids_BL: Tensor | None = None,
+    mask_impl: MaskImpl = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Plain next-token loss (the AR baseline and pretraining objective) and the target count."""
+    """Plain next-token loss (the AR baseline and pretraining objective) and the target count.
+
+    Packed documents attend causally within themselves, as a flex BlockMask on a GPU like the
+    diffusion objectives' masks (a dense mask there leaves SDPA few kernels, with GQA maybe only the
+    math one: the AR baseline would look slower than it is), dense on CPU."""
     mask = None
-    if doc_ids_BL is not None:  # causal within each packed document
-        mask = block_causal_mask(input_ids_BL.shape[1], 1, doc_ids_BL)
+    if doc_ids_BL is not None:
+        build = block_causal_block_mask if resolve_mask_impl(mask_impl, input_ids_BL.device) == "flex" else block_causal_mask
+        mask = build(input_ids_BL.shape[1], 1, doc_ids_BL)
     targets = torch.where(loss_carrying(labels_BL, doc_ids_BL), labels_BL, IGNORE_INDEX)
     return shifted_cross_entropy(model(input_ids_BL, position_ids_BL, mask), targets)

@@ -136,6 +136,10 @@ def test_ar_loss_is_next_token_cross_entropy_within_documents(qwen2_dir):
     )
     assert math.isclose(ar_loss(model, ids, labels, position_ids_BL=spread)[0].item(), by_hand.item(), rel_tol=1e-5)
     assert not math.isclose(by_hand.item(), plain.item(), rel_tol=1e-5)
+    # the flex BlockMask a GPU uses: the same loss (forward only: flex has no CPU backward)
+    with torch.no_grad():
+        flex, flex_count = ar_loss(model, ids, labels, position_ids_BL=positions, doc_ids_BL=doc_ids, mask_impl="flex")
+    assert int(flex_count) == n and math.isclose(flex.item(), total / n, rel_tol=1e-5)
 
 
 def test_mask_implementation_choice():
