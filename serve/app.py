@@ -49,6 +49,8 @@ from serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -206,6 +208,7 @@ class FdllmServer:
             raise ValueError(f"{path} has no fast (tokenizer.json) tokenizer; the HTTP API needs one to read "
                              "prompts and stream text")
         self.tokenizer = engine.tokenizer
+        self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
         self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
         self.model_name = self.cfg.model_name or default_model_name(self.cfg.model)
         self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
@@ -243,19 +246,33 @@ class FdllmServer:
 
     @api.get("/v1/models")
     def models(self, request: Request) -> dict[str, Any]:
-        try:
-            self._authorize(request)
-        except APIError as err:
-            raise self._reject("models", err) from None
+        self._authorize_counted(request, "models")
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "fdllm", "created": 0}]}
 
     @api.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
-        return await self._handle(request, CompletionRequest, "completions")
+        return await self._handle(request, CompletionRequest, "completions", self._serve)
 
     @api.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Response:
-        return await self._handle(request, ChatCompletionRequest, "chat")
+        return await self._handle(request, ChatCompletionRequest, "chat", self._serve)
+
+    # The tokenizer, as vLLM and SGLang serve it: clients (lm-evaluation-harness's local-completions,
+    # prompt-length budgeting) count, truncate and send token ids with the server's own tokenizer.
+    @api.post("/tokenize", openapi_extra=openapi_body(TokenizeRequest))
+    async def tokenize(self, request: Request) -> Response:
+        return await self._handle(request, TokenizeRequest, "tokenize", self._tokenize)
+
+    @api.post("/detokenize", openapi_extra=openapi_body(DetokenizeRequest))
+    async def detokenize(self, request: Request) -> Response:
+        return await self._handle(request, DetokenizeRequest, "detokenize", self._detokenize)
+
+    @api.get("/tokenizer_info")
+    def tokenizer_info(self, request: Request) -> dict[str, Any]:
+        self._authorize_counted(request, "tokenizer_info")
+        tok = self.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": tok.chat_template, "model_max_length": self.max_model_len}
 
     # ---- helpers --------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -266,9 +283,27 @@ class FdllmServer:
             raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
                            type="authentication_error", code="invalid_api_key")
 
+    def _authorize_counted(self, request: Request, endpoint: str) -> None:
+        try:
+            self._authorize(request)
+        except APIError as err:
+            raise self._reject(endpoint, err) from None
+
     def _reject(self, endpoint: str, err: APIError) -> APIError:
         self.counters.by_status[(endpoint, err.status)] += 1
         return err
+
+    def _check_model(self, name: str | None) -> None:
+        """404 unless the request names this server's model (or, where it is optional, none)."""
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _check_prompt_chars(self, body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> None:
+        chars = prompt_chars(body)
+        if chars > self.cfg.max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars} characters; this server takes at most {self.cfg.max_prompt_chars}",
+                           param="messages" if getattr(body, "messages", None) else "prompt", code="prompt_too_long")
 
     async def _read_body(self, request: Request) -> bytes:
         """The raw body, refused (413) once it passes max_body_bytes: never buffered past the limit."""
@@ -285,29 +320,29 @@ class FdllmServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _handle(self, request: Request, model: type, endpoint: str) -> Response:
-        """Key, then body, then the request: each failure an OpenAI error counted under its status."""
+    async def _handle(self, request: Request, model: type, endpoint: str, respond) -> Response:
+        """Key, then body, then `respond(body, endpoint, request)`: each failure an OpenAI error counted
+        under its status."""
         try:
             self._authorize(request)
             body = parse_request(model, await self._read_body(request))
-            return await self._serve(body, endpoint, request)
+            return await respond(body, endpoint, request)
         except APIError as err:
             raise self._reject(endpoint, err) from None
 
-    def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+    def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> list[int]:
         """Render (chat) and tokenize the prompt. Runs on a worker thread: a huge prompt must stall
         neither the event loop nor the engine thread."""
         from fdllm.tokenizer import render_chat
 
-        if isinstance(body, ChatCompletionRequest):
+        if getattr(body, "messages", None):  # a chat completion, or /tokenize of messages
             param, add_special_tokens = "messages", False
-            messages = body.message_dicts()
             try:
-                text = render_chat(self.tokenizer, messages)
+                text = render_chat(self.tokenizer, body.message_dicts(), getattr(body, "add_generation_prompt", True))
             except Exception as exc:  # noqa: BLE001 - templates reject structures with any error (raise_exception)
                 raise APIError(400, f"the chat template rejected these messages: {exc}", param=param) from None
         elif isinstance(body.prompt, str):
-            param, add_special_tokens, text = "prompt", True, body.prompt
+            param, add_special_tokens, text = "prompt", getattr(body, "add_special_tokens", True), body.prompt
         else:
             return list(body.prompt)
         try:
@@ -315,15 +350,25 @@ class FdllmServer:
         except Exception as exc:  # noqa: BLE001 - e.g. text the tokenizer cannot encode
             raise APIError(400, f"the prompt could not be tokenized: {exc}", param=param) from None
 
+    async def _tokenize(self, body: TokenizeRequest, endpoint: str, request: Request) -> Response:
+        self._check_model(body.model)
+        self._check_prompt_chars(body)
+        ids = await asyncio.to_thread(self._prompt_ids, body)
+        self.counters.by_status[(endpoint, 200)] += 1
+        return JSONResponse({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
+
+    async def _detokenize(self, body: DetokenizeRequest, endpoint: str, request: Request) -> Response:
+        self._check_model(body.model)
+        if any(not 0 <= t < self.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {self.vocab_size})", param="tokens")
+        text = await asyncio.to_thread(self.tokenizer.decode, body.tokens)
+        self.counters.by_status[(endpoint, 200)] += 1
+        return JSONResponse({"prompt": text})
+
     async def _serve(self, body: CompletionRequest | ChatCompletionRequest, endpoint: str, request: Request) -> Response:
-        if body.model != self.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+        self._check_model(body.model)
         params = body.sampling_params(self.cfg.default_max_tokens, self.cfg.block_lookahead)
-        chars = prompt_chars(body)
-        if chars > self.cfg.max_prompt_chars:
-            raise APIError(400, f"the prompt has {chars} characters; this server takes at most {self.cfg.max_prompt_chars}",
-                           param="messages" if endpoint == "chat" else "prompt", code="prompt_too_long")
+        self._check_prompt_chars(body)
         prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
         rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fdllm.engine import GenerationResult, SamplingParams
 
@@ -136,13 +136,15 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str]
+    # one prompt in any of OpenAI's forms: text, token ids, or a batch of one of either (what clients
+    # that batch, such as lm-evaluation-harness with tokenized requests, send at batch size 1)
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(v, list) and v and isinstance(v[0], str):
+    def _one_prompt(cls, v: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
             if len(v) != 1:
                 raise ValueError("batched prompts are not supported: send one prompt per request")
             v = v[0]
@@ -172,7 +174,43 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return message_dicts(self.messages)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The conversation as the chat template takes it (OpenAI's "developer" is the templates' "system")."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize` body: a prompt, or chat messages as the chat template renders them (clients
+    such as lm-evaluation-harness count and truncate prompts with the server's own tokenizer)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True  # prompts only (a chat template writes its own)
+    add_generation_prompt: bool = True  # messages only
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return message_dicts(self.messages or [])
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `/detokenize` body: token ids back to text (special tokens included: the inverse of `/tokenize`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -190,11 +228,12 @@ def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-def prompt_chars(body: CompletionRequest | ChatCompletionRequest) -> int:
+def prompt_chars(body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> int:
     """Characters of text the request asks to tokenize (token-id prompts count nothing)."""
-    if isinstance(body, ChatCompletionRequest):
+    messages = getattr(body, "messages", None)
+    if messages:
         return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(p.get("text", ""))) for p in m.content)
-                   for m in body.messages)
+                   for m in messages)
     return len(body.prompt) if isinstance(body.prompt, str) else 0
 
 

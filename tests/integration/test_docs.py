@@ -46,6 +46,8 @@ NOT_HERE: dict[str, list[tuple[str, str]]] = {
          "tests/integration/test_distill.py runs distill end to end on a tiny model"),
         (r"evaluate\.py .*--policies", "needs the distilled model; tests/unit/test_evaluate_policies.py runs evaluate "
                                        "with --policies"),
+        (r"lm-eval run ", "downloads its task's dataset; tests/integration/test_serve.py runs both lm-eval clients "
+                          "against the server on a local task"),
     ],
     "cluster/README.md": [
         (r"^(aws|gcloud|kubectl|helm|docker) ", "needs cloud credentials or a Kubernetes cluster"),

@@ -208,6 +208,19 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": [10**12]}, 400, None),
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], [7]]}, 400, "prompt"),  # a batch of two
+    ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt"),
+    # the tokenizer routes
+    ("/tokenize", {}, 400, None),
+    ("/tokenize", {"prompt": "x", "messages": _user("y")}, 400, None),
+    ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/tokenize", {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, 400, "prompt"),
+    ("/tokenize", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),  # the template refuses
+    ("/tokenize", {"prompt": "x", "pad": "z" * MAX_BODY_BYTES}, 413, None),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [10**12]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
     # chat structures
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
@@ -287,7 +300,9 @@ def test_step_failure_fails_that_request_alone(server, good_answers):
                                      {"Authorization": f"Basic {API_KEY}"}])
 def test_api_key_is_required(server, headers):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
-    for r in (post(server, "/v1/completions", body, headers=headers), httpx.get(f"{server}/v1/models", headers=headers)):
+    for r in (post(server, "/v1/completions", body, headers=headers), httpx.get(f"{server}/v1/models", headers=headers),
+              post(server, "/tokenize", body, headers=headers), post(server, "/detokenize", {"tokens": [1]}, headers=headers),
+              httpx.get(f"{server}/tokenizer_info", headers=headers)):
         assert r.status_code == 401, r.text  # each route's own method: the key check is what answers
         assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{server}/v1/models", headers=AUTH).status_code == 200
@@ -387,3 +402,90 @@ def test_speculative_mode_over_http_is_the_ar_output(server, engine):
     stats = r.json()["fdllm"]
     assert stats["num_drafted"] >= stats["num_accepted"] >= 0
     assert (stats["num_drafted"] > 0) == (len(expect.token_ids) > 1)  # the first token comes from prefill
+
+
+def test_tokenizer_routes_are_the_servers_tokenizer(server, served_dir, engine):
+    """/tokenize, /detokenize and /tokenizer_info in vLLM's shapes: what clients count, truncate and
+    send token ids with; a one-prompt batch of token ids completes like the text."""
+    from fdllm.tokenizer import load_tokenizer, render_chat
+
+    tok = load_tokenizer(served_dir)
+    text = "héllo ✓ 世界 🙂, the quick"
+    r = post(server, "/tokenize", {"prompt": text})
+    assert r.status_code == 200, r.text
+    ids = tok(text).input_ids
+    assert r.json() == {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
+    r = post(server, "/tokenize", {"model": MODEL, "messages": messages})
+    assert r.json()["tokens"] == tok(render_chat(tok, messages), add_special_tokens=False).input_ids
+    r = post(server, "/tokenize", {"messages": messages, "add_generation_prompt": False})
+    assert r.json()["tokens"] == tok(render_chat(tok, messages, add_generation_prompt=False), add_special_tokens=False).input_ids
+    assert post(server, "/detokenize", {"tokens": ids}).json() == {"prompt": tok.decode(ids)}
+    ascii_ids = tok("the quick, brown\n").input_ids  # what the test tokenizer covers comes back exactly
+    assert post(server, "/detokenize", {"tokens": ascii_ids}).json() == {"prompt": "the quick, brown\n"}
+    assert post(server, "/detokenize", {"tokens": []}).json() == {"prompt": ""}
+    info = httpx.get(f"{server}/tokenizer_info", headers=AUTH).json()
+    assert info["eos_token"] == tok.eos_token and info["chat_template"] == STRICT_TEMPLATE
+    assert info["model_max_length"] == engine.max_model_len
+    paths = httpx.get(f"{server}/openapi.json", headers=AUTH).json()["paths"]
+    assert {"/tokenize", "/detokenize", "/tokenizer_info"} <= set(paths) and "requestBody" in paths["/tokenize"]["post"]
+    answers = [post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+               for prompt in (text, ids, [ids], [text])]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert len({a.json()["choices"][0]["text"] for a in answers}) == 1
+
+
+LM_EVAL_TASK = """task: fdllm_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n", "Q:"]
+  max_gen_toks: 8
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.mark.parametrize("client", ["local-completions", "local-chat-completions"])
+def test_lm_evaluation_harness_against_the_server(server, served_dir, engine, tmp_path, client):
+    """lm-evaluation-harness's OpenAI-compatible clients, as run against vLLM: local-completions finds
+    the server's tokenizer routes and sends token ids, local-chat-completions sends chat messages.
+    Every answer it records is what the engine decodes for that prompt (a local task: no downloads)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    from fdllm.tokenizer import load_tokenizer, render_chat
+
+    docs = [{"question": f"Q: what comes after {w}?\nA:", "answer": w} for w in ("one", "red", "héllo ✓", "x = 1")]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "docs.jsonl"))
+    endpoint = "chat/completions" if client == "local-chat-completions" else "completions"
+    model_args = f"model={MODEL},base_url={server}/v1/{endpoint},auth_token={API_KEY},max_retries=1"
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", client, "--model_args", model_args,
+               "--tasks", "fdllm_local", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"),
+               "--log_samples", *(["--apply_chat_template"] if client == "local-chat-completions" else [])]
+    env = {**__import__("os").environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    samples = [json.loads(line) for path in (tmp_path / "out").rglob("samples_fdllm_local_*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3]
+    tok = load_tokenizer(served_dir)
+    for sample in samples:
+        question = sample["doc"]["question"]
+        if client == "local-chat-completions":
+            ids = tok(render_chat(tok, [{"role": "user", "content": question}]), add_special_tokens=False).input_ids
+            stop = ("\n\n", "Q:")
+        else:  # lm-eval adds the tokenizer's EOS (from /tokenizer_info) to the stop strings
+            ids, stop = tok(question, add_special_tokens=False).input_ids, ("\n\n", "Q:", tok.eos_token)
+        expect = engine.generate([ids], fdllm.SamplingParams(max_new_tokens=8, temperature=0.0, stop=stop))[0]
+        assert sample["resps"] == [[expect.text]], (question, sample["arguments"])
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert "exact_match,none" in results["results"]["fdllm_local"]
