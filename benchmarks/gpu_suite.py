@@ -2,12 +2,15 @@ r"""Every GPU figure of the project in one command (random weights, no network),
 
     python -m benchmarks.gpu_suite --out runs/gpu-suite            # the real suite (target: <= 8 minutes)
     python -m benchmarks.gpu_suite --out runs/gpu-suite --sections decode,kernels   # some sections only
+    python -m benchmarks.gpu_suite --out runs/gpu-suite --deadline-s 540   # stop starting sections after 9 min
     python -m benchmarks.gpu_suite --out /tmp/suite --smoke        # CPU: tiny shapes, Triton interpreter
 
 Each section runs in a process of its own, under a time limit (`SECTION_TIMEOUT_S`), and appends to
 report.json and report.md as soon as it ends: a stopped run keeps what it measured, and a failing,
 crashing or hanging section (a CUDA error leaves its process's context unusable) is recorded while the
-next one runs in a fresh process. `--sections` runs some of them (a rerun of the ones that failed):
+next one runs in a fresh process. `--sections` runs some of them (a rerun of the ones that failed);
+`--deadline-s` ends the run cleanly by then (a section gets what is left; one that cannot start is
+recorded as skipped), for a device lent for a fixed time. The order puts the targets first:
 1. `pytest -m gpu` (compiled Triton kernels vs their references);
 2. engine exactness on the device: Triton backend with CUDA graphs == torch backend eager ==
    the no-cache block-causal reference (tests/unit/test_engine.py), greedy; and with a causal-prefix
@@ -24,10 +27,10 @@ next one runs in a fresh process. `--sections` runs some of them (a rerun of the
    plus the same workload through a plain HF-transformers `generate` loop (the yardstick), AR
    batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth), and each
    run's peak allocated memory (weights, KV pages, the largest step's activations and head chunk);
-4. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
+4. syncs per decode step, counted with `torch.cuda.set_sync_debug_mode("warn")`;
+5. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
    shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
    with the unquantized model;
-5. syncs per decode step, counted with `torch.cuda.set_sync_debug_mode("warn")`;
 6. kernel latency and achieved HBM bandwidth vs peak (benchmarks/bench_kernels.py);
 7. training step cost of the two-stream objective vs AR at the 1.5B shape, and with vs without the
    compaction of the noisy blocks that carry no target (benchmarks/bench_train.py).
@@ -67,8 +70,9 @@ TARGET_STEP_RATIO, TARGET_ROOFLINE, TARGET_SYNCS = 1.3, 1.5, 1
 REPO = Path(__file__).resolve().parents[1]
 # The sections in report order, each with the most seconds its process may take (a hang must not
 # spend a device session: what is left of the suite still runs).
-SECTION_TIMEOUT_S = {"pytest -m gpu": 300, "engine exactness": 180, "decode": 480, "quantized decode": 240,
-                     "syncs per step": 180, "kernels": 300, "training step": 300}
+SECTION_TIMEOUT_S = {"pytest -m gpu": 300, "engine exactness": 180, "decode": 480, "syncs per step": 180,
+                     "quantized decode": 240, "kernels": 300, "training step": 300}
+MIN_SECTION_S = 30  # under --deadline-s, a section with less time left than this is not started
 
 
 class Report:
@@ -82,11 +86,11 @@ class Report:
             self.sections = [s for s in json.loads((out / "report.json").read_text())["sections"]
                              if s["name"] in SECTION_TIMEOUT_S]
 
-    def run(self, name: str, child_argv: list[str]) -> None:
+    def run(self, name: str, child_argv: list[str], timeout_s: float) -> None:
         """Section `name` in a process of its own (`python -m benchmarks.gpu_suite ... --section name`),
-        its output echoed as it goes, killed after SECTION_TIMEOUT_S[name]."""
+        its output echoed as it goes, killed after `timeout_s`."""
         print(f"[gpu_suite] {name} ...", flush=True)
-        start, timeout_s = time.perf_counter(), SECTION_TIMEOUT_S[name]
+        start = time.perf_counter()
         result_file = section_file(self.out, name)
         result_file.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", *child_argv, "--section", name],
@@ -100,14 +104,19 @@ class Report:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             code = proc.wait()
-            section = _failed(f"timed out after {timeout_s} s (SECTION_TIMEOUT_S)", tail)
+            section = _failed(f"timed out after {timeout_s:.3g} s", tail)
         else:
             if result_file.is_file():
                 section = json.loads(result_file.read_text())
             else:  # died without writing (a crash of the process itself: segfault, CUDA abort)
                 section = _failed(f"its process exited {code} without a result", tail)
         echo.join(timeout=5)
-        seconds = time.perf_counter() - start
+        self.add(name, section, time.perf_counter() - start)
+
+    def skip(self, name: str, left_s: float) -> None:
+        self.add(name, {"status": "skipped", "note": f"not started: {left_s:.0f} s of --deadline-s left"}, 0.0)
+
+    def add(self, name: str, section: dict[str, Any], seconds: float) -> None:
         section = {"name": name, "status": section.pop("status"), "seconds": round(seconds, 1), **section}
         order = list(SECTION_TIMEOUT_S)
         self.sections = sorted([s for s in self.sections if s["name"] != name] + [section],
@@ -540,8 +549,8 @@ def section_functions(device: torch.device, smoke: bool, peak: float, out: Path)
         "pytest -m gpu": lambda: pytest_gpu(smoke),
         "engine exactness": lambda: exactness(device, smoke),
         "decode": lambda: decode(device, smoke, peak),
-        "quantized decode": lambda: quantized(device, smoke),
         "syncs per step": lambda: syncs_per_step(device, smoke),
+        "quantized decode": lambda: quantized(device, smoke),
         "kernels": lambda: kernels(smoke, peak or 3350.0, out),
         "training step": lambda: training(device, smoke),
     }
@@ -557,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default=None,
                    help="comma-separated subset, in report order (the report in --out keeps the others): "
                         + ", ".join(SECTION_TIMEOUT_S))
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="end the run by this many seconds from its start (sections get what is left)")
     p.add_argument("--section", help=argparse.SUPPRESS)  # internal: the process of one section
     args = p.parse_args(argv)
     selected = list(SECTION_TIMEOUT_S) if args.sections is None else [s.strip() for s in args.sections.split(",")]
@@ -565,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown section(s) {unknown}; the sections are: {', '.join(SECTION_TIMEOUT_S)}")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    deadline = None if args.deadline_s is None else time.monotonic() + args.deadline_s
     out = Path(args.out)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -576,9 +588,13 @@ def main(argv: list[str] | None = None) -> int:
                     keep=args.sections is not None)
     child_argv = ["--out", str(out.resolve()), "--peak-gbps", str(peak), *(["--smoke"] if args.smoke else [])]
     for section in sorted(selected, key=list(SECTION_TIMEOUT_S).index):
-        report.run(section, child_argv)
-    failed = [s["name"] for s in report.sections if s["status"] == "error"]
-    print(f"[gpu_suite] wrote {out}/report.md" + (f"; sections with errors: {failed}" if failed else ""))
+        left = float("inf") if deadline is None else deadline - time.monotonic()
+        if left < MIN_SECTION_S:
+            report.skip(section, left)
+        else:
+            report.run(section, child_argv, min(SECTION_TIMEOUT_S[section], left))
+    failed = [s["name"] for s in report.sections if s["status"] != "ok"]
+    print(f"[gpu_suite] wrote {out}/report.md" + (f"; sections with errors or skipped: {failed}" if failed else ""))
     return 1 if failed else 0
 
 

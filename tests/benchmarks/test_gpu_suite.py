@@ -14,7 +14,7 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     sections = {s["name"]: s for s in report["sections"]}
-    assert list(sections) == ["pytest -m gpu", "engine exactness", "decode", "quantized decode", "syncs per step",
+    assert list(sections) == ["pytest -m gpu", "engine exactness", "decode", "syncs per step", "quantized decode",
                               "kernels", "training step"]
     assert all(s["status"] == "ok" for s in sections.values()), [s.get("error") for s in sections.values()]
     assert all(c["pass"] for c in sections["engine exactness"]["checks"])
@@ -70,6 +70,18 @@ def test_a_hanging_section_is_recorded_and_a_rerun_of_it_keeps_the_others(tmp_pa
     sections = json.loads((tmp_path / "report.json").read_text())["sections"]
     assert [(s["name"], s["status"]) for s in sections] == [("decode", "ok"), ("syncs per step", "ok")]
     assert "needs CUDA" in sections[1]["note"]  # the section's own result, written by its process
+
+
+def test_a_deadline_skips_what_cannot_start_and_cuts_what_runs(tmp_path, monkeypatch):
+    """--deadline-s: a device lent for a fixed time ends with a complete report, not a killed run."""
+    monkeypatch.setattr(gpu_suite, "MIN_SECTION_S", 119)
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--sections", "syncs per step,training step",
+                           "--deadline-s", "120"]) == 1
+    sections = {s["name"]: s for s in json.loads((tmp_path / "report.json").read_text())["sections"]}
+    # started with 120 s left (more than the 119 a section needs), and done; then less than 119 was left
+    assert sections["syncs per step"]["status"] == "ok"
+    assert sections["training step"]["status"] == "skipped" and "--deadline-s left" in sections["training step"]["note"]
+    assert "## training step (skipped" in (tmp_path / "report.md").read_text()
 
 
 def test_unknown_sections_are_refused_with_the_valid_names(tmp_path, capsys):
