@@ -141,16 +141,24 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
-        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+    def _one_prompt(cls, v: Any) -> str | list[int]:
+        """The one prompt, with one clear message per wrong shape (the union's own first complaint,
+        "Input should be a valid string", misleads a client that sent token ids)."""
+        if isinstance(v, list) and v and not _token_ids(v) and all(isinstance(x, (str, list)) for x in v):
             if len(v) != 1:
                 raise ValueError("batched prompts are not supported: send one prompt per request")
             v = v[0]
+        if not isinstance(v, str) and not _token_ids(v):
+            raise ValueError("prompt must be a string or a list of token ids (or a list holding one of either)")
         if not v:
             raise ValueError("prompt must not be empty")
         return v
+
+
+def _token_ids(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
 
 class ChatMessage(BaseModel):
