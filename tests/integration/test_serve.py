@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -457,9 +460,6 @@ def test_lm_evaluation_harness_against_the_server(server, served_dir, engine, tm
     """lm-evaluation-harness's OpenAI-compatible clients, as run against vLLM: local-completions finds
     the server's tokenizer routes and sends token ids, local-chat-completions sends chat messages.
     Every answer it records is what the engine decodes for that prompt (a local task: no downloads)."""
-    import subprocess
-    import sys
-
     pytest.importorskip("lm_eval")
     from fdllm.tokenizer import load_tokenizer, render_chat
 
@@ -471,7 +471,7 @@ def test_lm_evaluation_harness_against_the_server(server, served_dir, engine, tm
     command = [sys.executable, "-m", "lm_eval", "run", "--model", client, "--model_args", model_args,
                "--tasks", "fdllm_local", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"),
                "--log_samples", *(["--apply_chat_template"] if client == "local-chat-completions" else [])]
-    env = {**__import__("os").environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     samples = [json.loads(line) for path in (tmp_path / "out").rglob("samples_fdllm_local_*.jsonl")
