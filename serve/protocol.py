@@ -19,6 +19,8 @@ from fdllm.engine import GenerationResult, SamplingParams
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # a stop string is held back from the stream until it cannot match: keep it short
+NO_LOGPROBS = ("log-probabilities are not supported yet (a diffusion step commits tokens by confidence); "
+               "evaluate with generation tasks (lm-eval's generate_until), not loglikelihood ones")
 # SamplingParams names whose OpenAI request field is called differently
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
@@ -107,11 +109,19 @@ class _SamplingFields(BaseModel):
         `default_block_lookahead`: for diffusion-mode requests that do not set `block_lookahead`."""
         if self.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        refused = self.unsupported()
+        if refused is not None:
+            raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
         try:
             return self._sampling_params(default_max_tokens, default_block_lookahead)
         except ValueError as exc:  # SamplingParams' messages start with the field's name
             field = str(exc).split(" ", 1)[0]
             raise APIError(400, str(exc), param=_PARAM_NAMES.get(field, field)) from None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) of a requested feature this server does not have: refused with a 400, never
+        silently ignored (a client would read a different answer than it asked for)."""
+        return None
 
     def _sampling_params(self, default_max_tokens: int, default_block_lookahead: bool) -> SamplingParams:
         lookahead = self.block_lookahead
@@ -140,6 +150,12 @@ class CompletionRequest(_SamplingFields):
     # that batch, such as lm-evaluation-harness with tokenized requests, send at batch size 1)
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported: the response holds the completion only"
+        return ("logprobs", NO_LOGPROBS) if self.logprobs is not None else None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -180,6 +196,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs:
+            return "logprobs", NO_LOGPROBS
+        return ("top_logprobs", NO_LOGPROBS) if self.top_logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
         return message_dicts(self.messages)

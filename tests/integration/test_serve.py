@@ -213,6 +213,9 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], [7]]}, 400, "prompt"),  # a batch of two
     ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt"),
+    # features the server lacks are refused, not ignored (lm-eval's loglikelihood requests)
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1, "echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "logprobs": True}, 400, "logprobs"),
     # the tokenizer routes
     ("/tokenize", {}, 400, None),
     ("/tokenize", {"prompt": "x", "messages": _user("y")}, 400, None),

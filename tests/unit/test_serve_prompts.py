@@ -1,5 +1,6 @@
-"""A completion's prompt in each of OpenAI's forms, and /tokenize's one input: what parses, and one
-clear 400 per wrong shape, checked without a server (tests/integration/test_serve.py sends them over HTTP)."""
+"""A completion's prompt in each of OpenAI's forms, /tokenize's one input, and the OpenAI features the
+server refuses rather than ignores: what parses, and one clear 400 per wrong request, checked without a
+server (tests/integration/test_serve.py sends them over HTTP)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 pytest.importorskip("pydantic")
 
-from serve.protocol import APIError, CompletionRequest, TokenizeRequest, parse_request  # noqa: E402
+from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse_request  # noqa: E402
 
 
 def prompt_of(prompt):
@@ -45,3 +46,22 @@ def test_tokenize_takes_exactly_one_of_prompt_and_messages():
         with pytest.raises(APIError) as err:
             parse_request(TokenizeRequest, json.dumps(body).encode())
         assert err.value.status == 400
+
+
+@pytest.mark.parametrize("model,fields,param", [
+    (CompletionRequest, {"echo": True}, "echo"),
+    (CompletionRequest, {"logprobs": 1}, "logprobs"),
+    (CompletionRequest, {"logprobs": 0}, "logprobs"),
+    (ChatCompletionRequest, {"logprobs": True}, "logprobs"),
+    (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs"),
+])
+def test_features_the_server_lacks_are_refused_not_ignored(model, fields, param):
+    """lm-eval's loglikelihood requests (echo + logprobs) get a 400 saying so, not a completion without them."""
+    base = {"model": "m", "prompt": "x"} if model is CompletionRequest else {"model": "m", "messages": [
+        {"role": "user", "content": "x"}]}
+    request = parse_request(model, json.dumps(base | fields).encode())
+    with pytest.raises(APIError) as err:
+        request.sampling_params(16)
+    assert (err.value.status, err.value.param, err.value.code) == (400, param, "unsupported_value")
+    off = {"echo": False, "logprobs": None} if model is CompletionRequest else {"logprobs": False, "top_logprobs": 0}
+    assert parse_request(model, json.dumps(base | off).encode()).sampling_params(16).max_new_tokens == 16
