@@ -329,12 +329,12 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
     table = []
     for shape in shapes:
         model = random_model(shape, device, dtype)
-        hf = hf_model(model, device, dtype)
         mask = model.config.vocab_size - 1
         # what an AR step reads: every weight but the input embedding's (a gather of the step's rows)
         read_bytes = weight_bytes(model) - (0 if model.config.tie_word_embeddings else
                                             weight_bytes(model.model.embed_tokens))
         gen = torch.Generator().manual_seed(0)
+        measured = []  # per batch: its prompts and rows
         for batch in batches:
             prompts = torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist()
             rows = {}
@@ -362,11 +362,21 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
             for row in ordered:
                 if row["mode"] == "ar" and row["batch"] == 1 and row["graphs"] and peak_gbps:
                     row["roofline ms"] = 1000 * read_bytes / (peak_gbps * 1e9)
+            measured.append((prompts, ordered))
+        config = model.config
+        del model  # the yardstick's model alone from here: the peak column above is one engine's
+        _empty_cache(device)
+        hf = hf_model(config, device, dtype)  # built once per shape
+        for batch, (prompts, ordered) in zip(batches, measured):
             table += [*ordered, hf_yardstick(hf, prompts, new, shape, batch, device)]
-        del model, hf
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        del hf
+        _empty_cache(device)
     return {"table": table, "checks": decode_checks(table)}
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def add_step_ratios(rows: list[dict[str, Any]]) -> None:
@@ -439,17 +449,16 @@ def quantized(device: torch.device, smoke: bool) -> dict[str, Any]:
                 table.append(row)
                 print(f"  {row}", flush=True)
         del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _empty_cache(device)
     return {"table": table}
 
 
-def hf_model(model, device: torch.device, dtype):
+def hf_model(config, device: torch.device, dtype):
     """A transformers model of the same config (random weights), initialised on the device (a 7B init
     on one CPU thread takes about a minute)."""
     import transformers
 
-    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in model.config.to_hf_dict().items()
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.to_hf_dict().items()
                                                   if k not in ("architectures", "torch_dtype", "dtype")})
     with torch.device(device):
         return transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
