@@ -45,9 +45,11 @@ import collections
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -91,9 +93,9 @@ class Report:
         its output echoed as it goes, killed after `timeout_s`."""
         print(f"[gpu_suite] {name} ...", flush=True)
         start = time.perf_counter()
-        result_file = section_file(self.out, name)
-        result_file.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", *child_argv, "--section", name],
+        result_file = Path(tempfile.mkdtemp(prefix="gpu_suite-")) / "section.json"  # passed back, then removed
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", *child_argv, "--section", name,
+                                 "--section-result", str(result_file)],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)  # its own group: a timeout kills what it started too
         tail: collections.deque[str] = collections.deque(maxlen=30)
@@ -111,6 +113,7 @@ class Report:
             else:  # died without writing (a crash of the process itself: segfault, CUDA abort)
                 section = _failed(f"its process exited {code} without a result", tail)
         echo.join(timeout=5)
+        shutil.rmtree(result_file.parent, ignore_errors=True)
         self.add(name, section, time.perf_counter() - start)
 
     def skip(self, name: str, left_s: float) -> None:
@@ -143,20 +146,14 @@ class Report:
         (self.out / "report.md").write_text("\n".join(lines))
 
 
-def section_file(out: Path, name: str) -> Path:
-    """Where a section's process leaves its result for the report."""
-    return out / "sections" / (name.replace(" ", "_").replace("-", "") + ".json")
-
-
-def run_section(name: str, fn: Callable[[], dict[str, Any]], out: Path) -> int:
-    """In a section's own process: run it, write its result (or the error it raised) for the report."""
+def run_section(fn: Callable[[], dict[str, Any]], path: Path) -> int:
+    """In a section's own process: run it, write its result (or the error it raised) to `path` for the
+    report (a temporary file: OUT holds the report alone)."""
     try:
         section = {"status": "ok", **fn()}
     except Exception as exc:  # noqa: BLE001 - recorded in the report; the next section still runs
         traceback.print_exc()  # as it happens, in the suite's output; and in the report
         section = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    path = section_file(out, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(section))
     return 0
 
@@ -577,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(SECTION_TIMEOUT_S))
     p.add_argument("--deadline-s", type=float, default=None,
                    help="end the run by this many seconds from its start (sections get what is left)")
-    p.add_argument("--section", help=argparse.SUPPRESS)  # internal: the process of one section
+    p.add_argument("--section", help=argparse.SUPPRESS)  # internal: the process of one section,
+    p.add_argument("--section-result", type=Path, help=argparse.SUPPRESS)  # and where it leaves its result
     args = p.parse_args(argv)
     selected = list(SECTION_TIMEOUT_S) if args.sections is None else [s.strip() for s in args.sections.split(",")]
     unknown = [s for s in [*selected, *([args.section] if args.section else [])] if s not in SECTION_TIMEOUT_S]
@@ -592,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), 0.0)
     if args.section:
-        return run_section(args.section, section_functions(device, args.smoke, peak, out)[args.section], out)
+        return run_section(section_functions(device, args.smoke, peak, out)[args.section], args.section_result)
     report = Report(out, {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__},
                     keep=args.sections is not None)
     child_argv = ["--out", str(out.resolve()), "--peak-gbps", str(peak), *(["--smoke"] if args.smoke else [])]

@@ -30,6 +30,8 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert set(quantized) == {"float32", "int8", "int4", "fp8"} and "skipped" in quantized["fp8"]  # fp8: CUDA only
     assert quantized["int8"]["weight MB"] < quantized["float32"]["weight MB"]
     assert {row["objective"] for row in sections["training step"]["table"]} == {"diffusion", "diffusion-uncut", "ar"}
+    # what comes back from a device: the report (and the kernel benchmark's rows), nothing transient
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kernels.json", "report.json", "report.md"]
     md = (tmp_path / "report.md").read_text()
     assert "## decode (ok" in md and "| shape | batch | mode |" in md
     assert "| speed-up @4 |" in md and "| lookahead step cost |" in md  # columns the first row lacks are shown
