@@ -107,8 +107,6 @@ class _SamplingFields(BaseModel):
     def sampling_params(self, default_max_tokens: int, default_block_lookahead: bool = False) -> SamplingParams:
         """The engine's SamplingParams; APIError 400 naming the field when a value is out of range.
         `default_block_lookahead`: for diffusion-mode requests that do not set `block_lookahead`."""
-        if self.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
         refused = self.unsupported()
         if refused is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
@@ -121,7 +119,7 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of a requested feature this server does not have: refused with a 400, never
         silently ignored (a client would read a different answer than it asked for)."""
-        return None
+        return ("n", "only n=1 is supported") if self.n != 1 else None
 
     def _sampling_params(self, default_max_tokens: int, default_block_lookahead: bool) -> SamplingParams:
         lookahead = self.block_lookahead
@@ -153,6 +151,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
     def unsupported(self) -> tuple[str, str] | None:
+        if refused := super().unsupported():
+            return refused
         if self.echo:
             return "echo", "echo is not supported: the response holds the completion only"
         return ("logprobs", NO_LOGPROBS) if self.logprobs is not None else None
@@ -200,6 +200,8 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def unsupported(self) -> tuple[str, str] | None:
+        if refused := super().unsupported():
+            return refused
         if self.logprobs:
             return "logprobs", NO_LOGPROBS
         return ("top_logprobs", NO_LOGPROBS) if self.top_logprobs else None
