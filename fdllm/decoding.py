@@ -328,8 +328,10 @@ class StopCriteria:
         """(kept length, "stop"|"length") if the final tokens `output` end the request, else None.
 
         `output[:num_checked]` were checked before; the output is cut after the stop token, or after
-        the token that completes a stop string.
+        the token that completes a stop string. Tokens past max_new_tokens (a step may settle several)
+        are never looked at: a stop among them is cut away with them ("length").
         """
+        output = output[: self.max_new_tokens]
         if not self.stop_token_ids.isdisjoint(output[num_checked:]):
             for i in range(num_checked, len(output)):
                 if output[i] in self.stop_token_ids:
@@ -337,7 +339,7 @@ class StopCriteria:
         cut = self._stop_string_cut(output, num_checked)
         if cut is not None:
             return cut, "stop"
-        if len(output) >= self.max_new_tokens:
+        if len(output) == self.max_new_tokens:
             return self.max_new_tokens, "length"
         return None
 

@@ -119,11 +119,15 @@ def test_stop_criteria():
     assert crit.check([1, 2, 7, 9], 2) == (3, "stop")
     assert crit.check([1, 2, 3, 4, 5, 6], 4) == (6, "length")
     assert crit.check([1, 2, 3, 4, 5, 7], 4) == (6, "stop")  # the stop on the last allowed token wins
+    # a step may settle tokens past the limit: a stop among them goes with them (max_new_tokens holds)
+    assert crit.check([1, 2, 3, 4, 5, 6, 7], 4) == (6, "length")
+    assert StopCriteria(max_new_tokens=1, stop_token_ids={2}).check([9, 2], 0) == (1, "length")
     text = StopCriteria(max_new_tokens=9, stop=("cd",), decode=lambda ids: "".join(chr(96 + t) for t in ids))
     assert text.check([1, 2], 0) is None
     assert text.check([1, 2, 3, 4, 5], 2) == (4, "stop")  # "abcd": cut after the token completing it
     assert text.check([3, 4, 5], 0) == (2, "stop")  # a stop string from the very first token
     assert StopCriteria(max_new_tokens=9, stop=("c",), decode=text.decode).check([3, 4], 0) == (1, "stop")
+    assert StopCriteria(max_new_tokens=3, stop=("cd",), decode=text.decode).check([1, 2, 3, 4], 0) == (3, "length")
     assert text.cut_text("abcde") == "ab"
     assert text.cut_text("xyz") == "xyz"
     assert text.cut_text("cdab") == ""  # a stop string at the very start leaves nothing
