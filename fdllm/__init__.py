@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fdllm.config import BlockDiffusionConfig, ModelConfig
-from fdllm.engine import Engine, EngineConfig, GenerationResult, SamplingParams
+from fdllm.engine import Engine, EngineConfig, GenerationResult, SamplingParams, SequenceLogprobs
 from fdllm.model import Transformer
 
 
@@ -18,5 +18,5 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, devi
 
 __all__ = [
     "BlockDiffusionConfig", "Engine", "EngineConfig", "GenerationResult", "ModelConfig", "SamplingParams",
-    "Transformer", "load_model",
+    "SequenceLogprobs", "Transformer", "load_model",
 ]

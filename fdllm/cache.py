@@ -20,7 +20,8 @@ T packed tokens of a step, R attention rows, Q longest row, M pages in the longe
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -28,6 +29,10 @@ import torch
 from torch import Tensor
 
 AttentionFn = Callable[..., Tensor]  # fdllm.kernels.reference.paged_attention_torch's signature (fdllm.kernels picks one)
+
+
+class OutOfPages(RuntimeError):
+    """Running requests hold too much of the cache for this work now; it fits once some finish."""
 
 
 class PageAllocator:
@@ -73,6 +78,20 @@ class PageAllocator:
             raise RuntimeError("releasing more reservation than was made")
         self._reserved -= unused_reservation
         self._free.extend(pages)
+
+    @contextmanager
+    def borrow(self, n: int) -> Iterator[list[int]]:
+        """`n` free pages for work done between two steps (`Engine.score`), back in the free list after.
+
+        Reservations are left alone: a reserved page stays free until its sequence takes it in a step,
+        so pages returned before the next step are taken from no one. OutOfPages when fewer are free."""
+        if n > len(self._free):
+            raise OutOfPages(f"{n} KV pages needed, {len(self._free)} free")
+        pages = [self._free.popleft() for _ in range(n)]
+        try:
+            yield pages
+        finally:
+            self._free.extendleft(reversed(pages))
 
 
 class KVCache:

@@ -43,6 +43,14 @@ def dllm_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def causal_dllm_dir(tmp_path_factory) -> Path:
+    """`dllm_dir` with a causal clean stream (prefix_attention "causal", the joint objective's): it scores."""
+    from tests.helpers import make_dllm_checkpoint
+
+    return make_dllm_checkpoint(tmp_path_factory.mktemp("causal_dllm"), prefix_attention="causal")
+
+
+@pytest.fixture(scope="session")
 def sharp_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 checkpoint with confident predictions (several tokens unmasked per step), no EOS."""
     return make_sharp_checkpoint(tmp_path_factory.mktemp("sharp"))

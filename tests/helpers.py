@@ -67,8 +67,10 @@ def make_tokenizer():
     return fast
 
 
-def make_dllm_checkpoint(path, block_size: int = 8, sub_block_size: int = 4, **overrides):
-    """A servable tiny random block-diffusion checkpoint: model + tokenizer (with |<MASK>|) + fdllm config."""
+def make_dllm_checkpoint(path, block_size: int = 8, sub_block_size: int = 4, prefix_attention: str = "block_causal",
+                         **overrides):
+    """A servable tiny random block-diffusion checkpoint: model + tokenizer (with |<MASK>|) + fdllm config
+    (`prefix_attention="causal"`: as the joint objective saves it)."""
     import fdllm
     from fdllm.tokenizer import add_mask_token
 
@@ -78,7 +80,8 @@ def make_dllm_checkpoint(path, block_size: int = 8, sub_block_size: int = 4, **o
     mask_id = add_mask_token(tok, model)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    fdllm.BlockDiffusionConfig(block_size=block_size, sub_block_size=sub_block_size, mask_token_id=mask_id).save(path)
+    fdllm.BlockDiffusionConfig(block_size=block_size, sub_block_size=sub_block_size, mask_token_id=mask_id,
+                               prefix_attention=prefix_attention).save(path)
     return path
 
 
@@ -92,3 +95,17 @@ def make_sharp_checkpoint(path, head_scale: float = 20.0):
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def hf_causal_logprobs(path, ids: list[int], mask_token_id: int | None = None) -> torch.Tensor:
+    """[T-1, V] log p(. | ids[:i+1]) by transformers' own forward of the checkpoint at `path` (the
+    oracle of `Engine.score`), the mask token excluded as the engine's decoding excludes it."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    if mask_token_id is not None:
+        logits[:, mask_token_id] = float("-inf")
+    return logits.log_softmax(-1)
+

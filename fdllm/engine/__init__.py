@@ -6,6 +6,6 @@ graphs.py (CUDA graphs of static decode steps), params.py (SamplingParams, Engin
 """
 
 from fdllm.engine.engine import Engine
-from fdllm.engine.params import EngineConfig, GenerationResult, SamplingParams
+from fdllm.engine.params import EngineConfig, GenerationResult, SamplingParams, SequenceLogprobs
 
-__all__ = ["Engine", "EngineConfig", "GenerationResult", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "GenerationResult", "SamplingParams", "SequenceLogprobs"]

@@ -18,12 +18,20 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from fdllm.cache import KVCache, PageAllocator, kv_budget_pages
 from fdllm.config import BlockDiffusionConfig
 from fdllm.decoding import SelectionPolicy, StopCriteria
-from fdllm.engine.params import DEFAULT_DELIMITERS, DEFAULT_ENTROPY_BUDGET, EngineConfig, GenerationResult, SamplingParams
+from fdllm.engine.params import (
+    DEFAULT_DELIMITERS,
+    DEFAULT_ENTROPY_BUDGET,
+    EngineConfig,
+    GenerationResult,
+    SamplingParams,
+    SequenceLogprobs,
+)
 from fdllm.engine.runner import ModelRunner, profile_peak_memory, query_bucket
 from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.sequence import Sequence, TokenCallback
@@ -299,6 +307,49 @@ class Engine:
         self._undelivered += others
         return [done[r] for r in rids]
 
+    @property
+    def scores_causally(self) -> bool:
+        """Whether the checkpoint has a causal distribution to `score` with: its clean stream attends
+        causally (BlockDiffusionConfig.prefix_attention "causal": the joint objective), or it is an AR
+        model (no mask token). Under block-causal attention a position sees the block it would predict."""
+        return self.config.causal_prefix or self.config.mask_token_id is None
+
+    def score(self, prompts: Seq[Prompt], top_logprobs: int = 0) -> list[SequenceLogprobs]:
+        """Each sequence's causal log-probabilities (the model's AR distribution, mask token excluded as
+        in decoding): what OpenAI `logprobs`/`echo` and lm-evaluation-harness's loglikelihood tasks read.
+        `top_logprobs`: how many of the most likely tokens to return at each position.
+
+        Runs prefill's path, not a separate model call: chunks of max_prefill_tokens, one causal row
+        over pages borrowed from the free pool and given back, so memory stays what the engine was
+        sized for. Call it between steps, from the thread that steps the engine (it leaves every
+        request as it was). ValueError: a checkpoint that does not `scores_causally`, or bad input;
+        `fdllm.cache.OutOfPages`: running requests hold too much of the cache now (retry after a step).
+        """
+        if not self.scores_causally:
+            raise ValueError("log-probabilities need a causal checkpoint: this one's prompt and committed blocks attend "
+                             "block-causally (bidirectionally inside a block), so no position's logits are a causal "
+                             "prediction; fine-tune with the joint objective (prefix_attention: causal)")
+        vocab = self.model.config.vocab_size
+        if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= vocab:
+            raise ValueError(f"top_logprobs must be an integer in [0, {vocab}], got {top_logprobs!r}")
+        encoded = [self._encode(p) for p in prompts]
+        for ids in encoded:
+            self._check_fits(ids, 0)
+        return [self._score_one(ids, top_logprobs) for ids in encoded]
+
+    def _score_one(self, ids: list[int], k: int) -> SequenceLogprobs:
+        fed, chunk = len(ids) - 1, self.engine_config.max_prefill_tokens  # the last token predicts nothing scored
+        tokens = np.array(ids, dtype=np.int64)
+        rows = [np.zeros((0, 1 + 2 * k))]
+        with self.allocator.borrow(-(-fed // self.config.block_size)) as pages:
+            for start in range(0, fed, chunk):
+                stop = min(start + chunk, fed)
+                rows.append(self.runner.score(tokens[start:stop], start, pages, tokens[start + 1 : stop + 1], k))
+        table = np.concatenate(rows)
+        top_ids, top_values = table[:, 1 : 1 + k].astype(np.int64).tolist(), table[:, 1 + k :].tolist()
+        return SequenceLogprobs(token_ids=list(ids), logprobs=[None, *table[:, 0].tolist()],
+                                top_logprobs=[[], *(list(zip(i, v)) for i, v in zip(top_ids, top_values))])
+
     def selection_policy(self, params: SamplingParams) -> SelectionPolicy:
         """The request's selection policy: its fields, the engine's defaults, delimiters resolved to
         token ids (ValueError when they cannot be: text delimiters without a tokenizer)."""
@@ -390,21 +441,25 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("empty prompt: at least one token is needed")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
         if params.mode != "ar" and self.config.mask_token_id is None:
             raise ValueError(
                 f"{params.mode} mode needs a mask token id (BlockDiffusionConfig.mask_token_id); use mode='ar'"
             )
-        total = len(ids) + params.max_new_tokens
+        self._check_fits(ids, params.max_new_tokens)
+
+    def _check_fits(self, ids: list[int], new_tokens: int) -> None:
+        """ValueError unless token ids `ids` followed by `new_tokens` tokens fit the model and the cache."""
+        if not ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        total = len(ids) + new_tokens
         if total > self.max_model_len:
             raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({new_tokens}) = {total} "
                 f"exceeds the context length max_model_len={self.max_model_len}"
             )
         pages = -(-total // self.config.block_size)

@@ -225,3 +225,16 @@ class GenerationResult:
     def acceptance_rate(self) -> float:
         """Speculative mode: the fraction of draft tokens the causal verify confirmed (0 without drafts)."""
         return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+
+
+@dataclass(frozen=True)
+class SequenceLogprobs:
+    """`Engine.score`'s answer for one token sequence: position i's causal log-probability
+    log p(token_i | tokens before it) (None at position 0, which nothing predicts), and the
+    `top_logprobs` most likely tokens there as (token id, log-probability), most likely first
+    (empty at position 0). The mask token is never a prediction (-inf when scored)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]]]
+

@@ -50,7 +50,7 @@ from torch import Tensor
 from fdllm.cache import AttentionRow, KVCache, PagedAttention, StaticPagedAttention
 from fdllm.decoding import counter_uniform, sample_confidence, token_entropy
 from fdllm.engine.denoise import DenoiseBatch
-from fdllm.engine.inputs import StepInputs, cache_slots
+from fdllm.engine.inputs import NO_ROWS, NO_SAMPLED, StepInputs, cache_slots
 from fdllm.engine.sequence import Predictions, Work
 from fdllm.kernels import select_attention_backend
 from fdllm.kernels.reference import greedy_confidence
@@ -261,6 +261,32 @@ class ModelRunner:
         # the step's one device-to-host sync (fp64 holds token ids and fp32 probabilities exactly)
         rows = [token_C.to(torch.float64), prob_C] + ([] if entropy_C is None else [entropy_C])
         return torch.stack(rows).cpu().numpy()  # promoted to fp64
+
+    @torch.inference_mode()
+    def score(self, ids: np.ndarray, start: int, pages: list[int], targets: np.ndarray, top_k: int) -> np.ndarray:
+        """One chunk of a sequence being scored (`Engine.score`): tokens `ids` [n] at positions
+        start.., fed as one causal row whose K/V go into `pages` after the earlier chunks' (prefill's
+        path); row i's logits score `targets[i]` (the token after it; m <= n targets, the rows after
+        the m-th need none). Returns [m, 1 + 2k] fp64: the target's log-probability, then the top-k
+        token ids and their log-probabilities (most likely first), from one log-softmax per row
+        (mask token excluded), so a greedy target's value equals the top-1's bit for bit."""
+        n, m = len(ids), len(targets)
+        one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
+        inputs = StepInputs(ids=ids, starts=one(start), q_lens=one(n), kv_lens=one(start + n), causal=np.ones(1, dtype=bool),
+                            pages=[pages], prefill=True, max_q_len=n, max_pages=len(pages), any_causal=True,
+                            candidates=NO_ROWS, entropy=NO_ROWS, sampled=NO_SAMPLED)
+        self.stage.begin({"ids": n, "positions": n, "targets": m})
+        self._put_dynamic_body(inputs)
+        self.stage.put("targets", targets)
+        self.stage.copy()
+        h_TD, targets_M = self._body(inputs, None), self.stage.get("targets")
+        parts = []
+        for a in range(0, m, self.max_head_rows):  # logits a chunk at a time, as `_head`
+            b = min(a + self.max_head_rows, m)
+            logp_RV = torch.log_softmax(self.logits(h_TD[a:b]), dim=-1)
+            top = logp_RV.topk(top_k, dim=-1)
+            parts.append(torch.cat([logp_RV.gather(1, targets_M[a:b, None]).double(), top.indices.double(), top.values.double()], 1))
+        return torch.cat(parts).cpu().numpy()
 
     def static_shape(self, inputs: StepInputs) -> StaticShape | None:
         """The padded layout when no row writes prompt K/V and the rows fit a bucket, else None."""

@@ -1,0 +1,130 @@
+"""`Engine.score`: causal log-probabilities of token sequences, held against HF transformers' own
+forward of the same checkpoint (an independent oracle), through the engine's chunked, paged prefill path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fdllm
+from fdllm.cache import OutOfPages
+from tests.helpers import hf_causal_logprobs
+
+pytest.importorskip("transformers")
+
+
+def assert_matches_hf(scored: fdllm.SequenceLogprobs, path, ids: list[int], k: int, mask_token_id: int | None) -> None:
+    assert scored.token_ids == ids
+    assert scored.logprobs[0] is None and scored.top_logprobs[0] == []
+    if len(ids) == 1:
+        assert len(scored.logprobs) == len(scored.top_logprobs) == 1
+        return
+    ref = hf_causal_logprobs(path, ids, mask_token_id)
+    want = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(scored.logprobs[1:], dtype=torch.float64), want.double(), atol=1e-5, rtol=0)
+    top = ref.topk(k, dim=-1)
+    for i, alternatives in enumerate(scored.top_logprobs[1:]):
+        got_ids, got_values = zip(*alternatives) if alternatives else ((), ())
+        assert list(got_ids) == top.indices[i].tolist(), i
+        torch.testing.assert_close(torch.tensor(got_values, dtype=torch.float64), top.values[i].double(), atol=1e-5, rtol=0)
+        values = dict(alternatives)
+        if ids[i + 1] in values:  # one log-softmax: a top token's value is bit for bit its own logprob
+            assert values[ids[i + 1]] == scored.logprobs[i + 1]
+
+
+@pytest.fixture(scope="module")
+def engine(causal_dllm_dir):
+    # prefill chunks of 8 tokens (one block): sequences below cross chunks and pages
+    return fdllm.Engine.from_pretrained(causal_dllm_dir, engine_config=fdllm.EngineConfig(max_prefill_tokens=8))
+
+
+@pytest.mark.parametrize("length", [1, 2, 8, 9, 17, 40])
+def test_score_equals_transformers_across_chunks(engine, causal_dllm_dir, length):
+    ids = torch.randint(0, engine.config.mask_token_id, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+    (scored,) = engine.score([ids], top_logprobs=3)
+    assert_matches_hf(scored, causal_dllm_dir, ids, 3, engine.config.mask_token_id)
+    assert engine.num_free_pages == engine.num_pages
+
+
+def test_text_prompts_and_several_sequences(engine, causal_dllm_dir):
+    tok = engine.tokenizer
+    texts = ["hello world", "héllo ✓ the quick, brown fox"]
+    scored = engine.score(texts, top_logprobs=0)
+    for s, text in zip(scored, texts):
+        assert s.token_ids == tok.encode(text)
+        assert all(top == [] for top in s.top_logprobs)
+        assert_matches_hf(s, causal_dllm_dir, s.token_ids, 0, engine.config.mask_token_id)
+
+
+def test_the_mask_token_is_never_a_prediction(engine):
+    mask = engine.config.mask_token_id
+    (scored,) = engine.score([[5, mask, 6]], top_logprobs=engine.model.config.vocab_size)
+    assert scored.logprobs[1] == -math.inf and math.isfinite(scored.logprobs[2])
+    assert scored.top_logprobs[1][-1] == (mask, -math.inf)  # the whole vocabulary: the mask comes last
+    assert math.isclose(sum(math.exp(v) for _, v in scored.top_logprobs[1]), 1.0, rel_tol=1e-5)
+
+
+def test_an_ar_checkpoint_scores_with_its_whole_vocabulary(qwen2_dir):
+    engine = fdllm.Engine.from_pretrained(qwen2_dir)  # no mask token: an AR model
+    assert engine.scores_causally
+    ids = [3, 9, 27, 4, 81, 5]
+    (scored,) = engine.score([ids], top_logprobs=2)
+    assert_matches_hf(scored, qwen2_dir, ids, 2, None)
+
+
+def test_a_block_causal_checkpoint_is_refused(dllm_dir):
+    engine = fdllm.Engine.from_pretrained(dllm_dir)
+    assert not engine.scores_causally
+    with pytest.raises(ValueError, match="causal checkpoint"):
+        engine.score([[5, 6, 7]])
+
+
+@pytest.mark.parametrize("prompts,top,message", [
+    ([[]], 0, "empty prompt"),
+    ([[5, 96]], 0, r"token ids must be in \[0, 96\)"),
+    ([[-1, 5]], 0, r"token ids must be in \[0, 96\)"),
+    ([[5] * 513], 0, "max_model_len"),
+    ([[5, 6]], -1, "top_logprobs"),
+    ([[5, 6]], 97, "top_logprobs"),
+    ([[5, 6]], True, "top_logprobs"),
+    ([[5, 6]], 1.5, "top_logprobs"),
+    ([[5, 6], "x", [5.5]], 0, "a prompt is a string or a list of token ids"),
+])
+def test_bad_input_is_a_value_error_and_changes_nothing(engine, prompts, top, message):
+    with pytest.raises(ValueError, match=message):
+        engine.score(prompts, top_logprobs=top)
+    assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished()
+
+
+def test_scoring_between_steps_leaves_running_requests_as_they_were(causal_dllm_dir):
+    """Scoring borrows free pages between two steps: the requests running around it decode exactly
+    what they decode alone, and every page comes back."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22]]
+    params = [fdllm.SamplingParams(max_new_tokens=24, temperature=0.0),
+              fdllm.SamplingParams(max_new_tokens=20, temperature=0.8, seed=3, mode="speculative")]
+    alone = fdllm.Engine.from_pretrained(causal_dllm_dir).generate(prompts, params)
+    engine = fdllm.Engine.from_pretrained(causal_dllm_dir, engine_config=fdllm.EngineConfig(max_prefill_tokens=8))
+    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    scored, results = [], {}
+    while engine.has_unfinished():
+        scored.append(engine.score([list(range(3, 40))], top_logprobs=2)[0])
+        results.update({r.request_id: r for r in engine.step()})
+    assert [results[r].token_ids for r in rids] == [a.token_ids for a in alone]
+    assert all(s == scored[0] for s in scored)  # and the scores do not depend on what runs beside them
+    assert engine.num_free_pages == engine.num_pages
+
+
+def test_a_full_cache_is_out_of_pages_until_requests_finish(causal_dllm_dir):
+    engine = fdllm.Engine.from_pretrained(causal_dllm_dir, engine_config=fdllm.EngineConfig(num_pages=6))
+    engine.add_request([5] * 30, fdllm.SamplingParams(max_new_tokens=10))  # 5 pages reserved
+    engine.step()  # its prompt prefilled and its first block opened: 4 pages taken
+    assert engine.num_free_pages == 2
+    with pytest.raises(OutOfPages):
+        engine.score([[5] * 30])  # 4 pages
+    engine.score([[5] * 17])  # 2 pages: free ones, reserved or not (given back before the next step)
+    assert engine.num_free_pages == 2
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.score([[5] * 30])[0].logprobs[1] < 0
