@@ -38,6 +38,18 @@ class InjectedFault(RuntimeError):
     """The failure `generate(..., inject_fault=True)` plants inside a step (chaos tests)."""
 
 
+def _answer(future: concurrent.futures.Future, result: object = None, exc: BaseException | None = None) -> bool:
+    """Hand a command's outcome to its handler; False if the handler is gone (cancelled while its client
+    disconnected: setting a cancelled future raises, which would stop the stepping thread)."""
+    if not future.set_running_or_notify_cancel():
+        return False
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)
+    return True
+
+
 @dataclass(frozen=True)
 class TokenDelta:
     token_ids: list[int]
@@ -169,6 +181,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
+                if future.cancelled():  # the handler is gone (client disconnected): nothing to run
+                    continue
                 prompt, params, rid, on_tokens, on_done, inject_fault = args
                 try:
                     if self.engine.num_waiting >= self.max_waiting:
@@ -177,10 +191,12 @@ class AsyncEngine:
                     if inject_fault:
                         self._plant_fault(rid)
                 except Exception as exc:  # noqa: BLE001 - handed to the awaiting handler
-                    future.set_exception(exc)
+                    _answer(future, exc=exc)
                     continue
                 done_callbacks[rid] = on_done
-                future.set_result(rid)
+                if not _answer(future, rid):  # cancelled meanwhile: nobody will read its tokens
+                    done_callbacks.pop(rid)
+                    self.engine.abort(rid)
             elif kind == "abort":
                 (rid,) = args
                 if done_callbacks.pop(rid, None) is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
@@ -121,3 +122,39 @@ def test_a_request_failing_inside_a_step_fails_alone(driver, dllm_dir):
     driver.check_alive()
     _, again = asyncio.run(_collect(driver, prompts[1], params, "again"))
     assert again.token_ids == alone[1].token_ids
+
+
+def _slow_steps(drv: AsyncEngine, seconds: float) -> None:
+    """Every step of the driver's engine takes at least `seconds` (commands queue up meanwhile)."""
+    step = drv.engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    drv.engine.step = slow_step
+
+
+def test_a_client_gone_while_its_request_waits_to_be_added_harms_nothing(driver):
+    """A handler cancelled before the stepping thread reads its command (its client hung up during a
+    long step) is skipped: setting the cancelled future's result would have stopped the thread."""
+    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar")
+    _slow_steps(driver, 0.2)
+
+    async def main():
+        running = driver.generate([5, 6], long, "running")
+        await anext(running)
+        hung_up = asyncio.ensure_future(anext(driver.generate([7, 8], long, "hung-up")))
+        await asyncio.sleep(0.05)  # queued behind the slow step
+        hung_up.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hung_up
+        await asyncio.sleep(0.5)  # two more steps: the command was read
+        await running.aclose()
+
+    asyncio.run(main())
+    driver.check_alive()
+    assert driver.engine.scheduler.find("hung-up") is None
+    _, result = asyncio.run(_collect(driver, [9], fdllm.SamplingParams(max_new_tokens=4), "after"))
+    assert len(result.token_ids) == 4
+
