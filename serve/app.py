@@ -46,14 +46,17 @@ from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, Reques
 from serve.detokenize import IncrementalDetokenizer
 from serve.metrics import RayMetricsExporter, RequestCounters, make_registry, render
 from serve.protocol import (
+    NO_CAUSAL_LOGPROBS,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
     chat_chunk,
+    chat_logprobs,
     chat_response,
     completion_chunk,
+    completion_logprobs,
     completion_response,
     error_event,
     new_id,
@@ -209,6 +212,7 @@ class FdllmServer:
                              "prompts and stream text")
         self.tokenizer = engine.tokenizer
         self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
+        self.scores_causally = engine.scores_causally  # whether `logprobs` can be served (Engine.score)
         self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
         self.model_name = self.cfg.model_name or default_model_name(self.cfg.model)
         self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
@@ -368,8 +372,14 @@ class FdllmServer:
     async def _serve(self, body: CompletionRequest | ChatCompletionRequest, endpoint: str, request: Request) -> Response:
         self._check_model(body.model)
         params = body.sampling_params(self.cfg.default_max_tokens, self.cfg.block_lookahead)
+        if body.logprob_count() is not None and not self.scores_causally:
+            raise APIError(400, NO_CAUSAL_LOGPROBS, param="logprobs", code="unsupported_value")
         self._check_prompt_chars(body)
         prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
+        echoing = isinstance(body, CompletionRequest) and body.echo
+        echo = ""  # with echo, the prompt's text: the answer starts with it
+        if echoing:
+            echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(self.tokenizer.decode, prompt_ids)
         rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
         stream = self.engine.generate(prompt_ids, params, rid, inject_fault=fault)
@@ -383,7 +393,7 @@ class FdllmServer:
             raise _engine_error(exc) from None
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
-            return StreamingResponse(self._sse(first, stream, rid, endpoint, tuple(params.stop)),
+            return StreamingResponse(self._sse(first, stream, rid, endpoint, tuple(params.stop), echo),
                                      media_type="text/event-stream")
         result = first
         try:
@@ -391,15 +401,29 @@ class FdllmServer:
                 result = event
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
             raise _engine_error(exc) from None
+        top = body.logprob_count()
+        logprobs = None if top is None else await self._logprobs(prompt_ids, result, top, endpoint, echoing)
         self.counters.by_status[(endpoint, 200)] += 1
         self.counters.record(result)
         if endpoint == "chat":
-            return JSONResponse(chat_response(rid, self.model_name, result))
-        return JSONResponse(completion_response(rid, self.model_name, result.text, result))
+            return JSONResponse(chat_response(rid, self.model_name, result, logprobs))
+        return JSONResponse(completion_response(rid, self.model_name, echo + result.text, result, logprobs))
 
-    async def _sse(self, first, stream, rid: str, endpoint: str, stop: tuple[str, ...]):
+    async def _logprobs(self, prompt_ids: list[int], result, top: int, endpoint: str, echo: bool) -> dict[str, Any]:
+        """The answer's `logprobs`: one causal scoring forward over prompt + completion (Engine.score),
+        for the completion's tokens (with `echo`, the prompt's too)."""
+        try:
+            scored = await self.engine.score(prompt_ids + result.token_ids, top)
+        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
+            raise _engine_error(exc) from None
+        build = chat_logprobs if endpoint == "chat" else completion_logprobs
+        texts = lambda ids: self.tokenizer.batch_decode([[t] for t in ids])  # noqa: E731
+        return await asyncio.to_thread(build, scored, 0 if echo else len(prompt_ids), texts)
+
+    async def _sse(self, first, stream, rid: str, endpoint: str, stop: tuple[str, ...], echo: str = ""):
         """Server-sent events; the generator's cancellation (client gone) aborts the request. A
-        failure after the first event ends the stream with an error event and `[DONE]`."""
+        failure after the first event ends the stream with an error event and `[DONE]`. `echo`: a
+        completion's prompt text, sent first."""
         from fdllm.engine import GenerationResult
 
         detok = IncrementalDetokenizer(self.tokenizer, stop)
@@ -413,6 +437,8 @@ class FdllmServer:
 
         if chat:
             yield f"data: {json.dumps(chat_chunk(rid, self.model_name, {'role': 'assistant', 'content': ''}, None))}\n\n"
+        elif echo:
+            yield chunk(echo, None)
         event = first
         try:
             while True:

@@ -17,7 +17,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fdllm.engine import Engine, GenerationResult, SamplingParams
+from fdllm.cache import OutOfPages
+from fdllm.engine import Engine, GenerationResult, SamplingParams, SequenceLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._stopped = threading.Event()
         self._error: BaseException | None = None
+        self._scores: list[tuple[tuple, concurrent.futures.Future]] = []  # waiting for cache pages (stepping thread's)
         self._thread = threading.Thread(target=self._run, name="fdllm-engine-loop", daemon=True)
         self._thread.start()
 
@@ -127,6 +129,13 @@ class AsyncEngine:
             if not finished:
                 self._send("abort", request_id)
 
+    async def score(self, token_ids: list[int], top_logprobs: int) -> SequenceLogprobs:
+        """`Engine.score` of one sequence, run on the stepping thread between two steps. When running
+        requests hold too much of the cache it waits for some to finish (never fails for it).
+        Raises ValueError (bad request) or EngineDead."""
+        self.check_alive()
+        return await self._call("score", token_ids, top_logprobs)
+
     def check_alive(self) -> None:
         if self._error is not None or not self._thread.is_alive():
             raise EngineDead(f"engine loop stopped: {self._error!r}")
@@ -157,6 +166,7 @@ class AsyncEngine:
         try:
             while not self._stopped.is_set():
                 self._drain_commands(done_callbacks)
+                self._run_scores()
                 if not self.engine.has_unfinished():
                     self._wakeup.wait(self._idle_wait_s)
                     self._wakeup.clear()
@@ -173,6 +183,8 @@ class AsyncEngine:
             self._error = exc
             for callback in done_callbacks.values():
                 callback(EngineDead(f"engine loop crashed: {exc!r}"))
+            for _, future in self._scores:
+                _answer(future, exc=EngineDead(f"engine loop crashed: {exc!r}"))
 
     def _drain_commands(self, done_callbacks: dict[str, object]) -> None:
         while True:
@@ -197,10 +209,29 @@ class AsyncEngine:
                 if not _answer(future, rid):  # cancelled meanwhile: nobody will read its tokens
                     done_callbacks.pop(rid)
                     self.engine.abort(rid)
+            elif kind == "score":
+                self._scores.append((args, future))
             elif kind == "abort":
                 (rid,) = args
                 if done_callbacks.pop(rid, None) is not None:
                     self.engine.abort(rid)
+
+    def _run_scores(self) -> None:
+        """Score what the cache has room for now; the rest waits for the next step to free pages (with
+        no request running every page is free, and `Engine.score` refuses what could never fit)."""
+        waiting = []
+        for args, future in self._scores:
+            if future.cancelled():
+                continue
+            try:
+                scored = self.engine.score([args[0]], args[1])[0]
+            except OutOfPages:
+                waiting.append((args, future))
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting handler
+                _answer(future, exc=exc)
+            else:
+                _answer(future, scored)
+        self._scores = waiting
 
     def _plant_fault(self, request_id: str) -> None:
         """Make the request raise inside a step once it has streamed its first tokens (so a stream

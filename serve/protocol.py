@@ -11,16 +11,23 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from fdllm.engine import GenerationResult, SamplingParams
+from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # a stop string is held back from the stream until it cannot match: keep it short
-NO_LOGPROBS = ("log-probabilities are not supported yet (a diffusion step commits tokens by confidence); "
-               "evaluate with generation tasks (lm-eval's generate_until), not loglikelihood ones")
+NO_CAUSAL_LOGPROBS = (
+    "log-probabilities need a causal checkpoint: this one's prompt and committed blocks attend block-causally "
+    "(bidirectionally inside a block), so no position's logits are a causal prediction. Checkpoints fine-tuned with "
+    "the joint objective (prefix_attention: causal) serve them; evaluate this one with generation tasks "
+    "(lm-eval's generate_until), not loglikelihood ones")
+NO_STREAMED_LOGPROBS = ("logprobs are not available with stream=true: they come from one causal scoring forward "
+                        "over the finished completion (diffusion commits tokens by confidence); request them unstreamed")
+LOGPROB_FLOOR = -9999.0  # stands for -inf (the mask token's), which JSON cannot carry (vLLM's floor too)
 # SamplingParams names whose OpenAI request field is called differently
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
@@ -119,7 +126,13 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of a requested feature this server does not have: refused with a 400, never
         silently ignored (a client would read a different answer than it asked for)."""
-        return ("n", "only n=1 is supported") if self.n != 1 else None
+        if self.n != 1:
+            return "n", "only n=1 is supported"
+        return ("logprobs", NO_STREAMED_LOGPROBS) if self.stream and self.logprob_count() is not None else None
+
+    def logprob_count(self) -> int | None:
+        """How many most likely alternatives to return per token when log-probabilities are asked for, else None."""
+        return None
 
     def _sampling_params(self, default_max_tokens: int, default_block_lookahead: bool) -> SamplingParams:
         lookahead = self.block_lookahead
@@ -147,15 +160,11 @@ class CompletionRequest(_SamplingFields):
     # one prompt in any of OpenAI's forms: text, token ids, or a batch of one of either (what clients
     # that batch, such as lm-evaluation-harness with tokenized requests, send at batch size 1)
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
+    echo: bool = False  # the response's text (and logprobs) start with the prompt's
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
-    def unsupported(self) -> tuple[str, str] | None:
-        if refused := super().unsupported():
-            return refused
-        if self.echo:
-            return "echo", "echo is not supported: the response holds the completion only"
-        return ("logprobs", NO_LOGPROBS) if self.logprobs is not None else None
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -199,12 +208,15 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    def unsupported(self) -> tuple[str, str] | None:
-        if refused := super().unsupported():
-            return refused
-        if self.logprobs:
-            return "logprobs", NO_LOGPROBS
-        return ("top_logprobs", NO_LOGPROBS) if self.top_logprobs else None
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
         return message_dicts(self.messages)
@@ -295,21 +307,75 @@ def fdllm_stats(result: GenerationResult) -> dict[str, float | int | None]:
     }
 
 
-def completion_response(rid: str, model: str, text: str, result: GenerationResult) -> dict[str, Any]:
+def completion_response(rid: str, model: str, text: str, result: GenerationResult,
+                        logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}],
         "usage": usage(result), "fdllm": fdllm_stats(result),
     }
 
 
-def chat_response(rid: str, model: str, result: GenerationResult) -> dict[str, Any]:
+def chat_response(rid: str, model: str, result: GenerationResult, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "logprobs": None, "finish_reason": result.finish_reason}],
+                     "logprobs": logprobs, "finish_reason": result.finish_reason}],
         "usage": usage(result), "fdllm": fdllm_stats(result),
     }
+
+
+TokenTexts = Callable[[list[int]], list[str]]  # token ids -> each one's text, decoded alone
+
+
+def _scored_tokens(scored: SequenceLogprobs, first: int, token_texts: TokenTexts):
+    """From position `first` on: per token its text, log-probability (None at position 0) and top
+    alternatives as (text, log-probability); -inf floored to LOGPROB_FLOOR."""
+    ids, tops = scored.token_ids[first:], scored.top_logprobs[first:]
+    alternatives = sorted({t for top in tops for t, _ in top} - set(ids))
+    text = dict(zip(ids + alternatives, token_texts(ids + alternatives)))
+    floor = lambda lp: None if lp is None else max(lp, LOGPROB_FLOOR)  # noqa: E731
+    return [(text[t], floor(lp), [(text[a], floor(alp)) for a, alp in top])
+            for t, lp, top in zip(ids, scored.logprobs[first:], tops)]
+
+
+def completion_logprobs(scored: SequenceLogprobs, first: int, token_texts: TokenTexts) -> dict[str, Any]:
+    """A completion choice's `logprobs` (OpenAI's legacy shape) for the tokens from position `first`
+    (0 with echo: the prompt's too). `top_logprobs` maps token text to log-probability, the chosen
+    token included, as OpenAI and vLLM return it (so up to logprobs + 1 entries); at position 0,
+    which nothing predicts, both are None. `text_offset`: where each token starts in the text."""
+    rows = _scored_tokens(scored, first, token_texts)
+    offsets, at = [], 0
+    for text, _, _ in rows:
+        offsets.append(at)
+        at += len(text)
+    return {
+        "tokens": [text for text, _, _ in rows],
+        "token_logprobs": [lp for _, lp, _ in rows],
+        "top_logprobs": [None if lp is None else _by_text(top + [(text, lp)]) for text, lp, top in rows],
+        "text_offset": offsets,
+    }
+
+
+def _by_text(pairs: list[tuple[str, float]]) -> dict[str, float]:
+    """{text: log-probability}, most likely first; of tokens that decode to the same text (bytes of a
+    split character, ids past the tokenizer's vocabulary) the likeliest's value stays."""
+    by_text: dict[str, float] = {}
+    for text, lp in sorted(pairs, key=lambda pair: -pair[1]):
+        by_text.setdefault(text, lp)
+    return by_text
+
+
+def chat_logprobs(scored: SequenceLogprobs, first: int, token_texts: TokenTexts) -> dict[str, Any]:
+    """A chat choice's `logprobs` ({"content": [...]}, OpenAI's shape) for the tokens from position `first`
+    (the completion's); `bytes` are each text's UTF-8 bytes."""
+
+    def entry(text: str, lp: float) -> dict[str, Any]:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [entry(text, lp) | {"top_logprobs": [entry(*alt) for alt in top]}
+                        for text, lp, top in _scored_tokens(scored, first, token_texts)],
+            "refusal": None}
 
 
 def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None) -> dict[str, Any]:

@@ -266,26 +266,27 @@ class ModelRunner:
     def score(self, ids: np.ndarray, start: int, pages: list[int], targets: np.ndarray, top_k: int) -> np.ndarray:
         """One chunk of a sequence being scored (`Engine.score`): tokens `ids` [n] at positions
         start.., fed as one causal row whose K/V go into `pages` after the earlier chunks' (prefill's
-        path); row i's logits score `targets[i]` (the token after it; m <= n targets, the rows after
-        the m-th need none). Returns [m, 1 + 2k] fp64: the target's log-probability, then the top-k
-        token ids and their log-probabilities (most likely first), from one log-softmax per row
-        (mask token excluded), so a greedy target's value equals the top-1's bit for bit."""
-        n, m = len(ids), len(targets)
+        path); row i's logits score `targets[i]` [n], the token after it. Returns [n, 1 + 2k] fp64:
+        the target's log-probability, then the top-k token ids and their log-probabilities (most
+        likely first), from one log-softmax per row (mask token excluded), so a greedy target's value
+        equals the top-1's bit for bit."""
+        n = len(ids)
         one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
         inputs = StepInputs(ids=ids, starts=one(start), q_lens=one(n), kv_lens=one(start + n), causal=np.ones(1, dtype=bool),
                             pages=[pages], prefill=True, max_q_len=n, max_pages=len(pages), any_causal=True,
                             candidates=NO_ROWS, entropy=NO_ROWS, sampled=NO_SAMPLED)
-        self.stage.begin({"ids": n, "positions": n, "targets": m})
+        self.stage.begin({"ids": n, "positions": n, "targets": n})
         self._put_dynamic_body(inputs)
         self.stage.put("targets", targets)
         self.stage.copy()
         h_TD, targets_M = self._body(inputs, None), self.stage.get("targets")
         parts = []
-        for a in range(0, m, self.max_head_rows):  # logits a chunk at a time, as `_head`
-            b = min(a + self.max_head_rows, m)
+        for a in range(0, n, self.max_head_rows):  # logits a chunk at a time, as `_head`
+            b = min(a + self.max_head_rows, n)
             logp_RV = torch.log_softmax(self.logits(h_TD[a:b]), dim=-1)
             top = logp_RV.topk(top_k, dim=-1)
-            parts.append(torch.cat([logp_RV.gather(1, targets_M[a:b, None]).double(), top.indices.double(), top.values.double()], 1))
+            columns = (logp_RV.gather(1, targets_M[a:b, None]), top.indices, top.values)
+            parts.append(torch.cat([c.double() for c in columns], 1))
         return torch.cat(parts).cpu().numpy()
 
     def static_shape(self, inputs: StepInputs) -> StaticShape | None:

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 import fdllm
 
@@ -213,9 +214,15 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], [7]]}, 400, "prompt"),  # a batch of two
     ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt"),
-    # features the server lacks are refused, not ignored (lm-eval's loglikelihood requests)
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1, "echo": True, "logprobs": 1}, 400, "echo"),
+    # log-probabilities: a block-causal checkpoint has none to give (refused, not ignored), and none
+    # stream; OpenAI's own limits
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1, "echo": True, "logprobs": 1}, 400, "logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
     # the tokenizer routes
     ("/tokenize", {}, 400, None),
     ("/tokenize", {"prompt": "x", "messages": _user("y")}, 400, None),
@@ -492,3 +499,126 @@ def test_lm_evaluation_harness_against_the_server(server, served_dir, engine, tm
         assert sample["resps"] == [[expect.text]], (question, sample["arguments"])
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert "exact_match,none" in results["results"]["fdllm_local"]
+
+
+@pytest.fixture(scope="module")
+def causal_server(server, causal_dllm_dir):
+    """A checkpoint with a causal clean stream (the joint objective's: it has log-probabilities to give)
+    beside the main app, on /causal."""
+    from serve.app import build_app
+
+    serve.run(build_app({"model": str(causal_dllm_dir), "model_name": MODEL, "api_key": API_KEY,
+                         "num_cpus_per_replica": 0.5, "default_max_tokens": 16}), name="fdllm-causal", route_prefix="/causal")
+    url, deadline = f"{server}/causal", time.monotonic() + 120
+    while httpx.get(f"{url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the causal app did not become healthy"
+        time.sleep(0.5)
+    yield url
+    serve.delete("fdllm-causal")
+
+
+def test_echo_and_logprobs_over_the_openai_client_equal_transformers(causal_server, causal_dllm_dir):
+    """`logprobs` (completions: with and without echo; chat: with top_logprobs) through the official
+    client are transformers' causal log-probabilities of the prompt and the completion the server decoded."""
+    openai = pytest.importorskip("openai")
+    from fdllm.config import BlockDiffusionConfig
+    from fdllm.tokenizer import load_tokenizer, render_chat
+    from tests.helpers import hf_causal_logprobs
+
+    tok, mask = load_tokenizer(causal_dllm_dir), BlockDiffusionConfig.load(causal_dllm_dir).mask_token_id
+    client = openai.OpenAI(base_url=f"{causal_server}/v1", api_key=API_KEY)
+    prompt = "héllo ✓ the quick"
+    prompt_ids = tok(prompt).input_ids
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    completion = plain.choices[0].text
+    assert echoed.choices[0].text == prompt + completion
+    lp = echoed.choices[0].logprobs
+    engine = fdllm.Engine.from_pretrained(causal_dllm_dir)  # what the server decoded (greedy: deterministic)
+    output_ids = engine.generate([prompt_ids], fdllm.SamplingParams(max_new_tokens=6))[0].token_ids
+    ids = prompt_ids + output_ids
+    assert len(lp.tokens) == len(ids) == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    assert "".join(lp.tokens) == tok.decode(ids) and lp.text_offset[0] == 0
+    ref = hf_causal_logprobs(causal_dllm_dir, ids, mask)
+    want = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    for i, top in enumerate(lp.top_logprobs[1:]):  # the two most likely, and the chosen token
+        best = ref[i].topk(2)
+        assert max(top.values()) == pytest.approx(best.values[0].item(), abs=1e-4)
+        assert {tok.decode([t]) for t in best.indices.tolist()} | {lp.tokens[i + 1]} == set(top)
+    assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[len(prompt_ids):]
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    chat_prompt = tok(render_chat(tok, [{"role": "user", "content": prompt}]), add_special_tokens=False).input_ids
+    assert len(content) == chat.usage.completion_tokens and chat.usage.prompt_tokens == len(chat_prompt)
+    output_ids = engine.generate([chat_prompt], fdllm.SamplingParams(max_new_tokens=6))[0].token_ids
+    ref = hf_causal_logprobs(causal_dllm_dir, chat_prompt + output_ids, mask)[len(chat_prompt) - 1:]
+    for c, row, t in zip(content, ref, output_ids):
+        assert c.logprob == pytest.approx(row[t].item(), abs=1e-4) and bytes(c.bytes).decode() == c.token
+        assert [a.logprob for a in c.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_echo_streams_the_prompt_first(server):
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 8, "temperature": 0, "echo": True}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    assert whole.startswith("hello world")
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+        chunks = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert texts[0] == "hello world" and "".join(texts) == whole
+
+
+LM_EVAL_CHOICE_TASK = """task: fdllm_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_evaluation_harness_loglikelihood_tasks_against_the_server(causal_server, causal_dllm_dir, tmp_path):
+    """A multiple-choice task (lm-eval's loglikelihood requests: echo + logprobs over token ids) against
+    a causal checkpoint: every log-likelihood lm-eval records is transformers' for that continuation."""
+    pytest.importorskip("lm_eval")
+    from fdllm.config import BlockDiffusionConfig
+    from fdllm.tokenizer import load_tokenizer
+    from tests.helpers import hf_causal_logprobs
+
+    docs = [{"question": "q: what comes after one?\na:", "choices": [" two", " red", " héllo ✓"], "label": 0},
+            {"question": "x = 1, y =", "choices": [" 2", " 1, z = 3"], "label": 1}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "task.yaml").write_text(LM_EVAL_CHOICE_TASK.format(data=tmp_path / "docs.jsonl"))
+    model_args = f"model={MODEL},base_url={causal_server}/v1/completions,auth_token={API_KEY},max_retries=1"
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
+               "--tasks", "fdllm_choice", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"),
+               "--log_samples"]
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    samples = [json.loads(line) for path in (tmp_path / "out").rglob("samples_fdllm_choice_*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == [0, 1]
+    tok, mask = load_tokenizer(causal_dllm_dir), BlockDiffusionConfig.load(causal_dllm_dir).mask_token_id
+    for sample in samples:  # lm-eval's own (context, continuation) pairs: it puts " " between the two
+        pairs = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]
+        assert len(pairs) == len(sample["doc"]["choices"])
+        for (context, continuation), [[loglikelihood, is_greedy]] in zip(pairs, sample["resps"]):
+            ctx = tok(context, add_special_tokens=False).input_ids
+            ids = tok(context + continuation, add_special_tokens=False).input_ids
+            rows, targets = hf_causal_logprobs(causal_dllm_dir, ids, mask)[len(ctx) - 1:], torch.tensor(ids[len(ctx):])
+            want = rows.gather(1, targets[:, None]).sum().item()
+            assert float(loglikelihood) == pytest.approx(want, abs=1e-4), (context, continuation)
+            assert str(is_greedy) == str(bool((rows.argmax(-1) == targets).all()))
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert "acc,none" in results["results"]["fdllm_choice"]
+

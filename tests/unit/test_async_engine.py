@@ -158,3 +158,33 @@ def test_a_client_gone_while_its_request_waits_to_be_added_harms_nothing(driver)
     _, result = asyncio.run(_collect(driver, [9], fdllm.SamplingParams(max_new_tokens=4), "after"))
     assert len(result.token_ids) == 4
 
+
+def test_score_runs_between_steps_and_waits_for_pages(causal_dllm_dir):
+    """A score the cache has no room for now waits for the running request to finish (no error), and
+    is what the engine scores alone; the request running beside it decodes what it decodes alone."""
+    engine = fdllm.Engine.from_pretrained(causal_dllm_dir, engine_config=fdllm.EngineConfig(num_pages=6))
+    drv = AsyncEngine(engine)
+    params = fdllm.SamplingParams(max_new_tokens=16, temperature=0.0)
+    alone = fdllm.Engine.from_pretrained(causal_dllm_dir)
+    tokens = list(range(5, 35))  # 4 pages: more than are free while the request runs
+
+    async def main():
+        stream = drv.generate([5] * 30, params, "running")
+        await anext(stream)  # its first tokens: prompt prefilled, first block open
+        assert drv.stats()["free_pages"] == 2
+        _slow_steps(drv, 0.2)  # the request holds its pages a while longer
+        big = asyncio.ensure_future(drv.score(tokens, 2))
+        small = await drv.score([7, 8, 9], 1)  # fits beside the request: answered at once
+        assert not big.done()
+        result = [event async for event in stream][-1]
+        return result, await big, small
+
+    try:
+        result, big, small = asyncio.run(main())
+        assert result.token_ids == alone.generate([[5] * 30], params)[0].token_ids
+        assert big == alone.score([tokens], top_logprobs=2)[0] and small == alone.score([[7, 8, 9]], top_logprobs=1)[0]
+        with pytest.raises(ValueError, match="top_logprobs"):
+            asyncio.run(drv.score(tokens, -1))
+        drv.check_alive()
+    finally:
+        drv.shutdown()

@@ -48,6 +48,16 @@ def test_score_equals_transformers_across_chunks(engine, causal_dllm_dir, length
     assert engine.num_free_pages == engine.num_pages
 
 
+def test_head_chunks_change_nothing(causal_dllm_dir, engine):
+    """Logits are made a few rows at a time at a real vocabulary (`head_chunk_rows`); here 3."""
+    chunked = fdllm.Engine.from_pretrained(causal_dllm_dir, engine_config=fdllm.EngineConfig(max_prefill_tokens=8))
+    chunked.runner.max_head_rows = 3
+    ids = list(range(4, 30))
+    (got,), (want,) = chunked.score([ids], top_logprobs=4), engine.score([ids], top_logprobs=4)
+    assert got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-6)  # GEMMs of other shapes: rounding
+    assert [[t for t, _ in top] for top in got.top_logprobs] == [[t for t, _ in top] for top in want.top_logprobs]
+
+
 def test_text_prompts_and_several_sequences(engine, causal_dllm_dir):
     tok = engine.tokenizer
     texts = ["hello world", "héllo ✓ the quick, brown fox"]

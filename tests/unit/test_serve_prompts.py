@@ -1,6 +1,7 @@
 """A completion's prompt in each of OpenAI's forms, /tokenize's one input, and the OpenAI features the
-server refuses rather than ignores: what parses, and one clear 400 per wrong request, checked without a
-server (tests/integration/test_serve.py sends them over HTTP)."""
+server refuses rather than ignores, the log-probability fields and the shapes their answers take: what
+parses, and one clear 400 per wrong request, checked without a server (tests/integration/test_serve.py
+sends them over HTTP)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import pytest
 
 pytest.importorskip("pydantic")
 
-from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse_request  # noqa: E402
+from fdllm.engine import SequenceLogprobs  # noqa: E402
+from serve.protocol import (  # noqa: E402
+    LOGPROB_FLOOR,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    chat_logprobs,
+    completion_logprobs,
+    parse_request,
+)
 
 
 def prompt_of(prompt):
@@ -48,20 +59,81 @@ def test_tokenize_takes_exactly_one_of_prompt_and_messages():
         assert err.value.status == 400
 
 
-@pytest.mark.parametrize("model,fields,param", [
-    (CompletionRequest, {"echo": True}, "echo"),
-    (CompletionRequest, {"logprobs": 1}, "logprobs"),
-    (CompletionRequest, {"logprobs": 0}, "logprobs"),
-    (ChatCompletionRequest, {"logprobs": True}, "logprobs"),
-    (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs"),
-])
-def test_features_the_server_lacks_are_refused_not_ignored(model, fields, param):
-    """lm-eval's loglikelihood requests (echo + logprobs) get a 400 saying so, not a completion without them."""
+def _request(model, **fields):
     base = {"model": "m", "prompt": "x"} if model is CompletionRequest else {"model": "m", "messages": [
         {"role": "user", "content": "x"}]}
-    request = parse_request(model, json.dumps(base | fields).encode())
+    return parse_request(model, json.dumps(base | fields).encode())
+
+
+@pytest.mark.parametrize("model,fields,param", [
+    (CompletionRequest, {"n": 2}, "n"),
+    (CompletionRequest, {"logprobs": 1, "stream": True}, "logprobs"),
+    (CompletionRequest, {"logprobs": 0, "stream": True}, "logprobs"),
+    (ChatCompletionRequest, {"logprobs": True, "stream": True}, "logprobs"),
+    (ChatCompletionRequest, {"n": 3}, "n"),
+])
+def test_features_the_server_lacks_are_refused_not_ignored(model, fields, param):
+    """What a response could not hold is a 400 saying why, not an answer without it."""
     with pytest.raises(APIError) as err:
-        request.sampling_params(16)
+        _request(model, **fields).sampling_params(16)
     assert (err.value.status, err.value.param, err.value.code) == (400, param, "unsupported_value")
-    off = {"echo": False, "logprobs": None} if model is CompletionRequest else {"logprobs": False, "top_logprobs": 0}
-    assert parse_request(model, json.dumps(base | off).encode()).sampling_params(16).max_new_tokens == 16
+
+
+@pytest.mark.parametrize("model,fields,count", [
+    (CompletionRequest, {}, None), (CompletionRequest, {"logprobs": None, "echo": True}, None),
+    (CompletionRequest, {"logprobs": 0}, 0), (CompletionRequest, {"logprobs": 5, "echo": True}, 5),
+    (ChatCompletionRequest, {}, None), (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 0}, None),
+    (ChatCompletionRequest, {"logprobs": True}, 0), (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 20}, 20),
+])
+def test_logprob_requests_are_read_as_openai_means_them(model, fields, count):
+    request = _request(model, **fields)
+    assert request.logprob_count() == count
+    assert request.sampling_params(16).max_new_tokens == 16
+
+
+@pytest.mark.parametrize("model,fields,param", [
+    (CompletionRequest, {"logprobs": 6}, "logprobs"), (CompletionRequest, {"logprobs": -1}, "logprobs"),
+    (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs"),
+    (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 1}, "top_logprobs"),
+    (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+])
+def test_out_of_range_logprob_fields_are_400s_naming_them(model, fields, param):
+    with pytest.raises(APIError) as err:
+        _request(model, **fields)
+    assert (err.value.status, err.value.param) == (400, param)
+
+
+SCORED = SequenceLogprobs(
+    token_ids=[7, 8, 9, 7],
+    logprobs=[None, -0.5, float("-inf"), -2.0],
+    top_logprobs=[[], [(8, -0.5), (3, -1.5)], [(3, -0.1), (8, -3.0)], [(3, -1.0), (8, -1.25)]],
+)
+TEXTS = {3: "a", 7: "hé", 8: " ✓", 9: "\n"}
+
+
+def texts(ids):
+    return [TEXTS[t] for t in ids]
+
+
+def test_completion_logprobs_in_openais_legacy_shape():
+    echoed = completion_logprobs(SCORED, 0, texts)
+    assert echoed["tokens"] == ["hé", " ✓", "\n", "hé"]
+    assert echoed["token_logprobs"] == [None, -0.5, LOGPROB_FLOOR, -2.0]  # -inf floored: JSON has no infinity
+    assert echoed["text_offset"] == [0, 2, 4, 5]
+    # the top alternatives, and the chosen token too (OpenAI: up to logprobs + 1 entries); nothing at position 0
+    assert echoed["top_logprobs"] == [None, {" ✓": -0.5, "a": -1.5}, {"a": -0.1, " ✓": -3.0, "\n": LOGPROB_FLOOR},
+                                      {"a": -1.0, " ✓": -1.25, "hé": -2.0}]
+    json.dumps(echoed, allow_nan=False)
+    completion = completion_logprobs(SCORED, 2, texts)  # without echo: the completion's tokens only
+    assert completion["tokens"] == ["\n", "hé"] and completion["text_offset"] == [0, 1]
+    assert completion["top_logprobs"] == echoed["top_logprobs"][2:]
+
+
+def test_chat_logprobs_in_openais_shape():
+    content = chat_logprobs(SCORED, 1, texts)["content"]
+    assert [c["token"] for c in content] == [" ✓", "\n", "hé"]
+    assert [c["logprob"] for c in content] == [-0.5, LOGPROB_FLOOR, -2.0]
+    assert content[0]["bytes"] == list(" ✓".encode()) and content[2]["bytes"] == [104, 195, 169]
+    assert content[1]["top_logprobs"] == [{"token": "a", "logprob": -0.1, "bytes": [97]},
+                                          {"token": " ✓", "logprob": -3.0, "bytes": list(" ✓".encode())}]
+    json.dumps(content, allow_nan=False)
