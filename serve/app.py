@@ -42,19 +42,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fdllm.paths import resolve_local
 from fdllm.quantization import QUANTIZATIONS
 from fdllm.storage import local_checkpoint
-from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed
+from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed, interleave, prepend
 from serve.detokenize import IncrementalDetokenizer
 from serve.metrics import RayMetricsExporter, RequestCounters, make_registry, render
 from serve.protocol import (
     NO_CAUSAL_LOGPROBS,
     APIError,
     ChatCompletionRequest,
+    Choice,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
     chat_chunk,
     chat_logprobs,
     chat_response,
+    choice_params,
     completion_chunk,
     completion_logprobs,
     completion_response,
@@ -334,21 +336,22 @@ class FdllmServer:
         except APIError as err:
             raise self._reject(endpoint, err) from None
 
-    def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> list[int]:
-        """Render (chat) and tokenize the prompt. Runs on a worker thread: a huge prompt must stall
-        neither the event loop nor the engine thread."""
+    def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> list[list[int]]:
+        """Render (chat) and tokenize the request's prompts (one, or a completion's batch). Runs on a
+        worker thread: a huge prompt must stall neither the event loop nor the engine thread."""
         from fdllm.tokenizer import render_chat
 
         if getattr(body, "messages", None):  # a chat completion, or /tokenize of messages
-            param, add_special_tokens = "messages", False
             try:
                 text = render_chat(self.tokenizer, body.message_dicts(), getattr(body, "add_generation_prompt", True))
             except Exception as exc:  # noqa: BLE001 - templates reject structures with any error (raise_exception)
-                raise APIError(400, f"the chat template rejected these messages: {exc}", param=param) from None
-        elif isinstance(body.prompt, str):
-            param, add_special_tokens, text = "prompt", getattr(body, "add_special_tokens", True), body.prompt
-        else:
-            return list(body.prompt)
+                raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+            return [self._encode(text, False, "messages")]
+        prompts = body.prompt if isinstance(body, CompletionRequest) else [body.prompt]
+        add_special_tokens = getattr(body, "add_special_tokens", True)
+        return [list(p) if isinstance(p, list) else self._encode(p, add_special_tokens, "prompt") for p in prompts]
+
+    def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         try:
             return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         except Exception as exc:  # noqa: BLE001 - e.g. text the tokenizer cannot encode
@@ -357,7 +360,7 @@ class FdllmServer:
     async def _tokenize(self, body: TokenizeRequest, endpoint: str, request: Request) -> Response:
         self._check_model(body.model)
         self._check_prompt_chars(body)
-        ids = await asyncio.to_thread(self._prompt_ids, body)
+        (ids,) = await asyncio.to_thread(self._prompt_ids, body)
         self.counters.by_status[(endpoint, 200)] += 1
         return JSONResponse({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
 
@@ -370,47 +373,68 @@ class FdllmServer:
         return JSONResponse({"prompt": text})
 
     async def _serve(self, body: CompletionRequest | ChatCompletionRequest, endpoint: str, request: Request) -> Response:
+        """A completion or chat completion: n choices per prompt (a completion may batch prompts), each an
+        engine request, all continuously batched together; choice i * n + j answers prompt i."""
         self._check_model(body.model)
         params = body.sampling_params(self.cfg.default_max_tokens, self.cfg.block_lookahead)
         if body.logprob_count() is not None and not self.scores_causally:
             raise APIError(400, NO_CAUSAL_LOGPROBS, param="logprobs", code="unsupported_value")
+        if body.num_choices > self.cfg.max_waiting:  # could never be admitted at once
+            raise APIError(400, f"{body.num_choices} choices (prompts x n) in one request; this server queues at most "
+                           f"{self.cfg.max_waiting}", param="n")
         self._check_prompt_chars(body)
-        prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
-        echoing = isinstance(body, CompletionRequest) and body.echo
-        echo = ""  # with echo, the prompt's text: the answer starts with it
-        if echoing:
-            echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(self.tokenizer.decode, prompt_ids)
+        prompts = await asyncio.to_thread(self._prompt_ids, body)
+        echoing, n = isinstance(body, CompletionRequest) and body.echo, body.n
+        echoes = await asyncio.to_thread(self._echoes, body, prompts) if echoing else [""] * len(prompts)
         rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
-        stream = self.engine.generate(prompt_ids, params, rid, inject_fault=fault)
-        try:
-            first = await anext(stream)  # admission errors surface here, before any byte is sent
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
-        except EngineOverloaded as exc:
-            raise APIError(503, str(exc), type="server_error", code="overloaded") from None
-        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
-            raise _engine_error(exc) from None
+        choices = [(ids, choice_params(params, j)) for ids in prompts for j in range(n)]
+        streams = [self.engine.generate(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
+                   for k, (ids, p) in enumerate(choices)]
+        firsts = await self._admit(streams)
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
-            return StreamingResponse(self._sse(first, stream, rid, endpoint, tuple(params.stop), echo),
+            streams = [prepend(first, stream) for first, stream in zip(firsts, streams)]
+            return StreamingResponse(self._sse(streams, rid, endpoint, tuple(params.stop), echoes, n),
                                      media_type="text/event-stream")
-        result = first
+        results = list(firsts)
         try:
-            async for event in stream:
-                result = event
+            async for k, event in interleave(streams):
+                results[k] = event
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
             raise _engine_error(exc) from None
         top = body.logprob_count()
-        logprobs = None if top is None else await self._logprobs(prompt_ids, result, top, endpoint, echoing)
+        logprobs = [None] * len(results) if top is None else await asyncio.gather(
+            *(self._logprobs(prompts[k // n], r, top, endpoint, echoing) for k, r in enumerate(results)))
         self.counters.by_status[(endpoint, 200)] += 1
-        self.counters.record(result)
+        for result in results:
+            self.counters.record(result)
+        answers = [Choice(r, echoes[k // n] + r.text, lp) for k, (r, lp) in enumerate(zip(results, logprobs))]
         if endpoint == "chat":
-            return JSONResponse(chat_response(rid, self.model_name, result, logprobs))
-        return JSONResponse(completion_response(rid, self.model_name, echo + result.text, result, logprobs))
+            return JSONResponse(chat_response(rid, self.model_name, answers))
+        return JSONResponse(completion_response(rid, self.model_name, answers, n))
+
+    def _echoes(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """Each prompt's text, as echo returns it: as sent, or its token ids decoded."""
+        return [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(body.prompt, prompts)]
+
+    async def _admit(self, streams: list) -> list:
+        """Each stream's first event (its first tokens; admission errors surface here, before any byte is
+        sent). If one fails, every stream is closed (its request aborted) and its error raised."""
+        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is None:
+            return firsts
+        for stream in streams:
+            await stream.aclose()
+        if isinstance(failed, ValueError):
+            raise APIError(400, str(failed)) from None
+        if isinstance(failed, EngineOverloaded):
+            raise APIError(503, str(failed), type="server_error", code="overloaded") from None
+        raise _engine_error(failed) from None
 
     async def _logprobs(self, prompt_ids: list[int], result, top: int, endpoint: str, echo: bool) -> dict[str, Any]:
-        """The answer's `logprobs`: one causal scoring forward over prompt + completion (Engine.score),
+        """A choice's `logprobs`: one causal scoring forward over prompt + completion (Engine.score),
         for the completion's tokens (with `echo`, the prompt's too)."""
         try:
             scored = await self.engine.score(prompt_ids + result.token_ids, top)
@@ -420,39 +444,42 @@ class FdllmServer:
         texts = lambda ids: self.tokenizer.batch_decode([[t] for t in ids])  # noqa: E731
         return await asyncio.to_thread(build, scored, 0 if echo else len(prompt_ids), texts)
 
-    async def _sse(self, first, stream, rid: str, endpoint: str, stop: tuple[str, ...], echo: str = ""):
-        """Server-sent events; the generator's cancellation (client gone) aborts the request. A
-        failure after the first event ends the stream with an error event and `[DONE]`. `echo`: a
-        completion's prompt text, sent first."""
+    async def _sse(self, streams: list, rid: str, endpoint: str, stop: tuple[str, ...], echoes: list[str], n: int):
+        """Server-sent events of every choice as its tokens come, each chunk naming its choice's index;
+        the usage rides on the last choice's final chunk. The generator's cancellation (client gone)
+        aborts every request. A failure ends the stream with an error event and `[DONE]`. `echoes`: a
+        completion's prompt texts (with echo), each sent first in its choices."""
         from fdllm.engine import GenerationResult
 
-        detok = IncrementalDetokenizer(self.tokenizer, stop)
+        detoks = [IncrementalDetokenizer(self.tokenizer, stop) for _ in streams]
+        results: list = [None] * len(streams)
         chat = endpoint == "chat"
 
-        def chunk(text: str, finish: str | None, **extra: Any) -> str:
-            payload = (chat_chunk(rid, self.model_name, {"content": text} if text or not finish else {}, finish)
-                       if chat else completion_chunk(rid, self.model_name, text, finish))
+        def chunk(k: int, text: str, finish: str | None = None, **extra: Any) -> str:
+            payload = (chat_chunk(rid, self.model_name, {"content": text} if text or not finish else {}, finish, k)
+                       if chat else completion_chunk(rid, self.model_name, text, finish, k))
             payload.update(extra)
             return f"data: {json.dumps(payload)}\n\n"
 
-        if chat:
-            yield f"data: {json.dumps(chat_chunk(rid, self.model_name, {'role': 'assistant', 'content': ''}, None))}\n\n"
-        elif echo:
-            yield chunk(echo, None)
-        event = first
+        for k in range(len(streams)):
+            if chat:
+                yield f"data: {json.dumps(chat_chunk(rid, self.model_name, {'role': 'assistant', 'content': ''}, None, k))}\n\n"
+            elif echoes[k // n]:
+                yield chunk(k, echoes[k // n])
         try:
-            while True:
+            async for k, event in interleave(streams):
                 if isinstance(event, GenerationResult):
+                    results[k] = event
                     self.counters.record(event)
-                    rest = detok.finish(event.text)
+                    rest = detoks[k].finish(event.text)
                     if rest:
-                        yield chunk(rest, None)
-                    yield chunk("", event.finish_reason, usage=usage(event))
-                    break
-                text = detok.push(event.token_ids)
-                if text:
-                    yield chunk(text, None)
-                event = await anext(stream)
+                        yield chunk(k, rest)
+                    last = all(r is not None for r in results)
+                    yield chunk(k, "", event.finish_reason, **({"usage": usage(results, n)} if last else {}))
+                else:
+                    text = detoks[k].push(event.token_ids)
+                    if text:
+                        yield chunk(k, text)
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
             err = _engine_error(exc)
             self.counters.stream_errors += 1

@@ -39,6 +39,48 @@ class InjectedFault(RuntimeError):
     """The failure `generate(..., inject_fault=True)` plants inside a step (chaos tests)."""
 
 
+async def interleave(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(i, event) of several streams as their events come (a request's choices). The first error of
+    any stream is raised and, like closing this iterator (the client gone), ends them all: each is
+    cancelled where it waits, so its request aborts."""
+    events: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for event in stream:
+                events.put_nowait((i, event))
+        except Exception as exc:  # noqa: BLE001 - raised to the consumer below
+            events.put_nowait((i, exc))
+        finally:
+            events.put_nowait((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, event = await events.get()
+            if event is done:
+                left -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def prepend(first: object, stream: AsyncIterator) -> AsyncIterator:
+    """`first`, then the rest of `stream` (closed with this one, so its request aborts if unfinished)."""
+    try:
+        yield first
+        async for event in stream:
+            yield event
+    finally:
+        await stream.aclose()
+
+
 def _answer(future: concurrent.futures.Future, result: object = None, exc: BaseException | None = None) -> bool:
     """Hand a command's outcome to its handler; False if the handler is gone (cancelled while its client
     disconnected: setting a cancelled future raises, which would stop the stepping thread)."""

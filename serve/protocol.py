@@ -8,10 +8,12 @@ per-deployment ones (body bytes, prompt characters) in `serve.app.ServerConfig`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -77,7 +79,7 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # extension, as vLLM: 0 = off
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=128)  # choices per prompt (OpenAI's bound)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -126,8 +128,6 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of a requested feature this server does not have: refused with a 400, never
         silently ignored (a client would read a different answer than it asked for)."""
-        if self.n != 1:
-            return "n", "only n=1 is supported"
         return ("logprobs", NO_STREAMED_LOGPROBS) if self.stream and self.logprob_count() is not None else None
 
     def logprob_count(self) -> int | None:
@@ -157,9 +157,9 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    # one prompt in any of OpenAI's forms: text, token ids, or a batch of one of either (what clients
-    # that batch, such as lm-evaluation-harness with tokenized requests, send at batch size 1)
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # OpenAI's forms: text, token ids, or a batch of either (lm-evaluation-harness sends token-id
+    # batches); read as the list of prompts, each answered by n choices (choice i * n + j: prompt i)
+    prompt: list[str] | list[list[int]]
     echo: bool = False  # the response's text (and logprobs) start with the prompt's
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
@@ -168,18 +168,20 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str | list[int]:
-        """The one prompt, with one clear message per wrong shape (the union's own first complaint,
+    def _prompts(cls, v: Any) -> list[str] | list[list[int]]:
+        """The prompts, with one clear message per wrong shape (the union's own first complaint,
         "Input should be a valid string", misleads a client that sent token ids)."""
-        if isinstance(v, list) and v and not _token_ids(v) and all(isinstance(x, (str, list)) for x in v):
-            if len(v) != 1:
-                raise ValueError("batched prompts are not supported: send one prompt per request")
-            v = v[0]
-        if not isinstance(v, str) and not _token_ids(v):
-            raise ValueError("prompt must be a string or a list of token ids (or a list holding one of either)")
-        if not v:
+        if isinstance(v, str) or _token_ids(v):
+            v = [v]
+        elif not (isinstance(v, list) and v and (all(isinstance(x, str) for x in v) or all(map(_token_ids, v)))):
+            raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of either (one kind)")
+        if not all(v):
             raise ValueError("prompt must not be empty")
         return v
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompt) * self.n
 
 
 def _token_ids(v: Any) -> bool:
@@ -217,6 +219,10 @@ class ChatCompletionRequest(_SamplingFields):
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def num_choices(self) -> int:
+        return self.n
 
     def message_dicts(self) -> list[dict[str, str]]:
         return message_dicts(self.messages)
@@ -279,7 +285,8 @@ def prompt_chars(body: CompletionRequest | ChatCompletionRequest | TokenizeReque
     if messages:
         return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(p.get("text", ""))) for p in m.content)
                    for m in messages)
-    return len(body.prompt) if isinstance(body.prompt, str) else 0
+    prompts = body.prompt if isinstance(body, CompletionRequest) else [body.prompt]
+    return sum(len(p) for p in prompts if isinstance(p, str))
 
 
 def error_event(err: APIError) -> str:
@@ -291,37 +298,63 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
-    prompt, completion = len(result.prompt_token_ids), len(result.token_ids)
+def usage(results: list[GenerationResult], n: int = 1) -> dict[str, int]:
+    """A request's token counts: each prompt once (results i * n .. i * n + n - 1 share prompt i),
+    every choice's completion."""
+    prompt = sum(len(r.prompt_token_ids) for r in results[::n])
+    completion = sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def fdllm_stats(result: GenerationResult) -> dict[str, float | int | None]:
-    """fdllm's extension block: how parallel the decoding was."""
+def fdllm_stats(results: list[GenerationResult]) -> dict[str, float | int | None]:
+    """fdllm's extension block: how parallel the decoding was, over the request's choices."""
+    forwards, tokens = sum(r.num_forwards for r in results), sum(len(r.token_ids) for r in results)
     return {
-        "num_forwards": result.num_forwards,
-        "tokens_per_forward": round(result.tokens_per_forward, 4),
-        "time_to_first_token_s": result.time_to_first_token_s,
-        "num_drafted": result.num_drafted,  # speculative mode; 0 otherwise
-        "num_accepted": result.num_accepted,
+        "num_forwards": forwards,
+        "tokens_per_forward": round(tokens / forwards, 4) if forwards else 0.0,
+        "time_to_first_token_s": min((r.time_to_first_token_s for r in results if r.time_to_first_token_s is not None),
+                                     default=None),
+        "num_drafted": sum(r.num_drafted for r in results),  # speculative mode; 0 otherwise
+        "num_accepted": sum(r.num_accepted for r in results),
     }
 
 
-def completion_response(rid: str, model: str, text: str, result: GenerationResult,
-                        logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def choice_params(params: SamplingParams, j: int) -> SamplingParams:
+    """Choice j's parameters among a prompt's n: choice 0 keeps the request's seed, choice j a seed
+    derived from (seed, j), so a seeded request's choices are reproducible and differ (no seed: each
+    choice draws its own)."""
+    if j == 0 or params.seed is None:
+        return params
+    digest = hashlib.blake2b(f"{params.seed}:{j}".encode(), digest_size=8).digest()
+    return replace(params, seed=int.from_bytes(digest, "big") >> 1)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One answer of a request: its engine result, its text (with echo, the prompt's first) and logprobs."""
+
+    result: GenerationResult
+    text: str
+    logprobs: dict[str, Any] | None = None
+
+
+def completion_response(rid: str, model: str, choices: list[Choice], n: int = 1) -> dict[str, Any]:
+    results = [c.result for c in choices]
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}],
-        "usage": usage(result), "fdllm": fdllm_stats(result),
+        "choices": [{"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.result.finish_reason}
+                    for i, c in enumerate(choices)],
+        "usage": usage(results, n), "fdllm": fdllm_stats(results),
     }
 
 
-def chat_response(rid: str, model: str, result: GenerationResult, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chat_response(rid: str, model: str, choices: list[Choice]) -> dict[str, Any]:
+    results = [c.result for c in choices]
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "logprobs": logprobs, "finish_reason": result.finish_reason}],
-        "usage": usage(result), "fdllm": fdllm_stats(result),
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": c.logprobs,
+                     "finish_reason": c.result.finish_reason} for i, c in enumerate(choices)],
+        "usage": usage(results, len(results)), "fdllm": fdllm_stats(results),
     }
 
 
@@ -378,11 +411,11 @@ def chat_logprobs(scored: SequenceLogprobs, first: int, token_texts: TokenTexts)
             "refusal": None}
 
 
-def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None) -> dict[str, Any]:
+def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
 
-def chat_chunk(rid: str, model: str, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, delta: dict[str, str], finish_reason: str | None, index: int = 0) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}

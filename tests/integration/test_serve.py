@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -141,6 +142,42 @@ def test_quantized_deployments_serve_what_a_quantized_engine_decodes(server, ser
             serve.delete(f"fdllm-{fmt}")
 
 
+def test_batched_prompts_and_n_choices_equal_engine_generate(server, engine, good_answers):
+    """Choice i * n + j answers prompt i; greedy choices are the engine's decode of their prompt, seeded
+    ones reproducible, choice 0 the request's own seed; usage counts each prompt once."""
+    prompts = ["hello world", "the quick"]
+    body = {"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 8, "temperature": 0}
+    r = post(server, "/v1/completions", body).json()
+    expect = engine.generate(prompts, fdllm.SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in r["choices"]] == [e.text for e in expect for _ in range(2)]
+    assert r["usage"]["prompt_tokens"] == sum(len(e.prompt_token_ids) for e in expect)
+    assert r["usage"]["completion_tokens"] == 2 * sum(len(e.token_ids) for e in expect)
+    sampled = {"model": MODEL, "prompt": "hello", "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 11}
+    first, again = (post(server, "/v1/completions", sampled).json()["choices"] for _ in range(2))
+    texts = [c["text"] for c in first]
+    assert texts == [c["text"] for c in again] and len(set(texts)) == 3
+    alone = post(server, "/v1/completions", {**sampled, "n": 1}).json()["choices"]
+    assert [c["text"] for c in alone] == texts[:1]
+    assert_unharmed(server, good_answers)
+
+
+def test_n_choices_stream_as_they_come(server):
+    body = {"model": MODEL, "messages": _user("hello"), "n": 3, "max_tokens": 10, "temperature": 1.0, "seed": 4}
+    whole = post(server, "/v1/chat/completions", body).json()
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+        chunks = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    texts, finishes = ["", "", ""], [None] * 3
+    for c in chunks:
+        choice = c["choices"][0]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+        finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
+    assert texts == [c["message"]["content"] for c in whole["choices"]]
+    assert finishes == [c["finish_reason"] for c in whole["choices"]]
+    usages = [c["usage"] for c in chunks if c.get("usage")]
+    assert usages == [whole["usage"]] and chunks[-1].get("usage")  # once, on the last chunk
+
+
 def test_chat_and_streaming_agree(server):
     msg = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "temperature": 0}
     whole = post(server, "/v1/chat/completions", msg).json()
@@ -172,6 +209,10 @@ def test_openai_client(server):
     assert streamed == chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    batch = client.completions.create(model=MODEL, prompt=["the quick", "hello"], n=2, max_tokens=4, temperature=0.7, seed=1)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    chats = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2)
+    assert [c.index for c in chats.choices] == [0, 1] and chats.usage.completion_tokens >= 2
 
 
 GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 6, "temperature": 0}
@@ -211,8 +252,10 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": [1, "a"]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [10**12]}, 400, None),
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
-    ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], [7]]}, 400, "prompt"),  # a batch of two
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", [5]]}, 400, "prompt"),  # a batch of two kinds
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 5}, 400, "n"),  # more choices than a replica queues
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c"], "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "n": 0}, 400, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt"),
     # log-probabilities: a block-causal checkpoint has none to give (refused, not ignored), and none
     # stream; OpenAI's own limits
@@ -586,6 +629,13 @@ metric_list:
 """
 
 
+def completions_served(url: str) -> int:
+    """Completion requests the replica at `url` answered with 200 (its Prometheus counter)."""
+    found = re.search(r'^fdllm_requests(?:_total)?\{endpoint="completions",status="200"\} (\S+)$',
+                      httpx.get(f"{url}/metrics").text, flags=re.M)
+    return int(float(found.group(1))) if found else 0
+
+
 def test_lm_evaluation_harness_loglikelihood_tasks_against_the_server(causal_server, causal_dllm_dir, tmp_path):
     """A multiple-choice task (lm-eval's loglikelihood requests: echo + logprobs over token ids) against
     a causal checkpoint: every log-likelihood lm-eval records is transformers' for that continuation."""
@@ -600,11 +650,14 @@ def test_lm_evaluation_harness_loglikelihood_tasks_against_the_server(causal_ser
     (tmp_path / "task.yaml").write_text(LM_EVAL_CHOICE_TASK.format(data=tmp_path / "docs.jsonl"))
     model_args = f"model={MODEL},base_url={causal_server}/v1/completions,auth_token={API_KEY},max_retries=1"
     command = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
+               "--batch_size", "2",  # two prompts per request (their choices come back in order)
                "--tasks", "fdllm_choice", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"),
                "--log_samples"]
     env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    served = completions_served(causal_server)
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert completions_served(causal_server) - served == 3  # 5 (context, continuation) pairs, two per request
     samples = [json.loads(line) for path in (tmp_path / "out").rglob("samples_fdllm_choice_*.jsonl")
                for line in path.read_text().splitlines()]
     assert sorted(s["doc_id"] for s in samples) == [0, 1]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import fdllm
-from serve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed, TokenDelta
+from serve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed, TokenDelta, interleave, prepend
 
 
 @pytest.fixture
@@ -188,3 +188,49 @@ def test_score_runs_between_steps_and_waits_for_pages(causal_dllm_dir):
         drv.check_alive()
     finally:
         drv.shutdown()
+
+
+def test_interleave_delivers_every_event_and_an_error_or_a_close_ends_every_stream():
+    """A request's choices stream together: every event with its stream's index, in each stream's
+    order; the first error, or the consumer going away, closes the other streams (their requests abort)."""
+    closed: list[int] = []
+
+    async def stream(i: int, n: int, fail_at: int | None = None, delay: float = 0.0):
+        try:
+            for k in range(n):
+                await asyncio.sleep(delay)
+                if k == fail_at:
+                    raise RequestFailed(f"stream {i} failed")
+                yield (i, k)
+        finally:
+            closed.append(i)
+
+    async def collect(streams):
+        return [event async for event in interleave(streams)]
+
+    events = asyncio.run(collect([stream(0, 3, delay=0.01), stream(1, 5), stream(2, 0)]))
+    assert sorted(events) == [(0, (0, k)) for k in range(3)] + [(1, (1, k)) for k in range(5)]
+    assert [e for e in events if e[0] == 1] == [(1, (1, k)) for k in range(5)]
+    assert sorted(closed) == [0, 1, 2]
+
+    closed.clear()
+
+    async def failing():
+        with pytest.raises(RequestFailed, match="stream 1"):
+            await collect([stream(0, 100, delay=0.01), stream(1, 3, fail_at=1), stream(2, 100, delay=0.01)])
+        await asyncio.sleep(0.05)
+        return sorted(closed)  # while the loop still runs (asyncio.run cancels what is left when it ends)
+
+    assert asyncio.run(failing()) == [0, 1, 2]  # the healthy ones were cancelled where they waited
+
+    closed.clear()
+
+    async def first_then_leave():
+        merged = interleave([stream(0, 100, delay=0.01), prepend("first", stream(1, 100, delay=0.01))])
+        got = [await anext(merged) for _ in range(3)]
+        await merged.aclose()  # the client went away
+        await asyncio.sleep(0.05)
+        return got
+
+    got = asyncio.run(first_then_leave())
+    assert (1, "first") in got and sorted(closed) == [0, 1]

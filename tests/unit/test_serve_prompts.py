@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("pydantic")
 
-from fdllm.engine import SequenceLogprobs  # noqa: E402
+from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs  # noqa: E402
 from serve.protocol import (  # noqa: E402
     LOGPROB_FLOOR,
     APIError,
@@ -19,8 +19,11 @@ from serve.protocol import (  # noqa: E402
     CompletionRequest,
     TokenizeRequest,
     chat_logprobs,
+    choice_params,
     completion_logprobs,
+    fdllm_stats,
     parse_request,
+    usage,
 )
 
 
@@ -28,20 +31,21 @@ def prompt_of(prompt):
     return parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": prompt}).encode()).prompt
 
 
-@pytest.mark.parametrize("sent,prompt", [
-    ("héllo ✓", "héllo ✓"), (["héllo"], "héllo"), ([5, 6], [5, 6]), ([[5, 6]], [5, 6]), ([10**12], [10**12]),
+@pytest.mark.parametrize("sent,prompts", [
+    ("héllo ✓", ["héllo ✓"]), (["héllo"], ["héllo"]), ([5, 6], [[5, 6]]), ([[5, 6]], [[5, 6]]), ([10**12], [[10**12]]),
+    (["a", "b c"], ["a", "b c"]), ([[5], [6, 7]], [[5], [6, 7]]),
 ])
-def test_one_prompt_in_every_openai_form(sent, prompt):
-    assert prompt_of(sent) == prompt
+def test_prompts_in_every_openai_form(sent, prompts):
+    assert prompt_of(sent) == prompts
 
 
 @pytest.mark.parametrize("sent,message", [
-    ([[5], [6]], "batched prompts are not supported"), (["a", "b"], "batched prompts are not supported"),
     ("", "must not be empty"), ([], "must not be empty"), ([[]], "must not be empty"), ([""], "must not be empty"),
-    (7, "a string or a list of token ids"), ([1, "a"], "a string or a list of token ids"),
-    ([True], "a string or a list of token ids"), ([1.5], "a string or a list of token ids"),
-    ([["a"]], "a string or a list of token ids"), (None, "a string or a list of token ids"),
-    ({"text": "x"}, "a string or a list of token ids"),
+    (["a", ""], "must not be empty"), ([[5], []], "must not be empty"),
+    (7, "a string, a list of token ids"), ([1, "a"], "a string, a list of token ids"),
+    ([True], "a string, a list of token ids"), ([1.5], "a string, a list of token ids"),
+    ([["a"]], "a string, a list of token ids"), (None, "a string, a list of token ids"),
+    ({"text": "x"}, "a string, a list of token ids"), (["a", [5]], "one kind"), ([[5], [True]], "one kind"),
 ])
 def test_wrong_prompt_shapes_are_one_clear_400(sent, message):
     with pytest.raises(APIError) as err:
@@ -66,11 +70,9 @@ def _request(model, **fields):
 
 
 @pytest.mark.parametrize("model,fields,param", [
-    (CompletionRequest, {"n": 2}, "n"),
     (CompletionRequest, {"logprobs": 1, "stream": True}, "logprobs"),
     (CompletionRequest, {"logprobs": 0, "stream": True}, "logprobs"),
     (ChatCompletionRequest, {"logprobs": True, "stream": True}, "logprobs"),
-    (ChatCompletionRequest, {"n": 3}, "n"),
 ])
 def test_features_the_server_lacks_are_refused_not_ignored(model, fields, param):
     """What a response could not hold is a 400 saying why, not an answer without it."""
@@ -96,8 +98,9 @@ def test_logprob_requests_are_read_as_openai_means_them(model, fields, count):
     (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs"),
     (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 1}, "top_logprobs"),
     (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (CompletionRequest, {"n": 0}, "n"), (ChatCompletionRequest, {"n": 129}, "n"),
 ])
-def test_out_of_range_logprob_fields_are_400s_naming_them(model, fields, param):
+def test_out_of_range_choice_fields_are_400s_naming_them(model, fields, param):
     with pytest.raises(APIError) as err:
         _request(model, **fields)
     assert (err.value.status, err.value.param) == (400, param)
@@ -137,3 +140,32 @@ def test_chat_logprobs_in_openais_shape():
     assert content[1]["top_logprobs"] == [{"token": "a", "logprob": -0.1, "bytes": [97]},
                                           {"token": " ✓", "logprob": -3.0, "bytes": list(" ✓".encode())}]
     json.dumps(content, allow_nan=False)
+
+
+@pytest.mark.parametrize("model,fields,choices", [
+    (CompletionRequest, {}, 1), (CompletionRequest, {"n": 3}, 3), (CompletionRequest, {"prompt": ["a", "b"], "n": 2}, 4),
+    (CompletionRequest, {"prompt": [[5], [6], [7]]}, 3), (ChatCompletionRequest, {"n": 5}, 5),
+])
+def test_choices_are_prompts_times_n(model, fields, choices):
+    assert _request(model, **fields).num_choices == choices
+
+
+def test_choice_seeds_are_reproducible_and_distinct():
+    seeded = SamplingParams(temperature=0.8, seed=7)
+    seeds = [choice_params(seeded, j).seed for j in range(50)]
+    assert seeds[0] == 7 and len(set(seeds)) == 50  # choice 0 is the request as sent
+    assert seeds == [choice_params(seeded, j).seed for j in range(50)]
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert choice_params(SamplingParams(temperature=0.8), 3).seed is None  # unseeded: each choice draws its own
+
+
+def test_usage_counts_each_prompt_once_and_every_choice():
+    def result(prompt: int, completion: int, forwards: int) -> GenerationResult:
+        return GenerationResult(request_id="r", prompt_token_ids=[1] * prompt, token_ids=[2] * completion,
+                                num_forwards=forwards, time_to_first_token_s=0.1 * forwards)
+
+    results = [result(3, 4, 2), result(3, 6, 3), result(5, 2, 1), result(5, 0, 0)]  # 2 prompts x n=2
+    assert usage(results, n=2) == {"prompt_tokens": 8, "completion_tokens": 12, "total_tokens": 20}
+    stats = fdllm_stats(results)
+    assert stats["num_forwards"] == 6 and stats["tokens_per_forward"] == 2.0
+    assert stats["time_to_first_token_s"] == pytest.approx(0.0)
