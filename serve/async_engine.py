@@ -15,9 +15,8 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from fdllm.cache import OutOfPages
 from fdllm.engine import Engine, GenerationResult, SamplingParams, SequenceLogprobs
 
 log = logging.getLogger(__name__)
@@ -259,21 +258,37 @@ class AsyncEngine:
                     self.engine.abort(rid)
 
     def _run_scores(self) -> None:
-        """Score what the cache has room for now; the rest waits for the next step to free pages (with
-        no request running every page is free, and `Engine.score` refuses what could never fit)."""
-        waiting = []
+        """Score, in one call (so they share forwards), the waiting sequences the free pages hold now, in
+        order; the rest wait for the next step to free pages (with no request running every page is
+        free, and `Engine.score` refuses what could never fit)."""
+        free, batch, waiting = self.engine.num_free_pages, [], []
         for args, future in self._scores:
             if future.cancelled():
                 continue
-            try:
-                scored = self.engine.score([args[0]], args[1])[0]
-            except OutOfPages:
+            pages = self.engine.score_pages(args[0])
+            if pages <= free:
+                free -= pages
+                batch.append((args, future))
+            else:
                 waiting.append((args, future))
+        self._scores = waiting
+        if not batch:
+            return
+        try:  # the largest top_logprobs of the batch, each answer cut to its own
+            scored = self.engine.score([ids for (ids, _), _ in batch], max(top for (_, top), _ in batch))
+        except ValueError:  # a bad request in the batch (checked before anything ran): each on its own
+            scored = None
+        except Exception as exc:  # noqa: BLE001 - the forward failed: so does every request of the batch
+            for _, future in batch:
+                _answer(future, exc=exc)
+            return
+        for i, ((ids, top), future) in enumerate(batch):
+            try:
+                one = self.engine.score([ids], top)[0] if scored is None else scored[i]
             except Exception as exc:  # noqa: BLE001 - handed to the awaiting handler
                 _answer(future, exc=exc)
-            else:
-                _answer(future, scored)
-        self._scores = waiting
+                continue
+            _answer(future, replace(one, top_logprobs=[alternatives[:top] for alternatives in one.top_logprobs]))
 
     def _plant_fault(self, request_id: str) -> None:
         """Make the request raise inside a step once it has streamed its first tokens (so a stream

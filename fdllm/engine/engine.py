@@ -18,7 +18,6 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from fdllm.cache import KVCache, PageAllocator, kv_budget_pages
@@ -34,6 +33,7 @@ from fdllm.engine.params import (
 )
 from fdllm.engine.runner import ModelRunner, profile_peak_memory, query_bucket
 from fdllm.engine.scheduler import Scheduler
+from fdllm.engine.scoring import score_pages, score_sequences
 from fdllm.engine.sequence import Sequence, TokenCallback
 from fdllm.kernels import resolve_attention_backend
 from fdllm.model import Transformer
@@ -319,11 +319,12 @@ class Engine:
         in decoding): what OpenAI `logprobs`/`echo` and lm-evaluation-harness's loglikelihood tasks read.
         `top_logprobs`: how many of the most likely tokens to return at each position.
 
-        Runs prefill's path, not a separate model call: chunks of max_prefill_tokens, one causal row
-        over pages borrowed from the free pool and given back, so memory stays what the engine was
-        sized for. Call it between steps, from the thread that steps the engine (it leaves every
-        request as it was). ValueError: a checkpoint that does not `scores_causally`, or bad input;
-        `fdllm.cache.OutOfPages`: running requests hold too much of the cache now (retry after a step).
+        Runs prefill's path (`fdllm.engine.scoring`): forwards of at most max_prefill_tokens tokens
+        packing several sequences, over pages borrowed from the free pool and given back. Call it
+        between steps, from the thread that steps the engine (it leaves every request as it was).
+        ValueError: a checkpoint that does not `scores_causally`, or bad input (nothing is scored);
+        `fdllm.cache.OutOfPages`: running requests hold too much of the cache for all of these
+        sequences' pages (`score_pages`) now (retry after a step, or with fewer).
         """
         if not self.scores_causally:
             raise ValueError("log-probabilities need a causal checkpoint: this one's prompt and committed blocks attend "
@@ -335,20 +336,12 @@ class Engine:
         encoded = [self._encode(p) for p in prompts]
         for ids in encoded:
             self._check_fits(ids, 0)
-        return [self._score_one(ids, top_logprobs) for ids in encoded]
+        return score_sequences(self.runner, self.allocator, encoded, top_logprobs, self.config.block_size,
+                               self.engine_config.max_prefill_tokens)
 
-    def _score_one(self, ids: list[int], k: int) -> SequenceLogprobs:
-        fed, chunk = len(ids) - 1, self.engine_config.max_prefill_tokens  # the last token predicts nothing scored
-        tokens = np.array(ids, dtype=np.int64)
-        rows = [np.zeros((0, 1 + 2 * k))]
-        with self.allocator.borrow(-(-fed // self.config.block_size)) as pages:
-            for start in range(0, fed, chunk):
-                stop = min(start + chunk, fed)
-                rows.append(self.runner.score(tokens[start:stop], start, pages, tokens[start + 1 : stop + 1], k))
-        table = np.concatenate(rows)
-        top_ids, top_values = table[:, 1 : 1 + k].astype(np.int64).tolist(), table[:, 1 + k :].tolist()
-        return SequenceLogprobs(token_ids=list(ids), logprobs=[None, *table[:, 0].tolist()],
-                                top_logprobs=[[], *(list(zip(i, v)) for i, v in zip(top_ids, top_values))])
+    def score_pages(self, token_ids: list[int]) -> int:
+        """KV pages `score` borrows for a sequence of these tokens (all of a call's at once)."""
+        return score_pages(len(token_ids), self.config.block_size)
 
     def selection_policy(self, params: SamplingParams) -> SelectionPolicy:
         """The request's selection policy: its fields, the engine's defaults, delimiters resolved to

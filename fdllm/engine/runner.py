@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from fdllm.engine.sequence import Predictions, Work
 from fdllm.kernels import select_attention_backend
 from fdllm.kernels.reference import greedy_confidence
 from fdllm.model import Transformer
+
 
 def query_bucket(q_len: int) -> int:
     """Padded query tokens per work of a captured step: the next power of two, so speculative
@@ -172,6 +174,16 @@ class HostStage:
         return t.view(torch.float64).to(dtype) if dtype.is_floating_point else t
 
 
+class ScoreRow(NamedTuple):
+    """A chunk of a sequence being scored: its tokens [n] from position `start`, the sequence's pages,
+    and the token after each one (its target) [n]."""
+
+    ids: np.ndarray
+    start: int
+    pages: list[int]
+    targets: np.ndarray
+
+
 @dataclass(frozen=True)
 class StaticShape:
     """The padded layout of a static step: Bb entries (attention row chunks) of Q tokens, block
@@ -263,29 +275,31 @@ class ModelRunner:
         return torch.stack(rows).cpu().numpy()  # promoted to fp64
 
     @torch.inference_mode()
-    def score(self, ids: np.ndarray, start: int, pages: list[int], targets: np.ndarray, top_k: int) -> np.ndarray:
-        """One chunk of a sequence being scored (`Engine.score`): tokens `ids` [n] at positions
-        start.., fed as one causal row whose K/V go into `pages` after the earlier chunks' (prefill's
-        path); row i's logits score `targets[i]` [n], the token after it. Returns [n, 1 + 2k] fp64:
-        the target's log-probability, then the top-k token ids and their log-probabilities (most
-        likely first), from one log-softmax per row (mask token excluded), so a greedy target's value
-        equals the top-1's bit for bit."""
-        n = len(ids)
-        one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
-        inputs = StepInputs(ids=ids, starts=one(start), q_lens=one(n), kv_lens=one(start + n), causal=np.ones(1, dtype=bool),
-                            pages=[pages], prefill=True, max_q_len=n, max_pages=len(pages), any_causal=True,
+    def score(self, rows: list[ScoreRow], top_k: int) -> np.ndarray:
+        """One forward of sequences being scored (`fdllm.engine.scoring`): each row's tokens fed as one
+        causal row whose K/V go into its pages after its earlier chunks' (prefill's path), each fed
+        token's logits scoring its target, the token after it. Returns [N, 1 + 2k] fp64 for the N fed
+        tokens in order: the target's log-probability, then the top-k token ids and their
+        log-probabilities (most likely first), from one log-softmax per row (mask token excluded), so
+        a greedy target's value equals the top-1's bit for bit."""
+        q_lens = np.array([len(r.ids) for r in rows], dtype=np.int64)
+        starts = np.array([r.start for r in rows], dtype=np.int64)
+        inputs = StepInputs(ids=np.concatenate([r.ids for r in rows]), starts=starts, q_lens=q_lens, kv_lens=starts + q_lens,
+                            causal=np.ones(len(rows), dtype=bool), pages=[r.pages for r in rows], prefill=True,
+                            max_q_len=int(q_lens.max()), max_pages=max(len(r.pages) for r in rows), any_causal=True,
                             candidates=NO_ROWS, entropy=NO_ROWS, sampled=NO_SAMPLED)
-        self.stage.begin({"ids": n, "positions": n, "targets": n})
+        N = len(inputs.ids)
+        self.stage.begin({"ids": N, "positions": N, "targets": N})
         self._put_dynamic_body(inputs)
-        self.stage.put("targets", targets)
+        self.stage.put("targets", np.concatenate([r.targets for r in rows]))
         self.stage.copy()
-        h_TD, targets_M = self._body(inputs, None), self.stage.get("targets")
+        h_TD, targets_N = self._body(inputs, None), self.stage.get("targets")
         parts = []
-        for a in range(0, n, self.max_head_rows):  # logits a chunk at a time, as `_head`
-            b = min(a + self.max_head_rows, n)
+        for a in range(0, N, self.max_head_rows):  # logits a chunk at a time, as `_head`
+            b = min(a + self.max_head_rows, N)
             logp_RV = torch.log_softmax(self.logits(h_TD[a:b]), dim=-1)
             top = logp_RV.topk(top_k, dim=-1)
-            columns = (logp_RV.gather(1, targets_M[a:b, None]), top.indices, top.values)
+            columns = (logp_RV.gather(1, targets_N[a:b, None]), top.indices, top.values)
             parts.append(torch.cat([c.double() for c in columns], 1))
         return torch.cat(parts).cpu().numpy()
 

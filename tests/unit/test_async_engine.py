@@ -234,3 +234,35 @@ def test_interleave_delivers_every_event_and_an_error_or_a_close_ends_every_stre
 
     got = asyncio.run(first_then_leave())
     assert (1, "first") in got and sorted(closed) == [0, 1]
+
+
+def test_scores_waiting_together_share_forwards_and_get_their_own_answers(causal_dllm_dir):
+    """Scores that queue up during a step run as one batch (one forward here), each answered with its
+    own top_logprobs; a bad one gets its own error and the others their answers."""
+    engine = fdllm.Engine.from_pretrained(causal_dllm_dir)
+    drv = AsyncEngine(engine)
+    alone = fdllm.Engine.from_pretrained(causal_dllm_dir)
+    asks = [([5, 6, 7, 8], 0), ([9, 10, 11], 3), ([12, 13], 1)]
+    forwards = []
+    score = engine.runner.score
+    engine.runner.score = lambda rows, k: forwards.append(len(rows)) or score(rows, k)
+
+    async def main(bad: list):
+        stream = drv.generate([5, 6], fdllm.SamplingParams(max_new_tokens=40, mode="ar"), "busy")
+        await anext(stream)
+        _slow_steps(drv, 0.2)  # the scores below queue up during one step
+        answers = await asyncio.gather(*(drv.score(ids, top) for ids, top in asks + bad), return_exceptions=True)
+        await stream.aclose()
+        return answers
+
+    try:
+        expect = [alone.score([ids], top_logprobs=top)[0] for ids, top in asks]
+        for got, want in zip(asyncio.run(main([])), expect, strict=True):  # packed: GEMMs of another shape
+            assert got.token_ids == want.token_ids and got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-5)
+            assert [[t for t, _ in top] for top in got.top_logprobs] == [[t for t, _ in top] for top in want.top_logprobs]
+        assert forwards == [3]  # one forward, a row each
+        *answers, bad = asyncio.run(main([([5, 10**6], 1)]))  # checked before anything runs: then one by one
+        assert answers == expect and isinstance(bad, ValueError) and "token ids must be in" in str(bad)
+        drv.check_alive()
+    finally:
+        drv.shutdown()

@@ -58,6 +58,27 @@ def test_head_chunks_change_nothing(causal_dllm_dir, engine):
     assert [[t for t, _ in top] for top in got.top_logprobs] == [[t for t, _ in top] for top in want.top_logprobs]
 
 
+def test_several_sequences_share_forwards(causal_dllm_dir, engine, monkeypatch):
+    """A batch is packed into forwards of at most max_prefill_tokens (8 here) tokens, one causal row per
+    sequence chunk, as prefill packs prompts: each sequence scores as it does alone."""
+    gen = torch.Generator().manual_seed(0)
+    batch = [torch.randint(0, 50, (n,), generator=gen).tolist() for n in (5, 5, 13, 2, 1, 5)]
+    alone = [engine.score([ids], top_logprobs=2)[0] for ids in batch]
+    forwards = []
+    score = engine.runner.score
+    monkeypatch.setattr(engine.runner, "score", lambda rows, k: forwards.append([len(r.ids) for r in rows]) or score(rows, k))
+    packed = engine.score(batch, top_logprobs=2)
+    # fed tokens: 4, 4, 12, 1, 0, 4 -> [4, 4], [8], [4, 1, 3], [1]: 4 forwards instead of 7
+    assert forwards == [[4, 4], [8], [4, 1, 3], [1]]
+    for got, want, ids in zip(packed, alone, batch):
+        assert got.token_ids == ids and got.logprobs[0] is None
+        assert got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-5)
+        assert [[t for t, _ in top] for top in got.top_logprobs] == [[t for t, _ in top] for top in want.top_logprobs]
+    assert_matches_hf(packed[2], causal_dllm_dir, batch[2], 2, engine.config.mask_token_id)
+    assert engine.num_free_pages == engine.num_pages
+    assert [engine.score_pages(ids) for ids in batch] == [1, 1, 2, 1, 0, 1]
+
+
 def test_text_prompts_and_several_sequences(engine, causal_dllm_dir):
     tok = engine.tokenizer
     texts = ["hello world", "héllo ✓ the quick, brown fox"]
