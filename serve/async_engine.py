@@ -260,13 +260,15 @@ class AsyncEngine:
     def _run_scores(self) -> None:
         """Score, in one call (so they share forwards), the waiting sequences the free pages hold now, in
         order; the rest wait for the next step to free pages (with no request running every page is
-        free, and `Engine.score` refuses what could never fit)."""
+        free). One that could never fit goes with them, for `Engine.score` to refuse."""
         free, batch, waiting = self.engine.num_free_pages, [], []
         for args, future in self._scores:
             if future.cancelled():
                 continue
             pages = self.engine.score_pages(args[0])
-            if pages <= free:
+            if pages > self.engine.num_pages:  # could never fit: Engine.score says so
+                batch.append((args, future))
+            elif pages <= free:
                 free -= pages
                 batch.append((args, future))
             else:

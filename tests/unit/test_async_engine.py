@@ -185,6 +185,8 @@ def test_score_runs_between_steps_and_waits_for_pages(causal_dllm_dir):
         assert big == alone.score([tokens], top_logprobs=2)[0] and small == alone.score([[7, 8, 9]], top_logprobs=1)[0]
         with pytest.raises(ValueError, match="top_logprobs"):
             asyncio.run(drv.score(tokens, -1))
+        with pytest.raises(ValueError, match="KV pages"):  # more than the whole cache: refused, never waiting
+            asyncio.run(asyncio.wait_for(drv.score(list(range(5, 65)), 0), timeout=30))
         drv.check_alive()
     finally:
         drv.shutdown()
