@@ -15,7 +15,8 @@ recorded as skipped), for a device lent for a fixed time. The order puts the tar
 2. engine exactness on the device: Triton backend with CUDA graphs == torch backend eager ==
    the no-cache block-causal reference (tests/unit/test_engine.py), greedy; and with a causal-prefix
    model (causal rows in captured graphs: commits with and without the block lookahead, speculative
-   verifies), graphs == eager and speculative == AR;
+   verifies), graphs == eager and speculative == AR; `Engine.score` on the device's backend within
+   1e-3 of torch eager;
 3. decode at Qwen2.5-1.5B and 7B shapes (bf16), batch 1/8/32/64: AR vs diffusion (sub-block cache
    on/off), graphs on/off: ms per step, per-step cost vs AR, tokens/s, and the projected end-to-end
    speed-up at 2.4 and 4 tokens per forward (= tokens per forward x AR step / diffusion step);
@@ -241,6 +242,9 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
     got_c = _tokens(fast_c.generate(prompts, mixed))
     eager_c = _tokens(slow_c.generate(prompts, mixed))
     ar = _tokens(slow_c.generate(prompts[:1], fdllm.SamplingParams(max_new_tokens=12, ignore_eos=True, mode="ar")))[0]
+    # Engine.score (logprobs, lm-eval's loglikelihoods): packed causal prefill rows, the whole-vocabulary head
+    scored = [fast_c.score(prompts, top_logprobs=2), slow_c.score(prompts, top_logprobs=2)]
+    score_gap = max(abs(a - b) for fast_s, slow_s in zip(*scored) for a, b in zip(fast_s.logprobs[1:], slow_s.logprobs[1:]))
     return {"checks": [
         _check(f"{backend} backend, graphs {'on' if fast.runner.graphs else 'off'} == torch eager", got == eager,
                got == eager),
@@ -248,6 +252,7 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
         _check("causal prefix (speculative, block lookahead, plain): graphs == torch eager", got_c == eager_c,
                got_c == eager_c),
         _check("speculative == AR", got_c[0] == ar, got_c[0] == ar),
+        _check(f"scoring on {backend} vs torch eager: max |logprob gap| <= 1e-3", round(score_gap, 7), score_gap <= 1e-3),
     ]}
 
 

@@ -55,3 +55,15 @@ def test_causal_entries_and_block_lookahead_on_triton_decode_like_torch(model):
     got = {name: [r.token_ids for r in engine.generate(prompts, causal_params)] for name, engine in engines.items()}
     assert got["triton"] == got["torch"]
     assert any(s is not None and s.causal for s in shapes)
+
+
+def test_scoring_on_triton_equals_torch(model):
+    """`Engine.score`'s packed causal rows (three sequences over prefill chunks of 16 tokens) through the
+    Triton kernel give the torch backend's log-probabilities."""
+    sequences = [random_prompts(1, [n], seed=n)[0] for n in (5, 21, 9)]
+    engines = {name: make_engine(model, attention_backend=name, prefix_attention="causal", max_prefill_tokens=16)
+               for name in ("triton", "torch")}
+    got = {name: engine.score(sequences, top_logprobs=2) for name, engine in engines.items()}
+    for triton, torch_ in zip(got["triton"], got["torch"]):
+        assert triton.logprobs[1:] == pytest.approx(torch_.logprobs[1:], abs=1e-4)
+        assert [[t for t, _ in top] for top in triton.top_logprobs] == [[t for t, _ in top] for top in torch_.top_logprobs]
