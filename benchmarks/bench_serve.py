@@ -112,7 +112,8 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, args:
             except asyncio.QueueEmpty:
                 return
             body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": args.max_tokens, "temperature": 0, "stream": True, "mode": args.mode}
+                    "max_tokens": args.max_tokens, "temperature": 0, "stream": True, "mode": args.mode,
+                    "stream_options": {"include_usage": True}}
             try:
                 results.append(await _one(client, url, body))
             except Exception:  # noqa: BLE001 - a failed request is counted, not fatal

@@ -65,7 +65,7 @@ from serve.protocol import (
     openapi_body,
     parse_request,
     prompt_chars,
-    usage,
+    usage_chunk,
 )
 
 log = logging.getLogger("fdllm.serve")
@@ -395,7 +395,8 @@ class FdllmServer:
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
             streams = [prepend(first, stream) for first, stream in zip(firsts, streams)]
-            return StreamingResponse(self._sse(streams, rid, endpoint, tuple(params.stop), echoes, n),
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._sse(streams, rid, endpoint, tuple(params.stop), echoes, n, include_usage),
                                      media_type="text/event-stream")
         results = list(firsts)
         try:
@@ -444,11 +445,13 @@ class FdllmServer:
         texts = lambda ids: self.tokenizer.batch_decode([[t] for t in ids])  # noqa: E731
         return await asyncio.to_thread(build, scored, 0 if echo else len(prompt_ids), texts)
 
-    async def _sse(self, streams: list, rid: str, endpoint: str, stop: tuple[str, ...], echoes: list[str], n: int):
+    async def _sse(self, streams: list, rid: str, endpoint: str, stop: tuple[str, ...], echoes: list[str], n: int,
+                   include_usage: bool):
         """Server-sent events of every choice as its tokens come, each chunk naming its choice's index;
-        the usage rides on the last choice's final chunk. The generator's cancellation (client gone)
-        aborts every request. A failure ends the stream with an error event and `[DONE]`. `echoes`: a
-        completion's prompt texts (with echo), each sent first in its choices."""
+        with `include_usage`, a last chunk with no choices carries the usage (OpenAI's stream_options).
+        The generator's cancellation (client gone) aborts every request. A failure ends the stream with
+        an error event and `[DONE]`. `echoes`: a completion's prompt texts (with echo), each sent first
+        in its choices."""
         from fdllm.engine import GenerationResult
 
         detoks = [IncrementalDetokenizer(self.tokenizer, stop) for _ in streams]
@@ -474,8 +477,9 @@ class FdllmServer:
                     rest = detoks[k].finish(event.text)
                     if rest:
                         yield chunk(k, rest)
-                    last = all(r is not None for r in results)
-                    yield chunk(k, "", event.finish_reason, **({"usage": usage(results, n)} if last else {}))
+                    yield chunk(k, "", event.finish_reason)
+                    if include_usage and all(r is not None for r in results):
+                        yield f"data: {json.dumps(usage_chunk(rid, self.model_name, chat, results, n))}\n\n"
                 else:
                     text = detoks[k].push(event.token_ids)
                     if text:

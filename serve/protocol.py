@@ -67,6 +67,12 @@ def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
         raise APIError.from_validation(exc.errors(include_url=False), body_loc=False) from None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False  # a last chunk with no choices carries the request's usage (OpenAI's)
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions (OpenAI names, plus fdllm's `threshold`, `mode`
     and selection policy fields)."""
@@ -83,6 +89,7 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)  # fdllm: per-request confidence threshold
     # fdllm: "ar" decodes one token per forward; "speculative" drafts by diffusion, verifies causally (= AR output)
@@ -419,3 +426,9 @@ def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None,
 def chat_chunk(rid: str, model: str, delta: dict[str, str], finish_reason: str | None, index: int = 0) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, model: str, chat: bool, results: list[GenerationResult], n: int) -> dict[str, Any]:
+    """A stream's last chunk with `stream_options.include_usage`: no choices, the request's usage."""
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [], "usage": usage(results, n)}

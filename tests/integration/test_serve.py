@@ -165,8 +165,10 @@ def test_batched_prompts_and_n_choices_equal_engine_generate(server, engine, goo
 def test_n_choices_stream_as_they_come(server):
     body = {"model": MODEL, "messages": _user("hello"), "n": 3, "max_tokens": 10, "temperature": 1.0, "seed": 4}
     whole = post(server, "/v1/chat/completions", body).json()
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=streamed, headers=AUTH, timeout=60) as r:
         chunks = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    *chunks, last = chunks
     texts, finishes = ["", "", ""], [None] * 3
     for c in chunks:
         choice = c["choices"][0]
@@ -174,15 +176,15 @@ def test_n_choices_stream_as_they_come(server):
         finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
     assert texts == [c["message"]["content"] for c in whole["choices"]]
     assert finishes == [c["finish_reason"] for c in whole["choices"]]
-    usages = [c["usage"] for c in chunks if c.get("usage")]
-    assert usages == [whole["usage"]] and chunks[-1].get("usage")  # once, on the last chunk
+    assert last["choices"] == [] and last["usage"] == whole["usage"]  # OpenAI's include_usage chunk
+    assert not any(c.get("usage") for c in chunks)
 
 
 def test_chat_and_streaming_agree(server):
     msg = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "temperature": 0}
     whole = post(server, "/v1/chat/completions", msg).json()
     text = whole["choices"][0]["message"]["content"]
-    pieces, finish, usage = [], None, None
+    pieces, finish = [], None
     with httpx.stream("POST", f"{server}/v1/chat/completions", json={**msg, "stream": True}, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -191,10 +193,9 @@ def test_chat_and_streaming_agree(server):
         chunk = json.loads(line.removeprefix("data: "))
         pieces.append(chunk["choices"][0]["delta"].get("content", ""))
         finish = chunk["choices"][0]["finish_reason"] or finish
-        usage = chunk.get("usage") or usage
+        assert "usage" not in chunk  # only with stream_options.include_usage, as OpenAI
     assert "".join(pieces) == text
     assert finish == whole["choices"][0]["finish_reason"]
-    assert usage == whole["usage"]
 
 
 def test_openai_client(server):
@@ -204,9 +205,10 @@ def test_openai_client(server):
     assert isinstance(done.choices[0].text, str) and 1 <= done.usage.completion_tokens <= 8
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
     assert chat.choices[0].message.role == "assistant"
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True) if c.choices)
-    assert streamed == chat.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage == chat.usage
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
     batch = client.completions.create(model=MODEL, prompt=["the quick", "hello"], n=2, max_tokens=4, temperature=0.7, seed=1)
