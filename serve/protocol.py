@@ -14,9 +14,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
 
@@ -163,10 +172,17 @@ class _SamplingFields(BaseModel):
         )
 
 
+# What a client may send as a completion's prompt (the OpenAPI docs show this, not the list it is read as)
+_PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "integer"}},
+    {"type": "array", "items": {"type": "string"}}, {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+]}
+
+
 class CompletionRequest(_SamplingFields):
     # OpenAI's forms: text, token ids, or a batch of either (lm-evaluation-harness sends token-id
     # batches); read as the list of prompts, each answered by n choices (choice i * n + j: prompt i)
-    prompt: list[str] | list[list[int]]
+    prompt: Annotated[list[str] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)]
     echo: bool = False  # the response's text (and logprobs) start with the prompt's
     logprobs: int | None = Field(default=None, ge=0, le=5)
 

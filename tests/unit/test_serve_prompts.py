@@ -39,6 +39,12 @@ def test_prompts_in_every_openai_form(sent, prompts):
     assert prompt_of(sent) == prompts
 
 
+def test_the_openapi_docs_show_every_prompt_form():
+    """The docs show what a client may send, not the list of prompts it is read as."""
+    forms = CompletionRequest.model_json_schema()["properties"]["prompt"]["anyOf"]
+    assert {"type": "string"} in forms and {"type": "array", "items": {"type": "integer"}} in forms
+
+
 @pytest.mark.parametrize("sent,message", [
     ("", "must not be empty"), ([], "must not be empty"), ([[]], "must not be empty"), ([""], "must not be empty"),
     (["a", ""], "must not be empty"), ([[5], []], "must not be empty"),
