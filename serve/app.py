@@ -25,7 +25,6 @@ alone; a stream that fails midway ends with an error event and `[DONE]`.
 import argparse
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
@@ -65,6 +64,7 @@ from serve.protocol import (
     openapi_body,
     parse_request,
     prompt_chars,
+    sse,
     usage_chunk,
 )
 
@@ -458,15 +458,13 @@ class FdllmServer:
         results: list = [None] * len(streams)
         chat = endpoint == "chat"
 
-        def chunk(k: int, text: str, finish: str | None = None, **extra: Any) -> str:
-            payload = (chat_chunk(rid, self.model_name, {"content": text} if text or not finish else {}, finish, k)
+        def chunk(k: int, text: str, finish: str | None = None) -> str:
+            return sse(chat_chunk(rid, self.model_name, {"content": text} if text or not finish else {}, finish, k)
                        if chat else completion_chunk(rid, self.model_name, text, finish, k))
-            payload.update(extra)
-            return f"data: {json.dumps(payload)}\n\n"
 
         for k in range(len(streams)):
             if chat:
-                yield f"data: {json.dumps(chat_chunk(rid, self.model_name, {'role': 'assistant', 'content': ''}, None, k))}\n\n"
+                yield sse(chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}, None, k))
             elif echoes[k // n]:
                 yield chunk(k, echoes[k // n])
         try:
@@ -479,7 +477,7 @@ class FdllmServer:
                         yield chunk(k, rest)
                     yield chunk(k, "", event.finish_reason)
                     if include_usage and all(r is not None for r in results):
-                        yield f"data: {json.dumps(usage_chunk(rid, self.model_name, chat, results, n))}\n\n"
+                        yield sse(usage_chunk(rid, self.model_name, chat, results, n))
                 else:
                     text = detoks[k].push(event.token_ids)
                     if text:

@@ -312,9 +312,14 @@ def prompt_chars(body: CompletionRequest | ChatCompletionRequest | TokenizeReque
     return sum(len(p) for p in prompts if isinstance(p, str))
 
 
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying `payload` as JSON."""
+    return f"data: {json.dumps(payload)}\n\n"
+
+
 def error_event(err: APIError) -> str:
     """The server-sent event that ends a stream which failed after it started (then `[DONE]`)."""
-    return f"data: {json.dumps(err.body())}\n\n"
+    return sse(err.body())
 
 
 def new_id(prefix: str) -> str:

@@ -237,4 +237,3 @@ class SequenceLogprobs:
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]]]
-
