@@ -88,14 +88,14 @@ class DenoiseBatch:
             full_N[picked] = values
             return np.broadcast_to(full_N[:, None], sampled_NS.shape)[sampled_NS]
 
-        forwards = per_row([self.seqs[i].num_forwards for i in picked], np.int64)
+        steps = per_row([self.seqs[i].num_decode_steps for i in picked], np.int64)
         return SampledRows(
             rows=np.flatnonzero(sampled_NS[self.cand_NS]),
             temperature=per_row([p.temperature for p in params], np.float64),
             top_p=per_row([p.top_p for p in params], np.float64),
             top_k=per_row([p.top_k for p in params], np.int64),
             seed=per_row([stream_seed(p) for p in params], np.int64),
-            counter=forwards * ROW_STREAM + np.broadcast_to(np.arange(S), sampled_NS.shape)[sampled_NS],
+            counter=steps * ROW_STREAM + np.broadcast_to(np.arange(S), sampled_NS.shape)[sampled_NS],
         )
 
     def apply(self) -> None:
@@ -116,6 +116,7 @@ class DenoiseBatch:
         for seq, block, start in zip(self.seqs, self.block_NL.tolist(), self.sub_start_N.tolist()):
             seq.block, seq.sub = block, (start, start + S)
             seq.num_forwards += 1
+            seq.num_decode_steps += 1
         # the decoded prefix ends at the first mask: it grows when that offset is committed
         grew_N = selected_NS[np.arange(N), self.first_mask_N - self.sub_start_N]
         self.settling = [self.seqs[i] for i in np.flatnonzero(grew_N).tolist()]

@@ -20,7 +20,7 @@ import numpy as np
 from fdllm.engine.params import SamplingParams
 from fdllm.engine.sequence import Work
 
-ROW_STREAM = 1 << 12  # counter = forwards * ROW_STREAM + logit row: one draw per row per forward
+ROW_STREAM = 1 << 12  # counter = Sequence.num_decode_steps * ROW_STREAM + logit row: one draw per row per step
 
 
 def stream_seed(params: SamplingParams) -> int:
@@ -107,7 +107,7 @@ class StepInputs:
                 entropy += range(first, len(cands))
             sampled_rows = w.sampled_rows
             if sampled_rows:
-                p, forwards = w.seq.params, w.seq.num_forwards
+                p, steps = w.seq.params, w.seq.num_decode_steps
                 for c, r in enumerate(rows, first):
                     if r in sampled_rows:
                         sampled.append(c)
@@ -115,7 +115,7 @@ class StepInputs:
                         top_p.append(p.top_p)
                         top_k.append(p.top_k)
                         seed.append(stream_seed(p))
-                        counter.append(forwards * ROW_STREAM + r)
+                        counter.append(steps * ROW_STREAM + r)
         i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
         draws = NO_SAMPLED
         if sampled:

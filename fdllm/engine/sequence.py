@@ -150,6 +150,10 @@ class Sequence:
         self.output: list[int] = []  # settled generated tokens (final, streamed)
         self.finish_reason: str | None = None
         self.num_forwards = 0
+        # Forwards that read this sequence's logits: where its sampling draws are in its own stream
+        # (fdllm.engine.inputs). Prefill-only chunks do not count, so how its prompt was chunked (which
+        # depends on what else prefilled in the same steps) never changes its samples.
+        self.num_decode_steps = 0
         self.first_token_time: float | None = None
         # Speculative: the current round's draft of positions [len(tokens), block end), masks where undrafted.
         self.draft: list[int] | None = None
@@ -308,6 +312,7 @@ class Sequence:
     def apply(self, work: Work, predictions: Predictions) -> list[int]:
         """Take a step's predictions for the work's logit rows; returns the newly settled tokens."""
         self.num_forwards += 1
+        self.num_decode_steps += bool(work.logit_rows)
         self.num_cached += work.num_prefill
         tokens = predictions.tokens
         settling = work.settling_rows

@@ -326,6 +326,18 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
     assert c[0].token_ids != a[0].token_ids
 
 
+@pytest.mark.parametrize("mode", ["diffusion", "ar", "speculative"])
+def test_seeded_samples_do_not_depend_on_how_the_prompt_was_chunked(model, mode):
+    """A prompt prefilled in one chunk alone is prefilled in two beside another request's prefill (they
+    share the step's prefill budget); its draws must not move with that."""
+    prompt, other = random_prompts(2, [16], seed=31)
+    p = params(mode=mode, temperature=0.9, seed=7)
+    alone = make_engine(model, max_prefill_tokens=16).generate([prompt], p)[0]
+    beside = make_engine(model, max_prefill_tokens=16).generate([other[:9], prompt], [params(mode=mode), p])[1]
+    assert beside.num_forwards > alone.num_forwards  # the prompt did take an extra prefill chunk
+    assert beside.token_ids == alone.token_ids
+
+
 def test_text_prompts_stop_strings_and_eos(sharp_dir):
     engine = fdllm.Engine.from_pretrained(sharp_dir, config=fdllm.BlockDiffusionConfig(
         block_size=8, sub_block_size=4, threshold=0.4, mask_token_id=MASK))
