@@ -70,7 +70,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="write the results as JSON here")
 
 
-def _build_model(args: argparse.Namespace):
+def build_model(args: argparse.Namespace):
     import torch
 
     import fdllm
@@ -105,7 +105,7 @@ def _measure(objective: str, args: argparse.Namespace) -> dict[str, Any]:
     from fdllm.objective import ar_loss, block_diffusion_loss
 
     device = torch.device(args.device)
-    model = _build_model(args).train()
+    model = build_model(args).train()
     vocab = model.config.vocab_size
     mask_id = vocab - 1  # any id works for timing
     ids, labels, pos, docs = _batch(vocab, args)

@@ -8,6 +8,7 @@ r"""Benchmarks of the fdllm engine (run from the repository root after `pip inst
     python -m benchmarks.benchmark train                     # two-stream objective vs AR loss (benchmarks/bench_train.py)
     python -m benchmarks.benchmark serve                     # HTTP load test (benchmarks/bench_serve.py)
     python -m benchmarks.benchmark kernels                   # Triton vs torch on a GPU (benchmarks/bench_kernels.py)
+    python -m benchmarks.benchmark prefix                    # prefix caching off vs on (benchmarks/bench_prefix.py)
 
 `decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
 (yardstick), the engine's AR mode, block diffusion with the sub-block cache off and on, and
@@ -40,7 +41,7 @@ from typing import Self
 
 import torch
 
-from benchmarks import bench_kernels, bench_serve, bench_train
+from benchmarks import bench_kernels, bench_prefix, bench_serve, bench_train
 
 import fdllm
 from fdllm.config import ModelConfig
@@ -258,15 +259,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bench_train.add_parser(sub).set_defaults(func=bench_train.run)
     bench_kernels.add_parser(sub)
     bench_serve.add_parser(sub)
+    bench_prefix.add_parser(sub)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> object:
+    """Run one benchmark; returns what it measured (its rows), for callers other than the shell."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("fdllm").setLevel(logging.WARNING)  # one engine per run: skip their banners
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the serve load test: no line per request
     args = parse_args(argv)
-    args.func(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ recorded as skipped), for a device lent for a fixed time. The order puts the tar
    the no-cache block-causal reference (tests/unit/test_engine.py), greedy; and with a causal-prefix
    model (causal rows in captured graphs: commits with and without the block lookahead, speculative
    verifies), graphs == eager and speculative == AR; `Engine.score` on the device's backend within
-   1e-3 of torch eager;
+   1e-3 of torch eager; prefix caching (shared, then cached prompts) == caching off;
 3. decode at Qwen2.5-1.5B and 7B shapes (bf16), batch 1/8/32/64: AR vs diffusion (sub-block cache
    on/off), graphs on/off: ms per step, per-step cost vs AR, tokens/s, and the projected end-to-end
    speed-up at 2.4 and 4 tokens per forward (= tokens per forward x AR step / diffusion step);
@@ -205,14 +205,17 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batch: int, threshold: float,
             block: int = 32, sub: int = 8, quantization: str | None = None, lookahead: bool = True,
-            prefix: str = "block_causal"):
+            prefix: str = "block_causal", prefix_caching: bool = False):
+    """An engine for one kind of run. Prefix caching is off unless asked: decode runs configured alike
+    share an engine and repeat the same prompts, which must prefill each time to be timed alike."""
     import fdllm
 
     cfg = fdllm.BlockDiffusionConfig(block_size=block, sub_block_size=sub, threshold=threshold,
                                      use_sub_block_cache=cache, mask_token_id=mask_id, prefix_attention=prefix)
     ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=batch * 16 + 8,
                               attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096,
-                              quantization=quantization, speculative_lookahead=lookahead)
+                              quantization=quantization, speculative_lookahead=lookahead,
+                              enable_prefix_caching=prefix_caching)
     return fdllm.Engine(model, None, cfg, ecfg)
 
 
@@ -245,6 +248,14 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
     # Engine.score (logprobs, lm-eval's loglikelihoods): packed causal prefill rows, the whole-vocabulary head
     scored = [fast_c.score(prompts, top_logprobs=2), slow_c.score(prompts, top_logprobs=2)]
     score_gap = max(abs(a - b) for fast_s, slow_s in zip(*scored) for a, b in zip(fast_s.logprobs[1:], slow_s.logprobs[1:]))
+    # Prefix caching: prompts that start with the third one, sent together (the others wait for its
+    # blocks and share them), then again (every shareable block cached), against `fast` (caching off)
+    shared = [prompts[2] + pr for pr in prompts]
+    caching = _engine(model, mask, backend=backend, eager=False, cache=False, batch=4, threshold=0.05, block=8, sub=4,
+                      prefix_caching=True)
+    cached_runs = [caching.generate(shared, p) for _ in range(2)]
+    hits = [sum(r.num_cached_tokens for r in run) for run in cached_runs]
+    same = [_tokens(run) for run in cached_runs] == [_tokens(fast.generate(shared, p))] * 2
     return {"checks": [
         _check(f"{backend} backend, graphs {'on' if fast.runner.graphs else 'off'} == torch eager", got == eager,
                got == eager),
@@ -253,6 +264,7 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
                got_c == eager_c),
         _check("speculative == AR", got_c[0] == ar, got_c[0] == ar),
         _check(f"scoring on {backend} vs torch eager: max |logprob gap| <= 1e-3", round(score_gap, 7), score_gap <= 1e-3),
+        _check("prefix caching (shared, then cached) == off: cached prompt tokens per run", hits, same and hits[0] > 0),
     ]}
 
 

@@ -6,7 +6,8 @@ K/V. The current, uncommitted block lives in the sequence's last page, which dou
 sub-block (DualCache) scratch of METHOD.md §3.3: a refresh step writes the whole block's K/V there,
 a cached step overwrites only its sub-block's slots, and the commit forward rewrites the whole page
 with exact K/V. So "committed prefix + current block" is always one paged range and every backend
-only needs `fdllm.kernels.reference.paged_attention_torch`'s contract.
+only needs `fdllm.kernels.reference.paged_attention_torch`'s contract. Pages of committed blocks are
+final, so sequences that start with the same blocks can share them (`PageAllocator`'s prefix cache).
 
 A step's forward packs every scheduled sequence's tokens into one varlen row [1, T]. The tokens are
 grouped into attention rows (a run of queries that see the first `kv_len` tokens of one block
@@ -19,7 +20,9 @@ T packed tokens of a step, R attention rows, Q longest row, M pages in the longe
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,62 +39,136 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    """Free list of page ids, with reservations for admission control.
+    """Pages of the KV cache: reservations for admission control, reference counts, and the prefix cache.
 
     A sequence is admitted only if its worst-case page count can be reserved; pages are then taken
     from that reservation as the sequence reaches them (prefill, block commit), so a running
     sequence never waits for a page and nothing ever needs preempting.
+
+    Prefix caching (vLLM's automatic prefix caching, at block granularity): a page whose block holds
+    final, exact K/V can be `register`ed under the block's `block_hash`. A sequence whose prompt starts
+    with registered blocks shares their pages (`reserve(..., shared=...)`) instead of recomputing
+    them; a page is held while any sequence holds it. Once none does, a registered page stays
+    cached, counted as free: the next sequence that hits it takes it back, and a fresh allocation
+    evicts the least recently released one when no page is free otherwise.
     """
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 1:
             raise ValueError(f"the KV cache needs at least one page, got {num_pages}")
         self.num_pages = num_pages
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: deque[int] = deque(range(num_pages))  # held by no sequence, nothing cached
+        self._idle: OrderedDict[int, bytes] = OrderedDict()  # cached pages held by no sequence, least recent first
+        self._refs = [0] * num_pages  # sequences holding each page
+        self._page_of: dict[bytes, int] = {}  # block hash -> its page (held or idle)
+        self._hash_of: dict[int, bytes] = {}
         self._reserved = 0  # promised to admitted sequences, not yet allocated
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages no sequence holds (cached ones included: they are evicted when needed)."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def num_cached(self) -> int:
+        """Pages registered in the prefix cache (held or not)."""
+        return len(self._page_of)
 
     @property
     def num_unreserved(self) -> int:
-        return len(self._free) - self._reserved
+        return self.num_free - self._reserved
 
-    def reserve(self, n: int) -> bool:
-        """Promise `n` future pages; False (nothing reserved) if they are not available."""
-        if n > self.num_unreserved:
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """Pages of the longest run of leading blocks (by `block_hash`) that the prefix cache holds."""
+        pages = []
+        for h in hashes:
+            page = self._page_of.get(h)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def reserve(self, n: int, shared: Sequence[int] = ()) -> bool:
+        """Promise `n` future pages and take hold of the cached pages `shared` (from `lookup`), all or
+        nothing: False (nothing reserved or held) if they are not available."""
+        idle = sum(1 for page in shared if not self._refs[page])  # taking these leaves fewer free
+        if n > self.num_unreserved - idle:
             return False
+        for page in shared:
+            if not self._refs[page]:
+                del self._idle[page]
+            self._refs[page] += 1
         self._reserved += n
         return True
 
     def allocate(self) -> int:
-        """One page out of an earlier reservation."""
+        """One page out of an earlier reservation (evicting the least recently used cached page if no
+        page is free otherwise)."""
         if self._reserved < 1:
             raise RuntimeError("page allocation without a reservation")
         self._reserved -= 1
-        return self._free.popleft()
+        page = self._take_free()
+        self._refs[page] = 1
+        return page
+
+    def register(self, page: int, block_hash: bytes) -> None:
+        """Cache a held page whose block's K/V are now final under `block_hash` (a no-op if the cache
+        already has that block: two sequences prefilled the same prompt at once, the first one kept)."""
+        if block_hash not in self._page_of and page not in self._hash_of:
+            self._page_of[block_hash], self._hash_of[page] = page, block_hash
 
     def release(self, pages: Sequence[int], unused_reservation: int) -> None:
-        """Give back a finished sequence's pages and the part of its reservation it never used."""
+        """Give back a finished sequence's pages and the part of its reservation it never used.
+
+        Its pages are released last block first, so of a cached prompt the tail is evicted before the
+        head that more prompts share."""
         if unused_reservation > self._reserved:
             raise RuntimeError("releasing more reservation than was made")
         self._reserved -= unused_reservation
-        self._free.extend(pages)
+        for page in reversed(pages):
+            self._refs[page] -= 1
+            if self._refs[page]:
+                continue
+            if page in self._hash_of:
+                self._idle[page] = self._hash_of[page]
+            else:
+                self._free.append(page)
 
     @contextmanager
     def borrow(self, n: int) -> Iterator[list[int]]:
-        """`n` free pages for work done between two steps (`Engine.score`), back in the free list after.
+        """`n` free pages for work done between two steps (`Engine.score`), back in the free list after
+        (cached pages among them are evicted).
 
         Reservations are left alone: a reserved page stays free until its sequence takes it in a step,
         so pages returned before the next step are taken from no one. OutOfPages when fewer are free."""
-        if n > len(self._free):
-            raise OutOfPages(f"{n} KV pages needed, {len(self._free)} free")
-        pages = [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise OutOfPages(f"{n} KV pages needed, {self.num_free} free")
+        pages = [self._take_free() for _ in range(n)]
         try:
             yield pages
         finally:
             self._free.extendleft(reversed(pages))
+
+    def _take_free(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        page, block_hash = self._idle.popitem(last=False)
+        del self._page_of[block_hash], self._hash_of[page]
+        return page
+
+
+def block_hash(parent: bytes | None, token_ids: Sequence[int], causal: bool) -> bytes:
+    """The prefix cache's key of a block: its tokens, every token before it (through `parent`, the
+    previous block's hash; None for the first block) and how its K/V were computed (`causal`: a
+    causal row, as AR prefill and a causal-prefix checkpoint's clean stream attend; else the block
+    attends itself bidirectionally). A 128-bit BLAKE2b digest: one user's prompt cannot be made to
+    collide with another's cached blocks, as a 64-bit Python hash could be."""
+    h = hashlib.blake2b(parent if parent is not None else _ROOTS[causal], digest_size=16)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+_ROOTS = {causal: hashlib.blake2b(name, digest_size=16).digest() for causal, name in ((True, b"causal"), (False, b"block"))}
 
 
 class KVCache:

@@ -32,12 +32,14 @@ log = logging.getLogger(__name__)
 class RequestCounters:
     by_status: Counter = field(default_factory=Counter)  # (endpoint, status code) -> requests
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens: served from the prefix cache
     completion_tokens: int = 0
     forwards: int = 0
     stream_errors: int = 0  # streams that started (200) and ended with an error event
 
     def record(self, result: "GenerationResult") -> None:
         self.prompt_tokens += len(result.prompt_token_ids)
+        self.cached_prompt_tokens += result.num_cached_tokens
         self.completion_tokens += len(result.token_ids)
         self.forwards += result.num_forwards
 
@@ -66,13 +68,16 @@ def samples(counters: RequestCounters, engine: "AsyncEngine") -> list[Sample]:
     out += [
         Sample("fdllm_stream_errors", "counter", "Streams that failed after they started", c.stream_errors),
         Sample("fdllm_prompt_tokens", "counter", "Prompt tokens of finished requests", c.prompt_tokens),
+        Sample("fdllm_cached_prompt_tokens", "counter", "Prompt tokens served from the prefix cache, not prefilled",
+               c.cached_prompt_tokens),
         Sample("fdllm_generation_tokens", "counter", "Generated tokens of finished requests", c.completion_tokens),
         Sample("fdllm_forwards", "counter", "Model forwards spent on finished requests", c.forwards),
         Sample("fdllm_tokens_per_forward", "gauge", "Generated tokens per forward so far (parallelism of decoding)",
                c.completion_tokens / c.forwards if c.forwards else 0.0),
         Sample("fdllm_running_requests", "gauge", "Requests being decoded", stats["running"]),
         Sample("fdllm_waiting_requests", "gauge", "Requests queued for admission (queue depth)", stats["waiting"]),
-        Sample("fdllm_free_kv_pages", "gauge", "Free KV-cache pages", stats["free_pages"]),
+        Sample("fdllm_free_kv_pages", "gauge", "Free KV-cache pages (prefix-cached ones included)", stats["free_pages"]),
+        Sample("fdllm_prefix_cached_kv_pages", "gauge", "KV-cache pages in the prefix cache", stats["cached_pages"]),
         Sample("fdllm_engine_steps", "counter", "Engine steps", m.steps),
         Sample("fdllm_engine_step_seconds", "counter", "Total seconds spent in engine steps", m.step_seconds_total),
         Sample("fdllm_engine_last_step_seconds", "gauge", "Latency of the latest engine step", m.last_step_seconds),

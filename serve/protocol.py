@@ -326,12 +326,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(results: list[GenerationResult], n: int = 1) -> dict[str, int]:
+def usage(results: list[GenerationResult], n: int = 1) -> dict[str, Any]:
     """A request's token counts: each prompt once (results i * n .. i * n + n - 1 share prompt i),
-    every choice's completion."""
+    every choice's completion; of the prompt tokens, those served from the prefix cache (OpenAI's
+    `prompt_tokens_details.cached_tokens`)."""
     prompt = sum(len(r.prompt_token_ids) for r in results[::n])
     completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.num_cached_tokens for r in results[::n])}}
 
 
 def fdllm_stats(results: list[GenerationResult]) -> dict[str, float | int | None]:

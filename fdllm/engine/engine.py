@@ -104,6 +104,7 @@ class Engine:
             self.allocator, max_num_seqs=engine_config.max_num_seqs,
             max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L,
             lookahead_max_batch=engine_config.speculative_lookahead_max_batch,
+            prefix_caching=engine_config.enable_prefix_caching,
         )
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
         # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while
@@ -158,6 +159,11 @@ class Engine:
     @property
     def num_pages(self) -> int:
         return self.allocator.num_pages
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages the prefix cache holds (EngineConfig.enable_prefix_caching); the idle ones count as free."""
+        return self.allocator.num_cached
 
     @property
     def num_running(self) -> int:

@@ -169,6 +169,11 @@ class EngineConfig:
     # batch that full scan stalls one step in ~60 by 70-200 ms (vLLM and SGLang freeze theirs too).
     # Process-wide: objects alive now are never collected as cycles later (`gc.unfreeze()` undoes it).
     freeze_gc: bool = True
+    # Automatic prefix caching (vLLM's name): the K/V pages of prompt and committed blocks stay cached
+    # after their request, and a request whose prompt starts with the same blocks (a system prompt,
+    # a few-shot context, the earlier turns of a chat) shares them instead of prefilling them again.
+    # Cached pages count as free and are evicted least recently used first. Same tokens either way.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -210,6 +215,7 @@ class GenerationResult:
     num_forwards: int = 0  # forward passes this request took part in (speculative: drafts and verifies)
     num_drafted: int = 0  # speculative mode: draft tokens proposed to a verify forward
     num_accepted: int = 0  # speculative mode: draft tokens the verify forward confirmed
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed)
     time_to_first_token_s: float | None = None  # None: no token was produced
     latency_s: float = 0.0
 

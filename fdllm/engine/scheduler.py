@@ -21,10 +21,11 @@ MIN_DENOISE_BATCH = 8
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, *, max_num_seqs: int, max_prefill_tokens: int, block_size: int,
-                 lookahead_max_batch: int | None = None) -> None:
+                 lookahead_max_batch: int | None = None, prefix_caching: bool = True) -> None:
         """`lookahead_max_batch`: speculative lookahead only in steps with at most this many running
-        sequences (EngineConfig.speculative_lookahead_max_batch; None: in every step)."""
-        self.allocator = allocator
+        sequences (EngineConfig.speculative_lookahead_max_batch; None: in every step). `prefix_caching`:
+        share the pages of final blocks between sequences (EngineConfig.enable_prefix_caching)."""
+        self.allocator, self.prefix_caching = allocator, prefix_caching
         self.max_num_seqs, self.max_prefill_tokens, self.block_size = max_num_seqs, max_prefill_tokens, block_size
         self.lookahead_max_batch = lookahead_max_batch
         self.waiting: deque[Sequence] = deque()
@@ -45,9 +46,16 @@ class Scheduler:
         Also returns the sequences whose planning raised (with the error): the caller fails those
         alone, the others still run this step.
         """
+        for seq in self.running:  # what the last step made final, before anyone is admitted
+            self._register(seq)
         while self.waiting and len(self.running) < self.max_num_seqs:
-            if not self.allocator.reserve(self.waiting[0].max_pages):
+            seq = self.waiting[0]
+            shared = self._cached_prefix(seq)
+            if self._being_prefilled(seq, len(shared)):
+                break  # share it from the next step on rather than prefill it twice (SGLang's in-batch prefix check)
+            if not self.allocator.reserve(seq.max_pages - len(shared), shared):
                 break  # FIFO: a large request is not overtaken by smaller ones behind it
+            seq.use_cached_prefix(shared)
             self.running.append(self.waiting.popleft())
         budget = self.max_prefill_tokens
         lookahead = self.lookahead_max_batch is None or len(self.running) <= self.lookahead_max_batch
@@ -93,10 +101,40 @@ class Scheduler:
         while len(seq.pages) * self.block_size < kv_len:
             seq.pages.append(self.allocator.allocate())
 
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The prefix cache's pages of the sequence's leading prompt blocks."""
+        if not self.prefix_caching:
+            return []
+        return self.allocator.lookup([seq.block_hash(j) for j in range(seq.num_shareable_blocks)])
+
+    def _being_prefilled(self, seq: Sequence, cached: int) -> bool:
+        """Whether a running sequence's prefill is about to make the first of `seq`'s prompt blocks that
+        the cache lacks (block `cached`) final: requests sent together with one prompt (n choices, a burst
+        sharing a system prompt) then prefill it once. Prefill goes first come first served, so the wait
+        is a step or a few, and every request behind waits with it (admission stays FIFO)."""
+        if not self.prefix_caching or cached >= seq.num_shareable_blocks:
+            return False
+        L = self.block_size
+        return any(
+            other.num_prefill_left and other.num_final // L <= cached < other.prefill_target // L
+            and other.block_hash(cached) == seq.block_hash(cached)
+            for other in self.running
+        )
+
+    def _register(self, seq: Sequence) -> None:
+        """Put the sequence's newly final blocks in the prefix cache."""
+        if not self.prefix_caching:
+            return
+        final = min(seq.num_final // self.block_size, len(seq.pages))
+        for j in range(seq.num_registered, final):
+            self.allocator.register(seq.pages[j], seq.block_hash(j))
+        seq.num_registered = max(seq.num_registered, final)
+
     def finish(self, seq: Sequence) -> None:
         """Remove a finished, aborted or failed sequence and give its pages and reservation back
-        (a no-op for one already removed)."""
+        (a no-op for one already removed); its final blocks stay in the prefix cache."""
         if seq in self.running:
+            self._register(seq)
             self.running.remove(seq)
             self.allocator.release(seq.pages, seq.max_pages - len(seq.pages))
         elif seq in self.waiting:

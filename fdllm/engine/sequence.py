@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fdllm.cache import AttentionRow
+from fdllm.cache import AttentionRow, block_hash
 from fdllm.decoding import (
     BlockStep,
     SelectionPolicy,
@@ -138,6 +138,11 @@ class Sequence:
         self.max_pages = math.ceil((P + params.max_new_tokens) / L)
         self.pages: list[int] = []
         self.num_cached = 0  # tokens whose exact K/V are in the pages
+        # Prefix caching: the K/V of prefill and committed blocks are final once written, so their
+        # pages are shared with later sequences that start with the same blocks (PageAllocator).
+        self.block_hashes: list[bytes] = []  # `block_hash` of blocks 0, 1, ... as far as computed
+        self.num_registered = 0  # leading blocks whose pages the prefix cache holds
+        self.num_cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache, not prefill
         if self.is_causal:
             self.tokens = list(prompt)  # every known token: prompt + output; all but the last have K/V
             self.block: list[int] | None = None
@@ -152,7 +157,7 @@ class Sequence:
         self.num_forwards = 0
         # Forwards that read this sequence's logits: where its sampling draws are in its own stream
         # (fdllm.engine.inputs). Prefill-only chunks do not count, so how its prompt was chunked (which
-        # depends on what else prefilled in the same steps) never changes its samples.
+        # depends on what else prefilled in the same steps) or served from the prefix cache never changes its samples.
         self.num_decode_steps = 0
         self.first_token_time: float | None = None
         # Speculative: the current round's draft of positions [len(tokens), block end), masks where undrafted.
@@ -162,6 +167,34 @@ class Sequence:
     @property
     def block_start(self) -> int:
         return len(self.tokens)
+
+    @property
+    def num_final(self) -> int:
+        """Leading tokens whose K/V in the pages are exact and never written again (prompt blocks,
+        committed blocks; AR: every known token but the last)."""
+        return len(self.tokens) - 1 if self.is_causal and not self.num_prefill_left else self.num_cached
+
+    def block_hash(self, j: int) -> bytes:
+        """The prefix cache's key of block j (its tokens must be known: j < len(self.tokens) // L)."""
+        L = self.block_size
+        while len(self.block_hashes) <= j:
+            k = len(self.block_hashes)
+            parent = self.block_hashes[-1] if k else None
+            self.block_hashes.append(block_hash(parent, self.tokens[k * L : (k + 1) * L], self.is_causal or self.causal_prefix))
+        return self.block_hashes[j]
+
+    @property
+    def num_shareable_blocks(self) -> int:
+        """Leading prompt blocks this sequence can take from the prefix cache: whole blocks before the
+        prompt's last token, whose logit a forward must still compute (it opens the first block or
+        gives the first AR token)."""
+        return (len(self.prompt) - 1) // self.block_size
+
+    def use_cached_prefix(self, pages: list[int]) -> None:
+        """Start from the prefix cache's pages of the first len(pages) blocks (admission): their K/V are not prefilled."""
+        self.pages = list(pages)
+        self.num_cached = self.num_cached_tokens = len(pages) * self.block_size
+        self.num_registered = len(pages)
 
     @property
     def num_prefill_left(self) -> int:
@@ -395,7 +428,7 @@ class Sequence:
         return GenerationResult(
             request_id=self.request_id, prompt_token_ids=list(self.prompt), token_ids=list(self.output), text=text,
             finish_reason=self.finish_reason, num_forwards=self.num_forwards, num_drafted=self.num_drafted,
-            num_accepted=self.num_accepted,
+            num_accepted=self.num_accepted, num_cached_tokens=self.num_cached_tokens,
             time_to_first_token_s=None if self.first_token_time is None else self.first_token_time - self.arrival,
             latency_s=now - self.arrival,
         )

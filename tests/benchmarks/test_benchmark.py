@@ -19,3 +19,11 @@ def test_decode_benchmark_smoke(capsys):
     # threshold ~0: the lookahead decodes each block's first sub-block in the forward that opens it
     rows = {line[:32].strip(): line.split() for line in out.splitlines() if line[32:38].strip() == "1"}
     assert float(rows["diffusion, block lookahead"][-5]) > float(rows["diffusion, sub-block cache on"][-5])  # tok/fwd
+
+
+def test_prefix_benchmark_smoke(capsys):
+    off, on = benchmark.main(["prefix", "--requests", "4", "--system-len", "20", "--question-len", "3", "--max-new-tokens", "4",
+                              "--block-size", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "same tokens: yes" in out and "fewer prompt tokens prefilled" in out
+    assert off.prefilled == 4 * 23 and on.prefilled == 23 + 3 * (23 - 20)  # later requests find the 5 system blocks cached

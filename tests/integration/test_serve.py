@@ -88,8 +88,8 @@ def test_greedy_completion_equals_engine_generate(server, engine):
     expect = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=12, temperature=0.0))[0]
     assert body["choices"][0]["text"] == expect.text
     assert body["choices"][0]["finish_reason"] == expect.finish_reason
-    assert body["usage"] == {"prompt_tokens": len(expect.prompt_token_ids), "completion_tokens": len(expect.token_ids),
-                             "total_tokens": len(expect.prompt_token_ids) + len(expect.token_ids)}
+    assert _counts(body["usage"]) == {"prompt_tokens": len(expect.prompt_token_ids), "completion_tokens": len(expect.token_ids),
+                                      "total_tokens": len(expect.prompt_token_ids) + len(expect.token_ids)}
     assert body["fdllm"]["num_forwards"] == expect.num_forwards
 
 
@@ -162,6 +162,12 @@ def test_batched_prompts_and_n_choices_equal_engine_generate(server, engine, goo
     assert_unharmed(server, good_answers)
 
 
+def _counts(usage: dict) -> dict:
+    """A usage's token counts, without how many prompt tokens the prefix cache served (the second of two
+    requests for the same prompt finds its blocks cached)."""
+    return {k: v for k, v in usage.items() if k != "prompt_tokens_details"}
+
+
 def test_n_choices_stream_as_they_come(server):
     body = {"model": MODEL, "messages": _user("hello"), "n": 3, "max_tokens": 10, "temperature": 1.0, "seed": 4}
     whole = post(server, "/v1/chat/completions", body).json()
@@ -176,7 +182,7 @@ def test_n_choices_stream_as_they_come(server):
         finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
     assert texts == [c["message"]["content"] for c in whole["choices"]]
     assert finishes == [c["finish_reason"] for c in whole["choices"]]
-    assert last["choices"] == [] and last["usage"] == whole["usage"]  # OpenAI's include_usage chunk
+    assert last["choices"] == [] and _counts(last["usage"]) == _counts(whole["usage"])  # OpenAI's include_usage chunk
     assert not any(c.get("usage") for c in chunks)
 
 
@@ -198,7 +204,9 @@ def test_chat_and_streaming_agree(server):
     assert finish == whole["choices"][0]["finish_reason"]
 
 
-def test_openai_client(server):
+def test_openai_client(server, served_dir):
+    from fdllm.tokenizer import load_tokenizer, render_chat
+
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
     done = client.completions.create(model=MODEL, prompt="the quick", max_tokens=8, temperature=0)
@@ -208,13 +216,23 @@ def test_openai_client(server):
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                                                  temperature=0, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
-    assert chunks[-1].choices == [] and chunks[-1].usage == chat.usage
+    assert chunks[-1].choices == [] and _counts(chunks[-1].usage.model_dump()) == _counts(chat.usage.model_dump())
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
     batch = client.completions.create(model=MODEL, prompt=["the quick", "hello"], n=2, max_tokens=4, temperature=0.7, seed=1)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     chats = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2)
     assert [c.index for c in chats.choices] == [0, 1] and chats.usage.completion_tokens >= 2
+    # a system prompt the second conversation shares: its blocks (8 tokens) come from the prefix cache
+    system = {"role": "system", "content": "You are a terse assistant. Answer in one word, lower case, no punctuation."}
+    first, second = (client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": q}],
+                                                    max_tokens=2, temperature=0) for q in ("hi", "ho"))
+    tok = load_tokenizer(served_dir)
+    ids = [tok.encode(render_chat(tok, [system, {"role": "user", "content": q}])) for q in ("hi", "ho")]  # as the app does
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)  # tokens before the two questions part
+    assert [first.usage.prompt_tokens, second.usage.prompt_tokens] == [len(i) for i in ids] and shared >= 16
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == shared // 8 * 8
 
 
 GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 6, "temperature": 0}

@@ -16,6 +16,7 @@ from serve import metrics  # noqa: E402
 PAGE_NAMES = {
     "fdllm_requests_total", "fdllm_stream_errors_total", "fdllm_prompt_tokens_total", "fdllm_generation_tokens_total", "fdllm_forwards_total",
     "fdllm_tokens_per_forward", "fdllm_running_requests", "fdllm_waiting_requests", "fdllm_free_kv_pages",
+    "fdllm_cached_prompt_tokens_total", "fdllm_prefix_cached_kv_pages",
     "fdllm_engine_steps_total", "fdllm_engine_step_seconds_total", "fdllm_engine_last_step_seconds",
 }
 
@@ -26,7 +27,7 @@ class FakeEngine:
         self.waiting = 0
 
     def stats(self):
-        return {"running": 1, "waiting": self.waiting, "free_pages": 7}
+        return {"running": 1, "waiting": self.waiting, "free_pages": 7, "cached_pages": 2}
 
 
 class FakeMetric:
@@ -43,8 +44,9 @@ class FakeMetric:
         FakeMetric.log.append(("set", self.name, value, tags))
 
 
-def _result(prompt: int, generated: int, forwards: int):
-    return SimpleNamespace(prompt_token_ids=[0] * prompt, token_ids=[0] * generated, num_forwards=forwards)
+def _result(prompt: int, generated: int, forwards: int, cached: int = 0):
+    return SimpleNamespace(prompt_token_ids=[0] * prompt, token_ids=[0] * generated, num_forwards=forwards,
+                           num_cached_tokens=cached)
 
 
 def test_page_keeps_the_prometheus_names():
@@ -68,7 +70,7 @@ def test_ray_export_pushes_increases_and_gauges(monkeypatch):
         exporter.push()
         counters.by_status[("completions", 200)] += 1
         counters.by_status[("chat", 401)] += 1
-        counters.record(_result(2, 2, 2))
+        counters.record(_result(9, 2, 2, cached=8))
         engine.waiting = 3
         exporter.push()
         exporter.push()  # nothing changed: no counter increase is pushed again
@@ -83,6 +85,7 @@ def test_ray_export_pushes_increases_and_gauges(monkeypatch):
     assert incs[("fdllm_requests", (("endpoint", "chat"), ("status", "401")))] == 1
     assert incs[("fdllm_generation_tokens", ())] == 10 and incs[("fdllm_forwards", ())] == 6
     assert incs[("fdllm_engine_steps", ())] == 4
+    assert incs[("fdllm_prompt_tokens", ())] == 14 and incs[("fdllm_cached_prompt_tokens", ())] == 8
     gauges = [(name, value) for kind, name, value, _ in FakeMetric.log if kind == "set"]
     assert ("fdllm_waiting_requests", 3) == [g for g in gauges if g[0] == "fdllm_waiting_requests"][-1]
     assert [g for g in gauges if g[0] == "fdllm_tokens_per_forward"][-1] == ("fdllm_tokens_per_forward", 10 / 6)
