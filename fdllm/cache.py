@@ -91,7 +91,7 @@ class PageAllocator:
     def reserve(self, n: int, shared: Sequence[int] = ()) -> bool:
         """Promise `n` future pages and take hold of the cached pages `shared` (from `lookup`), all or
         nothing: False (nothing reserved or held) if they are not available."""
-        idle = sum(1 for page in shared if not self._refs[page])  # taking these leaves fewer free
+        idle = len({page for page in shared if not self._refs[page]})  # taking these leaves fewer free
         if n > self.num_unreserved - idle:
             return False
         for page in shared:
@@ -155,6 +155,16 @@ class PageAllocator:
         page, block_hash = self._idle.popitem(last=False)
         del self._page_of[block_hash], self._hash_of[page]
         return page
+
+
+def block_hashes(token_ids: Sequence[int], page_size: int, causal: bool, num_blocks: int,
+                 known: Sequence[bytes] = ()) -> list[bytes]:
+    """`block_hash` of the first `num_blocks` whole blocks of a token sequence, in order; `known`: those
+    of its first blocks already computed."""
+    hashes = list(known)
+    for j in range(len(hashes), num_blocks):
+        hashes.append(block_hash(hashes[-1] if hashes else None, token_ids[j * page_size : (j + 1) * page_size], causal))
+    return hashes
 
 
 def block_hash(parent: bytes | None, token_ids: Sequence[int], causal: bool) -> bytes:

@@ -436,9 +436,10 @@ class FdllmServer:
 
     async def _logprobs(self, prompt_ids: list[int], result, top: int, endpoint: str, echo: bool) -> dict[str, Any]:
         """A choice's `logprobs`: one causal scoring forward over prompt + completion (Engine.score),
-        for the completion's tokens (with `echo`, the prompt's too)."""
+        for the completion's tokens (with `echo`, the prompt's too; without, the prompt's cached blocks
+        are read, not recomputed)."""
         try:
-            scored = await self.engine.score(prompt_ids + result.token_ids, top)
+            scored = await self.engine.score(prompt_ids + result.token_ids, top, 1 if echo else len(prompt_ids))
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
             raise _engine_error(exc) from None
         build = chat_logprobs if endpoint == "chat" else completion_logprobs
@@ -537,10 +538,16 @@ def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = 
         time.sleep(0.5)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`fdllm-serve --model DIR`: start local Ray + Serve and block until Ctrl-C."""
-    import ray
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The `EngineConfig` fields fdllm-serve's flags set (None: the defaults)."""
+    fields = {"quantization": args.quantization} if args.quantization else {}
+    if not args.prefix_caching:
+        fields["enable_prefix_caching"] = False
+    return fields or None
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """fdllm-serve's command line."""
     parser = argparse.ArgumentParser(prog="fdllm-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint dir (HF format with tokenizer) or s3:// / gs:// URI")
     parser.add_argument("--model-name", help="name clients use as 'model' (default: the dir name)")
@@ -557,7 +564,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quantization", choices=QUANTIZATIONS,
                         help="quantize the weights at load (int8/int4 weight-only; fp8 on Ada/Hopper GPUs)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="recompute every prompt (EngineConfig.enable_prefix_caching=False; vLLM's flag)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`fdllm-serve --model DIR`: start local Ray + Serve and block until Ctrl-C."""
+    import ray
+
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import torch
@@ -571,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
                      "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
                      "threshold": args.threshold, "block_lookahead": args.block_lookahead or None,
                      "device": args.device, "dtype": args.dtype,
-                     "engine": {"quantization": args.quantization} if args.quantization else None})
+                     "engine": engine_overrides(args)})
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)
 

@@ -30,6 +30,7 @@ from fdllm.engine.params import (
     GenerationResult,
     SamplingParams,
     SequenceLogprobs,
+    is_int,
 )
 from fdllm.engine.runner import ModelRunner, profile_peak_memory, query_bucket
 from fdllm.engine.scheduler import Scheduler
@@ -320,10 +321,13 @@ class Engine:
         model (no mask token). Under block-causal attention a position sees the block it would predict."""
         return self.config.causal_prefix or self.config.mask_token_id is None
 
-    def score(self, prompts: Seq[Prompt], top_logprobs: int = 0) -> list[SequenceLogprobs]:
+    def score(self, prompts: Seq[Prompt], top_logprobs: int = 0, score_from: int | Seq[int] = 1) -> list[SequenceLogprobs]:
         """Each sequence's causal log-probabilities (the model's AR distribution, mask token excluded as
         in decoding): what OpenAI `logprobs`/`echo` and lm-evaluation-harness's loglikelihood tasks read.
-        `top_logprobs`: how many of the most likely tokens to return at each position.
+        `top_logprobs`: how many of the most likely tokens to return at each position. `score_from`: the
+        first position scored (one for all, or one per sequence; earlier ones are None): the whole
+        blocks before it that the prefix cache holds are read, not recomputed (a finished request's
+        prompt, when only its completion is scored).
 
         Runs prefill's path (`fdllm.engine.scoring`): forwards of at most max_prefill_tokens tokens
         packing several sequences, over pages borrowed from the free pool and given back. Call it
@@ -337,13 +341,18 @@ class Engine:
                              "block-causally (bidirectionally inside a block), so no position's logits are a causal "
                              "prediction; fine-tune with the joint objective (prefix_attention: causal)")
         vocab = self.model.config.vocab_size
-        if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= vocab:
+        if not is_int(top_logprobs) or not 0 <= top_logprobs <= vocab:
             raise ValueError(f"top_logprobs must be an integer in [0, {vocab}], got {top_logprobs!r}")
         encoded = [self._encode(p) for p in prompts]
-        for ids in encoded:
+        starts = list(score_from) if isinstance(score_from, (list, tuple)) else [score_from] * len(encoded)
+        if len(starts) != len(encoded):
+            raise ValueError(f"{len(encoded)} sequences but {len(starts)} score_from positions")
+        for ids, start in zip(encoded, starts):
             self._check_fits(ids, 0)
+            if not is_int(start) or not 1 <= start <= len(ids):
+                raise ValueError(f"score_from must be an integer in [1, {len(ids)}] (the sequence's length), got {start!r}")
         return score_sequences(self.runner, self.allocator, encoded, top_logprobs, self.config.block_size,
-                               self.engine_config.max_prefill_tokens)
+                               self.engine_config.max_prefill_tokens, starts)
 
     def score_pages(self, token_ids: list[int]) -> int:
         """KV pages `score` borrows for a sequence of these tokens (all of a call's at once)."""

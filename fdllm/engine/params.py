@@ -20,7 +20,8 @@ DEFAULT_DELIMITERS = ("\n",)  # adaptive sub-block boundaries: newline tokens (w
 MAX_DELIMITERS, MAX_DELIMITER_CHARS = 16, 32
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON's true would otherwise pass for 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -67,7 +68,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         """Reject values that could not be decoded meaningfully, before they reach a step: one bad
         request must fail alone at the boundary, never inside a batch other requests share."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if not _is_finite(self.temperature) or not (
             self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
@@ -78,9 +79,9 @@ class SamplingParams:
             )
         if not _is_finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+        if self.seed is not None and (not is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
             raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
         if self.threshold is not None and (not _is_finite(self.threshold) or not 0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
@@ -99,7 +100,7 @@ class SamplingParams:
         if (
             not isinstance(self.stop_token_ids, (tuple, list))
             or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS
-            or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
+            or not all(is_int(t) and t >= 0 for t in self.stop_token_ids)
         ):
             raise ValueError(
                 f"stop_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, got {self.stop_token_ids!r}"
@@ -128,7 +129,7 @@ class SamplingParams:
                 f"{MAX_DELIMITER_CHARS} characters, got {self.delimiters!r}"
             )
         if not isinstance(self.delimiter_token_ids, (tuple, list)) or len(self.delimiter_token_ids) > MAX_STOP_TOKEN_IDS or not all(
-            _is_int(t) and t >= 0 for t in self.delimiter_token_ids
+            is_int(t) and t >= 0 for t in self.delimiter_token_ids
         ):
             raise ValueError(f"delimiter_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, "
                              f"got {self.delimiter_token_ids!r}")
@@ -236,9 +237,10 @@ class GenerationResult:
 @dataclass(frozen=True)
 class SequenceLogprobs:
     """`Engine.score`'s answer for one token sequence: position i's causal log-probability
-    log p(token_i | tokens before it) (None at position 0, which nothing predicts), and the
-    `top_logprobs` most likely tokens there as (token id, log-probability), most likely first
-    (empty at position 0). The mask token is never a prediction (-inf when scored)."""
+    log p(token_i | tokens before it) (None at position 0, which nothing predicts, and before the
+    call's `score_from`), and the `top_logprobs` most likely tokens there as (token id,
+    log-probability), most likely first (empty where the log-probability is None). The mask token is
+    never a prediction (-inf when scored)."""
 
     token_ids: list[int]
     logprobs: list[float | None]

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fdllm.cache import AttentionRow, block_hash
+from fdllm.cache import AttentionRow, block_hashes
 from fdllm.decoding import (
     BlockStep,
     SelectionPolicy,
@@ -140,7 +140,7 @@ class Sequence:
         self.num_cached = 0  # tokens whose exact K/V are in the pages
         # Prefix caching: the K/V of prefill and committed blocks are final once written, so their
         # pages are shared with later sequences that start with the same blocks (PageAllocator).
-        self.block_hashes: list[bytes] = []  # `block_hash` of blocks 0, 1, ... as far as computed
+        self.hashes: list[bytes] = []  # `block_hash` of blocks 0, 1, ... as far as computed
         self.num_registered = 0  # leading blocks whose pages the prefix cache holds
         self.num_cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache, not prefill
         if self.is_causal:
@@ -176,12 +176,9 @@ class Sequence:
 
     def block_hash(self, j: int) -> bytes:
         """The prefix cache's key of block j (its tokens must be known: j < len(self.tokens) // L)."""
-        L = self.block_size
-        while len(self.block_hashes) <= j:
-            k = len(self.block_hashes)
-            parent = self.block_hashes[-1] if k else None
-            self.block_hashes.append(block_hash(parent, self.tokens[k * L : (k + 1) * L], self.is_causal or self.causal_prefix))
-        return self.block_hashes[j]
+        if len(self.hashes) <= j:
+            self.hashes = block_hashes(self.tokens, self.block_size, self.is_causal or self.causal_prefix, j + 1, self.hashes)
+        return self.hashes[j]
 
     @property
     def num_shareable_blocks(self) -> int:

@@ -159,3 +159,37 @@ def test_a_full_cache_is_out_of_pages_until_requests_finish(causal_dllm_dir):
     while engine.has_unfinished():
         engine.step()
     assert engine.score([[5] * 30])[0].logprobs[1] < 0
+
+
+def test_scoring_a_finished_completion_reads_its_cached_prompt(causal_dllm_dir, engine, monkeypatch):
+    """Only the completion of a request that just finished is scored (`score_from`, OpenAI logprobs
+    without echo): the whole blocks of its prompt before the first scored position come from the
+    prefix cache, so only the rest is fed; the values are the full scoring's and transformers'."""
+    prompt = torch.randint(0, 90, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    done = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    ids = prompt + done.token_ids
+    full = engine.score([ids], top_logprobs=2)[0]
+    fed = []
+    score = engine.runner.score
+    monkeypatch.setattr(engine.runner, "score", lambda rows, k: fed.extend(len(r.ids) for r in rows) or score(rows, k))
+    cached_before = engine.num_cached_pages
+    (got,) = engine.score([ids], top_logprobs=2, score_from=len(prompt))
+    assert sum(fed) == len(ids) - 1 - 16  # the prompt's first two blocks (16 tokens) are read, not fed
+    assert got.logprobs[:21] == [None] * 21 and got.top_logprobs[:21] == [[]] * 21
+    assert got.logprobs[21:] == pytest.approx(full.logprobs[21:], abs=1e-5)
+    assert [[t for t, _ in top] for top in got.top_logprobs[21:]] == [[t for t, _ in top] for top in full.top_logprobs[21:]]
+    ref = hf_causal_logprobs(causal_dllm_dir, ids, engine.config.mask_token_id)
+    want = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(got.logprobs[21:], dtype=torch.float64), want[20:].double(), atol=1e-5, rtol=0)
+    assert engine.num_cached_pages == cached_before and engine.num_free_pages == engine.num_pages
+    fed.clear()
+    nothing, part = engine.score([ids, ids], score_from=[len(ids), 26])
+    assert nothing.logprobs == [None] * len(ids) and part.logprobs[26:] == pytest.approx(full.logprobs[26:], abs=1e-5)
+    assert sum(fed) == len(ids) - 1 - 24  # three blocks lie before position 25, whose logits score 26
+
+
+@pytest.mark.parametrize("score_from,message", [(0, "score_from"), (5, "score_from"), (True, "score_from"),
+                                                (1.5, "score_from"), ([1, 2], "2 score_from positions")])
+def test_bad_score_from_is_a_value_error(engine, score_from, message):
+    with pytest.raises(ValueError, match=message):
+        engine.score([[5, 6, 7, 8]], score_from=score_from)

@@ -20,3 +20,14 @@ def test_engine_fields_pass_through_and_bad_ones_fail_early():
         ServerConfig.from_args({"model": "m", "engine": {"kv_fraction": 0.5}})
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         ServerConfig.from_args({"model": "m", "engine": {"gpu_memory_utilization": 1.5}})
+
+
+def test_fdllm_serve_flags_set_engine_fields():
+    from serve.app import engine_overrides, parse_args
+
+    def engine(*flags):
+        return ServerConfig.from_args({"model": "m", "engine": engine_overrides(parse_args(["--model", "m", *flags]))})
+
+    assert engine().engine_config() == fdllm.EngineConfig()
+    assert engine("--quantization", "int8", "--no-enable-prefix-caching").engine_config() == fdllm.EngineConfig(
+        quantization="int8", enable_prefix_caching=False)
