@@ -20,7 +20,19 @@ import numpy as np
 from fdllm.engine.params import SamplingParams
 from fdllm.engine.sequence import Work
 
-ROW_STREAM = 1 << 12  # counter = Sequence.num_decode_steps * ROW_STREAM + logit row: one draw per row per step
+ROW_STREAM = 1 << 12  # diffusion: counter = Sequence.num_decode_steps * ROW_STREAM + logit row (`draw_counter`)
+
+
+def draw_counter(work: Work, r: int, steps: int) -> int:
+    """Where logit row r's draw is in its request's stream (`decoding.counter_uniform`). A causal row
+    (AR, a speculative verify or prefill) draws by the position of the token it samples, so every
+    position has one draw whatever forward samples it: a speculative request then samples AR's own
+    tokens for its seed (a verify commits its sampled tokens; the rows a rejection discards decided
+    nothing), with or without lookahead, whatever runs beside it. A diffusion step draws by the
+    request's decode step and the row (positions are decoded over several steps)."""
+    if work.seq.is_causal:
+        return work.start + work.logit_rows[r] + 1
+    return steps * ROW_STREAM + r
 
 
 def stream_seed(params: SamplingParams) -> int:
@@ -115,7 +127,7 @@ class StepInputs:
                         top_p.append(p.top_p)
                         top_k.append(p.top_k)
                         seed.append(stream_seed(p))
-                        counter.append(steps * ROW_STREAM + r)
+                        counter.append(draw_counter(w, r, steps))
         i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
         draws = NO_SAMPLED
         if sampled:

@@ -43,7 +43,7 @@ class SamplingParams:
     threshold: float | None = None  # None: the engine's BlockDiffusionConfig.threshold
     # "ar": the autoregressive baseline on the same engine and cache; "speculative": drafts each block
     # in diffusion mode and verifies it with one causal forward, so the output is the model's own AR
-    # output (greedy: token for token; sampling: the same distribution) in fewer forwards.
+    # output (token for token, greedy or sampled with the same seed) in fewer forwards.
     mode: str = "diffusion"
     ignore_eos: bool = False  # True: only stop_token_ids/stop/max_new_tokens end the request
     # Selection policy of diffusion steps and speculative drafts (fdllm.decoding.SelectionPolicy, METHOD.md §5):

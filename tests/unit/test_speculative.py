@@ -307,3 +307,19 @@ def test_speculative_equals_ar_on_every_held_out_world_record():
     assert _run(engine, prompts, greedy("speculative")) == ar
     for i in range(0, 300, 15):  # alone: no batch neighbour to lean on
         assert _run(engine, [prompts[i]], greedy("speculative")) == [ar[i]], i
+
+
+@pytest.mark.parametrize("lookahead_max_batch", [None, 1])
+def test_seeded_speculative_samples_ar_s_own_tokens(model, lookahead_max_batch):
+    """A draw per position: a seeded speculative request samples the AR request's tokens of the same
+    seed, token for token, whatever its drafts, its lookahead (on in every step, or only while it runs
+    alone) and the requests running beside it."""
+    prompts = random_prompts(4, [3, 9, 13], seed=35)
+    p = {"temperature": 1.5, "top_p": 0.95, "max_new_tokens": 24}
+    ar = [make_engine(model).generate([pr], params(mode="ar", seed=i, **p))[0].token_ids for i, pr in enumerate(prompts)]
+    engine = make_engine(model)
+    engine.scheduler.lookahead_max_batch = lookahead_max_batch  # EngineConfig.speculative_lookahead_max_batch
+    results = run_joining_mid_flight(engine, prompts, [params(mode="speculative", seed=i, **p) for i in range(4)])
+    spec = [results[str(i)] for i in range(4)]
+    assert [r.token_ids for r in spec] == ar
+    assert sum(r.num_accepted for r in spec) > 0  # drafts were accepted (and others rejected) on the way
