@@ -329,11 +329,13 @@ def new_id(prefix: str) -> str:
 def usage(results: list[GenerationResult], n: int = 1) -> dict[str, Any]:
     """A request's token counts: each prompt once (results i * n .. i * n + n - 1 share prompt i),
     every choice's completion; of the prompt tokens, those served from the prefix cache (OpenAI's
-    `prompt_tokens_details.cached_tokens`)."""
+    `prompt_tokens_details.cached_tokens`), per prompt the most any of its choices took from it (the
+    first choice usually prefills what the others then share)."""
     prompt = sum(len(r.prompt_token_ids) for r in results[::n])
     completion = sum(len(r.token_ids) for r in results)
+    cached = sum(max(r.num_cached_tokens for r in results[i : i + n]) for i in range(0, len(results), n))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(r.num_cached_tokens for r in results[::n])}}
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def fdllm_stats(results: list[GenerationResult]) -> dict[str, float | int | None]:

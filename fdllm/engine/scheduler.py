@@ -48,15 +48,20 @@ class Scheduler:
         """
         for seq in self.running:  # what the last step made final, before anyone is admitted
             self._register(seq)
+        deferred = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             shared = self._cached_prefix(seq)
             if self._being_prefilled(seq, len(shared)):
-                break  # share it from the next step on rather than prefill it twice (SGLang's in-batch prefix check)
+                # share it from a coming step rather than prefill it twice (SGLang's in-batch prefix
+                # check); the requests behind it do not wait for that
+                deferred.append(self.waiting.popleft())
+                continue
             if not self.allocator.reserve(seq.max_pages - len(shared), shared):
                 break  # FIFO: a large request is not overtaken by smaller ones behind it
             seq.use_cached_prefix(shared)
             self.running.append(self.waiting.popleft())
+        self.waiting.extendleft(reversed(deferred))  # back at the head, in order
         budget = self.max_prefill_tokens
         lookahead = self.lookahead_max_batch is None or len(self.running) <= self.lookahead_max_batch
         works, batched, failed = [], [], []
@@ -111,7 +116,7 @@ class Scheduler:
         """Whether a running sequence's prefill is about to make the first of `seq`'s prompt blocks that
         the cache lacks (block `cached`) final: requests sent together with one prompt (n choices, a burst
         sharing a system prompt) then prefill it once. Prefill goes first come first served, so the wait
-        is a step or a few, and every request behind waits with it (admission stays FIFO)."""
+        is a step or a few; requests behind it that share nothing are admitted meanwhile."""
         if not self.prefix_caching or cached >= seq.num_shareable_blocks:
             return False
         L = self.block_size

@@ -241,3 +241,24 @@ def test_requests_sent_together_prefill_their_shared_prompt_once(model, mode):
     off = make_engine(model, max_prefill_tokens=8, prefix_caching=False).generate(prompts, p)
     assert _tokens(on) == _tokens(off)
     assert [r.num_cached_tokens for r in on] == [0, 24, 24, 16]
+
+
+def test_a_request_waiting_for_a_shared_prefix_holds_back_no_one_behind_it(model):
+    """W waits for the blocks O is prefilling (8 tokens a step); X, queued behind W and sharing
+    nothing, is admitted at once and starts decoding the next step, as with caching off."""
+    head = random_prompts(1, [40], seed=47)[0]
+    engine = make_engine(model, max_prefill_tokens=8)
+    engine.add_request(head, params(), request_id="O")
+    engine.step()
+    engine.add_request(head[:32] + [1, 2], params(), request_id="W")
+    engine.add_request([7, 8, 9], params(), request_id="X")
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["O", "X"]
+    assert [s.request_id for s in engine.scheduler.waiting] == ["W"]
+    done = {}
+    while engine.has_unfinished():
+        done |= {r.request_id: r for r in engine.step()}
+    assert done["W"].num_cached_tokens == 32
+    off = make_engine(model, prefix_caching=False)
+    assert [done[r].token_ids for r in "OWX"] == [off.generate([p], params())[0].token_ids
+                                                  for p in (head, head[:32] + [1, 2], [7, 8, 9])]

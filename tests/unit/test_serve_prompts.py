@@ -171,9 +171,9 @@ def test_usage_counts_each_prompt_once_and_every_choice():
                                 num_forwards=forwards, time_to_first_token_s=0.1 * forwards)
 
     results = [result(3, 4, 2), result(3, 6, 3), result(5, 2, 1), result(5, 0, 0)]  # 2 prompts x n=2
-    results[1].num_cached_tokens, results[2].num_cached_tokens = 2, 4  # choice 1 of prompt 0 hit the cache too
+    results[1].num_cached_tokens, results[2].num_cached_tokens = 2, 4  # choice 1 shared what choice 0 prefilled
     assert usage(results, n=2) == {"prompt_tokens": 8, "completion_tokens": 12, "total_tokens": 20,
-                                   "prompt_tokens_details": {"cached_tokens": 4}}
+                                   "prompt_tokens_details": {"cached_tokens": 6}}
     stats = fdllm_stats(results)
     assert stats["num_forwards"] == 6 and stats["tokens_per_forward"] == 2.0
     assert stats["time_to_first_token_s"] == pytest.approx(0.0)
