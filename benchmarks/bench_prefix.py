@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_train import PRESETS, build_model
+from benchmarks.bench_train import add_model_arguments, build_model
 
 import fdllm
 from fdllm.loader import parse_dtype
@@ -46,9 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `prefix` benchmark on an argparse subparsers object."""
     p = subparsers.add_parser("prefix", help="prefix caching off vs on: requests sharing a system prompt",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", help="HF checkpoint dir (default: a random --preset model)")
-    source.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="random model shape")
+    add_model_arguments(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--requests", type=int, default=16)

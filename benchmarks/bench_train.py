@@ -54,10 +54,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model DIR` or `--preset NAME`: what `build_model` builds."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="HF checkpoint dir (default: a random --preset model)")
     source.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="random model shape")
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--block-size", type=int, default=32, help="diffusion block size")

@@ -355,7 +355,8 @@ class Engine:
                                self.engine_config.max_prefill_tokens, starts)
 
     def score_pages(self, token_ids: list[int]) -> int:
-        """KV pages `score` borrows for a sequence of these tokens (all of a call's at once)."""
+        """KV pages `score` borrows at most for a sequence of these tokens (all of a call's at once;
+        blocks the prefix cache holds are read instead)."""
         return score_pages(len(token_ids), self.config.block_size)
 
     def selection_policy(self, params: SamplingParams) -> SelectionPolicy:

@@ -23,7 +23,7 @@ from fdllm.engine.sequence import Work
 ROW_STREAM = 1 << 12  # diffusion: counter = Sequence.num_decode_steps * ROW_STREAM + logit row (`draw_counter`)
 
 
-def draw_counter(work: Work, r: int, steps: int) -> int:
+def draw_counter(work: Work, r: int) -> int:
     """Where logit row r's draw is in its request's stream (`decoding.counter_uniform`). A causal row
     (AR, a speculative verify or prefill) draws by the position of the token it samples, so every
     position has one draw whatever forward samples it: a speculative request then samples AR's own
@@ -32,7 +32,7 @@ def draw_counter(work: Work, r: int, steps: int) -> int:
     request's decode step and the row (positions are decoded over several steps)."""
     if work.seq.is_causal:
         return work.start + work.logit_rows[r] + 1
-    return steps * ROW_STREAM + r
+    return work.seq.num_decode_steps * ROW_STREAM + r
 
 
 def stream_seed(params: SamplingParams) -> int:
@@ -119,7 +119,7 @@ class StepInputs:
                 entropy += range(first, len(cands))
             sampled_rows = w.sampled_rows
             if sampled_rows:
-                p, steps = w.seq.params, w.seq.num_decode_steps
+                p = w.seq.params
                 for c, r in enumerate(rows, first):
                     if r in sampled_rows:
                         sampled.append(c)
@@ -127,7 +127,7 @@ class StepInputs:
                         top_p.append(p.top_p)
                         top_k.append(p.top_k)
                         seed.append(stream_seed(p))
-                        counter.append(draw_counter(w, r, steps))
+                        counter.append(draw_counter(w, r))
         i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
         draws = NO_SAMPLED
         if sampled:

@@ -155,9 +155,9 @@ class Sequence:
         self.output: list[int] = []  # settled generated tokens (final, streamed)
         self.finish_reason: str | None = None
         self.num_forwards = 0
-        # Forwards that read this sequence's logits: where its sampling draws are in its own stream
-        # (fdllm.engine.inputs). Prefill-only chunks do not count, so how its prompt was chunked (which
-        # depends on what else prefilled in the same steps) or served from the prefix cache never changes its samples.
+        # Forwards that read this sequence's logits: where a diffusion step's draws are in its stream
+        # (fdllm.engine.inputs.draw_counter; causal rows draw by position). Prefill-only chunks do not
+        # count, so how its prompt was chunked or served from the prefix cache never changes its samples.
         self.num_decode_steps = 0
         self.first_token_time: float | None = None
         # Speculative: the current round's draft of positions [len(tokens), block end), masks where undrafted.
