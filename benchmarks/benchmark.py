@@ -9,6 +9,7 @@ r"""Benchmarks of the fdllm engine (run from the repository root after `pip inst
     python -m benchmarks.benchmark serve                     # HTTP load test (benchmarks/bench_serve.py)
     python -m benchmarks.benchmark kernels                   # Triton vs torch on a GPU (benchmarks/bench_kernels.py)
     python -m benchmarks.benchmark prefix                    # prefix caching off vs on (benchmarks/bench_prefix.py)
+    python -m benchmarks.benchmark paging                    # KV pages on demand vs worst case (benchmarks/bench_paging.py)
 
 `decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
 (yardstick), the engine's AR mode, block diffusion with the sub-block cache off and on, and
@@ -41,7 +42,7 @@ from typing import Self
 
 import torch
 
-from benchmarks import bench_kernels, bench_prefix, bench_serve, bench_train
+from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_serve, bench_train
 
 import fdllm
 from fdllm.config import ModelConfig
@@ -260,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bench_kernels.add_parser(sub)
     bench_serve.add_parser(sub)
     bench_prefix.add_parser(sub)
+    bench_paging.add_parser(sub)
     return parser.parse_args(argv)
 
 

@@ -41,9 +41,9 @@ class OutOfPages(RuntimeError):
 class PageAllocator:
     """Pages of the KV cache: reservations for admission control, reference counts, and the prefix cache.
 
-    A sequence is admitted only if its worst-case page count can be reserved; pages are then taken
-    from that reservation as the sequence reaches them (prefill, block commit), so a running
-    sequence never waits for a page and nothing ever needs preempting.
+    Pages are taken out of reservations: the scheduler reserves what a sequence needs to start at
+    its admission, and a page at a time as it reaches later blocks (`fdllm.engine.scheduler`), so a
+    page promised to a sequence is never taken by another.
 
     Prefix caching (vLLM's automatic prefix caching, at block granularity): a page whose block holds
     final, exact K/V can be `register`ed under the block's `block_hash`. A sequence whose prompt starts
@@ -88,11 +88,12 @@ class PageAllocator:
             pages.append(page)
         return pages
 
-    def reserve(self, n: int, shared: Sequence[int] = ()) -> bool:
+    def reserve(self, n: int, shared: Sequence[int] = (), spare: int = 0) -> bool:
         """Promise `n` future pages and take hold of the cached pages `shared` (from `lookup`), all or
-        nothing: False (nothing reserved or held) if they are not available."""
+        nothing: False (nothing reserved or held) if they are not available with `spare` pages left
+        unreserved after."""
         idle = len({page for page in shared if not self._refs[page]})  # taking these leaves fewer free
-        if n > self.num_unreserved - idle:
+        if n + spare > self.num_unreserved - idle:
             return False
         for page in shared:
             if not self._refs[page]:

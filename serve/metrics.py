@@ -78,6 +78,8 @@ def samples(counters: RequestCounters, engine: "AsyncEngine") -> list[Sample]:
         Sample("fdllm_waiting_requests", "gauge", "Requests queued for admission (queue depth)", stats["waiting"]),
         Sample("fdllm_free_kv_pages", "gauge", "Free KV-cache pages (prefix-cached ones included)", stats["free_pages"]),
         Sample("fdllm_prefix_cached_kv_pages", "gauge", "KV-cache pages in the prefix cache", stats["cached_pages"]),
+        Sample("fdllm_preemptions", "counter", "Requests preempted for want of free KV pages (prefilled again later)",
+               stats["preemptions"]),
         Sample("fdllm_engine_steps", "counter", "Engine steps", m.steps),
         Sample("fdllm_engine_step_seconds", "counter", "Total seconds spent in engine steps", m.step_seconds_total),
         Sample("fdllm_engine_last_step_seconds", "gauge", "Latency of the latest engine step", m.last_step_seconds),

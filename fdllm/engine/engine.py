@@ -105,7 +105,7 @@ class Engine:
             self.allocator, max_num_seqs=engine_config.max_num_seqs,
             max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L,
             lookahead_max_batch=engine_config.speculative_lookahead_max_batch,
-            prefix_caching=engine_config.enable_prefix_caching,
+            prefix_caching=engine_config.enable_prefix_caching, reserve_worst_case=engine_config.deterministic,
         )
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
         # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while
@@ -165,6 +165,11 @@ class Engine:
     def num_cached_pages(self) -> int:
         """Pages the prefix cache holds (EngineConfig.enable_prefix_caching); the idle ones count as free."""
         return self.allocator.num_cached
+
+    @property
+    def num_preemptions(self) -> int:
+        """Requests preempted so far for want of free KV pages (each prefilled again later)."""
+        return self.scheduler.num_preemptions
 
     @property
     def num_running(self) -> int:

@@ -153,7 +153,9 @@ class EngineConfig:
     # so no GEMM ever changes shape and a request's logits are bitwise the same whatever else runs (the
     # kernels are batch-invariant either way). Costs speed. Prefill steps keep their own shapes, as do
     # steps that need more than max_num_seqs entries (lookaheads, two rows per request, of a nearly
-    # full batch).
+    # full batch). It also reserves each request's every KV page at admission (prompt + max_new_tokens),
+    # so no request is ever preempted: a preempted request's recomputed K/V need not be bitwise the
+    # K/V it had, and a diffusion request with the sub-block cache resumes with a refresh step.
     deterministic: bool = False
     # Weights quantized when the engine is built (fdllm.quantization: "int8" | "int4" | "fp8"), in place:
     # the model passed to Engine is changed. None: the model's own dtype.
@@ -217,6 +219,7 @@ class GenerationResult:
     num_drafted: int = 0  # speculative mode: draft tokens proposed to a verify forward
     num_accepted: int = 0  # speculative mode: draft tokens the verify forward confirmed
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed)
+    num_preemptions: int = 0  # times the request gave its KV pages back and was prefilled again
     time_to_first_token_s: float | None = None  # None: no token was produced
     latency_s: float = 0.0
 

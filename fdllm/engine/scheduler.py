@@ -3,12 +3,21 @@
 Plain Python over `Sequence` objects. Every step each running sequence contributes one `Work`
 (its current sub-block step, block commit or AR token), or joins the step's `DenoiseBatch` (plain
 sub-block steps, planned for all at once); sequences still prefilling share a per-step
-budget of prompt tokens, taken in whole blocks. Admission is FIFO and reserves a request's
-worst-case page count up front, so running sequences never run out of pages (no preemption).
+budget of prompt tokens, taken in whole blocks.
+
+Pages are taken as they are needed (vLLM's scheme). Admission is FIFO: a request is admitted when the
+pages of its prompt and first blocks (`Sequence.pages_to_start`) can be reserved with a page to spare
+for each running sequence's next block. A running sequence that reaches a new block takes a free
+page; when none is left, the most recently admitted sequence is preempted (`Sequence.preempt`: its
+pages go back, its final blocks stay in the prefix cache) and waits at the head of the queue to be
+prefilled again. `reserve_worst_case` (EngineConfig.deterministic) instead reserves every page a
+request may reach (prompt + max_new_tokens) at admission, so nothing is ever preempted, at the cost
+of admitting fewer requests when they stop well short of max_new_tokens.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from fdllm.cache import PageAllocator
@@ -16,16 +25,23 @@ from fdllm.engine.denoise import DenoiseBatch
 from fdllm.engine.sequence import Sequence, Work
 
 
+log = logging.getLogger(__name__)
+
 MIN_DENOISE_BATCH = 8
+PREEMPTION_WARNING_EVERY = 50  # preemptions between two warnings (vLLM's interval)
 
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, *, max_num_seqs: int, max_prefill_tokens: int, block_size: int,
-                 lookahead_max_batch: int | None = None, prefix_caching: bool = True) -> None:
+                 lookahead_max_batch: int | None = None, prefix_caching: bool = True,
+                 reserve_worst_case: bool = False) -> None:
         """`lookahead_max_batch`: speculative lookahead only in steps with at most this many running
         sequences (EngineConfig.speculative_lookahead_max_batch; None: in every step). `prefix_caching`:
-        share the pages of final blocks between sequences (EngineConfig.enable_prefix_caching)."""
+        share the pages of final blocks between sequences (EngineConfig.enable_prefix_caching).
+        `reserve_worst_case`: reserve each request's every page at admission, never preempt."""
         self.allocator, self.prefix_caching = allocator, prefix_caching
+        self.reserve_worst_case = reserve_worst_case
+        self.num_preemptions = 0
         self.max_num_seqs, self.max_prefill_tokens, self.block_size = max_num_seqs, max_prefill_tokens, block_size
         self.lookahead_max_batch = lookahead_max_batch
         self.waiting: deque[Sequence] = deque()
@@ -57,54 +73,85 @@ class Scheduler:
                 # check); the requests behind it do not wait for that
                 deferred.append(self.waiting.popleft())
                 continue
-            if not self.allocator.reserve(seq.max_pages - len(shared), shared):
+            need = (seq.max_pages if self.reserve_worst_case else seq.pages_to_start) - len(shared)
+            spare = 0 if self.reserve_worst_case else len(self.running)  # their next blocks
+            if not self.allocator.reserve(need, shared, spare=spare):
                 break  # FIFO: a large request is not overtaken by smaller ones behind it
             seq.use_cached_prefix(shared)
+            seq.num_reserved = need
             self.running.append(self.waiting.popleft())
         self.waiting.extendleft(reversed(deferred))  # back at the head, in order
         budget = self.max_prefill_tokens
         lookahead = self.lookahead_max_batch is None or len(self.running) <= self.lookahead_max_batch
         works, batched, failed = [], [], []
-        for seq in self.running:
+        # Oldest first, so a sequence short of pages preempts only sequences not yet planned (the
+        # newest, at the end), or itself when it is the newest.
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
             try:
+                work = None
                 if self.batch_denoising and seq.batch_denoising:
-                    batched.append(seq)
-                    continue
+                    kv_len = seq.block_start + self.block_size
+                else:
+                    work = seq.next_work(budget, lookahead)
+                    kv_len = 0 if work is None else work.kv_len
+                if not self._reach(seq, kv_len):
+                    continue  # preempted itself: running[i] is the next sequence now
             except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
                 failed.append((seq, exc))
-                continue
-            budget = self._plan(seq, budget, lookahead, works, failed)
+            else:
+                if work is not None:
+                    works.append(work)
+                    budget -= work.num_prefill
+                elif kv_len:
+                    batched.append(seq)
+            i += 1
         if len(batched) < self.min_denoise_batch:  # too few to pay for the batch's array set-up
-            for seq in batched:
-                budget = self._plan(seq, budget, lookahead, works, failed)
+            for seq in batched:  # plain sub-block steps: no prefill, their pages taken above
+                try:
+                    works.append(seq.next_work(budget, lookahead))
+                except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
+                    failed.append((seq, exc))
             batched = []
         batch = None
         if batched:
             try:
-                for seq in batched:
-                    self._reach(seq, seq.block_start + self.block_size)
                 batch = DenoiseBatch(batched)
             except Exception as exc:  # noqa: BLE001 - it cannot be attributed: those requests fail, the others run
                 failed += [(seq, exc) for seq in batched]
         return works, batch, failed
 
-    def _plan(self, seq: Sequence, budget: int, lookahead: bool, works: list[Work],
-              failed: list[tuple[Sequence, Exception]]) -> int:
-        """Add the sequence's work (if it has one within the prefill budget); returns the budget left."""
-        try:
-            work = seq.next_work(budget, lookahead)
-            if work is not None:
-                self._reach(seq, work.kv_len)
-                works.append(work)
-                budget -= work.num_prefill
-        except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
-            failed.append((seq, exc))
-        return budget
-
-    def _reach(self, seq: Sequence, kv_len: int) -> None:
-        """Pages up to `kv_len` tokens, taken from the sequence's reservation now (its rows hold seq.pages itself)."""
+    def _reach(self, seq: Sequence, kv_len: int) -> bool:
+        """Pages up to `kv_len` tokens (its rows hold seq.pages itself): from the sequence's reservation,
+        then from the free pages, preempting the newest running sequences while none is free. False
+        when that preempted `seq` itself (it is the newest): it takes no step now."""
         while len(seq.pages) * self.block_size < kv_len:
+            if not seq.num_reserved:
+                while not self.allocator.reserve(1):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        return False
+                seq.num_reserved = 1
+            seq.num_reserved -= 1
             seq.pages.append(self.allocator.allocate())
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give a running sequence's pages back and queue it first, to be prefilled again (recompute
+        preemption); its final blocks stay in the prefix cache."""
+        self._release(seq)
+        seq.preempt()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        if self.num_preemptions % PREEMPTION_WARNING_EVERY == 1:
+            log.warning(
+                "request %s was preempted: the KV cache has no free page for the running requests' next "
+                "blocks, so it gives its pages back and is prefilled again later (%d preemptions so far). "
+                "This costs throughput; give the engine more KV pages (gpu_memory_utilization, num_pages) "
+                "or run fewer requests at once (max_num_seqs)", seq.request_id, self.num_preemptions,
+            )
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The prefix cache's pages of the sequence's leading prompt blocks."""
@@ -139,12 +186,17 @@ class Scheduler:
         """Remove a finished, aborted or failed sequence and give its pages and reservation back
         (a no-op for one already removed); its final blocks stay in the prefix cache."""
         if seq in self.running:
-            self._register(seq)
-            self.running.remove(seq)
-            self.allocator.release(seq.pages, seq.max_pages - len(seq.pages))
+            self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.pages = []
+
+    def _release(self, seq: Sequence) -> None:
+        """Take a running sequence out, its final blocks into the prefix cache, its pages and reservation back."""
+        self._register(seq)
+        self.running.remove(seq)
+        self.allocator.release(seq.pages, seq.num_reserved)
+        seq.num_reserved = 0
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in (*self.running, *self.waiting):

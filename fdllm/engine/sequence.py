@@ -132,11 +132,14 @@ class Sequence:
         # Diffusion: a block's opening forward also runs its first step (with a sub-block to read).
         self.block_lookahead = params.block_lookahead and not self.is_causal and sub_block_size > 1
         P, L = len(prompt), block_size
-        # Prompt tokens whose K/V prefill writes: AR all of them, diffusion its whole blocks (the rest opens a block).
+        # Prompt tokens whose K/V prefill writes: AR all of them, diffusion its whole blocks (the rest
+        # opens a block). After a preemption, every known token (`preempt`).
         self.prefill_target = P if self.is_causal else P - P % L
         # Worst case: every position up to prompt + max_new_tokens, in whole pages.
         self.max_pages = math.ceil((P + params.max_new_tokens) / L)
         self.pages: list[int] = []
+        self.num_reserved = 0  # pages the scheduler reserved for it and it has not taken yet
+        self.num_preemptions = 0
         self.num_cached = 0  # tokens whose exact K/V are in the pages
         # Prefix caching: the K/V of prefill and committed blocks are final once written, so their
         # pages are shared with later sequences that start with the same blocks (PageAllocator).
@@ -182,16 +185,39 @@ class Sequence:
 
     @property
     def num_shareable_blocks(self) -> int:
-        """Leading prompt blocks this sequence can take from the prefix cache: whole blocks before the
-        prompt's last token, whose logit a forward must still compute (it opens the first block or
-        gives the first AR token)."""
-        return (len(self.prompt) - 1) // self.block_size
+        """Leading blocks this sequence can take from the prefix cache at admission: the whole blocks of
+        what it must prefill, except the last token's when a forward must still compute its logit (it
+        opens the first block or gives the next AR token; a diffusion request preempted mid-output
+        already has its current block)."""
+        return (len(self.tokens) - (self.block is None)) // self.block_size
+
+    @property
+    def pages_to_start(self) -> int:
+        """Pages admission reserves: all it prefills, the block after (the first AR tokens, the current
+        diffusion block, a speculative round) and the one after that (a lookahead into the next block).
+        Later pages are taken as the output reaches them (`Scheduler`)."""
+        return min(len(self.tokens) // self.block_size + 2, self.max_pages)
 
     def use_cached_prefix(self, pages: list[int]) -> None:
         """Start from the prefix cache's pages of the first len(pages) blocks (admission): their K/V are not prefilled."""
         self.pages = list(pages)
-        self.num_cached = self.num_cached_tokens = len(pages) * self.block_size
+        self.num_cached = len(pages) * self.block_size
         self.num_registered = len(pages)
+        if not self.num_preemptions:  # what the prompt took from the cache, not a resumed output
+            self.num_cached_tokens = self.num_cached
+
+    def preempt(self) -> None:
+        """Forget the K/V (the scheduler took the pages back; vLLM's recompute preemption): once
+        re-admitted, it prefills every known token again (the prefix cache may still hold many of
+        their blocks), then goes on from where it stopped. Settled output is never taken back. A
+        diffusion request keeps what its current block has decoded; the step after the prefill feeds
+        the whole block (a refresh, since the sub-block cache's K/V of the block are gone), so with
+        the sub-block cache its next tokens can differ from an uninterrupted run's. A speculative
+        request drops its draft (its output is AR's either way)."""
+        self.pages, self.num_reserved, self.num_cached, self.num_registered = [], 0, 0, 0
+        self.prefill_target = len(self.tokens)
+        self.draft = None
+        self.num_preemptions += 1
 
     @property
     def num_prefill_left(self) -> int:
@@ -220,7 +246,7 @@ class Sequence:
             start = self.num_cached
             done = n == left
             work = Work(
-                seq=self, token_ids=self.prompt[start : start + n], start=start, num_prefill=n,
+                seq=self, token_ids=self.tokens[start : start + n], start=start, num_prefill=n,
                 rows=[AttentionRow(n, start + n, self.pages, causal=True)],
                 logit_rows=[n - 1] if done else [], candidates=[True] if done else [],
             )
@@ -308,8 +334,10 @@ class Sequence:
                 seq=self, token_ids=token_ids + self.block, start=start if left else self.block_start, rows=rows,
                 num_prefill=left, logit_rows=[offset + L - 1], candidates=[True], commit=True,
             ))
-        step = plan_block_step(self.block, sub[0], self.sub_block_size, sub != self.sub, self.use_sub_block_cache,
-                               self.mask_token_id, sub_stop=sub[1])
+        # A step that rides with prefill refreshes: the block's K/V are not in the page (it opened, or it
+        # was preempted).
+        step = plan_block_step(self.block, sub[0], self.sub_block_size, sub != self.sub or bool(left),
+                               self.use_sub_block_cache, self.mask_token_id, sub_stop=sub[1])
         rows.append(AttentionRow(step.feed_stop - step.feed_start, kv_len, self.pages))
         return Work(
             seq=self, token_ids=token_ids + self.block[step.feed_start : step.feed_stop],
@@ -426,6 +454,7 @@ class Sequence:
             request_id=self.request_id, prompt_token_ids=list(self.prompt), token_ids=list(self.output), text=text,
             finish_reason=self.finish_reason, num_forwards=self.num_forwards, num_drafted=self.num_drafted,
             num_accepted=self.num_accepted, num_cached_tokens=self.num_cached_tokens,
+            num_preemptions=self.num_preemptions,
             time_to_first_token_s=None if self.first_token_time is None else self.first_token_time - self.arrival,
             latency_s=now - self.arrival,
         )

@@ -27,3 +27,14 @@ def test_prefix_benchmark_smoke(capsys):
     out = capsys.readouterr().out
     assert "same tokens: yes" in out and "fewer prompt tokens prefilled" in out
     assert off.prefilled == 4 * 23 and on.prefilled == 23 + 3 * (23 - 20)  # later requests find the 5 system blocks cached
+
+
+def test_paging_benchmark_smoke(capsys):
+    """The world base's answers are short beside max_new_tokens: reserving the worst case runs
+    `--fit` requests at a time, pages on demand run more, with the same tokens."""
+    worst, demand = benchmark.main(["paging", "--requests", "12", "--fit", "2", "--max-new-tokens", "256",
+                                    "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "same tokens: yes" in out and "requests running per step" in out
+    assert worst.mean_running <= 2 < demand.mean_running and demand.steps < worst.steps
+    assert worst.preemptions == 0 and all(worst.outputs)

@@ -21,13 +21,14 @@ def model(sharp_dir):
 
 
 def make_engine(model, num_pages=256, max_prefill_tokens=64, tokenizer=None, attention_backend="auto",
-                quantization=None, prefix_caching=True, **cfg):
+                quantization=None, prefix_caching=True, deterministic=False, speculative_lookahead=True, **cfg):
     cfg = {"block_size": 8, "sub_block_size": 4, "threshold": 0.4, "use_sub_block_cache": False, "mask_token_id": MASK} | cfg
     return fdllm.Engine(
         model, tokenizer, fdllm.BlockDiffusionConfig(**cfg),
         fdllm.EngineConfig(
             num_pages=num_pages, max_prefill_tokens=max_prefill_tokens, attention_backend=attention_backend,
-            quantization=quantization, enable_prefix_caching=prefix_caching,
+            quantization=quantization, enable_prefix_caching=prefix_caching, deterministic=deterministic,
+            speculative_lookahead=speculative_lookahead,
         ),
     )
 
@@ -218,7 +219,8 @@ def test_abort_frees_pages_and_reports(model):
 
 def test_admission_waits_for_free_pages(model):
     prompts = random_prompts(5, [6, 12], seed=19)
-    engine = make_engine(model, num_pages=8)  # each request reserves 3-4 pages: two run at a time
+    # each reserves its prompt's pages and two blocks' (2-3 here), leaving a page to spare per running request
+    engine = make_engine(model, num_pages=8)
     for p in prompts:
         engine.add_request(p, params())
     engine.step()

@@ -16,7 +16,7 @@ from serve import metrics  # noqa: E402
 PAGE_NAMES = {
     "fdllm_requests_total", "fdllm_stream_errors_total", "fdllm_prompt_tokens_total", "fdllm_generation_tokens_total", "fdllm_forwards_total",
     "fdllm_tokens_per_forward", "fdllm_running_requests", "fdllm_waiting_requests", "fdllm_free_kv_pages",
-    "fdllm_cached_prompt_tokens_total", "fdllm_prefix_cached_kv_pages",
+    "fdllm_cached_prompt_tokens_total", "fdllm_prefix_cached_kv_pages", "fdllm_preemptions_total",
     "fdllm_engine_steps_total", "fdllm_engine_step_seconds_total", "fdllm_engine_last_step_seconds",
 }
 
@@ -24,10 +24,10 @@ PAGE_NAMES = {
 class FakeEngine:
     def __init__(self) -> None:
         self.metrics = SimpleNamespace(steps=0, step_seconds_total=0.0, last_step_seconds=0.0)
-        self.waiting = 0
+        self.waiting = self.preemptions = 0
 
     def stats(self):
-        return {"running": 1, "waiting": self.waiting, "free_pages": 7, "cached_pages": 2}
+        return {"running": 1, "waiting": self.waiting, "free_pages": 7, "cached_pages": 2, "preemptions": self.preemptions}
 
 
 class FakeMetric:
@@ -71,7 +71,7 @@ def test_ray_export_pushes_increases_and_gauges(monkeypatch):
         counters.by_status[("completions", 200)] += 1
         counters.by_status[("chat", 401)] += 1
         counters.record(_result(9, 2, 2, cached=8))
-        engine.waiting = 3
+        engine.waiting = engine.preemptions = 3
         exporter.push()
         exporter.push()  # nothing changed: no counter increase is pushed again
     finally:
@@ -84,7 +84,7 @@ def test_ray_export_pushes_increases_and_gauges(monkeypatch):
     assert incs[("fdllm_requests", (("endpoint", "completions"), ("status", "200")))] == 4
     assert incs[("fdllm_requests", (("endpoint", "chat"), ("status", "401")))] == 1
     assert incs[("fdllm_generation_tokens", ())] == 10 and incs[("fdllm_forwards", ())] == 6
-    assert incs[("fdllm_engine_steps", ())] == 4
+    assert incs[("fdllm_engine_steps", ())] == 4 and incs[("fdllm_preemptions", ())] == 3
     assert incs[("fdllm_prompt_tokens", ())] == 14 and incs[("fdllm_cached_prompt_tokens", ())] == 8
     gauges = [(name, value) for kind, name, value, _ in FakeMetric.log if kind == "set"]
     assert ("fdllm_waiting_requests", 3) == [g for g in gauges if g[0] == "fdllm_waiting_requests"][-1]

@@ -1,0 +1,183 @@
+"""KV pages on demand: admission reserves a request's start, later pages are taken as the output
+reaches them, and when none is free the newest running request is preempted and prefilled again.
+
+The oracle is the same workload on an engine whose cache never runs short: a preempted request must
+decode the same tokens, stream them once and in order (nothing settled is taken back), and leave
+the cache as it found it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import fdllm
+from fdllm.cache import PageAllocator
+from tests.unit.test_engine import make_engine, params, random_prompts
+
+L = 8  # make_engine's block size
+MODES = ["diffusion", "ar", "speculative"]
+SEEDED = {"temperature": 0.8, "top_p": 0.95, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def model(sharp_dir):
+    return fdllm.load_model(sharp_dir)
+
+
+def serve(engine, requests):
+    """Run `requests` ((prompt, params, step it arrives at), ...) to the end; returns the results in
+    request order, after checking that what each streamed is its result."""
+    streamed, done, step = {}, {}, 0
+    pending = [(str(i), *r) for i, r in enumerate(requests)]
+    while pending or engine.has_unfinished():
+        for rid, prompt, sampling, _ in [r for r in pending if r[3] <= step]:
+            engine.add_request(prompt, sampling, request_id=rid,
+                               on_tokens=lambda r, new, fin: streamed.setdefault(r, []).extend(new))
+        pending = [r for r in pending if r[3] > step]
+        done |= {r.request_id: r for r in engine.step()}
+        step += 1
+    results = [done[str(i)] for i in range(len(requests))]
+    for r in results:
+        assert streamed.get(r.request_id, []) == r.token_ids, f"request {r.request_id} streamed other tokens"
+    return results
+
+
+def workload(mode, sampling, n=12, seed=5):
+    rng = random.Random(seed)
+    return [(prompt, params(max_new_tokens=rng.choice([16, 30, 45]), mode=mode, **sampling), rng.randrange(6))
+            for prompt in random_prompts(n, [3, 9, 14, 20, 30], seed=seed)]
+
+
+def test_the_allocator_can_keep_pages_to_spare():
+    alloc = PageAllocator(6)
+    assert not alloc.reserve(3, spare=4) and alloc.num_unreserved == 6  # all or nothing
+    assert alloc.reserve(3, spare=3) and alloc.num_unreserved == 3
+    assert not alloc.reserve(1, spare=3) and alloc.reserve(1)
+
+
+def test_admission_reserves_a_request_s_start_not_its_worst_case(model):
+    """Requests that may decode 40 tokens (6 pages each at worst) in a 16-page cache: reserving the
+    worst case (EngineConfig.deterministic) runs 2 at once; reserving each one's prompt and first two
+    blocks, with a page to spare per running request, runs 5. Both decode the same tokens."""
+    requests = [(prompt, params(max_new_tokens=40), 0) for prompt in random_prompts(8, [6], seed=3)]
+    running = {}
+    for deterministic in (True, False):
+        engine = make_engine(model, num_pages=16, deterministic=deterministic)
+        for prompt, sampling, _ in requests:
+            engine.add_request(prompt, sampling)
+        engine.step()
+        running[deterministic] = engine.num_running
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.num_free_pages == 16
+    assert running == {True: 2, False: 5}
+
+
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix_cache", "no_prefix_cache"])
+@pytest.mark.parametrize("sampling", [{}, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("mode", MODES)
+def test_preempted_requests_decode_as_if_never_preempted(model, mode, sampling, caching):
+    """A 14-page cache for requests that need up to 10 pages each, arriving over six steps: the
+    newest is preempted, mid-prefill, mid-block, mid-draft or at a block's end, one or more
+    times, and recomputes what it had (from the prefix cache where its blocks are still there)."""
+    requests = workload(mode, sampling)
+    ref = serve(make_engine(model, prefix_caching=caching), requests)
+    engine = make_engine(model, num_pages=14, prefix_caching=caching)
+    got = serve(engine, requests)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert engine.num_preemptions > 0 and sum(r.num_preemptions for r in got) == engine.num_preemptions
+    assert [r.num_cached_tokens for r in got] == [r.num_cached_tokens for r in ref]  # the prompt's, not a resumption's
+    assert engine.num_free_pages == 14 and engine.allocator.num_unreserved == 14
+
+
+def test_a_speculative_request_without_lookahead_drafts_afresh_after_preemption(model):
+    """Without the lookahead nothing redrafts at the end of the prefill: the draft the request had
+    when preempted (positions after its last known token then) must not survive into the resumption."""
+    requests = workload("speculative", {})
+    ref = serve(make_engine(model, speculative_lookahead=False), requests)
+    engine = make_engine(model, num_pages=14, speculative_lookahead=False)
+    assert [r.token_ids for r in serve(engine, requests)] == [r.token_ids for r in ref]
+    assert engine.num_preemptions > 0
+
+
+def test_a_resumed_request_takes_its_own_blocks_back_from_the_prefix_cache(model):
+    """What a preempted request had prefilled and committed stays cached (until evicted): its
+    resumption prefills from there, not from its prompt's blocks."""
+    resumed = []
+    next_work = fdllm.engine.sequence.Sequence.next_work
+
+    def spy(seq, *args):
+        work = next_work(seq, *args)
+        if work is not None and seq.num_preemptions and work.num_prefill:
+            resumed.append((work.start, seq.prefill_target, len(seq.prompt)))
+        return work
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fdllm.engine.sequence.Sequence, "next_work", spy)
+        serve(make_engine(model, num_pages=14), workload("diffusion", {}))
+    assert resumed and any(start > prompt for start, _, prompt in resumed)
+    assert all(start % L == 0 and target > prompt - L for start, target, prompt in resumed)
+
+
+@pytest.mark.parametrize("sampling", [{}, SEEDED], ids=["greedy", "seeded"])
+def test_a_request_preempted_mid_block_resumes_with_a_refresh_of_the_block(model, sampling):
+    """With the sub-block cache, a block's K/V live in its page between steps; a preempted request
+    has lost that page, so the step that resumes it feeds the whole block (what it decoded before is
+    kept). On this model a refresh decides what the cached step would have: same tokens as never preempted."""
+    requests = workload("diffusion", sampling, seed=11)
+    ref = serve(make_engine(model, use_sub_block_cache=True), requests)
+    engine = make_engine(model, num_pages=14, use_sub_block_cache=True)
+    resumed = []
+    next_work = fdllm.engine.sequence.Sequence.next_work
+
+    def spy(seq, *args):
+        work = next_work(seq, *args)
+        if work is not None and seq.num_preemptions and work.num_prefill and work.step is not None:
+            resumed.append((work.step.feed_start, work.step.feed_stop, seq.block.count(engine.config.mask_token_id)))
+        return work
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fdllm.engine.sequence.Sequence, "next_work", spy)
+        got = serve(engine, requests)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert resumed and all((start, stop) == (0, L) for start, stop, _ in resumed)
+    assert any(masks < L - 1 for *_, masks in resumed), "some request should be preempted with part of its block decoded"
+
+
+def test_a_request_needing_the_whole_cache_preempts_the_others_and_finishes(model):
+    """8 pages; one request needs all 8, three small ones run beside it. Nothing hangs, every request
+    decodes what it decodes alone."""
+    big = (random_prompts(1, [20], seed=2)[0], params(max_new_tokens=44), 1)
+    small = [(prompt, params(max_new_tokens=20), 0) for prompt in random_prompts(3, [5, 9], seed=4)]
+    engine = make_engine(model, num_pages=8)
+    got = serve(engine, [*small, big])
+    alone = make_engine(model)
+    assert [r.token_ids for r in got] == [alone.generate([p], sp)[0].token_ids for p, sp, _ in [*small, big]]
+    assert engine.num_preemptions > 0 and engine.num_free_pages == 8
+
+
+def test_aborting_a_preempted_request_gives_nothing_back_twice(model):
+    engine = make_engine(model, num_pages=10)
+    for prompt, sampling, _ in workload("diffusion", {}, n=6):
+        engine.add_request(prompt, sampling)
+    preempted = None
+    while preempted is None and engine.has_unfinished():
+        engine.step()
+        preempted = next((s for s in engine.scheduler.waiting if s.num_preemptions), None)
+    assert preempted is not None and not preempted.pages and not preempted.num_reserved
+    engine.abort(preempted.request_id)
+    results = []
+    while engine.has_unfinished():
+        results += engine.step()
+    assert {r.request_id: r.finish_reason for r in results}[preempted.request_id] == "abort"
+    assert engine.num_free_pages == 10 and engine.allocator.num_unreserved == 10
+
+
+def test_the_deterministic_engine_never_preempts(model):
+    requests = workload("diffusion", SEEDED)
+    engine = make_engine(model, num_pages=14, deterministic=True)
+    got = serve(engine, requests)
+    assert engine.num_preemptions == 0 and not any(r.num_preemptions for r in got)
+    assert [r.token_ids for r in got] == [r.token_ids for r in serve(make_engine(model), requests)]
