@@ -377,6 +377,8 @@ class FdllmServer:
         engine request, all continuously batched together; choice i * n + j answers prompt i."""
         self._check_model(body.model)
         params = body.sampling_params(self.cfg.default_max_tokens, self.cfg.block_lookahead)
+        if ignored := body.ignored_fields():
+            log.warning("%s request: fields ignored (not part of this API): %s", endpoint, ", ".join(ignored))
         if body.logprob_count() is not None and not self.scores_causally:
             raise APIError(400, NO_CAUSAL_LOGPROBS, param="logprobs", code="unsupported_value")
         if body.num_choices > self.cfg.max_waiting:  # could never be admitted at once

@@ -43,6 +43,29 @@ LOGPROB_FLOOR = -9999.0  # stands for -inf (the mask token's), which JSON cannot
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
+def _is_zero(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
+
+
+# Request fields (OpenAI's, and vLLM's extensions clients send to OpenAI-compatible servers) that this
+# server does not implement, each with the test of a value that asks for nothing (what clients send by
+# default). Any other value is refused with a 400 naming the field: served anyway, the answer would
+# not be what the client asked for.
+NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "presence_penalty": (_is_zero, "send 0 or leave it out"),
+    "frequency_penalty": (_is_zero, "send 0 or leave it out"),
+    "repetition_penalty": (lambda v: v is None or v == 1, "send 1 or leave it out"),
+    "logit_bias": (lambda v: not v, "send {} or leave it out"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}: no JSON or grammar mode'),
+    "tools": (lambda v: not v, "no tool calling"),
+    "functions": (lambda v: not v, "no function calling"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "no tool calling"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "no function calling"),
+    "suffix": (lambda v: not v, "no insertion (suffix) completions"),
+    "min_tokens": (_is_zero, "send 0 or leave it out"),
+}
+
+
 class APIError(Exception):
     """An error that becomes an OpenAI-style JSON body with `status`."""
 
@@ -86,7 +109,8 @@ class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions (OpenAI names, plus fdllm's `threshold`, `mode`
     and selection policy fields)."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # "allow": unknown fields land in `model_extra`, where `unsupported` finds those it must refuse
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -144,7 +168,18 @@ class _SamplingFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of a requested feature this server does not have: refused with a 400, never
         silently ignored (a client would read a different answer than it asked for)."""
-        return ("logprobs", NO_STREAMED_LOGPROBS) if self.stream and self.logprob_count() is not None else None
+        if self.stream and self.logprob_count() is not None:
+            return "logprobs", NO_STREAMED_LOGPROBS
+        for name, value in (self.model_extra or {}).items():
+            asks_nothing, hint = NOT_IMPLEMENTED.get(name, (None, ""))
+            if asks_nothing is not None and not asks_nothing(value):
+                return name, f"{name} is not supported by this server ({hint})"
+        return None
+
+    def ignored_fields(self) -> list[str]:
+        """Fields the request sent that mean nothing here (not OpenAI's or fdllm's): the server logs
+        them, as vLLM does, rather than refuse a client that sends extras to every backend."""
+        return sorted(set(self.model_extra or {}) - set(NOT_IMPLEMENTED))
 
     def logprob_count(self) -> int | None:
         """How many most likely alternatives to return per token when log-probabilities are asked for, else None."""
@@ -185,9 +220,15 @@ class CompletionRequest(_SamplingFields):
     prompt: Annotated[list[str] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)]
     echo: bool = False  # the response's text (and logprobs) start with the prompt's
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1)  # only as many as n: no server-side ranking
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of is not supported by this server (sample n choices instead)"
+        return super().unsupported()
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -282,6 +282,11 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1, "echo": True, "logprobs": 1}, 400, "logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs"),
+    # OpenAI fields this server does not implement, asking for something
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "logprobs": True, "top_logprobs": 21}, 400,

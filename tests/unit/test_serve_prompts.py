@@ -87,6 +87,54 @@ def test_features_the_server_lacks_are_refused_not_ignored(model, fields, param)
     assert (err.value.status, err.value.param, err.value.code) == (400, param, "unsupported_value")
 
 
+ASKS_FOR_SOMETHING = [
+    ("presence_penalty", 0.5), ("presence_penalty", -2), ("frequency_penalty", 1e-9), ("repetition_penalty", 1.2),
+    ("logit_bias", {"50256": -100}), ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("functions", [{"name": "f"}]),
+    ("function_call", {"name": "f"}), ("suffix", "tail"), ("min_tokens", 3),
+]
+ASKS_FOR_NOTHING = [
+    ("presence_penalty", 0), ("frequency_penalty", 0.0), ("presence_penalty", None), ("repetition_penalty", 1.0),
+    ("logit_bias", {}), ("logit_bias", None), ("response_format", {"type": "text"}), ("tools", []),
+    ("tool_choice", "none"), ("tool_choice", "auto"), ("suffix", ""), ("min_tokens", 0),
+    ("parallel_tool_calls", True), ("store", False), ("some_backend_extension", {"x": 1}),  # meaning nothing here
+]
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+@pytest.mark.parametrize("field,value", ASKS_FOR_SOMETHING)
+def test_openai_fields_the_server_does_not_implement_are_refused_when_they_ask_for_something(model, field, value):
+    """Served anyway, the answer would not be what the client asked for (vLLM implements these; a
+    client moving from it must hear that this server does not)."""
+    with pytest.raises(APIError) as err:
+        _request(model, **{field: value}).sampling_params(16)
+    assert (err.value.status, err.value.param, err.value.code) == (400, field, "unsupported_value")
+    assert err.value.message.startswith(f"{field} is not supported by this server (")
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+@pytest.mark.parametrize("field,value", ASKS_FOR_NOTHING)
+def test_their_default_values_and_unknown_fields_are_accepted(model, field, value):
+    request = _request(model, **{field: value})
+    assert request.sampling_params(16) == _request(model).sampling_params(16)
+    known = field in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "response_format",
+                      "tools", "tool_choice", "suffix", "min_tokens")
+    assert request.ignored_fields() == ([] if known else [field])  # the server logs the unknown ones
+
+
+@pytest.mark.parametrize("best_of,n,refused", [(None, 1, False), (1, 1, False), (3, 3, False), (2, 1, True), (1, 2, True)])
+def test_best_of_is_only_accepted_as_n(best_of, n, refused):
+    request = _request(CompletionRequest, best_of=best_of, n=n)
+    if not refused:
+        assert request.sampling_params(16) and request.ignored_fields() == []
+        return
+    with pytest.raises(APIError) as err:
+        request.sampling_params(16)
+    assert (err.value.status, err.value.param) == (400, "best_of")
+
+
 @pytest.mark.parametrize("model,fields,count", [
     (CompletionRequest, {}, None), (CompletionRequest, {"logprobs": None, "echo": True}, None),
     (CompletionRequest, {"logprobs": 0}, 0), (CompletionRequest, {"logprobs": 5, "echo": True}, 5),
