@@ -16,7 +16,8 @@ recorded as skipped), for a device lent for a fixed time. The order puts the tar
    the no-cache block-causal reference (tests/unit/test_engine.py), greedy; and with a causal-prefix
    model (causal rows in captured graphs: commits with and without the block lookahead, speculative
    verifies), graphs == eager and speculative == AR; `Engine.score` on the device's backend within
-   1e-3 of torch eager; prefix caching (shared, then cached prompts) == caching off;
+   1e-3 of torch eager; prefix caching (shared, then cached prompts) == caching off; requests
+   preempted for want of KV pages (recomputed from the prefix cache) == never preempted;
 3. decode at Qwen2.5-1.5B and 7B shapes (bf16), batch 1/8/32/64: AR vs diffusion (sub-block cache
    on/off), graphs on/off: ms per step, per-step cost vs AR, tokens/s, and the projected end-to-end
    speed-up at 2.4 and 4 tokens per forward (= tokens per forward x AR step / diffusion step);
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import json
 import os
@@ -205,14 +207,15 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batch: int, threshold: float,
             block: int = 32, sub: int = 8, quantization: str | None = None, lookahead: bool = True,
-            prefix: str = "block_causal", prefix_caching: bool = False):
+            prefix: str = "block_causal", prefix_caching: bool = False, pages: int | None = None):
     """An engine for one kind of run. Prefix caching is off unless asked: decode runs configured alike
-    share an engine and repeat the same prompts, which must prefill each time to be timed alike."""
+    share an engine and repeat the same prompts, which must prefill each time to be timed alike.
+    `pages`: KV pages (default: 16 per request and 8 more, so nothing is preempted)."""
     import fdllm
 
     cfg = fdllm.BlockDiffusionConfig(block_size=block, sub_block_size=sub, threshold=threshold,
                                      use_sub_block_cache=cache, mask_token_id=mask_id, prefix_attention=prefix)
-    ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=batch * 16 + 8,
+    ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=pages or batch * 16 + 8,
                               attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096,
                               quantization=quantization, speculative_lookahead=lookahead,
                               enable_prefix_caching=prefix_caching)
@@ -256,6 +259,12 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
     cached_runs = [caching.generate(shared, p) for _ in range(2)]
     hits = [sum(r.num_cached_tokens for r in run) for run in cached_runs]
     same = [_tokens(run) for run in cached_runs] == [_tokens(fast.generate(shared, p))] * 2
+    # Preemption: the causal-prefix runs, twice over and longer, in a cache too small for them (pages
+    # on demand: the newest gives its pages back and is prefilled again, from the prefix cache)
+    longer = [dataclasses.replace(sp, max_new_tokens=40) for sp in mixed] * 2
+    short = _engine(model, mask, backend=backend, eager=False, cache=True, batch=8, threshold=0.05, block=8, sub=4,
+                    prefix="causal", prefix_caching=True, pages=10)
+    preempted = _tokens(short.generate(prompts * 2, longer)) == _tokens(fast_c.generate(prompts * 2, longer))
     return {"checks": [
         _check(f"{backend} backend, graphs {'on' if fast.runner.graphs else 'off'} == torch eager", got == eager,
                got == eager),
@@ -265,6 +274,8 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
         _check("speculative == AR", got_c[0] == ar, got_c[0] == ar),
         _check(f"scoring on {backend} vs torch eager: max |logprob gap| <= 1e-3", round(score_gap, 7), score_gap <= 1e-3),
         _check("prefix caching (shared, then cached) == off: cached prompt tokens per run", hits, same and hits[0] > 0),
+        _check("preempted (10 KV pages) == never preempted: preemptions", short.num_preemptions,
+               preempted and short.num_preemptions > 0),
     ]}
 
 
