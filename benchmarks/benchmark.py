@@ -10,6 +10,7 @@ r"""Benchmarks of the fdllm engine (run from the repository root after `pip inst
     python -m benchmarks.benchmark kernels                   # Triton vs torch on a GPU (benchmarks/bench_kernels.py)
     python -m benchmarks.benchmark prefix                    # prefix caching off vs on (benchmarks/bench_prefix.py)
     python -m benchmarks.benchmark paging                    # KV pages on demand vs worst case (benchmarks/bench_paging.py)
+    python -m benchmarks.benchmark score                     # scoring with a context shared in the call (bench_score.py)
 
 `decode` runs, on the same weights and prompts, per batch size: a plain HF `generate` loop
 (yardstick), the engine's AR mode, block diffusion with the sub-block cache off and on, and
@@ -42,7 +43,7 @@ from typing import Self
 
 import torch
 
-from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_serve, bench_train
+from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_score, bench_serve, bench_train
 
 import fdllm
 from fdllm.config import ModelConfig
@@ -262,6 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bench_serve.add_parser(sub)
     bench_prefix.add_parser(sub)
     bench_paging.add_parser(sub)
+    bench_score.add_parser(sub)
     return parser.parse_args(argv)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import benchmark
 
 
@@ -38,3 +40,13 @@ def test_paging_benchmark_smoke(capsys):
     assert "same tokens: yes" in out and "requests running per step" in out
     assert worst.mean_running <= 2 < demand.mean_running and demand.steps < worst.steps
     assert worst.preemptions == 0 and all(worst.outputs)
+
+
+def test_score_benchmark_smoke(capsys):
+    off, on = benchmark.main(["score", "--contexts", "2", "--choices", "3", "--context-len", "40",
+                              "--continuation-len", "3", "--device", "cpu"])
+    assert "fewer tokens fed" in capsys.readouterr().out
+    # 6 sequences of 43 tokens feed 42 each; sharing, the later two of each context start after its first block
+    assert off.fed == 6 * 42 and on.fed == 2 * (42 + 2 * (42 - 32))
+    assert all(a[0] is None and b[0] is None and a[1:] == pytest.approx(b[1:], abs=1e-5)
+               for a, b in zip(off.logprobs, on.logprobs, strict=True))

@@ -193,3 +193,73 @@ def test_scoring_a_finished_completion_reads_its_cached_prompt(causal_dllm_dir, 
 def test_bad_score_from_is_a_value_error(engine, score_from, message):
     with pytest.raises(ValueError, match=message):
         engine.score([[5, 6, 7, 8]], score_from=score_from)
+
+
+def _fed_tokens(engine, monkeypatch) -> list[list[int]]:
+    """Tokens each forward of `engine.score` feeds, per sequence chunk (recorded from now on)."""
+    forwards = []
+    score = engine.runner.score
+    monkeypatch.setattr(engine.runner, "score", lambda rows, k: forwards.append([len(r.ids) for r in rows]) or score(rows, k))
+    return forwards
+
+
+def _assert_same_scores(got: list[fdllm.SequenceLogprobs], want: list[fdllm.SequenceLogprobs]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids and len(g.logprobs) == len(w.logprobs)
+        assert [v is None for v in g.logprobs] == [v is None for v in w.logprobs]
+        assert [v for v in g.logprobs if v is not None] == pytest.approx([v for v in w.logprobs if v is not None], abs=1e-5)
+        assert [[t for t, _ in top] for top in g.top_logprobs] == [[t for t, _ in top] for top in w.top_logprobs]
+
+
+def _random_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(seed)).tolist()  # 80+: markers
+
+
+def test_continuations_of_one_context_compute_it_once(causal_dllm_dir, engine, monkeypatch):
+    """lm-eval's loglikelihood batch: one 37-token context, four continuations (echo: every position
+    scored). The context's four whole blocks are fed once, in 8-token forwards; the other
+    continuations read their pages and copy the log-probabilities there, starting after them."""
+    context = _random_ids(37, 5)
+    batch = [context + [80 + i] + _random_ids(n, i) for i, n in enumerate((0, 2, 11, 4))]
+    alone = [engine.score([ids], top_logprobs=2)[0] for ids in batch]
+    forwards = _fed_tokens(engine, monkeypatch)
+    got = engine.score(batch, top_logprobs=2)
+    _assert_same_scores(got, alone)
+    assert sum(map(sum, forwards)) == (len(batch[0]) - 1) + sum(len(ids) - 1 - 32 for ids in batch[1:])
+    assert all(sum(f) <= 8 for f in forwards)
+    assert_matches_hf(got[3], causal_dllm_dir, batch[3], 2, engine.config.mask_token_id)
+    assert engine.num_free_pages == engine.num_pages
+
+
+def test_a_context_of_whole_blocks_is_shared_but_its_last_logit_is_not(engine, monkeypatch):
+    """Continuations that differ right at a block boundary: the logit of the context's last token scores
+    each one's own first token, so that block is computed by each (it is not a copy)."""
+    context = _random_ids(32, 6)
+    batch = [context + [81 + i, 7, 8] for i in range(3)] + [context + [81, 7, 9]]
+    alone = [engine.score([ids], top_logprobs=1)[0] for ids in batch]
+    forwards = _fed_tokens(engine, monkeypatch)
+    _assert_same_scores(engine.score(batch, top_logprobs=1), alone)
+    # the first feeds 34; the next two share 3 blocks (feed 34 - 24); the last shares the first's 4 (and token 32)
+    assert sum(map(sum, forwards)) == 34 + 2 * 10 + 2
+
+
+@pytest.mark.parametrize("order", ["scored_first", "scored_later"])
+def test_only_positions_the_sibling_scored_are_copied(engine, order):
+    """A sequence scored from position 1 shares the pages of one scored from 30 (OpenAI logprobs without
+    echo), but cannot copy log-probabilities it never computed; the other way round it can."""
+    a = _random_ids(45, 7)
+    b = a[:40] + [82, 83]
+    batch, starts = ([a, b], [30, 1]) if order == "scored_later" else ([b, a], [1, 30])
+    alone = [engine.score([ids], top_logprobs=1, score_from=s)[0] for ids, s in zip(batch, starts)]
+    _assert_same_scores(engine.score(batch, top_logprobs=1, score_from=starts), alone)
+
+
+def test_repeated_sequences_and_chains_of_shared_blocks(engine, monkeypatch):
+    x = _random_ids(29, 8)
+    batch = [x, x, x[:20] + [85] * 9, x + [86] * 10, x + [86] * 10 + [87]]
+    alone = [engine.score([ids], top_logprobs=0)[0] for ids in batch]
+    forwards = _fed_tokens(engine, monkeypatch)
+    _assert_same_scores(engine.score(batch, top_logprobs=0), alone)
+    # x: 28; again: its 3 blocks, feeds 4; x[:20]+..: 2 blocks, feeds 12; x + 10: 3 blocks of x, feeds 38 - 24;
+    # and one more token: the 4 blocks of the previous, feeds 39 - 32
+    assert sum(map(sum, forwards)) == 28 + 4 + 12 + 14 + 7
