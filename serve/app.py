@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fdllm.kernels import ATTENTION_BACKENDS
 from fdllm.paths import resolve_local
 from fdllm.quantization import QUANTIZATIONS
 from fdllm.storage import local_checkpoint
@@ -540,12 +541,33 @@ def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = 
         time.sleep(0.5)
 
 
+# EngineConfig fields whose flag takes one of a few names
+ENGINE_CHOICES = {"quantization": QUANTIZATIONS, "attention_backend": ATTENTION_BACKENDS}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `fdllm.EngineConfig` field, named as vLLM's are (`--max-num-seqs`,
+    `--gpu-memory-utilization`, `--enforce-eager` / `--no-enforce-eager`, ...). Unset flags keep the
+    field's default."""
+    import fdllm
+
+    group = parser.add_argument_group("engine", "fdllm.EngineConfig fields (see its comments; unset: its default)")
+    for f in fields(fdllm.EngineConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type)
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default: {f.default}")
+        else:
+            parse, metavar = (int, "N") if kind.startswith("int") else (float, "X") if kind.startswith("float") else (str, "S")
+            group.add_argument(flag, type=parse, default=None, choices=ENGINE_CHOICES.get(f.name),
+                               metavar=None if f.name in ENGINE_CHOICES else metavar, help=f"default: {f.default}")
+
+
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
     """The `EngineConfig` fields fdllm-serve's flags set (None: the defaults)."""
-    fields = {"quantization": args.quantization} if args.quantization else {}
-    if not args.prefix_caching:
-        fields["enable_prefix_caching"] = False
-    return fields or None
+    import fdllm
+
+    given = {f.name: getattr(args, f.name) for f in fields(fdllm.EngineConfig) if getattr(args, f.name) is not None}
+    return given or None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -564,10 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "set block_lookahead themselves (fewer forwards; an approximation beyond the paper)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quantization", choices=QUANTIZATIONS,
-                        help="quantize the weights at load (int8/int4 weight-only; fp8 on Ada/Hopper GPUs)")
-    parser.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
-                        help="recompute every prompt (EngineConfig.enable_prefix_caching=False; vLLM's flag)")
+    add_engine_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -31,3 +31,21 @@ def test_fdllm_serve_flags_set_engine_fields():
     assert engine().engine_config() == fdllm.EngineConfig()
     assert engine("--quantization", "int8", "--no-enable-prefix-caching").engine_config() == fdllm.EngineConfig(
         quantization="int8", enable_prefix_caching=False)
+    assert engine("--max-num-seqs", "8", "--gpu-memory-utilization", "0.5", "--max-model-len", "512", "--num-pages", "40",
+                  "--kv-cache-gib", "1.5", "--enforce-eager", "--no-freeze-gc", "--attention-backend", "torch",
+                  "--speculative-lookahead-max-batch", "4", "--deterministic").engine_config() == fdllm.EngineConfig(
+        max_num_seqs=8, gpu_memory_utilization=0.5, max_model_len=512, num_pages=40, kv_cache_gib=1.5, enforce_eager=True,
+        freeze_gc=False, attention_backend="torch", speculative_lookahead_max_batch=4, deterministic=True)
+
+
+def test_every_engine_field_is_a_flag():
+    """A field added to EngineConfig is a flag at once (with its type), not a copy kept in step by hand."""
+    from dataclasses import fields
+
+    from serve.app import parse_args
+
+    flags = parse_args(["--model", "m"])
+    assert all(getattr(flags, f.name, "missing") is None for f in fields(fdllm.EngineConfig))
+    for bad in (["--max-num-seqs", "eight"], ["--attention-backend", "sdpa"], ["--quantization", "int3"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "m", *bad])
