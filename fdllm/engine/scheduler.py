@@ -64,6 +64,11 @@ class Scheduler:
         """
         for seq in self.running:  # what the last step made final, before anyone is admitted
             self._register(seq)
+        self._admit()
+        return self._plan()
+
+    def _admit(self) -> None:
+        """Move waiting sequences to running, in order, while their start's pages can be reserved."""
         deferred = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -81,6 +86,9 @@ class Scheduler:
             seq.num_reserved = need
             self.running.append(self.waiting.popleft())
         self.waiting.extendleft(reversed(deferred))  # back at the head, in order
+
+    def _plan(self) -> tuple[list[Work], DenoiseBatch | None, list[tuple[Sequence, Exception]]]:
+        """Every running sequence's step (`schedule`'s answer), taking the pages each reaches."""
         budget = self.max_prefill_tokens
         lookahead = self.lookahead_max_batch is None or len(self.running) <= self.lookahead_max_batch
         works, batched, failed = [], [], []
