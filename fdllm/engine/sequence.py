@@ -155,6 +155,8 @@ class Sequence:
             # Leftover prompt tokens open the first block; an exact multiple waits for the last logit.
             self.block = new_block(prompt[full:], L, mask_token_id) if P % L else None
         self.sub: tuple[int, int] | None = None  # sub-block [start, stop) of the last denoising step in this block
+        # The current block's K/V are not in its page (preempted): its next step feeds the whole block.
+        self.refresh_block = False
         self.output: list[int] = []  # settled generated tokens (final, streamed)
         self.finish_reason: str | None = None
         self.num_forwards = 0
@@ -210,13 +212,15 @@ class Sequence:
         """Forget the K/V (the scheduler took the pages back; vLLM's recompute preemption): once
         re-admitted, it prefills every known token again (the prefix cache may still hold many of
         their blocks), then goes on from where it stopped. Settled output is never taken back. A
-        diffusion request keeps what its current block has decoded; the step after the prefill feeds
-        the whole block (a refresh, since the sub-block cache's K/V of the block are gone), so with
-        the sub-block cache its next tokens can differ from an uninterrupted run's. A speculative
+        diffusion request keeps what its current block has decoded; its next step feeds the whole
+        block (`refresh_block`: the sub-block cache's K/V of the block are gone, also when the prefix
+        cache gives back every block before it), so with the sub-block cache its next tokens can
+        differ from an uninterrupted run's. A speculative
         request drops its draft (its output is AR's either way)."""
         self.pages, self.num_reserved, self.num_cached, self.num_registered = [], 0, 0, 0
         self.prefill_target = len(self.tokens)
         self.draft = None
+        self.refresh_block = self.block is not None
         self.num_preemptions += 1
 
     @property
@@ -227,7 +231,8 @@ class Sequence:
     def batch_denoising(self) -> bool:
         """This step is a plain sub-block step that a `DenoiseBatch` runs with others (nothing left
         to prefill, a mask left in the block, the threshold rule over fixed sub-blocks)."""
-        return self._batchable and not self.num_prefill_left and self.block is not None and self.mask_token_id in self.block
+        return (self._batchable and not self.num_prefill_left and self.block is not None and not self.refresh_block
+                and self.mask_token_id in self.block)
 
     def next_work(self, prefill_budget: int, lookahead: bool = True) -> Work | None:
         """This step's work; None if it is still prefilling and the step's prefill budget is spent.
@@ -334,9 +339,7 @@ class Sequence:
                 seq=self, token_ids=token_ids + self.block, start=start if left else self.block_start, rows=rows,
                 num_prefill=left, logit_rows=[offset + L - 1], candidates=[True], commit=True,
             ))
-        # A step that rides with prefill refreshes: the block's K/V are not in the page (it opened, or it
-        # was preempted).
-        step = plan_block_step(self.block, sub[0], self.sub_block_size, sub != self.sub or bool(left),
+        step = plan_block_step(self.block, sub[0], self.sub_block_size, sub != self.sub or self.refresh_block,
                                self.use_sub_block_cache, self.mask_token_id, sub_stop=sub[1])
         rows.append(AttentionRow(step.feed_stop - step.feed_start, kv_len, self.pages))
         return Work(
@@ -387,11 +390,12 @@ class Sequence:
         elif work.step is not None:
             selected, stop = select_block_step(self.policy, work.step, tokens, predictions.probs, predictions.entropies)
             apply_unmask(self.block, work.step, tokens, selected)
-            self.sub = (work.step.sub_start, stop)
+            self.sub, self.refresh_block = (work.step.sub_start, stop), False
         elif work.commit:
             self.tokens.extend(self.block)
             self.num_cached = len(self.tokens)
             self.block, self.sub = new_block(tokens[:settling], self.block_size, self.mask_token_id), None
+            self.refresh_block = False
         elif tokens:  # the exact-multiple prompt's last logit
             self.block = new_block(tokens[:settling], self.block_size, self.mask_token_id)
         if work.opening is not None:

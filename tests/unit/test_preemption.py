@@ -11,9 +11,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 import fdllm
 from fdllm.cache import PageAllocator
+from fdllm.engine.sequence import Sequence
 from tests.unit.test_engine import make_engine, params, random_prompts
 
 L = 8  # make_engine's block size
@@ -42,6 +44,21 @@ def serve(engine, requests):
     for r in results:
         assert streamed.get(r.request_id, []) == r.token_ids, f"request {r.request_id} streamed other tokens"
     return results
+
+
+def poison_fresh_pages(engine, seed=0):
+    """Fill each page with random K/V as it is allocated: an engine that never reads K/V it did not
+    write decodes the same tokens."""
+    allocate, cache = engine.allocator.allocate, engine.runner.cache
+    gen = torch.Generator().manual_seed(seed)
+
+    def poisoned():
+        page = allocate()
+        for kv in (cache.k_LPSKH, cache.v_LPSKH):
+            kv[:, page] = torch.rand(kv[:, page].shape, generator=gen).to(kv.dtype) * 20 - 10
+        return page
+
+    engine.allocator.allocate = poisoned
 
 
 def workload(mode, sampling, n=12, seed=5):
@@ -85,6 +102,7 @@ def test_preempted_requests_decode_as_if_never_preempted(model, mode, sampling, 
     requests = workload(mode, sampling)
     ref = serve(make_engine(model, prefix_caching=caching), requests)
     engine = make_engine(model, num_pages=14, prefix_caching=caching)
+    poison_fresh_pages(engine)  # below: no K/V is read before it is written
     got = serve(engine, requests)
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     assert engine.num_preemptions > 0 and sum(r.num_preemptions for r in got) == engine.num_preemptions
@@ -106,7 +124,7 @@ def test_a_resumed_request_takes_its_own_blocks_back_from_the_prefix_cache(model
     """What a preempted request had prefilled and committed stays cached (until evicted): its
     resumption prefills from there, not from its prompt's blocks."""
     resumed = []
-    next_work = fdllm.engine.sequence.Sequence.next_work
+    next_work = Sequence.next_work
 
     def spy(seq, *args):
         work = next_work(seq, *args)
@@ -115,35 +133,54 @@ def test_a_resumed_request_takes_its_own_blocks_back_from_the_prefix_cache(model
         return work
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fdllm.engine.sequence.Sequence, "next_work", spy)
+        mp.setattr(Sequence, "next_work", spy)
         serve(make_engine(model, num_pages=14), workload("diffusion", {}))
     assert resumed and any(start > prompt for start, _, prompt in resumed)
     assert all(start % L == 0 and target > prompt - L for start, target, prompt in resumed)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["works", "denoise_batch"])
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix_cache", "no_prefix_cache"])
 @pytest.mark.parametrize("sampling", [{}, SEEDED], ids=["greedy", "seeded"])
-def test_a_request_preempted_mid_block_resumes_with_a_refresh_of_the_block(model, sampling):
+def test_a_request_preempted_mid_block_resumes_with_a_refresh_of_the_block(model, sampling, caching, batched):
     """With the sub-block cache, a block's K/V live in its page between steps; a preempted request
     has lost that page, so the step that resumes it feeds the whole block (what it decoded before is
-    kept). On this model a refresh decides what the cached step would have: same tokens as never preempted."""
+    kept), whether it rides with a prefill or, every block it had being in the prefix cache, runs
+    alone. Fresh pages hold random K/V here: reading the lost ones would change the tokens. On this
+    model a refresh decides what the cached step would have: same tokens as never preempted.
+    `batched`: plain sub-block steps run as one DenoiseBatch whenever there is one (else as Works)."""
     requests = workload("diffusion", sampling, seed=11)
-    ref = serve(make_engine(model, use_sub_block_cache=True), requests)
-    engine = make_engine(model, num_pages=14, use_sub_block_cache=True)
-    resumed = []
-    next_work = fdllm.engine.sequence.Sequence.next_work
+    ref = make_engine(model, use_sub_block_cache=True, prefix_caching=caching)
+    engine = make_engine(model, num_pages=14, use_sub_block_cache=True, prefix_caching=caching)
+    for e in (ref, engine):
+        e.scheduler.min_denoise_batch = 1 if batched else 10**9
+    ref = serve(ref, requests)
+    poison_fresh_pages(engine)
+    resumed, first_steps = set(), []
+    preempt, next_work = Sequence.preempt, Sequence.next_work
 
-    def spy(seq, *args):
+    def spy_preempt(seq):
+        preempt(seq)
+        resumed.add(seq)
+
+    def spy_next_work(seq, *args):
         work = next_work(seq, *args)
-        if work is not None and seq.num_preemptions and work.num_prefill and work.step is not None:
-            resumed.append((work.step.feed_start, work.step.feed_stop, seq.block.count(engine.config.mask_token_id)))
+        if seq in resumed and work is not None and (work.step is not None or work.commit):
+            resumed.discard(seq)
+            if work.step is not None:
+                first_steps.append((work.step.feed_start, work.step.feed_stop, bool(work.num_prefill),
+                                    seq.block.count(engine.config.mask_token_id)))
         return work
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fdllm.engine.sequence.Sequence, "next_work", spy)
+        mp.setattr(Sequence, "preempt", spy_preempt)
+        mp.setattr(Sequence, "next_work", spy_next_work)
         got = serve(engine, requests)
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
-    assert resumed and all((start, stop) == (0, L) for start, stop, _ in resumed)
-    assert any(masks < L - 1 for *_, masks in resumed), "some request should be preempted with part of its block decoded"
+    assert first_steps and all((start, stop) == (0, L) for start, stop, *_ in first_steps)
+    assert any(masks < L - 1 for *_, masks in first_steps), "some request should be preempted with part of its block decoded"
+    if caching:
+        assert any(not prefilled for _, _, prefilled, _ in first_steps), "some should resume from the cache alone"
 
 
 def test_a_request_needing_the_whole_cache_preempts_the_others_and_finishes(model):
