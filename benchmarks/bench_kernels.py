@@ -108,9 +108,9 @@ def _paged_case(batch: int, context: int, q_len: int, page: int, N: int, K: int,
 
 
 def bench_attention(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    from fdllm.kernels.reference import paged_attention_torch
     from fdllm.kernels import flash_attn_available
     from fdllm.kernels.paged_attention import paged_attention
+    from fdllm.kernels.reference import paged_attention_torch
 
     dtype = DTYPES[args.dtype]
     wanted = [b for b in args.backends.split(",") if b]

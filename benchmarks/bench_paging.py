@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 import fdllm
+from benchmarks.cli import engine_subcommand
 from fdllm.loader import parse_dtype
 from pipelines.evaluate import load_records, prompt_ids
 from pipelines.world import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR, TEST_FILE
@@ -46,14 +47,11 @@ class PagingRow:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `paging` benchmark on an argparse subparsers object."""
-    p = subparsers.add_parser("paging", help="KV pages on demand vs worst-case reservation at admission",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = engine_subcommand(subparsers, "paging", "KV pages on demand vs worst-case reservation at admission", __doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="checkpoint dir with a tokenizer (default: the world base)")
     p.add_argument("--data", default=str(DEFAULT_DATA_DIR / TEST_FILE), help="JSONL records with 'prompt' fields")
     p.add_argument("--mode", default="ar", choices=["diffusion", "ar", "speculative"],
                    help="the world base is an AR model: diffusion needs a fine-tuned --model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=384, help="the world base reads 512 tokens at most")
     p.add_argument("--fit", type=int, default=8, help="the KV cache holds this many requests at their worst case")

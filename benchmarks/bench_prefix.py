@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_train import add_model_arguments, build_model
-
 import fdllm
+from benchmarks.bench_train import add_model_arguments, build_model
+from benchmarks.cli import engine_subcommand
 from fdllm.loader import parse_dtype
 
 
@@ -44,11 +44,8 @@ class PrefixRow:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `prefix` benchmark on an argparse subparsers object."""
-    p = subparsers.add_parser("prefix", help="prefix caching off vs on: requests sharing a system prompt",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = engine_subcommand(subparsers, "prefix", "prefix caching off vs on: requests sharing a system prompt", __doc__)
     add_model_arguments(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--system-len", type=int, default=480, help="tokens of the shared system prompt")
     p.add_argument("--question-len", type=int, default=24, help="tokens of each request's own part")

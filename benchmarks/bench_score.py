@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import fdllm
+from benchmarks.cli import engine_subcommand
 from fdllm.engine import scoring
 from fdllm.loader import parse_dtype
 from pipelines.world import DEFAULT_MODEL_DIR
@@ -37,11 +38,8 @@ class ScoreRow:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `score` benchmark on an argparse subparsers object."""
-    p = subparsers.add_parser("score", help="scoring continuations of shared contexts, the context shared or not",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = engine_subcommand(subparsers, "score", "scoring continuations of shared contexts, the context shared or not", __doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="a causal checkpoint (default: the world base)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--contexts", type=int, default=8)
     p.add_argument("--choices", type=int, default=4)
     p.add_argument("--context-len", type=int, default=200)

@@ -43,9 +43,8 @@ from typing import Self
 
 import torch
 
-from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_score, bench_serve, bench_train
-
 import fdllm
+from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_score, bench_serve, bench_train
 from fdllm.config import ModelConfig
 from fdllm.loader import parse_dtype
 

@@ -315,7 +315,13 @@ def ingest_local(args: dict[str, Any], path: str, stats: dict[str, Any], tokeniz
     machine too busy for its startup deadlines); returns IngestResult as a dict."""
     from fdllm.tokenizer import MASK_TOKEN, load_tokenizer
     from pipelines.data import (
-        BAD_REASONS, DataConfig, TokenSpec, check_data_files, pack_jsonl_windows, plan_jsonl_splits, read_jsonl_split,
+        BAD_REASONS,
+        DataConfig,
+        TokenSpec,
+        check_data_files,
+        pack_jsonl_windows,
+        plan_jsonl_splits,
+        read_jsonl_split,
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
