@@ -9,10 +9,11 @@ Pages are taken as they are needed (vLLM's scheme). Admission is FIFO: a request
 pages of its prompt and first blocks (`Sequence.pages_to_start`) can be reserved with a page to spare
 for each running sequence's next block. A running sequence that reaches a new block takes a free
 page; when none is left, the most recently admitted sequence is preempted (`Sequence.preempt`: its
-pages go back, its final blocks stay in the prefix cache) and waits at the head of the queue to be
-prefilled again. `reserve_worst_case` (EngineConfig.deterministic) instead reserves every page a
-request may reach (prompt + max_new_tokens) at admission, so nothing is ever preempted, at the cost
-of admitting fewer requests when they stop well short of max_new_tokens.
+pages go back, its final blocks stay in the prefix cache when caching is on) and waits at the head
+of the queue to be prefilled again (a speculative lookahead, which changes no token, is dropped
+instead). `reserve_worst_case` (EngineConfig.deterministic) instead reserves every page a request
+may reach (prompt + max_new_tokens) at admission, so nothing is ever preempted, at the cost of
+admitting fewer requests when they stop well short of max_new_tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from collections import deque
 from fdllm.cache import PageAllocator
 from fdllm.engine.denoise import DenoiseBatch
 from fdllm.engine.sequence import Sequence, Work
-
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ class Scheduler:
                     kv_len = seq.block_start + self.block_size
                 else:
                     work = seq.next_work(budget, lookahead)
+                    if work is not None and work.lookahead and seq.is_speculative and not self._fits(seq, work.kv_len):
+                        work = seq.next_work(budget, False)  # same tokens without it: not worth a preemption
                     kv_len = 0 if work is None else work.kv_len
                 if not self._reach(seq, kv_len):
                     continue  # preempted itself: running[i] is the next sequence now
@@ -129,6 +131,11 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - it cannot be attributed: those requests fail, the others run
                 failed += [(seq, exc) for seq in batched]
         return works, batch, failed
+
+    def _fits(self, seq: Sequence, kv_len: int) -> bool:
+        """Whether the sequence can have pages up to `kv_len` tokens without preempting anyone."""
+        short = -(-kv_len // self.block_size) - len(seq.pages) - seq.num_reserved
+        return short <= self.allocator.num_unreserved
 
     def _reach(self, seq: Sequence, kv_len: int) -> bool:
         """Pages up to `kv_len` tokens (its rows hold seq.pages itself): from the sequence's reservation,

@@ -196,9 +196,10 @@ class Sequence:
     @property
     def pages_to_start(self) -> int:
         """Pages admission reserves: all it prefills, the block after (the first AR tokens, the current
-        diffusion block, a speculative round) and the one after that (a lookahead into the next block).
-        Later pages are taken as the output reaches them (`Scheduler`)."""
-        return min(len(self.tokens) // self.block_size + 2, self.max_pages)
+        diffusion block, a speculative round) and, with a lookahead, the one after that. Later pages
+        are taken as the output reaches them (`Scheduler`)."""
+        lookahead = self.block_lookahead or self.lookahead
+        return min(len(self.tokens) // self.block_size + 1 + lookahead, self.max_pages)
 
     def use_cached_prefix(self, pages: list[int]) -> None:
         """Start from the prefix cache's pages of the first len(pages) blocks (admission): their K/V are not prefilled."""
@@ -210,8 +211,8 @@ class Sequence:
 
     def preempt(self) -> None:
         """Forget the K/V (the scheduler took the pages back; vLLM's recompute preemption): once
-        re-admitted, it prefills every known token again (the prefix cache may still hold many of
-        their blocks), then goes on from where it stopped. Settled output is never taken back. A
+        re-admitted, it prefills every known token again (with prefix caching, many of their blocks
+        may still be cached), then goes on from where it stopped. Settled output is never taken back. A
         diffusion request keeps what its current block has decoded; its next step feeds the whole
         block (`refresh_block`: the sub-block cache's K/V of the block are gone, also when the prefix
         cache gives back every block before it), so with the sub-block cache its next tokens can
@@ -298,7 +299,8 @@ class Sequence:
         [next_known, end) attend the forward's causal K/V and bidirectionally each other, as a draft
         step does, except that the token at `next_known` (the forward's own prediction) is a mask
         too. Their rows predict [next_known + 1, end), the next draft, so a fully accepted round
-        costs one forward instead of a draft plus a verify. Skipped past the request's reserved pages."""
+        costs one forward instead of a draft plus a verify. Skipped past the request's last page (prompt
+        + max_new_tokens)."""
         L = self.block_size
         end = (next_known + 1) // L * L + L  # the block holding next_known + 1, as `_speculative_work`
         if end > self.max_pages * L:
@@ -355,8 +357,9 @@ class Sequence:
         attend the cache, the K/V this forward writes, and each other, as a refresh step does, except
         that offset 0 (this forward's own prediction) is a mask too. What passes the selection rule
         among its first sub-block is committed with no forced progress, and the step counts as the
-        sub-block's first (a refresh), so a block costs one forward fewer. The next block's page is
-        always reserved: a block is opened only while the output is short of max_new_tokens."""
+        sub-block's first (a refresh), so a block costs one forward fewer. The next block is within the
+        request's pages (prompt + max_new_tokens): a block is opened only while the output is short of
+        max_new_tokens."""
         if not self.block_lookahead:
             return work
         L = self.block_size

@@ -76,8 +76,9 @@ def test_the_allocator_can_keep_pages_to_spare():
 
 def test_admission_reserves_a_request_s_start_not_its_worst_case(model):
     """Requests that may decode 40 tokens (6 pages each at worst) in a 16-page cache: reserving the
-    worst case (EngineConfig.deterministic) runs 2 at once; reserving each one's prompt and first two
-    blocks, with a page to spare per running request, runs 5. Both decode the same tokens."""
+    worst case (EngineConfig.deterministic) runs 2 at once; reserving each one's prompt and first
+    block (one page: a 6-token prompt opens it), with a page to spare per running request, runs 8.
+    Both decode the same tokens."""
     requests = [(prompt, params(max_new_tokens=40), 0) for prompt in random_prompts(8, [6], seed=3)]
     running = {}
     for deterministic in (True, False):
@@ -89,7 +90,7 @@ def test_admission_reserves_a_request_s_start_not_its_worst_case(model):
         while engine.has_unfinished():
             engine.step()
         assert engine.num_free_pages == 16
-    assert running == {True: 2, False: 5}
+    assert running == {True: 2, False: 8}
 
 
 @pytest.mark.parametrize("caching", [True, False], ids=["prefix_cache", "no_prefix_cache"])
@@ -97,8 +98,8 @@ def test_admission_reserves_a_request_s_start_not_its_worst_case(model):
 @pytest.mark.parametrize("mode", MODES)
 def test_preempted_requests_decode_as_if_never_preempted(model, mode, sampling, caching):
     """A 14-page cache for requests that need up to 10 pages each, arriving over six steps: the
-    newest is preempted, mid-prefill, mid-block, mid-draft or at a block's end, one or more
-    times, and recomputes what it had (from the prefix cache where its blocks are still there)."""
+    newest is preempted, mid-block, mid-draft or at a block's end, one or more times, and recomputes
+    what it had (from the prefix cache where its blocks are still there)."""
     requests = workload(mode, sampling)
     ref = serve(make_engine(model, prefix_caching=caching), requests)
     engine = make_engine(model, num_pages=14, prefix_caching=caching)
@@ -120,6 +121,27 @@ def test_a_speculative_request_without_lookahead_drafts_afresh_after_preemption(
     assert engine.num_preemptions > 0
 
 
+def test_a_speculative_lookahead_is_dropped_rather_than_preempt_anyone(model):
+    """The lookahead changes no token (it only saves a forward when a draft is accepted whole), so a
+    verify whose lookahead would need a page the cache does not have runs without it."""
+    requests = workload("speculative", {})
+    ref = serve(make_engine(model), requests)
+    plans = []
+    next_work = Sequence.next_work
+
+    def spy(seq, budget, lookahead=True):
+        plans.append((seq, lookahead))
+        return next_work(seq, budget, lookahead)
+
+    engine = make_engine(model, num_pages=12)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Sequence, "next_work", spy)
+        got = serve(engine, requests)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    dropped = sum(a[0] is b[0] and a[1] and not b[1] for a, b in zip(plans, plans[1:]))
+    assert dropped > 0
+
+
 def test_a_resumed_request_takes_its_own_blocks_back_from_the_prefix_cache(model):
     """What a preempted request had prefilled and committed stays cached (until evicted): its
     resumption prefills from there, not from its prompt's blocks."""
@@ -134,7 +156,7 @@ def test_a_resumed_request_takes_its_own_blocks_back_from_the_prefix_cache(model
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Sequence, "next_work", spy)
-        serve(make_engine(model, num_pages=14), workload("diffusion", {}))
+        serve(make_engine(model, num_pages=14), workload("diffusion", {}, seed=7))
     assert resumed and any(start > prompt for start, _, prompt in resumed)
     assert all(start % L == 0 and target > prompt - L for start, target, prompt in resumed)
 
