@@ -37,11 +37,12 @@ def score_sequences(runner: ModelRunner, allocator: PageAllocator, sequences: li
     as an earlier one (lm-eval's continuations of one context) reads that one's pages and copies its
     log-probabilities there (`_Sibling`), so a shared context is computed once."""
     L = page_size
-    cached = [allocator.lookup(block_hashes(ids, L, True, (s - 1) // L)) if s < len(ids) else []
-              for ids, s in zip(sequences, score_from)]
+    hashes = [block_hashes(ids, L, True, (len(ids) - 1) // L) for ids in sequences]  # every whole block fed
+    cached = [allocator.lookup(h[: (s - 1) // L]) if s < len(ids) else []
+              for ids, s, h in zip(sequences, score_from, hashes)]
     if not allocator.reserve(0, [page for pages in cached for page in pages]):
         cached = [[] for _ in sequences]  # reservations leave no room to hold them: compute every block
-    siblings = _siblings(sequences, score_from, L, [len(pages) for pages in cached])
+    siblings = _siblings(sequences, hashes, score_from, L, [len(pages) for pages in cached])
     done = [(len(pages) if sib is None else sib.blocks) * L for pages, sib in zip(cached, siblings)]
     fed = [len(ids) - 1 if s < len(ids) else d for ids, s, d in zip(sequences, score_from, done)]
     tokens = [np.array(ids, dtype=np.int64) for ids in sequences]
@@ -99,15 +100,15 @@ class _Sibling(NamedTuple):
     blocks: int
 
 
-def _siblings(sequences: list[list[int]], score_from: list[int], L: int, cached: list[int]) -> list[_Sibling | None]:
+def _siblings(sequences: list[list[int]], hashes_of: list[list[bytes]], score_from: list[int], L: int,
+              cached: list[int]) -> list[_Sibling | None]:
     """For each sequence, the earlier one it shares more leading blocks with than the prefix cache
     gives it (`cached`, in blocks), if any. The first sequence to compute a block owns it; a sequence
     shares only with one that scores at least the positions it will copy (score_from no later) and
     feeds them (it scores anything at all)."""
     owner: dict[bytes, int] = {}
     out: list[_Sibling | None] = []
-    for i, (ids, s) in enumerate(zip(sequences, score_from)):
-        hashes = block_hashes(ids, L, True, (len(ids) - 1) // L)
+    for i, (ids, hashes, s) in enumerate(zip(sequences, hashes_of, score_from)):
         blocks, of = 0, None
         for b, h in enumerate(hashes):
             j = owner.get(h)
