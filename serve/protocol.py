@@ -55,7 +55,6 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "presence_penalty": (_is_zero, "send 0 or leave it out"),
     "frequency_penalty": (_is_zero, "send 0 or leave it out"),
     "repetition_penalty": (lambda v: v is None or v == 1, "send 1 or leave it out"),
-    "logit_bias": (lambda v: not v, "send {} or leave it out"),
     "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}: no JSON or grammar mode'),
     "tools": (lambda v: not v, "no tool calling"),
     "functions": (lambda v: not v, "no function calling"),
@@ -140,6 +139,15 @@ class _SamplingFields(BaseModel):
     # per block; outputs may differ from the plain schedule: fdllm.SamplingParams.block_lookahead).
     # None: the server's default (ServerConfig.block_lookahead, for diffusion-mode requests)
     block_lookahead: bool | None = None
+    # OpenAI's: token id (as a JSON key string) -> bias in [-100, 100], added to that token's logit
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v and not all(k.strip().isascii() and k.strip().isdigit() for k in v):
+            raise ValueError("logit_bias keys must be token ids (non-negative integers, as strings)")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -181,6 +189,10 @@ class _SamplingFields(BaseModel):
         them, as vLLM does, rather than refuse a client that sends extras to every backend."""
         return sorted(set(self.model_extra or {}) - set(NOT_IMPLEMENTED))
 
+    def max_tokens_given(self) -> int | None:
+        """The request's bound on generated tokens (max_completion_tokens, OpenAI's newer name, first)."""
+        return self.max_completion_tokens or self.max_tokens
+
     def logprob_count(self) -> int | None:
         """How many most likely alternatives to return per token when log-probabilities are asked for, else None."""
         return None
@@ -190,7 +202,7 @@ class _SamplingFields(BaseModel):
         if lookahead is None:
             lookahead = default_block_lookahead and self.mode == "diffusion"
         return SamplingParams(
-            max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            max_new_tokens=self.max_tokens_given() or default_max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -204,6 +216,7 @@ class _SamplingFields(BaseModel):
             delimiters=None if self.delimiters is None else tuple(self.delimiters),
             delimiter_token_ids=tuple(self.delimiter_token_ids or ()),
             block_lookahead=lookahead,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
         )
 
 

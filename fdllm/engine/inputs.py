@@ -66,8 +66,37 @@ class SampledRows:
         return SampledRows(**{name: np.concatenate([mine, theirs[name]]) for name, mine in self.arrays().items()})
 
 
+@dataclass(frozen=True)
+class BiasedRows:
+    """The candidates of requests with a logit bias: their tokens are decided from logits with the
+    bias added (`draws`, greedy where its temperature is 0), not in the greedy or sampled paths. One
+    entry per (row, biased token), sorted by row."""
+
+    draws: SampledRows  # [B] the rows (index into the step's candidates) and their parameters
+    entry_row: np.ndarray  # [K] index into `draws.rows`
+    entry_token: np.ndarray  # [K]
+    entry_value: np.ndarray  # [K] float64
+
+    def __len__(self) -> int:
+        return len(self.draws)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array by name (the sections the runner stages)."""
+        return {f"bias_{name}": a for name, a in self.draws.arrays().items()} | {
+            "bias_entry_row": self.entry_row, "bias_entry_token": self.entry_token, "bias_entry_value": self.entry_value}
+
+    def join(self, other: BiasedRows, shift: int) -> BiasedRows:
+        """These rows, then `other`'s moved `shift` candidates further (the candidates before them)."""
+        if not len(other):
+            return self
+        return BiasedRows(self.draws.join(other.draws, shift), np.concatenate([self.entry_row, other.entry_row + len(self)]),
+                          np.concatenate([self.entry_token, other.entry_token]),
+                          np.concatenate([self.entry_value, other.entry_value]))
+
+
 NO_ROWS = np.zeros(0, dtype=np.int64)  # shared: never written to
 NO_SAMPLED = SampledRows(NO_ROWS, np.zeros(0), np.zeros(0), NO_ROWS, NO_ROWS, NO_ROWS)
+NO_BIASED = BiasedRows(NO_SAMPLED, NO_ROWS, NO_ROWS, np.zeros(0))
 
 
 @dataclass
@@ -90,6 +119,7 @@ class StepInputs:
     candidates: np.ndarray  # [C] index into `ids` of each token whose logits the head reads
     entropy: np.ndarray  # [E] index into the candidates of those whose entropy H_i is needed
     sampled: SampledRows  # [S]
+    biased: BiasedRows = NO_BIASED  # [B] (disjoint from the sampled rows)
 
     @classmethod
     def from_works(cls, works: list[Work]) -> tuple[StepInputs, list[list[int]]]:
@@ -97,8 +127,9 @@ class StepInputs:
         results come back)."""
         ids: list[int] = []
         rows_R4, pages = [], []  # per row: start, q_len, kv_len, causal (flat, one conversion)
-        cands, entropy, sampled = [], [], []
-        temperature, top_p, top_k, seed, counter = [], [], [], [], []
+        cands, entropy = [], []
+        sampled, biased = _Draws(), _Draws()
+        entries: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (first biased row, rows, tokens, values)
         candidate_rows, prefill = [], False
         for w in works:
             base = len(ids)
@@ -117,25 +148,21 @@ class StepInputs:
             cands += [base + logit_rows[r] for r in rows]
             if w.needs_entropy:
                 entropy += range(first, len(cands))
-            sampled_rows = w.sampled_rows
-            if sampled_rows:
-                p = w.seq.params
+            sampled_rows, bias = w.sampled_rows, w.seq.params.logit_bias
+            if bias:  # every candidate, greedy or sampled, decided from biased logits
+                entries.append((len(biased.rows), len(rows), np.fromiter(bias, np.int64, len(bias)),
+                                np.fromiter(bias.values(), np.float64, len(bias))))
+                for c, r in enumerate(rows, first):
+                    biased.add(c, w, r, sampled=r in sampled_rows)
+            elif sampled_rows:
                 for c, r in enumerate(rows, first):
                     if r in sampled_rows:
-                        sampled.append(c)
-                        temperature.append(p.temperature)
-                        top_p.append(p.top_p)
-                        top_k.append(p.top_k)
-                        seed.append(stream_seed(p))
-                        counter.append(draw_counter(w, r))
+                        sampled.add(c, w, r, sampled=True)
         i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
-        draws = NO_SAMPLED
-        if sampled:
-            draws = SampledRows(i64(sampled), np.array(temperature), np.array(top_p), i64(top_k), i64(seed), i64(counter))
         starts, q_lens, kv_lens, causal = i64(rows_R4).reshape(-1, 4).T
         inputs = cls(i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill,
                      max(rows_R4[1::4], default=0), max(map(len, pages), default=0), any(rows_R4[3::4]), i64(cands),
-                     i64(entropy) if entropy else NO_ROWS, draws)
+                     i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(), _biased_rows(biased, entries))
         return inputs, candidate_rows
 
     def join(self, other: StepInputs) -> StepInputs:
@@ -150,7 +177,7 @@ class StepInputs:
             cat("ids"), cat("starts"), cat("q_lens"), cat("kv_lens"), cat("causal"), self.pages + other.pages,
             self.prefill or other.prefill, max(self.max_q_len, other.max_q_len), max(self.max_pages, other.max_pages),
             self.any_causal or other.any_causal, cat("candidates", N), cat("entropy", C),
-            self.sampled.join(other.sampled, shift=C),
+            self.sampled.join(other.sampled, shift=C), self.biased.join(other.biased, shift=C),
         )
 
     @property
@@ -167,6 +194,46 @@ class StepInputs:
         if columns:
             table[:, : len(columns)] = np.array(columns, dtype=np.int64).T
         return table
+
+
+class _Draws:
+    """Candidate rows and their sampling parameters as `StepInputs.from_works` gathers them."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.temperature: list[float] = []
+        self.top_p: list[float] = []
+        self.top_k: list[int] = []
+        self.seed: list[int] = []
+        self.counter: list[int] = []
+
+    def add(self, candidate: int, work: Work, r: int, sampled: bool) -> None:
+        """Candidate `candidate`, the work's logit row r: sampled with its request's parameters, or greedy
+        (temperature 0)."""
+        p = work.seq.params
+        self.rows.append(candidate)
+        self.temperature.append(p.temperature if sampled else 0.0)
+        self.top_p.append(p.top_p)
+        self.top_k.append(p.top_k)
+        self.seed.append(stream_seed(p) if sampled else 0)
+        self.counter.append(draw_counter(work, r) if sampled else 0)
+
+    def rows_and_parameters(self) -> SampledRows:
+        if not self.rows:
+            return NO_SAMPLED
+        i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
+        return SampledRows(i64(self.rows), np.array(self.temperature), np.array(self.top_p), i64(self.top_k),
+                           i64(self.seed), i64(self.counter))
+
+
+def _biased_rows(draws: _Draws, entries: list[tuple[int, int, np.ndarray, np.ndarray]]) -> BiasedRows:
+    """The biased rows, with one entry per (row, token): each work's bias repeated over its rows."""
+    if not draws.rows:
+        return NO_BIASED
+    rows = np.concatenate([np.repeat(np.arange(first, first + n), len(tokens)) for first, n, tokens, _ in entries])
+    tokens = np.concatenate([np.tile(tokens, n) for _, n, tokens, _ in entries])
+    values = np.concatenate([np.tile(values, n) for _, n, _, values in entries])
+    return BiasedRows(draws.rows_and_parameters(), rows, tokens, values)
 
 
 def cache_slots(table_XM: np.ndarray, positions_XQ: np.ndarray, page_size: int) -> np.ndarray:

@@ -16,6 +16,8 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 MAX_STOP_TOKEN_IDS = 64
 DEFAULT_ENTROPY_BUDGET = 1.0  # gamma (nats) of selection="entropy_budget" when the request gives none
+MAX_LOGIT_BIAS = 100.0  # |bias| (OpenAI's range: -100 bans a token, +100 forces it)
+MAX_LOGIT_BIAS_TOKENS = 1024
 DEFAULT_DELIMITERS = ("\n",)  # adaptive sub-block boundaries: newline tokens (with a tokenizer) and the end tokens
 MAX_DELIMITERS, MAX_DELIMITER_CHARS = 16, 32
 
@@ -64,6 +66,11 @@ class SamplingParams:
     # and commits only what passes the selection rule: one forward fewer per block. An approximation
     # beyond the paper and METHOD.md (README "Beyond the paper"): outputs may differ from the plain schedule.
     block_lookahead: bool = False
+    # Added to the logits of these token ids (OpenAI's logit_bias, values in [-100, 100]) at every
+    # position the request decodes, before greedy selection or sampling, in every mode (a speculative
+    # request's output is then AR's with the same bias). Confidences are the biased distribution's;
+    # the entropy of selection="entropy_budget" stays the model's own, as with temperature.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         """Reject values that could not be decoded meaningfully, before they reach a step: one bad
@@ -93,6 +100,7 @@ class SamplingParams:
             raise ValueError(f"block_lookahead applies to mode='diffusion' only, got mode={self.mode!r} "
                              "(speculative mode's own lookahead is EngineConfig.speculative_lookahead)")
         self._check_selection()
+        self._check_logit_bias()
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(
                 f"stop must be a tuple of non-empty strings (wrap a single one as (s,)), got {self.stop!r}"
@@ -105,6 +113,15 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, got {self.stop_token_ids!r}"
             )
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if (not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS_TOKENS
+                or not all(is_int(t) and t >= 0 and _is_finite(v) and abs(v) <= MAX_LOGIT_BIAS for t, v in bias.items())):
+            raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS_TOKENS} token ids to numbers in "
+                             f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}"[:500])
 
     def _check_selection(self) -> None:
         if self.selection not in SELECTIONS:

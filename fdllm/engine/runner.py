@@ -51,7 +51,7 @@ from torch import Tensor
 from fdllm.cache import AttentionRow, KVCache, PagedAttention, StaticPagedAttention
 from fdllm.decoding import counter_uniform, sample_confidence, token_entropy
 from fdllm.engine.denoise import DenoiseBatch
-from fdllm.engine.inputs import NO_ROWS, NO_SAMPLED, StepInputs, cache_slots
+from fdllm.engine.inputs import NO_ROWS, NO_SAMPLED, BiasedRows, StepInputs, cache_slots
 from fdllm.engine.sequence import Predictions, Work
 from fdllm.kernels import select_attention_backend
 from fdllm.kernels.reference import greedy_confidence
@@ -376,17 +376,20 @@ class ModelRunner:
     @staticmethod
     def _head_sizes(inputs: StepInputs) -> dict[str, int]:
         sizes = {"cand_rows": len(inputs.candidates), "entropy": len(inputs.entropy)}
-        S = len(inputs.sampled)
-        return sizes | {name: S for name in inputs.sampled.arrays()} if S else sizes
+        for group in (inputs.sampled, inputs.biased):
+            if len(group):
+                sizes |= {name: len(values) for name, values in group.arrays().items()}
+        return sizes
 
     def _put_head(self, inputs: StepInputs, flat_N: np.ndarray) -> None:
         put = self.stage.put
         put("cand_rows", flat_N[inputs.candidates])
         if len(inputs.entropy):
             put("entropy", inputs.entropy)
-        if len(inputs.sampled):
-            for name, values in inputs.sampled.arrays().items():
-                put(name, values, values.dtype.type)  # int64, or float64 staged as its bytes
+        for group in (inputs.sampled, inputs.biased):
+            if len(group):
+                for name, values in group.arrays().items():
+                    put(name, values, values.dtype.type)  # int64, or float64 staged as its bytes
 
     # -- device work --------------------------------------------------------------------------------
     def _body(self, inputs: StepInputs, shape: StaticShape | None) -> Tensor:
@@ -454,7 +457,30 @@ class ModelRunner:
                 for a in range(0, S, k)
             ])
             token_C, prob_C = token_C.index_put((rows,), token_S), prob_C.index_put((rows,), prob_S)
+        if len(inputs.biased):
+            rows = get("bias_rows")
+            token_B, prob_B = _join_pairs([self._biased_choice(row_logits(rows[a : a + k]), inputs.biased, a)
+                                           for a in range(0, len(inputs.biased), k)])
+            token_C, prob_C = token_C.index_put((rows,), token_B), prob_C.index_put((rows,), prob_B)
         return token_C, prob_C, entropy_C
+
+    def _biased_choice(self, logits_RV: Tensor, biased: BiasedRows, first: int) -> tuple[Tensor, Tensor]:
+        """Token and probability of biased rows [first, first + R) (`StepInputs.biased`): their bias
+        added to their logits, then the argmax, or a draw where the row samples (temperature > 0)."""
+        get, R = self.stage.get, len(logits_RV)
+        lo, hi = np.searchsorted(biased.entry_row, [first, first + R]).tolist()  # the entries are sorted by row
+        rows_K, tokens_K = get("bias_entry_row")[lo:hi] - first, get("bias_entry_token")[lo:hi]
+        logits_RV = logits_RV.index_put((rows_K, tokens_K), get("bias_entry_value", torch.float32)[lo:hi], accumulate=True)
+        token_R, prob_R = greedy_confidence(logits_RV, None)
+        temperature = biased.draws.temperature[first : first + R]
+        if not temperature.any():
+            return token_R, prob_R
+        part = lambda name, dtype=torch.int64: get(f"bias_{name}", dtype)[first : first + R]  # noqa: E731
+        temperature_R = part("temperature", torch.float32)
+        drawn_R, drawn_prob_R = sample_confidence(logits_RV, None, temperature_R.clamp(min=1e-2), part("top_p", torch.float32),
+                                                  part("top_k"), counter_uniform(part("seed"), part("counter")))
+        sampled_R = temperature_R > 0
+        return torch.where(sampled_R, drawn_R, token_R), torch.where(sampled_R, drawn_prob_R, prob_R)
 
     def logits(self, h_RD: Tensor) -> Tensor:
         """fp32 logits [R, V] of hidden rows, the mask token's at -inf."""

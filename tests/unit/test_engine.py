@@ -44,9 +44,10 @@ def params(**kw):
 
 @torch.no_grad()
 def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size, threshold, stop_ids=(),
-                       causal_prefix=False, mask_token_id=MASK):
+                       causal_prefix=False, mask_token_id=MASK, logit_bias=None):
     """Block diffusion with no cache: every step recomputes the whole sequence under the block-causal
-    mask (`causal_prefix`: causal over the committed tokens, the current block sees itself and them)."""
+    mask (`causal_prefix`: causal over the committed tokens, the current block sees itself and them).
+    `logit_bias`: added to every prediction's logits (SamplingParams.logit_bias)."""
     L, S, P = block_size, sub_block_size, len(prompt)
 
     def logits(seq):
@@ -60,6 +61,8 @@ def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size
 
     def confident(row):
         row = row.clone()
+        for token, bias in (logit_bias or {}).items():
+            row[token] += bias
         row[mask_token_id] = float("-inf")
         prob = row.softmax(-1)
         return int(prob.argmax()), float(prob.max())

@@ -89,7 +89,7 @@ def test_features_the_server_lacks_are_refused_not_ignored(model, fields, param)
 
 ASKS_FOR_SOMETHING = [
     ("presence_penalty", 0.5), ("presence_penalty", -2), ("frequency_penalty", 1e-9), ("repetition_penalty", 1.2),
-    ("logit_bias", {"50256": -100}), ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_object"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
     ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("functions", [{"name": "f"}]),
@@ -122,6 +122,17 @@ def test_their_default_values_and_unknown_fields_are_accepted(model, field, valu
     known = field in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "response_format",
                       "tools", "tool_choice", "suffix", "min_tokens")
     assert request.ignored_fields() == ([] if known else [field])  # the server logs the unknown ones
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_logit_bias_reaches_the_engine_by_token_id(model):
+    body = {"model": "m", "logit_bias": {"5": 2.5, " 7 ": -100, "0": 100}}
+    body |= {"prompt": "x"} if model is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
+    assert parse_request(model, json.dumps(body).encode()).sampling_params(16).logit_bias == {5: 2.5, 7: -100.0, 0: 100.0}
+    for bad in ({"abc": 1}, {"-1": 1}, {"²": 1}, {"": 1}, {"5": "high"}, {"5": 101}, {"5": -1e9}, [5]):
+        with pytest.raises(APIError) as err:
+            parse_request(model, json.dumps(body | {"logit_bias": bad}).encode()).sampling_params(16)
+        assert (err.value.status, err.value.param) == (400, "logit_bias"), bad
 
 
 @pytest.mark.parametrize("best_of,n,refused", [(None, 1, False), (1, 1, False), (3, 3, False), (2, 1, True), (1, 2, True)])

@@ -1,0 +1,121 @@
+"""SamplingParams.logit_bias (OpenAI's): added to the logits of its tokens at every position a request
+decodes, in every mode. Oracles: transformers' generate with `sequence_bias` (AR), the no-cache
+block-diffusion recompute with the bias added (diffusion), AR mode (speculative: its output is AR's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fdllm
+from tests.unit.test_engine import MASK, make_engine, params, random_prompts, reference_generate
+
+BIAS = {17: -3.0, 70: -2.5, 9: 2.0, 52: 1.5}  # the sharp model's favourite tokens down, others up: outputs change
+
+
+@pytest.fixture(scope="module")
+def model(sharp_dir):
+    return fdllm.load_model(sharp_dir)
+
+
+def test_ar_with_logit_bias_equals_transformers_generate_with_sequence_bias(sharp_dir, model):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+    prompts = random_prompts(4, [1, 3, 6, 11], seed=5)
+    engine = make_engine(model)
+    biased = engine.generate(prompts, params(max_new_tokens=12, mode="ar", logit_bias=BIAS))
+    plain = engine.generate(prompts, params(max_new_tokens=12, mode="ar"))
+    for prompt, got, unbiased in zip(prompts, biased, plain):
+        ref = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=12,
+            do_sample=False, suppress_tokens=[MASK], pad_token_id=0, sequence_bias={(t,): b for t, b in BIAS.items()},
+        )[0, len(prompt):].tolist()
+        assert got.token_ids == ref
+    assert sum(g.token_ids != u.token_ids for g, u in zip(biased, plain)) >= 3  # the bias decides something
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_diffusion_with_logit_bias_equals_the_no_cache_reference(model, lookahead):
+    prompts = random_prompts(6, [1, 5, 8, 9, 13, 16], seed=3)
+    biased = make_engine(model).generate(prompts, params(max_new_tokens=21, logit_bias=BIAS, block_lookahead=lookahead))
+    changed = 0
+    for prompt, got in zip(prompts, biased):
+        if not lookahead:
+            assert got.token_ids == reference_generate(model, prompt, 21, 8, 4, 0.4, logit_bias=BIAS), len(prompt)
+        changed += got.token_ids != reference_generate(model, prompt, 21, 8, 4, 0.4)
+    assert changed >= 4
+
+
+@pytest.mark.parametrize("use_sub_block_cache", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_biased_request_beside_unbiased_ones_decodes_as_alone(model, use_sub_block_cache, temperature):
+    """The others' plain sub-block steps run as one DenoiseBatch, the biased one as a Work, in one forward."""
+    prompts = random_prompts(10, [3, 8, 13], seed=11)
+    p = [params(temperature=temperature, seed=i) for i in range(len(prompts))]
+    p[4] = params(temperature=temperature, seed=4, logit_bias=BIAS)
+    p[7] = params(temperature=temperature, seed=7, logit_bias={9: 100.0}, mode="ar")
+    together = make_engine(model, use_sub_block_cache=use_sub_block_cache).generate(prompts, p)
+    for prompt, sp, got in zip(prompts, p, together):
+        alone = make_engine(model, use_sub_block_cache=use_sub_block_cache).generate([prompt], sp)[0]
+        assert got.token_ids == alone.token_ids
+    assert together[7].token_ids == [9] * 20
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (0.8, 3)])
+def test_speculative_with_logit_bias_is_ar_with_logit_bias(model, temperature, seed):
+    prompts = random_prompts(5, [1, 7, 8, 9, 16], seed=2)
+    engine = make_engine(model)
+    kw = {"max_new_tokens": 24, "temperature": temperature, "seed": seed, "logit_bias": BIAS}
+    ar = engine.generate(prompts, params(mode="ar", **kw))
+    spec = engine.generate(prompts, params(mode="speculative", **kw))
+    assert [r.token_ids for r in spec] == [r.token_ids for r in ar]
+    if temperature:
+        plain = engine.generate(prompts, params(mode="ar", **(kw | {"logit_bias": None})))
+        assert [r.token_ids for r in plain] != [r.token_ids for r in ar]
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar", "speculative"])
+def test_plus_100_forces_a_token_and_minus_100_bans_it(model, mode):
+    prompts = random_prompts(3, [4, 9], seed=1)
+    engine = make_engine(model)
+    for temperature in (0.0, 1.0):
+        forced = engine.generate(prompts, params(mode=mode, temperature=temperature, seed=0, logit_bias={33: 100}))
+        assert all(r.token_ids == [33] * 20 for r in forced)
+        favourite = engine.generate(prompts, params(mode=mode, temperature=temperature, seed=0))[0].token_ids[0]
+        banned = engine.generate(prompts, params(mode=mode, temperature=temperature, seed=0, logit_bias={favourite: -100}))
+        assert all(favourite not in r.token_ids for r in banned)
+
+
+def test_logit_bias_is_validated(model):
+    for bad in ({-1: 1.0}, {5: 100.5}, {5: float("nan")}, {5: float("inf")}, {True: 1.0}, {"5": 1.0}, [(5, 1.0)],
+                {t: 1.0 for t in range(1025)}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            params(logit_bias=bad)
+    with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, "):
+        make_engine(model).add_request([1, 2, 3], params(logit_bias={10**6: 1.0}))
+    assert params(logit_bias={}).logit_bias == {} and params(logit_bias={MASK: 100}).logit_bias == {MASK: 100}
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar", "speculative"])
+def test_a_zero_bias_changes_nothing(model, mode):
+    """A bias of 0 takes the biased path (its own logits, draws and selection) to the same tokens as
+    no bias at all, greedy and sampled with top-k/top-p: the path adds the bias and nothing else."""
+    prompts = random_prompts(4, [2, 8, 11], seed=9)
+    engine = make_engine(model)
+    for kw in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 5}, {"temperature": 1.3, "seed": 6, "top_k": 5, "top_p": 0.8}):
+        plain = engine.generate(prompts, params(mode=mode, **kw))
+        zero = engine.generate(prompts, params(mode=mode, logit_bias={9: 0.0, 17: 0.0}, **kw))
+        assert [r.token_ids for r in zero] == [r.token_ids for r in plain], kw
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "speculative"])
+def test_biased_rows_made_a_few_at_a_time_decide_the_same(model, mode):
+    """At a real vocabulary the head makes logits a chunk of rows at a time (ModelRunner.max_head_rows:
+    220 rows at 152k): each chunk must add its own rows' entries."""
+    prompts = random_prompts(6, [3, 9, 16], seed=4)
+    p = [params(mode=mode, temperature=t, seed=i, logit_bias=BIAS | {i: 1.0}) for i, t in enumerate([0, 0.9] * 3)]
+    whole = make_engine(model).generate(prompts, p)
+    engine = make_engine(model)
+    engine.runner.max_head_rows = 3
+    assert [r.token_ids for r in engine.generate(prompts, p)] == [r.token_ids for r in whole]
