@@ -33,7 +33,7 @@ from fdllm.kernels import interpreter_enabled
 from fdllm.kernels.reference import greedy_confidence
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG2E: tl.constexpr = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E); a global must be a tl.constexpr value to compile
 
 
 @triton.jit

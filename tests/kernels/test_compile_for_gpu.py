@@ -1,0 +1,123 @@
+"""Every Triton kernel compiles for the GPUs the project targets (A100: sm_80, H100/H200: sm_90),
+checked on a CPU machine: the interpreter that runs the other kernel tests executes kernels as
+Python, so what only the compiler refuses (a global that is not a `tl.constexpr` value, a type it
+cannot lower, too much shared memory) would otherwise surface on the first GPU run. Each wrapper is
+called as the engine calls it, its launches recorded instead of run, and each recorded launch
+compiled ahead of time for each target (Triton's own `ASTSource` path and bundled ptxas, no driver)
+in a child process: the interpreter's patches of `triton.language` would break the compiler here."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from tests.kernels.test_paged_attention import make_case  # noqa: E402
+
+TARGETS = {"sm_80": 80, "sm_90": 90}  # CUDA compute capability
+_POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+            torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
+_OPTIONS = ("num_warps", "num_stages")
+
+
+class Launches:
+    """Stands in for a `@triton.jit` kernel: `kernel[grid](*args, **kwargs)` is recorded, not run."""
+
+    def __init__(self, kernel) -> None:
+        self.fn = getattr(kernel, "fn", kernel)  # the Python function (under the interpreter, wrapped)
+        while hasattr(self.fn, "fn"):
+            self.fn = self.fn.fn
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTEE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {value!r}")
+
+
+def spec(module: str, fn, args: tuple, kwargs: dict) -> dict:
+    """A recorded launch as what the child compiles: the kernel, its signature, constexprs and options."""
+    params = list(inspect.signature(fn).parameters.values())
+    bound = dict(zip((p.name for p in params), args)) | {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+    signature, constexprs = {}, []
+    for i, p in enumerate(params):
+        value = bound[p.name] if p.name in bound else p.default
+        signature[p.name] = "constexpr" if "constexpr" in str(p.annotation) or value is None else _type(value)
+        if signature[p.name] == "constexpr":
+            constexprs.append([i, value])
+    return {"module": module, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+            "options": {k: v for k, v in kwargs.items() if k in _OPTIONS}}
+
+
+def compile_specs(specs: list[dict]) -> None:
+    """The child: compile every launch for every target (raises what the compiler raises)."""
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for s in specs:
+        kernel = getattr(importlib.import_module(s["module"]), s["kernel"])
+        source = ASTSource(fn=kernel, signature=s["signature"], constexprs={(i,): v for i, v in s["constexprs"]})
+        for name, capability in TARGETS.items():
+            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=s["options"])
+            print(f"{s['kernel']} {name}: {compiled.metadata.shared} bytes of shared memory", flush=True)
+
+
+def record(monkeypatch, module, names: list[str], call) -> list[tuple]:
+    """(fn, args, kwargs) of every launch of `module`'s kernels `names` while `call()` runs."""
+    fakes = {name: Launches(getattr(module, name)) for name in names}
+    with monkeypatch.context() as patch:
+        for name, fake in fakes.items():
+            patch.setattr(module, name, fake)
+        call()
+    launches = [(fake.fn, args, kwargs) for fake in fakes.values() for args, kwargs in fake.calls]
+    assert {fake.fn.__name__ for fake in fakes.values() if fake.calls} == set(names), "a kernel was never launched"
+    return launches
+
+
+def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
+    import fdllm.kernels.confidence as confidence
+    import fdllm.kernels.paged_attention as attention
+
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        h, w = torch.randn(5, 64, dtype=dtype), torch.randn(1000, 64, dtype=dtype)
+        specs += [spec(confidence.__name__, *launch) for launch in record(
+            monkeypatch, confidence, ["_confidence_partials_kernel", "_confidence_merge_kernel"],
+            lambda: confidence.fused_confidence(h, w, 7))]
+    for dtype, causal, num_splits, index_dtype in ((torch.bfloat16, False, 1, torch.int32), (torch.bfloat16, True, 4, torch.int64),
+                                                   (torch.float32, "flags", 4, torch.int32), (torch.float16, False, 2, torch.int32)):
+        case = make_case(q_lens=[8, 3], kv_lens=[40, 19], T=8, K=2, G=6, H=128, S=32, dtype=dtype)
+        case.block_tables_BM = case.block_tables_BM.to(index_dtype)
+        flags = torch.tensor([1, 0], dtype=torch.int32) if causal == "flags" else causal
+        names = ["_paged_attention_kernel"] + (["_merge_splits_kernel"] if num_splits > 1 else [])
+        specs += [spec(attention.__name__, *launch) for launch in record(
+            monkeypatch, attention, names, lambda: attention.paged_attention(*case.args(), causal=flags, num_splits=num_splits))]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": root}
+    child = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,
+                           env=env, timeout=600, cwd=root)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
+    assert len(child.stdout.splitlines()) == len(specs) * len(TARGETS)
+
+
+if __name__ == "__main__":
+    compile_specs(json.loads(sys.stdin.read()))
