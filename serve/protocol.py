@@ -52,8 +52,6 @@ def _is_zero(v: Any) -> bool:
 # default). Any other value is refused with a 400 naming the field: served anyway, the answer would
 # not be what the client asked for.
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "presence_penalty": (_is_zero, "send 0 or leave it out"),
-    "frequency_penalty": (_is_zero, "send 0 or leave it out"),
     "repetition_penalty": (lambda v: v is None or v == 1, "send 1 or leave it out"),
     "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}: no JSON or grammar mode'),
     "tools": (lambda v: not v, "no tool calling"),
@@ -139,8 +137,11 @@ class _SamplingFields(BaseModel):
     # per block; outputs may differ from the plain schedule: fdllm.SamplingParams.block_lookahead).
     # None: the server's default (ServerConfig.block_lookahead, for diffusion-mode requests)
     block_lookahead: bool | None = None
-    # OpenAI's: token id (as a JSON key string) -> bias in [-100, 100], added to that token's logit
+    # OpenAI's: token id (as a JSON key string) -> bias in [-100, 100], added to that token's logit;
+    # penalties in [-2, 2] on the tokens generated so far (fdllm.SamplingParams); null: 0
     logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
 
     @field_validator("logit_bias")
     @classmethod
@@ -217,6 +218,8 @@ class _SamplingFields(BaseModel):
             delimiter_token_ids=tuple(self.delimiter_token_ids or ()),
             block_lookahead=lookahead,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
         )
 
 

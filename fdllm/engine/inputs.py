@@ -12,6 +12,7 @@ S sampled rows (C ⊇ S), E entropy rows (C ⊇ E), M pages per block table.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -68,9 +69,10 @@ class SampledRows:
 
 @dataclass(frozen=True)
 class BiasedRows:
-    """The candidates of requests with a logit bias: their tokens are decided from logits with the
-    bias added (`draws`, greedy where its temperature is 0), not in the greedy or sampled paths. One
-    entry per (row, biased token), sorted by row."""
+    """The candidates of requests that adjust their logits (`SamplingParams.adjusts_logits`: a logit
+    bias, penalties): their tokens are decided from logits with the adjustment added (`draws`, greedy
+    where its temperature is 0), not in the greedy or sampled paths. One entry per (row, adjusted
+    token), sorted by row (`logit_adjustments`)."""
 
     draws: SampledRows  # [B] the rows (index into the step's candidates) and their parameters
     entry_row: np.ndarray  # [K] index into `draws.rows`
@@ -129,7 +131,7 @@ class StepInputs:
         rows_R4, pages = [], []  # per row: start, q_len, kv_len, causal (flat, one conversion)
         cands, entropy = [], []
         sampled, biased = _Draws(), _Draws()
-        entries: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (first biased row, rows, tokens, values)
+        entries: list[tuple[np.ndarray, np.ndarray]] = []  # per biased row: (tokens, values)
         candidate_rows, prefill = [], False
         for w in works:
             base = len(ids)
@@ -148,10 +150,9 @@ class StepInputs:
             cands += [base + logit_rows[r] for r in rows]
             if w.needs_entropy:
                 entropy += range(first, len(cands))
-            sampled_rows, bias = w.sampled_rows, w.seq.params.logit_bias
-            if bias:  # every candidate, greedy or sampled, decided from biased logits
-                entries.append((len(biased.rows), len(rows), np.fromiter(bias, np.int64, len(bias)),
-                                np.fromiter(bias.values(), np.float64, len(bias))))
+            sampled_rows = w.sampled_rows
+            if w.seq.params.adjusts_logits:  # every candidate, greedy or sampled, decided from adjusted logits
+                entries += logit_adjustments(w, rows)
                 for c, r in enumerate(rows, first):
                     biased.add(c, w, r, sampled=r in sampled_rows)
             elif sampled_rows:
@@ -226,14 +227,38 @@ class _Draws:
                            i64(self.seed), i64(self.counter))
 
 
-def _biased_rows(draws: _Draws, entries: list[tuple[int, int, np.ndarray, np.ndarray]]) -> BiasedRows:
-    """The biased rows, with one entry per (row, token): each work's bias repeated over its rows."""
+def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per candidate logit row of `rows` (ascending), what its request adds to its logits: (token ids,
+    values), SamplingParams.logit_bias plus the presence and frequency penalties, -(frequency x count
+    + presence) for each token the request generated before the position the row predicts (OpenAI's,
+    counted as vLLM counts: generated tokens only). Before that position means what the step knows
+    there: the output, the current block's decoded offsets (diffusion), the draft a verify checks
+    (speculative: each verify row sees the draft before it, as AR would have generated it), never masks."""
+    seq, params = work.seq, work.seq.params
+    bias = params.logit_bias or {}
+    if not (params.presence_penalty or params.frequency_penalty):
+        tokens, values = np.fromiter(bias, np.int64, len(bias)), np.fromiter(bias.values(), np.float64, len(bias))
+        return [(tokens, values)] * len(rows)
+    known = seq.tokens + (seq.block if seq.block is not None else seq.draft or [])  # by position
+    counts: Counter[int] = Counter()
+    seen, out = len(seq.prompt), []
+    for r in rows:
+        predicted = work.start + work.logit_rows[r] + 1  # the token shift: a row predicts the position after it
+        counts.update(t for t in known[seen:predicted] if t != seq.mask_token_id)
+        seen = max(seen, predicted)
+        adjust = {t: bias.get(t, 0.0) - params.frequency_penalty * n - params.presence_penalty for t, n in counts.items()}
+        adjust = bias | adjust
+        out.append((np.fromiter(adjust, np.int64, len(adjust)), np.fromiter(adjust.values(), np.float64, len(adjust))))
+    return out
+
+
+def _biased_rows(draws: _Draws, entries: list[tuple[np.ndarray, np.ndarray]]) -> BiasedRows:
+    """The biased rows, with one entry per (row, token)."""
     if not draws.rows:
         return NO_BIASED
-    rows = np.concatenate([np.repeat(np.arange(first, first + n), len(tokens)) for first, n, tokens, _ in entries])
-    tokens = np.concatenate([np.tile(tokens, n) for _, n, tokens, _ in entries])
-    values = np.concatenate([np.tile(values, n) for _, n, _, values in entries])
-    return BiasedRows(draws.rows_and_parameters(), rows, tokens, values)
+    rows = np.repeat(np.arange(len(entries)), [len(tokens) for tokens, _ in entries])
+    return BiasedRows(draws.rows_and_parameters(), rows, np.concatenate([t for t, _ in entries]),
+                      np.concatenate([v for _, v in entries]))
 
 
 def cache_slots(table_XM: np.ndarray, positions_XQ: np.ndarray, page_size: int) -> np.ndarray:

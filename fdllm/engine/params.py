@@ -18,6 +18,7 @@ MAX_STOP_TOKEN_IDS = 64
 DEFAULT_ENTROPY_BUDGET = 1.0  # gamma (nats) of selection="entropy_budget" when the request gives none
 MAX_LOGIT_BIAS = 100.0  # |bias| (OpenAI's range: -100 bans a token, +100 forces it)
 MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 DEFAULT_DELIMITERS = ("\n",)  # adaptive sub-block boundaries: newline tokens (with a tokenizer) and the end tokens
 MAX_DELIMITERS, MAX_DELIMITER_CHARS = 16, 32
 
@@ -71,6 +72,13 @@ class SamplingParams:
     # request's output is then AR's with the same bias). Confidences are the biased distribution's;
     # the entropy of selection="entropy_budget" stays the model's own, as with temperature.
     logit_bias: dict[int, float] | None = None
+    # OpenAI's penalties, in [-2, 2]: each token's logits lose frequency_penalty x (times the request
+    # generated it before the position decoded) + presence_penalty (if it did at all). Before means what
+    # the step knows there: in diffusion mode, the output and the current block's offsets decoded
+    # before it (parallel decoding decides a step's offsets without each other's counts); in AR and
+    # speculative mode every token before it, so speculative's output is AR's with the same penalties.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject values that could not be decoded meaningfully, before they reach a step: one bad
@@ -100,7 +108,7 @@ class SamplingParams:
             raise ValueError(f"block_lookahead applies to mode='diffusion' only, got mode={self.mode!r} "
                              "(speculative mode's own lookahead is EngineConfig.speculative_lookahead)")
         self._check_selection()
-        self._check_logit_bias()
+        self._check_adjustments()
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(
                 f"stop must be a tuple of non-empty strings (wrap a single one as (s,)), got {self.stop!r}"
@@ -114,7 +122,16 @@ class SamplingParams:
                 f"stop_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, got {self.stop_token_ids!r}"
             )
 
-    def _check_logit_bias(self) -> None:
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether its tokens are decided from logits it adjusts (bias, penalties): the runner's biased rows."""
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    def _check_adjustments(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_finite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
         bias = self.logit_bias
         if bias is None:
             return

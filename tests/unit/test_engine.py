@@ -44,10 +44,11 @@ def params(**kw):
 
 @torch.no_grad()
 def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size, threshold, stop_ids=(),
-                       causal_prefix=False, mask_token_id=MASK, logit_bias=None):
+                       causal_prefix=False, mask_token_id=MASK, logit_bias=None, presence=0.0, frequency=0.0):
     """Block diffusion with no cache: every step recomputes the whole sequence under the block-causal
     mask (`causal_prefix`: causal over the committed tokens, the current block sees itself and them).
-    `logit_bias`: added to every prediction's logits (SamplingParams.logit_bias)."""
+    `logit_bias`: added to every prediction's logits; `presence`/`frequency`: OpenAI's penalties on the
+    tokens generated before the predicted position, as the step starts (SamplingParams)."""
     L, S, P = block_size, sub_block_size, len(prompt)
 
     def logits(seq):
@@ -59,17 +60,20 @@ def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size
             mask = block_causal_mask(len(seq), L, device=model.device)
         return model(ids, mask=mask)[0].float()
 
-    def confident(row):
+    def confident(row, position):
         row = row.clone()
         for token, bias in (logit_bias or {}).items():
             row[token] += bias
+        before = [t for t in (committed + block)[P:position] if t != mask_token_id]
+        for token in set(before):
+            row[token] -= frequency * before.count(token) + presence
         row[mask_token_id] = float("-inf")
         prob = row.softmax(-1)
         return int(prob.argmax()), float(prob.max())
 
     full = P - P % L
-    committed = list(prompt[:full])
-    block = list(prompt[full:]) if P % L else [confident(logits(committed)[-1])[0]]
+    committed, block = list(prompt[:full]), []
+    block = list(prompt[full:]) if P % L else [confident(logits(committed)[-1], P)[0]]
     block += [mask_token_id] * (L - len(block))
     out = []
     while True:
@@ -85,12 +89,12 @@ def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size
         masked = [p for p in range(L) if block[p] == mask_token_id]  # max_new_tokens only cuts the output
         if not masked:  # commit: the clean block's last logit opens the next block
             committed += block
-            block = [confident(logits(committed)[-1])[0]] + [mask_token_id] * (L - 1)
+            block = [confident(logits(committed)[-1], len(committed))[0]] + [mask_token_id] * (L - 1)
             continue
         sub = masked[0] - masked[0] % S
         rows = logits(committed + block)
         cands = [p for p in range(sub, sub + S) if p in masked]
-        preds = {p: confident(rows[start + p - 1]) for p in cands}  # token shift: p reads p-1
+        preds = {p: confident(rows[start + p - 1], start + p) for p in cands}  # token shift: p reads p-1
         best = max(cands, key=lambda p: preds[p][1])
         for p in cands:
             if p == best or preds[p][1] > threshold:

@@ -1,6 +1,7 @@
-"""SamplingParams.logit_bias (OpenAI's): added to the logits of its tokens at every position a request
-decodes, in every mode. Oracles: transformers' generate with `sequence_bias` (AR), the no-cache
-block-diffusion recompute with the bias added (diffusion), AR mode (speculative: its output is AR's)."""
+"""SamplingParams.logit_bias and the presence/frequency penalties (OpenAI's): added to the logits at
+every position a request decodes, in every mode. Oracles: transformers' generate with `sequence_bias`
+and a from-scratch AR loop over transformers' logits (AR), the no-cache block-diffusion recompute with
+the same adjustments (diffusion), AR mode (speculative: its output is AR's)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def test_a_biased_request_beside_unbiased_ones_decodes_as_alone(model, use_sub_b
     p = [params(temperature=temperature, seed=i) for i in range(len(prompts))]
     p[4] = params(temperature=temperature, seed=4, logit_bias=BIAS)
     p[7] = params(temperature=temperature, seed=7, logit_bias={9: 100.0}, mode="ar")
+    p[2] = params(temperature=temperature, seed=2, presence_penalty=1.0, frequency_penalty=0.5)
     together = make_engine(model, use_sub_block_cache=use_sub_block_cache).generate(prompts, p)
     for prompt, sp, got in zip(prompts, p, together):
         alone = make_engine(model, use_sub_block_cache=use_sub_block_cache).generate([prompt], sp)[0]
@@ -119,3 +121,75 @@ def test_biased_rows_made_a_few_at_a_time_decide_the_same(model, mode):
     engine = make_engine(model)
     engine.runner.max_head_rows = 3
     assert [r.token_ids for r in engine.generate(prompts, p)] == [r.token_ids for r in whole]
+
+
+@torch.no_grad()
+def penalized_ar_reference(hf, prompt, max_new_tokens, presence, frequency, bias=None):
+    """Greedy AR from transformers' logits, recomputed every token: OpenAI's penalties on the tokens
+    generated so far, the bias added, the mask token never predicted."""
+    ids, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        row = hf(torch.tensor([ids])).logits[0, -1].float()
+        for token, b in (bias or {}).items():
+            row[token] += b
+        for token in set(out):
+            row[token] -= frequency * out.count(token) + presence
+        row[MASK] = float("-inf")
+        out.append(int(row.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+PENALTIES = [(0.0, 1.5), (0.8, 0.0), (1.2, 0.6), (-0.7, -0.4)]  # (presence, frequency): pure, mixed, rewarding repeats
+
+
+@pytest.mark.parametrize("presence,frequency", PENALTIES)
+def test_ar_with_penalties_equals_the_from_scratch_loop(sharp_dir, model, presence, frequency):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+    prompts = random_prompts(3, [1, 6, 11], seed=5)
+    kw = {"max_new_tokens": 16, "mode": "ar", "presence_penalty": presence, "frequency_penalty": frequency}
+    got = make_engine(model).generate(prompts, params(**kw, logit_bias={33: 0.5}))
+    plain = make_engine(model).generate(prompts, params(max_new_tokens=16, mode="ar"))
+    for prompt, g in zip(prompts, got):
+        assert g.token_ids == penalized_ar_reference(hf, prompt, 16, presence, frequency, {33: 0.5})
+    assert any(g.token_ids != p.token_ids for g, p in zip(got, plain))
+
+
+@pytest.mark.parametrize("presence,frequency", PENALTIES)
+@pytest.mark.parametrize("use_sub_block_cache", [False, True])
+def test_diffusion_with_penalties_equals_the_no_cache_reference(model, presence, frequency, use_sub_block_cache):
+    """Counts as each step starts: the output and the block's offsets decoded before the position. With
+    the sub-block cache on, the reference holds only in steps it does not change (checked where it agrees
+    with cache off: the penalised requests beside unpenalised ones are held to each alone below)."""
+    prompts = random_prompts(5, [1, 8, 9, 13, 16], seed=3)
+    kw = {"max_new_tokens": 21, "presence_penalty": presence, "frequency_penalty": frequency}
+    got = make_engine(model, use_sub_block_cache=use_sub_block_cache).generate(prompts, params(**kw))
+    changed = 0
+    for prompt, g in zip(prompts, got):
+        if not use_sub_block_cache:
+            assert g.token_ids == reference_generate(model, prompt, 21, 8, 4, 0.4, presence=presence, frequency=frequency)
+        changed += g.token_ids != reference_generate(model, prompt, 21, 8, 4, 0.4)
+    assert changed >= 2
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (0.8, 3)])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_speculative_with_penalties_is_ar_with_penalties(model, temperature, seed, lookahead):
+    """Each verify row counts the draft before it, as AR would have generated it."""
+    prompts = random_prompts(5, [1, 7, 8, 9, 16], seed=2)
+    engine = make_engine(model, speculative_lookahead=lookahead)
+    kw = {"max_new_tokens": 24, "temperature": temperature, "seed": seed, "presence_penalty": 0.9, "frequency_penalty": 0.5}
+    ar = engine.generate(prompts, params(mode="ar", **kw))
+    spec = engine.generate(prompts, params(mode="speculative", **kw))
+    assert [r.token_ids for r in spec] == [r.token_ids for r in ar]
+    assert sum(r.num_accepted for r in spec) > 0  # drafts were verified, not only AR steps
+
+
+def test_penalties_are_validated():
+    for name in ("presence_penalty", "frequency_penalty"):
+        for bad in (2.01, -2.5, float("nan"), float("inf"), True, "1"):
+            with pytest.raises(ValueError, match=name):
+                params(**{name: bad})
+    assert params(presence_penalty=-2, frequency_penalty=2).adjusts_logits and not params().adjusts_logits
