@@ -18,6 +18,8 @@ the pages, then SDPA) and "flash_attn" (flash_attn_with_kvcache; it needs 256-to
 runs on its own pool of 256-token pages holding the same number of tokens), with the achieved
 bandwidth = bytes of K and V read / time, as a fraction of --peak-gbps (H100 SXM ~3350 GB/s).
 Confidence rows: fused_confidence vs logits matmul + softmax + max in torch; bytes = the LM head.
+A backend that fails (a flash-attn wheel built for another torch, an out-of-memory) is a row with its
+error, and the other rows are still written; a backend that cannot run here is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ class Row:
     batch: int
     context: int
     q_len: int
-    ms: float
-    gbps: float
-    peak_fraction: float
+    ms: float | None  # None: the call failed (`error`)
+    gbps: float | None
+    peak_fraction: float | None
     max_abs_err: float | None  # vs the torch reference on the same inputs (None for the reference)
+    error: str | None = None
 
 
 def _ints(text: str) -> list[int]:
@@ -107,43 +110,64 @@ def _paged_case(batch: int, context: int, q_len: int, page: int, N: int, K: int,
     return q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B
 
 
-def bench_attention(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    from fdllm.kernels import flash_attn_available
-    from fdllm.kernels.paged_attention import paged_attention
-    from fdllm.kernels.reference import paged_attention_torch
+def _measured(kernel: str, backend: str, batch: int, context: int, q_len: int, n_bytes: int, peak_gbps: float,
+              measure: Callable[[], tuple[float, float | None]]) -> Row:
+    """A row from `measure()` (ms, max abs error), or the error it raised: one backend's failure
+    (undefined symbol, out of memory, a kernel that does not compile) must not lose the other rows."""
+    try:
+        ms, err = measure()
+    except Exception as exc:  # noqa: BLE001 - recorded as the row's error
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"{kernel} {backend} batch {batch} context {context}: {error}", file=sys.stderr, flush=True)
+        return Row(kernel, backend, batch, context, q_len, None, None, None, None, error)
+    gbps = n_bytes / (ms * 1e-3) / 1e9
+    return Row(kernel, backend, batch, context, q_len, ms, gbps, gbps / peak_gbps, err)
 
+
+def flash_attn_skipped(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why flash_attn cannot be benchmarked here, or None. Importing it is the test: a wheel built for
+    another torch is found by `find_spec` but raises (undefined symbol) at import."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return "needs CUDA and fp16 or bf16"
+    try:
+        from flash_attn import flash_attn_with_kvcache  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError, a symbol error: all mean "skip it"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str]) -> list[Row]:
     dtype = DTYPES[args.dtype]
-    wanted = [b for b in args.backends.split(",") if b]
-    if "flash_attn" in wanted and not (flash_attn_available() and device.type == "cuda" and dtype != torch.float32):
-        print("flash_attn: skipped (not installed, not on CUDA, or fp32)", file=sys.stderr)
-        wanted.remove("flash_attn")
     rows = []
     for batch in args.batches:
         for context in args.contexts:
-            case = _paged_case(batch, context, args.q_len, args.page_size, args.heads, args.kv_heads,
-                               args.head_dim, dtype, device)
-            kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * case[1].element_size()
-            ref = paged_attention_torch(*case, causal=args.causal).float()
-            fns = {"torch": lambda c=case: paged_attention_torch(*c, causal=args.causal),
-                   "triton": lambda c=case: paged_attention(*c, causal=args.causal)}
-            if "flash_attn" in wanted:
-                from fdllm.kernels.flash_attn_paged import paged_attention_flash_attn
-
-                fa_case = _paged_case(batch, context, args.q_len, FLASH_ATTN_PAGE, args.heads, args.kv_heads,
-                                      args.head_dim, dtype, device)
-                fns["flash_attn"] = lambda c=fa_case: paged_attention_flash_attn(*c, causal=args.causal)
-            for backend in wanted:
-                fn = fns[backend]
-                err = None
-                if backend == "triton":
-                    err = (fn().float() - ref).abs().max().item()
-                ms = _time_ms(fn, device)
-                gbps = kv_bytes / (ms * 1e-3) / 1e9
-                rows.append(Row("paged_attention", backend, batch, context, args.q_len, ms, gbps,
-                                gbps / args.peak_gbps, err))
+            kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
+            for backend in backends:
+                rows.append(_measured("paged_attention", backend, batch, context, args.q_len, kv_bytes, args.peak_gbps,
+                                      lambda b=backend, n=batch, c=context: _attention_ms(args, device, b, n, c)))
                 _print_row(rows[-1])
-            del case
     return rows
+
+
+def _attention_ms(args: argparse.Namespace, device: torch.device, backend: str, batch: int,
+                  context: int) -> tuple[float, float | None]:
+    """(ms, max abs error vs the torch reference: triton's only) of one backend on a case of its own
+    (flash_attn's in 256-token pages)."""
+    from fdllm.kernels.paged_attention import paged_attention
+    from fdllm.kernels.reference import paged_attention_torch
+
+    page = FLASH_ATTN_PAGE if backend == "flash_attn" else args.page_size
+    case = _paged_case(batch, context, args.q_len, page, args.heads, args.kv_heads, args.head_dim,
+                       DTYPES[args.dtype], device)
+    if backend == "flash_attn":
+        from fdllm.kernels.flash_attn_paged import paged_attention_flash_attn
+
+        return _time_ms(lambda: paged_attention_flash_attn(*case, causal=args.causal), device), None
+    if backend == "torch":
+        return _time_ms(lambda: paged_attention_torch(*case, causal=args.causal), device), None
+    ref = paged_attention_torch(*case, causal=args.causal).float()
+    err = (paged_attention(*case, causal=args.causal).float() - ref).abs().max().item()
+    return _time_ms(lambda: paged_attention(*case, causal=args.causal), device), err
 
 
 def bench_confidence(args: argparse.Namespace, device: torch.device) -> list[Row]:
@@ -155,32 +179,35 @@ def bench_confidence(args: argparse.Namespace, device: torch.device) -> list[Row
     dtype = DTYPES[args.dtype]
     weight_VD = torch.randn(args.vocab, args.hidden, dtype=dtype, device=device) / args.hidden**0.5
     mask_token_id = args.vocab - 1
+    w_bytes = weight_VD.numel() * weight_VD.element_size()
     rows = []
     for batch in args.batches:
-        T = batch * args.q_len
-        hidden_TD = torch.randn(T, args.hidden, dtype=dtype, device=device)
-        ref_tok, ref_prob = fused_confidence_ref(hidden_TD, weight_VD, mask_token_id)
-        w_bytes = weight_VD.numel() * weight_VD.element_size()
+        hidden_TD = torch.randn(batch * args.q_len, args.hidden, dtype=dtype, device=device)
+
+        def triton(h: torch.Tensor = hidden_TD) -> tuple[float, float | None]:
+            ref_tok, ref_prob = fused_confidence_ref(h, weight_VD, mask_token_id)
+            tok, prob = fused_confidence(h, weight_VD, mask_token_id)
+            agree = (tok == ref_tok).float().mean().item()
+            if agree < 0.99:
+                print(f"warning: fused_confidence argmax agrees on only {agree:.1%} of rows", file=sys.stderr)
+            err = (prob - ref_prob).abs().max().item()
+            return _time_ms(lambda: fused_confidence(h, weight_VD, mask_token_id), device), err
+
         # torch: the engine's unfused path (ModelRunner.logits, then greedy_confidence): the logits GEMM in
         # the weights' dtype, fp32 logits (the reference upcasts the whole weight: exact, not a fair timing)
-        fns = {"triton": lambda h=hidden_TD: fused_confidence(h, weight_VD, mask_token_id),
-               "torch": lambda h=hidden_TD: greedy_confidence(F.linear(h, weight_VD).float(), mask_token_id)}
-        for backend, fn in fns.items():
-            err = None
-            if backend == "triton":
-                tok, prob = fn()
-                err = (prob - ref_prob).abs().max().item()
-                agree = (tok == ref_tok).float().mean().item()
-                if agree < 0.99:
-                    print(f"warning: fused_confidence argmax agrees on only {agree:.1%} of rows", file=sys.stderr)
-            ms = _time_ms(fn, device)
-            gbps = w_bytes / (ms * 1e-3) / 1e9
-            rows.append(Row("confidence", backend, batch, 0, args.q_len, ms, gbps, gbps / args.peak_gbps, err))
+        def torch_path(h: torch.Tensor = hidden_TD) -> tuple[float, float | None]:
+            return _time_ms(lambda: greedy_confidence(F.linear(h, weight_VD).float(), mask_token_id), device), None
+
+        for backend, measure in (("triton", triton), ("torch", torch_path)):
+            rows.append(_measured("confidence", backend, batch, 0, args.q_len, w_bytes, args.peak_gbps, measure))
             _print_row(rows[-1])
     return rows
 
 
 def _print_row(r: Row) -> None:
+    if r.error is not None:
+        print(f"{r.kernel:<16} {r.backend:<10} {r.batch:>5} {r.context:>7} {r.q_len:>5} failed: {r.error}", flush=True)
+        return
     err = "" if r.max_abs_err is None else f"{r.max_abs_err:.2e}"
     print(f"{r.kernel:<16} {r.backend:<10} {r.batch:>5} {r.context:>7} {r.q_len:>5} {r.ms:>10.4f} "
           f"{r.gbps:>9.1f} {r.peak_fraction:>7.1%} {err:>10}", flush=True)
@@ -219,9 +246,19 @@ def run(args: argparse.Namespace) -> int:
           f"page {args.page_size}; causal={args.causal}; peak {args.peak_gbps:g} GB/s")
     print(f"{'kernel':<16} {'backend':<10} {'batch':>5} {'context':>7} {'q_len':>5} {'ms':>10} "
           f"{'GB/s':>9} {'of peak':>7} {'max err':>10}")
-    rows = bench_attention(args, device)
+    backends = [b for b in args.backends.split(",") if b]
+    skipped = {}  # backend: why it cannot run here
+    if "flash_attn" in backends and (why := flash_attn_skipped(device, DTYPES[args.dtype])):
+        skipped["flash_attn"] = why
+        print(f"flash_attn: skipped ({why})", file=sys.stderr)
+    rows = bench_attention(args, device, [b for b in backends if b not in skipped])
     if args.confidence or args.smoke:
-        rows += bench_confidence(args, device)
+        try:
+            rows += bench_confidence(args, device)
+        except Exception as exc:  # noqa: BLE001 - its setup (the LM head's weight) failed: one row, the rest is written
+            error = f"{type(exc).__name__}: {exc}"
+            rows.append(Row("confidence", "all", 0, 0, args.q_len, None, None, None, None, error))
+            _print_row(rows[-1])
     tolerance = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}[args.dtype]
     bad = [r for r in rows if r.max_abs_err is not None and not r.max_abs_err <= tolerance]
     for r in bad:
@@ -230,8 +267,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "args": {k: v for k, v in vars(args).items() if k != "func"},
-                       "rows": [asdict(r) for r in rows]}, f, indent=2)
-    return 0
+                       "skipped": skipped, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    return 1 if any(r.error is not None for r in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -52,15 +53,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -78,6 +80,8 @@ REPO = Path(__file__).resolve().parents[1]
 SECTION_TIMEOUT_S = {"pytest -m gpu": 300, "engine exactness": 180, "decode": 480, "syncs per step": 180,
                      "quantized decode": 240, "kernels": 300, "training step": 300}
 MIN_SECTION_S = 30  # under --deadline-s, a section with less time left than this is not started
+WARMUP_TOKENS = 40  # a warm-up run's tokens: past the first 32-token block's commit, so every step shape has run
+Partial = Callable[[dict[str, Any]], None]  # a long section's rows so far, for the report if it is stopped
 
 
 class Report:
@@ -93,28 +97,33 @@ class Report:
 
     def run(self, name: str, child_argv: list[str], timeout_s: float) -> None:
         """Section `name` in a process of its own (`python -m benchmarks.gpu_suite ... --section name`),
-        its output echoed as it goes, killed after `timeout_s`."""
+        its output echoed as it goes, killed after `timeout_s`. A section stopped before its result
+        (killed, crashed) keeps the rows it measured if it wrote them as it went (`SectionResult.partial`)."""
         print(f"[gpu_suite] {name} ...", flush=True)
         start = time.perf_counter()
         result_file = Path(tempfile.mkdtemp(prefix="gpu_suite-")) / "section.json"  # passed back, then removed
+        # its own process group: a timeout kills what it started too. utf-8 with replacement: one
+        # undecodable byte in its output must not end the echo thread (the pipe would fill and block it)
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", *child_argv, "--section", name,
                                  "--section-result", str(result_file)],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # its own group: a timeout kills what it started too
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+                                errors="replace", start_new_session=True)
         tail: collections.deque[str] = collections.deque(maxlen=30)
         echo = threading.Thread(target=_echo, args=(proc.stdout, tail), daemon=True)
         echo.start()
         try:
-            code = proc.wait(timeout=timeout_s)
+            code, timed_out = proc.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            code = proc.wait()
-            section = _failed(f"timed out after {timeout_s:.3g} s", tail)
-        else:
-            if result_file.is_file():
-                section = json.loads(result_file.read_text())
-            else:  # died without writing (a crash of the process itself: segfault, CUDA abort)
-                section = _failed(f"its process exited {code} without a result", tail)
+            with contextlib.suppress(ProcessLookupError):  # it may have exited since
+                os.killpg(proc.pid, signal.SIGKILL)
+            code, timed_out = proc.wait(), True
+        result = json.loads(result_file.read_text()) if result_file.is_file() else None
+        if result is not None and result["status"] != "partial":
+            section = result
+        elif timed_out:
+            section = _stopped(f"timed out after {timeout_s:.3g} s", "timeout", result, tail)
+        else:  # died without its result (a crash of the process itself: segfault, CUDA abort)
+            section = _stopped(f"its process exited {code} without a result", "error", result, tail)
         echo.join(timeout=5)
         shutil.rmtree(result_file.parent, ignore_errors=True)
         self.add(name, section, time.perf_counter() - start)
@@ -149,16 +158,40 @@ class Report:
         (self.out / "report.md").write_text("\n".join(lines))
 
 
-def run_section(fn: Callable[[], dict[str, Any]], path: Path) -> int:
-    """In a section's own process: run it, write its result (or the error it raised) to `path` for the
-    report (a temporary file: OUT holds the report alone)."""
+class SectionResult:
+    """In a section's own process, its result file (a temporary file: OUT holds the report alone).
+    A long section writes its rows so far after each one (`partial`, status "partial"), so that the
+    report keeps them if the process is killed at its timeout, crashes, or the section raises."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.last = path, {}
+
+    def partial(self, result: dict[str, Any]) -> None:
+        self.last = result
+        self.write({"status": "partial", **result})
+
+    def write(self, section: dict[str, Any]) -> None:
+        """Written whole, then renamed: a process killed while writing leaves the previous file."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(section))
+        os.replace(tmp, self.path)
+
+
+def run_section(fn: Callable[[Partial], dict[str, Any]], path: Path) -> NoReturn:
+    """In a section's own process: run it, write its result (or the error it raised, with the rows it
+    wrote before) for the report, and exit at once: a process that hangs at interpreter exit (inductor's
+    compile workers, a CUDA teardown) must not be recorded as a section that timed out."""
+    result = SectionResult(path)
     try:
-        section = {"status": "ok", **fn()}
+        section = {"status": "ok", **fn(result.partial)}
     except Exception as exc:  # noqa: BLE001 - recorded in the report; the next section still runs
         traceback.print_exc()  # as it happens, in the suite's output; and in the report
-        section = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    path.write_text(json.dumps(section))
-    return 0
+        section = {**result.last, "status": "error", "error": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc()}
+    result.write(section)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _echo(stream, tail: collections.deque[str]) -> None:
@@ -168,8 +201,12 @@ def _echo(stream, tail: collections.deque[str]) -> None:
         tail.append(line)
 
 
-def _failed(error: str, tail: collections.deque[str]) -> dict[str, Any]:
-    return {"status": "error", "error": error, "output tail": "".join(tail)}
+def _stopped(error: str, status: str, partial: dict[str, Any] | None, tail: collections.deque[str]) -> dict[str, Any]:
+    """A section whose process ended without its result: the rows it wrote before (status
+    "<status> (partial)"), if any, and why it stopped."""
+    if partial is None:
+        return {"status": "error", "error": error, "output tail": "".join(tail)}
+    return {**partial, "status": f"{status} (partial)", "error": error, "output tail": "".join(tail)}
 
 
 def _fmt(v: Any) -> str:
@@ -341,7 +378,9 @@ def engine_key(run: DecodeRun) -> tuple[bool, bool, bool]:
     return run.eager, run.cache, run.spec_lookahead
 
 
-def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any]:
+def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial) -> dict[str, Any]:
+    """The decode table; every row measured so far (and the checks they allow) is passed to `partial`
+    as it comes, in the order measured: a timeout keeps what it cost."""
     import fdllm
     from fdllm.quantization import weight_bytes
 
@@ -351,7 +390,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
     prompt_len, new = (6, 58) if smoke else (128, 128)  # smoke: past two block commits
     backend = "triton" if device.type == "cuda" else "torch"
     runs = [run for run in DECODE_RUNS if device.type == "cuda" or not run.eager]  # off CUDA every run is eager
-    table = []
+    table, so_far = [], []
     for shape in shapes:
         model = random_model(shape, device, dtype)
         mask = model.config.vocab_size - 1
@@ -371,7 +410,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
                 for run in alike:
                     params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True,
                                                   mode=run.mode, block_lookahead=run.block_lookahead)
-                    _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
+                    _warm_up(engine, prompts, params)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     seconds, tokens, steps, _ = _decode_run(engine, prompts, params)
@@ -381,6 +420,8 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
                     if device.type == "cuda":  # weights + KV pages + the steps' activations and head chunks
                         rows[run]["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
                     print(f"  {rows[run]}", flush=True)
+                    so_far.append(rows[run])
+                    partial({"table": so_far, "checks": decode_checks(so_far)})
                 del engine
             ordered = [rows[run] for run in runs]
             add_step_ratios(ordered)
@@ -394,9 +435,18 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float) -> dict[str, Any
         hf = hf_model(config, device, dtype)  # built once per shape
         for batch, (prompts, ordered) in zip(batches, measured):
             table += [*ordered, hf_yardstick(hf, prompts, new, shape, batch, device)]
+            so_far.append(table[-1])
+            partial({"table": so_far, "checks": decode_checks(so_far)})
         del hf
         _empty_cache(device)
     return {"table": table, "checks": decode_checks(table)}
+
+
+def _warm_up(engine, prompts: list[list[int]], params) -> None:
+    """A short run of the whole batch before the timed one: graph captures and the kernels compiled or
+    autotuned for the batch's shapes happen here, not in the timed window (one prompt would leave the
+    batch's shapes to the timed run)."""
+    _decode_run(engine, prompts, dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, WARMUP_TOKENS)))
 
 
 def _empty_cache(device: torch.device) -> None:
@@ -437,17 +487,20 @@ def decode_checks(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
-def quantized(device: torch.device, smoke: bool) -> dict[str, Any]:
+def quantized(device: torch.device, smoke: bool, partial: Partial) -> dict[str, Any]:
     """Decode with each weight format the device runs: weight bytes, step time, tokens/s, and greedy
     agreement with the unquantized model's tokens on the same prompts (random weights: a sanity
-    check of the kernels, not an accuracy figure; accuracy is pipelines/evaluate.py --quantization)."""
-    import fdllm
-    from fdllm.quantization import QUANTIZATIONS, check_quantization, weight_bytes
+    check of the kernels, not an accuracy figure; accuracy is pipelines/evaluate.py --quantization).
+    A format that fails (int4 packing, fp8 `_scaled_mm`, a torchao built for another torch) is an
+    error row; the other formats still run, and the rows so far go to `partial` as they come."""
+    from fdllm.quantization import QUANTIZATIONS, check_quantization
 
     shape, batches = ("smoke", [2]) if smoke else ("qwen2.5-1.5b", [1, 32])
     dtype = torch.float32 if smoke else torch.bfloat16
     prompt_len, new = (6, 8) if smoke else (128, 128)
-    backend = "triton" if device.type == "cuda" else "torch"
+    gen = torch.Generator().manual_seed(0)
+    mask = SHAPES[shape][5] - 1  # the vocabulary's last token (random_model's mask)
+    prompts = {batch: torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist() for batch in batches}
     table, baseline = [], {}
     for fmt in (None, *QUANTIZATIONS):
         try:
@@ -455,27 +508,46 @@ def quantized(device: torch.device, smoke: bool) -> dict[str, Any]:
         except ValueError as exc:
             table.append({"format": fmt, "skipped": str(exc)})
             continue
-        model = random_model(shape, device, dtype)
-        mask = model.config.vocab_size - 1
-        gen = torch.Generator().manual_seed(0)
-        for batch in batches:
-            prompts = torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist()
-            for mode in ("ar", "diffusion"):
-                engine = _engine(model, mask, backend=backend, eager=False, cache=True, batch=batch, threshold=0.9,
-                                 quantization=fmt)
-                params = fdllm.SamplingParams(max_new_tokens=new, ignore_eos=True, mode=mode)
-                _decode_run(engine, prompts[:1], params)  # warm-up: graph capture, autotune
-                seconds, tokens, steps, out = _decode_run(engine, prompts, params)
-                base = baseline.setdefault((batch, mode), out)
-                agree = sum(a == b for x, y in zip(out, base) for a, b in zip(x, y)) / sum(len(x) for x in base)
-                row = {"format": fmt or str(dtype).removeprefix("torch."), "batch": batch, "mode": mode,
-                       "weight MB": weight_bytes(model) / 1e6, "ms/step": 1000 * seconds / steps,
-                       "tokens/s": tokens / seconds, "token agreement": agree}
+        try:
+            for row in _quantized_rows(fmt, shape, dtype, device, prompts, new, baseline):
                 table.append(row)
                 print(f"  {row}", flush=True)
-        del model
+                partial({"table": table})
+        except Exception as exc:  # noqa: BLE001 - recorded as the format's row; the next format still runs
+            traceback.print_exc()
+            table.append({"format": fmt or str(dtype).removeprefix("torch."), "error": repr(exc)})
+            partial({"table": table})
         _empty_cache(device)
     return {"table": table}
+
+
+def _quantized_rows(fmt: str | None, shape: str, dtype: torch.dtype, device: torch.device,
+                    prompts: dict[int, list[list[int]]], new: int,
+                    baseline: dict[tuple[int, str], list[list[int]]]) -> Iterator[dict[str, Any]]:
+    """One weight format's rows, per batch and mode. The unquantized run (`fmt` None) fills `baseline`,
+    which the others' token agreement is against (None where it failed)."""
+    import fdllm
+    from fdllm.quantization import weight_bytes
+
+    backend = "triton" if device.type == "cuda" else "torch"
+    model = random_model(shape, device, dtype)
+    mask = model.config.vocab_size - 1
+    for batch, batch_prompts in prompts.items():
+        for mode in ("ar", "diffusion"):
+            engine = _engine(model, mask, backend=backend, eager=False, cache=True, batch=batch, threshold=0.9,
+                             quantization=fmt)
+            params = fdllm.SamplingParams(max_new_tokens=new, ignore_eos=True, mode=mode)
+            _warm_up(engine, batch_prompts, params)
+            seconds, tokens, steps, out = _decode_run(engine, batch_prompts, params)
+            if fmt is None:
+                baseline[batch, mode] = out
+            base = baseline.get((batch, mode))
+            agree = (None if base is None else
+                     sum(a == b for x, y in zip(out, base) for a, b in zip(x, y)) / sum(len(x) for x in base))
+            yield {"format": fmt or str(dtype).removeprefix("torch."), "batch": batch, "mode": mode,
+                   "weight MB": weight_bytes(model) / 1e6, "ms/step": 1000 * seconds / steps,
+                   "tokens/s": tokens / seconds, "token agreement": agree}
+            del engine
 
 
 def hf_model(config, device: torch.device, dtype):
@@ -493,7 +565,7 @@ def hf_yardstick(hf, prompts, new: int, shape: str, batch: int, device: torch.de
     """The same prompts through transformers' `generate` (`hf_model`)."""
     ids = torch.tensor(prompts, device=device)
     with torch.inference_mode():
-        hf.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -511,8 +583,7 @@ def syncs_of_full_decode_steps(engine, running: int) -> list[int]:
     """Device syncs of each decode step while `running` requests are in flight, counted by torch's
     sync debug mode; the first 3 steps (prefill) and any step that captured a CUDA graph (a new
     static shape: capturing synchronizes) are left out of the count."""
-    for _ in range(3):
-        engine.step()
+    results = [r for _ in range(3) for r in engine.step()]
     graphs = engine.runner.graphs
     counts = []
     while engine.num_running == running:
@@ -521,11 +592,12 @@ def syncs_of_full_decode_steps(engine, running: int) -> list[int]:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                engine.step()
+                results += engine.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         if graphs is None or len(graphs.steps) == captured:
             counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    _tokens(results)  # raises with the engine's error: failed requests end the loop, not a count of 0 steps
     return counts
 
 
@@ -551,15 +623,19 @@ def syncs_per_step(device: torch.device, smoke: bool) -> dict[str, Any]:
 
 def kernels(smoke: bool, peak_gbps: float, out: Path) -> dict[str, Any]:
     """benchmarks/bench_kernels.py in its own process: whether triton interprets is fixed when it is first
-    imported, and anything before (transformers imports triton) may have imported it without the interpreter."""
+    imported, and anything before (transformers imports triton) may have imported it without the interpreter.
+    Its rows are kept whatever its exit code (a failing backend is an error row of its own)."""
     argv = ["--smoke"] if smoke else ["--confidence", "--q-len", "8", "--peak-gbps", str(peak_gbps)]
     env = os.environ | ({"TRITON_INTERPRET": "1"} if smoke else {})
-    code = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", *argv, "--json", str(out / "kernels.json")],
-                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=300).returncode
-    rows = json.loads((out / "kernels.json").read_text())["rows"] if code == 0 else []
+    path = out / "kernels.json"
+    path.unlink(missing_ok=True)  # a rerun's rows, not an earlier run's
+    code = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", *argv, "--json", str(path)],
+                          env=env, cwd=REPO, timeout=300).returncode
+    written = json.loads(path.read_text()) if path.is_file() else {"rows": [], "skipped": {}}
     table = [{k: r[k] for k in ("kernel", "backend", "batch", "context", "q_len", "ms", "gbps", "peak_fraction")}
-             for r in rows]
-    return {"table": table, "checks": [_check("bench_kernels exit code", code, code == 0)]}
+             | ({"error": r["error"]} if r.get("error") else {}) for r in written["rows"]]
+    note = "; ".join(f"{backend} skipped: {why}" for backend, why in written["skipped"].items())
+    return {"table": table, "note": note, "checks": [_check("bench_kernels exit code", code, code == 0)]}
 
 
 def training(device: torch.device, smoke: bool) -> dict[str, Any]:
@@ -578,18 +654,30 @@ def training(device: torch.device, smoke: bool) -> dict[str, Any]:
             "step cost diffusion/uncut": step["diffusion"] / step["diffusion-uncut"]}
 
 
-def section_functions(device: torch.device, smoke: bool, peak: float, out: Path) -> dict[str, Callable[[], dict]]:
+def section_functions(device: torch.device, smoke: bool, peak: float,
+                      out: Path) -> dict[str, Callable[[Partial], dict[str, Any]]]:
+    """Each section, called with where to pass its rows so far (the long ones use it)."""
     functions = {
-        "pytest -m gpu": lambda: pytest_gpu(smoke),
-        "engine exactness": lambda: exactness(device, smoke),
-        "decode": lambda: decode(device, smoke, peak),
-        "syncs per step": lambda: syncs_per_step(device, smoke),
-        "quantized decode": lambda: quantized(device, smoke),
-        "kernels": lambda: kernels(smoke, peak or 3350.0, out),
-        "training step": lambda: training(device, smoke),
+        "pytest -m gpu": lambda _: pytest_gpu(smoke),
+        "engine exactness": lambda _: exactness(device, smoke),
+        "decode": lambda partial: decode(device, smoke, peak, partial),
+        "syncs per step": lambda _: syncs_per_step(device, smoke),
+        "quantized decode": lambda partial: quantized(device, smoke, partial),
+        "kernels": lambda _: kernels(smoke, peak or 3350.0, out),
+        "training step": lambda _: training(device, smoke),
     }
     assert list(functions) == list(SECTION_TIMEOUT_S)
     return functions
+
+
+def toolchain() -> dict[str, str]:
+    """Whether compiled Triton can build its launcher here: at a kernel's first launch it compiles a
+    small C module with $CC (else gcc or clang) against Python's headers. Recorded in the report, not
+    required: without them every compiled-Triton section fails, and this says why at a glance."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")
+    python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return {"C compiler (Triton launcher)": cc or "MISSING",
+            "Python.h": str(python_h) if python_h.is_file() else f"MISSING ({python_h})"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,9 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), 0.0)
     if args.section:
-        return run_section(section_functions(device, args.smoke, peak, out)[args.section], args.section_result)
-    report = Report(out, {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__},
-                    keep=args.sections is not None)
+        run_section(section_functions(device, args.smoke, peak, out)[args.section], args.section_result)
+    meta = {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__}
+    report = Report(out, meta | ({} if args.smoke else toolchain()), keep=args.sections is not None)
     child_argv = ["--out", str(out.resolve()), "--peak-gbps", str(peak), *(["--smoke"] if args.smoke else [])]
     for section in sorted(selected, key=list(SECTION_TIMEOUT_S).index):
         left = float("inf") if deadline is None else deadline - time.monotonic()

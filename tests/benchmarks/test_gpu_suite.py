@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import json
-from types import SimpleNamespace
+import sys
+from types import ModuleType, SimpleNamespace
 
 import pytest
+import torch
 
-from benchmarks import gpu_suite
+from benchmarks import bench_kernels, gpu_suite
 
 
 def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
@@ -115,3 +118,53 @@ def test_step_ratios_compare_runs_made_the_same_way():
     assert [r.get("step/AR step") for r in rows] == [None, None, 1.5, 1.5, 2.0, 2.5]
     assert rows[2]["speed-up @2.4"] == pytest.approx(1.6) and rows[2]["speed-up @4"] == pytest.approx(4 / 1.5)
     assert [r.get("lookahead step cost") for r in rows] == [None] * 5 + [1.25]
+
+
+def test_a_stopped_section_keeps_the_rows_it_wrote(tmp_path):
+    """A long section writes its rows as it goes: killed at its timeout, the report keeps them."""
+    result = gpu_suite.SectionResult(tmp_path / "section.json")
+    result.partial({"table": [{"mode": "ar", "ms/step": 2.0}]})
+    written = json.loads((tmp_path / "section.json").read_text())
+    assert written["status"] == "partial"
+    section = gpu_suite._stopped("timed out after 9 s", "timeout", written, collections.deque(["last line\n"]))
+    assert section["status"] == "timeout (partial)" and section["table"] == [{"mode": "ar", "ms/step": 2.0}]
+    assert section["error"] == "timed out after 9 s" and section["output tail"] == "last line\n"
+    assert gpu_suite._stopped("exited -11", "error", None, collections.deque())["status"] == "error"
+
+
+def test_a_failing_quantized_format_keeps_the_other_formats(monkeypatch):
+    def rows(fmt, *args):
+        yield {"format": fmt or "float32", "ms/step": 1.0}
+        if fmt == "int8":
+            raise RuntimeError("int8 kernel failed")
+
+    monkeypatch.setattr(gpu_suite, "_quantized_rows", rows)
+    partials = []
+    table = gpu_suite.quantized(torch.device("cpu"), True, partials.append)["table"]
+    assert {"format": "int8", "error": "RuntimeError('int8 kernel failed')"} in table
+    assert [row["format"] for row in table if "ms/step" in row] == ["float32", "int8", "int4"]  # fp8: skipped on CPU
+    assert partials[-1]["table"] == table
+
+
+def test_failed_requests_fail_the_sync_count_rather_than_count_nothing():
+    failed = SimpleNamespace(finish_reason="error", token_ids=[], error="RuntimeError: CUDA error")
+    engine = SimpleNamespace(step=lambda: [failed], runner=SimpleNamespace(graphs=None), num_running=0)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        gpu_suite.syncs_of_full_decode_steps(engine, 8)
+
+
+def test_a_failing_kernel_backend_is_a_row_and_a_broken_flash_attn_is_skipped(monkeypatch):
+    """The kernels section: one backend's failure must not lose the others' rows; a flash-attn wheel
+    built for another torch (found, but raises at import) is skipped with why."""
+    row = bench_kernels._measured("paged_attention", "flash_attn", 1, 64, 8, 1000, 1.0, lambda: 1 / 0)
+    assert row.ms is None and row.error == "ZeroDivisionError: division by zero"
+    assert bench_kernels._measured("confidence", "triton", 1, 0, 8, 10**6, 1.0, lambda: (1.0, 0.0)).gbps == 1.0
+
+    def broken(name):
+        raise OSError("flash_attn_2_cuda.so: undefined symbol")
+
+    module = ModuleType("flash_attn")
+    module.__getattr__ = broken
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    assert "undefined symbol" in bench_kernels.flash_attn_skipped(torch.device("cuda"), torch.bfloat16)
+    assert bench_kernels.flash_attn_skipped(torch.device("cpu"), torch.bfloat16) == "needs CUDA and fp16 or bf16"
