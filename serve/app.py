@@ -25,19 +25,22 @@ alone; a stream that fails midway ends with an error event and `[DONE]`.
 import argparse
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, get_args, get_type_hints
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fdllm.engine import SamplingParams
 from fdllm.kernels import ATTENTION_BACKENDS
 from fdllm.paths import resolve_local
 from fdllm.quantization import QUANTIZATIONS
@@ -68,6 +71,7 @@ from serve.protocol import (
     sse,
     usage_chunk,
 )
+from serve.routing import DEFAULT_MAX_IMBALANCE, SessionAffinityRouter
 
 log = logging.getLogger("fdllm.serve")
 
@@ -89,7 +93,11 @@ class ServerConfig:
     use_sub_block_cache: bool | None = None
     # diffusion-mode requests that do not set `block_lookahead` get this (fdllm.SamplingParams.block_lookahead)
     block_lookahead: bool = False
-    default_max_tokens: int = 256
+    # Tokens a request that gives no max_tokens may generate. None (vLLM's and OpenAI's default): the
+    # rest of the context, max_model_len - prompt. KV pages are taken as the output grows, so a large
+    # default costs nothing up front, except with engine `deterministic` (which reserves every page a
+    # request may reach at admission: set a bound there).
+    default_max_tokens: int | None = None
     max_waiting: int = 256  # requests queued inside a replica before it answers 503
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 before they are parsed
     max_prompt_chars: int = 1_000_000  # longer prompts (all chat messages together) get 400 before tokenizing
@@ -109,13 +117,21 @@ class ServerConfig:
     max_ongoing_requests: int = 512
     max_queued_requests: int = 128
     max_replicas_per_node: int | None = None  # e.g. 1 spreads replicas over nodes
+    # Requests with a session id (the HTTP header x-session-id, Ray Serve's; handle.options(session_id=))
+    # go to one replica per session, so a chat's turns find the earlier turns in that replica's prefix
+    # cache, unless it is full or more than session_max_imbalance requests busier than Serve's own pick
+    # (serve.routing). False: Serve's default router for every request.
+    session_affinity: bool = False
+    session_max_imbalance: int = DEFAULT_MAX_IMBALANCE
 
     def __post_init__(self) -> None:
         # Built where `serve run`/`serve deploy` runs the app builder (its cwd is the app's working_dir
         # copy, or the directory Ray started in); replicas may start elsewhere (fdllm.paths).
         self.model = resolve_local(self.model)
-        if min(self.default_max_tokens, self.max_waiting, self.max_body_bytes, self.max_prompt_chars) < 1:
+        if min(self.default_max_tokens or 1, self.max_waiting, self.max_body_bytes, self.max_prompt_chars) < 1:
             raise ValueError("default_max_tokens, max_waiting, max_body_bytes and max_prompt_chars must be >= 1")
+        if self.session_max_imbalance < 0:
+            raise ValueError(f"session_max_imbalance must be >= 0, got {self.session_max_imbalance}")
         if self.autoscaling_config is not None and self.num_replicas is not None:
             raise ValueError("give either num_replicas or autoscaling_config, not both")
         self.engine_config()  # unknown or invalid engine fields fail here, before any replica starts
@@ -131,11 +147,37 @@ class ServerConfig:
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "ServerConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - names)
+        """From a Serve config's `args`, or `serve run serve.app:build_app key=value ...`, whose
+        values arrive as strings: those are read as their field's type (numbers, booleans, JSON for
+        `engine` and `autoscaling_config`, "none")."""
+        types = get_type_hints(cls)
+        unknown = sorted(set(args) - set(types))
         if unknown:
-            raise ValueError(f"unknown serve options {unknown}; known: {sorted(names)}")
-        return cls(**{k: v for k, v in args.items() if v is not None})
+            raise ValueError(f"unknown serve options {unknown}; known: {sorted(types)}")
+        typed = {k: _from_string(k, v, types[k]) if isinstance(v, str) else v for k, v in args.items()}
+        return cls(**{k: v for k, v in typed.items() if v is not None})
+
+
+def _from_string(name: str, value: str, annotation: Any) -> Any:
+    """A `key=value` string as the field's type (ValueError naming the field when it is none of them)."""
+    kinds = [t for t in get_args(annotation) or (annotation,) if t is not type(None)]
+    if str in kinds:
+        return value
+    if value.strip().lower() in ("none", "null") and len(kinds) < len(get_args(annotation)):
+        return None
+    for kind in kinds:
+        try:
+            if kind is bool:
+                return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.strip().lower()]
+            if kind in (int, float):
+                return kind(value)
+            parsed = json.loads(value)  # dict[str, Any]
+            if isinstance(parsed, dict):
+                return parsed
+        except (KeyError, ValueError):
+            continue
+    kind = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    raise ValueError(f"serve option {name}={value!r} is not a valid {kind}")
 
 
 def default_model_name(model: str) -> str:
@@ -222,7 +264,8 @@ class FdllmServer:
         self.counters = RequestCounters()
         self.registry = make_registry(self.counters, self.engine)
         self.exporter = RayMetricsExporter(self.counters, self.engine, self.cfg.metrics_interval_s)
-        log.info("serving %s as %r on %s (%s)", path, self.model_name, device, dtype)
+        self.replica = serve.get_replica_context().replica_id.unique_id  # which replica answered: /health
+        log.info("serving %s as %r on %s (%s), replica %s", path, self.model_name, device, dtype, self.replica)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine loop died."""
@@ -235,7 +278,7 @@ class FdllmServer:
             self.engine.check_alive()
         except EngineDead as exc:
             raise APIError(503, str(exc), type="server_error") from exc
-        return {"status": "ok", "model": self.model_name, **self.engine.stats()}
+        return {"status": "ok", "model": self.model_name, "replica": self.replica, **self.engine.stats()}
 
     @api.get("/metrics")
     def metrics(self) -> Response:
@@ -377,7 +420,7 @@ class FdllmServer:
         """A completion or chat completion: n choices per prompt (a completion may batch prompts), each an
         engine request, all continuously batched together; choice i * n + j answers prompt i."""
         self._check_model(body.model)
-        params = body.sampling_params(self.cfg.default_max_tokens, self.cfg.block_lookahead)
+        params = body.sampling_params(self.cfg.default_max_tokens or self.max_model_len, self.cfg.block_lookahead)
         if ignored := body.ignored_fields():
             log.warning("%s request: fields ignored (not part of this API): %s", endpoint, ", ".join(ignored))
         if body.logprob_count() is not None and not self.scores_causally:
@@ -391,7 +434,11 @@ class FdllmServer:
         echoes = await asyncio.to_thread(self._echoes, body, prompts) if echoing else [""] * len(prompts)
         rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
-        choices = [(ids, choice_params(params, j)) for ids in prompts for j in range(n)]
+        if self.cfg.default_max_tokens is None and body.max_tokens_given() is None:
+            per_prompt = [self._rest_of_context(params, ids, body) for ids in prompts]
+        else:
+            per_prompt = [params] * len(prompts)
+        choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
         streams = [self.engine.generate(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
                    for k, (ids, p) in enumerate(choices)]
         firsts = await self._admit(streams)
@@ -417,6 +464,17 @@ class FdllmServer:
         if endpoint == "chat":
             return JSONResponse(chat_response(rid, self.model_name, answers))
         return JSONResponse(completion_response(rid, self.model_name, answers, n))
+
+    def _rest_of_context(self, params: SamplingParams, ids: list[int],
+                         body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        """`params` generating up to the end of the context after prompt `ids` (no max_tokens given,
+        ServerConfig.default_max_tokens None); a prompt that leaves no room is a 400."""
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room to generate within the "
+                           f"context length max_model_len={self.max_model_len}; shorten it",
+                           param="messages" if hasattr(body, "messages") else "prompt", code="context_length_exceeded")
+        return replace(params, max_new_tokens=room)
 
     def _echoes(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """Each prompt's text, as echo returns it: as sent, or its token ids decoded."""
@@ -503,6 +561,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     }
     if cfg.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = cfg.max_replicas_per_node
+    if cfg.session_affinity:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=SessionAffinityRouter, request_router_kwargs={"max_imbalance": cfg.session_max_imbalance})
     if cfg.autoscaling_config is not None:
         options["autoscaling_config"] = cfg.autoscaling_config
     else:
@@ -584,6 +645,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-lookahead", action="store_true",
                         help="diffusion requests run each block's first step in the forward that opens it unless they "
                         "set block_lookahead themselves (fewer forwards; an approximation beyond the paper)")
+    parser.add_argument("--session-affinity", action="store_true",
+                        help="route requests with an x-session-id header to one replica per session, so a "
+                        "conversation's turns share its prefix cache (default: Serve's router for all)")
+    parser.add_argument("--default-max-tokens", type=int,
+                        help="tokens a request without max_tokens may generate (default: the rest of the context)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     add_engine_arguments(parser)
@@ -607,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app({"model": args.model, "model_name": args.model_name, "api_key": args.api_key,
                      "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
                      "threshold": args.threshold, "block_lookahead": args.block_lookahead or None,
-                     "device": args.device, "dtype": args.dtype,
+                     "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity, "device": args.device, "dtype": args.dtype,
                      "engine": engine_overrides(args)})
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)

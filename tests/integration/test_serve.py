@@ -219,6 +219,11 @@ def test_openai_client(server, served_dir):
     assert chunks[-1].choices == [] and _counts(chunks[-1].usage.model_dump()) == _counts(chat.usage.model_dump())
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    tok = load_tokenizer(served_dir)
+    for mode in ("diffusion", "ar", "speculative"):  # +100 forces the token, greedy or sampled
+        forced = client.completions.create(model=MODEL, prompt="the quick", max_tokens=5, temperature=0.8, seed=3,
+                                           logit_bias={"42": 100}, extra_body={"mode": mode})
+        assert forced.choices[0].text == tok.decode([42] * 5) and forced.usage.completion_tokens == 5
     batch = client.completions.create(model=MODEL, prompt=["the quick", "hello"], n=2, max_tokens=4, temperature=0.7, seed=1)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     chats = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2)
@@ -227,7 +232,6 @@ def test_openai_client(server, served_dir):
     system = {"role": "system", "content": "You are a terse assistant. Answer in one word, lower case, no punctuation."}
     first, second = (client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": q}],
                                                     max_tokens=2, temperature=0) for q in ("hi", "ho"))
-    tok = load_tokenizer(served_dir)
     ids = [tok.encode(render_chat(tok, [system, {"role": "user", "content": q}])) for q in ("hi", "ho")]  # as the app does
     shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)  # tokens before the two questions part
     assert [first.usage.prompt_tokens, second.usage.prompt_tokens] == [len(i) for i in ids] and shared >= 16
@@ -283,8 +287,11 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs"),
     # OpenAI fields this server does not implement, asking for something
-    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"five": 100}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, None),  # past the vocabulary
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "response_format": {"type": "json_object"}}, 400,
      "response_format"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "logprobs"),
@@ -569,14 +576,18 @@ def test_lm_evaluation_harness_against_the_server(server, served_dir, engine, tm
     assert "exact_match,none" in results["results"]["fdllm_local"]
 
 
+CAUSAL_MAX_MODEL_LEN = 48
+
+
 @pytest.fixture(scope="module")
 def causal_server(server, causal_dllm_dir):
     """A checkpoint with a causal clean stream (the joint objective's: it has log-probabilities to give)
     beside the main app, on /causal."""
     from serve.app import build_app
 
-    serve.run(build_app({"model": str(causal_dllm_dir), "model_name": MODEL, "api_key": API_KEY,
-                         "num_cpus_per_replica": 0.5, "default_max_tokens": 16}), name="fdllm-causal", route_prefix="/causal")
+    serve.run(build_app({"model": str(causal_dllm_dir), "model_name": MODEL, "api_key": API_KEY, "num_cpus_per_replica": 0.5,
+                         "engine": {"max_model_len": CAUSAL_MAX_MODEL_LEN}}),  # default_max_tokens: the rest of the context
+              name="fdllm-causal", route_prefix="/causal")
     url, deadline = f"{server}/causal", time.monotonic() + 120
     while httpx.get(f"{url}/health", timeout=10).status_code != 200:
         assert time.monotonic() < deadline, "the causal app did not become healthy"
@@ -627,6 +638,32 @@ def test_echo_and_logprobs_over_the_openai_client_equal_transformers(causal_serv
     for c, row, t in zip(content, ref, output_ids):
         assert c.logprob == pytest.approx(row[t].item(), abs=1e-4) and bytes(c.bytes).decode() == c.token
         assert [a.logprob for a in c.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_a_request_without_max_tokens_generates_to_the_end_of_the_context(causal_server, causal_dllm_dir):
+    """No max_tokens and no server default (vLLM's and OpenAI's convention): up to max_model_len, in
+    every mode and on both endpoints; a prompt that fills the context is a 400 naming the field."""
+    engine = fdllm.Engine.from_pretrained(causal_dllm_dir, engine_config=fdllm.EngineConfig(max_model_len=CAUSAL_MAX_MODEL_LEN))
+    for prompt in ([5, 6, 7], list(range(3, 3 + CAUSAL_MAX_MODEL_LEN - 1))):  # room for 45 tokens, then for 1
+        for mode in ("diffusion", "ar"):
+            body = {"model": MODEL, "prompt": prompt, "temperature": 0, "mode": mode}
+            answer = post(causal_server, "/v1/completions", body).json()
+            room = CAUSAL_MAX_MODEL_LEN - len(prompt)
+            want = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=room, mode=mode))[0]
+            assert answer["usage"]["completion_tokens"] == len(want.token_ids), (mode, answer)
+            assert answer["choices"][0]["finish_reason"] == want.finish_reason
+            assert answer["choices"][0]["text"] == want.text
+            if want.finish_reason == "length":
+                assert len(want.token_ids) == room
+    full = post(causal_server, "/v1/completions", {"model": MODEL, "prompt": list(range(3, 3 + CAUSAL_MAX_MODEL_LEN))})
+    assert full.status_code == 400
+    assert full.json()["error"]["code"] == "context_length_exceeded" and full.json()["error"]["param"] == "prompt"
+    chat = post(causal_server, "/v1/chat/completions",
+                {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 200}]})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    bounded = post(causal_server, "/v1/chat/completions",
+                   {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})
+    assert bounded.json()["usage"]["completion_tokens"] <= 3
 
 
 def test_echo_streams_the_prompt_first(server):

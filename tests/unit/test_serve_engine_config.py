@@ -49,3 +49,31 @@ def test_every_engine_field_is_a_flag():
     for bad in (["--max-num-seqs", "eight"], ["--attention-backend", "sdpa"], ["--quantization", "int3"]):
         with pytest.raises(SystemExit):
             parse_args(["--model", "m", *bad])
+
+
+def test_serve_run_key_value_strings_are_read_as_their_fields_types():
+    """`serve run serve.app:build_app key=value ...` hands the builder strings."""
+    from ray.serve.config import RequestRouterConfig
+
+    from serve.app import build_app
+    from serve.routing import SessionAffinityRouter
+
+    args = {"model": "m", "num_replicas": "2", "threshold": "0.9", "block_lookahead": "true", "max_waiting": "4",
+            "num_gpus_per_replica": "0", "default_max_tokens": "none", "session_affinity": "yes",
+            "session_max_imbalance": "3", "engine": '{"max_num_seqs": 8, "enforce_eager": true}'}
+    cfg = ServerConfig.from_args(args)
+    assert (cfg.num_replicas, cfg.threshold, cfg.block_lookahead, cfg.max_waiting, cfg.num_gpus_per_replica) == (2, 0.9, True, 4, 0.0)
+    assert cfg.default_max_tokens is None and cfg.session_affinity is True and cfg.session_max_imbalance == 3
+    assert cfg.engine_config() == fdllm.EngineConfig(max_num_seqs=8, enforce_eager=True)
+    assert cfg.model_name is None and ServerConfig.from_args({"model": "m", "model_name": "123"}).model_name == "123"
+    deployment = build_app(args)._bound_deployment
+    assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_gpus"] == 0.0
+    router = deployment._deployment_config.request_router_config
+    assert isinstance(router, RequestRouterConfig) and router.request_router_kwargs == {"max_imbalance": 3}
+    assert router.get_request_router_class() is SessionAffinityRouter
+    assert build_app({"model": "m"})._bound_deployment._deployment_config.request_router_config.request_router_class != (
+        router.request_router_class)  # no session_affinity: Serve's default router
+    assert ServerConfig.from_args({"model": "m", "model_name": "7"}).model_name == "7"  # a str field stays a str
+    for name, bad in (("max_waiting", "four"), ("block_lookahead", "maybe"), ("engine", "[1]"), ("threshold", "")):
+        with pytest.raises(ValueError, match=f"serve option {name}="):
+            ServerConfig.from_args({"model": "m", name: bad})
