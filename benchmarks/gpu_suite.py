@@ -11,13 +11,13 @@ crashing or hanging section (a CUDA error leaves its process's context unusable)
 next one runs in a fresh process. `--sections` runs some of them (a rerun of the ones that failed);
 `--deadline-s` ends the run cleanly by then (a section gets what is left; one that cannot start is
 recorded as skipped), for a device lent for a fixed time. The order puts the targets first:
-1. `pytest -m gpu` (compiled Triton kernels vs their references);
-2. engine exactness on the device: Triton backend with CUDA graphs == torch backend eager ==
+1. engine exactness on the device: Triton backend with CUDA graphs == torch backend eager ==
    the no-cache block-causal reference (tests/unit/test_engine.py), greedy; and with a causal-prefix
    model (causal rows in captured graphs: commits with and without the block lookahead, speculative
    verifies), graphs == eager and speculative == AR; `Engine.score` on the device's backend within
    1e-3 of torch eager; prefix caching (shared, then cached prompts) == caching off; requests
    preempted for want of KV pages (recomputed from the prefix cache) == never preempted;
+2. syncs per decode step, counted with `torch.cuda.set_sync_debug_mode("warn")`;
 3. decode at Qwen2.5-1.5B and 7B shapes (bf16), batch 1/8/32/64: AR vs diffusion (sub-block cache
    on/off), graphs on/off: ms per step, per-step cost vs AR, tokens/s, and the projected end-to-end
    speed-up at 2.4 and 4 tokens per forward (= tokens per forward x AR step / diffusion step);
@@ -29,7 +29,7 @@ recorded as skipped), for a device lent for a fixed time. The order puts the tar
    plus the same workload through a plain HF-transformers `generate` loop (the yardstick), AR
    batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth), and each
    run's peak allocated memory (weights, KV pages, the largest step's activations and head chunk);
-4. syncs per decode step, counted with `torch.cuda.set_sync_debug_mode("warn")`;
+4. `pytest -m gpu` (compiled Triton kernels vs their references);
 5. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
    shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
    with the unquantized model;
@@ -77,7 +77,9 @@ TARGET_STEP_RATIO, TARGET_ROOFLINE, TARGET_SYNCS = 1.3, 1.5, 1
 REPO = Path(__file__).resolve().parents[1]
 # The sections in report order, each with the most seconds its process may take (a hang must not
 # spend a device session: what is left of the suite still runs).
-SECTION_TIMEOUT_S = {"pytest -m gpu": 300, "engine exactness": 180, "decode": 480, "syncs per step": 180,
+# In the report's order, the targets first: under a deadline (a device lent for minutes) the sections
+# that check them run while there is time; decode keeps its rows if the deadline cuts it.
+SECTION_TIMEOUT_S = {"engine exactness": 180, "syncs per step": 180, "decode": 480, "pytest -m gpu": 180,
                      "quantized decode": 240, "kernels": 300, "training step": 300}
 MIN_SECTION_S = 30  # under --deadline-s, a section with less time left than this is not started
 WARMUP_TOKENS = 40  # a warm-up run's tokens: past the first 32-token block's commit, so every step shape has run
@@ -658,10 +660,10 @@ def section_functions(device: torch.device, smoke: bool, peak: float,
                       out: Path) -> dict[str, Callable[[Partial], dict[str, Any]]]:
     """Each section, called with where to pass its rows so far (the long ones use it)."""
     functions = {
-        "pytest -m gpu": lambda _: pytest_gpu(smoke),
         "engine exactness": lambda _: exactness(device, smoke),
-        "decode": lambda partial: decode(device, smoke, peak, partial),
         "syncs per step": lambda _: syncs_per_step(device, smoke),
+        "decode": lambda partial: decode(device, smoke, peak, partial),
+        "pytest -m gpu": lambda _: pytest_gpu(smoke),
         "quantized decode": lambda partial: quantized(device, smoke, partial),
         "kernels": lambda _: kernels(smoke, peak or 3350.0, out),
         "training step": lambda _: training(device, smoke),

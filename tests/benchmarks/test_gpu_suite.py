@@ -17,7 +17,7 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     sections = {s["name"]: s for s in report["sections"]}
-    assert list(sections) == ["pytest -m gpu", "engine exactness", "decode", "syncs per step", "quantized decode",
+    assert list(sections) == ["engine exactness", "syncs per step", "decode", "pytest -m gpu", "quantized decode",
                               "kernels", "training step"]
     assert all(s["status"] == "ok" for s in sections.values()), [s.get("error") for s in sections.values()]
     assert all(c["pass"] for c in sections["engine exactness"]["checks"])
@@ -65,16 +65,16 @@ def test_a_hanging_section_is_recorded_and_a_rerun_of_it_keeps_the_others(tmp_pa
     monkeypatch.setitem(gpu_suite.SECTION_TIMEOUT_S, "syncs per step", 0.01)
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--sections", "syncs per step"]) == 1
     report = json.loads((tmp_path / "report.json").read_text())
-    assert [s["name"] for s in report["sections"]] == ["decode", "syncs per step"]  # report order
-    assert report["sections"][0] == earlier
-    assert report["sections"][1]["status"] == "error" and "timed out after 0.01 s" in report["sections"][1]["error"]
+    assert [s["name"] for s in report["sections"]] == ["syncs per step", "decode"]  # report order
+    assert report["sections"][1] == earlier
+    assert report["sections"][0]["status"] == "error" and "timed out after 0.01 s" in report["sections"][0]["error"]
     assert "timed out" in (tmp_path / "report.md").read_text()
 
     monkeypatch.setitem(gpu_suite.SECTION_TIMEOUT_S, "syncs per step", 120)
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--sections", "syncs per step"]) == 0
     sections = json.loads((tmp_path / "report.json").read_text())["sections"]
-    assert [(s["name"], s["status"]) for s in sections] == [("decode", "ok"), ("syncs per step", "ok")]
-    assert "needs CUDA" in sections[1]["note"]  # the section's own result, written by its process
+    assert [(s["name"], s["status"]) for s in sections] == [("syncs per step", "ok"), ("decode", "ok")]
+    assert "needs CUDA" in sections[0]["note"]  # the section's own result, written by its process
 
 
 def test_a_deadline_skips_what_cannot_start_and_cuts_what_runs(tmp_path, monkeypatch):
