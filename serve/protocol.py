@@ -52,7 +52,6 @@ def _is_zero(v: Any) -> bool:
 # default). Any other value is refused with a 400 naming the field: served anyway, the answer would
 # not be what the client asked for.
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "repetition_penalty": (lambda v: v is None or v == 1, "send 1 or leave it out"),
     "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}: no JSON or grammar mode'),
     "tools": (lambda v: not v, "no tool calling"),
     "functions": (lambda v: not v, "no function calling"),
@@ -142,6 +141,7 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)  # vLLM's (and HF's); null: 1 (off)
 
     @field_validator("logit_bias")
     @classmethod
@@ -220,6 +220,7 @@ class _SamplingFields(BaseModel):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
         )
 
 

@@ -67,6 +67,9 @@ class SampledRows:
         return SampledRows(**{name: np.concatenate([mine, theirs[name]]) for name, mine in self.arrays().items()})
 
 
+_ENTRY_FIELDS = ("entry_row", "entry_token", "entry_bias", "entry_scale", "entry_penalty")
+
+
 @dataclass(frozen=True)
 class BiasedRows:
     """The candidates of requests that adjust their logits (`SamplingParams.adjusts_logits`: a logit
@@ -77,7 +80,9 @@ class BiasedRows:
     draws: SampledRows  # [B] the rows (index into the step's candidates) and their parameters
     entry_row: np.ndarray  # [K] index into `draws.rows`
     entry_token: np.ndarray  # [K]
-    entry_value: np.ndarray  # [K] float64
+    entry_bias: np.ndarray  # [K] float64, added first
+    entry_scale: np.ndarray  # [K] float64, the repetition penalty (1: none)
+    entry_penalty: np.ndarray  # [K] float64, subtracted last (presence and frequency)
 
     def __len__(self) -> int:
         return len(self.draws)
@@ -85,20 +90,19 @@ class BiasedRows:
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array by name (the sections the runner stages)."""
         return {f"bias_{name}": a for name, a in self.draws.arrays().items()} | {
-            "bias_entry_row": self.entry_row, "bias_entry_token": self.entry_token, "bias_entry_value": self.entry_value}
+            f"bias_{name}": getattr(self, name) for name in _ENTRY_FIELDS}
 
     def join(self, other: BiasedRows, shift: int) -> BiasedRows:
         """These rows, then `other`'s moved `shift` candidates further (the candidates before them)."""
         if not len(other):
             return self
         return BiasedRows(self.draws.join(other.draws, shift), np.concatenate([self.entry_row, other.entry_row + len(self)]),
-                          np.concatenate([self.entry_token, other.entry_token]),
-                          np.concatenate([self.entry_value, other.entry_value]))
+                          *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ENTRY_FIELDS[1:]))
 
 
 NO_ROWS = np.zeros(0, dtype=np.int64)  # shared: never written to
 NO_SAMPLED = SampledRows(NO_ROWS, np.zeros(0), np.zeros(0), NO_ROWS, NO_ROWS, NO_ROWS)
-NO_BIASED = BiasedRows(NO_SAMPLED, NO_ROWS, NO_ROWS, np.zeros(0))
+NO_BIASED = BiasedRows(NO_SAMPLED, NO_ROWS, NO_ROWS, np.zeros(0), np.zeros(0), np.zeros(0))
 
 
 @dataclass
@@ -131,7 +135,7 @@ class StepInputs:
         rows_R4, pages = [], []  # per row: start, q_len, kv_len, causal (flat, one conversion)
         cands, entropy = [], []
         sampled, biased = _Draws(), _Draws()
-        entries: list[tuple[np.ndarray, np.ndarray]] = []  # per biased row: (tokens, values)
+        entries: list[tuple[np.ndarray, ...]] = []  # per biased row: `logit_adjustments`
         candidate_rows, prefill = [], False
         for w in works:
             base = len(ids)
@@ -227,38 +231,49 @@ class _Draws:
                            i64(self.seed), i64(self.counter))
 
 
-def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per candidate logit row of `rows` (ascending), what its request adds to its logits: (token ids,
-    values), SamplingParams.logit_bias plus the presence and frequency penalties, -(frequency x count
-    + presence) for each token the request generated before the position the row predicts (OpenAI's,
-    counted as vLLM counts: generated tokens only). Before that position means what the step knows
-    there: the output, the current block's decoded offsets (diffusion), the draft a verify checks
-    (speculative: each verify row sees the draft before it, as AR would have generated it), never masks."""
+def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, ...]]:
+    """Per candidate logit row of `rows` (ascending), how its request adjusts its logits: (token ids,
+    biases, scales, penalties), each token's logit z becoming z' = z + bias, then z' / scale (z' > 0)
+    or z' x scale, then minus the penalty (`ModelRunner._biased_choice`; transformers' and vLLM's
+    order). The bias is SamplingParams.logit_bias; the scale the repetition penalty (HF's, vLLM's) for
+    every token of the prompt or the output before the position the row predicts, 1 elsewhere; the
+    penalty frequency x count + presence for each token the request generated before that position
+    (OpenAI's, counted as vLLM counts: generated tokens only). Before that position means what the
+    step knows there: the output, the current block's decoded offsets (diffusion), the draft a verify
+    checks (speculative: each verify row sees the draft before it, as AR would have generated it),
+    never masks."""
     seq, params = work.seq, work.seq.params
-    bias = params.logit_bias or {}
-    if not (params.presence_penalty or params.frequency_penalty):
-        tokens, values = np.fromiter(bias, np.int64, len(bias)), np.fromiter(bias.values(), np.float64, len(bias))
-        return [(tokens, values)] * len(rows)
+    bias, repetition = params.logit_bias or {}, params.repetition_penalty
+    if not (params.presence_penalty or params.frequency_penalty or repetition != 1):
+        n = len(bias)
+        adjusted = (np.fromiter(bias, np.int64, n), np.fromiter(bias.values(), np.float64, n), np.ones(n), np.zeros(n))
+        return [adjusted] * len(rows)
     known = seq.tokens + (seq.block if seq.block is not None else seq.draft or [])  # by position
+    P, mask = len(seq.prompt), seq.mask_token_id
     counts: Counter[int] = Counter()
-    seen, out = len(seq.prompt), []
+    present = {t for t in known[:P] if t != mask} if repetition != 1 else set()
+    seen, out = P, []
     for r in rows:
         predicted = work.start + work.logit_rows[r] + 1  # the token shift: a row predicts the position after it
-        counts.update(t for t in known[seen:predicted] if t != seq.mask_token_id)
+        generated = [t for t in known[seen:predicted] if t != mask]
+        counts.update(generated)
+        if repetition != 1:
+            present.update(generated)
         seen = max(seen, predicted)
-        adjust = {t: bias.get(t, 0.0) - params.frequency_penalty * n - params.presence_penalty for t, n in counts.items()}
-        adjust = bias | adjust
-        out.append((np.fromiter(adjust, np.int64, len(adjust)), np.fromiter(adjust.values(), np.float64, len(adjust))))
+        tokens = list(bias.keys() | counts.keys() | present)
+        out.append((np.array(tokens, dtype=np.int64), np.array([bias.get(t, 0.0) for t in tokens]),
+                    np.array([repetition if t in present else 1.0 for t in tokens]),
+                    np.array([params.frequency_penalty * counts[t] + params.presence_penalty if t in counts else 0.0
+                              for t in tokens])))
     return out
 
 
-def _biased_rows(draws: _Draws, entries: list[tuple[np.ndarray, np.ndarray]]) -> BiasedRows:
+def _biased_rows(draws: _Draws, entries: list[tuple[np.ndarray, ...]]) -> BiasedRows:
     """The biased rows, with one entry per (row, token)."""
     if not draws.rows:
         return NO_BIASED
-    rows = np.repeat(np.arange(len(entries)), [len(tokens) for tokens, _ in entries])
-    return BiasedRows(draws.rows_and_parameters(), rows, np.concatenate([t for t, _ in entries]),
-                      np.concatenate([v for _, v in entries]))
+    rows = np.repeat(np.arange(len(entries)), [len(row[0]) for row in entries])
+    return BiasedRows(draws.rows_and_parameters(), rows, *(np.concatenate(parts) for parts in zip(*entries)))
 
 
 def cache_slots(table_XM: np.ndarray, positions_XQ: np.ndarray, page_size: int) -> np.ndarray:

@@ -79,6 +79,10 @@ class SamplingParams:
     # speculative mode every token before it, so speculative's output is AR's with the same penalties.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # HF's and vLLM's, > 0: the logit z of every token in the prompt or generated before the position
+    # becomes z / repetition_penalty if z > 0, else z x repetition_penalty (1: off); after the bias,
+    # before the presence/frequency penalties (transformers' and vLLM's order).
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         """Reject values that could not be decoded meaningfully, before they reach a step: one bad
@@ -125,13 +129,15 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """Whether its tokens are decided from logits it adjusts (bias, penalties): the runner's biased rows."""
-        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) or self.repetition_penalty != 1
 
     def _check_adjustments(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_finite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+        if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a number > 0 (1: off), got {self.repetition_penalty!r}")
         bias = self.logit_bias
         if bias is None:
             return

@@ -465,12 +465,15 @@ class ModelRunner:
         return token_C, prob_C, entropy_C
 
     def _biased_choice(self, logits_RV: Tensor, biased: BiasedRows, first: int) -> tuple[Tensor, Tensor]:
-        """Token and probability of biased rows [first, first + R) (`StepInputs.biased`): their bias
-        added to their logits, then the argmax, or a draw where the row samples (temperature > 0)."""
+        """Token and probability of biased rows [first, first + R) (`StepInputs.biased`): their logits
+        adjusted (`fdllm.engine.inputs.logit_adjustments`: the bias, the repetition penalty's scale,
+        the presence/frequency penalty), then the argmax, or a draw where the row samples (temperature > 0)."""
         get, R = self.stage.get, len(logits_RV)
         lo, hi = np.searchsorted(biased.entry_row, [first, first + R]).tolist()  # the entries are sorted by row
-        rows_K, tokens_K = get("bias_entry_row")[lo:hi] - first, get("bias_entry_token")[lo:hi]
-        logits_RV = logits_RV.index_put((rows_K, tokens_K), get("bias_entry_value", torch.float32)[lo:hi], accumulate=True)
+        index = (get("bias_entry_row")[lo:hi] - first, get("bias_entry_token")[lo:hi])  # one entry per (row, token)
+        entry = lambda name: get(f"bias_entry_{name}", torch.float32)[lo:hi]  # noqa: E731
+        z_K, scale_K = logits_RV[index] + entry("bias"), entry("scale")
+        logits_RV = logits_RV.index_put(index, torch.where(z_K > 0, z_K / scale_K, z_K * scale_K) - entry("penalty"))
         token_R, prob_R = greedy_confidence(logits_RV, None)
         temperature = biased.draws.temperature[first : first + R]
         if not temperature.any():

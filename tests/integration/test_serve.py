@@ -288,7 +288,7 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs"),
     # OpenAI fields this server does not implement, asking for something
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "presence_penalty": 2.5}, 400, "presence_penalty"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"five": 100}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, None),  # past the vocabulary

@@ -1,7 +1,8 @@
-"""SamplingParams.logit_bias and the presence/frequency penalties (OpenAI's): added to the logits at
-every position a request decodes, in every mode. Oracles: transformers' generate with `sequence_bias`
-and a from-scratch AR loop over transformers' logits (AR), the no-cache block-diffusion recompute with
-the same adjustments (diffusion), AR mode (speculative: its output is AR's)."""
+"""SamplingParams.logit_bias, the presence/frequency penalties (OpenAI's) and the repetition penalty
+(HF's, vLLM's): applied to the logits at every position a request decodes, in every mode. Oracles:
+transformers' generate with `sequence_bias` / `repetition_penalty` and a from-scratch AR loop over
+transformers' logits (AR), the no-cache block-diffusion recompute with the same adjustments
+(diffusion), AR mode (speculative: its output is AR's)."""
 
 from __future__ import annotations
 
@@ -124,14 +125,17 @@ def test_biased_rows_made_a_few_at_a_time_decide_the_same(model, mode):
 
 
 @torch.no_grad()
-def penalized_ar_reference(hf, prompt, max_new_tokens, presence, frequency, bias=None):
-    """Greedy AR from transformers' logits, recomputed every token: OpenAI's penalties on the tokens
-    generated so far, the bias added, the mask token never predicted."""
+def penalized_ar_reference(hf, prompt, max_new_tokens, presence, frequency, bias=None, repetition=1.0):
+    """Greedy AR from transformers' logits, recomputed every token: the bias added, HF's repetition
+    penalty on the prompt's and the generated tokens, OpenAI's penalties on the tokens generated so far
+    subtracted (transformers' and vLLM's order), the mask token never predicted."""
     ids, out = list(prompt), []
     for _ in range(max_new_tokens):
         row = hf(torch.tensor([ids])).logits[0, -1].float()
         for token, b in (bias or {}).items():
             row[token] += b
+        for token in set(ids) if repetition != 1 else ():
+            row[token] = row[token] / repetition if row[token] > 0 else row[token] * repetition
         for token in set(out):
             row[token] -= frequency * out.count(token) + presence
         row[MASK] = float("-inf")
@@ -192,4 +196,49 @@ def test_penalties_are_validated():
         for bad in (2.01, -2.5, float("nan"), float("inf"), True, "1"):
             with pytest.raises(ValueError, match=name):
                 params(**{name: bad})
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "1.2"):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            params(repetition_penalty=bad)
+    assert params(repetition_penalty=1.2).adjusts_logits
     assert params(presence_penalty=-2, frequency_penalty=2).adjusts_logits and not params().adjusts_logits
+
+
+@pytest.mark.parametrize("repetition", [1.4, 0.7])
+def test_ar_with_repetition_penalty_equals_transformers_generate(sharp_dir, model, repetition):
+    """HF's RepetitionPenaltyLogitsProcessor (the prompt's and generated tokens) after its SequenceBias."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+    prompts = random_prompts(4, [1, 6, 11], seed=8)
+    got = make_engine(model).generate(prompts, params(max_new_tokens=14, mode="ar", repetition_penalty=repetition,
+                                                      logit_bias=BIAS))
+    for prompt, g in zip(prompts, got):
+        ref = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=14,
+            do_sample=False, suppress_tokens=[MASK], pad_token_id=0, repetition_penalty=repetition,
+            sequence_bias={(t,): b for t, b in BIAS.items()},
+        )[0, len(prompt):].tolist()
+        assert g.token_ids == ref
+        assert g.token_ids == penalized_ar_reference(hf, prompt, 14, 0.0, 0.0, BIAS, repetition)
+
+
+def test_all_adjustments_together_in_each_mode(sharp_dir, model):
+    """Repetition penalty, bias and OpenAI's penalties at once: AR against the from-scratch loop,
+    diffusion against the no-cache recompute, speculative against AR (greedy and sampled)."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+    prompts = random_prompts(4, [1, 8, 9, 13], seed=6)
+    kw = {"max_new_tokens": 18, "repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.3,
+          "logit_bias": BIAS}
+    engine = make_engine(model)
+    ar = engine.generate(prompts, params(mode="ar", **kw))
+    diffusion = engine.generate(prompts, params(**kw))
+    for prompt, a, d in zip(prompts, ar, diffusion):
+        assert a.token_ids == penalized_ar_reference(hf, prompt, 18, 0.4, 0.3, BIAS, 1.3)
+        assert d.token_ids == reference_generate(model, prompt, 18, 8, 4, 0.4, logit_bias=BIAS, presence=0.4,
+                                                 frequency=0.3, repetition=1.3)
+    assert [r.token_ids for r in engine.generate(prompts, params(mode="speculative", **kw))] == [r.token_ids for r in ar]
+    sampled = {"temperature": 0.9, "seed": 4, **kw}
+    assert [r.token_ids for r in engine.generate(prompts, params(mode="speculative", **sampled))] == [
+        r.token_ids for r in engine.generate(prompts, params(mode="ar", **sampled))]

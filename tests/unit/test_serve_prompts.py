@@ -88,7 +88,6 @@ def test_features_the_server_lacks_are_refused_not_ignored(model, fields, param)
 
 
 ASKS_FOR_SOMETHING = [
-    ("repetition_penalty", 1.2),
     ("response_format", {"type": "json_object"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
@@ -126,11 +125,12 @@ def test_their_default_values_and_unknown_fields_are_accepted(model, field, valu
 
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
 def test_penalties_reach_the_engine(model):
-    body = {"model": "m", "presence_penalty": 0.5, "frequency_penalty": -2}
+    body = {"model": "m", "presence_penalty": 0.5, "frequency_penalty": -2, "repetition_penalty": 1.3}
     body |= {"prompt": "x"} if model is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
     got = parse_request(model, json.dumps(body).encode()).sampling_params(16)
-    assert (got.presence_penalty, got.frequency_penalty) == (0.5, -2.0)
-    for name, bad in (("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("presence_penalty", "high")):
+    assert (got.presence_penalty, got.frequency_penalty, got.repetition_penalty) == (0.5, -2.0, 1.3)
+    for name, bad in (("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("presence_penalty", "high"),
+                      ("repetition_penalty", 0), ("repetition_penalty", -1)):
         with pytest.raises(APIError) as err:
             parse_request(model, json.dumps(body | {name: bad}).encode()).sampling_params(16)
         assert (err.value.status, err.value.param) == (400, name), bad
