@@ -474,7 +474,10 @@ class FdllmServer:
             raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room to generate within the "
                            f"context length max_model_len={self.max_model_len}; shorten it",
                            param="messages" if hasattr(body, "messages") else "prompt", code="context_length_exceeded")
-        return replace(params, max_new_tokens=room)
+        try:
+            return replace(params, max_new_tokens=room)
+        except ValueError as exc:  # min_tokens past the room left
+            raise APIError(400, str(exc), param="min_tokens") from None
 
     def _echoes(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """Each prompt's text, as echo returns it: as sent, or its token ids decoded."""

@@ -43,10 +43,6 @@ LOGPROB_FLOOR = -9999.0  # stands for -inf (the mask token's), which JSON cannot
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
-def _is_zero(v: Any) -> bool:
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
-
-
 # Request fields (OpenAI's, and vLLM's extensions clients send to OpenAI-compatible servers) that this
 # server does not implement, each with the test of a value that asks for nothing (what clients send by
 # default). Any other value is refused with a 400 naming the field: served anyway, the answer would
@@ -58,7 +54,6 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tool_choice": (lambda v: v in (None, "none", "auto"), "no tool calling"),
     "function_call": (lambda v: v in (None, "none", "auto"), "no function calling"),
     "suffix": (lambda v: not v, "no insertion (suffix) completions"),
-    "min_tokens": (_is_zero, "send 0 or leave it out"),
 }
 
 
@@ -142,6 +137,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)  # vLLM's (and HF's); null: 1 (off)
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many; null: 0
 
     @field_validator("logit_bias")
     @classmethod
@@ -221,6 +217,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
+            min_tokens=self.min_tokens or 0,
         )
 
 

@@ -241,15 +241,17 @@ def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, ...
     (OpenAI's, counted as vLLM counts: generated tokens only). Before that position means what the
     step knows there: the output, the current block's decoded offsets (diffusion), the draft a verify
     checks (speculative: each verify row sees the draft before it, as AR would have generated it),
-    never masks."""
+    never masks. At output positions before SamplingParams.min_tokens the request's stop tokens get a
+    bias of -inf."""
     seq, params = work.seq, work.seq.params
     bias, repetition = params.logit_bias or {}, params.repetition_penalty
-    if not (params.presence_penalty or params.frequency_penalty or repetition != 1):
+    P, mask = len(seq.prompt), seq.mask_token_id
+    stopless = params.min_tokens and seq.criteria.stop_token_ids  # banned at output positions < min_tokens
+    if not (params.presence_penalty or params.frequency_penalty or repetition != 1 or stopless):
         n = len(bias)
         adjusted = (np.fromiter(bias, np.int64, n), np.fromiter(bias.values(), np.float64, n), np.ones(n), np.zeros(n))
         return [adjusted] * len(rows)
     known = seq.tokens + (seq.block if seq.block is not None else seq.draft or [])  # by position
-    P, mask = len(seq.prompt), seq.mask_token_id
     counts: Counter[int] = Counter()
     present = {t for t in known[:P] if t != mask} if repetition != 1 else set()
     seen, out = P, []
@@ -260,8 +262,10 @@ def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, ...
         if repetition != 1:
             present.update(generated)
         seen = max(seen, predicted)
-        tokens = list(bias.keys() | counts.keys() | present)
-        out.append((np.array(tokens, dtype=np.int64), np.array([bias.get(t, 0.0) for t in tokens]),
+        banned = seq.criteria.stop_token_ids if stopless and predicted - P < params.min_tokens else frozenset()
+        tokens = list(bias.keys() | counts.keys() | present | banned)
+        out.append((np.array(tokens, dtype=np.int64),
+                    np.array([-np.inf if t in banned else bias.get(t, 0.0) for t in tokens]),
                     np.array([repetition if t in present else 1.0 for t in tokens]),
                     np.array([params.frequency_penalty * counts[t] + params.presence_penalty if t in counts else 0.0
                               for t in tokens])))

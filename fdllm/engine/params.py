@@ -83,6 +83,9 @@ class SamplingParams:
     # becomes z / repetition_penalty if z > 0, else z x repetition_penalty (1: off); after the bias,
     # before the presence/frequency penalties (transformers' and vLLM's order).
     repetition_penalty: float = 1.0
+    # vLLM's: the request's stop tokens (EOS, stop_token_ids) cannot be decoded at its first min_tokens
+    # output positions (their logits are -inf there); stop strings still end it.
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         """Reject values that could not be decoded meaningfully, before they reach a step: one bad
@@ -129,13 +132,16 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """Whether its tokens are decided from logits it adjusts (bias, penalties): the runner's biased rows."""
-        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) or self.repetition_penalty != 1
+        return (bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
+                or self.repetition_penalty != 1 or self.min_tokens > 0)
 
     def _check_adjustments(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_finite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens!r}")
         if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be a number > 0 (1: off), got {self.repetition_penalty!r}")
         bias = self.logit_bias

@@ -45,12 +45,12 @@ def params(**kw):
 @torch.no_grad()
 def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size, threshold, stop_ids=(),
                        causal_prefix=False, mask_token_id=MASK, logit_bias=None, presence=0.0, frequency=0.0,
-                       repetition=1.0):
+                       repetition=1.0, min_tokens=0):
     """Block diffusion with no cache: every step recomputes the whole sequence under the block-causal
     mask (`causal_prefix`: causal over the committed tokens, the current block sees itself and them).
     `logit_bias`: added to every prediction's logits; `presence`/`frequency`: OpenAI's penalties on the
     tokens generated before the predicted position, `repetition` HF's on the prompt's and those tokens,
-    as the step starts (SamplingParams)."""
+    as the step starts; `stop_ids` never predicted at the first `min_tokens` output positions (SamplingParams)."""
     L, S, P = block_size, sub_block_size, len(prompt)
 
     def logits(seq):
@@ -66,6 +66,8 @@ def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size
         row = row.clone()
         for token, bias in (logit_bias or {}).items():
             row[token] += bias
+        if position - P < min_tokens:
+            row[list(stop_ids)] = float("-inf")
         for token in {t for t in (committed + block)[:position] if t != mask_token_id} if repetition != 1 else ():
             row[token] = row[token] / repetition if row[token] > 0 else row[token] * repetition
         before = [t for t in (committed + block)[P:position] if t != mask_token_id]

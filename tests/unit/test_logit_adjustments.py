@@ -6,6 +6,8 @@ transformers' logits (AR), the no-cache block-diffusion recompute with the same 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -242,3 +244,31 @@ def test_all_adjustments_together_in_each_mode(sharp_dir, model):
     sampled = {"temperature": 0.9, "seed": 4, **kw}
     assert [r.token_ids for r in engine.generate(prompts, params(mode="speculative", **sampled))] == [
         r.token_ids for r in engine.generate(prompts, params(mode="ar", **sampled))]
+
+
+def test_min_tokens_keeps_the_stop_tokens_out_of_the_first_outputs(sharp_dir, model):
+    """vLLM's min_tokens: AR equals transformers generate with min_new_tokens (its eos the stop token),
+    diffusion the no-cache recompute with the stop token at -inf there, speculative AR; the request
+    may stop right after."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+    prompts = random_prompts(5, [1, 6, 8, 11], seed=12)
+    engine = make_engine(model)
+    unstopped = engine.generate(prompts, params(mode="ar", max_new_tokens=16))
+    stop = Counter(t for r in unstopped for t in r.token_ids[:4]).most_common(1)[0][0]  # an early favourite
+    plain = engine.generate(prompts, params(mode="ar", max_new_tokens=16, stop_token_ids=(stop,)))
+    assert sum(len(r.token_ids) < 5 for r in plain) >= 2  # without min_tokens, these stop early
+    kw = {"max_new_tokens": 16, "stop_token_ids": (stop,), "min_tokens": 5}
+    ar = engine.generate(prompts, params(mode="ar", **kw))
+    diffusion = engine.generate(prompts, params(**kw))
+    for prompt, a, d in zip(prompts, ar, diffusion):
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=16, min_new_tokens=5, do_sample=False, suppress_tokens=[MASK], pad_token_id=0,
+                          eos_token_id=stop)[0, len(prompt):].tolist()
+        assert a.token_ids == ref and stop not in a.token_ids[:5] and len(a.token_ids) >= 5
+        assert d.token_ids == reference_generate(model, prompt, 16, 8, 4, 0.4, stop_ids=(stop,), min_tokens=5)
+        assert stop not in d.token_ids[:5] and len(d.token_ids) >= 5
+    assert [r.token_ids for r in engine.generate(prompts, params(mode="speculative", **kw))] == [r.token_ids for r in ar]
+    with pytest.raises(ValueError, match="min_tokens"):
+        params(max_new_tokens=4, min_tokens=5)

@@ -92,7 +92,7 @@ ASKS_FOR_SOMETHING = [
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
     ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("functions", [{"name": "f"}]),
-    ("function_call", {"name": "f"}), ("suffix", "tail"), ("min_tokens", 3),
+    ("function_call", {"name": "f"}), ("suffix", "tail"),
 ]
 ASKS_FOR_NOTHING = [
     ("presence_penalty", 0), ("frequency_penalty", 0.0), ("presence_penalty", None), ("repetition_penalty", 1.0),
@@ -125,12 +125,12 @@ def test_their_default_values_and_unknown_fields_are_accepted(model, field, valu
 
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
 def test_penalties_reach_the_engine(model):
-    body = {"model": "m", "presence_penalty": 0.5, "frequency_penalty": -2, "repetition_penalty": 1.3}
+    body = {"model": "m", "presence_penalty": 0.5, "frequency_penalty": -2, "repetition_penalty": 1.3, "min_tokens": 3}
     body |= {"prompt": "x"} if model is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
     got = parse_request(model, json.dumps(body).encode()).sampling_params(16)
-    assert (got.presence_penalty, got.frequency_penalty, got.repetition_penalty) == (0.5, -2.0, 1.3)
+    assert (got.presence_penalty, got.frequency_penalty, got.repetition_penalty, got.min_tokens) == (0.5, -2.0, 1.3, 3)
     for name, bad in (("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("presence_penalty", "high"),
-                      ("repetition_penalty", 0), ("repetition_penalty", -1)):
+                      ("repetition_penalty", 0), ("repetition_penalty", -1), ("min_tokens", -1), ("min_tokens", 17)):
         with pytest.raises(APIError) as err:
             parse_request(model, json.dumps(body | {name: bad}).encode()).sampling_params(16)
         assert (err.value.status, err.value.param) == (400, name), bad
