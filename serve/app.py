@@ -676,8 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app({"model": args.model, "model_name": args.model_name, "api_key": args.api_key,
                      "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
                      "threshold": args.threshold, "block_lookahead": args.block_lookahead or None,
-                     "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity, "device": args.device, "dtype": args.dtype,
-                     "engine": engine_overrides(args)})
+                     "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity,
+                     "device": args.device, "dtype": args.dtype, "engine": engine_overrides(args)})
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)
 

@@ -462,9 +462,9 @@ class Engine:
                 f"{params.mode} mode needs a mask token id (BlockDiffusionConfig.mask_token_id); use mode='ar'"
             )
         self._check_fits(ids, params.max_new_tokens)
-        vocab = self.model.config.vocab_size
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {max(params.logit_bias)}")
+        vocab, largest = self.model.config.vocab_size, max(params.logit_bias or [0])
+        if largest >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {largest}")
 
     def _check_fits(self, ids: list[int], new_tokens: int) -> None:
         """ValueError unless token ids `ids` followed by `new_tokens` tokens fit the model and the cache."""

@@ -163,11 +163,10 @@ class StepInputs:
                 for c, r in enumerate(rows, first):
                     if r in sampled_rows:
                         sampled.add(c, w, r, sampled=True)
-        i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
-        starts, q_lens, kv_lens, causal = i64(rows_R4).reshape(-1, 4).T
-        inputs = cls(i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill,
-                     max(rows_R4[1::4], default=0), max(map(len, pages), default=0), any(rows_R4[3::4]), i64(cands),
-                     i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(), _biased_rows(biased, entries))
+        starts, q_lens, kv_lens, causal = _i64(rows_R4).reshape(-1, 4).T
+        inputs = cls(_i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill,
+                     max(rows_R4[1::4], default=0), max(map(len, pages), default=0), any(rows_R4[3::4]), _i64(cands),
+                     _i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(), _biased_rows(biased, entries))
         return inputs, candidate_rows
 
     def join(self, other: StepInputs) -> StepInputs:
@@ -201,6 +200,10 @@ class StepInputs:
         return table
 
 
+def _i64(values: list[int]) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
 class _Draws:
     """Candidate rows and their sampling parameters as `StepInputs.from_works` gathers them."""
 
@@ -226,9 +229,8 @@ class _Draws:
     def rows_and_parameters(self) -> SampledRows:
         if not self.rows:
             return NO_SAMPLED
-        i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
-        return SampledRows(i64(self.rows), np.array(self.temperature), np.array(self.top_p), i64(self.top_k),
-                           i64(self.seed), i64(self.counter))
+        return SampledRows(_i64(self.rows), np.array(self.temperature), np.array(self.top_p), _i64(self.top_k),
+                           _i64(self.seed), _i64(self.counter))
 
 
 def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, ...]]:
@@ -246,8 +248,8 @@ def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, ...
     seq, params = work.seq, work.seq.params
     bias, repetition = params.logit_bias or {}, params.repetition_penalty
     P, mask = len(seq.prompt), seq.mask_token_id
-    stopless = params.min_tokens and seq.criteria.stop_token_ids  # banned at output positions < min_tokens
-    if not (params.presence_penalty or params.frequency_penalty or repetition != 1 or stopless):
+    ban_stops = params.min_tokens and seq.criteria.stop_token_ids  # at output positions < min_tokens
+    if not (params.presence_penalty or params.frequency_penalty or repetition != 1 or ban_stops):
         n = len(bias)
         adjusted = (np.fromiter(bias, np.int64, n), np.fromiter(bias.values(), np.float64, n), np.ones(n), np.zeros(n))
         return [adjusted] * len(rows)
@@ -262,7 +264,7 @@ def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, ...
         if repetition != 1:
             present.update(generated)
         seen = max(seen, predicted)
-        banned = seq.criteria.stop_token_ids if stopless and predicted - P < params.min_tokens else frozenset()
+        banned = seq.criteria.stop_token_ids if ban_stops and predicted - P < params.min_tokens else frozenset()
         tokens = list(bias.keys() | counts.keys() | present | banned)
         out.append((np.array(tokens, dtype=np.int64),
                     np.array([-np.inf if t in banned else bias.get(t, 0.0) for t in tokens]),

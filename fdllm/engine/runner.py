@@ -449,13 +449,9 @@ class ModelRunner:
             parts = [token_entropy(row_logits(rows[a : a + k]), None) for a in range(0, E, k)]
             entropy_C = torch.zeros_like(prob_C).index_put((rows,), _join(parts))
         if S:
-            rows, temperature, top_p = get("rows"), get("temperature", torch.float32), get("top_p", torch.float32)
-            top_k, uniform_S = get("top_k"), counter_uniform(get("seed"), get("counter"))
-            token_S, prob_S = _join_pairs([
-                sample_confidence(row_logits(rows[a : a + k]), None, temperature[a : a + k], top_p[a : a + k],
-                                  top_k[a : a + k], uniform_S[a : a + k])
-                for a in range(0, S, k)
-            ])
+            rows = get("rows")
+            token_S, prob_S = _join_pairs([sample_confidence(row_logits(rows[a : a + k]), None, *self._draws("", a, a + k))
+                                           for a in range(0, S, k)])
             token_C, prob_C = token_C.index_put((rows,), token_S), prob_C.index_put((rows,), prob_S)
         if len(inputs.biased):
             rows = get("bias_rows")
@@ -478,12 +474,17 @@ class ModelRunner:
         temperature = biased.draws.temperature[first : first + R]
         if not temperature.any():
             return token_R, prob_R
-        part = lambda name, dtype=torch.int64: get(f"bias_{name}", dtype)[first : first + R]  # noqa: E731
-        temperature_R = part("temperature", torch.float32)
-        drawn_R, drawn_prob_R = sample_confidence(logits_RV, None, temperature_R.clamp(min=1e-2), part("top_p", torch.float32),
-                                                  part("top_k"), counter_uniform(part("seed"), part("counter")))
+        temperature_R, *draws = self._draws("bias_", first, first + R)
+        drawn_R, drawn_prob_R = sample_confidence(logits_RV, None, temperature_R.clamp(min=1e-2), *draws)
         sampled_R = temperature_R > 0
         return torch.where(sampled_R, drawn_R, token_R), torch.where(sampled_R, drawn_prob_R, prob_R)
+
+    def _draws(self, prefix: str, a: int, b: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Rows [a, b) of staged `SampledRows` (sections `prefix` + field name): temperature, top_p,
+        top_k and each row's uniform draw, as `sample_confidence` takes them."""
+        part = lambda name, dtype=torch.int64: self.stage.get(prefix + name, dtype)[a:b]  # noqa: E731
+        return (part("temperature", torch.float32), part("top_p", torch.float32), part("top_k"),
+                counter_uniform(part("seed"), part("counter")))
 
     def logits(self, h_RD: Tensor) -> Tensor:
         """fp32 logits [R, V] of hidden rows, the mask token's at -inf."""

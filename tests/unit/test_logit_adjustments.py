@@ -22,10 +22,15 @@ def model(sharp_dir):
     return fdllm.load_model(sharp_dir)
 
 
-def test_ar_with_logit_bias_equals_transformers_generate_with_sequence_bias(sharp_dir, model):
+@pytest.fixture(scope="module")
+def hf(sharp_dir):
+    """The same checkpoint in transformers: the AR oracle."""
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+
+
+def test_ar_with_logit_bias_equals_transformers_generate_with_sequence_bias(hf, model):
     prompts = random_prompts(4, [1, 3, 6, 11], seed=5)
     engine = make_engine(model)
     biased = engine.generate(prompts, params(max_new_tokens=12, mode="ar", logit_bias=BIAS))
@@ -150,10 +155,7 @@ PENALTIES = [(0.0, 1.5), (0.8, 0.0), (1.2, 0.6), (-0.7, -0.4)]  # (presence, fre
 
 
 @pytest.mark.parametrize("presence,frequency", PENALTIES)
-def test_ar_with_penalties_equals_the_from_scratch_loop(sharp_dir, model, presence, frequency):
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+def test_ar_with_penalties_equals_the_from_scratch_loop(hf, model, presence, frequency):
     prompts = random_prompts(3, [1, 6, 11], seed=5)
     kw = {"max_new_tokens": 16, "mode": "ar", "presence_penalty": presence, "frequency_penalty": frequency}
     got = make_engine(model).generate(prompts, params(**kw, logit_bias={33: 0.5}))
@@ -206,11 +208,8 @@ def test_penalties_are_validated():
 
 
 @pytest.mark.parametrize("repetition", [1.4, 0.7])
-def test_ar_with_repetition_penalty_equals_transformers_generate(sharp_dir, model, repetition):
+def test_ar_with_repetition_penalty_equals_transformers_generate(hf, model, repetition):
     """HF's RepetitionPenaltyLogitsProcessor (the prompt's and generated tokens) after its SequenceBias."""
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
     prompts = random_prompts(4, [1, 6, 11], seed=8)
     got = make_engine(model).generate(prompts, params(max_new_tokens=14, mode="ar", repetition_penalty=repetition,
                                                       logit_bias=BIAS))
@@ -224,12 +223,9 @@ def test_ar_with_repetition_penalty_equals_transformers_generate(sharp_dir, mode
         assert g.token_ids == penalized_ar_reference(hf, prompt, 14, 0.0, 0.0, BIAS, repetition)
 
 
-def test_all_adjustments_together_in_each_mode(sharp_dir, model):
+def test_all_adjustments_together_in_each_mode(hf, model):
     """Repetition penalty, bias and OpenAI's penalties at once: AR against the from-scratch loop,
     diffusion against the no-cache recompute, speculative against AR (greedy and sampled)."""
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
     prompts = random_prompts(4, [1, 8, 9, 13], seed=6)
     kw = {"max_new_tokens": 18, "repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.3,
           "logit_bias": BIAS}
@@ -246,13 +242,10 @@ def test_all_adjustments_together_in_each_mode(sharp_dir, model):
         r.token_ids for r in engine.generate(prompts, params(mode="ar", **sampled))]
 
 
-def test_min_tokens_keeps_the_stop_tokens_out_of_the_first_outputs(sharp_dir, model):
+def test_min_tokens_keeps_the_stop_tokens_out_of_the_first_outputs(hf, model):
     """vLLM's min_tokens: AR equals transformers generate with min_new_tokens (its eos the stop token),
     diffusion the no-cache recompute with the stop token at -inf there, speculative AR; the request
     may stop right after."""
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
     prompts = random_prompts(5, [1, 6, 8, 11], seed=12)
     engine = make_engine(model)
     unstopped = engine.generate(prompts, params(mode="ar", max_new_tokens=16))
