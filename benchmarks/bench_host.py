@@ -19,6 +19,7 @@ process spends descheduled on a shared machine does not count; on CUDA, wall tim
     python -m benchmarks.bench_host --batch-sizes 1,8,64 --mode ar --threads 1
     python -m benchmarks.bench_host --model DIR --device cuda         # on a GPU: model timed with syncs
     python -m benchmarks.bench_host --stub-model                      # host work only
+    python -m benchmarks.bench_host --stub-model --prompt-len 1000 --repetition-penalty 1.2 --frequency-penalty 0.5
 
 Targets (issue 12): at most 0.2 ms per step at batch 1 and 1 ms at batch 64 for the tiny world model.
 """
@@ -149,7 +150,9 @@ def run(args: argparse.Namespace) -> list[HostRow]:
         ecfg = fdllm.EngineConfig(max_num_seqs=batch, max_prefill_tokens=max(batch * args.prompt_len, 64),
                                   **engine_kwargs)
         params = fdllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, mode=args.mode,
-                                      threshold=args.threshold, temperature=args.temperature, seed=0)
+                                      threshold=args.threshold, temperature=args.temperature, seed=0,
+                                      repetition_penalty=args.repetition_penalty,
+                                      frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
         for _ in range(args.repeats):
             engine = fdllm.Engine(model, None, cfg, ecfg)
             rows.append(measure(engine, prompts, params, args.mode, args.stub_model))
@@ -180,6 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--prompt-len", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="with the penalties below: requests that adjust their logits (the runner's biased rows)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
     p.add_argument("--eager", action="store_true", help="EngineConfig(enforce_eager=True)")
