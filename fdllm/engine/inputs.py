@@ -12,12 +12,12 @@ S sampled rows (C ⊇ S), E entropy rows (C ⊇ E), M pages per block table.
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
 
+from fdllm.engine.adjustments import NO_ADJUSTMENTS, Adjustments, work_adjustments
 from fdllm.engine.params import SamplingParams
 from fdllm.engine.sequence import Work
 
@@ -67,22 +67,15 @@ class SampledRows:
         return SampledRows(**{name: np.concatenate([mine, theirs[name]]) for name, mine in self.arrays().items()})
 
 
-_ENTRY_FIELDS = ("entry_row", "entry_token", "entry_bias", "entry_scale", "entry_penalty")
-
-
 @dataclass(frozen=True)
 class BiasedRows:
     """The candidates of requests that adjust their logits (`SamplingParams.adjusts_logits`: a logit
-    bias, penalties): their tokens are decided from logits with the adjustment added (`draws`, greedy
-    where its temperature is 0), not in the greedy or sampled paths. One entry per (row, adjusted
-    token), sorted by row (`logit_adjustments`)."""
+    bias, penalties, min_tokens): their tokens are decided from their logits adjusted
+    (`fdllm.engine.adjustments`), greedy where its temperature is 0, else drawn as a sampled row is,
+    not in the greedy or sampled paths."""
 
     draws: SampledRows  # [B] the rows (index into the step's candidates) and their parameters
-    entry_row: np.ndarray  # [K] index into `draws.rows`
-    entry_token: np.ndarray  # [K]
-    entry_bias: np.ndarray  # [K] float64, added first
-    entry_scale: np.ndarray  # [K] float64, the repetition penalty (1: none)
-    entry_penalty: np.ndarray  # [K] float64, subtracted last (presence and frequency)
+    adjust: Adjustments  # [B] how each row adjusts its logits
 
     def __len__(self) -> int:
         return len(self.draws)
@@ -90,19 +83,18 @@ class BiasedRows:
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array by name (the sections the runner stages)."""
         return {f"bias_{name}": a for name, a in self.draws.arrays().items()} | {
-            f"bias_{name}": getattr(self, name) for name in _ENTRY_FIELDS}
+            f"adj_{name}": a for name, a in self.adjust.arrays().items()}
 
     def join(self, other: BiasedRows, shift: int) -> BiasedRows:
         """These rows, then `other`'s moved `shift` candidates further (the candidates before them)."""
         if not len(other):
             return self
-        return BiasedRows(self.draws.join(other.draws, shift), np.concatenate([self.entry_row, other.entry_row + len(self)]),
-                          *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ENTRY_FIELDS[1:]))
+        return BiasedRows(self.draws.join(other.draws, shift), self.adjust.join(other.adjust))
 
 
 NO_ROWS = np.zeros(0, dtype=np.int64)  # shared: never written to
 NO_SAMPLED = SampledRows(NO_ROWS, np.zeros(0), np.zeros(0), NO_ROWS, NO_ROWS, NO_ROWS)
-NO_BIASED = BiasedRows(NO_SAMPLED, NO_ROWS, NO_ROWS, np.zeros(0), np.zeros(0), np.zeros(0))
+NO_BIASED = BiasedRows(NO_SAMPLED, NO_ADJUSTMENTS)
 
 
 @dataclass
@@ -135,7 +127,7 @@ class StepInputs:
         rows_R4, pages = [], []  # per row: start, q_len, kv_len, causal (flat, one conversion)
         cands, entropy = [], []
         sampled, biased = _Draws(), _Draws()
-        entries: list[tuple[np.ndarray, ...]] = []  # per biased row: `logit_adjustments`
+        adjust: list[Adjustments] = []  # per adjusted work
         candidate_rows, prefill = [], False
         for w in works:
             base = len(ids)
@@ -156,7 +148,7 @@ class StepInputs:
                 entropy += range(first, len(cands))
             sampled_rows = w.sampled_rows
             if w.seq.params.adjusts_logits:  # every candidate, greedy or sampled, decided from adjusted logits
-                entries += logit_adjustments(w, rows)
+                adjust.append(work_adjustments(w, rows))
                 for c, r in enumerate(rows, first):
                     biased.add(c, w, r, sampled=r in sampled_rows)
             elif sampled_rows:
@@ -166,7 +158,7 @@ class StepInputs:
         starts, q_lens, kv_lens, causal = _i64(rows_R4).reshape(-1, 4).T
         inputs = cls(_i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill,
                      max(rows_R4[1::4], default=0), max(map(len, pages), default=0), any(rows_R4[3::4]), _i64(cands),
-                     _i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(), _biased_rows(biased, entries))
+                     _i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(), BiasedRows(biased.rows_and_parameters(), Adjustments.concat(adjust)))
         return inputs, candidate_rows
 
     def join(self, other: StepInputs) -> StepInputs:
@@ -231,55 +223,6 @@ class _Draws:
             return NO_SAMPLED
         return SampledRows(_i64(self.rows), np.array(self.temperature), np.array(self.top_p), _i64(self.top_k),
                            _i64(self.seed), _i64(self.counter))
-
-
-def logit_adjustments(work: Work, rows: list[int]) -> list[tuple[np.ndarray, ...]]:
-    """Per candidate logit row of `rows` (ascending), how its request adjusts its logits: (token ids,
-    biases, scales, penalties), each token's logit z becoming z' = z + bias, then z' / scale (z' > 0)
-    or z' x scale, then minus the penalty (`ModelRunner._biased_choice`; transformers' and vLLM's
-    order). The bias is SamplingParams.logit_bias; the scale the repetition penalty (HF's, vLLM's) for
-    every token of the prompt or the output before the position the row predicts, 1 elsewhere; the
-    penalty frequency x count + presence for each token the request generated before that position
-    (OpenAI's, counted as vLLM counts: generated tokens only). Before that position means what the
-    step knows there: the output, the current block's decoded offsets (diffusion), the draft a verify
-    checks (speculative: each verify row sees the draft before it, as AR would have generated it),
-    never masks. At output positions before SamplingParams.min_tokens the request's stop tokens get a
-    bias of -inf."""
-    seq, params = work.seq, work.seq.params
-    bias, repetition = params.logit_bias or {}, params.repetition_penalty
-    P, mask = len(seq.prompt), seq.mask_token_id
-    ban_stops = params.min_tokens and seq.criteria.stop_token_ids  # at output positions < min_tokens
-    if not (params.presence_penalty or params.frequency_penalty or repetition != 1 or ban_stops):
-        n = len(bias)
-        adjusted = (np.fromiter(bias, np.int64, n), np.fromiter(bias.values(), np.float64, n), np.ones(n), np.zeros(n))
-        return [adjusted] * len(rows)
-    known = seq.tokens + (seq.block if seq.block is not None else seq.draft or [])  # by position
-    counts: Counter[int] = Counter()
-    present = {t for t in known[:P] if t != mask} if repetition != 1 else set()
-    seen, out = P, []
-    for r in rows:
-        predicted = work.start + work.logit_rows[r] + 1  # the token shift: a row predicts the position after it
-        generated = [t for t in known[seen:predicted] if t != mask]
-        counts.update(generated)
-        if repetition != 1:
-            present.update(generated)
-        seen = max(seen, predicted)
-        banned = seq.criteria.stop_token_ids if ban_stops and predicted - P < params.min_tokens else frozenset()
-        tokens = list(bias.keys() | counts.keys() | present | banned)
-        out.append((np.array(tokens, dtype=np.int64),
-                    np.array([-np.inf if t in banned else bias.get(t, 0.0) for t in tokens]),
-                    np.array([repetition if t in present else 1.0 for t in tokens]),
-                    np.array([params.frequency_penalty * counts[t] + params.presence_penalty if t in counts else 0.0
-                              for t in tokens])))
-    return out
-
-
-def _biased_rows(draws: _Draws, entries: list[tuple[np.ndarray, ...]]) -> BiasedRows:
-    """The biased rows, with one entry per (row, token)."""
-    if not draws.rows:
-        return NO_BIASED
-    rows = np.repeat(np.arange(len(entries)), [len(row[0]) for row in entries])
-    return BiasedRows(draws.rows_and_parameters(), rows, *(np.concatenate(parts) for parts in zip(*entries)))
 
 
 def cache_slots(table_XM: np.ndarray, positions_XQ: np.ndarray, page_size: int) -> np.ndarray:

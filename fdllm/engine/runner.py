@@ -50,6 +50,7 @@ from torch import Tensor
 
 from fdllm.cache import AttentionRow, KVCache, PagedAttention, StaticPagedAttention
 from fdllm.decoding import counter_uniform, sample_confidence, token_entropy
+from fdllm.engine.adjustments import ChunkAdjustments, adjust_logits
 from fdllm.engine.denoise import DenoiseBatch
 from fdllm.engine.inputs import NO_ROWS, NO_SAMPLED, BiasedRows, StepInputs, cache_slots
 from fdllm.engine.sequence import Predictions, Work
@@ -462,14 +463,11 @@ class ModelRunner:
 
     def _biased_choice(self, logits_RV: Tensor, biased: BiasedRows, first: int) -> tuple[Tensor, Tensor]:
         """Token and probability of biased rows [first, first + R) (`StepInputs.biased`): their logits
-        adjusted (`fdllm.engine.inputs.logit_adjustments`: the bias, the repetition penalty's scale,
-        the presence/frequency penalty), then the argmax, or a draw where the row samples (temperature > 0)."""
-        get, R = self.stage.get, len(logits_RV)
-        lo, hi = np.searchsorted(biased.entry_row, [first, first + R]).tolist()  # the entries are sorted by row
-        index = (get("bias_entry_row")[lo:hi] - first, get("bias_entry_token")[lo:hi])  # one entry per (row, token)
-        entry = lambda name: get(f"bias_entry_{name}", torch.float32)[lo:hi]  # noqa: E731
-        z_K, scale_K = logits_RV[index] + entry("bias"), entry("scale")
-        logits_RV = logits_RV.index_put(index, torch.where(z_K > 0, z_K / scale_K, z_K * scale_K) - entry("penalty"))
+        adjusted (`fdllm.engine.adjustments`: the bias, the repetition penalty, the presence/frequency
+        penalties), then the argmax, or a draw where the row samples (temperature > 0)."""
+        R = len(logits_RV)
+        get = lambda name, dtype: self.stage.get(f"adj_{name}", dtype)  # noqa: E731
+        logits_RV = adjust_logits(logits_RV, ChunkAdjustments.slice(biased.adjust, get, first, first + R))
         token_R, prob_R = greedy_confidence(logits_RV, None)
         temperature = biased.draws.temperature[first : first + R]
         if not temperature.any():

@@ -122,9 +122,12 @@ def test_a_zero_bias_changes_nothing(model, mode):
 @pytest.mark.parametrize("mode", ["diffusion", "speculative"])
 def test_biased_rows_made_a_few_at_a_time_decide_the_same(model, mode):
     """At a real vocabulary the head makes logits a chunk of rows at a time (ModelRunner.max_head_rows:
-    220 rows at 152k): each chunk must add its own rows' entries."""
+    220 rows at 152k): each chunk must add its own rows' entries and count its own requests' tokens,
+    with chunks that start inside a request and requests that penalize beside some that only bias."""
     prompts = random_prompts(6, [3, 9, 16], seed=4)
-    p = [params(mode=mode, temperature=t, seed=i, logit_bias=BIAS | {i: 1.0}) for i, t in enumerate([0, 0.9] * 3)]
+    penalties = [{}, {"repetition_penalty": 1.3, "frequency_penalty": 0.5}, {"presence_penalty": 1.0}]
+    p = [params(mode=mode, temperature=t, seed=i, logit_bias=BIAS | {i: 1.0}, **penalties[i % 3])
+         for i, t in enumerate([0, 0.9] * 3)]
     whole = make_engine(model).generate(prompts, p)
     engine = make_engine(model)
     engine.runner.max_head_rows = 3
