@@ -4,13 +4,13 @@ min_tokens) as a step stages them on the host and applies them on the device.
 A row's penalties depend on every token known before the position it predicts: the prompt (the
 repetition penalty's), the output so far and, within the current block or draft, the offsets
 decoded before it. Listing them per row would cost rows x history host work every step (the
-first version did: ~20 ms a step at batch 64). Instead, as vLLM keeps per-request token counts on
-the device, the host hands over each request's history once (sparse token lists) and, per row,
-only how much of the request's recent tokens (the block or draft) it knows; the device builds
-dense [rows, vocab] counts a head chunk at a time, beside the logits it already holds.
+first version did). Instead, as vLLM keeps per-request token counts on the device, the host hands
+over each request's history once (sparse token lists) and per row only the few block or draft
+tokens it knows besides; the device builds dense [rows, vocab] counts a head chunk at a time,
+beside the logits it already holds.
 
 Shape legend: B adjusted rows, X adjusted requests, K bias entries, H prompt/output history
-entries, W recent entries.
+entries, W recent (block or draft) entries, R a head chunk's rows, V the vocabulary.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ class Adjustments:
     before it. Rows (and requests) are in candidate order; entries are sorted by row or request."""
 
     row_request: np.ndarray  # [B] int64, nondecreasing: the row's request, 0..X-1
-    repetition: np.ndarray  # [B] float64 (1: off)
-    frequency: np.ndarray  # [B] float64
-    presence: np.ndarray  # [B] float64
-    recent_known: np.ndarray  # [B] int64: how many of its request's recent tokens the row knows
+    repetition: np.ndarray  # [X] float64 (1: off)
+    frequency: np.ndarray  # [X] float64
+    presence: np.ndarray  # [X] float64
     bias_row: np.ndarray  # [K] int64, sorted
     bias_token: np.ndarray  # [K] int64
     bias_value: np.ndarray  # [K] float64 (logit_bias; -inf bans a stop token before min_tokens)
@@ -44,91 +43,123 @@ class Adjustments:
     prompt_token: np.ndarray  # [H] int64
     output_request: np.ndarray  # [H'] int64, sorted: generated tokens every row of the request knows
     output_token: np.ndarray  # [H'] int64
-    recent_request: np.ndarray  # [W] int64, sorted: generated tokens past those, in position order
-    recent_offset: np.ndarray  # [W] int64: the token's index among its request's recent tokens
-    recent_token: np.ndarray  # [W] int64, -1 where still masked
+    recent_row: np.ndarray  # [W] int64, sorted: generated tokens a row knows besides those (its block's, draft's)
+    recent_token: np.ndarray  # [W] int64
 
     def __len__(self) -> int:
         return len(self.row_request)
 
     @property
     def num_requests(self) -> int:
-        return int(self.row_request[-1]) + 1 if len(self) else 0
+        return len(self.repetition)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def join(self, other: Adjustments) -> Adjustments:
-        """These rows, then `other`'s (its rows and requests after ours)."""
-        return Adjustments.concat([self, other])
-
-    @staticmethod
-    def concat(parts: list[Adjustments]) -> Adjustments:
-        """The parts' rows in order, each part's rows and requests numbered after the previous parts'."""
-        parts = [p for p in parts if len(p)]
-        if len(parts) <= 1:
-            return parts[0] if parts else NO_ADJUSTMENTS
-        first_request = np.cumsum([0] + [p.num_requests for p in parts[:-1]])
-        first_row = np.cumsum([0] + [len(p) for p in parts[:-1]])
-        moved = {name: first_request for name in ("row_request", "prompt_request", "output_request", "recent_request")}
-        moved["bias_row"] = first_row
-
-        def cat(name: str) -> np.ndarray:
-            arrays = [getattr(p, name) for p in parts]
-            if name in moved:
-                arrays = [a + shift for a, shift in zip(arrays, moved[name].tolist())]
-            return np.concatenate(arrays)
-
-        return Adjustments(**{f.name: cat(f.name) for f in fields(Adjustments)})
+        """These rows, then `other`'s (its rows and requests numbered after ours)."""
+        if not len(self) or not len(other):
+            return self if len(self) else other
+        X = self.num_requests
+        B = len(self)
+        moved = {"row_request": X, "prompt_request": X, "output_request": X, "recent_row": B, "bias_row": B}
+        return Adjustments(**{name: np.concatenate([mine, getattr(other, name) + moved.get(name, 0)])
+                              for name, mine in self.arrays().items()})
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
-NO_ADJUSTMENTS = Adjustments(*([_EMPTY] * 15))
+NO_ADJUSTMENTS = Adjustments(*([_EMPTY] * 13))
 
 
-def work_adjustments(work: Work, rows: list[int]) -> Adjustments:
-    """The `Adjustments` of one work's candidate logit rows `rows` (ascending), as request 0.
+class AdjustmentsBuilder:
+    """Gathers a step's `Adjustments`, one adjusted work at a time, into one array per field: the
+    per-work part is a few numpy calls (its history in one conversion), whatever its length."""
 
-    "Before the position a row predicts" means what the step knows there: the prompt and output,
-    the current block's decoded offsets (diffusion: a step decides its offsets in parallel), the
-    draft a verify checks (speculative: each verify row sees the draft before it, as AR would have
-    generated it), never masks. Penalties count generated tokens only (vLLM's counts)."""
-    seq, params = work.seq, work.seq.params
-    B, P, mask = len(rows), len(seq.prompt), seq.mask_token_id
-    predicted = np.array([work.start + work.logit_rows[r] + 1 for r in rows], dtype=np.int64)  # the token shift
-    per_row = lambda value: np.full(B, value, dtype=np.float64)  # noqa: E731
+    def __init__(self) -> None:
+        self.rows_per_request: list[int] = []
+        self.recent_known: list[int] = []
+        self.scalars: list[tuple[float, float, float]] = []  # per request: repetition, frequency, presence
+        self.bias: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per request with entries
+        self.prompt: list[np.ndarray] = []
+        self.output: list[np.ndarray] = []
+        self.recent: list[np.ndarray] = []
 
-    bias = params.logit_bias or {}
-    bias_row = np.repeat(np.arange(B), len(bias))
-    bias_token = np.tile(np.fromiter(bias, np.int64, len(bias)), B)
-    bias_value = np.tile(np.fromiter(bias.values(), np.float64, len(bias)), B)
-    stops = sorted(seq.criteria.stop_token_ids) if params.min_tokens else []
-    early = np.flatnonzero(predicted - P < params.min_tokens) if stops else _EMPTY
-    if len(early):  # stop tokens banned at output positions before min_tokens (the entries accumulate)
-        bias_row = np.concatenate([bias_row, np.repeat(early, len(stops))])
-        bias_token = np.concatenate([bias_token, np.tile(np.array(stops, dtype=np.int64), len(early))])
-        bias_value = np.concatenate([bias_value, np.full(len(early) * len(stops), -np.inf)])
-        order = np.argsort(bias_row, kind="stable")
-        bias_row, bias_token, bias_value = bias_row[order], bias_token[order], bias_value[order]
+    def add(self, work: Work, rows: list[int]) -> None:
+        """The work's candidate logit rows `rows` (ascending).
 
-    prompt = output = recent = _EMPTY
-    recent_known = np.zeros(B, dtype=np.int64)
-    if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+        "Before the position a row predicts" means what the step knows there: the prompt and output,
+        the current block's decoded offsets (diffusion: a step decides its offsets in parallel), the
+        draft a verify checks (speculative: each verify row sees the draft before it, as AR would have
+        generated it), never masks. Penalties count generated tokens only (vLLM's counts)."""
+        seq, params = work.seq, work.seq.params
+        P, first_row = len(seq.prompt), len(self.recent_known)
+        predicted = [work.start + work.logit_rows[r] + 1 for r in rows]  # the token shift
+        self.rows_per_request.append(len(rows))
+        self.scalars.append((params.repetition_penalty, params.frequency_penalty, params.presence_penalty))
+        stops = sorted(seq.criteria.stop_token_ids) if params.min_tokens else []
+        early = [i for i, p in enumerate(predicted) if p - P < params.min_tokens] if stops else []
+        if params.logit_bias or early:
+            self.bias.append(_bias_entries(params.logit_bias or {}, len(rows), early, stops, first_row))
+
+        penalized = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
+        if not penalized:
+            self.recent_known += [0] * len(rows)
+            for part in (self.prompt, self.output, self.recent):
+                part.append(_EMPTY)
+            return
         # Tokens before `cut` are known to every row; each row knows the recent ones up to its position.
-        first = 0 if params.repetition_penalty != 1 else P  # the prompt counts for the repetition penalty only
-        cut, end = max(P, int(predicted[0])), max(P, int(predicted[-1]))
-        history = np.array(_known(seq, first, end), dtype=np.int64)  # positions [first, end)
-        cut = min(cut, first + len(history))
-        if mask is not None:
-            history[history == mask] = -1
-        prompt, output, recent = history[: P - first], history[P - first : cut - first], history[cut - first :]
-        prompt, output = prompt[prompt >= 0], output[output >= 0]
-        recent_known = np.clip(predicted - cut, 0, len(recent))
-    zeros = lambda n: np.zeros(n, dtype=np.int64)  # noqa: E731
-    return Adjustments(zeros(B), per_row(params.repetition_penalty), per_row(params.frequency_penalty),
-                       per_row(params.presence_penalty), recent_known, bias_row, bias_token, bias_value,
-                       zeros(len(prompt)), prompt, zeros(len(output)), output,
-                       zeros(len(recent)), np.arange(len(recent)), recent)
+        start = 0 if params.repetition_penalty != 1 else P  # the prompt counts for the repetition penalty only
+        history = np.array(_known(seq, start, max(P, predicted[-1])), dtype=np.int64)  # positions [start, ...)
+        cut = min(max(P, predicted[0]), start + len(history)) - start
+        if seq.mask_token_id is not None:
+            history[history == seq.mask_token_id] = -1
+        prompt, output = history[: P - start], history[P - start : cut]
+        self.prompt.append(prompt[prompt >= 0])
+        self.output.append(output[output >= 0])
+        self.recent.append(history[cut:])
+        n = len(history) - cut
+        self.recent_known += [min(max(p - start - cut, 0), n) for p in predicted]
+
+    def build(self) -> Adjustments:
+        if not self.rows_per_request:
+            return NO_ADJUSTMENTS
+        requests = np.arange(len(self.rows_per_request))
+        per_request = lambda parts: np.repeat(requests, [len(p) for p in parts])  # noqa: E731
+        row_request = np.repeat(requests, self.rows_per_request)
+        bias = [np.concatenate(part) for part in zip(*self.bias)] if self.bias else [_EMPTY, _EMPTY, np.zeros(0)]
+        return Adjustments(
+            row_request, *np.array(self.scalars, dtype=np.float64).T, *bias,
+            per_request(self.prompt), np.concatenate(self.prompt), per_request(self.output), np.concatenate(self.output),
+            *self._recent_entries(row_request),
+        )
+
+    def _recent_entries(self, row_request: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, token) for each recent token each row knows (its request's first recent_known), masks
+        left out: a few numpy calls for the whole step."""
+        known = np.array(self.recent_known, dtype=np.int64)  # [B]
+        lengths = np.array([len(p) for p in self.recent])
+        first = (np.cumsum(lengths) - lengths)[row_request]  # [B] where the row's request's recent tokens start
+        row = np.repeat(np.arange(len(known)), known)
+        index = np.repeat(first - (np.cumsum(known) - known), known) + np.arange(len(row))
+        token = np.concatenate(self.recent)[index]
+        keep = token >= 0
+        return row[keep], token[keep]
+
+
+def _bias_entries(bias: dict[int, float], B: int, early: list[int], stops: list[int],
+                  first_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, token, value) entries, sorted by row, of B rows numbered from `first_row`: the bias at
+    every row, and the stop tokens at -inf at the rows `early` (before min_tokens; the entries add up)."""
+    tokens = np.fromiter(bias, np.int64, len(bias))
+    values = np.fromiter(bias.values(), np.float64, len(bias))
+    row, token, value = np.repeat(np.arange(B), len(bias)), np.tile(tokens, B), np.tile(values, B)
+    if early:
+        row = np.concatenate([row, np.repeat(early, len(stops))])
+        token = np.concatenate([token, np.tile(np.array(stops, dtype=np.int64), len(early))])
+        value = np.concatenate([value, np.full(len(early) * len(stops), -np.inf)])
+        order = np.argsort(row, kind="stable")
+        row, token, value = row[order], token[order], value[order]
+    return row + first_row, token, value
 
 
 def _known(seq: Sequence, a: int, b: int) -> list[int]:
@@ -144,16 +175,14 @@ class ChunkAdjustments:
     and requests numbered from 0."""
 
     row_request: Tensor  # [R]
-    repetition: Tensor  # [R] fp32
-    frequency: Tensor  # [R] fp32
-    presence: Tensor  # [R] fp32
-    recent_known: Tensor  # [R]
+    repetition: Tensor  # [X] fp32
+    frequency: Tensor  # [X] fp32
+    presence: Tensor  # [X] fp32
     bias: tuple[Tensor, Tensor, Tensor]  # (row, token, value fp32)
     prompt: tuple[Tensor, Tensor]  # (request, token)
     output: tuple[Tensor, Tensor]  # (request, token)
-    recent: tuple[Tensor, Tensor, Tensor]  # (request, offset, token)
+    recent: tuple[Tensor, Tensor]  # (row, token)
     num_requests: int
-    recent_width: int
     penalized: bool  # some row has a penalty (else only the bias applies)
 
     @classmethod
@@ -163,24 +192,19 @@ class ChunkAdjustments:
 
         def entries(key: str, lo: int, hi: int, *names: str, shift: int = 0) -> tuple[Tensor, ...]:
             i, j = np.searchsorted(getattr(adj, key), [lo, hi]).tolist()
-            return tuple(get(name, torch.float32 if name == "bias_value" else torch.int64)[i:j] - (shift if name == key else 0)
-                         for name in (key, *names))
+            parts = [get(name, torch.float32 if name == "bias_value" else torch.int64)[i:j] for name in (key, *names)]
+            return (parts[0] - shift if shift else parts[0], *parts[1:])
 
-        floats = [get(name, torch.float32)[a:b] for name in ("repetition", "frequency", "presence")]
-        rows = slice(a, b)
-        penalized = bool((adj.repetition[rows] != 1).any() or adj.frequency[rows].any() or adj.presence[rows].any())
-        recent = entries("recent_request", x0, x1, "recent_offset", "recent_token", shift=x0)
-        return cls(get("row_request", torch.int64)[a:b] - x0, *floats, get("recent_known", torch.int64)[a:b],
+        floats = [get(name, torch.float32)[x0:x1] for name in ("repetition", "frequency", "presence")]
+        requests = slice(x0, x1)
+        penalized = bool((adj.repetition[requests] != 1).any() or adj.frequency[requests].any()
+                         or adj.presence[requests].any())
+        row_request = get("row_request", torch.int64)[a:b]
+        return cls(row_request - x0 if x0 else row_request, *floats,
                    entries("bias_row", a, b, "bias_token", "bias_value", shift=a),
                    entries("prompt_request", x0, x1, "prompt_token", shift=x0),
                    entries("output_request", x0, x1, "output_token", shift=x0),
-                   recent, x1 - x0, _recent_width(adj, x0, x1), penalized)
-
-
-def _recent_width(adj: Adjustments, x0: int, x1: int) -> int:
-    """The most recent tokens a request of [x0, x1) has (its offsets count from 0)."""
-    i, j = np.searchsorted(adj.recent_request, [x0, x1]).tolist()
-    return int(adj.recent_offset[i:j].max()) + 1 if j > i else 0
+                   entries("recent_row", a, b, "recent_token", shift=a), x1 - x0, penalized)
 
 
 def adjust_logits(logits_RV: Tensor, adj: ChunkAdjustments) -> Tensor:
@@ -197,14 +221,8 @@ def adjust_logits(logits_RV: Tensor, adj: ChunkAdjustments) -> Tensor:
     prompt_XV = torch.zeros(X, V, dtype=torch.bool, device=dev)
     prompt_XV.index_put_(adj.prompt, torch.ones(len(adj.prompt[1]), dtype=torch.bool, device=dev))
     counts_RV, prompt_RV = counts_XV[adj.row_request], prompt_XV[adj.row_request]
-    if adj.recent_width:
-        request, offset, token = adj.recent
-        recent_XW = torch.full((X, adj.recent_width), -1, dtype=torch.int64, device=dev)
-        recent_XW[request, offset] = token
-        recent_RW = recent_XW[adj.row_request]
-        known_RW = (torch.arange(adj.recent_width, device=dev) < adj.recent_known[:, None]) & (recent_RW >= 0)
-        counts_RV.scatter_add_(1, recent_RW.clamp(min=0), known_RW.float())
+    counts_RV.index_put_(adj.recent, torch.ones(len(adj.recent[1]), device=dev), accumulate=True)
     counted_RV = counts_RV > 0
-    rep_R1 = adj.repetition[:, None]
+    rep_R1, frequency_R1, presence_R1 = (x[adj.row_request, None] for x in (adj.repetition, adj.frequency, adj.presence))
     z = torch.where(prompt_RV | counted_RV, torch.where(z > 0, z / rep_R1, z * rep_R1), z)
-    return z - (adj.frequency[:, None] * counts_RV + adj.presence[:, None] * counted_RV)
+    return z - (frequency_R1 * counts_RV + presence_R1 * counted_RV)

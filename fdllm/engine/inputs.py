@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from fdllm.engine.adjustments import NO_ADJUSTMENTS, Adjustments, work_adjustments
+from fdllm.engine.adjustments import NO_ADJUSTMENTS, Adjustments, AdjustmentsBuilder
 from fdllm.engine.params import SamplingParams
 from fdllm.engine.sequence import Work
 
@@ -127,7 +127,7 @@ class StepInputs:
         rows_R4, pages = [], []  # per row: start, q_len, kv_len, causal (flat, one conversion)
         cands, entropy = [], []
         sampled, biased = _Draws(), _Draws()
-        adjust: list[Adjustments] = []  # per adjusted work
+        adjust = AdjustmentsBuilder()
         candidate_rows, prefill = [], False
         for w in works:
             base = len(ids)
@@ -148,7 +148,7 @@ class StepInputs:
                 entropy += range(first, len(cands))
             sampled_rows = w.sampled_rows
             if w.seq.params.adjusts_logits:  # every candidate, greedy or sampled, decided from adjusted logits
-                adjust.append(work_adjustments(w, rows))
+                adjust.add(w, rows)
                 for c, r in enumerate(rows, first):
                     biased.add(c, w, r, sampled=r in sampled_rows)
             elif sampled_rows:
@@ -158,7 +158,7 @@ class StepInputs:
         starts, q_lens, kv_lens, causal = _i64(rows_R4).reshape(-1, 4).T
         inputs = cls(_i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill,
                      max(rows_R4[1::4], default=0), max(map(len, pages), default=0), any(rows_R4[3::4]), _i64(cands),
-                     _i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(), BiasedRows(biased.rows_and_parameters(), Adjustments.concat(adjust)))
+                     _i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(), BiasedRows(biased.rows_and_parameters(), adjust.build()))
         return inputs, candidate_rows
 
     def join(self, other: StepInputs) -> StepInputs:

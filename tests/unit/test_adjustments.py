@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fdllm.engine.adjustments import Adjustments, ChunkAdjustments, adjust_logits, work_adjustments
+from fdllm.engine.adjustments import NO_ADJUSTMENTS, Adjustments, AdjustmentsBuilder, ChunkAdjustments, adjust_logits
 
 V, MASK = 40, 39
 STOPS = frozenset({0, 5})
@@ -20,7 +20,7 @@ STOPS = frozenset({0, 5})
 
 def random_work(rng: random.Random, kind: str):
     """A duck-typed Work of a diffusion step (a block with masks), a speculative verify (a draft) or
-    an AR step, with random adjustments, and its candidate rows."""
+    an AR step, maybe with lookahead rows, with random adjustments, and its candidate rows."""
     P = rng.randrange(1, 12)
     prompt = [rng.randrange(MASK) for _ in range(P)]
     output = [rng.randrange(MASK) for _ in range(rng.randrange(0, 10))]
@@ -33,6 +33,7 @@ def random_work(rng: random.Random, kind: str):
         n_logits = len(draft) + 1
     else:
         n_logits = 1
+    n_logits += rng.randrange(3)  # lookahead rows: they predict past every known token
     params = SimpleNamespace(
         logit_bias=rng.choice([None, {rng.randrange(V - 1): rng.uniform(-100, 100) for _ in range(3)}]),
         repetition_penalty=rng.choice([1.0, 0.7, 1.5]), presence_penalty=rng.choice([0.0, 1.2, -0.5]),
@@ -63,6 +64,13 @@ def oracle(work, row: int, z: torch.Tensor) -> torch.Tensor:
     return z.float()
 
 
+def build(works) -> Adjustments:
+    builder = AdjustmentsBuilder()
+    for work, rows in works:
+        builder.add(work, rows)
+    return builder.build()
+
+
 def staged(adj: Adjustments):
     """`get(name, dtype)` over the arrays, as the runner's stage serves them."""
     tensors = {name: torch.from_numpy(a) for name, a in adj.arrays().items()}
@@ -74,7 +82,7 @@ def staged(adj: Adjustments):
 def test_every_row_is_adjusted_as_the_oracle_adjusts_it(seed, chunk):
     rng = random.Random(seed)
     works = [random_work(rng, rng.choice(["diffusion", "speculative", "ar"])) for _ in range(7)]
-    adj = Adjustments.concat([work_adjustments(w, rows) for w, rows in works])
+    adj = build(works)
     expected_rows = [(w, r) for w, rows in works for r in rows]
     assert len(adj) == len(expected_rows) and adj.num_requests == len(works)
     logits = torch.randn(len(adj), V, generator=torch.Generator().manual_seed(seed)) * 3
@@ -90,15 +98,18 @@ def test_a_request_that_only_biases_stages_no_history():
     work, rows = random_work(rng, "diffusion")
     work.seq.params = SimpleNamespace(logit_bias={3: 1.0}, repetition_penalty=1.0, presence_penalty=0.0,
                                       frequency_penalty=0.0, min_tokens=0)
-    adj = work_adjustments(work, rows)
+    adj = build([(work, rows)])
     assert len(adj.prompt_token) == len(adj.output_token) == len(adj.recent_token) == 0
     assert adj.bias_token.tolist() == [3] * len(rows)
 
 
-def test_joining_nothing_is_nothing():
-    empty = Adjustments.concat([])
-    assert len(empty) == 0 and empty.num_requests == 0
-    work, rows = random_work(random.Random(1), "ar")
-    one = work_adjustments(work, rows)
-    assert Adjustments.concat([empty, one]).arrays().keys() == one.arrays().keys()
-    assert all(np.array_equal(a, b) for a, b in zip(empty.join(one).arrays().values(), one.arrays().values()))
+@pytest.mark.parametrize("seed", range(3))
+def test_steps_joined_number_the_second_steps_rows_and_requests_after_the_first(seed):
+    """StepInputs.join (a DenoiseBatch step beside the works): joining two steps' adjustments must
+    adjust every row as building them in one step does."""
+    rng = random.Random(seed)
+    works = [random_work(rng, rng.choice(["diffusion", "speculative", "ar"])) for _ in range(6)]
+    whole, joined = build(works), build(works[:2]).join(build(works[2:]))
+    assert all(np.array_equal(a, b) for a, b in zip(whole.arrays().values(), joined.arrays().values()))
+    assert NO_ADJUSTMENTS.join(whole) is whole and whole.join(NO_ADJUSTMENTS) is whole
+    assert len(AdjustmentsBuilder().build()) == 0
