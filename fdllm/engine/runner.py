@@ -455,9 +455,11 @@ class ModelRunner:
                                            for a in range(0, S, k)])
             token_C, prob_C = token_C.index_put((rows,), token_S), prob_C.index_put((rows,), prob_S)
         if len(inputs.biased):
-            rows = get("bias_rows")
-            token_B, prob_B = _join_pairs([self._biased_choice(row_logits(rows[a : a + k]), inputs.biased, a)
-                                           for a in range(0, len(inputs.biased), k)])
+            # Adjusting holds a few more [rows, V] tensors beside the logits (counts, prompt flags, the
+            # adjusted copy): a quarter chunk at a time keeps the head within the same memory.
+            rows, kb = get("bias_rows"), max(1, k // 4)
+            token_B, prob_B = _join_pairs([self._biased_choice(row_logits(rows[a : a + kb]), inputs.biased, a)
+                                           for a in range(0, len(inputs.biased), kb)])
             token_C, prob_C = token_C.index_put((rows,), token_B), prob_C.index_put((rows,), prob_B)
         return token_C, prob_C, entropy_C
 
