@@ -158,7 +158,8 @@ class StepInputs:
         starts, q_lens, kv_lens, causal = _i64(rows_R4).reshape(-1, 4).T
         inputs = cls(_i64(ids), starts, q_lens, kv_lens, causal.astype(bool), pages, prefill,
                      max(rows_R4[1::4], default=0), max(map(len, pages), default=0), any(rows_R4[3::4]), _i64(cands),
-                     _i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(), BiasedRows(biased.rows_and_parameters(), adjust.build()))
+                     _i64(entropy) if entropy else NO_ROWS, sampled.rows_and_parameters(),
+                     BiasedRows(biased.rows_and_parameters(), adjust.build()))
         return inputs, candidate_rows
 
     def join(self, other: StepInputs) -> StepInputs:

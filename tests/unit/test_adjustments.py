@@ -71,26 +71,39 @@ def build(works) -> Adjustments:
     return builder.build()
 
 
-def staged(adj: Adjustments):
+def staged(adj: Adjustments, device: str):
     """`get(name, dtype)` over the arrays, as the runner's stage serves them."""
-    tensors = {name: torch.from_numpy(a) for name, a in adj.arrays().items()}
+    tensors = {name: torch.from_numpy(a).to(device) for name, a in adj.arrays().items()}
     return lambda name, dtype: tensors[name].to(dtype)
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("chunk", [1, 2, 5, 1000])
-def test_every_row_is_adjusted_as_the_oracle_adjusts_it(seed, chunk):
+def adjusted_as_the_oracle(seed: int, chunk: int, device: str) -> None:
     rng = random.Random(seed)
     works = [random_work(rng, rng.choice(["diffusion", "speculative", "ar"])) for _ in range(7)]
     adj = build(works)
     expected_rows = [(w, r) for w, rows in works for r in rows]
     assert len(adj) == len(expected_rows) and adj.num_requests == len(works)
     logits = torch.randn(len(adj), V, generator=torch.Generator().manual_seed(seed)) * 3
-    get = staged(adj)
-    got = torch.cat([adjust_logits(logits[a : a + chunk], ChunkAdjustments.slice(adj, get, a, min(a + chunk, len(adj))))
-                     for a in range(0, len(adj), chunk)])
+    get = staged(adj, device)
+    chunks = [(a, min(a + chunk, len(adj))) for a in range(0, len(adj), chunk)]
+    got = torch.cat([adjust_logits(logits[a:b].to(device), ChunkAdjustments.slice(adj, get, a, b)) for a, b in chunks])
     want = torch.stack([oracle(w, r, z) for (w, r), z in zip(expected_rows, logits)])
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("chunk", [1, 2, 5, 1000])
+def test_every_row_is_adjusted_as_the_oracle_adjusts_it(seed, chunk):
+    adjusted_as_the_oracle(seed, chunk, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunk", [2, 1000])
+def test_every_row_is_adjusted_as_the_oracle_adjusts_it_on_cuda(chunk):
+    """The device's atomic adds (index_put with accumulate) count as the CPU does."""
+    for seed in range(6):
+        adjusted_as_the_oracle(seed, chunk, "cuda")
 
 
 def test_a_request_that_only_biases_stages_no_history():
