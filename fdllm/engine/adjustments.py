@@ -186,7 +186,7 @@ class ChunkAdjustments:
     penalized: bool  # some row has a penalty (else only the bias applies)
 
     @classmethod
-    def slice(cls, adj: Adjustments, get: Callable[[str, torch.dtype], Tensor], a: int, b: int) -> ChunkAdjustments:
+    def of_rows(cls, adj: Adjustments, get: Callable[[str, torch.dtype], Tensor], a: int, b: int) -> ChunkAdjustments:
         """Rows [a, b) of `adj`, whose arrays the step staged: `get(name, dtype)` is a section on the device."""
         x0, x1 = int(adj.row_request[a]), int(adj.row_request[b - 1]) + 1
 

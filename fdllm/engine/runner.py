@@ -469,7 +469,7 @@ class ModelRunner:
         penalties), then the argmax, or a draw where the row samples (temperature > 0)."""
         R = len(logits_RV)
         get = lambda name, dtype: self.stage.get(f"adj_{name}", dtype)  # noqa: E731
-        logits_RV = adjust_logits(logits_RV, ChunkAdjustments.slice(biased.adjust, get, first, first + R))
+        logits_RV = adjust_logits(logits_RV, ChunkAdjustments.of_rows(biased.adjust, get, first, first + R))
         token_R, prob_R = greedy_confidence(logits_RV, None)
         temperature = biased.draws.temperature[first : first + R]
         if not temperature.any():

@@ -86,7 +86,7 @@ def adjusted_as_the_oracle(seed: int, chunk: int, device: str) -> None:
     logits = torch.randn(len(adj), V, generator=torch.Generator().manual_seed(seed)) * 3
     get = staged(adj, device)
     chunks = [(a, min(a + chunk, len(adj))) for a in range(0, len(adj), chunk)]
-    got = torch.cat([adjust_logits(logits[a:b].to(device), ChunkAdjustments.slice(adj, get, a, b)) for a, b in chunks])
+    got = torch.cat([adjust_logits(logits[a:b].to(device), ChunkAdjustments.of_rows(adj, get, a, b)) for a, b in chunks])
     want = torch.stack([oracle(w, r, z) for (w, r), z in zip(expected_rows, logits)])
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-5)
 
