@@ -19,7 +19,7 @@ process spends descheduled on a shared machine does not count; on CUDA, wall tim
     python -m benchmarks.bench_host --batch-sizes 1,8,64 --mode ar --threads 1
     python -m benchmarks.bench_host --model DIR --device cuda         # on a GPU: model timed with syncs
     python -m benchmarks.bench_host --stub-model                      # host work only
-    python -m benchmarks.bench_host --stub-model --prompt-len 1000 --repetition-penalty 1.2 --frequency-penalty 0.5
+    python -m benchmarks.bench_host --stub-model --prompt-len 400 --repetition-penalty 1.2 --frequency-penalty 0.5
 
 Targets (issue 12): at most 0.2 ms per step at batch 1 and 1 ms at batch 64 for the tiny world model.
 """
