@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fdllm.engine.sequence import Sequence, Work
+from fdllm.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ NO_ADJUSTMENTS = Adjustments(*([_EMPTY] * 13))
 
 
 class AdjustmentsBuilder:
-    """Gathers a step's `Adjustments`, one adjusted work at a time, into one array per field: the
+    """Gathers a step's `Adjustments`, one adjusted sequence at a time, into one array per field: the
     per-work part is a few numpy calls (its history in one conversion), whatever its length."""
 
     def __init__(self) -> None:
@@ -84,26 +84,25 @@ class AdjustmentsBuilder:
         self.output: list[np.ndarray] = []
         self.recent: list[np.ndarray] = []
 
-    def add(self, work: Work, rows: list[int]) -> None:
-        """The work's candidate logit rows `rows` (ascending).
+    def add(self, seq: Sequence, predicted: list[int]) -> None:
+        """The sequence's candidate rows of this step, by the position each predicts (ascending).
 
         "Before the position a row predicts" means what the step knows there: the prompt and output,
         the current block's decoded offsets (diffusion: a step decides its offsets in parallel), the
         draft a verify checks (speculative: each verify row sees the draft before it, as AR would have
         generated it), never masks. Penalties count generated tokens only (vLLM's counts)."""
-        seq, params = work.seq, work.seq.params
+        params = seq.params
         P, first_row = len(seq.prompt), len(self.recent_known)
-        predicted = [work.start + work.logit_rows[r] + 1 for r in rows]  # the token shift
-        self.rows_per_request.append(len(rows))
+        self.rows_per_request.append(len(predicted))
         self.scalars.append((params.repetition_penalty, params.frequency_penalty, params.presence_penalty))
         stops = sorted(seq.criteria.stop_token_ids) if params.min_tokens else []
         early = [i for i, p in enumerate(predicted) if p - P < params.min_tokens] if stops else []
         if params.logit_bias or early:
-            self.bias.append(_bias_entries(params.logit_bias or {}, len(rows), early, stops, first_row))
+            self.bias.append(_bias_entries(params.logit_bias or {}, len(predicted), early, stops, first_row))
 
         penalized = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
         if not penalized:
-            self.recent_known += [0] * len(rows)
+            self.recent_known += [0] * len(predicted)
             for part in (self.prompt, self.output, self.recent):
                 part.append(_EMPTY)
             return

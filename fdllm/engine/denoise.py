@@ -25,7 +25,10 @@ import itertools
 
 import numpy as np
 
-from fdllm.engine.inputs import NO_ROWS, NO_SAMPLED, ROW_STREAM, SampledRows, StepInputs, stream_seed
+from fdllm.engine.adjustments import AdjustmentsBuilder
+from fdllm.engine.inputs import (
+    NO_BIASED, NO_ROWS, NO_SAMPLED, ROW_STREAM, BiasedRows, SampledRows, StepInputs, stream_seed,
+)
 from fdllm.engine.sequence import Sequence
 
 
@@ -47,7 +50,7 @@ class DenoiseBatch:
             (s.block, s.block_start, -1 if s.sub is None else s.sub[0], s.policy.threshold, s.pages) for s in seqs
         ])
         self.block_NL = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=N * L).reshape(N, L)
-        block_start_N, previous_N = np.array(block_starts, dtype=np.int64), np.array(previous, dtype=np.int64)
+        self.block_start_N, previous_N = np.array(block_starts, dtype=np.int64), np.array(previous, dtype=np.int64)
         self.threshold_N = np.array(thresholds, dtype=np.float64)
         masked_NL = self.block_NL == mask
         n_N = np.arange(N)
@@ -66,36 +69,54 @@ class DenoiseBatch:
         self.cand_NS = masked_NL[n_N[:, None], self.offset_NS]
         candidates = ((np.cumsum(feed_len_N) - feed_len_N)[:, None] + row_NS)[self.cand_NS]
         self.inputs = StepInputs(
-            ids=self.block_NL[fed_NL], starts=block_start_N + feed_start_N, q_lens=feed_len_N,
-            kv_lens=block_start_N + L, causal=np.zeros(N, dtype=bool), pages=list(pages), prefill=False,
+            ids=self.block_NL[fed_NL], starts=self.block_start_N + feed_start_N, q_lens=feed_len_N,
+            kv_lens=self.block_start_N + L, causal=np.zeros(N, dtype=bool), pages=list(pages), prefill=False,
             max_q_len=int(feed_len_N.max()), max_pages=max(map(len, pages)), any_causal=False,
-            candidates=candidates, entropy=NO_ROWS, sampled=self._sampling(),
+            candidates=candidates, entropy=NO_ROWS, sampled=self._sampling(), biased=self._biasing(),
         )
 
     def _sampling(self) -> SampledRows:
-        """The sampled candidates (every candidate of a request with temperature > 0, as `Work.sampled_rows`)
-        and their parameters; a row's draw is the logit row's place in its request's stream."""
-        picked = [i for i, s in enumerate(self.seqs) if s.params.temperature > 0]
+        """The sampled candidates (every candidate of a request with temperature > 0, as
+        `Work.sampled_rows`) of requests that take their logits as the model gives them."""
+        return self._draws([i for i, s in enumerate(self.seqs)
+                            if s.params.temperature > 0 and not s.params.adjusts_logits])
+
+    def _biasing(self) -> BiasedRows:
+        """Every candidate of the requests that adjust their logits (`StepInputs.biased`), greedy or
+        sampled, with how each row adjusts them: it predicts position block start + offset."""
+        picked = [i for i, s in enumerate(self.seqs) if s.params.adjusts_logits]
+        if not picked:
+            return NO_BIASED
+        adjust = AdjustmentsBuilder()
+        for i in picked:
+            adjust.add(self.seqs[i], (self.block_start_N[i] + self.offset_NS[i][self.cand_NS[i]]).tolist())
+        return BiasedRows(self._draws(picked), adjust.build())
+
+    def _draws(self, picked: list[int]) -> SampledRows:
+        """The candidates of the sequences `picked` and their draws' parameters: a row's draw is the
+        logit row's place in its request's stream; a greedy request's rows draw nothing (temperature 0)."""
         if not picked:
             return NO_SAMPLED
         S = self.sub_block_size
-        sampled_NS = np.zeros_like(self.cand_NS)
-        sampled_NS[picked] = self.cand_NS[picked]
+        rows_NS = np.zeros_like(self.cand_NS)
+        rows_NS[picked] = self.cand_NS[picked]
         params = [self.seqs[i].params for i in picked]
 
-        def per_row(values: list, dtype) -> np.ndarray:  # one value per sampled request -> per sampled row
+        def per_row(values: list, dtype) -> np.ndarray:  # one value per picked request -> per row
             full_N = np.zeros(len(self.seqs), dtype=dtype)
             full_N[picked] = values
-            return np.broadcast_to(full_N[:, None], sampled_NS.shape)[sampled_NS]
+            return np.broadcast_to(full_N[:, None], rows_NS.shape)[rows_NS]
 
+        sampled = per_row([p.temperature > 0 for p in params], bool)
         steps = per_row([self.seqs[i].num_decode_steps for i in picked], np.int64)
+        row = np.broadcast_to(np.arange(S), rows_NS.shape)[rows_NS]
         return SampledRows(
-            rows=np.flatnonzero(sampled_NS[self.cand_NS]),
+            rows=np.flatnonzero(rows_NS[self.cand_NS]),
             temperature=per_row([p.temperature for p in params], np.float64),
             top_p=per_row([p.top_p for p in params], np.float64),
             top_k=per_row([p.top_k for p in params], np.int64),
-            seed=per_row([stream_seed(p) for p in params], np.int64),
-            counter=steps * ROW_STREAM + np.broadcast_to(np.arange(S), sampled_NS.shape)[sampled_NS],
+            seed=per_row([stream_seed(p) if p.temperature > 0 else 0 for p in params], np.int64),
+            counter=np.where(sampled, steps * ROW_STREAM + row, 0),
         )
 
     def apply(self) -> None:

@@ -148,7 +148,7 @@ class StepInputs:
                 entropy += range(first, len(cands))
             sampled_rows = w.sampled_rows
             if w.seq.params.adjusts_logits:  # every candidate, greedy or sampled, decided from adjusted logits
-                adjust.add(w, rows)
+                adjust.add(w.seq, [w.start + logit_rows[r] + 1 for r in rows])  # the token shift
                 for c, r in enumerate(rows, first):
                     biased.add(c, w, r, sampled=r in sampled_rows)
             elif sampled_rows:

@@ -128,9 +128,8 @@ class Sequence:
         self.is_causal = self.is_ar or self.is_speculative  # prompt prefilled causally, output in self.tokens
         self.lookahead = lookahead and self.is_speculative
         # Its plain sub-block steps can run in a `DenoiseBatch` (fdllm.engine.denoise): threshold selection,
-        # fixed sub-blocks, logits as the model gives them.
-        self._batchable = (not self.is_causal and self.policy.selection == "threshold" and not self.policy.adaptive
-                           and not params.adjusts_logits)
+        # fixed sub-blocks.
+        self._batchable = not self.is_causal and self.policy.selection == "threshold" and not self.policy.adaptive
         # Diffusion: a block's opening forward also runs its first step (with a sub-block to read).
         self.block_lookahead = params.block_lookahead and not self.is_causal and sub_block_size > 1
         P, L = len(prompt), block_size

@@ -67,7 +67,7 @@ def oracle(work, row: int, z: torch.Tensor) -> torch.Tensor:
 def build(works) -> Adjustments:
     builder = AdjustmentsBuilder()
     for work, rows in works:
-        builder.add(work, rows)
+        builder.add(work.seq, [work.start + work.logit_rows[r] + 1 for r in rows])
     return builder.build()
 
 

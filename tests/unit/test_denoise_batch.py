@@ -41,14 +41,22 @@ def count_batches(engine, batches: list | None = None) -> list[int]:
     return sizes
 
 
+# Logit adjustments of batched diffusion requests (`StepInputs.biased`): penalties over the prompt,
+# output and block, a bias, and stop tokens banned before min_tokens.
+ADJUSTED = [{"repetition_penalty": 1.3, "frequency_penalty": 0.4}, {"logit_bias": {5: 2.0, 9: -100.0}},
+            {"presence_penalty": 0.8, "min_tokens": 9, "stop_token_ids": (3, 11), "ignore_eos": False}]
+
+
 def mixed_requests(temperature: float, n: int = 12):
     """Mostly diffusion requests (greedy and seeded sampling, several thresholds, some with the block
-    lookahead) beside AR, speculative and entropy-budget ones, which stay Works."""
+    lookahead, some adjusting their logits) beside AR, speculative and entropy-budget ones, which stay Works."""
     prompts = random_prompts(n, [1, 3, 8, 9, 13, 17, 24], seed=23)
     out = []
     for i, p in enumerate(prompts):
         kw = {"max_new_tokens": 25 + i % 7, "temperature": temperature if i % 3 else 0.0, "top_p": 0.9, "top_k": 20,
               "seed": 7 + i, "threshold": 0.2 + 0.15 * (i % 4), "block_lookahead": i % 5 == 2}
+        if i % 4 in (1, 2):
+            kw |= ADJUSTED[i % len(ADJUSTED)]
         if i % 6 == 5:
             kw |= {"mode": ("ar", "speculative")[i % 2], "threshold": None, "block_lookahead": False}
         elif i == 4:

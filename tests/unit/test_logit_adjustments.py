@@ -226,13 +226,24 @@ def test_ar_with_repetition_penalty_equals_transformers_generate(hf, model, repe
         assert g.token_ids == penalized_ar_reference(hf, prompt, 14, 0.0, 0.0, BIAS, repetition)
 
 
-def test_all_adjustments_together_in_each_mode(hf, model):
+def batched_below(engine, batched: bool):
+    """`batched`: every plain sub-block step runs in a `DenoiseBatch` (fdllm.engine.denoise), even one
+    sequence's; else one Work per sequence (this file's few requests are below the batch's minimum)."""
+    engine.scheduler.min_denoise_batch = 1 if batched else 10**9
+    return engine
+
+
+BATCHED = pytest.mark.parametrize("batched", [False, True], ids=["works", "denoise-batch"])
+
+
+@BATCHED
+def test_all_adjustments_together_in_each_mode(hf, model, batched):
     """Repetition penalty, bias and OpenAI's penalties at once: AR against the from-scratch loop,
     diffusion against the no-cache recompute, speculative against AR (greedy and sampled)."""
     prompts = random_prompts(4, [1, 8, 9, 13], seed=6)
     kw = {"max_new_tokens": 18, "repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.3,
           "logit_bias": BIAS}
-    engine = make_engine(model)
+    engine = batched_below(make_engine(model), batched)
     ar = engine.generate(prompts, params(mode="ar", **kw))
     diffusion = engine.generate(prompts, params(**kw))
     for prompt, a, d in zip(prompts, ar, diffusion):
@@ -245,12 +256,13 @@ def test_all_adjustments_together_in_each_mode(hf, model):
         r.token_ids for r in engine.generate(prompts, params(mode="ar", **sampled))]
 
 
-def test_min_tokens_keeps_the_stop_tokens_out_of_the_first_outputs(hf, model):
+@BATCHED
+def test_min_tokens_keeps_the_stop_tokens_out_of_the_first_outputs(hf, model, batched):
     """vLLM's min_tokens: AR equals transformers generate with min_new_tokens (its eos the stop token),
     diffusion the no-cache recompute with the stop token at -inf there, speculative AR; the request
     may stop right after."""
     prompts = random_prompts(5, [1, 6, 8, 11], seed=12)
-    engine = make_engine(model)
+    engine = batched_below(make_engine(model), batched)
     unstopped = engine.generate(prompts, params(mode="ar", max_new_tokens=16))
     stop = Counter(t for r in unstopped for t in r.token_ids[:4]).most_common(1)[0][0]  # an early favourite
     plain = engine.generate(prompts, params(mode="ar", max_new_tokens=16, stop_token_ids=(stop,)))
