@@ -26,9 +26,7 @@ import itertools
 import numpy as np
 
 from fdllm.engine.adjustments import AdjustmentsBuilder
-from fdllm.engine.inputs import (
-    NO_BIASED, NO_ROWS, NO_SAMPLED, ROW_STREAM, BiasedRows, SampledRows, StepInputs, stream_seed,
-)
+from fdllm.engine.inputs import NO_BIASED, NO_ROWS, NO_SAMPLED, ROW_STREAM, BiasedRows, SampledRows, StepInputs, stream_seed
 from fdllm.engine.sequence import Sequence
 
 
