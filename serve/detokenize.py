@@ -6,8 +6,10 @@ few trailing tokens only, so a long answer costs no more per token than a short 
 whole output at every step, as before, was quadratic). Two things can make a prefix of the streamed
 text wrong: a token that ends inside a multi-byte character (the streaming decoder holds it until a
 later token completes the character), and a stop string that the engine cuts only once it is
-complete. So the streamer also holds back the last `len(longest stop) - 1` characters until the
-request finishes.
+complete, after the token that completes it has been sent. So the streamer holds back the last
+`len(longest stop) - 1` characters until the request finishes, and never sends a stop string it
+has received, nor anything after it (the engine's final text ends before the first one:
+`StopCriteria.cut_text`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class IncrementalDetokenizer:
         """`tokenizer`: an HF fast tokenizer (its `backend_tokenizer` does the decoding)."""
         self._backend = tokenizer.backend_tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._stop = tuple(stop)
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self._text = ""  # everything decoded so far
         self._num_emitted = 0  # characters of _text already sent
@@ -36,6 +39,9 @@ class IncrementalDetokenizer:
             if piece:
                 self._text += piece
         safe_end = max(len(self._text) - self._holdback, self._num_emitted)
+        # A stop string starts at or after the sent text (else it was whole when that was sent, and cut there).
+        found = [i for i in (self._text.find(s, self._num_emitted) for s in self._stop) if i >= 0]
+        safe_end = min([safe_end, *found])
         delta = self._text[self._num_emitted : safe_end]
         self._num_emitted = safe_end
         return delta

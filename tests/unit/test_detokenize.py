@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from fdllm.decoding import StopCriteria
 from fdllm.tokenizer import load_tokenizer
 from pipelines.world import DEFAULT_MODEL_DIR
 from serve.detokenize import IncrementalDetokenizer
@@ -52,6 +53,26 @@ def test_a_possible_stop_string_is_held_back_until_the_end(tokenizer):
     sent = "".join(detok.push([t]) for t in ids)
     assert sent == "one two "  # the last len("xyz!") - 1 characters waited
     assert detok.finish("one two ") == ""
+
+
+@pytest.mark.parametrize("text,stop", [("Hello world\nSecond line", ("\n",)), ("one two three four", ("two",)),
+                                       ("x = 12, y = 3", (",", "= 1")), ("ab 漢字 cd", ("字",)), ("aaa", ("a",))])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_stop_string_is_never_streamed(tokenizer, text, stop, seed):
+    """As the engine sends them: the tokens up to the one that completes a stop string (in chunks of
+    any size; that token's text may go on past the stop string), then the final text cut before the first stop string
+    (`StopCriteria.cut_text`, OpenAI's semantics). Streamed or not, the client gets the same text."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    criteria = StopCriteria(max_new_tokens=len(ids), stop=stop, decode=tokenizer.decode)
+    n = next(n for n in range(1, len(ids) + 1) if any(s in tokenizer.decode(ids[:n]) for s in stop))
+    rng, detok, sent, i = random.Random(seed), IncrementalDetokenizer(tokenizer, stop), "", 0
+    while i < n:
+        k = min(rng.randint(1, 3), n - i)
+        sent += detok.push(ids[i : i + k])
+        i += k
+    final = criteria.cut_text(tokenizer.decode(ids[:n]))
+    assert not any(s in sent for s in stop)
+    assert sent + detok.finish(final) == final
 
 
 def test_work_per_token_does_not_grow_with_the_output(tokenizer, monkeypatch):
