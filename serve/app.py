@@ -93,8 +93,9 @@ class ServerConfig:
     use_sub_block_cache: bool | None = None
     # diffusion-mode requests that do not set `block_lookahead` get this (fdllm.SamplingParams.block_lookahead)
     block_lookahead: bool = False
-    # Tokens a request that gives no max_tokens may generate. None (vLLM's and OpenAI's default): the
-    # rest of the context, max_model_len - prompt. KV pages are taken as the output grows, so a large
+    # Tokens a request that gives no max_tokens may generate, at most the rest of the context (as vLLM
+    # bounds its default). None (vLLM's and OpenAI's default): the rest of the context, max_model_len -
+    # prompt. KV pages are taken as the output grows, so a large
     # default costs nothing up front, except with engine `deterministic` (which reserves every page a
     # request may reach at admission: set a bound there).
     default_max_tokens: int | None = None
@@ -434,7 +435,7 @@ class FdllmServer:
         echoes = await asyncio.to_thread(self._echoes, body, prompts) if echoing else [""] * len(prompts)
         rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
-        if self.cfg.default_max_tokens is None and body.max_tokens_given() is None:
+        if body.max_tokens_given() is None:
             per_prompt = [self._rest_of_context(params, ids, body) for ids in prompts]
         else:
             per_prompt = [params] * len(prompts)
@@ -467,15 +468,15 @@ class FdllmServer:
 
     def _rest_of_context(self, params: SamplingParams, ids: list[int],
                          body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
-        """`params` generating up to the end of the context after prompt `ids` (no max_tokens given,
-        ServerConfig.default_max_tokens None); a prompt that leaves no room is a 400."""
+        """`params` of a request that gives no max_tokens: generating up to ServerConfig.default_max_tokens,
+        never past the end of the context after prompt `ids`; a prompt that leaves no room is a 400."""
         room = self.max_model_len - len(ids)
         if room < 1:
             raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room to generate within the "
                            f"context length max_model_len={self.max_model_len}; shorten it",
                            param="messages" if hasattr(body, "messages") else "prompt", code="context_length_exceeded")
         try:
-            return replace(params, max_new_tokens=room)
+            return replace(params, max_new_tokens=min(room, self.cfg.default_max_tokens or room))
         except ValueError as exc:  # min_tokens past the room left
             raise APIError(400, str(exc), param="min_tokens") from None
 
@@ -513,7 +514,8 @@ class FdllmServer:
     async def _sse(self, streams: list, rid: str, endpoint: str, stop: tuple[str, ...], echoes: list[str], n: int,
                    include_usage: bool):
         """Server-sent events of every choice as its tokens come, each chunk naming its choice's index;
-        with `include_usage`, a last chunk with no choices carries the usage (OpenAI's stream_options).
+        with `include_usage`, a last chunk with no choices carries the usage, every other chunk
+        `"usage": null` (OpenAI's stream_options).
         The generator's cancellation (client gone) aborts every request. A failure ends the stream with
         an error event and `[DONE]`. `echoes`: a completion's prompt texts (with echo), each sent first
         in its choices."""
@@ -523,13 +525,16 @@ class FdllmServer:
         results: list = [None] * len(streams)
         chat = endpoint == "chat"
 
+        def send(data: dict[str, Any]) -> str:
+            return sse(data | {"usage": None} if include_usage else data)
+
         def chunk(k: int, text: str, finish: str | None = None) -> str:
-            return sse(chat_chunk(rid, self.model_name, {"content": text} if text or not finish else {}, finish, k)
-                       if chat else completion_chunk(rid, self.model_name, text, finish, k))
+            return send(chat_chunk(rid, self.model_name, {"content": text} if text or not finish else {}, finish, k)
+                        if chat else completion_chunk(rid, self.model_name, text, finish, k))
 
         for k in range(len(streams)):
             if chat:
-                yield sse(chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}, None, k))
+                yield send(chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}, None, k))
             elif echoes[k // n]:
                 yield chunk(k, echoes[k // n])
         try:

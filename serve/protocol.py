@@ -90,6 +90,11 @@ def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
         raise APIError.from_validation(exc.errors(include_url=False), body_loc=False) from None
 
 
+# Fields that are not Optional here but are in OpenAI's API: null is their default (completions'
+# `echo`, chat's `logprobs`: each request type's own).
+NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "n", "stream", "echo", "logprobs")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -138,6 +143,20 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)  # vLLM's (and HF's); null: 1 (off)
     min_tokens: int | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many; null: 0
+
+    @field_validator(*NULL_MEANS_DEFAULT, mode="before", check_fields=False)
+    @classmethod
+    def _null_is_the_default(cls, v: Any, info: ValidationInfo) -> Any:
+        """The official client sends null for a parameter passed as None (its types are Optional), and
+        OpenAI reads it as the default, as vLLM does."""
+        return cls.model_fields[info.field_name].default if v is None else v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
 
     @field_validator("logit_bias")
     @classmethod

@@ -183,7 +183,7 @@ def test_n_choices_stream_as_they_come(server):
     assert texts == [c["message"]["content"] for c in whole["choices"]]
     assert finishes == [c["finish_reason"] for c in whole["choices"]]
     assert last["choices"] == [] and _counts(last["usage"]) == _counts(whole["usage"])  # OpenAI's include_usage chunk
-    assert not any(c.get("usage") for c in chunks)
+    assert all("usage" in c and c["usage"] is None for c in chunks)  # OpenAI: "also include a usage field, ... null"
 
 
 def test_chat_and_streaming_agree(server):
@@ -213,6 +213,9 @@ def test_openai_client(server, served_dir):
     assert isinstance(done.choices[0].text, str) and 1 <= done.usage.completion_tokens <= 8
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
     assert chat.choices[0].message.role == "assistant"
+    nulls = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                           temperature=0, top_p=None, n=None, logprobs=None, stream_options=None)
+    assert nulls.choices[0].message.content == chat.choices[0].message.content  # the client's None: the default
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                                                  temperature=0, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
@@ -664,6 +667,17 @@ def test_a_request_without_max_tokens_generates_to_the_end_of_the_context(causal
     bounded = post(causal_server, "/v1/chat/completions",
                    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})
     assert bounded.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_the_server_default_max_tokens_stops_at_the_end_of_the_context(server, engine):
+    """ServerConfig.default_max_tokens (16 here) bounds a request without max_tokens, and so does the
+    context (vLLM's min of the two): a prompt 5 tokens short of max_model_len gets at most 5, not a 400."""
+    for prompt, most in (([5, 6, 7], 16), ([5, 6] * ((engine.max_model_len - 5) // 2) + [7], 5)):
+        answer = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "temperature": 0, "mode": "ar"})
+        assert answer.status_code == 200, answer.text
+        want = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=most, mode="ar"))[0]
+        assert answer.json()["usage"]["completion_tokens"] == len(want.token_ids) <= most
+        assert answer.json()["choices"][0]["text"] == want.text
 
 
 def test_echo_streams_the_prompt_first(server):

@@ -75,6 +75,25 @@ def _request(model, **fields):
     return parse_request(model, json.dumps(base | fields).encode())
 
 
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_null_is_the_default_as_the_openai_client_sends_it(model):
+    """The official client sends null for a parameter passed as None (its types are Optional)."""
+    fields = ["temperature", "top_p", "top_k", "n", "stream", "logprobs", "stream_options", "stop", "seed"]
+    nulls = _request(model, **dict.fromkeys(fields + (["echo"] if model is CompletionRequest else [])))
+    assert nulls.sampling_params(16) == _request(model).sampling_params(16)
+    assert (nulls.n, nulls.stream, nulls.logprob_count(), nulls.ignored_fields()) == (1, False, None, [])
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+@pytest.mark.parametrize("stream", [False, None])
+def test_stream_options_need_stream(model, stream):
+    """As OpenAI and vLLM: stream_options on an unstreamed request is a 400, not silently dropped."""
+    with pytest.raises(APIError) as err:
+        _request(model, stream=stream, stream_options={"include_usage": True})
+    assert (err.value.status, err.value.param) == (400, "stream_options")
+    assert _request(model, stream=True, stream_options={"include_usage": True}).stream_options.include_usage
+
+
 @pytest.mark.parametrize("model,fields,param", [
     (CompletionRequest, {"logprobs": 1, "stream": True}, "logprobs"),
     (CompletionRequest, {"logprobs": 0, "stream": True}, "logprobs"),
