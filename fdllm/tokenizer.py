@@ -75,3 +75,27 @@ def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, A
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; send a plain prompt to /v1/completions instead")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def token_pieces(tokenizer: "PreTrainedTokenizerBase", ids: list[int]) -> list[tuple[str, bytes]]:
+    """Per token id: its text decoded alone, and the bytes it stands for (OpenAI's logprob `bytes`).
+
+    A byte-level BPE token (GPT-2's alphabet: Qwen2, Llama 3) may hold part of a multi-byte character,
+    which alone decodes to U+FFFD; its bytes are its vocabulary string mapped back character by
+    character, so a client can join them into the text. Added (special) tokens, ids the tokenizer
+    does not know and other vocabularies' tokens stand for their text's UTF-8 bytes."""
+    texts = tokenizer.batch_decode([[t] for t in ids])
+    if type(tokenizer.backend_tokenizer.decoder).__name__ != "ByteLevel":
+        return [(text, text.encode()) for text in texts]
+    added, to_byte = tokenizer.added_tokens_decoder, _byte_level_alphabet()
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return [(text, text.encode() if t in added or piece is None or not set(piece) <= to_byte.keys()
+             else bytes(to_byte[c] for c in piece)) for t, text, piece in zip(ids, texts, pieces)]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    other 68 for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}

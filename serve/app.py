@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import Any, get_args, get_type_hints
 
 from fastapi import FastAPI, Request
@@ -45,6 +46,7 @@ from fdllm.kernels import ATTENTION_BACKENDS
 from fdllm.paths import resolve_local
 from fdllm.quantization import QUANTIZATIONS
 from fdllm.storage import local_checkpoint
+from fdllm.tokenizer import token_pieces
 from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed, interleave, prepend
 from serve.detokenize import IncrementalDetokenizer
 from serve.metrics import RayMetricsExporter, RequestCounters, make_registry, render
@@ -508,8 +510,8 @@ class FdllmServer:
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
             raise _engine_error(exc) from None
         build = chat_logprobs if endpoint == "chat" else completion_logprobs
-        texts = lambda ids: self.tokenizer.batch_decode([[t] for t in ids])  # noqa: E731
-        return await asyncio.to_thread(build, scored, 0 if echo else len(prompt_ids), texts)
+        pieces = partial(token_pieces, self.tokenizer)
+        return await asyncio.to_thread(build, scored, 0 if echo else len(prompt_ids), pieces)
 
     async def _sse(self, streams: list, rid: str, endpoint: str, stop: tuple[str, ...], echoes: list[str], n: int,
                    include_usage: bool):

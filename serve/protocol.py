@@ -8,6 +8,7 @@ per-deployment ones (body bytes, prompt characters) in `serve.app.ServerConfig`.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import time
@@ -464,34 +465,38 @@ def chat_response(rid: str, model: str, choices: list[Choice]) -> dict[str, Any]
     }
 
 
-TokenTexts = Callable[[list[int]], list[str]]  # token ids -> each one's text, decoded alone
+# token ids -> each one's text decoded alone and the bytes it stands for (fdllm.tokenizer.token_pieces)
+TokenPieces = Callable[[list[int]], list[tuple[str, bytes]]]
 
 
-def _scored_tokens(scored: SequenceLogprobs, first: int, token_texts: TokenTexts):
-    """From position `first` on: per token its text, log-probability (None at position 0) and top
-    alternatives as (text, log-probability); -inf floored to LOGPROB_FLOOR."""
+def _scored_tokens(scored: SequenceLogprobs, first: int, token_pieces: TokenPieces):
+    """From position `first` on: per token its (text, bytes), log-probability (None at position 0) and
+    top alternatives as ((text, bytes), log-probability); -inf floored to LOGPROB_FLOOR."""
     ids, tops = scored.token_ids[first:], scored.top_logprobs[first:]
     alternatives = sorted({t for top in tops for t, _ in top} - set(ids))
-    text = dict(zip(ids + alternatives, token_texts(ids + alternatives)))
+    piece = dict(zip(ids + alternatives, token_pieces(ids + alternatives)))
     floor = lambda lp: None if lp is None else max(lp, LOGPROB_FLOOR)  # noqa: E731
-    return [(text[t], floor(lp), [(text[a], floor(alp)) for a, alp in top])
+    return [(piece[t], floor(lp), [(piece[a], floor(alp)) for a, alp in top])
             for t, lp, top in zip(ids, scored.logprobs[first:], tops)]
 
 
-def completion_logprobs(scored: SequenceLogprobs, first: int, token_texts: TokenTexts) -> dict[str, Any]:
+def completion_logprobs(scored: SequenceLogprobs, first: int, token_pieces: TokenPieces) -> dict[str, Any]:
     """A completion choice's `logprobs` (OpenAI's legacy shape) for the tokens from position `first`
     (0 with echo: the prompt's too). `top_logprobs` maps token text to log-probability, the chosen
     token included, as OpenAI and vLLM return it (so up to logprobs + 1 entries); at position 0,
-    which nothing predicts, both are None. `text_offset`: where each token starts in the text."""
-    rows = _scored_tokens(scored, first, token_texts)
-    offsets, at = [], 0
-    for text, _, _ in rows:
+    which nothing predicts, both are None. `text_offset`: where each token starts in the text, from
+    the tokens' bytes (a token that ends inside a character starts where that character does; the
+    texts of such tokens, U+FFFD alone, do not add up to the text)."""
+    rows = _scored_tokens(scored, first, token_pieces)
+    offsets, at, utf8 = [], 0, codecs.getincrementaldecoder("utf-8")("replace")
+    for (_, raw), _, _ in rows:
         offsets.append(at)
-        at += len(text)
+        at += len(utf8.decode(raw))
     return {
-        "tokens": [text for text, _, _ in rows],
+        "tokens": [text for (text, _), _, _ in rows],
         "token_logprobs": [lp for _, lp, _ in rows],
-        "top_logprobs": [None if lp is None else _by_text(top + [(text, lp)]) for text, lp, top in rows],
+        "top_logprobs": [None if lp is None else _by_text([(t, alp) for (t, _), alp in top] + [(text, lp)])
+                         for (text, _), lp, top in rows],
         "text_offset": offsets,
     }
 
@@ -505,15 +510,16 @@ def _by_text(pairs: list[tuple[str, float]]) -> dict[str, float]:
     return by_text
 
 
-def chat_logprobs(scored: SequenceLogprobs, first: int, token_texts: TokenTexts) -> dict[str, Any]:
+def chat_logprobs(scored: SequenceLogprobs, first: int, token_pieces: TokenPieces) -> dict[str, Any]:
     """A chat choice's `logprobs` ({"content": [...]}, OpenAI's shape) for the tokens from position `first`
-    (the completion's); `bytes` are each text's UTF-8 bytes."""
+    (the completion's); `bytes` are the bytes each token stands for, which join into the text where a
+    character spans tokens (OpenAI's purpose for them)."""
 
-    def entry(text: str, lp: float) -> dict[str, Any]:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    def entry(piece: tuple[str, bytes], lp: float) -> dict[str, Any]:
+        return {"token": piece[0], "logprob": lp, "bytes": list(piece[1])}
 
-    return {"content": [entry(text, lp) | {"top_logprobs": [entry(*alt) for alt in top]}
-                        for text, lp, top in _scored_tokens(scored, first, token_texts)],
+    return {"content": [entry(piece, lp) | {"top_logprobs": [entry(*alt) for alt in top]}
+                        for piece, lp, top in _scored_tokens(scored, first, token_pieces)],
             "refusal": None}
 
 

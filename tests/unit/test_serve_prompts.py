@@ -6,12 +6,15 @@ sends them over HTTP)."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 
 pytest.importorskip("pydantic")
 
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs  # noqa: E402
+from fdllm.tokenizer import load_tokenizer, token_pieces  # noqa: E402
+from pipelines.world import DEFAULT_MODEL_DIR  # noqa: E402
 from serve.protocol import (  # noqa: E402
     LOGPROB_FLOOR,
     APIError,
@@ -25,6 +28,11 @@ from serve.protocol import (  # noqa: E402
     parse_request,
     usage,
 )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(DEFAULT_MODEL_DIR)  # byte-level BPE, as Qwen2's
 
 
 def prompt_of(prompt):
@@ -211,7 +219,8 @@ TEXTS = {3: "a", 7: "hé", 8: " ✓", 9: "\n"}
 
 
 def texts(ids):
-    return [TEXTS[t] for t in ids]
+    """As fdllm.tokenizer.token_pieces gives them, for tokens of whole characters."""
+    return [(TEXTS[t], TEXTS[t].encode()) for t in ids]
 
 
 def test_completion_logprobs_in_openais_legacy_shape():
@@ -226,6 +235,34 @@ def test_completion_logprobs_in_openais_legacy_shape():
     completion = completion_logprobs(SCORED, 2, texts)  # without echo: the completion's tokens only
     assert completion["tokens"] == ["\n", "hé"] and completion["text_offset"] == [0, 1]
     assert completion["top_logprobs"] == echoed["top_logprobs"][2:]
+
+
+def test_tokens_that_split_a_character_give_its_bytes_and_offsets_in_the_text(tokenizer):
+    """Through the byte-level tokenizer (a character of 3 or 4 bytes spans tokens, each alone U+FFFD):
+    chat's `bytes` join into the text, and each `text_offset` is where its token starts in the text
+    (a token that ends inside a character: where that character starts)."""
+    text = "a ✓ 漢字 🙂 b"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert "\ufffd" in tokenizer.batch_decode([[t] for t in ids]), "the test needs split characters"
+    scored = SequenceLogprobs(token_ids=ids, logprobs=[None] + [-1.0] * (len(ids) - 1),
+                              top_logprobs=[[]] + [[(t, -1.0)] for t in ids[1:]])
+    pieces = partial(token_pieces, tokenizer)
+    content = chat_logprobs(scored, 0, pieces)["content"]
+    assert bytes(b for c in content for b in c["bytes"]).decode() == text
+    assert all(bytes(c["top_logprobs"][0]["bytes"]) == bytes(c["bytes"]) for c in content[1:])
+    offsets = completion_logprobs(scored, 0, pieces)["text_offset"]
+    starts = [len(tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]  # the oracle: prefixes decoded
+    assert offsets == starts and offsets[-1] == len(text) - 1
+
+
+def test_token_pieces_are_the_text_bytes_for_any_text(tokenizer):
+    """Byte-level vocabularies: the tokens' bytes join into the encoded text, whatever it holds;
+    special and unknown ids stand for their text."""
+    text = "Reverse: 03 17 -> Café, naïve, 漢字 and 🙂\n\t  x\u200b\U0001F468\u200d\U0001F469 ü"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(raw for _, raw in token_pieces(tokenizer, ids)) == text.encode()
+    eos = tokenizer.eos_token_id
+    assert token_pieces(tokenizer, [eos, 10**7]) == [(tokenizer.eos_token, tokenizer.eos_token.encode()), ("", b"")]
 
 
 def test_chat_logprobs_in_openais_shape():
