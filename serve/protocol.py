@@ -142,7 +142,7 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)  # vLLM's (and HF's); null: 1 (off)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)  # vLLM's (and HF's), in [0.01, 100]; null: 1 (off)
     min_tokens: int | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many; null: 0
 
     @field_validator(*NULL_MEANS_DEFAULT, mode="before", check_fields=False)

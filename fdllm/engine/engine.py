@@ -194,8 +194,11 @@ class Engine:
         """
         params = params or SamplingParams()
         ids = self._encode(prompt)
-        request_id = str(next(self._ids)) if request_id is None else request_id
-        if self.scheduler.find(request_id) is not None:
+        if request_id is None:
+            request_id = str(next(self._ids))
+            while self.scheduler.find(request_id) is not None:  # a number the caller chose for another request
+                request_id = str(next(self._ids))
+        elif self.scheduler.find(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._validate(ids, params)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._tokenizer_stop_ids)
@@ -298,7 +301,14 @@ class Engine:
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} SamplingParams")
-        rids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        rids: list[str] = []
+        try:
+            for p, sp in zip(prompts, per_prompt):
+                rids.append(self.add_request(p, sp))
+        except Exception:  # one bad prompt: none of them runs (nothing has yet, and no result is left behind)
+            for rid in rids:
+                self.scheduler.finish(self.scheduler.find(rid))
+            raise
         pending, done, others = set(rids), {}, []
         bar = None
         if progress:
@@ -462,9 +472,13 @@ class Engine:
                 f"{params.mode} mode needs a mask token id (BlockDiffusionConfig.mask_token_id); use mode='ar'"
             )
         self._check_fits(ids, params.max_new_tokens)
-        vocab, largest = self.model.config.vocab_size, max(params.logit_bias or [0])
-        if largest >= vocab:
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {largest}")
+        vocab = self.model.config.vocab_size
+        for name, token_ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+            if max(token_ids, default=0) >= vocab:
+                raise ValueError(f"{name} token ids must be in [0, {vocab}), got {max(token_ids)}")
+        if params.mode == "diffusion" and self.config.mask_token_id in ids:
+            raise ValueError(f"the prompt holds the mask token (id {self.config.mask_token_id}), which diffusion mode "
+                             "reads as a position to decode; mode='ar' or 'speculative' takes it as a token")
 
     def _check_fits(self, ids: list[int], new_tokens: int) -> None:
         """ValueError unless token ids `ids` followed by `new_tokens` tokens fit the model and the cache."""

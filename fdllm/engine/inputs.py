@@ -37,8 +37,9 @@ def draw_counter(work: Work, r: int) -> int:
 
 
 def stream_seed(params: SamplingParams) -> int:
-    """A sampling request's seed as the int64 its counter-based draws take (`decoding.counter_uniform`)."""
-    return params.seed & 0x7FFFFFFFFFFFFFFF
+    """A sampling request's seed as the int64 its counter-based draws take (`decoding.counter_uniform`):
+    its 64 bits in two's complement, so no two seeds of SEED_RANGE share a stream unless equal mod 2**64."""
+    return (params.seed + 2**63) % 2**64 - 2**63
 
 
 @dataclass(frozen=True)

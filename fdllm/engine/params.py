@@ -13,7 +13,12 @@ MODES = ("diffusion", "ar", "speculative")
 # Sampling divides logits by the temperature: below this the division overflows fp32 on ordinary
 # logit gaps (1e-30 turns a row into inf/nan), and above it the distribution is uniform for all uses.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
-SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+# torch.Generator.manual_seed's range; seeds equal mod 2**64 (-1 and 2**64 - 1) draw one stream, as there
+SEED_RANGE = (-(2**63), 2**64)
+# Dividing a logit by the repetition penalty (< 1 favours repeats) must stay finite in fp32 (1e-300 made
+# rows inf/nan, whose draws are garbage); past these bounds a penalty changes nothing more in practice.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
+MAX_TOP_K = 2**31 - 1  # past any vocabulary (staged as int64: 2**63 could not be)
 MAX_STOP_TOKEN_IDS = 64
 DEFAULT_ENTROPY_BUDGET = 1.0  # gamma (nats) of selection="entropy_budget" when the request gives none
 MAX_LOGIT_BIAS = 100.0  # |bias| (OpenAI's range: -100 bans a token, +100 forces it)
@@ -101,8 +106,8 @@ class SamplingParams:
             )
         if not _is_finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an int in [0, {MAX_TOP_K}] (0 = off), got {self.top_k!r}")
         if self.seed is not None and (not is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
             raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
         if self.threshold is not None and (not _is_finite(self.threshold) or not 0.0 < self.threshold <= 1.0):
@@ -142,8 +147,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens!r}")
-        if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a number > 0 (1: off), got {self.repetition_penalty!r}")
+        if not _is_finite(self.repetition_penalty) or not (
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise ValueError(f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY:g}, "
+                             f"{MAX_REPETITION_PENALTY:g}] (1: off), got {self.repetition_penalty!r}")
         bias = self.logit_bias
         if bias is None:
             return
@@ -225,18 +232,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_pages is not None and self.num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
-        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
-            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
-            raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1")
-        if self.speculative_lookahead_max_batch is not None and self.speculative_lookahead_max_batch < 1:
-            raise ValueError(f"speculative_lookahead_max_batch must be >= 1 or None, got {self.speculative_lookahead_max_batch}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        for name in ("max_num_seqs", "max_prefill_tokens", *_OPTIONAL_COUNTS):
+            value = getattr(self, name)
+            if not (value is None and name in _OPTIONAL_COUNTS) and (not is_int(value) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1{' or None' * (name in _OPTIONAL_COUNTS)}, got {value!r}")
+        if self.kv_cache_gib is not None and (not _is_finite(self.kv_cache_gib) or self.kv_cache_gib <= 0):
+            raise ValueError(f"kv_cache_gib must be a number > 0 or None, got {self.kv_cache_gib!r}")
+        if not _is_finite(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
+        for name in ("enforce_eager", "deterministic", "speculative_lookahead", "freeze_gc", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -249,6 +255,9 @@ class EngineConfig:
                 f"attention_backend='flash_attn' needs KV pages of a multiple of {FLASH_ATTN_PAGE_MULTIPLE} tokens, "
                 f"but a page holds one diffusion block ({page_size} tokens); use 'triton' (the CUDA default)"
             )
+
+
+_OPTIONAL_COUNTS = ("num_pages", "max_model_len", "speculative_lookahead_max_batch")  # EngineConfig's: None or >= 1
 
 
 @dataclass(kw_only=True)

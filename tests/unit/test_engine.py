@@ -397,6 +397,12 @@ def test_text_prompts_stop_strings_and_eos(sharp_dir):
         ([1, 2], {"max_new_tokens": 0}, "max_new_tokens"),
         ([1, 2], {"max_new_tokens": True}, "max_new_tokens"),
         ([1, 2], {"stop_token_ids": tuple(range(65))}, "stop_token_ids"),
+        # would fail the step it is staged in (every request of it), or never finish
+        ([1, 2], {"stop_token_ids": (VOCAB + 5,), "min_tokens": 3}, r"stop_token_ids token ids must be in \[0, "),
+        ([1, 2], {"top_k": 2**63}, "top_k"),  # no int64
+        ([1, 2], {"temperature": 1.0, "repetition_penalty": 1e-300}, "repetition_penalty"),  # logits / 1e-300: inf
+        ([1, 2], {"repetition_penalty": 1e300}, "repetition_penalty"),
+        ([1, MASK, 2], {}, "mask token"),  # diffusion would decode over the prompt's mask position
     ],
 )
 def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
@@ -409,6 +415,55 @@ def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
     assert [r.request_id for r in done] == [good] and done[0].finish_reason == "length"
     alone = make_engine(model).generate([[1, 2, 3]], params(max_new_tokens=8))[0]
     assert done[0].token_ids == alone.token_ids  # the good request's answer is the one it gets alone
+
+
+def test_a_prompt_with_the_mask_token_is_a_token_in_causal_modes(sharp_dir, model):
+    """AR and speculative take the prompt's mask id as a token (diffusion refuses it: above), as HF does."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(sharp_dir, dtype=torch.float32).eval()
+    for prompt in ([1, 2, 3, 4, 5, 6, 7, 8, MASK], [1, 2, 3, 4, 5, 6, 7, 8, 9, MASK, 10], [MASK, 3]):
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=8, do_sample=False, suppress_tokens=[MASK], pad_token_id=0)[0, len(prompt):]
+        for mode in ("ar", "speculative"):
+            assert make_engine(model).generate([prompt], params(mode=mode, max_new_tokens=8))[0].token_ids == ref.tolist()
+
+
+def test_automatic_request_ids_skip_the_ones_callers_chose(model):
+    engine = make_engine(model)
+    engine.add_request([1, 2], params(max_new_tokens=4), request_id="1")
+    ids = [engine.add_request([3, 4], params(max_new_tokens=4)) for _ in range(3)]
+    assert ids == ["0", "2", "3"]
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request([3, 4], params(), request_id="2")
+
+
+def test_generate_with_one_bad_prompt_runs_none_of_them(model):
+    engine = make_engine(model)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.generate([[1, 2, 3], [4, 5, 6], [1, VOCAB + 1]], params(max_new_tokens=4))
+    assert not engine.has_unfinished() and engine.step() == []
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion"])
+def test_seeds_that_differ_mod_2_64_draw_different_streams(model, mode):
+    """The seed's 64 bits reach the draws (SEED_RANGE): 0 and 2**63, -1 and 2**63 - 1 are different seeds."""
+    def out(seed):
+        return make_engine(model).generate([[1, 2, 3]], params(mode=mode, temperature=1.0, seed=seed))[0].token_ids
+
+    assert out(0) != out(2**63) and out(-1) != out(2**63 - 1)
+    assert out(-1) == out(2**64 - 1)  # equal mod 2**64: one stream, as torch.Generator.manual_seed's
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"kv_cache_gib": float("nan")}, "kv_cache_gib"), ({"kv_cache_gib": float("inf")}, "kv_cache_gib"),
+    ({"max_num_seqs": 2.5}, "max_num_seqs"), ({"num_pages": float("nan")}, "num_pages"),
+    ({"max_model_len": float("nan")}, "max_model_len"), ({"max_prefill_tokens": True}, "max_prefill_tokens"),
+    ({"gpu_memory_utilization": float("nan")}, "gpu_memory_utilization"), ({"enforce_eager": "no"}, "enforce_eager"),
+])
+def test_bad_engine_config_values_are_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fdllm.EngineConfig(**kwargs)
 
 
 def test_bad_engine_config_is_rejected(model):

@@ -197,7 +197,7 @@ def test_lookahead_only_in_steps_with_at_most_max_batch_running(joint_dir):
     assert sum(forwards(on)) <= sum(forwards(capped)) < sum(forwards(off))
     alone = run(prompts[:1], speculative_lookahead_max_batch=3)
     assert forwards(alone) == forwards(run(prompts[:1])) < forwards(off[:1])
-    with pytest.raises(ValueError, match="speculative_lookahead_max_batch must be >= 1"):
+    with pytest.raises(ValueError, match="speculative_lookahead_max_batch must be an int >= 1"):
         fdllm.EngineConfig(speculative_lookahead_max_batch=0)
 
 
