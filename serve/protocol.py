@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -144,6 +145,10 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)  # vLLM's (and HF's), in [0.01, 100]; null: 1 (off)
     min_tokens: int | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many; null: 0
+    # vLLM's: token ids that end the request besides the tokenizer's EOS / end-of-turn tokens, and
+    # `ignore_eos` (only these, `stop` and the token limit end it)
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: bool | None = None
 
     @field_validator(*NULL_MEANS_DEFAULT, mode="before", check_fields=False)
     @classmethod
@@ -162,7 +167,7 @@ class _SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v and not all(k.strip().isascii() and k.strip().isdigit() for k in v):
+        if v and not all(k.strip().isascii() and k.strip().isdigit() and len(k.strip()) <= 18 for k in v):  # int64
             raise ValueError("logit_bias keys must be token ids (non-negative integers, as strings)")
         return v
 
@@ -238,6 +243,8 @@ class _SamplingFields(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             min_tokens=self.min_tokens or 0,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=bool(self.ignore_eos),
         )
 
 

@@ -168,10 +168,21 @@ def test_logit_bias_reaches_the_engine_by_token_id(model):
     body = {"model": "m", "logit_bias": {"5": 2.5, " 7 ": -100, "0": 100}}
     body |= {"prompt": "x"} if model is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
     assert parse_request(model, json.dumps(body).encode()).sampling_params(16).logit_bias == {5: 2.5, 7: -100.0, 0: 100.0}
-    for bad in ({"abc": 1}, {"-1": 1}, {"²": 1}, {"": 1}, {"5": "high"}, {"5": 101}, {"5": -1e9}, [5]):
+    for bad in ({"abc": 1}, {"-1": 1}, {"²": 1}, {"": 1}, {"5": "high"}, {"5": 101}, {"5": -1e9}, [5], {"9" * 5000: 1}):
         with pytest.raises(APIError) as err:
             parse_request(model, json.dumps(body | {"logit_bias": bad}).encode()).sampling_params(16)
         assert (err.value.status, err.value.param) == (400, "logit_bias"), bad
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_vllms_stop_token_ids_and_ignore_eos_reach_the_engine(model):
+    got = _request(model, stop_token_ids=[5, 9], ignore_eos=True).sampling_params(16)
+    assert (got.stop_token_ids, got.ignore_eos) == ((5, 9), True)
+    assert _request(model, stop_token_ids=None, ignore_eos=None).sampling_params(16) == _request(model).sampling_params(16)
+    for bad in ([-1], list(range(65)), ["5"], 5):
+        with pytest.raises(APIError) as err:
+            _request(model, stop_token_ids=bad).sampling_params(16)
+        assert (err.value.status, err.value.param) == (400, "stop_token_ids"), bad
 
 
 @pytest.mark.parametrize("best_of,n,refused", [(None, 1, False), (1, 1, False), (3, 3, False), (2, 1, True), (1, 2, True)])
