@@ -88,7 +88,10 @@ def sample_confidence(
     if uniform_T is None:
         uniform_T = torch.rand(T, device=device)
     target_T1 = uniform_T[:, None].to(torch.float32) * cdf_TV[:, -1:]
-    token_T = torch.searchsorted(cdf_TV, target_T1).clamp_(max=V - 1)[:, 0]  # first token whose CDF reaches it
+    token_T = torch.searchsorted(cdf_TV, target_T1)[:, 0]  # first token whose CDF reaches it
+    # Only a row whose logits are not finite (a NaN CDF) finds none: its argmax, not the last token,
+    # which may be the suppressed mask (committed, a diffusion block would never fill).
+    token_T = torch.where(token_T < V, token_T, logits_TV.argmax(-1))
     return token_T, probs_TV.gather(-1, token_T[:, None])[:, 0]
 
 

@@ -122,6 +122,16 @@ def test_the_last_vocabulary_token_is_sampled_like_any_other():
     assert tokens.shape == (100,) and (tokens == 2).sum() > 90
 
 
+def test_a_row_of_non_finite_logits_never_draws_the_mask_token():
+    """A NaN or inf row (a broken model, an overflow) finds no token on its NaN CDF: it must not fall
+    on the last token, the mask here (committed, the request's block would never fill)."""
+    logits = torch.randn(4, 10)
+    logits[1] = float("nan")
+    logits[2, 3] = float("inf")
+    tokens, _ = sample_confidence(logits, 9, 1.0, 0.9, 0, torch.full((4,), 0.999))
+    assert 9 not in tokens.tolist() and tokens[0] == sample_confidence(logits[:1], 9, 1.0, 0.9, 0, torch.full((1,), 0.999))[0]
+
+
 def _fmix32(h: int) -> int:
     """murmur3's 32-bit finaliser, from its reference (Python ints, no torch)."""
     h ^= h >> 16
