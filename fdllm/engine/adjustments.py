@@ -108,14 +108,13 @@ class AdjustmentsBuilder:
             return
         # Tokens before `cut` are known to every row; each row knows the recent ones up to its position.
         start = 0 if params.repetition_penalty != 1 else P  # the prompt counts for the repetition penalty only
-        history = np.array(_known(seq, start, max(P, predicted[-1])), dtype=np.int64)  # positions [start, ...)
+        history = _known(seq, start, max(P, predicted[-1]))  # positions [start, ...)
         cut = min(max(P, predicted[0]), start + len(history)) - start
-        if seq.mask_token_id is not None:
-            history[history == seq.mask_token_id] = -1
-        prompt, output = history[: P - start], history[P - start : cut]
-        self.prompt.append(prompt[prompt >= 0])
-        self.output.append(output[output >= 0])
-        self.recent.append(history[cut:])
+        mask = -1 if seq.mask_token_id is None else seq.mask_token_id  # never counted
+        prompt, output, recent = history[: P - start], history[P - start : cut], history[cut:]
+        self.prompt.append(prompt[prompt != mask])
+        self.output.append(output[output != mask])
+        self.recent.append(np.where(recent == mask, -1, recent))  # masks stay in place (-1): rows index by position
         n = len(history) - cut
         self.recent_known += [min(max(p - start - cut, 0), n) for p in predicted]
 
@@ -161,11 +160,15 @@ def _bias_entries(bias: dict[int, float], B: int, early: list[int], stops: list[
     return row + first_row, token, value
 
 
-def _known(seq: Sequence, a: int, b: int) -> list[int]:
-    """The tokens the sequence knows at positions [a, b): its tokens, then its current block or draft."""
-    tokens, rest = seq.tokens, seq.block if seq.block is not None else seq.draft or []
+def _known(seq: Sequence, a: int, b: int) -> np.ndarray:
+    """The tokens the sequence knows at positions [a, b) (int64, read only): its tokens, then its
+    current block or draft (masks where undecoded)."""
+    tokens = seq.token_array()
     n = len(tokens)
-    return tokens[a:b] if b <= n else tokens[a:] + rest[max(a - n, 0) : b - n]
+    if b <= n:
+        return tokens[a:b]
+    rest = seq.block if seq.block is not None else seq.draft or []
+    return np.concatenate([tokens[a:], np.array(rest[max(a - n, 0) : b - n], dtype=np.int64)])
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fdllm.cache import AttentionRow, block_hashes
 from fdllm.decoding import (
     BlockStep,
@@ -169,10 +171,26 @@ class Sequence:
         # Speculative: the current round's draft of positions [len(tokens), block end), masks where undrafted.
         self.draft: list[int] | None = None
         self.num_drafted = self.num_accepted = 0
+        self._token_array, self._token_array_len = np.zeros(0, dtype=np.int64), 0  # `token_array`'s buffer
 
     @property
     def block_start(self) -> int:
         return len(self.tokens)
+
+    def token_array(self) -> np.ndarray:
+        """`tokens` as int64 (a read-only view), converted as they come: they only ever grow, and a
+        request that adjusts its logits reads its whole history every step (fdllm.engine.adjustments)."""
+        n, have = len(self.tokens), self._token_array_len
+        if n > have:
+            if n > len(self._token_array):
+                grown = np.empty(max(n, 2 * len(self._token_array)), dtype=np.int64)
+                grown[:have] = self._token_array[:have]
+                self._token_array = grown
+            self._token_array[have:n] = self.tokens[have:n]
+            self._token_array_len = n
+        view = self._token_array[:n]
+        view.flags.writeable = False
+        return view
 
     @property
     def num_final(self) -> int:

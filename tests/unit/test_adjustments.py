@@ -39,7 +39,7 @@ def random_work(rng: random.Random, kind: str):
         repetition_penalty=rng.choice([1.0, 0.7, 1.5]), presence_penalty=rng.choice([0.0, 1.2, -0.5]),
         frequency_penalty=rng.choice([0.0, 0.6, -1.1]), min_tokens=rng.choice([0, 3, 30]))
     seq = SimpleNamespace(prompt=prompt, tokens=tokens, block=block, draft=draft, params=params, mask_token_id=MASK,
-                          criteria=SimpleNamespace(stop_token_ids=STOPS))
+                          criteria=SimpleNamespace(stop_token_ids=STOPS), token_array=lambda: np.array(tokens))
     start = len(tokens) - 1 if kind != "diffusion" else len(tokens)  # causal rows feed the last known token
     rows = sorted(rng.sample(range(n_logits), rng.randrange(1, n_logits + 1)))
     return SimpleNamespace(seq=seq, start=start, logit_rows=list(range(n_logits))), rows
