@@ -211,11 +211,39 @@ def _fetch_once(
             raise
 
 
+def check_publishable(dest: str) -> None:
+    """ValueError unless `dest` is absent, empty or an export `publish_dir` wrote (or was writing):
+    a later export replaces its files, and nothing else may be deleted."""
+    fs, inner = filesystem(dest)
+    try:
+        _exported_files(fs, inner.rstrip("/"), _list(fs, inner.rstrip("/")).files, dest)
+    except FileNotFoundError:
+        pass
+
+
+def _exported_files(fs: "pyarrow.fs.FileSystem", inner: str, listed: dict, dest: str) -> set[str]:
+    """The files of `listed` (a directory's) that earlier exports wrote: the manifest's, or while an
+    export is written (or after one died) its marker's; ValueError for a directory of other files."""
+    if WRITING_MARKER in listed:
+        try:
+            with fs.open_input_stream(f"{inner}/{WRITING_MARKER}") as f:
+                return set(json.loads(f.read())["files"])
+        except (ValueError, KeyError, TypeError):  # an older version's marker: its export id alone
+            return set(listed)
+    if MANIFEST in listed:
+        return set((_read_manifest(fs, inner) or {}).get("files", ()))
+    if listed:
+        raise ValueError(f"{dest} holds files that are not an fdllm export (no {MANIFEST}); an export replaces "
+                         "what is there, so give an empty or new directory")
+    return set()
+
+
 def publish_dir(local_dir: str | os.PathLike, dest: str, skip: tuple[str, ...] = ()) -> None:
     """Copy `local_dir` to `dest` (local path or URI) so that readers of `dest` see either the old
     or the new content, never a mix (see the module docstring). Files matching `skip` (glob
     patterns on relative paths) are left out, and files of an older export not in the new one are
-    deleted."""
+    deleted. `dest` must be absent, empty or an earlier export (`check_publishable`): files this
+    module did not write are never deleted."""
     local_dir = Path(local_dir)
     files = {
         str(p.relative_to(local_dir)): p.stat().st_size
@@ -227,12 +255,15 @@ def publish_dir(local_dir: str | os.PathLike, dest: str, skip: tuple[str, ...] =
     fs, inner = filesystem(dest)
     inner = inner.rstrip("/")
     fs.create_dir(inner, recursive=True)
-    export_id = uuid.uuid4().hex
-    with fs.open_output_stream(f"{inner}/{WRITING_MARKER}") as f:
-        f.write(export_id.encode())
-    # On failure the marker stays: readers then wait and time out instead of loading a partial export.
     old = _list(fs, inner).files
-    stale = sorted(n for n in old if n not in files and n not in (MANIFEST, WRITING_MARKER))
+    ours = _exported_files(fs, inner, old, dest)
+    export_id = uuid.uuid4().hex
+    # The marker lists every file this export or an earlier one wrote: if this one dies midway, the
+    # next knows what to replace. On failure it stays: readers then wait and time out instead of
+    # loading a partial export.
+    with fs.open_output_stream(f"{inner}/{WRITING_MARKER}") as f:
+        f.write(json.dumps({"export_id": export_id, "files": sorted(ours | set(files))}).encode())
+    stale = sorted(n for n in old if n in ours and n not in files and n not in (MANIFEST, WRITING_MARKER))
     for name in ([MANIFEST] if MANIFEST in old else []) + stale:  # the manifest first: the old export is gone
         fs.delete_file(f"{inner}/{name}")
     for name in files:

@@ -14,7 +14,7 @@ from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.data import BAD_REASONS, DataConfig, process_records
 from pipelines.finetune import FinetuneConfig, build_parser, main
 from pipelines.train_loop import ShardReader, diffusion_loss_sum, lr_at
-from tests.sft_data import good_records
+from tests.sft_data import good_records, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 
@@ -84,6 +84,19 @@ def test_cli_help_and_clear_errors(capsys, tmp_path):
     assert e.value.code == 0 and "--strip-reasoning" in capsys.readouterr().out
     # A missing data file fails before Ray is started.
     assert main(["--model", str(tmp_path), "--data", str(tmp_path / "none.jsonl"), "--max-steps", "1"]) == 2
+
+
+def test_an_output_that_holds_other_files_is_refused_before_ray_starts(qwen2_dir, tmp_path):
+    """The export replaces what --output holds: a directory of the user's files, the storage path (the
+    run's checkpoints) or the base model is a clear error (exit 2), and nothing there is touched."""
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(4))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    common = ["--model", str(qwen2_dir), "--data", str(data), "--max-steps", "1", "--storage-path",
+              str(tmp_path / "runs"), "--run-name", "r"]
+    for output in (tmp_path / "mine", tmp_path / "runs", tmp_path / "runs" / "r", qwen2_dir):
+        assert main([*common, "--output", str(output)]) == 2, output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_lr_schedule():

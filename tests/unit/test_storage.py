@@ -143,6 +143,43 @@ def test_publish_replaces_an_export_as_a_whole(bucket, dllm_dir, tmp_path):
     assert manifest["files"] == {"config.json": 8, "sub/w.bin": 10}
 
 
+def test_publish_deletes_only_what_an_earlier_export_wrote(tmp_path, monkeypatch):
+    """An export replaces an earlier one's files, never the user's: a directory of other files (a
+    storage path with runs in it, a model) is refused before anything is written, a file added beside
+    an export stays, and an interrupted export (its marker, no manifest) is finished by the next."""
+    def export(files: dict[str, str]) -> Path:
+        src = tmp_path / f"src{len(list(tmp_path.iterdir()))}"
+        for name, text in files.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_text(text)
+        return src
+
+    runs = tmp_path / "runs"
+    (runs / "run1" / "step_00000500").mkdir(parents=True)
+    (runs / "run1" / "step_00000500" / "model.safetensors").write_text("weights")
+    (runs / "notes.txt").write_text("mine")
+    before = _tree(runs)
+    with pytest.raises(ValueError, match="not an fdllm export"):
+        storage.publish_dir(export({"config.json": "1"}), str(runs))
+    assert _tree(runs) == before
+
+    out = tmp_path / "out"
+    storage.publish_dir(export({"config.json": "1", "old.bin": "x"}), str(out))
+    (out / "README.md").write_text("the user's")
+    storage.publish_dir(export({"config.json": "2"}), str(out))
+    assert set(_tree(out)) == {"config.json", "README.md", storage.MANIFEST}
+
+    real_copy = storage.shutil.copyfileobj
+    monkeypatch.setattr(storage.shutil, "copyfileobj", lambda *a, **k: 1 / 0)  # dies mid-export
+    with pytest.raises(ZeroDivisionError):
+        storage.publish_dir(export({"config.json": "3", "new.bin": "y"}), str(out))
+    assert storage.WRITING_MARKER in _tree(out) and storage.MANIFEST not in _tree(out)
+    monkeypatch.setattr(storage.shutil, "copyfileobj", real_copy)
+    (out / "new.bin").write_text("partly written")
+    storage.publish_dir(export({"config.json": "4"}), str(out))
+    assert _tree(out) == {"config.json": b"4", "README.md": b"the user's", storage.MANIFEST: _tree(out)[storage.MANIFEST]}
+
+
 def test_reader_waits_for_a_writer_and_retries_a_changed_export(bucket, tmp_path, monkeypatch):
     dest = f"{bucket}/exports/b"
     src = tmp_path / "src"
