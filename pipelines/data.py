@@ -149,10 +149,10 @@ def parse_jsonl_line(line: str | bytes) -> dict[str, Any]:
             line = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadRow("bad_unicode", f"not UTF-8 at byte {e.start}") from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadRow("invalid_json", str(e)) from None
+    try:  # a UTF-8 BOM (a file saved by some editors) opens the first line
+        record = json.loads(line.removeprefix("\ufeff"))
+    except (ValueError, RecursionError) as e:  # also: integers past Python's 4300 digits, nesting past its stack
+        raise BadRow("invalid_json", f"{type(e).__name__}: {e}"[:300]) from None
     if not isinstance(record, dict):
         raise BadRow("invalid_json", f"a JSON {type(record).__name__}, not an object")
     return record
@@ -562,6 +562,9 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
                     raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
                 sources.sizes[prefix + file] = size
                 if fmt == "jsonl":  # contents are checked per line when read (bad lines are counted)
+                    with fs.open_input_file(file) as f:
+                        if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+                            raise DataError(f"{prefix}{file}: a JSON array; give one JSON object per line (jsonl)")
                     sources.jsonl.append(prefix + file)
                 else:
                     with fs.open_input_file(file) as f:

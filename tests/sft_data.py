@@ -40,6 +40,8 @@ def good_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
 BROKEN_ROWS: list[tuple[str | bytes, str]] = [
     ('{"input": "hello", "output": ', "invalid_json"),
     ("[1, 2, 3]", "invalid_json"),
+    ('{"input": ' + "[" * 5000 + "]" * 5000 + ', "output": "x"}', "invalid_json"),  # nesting past Python's stack
+    ('{"input": "hello", "output": "world", "answer": ' + "9" * 5000 + "}", "invalid_json"),  # past int's 4300 digits
     (json.dumps({"input": "hello"}), "missing_field"),
     (json.dumps({"category": "math"}), "missing_field"),
     (json.dumps({"input": "hello", "output": 42}), "wrong_type"),

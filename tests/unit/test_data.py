@@ -265,6 +265,16 @@ def test_parquet_rows_parse_like_jsonl(tok, tmp_path):
     assert out["num_docs"].sum() == len(recs) and sum(bad_counts(out).values()) == 0
 
 
+def test_a_bom_before_the_first_record_costs_nothing(tok, tmp_path):
+    """Editors that save UTF-8 with a byte order mark put it before the first line's record."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / "plain.jsonl", good_records(4)).read_bytes())
+    cfg = DataConfig(block_size=8, seq_len=128)
+    _, windows = _read_all(path, cfg)
+    out = pack_jsonl_windows([w["lines"] for w in windows], tokenizer=tok, cfg=cfg, spec=TokenSpec.from_tokenizer(tok))
+    assert out["num_docs"].sum() == 4 and sum(bad_counts(out).values()) == 0
+
+
 def test_check_data_files(tmp_path):
     good = write_jsonl(tmp_path / "d" / "a.jsonl", good_records(2))
     pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": Q}]}]), tmp_path / "d" / "b.parquet")
@@ -276,7 +286,8 @@ def test_check_data_files(tmp_path):
     assert check_data_files([str(tmp_path / "bin.jsonl")]).jsonl == [str(tmp_path / "bin.jsonl")]
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "cols.parquet")
+    (tmp_path / "array.json").write_text("\ufeff\n  " + json.dumps(good_records(3), indent=1))  # not one object a line
     for path, needle in [("missing.jsonl", "not found"), ("bad.parquet", "cannot read"),
-                         ("cols.parquet", "lack"), ("d/notes.txt", "unsupported")]:
+                         ("cols.parquet", "lack"), ("d/notes.txt", "unsupported"), ("array.json", "JSON array")]:
         with pytest.raises(DataError, match=needle):
             check_data_files([str(tmp_path / path)])
