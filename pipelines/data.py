@@ -81,6 +81,7 @@ BAD_REASONS = (
     "template_error",  # the tokenizer's chat template raised on the conversation
     "empty_render",  # the rendered conversation holds no answer tokens (template or tokenizer dropped it)
     "mask_token",  # the text contains the diffusion mask token itself
+    "stop_token",  # an answer's text contains an EOS / end-of-turn token (e.g. a literal <|endoftext|>)
     "too_long",  # longer than seq_len after the overlong policy
 )
 BAD_ROW_WARN_FRACTION = 0.01
@@ -334,7 +335,11 @@ def build_document(
             ids += toks
             labels += [IGNORE_INDEX] * len(toks)
             continue
-        stop = next((j for j, t in enumerate(toks) if t in spec.stop_ids), None)
+        stops = [j for j, t in enumerate(toks) if t in spec.stop_ids]
+        if len(stops) > 1:  # the template ends an answer with one: the text itself held another
+            raise BadRow("stop_token", f"an answer holds a stop token (id {toks[stops[0]]}: EOS or end of turn, e.g. "
+                         "written out literally) before its end; trained, the model would learn to stop there")
+        stop = stops[0] if stops else None
         if i == last_answer:
             if not (toks[:stop] if stop is not None else toks):
                 raise BadRow("empty_render", "the answer tokenizes to no token before its end of turn")

@@ -54,6 +54,7 @@ BROKEN_ROWS: list[tuple[str | bytes, str]] = [
     (b'{"input": "hello", "output": "w\xffrld"}', "bad_unicode"),  # not UTF-8
     ('{"input": "hello", "output": "w\\ud800rld"}', "bad_unicode"),  # a lone surrogate escape
     (json.dumps({"input": "hello", "output": "WORLD"}), "empty_render"),  # the test tokenizer drops capitals
+    (json.dumps({"input": "hello", "output": "world <|endoftext|> hello"}), "stop_token"),  # would teach a stop mid-answer
 ]
 
 
