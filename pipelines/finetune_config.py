@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +89,18 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model is required (an HF checkpoint dir)")
-        if not self.data or not all(isinstance(d, str) and d for d in self.data):
+        if not self.data or not isinstance(self.data, list) or not all(isinstance(d, str) and d for d in self.data):
             raise ValueError("data must be a non-empty list of paths")
+        for name, kind in _field_kinds(type(self)).items():
+            value = getattr(self, name)
+            if value is None and kind.optional:
+                continue
+            if kind.base is float and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                           and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if kind.base in (int, bool, str) and not (isinstance(value, kind.base) and
+                                                     (kind.base is bool or not isinstance(value, bool))):
+                raise ValueError(f"{name} must be {kind.base.__name__}, got {value!r}")
         # Workers run elsewhere (fdllm.paths): relative paths mean the driver's working directory.
         self.model = resolve_local(self.model)
         self.data = [resolve_local(d) for d in self.data]
@@ -109,6 +121,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"need weight_decay >= 0 and grad_clip >= 0 (0: off), got {self.weight_decay}, {self.grad_clip}")
         if not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {self.eps}")
         if min(self.ar_loss_weight, self.diffusion_loss_weight) < 0 or self.ar_loss_weight + self.diffusion_loss_weight <= 0:
@@ -158,13 +172,17 @@ class FinetuneConfig:
         """Dataclass defaults < YAML file < overrides (None overrides are ignored)."""
         values: dict[str, Any] = {}
         if config_file:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            try:
+                loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{config_file}: not valid YAML: {e}") from None
             if not isinstance(loaded, dict):
                 raise ValueError(f"{config_file}: expected a mapping of options")
             unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)})
             if unknown:
                 raise ValueError(f"{config_file}: unknown keys {unknown}; see --help for the options")
-            values.update(loaded)
+            kinds = _field_kinds(cls)
+            values.update({k: kinds[k].read(k, v, config_file) for k, v in loaded.items()})
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("data"), str):
             values["data"] = [values["data"]]
@@ -172,6 +190,41 @@ class FinetuneConfig:
         if missing:
             raise ValueError(f"missing required option(s): {', '.join('--' + n for n in missing)}")
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class _FieldKind:
+    """A config field's type as YAML values are read into it: `base` (int, float, bool, str or list
+    of str), or None when `optional`."""
+
+    base: type
+    optional: bool
+
+    def read(self, name: str, value: Any, source: str) -> Any:
+        """A YAML value as this type: YAML 1.1 reads `1e-5` (no dot) and quoted numbers as strings."""
+        if value is None or self.base in (bool, list) or isinstance(value, bool):
+            return [value] if self.base is list and isinstance(value, str) else value  # __post_init__ checks
+        try:
+            if self.base is float and isinstance(value, (int, float, str)):
+                return float(value)
+            if self.base is int and isinstance(value, (int, float, str)):
+                number = float(value) if not isinstance(value, int) else value
+                if number != int(number):
+                    raise ValueError
+                return int(number)
+        except (ValueError, OverflowError):
+            raise ValueError(f"{source}: {name} must be {self.base.__name__}, got {value!r}") from None
+        return str(value) if self.base is str and isinstance(value, (int, float)) else value
+
+
+def _field_kinds(cls: type) -> dict[str, _FieldKind]:
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        optional = typing.get_origin(hint) is types.UnionType and type(None) in typing.get_args(hint)
+        if optional:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        kinds[name] = _FieldKind(typing.get_origin(hint) or hint, optional)  # list[str] -> list
+    return kinds
 
 
 @dataclass(kw_only=True)

@@ -68,6 +68,29 @@ def test_config_validation(change, match):
         FinetuneConfig(**{**base, **change})
 
 
+def test_yaml_values_are_read_as_their_options_types(tmp_path):
+    """YAML 1.1 reads 1e-5 (no dot) and quoted numbers as strings: read as the option's type."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\ndata: d\nlr: 1e-5\nmax_tokens: 1e9\nseq_len: '64'\nblock_size: 32.0\nrun_name: 2024\n")
+    cfg = FinetuneConfig.from_sources(str(path))
+    assert (cfg.lr, cfg.max_tokens, cfg.seq_len, cfg.block_size, cfg.run_name) == (1e-5, 10**9, 64, 32, "2024")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("lr: fast", "lr must be float"), ("seq_len: 64.5", "seq_len must be int"), ("data: 5", "data must be"),
+    ("use_gpu: 'yes'", "use_gpu must be bool"), ("lr: .nan", "lr must be a finite number"), ("lr: .inf", "lr must be"),
+    ("weight_decay: -1", "weight_decay >= 0"), ("grad_clip: .nan", "grad_clip must be a finite"),
+    ("certainty_weight: .nan", "certainty_weight must be a finite"), ("cpus_per_worker: .nan", "cpus_per_worker must"),
+    ("lr: [1", "not valid YAML"),
+])
+def test_bad_yaml_values_are_one_clear_error_before_ray_starts(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: m\ndata: [d]\nmax_steps: 1\n{text}\n")
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig.from_sources(str(path))
+    assert main(["--config", str(path)]) == 2
+
+
 def test_unknown_yaml_key_and_token_budget(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: m\ndata: [d]\nmax_steps: 1\nlearning_rate: 1\n")
