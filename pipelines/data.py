@@ -513,6 +513,9 @@ class DataSources:
     jsonl: list[str] = field(default_factory=list)
     parquet: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # bytes of each file, as listed
+    # each parquet file's schema (as text): one Ray read per schema, since a read unifies its files' schemas
+    # and the schema allows `input` as a message list or a Llama-3 string (files may differ)
+    parquet_schemas: dict[str, str] = field(default_factory=dict)
 
 
 def _file_format(path: str) -> Literal["jsonl", "parquet"] | None:
@@ -573,10 +576,12 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
                     sources.jsonl.append(prefix + file)
                 else:
                     with fs.open_input_file(file) as f:
-                        names = set(pq.read_schema(f).names)
-                    if "messages" not in names and not {"input", "output"} <= names:
-                        raise DataError(f"{prefix}{file}: parquet columns {sorted(names)} lack `messages` or `input`+`output`")
+                        schema = pq.read_schema(f)
+                    if "messages" not in schema.names and not {"input", "output"} <= set(schema.names):
+                        raise DataError(f"{prefix}{file}: parquet columns {sorted(schema.names)} lack `messages` or "
+                                        "`input`+`output`")
                     sources.parquet.append(prefix + file)
+                    sources.parquet_schemas[prefix + file] = schema.remove_metadata().to_string()
         except DataError:
             raise
         except Exception as e:  # permission denied, corrupt parquet footer, network errors...
@@ -775,8 +780,11 @@ def read_raw_records(
     if sources.jsonl:
         parts.append(("jsonl", ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus,
                                                         runtime_env=SINGLE_THREADED)))
-    if sources.parquet:
-        parts.append(("parquet", ray.data.read_parquet(sources.parquet, num_cpus=num_cpus, runtime_env=SINGLE_THREADED)))
+    by_schema: dict[str, list[str]] = {}  # files of one schema read together, in file order
+    for path in sources.parquet:
+        by_schema.setdefault(sources.parquet_schemas.get(path, ""), []).append(path)
+    for paths in by_schema.values():
+        parts.append(("parquet", ray.data.read_parquet(paths, num_cpus=num_cpus, runtime_env=SINGLE_THREADED)))
     return parts
 
 

@@ -38,3 +38,18 @@ def test_split_file_streams_every_row_once_in_a_deterministic_packing(local_ray,
         assert out["num_docs"].sum() == len(records)
         assert bad_counts(out) == {r: expected_bad_counts().get(r, 0) for r in BAD_REASONS}
     assert many.keys() == one.keys() and all(np.array_equal(many[c], one[c]) for c in one)
+
+
+def test_parquet_files_of_both_input_formats_stream_together(local_ray, tmp_path):
+    """The schema allows `input` as a message list or a Llama-3 prompt string; files may differ, and a
+    single Ray read cannot unify a string column with a list one (it raised before reading a row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = good_records(24)
+    for kind in (list, str):
+        rows = [r for r in records if isinstance(r.get("input"), kind)]
+        assert rows, kind
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{kind.__name__}.parquet")
+    out = _packed(check_data_files([str(tmp_path)]), 1 << 20)
+    assert out["num_docs"].sum() == sum(isinstance(r.get("input"), (list, str)) for r in records)
