@@ -143,7 +143,11 @@ class AsyncEngine:
         def on_tokens(_rid: str, token_ids: list[int], _finished: bool) -> None:
             deliver(TokenDelta(list(token_ids)))
 
-        await self._call("add", prompt, params, request_id, on_tokens, deliver, inject_fault)  # ValueError -> caller
+        try:
+            await self._call("add", prompt, params, request_id, on_tokens, deliver, inject_fault)  # ValueError -> caller
+        except asyncio.CancelledError:  # the stepping thread may have added it just before: it must not run on
+            self._send("abort", request_id)
+            raise
         finished = False
         try:
             while True:
@@ -223,10 +227,24 @@ class AsyncEngine:
         except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
             log.exception("engine loop crashed; failing %d in-flight request(s)", len(done_callbacks))
             self._error = exc
-            for callback in done_callbacks.values():
-                callback(EngineDead(f"engine loop crashed: {exc!r}"))
-            for _, future in self._scores:
-                _answer(future, exc=EngineDead(f"engine loop crashed: {exc!r}"))
+            self._fail_pending(done_callbacks, EngineDead(f"engine loop crashed: {exc!r}"))
+            return
+        self._fail_pending(done_callbacks, EngineDead("engine shut down"))
+
+    def _fail_pending(self, done_callbacks: dict[str, object], error: EngineDead) -> None:
+        """The loop has ended: every request still running or queued, every score and every command
+        not yet read gets `error` (a handler waiting on any of them would wait forever)."""
+        for callback in done_callbacks.values():
+            callback(error)
+        for _, future in self._scores:
+            _answer(future, exc=error)
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None:
+                _answer(future, exc=error)
 
     def _drain_commands(self, done_callbacks: dict[str, object]) -> None:
         while True:

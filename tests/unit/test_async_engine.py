@@ -268,3 +268,81 @@ def test_scores_waiting_together_share_forwards_and_get_their_own_answers(causal
         drv.check_alive()
     finally:
         drv.shutdown()
+
+
+def _wait_until_idle(drv: AsyncEngine) -> dict:
+    for _ in range(100):
+        stats = drv.stats()
+        if stats["running"] == stats["waiting"] == 0 and stats["free_pages"] == stats["total_pages"]:
+            break
+        time.sleep(0.05)
+    return stats
+
+
+def test_a_client_gone_just_after_its_request_was_added_aborts_it(driver):
+    """The stepping thread adds the request while the event loop is busy; the handler is cancelled
+    before it resumes: the request must not decode on to its token limit for nobody."""
+    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar")
+
+    async def main():
+        gen = driver.generate([5, 6, 7], long, "raced")
+        first = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0)  # the handler sends its add
+        time.sleep(0.3)  # the loop is busy: the thread adds it meanwhile
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await gen.aclose()
+
+    asyncio.run(main())
+    stats = _wait_until_idle(driver)
+    assert stats["running"] == 0 and stats["free_pages"] == stats["total_pages"], stats
+
+
+@pytest.mark.parametrize("how", ["shutdown", "crash"])
+def test_requests_in_flight_or_queued_when_the_loop_ends_get_engine_dead(dllm_dir, how):
+    """Shut down or crashed, the loop answers every handler: running streams, an add queued behind the
+    last step and a score (before, they waited forever)."""
+    from serve.async_engine import EngineDead
+
+    drv = AsyncEngine(fdllm.Engine.from_pretrained(dllm_dir))
+    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar")
+    step = drv.engine.step
+    ending = []
+
+    def last_step():
+        if ending:
+            time.sleep(0.3)  # the queued commands arrive during it
+            if how == "crash":
+                raise RuntimeError("a bug outside per-request handling")
+        return step()
+
+    drv.engine.step = last_step
+
+    async def main():
+        running = drv.generate([5, 6], long, "running")
+        await anext(running)
+        ending.append(True)
+        await asyncio.sleep(0.05)  # that step has begun
+        late = asyncio.ensure_future(anext(drv.generate([7, 8], long, "late")))
+        scored = asyncio.ensure_future(drv.score([5, 6, 7], 1))
+        await asyncio.sleep(0.05)
+        if how == "shutdown":
+            await asyncio.to_thread(drv.shutdown)
+        async def end_of(stream):  # its last event (tokens already delivered come first)
+            async for _ in stream:
+                pass
+
+        outcomes = []
+        for waiter in (end_of(running), late, scored):
+            try:
+                await asyncio.wait_for(waiter, 5)
+                outcomes.append("answered")
+            except Exception as e:  # noqa: BLE001
+                outcomes.append(type(e).__name__)
+        return outcomes
+
+    assert asyncio.run(main()) == ["EngineDead"] * 3
+    with pytest.raises(EngineDead):
+        drv.check_alive()
+    drv.shutdown()
