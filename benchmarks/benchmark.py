@@ -34,6 +34,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -276,4 +277,5 @@ def main(argv: list[str] | None = None) -> object:
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
+    sys.exit(status if isinstance(status, int) else 0)

@@ -409,21 +409,34 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     modes = tuple(m for m in args.modes.split(",") if m)
     if unknown := set(modes) - set(fdllm.engine.params.MODES):
         parser.error(f"unknown modes {sorted(unknown)}")
+    if not modes:
+        parser.error("--modes names no mode")
+    if args.batch_size < 0 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size must be >= 0 (0: all at once) and --limit >= 1")
+    if args.output and Path(args.output).is_dir():
+        parser.error(f"--output {args.output} is a directory; give a file path")
     rows = []
     try:
         for i, model in enumerate(m for m in args.model.split(",") if m):
             rows += run_evaluation(model, args.data, args.base if i == 0 else None, modes, args.thresholds,
                                    args.max_new_tokens, args.limit, args.device, parse_dtype(args.dtype),
                                    args.batch_size, args.quantization, args.policies, args.sub_block_size)
-    except ValueError as e:  # bad data or a sub-block that does not divide the block: say so, no traceback
+    except (ValueError, OSError) as e:  # bad data, a missing checkpoint, a sub-block that does not divide the block
         parser.error(str(e))
     print(format_table(rows))
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
         log.info("wrote %s", args.output)
     if args.plot:
         log.info("wrote %s", plot_rows(rows, args.plot))
     return rows
+
+
+def cli() -> int:
+    """`fdllm-evaluate`: exit status 0 (a console script exits with what its function returns)."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -133,6 +133,8 @@ class ServerConfig:
         self.model = resolve_local(self.model)
         if min(self.default_max_tokens or 1, self.max_waiting, self.max_body_bytes, self.max_prompt_chars) < 1:
             raise ValueError("default_max_tokens, max_waiting, max_body_bytes and max_prompt_chars must be >= 1")
+        if self.api_key == "":  # e.g. --api-key "$UNSET_VARIABLE": serving openly would be a silent surprise
+            raise ValueError("api_key is empty; leave it unset to serve without a key")
         if self.session_max_imbalance < 0:
             raise ValueError(f"session_max_imbalance must be >= 0, got {self.session_max_imbalance}")
         if self.autoscaling_config is not None and self.num_replicas is not None:

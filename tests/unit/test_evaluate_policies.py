@@ -112,3 +112,29 @@ def test_a_comma_list_of_models_is_one_table_with_the_base_once(dllm_dir, qwen2_
                      ("distilled", "diffusion", "thr 0.5")]
     assert [len(ax.lines) for ax in accuracy_figure(rows).axes] == [2, 2]  # tasks x, y: one curve per model
     assert plot.stat().st_size > 0
+
+
+def test_cli_errors_are_one_line_before_any_decoding(dllm_dir, tmp_path, capsys):
+    """A bad argument or path is argparse's exit 2 with one message, not a traceback after the work."""
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"prompt": "the fox", "answer": "12"}\n')
+    (tmp_path / "adir").mkdir()
+    for argv, needle in [(["--batch-size", "-1"], "--batch-size"), (["--limit", "0"], "--limit"),
+                         (["--modes", ","], "no mode"), (["--output", str(tmp_path / "adir")], "is a directory"),
+                         (["--model", str(tmp_path / "missing")], "no config.json")]:
+        args = {"--model": str(dllm_dir), "--data": str(records)} | dict(zip(argv[::2], argv[1::2]))
+        with pytest.raises(SystemExit) as e:
+            main([x for kv in args.items() for x in kv])
+        assert e.value.code == 2 and needle in capsys.readouterr().err, argv
+
+
+def test_the_console_script_exits_0(dllm_dir, tmp_path, monkeypatch):
+    """`fdllm-evaluate` runs sys.exit(its function()): it returned the rows, so a success exited 1."""
+    import sys
+    from importlib.metadata import entry_points
+
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"prompt": "the fox", "answer": "12"}\n')
+    (script,) = entry_points(group="console_scripts", name="fdllm-evaluate")
+    monkeypatch.setattr(sys, "argv", ["fdllm-evaluate", "--model", str(dllm_dir), "--data", str(records), "--modes", "ar"])
+    assert script.load()() == 0

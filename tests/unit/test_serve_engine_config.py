@@ -77,3 +77,10 @@ def test_serve_run_key_value_strings_are_read_as_their_fields_types():
     for name, bad in (("max_waiting", "four"), ("block_lookahead", "maybe"), ("engine", "[1]"), ("threshold", "")):
         with pytest.raises(ValueError, match=f"serve option {name}="):
             ServerConfig.from_args({"model": "m", name: bad})
+
+
+def test_an_empty_api_key_is_refused_not_an_open_server():
+    """`--api-key "$UNSET_VARIABLE"` passes an empty string: the server would have run without a key."""
+    with pytest.raises(ValueError, match="api_key is empty"):
+        ServerConfig(model="m", api_key="")
+    assert ServerConfig(model="m", api_key="k").api_key == "k" and ServerConfig(model="m").api_key is None
