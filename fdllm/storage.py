@@ -219,6 +219,8 @@ def check_publishable(dest: str) -> None:
         _exported_files(fs, inner.rstrip("/"), _list(fs, inner.rstrip("/")).files, dest)
     except FileNotFoundError:
         pass
+    except NotADirectoryError:
+        raise ValueError(f"{dest} is a file; an export is a directory") from None
 
 
 def _exported_files(fs: "pyarrow.fs.FileSystem", inner: str, listed: dict, dest: str) -> set[str]:

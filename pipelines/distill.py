@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from fdllm.storage import filesystem, join, local_checkpoint  # noqa: E402
 from pipelines.data import check_data_files, read_raw_records  # noqa: E402
-from pipelines.finetune import build_parser, build_trainer, cli_main, fit, resolve_run  # noqa: E402
+from pipelines.finetune import build_parser, build_trainer, check_output, cli_main, fit, resolve_run  # noqa: E402
 from pipelines.finetune_config import DistillConfig  # noqa: E402
 from pipelines.trajectories import CORRECT, DROPPED, REPLACED, TrajectoryGenerator, split_windows  # noqa: E402
 
@@ -134,6 +134,8 @@ def run(cfg: DistillConfig) -> "ray.train.Result":
     cfg = check_checkpoint(cfg)
     if not cfg.trajectories:
         cfg = dataclasses.replace(cfg, trajectories=join(cfg.storage_path, cfg.run_name, "trajectories"))
+    check_data_files(cfg.data)  # what would fail after the trajectories fails now, before Ray starts
+    check_output(cfg)
     if not ray.is_initialized():
         ray.init()
     counts = generate_trajectories(cfg, cfg.trajectories)

@@ -140,7 +140,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     if not has_tokenizer(base):
         raise FileNotFoundError(f"{cfg.model} has no tokenizer files; the data pipeline needs the model's tokenizer")
     sources = check_data_files(cfg.data)
-    _check_output(cfg)
+    check_output(cfg)
     exists = _run_exists(cfg.storage_path, cfg.run_name)
     if exists and not cfg.resume:
         raise FileExistsError(
@@ -179,7 +179,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     )
 
 
-def _check_output(cfg: FinetuneConfig) -> None:
+def check_output(cfg: FinetuneConfig) -> None:
     """The servable export replaces what its directory holds: refuse, before anything runs, a
     directory that holds the run's checkpoints or the base model, or other files (`check_publishable`)."""
     run_dir = join(cfg.storage_path, cfg.run_name).rstrip("/")

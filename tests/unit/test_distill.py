@@ -156,3 +156,23 @@ def test_a_joint_checkpoint_is_distilled_keeping_its_causal_mode(dllm_dir, tmp_p
     assert check_checkpoint(DistillConfig(**kw)).objective == "joint-certainty"
     assert check_checkpoint(DistillConfig(**kw, objective="diffusion")).objective == "diffusion"
     assert check_checkpoint(DistillConfig(**(kw | {"model": str(dllm_dir)}))).objective == "certainty"
+
+
+def test_bad_data_or_output_fail_before_ray_starts(dllm_dir, tmp_path, monkeypatch):
+    """What the training stage would refuse (a missing data file, an --output of other files or a file)
+    is refused before Ray starts and the trajectories are decoded (exit 2)."""
+    import ray
+
+    from tests.sft_data import good_records, write_jsonl
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the checks"))
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(2))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    common = ["--model", str(dllm_dir), "--max-steps", "1", "--block-size", "8", "--sub-block-size", "4",
+              "--seq-len", "64", "--storage-path", str(tmp_path / "runs")]
+    for flags in (["--data", str(tmp_path / "missing.jsonl")],
+                  ["--data", str(data), "--output", str(tmp_path / "mine")],
+                  ["--data", str(data), "--output", str(tmp_path / "mine" / "notes.txt")]):
+        assert main([*common, *flags]) == 2, flags
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
