@@ -28,6 +28,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
@@ -131,8 +132,10 @@ class ServerConfig:
         # Built where `serve run`/`serve deploy` runs the app builder (its cwd is the app's working_dir
         # copy, or the directory Ray started in); replicas may start elsewhere (fdllm.paths).
         self.model = resolve_local(self.model)
-        if min(self.default_max_tokens or 1, self.max_waiting, self.max_body_bytes, self.max_prompt_chars) < 1:
-            raise ValueError("default_max_tokens, max_waiting, max_body_bytes and max_prompt_chars must be >= 1")
+        counts = (self.default_max_tokens, self.num_replicas, self.max_waiting, self.max_body_bytes, self.max_prompt_chars)
+        if min(1 if n is None else n for n in counts) < 1:  # 0 would read as "unset" below
+            raise ValueError("default_max_tokens, num_replicas, max_waiting, max_body_bytes and max_prompt_chars "
+                             "must be >= 1")
         if self.api_key == "":  # e.g. --api-key "$UNSET_VARIABLE": serving openly would be a silent surprise
             raise ValueError("api_key is empty; leave it unset to serve without a key")
         if self.session_max_imbalance < 0:
@@ -680,13 +683,19 @@ def main(argv: list[str] | None = None) -> None:
     gpus = args.num_gpus_per_replica
     if gpus is None:
         gpus = 1.0 if torch.cuda.is_available() else 0.0
+    options = {"model": args.model, "model_name": args.model_name, "api_key": args.api_key,
+               "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
+               "threshold": args.threshold, "block_lookahead": args.block_lookahead or None,
+               "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity,
+               "device": args.device, "dtype": args.dtype, "engine": engine_overrides(args)}
+    try:  # every option checked before Ray and Serve start: one line, argparse's exit status
+        ServerConfig.from_args(dict(options))
+    except ValueError as e:
+        print(f"fdllm-serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app({"model": args.model, "model_name": args.model_name, "api_key": args.api_key,
-                     "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
-                     "threshold": args.threshold, "block_lookahead": args.block_lookahead or None,
-                     "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity,
-                     "device": args.device, "dtype": args.dtype, "engine": engine_overrides(args)})
+    app = build_app(options)
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)
 

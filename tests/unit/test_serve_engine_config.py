@@ -84,3 +84,17 @@ def test_an_empty_api_key_is_refused_not_an_open_server():
     with pytest.raises(ValueError, match="api_key is empty"):
         ServerConfig(model="m", api_key="")
     assert ServerConfig(model="m", api_key="k").api_key == "k" and ServerConfig(model="m").api_key is None
+
+
+@pytest.mark.parametrize("flags,needle", [(["--max-num-seqs", "0"], "max_num_seqs"), (["--api-key", ""], "api_key"),
+                                          (["--num-replicas", "0"], "num_replicas"),
+                                          (["--default-max-tokens", "0"], "default_max_tokens")])
+def test_fdllm_serve_refuses_bad_options_before_starting_ray(flags, needle, monkeypatch, capsys):
+    import ray
+
+    from serve import app
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the options were checked"))
+    with pytest.raises(SystemExit) as e:
+        app.main(["--model", "assets/tiny-ar-base", *flags])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
