@@ -366,8 +366,12 @@ def _quantizations(text: str) -> tuple[str | None, ...]:
     return names
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x)
+def threshold_list(text: str) -> tuple[float, ...]:
+    """`--thresholds` (an argparse type): a comma list of confidence thresholds in (0, 1]."""
+    values = tuple(float(x) for x in text.split(",") if x)  # ValueError: argparse's "invalid value"
+    if not values or not all(0 < v <= 1 for v in values):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"thresholds must be numbers in (0, 1], got {text!r}")
+    return values
 
 
 def _policies(text: str) -> tuple[Policy, ...]:
@@ -385,7 +389,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--data", required=True, help="jsonl of {prompt, answer}")
     parser.add_argument("--base", help="AR base checkpoint, evaluated with AR decoding as the reference row")
     parser.add_argument("--modes", default="ar,diffusion", help="comma list of ar, diffusion, speculative")
-    parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=_floats)
+    parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=threshold_list)
     parser.add_argument("--policies", type=_policies,
                         help="comma list of selection policies to sweep instead of --thresholds: thr=T, eb=G "
                         "(entropy budget), either with +delim=D (adaptive sub-blocks) and/or +look (block lookahead), "

@@ -23,7 +23,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.evaluate import ALL_TASKS, EvalRow, Policy, format_table, plot_rows, run_evaluation  # noqa: E402
+from pipelines.data import DataError  # noqa: E402
+from pipelines.evaluate import (  # noqa: E402
+    ALL_TASKS,
+    EvalRow,
+    Policy,
+    format_table,
+    plot_rows,
+    run_evaluation,
+    threshold_list,
+)
 from pipelines.finetune import FinetuneConfig, run  # noqa: E402
 from pipelines.world import DEFAULT_DATA_DIR as WORLD  # noqa: E402
 from pipelines.world import DEFAULT_MODEL_DIR as BASE  # noqa: E402
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (default: the tiny config's)")
     parser.add_argument("--limit", type=int, default=300,
                         help="held-out problems to evaluate (the first N, tasks interleaved; 300: all, 100 per task)")
-    parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5")
+    parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=threshold_list,
+                        help=f"diffusion thresholds to evaluate ({TARGET_THRESHOLD}, the targets', always is)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (BASE / "config.json").is_file() or not (WORLD / TRAIN_FILE).is_file():
@@ -87,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output).resolve()
     start = time.perf_counter()
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("num_workers", args.num_workers)) if v is not None}
-    cfg = FinetuneConfig.from_sources(
-        str(CONFIG), model=str(BASE), data=[str(WORLD / TRAIN_FILE)], output=str(out / "tiny-dllm"),
-        storage_path=str(out / "ray"), run_name=time.strftime("quickstart-%Y%m%d-%H%M%S"), **overrides,
-    )
-    log.info("1/2 fine-tuning %s with the %s objective (Ray Train, %d workers, %d steps)", BASE.name, cfg.objective,
-             cfg.num_workers, cfg.total_steps())
-    run(cfg)
+    try:  # a bad option or output directory: one line and exit 2, as the fine-tune's own CLI
+        cfg = FinetuneConfig.from_sources(
+            str(CONFIG), model=str(BASE), data=[str(WORLD / TRAIN_FILE)], output=str(out / "tiny-dllm"),
+            storage_path=str(out / "ray"), run_name=time.strftime("quickstart-%Y%m%d-%H%M%S"), **overrides,
+        )
+        log.info("1/2 fine-tuning %s with the %s objective (Ray Train, %d workers, %d steps)", BASE.name,
+                 cfg.objective, cfg.num_workers, cfg.total_steps())
+        run(cfg)
+    except (ValueError, OSError, DataError) as e:
+        log.error("%s", e)
+        return 2
     finetune_s = time.perf_counter() - start
     # A joint checkpoint also decodes losslessly: its speculative rows beside the diffusion ones.
     modes = ("diffusion", "speculative") if cfg.causal_prefix else ("diffusion",)
@@ -101,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
              args.limit)
     model, data = str(out / "tiny-dllm"), str(WORLD / TEST_FILE)
     # Each threshold, and the block lookahead (README "Beyond the paper") at the targets' threshold beside them.
-    policies = tuple(Policy("threshold", float(t)) for t in args.thresholds.split(",")) + (
+    thresholds = args.thresholds + ((TARGET_THRESHOLD,) if TARGET_THRESHOLD not in args.thresholds else ())
+    policies = tuple(Policy("threshold", t) for t in thresholds) + (
         Policy("threshold", TARGET_THRESHOLD, block_lookahead=True),)
     evaluate = functools.partial(run_evaluation, model, data, base=str(BASE), modes=modes, policies=policies,
                                  limit=args.limit)

@@ -1,0 +1,22 @@
+"""pipelines/quickstart.py's arguments: checked before the fine-tune starts, one line and exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines import quickstart
+
+
+@pytest.mark.parametrize("thresholds", ["abc", "2", "nan", "0", ","])
+def test_bad_thresholds_are_refused_before_the_fine_tune(thresholds, capsys):
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--thresholds", thresholds])
+    assert e.value.code == 2 and "thresholds" in capsys.readouterr().err
+
+
+def test_a_bad_fine_tune_option_is_one_line_and_exit_2(tmp_path, monkeypatch, caplog):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the options were checked"))
+    assert quickstart.main(["--max-steps", "0", "--output", str(tmp_path)]) == 2
+    assert "max_steps must be >= 1" in caplog.text
