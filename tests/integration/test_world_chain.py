@@ -52,7 +52,8 @@ def test_scaled_down_chain(tmp_path):
     assert "model.layers.0.self_attn.q_proj.weight" in changed
 
     engine = fdllm.Engine.from_pretrained(dllm)
-    out = engine.generate([[1, 2, 3]], fdllm.SamplingParams(max_new_tokens=8))[0]
+    prompt = [t for t in range(1, 9) if t != block_cfg.mask_token_id][:3]  # diffusion refuses a prompt with the mask
+    out = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=8))[0]
     assert 1 <= len(out.token_ids) <= 8 and out.num_forwards >= 1
 
     rows = run_evaluation(str(dllm), str(data / "test.jsonl"), base=str(base), thresholds=(1.0, 0.5), max_new_tokens=40)
