@@ -89,9 +89,10 @@ def sample_confidence(
         uniform_T = torch.rand(T, device=device)
     target_T1 = uniform_T[:, None].to(torch.float32) * cdf_TV[:, -1:]
     token_T = torch.searchsorted(cdf_TV, target_T1)[:, 0]  # first token whose CDF reaches it
-    # Only a row whose logits are not finite (a NaN CDF) finds none: its argmax, not the last token,
-    # which may be the suppressed mask (committed, a diffusion block would never fill).
-    token_T = torch.where(token_T < V, token_T, logits_TV.argmax(-1))
+    # Only a row whose logits are not finite (a NaN CDF) finds none. It has no distribution, so any
+    # token will do but the last, which may be the suppressed mask (committed, a diffusion block would
+    # never fill): token 0, or 1 where 0 is the mask. No pass over the row for a case that is garbage anyway.
+    token_T = torch.where(token_T < V, token_T, int(mask_token_id == 0))
     return token_T, probs_TV.gather(-1, token_T[:, None])[:, 0]
 
 
