@@ -5,6 +5,7 @@ Tokenizers are HF fast tokenizers loaded from the checkpoint dir, as users ship 
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,7 @@ def token_pieces(tokenizer: "PreTrainedTokenizerBase", ids: list[int]) -> list[t
              else bytes(to_byte[c] for c in piece)) for t, text, piece in zip(ids, texts, pieces)]
 
 
+@functools.cache
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
     other 68 for the characters from U+0100 on, in byte order."""

@@ -7,6 +7,7 @@ Its own module so the driver (`pipelines/finetune.py`) and the Ray Train workers
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -217,6 +218,7 @@ class _FieldKind:
         return str(value) if self.base is str and isinstance(value, (int, float)) else value
 
 
+@functools.cache
 def _field_kinds(cls: type) -> dict[str, _FieldKind]:
     kinds = {}
     for name, hint in typing.get_type_hints(cls).items():
