@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -134,9 +135,10 @@ class SamplingParams:
                 f"stop_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, got {self.stop_token_ids!r}"
             )
 
-    @property
+    @functools.cached_property
     def adjusts_logits(self) -> bool:
-        """Whether its tokens are decided from logits it adjusts (bias, penalties): the runner's biased rows."""
+        """Whether its tokens are decided from logits it adjusts (bias, penalties): the runner's biased rows.
+        Read per sequence per step; the parameters are frozen, so it is computed once."""
         return (bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
                 or self.repetition_penalty != 1 or self.min_tokens > 0)
 

@@ -213,6 +213,9 @@ class ModelRunner:
         self.attention_fn = select_attention_backend(attention_backend, self.device)
         self.fused_confidence = None
         self.max_head_rows = head_chunk_rows(model.lm_head.weight.shape[0])
+        # fp32 holds every token id below 2**24 exactly (Qwen2's 152k vocabulary, Llama-3's 128k): the
+        # step's results then come back as one fp32 stack, no cast of the tokens first
+        self.ids_fit_fp32 = model.lm_head.weight.shape[0] <= 2**24
         # The mask token is never a prediction: its logit is held at -inf by a bias folded into the LM
         # head's GEMM (Qwen2/Llama heads have none), instead of a copy and a fill of every logit row.
         self.mask_bias_V = None
@@ -258,8 +261,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> np.ndarray:
-        """The step's forward: [K, C] fp64 on the host, per candidate row its token and probability
-        (K = 2), and its entropy (K = 3) when some row asks for it (`inputs.entropy`)."""
+        """The step's forward: [K, C] on the host (fp32, or fp64 for a vocabulary past 2**24), per
+        candidate row its token and probability (K = 2), and its entropy (K = 3) when some row asks
+        for it (`inputs.entropy`)."""
         shape = self.static_shape(inputs)
         N, C = len(inputs.ids), len(inputs.candidates)
         body = StaticInputs.sizes(shape) if shape else {"ids": N, "positions": N}
@@ -271,9 +275,9 @@ class ModelRunner:
         if C == 0:
             return np.zeros((2, 0))
         token_C, prob_C, entropy_C = self._head(h_TD, inputs)
-        # the step's one device-to-host sync (fp64 holds token ids and fp32 probabilities exactly)
-        rows = [token_C.to(torch.float64), prob_C] + ([] if entropy_C is None else [entropy_C])
-        return torch.stack(rows).cpu().numpy()  # promoted to fp64
+        # the step's one device-to-host sync (the stack promotes the token ids to the probabilities' fp32)
+        rows = [token_C if self.ids_fit_fp32 else token_C.double(), prob_C] + ([] if entropy_C is None else [entropy_C])
+        return torch.stack(rows).cpu().numpy()
 
     @torch.inference_mode()
     def score(self, rows: list[ScoreRow], top_k: int) -> np.ndarray:

@@ -342,6 +342,19 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(model):
     assert c[0].token_ids != a[0].token_ids
 
 
+def test_results_come_back_in_fp64_where_fp32_cannot_hold_every_token_id(model):
+    """A vocabulary past 2**24 reads the step's results back in fp64 (fp32 would round its ids): the
+    same tokens as the fp32 read-back, for greedy, sampled and entropy-budget rows."""
+    prompts = random_prompts(4, [3, 9, 17], seed=31)
+    kinds = [params(), params(temperature=0.8, seed=5), params(selection="entropy_budget", entropy_budget=0.5)]
+    fast = make_engine(model)
+    assert fast.runner.ids_fit_fp32
+    wide = make_engine(model)
+    wide.runner.ids_fit_fp32 = False
+    for p in kinds:
+        assert [r.token_ids for r in wide.generate(prompts, p)] == [r.token_ids for r in fast.generate(prompts, p)]
+
+
 @pytest.mark.parametrize("mode", ["diffusion", "ar", "speculative"])
 def test_seeded_samples_do_not_depend_on_how_the_prompt_was_chunked(model, mode):
     """A prompt prefilled in one chunk alone is prefilled in two beside another request's prefill (they
