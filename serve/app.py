@@ -49,7 +49,15 @@ from fdllm.paths import is_uri, resolve_local
 from fdllm.quantization import QUANTIZATIONS
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import token_pieces
-from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed, interleave, prepend
+from serve.async_engine import (
+    AsyncEngine,
+    EngineDead,
+    EngineOverloaded,
+    RequestFailed,
+    first_events,
+    interleave,
+    prepend,
+)
 from serve.detokenize import IncrementalDetokenizer
 from serve.metrics import RayMetricsExporter, RequestCounters, make_registry, render
 from serve.protocol import (
@@ -501,18 +509,16 @@ class FdllmServer:
 
     async def _admit(self, streams: list) -> list:
         """Each stream's first event (its first tokens; admission errors surface here, before any byte is
-        sent). If one fails, every stream is closed (its request aborted) and its error raised."""
-        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if failed is None:
-            return firsts
-        for stream in streams:
-            await stream.aclose()
-        if isinstance(failed, ValueError):
-            raise APIError(400, str(failed)) from None
-        if isinstance(failed, EngineOverloaded):
-            raise APIError(503, str(failed), type="server_error", code="overloaded") from None
-        raise _engine_error(failed) from None
+        sent). The first to fail answers at once, as an OpenAI error; every stream is closed (its request
+        aborted) by `first_events`."""
+        try:
+            return await first_events(streams)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        except EngineOverloaded as exc:
+            raise APIError(503, str(exc), type="server_error", code="overloaded") from None
+        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
+            raise _engine_error(exc) from None
 
     async def _logprobs(self, prompt_ids: list[int], result, top: int, endpoint: str, echo: bool) -> dict[str, Any]:
         """A choice's `logprobs`: one causal scoring forward over prompt + completion (Engine.score),
