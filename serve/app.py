@@ -712,13 +712,14 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"port must be in 1..65535, got {args.port}")
         cfg = ServerConfig.from_args(options)
         _check_checkpoint(cfg.model)
+        app = bind_app(cfg)  # Serve checks its deployment options here (e.g. a negative GPU count), Ray or not
     except ValueError as e:
         print(f"fdllm-serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
-    serve.run(bind_app(cfg), name="fdllm", route_prefix="/", blocking=True)
+    serve.run(app, name="fdllm", route_prefix="/", blocking=True)
 
 
 def _check_checkpoint(model: str) -> None:
