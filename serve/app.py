@@ -27,6 +27,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -44,11 +45,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fdllm.engine import SamplingParams
 from fdllm.kernels import ATTENTION_BACKENDS
-from fdllm.paths import resolve_local
+from fdllm.paths import is_uri, resolve_local
 from fdllm.quantization import QUANTIZATIONS
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import token_pieces
-from serve.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestFailed, interleave, prepend
+from serve.async_engine import (
+    AsyncEngine,
+    EngineDead,
+    EngineOverloaded,
+    RequestFailed,
+    first_events,
+    interleave,
+    prepend,
+)
 from serve.detokenize import IncrementalDetokenizer
 from serve.metrics import RayMetricsExporter, RequestCounters, make_registry, render
 from serve.protocol import (
@@ -129,6 +138,8 @@ class ServerConfig:
     session_max_imbalance: int = DEFAULT_MAX_IMBALANCE
 
     def __post_init__(self) -> None:
+        if not self.model.strip():  # "" would resolve to the working directory below
+            raise ValueError("model is empty; give a checkpoint directory or an s3:// / gs:// URI")
         # Built where `serve run`/`serve deploy` runs the app builder (its cwd is the app's working_dir
         # copy, or the directory Ray started in); replicas may start elsewhere (fdllm.paths).
         self.model = resolve_local(self.model)
@@ -138,6 +149,11 @@ class ServerConfig:
                              "must be >= 1")
         if self.api_key == "":  # e.g. --api-key "$UNSET_VARIABLE": serving openly would be a silent surprise
             raise ValueError("api_key is empty; leave it unset to serve without a key")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:  # the replica's engine would refuse it
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        # <= 0 or nan: the metrics thread would push without pause; inf: its wait raises and it stops
+        if not (math.isfinite(self.metrics_interval_s) and self.metrics_interval_s > 0):
+            raise ValueError(f"metrics_interval_s must be a finite number > 0, got {self.metrics_interval_s}")
         if self.session_max_imbalance < 0:
             raise ValueError(f"session_max_imbalance must be >= 0, got {self.session_max_imbalance}")
         if self.autoscaling_config is not None and self.num_replicas is not None:
@@ -493,18 +509,16 @@ class FdllmServer:
 
     async def _admit(self, streams: list) -> list:
         """Each stream's first event (its first tokens; admission errors surface here, before any byte is
-        sent). If one fails, every stream is closed (its request aborted) and its error raised."""
-        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if failed is None:
-            return firsts
-        for stream in streams:
-            await stream.aclose()
-        if isinstance(failed, ValueError):
-            raise APIError(400, str(failed)) from None
-        if isinstance(failed, EngineOverloaded):
-            raise APIError(503, str(failed), type="server_error", code="overloaded") from None
-        raise _engine_error(failed) from None
+        sent). The first to fail answers at once, as an OpenAI error; every stream is closed (its request
+        aborted) by `first_events`."""
+        try:
+            return await first_events(streams)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        except EngineOverloaded as exc:
+            raise APIError(503, str(exc), type="server_error", code="overloaded") from None
+        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
+            raise _engine_error(exc) from None
 
     async def _logprobs(self, prompt_ids: list[int], result, top: int, endpoint: str, echo: bool) -> dict[str, Any]:
         """A choice's `logprobs`: one causal scoring forward over prompt + completion (Engine.score),
@@ -568,7 +582,12 @@ class FdllmServer:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run serve.app:build_app key=value ...` and serve/config.yaml."""
-    cfg = ServerConfig.from_args(dict(args))
+    return bind_app(ServerConfig.from_args(dict(args)))
+
+
+def bind_app(cfg: ServerConfig) -> serve.Application:
+    """The deployment serving `cfg`: Serve's options from its fields, every field as each replica's args
+    (`build_app` without the parsing, for a caller that validated `cfg` already)."""
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
@@ -689,15 +708,32 @@ def main(argv: list[str] | None = None) -> None:
                "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity,
                "device": args.device, "dtype": args.dtype, "engine": engine_overrides(args)}
     try:  # every option checked before Ray and Serve start: one line, argparse's exit status
-        ServerConfig.from_args(dict(options))
+        if not 1 <= args.port <= 65535:
+            raise ValueError(f"port must be in 1..65535, got {args.port}")
+        cfg = ServerConfig.from_args(options)
+        _check_checkpoint(cfg.model)
+        app = bind_app(cfg)  # Serve checks its deployment options here (e.g. a negative GPU count), Ray or not
     except ValueError as e:
         print(f"fdllm-serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app(options)
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)
+
+
+def _check_checkpoint(model: str) -> None:
+    """ValueError unless a local `model` is a checkpoint directory: fdllm-serve's replicas run on this
+    machine, and would find out only after Ray and Serve started. A URI is left to the replica, which
+    downloads it (fdllm.storage)."""
+    from fdllm.config import ModelConfig
+
+    if is_uri(model):
+        return
+    try:
+        ModelConfig.load(model)
+    except (OSError, ValueError) as exc:  # no config.json, unreadable, or a model this package cannot load
+        raise ValueError(f"model: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -70,6 +70,28 @@ async def interleave(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, o
             task.cancel()
 
 
+async def first_events(streams: list[AsyncIterator]) -> list:
+    """Each stream's first event (a request's choices, admitted together). The first error of any stream
+    is raised as soon as it comes, not after the others' first events (a choice queued behind running
+    requests may take a whole decode to get one), and, like cancelling this call (the client gone),
+    closes every stream: one still waiting is cancelled where it waits, one that had its first event is
+    closed, so each request aborts."""
+    tasks = [asyncio.ensure_future(anext(stream)) for stream in streams]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t.exception() for t in tasks if t in done and t.exception() is not None), None)
+        if failed is not None:
+            raise failed
+        return [t.result() for t in tasks]
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # every cancelled generator has ended
+        for stream in streams:
+            await stream.aclose()
+        raise
+
+
 async def prepend(first: object, stream: AsyncIterator) -> AsyncIterator:
     """`first`, then the rest of `stream` (closed with this one, so its request aborts if unfinished)."""
     try:

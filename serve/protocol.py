@@ -4,6 +4,12 @@ Requests are pydantic models so malformed input fails before it reaches the engi
 leaves the server as `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status, as
 OpenAI's API does. Size limits that do not depend on the deployment (stop strings) live here; the
 per-deployment ones (body bytes, prompt characters) in `serve.app.ServerConfig`.
+
+JSON types are checked as OpenAI's API checks them (a 400 naming the field): integer fields take JSON
+integers only (not 7.0, "7" or true), boolean fields true or false only, number fields integers or
+floats (never strings or booleans). Hence pydantic's Strict* types on those fields: its lax mode would
+read "false" as False and true as 1. Not a model-wide strict mode, which would also refuse what clients
+rightly send to enum-like strings and nested objects.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
     StrictInt,
     ValidationError,
     ValidationInfo,
@@ -100,7 +108,7 @@ NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "n", "stream", "echo", "l
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False  # a last chunk with no choices carries the request's usage (OpenAI's)
+    include_usage: StrictBool = False  # a last chunk with no choices carries the request's usage (OpenAI's)
 
 
 class _SamplingFields(BaseModel):
@@ -111,18 +119,18 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # extension, as vLLM: 0 = off
-    n: int = Field(default=1, ge=1, le=128)  # choices per prompt (OpenAI's bound)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(default=0, ge=0)  # extension, as vLLM: 0 = off
+    n: StrictInt = Field(default=1, ge=1, le=128)  # choices per prompt (OpenAI's bound)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: StrictInt | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    threshold: float | None = Field(default=None, gt=0.0, le=1.0)  # fdllm: per-request confidence threshold
+    threshold: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)  # fdllm: per-request confidence threshold
     # fdllm: "ar" decodes one token per forward; "speculative" drafts by diffusion, verifies causally (= AR output)
     mode: Literal["diffusion", "ar", "speculative"] = "diffusion"
     # fdllm selection policy (fdllm.SamplingParams, METHOD.md §5): "threshold" (with `threshold`) or
@@ -130,25 +138,25 @@ class _SamplingFields(BaseModel):
     # delimiter predicted with confidence above `delimiter_threshold` (`delimiters` as text: default
     # newline, plus the end tokens; `delimiter_token_ids` as ids)
     selection: Literal["threshold", "entropy_budget"] = "threshold"
-    entropy_budget: float | None = Field(default=None, ge=0.0)
-    delimiter_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    entropy_budget: StrictFloat | None = Field(default=None, ge=0.0)
+    delimiter_threshold: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     delimiters: list[str] | None = None
-    delimiter_token_ids: list[int] | None = None
+    delimiter_token_ids: list[StrictInt] | None = None
     # fdllm: diffusion mode runs each block's first step in the forward that opens it (one forward fewer
     # per block; outputs may differ from the plain schedule: fdllm.SamplingParams.block_lookahead).
     # None: the server's default (ServerConfig.block_lookahead, for diffusion-mode requests)
-    block_lookahead: bool | None = None
+    block_lookahead: StrictBool | None = None
     # OpenAI's: token id (as a JSON key string) -> bias in [-100, 100], added to that token's logit;
     # penalties in [-2, 2] on the tokens generated so far (fdllm.SamplingParams); null: 0
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)  # vLLM's (and HF's), in [0.01, 100]; null: 1 (off)
-    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many; null: 0
+    logit_bias: dict[str, StrictFloat] | None = None
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0.0)  # vLLM's (and HF's), in [0.01, 100]; null: 1 (off)
+    min_tokens: StrictInt | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many; null: 0
     # vLLM's: token ids that end the request besides the tokenizer's EOS / end-of-turn tokens, and
     # `ignore_eos` (only these, `stop` and the token limit end it)
     stop_token_ids: list[StrictInt] | None = None
-    ignore_eos: bool | None = None
+    ignore_eos: StrictBool | None = None
 
     @field_validator(*NULL_MEANS_DEFAULT, mode="before", check_fields=False)
     @classmethod
@@ -259,9 +267,9 @@ class CompletionRequest(_SamplingFields):
     # OpenAI's forms: text, token ids, or a batch of either (lm-evaluation-harness sends token-id
     # batches); read as the list of prompts, each answered by n choices (choice i * n + j: prompt i)
     prompt: Annotated[list[str] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)]
-    echo: bool = False  # the response's text (and logprobs) start with the prompt's
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    best_of: int | None = Field(default=None, ge=1)  # only as many as n: no server-side ranking
+    echo: StrictBool = False  # the response's text (and logprobs) start with the prompt's
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
+    best_of: StrictInt | None = Field(default=None, ge=1)  # only as many as n: no server-side ranking
 
     def logprob_count(self) -> int | None:
         return self.logprobs
@@ -312,8 +320,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -347,8 +355,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    add_special_tokens: bool = True  # prompts only (a chat template writes its own)
-    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: StrictBool = True  # prompts only (a chat template writes its own)
+    add_generation_prompt: StrictBool = True  # messages only
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -366,7 +374,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]
 
 
 def openapi_body(model: type[BaseModel]) -> dict[str, Any]:

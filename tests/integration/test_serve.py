@@ -284,6 +284,11 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c"], "n": 2}, 400, "n"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "n": 0}, 400, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt"),
+    # JSON values of the wrong type, as OpenAI refuses them (not read as the field's type)
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "false"}, 400, "stream"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "n": 1.0}, 400, "n"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "seed": "7"}, 400, "seed"),
     # log-probabilities: a block-causal checkpoint has none to give (refused, not ignored), and none
     # stream; OpenAI's own limits
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1, "echo": True, "logprobs": 1}, 400, "logprobs"),

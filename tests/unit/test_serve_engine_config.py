@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 import fdllm
@@ -86,9 +88,15 @@ def test_an_empty_api_key_is_refused_not_an_open_server():
     assert ServerConfig(model="m", api_key="k").api_key == "k" and ServerConfig(model="m").api_key is None
 
 
-@pytest.mark.parametrize("flags,needle", [(["--max-num-seqs", "0"], "max_num_seqs"), (["--api-key", ""], "api_key"),
-                                          (["--num-replicas", "0"], "num_replicas"),
-                                          (["--default-max-tokens", "0"], "default_max_tokens")])
+@pytest.mark.parametrize("flags,needle", [
+    (["--max-num-seqs", "0"], "max_num_seqs"), (["--api-key", ""], "api_key"), (["--num-replicas", "0"], "num_replicas"),
+    (["--default-max-tokens", "0"], "default_max_tokens"),
+    (["--port", "0"], "port"), (["--port", "65536"], "port"), (["--port", "-1"], "port"),
+    (["--threshold", "1.5"], "threshold"), (["--threshold", "0"], "threshold"), (["--threshold", "nan"], "threshold"),
+    (["--model", ""], "model is empty"),  # read as the working directory
+    (["--model", "assets"], "model: no config.json"), (["--model", "no/such/checkpoint"], "model: no config.json"),
+    (["--num-gpus-per-replica", "-1"], "num_gpus"),  # Serve's own check of the deployment's options
+])
 def test_fdllm_serve_refuses_bad_options_before_starting_ray(flags, needle, monkeypatch, capsys):
     import ray
 
@@ -97,4 +105,35 @@ def test_fdllm_serve_refuses_bad_options_before_starting_ray(flags, needle, monk
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the options were checked"))
     with pytest.raises(SystemExit) as e:
         app.main(["--model", "assets/tiny-ar-base", *flags])
-    assert e.value.code == 2 and needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("field,value", [("metrics_interval_s", 0), ("metrics_interval_s", -2.0),
+                                         ("metrics_interval_s", float("inf")), ("metrics_interval_s", float("nan")),
+                                         ("threshold", 0.0), ("threshold", 1.01), ("model", ""), ("model", " ")])
+def test_serve_options_a_replica_would_refuse_or_spin_on_fail_in_the_builder(field, value):
+    """`serve run` / `serve deploy` build the config before any replica starts: these fail there."""
+    with pytest.raises(ValueError, match=field):
+        ServerConfig.from_args({"model": "m", field: value})
+    with pytest.raises(ValueError, match=field):
+        ServerConfig.from_args({"model": "m", field: str(value)})  # as `serve run ... key=value` sends it
+
+
+def test_fdllm_serve_builds_its_config_once(monkeypatch):
+    """main checks the options and deploys that same config: one ServerConfig, not a second built
+    from the same options (which could disagree, e.g. a relative path read in another directory)."""
+    import ray
+
+    from serve import app
+
+    built, deployed = [], []
+    from_args = ServerConfig.from_args.__func__
+    monkeypatch.setattr(app.ServerConfig, "from_args", classmethod(lambda cls, a: built.append(from_args(cls, a)) or built[-1]))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(app.serve, "start", lambda *a, **k: None)
+    monkeypatch.setattr(app.serve, "run", lambda target, **k: deployed.append(target))
+    app.main(["--model", "assets/tiny-ar-base", "--threshold", "0.7", "--port", "8123"])
+    assert len(built) == 1 and len(deployed) == 1
+    (args,) = deployed[0]._bound_deployment.init_args
+    assert args == asdict(built[0]) and args["threshold"] == 0.7

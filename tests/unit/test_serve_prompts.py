@@ -20,6 +20,7 @@ from serve.protocol import (  # noqa: E402
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     TokenizeRequest,
     chat_logprobs,
     choice_params,
@@ -219,6 +220,55 @@ def test_out_of_range_choice_fields_are_400s_naming_them(model, fields, param):
     with pytest.raises(APIError) as err:
         _request(model, **fields)
     assert (err.value.status, err.value.param) == (400, param)
+
+
+# A JSON value of the wrong type, each answered by OpenAI's API with a 400 naming the field: integer
+# fields take integers only (not 7.0, "7" or true), booleans only true/false, numbers no strings or booleans.
+WRONG_JSON_TYPES = [
+    (CompletionRequest, {"max_tokens": True}, "max_tokens"), (CompletionRequest, {"max_tokens": "7"}, "max_tokens"),
+    (CompletionRequest, {"max_tokens": 7.0}, "max_tokens"), (ChatCompletionRequest, {"max_completion_tokens": "7"},
+                                                             "max_completion_tokens"),
+    (CompletionRequest, {"n": 1.0}, "n"), (ChatCompletionRequest, {"n": True}, "n"), (CompletionRequest, {"seed": "7"}, "seed"),
+    (ChatCompletionRequest, {"seed": 7.5}, "seed"), (CompletionRequest, {"top_k": 2.0}, "top_k"),
+    (CompletionRequest, {"min_tokens": False}, "min_tokens"), (CompletionRequest, {"logprobs": True}, "logprobs"),
+    (CompletionRequest, {"best_of": "1"}, "best_of"), (ChatCompletionRequest, {"logprobs": True, "top_logprobs": "2"}, "top_logprobs"),
+    (CompletionRequest, {"stream": "false"}, "stream"), (ChatCompletionRequest, {"stream": 0}, "stream"),
+    (CompletionRequest, {"echo": "true"}, "echo"), (ChatCompletionRequest, {"logprobs": 1}, "logprobs"),
+    (CompletionRequest, {"ignore_eos": "yes"}, "ignore_eos"), (CompletionRequest, {"block_lookahead": 1}, "block_lookahead"),
+    (CompletionRequest, {"stream": True, "stream_options": {"include_usage": "true"}}, "stream_options"),
+    (CompletionRequest, {"temperature": "0.5"}, "temperature"), (ChatCompletionRequest, {"temperature": True}, "temperature"),
+    (ChatCompletionRequest, {"top_p": "1"}, "top_p"), (CompletionRequest, {"threshold": "0.9"}, "threshold"),
+    (CompletionRequest, {"presence_penalty": False}, "presence_penalty"),
+    (ChatCompletionRequest, {"repetition_penalty": "1"}, "repetition_penalty"),
+    (CompletionRequest, {"logit_bias": {"5": "1"}}, "logit_bias"), (CompletionRequest, {"logit_bias": {"5": True}}, "logit_bias"),
+    (CompletionRequest, {"delimiter_token_ids": ["5"]}, "delimiter_token_ids"),
+    (CompletionRequest, {"stop_token_ids": [True]}, "stop_token_ids"),
+    (TokenizeRequest, {"prompt": "x", "add_special_tokens": "false"}, "add_special_tokens"),
+    (TokenizeRequest, {"prompt": "x", "add_generation_prompt": 0}, "add_generation_prompt"),
+    (DetokenizeRequest, {"tokens": ["5"]}, "tokens"), (DetokenizeRequest, {"tokens": [True]}, "tokens"),
+]
+
+
+@pytest.mark.parametrize("model,fields,param", WRONG_JSON_TYPES)
+def test_a_json_value_of_the_wrong_type_is_a_400_naming_the_field(model, fields, param):
+    """pydantic's lax mode read these as the field's type ("false" as False, true as 1)."""
+    with pytest.raises(APIError) as err:
+        if model in (TokenizeRequest, DetokenizeRequest):
+            parse_request(model, json.dumps(fields).encode())
+        else:
+            _request(model, **fields)
+    assert (err.value.status, err.value.param) == (400, param), err.value.message
+    assert param in err.value.message and err.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_number_fields_take_json_integers_as_openai_does(model):
+    """A number may be written as an integer (the official client sends Python's 0 and 1 so)."""
+    params = _request(model, temperature=1, top_p=1, threshold=1, presence_penalty=0, frequency_penalty=-1,
+                      repetition_penalty=2, logit_bias={"5": 100}, max_tokens=7, seed=3, n=2, stream=False).sampling_params(16)
+    assert (params.temperature, params.top_p, params.threshold, params.presence_penalty) == (1.0, 1.0, 1.0, 0.0)
+    assert (params.frequency_penalty, params.repetition_penalty, params.logit_bias) == (-1.0, 2.0, {5: 100.0})
+    assert (params.max_new_tokens, params.seed) == (7, 3)
 
 
 SCORED = SequenceLogprobs(

@@ -1,0 +1,94 @@
+"""Admission of a request's choices (FdllmServer._admit) on a real AsyncEngine, without Ray running:
+one refused choice answers the request at once and aborts the others."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+
+import pytest
+
+import fdllm
+
+pytest.importorskip("ray.serve")
+from serve.app import FdllmServer  # noqa: E402
+from serve.async_engine import AsyncEngine, EngineOverloaded  # noqa: E402
+from serve.protocol import APIError  # noqa: E402
+
+
+def _until(drv: AsyncEngine, done, timeout_s: float = 5.0) -> dict:
+    """The driver's stats once `done(stats)` holds (or the last ones after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while not done(stats := drv.stats()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return stats
+
+
+def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
+    """Of a request's three choices, one runs, one waits behind the running requests, and one is refused
+    once the first has its first tokens: the 503 must not wait for the waiting one's first tokens
+    (before, admission gathered every choice's first event: here a long request's whole decode), and
+    neither sibling may decode on for nobody or keep pages."""
+    engine = fdllm.Engine.from_pretrained(dllm_dir, engine_config=fdllm.EngineConfig(max_num_seqs=2))
+    drv = AsyncEngine(engine, max_waiting=2)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.05), step())[1]  # 400 tokens of the running request: ~20 s
+    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)
+    admit = partial(FdllmServer.func_or_class._admit, None)  # it reads no replica state (a replica needs Ray)
+
+    async def refused_later():
+        """A choice refused after its siblings were added and the first of them stepped (a refusal
+        from the engine comes before any step: this orders the three cases)."""
+        steps = drv.metrics.steps
+        while drv.metrics.steps < steps + 3:
+            await asyncio.sleep(0.01)
+        raise EngineOverloaded("2 requests already waiting; retry later")
+        yield  # an async generator, as AsyncEngine.generate
+
+    async def main() -> tuple[APIError, float]:
+        running = drv.generate([5, 6], long, "running")  # another client's: takes one of the two slots
+        await anext(running)
+        choices = [drv.generate([7, 8], long, "req-0"), drv.generate([9, 8], long, "req-1"), refused_later()]
+        start = time.monotonic()
+        with pytest.raises(APIError) as err:
+            await asyncio.wait_for(admit(choices), timeout=5)
+        took = time.monotonic() - start
+        stats = await asyncio.to_thread(_until, drv, lambda s: s["running"] == 1 and s["waiting"] == 0)
+        assert (stats["running"], stats["waiting"]) == (1, 0), stats  # only the other client's request is left
+        await running.aclose()
+        return err.value, took
+
+    try:
+        err, took = asyncio.run(main())
+        assert (err.status, err.code) == (503, "overloaded") and took < 2.0, (err.status, err.message, took)
+        stats = _until(drv, lambda s: s["running"] == s["waiting"] == 0 and s["free_pages"] == s["total_pages"])
+        assert stats["running"] == stats["waiting"] == 0 and stats["free_pages"] == stats["total_pages"], stats
+    finally:
+        drv.shutdown()
+
+
+def test_a_client_gone_during_admission_closes_every_choice():
+    """Cancelled while admitting (the client hung up), admission closes the choice that had its first
+    event too, not only those still waiting: its request must not decode on for nobody."""
+    admit = partial(FdllmServer.func_or_class._admit, None)
+    closed: list[int] = []
+
+    async def choice(i: int, first_after_s: float):
+        try:
+            await asyncio.sleep(first_after_s)
+            yield i
+            await asyncio.sleep(100)
+            yield i
+        finally:
+            closed.append(i)
+
+    async def main() -> list[int]:
+        admitting = asyncio.ensure_future(admit([choice(0, 0.0), choice(1, 100.0)]))
+        await asyncio.sleep(0.05)  # choice 0 has its first event; choice 1 waits for one
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        return sorted(closed)  # before asyncio.run's end closes what is left
+
+    assert asyncio.run(main()) == [0, 1]
