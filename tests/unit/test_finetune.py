@@ -122,6 +122,22 @@ def test_an_output_that_holds_other_files_is_refused_before_ray_starts(qwen2_dir
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+@pytest.mark.parametrize("option, path", [("--output", "a_file/sub"), ("--storage-path", "a_file"),
+                                          ("--storage-path", "a_file/sub")])
+def test_an_output_or_storage_path_at_or_under_a_file_is_refused_before_ray_starts(option, path, qwen2_dir, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """Writers would find out at the first checkpoint, after training: one line naming the option, exit 2."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the paths were checked"))
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(4))
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--model", str(qwen2_dir), "--data", str(data), "--max-steps", "1", "--run-name", "r",
+            "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "runs"), option, str(tmp_path / path)]
+    assert main(argv) == 2
+    assert f"{option}: {tmp_path / path}" in caplog.text and "is a file" in caplog.text
+
+
 def test_lr_schedule():
     lrs = [lr_at(s, 100, 1e-3, 10, 0.1) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
