@@ -57,6 +57,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fdllm.finetune")
 
+# What a bad option, path or data source raises before (or instead of) training: the CLIs built on the
+# fine-tune (this one, distill, quickstart) report it as one line and exit 2, argparse's status.
+USER_ERRORS = (ValueError, OSError, DataError)
+
 
 def build_parser(
     config_cls: type[FinetuneConfig] = FinetuneConfig, prog: str = "fdllm-finetune",
@@ -275,7 +279,7 @@ def cli_main(argv: list[str] | None, parser: argparse.ArgumentParser, config_cls
     try:
         cfg = config_cls.from_sources(config_file, **args)
         run_fn(cfg)
-    except (ValueError, DataError, FileNotFoundError, FileExistsError) as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     return 0
