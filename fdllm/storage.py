@@ -214,17 +214,19 @@ def _fetch_once(
 def check_directory_path(path: str) -> None:
     """ValueError when no directory can be made at `path` (local or URI): it is a file, or (local
     paths) a file stands where one of its parents should be. Writers only find out at their first
-    file, which for a fine-tune is after training."""
-    import pyarrow.fs as pafs
+    file, which for a fine-tune is after training. Local paths need no pyarrow."""
+    if is_uri(path):  # object stores: only the path itself (a key and a "directory" of one name may coexist)
+        import pyarrow.fs as pafs
 
-    fs, inner = filesystem(path)
-    if fs.get_file_info(inner).type == pafs.FileType.File:
-        raise ValueError(f"{path} is a file, not a directory")
-    if is_uri(path):  # object stores: a key and a "directory" of the same name may coexist
+        fs, inner = filesystem(path)
+        if fs.get_file_info(inner).type == pafs.FileType.File:
+            raise ValueError(f"{path} is a file, not a directory")
         return
-    existing = next(p for p in Path(inner).parents if p.exists())  # the root always exists
+    local = Path(resolve_local(path))
+    existing = next(p for p in (local, *local.parents) if p.exists())  # the root always exists
     if not existing.is_dir():
-        raise ValueError(f"{path} is under {existing}, which is a file, not a directory")
+        raise ValueError(f"{path} is a file, not a directory" if existing == local else
+                         f"{path} is under {existing}, which is a file, not a directory")
 
 
 def check_publishable(dest: str) -> None:
