@@ -47,3 +47,16 @@ def output_file(text: str) -> str:
     if not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(f"{path.absolute().parent} is not an existing directory")
     return text
+
+
+def output_dir(text: str) -> str:
+    """A directory the results go into (made if absent): neither a file nor under one."""
+    # Imported here: bench_kernels imports this module and must set TRITON_INTERPRET before fdllm (and
+    # transformers, which may import triton) load.
+    from fdllm.storage import check_directory_path
+
+    try:
+        check_directory_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -1,11 +1,12 @@
-"""The benchmarks' command lines refuse a count < 1, an empty or bad list and an output file that is a
-directory at parsing: exit 2 and the option named, before any work."""
+"""The benchmarks' command lines refuse a count < 1, an empty or bad list, an output file that is a
+directory and a GPU run without a GPU at parsing: exit 2 and the option named, before any work."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from benchmarks import bench_host, benchmark, data
+from benchmarks import bench_host, benchmark, data, gpu_suite
 
 
 def _refused(parse, argv: list[str], capsys) -> str:
@@ -49,3 +50,19 @@ def test_good_lists_parse_into_ints():
     assert bench_host.parse_args(["--batch-sizes", "1,8,64"]).batch_sizes == [1, 8, 64]
     assert benchmark.parse_args(["serve"]).concurrency == [1, 4, 16]  # the default, as "1,4,16" was
     assert benchmark.parse_args(["serve", "--concurrency", "1,8,"]).concurrency == [1, 8]
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/sub"])
+def test_gpu_suite_refuses_an_out_that_is_or_is_under_a_file(out, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_suite, "Report", lambda *a, **k: pytest.fail("the suite started"))
+    (tmp_path / "a_file").write_text("x")
+    assert "--out: " in _refused(gpu_suite.main, ["--out", str(tmp_path / out), "--smoke"], capsys)
+
+
+def test_gpu_suite_without_cuda_needs_smoke(tmp_path, monkeypatch, capsys):
+    """Without --smoke it runs the 1.5B/7B shapes: hours on a CPU. It points to --smoke instead."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_suite, "Report", lambda *a, **k: pytest.fail("the GPU suite started on a CPU"))
+    err = _refused(gpu_suite.main, ["--out", str(tmp_path / "suite")], capsys)
+    assert "no CUDA device" in err and "--smoke" in err
+    assert not (tmp_path / "suite").exists()
