@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fdllm
+from benchmarks.cli import output_file, positive_int, positive_int_list
 
 DEFAULT_MODEL = "assets/tiny-ar-base"
 
@@ -177,23 +178,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 64], help="comma-separated, e.g. 1,8,64")
     p.add_argument("--mode", default="diffusion", choices=["diffusion", "ar"])
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--prompt-len", type=int, default=20)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=positive_int, default=20)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="with the penalties below: requests that adjust their logits (the runner's biased rows)")
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: steadier timings)")
     p.add_argument("--eager", action="store_true", help="EngineConfig(enforce_eager=True)")
     p.add_argument("--no-freeze-gc", action="store_true",
                    help="EngineConfig(freeze_gc=False): the collector keeps scanning the start-up heap (see host mean)")
     p.add_argument("--stub-model", action="store_true", help="a stub body of the same output shapes: host work only")
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--json", type=output_file, help="also write the rows here")
     return p.parse_args(argv)
 
 

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.cli import output_file, positive_int, positive_int_list
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLASH_ATTN_PAGE = 256
 
@@ -52,27 +54,23 @@ class Row:
     error: str | None = None
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batches", type=_ints, default=[1, 8, 32], help="sequences per call (comma list)")
-    p.add_argument("--contexts", type=_ints, default=[1024, 2048, 4096], help="kv tokens per sequence (comma list)")
-    p.add_argument("--q-len", type=int, default=32, help="queries per sequence: the block (32) or a sub-block (8)")
-    p.add_argument("--page-size", type=int, default=32, help="tokens per page = diffusion block size")
-    p.add_argument("--heads", type=int, default=12, help="query heads N")
-    p.add_argument("--kv-heads", type=int, default=2, help="kv heads K")
-    p.add_argument("--head-dim", type=int, default=128, help="head dim H")
+    p.add_argument("--batches", type=positive_int_list, default=[1, 8, 32], help="sequences per call (comma list)")
+    p.add_argument("--contexts", type=positive_int_list, default=[1024, 2048, 4096], help="kv tokens per sequence (comma list)")
+    p.add_argument("--q-len", type=positive_int, default=32, help="queries per sequence: the block (32) or a sub-block (8)")
+    p.add_argument("--page-size", type=positive_int, default=32, help="tokens per page = diffusion block size")
+    p.add_argument("--heads", type=positive_int, default=12, help="query heads N")
+    p.add_argument("--kv-heads", type=positive_int, default=2, help="kv heads K")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dim H")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--causal", action="store_true", help="causal attention (AR prefill) instead of bidirectional")
     p.add_argument("--backends", default="triton,torch,flash_attn",
                    help="comma list of triton, torch, flash_attn (skipped when not installed)")
     p.add_argument("--confidence", action="store_true", help="also benchmark the fused confidence kernel")
-    p.add_argument("--vocab", type=int, default=151936, help="confidence: vocab size V (Qwen2)")
-    p.add_argument("--hidden", type=int, default=1536, help="confidence: model dim D (Qwen2-1.5B)")
+    p.add_argument("--vocab", type=positive_int, default=151936, help="confidence: vocab size V (Qwen2)")
+    p.add_argument("--hidden", type=positive_int, default=1536, help="confidence: model dim D (Qwen2-1.5B)")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
-    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--json", type=output_file, default=None, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes under the Triton interpreter")
 
 

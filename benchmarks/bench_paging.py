@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import fdllm
-from benchmarks.cli import engine_subcommand
+from benchmarks.cli import engine_subcommand, positive_int
 from fdllm.loader import parse_dtype
 from pipelines.evaluate import load_records, prompt_ids
 from pipelines.world import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR, TEST_FILE
@@ -52,10 +52,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEFAULT_DATA_DIR / TEST_FILE), help="JSONL records with 'prompt' fields")
     p.add_argument("--mode", default="ar", choices=["diffusion", "ar", "speculative"],
                    help="the world base is an AR model: diffusion needs a fine-tuned --model")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=384, help="the world base reads 512 tokens at most")
-    p.add_argument("--fit", type=int, default=8, help="the KV cache holds this many requests at their worst case")
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--requests", type=positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=384, help="the world base reads 512 tokens at most")
+    p.add_argument("--fit", type=positive_int, default=8, help="the KV cache holds this many requests at their worst case")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64)
     p.set_defaults(func=run)
     return p
 

@@ -23,7 +23,7 @@ import torch
 
 import fdllm
 from benchmarks.bench_train import add_model_arguments, build_model
-from benchmarks.cli import engine_subcommand
+from benchmarks.cli import engine_subcommand, positive_int
 from fdllm.loader import parse_dtype
 
 
@@ -46,11 +46,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `prefix` benchmark on an argparse subparsers object."""
     p = engine_subcommand(subparsers, "prefix", "prefix caching off vs on: requests sharing a system prompt", __doc__)
     add_model_arguments(p)
-    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--requests", type=positive_int, default=16)
     p.add_argument("--system-len", type=int, default=480, help="tokens of the shared system prompt")
     p.add_argument("--question-len", type=int, default=24, help="tokens of each request's own part")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--block-size", type=positive_int, default=32)
     p.add_argument("--mode", default="diffusion", choices=["diffusion", "ar", "speculative"])
     p.set_defaults(func=run)
     return p

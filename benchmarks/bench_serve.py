@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli import positive_int, positive_int_list
+
 PROMPTS = ("Reverse: 03 17 42 08 99", "Reverse: 12 07 55 31 64 20", "Reverse: 88 02 14 73 45", "hello")
 
 
@@ -62,13 +64,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", default="assets/tiny-ar-base", help="checkpoint dir to serve (ignored with --url)")
     p.add_argument("--url", help="benchmark an already running server instead of starting one")
     p.add_argument("--model-name", help="the served model name (default: the checkpoint dir name)")
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
-    p.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--concurrency", type=positive_int_list, default=[1, 4, 16], help="comma-separated client counts")
+    p.add_argument("--requests", type=positive_int, default=48, help="requests per concurrency level")
+    p.add_argument("--max-tokens", type=positive_int, default=32)
     p.add_argument("--mode", default="diffusion", choices=["diffusion", "ar"])
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     p.add_argument("--api-key", help="bearer token of the server (default: none)")
-    p.add_argument("--max-replicas", type=int, default=1,
+    p.add_argument("--max-replicas", type=positive_int, default=1,
                    help="autoscale the started app between 1 and this many replicas (ignored with --url)")
     p.add_argument("--chaos", action="store_true", help="robustness run: disconnects, malformed and "
                    "pathological requests, injected step failures (see the module docstring)")
@@ -301,7 +303,7 @@ async def run_chaos(url: str, model: str, clients: int, requests: int, max_token
 
 
 def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
-    levels = [int(c) for c in args.concurrency.split(",") if c]
+    levels = args.concurrency
     name = args.model_name or Path(args.model).name
     if args.url:
         url = args.url

@@ -28,6 +28,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cli import output_file, positive_int  # noqa: E402
+
 log = logging.getLogger("fdllm.bench_train")
 
 # Random-weight models of known shapes, for runs without a checkpoint (Qwen2 architecture).
@@ -63,16 +65,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    parser.add_argument("--block-size", type=int, default=32, help="diffusion block size")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per objective")
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per packed sequence")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
+    parser.add_argument("--block-size", type=positive_int, default=32, help="diffusion block size")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per objective")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated subset of diffusion,diffusion-uncut,ar (uncut: without "
                         "compact_noisy_blocks, to measure what it saves)")
-    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--output", type=output_file, help="write the results as JSON here")
 
 
 def build_model(args: argparse.Namespace):

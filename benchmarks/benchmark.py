@@ -46,6 +46,7 @@ import torch
 
 import fdllm
 from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_score, bench_serve, bench_train
+from benchmarks.cli import positive_int, positive_int_list
 from fdllm.config import ModelConfig
 from fdllm.loader import parse_dtype
 
@@ -239,23 +240,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dec = sub.add_parser("decode", help="AR vs block diffusion (sub-block cache on/off, block lookahead) vs speculative "
                          "vs HF generate")
     dec.add_argument("--model", help="HF checkpoint dir; default: random weights of the config below")
-    dec.add_argument("--hidden-size", type=int, default=256)
-    dec.add_argument("--layers", type=int, default=4)
-    dec.add_argument("--heads", type=int, default=4)
-    dec.add_argument("--kv-heads", type=int, default=2)
-    dec.add_argument("--intermediate-size", type=int, default=768)
-    dec.add_argument("--vocab-size", type=int, default=4096)
+    dec.add_argument("--hidden-size", type=positive_int, default=256)
+    dec.add_argument("--layers", type=positive_int, default=4)
+    dec.add_argument("--heads", type=positive_int, default=4)
+    dec.add_argument("--kv-heads", type=positive_int, default=2)
+    dec.add_argument("--intermediate-size", type=positive_int, default=768)
+    dec.add_argument("--vocab-size", type=positive_int, default=4096)
     dec.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     dec.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    dec.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
+    dec.add_argument("--batch-sizes", type=positive_int_list, default=[1, 16],
                      help="comma-separated, e.g. 1,16,64")
-    dec.add_argument("--prompt-len", type=int, default=64)
-    dec.add_argument("--max-new-tokens", type=int, default=64)
-    dec.add_argument("--block-size", type=int, default=32)
-    dec.add_argument("--sub-block-size", type=int, default=8)
+    dec.add_argument("--prompt-len", type=positive_int, default=64)
+    dec.add_argument("--max-new-tokens", type=positive_int, default=64)
+    dec.add_argument("--block-size", type=positive_int, default=32)
+    dec.add_argument("--sub-block-size", type=positive_int, default=8)
     dec.add_argument("--threshold", type=float, default=None,
                      help="default: the checkpoint's, or 1e-9 with random weights (maximal parallelism)")
-    dec.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is reported")
+    dec.add_argument("--repeats", type=positive_int, default=2, help="runs per measurement; the fastest is reported")
     dec.add_argument("--seed", type=int, default=0)
     dec.set_defaults(func=lambda args: print_table(decode(args), args))
     bench_train.add_parser(sub).set_defaults(func=bench_train.run)

@@ -1,17 +1,62 @@
-"""What the engine benchmarks' subcommands share on the command line."""
+"""What the benchmarks share on the command line: the engine subcommands' device options, and the
+argparse types that refuse a bad count, list or output path at parsing (exit 2, the option named),
+not after the run has spent its minutes."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def engine_subcommand(subparsers: Any, name: str, help: str, doc: str | None) -> argparse.ArgumentParser:
     """A `python -m benchmarks.benchmark NAME` subcommand whose --help shows the module's docstring
     `doc`, with the --device and --dtype an engine benchmark runs on."""
+    import torch  # here: the HTTP and training benchmarks share this module and import torch late or never
+
     p = subparsers.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     return p
+
+
+def positive_int(text: str) -> int:
+    """A count or size (repeats, requests, steps, tokens, dims): an int >= 1."""
+    value = int(text)  # ValueError: argparse's "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """A comma list of counts (batch sizes, concurrency levels): at least one, each >= 1."""
+    try:
+        values = [positive_int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer >= 1 (a comma list, e.g. 1,16)")
+    return values
+
+
+def output_file(text: str) -> str:
+    """A file the results are written to at the end: not a directory, in a directory that exists."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file path")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.absolute().parent} is not an existing directory")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """A directory the results go into (made if absent): neither a file nor under one."""
+    # Imported here: bench_kernels imports this module and must set TRITON_INTERPRET before fdllm (and
+    # transformers, which may import triton) load.
+    from fdllm.storage import check_directory_path
+
+    try:
+        check_directory_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -38,6 +38,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cli import output_file, positive_int  # noqa: E402
+
 log = logging.getLogger("fdllm.bench_data")
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -412,9 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="HF tokenizer dir (default: a BPE trained on the corpus)")
     parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs of the local Ray instance")
     parser.add_argument("--data-cpus", type=float, default=1.0, help="CPUs per read / tokenize task (--data-cpus)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=2, help="packed sequences per training batch")
+    parser.add_argument("--seq-len", type=positive_int, default=2048)
+    parser.add_argument("--block-size", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="packed sequences per training batch")
     parser.add_argument("--overlong", choices=("skip", "truncate"), default="truncate",
                         help="rows longer than seq_len (truncate: long traces still yield tokens)")
     parser.add_argument("--engine", choices=("ray", "local"), default="ray",
@@ -422,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seconds", type=float, default=0.0, help="stop reading after this long (0: whole corpus)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-corpus", action="store_true", help="keep the generated corpora for a rerun")
-    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--output", type=output_file, help="write the results as JSON here")
     return parser
 
 

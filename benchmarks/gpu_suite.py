@@ -5,6 +5,8 @@ r"""Every GPU figure of the project in one command (random weights, no network),
     python -m benchmarks.gpu_suite --out runs/gpu-suite --deadline-s 540   # stop starting sections after 9 min
     python -m benchmarks.gpu_suite --out /tmp/suite --smoke        # CPU: tiny shapes, Triton interpreter
 
+Without a CUDA device only `--smoke` runs (the real shapes would take hours on a CPU).
+
 Each section runs in a process of its own, under a time limit (`SECTION_TIMEOUT_S`), and appends to
 report.json and report.md as soon as it ends: a stopped run keeps what it measured, and a failing,
 crashing or hanging section (a CUDA error leaves its process's context unusable) is recorded while the
@@ -65,6 +67,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+
+from benchmarks.cli import output_dir
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
@@ -687,7 +691,7 @@ def toolchain() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="directory for report.md, report.json (and kernels.json)")
+    p.add_argument("--out", required=True, type=output_dir, help="directory for report.md, report.json (and kernels.json)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, Triton interpreter (checks the suite runs)")
     p.add_argument("--peak-gbps", type=float, default=None, help="HBM peak (default: from the device name)")
     p.add_argument("--sections", default=None,
@@ -702,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in [*selected, *([args.section] if args.section else [])] if s not in SECTION_TIMEOUT_S]
     if unknown:
         p.error(f"unknown section(s) {unknown}; the sections are: {', '.join(SECTION_TIMEOUT_S)}")
+    if not args.smoke and not torch.cuda.is_available():  # its 1.5B/7B shapes would run on the CPU for hours
+        p.error("no CUDA device here: the suite's shapes need a GPU; on a CPU run it with --smoke "
+                "(tiny shapes, Triton interpreter: checks that the suite runs, timings meaningless)")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     deadline = None if args.deadline_s is None else time.monotonic() + args.deadline_s

@@ -211,16 +211,34 @@ def _fetch_once(
             raise
 
 
+def check_directory_path(path: str) -> None:
+    """ValueError when no directory can be made at `path` (local or URI): it is a file, or (local
+    paths) a file stands where one of its parents should be. Writers only find out at their first
+    file, which for a fine-tune is after training. Local paths need no pyarrow."""
+    if is_uri(path):  # object stores: only the path itself (a key and a "directory" of one name may coexist)
+        import pyarrow.fs as pafs
+
+        fs, inner = filesystem(path)
+        if fs.get_file_info(inner).type == pafs.FileType.File:
+            raise ValueError(f"{path} is a file, not a directory")
+        return
+    local = Path(resolve_local(path))
+    existing = next(p for p in (local, *local.parents) if p.exists())  # the root always exists
+    if not existing.is_dir():
+        raise ValueError(f"{path} is a file, not a directory" if existing == local else
+                         f"{path} is under {existing}, which is a file, not a directory")
+
+
 def check_publishable(dest: str) -> None:
-    """ValueError unless `dest` is absent, empty or an export `publish_dir` wrote (or was writing):
-    a later export replaces its files, and nothing else may be deleted."""
+    """ValueError unless `dest` is absent (and can be made: `check_directory_path`), empty or an
+    export `publish_dir` wrote (or was writing): a later export replaces its files, and nothing
+    else may be deleted."""
+    check_directory_path(dest)
     fs, inner = filesystem(dest)
     try:
         _exported_files(fs, inner.rstrip("/"), _list(fs, inner.rstrip("/")).files, dest)
     except FileNotFoundError:
         pass
-    except NotADirectoryError:
-        raise ValueError(f"{dest} is a file; an export is a directory") from None
 
 
 def _exported_files(fs: "pyarrow.fs.FileSystem", inner: str, listed: dict, dest: str) -> set[str]:

@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fdllm.paths import is_uri  # noqa: E402
-from fdllm.storage import check_publishable, filesystem, join, local_checkpoint  # noqa: E402
+from fdllm.storage import check_directory_path, check_publishable, filesystem, join, local_checkpoint  # noqa: E402
 from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files, summarize_bad_rows  # noqa: E402
 from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
@@ -56,6 +56,10 @@ if TYPE_CHECKING:
     import ray.train
 
 log = logging.getLogger("fdllm.finetune")
+
+# What a bad option, path or data source raises before (or instead of) training: the CLIs built on the
+# fine-tune (this one, distill, quickstart) report it as one line and exit 2, argparse's status.
+USER_ERRORS = (ValueError, OSError, DataError)
 
 
 def build_parser(
@@ -180,15 +184,22 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
 
 
 def check_output(cfg: FinetuneConfig) -> None:
-    """The servable export replaces what its directory holds: refuse, before anything runs, a
-    directory that holds the run's checkpoints or the base model, or other files (`check_publishable`)."""
+    """Where the run writes, checked before anything runs (the writers would fail only at the first
+    checkpoint, after training): `--storage-path` must be able to hold directories; the servable
+    export replaces what its directory holds, so refuse one that holds the run's checkpoints or the
+    base model, or other files, or cannot be made (`check_publishable`)."""
     run_dir = join(cfg.storage_path, cfg.run_name).rstrip("/")
     output = cfg.output.rstrip("/")
     for name, path in (("the run's checkpoints", run_dir), ("the base model", cfg.model.rstrip("/"))):
         if path == output or path.startswith(output + "/"):
             raise ValueError(f"--output {cfg.output} would hold {name} ({path}); the export replaces what is there, "
                              "so give a directory of its own (default: STORAGE_PATH/RUN_NAME/servable)")
-    check_publishable(cfg.output)
+    for option, path, check in (("--storage-path", cfg.storage_path, check_directory_path),
+                                ("--output", cfg.output, check_publishable)):
+        try:
+            check(path)
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}") from None
 
 
 def _warn_if_in_job_copy(cfg: FinetuneConfig) -> None:
@@ -268,7 +279,7 @@ def cli_main(argv: list[str] | None, parser: argparse.ArgumentParser, config_cls
     try:
         cfg = config_cls.from_sources(config_file, **args)
         run_fn(cfg)
-    except (ValueError, DataError, FileNotFoundError, FileExistsError) as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     return 0

@@ -177,6 +177,8 @@ class FinetuneConfig:
                 loaded = yaml.safe_load(Path(config_file).read_text()) or {}
             except yaml.YAMLError as e:
                 raise ValueError(f"{config_file}: not valid YAML: {e}") from None
+            except OSError as e:  # missing, a directory, unreadable
+                raise ValueError(f"--config {config_file}: {e.strerror or e}") from None
             if not isinstance(loaded, dict):
                 raise ValueError(f"{config_file}: expected a mapping of options")
             unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)})

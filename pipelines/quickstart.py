@@ -23,7 +23,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.data import DataError  # noqa: E402
 from pipelines.evaluate import (  # noqa: E402
     ALL_TASKS,
     EvalRow,
@@ -33,7 +32,7 @@ from pipelines.evaluate import (  # noqa: E402
     run_evaluation,
     threshold_list,
 )
-from pipelines.finetune import FinetuneConfig, run  # noqa: E402
+from pipelines.finetune import USER_ERRORS, FinetuneConfig, run  # noqa: E402
 from pipelines.world import DEFAULT_DATA_DIR as WORLD  # noqa: E402
 from pipelines.world import DEFAULT_MODEL_DIR as BASE  # noqa: E402
 from pipelines.world import REPO_ROOT, TEST_FILE, TRAIN_FILE  # noqa: E402
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("1/2 fine-tuning %s with the %s objective (Ray Train, %d workers, %d steps)", BASE.name,
                  cfg.objective, cfg.num_workers, cfg.total_steps())
         run(cfg)
-    except (ValueError, OSError, DataError) as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     finetune_s = time.perf_counter() - start

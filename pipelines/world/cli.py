@@ -5,6 +5,7 @@
     python -m pipelines.world pretrain --data assets/world --out assets/tiny-ar-base [--steps N ...]
     python -m pipelines.world evaluate --model assets/tiny-ar-base --data assets/world [--limit N]
     python -m pipelines.world --rebuild    # all three with defaults: reproduces the committed assets
+                                           # (no subcommand: run the three above to write elsewhere)
 
 Pretraining draws more examples from the corpus's seeded stream than `train.jsonl` holds (the file
 is a prefix of that stream) and runs on one CPU thread, so a rebuild is byte for byte.
@@ -115,7 +116,8 @@ def rebuild() -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.world", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rebuild", action="store_true", help="run data, tokenizer and pretrain with defaults into assets/")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="run data, tokenizer and pretrain with defaults into assets/ (takes no subcommand)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command")
     defaults = argparse.ArgumentDefaultsHelpFormatter
@@ -158,9 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_evaluate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`evaluate` with nothing to evaluate would load the model and report nothing, exit 0: refuse it."""
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    if not any((args.data / name).is_file() for name in (TEST_FILE, BEYOND_FILE)):
+        parser.error(f"--data {args.data} holds neither {TEST_FILE} nor {BEYOND_FILE}: give a corpus dir "
+                     "(`python -m pipelines.world data --out DIR` writes one)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.rebuild and args.command:  # the subcommand's options (--out, ...) would be ignored
+        parser.error(f"--rebuild takes no subcommand (got {args.command!r}): it rewrites assets/ with the defaults; "
+                     "run data, tokenizer and pretrain with --out to build elsewhere")
+    if args.command == "evaluate":
+        check_evaluate_args(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.rebuild:
         rebuild()

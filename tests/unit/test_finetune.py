@@ -12,7 +12,7 @@ import torch
 import fdllm
 from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.data import BAD_REASONS, DataConfig, process_records
-from pipelines.finetune import FinetuneConfig, build_parser, main
+from pipelines.finetune import FinetuneConfig, build_parser, cli_main, main
 from pipelines.train_loop import ShardReader, diffusion_loss_sum, lr_at
 from tests.sft_data import good_records, write_jsonl
 
@@ -120,6 +120,33 @@ def test_an_output_that_holds_other_files_is_refused_before_ray_starts(qwen2_dir
     for output in (tmp_path / "mine", tmp_path / "runs", tmp_path / "runs" / "r", qwen2_dir):
         assert main([*common, "--output", str(output)]) == 2, output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("option, path", [("--output", "a_file/sub"), ("--storage-path", "a_file"),
+                                          ("--storage-path", "a_file/sub")])
+def test_an_output_or_storage_path_at_or_under_a_file_is_refused_before_ray_starts(option, path, qwen2_dir, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """Writers would find out at the first checkpoint, after training: one line naming the option, exit 2."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the paths were checked"))
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(4))
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--model", str(qwen2_dir), "--data", str(data), "--max-steps", "1", "--run-name", "r",
+            "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "runs"), option, str(tmp_path / path)]
+    assert main(argv) == 2
+    assert f"{option}: {tmp_path / path}" in caplog.text and "is a file" in caplog.text
+
+
+def test_os_errors_are_one_line_and_exit_2(tmp_path, caplog):
+    """As the quickstart's: an unreadable --config, or an OSError while running, is no traceback."""
+    assert main(["--config", str(tmp_path)]) == 2 and f"--config {tmp_path}: Is a directory" in caplog.text
+
+    def run_fn(cfg):
+        raise OSError("No space left on device")
+
+    argv = ["--model", "m", "--data", "d", "--max-steps", "1"]
+    assert cli_main(argv, build_parser(), FinetuneConfig, run_fn) == 2 and "No space left" in caplog.text
 
 
 def test_lr_schedule():

@@ -143,6 +143,21 @@ def test_publish_replaces_an_export_as_a_whole(bucket, dllm_dir, tmp_path):
     assert manifest["files"] == {"config.json": 8, "sub/w.bin": 10}
 
 
+def test_a_directory_path_at_or_under_a_file_is_refused(tmp_path, monkeypatch):
+    """What a writer would find out at its first file: checked up front, local paths without pyarrow."""
+    (tmp_path / "f").write_text("x")
+    storage.check_directory_path(str(tmp_path))
+    storage.check_directory_path(str(tmp_path / "new" / "dir"))  # absent: it can be made
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        storage.check_directory_path(f"file://{tmp_path}/f")  # a URI: the path itself
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # local paths need no pyarrow (the benchmarks check theirs)
+    with pytest.raises(ValueError, match=f"^{tmp_path}/f is a file, not a directory$"):
+        storage.check_directory_path(str(tmp_path / "f"))
+    for below in ("f/sub", "f/sub/deeper"):
+        with pytest.raises(ValueError, match=f"is under {tmp_path}/f, which is a file"):
+            storage.check_directory_path(str(tmp_path / below))
+
+
 def test_publish_deletes_only_what_an_earlier_export_wrote(tmp_path, monkeypatch):
     """An export replaces an earlier one's files, never the user's: a directory of other files (a
     storage path with runs in it, a model) is refused before anything is written, a file added beside

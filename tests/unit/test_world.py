@@ -154,6 +154,20 @@ def test_data_command_writes_train_and_held_out_files(tmp_path):
     assert json.loads((tmp_path / "world_config.json").read_text())["seed"] == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--rebuild", "data", "--out", "{tmp}/out"], "--rebuild takes no subcommand"),  # would rewrite assets/
+    (["evaluate", "--data", "{tmp}/none"], "holds neither test.jsonl nor test_beyond.jsonl"),
+    (["evaluate", "--data", "{tmp}"], "holds neither test.jsonl nor test_beyond.jsonl"),
+    (["evaluate", "--limit", "0"], "--limit must be >= 1"),
+])
+def test_cli_refuses_options_it_would_ignore_or_do_nothing_with(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "rebuild", lambda: pytest.fail("rebuilt the committed assets in place"))
+    monkeypatch.setattr(cli, "cmd_evaluate", lambda *a: pytest.fail("evaluated although nothing is to be evaluated"))
+    with pytest.raises(SystemExit) as e:
+        world.main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_configs_reject_bad_values():
     with pytest.raises(ValueError):
         WorldConfig(task_weights={"multiply": 1.0})
