@@ -134,17 +134,35 @@ def flash_attn_skipped(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str]) -> list[Row]:
+class Rows:
+    """The rows measured so far: each printed as it comes and, with a JSON path, the file rewritten
+    after it (whole, then renamed), so a run stopped at a time limit (the GPU suite's) keeps them."""
+
+    def __init__(self, path: str | None, header: dict) -> None:
+        self.path, self.header, self.rows = path, header, []
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        _print_row(row)
+        self.write()
+
+    def write(self) -> None:
+        if not self.path:
+            return
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.header | {"rows": [asdict(r) for r in self.rows]}, f, indent=2)
+        os.replace(tmp, self.path)
+
+
+def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str], rows: Rows) -> None:
     dtype = DTYPES[args.dtype]
-    rows = []
     for batch in args.batches:
         for context in args.contexts:
             kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
             for backend in backends:
-                rows.append(_measured("paged_attention", backend, batch, context, args.q_len, kv_bytes, args.peak_gbps,
-                                      lambda b=backend, n=batch, c=context: _attention_ms(args, device, b, n, c)))
-                _print_row(rows[-1])
-    return rows
+                rows.add(_measured("paged_attention", backend, batch, context, args.q_len, kv_bytes, args.peak_gbps,
+                                   lambda b=backend, n=batch, c=context: _attention_ms(args, device, b, n, c)))
 
 
 def _attention_ms(args: argparse.Namespace, device: torch.device, backend: str, batch: int,
@@ -168,7 +186,7 @@ def _attention_ms(args: argparse.Namespace, device: torch.device, backend: str, 
     return _time_ms(lambda: paged_attention(*case, causal=args.causal), device), err
 
 
-def bench_confidence(args: argparse.Namespace, device: torch.device) -> list[Row]:
+def bench_confidence(args: argparse.Namespace, device: torch.device, rows: Rows) -> None:
     import torch.nn.functional as F
 
     from fdllm.kernels import fused_confidence, fused_confidence_ref
@@ -178,7 +196,6 @@ def bench_confidence(args: argparse.Namespace, device: torch.device) -> list[Row
     weight_VD = torch.randn(args.vocab, args.hidden, dtype=dtype, device=device) / args.hidden**0.5
     mask_token_id = args.vocab - 1
     w_bytes = weight_VD.numel() * weight_VD.element_size()
-    rows = []
     for batch in args.batches:
         hidden_TD = torch.randn(batch * args.q_len, args.hidden, dtype=dtype, device=device)
 
@@ -197,9 +214,7 @@ def bench_confidence(args: argparse.Namespace, device: torch.device) -> list[Row
             return _time_ms(lambda: greedy_confidence(F.linear(h, weight_VD).float(), mask_token_id), device), None
 
         for backend, measure in (("triton", triton), ("torch", torch_path)):
-            rows.append(_measured("confidence", backend, batch, 0, args.q_len, w_bytes, args.peak_gbps, measure))
-            _print_row(rows[-1])
-    return rows
+            rows.add(_measured("confidence", backend, batch, 0, args.q_len, w_bytes, args.peak_gbps, measure))
 
 
 def _print_row(r: Row) -> None:
@@ -249,23 +264,22 @@ def run(args: argparse.Namespace) -> int:
     if "flash_attn" in backends and (why := flash_attn_skipped(device, DTYPES[args.dtype])):
         skipped["flash_attn"] = why
         print(f"flash_attn: skipped ({why})", file=sys.stderr)
-    rows = bench_attention(args, device, [b for b in backends if b not in skipped])
+    written = Rows(args.json, {"device": name, "args": {k: v for k, v in vars(args).items() if k != "func"},
+                               "skipped": skipped})
+    written.write()  # what is skipped, even if no row is measured before a stop
+    bench_attention(args, device, [b for b in backends if b not in skipped], written)
     if args.confidence or args.smoke:
         try:
-            rows += bench_confidence(args, device)
+            bench_confidence(args, device, written)
         except Exception as exc:  # noqa: BLE001 - its setup (the LM head's weight) failed: one row, the rest is written
             error = f"{type(exc).__name__}: {exc}"
-            rows.append(Row("confidence", "all", 0, 0, args.q_len, None, None, None, None, error))
-            _print_row(rows[-1])
+            written.add(Row("confidence", "all", 0, 0, args.q_len, None, None, None, None, error))
+    rows = written.rows
     tolerance = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}[args.dtype]
     bad = [r for r in rows if r.max_abs_err is not None and not r.max_abs_err <= tolerance]
     for r in bad:
         print(f"bench_kernels: {r.kernel} differs from the torch reference by {r.max_abs_err:.3g} "
               f"(batch {r.batch}, context {r.context})", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "args": {k: v for k, v in vars(args).items() if k != "func"},
-                       "skipped": skipped, "rows": [asdict(r) for r in rows]}, f, indent=2)
     return 1 if any(r.error is not None for r in rows) else 0
 
 

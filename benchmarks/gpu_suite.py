@@ -5,16 +5,20 @@ r"""Every GPU figure of the project in one command (random weights, no network),
     python -m benchmarks.gpu_suite --out runs/gpu-suite --deadline-s 540   # stop starting sections after 9 min
     python -m benchmarks.gpu_suite --out /tmp/suite --smoke        # CPU: tiny shapes, Triton interpreter
 
-Without a CUDA device only `--smoke` runs (the real shapes would take hours on a CPU).
+Without a CUDA device only `--smoke` runs (the real shapes would take hours on a CPU). It uses the
+`dev` extra (pytest, for `pytest -m gpu`) and the `quant` one (torchao): install with
+`pip install -e ".[train,serve,gpu,quant,dev]"`; a section whose package is missing is recorded as skipped.
 
 Each section runs in a process of its own, under a time limit (`SECTION_TIMEOUT_S`), and appends to
 report.json and report.md as soon as it ends: a stopped run keeps what it measured, and a failing,
 crashing or hanging section (a CUDA error leaves its process's context unusable) is recorded while the
 next one runs in a fresh process. `--sections` runs some of them (a rerun of the ones that failed);
 `--deadline-s` ends the run cleanly by then (a section gets what is left; one that cannot start is
-recorded as skipped), for a device lent for a fixed time. The order puts the targets first:
+recorded as skipped), for a device lent for a fixed time; on a GPU it defaults to 480 s, the 8-minute
+target (`--deadline-s inf`: every section runs to its own limit). A process a section starts (pytest,
+bench_kernels) has a limit inside the section's, so the section reports rather than being killed. The order puts the targets first:
 1. engine exactness on the device: Triton backend with CUDA graphs == torch backend eager ==
-   the no-cache block-causal reference (tests/unit/test_engine.py), greedy; and with a causal-prefix
+   the no-cache block-causal reference (tests/reference.py), greedy; and with a causal-prefix
    model (causal rows in captured graphs: commits with and without the block lookahead, speculative
    verifies), graphs == eager and speculative == AR; `Engine.score` on the device's backend within
    1e-3 of torch eager; prefix caching (shared, then cached prompts) == caching off; requests
@@ -48,6 +52,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import json
 import os
@@ -86,6 +91,11 @@ REPO = Path(__file__).resolve().parents[1]
 SECTION_TIMEOUT_S = {"engine exactness": 180, "syncs per step": 180, "decode": 480, "pytest -m gpu": 180,
                      "quantized decode": 240, "kernels": 300, "training step": 300}
 MIN_SECTION_S = 30  # under --deadline-s, a section with less time left than this is not started
+DEFAULT_DEADLINE_S = 480  # on a GPU, without --deadline-s: the suite's 8-minute target
+# What a section needs beyond the `train,serve,gpu` extras (in `dev` and `quant`): without it the section
+# is recorded as skipped, with the install line, instead of failing where it imports it
+SECTION_NEEDS = {"pytest -m gpu": ("pytest",), "quantized decode": ("torchao",)}
+INSTALL_ALL = 'pip install -e ".[train,serve,gpu,quant,dev]"'
 WARMUP_TOKENS = 40  # a warm-up run's tokens: past the first 32-token block's commit, so every step shape has run
 Partial = Callable[[dict[str, Any]], None]  # a long section's rows so far, for the report if it is stopped
 
@@ -111,7 +121,7 @@ class Report:
         # its own process group: a timeout kills what it started too. utf-8 with replacement: one
         # undecodable byte in its output must not end the echo thread (the pipe would fill and block it)
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", *child_argv, "--section", name,
-                                 "--section-result", str(result_file)],
+                                 "--section-result", str(result_file), "--section-budget-s", str(timeout_s)],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
                                 errors="replace", start_new_session=True)
         tail: collections.deque[str] = collections.deque(maxlen=30)
@@ -134,8 +144,8 @@ class Report:
         shutil.rmtree(result_file.parent, ignore_errors=True)
         self.add(name, section, time.perf_counter() - start)
 
-    def skip(self, name: str, left_s: float) -> None:
-        self.add(name, {"status": "skipped", "note": f"not started: {left_s:.0f} s of --deadline-s left"}, 0.0)
+    def skip(self, name: str, why: str) -> None:
+        self.add(name, {"status": "skipped", "note": f"not started: {why}"}, 0.0)
 
     def add(self, name: str, section: dict[str, Any], seconds: float) -> None:
         section = {"name": name, "status": section.pop("status"), "seconds": round(seconds, 1), **section}
@@ -224,11 +234,17 @@ def _check(what: str, value: Any, ok: bool) -> dict[str, Any]:
 
 
 # -- sections -----------------------------------------------------------------------------------------
-def pytest_gpu(smoke: bool) -> dict[str, Any]:
+def inner_timeout(budget_s: float) -> float:
+    """The limit of a process a section starts: inside the section's own (`--section-budget-s`), so that
+    the section ends by itself and reports, rather than being killed with it."""
+    return max(budget_s - 15, 1)
+
+
+def pytest_gpu(smoke: bool, budget_s: float) -> dict[str, Any]:
     # every gpu-marked test is a kernel test (collecting the whole tree would need every extra installed)
     target = ["tests/kernels/test_paged_attention.py"] if smoke else ["tests/kernels"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *target],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=inner_timeout(budget_s))
     tail = proc.stdout.strip().splitlines()[-1:] or [""]
     ok = proc.returncode in (0, 5) if smoke else proc.returncode == 0  # smoke: no CUDA, all skip
     return {"checks": [_check("pytest -m gpu", tail[0], ok)], "returncode": proc.returncode}
@@ -269,7 +285,7 @@ def exactness(device: torch.device, smoke: bool) -> dict[str, Any]:
     import fdllm
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.unit.test_engine import reference_generate
+    from tests.reference import reference_generate
 
     model = random_model("smoke", device, torch.float32)
     mask = model.config.vocab_size - 1
@@ -630,16 +646,20 @@ def syncs_per_step(device: torch.device, smoke: bool) -> dict[str, Any]:
     return {"checks": checks}
 
 
-def kernels(smoke: bool, peak_gbps: float, out: Path) -> dict[str, Any]:
+def kernels(smoke: bool, peak_gbps: float, out: Path, budget_s: float) -> dict[str, Any]:
     """benchmarks/bench_kernels.py in its own process: whether triton interprets is fixed when it is first
     imported, and anything before (transformers imports triton) may have imported it without the interpreter.
-    Its rows are kept whatever its exit code (a failing backend is an error row of its own)."""
+    Its rows are kept whatever its exit code (a failing backend is an error row of its own), and those it
+    wrote if it runs out of time (it writes them as it goes)."""
     argv = ["--smoke"] if smoke else ["--confidence", "--q-len", "8", "--peak-gbps", str(peak_gbps)]
     env = os.environ | ({"TRITON_INTERPRET": "1"} if smoke else {})
     path = out / "kernels.json"
     path.unlink(missing_ok=True)  # a rerun's rows, not an earlier run's
-    code = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", *argv, "--json", str(path)],
-                          env=env, cwd=REPO, timeout=300).returncode
+    try:
+        code = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", *argv, "--json", str(path)],
+                              env=env, cwd=REPO, timeout=inner_timeout(budget_s)).returncode
+    except subprocess.TimeoutExpired:
+        code = "timed out"
     written = json.loads(path.read_text()) if path.is_file() else {"rows": [], "skipped": {}}
     table = [{k: r[k] for k in ("kernel", "backend", "batch", "context", "q_len", "ms", "gbps", "peak_fraction")}
              | ({"error": r["error"]} if r.get("error") else {}) for r in written["rows"]]
@@ -663,16 +683,17 @@ def training(device: torch.device, smoke: bool) -> dict[str, Any]:
             "step cost diffusion/uncut": step["diffusion"] / step["diffusion-uncut"]}
 
 
-def section_functions(device: torch.device, smoke: bool, peak: float,
-                      out: Path) -> dict[str, Callable[[Partial], dict[str, Any]]]:
-    """Each section, called with where to pass its rows so far (the long ones use it)."""
+def section_functions(device: torch.device, smoke: bool, peak: float, out: Path,
+                      budget_s: float) -> dict[str, Callable[[Partial], dict[str, Any]]]:
+    """Each section, called with where to pass its rows so far (the long ones use it); `budget_s`: the
+    seconds its process has."""
     functions = {
         "engine exactness": lambda _: exactness(device, smoke),
         "syncs per step": lambda _: syncs_per_step(device, smoke),
         "decode": lambda partial: decode(device, smoke, peak, partial),
-        "pytest -m gpu": lambda _: pytest_gpu(smoke),
+        "pytest -m gpu": lambda _: pytest_gpu(smoke, budget_s),
         "quantized decode": lambda partial: quantized(device, smoke, partial),
-        "kernels": lambda _: kernels(smoke, peak or 3350.0, out),
+        "kernels": lambda _: kernels(smoke, peak or 3350.0, out, budget_s),
         "training step": lambda _: training(device, smoke),
     }
     assert list(functions) == list(SECTION_TIMEOUT_S)
@@ -698,9 +719,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated subset, in report order (the report in --out keeps the others): "
                         + ", ".join(SECTION_TIMEOUT_S))
     p.add_argument("--deadline-s", type=float, default=None,
-                   help="end the run by this many seconds from its start (sections get what is left)")
+                   help=f"end the run by this many seconds from its start (sections get what is left; default "
+                        f"{DEFAULT_DEADLINE_S} on a GPU, the 8-minute target; inf: every section runs to its own limit)")
     p.add_argument("--section", help=argparse.SUPPRESS)  # internal: the process of one section,
-    p.add_argument("--section-result", type=Path, help=argparse.SUPPRESS)  # and where it leaves its result
+    p.add_argument("--section-result", type=Path, help=argparse.SUPPRESS)  # and where it leaves its result,
+    p.add_argument("--section-budget-s", type=float, default=None, help=argparse.SUPPRESS)  # in this many seconds
     args = p.parse_args(argv)
     selected = list(SECTION_TIMEOUT_S) if args.sections is None else [s.strip() for s in args.sections.split(",")]
     unknown = [s for s in [*selected, *([args.section] if args.section else [])] if s not in SECTION_TIMEOUT_S]
@@ -711,21 +734,30 @@ def main(argv: list[str] | None = None) -> int:
                 "(tiny shapes, Triton interpreter: checks that the suite runs, timings meaningless)")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
-    deadline = None if args.deadline_s is None else time.monotonic() + args.deadline_s
+    deadline_s = args.deadline_s if args.deadline_s is not None or args.smoke else DEFAULT_DEADLINE_S
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
     out = Path(args.out)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), 0.0)
     if args.section:
-        run_section(section_functions(device, args.smoke, peak, out)[args.section], args.section_result)
+        budget = args.section_budget_s or SECTION_TIMEOUT_S[args.section]
+        run_section(section_functions(device, args.smoke, peak, out, budget)[args.section], args.section_result)
     meta = {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__}
     report = Report(out, meta | ({} if args.smoke else toolchain()), keep=args.sections is not None)
     child_argv = ["--out", str(out.resolve()), "--peak-gbps", str(peak), *(["--smoke"] if args.smoke else [])]
+    missing = {section: [m for m in SECTION_NEEDS.get(section, ()) if importlib.util.find_spec(m) is None]
+               for section in selected}
+    if any(missing.values()):
+        print(f"[gpu_suite] missing {sorted({m for ms in missing.values() for m in ms})}: the sections that need "
+              f"them are skipped ({INSTALL_ALL} installs everything the suite uses)", flush=True)
     for section in sorted(selected, key=list(SECTION_TIMEOUT_S).index):
         left = float("inf") if deadline is None else deadline - time.monotonic()
-        if left < MIN_SECTION_S:
-            report.skip(section, left)
+        if missing[section]:
+            report.skip(section, f"needs {', '.join(missing[section])} ({INSTALL_ALL})")
+        elif left < MIN_SECTION_S:
+            report.skip(section, f"{left:.0f} s of --deadline-s left")
         else:
             report.run(section, child_argv, min(SECTION_TIMEOUT_S[section], left))
     failed = [s["name"] for s in report.sections if s["status"] != "ok"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import subprocess
 import sys
 from types import ModuleType, SimpleNamespace
 
@@ -168,3 +169,52 @@ def test_a_failing_kernel_backend_is_a_row_and_a_broken_flash_attn_is_skipped(mo
     monkeypatch.setitem(sys.modules, "flash_attn", module)
     assert "undefined symbol" in bench_kernels.flash_attn_skipped(torch.device("cuda"), torch.bfloat16)
     assert bench_kernels.flash_attn_skipped(torch.device("cpu"), torch.bfloat16) == "needs CUDA and fp16 or bf16"
+
+
+def test_a_section_whose_package_is_missing_is_skipped_with_the_install_line(tmp_path, monkeypatch):
+    """torchao (quant extra) and pytest (dev extra) are not in the GPU extra: the section that needs one
+    is recorded as skipped with how to install it, not failed at its import, and the others run."""
+    find_spec = gpu_suite.importlib.util.find_spec
+    monkeypatch.setattr(gpu_suite.importlib.util, "find_spec", lambda name: None if name == "torchao" else find_spec(name))
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--sections", "quantized decode"]) == 1
+    (section,) = json.loads((tmp_path / "report.json").read_text())["sections"]
+    assert section["status"] == "skipped" and "needs torchao" in section["note"]
+    assert gpu_suite.INSTALL_ALL in section["note"] and '".[train,serve,gpu,quant,dev]"' in gpu_suite.INSTALL_ALL
+
+
+def test_the_engine_oracle_imports_without_pytest(tmp_path):
+    """The exactness section imports the no-cache reference on a GPU machine installed with the GPU
+    extras, where pytest may be absent."""
+    code = "import sys; sys.modules['pytest'] = None; from tests.reference import reference_generate; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=gpu_suite.REPO)
+    assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_on_a_gpu_the_run_ends_by_the_8_minute_target_unless_told_otherwise(tmp_path, monkeypatch):
+    """Without --deadline-s a GPU run gives its sections what is left of 480 s; a section's own processes
+    (pytest, bench_kernels) get a limit inside the section's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    given = {}
+
+    def run(self, name, child_argv, timeout_s):
+        given[name] = timeout_s
+        self.add(name, {"status": "ok"}, 0.0)
+
+    monkeypatch.setattr(gpu_suite.Report, "run", run)
+    gpu_suite.main(["--out", str(tmp_path), "--sections", "decode"])
+    assert gpu_suite.DEFAULT_DEADLINE_S - 5 < given["decode"] <= gpu_suite.DEFAULT_DEADLINE_S
+    gpu_suite.main(["--out", str(tmp_path), "--sections", "decode", "--deadline-s", "inf"])
+    assert given["decode"] == gpu_suite.SECTION_TIMEOUT_S["decode"]
+    assert gpu_suite.inner_timeout(180) < 180
+
+
+def test_bench_kernels_writes_each_row_as_it_is_measured(tmp_path):
+    """The kernels section keeps the rows measured before a time limit stops bench_kernels."""
+    path = tmp_path / "kernels.json"
+    rows = bench_kernels.Rows(str(path), {"device": "d", "skipped": {}})
+    rows.write()
+    assert json.loads(path.read_text())["rows"] == []
+    rows.add(bench_kernels._measured("confidence", "triton", 1, 0, 8, 10**6, 1.0, lambda: (1.0, 0.0)))
+    written = json.loads(path.read_text())
+    assert written["device"] == "d" and [r["backend"] for r in written["rows"]] == ["triton"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 import fdllm
-from tests.unit.test_engine import make_engine, params, random_prompts, reference_generate
+from tests.reference import reference_generate
+from tests.unit.test_engine import make_engine, params, random_prompts
 
 N = 12  # new tokens per request: past the first block of 8
 GREEDY = [random_prompts(1, [n], seed=n)[0] for n in (3, 8, 13)]  # partial block, exact block, block + partial

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import fdllm
-from tests.unit.test_engine import MASK, make_engine, params, random_prompts, reference_generate
+from tests.reference import MASK, reference_generate
+from tests.unit.test_engine import make_engine, params, random_prompts
 
 BIAS = {17: -3.0, 70: -2.5, 9: 2.0, 52: 1.5}  # the sharp model's favourite tokens down, others up: outputs change
 

@@ -14,7 +14,8 @@ import pytest
 
 import fdllm
 from fdllm.cache import PageAllocator, block_hash
-from tests.unit.test_engine import MASK, make_engine, make_sequence, params, random_prompts, reference_generate
+from tests.reference import MASK, reference_generate
+from tests.unit.test_engine import make_engine, make_sequence, params, random_prompts
 
 L = 8  # make_engine's block size
 

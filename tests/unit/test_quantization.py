@@ -10,7 +10,8 @@ import torch
 
 import fdllm
 from fdllm.quantization import quantize, weight_bytes
-from tests.unit.test_engine import make_engine, params, random_prompts, reference_generate
+from tests.reference import reference_generate
+from tests.unit.test_engine import make_engine, params, random_prompts
 
 pytest.importorskip("torchao")
 

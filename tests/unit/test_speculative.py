@@ -12,7 +12,8 @@ import torch
 
 import fdllm
 from fdllm.objective import IGNORE_INDEX, two_stream_batch, joint_loss
-from tests.unit.test_engine import MASK, make_engine, make_sequence, params, random_prompts, reference_generate, run_joining_mid_flight
+from tests.reference import MASK, reference_generate
+from tests.unit.test_engine import make_engine, make_sequence, params, random_prompts, run_joining_mid_flight
 
 LENGTHS = [1, 3, 7, 8, 9, 13, 16]  # block 8: prompts that are and are not block multiples
 
