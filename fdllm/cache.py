@@ -231,9 +231,24 @@ class AttentionRow(NamedTuple):
     causal: bool = False
 
 
+SHORT_ROW = 64  # queries: rows up to this long share one padded call whatever their lengths
+
+
+def _group_key(row: AttentionRow, exact_causal: bool) -> tuple[bool, int]:
+    """Which backend call a row joins: rows of one causal flag and of lengths within a factor of two
+    (all rows up to SHORT_ROW together), so padding at most doubles a call's queries. Padding to the
+    step's longest row instead would pad every decode row beside a long prefill chunk to that chunk's
+    length (128 rows x 4096 queries for 4k real tokens: gigabytes of split-KV partials per layer).
+    `exact_causal`: causal rows only with rows of their own length (flash-attn aligns a causal row's
+    queries to the end of the padded length, so it cannot pad them)."""
+    if row.causal and exact_causal:
+        return True, row.q_len
+    return row.causal, 0 if row.q_len <= SHORT_ROW else (row.q_len - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class _RowGroup:
-    """Rows sharing the causal flag, in the padded layout one backend call takes."""
+    """Rows of one backend call (`_group_key`), in the padded layout it takes."""
 
     causal: bool
     gather_RQ: Tensor  # packed token index of each padded query (padding -> any valid token)
@@ -255,9 +270,11 @@ class PagedAttention:
 
     @classmethod
     def build(
-        cls, cache: KVCache, slots: Sequence[int], rows: Sequence[AttentionRow], backend: AttentionFn
+        cls, cache: KVCache, slots: Sequence[int], rows: Sequence[AttentionRow], backend: AttentionFn,
+        exact_causal: bool = False,
     ) -> PagedAttention:
-        """`slots[t]`: flat cache slot of packed token t; `rows` cover the packed tokens in order."""
+        """`slots[t]`: flat cache slot of packed token t; `rows` cover the packed tokens in order.
+        `exact_causal`: the backend cannot pad causal rows (`_group_key`)."""
         if sum(r.q_len for r in rows) != len(slots):
             raise ValueError(f"attention rows cover {sum(r.q_len for r in rows)} tokens, the step packs {len(slots)}")
         device = cache.k_LPSKH.device
@@ -265,11 +282,11 @@ class PagedAttention:
         for r in rows:
             starts.append(offset)
             offset += r.q_len
-        groups = []
-        for causal in (False, True):
-            idx = [i for i, r in enumerate(rows) if r.causal == causal]
-            if idx:
-                groups.append(cls._group(causal, [rows[i] for i in idx], [starts[i] for i in idx], device))
+        members: dict[tuple[bool, int], list[int]] = {}
+        for i, r in enumerate(rows):
+            members.setdefault(_group_key(r, exact_causal), []).append(i)
+        groups = [cls._group(key[0], [rows[i] for i in idx], [starts[i] for i in idx], device)
+                  for key, idx in sorted(members.items())]
         slots_T = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
         return cls(cache, slots_T, groups, backend)
 

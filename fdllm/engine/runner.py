@@ -409,7 +409,7 @@ class ModelRunner:
                 self.cache, slots,
                 [AttentionRow(*row) for row in zip(inputs.q_lens.tolist(), inputs.kv_lens.tolist(), inputs.pages,
                                                    inputs.causal.tolist())],
-                self.attention_fn,
+                self.attention_fn, exact_causal=not self.causal_entries,
             )
             return self.model.hidden(get("ids")[None], get("positions")[None], cache=attention)[0]
         if self.graphs is not None:

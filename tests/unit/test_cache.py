@@ -116,6 +116,44 @@ def test_packed_rows_match_dense_attention():
     torch.testing.assert_close(cache.v_LPSKH[0, 7, :2], v[0, 16:18])
 
 
+def _flash_like(q_BTNH, *args, causal=False, **kw):
+    """The torch reference under flash-attn's constraint: causal rows unpadded (it aligns them to T's end)."""
+    T = q_BTNH.shape[1]
+    assert not causal or bool((args[4] == T).all()), "a causal row padded in a flash_attn call"
+    return paged_attention_torch(q_BTNH, *args, causal=causal, **kw)
+
+
+@pytest.mark.parametrize("backend,exact_causal", [(paged_attention_torch, False), (_flash_like, True)])
+def test_rows_of_very_different_lengths_are_not_padded_to_the_longest(backend, exact_causal):
+    """A step with long prefill chunks beside many short rows (decode, verifies): each row attends as it
+    does alone, and the padded calls hold at most twice the real queries plus SHORT_ROW per row (not
+    every row padded to the longest: the split-KV partials of 128 rows x 4096 queries are gigabytes)."""
+    from fdllm.cache import SHORT_ROW
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(200, True), (100, True), (70, False), (130, False)] + [(1, True)] * 12 + [(8, False)] * 6 + [(3, True)] * 3
+    cache = KVCache(1, 400, L, K, H, torch.float32, "cpu")
+    cache.k_LPSKH.normal_(generator=gen)
+    cache.v_LPSKH.normal_(generator=gen)
+    free, rows, slots = iter(torch.randperm(400, generator=gen).tolist()), [], []
+    for q_len, causal in shapes:
+        context = int(torch.randint(0, 20, (1,), generator=gen))
+        pages = [next(free) for _ in range(-(-(context + q_len) // L))]
+        rows.append(AttentionRow(q_len, context + q_len, pages, causal))
+        slots.append([pages[p // L] * L + p % L for p in range(context, context + q_len)])
+    T = sum(q for q, _ in shapes)
+    q, k, v = torch.randn(1, T, N, H, generator=gen), torch.randn(1, T, K, H, generator=gen), torch.randn(1, T, K, H, generator=gen)
+    together = PagedAttention.build(cache, sum(slots, []), rows, backend, exact_causal=exact_causal)
+    out = together(0, q, k, v)[0]
+    assert sum(g.gather_RQ.numel() for g in together.groups) <= 2 * T + SHORT_ROW * len(rows)
+    start = 0
+    for row, row_slots in zip(rows, slots):
+        end = start + row.q_len
+        alone = PagedAttention.build(cache, row_slots, [row], backend)(0, q[:, start:end], k[:, start:end], v[:, start:end])
+        torch.testing.assert_close(out[start:end], alone[0], msg=f"row {row.q_len} causal={row.causal}")
+        start = end
+
+
 class _Recorder:
     """CachedAttention that attends under a dense mask and keeps each layer's K/V."""
 
