@@ -130,9 +130,10 @@ class Report:
         try:
             code, timed_out = proc.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):  # it may have exited since
-                os.killpg(proc.pid, signal.SIGKILL)
-            code, timed_out = proc.wait(), True
+            code, timed_out = _kill_group(proc), True
+        except BaseException:  # Ctrl-C, or SIGTERM (main): the section's processes end with the suite
+            _kill_group(proc)
+            raise
         result = json.loads(result_file.read_text()) if result_file.is_file() else None
         if result is not None and result["status"] != "partial":
             section = result
@@ -208,6 +209,13 @@ def run_section(fn: Callable[[Partial], dict[str, Any]], path: Path) -> NoReturn
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _kill_group(proc: subprocess.Popen) -> int:
+    """Kill a section's process and what it started (its own session), and reap it."""
+    with contextlib.suppress(ProcessLookupError):  # it may have exited since
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
 
 
 def _echo(stream, tail: collections.deque[str]) -> None:
@@ -766,4 +774,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # a stop from outside (`timeout`, a job scheduler) unwinds like Ctrl-C: the running section is killed too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     raise SystemExit(main())

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -218,3 +221,38 @@ def test_bench_kernels_writes_each_row_as_it_is_measured(tmp_path):
     rows.add(bench_kernels._measured("confidence", "triton", 1, 0, 8, 10**6, 1.0, lambda: (1.0, 0.0)))
     written = json.loads(path.read_text())
     assert written["device"] == "d" and [r["backend"] for r in written["rows"]] == ["triton"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_stopped_suite_stops_its_running_section(tmp_path):
+    """Each section runs in a session of its own (so a timeout kills what it started); a suite stopped
+    by SIGTERM (`timeout`, a scheduler) or Ctrl-C must take the running section with it, not leave it
+    running on the device for up to its time limit."""
+    out = tmp_path / "stopped-suite"
+    suite = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", "--out", str(out), "--smoke",
+                              "--sections", "decode"], cwd=gpu_suite.REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    for line in suite.stdout:
+        if "[gpu_suite] decode ..." in line:
+            break
+    deadline = time.monotonic() + 30
+    while len(_processes_mentioning(str(out))) < 2 and time.monotonic() < deadline:  # the section has started
+        time.sleep(0.1)
+    suite.send_signal(signal.SIGTERM)
+    assert suite.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(out))
