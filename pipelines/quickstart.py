@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=threshold_list,
                         help=f"diffusion thresholds to evaluate ({TARGET_THRESHOLD}, the targets', always is)")
     args = parser.parse_args(argv)
+    if args.limit < 1:  # found before the fine-tune, not after it
+        parser.error(f"--limit must be >= 1, got {args.limit}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (BASE / "config.json").is_file() or not (WORLD / TRAIN_FILE).is_file():
         log.error("the embedded assets are missing (%s, %s): run `python -m pipelines.world --rebuild`", BASE, WORLD)

@@ -14,6 +14,14 @@ def test_bad_thresholds_are_refused_before_the_fine_tune(thresholds, capsys):
     assert e.value.code == 2 and "thresholds" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_a_limit_below_one_is_refused_before_the_fine_tune(limit, monkeypatch, capsys):
+    monkeypatch.setattr(quickstart, "run", lambda cfg: pytest.fail("the fine-tune started"))
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--limit", limit])
+    assert e.value.code == 2 and f"--limit must be >= 1, got {limit}" in capsys.readouterr().err
+
+
 def test_a_bad_fine_tune_option_is_one_line_and_exit_2(tmp_path, monkeypatch, caplog):
     import ray
 
