@@ -82,7 +82,7 @@ BAD_REASONS = (
     "empty_render",  # the rendered conversation holds no answer tokens (template or tokenizer dropped it)
     "mask_token",  # the text contains the diffusion mask token itself
     "stop_token",  # an answer's text contains an EOS / end-of-turn token (e.g. a literal <|endoftext|>)
-    "too_long",  # longer than seq_len after the overlong policy
+    "too_long",  # longer than seq_len after the overlong policy (distillation: prompt + max_new_tokens > the engine's context)
 )
 BAD_ROW_WARN_FRACTION = 0.01
 OUTPUT_BLOCK_BYTES = 1 << 20  # bytes per Ray Data block (read windows, packed rows): small, so the first batch leaves early

@@ -84,6 +84,29 @@ def test_trajectory_statuses_and_records(dllm_dir, wrong):
     assert records[3] is None and records[4] is None
 
 
+def test_rows_the_engine_would_refuse_are_bad_rows_not_a_failed_batch(dllm_dir, monkeypatch):
+    """A prompt too long for the context with max_new_tokens, one holding the mask token or one whose
+    chat template raises is counted as a bad row; the rest of its batch is decoded (one such row used
+    to fail `generate` for the whole batch, and so the whole distillation)."""
+    from fdllm.tokenizer import MASK_TOKEN
+    from pipelines import trajectories
+
+    gen = TrajectoryGenerator(str(dllm_dir), 12, None, "drop")
+    template = gen.engine.tokenizer.chat_template
+    gen.engine.tokenizer.chat_template = ("{% if 'boom' in messages[0]['content'] %}{{ raise_exception('no boom') }}"
+                                          "{% endif %}" + template)
+    rows = [{"input": "hello world", "output": "x"},
+            {"input": "hello " * gen.engine.max_model_len, "output": "x"},
+            {"input": f"what is {MASK_TOKEN}?", "output": "x"},
+            {"input": "boom", "output": "x"}]
+    assert list(gen.process(rows)["status"]) == [DROPPED, "bad_too_long", "bad_mask_token", "bad_template_error"]
+    hello = gen.engine.tokenizer("hello").input_ids[0]
+    for extra, status in ((0, DROPPED), (1, "bad_too_long")):  # a prompt that exactly fits is decoded
+        n = gen.engine.max_model_len - 12 + extra
+        monkeypatch.setattr(trajectories, "prompt_token_ids", lambda engine, messages, n=n: [hello] * n)
+        assert list(gen.process(rows[:1])["status"]) == [status]
+
+
 def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch):
     from pipelines import distill
 
