@@ -135,7 +135,7 @@ def run(cfg: DistillConfig) -> "ray.train.Result":
     if not cfg.trajectories:
         cfg = dataclasses.replace(cfg, trajectories=join(cfg.storage_path, cfg.run_name, "trajectories"))
     check_data_files(cfg.data)  # what would fail after the trajectories fails now, before Ray starts
-    check_output(cfg)
+    check_output(cfg)  # an existing run without --resume, too
     if not ray.is_initialized():
         ray.init()
     counts = generate_trajectories(cfg, cfg.trajectories)

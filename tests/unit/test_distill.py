@@ -116,6 +116,21 @@ def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch)
     assert distill.generate_trajectories(cfg, str(tmp_path)) == {"correct": 3, "wrong_dropped": 1}
 
 
+def test_an_existing_run_without_resume_is_refused_before_decoding(dllm_dir, tmp_path, monkeypatch):
+    """`--resume` is checked before the trajectories are decoded, not after (exit 2, Ray not started)."""
+    import ray
+
+    from tests.sft_data import good_records, write_jsonl
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the run was checked"))
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(2))
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert main(["--model", str(dllm_dir), "--data", str(data), "--max-steps", "1", "--block-size", "8",
+                 "--sub-block-size", "4", "--seq-len", "64", "--storage-path", str(tmp_path / "runs"),
+                 "--run-name", "r"]) == 2
+
+
 def test_certainty_objective_in_the_train_loop_is_the_distill_loss(qwen2_dir):
     """The train loop's `certainty` objective is `fdllm.objective.certainty_forcing_loss` of the batch
     noised as every objective noises it; lambda 0 is the plain block-diffusion loss."""
