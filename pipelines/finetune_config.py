@@ -242,7 +242,8 @@ class DistillConfig(FinetuneConfig):
     lr: float = _opt("peak learning rate", default=2e-4)
     trajectories: str | None = _opt(
         "where the trajectories (trajectories.jsonl + summary.json) are written, local or URI; an existing "
-        "summary.json is reused, so --resume does not decode again (default: STORAGE_PATH/RUN_NAME/trajectories)",
+        "summary.json is reused if made with the same model, data and trajectory options, so --resume does not "
+        "decode again (default: STORAGE_PATH/RUN_NAME/trajectories)",
         default=None)
     wrong_trajectories: str = _opt(
         "a trajectory whose answer differs from the record's reference answer: drop the record, or train "

@@ -110,10 +110,37 @@ def test_rows_the_engine_would_refuse_are_bad_rows_not_a_failed_batch(dllm_dir, 
 def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch):
     from pipelines import distill
 
-    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps({"counts": {"correct": 3, "wrong_dropped": 1}}))
-    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
     cfg = DistillConfig(model="m", data=["d"], max_steps=1)
+    summary = {"counts": {"correct": 3, "wrong_dropped": 1}, **distill.made_with(cfg)}
+    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps(summary))
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
     assert distill.generate_trajectories(cfg, str(tmp_path)) == {"correct": 3, "wrong_dropped": 1}
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"model": "other"}, "--model 'm', now"), ({"data": ["d", "e"]}, "--data ['d'], now"),
+    ({"wrong_trajectories": "reference"}, "--wrong-trajectories 'drop', now 'reference'"),
+    ({"trajectory_threshold": 0.5}, "--trajectory-threshold None, now 0.5"),
+    ({"trajectory_max_new_tokens": 8}, "--trajectory-max-new-tokens 256, now 8"),
+])
+def test_trajectories_made_otherwise_are_refused_naming_what_differs(tmp_path, monkeypatch, change, named):
+    """Another run's trajectories (another model, data or decoding) are not silently trained on."""
+    from pipelines import distill
+
+    made = DistillConfig(model="m", data=["d"], max_steps=1)
+    summary = {"counts": {"correct": 3}, "model": made.model, "data": made.data, "wrong_trajectories": "drop",
+               "trajectory_threshold": None, "trajectory_max_new_tokens": 256}  # what `made` writes
+    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps(summary))
+    distill.generate_trajectories(made, str(tmp_path))  # the same options: reused
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
+    now = DistillConfig(**{"model": "m", "data": ["d"], "max_steps": 1, **change})
+    with pytest.raises(ValueError, match="new --trajectories") as e:
+        distill.generate_trajectories(now, str(tmp_path))
+    assert named.replace("'d'", repr(made.data[0])).replace("'m'", repr(made.model)) in str(e.value)
+    assert str(e.value).count(", now ") == 1  # only what differs is named
+    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps({"counts": {"correct": 3}, "model": made.model}))
+    with pytest.raises(ValueError, match="not recorded"):  # an older summary: what made it is unknown
+        distill.generate_trajectories(made, str(tmp_path))
 
 
 def test_an_existing_run_without_resume_is_refused_before_decoding(dllm_dir, tmp_path, monkeypatch):
