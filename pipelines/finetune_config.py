@@ -33,7 +33,8 @@ class FinetuneConfig:
 
     # what to train on, where results go
     model: str = _opt("AR base checkpoint (HF format, with tokenizer): a dir or an s3:// / gs:// URI")
-    data: list[str] = _opt("jsonl/parquet files or dirs, local or filesystem URIs")
+    data: list[str] = _opt("jsonl/parquet files or dirs (names starting with . or _ in a dir are skipped), "
+                            "local or pyarrow/fsspec URIs")
     output: str | None = _opt(
         "servable checkpoint (dir or URI), rewritten at every checkpoint and at the end "
         "(default: STORAGE_PATH/RUN_NAME/servable)", default=None)
