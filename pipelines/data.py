@@ -56,10 +56,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from fdllm.objective import IGNORE_INDEX
+from fdllm.paths import is_uri, resolve_local
 from fdllm.tokenizer import MASK_TOKEN, stop_token_ids
 
 if TYPE_CHECKING:
@@ -82,7 +84,7 @@ BAD_REASONS = (
     "empty_render",  # the rendered conversation holds no answer tokens (template or tokenizer dropped it)
     "mask_token",  # the text contains the diffusion mask token itself
     "stop_token",  # an answer's text contains an EOS / end-of-turn token (e.g. a literal <|endoftext|>)
-    "too_long",  # longer than seq_len after the overlong policy
+    "too_long",  # longer than seq_len after the overlong policy (distillation: prompt + max_new_tokens > the engine's context)
 )
 BAD_ROW_WARN_FRACTION = 0.01
 OUTPUT_BLOCK_BYTES = 1 << 20  # bytes per Ray Data block (read windows, packed rows): small, so the first batch leaves early
@@ -502,12 +504,6 @@ def summarize_bad_rows(bad: dict[str, int], good_docs: int) -> tuple[str, list[s
 # Files and Ray Data
 
 
-@dataclass(frozen=True)
-class DataFile:
-    uri: str  # what Ray Data reads: an absolute local path or a filesystem URI
-    format: Literal["jsonl", "parquet"]
-
-
 @dataclass
 class DataSources:
     jsonl: list[str] = field(default_factory=list)
@@ -527,24 +523,39 @@ def _file_format(path: str) -> Literal["jsonl", "parquet"] | None:
     return None
 
 
-def _resolve(path: str) -> tuple["pyarrow.fs.FileSystem", str, str]:
-    """(filesystem, path inside it, URI prefix to rebuild a readable address)."""
-    import os
+def _resolve(path: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """(filesystem, path inside it) of a data path, local or any pyarrow/fsspec URI (`fdllm.storage`)."""
+    from fdllm.storage import filesystem
 
-    import pyarrow.fs as pafs
-
-    if "://" not in path:
-        return pafs.LocalFileSystem(), os.path.abspath(path), ""
     try:
-        fs, inner = pafs.FileSystem.from_uri(path)
-    except Exception as e:
+        return filesystem(path)
+    except Exception as e:  # an unknown scheme, a missing fsspec backend, a malformed URI
         raise DataError(f"cannot open data path {path}: {e}") from e
-    return fs, inner, path[: path.index("://") + 3]
+
+
+def _hidden(relative: str) -> bool:
+    """A file below a data directory that is no data: a component starting with `.` or `_`
+    (`.ipynb_checkpoints/`, Spark's `_temporary/` and `_SUCCESS`), as pyarrow datasets skip them."""
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def _file_uri(path: str, root: str, file: str) -> str:
+    """The address of `file`, listed inside the filesystem of directory `path` (whose own path in it is
+    `root`): `path` with the file's part below `root` appended, so a URI keeps its host and query
+    (`hdfs://host:port/...`, `s3://b/k?endpoint_override=...`), which the filesystem's paths lack."""
+    if not is_uri(path):
+        return file
+    relative = file[len(root.rstrip("/")):].lstrip("/")
+    parts = urlsplit(path)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{relative}"))
 
 
 def check_data_files(paths: Sequence[str]) -> DataSources:
-    """Expand files/dirs (local or any pyarrow URI) into readable jsonl/parquet files, or raise
-    DataError naming the first unusable one. Cheap: reads only file heads and parquet footers."""
+    """Expand files/dirs (local or any pyarrow/fsspec URI) into readable jsonl/parquet files, or raise
+    DataError naming the first unusable one. Cheap: reads only file heads and parquet footers.
+
+    A directory's files are read recursively, but not those under a name starting with `.` or `_`
+    (`_hidden`). Each file keeps its URI's host and query (`_file_uri`): the readers open that."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
@@ -552,36 +563,40 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
         raise DataError("no data paths given")
     sources = DataSources()
     for path in paths:
-        fs, inner, prefix = _resolve(path)
+        fs, inner = _resolve(path)
         try:
             info = fs.get_file_info(inner)
             if info.type == pafs.FileType.NotFound:
                 raise DataError(f"data path not found: {path}")
             if info.type == pafs.FileType.Directory:
+                root = inner.rstrip("/") + "/"
                 infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-                sizes = {i.path: i.size for i in infos if i.type == pafs.FileType.File and _file_format(i.path)}
-                if not sizes:
-                    raise DataError(f"no .jsonl/.json/.parquet files under {path}")
+                files = {i.path: i.size for i in infos if i.type == pafs.FileType.File and _file_format(i.path)
+                         and not _hidden(i.path.removeprefix(root))}
+                if not files:
+                    raise DataError(f"no .jsonl/.json/.parquet files under {path} (names starting with . or _ "
+                                    "are skipped)")
+                sizes = {(file, _file_uri(path, inner, file)): size for file, size in files.items()}
             else:
-                sizes = {inner: info.size}
-            for file, size in sorted(sizes.items()):
+                sizes = {(inner, resolve_local(path)): info.size}
+            for (file, uri), size in sorted(sizes.items()):
                 fmt = _file_format(file)
                 if fmt is None:
                     raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
-                sources.sizes[prefix + file] = size
+                sources.sizes[uri] = size
                 if fmt == "jsonl":  # contents are checked per line when read (bad lines are counted)
                     with fs.open_input_file(file) as f:
                         if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-                            raise DataError(f"{prefix}{file}: a JSON array; give one JSON object per line (jsonl)")
-                    sources.jsonl.append(prefix + file)
+                            raise DataError(f"{uri}: a JSON array; give one JSON object per line (jsonl)")
+                    sources.jsonl.append(uri)
                 else:
                     with fs.open_input_file(file) as f:
                         schema = pq.read_schema(f)
                     if "messages" not in schema.names and not {"input", "output"} <= set(schema.names):
-                        raise DataError(f"{prefix}{file}: parquet columns {sorted(schema.names)} lack `messages` or "
+                        raise DataError(f"{uri}: parquet columns {sorted(schema.names)} lack `messages` or "
                                         "`input`+`output`")
-                    sources.parquet.append(prefix + file)
-                    sources.parquet_schemas[prefix + file] = schema.remove_metadata().to_string()
+                    sources.parquet.append(uri)
+                    sources.parquet_schemas[uri] = schema.remove_metadata().to_string()
         except DataError:
             raise
         except Exception as e:  # permission denied, corrupt parquet footer, network errors...
@@ -776,15 +791,22 @@ def read_raw_records(
     records for `process_records`-style consumers (the fine-tune's packing, distillation's decoding)."""
     import ray.data
 
+    from fdllm.storage import filesystem
+
     parts: list[tuple[Literal["jsonl", "parquet"], ray.data.Dataset]] = []
     if sources.jsonl:
         parts.append(("jsonl", ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus,
                                                         runtime_env=SINGLE_THREADED)))
-    by_schema: dict[str, list[str]] = {}  # files of one schema read together, in file order
-    for path in sources.parquet:
-        by_schema.setdefault(sources.parquet_schemas.get(path, ""), []).append(path)
-    for paths in by_schema.values():
-        parts.append(("parquet", ray.data.read_parquet(paths, num_cpus=num_cpus, runtime_env=SINGLE_THREADED)))
+    # Files of one schema on one store are read together, in file order. Ray Data would take the first
+    # file's filesystem for all, and drop a URI's query: each read gets its filesystem and plain paths.
+    groups: dict[tuple[str, str], list[str]] = {}
+    for uri in sources.parquet:
+        store = urlunsplit(urlsplit(uri)._replace(path="")) if is_uri(uri) else ""
+        groups.setdefault((sources.parquet_schemas.get(uri, ""), store), []).append(uri)
+    for uris in groups.values():
+        located = [filesystem(uri) for uri in uris]
+        parts.append(("parquet", ray.data.read_parquet([inner for _, inner in located], filesystem=located[0][0],
+                                                       num_cpus=num_cpus, runtime_env=SINGLE_THREADED)))
     return parts
 
 

@@ -13,7 +13,9 @@ Two stages, one run:
    the record's reference answer is dropped, or replaced by the reference (`--wrong-trajectories`);
    correct, dropped, replaced and bad rows are counted and logged. The records go to
    `--trajectories` (default STORAGE_PATH/RUN_NAME/trajectories): trajectories.jsonl and summary.json.
-   A run that finds summary.json there (e.g. `--resume`) reuses them instead of decoding again.
+   A run that finds summary.json there (e.g. `--resume`) reuses them instead of decoding again, if they
+   were made with the same --model, --data, --wrong-trajectories, --trajectory-threshold and
+   --trajectory-max-new-tokens (otherwise it stops and says which differ: give a new --trajectories).
 2. Training: Ray Train continues training `--model` on those records with the fine-tune's machinery
    (`pipelines/finetune.py`: same flags, checkpoints, `--resume`, failure retries, servable export at
    `--output`), the objective being the §2 loss on both complementary views plus
@@ -35,7 +37,7 @@ import logging
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -86,9 +88,10 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
 
     if fs.get_file_info(summary_path).type == pafs.FileType.File:
         with fs.open_input_stream(summary_path) as f:
-            counts = json.loads(f.read())["counts"]
-        log.info("reusing the trajectories in %s: %s", directory, counts)
-        return counts
+            summary = json.loads(f.read())
+        check_reusable(summary, cfg, directory)
+        log.info("reusing the trajectories in %s: %s", directory, summary["counts"])
+        return summary["counts"]
     ray.data.DataContext.get_current().enable_progress_bars = False
     sources = check_data_files(cfg.data)
     generator = {
@@ -113,8 +116,25 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
                         out.write(record.encode() + b"\n")
                 log.info("trajectories: %d records so far, %d correct", sum(counts.values()), counts[CORRECT])
     with fs.open_output_stream(summary_path) as f:
-        f.write(json.dumps({"counts": dict(counts), "model": cfg.model, "data": cfg.data}, indent=2).encode())
+        f.write(json.dumps({"counts": dict(counts), **made_with(cfg)}, indent=2).encode())
     return dict(counts)
+
+
+def made_with(cfg: DistillConfig) -> dict[str, Any]:
+    """What decides the trajectories, recorded in summary.json: reused only when these are the same."""
+    return {"model": cfg.model, "data": list(cfg.data), "wrong_trajectories": cfg.wrong_trajectories,
+            "trajectory_threshold": cfg.trajectory_threshold, "trajectory_max_new_tokens": cfg.trajectory_max_new_tokens}
+
+
+def check_reusable(summary: dict[str, Any], cfg: DistillConfig, directory: str) -> None:
+    """ValueError naming each option the trajectories in `directory` were not made with (an option an
+    older summary.json lacks counts as different): training on another model's or data's trajectories
+    would go unnoticed."""
+    differ = [f"--{key.replace('_', '-')} {repr(summary[key]) if key in summary else 'not recorded'}, now {value!r}"
+              for key, value in made_with(cfg).items() if summary.get(key, ()) != value]
+    if differ:
+        raise ValueError(f"the trajectories in {directory} were made with other options ({'; '.join(differ)}): "
+                         "give a new --trajectories path to decode them again")
 
 
 def log_counts(counts: dict[str, int], wrong: str) -> None:
@@ -135,7 +155,7 @@ def run(cfg: DistillConfig) -> "ray.train.Result":
     if not cfg.trajectories:
         cfg = dataclasses.replace(cfg, trajectories=join(cfg.storage_path, cfg.run_name, "trajectories"))
     check_data_files(cfg.data)  # what would fail after the trajectories fails now, before Ray starts
-    check_output(cfg)
+    check_output(cfg)  # an existing run without --resume, too
     if not ray.is_initialized():
         ray.init()
     counts = generate_trajectories(cfg, cfg.trajectories)

@@ -38,7 +38,8 @@ from tqdm import tqdm
 import fdllm
 from fdllm.loader import parse_dtype
 from fdllm.quantization import QUANTIZATIONS, weight_bytes
-from fdllm.storage import local_checkpoint
+from fdllm.paths import is_uri
+from fdllm.storage import filesystem, local_checkpoint
 from fdllm.tokenizer import render_chat
 
 log = logging.getLogger("fdllm.evaluate")
@@ -154,18 +155,40 @@ class EvalRow:
         return {k: v for k, v in asdict(self).items() if k != "outputs"}
 
 
+def _read_text(path: str | Path) -> str:
+    """A local file or an object-store URI's text (`fdllm.storage.filesystem`; local reads need no pyarrow)."""
+    if not is_uri(str(path)):
+        return Path(path).read_text()
+    fs, inner = filesystem(str(path))
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode()
+
+
+def _write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a local file (making its directory) or an object-store URI."""
+    if not is_uri(str(path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+        return
+    fs, inner = filesystem(str(path))
+    if "/" in inner.strip("/"):  # object stores have no directories to make; other filesystems may
+        fs.create_dir(inner.rstrip("/").rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
+
+
 def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
+    """`{"prompt", "answer"}` records of a jsonl file, local or a URI."""
     records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
-                raise ValueError(f"{path}:{n}: each record needs string 'prompt' and 'answer' fields")
-            records.append(rec)
-            if limit and len(records) >= limit:
-                break
+    for n, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines: U+2028 may sit in a string
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
+            raise ValueError(f"{path}:{n}: each record needs string 'prompt' and 'answer' fields")
+        records.append(rec)
+        if limit and len(records) >= limit:
+            break
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
@@ -305,12 +328,14 @@ def accuracy_figure(rows: list[EvalRow], batch_size: int | None = None):
     return fig
 
 
-def plot_rows(rows: list[EvalRow], path: str | Path, batch_size: int | None = None) -> Path:
-    """Save `accuracy_figure(rows, batch_size)` as a PNG at `path`."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    accuracy_figure(rows, batch_size).savefig(out, dpi=110)
-    return out
+def plot_rows(rows: list[EvalRow], path: str | Path, batch_size: int | None = None) -> str | Path:
+    """Save `accuracy_figure(rows, batch_size)` as a PNG at `path` (local or a URI); returns `path`."""
+    import io
+
+    png = io.BytesIO()
+    accuracy_figure(rows, batch_size).savefig(png, format="png", dpi=110)
+    _write_bytes(path, png.getvalue())
+    return path
 
 
 def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[str, ...] = ("diffusion",),
@@ -417,8 +442,15 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
         parser.error("--modes names no mode")
     if args.batch_size < 0 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size must be >= 0 (0: all at once) and --limit >= 1")
-    if args.output and Path(args.output).is_dir():
-        parser.error(f"--output {args.output} is a directory; give a file path")
+    for option in ("output", "plot"):  # before decoding: a path that cannot be written fails now
+        path = getattr(args, option)
+        try:
+            if path and is_uri(path):
+                filesystem(path)  # an unknown scheme or a missing package
+            elif path and Path(path).is_dir():
+                raise ValueError(f"{path} is a directory; give a file path")
+        except (ValueError, ImportError) as e:
+            parser.error(f"--{option}: {e}")
     rows = []
     try:
         for i, model in enumerate(m for m in args.model.split(",") if m):
@@ -429,8 +461,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
         parser.error(str(e))
     print(format_table(rows))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+        _write_bytes(args.output, (json.dumps([r.to_json() for r in rows], indent=2) + "\n").encode())
         log.info("wrote %s", args.output)
     if args.plot:
         log.info("wrote %s", plot_rows(rows, args.plot))

@@ -145,13 +145,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
         raise FileNotFoundError(f"{cfg.model} has no tokenizer files; the data pipeline needs the model's tokenizer")
     sources = check_data_files(cfg.data)
     check_output(cfg)
-    exists = _run_exists(cfg.storage_path, cfg.run_name)
-    if exists and not cfg.resume:
-        raise FileExistsError(
-            f"run {cfg.run_name!r} already has checkpoints in {cfg.storage_path}: pass --resume to continue it, "
-            "or choose another --run-name"
-        )
-    if cfg.resume and not exists:
+    if cfg.resume and not _run_exists(cfg.storage_path, cfg.run_name):
         log.warning("no checkpoint of run %r in %s: starting it from the base model", cfg.run_name, cfg.storage_path)
 
     tokenizer = load_tokenizer(base)
@@ -185,9 +179,10 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
 
 def check_output(cfg: FinetuneConfig) -> None:
     """Where the run writes, checked before anything runs (the writers would fail only at the first
-    checkpoint, after training): `--storage-path` must be able to hold directories; the servable
-    export replaces what its directory holds, so refuse one that holds the run's checkpoints or the
-    base model, or other files, or cannot be made (`check_publishable`)."""
+    checkpoint, after training): `--storage-path` must be able to hold directories; a run that already
+    has checkpoints there continues only with `--resume`; the servable export replaces what its
+    directory holds, so refuse one that holds the run's checkpoints or the base model, or other files,
+    or cannot be made (`check_publishable`)."""
     run_dir = join(cfg.storage_path, cfg.run_name).rstrip("/")
     output = cfg.output.rstrip("/")
     for name, path in (("the run's checkpoints", run_dir), ("the base model", cfg.model.rstrip("/"))):
@@ -200,6 +195,11 @@ def check_output(cfg: FinetuneConfig) -> None:
             check(path)
         except ValueError as e:
             raise ValueError(f"{option}: {e}") from None
+    if not cfg.resume and _run_exists(cfg.storage_path, cfg.run_name):
+        raise FileExistsError(
+            f"run {cfg.run_name!r} already has checkpoints in {cfg.storage_path}: pass --resume to continue it, "
+            "or choose another --run-name"
+        )
 
 
 def _warn_if_in_job_copy(cfg: FinetuneConfig) -> None:

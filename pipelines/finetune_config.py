@@ -33,7 +33,8 @@ class FinetuneConfig:
 
     # what to train on, where results go
     model: str = _opt("AR base checkpoint (HF format, with tokenizer): a dir or an s3:// / gs:// URI")
-    data: list[str] = _opt("jsonl/parquet files or dirs, local or filesystem URIs")
+    data: list[str] = _opt("jsonl/parquet files or dirs (names starting with . or _ in a dir are skipped), "
+                            "local or pyarrow/fsspec URIs")
     output: str | None = _opt(
         "servable checkpoint (dir or URI), rewritten at every checkpoint and at the end "
         "(default: STORAGE_PATH/RUN_NAME/servable)", default=None)
@@ -242,7 +243,8 @@ class DistillConfig(FinetuneConfig):
     lr: float = _opt("peak learning rate", default=2e-4)
     trajectories: str | None = _opt(
         "where the trajectories (trajectories.jsonl + summary.json) are written, local or URI; an existing "
-        "summary.json is reused, so --resume does not decode again (default: STORAGE_PATH/RUN_NAME/trajectories)",
+        "summary.json is reused if made with the same model, data and trajectory options, so --resume does not "
+        "decode again (default: STORAGE_PATH/RUN_NAME/trajectories)",
         default=None)
     wrong_trajectories: str = _opt(
         "a trajectory whose answer differs from the record's reference answer: drop the record, or train "

@@ -12,8 +12,9 @@ the worker count nor on which worker gets a sequence, and a resumed run draws wh
 would have drawn.
 
 Checkpoints are HF directories (weights, tokenizer, fdllm_config.json) plus `train_state.pt`
-(optimizer, step, data position, bad-row counts), reported through `ray.train.report`; after each,
-rank 0 publishes the servable part at `cfg.output` (pipelines/checkpoints.py). On restart
+(optimizer, step, data position, bad-row counts), reported through `ray.train.report`; before each
+report, rank 0 publishes the servable part at `cfg.output` (pipelines/checkpoints.py; `_report` says
+why before). On restart
 (FailureConfig retries, or `--resume`) each worker downloads what it needs, restores it and skips the
 sequences its shard already consumed in the current epoch.
 
@@ -472,8 +473,14 @@ class _Meter:
 
 
 def _report(metrics: dict[str, Any], to_save: tuple | None, output: str | None) -> None:
-    """`ray.train.report` from every worker, with a checkpoint when `to_save` is given; rank 0 then
-    publishes its servable part at `output` (after the report: never ahead of a stored checkpoint)."""
+    """`ray.train.report` from every worker, with a checkpoint when `to_save` is given, which rank 0
+    first publishes (its servable part) at `output`.
+
+    Publishing first: a failed publish (a transient store error) fails the step before Ray stores its
+    checkpoint, so the retry resumes from the previous one and publishes again. Reported first, the
+    retry of a failed last publish resumed at the final step with nothing left to do: the run ended
+    without its export. The export may run ahead of the stored checkpoints (when the report fails
+    after it), which the retry's same steps catch up with; it is complete either way (`publish_dir`)."""
     import ray.train
 
     if to_save is None:
@@ -482,15 +489,15 @@ def _report(metrics: dict[str, Any], to_save: tuple | None, output: str | None) 
     parallel, tokenizer, block_cfg, state = to_save
     with tempfile.TemporaryDirectory(prefix="fdllm-ckpt-") as tmp:
         _save_checkpoint(Path(tmp), parallel, tokenizer, block_cfg, state)
+        if output and _rank() == 0:
+            export_servable(tmp, output)
+            log.info("servable checkpoint of step %d -> %s", state.step, output)
         has_files = any(Path(tmp).iterdir())  # only rank 0 writes, except DeepSpeed's optimizer shards
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
             checkpoint_dir_name=f"step_{state.step:08d}",
         )
-        if output and _rank() == 0:
-            export_servable(tmp, output)
-            log.info("servable checkpoint of step %d -> %s", state.step, output)
 
 
 class _NoProgress:

@@ -6,7 +6,9 @@ assistant answer; the engine decodes the prompt greedily in block-diffusion mode
 replaces the answer when its final answer equals the reference's (reasoning in `<think>...</think>`
 aside, surrounding whitespace ignored: the world's tasks have exact answers). A wrong trajectory drops
 the record, or keeps it with the reference answer (`wrong="reference"`). Every record gets a status
-(`STATUSES`, or `bad_<reason>` for a row the data pipeline would skip), which the driver counts.
+(`STATUSES`, or `bad_<reason>` for a row the data pipeline would skip or the engine would refuse:
+a prompt that leaves no room for `max_new_tokens` in its context, or holds the mask token), which the
+driver counts: a bad row never stops a run.
 
 Plain Python over one batch at a time; tested without Ray.
 """
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fdllm.tokenizer import MASK_TOKEN
 from pipelines.data import BadRow, raw_rows, record_to_messages, strip_reasoning_text
 
 if TYPE_CHECKING:
@@ -82,6 +85,22 @@ class TrajectoryGenerator:
                                            mode="diffusion")
         self.wrong = wrong
 
+    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation's prompt ids, or BadRow when the engine would refuse it: one such row would
+        fail `generate` for its whole batch, and so the whole Ray Data run."""
+        try:
+            ids = prompt_token_ids(self.engine, messages)
+        except Exception as e:  # noqa: BLE001 - templates reject conversations with any error (raise_exception)
+            raise BadRow("template_error", f"{type(e).__name__}: {e}") from None
+        if self.engine.config.mask_token_id in ids:
+            raise BadRow("mask_token", f"the prompt contains {MASK_TOKEN}")
+        # the engine's limits: its context, and its KV cache (a request needs a page per block)
+        limit = min(self.engine.max_model_len, self.engine.num_pages * self.engine.config.block_size)
+        if len(ids) + self.params.max_new_tokens > limit:
+            raise BadRow("too_long", f"prompt ({len(ids)} tokens) + max_new_tokens ({self.params.max_new_tokens}) "
+                         f"> the engine's {limit}")
+        return ids
+
     def __call__(self, batch: "pyarrow.Table") -> dict[str, np.ndarray]:
         return self.process(raw_rows(batch))
 
@@ -89,15 +108,17 @@ class TrajectoryGenerator:
         """Columns `record` and `status`, one row per input row."""
         from pipelines.data import parse_jsonl_line
 
-        records, statuses, todo = [""] * len(rows), [""] * len(rows), []
+        records, statuses, todo, prompts = [""] * len(rows), [""] * len(rows), [], []
         for i, row in enumerate(rows):
             try:
                 record = parse_jsonl_line(row) if isinstance(row, (str, bytes)) else row
-                todo.append((i, record_to_messages(record)))
+                messages = record_to_messages(record)
+                prompts.append(self.prompt(messages))
+                todo.append((i, messages))
             except BadRow as e:
                 statuses[i] = f"bad_{e.reason}"
         if todo:
-            results = self.engine.generate([prompt_token_ids(self.engine, m) for _, m in todo], self.params)
+            results = self.engine.generate(prompts, self.params)
             for (i, messages), result in zip(todo, results):
                 reference = messages[-1]["content"]
                 if is_correct(result.text, reference):

@@ -18,6 +18,7 @@ from pipelines.data import (
     DataConfig,
     DataError,
     TokenSpec,
+    _file_uri,
     bad_counts,
     check_data_files,
     pack_jsonl_windows,
@@ -273,6 +274,50 @@ def test_a_bom_before_the_first_record_costs_nothing(tok, tmp_path):
     _, windows = _read_all(path, cfg)
     out = pack_jsonl_windows([w["lines"] for w in windows], tokenizer=tok, cfg=cfg, spec=TokenSpec.from_tokenizer(tok))
     assert out["num_docs"].sum() == 4 and sum(bad_counts(out).values()) == 0
+
+
+def test_data_directories_skip_hidden_and_underscore_paths(tmp_path):
+    """As pyarrow datasets do: a notebook's `.ipynb_checkpoints/` copy is not read twice, and Spark's
+    `_temporary/` part files and `_SUCCESS` are not read at all; a directory given by name may be hidden."""
+    data = tmp_path / ".data"
+    good = write_jsonl(data / "a.jsonl", good_records(2))
+    write_jsonl(data / ".ipynb_checkpoints" / "a-checkpoint.jsonl", good_records(2))
+    write_jsonl(data / "sub" / ".a.jsonl", good_records(2))
+    (data / "_temporary" / "0").mkdir(parents=True)
+    (data / "_temporary" / "0" / "part-0.parquet").write_bytes(b"half-written")
+    (data / "_SUCCESS.json").write_text("")
+    assert check_data_files([str(data)]).jsonl == [str(good)]
+    with pytest.raises(DataError, match="names starting with . or _ are skipped"):
+        check_data_files([str(data / "sub")])  # only a hidden file in it
+    assert check_data_files([str(data / "sub" / ".a.jsonl")]).jsonl == [str(data / "sub" / ".a.jsonl")]  # named
+
+
+def test_data_uris_keep_their_host_and_query(s3_env, tmp_path, monkeypatch):
+    """A file listed under a directory URI keeps the URI's query (pyarrow's `?endpoint_override=`) and
+    host, and the read tasks open that; fsspec URIs work as pyarrow ones do."""
+    import fsspec
+
+    from tests.s3_server import make_bucket, upload_dir
+
+    write_jsonl(tmp_path / "sft" / "train.jsonl", good_records(3))
+    upload_dir(tmp_path / "sft", make_bucket("query") + "/sft")
+    endpoint = s3_env["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint is in the URI alone: losing it reads from AWS
+    query = f"?endpoint_override={endpoint.split('://')[1]}&scheme=http"
+    cfg = DataConfig(block_size=8, seq_len=128)
+    for path in ("s3://query/sft" + query, "s3://query/sft/" + query, "s3://query/sft/train.jsonl" + query):
+        sources = check_data_files([path])
+        assert sources.jsonl == ["s3://query/sft/train.jsonl" + query], path
+        windows = [w for s in plan_jsonl_splits([(u, sources.sizes[u]) for u in sources.jsonl], cfg)
+                   for w in read_jsonl_split(s, cfg)]
+        assert sum(len(w["lines"].split(b"\n")) for w in windows) == 3
+
+    fsspec.filesystem("memory").pipe("/fdllm-test/d/train.jsonl", write_jsonl(tmp_path / "m.jsonl", good_records(2)).read_bytes())
+    sources = check_data_files(["memory://fdllm-test/d"])
+    assert sources.jsonl == ["memory://fdllm-test/d/train.jsonl"]
+    assert len(list(read_jsonl_split(plan_jsonl_splits([(sources.jsonl[0], sources.sizes[sources.jsonl[0]])], cfg)[0],
+                                     cfg))) == 1
+    assert _file_uri("hdfs://nn:8020/data?user=me", "/data", "/data/x/a.jsonl") == "hdfs://nn:8020/data/x/a.jsonl?user=me"
 
 
 def test_check_data_files(tmp_path):

@@ -84,13 +84,78 @@ def test_trajectory_statuses_and_records(dllm_dir, wrong):
     assert records[3] is None and records[4] is None
 
 
+def test_rows_the_engine_would_refuse_are_bad_rows_not_a_failed_batch(dllm_dir, monkeypatch):
+    """A prompt too long for the context with max_new_tokens, one holding the mask token or one whose
+    chat template raises is counted as a bad row; the rest of its batch is decoded (one such row used
+    to fail `generate` for the whole batch, and so the whole distillation)."""
+    from fdllm.tokenizer import MASK_TOKEN
+    from pipelines import trajectories
+
+    gen = TrajectoryGenerator(str(dllm_dir), 12, None, "drop")
+    template = gen.engine.tokenizer.chat_template
+    gen.engine.tokenizer.chat_template = ("{% if 'boom' in messages[0]['content'] %}{{ raise_exception('no boom') }}"
+                                          "{% endif %}" + template)
+    rows = [{"input": "hello world", "output": "x"},
+            {"input": "hello " * gen.engine.max_model_len, "output": "x"},
+            {"input": f"what is {MASK_TOKEN}?", "output": "x"},
+            {"input": "boom", "output": "x"}]
+    assert list(gen.process(rows)["status"]) == [DROPPED, "bad_too_long", "bad_mask_token", "bad_template_error"]
+    hello = gen.engine.tokenizer("hello").input_ids[0]
+    for extra, status in ((0, DROPPED), (1, "bad_too_long")):  # a prompt that exactly fits is decoded
+        n = gen.engine.max_model_len - 12 + extra
+        monkeypatch.setattr(trajectories, "prompt_token_ids", lambda engine, messages, n=n: [hello] * n)
+        assert list(gen.process(rows[:1])["status"]) == [status]
+
+
 def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch):
     from pipelines import distill
 
-    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps({"counts": {"correct": 3, "wrong_dropped": 1}}))
-    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
     cfg = DistillConfig(model="m", data=["d"], max_steps=1)
+    summary = {"counts": {"correct": 3, "wrong_dropped": 1}, **distill.made_with(cfg)}
+    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps(summary))
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
     assert distill.generate_trajectories(cfg, str(tmp_path)) == {"correct": 3, "wrong_dropped": 1}
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"model": "other"}, "--model 'm', now"), ({"data": ["d", "e"]}, "--data ['d'], now"),
+    ({"wrong_trajectories": "reference"}, "--wrong-trajectories 'drop', now 'reference'"),
+    ({"trajectory_threshold": 0.5}, "--trajectory-threshold None, now 0.5"),
+    ({"trajectory_max_new_tokens": 8}, "--trajectory-max-new-tokens 256, now 8"),
+])
+def test_trajectories_made_otherwise_are_refused_naming_what_differs(tmp_path, monkeypatch, change, named):
+    """Another run's trajectories (another model, data or decoding) are not silently trained on."""
+    from pipelines import distill
+
+    made = DistillConfig(model="m", data=["d"], max_steps=1)
+    summary = {"counts": {"correct": 3}, "model": made.model, "data": made.data, "wrong_trajectories": "drop",
+               "trajectory_threshold": None, "trajectory_max_new_tokens": 256}  # what `made` writes
+    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps(summary))
+    distill.generate_trajectories(made, str(tmp_path))  # the same options: reused
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
+    now = DistillConfig(**{"model": "m", "data": ["d"], "max_steps": 1, **change})
+    with pytest.raises(ValueError, match="new --trajectories") as e:
+        distill.generate_trajectories(now, str(tmp_path))
+    assert named.replace("'d'", repr(made.data[0])).replace("'m'", repr(made.model)) in str(e.value)
+    assert str(e.value).count(", now ") == 1  # only what differs is named
+    (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps({"counts": {"correct": 3}, "model": made.model}))
+    with pytest.raises(ValueError, match="not recorded"):  # an older summary: what made it is unknown
+        distill.generate_trajectories(made, str(tmp_path))
+
+
+def test_an_existing_run_without_resume_is_refused_before_decoding(dllm_dir, tmp_path, monkeypatch):
+    """`--resume` is checked before the trajectories are decoded, not after (exit 2, Ray not started)."""
+    import ray
+
+    from tests.sft_data import good_records, write_jsonl
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the run was checked"))
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(2))
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert main(["--model", str(dllm_dir), "--data", str(data), "--max-steps", "1", "--block-size", "8",
+                 "--sub-block-size", "4", "--seq-len", "64", "--storage-path", str(tmp_path / "runs"),
+                 "--run-name", "r"]) == 2
 
 
 def test_certainty_objective_in_the_train_loop_is_the_distill_loss(qwen2_dir):

@@ -128,6 +128,30 @@ def test_cli_errors_are_one_line_before_any_decoding(dllm_dir, tmp_path, capsys)
         assert e.value.code == 2 and needle in capsys.readouterr().err, argv
 
 
+def test_data_output_and_plot_may_be_object_store_uris(dllm_dir, tmp_path, monkeypatch, s3_env, capsys):
+    """As every data path (DESIGN.md): `--data`, `--output` and `--plot` read and write through the
+    storage filesystems; an s3:// output used to land in a local `./s3:/...` file."""
+    import pyarrow.fs as pafs
+
+    from tests.s3_server import make_bucket
+
+    bucket = make_bucket("evaluate")
+    fs, _ = pafs.FileSystem.from_uri(bucket)
+    with fs.open_output_stream("evaluate/data/test.jsonl") as f:
+        f.write(b'{"prompt": "the fox", "answer": "12"}\n')
+    monkeypatch.chdir(tmp_path)
+    rows = main(["--model", str(dllm_dir), "--data", f"{bucket}/data/test.jsonl", "--modes", "ar", "--max-new-tokens",
+                 "2", "--output", f"{bucket}/out/rows.json", "--plot", f"{bucket}/out/acc.png"])
+    with fs.open_input_stream("evaluate/out/rows.json") as f:
+        assert [r["mode"] for r in json.loads(f.read())] == [r.mode for r in rows] == ["ar"] * len(rows)
+    with fs.open_input_stream("evaluate/out/acc.png") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.iterdir())  # nothing written locally
+    with pytest.raises(SystemExit) as e:  # a missing object is one line, exit 2
+        main(["--model", str(dllm_dir), "--data", f"{bucket}/data/missing.jsonl"])
+    assert e.value.code == 2 and "missing.jsonl" in capsys.readouterr().err
+
+
 def test_the_console_script_exits_0(dllm_dir, tmp_path, monkeypatch):
     """`fdllm-evaluate` runs sys.exit(its function()): it returned the rows, so a success exited 1."""
     import sys

@@ -315,3 +315,35 @@ def test_joint_objective_in_the_train_loop_weights_the_packed_ar_loss(qwen2_dir)
         block_causal, _ = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, 0, 3, cpu)
     assert (ar_sum / count).item() == pytest.approx(expected.item(), rel=1e-5)
     assert diff_only.item() != pytest.approx(block_causal.item(), rel=1e-6)  # the clean stream attends causally
+
+
+def test_a_failed_publish_fails_the_step_before_its_checkpoint_is_reported(tmp_path, monkeypatch):
+    """The servable export is published before Ray stores the checkpoint: if publishing fails (a transient
+    store error), Ray's retry resumes from the previous checkpoint and publishes again. Reported first,
+    a failed publish at the last step was retried from the final checkpoint, with nothing left to do:
+    the run succeeded without its export."""
+    import ray.train
+
+    from pipelines import train_loop
+
+    events = []
+
+    def save(directory, *args):
+        (directory / "model.safetensors").write_bytes(b"weights")
+
+    def publish(directory, output):
+        events.append("publish")
+        raise OSError("transient S3 error")
+
+    monkeypatch.setattr(train_loop, "_save_checkpoint", save)
+    monkeypatch.setattr(train_loop, "export_servable", publish)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: events.append("report"))
+    to_save = (None, None, None, train_loop.TrainState(step=4))
+    with pytest.raises(OSError, match="transient"):
+        train_loop._report({"step": 4}, to_save, str(tmp_path / "servable"))
+    assert events == ["publish"]  # no checkpoint of step 4 reported: the retry redoes it
+
+    monkeypatch.setattr(train_loop, "export_servable", lambda directory, output: events.append("publish"))
+    events.clear()
+    train_loop._report({"step": 4}, to_save, str(tmp_path / "servable"))
+    assert events == ["publish", "report"]
