@@ -2,17 +2,27 @@
 
 Two jobs, both needed wherever a checkpoint path is taken (the engine, the fine-tune, Serve):
 
-- `local_checkpoint(uri)`: a local directory holding the checkpoint. A local path is returned as
-  is; a URI is downloaded once per node into a cache (`$FDLLM_CACHE_DIR`, default
-  `~/.cache/fdllm`). Processes of one node share the copy: a file lock serialises the download, the
-  files land in a temporary directory and are renamed into place only when complete, so a partial
-  copy is never used and a failed one leaves nothing behind.
+- `local_checkpoint(uri)`: a local directory holding the checkpoint. A URI is downloaded once per
+  node into a cache (`$FDLLM_CACHE_DIR`, default `~/.cache/fdllm`). Processes of one node share the
+  copy: a file lock serialises the download, the files land in a temporary directory and are
+  renamed into place only when complete, so a partial copy is never used and a failed one leaves
+  nothing behind. A local directory is used in place, unless it is an export (below): those are
+  read through the cache like a URI.
 - `publish_dir(local, uri)`: write a checkpoint to a stable path that readers may be reading at the
   same time. A marker says "being written"; the manifest `fdllm_export.json` (file list, sizes,
   a fresh export id) is written last. Readers wait while the marker is there and check after
   downloading that the manifest did not change under them, so they never cache a mix of two
   exports. The export id keys the cache: a new export at the same URI is a new download. Older
   versions stay in the cache (a process may still be reading one) until the cache is cleared.
+
+Why a local export is copied rather than used in place: the next export rewrites its files in place
+(truncating them), so a process loading it then would read half a file, and one that had it
+memory-mapped could crash. Swapping a fresh sibling directory in instead is not atomic (a directory
+cannot be renamed over a non-empty one) and on NFS another client's open files of a replaced
+directory go stale. Waiting on the marker alone would not do either: a load that started before
+the marker appeared still reads the rewrite. A private copy, checked against the manifest after the
+copy as for a URI, is correct on local disk and NFS alike, at the cost of one copy per export
+version in the node's cache.
 
 S3 endpoint and credentials come from the standard AWS environment variables (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which pyarrow reads, so any
@@ -112,9 +122,9 @@ def _read_manifest(fs: "pyarrow.fs.FileSystem", inner: str) -> dict | None:
 
 
 def _cache_parts(uri: str) -> list[str]:
-    """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b"]: readable, and never outside the cache root
-    (no `..`, no query strings or odd characters in names)."""
-    scheme, rest = uri.split("://", 1)
+    """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b"] (a local `/a/b` -> ["file", "a", "b"]):
+    readable, and never outside the cache root (no `..`, no query strings or odd characters in names)."""
+    scheme, rest = uri.split("://", 1) if is_uri(uri) else ("file", uri)
     parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
     return [re.sub(r"[^\w.=-]", "_", p) for p in (scheme, *parts)]
 
@@ -132,9 +142,10 @@ def local_checkpoint(
     `weights=False` fetches everything but weight files (config, tokenizer): what a driver needs to
     validate a model it will not run. `wait_s` bounds the wait for an export being rewritten.
     """
-    if not is_uri(str(path)):
-        return Path(resolve_local(str(path)))  # used in place; its readers name what is missing
-    uri = str(path).rstrip("/")
+    uri = str(path).rstrip("/") if is_uri(str(path)) else resolve_local(str(path))
+    if not is_uri(uri):
+        if not (os.path.isfile(os.path.join(uri, MANIFEST)) or os.path.isfile(os.path.join(uri, WRITING_MARKER))):
+            return Path(uri)  # not an export, so nothing rewrites it: used in place; its readers name what is missing
     fs, inner = filesystem(uri)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     slot = root.joinpath(*_cache_parts(uri))  # one directory per URI; one sub-directory per version of it
@@ -184,31 +195,45 @@ def _fetch_once(
         tmp = target.parent / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             start = time.perf_counter()
-            total = 0
-            for name, size in sorted(wanted.items()):
-                dest = tmp / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(f"{inner.rstrip('/')}/{name}") as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, length=16 << 20)
-                if dest.stat().st_size != size:
-                    raise OSError(f"{uri}/{name}: got {dest.stat().st_size} bytes, expected {size}")
-                total += size
-            after = _list(fs, inner)
-            manifest_after = _read_manifest(fs, inner) if MANIFEST in after.files else None
-            changed = WRITING_MARKER in after.files or (manifest_after or {}).get("export_id") != version
-            if version is None:  # a directory without manifest: compare what was downloaded
-                changed = changed or any(after.files.get(n, (None,))[0] != s for n, s in wanted.items())
+            try:
+                _copy_files(fs, inner, uri, wanted, tmp)
+                changed = not _unchanged(fs, inner, wanted, version)
+            except OSError:  # a file deleted or cut short by a new export (then retried), or a real failure
+                if _unchanged(fs, inner, wanted, version):
+                    raise
+                changed = True
             if changed:
                 log.warning("%s changed while it was downloaded; fetching it again", uri)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return False
             os.rename(tmp, target)  # atomic on one filesystem: the copy appears whole or not at all
-            log.info("downloaded %s (%d files, %.1f MB, %.1f s) -> %s", uri, len(wanted), total / 1e6,
+            log.info("downloaded %s (%d files, %.1f MB, %.1f s) -> %s", uri, len(wanted), sum(wanted.values()) / 1e6,
                      time.perf_counter() - start, target)
             return True
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _copy_files(fs: "pyarrow.fs.FileSystem", inner: str, uri: str, wanted: dict[str, int], tmp: Path) -> None:
+    """Copy the `wanted` files (relative path -> size) of directory `inner` into `tmp`."""
+    for name, size in sorted(wanted.items()):
+        dest = tmp / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f"{inner.rstrip('/')}/{name}") as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, length=16 << 20)
+        if dest.stat().st_size != size:
+            raise OSError(f"{uri}/{name}: got {dest.stat().st_size} bytes, expected {size}")
+
+
+def _unchanged(fs: "pyarrow.fs.FileSystem", inner: str, wanted: dict[str, int], version: str | None) -> bool:
+    """True when directory `inner` still holds the export `version` (no writer at work), or, for a
+    directory without manifest (`version` None), the `wanted` files with the same sizes."""
+    after = _list(fs, inner)
+    manifest = _read_manifest(fs, inner) if MANIFEST in after.files else None
+    if WRITING_MARKER in after.files or (manifest or {}).get("export_id") != version:
+        return False
+    return version is not None or all(after.files.get(n, (None,))[0] == s for n, s in wanted.items())
 
 
 def check_directory_path(path: str) -> None:

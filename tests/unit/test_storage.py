@@ -26,6 +26,11 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def _exported(path: Path) -> dict[str, bytes]:
+    """`_tree` of an export without its manifest (which holds a fresh export id)."""
+    return {name: data for name, data in _tree(path).items() if name != storage.MANIFEST}
+
+
 @pytest.fixture(scope="module")
 def bucket(s3_env) -> str:
     return make_bucket("fdllm-storage-test")
@@ -44,6 +49,44 @@ def test_join_keeps_the_scheme():
 def test_local_paths_are_not_copied(dllm_dir, tmp_path):
     assert storage.local_checkpoint(dllm_dir, tmp_path) == Path(dllm_dir)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_local_export_is_read_through_the_cache_while_it_is_rewritten(dllm_dir, tmp_path, monkeypatch):
+    """A local (or NFS) `--output` is rewritten in place by the next export: a reader waits for the
+    writer like a URI reader, and gets a private copy that the next export cannot cut short."""
+    out, cache = tmp_path / "servable", tmp_path / "cache"
+    storage.publish_dir(dllm_dir, str(out))
+    first = storage.local_checkpoint(out, cache)
+    assert first.is_relative_to(cache) and _exported(first) == _tree(Path(dllm_dir))
+
+    real_copy = storage.shutil.copyfileobj
+    midway, resume = threading.Event(), threading.Event()
+
+    def stall_in_the_weights(src, dst, length=0):  # the writer, half-way through model.safetensors
+        if getattr(src, "name", "").endswith("model.safetensors"):  # the writer's source (a reader's has no name)
+            dst.write(src.read(1000))
+            dst.flush()
+            midway.set()
+            assert resume.wait(30)
+        return real_copy(src, dst, length)
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", stall_in_the_weights)
+    monkeypatch.setattr(storage, "_WAIT_POLL_S", 0.05)
+    writer = threading.Thread(target=storage.publish_dir, args=(dllm_dir, str(out)))
+    writer.start()
+    try:
+        assert midway.wait(30)
+        with pytest.raises(TimeoutError, match="being written"):
+            storage.local_checkpoint(out, cache, wait_s=0.2)
+        threading.Timer(0.3, resume.set).start()
+        second = storage.local_checkpoint(out, cache, wait_s=60)  # waits for the writer, then copies
+    finally:
+        resume.set()
+        writer.join()
+    assert second != first and _exported(second) == _tree(Path(dllm_dir))
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():  # the older copy is untouched by the rewrite: a reader of it loads it still
+        assert torch.equal(fdllm.load_model(first)(ids), fdllm.load_model(dllm_dir)(ids))
 
 
 def test_download_once_and_reuse(remote_dllm, dllm_dir, tmp_path):
@@ -227,6 +270,27 @@ def test_reader_waits_for_a_writer_and_retries_a_changed_export(bucket, tmp_path
     assert republished.is_set()
     assert _tree(local) == {"config.json": b'{"v": 2}'}
     assert len([p for p in local.parent.iterdir() if p.is_dir()]) == 1  # the stale version was never kept
+
+
+def test_a_file_a_new_export_deletes_mid_download_is_no_error(bucket, tmp_path, monkeypatch):
+    """A new export deletes the files the old one had and the new one has not: a reader that was
+    downloading the old one fetches the new one instead of failing on the missing file."""
+    dest = f"{bucket}/exports/c"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.json").write_text("1")
+    (src / "b.json").write_text("1")
+    storage.publish_dir(src, dest)
+    real_copy = storage.shutil.copyfileobj
+
+    def republish_without_b(source, target, length=0):
+        real_copy(source, target, length)
+        if getattr(target, "name", "").endswith("a.json") and (src / "b.json").exists():
+            (src / "b.json").unlink()
+            storage.publish_dir(src, dest)  # deletes b.json, which the reader wants next
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", republish_without_b)
+    assert _tree(storage.local_checkpoint(dest, tmp_path / "cache")) == {"a.json": b"1"}
 
 
 def test_fsspec_only_filesystems(tmp_path):
