@@ -46,6 +46,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from fdllm.paths import is_uri, resolve_local
 
@@ -59,11 +60,22 @@ MANIFEST = "fdllm_export.json"  # written last by `publish_dir`: the export is c
 WRITING_MARKER = ".fdllm-writing"  # present while `publish_dir` rewrites a directory
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 _WAIT_POLL_S = 2.0
+_URI_SAFE = "/%:@!$&'()*+,;=-._~"  # RFC 3986's reserved and unreserved characters, and `%` of escapes
 
 
 def join(base: str, *parts: str) -> str:
     """`base/part/...` for local paths and URIs alike (a URI keeps its `scheme://`)."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def encode_uri(uri: str) -> str:
+    """`uri` with what a URI may not hold (spaces, non-ASCII, `#`, ...) percent-encoded before its
+    query, as pyarrow's parser (and so Ray Train's `storage_path`) wants it: pyarrow decodes the
+    escapes back, so `s3://b/my run` and `s3://b/my%20run` name the same key. Escapes already there
+    and the query (`?endpoint_override=...`) are kept as they are."""
+    scheme, rest = uri.split("://", 1)
+    path, sep, query = rest.partition("?")
+    return f"{scheme}://{quote(path, safe=_URI_SAFE)}{sep}{query}"
 
 
 def filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
@@ -76,13 +88,14 @@ def filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     if not is_uri(uri):
         return pafs.LocalFileSystem(), resolve_local(uri)
     try:
-        return pafs.FileSystem.from_uri(uri)
+        return pafs.FileSystem.from_uri(encode_uri(uri))
     except ValueError as arrow_error:  # pyarrow.ArrowInvalid: a scheme pyarrow has no filesystem for
         try:
             import fsspec
-        except ImportError:
-            raise ValueError(f"pyarrow cannot open {uri} ({arrow_error}) and fsspec is not installed") from arrow_error
-        fs, inner = fsspec.core.url_to_fs(uri)
+
+            fs, inner = fsspec.core.url_to_fs(uri)
+        except ImportError as e:  # fsspec, or the package of its filesystem for this scheme, is missing
+            raise ValueError(f"pyarrow cannot open {uri} ({arrow_error}), nor can fsspec here ({e})") from e
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
 
 

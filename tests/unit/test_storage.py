@@ -4,6 +4,7 @@ takes checkpoint paths. A few seconds plus the server's start."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -291,6 +292,34 @@ def test_a_file_a_new_export_deletes_mid_download_is_no_error(bucket, tmp_path, 
 
     monkeypatch.setattr(storage.shutil, "copyfileobj", republish_without_b)
     assert _tree(storage.local_checkpoint(dest, tmp_path / "cache")) == {"a.json": b"1"}
+
+
+def test_uris_with_spaces_and_non_ascii_characters(bucket, s3_env, tmp_path):
+    """pyarrow's URI parser rejects them (the fsspec fallback then asked for s3fs); they name the
+    keys as written, the query is kept, and a storage path Ray Train would reject is refused."""
+    from pipelines.finetune import check_output, resolve_run
+    from pipelines.finetune_config import FinetuneConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    endpoint = s3_env["AWS_ENDPOINT_URL"].removeprefix("http://")
+    for dest in (f"{bucket}/my run/modèle", f"{bucket}/q run?endpoint_override={endpoint}&scheme=http"):
+        storage.check_publishable(dest)
+        storage.publish_dir(src, dest)
+        assert _tree(storage.local_checkpoint(dest, tmp_path / "cache")) == {"config.json": b"{}"}
+    import boto3
+
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket.removeprefix("s3://"))["Contents"]}
+    assert {"my run/modèle/config.json", "q run/config.json"} <= keys
+    assert storage.encode_uri("s3://b/my run/modèle#1?endpoint_override=h:1") == "s3://b/my%20run/mod%C3%A8le%231?endpoint_override=h:1"
+    assert storage.encode_uri("s3://b/a%20b") == "s3://b/a%20b"  # escapes already there are kept
+
+    model = str(REPO / "assets" / "tiny-ar-base")
+    run = resolve_run(FinetuneConfig(model=model, data=["d.jsonl"], max_steps=1, storage_path=f"{bucket}/runs", run_name="tiny run 1"))
+    check_output(run)  # the run name is joined after Ray Train parses the storage path
+    with pytest.raises(ValueError, match=f"--storage-path .*percent-encoded: {bucket}/my%20runs$"):
+        check_output(dataclasses.replace(run, storage_path=f"{bucket}/my runs"))
 
 
 def test_fsspec_only_filesystems(tmp_path):
