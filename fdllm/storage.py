@@ -181,6 +181,9 @@ def local_checkpoint(
         if not weights:
             wanted = {n: s for n, s in wanted.items() if not any(fnmatch.fnmatch(n, p) for p in WEIGHT_PATTERNS)}
             version += "-noweights"
+        if not wanted:  # callers read config.json first: say the directory is the problem, not a cache path
+            raise FileNotFoundError(f"{uri} holds no files{'' if weights else ' besides weights'}: not a checkpoint "
+                                    "(config.json, safetensors, tokenizer)")
         target = slot / version
         if _fetch_once(fs, inner, uri, wanted, target, version=manifest and manifest["export_id"]):
             return target

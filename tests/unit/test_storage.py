@@ -348,3 +348,15 @@ def test_cache_slot_stays_under_the_cache_root_and_missing_uris_are_named(bucket
     assert storage._cache_parts("s3://b/x/../../etc/./p?q=1") == ["s3", "b", "x", "etc", "p_q=1"]
     with pytest.raises(FileNotFoundError, match=f"{bucket}/nothing-here"):
         storage.local_checkpoint(f"{bucket}/nothing-here", tmp_path)
+
+
+def test_an_empty_directory_is_named_as_not_a_checkpoint(tmp_path):
+    """Nothing to fetch: the error names the URI, not the cache's temporary directory."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "model.safetensors").write_bytes(b"w")
+    with pytest.raises(FileNotFoundError, match=f"^file://{tmp_path}/empty holds no files: not a checkpoint"):
+        storage.local_checkpoint(f"file://{tmp_path}/empty", tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="weights-only holds no files besides weights"):
+        storage.local_checkpoint(f"file://{tmp_path}/weights-only", tmp_path / "cache", weights=False)
+    assert not list((tmp_path / "cache").rglob("*.tmp-*"))
