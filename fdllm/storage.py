@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "FDLLM_CACHE_DIR"
 MANIFEST = "fdllm_export.json"  # written last by `publish_dir`: the export is complete
 WRITING_MARKER = ".fdllm-writing"  # present while `publish_dir` rewrites a directory
+PROBE_PREFIX = ".fdllm-write-probe-"  # `check_directory_path`'s test file, deleted at once
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 _WAIT_POLL_S = 2.0
 _URI_SAFE = "/%:@!$&'()*+,;=-._~"  # RFC 3986's reserved and unreserved characters, and `%` of escapes
@@ -254,7 +255,8 @@ def _unchanged(fs: "pyarrow.fs.FileSystem", inner: str, wanted: dict[str, int], 
 
 def check_directory_path(path: str) -> None:
     """ValueError when no directory can be made at `path` (local or URI): it is a file, or (local
-    paths) a file stands where one of its parents should be. Writers only find out at their first
+    paths) a file stands where one of its parents should be, or (S3, GCS) a file cannot be written
+    and deleted under it: no such bucket, or no permission. Writers only find out at their first
     file, which for a fine-tune is after training. Local paths need no pyarrow."""
     if is_uri(path):  # object stores: only the path itself (a key and a "directory" of one name may coexist)
         import pyarrow.fs as pafs
@@ -262,12 +264,27 @@ def check_directory_path(path: str) -> None:
         fs, inner = filesystem(path)
         if fs.get_file_info(inner).type == pafs.FileType.File:
             raise ValueError(f"{path} is a file, not a directory")
+        if fs.type_name in ("s3", "gcs"):
+            _probe_write(fs, inner.rstrip("/"), path)
         return
     local = Path(resolve_local(path))
     existing = next(p for p in (local, *local.parents) if p.exists())  # the root always exists
     if not existing.is_dir():
         raise ValueError(f"{path} is a file, not a directory" if existing == local else
                          f"{path} is under {existing}, which is a file, not a directory")
+
+
+def _probe_write(fs: "pyarrow.fs.FileSystem", inner: str, path: str) -> None:
+    """Write and delete an empty file under `inner`, what every writer there does (`publish_dir`
+    deletes its marker and stale files). An object store makes no directory for it; pyarrow's S3
+    leaves an empty directory marker at `inner`, as the first real file there would."""
+    probe = f"{inner}/{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(probe):
+            pass
+        fs.delete_file(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to {path}: {e}") from None
 
 
 def check_publishable(dest: str) -> None:

@@ -202,6 +202,35 @@ def test_a_directory_path_at_or_under_a_file_is_refused(tmp_path, monkeypatch):
             storage.check_directory_path(str(tmp_path / below))
 
 
+def test_a_missing_bucket_is_refused_up_front(bucket, tmp_path):
+    """A typo in the bucket of --output or --storage-path: the writers would find out at the first
+    checkpoint, after `save_every` steps, on every retry."""
+    from pipelines.finetune import check_output, resolve_run
+    from pipelines.finetune_config import FinetuneConfig
+
+    for check in (storage.check_directory_path, storage.check_publishable):
+        with pytest.raises(ValueError, match="cannot write to s3://no-such-bucket/runs/x: .*bucket"):
+            check("s3://no-such-bucket/runs/x")
+    model = str(REPO / "assets" / "tiny-ar-base")
+    run = resolve_run(FinetuneConfig(model=model, data=["d.jsonl"], max_steps=1, storage_path=f"{bucket}/runs",
+                                     run_name="r", output="s3://no-such-bucket/servable"))
+    with pytest.raises(ValueError, match="^--output: cannot write to s3://no-such-bucket/servable"):
+        check_output(run)
+    with pytest.raises(ValueError, match="^--storage-path: cannot write to s3://no-such-bucket/runs"):
+        check_output(resolve_run(dataclasses.replace(run, storage_path="s3://no-such-bucket/runs", output=None)))
+
+    import pyarrow.fs as pafs
+
+    dest = f"{bucket}/probed/servable"  # the probe leaves nothing a later check or export minds
+    storage.check_publishable(dest)
+    storage.check_publishable(dest)
+    fs, inner = storage.filesystem(dest)
+    assert fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)) == []
+    (tmp_path / "config.json").write_text("{}")
+    storage.publish_dir(tmp_path, dest)
+    assert _tree(storage.local_checkpoint(dest, tmp_path / "cache")) == {"config.json": b"{}"}
+
+
 def test_publish_deletes_only_what_an_earlier_export_wrote(tmp_path, monkeypatch):
     """An export replaces an earlier one's files, never the user's: a directory of other files (a
     storage path with runs in it, a model) is refused before anything is written, a file added beside
