@@ -85,7 +85,14 @@ def num_params(model: torch.nn.Module) -> int:
 
 
 def save_checkpoint(model: "Transformer", path: str | Path, max_shard_size: int = 4 << 30) -> None:
-    """Write config.json and safetensors shards of at most `max_shard_size` bytes (one file if it fits)."""
+    """Write config.json and safetensors shards of at most `max_shard_size` bytes (one file if it fits).
+    A model an engine quantized in place (`fdllm.quantization`) is refused: its torchao weights have
+    no storage safetensors can write, and the format is not HF's."""
+    done = getattr(model, "quantization", None)
+    if done is not None:
+        raise ValueError(f"this model's decoder weights were quantized to {done} in place (EngineConfig(quantization=...)); "
+                         "save it before building the engine, or load the checkpoint again: quantization happens at load "
+                         "and leaves the checkpoint unchanged")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config

@@ -2,17 +2,27 @@
 
 Two jobs, both needed wherever a checkpoint path is taken (the engine, the fine-tune, Serve):
 
-- `local_checkpoint(uri)`: a local directory holding the checkpoint. A local path is returned as
-  is; a URI is downloaded once per node into a cache (`$FDLLM_CACHE_DIR`, default
-  `~/.cache/fdllm`). Processes of one node share the copy: a file lock serialises the download, the
-  files land in a temporary directory and are renamed into place only when complete, so a partial
-  copy is never used and a failed one leaves nothing behind.
+- `local_checkpoint(uri)`: a local directory holding the checkpoint. A URI is downloaded once per
+  node into a cache (`$FDLLM_CACHE_DIR`, default `~/.cache/fdllm`). Processes of one node share the
+  copy: a file lock serialises the download, the files land in a temporary directory and are
+  renamed into place only when complete, so a partial copy is never used and a failed one leaves
+  nothing behind. A local directory is used in place, unless it is an export (below): those are
+  read through the cache like a URI.
 - `publish_dir(local, uri)`: write a checkpoint to a stable path that readers may be reading at the
   same time. A marker says "being written"; the manifest `fdllm_export.json` (file list, sizes,
   a fresh export id) is written last. Readers wait while the marker is there and check after
   downloading that the manifest did not change under them, so they never cache a mix of two
   exports. The export id keys the cache: a new export at the same URI is a new download. Older
   versions stay in the cache (a process may still be reading one) until the cache is cleared.
+
+Why a local export is copied rather than used in place: the next export rewrites its files in place
+(truncating them), so a process loading it then would read half a file, and one that had it
+memory-mapped could crash. Swapping a fresh sibling directory in instead is not atomic (a directory
+cannot be renamed over a non-empty one) and on NFS another client's open files of a replaced
+directory go stale. Waiting on the marker alone would not do either: a load that started before
+the marker appeared still reads the rewrite. A private copy, checked against the manifest after the
+copy as for a URI, is correct on local disk and NFS alike, at the cost of one copy per export
+version in the node's cache.
 
 S3 endpoint and credentials come from the standard AWS environment variables (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which pyarrow reads, so any
@@ -36,6 +46,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from fdllm.paths import is_uri, resolve_local
 
@@ -47,13 +58,25 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "FDLLM_CACHE_DIR"
 MANIFEST = "fdllm_export.json"  # written last by `publish_dir`: the export is complete
 WRITING_MARKER = ".fdllm-writing"  # present while `publish_dir` rewrites a directory
+PROBE_PREFIX = ".fdllm-write-probe-"  # `check_directory_path`'s test file, deleted at once
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 _WAIT_POLL_S = 2.0
+_URI_SAFE = "/%:@!$&'()*+,;=-._~"  # RFC 3986's reserved and unreserved characters, and `%` of escapes
 
 
 def join(base: str, *parts: str) -> str:
     """`base/part/...` for local paths and URIs alike (a URI keeps its `scheme://`)."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def encode_uri(uri: str) -> str:
+    """`uri` with what a URI may not hold (spaces, non-ASCII, `#`, ...) percent-encoded before its
+    query, as pyarrow's parser (and so Ray Train's `storage_path`) wants it: pyarrow decodes the
+    escapes back, so `s3://b/my run` and `s3://b/my%20run` name the same key. Escapes already there
+    and the query (`?endpoint_override=...`) are kept as they are."""
+    scheme, rest = uri.split("://", 1)
+    path, sep, query = rest.partition("?")
+    return f"{scheme}://{quote(path, safe=_URI_SAFE)}{sep}{query}"
 
 
 def filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
@@ -66,13 +89,14 @@ def filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     if not is_uri(uri):
         return pafs.LocalFileSystem(), resolve_local(uri)
     try:
-        return pafs.FileSystem.from_uri(uri)
+        return pafs.FileSystem.from_uri(encode_uri(uri))
     except ValueError as arrow_error:  # pyarrow.ArrowInvalid: a scheme pyarrow has no filesystem for
         try:
             import fsspec
-        except ImportError:
-            raise ValueError(f"pyarrow cannot open {uri} ({arrow_error}) and fsspec is not installed") from arrow_error
-        fs, inner = fsspec.core.url_to_fs(uri)
+
+            fs, inner = fsspec.core.url_to_fs(uri)
+        except ImportError as e:  # fsspec, or the package of its filesystem for this scheme, is missing
+            raise ValueError(f"pyarrow cannot open {uri} ({arrow_error}), nor can fsspec here ({e})") from e
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
 
 
@@ -112,9 +136,9 @@ def _read_manifest(fs: "pyarrow.fs.FileSystem", inner: str) -> dict | None:
 
 
 def _cache_parts(uri: str) -> list[str]:
-    """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b"]: readable, and never outside the cache root
-    (no `..`, no query strings or odd characters in names)."""
-    scheme, rest = uri.split("://", 1)
+    """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b"] (a local `/a/b` -> ["file", "a", "b"]):
+    readable, and never outside the cache root (no `..`, no query strings or odd characters in names)."""
+    scheme, rest = uri.split("://", 1) if is_uri(uri) else ("file", uri)
     parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
     return [re.sub(r"[^\w.=-]", "_", p) for p in (scheme, *parts)]
 
@@ -132,9 +156,10 @@ def local_checkpoint(
     `weights=False` fetches everything but weight files (config, tokenizer): what a driver needs to
     validate a model it will not run. `wait_s` bounds the wait for an export being rewritten.
     """
-    if not is_uri(str(path)):
-        return Path(resolve_local(str(path)))  # used in place; its readers name what is missing
-    uri = str(path).rstrip("/")
+    uri = str(path).rstrip("/") if is_uri(str(path)) else resolve_local(str(path))
+    if not is_uri(uri):
+        if not (os.path.isfile(os.path.join(uri, MANIFEST)) or os.path.isfile(os.path.join(uri, WRITING_MARKER))):
+            return Path(uri)  # not an export, so nothing rewrites it: used in place; its readers name what is missing
     fs, inner = filesystem(uri)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     slot = root.joinpath(*_cache_parts(uri))  # one directory per URI; one sub-directory per version of it
@@ -157,6 +182,9 @@ def local_checkpoint(
         if not weights:
             wanted = {n: s for n, s in wanted.items() if not any(fnmatch.fnmatch(n, p) for p in WEIGHT_PATTERNS)}
             version += "-noweights"
+        if not wanted:  # callers read config.json first: say the directory is the problem, not a cache path
+            raise FileNotFoundError(f"{uri} holds no files{'' if weights else ' besides weights'}: not a checkpoint "
+                                    "(config.json, safetensors, tokenizer)")
         target = slot / version
         if _fetch_once(fs, inner, uri, wanted, target, version=manifest and manifest["export_id"]):
             return target
@@ -184,26 +212,19 @@ def _fetch_once(
         tmp = target.parent / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             start = time.perf_counter()
-            total = 0
-            for name, size in sorted(wanted.items()):
-                dest = tmp / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(f"{inner.rstrip('/')}/{name}") as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, length=16 << 20)
-                if dest.stat().st_size != size:
-                    raise OSError(f"{uri}/{name}: got {dest.stat().st_size} bytes, expected {size}")
-                total += size
-            after = _list(fs, inner)
-            manifest_after = _read_manifest(fs, inner) if MANIFEST in after.files else None
-            changed = WRITING_MARKER in after.files or (manifest_after or {}).get("export_id") != version
-            if version is None:  # a directory without manifest: compare what was downloaded
-                changed = changed or any(after.files.get(n, (None,))[0] != s for n, s in wanted.items())
+            try:
+                _copy_files(fs, inner, uri, wanted, tmp)
+                changed = not _unchanged(fs, inner, wanted, version)
+            except OSError:  # a file deleted or cut short by a new export (then retried), or a real failure
+                if _unchanged(fs, inner, wanted, version):
+                    raise
+                changed = True
             if changed:
                 log.warning("%s changed while it was downloaded; fetching it again", uri)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return False
             os.rename(tmp, target)  # atomic on one filesystem: the copy appears whole or not at all
-            log.info("downloaded %s (%d files, %.1f MB, %.1f s) -> %s", uri, len(wanted), total / 1e6,
+            log.info("downloaded %s (%d files, %.1f MB, %.1f s) -> %s", uri, len(wanted), sum(wanted.values()) / 1e6,
                      time.perf_counter() - start, target)
             return True
         except BaseException:
@@ -211,9 +232,31 @@ def _fetch_once(
             raise
 
 
+def _copy_files(fs: "pyarrow.fs.FileSystem", inner: str, uri: str, wanted: dict[str, int], tmp: Path) -> None:
+    """Copy the `wanted` files (relative path -> size) of directory `inner` into `tmp`."""
+    for name, size in sorted(wanted.items()):
+        dest = tmp / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f"{inner.rstrip('/')}/{name}") as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, length=16 << 20)
+        if dest.stat().st_size != size:
+            raise OSError(f"{uri}/{name}: got {dest.stat().st_size} bytes, expected {size}")
+
+
+def _unchanged(fs: "pyarrow.fs.FileSystem", inner: str, wanted: dict[str, int], version: str | None) -> bool:
+    """True when directory `inner` still holds the export `version` (no writer at work), or, for a
+    directory without manifest (`version` None), the `wanted` files with the same sizes."""
+    after = _list(fs, inner)
+    manifest = _read_manifest(fs, inner) if MANIFEST in after.files else None
+    if WRITING_MARKER in after.files or (manifest or {}).get("export_id") != version:
+        return False
+    return version is not None or all(after.files.get(n, (None,))[0] == s for n, s in wanted.items())
+
+
 def check_directory_path(path: str) -> None:
     """ValueError when no directory can be made at `path` (local or URI): it is a file, or (local
-    paths) a file stands where one of its parents should be. Writers only find out at their first
+    paths) a file stands where one of its parents should be, or (S3, GCS) a file cannot be written
+    and deleted under it: no such bucket, or no permission. Writers only find out at their first
     file, which for a fine-tune is after training. Local paths need no pyarrow."""
     if is_uri(path):  # object stores: only the path itself (a key and a "directory" of one name may coexist)
         import pyarrow.fs as pafs
@@ -221,12 +264,27 @@ def check_directory_path(path: str) -> None:
         fs, inner = filesystem(path)
         if fs.get_file_info(inner).type == pafs.FileType.File:
             raise ValueError(f"{path} is a file, not a directory")
+        if fs.type_name in ("s3", "gcs"):
+            _probe_write(fs, inner.rstrip("/"), path)
         return
     local = Path(resolve_local(path))
     existing = next(p for p in (local, *local.parents) if p.exists())  # the root always exists
     if not existing.is_dir():
         raise ValueError(f"{path} is a file, not a directory" if existing == local else
                          f"{path} is under {existing}, which is a file, not a directory")
+
+
+def _probe_write(fs: "pyarrow.fs.FileSystem", inner: str, path: str) -> None:
+    """Write and delete an empty file under `inner`, what every writer there does (`publish_dir`
+    deletes its marker and stale files). An object store makes no directory for it; pyarrow's S3
+    leaves an empty directory marker at `inner`, as the first real file there would."""
+    probe = f"{inner}/{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(probe):
+            pass
+        fs.delete_file(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to {path}: {e}") from None
 
 
 def check_publishable(dest: str) -> None:

@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fdllm.paths import is_uri  # noqa: E402
-from fdllm.storage import check_directory_path, check_publishable, filesystem, join, local_checkpoint  # noqa: E402
+from fdllm.storage import check_directory_path, check_publishable, encode_uri, filesystem, join, local_checkpoint  # noqa: E402
 from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files, summarize_bad_rows  # noqa: E402
 from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
@@ -183,6 +183,9 @@ def check_output(cfg: FinetuneConfig) -> None:
     has checkpoints there continues only with `--resume`; the servable export replaces what its
     directory holds, so refuse one that holds the run's checkpoints or the base model, or other files,
     or cannot be made (`check_publishable`)."""
+    if is_uri(cfg.storage_path) and encode_uri(cfg.storage_path) != cfg.storage_path:  # Ray Train parses it as given
+        raise ValueError(f"--storage-path {cfg.storage_path}: Ray Train takes it as a URI, which holds no spaces or "
+                         f"non-ASCII characters; write it percent-encoded: {encode_uri(cfg.storage_path)}")
     run_dir = join(cfg.storage_path, cfg.run_name).rstrip("/")
     output = cfg.output.rstrip("/")
     for name, path in (("the run's checkpoints", run_dir), ("the base model", cfg.model.rstrip("/"))):

@@ -667,6 +667,30 @@ def test_cluster_finetune_reads_model_and_data_from_object_storage():
     assert config["storage_path"].startswith(SHARED_STORAGE) and config["run_name"]
 
 
+def _bucket(uri: str) -> str:
+    """`s3://bucket/a/b` -> `s3://bucket`."""
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+# Fine-tune commands that run on a cluster (they write to shared storage); the README's local one does not.
+CLUSTER_FINETUNES = [(o, a) for o, a in COMMANDS if a[0] == FINETUNE and _flag_value(a, "--storage-path")]
+UPLOAD_RE = re.compile(r"^[#\s]*(?:aws s3 sync|gcloud storage rsync)\s.*?(\S+://\S+)", re.M)
+
+
+@pytest.mark.parametrize("origin,argv", CLUSTER_FINETUNES, ids=[o for o, _ in CLUSTER_FINETUNES])
+def test_cluster_finetune_commands_name_model_and_data_in_their_bucket(origin, argv):
+    """The fine-tune config's model and data name a placeholder bucket that the README's edits (a
+    `sed` on the manifest, for KubeRay, where the config is baked into the image) never reach: every
+    cluster command passes them, in the bucket it writes to, and the README uploads them there."""
+    bucket = _bucket(_flag_value(argv, "--storage-path"))
+    uploaded = {u.rstrip("/").split("://", 1)[1] for u in UPLOAD_RE.findall(_command_text(README))}
+    for flag in ("--model", "--data"):
+        value = _flag_value(argv, flag)
+        assert value and value.startswith(bucket + "/"), f"{origin}: {flag} {value} is not in {bucket}"
+        assert value.rstrip("/").split("://", 1)[1] in uploaded, f"{origin}: cluster/README.md never uploads {value}"
+
+
 def _serving_pairs() -> list[tuple[str, list[str], dict]]:
     """(origin, fine-tune argv, Serve config that serves its result) for the launcher and KubeRay."""
     pairs = []

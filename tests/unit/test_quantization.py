@@ -109,6 +109,15 @@ def test_bad_formats_are_clear_errors(sharp_dir):
         quantize(model, "int4")
 
 
+def test_saving_a_quantized_model_is_refused(sharp_dir, tmp_path):
+    """An engine quantizes the caller's model in place; saving it then failed deep in safetensors
+    ("invalid python storage")."""
+    model = quantize(fdllm.load_model(sharp_dir), "int8")
+    with pytest.raises(ValueError, match="quantized to int8 in place"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 def test_evaluate_reports_weight_bytes_and_agreement(sharp_dir, tmp_path):
     from pipelines.evaluate import main
 

@@ -4,6 +4,7 @@ takes checkpoint paths. A few seconds plus the server's start."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,6 +27,11 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def _exported(path: Path) -> dict[str, bytes]:
+    """`_tree` of an export without its manifest (which holds a fresh export id)."""
+    return {name: data for name, data in _tree(path).items() if name != storage.MANIFEST}
+
+
 @pytest.fixture(scope="module")
 def bucket(s3_env) -> str:
     return make_bucket("fdllm-storage-test")
@@ -44,6 +50,44 @@ def test_join_keeps_the_scheme():
 def test_local_paths_are_not_copied(dllm_dir, tmp_path):
     assert storage.local_checkpoint(dllm_dir, tmp_path) == Path(dllm_dir)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_local_export_is_read_through_the_cache_while_it_is_rewritten(dllm_dir, tmp_path, monkeypatch):
+    """A local (or NFS) `--output` is rewritten in place by the next export: a reader waits for the
+    writer like a URI reader, and gets a private copy that the next export cannot cut short."""
+    out, cache = tmp_path / "servable", tmp_path / "cache"
+    storage.publish_dir(dllm_dir, str(out))
+    first = storage.local_checkpoint(out, cache)
+    assert first.is_relative_to(cache) and _exported(first) == _tree(Path(dllm_dir))
+
+    real_copy = storage.shutil.copyfileobj
+    midway, resume = threading.Event(), threading.Event()
+
+    def stall_in_the_weights(src, dst, length=0):  # the writer, half-way through model.safetensors
+        if getattr(src, "name", "").endswith("model.safetensors"):  # the writer's source (a reader's has no name)
+            dst.write(src.read(1000))
+            dst.flush()
+            midway.set()
+            assert resume.wait(30)
+        return real_copy(src, dst, length)
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", stall_in_the_weights)
+    monkeypatch.setattr(storage, "_WAIT_POLL_S", 0.05)
+    writer = threading.Thread(target=storage.publish_dir, args=(dllm_dir, str(out)))
+    writer.start()
+    try:
+        assert midway.wait(30)
+        with pytest.raises(TimeoutError, match="being written"):
+            storage.local_checkpoint(out, cache, wait_s=0.2)
+        threading.Timer(0.3, resume.set).start()
+        second = storage.local_checkpoint(out, cache, wait_s=60)  # waits for the writer, then copies
+    finally:
+        resume.set()
+        writer.join()
+    assert second != first and _exported(second) == _tree(Path(dllm_dir))
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():  # the older copy is untouched by the rewrite: a reader of it loads it still
+        assert torch.equal(fdllm.load_model(first)(ids), fdllm.load_model(dllm_dir)(ids))
 
 
 def test_download_once_and_reuse(remote_dllm, dllm_dir, tmp_path):
@@ -158,6 +202,35 @@ def test_a_directory_path_at_or_under_a_file_is_refused(tmp_path, monkeypatch):
             storage.check_directory_path(str(tmp_path / below))
 
 
+def test_a_missing_bucket_is_refused_up_front(bucket, tmp_path):
+    """A typo in the bucket of --output or --storage-path: the writers would find out at the first
+    checkpoint, after `save_every` steps, on every retry."""
+    from pipelines.finetune import check_output, resolve_run
+    from pipelines.finetune_config import FinetuneConfig
+
+    for check in (storage.check_directory_path, storage.check_publishable):
+        with pytest.raises(ValueError, match="cannot write to s3://no-such-bucket/runs/x: .*bucket"):
+            check("s3://no-such-bucket/runs/x")
+    model = str(REPO / "assets" / "tiny-ar-base")
+    run = resolve_run(FinetuneConfig(model=model, data=["d.jsonl"], max_steps=1, storage_path=f"{bucket}/runs",
+                                     run_name="r", output="s3://no-such-bucket/servable"))
+    with pytest.raises(ValueError, match="^--output: cannot write to s3://no-such-bucket/servable"):
+        check_output(run)
+    with pytest.raises(ValueError, match="^--storage-path: cannot write to s3://no-such-bucket/runs"):
+        check_output(resolve_run(dataclasses.replace(run, storage_path="s3://no-such-bucket/runs", output=None)))
+
+    import pyarrow.fs as pafs
+
+    dest = f"{bucket}/probed/servable"  # the probe leaves nothing a later check or export minds
+    storage.check_publishable(dest)
+    storage.check_publishable(dest)
+    fs, inner = storage.filesystem(dest)
+    assert fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)) == []
+    (tmp_path / "config.json").write_text("{}")
+    storage.publish_dir(tmp_path, dest)
+    assert _tree(storage.local_checkpoint(dest, tmp_path / "cache")) == {"config.json": b"{}"}
+
+
 def test_publish_deletes_only_what_an_earlier_export_wrote(tmp_path, monkeypatch):
     """An export replaces an earlier one's files, never the user's: a directory of other files (a
     storage path with runs in it, a model) is refused before anything is written, a file added beside
@@ -229,6 +302,55 @@ def test_reader_waits_for_a_writer_and_retries_a_changed_export(bucket, tmp_path
     assert len([p for p in local.parent.iterdir() if p.is_dir()]) == 1  # the stale version was never kept
 
 
+def test_a_file_a_new_export_deletes_mid_download_is_no_error(bucket, tmp_path, monkeypatch):
+    """A new export deletes the files the old one had and the new one has not: a reader that was
+    downloading the old one fetches the new one instead of failing on the missing file."""
+    dest = f"{bucket}/exports/c"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.json").write_text("1")
+    (src / "b.json").write_text("1")
+    storage.publish_dir(src, dest)
+    real_copy = storage.shutil.copyfileobj
+
+    def republish_without_b(source, target, length=0):
+        real_copy(source, target, length)
+        if getattr(target, "name", "").endswith("a.json") and (src / "b.json").exists():
+            (src / "b.json").unlink()
+            storage.publish_dir(src, dest)  # deletes b.json, which the reader wants next
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", republish_without_b)
+    assert _tree(storage.local_checkpoint(dest, tmp_path / "cache")) == {"a.json": b"1"}
+
+
+def test_uris_with_spaces_and_non_ascii_characters(bucket, s3_env, tmp_path):
+    """pyarrow's URI parser rejects them (the fsspec fallback then asked for s3fs); they name the
+    keys as written, the query is kept, and a storage path Ray Train would reject is refused."""
+    from pipelines.finetune import check_output, resolve_run
+    from pipelines.finetune_config import FinetuneConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    endpoint = s3_env["AWS_ENDPOINT_URL"].removeprefix("http://")
+    for dest in (f"{bucket}/my run/modèle", f"{bucket}/q run?endpoint_override={endpoint}&scheme=http"):
+        storage.check_publishable(dest)
+        storage.publish_dir(src, dest)
+        assert _tree(storage.local_checkpoint(dest, tmp_path / "cache")) == {"config.json": b"{}"}
+    import boto3
+
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket.removeprefix("s3://"))["Contents"]}
+    assert {"my run/modèle/config.json", "q run/config.json"} <= keys
+    assert storage.encode_uri("s3://b/my run/modèle#1?endpoint_override=h:1") == "s3://b/my%20run/mod%C3%A8le%231?endpoint_override=h:1"
+    assert storage.encode_uri("s3://b/a%20b") == "s3://b/a%20b"  # escapes already there are kept
+
+    model = str(REPO / "assets" / "tiny-ar-base")
+    run = resolve_run(FinetuneConfig(model=model, data=["d.jsonl"], max_steps=1, storage_path=f"{bucket}/runs", run_name="tiny run 1"))
+    check_output(run)  # the run name is joined after Ray Train parses the storage path
+    with pytest.raises(ValueError, match=f"--storage-path .*percent-encoded: {bucket}/my%20runs$"):
+        check_output(dataclasses.replace(run, storage_path=f"{bucket}/my runs"))
+
+
 def test_fsspec_only_filesystems(tmp_path):
     fsspec = pytest.importorskip("fsspec")
     mem = fsspec.filesystem("memory")
@@ -255,3 +377,15 @@ def test_cache_slot_stays_under_the_cache_root_and_missing_uris_are_named(bucket
     assert storage._cache_parts("s3://b/x/../../etc/./p?q=1") == ["s3", "b", "x", "etc", "p_q=1"]
     with pytest.raises(FileNotFoundError, match=f"{bucket}/nothing-here"):
         storage.local_checkpoint(f"{bucket}/nothing-here", tmp_path)
+
+
+def test_an_empty_directory_is_named_as_not_a_checkpoint(tmp_path):
+    """Nothing to fetch: the error names the URI, not the cache's temporary directory."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "model.safetensors").write_bytes(b"w")
+    with pytest.raises(FileNotFoundError, match=f"^file://{tmp_path}/empty holds no files: not a checkpoint"):
+        storage.local_checkpoint(f"file://{tmp_path}/empty", tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="weights-only holds no files besides weights"):
+        storage.local_checkpoint(f"file://{tmp_path}/weights-only", tmp_path / "cache", weights=False)
+    assert not list((tmp_path / "cache").rglob("*.tmp-*"))
