@@ -18,6 +18,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _node_cache(tmp_path_factory):
+    """The node cache of downloads and local exports (fdllm.storage) in the session's temporary
+    directory, not the user's ~/.cache/fdllm; processes the tests start (Ray workers, CLIs) inherit it."""
+    from fdllm.storage import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("fdllm-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")
