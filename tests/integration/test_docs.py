@@ -51,6 +51,7 @@ NOT_HERE: dict[str, list[tuple[str, str]]] = {
     ],
     "cluster/README.md": [
         (r"^(aws|gcloud|kubectl|helm|docker) ", "needs cloud credentials or a Kubernetes cluster"),
+        (r"^hf download ", "downloads a model or dataset from the Hugging Face Hub (no network at test time)"),
         (r"kubectl apply", "needs a Kubernetes cluster"),
         (r"^ray (up|down|dashboard|exec|attach) ", "starts or drives cloud machines"),
         (r"^ray get-auth-token", "writes the user's cluster token (cloud setup)"),
