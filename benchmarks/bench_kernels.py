@@ -25,7 +25,6 @@ error, and the other rows are still written; a backend that cannot run here is s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.cli import output_file, positive_int, positive_int_list
+from benchmarks.cli import output_file, positive_int, positive_int_list, write_json_atomic
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLASH_ATTN_PAGE = 256
@@ -149,10 +148,7 @@ class Rows:
     def write(self) -> None:
         if not self.path:
             return
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.header | {"rows": [asdict(r) for r in self.rows]}, f, indent=2)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.header | {"rows": [asdict(r) for r in self.rows]}, indent=2)
 
 
 def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str], rows: Rows) -> None:

@@ -73,7 +73,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from benchmarks.cli import output_dir
+from benchmarks.cli import output_dir, write_json_atomic
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
@@ -189,9 +189,7 @@ class SectionResult:
 
     def write(self, section: dict[str, Any]) -> None:
         """Written whole, then renamed: a process killed while writing leaves the previous file."""
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(section))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, section)
 
 
 def run_section(fn: Callable[[Partial], dict[str, Any]], path: Path) -> NoReturn:
