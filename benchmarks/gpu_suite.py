@@ -80,6 +80,7 @@ SHAPES = {
     "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
     "smoke": (32, 64, 1, 4, 2, 96, True),
+    "sizing": (2048, 5632, 8, 16, 4, 32000, False),  # tests/kernels/test_cuda_graphs.py's KV sizing check
 }
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 TARGET_STEP_RATIO, TARGET_ROOFLINE, TARGET_SYNCS = 1.3, 1.5, 1

@@ -353,8 +353,9 @@ class StaticPagedAttention:
 def kv_budget_pages(page_bytes: int, memory_fraction: float, device: torch.device, peak_bytes: int) -> int:
     """KV pages that fit in `memory_fraction` of the CUDA device's memory (vLLM's gpu_memory_utilization).
 
-    `peak_bytes`: torch's peak allocation after the weights are loaded and one profiling forward of
-    the largest step ran (activations). Memory other processes hold on the device is subtracted too.
+    `peak_bytes`: the weights and what steps need beside the cache (`fdllm.engine.runner.StepMemory`:
+    activations, the CUDA graphs' pool, attention workspace). Memory other processes hold on the
+    device is subtracted too.
     """
     free, total = torch.cuda.mem_get_info(device)
     others = total - free - torch.cuda.memory_reserved(device)  # other processes, CUDA context
@@ -362,7 +363,8 @@ def kv_budget_pages(page_bytes: int, memory_fraction: float, device: torch.devic
     if budget < page_bytes:
         raise ValueError(
             f"no room for the KV cache: {memory_fraction:.0%} of {total / 2**30:.1f} GiB minus {peak_bytes / 2**30:.2f} "
-            f"GiB for weights and activations and {max(others, 0) / 2**30:.2f} GiB held elsewhere leaves "
+            f"GiB for the weights and the steps (activations, graphs, workspace) and {max(others, 0) / 2**30:.2f} GiB held "
+            f"elsewhere leaves "
             f"{budget / 2**30:.2f} GiB; raise gpu_memory_utilization or set num_pages / kv_cache_gib"
         )
     return int(budget // page_bytes)

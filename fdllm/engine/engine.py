@@ -32,7 +32,7 @@ from fdllm.engine.params import (
     SequenceLogprobs,
     is_int,
 )
-from fdllm.engine.runner import ModelRunner, profile_peak_memory, query_bucket
+from fdllm.engine.runner import ModelRunner, StepMemory, query_bucket
 from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.scoring import score_pages, score_sequences
 from fdllm.engine.sequence import Sequence, TokenCallback
@@ -98,7 +98,11 @@ class Engine:
         self.model, self.tokenizer, self.config, self.engine_config = model, tokenizer, config, engine_config
         mc = model.config
         self.max_model_len = min(mc.max_position_embeddings, engine_config.max_model_len or mc.max_position_embeddings)
-        num_pages = engine_config.num_pages or self._default_num_pages(L)
+        self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
+        # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while
+        # the torch reference gathers them all, so it stays eager.
+        use_graphs = model.device.type == "cuda" and not engine_config.enforce_eager and self.attention_backend != "torch"
+        num_pages = engine_config.num_pages or self._default_num_pages(L, use_graphs)
         cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(
@@ -107,10 +111,6 @@ class Engine:
             lookahead_max_batch=engine_config.speculative_lookahead_max_batch,
             prefix_caching=engine_config.enable_prefix_caching, reserve_worst_case=engine_config.deterministic,
         )
-        self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
-        # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while
-        # the torch reference gathers them all, so it stays eager.
-        use_graphs = model.device.type == "cuda" and not engine_config.enforce_eager and self.attention_backend != "torch"
         self.runner = ModelRunner(
             model, cache, config.mask_token_id, self.attention_backend, max_num_seqs=engine_config.max_num_seqs,
             max_pages_per_seq=-(-self.max_model_len // L), use_cuda_graphs=use_graphs,
@@ -413,19 +413,28 @@ class Engine:
         return self._delimiter_cache[text]
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _default_num_pages(self, block_size: int) -> int:
+    def _default_num_pages(self, block_size: int, use_graphs: bool) -> int:
         """KV pages when EngineConfig.num_pages is unset: kv_cache_gib, or on CUDA gpu_memory_utilization of
-        the device after weights and a profiling forward; never more than max_num_seqs full-length sequences use."""
+        the device after weights and what steps need besides (`fdllm.engine.runner.StepMemory`); never more
+        than max_num_seqs full-length sequences use."""
         mc, ecfg = self.model.config, self.engine_config
         page_bytes = KVCache.page_bytes(mc.num_hidden_layers, block_size, mc.n_kv_heads, mc.dim_per_head, self.model.dtype)
-        needed = ecfg.max_num_seqs * -(-self.max_model_len // block_size)
+        pages_per_seq = -(-self.max_model_len // block_size)
+        needed = ecfg.max_num_seqs * pages_per_seq
         if ecfg.kv_cache_gib is not None or self.model.device.type != "cuda":
             return max(1, min(int((ecfg.kv_cache_gib or 1.0) * 2**30) // page_bytes, needed))
-        # the largest step: a prefill chunk, or a static decode step of max_num_seqs rows of up to the
-        # block + 1 tokens (speculative verifies), padded to a power of two when graphs are captured
+        # the largest static decode step: max_num_seqs rows of up to the block + 1 tokens (speculative
+        # verifies), padded to a power of two when graphs are captured
         static_tokens = ecfg.max_num_seqs * query_bucket(block_size + 1)
-        peak = profile_peak_memory(self.model, max(min(ecfg.max_prefill_tokens, self.max_model_len), static_tokens))
-        return max(1, min(kv_budget_pages(page_bytes, ecfg.gpu_memory_utilization, self.model.device, peak), needed))
+        workspace = 0
+        if self.attention_backend == "triton":
+            from fdllm.kernels.paged_attention import split_workspace_bytes
+
+            workspace = split_workspace_bytes(mc.num_attention_heads, mc.dim_per_head, pages_per_seq * block_size)
+        memory = StepMemory.profile(self.model, min(ecfg.max_prefill_tokens, self.max_model_len), static_tokens,
+                                    use_graphs, workspace)
+        log.info("KV sizing: %s", memory)
+        return max(1, min(kv_budget_pages(page_bytes, ecfg.gpu_memory_utilization, self.model.device, memory.total), needed))
 
     @staticmethod
     def _notify(seq: Sequence, new: list[int], finished: bool) -> None:

@@ -578,6 +578,38 @@ def forward_static(model: Transformer, cache: KVCache, attention_fn, inputs: Sta
     return model.hidden(inputs.ids_1T, inputs.positions_1T, cache=attention)[0]
 
 
+@dataclass(frozen=True)
+class StepMemory:
+    """CUDA memory (bytes) steps need beside the KV cache: what `gpu_memory_utilization` sizing subtracts.
+
+    Measured by running the model (`profile_peak_memory`), except the Triton kernel's split-KV
+    partials, which a no-cache forward does not allocate: one call's at most
+    (`fdllm.kernels.paged_attention.split_workspace_bytes`; the kernel slices larger calls). Captured
+    graphs allocate from a private pool that eager steps cannot reuse, so with graphs the largest
+    captured step's activations and partials are held beside the largest eager step's."""
+
+    peak: int  # weights and the largest step's activations, run eagerly
+    graph_pool: int  # the largest captured step's activations (0 without graphs)
+    workspace: int  # split-KV partials: one call's, and one more in the graph pool
+
+    @property
+    def total(self) -> int:
+        return self.peak + self.graph_pool + self.workspace
+
+    @classmethod
+    def profile(cls, model: Transformer, prefill_tokens: int, static_tokens: int, use_graphs: bool,
+                workspace_per_call: int) -> StepMemory:
+        before = torch.cuda.memory_allocated(model.device)
+        peak = profile_peak_memory(model, max(prefill_tokens, static_tokens))
+        graph_pool = profile_peak_memory(model, static_tokens) - before if use_graphs else 0
+        return cls(peak, graph_pool, workspace_per_call * (2 if use_graphs else 1))
+
+    def __str__(self) -> str:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        return (f"{gib(self.total)} besides the cache: weights and activations {gib(self.peak)}, "
+                f"CUDA-graph pool {gib(self.graph_pool)}, attention workspace {gib(self.workspace)}")
+
+
 @torch.inference_mode()
 def profile_peak_memory(model: Transformer, num_tokens: int) -> int:
     """Peak CUDA bytes torch allocates with the weights loaded, one no-cache forward of `num_tokens`

@@ -35,6 +35,15 @@ written as zeros (tiles made only of padding skip the key loop). q_len may excee
 holds the first T queries of a longer causal row (a static decode step cuts long rows into
 entries), whose positions and kv_len, hence key splits, stay those of the whole row.
 
+Workspace. The partials take N x splits x (H + 2) fp32 per query token (about 100 KB at
+Qwen2-1.5B's 12 heads and 16 splits): a full static decode batch of 8k query tokens would need
+~0.8 GB per call, 2 GB at 7B. A call whose partials would exceed `max_workspace_bytes` runs in
+slices of sequences (and of queries, when one sequence alone is larger), one launch pair each over
+one reused buffer, so its memory is bounded whatever the batch (`split_workspace_bytes` says how
+much, for the engine's KV sizing). Query slices are whole BLOCK_M tiles, and a slice's q_lens are
+the queries left from its first one (a causal row's positions stay kv_len - q_len + t): every
+program sees what it saw unsliced, so slicing changes no result bit.
+
 Precision. Inputs fp16/bf16/fp32; scores, softmax and the output accumulator are fp32; P is cast
 to the value dtype for the second matmul (as flash-attention does). fp32 inputs use IEEE fp32
 dots (not TF32) so fp32 results match the reference to ~1e-5. Under the Triton interpreter,
@@ -47,6 +56,7 @@ H head dim, P pages in the pool, S page size (tokens per page), M max pages per 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -219,6 +229,7 @@ def _merge_splits_kernel(
 MAX_SPLITS = 16  # key-range chunks per sequence at most
 MIN_KEYS_PER_SPLIT = 256  # a chunk is worth a program only above this many keys (tune on a GPU)
 BLOCK_M = 32  # flattened query rows per program: a constant, so a row's tile never depends on the batch
+WORKSPACE_BYTES = 256 << 20  # split-KV partials one call holds at most (larger calls run in slices)
 
 
 def _check_inputs(
@@ -262,6 +273,52 @@ def _check_inputs(
         )
 
 
+class _SplitPlan(NamedTuple):
+    """How a call cuts its sequences' key ranges (from shapes only: graph-capturable)."""
+
+    block_h: int
+    block_n: int
+    num_splits: int  # chunks per sequence at most: the partials' and the grid's split dimension
+    keys_per_split: int  # 0: each sequence chooses from its own kv_len (batch-invariant)
+    min_keys: int
+
+    def bytes_per_query(self, num_heads: int) -> int:
+        """fp32 partials of one query token: an accumulator row and a running max and sum per head and split."""
+        return 0 if self.num_splits == 1 else 4 * num_heads * self.num_splits * (self.block_h + 2)
+
+
+def _split_plan(head_dim: int, max_keys: int, num_splits: int | None, min_keys_per_split: int) -> _SplitPlan:
+    block_h = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if block_h <= 64 else 32  # keeps the K/V tiles within registers for H = 128
+    if num_splits is None:  # per-sequence chunks (computed in the kernel); the grid covers the longest
+        min_keys = max(block_n, triton.cdiv(min_keys_per_split, block_n) * block_n)
+        return _SplitPlan(block_h, block_n, max(1, min(MAX_SPLITS, triton.cdiv(max_keys, min_keys))), 0, min_keys)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    keys_per_split = max(block_n, triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n)
+    return _SplitPlan(block_h, block_n, max(1, triton.cdiv(max_keys, keys_per_split)), keys_per_split, keys_per_split)
+
+
+def _slice_shape(B: int, T: int, per_query: int, max_bytes: int) -> tuple[int, int]:
+    """(sequences, queries) per slice so that a slice's partials fit `max_bytes`; queries are cut only
+    when one sequence alone exceeds it, in whole BLOCK_M tiles (at least one: the bound is soft)."""
+    if B * T * per_query <= max_bytes:
+        return B, T
+    if T * per_query > max_bytes:
+        return 1, min(T, max(BLOCK_M, max_bytes // per_query // BLOCK_M * BLOCK_M))
+    return max(1, max_bytes // (T * per_query)), T
+
+
+def split_workspace_bytes(num_heads: int, head_dim: int, max_keys: int, num_tokens: int | None = None, *,
+                          min_keys_per_split: int = MIN_KEYS_PER_SPLIT, max_workspace_bytes: int = WORKSPACE_BYTES) -> int:
+    """The most split-KV partials (bytes) a `paged_attention` call over block tables of `max_keys` keys
+    allocates with per-sequence splits (the default), for `num_tokens` query tokens (B x T) or, with
+    None, for any call: what the engine's KV sizing leaves room for."""
+    per_query = _split_plan(head_dim, max_keys, None, min_keys_per_split).bytes_per_query(num_heads)
+    bound = max(max_workspace_bytes, BLOCK_M * per_query) if per_query else 0
+    return bound if num_tokens is None else min(num_tokens * per_query, bound)
+
+
 def paged_attention(
     q_BTNH: Tensor,
     k_pool_PSKH: Tensor,
@@ -274,6 +331,7 @@ def paged_attention(
     *,
     num_splits: int | None = None,
     min_keys_per_split: int = MIN_KEYS_PER_SPLIT,
+    max_workspace_bytes: int = WORKSPACE_BYTES,
 ) -> Tensor:
     """Output [B, T, N, H] in q's dtype; rows t >= q_lens[b] are zeros. Same contract as paged_attention_torch.
 
@@ -288,41 +346,47 @@ def paged_attention(
     chunks of at least `min_keys_per_split` keys): the result for a sequence is bitwise the same
     whatever else is in the batch and whatever the table width. An int fixes the chunk size from
     the table width M * S instead (for tests and benchmarks; batch-dependent).
+    max_workspace_bytes: the split-KV partials' bound; larger calls run in slices (same results).
     """
     _check_inputs(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B, causal)
-    flags = isinstance(causal, Tensor)
     B, T, N, H = q_BTNH.shape
-    S, K = k_pool_PSKH.shape[1], k_pool_PSKH.shape[2]
-    G = N // K
     o_BTNH = torch.empty((B, T, N, H), dtype=q_BTNH.dtype, device=q_BTNH.device)
     if o_BTNH.numel() == 0:
         return o_BTNH
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
-
-    rows = T * G
-    block_m = BLOCK_M
-    block_h = max(16, triton.next_power_of_2(H))
-    block_n = 64 if block_h <= 64 else 32  # keeps the K/V tiles within registers for H = 128
-    m_tiles = triton.cdiv(rows, block_m)
-    max_keys = block_tables_BM.shape[1] * S  # >= every kv_len
-    if num_splits is None:  # per-sequence chunks (computed in the kernel); the grid covers the longest
-        keys_per_split = 0
-        min_keys = max(block_n, triton.cdiv(min_keys_per_split, block_n) * block_n)
-        num_splits = max(1, min(MAX_SPLITS, triton.cdiv(max_keys, min_keys)))
+    plan = _split_plan(H, block_tables_BM.shape[1] * k_pool_PSKH.shape[1], num_splits, min_keys_per_split)
+    per_query = plan.bytes_per_query(N)
+    parts = None
+    if plan.num_splits > 1:
+        bs, tq = _slice_shape(B, T, per_query, max_workspace_bytes)
+        parts = torch.empty(bs * tq * per_query // 4, dtype=torch.float32, device=q_BTNH.device)
     else:
-        if num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-        keys_per_split = max(block_n, triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n)
-        num_splits = max(1, triton.cdiv(max_keys, keys_per_split))
-        min_keys = keys_per_split
-    split = num_splits > 1
-    if split:
-        part_acc = torch.empty((B, T, N, num_splits, block_h), dtype=torch.float32, device=q_BTNH.device)
-        part_m = torch.empty((B, T, N, num_splits), dtype=torch.float32, device=q_BTNH.device)
-        part_l = torch.empty_like(part_m)
+        bs, tq = B, T
+    for b0 in range(0, B, bs):
+        b1 = min(b0 + bs, B)
+        for t0 in range(0, T, tq):
+            q_lens = q_lens_B[b0:b1] if t0 == 0 else (q_lens_B[b0:b1] - t0).clamp_(min=0)  # the queries left
+            causal_b = causal[b0:b1] if isinstance(causal, Tensor) else causal
+            _launch(plan, parts, scale, q_BTNH[b0:b1, t0 : t0 + tq], k_pool_PSKH, v_pool_PSKH, o_BTNH[b0:b1, t0 : t0 + tq],
+                    block_tables_BM[b0:b1], kv_lens_B[b0:b1], q_lens, causal_b)
+    return o_BTNH
+
+
+def _launch(plan: _SplitPlan, parts: Tensor | None, scale: float, q_BTNH: Tensor, k_pool_PSKH: Tensor,
+            v_pool_PSKH: Tensor, o_BTNH: Tensor, block_tables_BM: Tensor, kv_lens_B: Tensor, q_lens_B: Tensor,
+            causal: bool | Tensor) -> None:
+    """One slice of a call: the attention kernel, then (with splits) the merge, into `o_BTNH` (a view)."""
+    flags = isinstance(causal, Tensor)
+    B, T, N, H = q_BTNH.shape
+    S, K = k_pool_PSKH.shape[1], k_pool_PSKH.shape[2]
+    G = N // K
+    split = plan.num_splits > 1
+    if split:  # views of the call's reused buffer, laid out [B, T, N, splits] (x BLOCK_H for the accumulator)
+        n = B * T * N * plan.num_splits
+        part_acc, part_m, part_l = parts[: n * (plan.block_h + 2)].split([n * plan.block_h, n, n])
     else:
         part_acc = part_m = part_l = o_BTNH  # unused
-    _paged_attention_kernel[(m_tiles * num_splits, B, K)](
+    _paged_attention_kernel[(triton.cdiv(T * G, BLOCK_M) * plan.num_splits, B, K)](
         q_BTNH, k_pool_PSKH, v_pool_PSKH, o_BTNH, block_tables_BM, kv_lens_B, q_lens_B,
         causal if flags else kv_lens_B,  # the flags (unread without them)
         part_acc, part_m, part_l,
@@ -332,9 +396,9 @@ def paged_attention(
         o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2),
         block_tables_BM.stride(0), block_tables_BM.stride(1),
         kv_lens_B.stride(0), q_lens_B.stride(0), causal.stride(0) if flags else 0,
-        T, N, H, scale * _LOG2E, num_splits, keys_per_split, min_keys,
+        T, N, H, scale * _LOG2E, plan.num_splits, plan.keys_per_split, plan.min_keys,
         G=G, PAGE_SIZE=S, CAUSAL=2 if flags else int(bool(causal)),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
+        BLOCK_M=BLOCK_M, BLOCK_N=plan.block_n, BLOCK_H=plan.block_h,
         UPCAST=interpreter_enabled(),
         DOT_PRECISION="ieee" if q_BTNH.dtype == torch.float32 else "tf32",
         SPLIT=split,
@@ -344,8 +408,7 @@ def paged_attention(
         _merge_splits_kernel[(B * T * N,)](
             o_BTNH, part_acc, part_m, part_l, kv_lens_B,
             o_BTNH.stride(0), o_BTNH.stride(1), o_BTNH.stride(2), kv_lens_B.stride(0),
-            T, N, H, num_splits, keys_per_split, min_keys,
-            BLOCK_N=block_n, BLOCK_H=block_h,
+            T, N, H, plan.num_splits, plan.keys_per_split, plan.min_keys,
+            BLOCK_N=plan.block_n, BLOCK_H=plan.block_h,
             num_warps=2,
         )
-    return o_BTNH

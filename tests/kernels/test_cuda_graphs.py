@@ -1,8 +1,10 @@
-"""CUDA graphs of decode steps (GPU only): replayed steps decode exactly like eager ones, with one sync per step."""
+"""CUDA graphs of decode steps (GPU only): replayed steps decode exactly like eager ones, with one sync
+per step, and the memory they hold stays within the engine's KV sizing."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fdllm
 from benchmarks.gpu_suite import syncs_of_full_decode_steps
@@ -37,3 +39,30 @@ def test_one_sync_per_decode_step(sharp_dir, cuda_device):
         engine.add_request(p, params(max_new_tokens=40, temperature=0.7, seed=i))
     counts = syncs_of_full_decode_steps(engine, 4)
     assert counts and max(counts) <= 1, counts
+
+
+def test_kv_sizing_leaves_room_for_the_largest_steps(cuda_device):
+    """gpu_memory_utilization is a bound the engine keeps: with a fraction that leaves the KV cache and
+    the steps 3 GiB, a full batch of speculative verifies (the largest captured step: 128 rows of 33
+    queries, whose Triton split-KV partials alone are ~1 GiB unsliced) beside a whole prefill chunk
+    never take the process past it. Sizing that left out the partials or the graphs' private pool
+    went past it by more than a GiB."""
+    from benchmarks.gpu_suite import random_model
+
+    model = random_model("sizing", cuda_device, torch.bfloat16)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(cuda_device)
+    elsewhere = total - free - torch.cuda.memory_reserved(cuda_device)  # other processes, the CUDA context
+    fraction = (torch.cuda.memory_reserved(cuda_device) + elsewhere + 3 * 2**30) / total
+    mask = model.config.vocab_size - 1
+    cfg = fdllm.BlockDiffusionConfig(block_size=32, sub_block_size=8, threshold=0.9, mask_token_id=mask)
+    ecfg = fdllm.EngineConfig(gpu_memory_utilization=fraction, max_num_seqs=128, max_prefill_tokens=2048,
+                              max_model_len=4096, enable_prefix_caching=False)
+    engine = fdllm.Engine(model, None, cfg, ecfg)
+    assert engine.num_pages < 128 * 4096 // 32, "the budget, not max_num_seqs whole sequences, must bound the cache"
+    torch.cuda.reset_peak_memory_stats(cuda_device)
+    prompts = random_prompts(127, [40], seed=5) + [[7] * 2048]
+    engine.generate(prompts, params(max_new_tokens=40, mode="speculative"))
+    assert engine.runner.graphs.steps, "no decode step was captured"
+    peak = torch.cuda.max_memory_reserved(cuda_device) + elsewhere
+    assert peak <= fraction * total + 2**28, f"{(peak - fraction * total) / 2**30:.2f} GiB past the budget"

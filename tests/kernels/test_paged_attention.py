@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,6 +213,47 @@ def test_stale_slots_never_read_and_padding_rows_zero(device, causal, num_splits
     assert torch.isfinite(out).all()
     assert (out[~real_BT] == 0).all()
     assert_close(out, ref, torch.float32)
+
+
+def test_a_call_past_its_workspace_runs_in_slices_with_the_same_result(device, monkeypatch):
+    """A call whose split-KV partials would exceed `max_workspace_bytes` runs in slices of sequences,
+    or of queries when one sequence alone is too large (a 4k-token prefill chunk, a full static batch
+    at 7B: gigabytes unsliced). The result is bitwise the unsliced call's, for causal rows (whose
+    positions hang on q_len) beside bidirectional and empty ones, and the partials allocated stay
+    within the bound and within what `split_workspace_bytes` tells the engine's KV sizing."""
+    from fdllm.kernels import paged_attention as pa
+
+    flags = [1, 0, 1]
+    case = make_case(q_lens=[40, 30, 0], kv_lens=[160, 60, 9], T=40, K=2, G=2, H=16, S=8, device=device)
+    causal = torch.tensor(flags, dtype=torch.int32, device=device)
+    allocated = []
+    empty = torch.empty
+
+    def recording_empty(*shape, **kwargs):
+        out = empty(*shape, **kwargs)
+        if out.dim() == 1 and out.dtype == torch.float32:  # the partials' buffer (outputs are [B, T, N, H])
+            allocated.append(out.numel() * 4)
+        return out
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    call = lambda cap: pa.paged_attention(*case.args(), causal=causal, min_keys_per_split=64,  # noqa: E731
+                                          max_workspace_bytes=cap)
+    whole = call(1 << 30)
+    assert_close(whole, one_by_one(case, flags), torch.float32)
+    per_query = allocated.pop() // (3 * 40)  # 3 splits of 16 + 2 fp32 per head and query token
+    assert per_query == 4 * 4 * 3 * 18
+    max_keys = case.block_tables_BM.shape[1] * 8
+    for cap, slice_bytes in ((2 * 40 * per_query, 2 * 40 * per_query),  # two sequences per slice
+                             (39 * per_query, 32 * per_query),  # 32 queries (a whole BLOCK_M tile) per slice
+                             (1, 32 * per_query)):  # below one tile: one tile per slice
+        assert torch.equal(call(cap), whole), cap
+        assert allocated.pop() == slice_bytes
+        assert slice_bytes <= pa.split_workspace_bytes(4, 16, max_keys, 3 * 40, min_keys_per_split=64,
+                                                       max_workspace_bytes=cap)
+    bound = functools.partial(pa.split_workspace_bytes, 4, 16, max_keys, min_keys_per_split=64)
+    assert bound(3 * 40) == 3 * 40 * per_query  # below the default bound: the call's own
+    assert bound(10**6) == bound() == pa.WORKSPACE_BYTES  # any call
+    assert pa.split_workspace_bytes(4, 16, 256) == 0  # one split (256 keys at most): no partials
 
 
 def test_empty_batch(device):

@@ -65,8 +65,32 @@ def test_kv_budget_of_exactly_one_page_fits_and_less_is_a_clear_error(monkeypatc
     with pytest.raises(ValueError) as error:
         kv_budget_pages(GiB, 0.5, GPU1, 3 * GiB)
     assert str(error.value) == (
-        "no room for the KV cache: 50% of 8.0 GiB minus 3.00 GiB for weights and activations and 0.50 GiB held "
-        "elsewhere leaves 0.50 GiB; raise gpu_memory_utilization or set num_pages / kv_cache_gib")
+        "no room for the KV cache: 50% of 8.0 GiB minus 3.00 GiB for the weights and the steps (activations, graphs, "
+        "workspace) and 0.50 GiB held elsewhere leaves 0.50 GiB; raise gpu_memory_utilization or set num_pages / "
+        "kv_cache_gib")
+
+
+def test_step_memory_holds_the_graph_pool_beside_eager_steps_and_the_attention_workspace(monkeypatch):
+    """What KV sizing subtracts on CUDA: the eager peak of the largest step (weights included), plus with
+    CUDA graphs the largest captured step's activations again (the graphs' pool is private: eager
+    steps cannot reuse it) and the kernel's split-KV workspace, which a no-cache profiling forward
+    never allocates, once per place it can live."""
+    from fdllm.engine import runner
+
+    weights = 5 * GiB
+    activations = {4096: 2 * GiB, 8192: 3 * GiB}  # profiled tokens -> activation peak
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weights)
+    monkeypatch.setattr(runner, "profile_peak_memory", lambda model, tokens: weights + activations[tokens])
+    model = type("Model", (), {"device": GPU1})()
+    graphed = runner.StepMemory.profile(model, prefill_tokens=4096, static_tokens=8192, use_graphs=True,
+                                        workspace_per_call=GiB // 4)
+    assert (graphed.peak, graphed.graph_pool, graphed.workspace) == (8 * GiB, 3 * GiB, GiB // 2)
+    assert graphed.total == 11 * GiB + GiB // 2
+    eager = runner.StepMemory.profile(model, prefill_tokens=8192, static_tokens=4096, use_graphs=False,
+                                      workspace_per_call=GiB // 4)
+    assert (eager.peak, eager.graph_pool, eager.workspace) == (8 * GiB, 0, GiB // 4)
+    assert str(graphed) == ("11.50 GiB besides the cache: weights and activations 8.00 GiB, CUDA-graph pool 3.00 GiB, "
+                            "attention workspace 0.50 GiB")
 
 
 def test_page_bytes_are_the_bytes_a_page_of_the_pools_takes():
