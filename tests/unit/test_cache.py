@@ -140,14 +140,14 @@ def test_packed_rows_match_dense_attention():
     torch.testing.assert_close(cache.v_LPSKH[0, 7, :2], v[0, 16:18])
 
 
-def _flash_like(q_BTNH, *args, causal=False, **kw):
+def flash_like_attention(q_BTNH, *args, causal=False, **kw):
     """The torch reference under flash-attn's constraint: causal rows unpadded (it aligns them to T's end)."""
     T = q_BTNH.shape[1]
     assert not causal or bool((args[4] == T).all()), "a causal row padded in a flash_attn call"
     return paged_attention_torch(q_BTNH, *args, causal=causal, **kw)
 
 
-@pytest.mark.parametrize("backend,exact_causal", [(paged_attention_torch, False), (_flash_like, True)])
+@pytest.mark.parametrize("backend,exact_causal", [(paged_attention_torch, False), (flash_like_attention, True)])
 def test_rows_of_very_different_lengths_are_not_padded_to_the_longest(backend, exact_causal):
     """A step with long prefill chunks beside many short rows (decode, verifies): each row attends as it
     does alone, and the padded calls hold at most twice the real queries plus SHORT_ROW per row (not

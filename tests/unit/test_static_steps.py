@@ -345,6 +345,28 @@ def test_flash_attn_refused_for_block_pages_and_graphs_need_cuda(model):
         ModelRunner(model, engine.runner.cache, MASK, "torch", max_pages_per_seq=4, use_cuda_graphs=True)
 
 
+def test_a_backend_without_causal_flags_runs_causal_rows_unpadded(model, monkeypatch):
+    """flash_attn has no per-entry causal flag and aligns a causal row's queries to the end of the
+    padded length, so it cannot pad them: the runner runs its causal steps (speculative verifies, AR
+    prompts and decode, a causal-prefix checkpoint's commits) dynamic, each causal row in a call of
+    its own length. With a stand-in that asserts exactly that (flash-attn itself needs CUDA), every
+    step keeps the constraint and the tokens are the torch backend's."""
+    from fdllm.engine import runner
+    from tests.unit.test_cache import flash_like_attention
+
+    requests = [(p, params(max_new_tokens=19, mode=m, temperature=0.8 if i % 3 == 1 else 0.0, seed=i))
+                for i, (p, m) in enumerate(zip(random_prompts(8, [2, 7, 9, 12, 16], seed=21),
+                                               ["speculative", "ar", "diffusion", "ar", "speculative", "diffusion",
+                                                "ar", "speculative"]))]
+    want = run_mixed(make_engine(model, prefix_attention="causal"), requests)
+    engine = make_engine(model, prefix_attention="causal")
+    monkeypatch.setattr(runner, "select_attention_backend", lambda name, device: flash_like_attention)
+    engine.runner = runner.ModelRunner(model, engine.runner.cache, MASK, "flash_attn", max_num_seqs=64)
+    shapes = count_static_steps(engine)
+    assert run_mixed(engine, requests) == want
+    assert None in shapes and not any(s.causal for s in shapes if s is not None)
+
+
 @pytest.mark.parametrize("prefix_attention", ["block_causal", "causal"])
 def test_block_lookahead_with_stops_and_unaligned_budgets(model, prefix_attention):
     """Random budgets (1-30 tokens, mostly ending inside a block), a stop token each, greedy and
