@@ -65,8 +65,12 @@ _URI_SAFE = "/%:@!$&'()*+,;=-._~"  # RFC 3986's reserved and unreserved characte
 
 
 def join(base: str, *parts: str) -> str:
-    """`base/part/...` for local paths and URIs alike (a URI keeps its `scheme://`)."""
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    """`base/part/...` for local paths and URIs alike. A URI keeps its `scheme://host` and its query
+    stays at the end, where pyarrow reads it: `s3://b/runs?endpoint_override=h` + `r1` is
+    `s3://b/runs/r1?endpoint_override=h` (parts appended after the query would name the store wrongly).
+    A local path's `?` is a character of a name."""
+    path, sep, query = base.partition("?") if is_uri(base) else (base, "", "")
+    return "/".join([path.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
 
 
 def encode_uri(uri: str) -> str:

@@ -42,9 +42,36 @@ def remote_dllm(bucket, dllm_dir) -> str:
     return upload_dir(dllm_dir, f"{bucket}/models/tiny-dllm")
 
 
-def test_join_keeps_the_scheme():
-    assert storage.join("s3://b/", "runs", "/x/") == "s3://b/runs/x"
-    assert storage.join("/tmp/runs", "r", "servable") == "/tmp/runs/r/servable"
+@pytest.mark.parametrize("base,parts,joined", [
+    ("s3://b/", ("runs", "/x/"), "s3://b/runs/x"),
+    ("s3://b/runs?endpoint_override=h:9000&scheme=http", ("r1", "x"), "s3://b/runs/r1/x?endpoint_override=h:9000&scheme=http"),
+    ("s3://b/runs/?endpoint_override=h", ("/r1/",), "s3://b/runs/r1?endpoint_override=h"),
+    ("hdfs://nn:8020/data?user=me", ("x/a.jsonl",), "hdfs://nn:8020/data/x/a.jsonl?user=me"),
+    ("/tmp/runs", ("r", "servable"), "/tmp/runs/r/servable"),
+    ("/tmp/why?/runs/", ("r",), "/tmp/why?/runs/r"),  # a local name may hold a `?`
+])
+def test_join_puts_parts_in_the_path_and_keeps_the_query_last(base, parts, joined):
+    assert storage.join(base, *parts) == joined
+
+
+def test_joined_uris_name_the_key_and_store_pyarrow_reads():
+    """pyarrow's own parser as the oracle: the parts are in the key, the endpoint still in the query
+    (no connection is made: with an endpoint given, pyarrow resolves no bucket region). The fine-tune's
+    default export, STORAGE_PATH/RUN_NAME/servable, is such a join."""
+    import pyarrow.fs as pafs
+
+    from pipelines.finetune import resolve_run
+    from pipelines.finetune_config import FinetuneConfig
+
+    def key(uri: str) -> tuple[str, str]:
+        fs, inner = pafs.FileSystem.from_uri(uri)
+        return fs.type_name, inner
+
+    for base in ("s3://b/runs?endpoint_override=127.0.0.1:1&scheme=http", "s3://b/runs/?endpoint_override=127.0.0.1:1"):
+        assert key(storage.join(base, "r1", "summary.json")) == ("s3", "b/runs/r1/summary.json"), base
+        run = resolve_run(FinetuneConfig(model=str(REPO / "assets" / "tiny-ar-base"), data=["d.jsonl"], max_steps=1,
+                                         storage_path=base, run_name="r1"))
+        assert key(run.output) == ("s3", "b/runs/r1/servable"), base
 
 
 def test_local_paths_are_not_copied(dllm_dir, tmp_path):
