@@ -24,6 +24,9 @@ the marker appeared still reads the rewrite. A private copy, checked against the
 copy as for a URI, is correct on local disk and NFS alike, at the cost of one copy per export
 version in the node's cache.
 
+Beside them, the one way the pipelines name and move small files at a local path or URI: `join`
+(a path under a directory, a URI's query kept last), `read_text` and `write_bytes` (whole files).
+
 S3 endpoint and credentials come from the standard AWS environment variables (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which pyarrow reads, so any
 S3-compatible store works; GCS uses Google's application-default credentials.
@@ -65,8 +68,12 @@ _URI_SAFE = "/%:@!$&'()*+,;=-._~"  # RFC 3986's reserved and unreserved characte
 
 
 def join(base: str, *parts: str) -> str:
-    """`base/part/...` for local paths and URIs alike (a URI keeps its `scheme://`)."""
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    """`base/part/...` for local paths and URIs alike. A URI keeps its `scheme://host` and its query
+    stays at the end, where pyarrow reads it: `s3://b/runs?endpoint_override=h` + `r1` is
+    `s3://b/runs/r1?endpoint_override=h` (parts appended after the query would name the store wrongly).
+    A local path's `?` is a character of a name."""
+    path, sep, query = base.partition("?") if is_uri(base) else (base, "", "")
+    return "/".join([path.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
 
 
 def encode_uri(uri: str) -> str:
@@ -98,6 +105,51 @@ def filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
         except ImportError as e:  # fsspec, or the package of its filesystem for this scheme, is missing
             raise ValueError(f"pyarrow cannot open {uri} ({arrow_error}), nor can fsspec here ({e})") from e
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of a small file (records, a summary), local or a URI: local files through plain
+    Python, so callers on local paths need no pyarrow. FileNotFoundError when there is none (pyarrow
+    raises it for every filesystem)."""
+    path = str(path)
+    if not is_uri(path):
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode("utf-8")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a small file whole, local or a URI, making its directory. A reader (or the next run after
+    a crash) sees the old file or the new one, never part of one: a local file is written beside its
+    name and renamed over it; an object store (S3, GCS) makes an object only when its upload completes,
+    and the bytes go in one write. Local paths need no pyarrow."""
+    path = str(path)
+    if is_uri(path):
+        fs, inner = filesystem(path)
+        if fs.type_name != "local":
+            _write_object(fs, inner, data)
+            return
+        path = inner  # file://: a local file, written as one
+    _write_local(Path(path).expanduser(), data)
+
+
+def _write_local(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic on one filesystem
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_object(fs: "pyarrow.fs.FileSystem", inner: str, data: bytes) -> None:
+    parent = inner.rstrip("/").rpartition("/")[0]
+    if parent:  # object stores need no directories (pyarrow's S3 leaves a marker); HDFS and the like do
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
 
 
 @dataclass(frozen=True)

@@ -539,25 +539,18 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
-def _file_uri(path: str, root: str, file: str) -> str:
-    """The address of `file`, listed inside the filesystem of directory `path` (whose own path in it is
-    `root`): `path` with the file's part below `root` appended, so a URI keeps its host and query
-    (`hdfs://host:port/...`, `s3://b/k?endpoint_override=...`), which the filesystem's paths lack."""
-    if not is_uri(path):
-        return file
-    relative = file[len(root.rstrip("/")):].lstrip("/")
-    parts = urlsplit(path)
-    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{relative}"))
-
-
 def check_data_files(paths: Sequence[str]) -> DataSources:
     """Expand files/dirs (local or any pyarrow/fsspec URI) into readable jsonl/parquet files, or raise
     DataError naming the first unusable one. Cheap: reads only file heads and parquet footers.
 
     A directory's files are read recursively, but not those under a name starting with `.` or `_`
-    (`_hidden`). Each file keeps its URI's host and query (`_file_uri`): the readers open that."""
+    (`_hidden`). Each file is named by its directory's URI joined with the file's path below it
+    (`fdllm.storage.join`), so it keeps the URI's host and query (`hdfs://host:port/...`,
+    `s3://b/k?endpoint_override=...`), which the filesystem's own paths lack: the readers open that."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
+
+    from fdllm.storage import join
 
     if not paths:
         raise DataError("no data paths given")
@@ -576,7 +569,8 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
                 if not files:
                     raise DataError(f"no .jsonl/.json/.parquet files under {path} (names starting with . or _ "
                                     "are skipped)")
-                sizes = {(file, _file_uri(path, inner, file)): size for file, size in files.items()}
+                sizes = {(file, join(path, file.removeprefix(root)) if is_uri(path) else file): size
+                         for file, size in files.items()}
             else:
                 sizes = {(inner, resolve_local(path)): info.size}
             for (file, uri), size in sorted(sizes.items()):

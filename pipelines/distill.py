@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fdllm.storage import filesystem, join, local_checkpoint  # noqa: E402
+from fdllm.storage import filesystem, join, local_checkpoint, read_text, write_bytes  # noqa: E402
 from pipelines.data import check_data_files, read_raw_records  # noqa: E402
 from pipelines.finetune import build_parser, build_trainer, check_output, cli_main, fit, resolve_run  # noqa: E402
 from pipelines.finetune_config import DistillConfig  # noqa: E402
@@ -81,14 +81,8 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
     `directory` (local or URI); returns the count per status. Reuses a finished earlier write."""
     import ray.data
 
-    fs, root = filesystem(directory)
-    root = root.rstrip("/")
-    summary_path = f"{root}/{SUMMARY_FILE}"
-    from pyarrow import fs as pafs
-
-    if fs.get_file_info(summary_path).type == pafs.FileType.File:
-        with fs.open_input_stream(summary_path) as f:
-            summary = json.loads(f.read())
+    summary = read_summary(directory)
+    if summary is not None:
         check_reusable(summary, cfg, directory)
         log.info("reusing the trajectories in %s: %s", directory, summary["counts"])
         return summary["counts"]
@@ -103,6 +97,8 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
         "num_cpus": cfg.engine_cpus, "num_gpus": cfg.engine_gpus,
     }
     counts: Counter[str] = Counter()
+    fs, root = filesystem(directory)
+    root = root.rstrip("/")
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{TRAJECTORIES_FILE}") as out:
         for kind, raw in read_raw_records(sources, cfg.data_config(), cfg.data_cpus):
@@ -115,9 +111,17 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
                     if record:
                         out.write(record.encode() + b"\n")
                 log.info("trajectories: %d records so far, %d correct", sum(counts.values()), counts[CORRECT])
-    with fs.open_output_stream(summary_path) as f:
-        f.write(json.dumps({"counts": dict(counts), **made_with(cfg)}, indent=2).encode())
+    # written last, whole: its presence says the trajectories are complete (a rerun reuses them)
+    write_bytes(join(directory, SUMMARY_FILE), json.dumps({"counts": dict(counts), **made_with(cfg)}, indent=2).encode())
     return dict(counts)
+
+
+def read_summary(directory: str) -> dict[str, Any] | None:
+    """summary.json of the trajectories in `directory`, or None when none were completed there."""
+    try:
+        return json.loads(read_text(join(directory, SUMMARY_FILE)))
+    except FileNotFoundError:
+        return None
 
 
 def made_with(cfg: DistillConfig) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import fdllm
 from fdllm.loader import parse_dtype
 from fdllm.quantization import QUANTIZATIONS, weight_bytes
 from fdllm.paths import is_uri
-from fdllm.storage import filesystem, local_checkpoint
+from fdllm.storage import filesystem, local_checkpoint, read_text, write_bytes
 from fdllm.tokenizer import render_chat
 
 log = logging.getLogger("fdllm.evaluate")
@@ -155,32 +155,10 @@ class EvalRow:
         return {k: v for k, v in asdict(self).items() if k != "outputs"}
 
 
-def _read_text(path: str | Path) -> str:
-    """A local file or an object-store URI's text (`fdllm.storage.filesystem`; local reads need no pyarrow)."""
-    if not is_uri(str(path)):
-        return Path(path).read_text()
-    fs, inner = filesystem(str(path))
-    with fs.open_input_stream(inner) as f:
-        return f.read().decode()
-
-
-def _write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a local file (making its directory) or an object-store URI."""
-    if not is_uri(str(path)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(data)
-        return
-    fs, inner = filesystem(str(path))
-    if "/" in inner.strip("/"):  # object stores have no directories to make; other filesystems may
-        fs.create_dir(inner.rstrip("/").rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(data)
-
-
 def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
     """`{"prompt", "answer"}` records of a jsonl file, local or a URI."""
     records = []
-    for n, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines: U+2028 may sit in a string
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: U+2028 may sit in a string
         if not line.strip():
             continue
         rec = json.loads(line)
@@ -334,7 +312,7 @@ def plot_rows(rows: list[EvalRow], path: str | Path, batch_size: int | None = No
 
     png = io.BytesIO()
     accuracy_figure(rows, batch_size).savefig(png, format="png", dpi=110)
-    _write_bytes(path, png.getvalue())
+    write_bytes(path, png.getvalue())
     return path
 
 
@@ -461,7 +439,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
         parser.error(str(e))
     print(format_table(rows))
     if args.output:
-        _write_bytes(args.output, (json.dumps([r.to_json() for r in rows], indent=2) + "\n").encode())
+        write_bytes(args.output, (json.dumps([r.to_json() for r in rows], indent=2) + "\n").encode())
         log.info("wrote %s", args.output)
     if args.plot:
         log.info("wrote %s", plot_rows(rows, args.plot))

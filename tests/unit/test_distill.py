@@ -117,6 +117,41 @@ def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch)
     assert distill.generate_trajectories(cfg, str(tmp_path)) == {"correct": 3, "wrong_dropped": 1}
 
 
+def test_trajectories_at_a_uri_with_a_query(s3_env, tmp_path, monkeypatch):
+    """`--trajectories s3://...?endpoint_override=...` (the endpoint in the URI alone): the records and
+    summary.json land under the URI's key, a rerun reuses them, and the path the training reads
+    (TRAJECTORIES/trajectories.jsonl, `run`) names them."""
+    import boto3
+
+    from fdllm.storage import join
+    from pipelines import distill
+    from pipelines.data import check_data_files
+    from tests.s3_server import make_bucket
+    from tests.sft_data import good_records, write_jsonl
+
+    s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    bucket = make_bucket("distill")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    directory = f"{bucket}/runs/r/trajectories?endpoint_override={s3_env['AWS_ENDPOINT_URL'].removeprefix('http://')}&scheme=http"
+    cfg = DistillConfig(model="m", data=[str(write_jsonl(tmp_path / "sft.jsonl", good_records(2)))], max_steps=1)
+
+    class Decoded:  # the engine actors' output, without Ray
+        def map_batches(self, *args, **kwargs):
+            return self
+
+        def iter_batches(self, **kwargs):
+            yield {"record": ['{"input": "q", "output": "a"}', ""], "status": [CORRECT, DROPPED]}
+
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: [("parquet", Decoded())])
+    assert distill.generate_trajectories(cfg, directory) == {CORRECT: 1, DROPPED: 1}
+    listed = s3.list_objects_v2(Bucket="distill", Prefix="runs/r/trajectories/")["Contents"]
+    assert {o["Key"] for o in listed if not o["Key"].endswith("/")} == {  # pyarrow's directory marker aside
+        "runs/r/trajectories/trajectories.jsonl", "runs/r/trajectories/summary.json"}
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: pytest.fail("decoded again"))
+    assert distill.generate_trajectories(cfg, directory) == {CORRECT: 1, DROPPED: 1}
+    assert check_data_files([join(directory, distill.TRAJECTORIES_FILE)]).jsonl == [join(directory, distill.TRAJECTORIES_FILE)]
+
+
 @pytest.mark.parametrize("change,named", [
     ({"model": "other"}, "--model 'm', now"), ({"data": ["d", "e"]}, "--data ['d'], now"),
     ({"wrong_trajectories": "reference"}, "--wrong-trajectories 'drop', now 'reference'"),

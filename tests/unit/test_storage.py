@@ -42,9 +42,88 @@ def remote_dllm(bucket, dllm_dir) -> str:
     return upload_dir(dllm_dir, f"{bucket}/models/tiny-dllm")
 
 
-def test_join_keeps_the_scheme():
-    assert storage.join("s3://b/", "runs", "/x/") == "s3://b/runs/x"
-    assert storage.join("/tmp/runs", "r", "servable") == "/tmp/runs/r/servable"
+@pytest.mark.parametrize("base,parts,joined", [
+    ("s3://b/", ("runs", "/x/"), "s3://b/runs/x"),
+    ("s3://b/runs?endpoint_override=h:9000&scheme=http", ("r1", "x"), "s3://b/runs/r1/x?endpoint_override=h:9000&scheme=http"),
+    ("s3://b/runs/?endpoint_override=h", ("/r1/",), "s3://b/runs/r1?endpoint_override=h"),
+    ("hdfs://nn:8020/data?user=me", ("x/a.jsonl",), "hdfs://nn:8020/data/x/a.jsonl?user=me"),
+    ("/tmp/runs", ("r", "servable"), "/tmp/runs/r/servable"),
+    ("/tmp/why?/runs/", ("r",), "/tmp/why?/runs/r"),  # a local name may hold a `?`
+])
+def test_join_puts_parts_in_the_path_and_keeps_the_query_last(base, parts, joined):
+    assert storage.join(base, *parts) == joined
+
+
+def test_joined_uris_name_the_key_and_store_pyarrow_reads():
+    """pyarrow's own parser as the oracle: the parts are in the key, the endpoint still in the query
+    (no connection is made: with an endpoint given, pyarrow resolves no bucket region). The fine-tune's
+    default export, STORAGE_PATH/RUN_NAME/servable, is such a join."""
+    import pyarrow.fs as pafs
+
+    from pipelines.finetune import resolve_run
+    from pipelines.finetune_config import FinetuneConfig
+
+    def key(uri: str) -> tuple[str, str]:
+        fs, inner = pafs.FileSystem.from_uri(uri)
+        return fs.type_name, inner
+
+    for base in ("s3://b/runs?endpoint_override=127.0.0.1:1&scheme=http", "s3://b/runs/?endpoint_override=127.0.0.1:1"):
+        assert key(storage.join(base, "r1", "summary.json")) == ("s3", "b/runs/r1/summary.json"), base
+        run = resolve_run(FinetuneConfig(model=str(REPO / "assets" / "tiny-ar-base"), data=["d.jsonl"], max_steps=1,
+                                         storage_path=base, run_name="r1"))
+        assert key(run.output) == ("s3", "b/runs/r1/servable"), base
+
+
+def test_small_files_locally_need_no_pyarrow(tmp_path, monkeypatch):
+    """Records, summaries, results: local paths through plain Python (`~` as `filesystem` reads it),
+    the directory made, text as UTF-8."""
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # a `~` taken literally lands here, not in the repository
+    storage.write_bytes("~/new/dir/s.json", "modèle ✓\n".encode())
+    assert (tmp_path / "new" / "dir" / "s.json").read_bytes() == "modèle ✓\n".encode()
+    assert storage.read_text(tmp_path / "new" / "dir" / "s.json") == storage.read_text("~/new/dir/s.json") == "modèle ✓\n"
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        storage.read_text(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_a_small_file_is_replaced_whole(tmp_path, monkeypatch, scheme):
+    """A reader of the old file (a rerun reading summary.json, a dashboard reading results) reads all of
+    it while the new one is written, and a write that fails leaves the old file and no temporary one."""
+    path = tmp_path / "out" / "rows.json"
+    path.parent.mkdir()
+    path.write_bytes(b"old " * 1000)
+    with open(path, "rb") as reader:
+        storage.write_bytes(f"{scheme}{path}", b"new")
+        assert reader.read() == b"old " * 1000
+    assert path.read_bytes() == b"new"
+
+    monkeypatch.setattr(storage.os, "replace", lambda *a: 1 / 0)  # dies after writing, before the rename
+    with pytest.raises(ZeroDivisionError):
+        storage.write_bytes(f"{scheme}{path}", b"newer")
+    assert [p.name for p in path.parent.iterdir()] == ["rows.json"] and path.read_bytes() == b"new"
+
+
+def test_small_files_on_object_stores(bucket, s3_env, monkeypatch):
+    """Through the object store's filesystem, at the key a URI with a query names (boto3 and fsspec as
+    the oracles): the endpoint is in the URI alone."""
+    import boto3
+    import fsspec
+
+    s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    store = f"{bucket}?endpoint_override={s3_env['AWS_ENDPOINT_URL'].removeprefix('http://')}&scheme=http"
+    uri = storage.join(store, "small", "s.json")
+    storage.write_bytes(uri, "modèle".encode())
+    assert s3.get_object(Bucket=bucket.removeprefix("s3://"), Key="small/s.json")["Body"].read() == "modèle".encode()
+    assert storage.read_text(uri) == "modèle"
+    with pytest.raises(FileNotFoundError, match="small/missing.json"):
+        storage.read_text(storage.join(store, "small", "missing.json"))
+
+    storage.write_bytes("memory://fdllm-test/small/x.txt", b"x")
+    assert fsspec.filesystem("memory").cat("/fdllm-test/small/x.txt") == b"x"
+    assert storage.read_text("memory://fdllm-test/small/x.txt") == "x"
 
 
 def test_local_paths_are_not_copied(dllm_dir, tmp_path):
