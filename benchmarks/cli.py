@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 
 def write_json_atomic(path: str | Path, value: Any, indent: int | None = None) -> None:
-    """`value` as JSON at `path`, written whole then renamed: a process killed while writing (a
-    benchmark stopped at its time limit) leaves the previous file, never half of one."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(value, indent=indent))
-    os.replace(tmp, path)
+    """`value` as JSON at `path`, written whole (`fdllm.storage.write_bytes`): a process killed while
+    writing (a benchmark stopped at its time limit) leaves the previous file, never half of one."""
+    from fdllm.storage import write_bytes
+
+    write_bytes(path, json.dumps(value, indent=indent).encode())
 
 
 def engine_subcommand(subparsers: Any, name: str, help: str, doc: str | None) -> argparse.ArgumentParser:
