@@ -21,6 +21,7 @@ T packed tokens of a step, R attention rows, Q longest row, M pages in the longe
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -246,6 +248,21 @@ def _group_key(row: AttentionRow, exact_causal: bool) -> tuple[bool, int]:
     return row.causal, 0 if row.q_len <= SHORT_ROW else (row.q_len - 1).bit_length()
 
 
+def page_table(pages: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
+    """[R, width] int64: row r holds `pages[r]`, then -1 (width: the longest row's, by default)."""
+    columns = list(itertools.zip_longest(*pages, fillvalue=-1))  # [pages of the longest row][R]
+    if width is None or len(columns) == width:
+        return np.array(columns, dtype=np.int64).reshape(len(columns), len(pages)).T
+    table = np.full((len(pages), width), -1, dtype=np.int64)
+    if columns:
+        table[:, : len(columns)] = np.array(columns, dtype=np.int64).T
+    return table
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class _RowGroup:
     """Rows of one backend call (`_group_key`), in the padded layout it takes."""
@@ -270,43 +287,38 @@ class PagedAttention:
 
     @classmethod
     def build(
-        cls, cache: KVCache, slots: Sequence[int], rows: Sequence[AttentionRow], backend: AttentionFn,
+        cls, cache: KVCache, slots: Sequence[int] | np.ndarray, rows: Sequence[AttentionRow], backend: AttentionFn,
         exact_causal: bool = False,
     ) -> PagedAttention:
         """`slots[t]`: flat cache slot of packed token t; `rows` cover the packed tokens in order.
-        `exact_causal`: the backend cannot pad causal rows (`_group_key`)."""
-        if sum(r.q_len for r in rows) != len(slots):
-            raise ValueError(f"attention rows cover {sum(r.q_len for r in rows)} tokens, the step packs {len(slots)}")
-        device = cache.k_LPSKH.device
-        starts, offset = [], 0
-        for r in rows:
-            starts.append(offset)
-            offset += r.q_len
+        `exact_causal`: the backend cannot pad causal rows (`_group_key`). Array code throughout: a
+        prefill step packs thousands of tokens, and per-token Python here cost milliseconds a step."""
+        q_lens_R = np.fromiter((r.q_len for r in rows), dtype=np.int64, count=len(rows))
+        if q_lens_R.sum() != len(slots):
+            raise ValueError(f"attention rows cover {q_lens_R.sum()} tokens, the step packs {len(slots)}")
+        starts_R = np.cumsum(q_lens_R) - q_lens_R
         members: dict[tuple[bool, int], list[int]] = {}
         for i, r in enumerate(rows):
             members.setdefault(_group_key(r, exact_causal), []).append(i)
-        groups = [cls._group(key[0], [rows[i] for i in idx], [starts[i] for i in idx], device)
+        device = cache.k_LPSKH.device
+        groups = [cls._group(key[0], [rows[i] for i in idx], q_lens_R[idx], starts_R[idx], device)
                   for key, idx in sorted(members.items())]
-        slots_T = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
-        return cls(cache, slots_T, groups, backend)
+        return cls(cache, _to_device(np.asarray(slots, dtype=np.int64), device), groups, backend)
 
     @staticmethod
-    def _group(causal: bool, rows: list[AttentionRow], starts: list[int], device: torch.device) -> _RowGroup:
-        Q = max(r.q_len for r in rows)
-        M = max(len(r.pages) for r in rows)
-        gather = [[s + min(t, r.q_len - 1) for t in range(Q)] for r, s in zip(rows, starts)]
-        real = [i * Q + t for i, r in enumerate(rows) for t in range(r.q_len)]
-        tokens = [s + t for r, s in zip(rows, starts) for t in range(r.q_len)]
-        tables = [list(r.pages) + [-1] * (M - len(r.pages)) for r in rows]
-        to = {"device": device, "non_blocking": True}
+    def _group(causal: bool, rows: list[AttentionRow], q_lens_R: np.ndarray, starts_R: np.ndarray,
+               device: torch.device) -> _RowGroup:
+        t_Q = np.arange(q_lens_R.max())
+        gather_RQ = starts_R[:, None] + np.minimum(t_Q, q_lens_R[:, None] - 1)  # padding repeats the row's last query
+        real_G = np.flatnonzero(t_Q < q_lens_R[:, None])
         return _RowGroup(
             causal=causal,
-            gather_RQ=torch.tensor(gather, dtype=torch.long).to(**to),
-            tokens_G=torch.tensor(tokens, dtype=torch.long).to(**to),
-            real_G=torch.tensor(real, dtype=torch.long).to(**to),
-            block_tables_RM=torch.tensor(tables, dtype=torch.int32).to(**to),
-            kv_lens_R=torch.tensor([r.kv_len for r in rows], dtype=torch.int32).to(**to),
-            q_lens_R=torch.tensor([r.q_len for r in rows], dtype=torch.int32).to(**to),
+            gather_RQ=_to_device(gather_RQ, device),
+            tokens_G=_to_device(gather_RQ.ravel()[real_G], device),
+            real_G=_to_device(real_G, device),
+            block_tables_RM=_to_device(page_table([r.pages for r in rows]).astype(np.int32), device),
+            kv_lens_R=_to_device(np.fromiter((r.kv_len for r in rows), dtype=np.int32, count=len(rows)), device),
+            q_lens_R=_to_device(q_lens_R.astype(np.int32), device),
         )
 
     def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:
@@ -364,7 +376,6 @@ def kv_budget_pages(page_bytes: int, memory_fraction: float, device: torch.devic
         raise ValueError(
             f"no room for the KV cache: {memory_fraction:.0%} of {total / 2**30:.1f} GiB minus {peak_bytes / 2**30:.2f} "
             f"GiB for the weights and the steps (activations, graphs, workspace) and {max(others, 0) / 2**30:.2f} GiB held "
-            f"elsewhere leaves "
-            f"{budget / 2**30:.2f} GiB; raise gpu_memory_utilization or set num_pages / kv_cache_gib"
+            f"elsewhere leaves {budget / 2**30:.2f} GiB; raise gpu_memory_utilization or set num_pages / kv_cache_gib"
         )
     return int(budget // page_bytes)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from fdllm.cache import page_table
 from fdllm.engine.adjustments import NO_ADJUSTMENTS, Adjustments, AdjustmentsBuilder
 from fdllm.engine.params import SamplingParams
 from fdllm.engine.sequence import Work
@@ -185,13 +186,7 @@ class StepInputs:
 
     def page_table(self, width: int) -> np.ndarray:
         """[R, width] each row's pages, -1 past its last."""
-        columns = list(itertools.zip_longest(*self.pages, fillvalue=-1))  # [pages of the longest row][R]
-        if columns and len(columns) == width:  # eager steps: as wide as the longest row
-            return np.array(columns, dtype=np.int64).T
-        table = np.full((len(self.pages), width), -1, dtype=np.int64)
-        if columns:
-            table[:, : len(columns)] = np.array(columns, dtype=np.int64).T
-        return table
+        return page_table(self.pages, width)
 
 
 def _i64(values: list[int]) -> np.ndarray:
@@ -227,10 +222,11 @@ class _Draws:
                            _i64(self.seed), _i64(self.counter))
 
 
-def cache_slots(table_XM: np.ndarray, positions_XQ: np.ndarray, page_size: int) -> np.ndarray:
-    """Flat cache slots (page * page_size + offset) of tokens at `positions`, each row of `table`
-    the pages of the tokens in the same row of `positions`. Positions past the table read its last
+def cache_slots(table_RM: np.ndarray, positions_XQ: np.ndarray, page_size: int, rows_X: np.ndarray | None = None) -> np.ndarray:
+    """Flat cache slots (page * page_size + offset) of tokens at `positions`: row x of `positions` reads
+    the pages of table row `rows_X[x]` (default: row x itself). Positions past the table read its last
     column (padding: the caller overwrites their slots)."""
     page_XQ, offset_XQ = np.divmod(positions_XQ, page_size)
-    np.minimum(page_XQ, table_XM.shape[1] - 1, out=page_XQ)
-    return table_XM[np.arange(len(table_XM))[:, None], page_XQ] * page_size + offset_XQ
+    np.minimum(page_XQ, table_RM.shape[1] - 1, out=page_XQ)
+    rows_X = np.arange(len(positions_XQ)) if rows_X is None else rows_X
+    return table_RM[rows_X[:, None], page_XQ] * page_size + offset_XQ

@@ -404,7 +404,7 @@ class ModelRunner:
             positions = self.stage.section("positions")
             table_RM = inputs.page_table(inputs.max_pages)
             rows = np.repeat(np.arange(len(inputs.q_lens)), inputs.q_lens)
-            slots = cache_slots(table_RM[rows], positions[:, None], self.cache.page_size)[:, 0]
+            slots = cache_slots(table_RM, positions[:, None], self.cache.page_size, rows)[:, 0]
             attention = PagedAttention.build(
                 self.cache, slots,
                 [AttentionRow(*row) for row in zip(inputs.q_lens.tolist(), inputs.kv_lens.tolist(), inputs.pages,
