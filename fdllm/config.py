@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+CONFIG_NAME = "config.json"  # the HF architecture
 BLOCK_CONFIG_NAME = "fdllm_config.json"
 # How the clean stream (prompt and committed blocks) attends: "block_causal" (METHOD.md §2.4,
 # bidirectional inside a block) or "causal" (the joint AR + diffusion objective, §5: prefix K/V are
@@ -112,10 +113,16 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        file = Path(path) / "config.json"
+        file = Path(path) / CONFIG_NAME
         if not file.is_file():
-            raise FileNotFoundError(f"no config.json in {path}: not an HF checkpoint directory")
+            raise no_config(path)
         return cls.from_hf_dict(json.loads(file.read_text()))
+
+
+def no_config(path: str | Path) -> FileNotFoundError:
+    """The error of a checkpoint directory (local or URI) without config.json."""
+    return FileNotFoundError(f"no {CONFIG_NAME} in {path}: not an HF checkpoint directory (a model's "
+                             "save_pretrained(DIR) writes one)")
 
 
 @dataclass(kw_only=True)

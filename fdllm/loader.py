@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fdllm.config import ModelConfig
-from fdllm.storage import local_checkpoint
+from fdllm.config import CONFIG_NAME, ModelConfig, no_config
+from fdllm.storage import checkpoint_files, local_checkpoint
 
 if TYPE_CHECKING:
     from fdllm.model import Transformer
@@ -42,7 +43,41 @@ def _weight_files(path: Path) -> list[Path]:
         return [path / name for name in sorted(set(index["weight_map"].values()))]
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+    raise _no_weights(path)
+
+
+def _no_weights(path: str | Path) -> FileNotFoundError:
+    return FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: no weights this package loads (safetensors, "
+                             "as save_pretrained writes them)")
+
+
+def check_checkpoint(
+    path: str | os.PathLike, *, need_tokenizer: bool = False, cache_dir: str | os.PathLike | None = None
+) -> None:
+    """Raise what loading the checkpoint at `path` (local directory or URI) would raise, one line naming
+    what is missing: no such directory or an unreachable store (OSError), no config.json or weights
+    (FileNotFoundError), an architecture this package does not load (ValueError) and, with
+    `need_tokenizer`, no tokenizer that reads and writes text (`fdllm.tokenizer.check_text_tokenizer`).
+    For a process about to start others that load it (fdllm-serve's replicas), which would find out
+    only once started. Weights are never read: a URI is listed, and only its config and tokenizer files
+    are fetched (into this node's cache, as `local_checkpoint(weights=False)` does)."""
+    from fdllm.tokenizer import check_text_tokenizer, has_tokenizer, load_tokenizer
+
+    files = checkpoint_files(path)
+    if CONFIG_NAME not in files:
+        raise no_config(path)
+    if not {SINGLE_FILE, INDEX_FILE} & files:
+        raise _no_weights(path)
+    local = local_checkpoint(path, cache_dir, weights=False)
+    ModelConfig.load(local)
+    if not need_tokenizer:
+        return
+    try:
+        tokenizer = load_tokenizer(local) if has_tokenizer(local) else None
+    except Exception as e:  # noqa: BLE001 - transformers fails on a broken file in its own ways (KeyError, ...)
+        raise ValueError(f"{path}'s tokenizer does not load ({type(e).__name__}: {e}): save the model's tokenizer there "
+                         "again (tokenizer.save_pretrained(DIR))") from None
+    check_text_tokenizer(tokenizer, path)
 
 
 def load_checkpoint(

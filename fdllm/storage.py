@@ -63,6 +63,7 @@ MANIFEST = "fdllm_export.json"  # written last by `publish_dir`: the export is c
 WRITING_MARKER = ".fdllm-writing"  # present while `publish_dir` rewrites a directory
 PROBE_PREFIX = ".fdllm-write-probe-"  # `check_directory_path`'s test file, deleted at once
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+CHECK_RETRY_LIMIT_S = 30  # `checkpoint_files` gives up on an unreachable GCS bucket after this long
 _WAIT_POLL_S = 2.0
 _URI_SAFE = "/%:@!$&'()*+,;=-._~"  # RFC 3986's reserved and unreserved characters, and `%` of escapes
 
@@ -163,20 +164,24 @@ class _Listing:
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def _list(fs: "pyarrow.fs.FileSystem", inner: str, label: str | None = None) -> _Listing:
+def _list(fs: "pyarrow.fs.FileSystem", inner: str, label: str | None = None, recursive: bool = True) -> _Listing:
     import pyarrow.fs as pafs
 
     info = fs.get_file_info(inner)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{label or inner}: no such checkpoint directory")
     if info.type != pafs.FileType.Directory:
-        raise NotADirectoryError(f"{label or inner} is a file; a checkpoint is a directory")
+        raise _not_a_directory(label or inner, exists=info.type != pafs.FileType.NotFound)
     root = inner.rstrip("/") + "/"
     files = {}
-    for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+    for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=recursive)):
         if entry.type == pafs.FileType.File:
             files[entry.path[len(root):]] = (entry.size, entry.mtime_ns)
     return _Listing(files)
+
+
+def _not_a_directory(label: str, exists: bool) -> OSError:
+    if exists:
+        return NotADirectoryError(f"{label} is a file; a checkpoint is a directory")
+    return FileNotFoundError(f"{label}: no such checkpoint directory")
 
 
 def _read_manifest(fs: "pyarrow.fs.FileSystem", inner: str) -> dict | None:
@@ -195,6 +200,15 @@ def _cache_parts(uri: str) -> list[str]:
     return [re.sub(r"[^\w.=-]", "_", p) for p in (scheme, *parts)]
 
 
+def _normalise(path: str | os.PathLike) -> str:
+    return str(path).rstrip("/") if is_uri(str(path)) else resolve_local(str(path))
+
+
+def _plain_local(uri: str) -> bool:
+    """A local directory that is not an export (nothing rewrites it in place)."""
+    return not is_uri(uri) and not any(os.path.isfile(os.path.join(uri, n)) for n in (MANIFEST, WRITING_MARKER))
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/fdllm").expanduser()
 
@@ -208,10 +222,9 @@ def local_checkpoint(
     `weights=False` fetches everything but weight files (config, tokenizer): what a driver needs to
     validate a model it will not run. `wait_s` bounds the wait for an export being rewritten.
     """
-    uri = str(path).rstrip("/") if is_uri(str(path)) else resolve_local(str(path))
-    if not is_uri(uri):
-        if not (os.path.isfile(os.path.join(uri, MANIFEST)) or os.path.isfile(os.path.join(uri, WRITING_MARKER))):
-            return Path(uri)  # not an export, so nothing rewrites it: used in place; its readers name what is missing
+    uri = _normalise(path)
+    if _plain_local(uri):
+        return Path(uri)  # not an export, so nothing rewrites it: used in place; its readers name what is missing
     fs, inner = filesystem(uri)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     slot = root.joinpath(*_cache_parts(uri))  # one directory per URI; one sub-directory per version of it
@@ -303,6 +316,44 @@ def _unchanged(fs: "pyarrow.fs.FileSystem", inner: str, wanted: dict[str, int], 
     if WRITING_MARKER in after.files or (manifest or {}).get("export_id") != version:
         return False
     return version is not None or all(after.files.get(n, (None,))[0] == s for n, s in wanted.items())
+
+
+def checkpoint_files(path: str | os.PathLike) -> set[str]:
+    """The names of the files at the top of the checkpoint directory at `path` (local or URI) as its
+    readers will get them: an export's (its manifest's; while one is being written, its marker's, as
+    readers wait for it), else the directory's. Lists it and reads at most that one small file: the
+    check of a process about to start others that download it. FileNotFoundError / NotADirectoryError
+    when there is no such directory; OSError naming `path` when its store cannot be opened or reached
+    (an unknown scheme, no credentials, no network: GCS gives up after CHECK_RETRY_LIMIT_S, not its
+    client's many minutes).
+    Plain local directories need no pyarrow."""
+    uri = _normalise(path)
+    if _plain_local(uri):
+        if not os.path.isdir(uri):
+            raise _not_a_directory(uri, exists=os.path.exists(uri))
+        return {entry.name for entry in os.scandir(uri) if entry.is_file()}
+    try:
+        fs, inner = filesystem(_bounded_retries(uri))
+        inner = inner.rstrip("/")
+        listed = _list(fs, inner, uri, recursive=False).files
+        if MANIFEST in listed or WRITING_MARKER in listed:
+            listed = _exported_files(fs, inner, listed, uri)
+    except (FileNotFoundError, NotADirectoryError, ImportError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the store's own words, on one line (no credentials, network, scheme, ...):
+        # pyarrow raises OSError, ValueError, or for some GCS failures an ArrowException that is neither
+        raise OSError(f"cannot list {uri} ({' '.join(str(e).split())}); check the URI and this machine's credentials "
+                      "for it (the AWS_* variables for s3://, application-default credentials for gs://)") from None
+    return {name for name in listed if "/" not in name}
+
+
+def _bounded_retries(uri: str) -> str:
+    """`uri` with GCS's retries bounded to CHECK_RETRY_LIMIT_S (pyarrow's `retry_limit_seconds`) unless it
+    sets them: without credentials its client retries for minutes before it answers (measured here:
+    no answer in 100 s), which a check before starting a server must not do silently."""
+    if uri.split("://", 1)[0] not in ("gs", "gcs") or "retry_limit_seconds=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}retry_limit_seconds={CHECK_RETRY_LIMIT_S}"
 
 
 def check_directory_path(path: str) -> None:

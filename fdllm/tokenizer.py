@@ -39,6 +39,24 @@ def has_tokenizer(path: str | Path) -> bool:
     return any((local / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
+def check_text_tokenizer(tokenizer: "PreTrainedTokenizerBase | None", path: str | Path) -> "PreTrainedTokenizerBase":
+    """`tokenizer`, the checkpoint at `path`'s (None: it has no tokenizer files), if it can read prompts
+    and write text: a fast tokenizer that turns text into tokens. Else ValueError, one line saying what
+    is missing and how to fix it. A tokenizer that loads is not enough: transformers 5 loads a
+    checkpoint with tokenizer_config.json but without tokenizer.json as a tokenizer with no
+    vocabulary, which encodes every text to no tokens at all."""
+    if tokenizer is None:
+        problem = "has no tokenizer (tokenizer.json)"
+    elif not tokenizer.is_fast:
+        problem = f"has no fast tokenizer (tokenizer.json), only a {type(tokenizer).__name__}"
+    elif not tokenizer("hello world 12", add_special_tokens=False).input_ids:
+        problem = "has a tokenizer without a vocabulary, which encodes text to no tokens (tokenizer.json missing?)"
+    else:
+        return tokenizer
+    raise ValueError(f"{path} {problem}; reading prompts and writing text take a fast tokenizer with a vocabulary: "
+                     "save the model's tokenizer there (tokenizer.save_pretrained(DIR); a fine-tune's is its base model's)")
+
+
 def add_mask_token(tokenizer: "PreTrainedTokenizerBase", model: "Transformer") -> int:
     """Make sure `|<MASK>|` exists in the tokenizer and has an embedding row; return its id.
 

@@ -45,10 +45,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fdllm.engine import SamplingParams
 from fdllm.kernels import ATTENTION_BACKENDS
-from fdllm.paths import is_uri, resolve_local
+from fdllm.paths import resolve_local
 from fdllm.quantization import QUANTIZATIONS
 from fdllm.storage import local_checkpoint
-from fdllm.tokenizer import token_pieces
+from fdllm.tokenizer import check_text_tokenizer, token_pieces
 from serve.async_engine import (
     AsyncEngine,
     EngineDead,
@@ -276,10 +276,7 @@ class FdllmServer:
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
         engine = fdllm.Engine.from_pretrained(path, config=fdllm.BlockDiffusionConfig.from_checkpoint(path, **overrides),
                                               device=device, dtype=dtype, engine_config=self.cfg.engine_config())
-        if engine.tokenizer is None or not engine.tokenizer.is_fast:
-            raise ValueError(f"{path} has no fast (tokenizer.json) tokenizer; the HTTP API needs one to read "
-                             "prompts and stream text")
-        self.tokenizer = engine.tokenizer
+        self.tokenizer = check_text_tokenizer(engine.tokenizer, self.cfg.model)  # as fdllm-serve checks it up front
         self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
         self.scores_causally = engine.scores_causally  # whether `logprobs` can be served (Engine.score)
         self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
@@ -711,7 +708,7 @@ def main(argv: list[str] | None = None) -> None:
         if not 1 <= args.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {args.port}")
         cfg = ServerConfig.from_args(options)
-        _check_checkpoint(cfg.model)
+        _check_checkpoint(cfg.model, cfg.cache_dir)
         app = bind_app(cfg)  # Serve checks its deployment options here (e.g. a negative GPU count), Ray or not
     except ValueError as e:
         print(f"fdllm-serve: error: {e}", file=sys.stderr)
@@ -722,18 +719,16 @@ def main(argv: list[str] | None = None) -> None:
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)
 
 
-def _check_checkpoint(model: str) -> None:
-    """ValueError unless a local `model` is a checkpoint directory: fdllm-serve's replicas run on this
-    machine, and would find out only after Ray and Serve started. A URI is left to the replica, which
-    downloads it (fdllm.storage)."""
-    from fdllm.config import ModelConfig
+def _check_checkpoint(model: str, cache_dir: str | None) -> None:
+    """ValueError (one line) unless the replicas can serve `model` (fdllm.loader.check_checkpoint: a local
+    directory or a URI, whose weights are not downloaded here): they would find out only after Ray and
+    Serve started, and fail again at each restart."""
+    from fdllm.loader import check_checkpoint
 
-    if is_uri(model):
-        return
     try:
-        ModelConfig.load(model)
-    except (OSError, ValueError) as exc:  # no config.json, unreadable, or a model this package cannot load
-        raise ValueError(f"model: {exc}") from None
+        check_checkpoint(model, need_tokenizer=True, cache_dir=cache_dir)
+    except (OSError, ValueError, ImportError) as exc:  # missing files, an unreachable store, no pyarrow for a URI
+        raise ValueError(f"model: {' '.join(str(exc).splitlines())}") from None
 
 
 if __name__ == "__main__":

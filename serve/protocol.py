@@ -5,16 +5,17 @@ leaves the server as `{"error": {"message", "type", "param", "code"}}` with a 4x
 OpenAI's API does. Size limits that do not depend on the deployment (stop strings) live here; the
 per-deployment ones (body bytes, prompt characters) in `serve.app.ServerConfig`.
 
-JSON types are checked as OpenAI's API checks them (a 400 naming the field): integer fields take JSON
-integers only (not 7.0, "7" or true), boolean fields true or false only, number fields integers or
-floats (never strings or booleans). Hence pydantic's Strict* types on those fields: its lax mode would
-read "false" as False and true as 1. Not a model-wide strict mode, which would also refuse what clients
-rightly send to enum-like strings and nested objects.
+JSON types are checked as OpenAI's API checks them: integer fields take JSON integers only (not 7.0,
+"7" or true), boolean fields true or false only, number fields integers or floats (never strings or
+booleans). Hence pydantic's Strict* types on those fields: its lax mode would read "false" as False and
+true as 1. Not a model-wide strict mode, which would also refuse what clients rightly send to enum-like
+strings and nested objects. A wrong type is answered as OpenAI answers it (serve.json_types).
 """
 
 from __future__ import annotations
 
 import codecs
+import copy
 import hashlib
 import json
 import time
@@ -38,6 +39,7 @@ from pydantic import (
 )
 
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
+from serve.json_types import inline_schema, invalid_type
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # a stop string is held back from the stream until it cannot match: keep it short
@@ -79,13 +81,17 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     @classmethod
-    def from_validation(cls, errors: list[dict[str, Any]], body_loc: bool = True) -> APIError:
-        """A 400 naming the first invalid field, from pydantic/FastAPI error dicts (loc starts with
-        "body" when FastAPI parsed the body, with the field when the model was validated directly)."""
+    def from_validation(cls, errors: list[dict[str, Any]], model: type[BaseModel] | None = None) -> APIError:
+        """A 400 naming the first invalid field, from the error dicts of validating `model` directly (loc
+        starts with the field; a value of the wrong JSON type then gets OpenAI's wording, path and code
+        `invalid_type`: serve.json_types) or, without `model`, of FastAPI's parsing (loc starts with "body")."""
         first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
         if first.get("type") == "json_invalid":
             return cls(400, f"request body is not valid JSON: {first.get('msg', '')}".rstrip(": "))
-        loc = tuple(first.get("loc", ()))[1 if body_loc else 0 :]
+        wrong_type = invalid_type(errors, model) if model is not None else None
+        if wrong_type is not None:
+            return cls(400, wrong_type[1], param=wrong_type[0], code="invalid_type")
+        loc = tuple(first.get("loc", ()))[0 if model is not None else 1 :]
         param = str(loc[0]) if loc else None
         message = first.get("msg", "invalid request")
         return cls(400, f"{message} ({param})" if param else message, param=param)
@@ -97,7 +103,7 @@ def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise APIError.from_validation(exc.errors(include_url=False), body_loc=False) from None
+        raise APIError.from_validation(exc.errors(include_url=False), model) from None
 
 
 # Fields that are not Optional here but are in OpenAI's API: null is their default (completions'
@@ -282,11 +288,14 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompts(cls, v: Any) -> list[str] | list[list[int]]:
-        """The prompts, with one clear message per wrong shape (the union's own first complaint,
-        "Input should be a valid string", misleads a client that sent token ids)."""
+        """The prompts, with one clear message per wrong shape of array (the union's own first complaint,
+        "Input should be a valid string", misleads a client that sent token ids). Neither a string nor
+        an array: left to the union, whose errors say so as OpenAI does (serve.json_types)."""
         if isinstance(v, str) or _token_ids(v):
             v = [v]
-        elif not (isinstance(v, list) and v and (all(isinstance(x, str) for x in v) or all(map(_token_ids, v)))):
+        elif not isinstance(v, list):
+            return v
+        elif not (v and (all(isinstance(x, str) for x in v) or all(map(_token_ids, v)))):
             raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of either (one kind)")
         if not all(v):
             raise ValueError("prompt must not be empty")
@@ -378,18 +387,10 @@ class DetokenizeRequest(BaseModel):
 
 
 def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` documenting a JSON body the route parses itself (definitions inlined)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {k: inline(v) for k, v in node.items()}
-        return [inline(v) for v in node] if isinstance(node, list) else node
-
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+    """`openapi_extra` documenting a JSON body the route parses itself (definitions inlined; a copy:
+    FastAPI merges it into its own document)."""
+    schema = copy.deepcopy(inline_schema(model))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def prompt_chars(body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> int:

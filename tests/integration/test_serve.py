@@ -222,6 +222,20 @@ def test_openai_client(server, served_dir):
     assert chunks[-1].choices == [] and _counts(chunks[-1].usage.model_dump()) == _counts(chat.usage.model_dump())
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    # a wrong JSON type: OpenAI's invalid_type error, which the client reads into its BadRequestError
+    for wrong, param, message in (
+        (lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=True), "max_tokens",
+         "Invalid type for 'max_tokens': expected an integer, but got a boolean instead."),
+        (lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": 7}]),
+         "messages[0].content",
+         "Invalid type for 'messages[0].content': expected one of a string or array of objects, but got an integer instead."),
+        (lambda: client.completions.create(model=MODEL, prompt="x", logit_bias={"5": None}), "logit_bias.5",
+         "Invalid type for 'logit_bias.5': expected a decimal, but got null instead."),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            wrong()
+        assert (err.value.code, err.value.param, err.value.type) == ("invalid_type", param, "invalid_request_error")
+        assert err.value.body["message"] == message and message in err.value.message
     tok = load_tokenizer(served_dir)
     for mode in ("diffusion", "ar", "speculative"):  # +100 forces the token, greedy or sampled
         forced = client.completions.create(model=MODEL, prompt="the quick", max_tokens=5, temperature=0.8, seed=3,

@@ -94,7 +94,7 @@ def test_an_empty_api_key_is_refused_not_an_open_server():
     (["--port", "0"], "port"), (["--port", "65536"], "port"), (["--port", "-1"], "port"),
     (["--threshold", "1.5"], "threshold"), (["--threshold", "0"], "threshold"), (["--threshold", "nan"], "threshold"),
     (["--model", ""], "model is empty"),  # read as the working directory
-    (["--model", "assets"], "model: no config.json"), (["--model", "no/such/checkpoint"], "model: no config.json"),
+    (["--model", "assets"], "model: no config.json"), (["--model", "no/such/checkpoint"], "no/such/checkpoint: no such checkpoint directory"),
     (["--num-gpus-per-replica", "-1"], "num_gpus"),  # Serve's own check of the deployment's options
 ])
 def test_fdllm_serve_refuses_bad_options_before_starting_ray(flags, needle, monkeypatch, capsys):

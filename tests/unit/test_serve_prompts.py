@@ -57,10 +57,9 @@ def test_the_openapi_docs_show_every_prompt_form():
 @pytest.mark.parametrize("sent,message", [
     ("", "must not be empty"), ([], "must not be empty"), ([[]], "must not be empty"), ([""], "must not be empty"),
     (["a", ""], "must not be empty"), ([[5], []], "must not be empty"),
-    (7, "a string, a list of token ids"), ([1, "a"], "a string, a list of token ids"),
-    ([True], "a string, a list of token ids"), ([1.5], "a string, a list of token ids"),
-    ([["a"]], "a string, a list of token ids"), (None, "a string, a list of token ids"),
-    ({"text": "x"}, "a string, a list of token ids"), (["a", [5]], "one kind"), ([[5], [True]], "one kind"),
+    ([1, "a"], "a string, a list of token ids"), ([True], "a string, a list of token ids"),
+    ([1.5], "a string, a list of token ids"), ([["a"]], "a string, a list of token ids"),
+    (["a", [5]], "one kind"), ([[5], [True]], "one kind"),
 ])
 def test_wrong_prompt_shapes_are_one_clear_400(sent, message):
     with pytest.raises(APIError) as err:
@@ -78,7 +77,7 @@ def test_tokenize_takes_exactly_one_of_prompt_and_messages():
         assert err.value.status == 400
 
 
-def _request(model, **fields):
+def _request(model, /, **fields):
     base = {"model": "m", "prompt": "x"} if model is CompletionRequest else {"model": "m", "messages": [
         {"role": "user", "content": "x"}]}
     return parse_request(model, json.dumps(base | fields).encode())
@@ -172,7 +171,7 @@ def test_logit_bias_reaches_the_engine_by_token_id(model):
     for bad in ({"abc": 1}, {"-1": 1}, {"²": 1}, {"": 1}, {"5": "high"}, {"5": 101}, {"5": -1e9}, [5], {"9" * 5000: 1}):
         with pytest.raises(APIError) as err:
             parse_request(model, json.dumps(body | {"logit_bias": bad}).encode()).sampling_params(16)
-        assert (err.value.status, err.value.param) == (400, "logit_bias"), bad
+        assert (err.value.status, err.value.param) in ((400, "logit_bias"), (400, "logit_bias.5")), bad
 
 
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
@@ -180,10 +179,11 @@ def test_vllms_stop_token_ids_and_ignore_eos_reach_the_engine(model):
     got = _request(model, stop_token_ids=[5, 9], ignore_eos=True).sampling_params(16)
     assert (got.stop_token_ids, got.ignore_eos) == ((5, 9), True)
     assert _request(model, stop_token_ids=None, ignore_eos=None).sampling_params(16) == _request(model).sampling_params(16)
-    for bad in ([-1], list(range(65)), ["5"], 5):
+    for bad, param in (([-1], "stop_token_ids"), (list(range(65)), "stop_token_ids"), (["5"], "stop_token_ids[0]"),
+                       (5, "stop_token_ids")):
         with pytest.raises(APIError) as err:
             _request(model, stop_token_ids=bad).sampling_params(16)
-        assert (err.value.status, err.value.param) == (400, "stop_token_ids"), bad
+        assert (err.value.status, err.value.param) == (400, param), bad
 
 
 @pytest.mark.parametrize("best_of,n,refused", [(None, 1, False), (1, 1, False), (3, 3, False), (2, 1, True), (1, 2, True)])
@@ -222,43 +222,133 @@ def test_out_of_range_choice_fields_are_400s_naming_them(model, fields, param):
     assert (err.value.status, err.value.param) == (400, param)
 
 
-# A JSON value of the wrong type, each answered by OpenAI's API with a 400 naming the field: integer
-# fields take integers only (not 7.0, "7" or true), booleans only true/false, numbers no strings or booleans.
+# A JSON value of the wrong type: OpenAI's API answers a 400 with code "invalid_type", `param` the
+# value's path, and one wording for every field, as clients quote it (e.g. "Invalid type for 'n': expected
+# an integer, but got a string instead."; "Invalid type for 'messages[0].content': expected one of a string
+# or array of objects, but got an integer instead."). Integer fields take integers only (not 7.0, "7" or
+# true), booleans only true/false, numbers no strings or booleans; null only where a field is optional.
+PROMPT_TYPES = "one of a string, array of integers, array of strings, or array of arrays of integers"
+ROLES = "one of 'system', 'user', 'assistant', 'developer', or 'tool'"
 WRONG_JSON_TYPES = [
-    (CompletionRequest, {"max_tokens": True}, "max_tokens"), (CompletionRequest, {"max_tokens": "7"}, "max_tokens"),
-    (CompletionRequest, {"max_tokens": 7.0}, "max_tokens"), (ChatCompletionRequest, {"max_completion_tokens": "7"},
-                                                             "max_completion_tokens"),
-    (CompletionRequest, {"n": 1.0}, "n"), (ChatCompletionRequest, {"n": True}, "n"), (CompletionRequest, {"seed": "7"}, "seed"),
-    (ChatCompletionRequest, {"seed": 7.5}, "seed"), (CompletionRequest, {"top_k": 2.0}, "top_k"),
-    (CompletionRequest, {"min_tokens": False}, "min_tokens"), (CompletionRequest, {"logprobs": True}, "logprobs"),
-    (CompletionRequest, {"best_of": "1"}, "best_of"), (ChatCompletionRequest, {"logprobs": True, "top_logprobs": "2"}, "top_logprobs"),
-    (CompletionRequest, {"stream": "false"}, "stream"), (ChatCompletionRequest, {"stream": 0}, "stream"),
-    (CompletionRequest, {"echo": "true"}, "echo"), (ChatCompletionRequest, {"logprobs": 1}, "logprobs"),
-    (CompletionRequest, {"ignore_eos": "yes"}, "ignore_eos"), (CompletionRequest, {"block_lookahead": 1}, "block_lookahead"),
-    (CompletionRequest, {"stream": True, "stream_options": {"include_usage": "true"}}, "stream_options"),
-    (CompletionRequest, {"temperature": "0.5"}, "temperature"), (ChatCompletionRequest, {"temperature": True}, "temperature"),
-    (ChatCompletionRequest, {"top_p": "1"}, "top_p"), (CompletionRequest, {"threshold": "0.9"}, "threshold"),
-    (CompletionRequest, {"presence_penalty": False}, "presence_penalty"),
-    (ChatCompletionRequest, {"repetition_penalty": "1"}, "repetition_penalty"),
-    (CompletionRequest, {"logit_bias": {"5": "1"}}, "logit_bias"), (CompletionRequest, {"logit_bias": {"5": True}}, "logit_bias"),
-    (CompletionRequest, {"delimiter_token_ids": ["5"]}, "delimiter_token_ids"),
-    (CompletionRequest, {"stop_token_ids": [True]}, "stop_token_ids"),
-    (TokenizeRequest, {"prompt": "x", "add_special_tokens": "false"}, "add_special_tokens"),
-    (TokenizeRequest, {"prompt": "x", "add_generation_prompt": 0}, "add_generation_prompt"),
-    (DetokenizeRequest, {"tokens": ["5"]}, "tokens"), (DetokenizeRequest, {"tokens": [True]}, "tokens"),
+    # (request model, fields, param, expected, sent)
+    (CompletionRequest, {"max_tokens": True}, "max_tokens", "an integer", "a boolean"),
+    (CompletionRequest, {"max_tokens": "7"}, "max_tokens", "an integer", "a string"),
+    (CompletionRequest, {"max_tokens": 7.0}, "max_tokens", "an integer", "a decimal number"),
+    (ChatCompletionRequest, {"max_completion_tokens": "7"}, "max_completion_tokens", "an integer", "a string"),
+    (CompletionRequest, {"n": 1.0}, "n", "an integer", "a decimal number"),
+    (ChatCompletionRequest, {"n": True}, "n", "an integer", "a boolean"),
+    (CompletionRequest, {"n": ""}, "n", "an integer", "a string"),
+    (CompletionRequest, {"seed": "7"}, "seed", "an integer", "a string"),
+    (ChatCompletionRequest, {"seed": 1.5}, "seed", "an integer", "a decimal number"),
+    (CompletionRequest, {"top_k": 2.0}, "top_k", "an integer", "a decimal number"),
+    (CompletionRequest, {"min_tokens": False}, "min_tokens", "an integer", "a boolean"),
+    (CompletionRequest, {"logprobs": True}, "logprobs", "an integer", "a boolean"),
+    (CompletionRequest, {"best_of": "1"}, "best_of", "an integer", "a string"),
+    (ChatCompletionRequest, {"logprobs": True, "top_logprobs": "2"}, "top_logprobs", "an integer", "a string"),
+    (CompletionRequest, {"stream": "false"}, "stream", "a boolean", "a string"),
+    (ChatCompletionRequest, {"stream": 0}, "stream", "a boolean", "an integer"),
+    (CompletionRequest, {"echo": "true"}, "echo", "a boolean", "a string"),
+    (ChatCompletionRequest, {"logprobs": 1}, "logprobs", "a boolean", "an integer"),
+    (CompletionRequest, {"ignore_eos": "yes"}, "ignore_eos", "a boolean", "a string"),
+    (CompletionRequest, {"block_lookahead": 1}, "block_lookahead", "a boolean", "an integer"),
+    (CompletionRequest, {"stream": True, "stream_options": "yes"}, "stream_options", "an object", "a string"),
+    (CompletionRequest, {"stream": True, "stream_options": {"include_usage": "true"}}, "stream_options.include_usage",
+     "a boolean", "a string"),
+    (CompletionRequest, {"stream": True, "stream_options": {"include_usage": None}}, "stream_options.include_usage",
+     "a boolean", "null"),
+    (CompletionRequest, {"temperature": "0.5"}, "temperature", "a decimal", "a string"),
+    (ChatCompletionRequest, {"temperature": True}, "temperature", "a decimal", "a boolean"),
+    (ChatCompletionRequest, {"top_p": "1"}, "top_p", "a decimal", "a string"),
+    (CompletionRequest, {"threshold": "0.9"}, "threshold", "a decimal", "a string"),
+    (CompletionRequest, {"presence_penalty": False}, "presence_penalty", "a decimal", "a boolean"),
+    (ChatCompletionRequest, {"repetition_penalty": [1.0]}, "repetition_penalty", "a decimal", "an array"),
+    (CompletionRequest, {"mode": 5}, "mode", "one of 'diffusion', 'ar', or 'speculative'", "an integer"),
+    (CompletionRequest, {"model": None}, "model", "a string", "null"),
+    (CompletionRequest, {"user": {"a": 1}}, "user", "a string", "an object"),
+    # nested: the value's path, as OpenAI writes it (`messages[0].content`, `metadata.k`)
+    (CompletionRequest, {"logit_bias": {"5": "1"}}, "logit_bias.5", "a decimal", "a string"),
+    (CompletionRequest, {"logit_bias": {"5": True}}, "logit_bias.5", "a decimal", "a boolean"),
+    (CompletionRequest, {"logit_bias": {"5": None}}, "logit_bias.5", "a decimal", "null"),
+    (CompletionRequest, {"logit_bias": {"é🙂": {}}}, "logit_bias.é🙂", "a decimal", "an object"),
+    (CompletionRequest, {"logit_bias": [5]}, "logit_bias", "an object", "an array"),
+    (CompletionRequest, {"delimiter_token_ids": ["5"]}, "delimiter_token_ids[0]", "an integer", "a string"),
+    (CompletionRequest, {"stop_token_ids": [True]}, "stop_token_ids[0]", "an integer", "a boolean"),
+    (CompletionRequest, {"stop_token_ids": [1, None]}, "stop_token_ids[1]", "an integer", "null"),
+    (CompletionRequest, {"stop_token_ids": 5}, "stop_token_ids", "an array of integers", "an integer"),
+    (CompletionRequest, {"stop": 7}, "stop", "one of a string or array of strings", "an integer"),
+    (CompletionRequest, {"stop": {"": "🙂"}}, "stop", "one of a string or array of strings", "an object"),
+    (CompletionRequest, {"stop": ["a", None]}, "stop[1]", "a string", "null"),
+    (CompletionRequest, {"stop": [["a"]]}, "stop[0]", "a string", "an array"),
+    (CompletionRequest, {"prompt": 7}, "prompt", PROMPT_TYPES, "an integer"),
+    (CompletionRequest, {"prompt": None}, "prompt", PROMPT_TYPES, "null"),
+    (CompletionRequest, {"prompt": {"text": "x"}}, "prompt", PROMPT_TYPES, "an object"),
+    (ChatCompletionRequest, {"messages": "hi"}, "messages", "an array of objects", "a string"),
+    (ChatCompletionRequest, {"messages": ["hi"]}, "messages[0]", "an object", "a string"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": 7}]}, "messages[0].content",
+     "one of a string or array of objects", "an integer"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": None}]}, "messages[0].content",
+     "one of a string or array of objects", "null"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]", "an object",
+     "an integer"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}, {"role": ["user"], "content": "y"}]},
+     "messages[1].role", ROLES, "an array"),
+    (TokenizeRequest, {"prompt": "x", "add_special_tokens": "false"}, "add_special_tokens", "a boolean", "a string"),
+    (TokenizeRequest, {"prompt": "x", "add_generation_prompt": 0}, "add_generation_prompt", "a boolean", "an integer"),
+    (TokenizeRequest, {"prompt": 5}, "prompt", "a string", "an integer"),
+    (DetokenizeRequest, {"tokens": ["5"]}, "tokens[0]", "an integer", "a string"),
+    (DetokenizeRequest, {"tokens": [True]}, "tokens[0]", "an integer", "a boolean"),
+    (DetokenizeRequest, {"tokens": "abc"}, "tokens", "an array of integers", "a string"),
 ]
 
 
-@pytest.mark.parametrize("model,fields,param", WRONG_JSON_TYPES)
-def test_a_json_value_of_the_wrong_type_is_a_400_naming_the_field(model, fields, param):
-    """pydantic's lax mode read these as the field's type ("false" as False, true as 1)."""
+def _refusal(model, fields) -> APIError:
     with pytest.raises(APIError) as err:
         if model in (TokenizeRequest, DetokenizeRequest):
             parse_request(model, json.dumps(fields).encode())
         else:
             _request(model, **fields)
-    assert (err.value.status, err.value.param) == (400, param), err.value.message
-    assert param in err.value.message and err.value.body()["error"]["type"] == "invalid_request_error"
+    return err.value
+
+
+@pytest.mark.parametrize("model,fields,param,expected,sent", WRONG_JSON_TYPES)
+def test_a_json_value_of_the_wrong_type_is_openais_invalid_type_error(model, fields, param, expected, sent):
+    """pydantic's lax mode read these as the field's type ("false" as False, true as 1); its strict mode's
+    own words ("Input should be a valid integer") name neither the path nor what was sent."""
+    err = _refusal(model, fields)
+    assert err.status == 400
+    assert err.body() == {"error": {"message": f"Invalid type for '{param}': expected {expected}, but got {sent} instead.",
+                                    "type": "invalid_request_error", "param": param, "code": "invalid_type"}}
+
+
+@pytest.mark.parametrize("model,fields", [
+    (CompletionRequest, {"user": ""}), (CompletionRequest, {"user": "\u0000é\u0301🙂\u200b\U0010ffff"}),
+    (CompletionRequest, {"model": ""}), (CompletionRequest, {"prompt": "🙂\u202e\ufeff"}),
+    (CompletionRequest, {"stop": ["🙂", "\u200b"]}), (CompletionRequest, {"logit_bias": {}}),
+    (CompletionRequest, {"max_tokens": None, "seed": None, "stop": None, "logit_bias": None, "stop_token_ids": None}),
+    (CompletionRequest, {"temperature": 0, "top_p": 1, "presence_penalty": -2, "seed": -(2**63)}),
+    (CompletionRequest, {"🙂 not a field": [None, {"x": 1}]}), (ChatCompletionRequest, {"messages": [
+        {"role": "user", "content": ""}, {"role": "assistant", "content": []}, {"role": "user", "content": "é"}]}),
+    (DetokenizeRequest, {"tokens": []}), (TokenizeRequest, {"prompt": ""}),
+])
+def test_type_valid_extremes_are_no_type_errors(model, fields):
+    if model in (TokenizeRequest, DetokenizeRequest):
+        parse_request(model, json.dumps(fields).encode())
+    else:
+        _request(model, **fields)
+
+
+@pytest.mark.parametrize("model,fields,param", [
+    (CompletionRequest, {"prompt": ""}, "prompt"), (CompletionRequest, {"stop": [""]}, "stop"),
+    (CompletionRequest, {"mode": "beam"}, "mode"), (CompletionRequest, {"mode": ""}, "mode"),
+    (CompletionRequest, {"n": 10**30}, "n"), (CompletionRequest, {"temperature": 10**400}, "temperature"),
+    (ChatCompletionRequest, {"messages": [{"role": "🙂", "content": "x"}]}, "messages"),
+    (ChatCompletionRequest, {"messages": [{"role": "user"}]}, "messages"), (ChatCompletionRequest, {"messages": []}, "messages"),
+])
+def test_right_types_with_wrong_values_are_no_type_errors(model, fields, param):
+    """An unknown enum string, a number out of range, an empty string or array, a missing field: 400s
+    naming the field, but not `invalid_type` (the value is of the type the field takes)."""
+    err = _refusal(model, fields)
+    assert (err.status, err.param, err.code) == (400, param, None) and not err.message.startswith("Invalid type")
 
 
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])

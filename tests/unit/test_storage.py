@@ -468,3 +468,31 @@ def test_an_empty_directory_is_named_as_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights-only holds no files besides weights"):
         storage.local_checkpoint(f"file://{tmp_path}/weights-only", tmp_path / "cache", weights=False)
     assert not list((tmp_path / "cache").rglob("*.tmp-*"))
+
+
+def test_checkpoint_files_are_what_readers_will_get_and_read_no_weights(dllm_dir, tmp_path, monkeypatch):
+    """A check before starting readers: a plain directory's top-level files, an export's per its manifest,
+    and while an export is rewritten its marker's (readers wait for it: its files are on the way).
+    Nothing is copied; plain local directories need no pyarrow."""
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    names = {p.name for p in Path(dllm_dir).iterdir()}
+    (tmp_path / "plain").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "plain" / name).write_text("x")
+    (tmp_path / "plain" / "sub").mkdir()
+    (tmp_path / "plain" / "sub" / "tokenizer.json").write_text("x")
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "pyarrow", None)  # importing it fails
+        assert storage.checkpoint_files(tmp_path / "plain") == {"config.json", "model.safetensors"}
+    out = tmp_path / "export"
+    storage.publish_dir(dllm_dir, str(out))
+    (out / "model.safetensors").unlink()  # the manifest, not the directory, says what a reader gets
+    assert storage.checkpoint_files(out) == names
+    (out / storage.MANIFEST).unlink()
+    (out / storage.WRITING_MARKER).write_text(json.dumps({"export_id": "x", "files": sorted(names | {"sub/a.bin"})}))
+    assert storage.checkpoint_files(f"file://{out}") == names
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(FileNotFoundError, match="nothing: no such checkpoint directory"):
+        storage.checkpoint_files(tmp_path / "nothing")
+    with pytest.raises(NotADirectoryError, match="config.json is a file"):
+        storage.checkpoint_files(tmp_path / "plain" / "config.json")

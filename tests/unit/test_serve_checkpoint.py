@@ -1,0 +1,150 @@
+"""fdllm-serve refuses, before Ray starts, a model its replicas could not serve (exit 2, one line naming
+what is missing and how to fix it), local or on object storage, and a replica refuses it with the same
+words (fdllm.loader.check_checkpoint, fdllm.tokenizer.check_text_tokenizer): without the check, Serve
+restarts a failing replica again and again, or a replica serves a tokenizer that reads no text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.serve")
+import ray  # noqa: E402
+
+from fdllm import storage  # noqa: E402
+from serve import app  # noqa: E402
+from tests.s3_server import make_bucket, upload_dir  # noqa: E402
+
+TOKENIZER_FIX = "tokenizer.save_pretrained(DIR)"
+
+
+class _RayStarted(Exception):
+    """fdllm-serve got past its checks."""
+
+
+def _without(src: Path, dst: Path, *names: str) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*names))
+    return dst
+
+
+def _serve_error(model: str, monkeypatch, capsys) -> str:
+    """fdllm-serve's one-line error for `model`, checked to come before Ray starts, with exit status 2."""
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the model was checked"))
+    with pytest.raises(SystemExit) as e:
+        app.main(["--model", model])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err.strip().removeprefix("fdllm-serve: error: model: ")
+
+
+def _serves(model: str, monkeypatch) -> None:
+    """fdllm-serve accepts `model`: it gets as far as starting Ray."""
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(_RayStarted()))
+    with pytest.raises(_RayStarted):
+        app.main(["--model", model])
+
+
+@pytest.mark.parametrize("removed,problem", [
+    # transformers 5 loads tokenizer_config.json alone as a tokenizer without a vocabulary: it encodes text to []
+    (("tokenizer.json",), "has a tokenizer without a vocabulary, which encodes text to no tokens"),
+    (("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"), "has no tokenizer (tokenizer.json)"),
+    (("model.safetensors",), "no model.safetensors or model.safetensors.index.json in"),
+    (("config.json",), "no config.json in"),
+])
+def test_fdllm_serve_refuses_a_local_checkpoint_its_replicas_could_not_serve(removed, problem, dllm_dir, tmp_path,
+                                                                             monkeypatch, capsys):
+    model = _without(dllm_dir, tmp_path / "ckpt", *removed)
+    err = _serve_error(str(model), monkeypatch, capsys)
+    assert str(model) in err and problem in err, err
+    assert TOKENIZER_FIX in err if "tokenizer" in problem else "save_pretrained" in err
+
+
+def test_a_tokenizer_that_does_not_load_is_one_line_not_a_traceback(dllm_dir, tmp_path, monkeypatch, capsys):
+    model = _without(dllm_dir, tmp_path / "ckpt", "tokenizer.json")
+    (model / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')  # transformers: KeyError
+    err = _serve_error(str(model), monkeypatch, capsys)
+    assert err.startswith(f"{model}'s tokenizer does not load (") and TOKENIZER_FIX in err, err
+
+
+def test_a_replica_refuses_a_tokenizer_without_vocabulary_as_fdllm_serve_does(dllm_dir, tmp_path, monkeypatch, capsys):
+    """One check, one message: the replica (which loads its engine's tokenizer) and fdllm-serve (before
+    Ray) agree. Before, the replica checked only `is_fast`, which transformers 5's empty tokenizer is."""
+    model = _without(dllm_dir, tmp_path / "ckpt", "tokenizer.json")
+    upfront = _serve_error(str(model), monkeypatch, capsys)
+    replica = app.FdllmServer.func_or_class.__mro__[1]  # the class Serve's ingress wraps
+    assert replica.__name__ == "FdllmServer"
+    with pytest.raises(ValueError) as err:
+        replica(asdict(app.ServerConfig(model=str(model))))
+    assert str(err.value) == upfront
+
+
+def test_a_tokenizer_from_vocab_and_merges_files_is_served(dllm_dir, tmp_path, monkeypatch):
+    """The check loads the tokenizer as the replica does rather than look for tokenizer.json: a byte-level
+    BPE saved as vocab.json + merges.txt (older exports) reads text, so it is not refused."""
+    from fdllm.tokenizer import load_tokenizer
+
+    model = _without(dllm_dir, tmp_path / "ckpt", "tokenizer.json")
+    bpe = json.loads(load_tokenizer(dllm_dir).backend_tokenizer.to_str())["model"]
+    (model / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    (model / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(pair) + "\n" for pair in bpe["merges"]))
+    assert load_tokenizer(model).encode("hello world") == load_tokenizer(dllm_dir).encode("hello world")
+    _serves(str(model), monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_env) -> str:
+    return make_bucket("fdllm-serve-check")
+
+
+def test_fdllm_serve_checks_a_uri_model_without_downloading_its_weights(bucket, dllm_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    whole = upload_dir(dllm_dir, f"{bucket}/whole")
+    _serves(whole, monkeypatch)
+    storage.publish_dir(dllm_dir, f"{bucket}/export")  # an export: its manifest lists the files
+    _serves(f"{bucket}/export", monkeypatch)
+    fetched = {p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert "tokenizer.json" in fetched and not any(name.endswith(".safetensors") for name in fetched), fetched
+
+    refused = {
+        upload_dir(_without(dllm_dir, tmp_path / "a", "tokenizer.json"), f"{bucket}/no-tokenizer-json"):
+            "has a tokenizer without a vocabulary",
+        upload_dir(_without(dllm_dir, tmp_path / "b", "model.safetensors"), f"{bucket}/no-weights"):
+            "no model.safetensors or model.safetensors.index.json in",
+        upload_dir(_without(dllm_dir, tmp_path / "c", "config.json"), f"{bucket}/no-config"): "no config.json in",
+        f"{bucket}/nothing-here": "no such checkpoint directory",
+        "s3://no-such-bucket-fdllm/model": "no such checkpoint directory",
+    }
+    for uri, problem in refused.items():
+        err = _serve_error(uri, monkeypatch, capsys)
+        assert uri in err and problem in err, err
+
+
+def test_an_unreachable_store_is_one_line_not_a_traceback_or_a_long_wait(monkeypatch, capsys):
+    """No server at the endpoint (S3), no credentials (GCS, whose client would otherwise retry for minutes)."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(storage, "CHECK_RETRY_LIMIT_S", 1)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/credentials.json")
+    for uri in (f"s3://bucket/model?endpoint_override=127.0.0.1:{port}&scheme=http", "gs://no-such-bucket-fdllm/model",
+                "nosuchscheme://bucket/model"):
+        err = _serve_error(uri, monkeypatch, capsys)
+        assert err.startswith(f"cannot list {uri} (") and "check the URI and this machine's credentials" in err, err
+
+
+def test_any_filesystem_storage_takes_is_checked(dllm_dir, monkeypatch, capsys):
+    """An fsspec-only scheme (memory://), as storage.filesystem takes it."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    for path in Path(dllm_dir).iterdir():
+        if path.name != "tokenizer.json":
+            memory.pipe(f"/fdllm-serve-check/ckpt/{path.name}", path.read_bytes())
+    err = _serve_error("memory://fdllm-serve-check/ckpt", monkeypatch, capsys)
+    assert "memory://fdllm-serve-check/ckpt has a tokenizer without a vocabulary" in err
+    memory.pipe("/fdllm-serve-check/ckpt/tokenizer.json", (Path(dllm_dir) / "tokenizer.json").read_bytes())
+    _serves("memory://fdllm-serve-check/ckpt", monkeypatch)
