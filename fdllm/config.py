@@ -95,6 +95,10 @@ class ModelConfig:
         kwargs["rope_theta"] = float(rope_theta)
         dtype = raw.get("torch_dtype", raw.get("dtype"))  # transformers 5 writes "dtype"
         kwargs["torch_dtype"] = dtype if isinstance(dtype, str) else "float32"
+        missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"the {model_type} config lacks {', '.join(missing)}: not a complete HF config.json")
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:

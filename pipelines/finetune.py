@@ -134,21 +134,20 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     from ray.train.torch import TorchTrainer
 
     from fdllm.config import ModelConfig
-    from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_tokenizer
+    from fdllm.tokenizer import MASK_TOKEN, check_text_tokenizer, has_tokenizer, load_tokenizer
     from pipelines.train_loop import has_deepspeed, train_loop_per_worker
 
     if cfg.strategy == "deepspeed" and not has_deepspeed():
         raise ValueError("--strategy deepspeed needs the deepspeed package: pip install 'fdllm[deepspeed]'")
     base = local_checkpoint(cfg.model, weights=False)  # config and tokenizer: the workers fetch weights
     ModelConfig.load(base)  # a clear error now rather than in every worker
-    if not has_tokenizer(base):
-        raise FileNotFoundError(f"{cfg.model} has no tokenizer files; the data pipeline needs the model's tokenizer")
+    # the data pipeline tokenizes with it: one that encodes text to nothing would train on empty rows
+    tokenizer = check_text_tokenizer(load_tokenizer(base) if has_tokenizer(base) else None, cfg.model)
     sources = check_data_files(cfg.data)
     check_output(cfg)
     if cfg.resume and not _run_exists(cfg.storage_path, cfg.run_name):
         log.warning("no checkpoint of run %r in %s: starting it from the base model", cfg.run_name, cfg.storage_path)
 
-    tokenizer = load_tokenizer(base)
     # The data only needs to recognise the mask token (to reject rows containing it); the workers add
     # it to the model's embedding with fdllm.tokenizer.add_mask_token.
     tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_extra_special_tokens=False)

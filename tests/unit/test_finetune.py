@@ -138,6 +138,22 @@ def test_an_output_or_storage_path_at_or_under_a_file_is_refused_before_ray_star
     assert f"{option}: {tmp_path / path}" in caplog.text and "is a file" in caplog.text
 
 
+def test_a_base_model_whose_tokenizer_encodes_nothing_is_refused_before_ray_starts(qwen2_dir, tmp_path, monkeypatch,
+                                                                                     caplog):
+    """Without tokenizer.json transformers loads tokenizer_config.json alone as a tokenizer with no
+    vocabulary, which encodes every row to no tokens: the data would be empty, the run a waste."""
+    import shutil
+
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the tokenizer was checked"))
+    base = shutil.copytree(qwen2_dir, tmp_path / "base")
+    (base / "tokenizer.json").unlink()
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(4))
+    assert main(["--model", str(base), "--data", str(data), "--max-steps", "1"]) == 2
+    assert "tokenizer without a vocabulary" in caplog.text
+
+
 def test_os_errors_are_one_line_and_exit_2(tmp_path, caplog):
     """As the quickstart's: an unreadable --config, or an OSError while running, is no traceback."""
     assert main(["--config", str(tmp_path)]) == 2 and f"--config {tmp_path}: Is a directory" in caplog.text

@@ -106,6 +106,28 @@ def test_unknown_architecture_is_a_clear_error(tmp_path, qwen2_dir):
         fdllm.load_model(tmp_path)
 
 
+def test_a_config_without_the_model_dimensions_is_named(tmp_path, qwen2_dir):
+    """A truncated config.json (a hand-written one, a failed upload) names what it lacks, not a TypeError."""
+    cfg = json.loads((qwen2_dir / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers"):
+        del cfg[key]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="qwen2 config lacks hidden_size, num_hidden_layers"):
+        fdllm.load_model(tmp_path)
+
+
+def test_an_engine_refuses_a_tokenizer_that_encodes_nothing(tmp_path, qwen2_dir):
+    """tokenizer_config.json without tokenizer.json loads (transformers 5) as a tokenizer without a
+    vocabulary: every prompt would be no tokens. The engine names it instead of serving that."""
+    import shutil
+
+    base = shutil.copytree(qwen2_dir, tmp_path / "base")
+    (base / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer without a vocabulary"):
+        fdllm.Engine.from_pretrained(base)
+    assert fdllm.Engine.from_pretrained(qwen2_dir).tokenizer("a b").input_ids
+
+
 def test_missing_tensor_is_named(tmp_path, qwen2_dir):
     from safetensors.torch import load_file, save_file
 
