@@ -347,18 +347,25 @@ class ModelRunner:
             row_E, first_E, real_E, q_lens_E = cut_rows(q_lens, causal, Q)
             E = len(row_E)
             starts, kv_lens, causal, table_EM = starts[row_E] + first_E, kv_lens[row_E], causal[row_E], table_EM[row_E]
-        offsets = np.arange(Q)
-        real_EQ = offsets < real_E[:, None]
+        offsets, N = np.arange(Q), len(inputs.ids)
         positions_EQ = starts[:, None] + offsets  # a padding token's position is never read
-        flat_N = np.flatnonzero(real_EQ)  # the fed tokens fill their entries from the front, in order
+        slots_EQ = cache_slots(table_EM, positions_EQ, self.cache.page_size)
         section = self.stage.section
         ids = section("ids")
-        ids.fill(0)
-        ids[flat_N] = inputs.ids
+        if N == E * Q:  # every entry full (rows of one length: most steps), so the fed tokens are the first N
+            flat_N = np.arange(N)
+            ids[:N] = inputs.ids
+            ids[N:] = 0
+        else:
+            real_EQ = offsets < real_E[:, None]
+            flat_N = np.flatnonzero(real_EQ)  # the fed tokens fill their entries from the front, in order
+            ids.fill(0)
+            ids[flat_N] = inputs.ids
+            slots_EQ[~real_EQ] = self.cache.scratch_slot
         positions_BQ, slots_BQ = section("positions").reshape(Bb, Q), section("slots").reshape(Bb, Q)
         tables_BM = section("tables").reshape(Bb, shape.pages)
         positions_BQ[:E] = positions_EQ
-        slots_BQ[:E] = np.where(real_EQ, cache_slots(table_EM, positions_EQ, self.cache.page_size), self.cache.scratch_slot)
+        slots_BQ[:E] = slots_EQ
         tables_BM[:E] = table_EM
         lengths = (("kv_lens", kv_lens), ("q_lens", q_lens_E)) + ((("causal", causal),) if shape.causal else ())
         for name, values in lengths:
