@@ -21,8 +21,9 @@ memory-mapped could crash. Swapping a fresh sibling directory in instead is not 
 cannot be renamed over a non-empty one) and on NFS another client's open files of a replaced
 directory go stale. Waiting on the marker alone would not do either: a load that started before
 the marker appeared still reads the rewrite. A private copy, checked against the manifest after the
-copy as for a URI, is correct on local disk and NFS alike, at the cost of one copy per export
-version in the node's cache.
+copy as for a URI, is correct on local disk and NFS alike, at the cost of a copy per export
+version in the node's cache; versions unused for STALE_VERSION_S leave it once a newer one is
+fetched (`_retire_old_versions`), so a replica following a rolling export keeps about two.
 
 Beside them, the one way the pipelines name and move small files at a local path or URI: `join`
 (a path under a directory, a URI's query kept last), `read_text` and `write_bytes` (whole files).
@@ -65,6 +66,7 @@ PROBE_PREFIX = ".fdllm-write-probe-"  # `check_directory_path`'s test file, dele
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 CHECK_RETRY_LIMIT_S = 30  # `checkpoint_files` gives up on an unreachable GCS bucket after this long
 _WAIT_POLL_S = 2.0
+STALE_VERSION_S = 600.0  # a cached version of a URI unused this long is deleted once a newer one is fetched
 _URI_SAFE = "/%:@!$&'()*+,;=-._~"  # RFC 3986's reserved and unreserved characters, and `%` of escapes
 
 
@@ -252,6 +254,7 @@ def local_checkpoint(
                                     "(config.json, safetensors, tokenizer)")
         target = slot / version
         if _fetch_once(fs, inner, uri, wanted, target, version=manifest and manifest["export_id"]):
+            _retire_old_versions(slot, target)
             return target
         if time.monotonic() > deadline:
             raise TimeoutError(f"{uri} kept changing while being downloaded for {wait_s:.0f} s")
@@ -295,6 +298,31 @@ def _fetch_once(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _retire_old_versions(slot: Path, current: Path) -> None:
+    """Delete the cached versions of one URI that nothing has used for STALE_VERSION_S, but the newest of
+    them: a serve replica following a rolling export (a fine-tune publishing every few hundred steps)
+    would otherwise keep a copy of the weights per version on the node's disk. Every use touches its
+    version, and a version is deleted under its own lock, so one being fetched, or handed out lately
+    to a process still loading it, stays."""
+    from filelock import FileLock
+
+    os.utime(current)
+
+    def last_used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:  # retired meanwhile by another process
+            return 0.0
+
+    others = sorted((p for p in slot.iterdir() if p.is_dir() and p != current and ".tmp-" not in p.name),
+                    key=last_used, reverse=True)
+    for old in others[1:]:
+        with FileLock(str(old) + ".lock"):
+            if old.is_dir() and time.time() - last_used(old) > STALE_VERSION_S:
+                log.info("deleting %s from the node cache: a newer version is in use", old)
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _copy_files(fs: "pyarrow.fs.FileSystem", inner: str, uri: str, wanted: dict[str, int], tmp: Path) -> None:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,38 @@ def test_a_local_export_is_read_through_the_cache_while_it_is_rewritten(dllm_dir
     ids = torch.tensor([[3, 5, 7, 9]])
     with torch.no_grad():  # the older copy is untouched by the rewrite: a reader of it loads it still
         assert torch.equal(fdllm.load_model(first)(ids), fdllm.load_model(dllm_dir)(ids))
+
+
+def test_old_versions_of_a_rolling_export_leave_the_node_cache(tmp_path):
+    """A replica following an export that a fine-tune republishes keeps one copy per version: the
+    versions nothing has used for STALE_VERSION_S go when a newer one is fetched or reused, but the
+    most recently used of the older ones (a reader may have just been handed it), and any used lately, stay."""
+    import os
+
+    src, out, cache = tmp_path / "src", tmp_path / "servable", tmp_path / "cache"
+    src.mkdir()
+    versions = []
+
+    def publish_and_read(n: int) -> Path:
+        (src / "config.json").write_text(str(n))
+        storage.publish_dir(src, str(out))
+        versions.append(storage.local_checkpoint(out, cache))
+        return versions[-1]
+
+    def last_used(version: Path, seconds_ago: float) -> None:
+        os.utime(version, (time.time() - seconds_ago,) * 2)
+
+    for n in range(4):
+        last_used(publish_and_read(n), storage.STALE_VERSION_S + 60 - n)  # each used long ago, in order
+    assert [v.is_dir() for v in versions] == [False, False, True, True]
+    assert (versions[3] / "config.json").read_text() == "3"
+    last_used(versions[2], 10)  # readers were handed these lately: they may still be loading them
+    last_used(versions[3], 5)
+    publish_and_read(4)
+    assert [v.is_dir() for v in versions] == [False, False, True, True, True]
+    last_used(versions[2], 2 * storage.STALE_VERSION_S)
+    assert storage.local_checkpoint(out, cache) == versions[4]  # a cache hit retires the stale one too
+    assert [v.is_dir() for v in versions] == [False, False, False, True, True]
 
 
 def test_download_once_and_reuse(remote_dllm, dllm_dir, tmp_path):
