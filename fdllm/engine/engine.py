@@ -116,6 +116,8 @@ class Engine:
             max_pages_per_seq=-(-self.max_model_len // L), use_cuda_graphs=use_graphs,
             fixed_query_len=L if engine_config.deterministic else None,
         )
+        if use_graphs:  # speculative verifies: the block + 1
+            self.runner.capture_largest(L + 1)
         self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
         if isinstance(mc.eos_token_id, int):
             self._tokenizer_stop_ids |= {mc.eos_token_id}

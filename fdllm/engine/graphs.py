@@ -14,7 +14,10 @@ What a graph needs and this module provides:
   pick their launch configuration from shapes only (no `.item()`, no data-dependent splits: see
   `fdllm.kernels.paged_attention`) so the captured launch serves every later step of that shape.
 Graphs share one memory pool and are captured lazily, the first time a shape is used (a few tens
-of ms each); prefill steps never use them.
+of ms each); prefill steps never use them. Memory: the engine captures its largest shape first
+(`GraphPool.capture`, at start-up), so later, smaller captures reuse the pool's blocks instead of
+growing it, and every graph writes its hidden states into one shared output buffer (a step reads
+them before the next replays), so hundreds of captured shapes do not each keep an output alive.
 
 Only runs on CUDA: `ModelRunner(use_cuda_graphs=True)` (the default on CUDA unless
 `EngineConfig(enforce_eager=True)`).
@@ -42,7 +45,8 @@ class CapturedStep:
     """One captured body: its input buffer (sliced like StaticInputs) and its output hidden states."""
 
     def __init__(self, model: Transformer, cache: KVCache, attention_fn, shape: StaticShape,
-                 pool, stream: torch.cuda.Stream) -> None:
+                 pool, stream: torch.cuda.Stream, out_ND: Tensor) -> None:
+        """`out_ND`: the shared output buffer, at least Bb * Q rows."""
         from fdllm.engine.runner import StaticInputs, forward_static
 
         device = cache.k_LPSKH.device
@@ -57,8 +61,9 @@ class CapturedStep:
                 run()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
+        self.out_TD = out_ND[: shape.batch * shape.q_len]
         with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.out_TD = run()
+            self.out_TD.copy_(run())  # the body's own output is freed back to the pool
 
     def replay(self, staged: Tensor) -> Tensor:
         """`staged`: the step's body inputs, already on the device in this buffer's layout."""
@@ -68,7 +73,7 @@ class CapturedStep:
 
 
 class GraphPool:
-    """Captured steps by shape, sharing one CUDA graph memory pool."""
+    """Captured steps by shape, sharing one CUDA graph memory pool and one output buffer."""
 
     def __init__(self, model: Transformer, cache: KVCache, attention_fn) -> None:
         self.model, self.cache, self.attention_fn = model, cache, attention_fn
@@ -76,17 +81,26 @@ class GraphPool:
         self.capture_seconds = 0.0  # spent capturing so far (benchmarks leave it out of step times)
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device=cache.k_LPSKH.device)
+        self.out_ND = torch.empty(0, model.config.hidden_size, dtype=model.dtype, device=cache.k_LPSKH.device)
+
+    def capture(self, shape: StaticShape) -> CapturedStep:
+        """The captured step of `shape` (captured now if it is new)."""
+        step = self.steps.get(shape)
+        if step is not None:
+            return step
+        log.info("capturing a CUDA graph for decode steps of batch %d x %d tokens (table width %d%s)",
+                 shape.batch, shape.q_len, shape.pages, ", causal flags" if shape.causal else "")
+        device = self.cache.k_LPSKH.device
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        if len(self.out_ND) < shape.batch * shape.q_len:  # larger than the start-up capture: a bigger buffer
+            self.out_ND = self.out_ND.new_empty(shape.batch * shape.q_len, self.out_ND.shape[1])
+        step = CapturedStep(self.model, self.cache, self.attention_fn, shape, self.pool, self.stream, self.out_ND)
+        torch.cuda.synchronize(device)
+        self.capture_seconds += time.perf_counter() - start
+        self.steps[shape] = step
+        return step
 
     def run(self, shape: StaticShape, staged: Tensor) -> Tensor:
         """Hidden states [Bb * Q, D] of the step: replays (capturing first if this shape is new)."""
-        step = self.steps.get(shape)
-        if step is None:
-            log.info("capturing a CUDA graph for decode steps of batch %d x %d tokens (table width %d%s)",
-                     shape.batch, shape.q_len, shape.pages, ", causal flags" if shape.causal else "")
-            torch.cuda.synchronize(self.cache.k_LPSKH.device)
-            start = time.perf_counter()
-            step = CapturedStep(self.model, self.cache, self.attention_fn, shape, self.pool, self.stream)
-            torch.cuda.synchronize(self.cache.k_LPSKH.device)
-            self.capture_seconds += time.perf_counter() - start
-            self.steps[shape] = step
-        return step.replay(staged)
+        return self.capture(shape).replay(staged)

@@ -331,6 +331,14 @@ class ModelRunner:
             pages = self.max_pages_per_seq  # one captured table width
         return StaticShape(self.buckets[bisect.bisect_left(self.buckets, entries)], q_len, pages, causal)
 
+    def capture_largest(self, max_row_len: int) -> None:
+        """Capture the static step of the most tokens that rows of up to `max_row_len` queries make (what
+        KV sizing left room for), before any other: later captures of smaller shapes reuse its blocks
+        of the graphs' memory pool instead of growing it."""
+        q_len = query_bucket(self.fixed_query_len or max_row_len)
+        batch = max(b for b in self.buckets if b <= self.max_num_seqs)  # max_num_seqs rows of q_len, as sizing assumed
+        self.graphs.capture(StaticShape(batch, q_len, self.max_pages_per_seq))
+
     # -- host packing -------------------------------------------------------------------------------
     def _put_static_body(self, inputs: StepInputs, shape: StaticShape) -> np.ndarray:
         """Written in place into the staged sections by a fixed handful of numpy ops: each row cut into
@@ -608,7 +616,8 @@ class StepMemory:
                 workspace_per_call: int) -> StepMemory:
         before = torch.cuda.memory_allocated(model.device)
         peak = profile_peak_memory(model, max(prefill_tokens, static_tokens))
-        graph_pool = profile_peak_memory(model, static_tokens) - before if use_graphs else 0
+        # a captured step is the body alone (embedding -> layers -> norm): its head runs eagerly
+        graph_pool = profile_peak_memory(model, static_tokens, head=False) - before if use_graphs else 0
         return cls(peak, graph_pool, workspace_per_call * (2 if use_graphs else 1))
 
     def __str__(self) -> str:
@@ -618,14 +627,18 @@ class StepMemory:
 
 
 @torch.inference_mode()
-def profile_peak_memory(model: Transformer, num_tokens: int) -> int:
+def profile_peak_memory(model: Transformer, num_tokens: int, head: bool = True) -> int:
     """Peak CUDA bytes torch allocates with the weights loaded, one no-cache forward of `num_tokens`
-    tokens (the largest step's activations) and the head's largest chunk sampled with top-p (logits,
-    sorted logits and their int64 order: `ModelRunner._head`); what the KV cache must leave room for."""
+    tokens (the largest step's activations) and (`head`) the head's largest chunk sampled with top-p
+    (logits, sorted logits and their int64 order: `ModelRunner._head`); what the KV cache must leave room for."""
     device = model.device
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     ids_1T = torch.zeros((1, num_tokens), dtype=torch.long, device=device)
+    if not head:
+        model.hidden(ids_1T)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
     rows = min(num_tokens, head_chunk_rows(model.config.vocab_size))
     logits_RV = model(ids_1T, logit_positions=slice(-rows, None))[0].float()
     ones = torch.ones(rows, device=device)

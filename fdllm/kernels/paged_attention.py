@@ -39,7 +39,7 @@ Workspace. The partials take N x splits x (H + 2) fp32 per query token (about 10
 Qwen2-1.5B's 12 heads and 16 splits): a full static decode batch of 8k query tokens would need
 ~0.8 GB per call, 2 GB at 7B. A call whose partials would exceed `max_workspace_bytes` runs in
 slices of sequences (and of queries, when one sequence alone is larger), one launch pair each over
-one reused buffer, so its memory is bounded whatever the batch (`split_workspace_bytes` says how
+one set of reused buffers, so its memory is bounded whatever the batch (`split_workspace_bytes` says how
 much, for the engine's KV sizing). Query slices are whole BLOCK_M tiles, and a slice's q_lens are
 the queries left from its first one (a causal row's positions stay kv_len - q_len + t): every
 program sees what it saw unsliced, so slicing changes no result bit.
@@ -359,7 +359,8 @@ def paged_attention(
     parts = None
     if plan.num_splits > 1:
         bs, tq = _slice_shape(B, T, per_query, max_workspace_bytes)
-        parts = torch.empty(bs * tq * per_query // 4, dtype=torch.float32, device=q_BTNH.device)
+        n = bs * tq * N * plan.num_splits  # per head, split and query token of a slice: each on its own (aligned) base
+        parts = tuple(torch.empty(n * width, dtype=torch.float32, device=q_BTNH.device) for width in (plan.block_h, 1, 1))
     else:
         bs, tq = B, T
     for b0 in range(0, B, bs):
@@ -372,7 +373,7 @@ def paged_attention(
     return o_BTNH
 
 
-def _launch(plan: _SplitPlan, parts: Tensor | None, scale: float, q_BTNH: Tensor, k_pool_PSKH: Tensor,
+def _launch(plan: _SplitPlan, parts: tuple[Tensor, ...] | None, scale: float, q_BTNH: Tensor, k_pool_PSKH: Tensor,
             v_pool_PSKH: Tensor, o_BTNH: Tensor, block_tables_BM: Tensor, kv_lens_B: Tensor, q_lens_B: Tensor,
             causal: bool | Tensor) -> None:
     """One slice of a call: the attention kernel, then (with splits) the merge, into `o_BTNH` (a view)."""
@@ -381,9 +382,9 @@ def _launch(plan: _SplitPlan, parts: Tensor | None, scale: float, q_BTNH: Tensor
     S, K = k_pool_PSKH.shape[1], k_pool_PSKH.shape[2]
     G = N // K
     split = plan.num_splits > 1
-    if split:  # views of the call's reused buffer, laid out [B, T, N, splits] (x BLOCK_H for the accumulator)
+    if split:  # views of the call's reused buffers, laid out [B, T, N, splits] (x BLOCK_H for the accumulator)
         n = B * T * N * plan.num_splits
-        part_acc, part_m, part_l = parts[: n * (plan.block_h + 2)].split([n * plan.block_h, n, n])
+        part_acc, part_m, part_l = parts[0][: n * plan.block_h], parts[1][:n], parts[2][:n]
     else:
         part_acc = part_m = part_l = o_BTNH  # unused
     _paged_attention_kernel[(triton.cdiv(T * G, BLOCK_M) * plan.num_splits, B, K)](

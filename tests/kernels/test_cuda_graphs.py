@@ -43,10 +43,11 @@ def test_one_sync_per_decode_step(sharp_dir, cuda_device):
 
 def test_kv_sizing_leaves_room_for_the_largest_steps(cuda_device):
     """gpu_memory_utilization is a bound the engine keeps: with a fraction that leaves the KV cache and
-    the steps 3 GiB, a full batch of speculative verifies (the largest captured step: 128 rows of 33
-    queries, whose Triton split-KV partials alone are ~1 GiB unsliced) beside a whole prefill chunk
-    never take the process past it. Sizing that left out the partials or the graphs' private pool
-    went past it by more than a GiB."""
+    the steps 3 GiB, batches growing from 1 to 128 requests (each new shape captured, smallest first,
+    into the graphs' one pool), up to a full batch of speculative verifies (the largest captured
+    step: 128 rows of 33 queries, whose Triton split-KV partials alone are ~1 GiB unsliced) beside a
+    whole prefill chunk, never take the process past it. Sizing that left out the partials or the
+    graphs' pool, or graphs that each kept their own output, went past it."""
     from benchmarks.gpu_suite import random_model
 
     model = random_model("sizing", cuda_device, torch.bfloat16)
@@ -58,11 +59,12 @@ def test_kv_sizing_leaves_room_for_the_largest_steps(cuda_device):
     cfg = fdllm.BlockDiffusionConfig(block_size=32, sub_block_size=8, threshold=0.9, mask_token_id=mask)
     ecfg = fdllm.EngineConfig(gpu_memory_utilization=fraction, max_num_seqs=128, max_prefill_tokens=2048,
                               max_model_len=4096, enable_prefix_caching=False)
+    torch.cuda.reset_peak_memory_stats(cuda_device)
     engine = fdllm.Engine(model, None, cfg, ecfg)
     assert engine.num_pages < 128 * 4096 // 32, "the budget, not max_num_seqs whole sequences, must bound the cache"
-    torch.cuda.reset_peak_memory_stats(cuda_device)
-    prompts = random_prompts(127, [40], seed=5) + [[7] * 2048]
-    engine.generate(prompts, params(max_new_tokens=40, mode="speculative"))
-    assert engine.runner.graphs.steps, "no decode step was captured"
+    for n in (1, 3, 8, 24, 64):
+        engine.generate(random_prompts(n, [40], seed=n), params(max_new_tokens=40, mode="speculative"))
+    engine.generate(random_prompts(127, [40], seed=5) + [[7] * 2048], params(max_new_tokens=40, mode="speculative"))
+    assert len(engine.runner.graphs.steps) > 5, "decode steps of many shapes should have been captured"
     peak = torch.cuda.max_memory_reserved(cuda_device) + elsewhere
     assert peak <= fraction * total + 2**28, f"{(peak - fraction * total) / 2**30:.2f} GiB past the budget"

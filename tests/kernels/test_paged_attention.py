@@ -231,23 +231,27 @@ def test_a_call_past_its_workspace_runs_in_slices_with_the_same_result(device, m
 
     def recording_empty(*shape, **kwargs):
         out = empty(*shape, **kwargs)
-        if out.dim() == 1 and out.dtype == torch.float32:  # the partials' buffer (outputs are [B, T, N, H])
+        if out.dim() == 1 and out.dtype == torch.float32:  # the partials (outputs are [B, T, N, H])
             allocated.append(out.numel() * 4)
         return out
 
+    def call(cap: int) -> tuple[torch.Tensor, int]:
+        """The output, and the bytes of partials the call allocated."""
+        allocated.clear()
+        out = pa.paged_attention(*case.args(), causal=causal, min_keys_per_split=64, max_workspace_bytes=cap)
+        return out, sum(allocated)
+
     monkeypatch.setattr(torch, "empty", recording_empty)
-    call = lambda cap: pa.paged_attention(*case.args(), causal=causal, min_keys_per_split=64,  # noqa: E731
-                                          max_workspace_bytes=cap)
-    whole = call(1 << 30)
+    whole, whole_bytes = call(1 << 30)
     assert_close(whole, one_by_one(case, flags), torch.float32)
-    per_query = allocated.pop() // (3 * 40)  # 3 splits of 16 + 2 fp32 per head and query token
+    per_query = whole_bytes // (3 * 40)  # 3 splits of 16 + 2 fp32 per head and query token
     assert per_query == 4 * 4 * 3 * 18
     max_keys = case.block_tables_BM.shape[1] * 8
     for cap, slice_bytes in ((2 * 40 * per_query, 2 * 40 * per_query),  # two sequences per slice
                              (39 * per_query, 32 * per_query),  # 32 queries (a whole BLOCK_M tile) per slice
                              (1, 32 * per_query)):  # below one tile: one tile per slice
-        assert torch.equal(call(cap), whole), cap
-        assert allocated.pop() == slice_bytes
+        out, used = call(cap)
+        assert torch.equal(out, whole) and used == slice_bytes, cap
         assert slice_bytes <= pa.split_workspace_bytes(4, 16, max_keys, 3 * 40, min_keys_per_split=64,
                                                        max_workspace_bytes=cap)
     bound = functools.partial(pa.split_workspace_bytes, 4, 16, max_keys, min_keys_per_split=64)

@@ -78,18 +78,20 @@ def test_step_memory_holds_the_graph_pool_beside_eager_steps_and_the_attention_w
     from fdllm.engine import runner
 
     weights = 5 * GiB
-    activations = {4096: 2 * GiB, 8192: 3 * GiB}  # profiled tokens -> activation peak
+    # profiled (tokens, with the head) -> activation peak; a captured step is the body alone
+    activations = {(4096, True): 2 * GiB, (8192, True): 3 * GiB, (8192, False): 2 * GiB}
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: weights)
-    monkeypatch.setattr(runner, "profile_peak_memory", lambda model, tokens: weights + activations[tokens])
+    monkeypatch.setattr(runner, "profile_peak_memory",
+                        lambda model, tokens, head=True: weights + activations[tokens, head])
     model = type("Model", (), {"device": GPU1})()
     graphed = runner.StepMemory.profile(model, prefill_tokens=4096, static_tokens=8192, use_graphs=True,
                                         workspace_per_call=GiB // 4)
-    assert (graphed.peak, graphed.graph_pool, graphed.workspace) == (8 * GiB, 3 * GiB, GiB // 2)
-    assert graphed.total == 11 * GiB + GiB // 2
+    assert (graphed.peak, graphed.graph_pool, graphed.workspace) == (8 * GiB, 2 * GiB, GiB // 2)
+    assert graphed.total == 10 * GiB + GiB // 2
     eager = runner.StepMemory.profile(model, prefill_tokens=8192, static_tokens=4096, use_graphs=False,
                                       workspace_per_call=GiB // 4)
     assert (eager.peak, eager.graph_pool, eager.workspace) == (8 * GiB, 0, GiB // 4)
-    assert str(graphed) == ("11.50 GiB besides the cache: weights and activations 8.00 GiB, CUDA-graph pool 3.00 GiB, "
+    assert str(graphed) == ("10.50 GiB besides the cache: weights and activations 8.00 GiB, CUDA-graph pool 2.00 GiB, "
                             "attention workspace 0.50 GiB")
 
 
