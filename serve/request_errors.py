@@ -20,6 +20,9 @@ branches on would be missing. OpenAI's words, as clients quote the API's 400 bod
     Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length 5 instead.
 - a parameter that needs another, code null:
     The 'stream_options' parameter is only allowed when 'stream' is enabled.
+- a prompt and max_tokens past the context (`param` the prompt's field), `context_length_exceeded`:
+    This model's maximum context length is 8192 tokens. However, you requested 8256 tokens (64 in the
+    messages, 8192 in the completion). Please reduce the length of the messages or completion.
 
 NaN and Infinity are not JSON, but some clients send them (Python's json does) and the parser reads
 them, as it reads 1e400 as Infinity: they are out of range where the field has a bound on that side
@@ -118,6 +121,18 @@ def string_too_long(param: str, limit: int, length: int) -> RequestError:
 def only_with(param: str, needs: str) -> RequestError:
     """`param` sent without the parameter that enables it (`stream_options` without `stream`)."""
     return RequestError(param, f"The '{param}' parameter is only allowed when '{needs}' is enabled.")
+
+
+def context_length_exceeded(param: str, limit: int, prompt_tokens: int, max_tokens: int | None) -> RequestError:
+    """A prompt (`param`: "messages" or "prompt") that, with `max_tokens` when given, does not fit the
+    model's context of `limit` tokens."""
+    if max_tokens is None:
+        asked = f"your {param} resulted in {prompt_tokens} tokens. Please reduce the length of the {param}."
+    else:
+        asked = (f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {param}, {max_tokens} in "
+                 f"the completion). Please reduce the length of the {param} or completion.")
+    return RequestError(param, f"This model's maximum context length is {limit} tokens. However, {asked}",
+                        "context_length_exceeded")
 
 
 def _invalid_type(errors: list[dict[str, Any]], model: type[BaseModel]) -> RequestError | None:

@@ -204,7 +204,7 @@ def test_chat_and_streaming_agree(server):
     assert finish == whole["choices"][0]["finish_reason"]
 
 
-def test_openai_client(server, served_dir):
+def test_openai_client(server, served_dir, engine):
     from fdllm.tokenizer import load_tokenizer, render_chat
 
     openai = pytest.importorskip("openai")
@@ -250,6 +250,10 @@ def test_openai_client(server, served_dir):
          "Invalid value: 'wizard'. Supported values are: 'system', 'user', 'assistant', 'developer', and 'tool'."),
         (lambda: client.completions.create(model=MODEL, prompt="x", extra_body={"mode": "beam"}), "invalid_value", "mode",
          "Invalid value: 'beam'. Supported values are: 'diffusion', 'ar', and 'speculative'."),
+        (lambda: client.completions.create(model=MODEL, prompt=[5, 6], max_tokens=10**30), "context_length_exceeded",
+         "prompt", f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
+         f"{10**30 + 2} tokens (2 in the prompt, {10**30} in the completion). Please reduce the length of the prompt "
+         "or completion."),
     ):
         with pytest.raises(openai.BadRequestError) as err:
             wrong()
@@ -357,7 +361,7 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
     # lengths and limits
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**7}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**7}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 600, "max_tokens": 4}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, 400, "prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("y" * (MAX_PROMPT_CHARS + 1))}, 400, "messages"),
