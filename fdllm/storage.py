@@ -26,7 +26,8 @@ version in the node's cache; versions unused for STALE_VERSION_S leave it once a
 fetched (`_retire_old_versions`), so a replica following a rolling export keeps about two.
 
 Beside them, the one way the pipelines name and move small files at a local path or URI: `join`
-(a path under a directory, a URI's query kept last), `read_text` and `write_bytes` (whole files).
+(a path under a directory, a URI's query kept last), `same_or_under` (whether one location holds
+another, queries aside), `read_text` and `write_bytes` (whole files).
 
 S3 endpoint and credentials come from the standard AWS environment variables (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which pyarrow reads, so any
@@ -50,7 +51,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from fdllm.paths import is_uri, resolve_local
 
@@ -77,6 +78,27 @@ def join(base: str, *parts: str) -> str:
     A local path's `?` is a character of a name."""
     path, sep, query = base.partition("?") if is_uri(base) else (base, "", "")
     return "/".join([path.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
+
+
+def same_or_under(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or inside it, local paths and URIs alike. Their locations are
+    compared, not their strings: a URI's query (`?endpoint_override=h`) says how to reach the store,
+    not where in it, so `s3://b/runs/r?endpoint_override=h` is inside `s3://b/runs`; escapes are read
+    as pyarrow reads them (`my%20run` is `my run`); a local path is made absolute. Name by name, so
+    `s3://b/runs2` is not inside `s3://b/runs`, and another scheme or host (bucket) is elsewhere."""
+    inner, outer = _location(path), _location(directory)
+    return inner[: len(outer)] == outer
+
+
+def _location(path: str) -> tuple[str, ...]:
+    """(scheme, host, *names) of a local path ("file", "", ...) or URI (`file:///a` is the local `/a`)."""
+    if not is_uri(path):
+        scheme, host, inner = "file", "", resolve_local(path)
+    else:
+        scheme, rest = path.split("://", 1)
+        host, _, inner = rest.partition("?")[0].partition("/")
+        scheme, inner = scheme.lower(), unquote(inner)
+    return (scheme, host, *(name for name in inner.split("/") if name))
 
 
 def encode_uri(uri: str) -> str:

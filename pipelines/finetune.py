@@ -48,7 +48,15 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fdllm.paths import is_uri  # noqa: E402
-from fdllm.storage import check_directory_path, check_publishable, encode_uri, filesystem, join, local_checkpoint  # noqa: E402
+from fdllm.storage import (  # noqa: E402
+    check_directory_path,
+    check_publishable,
+    encode_uri,
+    filesystem,
+    join,
+    local_checkpoint,
+    same_or_under,
+)
 from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files, summarize_bad_rows  # noqa: E402
 from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
@@ -180,15 +188,13 @@ def check_output(cfg: FinetuneConfig) -> None:
     """Where the run writes, checked before anything runs (the writers would fail only at the first
     checkpoint, after training): `--storage-path` must be able to hold directories; a run that already
     has checkpoints there continues only with `--resume`; the servable export replaces what its
-    directory holds, so refuse one that holds the run's checkpoints or the base model, or other files,
-    or cannot be made (`check_publishable`)."""
+    directory holds, so refuse one that holds the run's checkpoints or the base model (where they are,
+    a URI's query aside: `same_or_under`), or other files, or cannot be made (`check_publishable`)."""
     if is_uri(cfg.storage_path) and encode_uri(cfg.storage_path) != cfg.storage_path:  # Ray Train parses it as given
         raise ValueError(f"--storage-path {cfg.storage_path}: Ray Train takes it as a URI, which holds no spaces or "
                          f"non-ASCII characters; write it percent-encoded: {encode_uri(cfg.storage_path)}")
-    run_dir = join(cfg.storage_path, cfg.run_name).rstrip("/")
-    output = cfg.output.rstrip("/")
-    for name, path in (("the run's checkpoints", run_dir), ("the base model", cfg.model.rstrip("/"))):
-        if path == output or path.startswith(output + "/"):
+    for name, path in (("the run's checkpoints", join(cfg.storage_path, cfg.run_name)), ("the base model", cfg.model)):
+        if same_or_under(path, cfg.output):
             raise ValueError(f"--output {cfg.output} would hold {name} ({path}); the export replaces what is there, "
                              "so give a directory of its own (default: STORAGE_PATH/RUN_NAME/servable)")
     for option, path, check in (("--storage-path", cfg.storage_path, check_directory_path),
@@ -213,7 +219,7 @@ def _warn_if_in_job_copy(cfg: FinetuneConfig) -> None:
         return
     for name in ("output", "storage_path"):
         value = getattr(cfg, name)
-        if value and not is_uri(value) and Path(value).is_relative_to(os.getcwd()):
+        if value and not is_uri(value) and same_or_under(value, os.getcwd()):
             log.warning("--%s %s is inside this job's temporary copy of --working-dir, which Ray deletes; "
                         "give an absolute path or a storage URI (s3://, gs://) to keep it", name.replace("_", "-"), value)
 

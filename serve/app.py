@@ -83,6 +83,7 @@ from serve.protocol import (
     sse,
     usage_chunk,
 )
+from serve.request_errors import context_length_exceeded
 from serve.routing import DEFAULT_MAX_IMBALANCE, SessionAffinityRouter
 
 log = logging.getLogger("fdllm.serve")
@@ -455,10 +456,7 @@ class FdllmServer:
         echoes = await asyncio.to_thread(self._echoes, body, prompts) if echoing else [""] * len(prompts)
         rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
-        if body.max_tokens_given() is None:
-            per_prompt = [self._rest_of_context(params, ids, body) for ids in prompts]
-        else:
-            per_prompt = [params] * len(prompts)
+        per_prompt = [self._fit_context(params, ids, body) for ids in prompts]
         choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
         streams = [self.engine.generate(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
                    for k, (ids, p) in enumerate(choices)]
@@ -486,15 +484,18 @@ class FdllmServer:
             return JSONResponse(chat_response(rid, self.model_name, answers))
         return JSONResponse(completion_response(rid, self.model_name, answers, n))
 
-    def _rest_of_context(self, params: SamplingParams, ids: list[int],
-                         body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
-        """`params` of a request that gives no max_tokens: generating up to ServerConfig.default_max_tokens,
-        never past the end of the context after prompt `ids`; a prompt that leaves no room is a 400."""
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room to generate within the "
-                           f"context length max_model_len={self.max_model_len}; shorten it",
-                           param="messages" if hasattr(body, "messages") else "prompt", code="context_length_exceeded")
+    def _fit_context(self, params: SamplingParams, ids: list[int],
+                     body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        """`params` for prompt `ids` within the context: a prompt that does not fit it, or would not with the
+        request's max_tokens, is OpenAI's 400 `context_length_exceeded`, checked here where the field is
+        known (the engine's own refusal names none); a request without max_tokens generates up to
+        ServerConfig.default_max_tokens, never past the end of the context."""
+        given, room = body.max_tokens_given(), self.max_model_len - len(ids)
+        if room < 1 or (given is not None and given > room):
+            field = "messages" if hasattr(body, "messages") else "prompt"
+            raise APIError.of(context_length_exceeded(field, self.max_model_len, len(ids), given))
+        if given is not None:
+            return params
         try:
             return replace(params, max_new_tokens=min(room, self.cfg.default_max_tokens or room))
         except ValueError as exc:  # min_tokens past the room left

@@ -9,7 +9,7 @@ JSON types are checked as OpenAI's API checks them: integer fields take JSON int
 "7" or true), boolean fields true or false only, number fields integers or floats (never strings or
 booleans). Hence pydantic's Strict* types on those fields: its lax mode would read "false" as False and
 true as 1. Not a model-wide strict mode, which would also refuse what clients rightly send to enum-like
-strings and nested objects. A wrong type is answered as OpenAI answers it (serve.json_types).
+strings and nested objects. Every invalid value is answered as OpenAI answers it: code, param and words (serve.request_errors).
 """
 
 from __future__ import annotations
@@ -39,7 +39,16 @@ from pydantic import (
 )
 
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
-from serve.json_types import inline_schema, invalid_type
+from serve.request_errors import (
+    RequestError,
+    array_too_long,
+    empty_array,
+    empty_string,
+    inline_schema,
+    only_with,
+    request_error,
+    string_too_long,
+)
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # a stop string is held back from the stream until it cannot match: keep it short
@@ -81,17 +90,21 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     @classmethod
+    def of(cls, err: RequestError) -> APIError:
+        """The 400 of an invalid value (serve.request_errors)."""
+        return cls(400, err.message, param=err.param, code=err.code)
+
+    @classmethod
     def from_validation(cls, errors: list[dict[str, Any]], model: type[BaseModel] | None = None) -> APIError:
         """A 400 naming the first invalid field, from the error dicts of validating `model` directly (loc
-        starts with the field; a value of the wrong JSON type then gets OpenAI's wording, path and code
-        `invalid_type`: serve.json_types) or, without `model`, of FastAPI's parsing (loc starts with "body")."""
+        starts with the field; OpenAI's code, param and words: serve.request_errors) or, without `model`,
+        of FastAPI's parsing (loc starts with "body")."""
         first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
         if first.get("type") == "json_invalid":
             return cls(400, f"request body is not valid JSON: {first.get('msg', '')}".rstrip(": "))
-        wrong_type = invalid_type(errors, model) if model is not None else None
-        if wrong_type is not None:
-            return cls(400, wrong_type[1], param=wrong_type[0], code="invalid_type")
-        loc = tuple(first.get("loc", ()))[0 if model is not None else 1 :]
+        if model is not None:
+            return cls.of(request_error(errors, model))
+        loc = tuple(first.get("loc", ()))[1:]
         param = str(loc[0]) if loc else None
         message = first.get("msg", "invalid request")
         return cls(400, f"{message} ({param})" if param else message, param=param)
@@ -175,7 +188,7 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if v is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise only_with("stream_options", "stream")
         return v
 
     @field_validator("logit_bias")
@@ -190,11 +203,13 @@ class _SamplingFields(BaseModel):
     def _stop_list(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
+            raise array_too_long("stop", MAX_STOP_SEQUENCES, len(stops))
+        for i, stop in enumerate(stops):
+            param = "stop" if isinstance(v, str) else f"stop[{i}]"
+            if not stop:
+                raise empty_string(param)
+            if len(stop) > MAX_STOP_CHARS:
+                raise string_too_long(param, MAX_STOP_CHARS, len(stop))
         return stops
 
     def sampling_params(self, default_max_tokens: int, default_block_lookahead: bool = False) -> SamplingParams:
@@ -290,15 +305,21 @@ class CompletionRequest(_SamplingFields):
     def _prompts(cls, v: Any) -> list[str] | list[list[int]]:
         """The prompts, with one clear message per wrong shape of array (the union's own first complaint,
         "Input should be a valid string", misleads a client that sent token ids). Neither a string nor
-        an array: left to the union, whose errors say so as OpenAI does (serve.json_types)."""
-        if isinstance(v, str) or _token_ids(v):
+        an array: left to the union, whose errors say so as OpenAI does (serve.request_errors). An empty
+        prompt is OpenAI's empty string or array error at its path (`prompt`, `prompt[1]`)."""
+        single = isinstance(v, str) or _token_ids(v)
+        if single:
             v = [v]
         elif not isinstance(v, list):
             return v
-        elif not (v and (all(isinstance(x, str) for x in v) or all(map(_token_ids, v)))):
+        elif not v:
+            raise empty_array("prompt")
+        elif not (all(isinstance(x, str) for x in v) or all(map(_token_ids, v))):
             raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of either (one kind)")
-        if not all(v):
-            raise ValueError("prompt must not be empty")
+        for i, prompt in enumerate(v):
+            if not prompt:
+                param = "prompt" if single else f"prompt[{i}]"
+                raise empty_string(param) if isinstance(prompt, str) else empty_array(param)
         return v
 
     @property
@@ -336,7 +357,7 @@ class ChatCompletionRequest(_SamplingFields):
     @classmethod
     def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise only_with("top_logprobs", "logprobs")
         return v
 
     def logprob_count(self) -> int | None:

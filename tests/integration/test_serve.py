@@ -204,7 +204,7 @@ def test_chat_and_streaming_agree(server):
     assert finish == whole["choices"][0]["finish_reason"]
 
 
-def test_openai_client(server, served_dir):
+def test_openai_client(server, served_dir, engine):
     from fdllm.tokenizer import load_tokenizer, render_chat
 
     openai = pytest.importorskip("openai")
@@ -222,19 +222,42 @@ def test_openai_client(server, served_dir):
     assert chunks[-1].choices == [] and _counts(chunks[-1].usage.model_dump()) == _counts(chat.usage.model_dump())
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
-    # a wrong JSON type: OpenAI's invalid_type error, which the client reads into its BadRequestError
-    for wrong, param, message in (
-        (lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=True), "max_tokens",
+    # invalid values as OpenAI answers them (serve.request_errors), which the client reads into its
+    # BadRequestError: code, param (the value's path) and message
+    user = [{"role": "user", "content": "x"}]
+    for wrong, code, param, message in (
+        (lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=True), "invalid_type", "max_tokens",
          "Invalid type for 'max_tokens': expected an integer, but got a boolean instead."),
-        (lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": 7}]),
+        (lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": 7}]), "invalid_type",
          "messages[0].content",
          "Invalid type for 'messages[0].content': expected one of a string or array of objects, but got an integer instead."),
-        (lambda: client.completions.create(model=MODEL, prompt="x", logit_bias={"5": None}), "logit_bias.5",
+        (lambda: client.completions.create(model=MODEL, prompt="x", logit_bias={"5": None}), "invalid_type", "logit_bias.5",
          "Invalid type for 'logit_bias.5': expected a decimal, but got null instead."),
+        (lambda: client.post("/chat/completions", cast_to=object, body={"model": MODEL}), "missing_required_parameter",
+         "messages", "Missing required parameter: 'messages'."),
+        (lambda: client.chat.completions.create(model=MODEL, messages=user, temperature=3), "decimal_above_max_value",
+         "temperature", "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 3 instead."),
+        (lambda: client.completions.create(model=MODEL, prompt="x", top_p=1.5), "decimal_above_max_value", "top_p",
+         "Invalid 'top_p': decimal above maximum value. Expected a value <= 1, but got 1.5 instead."),
+        (lambda: client.completions.create(model=MODEL, prompt="x", n=0), "integer_below_min_value", "n",
+         "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead."),
+        (lambda: client.completions.create(model=MODEL, prompt="x", stop=list("abcde")), "array_above_max_length", "stop",
+         "Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length 5 instead."),
+        (lambda: client.chat.completions.create(model=MODEL, messages=[]), "empty_array", "messages",
+         "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+        (lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "x"}]),
+         "invalid_value", "messages[0].role",
+         "Invalid value: 'wizard'. Supported values are: 'system', 'user', 'assistant', 'developer', and 'tool'."),
+        (lambda: client.completions.create(model=MODEL, prompt="x", extra_body={"mode": "beam"}), "invalid_value", "mode",
+         "Invalid value: 'beam'. Supported values are: 'diffusion', 'ar', and 'speculative'."),
+        (lambda: client.completions.create(model=MODEL, prompt=[5, 6], max_tokens=10**30), "context_length_exceeded",
+         "prompt", f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
+         f"{10**30 + 2} tokens (2 in the prompt, {10**30} in the completion). Please reduce the length of the prompt "
+         "or completion."),
     ):
         with pytest.raises(openai.BadRequestError) as err:
             wrong()
-        assert (err.value.code, err.value.param, err.value.type) == ("invalid_type", param, "invalid_request_error")
+        assert (err.value.code, err.value.param, err.value.type) == (code, param, "invalid_request_error")
         assert err.value.body["message"] == message and message in err.value.message
     tok = load_tokenizer(served_dir)
     for mode in ("diffusion", "ar", "speculative"):  # +100 forces the token, greedy or sampled
@@ -297,7 +320,7 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 5}, 400, "n"),  # more choices than a replica queues
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c"], "n": 2}, 400, "n"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "n": 0}, 400, "n"),
-    ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt[0]"),
     # JSON values of the wrong type, as OpenAI refuses them (not read as the field's type)
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "false"}, 400, "stream"),
@@ -333,24 +356,24 @@ BAD_INPUTS = [
     ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
     # chat structures
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user([{"type": "image_url", "image_url": "x"}])}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
     # lengths and limits
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**7}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**7}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 600, "max_tokens": 4}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, 400, "prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("y" * (MAX_PROMPT_CHARS + 1))}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "pad": "z" * MAX_BODY_BYTES}, 413, None),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": "s" * 300}, 400, "stop"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop[0]"),
     # pathological sampling values
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 1e-300}, 400, "temperature"),
-    ("/v1/completions", '{"model": "tiny-dllm", "prompt": "x", "temperature": Infinity}', 400, None),
-    ("/v1/completions", '{"model": "tiny-dllm", "prompt": "x", "top_p": NaN}', 400, None),
+    ("/v1/completions", '{"model": "tiny-dllm", "prompt": "x", "temperature": Infinity}', 400, "temperature"),
+    ("/v1/completions", '{"model": "tiny-dllm", "prompt": "x", "top_p": NaN}', 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": -3}, 400, "top_k"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),

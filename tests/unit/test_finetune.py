@@ -12,7 +12,8 @@ import torch
 import fdllm
 from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.data import BAD_REASONS, DataConfig, process_records
-from pipelines.finetune import FinetuneConfig, build_parser, cli_main, main
+from pipelines import finetune
+from pipelines.finetune import FinetuneConfig, build_parser, check_output, cli_main, main, resolve_run
 from pipelines.train_loop import ShardReader, diffusion_loss_sum, lr_at
 from tests.sft_data import good_records, write_jsonl
 
@@ -120,6 +121,46 @@ def test_an_output_that_holds_other_files_is_refused_before_ray_starts(qwen2_dir
     for output in (tmp_path / "mine", tmp_path / "runs", tmp_path / "runs" / "r", qwen2_dir):
         assert main([*common, "--output", str(output)]) == 2, output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+QUERY = "?endpoint_override=127.0.0.1:1&scheme=http"
+
+
+@pytest.mark.parametrize("storage_path, model, output", [
+    (f"s3://b/runs{QUERY}", "s3://b/base", f"s3://b/runs{QUERY}"),  # the storage path: every run's checkpoints
+    (f"s3://b/runs{QUERY}", "s3://b/base", f"s3://b/runs/r/{QUERY}"),  # the run's checkpoints
+    (f"s3://b/runs{QUERY}", "s3://b/base", "s3://b/runs/r"),  # the same place, without the query
+    ("s3://b/runs", "s3://b/base", f"s3://b/runs{QUERY}"),
+    ("s3://b/my%20runs", "s3://b/base", "s3://b/my runs/r"),  # as pyarrow reads the key
+    (f"s3://b/runs{QUERY}", f"s3://b/models/base{QUERY}", f"s3://b/models/base{QUERY}"),  # the base model
+    (f"s3://b/runs{QUERY}", f"s3://b/models/base{QUERY}", "s3://b/models"),
+    ("hdfs://nn:8020/runs?user=me", "hdfs://nn:8020/base", "hdfs://nn:8020/runs/r?user=you"),
+])
+def test_an_output_holding_the_run_or_the_base_model_is_refused_query_or_not(storage_path, model, output):
+    """Compared as strings, a URI's query (`?endpoint_override=...`, kept last by fdllm.storage.join) hid
+    that the export would replace the run's checkpoints or the base model."""
+    cfg = resolve_run(FinetuneConfig(model=model, data=["d.jsonl"], storage_path=storage_path, run_name="r",
+                                     output=output, max_steps=1))
+    with pytest.raises(ValueError, match="would hold"):
+        check_output(cfg)
+
+
+@pytest.mark.parametrize("storage_path, model, output", [
+    (f"s3://b/runs{QUERY}", "s3://b/base", None),  # the default: STORAGE_PATH/RUN_NAME/servable
+    (f"s3://b/runs{QUERY}", "s3://b/base", f"s3://b2/runs{QUERY}"),  # another bucket
+    (f"s3://b/runs{QUERY}", "s3://b/base", f"s3://b/runs2{QUERY}"),  # a name that starts alike
+    (f"s3://b/runs{QUERY}", "s3://b/base", f"s3://b/runs/r2{QUERY}"),  # another run's directory
+    (f"s3://b/runs{QUERY}", f"s3://b/base{QUERY}", f"gs://b/base{QUERY}"),  # another store
+    ("hdfs://nn1:8020/runs", "hdfs://nn1:8020/base", "hdfs://nn2:8020/runs"),  # another host
+])
+def test_an_output_beside_the_run_and_the_base_model_passes(storage_path, model, output, monkeypatch):
+    """Other buckets, hosts and names that only start alike are not confused with the run or the model
+    (the checks that reach the store are stubbed: none is running)."""
+    for check in ("check_directory_path", "check_publishable"):
+        monkeypatch.setattr(finetune, check, lambda path: None)
+    monkeypatch.setattr(finetune, "_run_exists", lambda storage_path, run_name: False)
+    check_output(resolve_run(FinetuneConfig(model=model, data=["d.jsonl"], storage_path=storage_path, run_name="r",
+                                            output=output, max_steps=1)))
 
 
 @pytest.mark.parametrize("option, path", [("--output", "a_file/sub"), ("--storage-path", "a_file"),

@@ -1,11 +1,14 @@
 """Admission of a request's choices (FdllmServer._admit) on a real AsyncEngine, without Ray running:
-one refused choice answers the request at once and aborts the others."""
+one refused choice answers the request at once and aborts the others; a prompt that with its
+max_tokens does not fit the context is refused before (FdllmServer._fit_context)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +17,7 @@ import fdllm
 pytest.importorskip("ray.serve")
 from serve.app import FdllmServer  # noqa: E402
 from serve.async_engine import AsyncEngine, EngineOverloaded  # noqa: E402
-from serve.protocol import APIError  # noqa: E402
+from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request  # noqa: E402
 
 
 def _until(drv: AsyncEngine, done, timeout_s: float = 5.0) -> dict:
@@ -92,3 +95,38 @@ def test_a_client_gone_during_admission_closes_every_choice():
         return sorted(closed)  # before asyncio.run's end closes what is left
 
     assert asyncio.run(main()) == [0, 1]
+
+
+@pytest.mark.parametrize("model,prompt_tokens,max_tokens,message", [
+    (ChatCompletionRequest, 60, 10, "This model's maximum context length is 64 tokens. However, you requested 70 tokens "
+     "(60 in the messages, 10 in the completion). Please reduce the length of the messages or completion."),
+    (CompletionRequest, 1, 10**30, "This model's maximum context length is 64 tokens. However, you requested "
+     f"{10**30 + 1} tokens (1 in the prompt, {10**30} in the completion). Please reduce the length of the prompt or "
+     "completion."),
+    (CompletionRequest, 64, None, "This model's maximum context length is 64 tokens. However, your prompt resulted in "
+     "64 tokens. Please reduce the length of the prompt."),
+    (ChatCompletionRequest, 70, 1, "This model's maximum context length is 64 tokens. However, you requested 71 tokens "
+     "(70 in the messages, 1 in the completion). Please reduce the length of the messages or completion."),
+])
+def test_a_prompt_past_the_context_with_its_max_tokens_is_openais_context_length_exceeded(model, prompt_tokens,
+                                                                                        max_tokens, message):
+    """In OpenAI's words (NextChat#3195 quotes them), naming the prompt's field: a huge max_tokens reached the
+    engine, whose refusal named no field and had no code."""
+    fit = partial(FdllmServer.func_or_class._fit_context,
+                  SimpleNamespace(max_model_len=64, cfg=SimpleNamespace(default_max_tokens=None)))
+    prompt = {"messages": [{"role": "user", "content": "x"}]} if model is ChatCompletionRequest else {"prompt": "x"}
+    body = parse_request(model, json.dumps({"model": "m", "max_tokens": max_tokens, **prompt}).encode())
+    with pytest.raises(APIError) as err:
+        fit(body.sampling_params(64), list(range(prompt_tokens)), body)
+    param = "messages" if model is ChatCompletionRequest else "prompt"
+    assert err.value.status == 400
+    assert err.value.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                          "code": "context_length_exceeded"}}
+
+
+@pytest.mark.parametrize("max_tokens,default,granted", [(4, None, 4), (None, None, 4), (None, 2, 2)])
+def test_a_prompt_that_fits_keeps_its_max_tokens_or_gets_the_rest_of_the_context(max_tokens, default, granted):
+    fit = partial(FdllmServer.func_or_class._fit_context,
+                  SimpleNamespace(max_model_len=64, cfg=SimpleNamespace(default_max_tokens=default)))
+    body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x", "max_tokens": max_tokens}).encode())
+    assert fit(body.sampling_params(64), list(range(60)), body).max_new_tokens == granted

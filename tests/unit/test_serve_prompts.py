@@ -55,8 +55,6 @@ def test_the_openapi_docs_show_every_prompt_form():
 
 
 @pytest.mark.parametrize("sent,message", [
-    ("", "must not be empty"), ([], "must not be empty"), ([[]], "must not be empty"), ([""], "must not be empty"),
-    (["a", ""], "must not be empty"), ([[5], []], "must not be empty"),
     ([1, "a"], "a string, a list of token ids"), ([True], "a string, a list of token ids"),
     ([1.5], "a string, a list of token ids"), ([["a"]], "a string, a list of token ids"),
     (["a", [5]], "one kind"), ([[5], [True]], "one kind"),
@@ -209,19 +207,6 @@ def test_logprob_requests_are_read_as_openai_means_them(model, fields, count):
     assert request.sampling_params(16).max_new_tokens == 16
 
 
-@pytest.mark.parametrize("model,fields,param", [
-    (CompletionRequest, {"logprobs": 6}, "logprobs"), (CompletionRequest, {"logprobs": -1}, "logprobs"),
-    (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs"),
-    (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 1}, "top_logprobs"),
-    (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    (CompletionRequest, {"n": 0}, "n"), (ChatCompletionRequest, {"n": 129}, "n"),
-])
-def test_out_of_range_choice_fields_are_400s_naming_them(model, fields, param):
-    with pytest.raises(APIError) as err:
-        _request(model, **fields)
-    assert (err.value.status, err.value.param) == (400, param)
-
-
 # A JSON value of the wrong type: OpenAI's API answers a 400 with code "invalid_type", `param` the
 # value's path, and one wording for every field, as clients quote it (e.g. "Invalid type for 'n': expected
 # an integer, but got a string instead."; "Invalid type for 'messages[0].content': expected one of a string
@@ -337,18 +322,144 @@ def test_type_valid_extremes_are_no_type_errors(model, fields):
         _request(model, **fields)
 
 
-@pytest.mark.parametrize("model,fields,param", [
-    (CompletionRequest, {"prompt": ""}, "prompt"), (CompletionRequest, {"stop": [""]}, "stop"),
-    (CompletionRequest, {"mode": "beam"}, "mode"), (CompletionRequest, {"mode": ""}, "mode"),
-    (CompletionRequest, {"n": 10**30}, "n"), (CompletionRequest, {"temperature": 10**400}, "temperature"),
-    (ChatCompletionRequest, {"messages": [{"role": "🙂", "content": "x"}]}, "messages"),
-    (ChatCompletionRequest, {"messages": [{"role": "user"}]}, "messages"), (ChatCompletionRequest, {"messages": []}, "messages"),
+@pytest.mark.parametrize("model,body,param", [
+    (ChatCompletionRequest, {"model": "m"}, "messages"), (CompletionRequest, {"model": "m"}, "prompt"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]}, "model"),
+    (CompletionRequest, {"prompt": "x"}, "model"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "user"}]},
+     "messages[1].content"),
+    (DetokenizeRequest, {}, "tokens"),
 ])
-def test_right_types_with_wrong_values_are_no_type_errors(model, fields, param):
-    """An unknown enum string, a number out of range, an empty string or array, a missing field: 400s
-    naming the field, but not `invalid_type` (the value is of the type the field takes)."""
+def test_a_missing_field_is_openais_missing_required_parameter(model, body, param):
+    """As OpenAI answers it (`Missing required parameter: 'input[79].id'.`, openai/codex#6725): pydantic's
+    own "Field required" carried no code, and for a nested field only the top-level name."""
+    with pytest.raises(APIError) as err:
+        parse_request(model, json.dumps(body).encode())
+    assert err.value.status == 400
+    assert err.value.body() == {"error": {"message": f"Missing required parameter: '{param}'.", "type": "invalid_request_error",
+                                          "param": param, "code": "missing_required_parameter"}}
+
+
+# A value of the right JSON type that is not allowed: OpenAI's code, the value's path and its words, as
+# clients quote the API's 400 bodies (integer_below_min_value: OpenBMB/ChatDev#446; integer_above_max_value:
+# thisisartium/continuous-alignment-testing#25; array_above_max_length: continuedev/continue#2461;
+# empty_array: CopilotKit/CopilotKit#529; invalid_value: moeru-ai/airi#137; string_above_max_length:
+# AnswerDotAI/fastllm#45; stream_options: BerriAI/litellm#5803). Bounds past OpenAI's own are fdllm's
+# (top_p > 0, its extension fields).
+ROLES_SUPPORTED = "'system', 'user', 'assistant', 'developer', and 'tool'"
+VALUE_ERRORS = [
+    # (request model, fields, param, code, message)
+    (CompletionRequest, {"temperature": 2.5}, "temperature", "decimal_above_max_value",
+     "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 2.5 instead."),
+    (ChatCompletionRequest, {"temperature": 3}, "temperature", "decimal_above_max_value",
+     "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 3 instead."),
+    (ChatCompletionRequest, {"temperature": -0.5}, "temperature", "decimal_below_min_value",
+     "Invalid 'temperature': decimal below minimum value. Expected a value >= 0, but got -0.5 instead."),
+    (CompletionRequest, {"temperature": 10**400}, "temperature", "decimal_above_max_value",  # past a double: not 500
+     "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 1E+400 instead."),
+    (ChatCompletionRequest, {"top_p": 1.5}, "top_p", "decimal_above_max_value",
+     "Invalid 'top_p': decimal above maximum value. Expected a value <= 1, but got 1.5 instead."),
+    (CompletionRequest, {"top_p": 0}, "top_p", "decimal_below_min_value",
+     "Invalid 'top_p': decimal below minimum value. Expected a value > 0, but got 0 instead."),
+    (ChatCompletionRequest, {"presence_penalty": -2.5}, "presence_penalty", "decimal_below_min_value",
+     "Invalid 'presence_penalty': decimal below minimum value. Expected a value >= -2, but got -2.5 instead."),
+    (CompletionRequest, {"threshold": 1.5}, "threshold", "decimal_above_max_value",
+     "Invalid 'threshold': decimal above maximum value. Expected a value <= 1, but got 1.5 instead."),
+    (CompletionRequest, {"n": 0}, "n", "integer_below_min_value",
+     "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead."),
+    (ChatCompletionRequest, {"n": 129}, "n", "integer_above_max_value",
+     "Invalid 'n': integer above maximum value. Expected a value <= 128, but got 129 instead."),
+    (CompletionRequest, {"n": 10**30}, "n", "integer_above_max_value",
+     "Invalid 'n': integer above maximum value. Expected a value <= 128, but got 1E+30 instead."),
+    (CompletionRequest, {"max_tokens": 0}, "max_tokens", "integer_below_min_value",
+     "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead."),
+    (ChatCompletionRequest, {"max_completion_tokens": -5}, "max_completion_tokens", "integer_below_min_value",
+     "Invalid 'max_completion_tokens': integer below minimum value. Expected a value >= 1, but got -5 instead."),
+    (CompletionRequest, {"top_k": -3}, "top_k", "integer_below_min_value",
+     "Invalid 'top_k': integer below minimum value. Expected a value >= 0, but got -3 instead."),
+    (CompletionRequest, {"logprobs": -1}, "logprobs", "integer_below_min_value",
+     "Invalid 'logprobs': integer below minimum value. Expected a value >= 0, but got -1 instead."),
+    (CompletionRequest, {"logprobs": 6}, "logprobs", "integer_above_max_value",
+     "Invalid 'logprobs': integer above maximum value. Expected a value <= 5, but got 6 instead."),
+    (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "integer_above_max_value",
+     "Invalid 'top_logprobs': integer above maximum value. Expected a value <= 20, but got 21 instead."),
+    (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs", None,
+     "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled."),
+    (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 1}, "top_logprobs", None,
+     "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled."),
+    (CompletionRequest, {"stream_options": {"include_usage": True}}, "stream_options", None,
+     "The 'stream_options' parameter is only allowed when 'stream' is enabled."),
+    # enums: a string of the right type that names no choice
+    (CompletionRequest, {"mode": "beam"}, "mode", "invalid_value",
+     "Invalid value: 'beam'. Supported values are: 'diffusion', 'ar', and 'speculative'."),
+    (CompletionRequest, {"mode": ""}, "mode", "invalid_value",
+     "Invalid value: ''. Supported values are: 'diffusion', 'ar', and 'speculative'."),
+    (ChatCompletionRequest, {"selection": "greedy"}, "selection", "invalid_value",
+     "Invalid value: 'greedy'. Supported values are: 'threshold' and 'entropy_budget'."),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}, {"role": "🙂", "content": "x"}]},
+     "messages[1].role", "invalid_value", f"Invalid value: '🙂'. Supported values are: {ROLES_SUPPORTED}."),
+    # lengths: OpenAI's four stop sequences, fdllm's 256 characters each; no empty prompt or conversation
+    (CompletionRequest, {"stop": ["a", "b", "c", "d", "e"]}, "stop", "array_above_max_length",
+     "Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length 5 instead."),
+    (CompletionRequest, {"stop": ["a", "s" * 300]}, "stop[1]", "string_above_max_length",
+     "Invalid 'stop[1]': string too long. Expected a string with maximum length 256, but got a string with length 300 "
+     "instead."),
+    (CompletionRequest, {"stop": "s" * 257}, "stop", "string_above_max_length",
+     "Invalid 'stop': string too long. Expected a string with maximum length 256, but got a string with length 257 "
+     "instead."),
+    (CompletionRequest, {"stop": ["a", ""]}, "stop[1]", "empty_string",
+     "Invalid 'stop[1]': empty string. Expected a string with minimum length 1, but got an empty string instead."),
+    (CompletionRequest, {"stop": ""}, "stop", "empty_string",
+     "Invalid 'stop': empty string. Expected a string with minimum length 1, but got an empty string instead."),
+    (ChatCompletionRequest, {"messages": []}, "messages", "empty_array",
+     "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+    (TokenizeRequest, {"messages": []}, "messages", "empty_array",
+     "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+    (CompletionRequest, {"prompt": ""}, "prompt", "empty_string",
+     "Invalid 'prompt': empty string. Expected a string with minimum length 1, but got an empty string instead."),
+    (CompletionRequest, {"prompt": []}, "prompt", "empty_array",
+     "Invalid 'prompt': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+    (CompletionRequest, {"prompt": [[]]}, "prompt[0]", "empty_array",
+     "Invalid 'prompt[0]': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+    (CompletionRequest, {"prompt": ["a", ""]}, "prompt[1]", "empty_string",
+     "Invalid 'prompt[1]': empty string. Expected a string with minimum length 1, but got an empty string instead."),
+    (CompletionRequest, {"prompt": [[5], []]}, "prompt[1]", "empty_array",
+     "Invalid 'prompt[1]': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+]
+
+
+@pytest.mark.parametrize("model,fields,param,code,message", VALUE_ERRORS)
+def test_a_value_openai_does_not_allow_is_its_error(model, fields, param, code, message):
+    """pydantic's own words ("Input should be less than or equal to 2 (temperature)") carried no code, named
+    only the top-level field and not what was sent."""
     err = _refusal(model, fields)
-    assert (err.status, err.param, err.code) == (400, param, None) and not err.message.startswith("Invalid type")
+    assert err.status == 400
+    assert err.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+@pytest.mark.parametrize("sent,param,code,message", [
+    ({"temperature": float("nan")}, "temperature", None,
+     "Invalid 'temperature': expected a finite number (>= 0 and <= 2), but got NaN instead."),
+    ({"temperature": float("inf")}, "temperature", "decimal_above_max_value",
+     "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got Infinity instead."),
+    ({"top_p": float("-inf")}, "top_p", "decimal_below_min_value",
+     "Invalid 'top_p': decimal below minimum value. Expected a value > 0, but got -Infinity instead."),
+    ({"entropy_budget": float("inf")}, "entropy_budget", None,
+     "Invalid 'entropy_budget': expected a finite number (>= 0), but got Infinity instead."),
+    ({"logit_bias": {"5": float("nan")}}, "logit_bias.5", None,
+     "Invalid 'logit_bias.5': expected a finite number, but got NaN instead."),
+    ('"repetition_penalty": 1e400', "repetition_penalty", None,  # valid JSON, read as Infinity
+     "Invalid 'repetition_penalty': expected a finite number (> 0), but got Infinity instead."),
+])
+def test_nan_and_infinity_are_a_400_naming_the_field_and_its_range(sent, param, code, message):
+    """Not JSON, but Python's json writes them (`json.dumps(float("nan"))` is `NaN`) and the parser reads
+    them: past a bound they are out of range as OpenAI words it, else not a finite number."""
+    fields = sent if isinstance(sent, str) else json.dumps(sent)[1:-1]
+    with pytest.raises(APIError) as err:
+        parse_request(CompletionRequest, f'{{"model": "m", "prompt": "x", {fields}}}'.encode())
+    assert err.value.status == 400
+    assert err.value.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
 
 
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])

@@ -55,6 +55,31 @@ def test_join_puts_parts_in_the_path_and_keeps_the_query_last(base, parts, joine
     assert storage.join(base, *parts) == joined
 
 
+@pytest.mark.parametrize("path,directory,inside", [
+    ("s3://b/runs/r?endpoint_override=h:9000", "s3://b/runs", True),
+    ("s3://b/runs/r", "s3://b/runs/?endpoint_override=h:9000", True),
+    ("s3://b/runs?endpoint_override=h", "s3://b/runs?endpoint_override=other", True),  # the same place
+    ("S3://b/runs/r", "s3://b/runs", True),
+    ("s3://b/my run/r", "s3://b/my%20run", True),  # as pyarrow reads the key
+    ("file:///data/runs/r", "/data/runs", True),
+    ("/data/runs/r/", "/data/runs", True), ("/data/runs", "/data/runs/", True),
+    ("s3://b/runs2?endpoint_override=h", "s3://b/runs", False),  # a name that starts alike is another one
+    ("s3://b/runs", "s3://b/runs/r", False),  # the directory is inside the path, not the other way
+    ("s3://b2/runs/r", "s3://b/runs", False), ("s3://b/runs/r", "gs://b/runs", False),
+    ("hdfs://nn1:8020/runs/r?user=me", "hdfs://nn2:8020/runs?user=me", False),
+    ("/data/runs2", "/data/runs", False),
+    ("/data/why?/runs", "/data/why", False),  # a local name may hold a `?`
+])
+def test_same_or_under_compares_locations_not_strings(path, directory, inside):
+    assert storage.same_or_under(path, directory) is inside
+
+
+def test_same_or_under_reads_a_relative_path_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.same_or_under("runs/r", str(tmp_path)) and storage.same_or_under(str(tmp_path / "runs"), "runs/")
+    assert not storage.same_or_under("runs", str(tmp_path / "run"))
+
+
 def test_joined_uris_name_the_key_and_store_pyarrow_reads():
     """pyarrow's own parser as the oracle: the parts are in the key, the endpoint still in the query
     (no connection is made: with an endpoint given, pyarrow resolves no bucket region). The fine-tune's
