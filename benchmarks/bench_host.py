@@ -20,6 +20,11 @@ process spends descheduled on a shared machine does not count; on CUDA, wall tim
     python -m benchmarks.bench_host --model DIR --device cuda         # on a GPU: model timed with syncs
     python -m benchmarks.bench_host --stub-model                      # host work only
     python -m benchmarks.bench_host --stub-model --prompt-len 400 --repetition-penalty 1.2 --frequency-penalty 0.5
+    python -m benchmarks.bench_host --stub-model --prefill-len 400    # also: steps that prefill a long prompt
+
+`--prefill-len N` adds a "prefill" row per batch size: the steps in which a request of N prompt
+tokens is prefilled beside the running batch (host work that grows with the step's tokens: the
+packed attention rows, their cache slots and block tables).
 
 Targets (issue 12): at most 0.2 ms per step at batch 1 and 1 ms at batch 64 for the tiny world model.
 """
@@ -39,6 +44,7 @@ import fdllm
 from benchmarks.cli import output_file, positive_int, positive_int_list
 
 DEFAULT_MODEL = "assets/tiny-ar-base"
+PREFILLS = 6  # long prompts per repeat of --prefill-len: one measured step each
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sampli
     engine.step()  # prefill (+ the first block step): not a decode step
     if stub:
         engine.model.hidden = StubBody(engine.model)  # on the instance; CallTimer wraps it, then removes both
-    steps, body, head, host = [], [], [], []
+    steps, body, head = [], [], []
     device = engine.model.device
     now, sync = clock(device)
     with CallTimer(engine.model, "hidden", device) as forward, CallTimer(engine.runner, "logits", device) as lm_head:
@@ -124,11 +130,41 @@ def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sampli
                 steps.append(wall)
                 body.append(forward.times[-1])
                 head.append(sum(lm_head.times[m:]))
-                host.append(wall - body[-1] - head[-1])
     if not steps:
         raise RuntimeError("no full-batch decode step was measured; raise --max-new-tokens")
+    return _row(mode, stub, len(prompts), steps, body, head)
+
+
+def measure_prefill(engine: fdllm.Engine, prompts: list[list[int]], long_prompts: list[list[int]],
+                    params: fdllm.SamplingParams, stub: bool = False) -> HostRow:
+    """Per long prompt, the step that prefills it whole beside the running `prompts` (as `measure`)."""
+    for p in prompts:
+        engine.add_request(p, params)
+    engine.step()
+    if stub:
+        engine.model.hidden = StubBody(engine.model)
+    steps, body, head = [], [], []
+    device = engine.model.device
+    now, sync = clock(device)
+    with CallTimer(engine.model, "hidden", device) as forward, CallTimer(engine.runner, "logits", device) as lm_head:
+        for p in long_prompts:
+            engine.add_request(p, params)
+            n, m = len(forward.times), len(lm_head.times)
+            sync()
+            start = now()
+            engine.step()
+            sync()
+            steps.append(now() - start)
+            body.append(sum(forward.times[n:]))
+            head.append(sum(lm_head.times[m:]))
+    return _row("prefill", stub, len(prompts), steps, body, head)
+
+
+def _row(mode: str, stub: bool, batch: int, steps: list[float], body: list[float], head: list[float]) -> HostRow:
+    """Medians of the per-step figures (host: step - body - head), in ms."""
+    host = [s - b - h for s, b, h in zip(steps, body, head)]
     ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
-    return HostRow(mode, "stub" if stub else "real", len(prompts), len(steps), ms(steps), ms(body), ms(head), ms(host),
+    return HostRow(mode, "stub" if stub else "real", batch, len(steps), ms(steps), ms(body), ms(head), ms(host),
                    1000 * statistics.fmean(host))
 
 
@@ -150,13 +186,20 @@ def run(args: argparse.Namespace) -> list[HostRow]:
         prompts = torch.randint(low, model.config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
         ecfg = fdllm.EngineConfig(max_num_seqs=batch, max_prefill_tokens=max(batch * args.prompt_len, 64),
                                   **engine_kwargs)
+        # every long prompt prefilled whole, in the step after it arrives, while the earlier ones decode on
+        prefill_ecfg = dataclasses.replace(ecfg, max_num_seqs=batch + PREFILLS,
+                                           max_prefill_tokens=max(ecfg.max_prefill_tokens, args.prefill_len or 0))
         params = fdllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, mode=args.mode,
                                       threshold=args.threshold, temperature=args.temperature, seed=0,
                                       repetition_penalty=args.repetition_penalty,
                                       frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+        long_prompts = (torch.randint(low, model.config.vocab_size, (PREFILLS, args.prefill_len), generator=gen).tolist()
+                        if args.prefill_len else [])
         for _ in range(args.repeats):
-            engine = fdllm.Engine(model, None, cfg, ecfg)
-            rows.append(measure(engine, prompts, params, args.mode, args.stub_model))
+            rows.append(measure(fdllm.Engine(model, None, cfg, ecfg), prompts, params, args.mode, args.stub_model))
+            if long_prompts:
+                engine = fdllm.Engine(model, None, cfg, prefill_ecfg)
+                rows.append(measure_prefill(engine, prompts, long_prompts, params, args.stub_model))
     return rows
 
 
@@ -184,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--prompt-len", type=positive_int, default=20)
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--prefill-len", type=positive_int,
+                   help="also measure steps that prefill a prompt of this many tokens beside the batch")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="with the penalties below: requests that adjust their logits (the runner's biased rows)")
     p.add_argument("--frequency-penalty", type=float, default=0.0)

@@ -27,6 +27,18 @@ def test_bench_host_splits_each_step_into_body_lm_head_and_host(mode, stub, tmp_
     assert "lm head ms" in printed and "host ms" in printed and "host mean" in printed
 
 
+def test_prefill_rows_time_the_steps_that_prefill_a_long_prompt(tmp_path):
+    """--prefill-len: per batch size, the steps that prefill a long prompt whole beside the batch; their
+    body runs over the prompt's tokens too, so it takes longer than a decode step's."""
+    out = tmp_path / "rows.json"
+    assert bench_host.main(["--batch-sizes", "2", "--max-new-tokens", "24", "--repeats", "1", "--prefill-len", "300",
+                            "--json", str(out)]) == 0
+    decode, prefill = json.loads(out.read_text())
+    assert (decode["mode"], prefill["mode"]) == ("diffusion", "prefill") and prefill["batch"] == 2
+    assert prefill["steps"] == bench_host.PREFILLS and prefill["host_ms"] > 0
+    assert prefill["body_ms"] > 2 * decode["body_ms"]
+
+
 def test_best_keeps_the_quietest_repeat_and_the_mean_over_all_of_them():
     """A collector pause in one repeat must show in the mean even when another repeat has the least median."""
     row = lambda steps, host, mean: bench_host.HostRow("diffusion", "stub", 64, steps, 2.0, 0.0, 0.2, host, mean)  # noqa: E731

@@ -248,8 +248,7 @@ def test_a_call_past_its_workspace_runs_in_slices_with_the_same_result(device, m
     assert per_query == 4 * 4 * 3 * 18
     max_keys = case.block_tables_BM.shape[1] * 8
     for cap, slice_bytes in ((2 * 40 * per_query, 2 * 40 * per_query),  # two sequences per slice
-                             (39 * per_query, 32 * per_query),  # 32 queries (a whole BLOCK_M tile) per slice
-                             (1, 32 * per_query)):  # below one tile: one tile per slice
+                             (39 * per_query, 32 * per_query)):  # 32 queries (a whole BLOCK_M tile) per slice
         out, used = call(cap)
         assert torch.equal(out, whole) and used == slice_bytes, cap
         assert slice_bytes <= pa.split_workspace_bytes(4, 16, max_keys, 3 * 40, min_keys_per_split=64,
@@ -257,6 +256,7 @@ def test_a_call_past_its_workspace_runs_in_slices_with_the_same_result(device, m
     bound = functools.partial(pa.split_workspace_bytes, 4, 16, max_keys, min_keys_per_split=64)
     assert bound(3 * 40) == 3 * 40 * per_query  # below the default bound: the call's own
     assert bound(10**6) == bound() == pa.WORKSPACE_BYTES  # any call
+    assert pa._slice_shape(3, 40, per_query, 1) == (1, 32)  # below one tile's worth: still a whole tile per slice
     assert pa.split_workspace_bytes(4, 16, 256) == 0  # one split (256 keys at most): no partials
 
 
