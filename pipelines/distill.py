@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fdllm.storage import filesystem, join, local_checkpoint, read_text, write_bytes  # noqa: E402
+from fdllm.storage import filesystem, join, local_checkpoint, read_text, same_or_under, write_bytes  # noqa: E402
 from pipelines.data import check_data_files, read_raw_records  # noqa: E402
 from pipelines.finetune import build_parser, build_trainer, check_output, cli_main, fit, resolve_run  # noqa: E402
 from pipelines.finetune_config import DistillConfig  # noqa: E402
@@ -160,6 +160,9 @@ def run(cfg: DistillConfig) -> "ray.train.Result":
         cfg = dataclasses.replace(cfg, trajectories=join(cfg.storage_path, cfg.run_name, "trajectories"))
     check_data_files(cfg.data)  # what would fail after the trajectories fails now, before Ray starts
     check_output(cfg)  # an existing run without --resume, too
+    if same_or_under(cfg.trajectories, cfg.output):  # the export, after training, would refuse them (other files)
+        raise ValueError(f"--trajectories {cfg.trajectories} is inside --output {cfg.output}, which the export "
+                         "replaces: give them directories apart")
     if not ray.is_initialized():
         ray.init()
     counts = generate_trajectories(cfg, cfg.trajectories)

@@ -259,8 +259,9 @@ def test_a_joint_checkpoint_is_distilled_keeping_its_causal_mode(dllm_dir, tmp_p
 
 
 def test_bad_data_or_output_fail_before_ray_starts(dllm_dir, tmp_path, monkeypatch):
-    """What the training stage would refuse (a missing data file, an --output of other files or a file)
-    is refused before Ray starts and the trajectories are decoded (exit 2)."""
+    """What the training stage would refuse (a missing data file, an --output of other files or a file,
+    or one that would hold the trajectories) is refused before Ray starts and the trajectories are
+    decoded (exit 2)."""
     import ray
 
     from tests.sft_data import good_records, write_jsonl
@@ -273,6 +274,8 @@ def test_bad_data_or_output_fail_before_ray_starts(dllm_dir, tmp_path, monkeypat
               "--seq-len", "64", "--storage-path", str(tmp_path / "runs")]
     for flags in (["--data", str(tmp_path / "missing.jsonl")],
                   ["--data", str(data), "--output", str(tmp_path / "mine")],
-                  ["--data", str(data), "--output", str(tmp_path / "mine" / "notes.txt")]):
+                  ["--data", str(data), "--output", str(tmp_path / "mine" / "notes.txt")],
+                  # the trajectories, written first, would be "other files" to the export at the end
+                  ["--data", str(data), "--output", str(tmp_path / "out"), "--trajectories", str(tmp_path / "out" / "t")]):
         assert main([*common, *flags]) == 2, flags
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
