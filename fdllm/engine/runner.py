@@ -335,8 +335,10 @@ class ModelRunner:
         """Capture the static step of the most tokens that rows of up to `max_row_len` queries make (what
         KV sizing left room for), before any other: later captures of smaller shapes reuse its blocks
         of the graphs' memory pool instead of growing it."""
-        q_len = query_bucket(self.fixed_query_len or max_row_len)
-        batch = max(b for b in self.buckets if b <= self.max_num_seqs)  # max_num_seqs rows of q_len, as sizing assumed
+        longest = query_bucket(self.fixed_query_len or max_row_len)
+        limit = self.max_num_seqs * longest  # a static step's tokens at most (`static_shape`), as sizing assumed
+        _, q_len, batch = max((b * q, q, b) for q in (longest >> i for i in range(longest.bit_length()))
+                              for b in self.buckets if b * q <= limit)  # the most tokens; of those, the longest rows
         self.graphs.capture(StaticShape(batch, q_len, self.max_pages_per_seq))
 
     # -- host packing -------------------------------------------------------------------------------

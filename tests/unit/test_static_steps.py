@@ -334,6 +334,31 @@ def test_batch_buckets():
     assert batch_buckets(1) == [1]
 
 
+@pytest.mark.parametrize("max_num_seqs", [8, 6])
+def test_the_start_up_capture_holds_the_most_tokens_of_any_static_step(model, max_num_seqs):
+    """With CUDA graphs the engine captures its largest static shape first (`capture_largest`), so the
+    graphs' pool is sized once by it and later captures reuse it. Every static step of full batches of
+    speculative verifies (rows of the block + 1), diffusion and AR requests, with rows padded to
+    powers of two as captured steps are, holds at most that shape's tokens, also for a max_num_seqs
+    that is no batch bucket (6)."""
+    captured = []
+    engine = fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.3,
+                                                                  mask_token_id=MASK),
+                          fdllm.EngineConfig(num_pages=256, max_num_seqs=max_num_seqs, max_prefill_tokens=256))
+    engine.runner.bucket_query_len = True  # as with graphs
+    engine.runner.graphs = type("Graphs", (), {"capture": lambda self, shape: captured.append(shape)})()
+    engine.runner.capture_largest(8 + 1)
+    engine.runner.graphs = None  # the eager static path from here
+    shapes = count_static_steps(engine)
+    modes = ["speculative"] * max_num_seqs + ["diffusion"] * max_num_seqs + ["ar"] * max_num_seqs
+    prompts = random_prompts(len(modes), [3, 9, 14], seed=23)
+    engine.generate(prompts, [params(max_new_tokens=17, mode=m, block_lookahead=m == "diffusion") for m in modes])
+    [largest] = captured
+    used = [s for s in shapes if s is not None]
+    assert max(s.batch * s.q_len for s in used) <= largest.batch * largest.q_len
+    assert any(s.batch * s.q_len == largest.batch * largest.q_len for s in used), "a full batch should reach it"
+
+
 def test_flash_attn_refused_for_block_pages_and_graphs_need_cuda(model):
     with pytest.raises(ValueError, match="multiple of 256 tokens.*8 tokens"):
         make_engine(model, attention_backend="flash_attn")
