@@ -67,6 +67,7 @@ PROBE_PREFIX = ".fdllm-write-probe-"  # `check_directory_path`'s test file, dele
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 CHECK_RETRY_LIMIT_S = 30  # `checkpoint_files` gives up on an unreachable GCS bucket after this long
 _WAIT_POLL_S = 2.0
+_NO_WEIGHTS = "-noweights"  # the name suffix of a version's copy without weight files
 STALE_VERSION_S = 600.0  # a cached version of a URI unused this long is deleted once a newer one is fetched
 _URI_SAFE = "/%:@!$&'()*+,;=-._~"  # RFC 3986's reserved and unreserved characters, and `%` of escapes
 
@@ -90,14 +91,21 @@ def same_or_under(path: str, directory: str) -> bool:
     return inner[: len(outer)] == outer
 
 
+_SCHEME_ALIASES = {"gcs": "gs", "s3a": "s3"}  # one store, two spellings (pyarrow and fsspec take both)
+
+
 def _location(path: str) -> tuple[str, ...]:
-    """(scheme, host, *names) of a local path ("file", "", ...) or URI (`file:///a` is the local `/a`)."""
+    """(scheme, host, *names) of a local path ("file", "", ...) or URI (`file:///a` and
+    `file://localhost/a` are the local `/a`, `..` resolved)."""
     if not is_uri(path):
         scheme, host, inner = "file", "", resolve_local(path)
     else:
         scheme, rest = path.split("://", 1)
         host, _, inner = rest.partition("?")[0].partition("/")
         scheme, inner = scheme.lower(), unquote(inner)
+        scheme = _SCHEME_ALIASES.get(scheme, scheme)
+        if scheme == "file" and host in ("", "localhost"):
+            host, inner = "", resolve_local("/" + inner)
     return (scheme, host, *(name for name in inner.split("/") if name))
 
 
@@ -161,7 +169,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def _write_local(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".fdllm-{uuid.uuid4().hex[:8]}.tmp")  # not the name plus a suffix: that may pass NAME_MAX
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic on one filesystem
@@ -217,11 +225,14 @@ def _read_manifest(fs: "pyarrow.fs.FileSystem", inner: str) -> dict | None:
 
 
 def _cache_parts(uri: str) -> list[str]:
-    """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b"] (a local `/a/b` -> ["file", "a", "b"]):
-    readable, and never outside the cache root (no `..`, no query strings or odd characters in names)."""
+    """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b@<hash>"] (a local `/a/b` -> ["file", "a", "b@<hash>"]):
+    readable, and never outside the cache root (no `..`, no query strings or odd characters in names).
+    The last name carries a hash of the whole URI, so the slots of two URIs never nest (`a/b` and
+    `a/b/c`) nor meet (`my model` and `my_model`): each slot's sub-directories are its versions alone."""
     scheme, rest = uri.split("://", 1) if is_uri(uri) else ("file", uri)
-    parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
-    return [re.sub(r"[^\w.=-]", "_", p) for p in (scheme, *parts)]
+    parts = [re.sub(r"[^\w.=-]", "_", p) for p in (scheme, *(p for p in rest.split("/") if p not in ("", ".", "..")))]
+    parts[-1] += "@" + hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return parts
 
 
 def _normalise(path: str | os.PathLike) -> str:
@@ -270,7 +281,7 @@ def local_checkpoint(
             wanted = {name: size for name, (size, _) in listing.files.items()}
         if not weights:
             wanted = {n: s for n, s in wanted.items() if not any(fnmatch.fnmatch(n, p) for p in WEIGHT_PATTERNS)}
-            version += "-noweights"
+            version += _NO_WEIGHTS
         if not wanted:  # callers read config.json first: say the directory is the problem, not a cache path
             raise FileNotFoundError(f"{uri} holds no files{'' if weights else ' besides weights'}: not a checkpoint "
                                     "(config.json, safetensors, tokenizer)")
@@ -296,6 +307,7 @@ def _fetch_once(
     with FileLock(str(target) + ".lock"):
         if target.is_dir():
             log.debug("cache hit: %s -> %s", uri, target)
+            os.utime(target)  # used now: kept by `_retire_old_versions` a while
             return True
         for stale in target.parent.glob(target.name + ".tmp-*"):  # left by a process that died mid-copy
             shutil.rmtree(stale, ignore_errors=True)
@@ -323,14 +335,14 @@ def _fetch_once(
 
 
 def _retire_old_versions(slot: Path, current: Path) -> None:
-    """Delete the cached versions of one URI that nothing has used for STALE_VERSION_S, but the newest of
-    them: a serve replica following a rolling export (a fine-tune publishing every few hundred steps)
-    would otherwise keep a copy of the weights per version on the node's disk. Every use touches its
-    version, and a version is deleted under its own lock, so one being fetched, or handed out lately
-    to a process still loading it, stays."""
+    """Delete the cached versions of one URI that nothing has used for STALE_VERSION_S, but the most
+    recently used one before `current`: a serve replica following a rolling export (a fine-tune
+    publishing every few hundred steps) would otherwise keep a copy of the weights per version on the
+    node's disk. A version's copies with and without weights go together; each is touched when
+    handed out (`_fetch_once`) and deleted under its own lock, so one being fetched, or handed out
+    lately to a process still loading it, stays. Never fails the read that called it: a version it
+    cannot delete is left for the next."""
     from filelock import FileLock
-
-    os.utime(current)
 
     def last_used(path: Path) -> float:
         try:
@@ -338,13 +350,20 @@ def _retire_old_versions(slot: Path, current: Path) -> None:
         except FileNotFoundError:  # retired meanwhile by another process
             return 0.0
 
-    others = sorted((p for p in slot.iterdir() if p.is_dir() and p != current and ".tmp-" not in p.name),
-                    key=last_used, reverse=True)
-    for old in others[1:]:
-        with FileLock(str(old) + ".lock"):
-            if old.is_dir() and time.time() - last_used(old) > STALE_VERSION_S:
-                log.info("deleting %s from the node cache: a newer version is in use", old)
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        versions: dict[str, list[Path]] = {}
+        for path in slot.iterdir():
+            if path.is_dir() and ".tmp-" not in path.name:
+                versions.setdefault(path.name.removesuffix(_NO_WEIGHTS), []).append(path)
+        versions.pop(current.name.removesuffix(_NO_WEIGHTS), None)
+        older = sorted(versions.values(), key=lambda copies: max(map(last_used, copies)), reverse=True)
+        for old in (path for copies in older[1:] for path in copies):
+            with FileLock(str(old) + ".lock"):
+                if old.is_dir() and time.time() - last_used(old) > STALE_VERSION_S:
+                    log.info("deleting %s from the node cache: a newer version is in use", old)
+                    shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        log.warning("could not clean old versions out of the node cache at %s: %s", slot, e)
 
 
 def _copy_files(fs: "pyarrow.fs.FileSystem", inner: str, uri: str, wanted: dict[str, int], tmp: Path) -> None:

@@ -149,6 +149,9 @@ def _invalid_type(errors: list[dict[str, Any]], model: type[BaseModel]) -> Reque
     sent = _json_type(first.get("input"))
     if first["type"] not in _TYPE_ERRORS or sent in _accepted(at.node):  # e.g. an unknown enum string, a huge number
         return None
+    if not at.param:  # the body itself: `[]`, `5`, `null`
+        return RequestError(None, f"Invalid type for the request body: expected {_describe(at.node)}, but got "
+                            f"{_SENT[sent]} instead.", "invalid_type")
     return RequestError(at.param, f"Invalid type for '{at.param}': expected {_describe(at.node)}, but got {_SENT[sent]} "
                         "instead.", "invalid_type")
 

@@ -89,7 +89,7 @@ def _manifest(uri: str) -> dict:
 
 
 def _cached_versions(cache: Path, uri: str) -> list[Path]:
-    slot = cache / "s3" / uri.removeprefix("s3://")
+    slot = cache.joinpath(*storage._cache_parts(uri))
     return sorted(p for p in slot.iterdir() if p.is_dir()) if slot.is_dir() else []
 
 

@@ -305,6 +305,16 @@ def test_a_json_value_of_the_wrong_type_is_openais_invalid_type_error(model, fie
                                     "type": "invalid_request_error", "param": param, "code": "invalid_type"}}
 
 
+@pytest.mark.parametrize("body,sent", [(b"[]", "an array"), (b"5", "an integer"), (b"null", "null"), (b'"x"', "a string")])
+def test_a_body_that_is_no_json_object_is_a_type_error_without_a_param(body, sent):
+    with pytest.raises(APIError) as err:
+        parse_request(ChatCompletionRequest, body)
+    assert err.value.status == 400
+    assert err.value.body() == {"error": {
+        "message": f"Invalid type for the request body: expected an object, but got {sent} instead.",
+        "type": "invalid_request_error", "param": None, "code": "invalid_type"}}
+
+
 @pytest.mark.parametrize("model,fields", [
     (CompletionRequest, {"user": ""}), (CompletionRequest, {"user": "\u0000é\u0301🙂\u200b\U0010ffff"}),
     (CompletionRequest, {"model": ""}), (CompletionRequest, {"prompt": "🙂\u202e\ufeff"}),

@@ -62,6 +62,8 @@ def test_join_puts_parts_in_the_path_and_keeps_the_query_last(base, parts, joine
     ("S3://b/runs/r", "s3://b/runs", True),
     ("s3://b/my run/r", "s3://b/my%20run", True),  # as pyarrow reads the key
     ("file:///data/runs/r", "/data/runs", True),
+    ("file:///data/x/../runs/r", "/data/runs", True), ("file://localhost/data/runs/r", "/data/runs", True),
+    ("gcs://b/runs/r", "gs://b/runs", True), ("s3a://b/runs/r", "s3://b/runs", True),  # one store, two spellings
     ("/data/runs/r/", "/data/runs", True), ("/data/runs", "/data/runs/", True),
     ("s3://b/runs2?endpoint_override=h", "s3://b/runs", False),  # a name that starts alike is another one
     ("s3://b/runs", "s3://b/runs/r", False),  # the directory is inside the path, not the other way
@@ -129,6 +131,10 @@ def test_a_small_file_is_replaced_whole(tmp_path, monkeypatch, scheme):
     with pytest.raises(ZeroDivisionError):
         storage.write_bytes(f"{scheme}{path}", b"newer")
     assert [p.name for p in path.parent.iterdir()] == ["rows.json"] and path.read_bytes() == b"new"
+    monkeypatch.undo()
+    longest = path.parent / ("n" * 250)  # a name the filesystem takes, but not with a suffix added
+    storage.write_bytes(f"{scheme}{longest}", b"long")
+    assert longest.read_bytes() == b"long"
 
 
 def test_small_files_on_object_stores(bucket, s3_env, monkeypatch):
@@ -227,6 +233,47 @@ def test_old_versions_of_a_rolling_export_leave_the_node_cache(tmp_path):
     assert [v.is_dir() for v in versions] == [False, False, False, True, True]
 
 
+def test_cache_slots_of_different_uris_never_nest_nor_meet():
+    """A slot's sub-directories are taken for its URI's versions (and retired): the slot of `m/sub`
+    inside the slot of `m`, or `my model` and `my_model` in one, would lose one model's copy to the
+    other's clean-up."""
+    slot = lambda uri: "/".join(storage._cache_parts(uri))  # noqa: E731
+    for a, b in (("s3://b/m", "s3://b/m/sub"), ("/data/m", "/data/m/sub"), ("s3://b/my model", "s3://b/my_model")):
+        assert not slot(b).startswith(slot(a) + "/") and slot(a) != slot(b), (a, b)
+
+
+def test_a_versions_copies_are_retired_together_and_a_failed_clean_up_fails_no_read(tmp_path, monkeypatch):
+    """A version's copy without weights (what fdllm-serve's and the fine-tune's checks fetch) counts with
+    its weights copy: a recent check of v1 keeps v1's weights, the rollback copy, while v2 goes. And
+    a clean-up that cannot list or delete (permissions, a full disk) leaves the read it follows alone."""
+    import os
+
+    src, out, cache = tmp_path / "src", tmp_path / "servable", tmp_path / "cache"
+    src.mkdir()
+
+    def publish(n: int) -> None:
+        (src / "config.json").write_text(str(n))
+        storage.publish_dir(src, str(out))
+
+    def used(version: Path, seconds_ago: float) -> Path:
+        os.utime(version, (time.time() - seconds_ago,) * 2)
+        return version
+
+    stale = storage.STALE_VERSION_S + 60
+    publish(1)
+    v1 = used(storage.local_checkpoint(out, cache), stale)
+    v1_checked = storage.local_checkpoint(out, cache, weights=False)
+    publish(2)
+    v2 = used(storage.local_checkpoint(out, cache), stale + 30)
+    publish(3)
+    monkeypatch.setattr(Path, "iterdir", lambda self: (_ for _ in ()).throw(PermissionError(13, "denied", str(self))))
+    v3 = storage.local_checkpoint(out, cache)
+    assert (v3 / "config.json").read_text() == "3" and v2.is_dir()  # read, nothing retired
+    monkeypatch.undo()
+    assert storage.local_checkpoint(out, cache) == v3
+    assert [v1.is_dir(), v1_checked.is_dir(), v2.is_dir()] == [True, True, False]
+
+
 def test_download_once_and_reuse(remote_dllm, dllm_dir, tmp_path):
     local = storage.local_checkpoint(remote_dllm, tmp_path)
     assert _tree(local) == _tree(Path(dllm_dir))
@@ -284,7 +331,7 @@ def test_failed_download_leaves_nothing(remote_dllm, dllm_dir, tmp_path, monkeyp
     monkeypatch.setattr(storage.shutil, "copyfileobj", failing_copy)
     with pytest.raises(ConnectionError):
         storage.local_checkpoint(remote_dllm, tmp_path)
-    slot = tmp_path / "s3" / remote_dllm.removeprefix("s3://")
+    slot = tmp_path.joinpath(*storage._cache_parts(remote_dllm))
     assert [p.name for p in slot.iterdir() if not p.name.endswith(".lock")] == []  # no partial copy kept
     monkeypatch.setattr(storage.shutil, "copyfileobj", real_copy)
     assert _tree(storage.local_checkpoint(remote_dllm, tmp_path)) == _tree(Path(dllm_dir))
@@ -292,7 +339,7 @@ def test_failed_download_leaves_nothing(remote_dllm, dllm_dir, tmp_path, monkeyp
 
 def test_stale_partial_copy_of_a_dead_process_is_ignored(remote_dllm, dllm_dir, tmp_path):
     version = storage.local_checkpoint(remote_dllm, tmp_path / "probe").name
-    slot = tmp_path / "cache" / "s3" / remote_dllm.removeprefix("s3://")
+    slot = (tmp_path / "cache").joinpath(*storage._cache_parts(remote_dllm))
     stale = slot / f"{version}.tmp-deadbeef"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{half")
@@ -511,7 +558,8 @@ def test_files_for_rank_keeps_only_own_deepspeed_shards():
 
 
 def test_cache_slot_stays_under_the_cache_root_and_missing_uris_are_named(bucket, tmp_path):
-    assert storage._cache_parts("s3://b/x/../../etc/./p?q=1") == ["s3", "b", "x", "etc", "p_q=1"]
+    *parts, last = storage._cache_parts("s3://b/x/../../etc/./p?q=1")
+    assert parts == ["s3", "b", "x", "etc"] and last.startswith("p_q=1@")
     with pytest.raises(FileNotFoundError, match=f"{bucket}/nothing-here"):
         storage.local_checkpoint(f"{bucket}/nothing-here", tmp_path)
 
