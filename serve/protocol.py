@@ -41,13 +41,11 @@ from pydantic import (
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
 from serve.request_errors import (
     RequestError,
-    array_too_long,
-    empty_array,
-    empty_string,
+    empty,
     inline_schema,
     only_with,
     request_error,
-    string_too_long,
+    too_long,
 )
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
@@ -203,13 +201,13 @@ class _SamplingFields(BaseModel):
     def _stop_list(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > MAX_STOP_SEQUENCES:
-            raise array_too_long("stop", MAX_STOP_SEQUENCES, len(stops))
+            raise too_long("stop", "array", MAX_STOP_SEQUENCES, len(stops))
         for i, stop in enumerate(stops):
             param = "stop" if isinstance(v, str) else f"stop[{i}]"
             if not stop:
-                raise empty_string(param)
+                raise empty(param, "string")
             if len(stop) > MAX_STOP_CHARS:
-                raise string_too_long(param, MAX_STOP_CHARS, len(stop))
+                raise too_long(param, "string", MAX_STOP_CHARS, len(stop))
         return stops
 
     def sampling_params(self, default_max_tokens: int, default_block_lookahead: bool = False) -> SamplingParams:
@@ -313,13 +311,13 @@ class CompletionRequest(_SamplingFields):
         elif not isinstance(v, list):
             return v
         elif not v:
-            raise empty_array("prompt")
+            raise empty("prompt", "array")
         elif not (all(isinstance(x, str) for x in v) or all(map(_token_ids, v))):
             raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of either (one kind)")
         for i, prompt in enumerate(v):
             if not prompt:
                 param = "prompt" if single else f"prompt[{i}]"
-                raise empty_string(param) if isinstance(prompt, str) else empty_array(param)
+                raise empty(param, "string" if isinstance(prompt, str) else "array")
         return v
 
     @property

@@ -92,30 +92,26 @@ def request_error(errors: list[dict[str, Any]], model: type[BaseModel]) -> Reque
         supported = _listed([f"'{v}'" for v in _value_schema(at.node)["enum"]], "and")
         return RequestError(at.param, f"Invalid value: '{value}'. Supported values are: {supported}.", "invalid_value")
     if kind == "too_short" and first["ctx"]["actual_length"] == 0:
-        return empty_array(at.param)
+        return empty(at.param, "array")
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     return RequestError(at.param or None, f"{message} ({at.param})" if at.param else message)
 
 
 # OpenAI's length errors, for validators that check lengths themselves (to name an item's path, `stop[1]`)
-def empty_array(param: str) -> RequestError:
-    return RequestError(param, f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an "
-                        "empty array instead.", "empty_array")
+_ARTICLE = {"array": "an", "string": "a"}
 
 
-def array_too_long(param: str, limit: int, length: int) -> RequestError:
-    return RequestError(param, f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, "
-                        f"but got an array with length {length} instead.", "array_above_max_length")
+def empty(param: str, kind: str) -> RequestError:
+    """`param`, an "array" or a "string", is empty."""
+    return RequestError(param, f"Invalid '{param}': empty {kind}. Expected {_ARTICLE[kind]} {kind} with minimum length 1, "
+                        f"but got an empty {kind} instead.", f"empty_{kind}")
 
 
-def empty_string(param: str) -> RequestError:
-    return RequestError(param, f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an "
-                        "empty string instead.", "empty_string")
-
-
-def string_too_long(param: str, limit: int, length: int) -> RequestError:
-    return RequestError(param, f"Invalid '{param}': string too long. Expected a string with maximum length {limit}, "
-                        f"but got a string with length {length} instead.", "string_above_max_length")
+def too_long(param: str, kind: str, limit: int, length: int) -> RequestError:
+    """`param`, an "array" or a "string", is longer than `limit`."""
+    a = _ARTICLE[kind]
+    return RequestError(param, f"Invalid '{param}': {kind} too long. Expected {a} {kind} with maximum length {limit}, "
+                        f"but got {a} {kind} with length {length} instead.", f"{kind}_above_max_length")
 
 
 def only_with(param: str, needs: str) -> RequestError:
