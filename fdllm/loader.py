@@ -57,11 +57,11 @@ def check_checkpoint(
     """Raise what loading the checkpoint at `path` (local directory or URI) would raise, one line naming
     what is missing: no such directory or an unreachable store (OSError), no config.json or weights
     (FileNotFoundError), an architecture this package does not load (ValueError) and, with
-    `need_tokenizer`, no tokenizer that reads and writes text (`fdllm.tokenizer.check_text_tokenizer`).
+    `need_tokenizer`, no tokenizer that reads and writes text (`fdllm.tokenizer.load_text_tokenizer`).
     For a process about to start others that load it (fdllm-serve's replicas), which would find out
     only once started. Weights are never read: a URI is listed, and only its config and tokenizer files
     are fetched (into this node's cache, as `local_checkpoint(weights=False)` does)."""
-    from fdllm.tokenizer import check_text_tokenizer, has_tokenizer, load_tokenizer
+    from fdllm.tokenizer import load_text_tokenizer
 
     files = checkpoint_files(path)
     if CONFIG_NAME not in files:
@@ -70,14 +70,8 @@ def check_checkpoint(
         raise _no_weights(path)
     local = local_checkpoint(path, cache_dir, weights=False)
     ModelConfig.load(local)
-    if not need_tokenizer:
-        return
-    try:
-        tokenizer = load_tokenizer(local) if has_tokenizer(local) else None
-    except Exception as e:  # noqa: BLE001 - transformers fails on a broken file in its own ways (KeyError, ...)
-        raise ValueError(f"{path}'s tokenizer does not load ({type(e).__name__}: {e}): save the model's tokenizer there "
-                         "again (tokenizer.save_pretrained(DIR))") from None
-    check_text_tokenizer(tokenizer, path)
+    if need_tokenizer:
+        load_text_tokenizer(local, path)
 
 
 def load_checkpoint(

@@ -57,6 +57,21 @@ def check_text_tokenizer(tokenizer: "PreTrainedTokenizerBase | None", path: str 
                      "save the model's tokenizer there (tokenizer.save_pretrained(DIR); a fine-tune's is its base model's)")
 
 
+def load_text_tokenizer(path: str | Path, label: str | Path | None = None) -> "PreTrainedTokenizerBase":
+    """The checkpoint's tokenizer at `path`, refused with one line (ValueError) unless it loads and reads
+    prompts and writes text (`check_text_tokenizer`); `label` names the checkpoint in errors (its URI,
+    when `path` is a local copy)."""
+    label = path if label is None else label
+    if not has_tokenizer(path):
+        return check_text_tokenizer(None, label)
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - transformers fails on a broken file in its own ways (KeyError, ...)
+        raise ValueError(f"{label}'s tokenizer does not load ({type(e).__name__}: {e}): save the model's tokenizer there "
+                         "again (tokenizer.save_pretrained(DIR))") from None
+    return check_text_tokenizer(tokenizer, label)
+
+
 def add_mask_token(tokenizer: "PreTrainedTokenizerBase", model: "Transformer") -> int:
     """Make sure `|<MASK>|` exists in the tokenizer and has an embedding row; return its id.
 

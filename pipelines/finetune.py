@@ -142,7 +142,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     from ray.train.torch import TorchTrainer
 
     from fdllm.config import ModelConfig
-    from fdllm.tokenizer import MASK_TOKEN, check_text_tokenizer, has_tokenizer, load_tokenizer
+    from fdllm.tokenizer import MASK_TOKEN, load_text_tokenizer
     from pipelines.train_loop import has_deepspeed, train_loop_per_worker
 
     if cfg.strategy == "deepspeed" and not has_deepspeed():
@@ -150,7 +150,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     base = local_checkpoint(cfg.model, weights=False)  # config and tokenizer: the workers fetch weights
     ModelConfig.load(base)  # a clear error now rather than in every worker
     # the data pipeline tokenizes with it: one that encodes text to nothing would train on empty rows
-    tokenizer = check_text_tokenizer(load_tokenizer(base) if has_tokenizer(base) else None, cfg.model)
+    tokenizer = load_text_tokenizer(base, cfg.model)
     sources = check_data_files(cfg.data)
     check_output(cfg)
     if cfg.resume and not _run_exists(cfg.storage_path, cfg.run_name):

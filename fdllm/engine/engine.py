@@ -40,7 +40,7 @@ from fdllm.kernels import resolve_attention_backend
 from fdllm.model import Transformer
 from fdllm.quantization import quantize
 from fdllm.storage import local_checkpoint
-from fdllm.tokenizer import MASK_TOKEN, check_text_tokenizer, has_tokenizer, load_tokenizer, stop_token_ids
+from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_text_tokenizer, stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -151,7 +151,7 @@ class Engine:
         elif config.mask_token_id is None and saved is not None and saved.mask_token_id is not None:
             config = config.replace(mask_token_id=saved.mask_token_id)
         model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-        tokenizer = check_text_tokenizer(load_tokenizer(path), path) if has_tokenizer(path) else None
+        tokenizer = load_text_tokenizer(path) if has_tokenizer(path) else None
         return cls(model, tokenizer, config, engine_config)
 
     # -- properties ---------------------------------------------------------------------------------
