@@ -685,8 +685,8 @@ def pack_jsonl_windows(windows: Iterable[bytes], **kwargs: Any) -> dict[str, np.
     return {column: np.concatenate([o[column] for o in outs]) for column in outs[0]}
 
 
-def _jsonl_split_datasource(sources: DataSources, cfg: DataConfig) -> Any:
-    """Ray Data source with one read task per split, yielding one row per pack window.
+def _jsonl_split_datasource(sources: DataSources, splits: Sequence[JsonlSplit], cfg: DataConfig) -> Any:
+    """Ray Data source with one read task per split (`plan_jsonl_splits`), yielding one row per pack window.
 
     A window is one row (its lines in one binary value), so however Ray Data groups rows into
     blocks and batches, a window is never cut in two. Lines are decoded with their record, so one
@@ -709,7 +709,6 @@ def _jsonl_split_datasource(sources: DataSources, cfg: DataConfig) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
             # The splits, not Ray's parallelism hint (which grows with the data), define the tasks.
-            splits = plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg)
             log.info("data: %d jsonl file(s), %.1f MB, in %d read split(s)", len(sources.jsonl),
                      self.estimate_inmemory_data_size() / 1e6, len(splits))
             return [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=s.end - s.start,
@@ -789,8 +788,11 @@ def read_raw_records(
 
     parts: list[tuple[Literal["jsonl", "parquet"], ray.data.Dataset]] = []
     if sources.jsonl:
-        parts.append(("jsonl", ray.data.read_datasource(_jsonl_split_datasource(sources, cfg), num_cpus=num_cpus,
-                                                        runtime_env=SINGLE_THREADED)))
+        # One block per split: below Ray's parallelism hint (twice the cluster's CPUs), Ray would cut
+        # each read's output in pieces, which stops it fusing the tokenizing map into the read.
+        splits = plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg)
+        parts.append(("jsonl", ray.data.read_datasource(_jsonl_split_datasource(sources, splits, cfg), num_cpus=num_cpus,
+                                                        override_num_blocks=len(splits), runtime_env=SINGLE_THREADED)))
     # Files of one schema on one store are read together, in file order. Ray Data would take the first
     # file's filesystem for all, and drop a URI's query: each read gets its filesystem and plain paths.
     groups: dict[tuple[str, str], list[str]] = {}

@@ -25,6 +25,11 @@ def _packed(sources, split_bytes: int) -> dict[str, np.ndarray]:
     dataset = build_dataset(sources, make_tokenizer(), cfg, num_cpus=0.5)
     dataset.context.execution_options.preserve_order = True  # as the fine-tune's ingest runs it
     batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    if sources.jsonl:
+        # Tokenizing runs in the read's task, however few splits the file makes (here fewer than Ray's
+        # parallelism hint of twice the CPUs): raw text never waits in the object store.
+        operators = [line for line in dataset.stats().splitlines() if line.startswith("Operator")]
+        assert any("ReadJsonlSplits->MapBatches(_pack_jsonl_batch)" in line for line in operators), operators
     return {c: np.concatenate([b[c] for b in batches]) for c in batches[0]}
 
 
