@@ -94,6 +94,12 @@ def same_or_under(path: str, directory: str) -> bool:
 _SCHEME_ALIASES = {"gcs": "gs", "s3a": "s3"}  # one store, two spellings (pyarrow and fsspec take both)
 
 
+def _store_scheme(scheme: str) -> str:
+    """A URI scheme as one spelling per store: schemes are case-insensitive (RFC 3986), and aliased."""
+    scheme = scheme.lower()
+    return _SCHEME_ALIASES.get(scheme, scheme)
+
+
 def _location(path: str) -> tuple[str, ...]:
     """(scheme, host, *names) of a local path ("file", "", ...) or URI (`file:///a` and
     `file://localhost/a` are the local `/a`, `..` resolved)."""
@@ -102,8 +108,7 @@ def _location(path: str) -> tuple[str, ...]:
     else:
         scheme, rest = path.split("://", 1)
         host, _, inner = rest.partition("?")[0].partition("/")
-        scheme, inner = scheme.lower(), unquote(inner)
-        scheme = _SCHEME_ALIASES.get(scheme, scheme)
+        scheme, inner = _store_scheme(scheme), unquote(inner)
         if scheme == "file" and host in ("", "localhost"):
             host, inner = "", resolve_local("/" + inner)
     return (scheme, host, *(name for name in inner.split("/") if name))
@@ -420,7 +425,7 @@ def _bounded_retries(uri: str) -> str:
     """`uri` with GCS's retries bounded to CHECK_RETRY_LIMIT_S (pyarrow's `retry_limit_seconds`) unless it
     sets them: without credentials its client retries for minutes before it answers (measured here:
     no answer in 100 s), which a check before starting a server must not do silently."""
-    if uri.split("://", 1)[0] not in ("gs", "gcs") or "retry_limit_seconds=" in uri:
+    if _store_scheme(uri.split("://", 1)[0]) != "gs" or "retry_limit_seconds=" in uri:
         return uri
     return f"{uri}{'&' if '?' in uri else '?'}retry_limit_seconds={CHECK_RETRY_LIMIT_S}"
 
