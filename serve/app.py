@@ -460,7 +460,7 @@ class FdllmServer:
         choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
         streams = [self.engine.generate(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
                    for k, (ids, p) in enumerate(choices)]
-        firsts = await self._admit(streams)
+        firsts = await self._admit(streams, body)
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
             streams = [prepend(first, stream) for first, stream in zip(firsts, streams)]
@@ -489,30 +489,30 @@ class FdllmServer:
         """`params` for prompt `ids` within the context: a prompt that does not fit it, or would not with the
         request's max_tokens, is OpenAI's 400 `context_length_exceeded`, checked here where the field is
         known (the engine's own refusal names none); a request without max_tokens generates up to
-        ServerConfig.default_max_tokens, never past the end of the context."""
+        ServerConfig.default_max_tokens, never past the end of the context (its min_tokens within that)."""
         given, room = body.max_tokens_given(), self.max_model_len - len(ids)
         if room < 1 or (given is not None and given > room):
             field = "messages" if hasattr(body, "messages") else "prompt"
             raise APIError.of(context_length_exceeded(field, self.max_model_len, len(ids), given))
         if given is not None:
             return params
-        try:
-            return replace(params, max_new_tokens=min(room, self.cfg.default_max_tokens or room))
-        except ValueError as exc:  # min_tokens past the room left
-            raise APIError(400, str(exc), param="min_tokens") from None
+        granted = min(room, self.cfg.default_max_tokens or room)
+        body.check_min_tokens(granted)
+        return replace(params, max_new_tokens=granted)
 
     def _echoes(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """Each prompt's text, as echo returns it: as sent, or its token ids decoded."""
         return [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(body.prompt, prompts)]
 
-    async def _admit(self, streams: list) -> list:
+    async def _admit(self, streams: list, body: CompletionRequest | ChatCompletionRequest | None = None) -> list:
         """Each stream's first event (its first tokens; admission errors surface here, before any byte is
         sent). The first to fail answers at once, as an OpenAI error; every stream is closed (its request
-        aborted) by `first_events`."""
+        aborted) by `first_events`. The engine's refusal of `body` names the field it is about
+        (`engine_refusal`: token ids past the vocabulary, text delimiters no token holds)."""
         try:
             return await first_events(streams)
         except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+            raise (APIError(400, str(exc)) if body is None else body.engine_refusal(exc)) from None
         except EngineOverloaded as exc:
             raise APIError(503, str(exc), type="server_error", code="overloaded") from None
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
@@ -524,6 +524,8 @@ class FdllmServer:
         are read, not recomputed)."""
         try:
             scored = await self.engine.score(prompt_ids + result.token_ids, top, 1 if echo else len(prompt_ids))
+        except ValueError as exc:  # a bad request (AsyncEngine.score's), e.g. more alternatives than the vocabulary
+            raise APIError(400, str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
             raise _engine_error(exc) from None
         build = chat_logprobs if endpoint == "chat" else completion_logprobs
