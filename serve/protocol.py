@@ -70,9 +70,11 @@ _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 # Request fields (OpenAI's, and vLLM's extensions clients send to OpenAI-compatible servers) that this
 # server does not implement, each with the test of a value that asks for nothing (what clients send by
 # default). Any other value is refused with a 400 naming the field: served anyway, the answer would
-# not be what the client asked for.
+# not be what the client asked for. `response_format` is a declared field (its shape is checked first,
+# `ResponseFormat`); the others arrive as sent, in `model_extra`.
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}: no JSON or grammar mode'),
+    "response_format": (lambda v: v is None or v.model_dump() == {"type": "text"},
+                        'only {"type": "text"}: no JSON or grammar mode'),
     "tools": (lambda v: not v, "no tool calling"),
     "functions": (lambda v: not v, "no function calling"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), "no tool calling"),
@@ -133,6 +135,17 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False  # a last chunk with no choices carries the request's usage (OpenAI's)
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`, checked as OpenAI checks it: an object (invalid_type), with a `type`
+    (missing_required_parameter) among OpenAI's (invalid_value, "Supported values are: ..."). A typo
+    is then not answered as a format this server lacks; of the valid types only "text" is served
+    (NOT_IMPLEMENTED refuses the others with unsupported_value)."""
+
+    model_config = ConfigDict(extra="allow")  # json_schema's own fields: kept, so a "text" with them is refused
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
 # Token ids a request sends (stop_token_ids, delimiter_token_ids): >= 0 and at most MAX_STOP_TOKEN_IDS of them
 # (fdllm.SamplingParams' checks), <= MAX_TOKEN_ID; refused here in OpenAI's words at the id's own path
 # (`stop_token_ids[2]`), where SamplingParams' refusal had no code and named the whole list
@@ -186,6 +199,7 @@ class _SamplingFields(BaseModel):
     # `ignore_eos` (only these, `stop` and the token limit end it)
     stop_token_ids: _TokenIds | None = None
     ignore_eos: StrictBool | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's; only {"type": "text"} is served (NOT_IMPLEMENTED)
 
     @field_validator(*NULL_MEANS_DEFAULT, mode="before", check_fields=False)
     @classmethod
@@ -256,9 +270,9 @@ class _SamplingFields(BaseModel):
         silently ignored (a client would read a different answer than it asked for)."""
         if self.stream and self.logprob_count() is not None:
             return "logprobs", NO_STREAMED_LOGPROBS
-        for name, value in (self.model_extra or {}).items():
-            asks_nothing, hint = NOT_IMPLEMENTED.get(name, (None, ""))
-            if asks_nothing is not None and not asks_nothing(value):
+        for name, (asks_nothing, hint) in NOT_IMPLEMENTED.items():
+            value = getattr(self, name) if name in type(self).model_fields else (self.model_extra or {}).get(name)
+            if not asks_nothing(value):
                 return name, f"{name} is not supported by this server ({hint})"
         return None
 

@@ -293,6 +293,9 @@ WRONG_JSON_TYPES = [
     (CompletionRequest, {"stop_token_ids": [True]}, "stop_token_ids[0]", "an integer", "a boolean"),
     (CompletionRequest, {"stop_token_ids": [1, None]}, "stop_token_ids[1]", "an integer", "null"),
     (CompletionRequest, {"stop_token_ids": 5}, "stop_token_ids", "an array of integers", "an integer"),
+    (ChatCompletionRequest, {"response_format": "json_object"}, "response_format", "an object", "a string"),
+    (CompletionRequest, {"response_format": {"type": 5}}, "response_format.type",
+     "one of 'text', 'json_object', or 'json_schema'", "an integer"),
     (CompletionRequest, {"stop": 7}, "stop", "one of a string or array of strings", "an integer"),
     (CompletionRequest, {"stop": {"": "🙂"}}, "stop", "one of a string or array of strings", "an object"),
     (CompletionRequest, {"stop": ["a", None]}, "stop[1]", "a string", "null"),
@@ -356,6 +359,7 @@ def test_a_body_that_is_no_json_object_is_a_type_error_without_a_param(body, sen
     (CompletionRequest, {"temperature": 0, "top_p": 1, "presence_penalty": -2, "seed": -(2**63)}),
     (CompletionRequest, {"seed": 2**64 - 1, "top_k": 2**31 - 1, "stop_token_ids": [0, 2**31 - 1] * 32,
                          "delimiter_token_ids": [0, 2**31 - 1]}),
+    (ChatCompletionRequest, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
     (CompletionRequest, {"🙂 not a field": [None, {"x": 1}]}), (ChatCompletionRequest, {"messages": [
         {"role": "user", "content": ""}, {"role": "assistant", "content": []}, {"role": "user", "content": "é"}]}),
     (DetokenizeRequest, {"tokens": []}), (TokenizeRequest, {"prompt": ""}),
@@ -375,6 +379,9 @@ def test_type_valid_extremes_are_no_type_errors(model, fields):
     (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "user"}]},
      "messages[1].content"),
     (DetokenizeRequest, {}, "tokens"),
+    (CompletionRequest, {"model": "m", "prompt": "x", "response_format": {}}, "response_format.type"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                             "response_format": {"json_schema": {"name": "x"}}}, "response_format.type"),
 ])
 def test_a_missing_field_is_openais_missing_required_parameter(model, body, param):
     """As OpenAI answers it (`Missing required parameter: 'input[79].id'.`, openai/codex#6725): pydantic's
@@ -476,6 +483,10 @@ VALUE_ERRORS = [
      "Invalid value: ''. Supported values are: 'diffusion', 'ar', and 'speculative'."),
     (ChatCompletionRequest, {"selection": "greedy"}, "selection", "invalid_value",
      "Invalid value: 'greedy'. Supported values are: 'threshold' and 'entropy_budget'."),
+    (ChatCompletionRequest, {"response_format": {"type": "foo"}}, "response_format.type", "invalid_value",
+     "Invalid value: 'foo'. Supported values are: 'text', 'json_object', and 'json_schema'."),
+    (CompletionRequest, {"response_format": {"type": "JSON_OBJECT"}}, "response_format.type", "invalid_value",
+     "Invalid value: 'JSON_OBJECT'. Supported values are: 'text', 'json_object', and 'json_schema'."),
     (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}, {"role": "🙂", "content": "x"}]},
      "messages[1].role", "invalid_value", f"Invalid value: '🙂'. Supported values are: {ROLES_SUPPORTED}."),
     # lengths: OpenAI's four stop sequences, fdllm's 256 characters each; no empty prompt or conversation
