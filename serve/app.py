@@ -245,6 +245,15 @@ async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
     return _json_error(APIError(500, f"internal server error ({type(err).__name__})", type="server_error"))
 
 
+def _in_vocabulary(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    """`ids`, or a 400 naming `param` when one is outside the vocabulary: the tokenizer raises OverflowError
+    (a 500) on an id past 32 bits or below 0, and a completion's echo decodes its token-id prompts before
+    the engine's admission would refuse them."""
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"token ids must be in [0, {vocab_size})", param=param)
+    return ids
+
+
 def _engine_error(exc: Exception) -> APIError:
     """The HTTP error for an engine-side failure of a request that was admitted."""
     if isinstance(exc, RequestFailed):
@@ -415,7 +424,8 @@ class FdllmServer:
             return [self._encode(text, False, "messages")]
         prompts = body.prompt if isinstance(body, CompletionRequest) else [body.prompt]
         add_special_tokens = getattr(body, "add_special_tokens", True)
-        return [list(p) if isinstance(p, list) else self._encode(p, add_special_tokens, "prompt") for p in prompts]
+        return [_in_vocabulary(list(p), self.vocab_size, "prompt") if isinstance(p, list)
+                else self._encode(p, add_special_tokens, "prompt") for p in prompts]
 
     def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         try:
@@ -432,8 +442,7 @@ class FdllmServer:
 
     async def _detokenize(self, body: DetokenizeRequest, endpoint: str, request: Request) -> Response:
         self._check_model(body.model)
-        if any(not 0 <= t < self.vocab_size for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {self.vocab_size})", param="tokens")
+        _in_vocabulary(body.tokens, self.vocab_size, "tokens")
         text = await asyncio.to_thread(self.tokenizer.decode, body.tokens)
         self.counters.by_status[(endpoint, 200)] += 1
         return JSONResponse({"prompt": text})

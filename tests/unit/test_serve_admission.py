@@ -187,3 +187,15 @@ def test_min_tokens_past_what_the_context_grants_is_openais_range_error():
     assert err.value.body() == {"error": {
         "message": "Invalid 'min_tokens': integer above maximum value. Expected a value <= 4, but got 10 instead.",
         "type": "invalid_request_error", "param": "min_tokens", "code": "integer_above_max_value"}}
+
+
+@pytest.mark.parametrize("prompt", [[5, 100], [-1], [[5], [10**12]], [10**400]])
+def test_token_id_prompts_outside_the_vocabulary_are_a_400_before_echo_decodes_them(prompt):
+    """echo decodes a completion's token-id prompts before admission, where the engine refuses them: the
+    tokenizer raised OverflowError on ids past 32 bits or below 0, a 500."""
+    prompt_ids = partial(FdllmServer.func_or_class._prompt_ids, SimpleNamespace(vocab_size=100))
+    body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": prompt, "echo": True}).encode())
+    with pytest.raises(APIError) as err:
+        prompt_ids(body)
+    assert (err.value.status, err.value.param, err.value.message) == (400, "prompt", "token ids must be in [0, 100)")
+    assert prompt_ids(parse_request(CompletionRequest, b'{"model": "m", "prompt": [[0, 99], [5]]}')) == [[0, 99], [5]]
