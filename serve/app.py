@@ -245,6 +245,15 @@ async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
     return _json_error(APIError(500, f"internal server error ({type(err).__name__})", type="server_error"))
 
 
+def _in_vocabulary(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    """`ids`, or a 400 naming `param` when one is outside the vocabulary: the tokenizer raises OverflowError
+    (a 500) on an id past 32 bits or below 0, and a completion's echo decodes its token-id prompts before
+    the engine's admission would refuse them."""
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"token ids must be in [0, {vocab_size})", param=param)
+    return ids
+
+
 def _engine_error(exc: Exception) -> APIError:
     """The HTTP error for an engine-side failure of a request that was admitted."""
     if isinstance(exc, RequestFailed):
@@ -415,7 +424,8 @@ class FdllmServer:
             return [self._encode(text, False, "messages")]
         prompts = body.prompt if isinstance(body, CompletionRequest) else [body.prompt]
         add_special_tokens = getattr(body, "add_special_tokens", True)
-        return [list(p) if isinstance(p, list) else self._encode(p, add_special_tokens, "prompt") for p in prompts]
+        return [_in_vocabulary(list(p), self.vocab_size, "prompt") if isinstance(p, list)
+                else self._encode(p, add_special_tokens, "prompt") for p in prompts]
 
     def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         try:
@@ -432,8 +442,7 @@ class FdllmServer:
 
     async def _detokenize(self, body: DetokenizeRequest, endpoint: str, request: Request) -> Response:
         self._check_model(body.model)
-        if any(not 0 <= t < self.vocab_size for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {self.vocab_size})", param="tokens")
+        _in_vocabulary(body.tokens, self.vocab_size, "tokens")
         text = await asyncio.to_thread(self.tokenizer.decode, body.tokens)
         self.counters.by_status[(endpoint, 200)] += 1
         return JSONResponse({"prompt": text})
@@ -460,7 +469,7 @@ class FdllmServer:
         choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
         streams = [self.engine.generate(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
                    for k, (ids, p) in enumerate(choices)]
-        firsts = await self._admit(streams)
+        firsts = await self._admit(streams, body)
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
             streams = [prepend(first, stream) for first, stream in zip(firsts, streams)]
@@ -489,30 +498,30 @@ class FdllmServer:
         """`params` for prompt `ids` within the context: a prompt that does not fit it, or would not with the
         request's max_tokens, is OpenAI's 400 `context_length_exceeded`, checked here where the field is
         known (the engine's own refusal names none); a request without max_tokens generates up to
-        ServerConfig.default_max_tokens, never past the end of the context."""
+        ServerConfig.default_max_tokens, never past the end of the context (its min_tokens within that)."""
         given, room = body.max_tokens_given(), self.max_model_len - len(ids)
         if room < 1 or (given is not None and given > room):
             field = "messages" if hasattr(body, "messages") else "prompt"
             raise APIError.of(context_length_exceeded(field, self.max_model_len, len(ids), given))
         if given is not None:
             return params
-        try:
-            return replace(params, max_new_tokens=min(room, self.cfg.default_max_tokens or room))
-        except ValueError as exc:  # min_tokens past the room left
-            raise APIError(400, str(exc), param="min_tokens") from None
+        granted = min(room, self.cfg.default_max_tokens or room)
+        body.check_min_tokens(granted)
+        return replace(params, max_new_tokens=granted)
 
     def _echoes(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """Each prompt's text, as echo returns it: as sent, or its token ids decoded."""
         return [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(body.prompt, prompts)]
 
-    async def _admit(self, streams: list) -> list:
+    async def _admit(self, streams: list, body: CompletionRequest | ChatCompletionRequest | None = None) -> list:
         """Each stream's first event (its first tokens; admission errors surface here, before any byte is
         sent). The first to fail answers at once, as an OpenAI error; every stream is closed (its request
-        aborted) by `first_events`."""
+        aborted) by `first_events`. The engine's refusal of `body` names the field it is about
+        (`engine_refusal`: token ids past the vocabulary, text delimiters no token holds)."""
         try:
             return await first_events(streams)
         except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+            raise (APIError(400, str(exc)) if body is None else body.engine_refusal(exc)) from None
         except EngineOverloaded as exc:
             raise APIError(503, str(exc), type="server_error", code="overloaded") from None
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
@@ -524,6 +533,8 @@ class FdllmServer:
         are read, not recomputed)."""
         try:
             scored = await self.engine.score(prompt_ids + result.token_ids, top, 1 if echo else len(prompt_ids))
+        except ValueError as exc:  # a bad request (AsyncEngine.score's), e.g. more alternatives than the vocabulary
+            raise APIError(400, str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
             raise _engine_error(exc) from None
         build = chat_logprobs if endpoint == "chat" else completion_logprobs

@@ -39,10 +39,12 @@ from pydantic import (
 )
 
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
+from fdllm.engine.params import MAX_STOP_TOKEN_IDS, MAX_TOP_K, SEED_RANGE
 from serve.request_errors import (
     RequestError,
     empty,
     inline_schema,
+    integer_above_max,
     only_with,
     request_error,
     too_long,
@@ -50,6 +52,9 @@ from serve.request_errors import (
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # a stop string is held back from the stream until it cannot match: keep it short
+# Past any vocabulary (int32 ids). The engine refuses ids past its own vocabulary at admission; this bound
+# only keeps an id of no tokenizer (10**400 is a JSON integer) from reaching it.
+MAX_TOKEN_ID = 2**31 - 1
 NO_CAUSAL_LOGPROBS = (
     "log-probabilities need a causal checkpoint: this one's prompt and committed blocks attend block-causally "
     "(bidirectionally inside a block), so no position's logits are a causal prediction. Checkpoints fine-tuned with "
@@ -65,9 +70,11 @@ _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 # Request fields (OpenAI's, and vLLM's extensions clients send to OpenAI-compatible servers) that this
 # server does not implement, each with the test of a value that asks for nothing (what clients send by
 # default). Any other value is refused with a 400 naming the field: served anyway, the answer would
-# not be what the client asked for.
+# not be what the client asked for. `response_format` is a declared field (its shape is checked first,
+# `ResponseFormat`); the others arrive as sent, in `model_extra`.
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}: no JSON or grammar mode'),
+    "response_format": (lambda v: v is None or v.model_dump() == {"type": "text"},
+                        'only {"type": "text"}: no JSON or grammar mode'),
     "tools": (lambda v: not v, "no tool calling"),
     "functions": (lambda v: not v, "no function calling"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), "no tool calling"),
@@ -128,6 +135,23 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False  # a last chunk with no choices carries the request's usage (OpenAI's)
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`, checked as OpenAI checks it: an object (invalid_type), with a `type`
+    (missing_required_parameter) among OpenAI's (invalid_value, "Supported values are: ..."). A typo
+    is then not answered as a format this server lacks; of the valid types only "text" is served
+    (NOT_IMPLEMENTED refuses the others with unsupported_value)."""
+
+    model_config = ConfigDict(extra="allow")  # json_schema's own fields: kept, so a "text" with them is refused
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
+# Token ids a request sends (stop_token_ids, delimiter_token_ids): >= 0 and at most MAX_STOP_TOKEN_IDS of them
+# (fdllm.SamplingParams' checks), <= MAX_TOKEN_ID; refused here in OpenAI's words at the id's own path
+# (`stop_token_ids[2]`), where SamplingParams' refusal had no code and named the whole list
+_TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]], Field(max_length=MAX_STOP_TOKEN_IDS)]
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions (OpenAI names, plus fdllm's `threshold`, `mode`
     and selection policy fields)."""
@@ -140,10 +164,11 @@ class _SamplingFields(BaseModel):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0)
     top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(default=0, ge=0)  # extension, as vLLM: 0 = off
+    top_k: StrictInt = Field(default=0, ge=0, le=MAX_TOP_K)  # extension, as vLLM: 0 = off
     n: StrictInt = Field(default=1, ge=1, le=128)  # choices per prompt (OpenAI's bound)
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    # fdllm.SamplingParams' range (torch.Generator's), checked here so that it is OpenAI's range error
+    seed: StrictInt | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1] - 1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -158,7 +183,7 @@ class _SamplingFields(BaseModel):
     entropy_budget: StrictFloat | None = Field(default=None, ge=0.0)
     delimiter_threshold: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     delimiters: list[str] | None = None
-    delimiter_token_ids: list[StrictInt] | None = None
+    delimiter_token_ids: _TokenIds | None = None
     # fdllm: diffusion mode runs each block's first step in the forward that opens it (one forward fewer
     # per block; outputs may differ from the plain schedule: fdllm.SamplingParams.block_lookahead).
     # None: the server's default (ServerConfig.block_lookahead, for diffusion-mode requests)
@@ -172,8 +197,9 @@ class _SamplingFields(BaseModel):
     min_tokens: StrictInt | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many; null: 0
     # vLLM's: token ids that end the request besides the tokenizer's EOS / end-of-turn tokens, and
     # `ignore_eos` (only these, `stop` and the token limit end it)
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: _TokenIds | None = None
     ignore_eos: StrictBool | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's; only {"type": "text"} is served (NOT_IMPLEMENTED)
 
     @field_validator(*NULL_MEANS_DEFAULT, mode="before", check_fields=False)
     @classmethod
@@ -216,20 +242,37 @@ class _SamplingFields(BaseModel):
         refused = self.unsupported()
         if refused is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
+        self.check_min_tokens(self.max_tokens_given() or default_max_tokens)
         try:
             return self._sampling_params(default_max_tokens, default_block_lookahead)
-        except ValueError as exc:  # SamplingParams' messages start with the field's name
-            field = str(exc).split(" ", 1)[0]
-            raise APIError(400, str(exc), param=_PARAM_NAMES.get(field, field)) from None
+        except ValueError as exc:
+            raise self.engine_refusal(exc) from None
+
+    def check_min_tokens(self, max_new_tokens: int) -> None:
+        """APIError 400 (OpenAI's integer_above_max_value) when min_tokens passes the tokens the request may
+        generate, `max_new_tokens` (its max_tokens, else the server's grant): a bound another field sets, so
+        the schema cannot hold it, and the engine's own refusal has no code."""
+        if self.min_tokens is not None and self.min_tokens > max_new_tokens:
+            raise APIError.of(integer_above_max("min_tokens", max_new_tokens, self.min_tokens))
+
+    def engine_refusal(self, exc: ValueError) -> APIError:
+        """The 400 of the engine refusing this request: fdllm.SamplingParams, or the engine at admission
+        (token ids past its vocabulary, text delimiters no token holds), whose messages start with the
+        field's name. That field is the param when this request has it (max_new_tokens: max_tokens); a
+        refusal naming none keeps its message, which says what is wrong, with no param, and no code
+        either way (no OpenAI code fits what only the engine checks)."""
+        field = str(exc).split(" ", 1)[0].removesuffix(":")
+        field = _PARAM_NAMES.get(field, field)
+        return APIError(400, str(exc), param=field if field in type(self).model_fields else None)
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of a requested feature this server does not have: refused with a 400, never
         silently ignored (a client would read a different answer than it asked for)."""
         if self.stream and self.logprob_count() is not None:
             return "logprobs", NO_STREAMED_LOGPROBS
-        for name, value in (self.model_extra or {}).items():
-            asks_nothing, hint = NOT_IMPLEMENTED.get(name, (None, ""))
-            if asks_nothing is not None and not asks_nothing(value):
+        for name, (asks_nothing, hint) in NOT_IMPLEMENTED.items():
+            value = getattr(self, name) if name in type(self).model_fields else (self.model_extra or {}).get(name)
+            if not asks_nothing(value):
                 return name, f"{name} is not supported by this server ({hint})"
         return None
 

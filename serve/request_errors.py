@@ -93,6 +93,8 @@ def request_error(errors: list[dict[str, Any]], model: type[BaseModel]) -> Reque
         return RequestError(at.param, f"Invalid value: '{value}'. Supported values are: {supported}.", "invalid_value")
     if kind == "too_short" and first["ctx"]["actual_length"] == 0:
         return empty(at.param, "array")
+    if kind == "too_long" and _value_schema(at.node).get("type") == "array" and first["ctx"].get("actual_length"):
+        return too_long(at.param, "array", first["ctx"]["max_length"], first["ctx"]["actual_length"])
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     return RequestError(at.param or None, f"{message} ({at.param})" if at.param else message)
 
@@ -112,6 +114,12 @@ def too_long(param: str, kind: str, limit: int, length: int) -> RequestError:
     a = _ARTICLE[kind]
     return RequestError(param, f"Invalid '{param}': {kind} too long. Expected {a} {kind} with maximum length {limit}, "
                         f"but got {a} {kind} with length {length} instead.", f"{kind}_above_max_length")
+
+
+def integer_above_max(param: str, limit: int, value: int) -> RequestError:
+    """An integer past a bound that another field sets (min_tokens past max_tokens), which the request
+    model's schema cannot hold: for validators, in the words of a schema bound's error."""
+    return _past(param, "integer", "above", "<=", limit, value)
 
 
 def only_with(param: str, needs: str) -> RequestError:

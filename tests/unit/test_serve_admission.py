@@ -97,6 +97,47 @@ def test_a_client_gone_during_admission_closes_every_choice():
     assert asyncio.run(main()) == [0, 1]
 
 
+def test_an_engine_refusal_at_admission_is_a_400_naming_the_field(dllm_dir):
+    """What only the engine can check (token ids past its vocabulary, text delimiters no token holds) was a
+    400 without a param: admission names the field the engine's message starts with."""
+    engine = fdllm.Engine.from_pretrained(dllm_dir)
+    vocab = engine.model.config.vocab_size
+    drv = AsyncEngine(engine, max_waiting=4)
+    admit = partial(FdllmServer.func_or_class._admit, None)
+    cases = [({"stop_token_ids": [3, vocab]}, "stop_token_ids"), ({"logit_bias": {str(vocab): 1}}, "logit_bias"),
+             ({"delimiter_threshold": 0.5, "delimiter_token_ids": [vocab]}, "delimiter_token_ids"),
+             ({"delimiter_threshold": 0.5, "delimiters": ["\u2603"]}, "delimiters"),  # no token's text holds it
+             ({"prompt": [5, vocab]}, "prompt")]
+
+    async def refusal(body: CompletionRequest) -> APIError:
+        with pytest.raises(APIError) as err:
+            await admit([drv.generate(body.prompt[0], body.sampling_params(16), "r")], body)
+        return err.value
+
+    try:
+        for fields, param in cases:
+            body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": [5, 6]} | fields).encode())
+            err = asyncio.run(refusal(body))
+            assert (err.status, err.param, err.type) == (400, param, "invalid_request_error"), (fields, err.message)
+            assert err.message.startswith(param), err.message
+        assert drv.stats()["running"] == drv.stats()["waiting"] == 0
+    finally:
+        drv.shutdown()
+
+
+def test_a_scoring_refusal_is_a_400_not_a_500():
+    """Engine.score's ValueError is a bad request (AsyncEngine.score's contract), not a server failure."""
+    async def score(*_):
+        raise ValueError("top_logprobs must be an integer in [0, 16], got 20")
+
+    logprobs = partial(FdllmServer.func_or_class._logprobs, SimpleNamespace(engine=SimpleNamespace(score=score)))
+    result = fdllm.GenerationResult(request_id="r", prompt_token_ids=[1, 2], token_ids=[3])
+    with pytest.raises(APIError) as err:
+        asyncio.run(logprobs([1, 2], result, 20, "chat", False))
+    assert (err.value.status, err.value.type) == (400, "invalid_request_error")
+    assert err.value.message == "top_logprobs must be an integer in [0, 16], got 20"
+
+
 @pytest.mark.parametrize("model,prompt_tokens,max_tokens,message", [
     (ChatCompletionRequest, 60, 10, "This model's maximum context length is 64 tokens. However, you requested 70 tokens "
      "(60 in the messages, 10 in the completion). Please reduce the length of the messages or completion."),
@@ -107,6 +148,9 @@ def test_a_client_gone_during_admission_closes_every_choice():
      "64 tokens. Please reduce the length of the prompt."),
     (ChatCompletionRequest, 70, 1, "This model's maximum context length is 64 tokens. However, you requested 71 tokens "
      "(70 in the messages, 1 in the completion). Please reduce the length of the messages or completion."),
+    (ChatCompletionRequest, 2, 10**400, "This model's maximum context length is 64 tokens. However, you requested "  # JSON's
+     f"{10**400 + 2} tokens (2 in the messages, {10**400} in the completion). Please reduce the length of the messages "
+     "or completion."),  # 10**400 is an int: formatted whole, no 500
 ])
 def test_a_prompt_past_the_context_with_its_max_tokens_is_openais_context_length_exceeded(model, prompt_tokens,
                                                                                         max_tokens, message):
@@ -130,3 +174,28 @@ def test_a_prompt_that_fits_keeps_its_max_tokens_or_gets_the_rest_of_the_context
                   SimpleNamespace(max_model_len=64, cfg=SimpleNamespace(default_max_tokens=default)))
     body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x", "max_tokens": max_tokens}).encode())
     assert fit(body.sampling_params(64), list(range(60)), body).max_new_tokens == granted
+
+
+def test_min_tokens_past_what_the_context_grants_is_openais_range_error():
+    """Without max_tokens a request gets the rest of the context: a min_tokens past it was the engine's
+    refusal, with no code."""
+    fit = partial(FdllmServer.func_or_class._fit_context,
+                  SimpleNamespace(max_model_len=64, cfg=SimpleNamespace(default_max_tokens=None)))
+    body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x", "min_tokens": 10}).encode())
+    with pytest.raises(APIError) as err:
+        fit(body.sampling_params(64), list(range(60)), body)
+    assert err.value.body() == {"error": {
+        "message": "Invalid 'min_tokens': integer above maximum value. Expected a value <= 4, but got 10 instead.",
+        "type": "invalid_request_error", "param": "min_tokens", "code": "integer_above_max_value"}}
+
+
+@pytest.mark.parametrize("prompt", [[5, 100], [-1], [[5], [10**12]], [10**400]])
+def test_token_id_prompts_outside_the_vocabulary_are_a_400_before_echo_decodes_them(prompt):
+    """echo decodes a completion's token-id prompts before admission, where the engine refuses them: the
+    tokenizer raised OverflowError on ids past 32 bits or below 0, a 500."""
+    prompt_ids = partial(FdllmServer.func_or_class._prompt_ids, SimpleNamespace(vocab_size=100))
+    body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": prompt, "echo": True}).encode())
+    with pytest.raises(APIError) as err:
+        prompt_ids(body)
+    assert (err.value.status, err.value.param, err.value.message) == (400, "prompt", "token ids must be in [0, 100)")
+    assert prompt_ids(parse_request(CompletionRequest, b'{"model": "m", "prompt": [[0, 99], [5]]}')) == [[0, 99], [5]]

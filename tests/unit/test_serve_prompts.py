@@ -177,11 +177,44 @@ def test_vllms_stop_token_ids_and_ignore_eos_reach_the_engine(model):
     got = _request(model, stop_token_ids=[5, 9], ignore_eos=True).sampling_params(16)
     assert (got.stop_token_ids, got.ignore_eos) == ((5, 9), True)
     assert _request(model, stop_token_ids=None, ignore_eos=None).sampling_params(16) == _request(model).sampling_params(16)
-    for bad, param in (([-1], "stop_token_ids"), (list(range(65)), "stop_token_ids"), (["5"], "stop_token_ids[0]"),
-                       (5, "stop_token_ids")):
+    for bad, param in (([-1], "stop_token_ids[0]"), (list(range(65)), "stop_token_ids"), (["5"], "stop_token_ids[0]"),
+                       (5, "stop_token_ids"), ([3, 10**400], "stop_token_ids[1]")):
         with pytest.raises(APIError) as err:
             _request(model, stop_token_ids=bad).sampling_params(16)
         assert (err.value.status, err.value.param) == (400, param), bad
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+@pytest.mark.parametrize("fields,limit,shown", [
+    ({"max_tokens": 8, "min_tokens": 9}, 8, "9"), ({"min_tokens": 10**400}, 16, "1E+400"),  # 16: the server's default
+    ({"max_completion_tokens": 4, "max_tokens": 8, "min_tokens": 5}, 4, "5"),
+])
+def test_min_tokens_past_the_requests_token_limit_is_openais_range_error(model, fields, limit, shown):
+    """Its bound is another field's (max_tokens, else the server's default): the engine's refusal had no code
+    and wrote every digit of what was sent."""
+    with pytest.raises(APIError) as err:
+        _request(model, **fields).sampling_params(16)
+    assert err.value.status == 400
+    assert err.value.body() == {"error": {
+        "message": f"Invalid 'min_tokens': integer above maximum value. Expected a value <= {limit}, but got {shown} instead.",
+        "type": "invalid_request_error", "param": "min_tokens", "code": "integer_above_max_value"}}
+    assert _request(model, **fields | {"min_tokens": limit}).sampling_params(16).min_tokens == limit
+
+
+@pytest.mark.parametrize("model,message,param", [
+    (CompletionRequest, "max_new_tokens must be a positive int, got 0", "max_tokens"),
+    (ChatCompletionRequest, "stop_token_ids token ids must be in [0, 100), got 100", "stop_token_ids"),
+    (CompletionRequest, "delimiters: no token of the tokenizer contains '@'", "delimiters"),
+    (CompletionRequest, "prompt token ids must be in [0, 100)", "prompt"),
+    (ChatCompletionRequest, "prompt token ids must be in [0, 100)", None),  # no field of a chat request
+    (CompletionRequest, "the request needs 9 KV pages but the cache has 4; shorten it or give the engine more pages", None),
+])
+def test_an_engine_refusal_names_the_field_its_message_starts_with(model, message, param):
+    """The engine's refusals (SamplingParams', and admission's: token ids past the vocabulary) start with
+    the field's name; one that names no field of the request keeps its message, with neither param nor code."""
+    err = _request(model).engine_refusal(ValueError(message))
+    assert err.status == 400
+    assert err.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
 
 
 @pytest.mark.parametrize("best_of,n,refused", [(None, 1, False), (1, 1, False), (3, 3, False), (2, 1, True), (1, 2, True)])
@@ -260,6 +293,9 @@ WRONG_JSON_TYPES = [
     (CompletionRequest, {"stop_token_ids": [True]}, "stop_token_ids[0]", "an integer", "a boolean"),
     (CompletionRequest, {"stop_token_ids": [1, None]}, "stop_token_ids[1]", "an integer", "null"),
     (CompletionRequest, {"stop_token_ids": 5}, "stop_token_ids", "an array of integers", "an integer"),
+    (ChatCompletionRequest, {"response_format": "json_object"}, "response_format", "an object", "a string"),
+    (CompletionRequest, {"response_format": {"type": 5}}, "response_format.type",
+     "one of 'text', 'json_object', or 'json_schema'", "an integer"),
     (CompletionRequest, {"stop": 7}, "stop", "one of a string or array of strings", "an integer"),
     (CompletionRequest, {"stop": {"": "🙂"}}, "stop", "one of a string or array of strings", "an object"),
     (CompletionRequest, {"stop": ["a", None]}, "stop[1]", "a string", "null"),
@@ -321,6 +357,9 @@ def test_a_body_that_is_no_json_object_is_a_type_error_without_a_param(body, sen
     (CompletionRequest, {"stop": ["🙂", "\u200b"]}), (CompletionRequest, {"logit_bias": {}}),
     (CompletionRequest, {"max_tokens": None, "seed": None, "stop": None, "logit_bias": None, "stop_token_ids": None}),
     (CompletionRequest, {"temperature": 0, "top_p": 1, "presence_penalty": -2, "seed": -(2**63)}),
+    (CompletionRequest, {"seed": 2**64 - 1, "top_k": 2**31 - 1, "stop_token_ids": [0, 2**31 - 1] * 32,
+                         "delimiter_token_ids": [0, 2**31 - 1]}),
+    (ChatCompletionRequest, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
     (CompletionRequest, {"🙂 not a field": [None, {"x": 1}]}), (ChatCompletionRequest, {"messages": [
         {"role": "user", "content": ""}, {"role": "assistant", "content": []}, {"role": "user", "content": "é"}]}),
     (DetokenizeRequest, {"tokens": []}), (TokenizeRequest, {"prompt": ""}),
@@ -340,6 +379,9 @@ def test_type_valid_extremes_are_no_type_errors(model, fields):
     (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "user"}]},
      "messages[1].content"),
     (DetokenizeRequest, {}, "tokens"),
+    (CompletionRequest, {"model": "m", "prompt": "x", "response_format": {}}, "response_format.type"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                             "response_format": {"json_schema": {"name": "x"}}}, "response_format.type"),
 ])
 def test_a_missing_field_is_openais_missing_required_parameter(model, body, param):
     """As OpenAI answers it (`Missing required parameter: 'input[79].id'.`, openai/codex#6725): pydantic's
@@ -382,6 +424,36 @@ VALUE_ERRORS = [
      "Invalid 'n': integer above maximum value. Expected a value <= 128, but got 129 instead."),
     (CompletionRequest, {"n": 10**30}, "n", "integer_above_max_value",
      "Invalid 'n': integer above maximum value. Expected a value <= 128, but got 1E+30 instead."),
+    (CompletionRequest, {"n": 10**400}, "n", "integer_above_max_value",  # JSON's 10**400 is an int: no 500 either
+     "Invalid 'n': integer above maximum value. Expected a value <= 128, but got 1E+400 instead."),
+    (ChatCompletionRequest, {"n": -(10**400)}, "n", "integer_below_min_value",
+     "Invalid 'n': integer below minimum value. Expected a value >= 1, but got -1E+400 instead."),
+    # integers the engine range-checks (fdllm.SamplingParams): refused by the request model in OpenAI's words,
+    # not by the engine with neither code nor path
+    (CompletionRequest, {"seed": 10**400}, "seed", "integer_above_max_value",
+     "Invalid 'seed': integer above maximum value. Expected a value <= 18446744073709551615, but got 1E+400 instead."),
+    (ChatCompletionRequest, {"seed": -(10**400)}, "seed", "integer_below_min_value",
+     "Invalid 'seed': integer below minimum value. Expected a value >= -9223372036854775808, but got -1E+400 instead."),
+    (CompletionRequest, {"seed": 2**64}, "seed", "integer_above_max_value",
+     "Invalid 'seed': integer above maximum value. Expected a value <= 18446744073709551615, but got "
+     "18446744073709551616 instead."),
+    (ChatCompletionRequest, {"top_k": 10**400}, "top_k", "integer_above_max_value",
+     "Invalid 'top_k': integer above maximum value. Expected a value <= 2147483647, but got 1E+400 instead."),
+    (CompletionRequest, {"delimiter_threshold": 0.5, "delimiter_token_ids": [1, 2, 10**400]}, "delimiter_token_ids[2]",
+     "integer_above_max_value",
+     "Invalid 'delimiter_token_ids[2]': integer above maximum value. Expected a value <= 2147483647, but got 1E+400 "
+     "instead."),
+    (CompletionRequest, {"delimiter_threshold": 0.5, "delimiter_token_ids": [-4]}, "delimiter_token_ids[0]",
+     "integer_below_min_value",
+     "Invalid 'delimiter_token_ids[0]': integer below minimum value. Expected a value >= 0, but got -4 instead."),
+    (ChatCompletionRequest, {"stop_token_ids": [7, -(10**400)]}, "stop_token_ids[1]", "integer_below_min_value",
+     "Invalid 'stop_token_ids[1]': integer below minimum value. Expected a value >= 0, but got -1E+400 instead."),
+    (CompletionRequest, {"stop_token_ids": [10**400]}, "stop_token_ids[0]", "integer_above_max_value",
+     "Invalid 'stop_token_ids[0]': integer above maximum value. Expected a value <= 2147483647, but got 1E+400 "
+     "instead."),
+    (CompletionRequest, {"stop_token_ids": list(range(65))}, "stop_token_ids", "array_above_max_length",
+     "Invalid 'stop_token_ids': array too long. Expected an array with maximum length 64, but got an array with "
+     "length 65 instead."),
     (CompletionRequest, {"max_tokens": 0}, "max_tokens", "integer_below_min_value",
      "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead."),
     (ChatCompletionRequest, {"max_completion_tokens": -5}, "max_completion_tokens", "integer_below_min_value",
@@ -392,6 +464,10 @@ VALUE_ERRORS = [
      "Invalid 'logprobs': integer below minimum value. Expected a value >= 0, but got -1 instead."),
     (CompletionRequest, {"logprobs": 6}, "logprobs", "integer_above_max_value",
      "Invalid 'logprobs': integer above maximum value. Expected a value <= 5, but got 6 instead."),
+    (CompletionRequest, {"logprobs": 10**400}, "logprobs", "integer_above_max_value",
+     "Invalid 'logprobs': integer above maximum value. Expected a value <= 5, but got 1E+400 instead."),
+    (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 10**400}, "top_logprobs", "integer_above_max_value",
+     "Invalid 'top_logprobs': integer above maximum value. Expected a value <= 20, but got 1E+400 instead."),
     (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "integer_above_max_value",
      "Invalid 'top_logprobs': integer above maximum value. Expected a value <= 20, but got 21 instead."),
     (ChatCompletionRequest, {"top_logprobs": 3}, "top_logprobs", None,
@@ -407,6 +483,10 @@ VALUE_ERRORS = [
      "Invalid value: ''. Supported values are: 'diffusion', 'ar', and 'speculative'."),
     (ChatCompletionRequest, {"selection": "greedy"}, "selection", "invalid_value",
      "Invalid value: 'greedy'. Supported values are: 'threshold' and 'entropy_budget'."),
+    (ChatCompletionRequest, {"response_format": {"type": "foo"}}, "response_format.type", "invalid_value",
+     "Invalid value: 'foo'. Supported values are: 'text', 'json_object', and 'json_schema'."),
+    (CompletionRequest, {"response_format": {"type": "JSON_OBJECT"}}, "response_format.type", "invalid_value",
+     "Invalid value: 'JSON_OBJECT'. Supported values are: 'text', 'json_object', and 'json_schema'."),
     (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}, {"role": "🙂", "content": "x"}]},
      "messages[1].role", "invalid_value", f"Invalid value: '🙂'. Supported values are: {ROLES_SUPPORTED}."),
     # lengths: OpenAI's four stop sequences, fdllm's 256 characters each; no empty prompt or conversation

@@ -54,7 +54,7 @@ def test_the_servers_block_lookahead_default_applies_to_diffusion_requests_that_
     ({"delimiter_threshold": 0.5, "delimiters": [""]}, "delimiters"),
     ({"delimiter_threshold": 0.5, "delimiters": "\n"}, "delimiters"),
     ({"delimiter_threshold": 0.5, "delimiters": ["a"] * 17}, "delimiters"),
-    ({"delimiter_threshold": 0.5, "delimiter_token_ids": [-4]}, "delimiter_token_ids"),
+    ({"delimiter_threshold": 0.5, "delimiter_token_ids": [-4]}, "delimiter_token_ids[0]"),
     ({"delimiters": ["\n"]}, "delimiters"),  # needs delimiter_threshold
     ({"block_lookahead": True, "mode": "ar"}, "block_lookahead"),  # diffusion mode only
     ({"block_lookahead": True, "mode": "speculative"}, "block_lookahead"),
