@@ -595,6 +595,8 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
             raise
         except Exception as e:  # permission denied, corrupt parquet footer, network errors...
             raise DataError(f"cannot read data path {path}: {type(e).__name__}: {e}") from e
+    if not sources.parquet and not any(sources.sizes.values()):
+        raise DataError(f"no data: every file is empty ({', '.join(sources.jsonl)})")
     log.info("data: %d jsonl and %d parquet file(s)", len(sources.jsonl), len(sources.parquet))
     return sources
 

@@ -244,6 +244,8 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
     result = trainer.fit()
     _drop_worker_progress_bars()
     metrics = result.metrics or {}
+    if metrics.get("step", 0) < cfg.total_steps():  # the workers returned early: the data gave no batch
+        raise DataError(f"{cfg.no_batch_error()} (the workers' log above counts the rows skipped)")
     log.info("finished: step %s loss %.4f tokens %s (%.0f tok/s in the last window)", metrics.get("step"),
              metrics.get("loss", float("nan")), metrics.get("tokens"), metrics.get("tokens_per_s", 0.0))
     line, warnings = summarize_bad_rows({r: metrics.get(f"bad_{r}", 0) for r in BAD_REASONS}, metrics.get("good_docs", 0))

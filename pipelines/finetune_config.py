@@ -163,6 +163,12 @@ class FinetuneConfig:
             limits.append(math.ceil(self.max_tokens / (self.global_batch * self.seq_len)))
         return min(limits)
 
+    def no_batch_error(self) -> str:
+        """Why a run whose data gave no training batch stopped, and what to change."""
+        return (f"the data gave no training batch: its good rows pack fewer than {self.num_workers} worker(s) x "
+                f"{self.batch_size} sequences of {self.seq_len} tokens; give more data, or a smaller --batch-size, "
+                "--seq-len or --num-workers")
+
     def data_config(self) -> DataConfig:
         return DataConfig(
             block_size=self.block_size, seq_len=self.seq_len, strip_reasoning=self.strip_reasoning,

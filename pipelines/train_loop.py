@@ -55,7 +55,7 @@ from fdllm.objective import (
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.checkpoints import DEEPSPEED_DIR, TRAIN_STATE, export_servable, restore_for_rank
-from pipelines.data import BAD_REASONS
+from pipelines.data import BAD_REASONS, summarize_bad_rows
 from pipelines.finetune_config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -387,12 +387,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batch = reader.next_batch()
         if not _all_reduce([float(batch is not None)], op=dist.ReduceOp.MIN)[0]:
             # Some shard ran dry: the epoch ends for every worker together (DDP needs equal steps).
-            if not epoch_trained:
-                raise RuntimeError(
-                    "an epoch produced no training batch: the data has fewer than num_workers x batch_size "
-                    f"good sequences (bad rows so far: {dict(reader.bad_rows)})"
-                )
             _collect_bad_rows(reader, state)
+            if not epoch_trained:
+                # Returned, not raised: a worker error restarts the worker group (FailureConfig.max_failures,
+                # forever at -1), and the same data gives no batch again. The driver raises it (`fit`).
+                progress.close()
+                if rank == 0:  # (rows an equal split left out, a carrier of counts among them, go uncounted)
+                    log.error("%s; %s", cfg.no_batch_error(), summarize_bad_rows(state.bad_rows, state.good_docs)[0])
+                return
             reader.new_epoch()
             state.epoch, state.consumed, epoch_trained = state.epoch + 1, 0, False
             continue

@@ -140,6 +140,19 @@ def test_bad_rows_are_counted_once_and_the_export_is_servable(lockstep, qwen2_di
     assert not torch.equal(base.lm_head.weight, ours.lm_head.weight[: base.config.vocab_size])  # it trained
 
 
+def test_data_of_no_training_batch_fails_once_with_why(local_ray, qwen2_dir, tmp_path):
+    """Rows that pack no sequence (all broken) fail the run at once with a DataError that says why and
+    counts the rows: the workers report it and stop. A worker error would restart the worker group
+    (--max-failures; forever at -1) to fail the same way, and end in Ray's traceback."""
+    from pipelines.data import DataError
+
+    data = write_jsonl(tmp_path / "sft.jsonl", [], [raw for raw, _ in BROKEN_ROWS])
+    with pytest.raises(DataError, match=r"the data gave no training batch: its good rows pack fewer than 1 worker\(s\) "
+                                        r"x 2 sequences of 128 tokens; give more data"):
+        run(_config(*_common(qwen2_dir, data, tmp_path / "runs"), "--max-steps", "2", "--batch-size", "2",
+                    "--max-failures", "1", "--run-name", "no-data"))
+
+
 def _run_killing_a_worker(common: list[str], runs: Path, run_name: str, *flags: str):
     """Run on 2 workers, SIGKILLing one once the step-2 checkpoint is registered (one restart allowed)."""
     killed: list[int] = []

@@ -334,7 +334,13 @@ def test_check_data_files(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "cols.parquet")
     (tmp_path / "array.json").write_text("\ufeff\n  " + json.dumps(good_records(3), indent=1))  # not one object a line
+    (tmp_path / "empty").mkdir()
+    for name in ("a.jsonl", "b.json"):
+        (tmp_path / "empty" / name).write_bytes(b"")
     for path, needle in [("missing.jsonl", "not found"), ("bad.parquet", "cannot read"),
-                         ("cols.parquet", "lack"), ("d/notes.txt", "unsupported"), ("array.json", "JSON array")]:
+                         ("cols.parquet", "lack"), ("d/notes.txt", "unsupported"), ("array.json", "JSON array"),
+                         ("empty", "no data: every file is empty"), ("empty/a.jsonl", "no data: every file is empty")]:
         with pytest.raises(DataError, match=needle):
             check_data_files([str(tmp_path / path)])
+    # an empty file beside data is only skipped
+    assert check_data_files([str(tmp_path / "empty"), str(good)]).jsonl[-1] == str(good)
