@@ -513,7 +513,7 @@ class FdllmServer:
         """Each prompt's text, as echo returns it: as sent, or its token ids decoded."""
         return [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(body.prompt, prompts)]
 
-    async def _admit(self, streams: list, body: CompletionRequest | ChatCompletionRequest | None = None) -> list:
+    async def _admit(self, streams: list, body: CompletionRequest | ChatCompletionRequest) -> list:
         """Each stream's first event (its first tokens; admission errors surface here, before any byte is
         sent). The first to fail answers at once, as an OpenAI error; every stream is closed (its request
         aborted) by `first_events`. The engine's refusal of `body` names the field it is about
@@ -521,7 +521,7 @@ class FdllmServer:
         try:
             return await first_events(streams)
         except ValueError as exc:
-            raise (APIError(400, str(exc)) if body is None else body.engine_refusal(exc)) from None
+            raise body.engine_refusal(exc) from None
         except EngineOverloaded as exc:
             raise APIError(503, str(exc), type="server_error", code="overloaded") from None
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error

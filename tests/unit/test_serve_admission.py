@@ -19,6 +19,8 @@ from serve.app import FdllmServer  # noqa: E402
 from serve.async_engine import AsyncEngine, EngineOverloaded  # noqa: E402
 from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request  # noqa: E402
 
+A_REQUEST = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x"}')
+
 
 def _until(drv: AsyncEngine, done, timeout_s: float = 5.0) -> dict:
     """The driver's stats once `done(stats)` holds (or the last ones after `timeout_s`)."""
@@ -38,7 +40,8 @@ def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
     step = engine.step
     engine.step = lambda: (time.sleep(0.05), step())[1]  # 400 tokens of the running request: ~20 s
     long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)
-    admit = partial(FdllmServer.func_or_class._admit, None)  # it reads no replica state (a replica needs Ray)
+    # it reads no replica state (a replica needs Ray); the request only names the field of an engine refusal
+    admit = partial(FdllmServer.func_or_class._admit, None, body=A_REQUEST)
 
     async def refused_later():
         """A choice refused after its siblings were added and the first of them stepped (a refusal
@@ -74,7 +77,7 @@ def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
 def test_a_client_gone_during_admission_closes_every_choice():
     """Cancelled while admitting (the client hung up), admission closes the choice that had its first
     event too, not only those still waiting: its request must not decode on for nobody."""
-    admit = partial(FdllmServer.func_or_class._admit, None)
+    admit = partial(FdllmServer.func_or_class._admit, None, body=A_REQUEST)
     closed: list[int] = []
 
     async def choice(i: int, first_after_s: float):
