@@ -711,8 +711,6 @@ def _jsonl_split_datasource(sources: DataSources, splits: Sequence[JsonlSplit], 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
             # The splits, not Ray's parallelism hint (which grows with the data), define the tasks.
-            log.info("data: %d jsonl file(s), %.1f MB, in %d read split(s)", len(sources.jsonl),
-                     self.estimate_inmemory_data_size() / 1e6, len(splits))
             return [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=s.end - s.start,
                                                                  input_files=[s.uri], exec_stats=None))
                     for s in splits]
@@ -793,6 +791,8 @@ def read_raw_records(
         # One block per split: below Ray's parallelism hint (twice the cluster's CPUs), Ray would cut
         # each read's output in pieces, which stops it fusing the tokenizing map into the read.
         splits = plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg)
+        log.info("data: %d jsonl file(s), %.1f MB, in %d read split(s)", len(sources.jsonl),
+                 sum(sources.sizes[uri] for uri in sources.jsonl) / 1e6, len(splits))
         parts.append(("jsonl", ray.data.read_datasource(_jsonl_split_datasource(sources, splits, cfg), num_cpus=num_cpus,
                                                         override_num_blocks=len(splits), runtime_env=SINGLE_THREADED)))
     # Files of one schema on one store are read together, in file order. Ray Data would take the first
