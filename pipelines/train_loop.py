@@ -392,8 +392,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Returned, not raised: a worker error restarts the worker group (FailureConfig.max_failures,
                 # forever at -1), and the same data gives no batch again. The driver raises it (`fit`).
                 progress.close()
-                if rank == 0:  # (rows an equal split left out, a carrier of counts among them, go uncounted)
-                    log.error("%s; %s", cfg.no_batch_error(), summarize_bad_rows(state.bad_rows, state.good_docs)[0])
+                if rank == 0:  # what the driver's error cannot say (rows an equal split left out go uncounted)
+                    log.error("no training batch in an epoch of the data; %s",
+                              summarize_bad_rows(state.bad_rows, state.good_docs)[0])
                 return
             reader.new_epoch()
             state.epoch, state.consumed, epoch_trained = state.epoch + 1, 0, False
