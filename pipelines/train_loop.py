@@ -219,6 +219,8 @@ class Parallel:
         if self.deepspeed:
             import deepspeed
 
+            if device.type == "cpu":
+                skip_deepspeed_shm_build()
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=self._deepspeed_config()
             )
@@ -297,6 +299,22 @@ class Parallel:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint in {path / DEEPSPEED_DIR}")
         else:
             self.optimizer.load_state_dict(saved["optimizer"])
+
+
+def skip_deepspeed_shm_build() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op.
+
+    `deepspeed.initialize` on the CPU accelerator JIT-compiles that op (C++ with ninja: 44 s on a
+    2-core machine, once per node's torch_extensions cache, so on every fresh CI machine and cloud
+    node) though only its tensor-parallel inference (`inference_all_reduce`) calls it; training's
+    collectives go through torch.distributed (gloo) either way. Marked incompatible, DeepSpeed skips
+    it as it does on platforms without it. A DeepSpeed without this table keeps its own behaviour.
+    """
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # probed once per process, then cached
+    if isinstance(compatible, dict) and "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
 
 
 def has_deepspeed() -> bool:

@@ -353,6 +353,21 @@ def test_deepspeed_workers_get_the_cpu_accelerator_and_a_missing_package_is_a_cl
         finetune.build_trainer(cpu)  # before any worker starts
 
 
+def test_deepspeed_on_cpu_skips_compiling_its_inference_all_reduce(monkeypatch):
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce (44 s on 2 cores) at
+    `initialize`, for tensor-parallel inference only: a CPU run skips it (its collectives are gloo's)."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from deepspeed.comm.torch import build_shm_op
+
+    from pipelines.train_loop import skip_deepspeed_shm_build
+
+    compatible = deepspeed.ops.__compatible_ops__
+    monkeypatch.setitem(compatible, "deepspeed_shm_comm", compatible["deepspeed_shm_comm"])  # restored after
+    assert compatible["deepspeed_shm_comm"]  # on Linux DeepSpeed would build it
+    skip_deepspeed_shm_build()
+    assert build_shm_op() is None  # returns before compiling anything
+
+
 def test_joint_objective_in_the_train_loop_weights_the_packed_ar_loss(qwen2_dir):
     """--objective joint with weights (1, 0) trains exactly `fdllm.objective.ar_loss` of the packed
     batch (documents kept apart); (0, 1) the diffusion loss under a causal clean stream."""
