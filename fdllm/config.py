@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The label of a position that carries no loss (torch's cross-entropy default): the data pipeline writes
+# it, the objective skips it; kept in this torch-free module for the pipeline's processes.
+IGNORE_INDEX = -100
 CONFIG_NAME = "config.json"  # the HF architecture
 BLOCK_CONFIG_NAME = "fdllm_config.json"
 # How the clean stream (prompt and committed blocks) attends: "block_causal" (METHOD.md §2.4,

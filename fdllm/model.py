@@ -267,3 +267,8 @@ class Transformer(nn.Module):
         from fdllm.loader import load_checkpoint
 
         return load_checkpoint(cls, path, dtype=dtype, device=device)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+    """Load an HF-format Qwen2/Llama checkpoint dir as an fdllm `Transformer` (`fdllm.load_model`)."""
+    return Transformer.from_pretrained(path, dtype=dtype, device=device)

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fdllm.config import IGNORE_INDEX
 from fdllm.masks import block_causal_block_mask, block_causal_mask, two_stream_block_mask, two_stream_masks_by_stream
 
-IGNORE_INDEX = -100
 _LENGTH_BUCKETS = 8  # compact_noisy_blocks: distinct row lengths at most
 MaskImpl = Literal["auto", "dense", "flex"]
 

@@ -10,8 +10,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from fdllm.paths import is_uri
 from fdllm.storage import local_checkpoint
 
@@ -88,6 +86,8 @@ def add_mask_token(tokenizer: "PreTrainedTokenizerBase", model: "Transformer") -
         model.resize_token_embeddings(mask_id + 1)
         log.info("grew the vocabulary %d -> %d for %s", rows, mask_id + 1, MASK_TOKEN)
     elif mask_id >= vocab_before:  # a padded, never-trained row: give it a sensible start
+        import torch  # here: the data pipeline's processes import this module without torch
+
         with torch.no_grad():
             emb = model.model.embed_tokens.weight
             emb[mask_id] = emb[:vocab_before].mean(0)

@@ -60,7 +60,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from fdllm.objective import IGNORE_INDEX
+from fdllm.config import IGNORE_INDEX
 from fdllm.paths import is_uri, resolve_local
 from fdllm.tokenizer import MASK_TOKEN, stop_token_ids
 
