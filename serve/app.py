@@ -452,6 +452,7 @@ class FdllmServer:
         engine request, all continuously batched together; choice i * n + j answers prompt i."""
         self._check_model(body.model)
         params = body.sampling_params(self.cfg.default_max_tokens or self.max_model_len, self.cfg.block_lookahead)
+        body.check_logit_bias(self.vocab_size)
         if ignored := body.ignored_fields():
             log.warning("%s request: fields ignored (not part of this API): %s", endpoint, ", ".join(ignored))
         if body.logprob_count() is not None and not self.scores_causally:

@@ -39,7 +39,7 @@ from pydantic import (
 )
 
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
-from fdllm.engine.params import MAX_STOP_TOKEN_IDS, MAX_TOP_K, SEED_RANGE
+from fdllm.engine.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_K, SEED_RANGE
 from serve.request_errors import (
     RequestError,
     empty,
@@ -190,7 +190,7 @@ class _SamplingFields(BaseModel):
     block_lookahead: StrictBool | None = None
     # OpenAI's: token id (as a JSON key string) -> bias in [-100, 100], added to that token's logit;
     # penalties in [-2, 2] on the tokens generated so far (fdllm.SamplingParams); null: 0
-    logit_bias: dict[str, StrictFloat] | None = None
+    logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
     presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: StrictFloat | None = Field(default=None, gt=0.0)  # vLLM's (and HF's), in [0.01, 100]; null: 1 (off)
@@ -218,8 +218,19 @@ class _SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v and not all(k.strip().isascii() and k.strip().isdigit() and len(k.strip()) <= 18 for k in v):  # int64
-            raise ValueError("logit_bias keys must be token ids (non-negative integers, as strings)")
+        """Keys are token ids as strings (OpenAI's errors for those that are not); at most the engine's
+        MAX_LOGIT_BIAS_TOKENS of them."""
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS_TOKENS:
+            raise RequestError("logit_bias", f"Invalid 'logit_bias': too many token ids. Expected at most "
+                               f"{MAX_LOGIT_BIAS_TOKENS}, but got {len(v)} instead.")
+        for key in v:
+            token = key.strip()
+            if not (token.isascii() and token.isdigit()):
+                raise invalid_logit_bias_key(key, "You should only be submitting non-negative integers.")
+            if len(token.lstrip("0")) > len(str(MAX_TOKEN_ID)) or int(token) > MAX_TOKEN_ID:  # no int() of 10**5000
+                raise invalid_logit_bias_key(key, f"Maximum value is {MAX_TOKEN_ID}.")
         return v
 
     @field_validator("stop")
@@ -247,6 +258,13 @@ class _SamplingFields(BaseModel):
             return self._sampling_params(default_max_tokens, default_block_lookahead)
         except ValueError as exc:
             raise self.engine_refusal(exc) from None
+
+    def check_logit_bias(self, vocab_size: int) -> None:
+        """APIError 400 in OpenAI's words when a logit_bias key is past the model's vocabulary (the engine's
+        own refusal names the field, not the key)."""
+        for key in self.logit_bias or ():
+            if int(key) >= vocab_size:
+                raise APIError.of(invalid_logit_bias_key(key, f"Maximum value is {vocab_size - 1}."))
 
     def check_min_tokens(self, max_new_tokens: int) -> None:
         """APIError 400 (OpenAI's integer_above_max_value) when min_tokens passes the tokens the request may
@@ -316,6 +334,12 @@ class _SamplingFields(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=bool(self.ignore_eos),
         )
+
+
+def invalid_logit_bias_key(key: str, why: str) -> RequestError:
+    """OpenAI's error for a logit_bias key that is no token id (its code is null); a long key is shortened."""
+    shown = key if len(key) <= 32 else f"{key[:32]}... ({len(key)} characters)"
+    return RequestError("logit_bias", f"Invalid key in 'logit_bias': {shown}. {why}")
 
 
 # What a client may send as a completion's prompt (the OpenAPI docs show this, not the list it is read as)

@@ -233,6 +233,11 @@ def test_openai_client(server, served_dir, engine):
          "Invalid type for 'messages[0].content': expected one of a string or array of objects, but got an integer instead."),
         (lambda: client.completions.create(model=MODEL, prompt="x", logit_bias={"5": None}), "invalid_type", "logit_bias.5",
          "Invalid type for 'logit_bias.5': expected a decimal, but got null instead."),
+        (lambda: client.completions.create(model=MODEL, prompt="x", logit_bias={"AI": 5}), None, "logit_bias",
+         "Invalid key in 'logit_bias': AI. You should only be submitting non-negative integers."),
+        (lambda: client.completions.create(model=MODEL, prompt="x", logit_bias={str(engine.model.config.vocab_size): -100}),
+         None, "logit_bias", f"Invalid key in 'logit_bias': {engine.model.config.vocab_size}. Maximum value is "
+         f"{engine.model.config.vocab_size - 1}."),
         (lambda: client.post("/chat/completions", cast_to=object, body={"model": MODEL}), "missing_required_parameter",
          "messages", "Missing required parameter: 'messages'."),
         (lambda: client.chat.completions.create(model=MODEL, messages=user, temperature=3), "decimal_above_max_value",
@@ -335,8 +340,8 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"five": 100}}, 400, "logit_bias"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, None),  # past the vocabulary
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias.5"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),  # past the vocabulary
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "response_format": {"type": "json_object"}}, 400,
      "response_format"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "logprobs"),

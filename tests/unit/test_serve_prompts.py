@@ -172,6 +172,37 @@ def test_logit_bias_reaches_the_engine_by_token_id(model):
         assert (err.value.status, err.value.param) in ((400, "logit_bias"), (400, "logit_bias.5")), bad
 
 
+@pytest.mark.parametrize("bias,message", [
+    ({"AI": 1}, "Invalid key in 'logit_bias': AI. You should only be submitting non-negative integers."),
+    ({"-1": 1}, "Invalid key in 'logit_bias': -1. You should only be submitting non-negative integers."),
+    ({"²": 1}, "Invalid key in 'logit_bias': ². You should only be submitting non-negative integers."),
+    ({"2147483648": 1}, "Invalid key in 'logit_bias': 2147483648. Maximum value is 2147483647."),
+    ({"9" * 5000: 1}, f"Invalid key in 'logit_bias': {'9' * 32}... (5000 characters). Maximum value is 2147483647."),
+    ({str(i): 1 for i in range(1025)}, "Invalid 'logit_bias': too many token ids. Expected at most 1024, but got 1025 instead."),
+])
+def test_logit_bias_keys_that_are_no_token_id_get_openais_error(bias, message):
+    """OpenAI's words for a key that is no token id ("Invalid key in 'logit_bias': ..."), code null; before,
+    a key of 19+ digits got a generic message, and more than 1024 keys the engine's, with the whole dict."""
+    err = _refusal(CompletionRequest, {"logit_bias": bias})
+    assert err.body() == {"error": {"message": message, "type": "invalid_request_error", "param": "logit_bias",
+                                    "code": None}}
+
+
+def test_a_logit_bias_value_past_100_is_openais_range_error_at_its_key():
+    err = _refusal(CompletionRequest, {"logit_bias": {"5": 100.5}})
+    assert (err.param, err.code) == ("logit_bias.5", "decimal_above_max_value")
+    assert err.message == "Invalid 'logit_bias.5': decimal above maximum value. Expected a value <= 100, but got 100.5 instead."
+
+
+def test_a_logit_bias_key_past_the_vocabulary_names_the_key():
+    body = _request(CompletionRequest, logit_bias={"5": 1, " 0099 ": -100})
+    body.check_logit_bias(100)
+    with pytest.raises(APIError) as err:
+        body.check_logit_bias(99)
+    assert (err.value.param, err.value.code) == ("logit_bias", None)
+    assert err.value.message == "Invalid key in 'logit_bias':  0099 . Maximum value is 98."
+
+
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
 def test_vllms_stop_token_ids_and_ignore_eos_reach_the_engine(model):
     got = _request(model, stop_token_ids=[5, 9], ignore_eos=True).sampling_params(16)
@@ -538,7 +569,7 @@ def test_a_value_openai_does_not_allow_is_its_error(model, fields, param, code, 
     ({"entropy_budget": float("inf")}, "entropy_budget", None,
      "Invalid 'entropy_budget': expected a finite number (>= 0), but got Infinity instead."),
     ({"logit_bias": {"5": float("nan")}}, "logit_bias.5", None,
-     "Invalid 'logit_bias.5': expected a finite number, but got NaN instead."),
+     "Invalid 'logit_bias.5': expected a finite number (>= -100 and <= 100), but got NaN instead."),
     ('"repetition_penalty": 1e400', "repetition_penalty", None,  # valid JSON, read as Infinity
      "Invalid 'repetition_penalty': expected a finite number (> 0), but got Infinity instead."),
 ])
