@@ -480,7 +480,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
         if params.mode != "ar" and self.config.mask_token_id is None:
             raise ValueError(
-                f"{params.mode} mode needs a mask token id (BlockDiffusionConfig.mask_token_id); use mode='ar'"
+                f"mode {params.mode!r} needs a mask token id (BlockDiffusionConfig.mask_token_id); use mode='ar'"
             )
         self._check_fits(ids, params.max_new_tokens)
         vocab = self.model.config.vocab_size
@@ -488,7 +488,7 @@ class Engine:
             if max(token_ids, default=0) >= vocab:
                 raise ValueError(f"{name} token ids must be in [0, {vocab}), got {max(token_ids)}")
         if params.mode == "diffusion" and self.config.mask_token_id in ids:
-            raise ValueError(f"the prompt holds the mask token (id {self.config.mask_token_id}), which diffusion mode "
+            raise ValueError(f"prompt holds the mask token (id {self.config.mask_token_id}), which diffusion mode "
                              "reads as a position to decode; mode='ar' or 'speculative' takes it as a token")
 
     def _check_fits(self, ids: list[int], new_tokens: int) -> None:

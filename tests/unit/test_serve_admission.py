@@ -100,32 +100,41 @@ def test_a_client_gone_during_admission_closes_every_choice():
     assert asyncio.run(main()) == [0, 1]
 
 
-def test_an_engine_refusal_at_admission_is_a_400_naming_the_field(dllm_dir):
-    """What only the engine can check (token ids past its vocabulary, text delimiters no token holds) was a
-    400 without a param: admission names the field the engine's message starts with."""
-    engine = fdllm.Engine.from_pretrained(dllm_dir)
-    vocab = engine.model.config.vocab_size
-    drv = AsyncEngine(engine, max_waiting=4)
+def test_an_engine_refusal_at_admission_is_a_400_naming_the_field(dllm_dir, qwen2_dir):
+    """What only the engine can check (token ids past its vocabulary, text delimiters no token holds, the
+    mask token in a diffusion prompt, diffusion on a checkpoint without a mask token) was a 400 without a
+    param: admission names the field the engine's message starts with (a chat's prompt: `messages`)."""
+    dllm, ar = fdllm.Engine.from_pretrained(dllm_dir), fdllm.Engine.from_pretrained(qwen2_dir)
+    vocab, mask = dllm.model.config.vocab_size, dllm.config.mask_token_id
+    drivers = {engine: AsyncEngine(engine, max_waiting=4) for engine in (dllm, ar)}
     admit = partial(FdllmServer.func_or_class._admit, None)
-    cases = [({"stop_token_ids": [3, vocab]}, "stop_token_ids"), ({"logit_bias": {str(vocab): 1}}, "logit_bias"),
-             ({"delimiter_threshold": 0.5, "delimiter_token_ids": [vocab]}, "delimiter_token_ids"),
-             ({"delimiter_threshold": 0.5, "delimiters": ["\u2603"]}, "delimiters"),  # no token's text holds it
-             ({"prompt": [5, vocab]}, "prompt")]
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    cases = [(dllm, {"stop_token_ids": [3, vocab]}, "stop_token_ids"), (dllm, {"logit_bias": {str(vocab): 1}}, "logit_bias"),
+             (dllm, {"delimiter_threshold": 0.5, "delimiter_token_ids": [vocab]}, "delimiter_token_ids"),
+             (dllm, {"delimiter_threshold": 0.5, "delimiters": ["\u2603"]}, "delimiters"),  # no token's text holds it
+             (dllm, {"prompt": [5, vocab]}, "prompt"), (dllm, {"prompt": [5, mask]}, "prompt"),
+             (dllm, {**chat, "prompt": [5, mask]}, "messages"),  # "prompt": the ids its messages rendered to
+             (ar, {"prompt": [5, 6]}, "mode")]  # diffusion without a mask token
 
-    async def refusal(body: CompletionRequest) -> APIError:
+    async def refusal(engine: fdllm.Engine, body: CompletionRequest | ChatCompletionRequest, ids: list[int]) -> APIError:
         with pytest.raises(APIError) as err:
-            await admit([drv.generate(body.prompt[0], body.sampling_params(16), "r")], body)
+            await admit([drivers[engine].generate(ids, body.sampling_params(16), "r")], body)
         return err.value
 
     try:
-        for fields, param in cases:
-            body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": [5, 6]} | fields).encode())
-            err = asyncio.run(refusal(body))
+        for engine, fields, param in cases:
+            ids = fields.get("prompt", [5, 6])
+            if "messages" in fields:
+                body = parse_request(ChatCompletionRequest, json.dumps({"model": "m", **chat}).encode())
+            else:
+                body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": ids} | fields).encode())
+            err = asyncio.run(refusal(engine, body, ids))
             assert (err.status, err.param, err.type) == (400, param, "invalid_request_error"), (fields, err.message)
-            assert err.message.startswith(param), err.message
-        assert drv.stats()["running"] == drv.stats()["waiting"] == 0
+            assert err.message.startswith("prompt" if param == "messages" else param), err.message
+        assert all(d.stats()["running"] == d.stats()["waiting"] == 0 for d in drivers.values())
     finally:
-        drv.shutdown()
+        for driver in drivers.values():
+            driver.shutdown()
 
 
 def test_a_scoring_refusal_is_a_400_not_a_500():
