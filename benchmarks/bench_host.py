@@ -32,10 +32,12 @@ Targets (issue 12): at most 0.2 ms per step at batch 1 and 1 ms at batch 64 for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -106,30 +108,42 @@ class StubBody:
         return self.outputs[T]
 
 
-def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams, mode: str,
-            stub: bool = False) -> HostRow:
-    """Run the prompts to completion; per-step figures over decode steps (every request running, no prefill)."""
+@contextlib.contextmanager
+def timed_steps(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams,
+                stub: bool) -> Iterator[Callable[[], tuple[float, int, float, float]]]:
+    """Admit `prompts` and run their prefill step (not a decode step), then give a function that runs
+    one engine step and returns (wall, forwards, body, head): seconds, and how many forwards it ran."""
     for p in prompts:
         engine.add_request(p, params)
-    engine.step()  # prefill (+ the first block step): not a decode step
+    engine.step()  # prefill (+ the first block step)
     if stub:
         engine.model.hidden = StubBody(engine.model)  # on the instance; CallTimer wraps it, then removes both
-    steps, body, head = [], [], []
     device = engine.model.device
     now, sync = clock(device)
     with CallTimer(engine.model, "hidden", device) as forward, CallTimer(engine.runner, "logits", device) as lm_head:
-        while engine.has_unfinished():
+        def step() -> tuple[float, int, float, float]:
             n, m = len(forward.times), len(lm_head.times)
-            running = engine.num_running
             sync()
             start = now()
             engine.step()
             sync()
-            wall = now() - start
-            if running == len(prompts) and len(forward.times) == n + 1:  # a full-batch step with one forward
+            return now() - start, len(forward.times) - n, sum(forward.times[n:]), sum(lm_head.times[m:])
+
+        yield step
+
+
+def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams, mode: str,
+            stub: bool = False) -> HostRow:
+    """Run the prompts to completion; per-step figures over decode steps (every request running, no prefill)."""
+    steps, body, head = [], [], []
+    with timed_steps(engine, prompts, params, stub) as step:
+        while engine.has_unfinished():
+            running = engine.num_running
+            wall, forwards, b, h = step()
+            if running == len(prompts) and forwards == 1:  # a full-batch step with one forward
                 steps.append(wall)
-                body.append(forward.times[-1])
-                head.append(sum(lm_head.times[m:]))
+                body.append(b)
+                head.append(h)
     if not steps:
         raise RuntimeError("no full-batch decode step was measured; raise --max-new-tokens")
     return _row(mode, stub, len(prompts), steps, body, head)
@@ -138,25 +152,14 @@ def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sampli
 def measure_prefill(engine: fdllm.Engine, prompts: list[list[int]], long_prompts: list[list[int]],
                     params: fdllm.SamplingParams, stub: bool = False) -> HostRow:
     """Per long prompt, the step that prefills it whole beside the running `prompts` (as `measure`)."""
-    for p in prompts:
-        engine.add_request(p, params)
-    engine.step()
-    if stub:
-        engine.model.hidden = StubBody(engine.model)
     steps, body, head = [], [], []
-    device = engine.model.device
-    now, sync = clock(device)
-    with CallTimer(engine.model, "hidden", device) as forward, CallTimer(engine.runner, "logits", device) as lm_head:
+    with timed_steps(engine, prompts, params, stub) as step:
         for p in long_prompts:
             engine.add_request(p, params)
-            n, m = len(forward.times), len(lm_head.times)
-            sync()
-            start = now()
-            engine.step()
-            sync()
-            steps.append(now() - start)
-            body.append(sum(forward.times[n:]))
-            head.append(sum(lm_head.times[m:]))
+            wall, _, b, h = step()
+            steps.append(wall)
+            body.append(b)
+            head.append(h)
     return _row("prefill", stub, len(prompts), steps, body, head)
 
 
