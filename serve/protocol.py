@@ -275,11 +275,11 @@ class _SamplingFields(BaseModel):
 
     def engine_refusal(self, exc: ValueError) -> APIError:
         """The 400 of the engine refusing this request: fdllm.SamplingParams, or the engine at admission
-        (token ids past its vocabulary, text delimiters no token holds, the mask token in a diffusion prompt),
-        whose messages start with the field's name. That field is the param when this request has it
-        (max_new_tokens: max_tokens; a chat's prompt: messages); a
-        refusal naming none keeps its message, which says what is wrong, with no param, and no code
-        either way (no OpenAI code fits what only the engine checks)."""
+        (token ids past its vocabulary, text delimiters no token holds, the mask token in a diffusion
+        prompt), whose messages start with the field's name. That field is the param when this request
+        has it (max_new_tokens: max_tokens; a chat's prompt: messages); a refusal naming none keeps its
+        message, which says what is wrong, with no param, and no code either way (no OpenAI code fits
+        what only the engine checks)."""
         field = str(exc).split(" ", 1)[0].removesuffix(":")
         field = _PARAM_NAMES.get(field, field)
         if field == "prompt" and "messages" in type(self).model_fields:  # a chat's prompt is its messages
