@@ -8,6 +8,7 @@ of them starts ~2 s sooner.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ def __getattr__(name: str) -> Any:
         from fdllm import engine as home
     elif name in ("Transformer", "load_model"):
         from fdllm import model as home
+    elif importlib.util.find_spec(f"fdllm.{name}") is not None:  # a module no one imported yet
+        raise AttributeError(f"module 'fdllm' has no attribute {name!r}: `import fdllm.{name}` first (the package "
+                             "imports its modules when used, not all at once)")
     else:
         raise AttributeError(f"module 'fdllm' has no attribute {name!r}")
     value = globals()[name] = getattr(home, name)  # later lookups skip this function

@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 import fdllm
+from fdllm.engine.params import MODES
 from fdllm.loader import parse_dtype
 from fdllm.quantization import QUANTIZATIONS, weight_bytes
 from fdllm.paths import is_uri
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modes = tuple(m for m in args.modes.split(",") if m)
-    if unknown := set(modes) - set(fdllm.engine.params.MODES):
+    if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(unknown)}")
     if not modes:
         parser.error("--modes names no mode")

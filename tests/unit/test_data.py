@@ -355,3 +355,22 @@ def test_the_data_pipeline_imports_no_torch():
     probe = "import sys, pipelines.data; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_fdllm_public_names_load_on_use_and_a_module_not_imported_says_so():
+    import subprocess
+    import sys
+
+    probe = """
+import fdllm
+try:
+    fdllm.engine
+except AttributeError as e:
+    print(e)
+print(fdllm.Engine.__module__, fdllm.load_model.__module__, fdllm.ModelConfig.__module__,
+      all(getattr(fdllm, name).__name__ == name for name in fdllm.__all__))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "module 'fdllm' has no attribute 'engine': `import fdllm.engine` first (the package imports its " \
+                     "modules when used, not all at once)"
+    assert out[1] == "fdllm.engine.engine fdllm.model fdllm.config True"

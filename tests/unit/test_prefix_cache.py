@@ -13,7 +13,7 @@ import random
 import pytest
 
 import fdllm
-from fdllm.cache import PageAllocator, block_hash
+from fdllm.cache import OutOfPages, PageAllocator, block_hash
 from tests.reference import MASK, reference_generate
 from tests.unit.test_engine import make_engine, make_sequence, params, random_prompts
 
@@ -96,7 +96,7 @@ def test_borrowing_evicts_cached_pages_and_gives_them_back_free():
     with alloc.borrow(2) as borrowed:
         assert sorted(borrowed) == sorted(pages) and alloc.num_free == 0
     assert alloc.num_free == 2 and alloc.num_cached == 0 and alloc.lookup([b"x" * 16]) == []
-    with pytest.raises(fdllm.cache.OutOfPages):
+    with pytest.raises(OutOfPages):
         with alloc.borrow(3):
             pass
 
