@@ -727,13 +727,19 @@ def read_parquet_split(split: ParquetSplit, cfg: DataConfig) -> Iterator[dict[st
         for group in range(split.first, split.stop):
             lines: list[bytes] = []
             for batch in parquet.iter_batches(batch_size=n, row_groups=[group], columns=columns):
-                lines += [json.dumps(r, ensure_ascii=False, default=str).encode() for r in batch.to_pylist()]
+                lines += [json.dumps(r, ensure_ascii=False, default=_not_json).encode() for r in batch.to_pylist()]
                 while len(lines) >= n:
                     yield {"file_index": split.file_index, "offset": offset, "lines": b"\n".join(lines[:n])}
                     offset, lines = offset + n, lines[n:]
             if lines:
                 yield {"file_index": split.file_index, "offset": offset, "lines": b"\n".join(lines)}
                 offset += len(lines)
+
+
+def _not_json(value: Any) -> dict[str, str]:
+    """A parquet value JSON cannot hold (bytes, a timestamp, a decimal) as its row's line has it: an
+    object, which no field takes where a string or messages go, so the row is `wrong_type` as it was."""
+    return {"not_json": type(value).__name__}
 
 
 def pack_jsonl_windows(windows: Iterable[bytes], **kwargs: Any) -> dict[str, np.ndarray]:

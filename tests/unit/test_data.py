@@ -292,6 +292,10 @@ def test_parquet_splits_are_runs_of_row_groups_read_as_windows_of_json_lines(tok
     assert "license" not in used and [json.loads(line) for line in lines] == pq.read_table(path, columns=used).to_pylist()
     out = process_records(lines, tok, DataConfig(block_size=8, seq_len=128))
     assert out["num_docs"].sum() == len(recs) - 1 and bad_counts(out)["missing_field"] == 1
+    # a value JSON cannot hold is the bad row it was as a parquet value, not a read that fails
+    pq.write_table(pa.table({"input": ["q"], "output": pa.array([b"a"], pa.binary())}), tmp_path / "bytes.parquet")
+    (odd,) = read_parquet_split(plan_parquet_splits([str(tmp_path / "bytes.parquet")], cfg)[0], cfg)
+    assert bad_counts(process_records([odd["lines"]], tok, DataConfig(block_size=8, seq_len=128)))["wrong_type"] == 1
 
 
 def test_a_bom_before_the_first_record_costs_nothing(tok, tmp_path):
