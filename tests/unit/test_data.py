@@ -334,7 +334,12 @@ def test_data_uris_keep_their_host_and_query(s3_env, tmp_path, monkeypatch):
     from tests.s3_server import make_bucket, upload_dir
 
     write_jsonl(tmp_path / "sft" / "train.jsonl", good_records(3))
-    upload_dir(tmp_path / "sft", make_bucket("query") + "/sft")
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist([r for r in good_records(8) if isinstance(r.get("input"), list)][:2]),
+                   tmp_path / "parquet" / "train.parquet")
+    bucket = make_bucket("query")
+    upload_dir(tmp_path / "sft", bucket + "/sft")
+    upload_dir(tmp_path / "parquet", bucket + "/parquet")
     boto3.client("s3").put_object(Bucket="query", Key="sft #1/train.jsonl", Body=(tmp_path / "sft" / "train.jsonl").read_bytes())
     endpoint = s3_env["AWS_ENDPOINT_URL"]
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint is in the URI alone: losing it reads from AWS
@@ -347,6 +352,10 @@ def test_data_uris_keep_their_host_and_query(s3_env, tmp_path, monkeypatch):
             windows = [w for s in plan_jsonl_splits([(u, sources.sizes[u]) for u in sources.jsonl], cfg)
                        for w in read_jsonl_split(s, cfg)]
             assert sum(len(w["lines"].split(b"\n")) for w in windows) == 3
+    sources = check_data_files(["s3://query/parquet" + query])  # parquet splits open the URI too
+    assert sources.parquet == ["s3://query/parquet/train.parquet" + query]
+    windows = [w for s in plan_parquet_splits(sources.parquet, cfg) for w in read_parquet_split(s, cfg)]
+    assert sum(len(w["lines"].split(b"\n")) for w in windows) == 2
 
     fsspec.filesystem("memory").pipe("/fdllm-test/d/train.jsonl", write_jsonl(tmp_path / "m.jsonl", good_records(2)).read_bytes())
     sources = check_data_files(["memory://fdllm-test/d"])
