@@ -24,14 +24,16 @@ Packing (the layout the objective and masks expect):
   - `position_ids` restart at 0 for every document; `doc_ids` give each document (and the padding at
     the end of a sequence) its own id, and `fdllm.masks` never lets attention cross ids;
   - documents are packed first-fit-decreasing within groups of at most `docs_per_batch`
-    consecutive records; in a jsonl file a group never crosses a pack window (the lines starting in
-    one `pack_window_bytes` range of the file), so the packing is a function of the file alone, not
-    of how it is split across read tasks (`read_split_bytes`, a whole number of windows).
+    consecutive records; a group never crosses a pack window (in a jsonl file the lines starting in
+    one `pack_window_bytes` range of the file, in a parquet file `docs_per_batch` rows of one row
+    group), so the packing is a function of the file alone, not of how it is split across read
+    tasks (`read_split_bytes`: a whole number of jsonl windows, or of parquet row groups).
 
-Streaming (`build_dataset`): a jsonl file is read in byte-range splits by many tasks, local or on
-an object store through the same pyarrow filesystem (`fdllm.storage.filesystem`). A split starts
-at the first line boundary at or after its start offset and owns every line that starts before its
-end, so each line, a broken one included, is read and counted exactly once.
+Streaming (`build_dataset`): a jsonl file is read in byte-range splits by many tasks, a parquet
+file in runs of whole row groups (only the columns records use), local or on an object store
+through the same pyarrow filesystem (`fdllm.storage.filesystem`). A jsonl split starts at the first
+line boundary at or after its start offset and owns every line that starts before its end, so each
+line, a broken one included, is read and counted exactly once.
 
 Bad rows never stop a run: any per-record failure (broken JSON or UTF-8 anywhere in a file, a chat
 template that raises, a record that renders to no answer) is skipped and counted by reason
@@ -56,7 +58,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -509,9 +510,6 @@ class DataSources:
     jsonl: list[str] = field(default_factory=list)
     parquet: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # bytes of each file, as listed
-    # each parquet file's schema (as text): one Ray read per schema, since a read unifies its files' schemas
-    # and the schema allows `input` as a message list or a Llama-3 string (files may differ)
-    parquet_schemas: dict[str, str] = field(default_factory=dict)
 
 
 def _file_format(path: str) -> Literal["jsonl", "parquet"] | None:
@@ -590,7 +588,6 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
                         raise DataError(f"{uri}: parquet columns {sorted(schema.names)} lack `messages` or "
                                         "`input`+`output`")
                     sources.parquet.append(uri)
-                    sources.parquet_schemas[uri] = schema.remove_metadata().to_string()
         except DataError:
             raise
         except Exception as e:  # permission denied, corrupt parquet footer, network errors...
@@ -675,6 +672,76 @@ def read_jsonl_split(split: JsonlSplit, cfg: DataConfig, chunk_bytes: int = 1 <<
         yield {"file_index": split.file_index, "offset": first, "lines": b"\n".join(lines)}
 
 
+# The columns `record_to_messages` reads: a parquet read takes only these (files carry others, such as
+# the Nemotron release's `license` and `generator`)
+RECORD_COLUMNS = ("messages", "input", "output", "system_prompt", "reasoning", "category")
+
+
+@dataclass(frozen=True)
+class ParquetSplit:
+    """Row groups [first, stop) of parquet file number `file_index` (numbered after the jsonl files)."""
+
+    file_index: int
+    uri: str
+    first: int
+    stop: int
+    size_bytes: int  # uncompressed, as the file's footer says
+
+
+def plan_parquet_splits(uris: Sequence[str], cfg: DataConfig, first_index: int = 0) -> list[ParquetSplit]:
+    """Runs of whole row groups of at least `cfg.read_split_bytes` (uncompressed; a file's last run may
+    be less), in file order. Reads only the files' footers."""
+    import pyarrow.parquet as pq
+
+    from fdllm.storage import filesystem
+
+    splits = []
+    for i, uri in enumerate(uris, start=first_index):
+        fs, inner = filesystem(uri)
+        with fs.open_input_file(inner) as f:
+            meta = pq.ParquetFile(f).metadata
+        first, size = 0, 0
+        for group in range(meta.num_row_groups):
+            size += meta.row_group(group).total_byte_size
+            if size >= cfg.read_split_bytes or group == meta.num_row_groups - 1:
+                splits.append(ParquetSplit(i, uri, first, group + 1, size))
+                first, size = group + 1, 0
+    return splits
+
+
+def read_parquet_split(split: ParquetSplit, cfg: DataConfig) -> Iterator[dict[str, Any]]:
+    """The split's rows as pack windows, as `read_jsonl_split` gives a jsonl file's: each window holds
+    `docs_per_batch` consecutive rows of one row group (fewer at its end), one JSON line per row, with
+    `offset` its first row's number in the file. Windows never cross a row group, so the packing is a
+    function of the file alone, not of how its row groups are split across read tasks."""
+    import pyarrow.parquet as pq
+
+    from fdllm.storage import filesystem
+
+    fs, inner = filesystem(split.uri)
+    n = cfg.docs_per_batch
+    with fs.open_input_file(inner) as f:
+        parquet = pq.ParquetFile(f)
+        columns = [c for c in RECORD_COLUMNS if c in parquet.schema_arrow.names]
+        offset = sum(parquet.metadata.row_group(g).num_rows for g in range(split.first))
+        for group in range(split.first, split.stop):
+            lines: list[bytes] = []
+            for batch in parquet.iter_batches(batch_size=n, row_groups=[group], columns=columns):
+                lines += [json.dumps(r, ensure_ascii=False, default=_not_json).encode() for r in batch.to_pylist()]
+                while len(lines) >= n:
+                    yield {"file_index": split.file_index, "offset": offset, "lines": b"\n".join(lines[:n])}
+                    offset, lines = offset + n, lines[n:]
+            if lines:
+                yield {"file_index": split.file_index, "offset": offset, "lines": b"\n".join(lines)}
+                offset += len(lines)
+
+
+def _not_json(value: Any) -> dict[str, str]:
+    """A parquet value JSON cannot hold (bytes, a timestamp, a decimal) as its row's line has it: an
+    object, which no field takes where a string or messages go, so the row is `wrong_type` as it was."""
+    return {"not_json": type(value).__name__}
+
+
 def pack_jsonl_windows(windows: Iterable[bytes], **kwargs: Any) -> dict[str, np.ndarray]:
     """Packed sequences of pack windows (see `read_jsonl_split`): each window's lines in groups of
     `docs_per_batch`, each group packed on its own, outputs in window then group order."""
@@ -687,11 +754,12 @@ def pack_jsonl_windows(windows: Iterable[bytes], **kwargs: Any) -> dict[str, np.
     return {column: np.concatenate([o[column] for o in outs]) for column in outs[0]}
 
 
-def _jsonl_split_datasource(sources: DataSources, splits: Sequence[JsonlSplit], cfg: DataConfig) -> Any:
-    """Ray Data source with one read task per split (`plan_jsonl_splits`), yielding one row per pack window.
+def _split_datasource(splits: Sequence[JsonlSplit | ParquetSplit], cfg: DataConfig) -> Any:
+    """Ray Data source with one read task per split (`plan_jsonl_splits`, `plan_parquet_splits`),
+    yielding one row per pack window.
 
-    A window is one row (its lines in one binary value), so however Ray Data groups rows into
-    blocks and batches, a window is never cut in two. Lines are decoded with their record, so one
+    A window is one row (its records as lines in one binary value), so however Ray Data groups rows
+    into blocks and batches, a window is never cut in two. Lines are decoded with their record, so one
     invalid byte costs one row (`bad_unicode`).
     """
     import pyarrow as pa
@@ -700,30 +768,30 @@ def _jsonl_split_datasource(sources: DataSources, splits: Sequence[JsonlSplit], 
 
     schema = pa.schema([("file_index", pa.int32()), ("offset", pa.int64()), ("lines", pa.large_binary())])
 
-    def read(split: JsonlSplit) -> Iterator["pyarrow.Table"]:
-        for window in read_jsonl_split(split, cfg):
+    def read(split: JsonlSplit | ParquetSplit) -> Iterator["pyarrow.Table"]:
+        windows = read_jsonl_split(split, cfg) if isinstance(split, JsonlSplit) else read_parquet_split(split, cfg)
+        for window in windows:
             yield pa.Table.from_pylist([window], schema=schema)
 
-    class JsonlSplits(Datasource):
+    def size(split: JsonlSplit | ParquetSplit) -> int:
+        return split.end - split.start if isinstance(split, JsonlSplit) else split.size_bytes
+
+    class RawSplits(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return sum(sources.sizes[uri] for uri in sources.jsonl)
+            return sum(size(s) for s in splits)
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
             # The splits, not Ray's parallelism hint (which grows with the data), define the tasks.
-            return [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=s.end - s.start,
+            return [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=size(s),
                                                                  input_files=[s.uri], exec_stats=None))
                     for s in splits]
 
-    return JsonlSplits()
+    return RawSplits()
 
 
-def _pack_jsonl_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
+def _pack_windows(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
     return pack_jsonl_windows(batch.column("lines").to_pylist(), **kwargs)
-
-
-def _pack_parquet_batch(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
-    return process_records(batch.to_pylist(), **kwargs)
 
 
 def build_dataset(
@@ -731,8 +799,9 @@ def build_dataset(
 ) -> "ray.data.Dataset":
     """A lazy Ray Dataset of packed sequences (see `pack_documents` for the columns).
 
-    jsonl: one task of `num_cpus` per byte-range split (`plan_jsonl_splits`) reads it window by
-    window (`read_jsonl_split`) and tokenizes and packs each window as it goes; as many run at once as
+    One task of `num_cpus` per split (a jsonl byte range, `plan_jsonl_splits`; a run of parquet row
+    groups, `plan_parquet_splits`) reads it window by window (`read_jsonl_split`, `read_parquet_split`)
+    and tokenizes and packs each window as it goes; as many run at once as
     the cluster has free CPUs for (Ray Train keeps the trainers' CPUs and GPUs out of the data's
     budget), and a large file is many splits, so it keeps them all busy. Memory is bounded whatever
     the corpus size: a task holds one window and a small output block (`OUTPUT_BLOCK_BYTES`) at a
@@ -757,18 +826,12 @@ def _build_dataset(
     sources: DataSources, tokenizer: "PreTrainedTokenizerBase", cfg: DataConfig, num_cpus: float
 ) -> "ray.data.Dataset":
     kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
-    parts = []
-    for kind, raw in read_raw_records(sources, cfg, num_cpus):
-        if kind == "jsonl":
-            # The same resources and runtime_env as the read: Ray fuses the two, so raw text is never
-            # queued in the object store, and a split's task reads only as fast as it tokenizes.
-            # batch_size=None (whole blocks): a batch size would stop Ray fusing the map into the read
-            parts.append(raw.map_batches(_pack_jsonl_batch, batch_size=None, batch_format="pyarrow", fn_kwargs=kwargs,
-                                         num_cpus=num_cpus, runtime_env=SINGLE_THREADED))
-        else:
-            parts.append(raw.map_batches(_pack_parquet_batch, batch_size=cfg.docs_per_batch, batch_format="pyarrow",
-                                         fn_kwargs=kwargs, num_cpus=num_cpus, runtime_env=SINGLE_THREADED))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    # The same resources and runtime_env as the read: Ray fuses the two, so raw text is never queued in
+    # the object store, and a split's task reads only as fast as it tokenizes. batch_size=None (whole
+    # blocks): a batch size would stop Ray fusing the map into the read
+    return read_raw_records(sources, cfg, num_cpus).map_batches(
+        _pack_windows, batch_size=None, batch_format="pyarrow", fn_kwargs=kwargs, num_cpus=num_cpus,
+        runtime_env=SINGLE_THREADED)
 
 
 # Each tokenizing task gets `num_cpus` from Ray: the tokenizer must not fan out over every core
@@ -776,41 +839,26 @@ def _build_dataset(
 SINGLE_THREADED = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
 
 
-def read_raw_records(
-    sources: DataSources, cfg: DataConfig, num_cpus: float = 1.0
-) -> list[tuple[Literal["jsonl", "parquet"], "ray.data.Dataset"]]:
-    """The sources' records, unparsed, as lazy Ray Datasets by format: jsonl as pack windows (a
-    `lines` column, `read_jsonl_split`), parquet as rows; `raw_rows` turns a batch of either into
-    records for `process_records`-style consumers (the fine-tune's packing, distillation's decoding)."""
+def read_raw_records(sources: DataSources, cfg: DataConfig, num_cpus: float = 1.0) -> "ray.data.Dataset":
+    """The sources' records, unparsed, as a lazy Ray Dataset of pack windows (a `lines` column: jsonl
+    lines as read, parquet rows as JSON lines; `read_jsonl_split`, `read_parquet_split`), jsonl files
+    first, then parquet, each in file order; `raw_rows` turns a batch into records for
+    `process_records`-style consumers (the fine-tune's packing, distillation's decoding)."""
     import ray.data
 
-    from fdllm.storage import filesystem
-
-    parts: list[tuple[Literal["jsonl", "parquet"], ray.data.Dataset]] = []
-    if sources.jsonl:
-        # One block per split: below Ray's parallelism hint (twice the cluster's CPUs), Ray would cut
-        # each read's output in pieces, which stops it fusing the tokenizing map into the read.
-        splits = plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg)
-        log.info("data: %d jsonl file(s), %.1f MB, in %d read split(s)", len(sources.jsonl),
-                 sum(sources.sizes[uri] for uri in sources.jsonl) / 1e6, len(splits))
-        parts.append(("jsonl", ray.data.read_datasource(_jsonl_split_datasource(sources, splits, cfg), num_cpus=num_cpus,
-                                                        override_num_blocks=len(splits), runtime_env=SINGLE_THREADED)))
-    # Files of one schema on one store are read together, in file order. Ray Data would take the first
-    # file's filesystem for all, and drop a URI's query: each read gets its filesystem and plain paths.
-    groups: dict[tuple[str, str], list[str]] = {}
-    for uri in sources.parquet:
-        store = urlunsplit(urlsplit(uri)._replace(path="")) if is_uri(uri) else ""
-        groups.setdefault((sources.parquet_schemas.get(uri, ""), store), []).append(uri)
-    for uris in groups.values():
-        located = [filesystem(uri) for uri in uris]
-        parts.append(("parquet", ray.data.read_parquet([inner for _, inner in located], filesystem=located[0][0],
-                                                       num_cpus=num_cpus, runtime_env=SINGLE_THREADED)))
-    return parts
+    splits: list[JsonlSplit | ParquetSplit] = plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg)
+    jsonl_splits = len(splits)
+    splits += plan_parquet_splits(sources.parquet, cfg, first_index=len(sources.jsonl))
+    log.info("data: %d jsonl file(s), %.1f MB, in %d read split(s); %d parquet file(s) in %d", len(sources.jsonl),
+             sum(sources.sizes[uri] for uri in sources.jsonl) / 1e6, jsonl_splits, len(sources.parquet),
+             len(splits) - jsonl_splits)
+    # One block per split: below Ray's parallelism hint (twice the cluster's CPUs), Ray would cut each
+    # read's output in pieces, which stops it fusing the tokenizing map into the read.
+    return ray.data.read_datasource(_split_datasource(splits, cfg), num_cpus=num_cpus,
+                                    override_num_blocks=len(splits), runtime_env=SINGLE_THREADED)
 
 
-def raw_rows(batch: "pyarrow.Table") -> list[bytes | dict[str, Any]]:
-    """The records of a `read_raw_records` batch: jsonl lines (bytes, parsed by the consumer, so a bad
-    line is one bad row) or parquet rows (dicts)."""
-    if "lines" in batch.column_names:
-        return [line for blob in batch.column("lines").to_pylist() for line in blob.split(b"\n")]
-    return batch.to_pylist()
+def raw_rows(batch: "pyarrow.Table") -> list[bytes]:
+    """The records of a `read_raw_records` batch, one line each (parsed by the consumer, so a bad line
+    is one bad row)."""
+    return [line for blob in batch.column("lines").to_pylist() for line in blob.split(b"\n")]

@@ -101,16 +101,15 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
     root = root.rstrip("/")
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{TRAJECTORIES_FILE}") as out:
-        for kind, raw in read_raw_records(sources, cfg.data_config(), cfg.data_cpus):
-            if kind == "jsonl":  # a row is a pack window of many lines: one row per record instead
-                raw = raw.map_batches(split_windows, batch_size=None, batch_format="pyarrow", num_cpus=cfg.data_cpus)
-            decoded = raw.map_batches(TrajectoryGenerator, **generator)
-            for batch in decoded.iter_batches(batch_size=None, batch_format="numpy"):
-                for record, status in zip(batch["record"], batch["status"]):
-                    counts[status] += 1
-                    if record:
-                        out.write(record.encode() + b"\n")
-                log.info("trajectories: %d records so far, %d correct", sum(counts.values()), counts[CORRECT])
+        # a row of the read is a pack window of many records: one row per record instead
+        raw = read_raw_records(sources, cfg.data_config(), cfg.data_cpus).map_batches(
+            split_windows, batch_size=None, batch_format="pyarrow", num_cpus=cfg.data_cpus)
+        for batch in raw.map_batches(TrajectoryGenerator, **generator).iter_batches(batch_size=None, batch_format="numpy"):
+            for record, status in zip(batch["record"], batch["status"]):
+                counts[status] += 1
+                if record:
+                    out.write(record.encode() + b"\n")
+            log.info("trajectories: %d records so far, %d correct", sum(counts.values()), counts[CORRECT])
     # written last, whole: its presence says the trajectories are complete (a rerun reuses them)
     write_bytes(join(directory, SUMMARY_FILE), json.dumps({"counts": dict(counts), **made_with(cfg)}, indent=2).encode())
     return dict(counts)

@@ -63,7 +63,7 @@ def prompt_token_ids(engine: "fdllm.Engine", messages: list[dict[str, str]]) -> 
 
 
 def split_windows(batch: "pyarrow.Table") -> dict[str, np.ndarray]:
-    """jsonl pack windows (`pipelines.data.read_raw_records`) -> one row per line, so actors get
+    """Pack windows (`pipelines.data.read_raw_records`) -> one row per record, so actors get
     batches of `trajectory_batch_size` records, not of whole windows."""
     return {"lines": np.array(raw_rows(batch), dtype=object)}
 

@@ -1,5 +1,6 @@
-"""pipelines.data.build_dataset on a local Ray instance: a jsonl file read in many byte-range splits
-gives exactly the rows, bad-row counts and packed sequences of a single split, in the same order."""
+"""pipelines.data.build_dataset on a local Ray instance: a jsonl file read in many byte-range splits,
+or parquet files in many runs of row groups, give exactly the rows, bad-row counts and packed
+sequences of a single split, in the same order."""
 
 from __future__ import annotations
 
@@ -25,11 +26,10 @@ def _packed(sources, split_bytes: int) -> dict[str, np.ndarray]:
     dataset = build_dataset(sources, make_tokenizer(), cfg, num_cpus=0.5)
     dataset.context.execution_options.preserve_order = True  # as the fine-tune's ingest runs it
     batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
-    if sources.jsonl:
-        # Tokenizing runs in the read's task, however few splits the file makes (here fewer than Ray's
-        # parallelism hint of twice the CPUs): raw text never waits in the object store.
-        operators = [line for line in dataset.stats().splitlines() if line.startswith("Operator")]
-        assert any("ReadJsonlSplits->MapBatches(_pack_jsonl_batch)" in line for line in operators), operators
+    # Tokenizing runs in the read's task, however few splits the files make (here fewer than Ray's
+    # parallelism hint of twice the CPUs), jsonl or parquet: raw text never waits in the object store.
+    operators = [line for line in dataset.stats().splitlines() if line.startswith("Operator")]
+    assert any("ReadRawSplits->MapBatches(_pack_windows)" in line for line in operators), operators
     return {c: np.concatenate([b[c] for b in batches]) for c in batches[0]}
 
 
@@ -55,6 +55,8 @@ def test_parquet_files_of_both_input_formats_stream_together(local_ray, tmp_path
     for kind in (list, str):
         rows = [r for r in records if isinstance(r.get("input"), kind)]
         assert rows, kind
-        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{kind.__name__}.parquet")
-    out = _packed(check_data_files([str(tmp_path)]), 1 << 20)
-    assert out["num_docs"].sum() == sum(isinstance(r.get("input"), (list, str)) for r in records)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{kind.__name__}.parquet", row_group_size=3)
+    sources = check_data_files([str(tmp_path)])
+    many, one = _packed(sources, 1024), _packed(sources, 1 << 20)  # splits of a few row groups, or one per file
+    assert one["num_docs"].sum() == sum(isinstance(r.get("input"), (list, str)) for r in records)
+    assert many.keys() == one.keys() and all(np.array_equal(many[c], one[c]) for c in one)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from fdllm.objective import IGNORE_INDEX
 from fdllm.tokenizer import MASK_TOKEN
 from pipelines.data import (
     BAD_REASONS,
+    RECORD_COLUMNS,
     BadRow,
     DataConfig,
     DataError,
@@ -22,8 +24,10 @@ from pipelines.data import (
     check_data_files,
     pack_jsonl_windows,
     plan_jsonl_splits,
+    plan_parquet_splits,
     process_records,
     read_jsonl_split,
+    read_parquet_split,
     record_to_messages,
 )
 from tests.helpers import make_tokenizer
@@ -265,6 +269,35 @@ def test_parquet_rows_parse_like_jsonl(tok, tmp_path):
     assert out["num_docs"].sum() == len(recs) and sum(bad_counts(out).values()) == 0
 
 
+def test_parquet_splits_are_runs_of_row_groups_read_as_windows_of_json_lines(tok, tmp_path):
+    """Windows of docs_per_batch rows that never cross a row group, only the columns records use, and
+    the packing of the rows themselves (each row one JSON line, parsed as a jsonl line is)."""
+    recs = [r for r in good_records(24) if isinstance(r.get("input"), list)]
+    recs.append({"input": [{"role": "user", "content": "q"}]})  # no output: a bad row
+    table = pa.Table.from_pylist(recs).append_column("license", pa.array(["cc-by-4.0"] * len(recs)))
+    path = tmp_path / "sft.parquet"
+    pq.write_table(table, path, row_group_size=5)
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    cfg = DataConfig(block_size=8, seq_len=128, docs_per_batch=2, pack_window_bytes=1, read_split_bytes=1)
+    splits = plan_parquet_splits([str(path)], cfg, first_index=3)
+    assert [(s.file_index, s.first, s.stop) for s in splits] == [(3, g, g + 1) for g in range(groups)]
+    whole = plan_parquet_splits([str(path)], dataclasses.replace(cfg, read_split_bytes=1 << 30), first_index=3)
+    assert [(s.first, s.stop) for s in whole] == [(0, groups)]
+    windows = [w for s in splits for w in read_parquet_split(s, cfg)]
+    assert windows == list(read_parquet_split(whole[0], cfg))  # the same windows however split
+    # 5 rows per group: windows of 2, 2, 1; offsets are row numbers in the file
+    assert [w["offset"] for w in windows[:4]] == [0, 2, 4, 5]
+    lines = [line for w in windows for line in w["lines"].split(b"\n")]
+    used = [c for c in RECORD_COLUMNS if c in table.column_names]
+    assert "license" not in used and [json.loads(line) for line in lines] == pq.read_table(path, columns=used).to_pylist()
+    out = process_records(lines, tok, DataConfig(block_size=8, seq_len=128))
+    assert out["num_docs"].sum() == len(recs) - 1 and bad_counts(out)["missing_field"] == 1
+    # a value JSON cannot hold is the bad row it was as a parquet value, not a read that fails
+    pq.write_table(pa.table({"input": ["q"], "output": pa.array([b"a"], pa.binary())}), tmp_path / "bytes.parquet")
+    (odd,) = read_parquet_split(plan_parquet_splits([str(tmp_path / "bytes.parquet")], cfg)[0], cfg)
+    assert bad_counts(process_records([odd["lines"]], tok, DataConfig(block_size=8, seq_len=128)))["wrong_type"] == 1
+
+
 def test_a_bom_before_the_first_record_costs_nothing(tok, tmp_path):
     """Editors that save UTF-8 with a byte order mark put it before the first line's record."""
     path = tmp_path / "bom.jsonl"
@@ -301,7 +334,12 @@ def test_data_uris_keep_their_host_and_query(s3_env, tmp_path, monkeypatch):
     from tests.s3_server import make_bucket, upload_dir
 
     write_jsonl(tmp_path / "sft" / "train.jsonl", good_records(3))
-    upload_dir(tmp_path / "sft", make_bucket("query") + "/sft")
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist([r for r in good_records(8) if isinstance(r.get("input"), list)][:2]),
+                   tmp_path / "parquet" / "train.parquet")
+    bucket = make_bucket("query")
+    upload_dir(tmp_path / "sft", bucket + "/sft")
+    upload_dir(tmp_path / "parquet", bucket + "/parquet")
     boto3.client("s3").put_object(Bucket="query", Key="sft #1/train.jsonl", Body=(tmp_path / "sft" / "train.jsonl").read_bytes())
     endpoint = s3_env["AWS_ENDPOINT_URL"]
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint is in the URI alone: losing it reads from AWS
@@ -314,6 +352,10 @@ def test_data_uris_keep_their_host_and_query(s3_env, tmp_path, monkeypatch):
             windows = [w for s in plan_jsonl_splits([(u, sources.sizes[u]) for u in sources.jsonl], cfg)
                        for w in read_jsonl_split(s, cfg)]
             assert sum(len(w["lines"].split(b"\n")) for w in windows) == 3
+    sources = check_data_files(["s3://query/parquet" + query])  # parquet splits open the URI too
+    assert sources.parquet == ["s3://query/parquet/train.parquet" + query]
+    windows = [w for s in plan_parquet_splits(sources.parquet, cfg) for w in read_parquet_split(s, cfg)]
+    assert sum(len(w["lines"].split(b"\n")) for w in windows) == 2
 
     fsspec.filesystem("memory").pipe("/fdllm-test/d/train.jsonl", write_jsonl(tmp_path / "m.jsonl", good_records(2)).read_bytes())
     sources = check_data_files(["memory://fdllm-test/d"])

@@ -142,7 +142,7 @@ def test_trajectories_at_a_uri_with_a_query(s3_env, tmp_path, monkeypatch):
         def iter_batches(self, **kwargs):
             yield {"record": ['{"input": "q", "output": "a"}', ""], "status": [CORRECT, DROPPED]}
 
-    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: [("parquet", Decoded())])
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: Decoded())
     assert distill.generate_trajectories(cfg, directory) == {CORRECT: 1, DROPPED: 1}
     listed = s3.list_objects_v2(Bucket="distill", Prefix="runs/r/trajectories/")["Contents"]
     assert {o["Key"] for o in listed if not o["Key"].endswith("/")} == {  # pyarrow's directory marker aside
