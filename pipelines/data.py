@@ -510,6 +510,9 @@ class DataSources:
     jsonl: list[str] = field(default_factory=list)
     parquet: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # bytes of each file, as listed
+    # each parquet file's row groups, uncompressed bytes, from the footer read to check the file
+    # (`plan_parquet_splits` plans from them without opening it again)
+    row_group_bytes: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _file_format(path: str) -> Literal["jsonl", "parquet"] | None:
@@ -583,11 +586,13 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
                     sources.jsonl.append(uri)
                 else:
                     with fs.open_input_file(file) as f:
-                        schema = pq.read_schema(f)
+                        meta = pq.ParquetFile(f).metadata
+                    schema = meta.schema.to_arrow_schema()
                     if "messages" not in schema.names and not {"input", "output"} <= set(schema.names):
                         raise DataError(f"{uri}: parquet columns {sorted(schema.names)} lack `messages` or "
                                         "`input`+`output`")
                     sources.parquet.append(uri)
+                    sources.row_group_bytes[uri] = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
         except DataError:
             raise
         except Exception as e:  # permission denied, corrupt parquet footer, network errors...
@@ -608,6 +613,10 @@ class JsonlSplit:
     uri: str
     start: int
     end: int
+
+    @property
+    def size_bytes(self) -> int:
+        return self.end - self.start
 
 
 def plan_jsonl_splits(files: Sequence[tuple[str, int]], cfg: DataConfig) -> list[JsonlSplit]:
@@ -688,22 +697,16 @@ class ParquetSplit:
     size_bytes: int  # uncompressed, as the file's footer says
 
 
-def plan_parquet_splits(uris: Sequence[str], cfg: DataConfig, first_index: int = 0) -> list[ParquetSplit]:
-    """Runs of whole row groups of at least `cfg.read_split_bytes` (uncompressed; a file's last run may
-    be less), in file order. Reads only the files' footers."""
-    import pyarrow.parquet as pq
-
-    from fdllm.storage import filesystem
-
+def plan_parquet_splits(files: Sequence[tuple[str, Sequence[int]]], cfg: DataConfig,
+                        first_index: int = 0) -> list[ParquetSplit]:
+    """Runs of whole row groups of at least `cfg.read_split_bytes` of (uri, row group bytes) files
+    (`DataSources.row_group_bytes`; a file's last run may be less), in file order."""
     splits = []
-    for i, uri in enumerate(uris, start=first_index):
-        fs, inner = filesystem(uri)
-        with fs.open_input_file(inner) as f:
-            meta = pq.ParquetFile(f).metadata
+    for i, (uri, groups) in enumerate(files, start=first_index):
         first, size = 0, 0
-        for group in range(meta.num_row_groups):
-            size += meta.row_group(group).total_byte_size
-            if size >= cfg.read_split_bytes or group == meta.num_row_groups - 1:
+        for group, group_bytes in enumerate(groups):
+            size += group_bytes
+            if size >= cfg.read_split_bytes or group == len(groups) - 1:
                 splits.append(ParquetSplit(i, uri, first, group + 1, size))
                 first, size = group + 1, 0
     return splits
@@ -743,8 +746,8 @@ def _not_json(value: Any) -> dict[str, str]:
 
 
 def pack_jsonl_windows(windows: Iterable[bytes], **kwargs: Any) -> dict[str, np.ndarray]:
-    """Packed sequences of pack windows (see `read_jsonl_split`): each window's lines in groups of
-    `docs_per_batch`, each group packed on its own, outputs in window then group order."""
+    """Packed sequences of pack windows (`read_jsonl_split`, `read_parquet_split`): each window's lines
+    in groups of `docs_per_batch`, each group packed on its own, outputs in window then group order."""
     cfg: DataConfig = kwargs["cfg"]
     outs = []
     for blob in windows:
@@ -773,17 +776,14 @@ def _split_datasource(splits: Sequence[JsonlSplit | ParquetSplit], cfg: DataConf
         for window in windows:
             yield pa.Table.from_pylist([window], schema=schema)
 
-    def size(split: JsonlSplit | ParquetSplit) -> int:
-        return split.end - split.start if isinstance(split, JsonlSplit) else split.size_bytes
-
     class RawSplits(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return sum(size(s) for s in splits)
+            return sum(s.size_bytes for s in splits)
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
             # The splits, not Ray's parallelism hint (which grows with the data), define the tasks.
-            return [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=size(s),
+            return [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=s.size_bytes,
                                                                  input_files=[s.uri], exec_stats=None))
                     for s in splits]
 
@@ -848,8 +848,9 @@ def read_raw_records(sources: DataSources, cfg: DataConfig, num_cpus: float = 1.
 
     splits: list[JsonlSplit | ParquetSplit] = plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg)
     jsonl_splits = len(splits)
-    splits += plan_parquet_splits(sources.parquet, cfg, first_index=len(sources.jsonl))
-    log.info("data: %d jsonl file(s), %.1f MB, in %d read split(s); %d parquet file(s) in %d", len(sources.jsonl),
+    splits += plan_parquet_splits([(uri, sources.row_group_bytes[uri]) for uri in sources.parquet], cfg,
+                                  first_index=len(sources.jsonl))
+    log.info("data: %d jsonl file(s), %.1f MB, in %d read split(s); %d parquet file(s) in %d split(s)", len(sources.jsonl),
              sum(sources.sizes[uri] for uri in sources.jsonl) / 1e6, jsonl_splits, len(sources.parquet),
              len(splits) - jsonl_splits)
     # One block per split: below Ray's parallelism hint (twice the cluster's CPUs), Ray would cut each

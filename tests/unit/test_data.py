@@ -279,9 +279,11 @@ def test_parquet_splits_are_runs_of_row_groups_read_as_windows_of_json_lines(tok
     pq.write_table(table, path, row_group_size=5)
     groups = pq.ParquetFile(path).metadata.num_row_groups
     cfg = DataConfig(block_size=8, seq_len=128, docs_per_batch=2, pack_window_bytes=1, read_split_bytes=1)
-    splits = plan_parquet_splits([str(path)], cfg, first_index=3)
+    files = [(str(path), check_data_files([str(path)]).row_group_bytes[str(path)])]
+    assert len(files[0][1]) == groups
+    splits = plan_parquet_splits(files, cfg, first_index=3)
     assert [(s.file_index, s.first, s.stop) for s in splits] == [(3, g, g + 1) for g in range(groups)]
-    whole = plan_parquet_splits([str(path)], dataclasses.replace(cfg, read_split_bytes=1 << 30), first_index=3)
+    whole = plan_parquet_splits(files, dataclasses.replace(cfg, read_split_bytes=1 << 30), first_index=3)
     assert [(s.first, s.stop) for s in whole] == [(0, groups)]
     windows = [w for s in splits for w in read_parquet_split(s, cfg)]
     assert windows == list(read_parquet_split(whole[0], cfg))  # the same windows however split
@@ -294,7 +296,9 @@ def test_parquet_splits_are_runs_of_row_groups_read_as_windows_of_json_lines(tok
     assert out["num_docs"].sum() == len(recs) - 1 and bad_counts(out)["missing_field"] == 1
     # a value JSON cannot hold is the bad row it was as a parquet value, not a read that fails
     pq.write_table(pa.table({"input": ["q"], "output": pa.array([b"a"], pa.binary())}), tmp_path / "bytes.parquet")
-    (odd,) = read_parquet_split(plan_parquet_splits([str(tmp_path / "bytes.parquet")], cfg)[0], cfg)
+    odd_file = str(tmp_path / "bytes.parquet")
+    (odd,) = read_parquet_split(plan_parquet_splits([(odd_file, check_data_files([odd_file]).row_group_bytes[odd_file])],
+                                                    cfg)[0], cfg)
     assert bad_counts(process_records([odd["lines"]], tok, DataConfig(block_size=8, seq_len=128)))["wrong_type"] == 1
 
 
@@ -354,7 +358,8 @@ def test_data_uris_keep_their_host_and_query(s3_env, tmp_path, monkeypatch):
             assert sum(len(w["lines"].split(b"\n")) for w in windows) == 3
     sources = check_data_files(["s3://query/parquet" + query])  # parquet splits open the URI too
     assert sources.parquet == ["s3://query/parquet/train.parquet" + query]
-    windows = [w for s in plan_parquet_splits(sources.parquet, cfg) for w in read_parquet_split(s, cfg)]
+    windows = [w for s in plan_parquet_splits([(u, sources.row_group_bytes[u]) for u in sources.parquet], cfg)
+               for w in read_parquet_split(s, cfg)]
     assert sum(len(w["lines"].split(b"\n")) for w in windows) == 2
 
     fsspec.filesystem("memory").pipe("/fdllm-test/d/train.jsonl", write_jsonl(tmp_path / "m.jsonl", good_records(2)).read_bytes())
