@@ -260,7 +260,8 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
         start = time.perf_counter()
         for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s startup deadline
             try:
-                ray.init(num_cpus=args["cpus"], include_dashboard=False, log_to_driver=False)
+                # its own instance of --cpus (joining a running cluster would ignore them, and fail)
+                ray.init(address="local", num_cpus=args["cpus"], include_dashboard=False, log_to_driver=False)
                 break
             except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it
                 log.warning("ray.init failed (%s); attempt %d of 3", e, attempt + 1)

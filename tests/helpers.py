@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 VOCAB = 96
@@ -109,3 +111,14 @@ def hf_causal_logprobs(path, ids: list[int], mask_token_id: int | None = None) -
         logits[:, mask_token_id] = float("-inf")
     return logits.log_softmax(-1)
 
+
+
+def start_local_ray(num_cpus: float) -> None:
+    """A Ray instance of the test's own, of `num_cpus` logical CPUs: `address="local"`, so a cluster
+    already running on the machine (a developer's `ray start`, as the README shows; RAY_ADDRESS) is
+    left alone, where a plain `ray.init(num_cpus=...)` would try to join it and fail. Workers' logs
+    reach the console with FDLLM_TEST_RAY_LOGS=1."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=os.environ.get("FDLLM_TEST_RAY_LOGS") == "1")

@@ -10,13 +10,13 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from pipelines.data import BAD_REASONS, DataConfig, bad_counts, build_dataset, check_data_files  # noqa: E402
-from tests.helpers import make_tokenizer  # noqa: E402
+from tests.helpers import make_tokenizer, start_local_ray  # noqa: E402
 from tests.sft_data import BROKEN_ROWS, expected_bad_counts, good_records, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

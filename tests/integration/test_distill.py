@@ -6,7 +6,6 @@ reusing written trajectories is tested in tests/unit/test_distill.py.)"""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ ray = pytest.importorskip("ray")
 import fdllm  # noqa: E402
 from pipelines.distill import SUMMARY_FILE, TRAJECTORIES_FILE, run  # noqa: E402
 from pipelines.finetune_config import DistillConfig  # noqa: E402
+from tests.helpers import start_local_ray  # noqa: E402
 from tests.unit.test_distill import own_answers  # noqa: E402
 
 PROMPTS = ["hello world", "one two", "a b c", "hi there", "hello", "seven"]  # the random model answers each
@@ -23,7 +23,7 @@ PROMPTS = ["hello world", "one two", "a b c", "hi there", "hello", "seven"]  # t
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=os.environ.get("FDLLM_TEST_RAY_LOGS") == "1")
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -20,12 +20,13 @@ from fdllm.config import BlockDiffusionConfig  # noqa: E402
 from fdllm.tokenizer import MASK_TOKEN, load_tokenizer  # noqa: E402
 from pipelines.data import BAD_REASONS  # noqa: E402
 from pipelines.finetune import FinetuneConfig, build_parser, run  # noqa: E402
+from tests.helpers import start_local_ray  # noqa: E402
 from tests.sft_data import BROKEN_ROWS, expected_bad_counts, good_records, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=os.environ.get("FDLLM_TEST_RAY_LOGS") == "1")
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -19,6 +19,8 @@ import fdllm
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from tests.helpers import start_local_ray  # noqa: E402
+
 API_KEY = "test-key"
 MODEL = "tiny-dllm"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -52,7 +54,7 @@ def served_dir(dllm_dir, tmp_path_factory):
 def server(served_dir):
     from serve.app import run_local
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray(num_cpus=4)
     yield run_local({"model": str(served_dir), "model_name": MODEL, "api_key": API_KEY,
                      "default_max_tokens": 16, "max_waiting": 4, "fault_injection": True,
                      "max_body_bytes": MAX_BODY_BYTES, "max_prompt_chars": MAX_PROMPT_CHARS}, timeout_s=60)

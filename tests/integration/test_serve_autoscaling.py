@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from serve.replicas import FAST_AUTOSCALING_METRICS_ENV, ReplicaSampler, running_replicas  # noqa: E402
+from tests.helpers import start_local_ray  # noqa: E402
 
 MODEL = "tiny-dllm"
 AUTOSCALING = {
@@ -45,7 +46,7 @@ def server(dllm_dir):
     for key, value in FAST_AUTOSCALING_METRICS_ENV.items():  # before Ray starts
         env.setenv(key, value)
     # 2 logical CPUs, half a CPU per replica: both replicas fit, as on the 2-core CI machine.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2)
     try:
         yield run_local({"model": str(dllm_dir), "model_name": MODEL, "autoscaling_config": AUTOSCALING,
                          "num_cpus_per_replica": 0.5, "default_max_tokens": 16, "max_waiting": 64},

@@ -15,6 +15,8 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from tests.helpers import start_local_ray  # noqa: E402
+
 MODEL = "tiny-dllm"
 HEADER = "x-session-id"  # Ray Serve's session header (RAY_SERVE_SESSION_ID_HEADER_KEY)
 SESSIONS = 8
@@ -25,7 +27,7 @@ BLOCK = 8  # dllm_dir's block: the prefix cache's unit
 def two_replicas(dllm_dir):
     from serve.app import run_local
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray(num_cpus=4)
     yield run_local({"model": str(dllm_dir), "model_name": MODEL, "num_replicas": 2, "num_cpus_per_replica": 0.5,
                      "session_affinity": True, "default_max_tokens": 1}, timeout_s=180)
     serve.shutdown()

@@ -15,6 +15,7 @@ from fdllm.tokenizer import load_tokenizer
 from pipelines import world
 from pipelines.evaluate import ALL_TASKS, accuracy_figure, format_table, plot_rows, run_evaluation
 from pipelines.world.corpus import WorldConfig
+from tests.helpers import start_local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -31,7 +32,7 @@ def test_scaled_down_chain(tmp_path):
                 "--num-examples", "96", "--hidden-size", "32", "--layers", "1", "--eval-every", "0"])
     assert (base / "model.safetensors").is_file() and (base / "tokenizer.json").is_file()
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    start_local_ray(num_cpus=2)
     try:
         result = run(FinetuneConfig(model=str(base), data=[str(data / "train.jsonl")], output=str(dllm),
                            storage_path=str(tmp_path / "ray"), run_name="chain", num_workers=1, cpus_per_worker=1,
