@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import logging
 import math
 import tempfile
@@ -162,6 +163,7 @@ class ShardReader:
         self.bad_rows: Counter[str] = Counter()  # consumed by this worker since the last `take_counts`
         self.consumed = skip
         self._rows: Iterator[dict[str, Any]] | None = None
+        self._pending: Counter[str] = Counter()  # counts of the rows read since the last batch was returned
 
     def take_counts(self) -> Counter[str]:
         counts, self.bad_rows = self.bad_rows, Counter()
@@ -169,6 +171,17 @@ class ShardReader:
 
     def new_epoch(self) -> None:
         self._rows, self.consumed = None, 0
+
+    def drain(self) -> None:
+        """Count the rows left in this epoch of the shard, training on none. When another worker's shard
+        runs dry first, the epoch ends for every worker (DDP needs equal steps), and the rows still
+        here (a full batch fetched, a carrier of counts) would go uncounted."""
+        if self._rows is None:
+            self._rows = self._sequences()
+        for _ in self._rows:
+            pass
+        self.bad_rows.update(self._pending)
+        self._pending = Counter()
 
     def _iter_rows(self) -> Iterator[dict[str, Any]]:
         """The shard's rows, fetched as numpy batches with prefetch (the next batches are already on
@@ -178,27 +191,29 @@ class ShardReader:
             for i in range(len(chunk["num_docs"])):
                 yield {column: values[i] for column, values in chunk.items()}
 
-    def next_batch(self) -> dict[str, np.ndarray] | None:
-        """The next batch, or None when this shard's epoch has no full batch left."""
-        if self._rows is None:
-            self._rows = self._iter_rows()
-        picked: list[dict[str, Any]] = []
-        pending: Counter[str] = Counter()
-        for row in self._rows:
+    def _sequences(self) -> Iterator[dict[str, Any]]:
+        """The shard's rows that hold documents, past `skip`; each row read adds its counts to `_pending`
+        (a row of no documents only carries counts, or is the data's empty tail)."""
+        for row in self._iter_rows():
             if self.skip:
                 self.skip -= int(row["num_docs"] > 0)
                 continue
-            pending.update({r: int(row[f"bad_{r}"]) for r in BAD_REASONS})
-            pending[GOOD_DOCS] += int(row["num_docs"])
-            if row["num_docs"] == 0:  # a carrier of counts only
-                continue
-            picked.append(row)
-            if len(picked) == self.batch_size:
-                self.bad_rows.update(pending)
-                self.consumed += len(picked)
-                return {c: np.stack([r[c] for r in picked]) for c in (*BATCH_COLUMNS, "num_tokens")}
-        self.bad_rows.update(pending)  # the partial batch at the end of an epoch is dropped
-        return None
+            self._pending.update({r: int(row[f"bad_{r}"]) for r in BAD_REASONS})
+            self._pending[GOOD_DOCS] += int(row["num_docs"])
+            if row["num_docs"] > 0:
+                yield row
+
+    def next_batch(self) -> dict[str, np.ndarray] | None:
+        """The next batch, or None when this shard's epoch has no full batch left."""
+        if self._rows is None:
+            self._rows = self._sequences()
+        picked = list(itertools.islice(self._rows, self.batch_size))
+        self.bad_rows.update(self._pending)  # a partial batch at the end of an epoch is dropped, its counts kept
+        self._pending = Counter()
+        if len(picked) < self.batch_size:
+            return None
+        self.consumed += len(picked)
+        return {c: np.stack([r[c] for r in picked]) for c in (*BATCH_COLUMNS, "num_tokens")}
 
 
 class Parallel:
@@ -405,12 +420,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batch = reader.next_batch()
         if not _all_reduce([float(batch is not None)], op=dist.ReduceOp.MIN)[0]:
             # Some shard ran dry: the epoch ends for every worker together (DDP needs equal steps).
+            if state.epoch == 0:  # the first pass counts every row of the data
+                reader.drain()
             _collect_bad_rows(reader, state)
             if not epoch_trained:
                 # Returned, not raised: a worker error restarts the worker group (FailureConfig.max_failures,
                 # forever at -1), and the same data gives no batch again. The driver raises it (`fit`).
                 progress.close()
-                if rank == 0:  # what the driver's error cannot say (rows an equal split left out go uncounted)
+                if rank == 0:  # what the driver's error cannot say (Ray Train keeps only a checkpoint's metrics)
                     log.error("no training batch in an epoch of the data; %s",
                               summarize_bad_rows(state.bad_rows, state.good_docs)[0])
                 return

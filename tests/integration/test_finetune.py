@@ -142,16 +142,18 @@ def test_bad_rows_are_counted_once_and_the_export_is_servable(lockstep, qwen2_di
 
 
 def test_data_of_no_training_batch_fails_once_with_why(local_ray, qwen2_dir, tmp_path):
-    """Rows that pack no sequence (all broken) fail the run at once with a DataError that says why and
-    counts the rows: the workers report it and stop. A worker error would restart the worker group
-    (--max-failures; forever at -1) to fail the same way, and end in Ray's traceback."""
+    """Rows that pack no sequence (all broken) fail the run at once with a DataError that says why:
+    the workers stop (rank 0 logs the rows skipped). A worker error would restart the worker group
+    (--max-failures; forever at -1) to fail the same way, and end in Ray's traceback. Two workers, and
+    rows that do not divide among them (three carriers of counts: docs_per_batch 6), so the data's
+    empty tail and the drain of what another worker left run in real workers too."""
     from pipelines.data import DataError
 
     data = write_jsonl(tmp_path / "sft.jsonl", [], [raw for raw, _ in BROKEN_ROWS])
-    with pytest.raises(DataError, match=r"the data gave no training batch: its good rows pack fewer than 1 worker\(s\) "
+    with pytest.raises(DataError, match=r"the data gave no training batch: its good rows pack fewer than 2 worker\(s\) "
                                         r"x 2 sequences of 128 tokens; give more data"):
         run(_config(*_common(qwen2_dir, data, tmp_path / "runs"), "--max-steps", "2", "--batch-size", "2",
-                    "--max-failures", "1", "--run-name", "no-data"))
+                    "--num-workers", "2", "--docs-per-batch", "6", "--max-failures", "1", "--run-name", "no-data"))
 
 
 def _run_killing_a_worker(common: list[str], runs: Path, run_name: str, *flags: str):

@@ -150,6 +150,18 @@ def test_raw_byte_lines_decode_per_record(tok, tmp_path):
     assert out["num_docs"].sum() == 6 and bad_counts(out)["bad_unicode"] == 1
 
 
+def test_a_window_of_no_lines_packs_to_one_empty_row(tok):
+    """The data's tail (`build_dataset(tail_rows=...)`): a row that trains nothing and counts nothing."""
+    good = b"\n".join(json.dumps(r).encode() for r in good_records(3))
+    cfg, spec = DataConfig(block_size=8, seq_len=128), TokenSpec.from_tokenizer(tok)
+    out = pack_jsonl_windows([good, b"", b""], tokenizer=tok, cfg=cfg, spec=spec)
+    alone = pack_jsonl_windows([good], tokenizer=tok, cfg=cfg, spec=spec)
+    n = len(alone["num_docs"])
+    assert len(out["num_docs"]) == n + 2 and all(np.array_equal(out[c][:n], alone[c]) for c in alone)
+    assert (out["num_docs"][n:] == 0).all() and (out["num_tokens"][n:] == 0).all()
+    assert (out["labels"][n:] == IGNORE_INDEX).all() and not any(out[f"bad_{r}"][n:].any() for r in BAD_REASONS)
+
+
 # ---------------------------------------------------------------------------------------------
 # jsonl files read in byte-range splits (small windows and splits forced by DataConfig)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,37 @@ def test_shard_reader_counts_on_consumption_and_skips_on_resume(qwen2_dir):
     first = resumed.next_batch()
     assert np.array_equal(first["input_ids"], batches[1]["input_ids"]) and resumed.consumed == 4
     assert set(resumed.take_counts()) <= {*BAD_REASONS, "good_docs"}
+
+
+def _counts(rows) -> Counter:
+    """Bad rows by reason and good documents of packed rows, summed here (the oracle of ShardReader's)."""
+    counts = Counter()
+    for row in rows:
+        counts.update({reason: int(row[f"bad_{reason}"]) for reason in BAD_REASONS})
+        counts["good_docs"] += int(row["num_docs"])
+    return counts
+
+
+def test_shard_reader_drain_counts_what_an_epoch_ended_by_another_worker_left(qwen2_dir):
+    """Another worker's shard ran dry first: the epoch ends here too, with a batch fetched and not
+    trained and rows after it; `drain` counts them all, as a full pass over the shard does."""
+    tok = load_tokenizer(qwen2_dir)
+    rows = _rows(tok)
+    full = ShardReader(_Shard(rows), batch_size=2)
+    while full.next_batch() is not None:
+        pass
+    assert full.take_counts() == _counts(rows)
+
+    sequences = [i for i, row in enumerate(rows) if row["num_docs"] > 0]
+    assert len(sequences) == 4 and len(rows) == 5  # a carrier of counts only among them
+    for skip in (0, 2):  # a fresh epoch, and a resumed one: the sequences it skips were counted before its checkpoint
+        reader = ShardReader(_Shard(rows), batch_size=1, skip=skip)
+        assert reader.next_batch() is not None
+        before = reader.take_counts()
+        reader.drain()
+        first = sequences[skip - 1] + 1 if skip else 0  # the first row past the skipped sequences
+        assert before + reader.take_counts() == _counts(rows[first:]), skip
+        assert reader.next_batch() is None and reader.consumed == skip + 1
 
 
 def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
