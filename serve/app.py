@@ -44,9 +44,8 @@ from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fdllm.engine import SamplingParams
-from fdllm.kernels import ATTENTION_BACKENDS
+from fdllm.engine.params import ENGINE_CHOICES
 from fdllm.paths import resolve_local
-from fdllm.quantization import QUANTIZATIONS
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import check_text_tokenizer, token_pieces
 from serve.async_engine import (
@@ -644,10 +643,6 @@ def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not become healthy in {timeout_s:.0f} s")
         time.sleep(0.5)
-
-
-# EngineConfig fields whose flag takes one of a few names
-ENGINE_CHOICES = {"quantization": QUANTIZATIONS, "attention_backend": ATTENTION_BACKENDS}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -192,6 +192,11 @@ class SamplingParams:
             raise ValueError("delimiters and delimiter_token_ids need delimiter_threshold (the adaptive sub-block boundary)")
 
 
+# EngineConfig fields that take one of a few names (checked in its __post_init__): what CLIs offer
+# as their flags' choices (`serve.app.add_engine_arguments`)
+ENGINE_CHOICES: dict[str, tuple[str, ...]] = {"quantization": QUANTIZATIONS, "attention_backend": ATTENTION_BACKENDS}
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     """Sizing and execution of the engine: KV pages, batch, prefill budget, attention backend, graphs."""
