@@ -239,6 +239,7 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
 
     if not ray.is_initialized():
         ray.init()
+    check_cluster_fits(cfg)
     _warn_if_in_job_copy(cfg)
     log.info("%s %s: %d steps, %d worker(s) x %d sequences x %d tokens", what, cfg.model, cfg.total_steps(),
              cfg.num_workers, cfg.batch_size, cfg.seq_len)
@@ -256,6 +257,37 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
     if result.checkpoint is not None:
         log.info("servable checkpoint: %s (training checkpoint: %s)", cfg.output, result.checkpoint.path)
     return result
+
+
+def check_cluster_fits(cfg: FinetuneConfig) -> None:
+    """The run's resources against the Ray instance's: the workers' bundles (`scaling_config`) and one
+    data task (`--data-cpus`, which Ray Data runs beside them). A local instance this process started
+    never grows, and a run it cannot hold would wait forever (Ray Train retries starting its workers
+    without end; Ray Data waits for a free CPU), so that is an error, now. A cluster may grow (an
+    autoscaler adds nodes), so there it is a warning that says what is missing."""
+    import ray
+
+    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus, **({"GPU": cfg.num_workers} if cfg.use_gpu else {})}
+    have = ray.cluster_resources()
+    if all(n <= have.get(name, 0) + 1e-9 for name, n in need.items()):
+        return
+    what = (f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU{' and 1 GPU' * cfg.use_gpu} + "
+            f"{cfg.data_cpus:g} CPU for the data")
+    has = " and ".join(f"{have.get(name, 0):g} {name}" for name in need)
+    if _started_ray_here():
+        raise ValueError(f"this run needs {what}, and the local Ray instance it started has {has}: lower --num-workers, "
+                         f"--cpus-per-worker or --data-cpus{', drop --use-gpu' * cfg.use_gpu}, or submit it to a cluster")
+    log.warning("this run needs %s, and the Ray cluster has %s now: it waits for nodes to join (an autoscaler adds "
+                "them; until then Ray Train retries starting the workers)", what, has)
+
+
+def _started_ray_here() -> bool:
+    """Whether this process's `ray.init` started the Ray instance (a local one, no autoscaler) rather
+    than joined a cluster. Only Ray's node object knows; should that change, the answer is False,
+    and a run that does not fit waits, as on a cluster."""
+    import ray._private.worker
+
+    return getattr(getattr(ray._private.worker, "_global_node", None), "head", False) is True
 
 
 def _drop_worker_progress_bars() -> None:

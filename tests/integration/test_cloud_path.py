@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipelines.finetune import FinetuneConfig, build_parser, run  # noqa: E402
+from pipelines.finetune import FinetuneConfig, _started_ray_here, build_parser, run  # noqa: E402
 from tests.s3_server import make_bucket, upload_dir  # noqa: E402
 from tests.sft_data import good_records, write_jsonl  # noqa: E402
 
@@ -94,6 +94,7 @@ def _cached_versions(cache: Path, uri: str) -> list[Path]:
 
 
 def test_finetune_from_s3_on_two_nodes_and_resume(cluster, bucket, caches):
+    assert not _started_ray_here()  # a cluster joined: a run it cannot hold yet would wait for nodes, not fail
     servable = f"{bucket}/runs/{RUN}/servable"
     result = _finetune(bucket, "--max-steps", "2")
     assert result.metrics["step"] == 2

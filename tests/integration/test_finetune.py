@@ -156,6 +156,21 @@ def test_data_of_no_training_batch_fails_once_with_why(local_ray, qwen2_dir, tmp
                     "--num-workers", "2", "--docs-per-batch", "6", "--max-failures", "1", "--run-name", "no-data"))
 
 
+def test_a_run_the_local_ray_instance_cannot_hold_fails_at_once(local_ray, qwen2_dir, tmp_path):
+    """This process started the Ray instance (2 CPUs), so no node will join: 4 workers x 0.5 CPU and
+    the data's 0.5 would wait forever (Ray Train retries starting the workers without end, Ray Data
+    waits for a CPU); the run says so before any worker starts."""
+    from pipelines.finetune import _started_ray_here
+
+    assert _started_ray_here()
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(8), [])
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"this run needs 4 worker\(s\) x 0\.5 CPU \+ 0\.5 CPU for the data, and the "
+                                         r"local Ray instance it started has 2 CPU: lower --num-workers"):
+        run(_config(*_common(qwen2_dir, data, tmp_path / "runs"), "--num-workers", "4", "--max-steps", "2"))
+    assert time.monotonic() - start < 60
+
+
 def _run_killing_a_worker(common: list[str], runs: Path, run_name: str, *flags: str):
     """Run on 2 workers, SIGKILLing one once the step-2 checkpoint is registered (one restart allowed)."""
     killed: list[int] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -205,6 +206,25 @@ def test_os_errors_are_one_line_and_exit_2(tmp_path, caplog):
 
     argv = ["--model", "m", "--data", "d", "--max-steps", "1"]
     assert cli_main(argv, build_parser(), FinetuneConfig, run_fn) == 2 and "No space left" in caplog.text
+
+
+def test_a_run_a_cluster_cannot_hold_yet_waits_with_a_warning_and_one_it_holds_says_nothing(monkeypatch, caplog):
+    """A joined cluster may grow (an autoscaler adds nodes): what is missing is a warning, not an error
+    (tests/integration/test_finetune.py has the local instance's error)."""
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    monkeypatch.setattr(finetune, "_started_ray_here", lambda: False)
+    cfg = FinetuneConfig(model="m", data=["d"], max_steps=1, num_workers=4, cpus_per_worker=0.5, data_cpus=0.5, use_gpu=True)
+    finetune.check_cluster_fits(cfg)
+    assert ("this run needs 4 worker(s) x 0.5 CPU and 1 GPU + 0.5 CPU for the data, and the Ray cluster has 2 CPU "
+            "and 0 GPU now: it waits for nodes to join") in caplog.text
+    caplog.clear()
+    finetune.check_cluster_fits(dataclasses.replace(cfg, use_gpu=False))  # the workers' 2 CPUs leave none to the data
+    assert "this run needs 4 worker(s) x 0.5 CPU + 0.5 CPU for the data, and the Ray cluster has 2 CPU now" in caplog.text
+    caplog.clear()
+    finetune.check_cluster_fits(dataclasses.replace(cfg, num_workers=3, use_gpu=False))  # 3 x 0.5 + 0.5 = 2
+    assert not caplog.text
 
 
 def test_lr_schedule():
