@@ -42,8 +42,9 @@ costs one row. The counts travel
 with the data (columns `bad_<reason>` on the first sequence of each batch; a batch with no good
 document yields one all-padding row with `num_docs == 0` that carries them), so the training loop
 reports exactly the counts of the rows it consumed; its first pass consumes every row (Ray Train's
-equal split drops only the `tail_rows` of `build_dataset`, and a worker whose epoch another ended
-counts what its shard still holds: `ShardReader.drain`). A file that cannot be read at all is a
+equal split drops none when `build_dataset`'s `row_multiple` is the number of workers, and a worker
+whose epoch another ended counts what its shard still holds: `ShardReader.drain`). A file that
+cannot be read at all is a
 `DataError` from `check_data_files`, raised by the driver before any worker starts.
 
 Everything above is plain Python/numpy, tested without Ray; `build_dataset` only maps it with Ray Data.
@@ -749,24 +750,19 @@ def _not_json(value: Any) -> dict[str, str]:
 
 def pack_jsonl_windows(windows: Iterable[bytes], **kwargs: Any) -> dict[str, np.ndarray]:
     """Packed sequences of pack windows (`read_jsonl_split`, `read_parquet_split`): each window's lines
-    in groups of `docs_per_batch`, each group packed on its own, outputs in window then group order.
-    A window of no lines (the readers never make one: `build_dataset`'s tail) packs to one empty row."""
+    in groups of `docs_per_batch`, each group packed on its own, outputs in window then group order."""
     cfg: DataConfig = kwargs["cfg"]
     outs = []
     for blob in windows:
-        if not blob:
-            outs.append(process_records([], **kwargs))
-            continue
         lines = blob.split(b"\n")
         for i in range(0, len(lines), cfg.docs_per_batch):
             outs.append(process_records(lines[i : i + cfg.docs_per_batch], **kwargs))
     return {column: np.concatenate([o[column] for o in outs]) for column in outs[0]}
 
 
-def _split_datasource(splits: Sequence[JsonlSplit | ParquetSplit], cfg: DataConfig, tail_windows: int = 0) -> Any:
+def _split_datasource(splits: Sequence[JsonlSplit | ParquetSplit], cfg: DataConfig) -> Any:
     """Ray Data source with one read task per split (`plan_jsonl_splits`, `plan_parquet_splits`),
-    yielding one row per pack window, then (with `tail_windows`) one last task of that many empty
-    windows (file_index -1), which read in order end the data.
+    yielding one row per pack window.
 
     A window is one row (its records as lines in one binary value), so however Ray Data groups rows
     into blocks and batches, a window is never cut in two. Lines are decoded with their record, so one
@@ -783,9 +779,6 @@ def _split_datasource(splits: Sequence[JsonlSplit | ParquetSplit], cfg: DataConf
         for window in windows:
             yield pa.Table.from_pylist([window], schema=schema)
 
-    def tail() -> Iterator["pyarrow.Table"]:
-        yield pa.Table.from_pylist([{"file_index": -1, "offset": 0, "lines": b""}] * tail_windows, schema=schema)
-
     class RawSplits(Datasource):
         def estimate_inmemory_data_size(self) -> int:
             return sum(s.size_bytes for s in splits)
@@ -793,27 +786,30 @@ def _split_datasource(splits: Sequence[JsonlSplit | ParquetSplit], cfg: DataConf
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
             # The splits, not Ray's parallelism hint (which grows with the data), define the tasks.
-            tasks = [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=s.size_bytes,
-                                                                  input_files=[s.uri], exec_stats=None))
-                     for s in splits]
-            if tail_windows:
-                tasks.append(ReadTask(tail, BlockMetadata(num_rows=tail_windows, size_bytes=0, input_files=[],
-                                                          exec_stats=None)))
-            return tasks
+            return [ReadTask(lambda s=s: read(s), BlockMetadata(num_rows=None, size_bytes=s.size_bytes,
+                                                                 input_files=[s.uri], exec_stats=None))
+                    for s in splits]
 
     return RawSplits()
 
 
-def _pack_windows(batch: "pyarrow.Table", **kwargs: Any) -> dict[str, np.ndarray]:
-    return pack_jsonl_windows(batch.column("lines").to_pylist(), **kwargs)
+def _pack_windows(batch: "pyarrow.Table", row_multiple: int = 1, **kwargs: Any) -> dict[str, np.ndarray]:
+    """A block of pack windows packed, then empty rows (`num_docs` 0, no counts) up to a multiple of
+    `row_multiple` rows."""
+    out = pack_jsonl_windows(batch.column("lines").to_pylist(), **kwargs)
+    pad = -len(out["num_docs"]) % row_multiple
+    if not pad:
+        return out
+    empty = process_records([], **kwargs)  # one row: no document, no count
+    return {column: np.concatenate([values, np.repeat(empty[column], pad, axis=0)]) for column, values in out.items()}
 
 
 def build_dataset(
     sources: DataSources, tokenizer: "PreTrainedTokenizerBase", cfg: DataConfig, num_cpus: float = 1.0,
-    tail_rows: int = 0,
+    row_multiple: int = 1,
 ) -> "ray.data.Dataset":
-    """A lazy Ray Dataset of packed sequences (see `pack_documents` for the columns), then `tail_rows`
-    empty rows (`num_docs` 0, no counts).
+    """A lazy Ray Dataset of packed sequences (see `pack_documents` for the columns), as many as a
+    multiple of `row_multiple` (empty rows make up the count).
 
     One task of `num_cpus` per split (a jsonl byte range, `plan_jsonl_splits`; a run of parquet row
     groups, `plan_parquet_splits`) reads it window by window (`read_jsonl_split`, `read_parquet_split`)
@@ -825,9 +821,10 @@ def build_dataset(
     no more tasks while the output queued in the object store exceeds its budget.
     Read in order (`preserve_order`), the rows follow file order, then line order, for any split size.
 
-    The tail is for Ray Train's split among N workers (`streaming_split(equal=True)`), which drops the
-    last rows of the data that do not divide equally, up to N - 1: with `tail_rows` N - 1, those are
-    empty rows, never a row that carries documents or bad-row counts.
+    `row_multiple` is for Ray Train's split among N workers (`streaming_split(N, equal=True)`), which
+    drops as many rows as its total exceeds a multiple of N by, and which rows is not up to us (it cuts
+    blocks and requeues their halves): each tokenizing task pads its output with empty rows to a
+    multiple of N, so the total divides, nothing is dropped, and every document and count is read.
     """
     import ray.data
 
@@ -837,19 +834,19 @@ def build_dataset(
     context = ray.data.DataContext.get_current()
     default_block_bytes, context.target_max_block_size = context.target_max_block_size, OUTPUT_BLOCK_BYTES
     try:
-        return _build_dataset(sources, tokenizer, cfg, num_cpus, tail_rows)
+        return _build_dataset(sources, tokenizer, cfg, num_cpus, row_multiple)
     finally:
         context.target_max_block_size = default_block_bytes
 
 
 def _build_dataset(
-    sources: DataSources, tokenizer: "PreTrainedTokenizerBase", cfg: DataConfig, num_cpus: float, tail_rows: int
+    sources: DataSources, tokenizer: "PreTrainedTokenizerBase", cfg: DataConfig, num_cpus: float, row_multiple: int
 ) -> "ray.data.Dataset":
-    kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer)}
+    kwargs = {"tokenizer": tokenizer, "cfg": cfg, "spec": TokenSpec.from_tokenizer(tokenizer), "row_multiple": row_multiple}
     # The same resources and runtime_env as the read: Ray fuses the two, so raw text is never queued in
     # the object store, and a split's task reads only as fast as it tokenizes. batch_size=None (whole
     # blocks): a batch size would stop Ray fusing the map into the read
-    return read_raw_records(sources, cfg, num_cpus, tail_windows=tail_rows).map_batches(
+    return read_raw_records(sources, cfg, num_cpus).map_batches(
         _pack_windows, batch_size=None, batch_format="pyarrow", fn_kwargs=kwargs, num_cpus=num_cpus,
         runtime_env=SINGLE_THREADED)
 
@@ -859,13 +856,11 @@ def _build_dataset(
 SINGLE_THREADED = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
 
 
-def read_raw_records(sources: DataSources, cfg: DataConfig, num_cpus: float = 1.0,
-                     tail_windows: int = 0) -> "ray.data.Dataset":
+def read_raw_records(sources: DataSources, cfg: DataConfig, num_cpus: float = 1.0) -> "ray.data.Dataset":
     """The sources' records, unparsed, as a lazy Ray Dataset of pack windows (a `lines` column: jsonl
     lines as read, parquet rows as JSON lines; `read_jsonl_split`, `read_parquet_split`), jsonl files
     first, then parquet, each in file order; `raw_rows` turns a batch into records for
-    `process_records`-style consumers (the fine-tune's packing, distillation's decoding); then
-    `tail_windows` empty windows (see `build_dataset`)."""
+    `process_records`-style consumers (the fine-tune's packing, distillation's decoding)."""
     import ray.data
 
     splits: list[JsonlSplit | ParquetSplit] = plan_jsonl_splits([(uri, sources.sizes[uri]) for uri in sources.jsonl], cfg)
@@ -877,8 +872,8 @@ def read_raw_records(sources: DataSources, cfg: DataConfig, num_cpus: float = 1.
              len(splits) - jsonl_splits)
     # One block per split: below Ray's parallelism hint (twice the cluster's CPUs), Ray would cut each
     # read's output in pieces, which stops it fusing the tokenizing map into the read.
-    return ray.data.read_datasource(_split_datasource(splits, cfg, tail_windows), num_cpus=num_cpus,
-                                    override_num_blocks=len(splits) + bool(tail_windows), runtime_env=SINGLE_THREADED)
+    return ray.data.read_datasource(_split_datasource(splits, cfg), num_cpus=num_cpus,
+                                    override_num_blocks=len(splits), runtime_env=SINGLE_THREADED)
 
 
 def raw_rows(batch: "pyarrow.Table") -> list[bytes]:

@@ -162,8 +162,8 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     # One progress bar on the console: the fine-tune's steps (Ray Data's per-operator bars, redrawn as
     # new lines wherever the output is not a terminal, would bury it).
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # N - 1 empty rows end the data: Ray Train's equal split drops up to that many of its last rows
-    dataset = build_dataset(sources, tokenizer, cfg.data_config(), num_cpus=cfg.data_cpus, tail_rows=cfg.num_workers - 1)
+    # rows in a multiple of the workers: Ray Train's equal split drops what does not divide among them
+    dataset = build_dataset(sources, tokenizer, cfg.data_config(), num_cpus=cfg.data_cpus, row_multiple=cfg.num_workers)
     # Ray Train's ingest defaults (resource limits that leave the trainers' CPUs/GPUs alone, ...), plus a
     # deterministic stream, so a resumed single-worker run skips exactly the sequences it saw.
     ingest = ray.train.DataConfig.default_ingest_options()

@@ -64,28 +64,30 @@ def test_parquet_files_of_both_input_formats_stream_together(local_ray, tmp_path
     assert many.keys() == one.keys() and all(np.array_equal(many[c], one[c]) for c in one)
 
 
-def _read_as_workers(dataset, workers: int) -> dict[str, np.ndarray]:
-    """The rows N Ray Train workers get together: Ray Train's `streaming_split(N, equal=True)`, every
+def _read_as_workers(dataset, workers: int) -> list[dict[str, np.ndarray]]:
+    """The rows each of N Ray Train workers gets: Ray Train's `streaming_split(N, equal=True)`, every
     split read at once (one reader per worker)."""
     dataset.context.execution_options.preserve_order = True
     splits = dataset.streaming_split(workers, equal=True)
     with ThreadPoolExecutor(workers) as pool:
         parts = list(pool.map(lambda split: list(split.iter_batches(batch_size=None, batch_format="numpy")), splits))
-    batches = [b for part in parts for b in part]
-    return {c: np.concatenate([b[c] for b in batches]) for c in batches[0]}
+    return [{c: np.concatenate([b[c] for b in part]) for c in part[0]} for part in parts]
 
 
 def test_an_equal_split_among_workers_drops_no_document_and_no_count(local_ray, tmp_path):
-    """An equal split drops the last rows of the data that do not divide among the workers (up to N - 1).
-    Here the data ends with broken rows, so its last rows only carry their counts: with `tail_rows`
-    N - 1 (the fine-tune's) the workers together still read every document and every count."""
+    """An equal split drops as many rows as its total exceeds a multiple of the workers by, cutting blocks
+    and requeueing their halves, so which rows is not up to us. Here the data ends with broken rows,
+    whose rows only carry their counts: with `row_multiple` N (the fine-tune's) nothing is dropped, and
+    the workers together read every document and every count; 3 workers also get rows in equal number."""
     records = good_records(4)
     path = write_jsonl(tmp_path / "sft.jsonl", records, [raw for raw, _ in BROKEN_ROWS])  # broken rows last
     sources, tokenizer = check_data_files([str(path)]), make_tokenizer()
     cfg = DataConfig(block_size=8, seq_len=128, docs_per_batch=4)  # 7 rows, the last carrying a count
-    rows = len(_read_as_workers(build_dataset(sources, tokenizer, cfg, num_cpus=0.5), 1)["num_docs"])
+    rows = len(_read_as_workers(build_dataset(sources, tokenizer, cfg, num_cpus=0.5), 1)[0]["num_docs"])
     expected = {r: expected_bad_counts().get(r, 0) for r in BAD_REASONS}
     for workers in (2, 3):
         assert rows % workers, "the rows must not divide equally, or nothing is dropped"
-        out = _read_as_workers(build_dataset(sources, tokenizer, cfg, num_cpus=0.5, tail_rows=workers - 1), workers)
+        parts = _read_as_workers(build_dataset(sources, tokenizer, cfg, num_cpus=0.5, row_multiple=workers), workers)
+        out = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
         assert out["num_docs"].sum() == len(records) and bad_counts(out) == expected, workers
+        assert len({len(p["num_docs"]) for p in parts}) == 1 and len(out["num_docs"]) % workers == 0

@@ -150,16 +150,21 @@ def test_raw_byte_lines_decode_per_record(tok, tmp_path):
     assert out["num_docs"].sum() == 6 and bad_counts(out)["bad_unicode"] == 1
 
 
-def test_a_window_of_no_lines_packs_to_one_empty_row(tok):
-    """The data's tail (`build_dataset(tail_rows=...)`): a row that trains nothing and counts nothing."""
-    good = b"\n".join(json.dumps(r).encode() for r in good_records(3))
-    cfg, spec = DataConfig(block_size=8, seq_len=128), TokenSpec.from_tokenizer(tok)
-    out = pack_jsonl_windows([good, b"", b""], tokenizer=tok, cfg=cfg, spec=spec)
-    alone = pack_jsonl_windows([good], tokenizer=tok, cfg=cfg, spec=spec)
+def test_a_block_is_padded_with_empty_rows_to_a_multiple_of_the_workers(tok):
+    """`build_dataset(row_multiple=N)`: each tokenizing task's rows come in a multiple of N, so their
+    total divides among N workers (an equal split then drops none); the padding trains and counts nothing."""
+    from pipelines.data import _pack_windows
+
+    window = b"\n".join(json.dumps(r).encode() for r in good_records(3))
+    batch = pa.table({"lines": pa.array([window, b"{}"], pa.large_binary())})
+    kwargs = {"tokenizer": tok, "cfg": DataConfig(block_size=8, seq_len=128), "spec": TokenSpec.from_tokenizer(tok)}
+    alone = _pack_windows(batch, **kwargs)
     n = len(alone["num_docs"])
-    assert len(out["num_docs"]) == n + 2 and all(np.array_equal(out[c][:n], alone[c]) for c in alone)
-    assert (out["num_docs"][n:] == 0).all() and (out["num_tokens"][n:] == 0).all()
-    assert (out["labels"][n:] == IGNORE_INDEX).all() and not any(out[f"bad_{r}"][n:].any() for r in BAD_REASONS)
+    for multiple in (1, n, n + 1, 4):
+        out = _pack_windows(batch, row_multiple=multiple, **kwargs)
+        assert len(out["num_docs"]) == -(-n // multiple) * multiple and all(np.array_equal(out[c][:n], alone[c]) for c in alone)
+        assert (out["num_docs"][n:] == 0).all() and (out["num_tokens"][n:] == 0).all()
+        assert (out["labels"][n:] == IGNORE_INDEX).all() and not any(out[f"bad_{r}"][n:].any() for r in BAD_REASONS)
 
 
 # ---------------------------------------------------------------------------------------------
