@@ -44,8 +44,8 @@ document yields one all-padding row with `num_docs == 0` that carries them), so 
 reports exactly the counts of the rows it consumed; its first pass consumes every row (Ray Train's
 equal split drops none when `build_dataset`'s `row_multiple` is the number of workers, and a worker
 whose epoch another ended counts what its shard still holds: `ShardReader.drain`). A file that
-cannot be read at all is a
-`DataError` from `check_data_files`, raised by the driver before any worker starts.
+cannot be read at all is a `DataError` from `check_data_files`, raised by the driver before any
+worker starts.
 
 Everything above is plain Python/numpy, tested without Ray; `build_dataset` only maps it with Ray Data.
 Shape legend: N packed sequences in a batch, L sequence length (a multiple of block_size).

@@ -193,7 +193,7 @@ class ShardReader:
 
     def _sequences(self) -> Iterator[dict[str, Any]]:
         """The shard's rows that hold documents, past `skip`; each row read adds its counts to `_pending`
-        (a row of no documents only carries counts, or is the data's empty tail)."""
+        (a row of no documents only carries counts, or pads a block: `build_dataset`'s row_multiple)."""
         for row in self._iter_rows():
             if self.skip:
                 self.skip -= int(row["num_docs"] > 0)
