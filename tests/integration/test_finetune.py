@@ -145,8 +145,8 @@ def test_data_of_no_training_batch_fails_once_with_why(local_ray, qwen2_dir, tmp
     """Rows that pack no sequence (all broken) fail the run at once with a DataError that says why:
     the workers stop (rank 0 logs the rows skipped). A worker error would restart the worker group
     (--max-failures; forever at -1) to fail the same way, and end in Ray's traceback. Two workers, and
-    rows that do not divide among them (three carriers of counts: docs_per_batch 6), so the data's
-    empty tail and the drain of what another worker left run in real workers too."""
+    rows that do not divide among them (three carriers of counts: docs_per_batch 6), so the padding
+    to a multiple of the workers and the drain of what another worker left run in real workers too."""
     from pipelines.data import DataError
 
     data = write_jsonl(tmp_path / "sft.jsonl", [], [raw for raw, _ in BROKEN_ROWS])
