@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -55,8 +56,10 @@ from fdllm.storage import (  # noqa: E402
     filesystem,
     join,
     local_checkpoint,
+    read_text,
     same_or_under,
 )
+from pipelines.checkpoints import NO_BATCH_COUNTS  # noqa: E402
 from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files, summarize_bad_rows  # noqa: E402
 from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
@@ -247,7 +250,7 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
     _drop_worker_progress_bars()
     metrics = result.metrics or {}
     if metrics.get("step", 0) < cfg.total_steps():  # the workers returned early: the data gave no batch
-        raise DataError(f"{cfg.no_batch_error()} (the workers' log above counts the rows skipped)")
+        raise DataError(f"{cfg.no_batch_error()}; {_no_batch_counts(cfg)}")
     log.info("finished: step %s loss %.4f tokens %s (%.0f tok/s in the last window)", metrics.get("step"),
              metrics.get("loss", float("nan")), metrics.get("tokens"), metrics.get("tokens_per_s", 0.0))
     line, warnings = summarize_bad_rows({r: metrics.get(f"bad_{r}", 0) for r in BAD_REASONS}, metrics.get("good_docs", 0))
@@ -257,6 +260,15 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
     if result.checkpoint is not None:
         log.info("servable checkpoint: %s (training checkpoint: %s)", cfg.output, result.checkpoint.path)
     return result
+
+
+def _no_batch_counts(cfg: FinetuneConfig) -> str:
+    """The rows skipped by a run whose data gave no batch, as its rank 0 wrote them (`NO_BATCH_COUNTS`)."""
+    try:
+        counts = json.loads(read_text(join(cfg.storage_path, cfg.run_name, NO_BATCH_COUNTS)))
+        return summarize_bad_rows(counts["bad_rows"], counts["good_docs"])[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the workers' log above counts the rows skipped"
 
 
 def check_cluster_fits(cfg: FinetuneConfig) -> None:

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import itertools
+import json
 import logging
 import math
 import tempfile
@@ -53,9 +54,9 @@ from fdllm.objective import (
     two_stream_batch,
     two_stream_loss,
 )
-from fdllm.storage import local_checkpoint
+from fdllm.storage import join, local_checkpoint, write_bytes
 from fdllm.tokenizer import add_mask_token, load_tokenizer
-from pipelines.checkpoints import DEEPSPEED_DIR, TRAIN_STATE, export_servable, restore_for_rank
+from pipelines.checkpoints import DEEPSPEED_DIR, NO_BATCH_COUNTS, TRAIN_STATE, export_servable, restore_for_rank
 from pipelines.data import BAD_REASONS, summarize_bad_rows
 from pipelines.finetune_config import FinetuneConfig
 
@@ -363,6 +364,17 @@ def _collect_bad_rows(reader: ShardReader, state: TrainState) -> None:
         state.good_docs += int(counts[-1])
 
 
+def _write_no_batch_counts(cfg: FinetuneConfig, state: TrainState) -> None:
+    """The rows counted by a run whose data gave no batch, for the driver's error (`NO_BATCH_COUNTS`),
+    and in this worker's log, which is all the driver can point to if the write fails."""
+    log.error("no training batch in an epoch of the data; %s", summarize_bad_rows(state.bad_rows, state.good_docs)[0])
+    counts = {"bad_rows": dict(state.bad_rows), "good_docs": state.good_docs}
+    try:
+        write_bytes(join(cfg.storage_path, cfg.run_name, NO_BATCH_COUNTS), json.dumps(counts).encode())
+    except OSError as e:
+        log.warning("could not write the row counts for the driver: %s", e)
+
+
 def _save_checkpoint(
     directory: Path, parallel: Parallel, tokenizer: Any, block_cfg: BlockDiffusionConfig, state: TrainState
 ) -> None:
@@ -427,9 +439,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Returned, not raised: a worker error restarts the worker group (FailureConfig.max_failures,
                 # forever at -1), and the same data gives no batch again. The driver raises it (`fit`).
                 progress.close()
-                if rank == 0:  # what the driver's error cannot say (Ray Train keeps only a checkpoint's metrics)
-                    log.error("no training batch in an epoch of the data; %s",
-                              summarize_bad_rows(state.bad_rows, state.good_docs)[0])
+                if rank == 0:
+                    _write_no_batch_counts(cfg, state)
                 return
             reader.new_epoch()
             state.epoch, state.consumed, epoch_trained = state.epoch + 1, 0, False

@@ -142,18 +142,21 @@ def test_bad_rows_are_counted_once_and_the_export_is_servable(lockstep, qwen2_di
 
 
 def test_data_of_no_training_batch_fails_once_with_why(local_ray, qwen2_dir, tmp_path):
-    """Rows that pack no sequence (all broken) fail the run at once with a DataError that says why:
-    the workers stop (rank 0 logs the rows skipped). A worker error would restart the worker group
-    (--max-failures; forever at -1) to fail the same way, and end in Ray's traceback. Two workers, and
+    """Rows that pack no sequence (all broken) fail the run at once with a DataError that says why and
+    counts every row: the workers stop, and rank 0 leaves the counts for the driver. A worker error
+    would restart the worker group (--max-failures; forever at -1) to fail the same way, and end in
+    Ray's traceback. Two workers, and
     rows that do not divide among them (three carriers of counts: docs_per_batch 6), so the padding
     to a multiple of the workers and the drain of what another worker left run in real workers too."""
     from pipelines.data import DataError
 
     data = write_jsonl(tmp_path / "sft.jsonl", [], [raw for raw, _ in BROKEN_ROWS])
+    counts = ", ".join(f"{r}={n}" for r in BAD_REASONS if (n := expected_bad_counts().get(r, 0)))
     with pytest.raises(DataError, match=r"the data gave no training batch: its good rows pack fewer than 2 worker\(s\) "
-                                        r"x 2 sequences of 128 tokens; give more data"):
+                                        r"x 2 sequences of 128 tokens; give more data") as error:
         run(_config(*_common(qwen2_dir, data, tmp_path / "runs"), "--max-steps", "2", "--batch-size", "2",
                     "--num-workers", "2", "--docs-per-batch", "6", "--max-failures", "1", "--run-name", "no-data"))
+    assert str(error.value).endswith(f"; rows skipped: {len(BROKEN_ROWS)} of {len(BROKEN_ROWS)} ({counts})")
 
 
 def test_a_run_the_local_ray_instance_cannot_hold_fails_at_once(local_ray, qwen2_dir, tmp_path):

@@ -227,6 +227,18 @@ def test_a_run_a_cluster_cannot_hold_yet_waits_with_a_warning_and_one_it_holds_s
     assert not caplog.text
 
 
+def test_the_no_batch_error_counts_the_rows_rank_0_left_or_points_to_its_log(tmp_path):
+    from pipelines.checkpoints import NO_BATCH_COUNTS
+
+    cfg = FinetuneConfig(model="m", data=["d"], max_steps=1, storage_path=str(tmp_path), run_name="r")
+    assert finetune._no_batch_counts(cfg) == "the workers' log above counts the rows skipped"  # none written
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / NO_BATCH_COUNTS).write_text('{"bad_rows": {"invalid_json": 3, "too_long": 0}, "good_docs": 1}')
+    assert finetune._no_batch_counts(cfg) == "rows skipped: 3 of 4 (invalid_json=3)"
+    (tmp_path / "r" / NO_BATCH_COUNTS).write_text('{"bad_rows": ')  # cut short
+    assert finetune._no_batch_counts(cfg) == "the workers' log above counts the rows skipped"
+
+
 def test_lr_schedule():
     lrs = [lr_at(s, 100, 1e-3, 10, 0.1) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
