@@ -164,7 +164,6 @@ class ShardReader:
         self.bad_rows: Counter[str] = Counter()  # consumed by this worker since the last `take_counts`
         self.consumed = skip
         self._rows: Iterator[dict[str, Any]] | None = None
-        self._pending: Counter[str] = Counter()  # counts of the rows read since the last batch was returned
 
     def take_counts(self) -> Counter[str]:
         counts, self.bad_rows = self.bad_rows, Counter()
@@ -177,12 +176,8 @@ class ShardReader:
         """Count the rows left in this epoch of the shard, training on none. When another worker's shard
         runs dry first, the epoch ends for every worker (DDP needs equal steps), and the rows still
         here (a full batch fetched, a carrier of counts) would go uncounted."""
-        if self._rows is None:
-            self._rows = self._sequences()
-        for _ in self._rows:
+        for _ in self._sequence_iterator():
             pass
-        self.bad_rows.update(self._pending)
-        self._pending = Counter()
 
     def _iter_rows(self) -> Iterator[dict[str, Any]]:
         """The shard's rows, fetched as numpy batches with prefetch (the next batches are already on
@@ -193,25 +188,27 @@ class ShardReader:
                 yield {column: values[i] for column, values in chunk.items()}
 
     def _sequences(self) -> Iterator[dict[str, Any]]:
-        """The shard's rows that hold documents, past `skip`; each row read adds its counts to `_pending`
-        (a row of no documents only carries counts, or pads a block: `build_dataset`'s row_multiple)."""
+        """The shard's rows that hold documents, past `skip`; each row read adds its counts to `bad_rows`
+        (a row of no documents only carries counts, or pads a block: `build_dataset`'s row_multiple).
+        A batch's counts are then those of the rows up to its last: the generator waits there."""
         for row in self._iter_rows():
             if self.skip:
                 self.skip -= int(row["num_docs"] > 0)
                 continue
-            self._pending.update({r: int(row[f"bad_{r}"]) for r in BAD_REASONS})
-            self._pending[GOOD_DOCS] += int(row["num_docs"])
+            self.bad_rows.update({r: int(row[f"bad_{r}"]) for r in BAD_REASONS})
+            self.bad_rows[GOOD_DOCS] += int(row["num_docs"])
             if row["num_docs"] > 0:
                 yield row
 
-    def next_batch(self) -> dict[str, np.ndarray] | None:
-        """The next batch, or None when this shard's epoch has no full batch left."""
+    def _sequence_iterator(self) -> Iterator[dict[str, Any]]:
         if self._rows is None:
             self._rows = self._sequences()
-        picked = list(itertools.islice(self._rows, self.batch_size))
-        self.bad_rows.update(self._pending)  # a partial batch at the end of an epoch is dropped, its counts kept
-        self._pending = Counter()
-        if len(picked) < self.batch_size:
+        return self._rows
+
+    def next_batch(self) -> dict[str, np.ndarray] | None:
+        """The next batch, or None when this shard's epoch has no full batch left."""
+        picked = list(itertools.islice(self._sequence_iterator(), self.batch_size))
+        if len(picked) < self.batch_size:  # a partial batch at the end of an epoch is dropped, its counts kept
             return None
         self.consumed += len(picked)
         return {c: np.stack([r[c] for r in picked]) for c in (*BATCH_COLUMNS, "num_tokens")}
