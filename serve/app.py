@@ -143,10 +143,10 @@ class ServerConfig:
         # Built where `serve run`/`serve deploy` runs the app builder (its cwd is the app's working_dir
         # copy, or the directory Ray started in); replicas may start elsewhere (fdllm.paths).
         self.model = resolve_local(self.model)
-        counts = (self.default_max_tokens, self.num_replicas, self.max_waiting, self.max_body_bytes, self.max_prompt_chars)
-        if min(1 if n is None else n for n in counts) < 1:  # 0 would read as "unset" below
-            raise ValueError("default_max_tokens, num_replicas, max_waiting, max_body_bytes and max_prompt_chars "
-                             "must be >= 1")
+        for name in ("default_max_tokens", "num_replicas", "max_waiting", "max_body_bytes", "max_prompt_chars"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # 0 would read as "unset" below
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.api_key == "":  # e.g. --api-key "$UNSET_VARIABLE": serving openly would be a silent surprise
             raise ValueError("api_key is empty; leave it unset to serve without a key")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:  # the replica's engine would refuse it

@@ -81,6 +81,14 @@ def test_serve_run_key_value_strings_are_read_as_their_fields_types():
             ServerConfig.from_args({"model": "m", name: bad})
 
 
+@pytest.mark.parametrize("name", ["default_max_tokens", "num_replicas", "max_waiting", "max_body_bytes", "max_prompt_chars"])
+def test_a_count_below_one_is_refused_by_its_name(name):
+    """0 would read as "unset" where the count is used; the message names the one field at fault."""
+    with pytest.raises(ValueError, match=f"^{name} must be >= 1, got 0$"):
+        ServerConfig(model="m", **{name: 0})
+    assert getattr(ServerConfig(model="m", **{name: 1}), name) == 1
+
+
 def test_an_empty_api_key_is_refused_not_an_open_server():
     """`--api-key "$UNSET_VARIABLE"` passes an empty string: the server would have run without a key."""
     with pytest.raises(ValueError, match="api_key is empty"):
@@ -89,8 +97,8 @@ def test_an_empty_api_key_is_refused_not_an_open_server():
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--max-num-seqs", "0"], "max_num_seqs"), (["--api-key", ""], "api_key"), (["--num-replicas", "0"], "num_replicas"),
-    (["--default-max-tokens", "0"], "default_max_tokens"),
+    (["--max-num-seqs", "0"], "max_num_seqs"), (["--api-key", ""], "api_key"), (["--num-replicas", "0"], "num_replicas must be >= 1, got 0"),
+    (["--default-max-tokens", "-3"], "default_max_tokens must be >= 1, got -3"),
     (["--port", "0"], "port"), (["--port", "65536"], "port"), (["--port", "-1"], "port"),
     (["--threshold", "1.5"], "threshold"), (["--threshold", "0"], "threshold"), (["--threshold", "nan"], "threshold"),
     (["--model", ""], "model is empty"),  # read as the working directory
