@@ -157,20 +157,42 @@ class EvalRow:
 
 
 def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
-    """`{"prompt", "answer"}` records of a jsonl file, local or a URI."""
+    """`{"prompt", "answer"}` records of a jsonl file, local or a URI. A bad line is a ValueError that
+    names the file and line (the CLI's one-line error), never a traceback."""
+    try:
+        text = read_text(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     records = []
-    for n, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: U+2028 may sit in a string
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a string
         if not line.strip():
             continue
-        rec = json.loads(line)
-        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
             raise ValueError(f"{path}:{n}: each record needs string 'prompt' and 'answer' fields")
+        if problem := _optional_fields_problem(rec):
+            raise ValueError(f"{path}:{n}: {problem}")
         records.append(rec)
         if limit and len(records) >= limit:
             break
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
+
+
+def _optional_fields_problem(record: dict) -> str | None:
+    """What is wrong with a record's optional `messages` (the chat sent) or `category` (its task), if anything."""
+    messages = record.get("messages")
+    if messages is not None and not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        return "'messages', when given, must be a non-empty list of {\"role\": str, \"content\": str}"
+    if record.get("category") is not None and not isinstance(record["category"], str):
+        return "'category', when given, must be a string"
+    return None
 
 
 def prompt_ids(engine: fdllm.Engine, record: dict) -> list[int]:

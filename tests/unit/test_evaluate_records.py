@@ -1,0 +1,58 @@
+"""pipelines/evaluate.py's held-out records: every malformed file is one line that names the file and
+line, before any model loads; never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines import evaluate
+from pipelines.evaluate import load_records
+
+GOOD = {"prompt": "Add: 0+6", "answer": "6", "category": "add",
+        "messages": [{"role": "system", "content": "detailed thinking on"}, {"role": "user", "content": "Add: 0+6"}]}
+
+
+def _file(tmp_path, *lines: str | bytes):
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("[1, 2]", ":2: each record needs string 'prompt' and 'answer' fields"),  # JSON, but not an object
+    ('"text"', ":2: each record needs string 'prompt' and 'answer'"),
+    ("null", ":2: each record needs string 'prompt' and 'answer'"),
+    ("not json", ":2: not JSON (Expecting value at column 1)"),
+    ('{"prompt": "a", "answer": "b"', ":2: not JSON ("),  # cut short
+    ('{"prompt": "a", "answer": 7}', ":2: each record needs string 'prompt' and 'answer'"),
+    ('{"prompt": "a", "answer": "b", "messages": "hi"}', ":2: 'messages', when given, must be a non-empty list"),
+    ('{"prompt": "a", "answer": "b", "messages": []}', ":2: 'messages', when given, must be a non-empty list"),
+    ('{"prompt": "a", "answer": "b", "messages": [{"role": "user"}]}', ":2: 'messages', when given"),
+    ('{"prompt": "a", "answer": "b", "category": ["add"]}', ":2: 'category', when given, must be a string"),
+    (b'{"prompt": "\xff", "answer": "b"}', ": not UTF-8 text (byte "),
+])
+def test_a_malformed_record_is_named_by_file_and_line(tmp_path, bad, needle):
+    path = _file(tmp_path, json.dumps(GOOD), bad)
+    with pytest.raises(ValueError) as error:
+        load_records(path)
+    assert str(error.value).startswith(str(path)) and needle in str(error.value), str(error.value)
+
+
+def test_good_records_load_with_odd_unicode_and_blank_lines(tmp_path):
+    odd = {"prompt": "a\u2028b \U0001f600 \u0000", "answer": "\u202e\ufeff"}  # a line separator inside a string
+    path = _file(tmp_path, json.dumps(GOOD), "", json.dumps(odd, ensure_ascii=False), "   ")
+    assert load_records(path) == [GOOD, odd]
+    assert load_records(path, limit=1) == [GOOD]
+    with pytest.raises(ValueError, match="holds no records"):
+        load_records(_file(tmp_path, "", "  "))
+
+
+def test_the_cli_says_it_in_one_line_with_exit_2(tmp_path, capsys):
+    path = _file(tmp_path, "[1]")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", "assets/tiny-ar-base", "--data", str(path), "--modes", "ar"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith(
+        f" error: {path}:1: each record needs string 'prompt' and 'answer' fields"), err
