@@ -123,7 +123,19 @@ class ModelConfig:
         file = Path(path) / CONFIG_NAME
         if not file.is_file():
             raise no_config(path)
-        return cls.from_hf_dict(json.loads(file.read_text()))
+        return cls.from_hf_dict(read_json_object(file))
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A checkpoint's JSON config file; a ValueError naming the file when it is not a JSON object (a
+    file cut short by a failed copy would otherwise say only "Expecting value: line 1 column 2")."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: holds {type(data).__name__}, not a JSON object")
+    return data
 
 
 def no_config(path: str | Path) -> FileNotFoundError:
@@ -177,7 +189,11 @@ class BlockDiffusionConfig:
         if not file.is_file():
             return None
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(file.read_text()).items() if k in names})
+        fields = {k: v for k, v in read_json_object(file).items() if k in names}
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as e:  # a bad value, or one of the wrong type (a string block_size)
+            raise ValueError(f"{file}: {e}") from None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **changes: Any) -> "BlockDiffusionConfig":

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fdllm.config import CONFIG_NAME, ModelConfig, no_config
-from fdllm.storage import checkpoint_files, local_checkpoint
+from fdllm.config import CONFIG_NAME, BlockDiffusionConfig, ModelConfig, no_config
+from fdllm.storage import checkpoint_files, is_uri, local_checkpoint
 
 if TYPE_CHECKING:
     from fdllm.model import Transformer
@@ -51,6 +51,15 @@ def _no_weights(path: str | Path) -> FileNotFoundError:
                              "as save_pretrained writes them)")
 
 
+def _open_weights(file: Path, device: str | torch.device = "cpu"):
+    """safe_open, whose error on a file cut short or not safetensors at all (SafetensorError, neither an
+    OSError nor a ValueError) is made a ValueError that names the file."""
+    try:
+        return safe_open(str(file), framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def check_checkpoint(
     path: str | os.PathLike, *, need_tokenizer: bool = False, cache_dir: str | os.PathLike | None = None
 ) -> None:
@@ -70,6 +79,11 @@ def check_checkpoint(
         raise _no_weights(path)
     local = local_checkpoint(path, cache_dir, weights=False)
     ModelConfig.load(local)
+    BlockDiffusionConfig.load(local)
+    if not is_uri(str(path)):  # a local directory: its weight files' headers are read, their tensors are not
+        for file in _weight_files(local):
+            with _open_weights(file):
+                pass
     if need_tokenizer:
         load_text_tokenizer(local, path)
 
@@ -87,7 +101,7 @@ def load_checkpoint(
     expected = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
+        with _open_weights(file, device) as f:
             for name in f.keys():
                 if name in expected:
                     tensors[name] = f.get_tensor(name).to(target)

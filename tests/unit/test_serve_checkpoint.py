@@ -64,6 +64,35 @@ def test_fdllm_serve_refuses_a_local_checkpoint_its_replicas_could_not_serve(rem
     assert TOKENIZER_FIX in err if "tokenizer" in problem else "save_pretrained" in err
 
 
+def _cut_short(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:100])  # a copy that failed midway
+
+
+@pytest.mark.parametrize("name,spoil,problem", [
+    ("config.json", lambda f: f.write_text("{bad"), "config.json: not JSON (Expecting property name"),
+    ("config.json", lambda f: f.write_text("[]"), "config.json: holds list, not a JSON object"),
+    ("fdllm_config.json", lambda f: f.write_text('{"block_size": 0}'),
+     "fdllm_config.json: block_size (0) and sub_block_size (8) must be >= 1"),
+    ("fdllm_config.json", lambda f: f.write_text('{"block_size": "32"}'), "fdllm_config.json: "),
+    ("fdllm_config.json", lambda f: f.write_bytes(b'{"threshold": "\xff"}'), "fdllm_config.json: not JSON ("),
+    ("model.safetensors", _cut_short, "model.safetensors: not a readable safetensors file ("),
+    ("model.safetensors", lambda f: f.write_text("not weights"), "model.safetensors: not a readable safetensors file ("),
+])
+def test_a_checkpoint_file_that_is_there_but_broken_is_named_before_ray_and_at_load(name, spoil, problem, dllm_dir,
+                                                                                   tmp_path, monkeypatch, capsys):
+    """A file cut short or edited wrong: fdllm-serve names it before Ray starts (the replicas failed
+    after, with a RuntimeError traceback), and loading it (a replica, evaluate) names it the same way."""
+    import fdllm
+
+    model = _without(dllm_dir, tmp_path / "ckpt")
+    spoil(model / name)
+    err = _serve_error(str(model), monkeypatch, capsys)
+    assert err.startswith(str(model / name)) and problem in err, err
+    with pytest.raises(ValueError) as loading:
+        fdllm.Engine.from_pretrained(str(model))
+    assert str(loading.value) == err
+
+
 def test_a_tokenizer_that_does_not_load_is_one_line_not_a_traceback(dllm_dir, tmp_path, monkeypatch, capsys):
     model = _without(dllm_dir, tmp_path / "ckpt", "tokenizer.json")
     (model / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')  # transformers: KeyError
