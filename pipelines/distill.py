@@ -61,7 +61,9 @@ def check_checkpoint(cfg: DistillConfig) -> DistillConfig:
     Returns the run's config: a causal-prefix (joint) checkpoint is distilled with the joint objective
     carrying the certainty term ("joint-certainty"), so it keeps its AR and speculative modes."""
     from fdllm.config import BlockDiffusionConfig
+    from fdllm.loader import check_checkpoint as check_loadable
 
+    check_loadable(cfg.model)  # a broken file fails here, not in every teacher actor
     saved = BlockDiffusionConfig.load(local_checkpoint(cfg.model, weights=False))
     if saved is None or saved.mask_token_id is None:
         raise ValueError(f"{cfg.model} is no block-diffusion checkpoint (no fdllm_config.json with a mask token): "

@@ -144,14 +144,16 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from fdllm.config import ModelConfig
+    from fdllm.loader import check_checkpoint
     from fdllm.tokenizer import MASK_TOKEN, load_text_tokenizer
     from pipelines.train_loop import has_deepspeed, train_loop_per_worker
 
     if cfg.strategy == "deepspeed" and not has_deepspeed():
         raise ValueError("--strategy deepspeed needs the deepspeed package: pip install 'fdllm[deepspeed]'")
-    base = local_checkpoint(cfg.model, weights=False)  # config and tokenizer: the workers fetch weights
-    ModelConfig.load(base)  # a clear error now rather than in every worker
+    # A clear error now rather than in every worker, restarted --max-failures times: config, weight
+    # files (a local one's header too) and fdllm_config.json. The workers fetch the weights themselves.
+    check_checkpoint(cfg.model)
+    base = local_checkpoint(cfg.model, weights=False)  # config and tokenizer, from this node's cache
     # the data pipeline tokenizes with it: one that encodes text to nothing would train on empty rows
     tokenizer = load_text_tokenizer(base, cfg.model)
     sources = check_data_files(cfg.data)

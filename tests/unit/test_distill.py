@@ -53,6 +53,16 @@ def test_checkpoint_must_be_a_dllm_of_the_same_block_layout(dllm_dir, qwen2_dir)
         check_checkpoint(DistillConfig(model=str(qwen2_dir), data=["d"], max_steps=1, block_size=8, seq_len=64))
 
 
+def test_a_checkpoint_with_weights_cut_short_is_refused_before_decoding(dllm_dir, tmp_path):
+    import shutil
+
+    model = shutil.copytree(dllm_dir, tmp_path / "dllm")
+    (model / "model.safetensors").write_bytes(b"cut")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        check_checkpoint(DistillConfig(model=str(model), data=["d"], max_steps=1, block_size=8, sub_block_size=4,
+                                       seq_len=64))
+
+
 def own_answers(path, prompts: list[str], max_new_tokens: int) -> list[str]:
     """What the checkpoint decodes for each prompt (a user turn), as the trajectory stage decodes it."""
     engine = fdllm.Engine.from_pretrained(path)

@@ -197,6 +197,27 @@ def test_a_base_model_whose_tokenizer_encodes_nothing_is_refused_before_ray_star
     assert "tokenizer without a vocabulary" in caplog.text
 
 
+@pytest.mark.parametrize("name,content,problem", [
+    ("model.safetensors", b"cut", "model.safetensors: not a readable safetensors file"),
+    ("config.json", b'{"model_type": ', "config.json: not JSON"),
+    ("fdllm_config.json", b'{"block_size": 0}', "fdllm_config.json: block_size (0) and sub_block_size"),
+])
+def test_a_base_model_with_a_broken_file_is_refused_before_ray_starts(name, content, problem, qwen2_dir, tmp_path,
+                                                                      monkeypatch, caplog):
+    """A file cut short or edited wrong failed in every worker, each restart of them (--max-failures),
+    then ended in Ray's traceback; it is one line, naming the file, before Ray starts."""
+    import shutil
+
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the checkpoint was checked"))
+    base = shutil.copytree(qwen2_dir, tmp_path / "base")
+    (base / name).write_bytes(content)
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(4))
+    assert main(["--model", str(base), "--data", str(data), "--max-steps", "1"]) == 2
+    assert f"{base / name}: " in caplog.text and problem in caplog.text, caplog.text
+
+
 def test_os_errors_are_one_line_and_exit_2(tmp_path, caplog):
     """As the quickstart's: an unreadable --config, or an OSError while running, is no traceback."""
     assert main(["--config", str(tmp_path)]) == 2 and f"--config {tmp_path}: Is a directory" in caplog.text
