@@ -64,12 +64,13 @@ def check_checkpoint(
     path: str | os.PathLike, *, need_tokenizer: bool = False, cache_dir: str | os.PathLike | None = None
 ) -> None:
     """Raise what loading the checkpoint at `path` (local directory or URI) would raise, one line naming
-    what is missing: no such directory or an unreachable store (OSError), no config.json or weights
-    (FileNotFoundError), an architecture this package does not load (ValueError) and, with
+    what is missing or broken: no such directory or an unreachable store (OSError), no config.json or
+    weights (FileNotFoundError), an architecture this package does not load, a config file that is not
+    a valid JSON object, a local weight file whose header does not parse (ValueError) and, with
     `need_tokenizer`, no tokenizer that reads and writes text (`fdllm.tokenizer.load_text_tokenizer`).
-    For a process about to start others that load it (fdllm-serve's replicas), which would find out
-    only once started. Weights are never read: a URI is listed, and only its config and tokenizer files
-    are fetched (into this node's cache, as `local_checkpoint(weights=False)` does)."""
+    For a process about to start others that load it (fdllm-serve's replicas, the fine-tune's workers),
+    which would find out only once started. Tensors are never read: a URI is listed, and only its config
+    and tokenizer files are fetched (into this node's cache, as `local_checkpoint(weights=False)` does)."""
     from fdllm.tokenizer import load_text_tokenizer
 
     files = checkpoint_files(path)
