@@ -82,7 +82,8 @@ def check_checkpoint(
     ModelConfig.load(local)
     BlockDiffusionConfig.load(local)
     if not is_uri(str(path)):  # a local directory: its weight files' headers are read, their tensors are not
-        for file in _weight_files(local):
+        # (from the directory itself: `local` is a weightless cache copy when the directory is an export)
+        for file in _weight_files(Path(path).expanduser()):
             with _open_weights(file):
                 pass
     if need_tokenizer:

@@ -64,6 +64,13 @@ def test_fdllm_serve_refuses_a_local_checkpoint_its_replicas_could_not_serve(rem
     assert TOKENIZER_FIX in err if "tokenizer" in problem else "save_pretrained" in err
 
 
+def test_a_local_export_is_checked_and_served(dllm_dir, tmp_path, monkeypatch):
+    """A directory the fine-tune published (fdllm_export.json) is read through a weightless cache copy
+    by the check: its weight headers are still read from the directory itself."""
+    storage.publish_dir(dllm_dir, str(tmp_path / "export"))
+    _serves(str(tmp_path / "export"), monkeypatch)
+
+
 def _cut_short(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:100])  # a copy that failed midway
 
