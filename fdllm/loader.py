@@ -62,7 +62,7 @@ def _open_weights(file: Path, device: str | torch.device = "cpu"):
 
 def check_checkpoint(
     path: str | os.PathLike, *, need_tokenizer: bool = False, cache_dir: str | os.PathLike | None = None
-) -> None:
+) -> Path:
     """Raise what loading the checkpoint at `path` (local directory or URI) would raise, one line naming
     what is missing or broken: no such directory or an unreachable store (OSError), no config.json or
     weights (FileNotFoundError), an architecture this package does not load, a config file that is not
@@ -70,7 +70,8 @@ def check_checkpoint(
     `need_tokenizer`, no tokenizer that reads and writes text (`fdllm.tokenizer.load_text_tokenizer`).
     For a process about to start others that load it (fdllm-serve's replicas, the fine-tune's workers),
     which would find out only once started. Tensors are never read: a URI is listed, and only its config
-    and tokenizer files are fetched (into this node's cache, as `local_checkpoint(weights=False)` does)."""
+    and tokenizer files are fetched (into this node's cache, as `local_checkpoint(weights=False)` does).
+    Returns that local, weightless view, for a caller that reads the config or tokenizer next."""
     from fdllm.tokenizer import load_text_tokenizer
 
     files = checkpoint_files(path)
@@ -88,6 +89,7 @@ def check_checkpoint(
                 pass
     if need_tokenizer:
         load_text_tokenizer(local, path)
+    return local
 
 
 def load_checkpoint(

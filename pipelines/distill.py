@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fdllm.storage import filesystem, join, local_checkpoint, read_text, same_or_under, write_bytes  # noqa: E402
+from fdllm.storage import filesystem, join, read_text, same_or_under, write_bytes  # noqa: E402
 from pipelines.data import check_data_files, read_raw_records  # noqa: E402
 from pipelines.finetune import build_parser, build_trainer, check_output, cli_main, fit, resolve_run  # noqa: E402
 from pipelines.finetune_config import DistillConfig  # noqa: E402
@@ -63,8 +63,7 @@ def check_checkpoint(cfg: DistillConfig) -> DistillConfig:
     from fdllm.config import BlockDiffusionConfig
     from fdllm.loader import check_checkpoint as check_loadable
 
-    check_loadable(cfg.model)  # a broken file fails here, not in every teacher actor
-    saved = BlockDiffusionConfig.load(local_checkpoint(cfg.model, weights=False))
+    saved = BlockDiffusionConfig.load(check_loadable(cfg.model))  # a broken file fails here, not in every actor
     if saved is None or saved.mask_token_id is None:
         raise ValueError(f"{cfg.model} is no block-diffusion checkpoint (no fdllm_config.json with a mask token): "
                          "distil a fine-tuned model (pipelines/finetune.py)")

@@ -55,7 +55,6 @@ from fdllm.storage import (  # noqa: E402
     encode_uri,
     filesystem,
     join,
-    local_checkpoint,
     read_text,
     same_or_under,
 )
@@ -152,8 +151,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
         raise ValueError("--strategy deepspeed needs the deepspeed package: pip install 'fdllm[deepspeed]'")
     # A clear error now rather than in every worker, restarted --max-failures times: config, weight
     # files (a local one's header too) and fdllm_config.json. The workers fetch the weights themselves.
-    check_checkpoint(cfg.model)
-    base = local_checkpoint(cfg.model, weights=False)  # config and tokenizer, from this node's cache
+    base = check_checkpoint(cfg.model)  # its config and tokenizer, in this node's cache
     # the data pipeline tokenizes with it: one that encodes text to nothing would train on empty rows
     tokenizer = load_text_tokenizer(base, cfg.model)
     sources = check_data_files(cfg.data)
