@@ -10,7 +10,10 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import make_sharp_checkpoint, make_tokenizer, tiny_hf_model  # noqa: E402
+from tests.helpers import RAY_TRAIN_TEST_ENV, make_sharp_checkpoint, make_tokenizer, tiny_hf_model  # noqa: E402
+
+for _key, _value in RAY_TRAIN_TEST_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import RAY_TRAIN_TEST_ENV
+
 pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
@@ -150,7 +152,8 @@ class Shell:
         self.root, self.out = root, out
         self.env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "TOKENIZERS_PARALLELISM": "false",
                     "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
-        self.env.pop("RAY_ADDRESS", None)
+        for key in ("RAY_ADDRESS", *RAY_TRAIN_TEST_ENV):  # a user's Ray: no cluster joined, Ray Train's defaults
+            self.env.pop(key, None)
 
     def adapt(self, command: str, extra: str = "") -> str:
         return split_install(command).replace("/tmp/fdllm", str(self.out)) + extra
