@@ -118,7 +118,13 @@ class Report:
         (killed, crashed) keeps the rows it measured if it wrote them as it went (`SectionResult.partial`)."""
         print(f"[gpu_suite] {name} ...", flush=True)
         start = time.perf_counter()
-        result_file = Path(tempfile.mkdtemp(prefix="gpu_suite-")) / "section.json"  # passed back, then removed
+        with tempfile.TemporaryDirectory(prefix="gpu_suite-") as tmp:  # removed however the section ends
+            section = self._run_child(name, child_argv, timeout_s, Path(tmp) / "section.json")
+        self.add(name, section, time.perf_counter() - start)
+
+    @staticmethod
+    def _run_child(name: str, child_argv: list[str], timeout_s: float, result_file: Path) -> dict[str, Any]:
+        """The section's result as its process wrote it to `result_file`, or what stopped it."""
         # its own process group: a timeout kills what it started too. utf-8 with replacement: one
         # undecodable byte in its output must not end the echo thread (the pipe would fill and block it)
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", *child_argv, "--section", name,
@@ -143,8 +149,7 @@ class Report:
         else:  # died without its result (a crash of the process itself: segfault, CUDA abort)
             section = _stopped(f"its process exited {code} without a result", "error", result, tail)
         echo.join(timeout=5)
-        shutil.rmtree(result_file.parent, ignore_errors=True)
-        self.add(name, section, time.perf_counter() - start)
+        return section
 
     def skip(self, name: str, why: str) -> None:
         self.add(name, {"status": "skipped", "note": f"not started: {why}"}, 0.0)

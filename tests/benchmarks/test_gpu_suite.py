@@ -239,7 +239,7 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_a_stopped_suite_stops_its_running_section(tmp_path):
     """Each section runs in a session of its own (so a timeout kills what it started); a suite stopped
     by SIGTERM (`timeout`, a scheduler) or Ctrl-C must take the running section with it, not leave it
-    running on the device for up to its time limit."""
+    running on the device for up to its time limit, nor its scratch directory in /tmp."""
     out = tmp_path / "stopped-suite"
     suite = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_suite", "--out", str(out), "--smoke",
                               "--sections", "decode"], cwd=gpu_suite.REPO, stdout=subprocess.PIPE,
@@ -250,9 +250,13 @@ def test_a_stopped_suite_stops_its_running_section(tmp_path):
     deadline = time.monotonic() + 30
     while len(_processes_mentioning(str(out))) < 2 and time.monotonic() < deadline:  # the section has started
         time.sleep(0.1)
+    section_argv = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in _processes_mentioning("--section-result")]
+    (result_file,) = {Path(argv[argv.index(b"--section-result") + 1].decode()) for argv in section_argv}
+    assert result_file.parent.is_dir()
     suite.send_signal(signal.SIGTERM)
     assert suite.wait(timeout=30) == 128 + signal.SIGTERM
     deadline = time.monotonic() + 10
     while _processes_mentioning(str(out)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _processes_mentioning(str(out))
+    assert not result_file.parent.exists()
