@@ -222,10 +222,13 @@ def _not_a_directory(label: str, exists: bool) -> OSError:
 
 
 def _read_manifest(fs: "pyarrow.fs.FileSystem", inner: str) -> dict | None:
+    """The export's manifest; None when there is none, or only part of one: a local (or NFS) file is
+    written in place, so a reader that lists it as the writer creates it reads it part-written (an
+    object store's put is whole). Callers wait and list again."""
     try:
         with fs.open_input_stream(f"{inner.rstrip('/')}/{MANIFEST}") as f:
             return json.loads(f.read())
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return None
 
 

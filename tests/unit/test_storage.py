@@ -201,6 +201,29 @@ def test_a_local_export_is_read_through_the_cache_while_it_is_rewritten(dllm_dir
         assert torch.equal(fdllm.load_model(first)(ids), fdllm.load_model(dllm_dir)(ids))
 
 
+def test_a_reader_that_meets_a_manifest_being_written_waits_for_it(dllm_dir, tmp_path, monkeypatch):
+    """The moment a local export's writer has created its manifest but not yet filled it (a local file is
+    written in place): the reader waits for the export, as for the writer's marker. It read the empty
+    or half file as JSON and failed (seen once in the test above, on a busy 2-core machine)."""
+    out, cache = tmp_path / "servable", tmp_path / "cache"
+    storage.publish_dir(dllm_dir, str(out))
+    whole = (out / storage.MANIFEST).read_bytes()
+    files = sorted(json.loads(whole)["files"])
+    (out / storage.WRITING_MARKER).write_text(json.dumps({"export_id": "next", "files": files}))
+
+    def finish() -> None:
+        (out / storage.MANIFEST).write_bytes(whole)
+        (out / storage.WRITING_MARKER).unlink()
+
+    monkeypatch.setattr(storage, "_WAIT_POLL_S", 0.05)
+    for part in (b"", whole[: len(whole) // 2]):  # created; half written
+        (out / storage.MANIFEST).write_bytes(part)
+        with pytest.raises(TimeoutError, match="being written"):
+            storage.local_checkpoint(out, cache, wait_s=0.2)
+    threading.Timer(0.3, finish).start()
+    assert _exported(storage.local_checkpoint(out, cache, wait_s=30)) == _tree(Path(dllm_dir))
+
+
 def test_old_versions_of_a_rolling_export_leave_the_node_cache(tmp_path):
     """A replica following an export that a fine-tune republishes keeps one copy per version: the
     versions nothing has used for STALE_VERSION_S go when a newer one is fetched or reused, but the
