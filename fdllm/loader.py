@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fdllm.config import CONFIG_NAME, BlockDiffusionConfig, ModelConfig, no_config
+from fdllm.config import CONFIG_NAME, BlockDiffusionConfig, ModelConfig, no_config, read_json_object
 from fdllm.storage import checkpoint_files, is_uri, local_checkpoint
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses a longer header
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,18 +39,32 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _weight_names(path: Path) -> list[str]:
+    """The weight files of the local checkpoint (or weightless view of one) at `path`: its index's
+    shards, else the single file."""
+    if not (path / INDEX_FILE).is_file():
+        return [SINGLE_FILE]
+    weight_map = read_json_object(path / INDEX_FILE).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path / INDEX_FILE}: no weight_map of tensor names to file names")
+    return sorted(set(weight_map.values()))
+
+
 def _weight_files(path: Path) -> list[Path]:
-    if (path / INDEX_FILE).is_file():
-        index = json.loads((path / INDEX_FILE).read_text())
-        return [path / name for name in sorted(set(index["weight_map"].values()))]
-    if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
-    raise _no_weights(path)
+    names = _weight_names(path)
+    missing = [name for name in names if not (path / name).is_file()]
+    if missing:
+        raise _no_weights(path) if names == [SINGLE_FILE] else _missing_shards(path, missing)
+    return [path / name for name in names]
 
 
 def _no_weights(path: str | Path) -> FileNotFoundError:
     return FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: no weights this package loads (safetensors, "
                              "as save_pretrained writes them)")
+
+
+def _missing_shards(path: str | Path, missing: list[str]) -> FileNotFoundError:
+    return FileNotFoundError(f"{path}: {INDEX_FILE} names weight files that are not there: {', '.join(missing)}")
 
 
 def _open_weights(file: Path, device: str | torch.device = "cpu"):
@@ -60,17 +76,52 @@ def _open_weights(file: Path, device: str | torch.device = "cpu"):
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
+def safetensors_problem(size: int, read_at: Callable[[int, int], bytes]) -> str | None:
+    """Why a file of `size` bytes is not a whole safetensors file, judged from its header alone
+    (`read_at(nbytes, offset)`: two small reads, the tensors never); None when it is one. The rules are
+    safetensors' own: an 8-byte little-endian header length, a JSON object of tensors with their
+    `data_offsets`, and the data ending exactly at the end of the file, so a file cut short is found."""
+    if size < 8:
+        return f"{size} bytes, too short for a header"
+    length = int.from_bytes(read_at(8, 0), "little")
+    if length > min(size - 8, MAX_HEADER_BYTES):
+        return f"its header length {length} does not fit a file of {size} bytes"
+    try:
+        header = json.loads(read_at(length, 8))
+        ends = [int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"its header is not a safetensors header ({type(e).__name__}: {e})"
+    described = 8 + length + max(ends, default=0)
+    if described != size:
+        return f"its header describes {described} bytes, the file holds {size}" + (": cut short" if described > size else "")
+    return None
+
+
+def _check_remote_weights(uri: str, names: list[str]) -> None:
+    """The safetensors header of each weight file at the URI `uri`, read with ranged reads."""
+    from fdllm.storage import filesystem
+
+    fs, inner = filesystem(uri)
+    for name in names:
+        with fs.open_input_file(f"{inner.rstrip('/')}/{name}") as f:
+            problem = safetensors_problem(f.size(), f.read_at)
+        if problem:
+            raise ValueError(f"{uri.rstrip('/')}/{name}: not a readable safetensors file ({problem})")
+
+
 def check_checkpoint(
     path: str | os.PathLike, *, need_tokenizer: bool = False, cache_dir: str | os.PathLike | None = None
 ) -> Path:
     """Raise what loading the checkpoint at `path` (local directory or URI) would raise, one line naming
     what is missing or broken: no such directory or an unreachable store (OSError), no config.json or
-    weights (FileNotFoundError), an architecture this package does not load, a config file that is not
-    a valid JSON object, a local weight file whose header does not parse (ValueError) and, with
-    `need_tokenizer`, no tokenizer that reads and writes text (`fdllm.tokenizer.load_text_tokenizer`).
+    weights, or shards its index names (FileNotFoundError), an architecture this package does not load,
+    a config file that is not a valid JSON object, a weight file whose safetensors header does not parse
+    or describes more or fewer bytes than the file holds (ValueError) and, with `need_tokenizer`, no
+    tokenizer that reads and writes text (`fdllm.tokenizer.load_text_tokenizer`).
     For a process about to start others that load it (fdllm-serve's replicas, the fine-tune's workers),
-    which would find out only once started. Tensors are never read: a URI is listed, and only its config
-    and tokenizer files are fetched (into this node's cache, as `local_checkpoint(weights=False)` does).
+    which would find out only once started. Tensors are never read: a URI is listed, only its config
+    and tokenizer files are fetched (into this node's cache, as `local_checkpoint(weights=False)` does),
+    and each weight file's header is read in place with two ranged reads.
     Returns that local, weightless view, for a caller that reads the config or tokenizer next."""
     from fdllm.tokenizer import load_text_tokenizer
 
@@ -82,10 +133,15 @@ def check_checkpoint(
     local = local_checkpoint(path, cache_dir, weights=False)
     ModelConfig.load(local)
     BlockDiffusionConfig.load(local)
-    if not is_uri(str(path)):  # a local directory: its weight files' headers are read, their tensors are not
-        # (from the directory itself: `local` is a weightless cache copy when the directory is an export)
-        for file in _weight_files(Path(path).expanduser()):
-            with _open_weights(file):
+    names = _weight_names(local)  # the index, if any, is in the weightless view
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise _missing_shards(path, missing)
+    if is_uri(str(path)):
+        _check_remote_weights(str(path), names)
+    else:  # from the directory itself: `local` is a weightless cache copy when the directory is an export
+        for name in names:
+            with _open_weights(Path(path).expanduser() / name):  # the loader's own reader: its words
                 pass
     if need_tokenizer:
         load_text_tokenizer(local, path)

@@ -75,6 +75,10 @@ def _cut_short(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:100])  # a copy that failed midway
 
 
+def _cut_short_by_one(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-1])  # the header is whole; the last tensor is not
+
+
 @pytest.mark.parametrize("name,spoil,problem", [
     ("config.json", lambda f: f.write_text("{bad"), "config.json: not JSON (Expecting property name"),
     ("config.json", lambda f: f.write_text("[]"), "config.json: holds list, not a JSON object"),
@@ -83,6 +87,7 @@ def _cut_short(file: Path) -> None:
     ("fdllm_config.json", lambda f: f.write_text('{"block_size": "32"}'), "fdllm_config.json: "),
     ("fdllm_config.json", lambda f: f.write_bytes(b'{"threshold": "\xff"}'), "fdllm_config.json: not JSON ("),
     ("model.safetensors", _cut_short, "model.safetensors: not a readable safetensors file ("),
+    ("model.safetensors", _cut_short_by_one, "model.safetensors: not a readable safetensors file ("),
     ("model.safetensors", lambda f: f.write_text("not weights"), "model.safetensors: not a readable safetensors file ("),
 ])
 def test_a_checkpoint_file_that_is_there_but_broken_is_named_before_ray_and_at_load(name, spoil, problem, dllm_dir,
@@ -96,6 +101,69 @@ def test_a_checkpoint_file_that_is_there_but_broken_is_named_before_ray_and_at_l
     err = _serve_error(str(model), monkeypatch, capsys)
     assert err.startswith(str(model / name)) and problem in err, err
     with pytest.raises(ValueError) as loading:
+        fdllm.Engine.from_pretrained(str(model))
+    assert str(loading.value) == err
+
+
+def _spoilt_weights(data: bytes) -> dict[str, bytes]:
+    """A safetensors file's bytes spoilt the ways copies and edits spoil files, and left whole."""
+    length = int.from_bytes(data[:8], "little")
+    header, body = data[8:8 + length], data[8 + length:]
+    return {
+        "whole": data, "empty": b"", "4 bytes": data[:4], "the length alone": data[:8],
+        "cut in the header": data[:8 + length // 2], "the header alone": data[:8 + length],
+        "one tensor byte": data[:9 + length], "one byte short": data[:-1], "one byte more": data + b"\0",
+        "a page more": data + bytes(4096), "length + 1": (length + 1).to_bytes(8, "little") + data[8:],
+        "length - 1": (length - 1).to_bytes(8, "little") + data[8:], "length huge": (1 << 62).to_bytes(8, "little") + data[8:],
+        "header a list": len(b"[]").to_bytes(8, "little") + b"[]" + body,
+        "header not JSON": data[:8] + b"{" * length + body,
+        "no data_offsets": data[:8] + header.replace(b"data_offsets", b"data_offzets") + body,
+        "text": b"not weights at all, just some words",
+    }
+
+
+def test_the_header_check_judges_a_file_as_safetensors_does(dllm_dir, tmp_path):
+    """`safetensors_problem` (two small reads: what the check of a URI checkpoint can afford) against
+    the safetensors library itself, on a real file spoilt each way: it refuses exactly what safe_open refuses."""
+    from safetensors import safe_open
+
+    from fdllm.loader import safetensors_problem
+
+    for what, data in _spoilt_weights((dllm_dir / "model.safetensors").read_bytes()).items():
+        (tmp_path / "w.safetensors").write_bytes(data)
+        try:
+            with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+                [f.get_tensor(name) for name in f.keys()]
+            library = None
+        except Exception as e:  # noqa: BLE001 - any refusal
+            library = e
+        ours = safetensors_problem(len(data), lambda n, offset: data[offset:offset + n])
+        assert (ours is None) == (library is None), (what, ours, library)
+    assert "cut short" in safetensors_problem(len(data := (dllm_dir / "model.safetensors").read_bytes()[:-1]),
+                                              lambda n, offset: data[offset:offset + n])
+
+
+def _sharded(dllm_dir: Path, dst: Path) -> Path:
+    """`dllm_dir` with its weights in several shards and an index, as large checkpoints come."""
+    import fdllm
+    from fdllm.loader import INDEX_FILE, save_checkpoint
+
+    model = _without(dllm_dir, dst, "model.safetensors")
+    save_checkpoint(fdllm.load_model(dllm_dir), model, max_shard_size=20_000)
+    assert (model / INDEX_FILE).is_file() and len(list(model.glob("model-*.safetensors"))) > 2
+    return model
+
+
+def test_a_sharded_checkpoint_missing_a_shard_is_named(dllm_dir, tmp_path, monkeypatch, capsys):
+    import fdllm
+
+    model = _sharded(dllm_dir, tmp_path / "sharded")
+    _serves(str(model), monkeypatch)
+    shard = sorted(model.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    err = _serve_error(str(model), monkeypatch, capsys)
+    assert err == f"{model}: model.safetensors.index.json names weight files that are not there: {shard.name}", err
+    with pytest.raises(FileNotFoundError) as loading:
         fdllm.Engine.from_pretrained(str(model))
     assert str(loading.value) == err
 
@@ -158,6 +226,27 @@ def test_fdllm_serve_checks_a_uri_model_without_downloading_its_weights(bucket, 
     for uri, problem in refused.items():
         err = _serve_error(uri, monkeypatch, capsys)
         assert uri in err and problem in err, err
+
+
+def test_a_uri_weight_file_cut_short_is_found_by_its_header_without_a_download(bucket, dllm_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    """An upload that stopped midway left model.safetensors short: fdllm-serve says so before Ray starts
+    (the replicas found it only after downloading it), reading each file's header with ranged reads."""
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    model = _without(dllm_dir, tmp_path / "short")
+    _cut_short_by_one(model / "model.safetensors")
+    uri = upload_dir(model, f"{bucket}/cut-short")
+    err = _serve_error(uri, monkeypatch, capsys)
+    assert err.startswith(f"{uri}/model.safetensors: not a readable safetensors file (its header describes ") and \
+        err.endswith(": cut short)"), err
+    sharded = _sharded(dllm_dir, tmp_path / "sharded")
+    shard = sorted(sharded.glob("model-*.safetensors"))[2]
+    shard.write_bytes(shard.read_bytes() + b"\0")
+    uri = upload_dir(sharded, f"{bucket}/sharded")
+    err = _serve_error(uri, monkeypatch, capsys)
+    assert err.startswith(f"{uri}/{shard.name}: not a readable safetensors file (its header describes "), err
+    fetched = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert fetched and not any(name.endswith(".safetensors") for name in fetched), fetched
 
 
 def test_an_unreachable_store_is_one_line_not_a_traceback_or_a_long_wait(monkeypatch, capsys):
