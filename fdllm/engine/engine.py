@@ -467,9 +467,16 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids (list[int]) instead")
+            try:  # a lone surrogate ("\ud800", from a JSON escape or surrogateescape) is no UTF-8 text
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"the prompt is not valid Unicode text: {e.reason} at index {e.start}") from None
             return self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+        if not isinstance(prompt, (list, tuple)):
             raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        for i, t in enumerate(prompt):
+            if not isinstance(t, int):
+                raise ValueError(f"a prompt's token ids are ints, got {type(t).__name__} at index {i}")
         return list(prompt)
 
     def _decode(self, ids: Seq[int]) -> str:

@@ -351,6 +351,9 @@ def test_text_prompts_stop_strings_and_eos(sharp_dir):
         ([1, 2], {"temperature": 1.0, "repetition_penalty": 1e-300}, "repetition_penalty"),  # logits / 1e-300: inf
         ([1, 2], {"repetition_penalty": 1e300}, "repetition_penalty"),
         ([1, MASK, 2], {}, "mask token"),  # diffusion would decode over the prompt's mask position
+        ([1, 2.0], {}, "a prompt's token ids are ints, got float at index 1"),
+        ((1, "2"), {}, "a prompt's token ids are ints, got str at index 1"),
+        ({1: 2}, {}, "a prompt is a string or a list of token ids, got dict"),
     ],
 )
 def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
@@ -363,6 +366,17 @@ def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
     assert [r.request_id for r in done] == [good] and done[0].finish_reason == "length"
     alone = make_engine(model).generate([[1, 2, 3]], params(max_new_tokens=8))[0]
     assert done[0].token_ids == alone.token_ids  # the good request's answer is the one it gets alone
+
+
+def test_a_text_prompt_that_is_not_unicode_text_is_a_value_error(dllm_dir):
+    """A lone surrogate (a JSON escape "\\ud800", a file name read with surrogateescape) reached the
+    tokenizer, whose TypeError spoke of TextEncodeInput."""
+    engine = fdllm.Engine.from_pretrained(dllm_dir)
+    for prompt, index in (("\ud800", 0), ("ok \udcff end", 3)):
+        with pytest.raises(ValueError, match=f"the prompt is not valid Unicode text: surrogates not allowed at index {index}$"):
+            engine.generate([prompt], params(max_new_tokens=4))
+    assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished()
+    assert engine.generate(["ok \u2028 end \U0001f600"], params(max_new_tokens=4))[0].finish_reason == "length"
 
 
 def test_a_prompt_with_the_mask_token_is_a_token_in_causal_modes(sharp_dir, model):

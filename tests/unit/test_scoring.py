@@ -121,7 +121,8 @@ def test_a_block_causal_checkpoint_is_refused(dllm_dir):
     ([[5, 6]], 97, "top_logprobs"),
     ([[5, 6]], True, "top_logprobs"),
     ([[5, 6]], 1.5, "top_logprobs"),
-    ([[5, 6], "x", [5.5]], 0, "a prompt is a string or a list of token ids"),
+    ([[5, 6], "x", [5.5]], 0, "a prompt's token ids are ints, got float at index 0"),
+    ([[5, 6], 7], 0, "a prompt is a string or a list of token ids, got int"),
 ])
 def test_bad_input_is_a_value_error_and_changes_nothing(engine, prompts, top, message):
     with pytest.raises(ValueError, match=message):
