@@ -124,7 +124,7 @@ class SamplingParams:
         self._check_adjustments()
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(
-                f"stop must be a tuple of non-empty strings (wrap a single one as (s,)), got {self.stop!r}"
+                f"stop must be a tuple or list of non-empty strings (wrap a single one as (s,)), got {self.stop!r}"
             )
         if (
             not isinstance(self.stop_token_ids, (tuple, list))
