@@ -1,13 +1,14 @@
 r"""The Ray Serve application: an OpenAI-compatible HTTP API over the fdllm engine.
 
 Run it:
-    fdllm-serve --model assets/tiny-ar-base --port 8000               # local Ray, one replica
+    fdllm-serve --model runs/quickstart/tiny-dllm --port 8000         # local Ray, one replica
     serve run serve/config.yaml                                       # the same, from a config
     serve run serve.app:build_app model=/path/to/checkpoint num_replicas=2
+    fdllm-serve --model assets/tiny-ar-base --port 8001               # an AR base: requests decode AR
 
 Then:
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
-         -d '{"model": "tiny-ar-base", "prompt": "Hello", "max_tokens": 16, "temperature": 0}'
+         -d '{"model": "tiny-dllm", "prompt": "Hello", "max_tokens": 16, "temperature": 0}'
 
 Each replica loads the checkpoint once and drives one engine from a background thread, so all of
 its in-flight requests are continuously batched together; Serve spreads requests over replicas
@@ -44,7 +45,7 @@ from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fdllm.engine import SamplingParams
-from fdllm.engine.params import ENGINE_CHOICES
+from fdllm.engine.params import ENGINE_CHOICES, MODES
 from fdllm.paths import resolve_local
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import check_text_tokenizer, token_pieces
@@ -105,6 +106,10 @@ class ServerConfig:
     use_sub_block_cache: bool | None = None
     # diffusion-mode requests that do not set `block_lookahead` get this (fdllm.SamplingParams.block_lookahead)
     block_lookahead: bool = False
+    # The decoding mode of requests that give none ("diffusion", "ar", "speculative"). None: "diffusion" for
+    # a block-diffusion checkpoint (one with fdllm_config.json, as the fine-tune exports), "ar" for a plain
+    # AR one, which never learned to fill masks (an AR base served beside its fine-tune, a baseline).
+    default_mode: str | None = None
     # Tokens a request that gives no max_tokens may generate, at most the rest of the context (as vLLM
     # bounds its default). None (vLLM's and OpenAI's default): the rest of the context, max_model_len -
     # prompt. KV pages are taken as the output grows, so a large
@@ -149,6 +154,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.api_key == "":  # e.g. --api-key "$UNSET_VARIABLE": serving openly would be a silent surprise
             raise ValueError("api_key is empty; leave it unset to serve without a key")
+        if self.default_mode is not None and self.default_mode not in MODES:
+            raise ValueError(f"default_mode must be one of {MODES} or unset, got {self.default_mode!r}")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:  # the replica's engine would refuse it
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         # <= 0 or nan: the metrics thread would push without pause; inf: its wait raises and it stops
@@ -202,6 +209,19 @@ def _from_string(name: str, value: str, annotation: Any) -> Any:
             continue
     kind = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
     raise ValueError(f"serve option {name}={value!r} is not a valid {kind}")
+
+
+def default_mode(path: str | os.PathLike) -> str:
+    """The mode of requests that give none, for the checkpoint at local `path`: diffusion when it is a
+    block-diffusion model (its fdllm_config.json), else AR, with a warning, since diffusion on a model
+    that was never fine-tuned to fill masks decodes noise (or, without a mask token, is refused)."""
+    import fdllm
+
+    if fdllm.BlockDiffusionConfig.load(path) is not None:
+        return "diffusion"
+    log.warning("%s has no fdllm_config.json: a plain AR checkpoint, not a block-diffusion fine-tune; requests "
+                "that give no mode decode AR (set default_mode, or mode per request, to decode otherwise)", path)
+    return "ar"
 
 
 def default_model_name(model: str) -> str:
@@ -285,6 +305,7 @@ class FdllmServer:
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
         engine = fdllm.Engine.from_pretrained(path, config=fdllm.BlockDiffusionConfig.from_checkpoint(path, **overrides),
                                               device=device, dtype=dtype, engine_config=self.cfg.engine_config())
+        self.default_mode = self.cfg.default_mode or default_mode(path)
         self.tokenizer = check_text_tokenizer(engine.tokenizer, self.cfg.model)  # as fdllm-serve checks it up front
         self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
         self.scores_causally = engine.scores_causally  # whether `logprobs` can be served (Engine.score)
@@ -295,7 +316,8 @@ class FdllmServer:
         self.registry = make_registry(self.counters, self.engine)
         self.exporter = RayMetricsExporter(self.counters, self.engine, self.cfg.metrics_interval_s)
         self.replica = serve.get_replica_context().replica_id.unique_id  # which replica answered: /health
-        log.info("serving %s as %r on %s (%s), replica %s", path, self.model_name, device, dtype, self.replica)
+        log.info("serving %s as %r on %s (%s), replica %s; requests that give no mode decode %s", path, self.model_name,
+                 device, dtype, self.replica, self.default_mode)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine loop died."""
@@ -450,7 +472,8 @@ class FdllmServer:
         """A completion or chat completion: n choices per prompt (a completion may batch prompts), each an
         engine request, all continuously batched together; choice i * n + j answers prompt i."""
         self._check_model(body.model)
-        params = body.sampling_params(self.cfg.default_max_tokens or self.max_model_len, self.cfg.block_lookahead)
+        params = body.sampling_params(self.cfg.default_max_tokens or self.max_model_len, self.default_mode,
+                                      self.cfg.block_lookahead)
         body.check_logit_bias(self.vocab_size)
         if ignored := body.ignored_fields():
             log.warning("%s request: fields ignored (not part of this API): %s", endpoint, ", ".join(ignored))
@@ -687,6 +710,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--session-affinity", action="store_true",
                         help="route requests with an x-session-id header to one replica per session, so a "
                         "conversation's turns share its prefix cache (default: Serve's router for all)")
+    parser.add_argument("--default-mode", choices=MODES,
+                        help="mode of requests that give none (default: diffusion for a block-diffusion checkpoint, "
+                        "one with fdllm_config.json; ar for a plain AR one)")
     parser.add_argument("--default-max-tokens", type=int,
                         help="tokens a request without max_tokens may generate (default: the rest of the context)")
     parser.add_argument("--device", default="auto")
@@ -709,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     options = {"model": args.model, "model_name": args.model_name, "api_key": args.api_key,
                "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
-               "threshold": args.threshold, "block_lookahead": args.block_lookahead or None,
+               "threshold": args.threshold, "block_lookahead": args.block_lookahead or None, "default_mode": args.default_mode,
                "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity,
                "device": args.device, "dtype": args.dtype, "engine": engine_overrides(args)}
     try:  # every option checked before Ray and Serve start: one line, argparse's exit status

@@ -173,8 +173,9 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     threshold: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)  # fdllm: per-request confidence threshold
-    # fdllm: "ar" decodes one token per forward; "speculative" drafts by diffusion, verifies causally (= AR output)
-    mode: Literal["diffusion", "ar", "speculative"] = "diffusion"
+    # fdllm: "ar" decodes one token per forward; "speculative" drafts by diffusion, verifies causally (= AR output);
+    # None: the server's default (ServerConfig.default_mode: diffusion for a block-diffusion checkpoint)
+    mode: Literal["diffusion", "ar", "speculative"] | None = None
     # fdllm selection policy (fdllm.SamplingParams, METHOD.md §5): "threshold" (with `threshold`) or
     # "entropy_budget" (with `entropy_budget`, gamma in nats); an adaptive sub-block boundary at a
     # delimiter predicted with confidence above `delimiter_threshold` (`delimiters` as text: default
@@ -247,15 +248,17 @@ class _SamplingFields(BaseModel):
                 raise too_long(param, "string", MAX_STOP_CHARS, len(stop))
         return stops
 
-    def sampling_params(self, default_max_tokens: int, default_block_lookahead: bool = False) -> SamplingParams:
+    def sampling_params(self, default_max_tokens: int, default_mode: str = "diffusion",
+                        default_block_lookahead: bool = False) -> SamplingParams:
         """The engine's SamplingParams; APIError 400 naming the field when a value is out of range.
-        `default_block_lookahead`: for diffusion-mode requests that do not set `block_lookahead`."""
+        `default_mode` for requests that give no `mode`; `default_block_lookahead` for diffusion-mode
+        requests that do not set `block_lookahead`."""
         refused = self.unsupported()
         if refused is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
         self.check_min_tokens(self.max_tokens_given() or default_max_tokens)
         try:
-            return self._sampling_params(default_max_tokens, default_block_lookahead)
+            return self._sampling_params(default_max_tokens, self.mode or default_mode, default_block_lookahead)
         except ValueError as exc:
             raise self.engine_refusal(exc) from None
 
@@ -310,10 +313,10 @@ class _SamplingFields(BaseModel):
         """How many most likely alternatives to return per token when log-probabilities are asked for, else None."""
         return None
 
-    def _sampling_params(self, default_max_tokens: int, default_block_lookahead: bool) -> SamplingParams:
+    def _sampling_params(self, default_max_tokens: int, mode: str, default_block_lookahead: bool) -> SamplingParams:
         lookahead = self.block_lookahead
         if lookahead is None:
-            lookahead = default_block_lookahead and self.mode == "diffusion"
+            lookahead = default_block_lookahead and mode == "diffusion"
         return SamplingParams(
             max_new_tokens=self.max_tokens_given() or default_max_tokens,
             temperature=self.temperature,
@@ -322,7 +325,7 @@ class _SamplingFields(BaseModel):
             seed=self.seed,
             stop=tuple(self.stop or ()),
             threshold=self.threshold,
-            mode=self.mode,
+            mode=mode,
             selection=self.selection,
             entropy_budget=self.entropy_budget,
             delimiter_threshold=self.delimiter_threshold,

@@ -119,7 +119,8 @@ def test_fdllm_serve_refuses_bad_options_before_starting_ray(flags, needle, monk
 
 @pytest.mark.parametrize("field,value", [("metrics_interval_s", 0), ("metrics_interval_s", -2.0),
                                          ("metrics_interval_s", float("inf")), ("metrics_interval_s", float("nan")),
-                                         ("threshold", 0.0), ("threshold", 1.01), ("model", ""), ("model", " ")])
+                                         ("threshold", 0.0), ("threshold", 1.01), ("model", ""), ("model", " "),
+                                         ("default_mode", "beam"), ("default_mode", "")])
 def test_serve_options_a_replica_would_refuse_or_spin_on_fail_in_the_builder(field, value):
     """`serve run` / `serve deploy` build the config before any replica starts: these fail there."""
     with pytest.raises(ValueError, match=field):
@@ -141,7 +142,33 @@ def test_fdllm_serve_builds_its_config_once(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda *a, **k: None)
     monkeypatch.setattr(app.serve, "start", lambda *a, **k: None)
     monkeypatch.setattr(app.serve, "run", lambda target, **k: deployed.append(target))
-    app.main(["--model", "assets/tiny-ar-base", "--threshold", "0.7", "--port", "8123"])
+    app.main(["--model", "assets/tiny-ar-base", "--threshold", "0.7", "--port", "8123", "--default-mode", "speculative"])
     assert len(built) == 1 and len(deployed) == 1
     (args,) = deployed[0]._bound_deployment.init_args
-    assert args == asdict(built[0]) and args["threshold"] == 0.7
+    assert args == asdict(built[0]) and args["threshold"] == 0.7 and args["default_mode"] == "speculative"
+
+
+def test_requests_that_give_no_mode_decode_as_the_checkpoint_was_trained(dllm_dir, qwen2_dir, caplog):
+    """A block-diffusion checkpoint (fdllm_config.json) decodes diffusion by default; a plain AR one (the
+    world's AR base, a hub model) decodes AR, with a warning: diffusion on a model that never learned to
+    fill masks decoded noise (the world base has a mask token in its vocabulary), or, without a mask
+    token, refused every request that gave no mode. A request's own mode, and the server's
+    default_mode, still choose."""
+    import json
+
+    from serve.app import default_mode
+    from serve.protocol import CompletionRequest, parse_request
+
+    def mode_of(body: dict, server_default: str) -> str:
+        request = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x"} | body).encode())
+        return request.sampling_params(16, server_default, default_block_lookahead=True).mode
+
+    assert default_mode(dllm_dir) == "diffusion" and not caplog.records
+    for ar_base in (qwen2_dir, "assets/tiny-ar-base"):
+        caplog.clear()
+        assert default_mode(ar_base) == "ar"
+        assert "no fdllm_config.json: a plain AR checkpoint" in caplog.text
+    assert mode_of({}, "ar") == "ar" and mode_of({"mode": None}, "ar") == "ar" and mode_of({}, "diffusion") == "diffusion"
+    assert mode_of({"mode": "diffusion"}, "ar") == "diffusion" and mode_of({"mode": "ar"}, "speculative") == "ar"
+    request = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x"}')
+    assert not request.sampling_params(16, "ar", default_block_lookahead=True).block_lookahead  # diffusion's alone

@@ -36,7 +36,7 @@ def test_policy_fields_reach_sampling_params(model):
 def test_the_servers_block_lookahead_default_applies_to_diffusion_requests_that_do_not_set_it():
     def lookahead(body, default):
         request = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x"} | body).encode())
-        return request.sampling_params(16, default).block_lookahead
+        return request.sampling_params(16, default_block_lookahead=default).block_lookahead
 
     assert lookahead({}, True) and not lookahead({}, False)
     assert not lookahead({"block_lookahead": False}, True) and lookahead({"block_lookahead": True}, False)
