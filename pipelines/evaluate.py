@@ -163,6 +163,10 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, s
         text = read_text(path)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory; --data takes a JSONL file of records") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such records file") from None
     records = []
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a string
         if not line.strip():

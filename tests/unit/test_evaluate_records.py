@@ -49,6 +49,14 @@ def test_good_records_load_with_odd_unicode_and_blank_lines(tmp_path):
         load_records(_file(tmp_path, "", "  "))
 
 
+def test_no_records_file_there_is_named_as_such(tmp_path):
+    for path, words in ((tmp_path / "missing.jsonl", ": no such records file"),
+                        (tmp_path, " is a directory; --data takes a JSONL file of records")):
+        with pytest.raises(ValueError) as error:
+            load_records(path)
+        assert str(error.value) == f"{path}{words}"
+
+
 def test_the_cli_says_it_in_one_line_with_exit_2(tmp_path, capsys):
     path = _file(tmp_path, "[1]")
     with pytest.raises(SystemExit) as e:
