@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
@@ -135,6 +136,23 @@ def _slow_steps(drv: AsyncEngine, seconds: float) -> None:
     drv.engine.step = slow_step
 
 
+def _hold_after_first_tokens(drv: AsyncEngine, request_id: str) -> threading.Event:
+    """Once the request has streamed tokens, the driver's steps do nothing until the returned event is
+    set, while commands and scores still run between them: the test sees the cache exactly as it was
+    then (a timed pause lets the stepping thread take another page first on a loaded machine)."""
+    release = threading.Event()
+    step = drv.engine.step
+
+    def held_step():
+        seq = drv.engine.scheduler.find(request_id)
+        if seq is not None and seq.output and not release.wait(0.01):
+            return []
+        return step()
+
+    drv.engine.step = held_step
+    return release
+
+
 def test_a_client_gone_while_its_request_waits_to_be_added_harms_nothing(driver):
     """A handler cancelled before the stepping thread reads its command (its client hung up during a
     long step) is skipped: setting the cancelled future's result would have stopped the thread."""
@@ -169,13 +187,15 @@ def test_score_runs_between_steps_and_waits_for_pages(causal_dllm_dir):
     tokens = list(range(5, 35))  # 4 pages: more than are free while the request runs
 
     async def main():
+        release = _hold_after_first_tokens(drv, "running")  # the request holds its pages until released
         stream = drv.generate([5] * 30, params, "running")
         await anext(stream)  # its first tokens: prompt prefilled, first block open
         assert drv.stats()["free_pages"] == 2
-        _slow_steps(drv, 0.2)  # the request holds its pages a while longer
         big = asyncio.ensure_future(drv.score(tokens, 2))
         small = await drv.score([7, 8, 9], 1)  # fits beside the request: answered at once
+        await asyncio.sleep(0.2)  # steps go round meanwhile
         assert not big.done()
+        release.set()
         result = [event async for event in stream][-1]
         return result, await big, small
 
