@@ -25,6 +25,11 @@ MASK_TOKEN = "|<MASK>|"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
 
 
+def mask_token_id(tokenizer: "PreTrainedTokenizerBase | None") -> int | None:
+    """The id of `|<MASK>|` in the tokenizer's vocabulary; None for a plain AR tokenizer (or none)."""
+    return None if tokenizer is None else tokenizer.get_vocab().get(MASK_TOKEN)
+
+
 def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":
     """The checkpoint's tokenizer; `path` may be an object-store URI (its weights are not fetched)."""
     from transformers import AutoTokenizer

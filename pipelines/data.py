@@ -66,7 +66,7 @@ import numpy as np
 
 from fdllm.config import IGNORE_INDEX
 from fdllm.paths import is_uri, resolve_local
-from fdllm.tokenizer import MASK_TOKEN, stop_token_ids
+from fdllm.tokenizer import MASK_TOKEN, mask_token_id, stop_token_ids
 
 if TYPE_CHECKING:
     import pyarrow
@@ -318,8 +318,7 @@ class TokenSpec:
             raise ValueError("the tokenizer has no EOS or end-of-turn token to end answers with")
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else stops[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        mask = tokenizer.get_vocab().get(MASK_TOKEN)
-        return cls(frozenset(stops), eos, pad, mask)
+        return cls(frozenset(stops), eos, pad, mask_token_id(tokenizer))
 
 
 def build_document(

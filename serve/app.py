@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
         if not 1 <= args.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {args.port}")
         cfg = ServerConfig.from_args(options)
-        _check_checkpoint(cfg.model, cfg.cache_dir)
+        _check_checkpoint(cfg.model, cfg.cache_dir, cfg.default_mode)
         app = bind_app(cfg)  # Serve checks its deployment options here (e.g. a negative GPU count), Ray or not
     except ValueError as e:
         print(f"fdllm-serve: error: {e}", file=sys.stderr)
@@ -753,16 +753,25 @@ def main(argv: list[str] | None = None) -> None:
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)
 
 
-def _check_checkpoint(model: str, cache_dir: str | None) -> None:
+def _check_checkpoint(model: str, cache_dir: str | None, default_mode: str | None) -> None:
     """ValueError (one line) unless the replicas can serve `model` (fdllm.loader.check_checkpoint: a local
     directory or a URI, whose weights are not downloaded here): they would find out only after Ray and
-    Serve started, and fail again at each restart."""
+    Serve started, and fail again at each restart. A default mode other than AR needs a mask token:
+    without one every request that gives no mode would be refused."""
+    import fdllm
     from fdllm.loader import check_checkpoint
+    from fdllm.tokenizer import load_text_tokenizer, mask_token_id
 
     try:
-        check_checkpoint(model, need_tokenizer=True, cache_dir=cache_dir)
+        local = check_checkpoint(model, need_tokenizer=True, cache_dir=cache_dir)
     except (OSError, ValueError, ImportError) as exc:  # missing files, an unreachable store, no pyarrow for a URI
         raise ValueError(f"model: {' '.join(str(exc).splitlines())}") from None
+    if default_mode in (None, "ar") or fdllm.BlockDiffusionConfig.from_checkpoint(local).mask_token_id is not None:
+        return
+    if mask_token_id(load_text_tokenizer(local, model)) is None:
+        raise ValueError(f"default_mode {default_mode!r} needs a mask token and {model} has none (no mask_token_id in "
+                         "fdllm_config.json, no |<MASK>| in its tokenizer): a plain AR checkpoint decodes mode 'ar'; "
+                         "fine-tune it first (pipelines/finetune.py) for diffusion")
 
 
 if __name__ == "__main__":

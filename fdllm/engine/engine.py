@@ -40,7 +40,7 @@ from fdllm.kernels import resolve_attention_backend
 from fdllm.model import Transformer
 from fdllm.quantization import quantize
 from fdllm.storage import local_checkpoint
-from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_text_tokenizer, stop_token_ids
+from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_text_tokenizer, mask_token_id, stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -82,8 +82,8 @@ class Engine:
     ) -> None:
         config = config or BlockDiffusionConfig()
         engine_config = engine_config or EngineConfig()
-        if config.mask_token_id is None and tokenizer is not None and MASK_TOKEN in tokenizer.get_vocab():
-            config = config.replace(mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN))
+        if config.mask_token_id is None and mask_token_id(tokenizer) is not None:
+            config = config.replace(mask_token_id=mask_token_id(tokenizer))
         vocab = model.config.vocab_size
         if config.mask_token_id is not None and not 0 <= config.mask_token_id < vocab:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary ({vocab})")

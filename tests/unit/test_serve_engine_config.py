@@ -117,6 +117,31 @@ def test_fdllm_serve_refuses_bad_options_before_starting_ray(flags, needle, monk
     assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_fdllm_serve_refuses_a_default_mode_the_checkpoint_cannot_decode(qwen2_dir, monkeypatch, capsys):
+    """A plain AR checkpoint without a mask token, served with a diffusion or speculative default: every
+    request that gave no mode would be refused, so fdllm-serve says so before Ray starts. With an AR
+    default, or none (AR for such a checkpoint), it starts."""
+    import ray
+
+    from serve import app
+
+    class RayStarted(Exception):
+        pass
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(RayStarted()))
+    for mode in ("diffusion", "speculative"):
+        with pytest.raises(SystemExit) as e:
+            app.main(["--model", str(qwen2_dir), "--default-mode", mode])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"default_mode '{mode}' needs a mask token and {qwen2_dir} has none" in err, err
+    for flags in (["--default-mode", "ar"], []):
+        with pytest.raises(RayStarted):
+            app.main(["--model", str(qwen2_dir), *flags])
+    with pytest.raises(RayStarted):  # the world's AR base has |<MASK>| in its vocabulary: diffusion is its user's call
+        app.main(["--model", "assets/tiny-ar-base", "--default-mode", "diffusion"])
+
+
 @pytest.mark.parametrize("field,value", [("metrics_interval_s", 0), ("metrics_interval_s", -2.0),
                                          ("metrics_interval_s", float("inf")), ("metrics_interval_s", float("nan")),
                                          ("threshold", 0.0), ("threshold", 1.01), ("model", ""), ("model", " "),
