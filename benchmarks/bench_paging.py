@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import fdllm
-from benchmarks.cli import engine_subcommand, positive_int
+from benchmarks.cli import checkpoint, engine_subcommand, positive_int
 from fdllm.loader import parse_dtype
 from pipelines.evaluate import load_records, prompt_ids
 from pipelines.world import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR, TEST_FILE
@@ -48,7 +48,7 @@ class PagingRow:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `paging` benchmark on an argparse subparsers object."""
     p = engine_subcommand(subparsers, "paging", "KV pages on demand vs worst-case reservation at admission", __doc__)
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="checkpoint dir with a tokenizer (default: the world base)")
+    p.add_argument("--model", type=checkpoint, default=str(DEFAULT_MODEL_DIR), help="checkpoint dir with a tokenizer (default: the world base)")
     p.add_argument("--data", default=str(DEFAULT_DATA_DIR / TEST_FILE), help="JSONL records with 'prompt' fields")
     p.add_argument("--mode", default="ar", choices=["diffusion", "ar", "speculative"],
                    help="the world base is an AR model: diffusion needs a fine-tuned --model")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import fdllm
-from benchmarks.cli import engine_subcommand, positive_int
+from benchmarks.cli import checkpoint, engine_subcommand, positive_int
 from fdllm.engine import scoring
 from fdllm.loader import parse_dtype
 from pipelines.world import DEFAULT_MODEL_DIR
@@ -39,7 +39,7 @@ class ScoreRow:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `score` benchmark on an argparse subparsers object."""
     p = engine_subcommand(subparsers, "score", "scoring continuations of shared contexts, the context shared or not", __doc__)
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="a causal checkpoint (default: the world base)")
+    p.add_argument("--model", type=checkpoint, default=str(DEFAULT_MODEL_DIR), help="a causal checkpoint (default: the world base)")
     p.add_argument("--contexts", type=positive_int, default=8)
     p.add_argument("--choices", type=positive_int, default=4)
     p.add_argument("--context-len", type=positive_int, default=200)

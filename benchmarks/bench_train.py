@@ -28,7 +28,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cli import output_file, positive_int  # noqa: E402
+from benchmarks.cli import checkpoint, output_file, positive_int  # noqa: E402
 
 log = logging.getLogger("fdllm.bench_train")
 
@@ -59,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model DIR` or `--preset NAME`: what `build_model` builds."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="HF checkpoint dir (default: a random --preset model)")
+    source.add_argument("--model", type=checkpoint, help="HF checkpoint dir (default: a random --preset model)")
     source.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="random model shape")
 
 

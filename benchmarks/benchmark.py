@@ -46,7 +46,7 @@ import torch
 
 import fdllm
 from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_score, bench_serve, bench_train
-from benchmarks.cli import positive_int, positive_int_list
+from benchmarks.cli import checkpoint, positive_int, positive_int_list
 from fdllm.config import ModelConfig
 from fdllm.loader import parse_dtype
 
@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     dec = sub.add_parser("decode", help="AR vs block diffusion (sub-block cache on/off, block lookahead) vs speculative "
                          "vs HF generate")
-    dec.add_argument("--model", help="HF checkpoint dir; default: random weights of the config below")
+    dec.add_argument("--model", type=checkpoint, help="HF checkpoint dir; default: random weights of the config below")
     dec.add_argument("--hidden-size", type=positive_int, default=256)
     dec.add_argument("--layers", type=positive_int, default=4)
     dec.add_argument("--heads", type=positive_int, default=4)

@@ -48,6 +48,18 @@ def positive_int_list(text: str) -> list[int]:
     return values
 
 
+def checkpoint(text: str) -> str:
+    """A checkpoint the benchmark loads (a directory or a URI), checked as its loader would check it
+    (`fdllm.loader.check_checkpoint`, headers only): a bad one is one line and exit 2, not a traceback."""
+    from fdllm.loader import check_checkpoint
+
+    try:
+        check_checkpoint(text)
+    except (OSError, ValueError, ImportError) as e:  # missing files, an unreachable store, no pyarrow for a URI
+        raise argparse.ArgumentTypeError(" ".join(str(e).splitlines())) from None
+    return text
+
+
 def output_file(text: str) -> str:
     """A file the results are written to at the end: not a directory, in a directory that exists."""
     path = Path(text)

@@ -1,5 +1,6 @@
 """The benchmarks' command lines refuse a count < 1, an empty or bad list, an output file that is a
-directory and a GPU run without a GPU at parsing: exit 2 and the option named, before any work."""
+directory, a checkpoint that does not load and a GPU run without a GPU at parsing: exit 2 and the
+option named, before any work."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ BAD = [
     (benchmark.parse_args, ["paging", "--requests", "-1"], "--requests: must be >= 1"),
     (benchmark.parse_args, ["prefix", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
     (benchmark.parse_args, ["score", "--contexts", "0"], "--contexts: must be >= 1"),
+    (bench_host.parse_args, ["--model", "{dir}/none"], "--model: {dir}/none: no such checkpoint directory"),
+    (benchmark.parse_args, ["decode", "--model", "{dir}"], "--model: no config.json in {dir}"),
+    (benchmark.parse_args, ["train", "--model", "{dir}/none"], "--model: {dir}/none: no such checkpoint directory"),
+    (benchmark.parse_args, ["paging", "--model", "assets"], "--model: no config.json in assets"),
+    (benchmark.parse_args, ["score", "--model", "{dir}/none"], "--model: {dir}/none: no such checkpoint directory"),
     (data.build_parser().parse_args, ["--batch-size", "0"], "--batch-size: must be >= 1"),
     (data.build_parser().parse_args, ["--output", "{dir}"], "--output: {dir} is a directory"),
     (data.build_parser().parse_args, ["--output", "{dir}/no/such/dir/out.json"], "is not an existing directory"),
