@@ -136,6 +136,22 @@ def _slow_steps(drv: AsyncEngine, seconds: float) -> None:
     drv.engine.step = slow_step
 
 
+def _pause_next_step(drv: AsyncEngine) -> tuple[threading.Event, threading.Event]:
+    """The driver's next step, once begun (`paused` is set), waits until `resume` is set: commands sent
+    meanwhile queue up, and the stepping thread reads them together after that step."""
+    paused, resume = threading.Event(), threading.Event()
+    step = drv.engine.step
+
+    def paused_step():
+        if not resume.is_set():
+            paused.set()
+            resume.wait()
+        return step()
+
+    drv.engine.step = paused_step
+    return paused, resume
+
+
 def _hold_after_first_tokens(drv: AsyncEngine, request_id: str) -> threading.Event:
     """Once the request has streamed tokens, the driver's steps do nothing until the returned event is
     set, while commands and scores still run between them: the test sees the cache exactly as it was
@@ -270,10 +286,14 @@ def test_scores_waiting_together_share_forwards_and_get_their_own_answers(causal
     engine.runner.score = lambda rows, k: forwards.append(len(rows)) or score(rows, k)
 
     async def main(bad: list):
-        stream = drv.generate([5, 6], fdllm.SamplingParams(max_new_tokens=40, mode="ar"), "busy")
+        stream = drv.generate([5, 6], fdllm.SamplingParams(max_new_tokens=400, mode="ar", ignore_eos=True), "busy")
         await anext(stream)
-        _slow_steps(drv, 0.2)  # the scores below queue up during one step
-        answers = await asyncio.gather(*(drv.score(ids, top) for ids, top in asks + bad), return_exceptions=True)
+        paused, resume = _pause_next_step(drv)
+        assert await asyncio.to_thread(paused.wait, 30)
+        scores = [asyncio.ensure_future(drv.score(ids, top)) for ids, top in asks + bad]
+        await asyncio.sleep(0)  # each has sent its command: they queue up during the paused step
+        resume.set()
+        answers = await asyncio.gather(*scores, return_exceptions=True)
         await stream.aclose()
         return answers
 
