@@ -223,16 +223,27 @@ def test_bench_kernels_writes_each_row_as_it_is_measured(tmp_path):
     assert written["device"] == "d" and [r["backend"] for r in written["rows"]] == ["triton"]
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
+def _command_lines() -> dict[int, list[bytes]]:
+    """argv of each process running now (one that ends while read is left out)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
     return found
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    return [pid for pid, argv in _command_lines().items() if any(text.encode() in arg for arg in argv)]
+
+
+def _section_result_files(out: Path) -> set[Path]:
+    """Where the suite writing to `out` has its running sections leave their results. Read from the
+    sections' own command lines: a forked child carries its parent's until it execs."""
+    return {Path(argv[argv.index(b"--section-result") + 1].decode()) for argv in _command_lines().values()
+            if b"--section-result" in argv and str(out).encode() in argv}
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
@@ -247,11 +258,10 @@ def test_a_stopped_suite_stops_its_running_section(tmp_path):
     for line in suite.stdout:
         if "[gpu_suite] decode ..." in line:
             break
-    deadline = time.monotonic() + 30
-    while len(_processes_mentioning(str(out))) < 2 and time.monotonic() < deadline:  # the section has started
+    deadline = time.monotonic() + 120
+    while not _section_result_files(out) and time.monotonic() < deadline:  # the section has started
         time.sleep(0.1)
-    section_argv = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in _processes_mentioning("--section-result")]
-    (result_file,) = {Path(argv[argv.index(b"--section-result") + 1].decode()) for argv in section_argv}
+    (result_file,) = _section_result_files(out)
     assert result_file.parent.is_dir()
     suite.send_signal(signal.SIGTERM)
     assert suite.wait(timeout=30) == 128 + signal.SIGTERM
