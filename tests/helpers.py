@@ -6,14 +6,16 @@ import os
 
 import torch
 
+from pipelines.finetune import LOCAL_RAY_TRAIN_ENV
+
 VOCAB = 96
 
-# Ray Train's timing knobs for the suite's runs (set by conftest.py before any Ray starts, inherited by
-# the workers): the controller polls its workers every 0.25 s, not 2 s, so a run's end and a killed
-# worker are seen at once; no preemption watcher (one more actor process per run, for cloud nodes
-# that drain). On 2 cores they take ~9 s off each run; what a run does is unchanged. The README's
-# commands run with Ray's defaults (tests/integration/test_docs.py drops these).
-RAY_TRAIN_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray Train's timing knobs (pipelines.finetune.LOCAL_RAY_TRAIN_ENV) for every Ray the suite starts (set by
+# conftest.py before any does, inherited by its processes), clusters included, where a run's own fit
+# leaves Ray's defaults: a run's end and a killed worker are seen at once, no preemption watcher. What a
+# run does is unchanged. The README's commands run as a user's would (tests/integration/test_docs.py
+# drops these: the fine-tune sets them itself for a local instance it started).
+RAY_TRAIN_TEST_ENV = dict(LOCAL_RAY_TRAIN_ENV)
 
 
 def tiny_hf_config(arch: str = "qwen2", **overrides):

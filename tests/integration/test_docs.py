@@ -225,6 +225,17 @@ def submit_when_the_job_agent_is_up(shell: Shell, timeout_s: float = 120) -> str
             time.sleep(3)
 
 
+# An error-level line of Ray's own logs ("[2026-12-04 03:04:53,888 E 20628 20660] core_worker.cc:...").
+RAY_ERROR_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\].*")
+
+
+def assert_no_ray_errors(output: str) -> None:
+    """A run that went well prints no error of Ray's (a local fine-tune printed one for Ray Train's
+    preemption watcher, an actor no local run needs)."""
+    errors = RAY_ERROR_LINE.findall(output)
+    assert not errors, "\n".join(errors)
+
+
 def served_answer(shell: Shell) -> str:
     answer = shell.run(CURL)
     body = answer[answer.index("{"):]
@@ -244,11 +255,12 @@ def test_readme_commands_run_as_written(tmp_path):
         # a worker bar's closing state twice) was redrawn under every line of the report.
         after_training = output.split("2/2 evaluating")[-1]
         assert "fine-tune steps" not in after_training, after_training[:3000]
+        assert_no_ray_errors(output)
         checkpoint = root / "runs" / "quickstart" / "tiny-dllm"
         assert (checkpoint / "config.json").is_file() and (checkpoint / "fdllm_config.json").is_file()
 
         # Fine-tune, run directly: relative config/model/data paths reach the Ray Train workers.
-        shell.run(FINETUNE, " --max-steps 2")
+        assert_no_ray_errors(shell.run(FINETUNE, " --max-steps 2"))
         assert (tmp_path / "out" / "tiny-dllm" / "model.safetensors").is_file()
         shutil.rmtree(tmp_path / "out" / "tiny-dllm")
 
