@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import fdllm
-from fdllm.loader import num_params
+from fdllm.loader import check_checkpoint, num_params
 from fdllm.model import Transformer
-from fdllm.tokenizer import MASK_TOKEN, load_tokenizer
+from fdllm.storage import check_directory_path
+from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_tokenizer
 from pipelines.world.corpus import BEYOND_FILE, TEST_FILE, TRAIN_FILE, WorldConfig, generate_world, read_jsonl, write_world
 from pipelines.world.model_card import model_card
 from pipelines.world.pretrain import ModelSpec, PretrainConfig, init_mask_row, pretrain
@@ -160,13 +162,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_evaluate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """`evaluate` with nothing to evaluate would load the model and report nothing, exit 0: refuse it."""
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
-    if not any((args.data / name).is_file() for name in (TEST_FILE, BEYOND_FILE)):
-        parser.error(f"--data {args.data} holds neither {TEST_FILE} nor {BEYOND_FILE}: give a corpus dir "
-                     "(`python -m pipelines.world data --out DIR` writes one)")
+def plan(args: argparse.Namespace) -> Callable[[], object]:
+    """The command `args` ask for, with its configs built and its inputs and outputs checked first, so a
+    bad option or a missing input is one line (ValueError or OSError) before any work, not a traceback
+    minutes into it."""
+    if args.rebuild:
+        return rebuild
+    if args.command == "data":
+        check_directory_path(str(args.out))
+        cfg = WorldConfig(seed=args.seed, num_train=args.num_train, num_test=args.num_test, num_beyond=args.num_beyond)
+        return functools.partial(cmd_data, cfg, args.out)
+    if args.command == "tokenizer":
+        if not (args.data / TRAIN_FILE).is_file():
+            raise FileNotFoundError(f"no {TRAIN_FILE} in --data {args.data}: run `python -m pipelines.world data --out "
+                                    f"{args.data}` first")
+        if args.vocab_size < 1:
+            raise ValueError(f"--vocab-size must be >= 1, got {args.vocab_size}")
+        check_directory_path(str(args.out))
+        return functools.partial(cmd_tokenizer, args.data, args.out, args.vocab_size)
+    if args.command == "pretrain":
+        load_world_config(args.data)
+        tokenizer_dir = args.tokenizer or args.out
+        if not has_tokenizer(tokenizer_dir):
+            raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}: run `python -m pipelines.world tokenizer --out "
+                                    f"{tokenizer_dir}` first, or give --tokenizer DIR")
+        check_directory_path(str(args.out))
+        spec = ModelSpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, intermediate_size=args.intermediate_size)
+        cfg = PretrainConfig(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_examples=args.num_examples,
+            eval_every=args.eval_every, minutes=args.minutes, seed=args.seed, threads=args.threads,
+        )
+        return functools.partial(cmd_pretrain, args.data, args.out, tokenizer_dir, spec, cfg)
+    if args.command == "evaluate":
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if not any((args.data / name).is_file() for name in (TEST_FILE, BEYOND_FILE)):  # nothing to evaluate
+            raise FileNotFoundError(f"--data {args.data} holds neither {TEST_FILE} nor {BEYOND_FILE}: give a corpus dir "
+                                    "(`python -m pipelines.world data --out DIR` writes one)")
+        check_checkpoint(args.model, need_tokenizer=True)
+        return functools.partial(cmd_evaluate, args.model, args.data, args.limit, args.threads)
+    return build_parser().print_help
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -175,23 +212,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rebuild and args.command:  # the subcommand's options (--out, ...) would be ignored
         parser.error(f"--rebuild takes no subcommand (got {args.command!r}): it rewrites assets/ with the defaults; "
                      "run data, tokenizer and pretrain with --out to build elsewhere")
-    if args.command == "evaluate":
-        check_evaluate_args(parser, args)
+    try:
+        command = plan(args)
+    except (ValueError, OSError) as e:
+        parser.error(" ".join(str(e).splitlines()))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.rebuild:
-        rebuild()
-    elif args.command == "data":
-        cmd_data(WorldConfig(seed=args.seed, num_train=args.num_train, num_test=args.num_test, num_beyond=args.num_beyond), args.out)
-    elif args.command == "tokenizer":
-        cmd_tokenizer(args.data, args.out, args.vocab_size)
-    elif args.command == "pretrain":
-        spec = ModelSpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, intermediate_size=args.intermediate_size)
-        cfg = PretrainConfig(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_examples=args.num_examples,
-            eval_every=args.eval_every, minutes=args.minutes, seed=args.seed, threads=args.threads,
-        )
-        cmd_pretrain(args.data, args.out, args.tokenizer or args.out, spec, cfg)
-    elif args.command == "evaluate":
-        cmd_evaluate(args.model, args.data, args.limit, args.threads)
-    else:
-        parser.print_help()
+    command()

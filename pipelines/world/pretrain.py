@@ -43,6 +43,13 @@ class ModelSpec:
     intermediate_size: int = 512
     max_position_embeddings: int = 512
 
+    def __post_init__(self) -> None:
+        sizes = (self.hidden_size, self.num_hidden_layers, self.intermediate_size, self.max_position_embeddings)
+        if min(sizes) < 1:
+            raise ValueError(f"hidden size, layers, intermediate size and positions must be >= 1, got {sizes}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden size {self.hidden_size} must be a multiple of the {self.num_attention_heads} attention heads")
+
     def model_config(self, tokenizer) -> ModelConfig:
         return ModelConfig(
             model_type="qwen2",
@@ -84,10 +91,13 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
-        if not 0 < self.lr or not 0 <= self.min_lr_ratio <= 1:
+        if not 0 < self.lr < math.inf or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("need lr > 0 and 0 <= min_lr_ratio <= 1")
-        if self.minutes is not None and self.minutes <= 0:
+        if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if self.num_examples < 1 or self.eval_every < 0 or self.threads < 1:
+            raise ValueError(f"need num_examples >= 1, eval_every >= 0 and threads >= 1, got {self.num_examples}, "
+                             f"{self.eval_every} and {self.threads}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -159,13 +159,28 @@ def test_data_command_writes_train_and_held_out_files(tmp_path):
     (["evaluate", "--data", "{tmp}/none"], "holds neither test.jsonl nor test_beyond.jsonl"),
     (["evaluate", "--data", "{tmp}"], "holds neither test.jsonl nor test_beyond.jsonl"),
     (["evaluate", "--limit", "0"], "--limit must be >= 1"),
+    (["evaluate", "--model", "{tmp}/none"], "{tmp}/none: no such checkpoint directory"),
+    (["data", "--out", "{tmp}/a_file"], "{tmp}/a_file is a file, not a directory"),
+    (["data", "--out", "{tmp}/out", "--num-train", "-5"], "must be >= 0"),
+    (["tokenizer", "--data", "{tmp}/none", "--out", "{tmp}/out"], "no train.jsonl in --data {tmp}/none"),
+    (["tokenizer", "--out", "{tmp}/a_file/tok"], "{tmp}/a_file/tok is under {tmp}/a_file, which is a file"),
+    (["pretrain", "--data", "{tmp}/none", "--out", "{tmp}/out"], "no world_config.json in {tmp}/none"),
+    (["pretrain", "--out", "{tmp}/out"], "no tokenizer in {tmp}/out"),  # the tokenizer command writes one there
+    (["pretrain", "--out", "{tmp}/out", "--tokenizer", "assets/tiny-ar-base", "--hidden-size", "30"], "multiple of the 4 attention heads"),
+    (["pretrain", "--out", "{tmp}/out", "--tokenizer", "assets/tiny-ar-base", "--threads", "0"], "threads >= 1"),
+    (["pretrain", "--out", "{tmp}/out", "--tokenizer", "assets/tiny-ar-base", "--lr", "inf"], "need lr > 0"),
 ])
 def test_cli_refuses_options_it_would_ignore_or_do_nothing_with(argv, message, tmp_path, monkeypatch, capsys):
+    """One line and exit 2 before any work (these were tracebacks, some after minutes of work, or a
+    transformers error about hub repo ids for a missing tokenizer)."""
     monkeypatch.setattr(cli, "rebuild", lambda: pytest.fail("rebuilt the committed assets in place"))
-    monkeypatch.setattr(cli, "cmd_evaluate", lambda *a: pytest.fail("evaluated although nothing is to be evaluated"))
+    for command in ("cmd_data", "cmd_tokenizer", "cmd_pretrain", "cmd_evaluate"):
+        monkeypatch.setattr(cli, command, lambda *a, name=command: pytest.fail(f"{name} ran on bad options"))
+    (tmp_path / "a_file").write_text("x")
     with pytest.raises(SystemExit) as e:
         world.main([a.format(tmp=tmp_path) for a in argv])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message.format(tmp=tmp_path) in err.strip().splitlines()[-1], err
 
 
 def test_configs_reject_bad_values():
