@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fdllm
-from benchmarks.cli import checkpoint, output_file, positive_int, positive_int_list
+from benchmarks.cli import checkpoint, device, output_file, positive_int, positive_int_list
 
 DEFAULT_MODEL = "assets/tiny-ar-base"
 PREFILLS = 6  # long prompts per repeat of --prefill-len: one measured step each
@@ -223,7 +223,7 @@ def best(rows: list[HostRow]) -> list[HostRow]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=checkpoint, default=DEFAULT_MODEL)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 64], help="comma-separated, e.g. 1,8,64")
     p.add_argument("--mode", default="diffusion", choices=["diffusion", "ar"])
     p.add_argument("--threshold", type=float, default=0.9)

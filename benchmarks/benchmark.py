@@ -46,7 +46,7 @@ import torch
 
 import fdllm
 from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_score, bench_serve, bench_train
-from benchmarks.cli import checkpoint, positive_int, positive_int_list
+from benchmarks.cli import checkpoint, device, positive_int, positive_int_list
 from fdllm.config import ModelConfig
 from fdllm.loader import parse_dtype
 
@@ -246,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dec.add_argument("--kv-heads", type=positive_int, default=2)
     dec.add_argument("--intermediate-size", type=positive_int, default=768)
     dec.add_argument("--vocab-size", type=positive_int, default=4096)
-    dec.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    dec.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     dec.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     dec.add_argument("--batch-sizes", type=positive_int_list, default=[1, 16],
                      help="comma-separated, e.g. 1,16,64")

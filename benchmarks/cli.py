@@ -24,7 +24,7 @@ def engine_subcommand(subparsers: Any, name: str, help: str, doc: str | None) ->
     import torch  # here: the HTTP and training benchmarks share this module and import torch late or never
 
     p = subparsers.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     return p
 
@@ -46,6 +46,18 @@ def positive_int_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer >= 1 (a comma list, e.g. 1,16)")
     return values
+
+
+def device(text: str) -> str:
+    """A device this machine has (`fdllm.loader.parse_device`): `--device cuda` on a CPU machine is one
+    line at parsing, not a traceback from the first tensor moved."""
+    from fdllm.loader import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def checkpoint(text: str) -> str:

@@ -39,6 +39,24 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device this machine has: a name torch does not know, or a CUDA device (index)
+    it lacks, is a ValueError saying so, before a model is read (it was a traceback from deep in torch,
+    such as pin_memory's "requires a CUDA or other accelerator backend")."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {str(device)!r} is not a torch device ({e})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"device {str(device)!r}: this machine has no CUDA device (torch.cuda.is_available() is "
+                             "False); use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return parsed
+
+
 def _weight_names(path: Path) -> list[str]:
     """The weight files of the local checkpoint (or weightless view of one) at `path`: its index's
     shards, else the single file."""

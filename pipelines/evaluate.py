@@ -40,7 +40,7 @@ from fdllm.engine.params import MODES
 from fdllm.loader import parse_dtype
 from fdllm.quantization import QUANTIZATIONS, weight_bytes
 from fdllm.paths import is_uri
-from fdllm.storage import filesystem, local_checkpoint, read_text, write_bytes
+from fdllm.storage import check_directory_path, filesystem, local_checkpoint, read_text, write_bytes
 from fdllm.tokenizer import render_chat
 
 log = logging.getLogger("fdllm.evaluate")
@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
                 filesystem(path)  # an unknown scheme or a missing package
             elif path and Path(path).is_dir():
                 raise ValueError(f"{path} is a directory; give a file path")
+            elif path:
+                check_directory_path(str(Path(path).absolute().parent))  # its directory: absent or one, not a file
         except (ValueError, ImportError) as e:
             parser.error(f"--{option}: {e}")
     rows = []

@@ -37,6 +37,7 @@ from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.scoring import score_pages, score_sequences
 from fdllm.engine.sequence import Sequence, TokenCallback
 from fdllm.kernels import resolve_attention_backend
+from fdllm.loader import parse_device
 from fdllm.model import Transformer
 from fdllm.quantization import quantize
 from fdllm.storage import local_checkpoint
@@ -144,6 +145,7 @@ class Engine:
         """Load model (+ tokenizer if present) from an HF checkpoint dir. `config` None: the checkpoint's
         fdllm_config.json or defaults; a None mask_token_id is taken from the checkpoint, then the tokenizer.
         `path` may be an object-store URI, read through this node's cache (fdllm.storage)."""
+        device = parse_device(device)  # before anything is read or fetched
         path = local_checkpoint(path)
         saved = BlockDiffusionConfig.load(path)
         if config is None:

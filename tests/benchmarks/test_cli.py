@@ -1,6 +1,6 @@
 """The benchmarks' command lines refuse a count < 1, an empty or bad list, an output file that is a
-directory, a checkpoint that does not load and a GPU run without a GPU at parsing: exit 2 and the
-option named, before any work."""
+directory, a checkpoint that does not load, a device torch does not know and a GPU run without a GPU
+at parsing: exit 2 and the option named, before any work."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ BAD = [
     (benchmark.parse_args, ["train", "--model", "{dir}/none"], "--model: {dir}/none: no such checkpoint directory"),
     (benchmark.parse_args, ["paging", "--model", "assets"], "--model: no config.json in assets"),
     (benchmark.parse_args, ["score", "--model", "{dir}/none"], "--model: {dir}/none: no such checkpoint directory"),
+    (bench_host.parse_args, ["--device", "gpu"], "--device: device 'gpu' is not a torch device"),
+    (benchmark.parse_args, ["paging", "--device", "cuda:x"], "--device: device 'cuda:x' is not a torch device"),
     (data.build_parser().parse_args, ["--batch-size", "0"], "--batch-size: must be >= 1"),
     (data.build_parser().parse_args, ["--output", "{dir}"], "--output: {dir} is a directory"),
     (data.build_parser().parse_args, ["--output", "{dir}/no/such/dir/out.json"], "is not an existing directory"),

@@ -64,3 +64,34 @@ def test_the_cli_says_it_in_one_line_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].endswith(
         f" error: {path}:1: each record needs string 'prompt' and 'answer' fields"), err
+
+
+
+def _refused(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", "assets/tiny-ar-base", "--data", "assets/world/test.jsonl", "--modes", "ar", "--limit", "1",
+                       *argv])
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--output", "{tmp}/a_file/rows.json"], "--output: {tmp}/a_file is a file, not a directory"),
+    (["--plot", "{tmp}/a_file/sub/plot.png"], "--plot: {tmp}/a_file/sub is under {tmp}/a_file, which is a file, not a directory"),
+])
+def test_an_output_under_a_file_is_refused_before_decoding(tmp_path, capsys, monkeypatch, flags, words):
+    """It failed with FileExistsError after the whole evaluation."""
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a: pytest.fail("decoded before the output was checked"))
+    (tmp_path / "a_file").write_text("x")
+    assert _refused([f.format(tmp=tmp_path) for f in flags], capsys).endswith(f" error: {words.format(tmp=tmp_path)}")
+
+
+def test_a_device_this_machine_lacks_is_one_line(capsys, monkeypatch):
+    """`--device cuda` without CUDA was a traceback from deep in the engine (pin_memory's "requires a
+    CUDA or other accelerator backend"); a name torch does not know, torch's own traceback."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _refused(["--device", "cuda"], capsys).endswith(" error: device 'cuda': this machine has no CUDA device "
+                                                           "(torch.cuda.is_available() is False); use cpu")
+    assert " error: device 'gpu' is not a torch device (" in _refused(["--device", "gpu"], capsys)
