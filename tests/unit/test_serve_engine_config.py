@@ -145,7 +145,8 @@ def test_fdllm_serve_refuses_a_default_mode_the_checkpoint_cannot_decode(qwen2_d
 @pytest.mark.parametrize("field,value", [("metrics_interval_s", 0), ("metrics_interval_s", -2.0),
                                          ("metrics_interval_s", float("inf")), ("metrics_interval_s", float("nan")),
                                          ("threshold", 0.0), ("threshold", 1.01), ("model", ""), ("model", " "),
-                                         ("default_mode", "beam"), ("default_mode", "")])
+                                         ("default_mode", "beam"), ("default_mode", ""), ("device", "gpu"),
+                                         ("device", "cuda:x"), ("device", ""), ("dtype", "fp8")])
 def test_serve_options_a_replica_would_refuse_or_spin_on_fail_in_the_builder(field, value):
     """`serve run` / `serve deploy` build the config before any replica starts: these fail there."""
     with pytest.raises(ValueError, match=field):
