@@ -355,8 +355,8 @@ def cli_main(argv: list[str] | None, parser: argparse.ArgumentParser, config_cls
     try:
         cfg = config_cls.from_sources(config_file, **args)
         run_fn(cfg)
-    except USER_ERRORS as e:
-        log.error("%s", e)
+    except USER_ERRORS as e:  # under the program's own logger name: fdllm.finetune, fdllm.distill
+        logging.getLogger(parser.prog.replace("fdllm-", "fdllm.", 1)).error("%s", e)
         return 2
     return 0
 

@@ -268,10 +268,10 @@ def test_a_joint_checkpoint_is_distilled_keeping_its_causal_mode(dllm_dir, tmp_p
     assert check_checkpoint(DistillConfig(**(kw | {"model": str(dllm_dir)}))).objective == "certainty"
 
 
-def test_bad_data_or_output_fail_before_ray_starts(dllm_dir, tmp_path, monkeypatch):
+def test_bad_data_or_output_fail_before_ray_starts(dllm_dir, tmp_path, monkeypatch, caplog):
     """What the training stage would refuse (a missing data file, an --output of other files or a file,
     or one that would hold the trajectories) is refused before Ray starts and the trajectories are
-    decoded (exit 2)."""
+    decoded (exit 2), logged as distill's (it said fdllm.finetune)."""
     import ray
 
     from tests.sft_data import good_records, write_jsonl
@@ -287,5 +287,7 @@ def test_bad_data_or_output_fail_before_ray_starts(dllm_dir, tmp_path, monkeypat
                   ["--data", str(data), "--output", str(tmp_path / "mine" / "notes.txt")],
                   # the trajectories, written first, would be "other files" to the export at the end
                   ["--data", str(data), "--output", str(tmp_path / "out"), "--trajectories", str(tmp_path / "out" / "t")]):
+        caplog.clear()
         assert main([*common, *flags]) == 2, flags
+        assert [(r.name, r.levelname) for r in caplog.records if r.levelname == "ERROR"] == [("fdllm.distill", "ERROR")]
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
