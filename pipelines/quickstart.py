@@ -23,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fdllm.storage import check_directory_path  # noqa: E402
 from pipelines.evaluate import (  # noqa: E402
     ALL_TASKS,
     EvalRow,
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("the embedded assets are missing (%s, %s): run `python -m pipelines.world --rebuild`", BASE, WORLD)
         return 2
     out = Path(args.output).resolve()
+    try:  # named as the option given (the fine-tune's own checks speak of its --storage-path under it)
+        check_directory_path(str(out))
+    except ValueError as e:
+        log.error("--output: %s", e)
+        return 2
     start = time.perf_counter()
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("num_workers", args.num_workers)) if v is not None}
     try:  # a bad option or output directory: one line and exit 2, as the fine-tune's own CLI

@@ -28,3 +28,13 @@ def test_a_bad_fine_tune_option_is_one_line_and_exit_2(tmp_path, monkeypatch, ca
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the options were checked"))
     assert quickstart.main(["--max-steps", "0", "--output", str(tmp_path)]) == 2
     assert "max_steps must be >= 1" in caplog.text
+
+
+@pytest.mark.parametrize("output", ["a_file", "a_file/run"])
+def test_an_output_that_cannot_be_a_directory_is_named_as_the_option_given(output, tmp_path, monkeypatch, caplog):
+    """It was reported as the fine-tune's --storage-path (OUTPUT/ray), an option the user never gave."""
+    monkeypatch.setattr(quickstart, "run", lambda cfg: pytest.fail("the fine-tune started"))
+    (tmp_path / "a_file").write_text("x")
+    assert quickstart.main(["--output", str(tmp_path / output)]) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error.startswith(f"--output: {tmp_path / output} ") and "a file, not a directory" in error, error
