@@ -171,6 +171,7 @@ def load_checkpoint(
 ) -> "Transformer":
     """Build `cls` on the meta device (no wasted init) and fill it from the checkpoint's tensors.
     `path` may be an object-store URI: it is read through this node's cache (fdllm.storage)."""
+    device = parse_device(device)
     path = local_checkpoint(path)
     cfg = ModelConfig.load(path)
     target = parse_dtype(dtype if dtype is not None else cfg.torch_dtype)
