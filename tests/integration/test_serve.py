@@ -592,6 +592,31 @@ metric_list:
 """
 
 
+# lm-eval's own evaluation (`simple_evaluate`, what `lm-eval run` runs), in a process of its own, of a task
+# in TASK_DIR: its samples (doc order) and results, as JSON. Only the task index differs from the CLI's:
+# these tasks alone, not the ~14k task files lm-eval bundles, whose indexing took 14 s of each ~17 s run.
+LM_EVAL_DRIVER = """
+import json, sys
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
+client, model_args, task_dir, task, options = sys.argv[1:]
+results = simple_evaluate(model=client, model_args=model_args, tasks=[task], log_samples=True,
+                          task_manager=TaskManager(include_path=task_dir, include_defaults=False), **json.loads(options))
+print(json.dumps({"samples": results["samples"][task], "results": results["results"][task]}, default=str))
+"""
+
+
+def run_lm_eval(client: str, url: str, task_dir, task: str, **options) -> tuple[list[dict], dict]:
+    """lm-eval's `client` (local-completions, local-chat-completions) against the server at `url`."""
+    model_args = f"model={MODEL},base_url={url},auth_token={API_KEY},max_retries=1"
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", LM_EVAL_DRIVER, client, model_args, str(task_dir), task, json.dumps(options)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=task_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return sorted(out["samples"], key=lambda sample: sample["doc_id"]), out["results"]
+
+
 @pytest.mark.parametrize("client", ["local-completions", "local-chat-completions"])
 def test_lm_evaluation_harness_against_the_server(server, served_dir, engine, tmp_path, client):
     """lm-evaluation-harness's OpenAI-compatible clients, as run against vLLM: local-completions finds
@@ -603,17 +628,10 @@ def test_lm_evaluation_harness_against_the_server(server, served_dir, engine, tm
     docs = [{"question": f"Q: what comes after {w}?\nA:", "answer": w} for w in ("one", "red", "héllo ✓", "x = 1")]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "docs.jsonl"))
-    endpoint = "chat/completions" if client == "local-chat-completions" else "completions"
-    model_args = f"model={MODEL},base_url={server}/v1/{endpoint},auth_token={API_KEY},max_retries=1"
-    command = [sys.executable, "-m", "lm_eval", "run", "--model", client, "--model_args", model_args,
-               "--tasks", "fdllm_local", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"),
-               "--log_samples", *(["--apply_chat_template"] if client == "local-chat-completions" else [])]
-    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    samples = [json.loads(line) for path in (tmp_path / "out").rglob("samples_fdllm_local_*.jsonl")
-               for line in path.read_text().splitlines()]
-    assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3]
+    chat = client == "local-chat-completions"
+    samples, results = run_lm_eval(client, f"{server}/v1/{'chat/completions' if chat else 'completions'}", tmp_path,
+                                   "fdllm_local", apply_chat_template=chat)
+    assert [s["doc_id"] for s in samples] == [0, 1, 2, 3]
     tok = load_tokenizer(served_dir)
     for sample in samples:
         question = sample["doc"]["question"]
@@ -624,8 +642,7 @@ def test_lm_evaluation_harness_against_the_server(server, served_dir, engine, tm
             ids, stop = tok(question, add_special_tokens=False).input_ids, ("\n\n", "Q:", tok.eos_token)
         expect = engine.generate([ids], fdllm.SamplingParams(max_new_tokens=8, temperature=0.0, stop=stop))[0]
         assert sample["resps"] == [[expect.text]], (question, sample["arguments"])
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    assert "exact_match,none" in results["results"]["fdllm_local"]
+    assert "exact_match,none" in results
 
 
 CAUSAL_MAX_MODEL_LEN = 48
@@ -773,22 +790,14 @@ def test_lm_evaluation_harness_loglikelihood_tasks_against_the_server(causal_ser
             {"question": "x = 1, y =", "choices": [" 2", " 1, z = 3"], "label": 1}]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "task.yaml").write_text(LM_EVAL_CHOICE_TASK.format(data=tmp_path / "docs.jsonl"))
-    model_args = f"model={MODEL},base_url={causal_server}/v1/completions,auth_token={API_KEY},max_retries=1"
-    command = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
-               "--batch_size", "2",  # two prompts per request (their choices come back in order)
-               "--tasks", "fdllm_choice", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"),
-               "--log_samples"]
-    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     served = completions_served(causal_server)
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    samples, results = run_lm_eval("local-completions", f"{causal_server}/v1/completions", tmp_path, "fdllm_choice",
+                                   batch_size=2)  # two prompts per request (their choices come back in order)
     assert completions_served(causal_server) - served == 3  # 5 (context, continuation) pairs, two per request
-    samples = [json.loads(line) for path in (tmp_path / "out").rglob("samples_fdllm_choice_*.jsonl")
-               for line in path.read_text().splitlines()]
-    assert sorted(s["doc_id"] for s in samples) == [0, 1]
+    assert [s["doc_id"] for s in samples] == [0, 1]
     tok, mask = load_tokenizer(causal_dllm_dir), BlockDiffusionConfig.load(causal_dllm_dir).mask_token_id
     for sample in samples:  # lm-eval's own (context, continuation) pairs: it puts " " between the two
-        pairs = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]
+        pairs = [tuple(arguments) for arguments in sample["arguments"]]
         assert len(pairs) == len(sample["doc"]["choices"])
         for (context, continuation), [[loglikelihood, is_greedy]] in zip(pairs, sample["resps"]):
             ctx = tok(context, add_special_tokens=False).input_ids
@@ -796,7 +805,6 @@ def test_lm_evaluation_harness_loglikelihood_tasks_against_the_server(causal_ser
             rows, targets = hf_causal_logprobs(causal_dllm_dir, ids, mask)[len(ctx) - 1:], torch.tensor(ids[len(ctx):])
             want = rows.gather(1, targets[:, None]).sum().item()
             assert float(loglikelihood) == pytest.approx(want, abs=1e-4), (context, continuation)
-            assert str(is_greedy) == str(bool((rows.argmax(-1) == targets).all()))
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    assert "acc,none" in results["results"]["fdllm_choice"]
+            assert is_greedy == bool((rows.argmax(-1) == targets).all())
+    assert "acc,none" in results
 
