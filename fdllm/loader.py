@@ -39,14 +39,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def torch_device(device: str | torch.device) -> torch.device:
+    """`device` read as torch reads it, whether or not this machine has it (a config checked where the
+    replicas that use it do not run); a name torch does not know is a ValueError."""
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {str(device)!r} is not a torch device ({e})") from None
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device this machine has: a name torch does not know, or a CUDA device (index)
     it lacks, is a ValueError saying so, before a model is read (it was a traceback from deep in torch,
     such as pin_memory's "requires a CUDA or other accelerator backend")."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device {str(device)!r} is not a torch device ({e})") from None
+    parsed = torch_device(device)
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:

@@ -156,12 +156,12 @@ class ServerConfig:
             raise ValueError("api_key is empty; leave it unset to serve without a key")
         if self.default_mode is not None and self.default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES} or unset, got {self.default_mode!r}")
+        from fdllm.loader import parse_dtype, torch_device
+
         # the device a replica has is its own (a GPU node's): only the names are checked here
-        if self.device != "auto" and _device_type(self.device) not in ("cpu", "cuda"):
+        if self.device != "auto" and torch_device(self.device).type not in ("cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype != "auto":
-            from fdllm.loader import parse_dtype
-
             parse_dtype(self.dtype)
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:  # the replica's engine would refuse it
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
@@ -194,16 +194,6 @@ class ServerConfig:
             raise ValueError(f"unknown serve options {unknown}; known: {sorted(types)}")
         typed = {k: _from_string(k, v, types[k]) if isinstance(v, str) else v for k, v in args.items()}
         return cls(**{k: v for k, v in typed.items() if v is not None})
-
-
-def _device_type(device: str) -> str | None:
-    """torch's type of a device name ("cuda" for "cuda:1"); None for a name torch does not read."""
-    import torch
-
-    try:
-        return torch.device(device).type
-    except RuntimeError:
-        return None
 
 
 def _from_string(name: str, value: str, annotation: Any) -> Any:

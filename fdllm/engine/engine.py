@@ -83,8 +83,8 @@ class Engine:
     ) -> None:
         config = config or BlockDiffusionConfig()
         engine_config = engine_config or EngineConfig()
-        if config.mask_token_id is None and mask_token_id(tokenizer) is not None:
-            config = config.replace(mask_token_id=mask_token_id(tokenizer))
+        if config.mask_token_id is None and (mask := mask_token_id(tokenizer)) is not None:
+            config = config.replace(mask_token_id=mask)
         vocab = model.config.vocab_size
         if config.mask_token_id is not None and not 0 <= config.mask_token_id < vocab:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary ({vocab})")

@@ -203,7 +203,7 @@ def plan(args: argparse.Namespace) -> Callable[[], object]:
                                     "(`python -m pipelines.world data --out DIR` writes one)")
         check_checkpoint(args.model, need_tokenizer=True)
         return functools.partial(cmd_evaluate, args.model, args.data, args.limit, args.threads)
-    return build_parser().print_help
+    raise AssertionError(f"no plan for command {args.command!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -212,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rebuild and args.command:  # the subcommand's options (--out, ...) would be ignored
         parser.error(f"--rebuild takes no subcommand (got {args.command!r}): it rewrites assets/ with the defaults; "
                      "run data, tokenizer and pretrain with --out to build elsewhere")
+    if not (args.rebuild or args.command):
+        parser.print_help()
+        return
     try:
         command = plan(args)
     except (ValueError, OSError) as e:
