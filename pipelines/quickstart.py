@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("2/2 evaluating AR base vs %s on %d held-out problems, one at a time and batched", " and ".join(modes),
              args.limit)
     model, data = str(out / "tiny-dllm"), str(WORLD / TEST_FILE)
-    # Each threshold, and the block lookahead (README "Beyond the paper") at the targets' threshold beside them.
+    # Each threshold, and the block lookahead (docs/decoding.md) at the targets' threshold beside them.
     thresholds = args.thresholds + ((TARGET_THRESHOLD,) if TARGET_THRESHOLD not in args.thresholds else ())
     policies = tuple(Policy("threshold", t) for t in thresholds) + (
         Policy("threshold", TARGET_THRESHOLD, block_lookahead=True),)

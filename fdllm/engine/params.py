@@ -71,7 +71,7 @@ class SamplingParams:
     # Diffusion mode: the forward that opens a block (the previous block's commit, or the prompt's last
     # chunk) also runs the block's first denoising step, with the block's first token still masked,
     # and commits only what passes the selection rule: one forward fewer per block. An approximation
-    # beyond the paper and METHOD.md (README "Beyond the paper"): outputs may differ from the plain schedule.
+    # beyond the paper and METHOD.md (docs/decoding.md): outputs may differ from the plain schedule.
     block_lookahead: bool = False
     # Added to the logits of these token ids (OpenAI's logit_bias, values in [-100, 100]) at every
     # position the request decodes, before greedy selection or sampling, in every mode (a speculative

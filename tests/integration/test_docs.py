@@ -1,8 +1,9 @@
-"""The READMEs' commands, run as written, so a documented command cannot rot.
+"""The documentation's commands, run as written, so a documented command cannot rot.
 
-Every shell command in a fenced block of README.md and cluster/README.md is either run here or
-matched by a rule of NOT_HERE that says why it cannot run on a CPU machine without cloud credentials;
-a new command that is neither fails `test_every_documented_command_is_accounted_for`.
+Every shell command in a fenced block of README.md, the docs/ pages and cluster/README.md is either run
+here or matched by a rule of NOT_HERE that says why it cannot run on a CPU machine without cloud
+credentials; a new command that is neither fails `test_every_documented_command_is_accounted_for`.
+Every relative link among them names a file (and a heading) that exists.
 
 The runnable ones run in a copy of the checkout (so nothing lands in the developer's tree), in
 README order, with only these adaptations, each a limit, not a change of meaning:
@@ -34,23 +35,26 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = ("README.md", "cluster/README.md")
+# README.md and the pages it links under docs/ are one user guide; cluster/README.md is the cloud guide.
+GUIDE = ("README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))
+DOCS = (*GUIDE, "cluster/README.md")
 
 # What cannot run here, per document, by pattern, and why (matched against each documented command).
+GUIDE_NOT_HERE = [
+    (r"&& python -m pytest", "the test suite itself (`.ci/run` runs it)"),
+    (r"benchmark", "benchmarks take minutes; their smoke tests are in tests/benchmarks and tests/kernels"),
+    (r"mutmut run", "mutation testing takes hours on 2 cores: run by hand (tests/MUTATION.md), not in CI"),
+    (r"evaluate\.py .*--quantization", "the evaluate command above plus one flag; tests/unit/test_quantization.py "
+                                        "runs evaluate with --quantization"),
+    (r"^python pipelines/distill\.py", "needs the fine-tune's output and decodes 20,000 prompts before training; "
+     "tests/integration/test_distill.py runs distill end to end on a tiny model"),
+    (r"evaluate\.py .*--policies", "needs the distilled model; tests/unit/test_evaluate_policies.py runs evaluate "
+                                   "with --policies"),
+    (r"lm-eval run ", "downloads its task's dataset; tests/integration/test_serve.py runs both lm-eval clients "
+                      "against the server on a local task"),
+]
 NOT_HERE: dict[str, list[tuple[str, str]]] = {
-    "README.md": [
-        (r"&& python -m pytest", "the test suite itself (`.ci/run` runs it)"),
-        (r"benchmark", "benchmarks take minutes; their smoke tests are in tests/benchmarks and tests/kernels"),
-        (r"mutmut run", "mutation testing takes hours on 2 cores: run by hand (tests/MUTATION.md), not in CI"),
-        (r"evaluate\.py .*--quantization", "the evaluate command above plus one flag; tests/unit/test_quantization.py "
-                                            "runs evaluate with --quantization"),
-        (r"^python pipelines/distill\.py", "needs the fine-tune's output and decodes 20,000 prompts before training; "
-         "tests/integration/test_distill.py runs distill end to end on a tiny model"),
-        (r"evaluate\.py .*--policies", "needs the distilled model; tests/unit/test_evaluate_policies.py runs evaluate "
-                                       "with --policies"),
-        (r"lm-eval run ", "downloads its task's dataset; tests/integration/test_serve.py runs both lm-eval clients "
-                          "against the server on a local task"),
-    ],
+    **dict.fromkeys(GUIDE, GUIDE_NOT_HERE),
     "cluster/README.md": [
         (r"^(aws|gcloud|kubectl|helm|docker) ", "needs cloud credentials or a Kubernetes cluster"),
         (r"^hf download ", "downloads a model or dataset from the Hugging Face Hub (no network at test time)"),
@@ -136,6 +140,30 @@ def test_every_documented_command_is_accounted_for():
                 unknown.append(f"{doc}: {command}")
     assert not unknown, ("documented commands neither run by tests/integration/test_docs.py nor listed in "
                          "its NOT_HERE with a reason:\n" + "\n".join(unknown))
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_resolve():
+    """A page moved or a heading renamed must not leave a link that 404s on GitHub."""
+    broken = []
+    for doc in DOCS:
+        page = REPO / doc
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{doc}: {target} (no {linked.relative_to(REPO) if linked.is_relative_to(REPO) else linked})")
+            elif anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
+                if anchor not in {heading_anchor(h) for h in headings}:
+                    broken.append(f"{doc}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 def test_documented_commands_parse():
