@@ -352,13 +352,14 @@ class StopCriteria:
 
         A stop string not found before must end in a new token, and its c characters are at most
         4c bytes, so the tokens that hold it start at most 4c + 1 tokens before `num_checked`
-        (every token is at least one byte). Decoding from a little further back (margin for
+        (every token that decodes to text is at least one byte; `_tail_start` steps over those that
+        decode to nothing). Decoding from a little further back (margin for
         tokenizers that drop a leading space of the first token) finds the same first stop as
         decoding the whole output, at O(new tokens) per step instead of O(output).
         """
         if not self.stop or len(output) == num_checked:
             return None
-        start = max(0, num_checked - 4 * max(map(len, self.stop)) - _STOP_WINDOW_MARGIN)
+        start = self._tail_start(output, num_checked)
         if not any(s in self.decode(output[start:]) for s in self.stop):
             return None
         for n in range(max(num_checked, start + 1), len(output) + 1):  # the first token that completes one
@@ -366,6 +367,20 @@ class StopCriteria:
             if any(s in text for s in self.stop):
                 return n
         raise AssertionError("unreachable: the decoded tail contains a stop string")
+
+    def _tail_start(self, output: Sequence[int], num_checked: int) -> int:
+        """Where `_stop_string_cut`'s tail starts: 4c + margin tokens before `num_checked`, further back
+        (doubling) while those decode to fewer than c + margin characters. Tokens that decode to nothing
+        (special tokens, which decoding skips; a padded vocabulary's unused ids) break the byte-a-token
+        bound: a stop string split by 4c of them was missed, and the output ran on to "length" with the
+        stop string in its text."""
+        longest = max(map(len, self.stop))
+        span = 4 * longest + _STOP_WINDOW_MARGIN
+        start = max(0, num_checked - span)
+        while start > 0 and len(self.decode(output[start:num_checked])) < longest + _STOP_WINDOW_MARGIN:
+            span *= 2
+            start = max(0, num_checked - span)
+        return start
 
     def cut_text(self, text: str) -> str:
         """The output text, ending before the first stop string (OpenAI semantics)."""

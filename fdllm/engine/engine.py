@@ -197,6 +197,8 @@ class Engine:
         become final, in order; the last call has finished=True.
         """
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):  # a dict (or generate's params as one) failed deep in _validate
+            raise ValueError(f"params must be a fdllm.SamplingParams, got {type(params).__name__}")
         ids = self._encode(prompt)
         if request_id is None:
             request_id = str(next(self._ids))
@@ -301,6 +303,7 @@ class Engine:
 
         Other requests (step API) keep running meanwhile; their results come from the next step().
         """
+        self._check_prompt_list(prompts)
         params = params or SamplingParams()
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
@@ -359,6 +362,7 @@ class Engine:
             raise ValueError("log-probabilities need a causal checkpoint: this one's prompt and committed blocks attend "
                              "block-causally (bidirectionally inside a block), so no position's logits are a causal "
                              "prediction; fine-tune with the joint objective (prefix_attention: causal)")
+        self._check_prompt_list(prompts)
         vocab = self.model.config.vocab_size
         if not is_int(top_logprobs) or not 0 <= top_logprobs <= vocab:
             raise ValueError(f"top_logprobs must be an integer in [0, {vocab}], got {top_logprobs!r}")
@@ -465,6 +469,13 @@ class Engine:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
 
+    @staticmethod
+    def _check_prompt_list(prompts: Seq[Prompt]) -> None:
+        """`generate`'s and `score`'s prompts are a list of prompts: one string passed alone was read
+        as one prompt per character (and its token ids as one prompt per id) and silently answered."""
+        if isinstance(prompts, (str, bytes)):
+            raise ValueError(f"prompts must be a list of prompts, got a {type(prompts).__name__}; wrap one prompt as [prompt]")
+
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -477,7 +488,7 @@ class Engine:
         if not isinstance(prompt, (list, tuple)):
             raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         for i, t in enumerate(prompt):
-            if not isinstance(t, int):
+            if not is_int(t):  # True would be read as token 1
                 raise ValueError(f"a prompt's token ids are ints, got {type(t).__name__} at index {i}")
         return list(prompt)
 

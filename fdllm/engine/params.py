@@ -115,8 +115,9 @@ class SamplingParams:
             raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.block_lookahead, bool):
-            raise ValueError(f"block_lookahead must be a bool, got {self.block_lookahead!r}")
+        for name in ("ignore_eos", "block_lookahead"):  # a truthy "false" from a form or CLI would pass for True
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.block_lookahead and self.mode != "diffusion":
             raise ValueError(f"block_lookahead applies to mode='diffusion' only, got mode={self.mode!r} "
                              "(speculative mode's own lookahead is EngineConfig.speculative_lookahead)")

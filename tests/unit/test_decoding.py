@@ -161,3 +161,25 @@ def test_stop_strings_found_from_a_decoded_tail_match_full_decodes(seed):
             verdict = crit.check(ids[:grown], checked)
             found, checked = (verdict[0] if verdict else None), grown
         assert found == _first_stop_by_full_decode(decode, ids, (stop,)), stop
+
+
+@pytest.mark.parametrize("gap", [0, 5, 40, 300])
+def test_a_stop_string_split_by_tokens_that_decode_to_nothing_is_found(gap):
+    """Special tokens (skipped by decoding) and a padded vocabulary's unused ids are tokens of no byte:
+    `gap` of them inside "hello" once hid it from the decoded tail (4c + margin tokens), so the request
+    ran to "length" with the stop string in its text."""
+    from tests.helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    ids = tok.encode("say he") + [special] * gap + tok.encode("llo there")
+    assert decode(ids) == "say hello there"
+    crit = StopCriteria(max_new_tokens=10_000, stop=("hello",), decode=decode)
+    for step in (1, 3):  # AR's one token a check, and a few (diffusion blocks)
+        found, checked = None, 0
+        while found is None and checked < len(ids):
+            grown = min(len(ids), checked + step)
+            verdict = crit.check(ids[:grown], checked)
+            found, checked = (verdict[0] if verdict else None), grown
+        assert found == _first_stop_by_full_decode(decode, ids, ("hello",)) == len(ids) - len(tok.encode(" there"))

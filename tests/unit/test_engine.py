@@ -354,6 +354,8 @@ def test_text_prompts_stop_strings_and_eos(sharp_dir):
         ([1, 2.0], {}, "a prompt's token ids are ints, got float at index 1"),
         ((1, "2"), {}, "a prompt's token ids are ints, got str at index 1"),
         ({1: 2}, {}, "a prompt is a string or a list of token ids, got dict"),
+        ([True, 2], {}, "a prompt's token ids are ints, got bool at index 0"),  # was read as token 1
+        ([1, 2], {"ignore_eos": "false"}, "ignore_eos must be a bool"),  # was truthy: EOS ignored
     ],
 )
 def test_bad_input_is_rejected_while_serving(model, prompt, kwargs, match):
@@ -405,6 +407,24 @@ def test_generate_with_one_bad_prompt_runs_none_of_them(model):
     with pytest.raises(ValueError, match="token ids"):
         engine.generate([[1, 2, 3], [4, 5, 6], [1, VOCAB + 1]], params(max_new_tokens=4))
     assert not engine.has_unfinished() and engine.step() == []
+
+
+def test_one_prompt_not_in_a_list_and_params_not_sampling_params_are_value_errors(dllm_dir, causal_dllm_dir):
+    """generate("text") / score("text") answered one request per character; a dict as params raised
+    AttributeError from inside add_request."""
+    engine = fdllm.Engine.from_pretrained(dllm_dir)
+    for prompts in ("hello", b"hello"):
+        with pytest.raises(ValueError, match="prompts must be a list of prompts.*wrap one prompt as"):
+            engine.generate(prompts, params(max_new_tokens=2))
+    with pytest.raises(ValueError, match="params must be a fdllm.SamplingParams, got dict"):
+        engine.generate(["hello"], [{"max_new_tokens": 2}])
+    with pytest.raises(ValueError, match="params must be a fdllm.SamplingParams, got str"):
+        engine.generate(["hello"], {"max_new_tokens": 2})  # iterated as its keys
+    with pytest.raises(ValueError, match="params must be a fdllm.SamplingParams, got dict"):
+        engine.add_request("hello", {"max_new_tokens": 2})
+    assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished()
+    with pytest.raises(ValueError, match="prompts must be a list of prompts"):
+        fdllm.Engine.from_pretrained(causal_dllm_dir).score("hello")
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion"])
