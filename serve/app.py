@@ -445,8 +445,9 @@ class FdllmServer:
         from fdllm.tokenizer import render_chat
 
         if getattr(body, "messages", None):  # a chat completion, or /tokenize of messages
+            messages = body.message_dicts()  # its own 400 for a non-text part, not one the template is blamed for
             try:
-                text = render_chat(self.tokenizer, body.message_dicts(), getattr(body, "add_generation_prompt", True))
+                text = render_chat(self.tokenizer, messages, getattr(body, "add_generation_prompt", True))
             except Exception as exc:  # noqa: BLE001 - templates reject structures with any error (raise_exception)
                 raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
             return [self._encode(text, False, "messages")]

@@ -80,6 +80,23 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tool_choice": (lambda v: v in (None, "none", "auto"), "no tool calling"),
     "function_call": (lambda v: v in (None, "none", "auto"), "no function calling"),
     "suffix": (lambda v: not v, "no insertion (suffix) completions"),
+    # OpenAI's chat outputs other than text
+    "modalities": (lambda v: v in (None, ["text"]), "text output only"),
+    "audio": (lambda v: v is None, "text output only"),
+    "web_search_options": (lambda v: v is None, "no web search"),
+    # vLLM's structured outputs, sampling, output and chat-template options (their defaults ask for nothing)
+    **dict.fromkeys(("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"),
+                    (lambda v: not v, "no structured outputs")),
+    "min_p": (lambda v: not v, "no min_p sampling"),
+    "use_beam_search": (lambda v: not v, "no beam search"),
+    "prompt_logprobs": (lambda v: v is None, "prompt log-probabilities come with a completion's echo and logprobs"),
+    "include_stop_str_in_output": (lambda v: not v, "stop strings are cut from the output"),
+    "skip_special_tokens": (lambda v: v in (None, True), "special tokens are skipped in the output"),
+    "allowed_token_ids": (lambda v: not v, "no allowed_token_ids (logit_bias bans tokens)"),
+    "bad_words": (lambda v: not v, "no bad_words (logit_bias bans tokens)"),
+    "truncate_prompt_tokens": (lambda v: v is None, "prompts are not truncated"),
+    "continue_final_message": (lambda v: not v, "a chat's answer is a new assistant message"),
+    "add_generation_prompt": (lambda v: v in (None, True), "a chat's answer is a new assistant message"),
 }
 
 
@@ -414,7 +431,8 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, "only text content parts are supported", param="messages")
+                raise APIError(400, f"only text content parts are supported, got a part of type {part.get('type')!r}",
+                               param="messages")
             parts.append(part["text"])
         return "".join(parts)
 

@@ -17,7 +17,7 @@ import fdllm
 pytest.importorskip("ray.serve")
 from serve.app import FdllmServer  # noqa: E402
 from serve.async_engine import AsyncEngine, EngineOverloaded  # noqa: E402
-from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request  # noqa: E402
+from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse_request  # noqa: E402
 
 A_REQUEST = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x"}')
 
@@ -211,3 +211,23 @@ def test_token_id_prompts_outside_the_vocabulary_are_a_400_before_echo_decodes_t
         prompt_ids(body)
     assert (err.value.status, err.value.param, err.value.message) == (400, "prompt", "token ids must be in [0, 100)")
     assert prompt_ids(parse_request(CompletionRequest, b'{"model": "m", "prompt": [[0, 99], [5]]}')) == [[0, 99], [5]]
+
+
+@pytest.mark.parametrize("model", [ChatCompletionRequest, TokenizeRequest])
+def test_a_non_text_content_part_is_its_own_400_not_the_chat_templates(model):
+    """An image part was refused inside the template's try, so the 400 blamed the chat template ("the
+    chat template rejected these messages: ...") for what the server itself does not take."""
+    from tests.helpers import make_tokenizer
+
+    server = SimpleNamespace(tokenizer=make_tokenizer())
+    server._encode = partial(FdllmServer.func_or_class._encode, server)
+    prompt_ids = partial(FdllmServer.func_or_class._prompt_ids, server)
+    parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
+    body = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode())
+    with pytest.raises(APIError) as err:
+        prompt_ids(body)
+    assert (err.value.status, err.value.param) == (400, "messages")
+    assert err.value.message == "only text content parts are supported, got a part of type 'image_url'"
+    text_only = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts[:1]}]}).encode())
+    assert prompt_ids(text_only) == prompt_ids(parse_request(model, json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()))

@@ -17,6 +17,7 @@ from fdllm.tokenizer import load_tokenizer, token_pieces  # noqa: E402
 from pipelines.world import DEFAULT_MODEL_DIR  # noqa: E402
 from serve.protocol import (  # noqa: E402
     LOGPROB_FLOOR,
+    NOT_IMPLEMENTED,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -118,12 +119,21 @@ ASKS_FOR_SOMETHING = [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
     ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("functions", [{"name": "f"}]),
     ("function_call", {"name": "f"}), ("suffix", "tail"),
+    ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
+    ("guided_choice", ["yes", "no"]), ("guided_json", {"type": "object"}), ("guided_regex", "[0-9]+"),
+    ("guided_grammar", "root ::= 'a'"), ("structured_outputs", {"choice": ["yes", "no"]}), ("min_p", 0.1),
+    ("use_beam_search", True), ("prompt_logprobs", 1), ("include_stop_str_in_output", True),
+    ("skip_special_tokens", False), ("allowed_token_ids", [5]), ("bad_words", ["x"]), ("truncate_prompt_tokens", 8),
+    ("continue_final_message", True), ("add_generation_prompt", False),
 ]
 ASKS_FOR_NOTHING = [
     ("presence_penalty", 0), ("frequency_penalty", 0.0), ("presence_penalty", None), ("repetition_penalty", 1.0),
     ("logit_bias", {}), ("logit_bias", None), ("response_format", {"type": "text"}), ("tools", []),
     ("tool_choice", "none"), ("tool_choice", "auto"), ("suffix", ""), ("min_tokens", 0),
     ("parallel_tool_calls", True), ("store", False), ("some_backend_extension", {"x": 1}),  # meaning nothing here
+    ("modalities", ["text"]), ("audio", None), ("guided_json", None), ("structured_outputs", None), ("min_p", 0.0),
+    ("use_beam_search", False), ("include_stop_str_in_output", False), ("skip_special_tokens", True),
+    ("continue_final_message", False), ("add_generation_prompt", True),
 ]
 
 
@@ -143,8 +153,7 @@ def test_openai_fields_the_server_does_not_implement_are_refused_when_they_ask_f
 def test_their_default_values_and_unknown_fields_are_accepted(model, field, value):
     request = _request(model, **{field: value})
     assert request.sampling_params(16) == _request(model).sampling_params(16)
-    known = field in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "response_format",
-                      "tools", "tool_choice", "suffix", "min_tokens")
+    known = field in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", *NOT_IMPLEMENTED)
     assert request.ignored_fields() == ([] if known else [field])  # the server logs the unknown ones
 
 
