@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 # Why a row was skipped. Order is the order of the `bad_<reason>` columns and of log lines.
 BAD_REASONS = (
     "invalid_json",  # a jsonl line that is not a JSON object
-    "bad_unicode",  # a jsonl line that is not UTF-8, or text with lone surrogates (e.g. a "\ud800" escape)
+    "bad_unicode",  # a jsonl line (or parquet string) that is not UTF-8, or text with lone surrogates (a "\ud800" escape)
     "missing_field",  # neither `messages` nor `input` + `output`
     "wrong_type",  # a field of the wrong type (e.g. `output` a number, a message without `content`)
     "empty_field",  # an empty `output`, `input`, `messages` or message content
@@ -671,6 +671,8 @@ def read_jsonl_split(split: JsonlSplit, cfg: DataConfig, chunk_bytes: int = 1 <<
     window, lines, first = -1, [], 0
     with fs.open_input_file(inner) as f:
         for offset, line in _owned_lines(f, split.start, split.end, chunk_bytes):
+            if offset == 0:  # a UTF-8 BOM (some editors save one) opens the file, not a record
+                line = line.removeprefix(b"\xef\xbb\xbf")
             if not line.strip():
                 continue
             if offset // cfg.pack_window_bytes != window and lines:
@@ -732,13 +734,49 @@ def read_parquet_split(split: ParquetSplit, cfg: DataConfig) -> Iterator[dict[st
         for group in range(split.first, split.stop):
             lines: list[bytes] = []
             for batch in parquet.iter_batches(batch_size=n, row_groups=[group], columns=columns):
-                lines += [json.dumps(r, ensure_ascii=False, default=_not_json).encode() for r in batch.to_pylist()]
+                lines += _parquet_lines(batch)
                 while len(lines) >= n:
                     yield {"file_index": split.file_index, "offset": offset, "lines": b"\n".join(lines[:n])}
                     offset, lines = offset + n, lines[n:]
             if lines:
                 yield {"file_index": split.file_index, "offset": offset, "lines": b"\n".join(lines)}
                 offset += len(lines)
+
+
+# The line of a parquet row holding a string that is not UTF-8 (parquet readers do not check it): not
+# UTF-8 either, so the row is `bad_unicode`, as a jsonl line with such bytes is.
+_NOT_UTF8_LINE = b"\xff"
+
+
+def _parquet_lines(batch: "pyarrow.RecordBatch") -> list[bytes]:
+    """One JSON line per row of a parquet batch. A value Python cannot hold (a string that is not
+    UTF-8, a timestamp past year 9999) would fail the whole batch's conversion, and with it the read
+    task and the run: then the rows are converted one value at a time (`_parquet_row`), so such a
+    value costs only its own row."""
+    import pyarrow as pa
+
+    try:
+        rows = batch.to_pylist()
+    except (ValueError, OverflowError, pa.ArrowException):  # UnicodeDecodeError is a ValueError
+        return [_parquet_row(batch.slice(i, 1)) for i in range(batch.num_rows)]
+    return [json.dumps(r, ensure_ascii=False, default=_not_json).encode() for r in rows]
+
+
+def _parquet_row(row: "pyarrow.RecordBatch") -> bytes:
+    """The JSON line of a one-row batch, value by value: `_NOT_UTF8_LINE` if a string is not UTF-8
+    (`bad_unicode`), a value Python cannot hold otherwise as `_not_json` has it (`wrong_type` where
+    records use it)."""
+    import pyarrow as pa
+
+    record = {}
+    for name, column in zip(row.schema.names, row.columns):
+        try:
+            record[name] = column[0].as_py()
+        except UnicodeDecodeError:
+            return _NOT_UTF8_LINE
+        except (ValueError, OverflowError, pa.ArrowException):
+            record[name] = _not_json(column[0])
+    return json.dumps(record, ensure_ascii=False, default=_not_json).encode()
 
 
 def _not_json(value: Any) -> dict[str, str]:

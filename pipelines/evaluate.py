@@ -179,6 +179,10 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, s
             raise ValueError(f"{path}:{n}: each record needs string 'prompt' and 'answer' fields")
         if problem := _optional_fields_problem(rec):
             raise ValueError(f"{path}:{n}: {problem}")
+        try:  # an escape such as "\ud800" loads as a lone surrogate, which the tokenizer fails on (a TypeError)
+            json.dumps(rec, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{path}:{n}: a lone surrogate (an escape such as \\ud800) is no text") from None
         records.append(rec)
         if limit and len(records) >= limit:
             break

@@ -145,6 +145,11 @@ class FinetuneConfig:
             raise ValueError("resume needs run_name: the run to continue")
         if self.zero_stage not in (2, 3):
             raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
+        if self.max_failures < -1:  # Ray Train would take it as 0
+            raise ValueError(f"max_failures must be >= 0, or -1 for unlimited, got {self.max_failures}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed takes: the workers would fail, after Ray starts
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+        self.data_config()  # its own rules (docs_per_batch >= 1, ...) now: distillation reads the data after Ray starts
 
     @property
     def global_batch(self) -> int:
@@ -188,7 +193,8 @@ class FinetuneConfig:
                 raise ValueError(f"--config {config_file}: {e.strerror or e}") from None
             if not isinstance(loaded, dict):
                 raise ValueError(f"{config_file}: expected a mapping of options")
-            unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)})
+            # keys as YAML reads them: also numbers, booleans and null, which do not sort among strings
+            unknown = sorted(map(str, set(loaded) - {f.name for f in dataclasses.fields(cls)}))
             if unknown:
                 raise ValueError(f"{config_file}: unknown keys {unknown}; see --help for the options")
             kinds = _field_kinds(cls)

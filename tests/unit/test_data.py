@@ -319,6 +319,26 @@ def test_parquet_splits_are_runs_of_row_groups_read_as_windows_of_json_lines(tok
     assert bad_counts(process_records([odd["lines"]], tok, DataConfig(block_size=8, seq_len=128)))["wrong_type"] == 1
 
 
+def test_a_parquet_value_python_cannot_hold_costs_only_its_row(tok, tmp_path):
+    """Parquet readers do not check that strings are UTF-8 (other writers may not either), and a
+    timestamp past year 9999 has no Python value: either fails its own row, never the read task."""
+    not_utf8 = pa.array([b"world 1", b"w\xffrld", b"world 3"], pa.binary()).view(pa.string())
+    when = pa.array([0, 10**15, 0], pa.timestamp("s"))  # the middle one: year ~31 million
+    cfg = DataConfig(block_size=8, seq_len=128)
+    for name, table, reason in [
+        ("utf8", pa.table({"input": ["hello"] * 3, "output": not_utf8}), "bad_unicode"),
+        ("time", pa.table({"input": ["hello"] * 3, "output": ["world"] * 3, "category": when}), "wrong_type"),
+    ]:
+        path = str(tmp_path / f"{name}.parquet")
+        pq.write_table(table, path)
+        (split,) = plan_parquet_splits([(path, check_data_files([path]).row_group_bytes[path])], cfg)
+        windows = [w["lines"] for w in read_parquet_split(split, cfg)]
+        out = pack_jsonl_windows(windows, tokenizer=tok, cfg=cfg, spec=TokenSpec.from_tokenizer(tok))
+        # the row with the string that is not UTF-8; every row with a timestamp, which is no category
+        expected = {r: 0 for r in BAD_REASONS} | {reason: 1 if reason == "bad_unicode" else 3}
+        assert bad_counts(out) == expected and out["num_docs"].sum() == 3 - sum(expected.values()), name
+
+
 def test_a_bom_before_the_first_record_costs_nothing(tok, tmp_path):
     """Editors that save UTF-8 with a byte order mark put it before the first line's record."""
     path = tmp_path / "bom.jsonl"
@@ -327,6 +347,11 @@ def test_a_bom_before_the_first_record_costs_nothing(tok, tmp_path):
     _, windows = _read_all(path, cfg)
     out = pack_jsonl_windows([w["lines"] for w in windows], tokenizer=tok, cfg=cfg, spec=TokenSpec.from_tokenizer(tok))
     assert out["num_docs"].sum() == 4 and sum(bad_counts(out).values()) == 0
+    # a BOM before a blank first line (CRLF too) leaves it blank: skipped, no row, no count
+    for newline in (b"\n", b"\r\n"):
+        path.write_bytes(b"\xef\xbb\xbf" + newline + (tmp_path / "plain.jsonl").read_bytes())
+        _, windows = _read_all(path, cfg)
+        assert len(b"\n".join(w["lines"] for w in windows).split(b"\n")) == 4
 
 
 def test_data_directories_skip_hidden_and_underscore_paths(tmp_path):

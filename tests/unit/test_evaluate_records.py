@@ -32,6 +32,8 @@ def _file(tmp_path, *lines: str | bytes):
     ('{"prompt": "a", "answer": "b", "messages": [{"role": "user"}]}', ":2: 'messages', when given"),
     ('{"prompt": "a", "answer": "b", "category": ["add"]}', ":2: 'category', when given, must be a string"),
     (b'{"prompt": "\xff", "answer": "b"}', ": not UTF-8 text (byte "),
+    ('{"prompt": "a\\ud800", "answer": "b"}', ":2: a lone surrogate (an escape such as \\ud800) is no text"),
+    ('{"prompt": "a", "answer": "b", "messages": [{"role": "user", "content": "\\udfff"}]}', ":2: a lone surrogate"),
 ])
 def test_a_malformed_record_is_named_by_file_and_line(tmp_path, bad, needle):
     path = _file(tmp_path, json.dumps(GOOD), bad)

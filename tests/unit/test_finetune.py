@@ -64,6 +64,11 @@ def test_shipped_configs_are_valid(name):
     ({"strategy": "deepspeed", "zero_stage": 1}, "zero_stage must be 2 or 3"),
     ({"objective": "ar"}, "objective must be one of"),
     ({"objective": "joint", "ar_loss_weight": -0.1}, "loss weights"),
+    # what the workers or the data would reject only after Ray starts (distillation reads the data there)
+    ({"docs_per_batch": 0}, "docs_per_batch must be >= 1"),
+    ({"seed": 2**64}, "seed must be in"),
+    ({"seed": -(2**63) - 1}, "seed must be in"),
+    ({"max_failures": -2}, "max_failures must be >= 0, or -1"),
 ])
 def test_config_validation(change, match):
     base = dict(model="m", data=["d"], max_steps=3, block_size=32, sub_block_size=8, seq_len=64)
@@ -98,6 +103,9 @@ def test_unknown_yaml_key_and_token_budget(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: m\ndata: [d]\nmax_steps: 1\nlearning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
+        FinetuneConfig.from_sources(str(bad))
+    bad.write_text("model: m\ndata: [d]\nmax_steps: 1\nlearning_rate: 1\n1: x\nnull: y\n")  # keys YAML reads as int, None
+    with pytest.raises(ValueError, match=r"unknown keys \['1', 'None', 'learning_rate'\]"):
         FinetuneConfig.from_sources(str(bad))
     cfg = FinetuneConfig(model="m", data=["d"], num_workers=2, batch_size=4, seq_len=64, block_size=32,
                          max_tokens=10_000, max_steps=100)
