@@ -218,19 +218,6 @@ def _from_string(name: str, value: str, annotation: Any) -> Any:
     raise ValueError(f"serve option {name}={value!r} is not a valid {kind}")
 
 
-def default_mode(path: str | os.PathLike) -> str:
-    """The mode of requests that give none, for the checkpoint at local `path`: diffusion when it is a
-    block-diffusion model (its fdllm_config.json), else AR, with a warning, since diffusion on a model
-    that was never fine-tuned to fill masks decodes noise (or, without a mask token, is refused)."""
-    import fdllm
-
-    if fdllm.BlockDiffusionConfig.load(path) is not None:
-        return "diffusion"
-    log.warning("%s has no fdllm_config.json: a plain AR checkpoint, not a block-diffusion fine-tune; requests "
-                "that give no mode decode AR (set default_mode, or mode per request, to decode otherwise)", path)
-    return "ar"
-
-
 def default_model_name(model: str) -> str:
     """The name clients send: the checkpoint's directory name, or its run's for a fine-tune's
     `RUN/servable` export."""
@@ -311,8 +298,12 @@ class FdllmServer:
         overrides = {k: v for k, v in (("threshold", self.cfg.threshold),
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
         engine = fdllm.Engine.from_pretrained(path, config=fdllm.BlockDiffusionConfig.from_checkpoint(path, **overrides),
-                                              device=device, dtype=dtype, engine_config=self.cfg.engine_config())
-        self.default_mode = self.cfg.default_mode or default_mode(path)
+                                              device=device, dtype=dtype, engine_config=self.cfg.engine_config(),
+                                              default_mode=self.cfg.default_mode)
+        self.default_mode = engine.default_mode
+        if self.cfg.default_mode is None and self.default_mode == "ar":
+            log.warning("%s is not a block-diffusion fine-tune (no fdllm_config.json): requests that give no mode "
+                        "decode AR (set default_mode, or mode per request, to decode otherwise)", self.cfg.model)
         self.tokenizer = check_text_tokenizer(engine.tokenizer, self.cfg.model)  # as fdllm-serve checks it up front
         self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
         self.scores_causally = engine.scores_causally  # whether `logprobs` can be served (Engine.score)

@@ -27,6 +27,7 @@ from fdllm.engine.params import (
     DEFAULT_DELIMITERS,
     DEFAULT_ENTROPY_BUDGET,
     EngineConfig,
+    MODES,
     GenerationResult,
     SamplingParams,
     SequenceLogprobs,
@@ -73,13 +74,16 @@ class Engine:
     """Serves one model: `generate` for batches, `add_request`/`abort`/`step` for streaming servers.
 
     `config` holds the block-diffusion settings (block/sub-block size, sub-block cache, default
-    threshold, mask token id); `engine_config` the cache and batch sizing. Not thread-safe: drive
-    it from one thread.
+    threshold, mask token id); `engine_config` the cache and batch sizing; `default_mode` the mode of
+    requests whose SamplingParams give none (None: diffusion when there is a mask token, else AR;
+    `from_pretrained` makes it AR for a checkpoint that is not a block-diffusion fine-tune). Not
+    thread-safe: drive it from one thread.
     """
 
     def __init__(
         self, model: Transformer, tokenizer: PreTrainedTokenizerBase | None = None,
         config: BlockDiffusionConfig | None = None, engine_config: EngineConfig | None = None,
+        default_mode: str | None = None,
     ) -> None:
         config = config or BlockDiffusionConfig()
         engine_config = engine_config or EngineConfig()
@@ -90,6 +94,11 @@ class Engine:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary ({vocab})")
         if config.mask_token_id is None:
             log.warning("no mask token (config or tokenizer %s): only mode='ar' requests are served", MASK_TOKEN)
+        if default_mode is None:
+            default_mode = "ar" if config.mask_token_id is None else "diffusion"
+        elif default_mode not in MODES or (default_mode != "ar" and config.mask_token_id is None):
+            raise ValueError(f"default_mode must be one of {MODES} ('ar' only without a mask token), got {default_mode!r}")
+        self.default_mode = default_mode
         L = config.block_size
         engine_config.check_page_size(L)
         if engine_config.quantization is not None:  # before the KV cache is sized from the memory left
@@ -141,20 +150,27 @@ class Engine:
     def from_pretrained(
         cls, path: str | Path, config: BlockDiffusionConfig | None = None, device: str | torch.device = "cpu",
         dtype: torch.dtype | None = torch.float32, engine_config: EngineConfig | None = None,
+        default_mode: str | None = None,
     ) -> Engine:
         """Load model (+ tokenizer if present) from an HF checkpoint dir. `config` None: the checkpoint's
         fdllm_config.json or defaults; a None mask_token_id is taken from the checkpoint, then the tokenizer.
+        `default_mode` None: diffusion for a block-diffusion fine-tune (it has fdllm_config.json), else AR:
+        a model never fine-tuned to fill masks decodes noise by diffusion.
         `path` may be an object-store URI, read through this node's cache (fdllm.storage)."""
         device = parse_device(device)  # before anything is read or fetched
         path = local_checkpoint(path)
         saved = BlockDiffusionConfig.load(path)
+        if default_mode is None and saved is None:
+            default_mode = "ar"
+            log.info("%s has no fdllm_config.json: a plain AR checkpoint, not a block-diffusion fine-tune; requests "
+                     "that give no mode decode AR", path)
         if config is None:
             config = saved or BlockDiffusionConfig()
         elif config.mask_token_id is None and saved is not None and saved.mask_token_id is not None:
             config = config.replace(mask_token_id=saved.mask_token_id)
         model = Transformer.from_pretrained(path, dtype=dtype, device=device)
         tokenizer = load_text_tokenizer(path) if has_tokenizer(path) else None
-        return cls(model, tokenizer, config, engine_config)
+        return cls(model, tokenizer, config, engine_config, default_mode)
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -199,6 +215,8 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):  # a dict (or generate's params as one) failed deep in _validate
             raise ValueError(f"params must be a fdllm.SamplingParams, got {type(params).__name__}")
+        if params.mode is None:
+            params = dataclasses.replace(params, mode=self.default_mode)
         ids = self._encode(prompt)
         if request_id is None:
             request_id = str(next(self._ids))

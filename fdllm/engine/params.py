@@ -52,8 +52,9 @@ class SamplingParams:
     threshold: float | None = None  # None: the engine's BlockDiffusionConfig.threshold
     # "ar": the autoregressive baseline on the same engine and cache; "speculative": drafts each block
     # in diffusion mode and verifies it with one causal forward, so the output is the model's own AR
-    # output (token for token, greedy or sampled with the same seed) in fewer forwards.
-    mode: str = "diffusion"
+    # output (token for token, greedy or sampled with the same seed) in fewer forwards. None: the
+    # engine's `default_mode` (diffusion for a block-diffusion model, AR for a plain AR checkpoint).
+    mode: str | None = None
     ignore_eos: bool = False  # True: only stop_token_ids/stop/max_new_tokens end the request
     # Selection policy of diffusion steps and speculative drafts (fdllm.decoding.SelectionPolicy, METHOD.md §5):
     # "threshold" (the paper's, with `threshold`) or "entropy_budget" (commit the lowest-entropy masked
@@ -113,12 +114,12 @@ class SamplingParams:
             raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
         if self.threshold is not None and (not _is_finite(self.threshold) or not 0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None (the engine's default), got {self.mode!r}")
         for name in ("ignore_eos", "block_lookahead"):  # a truthy "false" from a form or CLI would pass for True
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.block_lookahead and self.mode != "diffusion":
+        if self.block_lookahead and self.mode not in (None, "diffusion"):  # None: checked once the engine resolves it
             raise ValueError(f"block_lookahead applies to mode='diffusion' only, got mode={self.mode!r} "
                              "(speculative mode's own lookahead is EngineConfig.speculative_lookahead)")
         self._check_selection()

@@ -603,3 +603,32 @@ def test_callback_aborting_another_request_mid_step_is_safe(model):
     assert [done[r].finish_reason for r in rids] == ["length", "abort", "abort"]
     assert done[rids[0]].token_ids == alone[0].token_ids
     assert engine.num_free_pages == engine.num_pages
+
+
+def test_requests_without_a_mode_decode_as_the_checkpoint_was_trained(model, dllm_dir, caplog):
+    """SamplingParams() names no mode: a block-diffusion fine-tune (fdllm_config.json) decodes diffusion, a
+    plain AR checkpoint AR. Diffusion by default decoded noise on the world's AR base (its vocabulary has
+    the mask token) and refused a model without a mask token. A request's mode, or the engine's
+    default_mode, still chooses."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fdllm"):
+        assert fdllm.Engine.from_pretrained(dllm_dir).default_mode == "diffusion"
+        assert "plain AR checkpoint" not in caplog.text
+        base = fdllm.Engine.from_pretrained("assets/tiny-ar-base")
+    assert base.default_mode == "ar" and "no fdllm_config.json: a plain AR checkpoint" in caplog.text
+    prompt = base.tokenizer.encode("Reverse: 0412659885")
+    by_default, ar, diffusion = (base.generate([prompt], fdllm.SamplingParams(max_new_tokens=12, ignore_eos=True, **mode))[0]
+                                 for mode in ({}, {"mode": "ar"}, {"mode": "diffusion"}))
+    assert by_default.token_ids == ar.token_ids and by_default.num_forwards == ar.num_forwards == 12
+    assert diffusion.num_forwards < 12  # asked for, it still decodes diffusion (several tokens a forward)
+    assert fdllm.Engine.from_pretrained("assets/tiny-ar-base", default_mode="diffusion").default_mode == "diffusion"
+    with pytest.raises(ValueError, match="block_lookahead applies to mode='diffusion' only"):
+        base.generate([prompt], fdllm.SamplingParams(block_lookahead=True))
+
+    assert make_engine(model).default_mode == "diffusion"  # built from a model and a block-diffusion config
+    no_mask = make_engine(model, mask_token_id=None)
+    assert no_mask.default_mode == "ar" and len(no_mask.generate([[1, 2, 3]], params())[0].token_ids) == 20
+    for mode in ("diffusion", "beam"):
+        with pytest.raises(ValueError, match="default_mode must be one of"):
+            fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4), default_mode=mode)
