@@ -109,11 +109,14 @@ def stop_token_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
     return sorted(ids)
 
 
-def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-    """The prompt text of a chat conversation under the tokenizer's own template."""
+def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                template_variables: dict[str, Any] | None = None) -> str:
+    """The prompt text of a chat conversation under the tokenizer's own template; `template_variables`
+    are more variables the template reads (e.g. Qwen3's `enable_thinking`)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; send a plain prompt to /v1/completions instead")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **(template_variables or {}))
 
 
 def token_pieces(tokenizer: "PreTrainedTokenizerBase", ids: list[int]) -> list[tuple[str, bytes]]:

@@ -67,6 +67,7 @@ from serve.protocol import (
     Choice,
     CompletionRequest,
     DetokenizeRequest,
+    ResponseHead,
     TokenizeRequest,
     chat_chunk,
     chat_logprobs,
@@ -347,7 +348,20 @@ class FdllmServer:
     @api.get("/v1/models")
     def models(self, request: Request) -> dict[str, Any]:
         self._authorize_counted(request, "models")
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "fdllm", "created": 0}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @api.get("/v1/models/{model:path}")
+    def model(self, model: str, request: Request) -> dict[str, Any]:
+        """OpenAI's retrieve (`client.models.retrieve(name)`); a name with a slash is one model's name."""
+        self._authorize_counted(request, "models")
+        try:
+            self._check_model(model)
+        except APIError as err:
+            raise self._reject("models", err) from None
+        return self._model_card()
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "owned_by": "fdllm", "created": 0}
 
     @api.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
@@ -438,7 +452,8 @@ class FdllmServer:
         if getattr(body, "messages", None):  # a chat completion, or /tokenize of messages
             messages = body.message_dicts()  # its own 400 for a non-text part, not one the template is blamed for
             try:
-                text = render_chat(self.tokenizer, messages, getattr(body, "add_generation_prompt", True))
+                text = render_chat(self.tokenizer, messages, getattr(body, "add_generation_prompt", True),
+                                   body.chat_template_kwargs)
             except Exception as exc:  # noqa: BLE001 - templates reject structures with any error (raise_exception)
                 raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
             return [self._encode(text, False, "messages")]
@@ -485,7 +500,8 @@ class FdllmServer:
         prompts = await asyncio.to_thread(self._prompt_ids, body)
         echoing, n = isinstance(body, CompletionRequest) and body.echo, body.n
         echoes = await asyncio.to_thread(self._echoes, body, prompts) if echoing else [""] * len(prompts)
-        rid = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
+        head = ResponseHead(new_id("cmpl" if endpoint == "completions" else "chatcmpl"), self.model_name)
+        rid = head.id
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
         per_prompt = [self._fit_context(params, ids, body) for ids in prompts]
         choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
@@ -496,7 +512,7 @@ class FdllmServer:
             self.counters.by_status[(endpoint, 200)] += 1
             streams = [prepend(first, stream) for first, stream in zip(firsts, streams)]
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._sse(streams, rid, endpoint, tuple(params.stop), echoes, n, include_usage),
+            return StreamingResponse(self._sse(streams, head, endpoint, tuple(params.stop), echoes, n, include_usage),
                                      media_type="text/event-stream")
         results = list(firsts)
         try:
@@ -512,8 +528,8 @@ class FdllmServer:
             self.counters.record(result)
         answers = [Choice(r, echoes[k // n] + r.text, lp) for k, (r, lp) in enumerate(zip(results, logprobs))]
         if endpoint == "chat":
-            return JSONResponse(chat_response(rid, self.model_name, answers))
-        return JSONResponse(completion_response(rid, self.model_name, answers, n))
+            return JSONResponse(chat_response(head, answers))
+        return JSONResponse(completion_response(head, answers, n))
 
     def _fit_context(self, params: SamplingParams, ids: list[int],
                      body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
@@ -563,7 +579,7 @@ class FdllmServer:
         pieces = partial(token_pieces, self.tokenizer)
         return await asyncio.to_thread(build, scored, 0 if echo else len(prompt_ids), pieces)
 
-    async def _sse(self, streams: list, rid: str, endpoint: str, stop: tuple[str, ...], echoes: list[str], n: int,
+    async def _sse(self, streams: list, head: ResponseHead, endpoint: str, stop: tuple[str, ...], echoes: list[str], n: int,
                    include_usage: bool):
         """Server-sent events of every choice as its tokens come, each chunk naming its choice's index;
         with `include_usage`, a last chunk with no choices carries the usage, every other chunk
@@ -581,12 +597,12 @@ class FdllmServer:
             return sse(data | {"usage": None} if include_usage else data)
 
         def chunk(k: int, text: str, finish: str | None = None) -> str:
-            return send(chat_chunk(rid, self.model_name, {"content": text} if text or not finish else {}, finish, k)
-                        if chat else completion_chunk(rid, self.model_name, text, finish, k))
+            return send(chat_chunk(head, {"content": text} if text or not finish else {}, finish, k)
+                        if chat else completion_chunk(head, text, finish, k))
 
         for k in range(len(streams)):
             if chat:
-                yield send(chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}, None, k))
+                yield send(chat_chunk(head, {"role": "assistant", "content": ""}, None, k))
             elif echoes[k // n]:
                 yield chunk(k, echoes[k // n])
         try:
@@ -599,7 +615,7 @@ class FdllmServer:
                         yield chunk(k, rest)
                     yield chunk(k, "", event.finish_reason)
                     if include_usage and all(r is not None for r in results):
-                        yield sse(usage_chunk(rid, self.model_name, chat, results, n))
+                        yield sse(usage_chunk(head, chat, results, n))
                 else:
                     text = detoks[k].push(event.token_ids)
                     if text:

@@ -21,10 +21,11 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -181,7 +182,7 @@ class _SamplingFields(BaseModel):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0)
     top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(default=0, ge=0, le=MAX_TOP_K)  # extension, as vLLM: 0 = off
+    top_k: StrictInt = Field(default=0, ge=-1, le=MAX_TOP_K)  # extension, as vLLM: 0 or -1 = off
     n: StrictInt = Field(default=1, ge=1, le=128)  # choices per prompt (OpenAI's bound)
     stop: str | list[str] | None = None
     # fdllm.SamplingParams' range (torch.Generator's), checked here so that it is OpenAI's range error
@@ -338,7 +339,7 @@ class _SamplingFields(BaseModel):
             max_new_tokens=self.max_tokens_given() or default_max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=max(self.top_k, 0),
             seed=self.seed,
             stop=tuple(self.stop or ()),
             threshold=self.threshold,
@@ -437,8 +438,28 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def _template_variables(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """vLLM's `chat_template_kwargs`: variables the chat template reads (Qwen3's `enable_thinking`), never
+    one of apply_chat_template's own arguments (`tokenize`, `add_generation_prompt`, ...), which would
+    change what rendering returns rather than what the template writes."""
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    own = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+    if clash := sorted(set(v or ()) & own):
+        raise RequestError("chat_template_kwargs", f"Invalid 'chat_template_kwargs': {', '.join(map(repr, clash))} "
+                           "is an argument of the template's rendering, not a variable of the template.")
+    return v
+
+
+# Variables for the chat template (messages only).
+TemplateVariables = Annotated[dict[str, Any] | None, AfterValidator(_template_variables)]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: TemplateVariables = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
@@ -476,6 +497,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: StrictBool = True  # prompts only (a chat template writes its own)
     add_generation_prompt: StrictBool = True  # messages only
+    chat_template_kwargs: TemplateVariables = None
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -527,6 +549,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+@dataclass(frozen=True)
+class ResponseHead:
+    """What a response, or every chunk of a stream, repeats (OpenAI's `id`, `created`, `model`):
+    `created` is when the request was answered, one value for all of a stream's chunks."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def fields(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+
 def usage(results: list[GenerationResult], n: int = 1) -> dict[str, Any]:
     """A request's token counts: each prompt once (results i * n .. i * n + n - 1 share prompt i),
     every choice's completion; of the prompt tokens, those served from the prefix cache (OpenAI's
@@ -571,20 +606,18 @@ class Choice:
     logprobs: dict[str, Any] | None = None
 
 
-def completion_response(rid: str, model: str, choices: list[Choice], n: int = 1) -> dict[str, Any]:
+def completion_response(head: ResponseHead, choices: list[Choice], n: int = 1) -> dict[str, Any]:
     results = [c.result for c in choices]
-    return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+    return head.fields("text_completion") | {
         "choices": [{"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.result.finish_reason}
                     for i, c in enumerate(choices)],
         "usage": usage(results, n), "fdllm": fdllm_stats(results),
     }
 
 
-def chat_response(rid: str, model: str, choices: list[Choice]) -> dict[str, Any]:
+def chat_response(head: ResponseHead, choices: list[Choice]) -> dict[str, Any]:
     results = [c.result for c in choices]
-    return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+    return head.fields("chat.completion") | {
         "choices": [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": c.logprobs,
                      "finish_reason": c.result.finish_reason} for i, c in enumerate(choices)],
         "usage": usage(results, len(results)), "fdllm": fdllm_stats(results),
@@ -649,17 +682,16 @@ def chat_logprobs(scored: SequenceLogprobs, first: int, token_pieces: TokenPiece
             "refusal": None}
 
 
-def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+def completion_chunk(head: ResponseHead, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
+    return head.fields("text_completion") | {
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
 
-def chat_chunk(rid: str, model: str, delta: dict[str, str], finish_reason: str | None, index: int = 0) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+def chat_chunk(head: ResponseHead, delta: dict[str, str], finish_reason: str | None, index: int = 0) -> dict[str, Any]:
+    return head.fields("chat.completion.chunk") | {
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
 
-def usage_chunk(rid: str, model: str, chat: bool, results: list[GenerationResult], n: int) -> dict[str, Any]:
+def usage_chunk(head: ResponseHead, chat: bool, results: list[GenerationResult], n: int) -> dict[str, Any]:
     """A stream's last chunk with `stream_options.include_usage`: no choices, the request's usage."""
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [], "usage": usage(results, n)}
+    return head.fields("chat.completion.chunk" if chat else "text_completion") | {"choices": [], "usage": usage(results, n)}

@@ -222,8 +222,12 @@ def test_openai_client(server, served_dir, engine):
                                                  temperature=0, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
     assert chunks[-1].choices == [] and _counts(chunks[-1].usage.model_dump()) == _counts(chat.usage.model_dump())
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert len({(c.id, c.created) for c in chunks}) == 1  # one id and one creation time for the whole stream
+    assert client.models.retrieve(MODEL).id == MODEL and [m.id for m in client.models.list()] == [MODEL]
+    for unknown in (lambda: client.completions.create(model="gpt-4", prompt="x", max_tokens=2),
+                    lambda: client.models.retrieve("gpt-4"), lambda: client.models.retrieve("org/gpt-4")):
+        with pytest.raises(openai.NotFoundError):
+            unknown()
     # invalid values as OpenAI answers them (serve.request_errors), which the client reads into its
     # BadRequestError: code, param (the value's path) and message
     user = [{"role": "user", "content": "x"}]

@@ -231,3 +231,29 @@ def test_a_non_text_content_part_is_its_own_400_not_the_chat_templates(model):
     text_only = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts[:1]}]}).encode())
     assert prompt_ids(text_only) == prompt_ids(parse_request(model, json.dumps(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()))
+
+
+@pytest.mark.parametrize("model", [ChatCompletionRequest, TokenizeRequest])
+def test_chat_template_kwargs_reach_the_template_and_cannot_change_how_it_renders(model):
+    """vLLM's chat_template_kwargs (Qwen3's enable_thinking switch) are variables the template reads; they
+    were logged as ignored, so a client turning thinking off got it on. The template's rendering
+    arguments (tokenize, add_generation_prompt, ...) are no variables: a 400 naming the field."""
+    from tests.helpers import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+                               "{% if enable_thinking is defined and not enable_thinking %}no thinking{% endif %}")
+    server = SimpleNamespace(tokenizer=tokenizer)
+    server._encode = partial(FdllmServer.func_or_class._encode, server)
+    prompt_ids = partial(FdllmServer.func_or_class._prompt_ids, server)
+
+    def rendered(**fields) -> str:
+        body = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]} | fields).encode())
+        return tokenizer.decode(prompt_ids(body)[0])
+
+    assert rendered() == rendered(chat_template_kwargs=None) == rendered(chat_template_kwargs={"enable_thinking": True}) == "hi\n"
+    assert rendered(chat_template_kwargs={"enable_thinking": False}) == "hi\nno thinking"
+    for clash in ({"tokenize": True}, {"add_generation_prompt": False, "x": 1}):
+        with pytest.raises(APIError) as err:
+            rendered(chat_template_kwargs=clash)
+        assert (err.value.status, err.value.param) == (400, "chat_template_kwargs") and "not a variable" in err.value.message

@@ -499,7 +499,7 @@ VALUE_ERRORS = [
     (ChatCompletionRequest, {"max_completion_tokens": -5}, "max_completion_tokens", "integer_below_min_value",
      "Invalid 'max_completion_tokens': integer below minimum value. Expected a value >= 1, but got -5 instead."),
     (CompletionRequest, {"top_k": -3}, "top_k", "integer_below_min_value",
-     "Invalid 'top_k': integer below minimum value. Expected a value >= 0, but got -3 instead."),
+     "Invalid 'top_k': integer below minimum value. Expected a value >= -1, but got -3 instead."),
     (CompletionRequest, {"logprobs": -1}, "logprobs", "integer_below_min_value",
      "Invalid 'logprobs': integer below minimum value. Expected a value >= 0, but got -1 instead."),
     (CompletionRequest, {"logprobs": 6}, "logprobs", "integer_above_max_value",
@@ -696,3 +696,24 @@ def test_usage_counts_each_prompt_once_and_every_choice():
     stats = fdllm_stats(results)
     assert stats["num_forwards"] == 6 and stats["tokens_per_forward"] == 2.0
     assert stats["time_to_first_token_s"] == pytest.approx(0.0)
+
+
+def test_a_streams_chunks_share_the_responses_id_and_creation_time(monkeypatch):
+    """OpenAI's `created` is when the completion was created: one value for every chunk of a stream (each
+    chunk read the clock, so a stream longer than a second changed it midway)."""
+    from serve import protocol
+
+    clock = iter(range(1_700_000_000, 1_700_000_100))
+    monkeypatch.setattr(protocol.time, "time", lambda: next(clock))
+    head = protocol.ResponseHead("chatcmpl-1", "m")
+    chunks = [protocol.chat_chunk(head, {"content": "a"}, None), protocol.chat_chunk(head, {}, "stop"),
+              protocol.completion_chunk(head, "a", None), protocol.usage_chunk(head, True, [], 1)]
+    assert {(c["id"], c["created"], c["model"]) for c in chunks} == {("chatcmpl-1", 1_700_000_000, "m")}
+    assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 2 + ["text_completion", "chat.completion.chunk"]
+
+
+def test_top_k_minus_one_is_off_as_vllm_reads_it():
+    """vLLM's clients (RL frameworks among them) send top_k -1 for no top-k filter, which was a 400."""
+    for top_k in (-1, 0):
+        body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x", "top_k": top_k}).encode())
+        assert body.sampling_params(16).top_k == 0
