@@ -168,6 +168,7 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, s
     except FileNotFoundError:
         raise ValueError(f"{path}: no such records file") from None
     records = []
+    text = text.removeprefix("\ufeff")  # a BOM (some editors save one), as the fine-tune's reader skips it
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a string
         if not line.strip():
             continue

@@ -13,7 +13,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -222,6 +222,8 @@ class Engine:
             request_id = str(next(self._ids))
             while self.scheduler.find(request_id) is not None:  # a number the caller chose for another request
                 request_id = str(next(self._ids))
+        elif not isinstance(request_id, str) or not request_id:  # an int 5 and the engine's own "5" would be two ids
+            raise ValueError(f"request id must be a non-empty str, got {request_id!r}")
         elif self.scheduler.find(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._validate(ids, params)
@@ -314,14 +316,14 @@ class Engine:
             finished.append(self._fail(seq, exc))
 
     def generate(
-        self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+        self, prompts: Iterable[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
         progress: bool = False,
     ) -> list[GenerationResult]:
         """Generate for every prompt (one params for all, or one per prompt); results in prompt order.
 
         Other requests (step API) keep running meanwhile; their results come from the next step().
         """
-        self._check_prompt_list(prompts)
+        prompts = self._prompt_list(prompts)
         params = params or SamplingParams()
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
@@ -361,7 +363,7 @@ class Engine:
         model (no mask token). Under block-causal attention a position sees the block it would predict."""
         return self.config.causal_prefix or self.config.mask_token_id is None
 
-    def score(self, prompts: Seq[Prompt], top_logprobs: int = 0, score_from: int | Seq[int] = 1) -> list[SequenceLogprobs]:
+    def score(self, prompts: Iterable[Prompt], top_logprobs: int = 0, score_from: int | Seq[int] = 1) -> list[SequenceLogprobs]:
         """Each sequence's causal log-probabilities (the model's AR distribution, mask token excluded as
         in decoding): what OpenAI `logprobs`/`echo` and lm-evaluation-harness's loglikelihood tasks read.
         `top_logprobs`: how many of the most likely tokens to return at each position. `score_from`: the
@@ -380,7 +382,7 @@ class Engine:
             raise ValueError("log-probabilities need a causal checkpoint: this one's prompt and committed blocks attend "
                              "block-causally (bidirectionally inside a block), so no position's logits are a causal "
                              "prediction; fine-tune with the joint objective (prefix_attention: causal)")
-        self._check_prompt_list(prompts)
+        prompts = self._prompt_list(prompts)
         vocab = self.model.config.vocab_size
         if not is_int(top_logprobs) or not 0 <= top_logprobs <= vocab:
             raise ValueError(f"top_logprobs must be an integer in [0, {vocab}], got {top_logprobs!r}")
@@ -488,11 +490,14 @@ class Engine:
         return result
 
     @staticmethod
-    def _check_prompt_list(prompts: Seq[Prompt]) -> None:
-        """`generate`'s and `score`'s prompts are a list of prompts: one string passed alone was read
-        as one prompt per character (and its token ids as one prompt per id) and silently answered."""
+    def _prompt_list(prompts: Iterable[Prompt]) -> list[Prompt]:
+        """`generate`'s and `score`'s prompts as a list (any iterable of prompts: a generator too). One
+        string passed alone was read as one prompt per character and silently answered: a ValueError."""
         if isinstance(prompts, (str, bytes)):
             raise ValueError(f"prompts must be a list of prompts, got a {type(prompts).__name__}; wrap one prompt as [prompt]")
+        if not isinstance(prompts, Iterable):
+            raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+        return list(prompts)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -532,7 +537,7 @@ class Engine:
     def _check_fits(self, ids: list[int], new_tokens: int) -> None:
         """ValueError unless token ids `ids` followed by `new_tokens` tokens fit the model and the cache."""
         if not ids:
-            raise ValueError("empty prompt: at least one token is needed")
+            raise ValueError("prompt is empty: at least one token is needed (text that tokenizes to nothing is empty too)")
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")

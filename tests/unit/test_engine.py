@@ -321,7 +321,7 @@ def test_text_prompts_stop_strings_and_eos(sharp_dir):
 @pytest.mark.parametrize(
     "prompt,kwargs,match",
     [
-        ([], {}, "empty prompt"),
+        ([], {}, "prompt is empty"),
         ([1] * 500, {"max_new_tokens": 20}, "exceeds the context"),
         ([1, 2], {"stop": "x"}, "stop must be"),
         ([1, 2], {"stop": (3,)}, "stop must be"),
@@ -422,9 +422,19 @@ def test_one_prompt_not_in_a_list_and_params_not_sampling_params_are_value_error
         engine.generate(["hello"], {"max_new_tokens": 2})  # iterated as its keys
     with pytest.raises(ValueError, match="params must be a fdllm.SamplingParams, got dict"):
         engine.add_request("hello", {"max_new_tokens": 2})
+    for request_id in (5, "", ["r"]):  # an int 5 and the engine's own id "5" would be two requests
+        with pytest.raises(ValueError, match="request id must be a non-empty str"):
+            engine.add_request("hello", params(max_new_tokens=2), request_id=request_id)
+    with pytest.raises(ValueError, match="prompts must be a list of prompts, got int"):
+        engine.generate(7, params(max_new_tokens=2))
     assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished()
+    listed = engine.generate(["hello", [5, 6]], params(max_new_tokens=4))
+    assert [r.token_ids for r in engine.generate((p for p in ("hello", [5, 6])), params(max_new_tokens=4))] == [
+        r.token_ids for r in listed]  # any iterable of prompts, a generator too
+    scorer = fdllm.Engine.from_pretrained(causal_dllm_dir)
     with pytest.raises(ValueError, match="prompts must be a list of prompts"):
-        fdllm.Engine.from_pretrained(causal_dllm_dir).score("hello")
+        scorer.score("hello")
+    assert [s.logprobs for s in scorer.score(iter([[5, 6, 7]]))] == [s.logprobs for s in scorer.score([[5, 6, 7]])]
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion"])

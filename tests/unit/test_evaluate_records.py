@@ -49,6 +49,8 @@ def test_good_records_load_with_odd_unicode_and_blank_lines(tmp_path):
     assert load_records(path, limit=1) == [GOOD]
     with pytest.raises(ValueError, match="holds no records"):
         load_records(_file(tmp_path, "", "  "))
+    bom = b"\xef\xbb\xbf"  # an editor's BOM opens the file, as the fine-tune's reader allows (a record's own stays)
+    assert load_records(_file(tmp_path, bom + json.dumps(GOOD).encode(), json.dumps(odd, ensure_ascii=False))) == [GOOD, odd]
 
 
 def test_no_records_file_there_is_named_as_such(tmp_path):

@@ -113,7 +113,7 @@ def test_a_block_causal_checkpoint_is_refused(dllm_dir):
 
 
 @pytest.mark.parametrize("prompts,top,message", [
-    ([[]], 0, "empty prompt"),
+    ([[]], 0, "prompt is empty"),
     ([[5, 96]], 0, r"token ids must be in \[0, 96\)"),
     ([[-1, 5]], 0, r"token ids must be in \[0, 96\)"),
     ([[5] * 513], 0, "max_model_len"),

@@ -247,6 +247,8 @@ def test_min_tokens_past_the_requests_token_limit_is_openais_range_error(model, 
     (CompletionRequest, "delimiters: no token of the tokenizer contains '@'", "delimiters"),
     (CompletionRequest, "prompt token ids must be in [0, 100)", "prompt"),
     (ChatCompletionRequest, "prompt token ids must be in [0, 100)", "messages"),  # a chat's prompt is its messages
+    (ChatCompletionRequest, "prompt is empty: at least one token is needed", "messages"),  # rendered to no token
+    (CompletionRequest, "prompt is empty: at least one token is needed", "prompt"),  # text that tokenizes to none
     (CompletionRequest, "the request needs 9 KV pages but the cache has 4; shorten it or give the engine more pages", None),
 ])
 def test_an_engine_refusal_names_the_field_its_message_starts_with(model, message, param):
