@@ -310,6 +310,9 @@ class TokenSpec:
     eos_id: int  # appended when a template gives an answer no end-of-turn token
     pad_id: int  # the unused tail of a packed sequence
     mask_id: int | None  # the diffusion mask token; must not occur in the data
+    # The most characters one token stands for (its vocabulary string's length: a byte-level or
+    # SentencePiece token's text has at most as many): text longer than seq_len of them cannot fit.
+    max_token_chars: int
 
     @classmethod
     def from_tokenizer(cls, tokenizer: "PreTrainedTokenizerBase") -> "TokenSpec":
@@ -318,7 +321,7 @@ class TokenSpec:
             raise ValueError("the tokenizer has no EOS or end-of-turn token to end answers with")
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else stops[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        return cls(frozenset(stops), eos, pad, mask_token_id(tokenizer))
+        return cls(frozenset(stops), eos, pad, mask_token_id(tokenizer), max(map(len, tokenizer.get_vocab())))
 
 
 def build_document(
@@ -384,6 +387,11 @@ def encode_conversations(
             rendered.append(e)
         except Exception as e:  # noqa: BLE001 - templates reject conversations with any error (raise_exception)
             rendered.append(BadRow("template_error", f"{type(e).__name__}: {e}"))
+        else:  # a row too long for seq_len tokens is skipped untokenized (tokenizing an 18 MB row took 86 s)
+            chars = sum(len(text) for text, _ in rendered[-1])
+            if cfg.overlong == "skip" and chars > cfg.seq_len * spec.max_token_chars:
+                rendered[-1] = BadRow("too_long", f"{chars} characters cannot fit seq_len {cfg.seq_len} "
+                                      f"(at most {spec.max_token_chars} a token; overlong=skip)")
     texts = [text for r in rendered if not isinstance(r, BadRow) for text, _ in r]
     token_lists = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     out: list[Document | BadRow] = []

@@ -278,6 +278,22 @@ def test_overlong_policy_and_mask_token(tok):
     assert bad_counts(out)["mask_token"] == 1
 
 
+def test_a_row_too_long_for_any_tokenization_is_skipped_untokenized(tok, monkeypatch):
+    """Under overlong=skip a row with more characters than seq_len tokens can hold is too_long before the
+    tokenizer sees it: an 18 MB row took 86 s of a read task to tokenize, only to be skipped. Rows that
+    might fit are tokenized and judged by their tokens, as before."""
+    spec, cfg = TokenSpec.from_tokenizer(tok), DataConfig(block_size=8, seq_len=64)
+    huge = {"input": Q, "output": "7" * (cfg.seq_len * spec.max_token_chars + 1)}
+    near = {"input": Q, "output": " ".join([A] * 30)}  # too long in tokens, not in characters
+    seen: list[int] = []
+    call = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, texts, **kw: seen.extend(map(len, texts)) or call(self, texts, **kw))
+    out = process_records([huge, near, {"input": Q, "output": A}], tok, cfg, spec)
+    assert bad_counts(out)["too_long"] == 2 and out["num_docs"].sum() == 1
+    assert max(seen) < len(huge["output"])  # the huge answer never reached the tokenizer
+    assert out["num_docs"].sum() == process_records([{"input": Q, "output": A}], tok, cfg, spec)["num_docs"].sum()
+
+
 def test_parquet_rows_parse_like_jsonl(tok, tmp_path):
     recs = [r for r in good_records(8) if "input" in r and isinstance(r["input"], list)]
     path = tmp_path / "sft.parquet"
