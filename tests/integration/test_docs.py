@@ -126,9 +126,11 @@ JOB_SUBMIT = next(c for c in README if c.startswith("RAY_AUTH_MODE=token ray job
 RAY_STOP = next(c for c in README if c == "ray stop")
 FDLLM_SERVE = next(c for c in README if c.startswith("fdllm-serve"))
 SERVE_RUN = "serve run serve/config.yaml"  # the README's alternative to fdllm-serve (in its comment)
+# cluster/README.md's local try of the cluster's commands: the README's fine-tune, then Serve on its output
+CLUSTER_SERVE = next(c for c in documented_commands("cluster/README.md") if c.startswith("serve run serve.app:build_app"))
 CURL = next(c for c in README if c.startswith("curl "))
 EVALUATES = [c for c in README if c.startswith("python pipelines/evaluate.py --model runs/quickstart/")]
-RUN_HERE = {QUICKSTART, FINETUNE, RAY_START, JOB_SUBMIT, RAY_STOP, FDLLM_SERVE, SERVE_RUN, CURL, *EVALUATES}
+RUN_HERE = {QUICKSTART, FINETUNE, RAY_START, JOB_SUBMIT, RAY_STOP, FDLLM_SERVE, SERVE_RUN, CLUSTER_SERVE, CURL, *EVALUATES}
 
 
 def test_every_documented_command_is_accounted_for():
@@ -301,8 +303,9 @@ def test_readme_commands_run_as_written(tmp_path):
             shell.run(RAY_STOP)
         assert (tmp_path / "out" / "tiny-dllm" / "model.safetensors").is_file()
 
-        # Serve the quickstart's checkpoint both documented ways and send the README's request.
-        for command in (FDLLM_SERVE, SERVE_RUN):
+        # Serve the quickstart's checkpoint both documented ways, and the fine-tune's as cluster/README.md
+        # does, and send the README's request to each.
+        for command in (FDLLM_SERVE, SERVE_RUN, CLUSTER_SERVE):
             server = shell.start(command)
             try:
                 wait_healthy(server, "http://127.0.0.1:8000")

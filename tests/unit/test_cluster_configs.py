@@ -42,7 +42,7 @@ LAUNCHER = {
 }
 KUBERAY_MANIFESTS = {"rayjob-finetune.yaml": "RayJob", "rayservice-serve.yaml": "RayService"}
 
-# The command-line contract of pipelines/finetune.py (DESIGN.md, "Public interfaces").
+# The command-line contract of pipelines/finetune.py (a public interface).
 FINETUNE = "pipelines/finetune.py"
 FINETUNE_FLAGS = {
     "--config", "--model", "--data", "--output", "--storage-path",
@@ -583,6 +583,28 @@ def test_ray_and_torch_pins_agree():
     (floor,) = re.findall(r"torch>=([\d.]+)", " ".join(_pyproject()["project"]["dependencies"]))
     as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
     assert as_tuple(next(iter(torch_pins))) >= as_tuple(floor)
+
+
+# The Triton each pinned torch's Linux CUDA wheel requires (its METADATA's `triton==`); a new pin
+# needs its entry here, looked up once, so the check below cannot pass by default.
+TORCH_CUDA_WHEEL_TRITON = {"2.13.0": "3.7.1"}
+
+
+def test_gpu_nodes_install_nothing_that_replaces_their_cuda_torch():
+    """torch's Linux CUDA wheel requires the Triton it was built with (2.13.0: triton==3.7.1). The gpu
+    extra asked for triton>=3.9, so pip replaced the pinned torch on every GPU node (and in the image)
+    with a newer one, after flash-attn had compiled against the first. The extras a GPU node installs
+    name neither triton, torch above the pin, nor flash-attn (a source build against the node's CUDA
+    toolkit, which torch refuses for another CUDA major); Triton's own floor admits the pinned wheel's."""
+    deps = _pyproject()["project"]["optional-dependencies"]
+    (pin,) = {v for p in _scanned_files() for v in re.findall(r"\btorch==([\d.]+)", p.read_text())}
+    name = lambda req: re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower()  # noqa: E731
+    for extra in ("train", "serve", "gpu"):
+        assert not {name(r) for r in deps[extra]} & {"torch", "triton", "flash-attn"}, (extra, deps[extra])
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    for extra in ("kernels", "dev"):
+        (floor,) = [re.search(r">=([\d.]+)", r).group(1) for r in deps[extra] if name(r) == "triton"]
+        assert as_tuple(floor) <= as_tuple(TORCH_CUDA_WHEEL_TRITON[pin]), (extra, floor)
 
 
 # ---------------------------------------------------------------------------------------------
