@@ -34,7 +34,7 @@ log = logging.getLogger("fdllm.bench_train")
 
 # Random-weight models of known shapes, for runs without a checkpoint (Qwen2 architecture).
 PRESETS: dict[str, dict[str, Any]] = {
-    # the tiny-world model of ENVIRONMENT.md's calibration (3.4M parameters)
+    # the tiny-world calibration model (3.4M parameters)
     "tiny": dict(vocab_size=512, hidden_size=192, intermediate_size=768, num_hidden_layers=6,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     # Qwen2.5-0.5B, 1.5B and 7B shapes

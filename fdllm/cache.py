@@ -3,7 +3,7 @@
 A sequence owns a block table (its pages, in order); its token at position `pos` lives in slot
 `pos % S` of page `pages[pos // S]`. Committed blocks (prompt blocks and decoded blocks) hold exact
 K/V. The current, uncommitted block lives in the sequence's last page, which doubles as the
-sub-block (DualCache) scratch of METHOD.md §3.3: a refresh step writes the whole block's K/V there,
+sub-block (DualCache) scratch of docs/method.md §3.3: a refresh step writes the whole block's K/V there,
 a cached step overwrites only its sub-block's slots, and the commit forward rewrites the whole page
 with exact K/V. So "committed prefix + current block" is always one paged range and every backend
 only needs `fdllm.kernels.reference.paged_attention_torch`'s contract. Pages of committed blocks are

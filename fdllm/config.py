@@ -17,7 +17,7 @@ from typing import Any
 IGNORE_INDEX = -100
 CONFIG_NAME = "config.json"  # the HF architecture
 BLOCK_CONFIG_NAME = "fdllm_config.json"
-# How the clean stream (prompt and committed blocks) attends: "block_causal" (METHOD.md §2.4,
+# How the clean stream (prompt and committed blocks) attends: "block_causal" (docs/method.md §2.4,
 # bidirectional inside a block) or "causal" (the joint AR + diffusion objective, §5: prefix K/V are
 # then the same in diffusion and AR mode).
 PREFIX_ATTENTIONS = ("block_causal", "causal")
@@ -146,12 +146,12 @@ def no_config(path: str | Path) -> FileNotFoundError:
 
 @dataclass(kw_only=True)
 class BlockDiffusionConfig:
-    """Block-diffusion settings (METHOD.md §2-3); saved beside the HF config as fdllm_config.json."""
+    """Block-diffusion settings (docs/method.md §2-3); saved beside the HF config as fdllm_config.json."""
 
     block_size: int = 32  # tokens per diffusion block (attention is bidirectional inside one)
     sub_block_size: int = 8  # tokens decoded together inside a block, left to right
     threshold: float = 0.9  # unmask every position whose confidence exceeds this
-    use_sub_block_cache: bool = True  # DualCache approximation of METHOD.md §3.3
+    use_sub_block_cache: bool = True  # DualCache approximation of docs/method.md §3.3
     mask_token_id: int | None = None  # None: taken from the checkpoint's fdllm_config/tokenizer
     eps: float = 1e-3  # minimum masking probability per block in training
     # How the checkpoint was trained to attend over its clean prefix (PREFIX_ATTENTIONS); the engine's

@@ -1,4 +1,4 @@
-"""The per-sequence decoding algorithm of METHOD.md §3 as small pure functions.
+"""The per-sequence decoding algorithm of docs/method.md §3 as small pure functions.
 
 Tensor functions (confidence, sampling) run on the device over a whole step's candidate rows;
 block functions (which sub-block, what to feed, which logit predicts which position) work on a
@@ -110,13 +110,13 @@ def select_unmask(probs: Sequence[float], threshold: float, force: bool = True) 
 
 def token_entropy(logits_TV: Tensor, mask_token_id: int | None) -> Tensor:
     """Entropy H_i (nats, fp32) [T] of the model's distribution softmax(z_i) of each row, the mask
-    token excluded (METHOD.md §5 notation), at temperature 1 whatever the request samples with."""
+    token excluded (docs/method.md §5 notation), at temperature 1 whatever the request samples with."""
     probs_TV = suppress_mask(logits_TV, mask_token_id).softmax(-1)
     return torch.special.entr(probs_TV).sum(-1)  # entr(0) = 0: the suppressed mask adds nothing
 
 
 def select_entropy_budget(entropies: Sequence[float], budget: float, force: bool = True) -> list[bool]:
-    """Entropy-budget selection (EB-sampler style, METHOD.md §5), one work's candidates M: sort them
+    """Entropy-budget selection (EB-sampler style, docs/method.md §5), one work's candidates M: sort them
     by entropy H_i ascending (ties: the lower offset first) and commit the longest prefix whose summed
     entropy is at most `budget` (gamma); (`force`) always at least the first, so every step makes progress."""
     chosen = [False] * len(entropies)
@@ -133,7 +133,7 @@ def delimiter_stop(
     tokens: Sequence[int], probs: Sequence[float], candidates: Sequence[bool], sub_start: int, sub_stop: int,
     delimiter_ids: Collection[int], delimiter_threshold: float,
 ) -> int:
-    """Adaptive sub-block boundary (AdaBlock's idea inside a block, METHOD.md §5): the end offset of
+    """Adaptive sub-block boundary (AdaBlock's idea inside a block, docs/method.md §5): the end offset of
     the sub-block [sub_start, sub_stop) after this step's predictions.
 
     `tokens`/`probs`/`candidates` are per sub-block offset (row i predicts offset sub_start + i). When
@@ -154,7 +154,7 @@ SELECTIONS = ("threshold", "entropy_budget")
 class SelectionPolicy:
     """Which masked positions a denoising step commits, and where the current sub-block ends.
 
-    In METHOD.md terms (M = the masked positions of the current sub-block, c_i = max p_i, H_i the
+    In docs/method.md terms (M = the masked positions of the current sub-block, c_i = max p_i, H_i the
     entropy of p_i):
     - `selection="threshold"` (the paper's rule, §3.2, the default): commit every i in M with
       c_i > `threshold`, and always the most confident one;
@@ -231,7 +231,7 @@ def next_sub_block(
     clipped to the block. A block's first sub-block is the one of the sub_block_size grid holding its
     first masked offset (the leading offsets are known). Sub-blocks with nothing masked are skipped.
     Every masked offset is decoded, also past max_new_tokens: the limit cuts the output afterwards
-    and never changes which positions compete for selection (METHOD.md §5, truncation).
+    and never changes which positions compete for selection (docs/method.md §5, truncation).
     """
     if mask_token_id not in block:
         return None
@@ -272,7 +272,7 @@ def plan_block_step(
     block: Sequence[int], sub_start: int, sub_block_size: int, first_step: bool, use_sub_block_cache: bool,
     mask_token_id: int, sub_stop: int | None = None,
 ) -> BlockStep:
-    """What a step of the sub-block [sub_start, sub_stop) feeds and reads (METHOD.md §3.2-3.3).
+    """What a step of the sub-block [sub_start, sub_stop) feeds and reads (docs/method.md §3.2-3.3).
 
     `sub_stop` None: sub_start + sub_block_size (fixed sub-blocks); an adaptive boundary
     (`SelectionPolicy.delimiter_threshold`) may end a sub-block earlier or start one off the grid.
@@ -321,7 +321,7 @@ def decoded_prefix(block: Sequence[int], start: int, mask_token_id: int) -> list
 
 @dataclass(frozen=True)
 class StopCriteria:
-    """When a request ends (METHOD.md §3.5): a stop token, a stop string, or max_new_tokens."""
+    """When a request ends (docs/method.md §3.5): a stop token, a stop string, or max_new_tokens."""
 
     max_new_tokens: int
     stop_token_ids: AbstractSet[int] = frozenset()

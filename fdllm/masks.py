@@ -1,4 +1,4 @@
-"""Block-diffusion attention masks (METHOD.md §2.4 and §3.1), dense and as flex_attention BlockMasks.
+"""Block-diffusion attention masks (docs/method.md §2.4 and §3.1), dense and as flex_attention BlockMasks.
 
 Every mask comes from one rule function over (query index, key index) tensors, used both to fill a
 dense boolean matrix (CPU training, tests) and as the flex_attention `mask_mod` (GPU training), so
@@ -36,7 +36,7 @@ def two_stream_rule(
     """Allowed[q, k] for the two-stream training input (index tensors broadcast together).
 
     `causal_prefix`: the clean stream attends causally instead of block-causally (the joint AR +
-    diffusion objective of METHOD.md §5), so its K/V are the AR model's and its logits AR logits.
+    diffusion objective of docs/method.md §5), so its K/V are the AR model's and its logits AR logits.
     `noisy_streams`: noisy copies before the clean one (streams `[0, noisy_streams)` noisy, the last clean).
     `slots` [R, S*K] (with the row index `b`): compacted noisy streams of K blocks each, slot j holding
     source block `slots[b, j]` (-1: padding, which sees only itself), as `fdllm.objective.

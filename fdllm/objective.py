@@ -1,4 +1,4 @@
-"""The block-diffusion training objective of METHOD.md §2, plus the plain AR loss it is compared to.
+"""The block-diffusion training objective of docs/method.md §2, plus the plain AR loss it is compared to.
 
 Pipeline for a batch of packed sequences (input_ids, labels) [B, L], L a multiple of block_size:
   1. `sample_noise_masks`: per-block p_b = (1-eps) t_b + eps, each loss-carrying token masked with
@@ -12,10 +12,10 @@ Pipeline for a batch of packed sequences (input_ids, labels) [B, L], L a multipl
   4. `block_diffusion_loss`: forward under the two-stream mask, logits of the noisy half, token
      shift (position j-1 predicts token j: `TwoStreamBatch.logit_targets`), cross-entropy over
      masked tokens of both copies.
-`joint_loss` (METHOD.md §5, self-speculative decoding) adds, in the same forward, the AR next-token
+`joint_loss` (docs/method.md §5, self-speculative decoding) adds, in the same forward, the AR next-token
 loss of the clean half under a causal clean stream: one checkpoint with a good causal mode and a
 good diffusion mode, whose prefix K/V are the same in both.
-`certainty_forcing_loss` (METHOD.md §5, dParallel's self-distillation) adds to the block-diffusion
+`certainty_forcing_loss` (docs/method.md §5, dParallel's self-distillation) adds to the block-diffusion
 loss the entropy of the positions the model already predicts correctly (`certainty_forcing_entropy`).
 
 Shape legend: B batch, L sequence length, V vocab.
@@ -178,7 +178,7 @@ def compact_noisy_blocks(batch: TwoStreamBatch, block_size: int) -> TwoStreamBat
 
 
 def resolve_mask_impl(mask_impl: MaskImpl, device: torch.device) -> Literal["dense", "flex"]:
-    # flex_attention has no CPU backward (ENVIRONMENT.md): training on CPU must use the dense mask.
+    # flex_attention has no CPU backward (torch 2.13): training on CPU must use the dense mask.
     if mask_impl not in ("auto", "dense", "flex"):
         raise ValueError(f"mask_impl must be 'auto', 'dense' or 'flex', got {mask_impl!r}")
     if mask_impl == "auto":
@@ -254,7 +254,7 @@ def _noisy_logits(model: torch.nn.Module, batch: TwoStreamBatch, block_size: int
 
 
 def certainty_forcing_entropy(logits_BLV: Tensor, targets_BL: Tensor, temperature: float = 0.5) -> tuple[Tensor, Tensor]:
-    """dParallel's certainty-forcing term (METHOD.md §5): the mean, over masked positions that the model
+    """dParallel's certainty-forcing term (docs/method.md §5): the mean, over masked positions that the model
     already predicts correctly, of the entropy of softmax(z / T); also the number of those positions.
 
     With the token shift: logits[:, j-1] predict targets[:, j] (non-ignored targets are the masked
@@ -281,7 +281,7 @@ def certainty_forcing_loss(
     model: torch.nn.Module, batch: TwoStreamBatch, block_size: int, weight: float = 2.0, temperature: float = 0.5,
     mask_impl: MaskImpl = "auto", causal_prefix: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Self-distillation loss (METHOD.md §5): the block-diffusion loss of both complementary views (§2)
+    """Self-distillation loss (docs/method.md §5): the block-diffusion loss of both complementary views (§2)
     + `weight` (lambda) * `certainty_forcing_entropy` at `temperature`, from one forward. Returns the
     loss and the masked-token count (the train loop normalises by it across workers)."""
     logits = _noisy_logits(model, batch, block_size, mask_impl, causal_prefix)

@@ -1,4 +1,4 @@
-"""Certainty-forcing self-distillation of a block-diffusion checkpoint (METHOD.md §5, dParallel) with Ray.
+"""Certainty-forcing self-distillation of a block-diffusion checkpoint (docs/method.md §5, dParallel) with Ray.
 
 Locally (starts a Ray instance in the process; the tiny world's fine-tuned model, a few minutes):
     python pipelines/distill.py --config pipelines/configs/tiny-distill.yaml --output /tmp/fdllm/tiny-distilled

@@ -1,6 +1,6 @@
 r"""Exact-match accuracy and decoding speed of AR vs block-diffusion decoding on held-out records.
 
-    python pipelines/evaluate.py --model runs/tiny-dllm --base assets/tiny-ar-base \
+    python pipelines/evaluate.py --model runs/quickstart/tiny-dllm --base assets/tiny-ar-base \
         --data assets/world/test.jsonl --thresholds 1.0,0.9,0.7,0.5 --output results.json
 
 Records are jsonl `{"prompt": ..., "answer": ...}` (optionally `"messages"`, the full chat to send,
@@ -11,7 +11,7 @@ the model under test in each mode of --modes (diffusion and speculative once per
 speculative row must score exactly the model's own AR row: its output is the AR output, so the
 rows differ in forwards only; `accept` is the fraction of draft tokens the causal verify kept). tokens/s counts
 generated tokens over wall time of the whole batched run on one engine, so rows compare like for like.
-`--policies` sweeps selection policies (METHOD.md §5) beside or instead of the thresholds, e.g.
+`--policies` sweeps selection policies (docs/method.md §5) beside or instead of the thresholds, e.g.
     --policies thr=0.9,thr=0.7,eb=0.5,eb=2,thr=0.9+delim=0.3,eb=1+delim=0.3,thr=0.9+look
 (`thr=T`: the threshold rule at T; `eb=G`: the entropy budget gamma G; `+delim=D`: adaptive sub-block
 boundaries at newline/end-token delimiters predicted with confidence above D; `+look`: the block
@@ -111,7 +111,7 @@ class EvalRow:
 
     drafted: int = 0  # speculative: draft tokens proposed to a verify forward
     accepted: int = 0  # speculative: draft tokens the verify confirmed
-    selection: str = "threshold"  # the selection policy (METHOD.md §5) of diffusion/speculative rows
+    selection: str = "threshold"  # the selection policy (docs/method.md §5) of diffusion/speculative rows
     entropy_budget: float | None = None  # selection "entropy_budget": gamma
     delimiter_threshold: float | None = None  # adaptive sub-block boundaries (None: fixed sub-blocks)
     sub_block_size: int | None = None  # diffusion/speculative rows: the sub-block size they decoded with

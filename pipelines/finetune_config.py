@@ -54,7 +54,7 @@ class FinetuneConfig:
     precision: str = _opt("bf16: mixed precision on GPU (fp32 master weights); CPU trains in fp32",
                           ("fp32", "bf16"), default="fp32")
     max_failures: int = _opt("worker-group restarts from the latest checkpoint (-1: unlimited)", default=0)
-    # method (METHOD.md §2)
+    # method (docs/method.md §2)
     block_size: int = _opt("diffusion block size", default=32)
     sub_block_size: int = _opt("decoding sub-block size, stored in fdllm_config.json", default=8)
     seq_len: int = _opt("packed sequence length (a multiple of block_size)", default=2048)
@@ -246,10 +246,12 @@ def _field_kinds(cls: type) -> dict[str, _FieldKind]:
 
 @dataclass(kw_only=True)
 class DistillConfig(FinetuneConfig):
-    """A self-distillation run (pipelines/distill.py, METHOD.md §5): the fine-tune's options, where
+    """A self-distillation run (pipelines/distill.py, docs/method.md §5): the fine-tune's options, where
     `model` is the block-diffusion checkpoint to distil and `data` the SFT records whose prompts it
     decodes, plus how its trajectories are made. Trains with `objective` "certainty" by default."""
 
+    model: str = _opt("the block-diffusion checkpoint to distil (a fine-tune's servable output, with tokenizer): "
+                      "a dir or an s3:// / gs:// URI")
     objective: str = _opt("training loss (see the fine-tune): certainty = §2 loss + lambda x certainty-forcing "
                           "entropy", OBJECTIVES, default="certainty")
     lr: float = _opt("peak learning rate", default=2e-4)

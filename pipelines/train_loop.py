@@ -1,7 +1,7 @@
 """The Ray Train worker loop of `pipelines/finetune.py`: block-diffusion fine-tuning, one process per worker.
 
 Per step every worker takes `batch_size` packed sequences from its streamed dataset shard, builds the
-two-stream noisy/clean input (METHOD.md §2; both complementary copies beside one shared clean stream,
+two-stream noisy/clean input (docs/method.md §2; both complementary copies beside one shared clean stream,
 `[x_t ; x_t' ; x_0]`, the same loss and gradients as two `[x_t ; x_0]` rows for 3/4 of the tokens), and
 adds up the masked-token cross-entropy. The loss is
 normalised by the *global* number of masked tokens, so DDP's gradient averaging yields exactly the

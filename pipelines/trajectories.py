@@ -1,4 +1,4 @@
-"""Self-distillation data (METHOD.md §5): a block-diffusion model's own greedy trajectories on SFT prompts.
+"""Self-distillation data (docs/method.md §5): a block-diffusion model's own greedy trajectories on SFT prompts.
 
 Runs inside Ray Data actors of `pipelines/distill.py` (one `fdllm.Engine` per actor: CPU here, a GPU
 per actor on a cluster). Each SFT record (either schema of `pipelines.data`) is cut before its final

@@ -194,7 +194,7 @@ class _SamplingFields(BaseModel):
     # fdllm: "ar" decodes one token per forward; "speculative" drafts by diffusion, verifies causally (= AR output);
     # None: the server's default (ServerConfig.default_mode: diffusion for a block-diffusion checkpoint)
     mode: Literal["diffusion", "ar", "speculative"] | None = None
-    # fdllm selection policy (fdllm.SamplingParams, METHOD.md §5): "threshold" (with `threshold`) or
+    # fdllm selection policy (fdllm.SamplingParams, docs/method.md §5): "threshold" (with `threshold`) or
     # "entropy_budget" (with `entropy_budget`, gamma in nats); an adaptive sub-block boundary at a
     # delimiter predicted with confidence above `delimiter_threshold` (`delimiters` as text: default
     # newline, plus the end tokens; `delimiter_token_ids` as ids)

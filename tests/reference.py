@@ -1,5 +1,5 @@
 """The engine's independent oracle: block diffusion recomputed from scratch at every step, with no
-KV cache, no batching and none of the engine's code (METHOD.md §3). Tests hold the engine to it, and
+KV cache, no batching and none of the engine's code (docs/method.md §3). Tests hold the engine to it, and
 the GPU suite does on the device, so it imports nothing of the test runner's."""
 
 from __future__ import annotations

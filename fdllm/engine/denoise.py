@@ -1,7 +1,7 @@
 """The sub-block steps of many diffusion sequences at once, as array operations.
 
 In a full batch most sequences are in the middle of a block, and their step is the plain sub-block
-step of METHOD.md §3.2-3.3: the sub-block holding the block's first mask, fed alone (sub-block
+step of docs/method.md §3.2-3.3: the sub-block holding the block's first mask, fed alone (sub-block
 cache) or with the whole block (refresh), its masked offsets committed by the threshold rule.
 Planned, staged and applied one `Work` at a time, that costs ~20 us of Python per sequence per step
 (over a millisecond at 64 sequences: as much as a 1.5B model's whole forward on a GPU).

@@ -56,7 +56,7 @@ class SamplingParams:
     # engine's `default_mode` (diffusion for a block-diffusion model, AR for a plain AR checkpoint).
     mode: str | None = None
     ignore_eos: bool = False  # True: only stop_token_ids/stop/max_new_tokens end the request
-    # Selection policy of diffusion steps and speculative drafts (fdllm.decoding.SelectionPolicy, METHOD.md §5):
+    # Selection policy of diffusion steps and speculative drafts (fdllm.decoding.SelectionPolicy, docs/method.md §5):
     # "threshold" (the paper's, with `threshold`) or "entropy_budget" (commit the lowest-entropy masked
     # positions while their summed entropy stays <= entropy_budget; always at least one).
     selection: str = "threshold"
@@ -72,7 +72,7 @@ class SamplingParams:
     # Diffusion mode: the forward that opens a block (the previous block's commit, or the prompt's last
     # chunk) also runs the block's first denoising step, with the block's first token still masked,
     # and commits only what passes the selection rule: one forward fewer per block. An approximation
-    # beyond the paper and METHOD.md (docs/decoding.md): outputs may differ from the plain schedule.
+    # beyond the paper and docs/method.md (docs/decoding.md): outputs may differ from the plain schedule.
     block_lookahead: bool = False
     # Added to the logits of these token ids (OpenAI's logit_bias, values in [-100, 100]) at every
     # position the request decodes, before greedy selection or sampling, in every mode (a speculative

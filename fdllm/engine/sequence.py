@@ -3,7 +3,7 @@
 A diffusion sequence goes: prefill its complete prompt blocks (chunked, block-causal), then decode
 the current block sub-block by sub-block, commit it (exact K/V + the next block's first token),
 and so on until a stop. An AR sequence prefills its prompt causally and then feeds one token per
-step. A speculative sequence prefills as AR does, then decodes in rounds (METHOD.md §5): draft
+step. A speculative sequence prefills as AR does, then decodes in rounds (docs/method.md §5): draft
 steps fill the rest of the current block in diffusion mode, one causal verify forward checks the
 draft, and the longest agreeing prefix plus the verify's own next token are committed; the verify
 (and the last prefill chunk) also drafts the next round from trailing masks (`lookahead`), used when
@@ -67,7 +67,7 @@ class Work:
     def sampled_rows(self) -> range:
         """The logit rows whose token is sampled (temperature > 0), not the argmax. A diffusion
         request samples only while denoising: the token that opens a block (block commit, or the
-        last logit of a prompt that fills whole blocks) is the argmax for every request (METHOD.md
+        last logit of a prompt that fills whole blocks) is the argmax for every request (docs/method.md
         §3.4), its block lookahead's rows denoise. A speculative request samples where AR would
         (prefill's last logit, verify rows); its drafts, lookahead rows included, are greedy proposals."""
         if self.seq.params.temperature <= 0:
@@ -285,7 +285,7 @@ class Sequence:
         )
 
     def _speculative_work(self, lookahead: bool) -> Work:
-        """A draft step while the draft has masks, else the verify forward (METHOD.md §5).
+        """A draft step while the draft has masks, else the verify forward (docs/method.md §5).
 
         Known tokens end at c - 1 = e and positions < e have exact causal K/V (e, the last known
         token, has none yet, as in AR mode). Both kinds feed [e, block end): a draft step attends
@@ -372,7 +372,7 @@ class Sequence:
     def _open_next_block(self, work: Work) -> Work:
         """A forward whose last logit opens the next block (a commit, or the last chunk of a prompt
         that fills whole blocks) also runs that block's first denoising step when the request asks
-        for it (SamplingParams.block_lookahead, beyond METHOD.md): L masks fed at the block's positions
+        for it (SamplingParams.block_lookahead, beyond docs/method.md): L masks fed at the block's positions
         attend the cache, the K/V this forward writes, and each other, as a refresh step does, except
         that offset 0 (this forward's own prediction) is a mask too. What passes the selection rule
         among its first sub-block is committed with no forced progress, and the step counts as the

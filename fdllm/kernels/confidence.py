@@ -1,6 +1,6 @@
 """Fused confidence: argmax token and its softmax probability over the vocab, straight from hidden states.
 
-Greedy threshold decoding (METHOD.md §3.2) needs, per masked position, only the top-1 token and
+Greedy threshold decoding (docs/method.md §3.2) needs, per masked position, only the top-1 token and
 its probability under softmax over the full vocabulary with the mask token's logit at -inf. The
 unfused path builds logits [T, V] in fp32, then a softmax [T, V], then reduces them; for a 150k
 vocabulary that is tens of MB of traffic per step on top of reading the LM head. Here the logits

@@ -2,7 +2,7 @@
 
 Same signature and semantics as `fdllm.kernels.reference.paged_attention_torch`, with flash-attn's limits:
 - pages (`page_block_size`, our S) must hold a multiple of 256 tokens, so fdllm's usual diffusion
-  block sizes (8..32) cannot use it: the page size equals the block size by design (DESIGN.md);
+  block sizes (8..32) cannot use it: the page size equals the block size by design;
 - fp16/bf16 only;
 - causal attention is aligned bottom-right on the padded query length T (query t sees keys up to
   kv_len - T + t), which matches our kv_len - q_len + t only when no row is padding, so causal

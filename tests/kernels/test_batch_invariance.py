@@ -71,7 +71,7 @@ def test_request_tokens_are_the_same_alone_and_in_any_batch_on_triton(model):
 
 
 def test_kernels_package_is_a_leaf():
-    """fdllm/kernels imports nothing of fdllm outside itself (DESIGN.md)."""
+    """fdllm/kernels imports nothing of fdllm outside itself (the engine's layering)."""
     root = Path(fdllm.__file__).parent / "kernels"
     for file in root.glob("*.py"):
         for node in ast.walk(ast.parse(file.read_text())):

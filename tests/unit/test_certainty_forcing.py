@@ -1,4 +1,4 @@
-"""The certainty-forcing self-distillation loss (METHOD.md §5, dParallel) against from-scratch computations."""
+"""The certainty-forcing self-distillation loss (docs/method.md §5, dParallel) against from-scratch computations."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_distill_loss_equals_an_independent_computation(qwen2_dir, weight, tempe
 
 
 def test_distill_loss_defaults_are_dparallel_s(qwen2_dir):
-    """lambda 2 and T 0.5 (METHOD.md §5) when not given."""
+    """lambda 2 and T 0.5 (docs/method.md §5) when not given."""
     from fdllm.objective import _noisy_logits
 
     model = fdllm.load_model(qwen2_dir)

@@ -1,4 +1,4 @@
-"""The pure decoding functions of METHOD.md §3: confidence, selection, sub-block stepping, stopping."""
+"""The pure decoding functions of docs/method.md §3: confidence, selection, sub-block stepping, stopping."""
 
 from __future__ import annotations
 

@@ -500,7 +500,7 @@ def test_generate_alongside_step_api_keeps_other_results(model):
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.95, "seed": 7}])
 def test_max_new_tokens_cuts_the_output_and_never_changes_it(model, sampling):
-    """Truncation invariance (METHOD.md §5): every masked position of a sub-block competes, whatever
+    """Truncation invariance (docs/method.md §5): every masked position of a sub-block competes, whatever
     the limit; the limit only cuts. Checked against the longest run at every limit across two blocks."""
     prompts = random_prompts(4, [3, 8, 13], seed=41)
     engine = make_engine(model, use_sub_block_cache=True)
@@ -516,7 +516,7 @@ def test_max_new_tokens_cuts_the_output_and_never_changes_it(model, sampling):
 @torch.no_grad()
 def test_block_opening_token_is_the_argmax_for_sampling_requests(model):
     """The token that opens a block (commit, or a prompt of whole blocks) comes from the clean prefix's
-    last logit as an argmax (METHOD.md §3.4), also when the request samples inside blocks."""
+    last logit as an argmax (docs/method.md §3.4), also when the request samples inside blocks."""
     prompts = random_prompts(3, [5, 8, 16], seed=43)
     results = make_engine(model).generate(prompts, params(max_new_tokens=30, temperature=2.0, seed=3))
     checked = 0

@@ -129,7 +129,7 @@ def test_cli_errors_are_one_line_before_any_decoding(dllm_dir, tmp_path, capsys)
 
 
 def test_data_output_and_plot_may_be_object_store_uris(dllm_dir, tmp_path, monkeypatch, s3_env, capsys):
-    """As every data path (DESIGN.md): `--data`, `--output` and `--plot` read and write through the
+    """As every data path: `--data`, `--output` and `--plot` read and write through the
     storage filesystems; an s3:// output used to land in a local `./s3:/...` file."""
     import pyarrow.fs as pafs
 

@@ -1,4 +1,4 @@
-"""Block-diffusion masks against an independent per-element statement of METHOD.md §2.4 / §3.1."""
+"""Block-diffusion masks against an independent per-element statement of docs/method.md §2.4 / §3.1."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fdllm.masks import (
 
 
 def allowed_by_method(q: int, k: int, L: int, bs: int, causal_prefix: bool = False) -> bool:
-    """METHOD.md §2.4 spelt out case by case, with no shared code with fdllm.masks (`causal_prefix`:
+    """docs/method.md §2.4 spelt out case by case, with no shared code with fdllm.masks (`causal_prefix`:
     §5's joint objective, where the clean stream attends causally)."""
     q_noisy, k_noisy = q < L, k < L
     qb, kb = (q - (0 if q_noisy else L)) // bs, (k - (0 if k_noisy else L)) // bs
@@ -169,7 +169,7 @@ def test_block_masks_carry_each_row_s_documents_and_the_causal_prefix():
 
 @pytest.mark.parametrize("with_docs", [False, True])
 def test_block_masks_carry_the_method_rule(with_docs):
-    """The BlockMasks' own mask_mod, evaluated elementwise (no flex kernel), is METHOD.md §2.4 / §3.1,
+    """The BlockMasks' own mask_mod, evaluated elementwise (no flex kernel), is docs/method.md §2.4 / §3.1,
     and their sparsity skips exactly the tiles the dense mask leaves empty."""
     L, bs = 128, 32  # flex tiles are 128 x 128: two-stream 2 x 2 tiles, block-causal 1
     doc_ids = torch.tensor([[0] * 48 + [1] * 80]) if with_docs else None
@@ -193,7 +193,7 @@ def test_block_masks_carry_the_method_rule(with_docs):
 
 def _flex_or_skip():
     """flex_attention, skipping only on a torch build without it. Once importable it must run on CPU
-    (eager forward, ENVIRONMENT.md): a failure there is a failure of the mask path, not a skip."""
+    (eager forward: flex_attention has no CPU backward): a failure there is a failure of the mask path, not a skip."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError:  # pragma: no cover - the pinned torch has it

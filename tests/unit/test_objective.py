@@ -1,4 +1,4 @@
-"""The block-diffusion objective of METHOD.md §2: noising, two-stream layout, shifted masked loss."""
+"""The block-diffusion objective of docs/method.md §2: noising, two-stream layout, shifted masked loss."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_two_stream_layout():
 
 
 def _loss_carrying_by_hand(labels, doc_ids=None):
-    """METHOD.md §2.1 with the token shift: labelled, and something before it in its row and document."""
+    """docs/method.md §2.1 with the token shift: labelled, and something before it in its row and document."""
     B, L = labels.shape
     same_doc = (lambda b, j: True) if doc_ids is None else (lambda b, j: bool(doc_ids[b, j] == doc_ids[b, j - 1]))
     return torch.tensor([[bool(labels[b, j] != IGNORE_INDEX) and j > 0 and same_doc(b, j) for j in range(L)]
@@ -267,7 +267,7 @@ def test_short_training_lowers_the_loss():
 
 @pytest.mark.parametrize("weights", [(0.5, 0.5), (0.3, 1.2)])
 def test_joint_loss_is_hf_causal_lm_loss_plus_the_causal_prefix_diffusion_loss(qwen2_dir, weights):
-    """METHOD.md §5: w_ar * (the plain causal LM loss, computed by HF transformers on the clean tokens)
+    """docs/method.md §5: w_ar * (the plain causal LM loss, computed by HF transformers on the clean tokens)
     + w_diff * (the block-diffusion loss of the same noised batch with a causal clean stream)."""
     import transformers
 

@@ -2,7 +2,7 @@
 
 - Temperature / top-p: many seeded one-token requests must follow the distribution computed here
   from the model's own logits (softmax(z / T), then the smallest top-p nucleus, renormalised).
-- Threshold: a probability of exactly the threshold is *not* above it (METHOD.md §3.2 "exceeds");
+- Threshold: a probability of exactly the threshold is *not* above it (docs/method.md §3.2 "exceeds");
   fp32 gives exactly 1.0 when the top logit leads by ~17 or more, so threshold 1.0 must still
   unmask one position per step.
 - Seeded sampling with the sub-block cache on is the same whatever the batch around the request
@@ -189,7 +189,7 @@ def test_threshold_one_unmasks_one_position_per_step_even_at_probability_one(tmp
 
 
 def test_block_lookahead_opens_blocks_greedily_and_samples_its_step(spread_model):
-    """Under sampling, the token that opens a block stays the argmax (METHOD.md §3.4) while the block
+    """Under sampling, the token that opens a block stays the argmax (docs/method.md §3.4) while the block
     lookahead's step samples, like any denoising step. A prompt of one whole block: its prefill
     forward opens the next block and looks ahead; at a tiny threshold every sampled candidate of the
     first sub-block passes, so two tokens come out of that single forward."""

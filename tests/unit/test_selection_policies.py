@@ -1,4 +1,4 @@
-"""Selection policies of METHOD.md §5 (entropy budget, adaptive sub-block boundary) beside the threshold rule.
+"""Selection policies of docs/method.md §5 (entropy budget, adaptive sub-block boundary) beside the threshold rule.
 
 - The rules on tiny hand-built inputs, chosen so that the usual slips fail: `<` for `<=` on the budget
   (sums that hit the budget exactly in binary floating point), `>=` for `>` on the delimiter
@@ -383,7 +383,7 @@ def test_speculative_drafts_under_the_entropy_budget_still_equal_ar(model):
 
 
 def reference_adaptive_dualcache(model, prompt, max_new_tokens, L, S, threshold, delimiter_ids, delimiter_threshold):
-    """METHOD.md §3.2-3.3 with adaptive sub-blocks (§5), on tests/unit/test_sub_block_cache_oracle.py's
+    """docs/method.md §3.2-3.3 with adaptive sub-blocks (§5), on tests/unit/test_sub_block_cache_oracle.py's
     dense K/V: a sub-block refreshes on its first step and while its first offset is masked, else feeds
     just its own offsets [lo, hi) (hi shrunk by a delimiter) against the block's partly stale K/V."""
     from tests.unit.test_sub_block_cache_oracle import DenseKV, most_likely

@@ -1,4 +1,4 @@
-"""Self-speculative block decoding (METHOD.md §5): its greedy output is the same model's AR output.
+"""Self-speculative block decoding (docs/method.md §5): its greedy output is the same model's AR output.
 
 The oracle is the engine's own mode="ar" (itself held against HF generate in test_engine), so every
 test here fails if a draft token is ever committed without the causal verify agreeing, or if the
@@ -216,7 +216,7 @@ def test_sampled_speculative_first_token_is_sampled_as_in_ar(model):
     assert len(firsts) > 1  # sampled, not the argmax every time
 
 
-# -- a jointly trained model (METHOD.md §5): causal prefix in the checkpoint, the engine follows it ------------
+# -- a jointly trained model (docs/method.md §5): causal prefix in the checkpoint, the engine follows it ------------
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""The engine's sub-block (DualCache) path against an independent reference of METHOD.md §3.3.
+"""The engine's sub-block (DualCache) path against an independent reference of docs/method.md §3.3.
 
 The reference shares nothing with `fdllm.decoding`, `fdllm.cache` or `fdllm.engine`: it keeps one
 sequence's K/V in dense tensors of its own, walks its own block / sub-block schedule and does its
 own confidence, threshold and commit. Only the model's layers (`Transformer.hidden` with a
 `CachedAttention` written here) are shared, for the arithmetic.
 
-Schedule (METHOD.md §3.2-3.4), per block of L positions cut into sub-blocks of S:
+Schedule (docs/method.md §3.2-3.4), per block of L positions cut into sub-blocks of S:
 - a step *refreshes* (feeds the whole block, rewrites its K/V) on the first step of every
   sub-block and while the sub-block's first position is masked;
 - otherwise it feeds only the sub-block's S tokens, overwrites their K/V, and attends to the prefix
@@ -14,7 +14,7 @@ Schedule (METHOD.md §3.2-3.4), per block of L positions cut into sub-blocks of 
   of the sub-block whose probability exceeds the threshold is unmasked, and always the most
   confident one;
 - a finished block is forwarded once more clean (exact K/V); its last logit opens the next block;
-- with the block lookahead (SamplingParams.block_lookahead, beyond METHOD.md), every block opened by
+- with the block lookahead (SamplingParams.block_lookahead, beyond docs/method.md), every block opened by
   a logit (not by prompt tokens) first gets a forward of L masks over the prefix (its first position
   masked too): it writes the block's K/V, and the masked positions 1..S-1 it predicts above the
   threshold are unmasked (none forced); the first sub-block then continues as after its first step.
