@@ -19,8 +19,9 @@ Schedule (docs/method.md §3.2-3.4), per block of L positions cut into sub-block
   masked too): it writes the block's K/V, and the masked positions 1..S-1 it predicts above the
   threshold are unmasked (none forced); the first sub-block then continues as after its first step.
 
-The requests use `P + max_new_tokens` = a block multiple, so the last block is decoded whole and
-the comparison does not depend on how truncation treats positions past max_new_tokens.
+The requests use `P + max_new_tokens` = a block multiple, so the last block is decoded whole;
+`test_truncation_and_stop_tokens_only_cut_the_schedules_output` holds requests that end mid-block
+(max_new_tokens, stop tokens) to a cut of that whole-block output (docs/method.md §3.5, §5).
 """
 
 from __future__ import annotations
@@ -185,6 +186,31 @@ def test_stale_kv_of_cached_steps_changes_some_outputs(model):
         for p in prompts
     ]
     assert any(changed)
+
+
+@pytest.mark.parametrize("use_sub_block_cache", [True, False], ids=["sub-block-cache", "cache-off"])
+def test_truncation_and_stop_tokens_only_cut_the_schedules_output(model, use_sub_block_cache):
+    """max_new_tokens never changes which positions of a block are candidates, and a stop token ends a
+    request once every position before it is decoded: a request that ends mid-block decodes the tokens
+    the whole-block schedule decodes there, cut after max_new_tokens or after its first stop token."""
+    from collections import Counter
+
+    L, S, threshold = 8, 4, 0.4
+    prompts = random_prompts(6, [1, 3, L, L + 3], seed=7)
+    whole = [whole_blocks(p, L, blocks=3) for p in prompts]
+    full = [reference_generate(model, p, n, L, S, threshold, use_sub_block_cache) for p, n in zip(prompts, whole)]
+    budgets = [n - k for n, k in zip(whole, (1, 3, 5, 7, 2, 9))]  # every request ends inside a block
+    engine = make_engine(model, L, S, threshold, use_sub_block_cache)
+    for ref, n, res in zip(full, budgets, engine.generate(prompts, [params(n) for n in budgets])):
+        assert (res.token_ids, res.finish_reason) == (ref[:n], "length")
+    stopped = 0
+    for stop, _ in Counter(t for ref in full for t in ref).most_common(2):  # tokens the schedule decodes often
+        sp = [params(n, stop_token_ids=(stop,)) for n in budgets]
+        for ref, n, res in zip(full, budgets, engine.generate(prompts, sp)):
+            cut = ref[:n][: ref[:n].index(stop) + 1] if stop in ref[:n] else ref[:n]
+            assert (res.token_ids, res.finish_reason) == (cut, "stop" if stop in ref[:n] else "length")
+            stopped += stop in ref[:n]
+    assert stopped >= 3, "the stop tokens should end several requests"
 
 
 @pytest.mark.parametrize("denoise", ["batched", "per-work"])
