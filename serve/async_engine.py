@@ -315,6 +315,8 @@ class AsyncEngine:
             else:
                 waiting.append((args, future))
         self._scores = waiting
+        # The oldest waiting score's pages are not given to requests that arrive after it.
+        self.engine.hold_free_pages(self.engine.score_pages(waiting[0][0][0]) if waiting else 0)
         if not batch:
             return
         try:  # the largest top_logprobs of the batch, each answer cut to its own

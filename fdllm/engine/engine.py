@@ -397,6 +397,14 @@ class Engine:
         return score_sequences(self.runner, self.allocator, encoded, top_logprobs, self.config.block_size,
                                self.engine_config.max_prefill_tokens, starts)
 
+    def hold_free_pages(self, n: int) -> None:
+        """Admit no new request into the last `n` unreserved pages (0: none held). A caller that waits
+        between steps for pages to free (a score the cache has no room for yet) is otherwise overtaken
+        by every request that arrives after it, each taking the pages that free."""
+        if not is_int(n) or n < 0:
+            raise ValueError(f"held pages must be an int >= 0, got {n!r}")
+        self.scheduler.held_pages = n
+
     def score_pages(self, token_ids: list[int]) -> int:
         """KV pages `score` borrows at most for a sequence of these tokens (all of a call's at once;
         blocks the prefix cache holds are read instead)."""

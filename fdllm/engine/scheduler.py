@@ -44,6 +44,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.max_num_seqs, self.max_prefill_tokens, self.block_size = max_num_seqs, max_prefill_tokens, block_size
         self.lookahead_max_batch = lookahead_max_batch
+        self.held_pages = 0  # free pages admission leaves alone (Engine.hold_free_pages)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.batch_denoising = True  # False: every step a Work (the tests' reference for DenoiseBatch)
@@ -79,7 +80,7 @@ class Scheduler:
                 deferred.append(self.waiting.popleft())
                 continue
             need = (seq.max_pages if self.reserve_worst_case else seq.pages_to_start) - len(shared)
-            spare = 0 if self.reserve_worst_case else len(self.running)  # their next blocks
+            spare = (0 if self.reserve_worst_case else len(self.running)) + self.held_pages  # their next blocks
             if not self.allocator.reserve(need, shared, spare=spare):
                 break  # FIFO: a large request is not overtaken by smaller ones behind it
             seq.use_cached_prefix(shared)

@@ -211,9 +211,13 @@ def test_score_runs_between_steps_and_waits_for_pages(causal_dllm_dir):
         small = await drv.score([7, 8, 9], 1)  # fits beside the request: answered at once
         await asyncio.sleep(0.2)  # steps go round meanwhile
         assert not big.done()
+        assert engine.scheduler.held_pages == engine.score_pages(tokens)  # not given to later requests
         release.set()
         result = [event async for event in stream][-1]
-        return result, await big, small
+        big_result = await big
+        await asyncio.sleep(0.05)  # the next round between steps lets them go
+        assert engine.scheduler.held_pages == 0
+        return result, big_result, small
 
     try:
         result, big, small = asyncio.run(main())

@@ -642,3 +642,22 @@ def test_requests_without_a_mode_decode_as_the_checkpoint_was_trained(model, dll
     for mode in ("diffusion", "beam"):
         with pytest.raises(ValueError, match="default_mode must be one of"):
             fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4), default_mode=mode)
+
+
+def test_held_free_pages_are_not_given_to_new_requests(model):
+    """Engine.hold_free_pages(n): a request arriving after a caller that waits for pages (a score between
+    steps) is not admitted into them, so it cannot overtake that caller; the hold lifted, it is."""
+    engine = make_engine(model, num_pages=8)
+    engine.add_request([5] * 20, params(max_new_tokens=8), request_id="running")
+    engine.step()  # prefilled: 3 pages and a spare for its next block
+    free = engine.num_free_pages
+    engine.hold_free_pages(free)
+    engine.add_request([6, 7], params(max_new_tokens=4), request_id="later")
+    engine.step()
+    assert engine.num_waiting == 1 and engine.num_free_pages == free
+    engine.hold_free_pages(0)
+    engine.step()
+    assert engine.num_waiting == 0  # admitted (and perhaps already done)
+    for bad in (-1, 1.5, None):
+        with pytest.raises(ValueError, match="held pages"):
+            engine.hold_free_pages(bad)
