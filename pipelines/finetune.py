@@ -43,6 +43,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -177,7 +178,9 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     dataset = build_dataset(sources, tokenizer, cfg.data_config(), num_cpus=cfg.data_cpus, row_multiple=cfg.num_workers)
     # Ray Train's ingest defaults (resource limits that leave the trainers' CPUs/GPUs alone, ...), plus a
     # deterministic stream, so a resumed single-worker run skips exactly the sequences it saw.
-    ingest = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray 2.60's own defaults set a field it deprecates: nothing to act on
+        warnings.filterwarnings("ignore", message=".*exclude_resources. is deprecated")
+        ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
 
     return TorchTrainer(
