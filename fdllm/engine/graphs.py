@@ -83,8 +83,12 @@ class GraphPool:
         self.stream = torch.cuda.Stream(device=cache.k_LPSKH.device)
         self.out_ND = torch.empty(0, model.config.hidden_size, dtype=model.dtype, device=cache.k_LPSKH.device)
 
+    @torch.inference_mode()
     def capture(self, shape: StaticShape) -> CapturedStep:
-        """The captured step of `shape` (captured now if it is new)."""
+        """The captured step of `shape` (captured now if it is new). Under inference mode whoever calls:
+        the engine's start-up capture (`ModelRunner.capture_largest`) ran with autograd on, and its warm-up
+        and captured forwards kept every layer's activations alive through the KV cache's history (about
+        12 GiB at the 1.5B shape with 64 sequences), memory the KV sizing had given to pages."""
         step = self.steps.get(shape)
         if step is not None:
             return step

@@ -411,3 +411,22 @@ def test_block_lookahead_with_stops_and_unaligned_budgets(model, prefix_attentio
         for r, p in zip(got, ps):
             assert 1 <= len(r.token_ids) <= p.max_new_tokens and r.finish_reason in ("stop", "length")
             assert (r.finish_reason == "stop") == (r.token_ids[-1] in p.stop_token_ids)
+
+
+def test_a_cuda_graph_is_captured_with_autograd_off(monkeypatch):
+    """The engine's start-up capture (outside any forward) ran with autograd on: its warm-up and captured
+    forwards recorded history on the KV cache and kept every layer's activations alive, gigabytes
+    the KV sizing had counted as free. On CPU, with a stand-in for the captured step: the capture's
+    body runs in inference mode whoever calls it."""
+    from types import SimpleNamespace
+
+    from fdllm.engine import graphs
+    from fdllm.engine.runner import StaticShape
+
+    seen = []
+    monkeypatch.setattr(graphs, "CapturedStep", lambda *args: seen.append(torch.is_inference_mode_enabled()) or "step")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    pool = SimpleNamespace(steps={}, capture_seconds=0.0, model=None, attention_fn=None, pool=None, stream=None,
+                           cache=SimpleNamespace(k_LPSKH=torch.empty(1)), out_ND=torch.empty(8, 2))
+    assert not torch.is_inference_mode_enabled()
+    assert graphs.GraphPool.capture(pool, StaticShape(2, 4, 3)) == "step" and seen == [True]
