@@ -110,6 +110,32 @@ def test_failed_requests_fail_the_run_rather_than_time_it():
         gpu_suite._tokens([ok, failed])
 
 
+def test_a_steps_cost_is_timed_over_decode_steps_alone():
+    """The eager prefill step (every prompt token of the batch) weighed ~6x more in a diffusion run's ~20
+    steps than in an AR run's ~128, biasing the step ratio the 1.3x target reads: ms/step counts only
+    the steps after the last prompt token was prefilled; tokens/s stays end to end."""
+    import fdllm
+
+    model = gpu_suite.random_model("smoke", torch.device("cpu"), torch.float32)
+    engine = gpu_suite._engine(model, model.config.vocab_size - 1, backend="torch", eager=True, cache=True,
+                               batch=2, threshold=0.5, block=8, sub=4)
+    engine.scheduler.max_prefill_tokens = 40  # two prompts of 30 tokens: prefilled over two steps
+    step, prefilled = engine.step, []
+
+    def stepped():  # the prefill steps take a second more
+        prefilled.append(any(s.num_prefill_left for s in engine.scheduler.running) or bool(engine.scheduler.waiting))
+        if prefilled[-1]:
+            time.sleep(1.0)
+        return step()
+
+    engine.step = stepped
+    timed = gpu_suite._decode_run(engine, [[5] * 30, [6] * 30], fdllm.SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert prefilled[:2] == [True, True] and not any(prefilled[2:])
+    assert timed.steps == len(prefilled) and timed.decode_steps == timed.steps - 2
+    assert timed.ms_per_step < 100 < 2000 / timed.steps  # the prefill seconds would have been ~200 ms a step
+    assert timed.seconds > 2 and timed.tokens_per_s == pytest.approx(timed.tokens / timed.seconds)
+
+
 def test_step_ratios_compare_runs_made_the_same_way():
     """A row's step cost is against the AR step with graphs on or off like itself; the lookahead step
     cost is the speculative row against the one without its lookahead."""
@@ -270,3 +296,12 @@ def test_a_stopped_suite_stops_its_running_section(tmp_path):
         time.sleep(0.1)
     assert not _processes_mentioning(str(out))
     assert not result_file.parent.exists()
+
+
+def test_the_roofline_reads_each_devices_own_bandwidth():
+    """A substring lookup gave "NVIDIA H100 PCIe" (2.0 TB/s) and "NVIDIA H100 NVL" (3.9) the SXM H100's
+    3.35 TB/s, and every A100 the 80 GB SXM's: the roofline target was read against the wrong peak."""
+    names = {"NVIDIA H100 80GB HBM3": 3350.0, "NVIDIA H100 PCIe": 2000.0, "NVIDIA H100 NVL": 3900.0,
+             "NVIDIA H200": 4800.0, "NVIDIA A100-SXM4-80GB": 2039.0, "NVIDIA A100 80GB PCIe": 1935.0,
+             "NVIDIA A100-SXM4-40GB": 1555.0, "NVIDIA A100-PCIE-40GB": 1555.0, "NVIDIA L4": 0.0}
+    assert {name: gpu_suite.peak_gbps(name) for name in names} == names
