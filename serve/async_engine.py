@@ -302,7 +302,7 @@ class AsyncEngine:
         """Score, in one call (so they share forwards), the waiting sequences the free pages hold now, in
         order; the rest wait for the next step to free pages (with no request running every page is
         free). One that could never fit goes with them, for `Engine.score` to refuse."""
-        free, batch, waiting = self.engine.num_free_pages, [], []
+        free, batch, waiting, held = self.engine.num_free_pages, [], [], 0
         for args, future in self._scores:
             if future.cancelled():
                 continue
@@ -313,10 +313,11 @@ class AsyncEngine:
                 free -= pages
                 batch.append((args, future))
             else:
+                if not waiting:  # the oldest waiting score's pages are not given to requests arriving after it
+                    held = pages
                 waiting.append((args, future))
         self._scores = waiting
-        # The oldest waiting score's pages are not given to requests that arrive after it.
-        self.engine.hold_free_pages(self.engine.score_pages(waiting[0][0][0]) if waiting else 0)
+        self.engine.hold_free_pages(held)
         if not batch:
             return
         try:  # the largest top_logprobs of the batch, each answer cut to its own

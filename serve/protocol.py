@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import functools
 import hashlib
 import json
 import time
@@ -438,16 +439,21 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-def _template_variables(v: dict[str, Any] | None) -> dict[str, Any] | None:
-    """vLLM's `chat_template_kwargs`: variables the chat template reads (Qwen3's `enable_thinking`), never
-    one of apply_chat_template's own arguments (`tokenize`, `add_generation_prompt`, ...), which would
-    change what rendering returns rather than what the template writes."""
+@functools.cache
+def _rendering_arguments() -> frozenset[str]:
+    """apply_chat_template's own arguments (`tokenize`, `add_generation_prompt`, ...), read once."""
     import inspect
 
     from transformers import PreTrainedTokenizerBase
 
-    own = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
-    if clash := sorted(set(v or ()) & own):
+    return frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+
+
+def _template_variables(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """vLLM's `chat_template_kwargs`: variables the chat template reads (Qwen3's `enable_thinking`), never
+    one of the rendering's own arguments, which would change what rendering returns rather than what
+    the template writes."""
+    if clash := sorted(set(v or ()) & _rendering_arguments()):
         raise RequestError("chat_template_kwargs", f"Invalid 'chat_template_kwargs': {', '.join(map(repr, clash))} "
                            "is an argument of the template's rendering, not a variable of the template.")
     return v
