@@ -359,7 +359,8 @@ class StaticPagedAttention:
             q_BTNH.view(Bb, T // Bb, N, H), self.cache.k_LPSKH[layer], self.cache.v_LPSKH[layer],
             self.block_tables_BM, self.kv_lens_B, self.q_lens_B, causal=self.causal,
         )
-        return o_BQNH.view(1, T, N, H)
+        # reshape, not view: a backend may return any layout (SDPA's CUDA kernels give a transposed [B, N, Q, H])
+        return o_BQNH.reshape(1, T, N, H)
 
 
 def kv_budget_pages(page_bytes: int, memory_fraction: float, device: torch.device, peak_bytes: int) -> int:

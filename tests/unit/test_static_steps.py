@@ -430,3 +430,24 @@ def test_a_cuda_graph_is_captured_with_autograd_off(monkeypatch):
                            cache=SimpleNamespace(k_LPSKH=torch.empty(1)), out_ND=torch.empty(8, 2))
     assert not torch.is_inference_mode_enabled()
     assert graphs.GraphPool.capture(pool, StaticShape(2, 4, 3)) == "step" and seen == [True]
+
+
+def test_a_backend_output_in_any_layout_runs_static(model, monkeypatch):
+    """A backend may return [B, Q, N, H] as a transposed view of [B, N, Q, H] (SDPA's CUDA kernels do,
+    the torch backend's result then keeps that layout); static steps must take it as it comes (a
+    `view` of it failed every request of the torch backend on CUDA; on CPU SDPA's layout hid it)."""
+    from fdllm.engine import runner
+    from fdllm.kernels.reference import paged_attention_torch
+
+    def heads_first(*args, **kwargs):
+        o_BQNH = paged_attention_torch(*args, **kwargs)
+        return o_BQNH.transpose(1, 2).contiguous().transpose(1, 2)
+
+    requests = mixed_requests(0.0)
+    want = run_mixed(make_engine(model), requests)
+    engine = make_engine(model)
+    monkeypatch.setattr(runner, "select_attention_backend", lambda name, device: heads_first)
+    engine.runner = runner.ModelRunner(model, engine.runner.cache, MASK, "torch", max_num_seqs=64)
+    shapes = count_static_steps(engine)
+    assert run_mixed(engine, requests) == want
+    assert any(s is not None for s in shapes)
