@@ -44,7 +44,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if fused:  # one Triton kernel instead of ~7 (fdllm.kernels.fused_ops; inference only)
+            from fdllm.kernels.fused_ops import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as HF does, so bf16 checkpoints match to the last bit.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -59,10 +63,15 @@ def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: to
     return emb_BTH.cos().to(dtype), emb_BTH.sin().to(dtype)
 
 
-def apply_rope(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor:
+def apply_rope(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor, fused: bool = False) -> Tensor:
     """Rotated in the tables' precision, returned in x's: under bf16 autocast the tables are fp32 (the
     residual stream is) and q/k bf16, so q/k/v reach attention in one dtype (what autocast's attention
-    would cast them to), not q/k promoted to fp32 beside a bf16 v."""
+    would cast them to), not q/k promoted to fp32 beside a bf16 v. `fused`: one Triton kernel, the same bits
+    (inference, tables in x's dtype)."""
+    if fused:
+        from fdllm.kernels.fused_ops import apply_rope_fused
+
+        return apply_rope_fused(x_BTnH, cos_BTH, sin_BTH)
     half = x_BTnH.shape[-1] // 2
     rotated = torch.cat((-x_BTnH[..., half:], x_BTnH[..., :half]), dim=-1)
     return (x_BTnH * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]).to(x_BTnH.dtype)
@@ -120,10 +129,11 @@ class Attention(nn.Module):
         o_bias = cfg.qkv_bias and cfg.model_type == "llama"
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None,
+                fused: bool = False) -> Tensor:
         B, T, _ = x_BTD.shape
-        q_BTNH = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k_BTKH = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim), cos, sin)
+        q_BTNH = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin, fused)
+        k_BTKH = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim), cos, sin, fused)
         v_BTKH = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)
         if cache is not None:
             o_BTNH = cache(self.layer, q_BTNH, k_BTKH, v_BTKH)
@@ -151,9 +161,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None,
+                fused: bool = False) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x, fused), cos, sin, mask, cache, fused)
+        return x + self.mlp(self.post_attention_layernorm(x, fused))
 
 
 class DecoderStack(nn.Module):
@@ -192,11 +203,14 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         mask: Tensor | "BlockMask" | None = None,
         cache: CachedAttention | None = None,
+        fused: bool = False,
     ) -> Tensor:
         """Final hidden states [B, T, D] of tokens [B, T].
 
         position_ids [B|1, T] default to 0..T-1. Attention: `cache` (inference backend) if given,
         else `mask`: None = causal, dense bool [B|1, 1, T, T] (True = may attend), or a BlockMask.
+        `fused`: RMSNorm and RoPE as Triton kernels (`fdllm.kernels.fused_ops`: CUDA, or the Triton
+        interpreter; no backward, so inference only): the engine's runner asks with its Triton backend.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -205,8 +219,8 @@ class Transformer(nn.Module):
         x_BTD = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x_BTD.dtype)
         for layer in self.model.layers:
-            x_BTD = layer(x_BTD, cos, sin, mask, cache)
-        return self.model.norm(x_BTD)
+            x_BTD = layer(x_BTD, cos, sin, mask, cache, fused)
+        return self.model.norm(x_BTD, fused)
 
     def forward(
         self,

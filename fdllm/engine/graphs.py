@@ -45,8 +45,8 @@ class CapturedStep:
     """One captured body: its input buffer (sliced like StaticInputs) and its output hidden states."""
 
     def __init__(self, model: Transformer, cache: KVCache, attention_fn, shape: StaticShape,
-                 pool, stream: torch.cuda.Stream, out_ND: Tensor) -> None:
-        """`out_ND`: the shared output buffer, at least Bb * Q rows."""
+                 pool, stream: torch.cuda.Stream, out_ND: Tensor, fused: bool = False) -> None:
+        """`out_ND`: the shared output buffer, at least Bb * Q rows; `fused`: as `GraphPool`'s."""
         from fdllm.engine.runner import StaticInputs, forward_static
 
         device = cache.k_LPSKH.device
@@ -54,7 +54,7 @@ class CapturedStep:
         self.inputs = StaticInputs.view(self.buf, shape)
         self.inputs.slots_T.fill_(cache.scratch_slot)  # capture writes only to scratch; kv_lens 0: reads nothing
         self.inputs.tables_BM.fill_(-1)
-        run = lambda: forward_static(model, cache, attention_fn, self.inputs)  # noqa: E731
+        run = lambda: forward_static(model, cache, attention_fn, self.inputs, fused)  # noqa: E731
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: triton autotune/compile and allocator state, outside the capture
@@ -75,8 +75,9 @@ class CapturedStep:
 class GraphPool:
     """Captured steps by shape, sharing one CUDA graph memory pool and one output buffer."""
 
-    def __init__(self, model: Transformer, cache: KVCache, attention_fn) -> None:
-        self.model, self.cache, self.attention_fn = model, cache, attention_fn
+    def __init__(self, model: Transformer, cache: KVCache, attention_fn, fused: bool = False) -> None:
+        """`fused`: the bodies use fdllm.kernels.fused_ops (`Transformer.hidden`'s flag)."""
+        self.model, self.cache, self.attention_fn, self.fused = model, cache, attention_fn, fused
         self.steps: dict[StaticShape, CapturedStep] = {}
         self.capture_seconds = 0.0  # spent capturing so far (benchmarks leave it out of step times)
         self.pool = torch.cuda.graph_pool_handle()
@@ -99,7 +100,8 @@ class GraphPool:
         start = time.perf_counter()
         if len(self.out_ND) < shape.batch * shape.q_len:  # larger than the start-up capture: a bigger buffer
             self.out_ND = self.out_ND.new_empty(shape.batch * shape.q_len, self.out_ND.shape[1])
-        step = CapturedStep(self.model, self.cache, self.attention_fn, shape, self.pool, self.stream, self.out_ND)
+        step = CapturedStep(self.model, self.cache, self.attention_fn, shape, self.pool, self.stream, self.out_ND,
+                            self.fused)
         torch.cuda.synchronize(device)
         self.capture_seconds += time.perf_counter() - start
         self.steps[shape] = step

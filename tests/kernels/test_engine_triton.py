@@ -30,11 +30,24 @@ def model(sharp_dir, device):
 
 
 @pytest.mark.parametrize("use_sub_block_cache", [False, True], ids=["refresh", "sub_block_cache"])
-def test_triton_backend_decodes_like_torch_and_reference(model, use_sub_block_cache):
+def test_triton_backend_decodes_like_torch_and_reference(model, use_sub_block_cache, monkeypatch):
+    """Its steps run the fused norm and RoPE kernels too (counted), the torch backend's do not."""
+    from fdllm.kernels import fused_ops
+
+    calls = {"rms_norm": 0, "apply_rope_fused": 0}
+    for name in calls:
+        def counted(*args, _name=name, _fn=getattr(fused_ops, name)):
+            calls[_name] += 1
+            return _fn(*args)
+        monkeypatch.setattr(fused_ops, name, counted)
     engines = {name: make_engine(model, attention_backend=name, use_sub_block_cache=use_sub_block_cache)
                for name in ("triton", "torch")}
     assert engines["triton"].runner.fused_confidence is not None
-    got = {name: engine.generate(PROMPTS, PARAMS) for name, engine in engines.items()}
+    got = {"triton": engines["triton"].generate(PROMPTS, PARAMS)}
+    assert calls["rms_norm"] > 0 and calls["apply_rope_fused"] > 0
+    before = dict(calls)
+    got["torch"] = engines["torch"].generate(PROMPTS, PARAMS)
+    assert calls == before
     assert [r.token_ids for r in got["triton"]] == [r.token_ids for r in got["torch"]]
     assert all(len(r.token_ids) == N for r in got["triton"])
     assert any(r.tokens_per_forward > 1 for r in got["triton"]), "thresholds should unmask several tokens at once"

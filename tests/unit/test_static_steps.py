@@ -426,7 +426,7 @@ def test_a_cuda_graph_is_captured_with_autograd_off(monkeypatch):
     seen = []
     monkeypatch.setattr(graphs, "CapturedStep", lambda *args: seen.append(torch.is_inference_mode_enabled()) or "step")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    pool = SimpleNamespace(steps={}, capture_seconds=0.0, model=None, attention_fn=None, pool=None, stream=None,
+    pool = SimpleNamespace(steps={}, capture_seconds=0.0, model=None, attention_fn=None, fused=False, pool=None, stream=None,
                            cache=SimpleNamespace(k_LPSKH=torch.empty(1)), out_ND=torch.empty(8, 2))
     assert not torch.is_inference_mode_enabled()
     assert graphs.GraphPool.capture(pool, StaticShape(2, 4, 3)) == "step" and seen == [True]

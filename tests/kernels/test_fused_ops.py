@@ -1,0 +1,90 @@
+"""The fused RMSNorm and RoPE kernels against HF transformers' Qwen2 modules (independent oracles)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+
+from fdllm.model import rope_cos_sin
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def skip_interpreted_bf16(device, dtype: str) -> None:
+    if device.type != "cuda" and dtype == "bf16":
+        pytest.skip("the Triton interpreter's bf16 arithmetic does not round as a GPU does (the gpu test covers bf16)")
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = Qwen2RMSNorm(x.shape[-1], eps=eps).to(device=x.device, dtype=weight.dtype)
+    norm.weight.data.copy_(weight)
+    return norm(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [1.0, 1e4, 1e-20], ids=["unit", "huge", "tiny"])
+def test_rms_norm_matches_hf(device, dtype, scale):
+    from fdllm.kernels.fused_ops import rms_norm
+
+    skip_interpreted_bf16(device, dtype)
+    g = torch.Generator().manual_seed(0)
+    D, eps = 96, 1e-6
+    x = (torch.randn(2, 5, D, generator=g) * scale).to(device=device, dtype=DTYPES[dtype])
+    x[0, 0] = 0  # an all-zero row: eps alone keeps it finite
+    weight = (1 + 0.1 * torch.randn(D, generator=g)).to(device=device, dtype=DTYPES[dtype])
+    got, want = rms_norm(x, weight, eps), hf_rms_norm(x, weight, eps)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    # only the mean's summation order differs: fp32 to rounding, 16-bit to one step of its last place
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == "fp32" else 8e-3, atol=1e-6)
+
+
+def test_rms_norm_of_a_strided_input_and_fp32_weight(device):
+    """A view with a row stride (the packed step's rows), and HF's promotion: fp16 x, fp32 weight -> fp32."""
+    from fdllm.kernels.fused_ops import rms_norm
+
+    x = torch.randn(7, 2 * 40, device=device, dtype=torch.float16)[:, :40]
+    weight = torch.rand(40, device=device) + 0.5
+    got, want = rms_norm(x, weight, 1e-5), hf_rms_norm(x, weight, 1e-5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_matches_hf(device, dtype):
+    from fdllm.kernels.fused_ops import apply_rope_fused
+
+    skip_interpreted_bf16(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    B, T, n, H = 2, 5, 3, 16
+    positions = torch.tensor([[0, 1, 2, 3, 4], [9, 9, 10, 4000, 7]], device=device)  # repeated, far apart
+    cos, sin = rope_cos_sin(positions, H, 1e6, DTYPES[dtype])
+    x = torch.randn(B, T, n, H, generator=g).to(device=device, dtype=DTYPES[dtype])
+    got = apply_rope_fused(x, cos, sin)
+    want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)  # HF: [B, n, T, H]
+    want = want.transpose(1, 2)
+    assert torch.equal(got, want)  # each product and the sum rounded as eager torch rounds them
+
+
+def test_rope_refuses_mixed_dtypes_and_odd_heads(device):
+    from fdllm.kernels.fused_ops import apply_rope_fused
+
+    cos, sin = rope_cos_sin(torch.arange(3, device=device)[None], 8, 1e4, torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        apply_rope_fused(torch.zeros(1, 3, 2, 8, device=device, dtype=torch.bfloat16), cos, sin)
+    with pytest.raises(ValueError, match="even"):
+        apply_rope_fused(torch.zeros(1, 3, 2, 7, device=device), cos[..., :7], sin[..., :7])
+
+
+@pytest.mark.gpu
+def test_fused_ops_at_qwen2_shape_on_gpu(cuda_device):
+    from fdllm.kernels.fused_ops import apply_rope_fused, rms_norm
+
+    x = torch.randn(64, 1536, device=cuda_device, dtype=torch.bfloat16)
+    weight = torch.rand(1536, device=cuda_device, dtype=torch.bfloat16) + 0.5
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6), hf_rms_norm(x, weight, 1e-6), rtol=8e-3, atol=1e-6)
+    cos, sin = rope_cos_sin(torch.arange(64, device=cuda_device)[None] * 37, 128, 1e6, torch.bfloat16)
+    q = torch.randn(1, 64, 12, 128, device=cuda_device, dtype=torch.bfloat16)
+    want, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos, sin)
+    assert torch.equal(apply_rope_fused(q, cos, sin), want.transpose(1, 2))
