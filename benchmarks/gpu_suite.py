@@ -3,6 +3,7 @@ r"""Every GPU figure of the project in one command (random weights, no network),
     python -m benchmarks.gpu_suite --out runs/gpu-suite            # the real suite (target: <= 8 minutes)
     python -m benchmarks.gpu_suite --out runs/gpu-suite --sections decode,kernels   # some sections only
     python -m benchmarks.gpu_suite --out runs/gpu-suite --deadline-s 540   # stop starting sections after 9 min
+    python -m benchmarks.gpu_suite --out runs/gpu-suite --decode-shapes qwen2.5-1.5b --decode-batches 1,64   # a shorter table
     python -m benchmarks.gpu_suite --out /tmp/suite --smoke        # CPU: tiny shapes, Triton interpreter
 
 Without a CUDA device only `--smoke` runs (the real shapes would take hours on a CPU). It uses the
@@ -36,11 +37,13 @@ bench_kernels) has a limit inside the section's, so the section reports rather t
    batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth), and each
    run's peak allocated memory (weights, KV pages, the largest step's activations and head chunk);
 4. `pytest -m gpu` (compiled Triton kernels vs their references);
-5. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
+5. where a batch-1 decode step's time goes at the 1.5B shape (torch.profiler: wall vs GPU kernel time,
+   kernels per step, the costliest kernels and host ops), AR and diffusion with graphs, AR eager;
+6. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
    shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
    with the unquantized model;
-6. kernel latency and achieved HBM bandwidth vs peak (benchmarks/bench_kernels.py);
-7. training step cost of the two-stream objective vs AR at the 1.5B shape, and with vs without the
+7. kernel latency (CUDA-graph replays) and achieved HBM bandwidth vs peak (benchmarks/bench_kernels.py);
+8. training step cost of the two-stream objective vs AR at the 1.5B shape, and with vs without the
    compaction of the noisy blocks that carry no target (benchmarks/bench_train.py).
 Targets checked: a diffusion step at batch 1 <= 1.3x an AR step; AR batch-1 decode within 1.5x of
 the weight-read roofline; one sync per step.
@@ -73,7 +76,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from benchmarks.cli import output_dir, write_json_atomic
+from benchmarks.cli import output_dir, positive_int_list, write_json_atomic
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
@@ -87,13 +90,14 @@ SHAPES = {
 PEAK_GBPS = (("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0),
              ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0))
 TARGET_STEP_RATIO, TARGET_ROOFLINE, TARGET_SYNCS = 1.3, 1.5, 1
+DECODE_SHAPES, DECODE_BATCHES = ["qwen2.5-1.5b", "qwen2.5-7b"], [1, 8, 32, 64]  # --decode-shapes, --decode-batches
 REPO = Path(__file__).resolve().parents[1]
 # The sections in report order, each with the most seconds its process may take (a hang must not
 # spend a device session: what is left of the suite still runs).
 # In the report's order, the targets first: under a deadline (a device lent for minutes) the sections
 # that check them run while there is time; decode keeps its rows if the deadline cuts it.
 SECTION_TIMEOUT_S = {"engine exactness": 180, "syncs per step": 180, "decode": 480, "pytest -m gpu": 180,
-                     "quantized decode": 240, "kernels": 300, "training step": 300}
+                     "step profile": 180, "quantized decode": 240, "kernels": 300, "training step": 300}
 MIN_SECTION_S = 30  # under --deadline-s, a section with less time left than this is not started
 DEFAULT_DEADLINE_S = 480  # on a GPU, without --deadline-s: the suite's 8-minute target
 # What a section needs beyond the `train,serve,gpu` extras (in `dev` and `quant`): without it the section
@@ -176,12 +180,20 @@ class Report:
                 lines.append(f"{s['note']}\n")
             for check in s.get("checks", []):
                 lines.append(f"- {'PASS' if check['pass'] else 'FAIL'}: {check['what']} ({check['value']})")
+            for key, value in s.items():  # what else the section measured (ratios, failing tests, sync lines)
+                if key in _RENDERED or value in (None, [], {}):
+                    continue
+                lines.append(f"- {key}: {_fmt(value)}" if not isinstance(value, (dict, list)) else
+                             f"\n{key}:\n```\n{json.dumps(value, indent=1)}\n```")
             if s.get("table"):
                 cols = list(dict.fromkeys(k for row in s["table"] for k in row))  # every row's columns, in order
                 lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                 lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in s["table"]]
             lines.append("")
         (self.out / "report.md").write_text("\n".join(lines))
+
+
+_RENDERED = {"name", "status", "seconds", "error", "output tail", "note", "checks", "table"}  # Report.write's own lines
 
 
 class SectionResult:
@@ -240,6 +252,17 @@ def _stopped(error: str, status: str, partial: dict[str, Any] | None, tail: coll
     return {**partial, "status": f"{status} (partial)", "error": error, "output tail": "".join(tail)}
 
 
+def _choices(names) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of `names`."""
+    def parse(text: str) -> list[str]:
+        values = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = [v for v in values if v not in names]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(names)}; got {text!r}")
+        return values
+    return parse
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else "" if v is None else str(v)
 
@@ -260,9 +283,12 @@ def pytest_gpu(smoke: bool, budget_s: float) -> dict[str, Any]:
     target = ["tests/kernels/test_paged_attention.py"] if smoke else ["tests/kernels"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *target],
                           capture_output=True, text=True, timeout=inner_timeout(budget_s))
-    tail = proc.stdout.strip().splitlines()[-1:] or [""]
+    lines = proc.stdout.strip().splitlines()
+    tail = lines[-1:] or [""]
     ok = proc.returncode in (0, 5) if smoke else proc.returncode == 0  # smoke: no CUDA, all skip
-    return {"checks": [_check("pytest -m gpu", tail[0], ok)], "returncode": proc.returncode}
+    # the failing tests and their errors (pytest's short summary, -ra), the one thing a rerun needs
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return {"checks": [_check("pytest -m gpu", tail[0], ok)], "returncode": proc.returncode, "failed": failed}
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype):
@@ -452,14 +478,14 @@ def engine_key(run: DecodeRun) -> tuple[bool, bool, bool]:
     return run.eager, run.cache, run.spec_lookahead
 
 
-def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial) -> dict[str, Any]:
+def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial,
+           shapes: list[str] = DECODE_SHAPES, batches: list[int] = DECODE_BATCHES) -> dict[str, Any]:
     """The decode table; every row measured so far (and the checks they allow) is passed to `partial`
     as it comes, in the order measured: a timeout keeps what it cost."""
     import fdllm
     from fdllm.quantization import weight_bytes
 
-    shapes = ["smoke"] if smoke else ["qwen2.5-1.5b", "qwen2.5-7b"]
-    batches = [2] if smoke else [1, 8, 32, 64]
+    shapes, batches = (["smoke"], [2]) if smoke else (shapes, batches)
     dtype = torch.float32 if smoke else torch.bfloat16
     prompt_len, new = (6, 58) if smoke else (128, 128)  # smoke: past two block commits
     backend = "triton" if device.type == "cuda" else "torch"
@@ -654,10 +680,11 @@ def hf_yardstick(hf, prompts, new: int, shape: str, batch: int, device: torch.de
             "tokens/s": tokens / seconds, "tokens/forward": 1.0}
 
 
-def syncs_of_full_decode_steps(engine, running: int) -> list[int]:
+def syncs_of_full_decode_steps(engine, running: int, where: collections.Counter | None = None) -> list[int]:
     """Device syncs of each decode step while `running` requests are in flight, counted by torch's
     sync debug mode; the first 3 steps (prefill) and any step that captured a CUDA graph (a new
-    static shape: capturing synchronizes) are left out of the count."""
+    static shape: capturing synchronizes) are left out of the count. `where` counts the Python lines
+    that synced (torch warns from the frame that called into it), so a failing count says what to fix."""
     results = [r for _ in range(3) for r in engine.step()]
     graphs = engine.runner.graphs
     counts = []
@@ -671,7 +698,11 @@ def syncs_of_full_decode_steps(engine, running: int) -> list[int]:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         if graphs is None or len(graphs.steps) == captured:
-            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            counts.append(len(syncs))
+            if where is not None:
+                where.update(f"{Path(w.filename).relative_to(REPO) if Path(w.filename).is_relative_to(REPO) else w.filename}"
+                             f":{w.lineno}" for w in syncs)
     _tokens(results)  # raises with the engine's error: failed requests end the loop, not a count of 0 steps
     return counts
 
@@ -683,7 +714,7 @@ def syncs_per_step(device: torch.device, smoke: bool) -> dict[str, Any]:
         return {"checks": [], "note": "needs CUDA (torch.cuda.set_sync_debug_mode); not counted on CPU"}
     model = random_model("smoke" if smoke else "qwen2.5-1.5b", device, torch.bfloat16)
     mask = model.config.vocab_size - 1
-    checks = []
+    checks, where = [], {}
     penalties = {"repetition_penalty": 1.1, "frequency_penalty": 0.3}  # requests that adjust their logits
     for mode, cache, adjust in (("ar", True, {}), ("diffusion", True, {}), ("diffusion", False, {}),
                                 ("diffusion", True, penalties)):
@@ -691,12 +722,14 @@ def syncs_per_step(device: torch.device, smoke: bool) -> dict[str, Any]:
         params = fdllm.SamplingParams(max_new_tokens=64, ignore_eos=True, mode=mode, temperature=0.7, seed=1, **adjust)
         for i in range(8):
             engine.add_request([i + 1] * 40, params)
-        counts = syncs_of_full_decode_steps(engine, 8)
+        lines = collections.Counter()
+        counts = syncs_of_full_decode_steps(engine, 8, lines)
         worst = max(counts) if counts else None
         what = f"{mode} (sub-block cache {'on' if cache else 'off'}{', penalties' if adjust else ''})"
         checks.append(_check(f"{what}: syncs per decode step, worst of {len(counts)}", worst,
                              worst is not None and worst <= TARGET_SYNCS))
-    return {"checks": checks}
+        where[what] = {"syncs in all counted steps": sum(counts), "by line": dict(lines.most_common())}
+    return {"checks": checks, "where": where}
 
 
 def kernels(smoke: bool, peak_gbps: float, out: Path, budget_s: float) -> dict[str, Any]:
@@ -736,15 +769,76 @@ def training(device: torch.device, smoke: bool) -> dict[str, Any]:
             "step cost diffusion/uncut": step["diffusion"] / step["diffusion-uncut"]}
 
 
-def section_functions(device: torch.device, smoke: bool, peak: float, out: Path,
-                      budget_s: float) -> dict[str, Callable[[Partial], dict[str, Any]]]:
+PROFILE_STEPS = 20  # decode steps under the profiler, per run
+
+
+def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Where a decode step's time goes at the 1.5B shape, batch 1 (the roofline target's row):
+    torch.profiler over PROFILE_STEPS decode steps of AR and diffusion with CUDA graphs, and of AR
+    eager. Per run: the step's wall time (under the profiler), its GPU kernels' summed time and count,
+    and the kernels and host ops that cost most. Kernel time near the wall time says the GPU bounds
+    the step (fewer or fused kernels help); far under it, the host does (or gaps between launches)."""
+    import fdllm
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    model = random_model("smoke" if smoke else "qwen2.5-1.5b", device, torch.float32 if smoke else torch.bfloat16)
+    mask = model.config.vocab_size - 1
+    prompt = torch.randint(0, mask, (6 if smoke else 128,), generator=torch.Generator().manual_seed(0)).tolist()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    table, top = [], {}
+    for name, mode, eager in (("ar", "ar", False), ("diffusion cache on", "diffusion", False), ("ar", "ar", True)):
+        if eager and not cuda:
+            continue  # off CUDA every run is eager already
+        engine = _engine(model, mask, backend="triton" if cuda else "torch", eager=eager, cache=True, batch=1,
+                         threshold=1e-9)
+        params = fdllm.SamplingParams(max_new_tokens=256, ignore_eos=True, mode=mode)
+        _warm_up(engine, [prompt], params)
+        engine.add_request(prompt, params)
+        while engine.scheduler.waiting or any(s.num_prefill_left for s in engine.scheduler.running):
+            engine.step()  # the prompt's prefill, outside the profile
+        sync()
+        steps = 0
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            while steps < PROFILE_STEPS and engine.has_unfinished():
+                engine.step()
+                steps += 1
+            sync()
+            wall = time.perf_counter() - start
+        while engine.has_unfinished():
+            engine.step()
+        kernels = collections.Counter()
+        calls = collections.Counter()
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                kernels[e.name[:90]] += e.time_range.elapsed_us()
+                calls[e.name[:90]] += 1
+        host = sorted((a for a in prof.key_averages() if a.self_cpu_time_total > 0),
+                      key=lambda a: a.self_cpu_time_total, reverse=True)[:8]
+        label = f"{name}, graphs {'off' if eager or not cuda else 'on'}"
+        table.append({"run": label, "steps": steps, "wall ms/step": 1e3 * wall / steps,
+                      "kernel ms/step": sum(kernels.values()) / 1e3 / steps, "kernels/step": sum(calls.values()) / steps})
+        top[label] = {"kernels (us/step, calls/step)": {k: (round(us / steps, 1), calls[k] / steps)
+                                                        for k, us in kernels.most_common(12)},
+                      "host ops (self us/step)": {a.key[:90]: round(a.self_cpu_time_total / steps, 1) for a in host}}
+        del engine
+    return {"table": table, "top": top}
+
+
+def section_functions(device: torch.device, smoke: bool, peak: float, out: Path, budget_s: float,
+                      shapes: list[str] = DECODE_SHAPES, batches: list[int] = DECODE_BATCHES,
+                      ) -> dict[str, Callable[[Partial], dict[str, Any]]]:
     """Each section, called with where to pass its rows so far (the long ones use it); `budget_s`: the
-    seconds its process has."""
+    seconds its process has; `shapes` and `batches`: the decode table's."""
     functions = {
         "engine exactness": lambda _: exactness(device, smoke),
         "syncs per step": lambda _: syncs_per_step(device, smoke),
-        "decode": lambda partial: decode(device, smoke, peak, partial),
+        "decode": lambda partial: decode(device, smoke, peak, partial, shapes, batches),
         "pytest -m gpu": lambda _: pytest_gpu(smoke, budget_s),
+        "step profile": lambda _: step_profile(device, smoke),
         "quantized decode": lambda partial: quantized(device, smoke, partial),
         "kernels": lambda _: kernels(smoke, peak or 3350.0, out, budget_s),
         "training step": lambda _: training(device, smoke),
@@ -774,6 +868,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-s", type=float, default=None,
                    help=f"end the run by this many seconds from its start (sections get what is left; default "
                         f"{DEFAULT_DEADLINE_S} on a GPU, the 8-minute target; inf: every section runs to its own limit)")
+    p.add_argument("--decode-shapes", type=_choices(SHAPES), default=DECODE_SHAPES,
+                   help=f"comma-separated model shapes of the decode table (default {','.join(DECODE_SHAPES)})")
+    p.add_argument("--decode-batches", type=positive_int_list, default=DECODE_BATCHES,
+                   help=f"comma-separated batch sizes of the decode table (default {','.join(map(str, DECODE_BATCHES))})")
     p.add_argument("--section", help=argparse.SUPPRESS)  # internal: the process of one section,
     p.add_argument("--section-result", type=Path, help=argparse.SUPPRESS)  # and where it leaves its result,
     p.add_argument("--section-budget-s", type=float, default=None, help=argparse.SUPPRESS)  # in this many seconds
@@ -796,10 +894,12 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_gbps or peak_gbps(name)
     if args.section:
         budget = args.section_budget_s or SECTION_TIMEOUT_S[args.section]
-        run_section(section_functions(device, args.smoke, peak, out, budget)[args.section], args.section_result)
+        run_section(section_functions(device, args.smoke, peak, out, budget, args.decode_shapes,
+                                      args.decode_batches)[args.section], args.section_result)
     meta = {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__}
     report = Report(out, meta | ({} if args.smoke else toolchain()), keep=args.sections is not None)
-    child_argv = ["--out", str(out.resolve()), "--peak-gbps", str(peak), *(["--smoke"] if args.smoke else [])]
+    child_argv = ["--out", str(out.resolve()), "--peak-gbps", str(peak), *(["--smoke"] if args.smoke else []),
+                  "--decode-shapes", ",".join(args.decode_shapes), "--decode-batches", ",".join(map(str, args.decode_batches))]
     missing = {section: [m for m in SECTION_NEEDS.get(section, ()) if importlib.util.find_spec(m) is None]
                for section in selected}
     if any(missing.values()):

@@ -21,8 +21,8 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     sections = {s["name"]: s for s in report["sections"]}
-    assert list(sections) == ["engine exactness", "syncs per step", "decode", "pytest -m gpu", "quantized decode",
-                              "kernels", "training step"]
+    assert list(sections) == ["engine exactness", "syncs per step", "decode", "pytest -m gpu", "step profile",
+                              "quantized decode", "kernels", "training step"]
     assert all(s["status"] == "ok" for s in sections.values()), [s.get("error") for s in sections.values()]
     assert all(c["pass"] for c in sections["engine exactness"]["checks"])
     modes = {row["mode"] for row in sections["decode"]["table"]}
@@ -37,6 +37,11 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert set(quantized) == {"float32", "int8", "int4", "fp8"} and "skipped" in quantized["fp8"]  # fp8: CUDA only
     assert quantized["int8"]["weight MB"] < quantized["float32"]["weight MB"]
     assert {row["objective"] for row in sections["training step"]["table"]} == {"diffusion", "diffusion-uncut", "ar"}
+    profiled = {row["run"]: row for row in sections["step profile"]["table"]}  # CPU: no kernels, no eager-only run
+    assert set(profiled) == {"ar, graphs off", "diffusion cache on, graphs off"}
+    assert all(row["steps"] == gpu_suite.PROFILE_STEPS and row["wall ms/step"] > 0 for row in profiled.values())
+    assert all(ops["host ops (self us/step)"] for ops in sections["step profile"]["top"].values())
+    assert "step profile" in (tmp_path / "report.md").read_text()
     # what comes back from a device: the report (and the kernel benchmark's rows), nothing transient
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kernels.json", "report.json", "report.md"]
     md = (tmp_path / "report.md").read_text()
@@ -305,3 +310,41 @@ def test_the_roofline_reads_each_devices_own_bandwidth():
              "NVIDIA H200": 4800.0, "NVIDIA A100-SXM4-80GB": 2039.0, "NVIDIA A100 80GB PCIe": 1935.0,
              "NVIDIA A100-SXM4-40GB": 1555.0, "NVIDIA A100-PCIE-40GB": 1555.0, "NVIDIA L4": 0.0}
     assert {name: gpu_suite.peak_gbps(name) for name in names} == names
+
+
+def test_each_sync_is_counted_with_the_line_that_made_it(monkeypatch):
+    """The count alone (2 syncs in an AR step on the first H200 run) does not say what to fix: the lines do."""
+    import warnings
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    running = [3, 3, 3, 8, 8, 0]  # three prefill steps, two counted steps, then done
+
+    def step():
+        running.pop(0)
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)  # torch warns from the caller's line
+        return []
+
+    engine_type = type("Engine", (), {"num_running": property(lambda self: running[0])})
+    where = collections.Counter()
+    engine = engine_type()
+    engine.step, engine.runner = step, SimpleNamespace(graphs=None)
+    counts = gpu_suite.syncs_of_full_decode_steps(engine, 8, where)
+    assert counts == [1, 1]
+    (line, n), = where.items()
+    assert n == 2 and line.startswith("tests/benchmarks/test_gpu_suite.py:")
+
+
+def test_pytest_gpu_names_the_failing_tests(monkeypatch):
+    out = "..F\nFAILED tests/kernels/test_x.py::test_y - AssertionError: no\n1 failed, 2 passed in 1.0s\n"
+    monkeypatch.setattr(gpu_suite.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=out, returncode=1))
+    result = gpu_suite.pytest_gpu(smoke=False, budget_s=60)
+    assert result["failed"] == ["FAILED tests/kernels/test_x.py::test_y - AssertionError: no"]
+    assert not result["checks"][0]["pass"]
+
+
+def test_decode_shapes_and_batches_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--out", str(tmp_path), "--smoke", "--decode-shapes", "qwen2.5-1.5b,gpt-5"])
+    assert "expected a comma list of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--out", str(tmp_path), "--smoke", "--decode-batches", "0"])
