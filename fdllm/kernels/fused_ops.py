@@ -12,7 +12,8 @@ engine's runner does with the Triton attention backend), never in training.
 Numerics. RMSNorm follows HF's order: normalise in fp32, round to the input's dtype, then multiply
 by the weight in the promoted dtype; only the mean's summation order differs from torch's. RoPE
 rounds each product and the sum to the input dtype as eager torch does (`x * cos + rotated * sin`
-in bf16 is three roundings), so it gives torch's bits.
+in bf16 is three roundings), so in bf16/fp16 it gives torch's bits (in fp32 the compiler may fuse a
+product and the sum into one FMA: within an ulp).
 """
 
 from __future__ import annotations

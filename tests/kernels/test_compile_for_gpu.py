@@ -111,6 +111,17 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
         names = ["_paged_attention_kernel"] + (["_merge_splits_kernel"] if num_splits > 1 else [])
         specs += [spec(attention.__name__, *launch) for launch in record(
             monkeypatch, attention, names, lambda: attention.paged_attention(*case.args(), causal=flags, num_splits=num_splits))]
+    import fdllm.kernels.fused_ops as fused_ops
+    from fdllm.model import rope_cos_sin
+
+    for dtype in (torch.bfloat16, torch.float32):
+        x, w = torch.randn(3, 1536, dtype=dtype), torch.ones(1536, dtype=dtype)
+        specs += [spec(fused_ops.__name__, *launch) for launch in record(
+            monkeypatch, fused_ops, ["_rms_norm_kernel"], lambda: fused_ops.rms_norm(x, w, 1e-6))]
+        cos, sin = rope_cos_sin(torch.arange(3)[None], 128, 1e6, dtype)
+        specs += [spec(fused_ops.__name__, *launch) for launch in record(
+            monkeypatch, fused_ops, ["_rope_kernel"],
+            lambda: fused_ops.apply_rope_fused(torch.randn(1, 3, 12, 128, dtype=dtype), cos, sin))]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": root}
     child = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,
