@@ -278,11 +278,15 @@ def inner_timeout(budget_s: float) -> float:
     return max(budget_s - 15, 1)
 
 
-def pytest_gpu(smoke: bool, budget_s: float) -> dict[str, Any]:
+def pytest_gpu(smoke: bool, budget_s: float, out: Path | None = None) -> dict[str, Any]:
+    """`pytest -m gpu`; its whole output goes to OUT/pytest_gpu.log (a failure's message, which the short
+    summary cuts at the terminal's width, is what the next GPU session needs)."""
     # every gpu-marked test is a kernel test (collecting the whole tree would need every extra installed)
     target = ["tests/kernels/test_paged_attention.py"] if smoke else ["tests/kernels"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *target],
-                          capture_output=True, text=True, timeout=inner_timeout(budget_s))
+                          capture_output=True, text=True, timeout=inner_timeout(budget_s), env=os.environ | {"COLUMNS": "400"})
+    if out is not None:
+        (out / "pytest_gpu.log").write_text(proc.stdout + proc.stderr)
     lines = proc.stdout.strip().splitlines()
     tail = lines[-1:] or [""]
     ok = proc.returncode in (0, 5) if smoke else proc.returncode == 0  # smoke: no CUDA, all skip
@@ -837,7 +841,7 @@ def section_functions(device: torch.device, smoke: bool, peak: float, out: Path,
         "engine exactness": lambda _: exactness(device, smoke),
         "syncs per step": lambda _: syncs_per_step(device, smoke),
         "decode": lambda partial: decode(device, smoke, peak, partial, shapes, batches),
-        "pytest -m gpu": lambda _: pytest_gpu(smoke, budget_s),
+        "pytest -m gpu": lambda _: pytest_gpu(smoke, budget_s, out),
         "step profile": lambda _: step_profile(device, smoke),
         "quantized decode": lambda partial: quantized(device, smoke, partial),
         "kernels": lambda _: kernels(smoke, peak or 3350.0, out, budget_s),

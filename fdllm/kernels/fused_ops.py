@@ -30,7 +30,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, stride_x, stride_o, D, eps, BLOCK_D: t
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)  # torch's rsqrt on CUDA: the same instruction
     normed = (x * inv).to(x_ptr.dtype.element_ty).to(tl.float32)  # HF: x32 * rsqrt(...) back in x's dtype
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(o_ptr + row * stride_o + offs, (w * normed).to(o_ptr.dtype.element_ty), mask=ok)
@@ -60,19 +60,21 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, stride_xt, stride_xn, stride_ct
     offs = tl.arange(0, BLOCK)
     ok = offs < HALF
     x_row = x_ptr + t * stride_xt + n * stride_xn
-    x1 = tl.load(x_row + offs, mask=ok, other=0.0)
-    x2 = tl.load(x_row + HALF + offs, mask=ok, other=0.0)
+    f32 = tl.float32
+    x1 = tl.load(x_row + offs, mask=ok, other=0.0).to(f32)
+    x2 = tl.load(x_row + HALF + offs, mask=ok, other=0.0).to(f32)
     c_row, s_row = cos_ptr + t * stride_ct, sin_ptr + t * stride_ct
-    c1, c2 = tl.load(c_row + offs, mask=ok, other=0.0), tl.load(c_row + HALF + offs, mask=ok, other=0.0)
-    s1, s2 = tl.load(s_row + offs, mask=ok, other=0.0), tl.load(s_row + HALF + offs, mask=ok, other=0.0)
+    c1, c2 = tl.load(c_row + offs, mask=ok, other=0.0).to(f32), tl.load(c_row + HALF + offs, mask=ok, other=0.0).to(f32)
+    s1, s2 = tl.load(s_row + offs, mask=ok, other=0.0).to(f32), tl.load(s_row + HALF + offs, mask=ok, other=0.0).to(f32)
     dt = x_ptr.dtype.element_ty
-    # rotated = cat(-x2, x1); out = x * cos + rotated * sin, each product and the sum rounded to x's
-    # dtype as eager torch rounds them
-    out1 = (x1 * c1).to(dt) + (-x2 * s1).to(dt)
-    out2 = (x2 * c2).to(dt) + (x1 * s2).to(dt)
+    # rotated = cat(-x2, x1); out = x * cos + rotated * sin with each product and the sum rounded to x's
+    # dtype as eager torch rounds them: fp32 arithmetic, an explicit rounding after each step (no 16-bit
+    # FMA can fuse a product into the sum)
+    out1 = ((x1 * c1).to(dt).to(f32) + (-x2 * s1).to(dt).to(f32)).to(dt)
+    out2 = ((x2 * c2).to(dt).to(f32) + (x1 * s2).to(dt).to(f32)).to(dt)
     o_row = o_ptr + t * stride_ot + n * stride_on
-    tl.store(o_row + offs, out1.to(dt), mask=ok)
-    tl.store(o_row + HALF + offs, out2.to(dt), mask=ok)
+    tl.store(o_row + offs, out1, mask=ok)
+    tl.store(o_row + HALF + offs, out2, mask=ok)
 
 
 def apply_rope_fused(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor:

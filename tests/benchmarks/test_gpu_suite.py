@@ -42,8 +42,8 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert all(row["steps"] == gpu_suite.PROFILE_STEPS and row["wall ms/step"] > 0 for row in profiled.values())
     assert all(ops["host ops (self us/step)"] for ops in sections["step profile"]["top"].values())
     assert "step profile" in (tmp_path / "report.md").read_text()
-    # what comes back from a device: the report (and the kernel benchmark's rows), nothing transient
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kernels.json", "report.json", "report.md"]
+    # what comes back from a device: the report, the kernel benchmark's rows and pytest's log, nothing transient
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kernels.json", "pytest_gpu.log", "report.json", "report.md"]
     md = (tmp_path / "report.md").read_text()
     assert "## decode (ok" in md and "| shape | batch | mode |" in md
     assert "| speed-up @4 |" in md and "| lookahead step cost |" in md  # columns the first row lacks are shown
@@ -334,11 +334,12 @@ def test_each_sync_is_counted_with_the_line_that_made_it(monkeypatch):
     assert n == 2 and line.startswith("tests/benchmarks/test_gpu_suite.py:")
 
 
-def test_pytest_gpu_names_the_failing_tests(monkeypatch):
+def test_pytest_gpu_names_the_failing_tests(monkeypatch, tmp_path):
     out = "..F\nFAILED tests/kernels/test_x.py::test_y - AssertionError: no\n1 failed, 2 passed in 1.0s\n"
-    monkeypatch.setattr(gpu_suite.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=out, returncode=1))
-    result = gpu_suite.pytest_gpu(smoke=False, budget_s=60)
+    monkeypatch.setattr(gpu_suite.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=out, stderr="", returncode=1))
+    result = gpu_suite.pytest_gpu(smoke=False, budget_s=60, out=tmp_path)
     assert result["failed"] == ["FAILED tests/kernels/test_x.py::test_y - AssertionError: no"]
+    assert (tmp_path / "pytest_gpu.log").read_text() == out
     assert not result["checks"][0]["pass"]
 
 

@@ -36,8 +36,9 @@ def test_rms_norm_matches_hf(device, dtype, scale):
     got, want = rms_norm(x, weight, eps), hf_rms_norm(x, weight, eps)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.isfinite(got).all()
-    # only the mean's summation order differs: fp32 to rounding, 16-bit to one step of its last place
-    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == "fp32" else 8e-3, atol=1e-6)
+    # only the mean's summation order differs: fp32 to rounding, 16-bit to an ulp or two (bf16's is 2**-8..2**-7)
+    torch.testing.assert_close(got.float(), want.float(), rtol={"fp32": 1e-5, "fp16": 8e-3, "bf16": 1.6e-2}[dtype],
+                               atol=1e-6)
 
 
 def test_rms_norm_of_a_strided_input_and_fp32_weight(device):
@@ -55,7 +56,7 @@ def test_rms_norm_of_a_strided_input_and_fp32_weight(device):
 def test_rope_matches_hf(device, dtype):
     from fdllm.kernels.fused_ops import apply_rope_fused
 
-    skip_interpreted_bf16(device, dtype)
+    skip_interpreted_bf16(device, dtype)  # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest)
     g = torch.Generator().manual_seed(1)
     B, T, n, H = 2, 5, 3, 16
     positions = torch.tensor([[0, 1, 2, 3, 4], [9, 9, 10, 4000, 7]], device=device)  # repeated, far apart
@@ -83,7 +84,7 @@ def test_fused_ops_at_qwen2_shape_on_gpu(cuda_device):
 
     x = torch.randn(64, 1536, device=cuda_device, dtype=torch.bfloat16)
     weight = torch.rand(1536, device=cuda_device, dtype=torch.bfloat16) + 0.5
-    torch.testing.assert_close(rms_norm(x, weight, 1e-6), hf_rms_norm(x, weight, 1e-6), rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6), hf_rms_norm(x, weight, 1e-6), rtol=1.6e-2, atol=1e-6)
     cos, sin = rope_cos_sin(torch.arange(64, device=cuda_device)[None] * 37, 128, 1e6, torch.bfloat16)
     q = torch.randn(1, 64, 12, 128, device=cuda_device, dtype=torch.bfloat16)
     want, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos, sin)
