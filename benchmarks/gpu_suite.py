@@ -37,8 +37,9 @@ bench_kernels) has a limit inside the section's, so the section reports rather t
    batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth), and each
    run's peak allocated memory (weights, KV pages, the largest step's activations and head chunk);
 4. `pytest -m gpu` (compiled Triton kernels vs their references);
-5. where a batch-1 decode step's time goes at the 1.5B shape (torch.profiler: wall vs GPU kernel time,
-   kernels per step, the costliest kernels and host ops), AR and diffusion with graphs, AR eager;
+5. where a decode step's time goes at the 1.5B shape (torch.profiler: wall vs GPU kernel time, kernels
+   per step, the costliest kernels and host ops): AR and diffusion with graphs and AR eager at batch 1,
+   diffusion at batch 64;
 6. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
    shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
    with the unquantized model;
@@ -777,11 +778,12 @@ PROFILE_STEPS = 20  # decode steps under the profiler, per run
 
 
 def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
-    """Where a decode step's time goes at the 1.5B shape, batch 1 (the roofline target's row):
-    torch.profiler over PROFILE_STEPS decode steps of AR and diffusion with CUDA graphs, and of AR
-    eager. Per run: the step's wall time (under the profiler), its GPU kernels' summed time and count,
-    and the kernels and host ops that cost most. Kernel time near the wall time says the GPU bounds
-    the step (fewer or fused kernels help); far under it, the host does (or gaps between launches)."""
+    """Where a decode step's time goes at the 1.5B shape: torch.profiler over PROFILE_STEPS decode steps
+    of AR and diffusion with CUDA graphs at batch 1 (the roofline target's row), AR eager at batch 1,
+    and diffusion at batch 64 (on the first H200 run its step cost 3.7x AR's there, 6.7x at 7B: several
+    times its GEMMs). Per run: the step's wall time (under the profiler), its GPU kernels' summed time
+    and count, and the kernels and host ops that cost most. Kernel time near the wall time says the GPU
+    bounds the step (fewer or fused kernels help); far under it, the host does (or gaps between launches)."""
     import fdllm
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -789,18 +791,22 @@ def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
     cuda = device.type == "cuda"
     model = random_model("smoke" if smoke else "qwen2.5-1.5b", device, torch.float32 if smoke else torch.bfloat16)
     mask = model.config.vocab_size - 1
-    prompt = torch.randint(0, mask, (6 if smoke else 128,), generator=torch.Generator().manual_seed(0)).tolist()
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, mask, (64, 6 if smoke else 128), generator=gen).tolist()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     table, top = [], {}
-    for name, mode, eager in (("ar", "ar", False), ("diffusion cache on", "diffusion", False), ("ar", "ar", True)):
+    runs = (("ar", "ar", False, 1), ("diffusion cache on", "diffusion", False, 1), ("ar", "ar", True, 1),
+            ("diffusion cache on", "diffusion", False, 2 if smoke else 64))
+    for name, mode, eager, batch in runs:
         if eager and not cuda:
             continue  # off CUDA every run is eager already
-        engine = _engine(model, mask, backend="triton" if cuda else "torch", eager=eager, cache=True, batch=1,
+        engine = _engine(model, mask, backend="triton" if cuda else "torch", eager=eager, cache=True, batch=batch,
                          threshold=1e-9)
         params = fdllm.SamplingParams(max_new_tokens=256, ignore_eos=True, mode=mode)
-        _warm_up(engine, [prompt], params)
-        engine.add_request(prompt, params)
+        _warm_up(engine, prompts[:batch], params)
+        for prompt in prompts[:batch]:
+            engine.add_request(prompt, params)
         while engine.scheduler.waiting or any(s.num_prefill_left for s in engine.scheduler.running):
             engine.step()  # the prompt's prefill, outside the profile
         sync()
@@ -822,7 +828,7 @@ def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
                 calls[e.name[:90]] += 1
         host = sorted((a for a in prof.key_averages() if a.self_cpu_time_total > 0),
                       key=lambda a: a.self_cpu_time_total, reverse=True)[:8]
-        label = f"{name}, graphs {'off' if eager or not cuda else 'on'}"
+        label = f"{name}, graphs {'off' if eager or not cuda else 'on'}, batch {batch}"
         table.append({"run": label, "steps": steps, "wall ms/step": 1e3 * wall / steps,
                       "kernel ms/step": sum(kernels.values()) / 1e3 / steps, "kernels/step": sum(calls.values()) / steps})
         top[label] = {"kernels (us/step, calls/step)": {k: (round(us / steps, 1), calls[k] / steps)

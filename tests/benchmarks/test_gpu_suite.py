@@ -38,7 +38,8 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert quantized["int8"]["weight MB"] < quantized["float32"]["weight MB"]
     assert {row["objective"] for row in sections["training step"]["table"]} == {"diffusion", "diffusion-uncut", "ar"}
     profiled = {row["run"]: row for row in sections["step profile"]["table"]}  # CPU: no kernels, no eager-only run
-    assert set(profiled) == {"ar, graphs off", "diffusion cache on, graphs off"}
+    assert set(profiled) == {"ar, graphs off, batch 1", "diffusion cache on, graphs off, batch 1",
+                             "diffusion cache on, graphs off, batch 2"}
     assert all(row["steps"] == gpu_suite.PROFILE_STEPS and row["wall ms/step"] > 0 for row in profiled.values())
     assert all(ops["host ops (self us/step)"] for ops in sections["step profile"]["top"].values())
     assert "step profile" in (tmp_path / "report.md").read_text()
