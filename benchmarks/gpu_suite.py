@@ -705,9 +705,9 @@ def syncs_of_full_decode_steps(engine, running: int, where: collections.Counter 
         if graphs is None or len(graphs.steps) == captured:
             syncs = [w for w in caught if "synchroniz" in str(w.message)]
             counts.append(len(syncs))
-            if where is not None:
+            if where is not None:  # with the message: the H200 run's one odd sync came from set_sync_debug_mode's line
                 where.update(f"{Path(w.filename).relative_to(REPO) if Path(w.filename).is_relative_to(REPO) else w.filename}"
-                             f":{w.lineno}" for w in syncs)
+                             f":{w.lineno}: {str(w.message)[:100]}" for w in syncs)
     _tokens(results)  # raises with the engine's error: failed requests end the loop, not a count of 0 steps
     return counts
 

@@ -333,6 +333,7 @@ def test_each_sync_is_counted_with_the_line_that_made_it(monkeypatch):
     assert counts == [1, 1]
     (line, n), = where.items()
     assert n == 2 and line.startswith("tests/benchmarks/test_gpu_suite.py:")
+    assert line.endswith(": called a synchronizing CUDA operation")
 
 
 def test_pytest_gpu_names_the_failing_tests(monkeypatch, tmp_path):
