@@ -117,6 +117,40 @@ def _attention_by_stream(q: Tensor, k: Tensor, v: Tensor, masks: StreamMasks, gq
     return torch.cat(outs, dim=2)
 
 
+def fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """One weight (and bias) stacking `linears`' outputs, for one GEMM where there were several; each
+    linear's weight becomes a view of it, so memory stays the same and state_dict keeps HF's names."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row : row + n]  # the separate copy is freed
+        if bias is not None:
+            lin.bias.data = bias[row : row + n]
+        row += n
+    return weight, bias
+
+
+class FusedLinears:
+    """`fuse_linears`' weight and bias, valid while its linears still hold their views of it (quantizing
+    them in place, say, replaces their weights: the fused weight is then stale and unused)."""
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        self.linears = linears
+        self.weight, self.bias = fuse_linears(*linears)
+        self.sizes = [lin.weight.shape[0] for lin in linears]
+        self._views = [(lin.weight, lin.weight.data_ptr()) for lin in linears]
+
+    @property
+    def valid(self) -> bool:
+        # the same Parameter objects (quantize_ installs new ones), still over the fused storage
+        return all(lin.weight is param and param.data_ptr() == ptr for lin, (param, ptr) in zip(self.linears, self._views))
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -128,13 +162,20 @@ class Attention(nn.Module):
         # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o_proj too.
         o_bias = cfg.qkv_bias and cfg.model_type == "llama"
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
+        self.qkv: FusedLinears | None = None  # `Transformer.fuse_projections`: one GEMM for q/k/v
+
+    def _project(self, x_BTD: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if fused and self.qkv is not None and self.qkv.valid:
+            return self.qkv(x_BTD)
+        return self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None,
                 fused: bool = False) -> Tensor:
         B, T, _ = x_BTD.shape
-        q_BTNH = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin, fused)
-        k_BTKH = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim), cos, sin, fused)
-        v_BTKH = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = self._project(x_BTD, fused)
+        q_BTNH = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin, fused)
+        k_BTKH = apply_rope(k.view(B, T, self.n_kv, self.head_dim), cos, sin, fused)
+        v_BTKH = v.view(B, T, self.n_kv, self.head_dim)
         if cache is not None:
             o_BTNH = cache(self.layer, q_BTNH, k_BTKH, v_BTKH)
         else:
@@ -148,9 +189,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up: FusedLinears | None = None  # `Transformer.fuse_projections`: one GEMM for gate/up
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if fused and self.gate_up is not None and self.gate_up.valid:
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -164,7 +210,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None,
                 fused: bool = False) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x, fused), cos, sin, mask, cache, fused)
-        return x + self.mlp(self.post_attention_layernorm(x, fused))
+        return x + self.mlp(self.post_attention_layernorm(x, fused), fused)
 
 
 class DecoderStack(nn.Module):
@@ -210,7 +256,8 @@ class Transformer(nn.Module):
         position_ids [B|1, T] default to 0..T-1. Attention: `cache` (inference backend) if given,
         else `mask`: None = causal, dense bool [B|1, 1, T, T] (True = may attend), or a BlockMask.
         `fused`: RMSNorm and RoPE as Triton kernels (`fdllm.kernels.fused_ops`: CUDA, or the Triton
-        interpreter; no backward, so inference only): the engine's runner asks with its Triton backend.
+        interpreter; no backward, so inference only), and q/k/v and gate/up as one GEMM each once
+        `fuse_projections` ran: the engine's runner asks with its Triton backend.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -236,6 +283,24 @@ class Transformer(nn.Module):
         if logit_positions is not None:
             h_BTD = h_BTD[:, logit_positions]
         return self.lm_head(h_BTD)
+
+    def fuse_projections(self) -> None:
+        """Stack q/k/v and gate/up into one weight each (`fuse_linears`), for `hidden(fused=True)`: a
+        batch-1 decode step multiplies by seven small weights a layer, each its own GEMV (about 2 TB/s
+        of the H200's 4.8 on the first GPU run), four after this. Idempotent; memory and checkpoint
+        names unchanged."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.qkv is None or not attn.qkv.valid:
+                attn.qkv = FusedLinears(attn.q_proj, attn.k_proj, attn.v_proj)
+            if mlp.gate_up is None or not mlp.gate_up.valid:
+                mlp.gate_up = FusedLinears(mlp.gate_proj, mlp.up_proj)
+
+    def unfuse_projections(self) -> None:
+        """Forget the stacked weights (after the linears got new weights of their own: quantized in place),
+        so their memory goes."""
+        for layer in self.model.layers:
+            layer.self_attn.qkv = layer.mlp.gate_up = None
 
     @property
     def device(self) -> torch.device:

@@ -116,6 +116,8 @@ def quantize(model: nn.Module, name: str) -> nn.Module:
     check_quantization(name, device, dtype)
     before = weight_bytes(model)
     _torchao().quantize_(model, _config(name, model, device), filter_fn=_is_decoder_linear)
+    if hasattr(model, "unfuse_projections"):  # an engine had stacked q/k/v and gate/up: those weights are stale now
+        model.unfuse_projections()
     model.quantization = name
     log.info("quantized %d decoder linears to %s: weights %.1f MB -> %.1f MB", len(_decoder_linears(model)), name,
              before / 1e6, weight_bytes(model) / 1e6)

@@ -43,6 +43,7 @@ def test_triton_backend_decodes_like_torch_and_reference(model, use_sub_block_ca
     engines = {name: make_engine(model, attention_backend=name, use_sub_block_cache=use_sub_block_cache)
                for name in ("triton", "torch")}
     assert engines["triton"].runner.fused_confidence is not None
+    assert model.model.layers[0].self_attn.qkv.valid and model.model.layers[0].mlp.gate_up.valid  # one GEMM each
     got = {"triton": engines["triton"].generate(PROMPTS, PARAMS)}
     assert calls["rms_norm"] > 0 and calls["apply_rope_fused"] > 0
     before = dict(calls)

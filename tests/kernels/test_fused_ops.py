@@ -89,3 +89,40 @@ def test_fused_ops_at_qwen2_shape_on_gpu(cuda_device):
     q = torch.randn(1, 64, 12, 128, device=cuda_device, dtype=torch.bfloat16)
     want, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos, sin)
     assert torch.equal(apply_rope_fused(q, cos, sin), want.transpose(1, 2))
+
+
+@pytest.mark.parametrize("arch,overrides", [("qwen2", {}), ("llama", {"attention_bias": True, "mlp_bias": True})])
+def test_fused_forward_matches_transformers_and_keeps_the_checkpoint(tmp_path, device, arch, overrides):
+    """The engine's Triton-backend forward (`hidden(fused=True)`: these kernels, and q/k/v and gate/up as
+    one GEMM each after `fuse_projections`): the logits are HF's, the weights take no more memory, and
+    the model still saves to a checkpoint HF loads."""
+    import transformers
+
+    import fdllm
+    from tests.helpers import VOCAB, tiny_hf_model
+
+    hf = tiny_hf_model(arch, **overrides)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = fdllm.load_model(tmp_path / "hf", device=device)
+    hf = hf.to(device)
+    names, nbytes = list(ours.state_dict()), sum(p.numel() * p.element_size() for p in ours.parameters())
+    ours.fuse_projections()
+    ours.fuse_projections()  # idempotent
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in ours.parameters()}
+    assert list(ours.state_dict()) == names and sum(storages.values()) == nbytes
+    layer = ours.model.layers[0]
+    assert layer.self_attn.qkv.valid and layer.mlp.gate_up.valid
+    calls = []
+    layer.self_attn.q_proj.register_forward_hook(lambda *a: calls.append("q_proj"))
+    layer.mlp.up_proj.register_forward_hook(lambda *a: calls.append("up_proj"))
+    ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        fused = ours.lm_head(ours.hidden(ids, fused=True))
+        assert calls == []  # the fused GEMMs ran, not the separate linears
+        plain = ours(ids)
+    assert (fused - ref).abs().max().item() < 1e-4 and (plain - ref).abs().max().item() < 1e-4
+    ours.save_pretrained(tmp_path / "ours")  # views of one weight (safetensors writes each slice on its own)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    saved, original = back.state_dict(), hf.state_dict()
+    assert saved.keys() == original.keys() and all(torch.equal(saved[n], original[n].cpu()) for n in saved)

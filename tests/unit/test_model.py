@@ -164,3 +164,18 @@ def test_bf16_autocast_training_feeds_attention_one_dtype(qwen2_dir, monkeypatch
     with torch.no_grad():
         reference = model(ids, mask=attn_mask)  # fp32: the mixed-precision logits stay close
     assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_replaced_weights_retire_the_fused_projection(qwen2_dir):
+    """Quantizing in place installs new weights: the stale fused copy must not be multiplied by."""
+    model = fdllm.load_model(qwen2_dir)
+    model.fuse_projections()
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.weight = torch.nn.Parameter(torch.zeros_like(attn.k_proj.weight))
+    assert not attn.qkv.valid
+    q, k, v = attn._project(torch.randn(1, 3, model.config.hidden_size), fused=True)
+    assert torch.equal(k, attn.k_proj.bias.expand_as(k))  # the new (zero) weight, not the fused one
+    model.fuse_projections()  # fuses again, over the new weights
+    assert attn.qkv.valid
+    model.unfuse_projections()
+    assert attn.qkv is None and model.model.layers[0].mlp.gate_up is None

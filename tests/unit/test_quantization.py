@@ -132,3 +132,16 @@ def test_evaluate_reports_weight_bytes_and_agreement(sharp_dir, tmp_path):
     assert saved[1]["quantization"] == "int8" and "outputs" not in saved[1]
     with pytest.raises(SystemExit):
         main(["--model", str(sharp_dir), "--data", str(data), "--quantization", "int3"])
+
+
+def test_quantizing_a_model_with_stacked_projections_drops_the_stale_stacks(sharp_dir):
+    """An engine on the Triton backend stacks q/k/v and gate/up (views of one weight); quantizing the
+    same model in place later gives the linears new weights: the stacks must go, not be multiplied by."""
+    plain, fused = fdllm.load_model(sharp_dir), fdllm.load_model(sharp_dir)
+    fused.fuse_projections()
+    quantize(plain, "int8")
+    quantize(fused, "int8")
+    assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in fused.model.layers)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fused(ids), plain(ids))
