@@ -109,6 +109,12 @@ class Engine:
         mc = model.config
         self.max_model_len = min(mc.max_position_embeddings, engine_config.max_model_len or mc.max_position_embeddings)
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
+        if self.attention_backend == "triton" and getattr(model, "quantization", None) is None:
+            # the runner's fused forward: q/k/v and gate/up as one GEMM each. Before the KV cache is sized:
+            # the stacked weights replace the separate ones, whose freed blocks go back to the device here
+            model.fuse_projections()
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
         # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while
         # the torch reference gathers them all, so it stays eager.
         use_graphs = model.device.type == "cuda" and not engine_config.enforce_eager and self.attention_backend != "torch"

@@ -225,9 +225,8 @@ class ModelRunner:
             self.mask_bias_V[mask_token_id] = float("-inf")
         # with Triton's attention, its norm and RoPE kernels too (fdllm.kernels.fused_ops: ~24 fewer launches
         # per layer, what a batch-1 step on a GPU is mostly made of), and q/k/v and gate/up as one GEMM each
+        # where the engine stacked them (`Transformer.fuse_projections`)
         self.fused_ops = attention_backend == "triton"
-        if self.fused_ops and getattr(model, "quantization", None) is None:  # quantized linears keep their own GEMMs
-            model.fuse_projections()
         if attention_backend == "triton":
             from fdllm.kernels.confidence import fused_confidence
 
