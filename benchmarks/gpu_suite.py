@@ -312,7 +312,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batch: int, threshold: float,
             block: int = 32, sub: int = 8, quantization: str | None = None, lookahead: bool = True,
-            prefix: str = "block_causal", prefix_caching: bool = False, pages: int | None = None):
+            prefix: str = "block_causal", prefix_caching: bool = False, pages: int | None = None, fused: bool = True):
     """An engine for one kind of run. Prefix caching is off unless asked: decode runs configured alike
     share an engine and repeat the same prompts, which must prefill each time to be timed alike.
     `pages`: KV pages (default: 16 per request and 8 more, so nothing is preempted)."""
@@ -323,7 +323,7 @@ def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batc
     ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=pages or batch * 16 + 8,
                               attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096,
                               quantization=quantization, speculative_lookahead=lookahead,
-                              enable_prefix_caching=prefix_caching)
+                              enable_prefix_caching=prefix_caching, fuse_kernels=fused)
     return fdllm.Engine(model, None, cfg, ecfg)
 
 
@@ -458,6 +458,7 @@ class DecodeRun:
     eager: bool = False  # True: CUDA graphs off (CUDA only: elsewhere every run is eager already)
     spec_lookahead: bool = True  # EngineConfig.speculative_lookahead
     block_lookahead: bool = False  # SamplingParams.block_lookahead
+    fused: bool = True  # EngineConfig.fuse_kernels (CUDA only: off CUDA the torch backend never fuses)
 
     @property
     def length_share(self) -> int:
@@ -468,6 +469,8 @@ class DecodeRun:
 
 DECODE_RUNS = (
     DecodeRun("ar", "ar"), DecodeRun("ar", "ar", eager=True),
+    # its "step/AR step" is what the fused norm/RoPE kernels and stacked projections save
+    DecodeRun("ar, unfused kernels", "ar", fused=False),
     DecodeRun("diffusion cache off", "diffusion", cache=False),
     DecodeRun("diffusion cache on", "diffusion"), DecodeRun("diffusion cache on", "diffusion", eager=True),
     # threshold ~0 commits the lookahead's whole first sub-block: one forward fewer per block, at the
@@ -478,9 +481,9 @@ DECODE_RUNS = (
 )
 
 
-def engine_key(run: DecodeRun) -> tuple[bool, bool, bool]:
+def engine_key(run: DecodeRun) -> tuple[bool, bool, bool, bool]:
     """What a run's engine is configured by: runs alike share one engine (and its captured graphs)."""
-    return run.eager, run.cache, run.spec_lookahead
+    return run.eager, run.cache, run.spec_lookahead, run.fused
 
 
 def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial,
@@ -494,7 +497,8 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
     dtype = torch.float32 if smoke else torch.bfloat16
     prompt_len, new = (6, 58) if smoke else (128, 128)  # smoke: past two block commits
     backend = "triton" if device.type == "cuda" else "torch"
-    runs = [run for run in DECODE_RUNS if device.type == "cuda" or not run.eager]  # off CUDA every run is eager
+    # off CUDA every run is eager and unfused already
+    runs = [run for run in DECODE_RUNS if device.type == "cuda" or not (run.eager or not run.fused)]
     table, so_far = [], []
     for shape in shapes:
         model = random_model(shape, device, dtype)
@@ -511,7 +515,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
             for _, alike in itertools.groupby(sorted(runs, key=engine_key), engine_key):
                 alike = list(alike)
                 engine = _engine(model, mask, backend=backend, eager=alike[0].eager, cache=alike[0].cache,
-                                 batch=batch, threshold=1e-9, lookahead=alike[0].spec_lookahead)
+                                 batch=batch, threshold=1e-9, lookahead=alike[0].spec_lookahead, fused=alike[0].fused)
                 for run in alike:
                     params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True,
                                                   mode=run.mode, block_lookahead=run.block_lookahead)

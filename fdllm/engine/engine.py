@@ -109,7 +109,8 @@ class Engine:
         mc = model.config
         self.max_model_len = min(mc.max_position_embeddings, engine_config.max_model_len or mc.max_position_embeddings)
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
-        if self.attention_backend == "triton" and getattr(model, "quantization", None) is None:
+        fuse = engine_config.fuse_kernels and self.attention_backend == "triton"
+        if fuse and getattr(model, "quantization", None) is None:
             # the runner's fused forward: q/k/v and gate/up as one GEMM each. Before the KV cache is sized:
             # the stacked weights replace the separate ones, whose freed blocks go back to the device here
             model.fuse_projections()
@@ -130,7 +131,7 @@ class Engine:
         self.runner = ModelRunner(
             model, cache, config.mask_token_id, self.attention_backend, max_num_seqs=engine_config.max_num_seqs,
             max_pages_per_seq=-(-self.max_model_len // L), use_cuda_graphs=use_graphs,
-            fixed_query_len=L if engine_config.deterministic else None,
+            fixed_query_len=L if engine_config.deterministic else None, fuse_kernels=fuse,
         )
         if use_graphs:  # speculative verifies: the block + 1
             self.runner.capture_largest(L + 1)

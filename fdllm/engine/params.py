@@ -211,6 +211,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"  # "auto" (triton on CUDA, else torch) | "torch" | "triton" | "flash_attn"
     enforce_eager: bool = False  # True: never capture CUDA graphs (on by default on CUDA with triton/flash_attn)
+    # With the Triton backend: RMSNorm and RoPE as Triton kernels, q/k/v and gate/up as one GEMM each
+    # (fdllm.kernels.fused_ops, Transformer.fuse_projections). False: eager torch's ops (A/B timing, numerics)
+    fuse_kernels: bool = True
     # True: every decode step runs as max_num_seqs entries of one block each (longer rows cut in two),
     # so no GEMM ever changes shape and a request's logits are bitwise the same whatever else runs (the
     # kernels are batch-invariant either way). Costs speed. Prefill steps keep their own shapes, as do
@@ -249,7 +252,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gib must be a number > 0 or None, got {self.kv_cache_gib!r}")
         if not _is_finite(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("enforce_eager", "deterministic", "speculative_lookahead", "freeze_gc", "enable_prefix_caching"):
+        for name in ("enforce_eager", "fuse_kernels", "deterministic", "speculative_lookahead", "freeze_gc",
+                     "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -200,13 +200,14 @@ class ModelRunner:
     def __init__(
         self, model: Transformer, cache: KVCache, mask_token_id: int | None, attention_backend: str, *,
         max_num_seqs: int = 64, max_pages_per_seq: int | None = None, use_cuda_graphs: bool = False,
-        fixed_query_len: int | None = None,
+        fixed_query_len: int | None = None, fuse_kernels: bool = True,
     ) -> None:
         """`attention_backend`: a name `fdllm.kernels.select_attention_backend` takes (the engine resolves "auto").
 
         `max_pages_per_seq`: block-table width of captured graphs. `fixed_query_len`: every static
         step runs at batch max_num_seqs with entries of this many tokens (EngineConfig.deterministic:
-        GEMM shapes never change).
+        GEMM shapes never change). `fuse_kernels`: with the Triton backend, the fused forward
+        (`Transformer.hidden(fused=True)`).
         """
         self.model, self.cache, self.mask_token_id = model, cache, mask_token_id
         self.device = model.device
@@ -226,7 +227,7 @@ class ModelRunner:
         # with Triton's attention, its norm and RoPE kernels too (fdllm.kernels.fused_ops: ~24 fewer launches
         # per layer, what a batch-1 step on a GPU is mostly made of), and q/k/v and gate/up as one GEMM each
         # where the engine stacked them (`Transformer.fuse_projections`)
-        self.fused_ops = attention_backend == "triton"
+        self.fused_ops = fuse_kernels and attention_backend == "triton"
         if attention_backend == "triton":
             from fdllm.kernels.confidence import fused_confidence
 

@@ -61,7 +61,8 @@ def test_decode_targets_read_their_own_rows():
     table = [row("ar", **{"roofline ms": 1.0}), row("ar", graphs=False, **{"roofline ms": 0.1}),
              row("diffusion cache off", 2.0), row("diffusion cache on", 1.2), row("diffusion cache on", 9.0, graphs=False),
              row("diffusion cache on", 9.0, batch=8), row("diffusion cache on, block lookahead", 9.0),
-             row("speculative", 9.0), {"shape": "s", "batch": 1, "mode": "hf generate", "ms/step": 5.0}]
+             row("speculative", 9.0), {"shape": "s", "batch": 1, "mode": "hf generate", "ms/step": 5.0},
+             row("ar, unfused kernels", 1.4)]
     checks = gpu_suite.decode_checks(table)
     assert [(c["value"], c["pass"]) for c in checks] == [(2.0, False), (1.2, True)]
     assert "roofline (1.00 ms)" in checks[0]["what"] and "diffusion step <= 1.3x AR step" in checks[1]["what"]

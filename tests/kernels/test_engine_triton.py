@@ -11,7 +11,7 @@ import pytest
 
 import fdllm
 from tests.reference import reference_generate
-from tests.unit.test_engine import make_engine, params, random_prompts
+from tests.unit.test_engine import MASK, make_engine, params, random_prompts
 
 N = 12  # new tokens per request: past the first block of 8
 GREEDY = [random_prompts(1, [n], seed=n)[0] for n in (3, 8, 13)]  # partial block, exact block, block + partial
@@ -82,3 +82,20 @@ def test_scoring_on_triton_equals_torch(model):
     for triton, torch_ in zip(got["triton"], got["torch"]):
         assert triton.logprobs[1:] == pytest.approx(torch_.logprobs[1:], abs=1e-4)
         assert [[t for t, _ in top] for top in triton.top_logprobs] == [[t for t, _ in top] for top in torch_.top_logprobs]
+
+
+def test_fuse_kernels_off_runs_eager_torch_ops_on_the_triton_backend(sharp_dir, device, monkeypatch):
+    """`EngineConfig(fuse_kernels=False)` (the GPU suite's A/B row): Triton attention, but the norm, RoPE
+    and projections as eager torch runs them, and the same tokens."""
+    from fdllm.kernels import fused_ops
+
+    monkeypatch.setattr(fused_ops, "rms_norm", lambda *a: pytest.fail("a fused kernel ran"))
+    monkeypatch.setattr(fused_ops, "apply_rope_fused", lambda *a: pytest.fail("a fused kernel ran"))
+    model = fdllm.load_model(sharp_dir, device=device)  # its own: never stacked by another engine
+    cfg = fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4, mask_token_id=MASK)
+    engine = fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=64, attention_backend="triton", fuse_kernels=False))
+    assert engine.runner.fused_ops is False and model.model.layers[0].self_attn.qkv is None
+    got = [r.token_ids for r in engine.generate(GREEDY, params(max_new_tokens=N))]
+    assert got == [r.token_ids for r in make_engine(model, attention_backend="torch").generate(GREEDY, params(max_new_tokens=N))]
+    with pytest.raises(ValueError, match="fuse_kernels must be a bool"):
+        fdllm.EngineConfig(fuse_kernels="no")
