@@ -459,6 +459,9 @@ class DecodeRun:
     spec_lookahead: bool = True  # EngineConfig.speculative_lookahead
     block_lookahead: bool = False  # SamplingParams.block_lookahead
     fused: bool = True  # EngineConfig.fuse_kernels (CUDA only: off CUDA the torch backend never fuses)
+    # ~0: a sub-block commits in one step, so every diffusion step is its block's refresh (whole-block
+    # rows); 1.0 (never exceeded): one token a step, so 7 steps in 8 are cached sub-block rows
+    threshold: float = 1e-9
 
     @property
     def length_share(self) -> int:
@@ -473,6 +476,9 @@ DECODE_RUNS = (
     DecodeRun("ar, unfused kernels", "ar", fused=False),
     DecodeRun("diffusion cache off", "diffusion", cache=False),
     DecodeRun("diffusion cache on", "diffusion"), DecodeRun("diffusion cache on", "diffusion", eager=True),
+    # the steps the sub-block cache makes cheaper (at threshold ~0 there are none): one token a step
+    DecodeRun("diffusion cache on, one token a step", "diffusion", threshold=1.0),
+    DecodeRun("diffusion cache off, one token a step", "diffusion", cache=False, threshold=1.0),
     # threshold ~0 commits the lookahead's whole first sub-block: one forward fewer per block, at the
     # price of the commit step's extra block of query rows (what "step/AR step" shows)
     DecodeRun("diffusion cache on, block lookahead", "diffusion", block_lookahead=True),
@@ -481,9 +487,9 @@ DECODE_RUNS = (
 )
 
 
-def engine_key(run: DecodeRun) -> tuple[bool, bool, bool, bool]:
+def engine_key(run: DecodeRun) -> tuple[bool, bool, bool, bool, float]:
     """What a run's engine is configured by: runs alike share one engine (and its captured graphs)."""
-    return run.eager, run.cache, run.spec_lookahead, run.fused
+    return run.eager, run.cache, run.spec_lookahead, run.fused, run.threshold
 
 
 def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial,
@@ -515,7 +521,8 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
             for _, alike in itertools.groupby(sorted(runs, key=engine_key), engine_key):
                 alike = list(alike)
                 engine = _engine(model, mask, backend=backend, eager=alike[0].eager, cache=alike[0].cache,
-                                 batch=batch, threshold=1e-9, lookahead=alike[0].spec_lookahead, fused=alike[0].fused)
+                                 batch=batch, threshold=alike[0].threshold, lookahead=alike[0].spec_lookahead,
+                                 fused=alike[0].fused)
                 for run in alike:
                     params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True,
                                                   mode=run.mode, block_lookahead=run.block_lookahead)

@@ -27,8 +27,10 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     assert all(c["pass"] for c in sections["engine exactness"]["checks"])
     modes = {row["mode"] for row in sections["decode"]["table"]}
     assert modes == {"ar", "diffusion cache off", "diffusion cache on", "diffusion cache on, block lookahead",
+                     "diffusion cache on, one token a step", "diffusion cache off, one token a step",
                      "speculative", "speculative, no lookahead", "hf generate"}
     rows = {row["mode"]: row for row in sections["decode"]["table"]}
+    assert rows["diffusion cache on, one token a step"]["tokens/forward"] == 1.0
     # threshold ~0: a sub-block per step, and the lookahead's forwards take a block's first sub-block too
     assert rows["diffusion cache on, block lookahead"]["tokens/forward"] > rows["diffusion cache on"]["tokens/forward"]
     assert any(row.get("lookahead step cost", 0) > 0 for row in sections["decode"]["table"])
