@@ -66,8 +66,8 @@ def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: to
 def apply_rope(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor, fused: bool = False) -> Tensor:
     """Rotated in the tables' precision, returned in x's: under bf16 autocast the tables are fp32 (the
     residual stream is) and q/k bf16, so q/k/v reach attention in one dtype (what autocast's attention
-    would cast them to), not q/k promoted to fp32 beside a bf16 v. `fused`: one Triton kernel, the same bits
-    (inference, tables in x's dtype)."""
+    would cast them to), not q/k promoted to fp32 beside a bf16 v. `fused`: one Triton kernel (inference,
+    tables in x's dtype; torch's bits in 16-bit dtypes)."""
     if fused:
         from fdllm.kernels.fused_ops import apply_rope_fused
 
