@@ -459,9 +459,11 @@ class DecodeRun:
     spec_lookahead: bool = True  # EngineConfig.speculative_lookahead
     block_lookahead: bool = False  # SamplingParams.block_lookahead
     fused: bool = True  # EngineConfig.fuse_kernels (CUDA only: off CUDA the torch backend never fuses)
-    # ~0: a sub-block commits in one step, so every diffusion step is its block's refresh (whole-block
-    # rows); 1.0 (never exceeded): one token a step, so 7 steps in 8 are cached sub-block rows
-    threshold: float = 1e-9
+    batch_1_only: bool = False  # a row of the batch-1 (roofline) comparison alone: an engine less per batch
+    # SamplingParams.threshold (None: the engines' ~0, a sub-block committed in one step, so every
+    # diffusion step is its block's refresh, whole-block rows); 1.0 (never exceeded): one token a step,
+    # so 7 steps in 8 are cached sub-block rows
+    threshold: float | None = None
 
     @property
     def length_share(self) -> int:
@@ -473,7 +475,7 @@ class DecodeRun:
 DECODE_RUNS = (
     DecodeRun("ar", "ar"), DecodeRun("ar", "ar", eager=True),
     # its "step/AR step" is what the fused norm/RoPE kernels and stacked projections save
-    DecodeRun("ar, unfused kernels", "ar", fused=False),
+    DecodeRun("ar, unfused kernels", "ar", fused=False, batch_1_only=True),
     DecodeRun("diffusion cache off", "diffusion", cache=False),
     DecodeRun("diffusion cache on", "diffusion"), DecodeRun("diffusion cache on", "diffusion", eager=True),
     # the steps the sub-block cache makes cheaper (at threshold ~0 there are none): one token a step
@@ -487,9 +489,9 @@ DECODE_RUNS = (
 )
 
 
-def engine_key(run: DecodeRun) -> tuple[bool, bool, bool, bool, float]:
+def engine_key(run: DecodeRun) -> tuple[bool, bool, bool, bool]:
     """What a run's engine is configured by: runs alike share one engine (and its captured graphs)."""
-    return run.eager, run.cache, run.spec_lookahead, run.fused, run.threshold
+    return run.eager, run.cache, run.spec_lookahead, run.fused
 
 
 def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial,
@@ -517,15 +519,16 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
         for batch in batches:
             prompts = torch.randint(0, mask, (batch, prompt_len), generator=gen).tolist()
             rows = {}
+            here = [run for run in runs if batch == 1 or not run.batch_1_only]
             # one engine at a time (the peak memory column is one engine's), shared by the runs it serves
-            for _, alike in itertools.groupby(sorted(runs, key=engine_key), engine_key):
+            for _, alike in itertools.groupby(sorted(here, key=engine_key), engine_key):
                 alike = list(alike)
                 engine = _engine(model, mask, backend=backend, eager=alike[0].eager, cache=alike[0].cache,
-                                 batch=batch, threshold=alike[0].threshold, lookahead=alike[0].spec_lookahead,
-                                 fused=alike[0].fused)
+                                 batch=batch, threshold=1e-9, lookahead=alike[0].spec_lookahead, fused=alike[0].fused)
                 for run in alike:
                     params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True,
-                                                  mode=run.mode, block_lookahead=run.block_lookahead)
+                                                  mode=run.mode, block_lookahead=run.block_lookahead,
+                                                  **({} if run.threshold is None else {"threshold": run.threshold}))
                     _warm_up(engine, prompts, params)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
@@ -539,7 +542,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
                     so_far.append(rows[run])
                     partial({"table": so_far, "checks": decode_checks(so_far)})
                 del engine
-            ordered = [rows[run] for run in runs]
+            ordered = [rows[run] for run in here]
             add_step_ratios(ordered)
             for row in ordered:
                 if row["mode"] == "ar" and row["batch"] == 1 and row["graphs"] and peak_gbps:
