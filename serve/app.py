@@ -503,7 +503,7 @@ class FdllmServer:
         head = ResponseHead(new_id("cmpl" if endpoint == "completions" else "chatcmpl"), self.model_name)
         rid = head.id
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
-        per_prompt = [self._fit_context(params, ids, body) for ids in prompts]
+        per_prompt = [self._fit_context(params, ids, body, i) for i, ids in enumerate(prompts)]
         choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
         streams = [self.engine.generate(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
                    for k, (ids, p) in enumerate(choices)]
@@ -532,14 +532,16 @@ class FdllmServer:
         return JSONResponse(completion_response(head, answers, n))
 
     def _fit_context(self, params: SamplingParams, ids: list[int],
-                     body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
-        """`params` for prompt `ids` within the context: a prompt that does not fit it, or would not with the
-        request's max_tokens, is OpenAI's 400 `context_length_exceeded`, checked here where the field is
-        known (the engine's own refusal names none); a request without max_tokens generates up to
-        ServerConfig.default_max_tokens, never past the end of the context (its min_tokens within that)."""
+                     body: CompletionRequest | ChatCompletionRequest, index: int = 0) -> SamplingParams:
+        """`params` for prompt `ids` (the request's prompt `index`) within the context: a prompt that does not
+        fit it, or would not with the request's max_tokens, is OpenAI's 400 `context_length_exceeded`,
+        checked here where the field is known (the engine's own refusal names none; in a batch of prompts,
+        `prompt[i]`); a request without max_tokens generates up to ServerConfig.default_max_tokens, never
+        past the end of the context (its min_tokens within that)."""
         given, room = body.max_tokens_given(), self.max_model_len - len(ids)
         if room < 1 or (given is not None and given > room):
-            field = "messages" if hasattr(body, "messages") else "prompt"
+            field = ("messages" if hasattr(body, "messages") else
+                     "prompt" if len(body.prompt) == 1 else f"prompt[{index}]")
             raise APIError.of(context_length_exceeded(field, self.max_model_len, len(ids), given))
         if given is not None:
             return params

@@ -257,3 +257,15 @@ def test_chat_template_kwargs_reach_the_template_and_cannot_change_how_it_render
         with pytest.raises(APIError) as err:
             rendered(chat_template_kwargs=clash)
         assert (err.value.status, err.value.param) == (400, "chat_template_kwargs") and "not a variable" in err.value.message
+
+
+def test_the_prompt_past_the_context_in_a_batch_is_named_by_its_index():
+    fit = partial(FdllmServer.func_or_class._fit_context,
+                  SimpleNamespace(max_model_len=64, cfg=SimpleNamespace(default_max_tokens=None)))
+    body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": ["a", "b", "c"], "max_tokens": 8}).encode())
+    params = body.sampling_params(64)
+    assert fit(params, list(range(50)), body, 0) == params
+    with pytest.raises(APIError) as err:
+        fit(params, list(range(60)), body, 1)
+    assert err.value.body()["error"]["param"] == "prompt[1]"
+    assert err.value.body()["error"]["code"] == "context_length_exceeded"
