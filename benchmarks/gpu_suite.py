@@ -424,6 +424,11 @@ def peak_gbps(device_name: str) -> float:
     return next((gbps for name, gbps in PEAK_GBPS if name in device_name), 0.0)
 
 
+def _prefilling(scheduler) -> bool:
+    """Whether some request still waits or has prompt tokens to prefill (decode steps start after)."""
+    return bool(scheduler.waiting) or any(s.num_prefill_left for s in scheduler.running)
+
+
 def _decode_run(engine, prompts, params) -> TimedRun:
     sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
     graphs = engine.runner.graphs
@@ -434,7 +439,7 @@ def _decode_run(engine, prompts, params) -> TimedRun:
     start, capture_start, steps, results = time.perf_counter(), captured(), 0, {}
     decode_from = None  # (time, captures, steps) once no request has prompt tokens left to prefill
     while engine.has_unfinished():
-        if decode_from is None and not scheduler.waiting and not any(s.num_prefill_left for s in scheduler.running):
+        if decode_from is None and not _prefilling(scheduler):
             sync()
             decode_from = (time.perf_counter(), captured(), steps)
         results |= {r.request_id: r for r in engine.step()}
@@ -506,7 +511,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
     prompt_len, new = (6, 58) if smoke else (128, 128)  # smoke: past two block commits
     backend = "triton" if device.type == "cuda" else "torch"
     # off CUDA every run is eager and unfused already
-    runs = [run for run in DECODE_RUNS if device.type == "cuda" or not (run.eager or not run.fused)]
+    runs = [run for run in DECODE_RUNS if device.type == "cuda" or (run.fused and not run.eager)]
     table, so_far = [], []
     for shape in shapes:
         model = random_model(shape, device, dtype)
@@ -794,8 +799,8 @@ PROFILE_STEPS = 20  # decode steps under the profiler, per run
 def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
     """Where a decode step's time goes at the 1.5B shape: torch.profiler over PROFILE_STEPS decode steps
     of AR and diffusion with CUDA graphs at batch 1 (the roofline target's row), AR eager at batch 1,
-    and diffusion at batch 64 (on the first H200 run its step cost 3.7x AR's there, 6.7x at 7B: several
-    times its GEMMs). Per run: the step's wall time (under the profiler), its GPU kernels' summed time
+    and diffusion at batch 64 (3.7x AR's step cost there on the first H200 run: its block-refresh steps
+    feed 64 x 32 query tokens). Per run: the step's wall time (under the profiler), its GPU kernels' summed time
     and count, and the kernels and host ops that cost most. Kernel time near the wall time says the GPU
     bounds the step (fewer or fused kernels help); far under it, the host does (or gaps between launches)."""
     import fdllm
@@ -821,7 +826,7 @@ def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
         _warm_up(engine, prompts[:batch], params)
         for prompt in prompts[:batch]:
             engine.add_request(prompt, params)
-        while engine.scheduler.waiting or any(s.num_prefill_left for s in engine.scheduler.running):
+        while _prefilling(engine.scheduler):
             engine.step()  # the prompt's prefill, outside the profile
         sync()
         steps = 0

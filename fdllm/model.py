@@ -117,37 +117,33 @@ def _attention_by_stream(q: Tensor, k: Tensor, v: Tensor, masks: StreamMasks, gq
     return torch.cat(outs, dim=2)
 
 
-def fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
-    """One weight (and bias) stacking `linears`' outputs, for one GEMM where there were several; each
-    linear's weight becomes a view of it, so memory stays the same and state_dict keeps HF's names."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
-    row = 0
-    for lin in linears:
-        n = lin.weight.shape[0]
-        lin.weight.data = weight[row : row + n]  # the separate copy is freed
-        if bias is not None:
-            lin.bias.data = bias[row : row + n]
-        row += n
-    return weight, bias
-
-
 class FusedLinears:
-    """`fuse_linears`' weight and bias, valid while its linears still hold their views of it (quantizing
-    them in place, say, replaces their weights: the fused weight is then stale and unused)."""
+    """Linears that read one input, as one GEMM: their weights (and biases) stacked into one, each linear's
+    weight becoming a view of it, so memory stays the same and state_dict keeps HF's names. While the
+    linears hold those views it multiplies by the stack; once they have weights of their own again
+    (quantized in place, say) the stack is stale and each linear runs as it is."""
 
     def __init__(self, *linears: nn.Linear) -> None:
         self.linears = linears
-        self.weight, self.bias = fuse_linears(*linears)
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])
+        self.bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
         self.sizes = [lin.weight.shape[0] for lin in linears]
+        row = 0
+        for lin, n in zip(linears, self.sizes):
+            lin.weight.data = self.weight[row : row + n]  # the separate copy is freed
+            if self.bias is not None:
+                lin.bias.data = self.bias[row : row + n]
+            row += n
         self._views = [(lin.weight, lin.weight.data_ptr()) for lin in linears]
 
     @property
     def valid(self) -> bool:
-        # the same Parameter objects (quantize_ installs new ones), still over the fused storage
+        # the same Parameter objects (quantize_ installs new ones), still over the stacked storage
         return all(lin.weight is param and param.data_ptr() == ptr for lin, (param, ptr) in zip(self.linears, self._views))
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        if not self.valid:
+            return tuple(lin(x) for lin in self.linears)
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
@@ -165,7 +161,7 @@ class Attention(nn.Module):
         self.qkv: FusedLinears | None = None  # `Transformer.fuse_projections`: one GEMM for q/k/v
 
     def _project(self, x_BTD: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
-        if fused and self.qkv is not None and self.qkv.valid:
+        if fused and self.qkv is not None:
             return self.qkv(x_BTD)
         return self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
 
@@ -192,7 +188,7 @@ class MLP(nn.Module):
         self.gate_up: FusedLinears | None = None  # `Transformer.fuse_projections`: one GEMM for gate/up
 
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
-        if fused and self.gate_up is not None and self.gate_up.valid:
+        if fused and self.gate_up is not None:
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -285,7 +281,7 @@ class Transformer(nn.Module):
         return self.lm_head(h_BTD)
 
     def fuse_projections(self) -> None:
-        """Stack q/k/v and gate/up into one weight each (`fuse_linears`), for `hidden(fused=True)`: a
+        """Stack q/k/v and gate/up into one weight each (`FusedLinears`), for `hidden(fused=True)`: a
         batch-1 decode step multiplies by seven small weights a layer, each its own GEMV (about 2 TB/s
         of the H200's 4.8 on the first GPU run), four after this. Idempotent; memory and checkpoint
         names unchanged."""
