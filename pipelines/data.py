@@ -264,12 +264,15 @@ def record_to_messages(record: dict[str, Any], strip_reasoning: bool = False) ->
 # Messages -> labelled token ids
 
 
-def render_segments(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+def render_segments(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]],
+                    stop_texts: Sequence[str] = ()) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_assistant_answer) pieces that concatenate to it.
 
     Each assistant answer starts where the template's generation prompt ends, so tokenizing the
     pieces separately reproduces inference's prompt tokens exactly. Templates that rewrite history
     (e.g. dropping earlier reasoning) are not prefix-stable: then only the last answer is trained.
+    A trained answer whose text writes out one of `stop_texts` (the tokenizer's stop tokens) is a
+    BadRow: the model would learn to stop there.
     """
 
     def render(msgs: list[dict[str, str]], prompt: bool) -> str:
@@ -280,18 +283,41 @@ def render_segments(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        if len(prompt) < cursor or not (upto.startswith(prompt) and full.startswith(upto)):
+        prompt = render(messages[:i], True)
+        end = _turn_end(render(messages[: i + 1], False), full, stop_texts)
+        if len(prompt) < cursor or end is None or not full.startswith(prompt) or end < len(prompt):
             break  # not prefix-stable: fall back below
-        segments += [(full[cursor : len(prompt)], False), (full[len(prompt) : len(upto)], True)]
-        cursor = len(upto)
+        segments += [(full[cursor : len(prompt)], False), (full[len(prompt) : end], True)]
+        cursor = end
     else:
+        _check_answers([m for m in messages if m["role"] == "assistant"], stop_texts)
         segments.append((full[cursor:], False))
         return [s for s in segments if s[0]]
     prompt = render(messages[:-1], True)
     if not full.startswith(prompt):
         raise BadRow("bad_chat", "the chat template renders the prompt differently inside the conversation")
+    _check_answers(messages[-1:], stop_texts)
     return [(prompt, False), (full[len(prompt) :], True)]
+
+
+def _turn_end(upto: str, full: str, stop_texts: Sequence[str]) -> int | None:
+    """Where the conversation rendered up to an answer ends inside the whole one (None: it is not a
+    prefix). Templates that close a conversation with EOS (Phi-3's) end `upto` with stop tokens the
+    whole conversation has only at its end: those (and whitespace between them) are not the turn's."""
+    while not full.startswith(upto):
+        trimmed = upto.rstrip()
+        closing = next((s for s in stop_texts if s and trimmed.endswith(s)), None)
+        if closing is None:
+            return None
+        upto = trimmed[: -len(closing)]
+    return len(upto)
+
+
+def _check_answers(answers: list[dict[str, str]], stop_texts: Sequence[str]) -> None:
+    held = next((s for m in answers for s in stop_texts if s and s in m["content"]), None)
+    if held is not None:
+        raise BadRow("stop_token", f"an answer holds a stop token ({held!r}: EOS or end of turn, written out) before "
+                     "its end; trained, the model would learn to stop there")
 
 
 @dataclass
@@ -307,6 +333,7 @@ class TokenSpec:
     """Token ids the encoder needs from the tokenizer."""
 
     stop_ids: frozenset[int]  # end-of-turn / EOS ids: an answer's labels end at the first of them
+    stop_texts: tuple[str, ...]  # their strings, which an answer must not write out
     eos_id: int  # appended when a template gives an answer no end-of-turn token
     pad_id: int  # the unused tail of a packed sequence
     mask_id: int | None  # the diffusion mask token; must not occur in the data
@@ -321,7 +348,8 @@ class TokenSpec:
             raise ValueError("the tokenizer has no EOS or end-of-turn token to end answers with")
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else stops[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        return cls(frozenset(stops), eos, pad, mask_token_id(tokenizer), max(map(len, tokenizer.get_vocab())))
+        texts = tuple(tokenizer.convert_ids_to_tokens(sorted(stops)))
+        return cls(frozenset(stops), texts, eos, pad, mask_token_id(tokenizer), max(map(len, tokenizer.get_vocab())))
 
 
 def build_document(
@@ -329,8 +357,10 @@ def build_document(
 ) -> Document:
     """Labelled, block-padded document from tokenized (ids, is_answer) pieces; BadRow if unusable.
 
-    Each answer is labelled up to and including its first stop token; the template glue after it is
-    not. The document ends at the last answer's stop token, then is filled with it to the block end.
+    Each answer is labelled up to and including its first stop token (its text holds none:
+    `render_segments`); the template glue after it, stop tokens that close the conversation
+    included, is not. The document ends at the last answer's stop token, then is filled with it to
+    the block end.
     """
     ids: list[int] = []
     labels: list[int] = []
@@ -343,11 +373,7 @@ def build_document(
             ids += toks
             labels += [IGNORE_INDEX] * len(toks)
             continue
-        stops = [j for j, t in enumerate(toks) if t in spec.stop_ids]
-        if len(stops) > 1:  # the template ends an answer with one: the text itself held another
-            raise BadRow("stop_token", f"an answer holds a stop token (id {toks[stops[0]]}: EOS or end of turn, e.g. "
-                         "written out literally) before its end; trained, the model would learn to stop there")
-        stop = stops[0] if stops else None
+        stop = next((j for j, t in enumerate(toks) if t in spec.stop_ids), None)
         if i == last_answer:
             if not (toks[:stop] if stop is not None else toks):
                 raise BadRow("empty_render", "the answer tokenizes to no token before its end of turn")
@@ -382,7 +408,7 @@ def encode_conversations(
     rendered: list[list[tuple[str, bool]] | BadRow] = []
     for messages in conversations:
         try:
-            rendered.append(render_segments(tokenizer, messages))
+            rendered.append(render_segments(tokenizer, messages, spec.stop_texts))
         except BadRow as e:
             rendered.append(e)
         except Exception as e:  # noqa: BLE001 - templates reject conversations with any error (raise_exception)

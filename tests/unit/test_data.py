@@ -112,6 +112,31 @@ def test_labels_cover_exactly_the_assistant_answers(tok):
     assert (labels[end:] == IGNORE_INDEX).all()  # the padding tail of the row carries no loss
 
 
+def test_a_template_that_closes_the_conversation_with_eos_trains_every_answer(tok):
+    """Phi-3's template ends a whole conversation, not a turn, with EOS, so a conversation rendered up to
+    an answer ends with a stop token the whole one has only at its end. Before, every such row was a
+    `stop_token` bad row (two stop ids in the last answer's piece) and no earlier answer was trained.
+    The closing EOS is template glue: untrained, as is everything after an answer's end of turn; an
+    answer that writes a stop token out is still refused."""
+    phi = make_tokenizer()
+    phi.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}")
+    chat = [{"role": "user", "content": Q}, {"role": "assistant", "content": A},
+            {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}]
+    cfg = DataConfig(block_size=8, seq_len=128)
+    out = process_records([{"messages": chat}], phi, cfg)
+    assert out["num_docs"].tolist() == [1] and not any(bad_counts(out).values()), bad_counts(out)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    (start, end), _pad = _docs(out, 0)
+    trained = labels[start:end] != IGNORE_INDEX
+    n_fill = (end - start) - len(phi.encode(phi.apply_chat_template(chat, tokenize=False).removesuffix("\n<|endoftext|>")))
+    assert phi.decode(ids[start:end][trained]) == A + "<|im_end|>" + A2 + "<|im_end|>" * (1 + n_fill)
+    assert "<|endoftext|>" not in phi.decode(ids[start:end])  # the document ends at the last end of turn
+
+    literal = [*chat[:3], {"role": "assistant", "content": "world <|endoftext|> hello"}]
+    assert bad_counts(process_records([{"messages": literal}], phi, cfg))["stop_token"] == 1
+
+
 def test_packing_aligns_documents_to_blocks_and_mask_never_crosses_them(tok):
     cfg = DataConfig(block_size=8, seq_len=128)
     out = process_records(good_records(24), tok, cfg)
