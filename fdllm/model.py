@@ -54,6 +54,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
+    def add_norm(self, x: Tensor, delta: Tensor, fused: bool = False) -> tuple[Tensor, Tensor]:
+        """The residual stream `x + delta` and its norm; `fused`: one Triton kernel for both."""
+        if fused:
+            from fdllm.kernels.fused_ops import add_rms_norm
+
+            return add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
+
 
 def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin tables [B, T, H] for explicit positions (the two-stream input repeats positions)."""
@@ -144,7 +153,11 @@ class FusedLinears:
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         if not self.valid:
             return tuple(lin(x) for lin in self.linears)
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.stacked(x).split(self.sizes, dim=-1)
+
+    def stacked(self, x: Tensor) -> Tensor:
+        """The linears' outputs side by side in one tensor [..., sum of their sizes] (only while `valid`)."""
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -160,18 +173,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
         self.qkv: FusedLinears | None = None  # `Transformer.fuse_projections`: one GEMM for q/k/v
 
-    def _project(self, x_BTD: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
-        if fused and self.qkv is not None:
-            return self.qkv(x_BTD)
-        return self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+    def _rotated_qkv(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """q and k rotated, and v, as [B, T, heads, H]. Fused, after `Transformer.fuse_projections`, q and k
+        are adjacent heads of the one GEMM's output, rotated together: one launch."""
+        B, T, _ = x_BTD.shape
+        N, K, H = self.n_heads, self.n_kv, self.head_dim
+        if fused and self.qkv is not None and self.qkv.valid:
+            qkv_BTnH = self.qkv.stacked(x_BTD).view(B, T, N + 2 * K, H)
+            qk_BTnH = apply_rope(qkv_BTnH[:, :, : N + K], cos, sin, fused=True)
+            return qk_BTnH[:, :, :N], qk_BTnH[:, :, N:], qkv_BTnH[:, :, N + K :]
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        return (apply_rope(q.view(B, T, N, H), cos, sin, fused), apply_rope(k.view(B, T, K, H), cos, sin, fused),
+                v.view(B, T, K, H))
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None,
                 fused: bool = False) -> Tensor:
         B, T, _ = x_BTD.shape
-        q, k, v = self._project(x_BTD, fused)
-        q_BTNH = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin, fused)
-        k_BTKH = apply_rope(k.view(B, T, self.n_kv, self.head_dim), cos, sin, fused)
-        v_BTKH = v.view(B, T, self.n_kv, self.head_dim)
+        q_BTNH, k_BTKH, v_BTKH = self._rotated_qkv(x_BTD, cos, sin, fused)
         if cache is not None:
             o_BTNH = cache(self.layer, q_BTNH, k_BTKH, v_BTKH)
         else:
@@ -203,10 +221,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None,
-                fused: bool = False) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x, fused), cos, sin, mask, cache, fused)
-        return x + self.mlp(self.post_attention_layernorm(x, fused), fused)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_normed(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None,
+                       next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """`forward` of `x` on the fused kernels, given its input norm `h` (the previous layer made it) and
+        returning `next_norm` of the output beside it: each residual add is one kernel with the norm after it."""
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(h, cos, sin, mask, cache, fused=True), fused=True)
+        return next_norm.add_norm(x, self.mlp(h, fused=True), fused=True)
 
 
 class DecoderStack(nn.Module):
@@ -251,9 +275,10 @@ class Transformer(nn.Module):
 
         position_ids [B|1, T] default to 0..T-1. Attention: `cache` (inference backend) if given,
         else `mask`: None = causal, dense bool [B|1, 1, T, T] (True = may attend), or a BlockMask.
-        `fused`: RMSNorm and RoPE as Triton kernels (`fdllm.kernels.fused_ops`: CUDA, or the Triton
-        interpreter; no backward, so inference only), and q/k/v and gate/up as one GEMM each once
-        `fuse_projections` ran: the engine's runner asks with its Triton backend.
+        `fused`: RMSNorm (each with the residual add before it) and RoPE as Triton kernels
+        (`fdllm.kernels.fused_ops`: CUDA, or the Triton interpreter; no backward, so inference only),
+        and q/k/v and gate/up as one GEMM each once `fuse_projections` ran: the engine's runner asks
+        with its Triton backend.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -261,9 +286,15 @@ class Transformer(nn.Module):
         position_ids = position_ids.expand(B, T)
         x_BTD = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x_BTD.dtype)
-        for layer in self.model.layers:
-            x_BTD = layer(x_BTD, cos, sin, mask, cache, fused)
-        return self.model.norm(x_BTD, fused)
+        if not fused:
+            for layer in self.model.layers:
+                x_BTD = layer(x_BTD, cos, sin, mask, cache)
+            return self.model.norm(x_BTD)
+        norms = [layer.input_layernorm for layer in self.model.layers] + [self.model.norm]
+        h_BTD = norms[0](x_BTD, fused=True)
+        for layer, next_norm in zip(self.model.layers, norms[1:]):
+            x_BTD, h_BTD = layer.forward_normed(x_BTD, h_BTD, cos, sin, mask, cache, next_norm)
+        return h_BTD
 
     def forward(
         self,

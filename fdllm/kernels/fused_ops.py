@@ -1,10 +1,11 @@
-"""Triton kernels for a decoder layer's elementwise work: RMSNorm, and RoPE of q and k in one launch.
+"""Triton kernels for a decoder layer's elementwise work: RMSNorm (with the residual add before it), RoPE.
 
 Why: in eager torch a layer's RMSNorm is ~7 kernels (upcast, square, mean, add, rsqrt, two
 multiplies) and RoPE ~5 per tensor (negate, concat, two multiplies, add). Inside a CUDA graph each
 small kernel still costs a few microseconds, and at batch 1 a Qwen2.5-1.5B decode step ran ~1100 of
-them (~39 per layer): 4.0 ms per step on an H200 against 0.64 ms to read the weights. These two
-kernels take a layer's norm and rope from ~24 launches to 3.
+them (~39 per layer): 4.0 ms per step on an H200 against 0.64 ms to read the weights. These
+kernels take a layer's norms and rope from ~24 launches to 3, and its two residual adds into the norms
+after them (`add_rms_norm`).
 
 Inference only (no backward): `fdllm.model` uses them when a forward asks (`fused=True`, what the
 engine's runner does with the Triton attention backend), never in training.
@@ -25,31 +26,74 @@ from torch import Tensor
 
 
 @triton.jit
+def _rms_norm_row(x, w_ptr, o_row, offs, ok, D, eps, X_DTYPE: tl.constexpr):
+    """Store the norm of one row `x` (fp32 values of X_DTYPE) at `o_row`."""
+    inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)  # torch's rsqrt on CUDA: the same instruction
+    normed = (x * inv).to(X_DTYPE).to(tl.float32)  # HF: x32 * rsqrt(...) back in x's dtype
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(o_row + offs, (w * normed).to(o_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, stride_x, stride_o, D, eps, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-    inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)  # torch's rsqrt on CUDA: the same instruction
-    normed = (x * inv).to(x_ptr.dtype.element_ty).to(tl.float32)  # HF: x32 * rsqrt(...) back in x's dtype
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(o_ptr + row * stride_o + offs, (w * normed).to(o_ptr.dtype.element_ty), mask=ok)
+    _rms_norm_row(x, w_ptr, o_ptr + row * stride_o, offs, ok, D, eps, x_ptr.dtype.element_ty)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """`weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)` over the last dim, one program per row."""
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, s_ptr, o_ptr, stride_x, stride_d, stride_s, stride_o, D, eps,
+                         BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    dt = s_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * stride_d + offs, mask=ok, other=0.0).to(tl.float32)
+    s = (x + d).to(dt)  # torch's x + delta: the exact sum, rounded once to the dtype
+    tl.store(s_ptr + row * stride_s + offs, s, mask=ok)
+    _rms_norm_row(s.to(tl.float32), w_ptr, o_ptr + row * stride_o, offs, ok, D, eps, dt)
+
+
+def _rows(x: Tensor, weight: Tensor) -> Tensor:
+    """x as [R, D] rows with a unit column stride (a view where it can be)."""
     D = x.shape[-1]
     if weight.shape != (D,):
         raise ValueError(f"weight must be [{D}], got {tuple(weight.shape)}")
     x2 = x.reshape(-1, D)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch(D: int) -> dict[str, int]:
+    block = triton.next_power_of_2(D)
+    return {"BLOCK_D": block, "num_warps": min(16, max(1, block // 256))}
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)` over the last dim, one program per row."""
+    x2 = _rows(x, weight)
     out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
     if x2.shape[0]:
-        block = triton.next_power_of_2(D)
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), D, eps,
-                                         BLOCK_D=block, num_warps=min(16, max(1, block // 256)))
-    return out.view(*x.shape[:-1], D)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), x2.shape[1], eps,
+                                         **_launch(x2.shape[1]))
+    return out.view(x.shape)
+
+
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + delta, `rms_norm` of it) in one launch: a decoder layer's residual add and the norm after it
+    (vLLM's fused_add_rms_norm). The sum is torch's bit for bit, so the residual stream is unchanged."""
+    if delta.shape != x.shape or delta.dtype != x.dtype:
+        raise ValueError(f"x and delta must share a shape and dtype, got {tuple(x.shape)} {x.dtype} and "
+                         f"{tuple(delta.shape)} {delta.dtype}")
+    x2, d2 = _rows(x, weight), _rows(delta, weight)
+    total = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
+    if x2.shape[0]:
+        _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, total, out, x2.stride(0), d2.stride(0), total.stride(0),
+                                             out.stride(0), x2.shape[1], eps, **_launch(x2.shape[1]))
+    return total.view(x.shape), out.view(x.shape)
 
 
 @triton.jit

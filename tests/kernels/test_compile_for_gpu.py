@@ -118,6 +118,8 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
         x, w = torch.randn(3, 1536, dtype=dtype), torch.ones(1536, dtype=dtype)
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
             monkeypatch, fused_ops, ["_rms_norm_kernel"], lambda: fused_ops.rms_norm(x, w, 1e-6))]
+        specs += [spec(fused_ops.__name__, *launch) for launch in record(
+            monkeypatch, fused_ops, ["_add_rms_norm_kernel"], lambda: fused_ops.add_rms_norm(x, x, w, 1e-6))]
         cos, sin = rope_cos_sin(torch.arange(3)[None], 128, 1e6, dtype)
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
             monkeypatch, fused_ops, ["_rope_kernel"],

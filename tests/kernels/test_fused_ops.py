@@ -53,6 +53,32 @@ def test_rms_norm_of_a_strided_input_and_fp32_weight(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rms_norm_is_torchs_sum_and_hfs_norm_of_it(device, dtype):
+    """The residual add fused into the norm after it: the sum is eager torch's bit for bit (the residual
+    stream must not drift from the unfused forward's), the norm HF's of that sum. Sums that overflow
+    the dtype, cancel to zero, and strided rows (the packed step's views) included."""
+    from fdllm.kernels.fused_ops import add_rms_norm
+
+    skip_interpreted_bf16(device, dtype)
+    g = torch.Generator().manual_seed(2)
+    D, eps, dt = 48, 1e-6, DTYPES[dtype]
+    x = torch.randn(3, 4, 2 * D, generator=g).to(device=device, dtype=dt)[..., :D]  # a row stride past D
+    delta = torch.randn(3, 4, D, generator=g).to(device=device, dtype=dt)
+    delta[0, 0] = -x[0, 0]  # cancels to an all-zero row
+    big = torch.finfo(dt).max
+    x[0, 1, :2], delta[0, 1, :2] = big, big  # overflows to inf in the dtype, as torch's sum does
+    weight = (1 + 0.1 * torch.randn(D, generator=g)).to(device=device, dtype=dt)
+    total, normed = add_rms_norm(x, delta, weight, eps)
+    assert torch.equal(total, x + delta) and total.dtype == dt
+    finite = torch.isfinite(total).all(-1)
+    assert finite.sum() == 11 and torch.isfinite(normed[finite]).all()
+    torch.testing.assert_close(normed[finite].float(), hf_rms_norm(total, weight, eps)[finite].float(),
+                               rtol={"fp32": 1e-5, "fp16": 8e-3, "bf16": 1.6e-2}[dtype], atol=1e-6)
+    with pytest.raises(ValueError, match="shape and dtype"):
+        add_rms_norm(x, delta.float() if dt != torch.float32 else delta.half(), weight, eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rope_matches_hf(device, dtype):
     from fdllm.kernels.fused_ops import apply_rope_fused
 
@@ -80,11 +106,15 @@ def test_rope_refuses_mixed_dtypes_and_odd_heads(device):
 
 @pytest.mark.gpu
 def test_fused_ops_at_qwen2_shape_on_gpu(cuda_device):
-    from fdllm.kernels.fused_ops import apply_rope_fused, rms_norm
+    from fdllm.kernels.fused_ops import add_rms_norm, apply_rope_fused, rms_norm
 
     x = torch.randn(64, 1536, device=cuda_device, dtype=torch.bfloat16)
     weight = torch.rand(1536, device=cuda_device, dtype=torch.bfloat16) + 0.5
     torch.testing.assert_close(rms_norm(x, weight, 1e-6), hf_rms_norm(x, weight, 1e-6), rtol=1.6e-2, atol=1e-6)
+    delta = torch.randn_like(x)
+    total, normed = add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, hf_rms_norm(total, weight, 1e-6), rtol=1.6e-2, atol=1e-6)
     cos, sin = rope_cos_sin(torch.arange(64, device=cuda_device)[None] * 37, 128, 1e6, torch.bfloat16)
     q = torch.randn(1, 64, 12, 128, device=cuda_device, dtype=torch.bfloat16)
     want, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos, sin)
@@ -92,14 +122,19 @@ def test_fused_ops_at_qwen2_shape_on_gpu(cuda_device):
 
 
 @pytest.mark.parametrize("arch,overrides", [("qwen2", {}), ("llama", {"attention_bias": True, "mlp_bias": True})])
-def test_fused_forward_matches_transformers_and_keeps_the_checkpoint(tmp_path, device, arch, overrides):
+def test_fused_forward_matches_transformers_and_keeps_the_checkpoint(tmp_path, device, arch, overrides, monkeypatch):
     """The engine's Triton-backend forward (`hidden(fused=True)`: these kernels, and q/k/v and gate/up as
-    one GEMM each after `fuse_projections`): the logits are HF's, the weights take no more memory, and
-    the model still saves to a checkpoint HF loads."""
+    one GEMM each after `fuse_projections`, q and k rotated in one launch): the logits are HF's, the
+    weights take no more memory, and the model still saves to a checkpoint HF loads."""
     import transformers
 
     import fdllm
+    from fdllm.kernels import fused_ops
     from tests.helpers import VOCAB, tiny_hf_model
+
+    ropes = []
+    rope = fused_ops.apply_rope_fused
+    monkeypatch.setattr(fused_ops, "apply_rope_fused", lambda x, *a: ropes.append(x.shape[2]) or rope(x, *a))
 
     hf = tiny_hf_model(arch, **overrides)
     hf.save_pretrained(tmp_path / "hf")
@@ -120,6 +155,8 @@ def test_fused_forward_matches_transformers_and_keeps_the_checkpoint(tmp_path, d
         ref = hf(ids).logits
         fused = ours.lm_head(ours.hidden(ids, fused=True))
         assert calls == []  # the fused GEMMs ran, not the separate linears
+        cfg = ours.config
+        assert ropes == [cfg.num_attention_heads + cfg.n_kv_heads] * cfg.num_hidden_layers  # q and k: one launch a layer
         plain = ours(ids)
     assert (fused - ref).abs().max().item() < 1e-4 and (plain - ref).abs().max().item() < 1e-4
     ours.save_pretrained(tmp_path / "ours")  # views of one weight (safetensors writes each slice on its own)

@@ -166,15 +166,23 @@ def test_bf16_autocast_training_feeds_attention_one_dtype(qwen2_dir, monkeypatch
     assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
-def test_replaced_weights_retire_the_fused_projection(qwen2_dir):
+def test_replaced_weights_retire_the_fused_projection(qwen2_dir, monkeypatch):
     """Quantizing in place installs new weights: the stale fused copy must not be multiplied by."""
+    from fdllm.kernels import fused_ops
+    from fdllm.model import apply_rope
+
     model = fdllm.load_model(qwen2_dir)
     model.fuse_projections()
     attn = model.model.layers[0].self_attn
     attn.k_proj.weight = torch.nn.Parameter(torch.zeros_like(attn.k_proj.weight))
     assert not attn.qkv.valid
-    q, k, v = attn._project(torch.randn(1, 3, model.config.hidden_size), fused=True)
+    x = torch.randn(1, 3, model.config.hidden_size)
+    _, k, _ = attn.qkv(x)
     assert torch.equal(k, attn.k_proj.bias.expand_as(k))  # the new (zero) weight, not the fused one
+    monkeypatch.setattr(fused_ops, "apply_rope_fused", apply_rope)  # torch's RoPE: no Triton needed for this
+    ones = torch.ones(1, 3, attn.head_dim)
+    _, k_BTKH, _ = attn._rotated_qkv(x, ones, 0 * ones, fused=True)  # cos 1, sin 0: RoPE changes nothing
+    assert torch.equal(k_BTKH, attn.k_proj.bias.view(attn.n_kv, attn.head_dim).expand_as(k_BTKH))
     model.fuse_projections()  # fuses again, over the new weights
     assert attn.qkv.valid
     model.unfuse_projections()
