@@ -54,9 +54,9 @@ from serve.async_engine import (
     EngineDead,
     EngineOverloaded,
     RequestFailed,
-    first_events,
+    RequestStream,
+    add_all,
     interleave,
-    prepend,
 )
 from serve.detokenize import IncrementalDetokenizer
 from serve.metrics import RayMetricsExporter, RequestCounters, make_registry, render
@@ -505,16 +505,14 @@ class FdllmServer:
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
         per_prompt = [self._fit_context(params, ids, body, i) for i, ids in enumerate(prompts)]
         choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
-        streams = [self.engine.generate(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
-                   for k, (ids, p) in enumerate(choices)]
-        firsts = await self._admit(streams, body)
+        streams = await self._admit([self.engine.add(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
+                                     for k, (ids, p) in enumerate(choices)], body)
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
-            streams = [prepend(first, stream) for first, stream in zip(firsts, streams)]
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._sse(streams, head, endpoint, tuple(params.stop), echoes, n, include_usage),
                                      media_type="text/event-stream")
-        results = list(firsts)
+        results: list = [None] * len(streams)
         try:
             async for k, event in interleave(streams):
                 results[k] = event
@@ -553,13 +551,13 @@ class FdllmServer:
         """Each prompt's text, as echo returns it: as sent, or its token ids decoded."""
         return [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(body.prompt, prompts)]
 
-    async def _admit(self, streams: list, body: CompletionRequest | ChatCompletionRequest) -> list:
-        """Each stream's first event (its first tokens; admission errors surface here, before any byte is
-        sent). The first to fail answers at once, as an OpenAI error; every stream is closed (its request
-        aborted) by `first_events`. The engine's refusal of `body` names the field it is about
-        (`engine_refusal`: token ids past the vocabulary, text delimiters no token holds)."""
+    async def _admit(self, adds: list, body: CompletionRequest | ChatCompletionRequest) -> list[RequestStream]:
+        """The streams of a request's choices once the engine has admitted all of them (`add_all`), before
+        any byte is sent, so a refusal is the response's status: the first answers at once, as an OpenAI
+        error, and every choice already added is aborted. The engine's refusal of `body` names the field
+        it is about (`engine_refusal`: token ids past the vocabulary, text delimiters no token holds)."""
         try:
-            return await first_events(streams)
+            return await add_all(adds)
         except ValueError as exc:
             raise body.engine_refusal(exc) from None
         except EngineOverloaded as exc:
@@ -586,7 +584,7 @@ class FdllmServer:
         """Server-sent events of every choice as its tokens come, each chunk naming its choice's index;
         with `include_usage`, a last chunk with no choices carries the usage, every other chunk
         `"usage": null` (OpenAI's stream_options).
-        The generator's cancellation (client gone) aborts every request. A failure ends the stream with
+        The generator's cancellation or close (client gone) aborts every request. A failure ends the stream with
         an error event and `[DONE]`. `echoes`: a completion's prompt texts (with echo), each sent first
         in its choices."""
         from fdllm.engine import GenerationResult
@@ -602,12 +600,12 @@ class FdllmServer:
             return send(chat_chunk(head, {"content": text} if text or not finish else {}, finish, k)
                         if chat else completion_chunk(head, text, finish, k))
 
-        for k in range(len(streams)):
-            if chat:
-                yield send(chat_chunk(head, {"role": "assistant", "content": ""}, None, k))
-            elif echoes[k // n]:
-                yield chunk(k, echoes[k // n])
         try:
+            for k in range(len(streams)):
+                if chat:
+                    yield send(chat_chunk(head, {"role": "assistant", "content": ""}, None, k))
+                elif echoes[k // n]:
+                    yield chunk(k, echoes[k // n])
             async for k, event in interleave(streams):
                 if isinstance(event, GenerationResult):
                     results[k] = event
@@ -626,6 +624,9 @@ class FdllmServer:
             err = _engine_error(exc)
             self.counters.stream_errors += 1
             yield error_event(err)
+        finally:  # the client gone before the choices' tokens were read: interleave never closed them
+            for stream in streams:
+                await stream.aclose()
         yield "data: [DONE]\n\n"
 
 

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 
 from fdllm.engine import Engine, GenerationResult, SamplingParams, SequenceLogprobs
@@ -35,17 +35,17 @@ class RequestFailed(Exception):
 
 
 class InjectedFault(RuntimeError):
-    """The failure `generate(..., inject_fault=True)` plants inside a step (chaos tests)."""
+    """The failure `AsyncEngine.add(..., inject_fault=True)` plants inside a step (chaos tests)."""
 
 
-async def interleave(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+async def interleave(streams: list[RequestStream | AsyncGenerator]) -> AsyncIterator[tuple[int, object]]:
     """(i, event) of several streams as their events come (a request's choices). The first error of
     any stream is raised and, like closing this iterator (the client gone), ends them all: each is
-    cancelled where it waits, so its request aborts."""
+    cancelled where it waits and closed, so its request aborts."""
     events: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(i: int, stream: AsyncIterator) -> None:
+    async def pump(i: int, stream: RequestStream | AsyncGenerator) -> None:
         try:
             async for event in stream:
                 events.put_nowait((i, event))
@@ -68,15 +68,18 @@ async def interleave(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, o
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:  # one whose pump never started was never read, so never cancelled either
+            await stream.aclose()
 
 
-async def first_events(streams: list[AsyncIterator]) -> list:
-    """Each stream's first event (a request's choices, admitted together). The first error of any stream
-    is raised as soon as it comes, not after the others' first events (a choice queued behind running
-    requests may take a whole decode to get one), and, like cancelling this call (the client gone),
-    closes every stream: one still waiting is cancelled where it waits, one that had its first event is
-    closed, so each request aborts."""
-    tasks = [asyncio.ensure_future(anext(stream)) for stream in streams]
+async def add_all(adds: list[Awaitable[RequestStream]]) -> list[RequestStream]:
+    """Each `AsyncEngine.add` of a request's choices, awaited together: their streams once every choice is
+    admitted (not once each has tokens: a choice queued behind running requests may wait a whole decode
+    for its first, and a stream that sent nothing for that long looks stalled to its client). The first
+    refusal is raised as soon as it comes; it, like cancelling this call (the client gone), closes every
+    stream already added, so no choice decodes on for nobody."""
+    tasks = [asyncio.ensure_future(add) for add in adds]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failed = next((t.exception() for t in tasks if t in done and t.exception() is not None), None)
@@ -86,20 +89,11 @@ async def first_events(streams: list[AsyncIterator]) -> list:
     except BaseException:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # every cancelled generator has ended
-        for stream in streams:
-            await stream.aclose()
+        await asyncio.gather(*tasks, return_exceptions=True)  # an add cancelled on its way aborts itself
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None:
+                await task.result().aclose()
         raise
-
-
-async def prepend(first: object, stream: AsyncIterator) -> AsyncIterator:
-    """`first`, then the rest of `stream` (closed with this one, so its request aborts if unfinished)."""
-    try:
-        yield first
-        async for event in stream:
-            yield event
-    finally:
-        await stream.aclose()
 
 
 def _answer(future: concurrent.futures.Future, result: object = None, exc: BaseException | None = None) -> bool:
@@ -119,6 +113,64 @@ class TokenDelta:
     token_ids: list[int]
 
 
+class RequestStream:
+    """The events of a request the engine has admitted (`AsyncEngine.add`): `TokenDelta`s as tokens become
+    final, then the `GenerationResult`. Closing it before its end, or cancelling a read of it (the
+    client gone), aborts the request and frees its pages. Raises RequestFailed when a step fails the
+    request, EngineDead when the engine loop ends under it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, events: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._engine, self._events = engine, events
+        self._held: object | None = None  # an event read past a run of deltas, sent next
+        self._open = True
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta | GenerationResult:
+        if not self._open:
+            raise StopAsyncIteration
+        try:
+            event = await self._next_event()
+        except asyncio.CancelledError:
+            self._abort()
+            raise
+        # Under load several deltas queue up between two reads: sent as one, since each chunk costs a
+        # trip through the HTTP proxy.
+        while isinstance(event, TokenDelta) and not self._events.empty():
+            following = self._events.get_nowait()
+            if not isinstance(following, TokenDelta):
+                self._held = following
+                break
+            event = TokenDelta(event.token_ids + following.token_ids)
+        if isinstance(event, BaseException):
+            self._open = False
+            raise event
+        if isinstance(event, GenerationResult):
+            self._open = False
+            if event.finish_reason == "error":
+                raise RequestFailed(f"request {self.request_id} failed inside the engine ({event.error})")
+        return event
+
+    async def _next_event(self) -> object:
+        if self._held is not None:
+            event, self._held = self._held, None
+            return event
+        return await self._events.get()
+
+    async def aclose(self) -> None:
+        self._abort()
+
+    def __del__(self) -> None:  # the backstop of a stream its handler never read nor closed (a response never sent)
+        self._abort()
+
+    def _abort(self) -> None:
+        if self._open:
+            self._open = False
+            self._engine._send("abort", self.request_id)
+
+
 @dataclass
 class EngineMetrics:
     steps: int = 0
@@ -127,7 +179,8 @@ class EngineMetrics:
 
 
 class AsyncEngine:
-    """`generate()` yields `TokenDelta`s as tokens become final, then the `GenerationResult`."""
+    """`add()` admits a request and returns its `RequestStream`; `generate()` is both in one: `TokenDelta`s
+    as tokens become final, then the `GenerationResult`."""
 
     def __init__(self, engine: Engine, max_waiting: int = 256, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
@@ -143,15 +196,13 @@ class AsyncEngine:
         self._thread.start()
 
     # ---- called from the event loop -------------------------------------------------------------
-    async def generate(
+    async def add(
         self, prompt: str | list[int], params: SamplingParams, request_id: str, inject_fault: bool = False,
-    ) -> AsyncIterator[TokenDelta | GenerationResult]:
-        """Stream one request. Cancelling the consumer (client gone) aborts it and frees its pages.
-
-        Raises ValueError (bad request), EngineOverloaded or EngineDead before the first event, and
-        RequestFailed when a step fails the request. `inject_fault` makes the request's first step
-        raise inside the engine (for chaos tests; the engine must fail it alone and go on).
-        """
+    ) -> RequestStream:
+        """Admit one request: its event stream once the engine has it (it may still wait for a batch
+        slot). Raises ValueError (bad request), EngineOverloaded or EngineDead if it is refused.
+        `inject_fault` makes the request's first step raise inside the engine (for chaos tests; the
+        engine must fail it alone and go on)."""
         self.check_alive()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -170,31 +221,19 @@ class AsyncEngine:
         except asyncio.CancelledError:  # the stepping thread may have added it just before: it must not run on
             self._send("abort", request_id)
             raise
-        finished = False
+        return RequestStream(self, request_id, events)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, inject_fault: bool = False,
+    ) -> AsyncIterator[TokenDelta | GenerationResult]:
+        """Stream one request (`add`, then its `RequestStream`). Cancelling the consumer (client gone)
+        aborts it and frees its pages. Raises `add`'s refusals before the first event."""
+        stream = await self.add(prompt, params, request_id, inject_fault)
         try:
-            while True:
-                event = await events.get()
-                while isinstance(event, TokenDelta) and not events.empty():
-                    # Under load several deltas queue up between two reads: send them as one chunk,
-                    # since each chunk costs a trip through the HTTP proxy.
-                    following = events.get_nowait()
-                    if not isinstance(following, TokenDelta):
-                        yield event
-                        event = following
-                        break
-                    event = TokenDelta(event.token_ids + following.token_ids)
-                if isinstance(event, BaseException):
-                    raise event
-                if isinstance(event, GenerationResult):
-                    finished = True
-                    if event.finish_reason == "error":
-                        raise RequestFailed(f"request {request_id} failed inside the engine ({event.error})")
-                    yield event
-                    return
+            async for event in stream:
                 yield event
         finally:
-            if not finished:
-                self._send("abort", request_id)
+            await stream.aclose()
 
     async def score(self, token_ids: list[int], top_logprobs: int, score_from: int = 1) -> SequenceLogprobs:
         """`Engine.score` of one sequence (from position `score_from`), run on the stepping thread between

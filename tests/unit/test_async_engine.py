@@ -10,7 +10,7 @@ import time
 import pytest
 
 import fdllm
-from serve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed, TokenDelta, interleave, prepend
+from serve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed, TokenDelta, interleave
 
 
 @pytest.fixture
@@ -268,14 +268,13 @@ def test_interleave_delivers_every_event_and_an_error_or_a_close_ends_every_stre
     closed.clear()
 
     async def first_then_leave():
-        merged = interleave([stream(0, 100, delay=0.01), prepend("first", stream(1, 100, delay=0.01))])
+        merged = interleave([stream(0, 100, delay=0.01), stream(1, 100, delay=0.01), stream(2, 100, delay=0.01)])
         got = [await anext(merged) for _ in range(3)]
         await merged.aclose()  # the client went away
-        await asyncio.sleep(0.05)
-        return got
+        return got, sorted(closed)  # closed by aclose itself, not later by asyncio.run's end
 
-    got = asyncio.run(first_then_leave())
-    assert (1, "first") in got and sorted(closed) == [0, 1]
+    got, closed_at_once = asyncio.run(first_then_leave())
+    assert len(got) == 3 and closed_at_once == [0, 1, 2]
 
 
 def test_scores_waiting_together_share_forwards_and_get_their_own_answers(causal_dllm_dir):
@@ -390,3 +389,18 @@ def test_requests_in_flight_or_queued_when_the_loop_ends_get_engine_dead(dllm_di
     with pytest.raises(EngineDead):
         drv.check_alive()
     drv.shutdown()
+
+
+def test_an_added_stream_dropped_unread_aborts_its_request(driver):
+    """A handler that added a request but neither read nor closed its stream (its response never started:
+    the client left before the server began the body) must not leave it decoding for nobody."""
+    step = driver.engine.step
+    driver.engine.step = lambda: (time.sleep(0.05), step())[1]  # its 400 tokens: ~20 s, past the wait below
+    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)
+
+    async def add_and_drop() -> None:
+        await driver.add([5, 6, 7], long, "dropped")
+
+    asyncio.run(add_and_drop())
+    stats = _wait_until_idle(driver)
+    assert stats["running"] == 0 and stats["free_pages"] == stats["total_pages"], stats

@@ -32,9 +32,8 @@ def _until(drv: AsyncEngine, done, timeout_s: float = 5.0) -> dict:
 
 def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
     """Of a request's three choices, one runs, one waits behind the running requests, and one is refused
-    once the first has its first tokens: the 503 must not wait for the waiting one's first tokens
-    (before, admission gathered every choice's first event: here a long request's whole decode), and
-    neither sibling may decode on for nobody or keep pages."""
+    once the first has stepped: the 503 comes at once, and neither sibling may decode on for nobody or
+    keep pages."""
     engine = fdllm.Engine.from_pretrained(dllm_dir, engine_config=fdllm.EngineConfig(max_num_seqs=2))
     drv = AsyncEngine(engine, max_waiting=2)
     step = engine.step
@@ -44,18 +43,16 @@ def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
     admit = partial(FdllmServer.func_or_class._admit, None, body=A_REQUEST)
 
     async def refused_later():
-        """A choice refused after its siblings were added and the first of them stepped (a refusal
-        from the engine comes before any step: this orders the three cases)."""
+        """A choice refused after its siblings were added and the first of them stepped."""
         steps = drv.metrics.steps
         while drv.metrics.steps < steps + 3:
             await asyncio.sleep(0.01)
         raise EngineOverloaded("2 requests already waiting; retry later")
-        yield  # an async generator, as AsyncEngine.generate
 
     async def main() -> tuple[APIError, float]:
         running = drv.generate([5, 6], long, "running")  # another client's: takes one of the two slots
         await anext(running)
-        choices = [drv.generate([7, 8], long, "req-0"), drv.generate([9, 8], long, "req-1"), refused_later()]
+        choices = [drv.add([7, 8], long, "req-0"), drv.add([9, 8], long, "req-1"), refused_later()]
         start = time.monotonic()
         with pytest.raises(APIError) as err:
             await asyncio.wait_for(admit(choices), timeout=5)
@@ -74,24 +71,69 @@ def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
         drv.shutdown()
 
 
+def test_a_queued_stream_starts_at_admission_not_at_its_first_tokens(dllm_dir, tmp_path):
+    """A streamed chat queued behind running requests gets its stream, and its role chunk, as soon as the
+    engine admits it: before, the response began with its first tokens (a whole decode of the running
+    request away, here ~20 s), so a client with a read timeout saw a stalled connection."""
+    from serve.metrics import RequestCounters
+    from serve.protocol import ResponseHead
+
+    engine = fdllm.Engine.from_pretrained(dllm_dir, engine_config=fdllm.EngineConfig(max_num_seqs=1))
+    drv = AsyncEngine(engine, max_waiting=2)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.05), step())[1]
+    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)
+    chat = parse_request(ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true}')
+    replica = SimpleNamespace(tokenizer=engine.tokenizer, counters=RequestCounters())
+    sse = partial(FdllmServer.func_or_class._sse, replica)
+
+    async def main() -> tuple[str, dict, float]:
+        running = drv.generate([5, 6], long, "running")
+        await anext(running)
+        start = time.monotonic()
+        streams = await asyncio.wait_for(FdllmServer.func_or_class._admit(None, [drv.add([7, 8], long, "queued")], chat), 5)
+        events = sse(streams, ResponseHead("chatcmpl-1", "m"), "chat", (), [""], 1, False)
+        first = await asyncio.wait_for(anext(events), 5)
+        took, stats = time.monotonic() - start, drv.stats()
+        await events.aclose()  # the client leaves: the queued request is aborted
+        await running.aclose()
+        return first, stats, took
+
+    try:
+        first, stats, took = asyncio.run(main())
+        assert (stats["running"], stats["waiting"]) == (1, 1) and took < 2.0, (stats, took)  # still queued
+        chunk = json.loads(first.removeprefix("data: "))
+        assert chunk["choices"][0]["delta"] == {"role": "assistant", "content": ""}, chunk
+        stats = _until(drv, lambda s: s["running"] == s["waiting"] == 0 and s["free_pages"] == s["total_pages"])
+        assert stats["running"] == stats["waiting"] == 0 and stats["free_pages"] == stats["total_pages"], stats
+    finally:
+        drv.shutdown()
+
+
 def test_a_client_gone_during_admission_closes_every_choice():
-    """Cancelled while admitting (the client hung up), admission closes the choice that had its first
-    event too, not only those still waiting: its request must not decode on for nobody."""
+    """Cancelled while admitting (the client hung up), admission closes the choice already added too, not
+    only those still being added: its request must not decode on for nobody."""
     admit = partial(FdllmServer.func_or_class._admit, None, body=A_REQUEST)
     closed: list[int] = []
 
-    async def choice(i: int, first_after_s: float):
+    class Added:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        async def aclose(self) -> None:
+            closed.append(self.i)
+
+    async def add(i: int, admitted_after_s: float) -> Added:
         try:
-            await asyncio.sleep(first_after_s)
-            yield i
-            await asyncio.sleep(100)
-            yield i
-        finally:
+            await asyncio.sleep(admitted_after_s)
+        except asyncio.CancelledError:  # as AsyncEngine.add: a cancelled add aborts its own request
             closed.append(i)
+            raise
+        return Added(i)
 
     async def main() -> list[int]:
-        admitting = asyncio.ensure_future(admit([choice(0, 0.0), choice(1, 100.0)]))
-        await asyncio.sleep(0.05)  # choice 0 has its first event; choice 1 waits for one
+        admitting = asyncio.ensure_future(admit([add(0, 0.0), add(1, 100.0)]))
+        await asyncio.sleep(0.05)  # choice 0 is added; choice 1 is still being added
         admitting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await admitting
@@ -118,7 +160,7 @@ def test_an_engine_refusal_at_admission_is_a_400_naming_the_field(dllm_dir, qwen
 
     async def refusal(engine: fdllm.Engine, body: CompletionRequest | ChatCompletionRequest, ids: list[int]) -> APIError:
         with pytest.raises(APIError) as err:
-            await admit([drivers[engine].generate(ids, body.sampling_params(16), "r")], body)
+            await admit([drivers[engine].add(ids, body.sampling_params(16), "r")], body)
         return err.value
 
     try:
