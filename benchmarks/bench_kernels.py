@@ -6,6 +6,7 @@ On a GPU (defaults: Qwen2-1.5B attention, N=12 query heads, K=2 kv heads, H=128,
     python -m benchmarks.bench_kernels
     python -m benchmarks.bench_kernels --batches 1,8,32 --contexts 1024,2048,4096 --peak-gbps 3350 --json kernels.json
     python -m benchmarks.bench_kernels --q-len 8 --confidence      # sub-block steps; also the fused confidence
+    python -m benchmarks.bench_kernels --q-len 8 --confidence --tune   # and the kernels' tuning constants
 
 On a CPU it refuses, unless --smoke runs a tiny shape under the Triton interpreter (a correctness
 smoke test; its timings mean nothing):
@@ -20,6 +21,8 @@ the pages, then SDPA) and "flash_attn" (flash_attn_with_kvcache; it needs 256-to
 runs on its own pool of 256-token pages holding the same number of tokens), with the achieved
 bandwidth = bytes of K and V read / time, as a fraction of --peak-gbps (H100 SXM ~3350 GB/s).
 Confidence rows: fused_confidence vs logits matmul + softmax + max in torch; bytes = the LM head.
+--tune adds Triton rows at other values of the kernels' tuning constants (key split size, confidence
+row tile), side by side with the defaults' rows, to set them from measurements.
 A backend that fails (a flash-attn wheel built for another torch, an out-of-memory) is a row with its
 error, and the other rows are still written; a backend that cannot run here is skipped with its reason.
 """
@@ -32,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
@@ -68,6 +72,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="triton,torch,flash_attn",
                    help="comma list of triton, torch, flash_attn (skipped when not installed)")
     p.add_argument("--confidence", action="store_true", help="also benchmark the fused confidence kernel")
+    p.add_argument("--tune", action="store_true",
+                   help="also time the Triton kernels at other values of their tuning constants (rows named "
+                        "'triton min_keys=N' and 'triton block_t=N'; the defaults are the plain 'triton' rows)")
     p.add_argument("--vocab", type=positive_int, default=151936, help="confidence: vocab size V (Qwen2)")
     p.add_argument("--hidden", type=positive_int, default=1536, help="confidence: model dim D (Qwen2-1.5B)")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
@@ -157,20 +164,30 @@ class Rows:
         write_json_atomic(self.path, self.header | {"rows": [asdict(r) for r in self.rows]}, indent=2)
 
 
+# --tune: the Triton kernels' tuning constants at values besides their defaults (MIN_KEYS_PER_SPLIT = 256:
+# batch 1 ran two attention programs below 256 keys on the first H200 run; BLOCK_T = 16: 256 confidence
+# rows read the LM head 16 times there)
+TUNE_MIN_KEYS_PER_SPLIT = (64, 128)
+TUNE_CONFIDENCE_BLOCK_T = (32, 64)
+
+
 def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str], rows: Rows) -> None:
     dtype = DTYPES[args.dtype]
+    variants = [(b, {}) for b in backends]
+    if args.tune and "triton" in backends:
+        variants += [(f"triton min_keys={n}", {"min_keys_per_split": n}) for n in TUNE_MIN_KEYS_PER_SPLIT]
     for batch in args.batches:
         for context in args.contexts:
             kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
-            for backend in backends:
-                rows.add(_measured("paged_attention", backend, batch, context, args.q_len, kv_bytes, args.peak_gbps,
-                                   lambda b=backend, n=batch, c=context: _attention_ms(args, device, b, n, c)))
+            for name, tiles in variants:
+                rows.add(_measured("paged_attention", name, batch, context, args.q_len, kv_bytes, args.peak_gbps,
+                                   lambda b=name.split()[0], n=batch, c=context, t=tiles: _attention_ms(args, device, b, n, c, t)))
 
 
 def _attention_ms(args: argparse.Namespace, device: torch.device, backend: str, batch: int,
-                  context: int) -> tuple[float, float | None]:
+                  context: int, tiles: dict[str, int]) -> tuple[float, float | None]:
     """(ms, max abs error vs the torch reference: triton's only) of one backend on a case of its own
-    (flash_attn's in 256-token pages)."""
+    (flash_attn's in 256-token pages); `tiles`: triton's tuning keywords."""
     from fdllm.kernels.paged_attention import paged_attention
     from fdllm.kernels.reference import paged_attention_torch
 
@@ -184,8 +201,8 @@ def _attention_ms(args: argparse.Namespace, device: torch.device, backend: str, 
     if backend == "torch":
         return _time_ms(lambda: paged_attention_torch(*case, causal=args.causal), device), None
     ref = paged_attention_torch(*case, causal=args.causal).float()
-    err = (paged_attention(*case, causal=args.causal).float() - ref).abs().max().item()
-    return _time_ms(lambda: paged_attention(*case, causal=args.causal), device), err
+    err = (paged_attention(*case, causal=args.causal, **tiles).float() - ref).abs().max().item()
+    return _time_ms(lambda: paged_attention(*case, causal=args.causal, **tiles), device), err
 
 
 def bench_confidence(args: argparse.Namespace, device: torch.device, rows: Rows) -> None:
@@ -201,21 +218,24 @@ def bench_confidence(args: argparse.Namespace, device: torch.device, rows: Rows)
     for batch in args.batches:
         hidden_TD = torch.randn(batch * args.q_len, args.hidden, dtype=dtype, device=device)
 
-        def triton(h: torch.Tensor = hidden_TD) -> tuple[float, float | None]:
+        def triton(h: torch.Tensor = hidden_TD, **tiles: int) -> tuple[float, float | None]:
             ref_tok, ref_prob = fused_confidence_ref(h, weight_VD, mask_token_id)
-            tok, prob = fused_confidence(h, weight_VD, mask_token_id)
+            tok, prob = fused_confidence(h, weight_VD, mask_token_id, **tiles)
             agree = (tok == ref_tok).float().mean().item()
             if agree < 0.99:
                 print(f"warning: fused_confidence argmax agrees on only {agree:.1%} of rows", file=sys.stderr)
             err = (prob - ref_prob).abs().max().item()
-            return _time_ms(lambda: fused_confidence(h, weight_VD, mask_token_id), device), err
+            return _time_ms(lambda: fused_confidence(h, weight_VD, mask_token_id, **tiles), device), err
 
         # torch: the engine's unfused path (ModelRunner.logits, then greedy_confidence): the logits GEMM in
         # the weights' dtype, fp32 logits (the reference upcasts the whole weight: exact, not a fair timing)
         def torch_path(h: torch.Tensor = hidden_TD) -> tuple[float, float | None]:
             return _time_ms(lambda: greedy_confidence(F.linear(h, weight_VD).float(), mask_token_id), device), None
 
-        for backend, measure in (("triton", triton), ("torch", torch_path)):
+        measures = [("triton", triton), ("torch", torch_path)]
+        if args.tune:
+            measures += [(f"triton block_t={n}", partial(triton, block_t=n)) for n in TUNE_CONFIDENCE_BLOCK_T]
+        for backend, measure in measures:
             rows.add(_measured("confidence", backend, batch, 0, args.q_len, w_bytes, args.peak_gbps, measure))
 
 

@@ -43,7 +43,8 @@ bench_kernels) has a limit inside the section's, so the section reports rather t
 6. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
    shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
    with the unquantized model;
-7. kernel latency (CUDA-graph replays) and achieved HBM bandwidth vs peak (benchmarks/bench_kernels.py);
+7. kernel latency (CUDA-graph replays) and achieved HBM bandwidth vs peak (benchmarks/bench_kernels.py),
+   with rows at other values of the kernels' tuning constants (--tune) to set them from;
 8. training step cost of the two-stream objective vs AR at the 1.5B shape, and with vs without the
    compaction of the noisy blocks that carry no target (benchmarks/bench_train.py).
 Targets checked: a diffusion step at batch 1 <= 1.3x an AR step; AR batch-1 decode within 1.5x of
@@ -761,7 +762,8 @@ def kernels(smoke: bool, peak_gbps: float, out: Path, budget_s: float) -> dict[s
     imported, and anything before (transformers imports triton) may have imported it without the interpreter.
     Its rows are kept whatever its exit code (a failing backend is an error row of its own), and those it
     wrote if it runs out of time (it writes them as it goes)."""
-    argv = ["--smoke"] if smoke else ["--confidence", "--q-len", "8", "--peak-gbps", str(peak_gbps)]
+    argv = ["--smoke"] if smoke else ["--confidence", "--tune", "--q-len", "8", "--contexts", "256,1024,4096",
+                                      "--peak-gbps", str(peak_gbps)]
     env = os.environ | ({"TRITON_INTERPRET": "1"} if smoke else {})
     path = out / "kernels.json"
     path.unlink(missing_ok=True)  # a rerun's rows, not an earlier run's

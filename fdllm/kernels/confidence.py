@@ -118,13 +118,18 @@ BLOCK_T = 16  # rows per program: a constant, so a row's tiles never depend on h
 V_PER_SPLIT = 1024  # vocab entries per program: from the vocab alone, never from the batch
 
 
-def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | None) -> tuple[Tensor, Tensor]:
+def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | None, *,
+                     block_t: int = BLOCK_T) -> tuple[Tensor, Tensor]:
     """(token [T] int64, prob [T] float32): argmax of h @ W^T and its softmax probability over the vocab.
 
     hidden [T, D] and weight [V, D] (the LM head, no bias) share a dtype in fp16/bf16/fp32 and are
     contiguous along D. The logit of `mask_token_id` is -inf (None: no token excluded). Ties go to
-    the lowest token id. Never materialises [T, V].
+    the lowest token id. Never materialises [T, V]. `block_t`: rows per program (a power of two >= 16),
+    for tuning: each tile of rows reads the whole LM head once, and batch invariance holds for any one
+    value kept fixed.
     """
+    if block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     h, w = hidden_TD, weight_VD
     if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
         raise ValueError(f"expected hidden [T, D] and weight [V, D], got {tuple(h.shape)} and {tuple(w.shape)}")
@@ -144,7 +149,7 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
     if T == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
 
-    block_t, block_v = BLOCK_T, 64
+    block_v = 64
     block_d = min(64, max(16, triton.next_power_of_2(D)))
     t_tiles = triton.cdiv(T, block_t)
     splits = triton.cdiv(V, V_PER_SPLIT)

@@ -21,6 +21,11 @@ def test_smoke_run(device, tmp_path):
         argv = ["--batches", "1", "--contexts", "256", "--backends", "triton,torch", "--confidence", "--vocab", "4096"]
     else:
         argv = ["--smoke"]
-    assert bench_kernels.main([*argv, "--json", str(out)]) == 0
+    assert bench_kernels.main([*argv, "--tune", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["kernel"], r["backend"]) for r in rows} >= {("paged_attention", "triton"), ("confidence", "triton")}
+    tuned = {("paged_attention", f"triton min_keys={n}") for n in bench_kernels.TUNE_MIN_KEYS_PER_SPLIT}
+    tuned |= {("confidence", f"triton block_t={n}") for n in bench_kernels.TUNE_CONFIDENCE_BLOCK_T}
+    assert {(r["kernel"], r["backend"]) for r in rows} >= {("paged_attention", "triton"), ("confidence", "triton"), *tuned}
+    # the tuned kernels compute what the defaults do (the error column: against the torch reference)
+    assert all(r["max_abs_err"] is not None and r["max_abs_err"] < 1e-3 for r in rows
+               if r["backend"].startswith("triton") and r["kernel"] == "paged_attention")

@@ -15,10 +15,10 @@ def make_inputs(T: int, V: int, D: int, dtype: torch.dtype, device, seed: int = 
     return hidden_TD.to(device=device, dtype=dtype), weight_VD.to(device=device, dtype=dtype)
 
 
-def check(hidden_TD, weight_VD, mask_token_id, prob_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def check(hidden_TD, weight_VD, mask_token_id, prob_tol: float, **tiles) -> tuple[torch.Tensor, torch.Tensor]:
     from fdllm.kernels import fused_confidence
 
-    token_T, prob_T = fused_confidence(hidden_TD, weight_VD, mask_token_id)
+    token_T, prob_T = fused_confidence(hidden_TD, weight_VD, mask_token_id, **tiles)
     ref_token_T, ref_prob_T = fused_confidence_ref(hidden_TD, weight_VD, mask_token_id)
     assert token_T.dtype == torch.int64 and prob_T.dtype == torch.float32
     # A different token is only acceptable at a near-tie (summation order differs from the matmul's).
@@ -40,6 +40,13 @@ def test_matches_reference(device, T, V, D, dtype, tol):
     """Ragged sizes: T, V and D are not multiples of the tiles (V spans several vocab splits)."""
     hidden_TD, weight_VD = make_inputs(T, V, D, dtype, device, scale=4.0)
     check(hidden_TD, weight_VD, mask_token_id=V - 7, prob_tol=tol)
+
+
+@pytest.mark.parametrize("block_t", [32, 64])
+def test_larger_row_tiles_match_the_reference(device, block_t):
+    """The row tile the GPU suite tunes (`block_t`): rows across tiles and a ragged last tile."""
+    hidden_TD, weight_VD = make_inputs(block_t + 9, 300, 48, torch.float32, device, scale=4.0)
+    check(hidden_TD, weight_VD, mask_token_id=293, prob_tol=1e-5, block_t=block_t)
 
 
 def test_mask_token_is_never_predicted(device):
@@ -81,6 +88,9 @@ def test_empty_and_bad_inputs(device):
         fused_confidence(hidden_TD.half(), weight_VD, 1)
     with pytest.raises(ValueError, match="contiguous along D"):
         fused_confidence(hidden_TD, weight_VD.T.contiguous().T, 1)
+    for block_t in (8, 48):
+        with pytest.raises(ValueError, match="power of two >= 16"):
+            fused_confidence(hidden_TD, weight_VD, 1, block_t=block_t)
 
 
 @pytest.mark.gpu
