@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Any, get_args, get_type_hints
@@ -44,7 +45,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fdllm.engine import SamplingParams
+from fdllm.engine import GenerationResult, SamplingParams
 from fdllm.engine.params import ENGINE_CHOICES, MODES
 from fdllm.paths import resolve_local
 from fdllm.storage import local_checkpoint
@@ -278,6 +279,12 @@ def _engine_error(exc: Exception) -> APIError:
     return APIError(500, f"internal server error ({type(exc).__name__})", type="server_error")
 
 
+async def _finished(result: GenerationResult) -> AsyncIterator[GenerationResult]:
+    """A choice with nothing to decode, as a stream: its result alone. (Defined before the deployment
+    class: Serve's ingress copies the class's methods with the module's globals as they are then.)"""
+    yield result
+
+
 @serve.deployment(name="FdllmServer", health_check_period_s=10)
 @serve.ingress(api)
 class FdllmServer:
@@ -505,8 +512,11 @@ class FdllmServer:
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
         per_prompt = [self._fit_context(params, ids, body, i) for i, ids in enumerate(prompts)]
         choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
-        streams = await self._admit([self.engine.add(ids, p, rid if len(choices) == 1 else f"{rid}-{k}", inject_fault=fault)
-                                     for k, (ids, p) in enumerate(choices)], body)
+        if getattr(body, "scores_only", False):  # the legacy API's scoring request: each choice its prompt, no token
+            streams = [_finished(GenerationResult(request_id=rid, prompt_token_ids=ids)) for ids, _ in choices]
+        else:
+            streams = await self._admit([self.engine.add(ids, p, rid if len(choices) == 1 else f"{rid}-{k}",
+                                                         inject_fault=fault) for k, (ids, p) in enumerate(choices)], body)
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -535,9 +545,10 @@ class FdllmServer:
         fit it, or would not with the request's max_tokens, is OpenAI's 400 `context_length_exceeded`,
         checked here where the field is known (the engine's own refusal names none; in a batch of prompts,
         `prompt[i]`); a request without max_tokens generates up to ServerConfig.default_max_tokens, never
-        past the end of the context (its min_tokens within that)."""
+        past the end of the context (its min_tokens within that); one with max_tokens 0 (echo: scoring)
+        needs only its prompt to fit."""
         given, room = body.max_tokens_given(), self.max_model_len - len(ids)
-        if room < 1 or (given is not None and given > room):
+        if room < (1 if given is None else given):
             field = ("messages" if hasattr(body, "messages") else
                      "prompt" if len(body.prompt) == 1 else f"prompt[{index}]")
             raise APIError.of(context_length_exceeded(field, self.max_model_len, len(ids), given))
@@ -587,8 +598,6 @@ class FdllmServer:
         The generator's cancellation or close (client gone) aborts every request. A failure ends the stream with
         an error event and `[DONE]`. `echoes`: a completion's prompt texts (with echo), each sent first
         in its choices."""
-        from fdllm.engine import GenerationResult
-
         detoks = [IncrementalDetokenizer(self.tokenizer, stop) for _ in streams]
         results: list = [None] * len(streams)
         chat = endpoint == "chat"

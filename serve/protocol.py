@@ -47,6 +47,7 @@ from serve.request_errors import (
     empty,
     inline_schema,
     integer_above_max,
+    integer_below_min,
     only_with,
     request_error,
     too_long,
@@ -275,7 +276,8 @@ class _SamplingFields(BaseModel):
         refused = self.unsupported()
         if refused is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
-        self.check_min_tokens(self.max_tokens_given() or default_max_tokens)
+        given = self.max_tokens_given()
+        self.check_min_tokens(default_max_tokens if given is None else given)
         try:
             return self._sampling_params(default_max_tokens, self.mode or default_mode, default_block_lookahead)
         except ValueError as exc:
@@ -379,8 +381,21 @@ class CompletionRequest(_SamplingFields):
     # batches); read as the list of prompts, each answered by n choices (choice i * n + j: prompt i)
     prompt: Annotated[list[str] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)]
     echo: StrictBool = False  # the response's text (and logprobs) start with the prompt's
+    # 0 with echo: the legacy completions API's scoring request (the prompt and its logprobs, nothing generated)
+    max_tokens: StrictInt | None = Field(default=None, ge=0)
     logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
     best_of: StrictInt | None = Field(default=None, ge=1)  # only as many as n: no server-side ranking
+
+    @model_validator(mode="after")
+    def _no_tokens_only_to_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise integer_below_min("max_tokens", 1, 0)  # without echo it asks for nothing at all
+        return self
+
+    @property
+    def scores_only(self) -> bool:
+        """Echo with max_tokens 0: the prompt (with its logprobs when asked), nothing decoded."""
+        return self.max_tokens == 0
 
     def logprob_count(self) -> int | None:
         return self.logprobs

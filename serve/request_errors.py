@@ -122,6 +122,12 @@ def integer_above_max(param: str, limit: int, value: int) -> RequestError:
     return _past(param, "integer", "above", "<=", limit, value)
 
 
+def integer_below_min(param: str, limit: int, value: int) -> RequestError:
+    """An integer under a bound that another field sets (max_tokens 0 without echo): `integer_above_max`'s
+    counterpart."""
+    return _past(param, "integer", "below", ">=", limit, value)
+
+
 def only_with(param: str, needs: str) -> RequestError:
     """`param` sent without the parameter that enables it (`stream_options` without `stream`)."""
     return RequestError(param, f"The '{param}' parameter is only allowed when '{needs}' is enabled.")

@@ -713,6 +713,44 @@ def test_echo_and_logprobs_over_the_openai_client_equal_transformers(causal_serv
         assert [a.logprob for a in c.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_and_decodes_nothing(causal_server, causal_dllm_dir):
+    """The legacy completions API's scoring request (HELM's, older lm-evaluation-harness'): echo,
+    max_tokens 0, logprobs: the prompt's transformers log-probabilities, no completion token, batched
+    prompts and n included; streamed, the prompt then the finish; without echo, OpenAI's range error;
+    a prompt filling the whole context fits (there is nothing to generate), one past it does not."""
+    openai = pytest.importorskip("openai")
+    from fdllm.config import BlockDiffusionConfig
+    from fdllm.tokenizer import load_tokenizer
+    from tests.helpers import hf_causal_logprobs
+
+    tok, mask = load_tokenizer(causal_dllm_dir), BlockDiffusionConfig.load(causal_dllm_dir).mask_token_id
+    client = openai.OpenAI(base_url=f"{causal_server}/v1", api_key=API_KEY)
+    prompts = ["héllo ✓ the quick", "a b"]
+    scored = client.completions.create(model=MODEL, prompt=prompts, max_tokens=0, echo=True, logprobs=1, n=2)
+    assert [c.text for c in scored.choices] == [p for p in prompts for _ in range(2)]
+    assert {c.finish_reason for c in scored.choices} == {"length"} and scored.usage.completion_tokens == 0
+    for k, choice in enumerate(scored.choices):
+        ids = tok(prompts[k // 2]).input_ids
+        want = hf_causal_logprobs(causal_dllm_dir, ids, mask).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == len(ids)
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert scored.usage.prompt_tokens == sum(len(tok(p).input_ids) for p in prompts)
+
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 0, "echo": True, "stream": True}
+    with httpx.stream("POST", f"{causal_server}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        chunks = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [("hello world", None),
+                                                                                              ("", "length")]
+    refused = post(causal_server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "integer_below_min_value", refused.text
+    assert refused.json()["error"]["param"] == "max_tokens"
+    full = {"model": MODEL, "max_tokens": 0, "echo": True, "logprobs": 0}
+    fits = post(causal_server, "/v1/completions", full | {"prompt": list(range(3, 3 + CAUSAL_MAX_MODEL_LEN))})
+    assert fits.status_code == 200 and len(fits.json()["choices"][0]["logprobs"]["tokens"]) == CAUSAL_MAX_MODEL_LEN
+    past = post(causal_server, "/v1/completions", full | {"prompt": list(range(3, 4 + CAUSAL_MAX_MODEL_LEN))})
+    assert past.status_code == 400 and past.json()["error"]["code"] == "context_length_exceeded", past.text
+
+
 def test_a_request_without_max_tokens_generates_to_the_end_of_the_context(causal_server, causal_dllm_dir):
     """No max_tokens and no server default (vLLM's and OpenAI's convention): up to max_model_len, in
     every mode and on both endpoints; a prompt that fills the context is a 400 naming the field."""
