@@ -54,14 +54,12 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
-    def add_norm(self, x: Tensor, delta: Tensor, fused: bool = False) -> tuple[Tensor, Tensor]:
-        """The residual stream `x + delta` and its norm; `fused`: one Triton kernel for both."""
-        if fused:
-            from fdllm.kernels.fused_ops import add_rms_norm
+    def add_norm(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """The residual stream `x + delta` and its norm, as one Triton kernel (`fdllm.kernels.fused_ops`,
+        inference only: the fused forward's `DecoderLayer.forward_normed`)."""
+        from fdllm.kernels.fused_ops import add_rms_norm
 
-            return add_rms_norm(x, delta, self.weight, self.eps)
-        x = x + delta
-        return x, self(x)
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -229,8 +227,8 @@ class DecoderLayer(nn.Module):
                        next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
         """`forward` of `x` on the fused kernels, given its input norm `h` (the previous layer made it) and
         returning `next_norm` of the output beside it: each residual add is one kernel with the norm after it."""
-        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(h, cos, sin, mask, cache, fused=True), fused=True)
-        return next_norm.add_norm(x, self.mlp(h, fused=True), fused=True)
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(h, cos, sin, mask, cache, fused=True))
+        return next_norm.add_norm(x, self.mlp(h, fused=True))
 
 
 class DecoderStack(nn.Module):
