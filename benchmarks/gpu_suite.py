@@ -705,11 +705,19 @@ def hf_yardstick(hf, prompts, new: int, shape: str, batch: int, device: torch.de
             "tokens/s": tokens / seconds, "tokens/forward": 1.0}
 
 
+# torch's warning for each synchronizing operation in sync debug mode "warn" (c10's warn_or_error_on_sync).
+# Only it is counted: the mode's first use in a process also warns, once, that it "does not yet detect
+# all synchronizing operations", which the first H200 runs counted as a second sync in one step
+# (attributed to set_sync_debug_mode's own line), failing the AR row and test_one_sync_per_decode_step.
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
 def syncs_of_full_decode_steps(engine, running: int, where: collections.Counter | None = None) -> list[int]:
     """Device syncs of each decode step while `running` requests are in flight, counted by torch's
-    sync debug mode; the first 3 steps (prefill) and any step that captured a CUDA graph (a new
-    static shape: capturing synchronizes) are left out of the count. `where` counts the Python lines
-    that synced (torch warns from the frame that called into it), so a failing count says what to fix."""
+    sync debug mode (its SYNC_WARNING, nothing else it warns); the first 3 steps (prefill) and any step
+    that captured a CUDA graph (a new static shape: capturing synchronizes) are left out of the count.
+    `where` counts the Python lines that synced (torch warns from the frame that called into it), so a
+    failing count says what to fix."""
     results = [r for _ in range(3) for r in engine.step()]
     graphs = engine.runner.graphs
     counts = []
@@ -723,9 +731,9 @@ def syncs_of_full_decode_steps(engine, running: int, where: collections.Counter 
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         if graphs is None or len(graphs.steps) == captured:
-            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
             counts.append(len(syncs))
-            if where is not None:  # with the message: the H200 run's one odd sync came from set_sync_debug_mode's line
+            if where is not None:
                 where.update(f"{Path(w.filename).relative_to(REPO) if Path(w.filename).is_relative_to(REPO) else w.filename}"
                              f":{w.lineno}: {str(w.message)[:100]}" for w in syncs)
     _tokens(results)  # raises with the engine's error: failed requests end the loop, not a count of 0 steps

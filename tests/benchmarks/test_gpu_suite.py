@@ -317,10 +317,21 @@ def test_the_roofline_reads_each_devices_own_bandwidth():
 
 
 def test_each_sync_is_counted_with_the_line_that_made_it(monkeypatch):
-    """The count alone (2 syncs in an AR step on the first H200 run) does not say what to fix: the lines do."""
+    """The count alone does not say what to fix: the lines do. Only torch's sync warning counts: the 2
+    syncs in one AR step of the first H200 runs were one sync and the mode's own once-per-process
+    warning (torch: the mode "does not yet detect all synchronizing operations"), which failed the
+    syncs row and test_one_sync_per_decode_step."""
     import warnings
 
-    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    modes = []
+
+    def set_mode(mode):  # torch's first use in a process warns once, from set_sync_debug_mode's own line
+        if not modes:
+            warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                          "synchronizing operations", UserWarning)
+        modes.append(mode)
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
     running = [3, 3, 3, 8, 8, 0]  # three prefill steps, two counted steps, then done
 
     def step():
@@ -333,7 +344,7 @@ def test_each_sync_is_counted_with_the_line_that_made_it(monkeypatch):
     engine = engine_type()
     engine.step, engine.runner = step, SimpleNamespace(graphs=None)
     counts = gpu_suite.syncs_of_full_decode_steps(engine, 8, where)
-    assert counts == [1, 1]
+    assert counts == [1, 1] and modes == ["warn", "default"] * 2
     (line, n), = where.items()
     assert n == 2 and line.startswith("tests/benchmarks/test_gpu_suite.py:")
     assert line.endswith(": called a synchronizing CUDA operation")
