@@ -22,7 +22,7 @@ runs on its own pool of 256-token pages holding the same number of tokens), with
 bandwidth = bytes of K and V read / time, as a fraction of --peak-gbps (H100 SXM ~3350 GB/s).
 Confidence rows: fused_confidence vs logits matmul + softmax + max in torch; bytes = the LM head.
 --tune adds Triton rows at other values of the kernels' tuning constants (key split size, confidence
-row tile), side by side with the defaults' rows, to set them from measurements.
+row tile and vocab chunk), side by side with the defaults' rows, to set them from measurements.
 A backend that fails (a flash-attn wheel built for another torch, an out-of-memory) is a row with its
 error, and the other rows are still written; a backend that cannot run here is skipped with its reason.
 """
@@ -74,7 +74,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confidence", action="store_true", help="also benchmark the fused confidence kernel")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton kernels at other values of their tuning constants (rows named "
-                        "'triton min_keys=N' and 'triton block_t=N'; the defaults are the plain 'triton' rows)")
+                        "'triton min_keys=N', 'triton block_t=N', 'triton v_per_split=N'; the defaults are the plain "
+                        "'triton' rows)")
     p.add_argument("--vocab", type=positive_int, default=151936, help="confidence: vocab size V (Qwen2)")
     p.add_argument("--hidden", type=positive_int, default=1536, help="confidence: model dim D (Qwen2-1.5B)")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
@@ -166,9 +167,10 @@ class Rows:
 
 # --tune: the Triton kernels' tuning constants at values besides their defaults (MIN_KEYS_PER_SPLIT = 256:
 # batch 1 ran two attention programs below 256 keys on the first H200 run; BLOCK_T = 16: 256 confidence
-# rows read the LM head 16 times there)
+# rows read the LM head 16 times there; V_PER_SPLIT = 1024: 149 programs read a 152k-token LM head at
+# ~half the HBM peak at batch 1, about one per SM)
 TUNE_MIN_KEYS_PER_SPLIT = (64, 128)
-TUNE_CONFIDENCE_BLOCK_T = (32, 64)
+TUNE_CONFIDENCE = {"block_t": (32, 64), "v_per_split": (256, 512)}
 
 
 def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str], rows: Rows) -> None:
@@ -234,7 +236,8 @@ def bench_confidence(args: argparse.Namespace, device: torch.device, rows: Rows)
 
         measures = [("triton", triton), ("torch", torch_path)]
         if args.tune:
-            measures += [(f"triton block_t={n}", partial(triton, block_t=n)) for n in TUNE_CONFIDENCE_BLOCK_T]
+            measures += [(f"triton {name}={n}", partial(triton, **{name: n}))
+                         for name, values in TUNE_CONFIDENCE.items() for n in values]
         for backend, measure in measures:
             rows.add(_measured("confidence", backend, batch, 0, args.q_len, w_bytes, args.peak_gbps, measure))
 

@@ -9,12 +9,13 @@ exist only as [BLOCK_T, BLOCK_V] tiles in registers.
 Tiling. The vocab is cut into contiguous chunks of V_PER_SPLIT (split-K style, so a handful of
 query rows still fills the GPU); program (i, j) computes logit tiles h[rows_i] @ W[chunk_j]^T over the hidden
 dim and keeps, per row, a running max, its first argmax and a running sum of exp(logit - max)
-(online log-sum-exp). A second tiny kernel merges a row's partials [SPLITS] in chunk order: the
-global max, the argmax of the first chunk attaining it (so ties resolve to the lowest token id, as
-torch.argmax does), and prob = exp(max - lse) = 1 / sum_j sum_j exp(max_j - max).
+(online log-sum-exp). A second tiny kernel merges a row's partials [SPLITS], all loaded at once: the
+global max, the lowest token id of the chunks attaining it (so ties resolve to the lowest token id, as
+torch.argmax does), and prob = exp(max - lse) = 1 / sum_j s_j exp(max_j - max).
 
 Batch invariance: the row tile (BLOCK_T) and the vocab chunks (V_PER_SPLIT) are constants and the
-merge runs in a fixed order, so a row's token and probability are bitwise the same for any T.
+merge's reduction depends on the vocabulary alone, so a row's token and probability are bitwise the
+same for any T.
 
 Precision: logits accumulate in fp32 (IEEE dots for fp32 inputs); under the Triton interpreter
 tiles are upcast to fp32 before tl.dot (its bf16 dot is wrong).
@@ -93,25 +94,24 @@ def _confidence_partials_kernel(
 
 @triton.jit
 def _confidence_merge_kernel(
-    max_ptr, arg_ptr, sum_ptr, token_ptr, prob_ptr, splits, stride_pt,
+    max_ptr, arg_ptr, sum_ptr, token_ptr, prob_ptr, splits, stride_pt, BLOCK_S: tl.constexpr,
 ):
-    """Per row: merge the vocab chunks one after another (same order for any T: batch-invariant)."""
+    """Per row: merge the vocab chunks' partials, all loaded at once (a loop over them waited on one
+    dependent load per chunk: ~150 at a 152k vocabulary). The reduction's shape depends on the
+    vocabulary alone, so a row's result does on no other row (batch-invariant)."""
     t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_S)
+    ok = offs < splits
     base = t * stride_pt
-    m_run = tl.load(max_ptr + base)
-    arg = tl.load(arg_ptr + base)
-    s_run = tl.load(sum_ptr + base)
-    for j in range(1, splits):
-        m_j = tl.load(max_ptr + base + j)
-        s_j = tl.load(sum_ptr + base + j)
-        a_j = tl.load(arg_ptr + base + j)
-        arg = tl.where(m_j > m_run, a_j, arg)  # strict: the earlier chunk (lower token id) wins ties
-        m_new = tl.maximum(m_run, m_j)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_run = s_run * tl.exp2((m_run - m_safe) * LOG2E) + s_j * tl.exp2((m_j - m_safe) * LOG2E)
-        m_run = m_new
+    m = tl.load(max_ptr + base + offs, mask=ok, other=float("-inf"))
+    s = tl.load(sum_ptr + base + offs, mask=ok, other=0.0)
+    a = tl.load(arg_ptr + base + offs, mask=ok, other=2147483647)
+    m_max = tl.max(m, axis=0)
+    arg = tl.min(tl.where(m == m_max, a, 2147483647), axis=0)  # of the chunks at the max, the lowest token id
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.sum(s * tl.exp2((m - m_safe) * LOG2E), axis=0)  # an empty chunk: s = 0 and exp2(-inf) = 0
     tl.store(token_ptr + t, arg.to(tl.int64))
-    tl.store(prob_ptr + t, 1.0 / s_run)  # exp(max - lse) = 1 / sum exp(logit - max)
+    tl.store(prob_ptr + t, 1.0 / total)  # exp(max - lse) = 1 / sum exp(logit - max)
 
 
 BLOCK_T = 16  # rows per program: a constant, so a row's tiles never depend on how many rows there are
@@ -119,17 +119,20 @@ V_PER_SPLIT = 1024  # vocab entries per program: from the vocab alone, never fro
 
 
 def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | None, *,
-                     block_t: int = BLOCK_T) -> tuple[Tensor, Tensor]:
+                     block_t: int = BLOCK_T, v_per_split: int = V_PER_SPLIT) -> tuple[Tensor, Tensor]:
     """(token [T] int64, prob [T] float32): argmax of h @ W^T and its softmax probability over the vocab.
 
     hidden [T, D] and weight [V, D] (the LM head, no bias) share a dtype in fp16/bf16/fp32 and are
     contiguous along D. The logit of `mask_token_id` is -inf (None: no token excluded). Ties go to
-    the lowest token id. Never materialises [T, V]. `block_t`: rows per program (a power of two >= 16),
-    for tuning: each tile of rows reads the whole LM head once, and batch invariance holds for any one
-    value kept fixed.
+    the lowest token id. Never materialises [T, V]. For tuning (batch invariance holds for any values
+    kept fixed): `block_t`, rows per program (a power of two >= 16; each tile of rows reads the whole
+    LM head once), and `v_per_split`, vocab entries per program (a multiple of 64; fewer: more programs
+    to spread the LM head's read over the GPU, more partials to merge).
     """
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
+    if v_per_split < 64 or v_per_split % 64:
+        raise ValueError(f"v_per_split must be a positive multiple of 64, got {v_per_split}")
     h, w = hidden_TD, weight_VD
     if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
         raise ValueError(f"expected hidden [T, D] and weight [V, D], got {tuple(h.shape)} and {tuple(w.shape)}")
@@ -152,13 +155,13 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
     block_v = 64
     block_d = min(64, max(16, triton.next_power_of_2(D)))
     t_tiles = triton.cdiv(T, block_t)
-    splits = triton.cdiv(V, V_PER_SPLIT)
+    splits = triton.cdiv(V, v_per_split)
     max_TS = torch.empty((T, splits), dtype=torch.float32, device=device)
     arg_TS = torch.empty((T, splits), dtype=torch.int32, device=device)
     sum_TS = torch.empty((T, splits), dtype=torch.float32, device=device)
     _confidence_partials_kernel[(t_tiles, splits)](
         hidden_TD, weight_VD, max_TS, arg_TS, sum_TS,
-        T, V, D, -1 if mask_token_id is None else int(mask_token_id), V_PER_SPLIT,
+        T, V, D, -1 if mask_token_id is None else int(mask_token_id), v_per_split,
         hidden_TD.stride(0), weight_VD.stride(0), max_TS.stride(0),
         BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d,
         UPCAST=interpreter_enabled(),
@@ -167,7 +170,9 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
     )
     token_T = torch.empty(T, dtype=torch.int64, device=device)
     prob_T = torch.empty(T, dtype=torch.float32, device=device)
-    _confidence_merge_kernel[(T,)](max_TS, arg_TS, sum_TS, token_T, prob_T, splits, max_TS.stride(0), num_warps=1)
+    block_s = triton.next_power_of_2(splits)
+    _confidence_merge_kernel[(T,)](max_TS, arg_TS, sum_TS, token_T, prob_T, splits, max_TS.stride(0),
+                                   BLOCK_S=block_s, num_warps=max(1, min(8, block_s // 256)))
     return token_T, prob_T
 
 

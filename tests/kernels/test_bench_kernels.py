@@ -24,7 +24,7 @@ def test_smoke_run(device, tmp_path):
     assert bench_kernels.main([*argv, "--tune", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     tuned = {("paged_attention", f"triton min_keys={n}") for n in bench_kernels.TUNE_MIN_KEYS_PER_SPLIT}
-    tuned |= {("confidence", f"triton block_t={n}") for n in bench_kernels.TUNE_CONFIDENCE_BLOCK_T}
+    tuned |= {("confidence", f"triton {name}={n}") for name, values in bench_kernels.TUNE_CONFIDENCE.items() for n in values}
     assert {(r["kernel"], r["backend"]) for r in rows} >= {("paged_attention", "triton"), ("confidence", "triton"), *tuned}
     # the tuned kernels compute what the defaults do (the error column: against the torch reference)
     assert all(r["max_abs_err"] is not None and r["max_abs_err"] < 1e-3 for r in rows

@@ -42,11 +42,15 @@ def test_matches_reference(device, T, V, D, dtype, tol):
     check(hidden_TD, weight_VD, mask_token_id=V - 7, prob_tol=tol)
 
 
-@pytest.mark.parametrize("block_t", [32, 64])
-def test_larger_row_tiles_match_the_reference(device, block_t):
-    """The row tile the GPU suite tunes (`block_t`): rows across tiles and a ragged last tile."""
-    hidden_TD, weight_VD = make_inputs(block_t + 9, 300, 48, torch.float32, device, scale=4.0)
-    check(hidden_TD, weight_VD, mask_token_id=293, prob_tol=1e-5, block_t=block_t)
+@pytest.mark.parametrize("tiles", [{"block_t": 32}, {"block_t": 64}, {"v_per_split": 64}, {"v_per_split": 128}],
+                         ids=str)
+def test_other_tiles_match_the_reference(device, tiles):
+    """The tiles the GPU suite tunes: rows across row tiles and a ragged last tile; down to 64 vocab
+    entries a chunk (5 chunks of 300, the last one short), whose partials the merge reduces at once."""
+    hidden_TD, weight_VD = make_inputs(tiles.get("block_t", 16) + 9, 300, 48, torch.float32, device, scale=4.0)
+    weight_VD[200] = weight_VD[70] = 10 * hidden_TD[0]  # row 0: a tie across two chunks (64 a chunk) goes to 70
+    token_T, _ = check(hidden_TD, weight_VD, mask_token_id=293, prob_tol=1e-5, **tiles)
+    assert token_T[0] == 70
 
 
 def test_mask_token_is_never_predicted(device):
@@ -91,6 +95,9 @@ def test_empty_and_bad_inputs(device):
     for block_t in (8, 48):
         with pytest.raises(ValueError, match="power of two >= 16"):
             fused_confidence(hidden_TD, weight_VD, 1, block_t=block_t)
+    for v_per_split in (0, 96):
+        with pytest.raises(ValueError, match="multiple of 64"):
+            fused_confidence(hidden_TD, weight_VD, 1, v_per_split=v_per_split)
 
 
 @pytest.mark.gpu
