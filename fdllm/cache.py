@@ -193,12 +193,14 @@ class KVCache:
 
     def __init__(
         self, num_layers: int, num_pages: int, page_size: int, n_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device | str,
+        dtype: torch.dtype, device: torch.device | str, fused_writes: bool = False,
     ) -> None:
+        """`fused_writes`: a layer's K and V written by one Triton kernel (`fdllm.kernels.fused_ops.store_kv`:
+        CUDA, or the Triton interpreter), not two `index_copy_`s; the engine's fused (Triton) path."""
         shape = (num_layers, num_pages + 1, page_size, n_kv_heads, head_dim)
         self.k_LPSKH = torch.zeros(shape, dtype=dtype, device=device)
         self.v_LPSKH = torch.zeros(shape, dtype=dtype, device=device)
-        self.page_size = page_size
+        self.page_size, self.fused_writes = page_size, fused_writes
 
     @staticmethod
     def page_bytes(num_layers: int, page_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -218,8 +220,14 @@ class KVCache:
     def write(self, layer: int, slots_T: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
         """Store K/V of T tokens at flat slots (page * S + offset)."""
         _, P, S, K, H = self.k_LPSKH.shape
-        self.k_LPSKH[layer].view(P * S, K, H).index_copy_(0, slots_T, k_TKH)
-        self.v_LPSKH[layer].view(P * S, K, H).index_copy_(0, slots_T, v_TKH)
+        k_cache, v_cache = self.k_LPSKH[layer].view(P * S, K, H), self.v_LPSKH[layer].view(P * S, K, H)
+        if self.fused_writes:
+            from fdllm.kernels.fused_ops import store_kv
+
+            store_kv(k_cache, v_cache, slots_T, k_TKH, v_TKH)
+        else:
+            k_cache.index_copy_(0, slots_T, k_TKH)
+            v_cache.index_copy_(0, slots_T, v_TKH)
 
 
 class AttentionRow(NamedTuple):

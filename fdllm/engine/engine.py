@@ -120,7 +120,8 @@ class Engine:
         # the torch reference gathers them all, so it stays eager.
         use_graphs = model.device.type == "cuda" and not engine_config.enforce_eager and self.attention_backend != "torch"
         num_pages = engine_config.num_pages or self._default_num_pages(L, use_graphs)
-        cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device)
+        cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device,
+                        fused_writes=fuse)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(
             self.allocator, max_num_seqs=engine_config.max_num_seqs,

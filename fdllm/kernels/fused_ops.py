@@ -1,11 +1,12 @@
-"""Triton kernels for a decoder layer's elementwise work: RMSNorm (with the residual add before it), RoPE.
+"""Triton kernels for a decoder layer's elementwise work: RMSNorm (with the residual add before it), RoPE,
+the K/V cache write.
 
 Why: in eager torch a layer's RMSNorm is ~7 kernels (upcast, square, mean, add, rsqrt, two
 multiplies) and RoPE ~5 per tensor (negate, concat, two multiplies, add). Inside a CUDA graph each
 small kernel still costs a few microseconds, and at batch 1 a Qwen2.5-1.5B decode step ran ~1100 of
 them (~39 per layer): 4.0 ms per step on an H200 against 0.64 ms to read the weights. These
-kernels take a layer's norms and rope from ~24 launches to 3, and its two residual adds into the norms
-after them (`add_rms_norm`).
+kernels take a layer's norms and rope from ~24 launches to 3, its two residual adds into the norms
+after them (`add_rms_norm`), and its K/V cache writes from two launches to one (`store_kv`).
 
 Inference only (no backward): `fdllm.model` uses them when a forward asks (`fused=True`, what the
 engine's runner does with the Triton attention backend), never in training.
@@ -137,3 +138,35 @@ def apply_rope_fused(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor
         _rope_kernel[(B * T, n)](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1),
                                  HALF=H // 2, BLOCK=triton.next_power_of_2(H // 2), num_warps=1)
     return out.view(B, T, n, H)
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, slots_ptr, kc_ptr, vc_ptr, stride_kt, stride_kn, stride_vt, stride_vn,
+                     stride_cs, stride_cn, H, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_H)
+    ok = offs < H
+    dst = tl.load(slots_ptr + t).to(tl.int64) * stride_cs + n * stride_cn + offs
+    tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + n * stride_kn + offs, mask=ok), mask=ok)
+    tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + n * stride_vn + offs, mask=ok), mask=ok)
+
+
+def store_kv(k_cache_SKH: Tensor, v_cache_SKH: Tensor, slots_T: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
+    """`k_cache[slots] = k` and `v_cache[slots] = v` in one launch (a layer's two `index_copy_`): caches
+    [slots, K, H], k/v [T, K, H] in the caches' dtype with a unit head-dim stride (the views of the stacked
+    q/k/v GEMM's output qualify), slots [T] int64 (a repeated slot, padding's scratch, gets one of its values)."""
+    T, K, H = k_TKH.shape
+    if v_TKH.shape != (T, K, H) or k_cache_SKH.shape[1:] != (K, H) or v_cache_SKH.shape != k_cache_SKH.shape:
+        raise ValueError(f"k/v {tuple(k_TKH.shape)}, {tuple(v_TKH.shape)} do not fit caches {tuple(k_cache_SKH.shape)}, "
+                         f"{tuple(v_cache_SKH.shape)}")
+    if slots_T.shape != (T,) or slots_T.dtype != torch.int64:
+        raise ValueError(f"slots must be int64 [{T}], got {slots_T.dtype} {tuple(slots_T.shape)}")
+    if len({k_TKH.dtype, v_TKH.dtype, k_cache_SKH.dtype, v_cache_SKH.dtype}) != 1:
+        raise TypeError(f"k, v and the caches must share a dtype, got {k_TKH.dtype}, {v_TKH.dtype}, {k_cache_SKH.dtype}")
+    if any(x.stride(-1) != 1 for x in (k_TKH, v_TKH, k_cache_SKH, v_cache_SKH)) or k_cache_SKH.stride() != v_cache_SKH.stride():
+        raise ValueError("k, v and the caches need a unit head-dim stride, and the caches one layout")
+    if T and K:
+        _store_kv_kernel[(T, K)](k_TKH, v_TKH, slots_T, k_cache_SKH, v_cache_SKH, k_TKH.stride(0), k_TKH.stride(1),
+                                 v_TKH.stride(0), v_TKH.stride(1), k_cache_SKH.stride(0), k_cache_SKH.stride(1), H,
+                                 BLOCK_H=triton.next_power_of_2(H), num_warps=1)

@@ -120,6 +120,9 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
             monkeypatch, fused_ops, ["_rms_norm_kernel"], lambda: fused_ops.rms_norm(x, w, 1e-6))]
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
             monkeypatch, fused_ops, ["_add_rms_norm_kernel"], lambda: fused_ops.add_rms_norm(x, x, w, 1e-6))]
+        kv, cache = torch.randn(3, 2, 128, dtype=dtype), torch.zeros(64, 2, 128, dtype=dtype)
+        specs += [spec(fused_ops.__name__, *launch) for launch in record(
+            monkeypatch, fused_ops, ["_store_kv_kernel"], lambda: fused_ops.store_kv(cache, cache, torch.arange(3), kv, kv))]
         cos, sin = rope_cos_sin(torch.arange(3)[None], 128, 1e6, dtype)
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
             monkeypatch, fused_ops, ["_rope_kernel"],

@@ -81,6 +81,27 @@ def test_add_rms_norm_is_torchs_sum_and_hfs_norm_of_it(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_store_kv_writes_what_index_copy_writes(device, dtype):
+    """K and V of a step's tokens into their cache slots in one launch, from the strided views of the
+    stacked q/k/v GEMM's output, exactly as the two `index_copy_`s it replaces; other slots untouched."""
+    from fdllm.kernels.fused_ops import store_kv
+
+    g = torch.Generator().manual_seed(3)
+    T, N, K, H, slots = 5, 6, 2, 16, 40
+    qkv = torch.randn(T, (N + 2 * K) * H, generator=g).to(device=device, dtype=DTYPES[dtype]).view(T, N + 2 * K, H)
+    k, v = qkv[:, N : N + K], qkv[:, N + K :]
+    slots_T = torch.tensor([7, 0, 39, 12, 13], device=device)
+    k_cache, v_cache = (torch.randn(slots, K, H, generator=g).to(device=device, dtype=DTYPES[dtype]) for _ in range(2))
+    want_k, want_v = k_cache.clone().index_copy_(0, slots_T, k), v_cache.clone().index_copy_(0, slots_T, v)
+    store_kv(k_cache, v_cache, slots_T, k, v)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(ValueError, match="int64"):
+        store_kv(k_cache, v_cache, slots_T.int(), k, v)
+    with pytest.raises(ValueError, match="do not fit"):
+        store_kv(k_cache[:, :1], v_cache[:, :1], slots_T, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rope_matches_hf(device, dtype):
     from fdllm.kernels.fused_ops import apply_rope_fused
 
