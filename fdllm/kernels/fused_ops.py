@@ -9,7 +9,8 @@ kernels take a layer's norms and rope from ~24 launches to 3, its two residual a
 after them (`add_rms_norm`), and its K/V cache writes from two launches to one (`store_kv`).
 
 Inference only (no backward): `fdllm.model` uses them when a forward asks (`fused=True`, what the
-engine's runner does with the Triton attention backend), never in training.
+engine's runner does with the Triton attention backend) and `fdllm.cache` when built with
+`fused_writes` (the same engines), never in training.
 
 Numerics. RMSNorm follows HF's order: normalise in fp32, round to the input's dtype, then multiply
 by the weight in the promoted dtype; only the mean's summation order differs from torch's. RoPE
