@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -131,3 +132,10 @@ def start_local_ray(num_cpus: float) -> None:
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
              log_to_driver=os.environ.get("FDLLM_TEST_RAY_LOGS") == "1")
+
+
+def slow_steps(engine, seconds: float = 0.05) -> None:
+    """Make each `engine.step()` take `seconds` longer, so that a long request is still running (400 steps:
+    ~20 s), or commands queue up, while a test acts beside it."""
+    step = engine.step
+    engine.step = lambda: (time.sleep(seconds), step())[1]

@@ -11,6 +11,7 @@ import pytest
 
 import fdllm
 from serve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed, TokenDelta, interleave
+from tests.helpers import slow_steps
 
 
 @pytest.fixture
@@ -125,17 +126,6 @@ def test_a_request_failing_inside_a_step_fails_alone(driver, dllm_dir):
     assert again.token_ids == alone[1].token_ids
 
 
-def _slow_steps(drv: AsyncEngine, seconds: float) -> None:
-    """Every step of the driver's engine takes at least `seconds` (commands queue up meanwhile)."""
-    step = drv.engine.step
-
-    def slow_step():
-        time.sleep(seconds)
-        return step()
-
-    drv.engine.step = slow_step
-
-
 def _pause_next_step(drv: AsyncEngine) -> tuple[threading.Event, threading.Event]:
     """The driver's next step, once begun (`paused` is set), waits until `resume` is set: commands sent
     meanwhile queue up, and the stepping thread reads them together after that step."""
@@ -173,7 +163,7 @@ def test_a_client_gone_while_its_request_waits_to_be_added_harms_nothing(driver)
     """A handler cancelled before the stepping thread reads its command (its client hung up during a
     long step) is skipped: setting the cancelled future's result would have stopped the thread."""
     long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar")
-    _slow_steps(driver, 0.2)
+    slow_steps(driver.engine, 0.2)  # commands queue up meanwhile
 
     async def main():
         running = driver.generate([5, 6], long, "running")
@@ -394,8 +384,7 @@ def test_requests_in_flight_or_queued_when_the_loop_ends_get_engine_dead(dllm_di
 def test_an_added_stream_dropped_unread_aborts_its_request(driver):
     """A handler that added a request but neither read nor closed its stream (its response never started:
     the client left before the server began the body) must not leave it decoding for nobody."""
-    step = driver.engine.step
-    driver.engine.step = lambda: (time.sleep(0.05), step())[1]  # its 400 tokens: ~20 s, past the wait below
+    slow_steps(driver.engine)  # its 400 tokens: ~20 s, past the wait below
     long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)
 
     async def add_and_drop() -> None:

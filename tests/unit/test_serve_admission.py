@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import fdllm
+from tests.helpers import slow_steps
 
 pytest.importorskip("ray.serve")
 from serve.app import FdllmServer  # noqa: E402
@@ -20,6 +21,7 @@ from serve.async_engine import AsyncEngine, EngineOverloaded  # noqa: E402
 from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse_request  # noqa: E402
 
 A_REQUEST = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x"}')
+LONG = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)  # ~20 s, slowed
 
 
 def _until(drv: AsyncEngine, done, timeout_s: float = 5.0) -> dict:
@@ -36,9 +38,7 @@ def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
     keep pages."""
     engine = fdllm.Engine.from_pretrained(dllm_dir, engine_config=fdllm.EngineConfig(max_num_seqs=2))
     drv = AsyncEngine(engine, max_waiting=2)
-    step = engine.step
-    engine.step = lambda: (time.sleep(0.05), step())[1]  # 400 tokens of the running request: ~20 s
-    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)
+    slow_steps(engine)  # 400 tokens of the running request: ~20 s
     # it reads no replica state (a replica needs Ray); the request only names the field of an engine refusal
     admit = partial(FdllmServer.func_or_class._admit, None, body=A_REQUEST)
 
@@ -50,9 +50,9 @@ def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
         raise EngineOverloaded("2 requests already waiting; retry later")
 
     async def main() -> tuple[APIError, float]:
-        running = drv.generate([5, 6], long, "running")  # another client's: takes one of the two slots
+        running = drv.generate([5, 6], LONG, "running")  # another client's: takes one of the two slots
         await anext(running)
-        choices = [drv.add([7, 8], long, "req-0"), drv.add([9, 8], long, "req-1"), refused_later()]
+        choices = [drv.add([7, 8], LONG, "req-0"), drv.add([9, 8], LONG, "req-1"), refused_later()]
         start = time.monotonic()
         with pytest.raises(APIError) as err:
             await asyncio.wait_for(admit(choices), timeout=5)
@@ -71,7 +71,7 @@ def test_a_refused_choice_answers_503_at_once_and_aborts_its_siblings(dllm_dir):
         drv.shutdown()
 
 
-def test_a_queued_stream_starts_at_admission_not_at_its_first_tokens(dllm_dir, tmp_path):
+def test_a_queued_stream_starts_at_admission_not_at_its_first_tokens(dllm_dir):
     """A streamed chat queued behind running requests gets its stream, and its role chunk, as soon as the
     engine admits it: before, the response began with its first tokens (a whole decode of the running
     request away, here ~20 s), so a client with a read timeout saw a stalled connection."""
@@ -80,18 +80,16 @@ def test_a_queued_stream_starts_at_admission_not_at_its_first_tokens(dllm_dir, t
 
     engine = fdllm.Engine.from_pretrained(dllm_dir, engine_config=fdllm.EngineConfig(max_num_seqs=1))
     drv = AsyncEngine(engine, max_waiting=2)
-    step = engine.step
-    engine.step = lambda: (time.sleep(0.05), step())[1]
-    long = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)
+    slow_steps(engine)
     chat = parse_request(ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true}')
     replica = SimpleNamespace(tokenizer=engine.tokenizer, counters=RequestCounters())
     sse = partial(FdllmServer.func_or_class._sse, replica)
 
     async def main() -> tuple[str, dict, float]:
-        running = drv.generate([5, 6], long, "running")
+        running = drv.generate([5, 6], LONG, "running")
         await anext(running)
         start = time.monotonic()
-        streams = await asyncio.wait_for(FdllmServer.func_or_class._admit(None, [drv.add([7, 8], long, "queued")], chat), 5)
+        streams = await asyncio.wait_for(FdllmServer.func_or_class._admit(None, [drv.add([7, 8], LONG, "queued")], chat), 5)
         events = sse(streams, ResponseHead("chatcmpl-1", "m"), "chat", (), [""], 1, False)
         first = await asyncio.wait_for(anext(events), 5)
         took, stats = time.monotonic() - start, drv.stats()
