@@ -175,15 +175,15 @@ TUNE_CONFIDENCE = {"block_t": (32, 64), "v_per_split": (256, 512)}
 
 def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str], rows: Rows) -> None:
     dtype = DTYPES[args.dtype]
-    variants = [(b, {}) for b in backends]
+    variants = [(b, b, {}) for b in backends]  # (row name, backend, triton's tuning keywords)
     if args.tune and "triton" in backends:
-        variants += [(f"triton min_keys={n}", {"min_keys_per_split": n}) for n in TUNE_MIN_KEYS_PER_SPLIT]
+        variants += [(f"triton min_keys={n}", "triton", {"min_keys_per_split": n}) for n in TUNE_MIN_KEYS_PER_SPLIT]
     for batch in args.batches:
         for context in args.contexts:
             kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
-            for name, tiles in variants:
+            for name, backend, tiles in variants:
                 rows.add(_measured("paged_attention", name, batch, context, args.q_len, kv_bytes, args.peak_gbps,
-                                   lambda b=name.split()[0], n=batch, c=context, t=tiles: _attention_ms(args, device, b, n, c, t)))
+                                   lambda b=backend, n=batch, c=context, t=tiles: _attention_ms(args, device, b, n, c, t)))
 
 
 def _attention_ms(args: argparse.Namespace, device: torch.device, backend: str, batch: int,

@@ -35,6 +35,7 @@ from fdllm.kernels.reference import greedy_confidence
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E); a global must be a tl.constexpr value to compile
+NO_TOKEN = tl.constexpr(2147483647)  # int32's max: above every token id, so a min over ids ignores it
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _confidence_partials_kernel(
         logits = tl.where(v_ok[None, :] & (offs_v != mask_token_id)[None, :], logits, float("-inf"))
 
         tile_max = tl.max(logits, axis=1)
-        tile_arg = tl.min(tl.where(logits == tile_max[:, None], offs_v[None, :], 2147483647), axis=1)
+        tile_arg = tl.min(tl.where(logits == tile_max[:, None], offs_v[None, :], NO_TOKEN), axis=1)
         arg_i = tl.where(tile_max > m_i, tile_arg, arg_i)  # strict: an earlier tile wins ties
         m_new = tl.maximum(m_i, tile_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing but -inf seen so far
@@ -105,9 +106,9 @@ def _confidence_merge_kernel(
     base = t * stride_pt
     m = tl.load(max_ptr + base + offs, mask=ok, other=float("-inf"))
     s = tl.load(sum_ptr + base + offs, mask=ok, other=0.0)
-    a = tl.load(arg_ptr + base + offs, mask=ok, other=2147483647)
+    a = tl.load(arg_ptr + base + offs, mask=ok, other=NO_TOKEN)
     m_max = tl.max(m, axis=0)
-    arg = tl.min(tl.where(m == m_max, a, 2147483647), axis=0)  # of the chunks at the max, the lowest token id
+    arg = tl.min(tl.where(m == m_max, a, NO_TOKEN), axis=0)  # of the chunks at the max, the lowest token id
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     total = tl.sum(s * tl.exp2((m - m_safe) * LOG2E), axis=0)  # an empty chunk: s = 0 and exp2(-inf) = 0
     tl.store(token_ptr + t, arg.to(tl.int64))
@@ -116,6 +117,7 @@ def _confidence_merge_kernel(
 
 BLOCK_T = 16  # rows per program: a constant, so a row's tiles never depend on how many rows there are
 V_PER_SPLIT = 1024  # vocab entries per program: from the vocab alone, never from the batch
+BLOCK_V = 64  # vocab entries per logit tile: a program's chunk is whole tiles
 
 
 def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | None, *,
@@ -131,8 +133,8 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
     """
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
-    if v_per_split < 64 or v_per_split % 64:
-        raise ValueError(f"v_per_split must be a positive multiple of 64, got {v_per_split}")
+    if v_per_split < BLOCK_V or v_per_split % BLOCK_V:
+        raise ValueError(f"v_per_split must be a positive multiple of {BLOCK_V}, got {v_per_split}")
     h, w = hidden_TD, weight_VD
     if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
         raise ValueError(f"expected hidden [T, D] and weight [V, D], got {tuple(h.shape)} and {tuple(w.shape)}")
@@ -152,7 +154,6 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
     if T == 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
 
-    block_v = 64
     block_d = min(64, max(16, triton.next_power_of_2(D)))
     t_tiles = triton.cdiv(T, block_t)
     splits = triton.cdiv(V, v_per_split)
@@ -163,7 +164,7 @@ def fused_confidence(hidden_TD: Tensor, weight_VD: Tensor, mask_token_id: int | 
         hidden_TD, weight_VD, max_TS, arg_TS, sum_TS,
         T, V, D, -1 if mask_token_id is None else int(mask_token_id), v_per_split,
         hidden_TD.stride(0), weight_VD.stride(0), max_TS.stride(0),
-        BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d,
+        BLOCK_T=block_t, BLOCK_V=BLOCK_V, BLOCK_D=block_d,
         UPCAST=interpreter_enabled(),
         DOT_PRECISION="ieee" if hidden_TD.dtype == torch.float32 else "tf32",
         num_warps=4,
