@@ -15,8 +15,10 @@ engine's runner does with the Triton attention backend) and `fdllm.cache` when b
 Numerics. RMSNorm follows HF's order: normalise in fp32, round to the input's dtype, then multiply
 by the weight in the promoted dtype; only the mean's summation order differs from torch's. RoPE
 rounds each product and the sum to the input dtype as eager torch does (`x * cos + rotated * sin`
-in bf16 is three roundings), so in bf16/fp16 it gives torch's bits (in fp32 the compiler may fuse a
-product and the sum into one FMA: within an ulp).
+in bf16 is three roundings), so it gives torch's bits in every dtype. That needs its launch to turn
+off Triton's FP fusion: with it on, LLVM reads "fp32 product rounded to bf16, then added" as a bf16
+multiply and a bf16 add and contracts them into one `fma.rn.bf16` (one rounding where torch has two;
+the first H200 run's RoPE test caught it, and the compile test now reads the PTX for it).
 """
 
 from __future__ import annotations
@@ -114,8 +116,8 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, stride_xt, stride_xn, stride_ct
     s1, s2 = tl.load(s_row + offs, mask=ok, other=0.0).to(f32), tl.load(s_row + HALF + offs, mask=ok, other=0.0).to(f32)
     dt = x_ptr.dtype.element_ty
     # rotated = cat(-x2, x1); out = x * cos + rotated * sin with each product and the sum rounded to x's
-    # dtype as eager torch rounds them: fp32 arithmetic, an explicit rounding after each step (no 16-bit
-    # FMA can fuse a product into the sum)
+    # dtype as eager torch rounds them: fp32 arithmetic, an explicit rounding after each step, and the
+    # launch's enable_fp_fusion=False so the compiler cannot contract a product into the sum (module doc)
     out1 = ((x1 * c1).to(dt).to(f32) + (-x2 * s1).to(dt).to(f32)).to(dt)
     out2 = ((x2 * c2).to(dt).to(f32) + (x1 * s2).to(dt).to(f32)).to(dt)
     o_row = o_ptr + t * stride_ot + n * stride_on
@@ -137,7 +139,7 @@ def apply_rope_fused(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor
     out = torch.empty((B * T, n, H), dtype=x.dtype, device=x.device)
     if B * T and n:
         _rope_kernel[(B * T, n)](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1),
-                                 HALF=H // 2, BLOCK=triton.next_power_of_2(H // 2), num_warps=1)
+                                 HALF=H // 2, BLOCK=triton.next_power_of_2(H // 2), num_warps=1, enable_fp_fusion=False)
     return out.view(B, T, n, H)
 
 

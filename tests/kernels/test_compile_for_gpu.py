@@ -24,7 +24,8 @@ from tests.kernels.test_paged_attention import make_case  # noqa: E402
 TARGETS = {"sm_80": 80, "sm_90": 90}  # CUDA compute capability
 _POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
             torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
-_OPTIONS = ("num_warps", "num_stages")
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+ROUNDED_LIKE_TORCH = {"_rope_kernel"}  # kernels that promise eager torch's bits: no FMA may fuse their roundings
 
 
 class Launches:
@@ -67,8 +68,10 @@ def spec(module: str, fn, args: tuple, kwargs: dict) -> dict:
 
 
 def compile_specs(specs: list[dict]) -> None:
-    """The child: compile every launch for every target (raises what the compiler raises)."""
+    """The child: compile every launch for every target (raises what the compiler raises); one JSON line
+    per compile: its shared memory and whether its PTX has a floating-point FMA."""
     import importlib
+    import re
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -78,7 +81,9 @@ def compile_specs(specs: list[dict]) -> None:
         source = ASTSource(fn=kernel, signature=s["signature"], constexprs={(i,): v for i, v in s["constexprs"]})
         for name, capability in TARGETS.items():
             compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=s["options"])
-            print(f"{s['kernel']} {name}: {compiled.metadata.shared} bytes of shared memory", flush=True)
+            fma = bool(re.search(r"\bfma\.rn\.(?:bf16|f16|f32)\b", compiled.asm["ptx"]))
+            print(json.dumps({"kernel": s["kernel"], "target": name, "shared": compiled.metadata.shared, "fma": fma}),
+                  flush=True)
 
 
 def record(monkeypatch, module, names: list[str], call) -> list[tuple]:
@@ -132,7 +137,11 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
     child = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,
                            env=env, timeout=600, cwd=root)
     assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
-    assert len(child.stdout.splitlines()) == len(specs) * len(TARGETS)
+    compiled = [json.loads(line) for line in child.stdout.splitlines()]
+    assert len(compiled) == len(specs) * len(TARGETS)
+    # read on sm_90, whose 16-bit mul and add are native: sm_80 emulates them with FMAs (by 1.0 or plus -0.0)
+    fused = [c for c in compiled if c["kernel"] in ROUNDED_LIKE_TORCH and c["target"] == "sm_90" and c["fma"]]
+    assert not fused, f"an FMA fuses a rounding eager torch makes (launch with enable_fp_fusion=False): {fused}"
 
 
 if __name__ == "__main__":
