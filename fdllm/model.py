@@ -204,11 +204,14 @@ class MLP(nn.Module):
         self.gate_up: FusedLinears | None = None  # `Transformer.fuse_projections`: one GEMM for gate/up
 
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
-        if fused and self.gate_up is not None:
-            gate, up = self.gate_up(x)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        """`fused`: gate/up as one GEMM (after `Transformer.fuse_projections`) and SiLU x up as one Triton
+        kernel reading its halves in place (`fdllm.kernels.fused_ops.silu_mul`; inference only)."""
+        if not fused:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        from fdllm.kernels.fused_ops import silu_mul
+
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):

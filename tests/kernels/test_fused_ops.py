@@ -1,4 +1,5 @@
-"""The fused RMSNorm and RoPE kernels against HF transformers' Qwen2 modules (independent oracles)."""
+"""The fused RMSNorm and RoPE kernels against HF transformers' Qwen2 modules (independent oracles), the K/V
+store and SiLU gate against the torch ops they replace."""
 
 from __future__ import annotations
 
@@ -81,6 +82,29 @@ def test_add_rms_norm_is_torchs_sum_and_hfs_norm_of_it(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy exp(1e4)
+def test_silu_mul_is_torchs(device, dtype):
+    """SiLU(gate) x up from the two halves of one stacked GEMM output (strided views, read in place), over
+    rows wider than one program's block: torch's `F.silu(gate) * up` (bitwise on a GPU: the gpu test; here
+    numpy's exp against torch's CPU exp, so to a few ulps), zeros, huge, infinite and NaN gates included."""
+    from fdllm.kernels.fused_ops import silu_mul
+
+    skip_interpreted_bf16(device, dtype)
+    g = torch.Generator().manual_seed(4)
+    dt, N = DTYPES[dtype], 1500
+    stacked = (torch.randn(2, 3, 2 * N, generator=g) * 4).to(device=device, dtype=dt)
+    gate, up = stacked.split(N, dim=-1)
+    gate[0, 0, :6] = torch.tensor([0.0, -0.0, 1e4, -1e4, float("inf"), float("nan")], dtype=dt)
+    got, want = silu_mul(gate, up), torch.nn.functional.silu(gate) * up
+    assert got.shape == want.shape and got.dtype == dt and got.is_contiguous()
+    assert torch.equal(got.isnan(), want.isnan())
+    ulp = {"fp32": 2**-23, "fp16": 2**-10, "bf16": 2**-7}[dtype]
+    torch.testing.assert_close(got, want, rtol=4 * ulp, atol=0, equal_nan=True)  # two roundings of an ulp-off exp
+    with pytest.raises(ValueError, match="shape and dtype"):
+        silu_mul(gate, up[..., 1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_store_kv_writes_what_index_copy_writes(device, dtype):
     """K and V of a step's tokens into their cache slots in one launch, from the strided views of the
     stacked q/k/v GEMM's output, exactly as the two `index_copy_`s it replaces; other slots untouched."""
@@ -129,7 +153,7 @@ def test_rope_refuses_mixed_dtypes_and_odd_heads(device):
 
 @pytest.mark.gpu
 def test_fused_ops_at_qwen2_shape_on_gpu(cuda_device):
-    from fdllm.kernels.fused_ops import add_rms_norm, apply_rope_fused, rms_norm
+    from fdllm.kernels.fused_ops import add_rms_norm, apply_rope_fused, rms_norm, silu_mul
 
     x = torch.randn(64, 1536, device=cuda_device, dtype=torch.bfloat16)
     weight = torch.rand(1536, device=cuda_device, dtype=torch.bfloat16) + 0.5
@@ -142,6 +166,9 @@ def test_fused_ops_at_qwen2_shape_on_gpu(cuda_device):
     q = torch.randn(1, 64, 12, 128, device=cuda_device, dtype=torch.bfloat16)
     want, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos, sin)
     assert torch.equal(apply_rope_fused(q, cos, sin), want.transpose(1, 2))
+    gate, up = (torch.randn(512, 2 * 8960, device=cuda_device, dtype=torch.bfloat16) * 4).split(8960, dim=-1)
+    got, want = silu_mul(gate, up), torch.nn.functional.silu(gate) * up
+    assert torch.equal(got, want), f"{(got != want).sum().item()} of {got.numel()} differ"
 
 
 @pytest.mark.parametrize("arch,overrides", [("qwen2", {}), ("llama", {"attention_bias": True, "mlp_bias": True})])
