@@ -55,11 +55,14 @@ class CapturedStep:
         self.inputs.slots_T.fill_(cache.scratch_slot)  # capture writes only to scratch; kv_lens 0: reads nothing
         self.inputs.tables_BM.fill_(-1)
         run = lambda: forward_static(model, cache, attention_fn, self.inputs, fused)  # noqa: E731
+        # warm-up outside the capture (Triton's compiles, cuBLAS's first calls at these shapes), as vLLM
+        # does it: on the current stream, as an eager step of this shape, whose blocks eager steps reuse
+        # and the KV sizing counts. On the capture stream the caching allocator would keep them for that
+        # stream alone, beside the eager steps' and the graph pool's: 0.56 GiB past the budget in the sizing
+        # test on the H200.
+        for _ in range(2):
+            run()
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: triton autotune/compile and allocator state, outside the capture
-                run()
-        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         self.out_TD = out_ND[: shape.batch * shape.q_len]
         with torch.cuda.graph(self.graph, pool=pool, stream=stream):

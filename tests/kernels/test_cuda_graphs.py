@@ -67,4 +67,17 @@ def test_kv_sizing_leaves_room_for_the_largest_steps(cuda_device):
     engine.generate(random_prompts(127, [40], seed=5) + [[7] * 2048], params(max_new_tokens=40, mode="speculative"))
     assert len(engine.runner.graphs.steps) > 5, "decode steps of many shapes should have been captured"
     peak = torch.cuda.max_memory_reserved(cuda_device) + elsewhere
-    assert peak <= fraction * total + 2**28, f"{(peak - fraction * total) / 2**30:.2f} GiB past the budget"
+    assert peak <= fraction * total + 2**28, (
+        f"{(peak - fraction * total) / 2**30:.2f} GiB past the budget; KV cache {2 * engine.runner.cache.k_LPSKH.nbytes / 2**30:.2f} GiB, "
+        f"peak allocated {torch.cuda.max_memory_allocated(cuda_device) / 2**30:.2f} GiB, reserved now: {reserved_by_pool(cuda_device)}")
+
+
+def reserved_by_pool(device: torch.device) -> str:
+    """The caching allocator's reserved bytes by pool (default or a graph pool) and stream: what a budget
+    overrun was made of."""
+    sizes: dict[str, int] = {}
+    for seg in torch.cuda.memory_snapshot():
+        if seg["device"] == device.index:
+            key = f"{'default' if tuple(seg['segment_pool_id']) == (0, 0) else 'graph'} pool, stream {seg['stream']}"
+            sizes[key] = sizes.get(key, 0) + seg["total_size"]
+    return ", ".join(f"{key}: {size / 2**30:.2f} GiB" for key, size in sorted(sizes.items()))
