@@ -227,7 +227,10 @@ def _merge_splits_kernel(
 
 
 MAX_SPLITS = 16  # key-range chunks per sequence at most
-MIN_KEYS_PER_SPLIT = 256  # a chunk is worth a program only above this many keys (tune on a GPU)
+# a chunk is worth a program only above this many keys. 128 on the H200 (bench_kernels --tune, Qwen2-1.5B
+# heads, 8 queries a sequence): 256 keys at batch 1 take 9.2 us vs 256's 11.4, 1024 keys 10.0 vs 14.1; 64
+# was faster still at batch 1 (7.2, 8.5) but slower from batch 8 up at 1024 keys (16.1 vs 12.9 at batch 8)
+MIN_KEYS_PER_SPLIT = 128
 BLOCK_M = 32  # flattened query rows per program: a constant, so a row's tile never depends on the batch
 WORKSPACE_BYTES = 256 << 20  # split-KV partials one call holds at most (larger calls run in slices)
 

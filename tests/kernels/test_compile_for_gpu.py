@@ -104,7 +104,7 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
 
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
-        h, w = torch.randn(5, 64, dtype=dtype), torch.randn(3000, 64, dtype=dtype)  # 3 vocab chunks to merge
+        h, w = torch.randn(5, 64, dtype=dtype), torch.randn(3000, 64, dtype=dtype)  # 12 vocab chunks to merge
         specs += [spec(confidence.__name__, *launch) for launch in record(
             monkeypatch, confidence, ["_confidence_partials_kernel", "_confidence_merge_kernel"],
             lambda: confidence.fused_confidence(h, w, 7))]

@@ -257,7 +257,7 @@ def test_a_call_past_its_workspace_runs_in_slices_with_the_same_result(device, m
     assert bound(3 * 40) == 3 * 40 * per_query  # below the default bound: the call's own
     assert bound(10**6) == bound() == pa.WORKSPACE_BYTES  # any call
     assert pa._slice_shape(3, 40, per_query, 1) == (1, 32)  # below one tile's worth: still a whole tile per slice
-    assert pa.split_workspace_bytes(4, 16, 256) == 0  # one split (256 keys at most): no partials
+    assert pa.split_workspace_bytes(4, 16, pa.MIN_KEYS_PER_SPLIT) == 0  # one split at most: no partials
 
 
 def test_empty_batch(device):
