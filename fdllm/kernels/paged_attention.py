@@ -17,13 +17,14 @@ exponentials with log2(e) folded into the scale); the output is normalised once 
 Split-KV (flash-decoding). Few sequences x few kv heads x a few row tiles can be far fewer
 programs than the GPU has SMs (batch 1 of Qwen2-1.5B: 2 kv heads x 3 tiles = 6), so the key range
 can also be cut into chunks, one program each; those write unnormalised partial outputs with
-their running max and sum (fp32), and a second small kernel merges them, one split after another.
+their running max and sum (fp32), and a second small kernel merges them, a row's all at once.
 With one split the first kernel writes the normalised output directly (bitwise what the merge of
 one split gives).
 
 Batch invariance. How a sequence's keys are chunked depends only on its own kv_len (MAX_SPLITS,
-MIN_KEYS_PER_SPLIT), the query tile is a constant BLOCK_M, and the merge adds a sequence's splits
-in order: a request's attention output is bitwise the same alone or in any batch, padded or not.
+MIN_KEYS_PER_SPLIT), the query tile is a constant BLOCK_M, and the merge reduces a sequence's splits
+in a tile of MAX_SPLITS whatever the call's split count: a request's attention output is bitwise the
+same alone or in any batch, padded or not.
 Launch parameters come from shapes only (no host sync), so CUDA graphs can capture the launch.
 
 Masking. Keys j >= kv_len are never loaded, so -1 block-table entries and stale slots of the last
@@ -206,27 +207,25 @@ def _merge_splits_kernel(
     kps = _keys_per_split(kv_len, keys_per_split, min_keys_per_split, num_splits, BLOCK_N)
     own_splits = tl.maximum(tl.cdiv(kv_len, kps), 1)
     offs_h = tl.arange(0, BLOCK_H)
-    m_run = float("-inf")
-    l_run = 0.0
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for s in range(0, own_splits):  # in split order, one at a time: the same sum for any batch
-        part = row.to(tl.int64) * num_splits + s
-        m_s = tl.load(part_m_ptr + part)
-        l_s = tl.load(part_l_ptr + part)
-        acc_s = tl.load(part_acc_ptr + part * BLOCK_H + offs_h)
-        m_new = tl.maximum(m_run, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet (padding rows)
-        alpha = tl.exp2(m_run - m_safe)
-        w = tl.exp2(m_s - m_safe)
-        l_run = l_run * alpha + l_s * w
-        acc = acc * alpha + acc_s * w
-        m_run = m_new
+    # all of the row's partials at once, in a tile of MAX_SPLITS whatever the call's split count: the
+    # reduction's shape, so the sum, is the same for any batch (splits past the row's own add zeros)
+    offs_s = tl.arange(0, MAX_SPLITS_TILE)
+    own = offs_s < own_splits
+    part = row.to(tl.int64) * num_splits + offs_s
+    m_s = tl.load(part_m_ptr + part, mask=own, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + part, mask=own, other=0.0)
+    acc_s = tl.load(part_acc_ptr + part[:, None] * BLOCK_H + offs_h[None, :], mask=own[:, None], other=0.0)
+    m_max = tl.max(m_s, axis=0)
+    w = tl.exp2(m_s - tl.where(m_max == float("-inf"), 0.0, m_max))  # padding rows: nothing seen, w = 0
+    l_run = tl.sum(l_s * w, axis=0)
+    acc = tl.sum(acc_s * w[:, None], axis=0)
     out = acc / tl.where(l_run == 0.0, 1.0, l_run)  # padding rows: 0 / 1
     tl.store(o_ptr + b * stride_ob + t * stride_ot + n * stride_on + offs_h, out.to(o_ptr.dtype.element_ty),
              mask=offs_h < H)
 
 
 MAX_SPLITS = 16  # key-range chunks per sequence at most
+MAX_SPLITS_TILE = tl.constexpr(MAX_SPLITS)  # the merge's tile (a global must be a tl.constexpr to compile)
 # a chunk is worth a program only above this many keys. 128 on the H200 (bench_kernels --tune, Qwen2-1.5B
 # heads, 8 queries a sequence): 256 keys at batch 1 take 9.2 us vs 256's 11.4, 1024 keys 10.0 vs 14.1; 64
 # was faster still at batch 1 (7.2, 8.5) but slower from batch 8 up at 1024 keys (16.1 vs 12.9 at batch 8)
