@@ -141,26 +141,27 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, stride_xt, stride_xn, stride_ct, stride_ot, stride_on,
-                 HALF: tl.constexpr, BLOCK: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1)
-    offs = tl.arange(0, BLOCK)
-    ok = offs < HALF
-    x_row = x_ptr + t * stride_xt + n * stride_xn
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, stride_xt, stride_xn, stride_ct, stride_ot, stride_on, n_heads,
+                 HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)  # one token, all its heads: cos/sin read once, and few programs
+    heads = tl.arange(0, BLOCK_N)[:, None]
+    offs = tl.arange(0, BLOCK)[None, :]
+    ok = (heads < n_heads) & (offs < HALF)
+    x_row = x_ptr + t * stride_xt + heads * stride_xn
     f32 = tl.float32
     x1 = tl.load(x_row + offs, mask=ok, other=0.0).to(f32)
     x2 = tl.load(x_row + HALF + offs, mask=ok, other=0.0).to(f32)
     c_row, s_row = cos_ptr + t * stride_ct, sin_ptr + t * stride_ct
-    c1, c2 = tl.load(c_row + offs, mask=ok, other=0.0).to(f32), tl.load(c_row + HALF + offs, mask=ok, other=0.0).to(f32)
-    s1, s2 = tl.load(s_row + offs, mask=ok, other=0.0).to(f32), tl.load(s_row + HALF + offs, mask=ok, other=0.0).to(f32)
+    in_half = offs < HALF
+    c1, c2 = tl.load(c_row + offs, mask=in_half, other=0.0).to(f32), tl.load(c_row + HALF + offs, mask=in_half, other=0.0).to(f32)
+    s1, s2 = tl.load(s_row + offs, mask=in_half, other=0.0).to(f32), tl.load(s_row + HALF + offs, mask=in_half, other=0.0).to(f32)
     dt = x_ptr.dtype.element_ty
     # rotated = cat(-x2, x1); out = x * cos + rotated * sin with each product and the sum rounded to x's
     # dtype as eager torch rounds them: fp32 arithmetic, an explicit rounding after each step, and the
     # launch's enable_fp_fusion=False so the compiler cannot contract a product into the sum (module doc)
     out1 = ((x1 * c1).to(dt).to(f32) + (-x2 * s1).to(dt).to(f32)).to(dt)
     out2 = ((x2 * c2).to(dt).to(f32) + (x1 * s2).to(dt).to(f32)).to(dt)
-    o_row = o_ptr + t * stride_ot + n * stride_on
+    o_row = o_ptr + t * stride_ot + heads * stride_on
     tl.store(o_row + offs, out1, mask=ok)
     tl.store(o_row + HALF + offs, out2, mask=ok)
 
@@ -178,8 +179,10 @@ def apply_rope_fused(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor
     cos, sin = (c.expand(B, T, H).reshape(B * T, H).contiguous() for c in (cos_BTH, sin_BTH))
     out = torch.empty((B * T, n, H), dtype=x.dtype, device=x.device)
     if B * T and n:
-        _rope_kernel[(B * T, n)](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1),
-                                 HALF=H // 2, BLOCK=triton.next_power_of_2(H // 2), num_warps=1, enable_fp_fusion=False)
+        block_n, block = triton.next_power_of_2(n), triton.next_power_of_2(H // 2)
+        _rope_kernel[(B * T,)](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1), n,
+                               HALF=H // 2, BLOCK=block, BLOCK_N=block_n, num_warps=min(8, max(1, block_n * block // 256)),
+                               enable_fp_fusion=False)
     return out.view(B, T, n, H)
 
 
