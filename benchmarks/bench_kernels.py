@@ -165,11 +165,11 @@ class Rows:
         write_json_atomic(self.path, self.header | {"rows": [asdict(r) for r in self.rows]}, indent=2)
 
 
-# --tune: the Triton kernels' tuning constants at values besides their defaults (MIN_KEYS_PER_SPLIT = 128
-# and V_PER_SPLIT = 256 were set from these rows on the H200; BLOCK_T = 16: 256 confidence rows read the LM
-# head 16 times, and 64 was 2.2x faster there at the old V_PER_SPLIT, 3% slower at 8 rows)
+# --tune: the Triton kernels' tuning constants at values besides their defaults (MIN_KEYS_PER_SPLIT = 128,
+# BLOCK_T = 64 and V_PER_SPLIT = 256 were set from these rows on the H200, one constant at a time: the
+# old values' rows check the three together)
 TUNE_MIN_KEYS_PER_SPLIT = (64, 256)
-TUNE_CONFIDENCE = {"block_t": (32, 64), "v_per_split": (512, 1024)}
+TUNE_CONFIDENCE = {"block_t": (16, 32), "v_per_split": (512, 1024)}
 
 
 def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str], rows: Rows) -> None:

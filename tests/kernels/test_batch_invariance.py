@@ -36,17 +36,18 @@ def test_attention_row_is_bitwise_the_same_alone_and_in_batches(device):
 
 def test_confidence_row_is_bitwise_the_same_alone_and_in_batches(device):
     from fdllm.kernels import fused_confidence
+    from fdllm.kernels.confidence import BLOCK_T
 
     gen = torch.Generator().manual_seed(0)
-    hidden_TD = torch.randn(37, 32, generator=gen).to(device)
-    weight_VD = (torch.randn(2500, 32, generator=gen) / 4).to(device)  # 3 vocab chunks
+    hidden_TD = torch.randn(2 * BLOCK_T + 5, 32, generator=gen).to(device)
+    weight_VD = (torch.randn(2500, 32, generator=gen) / 4).to(device)  # 10 vocab chunks
     token_T, prob_T = fused_confidence(hidden_TD, weight_VD, 7)
     # Rows at the same offset inside a BLOCK_T tile, for any T. (The interpreter's tl.dot is numpy's
     # matmul, whose BLAS edge handling rounds a row by its position in the tile; on CUDA the MMA
     # does not, and any rows are compared.)
-    slices = [slice(0, 16), slice(16, 32), slice(32, 33)]
+    slices = [slice(0, BLOCK_T), slice(BLOCK_T, 2 * BLOCK_T), slice(2 * BLOCK_T, 2 * BLOCK_T + 1)]
     if device.type == "cuda":
-        slices += [slice(5, 6), slice(10, 27)]
+        slices += [slice(5, 6), slice(10, BLOCK_T + 11)]
     for rows in slices:
         token, prob = fused_confidence(hidden_TD[rows].contiguous(), weight_VD, 7)
         assert torch.equal(token, token_T[rows]) and torch.equal(prob, prob_T[rows])

@@ -42,12 +42,14 @@ def test_matches_reference(device, T, V, D, dtype, tol):
     check(hidden_TD, weight_VD, mask_token_id=V - 7, prob_tol=tol)
 
 
-@pytest.mark.parametrize("tiles", [{"block_t": 32}, {"block_t": 64}, {"v_per_split": 64}, {"v_per_split": 128}],
+@pytest.mark.parametrize("tiles", [{"block_t": 16}, {"block_t": 32}, {"v_per_split": 64}, {"v_per_split": 128}],
                          ids=str)
 def test_other_tiles_match_the_reference(device, tiles):
     """The tiles the GPU suite tunes: rows across row tiles and a ragged last tile; down to 64 vocab
     entries a chunk (5 chunks of 300, the last one short), whose partials the merge reduces at once."""
-    hidden_TD, weight_VD = make_inputs(tiles.get("block_t", 16) + 9, 300, 48, torch.float32, device, scale=4.0)
+    from fdllm.kernels.confidence import BLOCK_T
+
+    hidden_TD, weight_VD = make_inputs(tiles.get("block_t", BLOCK_T) + 9, 300, 48, torch.float32, device, scale=4.0)
     weight_VD[200] = weight_VD[70] = 10 * hidden_TD[0]  # row 0: a tie across two chunks (64 a chunk) goes to 70
     token_T, _ = check(hidden_TD, weight_VD, mask_token_id=293, prob_tol=1e-5, **tiles)
     assert token_T[0] == 70
