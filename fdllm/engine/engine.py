@@ -33,7 +33,7 @@ from fdllm.engine.params import (
     SequenceLogprobs,
     is_int,
 )
-from fdllm.engine.runner import ModelRunner, StepMemory, query_bucket
+from fdllm.engine.runner import ModelRunner, StepMemory, static_step_tokens
 from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.scoring import score_pages, score_sequences
 from fdllm.engine.sequence import Sequence, TokenCallback
@@ -130,12 +130,13 @@ class Engine:
             prefix_caching=engine_config.enable_prefix_caching, reserve_worst_case=engine_config.deterministic,
         )
         self.runner = ModelRunner(
-            model, cache, config.mask_token_id, self.attention_backend, max_num_seqs=engine_config.max_num_seqs,
+            model, cache, config.mask_token_id, self.attention_backend, max_row_len=L + 1,
+            max_num_seqs=engine_config.max_num_seqs,
             max_pages_per_seq=-(-self.max_model_len // L), use_cuda_graphs=use_graphs,
             fixed_query_len=L if engine_config.deterministic else None, fuse_kernels=fuse,
         )
-        if use_graphs:  # speculative verifies: the block + 1
-            self.runner.capture_largest(L + 1)
+        if use_graphs:
+            self.runner.capture_largest()
         self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
         if isinstance(mc.eos_token_id, int):
             self._tokenizer_stop_ids |= {mc.eos_token_id}
@@ -467,9 +468,7 @@ class Engine:
         needed = ecfg.max_num_seqs * pages_per_seq
         if ecfg.kv_cache_gib is not None or self.model.device.type != "cuda":
             return max(1, min(int((ecfg.kv_cache_gib or 1.0) * 2**30) // page_bytes, needed))
-        # the largest static decode step: max_num_seqs rows of up to the block + 1 tokens (speculative
-        # verifies), padded to a power of two when graphs are captured
-        static_tokens = ecfg.max_num_seqs * query_bucket(block_size + 1)
+        static_tokens = static_step_tokens(ecfg.max_num_seqs, block_size + 1)  # the largest static decode step
         workspace = 0
         if self.attention_backend == "triton":
             from fdllm.kernels.paged_attention import split_workspace_bytes

@@ -67,6 +67,15 @@ def query_bucket(q_len: int) -> int:
     return 1 << (q_len - 1).bit_length()
 
 
+def static_step_tokens(max_num_seqs: int, max_row_len: int) -> int:
+    """Tokens a static step holds at most: max_num_seqs rows of the longest a step may run (speculative
+    verifies: the block + 1), padded to a query bucket; at least two such rows, so a lone request's
+    lookahead step (a verify or commit, and the next block's row) fits at max_num_seqs 1 too. What KV
+    sizing leaves the steps' activations room for (`StepMemory`) and the engine's start-up capture holds
+    (`ModelRunner.capture_largest`). Steps past it run eagerly (~10x a captured step on a GPU)."""
+    return max(max_num_seqs, 2) * query_bucket(max_row_len)
+
+
 def chunk_len(lengths: list[int], buckets: list[int], bucket_len, max_tokens: int) -> int | None:
     """Entry length Q of a static step whose attention rows have `lengths`: of the candidates, the
     one that pads the fewest tokens, bucket(entries) x Q, with entries = sum(ceil(len / Q)) at most
@@ -199,7 +208,7 @@ class StaticShape:
 class ModelRunner:
     def __init__(
         self, model: Transformer, cache: KVCache, mask_token_id: int | None, attention_backend: str, *,
-        max_num_seqs: int = 64, max_pages_per_seq: int | None = None, use_cuda_graphs: bool = False,
+        max_row_len: int, max_num_seqs: int = 64, max_pages_per_seq: int | None = None, use_cuda_graphs: bool = False,
         fixed_query_len: int | None = None, fuse_kernels: bool = True,
     ) -> None:
         """`attention_backend`: a name `fdllm.kernels.select_attention_backend` takes (the engine resolves "auto").
@@ -207,7 +216,8 @@ class ModelRunner:
         `max_pages_per_seq`: block-table width of captured graphs. `fixed_query_len`: every static
         step runs at batch max_num_seqs with entries of this many tokens (EngineConfig.deterministic:
         GEMM shapes never change). `fuse_kernels`: with the Triton backend, the fused forward
-        (`Transformer.hidden(fused=True)`).
+        (`Transformer.hidden(fused=True)`). `max_row_len`: the longest attention row a decode step may run
+        (the engine's block + 1: a speculative verify), which bounds a static step's tokens.
         """
         self.model, self.cache, self.mask_token_id = model, cache, mask_token_id
         self.device = model.device
@@ -233,6 +243,8 @@ class ModelRunner:
 
             self.fused_confidence = fused_confidence
         self.max_num_seqs, self.fixed_query_len = max_num_seqs, fixed_query_len
+        self.max_row_len = fixed_query_len or max_row_len
+        self.static_tokens = static_step_tokens(max_num_seqs, self.max_row_len)
         self.buckets = [max_num_seqs] if fixed_query_len else batch_buckets(ENTRIES_PER_SEQ * max_num_seqs)
         self.causal_entries = attention_backend != "flash_attn"  # per-entry causal flags (see the module doc)
         self.max_pages_per_seq = max_pages_per_seq
@@ -323,9 +335,9 @@ class ModelRunner:
         if self.fixed_query_len:
             q_len = bucket_len(self.fixed_query_len)
         else:
-            # never more tokens than max_num_seqs rows of the step's longest: what the step's
-            # activations were sized for before rows were cut (and what a full batch pads to)
-            q_len = chunk_len(lengths, self.buckets, bucket_len, self.max_num_seqs * bucket_len(inputs.max_q_len))
+            # never more tokens than the steps' activations were sized for: a block lookahead's second rows
+            # fit (max_num_seqs rows of the step's longest did not: every lookahead step ran eagerly)
+            q_len = chunk_len(lengths, self.buckets, bucket_len, self.static_tokens)
         entries = 0 if q_len is None else num_entries(lengths, q_len)
         if q_len is None or entries > self.buckets[-1]:
             return None
@@ -336,12 +348,11 @@ class ModelRunner:
             pages = self.max_pages_per_seq  # one captured table width
         return StaticShape(self.buckets[bisect.bisect_left(self.buckets, entries)], q_len, pages, causal)
 
-    def capture_largest(self, max_row_len: int) -> None:
-        """Capture the static step of the most tokens that rows of up to `max_row_len` queries make (what
-        KV sizing left room for), before any other: later captures of smaller shapes reuse its blocks
-        of the graphs' memory pool instead of growing it."""
-        longest = query_bucket(self.fixed_query_len or max_row_len)
-        limit = self.max_num_seqs * longest  # a static step's tokens at most (`static_shape`), as sizing assumed
+    def capture_largest(self) -> None:
+        """Capture the static step of the most tokens (`static_tokens`, what KV sizing left room for), before
+        any other: later captures of smaller shapes reuse its blocks of the graphs' memory pool instead
+        of growing it."""
+        longest, limit = query_bucket(self.max_row_len), self.static_tokens
         _, q_len, batch = max((b * q, q, b) for q in (longest >> i for i in range(longest.bit_length()))
                               for b in self.buckets if b * q <= limit)  # the most tokens; of those, the longest rows
         self.graphs.capture(StaticShape(batch, q_len, self.max_pages_per_seq))

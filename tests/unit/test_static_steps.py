@@ -307,8 +307,9 @@ def test_chunk_len_pads_the_fewest_tokens():
 
 def test_full_batch_cuts_rows_into_up_to_four_entries_per_sequence(model):
     """A full batch (max_num_seqs) of sub-block steps and whole-block rows: the step holds more
-    entries than sequences (rows cut into sub-blocks), never more tokens than its unsplit layout,
-    token for token as the dynamic path."""
+    entries than sequences (rows cut into sub-blocks, block lookaheads' second rows), never more tokens
+    than static steps were sized for (max_num_seqs rows of the block + 1, padded: 8 x 16), token for
+    token as the dynamic path."""
     prompts = random_prompts(8, [3, 9, 12], seed=4)
     requests = [(p, params(max_new_tokens=19, threshold=0.5, block_lookahead=i % 2 == 0)) for i, p in enumerate(prompts)]
     cfg = {"use_sub_block_cache": True, "block_size": 8, "sub_block_size": 2}
@@ -324,14 +325,35 @@ def test_full_batch_cuts_rows_into_up_to_four_entries_per_sequence(model):
     used = [(s, rows) for s, (_, rows) in zip([s for s in shapes if s is not None], entries)]
     assert engine.runner.buckets[-1] == 32
     assert any(s.batch > 8 for s, _ in used), "a full batch should have run with rows cut beyond 8 entries"
-    for s, rows in used:
-        assert s.batch * s.q_len <= 8 * max(rows)
+    assert engine.runner.static_tokens == 8 * 16
+    assert max(s.batch * s.q_len for s, _ in used) <= engine.runner.static_tokens
 
 
 def test_batch_buckets():
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
     assert batch_buckets(5) == [1, 2, 4, 5]
     assert batch_buckets(1) == [1]
+
+
+@pytest.mark.parametrize("bucket_query_len", [False, True], ids=["eager-padding", "graph-padding"])
+def test_lookahead_steps_of_a_lone_request_run_static(model, bucket_query_len):
+    """A lone request (max_num_seqs 1: the GPU suite's batch-1 engine) with a lookahead runs two attention
+    rows in a step: a speculative verify (up to the block + 1) and the next block's drafts, or a block
+    commit and the next block. Every decode step is static all the same (`static_step_tokens`: the
+    steps' tokens were bounded by max_num_seqs rows of the step's longest row, so on the H200 every
+    lookahead step ran eagerly, ~4x a plain step), with the dynamic path's tokens."""
+    for kw in ({"mode": "speculative"}, {"block_lookahead": True, "threshold": 0.3}):
+        engines = [fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4,
+                                                                        mask_token_id=MASK),
+                                fdllm.EngineConfig(num_pages=64, max_num_seqs=1, max_prefill_tokens=64)) for _ in range(2)]
+        engines[0].runner.bucket_query_len = bucket_query_len
+        steps, inner = [], engines[0].runner.static_shape
+        engines[0].runner.static_shape = lambda inputs: steps.append((inputs.prefill, len(inputs.q_lens), inner(inputs))) or steps[-1][2]
+        prompt = random_prompts(1, [11], seed=3)
+        got = engines[0].generate(prompt, params(max_new_tokens=40, **kw))[0].token_ids
+        assert got == dynamic_only(engines[1]).generate(prompt, params(max_new_tokens=40, **kw))[0].token_ids
+        assert any(rows == 2 for _, rows, _ in steps), f"{kw}: no step carried a lookahead row"
+        assert all(shape is not None for prefill, _, shape in steps if not prefill), f"{kw}: a decode step ran eagerly"
 
 
 @pytest.mark.parametrize("max_num_seqs", [8, 6])
@@ -347,7 +369,7 @@ def test_the_start_up_capture_holds_the_most_tokens_of_any_static_step(model, ma
                           fdllm.EngineConfig(num_pages=256, max_num_seqs=max_num_seqs, max_prefill_tokens=256))
     engine.runner.bucket_query_len = True  # as with graphs
     engine.runner.graphs = type("Graphs", (), {"capture": lambda self, shape: captured.append(shape)})()
-    engine.runner.capture_largest(8 + 1)
+    engine.runner.capture_largest()
     engine.runner.graphs = None  # the eager static path from here
     shapes = count_static_steps(engine)
     modes = ["speculative"] * max_num_seqs + ["diffusion"] * max_num_seqs + ["ar"] * max_num_seqs
@@ -367,7 +389,7 @@ def test_flash_attn_refused_for_block_pages_and_graphs_need_cuda(model):
     from fdllm.engine.runner import ModelRunner
 
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        ModelRunner(model, engine.runner.cache, MASK, "torch", max_pages_per_seq=4, use_cuda_graphs=True)
+        ModelRunner(model, engine.runner.cache, MASK, "torch", max_row_len=9, max_pages_per_seq=4, use_cuda_graphs=True)
 
 
 def test_a_backend_without_causal_flags_runs_causal_rows_unpadded(model, monkeypatch):
@@ -386,7 +408,7 @@ def test_a_backend_without_causal_flags_runs_causal_rows_unpadded(model, monkeyp
     want = run_mixed(make_engine(model, prefix_attention="causal"), requests)
     engine = make_engine(model, prefix_attention="causal")
     monkeypatch.setattr(runner, "select_attention_backend", lambda name, device: flash_like_attention)
-    engine.runner = runner.ModelRunner(model, engine.runner.cache, MASK, "flash_attn", max_num_seqs=64)
+    engine.runner = runner.ModelRunner(model, engine.runner.cache, MASK, "flash_attn", max_row_len=9, max_num_seqs=64)
     shapes = count_static_steps(engine)
     assert run_mixed(engine, requests) == want
     assert None in shapes and not any(s.causal for s in shapes if s is not None)
@@ -447,7 +469,7 @@ def test_a_backend_output_in_any_layout_runs_static(model, monkeypatch):
     want = run_mixed(make_engine(model), requests)
     engine = make_engine(model)
     monkeypatch.setattr(runner, "select_attention_backend", lambda name, device: heads_first)
-    engine.runner = runner.ModelRunner(model, engine.runner.cache, MASK, "torch", max_num_seqs=64)
+    engine.runner = runner.ModelRunner(model, engine.runner.cache, MASK, "torch", max_row_len=9, max_num_seqs=64)
     shapes = count_static_steps(engine)
     assert run_mixed(engine, requests) == want
     assert any(s is not None for s in shapes)
