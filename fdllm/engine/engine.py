@@ -33,7 +33,7 @@ from fdllm.engine.params import (
     SequenceLogprobs,
     is_int,
 )
-from fdllm.engine.runner import ModelRunner, StepMemory, static_step_tokens
+from fdllm.engine.runner import ModelRunner, StepMemory, lookahead_batch_limit, static_step_tokens
 from fdllm.engine.scheduler import Scheduler
 from fdllm.engine.scoring import score_pages, score_sequences
 from fdllm.engine.sequence import Sequence, TokenCallback
@@ -123,10 +123,12 @@ class Engine:
         cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device,
                         fused_writes=fuse)
         self.allocator = PageAllocator(num_pages)
+        lookahead_max_batch = engine_config.speculative_lookahead_max_batch
+        if lookahead_max_batch is None and use_graphs:  # past it a lookahead step runs eagerly: ~10x a captured one
+            lookahead_max_batch = lookahead_batch_limit(engine_config.max_num_seqs, L)
         self.scheduler = Scheduler(
             self.allocator, max_num_seqs=engine_config.max_num_seqs,
-            max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L,
-            lookahead_max_batch=engine_config.speculative_lookahead_max_batch,
+            max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L, lookahead_max_batch=lookahead_max_batch,
             prefix_caching=engine_config.enable_prefix_caching, reserve_worst_case=engine_config.deterministic,
         )
         self.runner = ModelRunner(

@@ -76,6 +76,12 @@ def static_step_tokens(max_num_seqs: int, max_row_len: int) -> int:
     return max(max_num_seqs, 2) * query_bucket(max_row_len)
 
 
+def lookahead_batch_limit(max_num_seqs: int, block_size: int) -> int:
+    """Running requests whose speculative verifies (the block + 1) and lookahead rows (the next block) a
+    static step holds: two rows each, so half as many as `static_step_tokens` has verifies for."""
+    return max(1, static_step_tokens(max_num_seqs, block_size + 1) // (2 * query_bucket(block_size + 1)))
+
+
 def chunk_len(lengths: list[int], buckets: list[int], bucket_len, max_tokens: int) -> int | None:
     """Entry length Q of a static step whose attention rows have `lengths`: of the candidates, the
     one that pads the fewest tokens, bucket(entries) x Q, with entries = sum(ceil(len / Q)) at most

@@ -356,6 +356,27 @@ def test_lookahead_steps_of_a_lone_request_run_static(model, bucket_query_len):
         assert all(shape is not None for prefill, _, shape in steps if not prefill), f"{kw}: a decode step ran eagerly"
 
 
+@pytest.mark.parametrize("max_num_seqs", [1, 6, 8])
+def test_lookahead_batch_limit_is_what_static_steps_hold(model, max_num_seqs):
+    """With CUDA graphs the speculative lookahead is on up to `lookahead_batch_limit` running requests by
+    default: that many verifies with their lookahead rows run in static steps (padded as captured steps
+    are), and every decode step of the run is static."""
+    from fdllm.engine.runner import lookahead_batch_limit
+
+    n = lookahead_batch_limit(max_num_seqs, 8)
+    assert n == max(1, max_num_seqs // 2)
+    engine = fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4,
+                                                                  mask_token_id=MASK),
+                          fdllm.EngineConfig(num_pages=256, max_num_seqs=max_num_seqs, max_prefill_tokens=256,
+                                             speculative_lookahead_max_batch=n))
+    engine.runner.bucket_query_len = True  # as with graphs
+    steps, inner = [], engine.runner.static_shape
+    engine.runner.static_shape = lambda inputs: steps.append((inputs.prefill, len(inputs.q_lens), inner(inputs))) or steps[-1][2]
+    engine.generate(random_prompts(n, [5, 11], seed=7), params(max_new_tokens=30, mode="speculative"))
+    assert any(rows == 2 * n for _, rows, _ in steps), "every request should have looked ahead in some step"
+    assert all(shape is not None for prefill, _, shape in steps if not prefill)
+
+
 @pytest.mark.parametrize("max_num_seqs", [8, 6])
 def test_the_start_up_capture_holds_the_most_tokens_of_any_static_step(model, max_num_seqs):
     """With CUDA graphs the engine captures its largest static shape first (`capture_largest`), so the
