@@ -568,10 +568,15 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
 
 
 def _warm_up(engine, prompts: list[list[int]], params) -> None:
-    """A short run of the whole batch before the timed one: graph captures and the kernels compiled or
+    """A run of the whole batch before the timed one: graph captures and the kernels compiled or
     autotuned for the batch's shapes happen here, not in the timed window (one prompt would leave the
-    batch's shapes to the timed run)."""
-    _decode_run(engine, prompts, dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, WARMUP_TOKENS)))
+    batch's shapes to the timed run). Short with graphs (later captures are left out of the timing);
+    an eager engine's is the whole run: each new step shape or context length can need a Triton kernel
+    of its own specialisation (an integer argument turning a multiple of 16, a split count past 1),
+    compiled in its first step, and the H200's eager batch-64 diffusion row once ran 1.4x slower than
+    the run before with no kernel of it slower (likely such compiles in its timed window)."""
+    tokens = params.max_new_tokens if engine.runner.graphs is None else min(params.max_new_tokens, WARMUP_TOKENS)
+    _decode_run(engine, prompts, dataclasses.replace(params, max_new_tokens=tokens))
 
 
 def _empty_cache(device: torch.device) -> None:
