@@ -116,8 +116,9 @@ def _confidence_merge_kernel(
 
 
 # rows per program: a constant, so a row's tiles never depend on how many rows there are. Each tile of rows
-# reads the whole LM head: 64 on the H200 (bench_kernels --tune), 2.2x faster than 16 at 256 rows and 1.3x
-# at 64, 3% slower at 8 rows (a batch-1 step's), where the read spreads over the vocab splits anyway
+# reads the whole LM head. 64 on the H200 (bench_kernels --tune, 152k x 1536, with V_PER_SPLIT 256): 0.37 ms
+# at 256 rows (16: 0.92), 0.15 at 64 (16: 0.25), but 0.146 at 8 rows, a batch-1 step's (16: 0.113): 0.03 ms
+# lost at batch 1 for 0.1-0.55 ms gained from batch 8 up
 BLOCK_T = 64
 # vocab entries per program: from the vocab alone, never from the batch. 256 on the H200 (bench_kernels
 # --tune, 152k x 1536 bf16 LM head): 0.113 ms at 8 rows vs 1024's 0.197 (594 programs spread the read
