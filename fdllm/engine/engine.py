@@ -70,6 +70,21 @@ def freeze_gc_heap() -> None:
              1000 * (time.perf_counter() - start))
 
 
+def speculative_lookahead_max_batch(ecfg: EngineConfig, block_size: int, use_graphs: bool) -> int | None:
+    """The scheduler's speculative lookahead limit (running requests; None: every step). With CUDA graphs a
+    step of more requests than `lookahead_batch_limit` with their lookahead rows does not fit a captured
+    step and runs eagerly (several times slower): that limit is the default there, and a larger one asked
+    for is kept, with a warning."""
+    asked = ecfg.speculative_lookahead_max_batch
+    if not use_graphs or not ecfg.speculative_lookahead:
+        return asked
+    limit = lookahead_batch_limit(ecfg.max_num_seqs, block_size)
+    if asked is not None and asked > limit:
+        log.warning("speculative_lookahead_max_batch=%d: steps of more than %d requests with their lookahead rows "
+                    "do not fit a captured step and run eagerly (several times slower)", asked, limit)
+    return limit if asked is None else asked
+
+
 class Engine:
     """Serves one model: `generate` for batches, `add_request`/`abort`/`step` for streaming servers.
 
@@ -123,12 +138,9 @@ class Engine:
         cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device,
                         fused_writes=fuse)
         self.allocator = PageAllocator(num_pages)
-        lookahead_max_batch = engine_config.speculative_lookahead_max_batch
-        if lookahead_max_batch is None and use_graphs:  # past it a lookahead step runs eagerly: ~10x a captured one
-            lookahead_max_batch = lookahead_batch_limit(engine_config.max_num_seqs, L)
         self.scheduler = Scheduler(
-            self.allocator, max_num_seqs=engine_config.max_num_seqs,
-            max_prefill_tokens=engine_config.max_prefill_tokens, block_size=L, lookahead_max_batch=lookahead_max_batch,
+            self.allocator, max_num_seqs=engine_config.max_num_seqs, max_prefill_tokens=engine_config.max_prefill_tokens,
+            block_size=L, lookahead_max_batch=speculative_lookahead_max_batch(engine_config, L, use_graphs),
             prefix_caching=engine_config.enable_prefix_caching, reserve_worst_case=engine_config.deterministic,
         )
         self.runner = ModelRunner(

@@ -229,7 +229,8 @@ class EngineConfig:
     # round, so a fully accepted round costs one forward, not a draft plus a verify. Same tokens either way.
     speculative_lookahead: bool = True
     # ... but only in steps with at most this many running requests (None: every step; with CUDA graphs, up to
-    # max_num_seqs / 2, the verifies with lookahead rows that a captured step holds). The lookahead adds a
+    # max_num_seqs / 2, the verifies with lookahead rows that a captured step holds: a larger value runs the
+    # steps past that eagerly, with a warning at start-up). The lookahead adds a
     # block of query rows to each verify: a latency win that can cost throughput where forwards are
     # compute-bound (large batches; vLLM's speculative_disable_by_batch_size plays the same role).
     speculative_lookahead_max_batch: int | None = None

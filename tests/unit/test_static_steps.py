@@ -377,6 +377,21 @@ def test_lookahead_batch_limit_is_what_static_steps_hold(model, max_num_seqs):
     assert all(shape is not None for prefill, _, shape in steps if not prefill)
 
 
+def test_the_lookahead_limit_defaults_to_what_captured_steps_hold(caplog):
+    """On CUDA graphs EngineConfig.speculative_lookahead_max_batch=None is `lookahead_batch_limit`; a larger
+    limit asked for is kept with a warning (its steps past the limit run eagerly); off graphs, or with
+    the lookahead off, the config's value as it is."""
+    from fdllm.engine.engine import speculative_lookahead_max_batch as limit
+
+    cfg = lambda **kw: fdllm.EngineConfig(max_num_seqs=64, **kw)  # noqa: E731
+    assert limit(cfg(), 32, use_graphs=True) == 32 and limit(cfg(), 32, use_graphs=False) is None
+    assert limit(cfg(speculative_lookahead_max_batch=8), 32, use_graphs=True) == 8 and not caplog.records
+    with caplog.at_level("WARNING", logger="fdllm.engine.engine"):
+        assert limit(cfg(speculative_lookahead_max_batch=40), 32, use_graphs=True) == 40
+    assert "more than 32 requests" in caplog.text and "run eagerly" in caplog.text
+    assert limit(cfg(speculative_lookahead=False), 32, use_graphs=True) is None
+
+
 @pytest.mark.parametrize("max_num_seqs", [8, 6])
 def test_the_start_up_capture_holds_the_most_tokens_of_any_static_step(model, max_num_seqs):
     """With CUDA graphs the engine captures its largest static shape first (`capture_largest`), so the
