@@ -21,7 +21,7 @@ rounds each product and the sum to the input dtype as eager torch does (`x * cos
 in bf16 is three roundings), so it gives torch's bits in every dtype. That needs its launch to turn
 off Triton's FP fusion: with it on, LLVM reads "fp32 product rounded to bf16, then added" as a bf16
 multiply and a bf16 add and contracts them into one `fma.rn.bf16` (one rounding where torch has two;
-the first H200 run's RoPE test caught it, and the compile test now reads the PTX for it).
+an H200 run's RoPE test caught it, and the compile test now reads the PTX for it).
 `silu_mul` computes torch's CUDA SiLU (`x / (1 + exp(-x))` in fp32 with libdevice's `expf` and an IEEE
 division, as nvcc compiles torch's kernel without fast math), rounds it to the dtype, then multiplies
 as torch's `*` does: torch's bits on a GPU (the interpreter's numpy `exp` may differ by an fp32 ulp).
