@@ -7,6 +7,7 @@ On a GPU (defaults: Qwen2-1.5B attention, N=12 query heads, K=2 kv heads, H=128,
     python -m benchmarks.bench_kernels --batches 1,8,32 --contexts 1024,2048,4096 --peak-gbps 3350 --json kernels.json
     python -m benchmarks.bench_kernels --q-len 8 --confidence      # sub-block steps; also the fused confidence
     python -m benchmarks.bench_kernels --q-len 8 --confidence --tune   # and the kernels' tuning constants
+    python -m benchmarks.bench_kernels --q-len 1,8 --batches 1,64      # AR and sub-block steps side by side
 
 On a CPU it refuses, unless --smoke runs a tiny shape under the Triton interpreter (a correctness
 smoke test; its timings mean nothing):
@@ -30,6 +31,7 @@ error, and the other rows are still written; a backend that cannot run here is s
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -62,7 +64,8 @@ class Row:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=positive_int_list, default=[1, 8, 32], help="sequences per call (comma list)")
     p.add_argument("--contexts", type=positive_int_list, default=[1024, 2048, 4096], help="kv tokens per sequence (comma list)")
-    p.add_argument("--q-len", type=positive_int, default=32, help="queries per sequence: the block (32) or a sub-block (8)")
+    p.add_argument("--q-len", dest="q_lens", type=positive_int_list, default=[32],
+                   help="queries per sequence (comma list): the block (32), a sub-block (8), an AR step (1)")
     p.add_argument("--page-size", type=positive_int, default=32, help="tokens per page = diffusion block size")
     p.add_argument("--heads", type=positive_int, default=12, help="query heads N")
     p.add_argument("--kv-heads", type=positive_int, default=2, help="kv heads K")
@@ -177,23 +180,22 @@ def bench_attention(args: argparse.Namespace, device: torch.device, backends: li
     variants = [(b, b, {}) for b in backends]  # (row name, backend, triton's tuning keywords)
     if args.tune and "triton" in backends:
         variants += [(f"triton min_keys={n}", "triton", {"min_keys_per_split": n}) for n in TUNE_MIN_KEYS_PER_SPLIT]
-    for batch in args.batches:
-        for context in args.contexts:
-            kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
-            for name, backend, tiles in variants:
-                rows.add(_measured("paged_attention", name, batch, context, args.q_len, kv_bytes, args.peak_gbps,
-                                   lambda b=backend, n=batch, c=context, t=tiles: _attention_ms(args, device, b, n, c, t)))
+    for q_len, batch, context in itertools.product(args.q_lens, args.batches, args.contexts):
+        kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
+        for name, backend, tiles in variants:
+            rows.add(_measured("paged_attention", name, batch, context, q_len, kv_bytes, args.peak_gbps,
+                               lambda b=backend, n=batch, c=context, q=q_len, t=tiles: _attention_ms(args, device, b, n, c, q, t)))
 
 
 def _attention_ms(args: argparse.Namespace, device: torch.device, backend: str, batch: int,
-                  context: int, tiles: dict[str, int]) -> tuple[float, float | None]:
+                  context: int, q_len: int, tiles: dict[str, int]) -> tuple[float, float | None]:
     """(ms, max abs error vs the torch reference: triton's only) of one backend on a case of its own
     (flash_attn's in 256-token pages); `tiles`: triton's tuning keywords."""
     from fdllm.kernels.paged_attention import paged_attention
     from fdllm.kernels.reference import paged_attention_torch
 
     page = FLASH_ATTN_PAGE if backend == "flash_attn" else args.page_size
-    case = _paged_case(batch, context, args.q_len, page, args.heads, args.kv_heads, args.head_dim,
+    case = _paged_case(batch, context, q_len, page, args.heads, args.kv_heads, args.head_dim,
                        DTYPES[args.dtype], device)
     if backend == "flash_attn":
         from fdllm.kernels.flash_attn_paged import paged_attention_flash_attn
@@ -216,8 +218,8 @@ def bench_confidence(args: argparse.Namespace, device: torch.device, rows: Rows)
     weight_VD = torch.randn(args.vocab, args.hidden, dtype=dtype, device=device) / args.hidden**0.5
     mask_token_id = args.vocab - 1
     w_bytes = weight_VD.numel() * weight_VD.element_size()
-    for batch in args.batches:
-        hidden_TD = torch.randn(batch * args.q_len, args.hidden, dtype=dtype, device=device)
+    for q_len, batch in itertools.product(args.q_lens, args.batches):
+        hidden_TD = torch.randn(batch * q_len, args.hidden, dtype=dtype, device=device)
 
         def triton(h: torch.Tensor = hidden_TD, **tiles: int) -> tuple[float, float | None]:
             ref_tok, ref_prob = fused_confidence_ref(h, weight_VD, mask_token_id)
@@ -238,7 +240,7 @@ def bench_confidence(args: argparse.Namespace, device: torch.device, rows: Rows)
             measures += [(f"triton {name}={n}", partial(triton, **{name: n}))
                          for name, values in TUNE_CONFIDENCE.items() for n in values]
         for backend, measure in measures:
-            rows.add(_measured("confidence", backend, batch, 0, args.q_len, w_bytes, args.peak_gbps, measure))
+            rows.add(_measured("confidence", backend, batch, 0, q_len, w_bytes, args.peak_gbps, measure))
 
 
 def _print_row(r: Row) -> None:
@@ -252,7 +254,7 @@ def _print_row(r: Row) -> None:
 
 def _smoke_args(args: argparse.Namespace) -> argparse.Namespace:
     """Interpreter-sized shapes: G = 6 heads per kv head like Qwen2-1.5B, everything else tiny."""
-    return argparse.Namespace(**{**vars(args), "batches": [2], "contexts": [72], "q_len": 8, "page_size": 16,
+    return argparse.Namespace(**{**vars(args), "batches": [2], "contexts": [72], "q_lens": [8], "page_size": 16,
                                  "heads": 12, "kv_heads": 2, "head_dim": 16, "dtype": "fp32",
                                  "backends": "triton,torch", "vocab": 300, "hidden": 32})
 
@@ -297,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
             bench_confidence(args, device, written)
         except Exception as exc:  # noqa: BLE001 - its setup (the LM head's weight) failed: one row, the rest is written
             error = f"{type(exc).__name__}: {exc}"
-            written.add(Row("confidence", "all", 0, 0, args.q_len, None, None, None, None, error))
+            written.add(Row("confidence", "all", 0, 0, args.q_lens[0], None, None, None, None, error))
     rows = written.rows
     tolerance = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}[args.dtype]
     bad = [r for r in rows if r.max_abs_err is not None and not r.max_abs_err <= tolerance]
