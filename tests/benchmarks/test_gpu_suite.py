@@ -91,12 +91,17 @@ def test_a_hanging_section_is_recorded_and_a_rerun_of_it_keeps_the_others(tmp_pa
 
 
 def test_a_deadline_skips_what_cannot_start_and_cuts_what_runs(tmp_path, monkeypatch):
-    """--deadline-s: a device lent for a fixed time ends with a complete report, not a killed run."""
+    """--deadline-s: a device lent for a fixed time ends with a complete report, not a killed run. On a
+    clock that only a section's run advances (by 2 s), so a slow machine's start-up cannot skip the first."""
+    now = [0.0]
+    run = gpu_suite.Report.run
+    monkeypatch.setattr(gpu_suite, "deadline_clock", lambda: now[0])
+    monkeypatch.setattr(gpu_suite.Report, "run", lambda self, *a: (run(self, *a), now.__setitem__(0, now[0] + 2)))
     monkeypatch.setattr(gpu_suite, "MIN_SECTION_S", 119)
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--sections", "syncs per step,training step",
                            "--deadline-s", "120"]) == 1
     sections = {s["name"]: s for s in json.loads((tmp_path / "report.json").read_text())["sections"]}
-    # started with 120 s left (more than the 119 a section needs), and done; then less than 119 was left
+    # started with 120 s left (more than the 119 a section needs), and done; then 118 s was left
     assert sections["syncs per step"]["status"] == "ok"
     assert sections["training step"]["status"] == "skipped" and "--deadline-s left" in sections["training step"]["note"]
     assert "## training step (skipped" in (tmp_path / "report.md").read_text()
