@@ -183,8 +183,8 @@ def bench_attention(args: argparse.Namespace, device: torch.device, backends: li
     for q_len, batch, context in itertools.product(args.q_lens, args.batches, args.contexts):
         kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
         for name, backend, tiles in variants:
-            rows.add(_measured("paged_attention", name, batch, context, q_len, kv_bytes, args.peak_gbps,
-                               lambda b=backend, n=batch, c=context, q=q_len, t=tiles: _attention_ms(args, device, b, n, c, q, t)))
+            measure = partial(_attention_ms, args, device, backend, batch, context, q_len, tiles)
+            rows.add(_measured("paged_attention", name, batch, context, q_len, kv_bytes, args.peak_gbps, measure))
 
 
 def _attention_ms(args: argparse.Namespace, device: torch.device, backend: str, batch: int,

@@ -128,8 +128,9 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
         kv, cache = torch.randn(3, 2, 128, dtype=dtype), torch.zeros(64, 2, 128, dtype=dtype)
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
             monkeypatch, fused_ops, ["_store_kv_kernel"], lambda: fused_ops.store_kv(cache, cache, torch.arange(3), kv, kv))]
+        gate, up = torch.randn(3, 2 * 1500, dtype=dtype).split(1500, -1)  # halves of a stacked GEMM's output
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
-            monkeypatch, fused_ops, ["_silu_mul_kernel"], lambda: fused_ops.silu_mul(*torch.randn(3, 2 * 1500, dtype=dtype).split(1500, -1)))]
+            monkeypatch, fused_ops, ["_silu_mul_kernel"], lambda: fused_ops.silu_mul(gate, up))]
         cos, sin = rope_cos_sin(torch.arange(3)[None], 128, 1e6, dtype)
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
             monkeypatch, fused_ops, ["_rope_kernel"],

@@ -67,9 +67,10 @@ def test_kv_sizing_leaves_room_for_the_largest_steps(cuda_device):
     engine.generate(random_prompts(127, [40], seed=5) + [[7] * 2048], params(max_new_tokens=40, mode="speculative"))
     assert len(engine.runner.graphs.steps) > 5, "decode steps of many shapes should have been captured"
     peak = torch.cuda.max_memory_reserved(cuda_device) + elsewhere
+    kv_gib = 2 * engine.runner.cache.k_LPSKH.nbytes / 2**30
     assert peak <= fraction * total + 2**28, (
-        f"{(peak - fraction * total) / 2**30:.2f} GiB past the budget; KV cache {2 * engine.runner.cache.k_LPSKH.nbytes / 2**30:.2f} GiB, "
-        f"peak allocated {torch.cuda.max_memory_allocated(cuda_device) / 2**30:.2f} GiB, reserved now: {reserved_by_pool(cuda_device)}")
+        f"{(peak - fraction * total) / 2**30:.2f} GiB past the budget; KV cache {kv_gib:.2f} GiB, peak allocated "
+        f"{torch.cuda.max_memory_allocated(cuda_device) / 2**30:.2f} GiB, reserved now: {reserved_by_pool(cuda_device)}")
 
 
 def reserved_by_pool(device: torch.device) -> str:

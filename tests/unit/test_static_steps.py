@@ -40,6 +40,18 @@ def count_static_steps(engine, entries: list | None = None) -> list:
     return shapes
 
 
+def record_steps(engine) -> list:
+    """(whether it prefills, its attention rows, its static shape or None) of every step from now on."""
+    steps, inner = [], engine.runner.static_shape
+
+    def spy(inputs):
+        steps.append((inputs.prefill, len(inputs.q_lens), inner(inputs)))
+        return steps[-1][2]
+
+    engine.runner.static_shape = spy
+    return steps
+
+
 def dynamic_only(engine):
     engine.runner.static_shape = lambda inputs: None
     return engine
@@ -347,8 +359,7 @@ def test_lookahead_steps_of_a_lone_request_run_static(model, bucket_query_len):
                                                                         mask_token_id=MASK),
                                 fdllm.EngineConfig(num_pages=64, max_num_seqs=1, max_prefill_tokens=64)) for _ in range(2)]
         engines[0].runner.bucket_query_len = bucket_query_len
-        steps, inner = [], engines[0].runner.static_shape
-        engines[0].runner.static_shape = lambda inputs: steps.append((inputs.prefill, len(inputs.q_lens), inner(inputs))) or steps[-1][2]
+        steps = record_steps(engines[0])
         prompt = random_prompts(1, [11], seed=3)
         got = engines[0].generate(prompt, params(max_new_tokens=40, **kw))[0].token_ids
         assert got == dynamic_only(engines[1]).generate(prompt, params(max_new_tokens=40, **kw))[0].token_ids
@@ -370,8 +381,7 @@ def test_lookahead_batch_limit_is_what_static_steps_hold(model, max_num_seqs):
                           fdllm.EngineConfig(num_pages=256, max_num_seqs=max_num_seqs, max_prefill_tokens=256,
                                              speculative_lookahead_max_batch=n))
     engine.runner.bucket_query_len = True  # as with graphs
-    steps, inner = [], engine.runner.static_shape
-    engine.runner.static_shape = lambda inputs: steps.append((inputs.prefill, len(inputs.q_lens), inner(inputs))) or steps[-1][2]
+    steps = record_steps(engine)
     engine.generate(random_prompts(n, [5, 11], seed=7), params(max_new_tokens=30, mode="speculative"))
     assert any(rows == 2 * n for _, rows, _ in steps), "every request should have looked ahead in some step"
     assert all(shape is not None for prefill, _, shape in steps if not prefill)
