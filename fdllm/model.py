@@ -276,7 +276,7 @@ class Transformer(nn.Module):
 
         position_ids [B|1, T] default to 0..T-1. Attention: `cache` (inference backend) if given,
         else `mask`: None = causal, dense bool [B|1, 1, T, T] (True = may attend), or a BlockMask.
-        `fused`: RMSNorm (each with the residual add before it) and RoPE as Triton kernels
+        `fused`: RMSNorm (each with the residual add before it), RoPE and the MLP's SiLU gate as Triton kernels
         (`fdllm.kernels.fused_ops`: CUDA, or the Triton interpreter; no backward, so inference only),
         and q/k/v and gate/up as one GEMM each once `fuse_projections` ran: the engine's runner asks
         with its Triton backend.

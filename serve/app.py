@@ -512,7 +512,7 @@ class FdllmServer:
         fault = self.cfg.fault_injection and request.headers.get(FAULT_HEADER) == "step"
         per_prompt = [self._fit_context(params, ids, body, i) for i, ids in enumerate(prompts)]
         choices = [(ids, choice_params(p, j)) for ids, p in zip(prompts, per_prompt) for j in range(n)]
-        if getattr(body, "scores_only", False):  # the legacy API's scoring request: each choice its prompt, no token
+        if body.scores_only:  # the legacy API's scoring request: each choice its prompt, no token
             streams = [_finished(GenerationResult(request_id=rid, prompt_token_ids=ids)) for ids, _ in choices]
         else:
             streams = await self._admit([self.engine.add(ids, p, rid if len(choices) == 1 else f"{rid}-{k}",

@@ -334,6 +334,11 @@ class _SamplingFields(BaseModel):
         """How many most likely alternatives to return per token when log-probabilities are asked for, else None."""
         return None
 
+    @property
+    def scores_only(self) -> bool:
+        """Whether the request asks for its prompt's scores alone, nothing decoded (only completions can)."""
+        return False
+
     def _sampling_params(self, default_max_tokens: int, mode: str, default_block_lookahead: bool) -> SamplingParams:
         lookahead = self.block_lookahead
         if lookahead is None:

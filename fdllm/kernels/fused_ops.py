@@ -79,6 +79,14 @@ def _rows(x: Tensor, weight: Tensor | None = None) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _check_alike(**two: Tensor) -> None:
+    """Two operands of one elementwise kernel share a shape and a dtype."""
+    (na, a), (nb, b) = two.items()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"{na} and {nb} must share a shape and dtype, got {tuple(a.shape)} {a.dtype} and "
+                         f"{tuple(b.shape)} {b.dtype}")
+
+
 def _launch(D: int) -> dict[str, int]:
     block = triton.next_power_of_2(D)
     return {"BLOCK_D": block, "num_warps": min(16, max(1, block // 256))}
@@ -97,9 +105,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x + delta, `rms_norm` of it) in one launch: a decoder layer's residual add and the norm after it
     (vLLM's fused_add_rms_norm). The sum is torch's bit for bit, so the residual stream is unchanged."""
-    if delta.shape != x.shape or delta.dtype != x.dtype:
-        raise ValueError(f"x and delta must share a shape and dtype, got {tuple(x.shape)} {x.dtype} and "
-                         f"{tuple(delta.shape)} {delta.dtype}")
+    _check_alike(x=x, delta=delta)
     x2, d2 = _rows(x, weight), _rows(delta, weight)
     total = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
@@ -126,9 +132,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, stride_g, stride_u, stride_o, N, BLOCK
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """`F.silu(gate) * up` in one launch (vLLM's silu_and_mul): gate and up [..., I] in one dtype, each
     with a unit last stride (the halves of the stacked gate/up GEMM's output qualify, read in place)."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"gate and up must share a shape and dtype, got {tuple(gate.shape)} {gate.dtype} and "
-                         f"{tuple(up.shape)} {up.dtype}")
+    _check_alike(gate=gate, up=up)
     g2, u2 = _rows(gate), _rows(up)
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     R, N = g2.shape
