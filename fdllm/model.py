@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fdllm.config import ModelConfig
+from fdllm.kernels import LINEAR_BACKENDS
 from fdllm.masks import StreamMasks
 
 try:  # flex_attention is the sparse GPU training path; the dense mask works everywhere
@@ -124,14 +125,30 @@ def _attention_by_stream(q: Tensor, k: Tensor, v: Tensor, masks: StreamMasks, gq
     return torch.cat(outs, dim=2)
 
 
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, silu_gate: bool = False) -> Tensor:
+    """A GEMM of the fused forward: `fdllm.kernels.linear.skinny_linear` with the "triton" backend where it
+    takes the call (a decode step's few rows, a plain weight), else torch's. `silu_gate`: x is the stacked
+    gate/up output and the product is of `silu(gate) * up` (in the Triton GEMM's prologue, or one kernel first)."""
+    if backend == "triton":
+        from fdllm.kernels import linear
+
+        if linear.fits(x, weight):
+            return linear.skinny_linear(x, weight, bias, silu_gate=silu_gate)
+    if silu_gate:
+        from fdllm.kernels.fused_ops import silu_mul
+
+        x = silu_mul(*x.chunk(2, dim=-1))
+    return F.linear(x, weight, bias)
+
+
 class FusedLinears:
     """Linears that read one input, as one GEMM: their weights (and biases) stacked into one, each linear's
     weight becoming a view of it, so memory stays the same and state_dict keeps HF's names. While the
     linears hold those views it multiplies by the stack; once they have weights of their own again
     (quantized in place, say) the stack is stale and each linear runs as it is."""
 
-    def __init__(self, *linears: nn.Linear) -> None:
-        self.linears = linears
+    def __init__(self, *linears: nn.Linear, backend: str = "torch") -> None:
+        self.linears, self.backend = linears, backend
         self.weight = torch.cat([lin.weight.detach() for lin in linears])
         self.bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
         self.sizes = [lin.weight.shape[0] for lin in linears]
@@ -155,7 +172,7 @@ class FusedLinears:
 
     def stacked(self, x: Tensor) -> Tensor:
         """The linears' outputs side by side in one tensor [..., sum of their sizes] (only while `valid`)."""
-        return F.linear(x, self.weight, self.bias)
+        return fused_linear(x, self.weight, self.bias, self.backend)
 
 
 class Attention(nn.Module):
@@ -192,7 +209,10 @@ class Attention(nn.Module):
             o_BTNH = cache(self.layer, q_BTNH, k_BTKH, v_BTKH)
         else:
             o_BTNH = masked_attention(q_BTNH, k_BTKH, v_BTKH, mask)
-        return self.o_proj(o_BTNH.reshape(B, T, -1))
+        o_BTD = o_BTNH.reshape(B, T, -1)
+        if fused and self.qkv is not None:  # `fuse_projections` chose the GEMM backend
+            return fused_linear(o_BTD, self.o_proj.weight, self.o_proj.bias, self.qkv.backend)
+        return self.o_proj(o_BTD)
 
 
 class MLP(nn.Module):
@@ -205,13 +225,16 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         """`fused`: gate/up as one GEMM (after `Transformer.fuse_projections`) and SiLU x up as one Triton
-        kernel reading its halves in place (`fdllm.kernels.fused_ops.silu_mul`; inference only)."""
+        kernel reading its halves in place (`fdllm.kernels.fused_ops.silu_mul`), or, with the Triton GEMM,
+        in the down projection's prologue (`fdllm.kernels.linear`); inference only."""
         if not fused:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and self.gate_up.valid:
+            down = self.down_proj
+            return fused_linear(self.gate_up.stacked(x), down.weight, down.bias, self.gate_up.backend, silu_gate=True)
         from fdllm.kernels.fused_ops import silu_mul
 
-        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -312,17 +335,20 @@ class Transformer(nn.Module):
             h_BTD = h_BTD[:, logit_positions]
         return self.lm_head(h_BTD)
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, linear_backend: str = "torch") -> None:
         """Stack q/k/v and gate/up into one weight each (`FusedLinears`), for `hidden(fused=True)`: a
         batch-1 decode step multiplies by seven small weights a layer, each its own GEMV (about 2 TB/s
-        of the H200's 4.8 on the first GPU run), four after this. Idempotent; memory and checkpoint
-        names unchanged."""
+        of the H200's 4.8 on the first GPU run), four after this. `linear_backend`: the fused forward's
+        GEMMs ("torch", or "triton": `fused_linear`). Idempotent; memory and checkpoint names unchanged."""
+        if linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {linear_backend!r}")
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if attn.qkv is None or not attn.qkv.valid:
                 attn.qkv = FusedLinears(attn.q_proj, attn.k_proj, attn.v_proj)
             if mlp.gate_up is None or not mlp.gate_up.valid:
                 mlp.gate_up = FusedLinears(mlp.gate_proj, mlp.up_proj)
+            attn.qkv.backend = mlp.gate_up.backend = linear_backend
 
     def unfuse_projections(self) -> None:
         """Forget the stacked weights (after the linears got new weights of their own: quantized in place),

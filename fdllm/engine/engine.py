@@ -125,10 +125,14 @@ class Engine:
         self.max_model_len = min(mc.max_position_embeddings, engine_config.max_model_len or mc.max_position_embeddings)
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
         fuse = engine_config.fuse_kernels and self.attention_backend == "triton"
+        if engine_config.linear_backend == "triton" and not fuse:
+            raise ValueError(f"linear_backend='triton' runs in the fused forward of the Triton attention backend; "
+                             f"attention_backend {engine_config.attention_backend!r} is {self.attention_backend!r} "
+                             f"on {model.device}")
         if fuse and getattr(model, "quantization", None) is None:
             # the runner's fused forward: q/k/v and gate/up as one GEMM each. Before the KV cache is sized:
             # the stacked weights replace the separate ones, whose freed blocks go back to the device here
-            model.fuse_projections()
+            model.fuse_projections(engine_config.linear_backend)
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()
         # Graphs capture block tables of max_model_len pages: the kernels read only kv_len of them, while

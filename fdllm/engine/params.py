@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from fdllm.decoding import SELECTIONS
-from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE
+from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE, LINEAR_BACKENDS
 from fdllm.quantization import QUANTIZATIONS
 
 MODES = ("diffusion", "ar", "speculative")
@@ -196,7 +196,8 @@ class SamplingParams:
 
 # EngineConfig fields that take one of a few names (checked in its __post_init__): what CLIs offer
 # as their flags' choices (`serve.app.add_engine_arguments`)
-ENGINE_CHOICES: dict[str, tuple[str, ...]] = {"quantization": QUANTIZATIONS, "attention_backend": ATTENTION_BACKENDS}
+ENGINE_CHOICES: dict[str, tuple[str, ...]] = {"quantization": QUANTIZATIONS, "attention_backend": ATTENTION_BACKENDS,
+                                              "linear_backend": LINEAR_BACKENDS}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,6 +215,11 @@ class EngineConfig:
     # With the Triton backend: RMSNorm and RoPE as Triton kernels, q/k/v and gate/up as one GEMM each
     # (fdllm.kernels.fused_ops, Transformer.fuse_projections). False: eager torch's ops (A/B timing, numerics)
     fuse_kernels: bool = True
+    # The fused forward's projections: "torch" (cuBLAS), or "triton": fdllm.kernels.linear's GEMM for steps of
+    # at most 32 rows (batch-1 decode), row-invariant, with the MLP's SiLU gate in its prologue; larger steps
+    # stay on torch's. Needs fuse_kernels with the Triton attention backend, and unquantized weights. Not yet
+    # the default: whether it beats cuBLAS is the GPU suite's "triton linears" rows to measure (docs/gpu.md).
+    linear_backend: str = "torch"
     # True: every decode step runs as max_num_seqs entries of one block each (longer rows cut in two),
     # so no GEMM ever changes shape and a request's logits are bitwise the same whatever else runs (the
     # kernels are batch-invariant either way). Costs speed. Prefill steps keep their own shapes, as do
@@ -260,6 +266,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
+        if self.linear_backend == "triton" and (not self.fuse_kernels or self.quantization is not None):
+            raise ValueError("linear_backend='triton' runs in the fused forward on unquantized weights: it needs "
+                             f"fuse_kernels=True and quantization=None, got fuse_kernels={self.fuse_kernels}, "
+                             f"quantization={self.quantization!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
 

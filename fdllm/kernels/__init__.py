@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn's paged KV takes pages of a multiple of this many tokens
+# the decode forward's GEMMs: torch's (cuBLAS), or "triton" (`fdllm.kernels.linear`) for a step's few rows
+LINEAR_BACKENDS = ("torch", "triton")
 
 # public name -> module that defines it; loaded on first attribute access (PEP 562)
 _LAZY = {
@@ -124,6 +126,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ATTENTION_BACKENDS",
     "FLASH_ATTN_PAGE_MULTIPLE",
+    "LINEAR_BACKENDS",
     "flash_attn_available",
     "fused_confidence",
     "fused_confidence_ref",

@@ -121,12 +121,20 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, stride_g, stride_u, stride_o, N, BLOCK
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    g = tl.load(g_ptr + row * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0).to(tl.float32)
-    dt = o_ptr.dtype.element_ty
+    g = tl.load(g_ptr + row * stride_g + offs, mask=ok, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0)
+    tl.store(o_ptr + row * stride_o + offs, silu_mul_values(g, u, LIBDEVICE), mask=ok)
+
+
+@triton.jit
+def silu_mul_values(g, u, LIBDEVICE: tl.constexpr):
+    """`F.silu(g) * u` of loaded tiles, in their dtype with torch's CUDA bits (module doc); also the
+    prologue of `fdllm.kernels.linear`'s gated down projection. The launch needs enable_fp_fusion=False."""
+    dt = g.dtype
+    g, u = g.to(tl.float32), u.to(tl.float32)
     e = libdevice.exp(-g) if LIBDEVICE else tl.exp(-g)  # the interpreter has no libdevice
     silu = tl.math.div_rn(g, 1.0 + e).to(dt).to(tl.float32)  # torch's F.silu, rounded to the dtype
-    tl.store(o_ptr + row * stride_o + offs, (silu * u).to(dt), mask=ok)
+    return (silu * u).to(dt)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:

@@ -135,6 +135,18 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
             monkeypatch, fused_ops, ["_rope_kernel"],
             lambda: fused_ops.apply_rope_fused(torch.randn(1, 3, 12, 128, dtype=dtype), cos, sin))]
+    import fdllm.kernels.linear as linear
+
+    for dtype in (torch.bfloat16, torch.float32):  # the o projection (K split) and down with the gate; gate/up (not)
+        x, w, b = torch.randn(3, 1536, dtype=dtype), torch.randn(1536, 1536, dtype=dtype), torch.zeros(1536, dtype=dtype)
+        specs += [spec(linear.__name__, *launch) for launch in record(
+            monkeypatch, linear, ["_skinny_linear_kernel", "_split_reduce_kernel"], lambda: linear.skinny_linear(x, w, b))]
+        gated = torch.randn(3, 2 * 1536, dtype=dtype)
+        specs += [spec(linear.__name__, *launch) for launch in record(
+            monkeypatch, linear, ["_skinny_linear_kernel", "_split_reduce_kernel"],
+            lambda: linear.skinny_linear(gated, w, silu_gate=True))]
+        specs += [spec(linear.__name__, *launch) for launch in record(
+            monkeypatch, linear, ["_skinny_linear_kernel"], lambda: linear.skinny_linear(x, torch.randn(17920, 1536, dtype=dtype)))]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": root}
     child = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,

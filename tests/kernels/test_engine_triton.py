@@ -100,3 +100,28 @@ def test_fuse_kernels_off_runs_eager_torch_ops_on_the_triton_backend(sharp_dir, 
     assert got == [r.token_ids for r in make_engine(model, attention_backend="torch").generate(GREEDY, params(max_new_tokens=N))]
     with pytest.raises(ValueError, match="fuse_kernels must be a bool"):
         fdllm.EngineConfig(fuse_kernels="no")
+
+
+def test_triton_gemm_engine_decodes_like_torch_alone_and_batched(sharp_dir, device, monkeypatch):
+    """`EngineConfig(linear_backend="triton")`: decode steps' projections on `fdllm.kernels.linear` (counted),
+    the torch backend's tokens and the no-cache reference's, and each request's tokens the same alone as in
+    the batch; refused where the fused forward does not run."""
+    from fdllm.kernels import linear
+
+    calls = []
+    real = linear.skinny_linear
+    monkeypatch.setattr(linear, "skinny_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = fdllm.load_model(sharp_dir, device=device)  # its own: the backend is the last engine's choice
+    engine = make_engine(model, attention_backend="triton", linear_backend="triton")
+    got = [r.token_ids for r in engine.generate(PROMPTS, PARAMS)]
+    assert calls, "no decode step ran the Triton GEMM"
+    assert got == [r.token_ids for r in make_engine(model, attention_backend="torch").generate(PROMPTS, PARAMS)]
+    for prompt, tokens in zip(GREEDY, got):
+        assert tokens == reference_generate(model, prompt, N, 8, 4, 0.4)
+    assert [engine.generate([p], [q])[0].token_ids for p, q in zip(PROMPTS, PARAMS)] == got
+    with pytest.raises(ValueError, match="fused forward of the Triton attention backend"):
+        make_engine(model, attention_backend="torch", linear_backend="triton")
+    with pytest.raises(ValueError, match="fuse_kernels=True and quantization=None"):
+        fdllm.EngineConfig(linear_backend="triton", quantization="int8")
+    with pytest.raises(ValueError, match="linear_backend must be one of"):
+        fdllm.EngineConfig(linear_backend="cublas")

@@ -20,14 +20,15 @@ def model(sharp_dir):
 
 
 def make_engine(model, num_pages=256, max_prefill_tokens=64, tokenizer=None, attention_backend="auto",
-                quantization=None, prefix_caching=True, deterministic=False, speculative_lookahead=True, **cfg):
+                quantization=None, prefix_caching=True, deterministic=False, speculative_lookahead=True,
+                linear_backend="torch", **cfg):
     cfg = {"block_size": 8, "sub_block_size": 4, "threshold": 0.4, "use_sub_block_cache": False, "mask_token_id": MASK} | cfg
     return fdllm.Engine(
         model, tokenizer, fdllm.BlockDiffusionConfig(**cfg),
         fdllm.EngineConfig(
             num_pages=num_pages, max_prefill_tokens=max_prefill_tokens, attention_backend=attention_backend,
             quantization=quantization, enable_prefix_caching=prefix_caching, deterministic=deterministic,
-            speculative_lookahead=speculative_lookahead,
+            speculative_lookahead=speculative_lookahead, linear_backend=linear_backend,
         ),
     )
 
