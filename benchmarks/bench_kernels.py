@@ -8,6 +8,7 @@ On a GPU (defaults: Qwen2-1.5B attention, N=12 query heads, K=2 kv heads, H=128,
     python -m benchmarks.bench_kernels --q-len 8 --confidence      # sub-block steps; also the fused confidence
     python -m benchmarks.bench_kernels --q-len 8 --confidence --tune   # and the kernels' tuning constants
     python -m benchmarks.bench_kernels --q-len 1,8 --batches 1,64      # AR and sub-block steps side by side
+    python -m benchmarks.bench_kernels --linear --tune --q-len 1,8,32 --batches 1   # the decode GEMMs
 
 On a CPU it refuses, unless --smoke runs a tiny shape under the Triton interpreter (a correctness
 smoke test; its timings mean nothing):
@@ -22,6 +23,10 @@ the pages, then SDPA) and "flash_attn" (flash_attn_with_kvcache; it needs 256-to
 runs on its own pool of 256-token pages holding the same number of tokens), with the achieved
 bandwidth = bytes of K and V read / time, as a fraction of --peak-gbps (H100 SXM ~3350 GB/s).
 Confidence rows: fused_confidence vs logits matmul + softmax + max in torch; bytes = the LM head.
+Linear rows (--linear, first): a decoder layer's four projections (q/k/v with its bias, o, gate/up, and
+down with the SiLU gate in its prologue) at each row count batch x q_len up to fdllm.kernels.linear.MAX_ROWS,
+"triton" (skinny_linear) vs "torch" (F.linear: cuBLAS; the down projection after fused_ops.silu_mul, the
+engine's path); bytes = the weight. Their `batch` is the row count, `context` the reduction length K.
 --tune adds Triton rows at other values of the kernels' tuning constants (key split size, confidence
 row tile and vocab chunk), side by side with the defaults' rows, to set them from measurements.
 A backend that fails (a flash-attn wheel built for another torch, an out-of-memory) is a row with its
@@ -75,12 +80,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="triton,torch,flash_attn",
                    help="comma list of triton, torch, flash_attn (skipped when not installed)")
     p.add_argument("--confidence", action="store_true", help="also benchmark the fused confidence kernel")
+    p.add_argument("--linear", action="store_true", help="also benchmark the decode GEMM (fdllm.kernels.linear), first")
+    p.add_argument("--intermediate", type=positive_int, default=8960, help="linear: MLP width I (Qwen2-1.5B)")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton kernels at other values of their tuning constants (rows named "
                         "'triton min_keys=N', 'triton block_t=N', 'triton v_per_split=N'; the defaults are the plain "
                         "'triton' rows)")
     p.add_argument("--vocab", type=positive_int, default=151936, help="confidence: vocab size V (Qwen2)")
-    p.add_argument("--hidden", type=positive_int, default=1536, help="confidence: model dim D (Qwen2-1.5B)")
+    p.add_argument("--hidden", type=positive_int, default=1536, help="confidence and linear: model dim D (Qwen2-1.5B)")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
     p.add_argument("--json", type=output_file, default=None, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes under the Triton interpreter")
@@ -173,6 +180,42 @@ class Rows:
 # old values' rows check the three together)
 TUNE_MIN_KEYS_PER_SPLIT = (64, 256)
 TUNE_CONFIDENCE = {"block_t": (16, 32), "v_per_split": (512, 1024)}
+TUNE_LINEAR = {"block_n": (32, 128), "block_k": (64, 256), "target_programs": (128, 512)}
+
+
+def bench_linear(args: argparse.Namespace, device: torch.device, rows: Rows) -> None:
+    import torch.nn.functional as F
+
+    from fdllm.kernels.fused_ops import silu_mul
+    from fdllm.kernels.linear import MAX_ROWS, skinny_linear
+
+    dtype = DTYPES[args.dtype]
+    D, I, H = args.hidden, args.intermediate, args.head_dim
+    # (name, N, K, bias, gated): a layer's projections in the fused forward's stacked form
+    projections = [("qkv", (args.heads + 2 * args.kv_heads) * H, D, True, False), ("o", D, args.heads * H, False, False),
+                   ("gate_up", 2 * I, D, False, False), ("down", D, I, False, True)]
+    counts = sorted({b * q for b in args.batches for q in args.q_lens if b * q <= MAX_ROWS})
+    for name, N, K, has_bias, gated in projections:
+        weight = torch.randn(N, K, dtype=dtype, device=device) / K**0.5
+        bias = torch.randn(N, dtype=dtype, device=device) if has_bias else None
+        w_bytes = (N * K + (N if has_bias else 0)) * dtype.itemsize
+        for count in counts:
+            x = torch.randn(count, 2 * K if gated else K, dtype=dtype, device=device)
+
+            def torch_path(x: torch.Tensor = x) -> torch.Tensor:
+                return F.linear(silu_mul(*x.chunk(2, dim=-1)) if gated else x, weight, bias)
+
+            def triton(x: torch.Tensor = x, **tiles: int) -> tuple[float, float | None]:
+                got = skinny_linear(x, weight, bias, silu_gate=gated, **tiles)
+                err = (got.float() - torch_path(x).float()).abs().max().item()
+                return _time_ms(lambda: skinny_linear(x, weight, bias, silu_gate=gated, **tiles), device), err
+
+            measures = [("triton", triton), ("torch", lambda x=x: (_time_ms(partial(torch_path, x), device), None))]
+            if args.tune:
+                measures += [(f"triton {k}={v}", partial(triton, **{k: v})) for k, values in TUNE_LINEAR.items()
+                             for v in values]
+            for backend, measure in measures:
+                rows.add(_measured(f"linear {name}", backend, count, K, 1, w_bytes, args.peak_gbps, measure))
 
 
 def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str], rows: Rows) -> None:
@@ -256,7 +299,7 @@ def _smoke_args(args: argparse.Namespace) -> argparse.Namespace:
     """Interpreter-sized shapes: G = 6 heads per kv head like Qwen2-1.5B, everything else tiny."""
     return argparse.Namespace(**{**vars(args), "batches": [2], "contexts": [72], "q_lens": [8], "page_size": 16,
                                  "heads": 12, "kv_heads": 2, "head_dim": 16, "dtype": "fp32",
-                                 "backends": "triton,torch", "vocab": 300, "hidden": 32})
+                                 "backends": "triton,torch", "vocab": 300, "hidden": 32, "intermediate": 48})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
     written = Rows(args.json, {"device": name, "args": {k: v for k, v in vars(args).items() if k != "func"},
                                "skipped": skipped})
     written.write()  # what is skipped, even if no row is measured before a stop
+    if args.linear or args.smoke:
+        bench_linear(args, device, written)
     bench_attention(args, device, [b for b in backends if b not in skipped], written)
     if args.confidence or args.smoke:
         try:

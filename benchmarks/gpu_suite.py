@@ -314,7 +314,8 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batch: int, threshold: float,
             block: int = 32, sub: int = 8, quantization: str | None = None, lookahead: bool = True,
-            prefix: str = "block_causal", prefix_caching: bool = False, pages: int | None = None, fused: bool = True):
+            prefix: str = "block_causal", prefix_caching: bool = False, pages: int | None = None, fused: bool = True,
+            linears: str = "torch"):
     """An engine for one kind of run. Prefix caching is off unless asked: decode runs configured alike
     share an engine and repeat the same prompts, which must prefill each time to be timed alike.
     `pages`: KV pages (default: 16 per request and 8 more, so nothing is preempted)."""
@@ -325,7 +326,7 @@ def _engine(model, mask_id: int, *, backend: str, eager: bool, cache: bool, batc
     ecfg = fdllm.EngineConfig(max_num_seqs=max(batch, 1), max_model_len=1024, num_pages=pages or batch * 16 + 8,
                               attention_backend=backend, enforce_eager=eager, max_prefill_tokens=4096,
                               quantization=quantization, speculative_lookahead=lookahead,
-                              enable_prefix_caching=prefix_caching, fuse_kernels=fused)
+                              enable_prefix_caching=prefix_caching, fuse_kernels=fused, linear_backend=linears)
     return fdllm.Engine(model, None, cfg, ecfg)
 
 
@@ -466,6 +467,7 @@ class DecodeRun:
     spec_lookahead: bool = True  # EngineConfig.speculative_lookahead
     block_lookahead: bool = False  # SamplingParams.block_lookahead
     fused: bool = True  # EngineConfig.fuse_kernels (CUDA only: off CUDA the torch backend never fuses)
+    linears: str = "torch"  # EngineConfig.linear_backend (CUDA only, as fused)
     batch_1_only: bool = False  # a row of the batch-1 (roofline) comparison alone: an engine less per batch
     # SamplingParams.threshold (None: the engines' ~0, a sub-block committed in one step, so every
     # diffusion step is its block's refresh, whole-block rows); 1.0 (never exceeded): one token a step,
@@ -483,6 +485,9 @@ DECODE_RUNS = (
     DecodeRun("ar", "ar"), DecodeRun("ar", "ar", eager=True),
     # its "step/AR step" is what the fused norm/RoPE kernels and stacked projections save
     DecodeRun("ar, unfused kernels", "ar", fused=False, batch_1_only=True),
+    # the decode GEMMs on fdllm.kernels.linear instead of cuBLAS: whether that should be the default
+    DecodeRun("ar, triton linears", "ar", linears="triton", batch_1_only=True),
+    DecodeRun("diffusion cache on, triton linears", "diffusion", linears="triton", batch_1_only=True),
     DecodeRun("diffusion cache off", "diffusion", cache=False),
     DecodeRun("diffusion cache on", "diffusion"), DecodeRun("diffusion cache on", "diffusion", eager=True),
     # the steps the sub-block cache makes cheaper (at threshold ~0 there are none): one token a step
@@ -496,9 +501,9 @@ DECODE_RUNS = (
 )
 
 
-def engine_key(run: DecodeRun) -> tuple[bool, bool, bool, bool]:
+def engine_key(run: DecodeRun) -> tuple[bool, bool, bool, bool, str]:
     """What a run's engine is configured by: runs alike share one engine (and its captured graphs)."""
-    return run.eager, run.cache, run.spec_lookahead, run.fused
+    return run.eager, run.cache, run.spec_lookahead, run.fused, run.linears
 
 
 def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial,
@@ -513,7 +518,7 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
     prompt_len, new = (6, 58) if smoke else (128, 128)  # smoke: past two block commits
     backend = "triton" if device.type == "cuda" else "torch"
     # off CUDA every run is eager and unfused already
-    runs = [run for run in DECODE_RUNS if device.type == "cuda" or (run.fused and not run.eager)]
+    runs = [run for run in DECODE_RUNS if device.type == "cuda" or (run.fused and not run.eager and run.linears == "torch")]
     table, so_far = [], []
     for shape in shapes:
         model = random_model(shape, device, dtype)
@@ -531,7 +536,8 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
             for _, alike in itertools.groupby(sorted(here, key=engine_key), engine_key):
                 alike = list(alike)
                 engine = _engine(model, mask, backend=backend, eager=alike[0].eager, cache=alike[0].cache,
-                                 batch=batch, threshold=1e-9, lookahead=alike[0].spec_lookahead, fused=alike[0].fused)
+                                 batch=batch, threshold=1e-9, lookahead=alike[0].spec_lookahead, fused=alike[0].fused,
+                                 linears=alike[0].linears)
                 for run in alike:
                     params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True,
                                                   mode=run.mode, block_lookahead=run.block_lookahead,
@@ -776,8 +782,9 @@ def kernels(smoke: bool, peak_gbps: float, out: Path, budget_s: float) -> dict[s
     imported, and anything before (transformers imports triton) may have imported it without the interpreter.
     Its rows are kept whatever its exit code (a failing backend is an error row of its own), and those it
     wrote if it runs out of time (it writes them as it goes)."""
-    # AR steps (1 query a sequence) and sub-block steps (8), at batch 1, 8 and 64 (the decode table's ends)
-    argv = ["--smoke"] if smoke else ["--confidence", "--tune", "--q-len", "1,8", "--batches", "1,8,64",
+    # AR steps (1 query a sequence) and sub-block steps (8), at batch 1, 8 and 64 (the decode table's ends);
+    # the decode GEMMs first (Triton vs cuBLAS at 1 and 8 rows: whether linear_backend="triton" should be the default)
+    argv = ["--smoke"] if smoke else ["--linear", "--confidence", "--tune", "--q-len", "1,8", "--batches", "1,8,64",
                                       "--contexts", "256,1024,4096", "--peak-gbps", str(peak_gbps)]
     env = os.environ | ({"TRITON_INTERPRET": "1"} if smoke else {})
     path = out / "kernels.json"
