@@ -179,8 +179,11 @@ class Rows:
 # BLOCK_T = 64 and V_PER_SPLIT = 256 were set from these rows on the H200, one constant at a time: the
 # old values' rows check the three together)
 TUNE_MIN_KEYS_PER_SPLIT = (64, 256)
+# keys a step of the attention loop (the default 32 at H = 128: at one query a sequence, batch 1, a program's
+# chain of dependent loads is ~1 us a step and the run-3 profile had ~10 us a layer) and warps a program
+TUNE_ATTENTION = {"block_n": (16, 64), "num_warps": (2, 8)}
 TUNE_CONFIDENCE = {"block_t": (16, 32), "v_per_split": (512, 1024)}
-TUNE_LINEAR = {"block_n": (32, 128), "block_k": (64, 256), "target_programs": (128, 512)}
+TUNE_LINEAR = {"block_n": (16, 32, 128), "block_k": (64, 256), "target_programs": (1, 128, 512)}  # 1: K never split
 
 
 def bench_linear(args: argparse.Namespace, device: torch.device, rows: Rows) -> None:
@@ -223,6 +226,7 @@ def bench_attention(args: argparse.Namespace, device: torch.device, backends: li
     variants = [(b, b, {}) for b in backends]  # (row name, backend, triton's tuning keywords)
     if args.tune and "triton" in backends:
         variants += [(f"triton min_keys={n}", "triton", {"min_keys_per_split": n}) for n in TUNE_MIN_KEYS_PER_SPLIT]
+        variants += [(f"triton {k}={v}", "triton", {k: v}) for k, values in TUNE_ATTENTION.items() for v in values]
     for q_len, batch, context in itertools.product(args.q_lens, args.batches, args.contexts):
         kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
         for name, backend, tiles in variants:

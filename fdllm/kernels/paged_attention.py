@@ -289,9 +289,11 @@ class _SplitPlan(NamedTuple):
         return 0 if self.num_splits == 1 else 4 * num_heads * self.num_splits * (self.block_h + 2)
 
 
-def _split_plan(head_dim: int, max_keys: int, num_splits: int | None, min_keys_per_split: int) -> _SplitPlan:
+def _split_plan(head_dim: int, max_keys: int, num_splits: int | None, min_keys_per_split: int,
+                block_n: int | None = None) -> _SplitPlan:
     block_h = max(16, triton.next_power_of_2(head_dim))
-    block_n = 64 if block_h <= 64 else 32  # keeps the K/V tiles within registers for H = 128
+    if block_n is None:
+        block_n = 64 if block_h <= 64 else 32  # keeps the K/V tiles within registers for H = 128
     if num_splits is None:  # per-sequence chunks (computed in the kernel); the grid covers the longest
         min_keys = max(block_n, triton.cdiv(min_keys_per_split, block_n) * block_n)
         return _SplitPlan(block_h, block_n, max(1, min(MAX_SPLITS, triton.cdiv(max_keys, min_keys))), 0, min_keys)
@@ -334,6 +336,8 @@ def paged_attention(
     num_splits: int | None = None,
     min_keys_per_split: int = MIN_KEYS_PER_SPLIT,
     max_workspace_bytes: int = WORKSPACE_BYTES,
+    block_n: int | None = None,
+    num_warps: int = 4,
 ) -> Tensor:
     """Output [B, T, N, H] in q's dtype; rows t >= q_lens[b] are zeros. Same contract as paged_attention_torch.
 
@@ -349,6 +353,8 @@ def paged_attention(
     whatever else is in the batch and whatever the table width. An int fixes the chunk size from
     the table width M * S instead (for tests and benchmarks; batch-dependent).
     max_workspace_bytes: the split-KV partials' bound; larger calls run in slices (same results).
+    block_n (keys per step of a program's loop; None: 64, or 32 for head dims over 64) and num_warps: tuning
+    values for benchmarks (`bench_kernels --tune`); any fixed values keep a sequence's result batch-invariant.
     """
     _check_inputs(q_BTNH, k_pool_PSKH, v_pool_PSKH, block_tables_BM, kv_lens_B, q_lens_B, causal)
     B, T, N, H = q_BTNH.shape
@@ -356,7 +362,7 @@ def paged_attention(
     if o_BTNH.numel() == 0:
         return o_BTNH
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
-    plan = _split_plan(H, block_tables_BM.shape[1] * k_pool_PSKH.shape[1], num_splits, min_keys_per_split)
+    plan = _split_plan(H, block_tables_BM.shape[1] * k_pool_PSKH.shape[1], num_splits, min_keys_per_split, block_n)
     per_query = plan.bytes_per_query(N)
     parts = None
     if plan.num_splits > 1:
@@ -371,13 +377,13 @@ def paged_attention(
             q_lens = q_lens_B[b0:b1] if t0 == 0 else (q_lens_B[b0:b1] - t0).clamp_(min=0)  # the queries left
             causal_b = causal[b0:b1] if isinstance(causal, Tensor) else causal
             _launch(plan, parts, scale, q_BTNH[b0:b1, t0 : t0 + tq], k_pool_PSKH, v_pool_PSKH, o_BTNH[b0:b1, t0 : t0 + tq],
-                    block_tables_BM[b0:b1], kv_lens_B[b0:b1], q_lens, causal_b)
+                    block_tables_BM[b0:b1], kv_lens_B[b0:b1], q_lens, causal_b, num_warps)
     return o_BTNH
 
 
 def _launch(plan: _SplitPlan, parts: tuple[Tensor, ...] | None, scale: float, q_BTNH: Tensor, k_pool_PSKH: Tensor,
             v_pool_PSKH: Tensor, o_BTNH: Tensor, block_tables_BM: Tensor, kv_lens_B: Tensor, q_lens_B: Tensor,
-            causal: bool | Tensor) -> None:
+            causal: bool | Tensor, num_warps: int) -> None:
     """One slice of a call: the attention kernel, then (with splits) the merge, into `o_BTNH` (a view)."""
     flags = isinstance(causal, Tensor)
     B, T, N, H = q_BTNH.shape
@@ -405,7 +411,7 @@ def _launch(plan: _SplitPlan, parts: tuple[Tensor, ...] | None, scale: float, q_
         UPCAST=interpreter_enabled(),
         DOT_PRECISION="ieee" if q_BTNH.dtype == torch.float32 else "tf32",
         SPLIT=split,
-        num_warps=4,
+        num_warps=num_warps,
     )
     if split:
         _merge_splits_kernel[(B * T * N,)](

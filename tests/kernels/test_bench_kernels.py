@@ -25,6 +25,7 @@ def test_smoke_run(device, tmp_path):
     assert bench_kernels.main([*argv, "--tune", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     tuned = {("paged_attention", f"triton min_keys={n}") for n in bench_kernels.TUNE_MIN_KEYS_PER_SPLIT}
+    tuned |= {("paged_attention", f"triton {k}={v}") for k, values in bench_kernels.TUNE_ATTENTION.items() for v in values}
     tuned |= {("confidence", f"triton {name}={n}") for name, values in bench_kernels.TUNE_CONFIDENCE.items() for n in values}
     projections = {f"linear {p}" for p in ("qkv", "o", "gate_up", "down")}
     tuned |= {(p, f"triton {name}={n}") for p in projections for name, values in bench_kernels.TUNE_LINEAR.items()
