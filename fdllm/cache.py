@@ -229,6 +229,16 @@ class KVCache:
             k_cache.index_copy_(0, slots_T, k_TKH)
             v_cache.index_copy_(0, slots_T, v_TKH)
 
+    def write_rotated(self, layer: int, slots_T: Tensor, qkv_TnH: Tensor, cos_TH: Tensor, sin_TH: Tensor,
+                      n_q: int) -> Tensor:
+        """From a stacked q/k/v projection not yet rotated: k rotated and v stored at `slots_T`, q rotated
+        returned [T, n_q, H], in one Triton launch (`fdllm.kernels.fused_ops.rope_store_kv`; the fused forward)."""
+        from fdllm.kernels.fused_ops import rope_store_kv
+
+        _, P, S, K, H = self.k_LPSKH.shape
+        return rope_store_kv(qkv_TnH, cos_TH, sin_TH, n_q, self.k_LPSKH[layer].view(P * S, K, H),
+                             self.v_LPSKH[layer].view(P * S, K, H), slots_T)
+
 
 class AttentionRow(NamedTuple):
     """A run of `q_len` consecutive packed queries that all see the first `kv_len` tokens of `pages`
@@ -284,7 +294,30 @@ class _RowGroup:
     q_lens_R: Tensor  # int32
 
 
-class PagedAttention:
+class _CacheWriteThenAttend:
+    """A step's `CachedAttention`: each layer writes the step's K/V to `slots_T` in the cache, then
+    attends (`attend`, the layout's own) over the pages. `rotate_and_attend` is the fused forward's way
+    in: RoPE and the K/V write of a stacked q/k/v projection as one kernel (the model uses it where a
+    cache offers it)."""
+
+    cache: KVCache
+    slots_T: Tensor
+
+    def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:
+        """Packed q/k/v [1, T, n, H] -> o [1, T, N, H]."""
+        self.cache.write(layer, self.slots_T, k_BTKH[0], v_BTKH[0])
+        return self.attend(layer, q_BTNH)
+
+    def rotate_and_attend(self, layer: int, qkv_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor, n_q: int) -> Tensor:
+        """`__call__` of the packed stacked projection [1, T, n_q + 2K, H] before RoPE (cos/sin [1, T, H])."""
+        q_TNH = self.cache.write_rotated(layer, self.slots_T, qkv_BTnH[0], cos_BTH[0], sin_BTH[0], n_q)
+        return self.attend(layer, q_TNH[None])
+
+    def attend(self, layer: int, q_BTNH: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class PagedAttention(_CacheWriteThenAttend):
     """`CachedAttention` of one packed forward: writes K/V to `slots_T`, attends every row over its pages.
 
     Built once per step on the host (`build`), copied to the device once.
@@ -329,9 +362,8 @@ class PagedAttention:
             q_lens_R=_to_device(q_lens_R.astype(np.int32), device),
         )
 
-    def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:
-        """Packed q/k/v [1, T, n, H] -> o [1, T, N, H]."""
-        self.cache.write(layer, self.slots_T, k_BTKH[0], v_BTKH[0])
+    def attend(self, layer: int, q_BTNH: Tensor) -> Tensor:
+        """Packed q [1, T, N, H] (this step's K/V already in the cache) -> o [1, T, N, H]."""
         q_TNH = q_BTNH[0]
         o_TNH = torch.empty_like(q_TNH)
         k_pool, v_pool = self.cache.k_LPSKH[layer], self.cache.v_LPSKH[layer]
@@ -343,7 +375,7 @@ class PagedAttention:
         return o_TNH[None]
 
 
-class StaticPagedAttention:
+class StaticPagedAttention(_CacheWriteThenAttend):
     """`CachedAttention` of a static step: Bb entries (attention rows) of Q padded query tokens each.
 
     Every tensor is a fixed-shape device view, so a CUDA graph can capture this call and later
@@ -358,9 +390,8 @@ class StaticPagedAttention:
         self.block_tables_BM, self.kv_lens_B, self.q_lens_B = block_tables_BM, kv_lens_B, q_lens_B
         self.causal = False if causal_B is None else causal_B
 
-    def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:
-        """Packed q/k/v [1, Bb * Q, n, H] -> o [1, Bb * Q, N, H]."""
-        self.cache.write(layer, self.slots_T, k_BTKH[0], v_BTKH[0])
+    def attend(self, layer: int, q_BTNH: Tensor) -> Tensor:
+        """Packed q [1, Bb * Q, N, H] (this step's K/V already in the cache) -> o [1, Bb * Q, N, H]."""
         _, T, N, H = q_BTNH.shape
         Bb = self.kv_lens_B.shape[0]
         o_BQNH = self.backend(

@@ -32,7 +32,9 @@ class CachedAttention(Protocol):
     """Attention over a KV cache, supplied by the inference engine.
 
     Called once per layer with the current tokens' projected (and rotated) q/k/v; it stores k/v
-    where the cache keeps them and returns the attention output for the queries.
+    where the cache keeps them and returns the attention output for the queries. The engine's also
+    offer `rotate_and_attend(layer, qkv_BTnH, cos, sin, n_q) -> o_BTNH`: the same from the stacked q/k/v
+    projection before RoPE, rotation and K/V write in one kernel; the fused forward calls it where offered.
     """
 
     def __call__(self, layer: int, q_BTNH: Tensor, k_BTKH: Tensor, v_BTKH: Tensor) -> Tensor:  # o_BTNH
@@ -188,13 +190,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
         self.qkv: FusedLinears | None = None  # `Transformer.fuse_projections`: one GEMM for q/k/v
 
+    def _stacked_qkv(self, x_BTD: Tensor) -> Tensor:
+        """The one q/k/v GEMM's output [B, T, N + 2K, H], heads unrotated (after `Transformer.fuse_projections`)."""
+        B, T, _ = x_BTD.shape
+        return self.qkv.stacked(x_BTD).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+
     def _rotated_qkv(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
         """q and k rotated, and v, as [B, T, heads, H]. Fused, after `Transformer.fuse_projections`, q and k
         are adjacent heads of the one GEMM's output, rotated together: one launch."""
         B, T, _ = x_BTD.shape
         N, K, H = self.n_heads, self.n_kv, self.head_dim
         if fused and self.qkv is not None and self.qkv.valid:
-            qkv_BTnH = self.qkv.stacked(x_BTD).view(B, T, N + 2 * K, H)
+            qkv_BTnH = self._stacked_qkv(x_BTD)
             qk_BTnH = apply_rope(qkv_BTnH[:, :, : N + K], cos, sin, fused=True)
             return qk_BTnH[:, :, :N], qk_BTnH[:, :, N:], qkv_BTnH[:, :, N + K :]
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
@@ -204,11 +211,12 @@ class Attention(nn.Module):
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask, cache: CachedAttention | None,
                 fused: bool = False) -> Tensor:
         B, T, _ = x_BTD.shape
-        q_BTNH, k_BTKH, v_BTKH = self._rotated_qkv(x_BTD, cos, sin, fused)
-        if cache is not None:
-            o_BTNH = cache(self.layer, q_BTNH, k_BTKH, v_BTKH)
+        if fused and self.qkv is not None and self.qkv.valid and hasattr(cache, "rotate_and_attend"):
+            o_BTNH = cache.rotate_and_attend(self.layer, self._stacked_qkv(x_BTD), cos, sin, self.n_heads)
+        elif cache is not None:
+            o_BTNH = cache(self.layer, *self._rotated_qkv(x_BTD, cos, sin, fused))
         else:
-            o_BTNH = masked_attention(q_BTNH, k_BTKH, v_BTKH, mask)
+            o_BTNH = masked_attention(*self._rotated_qkv(x_BTD, cos, sin, fused), mask)
         o_BTD = o_BTNH.reshape(B, T, -1)
         if fused and self.qkv is not None:  # `fuse_projections` chose the GEMM backend
             return fused_linear(o_BTD, self.o_proj.weight, self.o_proj.bias, self.qkv.backend)

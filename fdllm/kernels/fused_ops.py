@@ -1,12 +1,13 @@
-"""Triton kernels for a decoder layer's elementwise work: RMSNorm (with the residual add before it), RoPE,
-the K/V cache write, the MLP's SiLU gate.
+"""Triton kernels for a decoder layer's elementwise work: RMSNorm (with the residual add before it), RoPE
+(with the K/V cache write after it), the K/V cache write, the MLP's SiLU gate.
 
 Why: in eager torch a layer's RMSNorm is ~7 kernels (upcast, square, mean, add, rsqrt, two
 multiplies) and RoPE ~5 per tensor (negate, concat, two multiplies, add). Inside a CUDA graph each
 small kernel still costs a few microseconds, and at batch 1 a Qwen2.5-1.5B decode step ran ~1100 of
 them (~39 per layer): 4.0 ms per step on an H200 against 0.64 ms to read the weights. These
 kernels take a layer's norms and rope from ~24 launches to 3, its two residual adds into the norms
-after them (`add_rms_norm`), its K/V cache writes from two launches to one (`store_kv`), and the
+after them (`add_rms_norm`), its K/V cache writes from two launches to one (`store_kv`), and in the
+engine's forward into the RoPE launch (`rope_store_kv`: q and k rotated, k and v stored), and the
 MLP's `silu(gate) * up` from two launches to one that reads the stacked gate/up GEMM's output once
 (`silu_mul`: at batch 64 x 32 tokens the unfused pair was 2.9 of a 1.5B step's 14 ms of kernels on
 the H200, its strided halves running torch's slow non-vectorised elementwise path).
@@ -153,26 +154,33 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 
 @triton.jit
+def _rotated_halves(x_row, cos_ptr, sin_ptr, t, stride_ct, offs, ok, HALF: tl.constexpr):
+    """The two halves of RoPE'd heads `heads` of token t ([heads, half] tiles, in x's dtype): x * cos +
+    cat(-x2, x1) * sin with each product and the sum rounded to x's dtype as eager torch rounds them:
+    fp32 arithmetic, an explicit rounding after each step, and the launch's enable_fp_fusion=False so the
+    compiler cannot contract a product into the sum (module doc)."""
+    f32 = tl.float32
+    x1 = tl.load(x_row + offs, mask=ok, other=0.0)
+    dt = x1.dtype
+    x1 = x1.to(f32)
+    x2 = tl.load(x_row + HALF + offs, mask=ok, other=0.0).to(f32)
+    c_row, s_row = cos_ptr + t * stride_ct, sin_ptr + t * stride_ct
+    in_half = offs < HALF
+    c1, c2 = tl.load(c_row + offs, mask=in_half, other=0.0).to(f32), tl.load(c_row + HALF + offs, mask=in_half, other=0.0).to(f32)
+    s1, s2 = tl.load(s_row + offs, mask=in_half, other=0.0).to(f32), tl.load(s_row + HALF + offs, mask=in_half, other=0.0).to(f32)
+    out1 = ((x1 * c1).to(dt).to(f32) + (-x2 * s1).to(dt).to(f32)).to(dt)
+    out2 = ((x2 * c2).to(dt).to(f32) + (x1 * s2).to(dt).to(f32)).to(dt)
+    return out1, out2
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, stride_xt, stride_xn, stride_ct, stride_ot, stride_on, n_heads,
                  HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)  # one token, all its heads: cos/sin read once, and few programs
     heads = tl.arange(0, BLOCK_N)[:, None]
     offs = tl.arange(0, BLOCK)[None, :]
     ok = (heads < n_heads) & (offs < HALF)
-    x_row = x_ptr + t * stride_xt + heads * stride_xn
-    f32 = tl.float32
-    x1 = tl.load(x_row + offs, mask=ok, other=0.0).to(f32)
-    x2 = tl.load(x_row + HALF + offs, mask=ok, other=0.0).to(f32)
-    c_row, s_row = cos_ptr + t * stride_ct, sin_ptr + t * stride_ct
-    in_half = offs < HALF
-    c1, c2 = tl.load(c_row + offs, mask=in_half, other=0.0).to(f32), tl.load(c_row + HALF + offs, mask=in_half, other=0.0).to(f32)
-    s1, s2 = tl.load(s_row + offs, mask=in_half, other=0.0).to(f32), tl.load(s_row + HALF + offs, mask=in_half, other=0.0).to(f32)
-    dt = x_ptr.dtype.element_ty
-    # rotated = cat(-x2, x1); out = x * cos + rotated * sin with each product and the sum rounded to x's
-    # dtype as eager torch rounds them: fp32 arithmetic, an explicit rounding after each step, and the
-    # launch's enable_fp_fusion=False so the compiler cannot contract a product into the sum (module doc)
-    out1 = ((x1 * c1).to(dt).to(f32) + (-x2 * s1).to(dt).to(f32)).to(dt)
-    out2 = ((x2 * c2).to(dt).to(f32) + (x1 * s2).to(dt).to(f32)).to(dt)
+    out1, out2 = _rotated_halves(x_ptr + t * stride_xt + heads * stride_xn, cos_ptr, sin_ptr, t, stride_ct, offs, ok, HALF)
     o_row = o_ptr + t * stride_ot + heads * stride_on
     tl.store(o_row + offs, out1, mask=ok)
     tl.store(o_row + HALF + offs, out2, mask=ok)
@@ -199,6 +207,73 @@ def apply_rope_fused(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor
 
 
 @triton.jit
+def _rope_store_kv_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, slots_ptr, kc_ptr, vc_ptr, stride_xt, stride_xn, stride_ct,
+                          stride_qt, stride_qn, stride_cs, stride_cn, n_q, n_kv, H,
+                          HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    x_tok = x_ptr + t * stride_xt
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    heads = tl.arange(0, BLOCK_N)[:, None]  # q heads, then k heads: rotated together as `_rope_kernel` does
+    offs = tl.arange(0, BLOCK)[None, :]
+    ok = (heads < n_q + n_kv) & (offs < HALF)
+    out1, out2 = _rotated_halves(x_tok + heads * stride_xn, cos_ptr, sin_ptr, t, stride_ct, offs, ok, HALF)
+    is_q = heads < n_q
+    q_row = q_ptr + t * stride_qt + heads * stride_qn
+    tl.store(q_row + offs, out1, mask=ok & is_q)
+    tl.store(q_row + HALF + offs, out2, mask=ok & is_q)
+    k_row = kc_ptr + slot * stride_cs + (heads - n_q) * stride_cn  # masked where the head is a query head
+    tl.store(k_row + offs, out1, mask=ok & ~is_q)
+    tl.store(k_row + HALF + offs, out2, mask=ok & ~is_q)
+    v_heads = tl.arange(0, BLOCK_KV)[:, None]
+    offs_h = tl.arange(0, BLOCK_H)[None, :]
+    v_ok = (v_heads < n_kv) & (offs_h < H)
+    v = tl.load(x_tok + (n_q + n_kv + v_heads) * stride_xn + offs_h, mask=v_ok)
+    tl.store(vc_ptr + slot * stride_cs + v_heads * stride_cn + offs_h, v, mask=v_ok)
+
+
+def rope_store_kv(qkv_TnH: Tensor, cos_TH: Tensor, sin_TH: Tensor, n_q: int, k_cache_SKH: Tensor, v_cache_SKH: Tensor,
+                  slots_T: Tensor) -> Tensor:
+    """`apply_rope_fused` of the q and k heads of a stacked q/k/v projection, then `store_kv` of k and v, in one
+    launch: the rotated q [T, n_q, H] comes back, k never leaves the kernel but into the cache. The same bits
+    as the two kernels (one rotation helper). qkv [T, n_q + 2K, H] with a unit head-dim stride (the stacked
+    GEMM's output), cos/sin [T, H] in its dtype, caches [slots, K, H] in its dtype, slots [T] int64."""
+    T, n, H = qkv_TnH.shape
+    n_kv = (n - n_q) // 2
+    if n_q < 1 or n != n_q + 2 * n_kv or n_kv < 1 or H % 2:
+        raise ValueError(f"qkv [T, n_q + 2K, H] with an even H expected for n_q={n_q}, got {tuple(qkv_TnH.shape)}")
+    if cos_TH.shape != (T, H) or sin_TH.shape != (T, H) or len({cos_TH.dtype, sin_TH.dtype, qkv_TnH.dtype}) != 1:
+        raise ValueError(f"cos/sin must be [{T}, {H}] in qkv's dtype {qkv_TnH.dtype}, got {tuple(cos_TH.shape)} "
+                         f"{cos_TH.dtype}, {tuple(sin_TH.shape)} {sin_TH.dtype}")
+    _check_cache_write(k_cache_SKH, v_cache_SKH, slots_T, T, n_kv, H, qkv_TnH)
+    cos, sin = cos_TH.contiguous(), sin_TH.contiguous()
+    q = torch.empty((T, n_q, H), dtype=qkv_TnH.dtype, device=qkv_TnH.device)
+    if T:
+        block_n, block = triton.next_power_of_2(n_q + n_kv), triton.next_power_of_2(H // 2)
+        _rope_store_kv_kernel[(T,)](
+            qkv_TnH, cos, sin, q, slots_T, k_cache_SKH, v_cache_SKH, qkv_TnH.stride(0), qkv_TnH.stride(1), cos.stride(0),
+            q.stride(0), q.stride(1), k_cache_SKH.stride(0), k_cache_SKH.stride(1), n_q, n_kv, H,
+            HALF=H // 2, BLOCK=block, BLOCK_N=block_n, BLOCK_KV=triton.next_power_of_2(n_kv),
+            BLOCK_H=triton.next_power_of_2(H), num_warps=min(8, max(1, block_n * block // 256)), enable_fp_fusion=False,
+        )
+    return q
+
+
+def _check_cache_write(k_cache_SKH: Tensor, v_cache_SKH: Tensor, slots_T: Tensor, T: int, K: int, H: int,
+                       *sources: Tensor) -> None:
+    """What a K/V cache write needs: caches [slots, K, H] of one layout, slots int64 [T], one dtype throughout,
+    unit head-dim strides."""
+    if k_cache_SKH.shape[1:] != (K, H) or v_cache_SKH.shape != k_cache_SKH.shape:
+        raise ValueError(f"k/v of {K} heads x {H} do not fit caches {tuple(k_cache_SKH.shape)}, {tuple(v_cache_SKH.shape)}")
+    if slots_T.shape != (T,) or slots_T.dtype != torch.int64:
+        raise ValueError(f"slots must be int64 [{T}], got {slots_T.dtype} {tuple(slots_T.shape)}")
+    if len({x.dtype for x in (*sources, k_cache_SKH, v_cache_SKH)}) != 1:
+        raise TypeError(f"k, v and the caches must share a dtype, got {[x.dtype for x in (*sources, k_cache_SKH)]}")
+    if any(x.stride(-1) != 1 for x in (*sources, k_cache_SKH, v_cache_SKH)) or k_cache_SKH.stride() != v_cache_SKH.stride():
+        raise ValueError("k, v and the caches need a unit head-dim stride, and the caches one layout")
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, slots_ptr, kc_ptr, vc_ptr, stride_kt, stride_kn, stride_vt, stride_vn,
                      stride_cs, stride_cn, H, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -215,15 +290,9 @@ def store_kv(k_cache_SKH: Tensor, v_cache_SKH: Tensor, slots_T: Tensor, k_TKH: T
     [slots, K, H], k/v [T, K, H] in the caches' dtype with a unit head-dim stride (the views of the stacked
     q/k/v GEMM's output qualify), slots [T] int64 (a repeated slot, padding's scratch, gets one of its values)."""
     T, K, H = k_TKH.shape
-    if v_TKH.shape != (T, K, H) or k_cache_SKH.shape[1:] != (K, H) or v_cache_SKH.shape != k_cache_SKH.shape:
-        raise ValueError(f"k/v {tuple(k_TKH.shape)}, {tuple(v_TKH.shape)} do not fit caches {tuple(k_cache_SKH.shape)}, "
-                         f"{tuple(v_cache_SKH.shape)}")
-    if slots_T.shape != (T,) or slots_T.dtype != torch.int64:
-        raise ValueError(f"slots must be int64 [{T}], got {slots_T.dtype} {tuple(slots_T.shape)}")
-    if len({k_TKH.dtype, v_TKH.dtype, k_cache_SKH.dtype, v_cache_SKH.dtype}) != 1:
-        raise TypeError(f"k, v and the caches must share a dtype, got {k_TKH.dtype}, {v_TKH.dtype}, {k_cache_SKH.dtype}")
-    if any(x.stride(-1) != 1 for x in (k_TKH, v_TKH, k_cache_SKH, v_cache_SKH)) or k_cache_SKH.stride() != v_cache_SKH.stride():
-        raise ValueError("k, v and the caches need a unit head-dim stride, and the caches one layout")
+    if v_TKH.shape != (T, K, H):
+        raise ValueError(f"k {tuple(k_TKH.shape)} and v {tuple(v_TKH.shape)} differ")
+    _check_cache_write(k_cache_SKH, v_cache_SKH, slots_T, T, K, H, k_TKH, v_TKH)
     if T and K:
         _store_kv_kernel[(T, K)](k_TKH, v_TKH, slots_T, k_cache_SKH, v_cache_SKH, k_TKH.stride(0), k_TKH.stride(1),
                                  v_TKH.stride(0), v_TKH.stride(1), k_cache_SKH.stride(0), k_cache_SKH.stride(1), H,

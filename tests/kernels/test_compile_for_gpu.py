@@ -25,7 +25,7 @@ TARGETS = {"sm_80": 80, "sm_90": 90}  # CUDA compute capability
 _POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
             torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-ROUNDED_LIKE_TORCH = {"_rope_kernel"}  # kernels that promise eager torch's bits: no FMA may fuse their roundings
+ROUNDED_LIKE_TORCH = {"_rope_kernel", "_rope_store_kv_kernel"}  # kernels that promise eager torch's bits: no FMA may fuse their roundings
 
 
 class Launches:
@@ -135,6 +135,10 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
         specs += [spec(fused_ops.__name__, *launch) for launch in record(
             monkeypatch, fused_ops, ["_rope_kernel"],
             lambda: fused_ops.apply_rope_fused(torch.randn(1, 3, 12, 128, dtype=dtype), cos, sin))]
+        specs += [spec(fused_ops.__name__, *launch) for launch in record(
+            monkeypatch, fused_ops, ["_rope_store_kv_kernel"],
+            lambda: fused_ops.rope_store_kv(torch.randn(3, 16, 128, dtype=dtype), cos[0], sin[0], 12, cache, cache,
+                                            torch.arange(3)))]
     import fdllm.kernels.linear as linear
 
     for dtype in (torch.bfloat16, torch.float32):  # the o projection (K split) and down with the gate; gate/up (not)

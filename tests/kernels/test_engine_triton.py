@@ -31,11 +31,11 @@ def model(sharp_dir, device):
 
 @pytest.mark.parametrize("use_sub_block_cache", [False, True], ids=["refresh", "sub_block_cache"])
 def test_triton_backend_decodes_like_torch_and_reference(model, use_sub_block_cache, monkeypatch):
-    """Its steps run the fused norm (with the residual add), RoPE, K/V store and SiLU gate kernels too
-    (counted), the torch backend's do not."""
+    """Its steps run the fused norm (with the residual add), RoPE with the K/V store, and SiLU gate kernels
+    too (counted), the torch backend's do not."""
     from fdllm.kernels import fused_ops
 
-    calls = {"rms_norm": 0, "add_rms_norm": 0, "apply_rope_fused": 0, "store_kv": 0, "silu_mul": 0}
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "rope_store_kv": 0, "silu_mul": 0}
     for name in calls:
         def counted(*args, _name=name, _fn=getattr(fused_ops, name)):
             calls[_name] += 1
@@ -90,7 +90,7 @@ def test_fuse_kernels_off_runs_eager_torch_ops_on_the_triton_backend(sharp_dir, 
     and projections as eager torch runs them, and the same tokens."""
     from fdllm.kernels import fused_ops
 
-    for name in ("rms_norm", "add_rms_norm", "apply_rope_fused", "store_kv", "silu_mul"):
+    for name in ("rms_norm", "add_rms_norm", "apply_rope_fused", "store_kv", "rope_store_kv", "silu_mul"):
         monkeypatch.setattr(fused_ops, name, lambda *a: pytest.fail("a fused kernel ran"))
     model = fdllm.load_model(sharp_dir, device=device)  # its own: never stacked by another engine
     cfg = fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4, mask_token_id=MASK)

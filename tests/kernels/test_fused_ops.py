@@ -126,6 +126,39 @@ def test_store_kv_writes_what_index_copy_writes(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,K,H", [(6, 2, 16), (7, 1, 10), (4, 4, 64)], ids=["gqa", "odd_group", "mha"])
+def test_rope_store_kv_is_rope_then_store_kv(device, dtype, N, K, H):
+    """RoPE of the stacked projection's q and k heads with the K/V cache write in one launch: bit for bit what
+    the two kernels it replaces give (q rotated, k rotated into its slots, v copied), whatever the head counts;
+    a repeated slot (padding's scratch) gets one of its writes, other slots untouched."""
+    from fdllm.kernels.fused_ops import apply_rope_fused, rope_store_kv
+
+    g = torch.Generator().manual_seed(N)
+    T, slots, dt = 5, 40, DTYPES[dtype]
+    qkv = torch.randn(T, N + 2 * K, H, generator=g).to(device=device, dtype=dt)
+    positions = torch.tensor([[3, 4, 5, 4000, 7]], device=device)
+    cos, sin = (c[0] for c in rope_cos_sin(positions, H, 1e6, dt))
+    slots_T = torch.tensor([7, 0, 39, 12, 39], device=device)
+    caches = [torch.randn(slots, K, H, generator=g).to(device=device, dtype=dt) for _ in range(2)]
+    rotated = apply_rope_fused(qkv[None, :, : N + K], cos[None], sin[None])[0]
+    wants = []
+    for last in (2, 4):  # the repeated slot holds one of its two writes, in no promised order
+        k_cache, v_cache = (c.clone() for c in caches)
+        for i in [i for i in range(T) if i != last] + [last]:
+            k_cache[slots_T[i]], v_cache[slots_T[i]] = rotated[i, N:], qkv[i, N + K :]
+        wants.append((k_cache, v_cache))
+    q = rope_store_kv(qkv, cos, sin, N, *caches, slots_T)
+    assert torch.equal(q, rotated[:, :N])
+    assert any(torch.equal(caches[0], k) and torch.equal(caches[1], v) for k, v in wants)
+    with pytest.raises(ValueError, match="n_q"):
+        rope_store_kv(qkv[:, :-1], cos, sin, N, *caches, slots_T)
+    with pytest.raises(ValueError, match="cos/sin"):
+        rope_store_kv(qkv, cos.float() if dt != torch.float32 else cos.half(), sin, N, *caches, slots_T)
+    with pytest.raises(ValueError, match="int64"):
+        rope_store_kv(qkv, cos, sin, N, *caches, slots_T.int())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rope_matches_hf(device, dtype):
     from fdllm.kernels.fused_ops import apply_rope_fused
 
