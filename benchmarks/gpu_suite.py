@@ -33,13 +33,15 @@ bench_kernels) has a limit inside the section's, so the section reports rather t
    weights reject most drafts, so these rows time the steps, and "lookahead step cost" says what
    the lookahead's extra query rows cost per step at each batch: the figure
    `EngineConfig.speculative_lookahead_max_batch` is chosen by);
+   at batch 1 also AR and diffusion on the Triton decode GEMM (`EngineConfig(linear_backend="triton")`:
+   its "step/AR step" against the cuBLAS AR row decides whether it becomes the default);
    plus the same workload through a plain HF-transformers `generate` loop (the yardstick), AR
    batch-1 step time against the weight-read roofline (weight bytes / peak bandwidth), and each
    run's peak allocated memory (weights, KV pages, the largest step's activations and head chunk);
 4. `pytest -m gpu` (compiled Triton kernels vs their references);
 5. where a decode step's time goes at the 1.5B shape (torch.profiler: wall vs GPU kernel time, kernels
    per step, the costliest kernels and host ops): AR and diffusion with graphs and AR eager at batch 1,
-   diffusion at batch 64;
+   AR on the Triton decode GEMM (`linear_backend="triton"`) at batch 1, diffusion at batch 64;
 6. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
    shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
    with the unquantized model;
@@ -822,8 +824,8 @@ PROFILE_STEPS = 20  # decode steps under the profiler, per run
 
 def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
     """Where a decode step's time goes at the 1.5B shape: torch.profiler over PROFILE_STEPS decode steps
-    of AR and diffusion with CUDA graphs at batch 1 (the roofline target's row), AR eager at batch 1,
-    and diffusion at batch 64 (3.7x AR's step cost there on the first H200 run: its block-refresh steps
+    of AR and diffusion with CUDA graphs at batch 1 (the roofline target's row), AR eager at batch 1, AR on
+    the Triton decode GEMM, and diffusion at batch 64 (3.7x AR's step cost there on the first H200 run: its block-refresh steps
     feed 64 x 32 query tokens). Per run: the step's wall time (under the profiler), its GPU kernels' summed time
     and count, and the kernels and host ops that cost most. Kernel time near the wall time says the GPU
     bounds the step (fewer or fused kernels help); far under it, the host does (or gaps between launches)."""
@@ -839,13 +841,15 @@ def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     table, top = [], {}
-    runs = (("ar", "ar", False, 1), ("diffusion cache on", "diffusion", False, 1), ("ar", "ar", True, 1),
-            ("diffusion cache on", "diffusion", False, 2 if smoke else 64))
-    for name, mode, eager, batch in runs:
-        if eager and not cuda:
-            continue  # off CUDA every run is eager already
+    # (name, mode, eager, batch, EngineConfig.linear_backend)
+    runs = (("ar", "ar", False, 1, "torch"), ("diffusion cache on", "diffusion", False, 1, "torch"),
+            ("ar", "ar", True, 1, "torch"), ("diffusion cache on", "diffusion", False, 2 if smoke else 64, "torch"),
+            ("ar, triton linears", "ar", False, 1, "triton"))
+    for name, mode, eager, batch, linears in runs:
+        if (eager or linears != "torch") and not cuda:
+            continue  # off CUDA every run is eager and unfused already
         engine = _engine(model, mask, backend="triton" if cuda else "torch", eager=eager, cache=True, batch=batch,
-                         threshold=1e-9)
+                         threshold=1e-9, linears=linears)
         params = fdllm.SamplingParams(max_new_tokens=256, ignore_eos=True, mode=mode)
         _warm_up(engine, prompts[:batch], params)
         for prompt in prompts[:batch]:
