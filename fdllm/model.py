@@ -149,8 +149,9 @@ class FusedLinears:
     linears hold those views it multiplies by the stack; once they have weights of their own again
     (quantized in place, say) the stack is stale and each linear runs as it is."""
 
-    def __init__(self, *linears: nn.Linear, backend: str = "torch") -> None:
-        self.linears, self.backend = linears, backend
+    def __init__(self, *linears: nn.Linear) -> None:
+        self.linears = linears
+        self.backend = "torch"  # the GEMM's (`fused_linear`): `Transformer.fuse_projections` sets it
         self.weight = torch.cat([lin.weight.detach() for lin in linears])
         self.bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
         self.sizes = [lin.weight.shape[0] for lin in linears]
@@ -347,7 +348,8 @@ class Transformer(nn.Module):
         """Stack q/k/v and gate/up into one weight each (`FusedLinears`), for `hidden(fused=True)`: a
         batch-1 decode step multiplies by seven small weights a layer, each its own GEMV (about 2 TB/s
         of the H200's 4.8 on the first GPU run), four after this. `linear_backend`: the fused forward's
-        GEMMs ("torch", or "triton": `fused_linear`). Idempotent; memory and checkpoint names unchanged."""
+        GEMMs ("torch", or "triton": `fused_linear`; the last call's holds for every engine on this model).
+        Idempotent; memory and checkpoint names unchanged."""
         if linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {linear_backend!r}")
         for layer in self.model.layers:

@@ -155,7 +155,7 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 @triton.jit
 def _rotated_halves(x_row, cos_ptr, sin_ptr, t, stride_ct, offs, ok, HALF: tl.constexpr):
-    """The two halves of RoPE'd heads `heads` of token t ([heads, half] tiles, in x's dtype): x * cos +
+    """The two halves of token t's RoPE'd heads at `x_row` ([heads, 1] pointers; [heads, half] tiles, in x's dtype): x * cos +
     cat(-x2, x1) * sin with each product and the sum rounded to x's dtype as eager torch rounds them:
     fp32 arithmetic, an explicit rounding after each step, and the launch's enable_fp_fusion=False so the
     compiler cannot contract a product into the sum (module doc)."""

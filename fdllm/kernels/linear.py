@@ -2,9 +2,9 @@
 
 Why: at batch 1 a decode step multiplies one row (AR) or a sub-block of rows by every weight of
 the model, so each projection is a weight read. On the H200 (docs/gpu.md) cuBLAS ran a Qwen2.5-1.5B
-layer's four projections at 0.8-3.2 TB/s of the 4.8 peak: 38 us a layer where reading the weights
-takes 19.5 (the small q/k/v and o projections latency-bound, the down projection split over K with
-a reduce kernel after it). This kernel is built for that shape: few rows, so the tile over rows is
+layer's four projections at 0.8-3.2 TB/s of the 4.8 peak: about 40 us a layer where reading the
+weights takes 19.5 (the small q/k/v and o projections latency-bound, the down projection split over K
+with a reduce kernel after it). This kernel is built for that shape: few rows, so the tile over rows is
 one MMA's height; the weight streamed once in [BLOCK_K, BLOCK_N] tiles; and enough programs to keep
 every SM reading, by splitting K where the output alone has too few tiles. Whether it beats cuBLAS
 is a GPU measurement (`benchmarks.bench_kernels`, the GPU suite's "triton linears" decode rows):
