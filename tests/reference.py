@@ -12,6 +12,7 @@ from tests.helpers import VOCAB
 MASK = VOCAB - 1  # the tiny test models' mask token
 
 
+@torch.no_grad()
 def reference_generate(model, prompt, max_new_tokens, block_size, sub_block_size, threshold, stop_ids=(),
                        causal_prefix=False, mask_token_id=MASK, logit_bias=None, presence=0.0, frequency=0.0,
                        repetition=1.0, min_tokens=0):
