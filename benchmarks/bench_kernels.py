@@ -27,8 +27,9 @@ Linear rows (--linear, first): a decoder layer's four projections (q/k/v with it
 down with the SiLU gate in its prologue) at each row count batch x q_len up to fdllm.kernels.linear.MAX_ROWS,
 "triton" (skinny_linear) vs "torch" (F.linear: cuBLAS; the down projection after fused_ops.silu_mul, the
 engine's path); bytes = the weight. Their `batch` is the row count, `context` the reduction length K.
---tune adds Triton rows at other values of the kernels' tuning constants (key split size, confidence
-row tile and vocab chunk), side by side with the defaults' rows, to set them from measurements.
+--tune adds Triton rows at other values of the kernels' tuning constants (attention's key split size,
+key step and warps; the confidence row tile and vocab chunk; the linear tiles and K split), side by side
+with the defaults' rows, to set them from measurements.
 A backend that fails (a flash-attn wheel built for another torch, an out-of-memory) is a row with its
 error, and the other rows are still written; a backend that cannot run here is skipped with its reason.
 """
@@ -84,8 +85,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intermediate", type=positive_int, default=8960, help="linear: MLP width I (Qwen2-1.5B)")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton kernels at other values of their tuning constants (rows named "
-                        "'triton min_keys=N', 'triton block_t=N', 'triton v_per_split=N'; the defaults are the plain "
-                        "'triton' rows)")
+                        "'triton <constant>=N', e.g. 'triton min_keys=64', 'triton block_t=16'; the defaults are the "
+                        "plain 'triton' rows)")
     p.add_argument("--vocab", type=positive_int, default=151936, help="confidence: vocab size V (Qwen2)")
     p.add_argument("--hidden", type=positive_int, default=1536, help="confidence and linear: model dim D (Qwen2-1.5B)")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
