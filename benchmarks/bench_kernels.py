@@ -24,7 +24,8 @@ runs on its own pool of 256-token pages holding the same number of tokens), with
 bandwidth = bytes of K and V read / time, as a fraction of --peak-gbps (H100 SXM ~3350 GB/s).
 Confidence rows: fused_confidence vs logits matmul + softmax + max in torch; bytes = the LM head.
 Linear rows (--linear, first): a decoder layer's four projections (q/k/v with its bias, o, gate/up, and
-down with the SiLU gate in its prologue) at each row count batch x q_len up to fdllm.kernels.linear.MAX_ROWS,
+down with the SiLU gate in its prologue) of each of --linear-shapes (Qwen2.5-1.5B and 7B by default) at
+each row count batch x q_len up to fdllm.kernels.linear.MAX_ROWS,
 "triton" (skinny_linear) vs "torch" (F.linear: cuBLAS; the down projection after fused_ops.silu_mul, the
 engine's path); bytes = the weight. Their `batch` is the row count, `context` the reduction length K.
 --tune adds Triton rows at other values of the kernels' tuning constants (attention's key split size,
@@ -48,8 +49,17 @@ from functools import partial
 import torch
 
 from benchmarks.cli import output_file, positive_int, positive_int_list, write_json_atomic
+from benchmarks.shapes import SHAPES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def shape_list(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in SHAPES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(SHAPES)}, got {text!r}")
+    return names
 FLASH_ATTN_PAGE = 256
 
 
@@ -82,13 +92,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of triton, torch, flash_attn (skipped when not installed)")
     p.add_argument("--confidence", action="store_true", help="also benchmark the fused confidence kernel")
     p.add_argument("--linear", action="store_true", help="also benchmark the decode GEMM (fdllm.kernels.linear), first")
-    p.add_argument("--intermediate", type=positive_int, default=8960, help="linear: MLP width I (Qwen2-1.5B)")
+    p.add_argument("--linear-shapes", type=shape_list, default=["qwen2.5-1.5b", "qwen2.5-7b"],
+                   help=f"linear: the models whose projections to time (comma list of {', '.join(SHAPES)})")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton kernels at other values of their tuning constants (rows named "
                         "'triton <constant>=N', e.g. 'triton min_keys=64', 'triton block_t=16'; the defaults are the "
                         "plain 'triton' rows)")
     p.add_argument("--vocab", type=positive_int, default=151936, help="confidence: vocab size V (Qwen2)")
-    p.add_argument("--hidden", type=positive_int, default=1536, help="confidence and linear: model dim D (Qwen2-1.5B)")
+    p.add_argument("--hidden", type=positive_int, default=1536, help="confidence: model dim D (Qwen2-1.5B)")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
     p.add_argument("--json", type=output_file, default=None, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes under the Triton interpreter")
@@ -188,38 +199,48 @@ TUNE_LINEAR = {"block_n": (16, 32, 128), "block_k": (64, 256), "target_programs"
 
 
 def bench_linear(args: argparse.Namespace, device: torch.device, rows: Rows) -> None:
+    from fdllm.kernels.linear import MAX_ROWS
+
+    counts = sorted({b * q for b in args.batches for q in args.q_lens if b * q <= MAX_ROWS})
+    for shape in args.linear_shapes:
+        D, I, _, heads, kv_heads, _, _ = SHAPES[shape]
+        H = D // heads
+        # (name, N, K, bias, gated): a layer's projections in the fused forward's stacked form (Qwen2's biases)
+        projections = [("qkv", (heads + 2 * kv_heads) * H, D, True, False), ("o", D, heads * H, False, False),
+                       ("gate_up", 2 * I, D, False, False), ("down", D, I, False, True)]
+        for name, N, K, has_bias, gated in projections:
+            _bench_projection(args, device, rows, f"linear {name} {shape}", N, K, has_bias, gated, counts)
+
+
+def _bench_projection(args: argparse.Namespace, device: torch.device, rows: Rows, kernel: str, N: int, K: int,
+                      has_bias: bool, gated: bool, counts: list[int]) -> None:
+    """One projection's rows: Triton (and its --tune variants) vs torch at each row count."""
     import torch.nn.functional as F
 
     from fdllm.kernels.fused_ops import silu_mul
-    from fdllm.kernels.linear import MAX_ROWS, skinny_linear
+    from fdllm.kernels.linear import skinny_linear
 
     dtype = DTYPES[args.dtype]
-    D, I, H = args.hidden, args.intermediate, args.head_dim
-    # (name, N, K, bias, gated): a layer's projections in the fused forward's stacked form
-    projections = [("qkv", (args.heads + 2 * args.kv_heads) * H, D, True, False), ("o", D, args.heads * H, False, False),
-                   ("gate_up", 2 * I, D, False, False), ("down", D, I, False, True)]
-    counts = sorted({b * q for b in args.batches for q in args.q_lens if b * q <= MAX_ROWS})
-    for name, N, K, has_bias, gated in projections:
-        weight = torch.randn(N, K, dtype=dtype, device=device) / K**0.5
-        bias = torch.randn(N, dtype=dtype, device=device) if has_bias else None
-        w_bytes = (N * K + (N if has_bias else 0)) * dtype.itemsize
-        for count in counts:
-            x = torch.randn(count, 2 * K if gated else K, dtype=dtype, device=device)
+    weight = torch.randn(N, K, dtype=dtype, device=device) / K**0.5
+    bias = torch.randn(N, dtype=dtype, device=device) if has_bias else None
+    w_bytes = (N * K + (N if has_bias else 0)) * dtype.itemsize
+    for count in counts:
+        x = torch.randn(count, 2 * K if gated else K, dtype=dtype, device=device)
 
-            def torch_path(x: torch.Tensor = x) -> torch.Tensor:
-                return F.linear(silu_mul(*x.chunk(2, dim=-1)) if gated else x, weight, bias)
+        def torch_path(x: torch.Tensor = x) -> torch.Tensor:
+            return F.linear(silu_mul(*x.chunk(2, dim=-1)) if gated else x, weight, bias)
 
-            def triton(x: torch.Tensor = x, **tiles: int) -> tuple[float, float | None]:
-                got = skinny_linear(x, weight, bias, silu_gate=gated, **tiles)
-                err = (got.float() - torch_path(x).float()).abs().max().item()
-                return _time_ms(lambda: skinny_linear(x, weight, bias, silu_gate=gated, **tiles), device), err
+        def triton(x: torch.Tensor = x, **tiles: int) -> tuple[float, float | None]:
+            got = skinny_linear(x, weight, bias, silu_gate=gated, **tiles)
+            err = (got.float() - torch_path(x).float()).abs().max().item()
+            return _time_ms(lambda: skinny_linear(x, weight, bias, silu_gate=gated, **tiles), device), err
 
-            measures = [("triton", triton), ("torch", lambda x=x: (_time_ms(partial(torch_path, x), device), None))]
-            if args.tune:
-                measures += [(f"triton {k}={v}", partial(triton, **{k: v})) for k, values in TUNE_LINEAR.items()
-                             for v in values]
-            for backend, measure in measures:
-                rows.add(_measured(f"linear {name}", backend, count, K, 1, w_bytes, args.peak_gbps, measure))
+        measures = [("triton", triton), ("torch", lambda x=x: (_time_ms(partial(torch_path, x), device), None))]
+        if args.tune:
+            measures += [(f"triton {k}={v}", partial(triton, **{k: v})) for k, values in TUNE_LINEAR.items()
+                         for v in values]
+        for backend, measure in measures:
+            rows.add(_measured(kernel, backend, count, K, 1, w_bytes, args.peak_gbps, measure))
 
 
 def bench_attention(args: argparse.Namespace, device: torch.device, backends: list[str], rows: Rows) -> None:
@@ -304,7 +325,7 @@ def _smoke_args(args: argparse.Namespace) -> argparse.Namespace:
     """Interpreter-sized shapes: G = 6 heads per kv head like Qwen2-1.5B, everything else tiny."""
     return argparse.Namespace(**{**vars(args), "batches": [2], "contexts": [72], "q_lens": [8], "page_size": 16,
                                  "heads": 12, "kv_heads": 2, "head_dim": 16, "dtype": "fp32",
-                                 "backends": "triton,torch", "vocab": 300, "hidden": 32, "intermediate": 48})
+                                 "backends": "triton,torch", "vocab": 300, "hidden": 32, "linear_shapes": ["smoke"]})
 
 
 def run(args: argparse.Namespace) -> int:

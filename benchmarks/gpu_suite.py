@@ -81,14 +81,7 @@ from typing import Any, NoReturn
 import torch
 
 from benchmarks.cli import output_dir, positive_int_list, write_json_atomic
-
-SHAPES = {
-    # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
-    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
-    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
-    "smoke": (32, 64, 1, 4, 2, 96, True),
-    "sizing": (2048, 5632, 8, 16, 4, 32000, False),  # tests/kernels/test_cuda_graphs.py's KV sizing check
-}
+from benchmarks.shapes import SHAPES
 # HBM bandwidth (GB/s, NVIDIA's data sheets) by device name, most specific first: the first name that
 # torch.cuda.get_device_name contains is the device's ("NVIDIA H100 PCIe" is not an SXM H100).
 PEAK_GBPS = (("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import bench_kernels
@@ -15,11 +16,17 @@ def test_refuses_without_gpu(monkeypatch, capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_refuses_an_unknown_linear_shape(capsys):
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--linear", "--linear-shapes", "qwen2.5-1.5b,llama-70b"])
+    assert "expected a comma list of" in capsys.readouterr().err
+
+
 def test_smoke_run(device, tmp_path):
     out = tmp_path / "kernels.json"
     if device.type == "cuda":  # a real but tiny benchmark
         argv = ["--batches", "1", "--contexts", "256", "--backends", "triton,torch", "--confidence", "--vocab", "4096",
-                "--linear"]
+                "--linear", "--linear-shapes", "smoke"]
     else:
         argv = ["--smoke"]
     assert bench_kernels.main([*argv, "--tune", "--json", str(out)]) == 0
@@ -27,7 +34,7 @@ def test_smoke_run(device, tmp_path):
     tuned = {("paged_attention", f"triton min_keys={n}") for n in bench_kernels.TUNE_MIN_KEYS_PER_SPLIT}
     tuned |= {("paged_attention", f"triton {k}={v}") for k, values in bench_kernels.TUNE_ATTENTION.items() for v in values}
     tuned |= {("confidence", f"triton {name}={n}") for name, values in bench_kernels.TUNE_CONFIDENCE.items() for n in values}
-    projections = {f"linear {p}" for p in ("qkv", "o", "gate_up", "down")}
+    projections = {f"linear {p} smoke" for p in ("qkv", "o", "gate_up", "down")}
     tuned |= {(p, f"triton {name}={n}") for p in projections for name, values in bench_kernels.TUNE_LINEAR.items()
               for n in values}
     linear = {(p, backend) for p in projections for backend in ("triton", "torch")}
