@@ -41,7 +41,8 @@ bench_kernels) has a limit inside the section's, so the section reports rather t
 4. `pytest -m gpu` (compiled Triton kernels vs their references);
 5. where a decode step's time goes at the 1.5B shape (torch.profiler: wall vs GPU kernel time, kernels
    per step, the costliest kernels and host ops): AR and diffusion with graphs and AR eager at batch 1,
-   AR on the Triton decode GEMM (`linear_backend="triton"`) at batch 1, diffusion at batch 64;
+   AR on the Triton decode GEMM (`linear_backend="triton"`) at batch 1, diffusion at batch 64; and AR at
+   batch 1 at the 7B shape on cuBLAS and on the Triton GEMM;
 6. quantized decode (fdllm.quantization: int8, int4, fp8 where the device runs it) at the 1.5B
    shape, batch 1 and 32, AR and diffusion: weight bytes, ms per step, tokens/s, token agreement
    with the unquantized model;
@@ -818,8 +819,9 @@ PROFILE_STEPS = 20  # decode steps under the profiler, per run
 def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
     """Where a decode step's time goes at the 1.5B shape: torch.profiler over PROFILE_STEPS decode steps
     of AR and diffusion with CUDA graphs at batch 1 (the roofline target's row), AR eager at batch 1, AR on
-    the Triton decode GEMM, and diffusion at batch 64 (3.7x AR's step cost there on the first H200 run: its block-refresh steps
-    feed 64 x 32 query tokens). Per run: the step's wall time (under the profiler), its GPU kernels' summed time
+    the Triton decode GEMM, and diffusion at batch 64 (3.7x AR's step cost there on the first H200 run: its
+    block-refresh steps feed 64 x 32 query tokens); and AR at batch 1 at the 7B shape, on cuBLAS and on the
+    Triton GEMM (the shape nearest its roofline target). Per run: the step's wall time (under the profiler), its GPU kernels' summed time
     and count, and the kernels and host ops that cost most. Kernel time near the wall time says the GPU
     bounds the step (fewer or fused kernels help); far under it, the host does (or gaps between launches)."""
     import fdllm
@@ -827,20 +829,27 @@ def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    model = random_model("smoke" if smoke else "qwen2.5-1.5b", device, torch.float32 if smoke else torch.bfloat16)
-    mask = model.config.vocab_size - 1
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, mask, (64, 6 if smoke else 128), generator=gen).tolist()
+    main = "smoke" if smoke else "qwen2.5-1.5b"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    table, top = [], {}
-    # (name, mode, eager, batch, EngineConfig.linear_backend)
-    runs = (("ar", "ar", False, 1, "torch"), ("diffusion cache on", "diffusion", False, 1, "torch"),
-            ("ar", "ar", True, 1, "torch"), ("diffusion cache on", "diffusion", False, 2 if smoke else 64, "torch"),
-            ("ar, triton linears", "ar", False, 1, "triton"))
-    for name, mode, eager, batch, linears in runs:
-        if (eager or linears != "torch") and not cuda:
-            continue  # off CUDA every run is eager and unfused already
+    table, top, built = [], {}, {}
+    # (shape, name, mode, eager, batch, EngineConfig.linear_backend)
+    runs = ((main, "ar", "ar", False, 1, "torch"), (main, "diffusion cache on", "diffusion", False, 1, "torch"),
+            (main, "ar", "ar", True, 1, "torch"), (main, "diffusion cache on", "diffusion", False, 2 if smoke else 64, "torch"),
+            (main, "ar, triton linears", "ar", False, 1, "triton"),
+            ("qwen2.5-7b", "ar", "ar", False, 1, "torch"), ("qwen2.5-7b", "ar, triton linears", "ar", False, 1, "triton"))
+    for shape, name, mode, eager, batch, linears in runs:
+        if (eager or linears != "torch" or shape != main) and not cuda:
+            continue  # off CUDA every run is eager and unfused already (and the smoke shape is the only one)
+        if shape not in built:  # one model at a time
+            built.clear()
+            model = None
+            _empty_cache(device)
+            model = random_model(shape, device, torch.float32 if smoke else torch.bfloat16)
+            mask = model.config.vocab_size - 1
+            gen = torch.Generator().manual_seed(0)
+            built[shape] = model, mask, torch.randint(0, mask, (64, 6 if smoke else 128), generator=gen).tolist()
+        model, mask, prompts = built[shape]
         engine = _engine(model, mask, backend="triton" if cuda else "torch", eager=eager, cache=True, batch=batch,
                          threshold=1e-9, linears=linears)
         params = fdllm.SamplingParams(max_new_tokens=256, ignore_eos=True, mode=mode)
@@ -868,7 +877,7 @@ def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
                 calls[e.name[:90]] += 1
         host = sorted((a for a in prof.key_averages() if a.self_cpu_time_total > 0),
                       key=lambda a: a.self_cpu_time_total, reverse=True)[:8]
-        label = f"{name}, graphs {'off' if eager or not cuda else 'on'}, batch {batch}"
+        label = f"{name}, graphs {'off' if eager or not cuda else 'on'}, batch {batch}" + (f", {shape}" if shape != main else "")
         table.append({"run": label, "steps": steps, "wall ms/step": 1e3 * wall / steps,
                       "kernel ms/step": sum(kernels.values()) / 1e3 / steps, "kernels/step": sum(calls.values()) / steps})
         top[label] = {"kernels (us/step, calls/step)": {k: (round(us / steps, 1), calls[k] / steps)
