@@ -506,7 +506,6 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
            shapes: list[str] = DECODE_SHAPES, batches: list[int] = DECODE_BATCHES) -> dict[str, Any]:
     """The decode table; every row measured so far (and the checks they allow) is passed to `partial`
     as it comes, in the order measured: a timeout keeps what it cost."""
-    import fdllm
     from fdllm.quantization import weight_bytes
 
     shapes, batches = (["smoke"], [2]) if smoke else (shapes, batches)
@@ -531,30 +530,24 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
             # one engine at a time (the peak memory column is one engine's), shared by the runs it serves
             for _, alike in itertools.groupby(sorted(here, key=engine_key), engine_key):
                 alike = list(alike)
-                engine = _engine(model, mask, backend=backend, eager=alike[0].eager, cache=alike[0].cache,
-                                 batch=batch, threshold=1e-9, lookahead=alike[0].spec_lookahead, fused=alike[0].fused,
-                                 linears=alike[0].linears)
-                for run in alike:
-                    params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True,
-                                                  mode=run.mode, block_lookahead=run.block_lookahead,
-                                                  **({} if run.threshold is None else {"threshold": run.threshold}))
-                    _warm_up(engine, prompts, params)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    timed = _decode_run(engine, prompts, params)
-                    rows[run] = {"shape": shape, "batch": batch, "mode": run.name,
-                                 "graphs": engine.runner.graphs is not None, "ms/step": timed.ms_per_step,
-                                 "tokens/s": timed.tokens_per_s, "tokens/forward": timed.tokens / timed.steps / batch}
-                    if device.type == "cuda":  # weights + KV pages + the steps' activations and head chunks
-                        rows[run]["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+                def add(run: DecodeRun, row: dict[str, Any]) -> None:
+                    rows[run] = {"shape": shape, "batch": batch, "mode": run.name} | row
                     print(f"  {rows[run]}", flush=True)
                     so_far.append(rows[run])
                     partial({"table": so_far, "checks": decode_checks(so_far)})
-                del engine
+
+                try:
+                    _decode_runs(model, mask, backend, batch, prompts, new, alike, device, add)
+                except Exception as exc:  # noqa: BLE001 - its runs' error rows: the rest of the table still runs
+                    traceback.print_exc()
+                    for run in alike:
+                        if run not in rows:
+                            add(run, {"graphs": device.type == "cuda" and not run.eager, "error": f"{type(exc).__name__}: {exc}"})
             ordered = [rows[run] for run in here]
             add_step_ratios(ordered)
             for row in ordered:
-                if row["mode"] == "ar" and row["batch"] == 1 and row["graphs"] and peak_gbps:
+                if row["mode"] == "ar" and row["batch"] == 1 and row["graphs"] and "ms/step" in row and peak_gbps:
                     row["roofline ms"] = 1000 * read_bytes / (peak_gbps * 1e9)
             measured.append((prompts, ordered))
         config = model.config
@@ -568,6 +561,28 @@ def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial
         del hf
         _empty_cache(device)
     return {"table": table, "checks": decode_checks(table)}
+
+
+def _decode_runs(model, mask: int, backend: str, batch: int, prompts: list[list[int]], new: int, runs: list[DecodeRun],
+                 device: torch.device, add: Callable[[DecodeRun, dict[str, Any]], None]) -> None:
+    """Runs configured alike (`engine_key`) on one engine: each warmed up, then timed, its row passed to `add`."""
+    import fdllm
+
+    engine = _engine(model, mask, backend=backend, eager=runs[0].eager, cache=runs[0].cache, batch=batch,
+                     threshold=1e-9, lookahead=runs[0].spec_lookahead, fused=runs[0].fused, linears=runs[0].linears)
+    for run in runs:
+        params = fdllm.SamplingParams(max_new_tokens=new // run.length_share, ignore_eos=True, mode=run.mode,
+                                      block_lookahead=run.block_lookahead,
+                                      **({} if run.threshold is None else {"threshold": run.threshold}))
+        _warm_up(engine, prompts, params)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timed = _decode_run(engine, prompts, params)
+        row = {"graphs": engine.runner.graphs is not None, "ms/step": timed.ms_per_step, "tokens/s": timed.tokens_per_s,
+               "tokens/forward": timed.tokens / timed.steps / batch}
+        if device.type == "cuda":  # weights + KV pages + the steps' activations and head chunks
+            row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        add(run, row)
 
 
 def _warm_up(engine, prompts: list[list[int]], params) -> None:
@@ -592,6 +607,7 @@ def add_step_ratios(rows: list[dict[str, Any]]) -> None:
     off) and the projected speed-ups at 2.4 and 4 tokens per forward; the speculative row also its
     step cost against the speculative row without the lookahead ("lookahead step cost": random
     weights reject most drafts, so this is what the lookahead's extra query rows cost per step)."""
+    rows = [row for row in rows if "ms/step" in row]  # not the error rows
     ar = {row["graphs"]: row["ms/step"] for row in rows if row["mode"] == "ar"}
     plain = next((row["ms/step"] for row in rows if row["mode"] == "speculative, no lookahead"), None)
     for row in rows:

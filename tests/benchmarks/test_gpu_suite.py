@@ -190,6 +190,28 @@ def test_a_failing_quantized_format_keeps_the_other_formats(monkeypatch):
     assert partials[-1]["table"] == table
 
 
+def test_a_failing_decode_engine_is_its_runs_error_rows_and_the_table_goes_on(monkeypatch):
+    """An engine that cannot be built (a kernel that does not compile, a failed capture: what a new
+    configuration, as the Triton decode GEMM's rows, risks on its first GPU run) costs its own rows."""
+    real = gpu_suite._engine
+
+    def engine(*args, cache, **kwargs):
+        if not cache:
+            raise RuntimeError("capture failed")
+        return real(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(gpu_suite, "_engine", engine)
+    partials = []
+    table = gpu_suite.decode(torch.device("cpu"), True, 0.0, partials.append)["table"]
+    failed = [row for row in table if "error" in row]
+    assert {row["mode"] for row in failed} == {"diffusion cache off", "diffusion cache off, one token a step"}
+    assert all(row["error"] == "RuntimeError: capture failed" for row in failed)
+    measured = {row["mode"] for row in table if "ms/step" in row}
+    assert {"ar", "diffusion cache on", "speculative"} <= measured
+    assert "step/AR step" in next(row for row in table if row["mode"] == "diffusion cache on")
+    assert partials[-1]["table"][-1]["mode"] == table[-1]["mode"]
+
+
 def test_failed_requests_fail_the_sync_count_rather_than_count_nothing():
     failed = SimpleNamespace(finish_reason="error", token_ids=[], error="RuntimeError: CUDA error")
     engine = SimpleNamespace(step=lambda: [failed], runner=SimpleNamespace(graphs=None), num_running=0)
