@@ -832,17 +832,56 @@ def training(device: torch.device, smoke: bool) -> dict[str, Any]:
 PROFILE_STEPS = 20  # decode steps under the profiler, per run
 
 
+def _profiled_steps(engine, prompts: list[list[int]], mode: str, sync: Callable[[], None],
+                    activities: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """PROFILE_STEPS decode steps of `prompts` after their prefill, under torch.profiler: the table's row
+    (wall and kernel time per step, kernels per step) and the costliest kernels and host ops."""
+    import fdllm
+    from torch.autograd import DeviceType
+    from torch.profiler import profile
+
+    params = fdllm.SamplingParams(max_new_tokens=256, ignore_eos=True, mode=mode)
+    _warm_up(engine, prompts, params)
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+    while _prefilling(engine.scheduler):
+        engine.step()  # the prompt's prefill, outside the profile
+    sync()
+    steps = 0
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        while steps < PROFILE_STEPS and engine.has_unfinished():
+            engine.step()
+            steps += 1
+        sync()
+        wall = time.perf_counter() - start
+    while engine.has_unfinished():
+        engine.step()
+    kernels = collections.Counter()
+    calls = collections.Counter()
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kernels[e.name[:90]] += e.time_range.elapsed_us()
+            calls[e.name[:90]] += 1
+    host = sorted((a for a in prof.key_averages() if a.self_cpu_time_total > 0),
+                  key=lambda a: a.self_cpu_time_total, reverse=True)[:8]
+    row = {"steps": steps, "wall ms/step": 1e3 * wall / steps, "kernel ms/step": sum(kernels.values()) / 1e3 / steps,
+           "kernels/step": sum(calls.values()) / steps}
+    top = {"kernels (us/step, calls/step)": {k: (round(us / steps, 1), calls[k] / steps) for k, us in kernels.most_common(12)},
+           "host ops (self us/step)": {a.key[:90]: round(a.self_cpu_time_total / steps, 1) for a in host}}
+    return row, top
+
+
 def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
     """Where a decode step's time goes at the 1.5B shape: torch.profiler over PROFILE_STEPS decode steps
     of AR and diffusion with CUDA graphs at batch 1 (the roofline target's row), AR eager at batch 1, AR on
     the Triton decode GEMM, and diffusion at batch 64 (3.7x AR's step cost there on the first H200 run: its
     block-refresh steps feed 64 x 32 query tokens); and AR at batch 1 at the 7B shape, on cuBLAS and on the
-    Triton GEMM (the shape nearest its roofline target). Per run: the step's wall time (under the profiler), its GPU kernels' summed time
-    and count, and the kernels and host ops that cost most. Kernel time near the wall time says the GPU
-    bounds the step (fewer or fused kernels help); far under it, the host does (or gaps between launches)."""
-    import fdllm
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    Triton GEMM (the shape nearest its roofline target). Per run: the step's wall time (under the
+    profiler), its GPU kernels' summed time and count, and the kernels and host ops that cost most. Kernel time near the wall time says the GPU
+    bounds the step (fewer or fused kernels help); far under it, the host does (or gaps between launches).
+    A run that fails is an error row; the others still run."""
+    from torch.profiler import ProfilerActivity
 
     cuda = device.type == "cuda"
     main = "smoke" if smoke else "qwen2.5-1.5b"
@@ -866,40 +905,16 @@ def step_profile(device: torch.device, smoke: bool) -> dict[str, Any]:
             gen = torch.Generator().manual_seed(0)
             built[shape] = model, mask, torch.randint(0, mask, (64, 6 if smoke else 128), generator=gen).tolist()
         model, mask, prompts = built[shape]
-        engine = _engine(model, mask, backend="triton" if cuda else "torch", eager=eager, cache=True, batch=batch,
-                         threshold=1e-9, linears=linears)
-        params = fdllm.SamplingParams(max_new_tokens=256, ignore_eos=True, mode=mode)
-        _warm_up(engine, prompts[:batch], params)
-        for prompt in prompts[:batch]:
-            engine.add_request(prompt, params)
-        while _prefilling(engine.scheduler):
-            engine.step()  # the prompt's prefill, outside the profile
-        sync()
-        steps = 0
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            while steps < PROFILE_STEPS and engine.has_unfinished():
-                engine.step()
-                steps += 1
-            sync()
-            wall = time.perf_counter() - start
-        while engine.has_unfinished():
-            engine.step()
-        kernels = collections.Counter()
-        calls = collections.Counter()
-        for e in prof.events():
-            if e.device_type == DeviceType.CUDA:
-                kernels[e.name[:90]] += e.time_range.elapsed_us()
-                calls[e.name[:90]] += 1
-        host = sorted((a for a in prof.key_averages() if a.self_cpu_time_total > 0),
-                      key=lambda a: a.self_cpu_time_total, reverse=True)[:8]
         label = f"{name}, graphs {'off' if eager or not cuda else 'on'}, batch {batch}" + (f", {shape}" if shape != main else "")
-        table.append({"run": label, "steps": steps, "wall ms/step": 1e3 * wall / steps,
-                      "kernel ms/step": sum(kernels.values()) / 1e3 / steps, "kernels/step": sum(calls.values()) / steps})
-        top[label] = {"kernels (us/step, calls/step)": {k: (round(us / steps, 1), calls[k] / steps)
-                                                        for k, us in kernels.most_common(12)},
-                      "host ops (self us/step)": {a.key[:90]: round(a.self_cpu_time_total / steps, 1) for a in host}}
-        del engine
+        try:
+            engine = _engine(model, mask, backend="triton" if cuda else "torch", eager=eager, cache=True, batch=batch,
+                             threshold=1e-9, linears=linears)
+            row, top[label] = _profiled_steps(engine, prompts[:batch], mode, sync, activities)
+        except Exception as exc:  # noqa: BLE001 - this run's error row: the other runs still profile
+            traceback.print_exc()
+            row = {"error": f"{type(exc).__name__}: {exc}"}
+        table.append({"run": label} | row)
+        engine = None
     return {"table": table, "top": top}
 
 

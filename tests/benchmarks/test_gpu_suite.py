@@ -212,6 +212,22 @@ def test_a_failing_decode_engine_is_its_runs_error_rows_and_the_table_goes_on(mo
     assert partials[-1]["table"][-1]["mode"] == table[-1]["mode"]
 
 
+def test_a_failing_profile_run_is_an_error_row_and_the_others_run(monkeypatch):
+    real = gpu_suite._profiled_steps
+
+    def profiled(engine, prompts, mode, *args):
+        if len(prompts) > 1:
+            raise RuntimeError("profiler failed")
+        return real(engine, prompts, mode, *args)
+
+    monkeypatch.setattr(gpu_suite, "_profiled_steps", profiled)
+    table = gpu_suite.step_profile(torch.device("cpu"), True)["table"]
+    assert [row["run"] for row in table] == ["ar, graphs off, batch 1", "diffusion cache on, graphs off, batch 1",
+                                             "diffusion cache on, graphs off, batch 2"]
+    assert table[-1]["error"] == "RuntimeError: profiler failed"
+    assert all(row["kernels/step"] >= 0 and row["steps"] > 0 for row in table[:2])
+
+
 def test_failed_requests_fail_the_sync_count_rather_than_count_nothing():
     failed = SimpleNamespace(finish_reason="error", token_ids=[], error="RuntimeError: CUDA error")
     engine = SimpleNamespace(step=lambda: [failed], runner=SimpleNamespace(graphs=None), num_running=0)
