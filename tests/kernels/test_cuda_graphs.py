@@ -13,23 +13,26 @@ from tests.unit.test_engine import MASK, params, random_prompts
 pytestmark = pytest.mark.gpu
 
 
-def _engine(model, eager: bool, cache: bool):
+def _engine(model, eager: bool, cache: bool, linears: str = "torch"):
     cfg = fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4, use_sub_block_cache=cache,
                                      mask_token_id=MASK)
-    return fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=256, max_num_seqs=16, enforce_eager=eager))
+    return fdllm.Engine(model, None, cfg, fdllm.EngineConfig(num_pages=256, max_num_seqs=16, enforce_eager=eager,
+                                                             linear_backend=linears))
 
 
-@pytest.mark.parametrize("cache", [False, True], ids=["cache-off", "sub-block-cache"])
-def test_graphs_decode_like_eager(sharp_dir, cuda_device, cache):
+@pytest.mark.parametrize("cache,linears", [(False, "torch"), (True, "torch"), (True, "triton")],
+                         ids=["cache-off", "sub-block-cache", "triton-gemm"])
+def test_graphs_decode_like_eager(sharp_dir, cuda_device, cache, linears):
+    """`linears`: EngineConfig.linear_backend (the Triton decode GEMM's steps captured like cuBLAS's)."""
     model = fdllm.load_model(sharp_dir, device=cuda_device)
     prompts = random_prompts(7, [1, 5, 8, 13], seed=4)
     ps = [params(max_new_tokens=20, temperature=0.8 if i % 2 else 0.0, seed=i, mode="ar" if i == 3 else "diffusion")
           for i in range(7)]
-    graphed = _engine(model, eager=False, cache=cache)
+    graphed = _engine(model, eager=False, cache=cache, linears=linears)
     assert graphed.runner.graphs is not None
     got = [r.token_ids for r in graphed.generate(prompts, ps)]
     assert graphed.runner.graphs.steps, "no decode step was captured"
-    assert got == [r.token_ids for r in _engine(model, eager=True, cache=cache).generate(prompts, ps)]
+    assert got == [r.token_ids for r in _engine(model, eager=True, cache=cache, linears=linears).generate(prompts, ps)]
 
 
 def test_one_sync_per_decode_step(sharp_dir, cuda_device):
