@@ -22,6 +22,10 @@ process spends descheduled on a shared machine does not count; on CUDA, wall tim
     python -m benchmarks.bench_host --stub-model --prompt-len 400 --repetition-penalty 1.2 --frequency-penalty 0.5
     python -m benchmarks.bench_host --stub-model --prefill-len 400    # also: steps that prefill a long prompt
 
+`critical ms` is the part of the host's time a GPU waits for: before the step's forward starts (scheduling,
+the step's inputs, their copy) and after its results are back (applying them, stop checks, streaming);
+the rest (launching the LM head, confidence and sampling) overlaps the forward on a GPU.
+
 `--prefill-len N` adds a "prefill" row per batch size: the steps in which a request of N prompt
 tokens is prefilled beside the running batch (host work that grows with the step's tokens: the
 packed attention rows, their cache slots and block tables).
@@ -60,6 +64,9 @@ class HostRow:
     head_ms: float  # median time inside the LM head's GEMM (ModelRunner.logits)
     host_ms: float  # median of (step - body - head), per step
     host_mean_ms: float  # its mean: what throughput pays, garbage-collector pauses included
+    # median host time before the step's forward starts and after its results are back: what a GPU waits
+    # for (the rest of the host's work, launching the head and the sampling, overlaps the forward there)
+    critical_ms: float
 
 
 def clock(device: torch.device):
@@ -70,10 +77,14 @@ def clock(device: torch.device):
 
 
 class CallTimer:
-    """Wraps `obj.name` (on the instance) and records the time of each call (see `clock`)."""
+    """Wraps `obj.name` (on the instance) and records each call's (start, end) (see `clock`)."""
 
     def __init__(self, obj, name: str, device: torch.device) -> None:
-        self.obj, self.name, self.device, self.times = obj, name, device, []
+        self.obj, self.name, self.device, self.spans = obj, name, device, []
+
+    @property
+    def times(self) -> list[float]:
+        return [end - start for start, end in self.spans]
 
     def __enter__(self) -> CallTimer:
         now, sync = clock(self.device)
@@ -84,7 +95,7 @@ class CallTimer:
             start = now()
             out = inner(*args, **kwargs)
             sync()
-            self.times.append(now() - start)
+            self.spans.append((start, now()))
             return out
 
         setattr(self.obj, self.name, timed)
@@ -108,11 +119,22 @@ class StubBody:
         return self.outputs[T]
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """One engine step's figures (seconds)."""
+
+    wall: float
+    forwards: int  # how many forwards it ran
+    body: float  # in Transformer.hidden
+    head: float  # in the LM head's GEMM
+    critical: float  # host time before the first forward starts and after the last one's results are back
+
+
 @contextlib.contextmanager
 def timed_steps(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams,
-                stub: bool) -> Iterator[Callable[[], tuple[float, int, float, float]]]:
+                stub: bool) -> Iterator[Callable[[], StepTime]]:
     """Admit `prompts` and run their prefill step (not a decode step), then give a function that runs
-    one engine step and returns (wall, forwards, body, head): seconds, and how many forwards it ran."""
+    one engine step and returns its `StepTime`."""
     for p in prompts:
         engine.add_request(p, params)
     engine.step()  # prefill (+ the first block step)
@@ -120,14 +142,18 @@ def timed_steps(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sa
         engine.model.hidden = StubBody(engine.model)  # on the instance; CallTimer wraps it, then removes both
     device = engine.model.device
     now, sync = clock(device)
-    with CallTimer(engine.model, "hidden", device) as forward, CallTimer(engine.runner, "logits", device) as lm_head:
-        def step() -> tuple[float, int, float, float]:
-            n, m = len(forward.times), len(lm_head.times)
+    with (CallTimer(engine.model, "hidden", device) as forward, CallTimer(engine.runner, "logits", device) as lm_head,
+          CallTimer(engine.runner, "forward", device) as results):
+        def step() -> StepTime:
+            n, m, r = len(forward.spans), len(lm_head.spans), len(results.spans)
             sync()
             start = now()
             engine.step()
             sync()
-            return now() - start, len(forward.times) - n, sum(forward.times[n:]), sum(lm_head.times[m:])
+            end = now()
+            bodies, heads, done = forward.spans[n:], lm_head.spans[m:], results.spans[r:]
+            critical = (bodies[0][0] - start) + (end - done[-1][1]) if bodies and done else end - start
+            return StepTime(end - start, len(bodies), sum(e - s for s, e in bodies), sum(e - s for s, e in heads), critical)
 
         yield step
 
@@ -135,40 +161,36 @@ def timed_steps(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sa
 def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.SamplingParams, mode: str,
             stub: bool = False) -> HostRow:
     """Run the prompts to completion; per-step figures over decode steps (every request running, no prefill)."""
-    steps, body, head = [], [], []
+    steps = []
     with timed_steps(engine, prompts, params, stub) as step:
         while engine.has_unfinished():
             running = engine.num_running
-            wall, forwards, b, h = step()
-            if running == len(prompts) and forwards == 1:  # a full-batch step with one forward
-                steps.append(wall)
-                body.append(b)
-                head.append(h)
+            timed = step()
+            if running == len(prompts) and timed.forwards == 1:  # a full-batch step with one forward
+                steps.append(timed)
     if not steps:
         raise RuntimeError("no full-batch decode step was measured; raise --max-new-tokens")
-    return _row(mode, stub, len(prompts), steps, body, head)
+    return _row(mode, stub, len(prompts), steps)
 
 
 def measure_prefill(engine: fdllm.Engine, prompts: list[list[int]], long_prompts: list[list[int]],
                     params: fdllm.SamplingParams, stub: bool = False) -> HostRow:
     """Per long prompt, the step that prefills it whole beside the running `prompts` (as `measure`)."""
-    steps, body, head = [], [], []
+    steps = []
     with timed_steps(engine, prompts, params, stub) as step:
         for p in long_prompts:
             engine.add_request(p, params)
-            wall, _, b, h = step()
-            steps.append(wall)
-            body.append(b)
-            head.append(h)
-    return _row("prefill", stub, len(prompts), steps, body, head)
+            steps.append(step())
+    return _row("prefill", stub, len(prompts), steps)
 
 
-def _row(mode: str, stub: bool, batch: int, steps: list[float], body: list[float], head: list[float]) -> HostRow:
+def _row(mode: str, stub: bool, batch: int, steps: list[StepTime]) -> HostRow:
     """Medians of the per-step figures (host: step - body - head), in ms."""
-    host = [s - b - h for s, b, h in zip(steps, body, head)]
+    host = [t.wall - t.body - t.head for t in steps]
     ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
-    return HostRow(mode, "stub" if stub else "real", batch, len(steps), ms(steps), ms(body), ms(head), ms(host),
-                   1000 * statistics.fmean(host))
+    return HostRow(mode, "stub" if stub else "real", batch, len(steps), ms([t.wall for t in steps]),
+                   ms([t.body for t in steps]), ms([t.head for t in steps]), ms(host), 1000 * statistics.fmean(host),
+                   ms([t.critical for t in steps]))
 
 
 def run(args: argparse.Namespace) -> list[HostRow]:
@@ -250,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = best(run(args))
     print(f"{'mode':<10}{'model':>6}{'batch':>6}{'steps':>7}{'step ms':>10}{'body ms':>10}{'lm head ms':>12}"
-          f"{'host ms':>10}{'host mean':>11}")
+          f"{'host ms':>10}{'host mean':>11}{'critical ms':>13}")
     for r in rows:
         print(f"{r.mode:<10}{r.model:>6}{r.batch:>6}{r.steps:>7}{r.step_ms:>10.3f}{r.body_ms:>10.3f}{r.head_ms:>12.3f}"
-              f"{r.host_ms:>10.3f}{r.host_mean_ms:>11.3f}")
+              f"{r.host_ms:>10.3f}{r.host_mean_ms:>11.3f}{r.critical_ms:>13.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=2)

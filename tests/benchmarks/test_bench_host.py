@@ -23,8 +23,11 @@ def test_bench_host_splits_each_step_into_body_lm_head_and_host(mode, stub, tmp_
         assert r["body_ms"] < r["head_ms"] if stub else r["body_ms"] > r["head_ms"]
         # medians of per-step parts: not additive in general, but never more than the step itself
         assert max(r["body_ms"], r["head_ms"], r["host_ms"]) < r["step_ms"]
+        # the host's part before the forward and after its results: some, never all of it (the head's
+        # launch, confidence and sampling lie between)
+        assert 0 < r["critical_ms"] < r["host_ms"]
     printed = capsys.readouterr().out
-    assert "lm head ms" in printed and "host ms" in printed and "host mean" in printed
+    assert "lm head ms" in printed and "host ms" in printed and "host mean" in printed and "critical ms" in printed
 
 
 def test_prefill_rows_time_the_steps_that_prefill_a_long_prompt(tmp_path):
@@ -41,7 +44,7 @@ def test_prefill_rows_time_the_steps_that_prefill_a_long_prompt(tmp_path):
 
 def test_best_keeps_the_quietest_repeat_and_the_mean_over_all_of_them():
     """A collector pause in one repeat must show in the mean even when another repeat has the least median."""
-    row = lambda steps, host, mean: bench_host.HostRow("diffusion", "stub", 64, steps, 2.0, 0.0, 0.2, host, mean)  # noqa: E731
+    row = lambda steps, host, mean: bench_host.HostRow("diffusion", "stub", 64, steps, 2.0, 0.0, 0.2, host, mean, 0.5)  # noqa: E731
     [best] = bench_host.best([row(60, 1.9, 5.0), row(40, 1.5, 1.5)])
     assert best.host_ms == 1.5 and best.steps == 40
     assert best.host_mean_ms == pytest.approx((60 * 5.0 + 40 * 1.5) / 100)
