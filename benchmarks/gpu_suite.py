@@ -505,7 +505,8 @@ def engine_key(run: DecodeRun) -> tuple[bool, bool, bool, bool, str]:
 def decode(device: torch.device, smoke: bool, peak_gbps: float, partial: Partial,
            shapes: list[str] = DECODE_SHAPES, batches: list[int] = DECODE_BATCHES) -> dict[str, Any]:
     """The decode table; every row measured so far (and the checks they allow) is passed to `partial`
-    as it comes, in the order measured: a timeout keeps what it cost."""
+    as it comes, in the order measured: a timeout keeps what it cost. An engine that fails (a kernel
+    that does not compile, a failed capture) is its runs' error rows; the other engines still run."""
     from fdllm.quantization import weight_bytes
 
     shapes, batches = (["smoke"], [2]) if smoke else (shapes, batches)
