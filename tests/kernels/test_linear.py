@@ -53,18 +53,22 @@ def test_a_rows_result_is_the_same_alone_and_in_any_batch(device):
     different company, with and without the split of K and the gate; a NaN row leaks into no other."""
     from fdllm.kernels.linear import MAX_ROWS, skinny_linear, split_plan
 
-    for N, K, silu_gate in ((300, 1024, False), (96, 200, False), (130, 512, True)):
+    # (N, K, gate, tuning): split and not; a small target_programs splits K below the MIN_K_PER_SPLIT cap
+    # (at these sizes the default's split is that cap), so a split chosen by the row count would show
+    for N, K, silu_gate, tiles in ((300, 1024, False, {}), (96, 200, False, {}), (130, 512, True, {}),
+                                   (96, 1024, False, {"target_programs": 4})):
         x, w, b = operands(MAX_ROWS, N, K, torch.float32, device, bias=True, silu_gate=silu_gate, seed=N)
-        alone = [skinny_linear(x[i : i + 1], w, b, silu_gate=silu_gate)[0] for i in range(MAX_ROWS)]
+        alone = [skinny_linear(x[i : i + 1], w, b, silu_gate=silu_gate, **tiles)[0] for i in range(MAX_ROWS)]
         for size in (2, 7, 16, 17, MAX_ROWS):
             order = torch.randperm(MAX_ROWS, generator=torch.Generator().manual_seed(size))[:size]
             batch = x[order].clone()
             batch[-1] = float("nan")  # a poisoned neighbour
-            got = skinny_linear(batch, w, b, silu_gate=silu_gate)
+            got = skinny_linear(batch, w, b, silu_gate=silu_gate, **tiles)
             assert torch.isnan(got[-1]).all()
             for j, i in enumerate(order[:-1].tolist()):
                 assert torch.equal(got[j], alone[i]), (N, K, size, j)
-        assert split_plan(N, K).num_splits > 1 or N == 96  # both code paths ran
+        assert split_plan(N, K, **tiles).num_splits > 1 or N == 96  # both code paths ran
+    assert split_plan(96, 1024, target_programs=4).num_splits < split_plan(96, 1024).num_splits  # under the cap
 
 
 def test_split_plan_comes_from_the_weight_alone():
