@@ -33,6 +33,7 @@ Under the Triton interpreter bf16 dots are wrong, so interpreted tiles are upcas
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -125,8 +126,8 @@ def split_plan(N: int, K: int, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
     o projection has 24), in chunks of whole `block_k` steps and at least MIN_K_PER_SPLIT."""
     tiles = triton.cdiv(N, block_n)
     splits = max(1, min(triton.cdiv(target_programs, tiles), K // MIN_K_PER_SPLIT))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    return SplitPlan(triton.cdiv(K, k_per_split), k_per_split)
+    k_per_split = max(block_k, triton.cdiv(triton.cdiv(K, splits), block_k) * block_k)
+    return SplitPlan(max(1, triton.cdiv(K, k_per_split)), k_per_split)
 
 
 def fits(x: Tensor, weight: Tensor) -> bool:
@@ -157,7 +158,7 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, silu
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows of {_DTYPES} with a plain weight of x's dtype, "
                          f"on CUDA (or under TRITON_INTERPRET=1); got {x.numel() // max(x.shape[-1], 1)} rows of "
                          f"{x.dtype}, a {type(weight).__name__} weight of {weight.dtype}, on {x.device}")
-    x2 = x.reshape(-1, width)
+    x2 = x.reshape(math.prod(x.shape[:-1]), width)  # not -1: K may be 0
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     M = x2.shape[0]

@@ -84,7 +84,8 @@ def test_split_plan_comes_from_the_weight_alone():
 
 
 def test_shapes_at_the_edges(device):
-    """No rows; a 3-d input keeps its leading dims; a weight with a row stride (a view of a stacked weight)."""
+    """No rows, no reduction; a 3-d input keeps its leading dims; a weight with a row stride (a view of a
+    stacked weight); overflow."""
     from fdllm.kernels.linear import skinny_linear
 
     w = torch.randn(48, 40, device=device)
@@ -95,6 +96,9 @@ def test_shapes_at_the_edges(device):
     torch.testing.assert_close(skinny_linear(x, stacked[10:58]), F.linear(x, stacked[10:58]), rtol=2e-5, atol=2e-5)
     huge = torch.full((1, 40), 3e38, device=device)  # past fp32's range once summed: inf, as torch gives
     assert torch.isinf(skinny_linear(huge, torch.ones(4, 40, device=device))).all()
+    bias = torch.randn(5, device=device)  # an empty reduction: the bias alone, as F.linear gives
+    assert torch.equal(skinny_linear(torch.empty(3, 0, device=device), torch.empty(5, 0, device=device), bias),
+                       bias.expand(3, 5))
 
 
 def test_refuses_what_it_cannot_take(device):
