@@ -155,10 +155,10 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 @triton.jit
 def _rotated_halves(x_row, cos_ptr, sin_ptr, t, stride_ct, offs, ok, HALF: tl.constexpr):
-    """The two halves of token t's RoPE'd heads at `x_row` ([heads, 1] pointers; [heads, half] tiles, in x's dtype): x * cos +
-    cat(-x2, x1) * sin with each product and the sum rounded to x's dtype as eager torch rounds them:
-    fp32 arithmetic, an explicit rounding after each step, and the launch's enable_fp_fusion=False so the
-    compiler cannot contract a product into the sum (module doc)."""
+    """The two halves of token t's RoPE'd heads at `x_row` ([heads, 1] pointers; [heads, half] tiles, in x's
+    dtype): x * cos + cat(-x2, x1) * sin with each product and the sum rounded to x's dtype as eager torch
+    rounds them: fp32 arithmetic, an explicit rounding after each step, and the launch's enable_fp_fusion=False
+    (`_rope_launch`) so the compiler cannot contract a product into the sum (module doc)."""
     f32 = tl.float32
     x1 = tl.load(x_row + offs, mask=ok, other=0.0)
     dt = x1.dtype
@@ -199,11 +199,17 @@ def apply_rope_fused(x_BTnH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor
     cos, sin = (c.expand(B, T, H).reshape(B * T, H).contiguous() for c in (cos_BTH, sin_BTH))
     out = torch.empty((B * T, n, H), dtype=x.dtype, device=x.device)
     if B * T and n:
-        block_n, block = triton.next_power_of_2(n), triton.next_power_of_2(H // 2)
         _rope_kernel[(B * T,)](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1), n,
-                               HALF=H // 2, BLOCK=block, BLOCK_N=block_n, num_warps=min(8, max(1, block_n * block // 256)),
-                               enable_fp_fusion=False)
+                               **_rope_launch(n, H))
     return out.view(B, T, n, H)
+
+
+def _rope_launch(n_heads: int, H: int) -> dict[str, int | bool]:
+    """Tiles and options of a RoPE launch (one program a token over its `n_heads` rotated heads): FP fusion
+    off, so the roundings stay torch's (module doc)."""
+    block_n, block = triton.next_power_of_2(n_heads), triton.next_power_of_2(H // 2)
+    return {"HALF": H // 2, "BLOCK": block, "BLOCK_N": block_n, "num_warps": min(8, max(1, block_n * block // 256)),
+            "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -249,12 +255,10 @@ def rope_store_kv(qkv_TnH: Tensor, cos_TH: Tensor, sin_TH: Tensor, n_q: int, k_c
     cos, sin = cos_TH.contiguous(), sin_TH.contiguous()
     q = torch.empty((T, n_q, H), dtype=qkv_TnH.dtype, device=qkv_TnH.device)
     if T:
-        block_n, block = triton.next_power_of_2(n_q + n_kv), triton.next_power_of_2(H // 2)
         _rope_store_kv_kernel[(T,)](
             qkv_TnH, cos, sin, q, slots_T, k_cache_SKH, v_cache_SKH, qkv_TnH.stride(0), qkv_TnH.stride(1), cos.stride(0),
             q.stride(0), q.stride(1), k_cache_SKH.stride(0), k_cache_SKH.stride(1), n_q, n_kv, H,
-            HALF=H // 2, BLOCK=block, BLOCK_N=block_n, BLOCK_KV=triton.next_power_of_2(n_kv),
-            BLOCK_H=triton.next_power_of_2(H), num_warps=min(8, max(1, block_n * block // 256)), enable_fp_fusion=False,
+            BLOCK_KV=triton.next_power_of_2(n_kv), BLOCK_H=triton.next_power_of_2(H), **_rope_launch(n_q + n_kv, H),
         )
     return q
 
