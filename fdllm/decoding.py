@@ -335,7 +335,8 @@ class StopCriteria:
         the token that completes a stop string. Tokens past max_new_tokens (a step may settle several)
         are never looked at: a stop among them is cut away with them ("length").
         """
-        output = output[: self.max_new_tokens]
+        if len(output) > self.max_new_tokens:  # a copy only then: every step of every request checks
+            output = output[: self.max_new_tokens]
         if not self.stop_token_ids.isdisjoint(output[num_checked:]):
             for i in range(num_checked, len(output)):
                 if output[i] in self.stop_token_ids:

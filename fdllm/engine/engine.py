@@ -289,36 +289,36 @@ class Engine:
 
         Never raises for a request's sake: an error while planning or applying one sequence's work
         fails that request alone, an error in the batched forward fails that step's batch, and one in
-        a `DenoiseBatch`'s array code the requests in it (neither can be attributed); either way the
-        request ends with finish_reason "error", the error is logged with the request ids, and every
-        other request keeps decoding.
+        an array batch's array code (`fdllm.engine.array_batch`) the requests in it (neither can be
+        attributed); either way the request ends with finish_reason "error", the error is logged with
+        the request ids, and every other request keeps decoding.
         """
         finished = self._undelivered + [self._finish(seq) for seq in self._aborted]
         self._undelivered, self._aborted = [], []
-        works, batch, broken = self.scheduler.schedule()
+        works, batches, broken = self.scheduler.schedule()
         for seq, exc in broken:
             log.error("request %s failed while planning its step: %r", seq.request_id, exc, exc_info=exc)
             finished.append(self._fail(seq, exc))
-        batched = batch.seqs if batch is not None else []
-        if not works and not batched:
+        if not works and not batches:
             return finished
         try:
-            outputs = self.runner.run(works, batch)
+            outputs = self.runner.run(works, batches)
         except Exception as exc:  # noqa: BLE001 - see the docstring
-            seqs = [w.seq for w in works] + batched
+            seqs = [w.seq for w in works] + [seq for batch in batches for seq in batch.seqs]
             log.exception("the forward of a step failed; failing its batch of %d request(s) %s", len(seqs),
                           [seq.request_id for seq in seqs])
             return finished + [self._fail(seq, exc) for seq in seqs]
         now = time.perf_counter()
         for work, predictions in zip(works, outputs):
             self._take(work.seq, work.seq.apply, (work, predictions), now, finished)
-        if batched:
+        for batch in batches:
             try:
                 batch.apply()
             except Exception as exc:  # noqa: BLE001 - array code over every batched request: not attributable
-                log.exception("applying the sub-block steps of %d request(s) failed; failing them %s", len(batched),
-                              [seq.request_id for seq in batched])
-                return finished + [self._fail(seq, exc) for seq in batched if seq.finish_reason is None]
+                log.exception("applying the %s of %d request(s) failed; failing them %s", type(batch).__name__,
+                              len(batch.seqs), [seq.request_id for seq in batch.seqs])
+                finished += [self._fail(seq, exc) for seq in batch.seqs if seq.finish_reason is None]
+                continue
             for seq in batch.settling:
                 self._take(seq, seq.settle, (), now, finished)
         return finished

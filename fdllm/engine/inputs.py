@@ -164,19 +164,26 @@ class StepInputs:
                      BiasedRows(biased.rows_and_parameters(), adjust.build()))
         return inputs, candidate_rows
 
-    def join(self, other: StepInputs) -> StepInputs:
-        """One step's inputs: these, then `other`'s (its indices moved past ours)."""
-        N, C = len(self.ids), len(self.candidates)
+    @classmethod
+    def concat(cls, parts: list[StepInputs]) -> StepInputs:
+        """One step's inputs: the parts in order (each one's indices moved past those before it)."""
+        parts = [p for p in parts if len(p.q_lens)] or parts[:1]  # parts without rows add nothing
+        if len(parts) == 1:
+            return parts[0]
+        shift_N = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
+        shift_C = np.cumsum([0] + [len(p.candidates) for p in parts[:-1]]).tolist()
 
-        def cat(name: str, shift: int = 0) -> np.ndarray:
-            theirs = getattr(other, name)
-            return np.concatenate([getattr(self, name), theirs + shift if shift else theirs])
+        def cat(name: str, shifts=None) -> np.ndarray:
+            arrays = [getattr(p, name) for p in parts]
+            return np.concatenate(arrays if shifts is None else [a + k for a, k in zip(arrays, shifts)])
 
-        return StepInputs(
-            cat("ids"), cat("starts"), cat("q_lens"), cat("kv_lens"), cat("causal"), self.pages + other.pages,
-            self.prefill or other.prefill, max(self.max_q_len, other.max_q_len), max(self.max_pages, other.max_pages),
-            self.any_causal or other.any_causal, cat("candidates", N), cat("entropy", C),
-            self.sampled.join(other.sampled, shift=C), self.biased.join(other.biased, shift=C),
+        sampled, biased = parts[0].sampled, parts[0].biased
+        for p, k in zip(parts[1:], shift_C[1:]):
+            sampled, biased = sampled.join(p.sampled, shift=k), biased.join(p.biased, shift=k)
+        return cls(
+            cat("ids"), cat("starts"), cat("q_lens"), cat("kv_lens"), cat("causal"), [r for p in parts for r in p.pages],
+            any(p.prefill for p in parts), max(p.max_q_len for p in parts), max(p.max_pages for p in parts),
+            any(p.any_causal for p in parts), cat("candidates", shift_N), cat("entropy", shift_C), sampled, biased,
         )
 
     @property

@@ -22,8 +22,8 @@ A step runs in one of two layouts:
 - dynamic (prefill chunks, AR prompts): one packed varlen forward [1, T] with per-row attention
   over the paged cache (`fdllm.cache.PagedAttention`).
 
-Either way the step's works (and its `DenoiseBatch`, the plain sub-block steps planned as arrays)
-arrive as flat host arrays (`fdllm.engine.inputs.StepInputs`), and the host lays them out with a
+Either way the step's works (and its array batches, `fdllm.engine.array_batch`: the plain sub-block
+and AR steps planned as arrays) arrive as flat host arrays (`fdllm.engine.inputs.StepInputs`), and the host lays them out with a
 fixed handful of numpy operations into ONE int64 buffer (pinned on CUDA: body inputs, which hidden
 rows are still masked candidates, per-row sampling parameters), copied to the device once,
 non-blocking; the LM head and confidence run only on candidate rows (never on decoded, padding or
@@ -41,6 +41,7 @@ entry, M pages per block table, C candidate rows, S sampled rows (C ⊇ S), D mo
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,7 +52,7 @@ from torch import Tensor
 from fdllm.cache import AttentionRow, KVCache, PagedAttention, StaticPagedAttention
 from fdllm.decoding import counter_uniform, sample_confidence, token_entropy
 from fdllm.engine.adjustments import ChunkAdjustments, adjust_logits
-from fdllm.engine.denoise import DenoiseBatch
+from fdllm.engine.array_batch import ArrayBatch
 from fdllm.engine.inputs import NO_ROWS, NO_SAMPLED, BiasedRows, StepInputs, cache_slots
 from fdllm.engine.sequence import Predictions, Work
 from fdllm.kernels import select_attention_backend
@@ -268,17 +269,17 @@ class ModelRunner:
             self.graphs = GraphPool(model, cache, self.attention_fn, self.fused_ops)
 
     # -- the step -----------------------------------------------------------------------------------
-    def run(self, works: list[Work], batch: DenoiseBatch | None = None) -> list[Predictions]:
-        """Per work: the predictions of its logit rows (none for pure prefill chunks). `batch`'s
-        sub-block steps run in the same forward; its candidates' tokens and probabilities are left
-        in `batch.tokens` / `batch.probs` (for `DenoiseBatch.apply`)."""
+    def run(self, works: list[Work], batches: Seq[ArrayBatch] = ()) -> list[Predictions]:
+        """Per work: the predictions of its logit rows (none for pure prefill chunks). The `batches`'
+        steps run in the same forward; each one's candidates' tokens and probabilities are left in its
+        `tokens` / `probs` (for `ArrayBatch.apply`)."""
         inputs, candidate_rows = StepInputs.from_works(works)
         C = len(inputs.candidates)
-        if batch is not None:
-            inputs = inputs.join(batch.inputs)
-        host_KC = self.forward(inputs)
-        if batch is not None:  # left as arrays: the batch's selection is array code
-            batch.tokens, batch.probs = host_KC[0, C:], host_KC[1, C:]
+        host_KC = self.forward(StepInputs.concat([inputs, *(b.inputs for b in batches)]))
+        end = C
+        for b in batches:  # left as arrays: a batch's selection is array code
+            start, end = end, end + len(b.inputs.candidates)
+            b.tokens, b.probs = host_KC[0, start:end], host_KC[1, start:end]
         tokens, probs, *entropies = host_KC[:, :C].tolist()
         return self._scatter_back(works, candidate_rows, tokens, probs, entropies[0] if entropies else None)
 

@@ -1,9 +1,10 @@
 """Continuous-batching scheduler: waiting/running queues, admission by free pages, chunked prefill.
 
 Plain Python over `Sequence` objects. Every step each running sequence contributes one `Work`
-(its current sub-block step, block commit or AR token), or joins the step's `DenoiseBatch` (plain
-sub-block steps, planned for all at once); sequences still prefilling share a per-step
-budget of prompt tokens, taken in whole blocks.
+(its current sub-block step, block commit, speculative round or prefill chunk), or joins one of the
+step's array batches, planned for all their sequences at once (`fdllm.engine.array_batch`): the
+`DenoiseBatch` of plain sub-block steps, the `ARBatch` of AR next-token steps. Sequences still
+prefilling share a per-step budget of prompt tokens, taken in whole blocks.
 
 Pages are taken as they are needed (vLLM's scheme). Admission is FIFO: a request is admitted when the
 pages of its prompt and first blocks (`Sequence.pages_to_start`) can be reserved with a page to spare
@@ -22,12 +23,15 @@ import logging
 from collections import deque
 
 from fdllm.cache import PageAllocator
+from fdllm.engine.ar_batch import ARBatch
+from fdllm.engine.array_batch import ArrayBatch
 from fdllm.engine.denoise import DenoiseBatch
 from fdllm.engine.sequence import Sequence, Work
 
 log = logging.getLogger(__name__)
 
 MIN_DENOISE_BATCH = 8
+MIN_AR_BATCH = 4
 PREEMPTION_WARNING_EVERY = 50  # preemptions between two warnings (vLLM's interval)
 
 
@@ -47,18 +51,19 @@ class Scheduler:
         self.held_pages = 0  # free pages admission leaves alone (Engine.hold_free_pages)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.batch_denoising = True  # False: every step a Work (the tests' reference for DenoiseBatch)
-        # Fewer plain sub-block steps than this run as Works: a batch's array set-up costs about as
-        # much as 8 Works' Python (CPU, `python -m benchmarks.bench_host --stub-model`).
+        self.array_batches = True  # False: every step a Work (the tests' reference for the array batches)
+        # Fewer steps of a kind than this run as Works: a batch's array set-up costs about as much as
+        # that many Works' Python (CPU, `python -m benchmarks.bench_host --stub-model`).
         self.min_denoise_batch = MIN_DENOISE_BATCH
+        self.min_ar_batch = MIN_AR_BATCH
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Work], DenoiseBatch | None, list[tuple[Sequence, Exception]]]:
+    def schedule(self) -> tuple[list[Work], list[ArrayBatch], list[tuple[Sequence, Exception]]]:
         """Admit what fits, then one step per running sequence (prefill within the step's budget):
-        a `Work` each, except the plain sub-block steps, which run together in one `DenoiseBatch`
-        (None: no such step, or `batch_denoising` off).
+        a `Work` each, except the plain sub-block steps and the AR next-token steps, each kind run
+        together in one array batch when there are enough of them (none with `array_batches` off).
 
         Also returns the sequences whose planning raised (with the error): the caller fails those
         alone, the others still run this step.
@@ -88,20 +93,23 @@ class Scheduler:
             self.running.append(self.waiting.popleft())
         self.waiting.extendleft(reversed(deferred))  # back at the head, in order
 
-    def _plan(self) -> tuple[list[Work], DenoiseBatch | None, list[tuple[Sequence, Exception]]]:
+    def _plan(self) -> tuple[list[Work], list[ArrayBatch], list[tuple[Sequence, Exception]]]:
         """Every running sequence's step (`schedule`'s answer), taking the pages each reaches."""
         budget = self.max_prefill_tokens
         lookahead = self.lookahead_max_batch is None or len(self.running) <= self.lookahead_max_batch
-        works, batched, failed = [], [], []
+        works, failed = [], []
+        denoising, ar = [], []  # sequences whose step an array batch may run
         # Oldest first, so a sequence short of pages preempts only sequences not yet planned (the
         # newest, at the end), or itself when it is the newest.
         i = 0
         while i < len(self.running):
             seq = self.running[i]
             try:
-                work = None
-                if self.batch_denoising and seq.batch_denoising:
-                    kv_len = seq.block_start + self.block_size
+                work, kind = None, None
+                if self.array_batches and seq.batch_denoising:
+                    kind, kv_len = denoising, seq.block_start + self.block_size
+                elif self.array_batches and seq.batch_ar:
+                    kind, kv_len = ar, len(seq.tokens)
                 else:
                     work = seq.next_work(budget, lookahead)
                     if work is not None and work.lookahead and seq.is_speculative and not self._fits(seq, work.kv_len):
@@ -115,23 +123,23 @@ class Scheduler:
                 if work is not None:
                     works.append(work)
                     budget -= work.num_prefill
-                elif kv_len:
-                    batched.append(seq)
+                elif kind is not None:
+                    kind.append(seq)
             i += 1
-        if len(batched) < self.min_denoise_batch:  # too few to pay for the batch's array set-up
-            for seq in batched:  # plain sub-block steps: no prefill, their pages taken above
+        batches = []
+        for batch_class, seqs, minimum in ((DenoiseBatch, denoising, self.min_denoise_batch), (ARBatch, ar, self.min_ar_batch)):
+            if len(seqs) < minimum:  # too few to pay for the batch's array set-up: Works (no prefill, pages taken above)
+                for seq in seqs:
+                    try:
+                        works.append(seq.next_work(budget, lookahead))
+                    except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
+                        failed.append((seq, exc))
+            elif seqs:
                 try:
-                    works.append(seq.next_work(budget, lookahead))
-                except Exception as exc:  # noqa: BLE001 - one request's bug must not stop the others
-                    failed.append((seq, exc))
-            batched = []
-        batch = None
-        if batched:
-            try:
-                batch = DenoiseBatch(batched)
-            except Exception as exc:  # noqa: BLE001 - it cannot be attributed: those requests fail, the others run
-                failed += [(seq, exc) for seq in batched]
-        return works, batch, failed
+                    batches.append(batch_class(seqs))
+                except Exception as exc:  # noqa: BLE001 - it cannot be attributed: those requests fail, the others run
+                    failed += [(seq, exc) for seq in seqs]
+        return works, batches, failed
 
     def _fits(self, seq: Sequence, kv_len: int) -> bool:
         """Whether the sequence can have pages up to `kv_len` tokens without preempting anyone."""

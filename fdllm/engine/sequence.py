@@ -12,7 +12,8 @@ logits to read) and gets back its logit rows' predictions (token, confidence c_i
 selection policy needs it, entropy H_i); the sequence's `SelectionPolicy` (fdllm.decoding) decides
 what they commit and where an adaptive sub-block ends. When many sequences are on a plain sub-block
 step at once, a `DenoiseBatch` (fdllm.engine.denoise) runs those steps for them as array operations
-(`batch_denoising`), with the same rules, and the sequences only `settle` what it decoded.
+(`batch_denoising`), with the same rules, and the sequences only `settle` what it decoded; an
+`ARBatch` (fdllm.engine.ar_batch) does the same for AR next-token steps (`batch_ar`).
 """
 
 from __future__ import annotations
@@ -253,6 +254,12 @@ class Sequence:
         to prefill, a mask left in the block, the threshold rule over fixed sub-blocks)."""
         return (self._batchable and not self.num_prefill_left and self.block is not None and not self.refresh_block
                 and self.mask_token_id in self.block)
+
+    @property
+    def batch_ar(self) -> bool:
+        """This step is a plain AR next-token step that an `ARBatch` runs with others (AR mode, its
+        prompt prefilled: the step `_ar_work` makes after prefill)."""
+        return self.is_ar and not self.num_prefill_left
 
     def next_work(self, prefill_budget: int, lookahead: bool = True) -> Work | None:
         """This step's work; None if it is still prefilling and the step's prefill budget is spent.

@@ -118,7 +118,7 @@ def test_a_request_that_only_biases_stages_no_history():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_steps_joined_number_the_second_steps_rows_and_requests_after_the_first(seed):
-    """StepInputs.join (a DenoiseBatch step beside the works): joining two steps' adjustments must
+    """StepInputs.concat (an array batch beside the works): joining two steps' adjustments must
     adjust every row as building them in one step does."""
     rng = random.Random(seed)
     works = [random_work(rng, rng.choice(["diffusion", "speculative", "ar"])) for _ in range(6)]

@@ -22,20 +22,22 @@ def model(sharp_dir):
 
 
 def per_work(engine):
-    engine.scheduler.batch_denoising = False
+    engine.scheduler.array_batches = False
     return engine
 
 
-def count_batches(engine, batches: list | None = None) -> list[int]:
-    """The size of every DenoiseBatch the engine's steps make (0: none), and into `batches` each batch (or None)."""
+def count_batches(engine, batches: list | None = None, kind: type = denoise.DenoiseBatch) -> list[int]:
+    """The size of every array batch of `kind` the engine's steps make (0: none), and into `batches`
+    each batch (or None)."""
     sizes, schedule = [], engine.scheduler.schedule
 
     def spy():
-        works, batch, failed = schedule()
+        works, step_batches, failed = schedule()
+        batch = next((b for b in step_batches if isinstance(b, kind)), None)
         sizes.append(0 if batch is None else len(batch.seqs))
         if batches is not None:
             batches.append(batch)
-        return works, batch, failed
+        return works, step_batches, failed
 
     engine.scheduler.schedule = spy
     return sizes

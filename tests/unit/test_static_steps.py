@@ -26,9 +26,9 @@ def count_static_steps(engine, entries: list | None = None) -> list:
     shapes, inner, run = [], engine.runner.static_shape, engine.runner.run
     works_per_step = []
 
-    def run_spy(works, batch=None):
-        works_per_step.append(len(works) + (len(batch.seqs) if batch is not None else 0))  # sequences
-        return run(works, batch)
+    def run_spy(works, batches=()):
+        works_per_step.append(len(works) + sum(len(b.seqs) for b in batches))  # sequences
+        return run(works, batches)
 
     def spy(inputs):
         shapes.append(inner(inputs))

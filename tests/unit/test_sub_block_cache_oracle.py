@@ -149,7 +149,7 @@ def make_engine(model, L, S, threshold, use_sub_block_cache=True, max_prefill_to
     if denoise == "batched":
         engine.scheduler.min_denoise_batch = 1
     elif denoise == "per-work":
-        engine.scheduler.batch_denoising = False
+        engine.scheduler.array_batches = False
     return engine
 
 

@@ -1,0 +1,93 @@
+"""What the step kinds that run as array operations share (`DenoiseBatch`, `ARBatch`).
+
+Planned, staged and applied one `Work` at a time, a sequence's step costs ~10-20 us of Python (a
+`Work`, its attention row, its share of `StepInputs.from_works`, its `Predictions`): over half a
+millisecond at 64 sequences, a sizable share of a GPU step. The most common steps of a full batch
+(a plain sub-block step, a plain AR step) are the same few operations for every sequence, so a
+batch plans them for all its sequences at once with a fixed handful of numpy operations (vLLM's
+persistent-batch idea). What stays per sequence is what is per request anyway: its pages and the
+tokens that settle (stop checks, streaming).
+
+A batch hands the runner its `inputs`, gets back its candidates' `tokens` and `probs` as arrays,
+`apply`s them to its sequences, and names in `settling` those whose output grew (the engine settles
+them one request at a time). Shape legend: N sequences, X candidate columns per sequence (a
+sub-block's offsets, or AR's one next token).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fdllm.engine.adjustments import AdjustmentsBuilder
+from fdllm.engine.inputs import NO_BIASED, NO_ROWS, NO_SAMPLED, BiasedRows, SampledRows, StepInputs, stream_seed
+from fdllm.engine.sequence import Sequence
+
+
+class ArrayBatch:
+    """The steps of `seqs` as arrays. A subclass plans them on construction (`inputs`, and `cand_NX`:
+    which columns of each sequence are candidates, in the order of `inputs.candidates` when read
+    row-major) and applies them in `apply`."""
+
+    inputs: StepInputs
+    cand_NX: np.ndarray  # [N, X] bool
+
+    def __init__(self, seqs: list[Sequence]) -> None:
+        self.seqs = seqs
+        # the forward's results per candidate, in the order of `inputs.candidates` (ModelRunner.run)
+        self.tokens: np.ndarray | list[float] = NO_ROWS
+        self.probs: np.ndarray | list[float] = NO_ROWS
+        self.settling: list[Sequence] = []  # after `apply`: the sequences whose settled prefix may have grown
+
+    def apply(self) -> None:
+        """Take the forward's `tokens` and `probs` into the sequences and set `settling`."""
+        raise NotImplementedError
+
+    def counter_NX(self, picked: list[int]) -> np.ndarray:
+        """[N, X] where each candidate's draw sits in its request's stream (`inputs.draw_counter`),
+        valid at the rows of `picked`."""
+        raise NotImplementedError
+
+    def position_NX(self) -> np.ndarray:
+        """[N, X] the position each candidate column predicts (what its logit adjustments count before)."""
+        raise NotImplementedError
+
+    def sampling(self) -> SampledRows:
+        """The sampled candidates (every candidate of a request with temperature > 0, as
+        `Work.sampled_rows`) of requests that take their logits as the model gives them."""
+        return self._draws([i for i, s in enumerate(self.seqs) if s.params.temperature > 0 and not s.params.adjusts_logits])
+
+    def biasing(self) -> BiasedRows:
+        """Every candidate of the requests that adjust their logits (`StepInputs.biased`), greedy or
+        sampled, with how each row adjusts them."""
+        picked = [i for i, s in enumerate(self.seqs) if s.params.adjusts_logits]
+        if not picked:
+            return NO_BIASED
+        adjust = AdjustmentsBuilder()
+        position_NX = self.position_NX()
+        for i in picked:
+            adjust.add(self.seqs[i], position_NX[i][self.cand_NX[i]].tolist())
+        return BiasedRows(self._draws(picked), adjust.build())
+
+    def _draws(self, picked: list[int]) -> SampledRows:
+        """The candidates of the sequences `picked` and their draws' parameters; a greedy request's rows
+        draw nothing (temperature 0)."""
+        if not picked:
+            return NO_SAMPLED
+        rows_NX = np.zeros_like(self.cand_NX)
+        rows_NX[picked] = self.cand_NX[picked]
+        params = [self.seqs[i].params for i in picked]
+
+        def per_row(values: list, dtype) -> np.ndarray:  # one value per picked request -> per row
+            full_N = np.zeros(len(self.seqs), dtype=dtype)
+            full_N[picked] = values
+            return np.broadcast_to(full_N[:, None], rows_NX.shape)[rows_NX]
+
+        sampled = per_row([p.temperature > 0 for p in params], bool)
+        return SampledRows(
+            rows=np.flatnonzero(rows_NX[self.cand_NX]),
+            temperature=per_row([p.temperature for p in params], np.float64),
+            top_p=per_row([p.top_p for p in params], np.float64),
+            top_k=per_row([p.top_k for p in params], np.int64),
+            seed=per_row([stream_seed(p) if p.temperature > 0 else 0 for p in params], np.int64),
+            counter=np.where(sampled, self.counter_NX(picked)[rows_NX], 0),
+        )
