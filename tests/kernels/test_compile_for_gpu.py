@@ -25,6 +25,8 @@ TARGETS = {"sm_80": 80, "sm_90": 90}  # CUDA compute capability
 _POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
             torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+GEMMS = {"_skinny_linear_kernel", "_confidence_partials_kernel"}
+STREAMING = GEMMS | {"_paged_attention_kernel", "_rms_norm_kernel", "_add_rms_norm_kernel", "_rope_store_kv_kernel"}
 ROUNDED_LIKE_TORCH = {"_rope_kernel", "_rope_store_kv_kernel"}  # kernels that promise eager torch's bits: no FMA may fuse their roundings
 
 
@@ -54,22 +56,36 @@ def _type(value) -> str:
 
 
 def spec(module: str, fn, args: tuple, kwargs: dict) -> dict:
-    """A recorded launch as what the child compiles: the kernel, its signature, constexprs and options."""
+    """A recorded launch as what the child compiles: the kernel, its signature, constexprs, attributes and
+    options, specialized as Triton's launcher specializes a call (`native_specialize_impl`): an int equal
+    to 1 becomes a constant, and an int divisible by 16 or a pointer aligned to 16 bytes is marked so
+    (`tt.divisibility`), which is what lets the compiler vectorize loads. Without that the compiled code
+    is not the code a GPU runs (every load scalar)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
     params = list(inspect.signature(fn).parameters.values())
     bound = dict(zip((p.name for p in params), args)) | {k: v for k, v in kwargs.items() if k not in _OPTIONS}
-    signature, constexprs = {}, []
+    signature, constexprs, attrs = {}, [], []
     for i, p in enumerate(params):
         value = bound[p.name] if p.name in bound else p.default
-        signature[p.name] = "constexpr" if "constexpr" in str(p.annotation) or value is None else _type(value)
+        if "constexpr" in str(p.annotation) or value is None:
+            signature[p.name] = "constexpr"
+        else:
+            kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+            signature[p.name] = kind if kind == "constexpr" else _type(value)
+            if attr == "D":
+                attrs.append([i, [["tt.divisibility", 16]]])
         if signature[p.name] == "constexpr":
             constexprs.append([i, value])
-    return {"module": module, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+    return {"module": module, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs, "attrs": attrs,
             "options": {k: v for k, v in kwargs.items() if k in _OPTIONS}}
 
 
 def compile_specs(specs: list[dict]) -> None:
     """The child: compile every launch for every target (raises what the compiler raises); one JSON line
-    per compile: its shared memory and whether its PTX has a floating-point FMA."""
+    per compile: its shared memory, whether its PTX has a floating-point FMA, and the widths (bytes) of
+    its global loads (`ld.global`, and `cp.async` where loads feed `tl.dot` through shared memory)."""
     import importlib
     import re
 
@@ -78,12 +94,16 @@ def compile_specs(specs: list[dict]) -> None:
 
     for s in specs:
         kernel = getattr(importlib.import_module(s["module"]), s["kernel"])
-        source = ASTSource(fn=kernel, signature=s["signature"], constexprs={(i,): v for i, v in s["constexprs"]})
+        source = ASTSource(fn=kernel, signature=s["signature"], constexprs={(i,): v for i, v in s["constexprs"]},
+                           attrs={(i,): a for i, a in s["attrs"]})
         for name, capability in TARGETS.items():
             compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=s["options"])
-            fma = bool(re.search(r"\bfma\.rn\.(?:bf16|f16|f32)\b", compiled.asm["ptx"]))
-            print(json.dumps({"kernel": s["kernel"], "target": name, "shared": compiled.metadata.shared, "fma": fma}),
-                  flush=True)
+            ptx = compiled.asm["ptx"]
+            fma = bool(re.search(r"\bfma\.rn\.(?:bf16|f16|f32)\b", ptx))
+            loads = {int(v or 1) * int(bits) // 8 for v, bits in re.findall(r"\bld\.global[.a-z0-9]*?(?:\.v([24]))?\.[bfsu](\d+)\b", ptx)}
+            loads |= {int(size, 16) for size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global[^;]*?(0x[0-9a-f]+)", ptx)}
+            print(json.dumps({"kernel": s["kernel"], "target": name, "shared": compiled.metadata.shared, "fma": fma,
+                              "load_bytes": sorted(loads)}), flush=True)
 
 
 def record(monkeypatch, module, names: list[str], call) -> list[tuple]:
@@ -161,6 +181,13 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
     # read on sm_90, whose 16-bit mul and add are native: sm_80 emulates them with FMAs (by 1.0 or plus -0.0)
     fused = [c for c in compiled if c["kernel"] in ROUNDED_LIKE_TORCH and c["target"] == "sm_90" and c["fma"]]
     assert not fused, f"an FMA fuses a rounding eager torch makes (launch with enable_fp_fusion=False): {fused}"
+    # The kernels that stream a weight or the KV cache read it 16 bytes a load at these aligned shapes, and the
+    # GEMMs nothing narrower than 8 (a tile of hidden rows): a mask or stride the compiler cannot prove
+    # aligned makes every load scalar, several times below HBM bandwidth, which only a GPU run would show.
+    sm90 = [c for c in compiled if c["target"] == "sm_90"]
+    narrow = [c for c in sm90 if c["kernel"] in STREAMING and 16 not in c["load_bytes"]]
+    narrow += [c for c in sm90 if c["kernel"] in GEMMS and min(c["load_bytes"]) < 8]
+    assert not narrow, f"a streaming kernel's loads are not vectorized: {narrow}"
 
 
 if __name__ == "__main__":
