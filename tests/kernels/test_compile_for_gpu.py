@@ -84,11 +84,14 @@ def spec(module: str, fn, args: tuple, kwargs: dict) -> dict:
 
 def compile_specs(specs: list[dict]) -> None:
     """The child: compile every launch for every target (raises what the compiler raises); one JSON line
-    per compile: its shared memory, whether its PTX has a floating-point FMA, and the widths (bytes) of
-    its global loads (`ld.global`, and `cp.async` where loads feed `tl.dot` through shared memory)."""
+    per compile: its shared memory, whether its PTX has a floating-point FMA, the widths (bytes) of its
+    global loads (`ld.global`, and `cp.async` where loads feed `tl.dot` through shared memory), and its
+    registers and local (spill) memory a thread, as the bundled `cuobjdump` reads them from the cubin."""
     import importlib
     import re
+    import tempfile
 
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -102,8 +105,14 @@ def compile_specs(specs: list[dict]) -> None:
             fma = bool(re.search(r"\bfma\.rn\.(?:bf16|f16|f32)\b", ptx))
             loads = {int(v or 1) * int(bits) // 8 for v, bits in re.findall(r"\bld\.global[.a-z0-9]*?(?:\.v([24]))?\.[bfsu](\d+)\b", ptx)}
             loads |= {int(size, 16) for size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global[^;]*?(0x[0-9a-f]+)", ptx)}
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                                       capture_output=True, text=True, check=True).stdout
+            regs, local = (int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "LOCAL"))
             print(json.dumps({"kernel": s["kernel"], "target": name, "shared": compiled.metadata.shared, "fma": fma,
-                              "load_bytes": sorted(loads)}), flush=True)
+                              "load_bytes": sorted(loads), "registers": regs, "spilled": local}), flush=True)
 
 
 def record(monkeypatch, module, names: list[str], call) -> list[tuple]:
@@ -188,6 +197,9 @@ def test_every_triton_kernel_compiles_for_a100_and_h100(monkeypatch, device):
     narrow = [c for c in sm90 if c["kernel"] in STREAMING and 16 not in c["load_bytes"]]
     narrow += [c for c in sm90 if c["kernel"] in GEMMS and min(c["load_bytes"]) < 8]
     assert not narrow, f"a streaming kernel's loads are not vectorized: {narrow}"
+    # No kernel spills registers to local memory (a spill in a loop is a silent slowdown on the GPU).
+    spilled = [c for c in compiled if c["spilled"]]
+    assert not spilled, f"a kernel spills registers: {spilled}"
 
 
 if __name__ == "__main__":
