@@ -16,7 +16,13 @@ from fdllm.engine import ar_batch, denoise
 from fdllm.engine.inputs import StepInputs
 from fdllm.engine.scheduler import MIN_AR_BATCH, MIN_DENOISE_BATCH
 from fdllm.engine.sequence import Predictions
-from tests.unit.test_denoise_batch import count_batches, per_work
+from tests.unit.test_denoise_batch import (
+    check_a_batched_request_failing_to_settle_fails_alone,
+    check_callback_aborting_batched_requests_mid_step,
+    count_batches,
+    finish,
+    per_work,
+)
 from tests.unit.test_engine import make_engine, make_sequence, params, random_prompts
 from tests.unit.test_static_steps import dynamic_only, run_mixed
 
@@ -143,13 +149,6 @@ def both_batches(model):
     return engine, rids, alone
 
 
-def finish(engine) -> dict:
-    done = {}
-    while engine.has_unfinished():
-        done |= {r.request_id: r for r in engine.step()}
-    return done
-
-
 @pytest.mark.parametrize("failing", [denoise.DenoiseBatch, ar_batch.ARBatch], ids=["denoise", "ar"])
 def test_a_failing_batch_fails_its_requests_alone_and_the_engine_keeps_serving(model, monkeypatch, caplog, failing):
     """One array batch's code fails once: its requests fail, the other batch of the same step is still
@@ -194,54 +193,11 @@ def test_a_batch_that_cannot_be_planned_fails_its_requests_alone(model, monkeypa
 
 def test_a_batched_request_failing_to_settle_fails_alone(model):
     prompts = random_prompts(MIN_AR_BATCH + 2, [4, 9, 12], seed=61)
-    ar = params(mode="ar", max_new_tokens=14)
-    alone = make_engine(model).generate(prompts, ar)
-    engine = make_engine(model)
-    batches = []
-    count_batches(engine, batches, kind=ar_batch.ARBatch)
-    rids = [engine.add_request(p, ar) for p in prompts]
-    engine.step()
-    victim = engine.scheduler.find(rids[1])
-    settle = victim.settle
-
-    def broken_settle():  # in a batched step only (a Work's apply settles too)
-        if batches[-1] is None or victim not in batches[-1].seqs:
-            return settle()
-        raise RuntimeError("injected failure")
-
-    victim.settle = broken_settle
-    done = finish(engine)
-    assert done[rids[1]].finish_reason == "error" and "injected failure" in done[rids[1]].error
-    assert [done[r].token_ids for i, r in enumerate(rids) if i != 1] == [a.token_ids for i, a in enumerate(alone) if i != 1]
-    assert engine.num_free_pages == engine.num_pages
+    check_a_batched_request_failing_to_settle_fails_alone(model, ar_batch.ARBatch, params(mode="ar", max_new_tokens=14),
+                                                          prompts)
 
 
 def test_callback_aborting_batched_requests_mid_step_is_safe(model):
-    """A Work's streaming callback aborts every batched AR request in the middle of a step: they end as
-    "abort" (their pages back at once), the batch's tokens for them are never settled or streamed."""
     prompts = random_prompts(MIN_AR_BATCH + 1, [4, 9, 12], seed=67)
-    diffusion = params(max_new_tokens=16)
-    alone = make_engine(model).generate(prompts[:1], diffusion)[0]
-    engine = make_engine(model)
-    batches, rids, streamed = [], [], {}
-    count_batches(engine, batches, kind=ar_batch.ARBatch)
-
-    def abort_the_others(rid, tokens, finished):
-        if any(b is not None for b in batches):  # once the others run batched
-            for other in rids[1:]:
-                engine.abort(other)
-
-    def record(rid, tokens, finished):
-        streamed.setdefault(rid, []).extend(tokens)
-
-    rids.append(engine.add_request(prompts[0], diffusion, on_tokens=abort_the_others))
-    rids += [engine.add_request(p, params(mode="ar", max_new_tokens=16), on_tokens=record) for p in prompts[1:]]
-    results = []
-    while engine.has_unfinished():
-        results += engine.step()
-    done = {r.request_id: r for r in results}
-    assert sorted(r.request_id for r in results) == sorted(rids)  # each reported once
-    assert [done[r].finish_reason for r in rids] == ["length"] + ["abort"] * (len(rids) - 1)
-    assert done[rids[0]].token_ids == alone.token_ids
-    assert all(streamed[r] == done[r].token_ids for r in rids[1:])  # what was streamed is the result
-    assert engine.num_free_pages == engine.num_pages
+    check_callback_aborting_batched_requests_mid_step(model, ar_batch.ARBatch, params(max_new_tokens=16),
+                                                      params(mode="ar", max_new_tokens=16), prompts)

@@ -160,13 +160,23 @@ def test_a_failing_batch_fails_its_requests_alone_and_the_engine_keeps_serving(m
     assert [r.token_ids for r in again] == [r.token_ids for r in make_engine(model).generate(prompts[1:], params())]
 
 
-def test_a_batched_request_failing_to_settle_fails_alone(model):
-    prompts = random_prompts(MIN_DENOISE_BATCH + 2, [4, 9, 12], seed=31)
-    alone = make_engine(model).generate(prompts, params())
+def finish(engine) -> dict:
+    """Step until every request is done; the results by request id."""
+    done = {}
+    while engine.has_unfinished():
+        done |= {r.request_id: r for r in engine.step()}
+    return done
+
+
+def check_a_batched_request_failing_to_settle_fails_alone(model, kind: type, sampling: fdllm.SamplingParams,
+                                                          prompts: list[list[int]]) -> None:
+    """One request of an array batch of `kind` fails in `settle` (its stop checks and streaming, per
+    request): it alone ends with the error, the others decode as they do alone."""
+    alone = make_engine(model).generate(prompts, sampling)
     engine = make_engine(model)
     batches = []
-    count_batches(engine, batches)
-    rids = [engine.add_request(p, params()) for p in prompts]
+    count_batches(engine, batches, kind=kind)
+    rids = [engine.add_request(p, sampling) for p in prompts]
     engine.step()
     victim = engine.scheduler.find(rids[1])
     settle = victim.settle
@@ -177,12 +187,15 @@ def test_a_batched_request_failing_to_settle_fails_alone(model):
         raise RuntimeError("injected failure")
 
     victim.settle = broken_settle
-    done = {}
-    while engine.has_unfinished():
-        done |= {r.request_id: r for r in engine.step()}
+    done = finish(engine)
     assert done[rids[1]].finish_reason == "error" and "injected failure" in done[rids[1]].error
     assert [done[r].token_ids for i, r in enumerate(rids) if i != 1] == [a.token_ids for i, a in enumerate(alone) if i != 1]
     assert engine.num_free_pages == engine.num_pages
+
+
+def test_a_batched_request_failing_to_settle_fails_alone(model):
+    prompts = random_prompts(MIN_DENOISE_BATCH + 2, [4, 9, 12], seed=31)
+    check_a_batched_request_failing_to_settle_fails_alone(model, denoise.DenoiseBatch, params(), prompts)
 
 
 def test_a_batch_that_cannot_be_planned_fails_its_requests_alone(model, monkeypatch):
@@ -208,25 +221,27 @@ def test_mask_token_is_never_committed_by_a_batch(model):
         assert len(res.token_ids) == 24 and MASK not in res.token_ids
 
 
-def test_callback_aborting_batched_requests_mid_step_is_safe(model):
-    """A Work's streaming callback aborts every batched request in the middle of a step: they end as
-    "abort" (their pages back at once), the batch's results for them are dropped, the caller's own
-    request decodes as it does alone."""
-    prompts = random_prompts(MIN_DENOISE_BATCH + 2, [4, 9, 12], seed=53)
-    ar = params(mode="ar", max_new_tokens=12)
-    alone = make_engine(model).generate(prompts[:1], ar)[0]
+def check_callback_aborting_batched_requests_mid_step(model, kind: type, caller: fdllm.SamplingParams,
+                                                       batched: fdllm.SamplingParams, prompts: list[list[int]]) -> None:
+    """The first request (a Work's) aborts the others, which run in an array batch of `kind`, from its
+    streaming callback in the middle of a step: they end as "abort" (their pages back at once), the
+    batch's results for them are dropped (what they streamed is their result), the caller's own request
+    decodes as it does alone."""
+    alone = make_engine(model).generate(prompts[:1], caller)[0]
     engine = make_engine(model)
-    batches = []
-    count_batches(engine, batches)
-    rids = []
+    batches, rids, streamed = [], [], {}
+    count_batches(engine, batches, kind=kind)
 
     def abort_the_others(rid, tokens, finished):
         if any(b is not None for b in batches):  # once the others run batched
             for other in rids[1:]:
                 engine.abort(other)
 
-    rids.append(engine.add_request(prompts[0], ar, on_tokens=abort_the_others))
-    rids += [engine.add_request(p, params()) for p in prompts[1:]]
+    def record(rid, tokens, finished):
+        streamed.setdefault(rid, []).extend(tokens)
+
+    rids.append(engine.add_request(prompts[0], caller, on_tokens=abort_the_others))
+    rids += [engine.add_request(p, batched, on_tokens=record) for p in prompts[1:]]
     results = []
     while engine.has_unfinished():
         results += engine.step()
@@ -234,4 +249,11 @@ def test_callback_aborting_batched_requests_mid_step_is_safe(model):
     assert sorted(r.request_id for r in results) == sorted(rids)  # each reported once
     assert [done[r].finish_reason for r in rids] == ["length"] + ["abort"] * (len(rids) - 1)
     assert done[rids[0]].token_ids == alone.token_ids
+    assert all(streamed.get(r, []) == done[r].token_ids for r in rids[1:])
     assert engine.num_free_pages == engine.num_pages
+
+
+def test_callback_aborting_batched_requests_mid_step_is_safe(model):
+    prompts = random_prompts(MIN_DENOISE_BATCH + 2, [4, 9, 12], seed=53)
+    check_callback_aborting_batched_requests_mid_step(model, denoise.DenoiseBatch, params(mode="ar", max_new_tokens=12),
+                                                      params(), prompts)
