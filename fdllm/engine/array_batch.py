@@ -16,6 +16,8 @@ sub-block's offsets, or AR's one next token).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 from fdllm.engine.adjustments import AdjustmentsBuilder
@@ -23,7 +25,7 @@ from fdllm.engine.inputs import NO_BIASED, NO_ROWS, NO_SAMPLED, BiasedRows, Samp
 from fdllm.engine.sequence import Sequence
 
 
-class ArrayBatch:
+class ArrayBatch(ABC):
     """The steps of `seqs` as arrays. A subclass plans them on construction (`inputs`, and `cand_NX`:
     which columns of each sequence are candidates, in the order of `inputs.candidates` when read
     row-major) and applies them in `apply`."""
@@ -38,18 +40,18 @@ class ArrayBatch:
         self.probs: np.ndarray | list[float] = NO_ROWS
         self.settling: list[Sequence] = []  # after `apply`: the sequences whose settled prefix may have grown
 
+    @abstractmethod
     def apply(self) -> None:
         """Take the forward's `tokens` and `probs` into the sequences and set `settling`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def counter_NX(self, picked: list[int]) -> np.ndarray:
         """[N, X] where each candidate's draw sits in its request's stream (`inputs.draw_counter`),
         valid at the rows of `picked`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def position_NX(self) -> np.ndarray:
         """[N, X] the position each candidate column predicts (what its logit adjustments count before)."""
-        raise NotImplementedError
 
     def sampling(self) -> SampledRows:
         """The sampled candidates (every candidate of a request with temperature > 0, as

@@ -105,11 +105,11 @@ class Scheduler:
         while i < len(self.running):
             seq = self.running[i]
             try:
-                work, kind = None, None
+                work, batch_seqs = None, None
                 if self.array_batches and seq.batch_denoising:
-                    kind, kv_len = denoising, seq.block_start + self.block_size
+                    batch_seqs, kv_len = denoising, seq.block_start + self.block_size
                 elif self.array_batches and seq.batch_ar:
-                    kind, kv_len = ar, len(seq.tokens)
+                    batch_seqs, kv_len = ar, len(seq.tokens)
                 else:
                     work = seq.next_work(budget, lookahead)
                     if work is not None and work.lookahead and seq.is_speculative and not self._fits(seq, work.kv_len):
@@ -123,8 +123,8 @@ class Scheduler:
                 if work is not None:
                     works.append(work)
                     budget -= work.num_prefill
-                elif kind is not None:
-                    kind.append(seq)
+                elif batch_seqs is not None:
+                    batch_seqs.append(seq)
             i += 1
         batches = []
         for batch_class, seqs, minimum in ((DenoiseBatch, denoising, self.min_denoise_batch), (ARBatch, ar, self.min_ar_batch)):
