@@ -44,9 +44,12 @@ class ARBatch(ArrayBatch):
         return self.length_N[:, None]
 
     def apply(self) -> None:
-        """Append each sequence's token; every sequence settles it."""
+        """Append each sequence's token; every sequence settles it. The token it fed now has its K/V
+        for good, so a sequence whose fed token ended a block finalizes that block."""
         for seq, token in zip(self.seqs, np.asarray(self.tokens, dtype=np.int64).tolist()):
             seq.tokens.append(token)
             seq.num_forwards += 1
             seq.num_decode_steps += 1
         self.settling = self.seqs
+        ends_block_N = self.length_N % self.seqs[0].block_size == 0  # the fed token at length - 1 is a block's last
+        self.finalizing = [self.seqs[i] for i in np.flatnonzero(ends_block_N).tolist()]

@@ -39,10 +39,12 @@ class ArrayBatch(ABC):
         self.tokens: np.ndarray | list[float] = NO_ROWS
         self.probs: np.ndarray | list[float] = NO_ROWS
         self.settling: list[Sequence] = []  # after `apply`: the sequences whose settled prefix may have grown
+        self.finalizing: list[Sequence] = []  # after `apply`: those whose K/V may now fill a block for good
 
     @abstractmethod
     def apply(self) -> None:
-        """Take the forward's `tokens` and `probs` into the sequences and set `settling`."""
+        """Take the forward's `tokens` and `probs` into the sequences and set `settling` and `finalizing`
+        (`Scheduler.register`)."""
 
     @abstractmethod
     def counter_NX(self, picked: list[int]) -> np.ndarray:

@@ -311,6 +311,7 @@ class Engine:
         now = time.perf_counter()
         for work, predictions in zip(works, outputs):
             self._take(work.seq, work.seq.apply, (work, predictions), now, finished)
+            self.scheduler.register(work.seq)
         for batch in batches:
             try:
                 batch.apply()
@@ -319,6 +320,8 @@ class Engine:
                               len(batch.seqs), [seq.request_id for seq in batch.seqs])
                 finished += [self._fail(seq, exc) for seq in batch.seqs if seq.finish_reason is None]
                 continue
+            for seq in batch.finalizing:
+                self.scheduler.register(seq)
             for seq in batch.settling:
                 self._take(seq, seq.settle, (), now, finished)
         return finished

@@ -68,8 +68,6 @@ class Scheduler:
         Also returns the sequences whose planning raised (with the error): the caller fails those
         alone, the others still run this step.
         """
-        for seq in self.running:  # what the last step made final, before anyone is admitted
-            self._register(seq)
         self._admit()
         return self._plan()
 
@@ -197,8 +195,10 @@ class Scheduler:
             for other in self.running
         )
 
-    def _register(self, seq: Sequence) -> None:
-        """Put the sequence's newly final blocks in the prefix cache."""
+    def register(self, seq: Sequence) -> None:
+        """Put the sequence's newly final blocks in the prefix cache. The engine calls it once a step's
+        results are taken, for each sequence whose step can have made blocks final (a `Work`'s, an
+        `ArrayBatch`'s `finalizing`), so the next admission shares them; releasing a sequence calls it too."""
         if not self.prefix_caching:
             return
         final = min(seq.num_final // self.block_size, len(seq.pages))
@@ -217,7 +217,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         """Take a running sequence out, its final blocks into the prefix cache, its pages and reservation back."""
-        self._register(seq)
+        self.register(seq)
         self.running.remove(seq)
         self.allocator.release(seq.pages, seq.num_reserved)
         seq.num_reserved = 0

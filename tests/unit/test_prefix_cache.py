@@ -263,3 +263,27 @@ def test_a_request_waiting_for_a_shared_prefix_holds_back_no_one_behind_it(model
     off = make_engine(model, prefix_caching=False)
     assert [done[r].token_ids for r in "OWX"] == [off.generate([p], params())[0].token_ids
                                                   for p in (head, head[:32] + [1, 2], [7, 8, 9])]
+
+
+@pytest.mark.parametrize("array_batches", [True, False], ids=["array-batches", "per-work"])
+def test_blocks_are_in_the_cache_as_soon_as_a_step_makes_them_final(model, array_batches):
+    """After every step, each running request's final blocks are in the prefix cache (a request arriving
+    next shares them): its prompt blocks once prefilled, a diffusion request's committed blocks, every
+    block of an AR or speculative request whose tokens all have K/V (all known tokens but the last)."""
+    modes = ["ar"] * 5 + ["diffusion"] * 3 + ["speculative"] * 2
+    engine = make_engine(model, max_prefill_tokens=24)  # prompts prefill over a few steps
+    engine.scheduler.array_batches = array_batches
+    for prompt, mode in zip(random_prompts(len(modes), [3, 9, 17, 20], seed=53), modes):
+        engine.add_request(prompt, params(mode=mode, max_new_tokens=30))
+    grown = 0  # blocks found final past the prompt's, while the request runs
+    while engine.has_unfinished():
+        engine.step()
+        for seq in engine.scheduler.running:
+            if seq.num_prefill_left:
+                known = seq.num_cached
+            else:
+                known = len(seq.tokens) - 1 if seq.is_causal else len(seq.tokens)
+            final = known // L
+            assert engine.allocator.lookup([seq.block_hash(j) for j in range(final)]) == seq.pages[:final], seq.request_id
+            grown += final > len(seq.prompt) // L
+    assert grown > 20
