@@ -1,9 +1,9 @@
-"""What the step kinds that run as array operations share (`DenoiseBatch`, `ARBatch`).
+"""What the step kinds that run as array operations share (`DenoiseBatch`, `ARBatch`, `CommitBatch`).
 
 Planned, staged and applied one `Work` at a time, a sequence's step costs ~10-20 us of Python (a
 `Work`, its attention row, its share of `StepInputs.from_works`, its `Predictions`): over half a
 millisecond at 64 sequences, a sizable share of a GPU step. The most common steps of a full batch
-(a plain sub-block step, a plain AR step) are the same few operations for every sequence, so a
+(a plain sub-block step, a block commit, a plain AR step) are the same few operations for every sequence, so a
 batch plans them for all its sequences at once with a fixed handful of numpy operations (vLLM's
 persistent-batch idea). What stays per sequence is what is per request anyway: its pages and the
 tokens that settle (stop checks, streaming).
@@ -11,7 +11,7 @@ tokens that settle (stop checks, streaming).
 A batch hands the runner its `inputs`, gets back its candidates' `tokens` and `probs` as arrays,
 `apply`s them to its sequences, and names in `settling` those whose output grew (the engine settles
 them one request at a time). Shape legend: N sequences, X candidate columns per sequence (a
-sub-block's offsets, or AR's one next token).
+sub-block's offsets, or the one token an AR step or a commit reads).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class ArrayBatch(ABC):
 
     inputs: StepInputs
     cand_NX: np.ndarray  # [N, X] bool
+    # Whether a request with temperature > 0 samples its candidates (else every one is its argmax: a
+    # commit's token opens a block, docs/method.md §3.4).
+    draws_sample: bool = True
 
     def __init__(self, seqs: list[Sequence]) -> None:
         self.seqs = seqs
@@ -58,6 +61,8 @@ class ArrayBatch(ABC):
     def sampling(self) -> SampledRows:
         """The sampled candidates (every candidate of a request with temperature > 0, as
         `Work.sampled_rows`) of requests that take their logits as the model gives them."""
+        if not self.draws_sample:
+            return NO_SAMPLED
         return self._draws([i for i, s in enumerate(self.seqs) if s.params.temperature > 0 and not s.params.adjusts_logits])
 
     def biasing(self) -> BiasedRows:
@@ -79,19 +84,19 @@ class ArrayBatch(ABC):
             return NO_SAMPLED
         rows_NX = np.zeros_like(self.cand_NX)
         rows_NX[picked] = self.cand_NX[picked]
+        counts = rows_NX[picked].sum(1)  # each picked request's candidates, which come in request order
         params = [self.seqs[i].params for i in picked]
 
         def per_row(values: list, dtype) -> np.ndarray:  # one value per picked request -> per row
-            full_N = np.zeros(len(self.seqs), dtype=dtype)
-            full_N[picked] = values
-            return np.broadcast_to(full_N[:, None], rows_NX.shape)[rows_NX]
+            return np.repeat(np.array(values, dtype=dtype), counts)
 
-        sampled = per_row([p.temperature > 0 for p in params], bool)
+        samples = [self.draws_sample and p.temperature > 0 for p in params]
+        sampled = per_row(samples, bool)
         return SampledRows(
             rows=np.flatnonzero(rows_NX[self.cand_NX]),
-            temperature=per_row([p.temperature for p in params], np.float64),
+            temperature=per_row([p.temperature if s else 0.0 for p, s in zip(params, samples)], np.float64),
             top_p=per_row([p.top_p for p in params], np.float64),
             top_k=per_row([p.top_k for p in params], np.int64),
-            seed=per_row([stream_seed(p) if p.temperature > 0 else 0 for p in params], np.int64),
+            seed=per_row([stream_seed(p) if s else 0 for p, s in zip(params, samples)], np.int64),
             counter=np.where(sampled, self.counter_NX(picked)[rows_NX], 0),
         )

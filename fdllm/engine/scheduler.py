@@ -3,8 +3,9 @@
 Plain Python over `Sequence` objects. Every step each running sequence contributes one `Work`
 (its current sub-block step, block commit, speculative round or prefill chunk), or joins one of the
 step's array batches, planned for all their sequences at once (`fdllm.engine.array_batch`): the
-`DenoiseBatch` of plain sub-block steps, the `ARBatch` of AR next-token steps. Sequences still
-prefilling share a per-step budget of prompt tokens, taken in whole blocks.
+`DenoiseBatch` of plain sub-block steps, the `CommitBatch` of block commits, the `ARBatch` of AR
+next-token steps. Sequences still prefilling share a per-step budget of prompt tokens, taken in
+whole blocks.
 
 Pages are taken as they are needed (vLLM's scheme). Admission is FIFO: a request is admitted when the
 pages of its prompt and first blocks (`Sequence.pages_to_start`) can be reserved with a page to spare
@@ -25,12 +26,14 @@ from collections import deque
 from fdllm.cache import PageAllocator
 from fdllm.engine.ar_batch import ARBatch
 from fdllm.engine.array_batch import ArrayBatch
+from fdllm.engine.commit_batch import CommitBatch
 from fdllm.engine.denoise import DenoiseBatch
 from fdllm.engine.sequence import Sequence, Work
 
 log = logging.getLogger(__name__)
 
 MIN_DENOISE_BATCH = 8
+MIN_COMMIT_BATCH = 4
 MIN_AR_BATCH = 4
 PREEMPTION_WARNING_EVERY = 50  # preemptions between two warnings (vLLM's interval)
 
@@ -55,6 +58,7 @@ class Scheduler:
         # Fewer steps of a kind than this run as Works: a batch's array set-up costs about as much as
         # that many Works' Python (CPU, `python -m benchmarks.bench_host --stub-model`).
         self.min_denoise_batch = MIN_DENOISE_BATCH
+        self.min_commit_batch = MIN_COMMIT_BATCH
         self.min_ar_batch = MIN_AR_BATCH
 
     def add(self, seq: Sequence) -> None:
@@ -62,8 +66,9 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Work], list[ArrayBatch], list[tuple[Sequence, Exception]]]:
         """Admit what fits, then one step per running sequence (prefill within the step's budget):
-        a `Work` each, except the plain sub-block steps and the AR next-token steps, each kind run
-        together in one array batch when there are enough of them (none with `array_batches` off).
+        a `Work` each, except the plain sub-block steps, the block commits and the AR next-token steps,
+        each kind run together in one array batch when there are enough of them (none with
+        `array_batches` off).
 
         Also returns the sequences whose planning raised (with the error): the caller fails those
         alone, the others still run this step.
@@ -96,7 +101,7 @@ class Scheduler:
         budget = self.max_prefill_tokens
         lookahead = self.lookahead_max_batch is None or len(self.running) <= self.lookahead_max_batch
         works, failed = [], []
-        denoising, ar = [], []  # sequences whose step an array batch may run
+        denoising, committing, ar = [], [], []  # sequences whose step an array batch may run
         # Oldest first, so a sequence short of pages preempts only sequences not yet planned (the
         # newest, at the end), or itself when it is the newest.
         i = 0
@@ -106,6 +111,8 @@ class Scheduler:
                 work, batch_seqs = None, None
                 if self.array_batches and seq.batch_denoising:
                     batch_seqs, kv_len = denoising, seq.block_start + self.block_size
+                elif self.array_batches and seq.batch_commit:
+                    batch_seqs, kv_len = committing, seq.block_start + self.block_size
                 elif self.array_batches and seq.batch_ar:
                     batch_seqs, kv_len = ar, len(seq.tokens)
                 else:
@@ -125,7 +132,9 @@ class Scheduler:
                     batch_seqs.append(seq)
             i += 1
         batches = []
-        for batch_class, seqs, minimum in ((DenoiseBatch, denoising, self.min_denoise_batch), (ARBatch, ar, self.min_ar_batch)):
+        kinds = ((DenoiseBatch, denoising, self.min_denoise_batch), (CommitBatch, committing, self.min_commit_batch),
+                 (ARBatch, ar, self.min_ar_batch))
+        for batch_class, seqs, minimum in kinds:
             if len(seqs) < minimum:  # too few to pay for the batch's array set-up: Works (no prefill, pages taken above)
                 for seq in seqs:
                     try:

@@ -12,8 +12,9 @@ logits to read) and gets back its logit rows' predictions (token, confidence c_i
 selection policy needs it, entropy H_i); the sequence's `SelectionPolicy` (fdllm.decoding) decides
 what they commit and where an adaptive sub-block ends. When many sequences are on a plain sub-block
 step at once, a `DenoiseBatch` (fdllm.engine.denoise) runs those steps for them as array operations
-(`batch_denoising`), with the same rules, and the sequences only `settle` what it decoded; an
-`ARBatch` (fdllm.engine.ar_batch) does the same for AR next-token steps (`batch_ar`).
+(`batch_denoising`), with the same rules, and the sequences only `settle` what it decoded; a
+`CommitBatch` (fdllm.engine.commit_batch) and an `ARBatch` (fdllm.engine.ar_batch) do the same for
+block commits (`batch_commit`) and AR next-token steps (`batch_ar`).
 """
 
 from __future__ import annotations
@@ -254,6 +255,13 @@ class Sequence:
         to prefill, a mask left in the block, the threshold rule over fixed sub-blocks)."""
         return (self._batchable and not self.num_prefill_left and self.block is not None and not self.refresh_block
                 and self.mask_token_id in self.block)
+
+    @property
+    def batch_commit(self) -> bool:
+        """This step is a block commit that a `CommitBatch` runs with others (diffusion, nothing left to
+        prefill, no mask left in the block, no block lookahead riding along)."""
+        return (not self.is_causal and not self.num_prefill_left and self.block is not None
+                and not self.block_lookahead and self.mask_token_id not in self.block)
 
     @property
     def batch_ar(self) -> bool:
