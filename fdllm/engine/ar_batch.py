@@ -28,11 +28,10 @@ class ARBatch(ArrayBatch):
         lasts, lengths, pages = zip(*[(s.tokens[-1], len(s.tokens), s.pages) for s in seqs])
         self.length_N = np.array(lengths, dtype=np.int64)  # known tokens; the row predicts position length
         self.cand_NX = np.ones((N, 1), dtype=bool)
-        rows_N = np.arange(N)
         self.inputs = StepInputs(
             ids=np.array(lasts, dtype=np.int64), starts=self.length_N - 1, q_lens=np.ones(N, dtype=np.int64),
             kv_lens=self.length_N, causal=np.zeros(N, dtype=bool), pages=list(pages), prefill=False, max_q_len=1,
-            max_pages=max(map(len, pages)), any_causal=False, candidates=rows_N, entropy=NO_ROWS,
+            max_pages=max(map(len, pages)), any_causal=False, candidates=np.arange(N), entropy=NO_ROWS,
             sampled=self.sampling(), biased=self.biasing(),
         )
 

@@ -3,9 +3,9 @@
 Planned, staged and applied one `Work` at a time, a sequence's step costs ~10-20 us of Python (a
 `Work`, its attention row, its share of `StepInputs.from_works`, its `Predictions`): over half a
 millisecond at 64 sequences, a sizable share of a GPU step. The most common steps of a full batch
-(a plain sub-block step, a block commit, a plain AR step) are the same few operations for every sequence, so a
-batch plans them for all its sequences at once with a fixed handful of numpy operations (vLLM's
-persistent-batch idea). What stays per sequence is what is per request anyway: its pages and the
+(a plain sub-block step, a block commit, a plain AR step) are the same few operations for every
+sequence, so a batch plans them for all its sequences at once with a fixed handful of numpy
+operations (vLLM's persistent-batch idea). What stays per sequence is what is per request anyway: its pages and the
 tokens that settle (stop checks, streaming).
 
 A batch hands the runner its `inputs`, gets back its candidates' `tokens` and `probs` as arrays,
@@ -16,13 +16,22 @@ sub-block's offsets, or the one token an AR step or a commit reads).
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence as Seq
 
 import numpy as np
 
 from fdllm.engine.adjustments import AdjustmentsBuilder
 from fdllm.engine.inputs import NO_BIASED, NO_ROWS, NO_SAMPLED, BiasedRows, SampledRows, StepInputs, stream_seed
 from fdllm.engine.sequence import Sequence
+
+
+def stacked_blocks(blocks: Seq[list[int]], block_size: int) -> np.ndarray:
+    """[N, L] int64: the sequences' current blocks (Python ints) in one conversion (`np.fromiter` over
+    them all was the fastest of five ways measured)."""
+    count = len(blocks) * block_size
+    return np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=count).reshape(-1, block_size)
 
 
 class ArrayBatch(ABC):

@@ -12,12 +12,10 @@ sequence at a time; tests hold the two paths equal token for token.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from fdllm.decoding import new_block
-from fdllm.engine.array_batch import ArrayBatch
+from fdllm.engine.array_batch import ArrayBatch, stacked_blocks
 from fdllm.engine.inputs import NO_ROWS, StepInputs
 from fdllm.engine.sequence import Sequence
 
@@ -37,7 +35,7 @@ class CommitBatch(ArrayBatch):
         self.cand_NX = np.ones((N, 1), dtype=bool)
         causal_N = np.array(causal, dtype=bool)
         self.inputs = StepInputs(
-            ids=np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=N * L), starts=self.start_N,
+            ids=stacked_blocks(blocks, L).reshape(-1), starts=self.start_N,
             q_lens=np.full(N, L, dtype=np.int64), kv_lens=self.start_N + L, causal=causal_N, pages=list(pages),
             prefill=False, max_q_len=L, max_pages=max(map(len, pages)), any_causal=bool(causal_N.any()),
             candidates=np.arange(L - 1, N * L, L), entropy=NO_ROWS, sampled=self.sampling(), biased=self.biasing(),

@@ -19,11 +19,9 @@ Shape legend: N sequences, L block size, S sub-block size, C candidates (masked 
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
-from fdllm.engine.array_batch import ArrayBatch
+from fdllm.engine.array_batch import ArrayBatch, stacked_blocks
 from fdllm.engine.inputs import NO_ROWS, ROW_STREAM, StepInputs
 from fdllm.engine.sequence import Sequence
 
@@ -42,7 +40,7 @@ class DenoiseBatch(ArrayBatch):
         blocks, block_starts, previous, thresholds, pages = zip(*[
             (s.block, s.block_start, -1 if s.sub is None else s.sub[0], s.policy.threshold, s.pages) for s in seqs
         ])
-        self.block_NL = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=N * L).reshape(N, L)
+        self.block_NL = stacked_blocks(blocks, L)
         self.block_start_N, previous_N = np.array(block_starts, dtype=np.int64), np.array(previous, dtype=np.int64)
         self.threshold_N = np.array(thresholds, dtype=np.float64)
         masked_NL = self.block_NL == mask

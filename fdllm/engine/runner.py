@@ -23,9 +23,10 @@ A step runs in one of two layouts:
   over the paged cache (`fdllm.cache.PagedAttention`).
 
 Either way the step's works (and its array batches, `fdllm.engine.array_batch`: the plain sub-block
-and AR steps planned as arrays) arrive as flat host arrays (`fdllm.engine.inputs.StepInputs`), and the host lays them out with a
-fixed handful of numpy operations into ONE int64 buffer (pinned on CUDA: body inputs, which hidden
-rows are still masked candidates, per-row sampling parameters), copied to the device once,
+steps, block commits and AR steps planned as arrays) arrive as flat host arrays
+(`fdllm.engine.inputs.StepInputs`), and the host lays them out with a fixed handful of numpy
+operations into ONE int64 buffer (pinned on CUDA: body inputs, which hidden rows are still masked
+candidates, per-row sampling parameters), copied to the device once,
 non-blocking; the LM head and confidence run only on candidate rows (never on decoded, padding or
 prompt rows); sampling is vectorised over requests with counter-based per-request draws
 (`fdllm.decoding.counter_uniform`); the entropy H_i is computed only for the candidate rows of

@@ -36,8 +36,7 @@ def committing(n: int, causal_prefix: bool = False):
     block decoded by hand: each one's next step commits it."""
     seqs = []
     for i, prompt in enumerate(random_prompts(n, [3, 8, 13, 17], seed=71)):
-        kind = {k: v for k, v in AR_KINDS[i % len(AR_KINDS)].items()}
-        seq = make_sequence(prompt, params(seed=5 + i, **kind), causal_prefix=causal_prefix)
+        seq = make_sequence(prompt, params(seed=5 + i, **AR_KINDS[i % len(AR_KINDS)]), causal_prefix=causal_prefix)
         seq.pages = list(range(10 * i, 10 * i + 5))
         while seq.block is None or MASK in seq.block:  # prefill (and open the block), then fill its masks
             work = seq.next_work(prefill_budget=64)
