@@ -65,9 +65,17 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, delta, self.weight, self.eps)
 
 
+@functools.cache
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """RoPE's frequencies [H/2] (fp32), computed once on the CPU as HF's rotary embedding computes them at
+    init and then moved: the same bits on every device (a GPU's `pow` may round differently), and none of
+    the four kernels their computation takes in every step of a decode graph."""
+    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))).to(device)
+
+
 def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin tables [B, T, H] for explicit positions (the two-stream input repeats positions)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BT.device).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, float(theta), position_ids_BT.device)
     freqs_BTh = position_ids_BT.float()[..., None] * inv_freq  # [B, T, H/2]
     emb_BTH = torch.cat((freqs_BTh, freqs_BTh), dim=-1)
     return emb_BTH.cos().to(dtype), emb_BTH.sin().to(dtype)
