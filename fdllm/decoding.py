@@ -26,6 +26,9 @@ from fdllm.kernels.reference import suppress_mask
 
 _U32 = 0xFFFFFFFF
 _STOP_WINDOW_MARGIN = 8  # extra tokens decoded before a stop string's earliest possible start
+# tokens a tail's start may step back to leave a character it starts inside: the character's other
+# bytes (at most 3) are that many tokens back, more only past tokens that decode to nothing
+_PARTIAL_CHAR_TOKENS = 8
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -381,6 +384,14 @@ class StopCriteria:
         while start > 0 and len(self.decode(output[start:num_checked])) < longest + _STOP_WINDOW_MARGIN:
             span *= 2
             start = max(0, num_checked - span)
+        # Nor may the tail start inside a character: its first bytes would decode to a U+FFFD the output's
+        # text does not have, which a stop string holding U+FFFD matched. A token that starts with a UTF-8
+        # continuation byte always decodes to U+FFFD first, so step back while the tail does (a real U+FFFD
+        # there costs a few tokens more of tail).
+        for _ in range(_PARTIAL_CHAR_TOKENS):
+            if start == 0 or not self.decode(output[start:num_checked]).startswith("\ufffd"):
+                break
+            start -= 1
         return start
 
     def cut_text(self, text: str) -> str:

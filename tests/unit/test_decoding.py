@@ -163,6 +163,33 @@ def test_stop_strings_found_from_a_decoded_tail_match_full_decodes(seed):
         assert found == _first_stop_by_full_decode(decode, ids, (stop,)), stop
 
 
+@pytest.mark.parametrize("char", ["é", "🙂"])
+def test_a_decoded_tail_starting_inside_a_character_matches_no_stop_string(char):
+    """A tail whose first token is the second byte of "é" decodes to U+FFFD there, a character the output's
+    text does not have: with a stop string holding U+FFFD it matched that phantom, cutting the output
+    before the real stop (an audit of the server found it through `logit_bias` and a seeded sample)."""
+    from tokenizers import pre_tokenizers
+
+    from fdllm.tokenizer import load_tokenizer
+    from pipelines.world import DEFAULT_MODEL_DIR
+
+    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    symbols = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(char)[0][0]  # a symbol a byte
+    byte_tokens = tok.convert_tokens_to_ids(list(symbols))  # a token a byte
+    ids = byte_tokens * 40 + byte_tokens[-1:] + byte_tokens * 3  # a stray continuation byte: one real U+FFFD
+    assert decode(ids) == char * 40 + "\ufffd" + char * 3
+    for stop in ("\ufffd" + char, "\ufffd" + char * 2):
+        crit = StopCriteria(max_new_tokens=10_000, stop=(stop,), decode=decode)
+        for step in (1, 2, 3):
+            found, checked = None, 0
+            while found is None and checked < len(ids):
+                grown = min(len(ids), checked + step)
+                verdict = crit.check(ids[:grown], checked)
+                found, checked = (verdict[0] if verdict else None), grown
+            assert found == _first_stop_by_full_decode(decode, ids, (stop,)), (stop, step)
+
+
 @pytest.mark.parametrize("gap", [0, 5, 40, 300])
 def test_a_stop_string_split_by_tokens_that_decode_to_nothing_is_found(gap):
     """Special tokens (skipped by decoding) and a padded vocabulary's unused ids are tokens of no byte:
