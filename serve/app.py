@@ -42,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -256,6 +257,9 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    if isinstance(err, TaskCancelledError):  # Ray Serve's receive() once the client hung up: not an error
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return _json_error(APIError(499, "client closed the request", code="client_closed_request"))
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)
     return _json_error(APIError(500, f"internal server error ({type(err).__name__})", type="server_error"))
 
@@ -399,8 +403,10 @@ class FdllmServer:
     def _authorize(self, request: Request) -> None:
         if not self.api_key:
             return
-        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.lstrip(" ").encode("utf-8", "surrogateescape")
+        # the scheme is case-insensitive (RFC 9110 §11.1: "bearer" is "Bearer"); the key is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.api_key.encode()):
             raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
                            type="authentication_error", code="invalid_api_key")
 
@@ -502,7 +508,7 @@ class FdllmServer:
             raise APIError(400, NO_CAUSAL_LOGPROBS, param="logprobs", code="unsupported_value")
         if body.num_choices > self.cfg.max_waiting:  # could never be admitted at once
             raise APIError(400, f"{body.num_choices} choices (prompts x n) in one request; this server queues at most "
-                           f"{self.cfg.max_waiting}", param="n")
+                           f"{self.cfg.max_waiting}", param="n" if body.n > 1 else "prompt")
         self._check_prompt_chars(body)
         prompts = await asyncio.to_thread(self._prompt_ids, body)
         echoing, n = isinstance(body, CompletionRequest) and body.echo, body.n

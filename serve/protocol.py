@@ -41,7 +41,18 @@ from pydantic import (
 )
 
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
-from fdllm.engine.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_K, SEED_RANGE
+from fdllm.engine.params import (
+    MAX_DELIMITER_CHARS,
+    MAX_DELIMITERS,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+    SEED_RANGE,
+)
 from serve.request_errors import (
     RequestError,
     empty,
@@ -144,6 +155,8 @@ def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
         raise APIError.from_validation(exc.errors(include_url=False), model) from None
 
 
+MAX_REFUSAL_CHARS = 500  # an engine refusal's message at most (it shows the value refused)
+
 # Fields that are not Optional here but are in OpenAI's API: null is their default (completions'
 # `echo`, chat's `logprobs`: each request type's own).
 NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "n", "stream", "echo", "logprobs")
@@ -203,7 +216,8 @@ class _SamplingFields(BaseModel):
     selection: Literal["threshold", "entropy_budget"] = "threshold"
     entropy_budget: StrictFloat | None = Field(default=None, ge=0.0)
     delimiter_threshold: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
-    delimiters: list[str] | None = None
+    delimiters: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_DELIMITER_CHARS)]],
+                          Field(max_length=MAX_DELIMITERS)] | None = None
     delimiter_token_ids: _TokenIds | None = None
     # fdllm: diffusion mode runs each block's first step in the forward that opens it (one forward fewer
     # per block; outputs may differ from the plain schedule: fdllm.SamplingParams.block_lookahead).
@@ -214,7 +228,8 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
     presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: StrictFloat | None = Field(default=None, gt=0.0)  # vLLM's (and HF's), in [0.01, 100]; null: 1 (off)
+    # vLLM's (and HF's); null: 1 (off)
+    repetition_penalty: StrictFloat | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     min_tokens: StrictInt | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many; null: 0
     # vLLM's: token ids that end the request besides the tokenizer's EOS / end-of-turn tokens, and
     # `ignore_eos` (only these, `stop` and the token limit end it)
@@ -304,11 +319,14 @@ class _SamplingFields(BaseModel):
         has it (max_new_tokens: max_tokens; a chat's prompt: messages); a refusal naming none keeps its
         message, which says what is wrong, with no param, and no code either way (no OpenAI code fits
         what only the engine checks)."""
-        field = str(exc).split(" ", 1)[0].removesuffix(":")
+        message = str(exc)
+        field = message.split(" ", 1)[0].removesuffix(":")
         field = _PARAM_NAMES.get(field, field)
         if field == "prompt" and "messages" in type(self).model_fields:  # a chat's prompt is its messages
             field = "messages"
-        return APIError(400, str(exc), param=field if field in type(self).model_fields else None)
+        if len(message) > MAX_REFUSAL_CHARS:  # the engine's messages show the value: a body's megabytes, maybe
+            message = f"{message[:MAX_REFUSAL_CHARS]}... ({len(message)} characters)"
+        return APIError(400, message, param=field if field in type(self).model_fields else None)
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of a requested feature this server does not have: refused with a 400, never
@@ -345,7 +363,9 @@ class _SamplingFields(BaseModel):
             lookahead = default_block_lookahead and mode == "diffusion"
         return SamplingParams(
             max_new_tokens=self.max_tokens_given() or default_max_tokens,
-            temperature=self.temperature,
+            # OpenAI takes any temperature in [0, 2]; the engine samples from 0.01 up (below, dividing by
+            # it overflows fp32), and one under that samples at 0.01, as vLLM does: within a hair of greedy
+            temperature=max(self.temperature, MIN_TEMPERATURE) if self.temperature else 0.0,
             top_p=self.top_p,
             top_k=max(self.top_k, 0),
             seed=self.seed,
@@ -452,21 +472,25 @@ class ChatMessage(BaseModel):
             return self.content
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") != "text":
                 raise APIError(400, f"only text content parts are supported, got a part of type {part.get('type')!r}",
                                param="messages")
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, "a text content part needs its 'text', a string", param="messages")
             parts.append(part["text"])
         return "".join(parts)
 
 
 @functools.cache
 def _rendering_arguments() -> frozenset[str]:
-    """apply_chat_template's own arguments (`tokenize`, `add_generation_prompt`, ...), read once."""
+    """apply_chat_template's own arguments (`tokenize`, `add_generation_prompt`, ...), read once, and the
+    template variables it sets from them."""
     import inspect
 
     from transformers import PreTrainedTokenizerBase
 
-    return frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+    own = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+    return own | {"messages", "tools", "documents"}  # the variables rendering itself gives the template
 
 
 def _template_variables(v: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -475,7 +499,8 @@ def _template_variables(v: dict[str, Any] | None) -> dict[str, Any] | None:
     the template writes."""
     if clash := sorted(set(v or ()) & _rendering_arguments()):
         raise RequestError("chat_template_kwargs", f"Invalid 'chat_template_kwargs': {', '.join(map(repr, clash))} "
-                           "is an argument of the template's rendering, not a variable of the template.")
+                           "is set by the template's rendering (its arguments, and the messages, tools and documents "
+                           "it passes), not a variable a request may give.")
     return v
 
 

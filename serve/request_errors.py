@@ -95,6 +95,10 @@ def request_error(errors: list[dict[str, Any]], model: type[BaseModel]) -> Reque
         return empty(at.param, "array")
     if kind == "too_long" and _value_schema(at.node).get("type") == "array" and first["ctx"].get("actual_length"):
         return too_long(at.param, "array", first["ctx"]["max_length"], first["ctx"]["actual_length"])
+    if kind == "string_too_short" and value == "":
+        return empty(at.param, "string")
+    if kind == "string_too_long" and isinstance(value, str):
+        return too_long(at.param, "string", first["ctx"]["max_length"], len(value))
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     return RequestError(at.param or None, f"{message} ({at.param})" if at.param else message)
 

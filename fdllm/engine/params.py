@@ -190,7 +190,7 @@ class SamplingParams:
         ):
             raise ValueError(f"delimiter_token_ids must be a tuple of at most {MAX_STOP_TOKEN_IDS} token ids, "
                              f"got {self.delimiter_token_ids!r}")
-        if (self.delimiters is not None or self.delimiter_token_ids) and self.delimiter_threshold is None:
+        if (self.delimiters or self.delimiter_token_ids) and self.delimiter_threshold is None:  # () asks for nothing
             raise ValueError("delimiters and delimiter_token_ids need delimiter_threshold (the adaptive sub-block boundary)")
 
 

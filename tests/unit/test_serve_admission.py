@@ -268,6 +268,10 @@ def test_a_non_text_content_part_is_its_own_400_not_the_chat_templates(model):
         prompt_ids(body)
     assert (err.value.status, err.value.param) == (400, "messages")
     assert err.value.message == "only text content parts are supported, got a part of type 'image_url'"
+    textless = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode())
+    with pytest.raises(APIError) as err:  # it said "only text content parts are supported, got a part of type 'text'"
+        prompt_ids(textless)
+    assert (err.value.param, err.value.message) == ("messages", "a text content part needs its 'text', a string")
     text_only = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts[:1]}]}).encode())
     assert prompt_ids(text_only) == prompt_ids(parse_request(model, json.dumps(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()))
@@ -293,7 +297,8 @@ def test_chat_template_kwargs_reach_the_template_and_cannot_change_how_it_render
 
     assert rendered() == rendered(chat_template_kwargs=None) == rendered(chat_template_kwargs={"enable_thinking": True}) == "hi\n"
     assert rendered(chat_template_kwargs={"enable_thinking": False}) == "hi\nno thinking"
-    for clash in ({"tokenize": True}, {"add_generation_prompt": False, "x": 1}):
+    # the rendering's arguments, and the variables it sets: {"messages": []} was a Jinja TypeError blamed on `messages`
+    for clash in ({"tokenize": True}, {"add_generation_prompt": False, "x": 1}, {"messages": []}, {"tools": []}):
         with pytest.raises(APIError) as err:
             rendered(chat_template_kwargs=clash)
         assert (err.value.status, err.value.param) == (400, "chat_template_kwargs") and "not a variable" in err.value.message
@@ -309,3 +314,26 @@ def test_the_prompt_past_the_context_in_a_batch_is_named_by_its_index():
         fit(params, list(range(60)), body, 1)
     assert err.value.body()["error"]["param"] == "prompt[1]"
     assert err.value.body()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_client_hanging_up_is_logged_as_a_disconnect_not_an_unhandled_error(caplog):
+    """Ray Serve's `receive()` raises TaskCancelledError (or a RayTaskError of it) into a handler whose client
+    disconnected; the catch-all logged each one as "unhandled error" with a traceback, at ERROR."""
+    import logging
+
+    from ray.exceptions import RayTaskError, TaskCancelledError
+    from starlette.requests import Request
+
+    from serve.app import _unexpected_error
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""})
+    hung_up = (TaskCancelledError(), RayTaskError("receive_asgi_messages", "", TaskCancelledError()).as_instanceof_cause())
+    with caplog.at_level(logging.INFO, logger="fdllm.serve"):
+        answers = [asyncio.run(_unexpected_error(request, err)) for err in hung_up]
+    assert [r.status_code for r in answers] == [499, 499]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "client disconnected during POST /v1/completions")] * 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fdllm.serve"):
+        assert asyncio.run(_unexpected_error(request, RuntimeError("bug"))).status_code == 500
+    assert [r.levelname for r in caplog.records] == ["ERROR"]

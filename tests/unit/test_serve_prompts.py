@@ -259,6 +259,22 @@ def test_an_engine_refusal_names_the_field_its_message_starts_with(model, messag
     assert err.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
 
 
+def test_an_engine_refusal_showing_a_long_value_is_cut_short():
+    """The engine's messages show the value refused; a body's megabytes of it must not come back in the 400."""
+    message = f"delimiters: no token of the tokenizer contains {'@' * 100_000!r}"
+    err = _request(CompletionRequest).engine_refusal(ValueError(message))
+    assert err.param == "delimiters" and err.message.startswith(message[:400])
+    assert len(err.message) < 600 and err.message.endswith(f"... ({len(message)} characters)")
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_a_temperature_under_the_engines_least_samples_at_it(model):
+    """OpenAI takes any temperature in [0, 2]; under 0.01 the engine's division would overflow, so such a
+    request samples at 0.01 (vLLM's answer too), and 0 stays greedy."""
+    for sent, used in ((1e-300, 0.01), (0.005, 0.01), (0.01, 0.01), (0.5, 0.5), (0, 0.0)):
+        assert _request(model, temperature=sent).sampling_params(16).temperature == used
+
+
 @pytest.mark.parametrize("best_of,n,refused", [(None, 1, False), (1, 1, False), (3, 3, False), (2, 1, True), (1, 2, True)])
 def test_best_of_is_only_accepted_as_n(best_of, n, refused):
     request = _request(CompletionRequest, best_of=best_of, n=n)
@@ -458,6 +474,13 @@ VALUE_ERRORS = [
      "Invalid 'top_p': decimal below minimum value. Expected a value > 0, but got 0 instead."),
     (ChatCompletionRequest, {"presence_penalty": -2.5}, "presence_penalty", "decimal_below_min_value",
      "Invalid 'presence_penalty': decimal below minimum value. Expected a value >= -2, but got -2.5 instead."),
+    (CompletionRequest, {"repetition_penalty": 1000}, "repetition_penalty", "decimal_above_max_value",
+     "Invalid 'repetition_penalty': decimal above maximum value. Expected a value <= 100, but got 1000 instead."),
+    (ChatCompletionRequest, {"repetition_penalty": 0.001}, "repetition_penalty", "decimal_below_min_value",
+     "Invalid 'repetition_penalty': decimal below minimum value. Expected a value >= 0.01, but got 0.001 instead."),
+    (CompletionRequest, {"delimiters": ["\n", "x" * 4_000_000]}, "delimiters[1]", "string_above_max_length",  # not echoed
+     "Invalid 'delimiters[1]': string too long. Expected a string with maximum length 32, but got a string with "
+     "length 4000000 instead."),
     (CompletionRequest, {"threshold": 1.5}, "threshold", "decimal_above_max_value",
      "Invalid 'threshold': decimal above maximum value. Expected a value <= 1, but got 1.5 instead."),
     (CompletionRequest, {"n": 0}, "n", "integer_below_min_value",
@@ -581,8 +604,8 @@ def test_a_value_openai_does_not_allow_is_its_error(model, fields, param, code, 
      "Invalid 'entropy_budget': expected a finite number (>= 0), but got Infinity instead."),
     ({"logit_bias": {"5": float("nan")}}, "logit_bias.5", None,
      "Invalid 'logit_bias.5': expected a finite number (>= -100 and <= 100), but got NaN instead."),
-    ('"repetition_penalty": 1e400', "repetition_penalty", None,  # valid JSON, read as Infinity
-     "Invalid 'repetition_penalty': expected a finite number (> 0), but got Infinity instead."),
+    ('"repetition_penalty": 1e400', "repetition_penalty", "decimal_above_max_value",  # valid JSON, read as Infinity
+     "Invalid 'repetition_penalty': decimal above maximum value. Expected a value <= 100, but got Infinity instead."),
 ])
 def test_nan_and_infinity_are_a_400_naming_the_field_and_its_range(sent, param, code, message):
     """Not JSON, but Python's json writes them (`json.dumps(float("nan"))` is `NaN`) and the parser reads

@@ -33,6 +33,13 @@ def test_policy_fields_reach_sampling_params(model):
     assert default.block_lookahead is False
 
 
+def test_empty_delimiter_lists_ask_for_nothing():
+    """`delimiters: []` asks for no delimiter, as `delimiter_token_ids: []` does: no delimiter_threshold
+    needed (it was refused as if it asked for the boundary), and with one, only the end tokens delimit."""
+    assert params_of({"delimiters": []}).delimiters == () and params_of({"delimiter_token_ids": []}).delimiter_token_ids == ()
+    assert params_of({"delimiters": [], "delimiter_threshold": 0.3}).delimiters == ()
+
+
 def test_the_servers_block_lookahead_default_applies_to_diffusion_requests_that_do_not_set_it():
     def lookahead(body, default):
         request = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x"} | body).encode())
@@ -51,7 +58,8 @@ def test_the_servers_block_lookahead_default_applies_to_diffusion_requests_that_
     ({"selection": "entropy_budget", "threshold": 0.9}, "threshold"),
     ({"delimiter_threshold": 1.2}, "delimiter_threshold"),
     ({"delimiter_threshold": -0.2}, "delimiter_threshold"),
-    ({"delimiter_threshold": 0.5, "delimiters": [""]}, "delimiters"),
+    ({"delimiter_threshold": 0.5, "delimiters": [""]}, "delimiters[0]"),
+    ({"delimiter_threshold": 0.5, "delimiters": ["x" * 33]}, "delimiters[0]"),
     ({"delimiter_threshold": 0.5, "delimiters": "\n"}, "delimiters"),
     ({"delimiter_threshold": 0.5, "delimiters": ["a"] * 17}, "delimiters"),
     ({"delimiter_threshold": 0.5, "delimiter_token_ids": [-4]}, "delimiter_token_ids[0]"),
