@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,16 @@ def read_json_object(file: Path) -> dict[str, Any]:
     return data
 
 
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON's true would otherwise pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def no_config(path: str | Path) -> FileNotFoundError:
     """The error of a checkpoint directory (local or URI) without config.json."""
     return FileNotFoundError(f"no {CONFIG_NAME} in {path}: not an HF checkpoint directory (a model's "
@@ -159,6 +170,16 @@ class BlockDiffusionConfig:
     prefix_attention: str = "block_causal"
 
     def __post_init__(self) -> None:
+        # types first: fdllm_config.json's values arrive as JSON wrote them (a true mask_token_id was token 1,
+        # a 32.0 block_size failed deep in torch)
+        if not is_int(self.block_size) or not is_int(self.sub_block_size):
+            raise ValueError(f"block_size and sub_block_size must be ints, got {self.block_size!r} and {self.sub_block_size!r}")
+        if not is_finite_number(self.threshold) or not is_finite_number(self.eps):
+            raise ValueError(f"threshold and eps must be numbers, got {self.threshold!r} and {self.eps!r}")
+        if not isinstance(self.use_sub_block_cache, bool):
+            raise ValueError(f"use_sub_block_cache must be a bool, got {self.use_sub_block_cache!r}")
+        if self.mask_token_id is not None and (not is_int(self.mask_token_id) or self.mask_token_id < 0):
+            raise ValueError(f"mask_token_id must be None or a token id (an int >= 0), got {self.mask_token_id!r}")
         if self.block_size < 1 or self.sub_block_size < 1:
             raise ValueError(f"block_size ({self.block_size}) and sub_block_size ({self.sub_block_size}) must be >= 1")
         if self.block_size % self.sub_block_size:

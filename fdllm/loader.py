@@ -32,11 +32,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+    """A model's dtype, by name or as a torch.dtype: one of _DTYPES (an int8 model was a load_state_dict
+    error from deep in torch; quantization is EngineConfig.quantization's)."""
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
 
 
 def torch_device(device: str | torch.device) -> torch.device:
@@ -53,6 +55,10 @@ def parse_device(device: str | torch.device) -> torch.device:
     it lacks, is a ValueError saying so, before a model is read (it was a traceback from deep in torch,
     such as pin_memory's "requires a CUDA or other accelerator backend")."""
     parsed = torch_device(device)
+    if parsed.type == "cpu":  # one CPU device: an index means nothing there, and safetensors refuses "cpu:0"
+        return torch.device("cpu")
+    if parsed.type == "meta":
+        raise ValueError(f"device {str(device)!r} holds no data: a model is loaded onto cpu or cuda")
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:

@@ -85,6 +85,14 @@ def speculative_lookahead_max_batch(ecfg: EngineConfig, block_size: int, use_gra
     return limit if asked is None else asked
 
 
+def _typed(name: str, value, cls: type):
+    """`value`, or a ValueError naming `name` when it is no `cls` (a dict of its fields failed with an
+    AttributeError deep inside)."""
+    if not isinstance(value, cls):
+        raise ValueError(f"{name} must be a fdllm.{cls.__name__}, got {type(value).__name__}")
+    return value
+
+
 class Engine:
     """Serves one model: `generate` for batches, `add_request`/`abort`/`step` for streaming servers.
 
@@ -98,10 +106,12 @@ class Engine:
     def __init__(
         self, model: Transformer, tokenizer: PreTrainedTokenizerBase | None = None,
         config: BlockDiffusionConfig | None = None, engine_config: EngineConfig | None = None,
-        default_mode: str | None = None,
+        default_mode: str | None = None, ar_checkpoint: bool = False,
     ) -> None:
-        config = config or BlockDiffusionConfig()
-        engine_config = engine_config or EngineConfig()
+        """`ar_checkpoint`: the model was never fine-tuned for block diffusion (`from_pretrained`: no
+        fdllm_config.json), so its causal distribution is its own and it scores, whatever its tokenizer holds."""
+        config = _typed("config", config or BlockDiffusionConfig(), BlockDiffusionConfig)
+        engine_config = _typed("engine_config", engine_config or EngineConfig(), EngineConfig)
         if config.mask_token_id is None and (mask := mask_token_id(tokenizer)) is not None:
             config = config.replace(mask_token_id=mask)
         vocab = model.config.vocab_size
@@ -109,6 +119,12 @@ class Engine:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary ({vocab})")
         if config.mask_token_id is None:
             log.warning("no mask token (config or tokenizer %s): only mode='ar' requests are served", MASK_TOKEN)
+        self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
+        eos = model.config.eos_token_id
+        self._tokenizer_stop_ids |= {eos} if isinstance(eos, int) else set(eos or ())
+        if config.mask_token_id in self._tokenizer_stop_ids:  # never predicted: no request would ever end on it
+            raise ValueError(f"mask_token_id {config.mask_token_id} is an end token of the model or its tokenizer "
+                             f"{sorted(self._tokenizer_stop_ids)}; the mask token must be a token of its own")
         if default_mode is None:
             default_mode = "ar" if config.mask_token_id is None else "diffusion"
         elif default_mode not in MODES or (default_mode != "ar" and config.mask_token_id is None):
@@ -121,6 +137,7 @@ class Engine:
         if engine_config.max_prefill_tokens < L:
             raise ValueError(f"max_prefill_tokens ({engine_config.max_prefill_tokens}) must be >= block_size ({L})")
         self.model, self.tokenizer, self.config, self.engine_config = model, tokenizer, config, engine_config
+        self.ar_checkpoint = ar_checkpoint
         mc = model.config
         self.max_model_len = min(mc.max_position_embeddings, engine_config.max_model_len or mc.max_position_embeddings)
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend, model.device)
@@ -139,8 +156,13 @@ class Engine:
         # the torch reference gathers them all, so it stays eager.
         use_graphs = model.device.type == "cuda" and not engine_config.enforce_eager and self.attention_backend != "torch"
         num_pages = engine_config.num_pages or self._default_num_pages(L, use_graphs)
-        cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device,
-                        fused_writes=fuse)
+        try:
+            cache = KVCache(mc.num_hidden_layers, num_pages, L, mc.n_kv_heads, mc.dim_per_head, model.dtype, model.device,
+                            fused_writes=fuse)
+        except (RuntimeError, MemoryError) as exc:  # torch's "can't allocate 36028797018996736 bytes", or CUDA's OOM
+            gib = num_pages * KVCache.page_bytes(mc.num_hidden_layers, L, mc.n_kv_heads, mc.dim_per_head, model.dtype) / 2**30
+            raise ValueError(f"the KV cache of {num_pages} pages ({gib:.3g} GiB) does not fit on {model.device}: set "
+                             f"num_pages or kv_cache_gib lower ({type(exc).__name__}: {str(exc)[:200]})") from None
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(
             self.allocator, max_num_seqs=engine_config.max_num_seqs, max_prefill_tokens=engine_config.max_prefill_tokens,
@@ -155,11 +177,6 @@ class Engine:
         )
         if use_graphs:
             self.runner.capture_largest()
-        self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
-        if isinstance(mc.eos_token_id, int):
-            self._tokenizer_stop_ids |= {mc.eos_token_id}
-        elif mc.eos_token_id:
-            self._tokenizer_stop_ids |= set(mc.eos_token_id)
         self._ids = itertools.count()
         self._vocab_text: list[str] | None = None  # each token's text, decoded once for delimiter strings
         self._delimiter_cache: dict[str, frozenset[int]] = {}
@@ -185,6 +202,10 @@ class Engine:
         a model never fine-tuned to fill masks decodes noise by diffusion.
         `path` may be an object-store URI, read through this node's cache (fdllm.storage)."""
         device = parse_device(device)  # before anything is read or fetched
+        if config is not None:  # before the model is read
+            _typed("config", config, BlockDiffusionConfig)
+        if engine_config is not None:
+            _typed("engine_config", engine_config, EngineConfig)
         path = local_checkpoint(path)
         saved = BlockDiffusionConfig.load(path)
         if default_mode is None and saved is None:
@@ -197,7 +218,7 @@ class Engine:
             config = config.replace(mask_token_id=saved.mask_token_id)
         model = Transformer.from_pretrained(path, dtype=dtype, device=device)
         tokenizer = load_text_tokenizer(path) if has_tokenizer(path) else None
-        return cls(model, tokenizer, config, engine_config, default_mode)
+        return cls(model, tokenizer, config, engine_config, default_mode, ar_checkpoint=saved is None)
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -247,11 +268,11 @@ class Engine:
         ids = self._encode(prompt)
         if request_id is None:
             request_id = str(next(self._ids))
-            while self.scheduler.find(request_id) is not None:  # a number the caller chose for another request
+            while self._in_use(request_id):  # a number the caller chose for another request
                 request_id = str(next(self._ids))
         elif not isinstance(request_id, str) or not request_id:  # an int 5 and the engine's own "5" would be two ids
             raise ValueError(f"request id must be a non-empty str, got {request_id!r}")
-        elif self.scheduler.find(request_id) is not None:
+        elif self._in_use(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         self._validate(ids, params)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._tokenizer_stop_ids)
@@ -273,6 +294,13 @@ class Engine:
         )
         self.scheduler.add(seq)
         return request_id
+
+    def _in_use(self, request_id: str) -> bool:
+        """A running or waiting request's id, or one whose result a step() has yet to deliver (aborted, or
+        finished while generate() drove the engine): results are told apart by id, so a new request under
+        it would be handed the old one's (the async engine's stream of a reused id got the aborted result)."""
+        return (self.scheduler.find(request_id) is not None or any(s.request_id == request_id for s in self._aborted)
+                or any(r.request_id == request_id for r in self._undelivered))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request now (its pages are freed at once); its result comes from the next step()."""
@@ -355,43 +383,66 @@ class Engine:
         """
         prompts = self._prompt_list(prompts)
         params = params or SamplingParams()
+        if not isinstance(params, (SamplingParams, list, tuple)):  # a dict was read as its keys
+            raise ValueError(f"params must be a fdllm.SamplingParams or a list of them (one per prompt), got "
+                             f"{type(params).__name__}")
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} SamplingParams")
         rids: list[str] = []
+        done: dict[str, GenerationResult] = {}
+        others: list[GenerationResult] = []  # other callers' requests' results, for the next step() to deliver
+        bar = None
         try:
             for p, sp in zip(prompts, per_prompt):
                 rids.append(self.add_request(p, sp))
-        except Exception:  # one bad prompt: none of them runs (nothing has yet, and no result is left behind)
-            for rid in rids:
-                self.scheduler.finish(self.scheduler.find(rid))
-            raise
-        pending, done, others = set(rids), {}, []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+            if progress:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(rids), desc="generate", unit="req")
-        while pending:
-            for result in self.step():
-                if result.request_id not in pending:
-                    others.append(result)
-                    continue
-                pending.discard(result.request_id)
-                done[result.request_id] = result
-                if bar is not None:
-                    bar.update()
-        if bar is not None:
-            bar.close()
-        self._undelivered += others
+                bar = tqdm(total=len(rids), desc="generate", unit="req")
+            mine = set(rids)
+            while len(done) < len(rids):
+                idle_waiting = 0 if self.scheduler.running else len(self.scheduler.waiting)
+                for result in self.step():
+                    if result.request_id not in mine:
+                        others.append(result)
+                        continue
+                    done[result.request_id] = result
+                    if bar is not None:
+                        bar.update()
+                if idle_waiting and not self.scheduler.running and len(self.scheduler.waiting) == idle_waiting:
+                    self._refuse_held_pages()  # nothing ran and the step admitted nothing: nothing ever will
+        finally:
+            if bar is not None:
+                bar.close()
+            self._undelivered += others
+            # A bad prompt (none of them ran), an error or an interrupt (Ctrl-C): the call's requests leave the
+            # engine with no result behind, or they would run on for nobody and hold its pages.
+            self._drop({rid for rid in rids if rid not in done})
         return [done[r] for r in rids]
+
+    def _drop(self, request_ids: set[str]) -> None:
+        """End these requests with no result delivered (their caller is gone)."""
+        for rid in request_ids:
+            if (seq := self.scheduler.find(rid)) is not None:
+                self.scheduler.finish(seq)
+        self._aborted = [seq for seq in self._aborted if seq.request_id not in request_ids]
+
+    def _refuse_held_pages(self) -> None:
+        """RuntimeError for waiting requests a step with nothing running did not admit: the pages
+        `hold_free_pages` keeps back are all that would fit them, and only this caller releases them."""
+        if self.scheduler.held_pages:
+            raise RuntimeError(f"{len(self.scheduler.waiting)} waiting request(s) cannot be admitted while "
+                               f"hold_free_pages({self.scheduler.held_pages}) keeps the pages they need "
+                               f"({self.num_free_pages} free); release them with hold_free_pages(0)")
 
     @property
     def scores_causally(self) -> bool:
         """Whether the checkpoint has a causal distribution to `score` with: its clean stream attends
         causally (BlockDiffusionConfig.prefix_attention "causal": the joint objective), or it is an AR
-        model (no mask token). Under block-causal attention a position sees the block it would predict."""
-        return self.config.causal_prefix or self.config.mask_token_id is None
+        model (no mask token, or `ar_checkpoint`: the world's AR base has one in its tokenizer, for the
+        fine-tune). Under block-causal attention a position sees the block it would predict."""
+        return self.config.causal_prefix or self.config.mask_token_id is None or self.ar_checkpoint
 
     def score(self, prompts: Iterable[Prompt], top_logprobs: int = 0, score_from: int | Seq[int] = 1) -> list[SequenceLogprobs]:
         """Each sequence's causal log-probabilities (the model's AR distribution, mask token excluded as

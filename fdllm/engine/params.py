@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 
 from fdllm.decoding import SELECTIONS
+from fdllm.config import is_finite_number, is_int
 from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE, LINEAR_BACKENDS
 from fdllm.quantization import QUANTIZATIONS
 
@@ -27,15 +27,7 @@ MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 DEFAULT_DELIMITERS = ("\n",)  # adaptive sub-block boundaries: newline tokens (with a tokenizer) and the end tokens
 MAX_DELIMITERS, MAX_DELIMITER_CHARS = 16, 32
-
-
-def is_int(value: object) -> bool:
-    """An int that is not a bool (JSON's true would otherwise pass for 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+MAX_NUM_SEQS = 1 << 16  # far past any batch a replica runs (vLLM's default is 256); 2**63 built buckets until OOM
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,20 +91,20 @@ class SamplingParams:
         request must fail alone at the boundary, never inside a batch other requests share."""
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not _is_finite(self.temperature) or not (
+        if not is_finite_number(self.temperature) or not (
             self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
         ):
             raise ValueError(
                 f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
                 f"got {self.temperature!r}"
             )
-        if not _is_finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if not is_finite_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be an int in [0, {MAX_TOP_K}] (0 = off), got {self.top_k!r}")
         if self.seed is not None and (not is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
             raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
-        if self.threshold is not None and (not _is_finite(self.threshold) or not 0.0 < self.threshold <= 1.0):
+        if self.threshold is not None and (not is_finite_number(self.threshold) or not 0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None (the engine's default), got {self.mode!r}")
@@ -147,11 +139,11 @@ class SamplingParams:
     def _check_adjustments(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not _is_finite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+            if not is_finite_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens!r}")
-        if not _is_finite(self.repetition_penalty) or not (
+        if not is_finite_number(self.repetition_penalty) or not (
                 MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
             raise ValueError(f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY:g}, "
                              f"{MAX_REPETITION_PENALTY:g}] (1: off), got {self.repetition_penalty!r}")
@@ -159,7 +151,7 @@ class SamplingParams:
         if bias is None:
             return
         if (not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS_TOKENS
-                or not all(is_int(t) and t >= 0 and _is_finite(v) and abs(v) <= MAX_LOGIT_BIAS for t, v in bias.items())):
+                or not all(is_int(t) and t >= 0 and is_finite_number(v) and abs(v) <= MAX_LOGIT_BIAS for t, v in bias.items())):
             raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS_TOKENS} token ids to numbers in "
                              f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}"[:500])
 
@@ -167,14 +159,14 @@ class SamplingParams:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.entropy_budget is not None:
-            if not _is_finite(self.entropy_budget) or self.entropy_budget < 0:
+            if not is_finite_number(self.entropy_budget) or self.entropy_budget < 0:
                 raise ValueError(f"entropy_budget must be a number >= 0 (nats), got {self.entropy_budget!r}")
             if self.selection != "entropy_budget":
                 raise ValueError("entropy_budget applies to selection='entropy_budget' only; set selection too")
         if self.threshold is not None and self.selection == "entropy_budget":
             raise ValueError("threshold does not apply to selection='entropy_budget' (entropy_budget replaces it)")
         if self.delimiter_threshold is not None and (
-            not _is_finite(self.delimiter_threshold) or not 0.0 <= self.delimiter_threshold <= 1.0
+            not is_finite_number(self.delimiter_threshold) or not 0.0 <= self.delimiter_threshold <= 1.0
         ):
             raise ValueError(f"delimiter_threshold must be a number in [0, 1], got {self.delimiter_threshold!r}")
         if self.delimiters is not None and (
@@ -256,9 +248,11 @@ class EngineConfig:
             value = getattr(self, name)
             if not (value is None and name in _OPTIONAL_COUNTS) and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1{' or None' * (name in _OPTIONAL_COUNTS)}, got {value!r}")
-        if self.kv_cache_gib is not None and (not _is_finite(self.kv_cache_gib) or self.kv_cache_gib <= 0):
+        if self.max_num_seqs > MAX_NUM_SEQS:  # the static steps' batch buckets and activations grow with it
+            raise ValueError(f"max_num_seqs must be at most {MAX_NUM_SEQS}, got {self.max_num_seqs}")
+        if self.kv_cache_gib is not None and (not is_finite_number(self.kv_cache_gib) or self.kv_cache_gib <= 0):
             raise ValueError(f"kv_cache_gib must be a number > 0 or None, got {self.kv_cache_gib!r}")
-        if not _is_finite(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if not is_finite_number(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
         for name in ("enforce_eager", "fuse_kernels", "deterministic", "speculative_lookahead", "freeze_gc",
                      "enable_prefix_caching"):

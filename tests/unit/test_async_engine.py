@@ -279,7 +279,8 @@ def test_scores_waiting_together_share_forwards_and_get_their_own_answers(causal
     engine.runner.score = lambda rows, k: forwards.append(len(rows)) or score(rows, k)
 
     async def main(bad: list):
-        stream = drv.generate([5, 6], fdllm.SamplingParams(max_new_tokens=400, mode="ar", ignore_eos=True), "busy")
+        # an id of its own each run: the last run's closed "busy" is in use until a step delivers its abort
+        stream = drv.generate([5, 6], fdllm.SamplingParams(max_new_tokens=400, mode="ar", ignore_eos=True), f"busy{len(bad)}")
         await anext(stream)
         paused, resume = _pause_next_step(drv)
         assert await asyncio.to_thread(paused.wait, 30)

@@ -419,8 +419,11 @@ def test_one_prompt_not_in_a_list_and_params_not_sampling_params_are_value_error
             engine.generate(prompts, params(max_new_tokens=2))
     with pytest.raises(ValueError, match="params must be a fdllm.SamplingParams, got dict"):
         engine.generate(["hello"], [{"max_new_tokens": 2}])
-    with pytest.raises(ValueError, match="params must be a fdllm.SamplingParams, got str"):
-        engine.generate(["hello"], {"max_new_tokens": 2})  # iterated as its keys
+    with pytest.raises(ValueError, match="params must be a fdllm.SamplingParams or a list of them .one per prompt., got dict"):
+        engine.generate(["hello"], {"max_new_tokens": 2})  # was iterated as its keys: "got str", or "1 prompts but 2"
+    for name, bad in (("config", {"block_size": 8}), ("engine_config", {"num_pages": 8})):  # AttributeErrors inside
+        with pytest.raises(ValueError, match=f"{name} must be a fdllm.{'BlockDiffusionConfig' if name == 'config' else 'EngineConfig'}, got dict"):
+            fdllm.Engine.from_pretrained(dllm_dir, **{name: bad})
     with pytest.raises(ValueError, match="params must be a fdllm.SamplingParams, got dict"):
         engine.add_request("hello", {"max_new_tokens": 2})
     for request_id in (5, "", ["r"]):  # an int 5 and the engine's own id "5" would be two requests
@@ -453,6 +456,7 @@ def test_seeds_that_differ_mod_2_64_draw_different_streams(model, mode):
     ({"max_num_seqs": 2.5}, "max_num_seqs"), ({"num_pages": float("nan")}, "num_pages"),
     ({"max_model_len": float("nan")}, "max_model_len"), ({"max_prefill_tokens": True}, "max_prefill_tokens"),
     ({"gpu_memory_utilization": float("nan")}, "gpu_memory_utilization"), ({"enforce_eager": "no"}, "enforce_eager"),
+    ({"max_num_seqs": 2**63}, "max_num_seqs must be at most 65536"),  # its batch buckets were built until OOM
 ])
 def test_bad_engine_config_values_are_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -466,6 +470,93 @@ def test_bad_engine_config_is_rejected(model):
         make_engine(model, threshold=0.0)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         make_engine(model, mask_token_id=VOCAB)
+    with pytest.raises(ValueError, match=r"KV cache of 1099511627776 pages \(.* GiB\) does not fit on cpu"):
+        make_engine(model, num_pages=2**40)  # torch's "can't allocate ... bytes"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("block_size", 32.0), ("sub_block_size", 8.0), ("mask_token_id", 1.5), ("mask_token_id", True), ("mask_token_id", -1),
+    ("threshold", "0.9"), ("threshold", True), ("threshold", float("nan")), ("eps", None), ("use_sub_block_cache", "no"),
+])
+def test_block_diffusion_config_values_of_the_wrong_type_are_one_clear_error(field, value):
+    """fdllm_config.json's values arrive as JSON wrote them: a true mask_token_id was token 1 (every request
+    ended at once), a float block size failed deep in torch, "no" turned the sub-block cache on."""
+    with pytest.raises(ValueError, match=field):
+        fdllm.BlockDiffusionConfig(**{field: value})
+
+
+def test_a_mask_token_that_is_an_end_token_is_refused(dllm_dir):
+    """The mask token is never predicted, so with it an end token no request would ever stop on it."""
+    from tests.helpers import make_tokenizer
+
+    eos = make_tokenizer().convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(ValueError, match=f"mask_token_id {eos} is an end token"):
+        fdllm.Engine.from_pretrained(dllm_dir, config=fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4,
+                                                                                mask_token_id=eos))
+
+
+def test_devices_and_dtypes_that_name_no_place_or_type_for_weights(dllm_dir):
+    """"cpu:0" is the CPU (safetensors refused it, blaming the checkpoint: "not a readable safetensors file");
+    "meta" and int8 hold no model: one clear error, before anything is read."""
+    assert fdllm.Engine.from_pretrained(dllm_dir, device="cpu:0").model.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'meta' holds no data"):
+        fdllm.Engine.from_pretrained(dllm_dir, device="meta")
+    with pytest.raises(ValueError, match="unsupported dtype torch.int8"):
+        fdllm.Engine.from_pretrained(dllm_dir, dtype=torch.int8)
+
+
+def test_a_reused_request_id_waits_until_its_aborted_result_is_delivered(model):
+    """Results are told apart by id: a request added under an aborted one's id before the next step took the
+    aborted result (the async engine handed it to the new stream, whose own result was dropped)."""
+    engine = make_engine(model)
+    engine.add_request([1, 2, 3], params(max_new_tokens=30), request_id="x")
+    engine.step()
+    engine.abort("x")
+    with pytest.raises(ValueError, match="request id 'x' is already in use"):
+        engine.add_request([4, 5], params(max_new_tokens=3), request_id="x")
+    [aborted] = engine.step()
+    assert (aborted.request_id, aborted.finish_reason, aborted.prompt_token_ids) == ("x", "abort", [1, 2, 3])
+    engine.add_request([4, 5], params(max_new_tokens=3), request_id="x")
+    results = []
+    while engine.has_unfinished():
+        results += engine.step()
+    assert [(r.request_id, r.prompt_token_ids, len(r.token_ids)) for r in results] == [("x", [4, 5], 3)]
+
+
+def test_an_interrupted_generate_leaves_nothing_behind(model, monkeypatch):
+    """Ctrl-C in generate() left its requests running and waiting for nobody: the next generate() waited for
+    all of them (28 s in the audit) and their results piled up undelivered."""
+    engine = fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, mask_token_id=MASK),
+                          fdllm.EngineConfig(num_pages=256, max_num_seqs=4))
+    other = engine.add_request([9, 9], params(max_new_tokens=40))  # a step-API caller's request: it stays
+    step, calls = engine.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([[1, 2, 3]] * 20, params(max_new_tokens=200))
+    monkeypatch.undo()
+    assert engine.num_running + engine.num_waiting == 1 and engine.scheduler.find(other) is not None
+    [res] = engine.generate([[1, 2, 3]], params(max_new_tokens=3))
+    assert len(res.token_ids) == 3
+    while engine.has_unfinished():
+        assert [r.request_id for r in engine.step()] in ([], [other])
+    assert engine.num_free_pages == engine.num_pages
+
+
+def test_generate_with_every_page_held_is_an_error_not_a_hang(model):
+    engine = make_engine(model)
+    engine.hold_free_pages(engine.num_pages)
+    with pytest.raises(RuntimeError, match=r"cannot be admitted while hold_free_pages\(256\) keeps the pages"):
+        engine.generate([[1, 2, 3]], params(max_new_tokens=3))
+    assert not engine.has_unfinished()
+    engine.hold_free_pages(0)
+    assert len(engine.generate([[1, 2, 3]], params(max_new_tokens=3))[0].token_ids) == 3
 
 
 def test_a_built_engine_freezes_the_start_up_heap_unless_told_not_to(model):

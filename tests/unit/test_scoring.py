@@ -105,6 +105,19 @@ def test_an_ar_checkpoint_scores_with_its_whole_vocabulary(qwen2_dir):
     assert_matches_hf(scored, qwen2_dir, ids, 2, None)
 
 
+def test_a_plain_ar_checkpoint_with_a_mask_token_in_its_tokenizer_scores():
+    """The world's AR base carries |<MASK>| in its tokenizer for the fine-tune to come, so it was taken for
+    a block-causal fine-tune and refused; it has no fdllm_config.json (never fine-tuned): its causal
+    distribution is its own, HF's."""
+    from pipelines.world import DEFAULT_MODEL_DIR
+
+    engine = fdllm.Engine.from_pretrained(DEFAULT_MODEL_DIR)
+    assert engine.config.mask_token_id is not None and engine.ar_checkpoint and engine.scores_causally
+    ids = engine.tokenizer.encode("Sort: 5 3 9 1")
+    (scored,) = engine.score([ids], top_logprobs=3)
+    assert_matches_hf(scored, DEFAULT_MODEL_DIR, ids, 3, engine.config.mask_token_id)
+
+
 def test_a_block_causal_checkpoint_is_refused(dllm_dir):
     engine = fdllm.Engine.from_pretrained(dllm_dir)
     assert not engine.scores_causally
