@@ -43,6 +43,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import contextlib
 import os
 import re
 import shutil
@@ -170,6 +171,17 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             return
         path = inner  # file://: a local file, written as one
     _write_local(Path(path).expanduser(), data)
+
+
+def remove_file(path: str | os.PathLike) -> None:
+    """Delete one small file, local or a URI; none there is no error (a marker a run may not have left)."""
+    path = str(path)
+    if not is_uri(path):
+        Path(path).expanduser().unlink(missing_ok=True)
+        return
+    fs, inner = filesystem(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(inner)
 
 
 def _write_local(path: Path, data: bytes) -> None:

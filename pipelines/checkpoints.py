@@ -28,6 +28,7 @@ TRAIN_STATE = "train_state.pt"
 # A run whose data gave no training batch: the rows its first pass counted, which rank 0 writes in
 # the run directory for the driver's error (Ray Train keeps the metrics of checkpoints only)
 NO_BATCH_COUNTS = "no_batch_counts.json"
+DIVERGED = "diverged.json"  # the step and loss of a run whose workers stopped at a non-finite loss or weights
 DEEPSPEED_DIR = "deepspeed"
 NOT_SERVABLE = (TRAIN_STATE, f"{DEEPSPEED_DIR}/*")  # glob patterns on paths relative to the checkpoint
 _RANK_SHARD = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank files: ZeRO optimizer/params

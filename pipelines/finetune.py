@@ -58,9 +58,10 @@ from fdllm.storage import (  # noqa: E402
     filesystem,
     join,
     read_text,
+    remove_file,
     same_or_under,
 )
-from pipelines.checkpoints import NO_BATCH_COUNTS  # noqa: E402
+from pipelines.checkpoints import DIVERGED, NO_BATCH_COUNTS  # noqa: E402
 from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files, summarize_bad_rows  # noqa: E402
 from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
@@ -71,7 +72,11 @@ log = logging.getLogger("fdllm.finetune")
 
 # What a bad option, path or data source raises before (or instead of) training: the CLIs built on the
 # fine-tune (this one, distill, quickstart) report it as one line and exit 2, argparse's status.
-USER_ERRORS = (ValueError, OSError, DataError)
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights of a run became non-finite (its workers stopped before saving them)."""
+
+
+USER_ERRORS = (ValueError, OSError, DataError, TrainingDiverged)
 
 # Ray Train's knobs (read from the driver's environment at fit, which hands them to its controller and
 # workers) for a local Ray instance this process started: no preemption watcher, an actor per run for
@@ -261,7 +266,8 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
         result = trainer.fit()
     _drop_worker_progress_bars()
     metrics = result.metrics or {}
-    if metrics.get("step", 0) < cfg.total_steps():  # the workers returned early: the data gave no batch
+    if metrics.get("step", 0) < cfg.total_steps():  # the workers returned early: the run diverged, or no batch
+        _raise_if_diverged(cfg)
         raise DataError(f"{cfg.no_batch_error()}; {_no_batch_counts(cfg)}")
     log.info("finished: step %s loss %.4f tokens %s (%.0f tok/s in the last window)", metrics.get("step"),
              metrics.get("loss", float("nan")), metrics.get("tokens"), metrics.get("tokens_per_s", 0.0))
@@ -272,6 +278,21 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
     if result.checkpoint is not None:
         log.info("servable checkpoint: %s (training checkpoint: %s)", cfg.output, result.checkpoint.path)
     return result
+
+
+def _raise_if_diverged(cfg: FinetuneConfig) -> None:
+    """TrainingDiverged when the run's workers stopped at a non-finite loss or weights (rank 0 left `DIVERGED`,
+    removed here, so that a resumed run is not taken for it)."""
+    marker = join(cfg.storage_path, cfg.run_name, DIVERGED)
+    try:
+        diverged = json.loads(read_text(marker))
+    except (OSError, ValueError):
+        return
+    remove_file(marker)
+    raise TrainingDiverged(
+        f"training diverged at step {diverged.get('step')} (loss {diverged.get('loss')}, or weights no longer finite): "
+        f"nothing from that step on was saved or published; lower --lr (it is {cfg.lr:g}) or raise --warmup-steps, "
+        "then start again, or --resume from the last checkpoint")
 
 
 def _no_batch_counts(cfg: FinetuneConfig) -> str:

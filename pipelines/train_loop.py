@@ -56,7 +56,7 @@ from fdllm.objective import (
 )
 from fdllm.storage import join, local_checkpoint, write_bytes
 from fdllm.tokenizer import add_mask_token, load_tokenizer
-from pipelines.checkpoints import DEEPSPEED_DIR, NO_BATCH_COUNTS, TRAIN_STATE, export_servable, restore_for_rank
+from pipelines.checkpoints import DEEPSPEED_DIR, DIVERGED, NO_BATCH_COUNTS, TRAIN_STATE, export_servable, restore_for_rank
 from pipelines.data import BAD_REASONS, summarize_bad_rows
 from pipelines.finetune_config import FinetuneConfig
 
@@ -273,6 +273,10 @@ class Parallel:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def weights_finite(self) -> bool:
+        """Whether this rank's weights (its partition of them under ZeRO-3) are all finite."""
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.module.parameters()]).all())
+
     def hf_module(self) -> torch.nn.Module | None:
         """The full model to export in HF format, on rank 0; None elsewhere (every rank must call it).
 
@@ -372,6 +376,16 @@ def _write_no_batch_counts(cfg: FinetuneConfig, state: TrainState) -> None:
         log.warning("could not write the row counts for the driver: %s", e)
 
 
+def _write_diverged(cfg: FinetuneConfig, step: int, loss: float) -> None:
+    """The step and loss of a diverged run, for the driver's error (`DIVERGED`; Ray Train keeps only the
+    metrics reported with a checkpoint), and in this worker's log."""
+    log.error("step %d: loss %s, or weights no longer finite: the run diverged; nothing of it is saved", step, loss)
+    try:
+        write_bytes(join(cfg.storage_path, cfg.run_name, DIVERGED), json.dumps({"step": step, "loss": loss}).encode())
+    except OSError as e:
+        log.warning("could not write the divergence for the driver: %s", e)
+
+
 def _save_checkpoint(
     directory: Path, parallel: Parallel, tokenizer: Any, block_cfg: BlockDiffusionConfig, state: TrainState
 ) -> None:
@@ -451,6 +465,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress.update(1)
 
         save = state.step % cfg.save_every == 0 or state.step == total_steps
+        # A non-finite loss (the global one: every rank sees it), or weights an update made non-finite
+        # before a save: the run diverged. Nothing of it may be saved or published (it would replace the
+        # last good export); returned, not raised, as above: a restart would diverge again. The driver raises.
+        if not math.isfinite(loss) or (save and not _all_reduce([float(parallel.weights_finite())], dist.ReduceOp.MIN)[0]):
+            progress.close()
+            if rank == 0:
+                _write_diverged(cfg, state.step, loss)
+            return
         if save or state.step % cfg.log_every == 0:
             _collect_bad_rows(reader, state)
             metrics = meter.metrics(state, lr)

@@ -159,6 +159,25 @@ def test_data_of_no_training_batch_fails_once_with_why(local_ray, qwen2_dir, tmp
     assert str(error.value).endswith(f"; rows skipped: {len(BROKEN_ROWS)} of {len(BROKEN_ROWS)} ({counts})")
 
 
+def test_a_diverging_run_stops_with_a_clear_error_and_publishes_nothing_of_it(local_ray, qwen2_dir, tmp_path):
+    """At --lr 1e9 the loss is NaN by step 2: the run went on to its last step, exited 0 with "loss nan", and
+    published NaN weights over the last good export. Now its workers stop at the first non-finite loss,
+    before saving it, and the driver raises; the export is the last finite checkpoint's."""
+    from safetensors.torch import load_file
+
+    from pipelines.finetune import TrainingDiverged
+
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(64), [])
+    output = tmp_path / "servable"
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+ \(loss nan.*nothing from that step on was saved"):
+        run(_config(*_common(qwen2_dir, data, tmp_path / "runs"), "--lr", "1e9", "--max-steps", "6", "--save-every", "1",
+                    "--batch-size", "1", "--num-workers", "1", "--max-failures", "0", "--run-name", "diverged",
+                    "--output", str(output)))
+    weights = load_file(output / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "runs" / "diverged" / "diverged.json").exists()  # read, and gone: a resume is not taken for it
+
+
 def test_a_run_the_local_ray_instance_cannot_hold_fails_at_once(local_ray, qwen2_dir, tmp_path):
     """This process started the Ray instance (2 CPUs), so no node will join: 4 workers x 0.5 CPU and
     the data's 0.5 would wait forever (Ray Train retries starting the workers without end, Ray Data
