@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from fdllm.storage import filesystem, join, read_text, same_or_under, write_bytes  # noqa: E402
 from pipelines.data import check_data_files, read_raw_records  # noqa: E402
-from pipelines.finetune import build_parser, build_trainer, check_output, cli_main, fit, resolve_run  # noqa: E402
+from pipelines.finetune import build_parser, build_trainer, check_fits, check_output, cli_main, fit, resolve_run  # noqa: E402
 from pipelines.finetune_config import DistillConfig  # noqa: E402
 from pipelines.trajectories import CORRECT, DROPPED, REPLACED, TrajectoryGenerator, split_windows  # noqa: E402
 
@@ -165,6 +165,12 @@ def run(cfg: DistillConfig) -> "ray.train.Result":
                          "replaces: give them directories apart")
     if not ray.is_initialized():
         ray.init()
+    if read_summary(cfg.trajectories) is None:  # decoding them: the engine actors beside one data task
+        gpus = {"GPU": cfg.engine_actors * cfg.engine_gpus} if cfg.engine_gpus else {}
+        check_fits({"CPU": cfg.engine_actors * cfg.engine_cpus + cfg.data_cpus, **gpus},
+                   f"{cfg.engine_actors} engine actor(s) x {cfg.engine_cpus:g} CPU"
+                   f"{f' and {cfg.engine_gpus:g} GPU' if cfg.engine_gpus else ''} + {cfg.data_cpus:g} CPU for the data "
+                   "to decode the trajectories", "lower --engine-actors, --engine-cpus or --data-cpus")
     counts = generate_trajectories(cfg, cfg.trajectories)
     log_counts(counts, cfg.wrong_trajectories)
     if not counts.get(CORRECT, 0) + counts.get(REPLACED, 0):

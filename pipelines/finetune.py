@@ -306,24 +306,29 @@ def _no_batch_counts(cfg: FinetuneConfig) -> str:
 
 def check_cluster_fits(cfg: FinetuneConfig) -> None:
     """The run's resources against the Ray instance's: the workers' bundles (`scaling_config`) and one
-    data task (`--data-cpus`, which Ray Data runs beside them). A local instance this process started
-    never grows, and a run it cannot hold would wait forever (Ray Train retries starting its workers
-    without end; Ray Data waits for a free CPU), so that is an error, now. A cluster may grow (an
-    autoscaler adds nodes), so there it is a warning that says what is missing."""
+    data task (`--data-cpus`, which Ray Data runs beside them); see `check_fits`."""
+    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus, **({"GPU": cfg.num_workers} if cfg.use_gpu else {})}
+    what = (f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU{' and 1 GPU' * cfg.use_gpu} + "
+            f"{cfg.data_cpus:g} CPU for the data")
+    check_fits(need, what, f"lower --num-workers, --cpus-per-worker or --data-cpus{', drop --use-gpu' * cfg.use_gpu}")
+
+
+def check_fits(need: dict[str, float], what: str, remedy: str) -> None:
+    """`need` (Ray resources, described as `what`) against the Ray instance's. A local instance this process
+    started never grows, and work it cannot hold would wait forever (Ray Train retries starting its workers
+    without end; Ray Data waits for a free CPU), so that is an error, now, saying `remedy`. A cluster may
+    grow (an autoscaler adds nodes), so there it is a warning that says what is missing."""
     import ray
 
-    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus, **({"GPU": cfg.num_workers} if cfg.use_gpu else {})}
     have = ray.cluster_resources()
     if all(n <= have.get(name, 0) + 1e-9 for name, n in need.items()):
         return
-    what = (f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU{' and 1 GPU' * cfg.use_gpu} + "
-            f"{cfg.data_cpus:g} CPU for the data")
     has = " and ".join(f"{have.get(name, 0):g} {name}" for name in need)
     if _started_ray_here():
-        raise ValueError(f"this run needs {what}, and the local Ray instance it started has {has}: lower --num-workers, "
-                         f"--cpus-per-worker or --data-cpus{', drop --use-gpu' * cfg.use_gpu}, or submit it to a cluster")
+        raise ValueError(f"this run needs {what}, and the local Ray instance it started has {has}: {remedy}, or "
+                         "submit it to a cluster")
     log.warning("this run needs %s, and the Ray cluster has %s now: it waits for nodes to join (an autoscaler adds "
-                "them; until then Ray Train retries starting the workers)", what, has)
+                "them; until then Ray retries starting its work)", what, has)
 
 
 def _started_ray_here() -> bool:

@@ -188,6 +188,28 @@ def test_trajectories_made_otherwise_are_refused_naming_what_differs(tmp_path, m
         distill.generate_trajectories(made, str(tmp_path))
 
 
+def test_engine_actors_a_local_ray_instance_cannot_hold_are_refused_before_decoding(dllm_dir, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """The trajectory stage's actors and data task beside them on a local instance too small for them waited
+    forever, with no line said (the fine-tune's own check ran only after the trajectories)."""
+    import ray
+
+    from pipelines import distill, finetune
+    from tests.sft_data import good_records, write_jsonl
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(finetune, "_started_ray_here", lambda: True)
+    monkeypatch.setattr(distill, "generate_trajectories", lambda *a: pytest.fail("decoding started"))
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(2))
+    assert main(["--model", str(dllm_dir), "--data", str(data), "--max-steps", "1", "--block-size", "8",
+                 "--sub-block-size", "4", "--seq-len", "64", "--storage-path", str(tmp_path / "runs"), "--run-name", "r",
+                 "--engine-cpus", "1.5", "--data-cpus", "1", "--engine-gpus", "0.5"]) == 2
+    assert ("this run needs 1 engine actor(s) x 1.5 CPU and 0.5 GPU + 1 CPU for the data to decode the trajectories, "
+            "and the local Ray instance it started has 2 CPU and 0 GPU: lower --engine-actors, --engine-cpus or "
+            "--data-cpus, or submit it to a cluster") in caplog.text
+
+
 def test_an_existing_run_without_resume_is_refused_before_decoding(dllm_dir, tmp_path, monkeypatch):
     """`--resume` is checked before the trajectories are decoded, not after (exit 2, Ray not started)."""
     import ray
