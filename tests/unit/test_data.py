@@ -319,6 +319,26 @@ def test_a_row_too_long_for_any_tokenization_is_skipped_untokenized(tok, monkeyp
     assert out["num_docs"].sum() == process_records([{"input": Q, "output": A}], tok, cfg, spec)["num_docs"].sum()
 
 
+@pytest.mark.parametrize("prompt_chars", [10, 3000])  # the cut in the answer, or in the prompt (no answer kept)
+def test_overlong_truncate_tokenizes_a_huge_row_only_as_far_as_it_keeps(tok, monkeypatch, prompt_chars):
+    """Under overlong=truncate a 50 MB row was tokenized whole, minutes a pass in silence, to keep seq_len
+    tokens: now its first 2 x seq_len x max_token_chars characters are, and the packed sequence is the one
+    the whole row gives; a row whose cut holds no answer is too_long, as its whole tokens would be."""
+    spec, cfg = TokenSpec.from_tokenizer(tok), DataConfig(block_size=8, seq_len=64, overlong="truncate")
+    record = {"input": "q" * prompt_chars + "?", "output": " ".join(["ab cd"] * 2000)}
+    from pipelines import data
+
+    with monkeypatch.context() as never_cut:  # the whole row tokenized, as before
+        never_cut.setattr(data, "truncate_chars", lambda cfg, spec: 10**12)
+        whole = process_records([record], tok, cfg, spec)
+    seen: list[int] = []
+    call = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, texts, **kw: seen.extend(map(len, texts)) or call(self, texts, **kw))
+    cut = process_records([record], tok, cfg, spec)
+    assert sum(seen) <= 2 * cfg.seq_len * spec.max_token_chars
+    assert {k: v.tolist() for k, v in cut.items()} == {k: v.tolist() for k, v in whole.items()}
+
+
 def test_parquet_rows_parse_like_jsonl(tok, tmp_path):
     recs = [r for r in good_records(8) if "input" in r and isinstance(r["input"], list)]
     path = tmp_path / "sft.parquet"
