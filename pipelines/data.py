@@ -624,8 +624,11 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
             if info.type == pafs.FileType.Directory:
                 root = inner.rstrip("/") + "/"
                 infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-                files = {i.path: i.size for i in infos if i.type == pafs.FileType.File and _file_format(i.path)
-                         and not _hidden(i.path.removeprefix(root))}
+                visible = [i for i in infos if i.type == pafs.FileType.File and not _hidden(i.path.removeprefix(root))]
+                files = {i.path: i.size for i in visible if _file_format(i.path)}
+                if others := sorted(i.path.removeprefix(root) for i in visible if not _file_format(i.path)):
+                    log.warning("%s: %d file(s) of another type skipped (only .jsonl, .json and .parquet are read): %s%s",
+                                path, len(others), ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
                 if not files:
                     raise DataError(f"no .jsonl/.json/.parquet files under {path} (names starting with . or _ "
                                     "are skipped)")
@@ -658,8 +661,19 @@ def check_data_files(paths: Sequence[str]) -> DataSources:
             raise DataError(f"cannot read data path {path}: {type(e).__name__}: {e}") from e
     if not sources.parquet and not any(sources.sizes.values()):
         raise DataError(f"no data: every file is empty ({', '.join(sources.jsonl)})")
+    if not sources.parquet and all(_blank(uri) for uri in sources.jsonl):  # only whitespace: Ray started for nothing
+        raise DataError(f"no data: every file holds only whitespace ({', '.join(sources.jsonl)})")
     log.info("data: %d jsonl and %d parquet file(s)", len(sources.jsonl), len(sources.parquet))
     return sources
+
+
+def _blank(uri: str, limit: int = 1 << 16) -> bool:
+    """Whether a jsonl file of at most `limit` bytes holds only whitespace (a larger one is taken to hold data)."""
+    fs, inner = _resolve(uri)
+    if fs.get_file_info(inner).size > limit:
+        return False
+    with fs.open_input_file(inner) as f:
+        return not f.read().strip()
 
 
 @dataclass(frozen=True)

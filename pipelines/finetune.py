@@ -262,6 +262,9 @@ def fit(trainer: "ray.train.torch.TorchTrainer", cfg: FinetuneConfig, what: str)
     _warn_if_in_job_copy(cfg)
     log.info("%s %s: %d steps, %d worker(s) x %d sequences x %d tokens", what, cfg.model, cfg.total_steps(),
              cfg.num_workers, cfg.batch_size, cfg.seq_len)
+    # said first: an interrupted run's name (chosen here when none was given) is what resuming needs
+    log.info("run %s: checkpoints in %s, servable export at %s; if it stops, the same command with --run-name %s "
+             "--resume continues it", cfg.run_name, join(cfg.storage_path, cfg.run_name), cfg.output, cfg.run_name)
     with _environment_defaults(LOCAL_RAY_TRAIN_ENV if _started_ray_here() else {}):
         result = trainer.fit()
     _drop_worker_progress_bars()

@@ -159,7 +159,7 @@ def test_data_of_no_training_batch_fails_once_with_why(local_ray, qwen2_dir, tmp
     assert str(error.value).endswith(f"; rows skipped: {len(BROKEN_ROWS)} of {len(BROKEN_ROWS)} ({counts})")
 
 
-def test_a_diverging_run_stops_with_a_clear_error_and_publishes_nothing_of_it(local_ray, qwen2_dir, tmp_path):
+def test_a_diverging_run_stops_with_a_clear_error_and_publishes_nothing_of_it(local_ray, qwen2_dir, tmp_path, caplog):
     """At --lr 1e9 the loss is NaN by step 2: the run went on to its last step, exited 0 with "loss nan", and
     published NaN weights over the last good export. Now its workers stop at the first non-finite loss,
     before saving it, and the driver raises; the export is the last finite checkpoint's."""
@@ -167,6 +167,9 @@ def test_a_diverging_run_stops_with_a_clear_error_and_publishes_nothing_of_it(lo
 
     from pipelines.finetune import TrainingDiverged
 
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fdllm.finetune")
     data = write_jsonl(tmp_path / "sft.jsonl", good_records(64), [])
     output = tmp_path / "servable"
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+ \(loss nan.*nothing from that step on was saved"):
@@ -176,6 +179,8 @@ def test_a_diverging_run_stops_with_a_clear_error_and_publishes_nothing_of_it(lo
     weights = load_file(output / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (tmp_path / "runs" / "diverged" / "diverged.json").exists()  # read, and gone: a resume is not taken for it
+    # said as the run starts: the name and the resume command an interrupted run needs
+    assert "run diverged: checkpoints in " in caplog.text and "--run-name diverged --resume continues it" in caplog.text
 
 
 def test_a_run_the_local_ray_instance_cannot_hold_fails_at_once(local_ray, qwen2_dir, tmp_path):

@@ -472,12 +472,14 @@ def test_data_uris_keep_their_host_and_query(s3_env, tmp_path, monkeypatch):
                                      cfg))) == 1
 
 
-def test_check_data_files(tmp_path):
+def test_check_data_files(tmp_path, caplog):
     good = write_jsonl(tmp_path / "d" / "a.jsonl", good_records(2))
     pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": Q}]}]), tmp_path / "d" / "b.parquet")
     (tmp_path / "d" / "notes.txt").write_text("ignored in a directory")
+    (tmp_path / "d" / "more.jsonl.gz").write_bytes(b"\x1f\x8b")  # skipped in a directory too, and said (it was silent)
     sources = check_data_files([str(tmp_path / "d")])
     assert sources.jsonl == [str(good)] and sources.parquet == [str(tmp_path / "d" / "b.parquet")]
+    assert "2 file(s) of another type skipped (only .jsonl, .json and .parquet are read): more.jsonl.gz, notes.txt" in caplog.text
 
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage" * 100)  # read; its lines count as bad_unicode
     assert check_data_files([str(tmp_path / "bin.jsonl")]).jsonl == [str(tmp_path / "bin.jsonl")]
@@ -487,7 +489,9 @@ def test_check_data_files(tmp_path):
     (tmp_path / "empty").mkdir()
     for name in ("a.jsonl", "b.json"):
         (tmp_path / "empty" / name).write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_text(" \n\n\t\r\n")  # passed the emptiness check: Ray started, then failed
     for path, needle in [("missing.jsonl", "not found"), ("bad.parquet", "cannot read"),
+                         ("blank.jsonl", "no data: every file holds only whitespace"),
                          ("cols.parquet", "lack"), ("d/notes.txt", "unsupported"), ("array.json", "JSON array"),
                          ("empty", "no data: every file is empty"), ("empty/a.jsonl", "no data: every file is empty")]:
         with pytest.raises(DataError, match=needle):
