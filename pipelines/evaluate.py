@@ -162,7 +162,8 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, s
     try:
         text = read_text(path)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        kind = "a parquet file" if str(path).endswith(".parquet") else "not UTF-8 text"
+        raise ValueError(f"{path}: {kind} (byte {e.start}); --data takes a JSONL file of records") from None
     except IsADirectoryError:
         raise ValueError(f"{path} is a directory; --data takes a JSONL file of records") from None
     except FileNotFoundError:
@@ -450,6 +451,9 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
         parser.error(f"unknown modes {sorted(unknown)}")
     if not modes:
         parser.error("--modes names no mode")
+    models = [m for m in args.model.split(",") if m]
+    if not models:  # "," printed an empty table and exited 0
+        parser.error("--model names no model")
     if args.batch_size < 0 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size must be >= 0 (0: all at once) and --limit >= 1")
     for option in ("output", "plot"):  # before decoding: a path that cannot be written fails now
@@ -465,7 +469,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
             parser.error(f"--{option}: {e}")
     rows = []
     try:
-        for i, model in enumerate(m for m in args.model.split(",") if m):
+        for i, model in enumerate(models):
             rows += run_evaluation(model, args.data, args.base if i == 0 else None, modes, args.thresholds,
                                    args.max_new_tokens, args.limit, args.device, parse_dtype(args.dtype),
                                    args.batch_size, args.quantization, args.policies, args.sub_block_size)

@@ -99,3 +99,16 @@ def test_a_device_this_machine_lacks_is_one_line(capsys, monkeypatch):
     assert _refused(["--device", "cuda"], capsys).endswith(" error: device 'cuda': this machine has no CUDA device "
                                                            "(torch.cuda.is_available() is False); use cpu")
     assert " error: device 'gpu' is not a torch device (" in _refused(["--device", "gpu"], capsys)
+
+
+def test_a_model_list_naming_no_model_and_a_parquet_data_file_are_one_line(tmp_path, capsys):
+    """`--model ,` printed an empty table and exited 0; a parquet file as --data said "not UTF-8 text"."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", ",", "--data", "assets/world/test.jsonl"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(" error: --model names no model")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a"], "answer": ["b"]}), tmp_path / "test.parquet")
+    with pytest.raises(ValueError, match=r"test.parquet: a parquet file \(byte \d+\); --data takes a JSONL file"):
+        load_records(tmp_path / "test.parquet")
