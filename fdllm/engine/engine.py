@@ -379,7 +379,9 @@ class Engine:
     ) -> list[GenerationResult]:
         """Generate for every prompt (one params for all, or one per prompt); results in prompt order.
 
-        Other requests (step API) keep running meanwhile; their results come from the next step().
+        Other requests (step API) keep running meanwhile; their results come from the next step(). If it
+        raises (a bad prompt: none of them ran; Ctrl-C; a RuntimeError when pages `hold_free_pages` keeps
+        back are all its waiting requests could use), its requests are gone from the engine, no result left.
         """
         prompts = self._prompt_list(prompts)
         params = params or SamplingParams()
