@@ -221,6 +221,13 @@ def evaluate(engine: fdllm.Engine, records: list[dict[str, str]], params: fdllm.
     Batch 1 is the latency regime of the paper's headline numbers; a large batch measures throughput,
     where each diffusion step computes more tokens than an AR step and the speed-up shrinks."""
     prompts = [prompt_ids(engine, r) for r in records]
+    # named here, before any decoding: the engine's refusal in the middle of a batch names no record
+    if too_long := [i for i, ids in enumerate(prompts) if len(ids) + params.max_new_tokens > engine.max_model_len]:
+        first = too_long[0]
+        raise ValueError(f"{len(too_long)} record(s) too long, such as the one whose prompt starts "
+                         f"{records[first]['prompt'][:40]!r}: its {len(prompts[first])} tokens and --max-new-tokens "
+                         f"{params.max_new_tokens} pass the model's context of {engine.max_model_len} tokens; lower "
+                         "--max-new-tokens or leave such records out")
     step = batch_size or len(prompts)
     start = time.perf_counter()
     results = []

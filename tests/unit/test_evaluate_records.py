@@ -112,3 +112,14 @@ def test_a_model_list_naming_no_model_and_a_parquet_data_file_are_one_line(tmp_p
     pq.write_table(pa.table({"prompt": ["a"], "answer": ["b"]}), tmp_path / "test.parquet")
     with pytest.raises(ValueError, match=r"test.parquet: a parquet file \(byte \d+\); --data takes a JSONL file"):
         load_records(tmp_path / "test.parquet")
+
+
+def test_a_prompt_past_the_context_is_named_by_its_record_before_decoding(tmp_path, capsys):
+    """It failed the run from inside a batch's generate(), naming no record."""
+    long = {"prompt": "Sort: " + "9 " * 2000, "answer": "x"}
+    path = _file(tmp_path, json.dumps(GOOD), json.dumps(long))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", "assets/tiny-ar-base", "--data", str(path), "--modes", "ar"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert " error: 1 record(s) too long, such as the one whose prompt starts 'Sort: 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 ': " in err
