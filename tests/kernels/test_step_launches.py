@@ -43,7 +43,7 @@ STEP = {"embedding": 1, "to": 1, "mul": 1, "cat": 1, "cos": 1, "sin": 1, "_rms_n
 
 class CountKernels(TorchDispatchMode):
     """Counts the kernels launched while active, by name: torch ops as their op's name, Triton kernels
-    (`fdllm.kernels`' modules, patched by `count_triton`) as the kernel's."""
+    (`fdllm.kernels`' modules, wrapped by `CountedKernel`) as the kernel's."""
 
     def __init__(self) -> None:
         super().__init__()
