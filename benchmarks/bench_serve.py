@@ -152,9 +152,10 @@ def malformed_requests(model: str) -> list[tuple[str, bytes | str | dict[str, An
 
 
 def pathological_requests(model: str) -> list[dict[str, Any]]:
-    """In-range JSON whose sampling values no engine can decode meaningfully: each must be a 400."""
+    """Well-formed JSON whose sampling values are out of range, at the extremes: each must be a 400. (A
+    temperature of 1e-300 is not among them: OpenAI's range takes it, and it samples at 0.01, as vLLM's.)"""
     base = {"model": model, "prompt": "hello", "max_tokens": 4}
-    return [base | {"temperature": 1e-300}, base | {"seed": 2**70}, base | {"temperature": 1e-30, "top_p": 1e-300},
+    return [base | {"temperature": -1e-300}, base | {"seed": 2**70}, base | {"top_k": -2, "top_p": 1e-300},
             base | {"max_tokens": 10**12}, base | {"temperature": float("inf")}, base | {"top_p": float("nan")}]
 
 
