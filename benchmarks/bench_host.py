@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fdllm
-from benchmarks.cli import checkpoint, device, output_file, positive_int, positive_int_list
+from benchmarks.cli import checkpoint, device, output_file, positive_int, positive_int_list, usage_errors
 
 DEFAULT_MODEL = "assets/tiny-ar-base"
 PREFILLS = 6  # long prompts per repeat of --prefill-len: one measured step each
@@ -270,7 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = best(run(args))
+    with usage_errors("bench_host"):
+        rows = best(run(args))
     print(f"{'mode':<10}{'model':>6}{'batch':>6}{'steps':>7}{'step ms':>10}{'body ms':>10}{'lm head ms':>12}"
           f"{'host ms':>10}{'host mean':>11}{'critical ms':>13}")
     for r in rows:

@@ -48,7 +48,7 @@ from functools import partial
 
 import torch
 
-from benchmarks.cli import output_file, positive_int, positive_int_list, write_json_atomic
+from benchmarks.cli import output_file, positive_float, positive_int, positive_int_list, write_json_atomic
 from benchmarks.shapes import SHAPES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -100,7 +100,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "plain 'triton' rows)")
     p.add_argument("--vocab", type=positive_int, default=151936, help="confidence: vocab size V (Qwen2)")
     p.add_argument("--hidden", type=positive_int, default=1536, help="confidence: model dim D (Qwen2-1.5B)")
-    p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
+    p.add_argument("--peak-gbps", type=positive_float, default=3350.0, help="peak memory bandwidth of the GPU, GB/s")
     p.add_argument("--json", type=output_file, default=None, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes under the Triton interpreter")
 

@@ -343,6 +343,9 @@ def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
     if len(rows) > 1:
         print(f"concurrency {rows[-1].concurrency} gives {rows[-1].tokens_per_s / rows[0].tokens_per_s:.2f}x the tokens/s "
               f"of concurrency {rows[0].concurrency}; failed requests: {sum(r.failed for r in rows)}")
+    if all(r.failed == r.requests for r in rows):  # nothing measured (no server there, a wrong --url): not a result
+        raise ValueError(f"every request failed ({sum(r.requests for r in rows)}): is the server at {url} up, and "
+                         "--model-name its model?")
     return rows
 
 

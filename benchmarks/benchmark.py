@@ -46,7 +46,7 @@ import torch
 
 import fdllm
 from benchmarks import bench_kernels, bench_paging, bench_prefix, bench_score, bench_serve, bench_train
-from benchmarks.cli import checkpoint, device, positive_int, positive_int_list
+from benchmarks.cli import checkpoint, device, positive_int, positive_int_list, usage_errors
 from fdllm.config import ModelConfig
 from fdllm.loader import parse_dtype
 
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> object:
     logging.getLogger("fdllm").setLevel(logging.WARNING)  # one engine per run: skip their banners
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the serve load test: no line per request
     args = parse_args(argv)
-    return args.func(args)
+    with usage_errors(f"benchmark {args.command}"):
+        return args.func(args)
 
 
 if __name__ == "__main__":

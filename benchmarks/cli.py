@@ -5,7 +5,11 @@ not after the run has spent its minutes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,32 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite amount > 0 (CPUs, gigabytes, GB/s): 0 CPUs for a Ray instance scheduled nothing, forever."""
+    value = float(text)  # ValueError: argparse's "invalid positive_float value"
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def existing_dir(text: str) -> str:
+    """A local directory that exists (a tokenizer's): a wrong path is one line, not an HF hub lookup's traceback."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return text
+
+
+@contextlib.contextmanager
+def usage_errors(prog: str) -> Iterator[None]:
+    """A run's ValueError as argparse's usage error: one line and exit 2. For the values only the engine or
+    the model checks when built (a threshold out of range, a dtype, heads that kv heads do not divide)."""
+    try:
+        yield
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def positive_int_list(text: str) -> list[int]:

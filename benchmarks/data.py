@@ -38,7 +38,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cli import output_file, positive_int  # noqa: E402
+from benchmarks.cli import existing_dir, output_file, positive_float, positive_int  # noqa: E402
 
 log = logging.getLogger("fdllm.bench_data")
 
@@ -410,11 +410,11 @@ def _in_fresh_process(fn: Any, *fn_args: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.25, 2.0], help="corpus sizes (GB = 1e9 bytes)")
+    parser.add_argument("--sizes-gb", type=positive_float, nargs="+", default=[0.25, 2.0], help="corpus sizes (GB = 1e9 bytes)")
     parser.add_argument("--workdir", default="/tmp/fdllm-data-bench", help="where corpora and the tokenizer go")
-    parser.add_argument("--tokenizer", help="HF tokenizer dir (default: a BPE trained on the corpus)")
-    parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs of the local Ray instance")
-    parser.add_argument("--data-cpus", type=float, default=1.0, help="CPUs per read / tokenize task (--data-cpus)")
+    parser.add_argument("--tokenizer", type=existing_dir, help="HF tokenizer dir (default: a BPE trained on the corpus)")
+    parser.add_argument("--cpus", type=positive_float, default=float(os.cpu_count() or 1), help="CPUs of the local Ray instance")
+    parser.add_argument("--data-cpus", type=positive_float, default=1.0, help="CPUs per read / tokenize task (--data-cpus)")
     parser.add_argument("--seq-len", type=positive_int, default=2048)
     parser.add_argument("--block-size", type=positive_int, default=32)
     parser.add_argument("--batch-size", type=positive_int, default=2, help="packed sequences per training batch")

@@ -81,7 +81,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from benchmarks.cli import output_dir, positive_int_list, write_json_atomic
+from benchmarks.cli import output_dir, positive_float, positive_int_list, write_json_atomic
 from benchmarks.shapes import SHAPES
 # HBM bandwidth (GB/s, NVIDIA's data sheets) by device name, most specific first: the first name that
 # torch.cuda.get_device_name contains is the device's ("NVIDIA H100 PCIe" is not an SXM H100).
@@ -952,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=output_dir, help="directory for report.md, report.json (and kernels.json)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, Triton interpreter (checks the suite runs)")
-    p.add_argument("--peak-gbps", type=float, default=None, help="HBM peak (default: from the device name)")
+    p.add_argument("--peak-gbps", type=positive_float, default=None, help="HBM peak (default: from the device name)")
     p.add_argument("--sections", default=None,
                    help="comma-separated subset, in report order (the report in --out keeps the others): "
                         + ", ".join(SECTION_TIMEOUT_S))
@@ -971,6 +971,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in [*selected, *([args.section] if args.section else [])] if s not in SECTION_TIMEOUT_S]
     if unknown:
         p.error(f"unknown section(s) {unknown}; the sections are: {', '.join(SECTION_TIMEOUT_S)}")
+    if args.deadline_s is not None and not args.deadline_s > 0:  # 0, a negative or NaN started no section
+        p.error(f"--deadline-s must be > 0 (inf: no deadline), got {args.deadline_s}")
     if not args.smoke and not torch.cuda.is_available():  # its 1.5B/7B shapes would run on the CPU for hours
         p.error("no CUDA device here: the suite's shapes need a GPU; on a CPU run it with --smoke "
                 "(tiny shapes, Triton interpreter: checks that the suite runs, timings meaningless)")

@@ -38,6 +38,13 @@ BAD = [
     (bench_host.parse_args, ["--model", "{dir}/none"], "--model: {dir}/none: no such checkpoint directory"),
     (benchmark.parse_args, ["decode", "--model", "{dir}"], "--model: no config.json in {dir}"),
     (benchmark.parse_args, ["train", "--model", "{dir}/none"], "--model: {dir}/none: no such checkpoint directory"),
+    # amounts: 0 CPUs started a Ray instance that scheduled nothing, forever; 0 GB divided by zero
+    (data.build_parser().parse_args, ["--cpus", "0"], "--cpus: must be a finite number > 0, got 0"),
+    (data.build_parser().parse_args, ["--data-cpus", "-1"], "--data-cpus: must be a finite number > 0, got -1"),
+    (data.build_parser().parse_args, ["--sizes-gb", "0.1", "0"], "--sizes-gb: must be a finite number > 0, got 0"),
+    (data.build_parser().parse_args, ["--tokenizer", "{dir}/none"], "--tokenizer: {dir}/none is not a directory"),
+    (gpu_suite.main, ["--smoke", "--out", "{dir}/o", "--peak-gbps", "-5"], "--peak-gbps: must be a finite number > 0"),
+    (gpu_suite.main, ["--smoke", "--out", "{dir}/o", "--deadline-s", "0"], "--deadline-s must be > 0 (inf: no deadline)"),
     (benchmark.parse_args, ["paging", "--model", "assets"], "--model: no config.json in assets"),
     (benchmark.parse_args, ["score", "--model", "{dir}/none"], "--model: {dir}/none: no such checkpoint directory"),
     (bench_host.parse_args, ["--device", "gpu"], "--device: device 'gpu' is not a torch device"),
@@ -74,3 +81,18 @@ def test_gpu_suite_without_cuda_needs_smoke(tmp_path, monkeypatch, capsys):
     err = _refused(gpu_suite.main, ["--out", str(tmp_path / "suite")], capsys)
     assert "no CUDA device" in err and "--smoke" in err
     assert not (tmp_path / "suite").exists()
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (bench_host.main, ["--stub-model", "--batch-sizes", "1", "--threshold", "2"], "bench_host: error: threshold must be"),
+    (bench_host.main, ["--stub-model", "--batch-sizes", "1", "--repetition-penalty", "0"],
+     "bench_host: error: repetition_penalty must be"),
+    (benchmark.main, ["decode", "--heads", "12", "--kv-heads", "5"], "benchmark decode: error: "),
+    (benchmark.main, ["score", "--dtype", "bogus"], "benchmark score: error: unsupported dtype 'bogus'"),
+])
+def test_values_only_the_engine_checks_are_one_line_and_exit_2(main, argv, message, capsys):
+    """A threshold, a penalty, a dtype or heads the engine or the model refuses when built were tracebacks (exit 1)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
