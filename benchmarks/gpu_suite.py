@@ -418,6 +418,9 @@ class TimedRun:
         return self.tokens / self.seconds
 
 
+KERNELS_PEAK_GBPS = 3350.0  # the kernels table's peak on a device PEAK_GBPS does not list (an H100 SXM's)
+
+
 def peak_gbps(device_name: str) -> float:
     """The device's HBM bandwidth (PEAK_GBPS), 0 for one not listed (then no roofline row)."""
     return next((gbps for name, gbps in PEAK_GBPS if name in device_name), 0.0)
@@ -931,7 +934,7 @@ def section_functions(device: torch.device, smoke: bool, peak: float, out: Path,
         "pytest -m gpu": lambda _: pytest_gpu(smoke, budget_s, out),
         "step profile": lambda _: step_profile(device, smoke),
         "quantized decode": lambda partial: quantized(device, smoke, partial),
-        "kernels": lambda _: kernels(smoke, peak or 3350.0, out, budget_s),
+        "kernels": lambda _: kernels(smoke, peak or KERNELS_PEAK_GBPS, out, budget_s),
         "training step": lambda _: training(device, smoke),
     }
     assert list(functions) == list(SECTION_TIMEOUT_S)
@@ -989,9 +992,11 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.section_budget_s or SECTION_TIMEOUT_S[args.section]
         run_section(section_functions(device, args.smoke, peak, out, budget, args.decode_shapes,
                                       args.decode_batches)[args.section], args.section_result)
-    meta = {"device": name, "peak GB/s": peak, "smoke": args.smoke, "torch": torch.__version__}
+    meta = {"device": name, "peak GB/s": peak or f"not listed for {name} (the kernels table reads {KERNELS_PEAK_GBPS:g}, "
+                                                 "an H100's; --peak-gbps sets it)",
+            "smoke": args.smoke, "torch": torch.__version__}
     report = Report(out, meta | ({} if args.smoke else toolchain()), keep=args.sections is not None)
-    child_argv = ["--out", str(out.resolve()), "--peak-gbps", str(peak), *(["--smoke"] if args.smoke else []),
+    child_argv = ["--out", str(out.resolve()), *(["--peak-gbps", str(peak)] if peak else []), *(["--smoke"] if args.smoke else []),
                   "--decode-shapes", ",".join(args.decode_shapes), "--decode-batches", ",".join(map(str, args.decode_batches))]
     missing = {section: [m for m in SECTION_NEEDS.get(section, ()) if importlib.util.find_spec(m) is None]
                for section in selected}
