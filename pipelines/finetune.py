@@ -70,12 +70,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fdllm.finetune")
 
-# What a bad option, path or data source raises before (or instead of) training: the CLIs built on the
-# fine-tune (this one, distill, quickstart) report it as one line and exit 2, argparse's status.
 class TrainingDiverged(RuntimeError):
     """The loss or the weights of a run became non-finite (its workers stopped before saving them)."""
 
 
+# What a bad option, path or data source raises before (or instead of) training, or a run that diverged:
+# the CLIs built on the fine-tune (this one, distill, quickstart) report it as one line and exit 2.
 USER_ERRORS = (ValueError, OSError, DataError, TrainingDiverged)
 
 # Ray Train's knobs (read from the driver's environment at fit, which hands them to its controller and
