@@ -427,6 +427,7 @@ def encode_conversations(
 ) -> list[Document | BadRow]:
     """Render and tokenize a batch of conversations (one tokenizer call for all pieces)."""
     rendered: list[list[tuple[str, bool]] | BadRow] = []
+    truncate_at = truncate_chars(cfg, spec)
     for messages in conversations:
         try:
             rendered.append(render_segments(tokenizer, messages, spec.stop_texts))
@@ -439,8 +440,8 @@ def encode_conversations(
             if cfg.overlong == "skip" and chars > cfg.seq_len * spec.max_token_chars:
                 rendered[-1] = BadRow("too_long", f"{chars} characters cannot fit seq_len {cfg.seq_len} "
                                       f"(at most {spec.max_token_chars} a token; overlong=skip)")
-            elif cfg.overlong == "truncate" and chars > truncate_chars(cfg, spec):
-                rendered[-1] = cut_segments(rendered[-1], truncate_chars(cfg, spec))
+            elif cfg.overlong == "truncate" and chars > truncate_at:
+                rendered[-1] = cut_segments(rendered[-1], truncate_at)
     texts = [text for r in rendered if not isinstance(r, BadRow) for text, _ in r]
     token_lists = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     out: list[Document | BadRow] = []

@@ -367,23 +367,25 @@ def _collect_bad_rows(reader: ShardReader, state: TrainState) -> None:
 
 def _write_no_batch_counts(cfg: FinetuneConfig, state: TrainState) -> None:
     """The rows counted by a run whose data gave no batch, for the driver's error (`NO_BATCH_COUNTS`),
-    and in this worker's log, which is all the driver can point to if the write fails."""
+    and in this worker's log."""
     log.error("no training batch in an epoch of the data; %s", summarize_bad_rows(state.bad_rows, state.good_docs)[0])
-    counts = {"bad_rows": dict(state.bad_rows), "good_docs": state.good_docs}
-    try:
-        write_bytes(join(cfg.storage_path, cfg.run_name, NO_BATCH_COUNTS), json.dumps(counts).encode())
-    except OSError as e:
-        log.warning("could not write the row counts for the driver: %s", e)
+    _leave_for_driver(cfg, NO_BATCH_COUNTS, {"bad_rows": dict(state.bad_rows), "good_docs": state.good_docs})
 
 
 def _write_diverged(cfg: FinetuneConfig, step: int, loss: float) -> None:
-    """The step and loss of a diverged run, for the driver's error (`DIVERGED`; Ray Train keeps only the
-    metrics reported with a checkpoint), and in this worker's log."""
+    """The step and loss of a diverged run, for the driver's error (`DIVERGED`), and in this worker's log."""
     log.error("step %d: loss %s, or weights no longer finite: the run diverged; nothing of it is saved", step, loss)
+    _leave_for_driver(cfg, DIVERGED, {"step": step, "loss": loss})
+
+
+def _leave_for_driver(cfg: FinetuneConfig, name: str, value: dict[str, Any]) -> None:
+    """`value` as the run's file `name`, for the driver's error after the workers returned early (Ray Train
+    keeps only the metrics reported with a checkpoint); if it cannot be written, the log line this
+    worker wrote first is all the driver can point to."""
     try:
-        write_bytes(join(cfg.storage_path, cfg.run_name, DIVERGED), json.dumps({"step": step, "loss": loss}).encode())
+        write_bytes(join(cfg.storage_path, cfg.run_name, name), json.dumps(value).encode())
     except OSError as e:
-        log.warning("could not write the divergence for the driver: %s", e)
+        log.warning("could not write %s for the driver: %s", name, e)
 
 
 def _save_checkpoint(
