@@ -339,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
         device = torch.device("cpu")
         args = _smoke_args(args)
+        print("bench_kernels --smoke: interpreter-sized shapes of its own (batch 2, context 72, fp32, triton vs "
+              "torch); the shape, dtype and backend options are not read", file=sys.stderr)
     else:
         print("bench_kernels: no CUDA device here. Kernel timings need a GPU; on a CPU run "
               "`--smoke` for a tiny interpreter run (correctness only, timings meaningless).", file=sys.stderr)

@@ -32,7 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cli import checkpoint, device, output_file, positive_int  # noqa: E402
+from benchmarks.cli import checkpoint, device, non_negative_int, output_file, positive_int  # noqa: E402
 
 log = logging.getLogger("fdllm.bench_train")
 
@@ -73,7 +73,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
     parser.add_argument("--block-size", type=positive_int, default=32, help="diffusion block size")
     parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per objective")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated subset of diffusion,diffusion-uncut,ar (uncut: without "

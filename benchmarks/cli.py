@@ -41,6 +41,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """A count that may be zero (untimed warmup steps): an int >= 0."""
+    value = int(text)  # ValueError: argparse's "invalid non_negative_int value"
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite amount > 0 (CPUs, gigabytes, GB/s): 0 CPUs for a Ray instance scheduled nothing, forever."""
     value = float(text)  # ValueError: argparse's "invalid positive_float value"

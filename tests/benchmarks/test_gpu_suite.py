@@ -402,6 +402,13 @@ def test_pytest_gpu_names_the_failing_tests(monkeypatch, tmp_path):
     assert not result["checks"][0]["pass"]
 
 
+@pytest.mark.parametrize("summary, ok", [("25 passed in 40.1s", True), ("2 passed, 23 skipped in 3.0s", True),
+                                         ("25 skipped, 170 deselected in 2.0s", False)])
+def test_pytest_gpu_passes_only_when_a_test_ran(monkeypatch, summary, ok):
+    monkeypatch.setattr(gpu_suite.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=summary, stderr="", returncode=0))
+    assert gpu_suite.pytest_gpu(smoke=False, budget_s=60)["checks"][0]["pass"] is ok
+
+
 def test_decode_shapes_and_batches_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_suite.main(["--out", str(tmp_path), "--smoke", "--decode-shapes", "qwen2.5-1.5b,gpt-5"])
