@@ -25,6 +25,10 @@ PREFIX_ATTENTIONS = ("block_causal", "causal")
 
 # HF `model_type` -> the architecture name written back into config.json.
 SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+# RoPE scalings (HF's `rope_type`) and the parameters each needs: Llama 3.1+ checkpoints carry "llama3",
+# older long-context fine-tunes "linear". Others (dynamic NTK, YaRN, LongRoPE) are refused, not ignored.
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass(kw_only=True)
@@ -41,6 +45,7 @@ class ModelConfig:
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 32768
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # None: plain RoPE; else {"rope_type": a ROPE_SCALINGS key, its parameters}
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool | None = None  # None: the architecture's default (Qwen2: q/k/v bias, Llama: none)
@@ -64,6 +69,8 @@ class ModelConfig:
             )
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is unset")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
 
     @property
     def n_kv_heads(self) -> int:
@@ -75,9 +82,13 @@ class ModelConfig:
 
     @property
     def qkv_bias(self) -> bool:
-        if self.attention_bias is not None:
-            return self.attention_bias
-        return self.model_type == "qwen2"
+        """HF's Qwen2 always puts biases on q/k/v (its `attention_bias` field is not read); Llama's follow it."""
+        return self.model_type == "qwen2" or bool(self.attention_bias)
+
+    @property
+    def rope_scaling_items(self) -> tuple[tuple[str, Any], ...]:
+        """`rope_scaling` as a hashable key (the frequencies are computed once per key)."""
+        return tuple(sorted((self.rope_scaling or {}).items()))
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
@@ -89,14 +100,17 @@ class ModelConfig:
                 f"unsupported architecture (model_type={model_type!r}, architectures={archs}): "
                 f"fdllm loads {sorted(SUPPORTED_ARCHITECTURES)} checkpoints"
             )
-        rope_scaling = raw.get("rope_scaling") or (raw.get("rope_parameters") or {})
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise ValueError(f"rope scaling {rope_type!r} is not supported yet (only plain RoPE)")
-        rope_theta = raw.get("rope_theta", rope_scaling.get("rope_theta", 10000.0))
+        refuse_unsupported_features(raw)
+        # transformers 4 writes `rope_scaling` (its type as "type" or "rope_type") and a top-level
+        # `rope_theta`; transformers 5 one `rope_parameters` holding both
+        rope = raw.get("rope_scaling") or (raw.get("rope_parameters") or {})
+        rope_type = rope.get("rope_type", rope.get("type")) or "default"
+        rope_theta = raw.get("rope_theta") or rope.get("rope_theta") or 10000.0
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
         kwargs["rope_theta"] = float(rope_theta)
+        kwargs["rope_scaling"] = None if rope_type == "default" else {
+            "rope_type": rope_type, **{k: v for k, v in rope.items() if k not in ("type", "rope_type", "rope_theta")}}
         dtype = raw.get("torch_dtype", raw.get("dtype"))  # transformers 5 writes "dtype"
         kwargs["torch_dtype"] = dtype if isinstance(dtype, str) else "float32"
         missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
@@ -112,7 +126,8 @@ class ModelConfig:
         out["attention_bias"] = self.qkv_bias
         out["architectures"] = [SUPPORTED_ARCHITECTURES[self.model_type]]
         out["hidden_act"] = "silu"
-        out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}  # transformers >= 5
+        # transformers >= 5 reads rope_parameters; 4 reads rope_scaling (and 5 prefers it, the same values)
+        out["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         if self.model_type == "llama":
             out["pretraining_tp"] = 1
         else:
@@ -125,6 +140,42 @@ class ModelConfig:
         if not file.is_file():
             raise no_config(path)
         return cls.from_hf_dict(read_json_object(file))
+
+
+def check_rope_scaling(scaling: dict[str, Any]) -> None:
+    """ValueError unless `scaling` is a RoPE scaling this model computes, with the parameters it needs."""
+    rope_type = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if rope_type not in ROPE_SCALINGS:
+        raise ValueError(f"rope scaling {rope_type!r} is not supported (fdllm computes plain RoPE and the scalings "
+                         f"{sorted(ROPE_SCALINGS)}; rope_scaling={scaling!r})")
+    for key in ROPE_SCALINGS[rope_type]:
+        value = scaling.get(key)
+        if not is_finite_number(value) or value <= 0:
+            raise ValueError(f"rope scaling {rope_type!r} needs {key} > 0, got {value!r}")
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"rope scaling 'llama3' needs high_freq_factor > low_freq_factor, got {scaling!r}")
+
+
+def refuse_unsupported_features(raw: dict[str, Any]) -> None:
+    """ValueError for a config.json feature the model would otherwise run without, silently wrong: an
+    activation other than SiLU, Qwen2's sliding-window layers, weights stored pre-quantized."""
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported: fdllm's MLP is SwiGLU with SiLU (Qwen2, Llama)")
+    layer_types = raw.get("layer_types")  # transformers 5 writes each layer's attention out
+    if layer_types is not None:
+        sliding = "sliding_attention" in layer_types
+    else:  # transformers 4: layers from max_window_layers on slide when use_sliding_window is set
+        sliding = bool(raw.get("use_sliding_window")) and raw.get("sliding_window") is not None and \
+            raw.get("num_hidden_layers", 0) > (raw.get("max_window_layers") or 0)
+    if sliding:
+        raise ValueError(f"sliding-window attention (window {raw.get('sliding_window')}) is not supported: fdllm's "
+                         "layers attend to the whole context, and would differ from the checkpoint's past the window")
+    quant = raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ValueError(f"pre-quantized checkpoint (quantization_config: quant_method={method!r}): fdllm loads "
+                         "float32/bfloat16/float16 weights and quantizes them at load, EngineConfig(quantization=...)")
 
 
 def read_json_object(file: Path) -> dict[str, Any]:

@@ -29,6 +29,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # safetensors refuses a longer header
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a checkpoint's weights may be stored as (cast to the model's dtype when loaded)
+LOADABLE_DTYPES = frozenset(_DTYPES.values()) | {torch.float64}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -191,13 +193,29 @@ def load_checkpoint(
         model = cls(cfg)
     expected = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
+    unused: list[str] = []
     for file in _weight_files(path):
         with _open_weights(file, device) as f:
             for name in f.keys():
-                if name in expected:
-                    tensors[name] = f.get_tensor(name).to(target)
+                if name not in expected:
+                    if not name.endswith(".rotary_emb.inv_freq"):  # old exports' RoPE buffers: ours are computed
+                        unused.append(name)
+                    continue
+                tensor = f.get_tensor(name)
+                if tensor.dtype not in LOADABLE_DTYPES:  # pre-quantized (fp8 + scales, int packs): not weights as stored
+                    raise ValueError(f"{name} is stored as {tensor.dtype}: fdllm loads float32/bfloat16/float16 "
+                                     "checkpoints and quantizes at load (EngineConfig(quantization=...))")
+                tensors[name] = tensor.to(target)
+    if unused:
+        log.warning("%s holds %d tensors the %s model does not use, ignored: %s", path, len(unused), cfg.model_type,
+                    ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
     if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # some exporters write the tied copy; ours is the embedding
+        head = tensors.pop("lm_head.weight", None)  # some exporters write the tied copy; ours is the embedding
+        embedding = tensors.get("model.embed_tokens.weight")
+        if head is not None and embedding is not None and not torch.equal(head, embedding):
+            raise ValueError(f"{path}: config.json ties the LM head to the embedding (tie_word_embeddings: true) but "
+                             "the checkpoint's lm_head.weight differs from it: set tie_word_embeddings false to use "
+                             "that head, or drop the tensor to use the embedding")
         expected.pop("lm_head.weight")
     missing = sorted(set(expected) - set(tensors))
     if missing:

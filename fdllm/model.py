@@ -11,8 +11,9 @@ Shape legend: B batch, T tokens, D model dim, N query heads, K kv heads, H head 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -66,16 +67,35 @@ class RMSNorm(nn.Module):
 
 
 @functools.cache
-def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device, scaling: tuple[tuple[str, Any], ...] = ()) -> Tensor:
     """RoPE's frequencies [H/2] (fp32), computed once on the CPU as HF's rotary embedding computes them at
     init and then moved: the same bits on every device (a GPU's `pow` may round differently), and none of
-    the four kernels their computation takes in every step of a decode graph."""
-    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))).to(device)
+    the four kernels their computation takes in every step of a decode graph. `scaling`:
+    `ModelConfig.rope_scaling_items`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return scale_rope(inv_freq, dict(scaling)).to(device)
 
 
-def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def scale_rope(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Frequencies stretched for a context longer than pretraining's. "linear": every one divided by
+    `factor` (positions interpolated). "llama3" (Llama 3.1): only the low frequencies, whose wavelength
+    exceeds the original context / low_freq_factor, are divided; the high ones (wavelength under
+    context / high_freq_factor), which resolve nearby tokens, are kept; between them a linear blend."""
+    if not scaling:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    context, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor"))
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: low frequency, 1: high
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+def rope_cos_sin(position_ids_BT: Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 scaling: tuple[tuple[str, Any], ...] = ()) -> tuple[Tensor, Tensor]:
     """cos/sin tables [B, T, H] for explicit positions (the two-stream input repeats positions)."""
-    inv_freq = rope_inv_freq(head_dim, float(theta), position_ids_BT.device)
+    inv_freq = rope_inv_freq(head_dim, float(theta), position_ids_BT.device, scaling)
     freqs_BTh = position_ids_BT.float()[..., None] * inv_freq  # [B, T, H/2]
     emb_BTH = torch.cat((freqs_BTh, freqs_BTh), dim=-1)
     return emb_BTH.cos().to(dtype), emb_BTH.sin().to(dtype)
@@ -326,7 +346,8 @@ class Transformer(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)[None]
         position_ids = position_ids.expand(B, T)
         x_BTD = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x_BTD.dtype)
+        cfg = self.config
+        cos, sin = rope_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, x_BTD.dtype, cfg.rope_scaling_items)
         if not fused:
             for layer in self.model.layers:
                 x_BTD = layer(x_BTD, cos, sin, mask, cache)

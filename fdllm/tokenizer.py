@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK_TOKEN = "|<MASK>|"
-# End-of-turn markers of the chat templates we meet (Qwen/ChatML, Llama 3); all stop generation.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
+# End-of-turn markers of the chat templates we meet (Qwen/ChatML, Llama 3: eom ends a tool call's
+# message, as its generation_config.json lists); all stop generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>")
 
 
 def mask_token_id(tokenizer: "PreTrainedTokenizerBase | None") -> int | None:

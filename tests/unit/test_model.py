@@ -12,6 +12,12 @@ from fdllm.model import Transformer
 from tests.helpers import VOCAB, tiny_hf_model
 
 
+# Llama 3.1's scaling at a tiny model's size: with head_dim 16 and theta 5e5 the wavelengths (6.3, 32.5,
+# 168, ...) fall in each of its three bands (high < 64/4 <= medium <= 64/1 < low)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
 def _random_batch(batch: int = 3, length: int = 40) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
 
@@ -24,6 +30,10 @@ def _random_batch(batch: int = 3, length: int = 40) -> torch.Tensor:
         ("llama", {}),
         ("llama", {"attention_bias": True, "rope_theta": 500000.0}),
         ("llama", {"num_key_value_heads": 4, "head_dim": 32}),
+        ("llama", {"rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING}),
+        ("qwen2", {"rope_scaling": {"type": "linear", "factor": 4.0}}),  # transformers 4's key
+        ("qwen2", {"attention_bias": False}),  # HF's Qwen2 reads no such field: q/k/v keep their biases
+        ("qwen2", {"use_sliding_window": False, "sliding_window": 8}),  # Qwen2.5's config: a window never used
     ],
 )
 def test_logits_match_transformers(tmp_path, arch, overrides):
@@ -61,6 +71,94 @@ def test_save_then_transformers_load_gives_identical_logits(tmp_path, tie):
     with torch.no_grad():
         assert torch.equal(back(ids).logits, hf(ids).logits)
         assert torch.equal(fdllm.load_model(tmp_path / "ours")(ids), ours(ids))
+
+
+def test_rope_scaling_round_trips_through_transformers(tmp_path):
+    """A Llama 3.1-style checkpoint saved by fdllm loads in transformers with its scaling (and in fdllm again)."""
+    import transformers
+
+    hf = tiny_hf_model("llama", rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    hf.save_pretrained(tmp_path / "hf")
+    fdllm.load_model(tmp_path / "hf").save_pretrained(tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    ids = _random_batch()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+        assert torch.equal(fdllm.load_model(tmp_path / "ours")(ids), fdllm.load_model(tmp_path / "hf")(ids))
+
+
+UNSUPPORTED = [  # features the model would otherwise run without, wrong: each refused, naming it
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0, "layer_types": None},
+     r"sliding-window attention \(window 8\)"),
+    ({"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8}, "sliding-window attention"),
+    ({"quantization_config": {"quant_method": "fbgemm_fp8"}}, "pre-quantized checkpoint.*fbgemm_fp8"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope scaling 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' needs low_freq_factor > 0, got None"),
+    ({"rope_scaling": {"type": "linear", "factor": 0}}, "'linear' needs factor > 0, got 0"),
+]
+
+
+@pytest.mark.parametrize("edit, message", UNSUPPORTED, ids=[str(e) for e, _ in UNSUPPORTED])
+def test_unsupported_config_features_are_refused(tmp_path, qwen2_dir, edit, message):
+    cfg = json.loads((qwen2_dir / "config.json").read_text())
+    cfg.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    (tmp_path / "model.safetensors").symlink_to(qwen2_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        fdllm.load_model(tmp_path)
+
+
+def _checkpoint_with(tmp_path, source, edit_tensors, **config) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(source / "model.safetensors")
+    edit_tensors(state)
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(json.loads((source / "config.json").read_text()) | config))
+
+
+def test_weights_stored_quantized_are_refused(tmp_path, qwen2_dir):
+    """fp8 weights beside their scales, the config's quantization_config removed: cast to float as they are,
+    every layer would be off by its scale."""
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def to_fp8(state):
+        state[name] = state[name].to(torch.float8_e4m3fn)
+        state[name.replace("weight", "weight_scale")] = torch.ones(1)
+
+    _checkpoint_with(tmp_path, qwen2_dir, to_fp8)
+    with pytest.raises(ValueError, match=f"{name} is stored as torch.float8_e4m3fn"):
+        fdllm.load_model(tmp_path)
+
+
+def test_unused_tensors_are_named(tmp_path, qwen2_dir, caplog):
+    def add(state):
+        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old exports': not worth a word
+        state["model.layers.0.mlp.down_proj.weight_scale"] = torch.ones(1)
+
+    _checkpoint_with(tmp_path, qwen2_dir, add)
+    with caplog.at_level("WARNING", logger="fdllm.loader"):
+        fdllm.load_model(tmp_path)
+    assert "holds 1 tensors the qwen2 model does not use, ignored: model.layers.0.mlp.down_proj.weight_scale" in caplog.text
+
+
+def test_a_tied_checkpoint_with_another_head_is_refused(tmp_path):
+    """tie_word_embeddings with an lm_head.weight that is not the embedding: which one is meant is not ours
+    to guess (transformers 4 used the embedding, 5 the head); the same tensor twice is a tied copy and loads."""
+    source = tmp_path / "hf"
+    tiny_hf_model("qwen2").save_pretrained(source)
+    same, other = tmp_path / "same", tmp_path / "other"
+    for target, head in ((same, lambda s: s["model.embed_tokens.weight"].clone()),
+                         (other, lambda s: s["lm_head.weight"])):
+        target.mkdir()
+        _checkpoint_with(target, source, lambda s, head=head: s.update({"lm_head.weight": head(s)}),
+                         tie_word_embeddings=True)
+    tied = fdllm.load_model(same)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="lm_head.weight differs from it"):
+        fdllm.load_model(other)
 
 
 def test_sharded_save_round_trips(tmp_path, qwen2_dir):
