@@ -90,7 +90,7 @@ MAX_KUBERAY_NAME = 47  # RayJob/RayService names: 53 (RayCluster) - 6, DNS-1035 
 
 # A repository path named in a config or doc: a top-level folder of this repo, then a file with
 # a known extension (or a Dockerfile). Not preceded by "/", "~" or a word character, so remote
-# paths (s3://bucket/serve/x.yaml, /home/ray/fdllm/serve/x.yaml, ~/fdllm/...) never match.
+# paths (s3://bucket/serve/x.yaml, /home/ray/fdllm/serve/x.yaml, ~/fdllm-src/...) never match.
 REPO_PATH_RE = re.compile(
     r"(?<![\w.~/-])(?:\./)?"
     r"((?:pipelines|serve|cluster|fdllm|tests)/[\w./-]*"
@@ -334,6 +334,9 @@ def test_launcher_installs_this_package(name):
     # The checkout is file-mounted from the directory `ray up` runs in, and installed from there.
     mounts = cfg["file_mounts"]
     checkout = next(remote for remote, local in mounts.items() if local == ".")
+    # `ray start` runs in ~, which Ray puts on the import path of every Serve app and replica: a checkout
+    # there under an importable name (~/fdllm) is imported as an empty namespace package, not the install
+    assert not Path(checkout).name.isidentifier(), f"{name}: the checkout at {checkout} shadows a package in ~"
     for key, wanted in (("head_setup_commands", {"train", "serve"}),
                         ("worker_setup_commands", {"train", "serve", "gpu"})):
         commands = _commands(cfg, key)
@@ -749,3 +752,18 @@ def test_rayservice_api_key_comes_from_a_secret():
     for group in spec["workerGroupSpecs"]:  # the replicas run on the workers (the head has 0 CPUs)
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0].get("env", [])}
         assert env["FDLLM_API_KEY"]["valueFrom"]["secretKeyRef"]["name"], group["groupName"]
+
+
+@pytest.mark.parametrize("bucket", ["s3://my-bucket", "gs://my-bucket"])
+def test_readme_substitution_leaves_no_placeholder(bucket):
+    """The README's `sed ... | kubectl apply` commands, run as written: every image and bucket placeholder
+    is replaced, the bucket's scheme with it (a GKE cluster reads gs://, never the manifests' s3://)."""
+    commands = re.findall(r"^(sed (?:-e \"[^\"]+\" )+)\\\n\s+(cluster/kuberay/\S+\.yaml)", README.read_text(), re.M)
+    assert sorted(path for _, path in commands) == sorted(f"cluster/kuberay/{m}" for m in KUBERAY_MANIFESTS)
+    for sed, path in commands:
+        out = subprocess.run(["bash", "-c", f"{sed} {path}"], cwd=REPO, capture_output=True, text=True, check=True,
+                             env={"PATH": "/usr/bin:/bin", "REGISTRY": "reg.test/me", "BUCKET": bucket}).stdout
+        out = json.dumps(yaml.safe_load(out))  # what kubectl applies: the comments, which name the placeholders, gone
+        assert "YOUR_BUCKET" not in out and "registry.example.com" not in out, path
+        other = "s3://" if bucket.startswith("gs://") else "gs://"
+        assert f"{bucket}/" in out and other not in out, path
