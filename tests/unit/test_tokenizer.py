@@ -46,6 +46,14 @@ def test_stop_tokens_and_chat():
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_llama3_end_tokens_all_stop():
+    """Llama 3.1's generation_config ends on end_of_text, eot (a turn) and eom (a tool call's message)."""
+    tok = make_tokenizer()
+    llama3 = ["<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"]
+    tok.add_special_tokens({"additional_special_tokens": llama3})
+    assert set(tok.convert_tokens_to_ids(llama3)) <= set(stop_token_ids(tok))
+
+
 def test_engine_package_never_imports_ray():
     code = (
         "import sys; sys.modules['ray'] = None; sys.modules['fastapi'] = None\n"
