@@ -92,7 +92,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _no_weights(path: str | Path) -> FileNotFoundError:
     return FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: no weights this package loads (safetensors, "
-                             "as save_pretrained writes them)")
+                             "as save_pretrained writes them; a pytorch_model.bin checkpoint converts with transformers: "
+                             "AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path))")
 
 
 def _missing_shards(path: str | Path, missing: list[str]) -> FileNotFoundError:
