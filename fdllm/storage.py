@@ -47,6 +47,7 @@ import contextlib
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -464,6 +465,11 @@ def check_directory_path(path: str) -> None:
     if not existing.is_dir():
         raise ValueError(f"{path} is a file, not a directory" if existing == local else
                          f"{path} is under {existing}, which is a file, not a directory")
+    try:  # a file no one sees (O_TMPFILE on Linux), in the directory the writer's first mkdir or file goes to
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to {path}: nothing can be made in {existing} ({e.strerror})") from None
 
 
 def _probe_write(fs: "pyarrow.fs.FileSystem", inner: str, path: str) -> None:

@@ -87,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (default: the tiny config's)")
     parser.add_argument("--limit", type=int, default=300,
                         help="held-out problems to evaluate (the first N, tasks interleaved; 300: all, 100 per task)")
+    parser.add_argument("--run-name", help="the fine-tune's run name (default: quickstart-<timestamp>); with --resume, "
+                                           "the interrupted run to continue (its first log lines name it)")
+    parser.add_argument("--resume", action="store_true", help="continue the fine-tune --run-name from its latest checkpoint")
     parser.add_argument("--thresholds", default="1.0,0.9,0.7,0.5", type=threshold_list,
                         help=f"diffusion thresholds to evaluate ({TARGET_THRESHOLD}, the targets', always is)")
     args = parser.parse_args(argv)
     if args.limit < 1:  # found before the fine-tune, not after it
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.resume and not args.run_name:
+        parser.error("--resume needs --run-name: the interrupted run to continue (its first log lines name it)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not (BASE / "config.json").is_file() or not (WORLD / TRAIN_FILE).is_file():
+    if not all(f.is_file() for f in (BASE / "config.json", WORLD / TRAIN_FILE, WORLD / TEST_FILE)):  # before the fine-tune
         log.error("the embedded assets are missing (%s, %s): run `python -m pipelines.world --rebuild`", BASE, WORLD)
         return 2
     out = Path(args.output).resolve()
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a bad option or output directory: one line and exit 2, as the fine-tune's own CLI
         cfg = FinetuneConfig.from_sources(
             str(CONFIG), model=str(BASE), data=[str(WORLD / TRAIN_FILE)], output=str(out / "tiny-dllm"),
-            storage_path=str(out / "ray"), run_name=time.strftime("quickstart-%Y%m%d-%H%M%S"), **overrides,
+            storage_path=str(out / "ray"), run_name=args.run_name or time.strftime("quickstart-%Y%m%d-%H%M%S"),
+            resume=args.resume, **overrides,
         )
         log.info("1/2 fine-tuning %s with the %s objective (Ray Train, %d workers, %d steps)", BASE.name,
                  cfg.objective, cfg.num_workers, cfg.total_steps())

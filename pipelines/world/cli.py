@@ -8,7 +8,8 @@
                                            # (no subcommand: run the three above to write elsewhere)
 
 Pretraining draws more examples from the corpus's seeded stream than `train.jsonl` holds (the file
-is a prefix of that stream) and runs on one CPU thread, so a rebuild is byte for byte.
+is a prefix of that stream) and runs on one CPU thread, so a rebuild's corpus, tokenizer and weights are
+the committed ones byte for byte (on the same CPU; the summary's and model card's timings differ).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from pipelines.world.corpus import BEYOND_FILE, TEST_FILE, TRAIN_FILE, WorldConf
 from pipelines.world.model_card import model_card
 from pipelines.world.pretrain import ModelSpec, PretrainConfig, init_mask_row, pretrain
 from pipelines.world.scoring import eval_engine, exact_match
-from pipelines.world.tokenizer import SPECIAL_TOKENS, tokenizer_texts, train_tokenizer
+from pipelines.world.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILES, tokenizer_texts, train_tokenizer
 
 log = logging.getLogger("world")
 
@@ -64,6 +66,17 @@ def cmd_tokenizer(data_dir: Path, out: Path, vocab_size: int) -> None:
     log.info("trained a %d-token byte-level BPE on %d records; saved to %s", len(tokenizer), len(train), out)
 
 
+def copy_tokenizer(src: Path, out: Path) -> None:
+    """The tokenizer's files as the tokenizer step wrote them, byte for byte: saving the loaded one would
+    write what transformers rebuilt from them, which beside a qwen2 config.json is its Qwen2 tokenizer
+    (another pre-tokenizer, an NFC normalizer), not the trained one."""
+    if src.resolve() == out.resolve():
+        return
+    for file in src.iterdir():
+        if file.name in TOKENIZER_FILES:
+            shutil.copyfile(file, out / file.name)
+
+
 def held_out(data_dir: Path, name: str) -> list[dict[str, Any]]:
     return read_jsonl(data_dir / name) if (data_dir / name).is_file() else []
 
@@ -87,7 +100,7 @@ def cmd_pretrain(data_dir: Path, out: Path, tokenizer_dir: Path, spec: ModelSpec
     log.info("held-out exact match %.2f%% on %d records (%s); one size beyond the range: %.2f%%",
              100 * summary["test_accuracy"], len(test), summary["test_accuracy_by_task"], 100 * summary["beyond_accuracy"])
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    copy_tokenizer(tokenizer_dir, out)
     record = {"model": dataclasses.asdict(spec), "pretrain": dataclasses.asdict(cfg), "world": dataclasses.asdict(world_cfg), **summary}
     (out / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (out / "README.md").write_text(model_card(record))
@@ -126,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     wd = WorldConfig()
     data = sub.add_parser("data", help="write the corpus (train, test, test_beyond jsonl)", formatter_class=defaults)
-    data.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR, help="corpus dir")
+    data.add_argument("--out", type=Path, required=True, help="corpus dir (the committed one, assets/world, is --rebuild's)")
     data.add_argument("--num-train", type=int, default=wd.num_train, help="records in train.jsonl")
     data.add_argument("--num-test", type=int, default=wd.num_test, help="held-out records per task in test.jsonl")
     data.add_argument("--num-beyond", type=int, default=wd.num_beyond, help="per task, one size beyond the range")
@@ -134,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer on train.jsonl", formatter_class=defaults)
     tok.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="corpus dir (reads train.jsonl)")
-    tok.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="where to save the tokenizer")
+    tok.add_argument("--out", type=Path, required=True, help="where to save the tokenizer")
     tok.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="BPE target (the corpus may run out of merges first)")
 
     pd, ms = PretrainConfig(), ModelSpec()
     pre = sub.add_parser("pretrain", help="pretrain the tiny AR model; saves model, tokenizer and model card", formatter_class=defaults)
     pre.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="corpus dir (world_config.json, test files)")
-    pre.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="checkpoint dir")
+    pre.add_argument("--out", type=Path, required=True, help="checkpoint dir (the committed one, assets/tiny-ar-base, is --rebuild's)")
     pre.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: --out)")
     pre.add_argument("--steps", type=int, default=pd.steps, help="optimizer steps (the cosine spans them)")
     pre.add_argument("--batch-size", type=int, default=pd.batch_size, help="sequences per step")
@@ -186,6 +199,11 @@ def plan(args: argparse.Namespace) -> Callable[[], object]:
         if not has_tokenizer(tokenizer_dir):
             raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}: run `python -m pipelines.world tokenizer --out "
                                     f"{tokenizer_dir}` first, or give --tokenizer DIR")
+        specials = load_tokenizer(tokenizer_dir).convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        if specials != list(range(len(SPECIAL_TOKENS))):  # the mask row starts at the mean of the rows after them
+            raise ValueError(f"the tokenizer in {tokenizer_dir} is not a world tokenizer: {', '.join(SPECIAL_TOKENS)} must "
+                             f"take ids 0..{len(SPECIAL_TOKENS) - 1}, got {specials} (`python -m pipelines.world "
+                             "tokenizer` trains one)")
         check_directory_path(str(args.out))
         spec = ModelSpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, intermediate_size=args.intermediate_size)
         cfg = PretrainConfig(

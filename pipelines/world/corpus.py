@@ -4,7 +4,8 @@
 system prompt either as a system turn in `input` or as the `system_prompt` field, which applies
 when `input` has none). `test.jsonl` holds held-out rows inside the trained size range and
 `test_beyond.jsonl` rows one size beyond it, both as evaluate.py reads them (`prompt`, `answer`,
-`messages`: the chat to render, `category`, `size`). Held-out prompts never occur in training.
+`messages`: the chat to render, `category`, `size`). Held-out prompts never occur in training
+(at the smallest sizes a same-answer twin may: docs/world.md).
 """
 
 from __future__ import annotations

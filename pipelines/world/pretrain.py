@@ -98,6 +98,8 @@ class PretrainConfig:
         if self.num_examples < 1 or self.eval_every < 0 or self.threads < 1:
             raise ValueError(f"need num_examples >= 1, eval_every >= 0 and threads >= 1, got {self.num_examples}, "
                              f"{self.eval_every} and {self.threads}")
+        if self.num_examples < self.batch_size:  # found only after the corpus is drawn and tokenized otherwise
+            raise ValueError(f"num_examples ({self.num_examples}) cannot fill a batch of {self.batch_size}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -15,6 +15,9 @@ from pipelines.world.corpus import chat_messages
 
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, MASK_TOKEN)  # ids 0..3, fixed before any merge
+# What an HF tokenizer's save_pretrained writes (transformers 4 and 5), copied with a checkpoint
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

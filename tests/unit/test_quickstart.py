@@ -38,3 +38,24 @@ def test_an_output_that_cannot_be_a_directory_is_named_as_the_option_given(outpu
     assert quickstart.main(["--output", str(tmp_path / output)]) == 2
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert error.startswith(f"--output: {tmp_path / output} ") and "a file, not a directory" in error, error
+
+
+def test_resume_continues_the_named_run(tmp_path, monkeypatch, capsys):
+    """The fine-tune's log says "--run-name NAME --resume continues it": the quickstart takes both, and
+    --resume without a name (a new timestamped run, nothing to continue) is refused."""
+    class Started(Exception):
+        pass
+
+    def run(cfg):
+        runs.append(cfg)
+        raise Started
+
+    runs = []
+    monkeypatch.setattr(quickstart, "run", run)
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--resume", "--output", str(tmp_path)])
+    assert e.value.code == 2 and "--resume needs --run-name" in capsys.readouterr().err
+    with pytest.raises(Started):
+        quickstart.main(["--run-name", "quickstart-1", "--resume", "--output", str(tmp_path)])
+    (cfg,) = runs
+    assert cfg.run_name == "quickstart-1" and cfg.resume and cfg.storage_path == str(tmp_path / "ray")

@@ -409,6 +409,15 @@ def test_a_directory_path_at_or_under_a_file_is_refused(tmp_path, monkeypatch):
             storage.check_directory_path(str(tmp_path / below))
 
 
+def test_a_local_directory_nothing_can_be_written_in_is_refused(tmp_path):
+    """/proc takes no new files, even from root (for whom permission bits would not say so): the fine-tune,
+    the quickstart and the world's pretraining wrote their first file after all their work."""
+    with pytest.raises(ValueError, match="^cannot write to /proc/fdllm/out: nothing can be made in /proc "):
+        storage.check_directory_path("/proc/fdllm/out")
+    storage.check_directory_path(str(tmp_path / "new"))
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+
+
 def test_a_missing_bucket_is_refused_up_front(bucket, tmp_path):
     """A typo in the bucket of --output or --storage-path: the writers would find out at the first
     checkpoint, after `save_every` steps, on every retry."""

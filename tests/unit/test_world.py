@@ -22,6 +22,7 @@ from pipelines.world import cli, corpus, pretrain, scoring, tasks
 from pipelines.world import tokenizer as world_tokenizer
 from pipelines.world.corpus import WorldConfig
 from pipelines.world.pretrain import ModelSpec, PretrainConfig
+from tests.helpers import make_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL, SHIPPED_DATA = REPO / "assets" / "tiny-ar-base", REPO / "assets" / "world"
@@ -160,6 +161,8 @@ def test_data_command_writes_train_and_held_out_files(tmp_path):
     (["evaluate", "--data", "{tmp}"], "holds neither test.jsonl nor test_beyond.jsonl"),
     (["evaluate", "--limit", "0"], "--limit must be >= 1"),
     (["evaluate", "--model", "{tmp}/none"], "{tmp}/none: no such checkpoint directory"),
+    (["data", "--num-train", "5"], "the following arguments are required: --out"),  # was: assets/world rewritten
+    (["pretrain", "--steps", "10"], "the following arguments are required: --out"),  # was: the shipped base replaced
     (["data", "--out", "{tmp}/a_file"], "{tmp}/a_file is a file, not a directory"),
     (["data", "--out", "{tmp}/out", "--num-train", "-5"], "must be >= 0"),
     (["tokenizer", "--data", "{tmp}/none", "--out", "{tmp}/out"], "no train.jsonl in --data {tmp}/none"),
@@ -169,6 +172,9 @@ def test_data_command_writes_train_and_held_out_files(tmp_path):
     (["pretrain", "--out", "{tmp}/out", "--tokenizer", "assets/tiny-ar-base", "--hidden-size", "30"], "multiple of the 4 attention heads"),
     (["pretrain", "--out", "{tmp}/out", "--tokenizer", "assets/tiny-ar-base", "--threads", "0"], "threads >= 1"),
     (["pretrain", "--out", "{tmp}/out", "--tokenizer", "assets/tiny-ar-base", "--lr", "inf"], "need lr > 0"),
+    (["pretrain", "--out", "{tmp}/out", "--tokenizer", "assets/tiny-ar-base", "--num-examples", "5", "--batch-size", "8"],
+     "num_examples (5) cannot fill a batch of 8"),
+    (["pretrain", "--out", "{tmp}/out", "--tokenizer", "{tmp}/other_tokenizer"], "is not a world tokenizer"),
 ])
 def test_cli_refuses_options_it_would_ignore_or_do_nothing_with(argv, message, tmp_path, monkeypatch, capsys):
     """One line and exit 2 before any work (these were tracebacks, some after minutes of work, or a
@@ -177,6 +183,7 @@ def test_cli_refuses_options_it_would_ignore_or_do_nothing_with(argv, message, t
     for command in ("cmd_data", "cmd_tokenizer", "cmd_pretrain", "cmd_evaluate"):
         monkeypatch.setattr(cli, command, lambda *a, name=command: pytest.fail(f"{name} ran on bad options"))
     (tmp_path / "a_file").write_text("x")
+    make_tokenizer().save_pretrained(tmp_path / "other_tokenizer")  # no |<MASK>|: its mask row would be every row
     with pytest.raises(SystemExit) as e:
         world.main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
@@ -267,11 +274,14 @@ def test_scaled_down_chain_runs_end_to_end_and_rebuilds_byte_for_byte(tmp_path):
     data, out, again = tmp_path / "world", tmp_path / "model", tmp_path / "again"
     world.main(["data", "--out", str(data), "--num-train", "64", "--num-test", "1", "--num-beyond", "1"])
     world.main(["tokenizer", "--data", str(data), "--out", str(out), "--vocab-size", "300"])
+    trained = {f.name: f.read_bytes() for f in out.iterdir()}
     pretrain_args = ["--data", str(data), "--tokenizer", str(out), "--steps", "3", "--batch-size", "8",
                      "--num-examples", "64", "--hidden-size", "32", "--layers", "1", "--eval-every", "0"]
     world.main(["pretrain", "--out", str(out), *pretrain_args])
     world.main(["pretrain", "--out", str(again), *pretrain_args])
     assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    for name, content in trained.items():  # the trained tokenizer, not what transformers rebuilds from it
+        assert (out / name).read_bytes() == (again / name).read_bytes() == content, name
     summary = json.loads((out / cli.SUMMARY_FILE).read_text())
     assert summary["steps"] == 3 and summary["num_test"] == summary["num_beyond"] == len(WorldConfig().task_weights)
     # Three small steps from a 0.02-std init: the loss is still about that of a uniform guess, ln(V).
