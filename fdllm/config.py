@@ -48,7 +48,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # None: plain RoPE; else {"rope_type": a ROPE_SCALINGS key, its parameters}
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool | None = None  # None: the architecture's default (Qwen2: q/k/v bias, Llama: none)
+    attention_bias: bool | None = None  # Llama: biases on q/k/v/o (None: none); Qwen2 has q/k/v biases whatever it says
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
