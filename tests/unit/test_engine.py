@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import random
+import time
 
 import pytest
 import torch
@@ -40,6 +41,18 @@ def random_prompts(n, lengths, seed=0):
 
 def params(**kw):
     return fdllm.SamplingParams(**({"max_new_tokens": 20, "ignore_eos": True} | kw))
+
+
+def run_to_end(engine, max_steps=500) -> dict:
+    """Step until nothing is left: the results by request id; a request that never finishes (a page
+    reservation leaked, an abort that frees nothing) is a failure here, not a hung test."""
+    done = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return done
+        done |= {r.request_id: r for r in engine.step()}
+    raise AssertionError(f"still unfinished after {max_steps} steps: {engine.num_running} running, "
+                         f"{engine.num_waiting} waiting, {engine.num_free_pages} free pages")
 
 
 @torch.no_grad()
@@ -160,8 +173,7 @@ def test_abort_frees_pages_and_reports(model):
     engine.abort("no-such-request")  # ignored
     aborted = engine.step()
     assert sorted(r.request_id for r in aborted if r.finish_reason == "abort") == sorted([rids[0], rids[3]])
-    while engine.has_unfinished():
-        engine.step()
+    run_to_end(engine)
     assert engine.num_free_pages == start
     assert all(calls[-1] is True and calls.count(True) == 1 for calls in seen.values())
 
@@ -753,3 +765,39 @@ def test_held_free_pages_are_not_given_to_new_requests(model):
     for bad in (-1, 1.5, None):
         with pytest.raises(ValueError, match="held pages"):
             engine.hold_free_pages(bad)
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_the_model_s_eos_ends_a_request_unless_ignore_eos(sharp_dir, mode):
+    """The oracle is a run of the same model without an EOS: with its EOS set to a token that run decodes,
+    a request stops right after its first occurrence ("stop"), and one with ignore_eos decodes exactly the
+    run without EOS ("length")."""
+    model = fdllm.load_model(sharp_dir)
+    assert model.config.eos_token_id is None
+    sampling = dict(max_new_tokens=20, mode=mode)
+    free = make_engine(model).generate([[5, 9, 14]], params(**sampling))[0]
+    eos = free.token_ids[5]
+    model.config.eos_token_id = eos
+    stopped, ignored = make_engine(model).generate([[5, 9, 14]] * 2, [params(**sampling, ignore_eos=False), params(**sampling)])
+    assert (stopped.token_ids, stopped.finish_reason) == (free.token_ids[: free.token_ids.index(eos) + 1], "stop")
+    assert (ignored.token_ids, ignored.finish_reason) == (free.token_ids, "length")
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_time_to_first_token_counts_until_the_first_token_not_the_first_step(model, mode):
+    """A 40-token prompt prefilled 8 tokens a step streams nothing for several steps: its
+    time_to_first_token_s reaches the start of the step whose tokens were streamed first (steps 50 ms
+    apart), not the first prefill step's."""
+    engine = make_engine(model, max_prefill_tokens=8)
+    first_streamed, started, step = [], [], 0
+    engine.add_request(random_prompts(1, [40], seed=10)[0], params(max_new_tokens=8, mode=mode), request_id="A",
+                       on_tokens=lambda rid, new, fin: new and not first_streamed and first_streamed.append(step))
+    added = time.perf_counter()
+    done = {}
+    while engine.has_unfinished():
+        time.sleep(0.05)
+        started.append(time.perf_counter())
+        done |= {r.request_id: r for r in engine.step()}
+        step += 1
+    assert first_streamed and first_streamed[0] >= 4  # prefill-only steps came first
+    assert done["A"].time_to_first_token_s >= started[first_streamed[0]] - added

@@ -204,6 +204,20 @@ def test_block_lookahead_opens_blocks_greedily_and_samples_its_step(spread_model
     assert len({r.token_ids[1] for r in results}) > 3, "the lookahead's step must sample"
 
 
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_unseeded_sampling_requests_draw_independent_streams(spread_model, mode):
+    """Without a seed each sampling request gets a stream of its own: 8 copies of one prompt at temperature
+    1 (`n` choices, or users sending the same prompt) do not all decode the same 16 tokens, which several
+    likely tokens a position make all but impossible unless they share a stream; 8 seeded copies, the
+    control, are equal."""
+    engine = _engine(spread_model)
+    sampling = dict(max_new_tokens=16, temperature=1.0, mode=mode, ignore_eos=True)
+    unseeded = engine.generate([[5, 17, 33, 2, 9]] * 8, fdllm.SamplingParams(**sampling))
+    seeded = engine.generate([[5, 17, 33, 2, 9]] * 8, fdllm.SamplingParams(**sampling, seed=11))
+    assert len({tuple(r.token_ids) for r in seeded}) == 1
+    assert len({tuple(r.token_ids) for r in unseeded}) > 1
+
+
 def _sharp_prompts(n, seed):
     rng = random.Random(seed)
     return [[rng.randrange(MASK) for _ in range(rng.choice([2, 5, 8, 11, 17]))] for _ in range(n)]

@@ -202,6 +202,23 @@ def test_scoring_a_finished_completion_reads_its_cached_prompt(causal_dllm_dir, 
     assert sum(fed) == len(ids) - 1 - 24  # three blocks lie before position 25, whose logits score 26
 
 
+@pytest.mark.parametrize("prompt_len", [16, 24])
+def test_scoring_after_a_prompt_of_whole_blocks_feeds_its_last_block(engine, prompt_len):
+    """A prompt of whole blocks (2 or 3 of 8): the logits that score the first completion token are the
+    prompt's last position's, inside its last cached block, so that block is fed again (only the blocks
+    before position score_from - 1 may be read from the cache); the values are the full scoring's."""
+    prompt = [(7 * i + 3) % engine.config.mask_token_id for i in range(prompt_len)]
+    done = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    ids = prompt + done.token_ids
+    full = engine.score([ids], top_logprobs=2)[0]
+    (got,) = engine.score([ids], top_logprobs=2, score_from=prompt_len)
+    assert got.logprobs[:prompt_len] == [None] * prompt_len
+    assert got.logprobs[prompt_len:] == pytest.approx(full.logprobs[prompt_len:], abs=1e-5)
+    assert [[t for t, _ in top] for top in got.top_logprobs[prompt_len:]] == [
+        [t for t, _ in top] for top in full.top_logprobs[prompt_len:]]
+    assert engine.num_free_pages == engine.num_pages
+
+
 @pytest.mark.parametrize("score_from,message", [(0, "score_from"), (5, "score_from"), (True, "score_from"),
                                                 (1.5, "score_from"), ([1, 2], "2 score_from positions")])
 def test_bad_score_from_is_a_value_error(engine, score_from, message):
