@@ -41,6 +41,7 @@ from pipelines.world import REPO_ROOT, TEST_FILE, TRAIN_FILE  # noqa: E402
 log = logging.getLogger("fdllm.quickstart")
 
 CONFIG = REPO_ROOT / "pipelines" / "configs" / "tiny.yaml"
+ALL_PROBLEMS = 300  # assets/world/test.jsonl: 100 held-out problems per task
 
 # The embedded default's targets (issue: embedded default); printed, never used to tune anything.
 TARGET_BASE_ACCURACY = 0.95
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/quickstart", help="where the checkpoint and report go")
     parser.add_argument("--max-steps", type=int, help="fine-tuning steps (default: the tiny config's)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (default: the tiny config's)")
-    parser.add_argument("--limit", type=int, default=300,
+    parser.add_argument("--limit", type=int, default=ALL_PROBLEMS,
                         help="held-out problems to evaluate (the first N, tasks interleaved; 300: all, 100 per task)")
     parser.add_argument("--run-name", help="the fine-tune's run name (default: quickstart-<timestamp>); with --resume, "
                                            "the interrupted run to continue (its first log lines name it)")
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + format_table(rows) + "\n")
     for name, met, measured in targets:
         print(f"  [{'met' if met else 'MISSED'}] {name}: {measured}")
+    if args.limit < ALL_PROBLEMS:
+        print(f"  (on the first {args.limit} of the {ALL_PROBLEMS} held-out problems: the targets are set for all of them)")
     total_s = time.perf_counter() - start
     print(f"\nfine-tune {finetune_s / 60:.1f} min, total {total_s / 60:.1f} min; checkpoint: {out / 'tiny-dllm'}")
     report = {"rows": [r.to_json() for r in rows], "targets": [{"target": n, "met": m, "measured": v} for n, m, v in targets],
