@@ -9,8 +9,9 @@ What is checked:
   plus what the schema cannot see (defaults merged in silently, node types, install commands,
   token auth, fields that must agree within one file);
 - KubeRay manifests for the fields KubeRay requires and rejects (ray.io/v1, RayJob/RayService,
-  headGroupSpec/workerGroupSpecs, rayStartParams, autoscaling, containers with resources), and
-  their serveConfigV2 against Ray Serve's own schema;
+  headGroupSpec/workerGroupSpecs, rayStartParams, autoscaling, containers with resources), their pod
+  templates against the official Kubernetes client's API types, and their serveConfigV2 against Ray
+  Serve's own schema;
 - every repository path and import path any of these files names exists, and the fine-tune
   command lines use only the flags pipelines/finetune.py defines.
 """
@@ -438,6 +439,39 @@ def test_kuberay_manifest_kind_and_fields(name):
     assert set(spec["autoscalerOptions"]) <= KUBERAY_AUTOSCALER_KEYS
     for group in spec["workerGroupSpecs"]:
         assert set(group) <= KUBERAY_WORKER_KEYS, set(group) - KUBERAY_WORKER_KEYS
+
+
+def _unknown_fields(value, type_name: str, path: str) -> list[str]:
+    """Paths in `value` that the Kubernetes type `type_name` has no field for, by the official client's
+    models (`kubernetes.client.V1PodSpec.attribute_map`...): an independent oracle of the API."""
+    import kubernetes.client as k8s
+
+    if type_name.startswith(("List[", "list[")):
+        return [bad for i, item in enumerate(value) for bad in _unknown_fields(item, type_name[5:-1], f"{path}[{i}]")]
+    model = getattr(k8s, type_name, None)
+    if model is None or not isinstance(value, dict):  # a scalar, a map (Dict[str, str]), IntOrString, Quantity
+        return []
+    fields = {json_name: name for name, json_name in model.attribute_map.items()}
+    return [bad for key, item in value.items()
+            for bad in ([f"{path}.{key}"] if key not in fields else
+                        _unknown_fields(item, model.openapi_types[fields[key]], f"{path}.{key}"))]
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_kuberay_pod_templates_hold_only_kubernetes_fields(name):
+    """KubeRay passes the groups' pod templates to Kubernetes: a misspelt field there (`mountPth`,
+    `efect`, `medum`) is dropped by a lenient apply, so the volume is never mounted or the taint never
+    tolerated. Checked against the official client's types, every level down."""
+    spec = _cluster_spec(_manifest(name))
+    groups = [("headGroupSpec", spec["headGroupSpec"])] + [
+        (f"workerGroupSpecs[{group['groupName']}]", group) for group in spec["workerGroupSpecs"]]
+    for where, group in groups:
+        assert _unknown_fields(group["template"], "V1PodTemplateSpec", f"{where}.template") == []
+    # the autoscaler sidecar's Kubernetes-typed fields (KubeRay's AutoscalerOptions)
+    typed = {"resources": "V1ResourceRequirements", "env": "List[V1EnvVar]", "envFrom": "List[V1EnvFromSource]",
+             "volumeMounts": "List[V1VolumeMount]", "securityContext": "V1SecurityContext"}
+    for key, value in spec["autoscalerOptions"].items():
+        assert _unknown_fields(value, typed.get(key, ""), f"autoscalerOptions.{key}") == []
 
 
 @pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
