@@ -93,6 +93,10 @@ BAD_REASONS = (
 BAD_ROW_WARN_FRACTION = 0.01
 OUTPUT_BLOCK_BYTES = 1 << 20  # bytes per Ray Data block (read windows, packed rows): small, so the first batch leaves early
 ROLES = ("system", "user", "assistant")
+# Marks an assistant turn that is context, not trained: every one in a Nemotron record's `input` (the record's
+# answer is its `output`, as a prompt/completion pair trains only the completion), and a `messages` chat's
+# answer that says `"context": true` (distilled records keep their prompt's context turns so)
+CONTEXT_TURN = "context"
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 
@@ -206,6 +210,8 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise BadRow("empty_field", f"empty {m['role']} message in {where}")
         _check_unicode(m["content"], where)
         out.append({"role": m["role"], "content": m["content"]})
+        if m["role"] == "assistant" and m.get(CONTEXT_TURN) is True:  # a chat's answer marked as context
+            out[-1][CONTEXT_TURN] = True
     return out
 
 
@@ -239,6 +245,9 @@ def record_to_messages(record: dict[str, Any], strip_reasoning: bool = False) ->
             messages = _check_messages(prompt, "input")
         if messages[-1]["role"] == "assistant":
             raise BadRow("bad_chat", "input already ends with an assistant turn")
+        for m in messages:
+            if m["role"] == "assistant":
+                m[CONTEXT_TURN] = True
         messages.append({"role": "assistant", "content": answer})
     else:
         raise BadRow("missing_field", "a record needs `messages`, or `input` and `output`")
@@ -278,10 +287,12 @@ def render_segments(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     def render(msgs: list[dict[str, str]], prompt: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
 
+    trained = [m["role"] == "assistant" and not m.get(CONTEXT_TURN) for m in messages]
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # what the template sees
     full = render(messages, False)
     segments, cursor = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if not trained[i]:
             continue
         prompt = render(messages[:i], True)
         end = _turn_end(render(messages[: i + 1], False), full, stop_texts)
@@ -290,7 +301,7 @@ def render_segments(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
         segments += [(full[cursor : len(prompt)], False), (full[len(prompt) : end], True)]
         cursor = end
     else:
-        _check_answers([m for m in messages if m["role"] == "assistant"], stop_texts)
+        _check_answers([m for m, t in zip(messages, trained) if t], stop_texts)
         segments.append((full[cursor:], False))
         return [s for s in segments if s[0]]
     prompt = render(messages[:-1], True)

@@ -112,6 +112,24 @@ def test_labels_cover_exactly_the_assistant_answers(tok):
     assert (labels[end:] == IGNORE_INDEX).all()  # the padding tail of the row carries no loss
 
 
+def test_a_nemotron_input_s_earlier_answers_are_context_not_trained(tok):
+    """A Nemotron record's `input` is the prompt, however many turns it holds: only its `output` is trained
+    (a prompt/completion pair); the same turns as a `messages` chat train every answer (the test above).
+    The document's tokens are the chat's either way."""
+    chat = [{"role": "user", "content": Q}, {"role": "assistant", "content": A},
+            {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}]
+    cfg = DataConfig(block_size=8, seq_len=128)
+    nemotron = process_records([{"input": chat[:3], "output": A2}], tok, cfg)
+    messages = process_records([{"messages": chat}], tok, cfg)
+    (start, end), _pad = _docs(nemotron, 0)
+    ids, labels = nemotron["input_ids"][0], nemotron["labels"][0]
+    assert (ids == messages["input_ids"][0]).all()
+    n_fill = (end - start) - len(tok.encode(tok.apply_chat_template(chat, tokenize=False).rstrip("\n")))
+    assert tok.decode(ids[start:end][labels[start:end] != IGNORE_INDEX]) == A2 + "<|im_end|>" * (1 + n_fill)
+    marked = [*chat[:1], {**chat[1], "context": True}, *chat[2:]]  # a chat's answer marked as context, so
+    assert (process_records([{"messages": marked}], tok, cfg)["labels"] == labels).all()  # a distilled record's
+
+
 def test_a_template_that_closes_the_conversation_with_eos_trains_every_answer(tok):
     """Phi-3's template ends a whole conversation, not a turn, with EOS, so a conversation rendered up to
     an answer ends with a stop token the whole one has only at its end. Before, every such row was a
