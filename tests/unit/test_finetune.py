@@ -345,8 +345,12 @@ def test_shard_reader_drain_counts_what_an_epoch_ended_by_another_worker_left(qw
         assert reader.next_batch() is None and reader.consumed == skip + 1
 
 
-def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
-    """The property behind 'N workers train like one': per-row seeded noise, summed losses add up."""
+@pytest.mark.parametrize("objective", [{}, {"joint_weights": (0.5, 0.5)}], ids=["diffusion", "joint"])
+def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir, objective):
+    """The property behind 'N workers train like one': per-row seeded noise, summed losses add up. The
+    joint loss too: its AR mean is weighted by the worker's masked-token count, which is exactly its AR
+    target count (the complementary masks cover each loss-carrying token once), so the parts' AR terms
+    add up to the whole batch's."""
     tok = load_tokenizer(qwen2_dir)
     model = fdllm.load_model(qwen2_dir)
     mask_id = add_mask_token(tok, model)
@@ -355,9 +359,9 @@ def test_noise_depends_on_the_sequence_not_on_the_batch(qwen2_dir):
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
     cpu = torch.device("cpu")
     with torch.no_grad():
-        whole = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, seed=0, step=3, device=cpu)
-        parts = [diffusion_loss_sum(model, h, mask_id, 8, 1e-3, seed=0, step=3, device=cpu) for h in halves]
-        other_step = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, seed=0, step=4, device=cpu)
+        whole = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, seed=0, step=3, device=cpu, **objective)
+        parts = [diffusion_loss_sum(model, h, mask_id, 8, 1e-3, seed=0, step=3, device=cpu, **objective) for h in halves]
+        other_step = diffusion_loss_sum(model, batch, mask_id, 8, 1e-3, seed=0, step=4, device=cpu, **objective)
     assert whole[1] == parts[0][1] + parts[1][1]
     assert whole[0].item() == pytest.approx((parts[0][0] + parts[1][0]).item(), rel=1e-5)
     # another step draws other masks; complementary copies train every token either way, so with a
