@@ -340,13 +340,13 @@ class StopCriteria:
         """
         if len(output) > self.max_new_tokens:  # a copy only then: every step of every request checks
             output = output[: self.max_new_tokens]
+        token_cut = None
         if not self.stop_token_ids.isdisjoint(output[num_checked:]):
-            for i in range(num_checked, len(output)):
-                if output[i] in self.stop_token_ids:
-                    return i + 1, "stop"
+            token_cut = next(i + 1 for i in range(num_checked, len(output)) if output[i] in self.stop_token_ids)
+            output = output[:token_cut]  # a stop string completed before it, in the same step, ends the request first
         cut = self._stop_string_cut(output, num_checked)
-        if cut is not None:
-            return cut, "stop"
+        if cut is not None or token_cut is not None:
+            return cut or token_cut, "stop"
         if len(output) == self.max_new_tokens:
             return self.max_new_tokens, "length"
         return None

@@ -134,6 +134,26 @@ def test_stop_criteria():
     assert text.cut_text("abcdecd") == "ab"  # the first occurrence cuts, not the last
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_request_ends_where_one_token_a_step_would_end_it(seed):
+    """A diffusion or speculative step settles several tokens at once; the request must end where AR,
+    settling one a step, ends it. A stop string completed before a stop token in the same step was
+    missed (the stop token was looked for first): the output ran on to the stop token, longer than AR's."""
+    decode = lambda ids: "".join("_abcdef"[t] for t in ids)  # noqa: E731 - token 0 decodes to nothing, like EOS
+    rng = random.Random(seed)
+    for _ in range(200):
+        crit = StopCriteria(max_new_tokens=rng.randint(1, 30), stop_token_ids=frozenset({0}),
+                            stop=tuple(rng.sample(["c", "de", "fa", "bb"], rng.randint(0, 2))), decode=decode)
+        output = [rng.randrange(7) for _ in range(35)]
+        one_a_step = next((v for n in range(1, 36) if (v := crit.check(output[:n], n - 1))), None)
+        verdict, checked = None, 0
+        while verdict is None and checked < len(output):
+            grown = min(len(output), checked + rng.randint(1, 8))
+            verdict, checked = crit.check(output[:grown], checked), grown
+        assert verdict == one_a_step, (crit, output)
+    assert StopCriteria(10, frozenset({0}), ("c",), decode).check([1, 2, 3, 4, 0], 0) == (3, "stop")
+
+
 def _first_stop_by_full_decode(decode, output, stops):
     """The oracle: the shortest prefix whose whole decode contains a stop string."""
     return next((n for n in range(1, len(output) + 1) if any(s in decode(output[:n]) for s in stops)), None)
