@@ -292,8 +292,10 @@ class GenerationResult:
     finish_reason: str = "length"  # "stop" | "length" | "abort" | "error" (a failure inside a step)
     error: str | None = None  # with finish_reason "error": what failed (the details are in the engine log)
     num_forwards: int = 0  # forward passes this request took part in (speculative: drafts and verifies)
-    num_drafted: int = 0  # speculative mode: draft tokens proposed to a verify forward
-    num_accepted: int = 0  # speculative mode: draft tokens the verify forward confirmed
+    # speculative mode: draft tokens proposed to a verify forward, and those it confirmed; a verify checks a whole
+    # draft, so both count positions past a stop the round settled (they measure drafting, not the output)
+    num_drafted: int = 0
+    num_accepted: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed)
     num_preemptions: int = 0  # times the request gave its KV pages back and was prefilled again
     time_to_first_token_s: float | None = None  # None: no token was produced
