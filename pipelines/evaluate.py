@@ -272,9 +272,12 @@ def evaluate_by_task(engine: fdllm.Engine, records: list[dict[str, str]], params
 
 def format_table(rows: list[EvalRow]) -> str:
     ar_speed: dict[tuple[str, int], float] = {}  # the AR reference per task and batch size: like with like
+    ar_models: list[str] = []
     for r in rows:
-        if r.mode == "ar":
-            ar_speed.setdefault((r.task, r.batch_size), r.tokens_per_s)
+        if r.mode == "ar" and (r.task, r.batch_size) not in ar_speed:
+            ar_speed[r.task, r.batch_size] = r.tokens_per_s
+            if r.model not in ar_models:
+                ar_models.append(r.model)
     head = (f"{'task':<8} {'model':<16} {'quant':<5} {'weights':>8} {'mode':<11} {'policy':<13} {'batch':>5} {'accuracy':>9} "
             f"{'agree':>6} {'tok/fwd':>8} {'tok/s':>8} {'vs AR':>6} {'accept':>6}")
     lines = [head, "-" * len(head)]
@@ -286,6 +289,8 @@ def format_table(rows: list[EvalRow]) -> str:
         lines.append(f"{r.task:<8} {r.model:<16} {r.quantization or '-':<5} {r.weight_bytes / 1e6:>6.1f}MB {r.mode:<11} "
                      f"{r.policy:<13} {r.batch_size:>5} {100 * r.accuracy:>8.1f}% {agree:>6} {r.tokens_per_forward:>8.2f} "
                      f"{r.tokens_per_s:>8.1f} {ratio:>6} {accept:>6}")
+    if ar_models:  # with --base, the base's AR rows come first: the ratios are against the AR base
+        lines.append(f"vs AR: tok/s over {', '.join(ar_models)}'s AR row of the same task and batch")
     return "\n".join(lines)
 
 

@@ -72,7 +72,9 @@ def test_scaled_down_chain(tmp_path):
     thr1 = [r for r in rows if r.threshold == 1.0]
     assert all(r.tokens_per_forward == 1.0 for r in ar)  # AR: exactly one token per forward
     assert all(0 < r.tokens_per_forward <= 1.0 for r in thr1)  # threshold 1.0: one position per step, plus block commits
-    assert len(format_table(rows).splitlines()) == 2 + len(rows)  # header, rule, one line per row
+    table = format_table(rows).splitlines()
+    assert len(table) == 3 + len(rows)  # header, rule, one line per row, which AR rows "vs AR" divides by
+    assert table[-1] == f"vs AR: tok/s over {ar[0].model}'s AR row of the same task and batch"
 
     # The picture: accuracy (y) against tokens per forward (x); a panel per task with an AR point and a
     # diffusion line through the thresholds, at the rows' own coordinates; a non-empty PNG on disk.
