@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+import fdllm
 from pipelines.evaluate import EvalRow, Policy, accuracy_figure, format_table, main, run_evaluation
 
 
@@ -162,3 +163,20 @@ def test_the_console_script_exits_0(dllm_dir, tmp_path, monkeypatch):
     (script,) = entry_points(group="console_scripts", name="fdllm-evaluate")
     monkeypatch.setattr(sys, "argv", ["fdllm-evaluate", "--model", str(dllm_dir), "--data", str(records), "--modes", "ar"])
     assert script.load()() == 0
+
+
+def test_no_row_reads_prompts_an_earlier_row_prefilled(dllm_dir, records, monkeypatch):
+    """Rows share an engine (the model's modes and policies); with a prefix cache, every row after the first
+    found the prompts the first had prefilled, an edge over the AR base's row, which runs first on its own."""
+    seen = []
+    generate = fdllm.Engine.generate
+
+    def counting(engine, *args, **kwargs):
+        results = generate(engine, *args, **kwargs)
+        seen.extend(r.num_cached_tokens for r in results)
+        return results
+
+    monkeypatch.setattr(fdllm.Engine, "generate", counting)
+    run_evaluation(str(dllm_dir), str(records), base=str(dllm_dir), modes=("ar", "diffusion"), max_new_tokens=8,
+                   thresholds=(0.9, 0.5))
+    assert len(seen) > 0 and set(seen) == {0}
