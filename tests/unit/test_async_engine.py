@@ -394,3 +394,63 @@ def test_an_added_stream_dropped_unread_aborts_its_request(driver):
     asyncio.run(add_and_drop())
     stats = _wait_until_idle(driver)
     assert stats["running"] == 0 and stats["free_pages"] == stats["total_pages"], stats
+
+
+def test_deltas_queued_while_nobody_reads_arrive_merged_and_whole(driver, dllm_dir):
+    """A reader slower than the engine (a busy proxy) finds several deltas queued: they are sent as one,
+    and that one holds all of their tokens, in order (the concurrency test's readers keep up, so it
+    never merges)."""
+    params = fdllm.SamplingParams(max_new_tokens=24, temperature=0.0, mode="ar")
+
+    async def main():
+        stream = await driver.add([5, 6, 7], params, "slow-reader")
+        deadline = time.monotonic() + 60
+        while (driver.stats()["running"] or driver.stats()["waiting"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the request finishes while nobody reads: its events all queue up
+        events = [event async for event in stream]
+        return events
+
+    events = asyncio.run(main())
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    result = events[-1]
+    assert len(deltas) < result.num_forwards  # deltas were merged
+    assert [t for d in deltas for t in d.token_ids] == result.token_ids
+    assert result.token_ids == fdllm.Engine.from_pretrained(dllm_dir).generate([[5, 6, 7]], params)[0].token_ids
+
+
+def test_a_cancelled_read_of_a_request_stream_aborts_its_request(driver):
+    """RequestStream's contract: cancelling a read (the client gone) aborts the request and frees its
+    pages, without the caller closing the stream (generate() and interleave() also close it)."""
+    params = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar")
+    slow_steps(driver.engine)
+
+    async def main():
+        stream = await driver.add([5, 6, 7], params, "cancelled")
+        await stream.__anext__()  # running
+        read = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        return stream
+
+    stream = asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while (stats := driver.stats())["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats["running"] == 0 and stats["free_pages"] == stats["total_pages"], stats
+    del stream
+
+
+def test_a_score_needing_exactly_the_free_pages_is_answered(causal_dllm_dir):
+    """A score whose sequence takes every page of an idle cache fits (nothing else will ever free one):
+    it must be answered, not wait forever."""
+    engine = fdllm.Engine.from_pretrained(causal_dllm_dir, engine_config=fdllm.EngineConfig(num_pages=6))
+    tokens = next(list(range(5, 5 + n)) for n in range(1, 200) if engine.score_pages(list(range(5, 5 + n))) == engine.num_pages)
+    drv = AsyncEngine(engine)
+    try:
+        assert drv.stats()["free_pages"] == engine.num_pages
+        scored = asyncio.run(asyncio.wait_for(drv.score(tokens, 1), timeout=20))
+        assert scored == fdllm.Engine.from_pretrained(causal_dllm_dir).score([tokens], top_logprobs=1)[0]
+    finally:
+        drv.shutdown()

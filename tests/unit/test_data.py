@@ -546,3 +546,94 @@ print(fdllm.Engine.__module__, fdllm.load_model.__module__, fdllm.ModelConfig.__
     assert out[0] == "module 'fdllm' has no attribute 'engine': `import fdllm.engine` first (the package imports its " \
                      "modules when used, not all at once)"
     assert out[1] == "fdllm.engine.engine fdllm.model fdllm.config True"
+
+
+def test_the_block_tail_after_the_answer_is_end_of_turn_and_trained(tok):
+    """The positions after a document's last end-of-turn token up to its block end are that token and
+    are trained (labels = the token), as the module docstring says (the decoder fills whole blocks).
+    The conversation is chosen to leave a partial block (the two-turn chat of
+    test_labels_cover_exactly_the_assistant_answers is exactly 11 blocks, so it has no fill to check)."""
+    chat = [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]
+    cfg = DataConfig(block_size=8, seq_len=128)
+    out = process_records([{"messages": chat}], tok, cfg)
+    ids, labels, doc_ids = out["input_ids"][0], out["labels"][0], out["doc_ids"][0]
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    n_doc = len(tok.encode(tok.apply_chat_template(chat, tokenize=False).rstrip("\n")))  # ends at <|im_end|>
+    assert n_doc % cfg.block_size, "the test needs a conversation that leaves a partial block"
+    padded = -(-n_doc // cfg.block_size) * cfg.block_size
+    assert (doc_ids[:padded] == doc_ids[0]).all() and doc_ids[padded] != doc_ids[0]
+    assert ids[n_doc - 1] == eot and labels[n_doc - 1] == eot  # the answer's own end of turn
+    tail = slice(n_doc, padded)
+    assert (ids[tail] == eot).all() and (labels[tail] == eot).all()  # the fill: end of turn, trained
+    assert (labels[padded:] == IGNORE_INDEX).all()  # the row's padding is not
+
+
+def test_a_window_of_more_records_than_docs_per_batch_loses_none(tok):
+    """A pack window holding more lines than `docs_per_batch` is packed in groups of that many: every
+    record of every group is packed or counted (the split tests' windows never hold a whole group)."""
+    import json
+
+    from pipelines.data import TokenSpec, bad_counts, pack_jsonl_windows
+    from tests.sft_data import good_records
+
+    lines = [json.dumps(r).encode() for r in good_records(10)]
+    lines.insert(4, b"{not json")  # a bad row where the second group starts
+    cfg = DataConfig(block_size=8, seq_len=128, docs_per_batch=4)
+    out = pack_jsonl_windows([b"\n".join(lines)], tokenizer=tok, cfg=cfg, spec=TokenSpec.from_tokenizer(tok))
+    assert out["num_docs"].sum() == 10
+    assert bad_counts(out)["invalid_json"] == 1 and sum(bad_counts(out).values()) == 1
+    assert len(out["num_docs"]) >= 3  # groups of 4, 4 and 3 lines are packed apart
+
+
+def test_documents_that_exactly_fill_a_row_share_it():
+    """First-fit packing puts a document in a row whose room equals its length: two half-row documents
+    and four quarter-row ones pack into full rows, no padding and no extra row."""
+    from pipelines.data import Document, pack_documents
+
+    docs = [Document([7] * 64, [7] * 64), Document([8] * 64, [8] * 64)] + [Document([9] * 32, [9] * 32)] * 4
+    out = pack_documents(docs, seq_len=128, pad_id=0)
+    assert out["num_docs"].tolist() == [2, 4] and out["num_tokens"].tolist() == [128, 128]
+    assert (out["labels"] != IGNORE_INDEX).all()  # no padding anywhere
+
+
+@pytest.mark.parametrize("overlong", ["skip", "truncate"])
+def test_a_document_of_exactly_seq_len_tokens_is_kept_whole(tok, overlong):
+    """A document whose block-padded length equals seq_len fits a row: not too_long, not cut."""
+    from pipelines.data import bad_counts
+
+    record = {"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]}
+    roomy = process_records([record], tok, DataConfig(block_size=8, seq_len=256))
+    length = int(roomy["num_tokens"][0])  # its padded length
+    out = process_records([record], tok, DataConfig(block_size=8, seq_len=length, overlong=overlong))
+    assert out["num_docs"].tolist() == [1] and not any(bad_counts(out).values())
+    assert (out["input_ids"][0] == roomy["input_ids"][0][:length]).all()
+    assert (out["labels"][0] == roomy["labels"][0][:length]).all()
+
+
+def test_a_jsonl_windows_offset_is_its_first_lines_byte_offset(tmp_path):
+    """`read_jsonl_split`'s `offset`: the byte offset of the window's first line (oracle: the file's bytes)."""
+    from pipelines.data import plan_jsonl_splits, read_jsonl_split
+
+    lines = [b'{"a": %d}' % i + b" " * (i % 7) for i in range(60)]
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    data = path.read_bytes()
+    cfg = DataConfig(block_size=8, seq_len=64, pack_window_bytes=40, read_split_bytes=120)
+    windows = [w for s in plan_jsonl_splits([(str(path), len(data))], cfg) for w in read_jsonl_split(s, cfg)]
+    assert len(windows) > 5 and any(w["lines"].count(b"\n") for w in windows)  # windows of several lines
+    for w in windows:
+        assert data[w["offset"]:].split(b"\n", 1)[0] == w["lines"].split(b"\n", 1)[0]
+        assert w["offset"] == 0 or data[w["offset"] - 1] == ord("\n")
+
+
+def test_a_system_prompt_field_beside_a_system_turn_keeps_the_turn():
+    """A record whose messages open with a system turn keeps that turn; its `system_prompt` is not added as a
+    second one (which would make the row a bad_chat and drop it)."""
+    from pipelines.data import record_to_messages
+
+    record = {"input": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}], "output": "a",
+              "system_prompt": "be verbose"}
+    assert record_to_messages(record) == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a"}]
+    assert record_to_messages({"input": "q", "output": "a", "system_prompt": "be verbose"})[0] == {
+        "role": "system", "content": "be verbose"}

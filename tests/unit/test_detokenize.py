@@ -81,3 +81,17 @@ def test_work_per_token_does_not_grow_with_the_output(tokenizer, monkeypatch):
     monkeypatch.setattr(type(tokenizer), "decode", lambda *a, **k: pytest.fail("full decode while streaming"))
     detok = IncrementalDetokenizer(tokenizer)
     assert "".join(detok.push([t]) for t in ids) == TEXT * 20
+
+
+def test_the_detokenizer_sends_the_held_back_tail_at_the_end():
+    """With a stop string, the last len(stop) - 1 characters wait until the end: `finish` sends them, so
+    the stream adds up to the final text."""
+    from serve.detokenize import IncrementalDetokenizer
+    from tests.helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    text = "the quick brown fox"
+    detok = IncrementalDetokenizer(tok, stop=("hello world",))
+    sent = "".join(detok.push([t]) for t in tok.encode(text))
+    assert len(sent) < len(text)  # the premise: something was held back
+    assert sent + detok.finish(text) == text

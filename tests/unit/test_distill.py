@@ -313,3 +313,10 @@ def test_bad_data_or_output_fail_before_ray_starts(dllm_dir, tmp_path, monkeypat
         assert main([*common, *flags]) == 2, flags
         assert [(r.name, r.levelname) for r in caplog.records if r.levelname == "ERROR"] == [("fdllm.distill", "ERROR")]
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_a_trajectory_cut_off_mid_thought_is_never_correct():
+    from pipelines.trajectories import is_correct
+
+    assert not is_correct("<think>still thinking", "<think>a reference with an open tag")
+    assert is_correct("<think>x</think> 42 ", "42")

@@ -180,3 +180,23 @@ def test_no_row_reads_prompts_an_earlier_row_prefilled(dllm_dir, records, monkey
     run_evaluation(str(dllm_dir), str(records), base=str(dllm_dir), modes=("ar", "diffusion"), max_new_tokens=8,
                    thresholds=(0.9, 0.5))
     assert len(seen) > 0 and set(seen) == {0}
+
+
+def test_evaluate_scores_answers_up_to_surrounding_whitespace_and_takes_a_prompt_that_exactly_fits(dllm_dir, monkeypatch):
+    """Exact match ignores the whitespace around an answer (a decoded "42\\n" is right); a record whose
+    prompt plus max_new_tokens is exactly the context is decoded, not refused as too long."""
+    import fdllm
+    from fdllm.engine import GenerationResult
+    from pipelines.evaluate import evaluate, prompt_ids
+
+    engine = fdllm.Engine.from_pretrained(dllm_dir)
+    records = [{"prompt": "the fox", "answer": "12"}, {"prompt": "hello world 7", "answer": " 7 "},
+               {"prompt": "hi", "answer": "19"}]
+    outputs = iter(["12\n", "7", " 18"])
+    monkeypatch.setattr(engine, "generate", lambda prompts, params, progress=False: [
+        GenerationResult(request_id=str(i), prompt_token_ids=p, token_ids=[1], text=next(outputs), num_forwards=1)
+        for i, p in enumerate(prompts)])
+    longest = max(len(prompt_ids(engine, r)) for r in records)
+    params = fdllm.SamplingParams(max_new_tokens=engine.max_model_len - longest, temperature=0.0)
+    row = evaluate(engine, records, params, "m", progress=False)
+    assert (row.correct, row.total) == (2, 3)

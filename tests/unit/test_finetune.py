@@ -516,3 +516,121 @@ def test_a_failed_publish_fails_the_step_before_its_checkpoint_is_reported(tmp_p
     events.clear()
     train_loop._report({"step": 4}, to_save, str(tmp_path / "servable"))
     assert events == ["publish", "report"]
+
+
+def test_resume_skips_sequences_not_rows_past_a_row_without_documents(qwen2_dir):
+    """`skip` counts trained sequences: a row without documents (a count carrier, or `row_multiple`
+    padding) among the skipped rows must not use up one of them, or the resumed run trains a sequence
+    twice (the other resume test skips only rows before the carrier)."""
+    rows = _rows(load_tokenizer(qwen2_dir))
+    sequences = [i for i, row in enumerate(rows) if row["num_docs"] > 0]
+    carrier = next(i for i, row in enumerate(rows) if row["num_docs"] == 0)
+    skip = sum(i < carrier for i in sequences) + 1  # one sequence past the carrier
+    assert skip < len(sequences)
+    resumed = ShardReader(_Shard(rows), batch_size=1, skip=skip)
+    first = resumed.next_batch()
+    assert np.array_equal(first["input_ids"][0], rows[sequences[skip]]["input_ids"])
+    assert resumed.consumed == skip + 1
+
+
+def test_the_cosine_decay_starts_at_the_peak_after_warmup_and_is_half_way_at_its_midpoint():
+    """lr_at(step, total=100, lr=1e-3, warmup=10, min_ratio=0.1): the decay runs over steps 10..100, so
+    step 10 is the peak, step 55 the mean of peak and floor, and the floor is reached at 100, not before."""
+    lr = lambda s: lr_at(s, 100, 1e-3, 10, 0.1)  # noqa: E731
+    assert lr(10) == pytest.approx(1e-3)
+    assert lr(55) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert lr(99) > lr(100) == pytest.approx(1e-4)
+
+
+def test_good_docs_count_documents_not_rows(qwen2_dir):
+    """`good_docs` (the base of the skipped-rows share) counts documents: rows packing several of them
+    count each (in `_rows` every row holds one document, so rows and documents agree there)."""
+    from pipelines.data import DataConfig, process_records
+    from tests.sft_data import good_records
+
+    out = process_records(good_records(8), load_tokenizer(qwen2_dir), DataConfig(block_size=8, seq_len=256))
+    rows = [{k: v[i] for k, v in out.items()} for i in range(len(out["num_docs"]))]
+    assert out["num_docs"].sum() == 8 and out["num_docs"].max() > 1  # the premise: rows of several documents
+    reader = ShardReader(_Shard(rows), batch_size=1)
+    while reader.next_batch() is not None:
+        pass
+    assert reader.take_counts()["good_docs"] == 8
+
+
+def _run_worker_loop(qwen2_dir, tmp_path, monkeypatch, rows, checkpoint=None, save_to=None, **options):
+    """`train_loop_per_worker` on one worker with Ray Train's calls replaced by fakes: the shard is `rows`,
+    the run resumes from `checkpoint` (a directory) if given, checkpoints are written to `save_to` if given,
+    and each report is recorded as (metrics, whether it carried a checkpoint)."""
+    from types import SimpleNamespace
+
+    import ray.train
+    import ray.train.torch
+
+    from pipelines import train_loop
+    from pipelines.finetune_config import FinetuneConfig
+
+    cfg = FinetuneConfig(model=str(qwen2_dir), data=["unused.jsonl"], storage_path=str(tmp_path), run_name="r",
+                         block_size=8, seq_len=64, batch_size=1, **options)
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(ray.train, "get_checkpoint",
+                        lambda: checkpoint and ray.train.Checkpoint.from_directory(str(checkpoint)))
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: _Shard(rows))
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **kw: model)
+    monkeypatch.setattr(train_loop, "_progress_bar", lambda *args: train_loop._NoProgress())
+    reports = []
+
+    def report(metrics, to_save, output):
+        reports.append((metrics, to_save is not None))
+        if to_save is not None and save_to is not None:
+            save_to.mkdir(exist_ok=True)
+            train_loop._save_checkpoint(save_to, *to_save)
+
+    monkeypatch.setattr(train_loop, "_report", report)
+    train_loop.train_loop_per_worker({"cfg": cfg})
+    return reports
+
+
+def test_the_last_step_is_checkpointed_when_max_steps_is_no_multiple_of_save_every(qwen2_dir, tmp_path, monkeypatch):
+    """A run of 3 steps saving every 2 checkpoints (and so exports) steps 2 and 3: the final weights are
+    never lost to the save interval (the integration runs use max_steps multiples of save_every)."""
+    rows = _rows(load_tokenizer(qwen2_dir))
+    reports = _run_worker_loop(qwen2_dir, tmp_path, monkeypatch, rows, max_steps=3, save_every=2, log_every=100)
+    assert [(m["step"], saved) for m, saved in reports] == [(2, True), (3, True)]
+
+
+def test_rows_are_counted_once_over_several_epochs(qwen2_dir, tmp_path, monkeypatch):
+    """Later epochs re-read the same rows: the reported bad-row and good-document counts are one pass's."""
+    from pipelines.data import BAD_REASONS
+
+    rows = _rows(load_tokenizer(qwen2_dir))
+    per_epoch = sum(int(r["num_docs"] > 0) for r in rows)
+    reports = _run_worker_loop(qwen2_dir, tmp_path, monkeypatch, rows, max_steps=2 * per_epoch + 1, save_every=1000,
+                               log_every=1)
+    last = reports[-1][0]
+    assert last["epoch"] == 2
+    once = _counts(rows)
+    assert {r: last[f"bad_{r}"] for r in BAD_REASONS} == {r: once[r] for r in BAD_REASONS} and any(once[r] for r in BAD_REASONS)
+    assert last["good_docs"] == once["good_docs"]
+
+
+def test_each_step_trains_at_the_schedules_rate_for_that_step(qwen2_dir, tmp_path, monkeypatch):
+    """Step s (0-based; reported as step s + 1) uses lr_at(s): the first step is warmup's first rate."""
+    rows = _rows(load_tokenizer(qwen2_dir))
+    reports = _run_worker_loop(qwen2_dir, tmp_path, monkeypatch, rows, max_steps=3, save_every=1000, log_every=1,
+                               lr=1e-3, warmup_steps=2, min_lr_ratio=0.1)
+    assert [(m["step"], m["lr"]) for m, _ in reports] == [(s, lr_at(s - 1, 3, 1e-3, 2, 0.1)) for s in (1, 2, 3)]
+
+
+def test_a_run_resumed_at_the_end_of_an_epoch_trains_on_into_the_next(qwen2_dir, tmp_path, monkeypatch):
+    """A checkpoint taken at the last batch of an epoch (consumed = the shard's sequences) resumes into a
+    new epoch: it is not a run whose data gave no batch."""
+    rows = _rows(load_tokenizer(qwen2_dir))
+    per_epoch = sum(int(r["num_docs"] > 0) for r in rows)
+    options = dict(save_every=per_epoch, log_every=1)
+    # one whole epoch, checkpointed at its last step; then resumed from that checkpoint
+    _run_worker_loop(qwen2_dir, tmp_path, monkeypatch, rows, save_to=tmp_path / "ckpt", max_steps=per_epoch, **options)
+    reports = _run_worker_loop(qwen2_dir, tmp_path, monkeypatch, rows, checkpoint=tmp_path / "ckpt",
+                               max_steps=per_epoch + 2, **options)
+    assert [(m["step"], m["epoch"], m["restored_step"]) for m, _ in reports] == [
+        (per_epoch + 1, 1, per_epoch), (per_epoch + 2, 1, per_epoch)]

@@ -20,12 +20,16 @@ from serve.protocol import (  # noqa: E402
     NOT_IMPLEMENTED,
     APIError,
     ChatCompletionRequest,
+    Choice,
     CompletionRequest,
     DetokenizeRequest,
+    ResponseHead,
     TokenizeRequest,
     chat_logprobs,
+    chat_response,
     choice_params,
     completion_logprobs,
+    completion_response,
     fdllm_stats,
     parse_request,
     usage,
@@ -742,3 +746,56 @@ def test_top_k_minus_one_is_off_as_vllm_reads_it():
     for top_k in (-1, 0):
         body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x", "top_k": top_k}).encode())
         assert body.sampling_params(16).top_k == 0
+
+
+def test_a_chat_of_n_choices_counts_its_prompt_once_and_maps_each_finish_reason():
+    """A chat's choices share its one prompt: usage counts it once (as OpenAI does), every choice's
+    completion, and each choice keeps its own finish_reason and text."""
+    results = [GenerationResult(request_id="r", prompt_token_ids=[1] * 5, token_ids=[2] * k, text="x" * k,
+                                finish_reason=reason)
+               for k, reason in [(3, "stop"), (4, "length"), (0, "stop")]]
+    body = chat_response(ResponseHead("chatcmpl-1", "m"), [Choice(r, r.text) for r in results])
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert [(c["index"], c["finish_reason"], c["message"]) for c in body["choices"]] == [
+        (0, "stop", {"role": "assistant", "content": "xxx"}), (1, "length", {"role": "assistant", "content": "xxxx"}),
+        (2, "stop", {"role": "assistant", "content": ""})]
+    completion = completion_response(ResponseHead("cmpl-1", "m"), [Choice(r, r.text) for r in results[:2]], n=2)
+    assert completion["usage"]["prompt_tokens"] == 5 and completion["usage"]["total_tokens"] == 12
+
+
+def _parse(model, **fields):
+    import json
+
+    from serve.protocol import parse_request
+
+    return parse_request(model, json.dumps({"model": "m", **fields}).encode())
+
+
+def test_a_request_that_sets_nothing_gets_openais_defaults():
+    """OpenAI's documented defaults (temperature 1, top_p 1, n 1, no stop, not streamed), written out
+    here rather than read from the model's own field defaults."""
+    from serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    for body in (_parse(CompletionRequest, prompt="x"), _parse(ChatCompletionRequest, messages=[{"role": "user", "content": "x"}])):
+        params = body.sampling_params(16)
+        assert (params.temperature, params.top_p, params.top_k, params.stop, params.max_new_tokens) == (1.0, 1.0, 0, (), 16)
+        assert (body.n, body.stream, body.stream_options, body.seed) == (1, False, None, None)
+
+
+def test_up_to_four_stop_strings_are_taken_and_a_fifth_is_refused():
+    """OpenAI takes up to 4 stop sequences."""
+    from serve.protocol import APIError, CompletionRequest
+
+    assert _parse(CompletionRequest, prompt="x", stop=["a", "b", "c", "d"]).sampling_params(16).stop == ("a", "b", "c", "d")
+    with pytest.raises(APIError) as err:
+        _parse(CompletionRequest, prompt="x", stop=["a", "b", "c", "d", "e"])
+    assert (err.value.status, err.value.param) == (400, "stop")
+
+
+def test_stream_options_without_include_usage_ask_for_no_usage_chunk():
+    from serve.protocol import CompletionRequest
+
+    assert _parse(CompletionRequest, prompt="x", stream=True, stream_options={}).stream_options.include_usage is False
+    assert _parse(CompletionRequest, prompt="x", stream=True,
+                  stream_options={"include_usage": True}).stream_options.include_usage is True

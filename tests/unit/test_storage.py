@@ -634,3 +634,43 @@ def test_checkpoint_files_are_what_readers_will_get_and_read_no_weights(dllm_dir
         storage.checkpoint_files(tmp_path / "nothing")
     with pytest.raises(NotADirectoryError, match="config.json is a file"):
         storage.checkpoint_files(tmp_path / "plain" / "config.json")
+
+
+def _src(root: Path, files: dict[str, str]) -> Path:
+    src = root / f"src{len(list(root.iterdir()))}"
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    return src
+
+
+def test_an_export_that_dies_while_removing_an_older_exports_files_leaves_them_to_the_next(tmp_path, monkeypatch):
+    """The marker of an export being written lists the earlier exports' files too: if it dies after
+    removing the old manifest but before the old export's stale files, the next export still knows
+    they are its own to remove (else they stay beside the new export forever)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    storage.publish_dir(_src(work, {"config.json": "1", "model-2-of-2.bin": "old shard"}), str(out))
+
+    real_filesystem = storage.filesystem
+
+    class DiesOnStale:
+        def __init__(self, fs):
+            self._fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self._fs, name)
+
+        def delete_file(self, path):
+            if path.endswith("model-2-of-2.bin"):
+                raise OSError("the writer died")
+            return self._fs.delete_file(path)
+
+    monkeypatch.setattr(storage, "filesystem", lambda dest: (lambda fs, inner: (DiesOnStale(fs), inner))(*real_filesystem(dest)))
+    with pytest.raises(OSError, match="died"):
+        storage.publish_dir(_src(work, {"config.json": "2"}), str(out))
+    monkeypatch.setattr(storage, "filesystem", real_filesystem)
+    assert storage.MANIFEST not in {p.name for p in out.iterdir()}  # the old export is gone, its shard is not
+    storage.publish_dir(_src(work, {"config.json": "3"}), str(out))
+    assert {p.name for p in out.iterdir()} == {"config.json", storage.MANIFEST}

@@ -1,0 +1,187 @@
+"""The replica's own methods without Ray or a model: `_sse` on hand-made choice streams (what a streaming
+client reads, checked against OpenAI's stream format), `_read_body`'s size limit, `_serve` over a fake engine
+(one engine request per choice, each choice its own prompt's echo, a streamed 200 counted) and `_fit_context`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve")
+# a replica made without Ray (object.__new__ of the deployment's class) leaves Serve's ingress wrapper an
+# un-awaited __del__ coroutine when collected: Ray's, not these tests'
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__. was never awaited")
+from fdllm.engine import GenerationResult  # noqa: E402
+from serve.app import FdllmServer  # noqa: E402
+from serve.async_engine import RequestFailed, TokenDelta  # noqa: E402
+from serve.metrics import RequestCounters  # noqa: E402
+from serve.protocol import ResponseHead  # noqa: E402
+from tests.helpers import make_tokenizer  # noqa: E402
+
+
+def _choice(tok, text: str, prompt: list[int], finish: str, fail: bool = False):
+    ids = tok.encode(text)
+
+    async def events():
+        await asyncio.sleep(0)
+        yield TokenDelta(ids[:2])
+        await asyncio.sleep(0)
+        if fail:
+            raise RequestFailed("boom")
+        yield TokenDelta(ids[2:])
+        yield GenerationResult(request_id="r", prompt_token_ids=prompt, token_ids=ids, text=text, finish_reason=finish)
+
+    return events()
+
+
+def _read(chunks_source, tok, chat=True, n=2, include_usage=True):
+    replica = SimpleNamespace(tokenizer=tok, counters=RequestCounters())
+
+    async def main():
+        events = FdllmServer.func_or_class._sse(replica, chunks_source, ResponseHead("chatcmpl-1", "m"),
+                                                "chat" if chat else "completions", (), [""], n, include_usage)
+        return [e async for e in events]
+
+    return asyncio.run(main()), replica.counters
+
+
+def test_a_chat_stream_of_n_choices_with_include_usage_is_openais():
+    tok = make_tokenizer()
+    texts, prompt = ["the quick brown fox", "hello world 12"], [5, 6, 7]
+    lines, counters = _read([_choice(tok, texts[0], prompt, "stop"), _choice(tok, texts[1], prompt, "length")], tok)
+    assert all(line.startswith("data: ") and line.endswith("\n\n") for line in lines)
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    # the usage chunk: exactly one, the last, no choices; prompt counted once for the n choices
+    with_usage = [c for c in chunks if c.get("usage") is not None]
+    assert with_usage == [chunks[-1]] and chunks[-1]["choices"] == []
+    completion = sum(len(tok.encode(t)) for t in texts)
+    assert chunks[-1]["usage"]["prompt_tokens"] == 3 and chunks[-1]["usage"]["completion_tokens"] == completion
+    assert chunks[-1]["usage"]["total_tokens"] == 3 + completion
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # stream_options: null on every other
+    for k, (text, finish) in enumerate(zip(texts, ["stop", "length"])):
+        mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == k]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == text
+        finishes = [c for c in mine if c["finish_reason"] is not None]
+        assert finishes == [mine[-1]] and mine[-1]["finish_reason"] == finish
+        assert mine[-1]["delta"] == {}  # OpenAI's last chunk of a choice: an empty delta
+    assert (counters.prompt_tokens, counters.completion_tokens, counters.stream_errors) == (6, completion, 0)
+
+
+def test_a_stream_without_include_usage_has_no_usage_and_ends_with_done():
+    tok = make_tokenizer()
+    lines, _ = _read([_choice(tok, "the fox", [1], "stop")], tok, chat=False, n=1, include_usage=False)
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert all("usage" not in c for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "the fox"
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "stop"
+
+
+def test_a_stream_failing_midway_ends_with_an_error_event_then_done_and_is_counted():
+    tok = make_tokenizer()
+    lines, counters = _read([_choice(tok, "the quick brown fox", [1], "stop", fail=True)], tok, n=1)
+    assert lines[-1] == "data: [DONE]\n\n"
+    error = json.loads(lines[-2][len("data: "):])
+    assert error["error"]["code"] == "engine_error" and error["error"]["type"] == "server_error"
+    assert counters.stream_errors == 1
+
+
+@pytest.mark.parametrize("declare", [True, False])
+def test_a_body_of_exactly_max_body_bytes_is_read_and_one_byte_more_is_413(declare):
+    from serve.protocol import APIError
+
+    replica = SimpleNamespace(cfg=SimpleNamespace(max_body_bytes=10))
+
+    def request(body: bytes):
+        async def stream():
+            for i in range(0, len(body), 3):
+                yield body[i : i + 3]
+
+        return SimpleNamespace(headers={"content-length": str(len(body))} if declare else {}, stream=stream)
+
+    read = lambda body: asyncio.run(FdllmServer.func_or_class._read_body(replica, request(body)))  # noqa: E731
+    assert read(b"x" * 10) == b"x" * 10
+    with pytest.raises(APIError) as err:
+        read(b"x" * 11)
+    assert (err.value.status, err.value.code) == (413, "request_too_large")
+
+
+def _replica(tok, engine):
+    """An FdllmServer without Ray or a checkpoint: its routes' own methods over `engine` (a fake AsyncEngine)."""
+    from serve.app import ServerConfig
+
+    replica = object.__new__(FdllmServer.func_or_class)
+    cfg = object.__new__(ServerConfig)  # no checkpoint to resolve: the fields _serve reads
+    cfg.__dict__.update(default_max_tokens=None, block_lookahead=False, max_waiting=64, max_prompt_chars=10_000,
+                        fault_injection=False)
+    replica.__dict__.update(cfg=cfg, tokenizer=tok, engine=engine, counters=RequestCounters(), model_name="m",
+                            default_mode="diffusion", vocab_size=len(tok), scores_causally=False, max_model_len=256)
+    return replica
+
+
+class _EchoEngine:
+    """Answers each request at once: two tokens, the text "<k>" (k: its order of arrival)."""
+
+    def __init__(self):
+        self.ids = []
+
+    async def add(self, ids, params, request_id, inject_fault=False):
+        self.ids.append(request_id)
+
+        async def stream():
+            yield GenerationResult(request_id=request_id, prompt_token_ids=ids, token_ids=[7, 7], text=f"<{len(self.ids)}>",
+                                   finish_reason="length")
+
+        return stream()
+
+
+def test_a_batch_of_prompts_times_n_gets_distinct_engine_requests_and_each_choice_its_own_prompts_echo():
+    from serve.protocol import CompletionRequest, parse_request
+
+    tok = make_tokenizer()
+    engine = _EchoEngine()
+    replica = _replica(tok, engine)
+    body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": ["the fox", "hello world"], "n": 2,
+                                                        "max_tokens": 2, "echo": True}).encode())
+    response = asyncio.run(FdllmServer.func_or_class._serve(replica, body, "completions", SimpleNamespace(headers={})))
+    answer = json.loads(response.body)
+    assert len(engine.ids) == len(set(engine.ids)) == 4  # one engine request per choice, none sharing an id
+    texts = [c["text"] for c in answer["choices"]]
+    assert [t.split("<")[0] for t in texts] == ["the fox", "the fox", "hello world", "hello world"]  # choice i*n+j: prompt i
+    assert answer["usage"]["prompt_tokens"] == len(tok.encode("the fox")) + len(tok.encode("hello world"))
+    assert answer["usage"]["completion_tokens"] == 8
+
+
+def test_a_server_default_max_tokens_past_the_rest_of_the_context_is_cut_to_it():
+    """ServerConfig.default_max_tokens bounds a request without max_tokens, never past the context: with
+    60 of 64 tokens taken by the prompt, a default of 16 grants 4 (the existing cases' default, 2, fits)."""
+    from functools import partial
+
+    from serve.protocol import CompletionRequest, parse_request
+
+    fit = partial(FdllmServer.func_or_class._fit_context,
+                  SimpleNamespace(max_model_len=64, cfg=SimpleNamespace(default_max_tokens=16)))
+    body = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x"}')
+    assert fit(body.sampling_params(16), list(range(60)), body).max_new_tokens == 4
+    assert fit(body.sampling_params(16), list(range(10)), body).max_new_tokens == 16
+
+
+def test_a_streamed_request_is_counted_as_a_200():
+    from serve.protocol import CompletionRequest, parse_request
+
+    replica = _replica(make_tokenizer(), _EchoEngine())
+    body = parse_request(CompletionRequest, b'{"model": "m", "prompt": "the fox", "max_tokens": 2, "stream": true}')
+
+    async def main():
+        response = await FdllmServer.func_or_class._serve(replica, body, "completions", SimpleNamespace(headers={}))
+        return [chunk async for chunk in response.body_iterator]
+
+    chunks = asyncio.run(main())
+    assert chunks[-1] == "data: [DONE]\n\n"
+    assert replica.counters.by_status == {("completions", 200): 1}
+    assert replica.counters.completion_tokens == 2  # the finished choice is recorded once
