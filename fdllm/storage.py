@@ -245,6 +245,14 @@ def _read_manifest(fs: "pyarrow.fs.FileSystem", inner: str) -> dict | None:
         return None
 
 
+def export_id(path: str) -> str | None:
+    """The id `publish_dir` gave the export at `path` (local or URI), new each time one is published; None
+    for a directory no export wrote (a checkpoint saved by hand, an HF download)."""
+    fs, inner = filesystem(path)
+    manifest = _read_manifest(fs, inner)
+    return manifest.get("export_id") if isinstance(manifest, dict) else None
+
+
 def _cache_parts(uri: str) -> list[str]:
     """`s3://bucket/a/b` -> ["s3", "bucket", "a", "b@<hash>"] (a local `/a/b` -> ["file", "a", "b@<hash>"]):
     readable, and never outside the cache root (no `..`, no query strings or odd characters in names).

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fdllm.storage import filesystem, join, read_text, same_or_under, write_bytes  # noqa: E402
+from fdllm.storage import export_id, filesystem, join, read_text, same_or_under, write_bytes  # noqa: E402
 from pipelines.data import check_data_files, read_raw_records  # noqa: E402
 from pipelines.finetune import build_parser, build_trainer, check_fits, check_output, cli_main, fit, resolve_run  # noqa: E402
 from pipelines.finetune_config import DistillConfig  # noqa: E402
@@ -125,8 +125,10 @@ def read_summary(directory: str) -> dict[str, Any] | None:
 
 
 def made_with(cfg: DistillConfig) -> dict[str, Any]:
-    """What decides the trajectories, recorded in summary.json: reused only when these are the same."""
-    return {"model": cfg.model, "data": list(cfg.data), "wrong_trajectories": cfg.wrong_trajectories,
+    """What decides the trajectories, recorded in summary.json: reused only when these are the same. The
+    model's export id tells a model fine-tuned again into the same path from the one they were made with."""
+    return {"model": cfg.model, "model_export_id": export_id(cfg.model), "data": list(cfg.data),
+            "wrong_trajectories": cfg.wrong_trajectories,
             "trajectory_threshold": cfg.trajectory_threshold, "trajectory_max_new_tokens": cfg.trajectory_max_new_tokens}
 
 
@@ -134,7 +136,10 @@ def check_reusable(summary: dict[str, Any], cfg: DistillConfig, directory: str) 
     """ValueError naming each option the trajectories in `directory` were not made with (an option an
     older summary.json lacks counts as different): training on another model's or data's trajectories
     would go unnoticed."""
-    differ = [f"--{key.replace('_', '-')} {repr(summary[key]) if key in summary else 'not recorded'}, now {value!r}"
+    def label(key: str) -> str:
+        return "the --model export's id" if key == "model_export_id" else f"--{key.replace('_', '-')}"
+
+    differ = [f"{label(key)} {repr(summary[key]) if key in summary else 'not recorded'}, now {value!r}"
               for key, value in made_with(cfg).items() if summary.get(key, ()) != value]
     if differ:
         raise ValueError(f"the trajectories in {directory} were made with other options ({'; '.join(differ)}): "

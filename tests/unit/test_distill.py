@@ -127,6 +127,26 @@ def test_written_trajectories_are_reused_without_decoding(tmp_path, monkeypatch)
     assert distill.generate_trajectories(cfg, str(tmp_path)) == {"correct": 3, "wrong_dropped": 1}
 
 
+def test_trajectories_of_a_model_exported_again_to_its_path_are_not_reused(tmp_path):
+    """A model fine-tuned again into the same --output path is another model: its trajectories' summary
+    names the export they were made from, and a new export there refuses them."""
+    from fdllm.storage import publish_dir
+    from pipelines import distill
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    model = str(tmp_path / "model")
+    publish_dir(src, model)
+    cfg = DistillConfig(model=model, data=["d"], max_steps=1)
+    summary = distill.made_with(cfg)
+    assert summary["model_export_id"]
+    distill.check_reusable(summary, cfg, "traj")  # the same export: reused
+    publish_dir(src, model)  # fine-tuned again into the same path
+    with pytest.raises(ValueError, match="other options \\(the --model export's id '"):
+        distill.check_reusable(summary, cfg, "traj")
+
+
 def test_trajectories_at_a_uri_with_a_query(s3_env, tmp_path, monkeypatch):
     """`--trajectories s3://...?endpoint_override=...` (the endpoint in the URI alone): the records and
     summary.json land under the URI's key, a rerun reuses them, and the path the training reads
@@ -173,7 +193,8 @@ def test_trajectories_made_otherwise_are_refused_naming_what_differs(tmp_path, m
     from pipelines import distill
 
     made = DistillConfig(model="m", data=["d"], max_steps=1)
-    summary = {"counts": {"correct": 3}, "model": made.model, "data": made.data, "wrong_trajectories": "drop",
+    summary = {"counts": {"correct": 3}, "model": made.model, "model_export_id": None, "data": made.data,
+               "wrong_trajectories": "drop",
                "trajectory_threshold": None, "trajectory_max_new_tokens": 256}  # what `made` writes
     (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps(summary))
     distill.generate_trajectories(made, str(tmp_path))  # the same options: reused
