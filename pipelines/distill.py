@@ -14,8 +14,9 @@ Two stages, one run:
    correct, dropped, replaced and bad rows are counted and logged. The records go to
    `--trajectories` (default STORAGE_PATH/RUN_NAME/trajectories): trajectories.jsonl and summary.json.
    A run that finds summary.json there (e.g. `--resume`) reuses them instead of decoding again, if they
-   were made with the same --model, --data, --wrong-trajectories, --trajectory-threshold and
-   --trajectory-max-new-tokens (otherwise it stops and says which differ: give a new --trajectories).
+   were made with the same --model (and, for an export, the same export of it), --data,
+   --wrong-trajectories, --trajectory-threshold and --trajectory-max-new-tokens (otherwise it stops and
+   says which differ: give a new --trajectories).
 2. Training: Ray Train continues training `--model` on those records with the fine-tune's machinery
    (`pipelines/finetune.py`: same flags, checkpoints, `--resume`, failure retries, servable export at
    `--output`), the objective being the §2 loss on both complementary views plus
