@@ -87,8 +87,12 @@ class ModelConfig:
 
     @property
     def rope_scaling_items(self) -> tuple[tuple[str, Any], ...]:
-        """`rope_scaling` as a hashable key (the frequencies are computed once per key)."""
-        return tuple(sorted((self.rope_scaling or {}).items()))
+        """`rope_scaling`'s type and the parameters it reads, as a hashable key (the frequencies are computed
+        once per key; a config's other entries, of any type, are not part of it)."""
+        if self.rope_scaling is None:
+            return ()
+        rope_type = self.rope_scaling["rope_type"]
+        return tuple(sorted((k, self.rope_scaling[k]) for k in ("rope_type", *ROPE_SCALINGS[rope_type])))
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
