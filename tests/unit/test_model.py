@@ -285,3 +285,25 @@ def test_replaced_weights_retire_the_fused_projection(qwen2_dir, monkeypatch):
     assert attn.qkv.valid
     model.unfuse_projections()
     assert attn.qkv is None and model.model.layers[0].mlp.gate_up is None
+
+
+def test_a_llama3_scaled_model_decodes_as_hf_generates_past_its_original_context(tmp_path):
+    """The scaled frequencies reach every path that computes RoPE: the engine's chunked prefill and cached,
+    paged decoding of a 100-token prompt (past the 64-token original context) give HF generate's tokens."""
+    import transformers
+
+    hf = tiny_hf_model("llama", rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, max_position_embeddings=256)
+    hf.save_pretrained(tmp_path)
+    engine = fdllm.Engine(fdllm.load_model(tmp_path), None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4),
+                          fdllm.EngineConfig(num_pages=64, max_prefill_tokens=32), ar_checkpoint=True)
+    prompt = _random_batch(1, 100)[0].tolist()
+    got = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=16, mode="ar", ignore_eos=True))[0]
+    ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 100, dtype=torch.long), max_new_tokens=16,
+                      do_sample=False, pad_token_id=0, eos_token_id=None)[0, 100:].tolist()
+    assert isinstance(hf, transformers.LlamaForCausalLM) and got.token_ids == ref
+    ids = prompt + ref  # and the chunked, paged scoring forward's log-probabilities, to HF's
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].double(), -1)
+    want = want.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(engine.score([ids])[0].logprobs[1:], dtype=torch.float64), want,
+                               atol=1e-4, rtol=0)
