@@ -16,6 +16,13 @@ def model(sharp_dir):
     return fdllm.load_model(sharp_dir)
 
 
+def bounded_engine(model, **engine_config) -> fdllm.Engine:
+    """An engine of 8-token blocks whose EngineConfig holds the bounds under test (max_num_seqs, max_model_len)."""
+    return fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4,
+                                                                mask_token_id=model.config.vocab_size - 1),
+                        fdllm.EngineConfig(**engine_config))
+
+
 def admission_order(engine) -> tuple[list[str], dict]:
     """The order requests entered the running batch, and the results, stepping to the end."""
     admitted, done = [], {}
@@ -77,9 +84,7 @@ def test_a_request_aborted_mid_prefill_gives_its_unused_reservation_back(model):
 def test_running_requests_never_exceed_max_num_seqs(model, max_num_seqs):
     """max_num_seqs bounds the running batch (the static steps' buckets are sized by it): with pages for
     everyone, 6 requests run at most max_num_seqs at a time, and all finish."""
-    engine = fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4,
-                                                                  mask_token_id=model.config.vocab_size - 1),
-                          fdllm.EngineConfig(num_pages=256, max_num_seqs=max_num_seqs))
+    engine = bounded_engine(model, num_pages=256, max_num_seqs=max_num_seqs)
     for i, prompt in enumerate(random_prompts(6, [5, 12], seed=12)):
         engine.add_request(prompt, params(max_new_tokens=12), request_id=str(i))
     most, done = 0, {}
@@ -91,9 +96,7 @@ def test_running_requests_never_exceed_max_num_seqs(model, max_num_seqs):
 
 def test_a_request_that_exactly_fills_the_context_is_served(model):
     """30 prompt tokens + 10 new = max_model_len 40: served, all 10 tokens; 30 + 11 is refused."""
-    engine = fdllm.Engine(model, None, fdllm.BlockDiffusionConfig(block_size=8, sub_block_size=4, threshold=0.4,
-                                                                  mask_token_id=model.config.vocab_size - 1),
-                          fdllm.EngineConfig(num_pages=64, max_model_len=40))
+    engine = bounded_engine(model, num_pages=64, max_model_len=40)
     prompt = random_prompts(1, [30], seed=9)[0]
     assert len(engine.generate([prompt], params(max_new_tokens=10))[0].token_ids) == 10
     with pytest.raises(ValueError, match="exceeds the context"):

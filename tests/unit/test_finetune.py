@@ -269,9 +269,12 @@ def test_the_no_batch_error_counts_the_rows_rank_0_left_or_points_to_its_log(tmp
 
 
 def test_lr_schedule():
+    """Warmup over steps 0..9; the cosine decay runs over steps 10..100: step 10 is the peak, step 55 the
+    mean of peak and floor, and the floor is reached at 100, not before."""
     lrs = [lr_at(s, 100, 1e-3, 10, 0.1) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert lrs[100] == pytest.approx(1e-4) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[10] == pytest.approx(1e-3) and lrs[55] == pytest.approx((1e-3 + 1e-4) / 2) and lrs[99] > lrs[100]
 
 
 class _Shard:
@@ -531,15 +534,6 @@ def test_resume_skips_sequences_not_rows_past_a_row_without_documents(qwen2_dir)
     first = resumed.next_batch()
     assert np.array_equal(first["input_ids"][0], rows[sequences[skip]]["input_ids"])
     assert resumed.consumed == skip + 1
-
-
-def test_the_cosine_decay_starts_at_the_peak_after_warmup_and_is_half_way_at_its_midpoint():
-    """lr_at(step, total=100, lr=1e-3, warmup=10, min_ratio=0.1): the decay runs over steps 10..100, so
-    step 10 is the peak, step 55 the mean of peak and floor, and the floor is reached at 100, not before."""
-    lr = lambda s: lr_at(s, 100, 1e-3, 10, 0.1)  # noqa: E731
-    assert lr(10) == pytest.approx(1e-3)
-    assert lr(55) == pytest.approx((1e-3 + 1e-4) / 2)
-    assert lr(99) > lr(100) == pytest.approx(1e-4)
 
 
 def test_good_docs_count_documents_not_rows(qwen2_dir):

@@ -227,12 +227,7 @@ def test_an_engine_refuses_a_tokenizer_that_encodes_nothing(tmp_path, qwen2_dir)
 
 
 def test_missing_tensor_is_named(tmp_path, qwen2_dir):
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(qwen2_dir / "model.safetensors")
-    del state["model.layers.1.mlp.up_proj.weight"]
-    save_file(state, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text((qwen2_dir / "config.json").read_text())
+    _checkpoint_with(tmp_path, qwen2_dir, lambda state: state.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
         fdllm.load_model(tmp_path)
 

@@ -220,12 +220,16 @@ def test_a_prompt_past_the_context_with_its_max_tokens_is_openais_context_length
                                           "code": "context_length_exceeded"}}
 
 
-@pytest.mark.parametrize("max_tokens,default,granted", [(4, None, 4), (None, None, 4), (None, 2, 2)])
-def test_a_prompt_that_fits_keeps_its_max_tokens_or_gets_the_rest_of_the_context(max_tokens, default, granted):
+@pytest.mark.parametrize("max_tokens,default,prompt_tokens,granted", [
+    (4, None, 60, 4), (None, None, 60, 4), (None, 2, 60, 2),
+    (None, 16, 60, 4), (None, 16, 10, 16),  # the server's default_max_tokens, never past the rest of the context
+])
+def test_a_prompt_that_fits_keeps_its_max_tokens_or_gets_the_rest_of_the_context(max_tokens, default, prompt_tokens,
+                                                                                  granted):
     fit = partial(FdllmServer.func_or_class._fit_context,
                   SimpleNamespace(max_model_len=64, cfg=SimpleNamespace(default_max_tokens=default)))
     body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "x", "max_tokens": max_tokens}).encode())
-    assert fit(body.sampling_params(64), list(range(60)), body).max_new_tokens == granted
+    assert fit(body.sampling_params(64), list(range(prompt_tokens)), body).max_new_tokens == granted
 
 
 def test_min_tokens_past_what_the_context_grants_is_openais_range_error():

@@ -764,20 +764,10 @@ def test_a_chat_of_n_choices_counts_its_prompt_once_and_maps_each_finish_reason(
     assert completion["usage"]["prompt_tokens"] == 5 and completion["usage"]["total_tokens"] == 12
 
 
-def _parse(model, **fields):
-    import json
-
-    from serve.protocol import parse_request
-
-    return parse_request(model, json.dumps({"model": "m", **fields}).encode())
-
-
 def test_a_request_that_sets_nothing_gets_openais_defaults():
     """OpenAI's documented defaults (temperature 1, top_p 1, n 1, no stop, not streamed), written out
     here rather than read from the model's own field defaults."""
-    from serve.protocol import ChatCompletionRequest, CompletionRequest
-
-    for body in (_parse(CompletionRequest, prompt="x"), _parse(ChatCompletionRequest, messages=[{"role": "user", "content": "x"}])):
+    for body in (_request(CompletionRequest), _request(ChatCompletionRequest)):
         params = body.sampling_params(16)
         assert (params.temperature, params.top_p, params.top_k, params.stop, params.max_new_tokens) == (1.0, 1.0, 0, (), 16)
         assert (body.n, body.stream, body.stream_options, body.seed) == (1, False, None, None)
@@ -785,17 +775,12 @@ def test_a_request_that_sets_nothing_gets_openais_defaults():
 
 def test_up_to_four_stop_strings_are_taken_and_a_fifth_is_refused():
     """OpenAI takes up to 4 stop sequences."""
-    from serve.protocol import APIError, CompletionRequest
-
-    assert _parse(CompletionRequest, prompt="x", stop=["a", "b", "c", "d"]).sampling_params(16).stop == ("a", "b", "c", "d")
+    assert _request(CompletionRequest, stop=["a", "b", "c", "d"]).sampling_params(16).stop == ("a", "b", "c", "d")
     with pytest.raises(APIError) as err:
-        _parse(CompletionRequest, prompt="x", stop=["a", "b", "c", "d", "e"])
+        _request(CompletionRequest, stop=["a", "b", "c", "d", "e"])
     assert (err.value.status, err.value.param) == (400, "stop")
 
 
 def test_stream_options_without_include_usage_ask_for_no_usage_chunk():
-    from serve.protocol import CompletionRequest
-
-    assert _parse(CompletionRequest, prompt="x", stream=True, stream_options={}).stream_options.include_usage is False
-    assert _parse(CompletionRequest, prompt="x", stream=True,
-                  stream_options={"include_usage": True}).stream_options.include_usage is True
+    assert _request(CompletionRequest, stream=True, stream_options={}).stream_options.include_usage is False
+    assert _request(CompletionRequest, stream=True, stream_options={"include_usage": True}).stream_options.include_usage is True

@@ -1,6 +1,6 @@
 """The replica's own methods without Ray or a model: `_sse` on hand-made choice streams (what a streaming
 client reads, checked against OpenAI's stream format), `_read_body`'s size limit, `_serve` over a fake engine
-(one engine request per choice, each choice its own prompt's echo, a streamed 200 counted) and `_fit_context`."""
+(one engine request per choice, each choice its own prompt's echo, a streamed 200 counted)."""
 
 from __future__ import annotations
 
@@ -155,20 +155,6 @@ def test_a_batch_of_prompts_times_n_gets_distinct_engine_requests_and_each_choic
     assert [t.split("<")[0] for t in texts] == ["the fox", "the fox", "hello world", "hello world"]  # choice i*n+j: prompt i
     assert answer["usage"]["prompt_tokens"] == len(tok.encode("the fox")) + len(tok.encode("hello world"))
     assert answer["usage"]["completion_tokens"] == 8
-
-
-def test_a_server_default_max_tokens_past_the_rest_of_the_context_is_cut_to_it():
-    """ServerConfig.default_max_tokens bounds a request without max_tokens, never past the context: with
-    60 of 64 tokens taken by the prompt, a default of 16 grants 4 (the existing cases' default, 2, fits)."""
-    from functools import partial
-
-    from serve.protocol import CompletionRequest, parse_request
-
-    fit = partial(FdllmServer.func_or_class._fit_context,
-                  SimpleNamespace(max_model_len=64, cfg=SimpleNamespace(default_max_tokens=16)))
-    body = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x"}')
-    assert fit(body.sampling_params(16), list(range(60)), body).max_new_tokens == 4
-    assert fit(body.sampling_params(16), list(range(10)), body).max_new_tokens == 16
 
 
 def test_a_streamed_request_is_counted_as_a_200():

@@ -28,6 +28,15 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def _src(root: Path, files: dict[str, str]) -> Path:
+    """A new directory under `root` holding `files` (name -> text): an export's source."""
+    src = root / f"src{len(list(root.iterdir()))}"
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    return src
+
+
 def _exported(path: Path) -> dict[str, bytes]:
     """`_tree` of an export without its manifest (which holds a fresh export id)."""
     return {name: data for name, data in _tree(path).items() if name != storage.MANIFEST}
@@ -451,36 +460,29 @@ def test_publish_deletes_only_what_an_earlier_export_wrote(tmp_path, monkeypatch
     """An export replaces an earlier one's files, never the user's: a directory of other files (a
     storage path with runs in it, a model) is refused before anything is written, a file added beside
     an export stays, and an interrupted export (its marker, no manifest) is finished by the next."""
-    def export(files: dict[str, str]) -> Path:
-        src = tmp_path / f"src{len(list(tmp_path.iterdir()))}"
-        for name, text in files.items():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            (src / name).write_text(text)
-        return src
-
     runs = tmp_path / "runs"
     (runs / "run1" / "step_00000500").mkdir(parents=True)
     (runs / "run1" / "step_00000500" / "model.safetensors").write_text("weights")
     (runs / "notes.txt").write_text("mine")
     before = _tree(runs)
     with pytest.raises(ValueError, match="not an fdllm export"):
-        storage.publish_dir(export({"config.json": "1"}), str(runs))
+        storage.publish_dir(_src(tmp_path, {"config.json": "1"}), str(runs))
     assert _tree(runs) == before
 
     out = tmp_path / "out"
-    storage.publish_dir(export({"config.json": "1", "old.bin": "x"}), str(out))
+    storage.publish_dir(_src(tmp_path, {"config.json": "1", "old.bin": "x"}), str(out))
     (out / "README.md").write_text("the user's")
-    storage.publish_dir(export({"config.json": "2"}), str(out))
+    storage.publish_dir(_src(tmp_path, {"config.json": "2"}), str(out))
     assert set(_tree(out)) == {"config.json", "README.md", storage.MANIFEST}
 
     real_copy = storage.shutil.copyfileobj
     monkeypatch.setattr(storage.shutil, "copyfileobj", lambda *a, **k: 1 / 0)  # dies mid-export
     with pytest.raises(ZeroDivisionError):
-        storage.publish_dir(export({"config.json": "3", "new.bin": "y"}), str(out))
+        storage.publish_dir(_src(tmp_path, {"config.json": "3", "new.bin": "y"}), str(out))
     assert storage.WRITING_MARKER in _tree(out) and storage.MANIFEST not in _tree(out)
     monkeypatch.setattr(storage.shutil, "copyfileobj", real_copy)
     (out / "new.bin").write_text("partly written")
-    storage.publish_dir(export({"config.json": "4"}), str(out))
+    storage.publish_dir(_src(tmp_path, {"config.json": "4"}), str(out))
     assert _tree(out) == {"config.json": b"4", "README.md": b"the user's", storage.MANIFEST: _tree(out)[storage.MANIFEST]}
 
 
@@ -636,14 +638,6 @@ def test_checkpoint_files_are_what_readers_will_get_and_read_no_weights(dllm_dir
         storage.checkpoint_files(tmp_path / "plain" / "config.json")
 
 
-def _src(root: Path, files: dict[str, str]) -> Path:
-    src = root / f"src{len(list(root.iterdir()))}"
-    for name, text in files.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_text(text)
-    return src
-
-
 def test_an_export_that_dies_while_removing_an_older_exports_files_leaves_them_to_the_next(tmp_path, monkeypatch):
     """The marker of an export being written lists the earlier exports' files too: if it dies after
     removing the old manifest but before the old export's stale files, the next export still knows
@@ -667,7 +661,11 @@ def test_an_export_that_dies_while_removing_an_older_exports_files_leaves_them_t
                 raise OSError("the writer died")
             return self._fs.delete_file(path)
 
-    monkeypatch.setattr(storage, "filesystem", lambda dest: (lambda fs, inner: (DiesOnStale(fs), inner))(*real_filesystem(dest)))
+    def dying(dest):
+        fs, inner = real_filesystem(dest)
+        return DiesOnStale(fs), inner
+
+    monkeypatch.setattr(storage, "filesystem", dying)
     with pytest.raises(OSError, match="died"):
         storage.publish_dir(_src(work, {"config.json": "2"}), str(out))
     monkeypatch.setattr(storage, "filesystem", real_filesystem)
