@@ -46,7 +46,9 @@ def home_replica(session: str, replicas: Sequence[RunningReplica]) -> RunningRep
     """The replica with the highest hash of (session, replica id): rendezvous hashing."""
 
     def weight(replica: RunningReplica) -> bytes:
-        key = f"{session}\0{replica.replica_id.unique_id}".encode()
+        # surrogatepass: a Python caller's session id may be any str (a lone surrogate too); an encoding
+        # error here would be raised inside Serve's routing task, where it leaves the request waiting forever
+        key = f"{session}\0{replica.replica_id.unique_id}".encode("utf-8", "surrogatepass")
         return hashlib.blake2b(key, digest_size=8).digest()
 
     return max(replicas, key=weight)

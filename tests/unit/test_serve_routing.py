@@ -22,6 +22,14 @@ def test_session_key_is_the_requests_session_id():
     assert session_key(None) is None
 
 
+@pytest.mark.parametrize("session", ["\ud800", "x" * 100_000, "\0", "\U0001f600"])
+def test_any_str_session_has_a_home_replica(session):
+    """`handle.options(session_id=...)` takes any str: an exception in routing would leave the request
+    waiting in Serve's router for ever (a lone surrogate did)."""
+    replicas = [replica(f"r{i}") for i in range(3)]
+    assert home_replica(session, replicas) is home_replica(session, list(reversed(replicas)))
+
+
 def test_home_replica_spreads_sessions_and_moves_few_when_replicas_change():
     replicas = [replica(f"r{i}") for i in range(4)]
     sessions = [f"session-{i}" for i in range(2000)]
