@@ -21,6 +21,7 @@ What each format is, per device:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -31,22 +32,33 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("int8", "int4", "fp8")
 INT4_GROUP_SIZES = (128, 64, 32)  # the largest that divides every quantized layer's input size is used
 FP8_MIN_CAPABILITY = (8, 9)
+TORCHAO_INSTALL = "pip install 'fdllm[quant]' (or torchao>=0.18)"
 
 
-def check_quantization(name: str | None, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, with the reason, a format this device (or model dtype) cannot run."""
+def check_quantization(name: str | None, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    """Refuse, with the reason, a format unknown, not installed here, or that this device (or model
+    dtype) cannot run: at configuration, not when a model is quantized (a replica that starts, fails
+    and restarts; an evaluation that threw away the rows it had). `device` None: what depends on it
+    waits for the model's device (an app builder on a head node without the replicas' GPUs); a CUDA
+    device's compute capability is read only where one is present."""
     if name is None:
         return
     if name not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {name!r}")
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError(f"quantization {name!r} needs torchao: {TORCHAO_INSTALL}")
+    if device is None:
+        return
     if name == "fp8":
         if device.type != "cuda":
             raise ValueError(f"quantization 'fp8' needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper); "
                              f"the model is on {device.type}: use 'int8' or 'int4' there")
-        capability = torch.cuda.get_device_capability(device)
-        if capability < FP8_MIN_CAPABILITY:
-            raise ValueError(f"quantization 'fp8' needs compute capability 8.9+ (Ada, Hopper); "
-                             f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use 'int8' or 'int4'")
+        if torch.cuda.is_available():
+            capability = torch.cuda.get_device_capability(device)
+            if capability < FP8_MIN_CAPABILITY:
+                raise ValueError(f"quantization 'fp8' needs compute capability 8.9+ (Ada, Hopper); "
+                                 f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: "
+                                 "use 'int8' or 'int4'")
     if name == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
         raise ValueError(f"quantization 'int4' on CUDA runs bf16 models (tinygemm); the model is {dtype}: "
                          "load it with dtype bfloat16")
@@ -79,7 +91,7 @@ def _torchao():
     try:
         import torchao.quantization as ao
     except ImportError as exc:
-        raise ImportError("quantization needs torchao: pip install 'fdllm[quant]' (or torchao>=0.18)") from exc
+        raise ImportError(f"quantization needs torchao: {TORCHAO_INSTALL}") from exc
     finally:
         ao_log.setLevel(level)
     return ao

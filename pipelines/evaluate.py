@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 import fdllm
 from fdllm.engine.params import MODES
-from fdllm.loader import parse_dtype
-from fdllm.quantization import QUANTIZATIONS, weight_bytes
+from fdllm.loader import parse_dtype, torch_device
+from fdllm.quantization import QUANTIZATIONS, check_quantization, weight_bytes
 from fdllm.paths import is_uri
 from fdllm.storage import check_directory_path, filesystem, local_checkpoint, read_text, write_bytes
 from fdllm.tokenizer import render_chat
@@ -473,6 +473,11 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
         parser.error("--model names no model")
     if args.batch_size < 0 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size must be >= 0 (0: all at once) and --limit >= 1")
+    try:  # before decoding: a format this device cannot run would end the run after the rows before it
+        for quantization in filter(None, args.quantization):
+            check_quantization(quantization, torch_device(args.device), parse_dtype(args.dtype))
+    except ValueError as e:
+        parser.error(f"--quantization: {e}")
     for option in ("output", "plot"):  # before decoding: a path that cannot be written fails now
         path = getattr(args, option)
         try:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Any, get_args, get_type_hints
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -160,6 +161,7 @@ class ServerConfig:
         if self.default_mode is not None and self.default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES} or unset, got {self.default_mode!r}")
         from fdllm.loader import parse_dtype, torch_device
+        from fdllm.quantization import check_quantization
 
         # the device a replica has is its own (a GPU node's): only the names are checked here
         if self.device != "auto" and torch_device(self.device).type not in ("cpu", "cuda"):
@@ -175,7 +177,17 @@ class ServerConfig:
             raise ValueError(f"session_max_imbalance must be >= 0, got {self.session_max_imbalance}")
         if self.autoscaling_config is not None and self.num_replicas is not None:
             raise ValueError("give either num_replicas or autoscaling_config, not both")
-        self.engine_config()  # unknown or invalid engine fields fail here, before any replica starts
+        engine = self.engine_config()  # unknown or invalid engine fields fail here, before any replica starts
+        if self.device != "auto":  # what the replicas' device cannot run (an "auto" device is the replica's own)
+            check_quantization(engine.quantization, torch_device(self.device), self.torch_dtype(self.device))
+
+    def torch_dtype(self, device: str) -> torch.dtype:
+        """The replicas' dtype on `device` ("auto": bfloat16 on a GPU, float32 elsewhere)."""
+        from fdllm.loader import parse_dtype, torch_device
+
+        if self.dtype != "auto":
+            return parse_dtype(self.dtype)
+        return torch.bfloat16 if torch_device(device).type == "cuda" else torch.float32
 
     def engine_config(self):
         """The replica's fdllm.EngineConfig (ValueError on unknown or invalid fields)."""
@@ -295,18 +307,12 @@ class FdllmServer:
     """One replica: checkpoint -> engine -> OpenAI routes."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        import torch
-
         import fdllm
-        from fdllm.loader import parse_dtype
 
         self.cfg = ServerConfig.from_args(config)
         path = local_checkpoint(self.cfg.model, self.cfg.cache_dir)
         device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.cfg.dtype == "auto":
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        else:
-            dtype = parse_dtype(self.cfg.dtype)
+        dtype = self.cfg.torch_dtype(device)
         overrides = {k: v for k, v in (("threshold", self.cfg.threshold),
                                        ("use_sub_block_cache", self.cfg.use_sub_block_cache)) if v is not None}
         engine = fdllm.Engine.from_pretrained(path, config=fdllm.BlockDiffusionConfig.from_checkpoint(path, **overrides),
@@ -775,7 +781,7 @@ def main(argv: list[str] | None = None) -> None:
         if not 1 <= args.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {args.port}")
         cfg = ServerConfig.from_args(options)
-        _check_checkpoint(cfg.model, cfg.cache_dir, cfg.default_mode)
+        _check_checkpoint(cfg)
         app = bind_app(cfg)  # Serve checks its deployment options here (e.g. a negative GPU count), Ray or not
     except ValueError as e:
         print(f"fdllm-serve: error: {e}", file=sys.stderr)
@@ -786,25 +792,28 @@ def main(argv: list[str] | None = None) -> None:
     serve.run(app, name="fdllm", route_prefix="/", blocking=True)
 
 
-def _check_checkpoint(model: str, cache_dir: str | None, default_mode: str | None) -> None:
-    """ValueError (one line) unless the replicas can serve `model` (fdllm.loader.check_checkpoint: a local
-    directory or a URI, whose weights are not downloaded here): they would find out only after Ray and
-    Serve started, and fail again at each restart. A default mode other than AR needs a mask token:
-    without one every request that gives no mode would be refused."""
+def _check_checkpoint(cfg: ServerConfig) -> None:
+    """ValueError (one line) unless the replicas can serve `cfg.model` (fdllm.loader.check_checkpoint: a
+    local directory or a URI, whose weights are not downloaded here) as `cfg` asks: they would find out
+    only after Ray and Serve started, and fail again at each restart. The engine settings are checked
+    against the checkpoint's block size, and a default mode other than AR needs a mask token: without
+    one every request that gives no mode would be refused."""
     import fdllm
     from fdllm.loader import check_checkpoint
     from fdllm.tokenizer import load_text_tokenizer, mask_token_id
 
     try:
-        local = check_checkpoint(model, need_tokenizer=True, cache_dir=cache_dir)
+        local = check_checkpoint(cfg.model, need_tokenizer=True, cache_dir=cfg.cache_dir)
     except (OSError, ValueError, ImportError) as exc:  # missing files, an unreachable store, no pyarrow for a URI
         raise ValueError(f"model: {' '.join(str(exc).splitlines())}") from None
-    if default_mode in (None, "ar") or fdllm.BlockDiffusionConfig.from_checkpoint(local).mask_token_id is not None:
+    diffusion = fdllm.BlockDiffusionConfig.from_checkpoint(local)
+    cfg.engine_config().check_for(diffusion.block_size)
+    if cfg.default_mode in (None, "ar") or diffusion.mask_token_id is not None:
         return
-    if mask_token_id(load_text_tokenizer(local, model)) is None:
-        raise ValueError(f"default_mode {default_mode!r} needs a mask token and {model} has none (no mask_token_id in "
-                         "fdllm_config.json, no |<MASK>| in its tokenizer): a plain AR checkpoint decodes mode 'ar'; "
-                         "fine-tune it first (pipelines/finetune.py) for diffusion")
+    if mask_token_id(load_text_tokenizer(local, cfg.model)) is None:
+        raise ValueError(f"default_mode {cfg.default_mode!r} needs a mask token and {cfg.model} has none (no "
+                         "mask_token_id in fdllm_config.json, no |<MASK>| in its tokenizer): a plain AR checkpoint "
+                         "decodes mode 'ar'; fine-tune it first (pipelines/finetune.py) for diffusion")
 
 
 if __name__ == "__main__":

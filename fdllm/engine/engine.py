@@ -131,11 +131,12 @@ class Engine:
             raise ValueError(f"default_mode must be one of {MODES} ('ar' only without a mask token), got {default_mode!r}")
         self.default_mode = default_mode
         L = config.block_size
-        engine_config.check_page_size(L)
-        if engine_config.quantization is not None:  # before the KV cache is sized from the memory left
-            quantize(model, engine_config.quantization)
-        if engine_config.max_prefill_tokens < L:
-            raise ValueError(f"max_prefill_tokens ({engine_config.max_prefill_tokens}) must be >= block_size ({L})")
+        engine_config.check_for(L, model.device, model.dtype)
+        quantized = getattr(model, "quantization", None)  # set by an earlier engine on this model, in place
+        if quantized is not None and quantized != engine_config.quantization:
+            raise ValueError(f"the model's weights were quantized to {quantized!r} in place (by an earlier engine); "
+                             f"EngineConfig(quantization={engine_config.quantization!r}) would run them as they are: "
+                             f"pass quantization={quantized!r}, or load the model again")
         self.model, self.tokenizer, self.config, self.engine_config = model, tokenizer, config, engine_config
         self.ar_checkpoint = ar_checkpoint
         mc = model.config
@@ -146,6 +147,8 @@ class Engine:
             raise ValueError(f"linear_backend='triton' runs in the fused forward of the Triton attention backend; "
                              f"attention_backend {engine_config.attention_backend!r} is {self.attention_backend!r} "
                              f"on {model.device}")
+        if engine_config.quantization is not None:  # once every check passed (the model is changed in place),
+            quantize(model, engine_config.quantization)  # and before the KV cache is sized from the memory left
         if fuse and getattr(model, "quantization", None) is None:
             # the runner's fused forward: q/k/v and gate/up as one GEMM each. Before the KV cache is sized:
             # the stacked weights replace the separate ones, whose freed blocks go back to the device here

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import torch
+
 from fdllm.decoding import SELECTIONS
 from fdllm.config import is_finite_number, is_int
 from fdllm.kernels import ATTENTION_BACKENDS, FLASH_ATTN_PAGE_MULTIPLE, LINEAR_BACKENDS
-from fdllm.quantization import QUANTIZATIONS
+from fdllm.quantization import QUANTIZATIONS, check_quantization
 
 MODES = ("diffusion", "ar", "speculative")
 # Sampling divides logits by the temperature: below this the division overflows fp32 on ordinary
@@ -266,16 +268,20 @@ class EngineConfig:
             raise ValueError("linear_backend='triton' runs in the fused forward on unquantized weights: it needs "
                              f"fuse_kernels=True and quantization=None, got fuse_kernels={self.fuse_kernels}, "
                              f"quantization={self.quantization!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
+        check_quantization(self.quantization)  # the name, and torchao installed (the device's part: check_for)
 
-    def check_page_size(self, page_size: int) -> None:
-        """Refuse a backend that cannot run on pages of `page_size` tokens (= the diffusion block)."""
-        if self.attention_backend == "flash_attn" and page_size % FLASH_ATTN_PAGE_MULTIPLE:
+    def check_for(self, block_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        """Refuse settings a model of `block_size`-token blocks (a KV page holds one), on `device` in
+        `dtype`, cannot run: known from the checkpoint's config alone, so the CLIs and the app builder
+        check them before any model is loaded (`device` None: the device's part waits for the engine)."""
+        if self.attention_backend == "flash_attn" and block_size % FLASH_ATTN_PAGE_MULTIPLE:
             raise ValueError(
                 f"attention_backend='flash_attn' needs KV pages of a multiple of {FLASH_ATTN_PAGE_MULTIPLE} tokens, "
-                f"but a page holds one diffusion block ({page_size} tokens); use 'triton' (the CUDA default)"
+                f"but a page holds one diffusion block ({block_size} tokens); use 'triton' (the CUDA default)"
             )
+        if self.max_prefill_tokens < block_size:
+            raise ValueError(f"max_prefill_tokens ({self.max_prefill_tokens}) must be >= block_size ({block_size})")
+        check_quantization(self.quantization, device, dtype)
 
 
 _OPTIONAL_COUNTS = ("num_pages", "max_model_len", "speculative_lookahead_max_batch")  # EngineConfig's: None or >= 1

@@ -4,6 +4,7 @@ engine's exactness (cached decoding == no-cache recompute) on the same quantized
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -107,6 +108,44 @@ def test_bad_formats_are_clear_errors(sharp_dir):
     assert quantize(model, "int8") is model  # a second engine on it reuses the weights
     with pytest.raises(ValueError, match="already quantized to 'int8'"):
         quantize(model, "int4")
+
+
+def test_a_refused_engine_leaves_the_model_as_it_was_and_a_quantized_model_needs_its_format(sharp_dir):
+    """The model is quantized in place, so only once every check passed: a refused engine had left it int8,
+    and the next engine, asked for no quantization, ran those int8 weights while its config said None."""
+    model = fdllm.load_model(sharp_dir)
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        fdllm.Engine(model, engine_config=fdllm.EngineConfig(quantization="int8", max_prefill_tokens=4),
+                     config=fdllm.BlockDiffusionConfig(mask_token_id=0))
+    assert getattr(model, "quantization", None) is None and type(model.model.layers[0].self_attn.q_proj.weight) is torch.nn.Parameter
+    fdllm.Engine(model, engine_config=fdllm.EngineConfig(quantization="int8"), config=fdllm.BlockDiffusionConfig(mask_token_id=0))
+    with pytest.raises(ValueError, match="quantized to 'int8' in place.*pass quantization='int8'"):
+        fdllm.Engine(model, config=fdllm.BlockDiffusionConfig(mask_token_id=0))
+
+
+def test_formats_this_machine_cannot_run_are_refused_before_any_work(sharp_dir, tmp_path, monkeypatch, capsys):
+    """fp8 on a CPU, int4 on CUDA in float16, or torchao missing: refused where the settings are read
+    (EngineConfig, the server's builder, fdllm-evaluate's arguments), not when a replica or a later
+    evaluation row quantizes (evaluate printed nothing after its unquantized rows had run)."""
+    from pipelines.evaluate import main
+    from serve.app import ServerConfig
+
+    engine = {"quantization": "fp8"}
+    with pytest.raises(ValueError, match="'fp8' needs a CUDA GPU"):
+        ServerConfig(model="m", device="cpu", engine=engine)
+    ServerConfig(model="m", engine=engine)  # "auto": the replicas' device, which the builder may not have
+    with pytest.raises(ValueError, match="'int4' on CUDA runs bf16 models"):
+        ServerConfig(model="m", device="cuda", dtype="float16", engine={"quantization": "int4"})
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "ab", "answer": "x"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(sharp_dir), "--data", str(data), "--modes", "ar", "--quantization", "none,fp8", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--quantization: quantization 'fp8' needs a CUDA GPU" in err, err
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"quantization 'int8' needs torchao: pip install 'fdllm\[quant\]'"):
+        fdllm.EngineConfig(quantization="int8")
+    fdllm.EngineConfig()  # no quantization asked: torchao not needed
 
 
 def test_saving_a_quantized_model_is_refused(sharp_dir, tmp_path):

@@ -104,6 +104,10 @@ def test_an_empty_api_key_is_refused_not_an_open_server():
     (["--model", ""], "model is empty"),  # read as the working directory
     (["--model", "assets"], "model: no config.json"), (["--model", "no/such/checkpoint"], "no/such/checkpoint: no such checkpoint directory"),
     (["--num-gpus-per-replica", "-1"], "num_gpus"),  # Serve's own check of the deployment's options
+    # what the checkpoint's 32-token blocks or the replicas' device cannot run: each replica failed to start
+    (["--max-prefill-tokens", "4"], "max_prefill_tokens (4) must be >= block_size (32)"),
+    (["--attention-backend", "flash_attn"], "needs KV pages of a multiple of"),
+    (["--quantization", "fp8", "--device", "cpu"], "'fp8' needs a CUDA GPU"),
 ])
 def test_fdllm_serve_refuses_bad_options_before_starting_ray(flags, needle, monkeypatch, capsys):
     import ray
