@@ -129,7 +129,9 @@ class ServerConfig:
     engine: dict[str, Any] | None = None
     cache_dir: str | None = None  # where a URI model is downloaded on each node (default $FDLLM_CACHE_DIR, ~/.cache/fdllm)
     metrics_interval_s: float = 2.0  # how often replica metrics are pushed to ray.serve.metrics
-    # Serve deployment options
+    # Serve's deployment options. Given here (fdllm-serve's flags, `serve run serve.app:build_app key=value`),
+    # or, in a config file, under the application's `deployments:` (serve/config.yaml): Serve applies a change
+    # there to the running replicas, while any change of `args` replaces every replica (reloading the model).
     num_replicas: int | None = None  # fixed replica count (default 1); leave unset with autoscaling_config
     autoscaling_config: dict[str, Any] | None = None  # min_replicas, max_replicas, target_ongoing_requests, ...
     num_gpus_per_replica: float = 0.0
@@ -138,6 +140,10 @@ class ServerConfig:
     # 503; Serve's own backpressure answers (past max_queued_requests) are plain text.
     max_ongoing_requests: int = 512
     max_queued_requests: int = 128
+    # A replica being stopped (scale-down, redeploy) waits this long for its in-flight requests, then Serve
+    # kills it and cuts the streams still running (the client sees the connection drop). Serve's default,
+    # 20 s, is shorter than many a generation.
+    graceful_shutdown_timeout_s: float = 300.0
     max_replicas_per_node: int | None = None  # e.g. 1 spreads replicas over nodes
     # Requests with a session id (the HTTP header x-session-id, Ray Serve's; handle.options(session_id=))
     # go to one replica per session, so a chat's turns find the earlier turns in that replica's prefix
@@ -177,7 +183,16 @@ class ServerConfig:
             raise ValueError(f"session_max_imbalance must be >= 0, got {self.session_max_imbalance}")
         if self.autoscaling_config is not None and self.num_replicas is not None:
             raise ValueError("give either num_replicas or autoscaling_config, not both")
+        if self.autoscaling_config is not None:  # Serve takes a misspelt key ("min_replica") without a word
+            from ray.serve.config import AutoscalingConfig
+
+            if unknown := sorted(set(self.autoscaling_config) - set(AutoscalingConfig.model_fields)):
+                raise ValueError(f"autoscaling_config: unknown keys {unknown}; Serve's: {sorted(AutoscalingConfig.model_fields)}")
         engine = self.engine_config()  # unknown or invalid engine fields fail here, before any replica starts
+        if self.max_ongoing_requests < engine.max_num_seqs:
+            log.warning("max_ongoing_requests %d < the engine's max_num_seqs %d: Serve never sends a replica more than "
+                        "%d requests at once, so its batch never fills", self.max_ongoing_requests, engine.max_num_seqs,
+                        self.max_ongoing_requests)
         if self.device != "auto":  # what the replicas' device cannot run (an "auto" device is the replica's own)
             check_quantization(engine.quantization, torch_device(self.device), self.torch_dtype(self.device))
 
@@ -662,6 +677,7 @@ def bind_app(cfg: ServerConfig) -> serve.Application:
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
     }
     if cfg.max_replicas_per_node is not None:
@@ -671,8 +687,8 @@ def bind_app(cfg: ServerConfig) -> serve.Application:
             request_router_class=SessionAffinityRouter, request_router_kwargs={"max_imbalance": cfg.session_max_imbalance})
     if cfg.autoscaling_config is not None:
         options["autoscaling_config"] = cfg.autoscaling_config
-    else:
-        options["num_replicas"] = int(cfg.num_replicas or 1)
+    elif cfg.num_replicas is not None:  # unset: Serve's 1, or what a config file's `deployments:` says
+        options["num_replicas"] = cfg.num_replicas
     return FdllmServer.options(**options).bind(asdict(cfg))
 
 

@@ -139,3 +139,17 @@ def slow_steps(engine, seconds: float = 0.05) -> None:
     ~20 s), or commands queue up, while a test acts beside it."""
     step = engine.step
     engine.step = lambda: (time.sleep(seconds), step())[1]
+
+
+def deployed(app: dict):
+    """What `serve deploy` makes of a Serve config file's application: the app builder's deployment with
+    the file's `deployments:` entry laid over its options, as Serve lays a config file over the code's."""
+    from serve.app import build_app
+
+    deployment = build_app(app["args"])._bound_deployment
+    for options in app.get("deployments", []):
+        options = dict(options)
+        assert options.pop("name") == deployment.name, "a `deployments:` entry names no deployment of the app"
+        deployment = deployment.options(**options)
+    return deployment
+

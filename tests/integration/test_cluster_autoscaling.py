@@ -34,6 +34,7 @@ from tests.fake_cluster import (
     worker_counts,
     worker_types,
 )
+from tests.helpers import deployed
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
@@ -86,13 +87,11 @@ def finetune_request(entrypoint: str) -> Request:
 
 
 def serve_request(serve_config: dict) -> Request:
-    from serve.app import build_app
-
     (app_cfg,) = serve_config["applications"]
-    deployment = build_app(app_cfg["args"])._bound_deployment  # what `serve deploy` would create
+    deployment = deployed(app_cfg)  # what `serve deploy` would create
     options = deployment.ray_actor_options
     shape = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0)}
-    replicas = app_cfg["args"]["autoscaling_config"]["max_replicas"]
+    replicas = deployment._deployment_config.autoscaling_config.max_replicas
     return Request("serve-max-replicas", {k: v for k, v in shape.items() if v}, replicas, None)
 
 

@@ -575,11 +575,43 @@ def test_serve_config_v2_is_a_valid_serve_config(origin, config):
         assert app["import_path"] == SERVE_IMPORT_PATH
         # The replicas read the checkpoint the RayJob wrote: under its --storage-path.
         assert app["args"]["model"].startswith(storage.rstrip("/") + "/"), app["args"]["model"]
-        for deployment in app.get("deployments", []):
-            gpus = deployment.get("ray_actor_options", {}).get("num_gpus", 0)
-            assert gpus <= gpus_per_pod, deployment["name"]
-            max_replicas = deployment.get("autoscaling_config", {}).get("max_replicas", 1)
-            assert max_replicas * gpus <= max_gpus, f"{deployment['name']}: more GPUs than pods"
+        from tests.helpers import deployed
+
+        deployment = deployed(app)
+        gpus = deployment.ray_actor_options.get("num_gpus", 0)
+        assert 0 < gpus <= gpus_per_pod, deployment.name
+        max_replicas = deployment._deployment_config.autoscaling_config.max_replicas
+        assert max_replicas * gpus <= max_gpus, f"{deployment.name}: more GPUs than pods"
+
+
+SERVE_FILES = [("serve/config.yaml", _load(REPO / "serve/config.yaml")), (GPU_SERVE_CONFIG, _load(REPO / GPU_SERVE_CONFIG)),
+               *SERVE_CONFIGS]
+
+
+@pytest.mark.parametrize("origin,config", SERVE_FILES, ids=[o for o, _ in SERVE_FILES])
+def test_serve_options_are_changed_in_place_and_replicas_have_time_to_finish(origin, config):
+    """Serve replaces every replica (reloading the model, cutting streams) when an application's `args`
+    change, and applies a `deployments:` change to the running ones: replica counts, autoscaling and
+    queue limits live there. Ray's own code version says which is which. A scaled-down replica's streams
+    get more than Serve's default 20 s."""
+    deploy_utils = pytest.importorskip("ray.serve._private.deploy_utils")
+    schema = pytest.importorskip("ray.serve.schema")
+    from serve.app import ServerConfig
+    from tests.helpers import deployed
+
+    serve_options = set(schema.DeploymentSchema.model_fields) & set(ServerConfig.__dataclass_fields__)
+    for app in config["applications"]:
+        assert not serve_options & set(app["args"]), f"{origin}: Serve options in args restart every replica on an edit"
+        (options,) = app["deployments"]
+        edited = copy.deepcopy(app)
+        for key in ("num_replicas", "max_ongoing_requests", "max_queued_requests"):
+            if key in options:
+                edited["deployments"][0][key] += 1
+        edited["deployments"][0].get("autoscaling_config", {})["max_replicas"] = 99
+        assert edited != app
+        version = lambda a: deploy_utils.get_app_code_version(schema.ServeApplicationSchema.model_validate(a))  # noqa: E731
+        assert version(edited) == version(app), origin
+        assert deployed(app)._deployment_config.graceful_shutdown_timeout_s >= 300, origin
 
 
 @pytest.mark.parametrize("origin,config", SERVE_CONFIGS, ids=[o for o, _ in SERVE_CONFIGS])

@@ -62,7 +62,8 @@ def test_serve_run_key_value_strings_are_read_as_their_fields_types():
 
     args = {"model": "m", "num_replicas": "2", "threshold": "0.9", "block_lookahead": "true", "max_waiting": "4",
             "num_gpus_per_replica": "0", "default_max_tokens": "none", "session_affinity": "yes",
-            "session_max_imbalance": "3", "engine": '{"max_num_seqs": 8, "enforce_eager": true}'}
+            "session_max_imbalance": "3", "engine": '{"max_num_seqs": 8, "enforce_eager": true}',
+            "graceful_shutdown_timeout_s": "90"}
     cfg = ServerConfig.from_args(args)
     assert (cfg.num_replicas, cfg.threshold, cfg.block_lookahead, cfg.max_waiting, cfg.num_gpus_per_replica) == (2, 0.9, True, 4, 0.0)
     assert cfg.default_max_tokens is None and cfg.session_affinity is True and cfg.session_max_imbalance == 3
@@ -70,6 +71,8 @@ def test_serve_run_key_value_strings_are_read_as_their_fields_types():
     assert cfg.model_name is None and ServerConfig.from_args({"model": "m", "model_name": "123"}).model_name == "123"
     deployment = build_app(args)._bound_deployment
     assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_gpus"] == 0.0
+    assert deployment._deployment_config.graceful_shutdown_timeout_s == 90.0
+    assert build_app({"model": "m"})._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 300.0  # not Serve's 20
     router = deployment._deployment_config.request_router_config
     assert isinstance(router, RequestRouterConfig) and router.request_router_kwargs == {"max_imbalance": 3}
     assert router.get_request_router_class() is SessionAffinityRouter
@@ -157,6 +160,16 @@ def test_serve_options_a_replica_would_refuse_or_spin_on_fail_in_the_builder(fie
         ServerConfig.from_args({"model": "m", field: value})
     with pytest.raises(ValueError, match=field):
         ServerConfig.from_args({"model": "m", field: str(value)})  # as `serve run ... key=value` sends it
+
+
+def test_a_misspelt_autoscaling_key_is_refused_and_a_starved_batch_is_said(caplog):
+    """Serve's AutoscalingConfig takes `min_replica` without a word (and autoscales from 1 to 1)."""
+    with pytest.raises(ValueError, match=r"autoscaling_config: unknown keys \['min_replica'\]"):
+        ServerConfig.from_args({"model": "m", "autoscaling_config": '{"min_replica": 2, "max_replicas": 4}'})
+    ServerConfig.from_args({"model": "m", "autoscaling_config": '{"min_replicas": 2, "max_replicas": 4}'})
+    assert "never fills" not in caplog.text
+    ServerConfig(model="m", max_ongoing_requests=8, engine={"max_num_seqs": 64})
+    assert "max_ongoing_requests 8 < the engine's max_num_seqs 64" in caplog.text
 
 
 def test_fdllm_serve_builds_its_config_once(monkeypatch):
