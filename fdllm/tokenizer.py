@@ -110,6 +110,18 @@ def stop_token_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
     return sorted(ids)
 
 
+def encode_prompt(tokenizer: "PreTrainedTokenizerBase", text: str, add_special_tokens: bool = True) -> list[int]:
+    """The token ids of prompt text: with the special tokens the tokenizer adds (Llama 3's BOS) when
+    `add_special_tokens`, except to text that already begins with the BOS token, as a chat template's
+    rendering (`render_chat`) does: a second BOS, which training (the data pipeline's
+    add_special_tokens=False) never showed the model, changes its answers. The engine's text prompts
+    and the server's completions share this rule (vLLM's generate and /v1/completions double it)."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        add_special_tokens = False
+    return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
 def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 template_variables: dict[str, Any] | None = None) -> str:
     """The prompt text of a chat conversation under the tokenizer's own template; `template_variables`

@@ -51,7 +51,7 @@ from fdllm.engine import GenerationResult, SamplingParams
 from fdllm.engine.params import ENGINE_CHOICES, MODES
 from fdllm.paths import resolve_local
 from fdllm.storage import local_checkpoint
-from fdllm.tokenizer import check_text_tokenizer, token_pieces
+from fdllm.tokenizer import check_text_tokenizer, encode_prompt, token_pieces
 from serve.async_engine import (
     AsyncEngine,
     EngineDead,
@@ -498,7 +498,7 @@ class FdllmServer:
 
     def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         try:
-            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+            return encode_prompt(self.tokenizer, text, add_special_tokens)
         except Exception as exc:  # noqa: BLE001 - e.g. text the tokenizer cannot encode
             raise APIError(400, f"the prompt could not be tokenized: {exc}", param=param) from None
 

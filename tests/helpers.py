@@ -79,6 +79,20 @@ def make_tokenizer():
     return fast
 
 
+def make_bos_tokenizer():
+    """`make_tokenizer` as Llama 3's is: its post-processor adds `<|begin_of_text|>` to every encoded
+    text and its chat template writes that BOS too (a rendered chat tokenized with special tokens
+    begins with two)."""
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    return tok
+
+
 def make_dllm_checkpoint(path, block_size: int = 8, sub_block_size: int = 4, prefix_attention: str = "block_causal",
                          **overrides):
     """A servable tiny random block-diffusion checkpoint: model + tokenizer (with |<MASK>|) + fdllm config

@@ -42,7 +42,7 @@ from fdllm.loader import parse_device
 from fdllm.model import Transformer
 from fdllm.quantization import quantize
 from fdllm.storage import local_checkpoint
-from fdllm.tokenizer import MASK_TOKEN, has_tokenizer, load_text_tokenizer, mask_token_id, stop_token_ids
+from fdllm.tokenizer import MASK_TOKEN, encode_prompt, has_tokenizer, load_text_tokenizer, mask_token_id, stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -599,7 +599,7 @@ class Engine:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise ValueError(f"the prompt is not valid Unicode text: {e.reason} at index {e.start}") from None
-            return self.tokenizer.encode(prompt)
+            return encode_prompt(self.tokenizer, prompt)
         if not isinstance(prompt, (list, tuple)):
             raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         for i, t in enumerate(prompt):

@@ -11,7 +11,8 @@ import torch
 
 import fdllm
 from fdllm.masks import block_causal_mask
-from tests.helpers import VOCAB
+from fdllm.tokenizer import render_chat
+from tests.helpers import VOCAB, make_bos_tokenizer
 from tests.reference import MASK, reference_generate
 
 
@@ -329,6 +330,18 @@ def test_text_prompts_stop_strings_and_eos(sharp_dir):
     assert stop in engine.tokenizer.decode(res.token_ids) and stop not in engine.tokenizer.decode(res.token_ids[:-1])
     eos = engine.tokenizer.eos_token_id  # stop tokens of the tokenizer apply unless ignore_eos
     assert eos in engine._tokenizer_stop_ids
+
+
+def test_a_rendered_chat_prompt_has_one_bos_as_transformers_tokenizes_the_chat(model):
+    """The README's path: `render_chat`'s text to `generate`. Llama 3's tokenizer adds BOS to any text and
+    its template writes one: the model got two, as neither training nor the server gives it. Oracle:
+    transformers' apply_chat_template(tokenize=True); plain text still gets the tokenizer's BOS."""
+    tok = make_bos_tokenizer()
+    chat = [{"role": "user", "content": "hi"}]
+    chat_out, plain_out = make_engine(model, tokenizer=tok).generate([render_chat(tok, chat), "hello"],
+                                                                     params(max_new_tokens=1))
+    assert chat_out.prompt_token_ids == tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    assert plain_out.prompt_token_ids == tok("hello").input_ids and plain_out.prompt_token_ids[0] == tok.bos_token_id
 
 
 @pytest.mark.parametrize(

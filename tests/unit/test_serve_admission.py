@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
 
 import pytest
 
 import fdllm
-from tests.helpers import slow_steps
+from tests.helpers import make_bos_tokenizer, make_tokenizer, slow_steps
 
 pytest.importorskip("ray.serve")
 from serve.app import FdllmServer  # noqa: E402
@@ -22,6 +23,13 @@ from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, T
 
 A_REQUEST = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x"}')
 LONG = fdllm.SamplingParams(max_new_tokens=400, temperature=0.0, mode="ar", ignore_eos=True)  # ~20 s, slowed
+
+
+def _prompt_ids_with(tokenizer) -> Callable:
+    """FdllmServer._prompt_ids of a server holding `tokenizer` (no engine: it only renders and tokenizes)."""
+    server = SimpleNamespace(tokenizer=tokenizer)
+    server._encode = partial(FdllmServer.func_or_class._encode, server)
+    return partial(FdllmServer.func_or_class._prompt_ids, server)
 
 
 def _until(drv: AsyncEngine, done, timeout_s: float = 5.0) -> dict:
@@ -261,11 +269,7 @@ def test_token_id_prompts_outside_the_vocabulary_are_a_400_before_echo_decodes_t
 def test_a_non_text_content_part_is_its_own_400_not_the_chat_templates(model):
     """An image part was refused inside the template's try, so the 400 blamed the chat template ("the
     chat template rejected these messages: ...") for what the server itself does not take."""
-    from tests.helpers import make_tokenizer
-
-    server = SimpleNamespace(tokenizer=make_tokenizer())
-    server._encode = partial(FdllmServer.func_or_class._encode, server)
-    prompt_ids = partial(FdllmServer.func_or_class._prompt_ids, server)
+    prompt_ids = _prompt_ids_with(make_tokenizer())
     parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
     body = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode())
     with pytest.raises(APIError) as err:
@@ -286,14 +290,10 @@ def test_chat_template_kwargs_reach_the_template_and_cannot_change_how_it_render
     """vLLM's chat_template_kwargs (Qwen3's enable_thinking switch) are variables the template reads; they
     were logged as ignored, so a client turning thinking off got it on. The template's rendering
     arguments (tokenize, add_generation_prompt, ...) are no variables: a 400 naming the field."""
-    from tests.helpers import make_tokenizer
-
     tokenizer = make_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
                                "{% if enable_thinking is defined and not enable_thinking %}no thinking{% endif %}")
-    server = SimpleNamespace(tokenizer=tokenizer)
-    server._encode = partial(FdllmServer.func_or_class._encode, server)
-    prompt_ids = partial(FdllmServer.func_or_class._prompt_ids, server)
+    prompt_ids = _prompt_ids_with(tokenizer)
 
     def rendered(**fields) -> str:
         body = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]} | fields).encode())
@@ -341,3 +341,21 @@ def test_a_client_hanging_up_is_logged_as_a_disconnect_not_an_unhandled_error(ca
     with caplog.at_level(logging.INFO, logger="fdllm.serve"):
         assert asyncio.run(_unexpected_error(request, RuntimeError("bug"))).status_code == 500
     assert [r.levelname for r in caplog.records] == ["ERROR"]
+
+
+def test_a_completion_prompt_that_begins_with_bos_gets_no_second_one():
+    """A chat rendered by the client (lm-evaluation-harness's apply_chat_template) sent to /v1/completions
+    is the chat request's prompt, one BOS, as transformers tokenizes the chat; other text gets the
+    tokenizer's BOS unless add_special_tokens is false."""
+    tok = make_bos_tokenizer()
+    prompt_ids = _prompt_ids_with(tok)
+    chat = [{"role": "user", "content": "hi"}]
+
+    def ids(model, **fields) -> list[int]:
+        return prompt_ids(parse_request(model, json.dumps({"model": "m"} | fields).encode()))[0]
+
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert ids(CompletionRequest, prompt=rendered) == ids(ChatCompletionRequest, messages=chat) \
+        == tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    assert ids(CompletionRequest, prompt="hello") == tok("hello").input_ids != tok("hello", add_special_tokens=False).input_ids
+    assert ids(CompletionRequest, prompt="hello", add_special_tokens=False) == tok("hello", add_special_tokens=False).input_ids
