@@ -18,6 +18,8 @@ from typing import Any
 IGNORE_INDEX = -100
 CONFIG_NAME = "config.json"  # the HF architecture
 BLOCK_CONFIG_NAME = "fdllm_config.json"
+# The vendor's decoding defaults and end tokens, beside config.json (transformers' generate and vLLM read it)
+GENERATION_CONFIG_NAME = "generation_config.json"
 # How the clean stream (prompt and committed blocks) attends: "block_causal" (docs/method.md §2.4,
 # bidirectional inside a block) or "causal" (the joint AR + diffusion objective, §5: prefix K/V are
 # then the same in diffusion and AR mode).
@@ -54,6 +56,9 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    # generation_config.json as the checkpoint had it (None: none), never part of config.json: written back
+    # beside it, so that an export keeps its base's end tokens and sampling defaults
+    generation_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_ARCHITECTURES:
@@ -71,6 +76,10 @@ class ModelConfig:
             raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is unset")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling)
+        if self.generation_config is not None:
+            eos = self.generation_config.get("eos_token_id")
+            if not (eos is None or is_int(eos) or isinstance(eos, list) and all(map(is_int, eos))):
+                raise ValueError(f"{GENERATION_CONFIG_NAME}'s eos_token_id must be a token id or a list of them, got {eos!r}")
 
     @property
     def n_kv_heads(self) -> int:
@@ -84,6 +93,14 @@ class ModelConfig:
     def qkv_bias(self) -> bool:
         """HF's Qwen2 always puts biases on q/k/v (its `attention_bias` field is not read); Llama's follow it."""
         return self.model_type == "qwen2" or bool(self.attention_bias)
+
+    @property
+    def end_token_ids(self) -> frozenset[int]:
+        """The ids that end generation: config.json's eos_token_id and generation_config.json's (an id or a
+        list each). transformers' generate and vLLM stop on every id of the latter: Qwen2.5's and Llama 3
+        Instruct's config.json name one end token, their generation_config.json all of them."""
+        generation_eos = (self.generation_config or {}).get("eos_token_id")
+        return frozenset(i for eos in (self.eos_token_id, generation_eos) for i in ([eos] if is_int(eos) else eos or ()))
 
     @property
     def rope_scaling_items(self) -> tuple[tuple[str, Any], ...]:
@@ -110,7 +127,7 @@ class ModelConfig:
         rope = raw.get("rope_scaling") or (raw.get("rope_parameters") or {})
         rope_type = rope.get("rope_type", rope.get("type")) or "default"
         rope_theta = raw.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"generation_config"}  # its own file's
         kwargs = {k: v for k, v in raw.items() if k in names}
         kwargs["rope_theta"] = float(rope_theta)
         kwargs["rope_scaling"] = None if rope_type == "default" else {
@@ -125,6 +142,7 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        del out["generation_config"]  # its own file (GENERATION_CONFIG_NAME)
         out["num_key_value_heads"] = self.n_kv_heads
         out["head_dim"] = self.dim_per_head
         out["attention_bias"] = self.qkv_bias
@@ -140,10 +158,15 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
+        """config.json, and generation_config.json when the checkpoint has one."""
         file = Path(path) / CONFIG_NAME
         if not file.is_file():
             raise no_config(path)
-        return cls.from_hf_dict(read_json_object(file))
+        config = cls.from_hf_dict(read_json_object(file))
+        generation = Path(path) / GENERATION_CONFIG_NAME
+        if not generation.is_file():
+            return config
+        return dataclasses.replace(config, generation_config=read_json_object(generation))
 
 
 def check_rope_scaling(scaling: dict[str, Any]) -> None:

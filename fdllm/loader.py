@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fdllm.config import CONFIG_NAME, BlockDiffusionConfig, ModelConfig, no_config, read_json_object
+from fdllm.config import CONFIG_NAME, GENERATION_CONFIG_NAME, BlockDiffusionConfig, ModelConfig, no_config, read_json_object
 from fdllm.storage import checkpoint_files, is_uri, local_checkpoint
 
 if TYPE_CHECKING:
@@ -238,7 +238,9 @@ def num_params(model: torch.nn.Module) -> int:
 
 
 def save_checkpoint(model: "Transformer", path: str | Path, max_shard_size: int = 4 << 30) -> None:
-    """Write config.json and safetensors shards of at most `max_shard_size` bytes (one file if it fits).
+    """Write config.json, the generation_config.json the model was loaded with (its end tokens: the
+    fine-tune's export is its base's model) and safetensors shards of at most `max_shard_size` bytes
+    (one file if it fits).
     A model an engine quantized in place (`fdllm.quantization`) is refused: its torchao weights have
     no storage safetensors can write, and the format is not HF's."""
     done = getattr(model, "quantization", None)
@@ -278,4 +280,9 @@ def save_checkpoint(model: "Transformer", path: str | Path, max_shard_size: int 
     hf = cfg.to_hf_dict()
     hf["dtype"] = hf["torch_dtype"]
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    generation = path / GENERATION_CONFIG_NAME
+    if cfg.generation_config is None:
+        generation.unlink(missing_ok=True)  # as stale shards: not another model's
+    else:
+        generation.write_text(json.dumps(cfg.generation_config, indent=2) + "\n")
     log.info("saved %s checkpoint (%d shard(s)) to %s", cfg.model_type, len(shards), path)

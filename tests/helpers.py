@@ -79,6 +79,19 @@ def make_tokenizer():
     return fast
 
 
+def make_generation_config_checkpoint(path, eos_token_ids: tuple[int, ...] = (2, 0)):
+    """A tiny random Qwen2 checkpoint (with tokenizer) saved by transformers as Qwen2.5's is: config.json
+    names one end token, generation_config.json all of `eos_token_ids` and the vendor's sampling defaults."""
+    import transformers
+
+    model = tiny_hf_model("qwen2", eos_token_id=eos_token_ids[0])
+    model.generation_config = transformers.GenerationConfig(eos_token_id=list(eos_token_ids), do_sample=True,
+                                                            temperature=0.7, top_p=0.8)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
 def make_bos_tokenizer():
     """`make_tokenizer` as Llama 3's is: its post-processor adds `<|begin_of_text|>` to every encoded
     text and its chat template writes that BOS too (a rendered chat tokenized with special tokens

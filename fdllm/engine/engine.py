@@ -120,8 +120,7 @@ class Engine:
         if config.mask_token_id is None:
             log.warning("no mask token (config or tokenizer %s): only mode='ar' requests are served", MASK_TOKEN)
         self._tokenizer_stop_ids = frozenset(stop_token_ids(tokenizer)) if tokenizer is not None else frozenset()
-        eos = model.config.eos_token_id
-        self._tokenizer_stop_ids |= {eos} if isinstance(eos, int) else set(eos or ())
+        self._tokenizer_stop_ids |= model.config.end_token_ids
         if config.mask_token_id in self._tokenizer_stop_ids:  # never predicted: no request would ever end on it
             raise ValueError(f"mask_token_id {config.mask_token_id} is an end token of the model or its tokenizer "
                              f"{sorted(self._tokenizer_stop_ids)}; the mask token must be a token of its own")

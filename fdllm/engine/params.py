@@ -41,7 +41,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None  # per-request generator seed for sampling; None: nondeterministic
-    stop_token_ids: tuple[int, ...] = ()  # added to the tokenizer's stop tokens (unless ignore_eos)
+    stop_token_ids: tuple[int, ...] = ()  # added to the tokenizer's and the checkpoint's end tokens (unless ignore_eos)
     stop: tuple[str, ...] = ()  # stop strings; the output text ends before the first one
     threshold: float | None = None  # None: the engine's BlockDiffusionConfig.threshold
     # "ar": the autoregressive baseline on the same engine and cache; "speculative": drafts each block

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
 import random
+import shutil
 import time
 
 import pytest
@@ -781,16 +783,22 @@ def test_held_free_pages_are_not_given_to_new_requests(model):
 
 
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])
-def test_the_model_s_eos_ends_a_request_unless_ignore_eos(sharp_dir, mode):
-    """The oracle is a run of the same model without an EOS: with its EOS set to a token that run decodes,
-    a request stops right after its first occurrence ("stop"), and one with ignore_eos decodes exactly the
-    run without EOS ("length")."""
-    model = fdllm.load_model(sharp_dir)
-    assert model.config.eos_token_id is None
+@pytest.mark.parametrize("file", ["config.json", "generation_config.json"])
+def test_the_model_s_eos_ends_a_request_unless_ignore_eos(sharp_dir, tmp_path, mode, file):
+    """The oracle is a run of the same model without an EOS: with its EOS set in the checkpoint to a token
+    that run decodes, a request stops right after its first occurrence ("stop"), and one with ignore_eos
+    decodes exactly the run without EOS ("length"). The EOS is config.json's eos_token_id or in
+    generation_config.json's list, where Qwen2.5 and Llama 3 Instruct keep all their end tokens and vLLM
+    stops on each (no tokenizer here: the token's name is no end-of-turn marker)."""
+    shutil.copytree(sharp_dir, tmp_path, dirs_exist_ok=True)
+    model = fdllm.load_model(tmp_path)
+    assert model.config.end_token_ids == frozenset()
     sampling = dict(max_new_tokens=20, mode=mode)
     free = make_engine(model).generate([[5, 9, 14]], params(**sampling))[0]
     eos = free.token_ids[5]
-    model.config.eos_token_id = eos
+    saved = json.loads((tmp_path / file).read_text())
+    (tmp_path / file).write_text(json.dumps(saved | {"eos_token_id": eos if file == "config.json" else [eos]}))
+    model = fdllm.load_model(tmp_path)
     stopped, ignored = make_engine(model).generate([[5, 9, 14]] * 2, [params(**sampling, ignore_eos=False), params(**sampling)])
     assert (stopped.token_ids, stopped.finish_reason) == (free.token_ids[: free.token_ids.index(eos) + 1], "stop")
     assert (ignored.token_ids, ignored.finish_reason) == (free.token_ids, "length")

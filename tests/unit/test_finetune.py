@@ -17,6 +17,7 @@ from pipelines.data import BAD_REASONS, DataConfig, process_records
 from pipelines import finetune
 from pipelines.finetune import FinetuneConfig, build_parser, check_output, cli_main, main, resolve_run
 from pipelines.train_loop import ShardReader, diffusion_loss_sum, lr_at
+from tests.helpers import make_generation_config_checkpoint
 from tests.sft_data import good_records, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
@@ -519,6 +520,29 @@ def test_a_failed_publish_fails_the_step_before_its_checkpoint_is_reported(tmp_p
     events.clear()
     train_loop._report({"step": 4}, to_save, str(tmp_path / "servable"))
     assert events == ["publish", "report"]
+
+
+def test_the_checkpoint_and_its_servable_export_keep_the_base_models_generation_config(tmp_path):
+    """The end tokens and sampling defaults that transformers' generate and vLLM read from the base's
+    generation_config.json (Qwen2.5's config.json names one of its two end tokens) were left out of
+    the checkpoint, so of the export. Oracle: transformers' GenerationConfig of the base."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from pipelines.checkpoints import export_servable
+    from pipelines.train_loop import TrainState, _save_checkpoint
+
+    base, checkpoint, servable = make_generation_config_checkpoint(tmp_path / "base"), tmp_path / "ckpt", tmp_path / "out"
+    model, tokenizer = fdllm.load_model(base), load_tokenizer(base)
+    parallel = SimpleNamespace(save_optimizer=lambda directory: {}, hf_module=lambda: model)  # DDP's rank 0
+    checkpoint.mkdir()
+    _save_checkpoint(checkpoint, parallel, tokenizer, fdllm.BlockDiffusionConfig(mask_token_id=add_mask_token(tokenizer, model)),
+                     TrainState())
+    export_servable(checkpoint, str(servable))
+    expected = transformers.GenerationConfig.from_pretrained(base)
+    assert transformers.GenerationConfig.from_pretrained(servable).to_dict() == expected.to_dict()
+    assert expected.eos_token_id == [2, 0]
 
 
 def test_resume_skips_sequences_not_rows_past_a_row_without_documents(qwen2_dir):

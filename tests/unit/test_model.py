@@ -9,7 +9,7 @@ import torch
 
 import fdllm
 from fdllm.model import Transformer
-from tests.helpers import VOCAB, tiny_hf_model
+from tests.helpers import VOCAB, make_generation_config_checkpoint, tiny_hf_model
 
 
 # Llama 3.1's scaling at a tiny model's size: with head_dim 16 and theta 5e5 the wavelengths (6.3, 32.5,
@@ -174,6 +174,22 @@ def test_sharded_save_round_trips(tmp_path, qwen2_dir):
         assert torch.equal(fdllm.load_model(tmp_path)(ids), expect)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
         assert (hf(ids).logits - expect).abs().max().item() < 1e-5
+
+
+def test_generation_config_is_saved_back_as_the_checkpoint_had_it(tmp_path):
+    """A fine-tune's export is its base model saved again: Qwen2.5's and Llama 3 Instruct's end tokens past
+    config.json's one, and their sampling defaults, are in generation_config.json, which the save dropped
+    (transformers' generate on the export ran past <|endoftext|>). Oracle: transformers' GenerationConfig."""
+    import transformers
+
+    base, out = make_generation_config_checkpoint(tmp_path / "base", (2, 0)), tmp_path / "out"
+    fdllm.load_model(base).save_pretrained(out)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [2, 0]
+    assert json.loads((out / "generation_config.json").read_text()) == json.loads((base / "generation_config.json").read_text())
+    assert "generation_config" not in json.loads((out / "config.json").read_text())  # a file of its own
+    (out / "generation_config.json").write_text('{"eos_token_id": "2"}')
+    with pytest.raises(ValueError, match="generation_config.json's eos_token_id must be a token id or a list"):
+        fdllm.load_model(out)
 
 
 @pytest.mark.parametrize("dtype,rel_tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
