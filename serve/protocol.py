@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -112,6 +113,27 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "continue_final_message": (lambda v: not v, "a chat's answer is a new assistant message"),
     "add_generation_prompt": (lambda v: v in (None, True), "a chat's answer is a new assistant message"),
 }
+# A chat message's OpenAI fields this server does not have, as NOT_IMPLEMENTED: what a client replaying an
+# answer sends (null, []) passes; any other value is refused with a 400 at the field's path
+# (`messages[1].tool_calls`), never dropped on the way to the chat template. A message's `name` and
+# `tool_call_id` reach the template, as vLLM gives them (the template decides what it writes of them);
+# other fields are logged as ignored, as a request's are.
+MESSAGE_NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tool_calls": (lambda v: not v, "no tool calling"),
+    "function_call": (lambda v: v is None, "no function calling"),
+    "refusal": (lambda v: not v, "a refusal is not written into the prompt: send its text as content"),
+    "audio": (lambda v: v is None, "text only"),
+}
+
+
+def first_unsupported(table: dict[str, tuple[Callable[[Any], bool], str]],
+                      value_of: Callable[[str], Any]) -> tuple[str, str] | None:
+    """(field, why) of the first field of `table` (NOT_IMPLEMENTED's shape) whose value, `value_of(field)`,
+    asks for something this server does not have."""
+    for name, (asks_nothing, hint) in table.items():
+        if not asks_nothing(value_of(name)):
+            return name, f"{name} is not supported by this server ({hint})"
+    return None
 
 
 class APIError(Exception):
@@ -333,11 +355,8 @@ class _SamplingFields(BaseModel):
         silently ignored (a client would read a different answer than it asked for)."""
         if self.stream and self.logprob_count() is not None:
             return "logprobs", NO_STREAMED_LOGPROBS
-        for name, (asks_nothing, hint) in NOT_IMPLEMENTED.items():
-            value = getattr(self, name) if name in type(self).model_fields else (self.model_extra or {}).get(name)
-            if not asks_nothing(value):
-                return name, f"{name} is not supported by this server ({hint})"
-        return None
+        return first_unsupported(NOT_IMPLEMENTED, lambda name: getattr(self, name) if name in type(self).model_fields
+                                 else (self.model_extra or {}).get(name))
 
     def ignored_fields(self) -> list[str]:
         """Fields the request sent that mean nothing here (not OpenAI's or fdllm's): the server logs
@@ -462,10 +481,27 @@ def _token_ids(v: Any) -> bool:
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # "allow": other fields land in `model_extra`, logged as ignored (MESSAGE_NOT_IMPLEMENTED's refused before)
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]]
+    name: str | None = None  # OpenAI's participant name: the template's to write or not
+    tool_call_id: str | None = None  # a tool message's call: the template's to write or not
+
+    def template_message(self) -> dict[str, str]:
+        """The message as the chat template takes it (OpenAI's "developer" is the templates' "system")."""
+        given = {"name": self.name, "tool_call_id": self.tool_call_id}
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()} | {k: v for k, v in given.items() if v is not None}
+
+    def chars(self) -> int:
+        """Characters of text the template may write from this message (max_prompt_chars counts them)."""
+        texts = [self.content] if isinstance(self.content, str) else [str(p.get("text", "")) for p in self.content]
+        return sum(len(t) for t in (*texts, self.name or "", self.tool_call_id or ""))
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(set(self.model_extra or {}) - set(MESSAGE_NOT_IMPLEMENTED))
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -508,8 +544,22 @@ def _template_variables(v: dict[str, Any] | None) -> dict[str, Any] | None:
 TemplateVariables = Annotated[dict[str, Any] | None, AfterValidator(_template_variables)]
 
 
+def _supported_messages(messages: Any) -> Any:
+    """OpenAI's 400 at the field's path for a message field asking for what this server does not have
+    (MESSAGE_NOT_IMPLEMENTED), before the messages are validated: an assistant's tool calls come with
+    null content, which would be refused first as a content of the wrong type."""
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        refused = first_unsupported(MESSAGE_NOT_IMPLEMENTED, message.get) if isinstance(message, dict) else None
+        if refused is not None:
+            raise RequestError(f"messages[{i}].{refused[0]}", refused[1], "unsupported_value")
+    return messages
+
+
+Messages = Annotated[list[ChatMessage], BeforeValidator(_supported_messages)]
+
+
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Messages = Field(min_length=1)
     chat_template_kwargs: TemplateVariables = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
@@ -528,13 +578,17 @@ class ChatCompletionRequest(_SamplingFields):
     def num_choices(self) -> int:
         return self.n
 
+    def ignored_fields(self) -> list[str]:
+        return super().ignored_fields() + [f"messages[{i}].{name}" for i, m in enumerate(self.messages)
+                                           for name in m.ignored_fields()]
+
     def message_dicts(self) -> list[dict[str, str]]:
         return message_dicts(self.messages)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The conversation as the chat template takes it (OpenAI's "developer" is the templates' "system")."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    """The conversation as the chat template takes it."""
+    return [m.template_message() for m in messages]
 
 
 class TokenizeRequest(BaseModel):
@@ -545,7 +599,7 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    messages: Messages | None = Field(default=None, min_length=1)
     add_special_tokens: StrictBool = True  # prompts only (a chat template writes its own)
     add_generation_prompt: StrictBool = True  # messages only
     chat_template_kwargs: TemplateVariables = None
@@ -580,8 +634,7 @@ def prompt_chars(body: CompletionRequest | ChatCompletionRequest | TokenizeReque
     """Characters of text the request asks to tokenize (token-id prompts count nothing)."""
     messages = getattr(body, "messages", None)
     if messages:
-        return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(p.get("text", ""))) for p in m.content)
-                   for m in messages)
+        return sum(m.chars() for m in messages)
     prompts = body.prompt if isinstance(body, CompletionRequest) else [body.prompt]
     return sum(len(p) for p in prompts if isinstance(p, str))
 

@@ -161,6 +161,38 @@ def test_their_default_values_and_unknown_fields_are_accepted(model, field, valu
     assert request.ignored_fields() == ([] if known else [field])  # the server logs the unknown ones
 
 
+MESSAGE_ASKS_FOR_SOMETHING = [
+    ("tool_calls", [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+    ("function_call", {"name": "f", "arguments": "{}"}), ("refusal", "I can't help with that."), ("audio", {"id": "a1"}),
+]
+
+
+@pytest.mark.parametrize("model", [ChatCompletionRequest, TokenizeRequest])
+@pytest.mark.parametrize("field,value", MESSAGE_ASKS_FOR_SOMETHING)
+def test_message_fields_the_server_does_not_implement_are_refused_at_their_path(model, field, value):
+    """An assistant's tool calls were dropped on the way to the chat template, which then showed the model a
+    turn that called nothing: refused as the request's `tools` is, at the field's path, whatever the
+    content (OpenAI's client sends null beside tool calls)."""
+    messages = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, field: value}]
+    with pytest.raises(APIError) as err:
+        _request(model, messages=messages)
+    assert (err.value.status, err.value.param, err.value.code) == (400, f"messages[1].{field}", "unsupported_value")
+    assert err.value.message.startswith(f"{field} is not supported by this server (")
+
+
+@pytest.mark.parametrize("model", [ChatCompletionRequest, TokenizeRequest])
+def test_message_fields_asking_for_nothing_pass_and_name_and_tool_call_id_reach_the_template(model):
+    """What a client replaying an answer sends (null, []) asks for nothing; `name` and `tool_call_id` are
+    the template's to write, as vLLM passes them; other fields are the request's ignored ones, logged."""
+    named = {"role": "user", "content": "q", "name": "alice"}
+    replayed = {"role": "assistant", "content": "a", "tool_calls": [], "function_call": None, "refusal": None, "audio": None}
+    tool = {"role": "tool", "content": "20C", "tool_call_id": "c1"}
+    body = _request(model, messages=[named, replayed | {"x_trace": 1}, tool])
+    assert body.message_dicts() == [named, {"role": "assistant", "content": "a"}, tool]
+    if model is ChatCompletionRequest:
+        assert body.ignored_fields() == ["messages[1].x_trace"]
+
+
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
 def test_penalties_reach_the_engine(model):
     body = {"model": "m", "presence_penalty": 0.5, "frequency_penalty": -2, "repetition_penalty": 1.3, "min_tokens": 3}
