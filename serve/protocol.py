@@ -429,6 +429,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: StrictInt | None = Field(default=None, ge=0)
     logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
     best_of: StrictInt | None = Field(default=None, ge=1)  # only as many as n: no server-side ranking
+    # vLLM's: false tokenizes text prompts without the tokenizer's special tokens (fdllm.tokenizer.encode_prompt)
+    add_special_tokens: StrictBool = True
 
     @model_validator(mode="after")
     def _no_tokens_only_to_echo(self) -> CompletionRequest:

@@ -359,3 +359,6 @@ def test_a_completion_prompt_that_begins_with_bos_gets_no_second_one():
         == tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
     assert ids(CompletionRequest, prompt="hello") == tok("hello").input_ids != tok("hello", add_special_tokens=False).input_ids
     assert ids(CompletionRequest, prompt="hello", add_special_tokens=False) == tok("hello", add_special_tokens=False).input_ids
+    with pytest.raises(APIError) as err:  # a truthy string was read as true, and the field logged as ignored
+        ids(CompletionRequest, prompt="hello", add_special_tokens="false")
+    assert (err.value.param, err.value.code) == ("add_special_tokens", "invalid_type")
