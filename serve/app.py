@@ -805,7 +805,21 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
-    serve.run(app, name="fdllm", route_prefix="/", blocking=True)
+    try:
+        serve.run(app, name="fdllm", route_prefix="/", blocking=True)
+    except RuntimeError:  # Serve's own error names the deployment only: "Failed to update the deployments [...]"
+        print(f"fdllm-serve: error: the replicas failed to start: {replica_failure('fdllm')}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def replica_failure(app: str) -> str:
+    """The exception an application's replicas failed to start with, as Serve's status records it (the
+    last line of the replica's traceback), for a one-line error instead of Serve's."""
+    status = serve.status().applications.get(app)
+    for deployment in status.deployments.values() if status else ():
+        if lines := [line for line in deployment.message.splitlines() if line.strip()]:
+            return lines[-1].strip()
+    return "see the replica logs above"
 
 
 def _check_checkpoint(cfg: ServerConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 
@@ -170,6 +171,30 @@ def test_a_misspelt_autoscaling_key_is_refused_and_a_starved_batch_is_said(caplo
     assert "never fills" not in caplog.text
     ServerConfig(model="m", max_ongoing_requests=8, engine={"max_num_seqs": 64})
     assert "max_ongoing_requests 8 < the engine's max_num_seqs 64" in caplog.text
+
+
+def test_replicas_that_fail_to_start_are_one_line_with_their_reason(monkeypatch, capsys):
+    """Serve's own error says "Failed to update the deployments ['FdllmServer']"; the reason (a KV cache
+    that does not fit, an out-of-memory GPU) is the last line of the replica's traceback in Serve's status."""
+    import ray
+    from ray import serve
+
+    from serve import app
+
+    traceback = "Traceback (most recent call last):\n  File \"engine.py\", line 166\nValueError: the KV cache does not fit\n"
+    status = SimpleNamespace(applications={"fdllm": SimpleNamespace(deployments={"FdllmServer": SimpleNamespace(message=traceback)})})
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "start", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "status", lambda: status)
+
+    def run(*a, **k):
+        raise RuntimeError("Deploying application fdllm failed: Failed to update the deployments ['FdllmServer'].")
+
+    monkeypatch.setattr(serve, "run", run)
+    with pytest.raises(SystemExit) as e:
+        app.main(["--model", "assets/tiny-ar-base"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err == "fdllm-serve: error: the replicas failed to start: ValueError: the KV cache does not fit\n"
 
 
 def test_fdllm_serve_builds_its_config_once(monkeypatch):
