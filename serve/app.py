@@ -80,6 +80,7 @@ from serve.protocol import (
     completion_logprobs,
     completion_response,
     error_event,
+    generation_defaults,
     new_id,
     openapi_body,
     parse_request,
@@ -93,6 +94,7 @@ from serve.routing import DEFAULT_MAX_IMBALANCE, SessionAffinityRouter
 log = logging.getLogger("fdllm.serve")
 
 API_KEY_ENV = "FDLLM_API_KEY"
+GENERATION_CONFIGS = ("auto", "none")  # ServerConfig.generation_config
 FAULT_HEADER = "x-fdllm-inject-fault"  # with ServerConfig.fault_injection: "step" fails the request inside a step
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
@@ -120,6 +122,10 @@ class ServerConfig:
     # default costs nothing up front, except with engine `deterministic` (which reserves every page a
     # request may reach at admission: set a bound there).
     default_max_tokens: int | None = None
+    # "auto" (vLLM's default): the checkpoint's generation_config.json gives the defaults of the sampling fields
+    # a request does not set (temperature, top_p, top_k, repetition_penalty: Qwen2.5 Instruct's 0.7, 0.8,
+    # 20, 1.05); "none": OpenAI's (temperature 1, top_p 1, no top_k or penalty)
+    generation_config: str = "auto"
     max_waiting: int = 256  # requests queued inside a replica before it answers 503
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 before they are parsed
     max_prompt_chars: int = 1_000_000  # longer prompts (all chat messages together) get 400 before tokenizing
@@ -164,6 +170,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.api_key == "":  # e.g. --api-key "$UNSET_VARIABLE": serving openly would be a silent surprise
             raise ValueError("api_key is empty; leave it unset to serve without a key")
+        if self.generation_config not in GENERATION_CONFIGS:
+            raise ValueError(f"generation_config must be one of {GENERATION_CONFIGS}, got {self.generation_config!r}")
         if self.default_mode is not None and self.default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES} or unset, got {self.default_mode!r}")
         from fdllm.loader import parse_dtype, torch_device
@@ -340,6 +348,11 @@ class FdllmServer:
         self.tokenizer = check_text_tokenizer(engine.tokenizer, self.cfg.model)  # as fdllm-serve checks it up front
         self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
         self.scores_causally = engine.scores_causally  # whether `logprobs` can be served (Engine.score)
+        self.sampling_defaults = (generation_defaults(engine.model.config.generation_config)
+                                  if self.cfg.generation_config == "auto" else {})
+        if self.sampling_defaults:
+            log.info("requests that do not set them sample with the checkpoint's generation_config.json defaults %s "
+                     "(generation_config=none: OpenAI's)", self.sampling_defaults)
         self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
         self.model_name = self.cfg.model_name or default_model_name(self.cfg.model)
         self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
@@ -521,7 +534,7 @@ class FdllmServer:
         engine request, all continuously batched together; choice i * n + j answers prompt i."""
         self._check_model(body.model)
         params = body.sampling_params(self.cfg.default_max_tokens or self.max_model_len, self.default_mode,
-                                      self.cfg.block_lookahead)
+                                      self.cfg.block_lookahead, self.sampling_defaults)
         body.check_logit_bias(self.vocab_size)
         if ignored := body.ignored_fields():
             log.warning("%s request: fields ignored (not part of this API): %s", endpoint, ", ".join(ignored))
@@ -770,6 +783,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "one with fdllm_config.json; ar for a plain AR one)")
     parser.add_argument("--default-max-tokens", type=int,
                         help="tokens a request without max_tokens may generate (default: the rest of the context)")
+    parser.add_argument("--generation-config", choices=GENERATION_CONFIGS, default="auto",
+                        help="auto: the sampling fields a request does not set (temperature, top_p, top_k, "
+                        "repetition_penalty) default to the checkpoint's generation_config.json, as vLLM's; none: OpenAI's")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     add_engine_arguments(parser)
@@ -792,7 +808,8 @@ def main(argv: list[str] | None = None) -> None:
                "num_replicas": args.num_replicas, "num_gpus_per_replica": gpus,
                "threshold": args.threshold, "block_lookahead": args.block_lookahead or None, "default_mode": args.default_mode,
                "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity,
-               "device": args.device, "dtype": args.dtype, "engine": engine_overrides(args)}
+               "device": args.device, "dtype": args.dtype, "engine": engine_overrides(args),
+               "generation_config": args.generation_config}
     try:  # every option checked before Ray and Serve start: one line, argparse's exit status
         if not 1 <= args.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {args.port}")

@@ -19,6 +19,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from fdllm.config import is_int
 from fdllm.engine import GenerationResult, SamplingParams, SequenceLogprobs
 from fdllm.engine.params import (
     MAX_DELIMITER_CHARS,
@@ -64,6 +66,8 @@ from serve.request_errors import (
     request_error,
     too_long,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # a stop string is held back from the stream until it cannot match: keep it short
@@ -259,12 +263,15 @@ class _SamplingFields(BaseModel):
     ignore_eos: StrictBool | None = None
     response_format: ResponseFormat | None = None  # OpenAI's; only {"type": "text"} is served (NOT_IMPLEMENTED)
 
-    @field_validator(*NULL_MEANS_DEFAULT, mode="before", check_fields=False)
+    @model_validator(mode="before")
     @classmethod
-    def _null_is_the_default(cls, v: Any, info: ValidationInfo) -> Any:
+    def _null_is_unset(cls, data: Any) -> Any:
         """The official client sends null for a parameter passed as None (its types are Optional), and
-        OpenAI reads it as the default, as vLLM does."""
-        return cls.model_fields[info.field_name].default if v is None else v
+        OpenAI reads it as the default, as vLLM does: dropped here, the field is unset, so the model's
+        own default (`model_defaults`) applies to it as to a field not sent."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
+        return data
 
     @field_validator("stream_options")
     @classmethod
@@ -306,17 +313,20 @@ class _SamplingFields(BaseModel):
         return stops
 
     def sampling_params(self, default_max_tokens: int, default_mode: str = "diffusion",
-                        default_block_lookahead: bool = False) -> SamplingParams:
+                        default_block_lookahead: bool = False, model_defaults: dict[str, Any] | None = None) -> SamplingParams:
         """The engine's SamplingParams; APIError 400 naming the field when a value is out of range.
         `default_mode` for requests that give no `mode`; `default_block_lookahead` for diffusion-mode
-        requests that do not set `block_lookahead`."""
+        requests that do not set `block_lookahead`; `model_defaults` (`generation_defaults`) for the
+        sampling fields the request does not set."""
         refused = self.unsupported()
         if refused is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
         given = self.max_tokens_given()
         self.check_min_tokens(default_max_tokens if given is None else given)
+        unset = {k: v for k, v in (model_defaults or {}).items() if k not in self.model_fields_set or getattr(self, k) is None}
+        request = self.model_copy(update=unset) if unset else self  # as if it had sent the model's defaults
         try:
-            return self._sampling_params(default_max_tokens, self.mode or default_mode, default_block_lookahead)
+            return request._sampling_params(default_max_tokens, self.mode or default_mode, default_block_lookahead)
         except ValueError as exc:
             raise self.engine_refusal(exc) from None
 
@@ -691,6 +701,31 @@ def fdllm_stats(results: list[GenerationResult]) -> dict[str, float | int | None
         "num_drafted": sum(r.num_drafted for r in results),  # speculative mode; 0 otherwise
         "num_accepted": sum(r.num_accepted for r in results),
     }
+
+
+# The sampling fields a checkpoint's generation_config.json gives defaults for, as vLLM's
+# `--generation-config auto` reads them (Qwen2.5 Instruct: temperature 0.7, top_p 0.8, top_k 20,
+# repetition_penalty 1.05): a request that does not set one gets the model's value, not OpenAI's.
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def generation_defaults(generation_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The sampling defaults `generation_config` (a checkpoint's generation_config.json) recommends, each
+    checked as a request's value would be; one the API would refuse is left out, with a warning."""
+    defaults = {}
+    for name in GENERATION_DEFAULT_FIELDS:
+        value = (generation_config or {}).get(name)
+        if value is None:
+            continue
+        if name != "top_k" and is_int(value):  # JSON's 1 for 1.0: the fields are strict floats
+            value = float(value)
+        try:
+            _SamplingFields.model_validate({"model": "", name: value})
+        except ValidationError:
+            log.warning("generation_config.json's %s=%r is outside the API's range: not used as a default", name, value)
+            continue
+        defaults[name] = value
+    return defaults
 
 
 def choice_params(params: SamplingParams, j: int) -> SamplingParams:

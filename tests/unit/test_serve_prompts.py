@@ -31,6 +31,7 @@ from serve.protocol import (  # noqa: E402
     completion_logprobs,
     completion_response,
     fdllm_stats,
+    generation_defaults,
     parse_request,
     usage,
 )
@@ -93,6 +94,28 @@ def test_null_is_the_default_as_the_openai_client_sends_it(model):
     nulls = _request(model, **dict.fromkeys(fields + (["echo"] if model is CompletionRequest else [])))
     assert nulls.sampling_params(16) == _request(model).sampling_params(16)
     assert (nulls.n, nulls.stream, nulls.logprob_count(), nulls.ignored_fields()) == (1, False, None, [])
+
+
+QWEN25_GENERATION_CONFIG = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                            "pad_token_id": 151643, "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_the_models_generation_config_gives_the_defaults_of_what_a_request_does_not_set(model, caplog):
+    """As vLLM's --generation-config auto: Qwen2.5 Instruct's recommended sampling for a request that sends
+    none (or null, the official client's None); what a request sets, 0 included, is its own."""
+    defaults = generation_defaults(QWEN25_GENERATION_CONFIG)
+    assert defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    for request in (_request(model), _request(model, temperature=None, top_p=None, top_k=None, repetition_penalty=None)):
+        got = request.sampling_params(16, model_defaults=defaults)
+        assert (got.temperature, got.top_p, got.top_k, got.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    got = _request(model, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0).sampling_params(16, model_defaults=defaults)
+    assert (got.temperature, got.top_p, got.top_k, got.repetition_penalty) == (0.0, 1.0, 0, 1.0)
+    assert _request(model).sampling_params(16) == _request(model).sampling_params(16, model_defaults={})
+    # what the API would refuse is no default; JSON's 1 is a float's 1.0
+    assert generation_defaults({"temperature": 3.0, "top_p": 0, "top_k": -5, "repetition_penalty": 1}) == {"repetition_penalty": 1.0}
+    assert "temperature=3.0 is outside the API's range" in caplog.text
+    assert generation_defaults(None) == {} == generation_defaults({"do_sample": False})
 
 
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])

@@ -120,7 +120,8 @@ def _replica(tok, engine):
     cfg.__dict__.update(default_max_tokens=None, block_lookahead=False, max_waiting=64, max_prompt_chars=10_000,
                         fault_injection=False)
     replica.__dict__.update(cfg=cfg, tokenizer=tok, engine=engine, counters=RequestCounters(), model_name="m",
-                            default_mode="diffusion", vocab_size=len(tok), scores_causally=False, max_model_len=256)
+                            default_mode="diffusion", vocab_size=len(tok), scores_causally=False, max_model_len=256,
+                            sampling_defaults={})
     return replica
 
 
