@@ -17,7 +17,8 @@ storage) mean the driver's working directory: where you run the script, or the j
 Ray deletes that copy). A run is named `--run-name` under
 `--storage-path` (local, s3://, gs://, or any pyarrow filesystem URI; shared storage on a multi-node
 cluster); rerunning an existing run needs `--resume`, which continues from its latest checkpoint with
-optimizer state and data position. Workers that die are restarted from the latest checkpoint up to
+optimizer state and data position (refused if an option that position depends on changed:
+`pipelines.checkpoints.check_resume`). Workers that die are restarted from the latest checkpoint up to
 `--max-failures` times. At every checkpoint and at the end, the servable part (config.json,
 safetensors, tokenizer, fdllm_config.json; no optimizer state) is published at `--output` (default
 STORAGE_PATH/RUN_NAME/servable): one stable path for Serve, `fdllm.load_model` and evaluate.
@@ -61,7 +62,7 @@ from fdllm.storage import (  # noqa: E402
     remove_file,
     same_or_under,
 )
-from pipelines.checkpoints import DIVERGED, NO_BATCH_COUNTS  # noqa: E402
+from pipelines.checkpoints import DIVERGED, NO_BATCH_COUNTS, check_resume  # noqa: E402
 from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files, summarize_bad_rows  # noqa: E402
 from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
@@ -170,8 +171,8 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     tokenizer = load_text_tokenizer(base, cfg.model)
     sources = check_data_files(cfg.data)
     check_output(cfg)
-    if cfg.resume and not _run_exists(cfg.storage_path, cfg.run_name):
-        log.warning("no checkpoint of run %r in %s: starting it from the base model", cfg.run_name, cfg.storage_path)
+    if cfg.resume:
+        check_resume(cfg)
 
     # The data only needs to recognise the mask token (to reject rows containing it); the workers add
     # it to the model's embedding with fdllm.tokenizer.add_mask_token.

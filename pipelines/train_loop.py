@@ -56,7 +56,16 @@ from fdllm.objective import (
 )
 from fdllm.storage import join, local_checkpoint, write_bytes
 from fdllm.tokenizer import add_mask_token, load_tokenizer
-from pipelines.checkpoints import DEEPSPEED_DIR, DIVERGED, NO_BATCH_COUNTS, TRAIN_STATE, export_servable, restore_for_rank
+from pipelines.checkpoints import (
+    DEEPSPEED_DIR,
+    DIVERGED,
+    NO_BATCH_COUNTS,
+    RUN_SETTINGS,
+    TRAIN_STATE,
+    export_servable,
+    restore_for_rank,
+    run_settings,
+)
 from pipelines.data import BAD_REASONS, summarize_bad_rows
 from pipelines.finetune_config import FinetuneConfig
 
@@ -389,9 +398,11 @@ def _leave_for_driver(cfg: FinetuneConfig, name: str, value: dict[str, Any]) -> 
 
 
 def _save_checkpoint(
-    directory: Path, parallel: Parallel, tokenizer: Any, block_cfg: BlockDiffusionConfig, state: TrainState
+    directory: Path, parallel: Parallel, tokenizer: Any, block_cfg: BlockDiffusionConfig, state: TrainState,
+    cfg: FinetuneConfig,
 ) -> None:
-    """An HF checkpoint directory plus the training state; rank 0 writes all but DeepSpeed shards."""
+    """An HF checkpoint directory plus the training state and the run's options (what a resume is held
+    to: `pipelines.checkpoints.check_resume`); rank 0 writes all but DeepSpeed shards."""
     optimizer_state = parallel.save_optimizer(directory)
     module = parallel.hf_module()
     if module is None:
@@ -400,6 +411,7 @@ def _save_checkpoint(
     tokenizer.save_pretrained(directory)
     block_cfg.save(directory)
     torch.save({"state": dataclasses.asdict(state), **optimizer_state}, directory / TRAIN_STATE)
+    (directory / RUN_SETTINGS).write_bytes(run_settings(cfg))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -481,7 +493,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s, rows skipped %d", state.step, total_steps,
                          metrics["loss"], lr, metrics["tokens_per_s"], sum(state.bad_rows.values()))
-            _report(metrics, (parallel, tokenizer, block_cfg, state) if save else None, cfg.output)
+            _report(metrics, (parallel, tokenizer, block_cfg, state, cfg) if save else None, cfg.output)
     progress.close()
 
 
@@ -556,9 +568,9 @@ def _report(metrics: dict[str, Any], to_save: tuple | None, output: str | None) 
     if to_save is None:
         ray.train.report(metrics)
         return
-    parallel, tokenizer, block_cfg, state = to_save
+    parallel, tokenizer, block_cfg, state, cfg = to_save
     with tempfile.TemporaryDirectory(prefix="fdllm-ckpt-") as tmp:
-        _save_checkpoint(Path(tmp), parallel, tokenizer, block_cfg, state)
+        _save_checkpoint(Path(tmp), parallel, tokenizer, block_cfg, state, cfg)
         if output and _rank() == 0:
             export_servable(tmp, output)
             log.info("servable checkpoint of step %d -> %s", state.step, output)

@@ -225,7 +225,9 @@ def test_worker_failure_resumes_and_two_workers_match_one(lockstep):
         assert l2[step] == pytest.approx(l1[step], rel=1e-4, abs=1e-5), (step, l1, l2)
     assert l1[4] < l1[2]
     snapshot = json.loads((runs / "two" / "checkpoint_manager_snapshot.json").read_text())
-    assert snapshot  # the run can be continued later with --resume
+    assert snapshot  # the run can be continued later with --resume, in its own layout only (Ray's real snapshot):
+    with pytest.raises(ValueError, match=r"--num-workers 2, now 1; --batch-size 2, now 4\): resume it with those"):
+        run(_config(*common, "--num-workers", "1", "--batch-size", "4", "--run-name", "two", "--resume"))
 
 
 def _zero_fp32_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:

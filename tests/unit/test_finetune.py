@@ -511,7 +511,7 @@ def test_a_failed_publish_fails_the_step_before_its_checkpoint_is_reported(tmp_p
     monkeypatch.setattr(train_loop, "_save_checkpoint", save)
     monkeypatch.setattr(train_loop, "export_servable", publish)
     monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: events.append("report"))
-    to_save = (None, None, None, train_loop.TrainState(step=4))
+    to_save = (None, None, None, train_loop.TrainState(step=4), None)
     with pytest.raises(OSError, match="transient"):
         train_loop._report({"step": 4}, to_save, str(tmp_path / "servable"))
     assert events == ["publish"]  # no checkpoint of step 4 reported: the retry redoes it
@@ -652,3 +652,89 @@ def test_a_run_resumed_at_the_end_of_an_epoch_trains_on_into_the_next(qwen2_dir,
                                max_steps=per_epoch + 2, **options)
     assert [(m["step"], m["epoch"], m["restored_step"]) for m, _ in reports] == [
         (per_epoch + 1, 1, per_epoch), (per_epoch + 2, 1, per_epoch)]
+
+
+def _resumable_run(qwen2_dir, tmp_path, record: FinetuneConfig | None, **config_changes) -> str:
+    """The run "r" under tmp_path/runs as Ray Train leaves it: its snapshot names the latest checkpoint,
+    which holds the base model's config.json (with `config_changes`) and, unless None, `record`'s options."""
+    import json
+
+    from pipelines.checkpoints import RUN_SETTINGS, SNAPSHOT, run_settings
+
+    checkpoint = tmp_path / "runs" / "r" / "step_00000002"
+    checkpoint.mkdir(parents=True)
+    config = json.loads((qwen2_dir / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, **config_changes}))
+    if record is not None:
+        (checkpoint / RUN_SETTINGS).write_bytes(run_settings(record))
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": checkpoint.name, "metrics": {"step": 2}}}
+    (checkpoint.parent / SNAPSHOT).write_text(json.dumps(snapshot))
+    return str(checkpoint)
+
+
+def _resume_argv(qwen2_dir, tmp_path, *flags: str) -> list[str]:
+    data = tmp_path / "sft.jsonl"
+    if not data.exists():
+        write_jsonl(data, good_records(4))
+    return ["--model", str(qwen2_dir), "--data", str(data), "--storage-path", str(tmp_path / "runs"), "--run-name", "r",
+            "--block-size", "8", "--sub-block-size", "4", "--seq-len", "64", "--max-steps", "4", *flags]
+
+
+def test_a_resume_that_moves_the_data_position_is_refused_naming_each_change(qwen2_dir, tmp_path, caplog):
+    """The saved data position counts the sequences each worker's shard consumed, in the layout the run
+    had: resumed with other workers, batch, packing or rendering it would skip the wrong rows (the audit's
+    2 x 1 resume of a 1 x 2 run trained on other sequences than an uninterrupted run). Refused before
+    Ray starts, naming each option with both values and how to start afresh from the weights instead."""
+    saved = _parse([*_resume_argv(qwen2_dir, tmp_path), "--batch-size", "2"])
+    checkpoint = _resumable_run(qwen2_dir, tmp_path, saved)
+    changed = ["--num-workers", "2", "--batch-size", "1", "--docs-per-batch", "8", "--strip-reasoning"]
+    assert main([*_resume_argv(qwen2_dir, tmp_path, *changed), "--resume", "--lr", "0.5"]) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert all(f"{flag} {old}, now {new}" in error for flag, old, new in [
+        ("--num-workers", 1, 2), ("--batch-size", 2, 1), ("--docs-per-batch", 256, 8),
+        ("--strip-reasoning", False, True)]), error
+    assert "--lr" not in error and f"another --run-name, no --resume and --model {checkpoint}" in error
+    assert "\n" not in error
+
+
+def test_a_resume_with_another_model_is_refused_its_weights_come_from_the_checkpoint(qwen2_dir, dllm_dir, tmp_path):
+    from pipelines.checkpoints import check_resume
+
+    saved = _parse(_resume_argv(qwen2_dir, tmp_path))
+    _resumable_run(qwen2_dir, tmp_path, saved)
+    with pytest.raises(ValueError, match=f"--model '{qwen2_dir}', now '{dllm_dir}'"):
+        check_resume(dataclasses.replace(saved, model=str(dllm_dir), resume=True))
+
+
+def test_a_resume_with_other_training_options_warns_what_changed(qwen2_dir, tmp_path, caplog):
+    from pipelines.checkpoints import check_resume
+
+    saved = _parse(_resume_argv(qwen2_dir, tmp_path, "--lr", "0.001"))
+    checkpoint = _resumable_run(qwen2_dir, tmp_path, saved)
+    assert check_resume(dataclasses.replace(saved, resume=True)) == checkpoint and not caplog.text
+    assert check_resume(dataclasses.replace(saved, resume=True, lr=0.05, max_steps=6)) == checkpoint
+    assert ("resuming run 'r' with options changed since checkpoint" in caplog.text
+            and "--lr 0.001 -> 0.05; --max-steps 4 -> 6" in caplog.text)
+
+
+def test_a_checkpoint_of_before_the_record_resumes_with_a_warning(qwen2_dir, tmp_path, caplog):
+    """Checkpoints written before runs recorded their options still resume: nothing can be checked."""
+    from pipelines.checkpoints import check_resume
+
+    checkpoint = _resumable_run(qwen2_dir, tmp_path, None)
+    cfg = _parse([*_resume_argv(qwen2_dir, tmp_path), "--resume"])
+    assert check_resume(cfg) == checkpoint and "records no run options" in caplog.text
+
+
+def test_the_train_loop_records_the_runs_options_in_each_checkpoint(qwen2_dir, tmp_path, monkeypatch):
+    """What `check_resume` reads: the options of the run that wrote the checkpoint, kept out of the export."""
+    import json
+
+    from pipelines.checkpoints import NOT_SERVABLE, RUN_SETTINGS
+
+    rows = _rows(load_tokenizer(qwen2_dir), n_batches=1)
+    _run_worker_loop(qwen2_dir, tmp_path, monkeypatch, rows, save_to=tmp_path / "ckpt", max_steps=1, lr=3e-4)
+    recorded = json.loads((tmp_path / "ckpt" / RUN_SETTINGS).read_text())
+    assert (recorded["lr"], recorded["seq_len"], recorded["num_workers"], recorded["run_name"]) == (3e-4, 64, 1, "r")
+    assert RUN_SETTINGS in NOT_SERVABLE
+
