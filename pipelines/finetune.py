@@ -171,8 +171,8 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     tokenizer = load_text_tokenizer(base, cfg.model)
     sources = check_data_files(cfg.data)
     check_output(cfg)
-    if cfg.resume:
-        check_resume(cfg)
+    resumed = check_resume(cfg) if cfg.resume else None
+    check_seq_len(cfg, resumed or str(base))
 
     # The data only needs to recognise the mask token (to reject rows containing it); the workers add
     # it to the model's embedding with fdllm.tokenizer.add_mask_token.
@@ -203,6 +203,18 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
+
+
+def check_seq_len(cfg: FinetuneConfig, model: str) -> None:
+    """`--seq-len` against the positions the model (the base, or the checkpoint a resume continues from)
+    was trained for, now: a longer sequence has positions its RoPE never saw, and one far past them
+    would fail only in Ray Data's packing tasks, after Ray starts."""
+    from fdllm.config import CONFIG_NAME, ModelConfig
+
+    positions = ModelConfig.from_hf_dict(json.loads(read_text(join(model, CONFIG_NAME)))).max_position_embeddings
+    if cfg.seq_len > positions:
+        raise ValueError(f"--seq-len {cfg.seq_len} is more than the {positions} positions of {model} "
+                         "(max_position_embeddings in its config.json): give at most that")
 
 
 def check_output(cfg: FinetuneConfig) -> None:

@@ -738,3 +738,15 @@ def test_the_train_loop_records_the_runs_options_in_each_checkpoint(qwen2_dir, t
     assert (recorded["lr"], recorded["seq_len"], recorded["num_workers"], recorded["run_name"]) == (3e-4, 64, 1, "r")
     assert RUN_SETTINGS in NOT_SERVABLE
 
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_seq_len_past_the_models_positions_is_refused_before_ray_starts(qwen2_dir, tmp_path, caplog, resume):
+    """2**36 passed validation and failed in a Ray Data packing task, a 200-line traceback later; on a
+    resume the checkpoint's config.json is the one read (max_position_embeddings 512 in the base, 256 here)."""
+    argv = _resume_argv(qwen2_dir, tmp_path, "--seq-len", "384" if resume else str(2**36))
+    if resume:
+        checkpoint = _resumable_run(qwen2_dir, tmp_path, _parse(argv), max_position_embeddings=256)
+        argv.append("--resume")
+    assert main(argv) == 2
+    where, positions = (checkpoint, 256) if resume else (qwen2_dir, 512)
+    assert f"--seq-len {384 if resume else 2**36} is more than the {positions} positions of {where}" in caplog.text
