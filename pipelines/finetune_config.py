@@ -74,7 +74,8 @@ class FinetuneConfig:
     lr: float = _opt("peak learning rate", default=1e-5)
     warmup_steps: int = _opt("linear warmup steps", default=0)
     min_lr_ratio: float = _opt("cosine decay floor, as a fraction of lr", default=0.1)
-    weight_decay: float = _opt("AdamW weight decay", default=0.0)
+    weight_decay: float = _opt("AdamW weight decay, on the matrices (linear layers, embeddings), not on norms or "
+                               "biases", default=0.0)
     grad_clip: float = _opt("gradient-norm clip (0: off)", default=1.0)
     max_steps: int | None = _opt("stop after this many steps", default=None)
     max_tokens: int | None = _opt("stop after this many sequence tokens (steps x workers x batch x seq_len)", default=None)

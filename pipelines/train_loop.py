@@ -75,6 +75,9 @@ BATCH_COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids")
 GOOD_DOCS = "good_docs"  # counted next to BAD_REASONS: the rows that became training documents
 PREFETCH_BATCHES = 2  # batches a worker's shard iterator fetches ahead of the one that trains
 CONSOLIDATED_WEIGHTS = "consolidated.pt"  # DeepSpeed's full state dict, in a temporary dir of rank 0
+# train_state.pt's mark of an optimizer in `weight_decay_groups`' layout; a checkpoint without it decayed every
+# parameter in one group, and its optimizer state (DDP's, or DeepSpeed's flat partitions) loads only into that
+DECAY_MATRICES = "decay_matrices"
 
 
 @dataclass
@@ -230,11 +233,14 @@ class Parallel:
     CPU with DS_ACCELERATOR=cpu, which `pipelines.finetune.worker_env` sets for CPU runs, over gloo).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
+    def __init__(self, model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device, decay_all: bool = False) -> None:
+        """`decay_all`: weight decay on every parameter, as runs before `DECAY_MATRICES` did: their optimizer
+        state (one parameter group) resumes only into that layout."""
+        self.cfg, self.device, self.decay_all = cfg, device, decay_all
         self.deepspeed = cfg.strategy == "deepspeed" or (cfg.strategy == "auto" and cfg.use_gpu and has_deepspeed())
+        params = model.parameters() if decay_all else weight_decay_groups(model, cfg.weight_decay)
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+            params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
             fused=device.type == "cuda" and not self.deepspeed,
         )
         self.bf16 = cfg.precision == "bf16" and device.type == "cuda"
@@ -327,6 +333,17 @@ class Parallel:
             self.optimizer.load_state_dict(saved["optimizer"])
 
 
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups that decay the matrices (2-D and up: linear layers, embeddings, the LM head)
+    and not the vectors (RMSNorm gains, biases), as nanoGPT and HF's Trainer do: decay pulls a weight
+    towards 0, a regulariser for a matrix but, for a norm's gain (a scale near 1) or a bias, a drift
+    from the function the base model learned, with nothing to regularise. Embeddings are decayed, as in
+    nanoGPT (HF's Trainer does too: it spares only norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def skip_deepspeed_shm_build() -> None:
     """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op.
 
@@ -410,7 +427,8 @@ def _save_checkpoint(
     module.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     block_cfg.save(directory)
-    torch.save({"state": dataclasses.asdict(state), **optimizer_state}, directory / TRAIN_STATE)
+    torch.save({"state": dataclasses.asdict(state), DECAY_MATRICES: not parallel.decay_all, **optimizer_state},
+               directory / TRAIN_STATE)
     (directory / RUN_SETTINGS).write_bytes(run_settings(cfg))
 
 
@@ -438,7 +456,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = fdllm.load_model(source, dtype=torch.float32, device="cpu")
         tokenizer = load_tokenizer(source)
         mask_id = add_mask_token(tokenizer, model)  # a no-op on our own checkpoints
-        parallel = Parallel(model.train(), cfg, device)
+        decay_all = saved is not None and not saved.get(DECAY_MATRICES, False)
+        if decay_all and rank == 0 and cfg.weight_decay:
+            log.warning("this checkpoint's optimizer decays every parameter (written before norms and biases were "
+                        "left undecayed): the run goes on decaying them all")
+        parallel = Parallel(model.train(), cfg, device, decay_all=decay_all)
         if saved is not None:
             parallel.load_optimizer(Path(source), saved)
             if rank == 0:

@@ -21,6 +21,7 @@ import fdllm
 from fdllm.config import ModelConfig
 from fdllm.model import Transformer
 from fdllm.objective import IGNORE_INDEX, ar_loss
+from pipelines.train_loop import weight_decay_groups
 from pipelines.world.scoring import eval_engine, exact_match
 from pipelines.world.tokenizer import render_example
 
@@ -157,12 +158,7 @@ def length_bucketed_batches(examples: Sequence[Example], batch_size: int, rng: r
 
 
 def build_optimizer(model: Transformer, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    # Decay matrices (embedding included), not norms or biases: the usual GPT recipe.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, Tensor], lr: float, clip: float) -> float:

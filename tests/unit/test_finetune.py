@@ -730,13 +730,17 @@ def test_the_train_loop_records_the_runs_options_in_each_checkpoint(qwen2_dir, t
     """What `check_resume` reads: the options of the run that wrote the checkpoint, kept out of the export."""
     import json
 
-    from pipelines.checkpoints import NOT_SERVABLE, RUN_SETTINGS
+    from pipelines.checkpoints import NOT_SERVABLE, RUN_SETTINGS, TRAIN_STATE
+    from pipelines.train_loop import DECAY_MATRICES
 
     rows = _rows(load_tokenizer(qwen2_dir), n_batches=1)
     _run_worker_loop(qwen2_dir, tmp_path, monkeypatch, rows, save_to=tmp_path / "ckpt", max_steps=1, lr=3e-4)
     recorded = json.loads((tmp_path / "ckpt" / RUN_SETTINGS).read_text())
     assert (recorded["lr"], recorded["seq_len"], recorded["num_workers"], recorded["run_name"]) == (3e-4, 64, 1, "r")
     assert RUN_SETTINGS in NOT_SERVABLE
+    # and the optimizer's layout: checkpoints without this mark resume into the one group they were made with
+    saved = torch.load(tmp_path / "ckpt" / TRAIN_STATE, weights_only=False)
+    assert saved[DECAY_MATRICES] is True and len(saved["optimizer"]["param_groups"]) == 2
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -750,3 +754,26 @@ def test_a_seq_len_past_the_models_positions_is_refused_before_ray_starts(qwen2_
     assert main(argv) == 2
     where, positions = (checkpoint, 256) if resume else (qwen2_dir, 512)
     assert f"--seq-len {384 if resume else 2**36} is more than the {positions} positions of {where}" in caplog.text
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_weight_decay_shrinks_matrices_and_spares_norms_and_biases(qwen2_dir, monkeypatch, decay_all):
+    """Under zero gradients Adam's update is 0, so one step leaves each tensor scaled by its decay alone:
+    (1 - lr x wd) for the 2-D ones, 1 for RMSNorm gains and biases. `decay_all` is the one-group optimizer of
+    checkpoints written before the split, which a resume of them keeps."""
+    import ray.train.torch
+
+    from pipelines.train_loop import Parallel
+
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **kw: model)
+    model = fdllm.load_model(qwen2_dir, dtype=torch.float32, device="cpu")
+    cfg = FinetuneConfig(model="m", data=["d"], max_steps=1, strategy="ddp", weight_decay=0.1)
+    parallel = Parallel(model, cfg, torch.device("cpu"), decay_all=decay_all)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    lr = 1e-2
+    parallel.step(sum((p * 0).sum() for p in model.parameters()), lr)
+    vectors = [name for name, p in before.items() if p.dim() == 1]
+    assert any("norm" in n for n in vectors) and any(n.endswith("bias") for n in vectors)
+    for name, p in model.named_parameters():
+        kept = 1.0 if p.dim() == 1 and not decay_all else 1 - lr * 0.1
+        torch.testing.assert_close(p.detach(), before[name] * kept, rtol=1e-6, atol=0, msg=name)
