@@ -7,7 +7,8 @@ Records (one per jsonl line or parquet row) follow the LLaMA-Nemotron post-train
                    which is parsed back into messages so it is re-rendered with the target template;
   `output`         the assistant answer (may hold `<think>...</think>` reasoning, kept or stripped);
   `system_prompt`  optional system turn; `reasoning` ("on"/"off") and `category`: optional, validated;
-or plain chat records `{"messages": [...]}` ending with an assistant turn.
+or plain chat records `{"messages": [...]}` ending with an assistant turn; a record of both schemas is
+skipped (`two_schemas`): which of its conversations is meant cannot be told.
 
 Per document the pipeline renders the tokenizer's own chat template, tokenizes it in segments (the
 prompt exactly as inference will tokenize it, then each assistant answer) and labels only assistant
@@ -80,6 +81,7 @@ BAD_REASONS = (
     "invalid_json",  # a jsonl line that is not a JSON object
     "bad_unicode",  # a jsonl line (or parquet string) that is not UTF-8, or text with lone surrogates (a "\ud800" escape)
     "missing_field",  # neither `messages` nor `input` + `output`
+    "two_schemas",  # both `messages` and `input`/`output`: which conversation is the record's is anyone's guess
     "wrong_type",  # a field of the wrong type (e.g. `output` a number, a message without `content`)
     "empty_field",  # an empty `output`, `input`, `messages` or message content
     "bad_chat",  # unknown role, no final assistant turn, an unparseable Llama-3 prompt string
@@ -223,6 +225,8 @@ def record_to_messages(record: dict[str, Any], strip_reasoning: bool = False) ->
     if record.get("reasoning") not in (None, "on", "off"):
         raise BadRow("wrong_type", f"reasoning must be 'on' or 'off', got {record['reasoning']!r}")
 
+    if record.get("messages") is not None and (record.get("input") is not None or record.get("output") is not None):
+        raise BadRow("two_schemas", "a record holds `messages` or Nemotron's `input` and `output`, not both")
     if record.get("messages") is not None:
         messages = _check_messages(record["messages"], "messages")
     elif record.get("input") is not None or record.get("output") is not None:

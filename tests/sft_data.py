@@ -44,6 +44,8 @@ BROKEN_ROWS: list[tuple[str | bytes, str]] = [
     ('{"input": "hello", "output": "world", "answer": ' + "9" * 5000 + "}", "invalid_json"),  # past int's 4300 digits
     (json.dumps({"input": "hello"}), "missing_field"),
     (json.dumps({"category": "math"}), "missing_field"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                 "input": "hello", "output": "world"}), "two_schemas"),  # both well formed: which one trains?
     (json.dumps({"input": "hello", "output": 42}), "wrong_type"),
     (json.dumps({"input": [{"role": "user"}], "output": "world"}), "wrong_type"),
     (json.dumps({"input": "hello", "output": "   "}), "empty_field"),
