@@ -185,6 +185,18 @@ def remove_file(path: str | os.PathLike) -> None:
         fs.delete_file(inner)
 
 
+def remove_dir(path: str) -> None:
+    """Delete a directory and all it holds, local or a URI; none there is no error."""
+    if not is_uri(path):
+        shutil.rmtree(Path(path).expanduser(), ignore_errors=True)
+        return
+    from pyarrow import fs as pafs
+
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.NotFound:  # object stores differ on deleting nothing
+        fs.delete_dir(inner)
+
+
 def _write_local(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".fdllm-{uuid.uuid4().hex[:8]}.tmp")  # not the name plus a suffix: that may pass NAME_MAX

@@ -54,7 +54,7 @@ from fdllm.objective import (
     two_stream_batch,
     two_stream_loss,
 )
-from fdllm.storage import join, local_checkpoint, write_bytes
+from fdllm.storage import join, local_checkpoint, remove_dir, write_bytes
 from fdllm.tokenizer import add_mask_token, load_tokenizer
 from pipelines.checkpoints import (
     DEEPSPEED_DIR,
@@ -591,6 +591,8 @@ def _report(metrics: dict[str, Any], to_save: tuple | None, output: str | None) 
         ray.train.report(metrics)
         return
     parallel, tokenizer, block_cfg, state, cfg = to_save
+    name = f"step_{state.step:08d}"
+    _clear_checkpoint_dir(join(cfg.storage_path, cfg.run_name, name))
     with tempfile.TemporaryDirectory(prefix="fdllm-ckpt-") as tmp:
         _save_checkpoint(Path(tmp), parallel, tokenizer, block_cfg, state, cfg)
         if output and _rank() == 0:
@@ -600,8 +602,19 @@ def _report(metrics: dict[str, Any], to_save: tuple | None, output: str | None) 
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
-            checkpoint_dir_name=f"step_{state.step:08d}",
+            checkpoint_dir_name=name,
         )
+
+
+def _clear_checkpoint_dir(path: str) -> None:
+    """Empty the storage directory a checkpoint is about to be reported to (rank 0, then every rank waits).
+    One is there only if a write to it was cut short (a crash before Ray Train registered it, then a resume
+    or retry from an earlier step): Ray copies the new files over the old ones, and its stale files (a shard
+    of another write, a half-written file the new one lacks) would be restored with them."""
+    if _rank() == 0:
+        remove_dir(path)
+    if dist.is_initialized():
+        dist.barrier()  # no rank's upload may start before it is cleared
 
 
 class _NoProgress:

@@ -511,7 +511,8 @@ def test_a_failed_publish_fails_the_step_before_its_checkpoint_is_reported(tmp_p
     monkeypatch.setattr(train_loop, "_save_checkpoint", save)
     monkeypatch.setattr(train_loop, "export_servable", publish)
     monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: events.append("report"))
-    to_save = (None, None, None, train_loop.TrainState(step=4), None)
+    cfg = FinetuneConfig(model="m", data=["d"], max_steps=4, storage_path=str(tmp_path / "runs"), run_name="r")
+    to_save = (None, None, None, train_loop.TrainState(step=4), cfg)
     with pytest.raises(OSError, match="transient"):
         train_loop._report({"step": 4}, to_save, str(tmp_path / "servable"))
     assert events == ["publish"]  # no checkpoint of step 4 reported: the retry redoes it
@@ -543,6 +544,23 @@ def test_the_checkpoint_and_its_servable_export_keep_the_base_models_generation_
     expected = transformers.GenerationConfig.from_pretrained(base)
     assert transformers.GenerationConfig.from_pretrained(servable).to_dict() == expected.to_dict()
     assert expected.eos_token_id == [2, 0]
+
+
+def test_a_checkpoint_directory_left_by_a_cut_short_write_is_cleared_before_the_report(tmp_path, monkeypatch):
+    """Ray Train copies a checkpoint's files into its storage directory: a directory of the same step left by
+    a write a crash cut short (before Ray registered it) would keep its stale files beside the new ones."""
+    import ray.train
+
+    from pipelines import train_loop
+
+    stale = tmp_path / "runs" / "r" / "step_00000004" / "deepspeed" / "zero_pp_rank_3_mp_rank_00_optim_states.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a shard of the write that crashed")
+    monkeypatch.setattr(train_loop, "_save_checkpoint", lambda directory, *args: (directory / "a").write_text("new"))
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: None)
+    cfg = FinetuneConfig(model="m", data=["d"], max_steps=4, storage_path=str(tmp_path / "runs"), run_name="r")
+    train_loop._report({"step": 4}, (None, None, None, train_loop.TrainState(step=4), cfg), None)
+    assert not stale.parent.parent.exists()
 
 
 def test_resume_skips_sequences_not_rows_past_a_row_without_documents(qwen2_dir):
