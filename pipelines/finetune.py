@@ -162,6 +162,7 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     from fdllm.tokenizer import MASK_TOKEN, load_text_tokenizer
     from pipelines.train_loop import has_deepspeed, train_loop_per_worker
 
+    warn_if_warmup_fills_the_run(cfg)
     if cfg.strategy == "deepspeed" and not has_deepspeed():
         raise ValueError("--strategy deepspeed needs the deepspeed package: pip install 'fdllm[deepspeed]'")
     # A clear error now rather than in every worker, restarted --max-failures times: config, weight
@@ -203,6 +204,18 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
+
+
+def warn_if_warmup_fills_the_run(cfg: FinetuneConfig) -> None:
+    """A warmup as long as the run is allowed (a short trial run may want it) but rarely meant: the
+    learning rate climbs for every step and the cosine decay never starts."""
+    from pipelines.train_loop import lr_at
+
+    total = cfg.total_steps()
+    if cfg.warmup_steps >= total:
+        last = lr_at(total - 1, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        log.warning("--warmup-steps %d is not below the run's %d steps: the learning rate climbs for the whole run "
+                    "(to %.3g at its last step, --lr %g) and never decays", cfg.warmup_steps, total, last, cfg.lr)
 
 
 def check_seq_len(cfg: FinetuneConfig, model: str) -> None:

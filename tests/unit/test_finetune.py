@@ -269,6 +269,17 @@ def test_the_no_batch_error_counts_the_rows_rank_0_left_or_points_to_its_log(tmp
     assert finetune._no_batch_counts(cfg) == "the workers' log above counts the rows skipped"
 
 
+def test_a_warmup_as_long_as_the_run_is_a_warning(qwen2_dir, tmp_path, caplog):
+    """Said as the run is built (here one refused right after, for its --output), not silently accepted."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep")
+    argv = _resume_argv(qwen2_dir, tmp_path, "--lr", "1e-3", "--output", str(tmp_path / "out"))
+    assert main([*argv, "--warmup-steps", "3"]) == 2 and "--warmup-steps" not in caplog.text  # 4 steps
+    assert main([*argv, "--warmup-steps", "8"]) == 2
+    assert ("--warmup-steps 8 is not below the run's 4 steps: the learning rate climbs for the whole run (to 0.0005 "
+            "at its last step, --lr 0.001)") in caplog.text
+
+
 def test_lr_schedule():
     """Warmup over steps 0..9; the cosine decay runs over steps 10..100: step 10 is the peak, step 55 the
     mean of peak and floor, and the floor is reached at 100, not before."""
