@@ -249,10 +249,11 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
     returns IngestResult as a dict."""
     import ray
     import ray.data
-    import ray.train
 
     from fdllm.tokenizer import MASK_TOKEN, load_tokenizer
     from pipelines.data import BAD_REASONS, DataConfig, build_dataset, check_data_files
+    from pipelines.finetune import ingest_options
+    from pipelines.finetune_config import DATA_MEMORY_MB
     from pipelines.train_loop import GOOD_DOCS, ShardReader
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -276,9 +277,8 @@ def ingest(args: dict[str, Any], path: str, stats: dict[str, Any], tokenizer_dir
         memory._sample()
         cpu_mark, start = dict(memory.cpu_s), time.perf_counter()
         dataset = build_dataset(check_data_files([path]), tokenizer, cfg, num_cpus=args["data_cpus"])
-        # what finetune.build_trainer asks of Ray Train: its ingest defaults, in order, one shard per worker
-        dataset.context.execution_options = ray.train.DataConfig.default_ingest_options()
-        dataset.context.execution_options.preserve_order = True
+        # what finetune.build_trainer asks of Ray Train: its ingest options, one shard per worker
+        dataset.context.execution_options = ingest_options(DATA_MEMORY_MB)
         shard = dataset.streaming_split(1, equal=False)[0]
         reader = ShardReader(shard, args["batch_size"])
         first_batch_s, sequences, tokens, complete = None, 0, 0, False

@@ -939,10 +939,11 @@ def build_dataset(
     groups, `plan_parquet_splits`) reads it window by window (`read_jsonl_split`, `read_parquet_split`)
     and tokenizes and packs each window as it goes; as many run at once as
     the cluster has free CPUs for (Ray Train keeps the trainers' CPUs and GPUs out of the data's
-    budget), and a large file is many splits, so it keeps them all busy. Memory is bounded whatever
-    the corpus size: a task holds one window and a small output block (`OUTPUT_BLOCK_BYTES`) at a
-    time, pauses while its unconsumed output blocks wait, and Ray Data's streaming executor starts
-    no more tasks while the output queued in the object store exceeds its budget.
+    budget), and a large file is many splits, so it keeps them all busy. A task holds one window and a
+    small output block (`OUTPUT_BLOCK_BYTES`) at a time, but its packed rows are ~20x its text, and
+    an ingest faster than the trainers runs ahead until Ray Data's object-store budget is full: what
+    bounds its memory is that budget (the fine-tune's `--data-memory-mb`; Ray Data's own default is
+    half the object store).
     Read in order (`preserve_order`), the rows follow file order, then line order, for any split size.
 
     `row_multiple` is for Ray Train's split among N workers (`streaming_split(N, equal=True)`), which

@@ -183,12 +183,6 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
     ray.data.DataContext.get_current().enable_progress_bars = False
     # rows in a multiple of the workers: Ray Train's equal split drops what does not divide among them
     dataset = build_dataset(sources, tokenizer, cfg.data_config(), num_cpus=cfg.data_cpus, row_multiple=cfg.num_workers)
-    # Ray Train's ingest defaults (resource limits that leave the trainers' CPUs/GPUs alone, ...), plus a
-    # deterministic stream, so a resumed single-worker run skips exactly the sequences it saw.
-    with warnings.catch_warnings():  # Ray 2.60's own defaults set a field it deprecates: nothing to act on
-        warnings.filterwarnings("ignore", message=".*exclude_resources. is deprecated")
-        ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True
 
     return TorchTrainer(
         train_loop_per_worker,
@@ -202,8 +196,23 @@ def build_trainer(cfg: FinetuneConfig) -> "ray.train.torch.TorchTrainer":
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
         datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg.data_memory_mb)),
     )
+
+
+def ingest_options(memory_mb: int) -> "ray.data.ExecutionOptions":
+    """Ray Train's ingest defaults (resource limits that leave the trainers' CPUs/GPUs alone, ...), plus a
+    deterministic stream, so a resumed run skips exactly the sequences it saw, and an object-store budget of
+    `memory_mb` (`--data-memory-mb`): Ray Data's own is half the object store, which an ingest faster than
+    the trainers fills with packed rows, ~20x their text (docs/finetune.md measures both)."""
+    import ray.train
+
+    with warnings.catch_warnings():  # Ray 2.60's own defaults set a field it deprecates: nothing to act on
+        warnings.filterwarnings("ignore", message=".*exclude_resources. is deprecated")
+        ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    ingest.resource_limits = ingest.resource_limits.copy(object_store_memory=memory_mb * 2**20)
+    return ingest
 
 
 def warn_if_warmup_fills_the_run(cfg: FinetuneConfig) -> None:

@@ -22,6 +22,7 @@ from pipelines.data import DataConfig
 
 OBJECTIVES = ("diffusion", "joint", "certainty", "joint-certainty")
 WRONG_TRAJECTORIES = ("drop", "reference")
+DATA_MEMORY_MB = 512  # the ingest's object-store budget: docs/finetune.md measures it
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> Any:
     return field(metadata={"help": help, "choices": choices}, **kwargs)
@@ -48,6 +49,8 @@ class FinetuneConfig:
                                    ("PACK", "SPREAD"), default="PACK")
     cpus_per_worker: float = _opt("CPUs reserved per training worker", default=1.0)
     data_cpus: float = _opt("CPUs per Ray Data read/tokenize task", default=1.0)
+    data_memory_mb: int = _opt("object-store memory the ingest may fill ahead of the trainers, in MiB (packed rows "
+                               "are ~20x their text's size); more lets more tasks run at once", default=DATA_MEMORY_MB)
     strategy: str = _opt("auto: DeepSpeed on GPU when installed, else DDP; deepspeed also runs on CPU (gloo)",
                          ("auto", "ddp", "deepspeed"), default="auto")
     zero_stage: int = _opt("DeepSpeed ZeRO stage (2 or 3)", default=2)
@@ -110,7 +113,8 @@ class FinetuneConfig:
         self.storage_path = resolve_local(self.storage_path)
         if self.output:
             self.output = resolve_local(self.output)
-        for name in ("num_workers", "block_size", "sub_block_size", "seq_len", "batch_size", "save_every", "log_every"):
+        for name in ("num_workers", "block_size", "sub_block_size", "seq_len", "batch_size", "save_every", "log_every",
+                     "data_memory_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len % self.block_size:

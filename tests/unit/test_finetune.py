@@ -70,6 +70,7 @@ def test_shipped_configs_are_valid(name):
     ({"seed": 2**64}, "seed must be in"),
     ({"seed": -(2**63) - 1}, "seed must be in"),
     ({"max_failures": -2}, "max_failures must be >= 0, or -1"),
+    ({"data_memory_mb": 0}, "data_memory_mb must be >= 1"),
 ])
 def test_config_validation(change, match):
     base = dict(model="m", data=["d"], max_steps=3, block_size=32, sub_block_size=8, seq_len=64)
@@ -278,6 +279,14 @@ def test_a_warmup_as_long_as_the_run_is_a_warning(qwen2_dir, tmp_path, caplog):
     assert main([*argv, "--warmup-steps", "8"]) == 2
     assert ("--warmup-steps 8 is not below the run's 4 steps: the learning rate climbs for the whole run (to 0.0005 "
             "at its last step, --lr 0.001)") in caplog.text
+
+
+def test_the_ingest_is_held_to_its_object_store_budget_and_in_order():
+    """Ray Data's own budget is half the object store, which an ingest faster than the trainers filled
+    with packed rows (4.1 GB across processes and growing, docs/finetune.md); ordered for exact resumes."""
+    options = finetune.ingest_options(64)
+    assert options.resource_limits.object_store_memory == 64 * 2**20 and options.preserve_order
+    assert FinetuneConfig(model="m", data=["d"], max_steps=1).data_memory_mb == 512
 
 
 def test_lr_schedule():
