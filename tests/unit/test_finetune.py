@@ -556,10 +556,10 @@ def test_the_checkpoint_and_its_servable_export_keep_the_base_models_generation_
 
     base, checkpoint, servable = make_generation_config_checkpoint(tmp_path / "base"), tmp_path / "ckpt", tmp_path / "out"
     model, tokenizer = fdllm.load_model(base), load_tokenizer(base)
-    parallel = SimpleNamespace(save_optimizer=lambda directory: {}, hf_module=lambda: model)  # DDP's rank 0
+    parallel = SimpleNamespace(save_optimizer=lambda directory: {}, hf_module=lambda: model, decay_all=False)  # DDP's rank 0
     checkpoint.mkdir()
     _save_checkpoint(checkpoint, parallel, tokenizer, fdllm.BlockDiffusionConfig(mask_token_id=add_mask_token(tokenizer, model)),
-                     TrainState())
+                     TrainState(), FinetuneConfig(model=str(base), data=["d"], max_steps=1))
     export_servable(checkpoint, str(servable))
     expected = transformers.GenerationConfig.from_pretrained(base)
     assert transformers.GenerationConfig.from_pretrained(servable).to_dict() == expected.to_dict()
