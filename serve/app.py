@@ -95,7 +95,8 @@ log = logging.getLogger("fdllm.serve")
 
 API_KEY_ENV = "FDLLM_API_KEY"
 GENERATION_CONFIGS = ("auto", "none")  # ServerConfig.generation_config
-FAULT_HEADER = "x-fdllm-inject-fault"  # with ServerConfig.fault_injection: "step" fails the request inside a step
+FAULT_HEADER = "x-fdllm-inject-fault"
+CLIENT_CLOSED = 499  # nginx's status for a request whose client hung up first (counted, and logged at INFO)  # with ServerConfig.fault_injection: "step" fails the request inside a step
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -294,9 +295,22 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
 async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
     if isinstance(err, TaskCancelledError):  # Ray Serve's receive() once the client hung up: not an error
         log.info("client disconnected during %s %s", request.method, request.url.path)
-        return _json_error(APIError(499, "client closed the request", code="client_closed_request"))
+        return _json_error(APIError(CLIENT_CLOSED, "client closed the request", code="client_closed_request"))
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)
     return _json_error(APIError(500, f"internal server error ({type(err).__name__})", type="server_error"))
+
+
+class EventStream(StreamingResponse):
+    """A stream whose client hangs up ends quietly, as starlette ends one on `http.disconnect`: under Ray
+    Serve the disconnect is `receive()` raising TaskCancelledError, which starlette's listener let escape
+    (an ERROR "Request failed." traceback for every such client, and a 200 in the access log). Closing the
+    stream's generator aborts its requests (`_sse`)."""
+
+    async def listen_for_disconnect(self, receive) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except TaskCancelledError:
+            log.info("client disconnected during a stream")
 
 
 def _in_vocabulary(ids: list[int], vocab_size: int, param: str) -> list[int]:
@@ -490,6 +504,9 @@ class FdllmServer:
             return await respond(body, endpoint, request)
         except APIError as err:
             raise self._reject(endpoint, err) from None
+        except (asyncio.CancelledError, TaskCancelledError):  # the client hung up before its answer (Serve cancels)
+            self.counters.by_status[(endpoint, CLIENT_CLOSED)] += 1
+            raise
 
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> list[list[int]]:
         """Render (chat) and tokenize the request's prompts (one, or a completion's batch). Runs on a
@@ -560,8 +577,8 @@ class FdllmServer:
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._sse(streams, head, endpoint, tuple(params.stop), echoes, n, include_usage),
-                                     media_type="text/event-stream")
+            return EventStream(self._sse(streams, head, endpoint, tuple(params.stop), echoes, n, include_usage),
+                               media_type="text/event-stream")
         results: list = [None] * len(streams)
         try:
             async for k, event in interleave(streams):
@@ -572,8 +589,8 @@ class FdllmServer:
         logprobs = [None] * len(results) if top is None else await asyncio.gather(
             *(self._logprobs(prompts[k // n], r, top, endpoint, echoing) for k, r in enumerate(results)))
         self.counters.by_status[(endpoint, 200)] += 1
-        for result in results:
-            self.counters.record(result)
+        for k in range(len(results)):
+            self.counters.record(results, k, n)
         answers = [Choice(r, echoes[k // n] + r.text, lp) for k, (r, lp) in enumerate(zip(results, logprobs))]
         if endpoint == "chat":
             return JSONResponse(chat_response(head, answers))
@@ -658,7 +675,7 @@ class FdllmServer:
             async for k, event in interleave(streams):
                 if isinstance(event, GenerationResult):
                     results[k] = event
-                    self.counters.record(event)
+                    self.counters.record(results, k, n)
                     rest = detoks[k].finish(event.text)
                     if rest:
                         yield chunk(k, rest)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from serve.protocol import prompt_usage
+
 if TYPE_CHECKING:
     from fdllm.engine import GenerationResult
     from serve.async_engine import AsyncEngine
@@ -37,11 +39,18 @@ class RequestCounters:
     forwards: int = 0
     stream_errors: int = 0  # streams that started (200) and ended with an error event
 
-    def record(self, result: "GenerationResult") -> None:
-        self.prompt_tokens += len(result.prompt_token_ids)
-        self.cached_prompt_tokens += result.num_cached_tokens
+    def record(self, results: list["GenerationResult | None"], k: int, n: int) -> None:
+        """Choice k of a request's `results` (n choices per prompt; None: not finished) has finished: its
+        tokens and forwards; its prompt's tokens once all of that prompt's choices have, counted as the
+        response's `usage` counts them (the prompt once, not once per choice)."""
+        result = results[k]
         self.completion_tokens += len(result.token_ids)
         self.forwards += result.num_forwards
+        first = k - k % n
+        if all(r is not None for r in results[first : first + n]):
+            prompt, cached = prompt_usage(results[first : first + n])
+            self.prompt_tokens += prompt
+            self.cached_prompt_tokens += cached
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,9 @@ def samples(counters: RequestCounters, engine: "AsyncEngine") -> list[Sample]:
     ]
     out += [
         Sample("fdllm_stream_errors", "counter", "Streams that failed after they started", c.stream_errors),
-        Sample("fdllm_prompt_tokens", "counter", "Prompt tokens of finished requests", c.prompt_tokens),
-        Sample("fdllm_cached_prompt_tokens", "counter", "Prompt tokens served from the prefix cache, not prefilled",
+        Sample("fdllm_prompt_tokens", "counter", "Prompt tokens of finished requests (as their usage counts them: "
+               "a prompt once, whatever its choices)", c.prompt_tokens),
+        Sample("fdllm_cached_prompt_tokens", "counter", "Of those, tokens served from the prefix cache, not prefilled",
                c.cached_prompt_tokens),
         Sample("fdllm_generation_tokens", "counter", "Generated tokens of finished requests", c.completion_tokens),
         Sample("fdllm_forwards", "counter", "Model forwards spent on finished requests", c.forwards),

@@ -683,11 +683,17 @@ def usage(results: list[GenerationResult], n: int = 1) -> dict[str, Any]:
     every choice's completion; of the prompt tokens, those served from the prefix cache (OpenAI's
     `prompt_tokens_details.cached_tokens`), per prompt the most any of its choices took from it (the
     first choice usually prefills what the others then share)."""
-    prompt = sum(len(r.prompt_token_ids) for r in results[::n])
+    per_prompt = [prompt_usage(results[i : i + n]) for i in range(0, len(results), n)]
+    prompt, cached = sum(p for p, _ in per_prompt), sum(c for _, c in per_prompt)
     completion = sum(len(r.token_ids) for r in results)
-    cached = sum(max(r.num_cached_tokens for r in results[i : i + n]) for i in range(0, len(results), n))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def prompt_usage(choices: list[GenerationResult]) -> tuple[int, int]:
+    """One prompt's (prompt tokens, cached prompt tokens) over the choices that answer it: the prompt once,
+    and the most any choice took from the prefix cache (the first usually prefills what the others share)."""
+    return len(choices[0].prompt_token_ids), max(r.num_cached_tokens for r in choices)
 
 
 def fdllm_stats(results: list[GenerationResult]) -> dict[str, float | int | None]:

@@ -57,6 +57,26 @@ def test_page_keeps_the_prometheus_names():
     assert 'fdllm_requests_total{endpoint="chat",status="200"} 2.0' in text
 
 
+def test_token_counters_are_the_usage_of_the_responses():
+    """A request of 2 prompts x 3 choices: the prompts count once each, as the response's usage counts them
+    (once per choice, they overstated a dashboard reconciled against usage), and only once all of a prompt's
+    choices finished; cached tokens, per prompt the most any choice took."""
+    from serve.protocol import usage
+
+    results = [_result(p, 4, 1, cached=c) for p, c in ((10, 0), (10, 8), (10, 8), (7, 0), (7, 0), (7, 4))]
+    counters, done = metrics.RequestCounters(), [None] * 6
+    for k in (1, 3, 0, 4):  # finished in any order: prompt 0's choices 0 and 1 are done, 2 is not
+        done[k] = results[k]
+        counters.record(done, k, 3)
+    assert (counters.prompt_tokens, counters.completion_tokens) == (0, 16)
+    for k in (2, 5):
+        done[k] = results[k]
+        counters.record(done, k, 3)
+    expected = usage(results, 3)
+    assert (counters.prompt_tokens, counters.cached_prompt_tokens, counters.completion_tokens) == (
+        expected["prompt_tokens"], expected["prompt_tokens_details"]["cached_tokens"], expected["completion_tokens"]) == (17, 12, 24)
+
+
 def test_ray_export_pushes_increases_and_gauges(monkeypatch):
     monkeypatch.setattr(serve_metrics, "Counter", FakeMetric)
     monkeypatch.setattr(serve_metrics, "Gauge", FakeMetric)
@@ -65,12 +85,12 @@ def test_ray_export_pushes_increases_and_gauges(monkeypatch):
     exporter = metrics.RayMetricsExporter(counters, engine, interval_s=3600)  # pushes only when told
     try:
         counters.by_status[("completions", 200)] += 3
-        counters.record(_result(5, 8, 4))
+        counters.record([_result(5, 8, 4)], 0, 1)
         engine.metrics.steps = 4
         exporter.push()
         counters.by_status[("completions", 200)] += 1
         counters.by_status[("chat", 401)] += 1
-        counters.record(_result(9, 2, 2, cached=8))
+        counters.record([_result(9, 2, 2, cached=8)], 0, 1)
         engine.waiting = engine.preemptions = 3
         exporter.push()
         exporter.push()  # nothing changed: no counter increase is pushed again

@@ -18,7 +18,7 @@ from fdllm.engine import GenerationResult  # noqa: E402
 from serve.app import FdllmServer  # noqa: E402
 from serve.async_engine import RequestFailed, TokenDelta  # noqa: E402
 from serve.metrics import RequestCounters  # noqa: E402
-from serve.protocol import ResponseHead  # noqa: E402
+from serve.protocol import CompletionRequest, ResponseHead  # noqa: E402
 from tests.helpers import make_tokenizer  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def test_a_chat_stream_of_n_choices_with_include_usage_is_openais():
         finishes = [c for c in mine if c["finish_reason"] is not None]
         assert finishes == [mine[-1]] and mine[-1]["finish_reason"] == finish
         assert mine[-1]["delta"] == {}  # OpenAI's last chunk of a choice: an empty delta
-    assert (counters.prompt_tokens, counters.completion_tokens, counters.stream_errors) == (6, completion, 0)
+    assert (counters.prompt_tokens, counters.completion_tokens, counters.stream_errors) == (3, completion, 0)  # as usage
 
 
 def test_a_stream_without_include_usage_has_no_usage_and_ends_with_done():
@@ -172,3 +172,55 @@ def test_a_streamed_request_is_counted_as_a_200():
     assert chunks[-1] == "data: [DONE]\n\n"
     assert replica.counters.by_status == {("completions", 200): 1}
     assert replica.counters.completion_tokens == 2  # the finished choice is recorded once
+
+
+def test_a_client_hanging_up_on_a_stream_under_ray_serve_closes_it_quietly():
+    """Under Ray Serve a client's hang-up is `receive()` raising TaskCancelledError, not `http.disconnect`:
+    starlette's listener let it escape (an ERROR "Request failed." traceback per such client). The stream
+    ends as a disconnect ends it: its generator closed, which aborts its requests."""
+    from ray.exceptions import TaskCancelledError
+
+    from serve.app import EventStream
+
+    closed, sent = asyncio.Event(), []
+
+    async def events():
+        try:
+            while True:
+                yield "data: {}\n\n"
+                await asyncio.sleep(0.01)
+        finally:
+            closed.set()
+
+    async def receive():
+        await asyncio.sleep(0.05)
+        raise TaskCancelledError()
+
+    async def send(message):
+        sent.append(message["type"])
+
+    async def main():
+        await asyncio.wait_for(EventStream(events())({"type": "http", "asgi": {"spec_version": "2.0"}}, receive, send), 5)
+
+    asyncio.run(main())
+    assert closed.is_set() and sent[0] == "http.response.start" and "http.response.body" in sent
+
+
+@pytest.mark.parametrize("hang_up", ["CancelledError", "TaskCancelledError"])
+def test_a_request_whose_client_hung_up_is_counted_as_499(hang_up):
+    """A non-streaming request abandoned by its client (a timeout, a closed connection) is cancelled by
+    Serve; it was counted under no status at all, so the request and error rates missed exactly those."""
+    from ray import exceptions
+
+    error = getattr(asyncio, hang_up, None) or getattr(exceptions, hang_up)
+
+    async def respond(body, endpoint, request):
+        raise error()
+
+    async def read_body(request):
+        return json.dumps({"model": "m", "prompt": "hi"}).encode()
+
+    replica = SimpleNamespace(_authorize=lambda request: None, _read_body=read_body, counters=RequestCounters())
+    with pytest.raises(error):
+        asyncio.run(FdllmServer.func_or_class._handle(replica, None, CompletionRequest, "completions", respond))
+    assert replica.counters.by_status == {("completions", 499): 1}
