@@ -12,14 +12,16 @@ One list of samples (`samples`), exported two ways:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from serve.protocol import prompt_usage
 
@@ -28,6 +30,51 @@ if TYPE_CHECKING:
     from serve.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
+
+# Latency observations the Ray export holds between two pushes at most (a push every few seconds drains them;
+# past this, the oldest are dropped from Ray's copy, never from the replica's /metrics)
+MAX_PENDING_OBSERVATIONS = 65536
+
+
+@dataclass
+class Histogram:
+    """Observations in cumulative buckets (`/metrics`), and those the Ray export has yet to push
+    (`pending`: a bounded queue, made by `RayMetricsExporter`; None without one, so nothing piles up)."""
+
+    help: str
+    boundaries: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)  # per bucket, the last one +Inf
+    total: float = 0.0
+    pending: deque[float] | None = None
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.boundaries) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.boundaries, value)] += 1  # Prometheus' buckets: value <= bound
+        self.total += value
+        if self.pending is not None:
+            self.pending.append(value)
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Prometheus' cumulative (le, count) pairs."""
+        bounds = [str(b) for b in self.boundaries] + ["+Inf"]
+        return list(zip(bounds, itertools.accumulate(self.counts)))
+
+
+def latency_histograms() -> dict[str, Histogram]:
+    """Per request, as vLLM's (`vllm:time_to_first_token_seconds`, ...): with their buckets."""
+    return {
+        "fdllm_time_to_first_token_seconds": Histogram(
+            "Seconds from a request's arrival to its first generated token",
+            (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)),
+        "fdllm_time_per_output_token_seconds": Histogram(
+            "Seconds per generated token after the first, per request (a block-diffusion step settles several)",
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)),
+        "fdllm_e2e_request_latency_seconds": Histogram(
+            "Seconds from a request's arrival to its end",
+            (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0)),
+    }
 
 
 @dataclass
@@ -38,6 +85,7 @@ class RequestCounters:
     completion_tokens: int = 0
     forwards: int = 0
     stream_errors: int = 0  # streams that started (200) and ended with an error event
+    latency: dict[str, Histogram] = field(default_factory=latency_histograms)  # each engine request's (choice's)
 
     def record(self, results: list["GenerationResult | None"], k: int, n: int) -> None:
         """Choice k of a request's `results` (n choices per prompt; None: not finished) has finished: its
@@ -46,11 +94,22 @@ class RequestCounters:
         result = results[k]
         self.completion_tokens += len(result.token_ids)
         self.forwards += result.num_forwards
+        self._observe_latency(result)
         first = k - k % n
         if all(r is not None for r in results[first : first + n]):
             prompt, cached = prompt_usage(results[first : first + n])
             self.prompt_tokens += prompt
             self.cached_prompt_tokens += cached
+
+
+    def _observe_latency(self, result: "GenerationResult") -> None:
+        first = result.time_to_first_token_s
+        self.latency["fdllm_e2e_request_latency_seconds"].observe(result.latency_s)
+        if first is None:  # nothing generated
+            return
+        self.latency["fdllm_time_to_first_token_seconds"].observe(first)
+        if len(result.token_ids) > 1:
+            self.latency["fdllm_time_per_output_token_seconds"].observe((result.latency_s - first) / (len(result.token_ids) - 1))
 
 
 @dataclass(frozen=True)
@@ -108,6 +167,8 @@ class _Collector:
                 kind = CounterMetricFamily if s.kind == "counter" else GaugeMetricFamily
                 families[s.name] = kind(s.name, s.help, labels=list(LABELS.get(s.name, ())))
             families[s.name].add_metric([v for _, v in s.labels], s.value)
+        for name, histogram in self._counters.latency.items():
+            families[name] = HistogramMetricFamily(name, histogram.help, buckets=histogram.buckets(), sum_value=histogram.total)
         if "fdllm_requests" not in families:  # no request yet: still list the family
             families["fdllm_requests"] = CounterMetricFamily("fdllm_requests", "HTTP requests by endpoint and status",
                                                              labels=list(LABELS["fdllm_requests"]))
@@ -139,6 +200,9 @@ class RayMetricsExporter:
         if "fdllm_requests" not in self._metrics:
             self._metrics["fdllm_requests"] = metrics.Counter(
                 "fdllm_requests", description="HTTP requests by endpoint and status", tag_keys=LABELS["fdllm_requests"])
+        for name, histogram in counters.latency.items():
+            self._metrics[name] = metrics.Histogram(name, description=histogram.help, boundaries=list(histogram.boundaries))
+            histogram.pending = deque(maxlen=MAX_PENDING_OBSERVATIONS)
         self._pushed: dict[tuple[str, tuple], float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -158,6 +222,9 @@ class RayMetricsExporter:
                 if increase > 0:
                     metric.inc(increase, tags=tags)
                     self._pushed[key] = s.value
+            for name, histogram in self._counters.latency.items():
+                while histogram.pending:
+                    self._metrics[name].observe(histogram.pending.popleft())
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):

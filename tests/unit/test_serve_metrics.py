@@ -18,6 +18,7 @@ PAGE_NAMES = {
     "fdllm_tokens_per_forward", "fdllm_running_requests", "fdllm_waiting_requests", "fdllm_free_kv_pages",
     "fdllm_cached_prompt_tokens_total", "fdllm_prefix_cached_kv_pages", "fdllm_preemptions_total",
     "fdllm_engine_steps_total", "fdllm_engine_step_seconds_total", "fdllm_engine_last_step_seconds",
+    "fdllm_time_to_first_token_seconds", "fdllm_time_per_output_token_seconds", "fdllm_e2e_request_latency_seconds",
 }
 
 
@@ -33,8 +34,11 @@ class FakeEngine:
 class FakeMetric:
     log: list = []
 
-    def __init__(self, name, description="", tag_keys=None):
+    def __init__(self, name, description="", tag_keys=None, boundaries=None):
         self.name, self.tag_keys = name, tuple(tag_keys or ())
+
+    def observe(self, value, tags=None):
+        FakeMetric.log.append(("observe", self.name, value, tags))
 
     def inc(self, value=1.0, tags=None):
         assert value > 0 and set(tags or {}) == set(self.tag_keys)
@@ -44,9 +48,44 @@ class FakeMetric:
         FakeMetric.log.append(("set", self.name, value, tags))
 
 
-def _result(prompt: int, generated: int, forwards: int, cached: int = 0):
+def _result(prompt: int, generated: int, forwards: int, cached: int = 0, first: float | None = 0.5, latency: float = 2.5):
     return SimpleNamespace(prompt_token_ids=[0] * prompt, token_ids=[0] * generated, num_forwards=forwards,
-                           num_cached_tokens=cached)
+                           num_cached_tokens=cached, time_to_first_token_s=first, latency_s=latency)
+
+
+def test_latency_histograms_are_each_requests_times_in_prometheus_buckets_and_pushed_to_ray_once(monkeypatch):
+    """vLLM's three per-request latencies; the page's buckets counted by hand, Ray's copy given each
+    observation once (and none held when no exporter drains them)."""
+    counters, engine = metrics.RequestCounters(), FakeEngine()
+    counters.record([_result(3, 5, 2, first=0.03, latency=0.11)], 0, 1)  # 4 tokens after the first in 0.08 s
+    counters.record([_result(3, 1, 1, first=0.2, latency=0.2)], 0, 1)  # one token: no time per output token
+    counters.record([_result(3, 0, 1, first=None, latency=7.0)], 0, 1)  # nothing generated: no first token
+    assert all(h.pending is None for h in counters.latency.values())
+    text = metrics.render(metrics.make_registry(counters, engine)).decode()
+    assert 'fdllm_time_to_first_token_seconds_bucket{le="0.02"} 0.0' in text
+    assert 'fdllm_time_to_first_token_seconds_bucket{le="0.04"} 1.0' in text
+    assert 'fdllm_time_to_first_token_seconds_bucket{le="0.25"} 2.0' in text
+    assert 'fdllm_time_to_first_token_seconds_count 2.0' in text and "fdllm_time_to_first_token_seconds_sum 0.23" in text
+    assert 'fdllm_time_per_output_token_seconds_bucket{le="0.01"} 0.0' in text  # 0.02 s
+    assert 'fdllm_time_per_output_token_seconds_bucket{le="0.025"} 1.0' in text
+    assert 'fdllm_time_per_output_token_seconds_count 1.0' in text
+    assert 'fdllm_e2e_request_latency_seconds_bucket{le="0.1"} 0.0' in text
+    assert 'fdllm_e2e_request_latency_seconds_bucket{le="0.3"} 2.0' in text
+    assert 'fdllm_e2e_request_latency_seconds_bucket{le="5.0"} 2.0' in text
+    assert 'fdllm_e2e_request_latency_seconds_bucket{le="+Inf"} 3.0' in text
+    for kind in ("Counter", "Gauge", "Histogram"):
+        monkeypatch.setattr(serve_metrics, kind, FakeMetric)
+    FakeMetric.log = []
+    exporter = metrics.RayMetricsExporter(counters, engine, interval_s=3600)  # pushes only when told
+    try:
+        counters.record([_result(3, 3, 1, first=0.1, latency=0.3)], 0, 1)
+        exporter.push()
+        exporter.push()
+    finally:
+        exporter.stop()
+    observed = sorted((name, value) for kind, name, value, _ in FakeMetric.log if kind == "observe")
+    assert observed == [("fdllm_e2e_request_latency_seconds", 0.3), ("fdllm_time_per_output_token_seconds", pytest.approx(0.1)),
+                        ("fdllm_time_to_first_token_seconds", 0.1)]
 
 
 def test_page_keeps_the_prometheus_names():
@@ -78,8 +117,8 @@ def test_token_counters_are_the_usage_of_the_responses():
 
 
 def test_ray_export_pushes_increases_and_gauges(monkeypatch):
-    monkeypatch.setattr(serve_metrics, "Counter", FakeMetric)
-    monkeypatch.setattr(serve_metrics, "Gauge", FakeMetric)
+    for kind in ("Counter", "Gauge", "Histogram"):
+        monkeypatch.setattr(serve_metrics, kind, FakeMetric)
     FakeMetric.log = []
     counters, engine = metrics.RequestCounters(), FakeEngine()
     exporter = metrics.RayMetricsExporter(counters, engine, interval_s=3600)  # pushes only when told
