@@ -300,6 +300,19 @@ async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
     return _json_error(APIError(500, f"internal server error ({type(err).__name__})", type="server_error"))
 
 
+def log_through_serve() -> None:
+    """In a replica, the engine's (`fdllm.*`) and this app's (`serve.*`) log lines go where Serve's own go:
+    the replica's log file and, through Ray, the driver's console, with Serve's request context and level.
+    Only "ray.serve" has handlers there: other loggers' INFO lines went nowhere (Python's last resort
+    prints WARNING and up, without time or replica)."""
+    serve_logger = logging.getLogger("ray.serve")
+    for name in ("fdllm", "serve"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = serve_logger.handlers
+        logger.setLevel(serve_logger.level)
+        logger.propagate = False
+
+
 class EventStream(StreamingResponse):
     """A stream whose client hangs up ends quietly, as starlette ends one on `http.disconnect`: under Ray
     Serve the disconnect is `receive()` raising TaskCancelledError, which starlette's listener let escape
@@ -346,6 +359,7 @@ class FdllmServer:
     def __init__(self, config: dict[str, Any]) -> None:
         import fdllm
 
+        log_through_serve()
         self.cfg = ServerConfig.from_args(config)
         path = local_checkpoint(self.cfg.model, self.cfg.cache_dir)
         device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

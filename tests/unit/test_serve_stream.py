@@ -224,3 +224,27 @@ def test_a_request_whose_client_hung_up_is_counted_as_499(hang_up):
     with pytest.raises(error):
         asyncio.run(FdllmServer.func_or_class._handle(replica, None, CompletionRequest, "completions", respond))
     assert replica.counters.by_status == {("completions", 499): 1}
+
+
+def test_a_replicas_engine_and_app_log_where_serve_logs(monkeypatch):
+    """Serve gives only the "ray.serve" logger handlers in a replica (its log file, the driver's console):
+    the engine's and the app's INFO lines (KV pages, the model's sampling defaults, disconnects) went nowhere."""
+    import logging
+
+    from serve.app import log_through_serve
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append((record.name, record.getMessage()))
+    serve_logger = logging.getLogger("ray.serve")
+    monkeypatch.setattr(serve_logger, "handlers", [handler])
+    monkeypatch.setattr(serve_logger, "level", logging.INFO)
+    for name in ("fdllm", "serve"):  # restored after the test: other tests' caplog reads them through the root
+        logger = logging.getLogger(name)
+        for attribute in ("handlers", "level", "propagate"):
+            monkeypatch.setattr(logger, attribute, getattr(logger, attribute))
+    log_through_serve()
+    logging.getLogger("fdllm.engine.engine").info("engine: 8 KV pages")
+    logging.getLogger("serve.async_engine").info("a request aborted")
+    logging.getLogger("fdllm.engine.engine").debug("not at Serve's level")
+    assert seen == [("fdllm.engine.engine", "engine: 8 KV pages"), ("serve.async_engine", "a request aborted")]
