@@ -426,7 +426,8 @@ class Transformer(nn.Module):
         self.config.vocab_size = vocab_size
 
     def save_pretrained(self, path: str | Path, max_shard_size: int = 4 << 30) -> None:
-        """Write an HF checkpoint dir (config.json + safetensors, sharded above max_shard_size bytes)."""
+        """Write an HF checkpoint dir: config.json, the generation_config.json the model was loaded with,
+        and safetensors (sharded above max_shard_size bytes). A model an engine quantized in place is refused."""
         from fdllm.loader import save_checkpoint
 
         save_checkpoint(self, path, max_shard_size=max_shard_size)

@@ -365,12 +365,14 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
                    thresholds: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5), max_new_tokens: int = 64,
                    limit: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
                    batch_size: int = 0, quantizations: tuple[str | None, ...] = (None,),
-                   policies: tuple[Policy, ...] | None = None, sub_block_size: int | None = None) -> list[EvalRow]:
+                   policies: tuple[Policy, ...] | None = None, sub_block_size: int | None = None,
+                   speculative_lookahead: bool = True) -> list[EvalRow]:
     """The AR base (when given), then the model in each mode, once per weight format in `quantizations`
     (None: unquantized), once per selection policy (None: the threshold rule at each of `thresholds`).
     Quantized rows report their greedy agreement with the unquantized model's row of the same mode
     and policy, when that row was run first. `sub_block_size` replaces the checkpoint's at decode time
-    (a step can commit at most a sub-block; the model is then named `<dir> sb<N>` in tables and figures)."""
+    (a step can commit at most a sub-block; the model is then named `<dir> sb<N>` in tables and figures).
+    `speculative_lookahead` False: speculative verifies draft nothing ahead (EngineConfig's; same tokens)."""
     if policies is None:
         policies = tuple(Policy("threshold", thr) for thr in thresholds)
     records = load_records(data, limit)
@@ -393,7 +395,8 @@ def run_evaluation(model: str, data: str, base: str | None = None, modes: tuple[
     unquantized: dict[tuple[str, str, Policy | None], EvalRow] = {}
     for quantization in quantizations:
         engine = fdllm.Engine.from_pretrained(model, config=config, device=device, dtype=dtype,
-                                              engine_config=uncached(quantization=quantization))
+                                              engine_config=uncached(quantization=quantization,
+                                                                     speculative_lookahead=speculative_lookahead))
         for mode in modes:
             # the block lookahead is a diffusion-mode schedule: its policies have no other mode's row
             mode_policies = [p for p in policies if mode == "diffusion" or not p.block_lookahead]
@@ -459,6 +462,8 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
     parser.add_argument("--quantization", type=_quantizations, default=(None,),
                         help="comma list of weight formats for the model under test: none," + ",".join(QUANTIZATIONS)
                         + " (e.g. none,int8,int4: each quantized row reports its agreement with the none row)")
+    parser.add_argument("--speculative-lookahead", action=argparse.BooleanOptionalAction, default=True,
+                        help="speculative mode: a verify also drafts the next round (the same tokens in fewer forwards)")
     parser.add_argument("--output", help="write the rows as JSON here")
     parser.add_argument("--plot", help="write a PNG of accuracy vs tokens per forward here")
     args = parser.parse_args(argv)
@@ -494,7 +499,8 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
         for i, model in enumerate(models):
             rows += run_evaluation(model, args.data, args.base if i == 0 else None, modes, args.thresholds,
                                    args.max_new_tokens, args.limit, args.device, parse_dtype(args.dtype),
-                                   args.batch_size, args.quantization, args.policies, args.sub_block_size)
+                                   args.batch_size, args.quantization, args.policies, args.sub_block_size,
+                                   args.speculative_lookahead)
     except (ValueError, OSError) as e:  # bad data, a missing checkpoint, a sub-block that does not divide the block
         parser.error(str(e))
     print(format_table(rows))

@@ -20,7 +20,8 @@ cluster); rerunning an existing run needs `--resume`, which continues from its l
 optimizer state and data position (refused if an option that position depends on changed:
 `pipelines.checkpoints.check_resume`). Workers that die are restarted from the latest checkpoint up to
 `--max-failures` times. At every checkpoint and at the end, the servable part (config.json,
-safetensors, tokenizer, fdllm_config.json; no optimizer state) is published at `--output` (default
+generation_config.json when the base has one, safetensors, tokenizer, fdllm_config.json; no optimizer
+state) is published at `--output` (default
 STORAGE_PATH/RUN_NAME/servable): one stable path for Serve, `fdllm.load_model` and evaluate.
 
 `--model`, `--data`, `--output` and `--storage-path` take local paths or object-store URIs

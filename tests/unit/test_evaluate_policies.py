@@ -79,6 +79,16 @@ def test_block_lookahead_rows_are_diffusion_rows_of_their_own_family(dllm_dir, r
     assert rows[1].family == "threshold + lookahead" and EvalRow(**rows[1].to_json()).block_lookahead
 
 
+def test_the_speculative_lookahead_can_be_turned_off_and_changes_forwards_not_tokens(dllm_dir, records):
+    """`--no-speculative-lookahead` measures the lossless mode without its lookahead (docs/decoding.md's
+    "lookahead off / on" column): the same outputs in another count of forwards (on this random model's
+    rejected drafts, not fewer)."""
+    on, off = (run_evaluation(str(dllm_dir), str(records), modes=("speculative",), thresholds=(0.9,), max_new_tokens=16,
+                              speculative_lookahead=flag)[-1] for flag in (True, False))
+    assert on.outputs == off.outputs and on.generated_tokens == off.generated_tokens
+    assert off.tokens_per_forward != on.tokens_per_forward
+
+
 def test_sub_block_size_replaces_the_checkpoints_at_decode_time(dllm_dir, records, tmp_path, capsys):
     """A threshold near 0 commits a whole sub-block per step: with the checkpoint's sub-block 4 steps commit up to
     4 tokens, with `--sub-block-size 2` never more than 2 (the cap the flag exists to move)."""
