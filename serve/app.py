@@ -800,7 +800,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help=f"require this bearer token (default: ${API_KEY_ENV})")
-    parser.add_argument("--num-replicas", type=int, default=1)
+    parser.add_argument("--num-replicas", type=int, help="a fixed replica count (default 1; or --autoscaling-config)")
     parser.add_argument("--num-gpus-per-replica", type=float, default=None, help="default: 1 when a GPU is visible")
     parser.add_argument("--threshold", type=float, help="default confidence threshold (checkpoint's by default)")
     parser.add_argument("--block-lookahead", action="store_true",
@@ -819,8 +819,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "repetition_penalty) default to the checkpoint's generation_config.json, as vLLM's; none: OpenAI's")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_server_arguments(parser, {action.dest for action in parser._actions})
     add_engine_arguments(parser)
     return parser.parse_args(argv)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, given: set[str]) -> None:
+    """One flag for each `ServerConfig` field the flags above do not set (`--max-ongoing-requests 256`,
+    `--autoscaling-config '{"min_replicas": 1, "max_replicas": 4}'`, `--graceful-shutdown-timeout-s 600`),
+    its value read as `serve run ... key=value` reads it (`ServerConfig.from_args`). Unset: the field's default."""
+    group = parser.add_argument_group("server", "serve.app.ServerConfig fields (see its comments; unset: its default)")
+    for f in fields(ServerConfig):
+        if f.name in given or f.name in ("engine", "fault_injection"):  # engine: its own flags; faults: chaos tests only
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if bool in (get_args(f.type) or (f.type,)):
+            group.add_argument(flag, dest=f"server_{f.name}", action=argparse.BooleanOptionalAction, help=f"default: {f.default}")
+        else:
+            group.add_argument(flag, dest=f"server_{f.name}", metavar="JSON" if "dict" in str(f.type) else "X",
+                               help=f"default: {f.default}")
+
+
+def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `ServerConfig` fields `add_server_arguments`' flags set."""
+    prefix = "server_"
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -840,7 +863,7 @@ def main(argv: list[str] | None = None) -> None:
                "threshold": args.threshold, "block_lookahead": args.block_lookahead or None, "default_mode": args.default_mode,
                "default_max_tokens": args.default_max_tokens, "session_affinity": args.session_affinity,
                "device": args.device, "dtype": args.dtype, "engine": engine_overrides(args),
-               "generation_config": args.generation_config}
+               "generation_config": args.generation_config, **server_overrides(args)}
     try:  # every option checked before Ray and Serve start: one line, argparse's exit status
         if not 1 <= args.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {args.port}")

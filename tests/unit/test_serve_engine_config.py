@@ -216,6 +216,34 @@ def test_fdllm_serve_builds_its_config_once(monkeypatch):
     assert args == asdict(built[0]) and args["threshold"] == 0.7 and args["default_mode"] == "speculative"
 
 
+def test_every_server_field_is_a_flag_of_fdllm_serve(monkeypatch):
+    """docs/serve.md: Serve's deployment options (and the rest of ServerConfig) are fdllm-serve flags too;
+    only --num-replicas was. Each reaches the deployment fdllm-serve runs."""
+    from dataclasses import fields
+
+    import ray
+
+    from serve import app
+
+    deployed = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(app.serve, "start", lambda *a, **k: None)
+    monkeypatch.setattr(app.serve, "run", lambda target, **k: deployed.append(target))
+    parsed = vars(app.parse_args(["--model", "m"]))
+    for f in fields(ServerConfig):
+        if f.name not in ("engine", "fault_injection"):
+            assert f.name in parsed or f"server_{f.name}" in parsed, f.name
+    app.main(["--model", "assets/tiny-ar-base", "--autoscaling-config", '{"min_replicas": 1, "max_replicas": 3}',
+              "--max-ongoing-requests", "256", "--max-queued-requests", "64", "--graceful-shutdown-timeout-s", "900",
+              "--max-waiting", "32", "--no-use-sub-block-cache", "--session-max-imbalance", "2"])
+    deployment = deployed[0]._bound_deployment
+    config = deployment._deployment_config
+    assert (config.autoscaling_config.max_replicas, config.max_ongoing_requests, config.max_queued_requests,
+            config.graceful_shutdown_timeout_s) == (3, 256, 64, 900.0)
+    (args,) = deployment.init_args
+    assert (args["max_waiting"], args["use_sub_block_cache"], args["session_max_imbalance"]) == (32, False, 2)
+
+
 def test_a_requests_mode_else_the_servers_default_mode_decides():
     """A request's own mode wins; a request without one (or with null, as the openai client sends an unset
     field) gets the server's default mode, which is the engine's (Engine.default_mode: diffusion for a
