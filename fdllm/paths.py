@@ -25,3 +25,28 @@ def resolve_local(path: str, base: str | Path | None = None) -> str:
     if is_uri(path):
         return path
     return os.path.normpath(os.path.join(base or os.getcwd(), os.path.expanduser(path)))
+
+
+def shadowing_package(module: str, directory: str | Path | None = None) -> Path | None:
+    """The package in `directory` (default: the working directory) that would hide `module`'s own in
+    Ray's workers, or None. Ray puts the driver's working directory on its workers' import path ahead
+    of site-packages, so a project's own `serve/` or `pipelines/` (common names) is imported there in
+    place of fdllm's, and every worker fails ("No module named 'serve.app'"). A package of the same
+    top-level name that holds `module` (a checkout of fdllm) hides nothing that matters."""
+    top, *rest = module.split(".")
+    package = Path(directory or os.getcwd()) / top
+    if not (package / "__init__.py").is_file():
+        return None
+    target = package.joinpath(*rest)
+    return None if target.with_suffix(".py").is_file() or (target / "__init__.py").is_file() else package
+
+
+def check_no_shadowing(*modules: str) -> None:
+    """ValueError (one line) when the working directory holds a package that would hide one of `modules`
+    in Ray's workers (`shadowing_package`)."""
+    for module in modules:
+        if (package := shadowing_package(module)) is not None:
+            raise ValueError(f"{package} is a package named like fdllm's {module.split('.')[0]!r}: Ray's workers, which "
+                             f"import from the working directory first, would import it instead of {module}; run "
+                             "from another directory")
+

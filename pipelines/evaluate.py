@@ -25,6 +25,7 @@ Works on any HF checkpoint, e.g. a GSM8K-style set on a real model on a GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -438,7 +439,7 @@ def _policies(text: str) -> tuple[Policy, ...]:
 
 
 def main(argv: list[str] | None = None) -> list[EvalRow]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fdllm-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="checkpoint dir to evaluate (fdllm/HF format); a comma list evaluates each in turn "
                         "into one table and figure (e.g. a fine-tuned model and its distilled version)")
@@ -483,6 +484,8 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
             check_quantization(quantization, torch_device(args.device), parse_dtype(args.dtype))
     except ValueError as e:
         parser.error(f"--quantization: {e}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # not after the whole evaluation
+        parser.error("--plot needs matplotlib: pip install 'fdllm[train]'")
     for option in ("output", "plot"):  # before decoding: a path that cannot be written fails now
         path = getattr(args, option)
         try:

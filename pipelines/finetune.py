@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fdllm.paths import is_uri  # noqa: E402
+from fdllm.paths import check_no_shadowing, is_uri  # noqa: E402
 from fdllm.storage import (  # noqa: E402
     check_directory_path,
     check_publishable,
@@ -421,6 +421,7 @@ def cli_main(argv: list[str] | None, parser: argparse.ArgumentParser, config_cls
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_file = args.pop("config")
     try:
+        check_no_shadowing("pipelines.train_loop", "fdllm.model")  # what the Ray Train workers import
         cfg = config_cls.from_sources(config_file, **args)
         run_fn(cfg)
     except USER_ERRORS as e:  # under the program's own logger name: fdllm.finetune, fdllm.distill

@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --run-name: the interrupted run to continue (its first log lines name it)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not all(f.is_file() for f in (BASE / "config.json", WORLD / TRAIN_FILE, WORLD / TEST_FILE)):  # before the fine-tune
-        log.error("the embedded assets are missing (%s, %s): run `python -m pipelines.world --rebuild`", BASE, WORLD)
+        if not (BASE.parent.parent / "pyproject.toml").is_file():  # installed as a wheel: assets/ is the repository's
+            log.error("the embedded assets (%s, %s) are in the repository, not in the installed package: clone it and "
+                      "run the quickstart there (pip install -e .)", BASE, WORLD)
+        else:
+            log.error("the embedded assets are missing (%s, %s): run `python -m pipelines.world --rebuild`", BASE, WORLD)
         return 2
     out = Path(args.output).resolve()
     try:  # named as the option given (the fine-tune's own checks speak of its --storage-path under it)

@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fdllm.engine import GenerationResult, SamplingParams
 from fdllm.engine.params import ENGINE_CHOICES, MODES
-from fdllm.paths import resolve_local
+from fdllm.paths import check_no_shadowing, resolve_local
 from fdllm.storage import local_checkpoint
 from fdllm.tokenizer import check_text_tokenizer, encode_prompt, token_pieces
 from serve.async_engine import (
@@ -867,6 +867,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # every option checked before Ray and Serve start: one line, argparse's exit status
         if not 1 <= args.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {args.port}")
+        check_no_shadowing("serve.app", "fdllm.engine")
         cfg = ServerConfig.from_args(options)
         _check_checkpoint(cfg)
         app = bind_app(cfg)  # Serve checks its deployment options here (e.g. a negative GPU count), Ray or not

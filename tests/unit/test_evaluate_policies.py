@@ -210,3 +210,18 @@ def test_evaluate_scores_answers_up_to_surrounding_whitespace_and_takes_a_prompt
     params = fdllm.SamplingParams(max_new_tokens=engine.max_model_len - longest, temperature=0.0)
     row = evaluate(engine, records, params, "m", progress=False)
     assert (row.correct, row.total) == (2, 3)
+
+
+def test_a_plot_without_matplotlib_is_refused_before_the_evaluation(dllm_dir, records, tmp_path, monkeypatch, capsys):
+    """matplotlib comes with the train extra only: the plot failed after the whole evaluation had run."""
+    import importlib.util
+
+    from pipelines import evaluate
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a, **k: pytest.fail("the evaluation ran"))
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(dllm_dir), "--data", str(records), "--plot", str(tmp_path / "f.png")])
+    assert e.value.code == 2 and "--plot needs matplotlib: pip install 'fdllm[train]'" in capsys.readouterr().err
+

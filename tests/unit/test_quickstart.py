@@ -59,3 +59,14 @@ def test_resume_continues_the_named_run(tmp_path, monkeypatch, capsys):
         quickstart.main(["--run-name", "quickstart-1", "--resume", "--output", str(tmp_path)])
     (cfg,) = runs
     assert cfg.run_name == "quickstart-1" and cfg.resume and cfg.storage_path == str(tmp_path / "ray")
+
+
+def test_an_installed_wheel_is_told_the_assets_are_the_repositorys(tmp_path, monkeypatch, caplog):
+    """A wheel holds no assets/ (the model, the corpus): the quickstart suggested `--rebuild`, which would
+    have written them into site-packages. Outside a checkout it says where they are."""
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(quickstart, "BASE", site / "assets" / "tiny-ar-base")
+    monkeypatch.setattr(quickstart, "WORLD", site / "assets" / "world")
+    monkeypatch.setattr(quickstart, "run", lambda cfg: pytest.fail("the fine-tune started"))
+    assert quickstart.main([]) == 2
+    assert "are in the repository, not in the installed package: clone it" in caplog.text and "--rebuild" not in caplog.text
