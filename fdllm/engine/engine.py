@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import gc
 import itertools
 import logging
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# Delimiter texts whose tokens an engine keeps (least recently used go first): requests choose the texts, and
+# a one-character text of a 150k vocabulary holds tens of thousands of ids
+DELIMITER_CACHE_SIZE = 256
 
 
 def freeze_gc_heap() -> None:
@@ -181,7 +185,8 @@ class Engine:
             self.runner.capture_largest()
         self._ids = itertools.count()
         self._vocab_text: list[str] | None = None  # each token's text, decoded once for delimiter strings
-        self._delimiter_cache: dict[str, frozenset[int]] = {}
+        # delimiter text -> the tokens containing it; clients choose the texts, so the cache is bounded
+        self._tokens_containing = functools.lru_cache(maxsize=DELIMITER_CACHE_SIZE)(self._find_tokens_containing)
         self._aborted: list[Sequence] = []  # reported by the next step()
         self._undelivered: list[GenerationResult] = []  # finished while generate() drove the engine
         log.info(
@@ -523,15 +528,13 @@ class Engine:
             raise ValueError(f"delimiter_token_ids must be in [0, {vocab})")
         return frozenset(ids)
 
-    def _tokens_containing(self, text: str) -> frozenset[int]:
-        if text not in self._delimiter_cache:
-            if self._vocab_text is None:  # once per engine: a batch decode of the vocabulary
-                self._vocab_text = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            found = frozenset(i for i, t in enumerate(self._vocab_text) if text in t)
-            if not found:
-                raise ValueError(f"delimiters: no token of the tokenizer contains {text!r}")
-            self._delimiter_cache[text] = found
-        return self._delimiter_cache[text]
+    def _find_tokens_containing(self, text: str) -> frozenset[int]:
+        if self._vocab_text is None:  # once per engine: a batch decode of the vocabulary
+            self._vocab_text = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        found = frozenset(i for i, t in enumerate(self._vocab_text) if text in t)
+        if not found:
+            raise ValueError(f"delimiters: no token of the tokenizer contains {text!r}")
+        return found
 
     # -- helpers ------------------------------------------------------------------------------------
     def _default_num_pages(self, block_size: int, use_graphs: bool) -> int:

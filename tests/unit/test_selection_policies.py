@@ -182,6 +182,24 @@ def test_text_delimiters_resolve_to_every_token_containing_them(dllm_dir):
     assert engine.num_waiting == 0
 
 
+def test_a_servers_delimiter_cache_is_bounded_however_many_texts_clients_send(dllm_dir, monkeypatch):
+    """Requests choose delimiter texts: each distinct one kept its token set for the engine's life (a
+    one-character text of a 150k vocabulary holds tens of thousands of ids), an unbounded growth a client
+    could drive. The engine keeps the most recent DELIMITER_CACHE_SIZE, and a text evicted resolves again alike."""
+    from fdllm.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DELIMITER_CACHE_SIZE", 8)
+    engine = fdllm.Engine.from_pretrained(dllm_dir, engine_config=fdllm.EngineConfig(num_pages=16))
+    vocab = [engine.tokenizer.decode([i]) for i in range(len(engine.tokenizer))]
+    texts = sorted({t for t in vocab if t.strip() and len(t) == 1})[:20]
+    assert len(texts) > 8, "the test tokenizer has enough one-character tokens"
+    first = engine.delimiter_ids(fdllm.SamplingParams(delimiter_threshold=0.5, delimiters=(texts[0],)))
+    for text in texts[1:]:
+        engine.delimiter_ids(fdllm.SamplingParams(delimiter_threshold=0.5, delimiters=(text,)))
+    assert engine._tokens_containing.cache_info().currsize == 8
+    assert engine.delimiter_ids(fdllm.SamplingParams(delimiter_threshold=0.5, delimiters=(texts[0],))) == first
+
+
 def test_text_delimiters_need_a_tokenizer(model):
     engine = make_engine(model)
     with pytest.raises(ValueError, match="need a tokenizer"):
