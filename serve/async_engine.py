@@ -248,7 +248,8 @@ class AsyncEngine:
 
     def stats(self) -> dict[str, int | float]:
         e = self.engine
-        return {"running": e.num_running, "waiting": e.num_waiting, "free_pages": e.num_free_pages,
+        # free pages net of those promised to admitted requests (all of a request's, with `deterministic`)
+        return {"running": e.num_running, "waiting": e.num_waiting, "free_pages": e.allocator.num_unreserved,
                 "cached_pages": e.num_cached_pages, "total_pages": e.num_pages, "preemptions": e.num_preemptions,
                 "steps": self.metrics.steps,
                 "last_step_seconds": self.metrics.last_step_seconds}

@@ -145,7 +145,8 @@ def samples(counters: RequestCounters, engine: "AsyncEngine") -> list[Sample]:
                c.completion_tokens / c.forwards if c.forwards else 0.0),
         Sample("fdllm_running_requests", "gauge", "Requests being decoded", stats["running"]),
         Sample("fdllm_waiting_requests", "gauge", "Requests queued for admission (queue depth)", stats["waiting"]),
-        Sample("fdllm_free_kv_pages", "gauge", "Free KV-cache pages (prefix-cached ones included)", stats["free_pages"]),
+        Sample("fdllm_free_kv_pages", "gauge", "Free KV-cache pages not promised to admitted requests (prefix-cached "
+               "ones included)", stats["free_pages"]),
         Sample("fdllm_prefix_cached_kv_pages", "gauge", "KV-cache pages in the prefix cache", stats["cached_pages"]),
         Sample("fdllm_preemptions", "counter", "Requests preempted for want of free KV pages (prefilled again later)",
                stats["preemptions"]),

@@ -454,3 +454,25 @@ def test_a_score_needing_exactly_the_free_pages_is_answered(causal_dllm_dir):
         assert scored == fdllm.Engine.from_pretrained(causal_dllm_dir).score([tokens], top_logprobs=1)[0]
     finally:
         drv.shutdown()
+
+
+def test_free_pages_are_net_of_what_admitted_requests_were_promised(dllm_dir):
+    """With `deterministic` a request reserves every page it may reach at admission: /health's and the
+    metrics' free pages counted those as free while the engine could admit nothing more."""
+    engine = fdllm.Engine.from_pretrained(dllm_dir, engine_config=fdllm.EngineConfig(num_pages=32, deterministic=True))
+    slow_steps(engine, 0.05)
+    drv = AsyncEngine(engine)
+    try:
+        async def main():
+            stream = drv.generate([5, 6, 7], fdllm.SamplingParams(max_new_tokens=200, temperature=0.0, mode="ar"), "r")
+            async for _ in stream:  # the first delta: admitted, running
+                break
+            stats = drv.stats()
+            await stream.aclose()
+            return stats
+
+        stats = asyncio.run(main())
+        promised = -(-(3 + 200) // engine.config.block_size)  # every page of prompt + max_new_tokens
+        assert stats["free_pages"] <= stats["total_pages"] - promised, stats
+    finally:
+        drv.shutdown()
