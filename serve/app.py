@@ -95,8 +95,8 @@ log = logging.getLogger("fdllm.serve")
 
 API_KEY_ENV = "FDLLM_API_KEY"
 GENERATION_CONFIGS = ("auto", "none")  # ServerConfig.generation_config
-FAULT_HEADER = "x-fdllm-inject-fault"
-CLIENT_CLOSED = 499  # nginx's status for a request whose client hung up first (counted, and logged at INFO)  # with ServerConfig.fault_injection: "step" fails the request inside a step
+FAULT_HEADER = "x-fdllm-inject-fault"  # with ServerConfig.fault_injection: "step" fails the request inside a step
+CLIENT_CLOSED = 499  # nginx's status for a request whose client hung up first (counted, and logged at INFO)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
