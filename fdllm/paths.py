@@ -49,4 +49,3 @@ def check_no_shadowing(*modules: str) -> None:
             raise ValueError(f"{package} is a package named like fdllm's {module.split('.')[0]!r}: Ray's workers, which "
                              f"import from the working directory first, would import it instead of {module}; run "
                              "from another directory")
-

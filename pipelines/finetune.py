@@ -63,7 +63,7 @@ from fdllm.storage import (  # noqa: E402
     remove_file,
     same_or_under,
 )
-from pipelines.checkpoints import DIVERGED, NO_BATCH_COUNTS, check_resume  # noqa: E402
+from pipelines.checkpoints import DIVERGED, NO_BATCH_COUNTS, SNAPSHOT, check_resume  # noqa: E402
 from pipelines.data import BAD_REASONS, DataError, build_dataset, check_data_files, summarize_bad_rows  # noqa: E402
 from pipelines.finetune_config import FinetuneConfig  # noqa: E402
 
@@ -122,7 +122,7 @@ def _run_exists(storage_path: str, run_name: str) -> bool:
     from pyarrow import fs as pafs
 
     fs, root = filesystem(storage_path)
-    snapshot = f"{root.rstrip('/')}/{run_name}/checkpoint_manager_snapshot.json"
+    snapshot = f"{root.rstrip('/')}/{run_name}/{SNAPSHOT}"
     return fs.get_file_info(snapshot).type == pafs.FileType.File
 
 

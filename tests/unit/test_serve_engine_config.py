@@ -173,18 +173,28 @@ def test_a_misspelt_autoscaling_key_is_refused_and_a_starved_batch_is_said(caplo
     assert "max_ongoing_requests 8 < the engine's max_num_seqs 64" in caplog.text
 
 
-def test_replicas_that_fail_to_start_are_one_line_with_their_reason(monkeypatch, capsys):
+@pytest.fixture
+def deployments(monkeypatch) -> list:
+    """fdllm-serve's main without Ray: what it hands `serve.run`, recorded."""
+    import ray
+    from ray import serve
+
+    deployed = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "start", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "run", lambda target, **k: deployed.append(target))
+    return deployed
+
+
+def test_replicas_that_fail_to_start_are_one_line_with_their_reason(deployments, monkeypatch, capsys):
     """Serve's own error says "Failed to update the deployments ['FdllmServer']"; the reason (a KV cache
     that does not fit, an out-of-memory GPU) is the last line of the replica's traceback in Serve's status."""
-    import ray
     from ray import serve
 
     from serve import app
 
     traceback = "Traceback (most recent call last):\n  File \"engine.py\", line 166\nValueError: the KV cache does not fit\n"
     status = SimpleNamespace(applications={"fdllm": SimpleNamespace(deployments={"FdllmServer": SimpleNamespace(message=traceback)})})
-    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
-    monkeypatch.setattr(serve, "start", lambda *a, **k: None)
     monkeypatch.setattr(serve, "status", lambda: status)
 
     def run(*a, **k):
@@ -197,38 +207,27 @@ def test_replicas_that_fail_to_start_are_one_line_with_their_reason(monkeypatch,
     assert e.value.code == 1 and err == "fdllm-serve: error: the replicas failed to start: ValueError: the KV cache does not fit\n"
 
 
-def test_fdllm_serve_builds_its_config_once(monkeypatch):
+def test_fdllm_serve_builds_its_config_once(deployments, monkeypatch):
     """main checks the options and deploys that same config: one ServerConfig, not a second built
     from the same options (which could disagree, e.g. a relative path read in another directory)."""
-    import ray
-
     from serve import app
 
-    built, deployed = [], []
+    built, deployed = [], deployments
     from_args = ServerConfig.from_args.__func__
     monkeypatch.setattr(app.ServerConfig, "from_args", classmethod(lambda cls, a: built.append(from_args(cls, a)) or built[-1]))
-    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
-    monkeypatch.setattr(app.serve, "start", lambda *a, **k: None)
-    monkeypatch.setattr(app.serve, "run", lambda target, **k: deployed.append(target))
     app.main(["--model", "assets/tiny-ar-base", "--threshold", "0.7", "--port", "8123", "--default-mode", "speculative"])
     assert len(built) == 1 and len(deployed) == 1
     (args,) = deployed[0]._bound_deployment.init_args
     assert args == asdict(built[0]) and args["threshold"] == 0.7 and args["default_mode"] == "speculative"
 
 
-def test_every_server_field_is_a_flag_of_fdllm_serve(monkeypatch):
+def test_every_server_field_is_a_flag_of_fdllm_serve(deployments):
     """docs/serve.md: Serve's deployment options (and the rest of ServerConfig) are fdllm-serve flags too;
     only --num-replicas was. Each reaches the deployment fdllm-serve runs."""
     from dataclasses import fields
 
-    import ray
-
     from serve import app
 
-    deployed = []
-    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
-    monkeypatch.setattr(app.serve, "start", lambda *a, **k: None)
-    monkeypatch.setattr(app.serve, "run", lambda target, **k: deployed.append(target))
     parsed = vars(app.parse_args(["--model", "m"]))
     for f in fields(ServerConfig):
         if f.name not in ("engine", "fault_injection"):
@@ -236,7 +235,7 @@ def test_every_server_field_is_a_flag_of_fdllm_serve(monkeypatch):
     app.main(["--model", "assets/tiny-ar-base", "--autoscaling-config", '{"min_replicas": 1, "max_replicas": 3}',
               "--max-ongoing-requests", "256", "--max-queued-requests", "64", "--graceful-shutdown-timeout-s", "900",
               "--max-waiting", "32", "--no-use-sub-block-cache", "--session-max-imbalance", "2"])
-    deployment = deployed[0]._bound_deployment
+    deployment = deployments[0]._bound_deployment
     config = deployment._deployment_config
     assert (config.autoscaling_config.max_replicas, config.max_ongoing_requests, config.max_queued_requests,
             config.graceful_shutdown_timeout_s) == (3, 256, 64, 900.0)
