@@ -21,6 +21,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _loggers():
+    """The project's loggers as each test found them: a replica built in the test process
+    (serve.app.log_through_serve) hands them Serve's handlers and stops their propagation, after which
+    every later test's caplog, which reads through the root logger, saw nothing."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("fdllm", "serve", "pipelines", "benchmarks")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved):
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)  # through setLevel: it clears the loggers' cached isEnabledFor answers
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _node_cache(tmp_path_factory):
     """The node cache of downloads and local exports (fdllm.storage) in the session's temporary

@@ -239,10 +239,6 @@ def test_a_replicas_engine_and_app_log_where_serve_logs(monkeypatch):
     serve_logger = logging.getLogger("ray.serve")
     monkeypatch.setattr(serve_logger, "handlers", [handler])
     monkeypatch.setattr(serve_logger, "level", logging.INFO)
-    for name in ("fdllm", "serve"):  # restored after the test: other tests' caplog reads them through the root
-        logger = logging.getLogger(name)
-        for attribute in ("handlers", "level", "propagate"):
-            monkeypatch.setattr(logger, attribute, getattr(logger, attribute))
     log_through_serve()
     logging.getLogger("fdllm.engine.engine").info("engine: 8 KV pages")
     logging.getLogger("serve.async_engine").info("a request aborted")
