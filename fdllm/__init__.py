@@ -9,12 +9,18 @@ of them starts ~2 s sooner.
 from __future__ import annotations
 
 import importlib.util
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fdllm.config import BlockDiffusionConfig, ModelConfig
     from fdllm.engine import Engine, EngineConfig, GenerationResult, SamplingParams, SequenceLogprobs
     from fdllm.model import Transformer, load_model
+
+try:
+    __version__ = version("fdllm")
+except PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BlockDiffusionConfig", "Engine", "EngineConfig", "GenerationResult", "ModelConfig", "SamplingParams",
