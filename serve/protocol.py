@@ -86,6 +86,12 @@ LOGPROB_FLOOR = -9999.0  # stands for -inf (the mask token's), which JSON cannot
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
+def _empty(*kinds: type) -> Callable[[Any], bool]:
+    """The test of a value that asks for nothing: null, or an empty (false) value of one of `kinds` (its
+    field's JSON types, so a value of the wrong type, `"tools": 0`, is no empty list but refused)."""
+    return lambda v: v is None or (type(v) in kinds and not v)
+
+
 # Request fields (OpenAI's, and vLLM's extensions clients send to OpenAI-compatible servers) that this
 # server does not implement, each with the test of a value that asks for nothing (what clients send by
 # default). Any other value is refused with a 400 naming the field: served anyway, the answer would
@@ -94,28 +100,28 @@ _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "response_format": (lambda v: v is None or v.model_dump() == {"type": "text"},
                         'only {"type": "text"}: no JSON or grammar mode'),
-    "tools": (lambda v: not v, "no tool calling"),
-    "functions": (lambda v: not v, "no function calling"),
+    "tools": (_empty(list), "no tool calling"),
+    "functions": (_empty(list), "no function calling"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), "no tool calling"),
     "function_call": (lambda v: v in (None, "none", "auto"), "no function calling"),
-    "suffix": (lambda v: not v, "no insertion (suffix) completions"),
+    "suffix": (_empty(str), "no insertion (suffix) completions"),
     # OpenAI's chat outputs other than text
     "modalities": (lambda v: v in (None, ["text"]), "text output only"),
     "audio": (lambda v: v is None, "text output only"),
     "web_search_options": (lambda v: v is None, "no web search"),
     # vLLM's structured outputs, sampling, output and chat-template options (their defaults ask for nothing)
     **dict.fromkeys(("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"),
-                    (lambda v: not v, "no structured outputs")),
-    "min_p": (lambda v: not v, "no min_p sampling"),
-    "use_beam_search": (lambda v: not v, "no beam search"),
+                    (_empty(str, list, dict), "no structured outputs")),
+    "min_p": (_empty(int, float), "no min_p sampling"),
+    "use_beam_search": (_empty(bool), "no beam search"),
     "prompt_logprobs": (lambda v: v is None, "prompt log-probabilities come with a completion's echo and logprobs"),
-    "include_stop_str_in_output": (lambda v: not v, "stop strings are cut from the output"),
-    "skip_special_tokens": (lambda v: v in (None, True), "special tokens are skipped in the output"),
-    "allowed_token_ids": (lambda v: not v, "no allowed_token_ids (logit_bias bans tokens)"),
-    "bad_words": (lambda v: not v, "no bad_words (logit_bias bans tokens)"),
+    "include_stop_str_in_output": (_empty(bool), "stop strings are cut from the output"),
+    "skip_special_tokens": (lambda v: v is None or v is True, "special tokens are skipped in the output"),
+    "allowed_token_ids": (_empty(list), "no allowed_token_ids (logit_bias bans tokens)"),
+    "bad_words": (_empty(list), "no bad_words (logit_bias bans tokens)"),
     "truncate_prompt_tokens": (lambda v: v is None, "prompts are not truncated"),
-    "continue_final_message": (lambda v: not v, "a chat's answer is a new assistant message"),
-    "add_generation_prompt": (lambda v: v in (None, True), "a chat's answer is a new assistant message"),
+    "continue_final_message": (_empty(bool), "a chat's answer is a new assistant message"),
+    "add_generation_prompt": (lambda v: v is None or v is True, "a chat's answer is a new assistant message"),
 }
 # A chat message's OpenAI fields this server does not have, as NOT_IMPLEMENTED: what a client replaying an
 # answer sends (null, []) passes; any other value is refused with a 400 at the field's path
@@ -123,9 +129,9 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 # `tool_call_id` reach the template, as vLLM gives them (the template decides what it writes of them);
 # other fields are logged as ignored, as a request's are.
 MESSAGE_NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tool_calls": (lambda v: not v, "no tool calling"),
+    "tool_calls": (_empty(list), "no tool calling"),
     "function_call": (lambda v: v is None, "no function calling"),
-    "refusal": (lambda v: not v, "a refusal is not written into the prompt: send its text as content"),
+    "refusal": (_empty(str), "a refusal is not written into the prompt: send its text as content"),
     "audio": (lambda v: v is None, "text only"),
 }
 

@@ -175,6 +175,32 @@ def test_openai_fields_the_server_does_not_implement_are_refused_when_they_ask_f
     assert err.value.message.startswith(f"{field} is not supported by this server (")
 
 
+# Falsy values of the wrong JSON type: no empty list, string or false (OpenAI and vLLM refuse them), nor
+# true for skip_special_tokens (1 == True in Python)
+WRONG_TYPED_NOTHING = [
+    ("tools", 0), ("tools", False), ("tools", ""), ("tools", {}), ("functions", False), ("suffix", 0), ("suffix", []),
+    ("guided_json", 0), ("min_p", False), ("use_beam_search", 0), ("include_stop_str_in_output", ""),
+    ("allowed_token_ids", {}), ("bad_words", 0), ("continue_final_message", []), ("skip_special_tokens", 1),
+    ("add_generation_prompt", 1.0),
+]
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+@pytest.mark.parametrize("field,value", WRONG_TYPED_NOTHING)
+def test_a_falsy_value_of_the_wrong_type_is_refused_not_read_as_the_default(model, field, value):
+    """`"tools": 0` was read as no tools and served: a wrong type passed in silence."""
+    with pytest.raises(APIError) as err:
+        _request(model, **{field: value}).sampling_params(16)
+    assert (err.value.status, err.value.param, err.value.code) == (400, field, "unsupported_value")
+
+
+@pytest.mark.parametrize("field,value", [("tool_calls", 0), ("tool_calls", {}), ("refusal", False), ("refusal", [])])
+def test_a_message_field_of_the_wrong_type_is_refused_at_its_path(field, value):
+    with pytest.raises(APIError) as err:
+        _request(ChatCompletionRequest, messages=[{"role": "assistant", "content": "a", field: value}])
+    assert (err.value.status, err.value.param, err.value.code) == (400, f"messages[0].{field}", "unsupported_value")
+
+
 @pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
 @pytest.mark.parametrize("field,value", ASKS_FOR_NOTHING)
 def test_their_default_values_and_unknown_fields_are_accepted(model, field, value):
