@@ -335,6 +335,14 @@ def _in_vocabulary(ids: list[int], vocab_size: int, param: str) -> list[int]:
     return ids
 
 
+def _field_names(names: list[str], most: int = 20, chars: int = 64) -> str:
+    """Field names a client chose, for a log line: each quoted with its control characters escaped (a name
+    holding a newline forged log lines) and cut to `chars`, at most `most` of them (a 1 MiB body of
+    unknown keys was one 1 MiB line per request)."""
+    shown = [repr(n if len(n) <= chars else n[:chars] + "...") for n in names[:most]]
+    return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
 def _engine_error(exc: Exception) -> APIError:
     """The HTTP error for an engine-side failure of a request that was admitted."""
     if isinstance(exc, RequestFailed):
@@ -568,7 +576,7 @@ class FdllmServer:
                                       self.cfg.block_lookahead, self.sampling_defaults)
         body.check_logit_bias(self.vocab_size)
         if ignored := body.ignored_fields():
-            log.warning("%s request: fields ignored (not part of this API): %s", endpoint, ", ".join(ignored))
+            log.warning("%s request: fields ignored (not part of this API): %s", endpoint, _field_names(ignored))
         if body.logprob_count() is not None and not self.scores_causally:
             raise APIError(400, NO_CAUSAL_LOGPROBS, param="logprobs", code="unsupported_value")
         if body.num_choices > self.cfg.max_waiting:  # could never be admitted at once

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -156,6 +157,21 @@ def test_a_batch_of_prompts_times_n_gets_distinct_engine_requests_and_each_choic
     assert [t.split("<")[0] for t in texts] == ["the fox", "the fox", "hello world", "hello world"]  # choice i*n+j: prompt i
     assert answer["usage"]["prompt_tokens"] == len(tok.encode("the fox")) + len(tok.encode("hello world"))
     assert answer["usage"]["completion_tokens"] == 8
+
+
+def test_ignored_field_names_are_logged_escaped_and_bounded(caplog):
+    """The names of unknown fields are the client's: one holding a newline wrote a forged line into the
+    replica's log, and a body of many thousand keys one line of its whole size per request."""
+    from serve.protocol import CompletionRequest, parse_request
+
+    replica = _replica(make_tokenizer(), _EchoEngine())
+    fields = {"a\nERROR forged": 1, **{f"k{i}" + "y" * 100: 1 for i in range(50)}}
+    body = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": "the fox", "max_tokens": 2, **fields}).encode())
+    with caplog.at_level(logging.WARNING, logger="fdllm.serve"):
+        asyncio.run(FdllmServer.func_or_class._serve(replica, body, "completions", SimpleNamespace(headers={})))
+    (line,) = [r.getMessage() for r in caplog.records if "fields ignored" in r.getMessage()]
+    assert "\n" not in line and "'k0yy" in line and "'a\\nERROR forged'" in line
+    assert len(line) < 2000 and line.endswith("(51 in all)")
 
 
 def test_a_streamed_request_is_counted_as_a_200():
