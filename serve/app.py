@@ -474,7 +474,9 @@ class FdllmServer:
         if not self.api_key:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.lstrip(" ").encode("utf-8", "surrogateescape")
+        # the header's bytes as sent (the ASGI server decodes them as Latin-1), against the key's UTF-8: a UTF-8
+        # encoded twice never matched a non-ASCII key
+        given = token.lstrip(" ").encode("latin-1")
         # the scheme is case-insensitive (RFC 9110 §11.1: "bearer" is "Bearer"); the key is compared in constant time
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.api_key.encode()):
             raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)",

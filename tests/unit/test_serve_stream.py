@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -172,6 +173,24 @@ def test_ignored_field_names_are_logged_escaped_and_bounded(caplog):
     (line,) = [r.getMessage() for r in caplog.records if "fields ignored" in r.getMessage()]
     assert "\n" not in line and "'k0yy" in line and "'a\\nERROR forged'" in line
     assert len(line) < 2000 and line.endswith("(51 in all)")
+
+
+@pytest.mark.parametrize("sent,ok", [(b"Bearer sk-t\xc3\xabst", True), (b"bearer  sk-t\xc3\xabst", True),
+                                     (b"Bearer sk-t\xebst", False), (b"Bearer sk-t\xc3\x83\xc2\xabst", False)])
+def test_a_non_ascii_api_key_matches_the_bytes_clients_send_its_utf8(sent, ok):
+    """curl sends a key's UTF-8 bytes, which the header's Latin-1 decoding and a UTF-8 encode doubled: a key
+    with a non-ASCII character could never be given."""
+    from starlette.requests import Request
+
+    from serve.protocol import APIError
+
+    request = Request({"type": "http", "headers": [(b"authorization", sent)]})
+    authorize = partial(FdllmServer.func_or_class._authorize, SimpleNamespace(api_key="sk-t\u00ebst"))
+    if ok:
+        authorize(request)
+    else:
+        with pytest.raises(APIError):
+            authorize(request)
 
 
 def test_a_streamed_request_is_counted_as_a_200():
