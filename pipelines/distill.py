@@ -36,6 +36,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fdllm.distill")
 
 TRAJECTORIES_FILE, SUMMARY_FILE = "trajectories.jsonl", "summary.json"
+PROGRESS_EVERY_S = 10.0  # the trajectory stage logs its progress at most this often
 
 
 def check_checkpoint(cfg: DistillConfig) -> DistillConfig:
@@ -99,19 +101,25 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
         "num_cpus": cfg.engine_cpus, "num_gpus": cfg.engine_gpus,
     }
     counts: Counter[str] = Counter()
+    logged = time.monotonic()
     fs, root = filesystem(directory)
     root = root.rstrip("/")
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{TRAJECTORIES_FILE}") as out:
-        # a row of the read is a pack window of many records: one row per record instead
+        # a row of the read is a pack window of many records: one row per record instead, in blocks of a
+        # batch: a read split (8 MB, thousands of records) is one block, which only one engine actor would
+        # decode, its records coming back (and logged) only once all are done
         raw = read_raw_records(sources, cfg.data_config(), cfg.data_cpus).map_batches(
-            split_windows, batch_size=None, batch_format="pyarrow", num_cpus=cfg.data_cpus)
+            split_windows, batch_size=None, batch_format="pyarrow", num_cpus=cfg.data_cpus,
+        ).repartition(target_num_rows_per_block=cfg.trajectory_batch_size)
         for batch in raw.map_batches(TrajectoryGenerator, **generator).iter_batches(batch_size=None, batch_format="numpy"):
             for record, status in zip(batch["record"], batch["status"]):
                 counts[status] += 1
                 if record:
                     out.write(record.encode() + b"\n")
-            log.info("trajectories: %d records so far, %d correct", sum(counts.values()), counts[CORRECT])
+            if time.monotonic() - logged >= PROGRESS_EVERY_S:  # a line per batch would be hundreds of lines
+                logged = time.monotonic()
+                log.info("trajectories: %d records so far, %d correct", sum(counts.values()), counts[CORRECT])
     # written last, whole: its presence says the trajectories are complete (a rerun reuses them)
     write_bytes(join(directory, SUMMARY_FILE), json.dumps({"counts": dict(counts), **made_with(cfg)}, indent=2).encode())
     return dict(counts)

@@ -169,6 +169,9 @@ def test_trajectories_at_a_uri_with_a_query(s3_env, tmp_path, monkeypatch):
         def map_batches(self, *args, **kwargs):
             return self
 
+        def repartition(self, *args, **kwargs):
+            return self
+
         def iter_batches(self, **kwargs):
             yield {"record": ['{"input": "q", "output": "a"}', ""], "status": [CORRECT, DROPPED]}
 
@@ -341,3 +344,31 @@ def test_a_trajectory_cut_off_mid_thought_is_never_correct():
 
     assert not is_correct("<think>still thinking", "<think>a reference with an open tag")
     assert is_correct("<think>x</think> 42 ", "42")
+
+
+def test_the_engine_actors_get_the_records_a_batch_at_a_time(tmp_path, monkeypatch):
+    """A read split (thousands of records) was one block: one engine actor decoded all of it, whatever
+    --engine-actors, and the stage said nothing until it was done (the world's 20,000 prompts: 4.5 min, one
+    line). The records reach the actors in blocks of --trajectory-batch-size."""
+    from pipelines import distill
+    from tests.sft_data import good_records, write_jsonl
+
+    calls = []
+
+    class Dataset:  # Ray Data's chain, recorded
+        def map_batches(self, fn, **kwargs):
+            calls.append(("map_batches", getattr(fn, "__name__", fn)))
+            return self
+
+        def repartition(self, *args, **kwargs):
+            calls.append(("repartition", kwargs.get("target_num_rows_per_block")))
+            return self
+
+        def iter_batches(self, **kwargs):
+            yield {"record": ['{"input": "q", "output": "a"}'], "status": [CORRECT]}
+
+    monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: Dataset())
+    cfg = DistillConfig(model="m", data=[str(write_jsonl(tmp_path / "sft.jsonl", good_records(2)))], max_steps=1,
+                        trajectory_batch_size=16)
+    assert distill.generate_trajectories(cfg, str(tmp_path / "t")) == {CORRECT: 1}
+    assert calls.index(("repartition", 16)) < calls.index(("map_batches", "TrajectoryGenerator"))
