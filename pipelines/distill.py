@@ -126,11 +126,21 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
 
 
 def read_summary(directory: str) -> dict[str, Any] | None:
-    """summary.json of the trajectories in `directory`, or None when none were completed there."""
+    """summary.json of the trajectories in `directory`, or None when none were completed there; ValueError
+    for one that is no summary (cut short, edited): it would fail later with a bare JSON error or a traceback."""
+    path = join(directory, SUMMARY_FILE)
     try:
-        return json.loads(read_text(join(directory, SUMMARY_FILE)))
+        summary = json.loads(read_text(path))
     except FileNotFoundError:
         return None
+    except ValueError as e:
+        summary = e
+    counts = summary.get("counts") if isinstance(summary, dict) else None
+    if not isinstance(counts, dict) or not all(isinstance(n, int) for n in counts.values()):
+        why = f"not JSON ({summary})" if isinstance(summary, ValueError) else "no \"counts\" of records per status"
+        raise ValueError(f"{path} is no summary of trajectories: {why}; remove it to decode them again, or give "
+                         "another --trajectories path")
+    return summary
 
 
 def made_with(cfg: DistillConfig) -> dict[str, Any]:

@@ -372,3 +372,15 @@ def test_the_engine_actors_get_the_records_a_batch_at_a_time(tmp_path, monkeypat
                         trajectory_batch_size=16)
     assert distill.generate_trajectories(cfg, str(tmp_path / "t")) == {CORRECT: 1}
     assert calls.index(("repartition", 16)) < calls.index(("map_batches", "TrajectoryGenerator"))
+
+
+@pytest.mark.parametrize("content", ["", "{cut", "[]", '{"model": "m"}', '{"counts": null}', '{"counts": {"correct": "3"}}'])
+def test_a_summary_that_is_no_summary_is_one_clear_error(tmp_path, content):
+    """A summary.json cut short or edited: a bare JSON error naming no file, or an AttributeError/KeyError
+    traceback (its counts read later), before."""
+    from pipelines import distill
+
+    (tmp_path / distill.SUMMARY_FILE).write_text(content)
+    cfg = DistillConfig(model="m", data=["d"], max_steps=1)
+    with pytest.raises(ValueError, match="summary.json is no summary of trajectories: .*remove it"):
+        distill.generate_trajectories(cfg, str(tmp_path))
