@@ -198,6 +198,10 @@ def run(cfg: DistillConfig) -> "ray.train.Result":
     counts = generate_trajectories(cfg, cfg.trajectories)
     log_counts(counts, cfg.wrong_trajectories)
     if not counts.get(CORRECT, 0) + counts.get(REPLACED, 0):
+        if not counts.get(DROPPED, 0):  # nothing was decoded: --reference would not help
+            bad = {k: v for k, v in counts.items() if k.startswith("bad_")}
+            raise ValueError(f"no trajectory to train on: no record of --data could be decoded (bad rows skipped: "
+                             f"{bad or 'none'}: docs/finetune.md lists the reasons)")
         raise ValueError("no trajectory to train on: every one was wrong (try --wrong-trajectories reference)")
     train_cfg = dataclasses.replace(cfg, data=[join(cfg.trajectories, TRAJECTORIES_FILE)])
     return fit(build_trainer(train_cfg), train_cfg, "distilling")

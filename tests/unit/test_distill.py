@@ -384,3 +384,25 @@ def test_a_summary_that_is_no_summary_is_one_clear_error(tmp_path, content):
     cfg = DistillConfig(model="m", data=["d"], max_steps=1)
     with pytest.raises(ValueError, match="summary.json is no summary of trajectories: .*remove it"):
         distill.generate_trajectories(cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize("counts,said", [
+    ({"bad_invalid_json": 3}, "no record of --data could be decoded (bad rows skipped: {'bad_invalid_json': 3}"),
+    ({"wrong_dropped": 2, "bad_too_long": 1}, "every one was wrong (try --wrong-trajectories reference)"),
+])
+def test_no_trajectory_to_train_on_says_why(dllm_dir, tmp_path, monkeypatch, caplog, counts, said):
+    """Data of bad rows only was refused as "every one was wrong (try --wrong-trajectories reference)",
+    which would not help."""
+    import ray
+
+    from pipelines import distill
+    from tests.sft_data import good_records, write_jsonl
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(distill, "check_fits", lambda *a: None)
+    monkeypatch.setattr(distill, "generate_trajectories", lambda *a: counts)
+    data = write_jsonl(tmp_path / "sft.jsonl", good_records(2))
+    assert main(["--model", str(dllm_dir), "--data", str(data), "--max-steps", "1", "--block-size", "8",
+                 "--sub-block-size", "4", "--seq-len", "64", "--storage-path", str(tmp_path / "runs"),
+                 "--run-name", "r"]) == 2
+    assert said in caplog.text
