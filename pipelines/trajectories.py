@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fdllm.tokenizer import MASK_TOKEN
-from pipelines.data import BadRow, raw_rows, record_to_messages, strip_reasoning_text
+from pipelines.data import CONTEXT_TURN, BadRow, raw_rows, record_to_messages, strip_reasoning_text
 
 if TYPE_CHECKING:
     import pyarrow
@@ -50,8 +50,10 @@ def is_correct(trajectory: str, reference: str) -> bool:
 
 
 def distilled_record(messages: list[dict[str, str]], answer: str) -> dict[str, Any]:
-    """A plain chat record (`pipelines.data` reads it) of the prompt turns and `answer` as the reply."""
-    return {"messages": [*messages[:-1], {"role": "assistant", "content": answer}]}
+    """A plain chat record (`pipelines.data` reads it) of the prompt turns and `answer` as the reply. Earlier
+    assistant turns are the data's, not the model's: marked context, so that only the trajectory trains."""
+    context = [{**m, CONTEXT_TURN: True} if m["role"] == "assistant" else m for m in messages[:-1]]
+    return {"messages": [*context, {"role": "assistant", "content": answer}]}
 
 
 def prompt_token_ids(engine: "fdllm.Engine", messages: list[dict[str, str]]) -> list[int]:

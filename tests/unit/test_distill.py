@@ -406,3 +406,19 @@ def test_no_trajectory_to_train_on_says_why(dllm_dir, tmp_path, monkeypatch, cap
                  "--sub-block-size", "4", "--seq-len", "64", "--storage-path", str(tmp_path / "runs"),
                  "--run-name", "r"]) == 2
     assert said in caplog.text
+
+
+def test_only_the_trajectory_of_a_multi_turn_chat_is_trained():
+    """An earlier assistant turn of a `messages` record (the data's text, not the model's trajectory) carried
+    loss, and the certainty term, in the distilled record."""
+    from fdllm.tokenizer import load_tokenizer
+    from pipelines.data import DataConfig, process_records, record_to_messages
+    from pipelines.trajectories import distilled_record
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "EARLIER"},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "reference"}]
+    record = distilled_record(record_to_messages({"messages": chat}), "mine")
+    tok = load_tokenizer(CONFIGS.parents[1] / "assets" / "tiny-ar-base")  # its template renders earlier answers
+    packed = process_records([record], tok, DataConfig(block_size=8, seq_len=128))
+    trained = tok.decode([t for t, label in zip(packed["input_ids"][0], packed["labels"][0]) if label != -100])
+    assert "mine" in trained and "EARLIER" not in trained
