@@ -97,7 +97,8 @@ def generate_trajectories(cfg: DistillConfig, directory: str) -> dict[str, int]:
                                   "threshold": cfg.trajectory_threshold, "wrong": cfg.wrong_trajectories,
                                   "device": "cuda" if cfg.engine_gpus > 0 else "cpu",
                                   "max_num_seqs": cfg.trajectory_batch_size},
-        "batch_size": cfg.trajectory_batch_size, "batch_format": "pyarrow", "concurrency": cfg.engine_actors,
+        "batch_size": cfg.trajectory_batch_size, "batch_format": "pyarrow",
+        "compute": ray.data.ActorPoolStrategy(size=cfg.engine_actors),  # `concurrency=` is deprecated in Ray 2.51+
         "num_cpus": cfg.engine_cpus, "num_gpus": cfg.engine_gpus,
     }
     counts: Counter[str] = Counter()
