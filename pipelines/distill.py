@@ -163,7 +163,8 @@ def check_reusable(summary: dict[str, Any], cfg: DistillConfig, directory: str) 
               for key, value in made_with(cfg).items() if summary.get(key, ()) != value]
     if differ:
         raise ValueError(f"the trajectories in {directory} were made with other options ({'; '.join(differ)}): "
-                         "give a new --trajectories path to decode them again")
+                         "give a new --trajectories path to decode them again"
+                         + (" (in a new run: a resumed run trains on the data it began with)" if cfg.resume else ""))
 
 
 def log_counts(counts: dict[str, int], wrong: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -207,6 +208,9 @@ def test_trajectories_made_otherwise_are_refused_naming_what_differs(tmp_path, m
         distill.generate_trajectories(now, str(tmp_path))
     assert named.replace("'d'", repr(made.data[0])).replace("'m'", repr(made.model)) in str(e.value)
     assert str(e.value).count(", now ") == 1  # only what differs is named
+    assert "in a new run" not in str(e.value)
+    with pytest.raises(ValueError, match="new --trajectories path to decode them again \\(in a new run"):
+        distill.generate_trajectories(dataclasses.replace(now, resume=True, run_name="r"), str(tmp_path))
     (tmp_path / distill.SUMMARY_FILE).write_text(json.dumps({"counts": {"correct": 3}, "model": made.model}))
     with pytest.raises(ValueError, match="not recorded"):  # an older summary: what made it is unknown
         distill.generate_trajectories(made, str(tmp_path))
