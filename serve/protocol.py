@@ -522,17 +522,8 @@ class ChatMessage(BaseModel):
         return sorted(set(self.model_extra or {}) - set(MESSAGE_NOT_IMPLEMENTED))
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise APIError(400, f"only text content parts are supported, got a part of type {part.get('type')!r}",
-                               param="messages")
-            if not isinstance(part.get("text"), str):
-                raise APIError(400, "a text content part needs its 'text', a string", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
+        """The content's text: its text parts joined (`_text_parts` refused any other part at parse time)."""
+        return self.content if isinstance(self.content, str) else "".join(part["text"] for part in self.content)
 
 
 @functools.cache
@@ -573,7 +564,25 @@ def _supported_messages(messages: Any) -> Any:
     return messages
 
 
-Messages = Annotated[list[ChatMessage], BeforeValidator(_supported_messages)]
+def _text_parts(messages: Any) -> Any:
+    """OpenAI's 400 at the part's path (`messages[1].content[0].type`) for content this server cannot take:
+    a part that is not text, a text part without its text. Checked when the request is parsed, where the
+    message's index is known (the template's rendering, later, knew neither which message nor which part).
+    An empty array of parts is an empty message, as vLLM takes it (clients replaying a history send `[]`
+    for an assistant turn that wrote nothing)."""
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        parts = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(parts if isinstance(parts, list) else ()):  # a string or another type: pydantic's
+            at = f"messages[{i}].content[{j}]"
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise RequestError(f"{at}.type", f"only text content parts are supported, got a part of type "
+                                   f"{part.get('type')!r}", "unsupported_value")
+            if isinstance(part, dict) and not isinstance(part.get("text"), str):
+                raise RequestError(f"{at}.text", "a text content part needs its 'text', a string", "invalid_type")
+    return messages
+
+
+Messages = Annotated[list[ChatMessage], BeforeValidator(_supported_messages), BeforeValidator(_text_parts)]
 
 
 class ChatCompletionRequest(_SamplingFields):

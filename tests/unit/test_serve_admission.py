@@ -266,21 +266,26 @@ def test_token_id_prompts_outside_the_vocabulary_are_a_400_before_echo_decodes_t
 
 
 @pytest.mark.parametrize("model", [ChatCompletionRequest, TokenizeRequest])
-def test_a_non_text_content_part_is_its_own_400_not_the_chat_templates(model):
-    """An image part was refused inside the template's try, so the 400 blamed the chat template ("the
-    chat template rejected these messages: ...") for what the server itself does not take."""
-    prompt_ids = _prompt_ids_with(make_tokenizer())
-    parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
-    body = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode())
+@pytest.mark.parametrize("content,param,code,message", [
+    ([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}],
+     "messages[1].content[1].type", "unsupported_value", "only text content parts are supported, got a part of type 'image_url'"),
+    ([{"type": "text"}], "messages[1].content[0].text", "invalid_type", "a text content part needs its 'text', a string"),
+    ([{"type": "text", "text": 5}], "messages[1].content[0].text", "invalid_type", "a text content part needs its 'text', a string"),
+])
+def test_content_the_server_cannot_take_is_a_400_at_its_parts_path(model, content, param, code, message):
+    """An image part was refused inside the template's try, blaming the chat template; then at `messages`,
+    naming neither the message nor the part."""
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": content}]
     with pytest.raises(APIError) as err:
-        prompt_ids(body)
-    assert (err.value.status, err.value.param) == (400, "messages")
-    assert err.value.message == "only text content parts are supported, got a part of type 'image_url'"
-    textless = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode())
-    with pytest.raises(APIError) as err:  # it said "only text content parts are supported, got a part of type 'text'"
-        prompt_ids(textless)
-    assert (err.value.param, err.value.message) == ("messages", "a text content part needs its 'text', a string")
-    text_only = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts[:1]}]}).encode())
+        parse_request(model, json.dumps({"model": "m", "messages": messages}).encode())
+    assert err.value.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+@pytest.mark.parametrize("model", [ChatCompletionRequest, TokenizeRequest])
+def test_text_parts_are_the_text_they_join(model):
+    prompt_ids = _prompt_ids_with(make_tokenizer())
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    text_only = parse_request(model, json.dumps({"model": "m", "messages": [{"role": "user", "content": parts}]}).encode())
     assert prompt_ids(text_only) == prompt_ids(parse_request(model, json.dumps(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()))
 
