@@ -61,8 +61,9 @@ PROGRESS_EVERY_S = 10.0  # the trajectory stage logs its progress at most this o
 
 def check_checkpoint(cfg: DistillConfig) -> DistillConfig:
     """The model must be a block-diffusion checkpoint of this run's block layout (before any work starts).
-    Returns the run's config: a causal-prefix (joint) checkpoint is distilled with the joint objective
-    carrying the certainty term ("joint-certainty"), so it keeps its AR and speculative modes."""
+    Returns the run's config: the checkpoint's block layout where the run gives none, and for a
+    causal-prefix (joint) checkpoint the joint objective carrying the certainty term ("joint-certainty"),
+    so it keeps its AR and speculative modes."""
     from fdllm.config import BlockDiffusionConfig
     from fdllm.loader import check_checkpoint as check_loadable
 
@@ -70,9 +71,11 @@ def check_checkpoint(cfg: DistillConfig) -> DistillConfig:
     if saved is None or saved.mask_token_id is None:
         raise ValueError(f"{cfg.model} is no block-diffusion checkpoint (no fdllm_config.json with a mask token): "
                          "distil a fine-tuned model (pipelines/finetune.py)")
-    if (saved.block_size, saved.sub_block_size) != (cfg.block_size, cfg.sub_block_size):
-        raise ValueError(f"--block-size/--sub-block-size ({cfg.block_size}/{cfg.sub_block_size}) must be the "
-                         f"checkpoint's ({saved.block_size}/{saved.sub_block_size})")
+    layout = (cfg.block_size or saved.block_size, cfg.sub_block_size or saved.sub_block_size)
+    if layout != (saved.block_size, saved.sub_block_size):
+        raise ValueError(f"--block-size/--sub-block-size ({layout[0]}/{layout[1]}) must be the checkpoint's "
+                         f"({saved.block_size}/{saved.sub_block_size}): leave them out to use its own")
+    cfg = dataclasses.replace(cfg, block_size=saved.block_size, sub_block_size=saved.sub_block_size)
     if saved.causal_prefix and cfg.objective == "certainty":
         log.info("%s was fine-tuned with the joint objective (causal clean stream): distilling with "
                  "joint-certainty, which keeps its AR loss and causal prefix", cfg.model)

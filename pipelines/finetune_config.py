@@ -115,11 +115,11 @@ class FinetuneConfig:
             self.output = resolve_local(self.output)
         for name in ("num_workers", "block_size", "sub_block_size", "seq_len", "batch_size", "save_every", "log_every",
                      "data_memory_mb"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: a distillation's checkpoint's
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len % self.block_size:
+        if self.block_size is not None and self.seq_len % self.block_size:
             raise ValueError(f"seq_len ({self.seq_len}) must be a multiple of block_size ({self.block_size})")
-        if self.block_size % self.sub_block_size:
+        if None not in (self.block_size, self.sub_block_size) and self.block_size % self.sub_block_size:
             raise ValueError(f"block_size ({self.block_size}) must be a multiple of sub_block_size ({self.sub_block_size})")
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("set max_steps or max_tokens (the cosine schedule needs a length)")
@@ -154,7 +154,8 @@ class FinetuneConfig:
             raise ValueError(f"max_failures must be >= 0, or -1 for unlimited, got {self.max_failures}")
         if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed takes: the workers would fail, after Ray starts
             raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
-        self.data_config()  # its own rules (docs_per_batch >= 1, ...) now: distillation reads the data after Ray starts
+        if self.block_size is not None:  # a distillation's layout is read from its checkpoint first (before Ray)
+            self.data_config()  # its own rules (docs_per_batch >= 1, ...) now: distillation reads the data after Ray starts
 
     @property
     def global_batch(self) -> int:
@@ -260,6 +261,9 @@ class DistillConfig(FinetuneConfig):
     objective: str = _opt("training loss (see the fine-tune): certainty = §2 loss + lambda x certainty-forcing "
                           "entropy", OBJECTIVES, default="certainty")
     lr: float = _opt("peak learning rate", default=2e-4)
+    block_size: int | None = _opt("diffusion block size (default: the checkpoint's; another is refused)", default=None)
+    sub_block_size: int | None = _opt("decoding sub-block size (default: the checkpoint's; another is refused)",
+                                      default=None)
     trajectories: str | None = _opt(
         "where the trajectories (trajectories.jsonl + summary.json) are written, local or URI; an existing "
         "summary.json is reused if made with the same model, data and trajectory options, so --resume does not "

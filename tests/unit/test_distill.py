@@ -10,7 +10,7 @@ import pytest
 
 import fdllm
 from pipelines.distill import check_checkpoint, main
-from pipelines.finetune_config import DistillConfig
+from pipelines.finetune_config import DistillConfig, FinetuneConfig
 from pipelines.trajectories import CORRECT, DROPPED, REPLACED, TrajectoryGenerator, final_answer, is_correct
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
@@ -19,7 +19,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 def test_shipped_config_and_help(capsys):
     cfg = DistillConfig.from_sources(str(CONFIGS / "tiny-distill.yaml"))
     assert (cfg.objective, cfg.certainty_weight, cfg.certainty_temperature) == ("certainty", 2.0, 0.5)
-    assert cfg.seq_len % cfg.block_size == 0 and cfg.total_steps() > 0
+    # the block layout is the checkpoint's, the one tiny.yaml (the fine-tune it distils) trains with
+    fine_tune = FinetuneConfig.from_sources(str(CONFIGS / "tiny.yaml"))
+    assert (cfg.block_size, cfg.sub_block_size) == (None, None) and cfg.model == fine_tune.output
+    assert cfg.seq_len % fine_tune.block_size == 0 and cfg.total_steps() > 0
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0 and "--wrong-trajectories" in capsys.readouterr().out
@@ -47,6 +50,11 @@ def test_answers_compare_without_reasoning():
 def test_checkpoint_must_be_a_dllm_of_the_same_block_layout(dllm_dir, qwen2_dir):
     check_checkpoint(DistillConfig(model=str(dllm_dir), data=["d"], max_steps=1, block_size=8, sub_block_size=4,
                                    seq_len=64))
+    # left out, the layout is the checkpoint's (8/4): the defaults had been the fine-tune's 32/8, refused
+    cfg = check_checkpoint(DistillConfig(model=str(dllm_dir), data=["d"], max_steps=1, seq_len=64))
+    assert (cfg.block_size, cfg.sub_block_size) == (8, 4)
+    with pytest.raises(ValueError, match=r"\(8/2\) must be the checkpoint's \(8/4\)"):
+        check_checkpoint(DistillConfig(model=str(dllm_dir), data=["d"], max_steps=1, sub_block_size=2, seq_len=64))
     with pytest.raises(ValueError, match="must be the checkpoint's"):
         check_checkpoint(DistillConfig(model=str(dllm_dir), data=["d"], max_steps=1, block_size=16, sub_block_size=4,
                                        seq_len=64))
@@ -164,7 +172,8 @@ def test_trajectories_at_a_uri_with_a_query(s3_env, tmp_path, monkeypatch):
     bucket = make_bucket("distill")
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     directory = f"{bucket}/runs/r/trajectories?endpoint_override={s3_env['AWS_ENDPOINT_URL'].removeprefix('http://')}&scheme=http"
-    cfg = DistillConfig(model="m", data=[str(write_jsonl(tmp_path / "sft.jsonl", good_records(2)))], max_steps=1)
+    cfg = DistillConfig(model="m", data=[str(write_jsonl(tmp_path / "sft.jsonl", good_records(2)))], max_steps=1,
+                        block_size=32)  # check_checkpoint's, from the checkpoint, in a run
 
     class Decoded:  # the engine actors' output, without Ray
         def map_batches(self, *args, **kwargs):
@@ -373,7 +382,7 @@ def test_the_engine_actors_get_the_records_a_batch_at_a_time(tmp_path, monkeypat
 
     monkeypatch.setattr(distill, "read_raw_records", lambda *a, **k: Dataset())
     cfg = DistillConfig(model="m", data=[str(write_jsonl(tmp_path / "sft.jsonl", good_records(2)))], max_steps=1,
-                        trajectory_batch_size=16)
+                        trajectory_batch_size=16, block_size=32)
     assert distill.generate_trajectories(cfg, str(tmp_path / "t")) == {CORRECT: 1}
     assert calls.index(("repartition", 16)) < calls.index(("map_batches", "TrajectoryGenerator"))
 
