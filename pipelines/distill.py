@@ -187,6 +187,10 @@ def run(cfg: DistillConfig) -> "ray.train.Result":
     cfg = check_checkpoint(cfg)
     if not cfg.trajectories:
         cfg = dataclasses.replace(cfg, trajectories=join(cfg.storage_path, cfg.run_name, "trajectories"))
+    # said before the decoding (minutes to hours): the run's name, chosen here when none was given, is what
+    # a rerun needs to reuse the trajectories and resume the training
+    log.info("run %s: trajectories in %s; if it stops, the same command with --run-name %s (and --resume once "
+             "training has begun) continues it", cfg.run_name, cfg.trajectories, cfg.run_name)
     check_data_files(cfg.data)  # what would fail after the trajectories fails now, before Ray starts
     check_output(cfg)  # an existing run without --resume, too
     if same_or_under(cfg.trajectories, cfg.output):  # the export, after training, would refuse them (other files)
