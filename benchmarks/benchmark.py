@@ -185,7 +185,7 @@ def decode(args: argparse.Namespace) -> list[Row]:
              ("speculative, no lookahead", False, "speculative", False, False)]
 
     def engine_for(batch: int, cache_on: bool, lookahead: bool) -> Callable[[], fdllm.Engine]:
-        pages = batch * math.ceil((args.prompt_len + args.max_new_tokens) / args.block_size)
+        pages = kv_pages(batch, args.prompt_len, args.max_new_tokens, args.block_size)
         ecfg = fdllm.EngineConfig(num_pages=pages, max_num_seqs=batch, speculative_lookahead=lookahead,
                                   max_prefill_tokens=max(batch * args.prompt_len, args.block_size))
         return lambda: fdllm.Engine(model, None, base.replace(use_sub_block_cache=cache_on), ecfg)
@@ -203,6 +203,14 @@ def decode(args: argparse.Namespace) -> list[Row]:
         run_hf(hf, prompts[:1], 2, mask_id, device)  # warm-up
         rows.append(best_of(args.repeats, run_hf, hf, prompts, args.max_new_tokens, mask_id, device))
     return rows
+
+
+def kv_pages(batch: int, prompt_len: int, max_new_tokens: int, block_size: int) -> int:
+    """KV pages for `batch` requests to run together to the end: each request's prompt and output, and
+    one page more for the block a lookahead (the block lookahead, a speculative verify's draft) opens
+    past them; without it the last request of a batch waited for pages and the lookahead rows of a
+    "batch N" ran N-1 requests at a time."""
+    return batch * (math.ceil((prompt_len + max_new_tokens) / block_size) + 1)
 
 
 def best_of(repeats: int, run: Callable[..., Row], *run_args) -> Row:

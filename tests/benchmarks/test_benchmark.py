@@ -50,3 +50,30 @@ def test_score_benchmark_smoke(capsys):
     assert off.fed == 6 * 42 and on.fed == 2 * (42 + 2 * (42 - 32))
     assert all(a[0] is None and b[0] is None and a[1:] == pytest.approx(b[1:], abs=1e-5)
                for a, b in zip(off.logprobs, on.logprobs, strict=True))
+
+
+@pytest.mark.parametrize("mode, block_lookahead", [("diffusion", True), ("speculative", False)])
+def test_decode_rows_of_a_batch_run_the_whole_batch_together(mode, block_lookahead):
+    """The decode table's KV pages hold a batch with its lookahead's next block: the lookahead rows of
+    "batch N" ran N-1 requests at a time (N requests at their exact length, no page for that block)."""
+    import torch
+
+    import fdllm
+    from fdllm.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = fdllm.Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=64)).eval()
+    batch, prompt_len, new, block = 3, 8, 8, 8
+    cfg = fdllm.BlockDiffusionConfig(block_size=block, sub_block_size=4, threshold=1e-9, mask_token_id=63)
+    engine = fdllm.Engine(model, None, cfg, fdllm.EngineConfig(
+        num_pages=benchmark.kv_pages(batch, prompt_len, new, block), max_num_seqs=batch,
+        max_prefill_tokens=batch * prompt_len))
+    params = fdllm.SamplingParams(max_new_tokens=new, ignore_eos=True, mode=mode, block_lookahead=block_lookahead)
+    for i in range(batch):
+        engine.add_request(list(range(1 + i, 1 + i + prompt_len)), params)
+    finished = []
+    while not finished:
+        finished = engine.step()
+        assert len(finished) + engine.num_running == batch
