@@ -1012,9 +1012,20 @@ def main(argv: list[str] | None = None) -> int:
             report.skip(section, f"{left:.0f} s of --deadline-s left")
         else:
             report.run(section, child_argv, min(SECTION_TIMEOUT_S[section], left))
-    failed = [s["name"] for s in report.sections if s["status"] != "ok"]
-    print(f"[gpu_suite] wrote {out}/report.md" + (f"; sections with errors or skipped: {failed}" if failed else ""))
-    return 1 if failed else 0
+    line, status = outcome(report.sections)
+    print(f"[gpu_suite] wrote {out}/report.md{line}")
+    return status
+
+
+def outcome(sections: list[dict[str, Any]]) -> tuple[str, int]:
+    """The run's last words and exit status: 1 when a section did not end ok or one of its checks failed
+    (engine exactness, pytest -m gpu, bench_kernels' exit code, a target): a section that ran to its end
+    with a failing check was "ok", and the run exited 0 without naming it."""
+    failed = [s["name"] for s in sections if s["status"] != "ok"]
+    checks = [f"{s['name']}: {c['what']}" for s in sections for c in s.get("checks", []) if not c["pass"]]
+    line = (f"; sections with errors or skipped: {failed}" if failed else "") + (
+        f"; failed checks: {checks}" if checks else "")
+    return line, 1 if failed or checks else 0
 
 
 if __name__ == "__main__":

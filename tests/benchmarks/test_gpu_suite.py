@@ -415,3 +415,14 @@ def test_decode_shapes_and_batches_are_checked(tmp_path, capsys):
     assert "expected a comma list of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         gpu_suite.main(["--out", str(tmp_path), "--smoke", "--decode-batches", "0"])
+
+
+def test_a_failing_check_fails_the_run_and_is_named():
+    """A section that ends with a failing check (exactness, pytest -m gpu) is no passing run: exit 1, named."""
+    ok = {"name": "decode", "status": "ok", "checks": [gpu_suite._check("fine", 1, True)]}
+    bad = {"name": "engine exactness", "status": "ok", "checks": [gpu_suite._check("graphs == eager", False, False)]}
+    assert gpu_suite.outcome([ok]) == ("", 0)
+    line, status = gpu_suite.outcome([bad, ok])
+    assert status == 1 and "failed checks: ['engine exactness: graphs == eager']" in line
+    assert gpu_suite.outcome([{"name": "kernels", "status": "error"}]) == (
+        "; sections with errors or skipped: ['kernels']", 1)
