@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import fdllm
 from fdllm.engine.params import MODES
-from fdllm.loader import parse_dtype, torch_device
+from fdllm.loader import check_checkpoint, parse_dtype, torch_device
 from fdllm.quantization import QUANTIZATIONS, check_quantization, weight_bytes
 from fdllm.paths import is_uri
 from fdllm.storage import check_directory_path, filesystem, local_checkpoint, read_text, write_bytes
@@ -497,6 +497,11 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
                 check_directory_path(str(Path(path).absolute().parent))  # its directory: absent or one, not a file
         except (ValueError, ImportError) as e:
             parser.error(f"--{option}: {e}")
+    for option, path in [*(("model", m) for m in models), *([("base", args.base)] if args.base else [])]:
+        try:  # before decoding: a missing second model (or --model after --base) ended the run after the rows before it
+            check_checkpoint(path)
+        except (OSError, ValueError, ImportError) as e:
+            parser.error(f"--{option}: " + " ".join(str(e).splitlines()))
     rows = []
     try:
         for i, model in enumerate(models):

@@ -123,3 +123,14 @@ def test_a_prompt_past_the_context_is_named_by_its_record_before_decoding(tmp_pa
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert " error: 1 record(s) too long, such as the one whose prompt starts 'Sort: 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 ': " in err
+
+
+@pytest.mark.parametrize("flags, option", [(["--model", "assets/tiny-ar-base,{tmp}/gone"], "--model"),
+                                           (["--model", "{tmp}/gone", "--base", "assets/tiny-ar-base"], "--model"),
+                                           (["--base", "{tmp}/gone"], "--base")])
+def test_a_missing_checkpoint_is_refused_before_decoding(tmp_path, capsys, monkeypatch, flags, option):
+    """A second model (or --model after --base) that is not there ended the run after the rows before it
+    were decoded, and dropped them."""
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a: pytest.fail("decoded before the checkpoints were checked"))
+    line = _refused([f.format(tmp=tmp_path) for f in flags], capsys)
+    assert f" error: {option}: " in line and f"{tmp_path}/gone" in line
