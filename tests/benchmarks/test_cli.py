@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_host, benchmark, data, gpu_suite
+from benchmarks import bench_host, bench_train, benchmark, data, gpu_suite
 
 
 def _refused(parse, argv: list[str], capsys) -> str:
@@ -55,6 +55,10 @@ BAD = [
     (data.build_parser().parse_args, ["--batch-size", "0"], "--batch-size: must be >= 1"),
     (data.build_parser().parse_args, ["--output", "{dir}"], "--output: {dir} is a directory"),
     (data.build_parser().parse_args, ["--output", "{dir}/no/such/dir/out.json"], "is not an existing directory"),
+    # an empty list was an IndexError traceback after the run; an unknown name exit status 1
+    (benchmark.parse_args, ["train", "--objectives", ","], "--objectives: expected a comma list of diffusion,"),
+    (benchmark.parse_args, ["train", "--objectives", "ar,sft"], "--objectives: unknown objectives ['sft']"),
+    (bench_train.main, ["--seq-len", "100", "--block-size", "32"], "bench_train: error: --seq-len (100) must be a multiple"),
 ]
 
 
