@@ -169,7 +169,8 @@ def measure(engine: fdllm.Engine, prompts: list[list[int]], params: fdllm.Sampli
             if running == len(prompts) and timed.forwards == 1:  # a full-batch step with one forward
                 steps.append(timed)
     if not steps:
-        raise RuntimeError("no full-batch decode step was measured; raise --max-new-tokens")
+        raise ValueError(f"no full-batch decode step was measured: every request ended within --max-new-tokens "
+                         f"{params.max_new_tokens} before one; raise --max-new-tokens")
     return _row(mode, stub, len(prompts), steps)
 
 

@@ -48,3 +48,11 @@ def test_best_keeps_the_quietest_repeat_and_the_mean_over_all_of_them():
     [best] = bench_host.best([row(60, 1.9, 5.0), row(40, 1.5, 1.5)])
     assert best.host_ms == 1.5 and best.steps == 40
     assert best.host_mean_ms == pytest.approx((60 * 5.0 + 40 * 1.5) / 100)
+
+
+def test_too_few_new_tokens_to_time_a_step_is_a_usage_error(capsys):
+    """It was a RuntimeError traceback (exit 1) after the model loaded."""
+    with pytest.raises(SystemExit) as e:
+        bench_host.main(["--batch-sizes", "1", "--max-new-tokens", "1", "--repeats", "1", "--prompt-len", "4"])
+    assert e.value.code == 2
+    assert "bench_host: error: no full-batch decode step was measured" in capsys.readouterr().err
