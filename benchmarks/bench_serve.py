@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cli import positive_int, positive_int_list
+from benchmarks.cli import positive_float, positive_int, positive_int_list
 
 PROMPTS = ("Reverse: 03 17 42 08 99", "Reverse: 12 07 55 31 64 20", "Reverse: 88 02 14 73 45", "hello")
 
@@ -68,7 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--requests", type=positive_int, default=48, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=positive_int, default=32)
     p.add_argument("--mode", default="diffusion", choices=["diffusion", "ar"])
-    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="per-request timeout (s)")
     p.add_argument("--api-key", help="bearer token of the server (default: none)")
     p.add_argument("--max-replicas", type=positive_int, default=1,
                    help="autoscale the started app between 1 and this many replicas (ignored with --url)")
@@ -323,8 +323,13 @@ def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
                          **_autoscaling(args.max_replicas)})
     try:
         if args.chaos:
-            report = asyncio.run(run_chaos(url, name, levels[0], args.requests, args.max_tokens, args.seed,
-                                           args.api_key, args.timeout))
+            import httpx
+
+            try:
+                report = asyncio.run(run_chaos(url, name, levels[0], args.requests, args.max_tokens, args.seed,
+                                               args.api_key, args.timeout))
+            except httpx.TransportError as e:  # no server there: the run's one-line error, not a traceback
+                raise ValueError(f"no answer from {url} ({type(e).__name__}: {e}): is the server up?") from None
             print(report.summary())
             return report
         asyncio.run(run_level(url, name, 1, 2, args))  # warm-up: first-request costs out of the table

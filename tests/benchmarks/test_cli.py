@@ -59,6 +59,10 @@ BAD = [
     (benchmark.parse_args, ["train", "--objectives", ","], "--objectives: expected a comma list of diffusion,"),
     (benchmark.parse_args, ["train", "--objectives", "ar,sft"], "--objectives: unknown objectives ['sft']"),
     (bench_train.main, ["--seq-len", "100", "--block-size", "32"], "bench_train: error: --seq-len (100) must be a multiple"),
+    (benchmark.parse_args, ["serve", "--timeout", "nan"], "--timeout: must be a finite number > 0, got nan"),
+    # --chaos against no server was an httpx.ConnectError traceback
+    (benchmark.main, ["serve", "--url", "http://127.0.0.1:8489", "--chaos", "--concurrency", "1", "--requests", "1"],
+     "benchmark serve: error: no answer from http://127.0.0.1:8489 (ConnectError"),
 ]
 
 
