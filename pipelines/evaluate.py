@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> list[EvalRow]:
             parser.error(f"--{option}: {e}")
     for option, path in [*(("model", m) for m in models), *([("base", args.base)] if args.base else [])]:
         try:  # before decoding: a missing second model (or --model after --base) ended the run after the rows before it
-            check_checkpoint(path)
+            check_checkpoint(path, need_tokenizer=True)  # evaluate renders and reads text with it
         except (OSError, ValueError, ImportError) as e:
             parser.error(f"--{option}: " + " ".join(str(e).splitlines()))
     rows = []

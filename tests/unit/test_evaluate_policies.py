@@ -132,7 +132,8 @@ def test_cli_errors_are_one_line_before_any_decoding(dllm_dir, tmp_path, capsys)
     (tmp_path / "adir").mkdir()
     for argv, needle in [(["--batch-size", "-1"], "--batch-size"), (["--limit", "0"], "--limit"),
                          (["--modes", ","], "no mode"), (["--output", str(tmp_path / "adir")], "is a directory"),
-                         (["--model", str(tmp_path / "missing")], "no config.json")]:
+                         (["--model", str(tmp_path / "missing")], "missing: no such checkpoint directory"),
+                         (["--model", str(tmp_path / "adir")], "adir: not an HF checkpoint directory")]:
         args = {"--model": str(dllm_dir), "--data": str(records)} | dict(zip(argv[::2], argv[1::2]))
         with pytest.raises(SystemExit) as e:
             main([x for kv in args.items() for x in kv])
