@@ -134,3 +134,22 @@ def test_a_missing_checkpoint_is_refused_before_decoding(tmp_path, capsys, monke
     monkeypatch.setattr(evaluate, "run_evaluation", lambda *a: pytest.fail("decoded before the checkpoints were checked"))
     line = _refused([f.format(tmp=tmp_path) for f in flags], capsys)
     assert f" error: {option}: " in line and f"{tmp_path}/gone" in line
+
+
+@pytest.mark.parametrize("device,batch_size,warmed", [("cpu", 0, None), ("cuda", 0, ([3, 3, 3], 16)),
+                                                       ("cuda", 2, ([3, 3], 16))])
+def test_a_gpu_row_is_warmed_up_untimed_and_a_cpu_row_is_not(device, batch_size, warmed):
+    """The first row of each engine (the AR base's, which every "vs AR" divides by) paid its Triton
+    compiles and CUDA-graph captures in its timed window; on a GPU each row's batch runs two blocks first."""
+    from types import SimpleNamespace
+
+    import fdllm
+    import torch
+
+    runs = []
+    engine = SimpleNamespace(model=SimpleNamespace(device=torch.device(device)), config=SimpleNamespace(block_size=8),
+                             tokenizer=lambda text: SimpleNamespace(input_ids=[1, 2, 3]),  # no chat template
+                             generate=lambda prompts, params, progress: runs.append(([len(p) for p in prompts],
+                                                                                      params.max_new_tokens)))
+    evaluate.warm_up(engine, [GOOD] * 3, fdllm.SamplingParams(max_new_tokens=64), batch_size)
+    assert runs == ([warmed] if warmed else [])
