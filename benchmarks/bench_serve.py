@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import random
 import statistics
@@ -125,8 +126,8 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, args:
     async with httpx.AsyncClient(timeout=args.timeout) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     seconds = time.perf_counter() - start
-    lat = sorted(r[0] for r in results) or [float("nan")]
-    return LevelResult(concurrency, requests, failed, statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+    lat = [r[0] for r in results] or [float("nan")]
+    return LevelResult(concurrency, requests, failed, statistics.median(lat), p99(lat),
                        statistics.median(r[1] for r in results) if results else float("nan"),
                        sum(r[2] for r in results), seconds)
 
@@ -170,8 +171,7 @@ class ChaosReport:
 
     @property
     def p99_s(self) -> float:
-        lat = sorted(self.latencies) or [float("nan")]
-        return lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+        return p99(self.latencies or [float("nan")])
 
     def fail(self, kind: str, why: str) -> None:
         self.failures[kind] += 1
@@ -303,6 +303,12 @@ async def run_chaos(url: str, model: str, clients: int, requests: int, max_token
     return report
 
 
+def p99(values: list[float]) -> float:
+    """The 99th percentile by nearest rank (the smallest value at least 99% of them do not exceed): of
+    100 latencies the 99th, not the slowest, which `int(0.99 * n)` read."""
+    return sorted(values)[math.ceil(0.99 * len(values)) - 1]
+
+
 def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
     levels = args.concurrency
     name = args.model_name or Path(args.model).name
@@ -317,7 +323,9 @@ def run(args: argparse.Namespace) -> list[LevelResult] | ChaosReport:
             from serve.replicas import FAST_AUTOSCALING_METRICS_ENV
 
             os.environ.update(FAST_AUTOSCALING_METRICS_ENV)
-        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        # a Ray instance of its own: attached to a `ray start` cluster, it would replace that cluster's "fdllm"
+        # app with its own and shut the cluster's Serve down when done
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         url = run_local({"model": args.model, "model_name": name, "max_waiting": 1024, "max_ongoing_requests": 2048,
                          "max_queued_requests": 1024, "fault_injection": args.chaos, "api_key": args.api_key,
                          **_autoscaling(args.max_replicas)})
