@@ -151,10 +151,10 @@ def _measure(objective: str, args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    loaded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: torch, the model, the batch
     for _ in range(args.warmup):
         step()
     sync()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -164,8 +164,9 @@ def _measure(objective: str, args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:  # peak RSS of this process: the warmup steps already reached the steady-state peak
-        peak_mib = max(base_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    else:  # the steps' peak RSS above the loaded model (the warm-up steps reached the steady-state peak); the
+        # process's whole peak, ~450 MiB of it torch itself, left the objectives' ratio near 1 whatever they used
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - loaded_kib) / 1024
     tokens = args.steps * args.batch_size * args.seq_len
     return {
         "objective": objective,

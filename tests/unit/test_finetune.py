@@ -403,7 +403,8 @@ def test_bench_train_measures_every_objective(objective):
     args = bench_train.add_parser(sub).parse_args(["--seq-len", "32", "--batch-size", "2", "--block-size", "8",
                                                    "--steps", "1", "--warmup", "1"])
     result = bench_train._measure(objective, args)  # in-process: `run` would spawn a fresh process
-    assert result["tokens_per_s"] > 0 and result["peak_mem_mib"] > 0
+    # >= 0: in the test's process the RSS high-water mark is the suite's (`run` measures in a fresh process)
+    assert result["tokens_per_s"] > 0 and result["peak_mem_mib"] >= 0
 
 
 def test_ray_train_per_report_lines_are_silenced(caplog):
