@@ -432,6 +432,13 @@ def _save_checkpoint(
     (directory / RUN_SETTINGS).write_bytes(run_settings(cfg))
 
 
+def load_train_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's train_state.pt: counters, the optimizer's state dict, the decay layout; tensors and
+    plain containers only (`weights_only`): a checkpoint in a shared bucket is no way to run code in the
+    workers (a full unpickle runs what the file says)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: `config["cfg"]` is the run's FinetuneConfig."""
     import ray.train
@@ -449,7 +456,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state, saved, source = TrainState(), None, None
         if checkpoint is not None:  # a restart (FailureConfig) or --resume: continue from the latest
             source = restore_for_rank(checkpoint, Path(restore_dir), rank)  # the storage may be remote
-            saved = torch.load(Path(source) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            saved = load_train_state(Path(source) / TRAIN_STATE)
             state = TrainState(**saved["state"])
         else:
             source = local_checkpoint(cfg.model)  # an object-store base: downloaded once per node

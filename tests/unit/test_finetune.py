@@ -816,3 +816,29 @@ def test_weight_decay_shrinks_matrices_and_spares_norms_and_biases(qwen2_dir, mo
     for name, p in model.named_parameters():
         kept = 1.0 if p.dim() == 1 and not decay_all else 1 - lr * 0.1
         torch.testing.assert_close(p.detach(), before[name] * kept, rtol=1e-6, atol=0, msg=name)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('ran').write_text('pwned')",))
+
+
+def test_train_state_loads_what_a_run_saves_and_never_runs_code(tmp_path, monkeypatch):
+    """A resume read train_state.pt with a full unpickle: a checkpoint planted in a shared bucket ran its
+    code in every worker. What a run saves (counters, AdamW's state dict) loads; an object does not."""
+    from pipelines.train_loop import TrainState, load_train_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    saved = {"state": dataclasses.asdict(TrainState(step=3)), "decay_matrices": True, "optimizer": optimizer.state_dict()}
+    torch.save(saved, tmp_path / "train_state.pt")
+    loaded = load_train_state(tmp_path / "train_state.pt")
+    assert loaded["state"] == saved["state"] and loaded["optimizer"]["param_groups"] == saved["optimizer"]["param_groups"]
+    torch.optim.AdamW(model.parameters(), lr=1e-3).load_state_dict(loaded["optimizer"])
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state": _RunsCode()}, tmp_path / "planted.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_train_state(tmp_path / "planted.pt")
+    assert not (tmp_path / "ran").exists()
