@@ -315,11 +315,15 @@ def local_checkpoint(
             log.info("%s is being written; waiting", uri)
             time.sleep(_WAIT_POLL_S)
             continue
+        if manifest is not None:
+            _check_manifest(manifest, uri)
         version = manifest["export_id"] if manifest else listing.fingerprint()
         if manifest:
             wanted = {name: size for name, size in manifest["files"].items()}
         else:
             wanted = {name: size for name, (size, _) in listing.files.items()}
+        if unsafe := [name for name in wanted if not _safe_relative(name)]:
+            raise ValueError(f"{uri}: file names that would leave the node cache: {', '.join(map(repr, unsafe[:4]))}")
         if not weights:
             wanted = {n: s for n, s in wanted.items() if not any(fnmatch.fnmatch(n, p) for p in WEIGHT_PATTERNS)}
             version += _NO_WEIGHTS
@@ -332,6 +336,28 @@ def local_checkpoint(
             return target
         if time.monotonic() > deadline:
             raise TimeoutError(f"{uri} kept changing while being downloaded for {wait_s:.0f} s")
+
+
+_EXPORT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what publish_dir writes (uuid4 hex): one plain directory name
+
+
+def _safe_relative(name: str) -> bool:
+    """Whether `name`, a file name an export's manifest or a store's listing gives, stays inside the
+    directory it is copied to: relative, with no empty, `.` or `..` component (a bucket is not trusted
+    to name files of this node)."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(("/", "\\")) and "\0" not in name
+            and all(part not in ("", ".", "..") for part in name.replace("\\", "/").split("/")))
+
+
+def _check_manifest(manifest: object, uri: str) -> None:
+    """ValueError unless `manifest` is what `publish_dir` writes: an `export_id` that is one plain name (it
+    names the version's directory in the cache) and `files`, relative name -> size in bytes."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    export = manifest.get("export_id") if isinstance(manifest, dict) else None
+    if not (isinstance(export, str) and _EXPORT_ID.fullmatch(export) and isinstance(files, dict)
+            and all(type(size) is int and size >= 0 for size in files.values())):
+        raise ValueError(f"{uri}/{MANIFEST} is not an fdllm export manifest (an export_id of letters, digits, '-' "
+                         "and '_', and files: name -> size)")
 
 
 def _fetch_once(

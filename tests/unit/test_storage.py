@@ -672,3 +672,25 @@ def test_an_export_that_dies_while_removing_an_older_exports_files_leaves_them_t
     assert storage.MANIFEST not in {p.name for p in out.iterdir()}  # the old export is gone, its shard is not
     storage.publish_dir(_src(work, {"config.json": "3"}), str(out))
     assert {p.name for p in out.iterdir()} == {"config.json", storage.MANIFEST}
+
+
+@pytest.mark.parametrize("manifest", [
+    {"export_id": "v1", "files": {"config.json": 2, "{victim}/pwned.sh": 4}},  # an absolute name: written there
+    {"export_id": "v1", "files": {"config.json": 2, "../../../../pwned.sh": 4}},
+    {"export_id": "{victim}", "files": {"config.json": 2}},  # the version's directory, made (or read) anywhere
+    {"export_id": "..", "files": {"config.json": 2}},
+])
+def test_an_export_manifest_names_no_file_outside_the_node_cache(tmp_path, manifest):
+    """A bucket someone else writes is not trusted to name this node's files: a manifest's file names and
+    export id became paths in the cache unchecked, so a checkpoint could write (or hand the loader) any
+    path the replica may write."""
+    victim, export = tmp_path / "victim", tmp_path / "bucket" / "ckpt"
+    for name in ("config.json", f"{victim}/pwned.sh".lstrip("/"), "pwned.sh"):
+        (export / name).parent.mkdir(parents=True, exist_ok=True)
+        (export / name).write_text("{}" if name == "config.json" else "evil")
+    text = json.dumps(manifest).replace("{victim}", str(victim))
+    (export / storage.MANIFEST).write_text(text)
+    with pytest.raises(ValueError, match="node cache|not an fdllm export manifest"):
+        storage.local_checkpoint(f"file://{export}", tmp_path / "cache")
+    assert not victim.exists() and not (tmp_path / "pwned.sh").exists()
+    assert [p for p in tmp_path.rglob("*") if "cache" not in p.parts and "bucket" not in p.parts] == []
