@@ -79,7 +79,11 @@ def _weight_names(path: Path) -> list[str]:
     weight_map = read_json_object(path / INDEX_FILE).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{path / INDEX_FILE}: no weight_map of tensor names to file names")
-    return sorted(set(weight_map.values()))
+    names = sorted(set(weight_map.values()))
+    if outside := [name for name in names if Path(name).is_absolute() or ".." in Path(name).parts]:
+        # a checkpoint is not trusted to name files of this node: `path / "/other/model.safetensors"` is that file
+        raise ValueError(f"{path / INDEX_FILE}: weight files outside the checkpoint directory: {', '.join(outside[:4])}")
+    return names
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -176,6 +176,25 @@ def test_sharded_save_round_trips(tmp_path, qwen2_dir):
         assert (hf(ids).logits - expect).abs().max().item() < 1e-5
 
 
+def test_a_shard_index_names_no_weight_file_outside_the_checkpoint(tmp_path, qwen2_dir):
+    """An index someone else wrote is not trusted to name this node's files: `path / name` of an absolute
+    name, or one with `..`, loaded (and checked) another checkpoint's weights from elsewhere on the node."""
+    import shutil
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(qwen2_dir, elsewhere)
+    for name in (str(elsewhere / "model.safetensors"), "../elsewhere/model.safetensors"):
+        ckpt = tmp_path / "ckpt"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt.mkdir()
+        shutil.copy(qwen2_dir / "config.json", ckpt)
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": name}}))
+        with pytest.raises(ValueError, match="outside the checkpoint directory"):
+            fdllm.load_model(ckpt)
+        with pytest.raises(ValueError, match="outside the checkpoint directory"):
+            fdllm.loader.check_checkpoint(ckpt)
+
+
 def test_generation_config_is_saved_back_as_the_checkpoint_had_it(tmp_path):
     """A fine-tune's export is its base model saved again: Qwen2.5's and Llama 3 Instruct's end tokens past
     config.json's one, and their sampling defaults, are in generation_config.json, which the save dropped
