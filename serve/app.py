@@ -884,6 +884,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"fdllm-serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    for warning in exposure_warnings(args.host, args.api_key, os.environ.get(API_KEY_ENV)):
+        log.warning("%s", warning)
     ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     log.info("OpenAI API on http://%s:%d/v1", args.host, args.port)
@@ -892,6 +894,27 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError:  # Serve's own error names the deployment only: "Failed to update the deployments [...]"
         print(f"fdllm-serve: error: the replicas failed to start: {replica_failure('fdllm')}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def exposure_warnings(host: str, flag_key: str | None, env_key: str | None) -> list[str]:
+    """What fdllm-serve warns of before it listens on `host`: serving beyond this machine (an address
+    other than loopback: 0.0.0.0, ::, a LAN address) without an API key lets anyone who reaches the
+    port generate on its GPUs; a key given as `--api-key` is in the command line, which every user of
+    the machine can read (ps, /proc/PID/cmdline)."""
+    import ipaddress
+
+    warnings = []
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: what it resolves to is the network's business
+        loopback = False
+    if not loopback and not (flag_key or env_key):
+        warnings.append(f"serving on {host} without an API key: anyone who can reach this port can use the model "
+                        f"(set ${API_KEY_ENV}, or --host 127.0.0.1)")
+    if flag_key:
+        warnings.append(f"--api-key puts the key in this process's command line, readable by every user of the "
+                        f"machine (ps); prefer ${API_KEY_ENV}")
+    return warnings
 
 
 def replica_failure(app: str) -> str:

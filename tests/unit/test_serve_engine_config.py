@@ -259,3 +259,20 @@ def test_a_requests_mode_else_the_servers_default_mode_decides():
     assert mode_of({"mode": "diffusion"}, "ar") == "diffusion" and mode_of({"mode": "ar"}, "speculative") == "ar"
     request = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x"}')
     assert not request.sampling_params(16, "ar", default_block_lookahead=True).block_lookahead  # diffusion's alone
+
+
+@pytest.mark.parametrize("host,flag,env,needles", [
+    ("127.0.0.1", None, None, []),
+    ("localhost", None, None, []),
+    ("::1", None, None, []),
+    ("0.0.0.0", None, None, ["without an API key"]),
+    ("::", None, None, ["without an API key"]),
+    ("10.0.0.5", None, "k", []),
+    ("0.0.0.0", "k", None, ["command line"]),
+])
+def test_fdllm_serve_warns_of_an_open_port_and_a_key_in_its_command_line(host, flag, env, needles):
+    """An operator serving on 0.0.0.0 without a key, or passing the key as a flag (visible in `ps`), is told."""
+    from serve.app import exposure_warnings
+
+    warnings = exposure_warnings(host, flag, env)
+    assert len(warnings) == len(needles) and all(n in w for n, w in zip(needles, warnings)), warnings
