@@ -129,6 +129,9 @@ class ServerConfig:
     generation_config: str = "auto"
     max_waiting: int = 256  # requests queued inside a replica before it answers 503
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 before they are parsed
+    # a body not received whole within this many seconds gets 408: Serve's replica reads the body from the proxy as
+    # it arrives, so a client trickling it (slowloris) held one of max_ongoing_requests for as long as it liked
+    body_timeout_s: float = 30.0
     max_prompt_chars: int = 1_000_000  # longer prompts (all chat messages together) get 400 before tokenizing
     fault_injection: bool = False  # chaos tests only: honour the x-fdllm-inject-fault header
     # fdllm.EngineConfig fields, passed through: gpu_memory_utilization, kv_cache_gib, max_num_seqs,
@@ -186,6 +189,8 @@ class ServerConfig:
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:  # the replica's engine would refuse it
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         # <= 0 or nan: the metrics thread would push without pause; inf: its wait raises and it stops
+        if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
+            raise ValueError(f"body_timeout_s must be a finite number > 0, got {self.body_timeout_s}")
         if not (math.isfinite(self.metrics_interval_s) and self.metrics_interval_s > 0):
             raise ValueError(f"metrics_interval_s must be a finite number > 0, got {self.metrics_interval_s}")
         if self.session_max_imbalance < 0:
@@ -512,11 +517,16 @@ class FdllmServer:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"request body not received within {self.cfg.body_timeout_s:g} s",
+                           code="request_timeout") from None
         return b"".join(chunks)
 
     async def _handle(self, request: Request, model: type, endpoint: str, respond) -> Response:

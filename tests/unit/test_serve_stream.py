@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from functools import partial
 from types import SimpleNamespace
 
@@ -97,7 +98,7 @@ def test_a_stream_failing_midway_ends_with_an_error_event_then_done_and_is_count
 def test_a_body_of_exactly_max_body_bytes_is_read_and_one_byte_more_is_413(declare):
     from serve.protocol import APIError
 
-    replica = SimpleNamespace(cfg=SimpleNamespace(max_body_bytes=10))
+    replica = SimpleNamespace(cfg=SimpleNamespace(max_body_bytes=10, body_timeout_s=5.0))
 
     def request(body: bytes):
         async def stream():
@@ -111,6 +112,24 @@ def test_a_body_of_exactly_max_body_bytes_is_read_and_one_byte_more_is_413(decla
     with pytest.raises(APIError) as err:
         read(b"x" * 11)
     assert (err.value.status, err.value.code) == (413, "request_too_large")
+
+
+def test_a_body_trickled_past_body_timeout_s_is_408():
+    """Serve's replica reads a body from the proxy as it arrives: a client sending a byte now and then
+    (slowloris) held one of the replica's max_ongoing_requests for as long as it liked."""
+    from serve.protocol import APIError
+
+    replica = SimpleNamespace(cfg=SimpleNamespace(max_body_bytes=100, body_timeout_s=0.3))
+
+    async def trickle():
+        while True:
+            yield b"{"
+            await asyncio.sleep(0.05)
+
+    start = time.monotonic()
+    with pytest.raises(APIError) as err:
+        asyncio.run(FdllmServer.func_or_class._read_body(replica, SimpleNamespace(headers={}, stream=trickle)))
+    assert (err.value.status, err.value.code) == (408, "request_timeout") and time.monotonic() - start < 2.0
 
 
 def _replica(tok, engine):
