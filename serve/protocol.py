@@ -660,8 +660,9 @@ def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
 def prompt_chars(body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> int:
     """Characters of text the request asks to tokenize (token-id prompts count nothing)."""
     messages = getattr(body, "messages", None)
-    if messages:
-        return sum(m.chars() for m in messages)
+    if messages:  # and the template variables, which a template may write (a client's `bos_token` replaces the tokenizer's)
+        variables = getattr(body, "chat_template_kwargs", None)
+        return sum(m.chars() for m in messages) + (len(json.dumps(variables)) if variables else 0)
     prompts = body.prompt if isinstance(body, CompletionRequest) else [body.prompt]
     return sum(len(p) for p in prompts if isinstance(p, str))
 

@@ -33,6 +33,7 @@ from serve.protocol import (  # noqa: E402
     fdllm_stats,
     generation_defaults,
     parse_request,
+    prompt_chars,
     usage,
 )
 
@@ -865,3 +866,12 @@ def test_up_to_four_stop_strings_are_taken_and_a_fifth_is_refused():
 def test_stream_options_without_include_usage_ask_for_no_usage_chunk():
     assert _request(CompletionRequest, stream=True, stream_options={}).stream_options.include_usage is False
     assert _request(CompletionRequest, stream=True, stream_options={"include_usage": True}).stream_options.include_usage is True
+
+
+def test_template_variables_count_towards_max_prompt_chars():
+    """A template writes the variables a request gives (`bos_token` replaces the tokenizer's): a chat of
+    one short message with a 7 MB variable was tokenized past max_prompt_chars, up to max_body_bytes."""
+    body = parse_request(ChatCompletionRequest, json.dumps({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}],
+        "chat_template_kwargs": {"bos_token": "x" * 5000}}).encode())
+    assert prompt_chars(body) > 5000
