@@ -64,7 +64,7 @@ NOT_HERE: dict[str, list[tuple[str, str]]] = {
         (r"YOUR_BUCKET|\$CKPT|\$REGISTRY", "names the user's bucket, checkpoint or registry"),
         (r"--address http://127\.0\.0\.1:8265", "talks to the cloud head through the forwarded dashboard"),
         (r"127\.0\.0\.1:8000", "calls the cloud head's Serve proxy through `ray attach -p 8000`"),
-        (r"^(export |ACCOUNT=|CKPT=)", "shell setup for the cloud commands that follow it"),
+        (r"^(export |ACCOUNT=|CKPT=|CONF=)", "shell setup for the cloud commands that follow it"),
         (r"^pip install \"ray\[default", "the laptop client of a cloud cluster"),
     ],
 }
