@@ -161,12 +161,14 @@ class PageAllocator:
 
 
 def block_hashes(token_ids: Sequence[int], page_size: int, causal: bool, num_blocks: int,
-                 known: Sequence[bytes] = ()) -> list[bytes]:
+                 known: Sequence[bytes] = (), salt: str | None = None) -> list[bytes]:
     """`block_hash` of the first `num_blocks` whole blocks of a token sequence, in order; `known`: those
-    of its first blocks already computed."""
+    of its first blocks already computed. `salt` (a request's `cache_salt`) is mixed into the first
+    block's key, hence every later one's: blocks are shared only between sequences of the same salt."""
     hashes = list(known)
     for j in range(len(hashes), num_blocks):
-        hashes.append(block_hash(hashes[-1] if hashes else None, token_ids[j * page_size : (j + 1) * page_size], causal))
+        parent = hashes[-1] if hashes else None if salt is None else _salted_root(causal, salt)
+        hashes.append(block_hash(parent, token_ids[j * page_size : (j + 1) * page_size], causal))
     return hashes
 
 
@@ -182,6 +184,11 @@ def block_hash(parent: bytes | None, token_ids: Sequence[int], causal: bool) -> 
 
 
 _ROOTS = {causal: hashlib.blake2b(name, digest_size=16).digest() for causal, name in ((True, b"causal"), (False, b"block"))}
+
+
+def _salted_root(causal: bool, salt: str) -> bytes:
+    """The parent of a salted sequence's first block: no unsalted block, nor one of another salt, has it."""
+    return hashlib.blake2b(_ROOTS[causal] + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class KVCache:

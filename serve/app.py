@@ -621,7 +621,7 @@ class FdllmServer:
             raise _engine_error(exc) from None
         top = body.logprob_count()
         logprobs = [None] * len(results) if top is None else await asyncio.gather(
-            *(self._logprobs(prompts[k // n], r, top, endpoint, echoing) for k, r in enumerate(results)))
+            *(self._logprobs(prompts[k // n], r, top, endpoint, echoing, params.cache_salt) for k, r in enumerate(results)))
         self.counters.by_status[(endpoint, 200)] += 1
         for k in range(len(results)):
             self.counters.record(results, k, n)
@@ -667,12 +667,14 @@ class FdllmServer:
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
             raise _engine_error(exc) from None
 
-    async def _logprobs(self, prompt_ids: list[int], result, top: int, endpoint: str, echo: bool) -> dict[str, Any]:
+    async def _logprobs(self, prompt_ids: list[int], result, top: int, endpoint: str, echo: bool,
+                        cache_salt: str | None) -> dict[str, Any]:
         """A choice's `logprobs`: one causal scoring forward over prompt + completion (Engine.score),
         for the completion's tokens (with `echo`, the prompt's too; without, the prompt's cached blocks
-        are read, not recomputed)."""
+        are read, not recomputed: under the request's `cache_salt`, the blocks it cached itself)."""
         try:
-            scored = await self.engine.score(prompt_ids + result.token_ids, top, 1 if echo else len(prompt_ids))
+            scored = await self.engine.score(prompt_ids + result.token_ids, top, 1 if echo else len(prompt_ids),
+                                             cache_salt)
         except ValueError as exc:  # a bad request (AsyncEngine.score's), e.g. more alternatives than the vocabulary
             raise APIError(400, str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error

@@ -235,12 +235,13 @@ class AsyncEngine:
         finally:
             await stream.aclose()
 
-    async def score(self, token_ids: list[int], top_logprobs: int, score_from: int = 1) -> SequenceLogprobs:
-        """`Engine.score` of one sequence (from position `score_from`), run on the stepping thread between
-        two steps. When running requests hold too much of the cache it waits for some to finish (never
-        fails for it). Raises ValueError (bad request) or EngineDead."""
+    async def score(self, token_ids: list[int], top_logprobs: int, score_from: int = 1,
+                    cache_salt: str | None = None) -> SequenceLogprobs:
+        """`Engine.score` of one sequence (from position `score_from`, under its request's `cache_salt`), run
+        on the stepping thread between two steps. When running requests hold too much of the cache it waits
+        for some to finish (never fails for it). Raises ValueError (bad request) or EngineDead."""
         self.check_alive()
-        return await self._call("score", token_ids, top_logprobs, score_from)
+        return await self._call("score", token_ids, top_logprobs, score_from, cache_salt)
 
     def check_alive(self) -> None:
         if self._error is not None or not self._thread.is_alive():
@@ -361,17 +362,17 @@ class AsyncEngine:
         if not batch:
             return
         try:  # the largest top_logprobs of the batch, each answer cut to its own
-            scored = self.engine.score([ids for (ids, _, _), _ in batch], max(top for (_, top, _), _ in batch),
-                                       [start for (_, _, start), _ in batch])
+            scored = self.engine.score([ids for (ids, *_), _ in batch], max(top for (_, top, *_), _ in batch),
+                                       [start for (_, _, start, _), _ in batch], [salt for (*_, salt), _ in batch])
         except ValueError:  # a bad request in the batch (checked before anything ran): each on its own
             scored = None
         except Exception as exc:  # noqa: BLE001 - the forward failed: so does every request of the batch
             for _, future in batch:
                 _answer(future, exc=exc)
             return
-        for i, ((ids, top, start), future) in enumerate(batch):
+        for i, ((ids, top, start, salt), future) in enumerate(batch):
             try:
-                one = self.engine.score([ids], top, start)[0] if scored is None else scored[i]
+                one = self.engine.score([ids], top, start, salt)[0] if scored is None else scored[i]
             except Exception as exc:  # noqa: BLE001 - handed to the awaiting handler
                 _answer(future, exc=exc)
                 continue

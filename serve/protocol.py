@@ -84,6 +84,7 @@ NO_STREAMED_LOGPROBS = ("logprobs are not available with stream=true: they come 
 LOGPROB_FLOOR = -9999.0  # stands for -inf (the mask token's), which JSON cannot carry (vLLM's floor too)
 # SamplingParams names whose OpenAI request field is called differently
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
+MAX_CACHE_SALT_CHARS = 1024  # vLLM suggests 43 (256 random bits, base64): room for any such, not a megabyte to hash
 
 
 def _empty(*kinds: type) -> Callable[[Any], bool]:
@@ -267,6 +268,8 @@ class _SamplingFields(BaseModel):
     # `ignore_eos` (only these, `stop` and the token limit end it)
     stop_token_ids: _TokenIds | None = None
     ignore_eos: StrictBool | None = None
+    # vLLM's: the request shares prefix-cache blocks only with requests of the same salt (fdllm.SamplingParams)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     response_format: ResponseFormat | None = None  # OpenAI's; only {"type": "text"} is served (NOT_IMPLEMENTED)
 
     @model_validator(mode="before")
@@ -420,6 +423,7 @@ class _SamplingFields(BaseModel):
             min_tokens=self.min_tokens or 0,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=bool(self.ignore_eos),
+            cache_salt=self.cache_salt,
         )
 
 

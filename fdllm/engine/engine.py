@@ -453,13 +453,15 @@ class Engine:
         fine-tune). Under block-causal attention a position sees the block it would predict."""
         return self.config.causal_prefix or self.config.mask_token_id is None or self.ar_checkpoint
 
-    def score(self, prompts: Iterable[Prompt], top_logprobs: int = 0, score_from: int | Seq[int] = 1) -> list[SequenceLogprobs]:
+    def score(self, prompts: Iterable[Prompt], top_logprobs: int = 0, score_from: int | Seq[int] = 1,
+              cache_salt: str | None | Seq[str | None] = None) -> list[SequenceLogprobs]:
         """Each sequence's causal log-probabilities (the model's AR distribution, mask token excluded as
         in decoding): what OpenAI `logprobs`/`echo` and lm-evaluation-harness's loglikelihood tasks read.
         `top_logprobs`: how many of the most likely tokens to return at each position. `score_from`: the
         first position scored (one for all, or one per sequence; earlier ones are None): the whole
         blocks before it that the prefix cache holds are read, not recomputed (a finished request's
-        prompt, when only its completion is scored).
+        prompt, when only its completion is scored). `cache_salt` (one for all, or one per sequence): the
+        prefix cache's salt of each, as `SamplingParams.cache_salt` (its request's, to read its prompt).
 
         Runs prefill's path (`fdllm.engine.scoring`): forwards of at most max_prefill_tokens tokens
         packing several sequences, over pages borrowed from the free pool and given back. Call it
@@ -480,12 +482,17 @@ class Engine:
         starts = list(score_from) if isinstance(score_from, (list, tuple)) else [score_from] * len(encoded)
         if len(starts) != len(encoded):
             raise ValueError(f"{len(encoded)} sequences but {len(starts)} score_from positions")
-        for ids, start in zip(encoded, starts):
+        salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * len(encoded)
+        if len(salts) != len(encoded):
+            raise ValueError(f"{len(encoded)} sequences but {len(salts)} cache salts")
+        for ids, start, salt in zip(encoded, starts, salts):
             self._check_fits(ids, 0)
             if not is_int(start) or not 1 <= start <= len(ids):
                 raise ValueError(f"score_from must be an integer in [1, {len(ids)}] (the sequence's length), got {start!r}")
+            if salt is not None and not (isinstance(salt, str) and salt):
+                raise ValueError(f"cache_salt must be a non-empty string or None, got {salt!r}")
         return score_sequences(self.runner, self.allocator, encoded, top_logprobs, self.config.block_size,
-                               self.engine_config.max_prefill_tokens, starts)
+                               self.engine_config.max_prefill_tokens, starts, salts)
 
     def hold_free_pages(self, n: int) -> None:
         """Admit no new request into the last `n` unreserved pages (0: none held). A caller that waits

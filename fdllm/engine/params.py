@@ -87,6 +87,10 @@ class SamplingParams:
     # vLLM's: the request's stop tokens (EOS, stop_token_ids) cannot be decoded at its first min_tokens
     # output positions (their logits are -inf there); stop strings still end it.
     min_tokens: int = 0
+    # vLLM's: mixed into the request's prefix-cache keys, so that it shares cached blocks only with requests
+    # of the same salt. Without it, any client could tell from a response's cached tokens (or its time to
+    # first token) whether another client had sent a prompt: tenants of one server give each their own.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         """Reject values that could not be decoded meaningfully, before they reach a step: one bad
@@ -116,6 +120,8 @@ class SamplingParams:
         if self.block_lookahead and self.mode not in (None, "diffusion"):  # None: checked once the engine resolves it
             raise ValueError(f"block_lookahead applies to mode='diffusion' only, got mode={self.mode!r} "
                              "(speculative mode's own lookahead is EngineConfig.speculative_lookahead)")
+        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and self.cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string or None, got {self.cache_salt!r}")
         self._check_selection()
         self._check_adjustments()
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):

@@ -27,7 +27,8 @@ def score_pages(num_tokens: int, page_size: int) -> int:
 
 
 def score_sequences(runner: ModelRunner, allocator: PageAllocator, sequences: list[list[int]], top_k: int,
-                    page_size: int, max_tokens: int, score_from: list[int]) -> list[SequenceLogprobs]:
+                    page_size: int, max_tokens: int, score_from: list[int],
+                    salts: list[str | None] | None = None) -> list[SequenceLogprobs]:
     """Each sequence's `SequenceLogprobs` from position `score_from[i]` on; the pages of all of them are
     borrowed at once (`fdllm.cache.OutOfPages` when the free pool is short).
 
@@ -37,7 +38,8 @@ def score_sequences(runner: ModelRunner, allocator: PageAllocator, sequences: li
     as an earlier one (lm-eval's continuations of one context) reads that one's pages and copies its
     log-probabilities there (`_Sibling`), so a shared context is computed once."""
     L = page_size
-    hashes = [block_hashes(ids, L, True, (len(ids) - 1) // L) for ids in sequences]  # every whole block fed
+    salts = salts or [None] * len(sequences)  # each sequence's cache_salt: it reads only its salt's cached blocks
+    hashes = [block_hashes(ids, L, True, (len(ids) - 1) // L, salt=salt) for ids, salt in zip(sequences, salts)]
     cached = [allocator.lookup(h[: (s - 1) // L]) if s < len(ids) else []
               for ids, s, h in zip(sequences, score_from, hashes)]
     if not allocator.reserve(0, [page for pages in cached for page in pages]):

@@ -203,7 +203,8 @@ class Sequence:
     def block_hash(self, j: int) -> bytes:
         """The prefix cache's key of block j (its tokens must be known: j < len(self.tokens) // L)."""
         if len(self.hashes) <= j:
-            self.hashes = block_hashes(self.tokens, self.block_size, self.is_causal or self.causal_prefix, j + 1, self.hashes)
+            self.hashes = block_hashes(self.tokens, self.block_size, self.is_causal or self.causal_prefix, j + 1, self.hashes,
+                                       self.params.cache_salt)
         return self.hashes[j]
 
     @property

@@ -287,3 +287,23 @@ def test_blocks_are_in_the_cache_as_soon_as_a_step_makes_them_final(model, array
             assert engine.allocator.lookup([seq.block_hash(j) for j in range(final)]) == seq.pages[:final], seq.request_id
             grown += final > len(seq.prompt) // L
     assert grown > 20
+
+
+@pytest.mark.parametrize("first_salt,again_salt,shared", [("tenant-a", "tenant-a", True), ("tenant-a", "tenant-b", False),
+                                                         (None, "tenant-a", False), ("tenant-a", None, False)])
+def test_a_cache_salt_shares_blocks_only_with_the_same_salt(model, first_salt, again_salt, shared):
+    """Without salts any client read from `cached_tokens` (or its time to first token) whether another had
+    sent a prompt; vLLM's cache_salt keys a request's blocks by its salt too. The tokens are the same."""
+    engine = make_engine(model)  # no sub-block cache: the reference's exact schedule
+    prompt = random_prompts(1, [21], seed=5)[0]
+    first = engine.generate([prompt], params(max_new_tokens=12, cache_salt=first_salt))[0]
+    again = engine.generate([prompt], params(max_new_tokens=12, cache_salt=again_salt))[0]
+    assert first.token_ids == again.token_ids == reference_generate(model, prompt, 12, L, 4, 0.4)
+    assert again.num_cached_tokens == (16 if shared else 0)
+    assert engine.num_free_pages == engine.num_pages
+
+
+@pytest.mark.parametrize("salt", ["", 5, b"x"])
+def test_a_cache_salt_is_a_non_empty_string(salt):
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        fdllm.SamplingParams(cache_salt=salt)

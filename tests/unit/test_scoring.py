@@ -294,3 +294,24 @@ def test_repeated_sequences_and_chains_of_shared_blocks(engine, monkeypatch):
     # x: 28; again: its 3 blocks, feeds 4; x[:20]+..: 2 blocks, feeds 12; x + 10: 3 blocks of x, feeds 38 - 24;
     # and one more token: the 4 blocks of the previous, feeds 39 - 32
     assert sum(map(sum, forwards)) == 28 + 4 + 12 + 14 + 7
+
+
+def test_a_salted_completion_is_scored_from_its_own_cached_prompt_only(engine, monkeypatch):
+    """The server scores a choice's logprobs under its request's cache_salt: its own cached prompt is read;
+    under another salt (or none) nothing cached is, and the values are the same."""
+    prompt = torch.randint(0, 90, (21,), generator=torch.Generator().manual_seed(4)).tolist()
+    done = engine.generate([prompt], fdllm.SamplingParams(max_new_tokens=6, ignore_eos=True, cache_salt="a"))[0]
+    ids = prompt + done.token_ids
+    chunks = []
+    score = engine.runner.score
+    monkeypatch.setattr(engine.runner, "score", lambda rows, k: chunks.extend(len(r.ids) for r in rows) or score(rows, k))
+
+    def fed(salt):  # tokens the scoring forwards took
+        chunks.clear()
+        return engine.score([ids], score_from=len(prompt), cache_salt=salt)[0], sum(chunks)
+
+    (own, own_fed), (other, other_fed), (unsalted, unsalted_fed) = (fed(salt) for salt in ("a", "b", None))
+    assert (own_fed, other_fed, unsalted_fed) == (len(ids) - 1 - 16, len(ids) - 1, len(ids) - 1)  # 2 blocks read under "a"
+    assert own.logprobs[21:] == pytest.approx(other.logprobs[21:], abs=1e-5) == unsalted.logprobs[21:]
+    with pytest.raises(ValueError, match="2 sequences but 1 cache salts"):
+        engine.score([ids, ids], cache_salt=["a"])

@@ -187,13 +187,17 @@ def test_an_engine_refusal_at_admission_is_a_400_naming_the_field(dllm_dir, qwen
 
 def test_a_scoring_refusal_is_a_400_not_a_500():
     """Engine.score's ValueError is a bad request (AsyncEngine.score's contract), not a server failure."""
-    async def score(*_):
+    asked = []
+
+    async def score(*args):
+        asked.append(args)
         raise ValueError("top_logprobs must be an integer in [0, 16], got 20")
 
     logprobs = partial(FdllmServer.func_or_class._logprobs, SimpleNamespace(engine=SimpleNamespace(score=score)))
     result = fdllm.GenerationResult(request_id="r", prompt_token_ids=[1, 2], token_ids=[3])
     with pytest.raises(APIError) as err:
-        asyncio.run(logprobs([1, 2], result, 20, "chat", False))
+        asyncio.run(logprobs([1, 2], result, 20, "chat", False, "salt"))
+    assert asked == [([1, 2, 3], 20, 2, "salt")]  # scored under the request's cache_salt: its own cached prompt
     assert (err.value.status, err.value.type) == (400, "invalid_request_error")
     assert err.value.message == "top_logprobs must be an integer in [0, 16], got 20"
 

@@ -667,7 +667,16 @@ VALUE_ERRORS = [
      "Invalid 'prompt[1]': empty string. Expected a string with minimum length 1, but got an empty string instead."),
     (CompletionRequest, {"prompt": [[5], []]}, "prompt[1]", "empty_array",
      "Invalid 'prompt[1]': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+    (ChatCompletionRequest, {"cache_salt": ""}, "cache_salt", "empty_string",
+     "Invalid 'cache_salt': empty string. Expected a string with minimum length 1, but got an empty string instead."),
 ]
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_a_cache_salt_reaches_the_engine(model):
+    """vLLM's cache_salt: the request shares prefix-cache blocks only with requests of the same salt."""
+    assert _request(model, cache_salt="tenant-7").sampling_params(16).cache_salt == "tenant-7"
+    assert _request(model).sampling_params(16).cache_salt is None
 
 
 @pytest.mark.parametrize("model,fields,param,code,message", VALUE_ERRORS)
