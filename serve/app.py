@@ -394,6 +394,7 @@ class FdllmServer:
         if self.sampling_defaults:
             log.info("requests that do not set them sample with the checkpoint's generation_config.json defaults %s "
                      "(generation_config=none: OpenAI's)", self.sampling_defaults)
+        self.stop_token_ids_for = engine.stop_token_ids_for  # what ends a request: its stream never sends that text
         self.engine = AsyncEngine(engine, max_waiting=self.cfg.max_waiting)
         self.model_name = self.cfg.model_name or default_model_name(self.cfg.model)
         self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
@@ -611,7 +612,8 @@ class FdllmServer:
         if body.stream:
             self.counters.by_status[(endpoint, 200)] += 1
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventStream(self._sse(streams, head, endpoint, tuple(params.stop), echoes, n, include_usage),
+            return EventStream(self._sse(streams, head, endpoint, tuple(params.stop), echoes, n, include_usage,
+                                         self.stop_token_ids_for(params)),
                                media_type="text/event-stream")
         results: list = [None] * len(streams)
         try:
@@ -684,14 +686,14 @@ class FdllmServer:
         return await asyncio.to_thread(build, scored, 0 if echo else len(prompt_ids), pieces)
 
     async def _sse(self, streams: list, head: ResponseHead, endpoint: str, stop: tuple[str, ...], echoes: list[str], n: int,
-                   include_usage: bool):
+                   include_usage: bool, stop_token_ids: frozenset[int] = frozenset()):
         """Server-sent events of every choice as its tokens come, each chunk naming its choice's index;
         with `include_usage`, a last chunk with no choices carries the usage, every other chunk
         `"usage": null` (OpenAI's stream_options).
         The generator's cancellation or close (client gone) aborts every request. A failure ends the stream with
         an error event and `[DONE]`. `echoes`: a completion's prompt texts (with echo), each sent first
         in its choices."""
-        detoks = [IncrementalDetokenizer(self.tokenizer, stop) for _ in streams]
+        detoks = [IncrementalDetokenizer(self.tokenizer, stop, stop_token_ids) for _ in streams]
         results: list = [None] * len(streams)
         chat = endpoint == "chat"
 

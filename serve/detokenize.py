@@ -9,12 +9,14 @@ later token completes the character), and a stop string that the engine cuts onl
 complete, after the token that completes it has been sent. So the streamer holds back the last
 `len(longest stop) - 1` characters until the request finishes, and never sends a stop string it
 has received, nor anything after it (the engine's final text ends before the first one:
-`StopCriteria.cut_text`).
+`StopCriteria.cut_text`). Nor does it send the text of the stop token that ends a request (a
+`stop_token_ids` entry that is not a special token): the engine's final text leaves it out, as vLLM's.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
@@ -23,11 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] | list[str] = ()) -> None:
-        """`tokenizer`: an HF fast tokenizer (its `backend_tokenizer` does the decoding)."""
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] | list[str] = (),
+                 stop_token_ids: AbstractSet[int] = frozenset()) -> None:
+        """`tokenizer`: an HF fast tokenizer (its `backend_tokenizer` does the decoding); `stop_token_ids`: the
+        ids that end the request (`Engine.stop_token_ids_for`), whose text is never sent."""
         self._backend = tokenizer.backend_tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
         self._stop = tuple(stop)
+        self._stop_ids = frozenset(stop_token_ids)
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self._text = ""  # everything decoded so far
         self._num_emitted = 0  # characters of _text already sent
@@ -35,6 +40,8 @@ class IncrementalDetokenizer:
     def push(self, token_ids: list[int]) -> str:
         """Add tokens; return the new text that is safe to send now (may be empty)."""
         for token_id in token_ids:
+            if token_id in self._stop_ids:  # the request's last token: it ends the text, adds none
+                break
             piece = self._stream.step(self._backend, token_id)
             if piece:
                 self._text += piece

@@ -282,9 +282,8 @@ class Engine:
         elif self._in_use(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         self._validate(ids, params)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._tokenizer_stop_ids)
         criteria = StopCriteria(
-            max_new_tokens=params.max_new_tokens, stop_token_ids=frozenset(stop_ids), stop=tuple(params.stop),
+            max_new_tokens=params.max_new_tokens, stop_token_ids=self.stop_token_ids_for(params), stop=tuple(params.stop),
             decode=self._decode,
         )
         if params.temperature > 0 and params.seed is None:  # a fresh stream; a given seed is reproducible
@@ -574,9 +573,17 @@ class Engine:
         except Exception:  # a failing consumer must not stop the other requests' step
             log.exception("on_tokens callback of request %s failed", seq.request_id)
 
+    def stop_token_ids_for(self, params: SamplingParams) -> frozenset[int]:
+        """The token ids that end a request of `params`: its `stop_token_ids`, and unless `ignore_eos` the
+        tokenizer's EOS and end-of-turn tokens and the checkpoint's end tokens."""
+        return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._tokenizer_stop_ids)
+
     def _finish(self, seq: Sequence, new: list[int] | None = None) -> GenerationResult:
         self._notify(seq, new or [], finished=True)
-        text = self._decode(seq.output)
+        ids = seq.output
+        if seq.finish_reason == "stop" and ids and ids[-1] in seq.criteria.stop_token_ids:
+            ids = ids[:-1]  # the stop token ends the text, as vLLM's: not its text (a special token's is none anyway)
+        text = self._decode(ids)
         if seq.finish_reason == "stop" and seq.params.stop:
             text = seq.criteria.cut_text(text)
         return seq.result(time.perf_counter(), text)

@@ -95,3 +95,14 @@ def test_the_detokenizer_sends_the_held_back_tail_at_the_end():
     sent = "".join(detok.push([t]) for t in tok.encode(text))
     assert len(sent) < len(text)  # the premise: something was held back
     assert sent + detok.finish(text) == text
+
+
+def test_the_stop_token_that_ends_a_request_sends_no_text(tokenizer):
+    """A `stop_token_ids` entry with text of its own (no special token) ends the stream before that text,
+    as the engine's final text ends (vLLM's)."""
+    ids = tokenizer.encode("sorted 17 42", add_special_tokens=False)
+    *head, stop = ids
+    detok = IncrementalDetokenizer(tokenizer, stop_token_ids={stop})
+    sent = detok.push(head[:2]) + detok.push(head[2:] + [stop])
+    final = tokenizer.decode(head, skip_special_tokens=True)
+    assert sent + detok.finish(final) == final

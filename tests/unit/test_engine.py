@@ -101,6 +101,18 @@ def test_stop_token_cuts_output_after_it(model):
     assert res.finish_reason == "stop"
 
 
+def test_stop_token_id_ends_the_text_without_its_text(model):
+    """A request that a stop token ends (a `stop_token_ids` entry that is no special token) ends its text
+    before that token's text, as vLLM's does; the token itself stays in token_ids (usage counts it)."""
+    tokenizer = make_bos_tokenizer()
+    prompt = random_prompts(1, [6], seed=3)[0]
+    full = reference_generate(model, prompt, 24, 8, 4, 0.4)
+    stop = next(t for t in full[1:] if tokenizer.decode([t], skip_special_tokens=True))  # a token with text
+    res = make_engine(model, tokenizer=tokenizer).generate([prompt], params(max_new_tokens=24, stop_token_ids=(stop,)))[0]
+    assert res.finish_reason == "stop" and res.token_ids[-1] == stop
+    assert res.text == tokenizer.decode(res.token_ids[:-1], skip_special_tokens=True)
+
+
 def test_block_size_one_threshold_one_equals_hf_generate(sharp_dir, model):
     import transformers
 

@@ -142,7 +142,7 @@ def _replica(tok, engine):
                         fault_injection=False)
     replica.__dict__.update(cfg=cfg, tokenizer=tok, engine=engine, counters=RequestCounters(), model_name="m",
                             default_mode="diffusion", vocab_size=len(tok), scores_causally=False, max_model_len=256,
-                            sampling_defaults={})
+                            sampling_defaults={}, stop_token_ids_for=lambda params: frozenset(params.stop_token_ids))
     return replica
 
 
