@@ -282,7 +282,8 @@ def render_segments(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     """The rendered conversation cut into (text, is_assistant_answer) pieces that concatenate to it.
 
     Each assistant answer starts where the template's generation prompt ends, so tokenizing the
-    pieces separately reproduces inference's prompt tokens exactly. Templates that rewrite history
+    pieces separately reproduces inference's prompt tokens exactly (a tokenizer that prepends to every
+    text, SentencePiece's "▁", tokenizes each piece after the one before it: `TokenSpec.prepends_to_pieces`). Templates that rewrite history
     (e.g. dropping earlier reasoning) are not prefix-stable: then only the last answer is trained.
     A trained answer whose text writes out one of `stop_texts` (the tokenizer's stop tokens) is a
     BadRow: the model would learn to stop there.
@@ -355,6 +356,10 @@ class TokenSpec:
     # The most characters one token stands for (its vocabulary string's length: a byte-level or
     # SentencePiece token's text has at most as many): text longer than seq_len of them cannot fit.
     max_token_chars: int
+    # Whether a piece of text tokenized alone gets tokens it does not have inside the text it continues: a
+    # SentencePiece tokenizer's prepended "▁" (Llama 2's, TinyLlama's: " b" alone is "▁", "▁b"; after "a", "▁b").
+    # Such a tokenizer's answers are tokenized after the piece before them (`encode_conversations`).
+    prepends_to_pieces: bool = False
 
     @classmethod
     def from_tokenizer(cls, tokenizer: "PreTrainedTokenizerBase") -> "TokenSpec":
@@ -364,7 +369,9 @@ class TokenSpec:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else stops[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         texts = tuple(tokenizer.convert_ids_to_tokens(sorted(stops)))
-        return cls(frozenset(stops), texts, eos, pad, mask_token_id(tokenizer), max(map(len, tokenizer.get_vocab())))
+        enc = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        return cls(frozenset(stops), texts, eos, pad, mask_token_id(tokenizer), max(map(len, tokenizer.get_vocab())),
+                   enc("a b") != enc("a") + enc(" b"))
 
 
 def build_document(
@@ -458,13 +465,25 @@ def encode_conversations(
             elif cfg.overlong == "truncate" and chars > truncate_at:
                 rendered[-1] = cut_segments(rendered[-1], truncate_at)
     texts = [text for r in rendered if not isinstance(r, BadRow) for text, _ in r]
+    if spec.prepends_to_pieces:  # each piece also after the one before it, to take its tokens in that context
+        texts += [r[j - 1][0] + r[j][0] for r in rendered if not isinstance(r, BadRow) for j in range(1, len(r))]
     token_lists = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    rows = [r if isinstance(r, BadRow) else [next(token_lists) for _ in r] for r in rendered]
+    if spec.prepends_to_pieces:
+        for i, alone in enumerate(rows):
+            if isinstance(alone, BadRow):
+                continue
+            rows[i] = alone[:1]
+            for j in range(1, len(alone)):
+                joint = next(token_lists)
+                # the piece's tokens after the one before it; alone where a token spans their boundary
+                rows[i].append(joint[len(alone[j - 1]) :] if joint[: len(alone[j - 1])] == alone[j - 1] else alone[j])
     out: list[Document | BadRow] = []
-    for r in rendered:
+    for r, ids in zip(rendered, rows):
         if isinstance(r, BadRow):
             out.append(r)
             continue
-        pieces = [(next(token_lists), is_answer) for _, is_answer in r]
+        pieces = [(toks, is_answer) for toks, (_, is_answer) in zip(ids, r)]
         try:
             out.append(build_document(pieces, spec, cfg))
         except BadRow as e:

@@ -22,6 +22,7 @@ from pipelines.data import (
     TokenSpec,
     bad_counts,
     check_data_files,
+    encode_conversations,
     pack_jsonl_windows,
     plan_jsonl_splits,
     plan_parquet_splits,
@@ -637,3 +638,34 @@ def test_a_system_prompt_field_beside_a_system_turn_keeps_the_turn():
                                           {"role": "assistant", "content": "a"}]
     assert record_to_messages({"input": "q", "output": "a", "system_prompt": "be verbose"})[0] == {
         "role": "system", "content": "be verbose"}
+
+
+def _sentencepiece_tokenizer():
+    """A tokenizer as Llama 2's (HF's legacy conversion): a SentencePiece vocabulary whose normalizer
+    prepends "▁" to every text it tokenizes, and a [INST] chat template."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_lowercase + "[]/"
+    pieces = ["<unk>", "<s>", "</s>", "▁", *chars, *("▁" + c for c in chars), "▁hi", "▁hello", "▁there", "▁[INST]", "▁[/INST]"]
+    tok = Tokenizer(models.Unigram([(p, -1.0 if len(p) > 2 else -5.0) for p in pieces], unk_id=0))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+                          "' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+    return fast
+
+
+def test_a_sentencepiece_answer_is_tokenized_as_inside_the_conversation():
+    """Llama 2's tokenizer prepends "▁" to each text: the answer " hello there </s>" tokenized alone began with a
+    lone "▁" that the conversation (and so the model, answering after "[/INST]") never has."""
+    tok = _sentencepiece_tokenizer()
+    spec = TokenSpec.from_tokenizer(tok)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    doc = encode_conversations(tok, [messages], spec, DataConfig(block_size=4, seq_len=16))[0]
+    full = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    assert doc.input_ids[: len(full)] == full
+    assert [t for t in doc.labels[: len(full)] if t != IGNORE_INDEX] == tok.convert_tokens_to_ids(["▁hello", "▁there", "▁", "</s>"])
+    assert spec.prepends_to_pieces and not TokenSpec.from_tokenizer(make_tokenizer()).prepends_to_pieces
