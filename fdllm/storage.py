@@ -12,7 +12,8 @@ Two jobs, both needed wherever a checkpoint path is taken (the engine, the fine-
   same time. A marker says "being written"; the manifest `fdllm_export.json` (file list, sizes,
   a fresh export id) is written last. Readers wait while the marker is there and check after
   downloading that the manifest did not change under them, so they never cache a mix of two
-  exports. The export id keys the cache: a new export at the same URI is a new download. Older
+  exports. The export id keys the cache (with its files' sizes and times: an export edited after it
+  was written is read again): a new export at the same URI is a new download. Older
   versions stay in the cache (a process may still be reading one) until the cache is cleared.
 
 Why a local export is copied rather than used in place: the next export rewrites its files in place
@@ -320,6 +321,10 @@ def local_checkpoint(
         version = manifest["export_id"] if manifest else listing.fingerprint()
         if manifest:
             wanted = {name: size for name, size in manifest["files"].items()}
+            _check_not_edited(uri, wanted, listing)
+            # its files as they are now (sizes, times) key the copy too: an export edited in place after it was
+            # written (a fdllm_config.json threshold, a chat template) is not served from the copy made before
+            version += "-" + _Listing({n: listing.files[n] for n in wanted if n in listing.files}).fingerprint()[:8]
         else:
             wanted = {name: size for name, (size, _) in listing.files.items()}
         if unsafe := [name for name in wanted if not _safe_relative(name)]:
@@ -442,6 +447,17 @@ def _copy_files(fs: "pyarrow.fs.FileSystem", inner: str, uri: str, wanted: dict[
             shutil.copyfileobj(src, out, length=16 << 20)
         if dest.stat().st_size != size:
             raise OSError(f"{uri}/{name}: got {dest.stat().st_size} bytes, expected {size}")
+
+
+def _check_not_edited(uri: str, wanted: dict[str, int], listing: _Listing) -> None:
+    """OSError naming the file when an export's file (no writer at work) is not the size its manifest
+    says: changed by hand after the export (a copy could not be checked against the manifest)."""
+    for name, size in wanted.items():
+        now = listing.files.get(name, (None,))[0]
+        if now is not None and now != size:
+            raise OSError(f"{uri}/{name} is {now} bytes, but the export's {MANIFEST} says {size}: it was changed after "
+                          f"the export was written; to use the directory as it is now, delete {MANIFEST} there "
+                          "(or export again)")
 
 
 def _unchanged(fs: "pyarrow.fs.FileSystem", inner: str, wanted: dict[str, int], version: str | None) -> bool:

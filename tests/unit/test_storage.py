@@ -694,3 +694,19 @@ def test_an_export_manifest_names_no_file_outside_the_node_cache(tmp_path, manif
         storage.local_checkpoint(f"file://{export}", tmp_path / "cache")
     assert not victim.exists() and not (tmp_path / "pwned.sh").exists()
     assert [p for p in tmp_path.rglob("*") if "cache" not in p.parts and "bucket" not in p.parts] == []
+
+
+def test_a_local_export_edited_after_it_was_written_is_read_as_it_is_now(dllm_dir, tmp_path):
+    """The copy of an export was keyed by its export id alone: an edit of its fdllm_config.json (a threshold,
+    the same size) was never seen, the first copy served for ever; an edit of another size failed as a
+    copy cut short. Now the edit is read, or refused naming the file and what to do."""
+    out, cache = tmp_path / "servable", tmp_path / "cache"
+    storage.publish_dir(dllm_dir, str(out))
+    original = (storage.local_checkpoint(out, cache) / "fdllm_config.json").read_text()
+    edited = original.replace('"threshold": 0.9', '"threshold": 0.1')
+    assert edited != original and len(edited) == len(original)  # the premise: an edit of the same size
+    (out / "fdllm_config.json").write_text(edited)
+    assert (storage.local_checkpoint(out, cache) / "fdllm_config.json").read_text() == edited
+    (out / "chat_template.jinja").write_text("{{ messages }} and more")
+    with pytest.raises(OSError, match="chat_template.jinja is .* changed after the export was written"):
+        storage.local_checkpoint(out, cache)
