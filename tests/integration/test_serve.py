@@ -369,7 +369,8 @@ BAD_INPUTS = [
     # chat structures
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": _user([{"type": "image_url", "image_url": "x"}])}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _user([{"type": "image_url", "image_url": "x"}])}, 400,
+     "messages[0].content[0].type"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": _user("x"), "chat_template_kwargs": {"messages": []}}, 400,
      "chat_template_kwargs"),
