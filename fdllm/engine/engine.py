@@ -32,6 +32,7 @@ from fdllm.engine.params import (
     GenerationResult,
     SamplingParams,
     SequenceLogprobs,
+    check_cache_salt,
     is_int,
 )
 from fdllm.engine.runner import ModelRunner, StepMemory, lookahead_batch_limit, static_step_tokens
@@ -488,8 +489,7 @@ class Engine:
             self._check_fits(ids, 0)
             if not is_int(start) or not 1 <= start <= len(ids):
                 raise ValueError(f"score_from must be an integer in [1, {len(ids)}] (the sequence's length), got {start!r}")
-            if salt is not None and not (isinstance(salt, str) and salt):
-                raise ValueError(f"cache_salt must be a non-empty string or None, got {salt!r}")
+            check_cache_salt(salt)
         return score_sequences(self.runner, self.allocator, encoded, top_logprobs, self.config.block_size,
                                self.engine_config.max_prefill_tokens, starts, salts)
 

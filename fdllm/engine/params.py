@@ -32,6 +32,12 @@ MAX_DELIMITERS, MAX_DELIMITER_CHARS = 16, 32
 MAX_NUM_SEQS = 1 << 16  # far past any batch a replica runs (vLLM's default is 256); 2**63 built buckets until OOM
 
 
+def check_cache_salt(salt: object) -> None:
+    """ValueError unless `salt` is None or a non-empty string: SamplingParams.cache_salt, Engine.score's."""
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise ValueError(f"cache_salt must be a non-empty string or None, got {salt!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How one request is decoded. Validated on construction (ValueError with the reason)."""
@@ -120,8 +126,7 @@ class SamplingParams:
         if self.block_lookahead and self.mode not in (None, "diffusion"):  # None: checked once the engine resolves it
             raise ValueError(f"block_lookahead applies to mode='diffusion' only, got mode={self.mode!r} "
                              "(speculative mode's own lookahead is EngineConfig.speculative_lookahead)")
-        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and self.cache_salt):
-            raise ValueError(f"cache_salt must be a non-empty string or None, got {self.cache_salt!r}")
+        check_cache_salt(self.cache_salt)
         self._check_selection()
         self._check_adjustments()
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):

@@ -315,3 +315,5 @@ def test_a_salted_completion_is_scored_from_its_own_cached_prompt_only(engine, m
     assert own.logprobs[21:] == pytest.approx(other.logprobs[21:], abs=1e-5) == unsalted.logprobs[21:]
     with pytest.raises(ValueError, match="2 sequences but 1 cache salts"):
         engine.score([ids, ids], cache_salt=["a"])
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string or None, got ''"):
+        engine.score([ids, ids], cache_salt=["a", ""])
