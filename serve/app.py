@@ -131,7 +131,7 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413 before they are parsed
     # a body not received whole within this many seconds gets 408: Serve's replica reads the body from the proxy as
     # it arrives, so a client trickling it (slowloris) held one of max_ongoing_requests for as long as it liked
-    body_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0  # nginx's client_body_timeout default, here for the whole body (8 MiB: 140 KB/s)
     max_prompt_chars: int = 1_000_000  # longer prompts (all chat messages together) get 400 before tokenizing
     fault_injection: bool = False  # chaos tests only: honour the x-fdllm-inject-fault header
     # fdllm.EngineConfig fields, passed through: gpu_memory_utilization, kv_cache_gib, max_num_seqs,
