@@ -48,18 +48,12 @@ from functools import partial
 
 import torch
 
-from benchmarks.cli import output_file, positive_float, positive_int, positive_int_list, write_json_atomic
+from benchmarks.cli import choice_list, output_file, positive_float, positive_int, positive_int_list, write_json_atomic
 from benchmarks.shapes import SHAPES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def shape_list(text: str) -> list[str]:
-    names = [name for name in text.split(",") if name]
-    unknown = [name for name in names if name not in SHAPES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(SHAPES)}, got {text!r}")
-    return names
 FLASH_ATTN_PAGE = 256
 
 
@@ -92,7 +86,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of triton, torch, flash_attn (skipped when not installed)")
     p.add_argument("--confidence", action="store_true", help="also benchmark the fused confidence kernel")
     p.add_argument("--linear", action="store_true", help="also benchmark the decode GEMM (fdllm.kernels.linear), first")
-    p.add_argument("--linear-shapes", type=shape_list, default=["qwen2.5-1.5b", "qwen2.5-7b"],
+    p.add_argument("--linear-shapes", type=choice_list(SHAPES, "shapes"), default=["qwen2.5-1.5b", "qwen2.5-7b"],
                    help=f"linear: the models whose projections to time (comma list of {', '.join(SHAPES)})")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton kernels at other values of their tuning constants (rows named "

@@ -32,7 +32,15 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cli import checkpoint, device, non_negative_int, output_file, positive_int, usage_errors  # noqa: E402
+from benchmarks.cli import (  # noqa: E402
+    checkpoint,
+    choice_list,
+    device,
+    non_negative_int,
+    output_file,
+    positive_int,
+    usage_errors,
+)
 
 log = logging.getLogger("fdllm.bench_train")
 
@@ -76,20 +84,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA")
-    parser.add_argument("--objectives", type=objective_list, default=list(OBJECTIVES), help="comma-separated subset of diffusion,diffusion-uncut,ar (uncut: without "
+    parser.add_argument("--objectives", type=choice_list(OBJECTIVES, "objectives"), default=list(OBJECTIVES), help="comma-separated subset of diffusion,diffusion-uncut,ar (uncut: without "
                         "compact_noisy_blocks, to measure what it saves)")
     parser.add_argument("--output", type=output_file, help="write the results as JSON here")
-
-
-def objective_list(text: str) -> list[str]:
-    """`--objectives` (an argparse type): a comma list of OBJECTIVES, at least one. An empty list was an
-    IndexError traceback after the run, an unknown name exit status 1."""
-    objectives = [o.strip() for o in text.split(",") if o.strip()]
-    if unknown := sorted(set(objectives) - set(OBJECTIVES)):
-        raise argparse.ArgumentTypeError(f"unknown objectives {unknown}; choose from {','.join(OBJECTIVES)}")
-    if not objectives:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {','.join(OBJECTIVES)}")
-    return objectives
 
 
 def build_model(args: argparse.Namespace):

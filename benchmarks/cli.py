@@ -9,7 +9,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,19 @@ def positive_int_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer >= 1 (a comma list, e.g. 1,16)")
     return values
+
+
+def choice_list(names: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of `names` (`what` they are, named in the error), at least one."""
+    def parse(text: str) -> list[str]:
+        values = [x.strip() for x in text.split(",") if x.strip()]
+        expected = f"expected a comma list of {', '.join(names)}"
+        if unknown := [v for v in values if v not in names]:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; {expected}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"{expected}; got {text!r}")
+        return values
+    return parse
 
 
 def device(text: str) -> str:

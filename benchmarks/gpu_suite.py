@@ -81,7 +81,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from benchmarks.cli import output_dir, positive_float, positive_int_list, write_json_atomic
+from benchmarks.cli import choice_list, output_dir, positive_float, positive_int_list, write_json_atomic
 from benchmarks.shapes import SHAPES
 # HBM bandwidth (GB/s, NVIDIA's data sheets) by device name, most specific first: the first name that
 # torch.cuda.get_device_name contains is the device's ("NVIDIA H100 PCIe" is not an SXM H100).
@@ -249,17 +249,6 @@ def _stopped(error: str, status: str, partial: dict[str, Any] | None, tail: coll
     if partial is None:
         return {"status": "error", "error": error, "output tail": "".join(tail)}
     return {**partial, "status": f"{status} (partial)", "error": error, "output tail": "".join(tail)}
-
-
-def _choices(names) -> Callable[[str], list[str]]:
-    """An argparse type: a comma list of `names`."""
-    def parse(text: str) -> list[str]:
-        values = [x.strip() for x in text.split(",") if x.strip()]
-        unknown = [v for v in values if v not in names]
-        if unknown or not values:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(names)}; got {text!r}")
-        return values
-    return parse
 
 
 def _fmt(v: Any) -> str:
@@ -963,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-s", type=float, default=None,
                    help=f"end the run by this many seconds from its start (sections get what is left; default "
                         f"{DEFAULT_DEADLINE_S} on a GPU, the 8-minute target; inf: every section runs to its own limit)")
-    p.add_argument("--decode-shapes", type=_choices(SHAPES), default=DECODE_SHAPES,
+    p.add_argument("--decode-shapes", type=choice_list(SHAPES, "shapes"), default=DECODE_SHAPES,
                    help=f"comma-separated model shapes of the decode table (default {','.join(DECODE_SHAPES)})")
     p.add_argument("--decode-batches", type=positive_int_list, default=DECODE_BATCHES,
                    help=f"comma-separated batch sizes of the decode table (default {','.join(map(str, DECODE_BATCHES))})")
