@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,6 +55,14 @@ Prompt = str | list[int]
 # Delimiter texts whose tokens an engine keeps (least recently used go first): requests choose the texts, and
 # a one-character text of a 150k vocabulary holds tens of thousands of ids
 DELIMITER_CACHE_SIZE = 256
+
+
+def _one_per_sequence(value: Any, n: int, what: str) -> list:
+    """`Engine.score`'s per-sequence arguments: one value for all `n` sequences, or a list of one each."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{n} sequences but {len(values)} {what}")
+    return values
 
 
 def freeze_gc_heap() -> None:
@@ -479,12 +487,8 @@ class Engine:
         if not is_int(top_logprobs) or not 0 <= top_logprobs <= vocab:
             raise ValueError(f"top_logprobs must be an integer in [0, {vocab}], got {top_logprobs!r}")
         encoded = [self._encode(p) for p in prompts]
-        starts = list(score_from) if isinstance(score_from, (list, tuple)) else [score_from] * len(encoded)
-        if len(starts) != len(encoded):
-            raise ValueError(f"{len(encoded)} sequences but {len(starts)} score_from positions")
-        salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * len(encoded)
-        if len(salts) != len(encoded):
-            raise ValueError(f"{len(encoded)} sequences but {len(salts)} cache salts")
+        starts = _one_per_sequence(score_from, len(encoded), "score_from positions")
+        salts = _one_per_sequence(cache_salt, len(encoded), "cache salts")
         for ids, start, salt in zip(encoded, starts, salts):
             self._check_fits(ids, 0)
             if not is_int(start) or not 1 <= start <= len(ids):
