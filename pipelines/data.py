@@ -283,8 +283,9 @@ def render_segments(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
 
     Each assistant answer starts where the template's generation prompt ends, so tokenizing the
     pieces separately reproduces inference's prompt tokens exactly (a tokenizer that prepends to every
-    text, SentencePiece's "▁", tokenizes each piece after the one before it: `TokenSpec.prepends_to_pieces`). Templates that rewrite history
-    (e.g. dropping earlier reasoning) are not prefix-stable: then only the last answer is trained.
+    text, SentencePiece's "▁", tokenizes each piece after the one before it: `TokenSpec.prepends_to_pieces`).
+    Templates that rewrite history (e.g. dropping earlier reasoning) are not prefix-stable: then only the
+    last answer is trained.
     A trained answer whose text writes out one of `stop_texts` (the tokenizer's stop tokens) is a
     BadRow: the model would learn to stop there.
     """

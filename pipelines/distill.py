@@ -133,17 +133,20 @@ def read_summary(directory: str) -> dict[str, Any] | None:
     """summary.json of the trajectories in `directory`, or None when none were completed there; ValueError
     for one that is no summary (cut short, edited): it would fail later with a bare JSON error or a traceback."""
     path = join(directory, SUMMARY_FILE)
+
+    def no_summary(why: str) -> ValueError:
+        return ValueError(f"{path} is no summary of trajectories: {why}; remove it to decode them again, or give "
+                          "another --trajectories path")
+
     try:
         summary = json.loads(read_text(path))
     except FileNotFoundError:
         return None
     except ValueError as e:
-        summary = e
+        raise no_summary(f"not JSON ({e})") from None
     counts = summary.get("counts") if isinstance(summary, dict) else None
     if not isinstance(counts, dict) or not all(isinstance(n, int) for n in counts.values()):
-        why = f"not JSON ({summary})" if isinstance(summary, ValueError) else "no \"counts\" of records per status"
-        raise ValueError(f"{path} is no summary of trajectories: {why}; remove it to decode them again, or give "
-                         "another --trajectories path")
+        raise no_summary('no "counts" of records per status')
     return summary
 
 
